@@ -1,0 +1,74 @@
+/* C ABI of the snakepit_shm core, for the Python client (ctypes) and other languages.
+ *
+ * The Python client maps segments itself with the stdlib `mmap` module (so Python's
+ * buffer protocol guards the mapping's lifetime); it calls this library only for what
+ * Python cannot do: atomic updates of the header's holder table and refcount, and
+ * decryption of encrypted regions. Every function returns 0 on success or a negative
+ * SPSHM_E* code, and writes a NUL-terminated message into `err` (if non-NULL).
+ */
+#ifndef SNAKEPIT_SHM_CAPI_H
+#define SNAKEPIT_SHM_CAPI_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Error codes: the negated position of spshm::Errc plus one (SPSHM_E_NOT_FOUND == -2 ...). */
+#define SPSHM_OK 0
+#define SPSHM_E_INVALID_ARGUMENT -1
+#define SPSHM_E_NOT_FOUND -2
+#define SPSHM_E_ALREADY_EXISTS -3
+#define SPSHM_E_PERMISSION_DENIED -4
+#define SPSHM_E_NO_SPACE -5
+#define SPSHM_E_TOO_LARGE -6
+#define SPSHM_E_CORRUPT -7
+#define SPSHM_E_UNSUPPORTED_VERSION -8
+#define SPSHM_E_NOT_OURS -9
+#define SPSHM_E_SEALED -10
+#define SPSHM_E_BUSY -11
+#define SPSHM_E_EXPIRED -12
+#define SPSHM_E_DEALLOCATED -13
+#define SPSHM_E_CLOSED -14
+#define SPSHM_E_OUT_OF_BOUNDS -15
+#define SPSHM_E_TAMPERED -16
+#define SPSHM_E_HOLDER_TABLE_FULL -17
+#define SPSHM_E_MLOCK_FAILED -18
+#define SPSHM_E_UNSUPPORTED -19
+#define SPSHM_E_IO_ERROR -20
+
+/* ABI version of this header; bumped on any incompatible change. */
+int spshm_abi_version(void);
+
+/* Writes the layout JSON (format.hpp layout_description()) into buf; returns the
+ * length needed (excluding NUL). Truncates when buflen is too small. */
+size_t spshm_header_layout(char* buf, size_t buflen);
+
+/* Validates a 4096-byte header; data_object_size is the size of the object holding
+ * the data (the same object for POSIX). */
+int spshm_validate_header(const void* header, uint64_t data_object_size, char* err, size_t errlen);
+
+/* Holder table: add / remove one hold of (pid, start_time) atomically. */
+int spshm_hold(void* header, uint32_t pid, uint64_t start_time, int writable, char* err, size_t errlen);
+int spshm_release(void* header, uint32_t pid, uint64_t start_time, char* err, size_t errlen);
+
+/* Start time (field 22 of /proc/<pid>/stat) of a process. */
+int spshm_process_start_time(uint32_t pid, uint64_t* out, char* err, size_t errlen);
+
+/* Decrypts plaintext bytes [offset, offset+length) of an encrypted region into out.
+ * `data` is the start of the data area (header->data_offset already applied) and
+ * `data_len` its mapped length; key is 32 bytes. SPSHM_E_TAMPERED on a failed tag. */
+int spshm_decrypt(const void* header, const uint8_t* data, uint64_t data_len, const uint8_t* key,
+                  uint64_t offset, uint8_t* out, uint64_t length, char* err, size_t errlen);
+
+/* Encrypts `length` plaintext bytes into the region at `offset` (read-modify-write of
+ * the chunks it touches, fresh nonces). For workers writing results into encrypted regions. */
+int spshm_encrypt(const void* header, uint8_t* data, uint64_t data_len, const uint8_t* key,
+                  uint64_t offset, const uint8_t* in, uint64_t length, char* err, size_t errlen);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

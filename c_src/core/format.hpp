@@ -1,0 +1,150 @@
+// The on-memory format of a region: the single source of truth.
+//
+// Every region has a *control object* whose bytes [0, 4096) hold a RegionHeader.
+// Its data lives either in the same object right after the header
+// (POSIX shm, Windows, macOS: data_offset == 4096) or in a separate *data object*
+// (memfd: two memfds, data_offset == 0), so that the data object can be sealed
+// with F_SEAL_FUTURE_WRITE while the header stays writable for holders.
+//
+// docs/FORMAT.md writes this out byte by byte; the Python client mirrors it in
+// snakepit_shm/_format.py; tests on the C++, Elixir and Python sides compare all
+// three against layout_description() below. All integers are little-endian.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+namespace spshm {
+
+inline constexpr char kMagic[8] = {'S', 'P', 'S', 'H', 'M', 'H', 'D', 'R'};
+inline constexpr std::uint32_t kFormatVersion = 1;
+inline constexpr std::uint32_t kHeaderSize = 4096;
+inline constexpr std::uint32_t kImmutableSize = 2048;  // [0, 2048) never changes after creation
+inline constexpr std::uint32_t kMetadataOffset = 256;
+inline constexpr std::uint32_t kMetadataCapacity = 1792;  // bytes [256, 2048)
+inline constexpr std::uint32_t kHolderCapacity = 64;
+inline constexpr std::uint32_t kRegionIdCapacity = 32;
+inline constexpr std::uint32_t kCrcCoveredPrefix = 132;  // CRC covers [0, 132) ++ metadata
+
+// Prefix of every segment name of ours ("/spshm_..." in /dev/shm, "memfd:spshm_..." in /proc).
+inline constexpr char kNamePrefix[] = "spshm_";
+// Longest segment name including the leading '/' (macOS allows 31 bytes with the NUL).
+inline constexpr std::size_t kMaxSegmentNameLength = 30;
+
+// Encrypted layout: each chunk of up to kChunkSize plaintext bytes is stored as
+// nonce (24) || ciphertext || tag (16), chunk i at offset i * (kChunkSize + kChunkOverhead).
+inline constexpr std::uint32_t kChunkSize = 65536;
+inline constexpr std::uint32_t kNonceSize = 24;
+inline constexpr std::uint32_t kTagSize = 16;
+inline constexpr std::uint32_t kChunkOverhead = kNonceSize + kTagSize;
+inline constexpr std::uint32_t kKeySize = 32;
+
+enum class BackendKind : std::uint32_t {
+  posix = 1,    ///< named POSIX shm object (shm_open), header and data in one object
+  memfd = 2,    ///< two anonymous memfds (control + data), reached through /proc/<pid>/fd
+  windows = 3,  ///< Windows named file mapping in the Local\ namespace
+};
+
+enum class CipherKind : std::uint32_t {
+  none = 0,
+  xchacha20poly1305_chunks = 1,  ///< per-chunk XChaCha20-Poly1305-IETF, AAD = id || index || size
+};
+
+// Immutable flags (set at creation, covered by the CRC).
+inline constexpr std::uint32_t kFlagEncrypted = 1u << 0;
+inline constexpr std::uint32_t kFlagNamed = 1u << 1;
+inline constexpr std::uint32_t kFlagSplitData = 1u << 2;
+
+// Mutable state bits (RegionHeader::state).
+inline constexpr std::uint32_t kStateSealed = 1u << 0;
+inline constexpr std::uint32_t kStateDeallocated = 1u << 1;
+
+// Holder slot states.
+inline constexpr std::uint32_t kSlotFree = 0;
+inline constexpr std::uint32_t kSlotBusy = 1;  // being claimed or released
+inline constexpr std::uint32_t kSlotLive = 2;
+
+// Holder flags.
+inline constexpr std::uint32_t kHolderWritable = 1u << 0;
+
+struct HolderSlot {
+  std::atomic<std::uint32_t> slot_state;  ///< kSlotFree / kSlotBusy / kSlotLive
+  std::uint32_t pid;                      ///< OS pid of the holding process
+  std::uint64_t start_time;               ///< /proc/<pid>/stat field 22 (clock ticks since boot)
+  std::atomic<std::uint32_t> count;       ///< holds of this process on the region
+  std::atomic<std::uint32_t> flags;       ///< kHolderWritable if any of its holds is read-write
+};
+
+struct RegionHeader {
+  // ---- immutable part, [0, 2048) ----
+  char magic[8];                     // 0
+  std::uint32_t format_version;      // 8
+  std::uint32_t header_size;         // 12
+  std::uint64_t data_size;           // 16  bytes usable by the user (plaintext size)
+  std::uint64_t data_capacity;       // 24  bytes of the data object in use (ciphertext layout)
+  std::uint64_t data_offset;         // 32  where data starts in the data object
+  std::uint32_t backend;             // 40  BackendKind
+  std::uint32_t flags;               // 44  kFlag*
+  std::uint32_t creator_pid;         // 48
+  std::uint32_t security_level;      // 52  0 standard, 1 high, 2 maximum
+  std::uint64_t creator_start_time;  // 56
+  std::uint8_t boot_id[16];          // 64  /proc/sys/kernel/random/boot_id as bytes
+  std::uint64_t created_at_ns;       // 80  CLOCK_REALTIME
+  std::uint32_t cipher;              // 88  CipherKind
+  std::uint32_t chunk_size;          // 92  plaintext bytes per chunk (0 when not encrypted)
+  char region_id[32];                // 96  ASCII, NUL padded
+  std::uint32_t metadata_length;     // 128
+  std::uint32_t header_crc32;        // 132 zlib CRC-32 of [0,132) ++ metadata[0, metadata_length)
+  std::uint8_t reserved0[120];       // 136 zero
+  char metadata[1792];               // 256 UTF-8 JSON object, zero padded
+  // ---- mutable part, [2048, 4096) ----
+  std::atomic<std::uint32_t> state;            // 2048 kState*
+  std::atomic<std::uint32_t> refcount;         // 2052 sum of all holds (BEAM mappings + OS holders)
+  std::atomic<std::uint64_t> last_access_ns;   // 2056 CLOCK_REALTIME of the last map/read/write
+  std::atomic<std::uint64_t> idle_timeout_ns;  // 2064 0 = never expires
+  std::uint32_t holder_capacity;               // 2072 kHolderCapacity
+  std::atomic<std::uint32_t> holders_generation;  // 2076 bumped on every holder change
+  HolderSlot holders[kHolderCapacity];            // 2080, 24 bytes each
+  std::uint8_t reserved1[480];                    // 3616 zero
+};
+
+static_assert(sizeof(std::atomic<std::uint32_t>) == 4 && sizeof(std::atomic<std::uint64_t>) == 8);
+static_assert(std::atomic<std::uint32_t>::is_always_lock_free);
+static_assert(std::atomic<std::uint64_t>::is_always_lock_free);
+static_assert(sizeof(HolderSlot) == 24);
+static_assert(offsetof(RegionHeader, format_version) == 8);
+static_assert(offsetof(RegionHeader, header_size) == 12);
+static_assert(offsetof(RegionHeader, data_size) == 16);
+static_assert(offsetof(RegionHeader, data_capacity) == 24);
+static_assert(offsetof(RegionHeader, data_offset) == 32);
+static_assert(offsetof(RegionHeader, backend) == 40);
+static_assert(offsetof(RegionHeader, flags) == 44);
+static_assert(offsetof(RegionHeader, creator_pid) == 48);
+static_assert(offsetof(RegionHeader, security_level) == 52);
+static_assert(offsetof(RegionHeader, creator_start_time) == 56);
+static_assert(offsetof(RegionHeader, boot_id) == 64);
+static_assert(offsetof(RegionHeader, created_at_ns) == 80);
+static_assert(offsetof(RegionHeader, cipher) == 88);
+static_assert(offsetof(RegionHeader, chunk_size) == 92);
+static_assert(offsetof(RegionHeader, region_id) == 96);
+static_assert(offsetof(RegionHeader, metadata_length) == 128);
+static_assert(offsetof(RegionHeader, header_crc32) == kCrcCoveredPrefix);
+static_assert(offsetof(RegionHeader, metadata) == kMetadataOffset);
+static_assert(offsetof(RegionHeader, state) == kImmutableSize);
+static_assert(offsetof(RegionHeader, refcount) == 2052);
+static_assert(offsetof(RegionHeader, last_access_ns) == 2056);
+static_assert(offsetof(RegionHeader, idle_timeout_ns) == 2064);
+static_assert(offsetof(RegionHeader, holder_capacity) == 2072);
+static_assert(offsetof(RegionHeader, holders_generation) == 2076);
+static_assert(offsetof(RegionHeader, holders) == 2080);
+static_assert(offsetof(RegionHeader, reserved1) == 3616);
+static_assert(sizeof(RegionHeader) == kHeaderSize);
+
+// A JSON object naming every constant, field offset and size above. It is what the
+// Elixir (Native.header_layout/0) and Python (capi spshm_header_layout) tests compare
+// their own constants and docs/FORMAT.md against.
+std::string layout_description();
+
+}  // namespace spshm

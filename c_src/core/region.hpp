@@ -1,0 +1,200 @@
+// A region: the OS objects behind it, mapped once into this process.
+//
+// Region is move-only and owns the control object, the data object (the same object
+// unless the backend splits them) and one mapping of each. It is plain C++: the NIF,
+// the C ABI and the tests all use it. Policy (who may map, when to free) lives in the
+// Elixir manager; this class only does what it is told, safely, and reports typed errors.
+#pragma once
+
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "error.hpp"
+#include "format.hpp"
+
+namespace spshm {
+
+/// How a well-known name is opened (from the bpftime refactoring): one enum, and role
+/// queries instead of scattered comparisons.
+enum class OpenMode {
+  create,             ///< create; fail with already_exists if the name exists
+  open_only,          ///< open an existing region; fail with not_found otherwise
+  create_or_open,     ///< open if it exists, else create
+  remove_and_create,  ///< unlink any existing segment of ours with that name, then create
+};
+bool may_create(OpenMode mode) noexcept;         ///< create, create_or_open, remove_and_create
+bool may_open_existing(OpenMode mode) noexcept;  ///< open_only, create_or_open
+bool removes_first(OpenMode mode) noexcept;      ///< remove_and_create
+
+/// What actually happened when a Region was obtained.
+enum class Role { created, opened };
+
+struct CreateOptions {
+  BackendKind backend = BackendKind::memfd;
+  std::string name;                 ///< empty: random unguessable id; else a well-known name
+  OpenMode open_mode = OpenMode::create;
+  std::uint64_t size = 0;           ///< user bytes, > 0
+  std::uint32_t mode = 0600;        ///< permission bits applied with fchmod (POSIX)
+  std::uint32_t security_level = 0; ///< 0 standard, 1 high, 2 maximum (recorded in the header)
+  bool encrypted = false;           ///< chunked XChaCha20-Poly1305 layout, key generated here
+  bool lock_memory = false;         ///< mlock + MADV_DONTDUMP; mlock_failed if it cannot
+  std::string metadata_json;        ///< <= kMetadataCapacity bytes, stored verbatim
+  std::uint64_t idle_timeout_ns = 0;
+};
+
+/// Where to find an existing region.
+struct OpenTarget {
+  std::string region_id;     ///< POSIX/Windows: enough on its own
+  std::string control_path;  ///< memfd: /proc/<pid>/fd/<n> of the control memfd (optional for POSIX)
+  std::string data_path;     ///< memfd: /proc/<pid>/fd/<n> of the data memfd
+};
+
+/// A copy of a header taken at one instant (offline inspection, info, listing).
+struct HolderInfo {
+  std::uint32_t pid;
+  std::uint64_t start_time;
+  std::uint32_t count;
+  bool writable;
+};
+
+struct HeaderSnapshot {
+  std::string region_id;
+  BackendKind backend;
+  std::uint32_t format_version;
+  std::uint64_t data_size, data_capacity, data_offset;
+  std::uint32_t flags, state, security_level, refcount;
+  std::uint32_t creator_pid;
+  std::uint64_t creator_start_time;
+  std::array<std::uint8_t, 16> boot_id;
+  std::uint64_t created_at_ns, last_access_ns, idle_timeout_ns;
+  std::string metadata_json;
+  std::vector<HolderInfo> holders;
+  bool creator_alive;  ///< same boot, pid alive with the same start time
+};
+
+class Region {
+ public:
+  /// Creates (or opens, per options.open_mode) a region: random id from the CSPRNG,
+  /// O_CREAT|O_EXCL (retry on EEXIST), fchmod, posix_fallocate, header written and CRC'd,
+  /// seals F_SEAL_SHRINK|F_SEAL_GROW on memfds, key generated and chunks initialised
+  /// when encrypted. Runs in time proportional to size (fallocate, encryption): call it
+  /// off any latency-sensitive thread for large sizes.
+  static Result<Region> create(const CreateOptions& options);
+
+  /// Opens an existing region of ours and validates its header. `writable` false maps
+  /// read-only. Never follows symlinks; refuses objects owned by another uid (not_ours).
+  static Result<Region> open(const OpenTarget& target, bool writable);
+
+  Region(Region&&) noexcept;
+  Region& operator=(Region&&) noexcept;
+  Region(const Region&) = delete;
+  Region& operator=(const Region&) = delete;
+  ~Region();  ///< munmap and close; never unlinks
+
+  const std::string& id() const noexcept;
+  BackendKind backend() const noexcept;
+  Role role() const noexcept;
+  bool writable() const noexcept;
+  bool encrypted() const noexcept;
+  std::uint64_t size() const noexcept;      ///< user bytes (plaintext size)
+  std::uint64_t capacity() const noexcept;  ///< bytes of the data area in use
+
+  RegionHeader& header() noexcept;
+  const RegionHeader& header() const noexcept;
+  std::uint8_t* data() noexcept;  ///< start of the data area in this process
+  const std::uint8_t* data() const noexcept;
+
+  /// Paths another process of the same uid opens: "/dev/shm/spshm_x" for POSIX (both),
+  /// "/proc/<pid>/fd/<n>" of each memfd.
+  std::string control_path() const;
+  std::string data_path() const;
+
+  /// The 32-byte key of an encrypted region created by this process (empty otherwise).
+  /// Lives in sodium_malloc'd memory; zeroed when the Region is destroyed.
+  const std::uint8_t* key() const noexcept;
+
+  /// Seals: refuses with busy if another live process holds it writable; then sets
+  /// kStateSealed and makes the data immutable for peers (memfd: F_SEAL_FUTURE_WRITE on
+  /// the data memfd; POSIX: fchmod 0400). Idempotent.
+  Result<void> seal();
+  bool sealed() const noexcept;
+
+  /// Marks the header deallocated, zeroes the data with sodium_memzero when `zero`, and
+  /// removes the name (POSIX shm_unlink; memfd: nothing to remove). Memory is returned
+  /// to the OS when the last mapping or descriptor anywhere is gone.
+  Result<void> deallocate(bool zero);
+
+  /// Removes only the name (remove_and_create, orphan cleanup through a live handle).
+  Result<void> unlink();
+
+  /// Bounds-checked copies in and out of the data area, decrypting/encrypting chunks of
+  /// encrypted regions (tampered on a failed tag). Refuse sealed for writes.
+  Result<void> write(std::uint64_t offset, const std::uint8_t* src, std::size_t length);
+  Result<void> read(std::uint64_t offset, std::uint8_t* dst, std::size_t length) const;
+
+  /// Records the access time in the header (map/read/write).
+  void touch() noexcept;
+
+ private:
+  struct Impl;
+  explicit Region(std::unique_ptr<Impl> impl) noexcept;
+  std::unique_ptr<Impl> impl_;
+};
+
+// ---- holders (atomic, lock-free, safe between processes) ----
+
+/// Adds one hold of process (pid, start_time): increments its slot count (claiming a
+/// free slot if needed) and the header refcount. holder_table_full if no slot is free.
+Result<void> hold(RegionHeader& header, std::uint32_t pid, std::uint64_t start_time, bool writable);
+/// Removes one hold; not_found if the process holds none.
+Result<void> release(RegionHeader& header, std::uint32_t pid, std::uint64_t start_time);
+/// Removes every hold of a (dead) process; returns how many holds were released.
+std::uint32_t release_all(RegionHeader& header, std::uint32_t pid, std::uint64_t start_time);
+std::vector<HolderInfo> holders(const RegionHeader& header);
+
+// ---- header validation and inspection ----
+
+/// zlib CRC-32 (the same as Python's zlib.crc32).
+std::uint32_t crc32(const void* data, std::size_t length, std::uint32_t seed = 0) noexcept;
+std::uint32_t header_crc(const RegionHeader& header) noexcept;
+
+/// Checks magic, version, header size, reserved bytes, CRC, and that the data fits in an
+/// object of `data_object_size` bytes (pass the control object size for POSIX).
+Result<void> validate_header(const RegionHeader& header, std::uint64_t data_object_size);
+
+/// Opens `path` read-only without following symlinks, checks it is a regular file of
+/// our uid, validates and copies its header. Never modifies anything.
+Result<HeaderSnapshot> inspect(const std::string& path);
+HeaderSnapshot snapshot(const RegionHeader& header);
+
+/// Unlinks the POSIX segment `region_id` only if it is ours (prefix, regular file, our
+/// uid, valid header). Used by orphan cleanup.
+Result<void> unlink_segment(const std::string& region_id);
+
+// ---- encryption (libsodium XChaCha20-Poly1305-IETF per chunk) ----
+
+std::uint64_t encrypted_capacity(std::uint64_t plaintext_size) noexcept;
+
+// ---- processes ----
+
+std::uint32_t self_pid() noexcept;
+/// Field 22 of /proc/<pid>/stat; not_found if the process does not exist.
+Result<std::uint64_t> process_start_time(std::uint32_t pid);
+std::array<std::uint8_t, 16> boot_id();
+/// True if the process exists with this start time on this boot.
+bool process_alive(std::uint32_t pid, std::uint64_t start_time);
+
+// ---- ids and names ----
+
+/// "spshm_" + 20 base32 characters (100 bits from the OS CSPRNG).
+std::string random_region_id();
+/// Checks a well-known name: 1..21 chars of [a-z0-9_-] (so "/spshm_n_" + name <= 30).
+Result<void> validate_name(const std::string& name);
+/// Region id of a named region: "spshm_n_" + name.
+std::string named_region_id(const std::string& name);
+
+}  // namespace spshm

@@ -1,0 +1,127 @@
+defmodule Snakepit.SharedMemory.Native do
+  @moduledoc false
+  # Raw NIF stubs (c_src/nif/). Not for direct use: call Snakepit.SharedMemory.
+  #
+  # Conventions of every function here:
+  #   * a wrong term type raises ArgumentError (badarg);
+  #   * every expected failure returns {:error, {reason :: atom, message :: String.t(), errno :: integer}}
+  #     where reason is the lower_snake_case name of spshm::Errc (c_src/core/error.hpp);
+  #   * functions ending in _dirty run on a dirty scheduler; the facade picks them for
+  #     payloads above @dirty_threshold bytes.
+
+  @on_load :load_nif
+  @external_resource "c_src/nif/nif.cpp"
+
+  @type region :: reference()
+  @type mapping :: reference()
+  @type watch :: reference()
+  @type nif_error :: {:error, {atom(), String.t(), integer()}}
+  @type create_opts :: %{
+          required(:backend) => :posix | :memfd,
+          required(:name) => binary() | nil,
+          required(:open_mode) => :create | :open_only | :create_or_open | :remove_and_create,
+          required(:mode) => non_neg_integer(),
+          required(:security_level) => 0..2,
+          required(:encrypted) => boolean(),
+          required(:lock_memory) => boolean(),
+          required(:metadata) => binary(),
+          required(:idle_timeout_ms) => non_neg_integer()
+        }
+  # %{id, backend, size, capacity, control_path, data_path, data_offset, role :: :created | :opened,
+  #   encrypted, sealed, os_pid}
+  @type region_info :: map()
+
+  def load_nif do
+    path = :filename.join(:code.priv_dir(:snakepit_shm), ~c"snakepit_shm_nif")
+    :erlang.load_nif(path, 0)
+  end
+
+  @doc false
+  @spec header_layout() :: binary()
+  def header_layout, do: :erlang.nif_error(:not_loaded)
+
+  @spec create(pos_integer(), create_opts()) :: {:ok, region(), region_info()} | nif_error()
+  def create(_size, _opts), do: :erlang.nif_error(:not_loaded)
+
+  @doc "Opens an existing region: by id (POSIX) or by {control_path, data_path}."
+  @spec open(binary() | {binary(), binary()}, boolean()) ::
+          {:ok, region(), region_info()} | nif_error()
+  def open(_target, _writable), do: :erlang.nif_error(:not_loaded)
+
+  @spec info(region()) :: region_info()
+  def info(_region), do: :erlang.nif_error(:not_loaded)
+
+  @doc "Snapshot of the header: immutable fields, state, refcount, holders, times."
+  @spec header(region()) :: {:ok, map()} | nif_error()
+  def header(_region), do: :erlang.nif_error(:not_loaded)
+
+  @doc "Maps a region for this VM: one hold of the VM's OS process in the header."
+  @spec map(region(), :read_only | :read_write) :: {:ok, mapping()} | nif_error()
+  def map(_region, _mode), do: :erlang.nif_error(:not_loaded)
+
+  @spec unmap(mapping()) :: :ok | nif_error()
+  def unmap(_mapping), do: :erlang.nif_error(:not_loaded)
+
+  @spec write(mapping(), non_neg_integer(), binary()) :: :ok | nif_error()
+  def write(_mapping, _offset, _data), do: :erlang.nif_error(:not_loaded)
+  @spec write_dirty(mapping(), non_neg_integer(), binary()) :: :ok | nif_error()
+  def write_dirty(_mapping, _offset, _data), do: :erlang.nif_error(:not_loaded)
+
+  @spec read(mapping(), non_neg_integer(), non_neg_integer()) :: {:ok, binary()} | nif_error()
+  def read(_mapping, _offset, _length), do: :erlang.nif_error(:not_loaded)
+  @spec read_dirty(mapping(), non_neg_integer(), non_neg_integer()) :: {:ok, binary()} | nif_error()
+  def read_dirty(_mapping, _offset, _length), do: :erlang.nif_error(:not_loaded)
+
+  @doc "Zero-copy read of a sealed, unencrypted region: the binary keeps the mapping alive."
+  @spec read_zero_copy(mapping(), non_neg_integer(), non_neg_integer()) ::
+          {:ok, binary()} | nif_error()
+  def read_zero_copy(_mapping, _offset, _length), do: :erlang.nif_error(:not_loaded)
+
+  @spec seal(region()) :: :ok | nif_error()
+  def seal(_region), do: :erlang.nif_error(:not_loaded)
+
+  @doc "Frees: marks deallocated, zeroes when asked (dirty), unlinks the name."
+  @spec deallocate(region(), boolean()) :: :ok | nif_error()
+  def deallocate(_region, _zero), do: :erlang.nif_error(:not_loaded)
+
+  @spec set_idle_timeout(region(), non_neg_integer()) :: :ok
+  def set_idle_timeout(_region, _ms), do: :erlang.nif_error(:not_loaded)
+
+  @doc "The key of an encrypted region (only for export_ref with include_key: true)."
+  @spec export_key(region()) :: {:ok, binary()} | nif_error()
+  def export_key(_region), do: :erlang.nif_error(:not_loaded)
+
+  @doc "Releases every hold of a dead OS process; returns how many were released."
+  @spec release_holder(region(), non_neg_integer(), non_neg_integer()) :: {:ok, non_neg_integer()}
+  def release_holder(_region, _os_pid, _start_time), do: :erlang.nif_error(:not_loaded)
+
+  @doc "Monitors `pid` from the region resource; on its death the NIF sends {:snakepit_shm_owner_down, region_id, pid} to the registered manager."
+  @spec monitor_owner(region(), pid()) :: :ok | nif_error()
+  def monitor_owner(_region, _pid), do: :erlang.nif_error(:not_loaded)
+
+  @doc "Watches an OS process with a pidfd: the caller receives {:select, watch, ref, :ready_input} when it exits."
+  @spec watch_os_process(non_neg_integer(), non_neg_integer(), reference()) ::
+          {:ok, watch()} | nif_error()
+  def watch_os_process(_os_pid, _start_time, _ref), do: :erlang.nif_error(:not_loaded)
+
+  @spec cancel_watch(watch()) :: :ok
+  def cancel_watch(_watch), do: :erlang.nif_error(:not_loaded)
+
+  @doc "Reads the header of a segment file without mapping it for use (offline tools)."
+  @spec inspect_path(binary()) :: {:ok, map()} | nif_error()
+  def inspect_path(_path), do: :erlang.nif_error(:not_loaded)
+
+  @doc "Unlinks a POSIX segment by id if, and only if, it is provably ours."
+  @spec unlink_segment(binary()) :: :ok | nif_error()
+  def unlink_segment(_region_id), do: :erlang.nif_error(:not_loaded)
+
+  @spec process_start_time(non_neg_integer()) :: {:ok, non_neg_integer()} | nif_error()
+  def process_start_time(_os_pid), do: :erlang.nif_error(:not_loaded)
+
+  @spec process_alive(non_neg_integer(), non_neg_integer()) :: boolean()
+  def process_alive(_os_pid, _start_time), do: :erlang.nif_error(:not_loaded)
+
+  @doc "%{os_pid, start_time, boot_id} of this VM."
+  @spec self_info() :: map()
+  def self_info, do: :erlang.nif_error(:not_loaded)
+end
