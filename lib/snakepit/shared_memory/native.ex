@@ -3,14 +3,45 @@ defmodule Snakepit.SharedMemory.Native do
   # Raw NIF stubs (c_src/nif/). Not for direct use: call Snakepit.SharedMemory.
   #
   # Conventions of every function here:
-  #   * a wrong term type raises ArgumentError (badarg);
+  #   * a wrong term type raises ArgumentError (badarg): a non-integer, negative or float
+  #     size/offset/length/pid, an unknown atom, a non-binary id/name/path (iolists are not
+  #     accepted either), an option map missing a key, a resource of the wrong kind;
   #   * every expected failure returns {:error, {reason :: atom, message :: String.t(), errno :: integer}}
   #     where reason is the lower_snake_case name of spshm::Errc (c_src/core/error.hpp);
   #   * functions ending in _dirty run on a dirty scheduler; the facade picks them for
   #     payloads above @dirty_threshold bytes.
+  #
+  # Range decisions (well-typed values that cannot be used are error tuples, not badarg):
+  #   * integers >= 2^64 are well typed: they are treated as "too large" (size: :too_large,
+  #     offset/length: :out_of_bounds), never wrapped;
+  #   * create/2 size 0 -> :invalid_argument; size > 2^62 -> :too_large;
+  #   * offset + length is checked without 64-bit overflow -> :out_of_bounds;
+  #   * mode > 0o777, security_level > 2, a timeout whose nanoseconds overflow 64 bits,
+  #     an empty id/path or one holding a NUL byte -> :invalid_argument; names and ids are
+  #     validated by the core (validate_name, open, inspect, unlink_segment);
+  #   * write/3 and read/3 refuse more than 65536 bytes with :invalid_argument
+  #     ("use write_dirty ..."): the facade picks the _dirty variant above that.
+  #
+  # Lifetimes:
+  #   * a region resource owns the mapping of the region in this VM: it is unmapped only
+  #     when the resource is garbage collected, after every mapping and zero-copy binary;
+  #   * map/2 adds a hold of this OS process in the header; unmap/1 (or garbage collection
+  #     of the mapping) removes it; a second unmap/1 returns {:error, {:closed, ...}};
+  #   * read_zero_copy/3 needs a sealed, unencrypted region; afterwards deallocate(region,
+  #     true) is refused with :busy, because zeroing would change those binaries;
+  #   * watch_os_process/3 keeps its pidfd open until cancel_watch/1, or until the process
+  #     that created the watch exits: call cancel_watch/1 after the :select message.
+  #
+  # The NIF leaves RLIMIT_NOFILE alone: the VM sizes its poll set from the limit at boot,
+  # so raise it (`ulimit -n`) before starting the VM to keep many memfd regions (2 fds each).
+  #
+  # SNAKEPIT_SHM_NIF_DIR=<dir> loads <dir>/snakepit_shm_nif.so instead of priv/ (for
+  # example priv/asan/ built by `SNAKEPIT_SHM_SANITIZE=1 mix compile`).
 
   @on_load :load_nif
-  @external_resource "c_src/nif/nif.cpp"
+  for source <- Path.wildcard("c_src/nif/*.{cpp,hpp}") do
+    @external_resource source
+  end
 
   @type region :: reference()
   @type mapping :: reference()
@@ -32,8 +63,13 @@ defmodule Snakepit.SharedMemory.Native do
   @type region_info :: map()
 
   def load_nif do
-    path = :filename.join(:code.priv_dir(:snakepit_shm), ~c"snakepit_shm_nif")
-    :erlang.load_nif(path, 0)
+    dir =
+      case :os.getenv(~c"SNAKEPIT_SHM_NIF_DIR") do
+        value when value in [false, []] -> :code.priv_dir(:snakepit_shm)
+        value -> value
+      end
+
+    :erlang.load_nif(:filename.join(dir, ~c"snakepit_shm_nif"), 0)
   end
 
   @doc false
@@ -59,6 +95,7 @@ defmodule Snakepit.SharedMemory.Native do
   @spec map(region(), :read_only | :read_write) :: {:ok, mapping()} | nif_error()
   def map(_region, _mode), do: :erlang.nif_error(:not_loaded)
 
+  @doc "Removes the hold of map/2. The memory stays mapped while the region resource lives."
   @spec unmap(mapping()) :: :ok | nif_error()
   def unmap(_mapping), do: :erlang.nif_error(:not_loaded)
 
@@ -69,7 +106,9 @@ defmodule Snakepit.SharedMemory.Native do
 
   @spec read(mapping(), non_neg_integer(), non_neg_integer()) :: {:ok, binary()} | nif_error()
   def read(_mapping, _offset, _length), do: :erlang.nif_error(:not_loaded)
-  @spec read_dirty(mapping(), non_neg_integer(), non_neg_integer()) :: {:ok, binary()} | nif_error()
+
+  @spec read_dirty(mapping(), non_neg_integer(), non_neg_integer()) ::
+          {:ok, binary()} | nif_error()
   def read_dirty(_mapping, _offset, _length), do: :erlang.nif_error(:not_loaded)
 
   @doc "Zero-copy read of a sealed, unencrypted region: the binary keeps the mapping alive."
@@ -84,7 +123,8 @@ defmodule Snakepit.SharedMemory.Native do
   @spec deallocate(region(), boolean()) :: :ok | nif_error()
   def deallocate(_region, _zero), do: :erlang.nif_error(:not_loaded)
 
-  @spec set_idle_timeout(region(), non_neg_integer()) :: :ok
+  @doc "Sets the idle timeout in the header (0: never expires)."
+  @spec set_idle_timeout(region(), non_neg_integer()) :: :ok | nif_error()
   def set_idle_timeout(_region, _ms), do: :erlang.nif_error(:not_loaded)
 
   @doc "The key of an encrypted region (only for export_ref with include_key: true)."
@@ -104,6 +144,7 @@ defmodule Snakepit.SharedMemory.Native do
           {:ok, watch()} | nif_error()
   def watch_os_process(_os_pid, _start_time, _ref), do: :erlang.nif_error(:not_loaded)
 
+  @doc "Stops a watch and closes its pidfd. Idempotent."
   @spec cancel_watch(watch()) :: :ok
   def cancel_watch(_watch), do: :erlang.nif_error(:not_loaded)
 

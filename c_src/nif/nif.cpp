@@ -1,0 +1,79 @@
+// Snakepit.SharedMemory.Native: the NIF table and the library's lifecycle.
+//
+// Every function decodes its terms, calls c_src/core, encodes the result; no policy.
+// Dirty flags are declared here, per function:
+//   * create, deallocate, inspect_path: I/O bound (fallocate, zeroing, reading files);
+//   * write_dirty, read_dirty: CPU bound (memcpy, encryption of large payloads).
+//
+// RLIMIT_NOFILE is deliberately left alone: the VM sizes its poll set from the limit it
+// had at boot, so raising it from here would hand out fds (pidfds) that enif_select then
+// refuses. Raise it before starting the VM (`ulimit -n`) when keeping many memfd regions
+// (two descriptors each) alive.
+#include <erl_nif.h>
+
+#include "nif_functions.hpp"
+#include "resources.hpp"
+#include "terms.hpp"
+
+namespace spshm::nif {
+namespace {
+
+constexpr unsigned kIo = ERL_NIF_DIRTY_JOB_IO_BOUND;
+constexpr unsigned kCpu = ERL_NIF_DIRTY_JOB_CPU_BOUND;
+
+ErlNifFunc nif_funcs[] = {
+    {"header_layout", 0, nif_header_layout, 0},
+    {"create", 2, nif_create, kIo},
+    {"open", 2, nif_open, 0},
+    {"info", 1, nif_info, 0},
+    {"header", 1, nif_header, 0},
+    {"map", 2, nif_map, 0},
+    {"unmap", 1, nif_unmap, 0},
+    {"write", 3, nif_write, 0},
+    {"write_dirty", 3, nif_write_dirty, kCpu},
+    {"read", 3, nif_read, 0},
+    {"read_dirty", 3, nif_read_dirty, kCpu},
+    {"read_zero_copy", 3, nif_read_zero_copy, 0},
+    {"seal", 1, nif_seal, 0},
+    {"deallocate", 2, nif_deallocate, kIo},
+    {"set_idle_timeout", 2, nif_set_idle_timeout, 0},
+    {"export_key", 1, nif_export_key, 0},
+    {"release_holder", 3, nif_release_holder, 0},
+    {"monitor_owner", 2, nif_monitor_owner, 0},
+    {"watch_os_process", 3, nif_watch_os_process, 0},
+    {"cancel_watch", 1, nif_cancel_watch, 0},
+    {"inspect_path", 1, nif_inspect_path, kIo},
+    {"unlink_segment", 1, nif_unlink_segment, 0},
+    {"process_start_time", 1, nif_process_start_time, 0},
+    {"process_alive", 2, nif_process_alive, 0},
+    {"self_info", 0, nif_self_info, 0},
+};
+
+// load and upgrade do the same: resource types are opened with CREATE | TAKEOVER, so a
+// reloaded library takes over the types (and every live resource) of the old one.
+int init(ErlNifEnv* env) {
+  init_atoms(env);
+  if (!open_resource_types(env)) return 1;
+  if (!init_self_identity()) return 2;
+  return 0;
+}
+
+int load(ErlNifEnv* env, void** priv_data, ERL_NIF_TERM) {
+  *priv_data = nullptr;
+  return init(env);
+}
+
+int upgrade(ErlNifEnv* env, void** priv_data, void**, ERL_NIF_TERM) {
+  *priv_data = nullptr;
+  return init(env);
+}
+
+void unload(ErlNifEnv*, void*) {}
+
+}  // namespace
+}  // namespace spshm::nif
+
+extern "C" {
+ERL_NIF_INIT(Elixir.Snakepit.SharedMemory.Native, spshm::nif::nif_funcs, spshm::nif::load, nullptr,
+             spshm::nif::upgrade, spshm::nif::unload)
+}

@@ -1,0 +1,44 @@
+// Every NIF of Snakepit.SharedMemory.Native, one C++ function each. The table with the
+// dirty-scheduler flag of each lives in nif.cpp.
+#pragma once
+
+#include <erl_nif.h>
+
+namespace spshm::nif {
+
+#define SPSHM_NIF(name) ERL_NIF_TERM name(ErlNifEnv* env, int argc, const ERL_NIF_TERM argv[])
+
+// nif_region.cpp: regions as a whole
+SPSHM_NIF(nif_header_layout);
+SPSHM_NIF(nif_create);
+SPSHM_NIF(nif_open);
+SPSHM_NIF(nif_info);
+SPSHM_NIF(nif_header);
+SPSHM_NIF(nif_seal);
+SPSHM_NIF(nif_deallocate);
+SPSHM_NIF(nif_set_idle_timeout);
+SPSHM_NIF(nif_export_key);
+SPSHM_NIF(nif_release_holder);
+SPSHM_NIF(nif_inspect_path);
+SPSHM_NIF(nif_unlink_segment);
+
+// nif_mapping.cpp: mappings and data access
+SPSHM_NIF(nif_map);
+SPSHM_NIF(nif_unmap);
+SPSHM_NIF(nif_write);
+SPSHM_NIF(nif_write_dirty);
+SPSHM_NIF(nif_read);
+SPSHM_NIF(nif_read_dirty);
+SPSHM_NIF(nif_read_zero_copy);
+
+// nif_process.cpp: processes, owners and OS-process watches
+SPSHM_NIF(nif_monitor_owner);
+SPSHM_NIF(nif_watch_os_process);
+SPSHM_NIF(nif_cancel_watch);
+SPSHM_NIF(nif_process_start_time);
+SPSHM_NIF(nif_process_alive);
+SPSHM_NIF(nif_self_info);
+
+#undef SPSHM_NIF
+
+}  // namespace spshm::nif

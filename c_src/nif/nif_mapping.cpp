@@ -1,0 +1,204 @@
+// NIFs on mappings: map/unmap (holds in the header) and bounds-checked data access.
+//
+// The plain read/write run on a normal scheduler and refuse more than kPlainLimit bytes
+// (about 10 us of memcpy, or of XChaCha20 for encrypted regions, well under the 1 ms a
+// NIF may take); the *_dirty variants run on dirty CPU schedulers for anything larger.
+#include <cstdint>
+#include <new>
+#include <string>
+
+#include "nif_functions.hpp"
+#include "region.hpp"
+#include "resources.hpp"
+#include "terms.hpp"
+
+namespace spshm::nif {
+
+namespace {
+
+constexpr std::uint64_t kPlainLimit = 65536;
+
+std::string region_label(const MappingResource* m) { return "region " + m->owner->region.id(); }
+
+// Checks shared by every access through a mapping; false with *reply set on refusal.
+bool usable(ErlNifEnv* env, const MappingResource* m, ERL_NIF_TERM* reply) {
+  if (m->closed.load()) {
+    *reply = make_error(env, Errc::closed,
+                        "this mapping of " + region_label(m) + " was unmapped: map it again");
+    return false;
+  }
+  if (m->owner->is_deallocated()) {
+    *reply = make_error(env, Errc::deallocated, region_label(m) + " was deallocated");
+    return false;
+  }
+  return true;
+}
+
+// [offset, offset + length) within [0, size), without overflowing 64 bits.
+bool in_bounds(ErlNifEnv* env, const MappingResource* m, std::uint64_t offset, std::uint64_t length,
+               ERL_NIF_TERM* reply) {
+  std::uint64_t size = m->owner->region.size();
+  if (offset <= size && length <= size - offset) return true;
+  *reply = make_error(env, Errc::out_of_bounds,
+                      "offset " + std::to_string(offset) + " + length " + std::to_string(length) +
+                          " exceeds the size of " + region_label(m) + " (" + std::to_string(size) +
+                          " bytes)");
+  return false;
+}
+
+ERL_NIF_TERM too_long_for_plain(ErlNifEnv* env, const char* dirty_name, std::uint64_t length) {
+  return make_error(env, Errc::invalid_argument,
+                    std::string("use ") + dirty_name + " for payloads over 65536 bytes (got " +
+                        std::to_string(length) + ")");
+}
+
+ERL_NIF_TERM do_write(ErlNifEnv* env, const ERL_NIF_TERM argv[], bool dirty) {
+  MappingResource* m;
+  std::uint64_t offset = 0;
+  ErlNifBinary data;
+  if (!get_mapping(env, argv[0], &m) || !get_u64(env, argv[1], &offset) ||
+      !enif_inspect_binary(env, argv[2], &data)) {
+    return enif_make_badarg(env);
+  }
+  ERL_NIF_TERM reply;
+  if (!usable(env, m, &reply)) return reply;
+  if (!m->writable) {
+    return make_error(env, Errc::permission_denied,
+                      "this mapping of " + region_label(m) +
+                          " is read-only: map it with access_mode :read_write to write");
+  }
+  if (!dirty && data.size > kPlainLimit) return too_long_for_plain(env, "write_dirty", data.size);
+  if (!in_bounds(env, m, offset, data.size, &reply)) return reply;
+  auto written = m->owner->region.write(offset, data.data, data.size);
+  if (!written.ok()) return make_error(env, written.error());
+  return atoms.ok;
+}
+
+ERL_NIF_TERM do_read(ErlNifEnv* env, const ERL_NIF_TERM argv[], bool dirty) {
+  MappingResource* m;
+  std::uint64_t offset = 0, length = 0;
+  if (!get_mapping(env, argv[0], &m) || !get_u64(env, argv[1], &offset) ||
+      !get_u64(env, argv[2], &length)) {
+    return enif_make_badarg(env);
+  }
+  ERL_NIF_TERM reply;
+  if (!usable(env, m, &reply)) return reply;
+  if (!dirty && length > kPlainLimit) return too_long_for_plain(env, "read_dirty", length);
+  if (!in_bounds(env, m, offset, length, &reply)) return reply;
+  ErlNifBinary bin;
+  if (!enif_alloc_binary(static_cast<std::size_t>(length), &bin)) {
+    return make_error(env, Errc::no_space,
+                      "cannot allocate a binary of " + std::to_string(length) +
+                          " bytes: read a smaller range, or seal the region for zero-copy reads");
+  }
+  auto copied = m->owner->region.read(offset, bin.data, bin.size);
+  if (!copied.ok()) {
+    enif_release_binary(&bin);
+    return make_error(env, copied.error());
+  }
+  return make_ok(env, enif_make_binary(env, &bin));
+}
+
+}  // namespace
+
+ERL_NIF_TERM nif_map(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  RegionResource* res;
+  if (!get_region(env, argv[0], &res)) return enif_make_badarg(env);
+  bool writable;
+  if (enif_is_identical(argv[1], atoms.read_write)) {
+    writable = true;
+  } else if (enif_is_identical(argv[1], atoms.read_only)) {
+    writable = false;
+  } else {
+    return enif_make_badarg(env);
+  }
+  Region& region = res->region;
+  if (res->is_deallocated()) {
+    return make_error(env, Errc::deallocated, "region " + region.id() + " was deallocated");
+  }
+  if (writable && !region.writable()) {
+    return make_error(
+        env, Errc::permission_denied,
+        "region " + region.id() + " was opened read-only: open it writable to map it :read_write");
+  }
+  if (writable && region.sealed()) {
+    return make_error(env, Errc::sealed, "region " + region.id() + " is sealed: map it :read_only");
+  }
+  auto held = hold(region.header(), self_identity.pid, self_identity.start_time, writable);
+  if (!held.ok()) return make_error(env, held.error());
+
+  void* mem = enif_alloc_resource(resource_types.mapping, sizeof(MappingResource));
+  auto* m = new (mem) MappingResource{res, writable};
+  enif_keep_resource(res);  // released by the mapping's destructor
+  ERL_NIF_TERM term = enif_make_resource(env, m);
+  enif_release_resource(m);
+  region.touch();
+  return make_ok(env, term);
+}
+
+ERL_NIF_TERM nif_unmap(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  MappingResource* m;
+  if (!get_mapping(env, argv[0], &m)) return enif_make_badarg(env);
+  if (m->closed.exchange(true)) {
+    return make_error(env, Errc::closed,
+                      "this mapping of " + region_label(m) + " was already unmapped");
+  }
+  // not_found only if release_holder/3 already dropped every hold of this VM: the hold
+  // is gone either way. The memory stays mapped until the region resource is destroyed.
+  (void)release(m->owner->region.header(), self_identity.pid, self_identity.start_time);
+  return atoms.ok;
+}
+
+ERL_NIF_TERM nif_write(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  return do_write(env, argv, false);
+}
+
+ERL_NIF_TERM nif_write_dirty(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  return do_write(env, argv, true);
+}
+
+ERL_NIF_TERM nif_read(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  return do_read(env, argv, false);
+}
+
+ERL_NIF_TERM nif_read_dirty(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  return do_read(env, argv, true);
+}
+
+// O(1) whatever the length: the binary points into the mapping and keeps the region
+// resource (hence the mapping) alive. Only honest over bytes that can no longer change:
+// a sealed, unencrypted region.
+ERL_NIF_TERM nif_read_zero_copy(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  MappingResource* m;
+  std::uint64_t offset = 0, length = 0;
+  if (!get_mapping(env, argv[0], &m) || !get_u64(env, argv[1], &offset) ||
+      !get_u64(env, argv[2], &length)) {
+    return enif_make_badarg(env);
+  }
+  ERL_NIF_TERM reply;
+  if (!usable(env, m, &reply)) return reply;
+  Region& region = m->owner->region;
+  if (region.encrypted()) {
+    return make_error(env, Errc::invalid_argument,
+                      region_label(m) +
+                          " is encrypted: zero-copy reads would expose "
+                          "ciphertext; use read/3 to decrypt");
+  }
+  if (!region.sealed()) {
+    return make_error(env, Errc::invalid_argument,
+                      region_label(m) +
+                          " is not sealed: its bytes may still change, so reads "
+                          "copy; seal it first for zero-copy reads");
+  }
+  if (!in_bounds(env, m, offset, length, &reply)) return reply;
+  m->owner->zero_copy_shared.store(true);
+  if (m->owner->deallocating.load()) {
+    return make_error(env, Errc::deallocated, region_label(m) + " is being deallocated");
+  }
+  region.touch();
+  ERL_NIF_TERM bin = enif_make_resource_binary(env, m->owner, region.data() + offset,
+                                               static_cast<std::size_t>(length));
+  return make_ok(env, bin);
+}
+
+}  // namespace spshm::nif

@@ -1,0 +1,138 @@
+// NIFs about processes: owner monitors, pidfd watches of OS processes, identities.
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdint>
+#include <new>
+#include <string>
+
+#include "encode.hpp"
+#include "nif_functions.hpp"
+#include "region.hpp"
+#include "resources.hpp"
+#include "terms.hpp"
+
+#ifndef SYS_pidfd_open
+#define SYS_pidfd_open 434  // the same number on every Linux architecture
+#endif
+
+namespace spshm::nif {
+
+namespace {
+
+bool valid_os_pid(std::uint64_t os_pid) noexcept { return os_pid > 0 && os_pid <= INT32_MAX; }
+
+ERL_NIF_TERM invalid_pid(ErlNifEnv* env, std::uint64_t os_pid) {
+  return make_error(env, Errc::invalid_argument,
+                    "os_pid " + std::to_string(os_pid) + " is not a valid process id");
+}
+
+// A pidfd for `os_pid`, or an Error. Linux >= 5.3.
+Result<int> open_pidfd(std::uint32_t os_pid) {
+  long fd = ::syscall(SYS_pidfd_open, static_cast<pid_t>(os_pid), 0u);
+  if (fd >= 0) return static_cast<int>(fd);
+  int err = errno;
+  if (err == ENOSYS) {
+    return Error{Errc::unsupported, err,
+                 "pidfd_open is not available (Linux >= 5.3 needed): watch OS processes by "
+                 "polling process_alive/2 instead"};
+  }
+  if (err == ESRCH) {
+    return Error{Errc::not_found, err, "process " + std::to_string(os_pid) + " does not exist"};
+  }
+  return os_error("pidfd_open(" + std::to_string(os_pid) + ")", err);
+}
+
+}  // namespace
+
+ERL_NIF_TERM nif_monitor_owner(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  RegionResource* res;
+  ErlNifPid pid;
+  if (!get_region(env, argv[0], &res) || !enif_get_local_pid(env, argv[1], &pid)) {
+    return enif_make_badarg(env);
+  }
+  int rc = enif_monitor_process(env, res, &pid, nullptr);
+  if (rc > 0) {
+    return make_error(env, Errc::not_found, "owner process is not alive");
+  }
+  if (rc < 0) {
+    return make_error(env, Errc::unsupported, "the region resource type has no down callback");
+  }
+  return atoms.ok;
+}
+
+// The caller receives {:select, watch, ref, :ready_input} once the process exits. The
+// start time is compared AFTER the pidfd is open: the pidfd pins that very process, so
+// a pid reused by another process between the caller's check and now is detected.
+ERL_NIF_TERM nif_watch_os_process(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  std::uint64_t os_pid = 0, start_time = 0;
+  if (!get_u64(env, argv[0], &os_pid) || !get_u64(env, argv[1], &start_time) ||
+      !enif_is_ref(env, argv[2])) {
+    return enif_make_badarg(env);
+  }
+  if (!valid_os_pid(os_pid)) return invalid_pid(env, os_pid);
+  auto pid = static_cast<std::uint32_t>(os_pid);
+  auto pidfd = open_pidfd(pid);
+  if (!pidfd.ok()) return make_error(env, pidfd.error());
+
+  void* mem = enif_alloc_resource(resource_types.watch, sizeof(WatchResource));
+  auto* w = new (mem) WatchResource();
+  w->fd.store(pidfd.value());  // from here on the destructor or stop callback closes it
+  w->os_pid = pid;
+  ERL_NIF_TERM term = enif_make_resource(env, w);
+  enif_release_resource(w);
+
+  auto now = process_start_time(pid);
+  if (!now.ok() || now.value() != start_time) {
+    return make_error(env, Errc::not_found,
+                      "process " + std::to_string(pid) + " with start time " +
+                          std::to_string(start_time) + " is gone (pid reused or exited)");
+  }
+  int rc = enif_select(env, static_cast<ErlNifEvent>(w->fd.load()), ERL_NIF_SELECT_READ, w, nullptr,
+                       argv[2]);
+  if (rc < 0) {
+    return make_error(env, Errc::io_error,
+                      "enif_select refused the pidfd (" + std::to_string(rc) +
+                          "): the VM may have been started with a lower file limit");
+  }
+  w->selected.store(true);
+  ErlNifPid self;
+  if (enif_self(env, &self)) (void)enif_monitor_process(env, w, &self, nullptr);
+  return make_ok(env, term);
+}
+
+ERL_NIF_TERM nif_cancel_watch(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  WatchResource* w;
+  if (!get_watch(env, argv[0], &w)) return enif_make_badarg(env);
+  int fd = w->fd.load();
+  if (fd >= 0 && w->selected.exchange(false)) {
+    enif_select(env, static_cast<ErlNifEvent>(fd), ERL_NIF_SELECT_STOP, w, nullptr,
+                atoms.undefined);
+  }
+  return atoms.ok;
+}
+
+ERL_NIF_TERM nif_process_start_time(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  std::uint64_t os_pid = 0;
+  if (!get_u64(env, argv[0], &os_pid)) return enif_make_badarg(env);
+  if (!valid_os_pid(os_pid)) return invalid_pid(env, os_pid);
+  auto start = process_start_time(static_cast<std::uint32_t>(os_pid));
+  if (!start.ok()) return make_error(env, start.error());
+  return make_ok(env, enif_make_uint64(env, start.value()));
+}
+
+ERL_NIF_TERM nif_process_alive(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  std::uint64_t os_pid = 0, start_time = 0;
+  if (!get_u64(env, argv[0], &os_pid) || !get_u64(env, argv[1], &start_time)) {
+    return enif_make_badarg(env);
+  }
+  if (!valid_os_pid(os_pid)) return atoms.false_;
+  return make_bool(process_alive(static_cast<std::uint32_t>(os_pid), start_time));
+}
+
+ERL_NIF_TERM nif_self_info(ErlNifEnv* env, int, const ERL_NIF_TERM[]) {
+  return encode_self_info(env);
+}
+
+}  // namespace spshm::nif

@@ -1,0 +1,201 @@
+// NIFs on regions as a whole: create, open, describe, seal, deallocate, holders.
+#include <cstdint>
+#include <string>
+
+#include "encode.hpp"
+#include "format.hpp"
+#include "nif_functions.hpp"
+#include "region.hpp"
+#include "resources.hpp"
+#include "terms.hpp"
+
+namespace spshm::nif {
+
+namespace {
+
+// Largest region the NIF accepts: far above any real machine, far below where size
+// arithmetic (capacity with chunk overhead, data offsets) could overflow 64 bits.
+constexpr std::uint64_t kMaxRegionSize = std::uint64_t{1} << 62;
+
+ERL_NIF_TERM ok_region(ErlNifEnv* env, Region&& region) {
+  RegionResource* res = nullptr;
+  ERL_NIF_TERM term = make_region_resource(env, std::move(region), &res);
+  return enif_make_tuple3(env, atoms.ok, term, encode_info(env, res->region));
+}
+
+}  // namespace
+
+ERL_NIF_TERM nif_header_layout(ErlNifEnv* env, int, const ERL_NIF_TERM[]) {
+  return make_binary(env, layout_description());
+}
+
+ERL_NIF_TERM nif_create(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  std::uint64_t size = 0;
+  if (!get_u64(env, argv[0], &size)) return enif_make_badarg(env);
+  CreateOptions options;
+  Error why{};
+  ERL_NIF_TERM reply;
+  if (!decoded(env, decode_create_options(env, argv[1], &options, &why), why, &reply)) {
+    return reply;
+  }
+  if (size == 0) {
+    return make_error(env, Errc::invalid_argument, "size must be at least 1 byte, got 0");
+  }
+  if (size > kMaxRegionSize) {
+    return make_error(env, Errc::too_large,
+                      "size " + std::to_string(size) + " exceeds the limit of 2^62 bytes");
+  }
+  options.size = size;
+  auto region = Region::create(options);
+  if (!region.ok()) return make_error(env, region.error());
+  return ok_region(env, std::move(region).value());
+}
+
+ERL_NIF_TERM nif_open(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  bool writable = false;
+  if (!get_bool(env, argv[1], &writable)) return enif_make_badarg(env);
+  OpenTarget target;
+  Error why{};
+  ERL_NIF_TERM reply;
+  int arity = 0;
+  const ERL_NIF_TERM* paths = nullptr;
+  if (enif_get_tuple(env, argv[0], &arity, &paths)) {
+    if (arity != 2) return enif_make_badarg(env);
+    if (!decoded(env, get_os_string(env, paths[0], "control_path", &target.control_path, &why), why,
+                 &reply) ||
+        !decoded(env, get_os_string(env, paths[1], "data_path", &target.data_path, &why), why,
+                 &reply)) {
+      return reply;
+    }
+  } else if (!decoded(env, get_os_string(env, argv[0], "region id", &target.region_id, &why), why,
+                      &reply)) {
+    return reply;
+  }
+  auto region = Region::open(target, writable);
+  if (!region.ok()) return make_error(env, region.error());
+  return ok_region(env, std::move(region).value());
+}
+
+ERL_NIF_TERM nif_info(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  RegionResource* res;
+  if (!get_region(env, argv[0], &res)) return enif_make_badarg(env);
+  return encode_info(env, res->region);
+}
+
+ERL_NIF_TERM nif_header(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  RegionResource* res;
+  if (!get_region(env, argv[0], &res)) return enif_make_badarg(env);
+  return make_ok(env, encode_snapshot(env, snapshot(res->region.header()), std::string()));
+}
+
+ERL_NIF_TERM nif_seal(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  RegionResource* res;
+  if (!get_region(env, argv[0], &res)) return enif_make_badarg(env);
+  if (res->is_deallocated()) {
+    return make_error(env, Errc::deallocated, "region " + res->region.id() + " was deallocated");
+  }
+  auto sealed = res->region.seal();
+  if (!sealed.ok()) return make_error(env, sealed.error());
+  return atoms.ok;
+}
+
+// Dirty (I/O bound): zeroing a large region takes about 1 s per 10 GB.
+ERL_NIF_TERM nif_deallocate(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  RegionResource* res;
+  bool zero = false;
+  if (!get_region(env, argv[0], &res) || !get_bool(env, argv[1], &zero)) {
+    return enif_make_badarg(env);
+  }
+  if (res->deallocating.exchange(true)) {
+    if (res->deallocated.load()) {
+      return make_error(env, Errc::deallocated,
+                        "region " + res->region.id() + " was already deallocated");
+    }
+    return make_error(env, Errc::busy,
+                      "region " + res->region.id() + " is being deallocated by another call");
+  }
+  if (zero && res->zero_copy_shared.load()) {
+    res->deallocating.store(false);
+    // Zeroing would change the bytes under binaries the VM believes immutable.
+    return make_error(env, Errc::busy,
+                      "zero-copy binaries of region " + res->region.id() +
+                          " may still be alive and must not change: deallocate with zero: "
+                          "false (the memory is freed when the last binary is garbage "
+                          "collected)");
+  }
+  auto done = res->region.deallocate(zero);
+  if (!done.ok()) {
+    res->deallocating.store(false);
+    return make_error(env, done.error());
+  }
+  res->deallocated.store(true);
+  return atoms.ok;
+}
+
+ERL_NIF_TERM nif_set_idle_timeout(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  RegionResource* res;
+  std::uint64_t ms = 0;
+  if (!get_region(env, argv[0], &res) || !get_u64(env, argv[1], &ms)) {
+    return enif_make_badarg(env);
+  }
+  if (ms > UINT64_MAX / 1000000) {
+    return make_error(env, Errc::invalid_argument,
+                      "idle timeout " + std::to_string(ms) + " ms does not fit in 64-bit ns");
+  }
+  res->region.header().idle_timeout_ns.store(ms * 1000000, std::memory_order_release);
+  return atoms.ok;
+}
+
+ERL_NIF_TERM nif_export_key(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  RegionResource* res;
+  if (!get_region(env, argv[0], &res)) return enif_make_badarg(env);
+  if (!res->region.encrypted()) {
+    return make_error(env, Errc::invalid_argument,
+                      "region " + res->region.id() + " is not encrypted: it has no key");
+  }
+  const std::uint8_t* key = res->region.key();
+  if (key == nullptr) {
+    return make_error(
+        env, Errc::invalid_argument,
+        "the key of region " + res->region.id() + " is only known to the process that created it");
+  }
+  return make_ok(env, make_binary(env, key, kKeySize));
+}
+
+ERL_NIF_TERM nif_release_holder(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  RegionResource* res;
+  std::uint64_t os_pid = 0, start_time = 0;
+  if (!get_region(env, argv[0], &res) || !get_u64(env, argv[1], &os_pid) ||
+      !get_u64(env, argv[2], &start_time)) {
+    return enif_make_badarg(env);
+  }
+  if (os_pid == 0 || os_pid > UINT32_MAX) {
+    return make_error(env, Errc::invalid_argument,
+                      "os_pid " + std::to_string(os_pid) + " is not a valid process id");
+  }
+  std::uint32_t released =
+      release_all(res->region.header(), static_cast<std::uint32_t>(os_pid), start_time);
+  return make_ok(env, enif_make_uint(env, released));
+}
+
+ERL_NIF_TERM nif_inspect_path(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  std::string path;
+  Error why{};
+  ERL_NIF_TERM reply;
+  if (!decoded(env, get_os_string(env, argv[0], "path", &path, &why), why, &reply)) return reply;
+  auto snap = inspect(path);
+  if (!snap.ok()) return make_error(env, snap.error());
+  return make_ok(env, encode_snapshot(env, snap.value(), path));
+}
+
+ERL_NIF_TERM nif_unlink_segment(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  std::string id;
+  Error why{};
+  ERL_NIF_TERM reply;
+  if (!decoded(env, get_os_string(env, argv[0], "region id", &id, &why), why, &reply)) return reply;
+  auto done = unlink_segment(id);
+  if (!done.ok()) return make_error(env, done.error());
+  return atoms.ok;
+}
+
+}  // namespace spshm::nif

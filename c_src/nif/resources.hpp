@@ -1,0 +1,83 @@
+// The NIF's resource types and the identity of this VM's OS process.
+//
+// Lifetime rules (the reason this file exists):
+//   * RegionResource owns the spshm::Region: its destructor (~Region) is the only place
+//     the memory is unmapped. Mappings and zero-copy binaries keep it alive, so no
+//     binary ever points at unmapped memory, whatever order things are dropped in.
+//   * MappingResource is one hold of this OS process in the region header. unmap/1
+//     releases it; a mapping that is garbage collected without unmap/1 releases it in
+//     its destructor (an atomic update of the header: it never blocks).
+//   * WatchResource owns a pidfd registered with enif_select; only the `stop` callback
+//     closes it once the VM no longer polls it.
+#pragma once
+
+#include <array>
+#include <atomic>
+#include <cstdint>
+
+#include <erl_nif.h>
+
+#include "region.hpp"
+
+namespace spshm::nif {
+
+struct RegionResource {
+  explicit RegionResource(Region&& r) noexcept : region(std::move(r)) {}
+
+  Region region;
+  /// deallocate/2 started through this handle (reset if it failed).
+  std::atomic<bool> deallocating{false};
+  /// deallocate/2 succeeded through this handle (the header says so too).
+  std::atomic<bool> deallocated{false};
+  /// A zero-copy binary over this region was handed out: it may still be alive, so
+  /// the bytes under it must not change (deallocate refuses to zero them). Together
+  /// with `deallocating` (both seq_cst) no binary is made while zeroing starts.
+  std::atomic<bool> zero_copy_shared{false};
+
+  /// Deallocated through this handle or by anyone else (header state).
+  bool is_deallocated() const noexcept {
+    return deallocated.load() || (region.header().state.load() & kStateDeallocated) != 0;
+  }
+};
+
+struct MappingResource {
+  RegionResource* owner;  ///< kept with enif_keep_resource, released in the destructor
+  bool writable;
+  std::atomic<bool> closed{false};  ///< set once by unmap/1 or the destructor
+};
+
+struct WatchResource {
+  std::atomic<int> fd{-1};            ///< the pidfd; -1 once closed
+  std::atomic<bool> selected{false};  ///< registered with enif_select (stop will close it)
+  std::uint32_t os_pid = 0;
+};
+
+struct ResourceTypes {
+  ErlNifResourceType* region = nullptr;
+  ErlNifResourceType* mapping = nullptr;
+  ErlNifResourceType* watch = nullptr;
+};
+extern ResourceTypes resource_types;
+
+/// Opens (load) or takes over (upgrade) every resource type. False on failure.
+bool open_resource_types(ErlNifEnv* env);
+
+/// This VM's OS process, resolved at load: the holder identity of every BEAM mapping.
+struct SelfIdentity {
+  std::uint32_t pid = 0;
+  std::uint64_t start_time = 0;
+  std::array<std::uint8_t, 16> boot_id{};
+};
+extern SelfIdentity self_identity;
+bool init_self_identity();
+
+// Typed accessors: false if `term` is not a resource of that type (-> badarg).
+bool get_region(ErlNifEnv* env, ERL_NIF_TERM term, RegionResource** out);
+bool get_mapping(ErlNifEnv* env, ERL_NIF_TERM term, MappingResource** out);
+bool get_watch(ErlNifEnv* env, ERL_NIF_TERM term, WatchResource** out);
+
+/// Moves `region` into a new resource and returns its term (the term owns it).
+/// Sets *out (optional) to the resource for further encoding.
+ERL_NIF_TERM make_region_resource(ErlNifEnv* env, Region&& region, RegionResource** out);
+
+}  // namespace spshm::nif
