@@ -1,0 +1,243 @@
+"""attach() and inspect(): from a ref or region id to a validated, mapped Region."""
+
+import contextlib
+import errno
+import mmap
+import os
+import warnings
+
+from . import errors
+from . import _format as F
+from . import _header
+from . import _locate
+from . import _native
+from . import _proc
+from .region import Attachment, Region, expiry_problem, state_bits, touch
+
+_SECURITY_LEVELS = {0: "standard", 1: "high", 2: "maximum"}
+
+
+def attach(ref_or_region_id, mode="r"):
+    """Attach a region and register this process as one of its holders.
+
+    ``ref_or_region_id`` is the map returned by Elixir's ``export_ref/2`` (a dict, or
+    that map as a JSON string) or a bare region id.  ``mode`` is "r" (read-only data)
+    or "rw".  Returns a :class:`Region`; use it as a context manager or call close().
+
+    Raises RegionNotFound, CorruptRegion, RegionExpired or PermissionError (all
+    subclasses of SnakepitShmError) with a message that says what to do; TypeError or
+    ValueError for a malformed argument; LibraryNotFound if libsnakepit_shm.so is
+    missing.
+    """
+    if mode not in ("r", "rw"):
+        raise ValueError(f"mode must be 'r' or 'rw', got {mode!r}")
+    location = _locate.parse_target(ref_or_region_id)
+    library = _native.library()
+    identity = _proc.self_identity()
+    with contextlib.ExitStack() as fds, contextlib.ExitStack() as on_error:
+        control_fd, control_size, header_writable = _open_control(location, mode)
+        fds.callback(os.close, control_fd)
+        data_fd, data_size = _open_data(location, mode, control_fd, control_size, fds)
+        snapshot = os.pread(control_fd, F.HEADER_SIZE, 0)
+        header = _header.validate(snapshot, where=location.control_path,
+                                  region_id=location.region_id,
+                                  control_size=control_size, data_object_size=data_size)
+        _check_matches_ref(location, header)
+        with _native.buffer_address(snapshot) as (address, _):
+            library.validate_header(address, data_size)
+
+        header_mm = mmap.mmap(control_fd, F.HEADER_SIZE, access=(
+            mmap.ACCESS_WRITE if header_writable else mmap.ACCESS_READ))
+        attachment = Attachment(header_mm, library, header_writable)
+        on_error.callback(attachment.close_quietly)
+        # Hold first, then look at the state bits: seal() sets the sealed bit before
+        # it looks for writable holders, so either it sees this hold or we see the bit.
+        if header_writable:
+            _hold(attachment, identity, location.region_id, mode)
+        else:
+            warnings.warn(errors.UnheldAttachWarning(
+                f"{location.control_path} cannot be opened for writing (a sealed POSIX "
+                "region): attached read-only without a hold. Keep the region allocated "
+                "on the Elixir side while this worker uses it."), stacklevel=2)
+        _check_state(location.region_id, header_mm, mode)
+
+        data_mm, view_offset = _map_data(location.region_id, data_fd, header, mode)
+        on_error.callback(data_mm.close)
+        region = Region(location=location, header=header, attachment=attachment,
+                        data_mm=data_mm, view_offset=view_offset, mode=mode)
+        if header_writable:
+            touch(header_mm)
+        on_error.pop_all()
+        return region
+
+
+def inspect(ref_or_region_id):
+    """Return a snapshot of a region's header as a dict, without attaching it.
+
+    Opens the segment read-only, validates the header and registers no hold; needs
+    no C library.  Used by ``python3 -m snakepit_shm info``.
+    """
+    location = _locate.parse_target(ref_or_region_id)
+    with contextlib.ExitStack() as fds:
+        fd, control_size = _locate.open_object(
+            location.control_path, location.region_id, False,
+            memfd_target=_memfd_target(location, 0))
+        fds.callback(os.close, fd)
+        if location.backend == F.BACKEND_MEMFD:
+            data_fd, data_size = _locate.open_object(
+                location.data_path, location.region_id, False,
+                memfd_target=_memfd_target(location, 1))
+            os.close(data_fd)
+        else:
+            data_size = control_size
+        snapshot = os.pread(fd, F.HEADER_SIZE, 0)
+        header = _header.validate(snapshot, where=location.control_path,
+                                  region_id=location.region_id,
+                                  control_size=control_size, data_object_size=data_size)
+        return describe(header, snapshot, location)
+
+
+def describe(header, raw, location):
+    """Return a JSON-encodable dict of a validated header and its live part ``raw``."""
+    fields = F.unpack_fields(raw)
+    state = fields["state"]
+    problem = expiry_problem(raw)
+    return {
+        "region_id": header.region_id,
+        "backend": F.BACKEND_NAMES[header.backend],
+        "format_version": header.format_version,
+        "size": header.data_size,
+        "capacity": header.data_capacity,
+        "data_offset": header.data_offset,
+        "encrypted": header.encrypted,
+        "named": bool(header.flags & F.FLAG_NAMED),
+        "security_level": _SECURITY_LEVELS.get(header.security_level,
+                                               header.security_level),
+        "sealed": bool(state & F.STATE_SEALED),
+        "deallocated": bool(state & F.STATE_DEALLOCATED),
+        "refcount": fields["refcount"],
+        "holders": F.unpack_holders(raw),
+        "creator_pid": header.creator_pid,
+        "creator_start_time": header.creator_start_time,
+        "boot_id": header.boot_id.hex(),
+        "created_at_ns": header.created_at_ns,
+        "last_access_ns": fields["last_access_ns"],
+        "idle_timeout_ns": fields["idle_timeout_ns"],
+        "expired": problem is not None,
+        "metadata": header.metadata,
+        "control_path": location.control_path,
+        "data_path": location.data_path,
+    }
+
+
+def _memfd_target(location, index):
+    if location.backend != F.BACKEND_MEMFD:
+        return None
+    return _locate.memfd_link_targets(location.region_id)[index]
+
+
+def _open_control(location, mode):
+    """Open the control object, writable if at all possible (holds need it)."""
+    target = _memfd_target(location, 0)
+    try:
+        fd, size = _locate.open_object(location.control_path, location.region_id, True,
+                                       memfd_target=target)
+        return fd, size, True
+    except _locate.OpenDenied:
+        if mode == "rw":
+            _raise_if_sealed(location, target)
+            raise
+    fd, size = _locate.open_object(location.control_path, location.region_id, False,
+                                   memfd_target=target)
+    return fd, size, False
+
+
+def _raise_if_sealed(location, target):
+    """Explain a refused writable open of a sealed POSIX region (mode 0400)."""
+    fd, _ = _locate.open_object(location.control_path, location.region_id, False,
+                                memfd_target=target)
+    try:
+        raw = os.pread(fd, F.HEADER_SIZE, 0)
+    finally:
+        os.close(fd)
+    if len(raw) == F.HEADER_SIZE and raw[:8] == F.MAGIC \
+            and state_bits(raw) & F.STATE_SEALED:
+        raise _sealed_error(location.region_id)
+
+
+def _open_data(location, mode, control_fd, control_size, fds):
+    if location.backend != F.BACKEND_MEMFD:
+        return control_fd, control_size
+    fd, size = _locate.open_object(location.data_path, location.region_id, mode == "rw",
+                                   memfd_target=_memfd_target(location, 1))
+    fds.callback(os.close, fd)
+    return fd, size
+
+
+def _check_matches_ref(location, header):
+    problems = []
+    if header.backend != location.backend:
+        problems.append(f"backend {F.BACKEND_NAMES.get(header.backend)}")
+    if location.size is not None and location.size != header.data_size:
+        problems.append(f"size {header.data_size}, the ref says {location.size}")
+    if location.data_offset is not None and location.data_offset != header.data_offset:
+        problems.append(f"data_offset {header.data_offset}, the ref says "
+                        f"{location.data_offset}")
+    if problems:
+        raise errors.CorruptRegion(
+            f"region {location.region_id} does not match its ref ({'; '.join(problems)}):"
+            " the ref is stale or was edited; ask the Elixir side for a fresh "
+            "export_ref/2.")
+
+
+def _hold(attachment, identity, region_id, mode):
+    """Register the hold, translating the core's refusals into this API's words."""
+    try:
+        attachment.hold(identity, writable=(mode == "rw"))
+    except errors.SnakepitShmError as exc:
+        code = getattr(exc, "code", None)
+        if code == _native.E_SEALED:
+            raise _sealed_error(region_id) from None
+        if code == _native.E_DEALLOCATED:
+            raise _deallocated_error(region_id) from None
+        raise
+
+
+def _deallocated_error(region_id):
+    return errors.RegionNotFound(
+        f"region {region_id} was deallocated: its data is gone or being zeroed. Ask the "
+        "Elixir side for a fresh region.")
+
+
+def _check_state(region_id, header_mm, mode):
+    state = state_bits(header_mm)
+    if state & F.STATE_DEALLOCATED:
+        raise _deallocated_error(region_id)
+    if mode == "rw" and state & F.STATE_SEALED:
+        raise _sealed_error(region_id)
+    problem = expiry_problem(header_mm)
+    if problem:
+        raise errors.RegionExpired(f"region {region_id} expired: {problem}")
+
+
+def _sealed_error(region_id):
+    return errors.PermissionError(
+        f"region {region_id} is sealed (immutable): attach it with mode='r' to read it, "
+        "and write results into another region.")
+
+
+def _map_data(region_id, fd, header, mode):
+    """Map [data_offset, data_offset + capacity) of the data object."""
+    start = header.data_offset - header.data_offset % mmap.ALLOCATIONGRANULARITY
+    view_offset = header.data_offset - start
+    access = mmap.ACCESS_WRITE if mode == "rw" else mmap.ACCESS_READ
+    try:
+        data_mm = mmap.mmap(fd, view_offset + header.data_capacity, offset=start,
+                            access=access)
+    except OSError as exc:
+        if mode == "rw" and exc.errno in (errno.EPERM, errno.EACCES):
+            raise _sealed_error(region_id) from None
+        raise errors.SnakepitShmError(
+            f"cannot map region {region_id}: {exc.strerror}. Check the address space "
+            "and memory limits (ulimit -v) of this worker.") from None
+    return data_mm, view_offset

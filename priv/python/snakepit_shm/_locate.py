@@ -1,0 +1,253 @@
+"""Turning a ref or a region id into opened, checked file descriptors.
+
+Nothing here trusts its input: region ids are validated against the only two shapes
+the manager produces before any path is built from them, /dev/shm paths are opened
+with O_NOFOLLOW, every object must be a regular file of our own uid, and memfds must
+carry the name of the region they claim to belong to.
+"""
+
+import base64
+import binascii
+import dataclasses
+import errno
+import json
+import os
+import re
+import stat
+
+from . import errors
+from . import _format
+
+SHM_DIR = "/dev/shm"
+NAMED_PREFIX = "spshm_n_"
+_RANDOM_ID = re.compile(r"spshm_[a-z2-7]{20}")
+_NAMED_ID = re.compile(r"spshm_n_[a-z0-9_-]{1,21}")
+_PROC_FD_PATH = re.compile(r"/proc/[1-9][0-9]*/fd/[0-9]+")
+_BACKENDS = {"posix": _format.BACKEND_POSIX, "memfd": _format.BACKEND_MEMFD}
+
+
+@dataclasses.dataclass
+class Location:
+    """Where a region lives, and what the ref (if any) said about it."""
+
+    region_id: str
+    backend: int
+    control_path: str
+    data_path: str
+    from_ref: bool = False
+    data_offset: int = None
+    size: int = None
+    dtype: str = None
+    shape: tuple = None
+    key: bytes = None
+
+
+class OpenDenied(errors.PermissionError):
+    """The OS refused to open an object with the requested access (EACCES/EPERM)."""
+
+
+def valid_region_id(text):
+    """Return True if ``text`` has the shape of one of our region ids."""
+    return bool(_RANDOM_ID.fullmatch(text) or _NAMED_ID.fullmatch(text))
+
+
+def validate_region_id(region_id):
+    """Return ``region_id`` if it has the shape of one of our ids, else raise ValueError."""
+    if not isinstance(region_id, str):
+        raise TypeError(f"a region id must be a str, got {type(region_id).__name__}")
+    if valid_region_id(region_id):
+        return region_id
+    raise ValueError(
+        f"{region_id!r} is not a snakepit_shm region id: expected 'spshm_' followed by "
+        "20 characters of [a-z2-7], or 'spshm_n_' followed by 1-21 characters of "
+        "[a-z0-9_-]. Pass the id or the ref returned by the Elixir side unchanged.")
+
+
+def parse_target(target):
+    """Return a :class:`Location` for a ref (dict or JSON string) or a region id."""
+    if isinstance(target, bytes):
+        target = target.decode("utf-8", "replace")
+    if isinstance(target, str):
+        text = target.strip()
+        if text.startswith("{"):
+            try:
+                target = json.loads(text)
+            except ValueError as exc:
+                raise ValueError(f"the ref is not valid JSON: {exc}") from None
+        else:
+            return find_by_id(validate_region_id(text))
+    if isinstance(target, dict):
+        return _parse_ref(target)
+    raise TypeError(
+        "attach() takes a region id (str), a ref (dict, as returned by Elixir's "
+        f"export_ref/2) or that ref as a JSON string; got {type(target).__name__}")
+
+
+def _ref_field(ref, name, kinds, required=True):
+    value = ref.get(name)
+    if value is None:
+        if required:
+            raise ValueError(f"the ref has no {name!r}: pass the map returned by "
+                             "Snakepit.SharedMemory.export_ref/2 unchanged")
+        return None
+    # bool is an int subclass: never accept it where a number is expected.
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        raise ValueError(f"the ref's {name!r} has the wrong type: {value!r}")
+    return value
+
+
+def _parse_ref(ref):
+    version = ref.get("v")
+    if version != 1:
+        raise ValueError(f"unsupported ref version {version!r}: this client reads "
+                         "refs with \"v\": 1; upgrade the Python package")
+    region_id = validate_region_id(_ref_field(ref, "region_id", (str,)))
+    backend_name = _ref_field(ref, "backend", (str,))
+    if backend_name not in _BACKENDS:
+        raise ValueError(f"the ref's backend {backend_name!r} cannot be attached here: "
+                         "this client supports 'posix' and 'memfd' (Linux)")
+    backend = _BACKENDS[backend_name]
+    if backend == _format.BACKEND_POSIX:
+        path = os.path.join(SHM_DIR, region_id)
+        for name in ("control_path", "data_path"):
+            given = _ref_field(ref, name, (str,), required=False)
+            if given is not None and given != path:
+                raise ValueError(f"the ref's {name} {given!r} is not the POSIX segment "
+                                 f"of {region_id} ({path})")
+        control_path = data_path = path
+    else:
+        control_path = _ref_field(ref, "control_path", (str,))
+        data_path = _ref_field(ref, "data_path", (str,))
+        for name, path in (("control_path", control_path), ("data_path", data_path)):
+            if not _PROC_FD_PATH.fullmatch(path):
+                raise ValueError(f"the ref's {name} {path!r} is not a /proc/<pid>/fd/<n> "
+                                 "path of a memfd region")
+    data_offset = _ref_field(ref, "data_offset", (int,), required=False)
+    size = _ref_field(ref, "size", (int,), required=False)
+    dtype = _ref_field(ref, "dtype", (str,), required=False)
+    shape = _ref_field(ref, "shape", (list, tuple), required=False)
+    if shape is not None and not all(isinstance(d, int) and not isinstance(d, bool)
+                                     and d >= 0 for d in shape):
+        raise ValueError(f"the ref's shape {shape!r} must be a list of non-negative ints")
+    return Location(region_id, backend, control_path, data_path, from_ref=True,
+                    data_offset=data_offset, size=size, dtype=dtype,
+                    shape=tuple(shape) if shape is not None else None,
+                    key=_decode_key(ref.get("key")))
+
+
+def _decode_key(value):
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError("the ref's key must be a base64 string")
+    try:
+        key = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("the ref's key is not valid base64") from None
+    if len(key) != _format.KEY_SIZE:
+        raise ValueError(f"the ref's key has {len(key)} bytes, expected "
+                         f"{_format.KEY_SIZE}")
+    return key
+
+
+def memfd_link_targets(region_id):
+    """Return the /proc/<pid>/fd link targets of the control and data memfds."""
+    return (f"/memfd:{region_id} (deleted)", f"/memfd:{region_id}.data (deleted)")
+
+
+def find_by_id(region_id):
+    """Locate a region by id: /dev/shm first, then memfds in /proc/*/fd of our uid."""
+    path = os.path.join(SHM_DIR, region_id)
+    if os.path.lexists(path):
+        return Location(region_id, _format.BACKEND_POSIX, path, path)
+    control_target, data_target = memfd_link_targets(region_id)
+    uid = os.geteuid()
+    for pid in _pids_of_uid(uid):
+        fd_dir = f"/proc/{pid}/fd"
+        control = data = None
+        try:
+            names = os.listdir(fd_dir)
+        except OSError:
+            continue  # the process exited, or its fds are not ours to see
+        for name in names:
+            try:
+                target = os.readlink(f"{fd_dir}/{name}")
+            except OSError:
+                continue
+            if target == control_target:
+                control = f"{fd_dir}/{name}"
+            elif target == data_target:
+                data = f"{fd_dir}/{name}"
+            if control and data:
+                return Location(region_id, _format.BACKEND_MEMFD, control, data)
+    raise errors.RegionNotFound(
+        f"region {region_id} does not exist: there is no {path}, and no process of uid "
+        f"{uid} has its memfds open. It was deallocated, its owner exited, or it lives "
+        "in another container or under another user; check the id, or pass the full ref "
+        "from export_ref/2.")
+
+
+def _pids_of_uid(uid):
+    own = os.getpid()
+    pids = [int(name) for name in os.listdir("/proc") if name.isdigit()]
+    # Our own fds last: a worker usually finds the memfds in the VM that exported them.
+    pids.sort(key=lambda pid: pid == own)
+    for pid in pids:
+        try:
+            if os.stat(f"/proc/{pid}").st_uid == uid:
+                yield pid
+        except OSError:
+            continue
+
+
+def open_object(path, region_id, writable, *, memfd_target=None):
+    """Open one object of a region and check it is a regular file of our uid.
+
+    ``memfd_target`` is the /proc link target the object must have (memfd backend);
+    /dev/shm paths are opened without following symlinks.  Returns (fd, size).
+    """
+    flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NONBLOCK
+    if memfd_target is None:
+        flags |= os.O_NOFOLLOW
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise _open_error(path, region_id, writable, exc) from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise errors.CorruptRegion(
+                f"{path} is not a snakepit_shm segment (not a regular file); refusing "
+                f"to map it. Something else took the name of {region_id}.")
+        if info.st_uid != os.geteuid():
+            raise errors.PermissionError(
+                f"{path} belongs to uid {info.st_uid}, not to this process's uid "
+                f"{os.geteuid()}; snakepit_shm only attaches segments of its own user. "
+                "Run the worker as the same user as the Elixir VM.")
+        if memfd_target is not None:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target != memfd_target:
+                raise errors.CorruptRegion(
+                    f"{path} is {target!r}, not the memfd {memfd_target!r} of region "
+                    f"{region_id}: the ref is stale (its process closed or reused the "
+                    "descriptor); ask the Elixir side for a fresh export_ref/2.")
+        return fd, info.st_size
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _open_error(path, region_id, writable, exc):
+    if exc.errno == errno.ENOENT:
+        return errors.RegionNotFound(
+            f"region {region_id} does not exist ({path}: no such file). It was "
+            "deallocated or its owner exited; ask the Elixir side for a fresh ref.")
+    if exc.errno == errno.ELOOP:
+        return errors.CorruptRegion(
+            f"{path} is a symbolic link, not a snakepit_shm segment; refusing to follow "
+            "it. Remove it (it is not ours) or check who created it.")
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return OpenDenied(
+            f"cannot open {path} {'for writing' if writable else 'for reading'}: "
+            f"{exc.strerror}. Check that the worker runs as the VM's user.")
+    return errors.SnakepitShmError(f"cannot open {path}: {exc.strerror}")

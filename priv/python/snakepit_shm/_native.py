@@ -1,0 +1,242 @@
+"""ctypes binding of the C ABI library ``libsnakepit_shm.so`` (``c_src/capi``).
+
+The client maps segments itself with :mod:`mmap`; it calls the library only for what
+Python cannot do safely: atomic updates of the header's holder table and refcount, and
+XChaCha20-Poly1305 decryption/encryption of encrypted regions.
+
+The library is found through the environment variable ``SNAKEPIT_SHM_LIB`` or, by
+default, at ``priv/libsnakepit_shm.so`` (two directories above this package).  It is
+loaded on first use and cached.
+"""
+
+import contextlib
+import ctypes
+import json
+import os
+import threading
+
+from . import errors
+
+ABI_VERSION = 1
+_ERR_LEN = 512
+
+# SPSHM_E_* codes of c_src/capi/snakepit_shm.h.
+E_INVALID_ARGUMENT = -1
+E_NOT_FOUND = -2
+E_PERMISSION_DENIED = -4
+E_CORRUPT = -7
+E_UNSUPPORTED_VERSION = -8
+E_NOT_OURS = -9
+E_SEALED = -10
+E_EXPIRED = -12
+E_DEALLOCATED = -13
+E_OUT_OF_BOUNDS = -15
+E_TAMPERED = -16
+
+_ERROR_CLASSES = {
+    E_INVALID_ARGUMENT: ValueError,
+    E_OUT_OF_BOUNDS: ValueError,
+    E_NOT_FOUND: errors.RegionNotFound,
+    E_DEALLOCATED: errors.RegionNotFound,
+    E_PERMISSION_DENIED: errors.PermissionError,
+    E_SEALED: errors.PermissionError,
+    E_CORRUPT: errors.CorruptRegion,
+    E_UNSUPPORTED_VERSION: errors.CorruptRegion,
+    E_NOT_OURS: errors.CorruptRegion,
+    E_TAMPERED: errors.CorruptRegion,
+    E_EXPIRED: errors.RegionExpired,
+}
+
+_lock = threading.Lock()
+_library = None
+
+
+def library_path():
+    """Return the path the C ABI library is loaded from."""
+    configured = os.environ.get("SNAKEPIT_SHM_LIB")
+    if configured:
+        return configured
+    here = os.path.dirname(os.path.abspath(__file__))
+    return os.path.normpath(os.path.join(here, "..", "..", "libsnakepit_shm.so"))
+
+
+def library():
+    """Return the loaded library (a :class:`Library`), loading it on first use."""
+    global _library
+    with _lock:
+        if _library is None:
+            _library = Library(library_path())
+        return _library
+
+
+def available():
+    """Return True if the C ABI library can be loaded."""
+    try:
+        library()
+    except errors.LibraryNotFound:
+        return False
+    return True
+
+
+class _PyBuffer(ctypes.Structure):
+    """CPython's ``Py_buffer`` (stable ABI since 3.11); only ``buf`` is read."""
+
+    _fields_ = [
+        ("buf", ctypes.c_void_p),
+        ("obj", ctypes.c_void_p),
+        ("len", ctypes.c_ssize_t),
+        ("itemsize", ctypes.c_ssize_t),
+        ("readonly", ctypes.c_int),
+        ("ndim", ctypes.c_int),
+        ("format", ctypes.c_void_p),
+        ("shape", ctypes.c_void_p),
+        ("strides", ctypes.c_void_p),
+        ("suboffsets", ctypes.c_void_p),
+        ("internal", ctypes.c_void_p),
+    ]
+
+
+_PyObject_GetBuffer = ctypes.pythonapi.PyObject_GetBuffer
+_PyObject_GetBuffer.argtypes = [ctypes.py_object, ctypes.POINTER(_PyBuffer),
+                                ctypes.c_int]
+_PyObject_GetBuffer.restype = ctypes.c_int
+_PyBuffer_Release = ctypes.pythonapi.PyBuffer_Release
+_PyBuffer_Release.argtypes = [ctypes.POINTER(_PyBuffer)]
+_PyBuffer_Release.restype = None
+_PYBUF_SIMPLE = 0
+_PYBUF_WRITABLE = 1
+
+
+@contextlib.contextmanager
+def buffer_address(obj, writable=False):
+    """Yield the address of ``obj``'s buffer (an mmap), exported only meanwhile.
+
+    Works for read-only buffers too (``ctypes.c_char.from_buffer`` does not).  While
+    the block runs the buffer is exported, so a concurrent ``mmap.close()`` fails with
+    BufferError instead of unmapping memory the library is using.
+    """
+    view = _PyBuffer()
+    _PyObject_GetBuffer(obj, ctypes.byref(view),
+                        _PYBUF_WRITABLE if writable else _PYBUF_SIMPLE)
+    try:
+        yield view.buf, view.len
+    finally:
+        _PyBuffer_Release(ctypes.byref(view))
+
+
+class Library:
+    """The functions of ``snakepit_shm.h``, with errors turned into exceptions."""
+
+    def __init__(self, path):
+        """Load the library at ``path`` and declare its function signatures."""
+        if not os.path.exists(path):
+            raise errors.LibraryNotFound(
+                f"the snakepit_shm C library is missing: {path} does not exist. "
+                "Build it with `mix compile` (or `make build`) in the project root, "
+                "or point SNAKEPIT_SHM_LIB at libsnakepit_shm.so.")
+        try:
+            self._dll = ctypes.CDLL(path)
+        except OSError as exc:
+            raise errors.LibraryNotFound(
+                f"cannot load the snakepit_shm C library {path}: {exc}. Rebuild it with "
+                "`mix compile`; is libsodium installed (apt-get install libsodium23)?"
+            ) from None
+        self.path = path
+        self._declare()
+        version = self._dll.spshm_abi_version()
+        if version != ABI_VERSION:
+            raise errors.LibraryNotFound(
+                f"{path} has C ABI version {version}, this package needs "
+                f"{ABI_VERSION}: rebuild the library (`mix compile`) from the same "
+                "checkout as this Python package.")
+
+    def _declare(self):
+        c = ctypes
+        sig = {
+            "spshm_abi_version": ([], c.c_int),
+            "spshm_header_layout": ([c.c_char_p, c.c_size_t], c.c_size_t),
+            "spshm_validate_header": ([c.c_void_p, c.c_uint64, c.c_char_p, c.c_size_t],
+                                      c.c_int),
+            "spshm_hold": ([c.c_void_p, c.c_uint32, c.c_uint64, c.c_int, c.c_char_p,
+                            c.c_size_t], c.c_int),
+            "spshm_release": ([c.c_void_p, c.c_uint32, c.c_uint64, c.c_char_p,
+                               c.c_size_t], c.c_int),
+            "spshm_process_start_time": ([c.c_uint32, c.POINTER(c.c_uint64),
+                                          c.c_char_p, c.c_size_t], c.c_int),
+            "spshm_decrypt": ([c.c_void_p, c.c_void_p, c.c_uint64, c.c_char_p,
+                               c.c_uint64, c.c_void_p, c.c_uint64, c.c_char_p,
+                               c.c_size_t], c.c_int),
+            "spshm_encrypt": ([c.c_void_p, c.c_void_p, c.c_uint64, c.c_char_p,
+                               c.c_uint64, c.c_char_p, c.c_uint64, c.c_char_p,
+                               c.c_size_t], c.c_int),
+        }
+        for name, (argtypes, restype) in sig.items():
+            try:
+                function = getattr(self._dll, name)
+            except AttributeError:
+                raise errors.LibraryNotFound(
+                    f"{self.path} does not export {name}(): it is out of date, rebuild "
+                    "it with `mix compile`.") from None
+            function.argtypes = argtypes
+            function.restype = restype
+
+    @staticmethod
+    def _check(code, err, what):
+        if code == 0:
+            return
+        message = err.value.decode("utf-8", "replace") or f"error code {code}"
+        cls = _ERROR_CLASSES.get(code, errors.SnakepitShmError)
+        exc = cls(f"{what}: {message}")
+        exc.code = code  # the SPSHM_E_* code, for callers that translate it
+        raise exc
+
+    def header_layout(self):
+        """Return the layout description of format.hpp as a dict."""
+        needed = self._dll.spshm_header_layout(None, 0)
+        buf = ctypes.create_string_buffer(needed + 1)
+        self._dll.spshm_header_layout(buf, needed + 1)
+        return json.loads(buf.value.decode("utf-8"))
+
+    def validate_header(self, header_address, data_object_size):
+        """Validate a mapped header with the core's own checks."""
+        err = ctypes.create_string_buffer(_ERR_LEN)
+        code = self._dll.spshm_validate_header(header_address, data_object_size,
+                                               err, _ERR_LEN)
+        self._check(code, err, "the header failed validation")
+
+    def hold(self, header_address, pid, start_time, writable):
+        """Add one hold of (pid, start_time) to the mapped header."""
+        err = ctypes.create_string_buffer(_ERR_LEN)
+        code = self._dll.spshm_hold(header_address, pid, start_time,
+                                    1 if writable else 0, err, _ERR_LEN)
+        self._check(code, err, "cannot register this process as a holder")
+
+    def release(self, header_address, pid, start_time):
+        """Remove one hold of (pid, start_time) from the mapped header."""
+        err = ctypes.create_string_buffer(_ERR_LEN)
+        code = self._dll.spshm_release(header_address, pid, start_time, err, _ERR_LEN)
+        self._check(code, err, "cannot release this process's hold")
+
+    def process_start_time(self, pid):
+        """Return the start time (clock ticks since boot) of process ``pid``."""
+        err = ctypes.create_string_buffer(_ERR_LEN)
+        out = ctypes.c_uint64()
+        code = self._dll.spshm_process_start_time(pid, ctypes.byref(out), err, _ERR_LEN)
+        self._check(code, err, f"cannot read the start time of process {pid}")
+        return out.value
+
+    def decrypt(self, header_address, data_address, data_len, key, offset, length):
+        """Return ``length`` decrypted bytes of plaintext starting at ``offset``."""
+        err = ctypes.create_string_buffer(_ERR_LEN)
+        out = ctypes.create_string_buffer(max(length, 1))
+        code = self._dll.spshm_decrypt(header_address, data_address, data_len, key,
+                                       offset, out, length, err, _ERR_LEN)
+        self._check(code, err, "cannot decrypt the region")
+        return out.raw[:length]
+
+    def encrypt(self, header_address, data_address, data_len, key, offset, plaintext):
+        """Encrypt ``plaintext`` into the region at plaintext ``offset``."""
+        err = ctypes.create_string_buffer(_ERR_LEN)
+        code = self._dll.spshm_encrypt(header_address, data_address, data_len, key,
+                                       offset, plaintext, len(plaintext), err, _ERR_LEN)
+        self._check(code, err, "cannot encrypt into the region")

@@ -1,0 +1,58 @@
+"""Exceptions raised by :mod:`snakepit_shm`.
+
+Every exception derives from :class:`SnakepitShmError`; the ones that have a natural
+builtin counterpart also derive from it, so ``except PermissionError`` (the builtin)
+and ``except BufferError`` keep working.  Messages say what went wrong and what to do.
+"""
+
+import builtins
+
+__all__ = [
+    "SnakepitShmError",
+    "RegionNotFound",
+    "CorruptRegion",
+    "RegionExpired",
+    "PermissionError",
+    "ViewsStillAlive",
+    "LibraryNotFound",
+    "UnheldAttachWarning",
+]
+
+
+class SnakepitShmError(Exception):
+    """Base class of every error of this package."""
+
+
+class RegionNotFound(SnakepitShmError):
+    """No region with that id exists (never did, was deallocated, or is not visible)."""
+
+
+class CorruptRegion(SnakepitShmError):
+    """The segment is not a valid snakepit_shm region: foreign, truncated or damaged."""
+
+
+class RegionExpired(SnakepitShmError):
+    """The region has been idle longer than its timeout and will be freed."""
+
+
+class PermissionError(SnakepitShmError, builtins.PermissionError):
+    """Access refused: sealed region opened for writing, missing key, other owner..."""
+
+
+class ViewsStillAlive(SnakepitShmError, builtins.BufferError):
+    """close() refused: memoryviews or numpy arrays of the region still exist."""
+
+
+class LibraryNotFound(SnakepitShmError, builtins.OSError):
+    """The C ABI library libsnakepit_shm.so could not be found or loaded."""
+
+
+class UnheldAttachWarning(UserWarning):
+    """A region was attached read-only without registering a hold.
+
+    This happens only when the header cannot be opened for writing, in practice for a
+    sealed POSIX region (the manager makes it mode 0400) attached by a non-root worker.
+    The data is immutable and stays mapped, but the manager does not know this worker
+    uses it: keep the region allocated on the Elixir side until the worker is done, or
+    use the memfd backend, whose header stays writable after sealing.
+    """
