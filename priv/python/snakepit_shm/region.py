@@ -401,4 +401,3 @@ def _normalize_shape(shape):
     if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise ValueError(f"shape must hold non-negative ints, got {shape!r}")
     return shape
-

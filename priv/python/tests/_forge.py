@@ -168,11 +168,6 @@ class Segment:
         ref.update(overrides)
         return {k: v for k, v in ref.items() if v is not None}
 
-    @property
-    def control_fd_path(self):
-        """A path opening the control object (works for both backends)."""
-        return self.control_path
-
     def read_header(self):
         """Return the current 4096 header bytes."""
         with open(self.control_path, "rb") as f:

@@ -24,7 +24,8 @@ class TestArguments:
         "", "spshm_", "spshm_ABCDEFGHIJKLMNOPQRST", "spshm_aaaaaaaaaaaaaaaaaaa",
         "spshm_aaaaaaaaaaaaaaaaaaaaa", "spshm_aaaaaaaaaaaaaaaaaaa1", "../etc/passwd",
         "spshm_n_", "spshm_n_UPPER", "spshm_n_" + "a" * 22, "spshm_n_a/b",
-        "spshm_aaaaaaaaaaaaaaaaaaaa\n", "/dev/shm/spshm_aaaaaaaaaaaaaaaaaaaa"])
+        "spshm_aaaaaaaaaa\naaaaaaaaaa", "spshm_aaaaaaaaaaaaaaaaaaaa\0",
+        "/dev/shm/spshm_aaaaaaaaaaaaaaaaaaaa"])
     def test_bad_id_string_touches_nothing(self, bad):
         with pytest.raises(ValueError, match="not a snakepit_shm region id"):
             snakepit_shm.attach(bad)

@@ -110,6 +110,9 @@ def test_the_core_validates_python_forged_headers(lib):
                 lib.validate_header(address, size - 1)
 
 
+TABLE_COLUMNS = ["offset", "size", "field", "type", "meaning"]
+
+
 def parse_format_tables(text):
     """Return the rows of every `| offset | size | field | type | meaning |` table."""
     tables, current = [], None
@@ -118,8 +121,7 @@ def parse_format_tables(text):
         if not line.lstrip().startswith("|"):
             current = None
             continue
-        if [c.lower() for c in cells[:5]] == ["offset", "size", "field", "type",
-                                               "meaning"]:
+        if [c.lower() for c in cells[:5]] == TABLE_COLUMNS:
             current = []
             tables.append(current)
             continue
