@@ -27,6 +27,7 @@ ErlNifFunc nif_funcs[] = {
     {"open", 2, nif_open, 0},
     {"info", 1, nif_info, 0},
     {"header", 1, nif_header, 0},
+    {"hold_counts", 1, nif_hold_counts, 0},
     {"map", 2, nif_map, 0},
     {"unmap", 1, nif_unmap, 0},
     {"write", 3, nif_write, 0},

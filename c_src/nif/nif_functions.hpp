@@ -14,6 +14,7 @@ SPSHM_NIF(nif_create);
 SPSHM_NIF(nif_open);
 SPSHM_NIF(nif_info);
 SPSHM_NIF(nif_header);
+SPSHM_NIF(nif_hold_counts);
 SPSHM_NIF(nif_seal);
 SPSHM_NIF(nif_deallocate);
 SPSHM_NIF(nif_set_idle_timeout);

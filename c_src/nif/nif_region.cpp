@@ -88,6 +88,16 @@ ERL_NIF_TERM nif_header(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   return make_ok(env, encode_snapshot(env, snapshot(res->region.header()), std::string()));
 }
 
+// Two atomic loads, no allocation: lets the manager poll thousands of headers cheaply and
+// read the full header() only of regions whose holders changed.
+ERL_NIF_TERM nif_hold_counts(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  RegionResource* res;
+  if (!get_region(env, argv[0], &res)) return enif_make_badarg(env);
+  const RegionHeader& h = res->region.header();
+  return enif_make_tuple2(env, enif_make_uint(env, h.holders_generation.load()),
+                          enif_make_uint(env, h.refcount.load()));
+}
+
 ERL_NIF_TERM nif_seal(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   RegionResource* res;
   if (!get_region(env, argv[0], &res)) return enif_make_badarg(env);

@@ -91,6 +91,10 @@ defmodule Snakepit.SharedMemory.Native do
   @spec header(region()) :: {:ok, map()} | nif_error()
   def header(_region), do: :erlang.nif_error(:not_loaded)
 
+  @doc "{holders_generation, refcount} of the header: two atomic loads, no allocation."
+  @spec hold_counts(region()) :: {non_neg_integer(), non_neg_integer()}
+  def hold_counts(_region), do: :erlang.nif_error(:not_loaded)
+
   @doc "Maps a region for this VM: one hold of the VM's OS process in the header."
   @spec map(region(), :read_only | :read_write) :: {:ok, mapping()} | nif_error()
   def map(_region, _mode), do: :erlang.nif_error(:not_loaded)
