@@ -116,6 +116,15 @@ class Region {
   /// The 32-byte key of an encrypted region created by this process (empty otherwise).
   /// Lives in sodium_malloc'd memory; zeroed when the Region is destroyed.
   const std::uint8_t* key() const noexcept;
+  /// Gives a Region opened by another process the 32-byte key of its encrypted region
+  /// (invalid_argument if the region is not encrypted, tampered if the key does not
+  /// authenticate chunk 0). The key is copied into sodium_malloc'd memory.
+  Result<void> use_key(const std::uint8_t* key);
+
+  /// False only for a POSIX region opened read-only whose object refuses writers (mode
+  /// 0400 after seal, and we are not root): header() is then a private copy-on-write view,
+  /// so hold()/release() on it would only change this process's copy. Check before holding.
+  bool header_writable() const noexcept;
 
   /// Seals: refuses with busy if another live process holds it writable; then sets
   /// kStateSealed and makes the data immutable for peers (memfd: F_SEAL_FUTURE_WRITE on
@@ -141,6 +150,7 @@ class Region {
 
  private:
   struct Impl;
+  friend class RegionFactory;  // internal (region_impl.hpp): builds Regions from an Impl
   explicit Region(std::unique_ptr<Impl> impl) noexcept;
   std::unique_ptr<Impl> impl_;
 };
@@ -196,5 +206,9 @@ std::string random_region_id();
 Result<void> validate_name(const std::string& name);
 /// Region id of a named region: "spshm_n_" + name.
 std::string named_region_id(const std::string& name);
+/// Checks a region id: ^spshm_[a-z2-7]{20}$ or ^spshm_n_[a-z0-9_-]{1,21}$.
+Result<void> validate_region_id(const std::string& region_id);
+/// Ids of every POSIX segment of ours (name starting with kNamePrefix) in /dev/shm.
+std::vector<std::string> list_segments();
 
 }  // namespace spshm

@@ -1,0 +1,196 @@
+// The C ABI (snakepit_shm.h) over the core. Nothing may escape to C: every function
+// catches everything and turns it into an SPSHM_E* code and a message.
+#include "snakepit_shm.h"
+
+#include <cstring>
+#include <limits>
+#include <new>
+#include <string>
+
+#include "crypto.hpp"
+#include "format.hpp"
+#include "header.hpp"
+#include "region.hpp"
+
+#define SPSHM_EXPORT extern "C" __attribute__((visibility("default")))
+
+namespace {
+
+using spshm::Errc;
+using spshm::Error;
+using spshm::RegionHeader;
+
+constexpr int kAbiVersion = 1;
+
+int code_of(Errc code) noexcept { return -(static_cast<int>(code) + 1); }
+
+void copy_message(const std::string& message, char* err, size_t errlen) noexcept {
+  if (err == nullptr || errlen == 0) return;
+  size_t n = message.size() < errlen - 1 ? message.size() : errlen - 1;
+  std::memcpy(err, message.data(), n);
+  err[n] = '\0';
+}
+
+int fail(const Error& e, char* err, size_t errlen) noexcept {
+  copy_message(e.message, err, errlen);
+  return code_of(e.code);
+}
+
+int fail(Errc code, const char* message, char* err, size_t errlen) noexcept {
+  if (err != nullptr && errlen > 0) {
+    std::strncpy(err, message, errlen - 1);
+    err[errlen - 1] = '\0';
+  }
+  return code_of(code);
+}
+
+int succeed(char* err, size_t errlen) noexcept {
+  if (err != nullptr && errlen > 0) err[0] = '\0';
+  return SPSHM_OK;
+}
+
+int from(const spshm::Result<void>& r, char* err, size_t errlen) noexcept {
+  return r ? succeed(err, errlen) : fail(r.error(), err, errlen);
+}
+
+/// Runs `body` (which returns an int code) with every exception turned into an error.
+template <class Body>
+int guarded(char* err, size_t errlen, Body&& body) noexcept {
+  try {
+    return body();
+  } catch (const std::bad_alloc&) {
+    return fail(Errc::no_space, "out of memory", err, errlen);
+  } catch (...) {
+    return fail(Errc::io_error, "internal error in snakepit_shm", err, errlen);
+  }
+}
+
+/// Before touching memory handed to us as a header, check that it is one (magic and
+/// holder capacity), so a wrong pointer from Python fails instead of corrupting memory.
+spshm::Result<void> looks_like_header(const void* header) {
+  if (header == nullptr) return Error{Errc::invalid_argument, 0, "header pointer is NULL"};
+  const auto* h = static_cast<const RegionHeader*>(header);
+  if (std::memcmp(h->magic, spshm::kMagic, sizeof spshm::kMagic) != 0 ||
+      h->holder_capacity != spshm::kHolderCapacity)
+    return Error{Errc::corrupt, 0, "not a snakepit_shm header (bad magic or holder capacity)"};
+  return {};
+}
+
+/// A private copy of a header in shared memory: validated, then used, without a peer
+/// being able to change it in between.
+class HeaderCopy {
+ public:
+  explicit HeaderCopy(const void* header) noexcept { std::memcpy(bytes_, header, sizeof bytes_); }
+  const RegionHeader& get() const noexcept {
+    return *reinterpret_cast<const RegionHeader*>(bytes_);
+  }
+
+ private:
+  alignas(RegionHeader) unsigned char bytes_[sizeof(RegionHeader)];
+};
+
+/// Checks an encrypted region's header and the caller's buffers for a crypto call.
+spshm::Result<void> check_crypto_call(const RegionHeader& h, const uint8_t* data, uint64_t data_len,
+                                      const uint8_t* key, uint64_t offset, const void* buffer,
+                                      uint64_t length) {
+  if (auto r = spshm::validate_header(h, std::numeric_limits<uint64_t>::max()); !r) return r;
+  if (!(h.flags & spshm::kFlagEncrypted))
+    return Error{Errc::invalid_argument, 0, "the region is not encrypted: read its data directly"};
+  if (data == nullptr || key == nullptr || (length > 0 && buffer == nullptr))
+    return Error{Errc::invalid_argument, 0, "data, key and buffer must not be NULL"};
+  if (data_len < h.data_capacity)
+    return Error{Errc::invalid_argument, 0,
+                 "data_len " + std::to_string(data_len) + " is smaller than the region's " +
+                     std::to_string(h.data_capacity) + "-byte encrypted data area"};
+  if (offset > h.data_size || length > h.data_size - offset)
+    return Error{Errc::out_of_bounds, 0,
+                 "offset " + std::to_string(offset) + " + length " + std::to_string(length) +
+                     " is outside the region's " + std::to_string(h.data_size) + " bytes"};
+  return {};
+}
+
+}  // namespace
+
+SPSHM_EXPORT int spshm_abi_version(void) { return kAbiVersion; }
+
+SPSHM_EXPORT size_t spshm_header_layout(char* buf, size_t buflen) {
+  try {
+    std::string layout = spshm::layout_description();
+    copy_message(layout, buf, buflen);
+    return layout.size();
+  } catch (...) {
+    if (buf != nullptr && buflen > 0) buf[0] = '\0';
+    return 0;
+  }
+}
+
+SPSHM_EXPORT int spshm_validate_header(const void* header, uint64_t data_object_size, char* err,
+                                       size_t errlen) {
+  return guarded(err, errlen, [&] {
+    if (header == nullptr)
+      return fail(Errc::invalid_argument, "header pointer is NULL", err, errlen);
+    return from(spshm::validate_header(*static_cast<const RegionHeader*>(header), data_object_size),
+                err, errlen);
+  });
+}
+
+SPSHM_EXPORT int spshm_hold(void* header, uint32_t pid, uint64_t start_time, int writable,
+                            char* err, size_t errlen) {
+  return guarded(err, errlen, [&] {
+    if (auto r = looks_like_header(header); !r) return fail(r.error(), err, errlen);
+    return from(spshm::hold(*static_cast<RegionHeader*>(header), pid, start_time, writable != 0),
+                err, errlen);
+  });
+}
+
+SPSHM_EXPORT int spshm_release(void* header, uint32_t pid, uint64_t start_time, char* err,
+                               size_t errlen) {
+  return guarded(err, errlen, [&] {
+    if (auto r = looks_like_header(header); !r) return fail(r.error(), err, errlen);
+    return from(spshm::release(*static_cast<RegionHeader*>(header), pid, start_time), err, errlen);
+  });
+}
+
+SPSHM_EXPORT int spshm_process_start_time(uint32_t pid, uint64_t* out, char* err, size_t errlen) {
+  return guarded(err, errlen, [&] {
+    if (out == nullptr) return fail(Errc::invalid_argument, "out pointer is NULL", err, errlen);
+    auto r = spshm::process_start_time(pid);
+    if (!r) return fail(r.error(), err, errlen);
+    *out = *r;
+    return succeed(err, errlen);
+  });
+}
+
+SPSHM_EXPORT int spshm_decrypt(const void* header, const uint8_t* data, uint64_t data_len,
+                               const uint8_t* key, uint64_t offset, uint8_t* out, uint64_t length,
+                               char* err, size_t errlen) {
+  return guarded(err, errlen, [&] {
+    if (auto r = looks_like_header(header); !r) return fail(r.error(), err, errlen);
+    HeaderCopy copy(header);
+    const RegionHeader& h = copy.get();
+    if (auto r = check_crypto_call(h, data, data_len, key, offset, out, length); !r)
+      return fail(r.error(), err, errlen);
+    spshm::crypto::Binding binding{h.region_id, h.data_size};
+    return from(spshm::crypto::decrypt(binding, key, data, offset, out, length), err, errlen);
+  });
+}
+
+SPSHM_EXPORT int spshm_encrypt(const void* header, uint8_t* data, uint64_t data_len,
+                               const uint8_t* key, uint64_t offset, const uint8_t* in,
+                               uint64_t length, char* err, size_t errlen) {
+  return guarded(err, errlen, [&] {
+    if (auto r = looks_like_header(header); !r) return fail(r.error(), err, errlen);
+    HeaderCopy copy(header);
+    const RegionHeader& h = copy.get();
+    if (auto r = check_crypto_call(h, data, data_len, key, offset, in, length); !r)
+      return fail(r.error(), err, errlen);
+    uint32_t state =
+        static_cast<const RegionHeader*>(header)->state.load(std::memory_order_acquire);
+    if (state & spshm::kStateDeallocated)
+      return fail(Errc::deallocated, "the region has been deallocated", err, errlen);
+    if (state & spshm::kStateSealed)
+      return fail(Errc::sealed, "the region is sealed: it can only be read", err, errlen);
+    spshm::crypto::Binding binding{h.region_id, h.data_size};
+    return from(spshm::crypto::encrypt(binding, key, data, offset, in, length), err, errlen);
+  });
+}

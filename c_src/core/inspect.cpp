@@ -1,0 +1,144 @@
+// Read-only inspection of segments, orphan removal, and process identity.
+#include <cstring>
+#include <limits>
+#include <new>
+
+#include "header.hpp"
+#include "ids.hpp"
+#include "platform.hpp"
+#include "region_impl.hpp"
+
+namespace spshm {
+
+namespace {
+
+/// A segment whose header was never completed is removed by unlink_segment only once it
+/// is this old: younger ones may still be being created by a live process.
+constexpr std::uint64_t kStaleCreationNs = 10ull * 1000 * 1000 * 1000;
+
+/// Reads the header of an opened object into `copy`; corrupt if it is too small.
+Result<void> read_header(const platform::Handle& handle, const platform::ObjectInfo& info,
+                         const std::string& what, HeaderCopy& copy) {
+  if (info.size < kHeaderSize)
+    return Error{Errc::corrupt, 0,
+                 what + " is " + std::to_string(info.size) + " bytes, smaller than a " +
+                     std::to_string(kHeaderSize) + "-byte header (truncated?)"};
+  return platform::read_at(handle, 0, copy.bytes, sizeof copy.bytes, what);
+}
+
+bool is_incomplete(const platform::ObjectInfo& info, const RegionHeader* header) noexcept {
+  if (info.size < kHeaderSize) return true;
+  for (char c : header->magic)
+    if (c != 0) return false;
+  return true;
+}
+
+}  // namespace
+
+HeaderSnapshot snapshot(const RegionHeader& h) {
+  HeaderSnapshot s;
+  s.region_id.assign(h.region_id, strnlen(h.region_id, kRegionIdCapacity));
+  s.backend = static_cast<BackendKind>(h.backend);
+  s.format_version = h.format_version;
+  s.data_size = h.data_size;
+  s.data_capacity = h.data_capacity;
+  s.data_offset = h.data_offset;
+  s.flags = h.flags;
+  s.state = h.state.load(std::memory_order_acquire);
+  s.security_level = h.security_level;
+  s.refcount = h.refcount.load(std::memory_order_acquire);
+  s.creator_pid = h.creator_pid;
+  s.creator_start_time = h.creator_start_time;
+  std::memcpy(s.boot_id.data(), h.boot_id, s.boot_id.size());
+  s.created_at_ns = h.created_at_ns;
+  s.last_access_ns = h.last_access_ns.load(std::memory_order_relaxed);
+  s.idle_timeout_ns = h.idle_timeout_ns.load(std::memory_order_relaxed);
+  std::uint32_t length =
+      h.metadata_length < kMetadataCapacity ? h.metadata_length : kMetadataCapacity;
+  s.metadata_json.assign(h.metadata, length);
+  s.holders = holders(h);
+  s.creator_alive =
+      s.boot_id == platform::boot_id() && process_alive(s.creator_pid, s.creator_start_time);
+  return s;
+}
+
+Result<HeaderSnapshot> inspect(const std::string& path) {
+  try {
+    auto handle = platform::open_path(path, platform::Access::read_only);
+    if (!handle) return handle.error();
+    auto info = check_our_object(*handle, path);
+    if (!info) return info.error();
+    HeaderCopy copy;
+    if (auto r = read_header(*handle, *info, path, copy); !r) return r.error();
+    const RegionHeader& h = copy.get();
+    // A memfd control object holds only the header; its data object is elsewhere, so
+    // only the header's own consistency can be checked here.
+    bool split = (h.flags & kFlagSplitData) != 0;
+    std::uint64_t object_size = split ? std::numeric_limits<std::uint64_t>::max() : info->size;
+    if (auto r = validate_header(h, object_size); !r) return r.error();
+    return snapshot(h);
+  } catch (const std::bad_alloc&) {
+    return Error{Errc::no_space, ENOMEM, "out of memory inspecting " + path};
+  }
+}
+
+// Removal policy: a segment is removed if its id is well formed, it is a regular object
+// of our uid, and either its header is valid, or it never got a header (smaller than
+// one, or magic still zero) and has not been modified for kStaleCreationNs (a creator
+// that died half-way). A segment with a damaged header is left alone (corrupt): it may
+// be somebody's data under a name of ours, and the operator decides.
+Result<void> unlink_segment(const std::string& region_id) {
+  try {
+    if (auto r = validate_region_id(region_id); !r) return r;
+    auto handle = platform::open_named(region_id, platform::Access::read_only);
+    if (!handle) return handle.error();
+    std::string what = "segment " + region_id;
+    auto info = check_our_object(*handle, what);
+    if (!info) return info.error();
+    HeaderCopy copy;
+    std::memset(copy.bytes, 0, sizeof copy.bytes);
+    Result<void> valid = read_header(*handle, *info, what, copy);
+    if (valid) valid = validate_header(copy.get(), info->size);
+    if (valid) {
+      std::string id(copy.get().region_id, strnlen(copy.get().region_id, kRegionIdCapacity));
+      if (id != region_id)
+        return Error{Errc::corrupt, 0,
+                     what + " holds the header of " + id + ": not removed (remove it by hand)"};
+    } else {
+      std::uint64_t now = platform::realtime_ns();
+      bool stale = now > info->modified_ns && now - info->modified_ns > kStaleCreationNs;
+      if (!is_incomplete(*info, &copy.get()) || !stale) {
+        Error e = std::move(valid).error();
+        e.message += is_incomplete(*info, &copy.get())
+                         ? " (it may still be being created: not removed, retry later)"
+                         : " (not removed: check it and delete it by hand if it is garbage)";
+        return e;
+      }
+    }
+    return platform::unlink_named(region_id);
+  } catch (const std::bad_alloc&) {
+    return Error{Errc::no_space, ENOMEM, "out of memory removing " + region_id};
+  }
+}
+
+std::vector<std::string> list_segments() { return platform::list_named(); }
+
+// ---- processes ----
+
+std::uint32_t self_pid() noexcept { return platform::current_pid(); }
+
+Result<std::uint64_t> process_start_time(std::uint32_t pid) {
+  auto st = platform::process_stat(pid);
+  if (!st) return st.error();
+  return st->start_time;
+}
+
+std::array<std::uint8_t, 16> boot_id() { return platform::boot_id(); }
+
+bool process_alive(std::uint32_t pid, std::uint64_t start_time) {
+  if (pid == 0) return false;
+  auto st = platform::process_stat(pid);
+  return st && st->running && st->start_time == start_time;
+}
+
+}  // namespace spshm

@@ -1,0 +1,166 @@
+// The OS layer of the core: every system call the core makes goes through here.
+//
+// One interface, one file per OS, chosen in one place (CMakeLists.txt):
+//   platform_posix.cpp    shm_open objects, files, mappings, mlock (Linux and macOS)
+//   platform_linux.cpp    memfd + seals, /proc, getrandom, boot_id, /dev/shm listing
+//   platform_windows.cpp  CreateFileMappingW, MapViewOfFile, ... (built with mingw)
+// Nothing here names a file descriptor: a Handle is an opaque, move-only OS handle, so
+// region.cpp, which uses only this interface, compiles unchanged on every OS.
+#pragma once
+
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "error.hpp"
+#include "format.hpp"
+
+namespace spshm::platform {
+
+/// An open OS object (a file descriptor on POSIX, a HANDLE on Windows). Closes on
+/// destruction; never blocks.
+class Handle {
+ public:
+  using native_type = std::intptr_t;
+  static constexpr native_type kInvalid = -1;
+
+  Handle() noexcept = default;
+  explicit Handle(native_type native) noexcept : native_(native) {}
+  Handle(Handle&& other) noexcept : native_(other.release()) {}
+  Handle& operator=(Handle&& other) noexcept {
+    if (this != &other) {
+      reset();
+      native_ = other.release();
+    }
+    return *this;
+  }
+  Handle(const Handle&) = delete;
+  Handle& operator=(const Handle&) = delete;
+  ~Handle() { reset(); }
+
+  bool valid() const noexcept { return native_ != kInvalid; }
+  native_type native() const noexcept { return native_; }
+  native_type release() noexcept {
+    native_type n = native_;
+    native_ = kInvalid;
+    return n;
+  }
+  void reset() noexcept;  ///< closes (per OS)
+
+ private:
+  native_type native_ = kInvalid;
+};
+
+/// A view of (part of) an OS object in this process. Unmaps on destruction.
+class Mapping {
+ public:
+  Mapping() noexcept = default;
+  Mapping(void* address, std::size_t length) noexcept : address_(address), length_(length) {}
+  Mapping(Mapping&& other) noexcept : address_(other.address_), length_(other.length_) {
+    other.address_ = nullptr;
+    other.length_ = 0;
+  }
+  Mapping& operator=(Mapping&& other) noexcept {
+    if (this != &other) {
+      reset();
+      address_ = other.address_;
+      length_ = other.length_;
+      other.address_ = nullptr;
+      other.length_ = 0;
+    }
+    return *this;
+  }
+  Mapping(const Mapping&) = delete;
+  Mapping& operator=(const Mapping&) = delete;
+  ~Mapping() { reset(); }
+
+  std::uint8_t* data() const noexcept { return static_cast<std::uint8_t*>(address_); }
+  std::size_t size() const noexcept { return length_; }
+  bool valid() const noexcept { return address_ != nullptr; }
+  void reset() noexcept;  ///< unmaps (per OS)
+
+ private:
+  void* address_ = nullptr;
+  std::size_t length_ = 0;
+};
+
+enum class Access { read_only, read_write };
+/// shared: writes reach the object; private_copy: copy-on-write view that never does.
+enum class Sharing { shared, private_copy };
+
+struct ObjectInfo {
+  std::uint64_t size = 0;
+  bool regular = false;           ///< a regular file / shm object (not a directory, FIFO, device)
+  std::uint32_t owner = 0;        ///< owner uid (POSIX)
+  bool owned_by_us = false;       ///< owner == effective uid of this process
+  std::uint32_t mode = 0;         ///< permission bits (07777)
+  std::uint64_t modified_ns = 0;  ///< last modification, CLOCK_REALTIME
+};
+
+// ---- named objects: POSIX shm_open "/<region_id>" (Windows: Local\<region_id>) ----
+
+/// Creates the object exclusively (never opens an existing one: already_exists), with
+/// permissions `mode` whatever the umask, and size 0.
+Result<Handle> create_named(const std::string& region_id, std::uint32_t mode);
+/// Opens an existing object without following symbolic links.
+Result<Handle> open_named(const std::string& region_id, Access access);
+/// Removes the name (not_found if there is none). Mappings stay valid.
+Result<void> unlink_named(const std::string& region_id);
+/// The filesystem path of a named object ("/dev/shm/<id>"), or "" if the OS has none.
+std::string named_path(const std::string& region_id);
+/// Region ids of every named object whose name starts with kNamePrefix.
+std::vector<std::string> list_named();
+
+// ---- anonymous objects (Linux memfd) ----
+
+/// Creates an anonymous object of `size` bytes (allocated, zero-filled) that nobody can
+/// shrink or grow. unsupported where the OS has no such thing.
+Result<Handle> create_anonymous(const std::string& debug_name, std::uint64_t size);
+/// Path through which another process of our uid opens `handle` ("/proc/<pid>/fd/<n>").
+std::string handle_path(const Handle& handle);
+/// Name given to create_anonymous() of the object behind `handle` ("" if not anonymous).
+std::string anonymous_name(const Handle& handle);
+
+// ---- any object ----
+
+/// Opens a path without following symbolic links, except the process fd links
+/// "/proc/<pid>/fd/<n>", which are followed only to an anonymous object named
+/// kNamePrefix... (not_ours otherwise). Never blocks (FIFOs are opened non-blocking).
+Result<Handle> open_path(const std::string& path, Access access);
+/// True for paths of the form "/proc/<pid>/fd/<n>" ("/proc/self/fd/<n>").
+bool is_process_fd_link(const std::string& path) noexcept;
+Result<ObjectInfo> stat(const Handle& handle, const std::string& what);
+Result<void> set_mode(const Handle& handle, std::uint32_t mode, const std::string& what);
+/// Sets the size to `size` and allocates every byte (a full filesystem fails here, not
+/// with SIGBUS on first touch).
+Result<void> allocate(const Handle& handle, std::uint64_t size, const std::string& what);
+Result<void> read_at(const Handle& handle, std::uint64_t offset, void* buffer, std::size_t length,
+                     const std::string& what);
+Result<Mapping> map(const Handle& handle, std::uint64_t offset, std::size_t length, Access access,
+                    Sharing sharing, const std::string& what);
+/// Makes the data immutable for every future mapping and open of other processes
+/// (memfd: F_SEAL_FUTURE_WRITE; named POSIX: mode 0400). Existing mappings keep working.
+Result<void> seal_object(const Handle& data_object, BackendKind backend);
+/// mlock + keep out of core dumps; mlock_failed names RLIMIT_MEMLOCK and how to raise it.
+Result<void> lock_memory(void* address, std::size_t length);
+std::size_t page_size() noexcept;
+
+// ---- processes, time, randomness ----
+
+std::uint32_t current_pid() noexcept;  ///< never cached (fork changes it)
+
+struct ProcessStat {
+  std::uint64_t start_time = 0;  ///< clock ticks since boot (/proc/<pid>/stat field 22)
+  bool running = false;          ///< exists and is not a zombie
+};
+/// not_found if no process has this pid.
+Result<ProcessStat> process_stat(std::uint32_t pid);
+/// This boot's id (Linux: /proc/sys/kernel/random/boot_id), zeros if unknown.
+std::array<std::uint8_t, 16> boot_id();
+/// Fills `buffer` from the OS CSPRNG.
+Result<void> random_bytes(void* buffer, std::size_t length);
+std::uint64_t realtime_ns() noexcept;
+
+}  // namespace spshm::platform

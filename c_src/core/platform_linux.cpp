@@ -1,0 +1,222 @@
+// Linux part of the OS layer: memfd and seals, /proc, getrandom, boot id, /dev/shm.
+#include <dirent.h>
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/random.h>
+#include <sys/stat.h>
+#include <sys/utsname.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <string>
+
+#include "platform.hpp"
+
+namespace spshm::platform {
+
+namespace {
+
+constexpr char kShmDir[] = "/dev/shm";
+constexpr char kMemfdLinkPrefix[] = "/memfd:";
+constexpr char kDeletedSuffix[] = " (deleted)";
+
+int fd_of(const Handle& h) noexcept { return static_cast<int>(h.native()); }
+
+std::string kernel_release() {
+  struct utsname u;
+  return ::uname(&u) == 0 ? std::string(u.release) : std::string("unknown");
+}
+
+bool all_digits(const std::string& s, std::size_t from, std::size_t to) noexcept {
+  if (from >= to) return false;
+  for (std::size_t i = from; i < to; ++i)
+    if (s[i] < '0' || s[i] > '9') return false;
+  return true;
+}
+
+/// Reads a small /proc file whole; false if it cannot be opened.
+bool read_small_file(const std::string& path, std::string& out) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return false;
+  Handle h(fd);
+  char buffer[1024];
+  out.clear();
+  for (;;) {
+    ssize_t n = ::read(fd, buffer, sizeof buffer);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return false;
+    if (n == 0) return true;
+    out.append(buffer, static_cast<std::size_t>(n));
+  }
+}
+
+}  // namespace
+
+// ---- named objects ----
+
+std::string named_path(const std::string& region_id) {
+  return std::string(kShmDir) + "/" + region_id;
+}
+
+std::vector<std::string> list_named() {
+  std::vector<std::string> ids;
+  DIR* dir = ::opendir(kShmDir);
+  if (dir == nullptr) return ids;
+  while (struct dirent* entry = ::readdir(dir)) {
+    if (std::strncmp(entry->d_name, kNamePrefix, sizeof kNamePrefix - 1) == 0)
+      ids.emplace_back(entry->d_name);
+  }
+  ::closedir(dir);
+  return ids;
+}
+
+// ---- anonymous objects ----
+
+Result<Handle> create_anonymous(const std::string& debug_name, std::uint64_t size) {
+  int fd = ::memfd_create(debug_name.c_str(), MFD_CLOEXEC | MFD_ALLOW_SEALING);
+  if (fd < 0) {
+    int err = errno;
+    if (err == ENOSYS || err == EINVAL)
+      return Error{Errc::unsupported, err,
+                   "memfd_create with sealing is not available on this kernel (" +
+                       kernel_release() + "): use backend :posix"};
+    return os_error("cannot create memfd " + debug_name, err);
+  }
+  Handle handle(fd);
+  std::string what = "memfd " + debug_name;
+  if (::ftruncate(fd, static_cast<off_t>(size)) != 0)
+    return os_error("cannot size " + what + " to " + std::to_string(size) + " bytes", errno);
+  // From here on nobody (not even us) can change its size: a peer cannot make our
+  // mappings raise SIGBUS by shrinking it.
+  if (::fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW) != 0)
+    return os_error("cannot seal the size of " + what, errno);
+  if (::fchmod(fd, 0600) != 0) return os_error("cannot set the permissions of " + what, errno);
+  // Allocate every page now: out of memory fails here, not on first touch.
+  int err;
+  do {
+    err = ::posix_fallocate(fd, 0, static_cast<off_t>(size));
+  } while (err == EINTR);
+  if (err != 0)
+    return os_error("cannot allocate " + std::to_string(size) + " bytes for " + what, err);
+  return handle;
+}
+
+std::string handle_path(const Handle& handle) {
+  return "/proc/" + std::to_string(current_pid()) + "/fd/" + std::to_string(fd_of(handle));
+}
+
+std::string anonymous_name(const Handle& handle) {
+  std::string link = "/proc/self/fd/" + std::to_string(fd_of(handle));
+  char target[512];
+  ssize_t n = ::readlink(link.c_str(), target, sizeof target - 1);
+  if (n <= 0) return {};
+  std::string name(target, static_cast<std::size_t>(n));
+  constexpr std::size_t prefix = sizeof kMemfdLinkPrefix - 1;
+  constexpr std::size_t suffix = sizeof kDeletedSuffix - 1;
+  if (name.compare(0, prefix, kMemfdLinkPrefix) != 0) return {};
+  name.erase(0, prefix);
+  if (name.size() >= suffix && name.compare(name.size() - suffix, suffix, kDeletedSuffix) == 0)
+    name.erase(name.size() - suffix);
+  return name;
+}
+
+bool is_process_fd_link(const std::string& path) noexcept {
+  // "/proc/" (<digits> | "self") "/fd/" <digits>
+  constexpr char kProc[] = "/proc/";
+  if (path.compare(0, sizeof kProc - 1, kProc) != 0) return false;
+  std::size_t pid_start = sizeof kProc - 1;
+  std::size_t fd_dir = path.find("/fd/", pid_start);
+  if (fd_dir == std::string::npos) return false;
+  bool pid_ok = all_digits(path, pid_start, fd_dir) ||
+                path.compare(pid_start, fd_dir - pid_start, "self") == 0;
+  return pid_ok && all_digits(path, fd_dir + 4, path.size());
+}
+
+Result<void> seal_object(const Handle& data_object, BackendKind backend) {
+  if (backend == BackendKind::posix) return set_mode(data_object, 0400, "the sealed segment");
+  if (backend != BackendKind::memfd)
+    return Error{Errc::unsupported, 0, "this backend cannot be sealed on Linux"};
+  if (::fcntl(fd_of(data_object), F_ADD_SEALS, F_SEAL_FUTURE_WRITE) != 0) {
+    int err = errno;
+    if (err == EINVAL)
+      return Error{Errc::unsupported, err,
+                   "F_SEAL_FUTURE_WRITE needs Linux 5.1 or newer (this is " + kernel_release() +
+                       "): upgrade the kernel to seal memfd regions"};
+    return os_error("cannot seal the data memfd (F_SEAL_FUTURE_WRITE)", err);
+  }
+  return {};
+}
+
+// ---- processes, time, randomness ----
+
+Result<ProcessStat> process_stat(std::uint32_t pid) {
+  std::string text;
+  if (pid == 0 || !read_small_file("/proc/" + std::to_string(pid) + "/stat", text))
+    return Error{Errc::not_found, ESRCH, "no process with pid " + std::to_string(pid)};
+  // "pid (comm) S f4 f5 ...": comm may contain spaces and parentheses, so fields are
+  // counted from the last ')'. Field 3 (state) follows it; field 22 is the start time.
+  std::size_t close = text.rfind(')');
+  if (close == std::string::npos)
+    return Error{Errc::io_error, 0, "cannot parse /proc/" + std::to_string(pid) + "/stat"};
+  const char* p = text.c_str() + close + 1;
+  ProcessStat st;
+  int field = 2;
+  while (*p != '\0' && field < 22) {
+    while (*p == ' ') ++p;
+    ++field;
+    if (field == 3) st.running = (*p != 'Z' && *p != 'X' && *p != 'x');
+    if (field == 22) {
+      char* end = nullptr;
+      st.start_time = std::strtoull(p, &end, 10);
+      if (end == p) break;
+      return st;
+    }
+    while (*p != ' ' && *p != '\0') ++p;
+  }
+  return Error{Errc::io_error, 0, "cannot parse /proc/" + std::to_string(pid) + "/stat"};
+}
+
+std::array<std::uint8_t, 16> boot_id() {
+  static std::once_flag once;
+  static std::array<std::uint8_t, 16> id{};
+  std::call_once(once, [] {
+    std::string text;
+    if (!read_small_file("/proc/sys/kernel/random/boot_id", text)) return;
+    std::array<std::uint8_t, 16> parsed{};
+    std::size_t nibbles = 0;
+    for (char c : text) {
+      int v;
+      if (c >= '0' && c <= '9')
+        v = c - '0';
+      else if (c >= 'a' && c <= 'f')
+        v = c - 'a' + 10;
+      else if (c >= 'A' && c <= 'F')
+        v = c - 'A' + 10;
+      else
+        continue;  // '-' and the newline
+      if (nibbles == 32) return;
+      parsed[nibbles / 2] = static_cast<std::uint8_t>(parsed[nibbles / 2] << 4 | v);
+      ++nibbles;
+    }
+    if (nibbles == 32) id = parsed;
+  });
+  return id;
+}
+
+Result<void> random_bytes(void* buffer, std::size_t length) {
+  auto* out = static_cast<std::uint8_t*>(buffer);
+  while (length > 0) {
+    ssize_t n = ::getrandom(out, length, 0);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return os_error("getrandom failed", errno);
+    out += n;
+    length -= static_cast<std::size_t>(n);
+  }
+  return {};
+}
+
+}  // namespace spshm::platform

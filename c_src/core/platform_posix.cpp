@@ -1,0 +1,233 @@
+// POSIX part of the OS layer (Linux and macOS): shm_open objects, files, mappings, mlock.
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <string>
+
+#include "platform.hpp"
+
+namespace spshm::platform {
+
+namespace {
+
+int fd_of(const Handle& h) noexcept { return static_cast<int>(h.native()); }
+
+std::string object_name(const std::string& region_id) { return "/" + region_id; }
+
+Error errno_error(const std::string& what) { return os_error(what, errno); }
+
+}  // namespace
+
+void Handle::reset() noexcept {
+  if (native_ >= 0) ::close(static_cast<int>(native_));  // never retried: Linux frees the fd
+  native_ = kInvalid;
+}
+
+void Mapping::reset() noexcept {
+  if (address_ != nullptr) ::munmap(address_, length_);
+  address_ = nullptr;
+  length_ = 0;
+}
+
+// ---- named objects ----
+
+Result<Handle> create_named(const std::string& region_id, std::uint32_t mode) {
+  std::string name = object_name(region_id);
+  // O_EXCL: never open somebody else's object; O_NOFOLLOW: never follow a planted link.
+  int fd = ::shm_open(name.c_str(), O_CREAT | O_EXCL | O_RDWR | O_NOFOLLOW | O_CLOEXEC, 0600);
+  if (fd < 0) {
+    int err = errno;
+    if (err == EEXIST)
+      return Error{Errc::already_exists, err,
+                   "a shared memory segment named " + region_id +
+                       " already exists: open it (open_mode :open_only / :create_or_open), "
+                       "remove it first (:remove_and_create), or pick another name"};
+    return os_error("cannot create shared memory segment " + region_id, err);
+  }
+  Handle handle(fd);
+  // The umask applied to shm_open's mode: fchmod sets exactly what was asked.
+  if (::fchmod(fd, static_cast<mode_t>(mode)) != 0) {
+    Error e = errno_error("cannot set the permissions of " + region_id);
+    ::shm_unlink(name.c_str());
+    return e;
+  }
+  return handle;
+}
+
+Result<Handle> open_named(const std::string& region_id, Access access) {
+  int flags = (access == Access::read_write ? O_RDWR : O_RDONLY) | O_NOFOLLOW | O_CLOEXEC;
+  int fd = ::shm_open(object_name(region_id).c_str(), flags, 0);
+  if (fd < 0) {
+    int err = errno;
+    if (err == ENOENT)
+      return Error{
+          Errc::not_found, err,
+          "no region " + region_id + " in shared memory (deallocated, expired, or never created)"};
+    return os_error("cannot open shared memory segment " + region_id, err);
+  }
+  return Handle(fd);
+}
+
+Result<void> unlink_named(const std::string& region_id) {
+  if (::shm_unlink(object_name(region_id).c_str()) != 0) {
+    int err = errno;
+    if (err == ENOENT)
+      return Error{Errc::not_found, err, "no shared memory segment named " + region_id};
+    return os_error("cannot remove shared memory segment " + region_id, err);
+  }
+  return {};
+}
+
+// ---- any object ----
+
+Result<Handle> open_path(const std::string& path, Access access) {
+  bool fd_link = is_process_fd_link(path);
+  int flags = (access == Access::read_write ? O_RDWR : O_RDONLY) | O_CLOEXEC | O_NONBLOCK |
+              (fd_link ? 0 : O_NOFOLLOW);
+  int fd = ::open(path.c_str(), flags);
+  if (fd < 0) {
+    int err = errno;
+    if (err == ELOOP)
+      return Error{Errc::not_ours, err,
+                   path + " is a symbolic link: refusing to follow it (open the segment itself)"};
+    if (err == ENOENT)
+      return Error{Errc::not_found, err,
+                   path + " does not exist (the region was deallocated or its creator exited)"};
+    return os_error("cannot open " + path, err);
+  }
+  Handle handle(fd);
+  if (fd_link) {
+    std::string name = anonymous_name(handle);
+    if (name.compare(0, sizeof kNamePrefix - 1, kNamePrefix) != 0)
+      return Error{Errc::not_ours, 0,
+                   path + " is not a snakepit_shm memfd (it leads to " +
+                       (name.empty() ? std::string("something else") : "memfd " + name) + ")"};
+  }
+  // Back to blocking mode: non-blocking only served to never hang on a FIFO.
+  int fl = ::fcntl(fd, F_GETFL);
+  if (fl >= 0) (void)::fcntl(fd, F_SETFL, fl & ~O_NONBLOCK);
+  return handle;
+}
+
+Result<ObjectInfo> stat(const Handle& handle, const std::string& what) {
+  struct stat st;
+  if (::fstat(fd_of(handle), &st) != 0) return errno_error("cannot stat " + what);
+  ObjectInfo info;
+  info.size = static_cast<std::uint64_t>(st.st_size);
+  info.regular = S_ISREG(st.st_mode);
+  info.owner = static_cast<std::uint32_t>(st.st_uid);
+  info.owned_by_us = st.st_uid == ::geteuid();
+  info.mode = static_cast<std::uint32_t>(st.st_mode & 07777);
+#if defined(__APPLE__)
+  const struct timespec& m = st.st_mtimespec;
+#else
+  const struct timespec& m = st.st_mtim;
+#endif
+  info.modified_ns =
+      static_cast<std::uint64_t>(m.tv_sec) * 1000000000ull + static_cast<std::uint64_t>(m.tv_nsec);
+  return info;
+}
+
+Result<void> set_mode(const Handle& handle, std::uint32_t mode, const std::string& what) {
+  if (::fchmod(fd_of(handle), static_cast<mode_t>(mode)) != 0)
+    return errno_error("cannot change the permissions of " + what);
+  return {};
+}
+
+Result<void> allocate(const Handle& handle, std::uint64_t size, const std::string& what) {
+#if defined(__APPLE__)
+  if (::ftruncate(fd_of(handle), static_cast<off_t>(size)) != 0)
+    return errno_error("cannot size " + what + " to " + std::to_string(size) + " bytes");
+#else
+  int err;
+  do {
+    err = ::posix_fallocate(fd_of(handle), 0, static_cast<off_t>(size));
+  } while (err == EINTR);
+  if (err != 0)
+    return os_error("cannot allocate " + std::to_string(size) + " bytes for " + what, err);
+#endif
+  return {};
+}
+
+Result<void> read_at(const Handle& handle, std::uint64_t offset, void* buffer, std::size_t length,
+                     const std::string& what) {
+  auto* out = static_cast<char*>(buffer);
+  while (length > 0) {
+    ssize_t n = ::pread(fd_of(handle), out, length, static_cast<off_t>(offset));
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return errno_error("cannot read " + what);
+    if (n == 0) return Error{Errc::corrupt, 0, what + " ended early (truncated while being read?)"};
+    out += n;
+    offset += static_cast<std::uint64_t>(n);
+    length -= static_cast<std::size_t>(n);
+  }
+  return {};
+}
+
+Result<Mapping> map(const Handle& handle, std::uint64_t offset, std::size_t length, Access access,
+                    Sharing sharing, const std::string& what) {
+  int prot = PROT_READ;
+  if (access == Access::read_write) prot |= PROT_WRITE;
+  int flags = sharing == Sharing::shared ? MAP_SHARED : MAP_PRIVATE;
+  void* address = ::mmap(nullptr, length, prot, flags, fd_of(handle), static_cast<off_t>(offset));
+  if (address == MAP_FAILED) {
+    int err = errno;
+    if ((err == EPERM || err == EACCES) && access == Access::read_write)
+      return Error{Errc::permission_denied, err,
+                   "cannot map " + what +
+                       " for writing: it is sealed or read-only for us (map it read_only)"};
+    return os_error("cannot map " + std::to_string(length) + " bytes of " + what, err);
+  }
+  return Mapping(address, length);
+}
+
+Result<void> lock_memory(void* address, std::size_t length) {
+  if (::mlock(address, length) != 0) {
+    int err = errno;
+    struct rlimit limit {};
+    std::string current = "unknown";
+    if (::getrlimit(RLIMIT_MEMLOCK, &limit) == 0) {
+      auto show = [](rlim_t v) {
+        return v == RLIM_INFINITY ? std::string("unlimited") : std::to_string(v) + " bytes";
+      };
+      current = show(limit.rlim_cur) + " (hard limit " + show(limit.rlim_max) + ")";
+    }
+    return Error{Errc::mlock_failed, err,
+                 "cannot lock " + std::to_string(length) + " bytes in memory (mlock: " +
+                     std::strerror(err) + "): RLIMIT_MEMLOCK is " + current +
+                     ", counting memory this process has locked already. Raise it with "
+                     "`ulimit -l <KiB>` in the shell that starts the VM, LimitMEMLOCK= in its "
+                     "systemd unit, or `--ulimit memlock=...` for docker; or grant the "
+                     "CAP_IPC_LOCK capability; or create the region without lock_memory"};
+  }
+#if defined(MADV_DONTDUMP)
+  if (::madvise(address, length, MADV_DONTDUMP) != 0) {
+    int err = errno;
+    ::munlock(address, length);
+    return os_error("cannot exclude locked memory from core dumps (madvise MADV_DONTDUMP)", err);
+  }
+#endif
+  return {};
+}
+
+std::size_t page_size() noexcept {
+  static const std::size_t size = static_cast<std::size_t>(::sysconf(_SC_PAGESIZE));
+  return size;
+}
+
+std::uint32_t current_pid() noexcept { return static_cast<std::uint32_t>(::getpid()); }
+
+std::uint64_t realtime_ns() noexcept {
+  struct timespec ts;
+  ::clock_gettime(CLOCK_REALTIME, &ts);
+  return static_cast<std::uint64_t>(ts.tv_sec) * 1000000000ull +
+         static_cast<std::uint64_t>(ts.tv_nsec);
+}
+
+}  // namespace spshm::platform

@@ -1,0 +1,86 @@
+// Internal: what a Region owns, shared by region.cpp (create, use) and region_open.cpp.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <shared_mutex>
+#include <string>
+
+#include "crypto.hpp"
+#include "platform.hpp"
+#include "region.hpp"
+
+namespace spshm {
+
+struct Region::Impl {
+  std::string id;
+  char stored_id[kRegionIdCapacity] = {};  ///< region_id bytes as in the header (AAD)
+  BackendKind backend = BackendKind::posix;
+  Role role = Role::created;
+  bool writable = false;      ///< the data is mapped read-write
+  bool header_shared = true;  ///< false: private copy-on-write view of the header
+  bool encrypted = false;
+  std::uint64_t size = 0;      ///< plaintext bytes, captured once: never re-read from the header
+  std::uint64_t capacity = 0;  ///< bytes of the data area in use
+
+  platform::Handle control;      ///< the object holding the header
+  platform::Handle data_object;  ///< invalid when the data lives in `control`
+  platform::Mapping header_map;  ///< header (or, on > 4 KiB pages, the whole object)
+  platform::Mapping data_map;    ///< data area (invalid when header_map covers it)
+  std::uint8_t* data = nullptr;  ///< start of the data area in this process
+
+  crypto::Key key;
+  /// Encrypted writes are read-modify-write of whole chunks: exclusive. Reads: shared.
+  mutable std::shared_mutex crypt;
+
+  RegionHeader& header() noexcept { return *reinterpret_cast<RegionHeader*>(header_map.data()); }
+  const platform::Handle& data_handle() const noexcept {
+    return data_object.valid() ? data_object : control;
+  }
+  crypto::Binding binding() const noexcept { return crypto::Binding{stored_id, size}; }
+
+  /// Captures id, sizes and flags from a validated header.
+  void adopt(const RegionHeader& h) {
+    std::memcpy(stored_id, h.region_id, kRegionIdCapacity);
+    id.assign(h.region_id, strnlen(h.region_id, kRegionIdCapacity));
+    backend = static_cast<BackendKind>(h.backend);
+    encrypted = (h.flags & kFlagEncrypted) != 0;
+    size = h.data_size;
+    capacity = h.data_capacity;
+  }
+};
+
+/// Checks that an opened object can be ours: a regular file / shm object (not_ours
+/// otherwise) owned by our uid (not_ours, naming the owner). Returns its size and times.
+Result<platform::ObjectInfo> check_our_object(const platform::Handle& handle,
+                                              const std::string& what);
+
+/// A private copy of a header (for validation without trusting shared memory).
+struct HeaderCopy {
+  alignas(RegionHeader) unsigned char bytes[sizeof(RegionHeader)];
+  const RegionHeader& get() const noexcept { return *reinterpret_cast<const RegionHeader*>(bytes); }
+};
+
+/// The internal constructors of Region (a friend of it).
+class RegionFactory {
+ public:
+  using Impl = Region::Impl;
+
+  static Region make(std::unique_ptr<Impl> impl) noexcept { return Region(std::move(impl)); }
+
+  /// Maps header and data of a single-object (POSIX) region whose handle is impl.control.
+  /// The data is mapped shared, read-write iff impl.writable.
+  static Result<void> map_single_object(Impl& impl, platform::Access header_access,
+                                        platform::Sharing header_sharing);
+
+  /// Opens an existing POSIX region by id (Region::open and the named create modes).
+  static Result<Region> open_named(const std::string& region_id, bool writable, Role role);
+  /// Opens a single-object region by path ("/dev/shm/spshm_...").
+  static Result<Region> open_single_path(const std::string& path, const std::string& expected_id,
+                                         bool writable);
+  /// Opens a memfd region by the paths of its control and data memfds.
+  static Result<Region> open_split(const OpenTarget& target, bool writable);
+};
+
+}  // namespace spshm

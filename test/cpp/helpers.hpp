@@ -1,0 +1,98 @@
+// Shared helpers of the core tests.
+#pragma once
+
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "catch.hpp"
+#include "region.hpp"
+
+namespace spshm_test {
+
+/// REQUIRE that a Result is ok, printing its error message if not.
+#define REQUIRE_OK(expr)                                                        \
+  do {                                                                          \
+    const auto& spshm_result_ = (expr);                                         \
+    INFO((spshm_result_.ok() ? std::string() : spshm_result_.error().message)); \
+    REQUIRE(spshm_result_.ok());                                                \
+  } while (0)
+
+/// REQUIRE that a Result failed with `code`.
+#define REQUIRE_ERR(expr, errc)                                                                   \
+  do {                                                                                            \
+    const auto& spshm_result_ = (expr);                                                           \
+    REQUIRE_FALSE(spshm_result_.ok());                                                            \
+    INFO(spshm_result_.error().message);                                                          \
+    REQUIRE(spshm::errc_name(spshm_result_.error().code) == std::string(spshm::errc_name(errc))); \
+  } while (0)
+
+/// A well-known name unique to this test process: "t<pid>-<tag>" (<= 21 characters).
+inline std::string unique_name(const std::string& tag) {
+  static std::atomic<int> counter{0};
+  std::string name = "t" + std::to_string(getpid()) + "-" + tag + std::to_string(counter++);
+  return name.substr(0, 21);
+}
+
+/// Removes a POSIX segment by id when the test scope ends, whatever happened.
+struct SegmentCleanup {
+  std::string id;
+  ~SegmentCleanup() {
+    if (!id.empty()) shm_unlink(("/" + id).c_str());
+  }
+};
+
+inline spshm::CreateOptions options(spshm::BackendKind backend, std::uint64_t size) {
+  spshm::CreateOptions o;
+  o.backend = backend;
+  o.size = size;
+  return o;
+}
+
+/// Creates a region and returns it, failing the test (with the message) otherwise.
+inline spshm::Region create_ok(const spshm::CreateOptions& o) {
+  auto r = spshm::Region::create(o);
+  INFO((r ? std::string() : r.error().message));
+  REQUIRE(r.ok());
+  return std::move(r).value();
+}
+
+/// Runs `body` in a forked child; returns its exit code (128 + signal if killed).
+/// The child never returns into Catch: it _exit()s with body's result.
+template <class Body>
+int in_child(Body&& body) {
+  pid_t pid = fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    int rc = 99;
+    try {
+      rc = body();
+    } catch (...) {
+      rc = 98;
+    }
+    _exit(rc);
+  }
+  int status = 0;
+  REQUIRE(waitpid(pid, &status, 0) == pid);
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+inline std::vector<std::uint8_t> pattern(std::size_t n, std::uint32_t seed) {
+  std::vector<std::uint8_t> v(n);
+  std::uint32_t x = seed * 2654435761u + 1;
+  for (auto& b : v) {
+    x ^= x << 13;
+    x ^= x >> 17;
+    x ^= x << 5;
+    b = static_cast<std::uint8_t>(x);
+  }
+  return v;
+}
+
+}  // namespace spshm_test
