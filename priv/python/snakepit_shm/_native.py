@@ -225,14 +225,13 @@ class Library:
         self._check(code, err, f"cannot read the start time of process {pid}")
         return out.value
 
-    def decrypt(self, header_address, data_address, data_len, key, offset, length):
-        """Return ``length`` decrypted bytes of plaintext starting at ``offset``."""
+    def decrypt(self, header_address, data_address, data_len, key, offset, out_address,
+                length):
+        """Decrypt ``length`` plaintext bytes from ``offset`` into ``out_address``."""
         err = ctypes.create_string_buffer(_ERR_LEN)
-        out = ctypes.create_string_buffer(max(length, 1))
         code = self._dll.spshm_decrypt(header_address, data_address, data_len, key,
-                                       offset, out, length, err, _ERR_LEN)
+                                       offset, out_address, length, err, _ERR_LEN)
         self._check(code, err, "cannot decrypt the region")
-        return out.raw[:length]
 
     def encrypt(self, header_address, data_address, data_len, key, offset, plaintext):
         """Encrypt ``plaintext`` into the region at plaintext ``offset``."""

@@ -207,13 +207,38 @@ class Region:
             self._check_open()
             offset, length = _check_range(offset, length, self.size)
             if self.encrypted:
-                data = self._decrypt(offset, length)
+                out = bytearray(length)
+                self._decrypt_into(out, offset, length)
+                data = bytes(out)
             else:
                 start = self._view_offset + offset
                 with memoryview(self._data_mm) as view:
                     data = bytes(view[start:start + length])
             self._touch()
             return data
+
+    def readinto(self, buffer, offset=0):
+        """Copy (decrypting if needed) the data from ``offset`` into ``buffer``.
+
+        ``buffer`` is any writable, C-contiguous bytes-like object (bytearray, numpy
+        array, memoryview); it is filled completely.  Returns the number of bytes.
+        The way to get encrypted data into a numpy array without an extra copy.
+        """
+        with self._lock:
+            self._check_open()
+            with memoryview(buffer) as target:
+                if target.readonly or not target.c_contiguous:
+                    raise TypeError("readinto() needs a writable, C-contiguous buffer")
+                target = target.cast("B")
+                offset, length = _check_range(offset, target.nbytes, self.size)
+                if self.encrypted:
+                    self._decrypt_into(target, offset, length)
+                else:
+                    start = self._view_offset + offset
+                    with memoryview(self._data_mm) as view:
+                        target[:] = view[start:start + length]
+            self._touch()
+            return length
 
     def write(self, offset, data):
         """Copy ``data`` (bytes-like) into the region at ``offset`` (mode "rw" only).
@@ -332,16 +357,17 @@ class Region:
                 "pass that ref to attach().")
         return key
 
-    def _decrypt(self, offset, length):
+    def _decrypt_into(self, out, offset, length):
         key = self._key()
         if length == 0:
-            return b""
+            return
         lib = _native.library()
         with _native.buffer_address(self._attachment.header_mm) as (header, _), \
-                _native.buffer_address(self._data_mm) as (data, data_len):
+                _native.buffer_address(self._data_mm) as (data, data_len), \
+                _native.buffer_address(out, writable=True) as (out_address, _):
             data += self._view_offset
             data_len -= self._view_offset
-            return lib.decrypt(header, data, data_len, key, offset, length)
+            lib.decrypt(header, data, data_len, key, offset, out_address, length)
 
     def _encrypt(self, offset, plaintext):
         key = self._key()

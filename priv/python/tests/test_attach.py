@@ -113,6 +113,19 @@ class TestBuffers:
             with pytest.raises(ValueError, match="outside the region"):
                 region.ndarray(offset=65)
 
+    def test_readinto(self, forge):
+        seg = forge.memfd(100, data=payload(100))
+        with snakepit_shm.attach(seg.region_id) as region:
+            out = bytearray(10)
+            assert region.readinto(out, 90) == 10 and out == payload(100)[90:]
+            arr = np.zeros(25, dtype=np.uint32)
+            region.readinto(arr)
+            assert arr.tobytes() == payload(100)
+            with pytest.raises(ValueError, match="outside"):
+                region.readinto(bytearray(11), 90)
+            with pytest.raises(TypeError, match="writable"):
+                region.readinto(b"immutable")
+
     def test_partial_read(self, forge):
         seg = forge.posix(1000, data=payload(1000))
         with snakepit_shm.attach(seg.region_id) as region:

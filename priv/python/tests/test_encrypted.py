@@ -103,3 +103,11 @@ def test_write_without_key(encrypted):
     with snakepit_shm.attach(ref, mode="rw") as region:
         with pytest.raises(snakepit_shm.PermissionError, match="include_key"):
             region.write(0, b"x")
+
+
+def test_readinto_decrypts_straight_into_a_numpy_array(encrypted):
+    import numpy as np
+    out = np.zeros(SIZE - 8, dtype=np.uint8)
+    with snakepit_shm.attach(encrypted.ref()) as region:
+        assert region.readinto(out, offset=8) == SIZE - 8
+    assert out.tobytes() == plaintext()[8:]
