@@ -314,7 +314,7 @@ class Region:
             return
         try:
             self.close()
-        except errors.ViewsStillAlive:
+        except BufferError:  # ViewsStillAlive; a builtin name works even at shutdown
             # Arrays of the region are alive: keep the hold until the data mapping
             # itself is freed with the last of them.
             weakref.finalize(self._data_mm, self._attachment.close_quietly)

@@ -1,8 +1,10 @@
 """Holds: attaching registers (pid, start time) in the header's holder table."""
 
+import json
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -104,3 +106,35 @@ def test_forked_child_does_not_release_the_parents_hold(forge):
     assert seg.u32("refcount") == 1
     region.close()
     assert seg.u32("refcount") == 0
+
+
+def test_concurrent_attach_and_close_from_threads_and_processes(forge):
+    seg = forge.memfd(64)
+    ref = seg.ref()
+    code = (
+        "import sys, json, snakepit_shm\n"
+        "ref = json.loads(sys.argv[1])\n"
+        "for _ in range(200):\n"
+        "    snakepit_shm.attach(ref).close()\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    children = [subprocess.Popen([sys.executable, "-c", code, json.dumps(ref)], env=env)
+                for _ in range(3)]
+    failures = []
+
+    def worker():
+        try:
+            for _ in range(200):
+                with snakepit_shm.attach(ref, mode="rw") as region:
+                    region.write(0, b"x")
+        except Exception as exc:  # noqa: BLE001 - reported below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [child.wait(timeout=120) for child in children] == [0, 0, 0]
+    assert failures == []
+    assert seg.u32("refcount") == 0 and holders(seg) == []
