@@ -167,7 +167,7 @@ class Library:
                                c.c_uint64, c.c_void_p, c.c_uint64, c.c_char_p,
                                c.c_size_t], c.c_int),
             "spshm_encrypt": ([c.c_void_p, c.c_void_p, c.c_uint64, c.c_char_p,
-                               c.c_uint64, c.c_char_p, c.c_uint64, c.c_char_p,
+                               c.c_uint64, c.c_void_p, c.c_uint64, c.c_char_p,
                                c.c_size_t], c.c_int),
         }
         for name, (argtypes, restype) in sig.items():
@@ -233,9 +233,10 @@ class Library:
                                        offset, out_address, length, err, _ERR_LEN)
         self._check(code, err, "cannot decrypt the region")
 
-    def encrypt(self, header_address, data_address, data_len, key, offset, plaintext):
-        """Encrypt ``plaintext`` into the region at plaintext ``offset``."""
+    def encrypt(self, header_address, data_address, data_len, key, offset, in_address,
+                length):
+        """Encrypt ``length`` bytes at ``in_address`` into the region at ``offset``."""
         err = ctypes.create_string_buffer(_ERR_LEN)
         code = self._dll.spshm_encrypt(header_address, data_address, data_len, key,
-                                       offset, plaintext, len(plaintext), err, _ERR_LEN)
+                                       offset, in_address, length, err, _ERR_LEN)
         self._check(code, err, "cannot encrypt into the region")

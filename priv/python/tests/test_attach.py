@@ -125,6 +125,8 @@ class TestBuffers:
                 region.readinto(bytearray(11), 90)
             with pytest.raises(TypeError, match="writable"):
                 region.readinto(b"immutable")
+            with pytest.raises(TypeError, match="C-contiguous"):
+                region.readinto(np.zeros((10, 10), dtype=np.uint8)[:, :5])
 
     def test_partial_read(self, forge):
         seg = forge.posix(1000, data=payload(1000))
@@ -166,6 +168,10 @@ class TestWrites:
             region.write(59, b"12345")
             region.write(0, np.arange(4, dtype=np.uint16))
             assert region.read(0, 8) == np.arange(4, dtype=np.uint16).tobytes()
+            with pytest.raises(TypeError, match="C-contiguous"):
+                region.write(0, np.arange(8, dtype=np.uint8)[::2])
+            with pytest.raises(TypeError, match="bytes-like"):
+                region.write(0, "text")
 
 
 class TestLifecycle:
