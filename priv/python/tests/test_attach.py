@@ -258,3 +258,12 @@ def test_mode_must_be_r_or_rw(forge):
     seg = forge.posix(64)
     with pytest.raises(ValueError, match="mode"):
         snakepit_shm.attach(seg.region_id, mode="w")
+
+
+def test_ndarray_without_numpy_says_what_to_do(forge, monkeypatch):
+    import sys
+    seg = forge.posix(64)
+    with snakepit_shm.attach(seg.region_id) as region:
+        monkeypatch.setitem(sys.modules, "numpy", None)  # import numpy now fails
+        with pytest.raises(ImportError, match="python3-numpy.*Region.buf"):
+            region.ndarray()
