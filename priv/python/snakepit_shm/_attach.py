@@ -56,9 +56,11 @@ def attach(ref_or_region_id, mode="r"):
             _hold(attachment, identity, location.region_id, mode)
         else:
             warnings.warn(errors.UnheldAttachWarning(
-                f"{location.control_path} cannot be opened for writing (a sealed POSIX "
-                "region): attached read-only without a hold. Keep the region allocated "
-                "on the Elixir side while this worker uses it."), stacklevel=2)
+                f"{location.control_path} cannot be opened for writing (sealed POSIX "
+                "regions are mode 0400), so region "
+                f"{location.region_id} is attached read-only without a hold. Keep it "
+                "allocated on the Elixir side while this worker uses it, or use the "
+                "memfd backend."), stacklevel=2)
         _check_state(location.region_id, header_mm, mode)
 
         data_mm, view_offset = _map_data(location.region_id, data_fd, header, mode)
