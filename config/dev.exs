@@ -1,0 +1,3 @@
+import Config
+
+config :logger, :console, format: "$time [$level] $message\n"

@@ -1,0 +1,295 @@
+defmodule Snakepit.SharedMemory.Access do
+  @moduledoc """
+  Mapping, data access, sealing and export, in the calling process.
+
+  Reads and writes touch no ETS table and no process: the `Mapping` struct carries the
+  mapping resource, the security level (for the audit) and the region's access counter.
+  """
+
+  require Snakepit.SharedMemory.Registry
+
+  alias Snakepit.SharedMemory.{Allocator, Error, JSON, Mapping, Native, Registry, Security, Stats}
+
+  import Snakepit.SharedMemory.Registry, only: [region: 1, region: 2]
+
+  # Payloads above this go to the dirty-scheduler variants (the plain NIFs refuse them).
+  @dirty_threshold 65_536
+
+  @doc "Maps a registered region for the calling process."
+  @spec map(String.t(), map()) :: {:ok, Mapping.t()} | {:error, Error.t()}
+  def map(id, opts) do
+    with {:ok, record} <- lookup(id),
+         region(ref: ref, owner: owner, allowed: allowed, security_level: level) = record,
+         :ok <- Security.authorize(id, owner, allowed, self(), :map),
+         {:ok, mode} <- mode(record, opts.access_mode),
+         :ok <- Registry.register_caller(),
+         {:ok, mapping_ref} <- native(Native.map(ref, mode), id) do
+      mapping_id = make_ref()
+      Registry.put_mapping(id, mapping_id, self(), mode, mapping_ref)
+
+      # A deallocation that took the record after our lookup may have swept the
+      # mappings before our row existed: check again, and back out if it did.
+      if Registry.lookup(id) == nil do
+        if Registry.take_mapping(id, mapping_id), do: Native.unmap(mapping_ref)
+        not_found(id)
+      else
+        counters = region(record, :counters)
+        :counters.add(counters, 1, 1)
+        Security.audit(level, id, :map, %{mode: mode})
+
+        {:ok,
+         %Mapping{
+           region_id: id,
+           id: mapping_id,
+           mode: mode,
+           size: region(record, :size),
+           ref: mapping_ref,
+           region: ref,
+           pid: self(),
+           encrypted: Security.level_flags(level).encrypted,
+           security_level: level,
+           counters: counters
+         }}
+      end
+    end
+  end
+
+  defp mode(record, requested) do
+    region(id: id, owner: owner, access_mode: access, counters: counters) = record
+    sealed = sealed?(counters)
+    restricted = access == :read_only and self() != owner
+
+    case requested do
+      nil when sealed or restricted ->
+        {:ok, :read_only}
+
+      nil ->
+        {:ok, :read_write}
+
+      :read_write when restricted ->
+        Error.error(
+          :permission_denied,
+          "region #{id} was allocated with access_mode: :read_only: only its owner may " <>
+            "map it :read_write; map it with access_mode: :read_only",
+          %{region_id: id}
+        )
+
+      mode ->
+        {:ok, mode}
+    end
+  end
+
+  # Slot 2 of a region's counters is 1 once seal/1 succeeded (sealing is irreversible and
+  # only this VM, the creator, can seal): a read checks it without a NIF call.
+  @sealed_slot 2
+  defp sealed?(counters), do: :counters.get(counters, @sealed_slot) == 1
+
+  @doc false
+  def mark_sealed(counters), do: :counters.put(counters, @sealed_slot, 1)
+
+  @doc """
+  Unmaps. Removes the mapping's hold; frees a `:reference_counted` region whose count
+  reaches zero.
+  """
+  @spec unmap(Mapping.t()) :: :ok | {:error, Error.t()}
+  def unmap(%Mapping{region_id: id, id: mapping_id} = mapping) do
+    case Registry.take_mapping(id, mapping_id) do
+      nil ->
+        Error.error(
+          :closed,
+          "this mapping of #{id} was already unmapped (or its region was freed)",
+          %{region_id: id}
+        )
+
+      {_key, _pid, _mode, mapping_ref} ->
+        Native.unmap(mapping_ref)
+        Security.audit(mapping.security_level, id, :unmap, %{})
+        free_if_unreferenced(id)
+        :ok
+    end
+  end
+
+  @doc """
+  Frees `id` if it is `:reference_counted`, was held at least once and nothing holds it
+  now. Returns true if it was freed here.
+  """
+  @spec free_if_unreferenced(String.t()) :: boolean()
+  def free_if_unreferenced(id) do
+    with region(cleanup_policy: :reference_counted, ref: ref) <- Registry.lookup(id),
+         {generation, 0} when generation > 0 <- Native.hold_counts(ref),
+         {:ok, _} <- Allocator.free(id, :unreferenced) do
+      Stats.event(:unreferenced, %{count: 1}, %{region_id: id})
+      true
+    else
+      _ -> false
+    end
+  end
+
+  @doc "Writes `iodata` at `offset`."
+  @spec write(Mapping.t(), non_neg_integer(), iodata()) :: :ok | {:error, Error.t()}
+  def write(%Mapping{} = mapping, offset, iodata) do
+    with {:ok, data} <- to_binary(iodata) do
+      result =
+        if byte_size(data) > @dirty_threshold,
+          do: Native.write_dirty(mapping.ref, offset, data),
+          else: Native.write(mapping.ref, offset, data)
+
+      with :ok <- native(result, mapping.region_id) do
+        :counters.add(mapping.counters, 1, 1)
+        Stats.count(:bytes_written, byte_size(data))
+
+        Security.audit(mapping.security_level, mapping.region_id, :write, %{
+          offset: offset,
+          bytes: byte_size(data)
+        })
+      end
+    end
+  end
+
+  defp to_binary(data) when is_binary(data), do: {:ok, data}
+
+  defp to_binary(data) do
+    {:ok, IO.iodata_to_binary(data)}
+  rescue
+    ArgumentError ->
+      Error.error(
+        :invalid_argument,
+        "data must be a binary or iodata, got: #{inspect(data, limit: 5)}"
+      )
+  end
+
+  @doc """
+  Reads `length` bytes at `offset`: a zero-copy binary for a sealed, unencrypted region,
+  a copy otherwise.
+  """
+  @spec read(Mapping.t(), non_neg_integer(), non_neg_integer()) ::
+          {:ok, binary()} | {:error, Error.t()}
+  def read(%Mapping{} = mapping, offset, length) do
+    result =
+      cond do
+        not mapping.encrypted and sealed?(mapping.counters) ->
+          Native.read_zero_copy(mapping.ref, offset, length)
+
+        length > @dirty_threshold ->
+          Native.read_dirty(mapping.ref, offset, length)
+
+        true ->
+          Native.read(mapping.ref, offset, length)
+      end
+
+    with {:ok, data} <- native(result, mapping.region_id) do
+      :counters.add(mapping.counters, 1, 1)
+      Stats.count(:bytes_read, length)
+
+      Security.audit(mapping.security_level, mapping.region_id, :read, %{
+        offset: offset,
+        bytes: length
+      })
+
+      {:ok, data}
+    end
+  end
+
+  @doc "Seals a region: its data can no longer change."
+  @spec seal(String.t()) :: :ok | {:error, Error.t()}
+  def seal(id) do
+    with {:ok, record} <- lookup(id),
+         region(ref: ref, owner: owner, allowed: allowed, security_level: level) = record,
+         :ok <- Security.authorize(id, owner, allowed, self(), :seal),
+         :ok <- native(Native.seal(ref), id) do
+      mark_sealed(region(record, :counters))
+      Security.audit(level, id, :seal, %{})
+    end
+  end
+
+  @doc "The JSON-encodable reference a Python worker attaches with."
+  @spec export(String.t(), map()) :: {:ok, map()} | {:error, Error.t()}
+  def export(id, opts) do
+    with {:ok, record} <- lookup(id),
+         region(ref: ref, owner: owner, allowed: allowed, security_level: level) = record,
+         :ok <- Security.authorize(id, owner, allowed, self(), :export),
+         info = Native.info(ref),
+         :ok <- export_allowed(id, level, info),
+         {:ok, metadata} <- json_metadata(region(record, :metadata)),
+         {:ok, key} <- key(ref, info, opts.include_key, id) do
+      ref_map =
+        %{
+          "v" => 1,
+          "region_id" => id,
+          "backend" => Atom.to_string(info.backend),
+          "control_path" => info.control_path,
+          "data_path" => info.data_path,
+          "data_offset" => info.data_offset,
+          "size" => info.size,
+          "sealed" => info.sealed,
+          "encrypted" => info.encrypted,
+          "dtype" => opts.dtype || Map.get(metadata, "dtype"),
+          "shape" => opts.shape || Map.get(metadata, "shape"),
+          "metadata" => metadata
+        }
+        |> put_key(key)
+
+      Security.audit(level, id, :export, %{include_key: opts.include_key})
+      {:ok, ref_map}
+    end
+  end
+
+  # :maximum regions are shared with other OS processes only read-only: sealed first.
+  defp export_allowed(id, :maximum, %{sealed: false}) do
+    Error.error(
+      :not_sealed,
+      "region #{id} has security_level :maximum, which is shared with other processes " <>
+        "only read-only: call seal/1 before export_ref/2",
+      %{region_id: id}
+    )
+  end
+
+  defp export_allowed(_id, _level, _info), do: :ok
+
+  defp json_metadata(metadata) do
+    with {:ok, json} <- JSON.encode(metadata), do: JSON.decode(json)
+  end
+
+  defp key(_ref, _info, false, _id), do: {:ok, nil}
+
+  defp key(_ref, %{encrypted: false}, true, id) do
+    Error.error(
+      :invalid_option,
+      "include_key: true, but region #{id} is not encrypted (security_level :standard) " <>
+        "and has no key",
+      %{region_id: id}
+    )
+  end
+
+  defp key(ref, _info, true, id) do
+    with {:ok, key} <- native(Native.export_key(ref), id), do: {:ok, Base.encode64(key)}
+  end
+
+  defp put_key(map, nil), do: map
+  defp put_key(map, key), do: Map.put(map, "key", key)
+
+  @doc "The record of a registered region, or a `:not_found` error."
+  @spec lookup(term()) :: {:ok, Registry.region_record()} | {:error, Error.t()}
+  def lookup(id) when is_binary(id) do
+    case Registry.lookup(id) do
+      nil -> not_found(id)
+      record -> {:ok, record}
+    end
+  end
+
+  def lookup(id),
+    do: Error.error(:invalid_argument, "a region id is a string, got: #{inspect(id)}")
+
+  defp not_found(id) do
+    Error.error(
+      :not_found,
+      "no region #{inspect(id)} is registered (never allocated, or already freed)",
+      %{region_id: id}
+    )
+  end
+
+  @doc false
+  def native(:ok, _id), do: :ok
+  def native({:ok, value}, _id), do: {:ok, value}
+  def native({:error, native}, id), do: {:error, Error.from_native(native, %{region_id: id})}
+end

@@ -1,0 +1,261 @@
+defmodule Snakepit.SharedMemory.Allocator do
+  @moduledoc """
+  Creating and freeing regions, in the calling process.
+
+  Both paths run inside `Snakepit.SharedMemory.Journal.run/2`, so that a caller killed
+  half-way is repaired by the manager, and are written so that exactly one process
+  frees a region: the one whose `:ets.take/2` returned its record.
+
+  `free/3` is the only place a region is freed, whoever asks: `deallocate_region/1`, the
+  cleanup policies, expiry, the manager on owner death, `cleanup_regions/1`.
+  """
+
+  require Logger
+  require Snakepit.SharedMemory.Registry
+
+  alias Snakepit.SharedMemory.{Config, Error, Journal, Native, Quota, Registry, Security, Stats}
+
+  import Snakepit.SharedMemory.Registry, only: [region: 1]
+
+  @doc """
+  Allocates (or, for named regions, opens) a region from validated options (see
+  `Snakepit.SharedMemory.Options.allocate/2`). Returns `{:ok, region_id}`.
+  """
+  @spec allocate(map()) :: {:ok, String.t()} | {:error, Error.t()}
+  def allocate(opts) do
+    Registry.register_caller()
+
+    case named_existing(opts) do
+      :none -> Journal.run({:allocate, :reserving}, fn -> reserve_and_create(opts) end)
+      {:existing, id} -> {:ok, id}
+      {:remove_first, id} -> remove_then_allocate(id, opts)
+      {:error, _} = error -> error
+    end
+  end
+
+  # A well-known name this VM already registered: answer from the registry rather than
+  # opening the segment a second time.
+  defp named_existing(%{name: nil}), do: :none
+
+  defp named_existing(%{name: name, open_mode: mode}) do
+    id = "spshm_n_" <> name
+
+    case {Registry.lookup(id), mode} do
+      {nil, _} ->
+        :none
+
+      {_record, :create} ->
+        Error.error(
+          :already_exists,
+          "a region named #{inspect(name)} already exists (#{id}): use open_mode: " <>
+            ":create_or_open or :open_only to share it, or :remove_and_create to replace it",
+          %{region_id: id}
+        )
+
+      {_record, :remove_and_create} ->
+        {:remove_first, id}
+
+      {_record, _open} ->
+        {:existing, id}
+    end
+  end
+
+  defp remove_then_allocate(id, opts) do
+    case free(id, :replaced) do
+      {:error, %Error{reason: reason}} = error when reason != :not_found -> error
+      _ -> Journal.run({:allocate, :reserving}, fn -> reserve_and_create(opts) end)
+    end
+  end
+
+  defp reserve_and_create(opts) do
+    config = Config.get()
+    flags = Security.level_flags(opts.security_level)
+
+    with :ok <- Quota.reserve(opts.owner, opts.size, config) do
+      # From here a kill leaves a reservation (and maybe a POSIX segment) behind: the
+      # journal row says so, with what the manager needs to find the segment.
+      Journal.note({:allocate, :creating, opts.size, opts.backend, System.os_time(:nanosecond)})
+
+      case Native.create(opts.size, native_options(opts, flags)) do
+        {:ok, ref, info} ->
+          register(ref, info, opts)
+
+        {:error, native} ->
+          Quota.release(opts.owner, opts.size)
+          {:error, Error.from_native(native, %{size: opts.size, backend: opts.backend})}
+      end
+    end
+  end
+
+  defp native_options(opts, flags) do
+    %{
+      backend: opts.backend,
+      name: opts.name,
+      open_mode: opts.open_mode,
+      mode: opts.mode,
+      security_level: flags.level,
+      encrypted: flags.encrypted,
+      lock_memory: flags.lock_memory,
+      metadata: opts.metadata_json,
+      idle_timeout_ms: if(opts.timeout == :infinity, do: 0, else: opts.timeout)
+    }
+  end
+
+  defp register(ref, info, opts) do
+    # An opened named region has the size its creator gave it.
+    if info.size != opts.size, do: Quota.adjust_bytes(info.size - opts.size)
+
+    record =
+      region(
+        id: info.id,
+        ref: ref,
+        size: info.size,
+        backend: info.backend,
+        role: info.role,
+        name: opts.name,
+        owner: opts.owner,
+        created_at: System.system_time(:millisecond),
+        permissions: opts.permissions,
+        security_level: opened_level(info, ref, opts),
+        cleanup_policy: opts.cleanup_policy,
+        timeout: opts.timeout,
+        access_mode: opts.access_mode,
+        allowed: opts.allowed,
+        metadata: opened_metadata(info, ref, opts),
+        counters: new_counters(info)
+      )
+
+    # Write order for crash safety: the record goes into the registry first, then the
+    # owner monitor is armed. Once in the registry a region can always be found and
+    # freed; an owner dying before its monitor is armed is caught below (monitor_owner
+    # answers not_found) or, if this caller is killed right here, by the manager, which
+    # re-checks the owners of a dead caller that had a journal row.
+    if Registry.insert_new(record) do
+      watch_owner(ref, info.id, opts.owner)
+      Stats.count(:allocations)
+      {:ok, info.id}
+    else
+      # Only a named region opened concurrently by two callers of this VM gets here: the
+      # other caller registered it; drop this second handle and share the first.
+      Quota.release(opts.owner, info.size)
+      {:ok, info.id}
+    end
+  end
+
+  @doc false
+  # Slot 1: accesses through this VM; slot 2: sealed (see Snakepit.SharedMemory.Access).
+  def new_counters(info) do
+    counters = :counters.new(2, [:write_concurrency])
+    if info.sealed, do: :counters.put(counters, 2, 1)
+    counters
+  end
+
+  defp opened_level(%{role: :created}, _ref, opts), do: opts.security_level
+
+  defp opened_level(_info, ref, opts) do
+    case Native.header(ref) do
+      {:ok, header} -> Security.level_from_int(header.security_level)
+      _ -> opts.security_level
+    end
+  end
+
+  defp opened_metadata(%{role: :created}, _ref, opts), do: opts.metadata
+
+  defp opened_metadata(_info, ref, opts) do
+    with {:ok, header} <- Native.header(ref),
+         {:ok, metadata} when is_map(metadata) <-
+           Snakepit.SharedMemory.JSON.decode(header.metadata) do
+      metadata
+    else
+      _ -> opts.metadata
+    end
+  end
+
+  defp watch_owner(ref, id, owner) do
+    case Native.monitor_owner(ref, owner) do
+      :ok -> :ok
+      # The owner died since the options were validated: report it as the NIF would.
+      {:error, _} -> send_owner_down(id, owner)
+    end
+  end
+
+  defp send_owner_down(id, owner) do
+    case Process.whereis(Snakepit.SharedMemory.Manager) do
+      nil -> :ok
+      manager -> send(manager, {:snakepit_shm_owner_down, id, owner})
+    end
+  end
+
+  @doc """
+  Frees the region `id` for `reason` (an atom recorded in the log and telemetry):
+  unmaps its BEAM mappings, marks the header deallocated, zeroes the memory when the
+  security level (or `:zero_on_free`) asks for it, removes the name, gives the quota
+  back. A region this VM only opened (another VM created it) is released, not
+  destroyed. `{:error, :not_found}` if no such region is registered (already freed).
+  """
+  @spec free(String.t(), atom()) :: {:ok, Registry.region_record()} | {:error, Error.t()}
+  def free(id, reason) do
+    case Registry.lookup(id) do
+      nil ->
+        not_found(id)
+
+      region(backend: backend, role: role) ->
+        Registry.register_caller()
+
+        Journal.run({:deallocate, id, backend, role}, fn ->
+          case Registry.take(id) do
+            nil -> not_found(id)
+            record -> {:ok, release(record, reason)}
+          end
+        end)
+    end
+  end
+
+  defp release(record, reason) do
+    region(id: id, owner: owner, size: size, role: role) = record
+
+    # Mappings first: take (not just read) each row, so a concurrent unmap_region/1 and
+    # this loop never both unmap one mapping.
+    for {{^id, mapping_id}, _pid, _mode, _mapping} <- Registry.mappings_of(id),
+        {_key, _pid, _mode, mapping} <- [Registry.take_mapping(id, mapping_id)],
+        do: Native.unmap(mapping)
+
+    if role == :created, do: destroy(record)
+    Quota.release(owner, size)
+    Stats.event(:deallocations, %{count: 1}, %{region_id: id, reason: reason})
+    Logger.debug("snakepit_shm: freed #{id} (#{reason})")
+    record
+  end
+
+  defp destroy(record) do
+    region(id: id, ref: ref, security_level: level) = record
+    zero = Security.level_flags(level).zero_on_free or Config.get(:zero_on_free)
+
+    case Native.deallocate(ref, zero) do
+      :ok ->
+        :ok
+
+      {:error, {:busy, message, _}} when zero ->
+        # Zero-copy binaries of a sealed region may still be alive: they must not change
+        # under the VM, so this region is freed without zeroing.
+        Logger.warning("snakepit_shm: #{id} freed without zeroing: #{message}")
+        Native.deallocate(ref, false)
+
+      {:error, {:deallocated, _, _}} ->
+        :ok
+
+      {:error, native} ->
+        Logger.warning("snakepit_shm: freeing #{id} failed: #{inspect(native)}")
+    end
+  end
+
+  defp not_found(id) do
+    Error.error(
+      :not_found,
+      "no region #{inspect(id)} is registered (never allocated, or already freed)",
+      %{
+        region_id: id
+      }
+    )
+  end
+end

@@ -1,0 +1,164 @@
+defmodule Snakepit.SharedMemory.Config do
+  @moduledoc """
+  Configuration of the `:snakepit_shm` application, validated once at start.
+
+      config :snakepit_shm,
+        max_regions: 100_000,
+        max_region_size: 4 * 1024 * 1024 * 1024,
+        cleanup_interval: 5_000
+
+  An invalid value or an unknown key makes the application fail to start with a message
+  that names the key. The validated configuration is kept in `:persistent_term`, so the
+  hot paths read it without copying and without a process.
+
+  Settings:
+
+    * `:max_regions` - live regions in this VM (`pos_integer` or `:infinity`).
+      Defaults to `100_000`.
+    * `:max_region_size` - bytes of one region. Defaults to `4 GiB`.
+    * `:max_total_memory` - bytes of all live regions together (requested sizes), or
+      `:infinity`. Defaults to `:infinity`.
+    * `:max_regions_per_process` - live regions owned by one process, or `:infinity`.
+      Defaults to `:infinity`.
+    * `:cleanup_interval` - ms between periodic cleanups (idle timeouts, vanished
+      segments, leaked segments). Defaults to `5_000`.
+    * `:holder_scan_interval` - ms between scans of region headers that discover OS
+      processes (Python workers) holding a region. Defaults to `200`.
+    * `:default_timeout` - idle ms before a region expires when `allocate_region/2` gets
+      no `:timeout`, or `:infinity`. Defaults to `:infinity`.
+    * `:security_level` - default `:security_level` of new regions. Defaults to `:standard`.
+    * `:default_backend` - default `:backend` (`:auto`, `:posix`, `:memfd`).
+      Defaults to `:auto`.
+    * `:default_cleanup_policy` - default `:cleanup_policy`. Defaults to `:automatic`.
+    * `:zero_on_free` - also zero `:standard` regions when they are freed (`:high` and
+      `:maximum` regions always are). Defaults to `false`.
+    * `:orphan_sweep` - free, at start-up, segments left in `/dev/shm` by VMs that died.
+      Defaults to `true`.
+    * `:audit_log_level` - Logger level of the access audit of `:maximum` regions.
+      Defaults to `:info`.
+    * `:barrier_timeout` - ms the manager waits for in-flight operations before a
+      consistency check. Defaults to `5_000`.
+  """
+
+  @key {__MODULE__, :config}
+
+  @defaults [
+    max_regions: 100_000,
+    max_region_size: 4 * 1024 * 1024 * 1024,
+    max_total_memory: :infinity,
+    max_regions_per_process: :infinity,
+    cleanup_interval: 5_000,
+    holder_scan_interval: 200,
+    default_timeout: :infinity,
+    security_level: :standard,
+    default_backend: :auto,
+    default_cleanup_policy: :automatic,
+    zero_on_free: false,
+    orphan_sweep: true,
+    audit_log_level: :info,
+    barrier_timeout: 5_000
+  ]
+
+  @type t :: %{
+          max_regions: pos_integer() | :infinity,
+          max_region_size: pos_integer(),
+          max_total_memory: pos_integer() | :infinity,
+          max_regions_per_process: pos_integer() | :infinity,
+          cleanup_interval: pos_integer(),
+          holder_scan_interval: pos_integer(),
+          default_timeout: pos_integer() | :infinity,
+          security_level: :standard | :high | :maximum,
+          default_backend: :auto | :posix | :memfd,
+          default_cleanup_policy: :automatic | :manual | :reference_counted,
+          zero_on_free: boolean(),
+          orphan_sweep: boolean(),
+          audit_log_level: Logger.level(),
+          barrier_timeout: pos_integer()
+        }
+
+  @doc "The default value of every setting."
+  @spec defaults() :: keyword()
+  def defaults, do: @defaults
+
+  @doc """
+  Reads `Application.get_all_env(:snakepit_shm)`, validates it and stores it for `get/0`.
+  Returns `{:error, message}` naming the first invalid key.
+  """
+  @spec load() :: {:ok, t()} | {:error, String.t()}
+  def load do
+    with {:ok, config} <- validate(Application.get_all_env(:snakepit_shm)) do
+      :persistent_term.put(@key, config)
+      {:ok, config}
+    end
+  end
+
+  @doc "The validated configuration (the defaults if the application never started)."
+  @spec get() :: t()
+  def get do
+    case :persistent_term.get(@key, nil) do
+      nil -> Map.new(@defaults)
+      config -> config
+    end
+  end
+
+  @doc "One setting."
+  @spec get(atom()) :: term()
+  def get(key), do: Map.fetch!(get(), key)
+
+  @doc """
+  Validates a keyword list of settings, filling in defaults. Unknown keys are errors
+  (a typo must not silently fall back to a default).
+  """
+  @spec validate(keyword()) :: {:ok, t()} | {:error, String.t()}
+  def validate(env) when is_list(env) do
+    env = Keyword.drop(env, [:included_applications])
+
+    Enum.reduce_while(Keyword.merge(@defaults, env), {:ok, %{}}, fn {key, value}, {:ok, acc} ->
+      case check(key, value) do
+        :ok -> {:cont, {:ok, Map.put(acc, key, value)}}
+        {:error, what} -> {:halt, {:error, message(key, value, what)}}
+      end
+    end)
+  end
+
+  defp message(key, value, :unknown) do
+    "invalid configuration: unknown key config :snakepit_shm, #{key}: #{inspect(value)}; " <>
+      "known keys are #{@defaults |> Keyword.keys() |> Enum.join(", ")}"
+  end
+
+  defp message(key, value, what) do
+    "invalid configuration: config :snakepit_shm, #{key}: must be #{what}, got: #{inspect(value)}"
+  end
+
+  defp check(key, value)
+       when key in [:max_regions, :max_total_memory, :max_regions_per_process, :default_timeout],
+       do: pos_or_infinity(value)
+
+  defp check(key, value)
+       when key in [:max_region_size, :cleanup_interval, :holder_scan_interval, :barrier_timeout],
+       do: if(is_integer(value) and value > 0, do: :ok, else: {:error, "a positive integer"})
+
+  defp check(:security_level, value), do: one_of(value, [:standard, :high, :maximum])
+  defp check(:default_backend, value), do: one_of(value, [:auto, :posix, :memfd])
+
+  defp check(:default_cleanup_policy, value),
+    do: one_of(value, [:automatic, :manual, :reference_counted])
+
+  defp check(key, value) when key in [:zero_on_free, :orphan_sweep],
+    do: if(is_boolean(value), do: :ok, else: {:error, "true or false"})
+
+  defp check(:audit_log_level, value),
+    do: one_of(value, [:debug, :info, :notice, :warning, :error, :critical, :alert, :emergency])
+
+  defp check(_key, _value), do: {:error, :unknown}
+
+  defp pos_or_infinity(:infinity), do: :ok
+  defp pos_or_infinity(value) when is_integer(value) and value > 0, do: :ok
+  defp pos_or_infinity(_), do: {:error, "a positive integer or :infinity"}
+
+  defp one_of(value, allowed) do
+    if value in allowed,
+      do: :ok,
+      else: {:error, "one of #{Enum.map_join(allowed, ", ", &inspect/1)}"}
+  end
+end

@@ -1,0 +1,150 @@
+defmodule Snakepit.SharedMemory.Holders do
+  @moduledoc """
+  OS processes (Python workers) that hold regions: discovery and death.
+
+  A worker that attaches a region adds a hold to the header's holder table; nothing
+  tells the VM. So the manager scans every `holder_scan_interval` ms, cheaply: one
+  `Native.hold_counts/1` (two atomic loads) per region, and the full header only of
+  regions whose holder generation changed. Each new holding OS process gets a pidfd
+  watch (`Native.watch_os_process/3`, `enif_select`): its death is an event, not a
+  poll. On death every hold it still has on any region is released
+  (`Native.release_holder/3`), which may free `:reference_counted` regions.
+
+  The scan also notices a `:reference_counted` region whose count dropped to zero
+  without a BEAM call (a worker closing it, a mapping garbage collected).
+  """
+
+  require Logger
+  require Snakepit.SharedMemory.Registry
+
+  alias Snakepit.SharedMemory.{Access, Native, Registry, Stats}
+
+  import Snakepit.SharedMemory.Registry, only: [region: 1]
+
+  defstruct generations: %{}, watches: %{}, refs: %{}, self_os_pid: nil
+
+  @type holder :: {pos_integer(), non_neg_integer()}
+  @type t :: %__MODULE__{
+          generations: %{String.t() => non_neg_integer()},
+          watches: %{holder() => {reference(), reference()}},
+          refs: %{reference() => holder()},
+          self_os_pid: pos_integer() | nil
+        }
+
+  @doc "A fresh state (after a manager restart every watch is re-armed by the next scan)."
+  @spec new() :: t()
+  def new, do: %__MODULE__{self_os_pid: Native.self_info().os_pid}
+
+  @doc "Scans every registered region; arms watches for new holders."
+  @spec scan(t()) :: t()
+  def scan(state) do
+    rows =
+      :ets.select(Registry.regions_table(), [
+        {region(id: :"$1", ref: :"$2", cleanup_policy: :"$3", _: :_), [],
+         [{{:"$1", :"$2", :"$3"}}]}
+      ])
+
+    {generations, state} =
+      Enum.reduce(rows, {%{}, state}, fn {id, ref, policy}, {generations, acc} ->
+        {generation, refcount} = Native.hold_counts(ref)
+
+        acc = if generation != Map.get(state.generations, id), do: changed(acc, ref), else: acc
+
+        if policy == :reference_counted and generation > 0 and refcount == 0,
+          do: Access.free_if_unreferenced(id)
+
+        {Map.put(generations, id, generation), acc}
+      end)
+
+    %{state | generations: generations}
+  end
+
+  @doc "Reads the holders of a region whose generation changed; watches the new ones."
+  @spec changed(t(), reference()) :: t()
+  def changed(state, ref) do
+    case Native.header(ref) do
+      {:ok, %{holders: holders}} ->
+        holders
+        |> Enum.map(&{&1.pid, &1.start_time})
+        |> Enum.reject(fn {pid, _} -> pid == state.self_os_pid end)
+        |> Enum.reduce(state, &watch/2)
+
+      _ ->
+        state
+    end
+  end
+
+  defp watch({os_pid, start} = holder, state) do
+    if Map.has_key?(state.watches, holder), do: state, else: arm(os_pid, start, state)
+  end
+
+  defp arm(os_pid, start, state) do
+    holder = {os_pid, start}
+    ref = make_ref()
+
+    case Native.watch_os_process(os_pid, start, ref) do
+      {:ok, watch} ->
+        %{
+          state
+          | watches: Map.put(state.watches, holder, {watch, ref}),
+            refs: Map.put(state.refs, ref, holder)
+        }
+
+      {:error, {:not_found, _, _}} ->
+        # Already gone: release its holds now.
+        release_everywhere(holder)
+        state
+
+      {:error, {_reason, message, _}} ->
+        Logger.warning("snakepit_shm: cannot watch OS process #{os_pid}: #{message}")
+        state
+    end
+  end
+
+  @doc "Handles `{:select, watch, ref, :ready_input}`: the watched OS process exited."
+  @spec exited(t(), reference(), reference()) :: t()
+  def exited(state, watch, ref) do
+    Native.cancel_watch(watch)
+
+    case Map.pop(state.refs, ref) do
+      {nil, _} ->
+        state
+
+      {holder, refs} ->
+        release_everywhere(holder)
+        %{state | refs: refs, watches: Map.delete(state.watches, holder)}
+    end
+  end
+
+  defp release_everywhere({os_pid, start}) do
+    rows =
+      :ets.select(Registry.regions_table(), [
+        {region(id: :"$1", ref: :"$2", _: :_), [], [{{:"$1", :"$2"}}]}
+      ])
+
+    released =
+      Enum.reduce(rows, 0, fn {id, ref}, total ->
+        case Native.release_holder(ref, os_pid, start) do
+          {:ok, 0} ->
+            total
+
+          {:ok, n} ->
+            Access.free_if_unreferenced(id)
+            total + n
+
+          {:error, _} ->
+            total
+        end
+      end)
+
+    if released > 0 do
+      Stats.event(:os_holders_released, %{count: released}, %{os_pid: os_pid})
+
+      Logger.info(
+        "snakepit_shm: OS process #{os_pid} exited holding #{released} hold(s): released"
+      )
+    end
+
+    :ok
+  end
+end

@@ -1,0 +1,254 @@
+defmodule Snakepit.SharedMemory.Manager do
+  @moduledoc """
+  The one process that serialises anything, and only what must be serialised:
+
+    * deaths: owners (`{:snakepit_shm_owner_down, id, pid}` from the NIF's monitors),
+      API callers (monitors; their mappings are unmapped, their owned regions get their
+      policy, an operation they died in is repaired), OS holders (pidfd watches);
+    * the holder scan (every `:holder_scan_interval` ms) and the periodic cleanup
+      (every `:cleanup_interval` ms: expiry, policies, vanished and leaked segments);
+    * `cleanup_regions/1`;
+    * start-up: rebuild from the segments if the tables are new, orphan sweep, repair
+      of operations cut short by deaths while no manager ran, recount of the quota
+      counters, owner re-check, re-monitoring of callers, a first holder scan.
+
+  Allocation, mapping, reads, writes and deallocation never wait for it. It can be
+  killed at any time: the tables live in `Snakepit.SharedMemory.TableOwner`, and
+  start-up re-derives everything else.
+
+  On a normal application stop it frees every region, so that nothing of ours is left
+  in `/dev/shm`.
+  """
+
+  use GenServer
+
+  require Logger
+
+  require Snakepit.SharedMemory.Registry
+
+  alias Snakepit.SharedMemory.{Cleanup, Config, Holders, Journal, Registry}
+
+  @leak_scan_ms 100
+
+  @doc false
+  def start_link(_arg), do: GenServer.start_link(__MODULE__, nil, name: __MODULE__)
+
+  @doc "Runs `cleanup_regions/1` with validated options (`Snakepit.SharedMemory.Options.cleanup/1`)."
+  @spec cleanup(map()) :: {:ok, [Cleanup.freed()]} | {:error, term()}
+  def cleanup(opts), do: call({:cleanup, opts})
+
+  @doc """
+  Waits until the manager has handled every message sent to it before this call
+  (owner deaths, caller deaths, ...), then runs a holder scan and the periodic cleanup.
+  For tests and tools that need a settled state.
+  """
+  @spec sync() :: :ok | {:error, term()}
+  def sync, do: call(:sync)
+
+  defp call(message) do
+    GenServer.call(__MODULE__, message, 60_000)
+  catch
+    :exit, reason -> {:error, reason}
+  end
+
+  # ---- GenServer ----
+
+  @impl true
+  def init(nil) do
+    Process.flag(:trap_exit, true)
+    config = Config.get()
+    state = %{holders: Holders.new(), monitored: MapSet.new(), pending_leaks: [], config: config}
+
+    unless Registry.flag(:initialized) do
+      adopted = Cleanup.adopt_own_segments()
+      Registry.set_flag(:initialized, true)
+
+      if adopted != [],
+        do:
+          Logger.warning(
+            "snakepit_shm: registry rebuilt, re-adopted #{length(adopted)} region(s)"
+          )
+    end
+
+    if config.orphan_sweep, do: Cleanup.sweep_orphans()
+    state = repair_dead_journal_rows(state)
+    recount()
+    Cleanup.check_owners()
+    state = Enum.reduce(Registry.callers(), state, &monitor/2)
+    state = %{state | holders: Holders.scan(state.holders)}
+    schedule(:holder_scan, config.holder_scan_interval)
+    schedule(:cleanup, config.cleanup_interval)
+    if state.pending_leaks != [], do: schedule(:leak_scan, @leak_scan_ms)
+    {:ok, state}
+  end
+
+  @impl true
+  def handle_cast({:monitor_caller, pid}, state), do: {:noreply, monitor(pid, state)}
+
+  @impl true
+  def handle_call({:cleanup, opts}, _from, state) do
+    {:reply, {:ok, cleanup_regions(opts)}, state}
+  end
+
+  def handle_call(:sync, _from, state) do
+    state = %{state | holders: Holders.scan(state.holders)}
+    {:reply, :ok, periodic_cleanup(state)}
+  end
+
+  @impl true
+  def handle_info({:snakepit_shm_owner_down, id, pid}, state) do
+    Cleanup.owner_down(id, pid)
+    {:noreply, state}
+  end
+
+  def handle_info({:DOWN, _ref, :process, pid, _reason}, state) do
+    state = %{state | monitored: MapSet.delete(state.monitored, pid)}
+    %{journal: journal} = Cleanup.caller_down(pid)
+    {:noreply, repair(pid, journal, state)}
+  end
+
+  def handle_info({:select, watch, ref, :ready_input}, state) do
+    {:noreply, %{state | holders: Holders.exited(state.holders, watch, ref)}}
+  end
+
+  def handle_info(:holder_scan, state) do
+    schedule(:holder_scan, state.config.holder_scan_interval)
+    {:noreply, %{state | holders: Holders.scan(state.holders)}}
+  end
+
+  def handle_info(:cleanup, state) do
+    schedule(:cleanup, state.config.cleanup_interval)
+    {:noreply, periodic_cleanup(state)}
+  end
+
+  def handle_info(:leak_scan, state) do
+    pending = Cleanup.sweep_leaks(state.pending_leaks)
+    if pending != [], do: schedule(:leak_scan, @leak_scan_ms)
+    {:noreply, %{state | pending_leaks: pending}}
+  end
+
+  def handle_info({:EXIT, _pid, _reason}, state), do: {:noreply, state}
+
+  def handle_info(message, state) do
+    Logger.debug("snakepit_shm manager: unexpected message #{inspect(message)}")
+    {:noreply, state}
+  end
+
+  @impl true
+  def terminate(reason, _state) do
+    # A normal stop frees everything. After a crash of the table owner the tables are
+    # gone already (nothing to free: POSIX segments are re-adopted by the next manager).
+    if stopping?(reason) and Registry.available?() do
+      freed = Enum.flat_map(Registry.ids(), &Cleanup.free(&1, :shutdown))
+
+      if freed != [],
+        do: Logger.info("snakepit_shm: freed #{length(freed)} region(s) at shutdown")
+    end
+
+    :ok
+  end
+
+  defp stopping?(:normal), do: true
+  defp stopping?(:shutdown), do: true
+  defp stopping?({:shutdown, _}), do: true
+  defp stopping?(_), do: false
+
+  # ---- helpers ----
+
+  defp monitor(pid, state) do
+    if MapSet.member?(state.monitored, pid) do
+      state
+    else
+      Process.monitor(pid)
+      %{state | monitored: MapSet.put(state.monitored, pid)}
+    end
+  end
+
+  # A process died inside an allocation or deallocation: repair what it left, then
+  # bring the quota counters back to what the registry holds.
+  defp repair(_pid, nil, state), do: state
+
+  defp repair(pid, journal, state) do
+    pending = Cleanup.repair(journal)
+    Journal.forget(pid)
+    recount()
+    add_pending(state, pending)
+  end
+
+  defp add_pending(state, nil), do: state
+
+  defp add_pending(state, pending) do
+    if state.pending_leaks == [], do: schedule(:leak_scan, @leak_scan_ms)
+    %{state | pending_leaks: [pending | state.pending_leaks]}
+  end
+
+  # Journal rows of processes that died while no manager was running to see it (and of
+  # a previous manager killed while freeing).
+  defp repair_dead_journal_rows(state) do
+    Enum.reduce(Journal.dead_rows(), state, fn {pid, journal}, acc ->
+      pending = Cleanup.repair(journal)
+      Journal.forget(pid)
+      add_pending(acc, pending)
+    end)
+  end
+
+  defp recount do
+    case Cleanup.recount() do
+      {:ok, _} ->
+        :ok
+
+      {:error, :timeout} ->
+        Logger.warning("snakepit_shm: quota recount skipped: callers stayed in flight; retrying")
+        send(self(), :cleanup)
+    end
+  end
+
+  defp periodic_cleanup(state) do
+    for {id, reason} <- Cleanup.due(), do: Cleanup.free(id, reason)
+    # Callers whose first-use cast was lost (the manager was down) get monitored now.
+    Enum.reduce(Registry.callers(), state, &monitor/2)
+  end
+
+  defp cleanup_regions(opts) do
+    orphans = if opts.orphans, do: Cleanup.sweep_orphans(dry_run: opts.dry_run), else: []
+
+    due =
+      if opts.expired_only,
+        do: Enum.filter(Cleanup.due(), &(elem(&1, 1) == :expired)),
+        else: Cleanup.due()
+
+    selected = if opts.expired_only, do: [], else: selected(opts)
+    candidates = Enum.uniq_by(due ++ selected, &elem(&1, 0))
+
+    freed =
+      if opts.dry_run do
+        for {id, reason} <- candidates, record = Registry.lookup(id), record != nil do
+          %{region_id: id, reason: reason, size: Registry.region(record, :size)}
+        end
+      else
+        Enum.flat_map(candidates, fn {id, reason} -> Cleanup.free(id, reason) end)
+      end
+
+    freed ++ orphans
+  end
+
+  defp selected(%{all: false, owner: nil, older_than: nil, ids: nil}), do: []
+
+  defp selected(opts) do
+    filter =
+      %{owner: opts.owner, older_than: opts.older_than}
+      |> Enum.reject(fn {_k, v} -> is_nil(v) end)
+      |> Map.new()
+
+    records =
+      if opts.all or filter != %{},
+        do: Snakepit.SharedMemory.Info.select(filter),
+        else: []
+
+    by_ids = for id <- opts.ids || [], record = Registry.lookup(id), record != nil, do: record
+
+    for record <- records ++ by_ids, do: {Registry.region(record, :id), :requested}
+  end
+
+  defp schedule(message, ms), do: Process.send_after(self(), message, ms)
+end

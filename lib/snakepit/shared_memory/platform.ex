@@ -1,0 +1,100 @@
+defmodule Snakepit.SharedMemory.Platform do
+  @moduledoc """
+  What the operating system offers, chosen in one place from `:os.type/0`.
+
+  Each platform module implements this behaviour:
+
+    * `Snakepit.SharedMemory.Platform.Linux` - `:memfd` (default) and `:posix`,
+      segments visible in `/dev/shm`, so the orphan sweep can find them.
+    * `Snakepit.SharedMemory.Platform.MacOS` - `:posix` only (no memfd); POSIX objects are
+      not visible in the file system, so there is no orphan sweep.
+    * `Snakepit.SharedMemory.Platform.Windows` - `:windows` named file mappings, freed by
+      the kernel with their last handle, so nothing can leak.
+  """
+
+  @type backend :: :posix | :memfd | :windows
+
+  @doc "A short name of the platform."
+  @callback name() :: String.t()
+  @doc "Backends available here, the default first."
+  @callback backends() :: [backend(), ...]
+  @doc "The backend `:auto` picks when nothing requires another."
+  @callback default_backend() :: backend()
+  @doc "The backend that supports names and group/other permissions, if any."
+  @callback named_backend() :: backend() | nil
+  @doc "The directory where POSIX segments appear as files, or `nil` if they do not."
+  @callback shm_dir() :: String.t() | nil
+
+  @doc "The platform module of this machine."
+  @spec current() :: module()
+  def current do
+    case :persistent_term.get({__MODULE__, :current}, nil) do
+      nil ->
+        module = select!(:os.type())
+        :persistent_term.put({__MODULE__, :current}, module)
+        module
+
+      module ->
+        module
+    end
+  end
+
+  @doc """
+  The platform module for an `:os.type/0` value.
+
+  ## Examples
+
+      iex> Snakepit.SharedMemory.Platform.select({:unix, :linux})
+      {:ok, Snakepit.SharedMemory.Platform.Linux}
+      iex> Snakepit.SharedMemory.Platform.select({:unix, :sunos})
+      {:error, "snakepit_shm supports Linux, macOS and Windows, not {:unix, :sunos}"}
+  """
+  @spec select({atom(), atom()}) :: {:ok, module()} | {:error, String.t()}
+  def select({:unix, :linux}), do: {:ok, __MODULE__.Linux}
+  def select({:unix, :darwin}), do: {:ok, __MODULE__.MacOS}
+  def select({:win32, _}), do: {:ok, __MODULE__.Windows}
+
+  def select(other),
+    do: {:error, "snakepit_shm supports Linux, macOS and Windows, not #{inspect(other)}"}
+
+  defp select!(os_type) do
+    case select(os_type) do
+      {:ok, module} -> module
+      {:error, message} -> raise ArgumentError, message
+    end
+  end
+
+  @doc """
+  Resolves a requested backend (`:auto` or a concrete one) for a region that does or
+  does not `need_name?` (a well-known name or group/other permissions).
+  """
+  @spec resolve_backend(module(), :auto | backend(), boolean()) ::
+          {:ok, backend()} | {:error, String.t()}
+  def resolve_backend(platform, :auto, true) do
+    case platform.named_backend() do
+      nil -> {:error, "#{platform.name()} has no backend for named or shared-permission regions"}
+      backend -> {:ok, backend}
+    end
+  end
+
+  def resolve_backend(platform, :auto, false), do: {:ok, platform.default_backend()}
+
+  def resolve_backend(platform, backend, need_name?) do
+    cond do
+      backend not in platform.backends() ->
+        {:error,
+         "backend #{inspect(backend)} is not available on #{platform.name()}: " <>
+           "use :auto or one of #{Enum.map_join(platform.backends(), ", ", &inspect/1)}"}
+
+      need_name? and backend != platform.named_backend() ->
+        {:error,
+         "backend #{inspect(backend)} cannot carry a well-known :name or group/other " <>
+           "permissions (a memfd has no name: other processes reach it only through " <>
+           "/proc/<pid>/fd, which the kernel restricts to the same user): use backend " <>
+           "#{inspect(platform.named_backend())} or :auto"}
+
+      true ->
+        {:ok, backend}
+    end
+  end
+end

@@ -1,0 +1,234 @@
+defmodule Snakepit.SharedMemory.Registry do
+  @moduledoc """
+  The region registry: public ETS tables read and written by any process, without a
+  GenServer call. The tables belong to `Snakepit.SharedMemory.TableOwner`, a process
+  that does nothing else, so a crash of the manager loses nothing.
+
+  ## ETS layout
+
+    * `#{:snakepit_shm_regions}` (`set`, key position 2): one `region` record per live
+      region (see `region/1`): id, the region resource (which keeps the segment mapped
+      and, for memfd, alive), size, backend, owner pid, permissions, security level,
+      cleanup policy, idle timeout, access mode, allowed processes, metadata, name,
+      role (`:created` or `:opened`), creation time, a `:counters` ref (slot 1: accesses
+      through this VM) and whether it was re-adopted after a table loss.
+    * `#{:snakepit_shm_mappings}` (`ordered_set`): `{{region_id, mapping_id}, pid, mode,
+      mapping_resource}` for every live `map_region/2`; ordered so that all mappings of
+      one region are one partially bound key range. The row keeps the mapping resource
+      alive: a mapping lives until `unmap_region/1`, its region is freed, or its process
+      dies (the manager then unmaps it, releasing its hold in the header).
+    * `#{:snakepit_shm_callers}` (`set`): `{pid}` for every process that has used the
+      API; the manager monitors each once (first use casts to it).
+    * `#{:snakepit_shm_journal}` (`set`): `{pid, operation}` while a process is inside
+      an allocation or deallocation (see `Snakepit.SharedMemory.Journal`).
+    * `#{:snakepit_shm_owners}` (`set`): `{owner_pid, live_regions}` for
+      `:max_regions_per_process` (see `Snakepit.SharedMemory.Quota`).
+    * `#{:snakepit_shm_meta}` (`set`): `{:barrier, boolean}` and `{:initialized,
+      boolean}` (false in fresh tables: the manager then rebuilds from the segments).
+  """
+
+  require Record
+
+  @regions :snakepit_shm_regions
+  @mappings :snakepit_shm_mappings
+  @callers :snakepit_shm_callers
+  @journal :snakepit_shm_journal
+  @owners :snakepit_shm_owners
+  @meta :snakepit_shm_meta
+
+  Record.defrecord(:region,
+    id: nil,
+    ref: nil,
+    size: 0,
+    backend: nil,
+    role: :created,
+    name: nil,
+    owner: nil,
+    created_at: 0,
+    permissions: %{},
+    security_level: :standard,
+    cleanup_policy: :automatic,
+    timeout: :infinity,
+    access_mode: :read_write,
+    allowed: [],
+    metadata: %{},
+    counters: nil,
+    adopted: false
+  )
+
+  @type region_record ::
+          record(:region,
+            id: String.t(),
+            ref: reference(),
+            size: pos_integer(),
+            backend: atom(),
+            role: :created | :opened,
+            name: String.t() | nil,
+            owner: pid() | nil,
+            created_at: integer(),
+            permissions: map(),
+            security_level: atom(),
+            cleanup_policy: atom(),
+            timeout: pos_integer() | :infinity,
+            access_mode: :read_write | :read_only,
+            allowed: [pid()],
+            metadata: map(),
+            counters: :counters.counters_ref(),
+            adopted: boolean()
+          )
+
+  @doc false
+  def tables do
+    [
+      {@regions, [:set, :public, :named_table, {:keypos, 2}] ++ concurrency()},
+      {@mappings, [:ordered_set, :public, :named_table] ++ concurrency()},
+      {@callers, [:set, :public, :named_table] ++ concurrency()},
+      {@journal, [:set, :public, :named_table] ++ concurrency()},
+      {@owners, [:set, :public, :named_table, {:write_concurrency, true}]},
+      {@meta, [:set, :public, :named_table, {:read_concurrency, true}]}
+    ]
+  end
+
+  defp concurrency, do: [{:read_concurrency, true}, {:write_concurrency, true}]
+
+  @doc false
+  def regions_table, do: @regions
+  @doc false
+  def mappings_table, do: @mappings
+  @doc false
+  def callers_table, do: @callers
+  @doc false
+  def journal_table, do: @journal
+  @doc false
+  def owners_table, do: @owners
+  @doc false
+  def meta_table, do: @meta
+
+  @doc "True while the registry tables exist."
+  @spec available?() :: boolean()
+  def available?, do: :ets.whereis(@regions) != :undefined
+
+  # ---- regions ----
+
+  @doc "Inserts a new record; false if the id is taken."
+  @spec insert_new(region_record()) :: boolean()
+  def insert_new(record), do: :ets.insert_new(@regions, record)
+
+  @doc "The record of a region, or nil."
+  @spec lookup(String.t()) :: region_record() | nil
+  def lookup(id) do
+    case :ets.lookup(@regions, id) do
+      [record] -> record
+      [] -> nil
+    end
+  rescue
+    ArgumentError -> nil
+  end
+
+  @doc """
+  Removes and returns a record. Of several processes freeing the same region at once,
+  exactly one gets the record: that one frees it.
+  """
+  @spec take(String.t()) :: region_record() | nil
+  def take(id) do
+    case :ets.take(@regions, id) do
+      [record] -> record
+      [] -> nil
+    end
+  rescue
+    ArgumentError -> nil
+  end
+
+  @doc "Every record."
+  @spec all() :: [region_record()]
+  def all do
+    :ets.tab2list(@regions)
+  rescue
+    ArgumentError -> []
+  end
+
+  @doc "The ids of every live region."
+  @spec ids() :: [String.t()]
+  def ids, do: :ets.select(@regions, [{region(id: :"$1", _: :_), [], [:"$1"]}])
+
+  @doc "Records owned by `pid`."
+  @spec owned_by(pid()) :: [region_record()]
+  def owned_by(pid), do: :ets.match_object(@regions, region(owner: pid, _: :_))
+
+  @doc "Live region count (O(1))."
+  @spec count() :: non_neg_integer()
+  def count, do: :ets.info(@regions, :size)
+
+  # ---- mappings ----
+
+  @doc "Records a live mapping."
+  @spec put_mapping(String.t(), reference(), pid(), atom(), reference()) :: true
+  def put_mapping(region_id, mapping_id, pid, mode, mapping_ref),
+    do: :ets.insert(@mappings, {{region_id, mapping_id}, pid, mode, mapping_ref})
+
+  @doc "Removes and returns one mapping row (exactly one caller gets it)."
+  @spec take_mapping(String.t(), reference()) :: tuple() | nil
+  def take_mapping(region_id, mapping_id) do
+    case :ets.take(@mappings, {region_id, mapping_id}) do
+      [row] -> row
+      [] -> nil
+    end
+  rescue
+    ArgumentError -> nil
+  end
+
+  @doc "Mapping rows of one region."
+  @spec mappings_of(String.t()) :: [tuple()]
+  def mappings_of(region_id), do: :ets.match_object(@mappings, {{region_id, :_}, :_, :_, :_})
+
+  @doc "Mapping rows of one process."
+  @spec mappings_of_pid(pid()) :: [tuple()]
+  def mappings_of_pid(pid), do: :ets.match_object(@mappings, {:_, pid, :_, :_})
+
+  @doc "Pids with a live mapping of the region, without duplicates."
+  @spec mapped_by(String.t()) :: [pid()]
+  def mapped_by(region_id) do
+    @mappings
+    |> :ets.select([{{{region_id, :_}, :"$1", :_, :_}, [], [:"$1"]}])
+    |> Enum.uniq()
+  end
+
+  # ---- callers ----
+
+  @doc """
+  Makes sure the manager monitors the calling process (once per process): the first
+  call casts to the manager; later calls are one `:ets.insert_new/2`.
+  """
+  @spec register_caller() :: :ok
+  def register_caller do
+    pid = self()
+
+    if :ets.insert_new(@callers, {pid}),
+      do: GenServer.cast(Snakepit.SharedMemory.Manager, {:monitor_caller, pid})
+
+    :ok
+  end
+
+  @doc "Every registered caller."
+  @spec callers() :: [pid()]
+  def callers, do: :ets.select(@callers, [{{:"$1"}, [], [:"$1"]}])
+
+  @doc "Forgets a caller (it died)."
+  @spec delete_caller(pid()) :: true
+  def delete_caller(pid), do: :ets.delete(@callers, pid)
+
+  # ---- meta ----
+
+  @doc "A flag of the meta table (false if absent)."
+  @spec flag(atom()) :: boolean()
+  def flag(name) do
+    case :ets.lookup(@meta, name) do
+      [{^name, value}] -> value
+      [] -> false
+    end
+  end
+
+  @doc "Sets a flag of the meta table."
+  @spec set_flag(atom(), boolean()) :: true
+  def set_flag(name, value), do: :ets.insert(@meta, {name, value})
+end
