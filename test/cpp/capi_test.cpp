@@ -1,0 +1,101 @@
+// The C ABI (snakepit_shm.h), called as the Python client calls it.
+#include "helpers.hpp"
+#include "snakepit_shm.h"
+
+using namespace spshm;
+using namespace spshm_test;
+
+TEST_CASE("C error codes are the negated Errc position plus one", "[capi]") {
+  REQUIRE(SPSHM_E_INVALID_ARGUMENT == -(static_cast<int>(Errc::invalid_argument) + 1));
+  REQUIRE(SPSHM_E_NOT_FOUND == -(static_cast<int>(Errc::not_found) + 1));
+  REQUIRE(SPSHM_E_CORRUPT == -(static_cast<int>(Errc::corrupt) + 1));
+  REQUIRE(SPSHM_E_SEALED == -(static_cast<int>(Errc::sealed) + 1));
+  REQUIRE(SPSHM_E_TAMPERED == -(static_cast<int>(Errc::tampered) + 1));
+  REQUIRE(SPSHM_E_HOLDER_TABLE_FULL == -(static_cast<int>(Errc::holder_table_full) + 1));
+  REQUIRE(SPSHM_E_IO_ERROR == -(static_cast<int>(Errc::io_error) + 1));
+  REQUIRE(spshm_abi_version() == 1);
+}
+
+TEST_CASE("spshm_header_layout returns the layout and truncates safely", "[capi]") {
+  std::string layout = layout_description();
+  REQUIRE(spshm_header_layout(nullptr, 0) == layout.size());
+  std::vector<char> buf(layout.size() + 1);
+  REQUIRE(spshm_header_layout(buf.data(), buf.size()) == layout.size());
+  REQUIRE(std::string(buf.data()) == layout);
+  char small[10];
+  REQUIRE(spshm_header_layout(small, sizeof small) == layout.size());
+  REQUIRE(std::string(small) == layout.substr(0, 9));
+}
+
+TEST_CASE("spshm_validate_header and spshm_hold/release", "[capi]") {
+  Region r = create_ok(options(BackendKind::memfd, 1000));
+  char err[256];
+  REQUIRE(spshm_validate_header(&r.header(), 1000, err, sizeof err) == SPSHM_OK);
+  REQUIRE(err[0] == '\0');
+  REQUIRE(spshm_validate_header(&r.header(), 999, err, sizeof err) == SPSHM_E_CORRUPT);
+  REQUIRE(std::string(err).find("truncated") != std::string::npos);
+  REQUIRE(spshm_validate_header(nullptr, 1, err, sizeof err) == SPSHM_E_INVALID_ARGUMENT);
+
+  REQUIRE(spshm_hold(&r.header(), 321, 5, 1, err, sizeof err) == SPSHM_OK);
+  REQUIRE(r.header().refcount.load() == 1);
+  REQUIRE(holders(r.header())[0].writable);
+  REQUIRE(spshm_release(&r.header(), 321, 5, err, sizeof err) == SPSHM_OK);
+  REQUIRE(spshm_release(&r.header(), 321, 5, err, sizeof err) == SPSHM_E_NOT_FOUND);
+  REQUIRE(std::string(err).find("321") != std::string::npos);
+  REQUIRE(spshm_release(&r.header(), 321, 5, nullptr, 0) == SPSHM_E_NOT_FOUND);  // no buffer
+
+  // Memory that is not a header is refused before anything is written to it.
+  std::vector<std::uint8_t> junk(kHeaderSize, 0xAB);
+  REQUIRE(spshm_hold(junk.data(), 1, 1, 0, err, sizeof err) == SPSHM_E_CORRUPT);
+  REQUIRE(std::all_of(junk.begin(), junk.end(), [](std::uint8_t b) { return b == 0xAB; }));
+  REQUIRE(spshm_hold(nullptr, 1, 1, 0, err, sizeof err) == SPSHM_E_INVALID_ARGUMENT);
+
+  REQUIRE_OK(r.seal());
+  REQUIRE(spshm_hold(&r.header(), 321, 5, 1, err, sizeof err) == SPSHM_E_SEALED);
+}
+
+TEST_CASE("spshm_process_start_time", "[capi]") {
+  std::uint64_t t = 0;
+  char err[128];
+  REQUIRE(spshm_process_start_time(self_pid(), &t, err, sizeof err) == SPSHM_OK);
+  REQUIRE(t == process_start_time(self_pid()).value());
+  REQUIRE(spshm_process_start_time(0, &t, err, sizeof err) == SPSHM_E_NOT_FOUND);
+  REQUIRE(spshm_process_start_time(self_pid(), nullptr, err, sizeof err) ==
+          SPSHM_E_INVALID_ARGUMENT);
+}
+
+TEST_CASE("spshm_decrypt and spshm_encrypt interoperate with Region", "[capi][crypto]") {
+  CreateOptions o = options(BackendKind::memfd, 200000);
+  o.encrypted = true;
+  Region r = create_ok(o);
+  auto bytes = pattern(200000, 3);
+  REQUIRE_OK(r.write(0, bytes.data(), bytes.size()));
+  char err[256];
+  std::vector<std::uint8_t> out(70000);
+  REQUIRE(spshm_decrypt(&r.header(), r.data(), r.capacity(), r.key(), 65000, out.data(), out.size(),
+                        err, sizeof err) == SPSHM_OK);
+  REQUIRE(std::equal(out.begin(), out.end(), bytes.begin() + 65000));
+
+  auto patch = pattern(1000, 4);
+  REQUIRE(spshm_encrypt(&r.header(), r.data(), r.capacity(), r.key(), 65000, patch.data(),
+                        patch.size(), err, sizeof err) == SPSHM_OK);
+  std::vector<std::uint8_t> back(1000);
+  REQUIRE_OK(r.read(65000, back.data(), back.size()));
+  REQUIRE(back == patch);
+
+  REQUIRE(spshm_decrypt(&r.header(), r.data(), r.capacity(), r.key(), 199999, out.data(), 2, err,
+                        sizeof err) == SPSHM_E_OUT_OF_BOUNDS);
+  REQUIRE(spshm_decrypt(&r.header(), r.data(), r.capacity() - 1, r.key(), 0, out.data(), 1, err,
+                        sizeof err) == SPSHM_E_INVALID_ARGUMENT);
+  std::uint8_t wrong[32] = {};
+  REQUIRE(spshm_decrypt(&r.header(), r.data(), r.capacity(), wrong, 0, out.data(), 1, err,
+                        sizeof err) == SPSHM_E_TAMPERED);
+  REQUIRE(std::string(err).find("chunk 0") != std::string::npos);
+
+  Region plain = create_ok(options(BackendKind::memfd, 100));
+  REQUIRE(spshm_decrypt(&plain.header(), plain.data(), 100, r.key(), 0, out.data(), 1, err,
+                        sizeof err) == SPSHM_E_INVALID_ARGUMENT);
+  REQUIRE_OK(r.seal());
+  REQUIRE(spshm_encrypt(&r.header(), r.data(), r.capacity(), r.key(), 0, patch.data(), 1, err,
+                        sizeof err) == SPSHM_E_SEALED);
+}
