@@ -1,0 +1,189 @@
+defmodule Mix.Tasks.Snakepit.Shm.Cleanup do
+  @shortdoc "Removes orphaned shared memory segments and releases dead holds"
+
+  @help """
+  Removes the segments left by VMs that died (SIGKILL, OOM killer, power loss of a
+  container...) and releases the holds of dead processes.
+
+      mix snakepit.shm.cleanup [--dry-run] [--owner OS_PID] [--older-than DURATION]
+                               [--id REGION_ID ...] [--format table|json]
+                               [--node NAME [--cookie COOKIE]]
+
+  Offline (without `--node`), it reads every segment's header and:
+
+    * never touches a region whose owner VM is alive (its manager frees it on expiry,
+      owner death or last reference, and releases dead workers' holds itself);
+    * removes a POSIX segment whose owner VM is gone; processes still mapping it keep
+      their mapping until they unmap it;
+    * for a memfd region whose owner VM is gone, releases the holds of dead processes
+      and names the processes that keep it alive (the kernel frees it when they close
+      it; there is no name to remove);
+    * removes a segment that never got a header once it is older than 10 s (its
+      creator died while creating it);
+    * refuses, and only reports, a segment with a damaged header, a symlink, an object
+      of another user or a misnamed file: check it and delete it by hand.
+
+  With `--node`, it asks that node's manager to run its cleanup now
+  (`Snakepit.SharedMemory.cleanup_regions/1`: expired regions, dead owners, and
+  orphans of dead VMs in /dev/shm).
+
+  ## Options
+
+    * `--dry-run` - print what would be done, change nothing.
+    * `--owner OS_PID` - only regions created by the (dead) VM with that OS pid.
+    * `--older-than DURATION` - only regions created longer ago (`30s`, `5m`, `2h`, `1d`).
+    * `--id REGION_ID` - only this region (repeatable).
+    * `--format table|json` - output format. Defaults to `table`.
+    * `--node NAME`, `--cookie COOKIE` - run the cleanup of a running node.
+
+  `--owner` and `--older-than` leave out segments whose header cannot be read.
+
+  ## Exit status
+
+  0 when everything to do was done (or nothing was to do), 1 when a segment was refused
+  or an action failed, 2 on bad usage.
+  """
+  @moduledoc @help
+
+  use Mix.Task
+
+  alias Snakepit.SharedMemory.CLI.{
+    Command,
+    HostCleanup,
+    HostScan,
+    Human,
+    RegionView,
+    Remote,
+    Table
+  }
+
+  @task "snakepit.shm.cleanup"
+  @switches [dry_run: :boolean, owner: :integer, older_than: :string, id: :keep]
+
+  @impl true
+  def run(argv) do
+    %{opts: opts, format: format} = Command.parse!(@task, @help, argv, @switches)
+    Command.load_code()
+
+    if opts[:node],
+      do: remote(opts, format),
+      else: offline(opts, format)
+  end
+
+  # ---- offline ----
+
+  defp offline(opts, format) do
+    filters = filters!(opts)
+    dry_run = Keyword.get(opts, :dry_run, false)
+    planned = HostScan.scan() |> Enum.filter(&selected?(&1, filters)) |> HostCleanup.plan()
+    actions = if dry_run, do: planned, else: HostCleanup.apply_plan(planned)
+
+    case format do
+      :json ->
+        Command.print_json(%{
+          dry_run: dry_run,
+          actions: Enum.map(actions, &Map.delete(&1, :entry))
+        })
+
+      :table ->
+        Mix.shell().info(render(actions, dry_run))
+    end
+
+    Command.finish(if Enum.any?(actions, &HostCleanup.problem?/1), do: 1, else: 0)
+  end
+
+  defp filters!(opts) do
+    older =
+      case opts[:older_than] && Human.parse_duration(opts[:older_than]) do
+        nil ->
+          nil
+
+        {:ok, ms} ->
+          ms
+
+        :error ->
+          Command.usage_error!(
+            @task,
+            "--older-than needs a duration like 30s, 5m, 2h or 1d, got: #{inspect(opts[:older_than])}"
+          )
+      end
+
+    %{owner: opts[:owner], older_than: older, ids: Keyword.get_values(opts, :id)}
+  end
+
+  defp selected?(entry, %{owner: owner, older_than: older, ids: ids}) do
+    (ids == [] or entry.id in ids) and
+      (owner == nil or (entry.status == :ok and entry.owner.os_pid == owner)) and
+      (older == nil or (entry.status == :ok and entry.age_ms > older))
+  end
+
+  defp render([], _dry_run),
+    do: "Nothing to clean up: no orphaned or damaged segment of ours on this host."
+
+  defp render(actions, dry_run) do
+    rows =
+      Enum.map(actions, fn a ->
+        [a.id, verb(a, dry_run), Human.bytes(a.size), a.detail]
+      end)
+
+    freed =
+      actions
+      |> Enum.filter(&(&1.action in [:remove, :remove_incomplete] and &1.result != :failed))
+
+    refused = Enum.count(actions, &HostCleanup.problem?/1)
+
+    summary =
+      "#{if dry_run, do: "Would remove", else: "Removed"} " <>
+        "#{RegionView.plural(length(freed), "segment")} (#{Human.bytes(Enum.sum(Enum.map(freed, &(&1.size || 0))))})" <>
+        if(refused > 0, do: "; #{refused} refused or failed: see above", else: "") <>
+        if(dry_run, do: ". Nothing was changed (--dry-run).", else: ".")
+
+    problems = for %{problem: problem} = a <- actions, problem != nil, do: "  #{a.id}: #{problem}"
+
+    details =
+      if problems == [],
+        do: "",
+        else:
+          "\n\nWhy:\n" <>
+            Enum.join(problems, "\n") <>
+            "\nCheck such files yourself (ls -l, od -c | head) and delete them by hand if they are garbage."
+
+    Table.render(["ID", "ACTION", "SIZE", "WHY"], rows, right: [2]) <>
+      details <> "\n\n" <> summary
+  end
+
+  defp verb(%{action: :refuse}, _), do: "REFUSED"
+  defp verb(%{result: :failed}, _), do: "FAILED"
+  defp verb(%{action: kind}, true), do: "would " <> verb_text(kind)
+  defp verb(%{action: kind}, false), do: past(kind)
+
+  defp verb_text(:remove), do: "remove"
+  defp verb_text(:remove_incomplete), do: "remove"
+  defp verb_text(:release_holds), do: "release holds"
+  defp verb_text(:keep), do: "keep"
+
+  defp past(:remove), do: "removed"
+  defp past(:remove_incomplete), do: "removed"
+  defp past(:release_holds), do: "released holds"
+  defp past(:keep), do: "kept"
+
+  # ---- remote ----
+
+  defp remote(opts, format) do
+    if opts[:owner] || opts[:id] || opts[:older_than] do
+      Command.usage_error!(
+        @task,
+        "--owner, --id and --older-than are offline filters: drop --node, or drop them"
+      )
+    end
+
+    result = Remote.cleanup!(opts, Keyword.get(opts, :dry_run, false))
+
+    case format do
+      :json -> Command.print_json(result)
+      :table -> Mix.shell().info(Remote.render_cleanup(result))
+    end
+
+    Command.finish(0)
+  end
+end

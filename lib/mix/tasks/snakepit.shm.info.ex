@@ -1,0 +1,74 @@
+defmodule Mix.Tasks.Snakepit.Shm.Info do
+  @shortdoc "Shows everything known about one shared memory region"
+
+  @help """
+  Shows everything known about one region: backend, size, paths, owner VM, times,
+  idle timeout, security level, state, metadata, every holder (OS pid, holds, access,
+  alive or dead) and whether its header is intact.
+
+      mix snakepit.shm.info REGION_ID [--format table|json] [--node NAME [--cookie COOKIE]]
+
+  Without `--node` it reads the region's own header (no running manager needed): the
+  POSIX segment /dev/shm/REGION_ID, or the memfd of that id in the open fds of a process
+  of your uid. The header is checked (magic, format version, sizes, CRC-32): a damaged
+  header is reported as CORRUPT.
+
+  ## Options
+
+    * `--format table|json` - output format. Defaults to `table`.
+    * `--node NAME`, `--cookie COOKIE` - ask the manager of a running node instead.
+
+  ## Exit status
+
+  0 when the region was found and its header is intact, 1 when it is not found, its
+  header is corrupt or it is not ours, 2 on bad usage.
+  """
+  @moduledoc @help
+
+  use Mix.Task
+
+  alias Snakepit.SharedMemory.CLI.{Command, HostScan, RegionView, Remote}
+
+  @impl true
+  def run(argv) do
+    %{opts: opts, args: args, format: format} =
+      Command.parse!("snakepit.shm.info", @help, argv, [], max_args: 1)
+
+    id =
+      case args do
+        [id] -> id
+        [] -> Command.usage_error!("snakepit.shm.info", "give the region id (spshm_...)")
+      end
+
+    Command.load_code()
+
+    case lookup(id, opts) do
+      nil ->
+        not_found(id, format)
+
+      entry ->
+        case format do
+          :json -> Command.print_json(entry)
+          :table -> Mix.shell().info(RegionView.details(entry))
+        end
+
+        Command.finish(if entry.status == :ok, do: 0, else: 1)
+    end
+  end
+
+  defp lookup(id, opts) do
+    case opts[:node] do
+      nil -> HostScan.find(id)
+      _node -> Remote.entry!(opts, id)
+    end
+  end
+
+  defp not_found(id, format) do
+    message =
+      "no region #{id} on this host: it was deallocated, its owner exited (memfd regions " <>
+        "die with their last process), or the id is wrong. `mix snakepit.shm.list` shows what exists."
+
+    if format == :json, do: Command.print_json(%{id: id, status: :not_found, problem: message})
+    Command.fail!(message)
+  end
+end

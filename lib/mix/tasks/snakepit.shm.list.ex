@@ -1,0 +1,118 @@
+defmodule Mix.Tasks.Snakepit.Shm.List do
+  @shortdoc "Lists the shared memory regions of snakepit_shm on this host"
+
+  @help """
+  Lists every snakepit_shm region on this host: id, backend, size, owner VM (OS pid,
+  alive or dead), holders, age, idle time, expiry and flags, then totals.
+
+      mix snakepit.shm.list [--orphaned] [--owner OS_PID] [--older-than DURATION]
+                            [--format table|json] [--node NAME [--cookie COOKIE]]
+
+  Without `--node` it works offline, with no running manager: it reads the header of
+  every POSIX segment in /dev/shm/spshm_* and of every memfd region found in the open
+  fds of processes of your uid (/proc/*/fd). Run it as the user that runs the VM.
+
+  ## Options
+
+    * `--orphaned` - only regions whose owner VM is gone (what `mix snakepit.shm.cleanup`
+      removes).
+    * `--owner OS_PID` - only regions created by the VM with that OS pid.
+    * `--older-than DURATION` - only regions created longer ago than DURATION
+      (`250ms`, `30s`, `5m`, `2h`, `1d`).
+    * `--format table|json` - output format. Defaults to `table`.
+    * `--node NAME`, `--cookie COOKIE` - ask a running node (distributed Erlang) for the
+      regions its manager knows instead of reading the segments.
+
+  With a filter, segments whose header cannot be read are not shown (they have no
+  owner or age); without one they are listed with the flag CORRUPT, NOT-OURS or
+  UNREADABLE.
+
+  Flags: `orphaned` (owner VM gone), `expired` (idle longer than its timeout),
+  `sealed`, `encrypted`, `dead-holder` (a process holding it died).
+
+  ## Exit status
+
+  0 when the regions could be listed, 1 when a listed segment is corrupt, not ours or
+  unreadable (or the node cannot be reached), 2 on bad usage.
+  """
+  @moduledoc @help
+
+  use Mix.Task
+
+  alias Snakepit.SharedMemory.CLI.{Command, HostScan, Human, RegionView, Remote}
+
+  @switches [orphaned: :boolean, owner: :integer, older_than: :string]
+
+  @impl true
+  def run(argv) do
+    %{opts: opts, format: format} = Command.parse!("snakepit.shm.list", @help, argv, @switches)
+    filters = filters!(opts)
+    Command.load_code()
+    {source, entries} = fetch(opts)
+    shown = apply_filters(entries, filters)
+    totals = RegionView.totals(shown)
+
+    case format do
+      :json ->
+        Command.print_json(%{
+          source: source,
+          filters: Map.new(filters),
+          regions: shown,
+          totals: totals
+        })
+
+      :table ->
+        Mix.shell().info(RegionView.table(shown))
+        Mix.shell().info("\n" <> RegionView.totals_line(totals) <> " (#{source})")
+    end
+
+    Command.finish(if Enum.any?(shown, &(&1.status != :ok)), do: 1, else: 0)
+  end
+
+  defp filters!(opts) do
+    Enum.flat_map(opts, fn
+      {:orphaned, true} ->
+        [orphaned: true]
+
+      {:owner, pid} when pid > 0 ->
+        [owner: pid]
+
+      {:owner, pid} ->
+        Command.usage_error!(
+          "snakepit.shm.list",
+          "--owner must be a positive OS pid, got: #{pid}"
+        )
+
+      {:older_than, text} ->
+        case Human.parse_duration(text) do
+          {:ok, ms} -> [older_than_ms: ms]
+          :error -> Command.usage_error!("snakepit.shm.list", duration_error(text))
+        end
+
+      _ ->
+        []
+    end)
+  end
+
+  defp duration_error(text),
+    do: "--older-than needs a duration like 250ms, 30s, 5m, 2h or 1d, got: #{inspect(text)}"
+
+  defp fetch(opts) do
+    case opts[:node] do
+      nil -> {"offline scan of this host", HostScan.scan()}
+      node -> {"node #{node}", Remote.entries!(opts)}
+    end
+  end
+
+  defp apply_filters(entries, []), do: entries
+
+  defp apply_filters(entries, filters) do
+    Enum.filter(entries, fn entry ->
+      entry.status == :ok and Enum.all?(filters, &match_filter?(&1, entry))
+    end)
+  end
+
+  defp match_filter?({:orphaned, true}, e), do: e.orphaned
+  defp match_filter?({:owner, pid}, e), do: e.owner != nil and e.owner.os_pid == pid
+  defp match_filter?({:older_than_ms, ms}, e), do: e.age_ms > ms
+end

@@ -1,0 +1,187 @@
+defmodule Snakepit.SharedMemory.CLI.HostScan do
+  @moduledoc false
+  # Offline discovery of every segment of ours on this host, without a running manager:
+  #
+  #   * POSIX segments: the files /dev/shm/spshm_*;
+  #   * memfd regions: the fds of processes of our uid whose link reads
+  #     "/memfd:spshm_<id> (deleted)" (the control memfd; the data memfd ends in ".data").
+  #     A memfd region lives as long as some process keeps an fd or a mapping of it; we
+  #     find it through the fds, preferring those of its creator.
+  #
+  # Each one's header is read with Native.inspect_path/1 (which refuses symlinks, objects
+  # of other users and damaged headers) and turned into an entry (CLI.Entry).
+
+  alias Snakepit.SharedMemory.CLI.Entry
+  alias Snakepit.SharedMemory.Native
+
+  @shm_dir "/dev/shm"
+  @prefix "spshm_"
+  @memfd_prefix "/memfd:" <> @prefix
+  @deleted " (deleted)"
+
+  @doc "Every entry on the host, sorted by creation time (unreadable ones last)."
+  @spec scan() :: [Entry.t()]
+  def scan do
+    context = Entry.context()
+    posix = Enum.map(posix_names(), &inspect_posix(&1, context))
+    memfd = Enum.map(memfd_regions(), &inspect_memfd(&1, context))
+    Entry.sort(posix ++ memfd)
+  end
+
+  @doc "The entry of one region id, or nil if no segment of that id is on this host."
+  @spec find(String.t()) :: Entry.t() | nil
+  def find(id) do
+    context = Entry.context()
+
+    cond do
+      not String.starts_with?(id, @prefix) ->
+        nil
+
+      posix_present?(id) ->
+        inspect_posix(id, context)
+
+      true ->
+        case Enum.find(memfd_regions(), &(&1.id == id)) do
+          nil -> nil
+          region -> inspect_memfd(region, context)
+        end
+    end
+  end
+
+  @doc "Path of the POSIX segment of `name` (a region id)."
+  @spec posix_path(String.t()) :: String.t()
+  def posix_path(name), do: Path.join(@shm_dir, name)
+
+  # ---- POSIX ----
+
+  defp posix_names do
+    case File.ls(@shm_dir) do
+      {:ok, names} -> names |> Enum.filter(&String.starts_with?(&1, @prefix)) |> Enum.sort()
+      {:error, _} -> []
+    end
+  end
+
+  defp posix_present?(id) do
+    # lstat: a planted symlink of that name is still "present" (and reported not ours).
+    match?({:ok, _}, File.lstat(posix_path(id)))
+  end
+
+  defp inspect_posix(name, context) do
+    path = posix_path(name)
+
+    with :ok <- check_name(name),
+         {:ok, header} <- Native.inspect_path(path) do
+      Entry.from_header(header, context, %{path: path, data_path: path, open_by: []})
+    else
+      {:error, {reason, message, _errno}} ->
+        Entry.unreadable(name, "posix", path, reason, message)
+    end
+  end
+
+  defp check_name(name) do
+    if Entry.region_id?(name),
+      do: :ok,
+      else:
+        {:error,
+         {:not_ours,
+          "#{inspect(name)} is not a snakepit_shm region id " <>
+            "(spshm_ + 20 base32 characters, or spshm_n_ + a name): a file of something else", 0}}
+  end
+
+  # ---- memfd ----
+
+  # %{id, control: [{pid, path}], data: [{pid, path}]} for every memfd region seen.
+  defp memfd_regions do
+    own_uid = own_uid()
+
+    proc_pids()
+    |> Enum.filter(&owned_by?(&1, own_uid))
+    |> Enum.flat_map(&memfd_links/1)
+    |> Enum.group_by(fn {id, _kind, _pid, _path} -> id end)
+    |> Enum.map(fn {id, links} ->
+      %{
+        id: id,
+        control: for({_, :control, pid, path} <- links, do: {pid, path}),
+        data: for({_, :data, pid, path} <- links, do: {pid, path})
+      }
+    end)
+    |> Enum.sort_by(& &1.id)
+  end
+
+  defp inspect_memfd(%{id: id, control: control, data: data}, context) do
+    open_by = (control ++ data) |> Enum.map(&elem(&1, 0)) |> Enum.uniq() |> Enum.sort()
+
+    case Enum.sort(control) do
+      [] ->
+        problem =
+          "only the data memfd is open (by pid #{Enum.join(open_by, ", ")}): no header to read"
+
+        id |> Entry.unreadable("memfd", nil, :corrupt, problem) |> Map.put(:open_by, open_by)
+
+      [{_pid, path} | _] ->
+        case Native.inspect_path(path) do
+          {:ok, header} ->
+            # Report the creator's fds when the creator still has them open.
+            pid = if List.keymember?(control, header.creator_pid, 0), do: header.creator_pid
+            {_, control_path} = if pid, do: List.keyfind(control, pid, 0), else: {nil, path}
+            data_pid = pid || control |> Enum.sort() |> hd() |> elem(0)
+            data_path = with {_, p} <- List.keyfind(data, data_pid, 0), do: p
+            extra = %{path: control_path, data_path: data_path, open_by: open_by}
+            Entry.from_header(header, context, extra)
+
+          {:error, {reason, message, _errno}} ->
+            id |> Entry.unreadable("memfd", path, reason, message) |> Map.put(:open_by, open_by)
+        end
+    end
+  end
+
+  defp proc_pids do
+    case File.ls("/proc") do
+      {:ok, names} ->
+        for name <- names, match?({_, ""}, Integer.parse(name)), do: String.to_integer(name)
+
+      {:error, _} ->
+        []
+    end
+  end
+
+  defp own_uid do
+    case File.stat("/proc/self") do
+      {:ok, %File.Stat{uid: uid}} -> uid
+      _ -> nil
+    end
+  end
+
+  defp owned_by?(pid, uid) do
+    match?({:ok, %File.Stat{uid: ^uid}}, File.stat("/proc/#{pid}"))
+  end
+
+  defp memfd_links(pid) do
+    dir = "/proc/#{pid}/fd"
+
+    case File.ls(dir) do
+      {:ok, fds} ->
+        Enum.flat_map(fds, fn fd ->
+          path = dir <> "/" <> fd
+
+          case File.read_link(path) do
+            {:ok, @memfd_prefix <> _ = target} -> classify(target, pid, path)
+            _ -> []
+          end
+        end)
+
+      {:error, _} ->
+        []
+    end
+  end
+
+  defp classify(target, pid, path) do
+    name = target |> String.trim_leading("/memfd:") |> String.replace_suffix(@deleted, "")
+
+    case String.split(name, ".", parts: 2) do
+      [id] -> [{id, :control, pid, path}]
+      [id, "data"] -> [{id, :data, pid, path}]
+      _ -> []
+    end
+  end
+end

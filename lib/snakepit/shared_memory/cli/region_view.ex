@@ -1,0 +1,208 @@
+defmodule Snakepit.SharedMemory.CLI.RegionView do
+  @moduledoc false
+  # Text renderings of entries (CLI.Entry): the `list` table with its totals line, and
+  # the `info` details of one region.
+
+  alias Snakepit.SharedMemory.CLI.{Entry, Human, Table}
+
+  @headers ["ID", "BACKEND", "SIZE", "OWNER", "HOLDERS", "AGE", "IDLE", "EXPIRES", "FLAGS"]
+
+  @doc "The list table (or a sentence when there is nothing to show)."
+  @spec table([Entry.t()]) :: String.t()
+  def table([]), do: "No snakepit_shm regions found."
+
+  def table(entries) do
+    rows = Enum.map(entries, &row/1)
+    Table.render(@headers, rows, right: [2, 4, 5, 6])
+  end
+
+  defp row(%{status: :ok} = e) do
+    [
+      e.id,
+      e.backend,
+      Human.bytes(e.size),
+      owner(e.owner),
+      holders(e.holders),
+      Human.duration_ms(e.age_ms),
+      Human.duration_ms(e.idle_ms),
+      expires(e),
+      Enum.join(Entry.flags(e), ",")
+    ]
+  end
+
+  defp row(e) do
+    [
+      e.id,
+      e.backend,
+      Human.bytes(e.size),
+      "-",
+      "-",
+      "-",
+      "-",
+      "-",
+      Enum.join(Entry.flags(e), ",")
+    ]
+  end
+
+  defp owner(nil), do: "-"
+  defp owner(%{os_pid: pid, alive: true}), do: "#{pid} alive"
+  defp owner(%{os_pid: pid, alive: false}), do: "#{pid} dead"
+
+  defp holders([]), do: "0"
+
+  defp holders(list) do
+    dead = Enum.count(list, &(&1.alive == false))
+    if dead == 0, do: "#{length(list)}", else: "#{length(list)} (#{dead} dead)"
+  end
+
+  defp expires(%{timeout_ms: nil}), do: "never"
+  defp expires(%{expired: true}), do: "expired"
+  defp expires(%{expires_in_ms: ms}), do: "in " <> Human.duration_ms(ms)
+
+  @doc "Totals of `entries` as a map (for JSON) ..."
+  @spec totals([Entry.t()]) :: map()
+  def totals(entries) do
+    ok = Enum.filter(entries, &(&1.status == :ok))
+    orphaned = Enum.filter(ok, & &1.orphaned)
+
+    %{
+      regions: length(ok),
+      bytes: sum_sizes(ok),
+      orphaned: length(orphaned),
+      orphaned_bytes: sum_sizes(orphaned),
+      expired: Enum.count(ok, & &1.expired),
+      dead_holders: ok |> Enum.flat_map(& &1.holders) |> Enum.count(&(&1.alive == false)),
+      corrupt: Enum.count(entries, &(&1.status == :corrupt)),
+      not_ours: Enum.count(entries, &(&1.status == :not_ours)),
+      unreadable: Enum.count(entries, &(&1.status in [:unreadable, :not_found]))
+    }
+  end
+
+  defp sum_sizes(entries), do: entries |> Enum.map(&(&1.size || 0)) |> Enum.sum()
+
+  @doc "... and as one line of text."
+  @spec totals_line(map()) :: String.t()
+  def totals_line(t) do
+    [
+      "#{plural(t.regions, "region")}, #{Human.bytes(t.bytes)}",
+      t.orphaned > 0 && "#{t.orphaned} orphaned (#{Human.bytes(t.orphaned_bytes)})",
+      t.expired > 0 && "#{t.expired} expired",
+      t.dead_holders > 0 && plural(t.dead_holders, "dead holder"),
+      t.corrupt > 0 && "#{t.corrupt} corrupt",
+      t.not_ours > 0 && "#{t.not_ours} not ours",
+      t.unreadable > 0 && "#{t.unreadable} unreadable"
+    ]
+    |> Enum.filter(& &1)
+    |> Enum.join("; ")
+    |> then(&("Total: " <> &1))
+  end
+
+  @doc "`count thing`, with an s when count is not 1."
+  @spec plural(non_neg_integer(), String.t()) :: String.t()
+  def plural(1, thing), do: "1 #{thing}"
+  def plural(n, thing), do: "#{n} #{thing}s"
+
+  @doc "Everything about one entry, as labelled lines."
+  @spec details(Entry.t()) :: String.t()
+  def details(%{status: :ok} = e) do
+    general =
+      Table.pairs(
+        [
+          {"Region", e.id},
+          {"Backend", e.backend},
+          {"Size", "#{Human.bytes(e.size)} (#{e.size} bytes)"},
+          {"Path", e[:path]},
+          {"Data path", if(e[:data_path] != e[:path], do: e[:data_path])},
+          {"Owner VM", owner_line(e.owner)},
+          {"Created", "#{e.created_at} (#{Human.duration_ms(e.age_ms)} ago)"},
+          {"Last access", "#{e.last_access_at} (idle #{Human.duration_ms(e.idle_ms)})"},
+          {"Idle timeout", timeout_line(e)},
+          {"Security", e.security_level},
+          {"State", state_line(e)},
+          {"Reference count", e.refcount},
+          {"Open by (fds)", open_by(e[:open_by])},
+          {"Metadata", metadata(e.metadata)},
+          {"Header", header_line(e)}
+        ]
+        |> Enum.reject(fn {_label, value} -> value == nil end)
+      )
+
+    general <> "\n\n" <> holders_table(e.holders)
+  end
+
+  def details(e) do
+    Table.pairs([
+      {"Region", e.id},
+      {"Backend", e.backend},
+      {"Path", e.path},
+      {"Size", e.size && "#{Human.bytes(e.size)} (#{e.size} bytes)"},
+      {"Header", Enum.join(Entry.flags(e), ",") <> ": " <> e.problem}
+    ])
+  end
+
+  defp header_line(%{format_version: nil}), do: "as reported by the node's manager"
+  defp header_line(e), do: "valid (magic, format version #{e.format_version}, sizes, CRC-32)"
+
+  defp owner_line(%{os_pid: pid, start_time: nil, process: process}),
+    do: "OS pid #{pid} (the node asked), owner process #{inspect(process)}"
+
+  defp owner_line(%{os_pid: pid, start_time: st, alive: true}),
+    do: "OS pid #{pid} (start time #{st}), alive"
+
+  defp owner_line(%{os_pid: pid, start_time: st, alive: false}),
+    do: "OS pid #{pid} (start time #{st}), gone: this region is orphaned"
+
+  defp timeout_line(%{timeout_ms: nil}), do: "none (never expires)"
+  defp timeout_line(%{timeout_ms: t, expired: true}), do: "#{Human.duration_ms(t)}, EXPIRED"
+
+  defp timeout_line(%{timeout_ms: t, expires_in_ms: left}),
+    do: "#{Human.duration_ms(t)}, expires in #{Human.duration_ms(left)} unless used"
+
+  defp state_line(e) do
+    case for {true, name} <- [
+               {e.sealed, "sealed"},
+               {e.encrypted, "encrypted"},
+               {e[:deallocated] == true, "deallocated"}
+             ],
+             do: name do
+      [] -> "writable"
+      names -> Enum.join(names, ", ")
+    end
+  end
+
+  defp open_by(nil), do: nil
+  defp open_by([]), do: nil
+  defp open_by(pids), do: Enum.join(pids, ", ")
+
+  defp metadata(value) when value == %{}, do: "{}"
+
+  defp metadata(value) do
+    case Snakepit.SharedMemory.JSON.encode(value) do
+      {:ok, json} -> json
+      _ -> inspect(value)
+    end
+  end
+
+  defp access(true), do: "rw"
+  defp access(false), do: "r"
+  defp access(nil), do: "-"
+
+  defp alive(true), do: "alive"
+  defp alive(false), do: "DEAD"
+  defp alive(nil), do: "watched by the manager"
+
+  defp holders_table([]), do: "Holders: none"
+
+  defp holders_table(holders) do
+    rows =
+      Enum.map(holders, fn h ->
+        [h.os_pid, h.start_time, h.count, access(h.writable), alive(h.alive)]
+      end)
+
+    "Holders:\n" <>
+      Table.render(["OS PID", "START TIME", "HOLDS", "ACCESS", "PROCESS"], rows,
+        right: [0, 1, 2],
+        indent: 2
+      )
+  end
+end
