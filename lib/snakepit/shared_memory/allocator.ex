@@ -115,6 +115,7 @@ defmodule Snakepit.SharedMemory.Allocator do
         name: opts.name,
         owner: opts.owner,
         created_at: System.system_time(:millisecond),
+        seq: System.unique_integer([:monotonic]),
         permissions: opts.permissions,
         security_level: opened_level(info, ref, opts),
         cleanup_policy: opts.cleanup_policy,

@@ -268,6 +268,7 @@ defmodule Snakepit.SharedMemory.Cleanup do
             if(String.starts_with?(id, "spshm_n_"), do: String.replace_prefix(id, "spshm_n_", "")),
           owner: nil,
           created_at: div(header.created_at_ns, 1_000_000),
+          seq: System.unique_integer([:monotonic]),
           permissions: Security.default_permissions(),
           security_level: Security.level_from_int(header.security_level),
           cleanup_policy: :manual,

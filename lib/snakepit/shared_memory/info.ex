@@ -91,7 +91,7 @@ defmodule Snakepit.SharedMemory.Info do
 
     Registry.all()
     |> Enum.filter(&matches?(&1, filter, now))
-    |> Enum.sort_by(&region(&1, :created_at))
+    |> Enum.sort_by(&{region(&1, :created_at), region(&1, :seq)})
   end
 
   defp matches?(record, filter, now) do

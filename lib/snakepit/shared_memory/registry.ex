@@ -10,7 +10,8 @@ defmodule Snakepit.SharedMemory.Registry do
       region (see `region/1`): id, the region resource (which keeps the segment mapped
       and, for memfd, alive), size, backend, owner pid, permissions, security level,
       cleanup policy, idle timeout, access mode, allowed processes, metadata, name,
-      role (`:created` or `:opened`), creation time, a `:counters` ref (slot 1: accesses
+      role (`:created` or `:opened`), creation time (and a monotonic sequence number that
+      orders regions created in the same millisecond), a `:counters` ref (slot 1: accesses
       through this VM) and whether it was re-adopted after a table loss.
     * `#{:snakepit_shm_mappings}` (`ordered_set`): `{{region_id, mapping_id}, pid, mode,
       mapping_resource}` for every live `map_region/2`; ordered so that all mappings of
@@ -45,6 +46,7 @@ defmodule Snakepit.SharedMemory.Registry do
     name: nil,
     owner: nil,
     created_at: 0,
+    seq: 0,
     permissions: %{},
     security_level: :standard,
     cleanup_policy: :automatic,
@@ -66,6 +68,7 @@ defmodule Snakepit.SharedMemory.Registry do
             name: String.t() | nil,
             owner: pid() | nil,
             created_at: integer(),
+            seq: integer(),
             permissions: map(),
             security_level: atom(),
             cleanup_policy: atom(),

@@ -1,0 +1,103 @@
+defmodule Snakepit.SharedMemory.TestSupport do
+  @moduledoc false
+  # Helpers of the test/snakepit suites (required with Code.require_file/2).
+
+  import ExUnit.Assertions
+
+  alias Snakepit.SharedMemory
+  alias Snakepit.SharedMemory.{Config, Manager, Quota, Registry}
+  alias Snakepit.SharedMemory.ShmHelpers
+
+  @doc "Frees every region and waits for the manager to settle."
+  def free_everything do
+    Manager.sync()
+    {:ok, _} = SharedMemory.cleanup_regions(all: true, orphans: false)
+    Manager.sync()
+    :ok
+  end
+
+  @doc "Registry, quota counters and /dev/shm all say: nothing (of this VM) is live."
+  def assert_nothing_live(segments_before \\ []) do
+    assert ShmHelpers.wait_until(fn -> Registry.count() == 0 end, 5_000),
+           "registry still holds #{inspect(Registry.ids())}"
+
+    Manager.sync()
+    assert Quota.totals() == %{regions: 0, bytes: 0}
+    assert :ets.tab2list(Registry.owners_table()) == []
+    assert :ets.tab2list(Registry.mappings_table()) == []
+
+    assert ShmHelpers.wait_until(
+             fn -> ShmHelpers.our_segments() -- segments_before == [] end,
+             5_000
+           ),
+           "segments left: #{inspect(ShmHelpers.our_segments() -- segments_before)}"
+  end
+
+  @doc "Runs `fun` with application settings changed, then restores them."
+  def with_config(settings, fun) do
+    old = for {key, _} <- settings, do: {key, Application.fetch_env(:snakepit_shm, key)}
+    for {key, value} <- settings, do: Application.put_env(:snakepit_shm, key, value)
+    {:ok, _} = Config.load()
+
+    try do
+      fun.()
+    after
+      for {key, previous} <- old do
+        case previous do
+          {:ok, value} -> Application.put_env(:snakepit_shm, key, value)
+          :error -> Application.delete_env(:snakepit_shm, key)
+        end
+      end
+
+      {:ok, _} = Config.load()
+    end
+  end
+
+  @doc "Waits until `pid` is dead."
+  def await_death(pid) do
+    ref = Process.monitor(pid)
+    assert_receive {:DOWN, ^ref, :process, ^pid, _}, 5_000
+  end
+
+  @doc """
+  Starts a Python worker that attaches `ref` (an export_ref map) and then sleeps. Returns
+  {port, os_pid} once it printed that it attached.
+  """
+  def python_holder(ref, mode \\ "r") do
+    {:ok, json} = Snakepit.SharedMemory.JSON.encode(ref)
+    root = Path.expand("../..", __DIR__)
+
+    script = """
+    import sys, time, json, warnings
+    warnings.simplefilter("ignore")
+    import snakepit_shm
+    region = snakepit_shm.attach(json.loads(sys.argv[1]), mode=sys.argv[2])
+    print("ATTACHED", flush=True)
+    time.sleep(120)
+    """
+
+    port =
+      Port.open({:spawn_executable, ShmHelpers.python()}, [
+        :binary,
+        :exit_status,
+        {:line, 4096},
+        args: ["-c", script, json, mode],
+        env: [
+          {~c"PYTHONPATH", String.to_charlist(Path.join(root, "priv/python"))},
+          {~c"SNAKEPIT_SHM_LIB", String.to_charlist(Path.join(root, "priv/libsnakepit_shm.so"))}
+        ]
+      ])
+
+    {:os_pid, os_pid} = Port.info(port, :os_pid)
+
+    receive do
+      {^port, {:data, {:eol, "ATTACHED"}}} -> {port, os_pid}
+      {^port, {:exit_status, status}} -> flunk("python holder exited with #{status}")
+    after
+      10_000 -> flunk("python holder did not attach")
+    end
+  end
+
+  @doc "kill -9 an OS process."
+  def kill9(os_pid), do: System.cmd("kill", ["-9", Integer.to_string(os_pid)])
+end
