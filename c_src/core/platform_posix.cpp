@@ -3,6 +3,9 @@
 #include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#endif
 #include <time.h>
 #include <unistd.h>
 
@@ -187,8 +190,22 @@ Result<Mapping> map(const Handle& handle, std::uint64_t offset, std::size_t leng
   return Mapping(address, length);
 }
 
+namespace {
+
+int lock_pages(void* address, std::size_t length) noexcept {
+#if defined(__linux__)
+  // The raw system call: sanitizer runtimes replace mlock() with a no-op that always
+  // succeeds, which would hide exactly the failure this function must report.
+  return static_cast<int>(::syscall(SYS_mlock, address, length));
+#else
+  return ::mlock(address, length);
+#endif
+}
+
+}  // namespace
+
 Result<void> lock_memory(void* address, std::size_t length) {
-  if (::mlock(address, length) != 0) {
+  if (lock_pages(address, length) != 0) {
     int err = errno;
     struct rlimit limit {};
     std::string current = "unknown";

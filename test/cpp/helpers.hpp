@@ -1,8 +1,10 @@
 // Shared helpers of the core tests.
 #pragma once
 
+#if !defined(_WIN32)  // SegmentCleanup (shm_unlink) and in_child (fork) are POSIX-only
 #include <sys/mman.h>
 #include <sys/wait.h>
+#endif
 #include <unistd.h>
 
 #include <atomic>
@@ -40,6 +42,7 @@ inline std::string unique_name(const std::string& tag) {
   return name.substr(0, 21);
 }
 
+#if !defined(_WIN32)
 /// Removes a POSIX segment by id when the test scope ends, whatever happened.
 struct SegmentCleanup {
   std::string id;
@@ -47,6 +50,7 @@ struct SegmentCleanup {
     if (!id.empty()) shm_unlink(("/" + id).c_str());
   }
 };
+#endif
 
 inline spshm::CreateOptions options(spshm::BackendKind backend, std::uint64_t size) {
   spshm::CreateOptions o;
@@ -63,6 +67,7 @@ inline spshm::Region create_ok(const spshm::CreateOptions& o) {
   return std::move(r).value();
 }
 
+#if !defined(_WIN32)
 /// Runs `body` in a forked child; returns its exit code (128 + signal if killed).
 /// The child never returns into Catch: it _exit()s with body's result.
 template <class Body>
@@ -82,6 +87,7 @@ int in_child(Body&& body) {
   REQUIRE(waitpid(pid, &status, 0) == pid);
   return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
 }
+#endif
 
 inline std::vector<std::uint8_t> pattern(std::size_t n, std::uint32_t seed) {
   std::vector<std::uint8_t> v(n);

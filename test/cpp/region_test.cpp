@@ -115,7 +115,8 @@ TEST_CASE("create refuses bad options", "[region]") {
   o.mode = 04600;
   REQUIRE_ERR(Region::create(o), Errc::invalid_argument);
   o.mode = 0600;
-  for (const std::string bad : {"a/b", "..", "Upper", std::string(22, 'a').c_str()}) {
+  for (const std::string& bad :
+       std::vector<std::string>{"a/b", "..", "Upper", std::string(22, 'a')}) {
     o.name = bad;
     INFO(bad);
     REQUIRE_ERR(Region::create(o), Errc::invalid_argument);
