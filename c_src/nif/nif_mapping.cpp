@@ -124,11 +124,16 @@ ERL_NIF_TERM nif_map(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   if (writable && region.sealed()) {
     return make_error(env, Errc::sealed, "region " + region.id() + " is sealed: map it :read_only");
   }
-  auto held = hold(region.header(), self_identity.pid, self_identity.start_time, writable);
-  if (!held.ok()) return make_error(env, held.error());
+  // A header this process sees as a private copy (a sealed POSIX region of another
+  // process, opened read-only) cannot carry our hold: map without one.
+  bool shared_header = region.header_writable();
+  if (shared_header) {
+    auto held = hold(region.header(), self_identity.pid, self_identity.start_time, writable);
+    if (!held.ok()) return make_error(env, held.error());
+  }
 
   void* mem = enif_alloc_resource(resource_types.mapping, sizeof(MappingResource));
-  auto* m = new (mem) MappingResource{res, writable};
+  auto* m = new (mem) MappingResource{res, writable, shared_header};
   enif_keep_resource(res);  // released by the mapping's destructor
   ERL_NIF_TERM term = enif_make_resource(env, m);
   enif_release_resource(m);
@@ -143,9 +148,8 @@ ERL_NIF_TERM nif_unmap(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
     return make_error(env, Errc::closed,
                       "this mapping of " + region_label(m) + " was already unmapped");
   }
-  // not_found only if release_holder/3 already dropped every hold of this VM: the hold
-  // is gone either way. The memory stays mapped until the region resource is destroyed.
-  (void)release(m->owner->region.header(), self_identity.pid, self_identity.start_time);
+  // The memory stays mapped until the region resource is destroyed.
+  m->release_hold();
   return atoms.ok;
 }
 

@@ -13,6 +13,14 @@ namespace spshm::nif {
 
 namespace {
 
+// Writing into a header this process sees as a private copy would change only that copy.
+ERL_NIF_TERM private_header(ErlNifEnv* env, const Region& region, const char* what) {
+  return make_error(env, Errc::permission_denied,
+                    std::string("cannot ") + what + " of region " + region.id() +
+                        ": this process sees a read-only copy of its header (a sealed POSIX "
+                        "region of another user or mode); do it from the creating process");
+}
+
 // Largest region the NIF accepts: far above any real machine, far below where size
 // arithmetic (capacity with chunk overhead, data offsets) could overflow 64 bits.
 constexpr std::uint64_t kMaxRegionSize = std::uint64_t{1} << 62;
@@ -152,6 +160,7 @@ ERL_NIF_TERM nif_set_idle_timeout(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]
     return make_error(env, Errc::invalid_argument,
                       "idle timeout " + std::to_string(ms) + " ms does not fit in 64-bit ns");
   }
+  if (!res->region.header_writable()) return private_header(env, res->region, "set the timeout");
   res->region.header().idle_timeout_ns.store(ms * 1000000, std::memory_order_release);
   return atoms.ok;
 }
@@ -183,6 +192,7 @@ ERL_NIF_TERM nif_release_holder(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) 
     return make_error(env, Errc::invalid_argument,
                       "os_pid " + std::to_string(os_pid) + " is not a valid process id");
   }
+  if (!res->region.header_writable()) return private_header(env, res->region, "release holds");
   std::uint32_t released =
       release_all(res->region.header(), static_cast<std::uint32_t>(os_pid), start_time);
   return make_ok(env, enif_make_uint(env, released));

@@ -11,6 +11,10 @@ namespace spshm::nif {
 ResourceTypes resource_types;
 SelfIdentity self_identity;
 
+void MappingResource::release_hold() noexcept {
+  if (held) (void)release(owner->region.header(), self_identity.pid, self_identity.start_time);
+}
+
 namespace {
 
 // ---- region ----
@@ -46,9 +50,7 @@ void region_down(ErlNifEnv* env, void* obj, ErlNifPid* pid, ErlNifMonitor*) {
 void mapping_dtor(ErlNifEnv*, void* obj) {
   auto* m = static_cast<MappingResource*>(obj);
   // A mapping dropped without unmap/1 must not leak its hold in the header.
-  if (!m->closed.exchange(true)) {
-    (void)release(m->owner->region.header(), self_identity.pid, self_identity.start_time);
-  }
+  if (!m->closed.exchange(true)) m->release_hold();
   enif_release_resource(m->owner);
   m->~MappingResource();
 }

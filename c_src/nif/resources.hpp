@@ -43,7 +43,15 @@ struct RegionResource {
 struct MappingResource {
   RegionResource* owner;  ///< kept with enif_keep_resource, released in the destructor
   bool writable;
+  /// A hold was added to the shared header. False only when this process sees a private
+  /// copy of the header (Region::header_writable()): writing a hold there would detach
+  /// our view of the shared header without telling anyone.
+  bool held;
   std::atomic<bool> closed{false};  ///< set once by unmap/1 or the destructor
+
+  /// Removes the hold of this mapping once (unmap/1 or the destructor). not_found only if
+  /// release_holder/3 already dropped every hold of this VM: the hold is gone either way.
+  void release_hold() noexcept;
 };
 
 struct WatchResource {

@@ -27,6 +27,9 @@ defmodule Snakepit.SharedMemory.Native do
   #     when the resource is garbage collected, after every mapping and zero-copy binary;
   #   * map/2 adds a hold of this OS process in the header; unmap/1 (or garbage collection
   #     of the mapping) removes it; a second unmap/1 returns {:error, {:closed, ...}};
+  #   * a region whose header this process sees only as a private copy (a sealed POSIX
+  #     region of another user, opened read-only) maps :read_only without a hold, and
+  #     set_idle_timeout/release_holder refuse it with :permission_denied;
   #   * read_zero_copy/3 needs a sealed, unencrypted region; afterwards deallocate(region,
   #     true) is refused with :busy, because zeroing would change those binaries;
   #   * watch_os_process/3 keeps its pidfd open until cancel_watch/1, or until the process
@@ -136,7 +139,8 @@ defmodule Snakepit.SharedMemory.Native do
   def export_key(_region), do: :erlang.nif_error(:not_loaded)
 
   @doc "Releases every hold of a dead OS process; returns how many were released."
-  @spec release_holder(region(), non_neg_integer(), non_neg_integer()) :: {:ok, non_neg_integer()}
+  @spec release_holder(region(), non_neg_integer(), non_neg_integer()) ::
+          {:ok, non_neg_integer()} | nif_error()
   def release_holder(_region, _os_pid, _start_time), do: :erlang.nif_error(:not_loaded)
 
   @doc "Monitors `pid` from the region resource; on its death the NIF sends {:snakepit_shm_owner_down, region_id, pid} to the registered manager."
