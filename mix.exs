@@ -15,7 +15,9 @@ defmodule Mix.Tasks.Compile.SnakepitShmNif do
     sanitize? = System.get_env("SNAKEPIT_SHM_SANITIZE") in ["1", "true"]
     build_dir = Path.join(root, if(sanitize?, do: "_build/cmake-asan", else: "_build/cmake"))
     out_dir = Path.join(root, if(sanitize?, do: "priv/asan", else: "priv"))
-    erts_include = Path.join([:code.root_dir(), "erts-#{:erlang.system_info(:version)}", "include"])
+
+    erts_include =
+      Path.join([:code.root_dir(), "erts-#{:erlang.system_info(:version)}", "include"])
 
     configure = [
       "-S",
