@@ -41,8 +41,6 @@ defmodule Mix.Tasks.Snakepit.Shm.Demo do
 
   use Mix.Task
 
-  require Logger
-
   alias Snakepit.SharedMemory.CLI.{Command, Demo}
 
   @task "snakepit.shm.demo"
@@ -60,7 +58,7 @@ defmodule Mix.Tasks.Snakepit.Shm.Demo do
         "through shared memory, without copying it."
     )
 
-    {us, result} = :timer.tc(fn -> quietly(fn -> Demo.run(options, say) end) end)
+    {us, result} = :timer.tc(fn -> Command.quietly(fn -> Demo.run(options, say) end) end)
 
     case {result, format} do
       {{:ok, report}, :json} ->
@@ -77,18 +75,6 @@ defmodule Mix.Tasks.Snakepit.Shm.Demo do
 
       {{:error, message, _report}, :table} ->
         Command.fail!("\ndemo FAILED: " <> message)
-    end
-  end
-
-  # The manager logs every freed region at :info; the demo's own lines say it better.
-  defp quietly(fun) do
-    level = Logger.level()
-    Logger.configure(level: :warning)
-
-    try do
-      fun.()
-    after
-      Logger.configure(level: level)
     end
   end
 

@@ -7,6 +7,8 @@ defmodule Snakepit.SharedMemory.CLI.Command do
   # `mix`, so it never halts the VM: it exits with `{:shutdown, status}`, which mix turns
   # into the process exit status (and which a test can catch).
 
+  require Logger
+
   alias Snakepit.SharedMemory.JSON
 
   @common [help: :boolean, format: :string]
@@ -109,6 +111,22 @@ defmodule Snakepit.SharedMemory.CLI.Command do
   defp json_key(key) when is_binary(key), do: key
   defp json_key(key) when is_atom(key), do: Atom.to_string(key)
   defp json_key(key), do: inspect(key)
+
+  @doc """
+  Runs `fun` with the Logger level raised to :warning: the manager logs every freed
+  region at :info, and the tasks' own lines say it better.
+  """
+  @spec quietly((() -> result)) :: result when result: term()
+  def quietly(fun) do
+    level = Logger.level()
+    Logger.configure(level: :warning)
+
+    try do
+      fun.()
+    after
+      Logger.configure(level: level)
+    end
+  end
 
   @doc """
   Makes the project's modules loadable without starting the application: the offline

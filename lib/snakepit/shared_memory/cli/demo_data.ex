@@ -41,7 +41,11 @@ defmodule Snakepit.SharedMemory.CLI.DemoData do
       IO.iodata_to_binary(block)
     else
       block = IO.iodata_to_binary(block)
-      IO.iodata_to_binary([:binary.copy(block, div(n, cycle)), binary_part(block, 0, rem(n, cycle) * 4)])
+
+      IO.iodata_to_binary([
+        :binary.copy(block, div(n, cycle)),
+        binary_part(block, 0, rem(n, cycle) * 4)
+      ])
     end
   end
 
@@ -49,7 +53,10 @@ defmodule Snakepit.SharedMemory.CLI.DemoData do
   # big as all smaller ones together: the two halves are built on both cores.
   defp cycle_prefix(count) do
     ranges = for k <- 0..23, 1 <<< k < count, do: {k, min(1 <<< k, count - (1 <<< k))}
-    {top, rest} = Enum.split_with(ranges, fn {k, _} -> k == elem(List.last(ranges, {0, 0}), 0) end)
+
+    {top, rest} =
+      Enum.split_with(ranges, fn {k, _} -> k == elem(List.last(ranges, {0, 0}), 0) end)
+
     build = fn list -> Enum.map(list, fn {k, len} -> binary_part(range(k), 0, len * 4) end) end
     task = Task.async(fn -> build.(top) end)
     low = build.(rest)

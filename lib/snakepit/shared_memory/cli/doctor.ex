@@ -1,0 +1,563 @@
+defmodule Snakepit.SharedMemory.CLI.Doctor do
+  @moduledoc false
+  # The checks of `mix snakepit.shm.doctor`. Each returns a finding:
+  #   %{check: name, status: :ok | :warn | :fail, detail: what was seen, fix: what to do}
+  # Checks work by behaviour where they can (a memfd region is really allocated and
+  # sealed, the Python client is really imported), by version or configuration otherwise.
+
+  alias Snakepit.SharedMemory, as: SHM
+  alias Snakepit.SharedMemory.CLI.{HostScan, Human}
+  alias Snakepit.SharedMemory.Native
+
+  @type finding :: %{
+          check: String.t(),
+          status: :ok | :warn | :fail,
+          detail: String.t(),
+          fix: String.t() | nil
+        }
+
+  @docker_shm 64 * 1024 * 1024
+  @memlock_wanted 64 * 1024 * 1024
+  @nofile_wanted 4096
+
+  @doc "Runs every check, in order. `python` is the interpreter of the workers."
+  @spec run(String.t(), String.t()) :: [finding()]
+  def run(python, priv) do
+    nif = nif_loads()
+
+    leftovers =
+      if nif.status == :ok, do: leftovers(), else: skipped("leftover segments", "the NIF")
+
+    [
+      nif,
+      shm_dir(),
+      leftovers,
+      kernel(),
+      memlock(),
+      nofile(),
+      remove_ipc(),
+      if(nif.status == :ok, do: memfd_seal(), else: skipped("memfd sealing", "the NIF"))
+    ] ++ python_checks(python, priv)
+  end
+
+  defp finding(check, status, detail, fix \\ nil),
+    do: %{check: check, status: status, detail: detail, fix: fix}
+
+  defp skipped(check, what),
+    do: finding(check, :fail, "not checked: #{what} did not load", "fix #{what} first")
+
+  # ---- the NIF ----
+
+  defp nif_loads do
+    case Code.ensure_loaded(Native) do
+      {:module, Native} ->
+        info = Native.self_info()
+
+        finding(
+          "NIF loads",
+          :ok,
+          "snakepit_shm_nif.so loaded (VM OS pid #{info.os_pid}, boot #{String.slice(info.boot_id, 0, 8)}...)"
+        )
+
+      {:error, reason} ->
+        finding(
+          "NIF loads",
+          :fail,
+          "Snakepit.SharedMemory.Native did not load (#{inspect(reason)})",
+          "build it with `mix compile` (needs cmake, g++, libsodium-dev: `make deps`)"
+        )
+    end
+  rescue
+    e -> finding("NIF loads", :fail, Exception.message(e), "rebuild with `mix compile`")
+  end
+
+  # ---- /dev/shm ----
+
+  defp shm_dir do
+    case df("/dev/shm") do
+      {:ok, total, free} ->
+        detail = "tmpfs of #{Human.bytes(total)}, #{Human.bytes(free)} free"
+
+        cond do
+          total <= @docker_shm ->
+            finding(
+              "/dev/shm size",
+              :warn,
+              detail <> " (Docker's default is 64 MB)",
+              "POSIX regions (named or shared with other users) are capped by it: run the container with " <>
+                "--shm-size=2g (compose: shm_size), or keep to the memfd backend, which it does not limit"
+            )
+
+          free < div(total, 10) ->
+            finding(
+              "/dev/shm size",
+              :warn,
+              detail <> " (less than 10% free)",
+              "`mix snakepit.shm.list` shows who holds it; `mix snakepit.shm.cleanup` frees orphans"
+            )
+
+          true ->
+            finding("/dev/shm size", :ok, detail)
+        end
+
+      {:error, message} ->
+        finding(
+          "/dev/shm size",
+          :fail,
+          message,
+          "mount a tmpfs on /dev/shm (mount -t tmpfs -o size=2g tmpfs /dev/shm) for the POSIX backend"
+        )
+    end
+  end
+
+  defp df(path) do
+    case System.find_executable("df") &&
+           System.cmd("df", ["-P", "-B1", path], stderr_to_stdout: true) do
+      {out, 0} ->
+        case out |> String.split("\n", trim: true) |> List.last() |> String.split() do
+          [_fs, total, _used, free | _] ->
+            {:ok, String.to_integer(total), String.to_integer(free)}
+
+          _ ->
+            {:error, "cannot read the output of df #{path}: #{inspect(out)}"}
+        end
+
+      {out, _} ->
+        {:error, "df #{path} failed: #{String.trim(out)}"}
+
+      nil ->
+        {:error, "df is not installed: cannot measure #{path}"}
+    end
+  end
+
+  defp leftovers do
+    entries = HostScan.scan()
+    orphans = Enum.filter(entries, &(&1.status == :ok and &1.orphaned))
+    bad = Enum.filter(entries, &(&1.status != :ok))
+    bytes = orphans |> Enum.map(& &1.size) |> Enum.sum()
+
+    cond do
+      orphans == [] and bad == [] ->
+        finding(
+          "leftover segments",
+          :ok,
+          "#{length(entries)} region(s) on the host, none orphaned or damaged"
+        )
+
+      true ->
+        finding(
+          "leftover segments",
+          :warn,
+          "#{length(orphans)} orphaned (#{Human.bytes(bytes)}), #{length(bad)} damaged or foreign spshm_* segment(s)",
+          "`mix snakepit.shm.cleanup --dry-run` shows what would be freed; then run it without --dry-run"
+        )
+    end
+  end
+
+  # ---- kernel and limits ----
+
+  defp kernel do
+    release = read_trim("/proc/sys/kernel/osrelease") || "unknown"
+
+    case kernel_version(release) do
+      {major, minor} when {major, minor} >= {5, 6} ->
+        finding(
+          "kernel",
+          :ok,
+          "Linux #{release}: memfd F_SEAL_FUTURE_WRITE (5.1), pidfd_open (5.3) and pidfd_getfd (5.6) available"
+        )
+
+      {major, minor} when {major, minor} >= {5, 3} ->
+        finding(
+          "kernel",
+          :ok,
+          "Linux #{release}: F_SEAL_FUTURE_WRITE (5.1) and pidfd_open (5.3) available"
+        )
+
+      {major, minor} when {major, minor} >= {5, 1} ->
+        finding(
+          "kernel",
+          :warn,
+          "Linux #{release}: no pidfd_open (5.3)",
+          "dead workers are then found by polling, not at once: upgrade to Linux >= 5.3"
+        )
+
+      {_, _} ->
+        finding(
+          "kernel",
+          :warn,
+          "Linux #{release}: no F_SEAL_FUTURE_WRITE (5.1), no pidfd (5.3)",
+          "sealed memfd regions are not truly read-only for workers: upgrade to Linux >= 5.3"
+        )
+
+      nil ->
+        finding(
+          "kernel",
+          :warn,
+          "unknown kernel release #{inspect(release)}",
+          "snakepit_shm needs Linux >= 5.3"
+        )
+    end
+  end
+
+  defp kernel_version(release) do
+    case Regex.run(~r/^(\d+)\.(\d+)/, release) do
+      [_, major, minor] -> {String.to_integer(major), String.to_integer(minor)}
+      _ -> nil
+    end
+  end
+
+  defp memlock do
+    case limit("Max locked memory") do
+      {:ok, :unlimited, _} ->
+        finding("RLIMIT_MEMLOCK", :ok, "unlimited")
+
+      {:ok, soft, hard} when soft >= @memlock_wanted ->
+        finding("RLIMIT_MEMLOCK", :ok, "#{Human.bytes(soft)} (hard #{limit_text(hard)})")
+
+      {:ok, soft, hard} ->
+        finding(
+          "RLIMIT_MEMLOCK",
+          :warn,
+          "#{Human.bytes(soft)} (hard #{limit_text(hard)}): security_level :maximum regions lock their pages in RAM, " <>
+            "so all of them together cannot exceed this",
+          "raise it for the VM's user: `ulimit -l unlimited` before starting it, systemd LimitMEMLOCK=infinity, " <>
+            "docker --ulimit memlock=-1, or grant CAP_IPC_LOCK; or use security_level :high"
+        )
+
+      :error ->
+        finding(
+          "RLIMIT_MEMLOCK",
+          :warn,
+          "cannot read /proc/self/limits",
+          "check `ulimit -l` by hand"
+        )
+    end
+  end
+
+  defp nofile do
+    case limit("Max open files") do
+      {:ok, soft, hard} when soft == :unlimited or soft >= @nofile_wanted ->
+        finding(
+          "RLIMIT_NOFILE",
+          :ok,
+          "#{limit_text(soft)} open files (hard #{limit_text(hard)}); each memfd region uses 2"
+        )
+
+      {:ok, soft, hard} ->
+        finding(
+          "RLIMIT_NOFILE",
+          :warn,
+          "#{soft} open files (hard #{limit_text(hard)}); each memfd region uses 2 fds",
+          "raise it before starting the VM (`ulimit -n 65536`, systemd LimitNOFILE=): the VM sizes its poll set at boot"
+        )
+
+      :error ->
+        finding(
+          "RLIMIT_NOFILE",
+          :warn,
+          "cannot read /proc/self/limits",
+          "check `ulimit -n` by hand"
+        )
+    end
+  end
+
+  defp limit(name) do
+    with {:ok, text} <- File.read("/proc/self/limits"),
+         line when is_binary(line) <-
+           text |> String.split("\n") |> Enum.find(&String.starts_with?(&1, name)),
+         [soft, hard | _] <- line |> String.replace_prefix(name, "") |> String.split() do
+      {:ok, limit_value(soft), limit_value(hard)}
+    else
+      _ -> :error
+    end
+  end
+
+  defp limit_value("unlimited"), do: :unlimited
+  defp limit_value(text), do: String.to_integer(text)
+
+  defp limit_text(:unlimited), do: "unlimited"
+  defp limit_text(n) when n > 65_536, do: Human.bytes(n)
+  defp limit_text(n), do: Integer.to_string(n)
+
+  # systemd-logind removes the POSIX shm segments of a user at their last logout when
+  # RemoveIPC=yes (the default), except for root and system users.
+  defp remove_ipc do
+    files = Path.wildcard("/etc/systemd/logind.conf.d/*.conf") ++ ["/etc/systemd/logind.conf"]
+    setting = files |> Enum.flat_map(&remove_ipc_lines/1) |> List.first()
+    uid = own_uid()
+    systemd = File.dir?("/run/systemd/system")
+
+    value = if setting, do: elem(setting, 1), else: "yes (systemd's default)"
+    where = if setting, do: " in #{elem(setting, 0)}", else: ""
+
+    cond do
+      setting && String.downcase(elem(setting, 1)) in ["no", "false", "0"] ->
+        finding("systemd RemoveIPC", :ok, "RemoveIPC=no#{where}")
+
+      uid != nil and uid < 1000 ->
+        finding(
+          "systemd RemoveIPC",
+          :ok,
+          "RemoveIPC=#{value}#{where}, but uid #{uid} is a system user: not affected"
+        )
+
+      not systemd ->
+        finding(
+          "systemd RemoveIPC",
+          :ok,
+          "RemoveIPC=#{value}#{where}; systemd is not running here"
+        )
+
+      true ->
+        finding(
+          "systemd RemoveIPC",
+          :warn,
+          "RemoveIPC=#{value}#{where}: logind deletes uid #{uid}'s /dev/shm segments at its last logout",
+          "put `[Login]\\nRemoveIPC=no` in /etc/systemd/logind.conf.d/snakepit.conf, or run the VM as a system user"
+        )
+    end
+  end
+
+  defp remove_ipc_lines(file) do
+    case File.read(file) do
+      {:ok, text} ->
+        for line <- String.split(text, "\n"),
+            [_, value] <- [Regex.run(~r/^\s*RemoveIPC\s*=\s*(\S+)/, line)],
+            do: {file, value}
+
+      {:error, _} ->
+        []
+    end
+  end
+
+  defp own_uid do
+    case File.stat("/proc/self") do
+      {:ok, stat} -> stat.uid
+      _ -> nil
+    end
+  end
+
+  # ---- behaviour: a sealed memfd region, through the API ----
+
+  defp memfd_seal do
+    with {:ok, _} <- Application.ensure_all_started(:snakepit_shm),
+         {:ok, id} <- SHM.allocate_region(4096, backend: :memfd, metadata: %{doctor: true}) do
+      try do
+        seal_check(id)
+      after
+        SHM.deallocate_region(id)
+      end
+    else
+      {:error, %SHM.Error{} = e} ->
+        finding(
+          "memfd sealing",
+          :fail,
+          "allocating a memfd region failed: #{e.message}",
+          "needs Linux memfd_create with MFD_ALLOW_SEALING (3.17+); check the kernel finding"
+        )
+
+      {:error, reason} ->
+        finding(
+          "memfd sealing",
+          :fail,
+          "the :snakepit_shm application did not start: #{inspect(reason)}",
+          "check the configuration in config/*.exs"
+        )
+    end
+  end
+
+  # seal/1 of a memfd region adds F_SEAL_FUTURE_WRITE: it fails on kernels without it.
+  defp seal_check(id) do
+    with {:ok, mapping} <- SHM.map_region(id, access_mode: :read_write),
+         :ok <- SHM.write(mapping, 0, "doctor"),
+         :ok <- SHM.unmap_region(mapping),
+         :ok <- SHM.seal(id),
+         {:ok, reader} <- SHM.map_region(id, access_mode: :read_only) do
+      writable = SHM.map_region(id, access_mode: :read_write)
+      read = SHM.read(reader, 0, 6)
+      SHM.unmap_region(reader)
+
+      case {writable, read} do
+        {{:error, _}, {:ok, "doctor"}} ->
+          finding(
+            "memfd sealing",
+            :ok,
+            "allocated a memfd region, wrote it, sealed it (F_SEAL_FUTURE_WRITE): read-write mappings are refused, the data reads back"
+          )
+
+        {{:ok, mapping}, _} ->
+          SHM.unmap_region(mapping)
+
+          finding(
+            "memfd sealing",
+            :fail,
+            "a sealed region could still be mapped read-write",
+            "report it with the output of `uname -a`"
+          )
+
+        {_, other} ->
+          finding(
+            "memfd sealing",
+            :fail,
+            "reading the sealed region gave #{inspect(other)}",
+            "report it with the output of `uname -a`"
+          )
+      end
+    else
+      {:error, %SHM.Error{} = e} ->
+        finding(
+          "memfd sealing",
+          :fail,
+          "#{e.reason}: #{e.message}",
+          "needs Linux >= 5.1 (F_SEAL_FUTURE_WRITE)"
+        )
+    end
+  end
+
+  # ---- Python ----
+
+  defp python_checks(python, priv) do
+    if File.exists?(python) do
+      python_client(python, priv)
+    else
+      [
+        finding(
+          "Python client",
+          :fail,
+          "#{python} not found",
+          "apt-get install python3 python3-numpy (`make deps`)"
+        )
+      ]
+    end
+  end
+
+  @probe """
+  import json, os, sys
+  out = {"python": sys.version.split()[0]}
+  try:
+      import snakepit_shm
+      out["client"] = snakepit_shm.__version__
+      from snakepit_shm import _native
+      _native.library()
+      out["library"] = True
+  except Exception as exc:
+      out["error"] = f"{type(exc).__name__}: {exc}"
+  try:
+      import numpy
+      out["numpy"] = numpy.__version__
+  except ImportError as exc:
+      out["numpy_error"] = str(exc)
+  pidfd = getattr(os, "pidfd_open", None)
+  if pidfd is not None:
+      try:
+          os.close(pidfd(os.getpid()))
+          out["pidfd"] = True
+      except OSError as exc:
+          out["pidfd"] = str(exc)
+  print(json.dumps(out))
+  """
+
+  defp python_client(python, priv) do
+    env = [
+      {"PYTHONPATH", Path.join(priv, "python")},
+      {"SNAKEPIT_SHM_LIB", Path.join(priv, "libsnakepit_shm.so")},
+      {"PYTHONDONTWRITEBYTECODE", "1"}
+    ]
+
+    case System.cmd(python, ["-c", @probe], env: env, stderr_to_stdout: true) do
+      {out, 0} ->
+        case Snakepit.SharedMemory.JSON.decode(
+               out |> String.split("\n", trim: true) |> List.last() || ""
+             ) do
+          {:ok, probe} ->
+            python_findings(python, probe)
+
+          _ ->
+            [
+              finding(
+                "Python client",
+                :fail,
+                "unexpected output: #{String.slice(out, 0, 300)}",
+                "run #{python} by hand"
+              )
+            ]
+        end
+
+      {out, status} ->
+        [
+          finding(
+            "Python client",
+            :fail,
+            "#{python} exited with #{status}: #{String.slice(out, 0, 300)}",
+            "run #{python} by hand"
+          )
+        ]
+    end
+  end
+
+  defp python_findings(python, probe) do
+    client =
+      case probe do
+        %{"library" => true} ->
+          finding(
+            "Python client",
+            :ok,
+            "snakepit_shm #{probe["client"]} imports under #{python} #{probe["python"]} with libsnakepit_shm.so"
+          )
+
+        %{"error" => error} ->
+          finding(
+            "Python client",
+            :fail,
+            error,
+            "set PYTHONPATH=priv/python and SNAKEPIT_SHM_LIB=priv/libsnakepit_shm.so for the workers; run `mix compile`"
+          )
+      end
+
+    numpy =
+      case probe do
+        %{"numpy" => version} ->
+          finding("numpy", :ok, "numpy #{version}")
+
+        _ ->
+          finding(
+            "numpy",
+            :warn,
+            "numpy is missing under #{python}",
+            "apt-get install python3-numpy (Region.ndarray() needs it)"
+          )
+      end
+
+    pidfd =
+      case probe["pidfd"] do
+        true ->
+          finding("pidfd", :ok, "pidfd_open works: a killed worker's holds are released at once")
+
+        nil ->
+          finding(
+            "pidfd",
+            :warn,
+            "Python has no os.pidfd_open: not checked by behaviour",
+            "see the kernel finding"
+          )
+
+        error ->
+          finding(
+            "pidfd",
+            :warn,
+            "pidfd_open failed: #{error}",
+            "dead workers are found by polling: upgrade to Linux >= 5.3"
+          )
+      end
+
+    [client, numpy, pidfd]
+  end
+
+  defp read_trim(path) do
+    case File.read(path) do
+      {:ok, text} -> String.trim(text)
+      _ -> nil
+    end
+  end
+end
