@@ -110,18 +110,29 @@ def test_the_core_validates_python_forged_headers(lib):
                 lib.validate_header(address, size - 1)
 
 
-TABLE_COLUMNS = ["offset", "size", "field", "type", "meaning"]
+def _is_table_head(cells):
+    """`| offset | size | field | type | meaning |`, or its "slot"/"chunk" variants."""
+    names = [c.lower() for c in cells[:5]]
+    if len(names) != 5 or not names[2]:
+        return False
+    return (names[0].endswith("offset") and names[1] == "size"
+            and names[2].split()[-1] in ("field", "part")
+            and names[3:] == ["type", "meaning"])
 
 
 def parse_format_tables(text):
-    """Return the rows of every `| offset | size | field | type | meaning |` table."""
+    """Return the rows (field, offset, size) of every layout table of FORMAT.md.
+
+    Offsets like "+8" (relative to a slot or chunk) are read as 8; numbers may be
+    decimal or hex; cells that are not plain numbers ("len_i") are kept as text.
+    """
     tables, current = [], None
     for line in text.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if not line.lstrip().startswith("|"):
             current = None
             continue
-        if [c.lower() for c in cells[:5]] == TABLE_COLUMNS:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if _is_table_head(cells):
             current = []
             tables.append(current)
             continue
@@ -129,8 +140,15 @@ def parse_format_tables(text):
             continue
         offset, size, field = (c.strip("`* ") for c in cells[:3])
         field = re.sub(r"\[.*\]$", "", field)  # "holders[64]" -> "holders"
-        current.append((field, int(offset, 0), int(size, 0)))
+        current.append((field, _number(offset), _number(size)))
     return tables
+
+
+def _number(text):
+    try:
+        return int(text.lstrip("+ "), 0)
+    except ValueError:
+        return text
 
 
 def test_matches_docs_format_md():
@@ -138,16 +156,26 @@ def test_matches_docs_format_md():
         pytest.skip(f"{FORMAT_MD} is not written yet")
     with open(FORMAT_MD, encoding="utf-8") as f:
         tables = parse_format_tables(f.read())
-    header = next((t for t in tables if t and t[0][0] == "magic"), None)
-    holder = next((t for t in tables if t and t[0][0] == "slot_state"), None)
-    assert header is not None, "docs/FORMAT.md has no header field table"
-    assert holder is not None, "docs/FORMAT.md has no holder slot table"
-    assert {name: (o, s) for name, o, s in header} == as_table(F.HEADER_FIELDS)
-    assert {name: (o, s) for name, o, s in holder} == as_table(F.HOLDER_FIELDS)
+    first = {rows[0][0]: rows for rows in tables if rows}
+    assert {"magic", "slot_state", "nonce"} <= set(first), \
+        f"docs/FORMAT.md lacks a header, holder slot or chunk table: {list(first)}"
+    assert {n: (o, s) for n, o, s in first["magic"]} == as_table(F.HEADER_FIELDS)
+    assert [n for n, _, _ in first["magic"]] == [n for n, *_ in F.HEADER_FIELDS]
+    assert {n: (o, s) for n, o, s in first["slot_state"]} == as_table(F.HOLDER_FIELDS)
+    chunk = {n: (o, s) for n, o, s in first["nonce"]}
+    assert chunk["nonce"] == (0, F.NONCE_SIZE)
+    assert chunk["ciphertext"][0] == F.NONCE_SIZE
+    assert chunk["tag"][1] == F.TAG_SIZE
 
 
-def test_format_table_parser_reads_hex_and_backticks():
+def test_format_table_parser():
     text = ("| offset | size | field | type | meaning |\n|---|---|---|---|---|\n"
             "| 0 | 8 | `magic[8]` | char[8] | m |\n| 0x8 | 4 | format_version | u32 | v |\n"
-            "\nprose\n")
-    assert parse_format_tables(text) == [[("magic", 0, 8), ("format_version", 8, 4)]]
+            "\nprose | not a table\n"
+            "| slot offset | size | slot field | type | meaning |\n|---|---|---|---|---|\n"
+            "| +4 | 4 | `pid` | u32 | p |\n"
+            "| chunk offset | size | part | type | meaning |\n|---|---|---|---|---|\n"
+            "| +24 | len_i | `ciphertext` | u8[len_i] | c |\n")
+    assert parse_format_tables(text) == [
+        [("magic", 0, 8), ("format_version", 8, 4)], [("pid", 4, 4)],
+        [("ciphertext", 24, "len_i")]]
