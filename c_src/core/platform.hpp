@@ -101,14 +101,20 @@ struct ObjectInfo {
 
 // ---- named objects: POSIX shm_open "/<region_id>" (Windows: Local\<region_id>) ----
 
+/// The backend of named objects on this OS: posix (shm_open) or windows (file mapping).
+BackendKind named_backend() noexcept;
+
 /// Creates the object exclusively (never opens an existing one: already_exists), with
-/// permissions `mode` whatever the umask, and size 0.
-Result<Handle> create_named(const std::string& region_id, std::uint32_t mode);
+/// permissions `mode` whatever the umask. POSIX: size 0, allocate() sizes it. Windows: a
+/// file mapping's size is fixed at creation, so it is created with `size` bytes and
+/// allocate() only checks them.
+Result<Handle> create_named(const std::string& region_id, std::uint32_t mode, std::uint64_t size);
 /// Opens an existing object without following symbolic links.
 Result<Handle> open_named(const std::string& region_id, Access access);
 /// Removes the name (not_found if there is none). Mappings stay valid.
 Result<void> unlink_named(const std::string& region_id);
-/// The filesystem path of a named object ("/dev/shm/<id>"), or "" if the OS has none.
+/// The filesystem path of a named object ("/dev/shm/<id>"), or "" if the OS has none
+/// (macOS). Windows: the object name "Local\<id>", which open_path() accepts.
 std::string named_path(const std::string& region_id);
 /// Region ids of every named object whose name starts with kNamePrefix.
 std::vector<std::string> list_named();

@@ -40,7 +40,10 @@ void Mapping::reset() noexcept {
 
 // ---- named objects ----
 
-Result<Handle> create_named(const std::string& region_id, std::uint32_t mode) {
+BackendKind named_backend() noexcept { return BackendKind::posix; }
+
+Result<Handle> create_named(const std::string& region_id, std::uint32_t mode,
+                            std::uint64_t /*size: allocate() sets it*/) {
   std::string name = object_name(region_id);
   // O_EXCL: never open somebody else's object; O_NOFOLLOW: never follow a planted link.
   int fd = ::shm_open(name.c_str(), O_CREAT | O_EXCL | O_RDWR | O_NOFOLLOW | O_CLOEXEC, 0600);

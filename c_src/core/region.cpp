@@ -59,6 +59,13 @@ Result<void> check_create_options(const CreateOptions& o) {
   }
   switch (o.backend) {
     case BackendKind::posix:
+    case BackendKind::windows:
+      if (o.backend != platform::named_backend())
+        return Error{Errc::unsupported, 0,
+                     std::string("backend :") +
+                         (o.backend == BackendKind::posix ? "posix" : "windows") +
+                         " is not available on this OS: use backend :" +
+                         (o.backend == BackendKind::posix ? "windows" : "posix")};
       return {};
     case BackendKind::memfd:
       if (named)
@@ -69,14 +76,17 @@ Result<void> check_create_options(const CreateOptions& o) {
                      "group/other permissions need backend :posix (memfd regions are "
                      "owner-only)"};
       return {};
-    case BackendKind::windows:
-      return Error{Errc::unsupported, 0, "the windows backend is not available on this OS"};
   }
   return Error{Errc::invalid_argument, 0, "unknown backend"};
 }
 
 std::uint64_t capacity_for(const CreateOptions& o) noexcept {
   return o.encrypted ? encrypted_capacity(o.size) : o.size;
+}
+
+/// Bytes of the single object of a named region: header, then the data in whole pages.
+std::uint64_t named_object_size(const CreateOptions& o) noexcept {
+  return kHeaderSize + round_up_to_page(capacity_for(o));
 }
 
 /// Removes a half-created named segment unless creation completes (dismiss()).
@@ -129,12 +139,12 @@ Result<Region> build_posix(platform::Handle handle, const std::string& id, const
   NameGuard guard(id);
   auto impl = std::make_unique<RegionFactory::Impl>();
   impl->id = id;
-  impl->backend = BackendKind::posix;
+  impl->backend = platform::named_backend();
   impl->role = Role::created;
   impl->writable = true;
   impl->capacity = capacity_for(o);
   impl->control = std::move(handle);
-  std::uint64_t object_size = kHeaderSize + round_up_to_page(impl->capacity);
+  std::uint64_t object_size = named_object_size(o);
   if (auto r = platform::allocate(impl->control, object_size, "segment " + id); !r)
     return r.error();
   if (auto r = RegionFactory::map_single_object(*impl, Access::read_write, Sharing::shared); !r)
@@ -159,7 +169,7 @@ Result<Region> create_posix(const CreateOptions& o) {
     if (auto r = remove_existing(id); !r) return r.error();
   }
   for (int attempt = 0; attempt < kCreateAttempts; ++attempt) {
-    auto handle = platform::create_named(id, o.mode);
+    auto handle = platform::create_named(id, o.mode, named_object_size(o));
     if (handle) return build_posix(std::move(*handle), id, o);
     if (handle.error().code != Errc::already_exists) return std::move(handle).error();
     if (!named) {

@@ -10,7 +10,8 @@ namespace spshm_wintest {
 inline constexpr char kChildFlag[] = "--spshm-child";
 
 /// Runs a child command in a new process (CreateProcessW of this very executable) and
-/// returns its exit code; -1 if it could not start or ran for more than a minute.
+/// returns its exit code; -1 if it could not start or ran for more than a minute. A first
+/// argument "--quiet" silences the child's message when a failure is what the test wants.
 int run_child(const std::vector<std::string>& args);
 
 /// child.cpp: runs one child command; its return value is the process's exit code.
