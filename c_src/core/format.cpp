@@ -176,6 +176,7 @@ std::string layout_description() {
       root.key("holder_flags");
       JsonObject o(out);
       o.number("writable", kHolderWritable);
+      o.number("incarnation_mask", 0xFFFFFF00u);
     }
     describe_fields(root, out, std::begin(kHeaderFields), std::end(kHeaderFields));
     {
@@ -240,8 +241,8 @@ void init_header(RegionHeader& h, const HeaderInit& init) {
   h.flags = init.flags;
   h.creator_pid = platform::current_pid();
   h.security_level = init.security_level;
-  auto stat = platform::process_stat(h.creator_pid);
-  h.creator_start_time = stat ? stat->start_time : 0;
+  auto start = process_start_time(h.creator_pid);
+  h.creator_start_time = start ? *start : 0;
   auto boot = platform::boot_id();
   std::memcpy(h.boot_id, boot.data(), boot.size());
   h.created_at_ns = platform::realtime_ns();

@@ -1,21 +1,28 @@
 // The holder table: lock-free, shared between processes through the header.
 //
-// Slot protocol (every step an atomic on the shared header, seq_cst):
-//   claim:    slot_state free -> busy (CAS); write pid, start_time, count = 1, flags;
-//             slot_state = live.
-//   add:      on a live slot of the same (pid, start_time): count c -> c + 1 by CAS, only
-//             while c > 0 (a count that reached 0 belongs to a releaser freeing the slot).
-//   remove:   count c -> c - 1 by CAS; whoever takes it to 0 moves the slot live -> busy,
-//             clears it, and sets it free.
+// Each slot's `count` (+16) and `flags` (+20) form one aligned 64-bit word, changed only
+// by 64-bit compare-and-swap. `flags` carries the writable bit (bit 0) and, in bits 8-31,
+// the slot's incarnation, bumped every time the slot is claimed. A CAS on the word thus
+// fails if the slot was freed and claimed again since it was read (the ABA problem: without
+// the incarnation, a hold could land on the slot of another process that reused it).
+//
+//   claim:    slot_state free -> busy (CAS); write pid, start_time; word = (1, next
+//             incarnation | writable); slot_state = live.
+//   add:      read the word, then check the slot is live and is (pid, start_time), then
+//             CAS word (c, f) -> (c + 1, f | writable), only while c > 0 (a count that
+//             reached 0 belongs to a releaser freeing the slot).
+//   remove:   the same with (c, f) -> (c - 1, f); whoever takes the count to 0 moves the
+//             slot live -> busy, clears it (keeping the incarnation) and sets it free.
 // The header refcount moves by the same amounts right after, so at rest it equals the sum
 // of all counts. A process that registers from several threads at once may end up with
 // more than one slot; its counts add up and release()/release_all() handle every slot.
 //
 // Sealing (region.cpp) and writable holds exclude each other Dekker-style: hold() first
-// publishes kHolderWritable, then reads the state; seal() first sets kStateSealed, then
+// publishes the writable bit, then reads the state; seal() first sets kStateSealed, then
 // reads every slot's flags. With seq_cst on both sides at least one of them sees the
 // other, so a writable hold never coexists with a seal.
 #include <atomic>
+#include <cstddef>
 
 #include "region.hpp"
 
@@ -23,7 +30,41 @@ namespace spshm {
 
 namespace {
 
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the header is little-endian");
+static_assert(offsetof(HolderSlot, count) % 8 == 0, "count+flags must be one aligned word");
+static_assert(offsetof(HolderSlot, flags) == offsetof(HolderSlot, count) + 4);
+
 constexpr auto kOrder = std::memory_order_seq_cst;
+constexpr std::uint32_t kIncarnationShift = 8;
+constexpr std::uint32_t kIncarnationMask = 0xFFFFFF00u;
+
+struct Word {
+  std::uint32_t count;
+  std::uint32_t flags;
+  std::uint64_t raw() const noexcept { return std::uint64_t{flags} << 32 | count; }
+  static Word of(std::uint64_t raw) noexcept {
+    return Word{static_cast<std::uint32_t>(raw), static_cast<std::uint32_t>(raw >> 32)};
+  }
+};
+
+// count and flags are std::atomic<uint32_t> in the struct (what other readers see); the
+// holder protocol updates both at once through the 64-bit word they form.
+std::uint64_t* word_address(const HolderSlot& s) noexcept {
+  return reinterpret_cast<std::uint64_t*>(const_cast<std::atomic<std::uint32_t>*>(&s.count));
+}
+Word load_word(const HolderSlot& s) noexcept {
+  return Word::of(__atomic_load_n(word_address(s), __ATOMIC_SEQ_CST));
+}
+bool cas_word(HolderSlot& s, Word& expected, Word desired) noexcept {
+  std::uint64_t raw = expected.raw();
+  bool done = __atomic_compare_exchange_n(word_address(s), &raw, desired.raw(), false,
+                                          __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+  if (!done) expected = Word::of(raw);
+  return done;
+}
+void store_word(HolderSlot& s, Word w) noexcept {
+  __atomic_store_n(word_address(s), w.raw(), __ATOMIC_SEQ_CST);
+}
 
 std::uint32_t slot_count(const RegionHeader& h) noexcept {
   return h.holder_capacity < kHolderCapacity ? h.holder_capacity : kHolderCapacity;
@@ -53,29 +94,38 @@ void refcount_sub(RegionHeader& h, std::uint32_t n) noexcept {
   } while (!h.refcount.compare_exchange_weak(current, next, kOrder));
 }
 
-/// Frees a slot whose count this caller took to zero.
+/// Frees a live slot whose count was just taken to zero (by this caller).
 void free_slot(HolderSlot& s) noexcept {
   std::uint32_t live = kSlotLive;
   if (!s.slot_state.compare_exchange_strong(live, kSlotBusy, kOrder)) return;
-  s.flags.store(0, kOrder);
+  Word w = load_word(s);
+  store_word(s, Word{0, w.flags & kIncarnationMask});
   __atomic_store_n(&s.pid, 0u, __ATOMIC_RELEASE);
   __atomic_store_n(&s.start_time, std::uint64_t{0}, __ATOMIC_RELEASE);
   s.slot_state.store(kSlotFree, kOrder);
 }
 
+/// Changes the count of a live slot of (pid, start_time) by `delta` (+1 or -1) while it
+/// is positive. Returns the new count, or -1 if the slot is not (or no longer) theirs.
+long change_count(HolderSlot& s, std::uint32_t pid, std::uint64_t start_time, int delta,
+                  std::uint32_t add_flags) noexcept {
+  Word w = load_word(s);  // first the word, then the identity: see the ABA note above
+  if (!belongs_to(s, pid, start_time)) return -1;
+  for (;;) {
+    if (w.count == 0) return -1;  // being freed
+    Word next{w.count + static_cast<std::uint32_t>(delta), w.flags | add_flags};
+    if (cas_word(s, w, next)) return next.count;
+    // The word changed. Same incarnation: just retry; another one: not ours any more.
+    if (!belongs_to(s, pid, start_time)) return -1;
+  }
+}
+
 /// Adds one hold to an existing live slot of the process; false if there is none.
 bool add_to_existing(RegionHeader& h, std::uint32_t pid, std::uint64_t start_time,
                      bool writable) noexcept {
-  for (std::uint32_t i = 0; i < slot_count(h); ++i) {
-    HolderSlot& s = h.holders[i];
-    if (!belongs_to(s, pid, start_time)) continue;
-    std::uint32_t c = s.count.load(kOrder);
-    while (c > 0 && !s.count.compare_exchange_weak(c, c + 1, kOrder)) {
-    }
-    if (c == 0) continue;  // being released: look further or claim a new slot
-    if (writable) s.flags.fetch_or(kHolderWritable, kOrder);
-    return true;
-  }
+  std::uint32_t add = writable ? kHolderWritable : 0;
+  for (std::uint32_t i = 0; i < slot_count(h); ++i)
+    if (change_count(h.holders[i], pid, start_time, +1, add) > 0) return true;
   return false;
 }
 
@@ -89,8 +139,8 @@ bool claim_free(RegionHeader& h, std::uint32_t pid, std::uint64_t start_time,
       continue;
     __atomic_store_n(&s.pid, pid, __ATOMIC_RELEASE);
     __atomic_store_n(&s.start_time, start_time, __ATOMIC_RELEASE);
-    s.count.store(1, kOrder);
-    s.flags.store(writable ? kHolderWritable : 0, kOrder);
+    std::uint32_t incarnation = (load_word(s).flags + (1u << kIncarnationShift)) & kIncarnationMask;
+    store_word(s, Word{1, incarnation | (writable ? kHolderWritable : 0)});
     s.slot_state.store(kSlotLive, kOrder);
     return true;
   }
@@ -101,12 +151,9 @@ bool claim_free(RegionHeader& h, std::uint32_t pid, std::uint64_t start_time,
 bool remove_one(RegionHeader& h, std::uint32_t pid, std::uint64_t start_time) noexcept {
   for (std::uint32_t i = 0; i < slot_count(h); ++i) {
     HolderSlot& s = h.holders[i];
-    if (!belongs_to(s, pid, start_time)) continue;
-    std::uint32_t c = s.count.load(kOrder);
-    while (c > 0 && !s.count.compare_exchange_weak(c, c - 1, kOrder)) {
-    }
-    if (c == 0) continue;
-    if (c == 1) free_slot(s);
+    long left = change_count(s, pid, start_time, -1, 0);
+    if (left < 0) continue;
+    if (left == 0) free_slot(s);
     return true;
   }
   return false;
@@ -156,9 +203,13 @@ std::uint32_t release_all(RegionHeader& header, std::uint32_t pid, std::uint64_t
   std::uint32_t released = 0;
   for (std::uint32_t i = 0; i < slot_count(header); ++i) {
     HolderSlot& s = header.holders[i];
+    Word w = load_word(s);
     if (!belongs_to(s, pid, start_time)) continue;
-    std::uint32_t c = s.count.exchange(0, kOrder);
-    released += c;
+    while (w.count > 0 && !cas_word(s, w, Word{0, w.flags})) {
+    }
+    released += w.count;
+    // Frees the slot also when its count was already 0: a releaser of this (dead)
+    // process died between taking the count to 0 and freeing the slot.
     free_slot(s);
   }
   if (released > 0) refcount_sub(header, released);
@@ -171,8 +222,8 @@ std::vector<HolderInfo> holders(const RegionHeader& header) {
   for (std::uint32_t i = 0; i < slot_count(header); ++i) {
     const HolderSlot& s = header.holders[i];
     if (s.slot_state.load(kOrder) != kSlotLive) continue;
-    HolderInfo info{load_pid(s), load_start(s), s.count.load(kOrder),
-                    (s.flags.load(kOrder) & kHolderWritable) != 0};
+    Word w = load_word(s);
+    HolderInfo info{load_pid(s), load_start(s), w.count, (w.flags & kHolderWritable) != 0};
     if (info.count > 0) out.push_back(info);
   }
   return out;

@@ -95,13 +95,16 @@ Result<Handle> create_anonymous(const std::string& debug_name, std::uint64_t siz
   if (::fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW) != 0)
     return os_error("cannot seal the size of " + what, errno);
   if (::fchmod(fd, 0600) != 0) return os_error("cannot set the permissions of " + what, errno);
-  // Allocate every page now: out of memory fails here, not on first touch.
-  int err;
-  do {
-    err = ::posix_fallocate(fd, 0, static_cast<off_t>(size));
-  } while (err == EINTR);
-  if (err != 0)
-    return os_error("cannot allocate " + std::to_string(size) + " bytes for " + what, err);
+  // Allocate every page now: out of memory fails here, not on first touch. (A single
+  // page, the control memfd, is written at once by its creator: no need.)
+  if (size > page_size()) {
+    int err;
+    do {
+      err = ::posix_fallocate(fd, 0, static_cast<off_t>(size));
+    } while (err == EINTR);
+    if (err != 0)
+      return os_error("cannot allocate " + std::to_string(size) + " bytes for " + what, err);
+  }
   return handle;
 }
 

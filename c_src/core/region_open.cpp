@@ -168,30 +168,33 @@ Error out_of_memory() { return Error{Errc::no_space, ENOMEM, "out of memory open
 Result<void> RegionFactory::map_single_object(Impl& impl, Access header_access,
                                               Sharing header_sharing) {
   std::string what = "segment " + impl.id;
+  // One mapping covers header and data when both are writable (the common case: one
+  // mmap and munmap fewer), or when pages are larger than the header so the data cannot
+  // be mapped on its own. A read-only data area gets its own read-only mapping.
+  bool writable_header = header_access == Access::read_write && header_sharing == Sharing::shared;
+  bool page_aligned = kHeaderSize % platform::page_size() == 0;
+  if ((impl.writable && writable_header) || !page_aligned) {
+    if (header_sharing != Sharing::shared)
+      return Error{Errc::unsupported, 0,
+                   "cannot open " + what + " read-only on a system with pages larger than 4 KiB"};
+    auto whole = platform::map(impl.control, 0, kHeaderSize + impl.capacity, header_access,
+                               Sharing::shared, what);
+    if (!whole) return whole.error();
+    impl.header_map = std::move(*whole);
+    impl.data = impl.header_map.data() + kHeaderSize;
+    return {};
+  }
   if (!impl.header_map.valid()) {
     auto header = platform::map(impl.control, 0, kHeaderSize, header_access, header_sharing, what);
     if (!header) return header.error();
     impl.header_map = std::move(*header);
   }
-  if (kHeaderSize % platform::page_size() == 0) {
-    auto data = platform::map(impl.control, kHeaderSize, impl.capacity,
-                              impl.writable ? Access::read_write : Access::read_only,
-                              Sharing::shared, what);
-    if (!data) return data.error();
-    impl.data_map = std::move(*data);
-    impl.data = impl.data_map.data();
-    return {};
-  }
-  // Pages larger than the header: the data cannot be mapped on its own, so one mapping
-  // covers both, with the header's protection.
-  if (header_sharing != Sharing::shared)
-    return Error{Errc::unsupported, 0,
-                 "cannot open " + what + " read-only on a system with pages larger than 4 KiB"};
-  auto whole = platform::map(impl.control, 0, kHeaderSize + impl.capacity, header_access,
-                             Sharing::shared, what);
-  if (!whole) return whole.error();
-  impl.header_map = std::move(*whole);
-  impl.data = impl.header_map.data() + kHeaderSize;
+  auto data =
+      platform::map(impl.control, kHeaderSize, impl.capacity,
+                    impl.writable ? Access::read_write : Access::read_only, Sharing::shared, what);
+  if (!data) return data.error();
+  impl.data_map = std::move(*data);
+  impl.data = impl.data_map.data();
   return {};
 }
 

@@ -57,8 +57,26 @@ TEST_CASE("hold and release count per process and in the refcount", "[holders]")
   REQUIRE(holders(h).empty());
   for (const HolderSlot& s : h.holders) {
     REQUIRE(s.slot_state.load() == kSlotFree);
-    REQUIRE(s.flags.load() == 0);
+    REQUIRE((s.flags.load() & kHolderWritable) == 0);
   }
+}
+
+TEST_CASE("a reclaimed slot gets a new incarnation", "[holders]") {
+  // The incarnation (flags bits 8-31) makes a stale compare-and-swap on a slot that was
+  // freed and claimed again fail, instead of moving another process's count.
+  Region r = create_ok(options(BackendKind::memfd, 64));
+  HolderSlot& s = r.header().holders[0];
+  REQUIRE_OK(hold(r.header(), 10, 1, false));
+  std::uint32_t first = s.flags.load() & ~kHolderWritable;
+  REQUIRE(first != 0);
+  REQUIRE_OK(release(r.header(), 10, 1));
+  REQUIRE(s.slot_state.load() == kSlotFree);
+  REQUIRE((s.flags.load() & ~kHolderWritable) == first);  // kept while free
+  REQUIRE_OK(hold(r.header(), 11, 1, true));
+  REQUIRE(s.pid == 11);
+  REQUIRE((s.flags.load() & ~kHolderWritable) != first);
+  REQUIRE(s.flags.load() & kHolderWritable);
+  REQUIRE_OK(release(r.header(), 11, 1));
 }
 
 TEST_CASE("pid 0 cannot hold", "[holders]") {

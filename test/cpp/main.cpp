@@ -15,11 +15,17 @@
 
 namespace {
 
-/// Segments created by this process (its pid in the header, or its test-name prefix).
+/// Segments created by this process: a test name with our pid, or our pid in the header.
+/// (Other programs, other test runs included, may create segments meanwhile.)
 bool made_by_us(const std::string& id) {
-  if (id.find("_t" + std::to_string(getpid()) + "-") != std::string::npos) return true;
+  const std::string test_prefix = "spshm_n_t";
+  if (id.rfind(test_prefix, 0) == 0) {
+    std::size_t dash = id.find('-', test_prefix.size());
+    return dash != std::string::npos &&
+           id.substr(test_prefix.size(), dash - test_prefix.size()) == std::to_string(getpid());
+  }
   auto snap = spshm::inspect("/dev/shm/" + id);
-  return !snap || snap->creator_pid == spshm::self_pid();
+  return snap && snap->creator_pid == spshm::self_pid();
 }
 
 }  // namespace
