@@ -87,8 +87,10 @@ SLOT_FREE = 0
 SLOT_BUSY = 1  # being claimed or released
 SLOT_LIVE = 2
 
-# Holder flags.
+# Holder flags. ``count`` and ``flags`` of a slot form one 64-bit word changed by one
+# CAS; bits 8-31 of ``flags`` count the slot's claims (its incarnation, against ABA).
 HOLDER_WRITABLE = 1 << 0
+HOLDER_INCARNATION_MASK = 0xFFFFFF00
 
 # (name, offset, size, struct code or None for byte arrays), in layout order.
 HEADER_FIELDS = (

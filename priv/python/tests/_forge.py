@@ -23,6 +23,11 @@ import zlib
 from snakepit_shm import _format as F
 
 BASE32 = "abcdefghijklmnopqrstuvwxyz234567"
+
+# Every region id the tests created, and every process that created regions for them:
+# the session's leftover check (conftest.py) looks for exactly these in /dev/shm.
+CREATED_IDS = set()
+CREATOR_PIDS = {os.getpid()}
 F_SEAL_SHRINK = 0x0002
 F_SEAL_GROW = 0x0004
 F_SEAL_WRITE = 0x0008
@@ -236,6 +241,7 @@ class Forge:
                               encrypted=key is not None, idle_timeout_ns=idle_timeout_ns)
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW, 0o600)
         self.paths.append(path)
+        CREATED_IDS.add(region_id)
         try:
             os.ftruncate(fd, F.HEADER_SIZE + len(area))
             os.pwrite(fd, bytes(header), 0)
@@ -274,6 +280,7 @@ class Forge:
     def track(self, path):
         """Remove ``path`` in cleanup() too."""
         self.paths.append(path)
+        CREATED_IDS.add(os.path.basename(path))
 
     def cleanup(self):
         """Remove every segment and close every memfd created here."""

@@ -35,7 +35,8 @@ ENUMS = {
               "split_data": F.FLAG_SPLIT_DATA},
     "states": {"sealed": F.STATE_SEALED, "deallocated": F.STATE_DEALLOCATED},
     "slot_states": {"free": F.SLOT_FREE, "busy": F.SLOT_BUSY, "live": F.SLOT_LIVE},
-    "holder_flags": {"writable": F.HOLDER_WRITABLE},
+    "holder_flags": {"writable": F.HOLDER_WRITABLE,
+                     "incarnation_mask": F.HOLDER_INCARNATION_MASK},
 }
 
 

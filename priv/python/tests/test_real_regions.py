@@ -13,6 +13,7 @@ import subprocess
 
 import pytest
 
+import _forge
 import snakepit_shm
 from conftest import REPO, requires_lib
 
@@ -48,6 +49,7 @@ class Peer:
     def __init__(self, argv, env):
         self.process = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, text=True, cwd=REPO)
+        _forge.CREATOR_PIDS.add(self.process.pid)
 
     def ask(self, *words, timeout=60):
         self.process.stdin.write(" ".join(str(w) for w in words) + "\n")
@@ -64,7 +66,9 @@ class Peer:
         return rest
 
     def create(self, size, backend, encrypted=False):
-        return json.loads(self.ok("create", size, backend, int(encrypted)))
+        ref = json.loads(self.ok("create", size, backend, int(encrypted)))
+        _forge.CREATED_IDS.add(ref["region_id"])
+        return ref
 
     def holds(self, region_id):
         refcount, _, holders = self.ok("header", region_id).partition(" ")
