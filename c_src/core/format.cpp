@@ -5,6 +5,7 @@
 #include <string>
 
 #include "crypto.hpp"
+#include "guard.hpp"
 #include "header.hpp"
 #include "ids.hpp"
 #include "platform.hpp"
@@ -390,14 +391,16 @@ Result<void> validate_header_fields(const RegionHeader& header) {
 }
 
 Result<void> validate_header(const RegionHeader& header, std::uint64_t data_object_size) {
-  if (auto r = validate_header_fields(header); !r) return r;
-  // data_offset <= 4096 and data_capacity <= ~2^60 after the checks above: no overflow.
-  std::uint64_t end = header.data_offset + header.data_capacity;
-  if (end > data_object_size)
-    return corrupt(header, "the data area ends at byte " + std::to_string(end) +
-                               " but the object holding it has only " +
-                               std::to_string(data_object_size) + " bytes (truncated or shrunk)");
-  return {};
+  return guarded([&]() -> Result<void> {
+    if (auto r = validate_header_fields(header); !r) return r;
+    // data_offset <= 4096 and data_capacity <= ~2^60 after the checks above: no overflow.
+    std::uint64_t end = header.data_offset + header.data_capacity;
+    if (end > data_object_size)
+      return corrupt(header, "the data area ends at byte " + std::to_string(end) +
+                                 " but the object holding it has only " +
+                                 std::to_string(data_object_size) + " bytes (truncated or shrunk)");
+    return {};
+  });
 }
 
 }  // namespace spshm

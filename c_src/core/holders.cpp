@@ -24,6 +24,7 @@
 #include <atomic>
 #include <cstddef>
 
+#include "guard.hpp"
 #include "region.hpp"
 
 namespace spshm {
@@ -163,40 +164,44 @@ bool remove_one(RegionHeader& h, std::uint32_t pid, std::uint64_t start_time) no
 
 Result<void> hold(RegionHeader& header, std::uint32_t pid, std::uint64_t start_time,
                   bool writable) {
-  if (pid == 0) return Error{Errc::invalid_argument, 0, "holder pid must not be 0"};
-  std::uint32_t state = header.state.load(kOrder);
-  if (state & kStateDeallocated)
-    return Error{Errc::deallocated, 0, "cannot hold a region that has been deallocated"};
-  if (writable && (state & kStateSealed))
-    return Error{Errc::sealed, 0, "the region is sealed: map it read_only"};
-
-  if (!add_to_existing(header, pid, start_time, writable) &&
-      !claim_free(header, pid, start_time, writable))
-    return Error{Errc::holder_table_full, 0,
-                 "all " + std::to_string(kHolderCapacity) +
-                     " holder slots of the region are in use: unmap it in other processes "
-                     "(or have the manager release dead holders) and retry"};
-  header.refcount.fetch_add(1, kOrder);
-  changed(header);
-
-  // Second look, after our hold is published (see the Dekker note above).
-  state = header.state.load(kOrder);
-  if ((state & kStateDeallocated) || (writable && (state & kStateSealed))) {
-    (void)release(header, pid, start_time);
+  return guarded([&]() -> Result<void> {
+    if (pid == 0) return Error{Errc::invalid_argument, 0, "holder pid must not be 0"};
+    std::uint32_t state = header.state.load(kOrder);
     if (state & kStateDeallocated)
-      return Error{Errc::deallocated, 0, "the region was deallocated while mapping it"};
-    return Error{Errc::sealed, 0, "the region was sealed while mapping it: map it read_only"};
-  }
-  return {};
+      return Error{Errc::deallocated, 0, "cannot hold a region that has been deallocated"};
+    if (writable && (state & kStateSealed))
+      return Error{Errc::sealed, 0, "the region is sealed: map it read_only"};
+
+    if (!add_to_existing(header, pid, start_time, writable) &&
+        !claim_free(header, pid, start_time, writable))
+      return Error{Errc::holder_table_full, 0,
+                   "all " + std::to_string(kHolderCapacity) +
+                       " holder slots of the region are in use: unmap it in other processes "
+                       "(or have the manager release dead holders) and retry"};
+    header.refcount.fetch_add(1, kOrder);
+    changed(header);
+
+    // Second look, after our hold is published (see the Dekker note above).
+    state = header.state.load(kOrder);
+    if ((state & kStateDeallocated) || (writable && (state & kStateSealed))) {
+      (void)release(header, pid, start_time);
+      if (state & kStateDeallocated)
+        return Error{Errc::deallocated, 0, "the region was deallocated while mapping it"};
+      return Error{Errc::sealed, 0, "the region was sealed while mapping it: map it read_only"};
+    }
+    return {};
+  });
 }
 
 Result<void> release(RegionHeader& header, std::uint32_t pid, std::uint64_t start_time) {
-  if (!remove_one(header, pid, start_time))
-    return Error{Errc::not_found, 0,
-                 "process " + std::to_string(pid) + " holds no reference to this region"};
-  refcount_sub(header, 1);
-  changed(header);
-  return {};
+  return guarded([&]() -> Result<void> {
+    if (!remove_one(header, pid, start_time))
+      return Error{Errc::not_found, 0,
+                   "process " + std::to_string(pid) + " holds no reference to this region"};
+    refcount_sub(header, 1);
+    changed(header);
+    return {};
+  });
 }
 
 std::uint32_t release_all(RegionHeader& header, std::uint32_t pid, std::uint64_t start_time) {

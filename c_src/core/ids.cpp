@@ -1,5 +1,6 @@
 // Region ids, well-known names and open modes.
 #include "ids.hpp"
+#include "guard.hpp"
 
 #include <cstdint>
 #include <cstring>
@@ -66,28 +67,32 @@ std::string random_region_id() {
 }
 
 Result<void> validate_name(const std::string& name) {
-  if (name.empty() || name.size() > kMaxNameLength)
-    return Error{Errc::invalid_argument, 0,
-                 "region name must be 1 to " + std::to_string(kMaxNameLength) +
-                     " characters long, got " + std::to_string(name.size())};
-  for (char c : name) {
-    if (!is_name_char(c))
+  return guarded([&]() -> Result<void> {
+    if (name.empty() || name.size() > kMaxNameLength)
       return Error{Errc::invalid_argument, 0,
-                   "region name may only contain lower-case letters, digits, '_' and '-' "
-                   "(no '/', '.', upper case or spaces): got \"" +
-                       name + "\""};
-  }
-  return {};
+                   "region name must be 1 to " + std::to_string(kMaxNameLength) +
+                       " characters long, got " + std::to_string(name.size())};
+    for (char c : name) {
+      if (!is_name_char(c))
+        return Error{Errc::invalid_argument, 0,
+                     "region name may only contain lower-case letters, digits, '_' and '-' "
+                     "(no '/', '.', upper case or spaces): got \"" +
+                         name + "\""};
+    }
+    return {};
+  });
 }
 
 std::string named_region_id(const std::string& name) { return kNamedIdPrefix + name; }
 
 Result<void> validate_region_id(const std::string& id) {
-  if (is_random_region_id(id) || is_named_region_id(id)) return {};
-  return Error{Errc::invalid_argument, 0,
-               "not a snakepit_shm region id: \"" + id.substr(0, 64) +
-                   "\" (expected spshm_ followed by 20 characters of [a-z2-7], or spshm_n_ "
-                   "followed by a name of 1 to 21 characters of [a-z0-9_-])"};
+  return guarded([&]() -> Result<void> {
+    if (is_random_region_id(id) || is_named_region_id(id)) return {};
+    return Error{Errc::invalid_argument, 0,
+                 "not a snakepit_shm region id: \"" + id.substr(0, 64) +
+                     "\" (expected spshm_ followed by 20 characters of [a-z2-7], or spshm_n_ "
+                     "followed by a name of 1 to 21 characters of [a-z0-9_-])"};
+  });
 }
 
 }  // namespace spshm

@@ -4,6 +4,7 @@
 #include <limits>
 #include <new>
 
+#include "guard.hpp"
 #include "header.hpp"
 #include "ids.hpp"
 #include "platform.hpp"
@@ -149,12 +150,14 @@ std::uint64_t own_start_time(std::uint32_t pid) {
 }  // namespace
 
 Result<std::uint64_t> process_start_time(std::uint32_t pid) {
-  if (pid != 0 && pid == platform::current_pid()) {
-    if (std::uint64_t start = own_start_time(pid)) return start;
-  }
-  auto st = platform::process_stat(pid);
-  if (!st) return st.error();
-  return st->start_time;
+  return guarded([&]() -> Result<std::uint64_t> {
+    if (pid != 0 && pid == platform::current_pid()) {
+      if (std::uint64_t start = own_start_time(pid)) return start;
+    }
+    auto st = platform::process_stat(pid);
+    if (!st) return st.error();
+    return st->start_time;
+  });
 }
 
 std::array<std::uint8_t, 16> boot_id() { return platform::boot_id(); }

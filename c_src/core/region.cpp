@@ -1,6 +1,7 @@
 // Region: creation and everything done with a Region once it exists. OS-neutral: every
 // system call goes through platform.hpp. Opening an existing region: region_open.cpp.
 #include "region.hpp"
+#include "guard.hpp"
 
 #include <cerrno>
 #include <cstring>
@@ -284,23 +285,25 @@ const std::uint8_t* Region::key() const noexcept {
 }
 
 Result<void> Region::use_key(const std::uint8_t* key) {
-  if (!impl_->encrypted)
-    return Error{Errc::invalid_argument, 0, "region " + impl_->id + " is not encrypted"};
-  if (key == nullptr) return Error{Errc::invalid_argument, 0, "the key must be 32 bytes"};
-  try {
-    auto copy = crypto::Key::copy_of(key);
-    if (!copy) return copy.error();
-    std::uint8_t probe;
-    if (auto r = crypto::decrypt(impl_->binding(), copy->data(), impl_->data, 0, &probe, 1); !r)
-      return Error{r.error().code, 0,
-                   "this key does not open region " + impl_->id + ": " + r.error().message};
-    crypto::secure_zero(&probe, 1);
-    std::unique_lock<std::shared_mutex> lock(impl_->crypt);
-    impl_->key = std::move(*copy);
-    return {};
-  } catch (const std::bad_alloc&) {
-    return out_of_memory("storing a key");
-  }
+  return guarded([&]() -> Result<void> {
+    if (!impl_->encrypted)
+      return Error{Errc::invalid_argument, 0, "region " + impl_->id + " is not encrypted"};
+    if (key == nullptr) return Error{Errc::invalid_argument, 0, "the key must be 32 bytes"};
+    try {
+      auto copy = crypto::Key::copy_of(key);
+      if (!copy) return copy.error();
+      std::uint8_t probe;
+      if (auto r = crypto::decrypt(impl_->binding(), copy->data(), impl_->data, 0, &probe, 1); !r)
+        return Error{r.error().code, 0,
+                     "this key does not open region " + impl_->id + ": " + r.error().message};
+      crypto::secure_zero(&probe, 1);
+      std::unique_lock<std::shared_mutex> lock(impl_->crypt);
+      impl_->key = std::move(*copy);
+      return {};
+    } catch (const std::bad_alloc&) {
+      return out_of_memory("storing a key");
+    }
+  });
 }
 
 bool Region::sealed() const noexcept {
@@ -308,49 +311,56 @@ bool Region::sealed() const noexcept {
 }
 
 Result<void> Region::seal() {
-  if (!impl_->writable || !impl_->header_shared) return needs_writable(impl_->id, "seal");
-  RegionHeader& h = impl_->header();
-  // Dekker with hold() (holders.cpp): set the bit first, then look for writable holders.
-  std::uint32_t before = h.state.fetch_or(kStateSealed, std::memory_order_seq_cst);
-  bool set_by_us = (before & kStateSealed) == 0;
-  auto undo = [&] {
-    if (set_by_us) h.state.fetch_and(~kStateSealed, std::memory_order_seq_cst);
-  };
-  if (before & kStateDeallocated) {
-    undo();
-    return Error{Errc::deallocated, 0, "cannot seal region " + impl_->id + ": it was deallocated"};
-  }
-  if (set_by_us) {
-    if (std::uint32_t pid = other_writable_holder(h)) {
+  return guarded([&]() -> Result<void> {
+    if (!impl_->writable || !impl_->header_shared) return needs_writable(impl_->id, "seal");
+    RegionHeader& h = impl_->header();
+    // Dekker with hold() (holders.cpp): set the bit first, then look for writable holders.
+    std::uint32_t before = h.state.fetch_or(kStateSealed, std::memory_order_seq_cst);
+    bool set_by_us = (before & kStateSealed) == 0;
+    auto undo = [&] {
+      if (set_by_us) h.state.fetch_and(~kStateSealed, std::memory_order_seq_cst);
+    };
+    if (before & kStateDeallocated) {
       undo();
-      return Error{Errc::busy, 0,
-                   "cannot seal region " + impl_->id + ": process " + std::to_string(pid) +
-                       " holds it read-write; have it unmap (or remap read_only) and retry"};
+      return Error{Errc::deallocated, 0,
+                   "cannot seal region " + impl_->id + ": it was deallocated"};
     }
-  }
-  if (auto r = platform::seal_object(impl_->data_handle(), impl_->backend); !r) {
-    undo();
-    return r;
-  }
-  return {};
+    if (set_by_us) {
+      if (std::uint32_t pid = other_writable_holder(h)) {
+        undo();
+        return Error{Errc::busy, 0,
+                     "cannot seal region " + impl_->id + ": process " + std::to_string(pid) +
+                         " holds it read-write; have it unmap (or remap read_only) and retry"};
+      }
+    }
+    if (auto r = platform::seal_object(impl_->data_handle(), impl_->backend); !r) {
+      undo();
+      return r;
+    }
+    return {};
+  });
 }
 
 Result<void> Region::deallocate(bool zero) {
-  if (!impl_->header_shared || (zero && !impl_->writable))
-    return needs_writable(impl_->id, zero ? "zero and deallocate" : "deallocate");
-  impl_->header().state.fetch_or(kStateDeallocated, std::memory_order_seq_cst);
-  if (zero) {
-    std::unique_lock<std::shared_mutex> lock(impl_->crypt);
-    crypto::secure_zero(impl_->data, impl_->capacity);
-  }
-  return unlink();
+  return guarded([&]() -> Result<void> {
+    if (!impl_->header_shared || (zero && !impl_->writable))
+      return needs_writable(impl_->id, zero ? "zero and deallocate" : "deallocate");
+    impl_->header().state.fetch_or(kStateDeallocated, std::memory_order_seq_cst);
+    if (zero) {
+      std::unique_lock<std::shared_mutex> lock(impl_->crypt);
+      crypto::secure_zero(impl_->data, impl_->capacity);
+    }
+    return unlink();
+  });
 }
 
 Result<void> Region::unlink() {
-  if (impl_->data_object.valid()) return {};  // memfd: no name to remove
-  auto r = platform::unlink_named(impl_->id);
-  if (!r && r.error().code != Errc::not_found) return r;
-  return {};
+  return guarded([&]() -> Result<void> {
+    if (impl_->data_object.valid()) return {};  // memfd: no name to remove
+    auto r = platform::unlink_named(impl_->id);
+    if (!r && r.error().code != Errc::not_found) return r;
+    return {};
+  });
 }
 
 namespace {
@@ -379,48 +389,52 @@ Error no_key(const std::string& id) {
 }  // namespace
 
 Result<void> Region::write(std::uint64_t offset, const std::uint8_t* src, std::size_t length) {
-  if (!impl_->writable) return needs_writable(impl_->id, "write to");
-  std::uint32_t state = impl_->header().state.load(std::memory_order_acquire);
-  if (state & kStateDeallocated)
-    return Error{Errc::deallocated, 0, "region " + impl_->id + " has been deallocated"};
-  if (state & kStateSealed)
-    return Error{Errc::sealed, 0, "region " + impl_->id + " is sealed: it can only be read"};
-  if (auto r = check_range(impl_->id, impl_->size, offset, length); !r) return r;
-  if (length > 0 && src == nullptr)
-    return Error{Errc::invalid_argument, 0, "write source must not be NULL"};
-  if (impl_->encrypted) {
-    std::unique_lock<std::shared_mutex> lock(impl_->crypt);
-    if (impl_->key.empty()) return no_key(impl_->id);
-    if (auto r =
-            crypto::encrypt(impl_->binding(), impl_->key.data(), impl_->data, offset, src, length);
-        !r)
-      return r;
-  } else if (length > 0) {
-    std::memcpy(impl_->data + offset, src, length);
-  }
-  touch();
-  return {};
+  return guarded([&]() -> Result<void> {
+    if (!impl_->writable) return needs_writable(impl_->id, "write to");
+    std::uint32_t state = impl_->header().state.load(std::memory_order_acquire);
+    if (state & kStateDeallocated)
+      return Error{Errc::deallocated, 0, "region " + impl_->id + " has been deallocated"};
+    if (state & kStateSealed)
+      return Error{Errc::sealed, 0, "region " + impl_->id + " is sealed: it can only be read"};
+    if (auto r = check_range(impl_->id, impl_->size, offset, length); !r) return r;
+    if (length > 0 && src == nullptr)
+      return Error{Errc::invalid_argument, 0, "write source must not be NULL"};
+    if (impl_->encrypted) {
+      std::unique_lock<std::shared_mutex> lock(impl_->crypt);
+      if (impl_->key.empty()) return no_key(impl_->id);
+      if (auto r = crypto::encrypt(impl_->binding(), impl_->key.data(), impl_->data, offset, src,
+                                   length);
+          !r)
+        return r;
+    } else if (length > 0) {
+      std::memcpy(impl_->data + offset, src, length);
+    }
+    touch();
+    return {};
+  });
 }
 
 Result<void> Region::read(std::uint64_t offset, std::uint8_t* dst, std::size_t length) const {
-  std::uint32_t state = impl_->header().state.load(std::memory_order_acquire);
-  if (state & kStateDeallocated)
-    return Error{Errc::deallocated, 0, "region " + impl_->id + " has been deallocated"};
-  if (auto r = check_range(impl_->id, impl_->size, offset, length); !r) return r;
-  if (length > 0 && dst == nullptr)
-    return Error{Errc::invalid_argument, 0, "read destination must not be NULL"};
-  if (impl_->encrypted) {
-    std::shared_lock<std::shared_mutex> lock(impl_->crypt);
-    if (impl_->key.empty()) return no_key(impl_->id);
-    if (auto r =
-            crypto::decrypt(impl_->binding(), impl_->key.data(), impl_->data, offset, dst, length);
-        !r)
-      return r;
-  } else if (length > 0) {
-    std::memcpy(dst, impl_->data + offset, length);
-  }
-  touch_header(*impl_);
-  return {};
+  return guarded([&]() -> Result<void> {
+    std::uint32_t state = impl_->header().state.load(std::memory_order_acquire);
+    if (state & kStateDeallocated)
+      return Error{Errc::deallocated, 0, "region " + impl_->id + " has been deallocated"};
+    if (auto r = check_range(impl_->id, impl_->size, offset, length); !r) return r;
+    if (length > 0 && dst == nullptr)
+      return Error{Errc::invalid_argument, 0, "read destination must not be NULL"};
+    if (impl_->encrypted) {
+      std::shared_lock<std::shared_mutex> lock(impl_->crypt);
+      if (impl_->key.empty()) return no_key(impl_->id);
+      if (auto r = crypto::decrypt(impl_->binding(), impl_->key.data(), impl_->data, offset, dst,
+                                   length);
+          !r)
+        return r;
+    } else if (length > 0) {
+      std::memcpy(dst, impl_->data + offset, length);
+    }
+    touch_header(*impl_);
+    return {};
+  });
 }
 
 void Region::touch() noexcept { touch_header(*impl_); }
