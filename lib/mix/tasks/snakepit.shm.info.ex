@@ -44,7 +44,7 @@ defmodule Mix.Tasks.Snakepit.Shm.Info do
 
     case lookup(id, opts) do
       nil ->
-        not_found(id, format)
+        not_found(id, opts[:node], format)
 
       entry ->
         case format do
@@ -63,10 +63,15 @@ defmodule Mix.Tasks.Snakepit.Shm.Info do
     end
   end
 
-  defp not_found(id, format) do
+  defp not_found(id, node, format) do
     message =
-      "no region #{id} on this host: it was deallocated, its owner exited (memfd regions " <>
-        "die with their last process), or the id is wrong. `mix snakepit.shm.list` shows what exists."
+      if node do
+        "no region #{id} on node #{node}: its manager does not know it (deallocated, " <>
+          "expired, or never allocated there). `mix snakepit.shm.list --node #{node}` shows what it has."
+      else
+        "no region #{id} on this host: it was deallocated, its owner exited (memfd regions " <>
+          "die with their last process), or the id is wrong. `mix snakepit.shm.list` shows what exists."
+      end
 
     if format == :json, do: Command.print_json(%{id: id, status: :not_found, problem: message})
     Command.fail!(message)
