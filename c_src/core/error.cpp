@@ -72,7 +72,8 @@ Mapped map_errno(int err) noexcept {
               "is sealed"};
     case ENOSPC:
       return {Errc::no_space,
-              "the shared memory filesystem is full: free space in /dev/shm (df -h /dev/shm), "
+              "not enough free space in the shared memory filesystem: free space in /dev/shm "
+              "(df -h /dev/shm), "
               "enlarge it (mount -o remount,size=... /dev/shm; docker --shm-size), or use "
               "backend :memfd"};
     case ENOMEM:

@@ -54,6 +54,15 @@ bool read_small_file(const std::string& path, std::string& out) {
   }
 }
 
+/// MemAvailable of /proc/meminfo in bytes, 0 if unknown.
+std::uint64_t available_memory() {
+  std::string text;
+  if (!read_small_file("/proc/meminfo", text)) return 0;
+  std::size_t at = text.find("MemAvailable:");
+  if (at == std::string::npos) return 0;
+  return std::strtoull(text.c_str() + at + sizeof "MemAvailable:" - 1, nullptr, 10) * 1024;
+}
+
 }  // namespace
 
 // ---- named objects ----
@@ -88,6 +97,15 @@ Result<Handle> create_anonymous(const std::string& debug_name, std::uint64_t siz
   }
   Handle handle(fd);
   std::string what = "memfd " + debug_name;
+  // A memfd is bounded by nothing but memory: allocating more than is available would
+  // not fail cleanly, it would wake the OOM killer. Refuse up front instead.
+  std::uint64_t available = size > page_size() ? available_memory() : 0;
+  if (available != 0 && size > available)
+    return Error{Errc::no_space, ENOMEM,
+                 "cannot allocate " + std::to_string(size) + " bytes for " + what + ": only " +
+                     std::to_string(available) +
+                     " bytes of memory are available (MemAvailable in /proc/meminfo): free "
+                     "memory or use a smaller region"};
   if (::ftruncate(fd, static_cast<off_t>(size)) != 0)
     return os_error("cannot size " + what + " to " + std::to_string(size) + " bytes", errno);
   // From here on nobody (not even us) can change its size: a peer cannot make our

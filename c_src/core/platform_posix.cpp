@@ -3,6 +3,7 @@
 #include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #if defined(__linux__)
 #include <sys/syscall.h>
 #endif
@@ -155,8 +156,15 @@ Result<void> allocate(const Handle& handle, std::uint64_t size, const std::strin
   do {
     err = ::posix_fallocate(fd_of(handle), 0, static_cast<off_t>(size));
   } while (err == EINTR);
-  if (err != 0)
-    return os_error("cannot allocate " + std::to_string(size) + " bytes for " + what, err);
+  if (err != 0) {
+    std::string message = "cannot allocate " + std::to_string(size) + " bytes for " + what;
+    struct statvfs fs;
+    if (err == ENOSPC && ::fstatvfs(fd_of(handle), &fs) == 0)
+      message += " (its filesystem has " +
+                 std::to_string(std::uint64_t{fs.f_bavail} * fs.f_frsize) + " of " +
+                 std::to_string(std::uint64_t{fs.f_blocks} * fs.f_frsize) + " bytes free)";
+    return os_error(message, err);
+  }
 #endif
   return {};
 }

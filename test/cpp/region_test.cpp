@@ -365,3 +365,19 @@ TEST_CASE("lock_memory beyond RLIMIT_MEMLOCK fails with mlock_failed", "[region]
   });
   REQUIRE(rc == 0);
 }
+
+TEST_CASE("a region larger than memory fails cleanly with no_space", "[region]") {
+  auto backend = GENERATE(BackendKind::memfd, BackendKind::posix);
+  auto before = list_segments();
+  auto r = Region::create(options(backend, std::uint64_t{1} << 50));  // 1 PiB
+  REQUIRE_ERR(r, Errc::no_space);
+  INFO(r.error().message);
+  REQUIRE(r.error().message.find("cannot allocate 11258999068") != std::string::npos);
+  REQUIRE(r.error().message.find(backend == BackendKind::posix ? "bytes free" : "MemAvailable") !=
+          std::string::npos);
+  for (const std::string& id : list_segments()) {  // nothing of ours left behind
+    if (std::find(before.begin(), before.end(), id) != before.end()) continue;
+    auto snap = inspect("/dev/shm/" + id);
+    REQUIRE_FALSE((!snap || snap->creator_pid == self_pid()));
+  }
+}
