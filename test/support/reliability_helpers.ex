@@ -1,0 +1,149 @@
+defmodule Snakepit.SharedMemory.ReliabilityHelpers do
+  @moduledoc false
+  # Shared by the reliability suites (test/reliability/): scaling for `make soak`, the
+  # figures each suite records, resource counters (fds, mappings, /dev/shm), and
+  # subprocess helpers (Python workers, a second VM).
+
+  alias Snakepit.SharedMemory.{Native, ShmHelpers}
+
+  @root Path.expand("../..", __DIR__)
+
+  @doc "True under `make soak` (SNAKEPIT_SHM_SOAK=1)."
+  @spec soak?() :: boolean()
+  def soak?, do: System.get_env("SNAKEPIT_SHM_SOAK") in ["1", "true"]
+
+  @doc "`count` for `make test`, ten times it under `make soak`."
+  @spec scale(pos_integer()) :: pos_integer()
+  def scale(count), do: if(soak?(), do: count * 10, else: count)
+
+  @doc "The repository root."
+  def root, do: @root
+
+  @doc """
+  The seed of a randomised suite: SNAKEPIT_SHM_FUZZ_SEED if set (to replay a failure),
+  else ExUnit's seed. Printed in every failure message of the suites.
+  """
+  @spec seed() :: integer()
+  def seed do
+    case System.get_env("SNAKEPIT_SHM_FUZZ_SEED") do
+      nil -> ExUnit.configuration()[:seed] || :erlang.unique_integer([:positive])
+      value -> String.to_integer(value)
+    end
+  end
+
+  @doc """
+  Appends the figures of a suite run (a map) as one JSON line to
+  `_build/reliability/figures.jsonl`: docs/RELIABILITY.md quotes the soak run's lines.
+  """
+  @spec record(String.t(), map()) :: :ok
+  def record(suite, figures) do
+    dir = Path.join(@root, "_build/reliability")
+    File.mkdir_p!(dir)
+
+    line =
+      figures
+      |> Map.merge(%{
+        suite: suite,
+        soak: soak?(),
+        at: DateTime.utc_now() |> DateTime.truncate(:second) |> DateTime.to_iso8601()
+      })
+      |> Snakepit.SharedMemory.JSON.encode()
+      |> then(fn {:ok, json} -> json end)
+
+    File.write!(Path.join(dir, "figures.jsonl"), line <> "\n", [:append])
+  end
+
+  # ---- resources of this VM ----
+
+  @doc "Open file descriptors of this VM."
+  @spec fd_count() :: non_neg_integer()
+  def fd_count, do: "/proc/self/fd" |> File.ls!() |> length()
+
+  @doc "Lines of /proc/self/maps that map a segment of ours (memfd or /dev/shm)."
+  @spec shm_mappings() :: non_neg_integer()
+  def shm_mappings do
+    "/proc/self/maps"
+    |> File.read!()
+    |> String.split("\n")
+    |> Enum.count(&String.contains?(&1, "spshm_"))
+  end
+
+  @doc "Bytes used by files of ours in /dev/shm."
+  @spec shm_bytes() :: non_neg_integer()
+  def shm_bytes do
+    for name <- ShmHelpers.our_segments(),
+        {:ok, %File.Stat{size: size}} <- [File.stat(Path.join("/dev/shm", name))],
+        reduce: 0,
+        do: (acc -> acc + size)
+  end
+
+  @doc """
+  Segments in /dev/shm created by this VM (by their header) that are not in `keep`:
+  what a suite leaked. Segments of other VMs (other suites running at the same time on
+  a developer machine) are ignored.
+  """
+  @spec own_segments([String.t()]) :: [String.t()]
+  def own_segments(keep \\ []) do
+    me = Native.self_info()
+
+    for name <- ShmHelpers.our_segments(),
+        name not in keep,
+        created_by_me?(name, me),
+        do: name
+  end
+
+  defp created_by_me?(name, me) do
+    case Native.inspect_path(Path.join("/dev/shm", name)) do
+      {:ok, h} -> h.creator_pid == me.os_pid and h.creator_start_time == me.start_time
+      # Unreadable (corrupt, mid-creation): count it as ours only if we cannot tell.
+      {:error, _} -> false
+    end
+  end
+
+  @doc "Removes leaked segments of this VM; returns their names."
+  @spec remove_own_segments([String.t()]) :: [String.t()]
+  def remove_own_segments(keep \\ []) do
+    leaked = own_segments(keep)
+    for id <- leaked, do: Native.unlink_segment(id)
+    leaked
+  end
+
+  # ---- subprocesses ----
+
+  @doc "Environment for a Python worker using the client of this tree."
+  def python_env do
+    [
+      {~c"PYTHONPATH", String.to_charlist(Path.join(@root, "priv/python"))},
+      {~c"SNAKEPIT_SHM_LIB", String.to_charlist(Path.join(@root, "priv/libsnakepit_shm.so"))},
+      {~c"PYTHONDONTWRITEBYTECODE", ~c"1"}
+    ]
+  end
+
+  @doc "Runs a Python script with /usr/bin/python3 and the client; {output, status}."
+  @spec python(String.t(), [String.t()]) :: {String.t(), non_neg_integer()}
+  def python(script, args \\ []) do
+    env = for {k, v} <- python_env(), do: {List.to_string(k), List.to_string(v)}
+    System.cmd(ShmHelpers.python(), ["-c", script | args], env: env, stderr_to_stdout: true)
+  end
+
+  @doc "Runs a mix task of this project in a subprocess (MIX_ENV=test); {output, status}."
+  @spec mix_task([String.t()], [{String.t(), String.t()}]) :: {String.t(), non_neg_integer()}
+  def mix_task(args, env \\ []) do
+    System.cmd("mix", args,
+      cd: @root,
+      env: [{"MIX_ENV", "test"} | env],
+      stderr_to_stdout: true
+    )
+  end
+
+  @doc "kill -9 an OS process."
+  def kill9(os_pid), do: System.cmd("kill", ["-9", Integer.to_string(os_pid)])
+
+  @doc "True while an OS process exists (a zombie counts as gone)."
+  def os_alive?(os_pid) do
+    case File.read("/proc/#{os_pid}/stat") do
+      {:ok, stat} -> not String.match?(stat, ~r/\) [ZX] /)
+      {:error, _} -> false
+    end
+  end
+end

@@ -1,0 +1,457 @@
+defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
+  @moduledoc false
+  # The fuzz driver of Snakepit.SharedMemory.Native (test/reliability/fuzz_native_test.exs,
+  # also run under AddressSanitizer by scripts/test-asan-nif.sh).
+  #
+  # A batch runs in its own process: it generates calls to every NIF with arguments that
+  # are valid handles (a shared base pool of regions, mappings, paths, pids, plus what
+  # its own calls create) or random terms (Snakepit.SharedMemory.TermGenerator), and
+  # classifies each outcome. Allowed: a well-shaped result of that function (an error
+  # tuple `{:error, {errc, message, errno}}` included) or ArgumentError /
+  # FunctionClauseError. Anything else is recorded as a failure with the call. Everything
+  # a batch creates is deallocated before it returns; its watches and memfds die with it.
+
+  import Bitwise
+
+  alias Snakepit.SharedMemory.{Native, ShmHelpers}
+  alias Snakepit.SharedMemory.TermGenerator, as: G
+
+  # Every name of spshm::Errc (c_src/core/error.hpp).
+  @errc [
+    :invalid_argument,
+    :not_found,
+    :already_exists,
+    :permission_denied,
+    :no_space,
+    :too_large,
+    :corrupt,
+    :unsupported_version,
+    :not_ours,
+    :sealed,
+    :busy,
+    :expired,
+    :deallocated,
+    :closed,
+    :out_of_bounds,
+    :tampered,
+    :holder_table_full,
+    :mlock_failed,
+    :unsupported,
+    :io_error
+  ]
+
+  # {function, weight}: deallocation and unlinking are rarer, so that the pool stays alive.
+  @functions [
+    header_layout: 1,
+    create: 8,
+    open: 6,
+    info: 3,
+    header: 4,
+    hold_counts: 3,
+    map: 8,
+    unmap: 5,
+    write: 9,
+    write_dirty: 4,
+    read: 9,
+    read_dirty: 4,
+    read_zero_copy: 5,
+    seal: 3,
+    deallocate: 2,
+    set_idle_timeout: 2,
+    export_key: 2,
+    release_holder: 3,
+    monitor_owner: 3,
+    watch_os_process: 3,
+    cancel_watch: 2,
+    inspect_path: 5,
+    unlink_segment: 2,
+    process_start_time: 2,
+    process_alive: 2,
+    self_info: 1
+  ]
+  @total_weight @functions |> Keyword.values() |> Enum.sum()
+
+  @pool_regions 12
+  @pool_mappings 16
+  @max_failures 10
+
+  # ---- base pool (built by the test process, shared by concurrent batches) ----
+
+  @doc "Creates the shared base pool: a few regions of every kind, mapped, with data."
+  def base_pool do
+    specs = [
+      %{backend: :memfd},
+      %{backend: :posix},
+      %{backend: :memfd, encrypted: true, security_level: 1},
+      %{backend: :posix, encrypted: true, security_level: 2},
+      %{backend: :memfd, sealed: true},
+      %{backend: :posix, name: "fzbase#{:rand.uniform(1_000_000)}"}
+    ]
+
+    regions =
+      for spec <- specs do
+        size = Enum.random([4096, 70_000, 300_000])
+        opts = ShmHelpers.create_opts(Map.drop(spec, [:sealed]))
+        {:ok, region, info} = Native.create(size, opts)
+        {:ok, m} = Native.map(region, :read_write)
+        :ok = Native.write(m, 0, :binary.copy(<<7>>, min(size, 4096)))
+        if spec[:sealed], do: :ok = Native.seal(region)
+        {region, info, m}
+      end
+
+    dead = spawn(fn -> :ok end)
+    ref = Process.monitor(dead)
+
+    receive do
+      {:DOWN, ^ref, _, _, _} -> :ok
+    end
+
+    %{regions: regions, dead_pid: dead}
+  end
+
+  @doc "Deallocates the base pool."
+  def free_base_pool(%{regions: regions}) do
+    for {region, _info, _m} <- regions, do: Native.deallocate(region, false)
+    :ok
+  end
+
+  # ---- a batch ----
+
+  @doc """
+  Runs `calls` fuzzed calls in the calling process (seeded with `seed`). Returns the
+  figures and failures: %{calls, raised, errors, ok, reasons, failures}.
+  """
+  def run_batch(seed, calls, base) do
+    G.seed(seed)
+    sleeper = Port.open({:spawn_executable, "/bin/sleep"}, [:stderr_to_stdout, args: ["600"]])
+    {:os_pid, sleeper_pid} = Port.info(sleeper, :os_pid)
+    {:ok, sleeper_start} = Native.process_start_time(sleeper_pid)
+    me = Native.self_info()
+
+    state = %{
+      regions: for({r, info, _} <- base.regions, do: {r, info}),
+      mappings: for({r, info, m} <- base.regions, do: {m, info.size, r}),
+      watches: [],
+      own: [],
+      os_pids: [{me.os_pid, me.start_time}, {sleeper_pid, sleeper_start}, {1, 0}],
+      pids: [base.dead_pid, self(), G.external_pid()],
+      port: sleeper,
+      figures: %{calls: 0, raised: 0, errors: 0, ok: 0, reasons: %{}, failures: []}
+    }
+
+    try do
+      state = Enum.reduce(1..calls, state, fn _, acc -> step(acc) end)
+      teardown(state)
+      state.figures
+    after
+      Port.close(sleeper)
+      System.cmd("kill", ["-9", Integer.to_string(sleeper_pid)])
+    end
+  end
+
+  defp teardown(state) do
+    for {watch, _} <- state.watches, do: Native.cancel_watch(watch)
+    for {region, _info} <- state.own, do: Native.deallocate(region, false)
+    :ok
+  end
+
+  defp step(state) do
+    fun = pick_function()
+    pool = pool(state)
+
+    args =
+      if :rand.uniform(5) == 1,
+        do: for(_ <- 1..arity(fun)//1, do: G.any(pool)),
+        else: args(fun, state, pool)
+
+    outcome =
+      try do
+        {:returned, apply(Native, fun, args)}
+      rescue
+        e in [ArgumentError, FunctionClauseError] -> {:raised, e}
+        e -> {:bad_raise, e}
+      catch
+        kind, value -> {:bad_raise, {kind, value}}
+      end
+
+    state
+    |> classify(fun, args, outcome)
+    |> keep(fun, args, outcome)
+  end
+
+  defp pick_function do
+    n = :rand.uniform(@total_weight)
+
+    Enum.reduce_while(@functions, n, fn {fun, weight}, left ->
+      if left <= weight, do: {:halt, fun}, else: {:cont, left - weight}
+    end)
+  end
+
+  defp arity(fun) do
+    {^fun, arity} = Enum.find(Native.__info__(:functions), fn {f, _} -> f == fun end)
+    arity
+  end
+
+  # The pool the generators draw valid handles from.
+  defp pool(state) do
+    %{
+      region: Enum.map(state.regions, &elem(&1, 0)),
+      mapping: Enum.map(state.mappings, &elem(&1, 0)),
+      id: for({_r, info} <- state.regions, do: info.id),
+      path:
+        for({_r, info} <- state.regions, path <- [info.control_path, info.data_path], do: path),
+      pid: state.pids,
+      watch: Enum.map(state.watches, &elem(&1, 0)),
+      port: [state.port]
+    }
+  end
+
+  # ---- argument generators, per function ----
+
+  defp args(:create, _state, pool),
+    do: [G.pick(0.85, pool, &G.size/0), G.pick(0.9, pool, fn -> create_opts(pool) end)]
+
+  defp args(:open, state, pool) do
+    target =
+      case :rand.uniform(4) do
+        1 -> G.handle(pool, :id)
+        2 -> region_paths(state, pool)
+        3 -> G.path(pool)
+        4 -> G.region_id(pool)
+      end
+
+    [target, G.pick(0.9, pool, fn -> G.one_of([true, false]) end)]
+  end
+
+  defp args(fun, _state, pool) when fun in [:info, :header, :hold_counts, :seal, :export_key],
+    do: [G.pick(0.85, pool, fn -> G.handle(pool, :region) end)]
+
+  defp args(:map, _state, pool),
+    do: [
+      G.pick(0.85, pool, fn -> G.handle(pool, :region) end),
+      G.pick(0.85, pool, fn -> G.one_of([:read_only, :read_write]) end)
+    ]
+
+  defp args(:unmap, _state, pool), do: [G.pick(0.85, pool, fn -> G.handle(pool, :mapping) end)]
+
+  defp args(fun, state, pool) when fun in [:write, :write_dirty] do
+    {mapping, size} = mapping_and_size(state, pool)
+    [mapping, G.offset(size), G.payload(pool)]
+  end
+
+  defp args(fun, state, pool) when fun in [:read, :read_dirty, :read_zero_copy] do
+    {mapping, size} = mapping_and_size(state, pool)
+    [mapping, G.offset(size), G.length_for(size)]
+  end
+
+  defp args(:deallocate, _state, pool),
+    do: [
+      G.pick(0.85, pool, fn -> G.handle(pool, :region) end),
+      G.pick(0.85, pool, fn -> G.one_of([true, false]) end)
+    ]
+
+  defp args(:set_idle_timeout, _state, pool),
+    do: [
+      G.pick(0.85, pool, fn -> G.handle(pool, :region) end),
+      G.pick(0.85, pool, fn -> G.one_of([0, 0, 60_000, 1 <<< 44, (1 <<< 64) - 1, 1 <<< 64]) end)
+    ]
+
+  defp args(:release_holder, state, pool) do
+    {os_pid, start} = os_pid_and_start(state)
+    [G.pick(0.85, pool, fn -> G.handle(pool, :region) end), os_pid, start]
+  end
+
+  defp args(:monitor_owner, _state, pool),
+    do: [G.pick(0.85, pool, fn -> G.handle(pool, :region) end), G.pid(pool)]
+
+  defp args(:watch_os_process, state, pool) do
+    {os_pid, start} = os_pid_and_start(state)
+    [os_pid, start, G.pick(0.9, pool, &make_ref/0)]
+  end
+
+  defp args(:cancel_watch, _state, pool),
+    do: [G.pick(0.8, pool, fn -> G.handle(pool, :watch) end)]
+
+  defp args(:inspect_path, _state, pool), do: [G.pick(0.85, pool, fn -> path_string(pool) end)]
+
+  # Only ids of this suite's own regions, strange ids and random ones: never a segment of
+  # another suite.
+  defp args(:unlink_segment, _state, pool), do: [G.region_id(pool)]
+
+  defp args(:process_start_time, state, _pool), do: [elem(os_pid_and_start(state), 0)]
+
+  defp args(:process_alive, state, _pool), do: Tuple.to_list(os_pid_and_start(state))
+
+  defp args(fun, _state, _pool) when fun in [:header_layout, :self_info], do: []
+
+  defp create_opts(pool) do
+    %{
+      backend: G.one_of([:memfd, :memfd, :posix]),
+      name: if(:rand.uniform(4) == 1, do: G.name(), else: nil),
+      open_mode: G.one_of([:create, :open_only, :create_or_open, :remove_and_create]),
+      mode: G.one_of([0o600, 0o600, 0o640, 0o644, 0o400, 0o000, 0o777, 0o1000, 0o4777]),
+      security_level: G.one_of([0, 0, 1, 2, 3]),
+      encrypted: G.one_of([false, false, true]),
+      lock_memory: :rand.uniform(10) == 1,
+      metadata: G.one_of(["{}", ~s({"dtype":"uint8","shape":[4]}), "", "not json", "\0"]),
+      idle_timeout_ms: G.one_of([0, 0, 1, 60_000, (1 <<< 64) - 1])
+    }
+    |> G.mutate_map(pool)
+  end
+
+  defp region_paths(state, pool) do
+    case state.regions do
+      [] -> G.path(pool)
+      regions -> regions |> G.one_of() |> elem(1) |> then(&{&1.control_path, &1.data_path})
+    end
+  end
+
+  defp path_string(pool) do
+    case G.path(pool) do
+      {path, _} -> path
+      path -> path
+    end
+  end
+
+  defp mapping_and_size(state, pool) do
+    if state.mappings != [] and :rand.uniform(10) <= 8 do
+      {m, size, _r} = G.one_of(state.mappings)
+      {m, size}
+    else
+      {G.any(pool), G.size()}
+    end
+  end
+
+  defp os_pid_and_start(state) do
+    case :rand.uniform(4) do
+      n when n <= 2 -> G.one_of(state.os_pids)
+      3 -> {elem(G.one_of(state.os_pids), 0), G.integer()}
+      4 -> {G.integer(), G.integer()}
+    end
+  end
+
+  # ---- outcomes ----
+
+  defp classify(state, fun, args, outcome) do
+    figures = state.figures
+    figures = %{figures | calls: figures.calls + 1}
+
+    figures =
+      case outcome do
+        {:raised, _} ->
+          %{figures | raised: figures.raised + 1}
+
+        {:returned, {:error, {reason, message, errno}} = value} ->
+          if reason in @errc and is_binary(message) and byte_size(message) > 0 and
+               is_integer(errno) do
+            %{
+              figures
+              | errors: figures.errors + 1,
+                reasons: Map.update(figures.reasons, reason, 1, &(&1 + 1))
+            }
+          else
+            failure(figures, fun, args, {:malformed_error, value})
+          end
+
+        {:returned, value} ->
+          if well_shaped?(fun, args, value),
+            do: %{figures | ok: figures.ok + 1},
+            else: failure(figures, fun, args, {:unexpected_return, value})
+
+        {:bad_raise, e} ->
+          failure(figures, fun, args, {:unexpected_exception, e})
+      end
+
+    %{state | figures: figures}
+  end
+
+  defp failure(figures, fun, args, what) do
+    entry =
+      "Native.#{fun}(#{Enum.map_join(args, ", ", &inspect(&1, limit: 6, printable_limit: 80))})" <>
+        " -> #{inspect(what, limit: 10, printable_limit: 200)}"
+
+    failures =
+      if length(figures.failures) < @max_failures,
+        do: figures.failures ++ [entry],
+        else: figures.failures
+
+    %{figures | failures: failures}
+  end
+
+  defp well_shaped?(:header_layout, _, v), do: is_binary(v)
+  defp well_shaped?(f, _, {:ok, r, %{id: id}}) when f in [:create, :open], do: ref_id?(r, id)
+  defp well_shaped?(:info, _, v), do: is_map(v) and is_binary(v[:id])
+  defp well_shaped?(:header, _, {:ok, h}), do: is_map(h) and is_list(h[:holders])
+  defp well_shaped?(:inspect_path, _, {:ok, h}), do: is_map(h) and is_binary(h[:id])
+  defp well_shaped?(:hold_counts, _, {g, c}), do: non_neg?(g) and non_neg?(c)
+  defp well_shaped?(:map, _, {:ok, m}), do: is_reference(m)
+  defp well_shaped?(:watch_os_process, _, {:ok, w}), do: is_reference(w)
+  defp well_shaped?(:export_key, _, {:ok, key}), do: is_binary(key) and byte_size(key) == 32
+  defp well_shaped?(:release_holder, _, {:ok, n}), do: non_neg?(n)
+  defp well_shaped?(:process_start_time, _, {:ok, t}), do: non_neg?(t)
+  defp well_shaped?(:process_alive, _, v), do: is_boolean(v)
+  defp well_shaped?(:self_info, _, %{os_pid: p}), do: is_integer(p)
+
+  defp well_shaped?(f, [_m, _off, len], {:ok, bin})
+       when f in [:read, :read_dirty, :read_zero_copy],
+       do: is_binary(bin) and byte_size(bin) == len
+
+  defp well_shaped?(f, _, :ok)
+       when f in [
+              :unmap,
+              :write,
+              :write_dirty,
+              :seal,
+              :deallocate,
+              :set_idle_timeout,
+              :monitor_owner,
+              :cancel_watch,
+              :unlink_segment
+            ],
+       do: true
+
+  defp well_shaped?(_f, _args, _value), do: false
+
+  defp ref_id?(r, id), do: is_reference(r) and is_binary(id) and String.starts_with?(id, "spshm_")
+  defp non_neg?(n), do: is_integer(n) and n >= 0
+
+  # ---- keeping what calls created ----
+
+  defp keep(state, f, _args, {:returned, {:ok, region, info}}) when f in [:create, :open] do
+    state = %{state | own: [{region, info} | state.own]}
+    regions = [{region, info} | state.regions]
+
+    if length(regions) > @pool_regions do
+      {kept, [{old, _} | _]} = Enum.split(regions, @pool_regions)
+      own? = Enum.any?(state.own, fn {r, _} -> r == old end)
+      if own?, do: Native.deallocate(old, false)
+
+      %{
+        state
+        | regions: kept,
+          own: Enum.reject(state.own, fn {r, _} -> r == old end),
+          mappings: Enum.reject(state.mappings, fn {_m, _s, r} -> r == old end)
+      }
+    else
+      %{state | regions: regions}
+    end
+  end
+
+  defp keep(state, :map, [region, _mode], {:returned, {:ok, mapping}}) do
+    size =
+      case Enum.find(state.regions, fn {r, _} -> r == region end) do
+        {_, info} -> info.size
+        nil -> G.size()
+      end
+
+    %{state | mappings: Enum.take([{mapping, size, region} | state.mappings], @pool_mappings)}
+  end
+
+  defp keep(state, :watch_os_process, [_os_pid, _start, ref], {:returned, {:ok, watch}}) do
+    {keep, drop} = Enum.split([{watch, ref} | state.watches], 4)
+    for {w, _} <- drop, do: Native.cancel_watch(w)
+    %{state | watches: keep}
+  end
+
+  defp keep(state, _fun, _args, _outcome), do: state
+end
