@@ -76,8 +76,12 @@ defmodule Mix.Tasks.Snakepit.Shm.NodeTasksTest do
     {out, _err, 0} = run_task("snakepit.shm.cleanup", ["--dry-run" | remote(c)])
     assert out =~ "Nothing to clean up on #{c.node}."
 
+    {out, _err, 0} = run_task("snakepit.shm.cleanup", ["--dry-run", "--id", c.b | remote(c)])
+    assert out =~ ~r/^#{c.b}\s+would free\s+48\.8 KiB\s+requested$/m
+    assert out =~ "#{c.node}: would free 1 region(s)."
+
     {_out, err, 2} = run_task("snakepit.shm.cleanup", ["--owner", "1" | remote(c)])
-    assert err =~ "offline filters"
+    assert err =~ "--owner OS_PID is an offline filter"
   end
 
   test "stats needs --node (exit 2); an unreachable node is exit 1", c do

@@ -24,15 +24,19 @@ defmodule Mix.Tasks.Snakepit.Shm.Cleanup do
       of another user or a misnamed file: check it and delete it by hand.
 
   With `--node`, it asks that node's manager to run its cleanup now
-  (`Snakepit.SharedMemory.cleanup_regions/1`: expired regions, dead owners, and
-  orphans of dead VMs in /dev/shm).
+  (`Snakepit.SharedMemory.cleanup_regions/1`): regions whose idle timeout passed or
+  whose owner process died, orphans of dead VMs in /dev/shm, and, when given, every
+  region older than `--older-than` or named by `--id`, live or not (that is how a
+  leak in a running VM is cut short).
 
   ## Options
 
     * `--dry-run` - print what would be done, change nothing.
-    * `--owner OS_PID` - only regions created by the (dead) VM with that OS pid.
-    * `--older-than DURATION` - only regions created longer ago (`30s`, `5m`, `2h`, `1d`).
-    * `--id REGION_ID` - only this region (repeatable).
+    * `--owner OS_PID` - only regions created by the (dead) VM with that OS pid (offline).
+    * `--older-than DURATION` - offline: only regions created longer ago (`30s`, `5m`,
+      `2h`, `1d`); with `--node`: also free the node's regions older than that.
+    * `--id REGION_ID` - offline: only this region (repeatable); with `--node`: also
+      free this region of the node.
     * `--format table|json` - output format. Defaults to `table`.
     * `--node NAME`, `--cookie COOKIE` - run the cleanup of a running node.
 
@@ -170,14 +174,19 @@ defmodule Mix.Tasks.Snakepit.Shm.Cleanup do
   # ---- remote ----
 
   defp remote(opts, format) do
-    if opts[:owner] || opts[:id] || opts[:older_than] do
+    if opts[:owner] do
       Command.usage_error!(
         @task,
-        "--owner, --id and --older-than are offline filters: drop --node, or drop them"
+        "--owner OS_PID is an offline filter: drop --node, or drop --owner"
       )
     end
 
-    result = Remote.cleanup!(opts, Keyword.get(opts, :dry_run, false))
+    selectors =
+      %{dry_run: Keyword.get(opts, :dry_run, false)}
+      |> put_if(:older_than, filters!(opts).older_than)
+      |> put_if(:ids, nonempty(Keyword.get_values(opts, :id)))
+
+    result = Remote.cleanup!(opts, selectors)
 
     case format do
       :json -> Command.print_json(result)
@@ -186,4 +195,10 @@ defmodule Mix.Tasks.Snakepit.Shm.Cleanup do
 
     Command.finish(0)
   end
+
+  defp put_if(map, _key, nil), do: map
+  defp put_if(map, key, value), do: Map.put(map, key, value)
+
+  defp nonempty([]), do: nil
+  defp nonempty(list), do: list
 end

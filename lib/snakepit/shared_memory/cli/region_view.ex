@@ -68,6 +68,8 @@ defmodule Snakepit.SharedMemory.CLI.RegionView do
     %{
       regions: length(ok),
       bytes: sum_sizes(ok),
+      bytes_by_backend:
+        ok |> Enum.group_by(& &1.backend) |> Map.new(fn {b, es} -> {b, sum_sizes(es)} end),
       orphaned: length(orphaned),
       orphaned_bytes: sum_sizes(orphaned),
       expired: Enum.count(ok, & &1.expired),
@@ -78,13 +80,22 @@ defmodule Snakepit.SharedMemory.CLI.RegionView do
     }
   end
 
+  # " (posix 48.0 MiB, memfd 32.0 MiB)" when there is more than one backend: POSIX
+  # regions fill /dev/shm, memfd ones do not.
+  defp by_backend(map) when map_size(map) < 2, do: ""
+
+  defp by_backend(map),
+    do:
+      " (" <>
+        Enum.map_join(Enum.sort(map), ", ", fn {b, n} -> "#{b} #{Human.bytes(n)}" end) <> ")"
+
   defp sum_sizes(entries), do: entries |> Enum.map(&(&1.size || 0)) |> Enum.sum()
 
   @doc "... and as one line of text."
   @spec totals_line(map()) :: String.t()
   def totals_line(t) do
     [
-      "#{plural(t.regions, "region")}, #{Human.bytes(t.bytes)}",
+      "#{plural(t.regions, "region")}, #{Human.bytes(t.bytes)}" <> by_backend(t.bytes_by_backend),
       t.orphaned > 0 && "#{t.orphaned} orphaned (#{Human.bytes(t.orphaned_bytes)})",
       t.expired > 0 && "#{t.expired} expired",
       t.dead_holders > 0 && plural(t.dead_holders, "dead holder"),
@@ -117,6 +128,8 @@ defmodule Snakepit.SharedMemory.CLI.RegionView do
           {"Created", "#{e.created_at} (#{Human.duration_ms(e.age_ms)} ago)"},
           {"Last access", "#{e.last_access_at} (idle #{Human.duration_ms(e.idle_ms)})"},
           {"Idle timeout", timeout_line(e)},
+          {"Name", e[:name]},
+          {"Cleanup policy", e[:cleanup_policy]},
           {"Security", e.security_level},
           {"State", state_line(e)},
           {"Reference count", e.refcount},

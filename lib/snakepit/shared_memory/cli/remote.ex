@@ -70,12 +70,12 @@ defmodule Snakepit.SharedMemory.CLI.Remote do
     end
   end
 
-  @doc "Runs the node's cleanup_regions/1 (orphans and expired regions); its result."
-  @spec cleanup!(keyword(), boolean()) :: map()
-  def cleanup!(opts, dry_run) do
-    case call!(opts, :cleanup_regions, [%{dry_run: dry_run}]) do
+  @doc "Runs the node's cleanup_regions/1 with `selectors` (a map of its options)."
+  @spec cleanup!(keyword(), map()) :: map()
+  def cleanup!(opts, selectors) do
+    case call!(opts, :cleanup_regions, [selectors]) do
       {:ok, result} ->
-        %{node: opts[:node], dry_run: dry_run, result: result}
+        %{node: opts[:node], dry_run: selectors.dry_run, result: result}
 
       {:error, error} ->
         Command.fail!("cleanup_regions failed on #{opts[:node]}: #{error.message}")
