@@ -2,7 +2,8 @@
 //
 // Every function decodes its terms, calls c_src/core, encodes the result; no policy.
 // Dirty flags are declared here, per function:
-//   * create, deallocate, inspect_path: I/O bound (fallocate, zeroing, reading files);
+//   * create, open, deallocate, inspect_path: I/O bound (fallocate, zeroing, reading
+//     files; open waits up to 1 s for the creator of a named region to publish it);
 //   * write_dirty, read_dirty: CPU bound (memcpy, encryption of large payloads).
 //
 // RLIMIT_NOFILE is deliberately left alone: the VM sizes its poll set from the limit it
@@ -24,7 +25,7 @@ constexpr unsigned kCpu = ERL_NIF_DIRTY_JOB_CPU_BOUND;
 ErlNifFunc nif_funcs[] = {
     {"header_layout", 0, nif_header_layout, 0},
     {"create", 2, nif_create, kIo},
-    {"open", 2, nif_open, 0},
+    {"open", 2, nif_open, kIo},
     {"info", 1, nif_info, 0},
     {"header", 1, nif_header, 0},
     {"hold_counts", 1, nif_hold_counts, 0},

@@ -13,6 +13,18 @@ defmodule Snakepit.SharedMemory.ShmHelpers do
     end
   end
 
+  @doc """
+  Segments in /dev/shm created by the OS process `os_pid` (this VM by default), read from
+  their headers: unlike our_segments/0 it ignores other VMs running on the same machine.
+  """
+  @spec segments_created_by(non_neg_integer()) :: [String.t()]
+  def segments_created_by(os_pid \\ String.to_integer(System.pid())) do
+    for name <- our_segments(),
+        {:ok, %{creator_pid: ^os_pid}} <-
+          [Snakepit.SharedMemory.Native.inspect_path(Path.join(@shm_dir, name))],
+        do: name
+  end
+
   @doc "Targets of this VM's descriptors whose link matches `pattern` (e.g. \"memfd:spshm_\")."
   @spec own_fds(String.t()) :: [String.t()]
   def own_fds(pattern) do
