@@ -51,7 +51,8 @@ size_t spshm_header_layout(char* buf, size_t buflen);
 int spshm_validate_header(const void* header, uint64_t data_object_size, char* err, size_t errlen);
 
 /* Holder table: add / remove one hold of (pid, start_time) atomically. */
-int spshm_hold(void* header, uint32_t pid, uint64_t start_time, int writable, char* err, size_t errlen);
+int spshm_hold(void* header, uint32_t pid, uint64_t start_time, int writable, char* err,
+               size_t errlen);
 int spshm_release(void* header, uint32_t pid, uint64_t start_time, char* err, size_t errlen);
 
 /* Start time (field 22 of /proc/<pid>/stat) of a process. */

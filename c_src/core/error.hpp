@@ -17,7 +17,7 @@ enum class Errc {
   too_large,            ///< the size overflows this platform's limits
   corrupt,              ///< the header failed a check (magic, sizes, CRC, reserved bytes)
   unsupported_version,  ///< the header was written by a newer format version
-  not_ours,             ///< the object is not a snakepit_shm segment (symlink, other uid, foreign file)
+  not_ours,             ///< not a snakepit_shm segment (symlink, other uid, foreign file)
   sealed,               ///< a write was attempted on a sealed region
   busy,                 ///< sealing refused: another process holds the region writable
   expired,              ///< the region's idle timeout has passed

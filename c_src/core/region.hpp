@@ -35,21 +35,21 @@ enum class Role { created, opened };
 
 struct CreateOptions {
   BackendKind backend = BackendKind::memfd;
-  std::string name;                 ///< empty: random unguessable id; else a well-known name
+  std::string name;  ///< empty: random unguessable id; else a well-known name
   OpenMode open_mode = OpenMode::create;
-  std::uint64_t size = 0;           ///< user bytes, > 0
-  std::uint32_t mode = 0600;        ///< permission bits applied with fchmod (POSIX)
-  std::uint32_t security_level = 0; ///< 0 standard, 1 high, 2 maximum (recorded in the header)
-  bool encrypted = false;           ///< chunked XChaCha20-Poly1305 layout, key generated here
-  bool lock_memory = false;         ///< mlock + MADV_DONTDUMP; mlock_failed if it cannot
-  std::string metadata_json;        ///< <= kMetadataCapacity bytes, stored verbatim
+  std::uint64_t size = 0;            ///< user bytes, > 0
+  std::uint32_t mode = 0600;         ///< permission bits applied with fchmod (POSIX)
+  std::uint32_t security_level = 0;  ///< 0 standard, 1 high, 2 maximum (recorded in the header)
+  bool encrypted = false;            ///< chunked XChaCha20-Poly1305 layout, key generated here
+  bool lock_memory = false;          ///< mlock + MADV_DONTDUMP; mlock_failed if it cannot
+  std::string metadata_json;         ///< <= kMetadataCapacity bytes, stored verbatim
   std::uint64_t idle_timeout_ns = 0;
 };
 
 /// Where to find an existing region.
 struct OpenTarget {
   std::string region_id;     ///< POSIX/Windows: enough on its own
-  std::string control_path;  ///< memfd: /proc/<pid>/fd/<n> of the control memfd (optional for POSIX)
+  std::string control_path;  ///< memfd: /proc/<pid>/fd/<n> of the control memfd (or a POSIX path)
   std::string data_path;     ///< memfd: /proc/<pid>/fd/<n> of the data memfd
 };
 
@@ -82,11 +82,18 @@ class Region {
   /// O_CREAT|O_EXCL (retry on EEXIST), fchmod, posix_fallocate, header written and CRC'd,
   /// seals F_SEAL_SHRINK|F_SEAL_GROW on memfds, key generated and chunks initialised
   /// when encrypted. Runs in time proportional to size (fallocate, encryption): call it
-  /// off any latency-sensitive thread for large sizes.
+  /// off any latency-sensitive thread for large sizes. Creating adds no hold. A memfd
+  /// region larger than MemAvailable fails with no_space (rather than OOM later). When a
+  /// named region is opened (open_only / create_or_open finding one), the existing
+  /// region's own size, flags and metadata apply and options.size etc. are ignored;
+  /// role() says which happened.
   static Result<Region> create(const CreateOptions& options);
 
   /// Opens an existing region of ours and validates its header. `writable` false maps
-  /// read-only. Never follows symlinks; refuses objects owned by another uid (not_ours).
+  /// read-only. Never follows symlinks (except /proc/<pid>/fd/<n> links to memfds named
+  /// spshm_*); refuses objects owned by another uid (not_ours); deallocated if the header
+  /// says so; sealed when asking to write a sealed region. Waits up to 1 s for a named
+  /// region whose creator is still writing its header.
   static Result<Region> open(const OpenTarget& target, bool writable);
 
   Region(Region&&) noexcept;
@@ -113,7 +120,7 @@ class Region {
   std::string control_path() const;
   std::string data_path() const;
 
-  /// The 32-byte key of an encrypted region created by this process (empty otherwise).
+  /// The 32-byte key of an encrypted region created (or given use_key) here, else nullptr.
   /// Lives in sodium_malloc'd memory; zeroed when the Region is destroyed.
   const std::uint8_t* key() const noexcept;
   /// Gives a Region opened by another process the 32-byte key of its encrypted region
@@ -128,20 +135,24 @@ class Region {
 
   /// Seals: refuses with busy if another live process holds it writable; then sets
   /// kStateSealed and makes the data immutable for peers (memfd: F_SEAL_FUTURE_WRITE on
-  /// the data memfd; POSIX: fchmod 0400). Idempotent.
+  /// the data memfd; POSIX: fchmod 0400). Idempotent. permission_denied through a
+  /// read-only handle, deallocated after deallocate(), unsupported on kernels < 5.1.
   Result<void> seal();
   bool sealed() const noexcept;
 
   /// Marks the header deallocated, zeroes the data with sodium_memzero when `zero`, and
   /// removes the name (POSIX shm_unlink; memfd: nothing to remove). Memory is returned
-  /// to the OS when the last mapping or descriptor anywhere is gone.
+  /// to the OS when the last mapping or descriptor anywhere is gone. Idempotent. Zeroing
+  /// needs a read-write handle (permission_denied otherwise).
   Result<void> deallocate(bool zero);
 
   /// Removes only the name (remove_and_create, orphan cleanup through a live handle).
   Result<void> unlink();
 
   /// Bounds-checked copies in and out of the data area, decrypting/encrypting chunks of
-  /// encrypted regions (tampered on a failed tag). Refuse sealed for writes.
+  /// encrypted regions (tampered on a failed tag). Refuse sealed for writes. Thread-safe;
+  /// encrypted writes of one Region are serialised (concurrent writers of one region in
+  /// *different* processes must coordinate themselves).
   Result<void> write(std::uint64_t offset, const std::uint8_t* src, std::size_t length);
   Result<void> read(std::uint64_t offset, std::uint8_t* dst, std::size_t length) const;
 
@@ -158,7 +169,10 @@ class Region {
 // ---- holders (atomic, lock-free, safe between processes) ----
 
 /// Adds one hold of process (pid, start_time): increments its slot count (claiming a
-/// free slot if needed) and the header refcount. holder_table_full if no slot is free.
+/// free slot if needed) and the header refcount. holder_table_full if no slot is free;
+/// deallocated on a deallocated region; sealed for a writable hold on a sealed region,
+/// also when the seal races this call (the hold is then taken back). Lock-free.
+/// The header must be writable in this process (see Region::header_writable()).
 Result<void> hold(RegionHeader& header, std::uint32_t pid, std::uint64_t start_time, bool writable);
 /// Removes one hold; not_found if the process holds none.
 Result<void> release(RegionHeader& header, std::uint32_t pid, std::uint64_t start_time);
@@ -176,13 +190,18 @@ std::uint32_t header_crc(const RegionHeader& header) noexcept;
 /// object of `data_object_size` bytes (pass the control object size for POSIX).
 Result<void> validate_header(const RegionHeader& header, std::uint64_t data_object_size);
 
-/// Opens `path` read-only without following symlinks, checks it is a regular file of
-/// our uid, validates and copies its header. Never modifies anything.
+/// Opens `path` read-only without following symlinks (except /proc/<pid>/fd/<n> links to
+/// memfds named spshm_*), checks it is a regular file of our uid (not_ours otherwise),
+/// reads its header without mapping it and validates it (a memfd control object: only
+/// its own consistency, its data being elsewhere). Never modifies anything.
 Result<HeaderSnapshot> inspect(const std::string& path);
 HeaderSnapshot snapshot(const RegionHeader& header);
 
-/// Unlinks the POSIX segment `region_id` only if it is ours (prefix, regular file, our
-/// uid, valid header). Used by orphan cleanup.
+/// Unlinks the POSIX segment `region_id` only if it is ours: a well-formed id, a regular
+/// file of our uid, and a valid header naming that id, or no header at all (smaller than
+/// one or zero magic) and untouched for 10 s (a creator that died half-way). A damaged
+/// header is left alone (corrupt). Whether the region is still in use is the caller's
+/// policy (orphan cleanup).
 Result<void> unlink_segment(const std::string& region_id);
 
 // ---- encryption (libsodium XChaCha20-Poly1305-IETF per chunk) ----
