@@ -2,7 +2,9 @@
 #pragma once
 
 #if !defined(_WIN32)  // SegmentCleanup (shm_unlink) and in_child (fork) are POSIX-only
+#include <linux/capability.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #endif
 #include <unistd.h>
@@ -88,6 +90,19 @@ int in_child(Body&& body) {
   return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
 }
 #endif
+
+/// Drops capabilities from this (child) process, so that root behaves like a plain user
+/// for the checks they bypass. Returns false if the kernel refused.
+inline bool drop_capabilities(std::initializer_list<int> caps) {
+  __user_cap_header_struct header{_LINUX_CAPABILITY_VERSION_3, 0};
+  __user_cap_data_struct data[2] = {};
+  if (syscall(SYS_capget, &header, data) != 0) return false;
+  for (int cap : caps) {
+    data[cap / 32].effective &= ~(1u << (cap % 32));
+    data[cap / 32].permitted &= ~(1u << (cap % 32));
+  }
+  return syscall(SYS_capset, &header, data) == 0;
+}
 
 inline std::vector<std::uint8_t> pattern(std::size_t n, std::uint32_t seed) {
   std::vector<std::uint8_t> v(n);

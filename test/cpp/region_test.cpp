@@ -332,12 +332,7 @@ TEST_CASE("lock_memory beyond RLIMIT_MEMLOCK fails with mlock_failed", "[region]
 
   // In a child: drop CAP_IPC_LOCK (root bypasses the limit with it), lower the limit.
   int rc = in_child([] {
-    __user_cap_header_struct hdr{_LINUX_CAPABILITY_VERSION_3, 0};
-    __user_cap_data_struct data[2] = {};
-    if (syscall(SYS_capget, &hdr, data) != 0) return 10;
-    data[CAP_IPC_LOCK / 32].effective &= ~(1u << (CAP_IPC_LOCK % 32));
-    data[CAP_IPC_LOCK / 32].permitted &= ~(1u << (CAP_IPC_LOCK % 32));
-    if (syscall(SYS_capset, &hdr, data) != 0) return 11;
+    if (!drop_capabilities({CAP_IPC_LOCK})) return 11;
     struct rlimit limit {
       64 * 1024, 64 * 1024
     };

@@ -95,6 +95,30 @@ TEST_CASE("sealing a posix region makes its mode 0400", "[seal][posix]") {
   REQUIRE_OK(r.deallocate(false));
 }
 
+TEST_CASE("a sealed posix region still opens read-only for a non-root peer", "[seal][posix]") {
+  Region r = create_ok(options(BackendKind::posix, 4096));
+  SegmentCleanup cleanup{r.id()};
+  std::uint8_t b = 77;
+  REQUIRE_OK(r.write(100, &b, 1));
+  REQUIRE_OK(r.seal());
+  std::string id = r.id();
+  int rc = in_child([&] {
+    // Without these root ignores mode 0400; with them gone it is any owner process.
+    if (!drop_capabilities({CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER})) return 10;
+    auto rw = Region::open(OpenTarget{id, "", ""}, true);
+    if (rw || rw.error().code != Errc::permission_denied) return 1;
+    auto ro = Region::open(OpenTarget{id, "", ""}, false);
+    if (!ro) return 2;
+    if (ro->header_writable()) return 3;  // a private view: holds would not be shared
+    std::uint8_t got = 0;
+    if (!ro->read(100, &got, 1) || got != 77) return 4;
+    return 0;
+  });
+  REQUIRE(rc == 0);
+  REQUIRE(r.header_writable());
+  REQUIRE_OK(r.deallocate(false));
+}
+
 TEST_CASE("a read-only handle cannot seal", "[seal]") {
   Region r = create_ok(options(BackendKind::memfd, 100));
   auto ro = Region::open(OpenTarget{r.id(), r.control_path(), r.data_path()}, false);
