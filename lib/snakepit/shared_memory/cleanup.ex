@@ -97,7 +97,7 @@ defmodule Snakepit.SharedMemory.Cleanup do
   @doc """
   Repairs what a process killed inside an allocation or deallocation left: returns a
   pending leak to look for (`{size, started_ns, deadline_ms}`) or nil. The counters are
-  fixed separately by `recount/0`.
+  fixed separately (`Quota.recount/1`). The manager calls it inside `Journal.barrier/2`.
   """
   @spec repair(term()) :: {pos_integer(), integer(), integer()} | nil
   def repair({:allocate, :creating, size, :posix, started_ns}) do
@@ -294,9 +294,15 @@ defmodule Snakepit.SharedMemory.Cleanup do
   end
 
   @doc """
-  Looks for the segments of callers killed inside `Native.create/2`: an unregistered
-  POSIX segment of this VM with the pending size, created after the pending start.
-  Returns the pendings still unresolved (and not past their deadline).
+  Removes the segments of callers killed inside `Native.create/2`: every unregistered
+  POSIX segment of this VM with the size of a pending leak, created after its start.
+  Returns the pendings not past their deadline (a dirty create keeps running after its
+  caller died, so a segment can appear after the death was handled: the manager
+  calls this again until the deadline).
+
+  The manager calls it inside `Journal.barrier/2`, where no live caller holds a segment
+  it has created but not registered yet; matching size and time keeps segments made by
+  direct users of `Snakepit.SharedMemory.Native` in this VM out of harm's way.
   """
   @spec sweep_leaks([{pos_integer(), integer(), integer()}]) :: [
           {pos_integer(), integer(), integer()}
@@ -305,29 +311,19 @@ defmodule Snakepit.SharedMemory.Cleanup do
 
   def sweep_leaks(pending) do
     me = Native.self_info()
-    candidates = for {id, h} <- unregistered_segments(), ours?(h, me), do: {id, h}
+
+    for {id, h} <- unregistered_segments(),
+        ours?(h, me),
+        Enum.any?(pending, fn {size, started, _} ->
+          h.size == size and h.created_at_ns >= started
+        end),
+        unlink(id) do
+      Stats.event(:leaked, %{count: 1}, %{region_id: id})
+      Logger.warning("snakepit_shm: removed #{id}, created for a caller killed mid-allocation")
+    end
+
     now = System.monotonic_time(:millisecond)
-
-    {left, _candidates} =
-      Enum.reduce(pending, {[], candidates}, fn {size, started, deadline} = p, {left, cands} ->
-        case Enum.find(cands, fn {_id, h} -> h.size == size and h.created_at_ns >= started end) do
-          {id, _h} = found ->
-            if unlink(id) do
-              Stats.event(:leaked, %{count: 1}, %{region_id: id})
-
-              Logger.warning(
-                "snakepit_shm: removed #{id}, created for a caller killed mid-allocation"
-              )
-            end
-
-            {left, List.delete(cands, found)}
-
-          nil ->
-            if now < deadline, do: {[p | left], cands}, else: {left, cands}
-        end
-      end)
-
-    Enum.reverse(left)
+    Enum.filter(pending, fn {_size, _started, deadline} -> now < deadline end)
   end
 
   # Segments in the shm directory that the registry does not know, with their headers.

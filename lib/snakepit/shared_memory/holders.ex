@@ -123,28 +123,19 @@ defmodule Snakepit.SharedMemory.Holders do
       ])
 
     released =
-      Enum.reduce(rows, 0, fn {id, ref}, total ->
-        case Native.release_holder(ref, os_pid, start) do
-          {:ok, 0} ->
-            total
+      for {id, ref} <- rows,
+          {:ok, n} when n > 0 <- [Native.release_holder(ref, os_pid, start)],
+          do: {id, n}
 
-          {:ok, n} ->
-            Access.free_if_unreferenced(id)
-            total + n
+    total = released |> Enum.map(&elem(&1, 1)) |> Enum.sum()
 
-          {:error, _} ->
-            total
-        end
-      end)
-
-    if released > 0 do
-      Stats.event(:os_holders_released, %{count: released}, %{os_pid: os_pid})
-
-      Logger.info(
-        "snakepit_shm: OS process #{os_pid} exited holding #{released} hold(s): released"
-      )
+    if total > 0 do
+      Stats.event(:os_holders_released, %{count: total}, %{os_pid: os_pid})
+      Logger.info("snakepit_shm: OS process #{os_pid} exited holding #{total} hold(s): released")
     end
 
+    # Counted first, freed second: whoever sees the region gone also sees the release.
+    for {id, _n} <- released, do: Access.free_if_unreferenced(id)
     :ok
   end
 end

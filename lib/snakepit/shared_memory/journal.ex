@@ -85,11 +85,18 @@ defmodule Snakepit.SharedMemory.Journal do
   @spec forget(pid()) :: true
   def forget(pid), do: :ets.delete(Registry.journal_table(), pid)
 
-  @doc "Journal rows of processes that are no longer alive."
+  @doc """
+  Journal rows of processes that are no longer alive. Each row is read again after its
+  process was seen dead: a row read before could be stale (the process may have
+  finished that operation, started another and only then died).
+  """
   @spec dead_rows() :: [{pid(), term()}]
   def dead_rows do
-    for {pid, _} = row <- :ets.tab2list(Registry.journal_table()),
+    journal = Registry.journal_table()
+
+    for pid <- :ets.select(journal, [{{:"$1", :_}, [], [:"$1"]}]),
         not Process.alive?(pid),
+        row <- :ets.lookup(journal, pid),
         do: row
   end
 

@@ -26,7 +26,7 @@ defmodule Snakepit.SharedMemory.Manager do
 
   require Snakepit.SharedMemory.Registry
 
-  alias Snakepit.SharedMemory.{Cleanup, Config, Holders, Journal, Registry}
+  alias Snakepit.SharedMemory.{Cleanup, Config, Holders, Journal, Quota, Registry}
 
   @leak_scan_ms 100
 
@@ -71,8 +71,9 @@ defmodule Snakepit.SharedMemory.Manager do
     end
 
     if config.orphan_sweep, do: Cleanup.sweep_orphans()
-    state = repair_dead_journal_rows(state)
-    recount()
+    # Always, not only after deaths: a previous manager may have died mid-free, and the
+    # counters of re-adopted regions must be counted.
+    state = repair_dead_callers(state, :always)
     Cleanup.check_owners()
     state = Enum.reduce(Registry.callers(), state, &monitor/2)
     state = %{state | holders: Holders.scan(state.holders)}
@@ -104,7 +105,11 @@ defmodule Snakepit.SharedMemory.Manager do
   def handle_info({:DOWN, _ref, :process, pid, _reason}, state) do
     state = %{state | monitored: MapSet.delete(state.monitored, pid)}
     %{journal: journal} = Cleanup.caller_down(pid)
-    {:noreply, repair(pid, journal, state)}
+
+    if journal != nil,
+      do: Logger.info("snakepit_shm: #{inspect(pid)} died inside #{inspect(journal)}: repairing")
+
+    {:noreply, repair_dead_callers(state, :if_any)}
   end
 
   def handle_info({:select, watch, ref, :ready_input}, state) do
@@ -122,7 +127,16 @@ defmodule Snakepit.SharedMemory.Manager do
   end
 
   def handle_info(:leak_scan, state) do
-    pending = Cleanup.sweep_leaks(state.pending_leaks)
+    # Under the barrier no live caller is between creating a segment and registering
+    # it, so an unregistered segment of this VM can only be a leak.
+    pending =
+      case Journal.barrier(state.config.barrier_timeout, fn ->
+             Cleanup.sweep_leaks(state.pending_leaks)
+           end) do
+        {:ok, pending} -> pending
+        {:error, :timeout} -> state.pending_leaks
+      end
+
     if pending != [], do: schedule(:leak_scan, @leak_scan_ms)
     {:noreply, %{state | pending_leaks: pending}}
   end
@@ -164,46 +178,43 @@ defmodule Snakepit.SharedMemory.Manager do
     end
   end
 
-  # A process died inside an allocation or deallocation: repair what it left, then
-  # bring the quota counters back to what the registry holds.
-  defp repair(_pid, nil, state), do: state
+  # Processes that died inside an allocation or deallocation (their journal rows; also
+  # those that died while no manager ran, and a previous manager killed mid-free):
+  # repair what each left and bring the quota counters back to what the registry holds,
+  # all while no live caller is in flight. On a barrier timeout the rows stay and the
+  # next periodic cleanup tries again.
+  defp repair_dead_callers(state, when_) do
+    dead = Journal.dead_rows()
 
-  defp repair(pid, journal, state) do
-    pending = Cleanup.repair(journal)
-    Journal.forget(pid)
-    recount()
-    add_pending(state, pending)
+    if dead == [] and when_ == :if_any do
+      state
+    else
+      result =
+        Journal.barrier(state.config.barrier_timeout, fn ->
+          pendings = for {_pid, journal} <- dead, p = Cleanup.repair(journal), p != nil, do: p
+          Quota.recount(Registry.all())
+          pendings
+        end)
+
+      case result do
+        {:ok, pendings} ->
+          for {pid, _} <- dead, do: Journal.forget(pid)
+          Enum.reduce(pendings, state, &add_pending(&2, &1))
+
+        {:error, :timeout} ->
+          Logger.warning("snakepit_shm: repair postponed: callers stayed in flight")
+          state
+      end
+    end
   end
-
-  defp add_pending(state, nil), do: state
 
   defp add_pending(state, pending) do
     if state.pending_leaks == [], do: schedule(:leak_scan, @leak_scan_ms)
     %{state | pending_leaks: [pending | state.pending_leaks]}
   end
 
-  # Journal rows of processes that died while no manager was running to see it (and of
-  # a previous manager killed while freeing).
-  defp repair_dead_journal_rows(state) do
-    Enum.reduce(Journal.dead_rows(), state, fn {pid, journal}, acc ->
-      pending = Cleanup.repair(journal)
-      Journal.forget(pid)
-      add_pending(acc, pending)
-    end)
-  end
-
-  defp recount do
-    case Cleanup.recount() do
-      {:ok, _} ->
-        :ok
-
-      {:error, :timeout} ->
-        Logger.warning("snakepit_shm: quota recount skipped: callers stayed in flight; retrying")
-        send(self(), :cleanup)
-    end
-  end
-
   defp periodic_cleanup(state) do
+    state = repair_dead_callers(state, :if_any)
     for {id, reason} <- Cleanup.due(), do: Cleanup.free(id, reason)
     # Callers whose first-use cast was lost (the manager was down) get monitored now.
     Enum.reduce(Registry.callers(), state, &monitor/2)

@@ -1,0 +1,295 @@
+Code.require_file("../test_support.exs", __DIR__)
+
+defmodule Snakepit.SharedMemory.CleanupTest do
+  use ExUnit.Case, async: false
+
+  @moduletag :capture_log
+
+  alias Snakepit.SharedMemory, as: SM
+  alias Snakepit.SharedMemory.{Cleanup, Journal, Manager, Native, Quota, Registry}
+  alias Snakepit.SharedMemory.{ShmHelpers, TestSupport}
+
+  @kib 1024
+
+  setup do
+    before = TestSupport.vm_segments()
+
+    on_exit(fn ->
+      TestSupport.free_everything()
+      TestSupport.assert_nothing_live(before)
+    end)
+
+    :ok
+  end
+
+  defp gone?(id), do: Registry.lookup(id) == nil
+
+  defp wait_gone(id),
+    do: assert(ShmHelpers.wait_until(fn -> gone?(id) end, 3_000), "#{id} not freed")
+
+  defp spawn_sleeper, do: spawn(fn -> Process.sleep(:infinity) end)
+
+  # A process that maps `id` and waits for :unmap (then unmaps) or death.
+  defp spawn_mapper(id) do
+    parent = self()
+
+    pid =
+      spawn(fn ->
+        {:ok, m} = SM.map_region(id)
+        send(parent, {:mapped, self()})
+
+        receive do
+          :unmap -> send(parent, {:unmapped, SM.unmap_region(m)})
+        end
+      end)
+
+    assert_receive {:mapped, ^pid}
+    pid
+  end
+
+  describe "owner_down/2 (policies on owner death)" do
+    test ":automatic frees when the owner dies, even while others map it" do
+      owner = spawn_sleeper()
+      {:ok, id} = SM.allocate_region(@kib, owner: owner)
+      _mapper = spawn_mapper(id)
+      Process.exit(owner, :kill)
+      wait_gone(id)
+      assert {:ok, stats} = SM.stats()
+      assert stats.events.owner_down >= 1
+    end
+
+    test ":manual survives its owner" do
+      owner = spawn_sleeper()
+      {:ok, id} = SM.allocate_region(@kib, owner: owner, cleanup_policy: :manual)
+      Process.exit(owner, :kill)
+      TestSupport.await_death(owner)
+      Manager.sync()
+      refute gone?(id)
+      assert :ok = SM.deallocate_region(id)
+    end
+
+    test ":reference_counted survives a held owner death and goes with the last hold" do
+      owner = spawn_sleeper()
+      {:ok, id} = SM.allocate_region(@kib, owner: owner, cleanup_policy: :reference_counted)
+      mapper = spawn_mapper(id)
+      Process.exit(owner, :kill)
+      TestSupport.await_death(owner)
+      Manager.sync()
+      refute gone?(id)
+      send(mapper, :unmap)
+      assert_receive {:unmapped, :ok}
+      wait_gone(id)
+    end
+
+    test ":reference_counted with nothing holding it goes with its owner" do
+      owner = spawn_sleeper()
+      {:ok, id} = SM.allocate_region(@kib, owner: owner, cleanup_policy: :reference_counted)
+      Process.exit(owner, :kill)
+      wait_gone(id)
+    end
+
+    test "a stale notice (another owner) changes nothing" do
+      {:ok, id} = SM.allocate_region(@kib)
+      assert Cleanup.owner_down(id, spawn_sleeper()) == []
+      refute gone?(id)
+    end
+  end
+
+  describe "caller_down/1 (reference counts)" do
+    test ":reference_counted is not freed before its first hold, then with the last" do
+      {:ok, id} = SM.allocate_region(@kib, cleanup_policy: :reference_counted)
+      Manager.sync()
+      refute gone?(id)
+      a = spawn_mapper(id)
+      b = spawn_mapper(id)
+      assert {:ok, %{reference_count: 2}} = SM.get_region_info(id)
+      send(a, :unmap)
+      assert_receive {:unmapped, :ok}
+      refute gone?(id)
+      # The last holder dies without unmapping: its mapping is released for it.
+      Process.exit(b, :kill)
+      wait_gone(id)
+    end
+
+    test "unmap of the last hold frees at once, in the caller" do
+      {:ok, id} = SM.allocate_region(@kib, cleanup_policy: :reference_counted)
+      {:ok, m} = SM.map_region(id)
+      :ok = SM.unmap_region(m)
+      assert gone?(id)
+      {:ok, stats} = SM.stats()
+      assert stats.events.unreferenced >= 1
+    end
+  end
+
+  describe "repair/1 and recount/0 (callers killed mid-operation)" do
+    test "a caller that died holding a reservation is recounted away" do
+      parent = self()
+
+      pid =
+        spawn(fn ->
+          Snakepit.SharedMemory.Registry.register_caller()
+          Journal.note({:allocate, :reserving})
+          :ok = Quota.reserve(self(), 4096, Snakepit.SharedMemory.Config.get())
+          send(parent, :reserved)
+          Process.sleep(:infinity)
+        end)
+
+      assert_receive :reserved
+      assert Quota.totals().regions == 1
+      Process.exit(pid, :kill)
+      assert ShmHelpers.wait_until(fn -> Quota.totals() == %{regions: 0, bytes: 0} end)
+      assert Quota.owned(pid) == 0
+      assert Journal.lookup(pid) == nil
+    end
+
+    test "a POSIX segment of a caller killed inside create is found and removed" do
+      started = System.os_time(:nanosecond)
+      opts = ShmHelpers.create_opts(%{backend: :posix})
+      {:ok, region, info} = Native.create(12_345, opts)
+      assert File.exists?("/dev/shm/#{info.id}")
+      deadline = System.monotonic_time(:millisecond) + 1_000
+      # Another size, or a segment older than the allocation, is not taken for it; the
+      # pending stays until its deadline (the dirty create may still be running).
+      assert Cleanup.sweep_leaks([{999, started, deadline}]) == [{999, started, deadline}]
+      later = started + 10_000_000_000
+      assert Cleanup.sweep_leaks([{12_345, later, deadline}]) == [{12_345, later, deadline}]
+      assert File.exists?("/dev/shm/#{info.id}")
+      assert Cleanup.sweep_leaks([{12_345, started, deadline}]) == [{12_345, started, deadline}]
+      refute File.exists?("/dev/shm/#{info.id}")
+      # Pendings past their deadline are dropped.
+      assert Cleanup.sweep_leaks([{1, started, deadline - 5_000}]) == []
+      _ = region
+    end
+
+    test "a POSIX segment of a caller killed while freeing it is removed" do
+      {:ok, region, info} = Native.create(100, ShmHelpers.create_opts(%{backend: :posix}))
+      assert Cleanup.repair({:deallocate, info.id, :posix, :created}) == nil
+      refute File.exists?("/dev/shm/#{info.id}")
+      _ = region
+    end
+  end
+
+  describe "due/1 (expiry and vanished segments)" do
+    test "idle regions expire under every policy; access keeps them alive" do
+      {:ok, idle} = SM.allocate_region(@kib, timeout: 150, cleanup_policy: :manual)
+      {:ok, busy} = SM.allocate_region(@kib, timeout: 150, cleanup_policy: :manual)
+      {:ok, m} = SM.map_region(busy)
+
+      for _ <- 1..6 do
+        Process.sleep(50)
+        {:ok, _} = SM.read(m, 0, 1)
+      end
+
+      assert gone?(idle)
+      refute gone?(busy)
+      {:ok, stats} = SM.stats()
+      assert stats.events.expired >= 1
+    end
+
+    test "a POSIX segment removed behind our back is freed as :vanished" do
+      {:ok, id} = SM.allocate_region(@kib, backend: :posix, cleanup_policy: :manual)
+      assert Cleanup.due() == []
+      File.rm!("/dev/shm/#{id}")
+      assert {id, :vanished} in Cleanup.due()
+      wait_gone(id)
+    end
+  end
+
+  describe "sweep_orphans/1" do
+    @tag timeout: 120_000
+    test "segments of a VM killed with SIGKILL are swept" do
+      ebin = Path.join(:code.lib_dir(:snakepit_shm), "ebin")
+
+      script = """
+      {:ok, _} = Application.ensure_all_started(:snakepit_shm)
+      ids = for _ <- 1..50 do
+        {:ok, id} = Snakepit.SharedMemory.allocate_region(4096, backend: :posix)
+        id
+      end
+      IO.puts("READY " <> System.pid() <> " " <> Enum.join(ids, ","))
+      Process.sleep(:infinity)
+      """
+
+      port =
+        Port.open({:spawn_executable, System.find_executable("elixir")}, [
+          :binary,
+          :exit_status,
+          {:line, 65_536},
+          args: ["-pa", ebin, "-e", script]
+        ])
+
+      {os_pid, ids} =
+        receive do
+          {^port, {:data, {:eol, "READY " <> rest}}} ->
+            [os_pid, ids] = String.split(rest, " ")
+            {os_pid, String.split(ids, ",")}
+
+          {^port, {:exit_status, status}} ->
+            flunk("the second VM exited with #{status}")
+        after
+          60_000 -> flunk("the second VM did not get ready")
+        end
+
+      assert length(ids) == 50
+      assert Enum.all?(ids, &File.exists?("/dev/shm/#{&1}"))
+      {:ok, dry} = SM.cleanup_regions(dry_run: true)
+      assert Enum.filter(dry, &(&1.region_id in ids)) == []
+
+      System.cmd("kill", ["-9", os_pid])
+      assert_receive {^port, {:exit_status, _}}, 10_000
+
+      # (Other VMs' orphans may be found too on a shared machine: look at ours.)
+      mine = fn entries -> Enum.sort(for %{region_id: id} <- entries, id in ids, do: id) end
+      dry = Cleanup.sweep_orphans(dry_run: true)
+      assert mine.(dry) == Enum.sort(ids)
+      assert Enum.all?(dry, &(&1.reason == :orphan))
+      assert Enum.all?(ids, &File.exists?("/dev/shm/#{&1}"))
+
+      swept = Cleanup.sweep_orphans()
+      assert mine.(swept) == Enum.sort(ids)
+      refute Enum.any?(ids, &File.exists?("/dev/shm/#{&1}"))
+      {:ok, stats} = SM.stats()
+      assert stats.events.orphans >= 50
+    end
+
+    test "segments of live VMs (this one) are left alone" do
+      {:ok, id} = SM.allocate_region(@kib, backend: :posix)
+      assert Cleanup.sweep_orphans() == []
+      assert File.exists?("/dev/shm/#{id}")
+    end
+  end
+
+  describe "adopt_own_segments/0" do
+    test "re-registers unregistered POSIX segments created by this VM as :manual" do
+      opts =
+        ShmHelpers.create_opts(%{backend: :posix, metadata: ~s({"a":1}), idle_timeout_ms: 60_000})
+
+      {:ok, region, info} = Native.create(300, opts)
+      assert info.id in Cleanup.adopt_own_segments()
+      {:ok, adopted} = SM.get_region_info(info.id)
+      assert %{adopted: true, owner: nil, cleanup_policy: :manual, size: 300} = adopted
+      assert %{metadata: %{"a" => 1}, timeout: 60_000} = adopted
+      Snakepit.SharedMemory.Manager.sync()
+      # The adopted region is counted once the quota is recounted.
+      {:ok, _} = Cleanup.recount()
+      assert Quota.totals() == %{regions: 1, bytes: 300}
+      :ok = SM.deallocate_region(info.id)
+      _ = region
+    end
+  end
+
+  describe "check_owners/0" do
+    test "applies policies to regions whose owner died unnoticed" do
+      owner = spawn_sleeper()
+      {:ok, id} = SM.allocate_region(@kib, owner: owner)
+      # Simulate a lost notice: kill the owner while the manager is suspended.
+      manager = Process.whereis(Manager)
+      :sys.suspend(manager)
+      Process.exit(owner, :kill)
+      TestSupport.await_death(owner)
+      assert [%{region_id: ^id, reason: :owner_down}] = Cleanup.check_owners()
+      :sys.resume(manager)
+      assert gone?(id)
+    end
+  end
+end

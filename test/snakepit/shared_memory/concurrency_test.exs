@@ -1,0 +1,104 @@
+Code.require_file("../test_support.exs", __DIR__)
+
+defmodule Snakepit.SharedMemory.ConcurrencyTest do
+  # 100 processes run allocate/map/write/read/unmap/deallocate cycles at once while a
+  # random tenth of them is killed mid-cycle. Afterwards the registry, the quota
+  # counters and /dev/shm must all agree: nothing is live.
+  use ExUnit.Case, async: false
+
+  @moduletag :capture_log
+
+  alias Snakepit.SharedMemory, as: SM
+  alias Snakepit.SharedMemory.{Manager, Quota, Registry}
+  alias Snakepit.SharedMemory.TestSupport
+
+  @processes 100
+
+  setup do
+    before = TestSupport.vm_segments()
+    on_exit(fn -> TestSupport.free_everything() end)
+    {:ok, before: before}
+  end
+
+  defp worker(parent, cycles, seed) do
+    spawn(fn ->
+      :rand.seed(:exsss, {seed, seed, seed})
+
+      for i <- 1..cycles do
+        backend = if rem(i + seed, 2) == 0, do: :posix, else: :memfd
+        policy = if rem(i, 3) == 0, do: :reference_counted, else: :automatic
+        size = 4096 + :rand.uniform(4096)
+        {:ok, id} = SM.allocate_region(size, backend: backend, cleanup_policy: policy)
+        {:ok, m} = SM.map_region(id)
+        data = :binary.copy(<<seed, i::24>>, div(size, 4))
+        :ok = SM.write(m, 0, data)
+        {:ok, ^data} = SM.read(m, 0, byte_size(data))
+        :ok = SM.unmap_region(m)
+
+        case SM.deallocate_region(id) do
+          :ok -> :ok
+          # reference_counted regions are freed by the unmap of their last hold
+          {:error, %{reason: :not_found}} when policy == :reference_counted -> :ok
+        end
+      end
+
+      send(parent, {:done, self()})
+    end)
+  end
+
+  defp run(cycles, kill_window_ms, before) do
+    parent = self()
+    workers = for n <- 1..@processes, do: worker(parent, cycles, n)
+    victims = Enum.take_random(workers, div(@processes, 10))
+
+    killer =
+      Task.async(fn ->
+        for victim <- victims do
+          Process.sleep(:rand.uniform(kill_window_ms))
+          Process.exit(victim, :kill)
+        end
+      end)
+
+    refs = Map.new(workers, fn pid -> {Process.monitor(pid), pid} end)
+    Task.await(killer, :infinity)
+    outcomes = for _ <- refs, do: await_worker(refs)
+    killed = Enum.count(outcomes, &(&1 == :killed))
+    # A victim may have finished before its turn came; most were killed mid-run.
+    assert killed >= 1
+    assert Enum.all?(outcomes, &(&1 in [:normal, :killed])), inspect(Enum.uniq(outcomes))
+
+    Manager.sync()
+    TestSupport.assert_nothing_live(before)
+    assert Quota.totals() == %{regions: 0, bytes: 0}
+    assert Registry.count() == 0
+    {:ok, stats} = SM.stats()
+    assert stats.active_regions == 0
+    assert stats.active_bytes == 0
+  end
+
+  defp await_worker(refs) do
+    receive do
+      {:DOWN, ref, :process, _pid, reason} when is_map_key(refs, ref) ->
+        receive do
+          {:done, _} -> :ok
+        after
+          0 -> :ok
+        end
+
+        reason
+    after
+      120_000 -> flunk("workers did not finish")
+    end
+  end
+
+  @tag timeout: 120_000
+  test "100 processes x 150 cycles with a tenth killed mid-cycle", %{before: before} do
+    run(150, 800, before)
+  end
+
+  @tag :soak
+  @tag timeout: 900_000
+  test "100 processes x 1000 cycles with a tenth killed mid-cycle", %{before: before} do
+    run(1000, 5_000, before)
+  end
+end

@@ -1,0 +1,89 @@
+Code.require_file("../test_support.exs", __DIR__)
+
+defmodule Snakepit.SharedMemory.HoldersTest do
+  # OS holders: real Python workers (priv/python, Debian's /usr/bin/python3) attach
+  # regions; the manager discovers them by scanning headers and watches them by pidfd.
+  use ExUnit.Case, async: false
+
+  @moduletag :capture_log
+
+  alias Snakepit.SharedMemory, as: SM
+  alias Snakepit.SharedMemory.{Holders, Manager, Registry}
+  alias Snakepit.SharedMemory.{ShmHelpers, TestSupport}
+
+  require Registry
+
+  setup do
+    before = TestSupport.vm_segments()
+
+    on_exit(fn ->
+      TestSupport.free_everything()
+      TestSupport.assert_nothing_live(before)
+    end)
+
+    :ok
+  end
+
+  defp os_holders(id) do
+    {:ok, info} = SM.get_region_info(id)
+    for %{os_pid: pid} <- info.mapped_by, do: pid
+  end
+
+  describe "scan/1 and exited/3" do
+    test "a worker killed with SIGKILL has its hold released and frees a refcounted region" do
+      {:ok, id} = SM.allocate_region(4096, cleanup_policy: :reference_counted)
+      {:ok, ref} = SM.export_ref(id)
+      {port, os_pid} = TestSupport.python_holder(ref)
+      assert ShmHelpers.wait_until(fn -> os_holders(id) == [os_pid] end)
+      assert {:ok, %{reference_count: 1}} = SM.get_region_info(id)
+      # Let the scan arm the pidfd watch, then kill.
+      Manager.sync()
+      TestSupport.kill9(os_pid)
+      assert_receive {^port, {:exit_status, _}}, 5_000
+      assert ShmHelpers.wait_until(fn -> Registry.lookup(id) == nil end, 3_000)
+      {:ok, stats} = SM.stats()
+      assert stats.events.os_holders_released >= 1
+    end
+
+    test "a killed worker's hold on a manual region is released, the region stays" do
+      {:ok, id} = SM.allocate_region(4096, cleanup_policy: :manual, backend: :posix)
+      {:ok, ref} = SM.export_ref(id)
+      {port, os_pid} = TestSupport.python_holder(ref, "rw")
+      assert ShmHelpers.wait_until(fn -> os_holders(id) == [os_pid] end)
+      Manager.sync()
+      TestSupport.kill9(os_pid)
+      assert_receive {^port, {:exit_status, _}}, 5_000
+
+      assert ShmHelpers.wait_until(fn ->
+               match?({:ok, %{reference_count: 0, mapped_by: []}}, SM.get_region_info(id))
+             end)
+    end
+
+    test "a holder that died before it was ever watched is released when found" do
+      {:ok, id} = SM.allocate_region(4096, cleanup_policy: :reference_counted)
+      {:ok, ref} = SM.export_ref(id)
+      manager = Process.whereis(Manager)
+      :sys.suspend(manager)
+      {port, os_pid} = TestSupport.python_holder(ref)
+      TestSupport.kill9(os_pid)
+      assert_receive {^port, {:exit_status, _}}, 5_000
+      assert {:ok, %{reference_count: 1}} = SM.get_region_info(id)
+      :sys.resume(manager)
+      assert ShmHelpers.wait_until(fn -> Registry.lookup(id) == nil end, 3_000)
+    end
+
+    test "changed/2 ignores this VM's own holds" do
+      {:ok, id} = SM.allocate_region(4096, cleanup_policy: :manual)
+      [record] = :ets.lookup(Registry.regions_table(), id)
+      ref = Registry.region(record, :ref)
+      {:ok, _mapping} = SM.map_region(id)
+      assert Holders.changed(Holders.new(), ref).watches == %{}
+    end
+  end
+
+  describe "new/0" do
+    test "knows this VM's OS pid (whose holds are BEAM mappings, not OS holders)" do
+      assert Holders.new().self_os_pid == String.to_integer(System.pid())
+    end
+  end
+end
