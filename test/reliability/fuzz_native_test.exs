@@ -17,6 +17,11 @@ defmodule Snakepit.SharedMemory.Reliability.FuzzNativeTest do
   @batch 3_000
   @concurrency 2
 
+  setup_all do
+    ReliabilityHelpers.asan_probe!()
+    :ok
+  end
+
   test "every NIF returns a well-shaped result or raises ArgumentError; the VM survives" do
     seed = ReliabilityHelpers.seed()
     :erlang.garbage_collect()

@@ -53,6 +53,33 @@ defmodule Snakepit.SharedMemory.ReliabilityHelpers do
     File.write!(Path.join(dir, "figures.jsonl"), line <> "\n", [:append])
   end
 
+  @doc """
+  Under scripts/test-asan-nif.sh (SNAKEPIT_SHM_ASAN_PROBE=1): checks that this VM has
+  the ASan runtime mapped and the NIF loaded from SNAKEPIT_SHM_NIF_DIR, and says so on
+  stdout (the script looks for that line). Raises if either is missing.
+  """
+  @spec asan_probe!() :: :ok | :skipped
+  def asan_probe! do
+    if System.get_env("SNAKEPIT_SHM_ASAN_PROBE") == "1" do
+      maps = File.read!("/proc/self/maps")
+      nif = Path.join(System.fetch_env!("SNAKEPIT_SHM_NIF_DIR"), "snakepit_shm_nif.so")
+      # Make sure the NIF is loaded (its module is loaded on first use).
+      _ = Native.self_info()
+      maps = maps <> File.read!("/proc/self/maps")
+
+      unless maps =~ "libasan.so",
+        do: raise("ASan probe: libasan is not mapped into the VM (LD_PRELOAD lost?)")
+
+      unless String.contains?(maps, Path.expand(nif)),
+        do: raise("ASan probe: #{nif} is not mapped: the NIF was loaded from elsewhere")
+
+      IO.puts("asan probe: libasan mapped, NIF from priv/asan (#{nif})")
+      :ok
+    else
+      :skipped
+    end
+  end
+
   # ---- resources of this VM ----
 
   @doc "Open file descriptors of this VM."
