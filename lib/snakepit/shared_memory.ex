@@ -130,7 +130,7 @@ defmodule Snakepit.SharedMemory do
   already unmapped.
   """
   @spec unmap_region(Mapping.t()) :: :ok | error()
-  def unmap_region(%Mapping{} = mapping) do
+  def unmap_region(%Mapping{region_id: id} = mapping) when is_binary(id) do
     start = Stats.start()
     Stats.stop(:unmap, start, with(:ok <- available(), do: Access.unmap(mapping)))
   end
