@@ -48,10 +48,11 @@ defmodule Mix.Tasks.Snakepit.Shm.Doctor do
       Command.parse!("snakepit.shm.doctor", @help, argv, @switches, remote: false)
 
     Command.load_code()
-    # The doctor reports leftovers; the manager it starts must not sweep them first.
-    Application.put_env(:snakepit_shm, :orphan_sweep, false)
     python = Keyword.get(opts, :python, "/usr/bin/python3")
-    findings = Command.quietly(fn -> Doctor.run(python, priv_dir()) end)
+
+    findings =
+      without_orphan_sweep(fn -> Command.quietly(fn -> Doctor.run(python, priv_dir()) end) end)
+
     failed = Enum.any?(findings, &(&1.status == :fail or (opts[:strict] && &1.status == :warn)))
 
     case format do
@@ -60,6 +61,24 @@ defmodule Mix.Tasks.Snakepit.Shm.Doctor do
     end
 
     Command.finish(if failed, do: 1, else: 0)
+  end
+
+  # The doctor reports leftovers: a manager it starts must not sweep them away first.
+  # (When the application already runs, as in a test VM, its setting is left alone.)
+  defp without_orphan_sweep(fun) do
+    running = List.keymember?(Application.started_applications(), :snakepit_shm, 0)
+    previous = Application.fetch_env(:snakepit_shm, :orphan_sweep)
+    unless running, do: Application.put_env(:snakepit_shm, :orphan_sweep, false)
+
+    try do
+      fun.()
+    after
+      case {running, previous} do
+        {true, _} -> :ok
+        {false, {:ok, value}} -> Application.put_env(:snakepit_shm, :orphan_sweep, value)
+        {false, :error} -> Application.delete_env(:snakepit_shm, :orphan_sweep)
+      end
+    end
   end
 
   defp render(findings) do
