@@ -164,6 +164,7 @@ std::array<std::uint8_t, 16> boot_id() { return platform::boot_id(); }
 
 bool process_alive(std::uint32_t pid, std::uint64_t start_time) {
   if (pid == 0) return false;
+  if (pid == platform::current_pid()) return own_start_time(pid) == start_time;
   auto st = platform::process_stat(pid);
   return st && st->running && st->start_time == start_time;
 }
