@@ -17,7 +17,7 @@ WINE=/usr/lib/wine/wine64
 # The toolchain can only be given when the build dir is first configured.
 toolchain=()
 [ -f "$build/CMakeCache.txt" ] || toolchain=(-DCMAKE_TOOLCHAIN_FILE=cmake/mingw-w64.cmake)
-cmake -S . -B "$build" "${toolchain[@]}" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+cmake -S . -B "$build" "${toolchain[@]}" -DCMAKE_BUILD_TYPE=Release \
   -DSPSHM_WITH_SODIUM=OFF -DSPSHM_BUILD_NIF=OFF >/dev/null
 cmake --build "$build" --parallel 2 --target core_tests >/dev/null
 

@@ -1,7 +1,7 @@
 // Shared helpers of the core tests.
 #pragma once
 
-#if !defined(_WIN32)  // SegmentCleanup (shm_unlink) and in_child (fork) are POSIX-only
+#if !defined(_WIN32)  // SegmentCleanup, in_child, drop_capabilities: POSIX/Linux only
 #include <linux/capability.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
@@ -89,7 +89,6 @@ int in_child(Body&& body) {
   REQUIRE(waitpid(pid, &status, 0) == pid);
   return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
 }
-#endif
 
 /// Drops capabilities from this (child) process, so that root behaves like a plain user
 /// for the checks they bypass. Returns false if the kernel refused.
@@ -103,6 +102,7 @@ inline bool drop_capabilities(std::initializer_list<int> caps) {
   }
   return syscall(SYS_capset, &header, data) == 0;
 }
+#endif  // !_WIN32
 
 inline std::vector<std::uint8_t> pattern(std::size_t n, std::uint32_t seed) {
   std::vector<std::uint8_t> v(n);
