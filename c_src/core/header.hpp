@@ -37,6 +37,11 @@ bool header_published(const RegionHeader& header) noexcept;
 /// Every check of validate_header that needs no object size.
 Result<void> validate_header_fields(const RegionHeader& header);
 
+/// The sealing side of the seal/hold exclusion (holders.cpp): the pid of a live process
+/// other than `self` that holds the region writable (or is registering a writable hold),
+/// or 0. Call it only after setting kStateSealed (seq_cst).
+std::uint32_t other_writable_holder(const RegionHeader& header, std::uint32_t self);
+
 /// Largest data_size a header may claim (keeps every offset computation far from overflow).
 inline constexpr std::uint64_t kMaxDataSize = std::uint64_t{1} << 60;
 

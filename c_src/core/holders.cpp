@@ -25,6 +25,7 @@
 #include <cstddef>
 
 #include "guard.hpp"
+#include "header.hpp"
 #include "region.hpp"
 
 namespace spshm {
@@ -220,6 +221,22 @@ std::uint32_t release_all(RegionHeader& header, std::uint32_t pid, std::uint64_t
   if (released > 0) refcount_sub(header, released);
   changed(header);
   return released;
+}
+
+std::uint32_t other_writable_holder(const RegionHeader& h, std::uint32_t self) {
+  for (std::uint32_t i = 0; i < slot_count(h); ++i) {
+    const HolderSlot& s = h.holders[i];
+    std::uint32_t state = s.slot_state.load(kOrder);
+    if (state == kSlotFree) continue;
+    // A busy slot is being claimed (its flags may already say writable: count it) or
+    // freed (pid already 0, or flags already cleared).
+    if (!(load_word(s).flags & kHolderWritable)) continue;
+    std::uint32_t pid = load_pid(s);
+    if (pid == 0 || pid == self) continue;
+    if (state == kSlotLive && !process_alive(pid, load_start(s))) continue;  // died holding
+    return pid;
+  }
+  return 0;
 }
 
 std::vector<HolderInfo> holders(const RegionHeader& header) {

@@ -217,22 +217,6 @@ Result<Region> create_memfd(const CreateOptions& o) {
   return RegionFactory::make(std::move(impl));
 }
 
-/// The pid of another live process holding the region writable, or 0.
-std::uint32_t other_writable_holder(const RegionHeader& h) {
-  std::uint32_t self = platform::current_pid();
-  for (const HolderSlot& s : h.holders) {
-    std::uint32_t state = s.slot_state.load(std::memory_order_seq_cst);
-    if (state == kSlotFree) continue;
-    if (!(s.flags.load(std::memory_order_seq_cst) & kHolderWritable)) continue;
-    std::uint32_t pid = __atomic_load_n(&s.pid, __ATOMIC_ACQUIRE);
-    if (pid == 0 || pid == self) continue;  // 0: a slot being cleared
-    std::uint64_t start = __atomic_load_n(&s.start_time, __ATOMIC_ACQUIRE);
-    if (state == kSlotLive && !process_alive(pid, start)) continue;  // its hold died with it
-    return pid;
-  }
-  return 0;
-}
-
 Error needs_writable(const std::string& id, const char* action) {
   return Error{Errc::permission_denied, 0,
                std::string("cannot ") + action + " region " + id +
@@ -326,7 +310,7 @@ Result<void> Region::seal() {
                    "cannot seal region " + impl_->id + ": it was deallocated"};
     }
     if (set_by_us) {
-      if (std::uint32_t pid = other_writable_holder(h)) {
+      if (std::uint32_t pid = other_writable_holder(h, platform::current_pid())) {
         undo();
         return Error{Errc::busy, 0,
                      "cannot seal region " + impl_->id + ": process " + std::to_string(pid) +
