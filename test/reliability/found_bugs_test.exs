@@ -4,7 +4,7 @@ defmodule Snakepit.SharedMemory.Reliability.FoundBugsTest do
   use ExUnit.Case, async: false
 
   alias Snakepit.SharedMemory
-  alias Snakepit.SharedMemory.{Error, Mapping}
+  alias Snakepit.SharedMemory.{Error, Mapping, Native, ReliabilityForge}
 
   @moduletag :reliability
 
@@ -27,6 +27,41 @@ defmodule Snakepit.SharedMemory.Reliability.FoundBugsTest do
 
       assert :ok = SharedMemory.unmap_region(mapping)
       assert :ok = SharedMemory.deallocate_region(id)
+    end
+  end
+
+  describe "Native.unlink_segment/1 (and mix snakepit.shm.cleanup, which calls it)" do
+    # Found by the malformed-segment suite: any file of ours smaller than a header was
+    # taken for the leftover of a creator that died before writing the header, and
+    # removed once stale, even when it starts with the magic: a region truncated after
+    # creation (damaged), which the core's own policy says to leave to the operator.
+    test "a stale truncated segment that has a magic is damaged, not incomplete: kept" do
+      template = ReliabilityForge.template()
+      seg = ReliabilityForge.forge(:truncated, template, ReliabilityForge.dead_os_pid())
+
+      try do
+        ReliabilityForge.age!(seg, 3_600)
+        assert {:error, {:corrupt, message, _}} = Native.unlink_segment(seg.id)
+        assert message =~ "not removed"
+        assert ReliabilityForge.present?(seg)
+      after
+        ReliabilityForge.remove(seg)
+      end
+    end
+
+    test "a stale empty segment (its creator died before sizing it) is still removed" do
+      id = ReliabilityForge.random_id()
+      path = Path.join("/dev/shm", id)
+      File.write!(path, "")
+      seg = %{id: id, path: path, extra: []}
+
+      try do
+        ReliabilityForge.age!(seg, 3_600)
+        assert :ok = Native.unlink_segment(id)
+        refute ReliabilityForge.present?(seg)
+      after
+        ReliabilityForge.remove(seg)
+      end
     end
   end
 end
