@@ -430,13 +430,13 @@ defmodule Snakepit.SharedMemoryTest do
     test "dry run reports, then frees what was asked" do
       {:ok, a} = SM.allocate_region(10, cleanup_policy: :manual)
       {:ok, b} = SM.allocate_region(20, cleanup_policy: :manual)
-      {:ok, report} = SM.cleanup_regions(ids: [a], dry_run: true)
+      {:ok, report} = SM.cleanup_regions(ids: [a], dry_run: true, orphans: false)
       assert report == [%{region_id: a, reason: :requested, size: 10}]
       assert Registry.lookup(a) != nil
-      {:ok, freed} = SM.cleanup_regions(ids: [a])
+      {:ok, freed} = SM.cleanup_regions(ids: [a], orphans: false)
       assert freed == [%{region_id: a, reason: :requested, size: 10}]
       assert Registry.lookup(a) == nil
-      {:ok, freed} = SM.cleanup_regions(owner: self())
+      {:ok, freed} = SM.cleanup_regions(owner: self(), orphans: false)
       assert [%{region_id: ^b}] = freed
       assert error_reason(SM.cleanup_regions(dry: true)) == :invalid_option
     end

@@ -12,7 +12,8 @@ defmodule Snakepit.SharedMemory.Journal do
 
   `barrier/2` is Dekker's mutual exclusion over two ETS tables (each ETS operation is
   atomic, so the pair of tables is linearizable): a caller writes its journal row and
-  then reads the barrier flag; the manager sets the flag and then waits until no
+  then reads the barrier flag (a `{{:barrier, holder_pid}, true}` row of the meta table;
+  several holders compose); the manager sets the flag and then waits until no
   *live* process has a journal row. Either the caller sees the flag (and steps back,
   removing its row, until the barrier is lifted) or the manager sees the caller's row
   (and waits for it to finish). Rows of dead processes are ignored and then deleted.
@@ -47,7 +48,7 @@ defmodule Snakepit.SharedMemory.Journal do
     journal = Registry.journal_table()
     :ets.insert(journal, {self(), operation})
 
-    if Registry.flag(:barrier) do
+    if barrier_up?() do
       :ets.delete(journal, self())
 
       if System.monotonic_time(:millisecond) >= deadline do
@@ -111,7 +112,8 @@ defmodule Snakepit.SharedMemory.Journal do
   @spec barrier(non_neg_integer(), (() -> result)) :: {:ok, result} | {:error, :timeout}
         when result: term()
   def barrier(timeout_ms, fun) do
-    Registry.set_flag(:barrier, true)
+    meta = Registry.meta_table()
+    :ets.insert(meta, {{:barrier, self()}, true})
     deadline = System.monotonic_time(:millisecond) + timeout_ms
 
     try do
@@ -123,7 +125,23 @@ defmodule Snakepit.SharedMemory.Journal do
           {:error, :timeout}
       end
     after
-      Registry.set_flag(:barrier, false)
+      :ets.delete(meta, {:barrier, self()})
+    end
+  end
+
+  # Raised by any live holder. A holder that died holding it (a manager killed
+  # mid-barrier) no longer counts, and its row is removed.
+  defp barrier_up? do
+    meta = Registry.meta_table()
+
+    case :ets.select(meta, [{{{:barrier, :"$1"}, :_}, [], [:"$1"]}]) do
+      [] ->
+        false
+
+      holders ->
+        Enum.any?(holders, fn pid ->
+          Process.alive?(pid) or (:ets.delete(meta, {:barrier, pid}) && false)
+        end)
     end
   end
 

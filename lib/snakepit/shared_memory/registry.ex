@@ -24,8 +24,10 @@ defmodule Snakepit.SharedMemory.Registry do
       an allocation or deallocation (see `Snakepit.SharedMemory.Journal`).
     * `#{:snakepit_shm_owners}` (`set`): `{owner_pid, live_regions}` for
       `:max_regions_per_process` (see `Snakepit.SharedMemory.Quota`).
-    * `#{:snakepit_shm_meta}` (`set`): `{:barrier, boolean}` and `{:initialized,
-      boolean}` (false in fresh tables: the manager then rebuilds from the segments).
+    * `#{:snakepit_shm_meta}` (`set`): `{{:barrier, holder_pid}, true}` while a barrier
+      is raised (see `Snakepit.SharedMemory.Journal`) and `{:initialized, true}` once a
+      manager started on these tables (absent in fresh tables: the manager then rebuilds
+      from the segments).
   """
 
   require Record

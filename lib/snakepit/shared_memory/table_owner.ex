@@ -21,7 +21,6 @@ defmodule Snakepit.SharedMemory.TableOwner do
   def init(nil) do
     for {name, options} <- Registry.tables(), do: :ets.new(name, options)
     Quota.setup()
-    Registry.set_flag(:barrier, false)
     Registry.set_flag(:initialized, false)
     {:ok, nil}
   end

@@ -1,0 +1,85 @@
+defmodule Snakepit.SharedMemory.JSONTest do
+  use ExUnit.Case, async: true
+
+  alias Snakepit.SharedMemory.{Error, JSON}
+
+  doctest JSON
+
+  describe "encode/1" do
+    test "scalars, lists and maps with sorted keys" do
+      assert JSON.encode(nil) == {:ok, "null"}
+      assert JSON.encode(true) == {:ok, "true"}
+      assert JSON.encode(-12) == {:ok, "-12"}
+      assert JSON.encode(1.5) == {:ok, "1.5"}
+      assert JSON.encode(:float32) == {:ok, ~s("float32")}
+      assert JSON.encode([1, [2, []], %{}]) == {:ok, "[1,[2,[]],{}]"}
+      assert JSON.encode(%{b: 1, a: %{"c" => nil}}) == {:ok, ~s({"a":{"c":null},"b":1})}
+    end
+
+    test "escapes what JSON requires and keeps UTF-8" do
+      assert JSON.encode("a\"b\\c\n\t\u0001é😀") == {:ok, ~s("a\\"b\\\\c\\n\\t\\u0001é😀")}
+    end
+
+    test "DateTime as ISO 8601" do
+      assert JSON.encode(~U[2024-01-02 03:04:05Z]) == {:ok, ~s("2024-01-02T03:04:05Z")}
+    end
+
+    test "refuses what it cannot represent" do
+      for bad <- [{1, 2}, self(), make_ref(), <<255>>, %{{1} => 2}, %{nil => 1}, %URI{}] do
+        assert {:error, %Error{reason: :invalid_json}} = JSON.encode(bad), inspect(bad)
+      end
+    end
+  end
+
+  describe "decode/1" do
+    test "every JSON type" do
+      json = ~s( {"a": [1, -2.5e3, 1E2, 0.25, true, false, null], "b": {"c": "d"}, "": ""} )
+
+      assert JSON.decode(json) ==
+               {:ok,
+                %{
+                  "a" => [1, -2500.0, 100.0, 0.25, true, false, nil],
+                  "b" => %{"c" => "d"},
+                  "" => ""
+                }}
+    end
+
+    test "escapes and surrogate pairs" do
+      assert JSON.decode(~s("\\u00e9\\ud83d\\ude00\\n\\/")) == {:ok, "é😀\n/"}
+    end
+
+    test "round trips what encode produces" do
+      term = %{"k" => [1, 2.5, "x\ny", %{"n" => nil}], "u" => "ü"}
+      {:ok, json} = JSON.encode(term)
+      assert JSON.decode(json) == {:ok, term}
+    end
+
+    test "errors say where" do
+      for bad <- [
+            "",
+            "{",
+            "[1,]",
+            ~s({"a" 1}),
+            ~s("abc),
+            "01",
+            "tru",
+            "1 2",
+            ~s("\\ud800"),
+            ~s("\\x")
+          ] do
+        assert {:error, %Error{reason: :invalid_json, message: message}} = JSON.decode(bad),
+               inspect(bad)
+
+        assert message =~ "invalid JSON" or message =~ "UTF"
+      end
+
+      assert {:error, %Error{}} = JSON.decode(:not_binary)
+    end
+
+    test "refuses deep nesting" do
+      deep = String.duplicate("[", 600) <> String.duplicate("]", 600)
+      assert {:error, %Error{message: message}} = JSON.decode(deep)
+      assert message =~ "nesting"
+    end
+  end
+end
