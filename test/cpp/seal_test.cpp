@@ -2,6 +2,9 @@
 #include <fcntl.h>
 #include <sys/stat.h>
 
+#include <atomic>
+#include <thread>
+
 #include "helpers.hpp"
 
 using namespace spshm;
@@ -184,4 +187,50 @@ TEST_CASE("a deallocated region cannot be sealed", "[seal]") {
   REQUIRE_OK(r.deallocate(false));
   REQUIRE_ERR(r.seal(), Errc::deallocated);
   REQUIRE_FALSE(r.sealed());
+}
+
+TEST_CASE("seal never succeeds while a racing writable hold is in place", "[seal][race]") {
+  // pid 1 stands in for another live process (the sealer ignores its own pid and dead
+  // ones). A thread keeps taking and dropping writable holds while the main thread seals;
+  // a seal that succeeds while that thread holds would break the exclusion.
+  auto init_start = process_start_time(1);
+  REQUIRE_OK(init_start);
+  int sealed_ok = 0, refused = 0, violations = 0;
+  for (int trial = 0; trial < 120; ++trial) {
+    Region r = create_ok(options(BackendKind::memfd, 4096));
+    RegionHeader& h = r.header();
+    std::atomic<bool> holding{false}, stop{false}, started{false};
+    std::thread racer([&] {
+      while (!stop.load()) {
+        if (hold(h, 1, *init_start, true).ok()) {
+          holding.store(true);
+          started.store(true);
+          holding.store(false);
+          (void)release(h, 1, *init_start);
+        } else {
+          started.store(true);
+        }
+      }
+    });
+    while (!started.load()) {
+    }
+    // Busy-wait a varying while (yielding would hand the core away for milliseconds).
+    for (volatile int spin = 0; spin < (trial % 50) * 200; ++spin) {
+    }
+    auto result = r.seal();
+    if (result) {
+      ++sealed_ok;
+      if (holding.load()) ++violations;
+    } else {
+      REQUIRE(result.error().code == Errc::busy);
+      ++refused;
+    }
+    stop.store(true);
+    racer.join();
+    if (result) REQUIRE_ERR(hold(h, 1, *init_start, true), Errc::sealed);
+    REQUIRE(h.refcount.load() == 0);
+  }
+  INFO("sealed " << sealed_ok << ", refused " << refused);
+  REQUIRE(violations == 0);
+  REQUIRE(sealed_ok + refused == 120);
 }
