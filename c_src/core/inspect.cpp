@@ -1,4 +1,5 @@
 // Read-only inspection of segments, orphan removal, and process identity.
+#include <algorithm>
 #include <atomic>
 #include <cstring>
 #include <limits>
@@ -28,8 +29,11 @@ Result<void> read_header(const platform::Handle& handle, const platform::ObjectI
   return platform::read_at(handle, 0, copy.bytes, sizeof copy.bytes, what);
 }
 
-bool is_incomplete(const platform::ObjectInfo& info, const RegionHeader* header) noexcept {
-  if (info.size < kHeaderSize) return true;
+// A creator sizes the object first and writes the magic last, so what a creator that
+// died leaves is empty or has a zero magic. A shorter object that has (part of) a magic
+// was truncated after creation: damaged, not incomplete. `header` holds the bytes the
+// object has (zero beyond them).
+bool is_incomplete(const RegionHeader* header) noexcept {
   for (char c : header->magic)
     if (c != 0) return false;
   return true;
@@ -100,7 +104,13 @@ Result<void> unlink_segment(const std::string& region_id) {
     HeaderCopy copy;
     std::memset(copy.bytes, 0, sizeof copy.bytes);
     Result<void> valid = read_header(*handle, *info, what, copy);
-    if (valid) valid = validate_header(copy.get(), info->size);
+    if (valid) {
+      valid = validate_header(copy.get(), info->size);
+    } else if (info->size > 0 && info->size < kHeaderSize) {
+      // Too short for a header: read what there is, to tell damage from a creation cut short.
+      auto prefix = std::min<std::uint64_t>(info->size, sizeof copy.get().magic);
+      if (auto r = platform::read_at(*handle, 0, copy.bytes, prefix, what); !r) return r;
+    }
     if (valid) {
       std::string id(copy.get().region_id, strnlen(copy.get().region_id, kRegionIdCapacity));
       if (id != region_id)
@@ -109,9 +119,9 @@ Result<void> unlink_segment(const std::string& region_id) {
     } else {
       std::uint64_t now = platform::realtime_ns();
       bool stale = now > info->modified_ns && now - info->modified_ns > kStaleCreationNs;
-      if (!is_incomplete(*info, &copy.get()) || !stale) {
+      if (!is_incomplete(&copy.get()) || !stale) {
         Error e = std::move(valid).error();
-        e.message += is_incomplete(*info, &copy.get())
+        e.message += is_incomplete(&copy.get())
                          ? " (it may still be being created: not removed, retry later)"
                          : " (not removed: check it and delete it by hand if it is garbage)";
         return e;

@@ -91,10 +91,11 @@ defmodule Snakepit.SharedMemory.CLI.HostCleanup do
   defp pids([pid]), do: "pid #{pid}"
   defp pids(list), do: "pids " <> Enum.join(list, ", ")
 
-  # A regular file of ours smaller than a header, or whose magic is still zero.
+  # A regular file of ours whose magic is still zero (or that is empty): a creator writes
+  # the magic last. A short file that has a magic was truncated later: damaged.
   defp incomplete?(path) do
-    with {:ok, %File.Stat{type: :regular, size: size}} <- File.lstat(path) do
-      size < 4096 or magic_zero?(path)
+    with {:ok, %File.Stat{type: :regular}} <- File.lstat(path) do
+      magic_zero?(path)
     else
       _ -> false
     end
@@ -102,7 +103,8 @@ defmodule Snakepit.SharedMemory.CLI.HostCleanup do
 
   defp magic_zero?(path) do
     case File.open(path, [:read, :binary, :raw], &IO.binread(&1, 8)) do
-      {:ok, <<0::64>>} -> true
+      {:ok, :eof} -> true
+      {:ok, magic} when is_binary(magic) -> magic == <<0::size(byte_size(magic))-unit(8)>>
       _ -> false
     end
   end
