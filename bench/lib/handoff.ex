@@ -1,0 +1,245 @@
+defmodule SnakepitShm.Bench.Handoff do
+  @moduledoc """
+  Issue 6, part 1: handing an Elixir binary to a persistent Python worker that reads
+  every byte (xor-reduce over a numpy uint64 view), by five paths measured in the same
+  rounds, their order rotated from round to round:
+
+    * `:fresh` - allocate a region, map, write, export the ref, the worker attaches,
+      reduces and closes, reply; then unmap and deallocate (all timed);
+    * `:warm` - the same region every time (allocated once per size, outside the
+      timing); the worker keeps its attachment; timed: write, message, reduce, reply;
+    * `:port` - the payload through the worker's Erlang port (stdio, `{packet, 4}`);
+    * `:socket` - the payload through a Unix domain socket (`gen_tcp`, `{packet, 4}`);
+    * `:reference` - C++: one memcpy into touched memory plus the same read pass.
+  """
+
+  alias Snakepit.SharedMemory, as: SM
+  alias Snakepit.SharedMemory.JSON
+  alias SnakepitShm.Bench.Programs
+
+  @paths [:fresh, :warm, :port, :socket, :reference]
+  @socket_buffer 4 * 1024 * 1024
+
+  def paths, do: @paths
+
+  @doc """
+  Runs every size of `profile.handoff_sizes`. Returns one map per size with
+  `samples: %{path => [ns per handoff, one per round]}` and, for the largest size, a
+  breakdown of the fresh and warm paths.
+  """
+  def run(profile, payload, programs) do
+    worker = Programs.open_python("worker.py", [Programs.python_client_dir()])
+    reference = Programs.open_line_port(programs.handoff_ref)
+    {listener, socket, socket_path} = open_socket(worker)
+    ctx = %{worker: worker, reference: reference, socket: socket}
+
+    try do
+      sizes = Enum.filter(profile.handoff_sizes, &(&1 <= byte_size(payload)))
+
+      Enum.map(sizes, fn size ->
+        data = binary_part(payload, 0, size)
+        measure_size(ctx, profile, data, size == profile.headline_size)
+      end)
+    after
+      :gen_tcp.close(socket)
+      :gen_tcp.close(listener)
+      File.rm(socket_path)
+      Programs.close_python(worker)
+      Programs.close_line_port(reference)
+    end
+  end
+
+  defp open_socket(worker) do
+    path = Path.join(System.tmp_dir!(), "snakepit_bench_#{System.pid()}.sock")
+    File.rm(path)
+
+    opts = [
+      :binary,
+      {:ifaddr, {:local, String.to_charlist(path)}},
+      packet: 4,
+      active: false,
+      sndbuf: @socket_buffer,
+      recbuf: @socket_buffer
+    ]
+
+    {:ok, listener} = :gen_tcp.listen(0, opts)
+    Port.command(worker, ["U", path])
+    {:ok, socket} = :gen_tcp.accept(listener, 30_000)
+    <<?R, _::binary>> = Programs.await_reply(worker)
+    {listener, socket, path}
+  end
+
+  defp measure_size(ctx, profile, data, headline?) do
+    size = byte_size(data)
+    iterations = iterations(profile, size)
+    warm = setup_warm(data)
+    ctx = Map.put(ctx, :warm, warm)
+
+    try do
+      check_agreement(ctx, data)
+
+      rounds =
+        for round <- 1..profile.handoff_reps do
+          order = rotate(@paths, round)
+          Map.new(order, fn path -> {path, time_path(ctx, path, data, iterations)} end)
+        end
+
+      samples = Map.new(@paths, fn p -> {p, Enum.map(rounds, &Map.fetch!(&1, p))} end)
+      breakdown = if headline?, do: breakdown(ctx, data, profile.handoff_reps), else: nil
+      %{size: size, iterations: iterations, samples: samples, breakdown: breakdown}
+    after
+      teardown_warm(ctx.worker, warm)
+    end
+  end
+
+  defp iterations(profile, size) do
+    (profile.handoff_budget_bytes / size) |> trunc() |> max(1) |> min(profile.max_iterations)
+  end
+
+  defp rotate(list, n),
+    do: Enum.drop(list, rem(n, length(list))) ++ Enum.take(list, rem(n, length(list)))
+
+  # One untimed handoff by every path: warms each up, and checks that all agree on the
+  # xor of the payload (a wrong path must fail the bench, not report a number).
+  defp check_agreement(ctx, data) do
+    results = for path <- [:fresh, :warm, :port, :socket], do: {path, handoff(ctx, path, data)}
+    values = results |> Enum.map(fn {_, {x, _}} -> x end) |> Enum.uniq()
+
+    if length(values) != 1,
+      do:
+        raise(
+          "handoff paths disagree on the xor of #{byte_size(data)} bytes: #{inspect(results)}"
+        )
+
+    Programs.line_request(ctx.reference, "run #{byte_size(data)} 1")
+  end
+
+  defp time_path(ctx, :reference, data, iterations) do
+    [ns, _xor] =
+      ctx.reference
+      |> Programs.line_request("run #{byte_size(data)} #{iterations}")
+      |> String.split()
+
+    String.to_integer(ns) / iterations
+  end
+
+  defp time_path(ctx, path, data, iterations) do
+    start = System.monotonic_time(:nanosecond)
+    for _ <- 1..iterations, do: handoff(ctx, path, data)
+    (System.monotonic_time(:nanosecond) - start) / iterations
+  end
+
+  # ---- the paths; each returns {xor, worker timings} ----
+
+  defp handoff(ctx, :fresh, data) do
+    size = byte_size(data)
+    {:ok, id} = ok!(SM.allocate_region(size), :allocate_region)
+    {:ok, mapping} = ok!(SM.map_region(id, access_mode: :read_write), :map_region)
+    :ok = ok!(SM.write(mapping, 0, data), :write)
+    {:ok, ref} = ok!(SM.export_ref(id), :export_ref)
+    {:ok, json} = JSON.encode(ref)
+    result = decode(Programs.request(ctx.worker, ["S", json]))
+    :ok = ok!(SM.unmap_region(mapping), :unmap_region)
+    :ok = ok!(SM.deallocate_region(id), :deallocate_region)
+    result
+  end
+
+  defp handoff(ctx, :warm, data) do
+    :ok = ok!(SM.write(ctx.warm.mapping, 0, data), :write)
+    {:ok, json} = JSON.encode(%{"ref" => ctx.warm.ref, "length" => byte_size(data)})
+    decode(Programs.request(ctx.worker, ["W", json]))
+  end
+
+  defp handoff(ctx, :port, data), do: decode(Programs.request(ctx.worker, ["P", data]))
+
+  defp handoff(ctx, :socket, data) do
+    :ok = :gen_tcp.send(ctx.socket, data)
+    {:ok, reply} = :gen_tcp.recv(ctx.socket, 0, 600_000)
+    decode(reply)
+  end
+
+  defp decode(<<?R, xor::little-64, timings::binary>>),
+    do: {xor, for(<<ns::little-64 <- timings>>, do: ns)}
+
+  defp setup_warm(data) do
+    {:ok, id} = ok!(SM.allocate_region(byte_size(data)), :allocate_region)
+    {:ok, mapping} = ok!(SM.map_region(id, access_mode: :read_write), :map_region)
+    {:ok, ref} = ok!(SM.export_ref(id), :export_ref)
+    %{id: id, mapping: mapping, ref: ref}
+  end
+
+  defp teardown_warm(worker, warm) do
+    Programs.request(worker, ["D", warm.id])
+    SM.unmap_region(warm.mapping)
+    SM.deallocate_region(warm.id)
+  end
+
+  # ---- where the time of the fresh and warm paths goes (headline size) ----
+
+  defp breakdown(ctx, data, reps) do
+    fresh = for _ <- 1..reps, do: fresh_steps(ctx, data)
+    warm = for _ <- 1..reps, do: warm_steps(ctx, data)
+    %{fresh: transpose(fresh), warm: transpose(warm)}
+  end
+
+  defp fresh_steps(ctx, data) do
+    t = fn -> System.monotonic_time(:nanosecond) end
+    t0 = t.()
+    {:ok, id} = SM.allocate_region(byte_size(data))
+    t1 = t.()
+    {:ok, mapping} = SM.map_region(id, access_mode: :read_write)
+    t2 = t.()
+    :ok = SM.write(mapping, 0, data)
+    t3 = t.()
+    {:ok, ref} = SM.export_ref(id)
+    {:ok, json} = JSON.encode(ref)
+    t4 = t.()
+    {_xor, [attach, reduce, close]} = decode(Programs.request(ctx.worker, ["S", json]))
+    t5 = t.()
+    :ok = SM.unmap_region(mapping)
+    t6 = t.()
+    :ok = SM.deallocate_region(id)
+    t7 = t.()
+
+    [
+      {"allocate_region", t1 - t0},
+      {"map_region", t2 - t1},
+      {"write", t3 - t2},
+      {"export_ref + JSON", t4 - t3},
+      {"worker: attach", attach},
+      {"worker: xor-reduce", reduce},
+      {"worker: close", close},
+      {"messaging (round trip less worker time)", t5 - t4 - attach - reduce - close},
+      {"unmap_region", t6 - t5},
+      {"deallocate_region", t7 - t6},
+      {"total", t7 - t0}
+    ]
+  end
+
+  defp warm_steps(ctx, data) do
+    t = fn -> System.monotonic_time(:nanosecond) end
+    t0 = t.()
+    :ok = SM.write(ctx.warm.mapping, 0, data)
+    t1 = t.()
+    {:ok, json} = JSON.encode(%{"ref" => ctx.warm.ref, "length" => byte_size(data)})
+    {_xor, [_attach, reduce, _close]} = decode(Programs.request(ctx.worker, ["W", json]))
+    t2 = t.()
+
+    [
+      {"write", t1 - t0},
+      {"worker: xor-reduce", reduce},
+      {"messaging (round trip less worker time)", t2 - t1 - reduce},
+      {"total", t2 - t0}
+    ]
+  end
+
+  defp transpose([first | _] = runs) do
+    for {{name, _}, i} <- Enum.with_index(first) do
+      {name, Enum.map(runs, fn run -> run |> Enum.at(i) |> elem(1) end)}
+    end
+  end
+
+  defp ok!({:error, error}, what), do: raise("#{what} failed: #{inspect(error)}")
+  defp ok!(:ok, _what), do: :ok
+  defp ok!({:ok, _} = ok, _what), do: ok
+end

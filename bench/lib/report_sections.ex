@@ -1,0 +1,296 @@
+defmodule SnakepitShm.Bench.ReportSections do
+  @moduledoc "The per-part sections of RESULTS.md, each a markdown string."
+
+  import SnakepitShm.Bench.Format
+
+  alias SnakepitShm.Bench.{Handoff, Lifecycle, Stats, Targets}
+
+  @path_names %{
+    fresh: "(a) fresh region",
+    warm: "(b) warm region",
+    port: "(c) Erlang Port",
+    socket: "(d) Unix socket",
+    reference: "(e) C++ memcpy + read"
+  }
+
+  def handoff(rows) do
+    header = ["payload" | Enum.map(Handoff.paths(), &@path_names[&1])]
+
+    rates =
+      for row <- rows do
+        [bytes(row.size) | Enum.map(Handoff.paths(), &rate_summary(row.size, row.samples[&1]))]
+      end
+
+    ratio_rows =
+      for row <- rows do
+        r = Targets.handoff_ratios(row)
+
+        [
+          bytes(row.size),
+          ratio(r.warm_vs_port),
+          ratio(r.warm_vs_socket),
+          ratio(r.warm_vs_reference),
+          ratio(r.fresh_vs_port),
+          row.iterations
+        ]
+      end
+
+    """
+    ## 1. Handoff of an Elixir binary to a persistent Python worker
+
+    Every path ends with the worker computing the xor of the payload as numpy uint64
+    words (every byte read once) and replying; all paths must agree on that xor or the
+    bench fails. Throughput in GB/s (10^9 bytes/s), median of the rounds (range):
+
+    #{table(header, rates)}
+    Speed-ups from paired rounds (in each round every path ran once, order rotated):
+
+    #{table(["payload", "warm ÷ port", "warm ÷ socket", "warm ÷ reference", "fresh ÷ port", "handoffs per sample"], ratio_rows)}
+    ![handoff throughput](handoff.png)
+
+    #{breakdown(Enum.find(rows, &(&1.breakdown != nil)))}
+    Notes: (a) times allocate, map, write, export_ref, the worker's attach + reduce +
+    close, unmap and deallocate; (b) times write + message + reduce + reply on a region
+    allocated once, which the worker keeps attached. The port's pipe and the socket's
+    buffers are enlarged to the maximum this machine allows (1 MiB pipe, 4 MiB socket
+    buffers): the baselines are as fast as they can be made here.
+    """
+  end
+
+  defp breakdown(nil), do: ""
+
+  defp breakdown(row) do
+    rows = fn path ->
+      for {name, samples} <- row.breakdown[path], do: [name, time_summary(samples)]
+    end
+
+    """
+    Where the time goes at #{bytes(row.size)} (separate timed runs, median (range)):
+
+    #{table(["fresh region step", "time"], rows.(:fresh))}
+    #{table(["warm region step", "time"], rows.(:warm))}
+    """
+  end
+
+  def lifecycle(l) do
+    elixir = List.flatten(l.elixir)
+    python = List.flatten(l.python)
+    ratio = Stats.paired_ratio(Enum.map(l.python, &median/1), Enum.map(l.elixir, &median/1))
+
+    pct = fn samples ->
+      sorted = Enum.sort(samples)
+
+      Enum.map([50, 90, 99], &time(Stats.percentile_sorted(sorted, &1))) ++
+        [time(List.last(sorted))]
+    end
+
+    steps =
+      for name <- Lifecycle.steps() do
+        samples = Enum.flat_map(l.elixir_steps, &(&1 |> List.keyfind(name, 0) |> elem(1)))
+        [name | pct.(samples)]
+      end
+
+    """
+    ## 2. Region lifecycle latency
+
+    One cycle = allocate 4 KiB, map read-write, write 4 KiB, unmap, deallocate through
+    `Snakepit.SharedMemory`, against Python's `multiprocessing.shared_memory`
+    (`SharedMemory(create=True, size=4096)`, write, `close()`, `unlink()`, run by
+    /usr/bin/python3), #{l.cycles} timed cycles per side per round, #{length(l.elixir)} rounds.
+
+    #{table(["cycle", "p50", "p90", "p99", "max"], [["snakepit_shm" | pct.(elixir)], ["Python multiprocessing.shared_memory" | pct.(python)]])}
+    Python median ÷ snakepit_shm median, paired by round: #{ratio(ratio)}.
+
+    Per step of the snakepit_shm cycle:
+
+    #{table(["step", "p50", "p90", "p99", "max"], steps)}
+    ![lifecycle latency](lifecycle.png)
+    """
+  end
+
+  def concurrency(%{cycles: cycles, refcount: rc}) do
+    cycle_rows =
+      for {level, samples} <- Enum.sort(cycles),
+          do: [level, count_summary(samples, "/s")]
+
+    rc_rows =
+      for {{kind, procs}, samples} <- Enum.sort(rc) do
+        what =
+          case kind do
+            :facade -> "map_region + unmap_region of one region (facade, ETS, no GenServer)"
+            :nif -> "Native.map + Native.unmap (the NIF hold path)"
+          end
+
+        [what, procs, count_summary(samples, "/s")]
+      end
+
+    """
+    ## 3. Concurrency
+
+    Aggregate lifecycle cycles per second (each cycle is five operations) with N
+    processes running cycles at once, median of the rounds (range):
+
+    #{table(["processes", "cycles/s"], cycle_rows)}
+    Reference count changes per second without a GenServer (a map/unmap pair is two
+    changes):
+
+    #{table(["path", "processes", "changes/s"], rc_rows)}
+    ![concurrency](concurrency.png)
+    """
+  end
+
+  def zero_copy(rows) do
+    table_rows =
+      for row <- rows do
+        [
+          bytes(row.size),
+          time_summary(row.zero_copy),
+          time_summary(row.copy),
+          ratio(Stats.paired_ratio(row.copy, row.zero_copy))
+        ]
+      end
+
+    """
+    ## 4. Zero-copy read of sealed regions
+
+    `read(mapping, 0, size)` of a sealed region (a binary over the mapping, no copy)
+    against the same read of an unsealed region (a copy, on a dirty scheduler):
+
+    #{table(["size", "zero-copy read", "copying read", "copy ÷ zero-copy"], table_rows)}
+    ![zero-copy read](zero_copy.png)
+    """
+  end
+
+  def crypto(c) do
+    gbs = fn samples -> rate_summary(c.size, samples) end
+    probe = fn op -> time(Enum.max(c.probe[op])) end
+
+    rows = [
+      [
+        "encrypt (write to a :high region)",
+        gbs.(c.product.encrypt),
+        "crypto_aead_xchacha20poly1305_ietf, 64 KiB chunks",
+        gbs.(c.direct.encrypt),
+        probe.(:encrypt)
+      ],
+      [
+        "decrypt + verify (read of a :high region)",
+        gbs.(c.product.decrypt),
+        "same, decrypt",
+        gbs.(c.direct.decrypt),
+        probe.(:decrypt)
+      ],
+      [
+        "secure zeroing (deallocate a :high region)",
+        gbs.(c.product.zero),
+        "sodium_memzero",
+        gbs.(c.direct.memzero),
+        probe.(:zero)
+      ],
+      ["", "", "memset", gbs.(c.direct.memset), ""]
+    ]
+
+    """
+    ## 5. Encryption and zeroing
+
+    #{bytes(c.size)} per operation, GB/s, median of the rounds (range). The direct column is
+    a C++ program calling libsodium / libc on the same number of bytes in the same
+    rounds. The probe column is the worst lateness of a process sleeping 1 ms in a loop on
+    a normal scheduler while the product's operation ran (idle floor:
+    #{time(Enum.max(c.idle_probe))} worst, #{time(median(c.idle_probe))} median).
+
+    #{table(["product operation", "GB/s", "direct call", "GB/s", "worst probe delay"], rows)}
+    The product's zeroing time is that of the whole `deallocate_region/1` call.
+    """
+  end
+
+  def scale(s) do
+    rows = [
+      [
+        "live regions",
+        "#{s.regions} (backend #{s.backend}; RLIMIT_NOFILE here: #{s.nofile_limit})"
+      ],
+      ["allocate them all", time(s.allocate_ns)],
+      ["list_regions()", time_summary(s.list_ns)],
+      ["cleanup_regions(orphans: true), no orphans", time_summary(s.sweep_ns)],
+      [
+        "cleanup_regions(orphans: true), #{s.orphans} orphans of a dead process",
+        time_summary(s.orphan_sweep_ns)
+      ],
+      ["orphans freed by that sweep", Enum.join(s.orphans_freed, ", ")],
+      [
+        "BEAM memory per region (erlang:memory(total))",
+        "#{round(s.beam_bytes_per_region)} bytes"
+      ],
+      ["of which ETS", "#{round(s.ets_bytes_per_region)} bytes"],
+      ["deallocate them all", time(s.deallocate_ns)]
+    ]
+
+    """
+    ## 6. Scale
+
+    #{table(["measure", "value"], rows)}
+    memfd regions hold two descriptors each: #{s.regions} of them need RLIMIT_NOFILE above
+    #{2 * s.regions} plus the VM's own; the POSIX backend is used here.
+    """
+  end
+
+  def fresh_pages(modes) do
+    rows =
+      for m <- modes do
+        case m do
+          %{unavailable: why} ->
+            [m.mode, "unavailable: #{why}", ""]
+
+          %{ns: ns, bytes: b} ->
+            per_gib = Enum.map(ns, &(&1 * 1024 * 1024 * 1024 / b))
+            per_page = median(ns) / (b / 4096)
+            [m.mode, time_summary(per_gib), time(per_page)]
+        end
+      end
+
+    """
+    ## 7. Fresh-page cost
+
+    Cost per GiB of getting the pages of a new memfd region, C++ (`bench/cpp/fresh_pages.cpp`),
+    median of the rounds (range):
+
+    #{table(["mode", "per GiB", "per 4 KiB page"], rows)}
+    ![fresh pages](fresh_pages.png)
+
+    #{fresh_pages_reading(modes)}
+    """
+  end
+
+  defp fresh_pages_reading(modes) do
+    get = fn name ->
+      case Enum.find(modes, &(&1.mode == name)) do
+        %{ns: ns, bytes: b} -> median(ns) * 1024 * 1024 * 1024 / b
+        _ -> nil
+      end
+    end
+
+    today = get.("memfd_fallocate_then_touch")
+    populate = get.("memfd_populate_write")
+    warm = get.("warm_reused_mapping_touch")
+    second = get.("warm_new_mapping_populate_read")
+
+    if today && populate && warm do
+      "Reading: the product today (fallocate, then first touch) pays #{time(today)} per GiB; " <>
+        "MADV_POPULATE_WRITE alone on a new mapping (which also fails early when memory is " <>
+        "short) pays #{time(populate)}; a warm region reused through the same mapping pays " <>
+        "#{time(warm)}" <>
+        if(second,
+          do:
+            ", and a second process mapping warm pages pays #{time(second)} with MADV_POPULATE_READ",
+          else: ""
+        ) <>
+        ". Every fresh GiB costs about #{num(today / max(warm, 1))}× a warm one: a pool of " <>
+        "warm regions is what makes repeated handoffs fast."
+    else
+      ""
+    end
+  end
+
+  defp median(samples), do: Stats.summary(samples).median
+end

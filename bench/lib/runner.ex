@@ -1,0 +1,88 @@
+defmodule SnakepitShm.Bench.Runner do
+  @moduledoc """
+  Runs every part of the bench in one VM, one after the other, and writes
+  `bench/RESULTS.md` and the plots. Parts (issue 6): `handoff`, `lifecycle`,
+  `concurrency`, `zero_copy`, `crypto`, `scale`, `fresh_pages`.
+  """
+
+  alias SnakepitShm.Bench.{
+    Crypto,
+    FreshPages,
+    Handoff,
+    Lifecycle,
+    Meta,
+    Plots,
+    Profile,
+    Programs,
+    Report,
+    Scale,
+    ZeroCopy
+  }
+
+  @parts ~w(handoff lifecycle concurrency zero_copy crypto scale fresh_pages)a
+
+  def parts, do: @parts
+
+  @doc """
+  Options: `:profile` (`:quick` | `:full`), `:only` (list of parts), `:out` (directory
+  of RESULTS.md and the PNGs).
+  """
+  def run(opts) do
+    profile = Profile.get(Keyword.fetch!(opts, :profile))
+    parts = Keyword.get(opts, :only, @parts)
+    out = Keyword.fetch!(opts, :out)
+    started = System.monotonic_time(:millisecond)
+
+    log("building the C++ programs into _build/bench")
+    programs = Programs.build_all()
+    payload = payload(profile, parts)
+
+    results =
+      Enum.reduce(parts, %{}, fn part, acc ->
+        log("#{part} ...")
+        {ms, result} = timed_ms(fn -> run_part(part, profile, payload, programs) end)
+        log("#{part} done in #{Float.round(ms / 1000, 1)} s")
+        Map.put(acc, part, result)
+      end)
+
+    meta = Meta.collect(profile, System.monotonic_time(:millisecond) - started)
+    results = Map.put(results, :meta, meta)
+    File.mkdir_p!(out)
+    plots = Plots.render(results, out)
+    path = Report.write(results, plots, out)
+    log("wrote #{path} and #{length(plots)} plot(s) in #{Float.round(meta.duration_s, 1)} s")
+    results
+  end
+
+  defp run_part(:handoff, profile, payload, programs), do: Handoff.run(profile, payload, programs)
+  defp run_part(:lifecycle, profile, _, _), do: Lifecycle.latency(profile)
+
+  defp run_part(:concurrency, profile, _, _),
+    do: %{cycles: Lifecycle.concurrency(profile), refcount: Lifecycle.refcount(profile)}
+
+  defp run_part(:zero_copy, profile, payload, _), do: ZeroCopy.run(profile, payload)
+  defp run_part(:crypto, profile, payload, programs), do: Crypto.run(profile, payload, programs)
+  defp run_part(:scale, profile, _, programs), do: Scale.run(profile, programs)
+  defp run_part(:fresh_pages, profile, _, programs), do: FreshPages.run(profile, programs)
+
+  # One random payload for the whole run; smaller payloads are sub-binaries of it (no
+  # copy), so every path of a size hands off exactly the same bytes.
+  defp payload(profile, parts) do
+    sizes = [
+      if(:handoff in parts, do: Enum.max(profile.handoff_sizes), else: 0),
+      if(:zero_copy in parts, do: Enum.max(profile.zero_copy_sizes), else: 0),
+      if(:crypto in parts, do: profile.crypto_size, else: 0)
+    ]
+
+    log("generating a #{div(Enum.max(sizes), 1024 * 1024)} MiB random payload")
+    :crypto.strong_rand_bytes(max(Enum.max(sizes), 8))
+  end
+
+  defp timed_ms(fun) do
+    start = System.monotonic_time(:millisecond)
+    result = fun.()
+    {System.monotonic_time(:millisecond) - start, result}
+  end
+
+  defp log(message), do: Mix.shell().info("bench: #{message}")
+end

@@ -1,0 +1,94 @@
+defmodule SnakepitShm.Bench.Scale do
+  @moduledoc """
+  Issue 6, part 6: `profile.scale_regions` live regions (POSIX backend: one object per
+  region; memfd would use two descriptors each, and RLIMIT_NOFILE is checked and
+  reported) - the time of `list_regions/1`, of an orphan sweep among them
+  (`cleanup_regions(orphans: true)` with `profile.scale_orphans` segments left by a
+  dead process, and with none), and the BEAM memory each region costs.
+  """
+
+  alias Snakepit.SharedMemory, as: SM
+  alias Snakepit.SharedMemory.Native
+  alias SnakepitShm.Bench.Programs
+
+  @size 4096
+
+  def run(profile, programs) do
+    count = profile.scale_regions
+    :erlang.garbage_collect()
+    before = :erlang.memory()
+    {alloc_ns, ids} = timed(fn -> for _ <- 1..count, do: allocate!() end)
+    :erlang.garbage_collect()
+    after_alloc = :erlang.memory()
+
+    try do
+      list = for _ <- 1..profile.scale_reps, do: time_list(count)
+      empty_sweep = for _ <- 1..profile.scale_reps, do: time_sweep(0, programs)
+
+      sweeps = for _ <- 1..profile.scale_reps, do: time_sweep(profile.scale_orphans, programs)
+
+      %{
+        regions: count,
+        backend: :posix,
+        nofile_limit: nofile_limit(),
+        allocate_ns: alloc_ns,
+        beam_bytes_per_region: (after_alloc[:total] - before[:total]) / count,
+        ets_bytes_per_region: (after_alloc[:ets] - before[:ets]) / count,
+        list_ns: list,
+        sweep_ns: Enum.map(empty_sweep, & &1.ns),
+        orphan_sweep_ns: Enum.map(sweeps, & &1.ns),
+        orphans: profile.scale_orphans,
+        orphans_freed: Enum.map(sweeps, & &1.freed),
+        deallocate_ns: elem(timed(fn -> Enum.each(ids, &SM.deallocate_region/1) end), 0)
+      }
+    after
+      Enum.each(ids, &SM.deallocate_region/1)
+    end
+  end
+
+  defp allocate! do
+    case SM.allocate_region(@size, backend: :posix) do
+      {:ok, id} -> id
+      {:error, e} -> raise "allocating region for the scale bench failed: #{e.message}"
+    end
+  end
+
+  defp time_list(count) do
+    {ns, {:ok, regions}} = timed(fn -> SM.list_regions() end)
+
+    if length(regions) < count,
+      do: raise("list_regions returned #{length(regions)} regions, expected #{count}")
+
+    ns
+  end
+
+  # Leaves `orphans` segments by a process that exits, then times one sweep; checks
+  # that the sweep freed them all (and only orphans), and removes any it left.
+  defp time_sweep(orphans, programs) do
+    ids =
+      if orphans > 0,
+        do: programs.make_orphans |> Programs.run(["#{orphans}", "#{@size}"]) |> String.split(),
+        else: []
+
+    try do
+      {ns, {:ok, freed}} = timed(fn -> SM.cleanup_regions(orphans: true) end)
+      freed_orphans = Enum.count(freed, &(&1.reason == :orphan and &1.region_id in ids))
+      %{ns: ns, freed: freed_orphans}
+    after
+      Enum.each(ids, &Native.unlink_segment/1)
+    end
+  end
+
+  defp timed(fun) do
+    start = System.monotonic_time(:nanosecond)
+    result = fun.()
+    {System.monotonic_time(:nanosecond) - start, result}
+  end
+
+  defp nofile_limit do
+    case System.cmd("sh", ["-c", "ulimit -n"]) do
+      {out, 0} -> String.trim(out)
+      _ -> "unknown"
+    end
+  end
+end

@@ -1,0 +1,90 @@
+defmodule SnakepitShm.Bench.ZeroCopy do
+  @moduledoc """
+  Issue 6, part 4: `read/3` of a whole sealed region (a zero-copy binary over the
+  mapping) against `read/3` of the same bytes from an unsealed region (a copy), for
+  each of `profile.zero_copy_sizes`, in the same rounds.
+  """
+
+  alias Snakepit.SharedMemory, as: SM
+
+  # Zero-copy reads are timed in batches of this many calls (they take microseconds).
+  @batch 100
+
+  @doc "Returns one map per size: `%{size, zero_copy: [ns per read], copy: [ns per read]}`."
+  def run(profile, payload) do
+    for size <- profile.zero_copy_sizes, size <= byte_size(payload) do
+      data = binary_part(payload, 0, size)
+      sealed = region(data, true)
+      unsealed = region(data, false)
+
+      try do
+        check(sealed, unsealed, data)
+
+        rounds =
+          for round <- 1..profile.zero_copy_reps do
+            order = if rem(round, 2) == 0, do: [:copy, :zero_copy], else: [:zero_copy, :copy]
+
+            Map.new(order, fn
+              :zero_copy -> {:zero_copy, time_reads(sealed.mapping, size, @batch)}
+              :copy -> {:copy, time_reads(unsealed.mapping, size, 1)}
+            end)
+          end
+
+        %{
+          size: size,
+          zero_copy: Enum.map(rounds, & &1.zero_copy),
+          copy: Enum.map(rounds, & &1.copy)
+        }
+      after
+        release(sealed)
+        release(unsealed)
+      end
+    end
+  end
+
+  defp region(data, seal?) do
+    {:ok, id} = SM.allocate_region(byte_size(data))
+    {:ok, mapping} = SM.map_region(id, access_mode: :read_write)
+    :ok = SM.write(mapping, 0, data)
+
+    if seal? do
+      :ok = SM.unmap_region(mapping)
+      :ok = SM.seal(id)
+      {:ok, mapping} = SM.map_region(id, access_mode: :read_only)
+      %{id: id, mapping: mapping}
+    else
+      %{id: id, mapping: mapping}
+    end
+  end
+
+  # Both reads must return the payload: a fast wrong read is no result.
+  defp check(sealed, unsealed, data) do
+    size = byte_size(data)
+    {:ok, a} = SM.read(sealed.mapping, 0, size)
+    {:ok, b} = SM.read(unsealed.mapping, 0, size)
+
+    unless a == data and b == data,
+      do: raise("read of a #{size}-byte region did not return what was written")
+
+    :erlang.garbage_collect()
+  end
+
+  defp time_reads(mapping, size, batch) do
+    start = System.monotonic_time(:nanosecond)
+
+    for _ <- 1..batch do
+      {:ok, bin} = SM.read(mapping, 0, size)
+      ^size = byte_size(bin)
+    end
+
+    elapsed = System.monotonic_time(:nanosecond) - start
+    # Drop the binaries now (a copied 1 GiB binary must not linger into the next round).
+    :erlang.garbage_collect()
+    elapsed / batch
+  end
+
+  defp release(%{id: id, mapping: mapping}) do
+    SM.unmap_region(mapping)
+    SM.deallocate_region(id)
+  end
+end
