@@ -59,8 +59,14 @@ TEST_CASE("named regions: open modes", "[windows][region]") {
   REQUIRE(second.role() == Role::opened);
   o.open_mode = OpenMode::open_only;
   REQUIRE(create_ok(o).role() == Role::opened);
+  // Windows cannot take a name away from its holders: no remove_and_create while open.
+  o.open_mode = OpenMode::remove_and_create;
+  REQUIRE_ERR(Region::create(o), Errc::busy);
   o.name = unique_name("absent");
+  o.open_mode = OpenMode::open_only;
   REQUIRE_ERR(Region::create(o), Errc::not_found);
+  o.open_mode = OpenMode::remove_and_create;
+  REQUIRE(create_ok(o).role() == Role::created);
 }
 
 TEST_CASE("backends and options Windows cannot honour fail clearly", "[windows][region]") {
