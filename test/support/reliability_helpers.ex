@@ -163,6 +163,27 @@ defmodule Snakepit.SharedMemory.ReliabilityHelpers do
     )
   end
 
+  @doc """
+  Runs Elixir `code` in a new VM (the `elixir` launcher, not mix) with this project's
+  compiled code on the path, optionally under a `:umask`; {output, status}. The
+  application is not started: `code` starts it if it needs it.
+  """
+  @spec elixir_vm(String.t(), keyword()) :: {String.t(), non_neg_integer()}
+  def elixir_vm(code, opts \\ []) do
+    System.cmd("sh", ["-c", elixir_command(opts[:umask])],
+      env: [{"SNAKEPIT_SHM_VM_CODE", code} | Keyword.get(opts, :env, [])],
+      stderr_to_stdout: true,
+      cd: @root
+    )
+  end
+
+  @doc "The shell command elixir_vm/2 runs (code in $SNAKEPIT_SHM_VM_CODE)."
+  def elixir_command(umask \\ nil) do
+    ebin = Path.join(Mix.Project.app_path(), "ebin")
+    prefix = if umask, do: "umask #{umask}; ", else: ""
+    prefix <> ~s(exec elixir -pa "#{ebin}" -e "$SNAKEPIT_SHM_VM_CODE")
+  end
+
   @doc "kill -9 an OS process."
   def kill9(os_pid), do: System.cmd("kill", ["-9", Integer.to_string(os_pid)])
 
