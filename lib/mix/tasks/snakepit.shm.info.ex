@@ -63,6 +63,7 @@ defmodule Mix.Tasks.Snakepit.Shm.Info do
     end
   end
 
+  @spec not_found(String.t(), String.t() | nil, :table | :json) :: no_return()
   defp not_found(id, node, format) do
     message =
       if node do
