@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <thread>
 
 #include "helpers.hpp"
 
@@ -375,4 +376,49 @@ TEST_CASE("a region larger than memory fails cleanly with no_space", "[region]")
     auto snap = inspect("/dev/shm/" + id);
     REQUIRE_FALSE((!snap || snap->creator_pid == self_pid()));
   }
+}
+
+TEST_CASE("opening a named region waits for its creator to publish the header", "[region][posix]") {
+  // A template header of a real region, re-targeted at another name.
+  std::string name = unique_name("wait");
+  std::string id = named_region_id(name);
+  SegmentCleanup cleanup{id};
+  CreateOptions o = options(BackendKind::posix, 4096);
+  o.name = unique_name("tmpl");
+  Region tmpl = create_ok(o);
+  SegmentCleanup tmpl_cleanup{tmpl.id()};
+  std::vector<std::uint8_t> header(kHeaderSize);
+  std::memcpy(header.data(), &tmpl.header(), kHeaderSize);
+  auto& h = *reinterpret_cast<RegionHeader*>(header.data());
+  std::memset(h.region_id, 0, kRegionIdCapacity);
+  std::memcpy(h.region_id, id.data(), id.size());
+  h.header_crc32 = header_crc(h);
+  REQUIRE_OK(tmpl.deallocate(false));
+
+  // A creator in slow motion: the object exists, sized, with everything but the magic.
+  int fd = shm_open(("/" + id).c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
+  REQUIRE(fd >= 0);
+  REQUIRE(ftruncate(fd, 2 * kHeaderSize) == 0);
+  std::vector<std::uint8_t> unpublished = header;
+  std::memset(unpublished.data(), 0, sizeof h.magic);
+  REQUIRE(pwrite(fd, unpublished.data(), kHeaderSize, 0) == kHeaderSize);
+  std::thread creator([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    (void)!pwrite(fd, header.data(), sizeof h.magic, 0);  // publish: the magic, last
+  });
+  CreateOptions open = options(BackendKind::posix, 4096);
+  open.name = name;
+  open.open_mode = OpenMode::open_only;
+  auto opened = Region::create(open);
+  creator.join();
+  REQUIRE_OK(opened);
+  REQUIRE(opened->id() == id);
+
+  // A creator that never finishes: after a second, corrupt with advice.
+  std::memset(header.data(), 0, sizeof h.magic);
+  REQUIRE(pwrite(fd, header.data(), sizeof h.magic, 0) == sizeof h.magic);
+  auto stuck = Region::create(open);
+  REQUIRE_ERR(stuck, Errc::corrupt);
+  REQUIRE(stuck.error().message.find("cleanup") != std::string::npos);
+  close(fd);
 }
