@@ -105,8 +105,9 @@ class Worker:
         with snakepit_shm.attach(request["ref"]) as region:
             array = region.ndarray()
             flat = array.reshape(-1)
-            equal = all(np.array_equal(flat[start:start + CHUNK], _expected(start, CHUNK, flat.size))
-                        for start in range(0, flat.size, CHUNK))
+            equal = all(
+                np.array_equal(flat[start:start + CHUNK], _expected(start, CHUNK, flat.size))
+                for start in range(0, flat.size, CHUNK))
             address = array.__array_interface__["data"][0]
             mapping = _mapping_of(address)
             reply = {

@@ -10,7 +10,7 @@ defmodule Snakepit.SharedMemory.CLI.Demo do
   # JSON output passes a no-op); the result is a report map.
 
   alias Snakepit.SharedMemory, as: SHM
-  alias Snakepit.SharedMemory.CLI.{DemoData, DemoWorker, HostScan, Human, Table}
+  alias Snakepit.SharedMemory.CLI.{DemoData, DemoWorker, HostScan, Human, RegionView, Table}
   alias Snakepit.SharedMemory.JSON
 
   @type options :: %{
@@ -297,8 +297,10 @@ defmodule Snakepit.SharedMemory.CLI.Demo do
       end
 
     "#{step(8)}Handing #{Human.bytes(bytes)} to the worker, which reads every byte (xor over a numpy uint64 view); " <>
-      "median of #{repeat} runs each:\n" <>
-      Table.render(["PATH", "TIME", "THROUGHPUT", "VS PORT"], rows, right: [1, 2, 3], indent: 5)
+      "median of #{RegionView.plural(repeat, "run")} each:\n" <>
+      Table.render(["PATH", "TIME", "THROUGHPUT", "VS PORT"], rows, right: [1, 2, 3], indent: 5) <>
+      "\n     A fresh region pays a page fault per 4 KiB page on first touch (about 1 s per GiB);" <>
+      "\n     a warm region is reused, so only the copy into it and the worker's read pass remain."
   end
 
   defp timings_report(timings, bytes) do
@@ -367,10 +369,12 @@ defmodule Snakepit.SharedMemory.CLI.Demo do
     end
   end
 
+  # The project's priv/ when run from its root (what the user sees), else the app's.
   defp priv_dir do
-    case :code.priv_dir(:snakepit_shm) do
-      {:error, _} -> Path.expand("priv")
-      dir -> List.to_string(dir)
+    cond do
+      File.exists?("priv/python/demo_worker.py") -> Path.expand("priv")
+      is_list(dir = :code.priv_dir(:snakepit_shm)) -> List.to_string(dir)
+      true -> Path.expand("priv")
     end
   end
 

@@ -48,7 +48,13 @@ defmodule Snakepit.SharedMemory.CLI.DemoWorker do
           ])
 
         {:os_pid, os_pid} = Port.info(port, :os_pid)
-        {:ok, %__MODULE__{port: port, os_pid: os_pid, command: "#{python} #{script}"}}
+
+        {:ok,
+         %__MODULE__{
+           port: port,
+           os_pid: os_pid,
+           command: "#{python} #{Path.relative_to_cwd(script)}"
+         }}
     end
   end
 
