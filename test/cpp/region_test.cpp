@@ -49,6 +49,14 @@ TEST_CASE("a posix region is created, written and read back", "[region][posix]")
   std::vector<std::uint8_t> back(5000);
   REQUIRE_OK(opened->read(0, back.data(), back.size()));
   REQUIRE(back == bytes);
+  // By path too, as export_ref hands it out (control and data path are the same object).
+  auto by_path = Region::open(OpenTarget{"", r.control_path(), r.data_path()}, true);
+  REQUIRE_OK(by_path);
+  REQUIRE(by_path->id() == r.id());
+  REQUIRE(by_path->writable());
+  REQUIRE_OK(by_path->write(1, bytes.data(), 1));
+  REQUIRE_ERR(Region::open(OpenTarget{random_region_id(), r.control_path(), ""}, false),
+              Errc::invalid_argument);  // the path holds another id
   REQUIRE_OK(r.deallocate(false));
 }
 
