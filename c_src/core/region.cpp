@@ -29,10 +29,6 @@ std::uint64_t round_up_to_page(std::uint64_t n) noexcept {
   return (n + page - 1) / page * page;
 }
 
-Error out_of_memory(const char* what) {
-  return Error{Errc::no_space, ENOMEM, std::string("out of memory while ") + what};
-}
-
 Result<void> check_create_options(const CreateOptions& o) {
   if (o.size == 0) return Error{Errc::invalid_argument, 0, "region size must be at least 1 byte"};
   if (o.size > kMaxDataSize)
@@ -226,14 +222,12 @@ Error needs_writable(const std::string& id, const char* action) {
 }  // namespace
 
 Result<Region> Region::create(const CreateOptions& options) {
-  try {
+  return guarded([&]() -> Result<Region> {
     if (auto r = check_create_options(options); !r) return r.error();
     if (auto r = crypto::init(); !r) return r.error();
     if (options.backend == BackendKind::memfd) return create_memfd(options);
     return create_posix(options);
-  } catch (const std::bad_alloc&) {
-    return out_of_memory("creating a region");
-  }
+  });
 }
 
 Region::Region(std::unique_ptr<Impl> impl) noexcept : impl_(std::move(impl)) {}
@@ -273,20 +267,16 @@ Result<void> Region::use_key(const std::uint8_t* key) {
     if (!impl_->encrypted)
       return Error{Errc::invalid_argument, 0, "region " + impl_->id + " is not encrypted"};
     if (key == nullptr) return Error{Errc::invalid_argument, 0, "the key must be 32 bytes"};
-    try {
-      auto copy = crypto::Key::copy_of(key);
-      if (!copy) return copy.error();
-      std::uint8_t probe;
-      if (auto r = crypto::decrypt(impl_->binding(), copy->data(), impl_->data, 0, &probe, 1); !r)
-        return Error{r.error().code, 0,
-                     "this key does not open region " + impl_->id + ": " + r.error().message};
-      crypto::secure_zero(&probe, 1);
-      std::unique_lock<std::shared_mutex> lock(impl_->crypt);
-      impl_->key = std::move(*copy);
-      return {};
-    } catch (const std::bad_alloc&) {
-      return out_of_memory("storing a key");
-    }
+    auto copy = crypto::Key::copy_of(key);
+    if (!copy) return copy.error();
+    std::uint8_t probe;
+    if (auto r = crypto::decrypt(impl_->binding(), copy->data(), impl_->data, 0, &probe, 1); !r)
+      return Error{r.error().code, 0,
+                   "this key does not open region " + impl_->id + ": " + r.error().message};
+    crypto::secure_zero(&probe, 1);
+    std::unique_lock<std::shared_mutex> lock(impl_->crypt);
+    impl_->key = std::move(*copy);
+    return {};
   });
 }
 

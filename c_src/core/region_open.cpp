@@ -10,6 +10,7 @@
 #include <new>
 #include <thread>
 
+#include "guard.hpp"
 #include "header.hpp"
 #include "ids.hpp"
 #include "region_impl.hpp"
@@ -161,8 +162,6 @@ Result<Region> open_with_fallback(Opener&& opener, const std::string& what,
   return open_single(std::move(*handle), header_shared, what, expected_id, writable, wait);
 }
 
-Error out_of_memory() { return Error{Errc::no_space, ENOMEM, "out of memory opening a region"}; }
-
 }  // namespace
 
 Result<void> RegionFactory::map_single_object(Impl& impl, Access header_access,
@@ -258,7 +257,7 @@ Result<Region> RegionFactory::open_split(const OpenTarget& t, bool writable) {
 }
 
 Result<Region> Region::open(const OpenTarget& target, bool writable) {
-  try {
+  return guarded([&]() -> Result<Region> {
     if (!target.data_path.empty() && target.data_path != target.control_path)
       return RegionFactory::open_split(target, writable);
     if (!target.control_path.empty())
@@ -266,9 +265,7 @@ Result<Region> Region::open(const OpenTarget& target, bool writable) {
     if (!target.region_id.empty())
       return RegionFactory::open_named(target.region_id, writable, Role::opened);
     return Error{Errc::invalid_argument, 0, "open needs a region id or the paths of a region"};
-  } catch (const std::bad_alloc&) {
-    return out_of_memory();
-  }
+  });
 }
 
 }  // namespace spshm
