@@ -113,7 +113,7 @@ defmodule Mix.Tasks.Snakepit.Shm.DoctorDemoTest do
       assert report["verify"]["mapping"]["path"] =~ ~r{^/dev/shm/spshm_}
       assert Map.keys(report["timings"]) |> Enum.sort() == ["fresh_region", "port", "warm_region"]
 
-      {out, status} = mix_cmd(["snakepit.shm.list", "--format", "json"])
+      {out, status} = mix_cmd(["snakepit.shm.list", "--format", "json"], quiet: true)
       assert status in [0, 1]
       assert %{"regions" => regions, "totals" => %{"regions" => _}} = json_tool!(out)
       assert is_list(regions)

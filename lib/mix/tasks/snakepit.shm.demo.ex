@@ -50,7 +50,7 @@ defmodule Mix.Tasks.Snakepit.Shm.Demo do
   def run(argv) do
     %{opts: opts, format: format} = Command.parse!(@task, @help, argv, @switches, remote: false)
     options = options!(opts)
-    Mix.Task.run("app.config")
+    Command.load_code()
     say = if format == :table, do: &Mix.shell().info/1, else: fn _ -> :ok end
 
     say.(

@@ -19,7 +19,8 @@ defmodule Mix.Tasks.Snakepit.Shm.List do
     * `--owner OS_PID` - only regions created by the VM with that OS pid.
     * `--older-than DURATION` - only regions created longer ago than DURATION
       (`250ms`, `30s`, `5m`, `2h`, `1d`).
-    * `--format table|json` - output format. Defaults to `table`.
+    * `--format table|json` - output format. Defaults to `table`. In scripts, set
+      `MIX_QUIET=1` to keep mix's own messages out of the JSON.
     * `--node NAME`, `--cookie COOKIE` - ask a running node (distributed Erlang) for the
       regions its manager knows instead of reading the segments.
 

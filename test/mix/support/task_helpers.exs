@@ -39,10 +39,14 @@ defmodule Snakepit.SharedMemory.TaskHelpers do
     :exit, {:shutdown, status} -> status
   end
 
-  @doc "Runs `mix <args>` in a subprocess with MIX_ENV=test: `{stdout, status}`."
-  @spec mix_cmd([String.t()]) :: {String.t(), non_neg_integer()}
-  def mix_cmd(args) do
-    System.cmd("mix", args, env: [{"MIX_ENV", "test"}], cd: File.cwd!())
+  @doc """
+  Runs `mix <args>` in a subprocess with MIX_ENV=test: `{stdout, status}`. With
+  `quiet: true`, also MIX_QUIET=1 (what a script reading `--format json` sets).
+  """
+  @spec mix_cmd([String.t()], keyword()) :: {String.t(), non_neg_integer()}
+  def mix_cmd(args, opts \\ []) do
+    env = [{"MIX_ENV", "test"}] ++ if(opts[:quiet], do: [{"MIX_QUIET", "1"}], else: [])
+    System.cmd("mix", args, env: env, cd: File.cwd!())
   end
 
   @doc "Decodes JSON or fails the test with the text."

@@ -82,11 +82,15 @@ defmodule Snakepit.SharedMemory.CLI.Command do
   def finish(0), do: :ok
   def finish(status), do: exit({:shutdown, status})
 
-  @doc "Prints `term` as one JSON document on stdout."
+  @doc """
+  Prints `term` as one JSON document on stdout. Straight to stdout, not through the
+  Mix shell, so that `MIX_QUIET=1` silences mix's own messages ("Compiling ...") but
+  not the document.
+  """
   @spec print_json(term()) :: :ok
   def print_json(term) do
     case JSON.encode(jsonable(term)) do
-      {:ok, json} -> Mix.shell().info(json)
+      {:ok, json} -> IO.puts(json)
       {:error, error} -> fail!("cannot encode the output as JSON: #{error.message}")
     end
   end
@@ -134,7 +138,16 @@ defmodule Snakepit.SharedMemory.CLI.Command do
   """
   @spec load_code() :: :ok
   def load_code do
-    Mix.Task.run("app.config")
+    # Quietly: "Compiling N files" on stdout would break `--format json`.
+    shell = Mix.shell()
+    Mix.shell(Mix.Shell.Quiet)
+
+    try do
+      Mix.Task.run("app.config")
+    after
+      Mix.shell(shell)
+    end
+
     :ok
   end
 end
