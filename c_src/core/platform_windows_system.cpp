@@ -30,6 +30,8 @@ namespace {
 
 constexpr ACCESS_MASK kDirectoryQuery = 0x0001;
 constexpr NTSTATUS kStatusSuccess = 0;
+constexpr NTSTATUS kStatusBufferTooSmall = static_cast<NTSTATUS>(0xC0000023);
+constexpr ULONG kMaxEntry = 1 << 17;  // object names are at most 32767 UTF-16 characters
 // FILETIME counts 100 ns from 1601-01-01; Unix time starts 11644473600 s later.
 constexpr std::uint64_t kUnixEpochAsFileTime = 116444736000000000ull;
 
@@ -100,8 +102,12 @@ std::vector<std::string> list_named() {
     NTSTATUS status =
         ::NtQueryDirectoryObject(directory, buffer.data(), static_cast<ULONG>(buffer.size()), TRUE,
                                  first ? TRUE : FALSE, &context, &returned);
+    if (status == kStatusBufferTooSmall && returned > buffer.size() && returned <= kMaxEntry) {
+      buffer.resize(returned);  // a long name of somebody else's object: read it again
+      continue;
+    }
     first = false;
-    if (status != kStatusSuccess) break;  // STATUS_NO_MORE_ENTRIES, or an entry too long
+    if (status != kStatusSuccess) break;  // STATUS_NO_MORE_ENTRIES (or a failure)
     const auto& entry = *reinterpret_cast<const SpshmObjectDirectoryInformation*>(buffer.data());
     if (is_section_of_ours(entry, id)) ids.push_back(id);
   }

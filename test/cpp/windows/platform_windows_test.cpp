@@ -230,3 +230,18 @@ TEST_CASE("lock_memory locks a view", "[windows]") {
   REQUIRE_OK(pf::lock_memory(view->data(), view->size()));
   REQUIRE(pf::page_size() == 4096);
 }
+
+TEST_CASE("list_named reads past objects with long names", "[windows]") {
+  // An object whose directory entry does not fit the first buffer (4 KiB) of list_named.
+  std::wstring long_name = L"Local\\" + std::wstring(3000, L'x');
+  HANDLE event = ::CreateEventW(nullptr, TRUE, FALSE, long_name.c_str());
+  REQUIRE(event != nullptr);
+  pf::Handle guard(reinterpret_cast<std::intptr_t>(event));
+  std::vector<std::string> ids;
+  std::vector<pf::Handle> handles;
+  for (int i = 0; i < 16; ++i) {
+    ids.push_back(fresh_id());
+    handles.push_back(create_ok(ids.back(), 0600, 4096));
+  }
+  for (const std::string& id : ids) REQUIRE(listed(id));
+}
