@@ -1,5 +1,7 @@
 # Slow and soak runs are tagged; `mix test --include soak` (or SNAKEPIT_SHM_SOAK=1) runs them.
 exclude = if System.get_env("SNAKEPIT_SHM_SOAK") in ["1", "true"], do: [], else: [soak: true]
+# Tests of reported, unfixed bugs (test/reliability/found_bugs_test.exs): `--include known_bug`.
+exclude = [{:known_bug, true} | exclude]
 
 ExUnit.after_suite(fn _result ->
   # Every suite ends with nothing of this VM left in /dev/shm. (Only this VM's: other

@@ -64,4 +64,35 @@ defmodule Snakepit.SharedMemory.Reliability.FoundBugsTest do
       end
     end
   end
+
+  describe "the start-up orphan sweep" do
+    # KNOWN BUG, found by the chaos suite (a VM SIGKILLed while churning POSIX regions,
+    # about one run in six): a VM killed between shm_open and publishing the header
+    # leaves a header-less segment (zero magic). The next VM's start-up sweep skips it
+    # (unreadable), and nothing running removes it later: only `mix
+    # snakepit.shm.cleanup`, once it is 10 s old. A fix needs a proof that its creator is
+    # gone without a header (no process holds an fd or a mapping of it) or a later
+    # re-sweep by the manager: larger than a reliability fix, reported instead.
+    @tag :known_bug
+    test "removes a header-less segment left by a VM killed while creating it" do
+      id = ReliabilityForge.random_id()
+      path = Path.join("/dev/shm", id)
+      # Exactly what the core leaves after shm_open + fchmod + posix_fallocate.
+      File.write!(path, <<0::size(12_288)-unit(8)>>)
+      File.chmod!(path, 0o600)
+
+      try do
+        code = """
+        {:ok, _} = Application.ensure_all_started(:snakepit_shm)
+        IO.puts("STARTED")
+        """
+
+        {out, 0} = Snakepit.SharedMemory.ReliabilityHelpers.elixir_vm(code)
+        assert out =~ "STARTED"
+        refute File.exists?(path), "the next start's sweep left #{id}"
+      after
+        File.rm(path)
+      end
+    end
+  end
 end
