@@ -6,6 +6,7 @@ set style histogram errorbars gap 1 lw 1
 set style fill solid 0.6 border -1
 set xtics rotate by -30 left
 set bmargin 9
+set rmargin 8
 set yrange [0:*]
 set key off
 plot datadir."/fresh_pages.dat" using 2:3:4:xtic(1) lc rgb "#d8703b"

@@ -5,10 +5,14 @@ defmodule SnakepitShm.Bench.Handoff do
   rounds, their order rotated from round to round:
 
     * `:fresh` - allocate a region, map, write, export the ref, the worker attaches,
-      reduces and closes, reply; then unmap and deallocate (all timed);
+      reduces and closes, reply; then unmap, deallocate and the garbage collection
+      that releases the memory (all timed);
     * `:warm` - the same region every time (allocated once per size, outside the
       timing); the worker keeps its attachment; timed: write, message, reduce, reply;
-    * `:port` - the payload through the worker's Erlang port (stdio, `{packet, 4}`);
+    * `:port` - the payload through the worker's Erlang port (stdio, `{packet, 4}`),
+      with the pipe as the OS makes it (64 KiB): what an Erlang Port is by default;
+    * `:port_1m` - the same with the pipe enlarged to 1 MiB (F_SETPIPE_SZ), the
+      fastest Port we could make here (a second worker process);
     * `:socket` - the payload through a Unix domain socket (`gen_tcp`, `{packet, 4}`);
     * `:reference` - C++: one memcpy into touched memory plus the same read pass.
   """
@@ -17,7 +21,7 @@ defmodule SnakepitShm.Bench.Handoff do
   alias Snakepit.SharedMemory.JSON
   alias SnakepitShm.Bench.Programs
 
-  @paths [:fresh, :warm, :port, :socket, :reference]
+  @paths [:fresh, :warm, :port, :port_1m, :socket, :reference]
   @socket_buffer 4 * 1024 * 1024
 
   def paths, do: @paths
@@ -29,9 +33,10 @@ defmodule SnakepitShm.Bench.Handoff do
   """
   def run(profile, payload, programs) do
     worker = Programs.open_python("worker.py", [Programs.python_client_dir()])
+    plain = Programs.open_python("worker.py", [Programs.python_client_dir(), "--default-pipe"])
     reference = Programs.open_line_port(programs.handoff_ref)
     {listener, socket, socket_path} = open_socket(worker)
-    ctx = %{worker: worker, reference: reference, socket: socket}
+    ctx = %{worker: worker, plain_worker: plain, reference: reference, socket: socket}
 
     try do
       sizes = Enum.filter(profile.handoff_sizes, &(&1 <= byte_size(payload)))
@@ -45,6 +50,7 @@ defmodule SnakepitShm.Bench.Handoff do
       :gen_tcp.close(listener)
       File.rm(socket_path)
       Programs.close_python(worker)
+      Programs.close_python(plain)
       Programs.close_line_port(reference)
     end
   end
@@ -102,7 +108,9 @@ defmodule SnakepitShm.Bench.Handoff do
   # One untimed handoff by every path: warms each up, and checks that all agree on the
   # xor of the payload (a wrong path must fail the bench, not report a number).
   defp check_agreement(ctx, data) do
-    results = for path <- [:fresh, :warm, :port, :socket], do: {path, handoff(ctx, path, data)}
+    results =
+      for path <- [:fresh, :warm, :port, :port_1m, :socket], do: {path, handoff(ctx, path, data)}
+
     values = results |> Enum.map(fn {_, {x, _}} -> x end) |> Enum.uniq()
 
     if length(values) != 1,
@@ -141,8 +149,14 @@ defmodule SnakepitShm.Bench.Handoff do
     result = decode(Programs.request(ctx.worker, ["S", json]))
     :ok = ok!(SM.unmap_region(mapping), :unmap_region)
     :ok = ok!(SM.deallocate_region(id), :deallocate_region)
+    release_memory()
     result
   end
+
+  # The region's memory goes back to the OS when its resource is garbage collected
+  # (munmap, close, pages freed). Collected here, inside the timing, so that the cost is
+  # counted where it belongs instead of landing in whichever path runs next.
+  defp release_memory, do: :erlang.garbage_collect()
 
   defp handoff(ctx, :warm, data) do
     :ok = ok!(SM.write(ctx.warm.mapping, 0, data), :write)
@@ -150,7 +164,8 @@ defmodule SnakepitShm.Bench.Handoff do
     decode(Programs.request(ctx.worker, ["W", json]))
   end
 
-  defp handoff(ctx, :port, data), do: decode(Programs.request(ctx.worker, ["P", data]))
+  defp handoff(ctx, :port, data), do: decode(Programs.request(ctx.plain_worker, ["P", data]))
+  defp handoff(ctx, :port_1m, data), do: decode(Programs.request(ctx.worker, ["P", data]))
 
   defp handoff(ctx, :socket, data) do
     :ok = :gen_tcp.send(ctx.socket, data)
@@ -200,6 +215,8 @@ defmodule SnakepitShm.Bench.Handoff do
     t6 = t.()
     :ok = SM.deallocate_region(id)
     t7 = t.()
+    release_memory()
+    t8 = t.()
 
     [
       {"allocate_region", t1 - t0},
@@ -212,7 +229,8 @@ defmodule SnakepitShm.Bench.Handoff do
       {"messaging (round trip less worker time)", t5 - t4 - attach - reduce - close},
       {"unmap_region", t6 - t5},
       {"deallocate_region", t7 - t6},
-      {"total", t7 - t0}
+      {"release (garbage collection: munmap, close, pages freed)", t8 - t7},
+      {"total", t8 - t0}
     ]
   end
 

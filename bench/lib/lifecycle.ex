@@ -114,7 +114,7 @@ defmodule SnakepitShm.Bench.Lifecycle do
   """
   def refcount(profile) do
     {:ok, id} = SM.allocate_region(@size, cleanup_policy: :manual)
-    {:ok, region} = Native.create(@size, native_opts())
+    {:ok, region, _info} = Native.create(@size, native_opts())
     schedulers = System.schedulers_online()
 
     facade = fn ->

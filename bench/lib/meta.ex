@@ -18,8 +18,17 @@ defmodule SnakepitShm.Bench.Meta do
       schedulers: System.schedulers_online(),
       dirty_cpu_schedulers: :erlang.system_info(:dirty_cpu_schedulers_online),
       profile: profile.name,
+      load_average: load_average(),
       duration_s: duration_ms / 1000
     }
+  end
+
+  # 1, 5 and 15 minute load averages at the end of the run: how quiet the machine was.
+  defp load_average do
+    case File.read("/proc/loadavg") do
+      {:ok, text} -> text |> String.split() |> Enum.take(3) |> Enum.join(" ")
+      _ -> "unknown"
+    end
   end
 
   defp commit do

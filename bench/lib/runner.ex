@@ -36,6 +36,7 @@ defmodule SnakepitShm.Bench.Runner do
     log("building the C++ programs into _build/bench")
     programs = Programs.build_all()
     payload = payload(profile, parts)
+    segments_before = segments()
 
     results =
       Enum.reduce(parts, %{}, fn part, acc ->
@@ -45,6 +46,7 @@ defmodule SnakepitShm.Bench.Runner do
         Map.put(acc, part, result)
       end)
 
+    check_no_leak(segments_before)
     meta = Meta.collect(profile, System.monotonic_time(:millisecond) - started)
     results = Map.put(results, :meta, meta)
     File.mkdir_p!(out)
@@ -76,6 +78,31 @@ defmodule SnakepitShm.Bench.Runner do
 
     log("generating a #{div(Enum.max(sizes), 1024 * 1024)} MiB random payload")
     :crypto.strong_rand_bytes(max(Enum.max(sizes), 8))
+  end
+
+  # Nothing of this run may stay in /dev/shm: a POSIX segment that appeared during the
+  # run and names this VM as its creator is a leak (other VMs' segments are not ours).
+  defp segments do
+    case File.ls("/dev/shm") do
+      {:ok, names} -> names |> Enum.filter(&String.starts_with?(&1, "spshm_")) |> MapSet.new()
+      {:error, _} -> MapSet.new()
+    end
+  end
+
+  defp check_no_leak(before) do
+    me = Snakepit.SharedMemory.Native.self_info().os_pid
+
+    leaked =
+      for name <- MapSet.difference(segments(), before),
+          {:ok, header} <- [Snakepit.SharedMemory.Native.inspect_path("/dev/shm/" <> name)],
+          header.creator_pid == me,
+          do: name
+
+    if leaked != [],
+      do:
+        raise(
+          "the bench left #{length(leaked)} segment(s) in /dev/shm: #{Enum.join(leaked, ", ")}"
+        )
   end
 
   defp timed_ms(fun) do

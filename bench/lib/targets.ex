@@ -19,6 +19,7 @@ defmodule SnakepitShm.Bench.Targets do
   def handoff_ratios(%{samples: s}) do
     %{
       warm_vs_port: Stats.paired_ratio(s.port, s.warm),
+      warm_vs_port_1m: Stats.paired_ratio(s.port_1m, s.warm),
       warm_vs_socket: Stats.paired_ratio(s.socket, s.warm),
       warm_vs_reference: Stats.paired_ratio(s.reference, s.warm),
       fresh_vs_port: Stats.paired_ratio(s.port, s.fresh),
@@ -45,7 +46,7 @@ defmodule SnakepitShm.Bench.Targets do
         [
           check(
             "1",
-            "warm region vs Erlang Port, #{size}",
+            "warm region vs Erlang Port (default 64 KiB pipe), #{size}",
             ">= 10×",
             r.warm_vs_port,
             10,
@@ -69,7 +70,7 @@ defmodule SnakepitShm.Bench.Targets do
           ),
           check(
             "1",
-            "fresh region vs Erlang Port, #{size}",
+            "fresh region vs Erlang Port (default 64 KiB pipe), #{size}",
             ">= 2×",
             r.fresh_vs_port,
             2,

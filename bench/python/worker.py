@@ -1,6 +1,7 @@
 """The persistent Python worker of the handoff benchmark (issue 6, part 1).
 
-Started once per run by the Elixir bench as an Erlang port (``{packet, 4}`` on
+Usage: ``worker.py PRIV_PYTHON_DIR [--default-pipe]``. Started once per run by the
+Elixir bench as an Erlang port (``{packet, 4}`` on
 stdin/stdout) and kept warm. Every path computes the same thing: the xor of the payload
 viewed as numpy uint64 words, so every byte is read once. The reply is ``R`` followed by
 the xor as 8 little-endian bytes. Requests (first byte, then the rest of the frame):
@@ -131,7 +132,8 @@ def main():
     sys.path.insert(0, sys.argv[1])  # priv/python: where snakepit_shm lives
     import snakepit_shm
 
-    enlarge_pipe(0)
+    if "--default-pipe" not in sys.argv[2:]:
+        enlarge_pipe(0)
     worker = Worker(snakepit_shm)
     # The opcode takes byte 7 of the buffer so that a port payload starts 8-aligned.
     frames = FrameReader(0, pad=7)
