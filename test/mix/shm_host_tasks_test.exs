@@ -9,6 +9,7 @@ defmodule Mix.Tasks.Snakepit.Shm.HostTasksTest do
   import Snakepit.SharedMemory.TaskHelpers
 
   alias Snakepit.SharedMemory, as: SHM
+  alias Snakepit.SharedMemory.ShmHelpers
 
   # The second VM creates POSIX regions (the second expires after 1 ms of idleness; the
   # last two are for the removal test), maps the first one (a hold by its own OS pid),
@@ -52,6 +53,7 @@ defmodule Mix.Tasks.Snakepit.Shm.HostTasksTest do
 
       # Nothing of this file's making is left in /dev/shm.
       assert present([orphan, expired, damaged, victim1, victim2, link, live, live_memfd]) == []
+      assert ShmHelpers.segments_created_by(String.to_integer(vm)) == []
     end)
 
     %{

@@ -29,6 +29,7 @@ defmodule Mix.Tasks.Snakepit.Shm.NodeTasksTest do
       # Only memfd regions: they die with the VM, nothing is left in /dev/shm.
       kill9(vm)
       :net_kernel.stop()
+      assert Snakepit.SharedMemory.ShmHelpers.segments_created_by(String.to_integer(vm)) == []
     end)
 
     %{vm: vm, node: node, cookie: cookie, a: a, b: b}

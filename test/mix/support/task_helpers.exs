@@ -46,7 +46,8 @@ defmodule Snakepit.SharedMemory.TaskHelpers do
   @spec mix_cmd([String.t()], keyword()) :: {String.t(), non_neg_integer()}
   def mix_cmd(args, opts \\ []) do
     env = [{"MIX_ENV", "test"}] ++ if(opts[:quiet], do: [{"MIX_QUIET", "1"}], else: [])
-    System.cmd("mix", args, env: env, cd: File.cwd!())
+    # stderr joins stdout for text runs (so a failure shows why); JSON runs keep it apart.
+    System.cmd("mix", args, env: env, cd: File.cwd!(), stderr_to_stdout: !opts[:quiet])
   end
 
   @doc "Decodes JSON or fails the test with the text."
