@@ -6,7 +6,7 @@ defmodule Snakepit.SharedMemory.CLI.Doctor do
   # sealed, the Python client is really imported), by version or configuration otherwise.
 
   alias Snakepit.SharedMemory, as: SHM
-  alias Snakepit.SharedMemory.CLI.{HostScan, Human}
+  alias Snakepit.SharedMemory.CLI.{DoctorPython, HostScan, Human}
   alias Snakepit.SharedMemory.Native
 
   @type finding :: %{
@@ -37,10 +37,11 @@ defmodule Snakepit.SharedMemory.CLI.Doctor do
       nofile(),
       remove_ipc(),
       if(nif.status == :ok, do: memfd_seal(), else: skipped("memfd sealing", "the NIF"))
-    ] ++ python_checks(python, priv)
+    ] ++ DoctorPython.checks(python, priv)
   end
 
-  defp finding(check, status, detail, fix \\ nil),
+  @doc false
+  def finding(check, status, detail, fix \\ nil),
     do: %{check: check, status: status, detail: detail, fix: fix}
 
   defp skipped(check, what),
@@ -413,145 +414,6 @@ defmodule Snakepit.SharedMemory.CLI.Doctor do
           "needs Linux >= 5.1 (F_SEAL_FUTURE_WRITE)"
         )
     end
-  end
-
-  # ---- Python ----
-
-  defp python_checks(python, priv) do
-    if File.exists?(python) do
-      python_client(python, priv)
-    else
-      [
-        finding(
-          "Python client",
-          :fail,
-          "#{python} not found",
-          "apt-get install python3 python3-numpy (`make deps`)"
-        )
-      ]
-    end
-  end
-
-  @probe """
-  import json, os, sys
-  out = {"python": sys.version.split()[0]}
-  try:
-      import snakepit_shm
-      out["client"] = snakepit_shm.__version__
-      from snakepit_shm import _native
-      _native.library()
-      out["library"] = True
-  except Exception as exc:
-      out["error"] = f"{type(exc).__name__}: {exc}"
-  try:
-      import numpy
-      out["numpy"] = numpy.__version__
-  except ImportError as exc:
-      out["numpy_error"] = str(exc)
-  pidfd = getattr(os, "pidfd_open", None)
-  if pidfd is not None:
-      try:
-          os.close(pidfd(os.getpid()))
-          out["pidfd"] = True
-      except OSError as exc:
-          out["pidfd"] = str(exc)
-  print(json.dumps(out))
-  """
-
-  defp python_client(python, priv) do
-    env = [
-      {"PYTHONPATH", Path.join(priv, "python")},
-      {"SNAKEPIT_SHM_LIB", Path.join(priv, "libsnakepit_shm.so")},
-      {"PYTHONDONTWRITEBYTECODE", "1"}
-    ]
-
-    case System.cmd(python, ["-c", @probe], env: env, stderr_to_stdout: true) do
-      {out, 0} ->
-        case Snakepit.SharedMemory.JSON.decode(
-               out |> String.split("\n", trim: true) |> List.last() || ""
-             ) do
-          {:ok, probe} ->
-            python_findings(python, probe)
-
-          _ ->
-            [
-              finding(
-                "Python client",
-                :fail,
-                "unexpected output: #{String.slice(out, 0, 300)}",
-                "run #{python} by hand"
-              )
-            ]
-        end
-
-      {out, status} ->
-        [
-          finding(
-            "Python client",
-            :fail,
-            "#{python} exited with #{status}: #{String.slice(out, 0, 300)}",
-            "run #{python} by hand"
-          )
-        ]
-    end
-  end
-
-  defp python_findings(python, probe) do
-    client =
-      case probe do
-        %{"library" => true} ->
-          finding(
-            "Python client",
-            :ok,
-            "snakepit_shm #{probe["client"]} imports under #{python} #{probe["python"]} with libsnakepit_shm.so"
-          )
-
-        %{"error" => error} ->
-          finding(
-            "Python client",
-            :fail,
-            error,
-            "set PYTHONPATH=priv/python and SNAKEPIT_SHM_LIB=priv/libsnakepit_shm.so for the workers; run `mix compile`"
-          )
-      end
-
-    numpy =
-      case probe do
-        %{"numpy" => version} ->
-          finding("numpy", :ok, "numpy #{version}")
-
-        _ ->
-          finding(
-            "numpy",
-            :warn,
-            "numpy is missing under #{python}",
-            "apt-get install python3-numpy (Region.ndarray() needs it)"
-          )
-      end
-
-    pidfd =
-      case probe["pidfd"] do
-        true ->
-          finding("pidfd", :ok, "pidfd_open works: a killed worker's holds are released at once")
-
-        nil ->
-          finding(
-            "pidfd",
-            :warn,
-            "Python has no os.pidfd_open: not checked by behaviour",
-            "see the kernel finding"
-          )
-
-        error ->
-          finding(
-            "pidfd",
-            :warn,
-            "pidfd_open failed: #{error}",
-            "dead workers are found by polling: upgrade to Linux >= 5.3"
-          )
-      end
-
-    [client, numpy, pidfd]
   end
 
   defp read_trim(path) do
