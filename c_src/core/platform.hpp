@@ -97,6 +97,8 @@ struct ObjectInfo {
   bool owned_by_us = false;       ///< owner == effective uid of this process
   std::uint32_t mode = 0;         ///< permission bits (07777)
   std::uint64_t modified_ns = 0;  ///< last modification, CLOCK_REALTIME
+  std::uint64_t device = 0;       ///< with `inode`, identifies the object (0 where unknown)
+  std::uint64_t inode = 0;
 };
 
 // ---- named objects: POSIX shm_open "/<region_id>" (Windows: Local\<region_id>) ----

@@ -131,6 +131,8 @@ Result<ObjectInfo> stat(const Handle& handle, const std::string& what) {
   info.owner = static_cast<std::uint32_t>(st.st_uid);
   info.owned_by_us = st.st_uid == ::geteuid();
   info.mode = static_cast<std::uint32_t>(st.st_mode & 07777);
+  info.device = static_cast<std::uint64_t>(st.st_dev);
+  info.inode = static_cast<std::uint64_t>(st.st_ino);
 #if defined(__APPLE__)
   const struct timespec& m = st.st_mtimespec;
 #else

@@ -24,6 +24,17 @@ namespace {
 
 constexpr int kCreateAttempts = 8;
 
+/// True if `region_id` currently names the object behind `ours` (same device and inode).
+/// Where the OS gives no identity (Windows: no names to remove), it says true.
+bool names_our_object(const std::string& region_id, const platform::Handle& ours) {
+  auto current = platform::open_named(region_id, Access::read_only);
+  if (!current) return current.error().code != Errc::not_found;
+  auto a = platform::stat(ours, region_id);
+  auto b = platform::stat(current.value(), region_id);
+  if (!a || !b) return true;
+  return a->device == b->device && a->inode == b->inode;
+}
+
 std::uint64_t round_up_to_page(std::uint64_t n) noexcept {
   std::uint64_t page = platform::page_size();
   return (n + page - 1) / page * page;
@@ -331,6 +342,9 @@ Result<void> Region::deallocate(bool zero) {
 Result<void> Region::unlink() {
   return guarded([&]() -> Result<void> {
     if (impl_->data_object.valid()) return {};  // memfd: no name to remove
+    // Remove the name only while it still names our object: after a :remove_and_create
+    // elsewhere it may already belong to a newer region, which must survive.
+    if (!names_our_object(impl_->id, impl_->control)) return {};
     auto r = platform::unlink_named(impl_->id);
     if (!r && r.error().code != Errc::not_found) return r;
     return {};

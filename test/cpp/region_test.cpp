@@ -295,7 +295,14 @@ TEST_CASE("open modes of named regions", "[region][posix]") {
   REQUIRE(got == 0);  // a new segment, not the old one
   REQUIRE_OK(first.read(10, &got, 1));
   REQUIRE(got == 42);  // the old mapping lives on, unlinked
+  // Freeing the old region through its handle must not remove the new one's name.
+  REQUIRE_OK(first.deallocate(false));
+  o.open_mode = OpenMode::open_only;
+  Region again = create_ok(o);
+  REQUIRE_OK(again.read(10, &got, 1));
+  REQUIRE(got == 0);
   REQUIRE_OK(fresh.deallocate(false));
+  REQUIRE_ERR(Region::create(o), Errc::not_found);
 }
 
 TEST_CASE("deallocate(zero) wipes the data for every mapping", "[region]") {
