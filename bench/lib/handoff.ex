@@ -153,11 +153,6 @@ defmodule SnakepitShm.Bench.Handoff do
     result
   end
 
-  # The region's memory goes back to the OS when its resource is garbage collected
-  # (munmap, close, pages freed). Collected here, inside the timing, so that the cost is
-  # counted where it belongs instead of landing in whichever path runs next.
-  defp release_memory, do: :erlang.garbage_collect()
-
   defp handoff(ctx, :warm, data) do
     :ok = ok!(SM.write(ctx.warm.mapping, 0, data), :write)
     {:ok, json} = JSON.encode(%{"ref" => ctx.warm.ref, "length" => byte_size(data)})
@@ -172,6 +167,11 @@ defmodule SnakepitShm.Bench.Handoff do
     {:ok, reply} = :gen_tcp.recv(ctx.socket, 0, 600_000)
     decode(reply)
   end
+
+  # The region's memory goes back to the OS when its resource is garbage collected
+  # (munmap, close, pages freed). Collected here, inside the timing, so that the cost is
+  # counted where it belongs instead of landing in whichever path runs next.
+  defp release_memory, do: :erlang.garbage_collect()
 
   defp decode(<<?R, xor::little-64, timings::binary>>),
     do: {xor, for(<<ns::little-64 <- timings>>, do: ns)}

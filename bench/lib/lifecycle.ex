@@ -44,7 +44,8 @@ defmodule SnakepitShm.Bench.Lifecycle do
         elixir: Enum.map(rounds, & &1.elixir.totals),
         elixir_steps: Enum.map(rounds, & &1.elixir.steps),
         python: Enum.map(rounds, & &1.python),
-        cycles: profile.lifecycle_cycles
+        cycles: profile.lifecycle_cycles,
+        breakdown: overheads(payload, profile.lifecycle_cycles)
       }
     after
       Programs.close_python(python)
@@ -79,6 +80,45 @@ defmodule SnakepitShm.Bench.Lifecycle do
     :ok = SM.deallocate_region(id)
     t5 = System.monotonic_time(:nanosecond)
     {t5 - t0, [t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4]}
+  end
+
+  @doc """
+  Where the cycle's time goes below the facade, `count` samples each (ns): the same
+  cycle on the raw NIFs (no ETS, quota, stats or monitors), one call of a dirty-IO NIF
+  that returns at once (deallocate of a deallocated region: the cost of moving the
+  call to a dirty scheduler and back), and one call of a plain NIF (`hold_counts/1`).
+  """
+  def overheads(payload, count) do
+    {:ok, dead, _} = Native.create(@size, native_opts())
+    :ok = Native.deallocate(dead, false)
+    {:ok, live, _} = Native.create(@size, native_opts())
+
+    native_cycle = fn ->
+      {:ok, region, _} = Native.create(@size, native_opts())
+      {:ok, mapping} = Native.map(region, :read_write)
+      :ok = Native.write(mapping, 0, payload)
+      :ok = Native.unmap(mapping)
+      :ok = Native.deallocate(region, false)
+    end
+
+    try do
+      %{
+        "raw NIF cycle (create, map, write, unmap, deallocate)" => sample(native_cycle, count),
+        "dirty-IO NIF call that returns at once" =>
+          sample(fn -> {:error, _} = Native.deallocate(dead, false) end, count),
+        "plain NIF call (hold_counts/1)" => sample(fn -> Native.hold_counts(live) end, count)
+      }
+    after
+      Native.deallocate(live, false)
+    end
+  end
+
+  defp sample(fun, count) do
+    for _ <- 1..count do
+      t0 = System.monotonic_time(:nanosecond)
+      fun.()
+      System.monotonic_time(:nanosecond) - t0
+    end
   end
 
   @doc "One lifecycle cycle, untimed; raises on any error."

@@ -110,6 +110,11 @@ defmodule SnakepitShm.Bench.ReportSections do
     Per step of the snakepit_shm cycle:
 
     #{table(["step", "p50", "p90", "p99", "max"], steps)}
+    Below the facade (same run):
+
+    #{table(["measure", "p50", "p90", "p99", "max"], for({name, samples} <- Enum.sort(Map.get(l, :breakdown, %{})), do: [name | pct.(samples)]))}
+    `create` and `deallocate` are dirty-IO NIFs: each call pays the dirty-scheduler
+    round trip shown above, twice per cycle.
     ![lifecycle latency](lifecycle.png)
     """
   end
