@@ -15,11 +15,14 @@ defmodule Snakepit.SharedMemory.Reliability.LoadTest do
                  String.to_integer(System.get_env("SNAKEPIT_SHM_LOAD_MS", "8000"))
                )
   @sample_ms 250
-  # How much more the second half of the run may use than the first: growth beyond this
-  # is a leak, not noise (each process holds at most one 64 KiB region at a time).
+  # How much more the second half of the run may use than the first (medians of the
+  # samples): growth beyond this is a leak, not noise. Each process holds at most one
+  # 64 KiB region at a time, but the descriptors and mapping of a freed memfd region go
+  # only when the process that held its resource garbage-collects: a few per process.
+  # The exact check is the return to the baseline after the run.
   @memory_slack 48 * 1024 * 1024
-  @fd_slack 40
-  @maps_slack 40
+  @fd_slack 200
+  @maps_slack 200
 
   setup_all do
     {:ok, _} = Application.ensure_all_started(:snakepit_shm)
@@ -35,7 +38,7 @@ defmodule Snakepit.SharedMemory.Reliability.LoadTest do
     stop = :atomics.new(1, [])
 
     pids = for i <- 1..@processes, do: spawn_link(fn -> churn(i, counter, stop) end)
-    samples = collect_samples(System.monotonic_time(:millisecond) + @duration_ms, [])
+    samples = sample_during(@duration_ms)
     :atomics.put(stop, 1, 1)
     for pid <- pids, do: await_exit(pid)
 
@@ -56,6 +59,11 @@ defmodule Snakepit.SharedMemory.Reliability.LoadTest do
     final = sample()
     {first, second} = Enum.split(Enum.reverse(samples), div(length(samples), 2))
     peak = fn list, key -> list |> Enum.map(&Map.fetch!(&1, key)) |> Enum.max() end
+
+    median = fn list, key ->
+      list |> Enum.map(&Map.fetch!(&1, key)) |> Enum.sort() |> Enum.at(div(length(list), 2))
+    end
+
     cycles = :counters.get(counter, 1)
 
     ReliabilityHelpers.record("load", %{
@@ -63,8 +71,9 @@ defmodule Snakepit.SharedMemory.Reliability.LoadTest do
       duration_ms: @duration_ms,
       regions_churned: cycles,
       errors: :counters.get(counter, 2),
-      memory_first_half_peak: peak.(first, :memory),
-      memory_second_half_peak: peak.(second, :memory),
+      samples: length(samples),
+      memory_first_half_median: median.(first, :memory),
+      memory_second_half_median: median.(second, :memory),
       fds_peak: peak.(samples, :fds),
       baseline: baseline,
       final: final
@@ -73,13 +82,15 @@ defmodule Snakepit.SharedMemory.Reliability.LoadTest do
     assert :counters.get(counter, 2) == 0, "operations failed under load"
     assert cycles > @processes * 10, "only #{cycles} cycles: the churn did not run"
 
-    assert peak.(second, :memory) <= peak.(first, :memory) + @memory_slack,
+    assert length(samples) >= 4, "only #{length(samples)} samples"
+
+    assert median.(second, :memory) <= median.(first, :memory) + @memory_slack,
            "BEAM memory grew: #{inspect(Enum.map(samples, & &1.memory))}"
 
-    assert peak.(second, :fds) <= peak.(first, :fds) + @fd_slack,
+    assert median.(second, :fds) <= median.(first, :fds) + @fd_slack,
            "descriptors grew: #{inspect(Enum.map(samples, & &1.fds))}"
 
-    assert peak.(second, :maps) <= peak.(first, :maps) + @maps_slack,
+    assert median.(second, :maps) <= median.(first, :maps) + @maps_slack,
            "mappings grew: #{inspect(Enum.map(samples, & &1.maps))}"
 
     assert settled,
@@ -96,6 +107,19 @@ defmodule Snakepit.SharedMemory.Reliability.LoadTest do
       maps: ReliabilityHelpers.shm_mappings(),
       shm: ReliabilityHelpers.shm_bytes()
     }
+  end
+
+  # Sampled by a high-priority process, so that 100 busy processes do not starve it.
+  defp sample_during(duration_ms) do
+    deadline = System.monotonic_time(:millisecond) + duration_ms
+
+    task =
+      Task.async(fn ->
+        Process.flag(:priority, :high)
+        collect_samples(deadline, [])
+      end)
+
+    Task.await(task, duration_ms + 60_000)
   end
 
   defp collect_samples(deadline, acc) do
