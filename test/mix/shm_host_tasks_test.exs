@@ -27,12 +27,9 @@ defmodule Mix.Tasks.Snakepit.Shm.HostTasksTest do
   Process.sleep(:infinity)
   """
 
+  # Any VM starting on this host sweeps orphans at start-up (and cleanup_regions/1 does
+  # too), so each test that needs them makes its own, just before it looks.
   setup_all do
-    {_port, [vm, orphan, expired, damaged, victim1, victim2]} = start_vm(@orphan_vm)
-    kill9(vm)
-    # A header no longer matching its CRC: bytes 16.. are data_size and data_capacity.
-    corrupt!(damaged, 16, "garbage!garbage!")
-
     link = random_id()
     File.write!("/tmp/#{link}.target", "not a segment")
     File.ln_s!("/tmp/#{link}.target", "/dev/shm/#{link}")
@@ -45,14 +42,31 @@ defmodule Mix.Tasks.Snakepit.Shm.HostTasksTest do
       SHM.unmap_region(mapping)
       SHM.deallocate_region(live)
       SHM.deallocate_region(live_memfd)
-      for id <- [damaged, link], do: File.rm("/dev/shm/" <> id)
+      File.rm("/dev/shm/" <> link)
       File.rm("/tmp/#{link}.target")
+      assert present([link, live, live_memfd]) == []
+      assert ShmHelpers.segments_created_by() == []
+    end)
 
-      for id <- [orphan, expired, victim1, victim2],
-          do: Snakepit.SharedMemory.Native.unlink_segment(id)
+    %{link: link, live: live, live_memfd: live_memfd, me: System.pid()}
+  end
 
-      # Nothing of this file's making is left in /dev/shm.
-      assert present([orphan, expired, damaged, victim1, victim2, link, live, live_memfd]) == []
+  setup context do
+    if context[:orphans], do: orphans(), else: :ok
+  end
+
+  defp orphans do
+    {_port, [vm, orphan, expired, damaged, victim1, victim2]} = start_vm(@orphan_vm)
+    kill9(vm)
+    # A header no longer matching its CRC: bytes 16.. are data_size and data_capacity.
+    corrupt!(damaged, 16, "garbage!garbage!")
+    ids = [orphan, expired, damaged, victim1, victim2]
+
+    on_exit(fn ->
+      File.rm("/dev/shm/" <> damaged)
+      for id <- ids -- [damaged], do: Snakepit.SharedMemory.Native.unlink_segment(id)
+      # Nothing of this test's making is left in /dev/shm.
+      assert present(ids) == []
       assert ShmHelpers.segments_created_by(String.to_integer(vm)) == []
     end)
 
@@ -61,15 +75,12 @@ defmodule Mix.Tasks.Snakepit.Shm.HostTasksTest do
       orphan: orphan,
       expired: expired,
       damaged: damaged,
-      victims: [victim1, victim2],
-      link: link,
-      live: live,
-      live_memfd: live_memfd,
-      me: System.pid()
+      victims: [victim1, victim2]
     }
   end
 
   describe "mix snakepit.shm.list" do
+    @tag :orphans
     test "shows every region with owner, holders, flags and totals; exit 1 for the damaged ones",
          c do
       {out, _err, status} = run_task("snakepit.shm.list", [])
@@ -90,6 +101,7 @@ defmodule Mix.Tasks.Snakepit.Shm.HostTasksTest do
                ~r/^Total: \d+ regions?, .*orphaned.*corrupt.*not ours \(offline scan of this host\)$/m
     end
 
+    @tag :orphans
     test "--orphaned shows only regions whose owner VM is gone", c do
       {out, _err, 0} = run_task("snakepit.shm.list", ["--orphaned"])
       assert line(out, c.orphan) && line(out, c.expired)
@@ -97,6 +109,7 @@ defmodule Mix.Tasks.Snakepit.Shm.HostTasksTest do
       refute out =~ c.damaged
     end
 
+    @tag :orphans
     test "--owner and --older-than filter", c do
       {out, _err, 0} = run_task("snakepit.shm.list", ["--owner", c.vm])
       assert out =~ c.orphan and out =~ c.expired
@@ -109,6 +122,7 @@ defmodule Mix.Tasks.Snakepit.Shm.HostTasksTest do
       assert out =~ "Total: 0 regions, 0 B"
     end
 
+    @tag :orphans
     test "--format json is one JSON document with the same facts", c do
       {out, _err, 1} = run_task("snakepit.shm.list", ["--format", "json"])
       doc = json!(out)
@@ -139,6 +153,7 @@ defmodule Mix.Tasks.Snakepit.Shm.HostTasksTest do
   end
 
   describe "mix snakepit.shm.info" do
+    @tag :orphans
     test "an orphan: owner gone, its dead holder, intact header", c do
       {out, _err, 0} = run_task("snakepit.shm.info", [c.orphan])
       assert out =~ ~r/^Owner VM:\s+OS pid #{c.vm} .*gone: this region is orphaned$/m
@@ -154,6 +169,7 @@ defmodule Mix.Tasks.Snakepit.Shm.HostTasksTest do
       assert out =~ ~r/^\s+#{c.me}\s+\d+\s+1\s+rw\s+alive$/m
     end
 
+    @tag :orphans
     test "a corrupted header is reported as such, exit 1", c do
       {out, _err, 1} = run_task("snakepit.shm.info", [c.damaged])
       assert out =~ ~r/^Header:\s+CORRUPT: .*CRC mismatch/m
@@ -173,6 +189,7 @@ defmodule Mix.Tasks.Snakepit.Shm.HostTasksTest do
   end
 
   describe "mix snakepit.shm.cleanup" do
+    @tag :orphans
     test "--dry-run says what it would do and changes nothing", c do
       args = ["--dry-run", "--id", c.orphan, "--id", c.expired]
       {out, _err, 0} = run_task("snakepit.shm.cleanup", args)
@@ -182,6 +199,7 @@ defmodule Mix.Tasks.Snakepit.Shm.HostTasksTest do
       assert present([c.orphan, c.expired]) == [c.orphan, c.expired]
     end
 
+    @tag :orphans
     test "refuses the damaged segment and the symlink: reported, never deleted", c do
       {out, _err, 1} = run_task("snakepit.shm.cleanup", ["--id", c.damaged, "--id", c.link])
       assert line(out, c.damaged) =~ ~r/REFUSED\s+.*damaged header: left in place$/
@@ -197,7 +215,7 @@ defmodule Mix.Tasks.Snakepit.Shm.HostTasksTest do
       assert {:ok, _} = SHM.get_region_info(c.live_memfd)
     end
 
-    # Tests run in random order: this one removes only its own two orphans.
+    @tag :orphans
     test "removes orphans of the killed VM; JSON output", c do
       [v1, v2] = c.victims
       assert present(c.victims) == c.victims
