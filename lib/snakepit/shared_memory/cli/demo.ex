@@ -145,8 +145,8 @@ defmodule Snakepit.SharedMemory.CLI.Demo do
         "#{step(5)}Sent the worker the region's ref, #{byte_size(json)} bytes of JSON instead of #{Human.bytes(byte_size(payload))}:\n     #{json}"
       )
 
-      {:ok, data, Map.put(report, :verify, check) |> Map.put(:ref_bytes, byte_size(json))}
-      |> check_verify(opts, say)
+      report = report |> Map.put(:verify, check) |> Map.put(:ref_bytes, byte_size(json))
+      check_verify(data, report, opts, say)
     else
       {:error, %SHM.Error{} = error} -> {:error, "#{error.reason}: #{error.message}", report}
       {:error, message} when is_binary(message) -> {:error, message, report}
@@ -154,7 +154,8 @@ defmodule Snakepit.SharedMemory.CLI.Demo do
     end
   end
 
-  defp check_verify({:ok, data, %{verify: v} = report}, opts, say) do
+  # Judges the worker's "verify" reply: values, sum, and where the array lives.
+  defp check_verify(data, %{verify: v} = report, opts, say) do
     expected = DemoData.sum(opts.mib)
     mapping = v["mapping"] || %{}
 
