@@ -131,10 +131,17 @@ defmodule Snakepit.SharedMemory.Manager do
     # it, so an unregistered segment of this VM can only be a leak.
     pending =
       case Journal.barrier(state.config.barrier_timeout, fn ->
-             Cleanup.sweep_leaks(state.pending_leaks)
+             Cleanup.sweep_leaks(Enum.map(state.pending_leaks, &elem(&1, 1)))
            end) do
-        {:ok, pending} -> pending
-        {:error, :timeout} -> state.pending_leaks
+        {:ok, left} ->
+          # A settled leak (swept, or never created before its deadline) lets go of the
+          # journal row that kept it known to a restarted manager.
+          {still, settled} = Enum.split_with(state.pending_leaks, &(elem(&1, 1) in left))
+          for {pid, _} <- settled, do: Journal.forget(pid)
+          still
+
+        {:error, :timeout} ->
+          state.pending_leaks
       end
 
     if pending != [], do: schedule(:leak_scan, @leak_scan_ms)
@@ -183,22 +190,30 @@ defmodule Snakepit.SharedMemory.Manager do
   # repair what each left and bring the quota counters back to what the registry holds,
   # all while no live caller is in flight. On a barrier timeout the rows stay and the
   # next periodic cleanup tries again.
+  #
+  # The row of a caller killed mid-allocation stays until its leak scan settles it:
+  # pending leaks live in this process's state, and a manager killed before the scan
+  # would otherwise forget the segment for good; the next one finds the row again.
   defp repair_dead_callers(state, when_) do
-    dead = Journal.dead_rows()
+    pending = MapSet.new(state.pending_leaks, &elem(&1, 0))
+    dead = Enum.reject(Journal.dead_rows(), fn {pid, _} -> MapSet.member?(pending, pid) end)
 
     if dead == [] and when_ == :if_any do
       state
     else
       result =
         Journal.barrier(state.config.barrier_timeout, fn ->
-          pendings = for {_pid, journal} <- dead, p = Cleanup.repair(journal), p != nil, do: p
+          pendings =
+            for {pid, journal} <- dead, p = Cleanup.repair(journal), p != nil, do: {pid, p}
+
           Quota.recount(Registry.all())
           pendings
         end)
 
       case result do
         {:ok, pendings} ->
-          for {pid, _} <- dead, do: Journal.forget(pid)
+          kept = MapSet.new(pendings, &elem(&1, 0))
+          for {pid, _} <- dead, not MapSet.member?(kept, pid), do: Journal.forget(pid)
           Enum.reduce(pendings, state, &add_pending(&2, &1))
 
         {:error, :timeout} ->
