@@ -67,6 +67,18 @@ defmodule Snakepit.SharedMemory.TestSupport do
     end
   end
 
+  @doc "Runs `fun` while the manager is suspended; resumes it whatever happens."
+  def with_manager_suspended(fun) do
+    manager = Process.whereis(Snakepit.SharedMemory.Manager)
+    :sys.suspend(manager)
+
+    try do
+      fun.()
+    after
+      :sys.resume(manager)
+    end
+  end
+
   @doc "Waits until `pid` is dead."
   def await_death(pid) do
     ref = Process.monitor(pid)

@@ -227,9 +227,13 @@ defmodule Snakepit.SharedMemory.CleanupTest do
           {^port, {:exit_status, status}} ->
             flunk("the second VM exited with #{status}")
         after
-          60_000 -> flunk("the second VM did not get ready")
+          60_000 ->
+            {:os_pid, pid} = Port.info(port, :os_pid)
+            System.cmd("kill", ["-9", Integer.to_string(pid)])
+            flunk("the second VM did not get ready")
         end
 
+      on_exit(fn -> System.cmd("kill", ["-9", os_pid]) end)
       assert length(ids) == 50
       assert Enum.all?(ids, &File.exists?("/dev/shm/#{&1}"))
       {:ok, dry} = SM.cleanup_regions(dry_run: true)
@@ -283,12 +287,12 @@ defmodule Snakepit.SharedMemory.CleanupTest do
       owner = spawn_sleeper()
       {:ok, id} = SM.allocate_region(@kib, owner: owner)
       # Simulate a lost notice: kill the owner while the manager is suspended.
-      manager = Process.whereis(Manager)
-      :sys.suspend(manager)
-      Process.exit(owner, :kill)
-      TestSupport.await_death(owner)
-      assert [%{region_id: ^id, reason: :owner_down}] = Cleanup.check_owners()
-      :sys.resume(manager)
+      TestSupport.with_manager_suspended(fn ->
+        Process.exit(owner, :kill)
+        TestSupport.await_death(owner)
+        assert [%{region_id: ^id, reason: :owner_down}] = Cleanup.check_owners()
+      end)
+
       assert gone?(id)
     end
   end

@@ -62,13 +62,14 @@ defmodule Snakepit.SharedMemory.HoldersTest do
     test "a holder that died before it was ever watched is released when found" do
       {:ok, id} = SM.allocate_region(4096, cleanup_policy: :reference_counted)
       {:ok, ref} = SM.export_ref(id)
-      manager = Process.whereis(Manager)
-      :sys.suspend(manager)
-      {port, os_pid} = TestSupport.python_holder(ref)
-      TestSupport.kill9(os_pid)
-      assert_receive {^port, {:exit_status, _}}, 5_000
-      assert {:ok, %{reference_count: 1}} = SM.get_region_info(id)
-      :sys.resume(manager)
+
+      TestSupport.with_manager_suspended(fn ->
+        {port, os_pid} = TestSupport.python_holder(ref)
+        TestSupport.kill9(os_pid)
+        assert_receive {^port, {:exit_status, _}}, 5_000
+        assert {:ok, %{reference_count: 1}} = SM.get_region_info(id)
+      end)
+
       assert ShmHelpers.wait_until(fn -> Registry.lookup(id) == nil end, 3_000)
     end
 
