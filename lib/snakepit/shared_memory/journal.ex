@@ -27,7 +27,7 @@ defmodule Snakepit.SharedMemory.Journal do
   Runs `fun` marked as in flight. Waits (up to `:barrier_timeout`) while the manager
   holds a barrier.
   """
-  @spec run(atom(), (() -> result)) :: result | {:error, Error.t()} when result: term()
+  @spec run(term(), (() -> result)) :: result | {:error, Error.t()} when result: term()
   def run(operation, fun) do
     deadline = System.monotonic_time(:millisecond) + Config.get(:barrier_timeout)
 
@@ -140,7 +140,12 @@ defmodule Snakepit.SharedMemory.Journal do
 
       holders ->
         Enum.any?(holders, fn pid ->
-          Process.alive?(pid) or (:ets.delete(meta, {:barrier, pid}) && false)
+          if Process.alive?(pid) do
+            true
+          else
+            :ets.delete(meta, {:barrier, pid})
+            false
+          end
         end)
     end
   end
