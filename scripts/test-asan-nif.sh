@@ -28,7 +28,9 @@ SNAKEPIT_SHM_SANITIZE=1 mix compile >"$log_dir/build.log" 2>&1 || {
 }
 nif=priv/asan/snakepit_shm_nif.so
 [ -f "$nif" ] || fail "$nif was not built"
-nm -D --undefined-only "$nif" | grep -q '__asan_report_' ||
+# (nm's output is captured first: `nm | grep -q` fails under pipefail when grep exits early)
+undefined_symbols=$(nm -D --undefined-only "$nif")
+grep -q '__asan_report_' <<<"$undefined_symbols" ||
   fail "$nif has no AddressSanitizer instrumentation (__asan_report_* missing)"
 
 # A program that must be stopped by each sanitizer: proves the runtime reports errors.

@@ -84,6 +84,7 @@ defmodule Snakepit.SharedMemory.Reliability.ChaosTest do
       )
 
     problems = end_state_problems(tables, registry_before, segments_before)
+    holds = if settled, do: python_holds_problems(tables), else: []
     anomalies = :ets.tab2list(tables.anomalies)
 
     figures =
@@ -118,6 +119,7 @@ defmodule Snakepit.SharedMemory.Reliability.ChaosTest do
            "seed #{seed}: unexpected results during the chaos: #{inspect(anomalies, limit: 20)}"
 
     assert settled, "seed #{seed}: end state wrong:\n" <> Enum.join(problems, "\n")
+    assert holds == [], "seed #{seed}: Python holds miscounted:\n" <> Enum.join(holds, "\n")
 
     assert figures.regions_allocated > 50 and acc.killed > 5 and acc.manager_kills >= 2,
            inspect(figures)
@@ -264,6 +266,67 @@ defmodule Snakepit.SharedMemory.Reliability.ChaosTest do
       end
     else
       _ -> nil
+    end
+  end
+
+  @python_holder """
+  import json, sys, time, warnings
+  warnings.simplefilter("ignore")
+  import snakepit_shm
+  regions = [snakepit_shm.attach(ref) for ref in json.loads(sys.argv[1])]
+  print("ATTACHED", len(regions), flush=True)
+  time.sleep(120)
+  """
+
+  # Live OS holders count too: a Python worker attaches a few surviving regions (one
+  # hold each in the header), then is SIGKILLed (its holds must be released).
+  defp python_holds_problems(tables) do
+    ids =
+      for {id, owner, _crc, _size} <- :ets.tab2list(tables.expected),
+          Process.alive?(owner),
+          do: id
+
+    ids = Enum.take(ids, 5)
+    refs = for id <- ids, {:ok, ref} = SharedMemory.export_ref(id), do: ref
+    {:ok, json} = Snakepit.SharedMemory.JSON.encode(refs)
+
+    port =
+      Port.open({:spawn_executable, "/usr/bin/python3"}, [
+        :binary,
+        :exit_status,
+        :stderr_to_stdout,
+        {:line, 4096},
+        args: ["-c", @python_holder, json],
+        env: ReliabilityHelpers.python_env()
+      ])
+
+    {:os_pid, os_pid} = Port.info(port, :os_pid)
+    count = Integer.to_string(length(ids))
+    assert_receive {^port, {:data, {:eol, "ATTACHED " <> ^count}}}, 10_000
+    held = for id <- ids, problem = holds_problem(id, 1), do: "while attached: " <> problem
+    ReliabilityHelpers.kill9(os_pid)
+
+    released =
+      ShmHelpers.wait_until(fn -> Enum.all?(ids, &(holds_problem(&1, 0) == nil)) end, 5_000)
+
+    gone =
+      if released,
+        do: [],
+        else: for(id <- ids, p = holds_problem(id, 0), do: "after SIGKILL: " <> p)
+
+    held ++ gone
+  end
+
+  defp holds_problem(id, python_holds) do
+    with Registry.region(ref: ref) <- Registry.lookup(id),
+         {:ok, header} <- Native.header(ref) do
+      expected = length(Registry.mappings_of(id)) + python_holds
+
+      if header.refcount == expected,
+        do: nil,
+        else: "#{id}: refcount #{header.refcount}, expected #{expected}"
+    else
+      _ -> "#{id}: gone"
     end
   end
 
