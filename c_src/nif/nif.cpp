@@ -25,6 +25,7 @@ constexpr unsigned kCpu = ERL_NIF_DIRTY_JOB_CPU_BOUND;
 ErlNifFunc nif_funcs[] = {
     {"header_layout", 0, nif_header_layout, 0},
     {"create", 2, nif_create, kIo},
+    {"create_plain", 2, nif_create_plain, 0},
     {"open", 2, nif_open, kIo},
     {"info", 1, nif_info, 0},
     {"header", 1, nif_header, 0},
@@ -38,6 +39,8 @@ ErlNifFunc nif_funcs[] = {
     {"read_zero_copy", 3, nif_read_zero_copy, 0},
     {"seal", 1, nif_seal, 0},
     {"deallocate", 2, nif_deallocate, kIo},
+    {"deallocate_plain", 2, nif_deallocate_plain, 0},
+    {"last_access", 1, nif_last_access, 0},
     {"set_idle_timeout", 2, nif_set_idle_timeout, 0},
     {"export_key", 1, nif_export_key, 0},
     {"release_holder", 3, nif_release_holder, 0},

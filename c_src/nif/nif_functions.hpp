@@ -11,12 +11,15 @@ namespace spshm::nif {
 // nif_region.cpp: regions as a whole
 SPSHM_NIF(nif_header_layout);
 SPSHM_NIF(nif_create);
+SPSHM_NIF(nif_create_plain);
 SPSHM_NIF(nif_open);
 SPSHM_NIF(nif_info);
 SPSHM_NIF(nif_header);
 SPSHM_NIF(nif_hold_counts);
 SPSHM_NIF(nif_seal);
 SPSHM_NIF(nif_deallocate);
+SPSHM_NIF(nif_deallocate_plain);
+SPSHM_NIF(nif_last_access);
 SPSHM_NIF(nif_set_idle_timeout);
 SPSHM_NIF(nif_export_key);
 SPSHM_NIF(nif_release_holder);

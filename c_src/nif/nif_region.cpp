@@ -37,7 +37,15 @@ ERL_NIF_TERM nif_header_layout(ErlNifEnv* env, int, const ERL_NIF_TERM[]) {
   return make_binary(env, layout_description());
 }
 
-ERL_NIF_TERM nif_create(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+namespace {
+
+// create_plain/2 and deallocate_plain/2 run on a normal scheduler, so they take only what
+// finishes well inside the 1 ms a NIF may take: the same 64 KiB as write/read, unnamed
+// regions only (opening a named one may wait for its creator). A dirty NIF costs a
+// scheduler round trip of ~10 us even when it returns at once, more than a small create.
+constexpr std::uint64_t kPlainLimit = 65536;
+
+ERL_NIF_TERM do_create(ErlNifEnv* env, const ERL_NIF_TERM argv[], bool plain) {
   std::uint64_t size = 0;
   if (!get_u64(env, argv[0], &size)) return enif_make_badarg(env);
   CreateOptions options;
@@ -53,10 +61,26 @@ ERL_NIF_TERM nif_create(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
     return make_error(env, Errc::too_large,
                       "size " + std::to_string(size) + " exceeds the limit of 2^62 bytes");
   }
+  if (plain && (size > kPlainLimit || !options.name.empty())) {
+    return make_error(env, Errc::invalid_argument,
+                      "create_plain/2 takes unnamed regions of at most 65536 bytes (got " +
+                          std::to_string(size) + (options.name.empty() ? "" : ", named") +
+                          "): use create/2");
+  }
   options.size = size;
   auto region = Region::create(options);
   if (!region.ok()) return make_error(env, region.error());
   return ok_region(env, std::move(region).value());
+}
+
+}  // namespace
+
+ERL_NIF_TERM nif_create(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  return do_create(env, argv, false);
+}
+
+ERL_NIF_TERM nif_create_plain(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  return do_create(env, argv, true);
 }
 
 ERL_NIF_TERM nif_open(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
@@ -117,12 +141,18 @@ ERL_NIF_TERM nif_seal(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   return atoms.ok;
 }
 
-// Dirty (I/O bound): zeroing a large region takes about 1 s per 10 GB.
-ERL_NIF_TERM nif_deallocate(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+namespace {
+
+ERL_NIF_TERM do_deallocate(ErlNifEnv* env, const ERL_NIF_TERM argv[], bool plain) {
   RegionResource* res;
   bool zero = false;
   if (!get_region(env, argv[0], &res) || !get_bool(env, argv[1], &zero)) {
     return enif_make_badarg(env);
+  }
+  if (plain && zero && res->region.capacity() > kPlainLimit) {
+    return make_error(env, Errc::invalid_argument,
+                      "deallocate_plain/2 zeroes at most 65536 bytes (region " + res->region.id() +
+                          " has " + std::to_string(res->region.capacity()) + "): use deallocate/2");
   }
   if (res->deallocating.exchange(true)) {
     if (res->deallocated.load()) {
@@ -148,6 +178,25 @@ ERL_NIF_TERM nif_deallocate(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   }
   res->deallocated.store(true);
   return atoms.ok;
+}
+
+}  // namespace
+
+// Dirty (I/O bound): zeroing a large region takes about 1 s per 10 GB.
+ERL_NIF_TERM nif_deallocate(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  return do_deallocate(env, argv, false);
+}
+
+// Normal scheduler: marking, unlinking, and zeroing at most 64 KiB.
+ERL_NIF_TERM nif_deallocate_plain(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  return do_deallocate(env, argv, true);
+}
+
+// One atomic load: the access time of the header (map/read/write, any process).
+ERL_NIF_TERM nif_last_access(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  RegionResource* res;
+  if (!get_region(env, argv[0], &res)) return enif_make_badarg(env);
+  return enif_make_uint64(env, res->region.header().last_access_ns.load());
 }
 
 ERL_NIF_TERM nif_set_idle_timeout(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
