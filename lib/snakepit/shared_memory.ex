@@ -245,7 +245,7 @@ defmodule Snakepit.SharedMemory do
   @spec list_regions(keyword() | map()) :: {:ok, [Info.t()]} | error()
   def list_regions(filter \\ []) do
     with :ok <- available(), {:ok, filter} <- Options.filter(filter) do
-      {:ok, filter |> Info.select() |> Enum.map(&Info.describe/1)}
+      {:ok, filter |> Info.select() |> Info.describe_all()}
     end
   end
 

@@ -17,6 +17,9 @@ defmodule Snakepit.SharedMemory.Allocator do
 
   import Snakepit.SharedMemory.Registry, only: [region: 1]
 
+  # Largest size the plain (normal-scheduler) create and zeroing NIFs take.
+  @plain_limit 65_536
+
   @doc """
   Allocates (or, for named regions, opens) a region from validated options (see
   `Snakepit.SharedMemory.Options.allocate/2`). Returns `{:ok, region_id}`.
@@ -76,7 +79,7 @@ defmodule Snakepit.SharedMemory.Allocator do
       # journal row says so, with what the manager needs to find the segment.
       Journal.note({:allocate, :creating, opts.size, opts.backend, System.os_time(:nanosecond)})
 
-      case Native.create(opts.size, native_options(opts, flags)) do
+      case create(opts, native_options(opts, flags)) do
         {:ok, ref, info} ->
           register(ref, info, opts)
 
@@ -86,6 +89,13 @@ defmodule Snakepit.SharedMemory.Allocator do
       end
     end
   end
+
+  # Small unnamed regions are created on the calling scheduler: a dirty NIF costs a
+  # scheduler round trip (~10 us) even when its work takes less.
+  defp create(%{size: size, name: nil}, native_opts) when size <= @plain_limit,
+    do: Native.create_plain(size, native_opts)
+
+  defp create(opts, native_opts), do: Native.create(opts.size, native_opts)
 
   defp native_options(opts, flags) do
     %{
@@ -232,7 +242,7 @@ defmodule Snakepit.SharedMemory.Allocator do
     region(id: id, ref: ref, security_level: level) = record
     zero = Security.level_flags(level).zero_on_free or Config.get(:zero_on_free)
 
-    case Native.deallocate(ref, zero) do
+    case deallocate(record, zero) do
       :ok ->
         :ok
 
@@ -240,7 +250,7 @@ defmodule Snakepit.SharedMemory.Allocator do
         # Zero-copy binaries of a sealed region may still be alive: they must not change
         # under the VM, so this region is freed without zeroing.
         Logger.warning("snakepit_shm: #{id} freed without zeroing: #{message}")
-        Native.deallocate(ref, false)
+        Native.deallocate_plain(ref, false)
 
       {:error, {:deallocated, _, _}} ->
         :ok
@@ -249,6 +259,15 @@ defmodule Snakepit.SharedMemory.Allocator do
         Logger.warning("snakepit_shm: freeing #{id} failed: #{inspect(native)}")
     end
   end
+
+  # Marking and unlinking are quick whatever the size; zeroing is not (dirty above 64 KiB,
+  # counting the encryption overhead of the capacity, hence the margin).
+  defp deallocate(region(ref: ref), false), do: Native.deallocate_plain(ref, false)
+
+  defp deallocate(region(ref: ref, size: size), true) when size <= div(@plain_limit, 2),
+    do: Native.deallocate_plain(ref, true)
+
+  defp deallocate(region(ref: ref), true), do: Native.deallocate(ref, true)
 
   defp not_found(id) do
     Error.error(

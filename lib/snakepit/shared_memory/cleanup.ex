@@ -148,22 +148,22 @@ defmodule Snakepit.SharedMemory.Cleanup do
   """
   @spec due(integer()) :: [{String.t(), atom()}]
   def due(now_ms \\ System.system_time(:millisecond)) do
-    shm_dir = Platform.current().shm_dir()
+    present = segment_names()
 
     for record <- Registry.all(),
-        reason = due_reason(record, now_ms, shm_dir),
+        reason = due_reason(record, now_ms, present),
         reason != nil,
         do: {region(record, :id), reason}
   end
 
-  defp due_reason(record, now_ms, shm_dir) do
+  defp due_reason(record, now_ms, present) do
     region(ref: ref, owner: owner, cleanup_policy: policy) = record
 
     cond do
       expired?(record, now_ms) -> :expired
       is_pid(owner) and not Process.alive?(owner) and owner_death_frees?(record) -> :owner_down
       policy == :reference_counted and unreferenced?(ref) -> :unreferenced
-      vanished?(record, shm_dir) -> :vanished
+      vanished?(record, present) -> :vanished
       true -> nil
     end
   end
@@ -173,12 +173,7 @@ defmodule Snakepit.SharedMemory.Cleanup do
   def expired?(region(timeout: :infinity), _now_ms), do: false
 
   def expired?(region(timeout: timeout, ref: ref, created_at: created_at), now_ms) do
-    last_ms =
-      case Native.header(ref) do
-        {:ok, %{last_access_ns: ns}} when ns > 0 -> div(ns, 1_000_000)
-        _ -> created_at
-      end
-
+    last_ms = div(Native.last_access(ref), 1_000_000)
     now_ms - max(last_ms, created_at) > timeout
   end
 
@@ -187,10 +182,20 @@ defmodule Snakepit.SharedMemory.Cleanup do
     generation > 0 and refcount == 0
   end
 
-  defp vanished?(region(backend: :posix, role: :created, id: id), dir) when is_binary(dir),
-    do: not File.exists?(Path.join(dir, id))
+  # Names in the shm directory, listed once per sweep (nil: this platform has none).
+  defp segment_names do
+    with dir when is_binary(dir) <- Platform.current().shm_dir(),
+         {:ok, names} <- File.ls(dir) do
+      MapSet.new(names)
+    else
+      _ -> nil
+    end
+  end
 
-  defp vanished?(_record, _dir), do: false
+  defp vanished?(region(backend: :posix, role: :created, id: id), %MapSet{} = present),
+    do: not MapSet.member?(present, id)
+
+  defp vanished?(_record, _present), do: false
 
   @doc "Frees `id` for `reason`; the freed entry, or nothing if it was already gone."
   @spec free(String.t(), atom()) :: [freed()]

@@ -44,18 +44,23 @@ defmodule Snakepit.SharedMemory.Holders do
          [{{:"$1", :"$2", :"$3"}}]}
       ])
 
-    {generations, state} =
-      Enum.reduce(rows, {%{}, state}, fn {id, ref, policy}, {generations, acc} ->
+    {pairs, state} =
+      Enum.map_reduce(rows, state, fn {id, ref, policy}, acc ->
         {generation, refcount} = Native.hold_counts(ref)
 
-        acc = if generation != Map.get(state.generations, id), do: changed(acc, ref), else: acc
+        acc =
+          case state.generations do
+            %{^id => ^generation} -> acc
+            _ -> changed(acc, ref)
+          end
 
         if policy == :reference_counted and generation > 0 and refcount == 0,
           do: Access.free_if_unreferenced(id)
 
-        {Map.put(generations, id, generation), acc}
+        {{id, generation}, acc}
       end)
 
+    generations = Map.new(pairs)
     %{state | generations: generations}
   end
 

@@ -12,8 +12,8 @@ defmodule Snakepit.SharedMemory.Journal do
 
   `barrier/2` is Dekker's mutual exclusion over two ETS tables (each ETS operation is
   atomic, so the pair of tables is linearizable): a caller writes its journal row and
-  then reads the barrier flag (a `{{:barrier, holder_pid}, true}` row of the meta table;
-  several holders compose); the manager sets the flag and then waits until no
+  then reads the barrier flag (a `{holder_pid}` row of the barriers table; several
+  holders compose); the manager sets the flag and then waits until no
   *live* process has a journal row. Either the caller sees the flag (and steps back,
   removing its row, until the barrier is lifted) or the manager sees the caller's row
   (and waits for it to finish). Rows of dead processes are ignored and then deleted.
@@ -112,8 +112,8 @@ defmodule Snakepit.SharedMemory.Journal do
   @spec barrier(non_neg_integer(), (() -> result)) :: {:ok, result} | {:error, :timeout}
         when result: term()
   def barrier(timeout_ms, fun) do
-    meta = Registry.meta_table()
-    :ets.insert(meta, {{:barrier, self()}, true})
+    barriers = Registry.barriers_table()
+    :ets.insert(barriers, {self()})
     deadline = System.monotonic_time(:millisecond) + timeout_ms
 
     try do
@@ -125,25 +125,26 @@ defmodule Snakepit.SharedMemory.Journal do
           {:error, :timeout}
       end
     after
-      :ets.delete(meta, {:barrier, self()})
+      :ets.delete(barriers, self())
     end
   end
 
   # Raised by any live holder. A holder that died holding it (a manager killed
-  # mid-barrier) no longer counts, and its row is removed.
+  # mid-barrier) no longer counts, and its row is removed. The common case (no barrier)
+  # is one O(1) size lookup.
   defp barrier_up? do
-    meta = Registry.meta_table()
+    barriers = Registry.barriers_table()
 
-    case :ets.select(meta, [{{{:barrier, :"$1"}, :_}, [], [:"$1"]}]) do
-      [] ->
+    case :ets.info(barriers, :size) do
+      0 ->
         false
 
-      holders ->
-        Enum.any?(holders, fn pid ->
+      _ ->
+        Enum.any?(:ets.tab2list(barriers), fn {pid} ->
           if Process.alive?(pid) do
             true
           else
-            :ets.delete(meta, {:barrier, pid})
+            :ets.delete_object(barriers, {pid})
             false
           end
         end)

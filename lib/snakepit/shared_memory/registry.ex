@@ -24,10 +24,10 @@ defmodule Snakepit.SharedMemory.Registry do
       an allocation or deallocation (see `Snakepit.SharedMemory.Journal`).
     * `#{:snakepit_shm_owners}` (`set`): `{owner_pid, live_regions}` for
       `:max_regions_per_process` (see `Snakepit.SharedMemory.Quota`).
-    * `#{:snakepit_shm_meta}` (`set`): `{{:barrier, holder_pid}, true}` while a barrier
-      is raised (see `Snakepit.SharedMemory.Journal`) and `{:initialized, true}` once a
-      manager started on these tables (absent in fresh tables: the manager then rebuilds
-      from the segments).
+    * `#{:snakepit_shm_meta}` (`set`): `{:initialized, true}` once a manager started on
+      these tables (absent in fresh tables: the manager then rebuilds from the segments).
+    * `#{:snakepit_shm_barriers}` (`set`): `{holder_pid}` while that process holds a
+      barrier (see `Snakepit.SharedMemory.Journal`); callers test its size, O(1).
   """
 
   require Record
@@ -38,6 +38,7 @@ defmodule Snakepit.SharedMemory.Registry do
   @journal :snakepit_shm_journal
   @owners :snakepit_shm_owners
   @meta :snakepit_shm_meta
+  @barriers :snakepit_shm_barriers
 
   Record.defrecord(:region,
     id: nil,
@@ -90,7 +91,8 @@ defmodule Snakepit.SharedMemory.Registry do
       {@callers, [:set, :public, :named_table] ++ concurrency()},
       {@journal, [:set, :public, :named_table] ++ concurrency()},
       {@owners, [:set, :public, :named_table, {:write_concurrency, true}]},
-      {@meta, [:set, :public, :named_table, {:read_concurrency, true}]}
+      {@meta, [:set, :public, :named_table, {:read_concurrency, true}]},
+      {@barriers, [:set, :public, :named_table, {:read_concurrency, true}]}
     ]
   end
 
@@ -108,6 +110,8 @@ defmodule Snakepit.SharedMemory.Registry do
   def owners_table, do: @owners
   @doc false
   def meta_table, do: @meta
+  @doc false
+  def barriers_table, do: @barriers
 
   @doc "True while the registry tables exist."
   @spec available?() :: boolean()

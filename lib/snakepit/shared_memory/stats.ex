@@ -163,11 +163,17 @@ defmodule Snakepit.SharedMemory.Stats do
     result
   end
 
+  # floor(log2(ns)) by halving the search range: six comparisons, no loop over bits.
   defp bucket(ns) when ns <= 1, do: 0
-  defp bucket(ns), do: min(@buckets - 1, floor_log2(ns, 0))
+  defp bucket(ns), do: log2(ns, 0, 32)
 
-  defp floor_log2(1, acc), do: acc
-  defp floor_log2(n, acc), do: floor_log2(n >>> 1, acc + 1)
+  defp log2(_n, acc, 0), do: acc
+
+  defp log2(n, acc, step) do
+    if n >>> step > 0,
+      do: log2(n >>> step, acc + step, div(step, 2)),
+      else: log2(n, acc, div(step, 2))
+  end
 
   @doc "Adds `by` to an event counter."
   @spec count(atom(), integer()) :: :ok

@@ -233,7 +233,7 @@ defmodule Snakepit.SharedMemory.CleanupTest do
             flunk("the second VM did not get ready")
         end
 
-      on_exit(fn -> System.cmd("kill", ["-9", os_pid]) end)
+      on_exit(fn -> System.cmd("kill", ["-9", os_pid], stderr_to_stdout: true) end)
       assert length(ids) == 50
       assert Enum.all?(ids, &File.exists?("/dev/shm/#{&1}"))
       {:ok, dry} = SM.cleanup_regions(dry_run: true)

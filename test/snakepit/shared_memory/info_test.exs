@@ -1,0 +1,59 @@
+Code.require_file("../test_support.exs", __DIR__)
+
+defmodule Snakepit.SharedMemory.InfoTest do
+  use ExUnit.Case, async: false
+
+  @moduletag :capture_log
+
+  alias Snakepit.SharedMemory, as: SM
+  alias Snakepit.SharedMemory.{Info, Registry, TestSupport}
+
+  require Registry
+
+  setup do
+    on_exit(fn -> TestSupport.free_everything() end)
+    :ok
+  end
+
+  describe "utc_from_us/2" do
+    test "equals DateTime.from_unix!/2" do
+      samples = [0, 1, 86_399_999_999, 951_782_400_000_000, 4_102_444_800_000_000]
+
+      for us <- samples ++ Enum.map(1..500, fn _ -> :rand.uniform(253_402_300_799_999_999) end) do
+        assert Info.utc_from_us(us, 6) == DateTime.from_unix!(us, :microsecond)
+      end
+
+      assert Info.utc_from_us(1_500_000, 3) == DateTime.from_unix!(1500, :millisecond)
+    end
+  end
+
+  describe "describe/1 and describe_all/1" do
+    test "agree, and count BEAM and OS holds apart" do
+      {:ok, a} = SM.allocate_region(100)
+      {:ok, b} = SM.allocate_region(100, security_level: :high)
+      {:ok, _} = SM.map_region(a)
+      {:ok, _} = SM.map_region(a)
+      records = Enum.map([a, b], &Registry.lookup/1)
+      singles = Enum.map(records, &Info.describe/1)
+      all = Info.describe_all(records)
+
+      strip = fn info -> Map.drop(info, [:last_accessed]) end
+      assert Enum.map(all, strip) == Enum.map(singles, strip)
+      [ia, ib] = all
+      assert %{mapped_by: [pid], reference_count: 2, encrypted: false} = ia
+      assert pid == self()
+      assert %{mapped_by: [], reference_count: 0, encrypted: true} = ib
+    end
+  end
+
+  describe "select/1" do
+    test "oldest first; filters" do
+      ids = for _ <- 1..5, do: elem(SM.allocate_region(10), 1)
+      assert Enum.map(Info.select(%{}), &Registry.region(&1, :id)) == ids
+      assert Info.select(%{sealed: true}) == []
+      :ok = SM.seal(hd(ids))
+      assert [record] = Info.select(%{sealed: true})
+      assert Registry.region(record, :id) == hd(ids)
+    end
+  end
+end
