@@ -4,6 +4,7 @@ set xlabel "payload"
 set ylabel "throughput, GB/s (median, bars: min–max)"
 set logscale x 2
 set logscale y 10
+set xrange [2048:2147483648]
 set xtics ("4 KiB" 4096, "64 KiB" 65536, "1 MiB" 1048576, "16 MiB" 16777216, "64 MiB" 67108864, "256 MiB" 268435456, "1 GiB" 1073741824)
 set key bottom right
 f = datadir."/handoff.dat"

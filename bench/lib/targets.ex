@@ -50,7 +50,7 @@ defmodule SnakepitShm.Bench.Targets do
             ">= 10×",
             r.warm_vs_port,
             10,
-            reason_copy_bound(row, :port, ms)
+            reason_copy_bound(row, :port, ms, 10)
           ),
           check(
             "1",
@@ -58,7 +58,7 @@ defmodule SnakepitShm.Bench.Targets do
             ">= 3×",
             r.warm_vs_socket,
             3,
-            reason_copy_bound(row, :socket, ms)
+            reason_copy_bound(row, :socket, ms, 3)
           ),
           check(
             "1",
@@ -100,14 +100,27 @@ defmodule SnakepitShm.Bench.Targets do
 
   # The warm path cannot beat one memcpy plus one read pass (the reference); the
   # baselines' own time bounds the ratio from above.
-  defp reason_copy_bound(row, baseline, ms) do
+  defp reason_copy_bound(row, baseline, ms, target) do
     bound = ms.(baseline) / ms.(:reference)
     gbs = row.size / ms.(baseline)
+    floor_pct = ms.(:reference) / ms.(:warm) * 100
+
+    why =
+      if bound < target,
+        do:
+          "so even a handoff at the physical floor would be only #{Format.num(bound)}× " <>
+            "faster: the target cannot be met on this machine by a path that copies the " <>
+            "binary once.",
+        else:
+          "so a handoff at the floor would be #{Format.num(bound)}× faster; the warm path " <>
+            "runs at #{round(floor_pct)} % of the floor's speed, and the spread of the " <>
+            "rounds shows how much other work on the machine moved each path."
 
     "The warm path takes #{Format.time(ms.(:warm))} and the physical floor (one memcpy + " <>
-      "one read pass, C++) is #{Format.time(ms.(:reference))}; the #{baseline} path moves " <>
-      "#{Format.num(gbs)} GB/s here, so even a handoff at the physical floor would be only " <>
-      "#{Format.num(bound)}× faster. Warm breakdown: write (memcpy into the region) " <>
+      "one read pass, C++) #{Format.time(ms.(:reference))}; the #{baseline} path moves " <>
+      "#{Format.num(gbs)} GB/s here, " <>
+      why <>
+      " Warm breakdown: write (memcpy into the region) " <>
       "#{Format.time(step(row, :warm, "write"))}, worker xor-reduce " <>
       "#{Format.time(step(row, :warm, "worker: xor-reduce"))}, messaging " <>
       "#{Format.time(step(row, :warm, "messaging (round trip less worker time)"))}."
@@ -168,12 +181,29 @@ defmodule SnakepitShm.Bench.Targets do
         ratio,
         2,
         "The product's cycle has a median of #{Format.time(elixir)}: #{steps} " <>
-          "(medians per step). See the findings below for the profile."
+          "(medians per step). " <> dirty_hops(l) <> "See the findings below for the profile."
       )
     ]
   end
 
   defp lifecycle(_), do: []
+
+  # allocate and deallocate are dirty-IO NIFs: what two dirty round trips cost here.
+  defp dirty_hops(%{breakdown: b}) do
+    case Map.get(b, "dirty-IO NIF call that returns at once") do
+      nil ->
+        ""
+
+      samples ->
+        hop = median(samples)
+
+        "allocate_region and deallocate_region are dirty-IO NIF calls, and a dirty-IO " <>
+          "call that does nothing costs #{Format.time(hop)} here (median, back to back): " <>
+          "up to #{Format.time(2 * hop)} of a cycle can be scheduler hand-off. "
+    end
+  end
+
+  defp dirty_hops(_), do: ""
 
   defp refcount(%{concurrency: %{refcount: rc}}) do
     {{kind, procs}, best} =
@@ -195,14 +225,36 @@ defmodule SnakepitShm.Bench.Targets do
           if(met,
             do: "",
             else:
-              "Each change is a NIF call that makes or releases a mapping resource and updates " <>
-                "the header's holder slot with atomics; see the findings below."
+              "Each change is a NIF call that makes or releases a mapping resource and " <>
+                "updates the header's holder slot and refcount with compare-and-swap. " <>
+                scaling(rc) <> "See the findings below."
           )
       }
     ]
   end
 
   defp refcount(_), do: []
+
+  defp scaling(rc) do
+    per = fn procs ->
+      case Map.get(rc, {:nif, procs}) do
+        nil -> nil
+        samples -> median(samples)
+      end
+    end
+
+    procs = rc |> Map.keys() |> Enum.map(&elem(&1, 1)) |> Enum.max()
+
+    case {per.(1), per.(procs)} do
+      {one, many} when is_number(one) and is_number(many) and procs > 1 ->
+        "With #{procs} processes the NIF path does #{Format.big(many)}/s against " <>
+          "#{Format.big(one)}/s with one: all of them update the same holder slot (one OS " <>
+          "process) and the same refcount word, so the cache line bounces between cores. "
+
+      _ ->
+        ""
+    end
+  end
 
   defp zero_copy(%{zero_copy: [_ | _] = rows}) do
     worst = Enum.max_by(rows, fn r -> median(r.zero_copy) end)
@@ -252,13 +304,47 @@ defmodule SnakepitShm.Bench.Targets do
         reason:
           if(worst_probe < 2_000_000,
             do: "",
-            else: "idle floor #{Format.time(Enum.max(c.idle_probe))}; see the crypto table"
+            else: probe_reason(worst_probe, c)
           )
       }
     ]
   end
 
   defp crypto(_), do: []
+
+  defp probe_reason(worst, c) do
+    idle = c |> Map.get(:idle, %{}) |> Map.values() |> List.flatten() |> Enum.max(fn -> 0 end)
+
+    verdict =
+      if idle >= worst / 2,
+        do:
+          "so the delay comes from the machine (other work, see the load average), " <>
+            "not from the product: its heavy work runs on dirty schedulers",
+        else: "so the product's operations delay the probe beyond what the machine does"
+
+    "The same probe over an idle sleep of the same length, in the same rounds, was late " <>
+      "by up to #{Format.time(idle)}, " <> verdict <> "." <> worst_round(c)
+  end
+
+  # The round and operation of the worst delay, and whether that operation itself ran
+  # slow in that round (then the whole VM was off the CPU, not only the probe).
+  defp worst_round(c) do
+    {op, round, delay} =
+      for({op, delays} <- c.probe, {d, i} <- Enum.with_index(delays), do: {op, i, d})
+      |> Enum.max_by(&elem(&1, 2))
+
+    times = Map.fetch!(c.product, op)
+    slowdown = Enum.at(times, round) / median(times)
+
+    " Worst: #{Format.time(delay)} during #{op} in round #{round + 1}, where #{op} itself " <>
+      "took #{Format.num(slowdown)}× its median time" <>
+      if(slowdown >= 2,
+        do:
+          ": the VM as a whole lost the CPU then (other work on this machine), which " <>
+            "delays every thread of the VM, the probe's included.",
+        else: "."
+      )
+  end
 
   defp rate_check(part, what, bytes, samples, min_gbs, reason) do
     s = Stats.summary(Enum.map(samples, &(bytes / &1)))
