@@ -46,7 +46,9 @@ python-test:
 	@$(MIX) compile
 	@scripts/run-pytest.sh
 
-bench: deps-test
+# The bench needs the build packages and gnuplot only (not wine or the test tools).
+bench:
+	@scripts/install-deps.sh build bench
 	@$(MIX) compile
 	@$(MIX) snakepit.shm.bench $(if $(QUICK),--quick,)
 
