@@ -227,6 +227,11 @@ defmodule SnakepitShm.Bench.ReportSections do
       ],
       ["allocate them all", time(s.allocate_ns)],
       ["list_regions()", time_summary(s.list_ns)],
+      ["regions it returned", Enum.join(Enum.uniq(Map.get(s, :listed, [s.regions])), ", ")],
+      [
+        "regions freed as :vanished during the part (their segment removed by another process)",
+        Map.get(s, :vanished, 0)
+      ],
       ["cleanup_regions(orphans: true), no orphans", time_summary(s.sweep_ns)],
       [
         "cleanup_regions(orphans: true), #{s.orphans} orphans of a dead process",
