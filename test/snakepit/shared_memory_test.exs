@@ -344,6 +344,37 @@ defmodule Snakepit.SharedMemoryTest do
       end
     end
 
+    test "tampering with an encrypted region is an error, not wrong data" do
+      {:ok, id} = SM.allocate_region(4 * @kib, security_level: :high, backend: :posix)
+      {:ok, m} = SM.map_region(id)
+      :ok = SM.write(m, 0, "attack at dawn")
+      {:ok, file} = File.open("/dev/shm/#{id}", [:read, :write, :binary])
+      # The data starts at 4096: nonce (24 bytes), then ciphertext.
+      {:ok, <<byte>>} = :file.pread(file, 4096 + 30, 1)
+      :ok = :file.pwrite(file, 4096 + 30, <<Bitwise.bxor(byte, 1)>>)
+      File.close(file)
+      assert error_reason(SM.read(m, 0, 14)) == :tampered
+    end
+
+    test ":maximum regions audit every access" do
+      TestSupport.with_config([audit_log_level: :warning], fn ->
+        case SM.allocate_region(@kib, security_level: :maximum) do
+          {:ok, id} ->
+            log =
+              ExUnit.CaptureLog.capture_log(fn ->
+                {:ok, m} = SM.map_region(id)
+                :ok = SM.write(m, 0, "x")
+                {:ok, _} = SM.read(m, 0, 1)
+              end)
+
+            for action <- ["map", "write", "read"], do: assert(log =~ "audit: #{action} #{id}")
+
+          {:error, %Error{reason: :mlock_failed}} ->
+            :ok
+        end
+      end)
+    end
+
     test "a read-only mapping cannot write" do
       {:ok, id} = SM.allocate_region(@kib)
       {:ok, m} = SM.map_region(id, access_mode: :read_only)

@@ -19,6 +19,9 @@ defmodule Snakepit.SharedMemory.Cleanup do
     * orphans (`sweep_orphans/1`): segments of ours whose creator VM is gone (its OS
       pid, start time and boot id no longer match a live process). A VM killed with
       SIGKILL leaves its POSIX segments; the next start frees them.
+    * incomplete segments (`Snakepit.SharedMemory.Incomplete`): a VM killed while
+      creating a segment leaves it without a header; it is removed once no process has
+      it open (part of `sweep_orphans/1`).
     * re-adoption (`adopt_own_segments/0`): when the registry tables were lost (the table
       owner died), POSIX segments created by this very VM are registered again, as
       `:manual` regions without owner (see `docs/SECURITY.md`). memfd regions cannot be
@@ -31,7 +34,8 @@ defmodule Snakepit.SharedMemory.Cleanup do
   require Logger
   require Snakepit.SharedMemory.Registry
 
-  alias Snakepit.SharedMemory.{Access, Allocator, Config, JSON, Journal, Native, Platform}
+  alias Snakepit.SharedMemory.{Access, Allocator, Config, Incomplete, JSON, Journal, Native}
+  alias Snakepit.SharedMemory.Platform
   alias Snakepit.SharedMemory.{Quota, Registry, Security, Stats}
 
   import Snakepit.SharedMemory.Registry, only: [region: 1, region: 2]
@@ -148,9 +152,13 @@ defmodule Snakepit.SharedMemory.Cleanup do
   """
   @spec due(integer()) :: [{String.t(), atom()}]
   def due(now_ms \\ System.system_time(:millisecond)) do
+    # The registry first, the directory second: every region of the snapshot had its
+    # segment before the listing, so a name missing from it really vanished. (The other
+    # order would take a region registered in between for a vanished one.)
+    records = Registry.all()
     present = segment_names()
 
-    for record <- Registry.all(),
+    for record <- records,
         reason = due_reason(record, now_ms, present),
         reason != nil,
         do: {region(record, :id), reason}
@@ -222,13 +230,27 @@ defmodule Snakepit.SharedMemory.Cleanup do
   @spec sweep_orphans(keyword()) :: [freed()]
   def sweep_orphans(opts \\ []) do
     dry_run = Keyword.get(opts, :dry_run, false)
+    {valid, corrupt} = scan_unregistered()
 
-    freed =
-      for {id, header} <- unregistered_segments(),
+    orphans =
+      for {id, header} <- valid,
           not header.creator_alive,
           dry_run or unlink(id) do
         %{region_id: id, reason: :orphan, size: header.size}
       end
+
+    # Header-less segments name no creator: see Snakepit.SharedMemory.Incomplete.
+    incomplete =
+      case Platform.current().shm_dir() do
+        nil ->
+          []
+
+        dir ->
+          for id <- Incomplete.sweep(dir, corrupt, dry_run),
+              do: %{region_id: id, reason: :incomplete, size: 0}
+      end
+
+    freed = orphans ++ incomplete
 
     if freed != [] and not dry_run do
       Stats.event(:orphans, %{count: length(freed)}, %{
@@ -333,17 +355,24 @@ defmodule Snakepit.SharedMemory.Cleanup do
 
   # Segments in the shm directory that the registry does not know, with their headers.
   # Unreadable ones (being created right now, foreign, corrupt) are skipped, never freed.
-  defp unregistered_segments do
+  defp unregistered_segments, do: elem(scan_unregistered(), 0)
+
+  # Segments in the shm directory that the registry does not know: {readable ones with
+  # their headers, names whose header is not valid}. Neither kind is freed here.
+  defp scan_unregistered do
     with dir when is_binary(dir) <- Platform.current().shm_dir(),
          {:ok, names} <- File.ls(dir) do
-      for name <- names,
-          String.starts_with?(name, "spshm_"),
-          Registry.lookup(name) == nil,
-          {:ok, header} <- [Native.inspect_path(Path.join(dir, name))],
-          header.id == name,
-          do: {name, header}
+      results =
+        for name <- names,
+            String.starts_with?(name, "spshm_"),
+            Registry.lookup(name) == nil,
+            do: {name, Native.inspect_path(Path.join(dir, name))}
+
+      valid = for {name, {:ok, %{id: id} = header}} <- results, id == name, do: {name, header}
+      corrupt = for {name, {:error, {:corrupt, _, _}}} <- results, do: name
+      {valid, corrupt}
     else
-      _ -> []
+      _ -> {[], []}
     end
   end
 

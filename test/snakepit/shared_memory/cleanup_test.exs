@@ -186,6 +186,23 @@ defmodule Snakepit.SharedMemory.CleanupTest do
       assert stats.events.expired >= 1
     end
 
+    test "regions registered while a sweep runs are never taken for vanished" do
+      parent = self()
+
+      allocator =
+        spawn_link(fn ->
+          for _ <- 1..300,
+              do: {:ok, _} = SM.allocate_region(64, backend: :posix, cleanup_policy: :manual)
+
+          send(parent, :allocated)
+        end)
+
+      vanished = Stream.repeatedly(fn -> Cleanup.due() end) |> Enum.take(200) |> List.flatten()
+      assert_receive :allocated, 30_000
+      refute Process.alive?(allocator)
+      assert for({id, :vanished} <- vanished, do: id) == []
+    end
+
     test "a POSIX segment removed behind our back is freed as :vanished" do
       {:ok, id} = SM.allocate_region(@kib, backend: :posix, cleanup_policy: :manual)
       assert Cleanup.due() == []
