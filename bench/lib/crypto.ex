@@ -54,6 +54,9 @@ defmodule SnakepitShm.Bench.Crypto do
     # The same probe over an idle sleep as long as the encryption: what the machine
     # itself (other work, the OS) does to a 1 ms sleep in this round.
     {_, idle_probe} = probe_during(fn -> Process.sleep(max(1, div(encrypt, 1_000_000))) end)
+    # And over OTP's own heavy work on a dirty CPU scheduler (crypto:hash/2 of the same
+    # bytes): what any long dirty NIF does to the probe on this machine.
+    {_, otp_probe} = probe_during(fn -> :crypto.hash(:sha256, data) end)
 
     {decrypt, decrypt_probe} =
       probe_during(fn -> Process.put(:decrypted, SM.read(mapping, 0, size)) end)
@@ -76,7 +79,10 @@ defmodule SnakepitShm.Bench.Crypto do
         decrypt: max_overshoot(decrypt_probe),
         zero: max_overshoot(zero_probe)
       },
-      idle: %{same_length_sleep: max_overshoot(idle_probe)}
+      idle: %{
+        same_length_sleep: max_overshoot(idle_probe),
+        otp_dirty_hash: max_overshoot(otp_probe)
+      }
     }
   end
 
