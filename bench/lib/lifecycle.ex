@@ -13,6 +13,11 @@ defmodule SnakepitShm.Bench.Lifecycle do
   alias SnakepitShm.Bench.Programs
 
   @size 4096
+  @plain_cycle "raw NIF cycle, plain NIFs (create_plain ... deallocate_plain)"
+  @dirty_cycle "raw NIF cycle, dirty-IO create and deallocate"
+
+  def plain_cycle_name, do: @plain_cycle
+  def dirty_cycle_name, do: @dirty_cycle
   @steps ~w(allocate_region map_region write unmap_region deallocate_region)
 
   def steps, do: @steps
@@ -84,7 +89,9 @@ defmodule SnakepitShm.Bench.Lifecycle do
 
   @doc """
   Where the cycle's time goes below the facade, `count` samples each (ns): the same
-  cycle on the raw NIFs (no ETS, quota, stats or monitors), one call of a dirty-IO NIF
+  cycle on the raw NIFs (no ETS, quota, stats or monitors), with the plain (normal
+  scheduler) create/deallocate when the NIF has them and with the dirty-IO ones, one
+  call of a dirty-IO NIF
   that returns at once (deallocate of a deallocated region: the cost of moving the
   call to a dirty scheduler and back), and one call of a plain NIF (`hold_counts/1`).
   """
@@ -101,13 +108,26 @@ defmodule SnakepitShm.Bench.Lifecycle do
       :ok = Native.deallocate(region, false)
     end
 
+    plain_cycle = fn ->
+      {:ok, region, _} = apply(Native, :create_plain, [@size, native_opts()])
+      {:ok, mapping} = Native.map(region, :read_write)
+      :ok = Native.write(mapping, 0, payload)
+      :ok = Native.unmap(mapping)
+      :ok = apply(Native, :deallocate_plain, [region, false])
+    end
+
+    plain =
+      if function_exported?(Native, :create_plain, 2),
+        do: %{@plain_cycle => sample(plain_cycle, count)},
+        else: %{}
+
     try do
-      %{
-        "raw NIF cycle (create, map, write, unmap, deallocate)" => sample(native_cycle, count),
+      Map.merge(plain, %{
+        @dirty_cycle => sample(native_cycle, count),
         "dirty-IO NIF call that returns at once" =>
           sample(fn -> {:error, _} = Native.deallocate(dead, false) end, count),
         "plain NIF call (hold_counts/1)" => sample(fn -> Native.hold_counts(live) end, count)
-      }
+      })
     after
       Native.deallocate(live, false)
     end

@@ -113,8 +113,8 @@ defmodule SnakepitShm.Bench.ReportSections do
     Below the facade (same run):
 
     #{table(["measure", "p50", "p90", "p99", "max"], for({name, samples} <- Enum.sort(Map.get(l, :breakdown, %{})), do: [name | pct.(samples)]))}
-    `create` and `deallocate` are dirty-IO NIFs: each call pays the dirty-scheduler
-    round trip shown above, twice per cycle.
+    The facade uses the plain create/deallocate NIFs for regions of at most 64 KiB (when
+    the NIF has them); a dirty-IO NIF pays the dirty-scheduler round trip shown above.
     ![lifecycle latency](lifecycle.png)
     """
   end
@@ -253,6 +253,9 @@ defmodule SnakepitShm.Bench.ReportSections do
     ## 6. Scale
 
     #{table(["measure", "value"], rows)}
+    What the proposals of the findings would cost on the same regions (floors, same run):
+
+    #{table(["measure", "time"], for({name, ns} <- Enum.sort(Map.get(s, :floors, %{})), do: [name, time_summary(ns)]))}
     memfd regions hold two descriptors each: #{s.regions} of them need RLIMIT_NOFILE above
     #{2 * s.regions} plus the VM's own; the POSIX backend is used here.
     """

@@ -37,6 +37,7 @@ defmodule SnakepitShm.Bench.Scale do
         beam_bytes_per_region: (after_alloc[:total] - before[:total]) / count,
         ets_bytes_per_region: (after_alloc[:ets] - before[:ets]) / count,
         list_ns: Enum.map(lists, & &1.ns),
+        floors: floors(ids, profile.scale_reps),
         listed: Enum.map(lists, & &1.listed),
         vanished: vanished_count() - vanished_before,
         sweep_ns: Enum.map(empty_sweep, & &1.ns),
@@ -63,6 +64,31 @@ defmodule SnakepitShm.Bench.Scale do
   defp time_list do
     {ns, {:ok, regions}} = timed(fn -> SM.list_regions() end)
     %{ns: ns, listed: length(regions)}
+  end
+
+  # What the proposals in FINDINGS.md would cost, measured on the same 10 000 regions:
+  # reading the registry table alone (a registry-only list_regions), one stat per
+  # segment through the file server (what the periodic vanished check does today), and
+  # one directory listing with a set lookup per region (the proposed replacement).
+  defp floors(ids, reps) do
+    dir = "/dev/shm"
+    table = Snakepit.SharedMemory.Registry.regions_table()
+
+    one_stat_each = fn -> Enum.count(ids, &File.exists?(Path.join(dir, &1))) end
+
+    one_listing = fn ->
+      present = dir |> File.ls!() |> MapSet.new()
+      Enum.count(ids, &MapSet.member?(present, &1))
+    end
+
+    %{
+      "read the registry table (:ets.tab2list)" =>
+        for(_ <- 1..reps, do: elem(timed(fn -> :ets.tab2list(table) end), 0)),
+      "File.exists? per segment (vanished check today)" =>
+        for(_ <- 1..reps, do: elem(timed(one_stat_each), 0)),
+      "one File.ls + MapSet lookups (proposed vanished check)" =>
+        for(_ <- 1..reps, do: elem(timed(one_listing), 0))
+    }
   end
 
   defp vanished_count do
