@@ -19,6 +19,7 @@ defmodule Snakepit.SharedMemory.Reliability.ChaosTest do
   require Registry
 
   @moduletag :reliability
+  @moduletag :capture_log
   @moduletag timeout: 1_800_000
 
   @duration_ms ReliabilityHelpers.scale(

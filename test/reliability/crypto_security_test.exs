@@ -17,6 +17,7 @@ defmodule Snakepit.SharedMemory.Reliability.CryptoSecurityTest do
 
   setup_all do
     {:ok, _} = Application.ensure_all_started(:snakepit_shm)
+    ReliabilityHelpers.check_segments_on_exit()
     :ok
   end
 

@@ -5,12 +5,15 @@ defmodule Snakepit.SharedMemory.Reliability.FoundBugsTest do
 
   alias Snakepit.SharedMemory
   alias Snakepit.SharedMemory.{Error, Journal, Manager, Mapping, Native, ReliabilityForge}
+  alias Snakepit.SharedMemory.ReliabilityHelpers
   alias Snakepit.SharedMemory.{Registry, ShmHelpers}
 
   @moduletag :reliability
+  @moduletag :capture_log
 
   setup_all do
     {:ok, _} = Application.ensure_all_started(:snakepit_shm)
+    ReliabilityHelpers.check_segments_on_exit()
     :ok
   end
 

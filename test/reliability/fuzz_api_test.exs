@@ -11,6 +11,7 @@ defmodule Snakepit.SharedMemory.Reliability.FuzzApiTest do
   alias Snakepit.SharedMemory.ShmHelpers
 
   @moduletag :reliability
+  @moduletag :capture_log
   @moduletag timeout: 3_600_000
 
   @calls ReliabilityHelpers.scale(

@@ -8,6 +8,7 @@ defmodule Snakepit.SharedMemory.Reliability.LoadTest do
   alias Snakepit.SharedMemory.{Manager, Registry, ReliabilityHelpers, ShmHelpers}
 
   @moduletag :reliability
+  @moduletag :capture_log
   @moduletag timeout: 1_800_000
 
   @processes 100

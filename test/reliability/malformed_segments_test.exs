@@ -37,6 +37,7 @@ defmodule Snakepit.SharedMemory.Reliability.MalformedSegmentsTest do
 
   setup_all do
     {:ok, _} = Application.ensure_all_started(:snakepit_shm)
+    ReliabilityHelpers.check_segments_on_exit()
     %{template: ReliabilityForge.template(), dead_pid: ReliabilityForge.dead_os_pid()}
   end
 

@@ -9,6 +9,7 @@ defmodule Snakepit.SharedMemory.Reliability.ModelPropertyTest do
   alias Snakepit.SharedMemory.{ReliabilityHelpers, ReliabilityModel}
 
   @moduletag :reliability
+  @moduletag :capture_log
   @moduletag timeout: 1_800_000
 
   @numtests ReliabilityHelpers.scale(

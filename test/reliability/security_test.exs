@@ -15,6 +15,7 @@ defmodule Snakepit.SharedMemory.Reliability.SecurityTest do
 
   setup_all do
     {:ok, _} = Application.ensure_all_started(:snakepit_shm)
+    ReliabilityHelpers.check_segments_on_exit()
     :ok
   end
 

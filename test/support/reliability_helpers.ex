@@ -45,6 +45,7 @@ defmodule Snakepit.SharedMemory.ReliabilityHelpers do
       |> Map.merge(%{
         suite: suite,
         soak: soak?(),
+        asan: System.get_env("SNAKEPIT_SHM_ASAN_PROBE") == "1",
         at: DateTime.utc_now() |> DateTime.truncate(:second) |> DateTime.to_iso8601()
       })
       |> Snakepit.SharedMemory.JSON.encode()
@@ -125,6 +126,23 @@ defmodule Snakepit.SharedMemory.ReliabilityHelpers do
       # Unreadable (corrupt, mid-creation): count it as ours only if we cannot tell.
       {:error, _} -> false
     end
+  end
+
+  @doc """
+  For a suite's `setup_all`: at the end of the module, fails if a segment this VM
+  created is left in /dev/shm (each suite ends by asserting none of ours remains).
+  """
+  def check_segments_on_exit do
+    before = ShmHelpers.our_segments()
+
+    ExUnit.Callbacks.on_exit(fn ->
+      unless ShmHelpers.wait_until(fn -> own_segments(before) == [] end, 5_000) do
+        raise ExUnit.AssertionError,
+          message: "segments of ours left in /dev/shm: #{inspect(own_segments(before))}"
+      end
+    end)
+
+    :ok
   end
 
   @doc "Removes leaked segments of this VM; returns their names."
