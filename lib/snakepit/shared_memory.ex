@@ -54,9 +54,10 @@ defmodule Snakepit.SharedMemory do
       :read_only | :none, other: ...}`: the mode of the segment for other OS users.
       Group or other access needs the `:posix` backend. Defaults to owner-only
       read-write.
-    * `:timeout` - milliseconds without access (map, read, write, by anyone) after which
-      the region expires and is freed, or `:infinity`. Defaults to the `:default_timeout`
-      setting (`:infinity`).
+    * `:timeout` - milliseconds without access (map, read, write; a worker's attach)
+      after which the region expires and is freed, or `:infinity`. A region that some
+      process holds (a mapping, an attached worker) is in use and does not expire.
+      Defaults to the `:default_timeout` setting (`:infinity`).
     * `:security_level` - `:standard`, `:high` (encrypted at rest, verified on read,
       zeroed on free) or `:maximum` (`:high` plus locked in RAM, kept out of core dumps,
       exported only when sealed, every access audited). Defaults to the `:security_level`

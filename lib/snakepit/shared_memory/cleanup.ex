@@ -176,13 +176,17 @@ defmodule Snakepit.SharedMemory.Cleanup do
     end
   end
 
-  @doc "True if the region's idle timeout passed (last access from its header)."
+  @doc """
+  True if the region's idle timeout passed (last access from its header) and nothing
+  holds it: a region mapped by a process or attached by a worker is in use, however long
+  ago it was last touched (a worker reading through a numpy view touches nothing).
+  """
   @spec expired?(Registry.region_record(), integer()) :: boolean()
   def expired?(region(timeout: :infinity), _now_ms), do: false
 
   def expired?(region(timeout: timeout, ref: ref, created_at: created_at), now_ms) do
     last_ms = div(Native.last_access(ref), 1_000_000)
-    now_ms - max(last_ms, created_at) > timeout
+    now_ms - max(last_ms, created_at) > timeout and elem(Native.hold_counts(ref), 1) == 0
   end
 
   defp unreferenced?(ref) do

@@ -170,14 +170,25 @@ defmodule Snakepit.SharedMemory.CleanupTest do
   end
 
   describe "due/1 (expiry and vanished segments)" do
+    test "a held region does not expire" do
+      {:ok, id} = SM.allocate_region(@kib, timeout: 50, cleanup_policy: :manual)
+      {:ok, m} = SM.map_region(id)
+      Process.sleep(300)
+      refute gone?(id)
+      :ok = SM.unmap_region(m)
+      wait_gone(id)
+    end
+
     test "idle regions expire under every policy; access keeps them alive" do
       {:ok, idle} = SM.allocate_region(@kib, timeout: 150, cleanup_policy: :manual)
       {:ok, busy} = SM.allocate_region(@kib, timeout: 150, cleanup_policy: :manual)
-      {:ok, m} = SM.map_region(busy)
 
+      # Accessed often, never held between accesses: alive by its accesses only.
       for _ <- 1..6 do
         Process.sleep(50)
+        {:ok, m} = SM.map_region(busy)
         {:ok, _} = SM.read(m, 0, 1)
+        :ok = SM.unmap_region(m)
       end
 
       assert gone?(idle)
