@@ -98,7 +98,7 @@ defmodule Snakepit.SharedMemory.Reliability.LoadTest do
            "not back to the baseline after the run: #{inspect(baseline)} -> #{inspect(final)}, " <>
              "registry #{registry_before} -> #{Registry.count()}"
 
-    assert ShmHelpers.our_segments() -- segments_before == []
+    assert ReliabilityHelpers.own_segments(segments_before) == []
   end
 
   defp sample do

@@ -96,10 +96,10 @@ defmodule Snakepit.SharedMemory.ReliabilityHelpers do
     |> Enum.count(&String.contains?(&1, "spshm_"))
   end
 
-  @doc "Bytes used by files of ours in /dev/shm."
+  @doc "Bytes used in /dev/shm by the segments this VM created."
   @spec shm_bytes() :: non_neg_integer()
   def shm_bytes do
-    for name <- ShmHelpers.our_segments(),
+    for name <- own_segments(),
         {:ok, %File.Stat{size: size}} <- [File.stat(Path.join("/dev/shm", name))],
         reduce: 0,
         do: (acc -> acc + size)
