@@ -29,7 +29,7 @@ defmodule Snakepit.SharedMemory.Access do
 
       # A deallocation that took the record after our lookup may have swept the
       # mappings before our row existed: check again, and back out if it did.
-      if Registry.lookup(id) == nil do
+      if not Registry.member?(id) do
         if Registry.take_mapping(id, mapping_id), do: Native.unmap(mapping_ref)
         not_found(id)
       else
@@ -115,7 +115,7 @@ defmodule Snakepit.SharedMemory.Access do
   """
   @spec free_if_unreferenced(String.t()) :: boolean()
   def free_if_unreferenced(id) do
-    with region(cleanup_policy: :reference_counted, ref: ref) <- Registry.lookup(id),
+    with {:reference_counted, ref} <- Registry.policy_and_ref(id),
          {generation, 0} when generation > 0 <- Native.hold_counts(ref),
          {:ok, _} <- Allocator.free(id, :unreferenced) do
       Stats.event(:unreferenced, %{count: 1}, %{region_id: id})

@@ -134,6 +134,21 @@ defmodule Snakepit.SharedMemory.Registry do
     ArgumentError -> nil
   end
 
+  @doc "True if the region is registered (no copy of its record)."
+  @spec member?(String.t()) :: boolean()
+  def member?(id), do: :ets.member(@regions, id)
+
+  @doc "`{cleanup_policy, region_resource}` of a region without copying its record, or nil."
+  @spec policy_and_ref(String.t()) :: {atom(), reference()} | nil
+  def policy_and_ref(id) do
+    case :ets.select(@regions, [
+           {region(id: id, ref: :"$1", cleanup_policy: :"$2", _: :_), [], [{{:"$2", :"$1"}}]}
+         ]) do
+      [pair] -> pair
+      [] -> nil
+    end
+  end
+
   @doc """
   Removes and returns a record. Of several processes freeing the same region at once,
   exactly one gets the record: that one frees it.
