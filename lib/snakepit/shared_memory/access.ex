@@ -29,10 +29,7 @@ defmodule Snakepit.SharedMemory.Access do
 
       # A deallocation that took the record after our lookup may have swept the
       # mappings before our row existed: check again, and back out if it did.
-      if not Registry.member?(id) do
-        if Registry.take_mapping(id, mapping_id), do: Native.unmap(mapping_ref)
-        not_found(id)
-      else
+      if Registry.member?(id) do
         counters = region(record, :counters)
         :counters.add(counters, 1, 1)
         Security.audit(level, id, :map, %{mode: mode})
@@ -50,6 +47,9 @@ defmodule Snakepit.SharedMemory.Access do
            security_level: level,
            counters: counters
          }}
+      else
+        if Registry.take_mapping(id, mapping_id), do: Native.unmap(mapping_ref)
+        not_found(id)
       end
     end
   end

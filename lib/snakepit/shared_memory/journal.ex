@@ -101,10 +101,6 @@ defmodule Snakepit.SharedMemory.Journal do
         do: row
   end
 
-  @doc "True if `pid` died (or is) inside `run/2`."
-  @spec in_flight?(pid()) :: boolean()
-  def in_flight?(pid), do: :ets.member(Registry.journal_table(), pid)
-
   @doc """
   Manager side: raises the barrier, waits until no live process other than the caller
   is in flight (at most `timeout_ms`), runs `fun` and lowers the barrier. Returns `{:ok, fun_result}` or `{:error, :timeout}`.
