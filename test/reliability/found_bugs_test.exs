@@ -70,14 +70,11 @@ defmodule Snakepit.SharedMemory.Reliability.FoundBugsTest do
   end
 
   describe "the start-up orphan sweep" do
-    # KNOWN BUG, found by the chaos suite (a VM SIGKILLed while churning POSIX regions,
-    # about one run in six): a VM killed between shm_open and publishing the header
-    # leaves a header-less segment (zero magic). The next VM's start-up sweep skips it
-    # (unreadable), and nothing running removes it later: only `mix
-    # snakepit.shm.cleanup`, once it is 10 s old. A fix needs a proof that its creator is
-    # gone without a header (no process holds an fd or a mapping of it) or a later
-    # re-sweep by the manager: larger than a reliability fix, reported instead.
-    @tag :known_bug
+    # Found by the chaos suite (a VM SIGKILLed while churning POSIX regions, about one
+    # run in six): a VM killed between shm_open and publishing the header left a
+    # header-less segment (zero magic) that the next VM's start-up sweep skipped
+    # (unreadable); only `mix snakepit.shm.cleanup`, 10 s later, removed it. Fixed in
+    # 2258e17: sweeps remove header-less segments that no process has open.
     test "removes a header-less segment left by a VM killed while creating it" do
       id = ReliabilityForge.random_id()
       path = Path.join("/dev/shm", id)
