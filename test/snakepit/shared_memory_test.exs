@@ -375,6 +375,15 @@ defmodule Snakepit.SharedMemoryTest do
       end)
     end
 
+    test "a forged mapping is an error, not a crash" do
+      {:ok, id} = SM.allocate_region(@kib)
+      {:ok, m} = SM.map_region(id)
+      forged = %{m | ref: make_ref()}
+      assert error_reason(SM.write(forged, 0, "x")) == :invalid_argument
+      assert error_reason(SM.read(forged, 0, 1)) == :invalid_argument
+      assert error_reason(SM.read(%{m | counters: nil}, 0, 1)) == :invalid_argument
+    end
+
     test "a read-only mapping cannot write" do
       {:ok, id} = SM.allocate_region(@kib)
       {:ok, m} = SM.map_region(id, access_mode: :read_only)

@@ -128,22 +128,34 @@ defmodule Snakepit.SharedMemory.Access do
   @doc "Writes `iodata` at `offset`."
   @spec write(Mapping.t(), non_neg_integer(), iodata()) :: :ok | {:error, Error.t()}
   def write(%Mapping{} = mapping, offset, iodata) do
-    with {:ok, data} <- to_binary(iodata) do
-      result =
-        if byte_size(data) > @dirty_threshold,
-          do: Native.write_dirty(mapping.ref, offset, data),
-          else: Native.write(mapping.ref, offset, data)
+    with {:ok, data} <- to_binary(iodata), do: write_binary(mapping, offset, data)
+  rescue
+    # Only a forged or corrupted Mapping struct gets here (a NIF refusing a non-mapping).
+    ArgumentError -> forged(mapping)
+  end
 
-      with :ok <- native(result, mapping.region_id) do
-        :counters.add(mapping.counters, 1, 1)
-        Stats.count(:bytes_written, byte_size(data))
+  defp write_binary(mapping, offset, data) do
+    result =
+      if byte_size(data) > @dirty_threshold,
+        do: Native.write_dirty(mapping.ref, offset, data),
+        else: Native.write(mapping.ref, offset, data)
 
-        Security.audit(mapping.security_level, mapping.region_id, :write, %{
-          offset: offset,
-          bytes: byte_size(data)
-        })
-      end
+    with :ok <- native(result, mapping.region_id) do
+      :counters.add(mapping.counters, 1, 1)
+      Stats.count(:bytes_written, byte_size(data))
+
+      Security.audit(mapping.security_level, mapping.region_id, :write, %{
+        offset: offset,
+        bytes: byte_size(data)
+      })
     end
+  end
+
+  defp forged(mapping) do
+    Error.error(
+      :invalid_argument,
+      "not a mapping made by map_region/2: #{inspect(mapping, limit: 5)}"
+    )
   end
 
   defp to_binary(data) when is_binary(data), do: {:ok, data}
@@ -165,6 +177,12 @@ defmodule Snakepit.SharedMemory.Access do
   @spec read(Mapping.t(), non_neg_integer(), non_neg_integer()) ::
           {:ok, binary()} | {:error, Error.t()}
   def read(%Mapping{} = mapping, offset, length) do
+    read_checked(mapping, offset, length)
+  rescue
+    ArgumentError -> forged(mapping)
+  end
+
+  defp read_checked(mapping, offset, length) do
     result =
       cond do
         not mapping.encrypted and sealed?(mapping.counters) ->
