@@ -155,7 +155,18 @@ defmodule Snakepit.SharedMemory.Cleanup do
     # The registry first, the directory second: every region of the snapshot had its
     # segment before the listing, so a name missing from it really vanished. (The other
     # order would take a region registered in between for a vanished one.)
-    records = Registry.all()
+    records =
+      Registry.all_with([
+        :id,
+        :ref,
+        :owner,
+        :cleanup_policy,
+        :timeout,
+        :created_at,
+        :backend,
+        :role
+      ])
+
     present = segment_names()
 
     for record <- records,

@@ -113,7 +113,7 @@ defmodule Snakepit.SharedMemory.Info do
   def utc_from_us(us, precision) when is_integer(us) and us >= 0 do
     seconds = div(us, 1_000_000)
     day_seconds = rem(seconds, 86_400)
-    {year, month, day} = civil_from_days(div(seconds, 86_400))
+    {year, month, day} = date_of(div(seconds, 86_400))
 
     %DateTime{
       year: year,
@@ -129,6 +129,19 @@ defmodule Snakepit.SharedMemory.Info do
       zone_abbr: "UTC",
       calendar: Calendar.ISO
     }
+  end
+
+  # Regions listed together were mostly created on the same day: remember the last one.
+  defp date_of(days) do
+    case Process.get(:snakepit_shm_last_day) do
+      {^days, date} ->
+        date
+
+      _ ->
+        date = civil_from_days(days)
+        Process.put(:snakepit_shm_last_day, {days, date})
+        date
+    end
   end
 
   # Days since 1970-01-01 (>= 0) to a proleptic Gregorian date (H. Hinnant's algorithm).

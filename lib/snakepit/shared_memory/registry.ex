@@ -171,6 +171,26 @@ defmodule Snakepit.SharedMemory.Registry do
     ArgumentError -> []
   end
 
+  @doc """
+  Every record with only `fields` filled (the others nil): a sweep over thousands of
+  regions copies a few words of each instead of its maps and lists.
+  """
+  @spec all_with([atom()]) :: [region_record()]
+  def all_with(fields) do
+    names = Keyword.keys(region(region()))
+    vars = for i <- 1..length(names), do: :"$#{i}"
+    pattern = List.to_tuple([:region | vars])
+
+    body =
+      List.to_tuple([
+        :region | for({name, var} <- Enum.zip(names, vars), do: if(name in fields, do: var))
+      ])
+
+    :ets.select(@regions, [{pattern, [], [{body}]}])
+  rescue
+    ArgumentError -> []
+  end
+
   @doc "The ids of every live region."
   @spec ids() :: [String.t()]
   def ids, do: :ets.select(@regions, [{region(id: :"$1", _: :_), [], [:"$1"]}])
