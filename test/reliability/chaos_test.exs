@@ -8,8 +8,9 @@ defmodule Snakepit.SharedMemory.Reliability.ChaosTest do
   #    reference counts equal the live holders, and /dev/shm holds nothing of ours that
   #    the registry does not.
   # 2. A second VM (an OS process) with POSIX regions, one attached by a Python worker,
-  #    churning, is killed with SIGKILL; the next VM's start-up sweep removes everything
-  #    it left, while the Python worker keeps reading its mapping.
+  #    running the same chaos on POSIX regions (owners and its manager killed), is killed
+  #    with SIGKILL; the next VM's start-up sweep removes everything it left, while the
+  #    Python worker keeps reading its mapping.
   use ExUnit.Case, async: false
 
   alias Snakepit.SharedMemory
@@ -350,12 +351,23 @@ defmodule Snakepit.SharedMemory.Reliability.ChaosTest do
   IO.puts("PID " <> System.pid())
   IO.puts("REF " <> json)
   IO.puts("READY " <> Enum.join(ids, ","))
-  Stream.repeatedly(fn ->
-    {:ok, id} = SharedMemory.allocate_region(Enum.random(sizes), backend: :posix)
-    {:ok, m} = SharedMemory.map_region(id)
-    :ok = SharedMemory.write(m, 0, "churn")
-    if :rand.uniform(2) == 1, do: SharedMemory.deallocate_region(id)
-  end) |> Stream.run()
+  # Then the same chaos as in the test VM, on POSIX regions: owners killed, the manager
+  # killed, while the test waits to SIGKILL this whole VM.
+  alias Snakepit.SharedMemory.ReliabilityChaos
+  tables = ReliabilityChaos.new_tables()
+  start = fn i -> ReliabilityChaos.start_worker(tables, i, [:posix]) end
+  workers = for i <- 1..6, do: start.(i)
+  Enum.reduce(Stream.iterate(7, &(&1 + 1)), workers, fn i, workers ->
+    Process.sleep(10)
+    if rem(i, 100) == 0, do: Process.whereis(Snakepit.SharedMemory.Manager) |> then(&(&1 && Process.exit(&1, :kill)))
+    if rem(i, 5) == 0 do
+      {victim, rest} = List.pop_at(workers, rem(i, length(workers)))
+      Process.exit(victim, :kill)
+      [start.(i) | rest]
+    else
+      workers
+    end
+  end)
   """
 
   @holder """
@@ -400,7 +412,7 @@ defmodule Snakepit.SharedMemory.Reliability.ChaosTest do
     assert_receive {^holder, {:data, {:eol, "ATTACHED"}}}, 10_000
 
     try do
-      Process.sleep(300)
+      Process.sleep(1_500)
       ReliabilityHelpers.kill9(vm1_pid)
       assert_receive {^vm1, {:exit_status, _}}, 10_000
       left = ShmHelpers.our_segments() -- before

@@ -38,10 +38,14 @@ defmodule Snakepit.SharedMemory.ReliabilityChaos do
 
   # ---- BEAM workers ----
 
-  @doc "Starts a BEAM worker (not linked); it runs until killed or frozen."
-  def start_worker(tables, seed) do
+  @doc """
+  Starts a BEAM worker (not linked) allocating regions of `backends`; it runs until
+  killed or frozen.
+  """
+  def start_worker(tables, seed, backends \\ [:memfd, :posix]) do
     spawn(fn ->
       :rand.seed(:exsss, {seed, seed + 1, seed + 2})
+      Process.put(:chaos_backends, backends)
       worker_loop(tables, [])
     end)
   end
@@ -75,7 +79,7 @@ defmodule Snakepit.SharedMemory.ReliabilityChaos do
 
     size = Enum.random([4096, 12_288, 65_536, 200_000])
     policy = Enum.random([:automatic, :automatic, :reference_counted])
-    backend = Enum.random([:memfd, :posix])
+    backend = Enum.random(Process.get(:chaos_backends))
 
     case SharedMemory.allocate_region(size, cleanup_policy: policy, backend: backend) do
       {:ok, id} ->
