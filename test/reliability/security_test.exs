@@ -119,15 +119,19 @@ defmodule Snakepit.SharedMemory.Reliability.SecurityTest do
       ]
 
       try do
-        for {plant, make} <- plants, mode <- [:create_or_open, :open_only] do
+        for {plant, make} <- plants,
+            mode <- [:create_or_open, :open_only, :remove_and_create] do
           make.()
 
           result = SharedMemory.allocate_region(8192, name: name, open_mode: mode)
           assert {:error, %Error{reason: reason}} = result, "#{plant} #{mode}"
 
           assert reason in [:corrupt, :not_ours, :not_found, :permission_denied],
-                 "#{plant}: #{reason}"
+                 "#{plant} #{mode}: #{reason}"
 
+          # Not removed (:remove_and_create removes only a valid segment of ours), not
+          # followed, not written.
+          assert {:ok, _} = File.lstat(path), "#{plant} #{mode}: the plant was removed"
           assert File.read!(target) == :binary.copy(<<0>>, 16_384)
           File.rm!(path)
         end
@@ -137,11 +141,17 @@ defmodule Snakepit.SharedMemory.Reliability.SecurityTest do
       end
     end
 
-    test "random ids are created with O_EXCL | O_NOFOLLOW (by design of the core)" do
+    test "random ids are created with O_EXCL | O_NOFOLLOW and retried on EEXIST (by design)" do
       # A collision of 100 random bits cannot be provoked; what makes it harmless is that
-      # creation never opens an existing object: shown on the named path (same call).
-      source = File.read!(Path.join(ReliabilityHelpers.root(), "c_src/core/platform_posix.cpp"))
-      assert source =~ ~r/shm_open\([^;]*O_CREAT \| O_EXCL[^;]*O_NOFOLLOW/s
+      # creation never opens an existing object (shown above on the named path, the same
+      # call) and picks a fresh id when the name exists.
+      root = ReliabilityHelpers.root()
+      platform = File.read!(Path.join(root, "c_src/core/platform_posix.cpp"))
+      assert platform =~ ~r/shm_open\([^;]*O_CREAT \| O_EXCL[^;]*O_NOFOLLOW/s
+      region = File.read!(Path.join(root, "c_src/core/region.cpp"))
+
+      assert region =~
+               ~r/already_exists\) return[^}]*if \(!named\) \{\s*id = random_region_id\(\);/s
     end
   end
 
