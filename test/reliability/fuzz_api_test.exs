@@ -26,6 +26,11 @@ defmodule Snakepit.SharedMemory.Reliability.FuzzApiTest do
     :ok
   end
 
+  test "the fuzzer covers every public function" do
+    public = for {f, _arity} <- SharedMemory.__info__(:functions), uniq: true, do: f
+    assert Enum.sort(public) -- ReliabilityApiFuzz.functions() == []
+  end
+
   test "every public function returns :ok, {:ok, _} or an Error, or raises ArgumentError" do
     seed = ReliabilityHelpers.seed()
     Manager.sync()

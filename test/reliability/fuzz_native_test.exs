@@ -22,6 +22,13 @@ defmodule Snakepit.SharedMemory.Reliability.FuzzNativeTest do
     :ok
   end
 
+  test "the fuzzer covers every NIF" do
+    nifs = for {f, _arity} <- Native.__info__(:functions), f != :load_nif, uniq: true, do: f
+
+    assert Enum.sort(nifs) -- ReliabilityNativeFuzz.functions() == [],
+           "NIFs the fuzzer does not call: add them to ReliabilityNativeFuzz"
+  end
+
   test "every NIF returns a well-shaped result or raises ArgumentError; the VM survives" do
     seed = ReliabilityHelpers.seed()
     :erlang.garbage_collect()

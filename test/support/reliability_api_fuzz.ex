@@ -28,6 +28,9 @@ defmodule Snakepit.SharedMemory.ReliabilityApiFuzz do
     export_ref: 5
   ]
   @total_weight @functions |> Keyword.values() |> Enum.sum()
+
+  @doc "The public functions this driver fuzzes (the test checks that it is every one)."
+  def functions, do: Keyword.keys(@functions)
   @pool_ids 12
   @pool_mappings 16
   @max_failures 10

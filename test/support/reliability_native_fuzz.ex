@@ -44,6 +44,7 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
   @functions [
     header_layout: 1,
     create: 8,
+    create_plain: 6,
     open: 6,
     info: 3,
     header: 4,
@@ -57,6 +58,8 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
     read_zero_copy: 5,
     seal: 3,
     deallocate: 2,
+    deallocate_plain: 2,
+    last_access: 2,
     set_idle_timeout: 2,
     export_key: 2,
     release_holder: 3,
@@ -70,6 +73,9 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
     self_info: 1
   ]
   @total_weight @functions |> Keyword.values() |> Enum.sum()
+
+  @doc "The NIFs this driver fuzzes (the test checks that it is every one of them)."
+  def functions, do: Keyword.keys(@functions)
 
   @pool_regions 12
   @pool_mappings 16
@@ -208,7 +214,7 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
 
   # ---- argument generators, per function ----
 
-  defp args(:create, _state, pool),
+  defp args(f, _state, pool) when f in [:create, :create_plain],
     do: [G.pick(0.85, pool, &G.size/0), G.pick(0.9, pool, fn -> create_opts(pool) end)]
 
   defp args(:open, state, pool) do
@@ -223,8 +229,9 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
     [target, G.pick(0.9, pool, fn -> G.one_of([true, false]) end)]
   end
 
-  defp args(fun, _state, pool) when fun in [:info, :header, :hold_counts, :seal, :export_key],
-    do: [G.pick(0.85, pool, fn -> G.handle(pool, :region) end)]
+  defp args(fun, _state, pool)
+       when fun in [:info, :header, :hold_counts, :seal, :export_key, :last_access],
+       do: [G.pick(0.85, pool, fn -> G.handle(pool, :region) end)]
 
   defp args(:map, _state, pool),
     do: [
@@ -244,7 +251,7 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
     [mapping, G.offset(size), G.length_for(size)]
   end
 
-  defp args(:deallocate, _state, pool),
+  defp args(f, _state, pool) when f in [:deallocate, :deallocate_plain],
     do: [
       G.pick(0.85, pool, fn -> G.handle(pool, :region) end),
       G.pick(0.85, pool, fn -> G.one_of([true, false]) end)
@@ -379,7 +386,11 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
   end
 
   defp well_shaped?(:header_layout, _, v), do: is_binary(v)
-  defp well_shaped?(f, _, {:ok, r, %{id: id}}) when f in [:create, :open], do: ref_id?(r, id)
+
+  defp well_shaped?(f, _, {:ok, r, %{id: id}}) when f in [:create, :create_plain, :open],
+    do: ref_id?(r, id)
+
+  defp well_shaped?(:last_access, _, ns), do: non_neg?(ns)
   defp well_shaped?(:info, _, v), do: is_map(v) and is_binary(v[:id])
   defp well_shaped?(:header, _, {:ok, h}), do: is_map(h) and is_list(h[:holders])
   defp well_shaped?(:inspect_path, _, {:ok, h}), do: is_map(h) and is_binary(h[:id])
@@ -403,6 +414,7 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
               :write_dirty,
               :seal,
               :deallocate,
+              :deallocate_plain,
               :set_idle_timeout,
               :monitor_owner,
               :cancel_watch,
@@ -417,7 +429,8 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
 
   # ---- keeping what calls created ----
 
-  defp keep(state, f, _args, {:returned, {:ok, region, info}}) when f in [:create, :open] do
+  defp keep(state, f, _args, {:returned, {:ok, region, info}})
+       when f in [:create, :create_plain, :open] do
     state = %{state | own: [{region, info} | state.own]}
     regions = [{region, info} | state.regions]
 
