@@ -36,7 +36,8 @@ defmodule Snakepit.SharedMemory.Reliability.FuzzApiTest do
     Manager.sync()
     registry_before = MapSet.new(Registry.ids())
     segments_before = ShmHelpers.our_segments()
-    rounds = max(div(@calls, @batch * @concurrency), 1)
+    # At least @calls calls: whole rounds of @concurrency batches.
+    rounds = max(div(@calls + @batch * @concurrency - 1, @batch * @concurrency), 1)
 
     figures =
       Enum.reduce(1..rounds, empty(), fn round, acc ->
