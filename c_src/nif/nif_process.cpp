@@ -1,4 +1,5 @@
 // NIFs about processes: owner monitors, pidfd watches of OS processes, identities.
+#include <poll.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -83,8 +84,12 @@ ERL_NIF_TERM nif_watch_os_process(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]
   ERL_NIF_TERM term = enif_make_resource(env, w);
   enif_release_resource(w);
 
+  // A pidfd is readable once its process has exited: a zombie (killed, not yet reaped)
+  // still has its /proc entry and start time, but it is gone for our purposes.
+  struct pollfd pfd = {w->fd.load(), POLLIN, 0};
+  bool exited = ::poll(&pfd, 1, 0) > 0;
   auto now = process_start_time(pid);
-  if (!now.ok() || now.value() != start_time) {
+  if (exited || !now.ok() || now.value() != start_time) {
     return make_error(env, Errc::not_found,
                       "process " + std::to_string(pid) + " with start time " +
                           std::to_string(start_time) + " is gone (pid reused or exited)");
