@@ -6,6 +6,9 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
 started=$(date +%s)
+baseline=$(mktemp)
+trap 'rm -f "$baseline"' EXIT
+scripts/shm-check.sh --snapshot "$baseline"
 
 step "format check (mix format, clang-format)"
 make -s format-check
@@ -36,6 +39,6 @@ step "dialyzer"
 scripts/dialyzer.sh
 
 step "no segment of ours left behind"
-scripts/shm-check.sh
+scripts/shm-check.sh "$baseline"
 
 echo "test-all: every suite passed in $(( $(date +%s) - started )) s"
