@@ -144,12 +144,27 @@ defmodule Snakepit.SharedMemory.Reliability.MalformedSegmentsTest do
     assert out =~ ~r/crc/i
   end
 
+  # Any VM that starts on this host sweeps a valid orphan (that is its job): when another
+  # one did so while the task booted, try again with a fresh orphan.
+  defp info_of_valid_orphan(template, dead_pid, seg, tries) do
+    {out, status} = ReliabilityHelpers.mix_task(["snakepit.shm.info", seg.id])
+
+    if status != 0 and tries > 1 and not ReliabilityForge.present?(seg) do
+      fresh = ReliabilityForge.forge(:valid, template, dead_pid)
+      on_exit(fn -> ReliabilityForge.remove(fresh) end)
+      info_of_valid_orphan(template, dead_pid, fresh, tries - 1)
+    else
+      if status != 0, do: IO.puts("mix snakepit.shm.info #{seg.id}: #{out}")
+      status
+    end
+  end
+
   test "mix snakepit.shm.info reports them and mix snakepit.shm.cleanup refuses them",
-       %{forged: forged} do
+       %{forged: forged, template: template, dead_pid: dead_pid} do
     for seg <- Map.values(forged), do: ReliabilityForge.age!(seg, 3_600)
 
-    # The valid orphan first: a task subprocess that starts the application sweeps it.
-    assert {_, 0} = ReliabilityHelpers.mix_task(["snakepit.shm.info", forged.valid.id])
+    # The valid orphan is reported as such (exit 0).
+    assert info_of_valid_orphan(template, dead_pid, forged.valid, 3) == 0
 
     infos =
       forged
