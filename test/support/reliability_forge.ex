@@ -13,7 +13,6 @@ defmodule Snakepit.SharedMemory.ReliabilityForge do
   alias Snakepit.SharedMemory.{Native, ShmHelpers}
 
   @shm "/dev/shm"
-  @header 4096
   @crc_prefix 132
 
   @kinds [
