@@ -23,8 +23,8 @@ defmodule SnakepitShm.Bench.Meta do
     }
   end
 
-  # 1, 5 and 15 minute load averages at the end of the run: how quiet the machine was.
-  defp load_average do
+  @doc "1, 5 and 15 minute load averages now: how quiet the machine is."
+  def load_average do
     case File.read("/proc/loadavg") do
       {:ok, text} -> text |> String.split() |> Enum.take(3) |> Enum.join(" ")
       _ -> "unknown"

@@ -61,7 +61,7 @@ defmodule SnakepitShm.Bench.Report do
 
     ## This run
 
-    #{table(["machine", "date (UTC)", "commit", "profile", "kernel", "OTP / Elixir", "Python", "schedulers (dirty CPU)", "duration", "load average at the end"], [[meta.machine, meta.date, meta.commit, meta.profile, meta.kernel, "#{meta.otp} / #{meta.elixir}", meta.python, "#{meta.schedulers} (#{meta.dirty_cpu_schedulers})", "#{round(meta.duration_s)} s", meta.load_average]])}
+    #{table(["machine", "date (UTC)", "commit", "profile", "kernel", "OTP / Elixir", "Python", "schedulers (dirty CPU)", "duration", "load average at start / end"], [[meta.machine, meta.date, meta.commit, meta.profile, meta.kernel, "#{meta.otp} / #{meta.elixir}", meta.python, "#{meta.schedulers} (#{meta.dirty_cpu_schedulers})", "#{round(meta.duration_s)} s", "#{Map.get(meta, :load_at_start, "?")} / #{meta.load_average}"]])}
     A load average above the core count means other work shared the machine during the
     run: absolute times are then inflated, ratios of paired rounds much less so.
 

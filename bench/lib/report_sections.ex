@@ -33,6 +33,7 @@ defmodule SnakepitShm.Bench.ReportSections do
           ratio(r.warm_vs_socket),
           ratio(r.warm_vs_reference),
           ratio(r.fresh_vs_port),
+          length(row.samples.warm),
           row.iterations
         ]
       end
@@ -47,7 +48,7 @@ defmodule SnakepitShm.Bench.ReportSections do
     #{table(header, rates)}
     Speed-ups from paired rounds (in each round every path ran once, order rotated):
 
-    #{table(["payload", "warm ÷ port", "warm ÷ port (1 MiB pipe)", "warm ÷ socket", "warm ÷ reference", "fresh ÷ port", "handoffs per sample"], ratio_rows)}
+    #{table(["payload", "warm ÷ port", "warm ÷ port (1 MiB pipe)", "warm ÷ socket", "warm ÷ reference", "fresh ÷ port", "rounds", "handoffs per sample"], ratio_rows)}
     ![handoff throughput](handoff.png)
 
     #{breakdown(Enum.find(rows, &(&1.breakdown != nil)))}

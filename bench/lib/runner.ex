@@ -32,6 +32,7 @@ defmodule SnakepitShm.Bench.Runner do
     parts = Keyword.get(opts, :only, @parts)
     out = Keyword.fetch!(opts, :out)
     started = System.monotonic_time(:millisecond)
+    load_at_start = Meta.load_average()
 
     log("building the C++ programs into _build/bench")
     programs = Programs.build_all()
@@ -47,7 +48,12 @@ defmodule SnakepitShm.Bench.Runner do
       end)
 
     check_no_leak(segments_before)
-    meta = Meta.collect(profile, System.monotonic_time(:millisecond) - started)
+
+    meta =
+      profile
+      |> Meta.collect(System.monotonic_time(:millisecond) - started)
+      |> Map.put(:load_at_start, load_at_start)
+
     results = Map.put(results, :meta, meta)
     File.mkdir_p!(out)
     plots = Plots.render(results, out)
