@@ -70,7 +70,8 @@ export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1"
 # The VM checks /proc/self/maps for libasan and the NIF of priv/asan/ before any test.
 export SNAKEPIT_SHM_ASAN_PROBE=1
 
-suites=(test/native_test.exs test/reliability/fuzz_native_test.exs test/reliability/fuzz_api_test.exs)
+suites=(test/native_test.exs test/reliability/fuzz_native_test.exs test/reliability/fuzz_api_test.exs
+  test/reliability/model_property_test.exs test/reliability/chaos_test.exs)
 present=()
 for s in "${suites[@]}"; do [ -f "$s" ] && present+=("$s"); done
 
