@@ -5,8 +5,9 @@
 #      with the same flags must be stopped by ASan and by UBSan, the NIF must carry ASan
 #      instrumentation, and the test VM must have libasan mapped and the NIF loaded
 #      from priv/asan/ (checked by the VM itself, see ASAN_PROBE below);
-#   3. runs the NIF tests and the fuzz suites with SNAKEPIT_SHM_NIF_DIR=priv/asan and the
-#      sanitizer runtimes preloaded into the VM (LD_PRELOAD works: erl is a shell script);
+#   3. runs the NIF tests, the fuzz suites, the model and the chaos suites with
+#      SNAKEPIT_SHM_NIF_DIR=priv/asan and the sanitizer runtimes preloaded into the VM
+#      (LD_PRELOAD works: erl is a shell script; VMs started by the tests inherit both);
 #   4. fails if any sanitizer report appears in the output, even if the tests passed.
 # Called by scripts/test-all.sh (so by `make test` and `make soak`).
 set -euo pipefail
