@@ -146,11 +146,26 @@ defmodule SnakepitShm.Bench.Targets do
 
     pages =
       case fresh_page_cost(results) do
-        nil -> ""
-        per_gib -> " New shared pages cost #{Format.time(per_gib)} per GiB here (part 7)."
+        nil ->
+          ""
+
+        per_gib ->
+          pages_ns = per_gib * row.size / (1024 * 1024 * 1024)
+          port_ns = Stats.summary(row.samples.port).median
+
+          " New shared pages cost #{Format.time(per_gib)} per GiB here (part 7): " <>
+            "#{Format.time(pages_ns)} for #{Format.bytes(row.size)}, while the Port moves " <>
+            "#{Format.bytes(row.size)} in #{Format.time(port_ns)}; 2× the Port needs the " <>
+            "whole fresh handoff in #{Format.time(port_ns / 2)}" <>
+            if(pages_ns > port_ns / 2,
+              do:
+                ", less than its pages alone cost: only reusing regions (a warm pool) can get there.",
+              else: "."
+            )
       end
 
-    "Fresh pages dominate: #{parts}, total #{Format.time(step(row, :fresh, "total"))}." <> pages
+    "Fresh pages dominate: #{parts}, total #{Format.time(step(row, :fresh, "total (as the caller sees it)"))}." <>
+      pages
   end
 
   @doc "ns per GiB of fallocate + first touch of a new memfd (part 7), if measured."
