@@ -142,4 +142,66 @@ defmodule Snakepit.SharedMemory.Reliability.FoundBugsTest do
       end
     end
   end
+
+  describe "cleanup_policy: :reference_counted" do
+    # Found by the chaos suite under ASan (about one run in five): when a Python worker
+    # died, the manager released its holds on every region, and releasing nothing still
+    # bumped each header's holder generation. A :reference_counted region never mapped
+    # yet then looked "held once, now unreferenced" and was freed under its owner, who
+    # got :deallocated or :closed from its first map, write or read.
+    test "the death of a worker holding another region does not free a never-held one" do
+      {:ok, held} = SharedMemory.allocate_region(4096)
+      {:ok, fresh} = SharedMemory.allocate_region(4096, cleanup_policy: :reference_counted)
+      {:ok, ref} = SharedMemory.export_ref(held)
+      {:ok, json} = Snakepit.SharedMemory.JSON.encode(ref)
+
+      script = """
+      import json, sys, time, warnings
+      warnings.simplefilter("ignore")
+      import snakepit_shm
+      region = snakepit_shm.attach(json.loads(sys.argv[1]))
+      print("ATTACHED", flush=True)
+      time.sleep(60)
+      """
+
+      port =
+        Port.open({:spawn_executable, ShmHelpers.python()}, [
+          :binary,
+          :exit_status,
+          {:line, 4096},
+          args: ["-c", script, json],
+          env: ReliabilityHelpers.python_env()
+        ])
+
+      {:os_pid, os_pid} = Port.info(port, :os_pid)
+      assert_receive {^port, {:data, {:eol, "ATTACHED"}}}, 10_000
+
+      try do
+        # The manager watches the worker, which holds `held`; then the worker dies.
+        assert ShmHelpers.wait_until(fn ->
+                 Manager.sync()
+                 match?({:ok, %{reference_count: 1}}, SharedMemory.get_region_info(held))
+               end)
+
+        ReliabilityHelpers.kill9(os_pid)
+
+        assert ShmHelpers.wait_until(fn ->
+                 match?({:ok, %{reference_count: 0}}, SharedMemory.get_region_info(held))
+               end)
+
+        Manager.sync()
+        Manager.sync()
+
+        assert match?({:ok, _}, SharedMemory.get_region_info(fresh)),
+               "the never-held :reference_counted region was freed"
+
+        assert {:ok, m} = SharedMemory.map_region(fresh)
+        assert :ok = SharedMemory.write(m, 0, "still mine")
+      after
+        ReliabilityHelpers.kill9(os_pid)
+        SharedMemory.deallocate_region(held)
+        SharedMemory.deallocate_region(fresh)
+      end
+    end
+  end
 end
