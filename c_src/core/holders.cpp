@@ -207,6 +207,7 @@ Result<void> release(RegionHeader& header, std::uint32_t pid, std::uint64_t star
 
 std::uint32_t release_all(RegionHeader& header, std::uint32_t pid, std::uint64_t start_time) {
   std::uint32_t released = 0;
+  bool any = false;
   for (std::uint32_t i = 0; i < slot_count(header); ++i) {
     HolderSlot& s = header.holders[i];
     Word w = load_word(s);
@@ -214,12 +215,15 @@ std::uint32_t release_all(RegionHeader& header, std::uint32_t pid, std::uint64_t
     while (w.count > 0 && !cas_word(s, w, Word{0, w.flags})) {
     }
     released += w.count;
+    any = true;
     // Frees the slot also when its count was already 0: a releaser of this (dead)
     // process died between taking the count to 0 and freeing the slot.
     free_slot(s);
   }
   if (released > 0) refcount_sub(header, released);
-  changed(header);
+  // Only a real change of the table bumps the generation: generation > 0 means "held at
+  // least once", which frees :reference_counted regions whose count is back to zero.
+  if (any) changed(header);
   return released;
 }
 
