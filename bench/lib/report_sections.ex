@@ -5,6 +5,8 @@ defmodule SnakepitShm.Bench.ReportSections do
 
   alias SnakepitShm.Bench.{Handoff, Lifecycle, Stats, Targets}
 
+  @zero_copy_batch 100
+
   @path_names %{
     fresh: "(a) fresh region",
     warm: "(b) warm region",
@@ -170,7 +172,30 @@ defmodule SnakepitShm.Bench.ReportSections do
 
     #{table(["size", "zero-copy read", "copying read", "copy ÷ zero-copy"], table_rows)}
     ![zero-copy read](zero_copy.png)
+
+    The reads above run in a process with a small heap. A zero-copy binary counts its
+    whole size against the reader's binary virtual heap, so the first reads of big
+    regions in a process trigger garbage collections whose cost grows with the reader's
+    *live heap*, until ERTS raises that process's limit. First #{@zero_copy_batch} reads of a new
+    process (per read, median of the rounds (range)):
+
+    #{table(["size", "reader holding #{big_heap_terms(rows)} live terms", "same, min_bin_vheap_size raised"], big_heap_rows(rows))}
+    A process with a big heap that starts taking zero-copy reads of big regions can set
+    a large `min_bin_vheap_size` (spawn option or `Process.flag/2`) to skip those
+    collections.
     """
+  end
+
+  defp big_heap_terms(rows) do
+    case Enum.find(rows, &Map.has_key?(&1, :big_heap)) do
+      nil -> "many"
+      row -> row.big_heap.live_terms
+    end
+  end
+
+  defp big_heap_rows(rows) do
+    for %{big_heap: b} = row <- rows,
+        do: [bytes(row.size), time_summary(b.default), time_summary(b.raised)]
   end
 
   def crypto(c) do

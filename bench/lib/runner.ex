@@ -42,7 +42,15 @@ defmodule SnakepitShm.Bench.Runner do
     results =
       Enum.reduce(parts, %{}, fn part, acc ->
         log("#{part} ...")
-        {ms, result} = timed_ms(fn -> run_part(part, profile, payload, programs) end)
+        # Each part in a process of its own: a fresh heap, as a real caller has, so that
+        # what earlier parts left (and their garbage) cannot slow the next one.
+        {ms, result} =
+          timed_ms(fn ->
+            fn -> run_part(part, profile, payload, programs) end
+            |> Task.async()
+            |> Task.await(:infinity)
+          end)
+
         log("#{part} done in #{Float.round(ms / 1000, 1)} s")
         Map.put(acc, part, result)
       end)

@@ -5,6 +5,8 @@ defmodule SnakepitShm.Bench.ZeroCopy do
   each of `profile.zero_copy_sizes`, in the same rounds.
   """
 
+  import Bitwise
+
   alias Snakepit.SharedMemory, as: SM
 
   # Zero-copy reads are timed in batches of this many calls (they take microseconds).
@@ -33,7 +35,8 @@ defmodule SnakepitShm.Bench.ZeroCopy do
         %{
           size: size,
           zero_copy: Enum.map(rounds, & &1.zero_copy),
-          copy: Enum.map(rounds, & &1.copy)
+          copy: Enum.map(rounds, & &1.copy),
+          big_heap: big_heap(sealed.mapping, size, profile.zero_copy_reps)
         }
       after
         release(sealed)
@@ -81,6 +84,33 @@ defmodule SnakepitShm.Bench.ZeroCopy do
     # Drop the binaries now (a copied 1 GiB binary must not linger into the next round).
     :erlang.garbage_collect()
     elapsed / batch
+  end
+
+  # A zero-copy binary counts its full size against the reading process's binary
+  # virtual heap, so the first reads of big regions in a process trigger garbage
+  # collections whose cost grows with the process's live heap (not with the region),
+  # until ERTS grows that process's limit. Measured as the first @batch reads of a new
+  # process holding @live_terms live terms, with the default `min_bin_vheap_size` and
+  # with it raised, one new process per round.
+  @live_terms 200_000
+  defp big_heap(mapping, size, reps) do
+    first_reads = fn raise? ->
+      fn ->
+        if raise?, do: Process.flag(:min_bin_vheap_size, 1 <<< 36)
+        live = Enum.to_list(1..@live_terms)
+        ns = time_reads(mapping, size, @batch)
+        ^live = live
+        ns
+      end
+      |> Task.async()
+      |> Task.await(:infinity)
+    end
+
+    %{
+      live_terms: @live_terms,
+      default: for(_ <- 1..reps, do: first_reads.(false)),
+      raised: for(_ <- 1..reps, do: first_reads.(true))
+    }
   end
 
   defp release(%{id: id, mapping: mapping}) do
