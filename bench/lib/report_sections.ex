@@ -279,7 +279,7 @@ defmodule SnakepitShm.Bench.ReportSections do
     ## 6. Scale
 
     #{table(["measure", "value"], rows)}
-    What the proposals of the findings would cost on the same regions (floors, same run):
+    Floors on the same regions, same run (see the findings):
 
     #{table(["measure", "time"], for({name, ns} <- Enum.sort(Map.get(s, :floors, %{})), do: [name, time_summary(ns)]))}
     memfd regions hold two descriptors each: #{s.regions} of them need RLIMIT_NOFILE above

@@ -66,10 +66,10 @@ defmodule SnakepitShm.Bench.Scale do
     %{ns: ns, listed: length(regions)}
   end
 
-  # What the proposals in FINDINGS.md would cost, measured on the same 10 000 regions:
+  # Floors measured on the same 10 000 regions (FINDINGS.md, section 5):
   # reading the registry table alone (a registry-only list_regions), one stat per
-  # segment through the file server (what the periodic vanished check does today), and
-  # one directory listing with a set lookup per region (the proposed replacement).
+  # segment through the file server (the vanished check before commit eb6558c), and
+  # one directory listing with a set lookup per region (the check since then).
   defp floors(ids, reps) do
     dir = "/dev/shm"
     table = Snakepit.SharedMemory.Registry.regions_table()
@@ -82,11 +82,11 @@ defmodule SnakepitShm.Bench.Scale do
     end
 
     %{
-      "read the registry table (:ets.tab2list)" =>
+      "read the registry table (:ets.tab2list), the floor of a registry-only list" =>
         for(_ <- 1..reps, do: elem(timed(fn -> :ets.tab2list(table) end), 0)),
-      "File.exists? per segment (vanished check today)" =>
+      "File.exists? per segment (the vanished check before commit eb6558c)" =>
         for(_ <- 1..reps, do: elem(timed(one_stat_each), 0)),
-      "one File.ls + MapSet lookups (proposed vanished check)" =>
+      "one File.ls + MapSet lookups (the vanished check since eb6558c)" =>
         for(_ <- 1..reps, do: elem(timed(one_listing), 0))
     }
   end
