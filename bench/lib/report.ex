@@ -121,7 +121,8 @@ defmodule SnakepitShm.Bench.Report do
       "warm ÷ C++ ref",
       "fresh ÷ port",
       "lifecycle ÷ Python",
-      "targets met"
+      "targets met",
+      "load (1 min) at start / end"
     ]
   end
 
@@ -154,10 +155,19 @@ defmodule SnakepitShm.Bench.Report do
       end
 
     [meta.date, meta.commit, meta.machine, meta.profile] ++
-      handoff ++ [lifecycle, "#{Enum.count(targets, & &1.met)}/#{length(targets)}"]
+      handoff ++
+      [
+        lifecycle,
+        "#{Enum.count(targets, & &1.met)}/#{length(targets)}",
+        "#{first_load(meta[:load_at_start])} / #{first_load(meta[:load_average])}"
+      ]
   end
 
-  # Rows of the previous RESULTS.md's history table, kept as they were.
+  defp first_load(nil), do: "?"
+  defp first_load(text), do: text |> String.split() |> List.first()
+
+  # Rows of the previous RESULTS.md's history table, kept as they were (rows written
+  # before a column was added get "?" in it).
   defp old_history(path) do
     with {:ok, text} <- File.read(path),
          [_, block] <- String.split(text, @history_start, parts: 2),
@@ -167,11 +177,14 @@ defmodule SnakepitShm.Bench.Report do
       |> Enum.drop(2)
       |> Enum.filter(&String.starts_with?(&1, "|"))
       |> Enum.map(fn line ->
-        line
-        |> String.trim()
-        |> String.trim("|")
-        |> String.split(" | ")
-        |> Enum.map(&String.trim/1)
+        cells =
+          line
+          |> String.trim()
+          |> String.trim("|")
+          |> String.split(" | ")
+          |> Enum.map(&String.trim/1)
+
+        cells ++ List.duplicate("?", max(length(history_header()) - length(cells), 0))
       end)
     else
       _ -> []
