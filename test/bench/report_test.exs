@@ -1,0 +1,121 @@
+# The bench's own arithmetic and report bookkeeping (bench/lib is compiled by
+# `mix snakepit.shm.bench` at run time, not with the library: required here). No timing.
+for file <- ~w(stats format programs lifecycle handoff targets report_sections report) do
+  Code.require_file("../../bench/lib/#{file}.ex", __DIR__)
+end
+
+defmodule SnakepitShm.Bench.ReportTest do
+  use ExUnit.Case, async: true
+
+  alias SnakepitShm.Bench.{Format, Report, Stats, Targets}
+
+  describe "Stats.summary/1" do
+    test "median, quartiles and extremes, whatever the input order" do
+      s = Stats.summary([5, 1, 4, 2, 3])
+      assert s.median == 3.0 and s.min == 1.0 and s.max == 5.0
+      assert s.p25 == 2.0 and s.p75 == 4.0 and s.n == 5
+    end
+
+    test "interpolates the median of an even count" do
+      assert Stats.summary([1, 2, 3, 10]).median == 2.5
+    end
+  end
+
+  describe "Stats.paired_ratio/2" do
+    test "takes the ratio inside each round, then summarises" do
+      # Round 1: 10/5 = 2, round 2: 30/10 = 3, round 3: 8/2 = 4. The ratio of the
+      # medians (10/5) would be 2: pairing must not give that.
+      r = Stats.paired_ratio([10, 30, 8], [5, 10, 2])
+      assert r.median == 3.0 and r.min == 2.0 and r.max == 4.0
+    end
+  end
+
+  describe "Format" do
+    test "sizes and times read as a person writes them" do
+      assert Format.bytes(4096) == "4 KiB"
+      assert Format.bytes(256 * 1024 * 1024) == "256 MiB"
+      assert Format.bytes(1024 * 1024 * 1024) == "1 GiB"
+      assert Format.time(1_500) == "1.50 µs"
+      assert Format.time(25_000_000) == "25.0 ms"
+      assert Format.ratio(%{median: 12.345, min: 9.0, max: 15.0}) == "12.3× (9.00–15.0)"
+    end
+  end
+
+  describe "Targets.handoff_ratios/1" do
+    test "a path twice as fast as the port in every round gives 2×" do
+      row = %{
+        samples: %{
+          fresh: [4, 8],
+          warm: [1, 2],
+          port: [2, 4],
+          port_1m: [2, 4],
+          socket: [3, 6],
+          reference: [1, 2]
+        }
+      }
+
+      r = Targets.handoff_ratios(row)
+      assert r.warm_vs_port.median == 2.0
+      assert r.warm_vs_socket.median == 3.0
+      assert r.warm_vs_reference.median == 1.0
+      assert r.fresh_vs_port.median == 0.5
+    end
+  end
+
+  describe "Report.write/3" do
+    @tag :tmp_dir
+    test "keeps the run history across runs, newest first", %{tmp_dir: dir} do
+      path = Report.write(results("2026-01-01T00:00:00Z"), [], dir)
+      assert ^path = Report.write(results("2026-01-02T00:00:00Z"), [], dir)
+      text = File.read!(path)
+
+      [block] =
+        Regex.run(~r/<!-- history:start -->(.*)<!-- history:end -->/s, text,
+          capture: :all_but_first
+        )
+
+      rows = block |> String.split("\n", trim: true) |> Enum.drop(2)
+      assert [newest, oldest] = rows
+      assert newest =~ "2026-01-02" and oldest =~ "2026-01-01"
+      assert text =~ "No target was measured in this run"
+    end
+
+    @tag :tmp_dir
+    test "pads history rows written before a column existed", %{tmp_dir: dir} do
+      old_row = "| 2025-12-31T00:00:00Z | abc | m | full | 1× | 1× | 1× | 1× | 1× | 0/0 |"
+
+      File.write!(Path.join(dir, "RESULTS.md"), """
+      <!-- history:start -->
+      | h |
+      |---|
+      #{old_row}
+      <!-- history:end -->
+      """)
+
+      text = File.read!(Report.write(results("2026-01-02T00:00:00Z"), [], dir))
+
+      assert text =~
+               "| 2025-12-31T00:00:00Z | abc | m | full | 1× | 1× | 1× | 1× | 1× | 0/0 | ? |"
+    end
+  end
+
+  defp results(date) do
+    %{
+      meta: %{
+        date: date,
+        commit: "abc",
+        machine: "test machine",
+        kernel: "k",
+        otp: "25",
+        elixir: "1.14",
+        python: "3.11",
+        schedulers: 2,
+        dirty_cpu_schedulers: 2,
+        profile: :quick,
+        duration_s: 1.0,
+        load_average: "0.1 0.1 0.1",
+        load_at_start: "0.1 0.1 0.1"
+      }
+    }
+  end
+end
