@@ -2,7 +2,7 @@ defmodule SnakepitShm.Bench.Report do
   @moduledoc """
   Writes RESULTS.md: the run history (one row per run: date, commit, machine, profile,
   headline ratios), the targets of issue 6 with what this run measured, one section per
-  part, and the hand-written findings of `bench/FINDINGS.md`.
+  part, and a link to the hand-written findings of `bench/FINDINGS.md`.
   """
 
   import SnakepitShm.Bench.Format
@@ -99,13 +99,16 @@ defmodule SnakepitShm.Bench.Report do
     end)
   end
 
+  # The hand-written analysis stays in its own file (linked, not copied, so that this
+  # generated file never carries an older version of it).
   defp findings do
-    path = Path.join(SnakepitShm.Bench.Programs.bench_dir(), "FINDINGS.md")
+    """
+    ## Findings and proposals
 
-    case File.read(path) do
-      {:ok, text} -> "---\n\n" <> String.replace(text, ~r/^# /m, "## ", global: false)
-      {:error, _} -> ""
-    end
+    Why the missed targets are missed, the profiles behind it and what would make the
+    product faster: [FINDINGS.md](FINDINGS.md) (hand-written, updated with each
+    measurement campaign; it names the runs of the history above that it relies on).
+    """
   end
 
   # ---- run history ----
