@@ -16,7 +16,10 @@ defmodule SnakepitShm.Bench.Report do
   @doc "Writes `<out>/RESULTS.md`; returns its path."
   def write(results, plots, out) do
     path = Path.join(out, "RESULTS.md")
-    history = [history_row(results) | old_history(path)] |> Enum.take(@max_history)
+    row = history_row(results)
+    # A report written again from the same run replaces that run's row.
+    old = Enum.reject(old_history(path), &(hd(&1) == hd(row)))
+    history = Enum.take([row | old], @max_history)
     targets = Targets.evaluate(results)
     File.write!(path, document(results, plots, targets, history))
     path

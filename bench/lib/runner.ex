@@ -20,6 +20,7 @@ defmodule SnakepitShm.Bench.Runner do
   }
 
   @parts ~w(handoff lifecycle concurrency zero_copy crypto scale fresh_pages)a
+  @last_results "_build/bench/last_results.etf"
 
   def parts, do: @parts
 
@@ -63,10 +64,31 @@ defmodule SnakepitShm.Bench.Runner do
       |> Map.put(:load_at_start, load_at_start)
 
     results = Map.put(results, :meta, meta)
+    File.mkdir_p!(Path.dirname(@last_results))
+    File.write!(@last_results, :erlang.term_to_binary(results))
+    write_report(results, out)
+  end
+
+  @doc """
+  Writes RESULTS.md and the plots again from the results of the last run (kept in
+  #{"_build/bench/last_results.etf"}), without measuring anything.
+  """
+  def report_only(out) do
+    case File.read(@last_results) do
+      {:ok, bytes} ->
+        write_report(:erlang.binary_to_term(bytes), out)
+
+      {:error, _} ->
+        Mix.raise("#{@last_results} not found: run the bench once first (make bench)")
+    end
+  end
+
+  defp write_report(results, out) do
     File.mkdir_p!(out)
     plots = Plots.render(results, out)
     path = Report.write(results, plots, out)
-    log("wrote #{path} and #{length(plots)} plot(s) in #{Float.round(meta.duration_s, 1)} s")
+    meta = results.meta
+    log("wrote #{path} and #{length(plots)} plot(s); the run took #{round(meta.duration_s)} s")
     results
   end
 

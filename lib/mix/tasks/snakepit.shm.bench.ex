@@ -10,7 +10,7 @@ defmodule Mix.Tasks.Snakepit.Shm.Bench do
   10 000 live regions, and the cost of fresh pages.
 
       mix snakepit.shm.bench [--quick] [--only PART[,PART...]] [--out DIR]
-                             [--fail-on-miss] [--format table|json]
+                             [--report-only] [--fail-on-miss] [--format table|json]
 
   Needs g++, libsodium-dev, gnuplot and /usr/bin/python3 with numpy (`make bench`
   installs them). C++ helpers are built into _build/bench. Every comparison is measured
@@ -24,6 +24,9 @@ defmodule Mix.Tasks.Snakepit.Shm.Bench do
     * `--only PART[,PART...]` - run only these parts: handoff, lifecycle, concurrency,
       zero_copy, crypto, scale, fresh_pages. Defaults to all.
     * `--out DIR` - where RESULTS.md and the plots go. Defaults to `bench`.
+    * `--report-only` - measure nothing: write RESULTS.md and the plots again from the
+      last run's results (`_build/bench/last_results.etf`), e.g. after a change to the
+      report. Defaults to off.
     * `--fail-on-miss` - exit with status 1 when a target is missed. Defaults to off:
       a missed target is reported in RESULTS.md, and the run still succeeds.
     * `--format table|json` - what to print at the end: the targets as a table, or as
@@ -41,7 +44,13 @@ defmodule Mix.Tasks.Snakepit.Shm.Bench do
 
   alias Snakepit.SharedMemory.CLI.Command
 
-  @switches [quick: :boolean, only: :string, out: :string, fail_on_miss: :boolean]
+  @switches [
+    quick: :boolean,
+    only: :string,
+    out: :string,
+    fail_on_miss: :boolean,
+    report_only: :boolean
+  ]
   @parts ~w(handoff lifecycle concurrency zero_copy crypto scale fresh_pages)
 
   @impl true
@@ -63,11 +72,15 @@ defmodule Mix.Tasks.Snakepit.Shm.Bench do
 
     results =
       try do
-        runner.run(
-          profile: if(opts[:quick], do: :quick, else: :full),
-          only: parts,
-          out: opts[:out] || "bench"
-        )
+        if opts[:report_only] do
+          runner.report_only(opts[:out] || "bench")
+        else
+          runner.run(
+            profile: if(opts[:quick], do: :quick, else: :full),
+            only: parts,
+            out: opts[:out] || "bench"
+          )
+        end
       rescue
         e ->
           Command.fail!(
