@@ -120,6 +120,23 @@ Result<void> unlink_named(const std::string& region_id);
 std::string named_path(const std::string& region_id);
 /// Region ids of every named object whose name starts with kNamePrefix.
 std::vector<std::string> list_named();
+/// The directory whose files are the named objects ("/dev/shm" unless set_named_dir()
+/// moved it), or "" where named objects are not files (macOS, Windows).
+std::string named_dir();
+/// Moves the named objects of this process to `dir` (an absolute path of an existing
+/// directory, normally a tmpfs): create_named, open_named, unlink_named, named_path and
+/// list_named all follow. unsupported where named objects are not files.
+Result<void> set_named_dir(const std::string& dir);
+
+/// Size and free space of the filesystem holding `path` (statvfs), and whether it is a
+/// tmpfs (memory-backed: Linux statfs TMPFS_MAGIC).
+struct FsSpace {
+  std::uint64_t total = 0;      ///< bytes
+  std::uint64_t free = 0;       ///< bytes free for root
+  std::uint64_t available = 0;  ///< bytes free for unprivileged users
+  bool tmpfs = false;
+};
+Result<FsSpace> fs_space(const std::string& path);
 
 // ---- anonymous objects (Linux memfd) ----
 

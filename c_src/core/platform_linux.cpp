@@ -21,6 +21,8 @@ namespace spshm::platform {
 namespace {
 
 constexpr char kShmDir[] = "/dev/shm";
+std::mutex named_dir_mutex;
+std::string named_dir_value = kShmDir;  // guarded by named_dir_mutex
 constexpr char kMemfdLinkPrefix[] = "/memfd:";
 constexpr char kDeletedSuffix[] = " (deleted)";
 
@@ -67,13 +69,33 @@ std::uint64_t available_memory() {
 
 // ---- named objects ----
 
-std::string named_path(const std::string& region_id) {
-  return std::string(kShmDir) + "/" + region_id;
+std::string named_dir() {
+  std::lock_guard<std::mutex> lock(named_dir_mutex);
+  return named_dir_value;
 }
+
+Result<void> set_named_dir(const std::string& dir) {
+  if (dir.empty() || dir[0] != '/' || dir.find('\0') != std::string::npos)
+    return Error{Errc::invalid_argument, 0,
+                 "the shared memory directory must be an absolute path, got: " + dir};
+  std::string clean = dir;
+  while (clean.size() > 1 && clean.back() == '/') clean.pop_back();
+  struct stat st;
+  if (::stat(clean.c_str(), &st) != 0)
+    return os_error("cannot use " + clean + " as the shared memory directory", errno);
+  if (!S_ISDIR(st.st_mode))
+    return Error{Errc::invalid_argument, ENOTDIR,
+                 clean + " is not a directory: shm_path must name a directory (a tmpfs mount)"};
+  std::lock_guard<std::mutex> lock(named_dir_mutex);
+  named_dir_value = clean;
+  return {};
+}
+
+std::string named_path(const std::string& region_id) { return named_dir() + "/" + region_id; }
 
 std::vector<std::string> list_named() {
   std::vector<std::string> ids;
-  DIR* dir = ::opendir(kShmDir);
+  DIR* dir = ::opendir(named_dir().c_str());
   if (dir == nullptr) return ids;
   while (struct dirent* entry = ::readdir(dir)) {
     if (std::strncmp(entry->d_name, kNamePrefix, sizeof kNamePrefix - 1) == 0)

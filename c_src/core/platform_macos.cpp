@@ -26,6 +26,13 @@ namespace spshm::platform {
 
 std::string named_path(const std::string&) { return {}; }  // shm objects have no path
 
+std::string named_dir() { return {}; }
+
+Result<void> set_named_dir(const std::string&) {
+  return Error{Errc::unsupported, 0,
+               "macOS POSIX shared memory objects are not files: shm_path cannot move them"};
+}
+
 std::vector<std::string> list_named() {
   // macOS offers no way to enumerate POSIX shm objects (no /dev/shm, no API): regions of
   // dead processes are found through the manager's journal, not by listing.

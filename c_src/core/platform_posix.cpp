@@ -5,6 +5,8 @@
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #if defined(__linux__)
+#include <linux/magic.h>
+#include <sys/statfs.h>
 #include <sys/syscall.h>
 #endif
 #include <time.h>
@@ -22,9 +24,26 @@ namespace {
 
 int fd_of(const Handle& h) noexcept { return static_cast<int>(h.native()); }
 
-std::string object_name(const std::string& region_id) { return "/" + region_id; }
-
 Error errno_error(const std::string& what) { return os_error(what, errno); }
+
+// Named objects. Linux: files of named_dir() (/dev/shm unless moved to another tmpfs),
+// opened directly, which is what glibc's shm_open does for /dev/shm. Elsewhere: shm_open.
+#if defined(__linux__)
+int open_named_object(const std::string& region_id, int flags, mode_t mode) {
+  return ::open(named_path(region_id).c_str(), flags | O_NOFOLLOW | O_CLOEXEC, mode);
+}
+int unlink_named_object(const std::string& region_id) {
+  return ::unlink(named_path(region_id).c_str());
+}
+#else
+std::string object_name(const std::string& region_id) { return "/" + region_id; }
+int open_named_object(const std::string& region_id, int flags, mode_t mode) {
+  return ::shm_open(object_name(region_id).c_str(), flags, mode);
+}
+int unlink_named_object(const std::string& region_id) {
+  return ::shm_unlink(object_name(region_id).c_str());
+}
+#endif
 
 }  // namespace
 
@@ -45,9 +64,8 @@ BackendKind named_backend() noexcept { return BackendKind::posix; }
 
 Result<Handle> create_named(const std::string& region_id, std::uint32_t mode,
                             std::uint64_t /*size: allocate() sets it*/) {
-  std::string name = object_name(region_id);
   // O_EXCL: never open somebody else's object; O_NOFOLLOW: never follow a planted link.
-  int fd = ::shm_open(name.c_str(), O_CREAT | O_EXCL | O_RDWR | O_NOFOLLOW | O_CLOEXEC, 0600);
+  int fd = open_named_object(region_id, O_CREAT | O_EXCL | O_RDWR | O_NOFOLLOW | O_CLOEXEC, 0600);
   if (fd < 0) {
     int err = errno;
     if (err == EEXIST)
@@ -61,7 +79,7 @@ Result<Handle> create_named(const std::string& region_id, std::uint32_t mode,
   // The umask applied to shm_open's mode: fchmod sets exactly what was asked.
   if (::fchmod(fd, static_cast<mode_t>(mode)) != 0) {
     Error e = errno_error("cannot set the permissions of " + region_id);
-    ::shm_unlink(name.c_str());
+    unlink_named_object(region_id);
     return e;
   }
   return handle;
@@ -69,7 +87,7 @@ Result<Handle> create_named(const std::string& region_id, std::uint32_t mode,
 
 Result<Handle> open_named(const std::string& region_id, Access access) {
   int flags = (access == Access::read_write ? O_RDWR : O_RDONLY) | O_NOFOLLOW | O_CLOEXEC;
-  int fd = ::shm_open(object_name(region_id).c_str(), flags, 0);
+  int fd = open_named_object(region_id, flags, 0);
   if (fd < 0) {
     int err = errno;
     if (err == ENOENT)
@@ -82,7 +100,7 @@ Result<Handle> open_named(const std::string& region_id, Access access) {
 }
 
 Result<void> unlink_named(const std::string& region_id) {
-  if (::shm_unlink(object_name(region_id).c_str()) != 0) {
+  if (unlink_named_object(region_id) != 0) {
     int err = errno;
     if (err == ENOENT)
       return Error{Errc::not_found, err, "no shared memory segment named " + region_id};
@@ -244,6 +262,20 @@ Result<void> lock_memory(void* address, std::size_t length) {
   }
 #endif
   return {};
+}
+
+Result<FsSpace> fs_space(const std::string& path) {
+  struct statvfs fs;
+  if (::statvfs(path.c_str(), &fs) != 0) return errno_error("cannot statvfs " + path);
+  FsSpace space;
+  space.total = std::uint64_t{fs.f_blocks} * fs.f_frsize;
+  space.free = std::uint64_t{fs.f_bfree} * fs.f_frsize;
+  space.available = std::uint64_t{fs.f_bavail} * fs.f_frsize;
+#if defined(__linux__)
+  struct statfs sf;
+  space.tmpfs = ::statfs(path.c_str(), &sf) == 0 && sf.f_type == TMPFS_MAGIC;
+#endif
+  return space;
 }
 
 std::size_t page_size() noexcept {

@@ -227,7 +227,26 @@ Result<void> validate_name(const std::string& name);
 std::string named_region_id(const std::string& name);
 /// Checks a region id: ^spshm_[a-z2-7]{20}$ or ^spshm_n_[a-z0-9_-]{1,21}$.
 Result<void> validate_region_id(const std::string& region_id);
-/// Ids of every POSIX segment of ours (name starting with kNamePrefix) in /dev/shm.
+/// Ids of every POSIX segment of ours (name starting with kNamePrefix) in /dev/shm
+/// (or the directory set by set_segment_dir()).
 std::vector<std::string> list_segments();
+
+// ---- where POSIX segments live (shm_path) ----
+
+/// The directory of POSIX segments: "/dev/shm" unless set_segment_dir() moved it; ""
+/// where segments are not files (macOS, Windows).
+std::string segment_dir();
+/// Moves POSIX segments of this process (create, open, unlink, list, paths in refs) to
+/// `dir`, an existing absolute directory (normally a tmpfs). unsupported off Linux.
+Result<void> set_segment_dir(const std::string& dir);
+struct FilesystemSpace {
+  std::uint64_t total = 0;      ///< bytes
+  std::uint64_t free = 0;       ///< bytes free (for root)
+  std::uint64_t available = 0;  ///< bytes free for unprivileged users
+  bool tmpfs = false;           ///< memory-backed (Linux TMPFS_MAGIC)
+};
+/// Size and free space of the filesystem holding `path` (statvfs), and whether it is a
+/// tmpfs. unsupported on Windows.
+Result<FilesystemSpace> filesystem_space(const std::string& path);
 
 }  // namespace spshm

@@ -52,6 +52,10 @@ ErlNifFunc nif_funcs[] = {
     {"process_start_time", 1, nif_process_start_time, 0},
     {"process_alive", 2, nif_process_alive, 0},
     {"self_info", 0, nif_self_info, 0},
+    // nif_health.cpp
+    {"set_shm_dir", 1, nif_set_shm_dir, kIo},
+    {"shm_dir", 0, nif_shm_dir, 0},
+    {"fs_stat", 1, nif_fs_stat, kIo},
 };
 
 // load and upgrade do the same: resource types are opened with CREATE | TAKEOVER, so a

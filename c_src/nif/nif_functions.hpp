@@ -43,6 +43,11 @@ SPSHM_NIF(nif_process_start_time);
 SPSHM_NIF(nif_process_alive);
 SPSHM_NIF(nif_self_info);
 
+// nif_health.cpp: shm_path and filesystem space (health checks)
+SPSHM_NIF(nif_set_shm_dir);
+SPSHM_NIF(nif_shm_dir);
+SPSHM_NIF(nif_fs_stat);
+
 #undef SPSHM_NIF
 
 }  // namespace spshm::nif

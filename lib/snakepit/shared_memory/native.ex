@@ -192,4 +192,29 @@ defmodule Snakepit.SharedMemory.Native do
   @doc "%{os_pid, start_time, boot_id} of this VM."
   @spec self_info() :: map()
   def self_info, do: :erlang.nif_error(:not_loaded)
+
+  # ---- shm_path and filesystem space (c_src/nif/nif_health.cpp) ----
+
+  @doc """
+  Moves the POSIX segments of this VM (create, open, unlink, list, paths in refs) to
+  `dir`, an existing absolute directory (normally a tmpfs). :unsupported off Linux.
+  """
+  @spec set_shm_dir(binary()) :: :ok | nif_error()
+  def set_shm_dir(_dir), do: :erlang.nif_error(:not_loaded)
+
+  @doc "The directory of POSIX segments (\"/dev/shm\" unless moved), nil where they are no files."
+  @spec shm_dir() :: binary() | nil
+  def shm_dir, do: :erlang.nif_error(:not_loaded)
+
+  @doc "statvfs of `path`: bytes total, free, available to users, and whether it is a tmpfs."
+  @spec fs_stat(binary()) ::
+          {:ok,
+           %{
+             total: non_neg_integer(),
+             free: non_neg_integer(),
+             available: non_neg_integer(),
+             tmpfs: boolean()
+           }}
+          | nif_error()
+  def fs_stat(_path), do: :erlang.nif_error(:not_loaded)
 end
