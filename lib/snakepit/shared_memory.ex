@@ -87,8 +87,9 @@ defmodule Snakepit.SharedMemory do
 
   Errors: `:invalid_size`, `:invalid_option`, `:invalid_metadata`, `:metadata_too_large`,
   `:size_exceeds_limit`, `:memory_limit_exceeded`, `:region_limit_exceeded`,
-  `:process_limit_exceeded`, `:already_exists`, `:unsupported`, and native ones such as
-  `:no_space` or `:mlock_failed`.
+  `:process_limit_exceeded`, `:already_exists`, `:unsupported`, `:disabled` (the
+  application runs with `enabled: false`), and native ones such as `:no_space` or
+  `:mlock_failed`.
   """
   @spec allocate_region(pos_integer(), keyword() | map()) :: {:ok, region_id()} | error()
   def allocate_region(size, opts \\ []) do
@@ -96,6 +97,7 @@ defmodule Snakepit.SharedMemory do
 
     result =
       with :ok <- available(),
+           :ok <- enabled(),
            {:ok, opts} <- Options.allocate(size, opts),
            do: Allocator.allocate(opts)
 
@@ -340,7 +342,30 @@ defmodule Snakepit.SharedMemory do
     Stats.stop(:export, start, result, %{region_id: region_id})
   end
 
+  @doc """
+  The health of this VM's shared memory, checked now: `%{status: :ok | :degraded |
+  :critical, checks: [check]}`, the status being the worst of the checks. Each check
+  is `%{name, status, value, limit, percent, measurements, message}`; `message` says
+  what is wrong and what to do (nil when the check is `:ok`). The same checks run every
+  `:health_check_interval` ms and in `mix snakepit.shm.doctor`; see
+  `Snakepit.SharedMemory.Health`.
+  """
+  @spec health() :: Snakepit.SharedMemory.Health.report()
+  def health, do: Snakepit.SharedMemory.HealthMonitor.check_now()
+
   # ---- helpers ----
+
+  defp enabled do
+    if Config.get(:enabled),
+      do: :ok,
+      else:
+        Error.error(
+          :disabled,
+          "shared memory is disabled (config :snakepit_shm, enabled: false, or " <>
+            "config :snakepit, :shared_memory, enabled: false): allocations are refused; " <>
+            "set enabled: true to use it"
+        )
+  end
 
   defp available do
     if Registry.available?(), do: :ok, else: unavailable(:not_started)

@@ -3,21 +3,23 @@ defmodule Snakepit.SharedMemory.Application do
   The `:snakepit_shm` application.
 
   Validates the configuration (an invalid key fails the start with a message naming
-  it), sets up the statistics counters, and starts, under a `:rest_for_one`
-  supervisor, the table owner and then the manager.
+  it), points the native layer at the directory of POSIX segments (`:shm_path`), sets
+  up the statistics counters, and starts, under a `:rest_for_one` supervisor, the table
+  owner, the manager and the health monitor (`Snakepit.SharedMemory.HealthMonitor`).
   """
 
   use Application
 
-  alias Snakepit.SharedMemory.{Config, Manager, Platform, Stats, TableOwner}
+  alias Snakepit.SharedMemory.{Config, HealthMonitor, Manager, Platform, Stats, TableOwner}
 
   @impl true
   def start(_type, _args) do
-    with {:ok, _config} <- Config.load(),
-         {:ok, _platform} <- Platform.select(:os.type()) do
+    with {:ok, config} <- Config.load(),
+         {:ok, platform} <- Platform.select(:os.type()),
+         :ok <- Platform.apply_shm_path(platform, config.shm_path) do
       Stats.setup()
 
-      Supervisor.start_link([TableOwner, Manager],
+      Supervisor.start_link([TableOwner, Manager, HealthMonitor],
         strategy: :rest_for_one,
         max_restarts: 10,
         max_seconds: 5,

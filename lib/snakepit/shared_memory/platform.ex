@@ -65,6 +65,40 @@ defmodule Snakepit.SharedMemory.Platform do
   end
 
   @doc """
+  Points the native layer at the configured directory of POSIX segments
+  (`config :snakepit_shm, shm_path:`), on platforms whose segments are files (Linux).
+  The application calls it at start, the offline tools before they scan. Returns an
+  error message naming the setting if the directory cannot be used.
+  """
+  @spec apply_shm_path(module(), String.t() | nil) :: :ok | {:error, String.t()}
+  def apply_shm_path(platform \\ current(), shm_path) do
+    cond do
+      platform.shm_dir() == nil and shm_path != nil ->
+        {:error,
+         "config :snakepit_shm, shm_path: #{inspect(shm_path)}: #{platform.name()} POSIX " <>
+           "shared memory is not a directory of files; remove the setting"}
+
+      platform.shm_dir() == nil ->
+        :ok
+
+      true ->
+        dir = shm_path || "/dev/shm"
+
+        case Snakepit.SharedMemory.Native.set_shm_dir(dir) do
+          :ok ->
+            :ok
+
+          {:error, {_reason, message, _errno}} ->
+            {:error,
+             "invalid configuration: config :snakepit_shm, shm_path: #{inspect(dir)}: " <>
+               message <>
+               " (create the directory, e.g. mount a tmpfs there: " <>
+               "mount -t tmpfs -o size=2g,mode=1777 tmpfs #{dir})"}
+        end
+    end
+  end
+
+  @doc """
   Resolves a requested backend (`:auto` or a concrete one) for a region that does or
   does not `need_name?` (a well-known name or group/other permissions).
   """

@@ -148,6 +148,12 @@ defmodule Snakepit.SharedMemory.CLI.Command do
       Mix.shell(shell)
     end
 
-    :ok
+    # The segments live where config :snakepit_shm, shm_path: says; the NIF must look there.
+    alias Snakepit.SharedMemory.{Config, Platform}
+
+    case Platform.apply_shm_path(Config.get(:shm_path)) do
+      :ok -> :ok
+      {:error, message} -> fail!(message)
+    end
   end
 end

@@ -2,7 +2,7 @@ defmodule Snakepit.SharedMemory.CLI.HostScan do
   @moduledoc false
   # Offline discovery of every segment of ours on this host, without a running manager:
   #
-  #   * POSIX segments: the files /dev/shm/spshm_*;
+  #   * POSIX segments: the files /dev/shm/spshm_* (or of config :snakepit_shm, shm_path);
   #   * memfd regions: the fds of processes of our uid whose link reads
   #     "/memfd:spshm_<id> (deleted)" (the control memfd; the data memfd ends in ".data").
   #     A memfd region lives as long as some process keeps an fd or a mapping of it; we
@@ -14,7 +14,6 @@ defmodule Snakepit.SharedMemory.CLI.HostScan do
   alias Snakepit.SharedMemory.CLI.Entry
   alias Snakepit.SharedMemory.Native
 
-  @shm_dir "/dev/shm"
   @prefix "spshm_"
   @memfd_prefix "/memfd:" <> @prefix
   @deleted " (deleted)"
@@ -50,12 +49,14 @@ defmodule Snakepit.SharedMemory.CLI.HostScan do
 
   @doc "Path of the POSIX segment of `name` (a region id)."
   @spec posix_path(String.t()) :: String.t()
-  def posix_path(name), do: Path.join(@shm_dir, name)
+  def posix_path(name), do: Path.join(shm_dir(), name)
+
+  defp shm_dir, do: Snakepit.SharedMemory.Platform.current().shm_dir() || "/dev/shm"
 
   # ---- POSIX ----
 
   defp posix_names do
-    case File.ls(@shm_dir) do
+    case File.ls(shm_dir()) do
       {:ok, names} -> names |> Enum.filter(&String.starts_with?(&1, @prefix)) |> Enum.sort()
       {:error, _} -> []
     end

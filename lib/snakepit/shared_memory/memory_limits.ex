@@ -1,0 +1,193 @@
+defmodule Snakepit.SharedMemory.MemoryLimits do
+  @moduledoc """
+  How much memory this VM may still use: the host's (`/proc/meminfo`) and that of the
+  memory cgroup it runs in (a container's limit).
+
+    * cgroup v2: `memory.max` and `memory.current` of the VM's cgroup (from
+      `/proc/self/cgroup`, line `0::/path`) or of the ancestor with the tightest limit;
+    * cgroup v1: `memory.limit_in_bytes` and `memory.usage_in_bytes` of the `memory`
+      hierarchy (a v1 "no limit" of about 2^63 reads as `:infinity`).
+
+  Mount points come from `/proc/self/mountinfo` (normally `/sys/fs/cgroup` for v2 and
+  `/sys/fs/cgroup/memory` for v1). Only files are read: no process, no NIF, a few
+  hundred microseconds.
+  """
+
+  import Bitwise
+
+  @type cgroup :: %{
+          version: 1 | 2,
+          path: String.t(),
+          max: non_neg_integer() | :infinity,
+          current: non_neg_integer()
+        }
+  @type snapshot :: %{
+          host: %{total: non_neg_integer(), available: non_neg_integer()},
+          cgroup: nil | cgroup()
+        }
+
+  # v1 reports "unlimited" as PAGE_COUNTER_MAX pages: anything this large is no limit.
+  @unlimited 1 <<< 62
+
+  @doc "The host's memory and the VM's memory cgroup (nil when there is none or no limit file)."
+  @spec snapshot() :: snapshot()
+  def snapshot, do: %{host: host(), cgroup: cgroup()}
+
+  @doc "MemTotal and MemAvailable of `/proc/meminfo`, in bytes (0 when unreadable)."
+  @spec host() :: %{total: non_neg_integer(), available: non_neg_integer()}
+  def host do
+    case File.read("/proc/meminfo") do
+      {:ok, text} -> %{total: meminfo(text, "MemTotal"), available: meminfo(text, "MemAvailable")}
+      {:error, _} -> %{total: 0, available: 0}
+    end
+  end
+
+  defp meminfo(text, key) do
+    case Regex.run(~r/^#{key}:\s+(\d+)/m, text) do
+      [_, kib] -> String.to_integer(kib) * 1024
+      nil -> 0
+    end
+  end
+
+  @doc """
+  The memory cgroup of `pid_dir` (default `/proc/self`): v1 if the `memory` controller
+  is mounted as a v1 hierarchy, else v2; nil if neither has a readable limit.
+  """
+  @spec cgroup(String.t()) :: cgroup() | nil
+  def cgroup(pid_dir \\ "/proc/self") do
+    with {:ok, lines} <- read_lines(Path.join(pid_dir, "cgroup")),
+         {:ok, mounts} <- read_lines(Path.join(pid_dir, "mountinfo")) do
+      v1(lines, mounts) || v2(lines, mounts)
+    else
+      _ -> nil
+    end
+  end
+
+  defp read_lines(path) do
+    case File.read(path) do
+      {:ok, text} -> {:ok, String.split(text, "\n", trim: true)}
+      error -> error
+    end
+  end
+
+  # "4:memory:/docker/abc" (or "4:cpu,memory:/x")
+  defp v1(lines, mounts) do
+    with path when is_binary(path) <-
+           Enum.find_value(lines, fn line ->
+             case String.split(line, ":", parts: 3) do
+               [_, controllers, path] ->
+                 if "memory" in String.split(controllers, ","), do: path
+
+               _ ->
+                 nil
+             end
+           end),
+         {root, mount} <- mount_point(mounts, "cgroup", &("memory" in String.split(&1, ","))) do
+      dir = Path.join(mount, relative(path, root))
+
+      with {:ok, max} <- read_value(Path.join(dir, "memory.limit_in_bytes")),
+           {:ok, current} <- read_value(Path.join(dir, "memory.usage_in_bytes")) do
+        %{version: 1, path: dir, max: max, current: current}
+      else
+        _ -> nil
+      end
+    else
+      _ -> nil
+    end
+  end
+
+  # "0::/user.slice/..." ; the tightest memory.max from the cgroup up to the mount root.
+  defp v2(lines, mounts) do
+    with path when is_binary(path) <-
+           Enum.find_value(lines, fn line ->
+             case String.split(line, ":", parts: 3) do
+               ["0", "", path] -> path
+               _ -> nil
+             end
+           end),
+         {root, mount} <- mount_point(mounts, "cgroup2", fn _ -> true end) do
+      own = Path.join(mount, relative(path, root))
+
+      own
+      |> ancestors(mount)
+      |> Enum.flat_map(fn dir ->
+        with {:ok, max} <- read_value(Path.join(dir, "memory.max")),
+             {:ok, current} <- read_value(Path.join(dir, "memory.current")) do
+          [%{version: 2, path: dir, max: max, current: current}]
+        else
+          _ -> []
+        end
+      end)
+      |> tightest()
+    else
+      _ -> nil
+    end
+  end
+
+  defp ancestors(dir, mount) do
+    if dir == mount or not String.starts_with?(dir, mount),
+      do: [mount],
+      else: [dir | ancestors(Path.dirname(dir), mount)]
+  end
+
+  # The cgroup that leaves the least headroom (its own if no ancestor limits more).
+  defp tightest([]), do: nil
+
+  defp tightest([own | _] = all) do
+    limited = Enum.filter(all, &(&1.max != :infinity))
+
+    if limited == [],
+      do: own,
+      else: Enum.min_by(limited, &(&1.max - &1.current))
+  end
+
+  defp relative(path, "/"), do: String.trim_leading(path, "/")
+
+  defp relative(path, root) do
+    # Inside a cgroup namespace the path may already be relative to the mount's root.
+    if String.starts_with?(path, root),
+      do: path |> String.replace_prefix(root, "") |> String.trim_leading("/"),
+      else: String.trim_leading(path, "/")
+  end
+
+  # mountinfo: "id parent maj:min root mount_point opts - fstype source super_opts"
+  defp mount_point(mounts, fstype, super_ok?) do
+    Enum.find_value(mounts, fn line ->
+      case String.split(line, " - ", parts: 2) do
+        [left, right] ->
+          case {String.split(left, " "), String.split(right, " ")} do
+            {[_, _, _, root, mount | _], [^fstype, _source, super | _]} ->
+              if super_ok?.(super), do: {unescape(root), unescape(mount)}
+
+            _ ->
+              nil
+          end
+
+        _ ->
+          nil
+      end
+    end)
+  end
+
+  defp unescape(text), do: String.replace(text, "\\040", " ")
+
+  defp read_value(path) do
+    case File.read(path) do
+      {:ok, text} ->
+        case String.trim(text) do
+          "max" ->
+            {:ok, :infinity}
+
+          digits ->
+            case Integer.parse(digits) do
+              {n, ""} when n >= @unlimited -> {:ok, :infinity}
+              {n, ""} -> {:ok, n}
+              _ -> :error
+            end
+        end
+
+      {:error, _} ->
+        :error
+    end
+  end
+end
