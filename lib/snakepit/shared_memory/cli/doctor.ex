@@ -37,8 +37,55 @@ defmodule Snakepit.SharedMemory.CLI.Doctor do
       nofile(),
       remove_ipc(),
       if(nif.status == :ok, do: memfd_seal(), else: skipped("memfd sealing", "the NIF"))
-    ] ++ DoctorPython.checks(python, priv)
+    ] ++ DoctorPython.checks(python, priv) ++ health_findings(health())
   end
+
+  # ---- the running checks of Snakepit.SharedMemory.Health ----
+
+  @doc """
+  The health report of this VM: the very checks the application runs every
+  `:health_check_interval` (`Snakepit.SharedMemory.health/0`).
+  """
+  @spec health() :: map()
+  def health do
+    case Application.ensure_all_started(:snakepit_shm) do
+      {:ok, _} -> SHM.health()
+      {:error, _} -> Snakepit.SharedMemory.Health.run()
+    end
+  end
+
+  @doc "Doctor findings (`health: NAME`) of a health report: degraded warns, critical fails."
+  @spec health_findings(map()) :: [finding()]
+  def health_findings(%{checks: checks}) do
+    for check <- checks do
+      finding(
+        "health: #{check.name}",
+        health_status(check.status),
+        health_detail(check),
+        check.message
+      )
+    end
+  end
+
+  defp health_status(:ok), do: :ok
+  defp health_status(:degraded), do: :warn
+  defp health_status(:critical), do: :fail
+
+  defp health_detail(%{measurements: %{skipped: why}}), do: "not measured: #{why}"
+
+  defp health_detail(%{percent: p, value: value, limit: limit} = check) when is_number(p),
+    do: "#{p} % (#{health_value(check, value)} of #{health_value(check, limit)})"
+
+  defp health_detail(%{value: value, limit: :infinity} = check),
+    do: "#{health_value(check, value)} (no limit)"
+
+  defp health_detail(%{value: value} = check), do: "#{health_value(check, value)}"
+
+  @byte_checks [:memory, :shm_space, :cgroup_memory, :host_memory, :memlock]
+  defp health_value(%{name: name}, n) when name in @byte_checks and is_integer(n),
+    do: Human.bytes(n)
+
+  defp health_value(_check, other), do: to_string(other)
 
   @doc false
   def finding(check, status, detail, fix \\ nil),
