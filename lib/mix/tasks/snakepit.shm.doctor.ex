@@ -56,8 +56,7 @@ defmodule Mix.Tasks.Snakepit.Shm.Doctor do
 
   @impl true
   def run(argv) do
-    %{opts: opts, format: format} =
-      Command.parse!("snakepit.shm.doctor", @help, argv, @switches)
+    %{opts: opts, format: format} = Command.parse!("snakepit.shm.doctor", @help, argv, @switches)
 
     Command.load_code()
     python = Keyword.get(opts, :python, "/usr/bin/python3")

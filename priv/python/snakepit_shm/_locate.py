@@ -19,6 +19,9 @@ from . import errors
 from . import _format
 
 SHM_DIR = "/dev/shm"
+# The VM's config :snakepit_shm, shm_path (POSIX segments moved to another tmpfs):
+# workers that attach by bare region id need it; refs carry full paths anyway.
+SHM_PATH_ENV = "SNAKEPIT_SHM_PATH"
 NAMED_PREFIX = "spshm_n_"
 _RANDOM_ID = re.compile(r"spshm_[a-z2-7]{20}")
 _NAMED_ID = re.compile(r"spshm_n_[a-z0-9_-]{1,21}")
@@ -44,6 +47,24 @@ class Location:
 
 class OpenDenied(errors.PermissionError):
     """The OS refused to open an object with the requested access (EACCES/EPERM)."""
+
+
+def shm_dir():
+    """The directory of POSIX segments: $SNAKEPIT_SHM_PATH, else /dev/shm."""
+    value = os.environ.get(SHM_PATH_ENV)
+    if not value:
+        return SHM_DIR
+    if not os.path.isabs(value) or "\0" in value:
+        raise ValueError(
+            f"{SHM_PATH_ENV}={value!r} is not an absolute directory path: set it to the "
+            "VM's config :snakepit_shm, shm_path (for example /run/snakepit_shm)")
+    return os.path.normpath(value)
+
+
+def _segment_path_ok(path, region_id):
+    """True for an absolute, normalised path whose last component is the region id."""
+    return (os.path.isabs(path) and os.path.normpath(path) == path
+            and os.path.basename(path) == region_id)
 
 
 def valid_region_id(text):
@@ -108,12 +129,19 @@ def _parse_ref(ref):
                          "this client supports 'posix' and 'memfd' (Linux)")
     backend = _BACKENDS[backend_name]
     if backend == _format.BACKEND_POSIX:
-        path = os.path.join(SHM_DIR, region_id)
+        # The VM may keep segments in another tmpfs (shm_path): the ref's path says
+        # where; it must still name this region's segment (and is opened O_NOFOLLOW).
+        path = None
         for name in ("control_path", "data_path"):
             given = _ref_field(ref, name, (str,), required=False)
-            if given is not None and given != path:
+            if given is None:
+                continue
+            if not _segment_path_ok(given, region_id) or (path is not None and given != path):
                 raise ValueError(f"the ref's {name} {given!r} is not the POSIX segment "
-                                 f"of {region_id} ({path})")
+                                 f"of {region_id} (expected <shm directory>/{region_id})")
+            path = given
+        if path is None:
+            path = os.path.join(shm_dir(), region_id)
         control_path = data_path = path
     else:
         control_path = _ref_field(ref, "control_path", (str,))
@@ -156,8 +184,9 @@ def memfd_link_targets(region_id):
 
 
 def find_by_id(region_id):
-    """Locate a region by id: /dev/shm first, then memfds in /proc/*/fd of our uid."""
-    path = os.path.join(SHM_DIR, region_id)
+    """Locate a region by id: the shm directory first ($SNAKEPIT_SHM_PATH, else
+    /dev/shm), then memfds in /proc/*/fd of our uid."""
+    path = os.path.join(shm_dir(), region_id)
     if os.path.lexists(path):
         return Location(region_id, _format.BACKEND_POSIX, path, path)
     control_target, data_target = memfd_link_targets(region_id)
