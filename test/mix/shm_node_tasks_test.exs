@@ -73,6 +73,19 @@ defmodule Mix.Tasks.Snakepit.Shm.NodeTasksTest do
            } = json!(out)
   end
 
+  test "doctor --node shows the node's health checks (Snakepit.SharedMemory.health/0)", c do
+    {out, _err, 0} = run_task("snakepit.shm.doctor", remote(c))
+    assert out =~ ~r/^health: regions\s+ok\s+0\.0 % \(2 of 100000\)/m
+    assert out =~ ~r/^health: memory\s+ok\s+146 KiB/m
+    assert out =~ ~r/^health: shm_space\s+ok/m
+    refute out =~ "NIF loads"
+
+    {out, _err, 0} = run_task("snakepit.shm.doctor", remote(c) ++ ["--format", "json"])
+    report = json!(out)
+    assert report["health"]["status"] == "ok"
+    assert length(report["findings"]) == length(Snakepit.SharedMemory.Health.names())
+  end
+
   test "cleanup --node --dry-run asks the node's manager and frees nothing", c do
     {out, _err, 0} = run_task("snakepit.shm.cleanup", ["--dry-run" | remote(c)])
     assert out =~ "Nothing to clean up on #{c.node}."

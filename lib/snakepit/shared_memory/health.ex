@@ -82,7 +82,7 @@ defmodule Snakepit.SharedMemory.Health do
 
     checks =
       for name <- @names do
-        name |> measure(config, since) |> evaluate(Map.get(previous, name, :ok), thresholds)
+        name |> safe_measure(config, since) |> evaluate(Map.get(previous, name, :ok), thresholds)
       end
 
     %{status: worst(Enum.map(checks, & &1.status)), checks: checks}
@@ -176,6 +176,14 @@ defmodule Snakepit.SharedMemory.Health do
       measurements: measurements,
       advice: advice
     }
+
+  # A check that cannot measure (a /proc file of an unexpected shape, a NIF missing in
+  # an offline tool) reports why instead of taking the other checks down with it.
+  defp safe_measure(name, config, since) do
+    measure(name, config, since)
+  rescue
+    e -> skipped(name, "could not measure: " <> Exception.message(e))
+  end
 
   defp measure(:regions, config, _since) do
     regions = totals().regions
