@@ -152,6 +152,34 @@ defmodule Snakepit.SharedMemory.HealthTest do
       assert status(:dead_processes) == :ok
     end
 
+    test "dead_processes: a worker killed while holding a region (SIGKILL, for real)" do
+      assert status(:dead_processes) == :ok
+      {:ok, id} = SM.allocate_region(4096, cleanup_policy: :manual)
+      {:ok, ref} = SM.export_ref(id)
+      {:ok, json} = Snakepit.SharedMemory.JSON.encode(ref)
+
+      script = """
+      import os, signal, sys, time, snakepit_shm
+      r = snakepit_shm.attach(sys.argv[1])
+      print("ATTACHED", flush=True)
+      time.sleep(0.5)   # the manager's holder scan sees us
+      os.kill(os.getpid(), signal.SIGKILL)
+      """
+
+      {out, status} = Snakepit.SharedMemory.ReliabilityHelpers.python(script, [json])
+      assert out =~ "ATTACHED" and status == 137, out
+
+      assert ShmHelpers.wait_until(
+               fn ->
+                 r = check(SM.health(), :dead_processes)
+                 r.status == :degraded and r.measurements.dead_holds_released >= 1
+               end,
+               5_000
+             )
+
+      assert status(:dead_processes) == :ok
+    end
+
     test "memlock counts the pages :maximum regions lock" do
       {:ok, limits} = File.read("/proc/self/limits")
       [_, soft] = Regex.run(~r/^Max locked memory\s+(\S+)/m, limits)
@@ -298,6 +326,18 @@ defmodule Snakepit.SharedMemory.HealthTest do
         end)
 
         restart_monitor()
+      end)
+    end
+
+    test "telemetry: false (Snakepit's telemetry_enabled: false) silences the events" do
+      with_telemetry(fn ->
+        TestSupport.with_config([telemetry: false], fn ->
+          SM.health()
+          refute_received {:telemetry, _, _, _}
+        end)
+
+        SM.health()
+        assert_received {:telemetry, [:snakepit_shm, :health, :check], _, _}
       end)
     end
 

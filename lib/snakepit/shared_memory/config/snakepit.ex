@@ -74,7 +74,10 @@ defmodule Snakepit.SharedMemory.Config.Snakepit do
         "pages need SeLockMemoryPrivilege and are not used). The key changes nothing.",
     security_descriptor:
       "platform_options.windows.security_descriptor: every region gets an owner-only " <>
-        "DACL (the current user); other descriptors are not supported. The key changes nothing."
+        "DACL (the current user); other descriptors are not supported. The key changes nothing.",
+    shm_path_elsewhere:
+      "platform_options.linux.shm_path: this is not Linux, where POSIX shared memory is " <>
+        "not a directory of files. The key changes nothing here."
   }
 
   @typep requirement :: {atom(), [term()], term(), String.t()}
@@ -187,9 +190,15 @@ defmodule Snakepit.SharedMemory.Config.Snakepit do
   end
 
   defp platform(:linux, opts) when is_map(opts) or is_list(opts) do
+    # A config shared by Linux and macOS developers must start on both.
+    linux? = :os.type() == {:unix, :linux}
+
     Enum.reduce_while(Map.new(opts), {:ok, [], []}, fn
       {:shm_path, path}, {:ok, reqs, notices} ->
         case valid(:shm_path, path, "platform_options.linux.shm_path") do
+          :ok when not linux? ->
+            {:cont, {:ok, reqs, notices ++ [@notices.shm_path_elsewhere]}}
+
           :ok ->
             r = req(:shm_path, [path], path, "platform_options.linux.shm_path", path)
             {:cont, {:ok, [r | reqs], notices}}
