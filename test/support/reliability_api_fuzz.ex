@@ -25,6 +25,7 @@ defmodule Snakepit.SharedMemory.ReliabilityApiFuzz do
     list_regions: 2,
     cleanup_regions: 1,
     stats: 1,
+    health: 1,
     export_ref: 5
   ]
   @total_weight @functions |> Keyword.values() |> Enum.sum()
@@ -197,6 +198,7 @@ defmodule Snakepit.SharedMemory.ReliabilityApiFuzz do
   end
 
   defp args(:stats, _state, _pool), do: []
+  defp args(:health, _state, _pool), do: []
 
   defp args(:export_ref, _state, pool) do
     opts =
@@ -326,6 +328,10 @@ defmodule Snakepit.SharedMemory.ReliabilityApiFuzz do
   defp well_shaped?(:list_regions, _, {:ok, list}), do: is_list(list)
   defp well_shaped?(:cleanup_regions, _, {:ok, list}), do: is_list(list)
   defp well_shaped?(:stats, _, {:ok, stats}), do: is_map(stats)
+
+  defp well_shaped?(:health, _, %{status: s, checks: checks}),
+    do: s in [:ok, :degraded, :critical] and is_list(checks)
+
   defp well_shaped?(:export_ref, _, {:ok, %{"region_id" => id}}), do: is_binary(id)
 
   defp well_shaped?(f, _, :ok) when f in [:unmap_region, :deallocate_region, :write, :seal],

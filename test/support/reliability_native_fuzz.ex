@@ -70,7 +70,10 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
     unlink_segment: 2,
     process_start_time: 2,
     process_alive: 2,
-    self_info: 1
+    self_info: 1,
+    set_shm_dir: 1,
+    shm_dir: 1,
+    fs_stat: 2
   ]
   @total_weight @functions |> Keyword.values() |> Enum.sum()
 
@@ -165,8 +168,10 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
     fun = pick_function()
     pool = pool(state)
 
+    # set_shm_dir is global to the VM (where every suite's POSIX segments live): it
+    # only ever gets the chosen arguments of args/3, never arbitrary paths.
     args =
-      if :rand.uniform(5) == 1,
+      if :rand.uniform(5) == 1 and fun != :set_shm_dir,
         do: for(_ <- 1..arity(fun)//1, do: G.any(pool)),
         else: args(fun, state, pool)
 
@@ -289,7 +294,27 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
 
   defp args(:process_alive, state, _pool), do: Tuple.to_list(os_pid_and_start(state))
 
-  defp args(fun, _state, _pool) when fun in [:header_layout, :self_info], do: []
+  defp args(fun, _state, _pool) when fun in [:header_layout, :self_info, :shm_dir], do: []
+
+  # Never another directory than /dev/shm: the directory is global to the VM, and the
+  # other suites' segments live there. Only refusals (and /dev/shm itself) otherwise.
+  defp args(:set_shm_dir, _state, _pool),
+    do: [
+      G.one_of([
+        "/dev/shm",
+        "/dev/shm/",
+        "relative/dir",
+        "",
+        "/nonexistent/spshm",
+        "/etc/hostname",
+        "/dev/shm\0/x",
+        :dev_shm,
+        42,
+        ~c"/dev/shm"
+      ])
+    ]
+
+  defp args(:fs_stat, _state, pool), do: [G.pick(0.85, pool, fn -> path_string(pool) end)]
 
   defp create_opts(pool) do
     %{
@@ -402,6 +427,8 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
   defp well_shaped?(:process_start_time, _, {:ok, t}), do: non_neg?(t)
   defp well_shaped?(:process_alive, _, v), do: is_boolean(v)
   defp well_shaped?(:self_info, _, %{os_pid: p}), do: is_integer(p)
+  defp well_shaped?(:shm_dir, _, dir), do: dir == "/dev/shm"
+  defp well_shaped?(:fs_stat, _, {:ok, %{total: t, available: a}}), do: non_neg?(t) and a <= t
 
   defp well_shaped?(f, [_m, _off, len], {:ok, bin})
        when f in [:read, :read_dirty, :read_zero_copy],
@@ -418,7 +445,8 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
               :set_idle_timeout,
               :monitor_owner,
               :cancel_watch,
-              :unlink_segment
+              :unlink_segment,
+              :set_shm_dir
             ],
        do: true
 

@@ -9,7 +9,7 @@ defmodule Mix.Tasks.Snakepit.Shm.Info do
       mix snakepit.shm.info REGION_ID [--format table|json] [--node NAME [--cookie COOKIE]]
 
   Without `--node` it reads the region's own header (no running manager needed): the
-  POSIX segment /dev/shm/REGION_ID, or the memfd of that id in the open fds of a process
+  POSIX segment /dev/shm/REGION_ID (or under config :snakepit_shm, shm_path), or the memfd of that id in the open fds of a process
   of your uid. The header is checked (magic, format version, sizes, CRC-32): a damaged
   header is reported as CORRUPT.
 

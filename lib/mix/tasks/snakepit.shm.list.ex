@@ -9,8 +9,9 @@ defmodule Mix.Tasks.Snakepit.Shm.List do
                             [--format table|json] [--node NAME [--cookie COOKIE]]
 
   Without `--node` it works offline, with no running manager: it reads the header of
-  every POSIX segment in /dev/shm/spshm_* and of every memfd region found in the open
-  fds of processes of your uid (/proc/*/fd). Run it as the user that runs the VM.
+  every POSIX segment in /dev/shm/spshm_* (or in the directory of config :snakepit_shm,
+  shm_path) and of every memfd region found in the open fds of processes of your uid
+  (/proc/*/fd). Run it as the user that runs the VM.
 
   ## Options
 

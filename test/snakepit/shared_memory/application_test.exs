@@ -1,13 +1,19 @@
 defmodule Snakepit.SharedMemory.ApplicationTest do
   use ExUnit.Case, async: false
 
-  alias Snakepit.SharedMemory.{Manager, TableOwner}
+  alias Snakepit.SharedMemory.{HealthMonitor, Manager, TableOwner}
 
   describe "start/2" do
-    test "starts the table owner, then the manager, under :rest_for_one" do
+    test "starts the table owner, then the manager, then the health monitor, under :rest_for_one" do
       children = Supervisor.which_children(Snakepit.SharedMemory.Supervisor)
-      assert [{Manager, manager, :worker, _}, {TableOwner, owner, :worker, _}] = children
-      assert is_pid(manager) and is_pid(owner)
+
+      assert [
+               {HealthMonitor, health, :worker, _},
+               {Manager, manager, :worker, _},
+               {TableOwner, owner, :worker, _}
+             ] = children
+
+      assert is_pid(manager) and is_pid(owner) and is_pid(health)
 
       assert %{strategy: :rest_for_one} =
                :sys.get_state(Snakepit.SharedMemory.Supervisor) |> supervisor_strategy()
