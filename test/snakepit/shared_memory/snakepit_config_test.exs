@@ -208,11 +208,15 @@ defmodule Snakepit.SharedMemory.SnakepitConfigTest do
 
   # Restarts the application with only `own` as config :snakepit_shm (plus the test
   # intervals) and `snakepit` as config :snakepit, :shared_memory; restores both.
+  # (Restarts never sweep orphans: other suites on this machine may be keeping some.)
   defp restart_with(own, snakepit, fun) do
     Application.stop(:snakepit_shm)
     saved = Application.get_all_env(:snakepit_shm)
     for {key, _} <- saved, do: Application.delete_env(:snakepit_shm, key)
-    for {key, value} <- own, do: Application.put_env(:snakepit_shm, key, value)
+
+    for {key, value} <- [{:orphan_sweep, false} | own],
+        do: Application.put_env(:snakepit_shm, key, value)
+
     Application.put_env(:snakepit, :shared_memory, snakepit)
 
     try do
@@ -225,8 +229,10 @@ defmodule Snakepit.SharedMemory.SnakepitConfigTest do
           do: Application.delete_env(:snakepit_shm, key)
 
       for {key, value} <- saved, do: Application.put_env(:snakepit_shm, key, value)
-      {:ok, _} = Config.load()
+      Application.put_env(:snakepit_shm, :orphan_sweep, false)
       {:ok, _} = Application.ensure_all_started(:snakepit_shm)
+      Application.put_env(:snakepit_shm, :orphan_sweep, Keyword.get(saved, :orphan_sweep, true))
+      {:ok, _} = Config.load()
     end
   end
 end
