@@ -17,6 +17,7 @@ defmodule Snakepit.SharedMemory.Application do
     with {:ok, config} <- Config.load(),
          {:ok, platform} <- Platform.select(:os.type()),
          :ok <- Platform.apply_shm_path(platform, config.shm_path) do
+      Platform.warn_unless_tmpfs(config.shm_path)
       Stats.setup()
 
       Supervisor.start_link([TableOwner, Manager, HealthMonitor],

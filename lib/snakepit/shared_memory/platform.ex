@@ -99,6 +99,28 @@ defmodule Snakepit.SharedMemory.Platform do
   end
 
   @doc """
+  Logs a warning if the configured `shm_path` is not a tmpfs (it works, but its pages are
+  written back to disk). The application calls it once at start.
+  """
+  @spec warn_unless_tmpfs(String.t() | nil) :: :ok
+  def warn_unless_tmpfs(nil), do: :ok
+
+  def warn_unless_tmpfs(dir) do
+    case Snakepit.SharedMemory.Native.fs_stat(dir) do
+      {:ok, %{tmpfs: false}} ->
+        require Logger
+
+        Logger.warning(
+          "snakepit_shm: shm_path #{dir} is not a tmpfs: POSIX regions there are backed by " <>
+            "disk and written back; mount a tmpfs there (mount -t tmpfs -o size=2g tmpfs #{dir})"
+        )
+
+      _ ->
+        :ok
+    end
+  end
+
+  @doc """
   Resolves a requested backend (`:auto` or a concrete one) for a region that does or
   does not `need_name?` (a well-known name or group/other permissions).
   """

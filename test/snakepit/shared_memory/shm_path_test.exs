@@ -192,6 +192,32 @@ defmodule Snakepit.SharedMemory.ShmPathTest do
     end)
   end
 
+  test "a directory that is not a tmpfs works, with a warning at start" do
+    dir = Path.join(System.tmp_dir!(), "i19_disk_#{System.unique_integer([:positive])}")
+    File.mkdir_p!(dir)
+
+    try do
+      case Native.fs_stat(dir) do
+        {:ok, %{tmpfs: true}} ->
+          IO.puts("skipped: #{dir} is a tmpfs here")
+
+        {:ok, %{tmpfs: false}} ->
+          log =
+            ExUnit.CaptureLog.capture_log(fn ->
+              with_shm_path(dir, fn ->
+                {:ok, id} = SM.allocate_region(4096, backend: :posix)
+                assert File.exists?(Path.join(dir, id))
+                :ok = SM.deallocate_region(id)
+              end)
+            end)
+
+          assert log =~ "shm_path #{dir} is not a tmpfs"
+      end
+    after
+      File.rm_rf(dir)
+    end
+  end
+
   test "a missing or relative shm_path fails the start with a message naming it" do
     Application.stop(:snakepit_shm)
 
