@@ -12,7 +12,8 @@ from . import _header
 from . import _locate
 from . import _native
 from . import _proc
-from .region import Attachment, Region, expiry_problem, state_bits, touch
+from .region import (Attachment, Region, creator_alive, expiry_problem, state_bits,
+                     touch)
 
 _SECURITY_LEVELS = {0: "standard", 1: "high", 2: "maximum"}
 
@@ -62,6 +63,7 @@ def attach(ref_or_region_id, mode="r"):
                 "allocated on the Elixir side while this worker uses it, or use the "
                 "memfd backend."), stacklevel=2)
         _check_state(location.region_id, header_mm, mode)
+        _warn_if_orphaned(header, header_mm)
 
         data_mm, view_offset = _map_data(location.region_id, data_fd, header, mode)
         on_error.callback(data_mm.close)
@@ -209,6 +211,17 @@ def _deallocated_error(region_id):
     return errors.RegionNotFound(
         f"region {region_id} was deallocated: its data is gone or being zeroed. Ask the "
         "Elixir side for a fresh region.")
+
+
+def _warn_if_orphaned(header, header_mm):
+    """Warn when the creator VM is gone (and no VM adopted the region)."""
+    if state_bits(header_mm) & F.STATE_ADOPTED or creator_alive(header):
+        return
+    warnings.warn(errors.OrphanedRegionWarning(
+        f"region {header.region_id} is an orphan: the process that created it "
+        f"(OS pid {header.creator_pid}) is no longer running, so nobody will read what "
+        "this worker writes into it and the next orphan sweep frees it. Finish "
+        "quickly, or ask a live VM for a fresh region."), stacklevel=3)
 
 
 def _check_state(region_id, header_mm, mode):
