@@ -140,7 +140,7 @@ defmodule Snakepit.SharedMemory.Access do
         do: Native.write_dirty(mapping.ref, offset, data),
         else: Native.write(mapping.ref, offset, data)
 
-    with :ok <- native(result, mapping.region_id) do
+    with :ok <- freed(native(result, mapping.region_id), mapping) do
       :counters.add(mapping.counters, 1, 1)
       Stats.count(:bytes_written, byte_size(data))
 
@@ -195,7 +195,7 @@ defmodule Snakepit.SharedMemory.Access do
           Native.read(mapping.ref, offset, length)
       end
 
-    with {:ok, data} <- native(result, mapping.region_id) do
+    with {:ok, data} <- freed(native(result, mapping.region_id), mapping) do
       :counters.add(mapping.counters, 1, 1)
       Stats.count(:bytes_read, length)
 
@@ -305,6 +305,11 @@ defmodule Snakepit.SharedMemory.Access do
       %{region_id: id}
     )
   end
+
+  defp freed({:error, _} = error, mapping),
+    do: Snakepit.SharedMemory.Freed.explain(error, mapping.region_id, mapping.counters)
+
+  defp freed(result, _mapping), do: result
 
   @doc false
   def native(:ok, _id), do: :ok

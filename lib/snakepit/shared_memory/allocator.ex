@@ -154,9 +154,10 @@ defmodule Snakepit.SharedMemory.Allocator do
   end
 
   @doc false
-  # Slot 1: accesses through this VM; slot 2: sealed (see Snakepit.SharedMemory.Access).
+  # Slot 1: accesses through this VM; slot 2: sealed (see Snakepit.SharedMemory.Access);
+  # slot 3: why it was freed (Snakepit.SharedMemory.Freed).
   def new_counters(info) do
-    counters = :counters.new(2, [:write_concurrency])
+    counters = :counters.new(Snakepit.SharedMemory.Freed.slots(), [:write_concurrency])
     if info.sealed, do: :counters.put(counters, 2, 1)
     counters
   end
@@ -223,7 +224,9 @@ defmodule Snakepit.SharedMemory.Allocator do
   end
 
   defp release(record, reason) do
-    region(id: id, owner: owner, size: size, role: role) = record
+    region(id: id, owner: owner, size: size, role: role, counters: counters) = record
+    # Before the mappings end: a read racing this free sees the reason with :closed.
+    Snakepit.SharedMemory.Freed.mark(counters, reason)
 
     # Mappings first: take (not just read) each row, so a concurrent unmap_region/1 and
     # this loop never both unmap one mapping.
