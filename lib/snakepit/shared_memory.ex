@@ -73,11 +73,15 @@ defmodule Snakepit.SharedMemory do
       to `[]`: every process of this VM.
     * `:metadata` - a JSON-encodable map stored in the region header, visible to workers
       (`dtype` and `shape` are used by `export_ref/2` and `Region.ndarray()`), at most
-      1792 bytes of JSON. Defaults to `%{}`.
+      1792 bytes of JSON. A `dtype` must be one of numpy's names
+      (`Snakepit.SharedMemory.Dtype`) and `shape` x itemsize must fit in `size`
+      (`:invalid_metadata` otherwise). Defaults to `%{}`.
     * `:name` - a well-known name (1-21 characters of `[a-z0-9_-]`) so that other
       processes find the region as `spshm_n_<name>`. Defaults to `nil` (a random id).
     * `:open_mode` - for named regions: `:create` (fail if it exists), `:open_only`,
-      `:create_or_open`, `:remove_and_create`. Defaults to `:create`.
+      `:create_or_open`, `:remove_and_create`. Defaults to `:create`. Opening an
+      existing region of another size is a `:size_mismatch` error; pass `size` `:any`
+      with `:open_only` to take it whatever its size.
     * `:backend` - `:auto`, `:memfd` (Linux: sealed anonymous memory, never visible in
       `/dev/shm`) or `:posix` (`/dev/shm`). `:auto` picks `:posix` when a name or
       group/other permissions need it, else the platform default (`:memfd` on Linux).
@@ -87,10 +91,11 @@ defmodule Snakepit.SharedMemory do
 
   Errors: `:invalid_size`, `:invalid_option`, `:invalid_metadata`, `:metadata_too_large`,
   `:size_exceeds_limit`, `:memory_limit_exceeded`, `:region_limit_exceeded`,
-  `:process_limit_exceeded`, `:already_exists`, `:unsupported`, and native ones such as
+  `:process_limit_exceeded`, `:already_exists`, `:size_mismatch`, `:unsupported`, and
+  native ones such as
   `:no_space` or `:mlock_failed`.
   """
-  @spec allocate_region(pos_integer(), keyword() | map()) :: {:ok, region_id()} | error()
+  @spec allocate_region(pos_integer() | :any, keyword() | map()) :: {:ok, region_id()} | error()
   def allocate_region(size, opts \\ []) do
     start = Stats.start()
 
@@ -327,6 +332,9 @@ defmodule Snakepit.SharedMemory do
       of the ref decrypt it: hand it only to the worker that needs it. Defaults to `false`.
     * `:dtype` - overrides the `dtype` of the metadata. Defaults to the metadata's.
     * `:shape` - overrides the `shape` of the metadata. Defaults to the metadata's.
+
+  The resulting dtype must be a numpy name and `shape` x itemsize must fit in the
+  region (`:invalid_option` otherwise).
   """
   @spec export_ref(region_id(), keyword() | map()) :: {:ok, map()} | error()
   def export_ref(region_id, opts \\ []) do

@@ -229,6 +229,9 @@ defmodule Snakepit.SharedMemory.Access do
          info = Native.info(ref),
          :ok <- export_allowed(id, level, info),
          {:ok, metadata} <- json_metadata(region(record, :metadata)),
+         dtype = opts.dtype || Map.get(metadata, "dtype"),
+         shape = opts.shape || Map.get(metadata, "shape"),
+         :ok <- Snakepit.SharedMemory.Dtype.check_layout(dtype, shape, info.size, "export_ref/2"),
          {:ok, key} <- key(ref, info, opts.include_key, id) do
       ref_map =
         %{
@@ -241,8 +244,8 @@ defmodule Snakepit.SharedMemory.Access do
           "size" => info.size,
           "sealed" => info.sealed,
           "encrypted" => info.encrypted,
-          "dtype" => opts.dtype || Map.get(metadata, "dtype"),
-          "shape" => opts.shape || Map.get(metadata, "shape"),
+          "dtype" => dtype,
+          "shape" => shape,
           "metadata" => metadata
         }
         |> put_key(key)

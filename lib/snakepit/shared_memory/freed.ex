@@ -47,7 +47,7 @@ defmodule Snakepit.SharedMemory.Freed do
   """
   @spec explain({:error, Error.t()}, String.t(), :counters.counters_ref()) ::
           {:error, Error.t()}
-  def explain({:error, %Error{reason: :closed}} = error, id, counters) do
+  def explain({:error, %Error{reason: :closed}} = error, id, counters) when is_binary(id) do
     case reason(counters) do
       nil ->
         error
