@@ -321,7 +321,9 @@ defmodule Snakepit.SharedMemory do
   The reference a Python worker attaches with (`snakepit_shm.attach(ref)`): a map with
   string keys, encodable as JSON (`Snakepit.SharedMemory.JSON.encode/1`): `"v"`,
   `"region_id"`, `"backend"`, `"control_path"`, `"data_path"`, `"data_offset"`,
-  `"size"`, `"sealed"`, `"encrypted"`, `"dtype"`, `"shape"`, `"metadata"`, and `"key"`
+  `"size"`, `"sealed"`, `"encrypted"`, `"dtype"`, `"shape"`, `"format"` (`"numpy"` when a
+  dtype is known, `"arrow"` or `"raw"` as the metadata's `format` says, else `"raw"`),
+  `"metadata"`, and `"key"`
   only when asked. Nothing else.
 
   A `:maximum` region must be sealed first (`:not_sealed`): it is shared read-only.
@@ -346,6 +348,100 @@ defmodule Snakepit.SharedMemory do
            do: Access.export(region_id, opts)
 
     Stats.stop(:export, start, result, %{region_id: region_id})
+  end
+
+  # ---- worker outputs and Snakepit glue ----
+
+  @doc """
+  Takes over a region a Python worker created for its output
+  (`snakepit_shm.allocate(size, dtype=..., shape=...)` or `snakepit_shm.from_array(a)`,
+  whose `.ref` the worker returned). Accepts the ref as a map, its JSON, or wrapped in a
+  Snakepit `ZeroCopyRef` marker. Returns the region id, now registered in this VM as if
+  allocated here: the owner, cleanup policy, timeout, limits and quotas apply, and
+  `map_region/2`, `read/3`, `seal/1` (then zero-copy reads), `export_ref/2` and
+  `deallocate_region/1` work on it. The worker's ownership ends (it closes its
+  descriptors when it sees the adopted bit).
+
+  Adopt while the worker is alive: a worker that dies before adoption leaves nothing
+  behind (memfd regions die with it; POSIX ones are removed by the next orphan sweep),
+  and adopting then gives `:not_found`. Only unencrypted regions; once only
+  (`:already_adopted`).
+
+  Options: `:owner` (default `self()`), `:cleanup_policy`, `:timeout`,
+  `:allowed_processes`, `:access_mode`, as for `allocate_region/2`.
+  """
+  @spec adopt_region(map() | String.t(), keyword() | map()) :: {:ok, region_id()} | error()
+  def adopt_region(ref, opts \\ []) do
+    start = Stats.start()
+
+    result = with :ok <- available(), do: Snakepit.SharedMemory.Adoption.adopt(ref, opts)
+
+    Stats.stop(:allocate, start, result, %{adopted: true})
+  end
+
+  @doc """
+  Snakepit's `ZeroCopyRef` wire marker for a region (by id: exported with
+  `export_ref/2` first) or for a ref: `%{"__snakepit_zero_copy__" => true, "kind" =>
+  "shm", "device" => "cpu", "dtype", "shape", "owner", "ref" => our ref, "copy" =>
+  false, "bytes", "metadata"}`. Put it in a tool's arguments;
+  `snakepit_shm.attach/resolve` on the worker understand it.
+  """
+  @spec to_zero_copy_ref(region_id() | map(), keyword() | map()) :: {:ok, map()} | error()
+  def to_zero_copy_ref(id_or_ref, export_opts \\ [])
+
+  def to_zero_copy_ref(id, export_opts) when is_binary(id) do
+    with {:ok, ref} <- export_ref(id, export_opts),
+         do: Snakepit.SharedMemory.ZeroCopy.to_marker(ref)
+  end
+
+  def to_zero_copy_ref(ref, _export_opts), do: Snakepit.SharedMemory.ZeroCopy.to_marker(ref)
+
+  @doc """
+  Our ref out of a Snakepit `ZeroCopyRef` marker (a map or its JSON) of kind `"shm"`,
+  e.g. a worker's answer, ready for `adopt_region/2`. `:unsupported` for other kinds.
+  """
+  @spec from_zero_copy_ref(map() | String.t()) :: {:ok, map()} | error()
+  def from_zero_copy_ref(marker) do
+    with {:ok, ref} <- Snakepit.SharedMemory.ZeroCopy.unwrap(marker) do
+      if is_binary(ref["region_id"]),
+        do: {:ok, ref},
+        else:
+          Error.error(
+            :invalid_argument,
+            "the marker carries no ref: #{inspect(marker, limit: 8)}"
+          )
+    end
+  end
+
+  @doc """
+  The environment variables a Python worker needs to `import snakepit_shm`:
+  `%{"PYTHONPATH" => ".../priv/python[:existing]", "SNAKEPIT_SHM_LIB" =>
+  ".../priv/libsnakepit_shm.so"}`. Give it to a Snakepit pool as `adapter_env`
+  (`Enum.to_list/1` if a list of pairs is wanted), or to `Port.open/2`'s `:env`.
+  """
+  @spec python_env() :: %{String.t() => String.t()}
+  def python_env, do: Snakepit.SharedMemory.ZeroCopy.python_env()
+
+  @doc """
+  The region's contents as an Nx tensor, typed and shaped by its metadata's `dtype`
+  and `shape` (`{:f, 32}` for `"float32"`, see `Snakepit.SharedMemory.Dtype`). Needs
+  Nx loaded (`:unsupported` otherwise); no compile-time dependency. A sealed region is
+  read without copying.
+  """
+  @spec to_nx(region_id()) :: {:ok, term()} | error()
+  def to_nx(region_id) do
+    with {:ok, info} <- get_region_info(region_id),
+         {:ok, mapping} <- map_region(region_id, access_mode: :read_only) do
+      result = read(mapping, 0, info.size)
+      _ = unmap_region(mapping)
+
+      with {:ok, binary} <- result do
+        meta = info.metadata
+        dtype = meta["dtype"] || meta[:dtype]
+        shape = meta["shape"] || meta[:shape]
+        Snakepit.SharedMemory.ZeroCopy.to_nx(binary, dtype, shape)
+      end
+    end
   end
 
   # ---- helpers ----

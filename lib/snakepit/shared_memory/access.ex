@@ -246,6 +246,7 @@ defmodule Snakepit.SharedMemory.Access do
           "encrypted" => info.encrypted,
           "dtype" => dtype,
           "shape" => shape,
+          "format" => Map.get(metadata, "format") || if(dtype, do: "numpy", else: "raw"),
           "metadata" => metadata
         }
         |> put_key(key)

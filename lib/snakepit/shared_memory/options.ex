@@ -260,12 +260,25 @@ defmodule Snakepit.SharedMemory.Options do
   defp metadata(other),
     do: Error.error(:invalid_metadata, ":metadata must be a map, got: #{inspect(other)}")
 
+  defp format_ok(format)
+       when format in [nil, "numpy", "arrow", "raw", :numpy, :arrow, :raw],
+       do: nil
+
+  defp format_ok(format),
+    do:
+      Error.error(
+        :invalid_metadata,
+        ":metadata: format must be \"numpy\", \"arrow\" or \"raw\", got: #{inspect(format)}"
+      )
+
   # The dtype and shape a worker will read the region with (Region.ndarray()).
   defp metadata_layout(metadata, size) do
     dtype = Map.get(metadata, "dtype", Map.get(metadata, :dtype))
     shape = Map.get(metadata, "shape", Map.get(metadata, :shape))
 
-    case Dtype.check_layout(dtype, shape, size, ":metadata") do
+    format = Map.get(metadata, "format", Map.get(metadata, :format))
+
+    case format_ok(format) || Dtype.check_layout(dtype, shape, size, ":metadata") do
       :ok -> :ok
       {:error, error} -> {:error, %{error | reason: :invalid_metadata}}
     end

@@ -18,7 +18,9 @@ the project's C library ``libsnakepit_shm.so`` for the atomic holder-table updat
 decryption.  Linux only (POSIX shm and memfd backends).
 """
 
-from ._attach import attach, inspect
+from ._attach import attach, attach_async, inspect
+from ._outputs import allocate, discard, from_array, pending_outputs
+from ._resolve import resolve, to_zero_copy_ref
 from .errors import (CorruptRegion, LibraryNotFound, OrphanedRegionWarning,
                      PermissionError, RegionDeallocated, RegionExpired, RegionNotFound,
                      SnakepitShmError, UnheldAttachWarning, ViewsStillAlive)
@@ -28,6 +30,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "attach",
+    "attach_async",
+    "allocate",
+    "from_array",
+    "discard",
+    "pending_outputs",
+    "resolve",
+    "to_zero_copy_ref",
     "inspect",
     "Region",
     "SnakepitShmError",

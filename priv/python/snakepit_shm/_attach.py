@@ -22,7 +22,8 @@ def attach(ref_or_region_id, mode="r"):
     """Attach a region and register this process as one of its holders.
 
     ``ref_or_region_id`` is the map returned by Elixir's ``export_ref/2`` (a dict, or
-    that map as a JSON string) or a bare region id.  ``mode`` is "r" (read-only data)
+    that map as a JSON string), that map wrapped in a Snakepit ``ZeroCopyRef`` marker
+    (``to_zero_copy_ref/1``), or a bare region id.  ``mode`` is "r" (read-only data)
     or "rw".  Returns a :class:`Region`; use it as a context manager or call close().
 
     Raises RegionNotFound, CorruptRegion, RegionExpired or PermissionError (all
@@ -73,6 +74,14 @@ def attach(ref_or_region_id, mode="r"):
             touch(header_mm)
         on_error.pop_all()
         return region
+
+
+async def attach_async(ref_or_region_id, mode="r"):
+    """:func:`attach` in the event loop's default executor (finding a memfd region by
+    bare id scans /proc, and the first load of the C library reads a file)."""
+    import asyncio
+    return await asyncio.get_running_loop().run_in_executor(None, attach,
+                                                            ref_or_region_id, mode)
 
 
 def inspect(ref_or_region_id):

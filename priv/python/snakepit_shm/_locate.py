@@ -77,10 +77,44 @@ def parse_target(target):
         else:
             return find_by_id(validate_region_id(text))
     if isinstance(target, dict):
-        return _parse_ref(target)
+        return _parse_ref(unwrap_marker(target))
     raise TypeError(
         "attach() takes a region id (str), a ref (dict, as returned by Elixir's "
         f"export_ref/2) or that ref as a JSON string; got {type(target).__name__}")
+
+
+MARKER = "__snakepit_zero_copy__"
+
+
+def is_marker(value):
+    """True for a Snakepit ZeroCopyRef wire marker (any kind)."""
+    return isinstance(value, dict) and value.get(MARKER) is True
+
+
+def is_ref(value):
+    """True for one of our refs (export_ref/2 or a worker output)."""
+    return (isinstance(value, dict) and value.get("v") == 1
+            and isinstance(value.get("region_id"), str) and "backend" in value)
+
+
+def unwrap_marker(value):
+    """Return our ref from a Snakepit marker of kind "shm"; other dicts unchanged."""
+    if not is_marker(value):
+        return value
+    kind = value.get("kind")
+    if kind != "shm":
+        raise ValueError(f"a Snakepit zero-copy marker of kind {kind!r} carries no shared "
+                         "memory region: only kind 'shm' can be attached here")
+    ref = value.get("ref")
+    if isinstance(ref, str):
+        try:
+            ref = json.loads(ref)
+        except ValueError as exc:
+            raise ValueError(f"the marker's ref is not valid JSON: {exc}") from None
+    if not isinstance(ref, dict):
+        raise ValueError("the Snakepit marker has no 'ref' object: build it with "
+                         "Snakepit.SharedMemory.to_zero_copy_ref/1")
+    return ref
 
 
 def _ref_field(ref, name, kinds, required=True):

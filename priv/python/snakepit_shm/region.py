@@ -152,6 +152,7 @@ class Region:
         self._mode = mode
         self._lock = threading.RLock()
         self._closed = False
+        self._output_ref = None
 
     # ---- properties ----
 
@@ -221,6 +222,28 @@ class Region:
         adopted, the creator is the worker.
         """
         return creator_alive(self._header)
+
+    @property
+    def ref(self):
+        """A JSON-encodable ref to this region, for another process or the VM.
+
+        For an output made by :func:`snakepit_shm.allocate` it is what Elixir's
+        ``adopt_region/2`` takes; for an attached region it locates the same region.
+        """
+        if self._output_ref is not None:
+            return dict(self._output_ref)
+        loc = self._location
+        return {"v": 1, "region_id": self.region_id, "backend": self.backend,
+                "control_path": loc.control_path, "data_path": loc.data_path,
+                "size": self.size, "dtype": self._default("dtype", None),
+                "shape": self._default("shape", None), "metadata": self.metadata,
+                "format": self.metadata.get("format") or (
+                    "numpy" if self._default("dtype", None) else "raw")}
+
+    def zero_copy_ref(self):
+        """:attr:`ref` wrapped in Snakepit's ZeroCopyRef wire marker (kind "shm")."""
+        from ._resolve import to_zero_copy_ref  # late import: _resolve imports _attach
+        return to_zero_copy_ref(self.ref)
 
     @property
     def buf(self):
@@ -333,6 +356,21 @@ class Region:
                     with _native.buffer_address(self._data_mm, writable=True) as (out, _):
                         ctypes.memmove(out + self._view_offset + offset, source, length)
             self._touch()
+
+    # ---- asyncio ----
+
+    async def read_async(self, offset=0, length=None):
+        """:meth:`read` in the event loop's default executor (decryption of a large
+        encrypted region takes about 1.5 s per GB: never block the loop with it)."""
+        return await _in_executor(self.read, offset, length)
+
+    async def readinto_async(self, buffer, offset=0):
+        """:meth:`readinto` in the default executor."""
+        return await _in_executor(self.readinto, buffer, offset)
+
+    async def write_async(self, offset, data):
+        """:meth:`write` in the default executor."""
+        return await _in_executor(self.write, offset, data)
 
     # ---- lifecycle ----
 
@@ -464,6 +502,11 @@ class Region:
     def _touch(self):
         if self._attachment.writable:
             touch(self._attachment.header_mm)
+
+
+async def _in_executor(function, *args):
+    import asyncio
+    return await asyncio.get_running_loop().run_in_executor(None, function, *args)
 
 
 @contextlib.contextmanager
