@@ -4,8 +4,8 @@ The client maps segments itself with :mod:`mmap`; it calls the library only for 
 Python cannot do safely: atomic updates of the header's holder table and refcount, and
 XChaCha20-Poly1305 decryption/encryption of encrypted regions.
 
-The library is found through the environment variable ``SNAKEPIT_SHM_LIB`` or, by
-default, at ``priv/libsnakepit_shm.so`` (two directories above this package).  It is
+The library is found through the environment variable ``SNAKEPIT_SHM_LIB``, next to
+this package, or at ``priv/libsnakepit_shm.so`` (two directories above this package).  It is
 loaded on first use and cached.
 """
 
@@ -56,11 +56,19 @@ _library = None
 
 
 def library_path():
-    """Return the path the C ABI library is loaded from."""
+    """Return the path the C ABI library is loaded from.
+
+    In order: ``SNAKEPIT_SHM_LIB``; ``libsnakepit_shm.so`` next to this package (an
+    installed copy); ``priv/libsnakepit_shm.so`` of the source tree this package sits
+    in.  The last one is returned (for the error message) when none exists.
+    """
     configured = os.environ.get("SNAKEPIT_SHM_LIB")
     if configured:
         return configured
     here = os.path.dirname(os.path.abspath(__file__))
+    beside = os.path.join(here, "libsnakepit_shm.so")
+    if os.path.exists(beside):
+        return beside
     return os.path.normpath(os.path.join(here, "..", "..", "libsnakepit_shm.so"))
 
 
@@ -137,7 +145,8 @@ class Library:
             raise errors.LibraryNotFound(
                 f"the snakepit_shm C library is missing: {path} does not exist. "
                 "Build it with `mix compile` (or `make build`) in the project root, "
-                "or point SNAKEPIT_SHM_LIB at libsnakepit_shm.so.")
+                "and point SNAKEPIT_SHM_LIB at priv/libsnakepit_shm.so (Elixir: "
+                "Snakepit.SharedMemory.python_env/0 gives the worker environment).")
         try:
             self._dll = ctypes.CDLL(path)
         except OSError as exc:

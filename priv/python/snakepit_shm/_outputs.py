@@ -25,7 +25,7 @@ import time
 
 from . import _format as F
 from . import _native
-from .region import Region, state_bits
+from .region import state_bits
 
 __all__ = ["allocate", "from_array", "discard", "pending_outputs"]
 
