@@ -31,7 +31,10 @@ defmodule Snakepit.SharedMemory do
   ## Lifetimes
 
   A region lives until its cleanup policy frees it (see `allocate_region/2`), its idle
-  `:timeout` passes, or `deallocate_region/1`. A mapping belongs to the process that
+  `:timeout` passes, or `deallocate_region/1`. Expiry is checked by the manager's
+  periodic cleanup, every `:cleanup_interval` ms (`config :snakepit_shm`, default 5 000):
+  a region with `timeout: 1_000` is freed between 1 and about 6 seconds after its last
+  access. A mapping whose region was freed answers `:deallocated`, saying why. A mapping belongs to the process that
   made it: `unmap_region/1` or that process's death ends it. Zero-copy binaries of a
   sealed region stay valid after unmap and deallocation (they keep the memory mapped).
   """
