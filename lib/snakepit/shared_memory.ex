@@ -53,10 +53,10 @@ defmodule Snakepit.SharedMemory do
 
   Options (keyword list or map):
 
-    * `:permissions` - `%{owner: :read_write | :read_only, group: :read_write |
-      :read_only | :none, other: ...}`: the mode of the segment for other OS users.
-      Group or other access needs the `:posix` backend. Defaults to owner-only
-      read-write.
+    * `:permissions` - a map `%{owner: o, group: g, other: x}`, each one of
+      `:read_write`, `:read_only` or `:none` (`:owner`: `:read_write` or `:read_only`):
+      the mode of the segment for other OS users. Group or other access needs the
+      `:posix` backend. Defaults to owner-only read-write.
     * `:timeout` - milliseconds without access (map, read, write; a worker's attach)
       after which the region expires and is freed, or `:infinity`. A region that some
       process holds (a mapping, an attached worker) is in use and does not expire.

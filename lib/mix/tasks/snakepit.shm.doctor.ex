@@ -25,7 +25,8 @@ defmodule Mix.Tasks.Snakepit.Shm.Doctor do
 
   ## Options
 
-    * `--python PATH` - the workers' interpreter. Defaults to `/usr/bin/python3`.
+    * `--python PATH` - the workers' interpreter: a path, or a name looked up on PATH
+      (`--python python3`). Defaults to `/usr/bin/python3`.
     * `--strict` - treat warnings as failures (exit 1).
     * `--format table|json` - output format. Defaults to `table`.
 
@@ -48,7 +49,7 @@ defmodule Mix.Tasks.Snakepit.Shm.Doctor do
       Command.parse!("snakepit.shm.doctor", @help, argv, @switches, remote: false)
 
     Command.load_code()
-    python = Keyword.get(opts, :python, "/usr/bin/python3")
+    python = Command.executable(Keyword.get(opts, :python, "/usr/bin/python3"))
 
     findings =
       without_orphan_sweep(fn -> Command.quietly(fn -> Doctor.run(python, priv_dir()) end) end)

@@ -260,7 +260,11 @@ defmodule Snakepit.SharedMemory.Allocator do
     if role == :created, do: destroy(record)
     Quota.release(owner, size)
     Stats.event(:deallocations, %{count: 1}, %{region_id: id, reason: reason})
-    Logger.debug("snakepit_shm: freed #{id} (#{reason})")
+    # The one log line of a free (explicit deallocations at debug, policies at info).
+    Logger.log(if(reason == :deallocated, do: :debug, else: :info), fn ->
+      "snakepit_shm: freed #{id} (#{reason})"
+    end)
+
     record
   end
 

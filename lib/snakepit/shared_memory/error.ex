@@ -26,9 +26,10 @@ defmodule Snakepit.SharedMemory.Error do
 
   # What to do, appended to the native message for reasons where the core cannot know it.
   @native_advice %{
+    # The core's message already says how to raise RLIMIT_MEMLOCK: add only the
+    # Elixir-side way out.
     mlock_failed:
-      "security_level :maximum locks the region in RAM: raise RLIMIT_MEMLOCK (ulimit -l, " <>
-        "systemd LimitMEMLOCK=) or grant CAP_IPC_LOCK, or use security_level: :high",
+      "security_level :maximum locks the region in RAM; security_level: :high does not",
     no_space:
       "the shared memory filesystem or RAM is full: free regions, grow /dev/shm " <>
         "(docker --shm-size) or use backend: :memfd",
