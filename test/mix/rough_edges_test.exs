@@ -136,6 +136,18 @@ defmodule Snakepit.SharedMemory.RoughEdgesTest do
     end
   end
 
+  @tag :tmp_dir
+  test "the chaos tests' header_less?/1 never blocks on a FIFO", %{tmp_dir: dir} do
+    {_, 0} = System.cmd("mkfifo", [Path.join(dir, "spshm_fifo")])
+    File.write!(Path.join(dir, "spshm_empty"), "")
+    File.write!(Path.join(dir, "spshm_full"), "SPSHMHDR")
+    helpers = Snakepit.SharedMemory.ReliabilityHelpers
+    task = Task.async(fn -> helpers.header_less?("spshm_fifo", dir) end)
+    assert Task.yield(task, 5_000) == {:ok, false}, "header_less?/1 blocked on a FIFO"
+    assert helpers.header_less?("spshm_empty", dir)
+    refute helpers.header_less?("spshm_full", dir)
+  end
+
   test "the README says how a worker imports the package and what kill -9 leaves" do
     readme = File.read!(Path.join(@root, "README.md"))
     assert readme =~ "PYTHONPATH"
