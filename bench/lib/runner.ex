@@ -81,7 +81,10 @@ defmodule SnakepitShm.Bench.Runner do
     last = if full, do: @last_results, else: Path.join(@quick_out, "last_results.etf")
     File.mkdir_p!(Path.dirname(last))
     File.write!(last, :erlang.term_to_binary(results))
-    write_report(results, out)
+    results = write_report(results, out)
+    # The README quotes the committed report: only a full run into bench/ updates it.
+    if full and out == "bench", do: Report.update_readme(results)
+    results
   end
 
   @doc """

@@ -79,6 +79,53 @@ defmodule SnakepitShm.Bench.RunnerPlotsTest do
     end
   end
 
+  test "the README's figures are the committed report's, machine and date named" do
+    root = Path.expand("../..", __DIR__)
+    readme = File.read!(Path.join(root, "README.md"))
+    results = File.read!(Path.join(root, "bench/RESULTS.md"))
+
+    [_, block] = String.split(readme, "<!-- bench-summary:start", parts: 2)
+    [block, _] = String.split(block, "<!-- bench-summary:end -->", parts: 2)
+    [_, this_run] = String.split(results, "## This run", parts: 2)
+
+    [machine, date | _] =
+      this_run
+      |> String.split("\n")
+      |> Enum.find(&(String.starts_with?(&1, "| ") and not String.starts_with?(&1, "| machine")))
+      |> String.trim("|")
+      |> String.split(" | ")
+      |> Enum.map(&String.trim/1)
+
+    assert block =~ "full run of #{date} on #{machine}"
+
+    [_, targets] = String.split(results, "## Targets", parts: 2)
+
+    for "| " <> row <- String.split(block, "\n"), not String.starts_with?(row, "what") do
+      [what, measured | _] = row |> String.trim("|") |> String.split(" | ")
+      assert targets =~ "| #{what} |", "#{what} is not a target of the report"
+      assert targets =~ "| #{measured} |", "#{what}: #{measured} is not the report's figure"
+    end
+  end
+
+  @tag :tmp_dir
+  test "a full run rewrites only the README's bench block", %{tmp_dir: dir} do
+    readme = Path.join(dir, "README.md")
+    start = "<!-- bench-summary:start (written by a full `make bench`) -->"
+    File.write!(readme, "intro\n#{start}\nold figures\n<!-- bench-summary:end -->\noutro\n")
+
+    meta = %{date: "2030-01-01T00:00:00Z", machine: "Test CPU, 2 cores", kernel: "6.1"}
+    assert SnakepitShm.Bench.Report.update_readme(%{meta: meta}, readme) == :ok
+    text = File.read!(readme)
+    assert text =~ "intro\n#{start}\nFrom [`bench/RESULTS.md`]"
+    assert text =~ "full run of 2030-01-01T00:00:00Z on Test CPU, 2 cores"
+    refute text =~ "old figures"
+    assert String.ends_with?(text, "<!-- bench-summary:end -->\noutro\n")
+
+    File.write!(readme, "no markers\n")
+    assert SnakepitShm.Bench.Report.update_readme(%{meta: meta}, readme) == :no_markers
+    assert File.read!(readme) == "no markers\n"
+  end
+
   test "the ASan script names a hang a hang, not a missing ASan" do
     script = Path.expand("../../scripts/test-asan-nif.sh", __DIR__)
     classify = fn args -> elem(System.cmd("bash", [script, "--classify" | args]), 0) end
