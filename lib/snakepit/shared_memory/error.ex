@@ -28,10 +28,9 @@ defmodule Snakepit.SharedMemory.Error do
 
   # What to do, appended to the native message for reasons where the core cannot know it.
   @native_advice %{
-    # The core's message already says how to raise RLIMIT_MEMLOCK: add only the
-    # Elixir-side way out.
     mlock_failed:
-      "security_level :maximum locks the region in RAM; security_level: :high does not",
+      "security_level :maximum locks the region in RAM: raise RLIMIT_MEMLOCK (ulimit -l, " <>
+        "systemd LimitMEMLOCK=) or grant CAP_IPC_LOCK, or use security_level: :high",
     no_space:
       "the shared memory filesystem or RAM is full: free regions, grow /dev/shm " <>
         "(docker --shm-size) or use backend: :memfd",
@@ -43,6 +42,16 @@ defmodule Snakepit.SharedMemory.Error do
     deallocated: "the region has been freed; allocate a new one",
     expired: "the region outlived its idle :timeout; allocate it with a longer :timeout"
   }
+
+  # The core's mlock message already says how to raise RLIMIT_MEMLOCK: then only the
+  # Elixir-side way out is added, so the advice is not given twice.
+  defp advice(:mlock_failed, message) do
+    if message =~ "RLIMIT_MEMLOCK",
+      do: "security_level :maximum locks the region in RAM; security_level: :high does not",
+      else: @native_advice.mlock_failed
+  end
+
+  defp advice(reason, _message), do: Map.get(@native_advice, reason)
 
   @doc "Builds an error. `details` defaults to an empty map."
   @spec new(atom(), String.t(), map()) :: t()
@@ -65,9 +74,9 @@ defmodule Snakepit.SharedMemory.Error do
   def from_native({reason, message, errno}, details)
       when is_atom(reason) and is_binary(message) and is_integer(errno) do
     message =
-      case Map.fetch(@native_advice, reason) do
-        {:ok, advice} -> message <> " (" <> advice <> ")"
-        :error -> message
+      case advice(reason, message) do
+        nil -> message
+        advice -> message <> " (" <> advice <> ")"
       end
 
     new(reason, message, Map.put(details, :errno, errno))

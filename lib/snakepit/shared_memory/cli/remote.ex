@@ -119,8 +119,13 @@ defmodule Snakepit.SharedMemory.CLI.Remote do
     if cookie = opts[:cookie], do: Node.set_cookie(node, String.to_atom(cookie))
 
     case Node.connect(node) do
-      true -> node
-      _ -> Command.fail!(connect_failure(node, registered(node)))
+      true ->
+        node
+
+      _ ->
+        Command.fail!(
+          "cannot connect to node #{node}: " <> connect_failure(node, registered(node))
+        )
     end
   end
 
