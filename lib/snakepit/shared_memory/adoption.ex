@@ -38,6 +38,7 @@ defmodule Snakepit.SharedMemory.Adoption do
          :ok <- not_registered(id),
          {:ok, handle, info} <- open(id, target),
          :ok <- check_header(id, handle, info),
+         :ok <- check_creator(id, handle, target),
          {:ok, opts} <- Options.allocate(info.size, opts) do
       register(handle, info, opts)
     end
@@ -144,6 +145,41 @@ defmodule Snakepit.SharedMemory.Adoption do
           :not_found,
           "region #{id} is an orphan: the worker that created it (OS pid " <>
             "#{header.creator_pid}) died before adoption, so it is left to the orphan sweep",
+          %{region_id: id}
+        )
+
+      true ->
+        :ok
+    end
+  end
+
+  # Only a worker's own output: the process whose descriptors the ref names must be the
+  # region's creator, and it must not be this VM (its regions are registered already,
+  # or were freed). Same-uid processes are trusted (docs/SECURITY.md), but a mistaken
+  # ref must not make this VM destroy another VM's region.
+  defp check_creator(id, handle, target) do
+    {:ok, header} = Native.header(handle)
+    me = Native.self_info()
+
+    named_pid =
+      case target do
+        {control, _data} -> control |> String.split("/") |> Enum.at(2) |> String.to_integer()
+        _posix -> header.creator_pid
+      end
+
+    cond do
+      header.creator_pid == me.os_pid ->
+        Error.error(
+          :invalid_argument,
+          "region #{id} was created by this VM, not by a worker: nothing to adopt",
+          %{region_id: id}
+        )
+
+      header.creator_pid != named_pid ->
+        Error.error(
+          :invalid_argument,
+          "region #{id} was created by OS process #{header.creator_pid}, but the ref names " <>
+            "the descriptors of process #{named_pid}: only a worker's own output can be adopted",
           %{region_id: id}
         )
 

@@ -109,6 +109,40 @@ defmodule Snakepit.SharedMemory.AdoptRegionTest do
              SHM.adopt_region(%{"region_id" => "x", "backend" => "posix"}, size: 3)
   end
 
+  test "a region of this VM, or one the ref's process did not create, is not adopted" do
+    {:ok, own} = SHM.allocate_region(64)
+    {:ok, ref} = SHM.export_ref(own)
+
+    assert {:error, %Error{reason: :already_adopted}} = SHM.adopt_region(ref)
+    :ok = SHM.deallocate_region(own)
+
+    # A region made by this VM's core directly (not registered): still not a worker's.
+    {:ok, raw, info} =
+      Snakepit.SharedMemory.Native.create(64, %{
+        backend: :memfd,
+        name: nil,
+        open_mode: :create,
+        mode: 0o600,
+        security_level: 0,
+        encrypted: false,
+        lock_memory: false,
+        metadata: "{}",
+        idle_timeout_ms: 0
+      })
+
+    ref = %{
+      "v" => 1,
+      "region_id" => info.id,
+      "backend" => "memfd",
+      "control_path" => info.control_path,
+      "data_path" => info.data_path
+    }
+
+    assert {:error, %Error{reason: :invalid_argument, message: m}} = SHM.adopt_region(ref)
+    assert m =~ "created by this VM"
+    :ok = Snakepit.SharedMemory.Native.deallocate(raw, false)
+  end
+
   test "a memfd output of a worker killed before adoption is gone", %{worker: worker} do
     ref = PythonWorker.ask(worker, "alloc memfd 100")
     PythonWorker.kill9(worker)
