@@ -12,8 +12,9 @@ Region object is closed or garbage collected, until the VM marks the region adop
 daemon thread looks at the header's state every 50 ms while outputs are pending.  If
 the worker dies before adoption, the kernel closes its descriptors and the memory is
 gone: nothing is left behind.  A POSIX region (``backend="posix"``) is a file in
-/dev/shm whose creator is the worker: if the worker dies before adoption, the next
-orphan sweep of a VM on the host removes it.
+/dev/shm whose creator is the worker: given up (``discard()``, ``keep_seconds``) its
+name is removed; if the worker dies before adoption, the next orphan sweep of a VM on
+the host removes it.
 """
 
 import json
@@ -40,19 +41,25 @@ _reaper = None
 
 
 class _Pending:
-    """The descriptors that keep an unadopted memfd output alive."""
+    """An unadopted output: the descriptors that keep a memfd output alive, or the
+    name of a POSIX one (removed if the worker gives it up unadopted)."""
 
-    def __init__(self, region_id, control_fd, data_fd, deadline):
+    def __init__(self, region_id, control_fd, data_fd, deadline, posix_path=None):
         self.region_id = region_id
-        self.fds = [control_fd, data_fd]
-        self.header_mm = mmap.mmap(control_fd, F.HEADER_SIZE, access=mmap.ACCESS_READ)
+        self.fds = [fd for fd in (control_fd, data_fd) if fd >= 0]
+        self.header_mm = mmap.mmap(self.fds[0], F.HEADER_SIZE, access=mmap.ACCESS_READ)
         self.deadline = deadline
+        self.posix_path = posix_path
 
     def finished(self, now):
         state = state_bits(self.header_mm)
         return bool(state & (F.STATE_ADOPTED | F.STATE_DEALLOCATED)) or now > self.deadline
 
     def close(self):
+        state = state_bits(self.header_mm)
+        if self.posix_path and not state & (F.STATE_ADOPTED | F.STATE_DEALLOCATED):
+            # Given up before any VM took it: a POSIX name would outlive the worker.
+            _unlink_quietly(self.region_id)
         self.header_mm.close()
         for fd in self.fds:
             try:
@@ -101,19 +108,22 @@ def allocate(size, dtype=None, shape=None, metadata=None, *, backend="memfd",
            "shape": list(shape) if shape is not None else None,
            "format": meta["format"], "owner": "python", "metadata": meta,
            "creator_pid": os.getpid()}
+    deadline = time.monotonic() + keep_seconds
     if backend == "memfd":
         pid = os.getpid()
         ref["control_path"] = f"/proc/{pid}/fd/{control_fd}"
         ref["data_path"] = f"/proc/{pid}/fd/{data_fd}"
-        _keep(_Pending(region_id, control_fd, data_fd, time.monotonic() + keep_seconds))
+        _keep(_Pending(region_id, control_fd, data_fd, deadline))
+    else:
+        path = os.path.join("/dev/shm", region_id)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        _keep(_Pending(region_id, fd, -1, deadline, posix_path=path))
     # Imported here: _attach imports the region module too.
     from ._attach import attach
     try:
         region = attach(ref, mode="rw")
     except BaseException:
         discard(region_id)
-        if backend == "posix":
-            _unlink_quietly(region_id)
         raise
     region._output_ref = ref
     return region
@@ -135,7 +145,8 @@ def from_array(array, metadata=None, *, backend="memfd", timeout=None,
 
 
 def discard(region_or_id):
-    """Stop keeping an unadopted output alive (the worker gives it up). Idempotent."""
+    """Give up an output no VM adopted: a memfd output is freed once nothing else has
+    it open, a POSIX output's name is removed. Idempotent; no effect once adopted."""
     region_id = getattr(region_or_id, "region_id", region_or_id)
     if isinstance(region_or_id, dict):
         region_id = region_or_id.get("region_id")
@@ -178,10 +189,12 @@ def _reap():
 
 
 def _after_fork_in_child():
-    # The child inherited copies of the descriptors, not the outputs: drop its copies.
+    # The child inherited copies of the descriptors, not the outputs: drop its copies
+    # (without removing the parent's POSIX outputs).
     global _reaper, _lock
     _lock = threading.Lock()
     for p in list(_pending.values()):
+        p.posix_path = None
         p.close()
     _pending.clear()
     _reaper = None

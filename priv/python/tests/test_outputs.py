@@ -71,15 +71,25 @@ def test_from_array_copies_dtype_shape_and_data():
         snakepit_shm.attach(marker)
 
 
-def test_posix_output_is_a_dev_shm_segment():
+def test_posix_output_is_a_dev_shm_segment_removed_when_given_up():
     out = snakepit_shm.allocate(100, backend="posix")
     path = os.path.join("/dev/shm", out.region_id)
-    try:
-        assert os.path.exists(path) and out.backend == "posix"
-        assert out.ref["format"] == "raw" and "control_path" not in out.ref
-    finally:
-        out.close()
-        os.unlink(path)
+    assert os.path.exists(path) and out.backend == "posix"
+    assert out.ref["format"] == "raw" and "control_path" not in out.ref
+    out.close()
+    assert os.path.exists(path)  # waiting for adoption
+    snakepit_shm.discard(out.region_id)
+    assert not os.path.exists(path)
+
+
+def test_adopted_posix_output_is_not_removed():
+    out = snakepit_shm.allocate(100, backend="posix")
+    path = os.path.join("/dev/shm", out.region_id)
+    _adopt_by_hand({"control_path": path})
+    assert _wait(lambda: out.region_id not in snakepit_shm.pending_outputs())
+    out.close()
+    assert os.path.exists(path)
+    os.unlink(path)
 
 
 @pytest.mark.parametrize("kwargs, match", [
