@@ -418,12 +418,12 @@ defmodule Snakepit.SharedMemory do
 
   @doc """
   The environment variables a Python worker needs to `import snakepit_shm`:
-  `%{"PYTHONPATH" => ".../priv/python[:existing]", "SNAKEPIT_SHM_LIB" =>
-  ".../priv/libsnakepit_shm.so"}`. Give it to a Snakepit pool as `adapter_env`
-  (`Enum.to_list/1` if a list of pairs is wanted), or to `Port.open/2`'s `:env`.
+  `{:ok, %{"PYTHONPATH" => ".../priv/python[:existing]", "SNAKEPIT_SHM_LIB" =>
+  ".../priv/libsnakepit_shm.so"}}`. Give the map to a Snakepit pool as `adapter_env`
+  (`Enum.to_list/1` if a list of pairs is wanted), or to `System.cmd/3`'s `:env`.
   """
-  @spec python_env() :: %{String.t() => String.t()}
-  def python_env, do: Snakepit.SharedMemory.ZeroCopy.python_env()
+  @spec python_env() :: {:ok, %{String.t() => String.t()}}
+  def python_env, do: {:ok, Snakepit.SharedMemory.ZeroCopy.python_env()}
 
   @doc """
   The region's contents as an Nx tensor, typed and shaped by its metadata's `dtype`

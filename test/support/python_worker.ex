@@ -9,9 +9,8 @@ defmodule Snakepit.SharedMemory.Test.PythonWorker do
 
   @doc "Starts `script` (Python source reading commands on stdin) with python_env/0."
   def start(script, args \\ []) do
-    env =
-      for {k, v} <- Snakepit.SharedMemory.python_env(),
-          do: {String.to_charlist(k), String.to_charlist(v)}
+    {:ok, env} = Snakepit.SharedMemory.python_env()
+    env = for {k, v} <- env, do: {String.to_charlist(k), String.to_charlist(v)}
 
     port =
       Port.open({:spawn_executable, "/usr/bin/python3"}, [

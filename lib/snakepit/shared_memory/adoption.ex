@@ -73,9 +73,23 @@ defmodule Snakepit.SharedMemory.Adoption do
     )
   end
 
-  defp adopt_options(opts) when is_list(opts) or is_map(opts) do
-    opts = Map.new(opts)
+  defp adopt_options(opts) do
+    cond do
+      is_list(opts) and Keyword.keyword?(opts) ->
+        known_options(Map.new(opts))
 
+      is_map(opts) and not is_struct(opts) ->
+        known_options(opts)
+
+      true ->
+        Error.error(
+          :invalid_option,
+          "options must be a keyword list or a map, got: #{inspect(opts, limit: 8)}"
+        )
+    end
+  end
+
+  defp known_options(opts) do
     case Map.keys(opts) -- @adopt_keys do
       [] ->
         {:ok, opts}
@@ -88,13 +102,6 @@ defmodule Snakepit.SharedMemory.Adoption do
         )
     end
   end
-
-  defp adopt_options(other),
-    do:
-      Error.error(
-        :invalid_option,
-        "options must be a keyword list or a map, got: #{inspect(other)}"
-      )
 
   defp not_registered(id) do
     if Registry.lookup(id) == nil,

@@ -70,7 +70,12 @@ defmodule Snakepit.SharedMemory.ZeroCopy do
     end
   end
 
-  def unwrap(%{@marker => true, "kind" => "shm", "ref" => ref}) when is_map(ref), do: {:ok, ref}
+  def unwrap(%_{} = struct),
+    do: Error.error(:invalid_argument, "not a ref or marker: #{inspect(struct, limit: 8)}")
+
+  def unwrap(%{@marker => true, "kind" => "shm", "ref" => ref})
+      when is_map(ref) and not is_struct(ref),
+      do: {:ok, ref}
 
   def unwrap(%{@marker => true, "kind" => kind}),
     do:

@@ -11,7 +11,8 @@ defmodule Snakepit.SharedMemory.AdapterExampleTest do
   @examples Path.expand("../../../priv/python/examples", __DIR__)
 
   setup do
-    env = for {k, v} <- SHM.python_env(), do: {String.to_charlist(k), String.to_charlist(v)}
+    {:ok, env} = SHM.python_env()
+    env = for {k, v} <- env, do: {String.to_charlist(k), String.to_charlist(v)}
 
     port =
       Port.open({:spawn_executable, "/usr/bin/python3"}, [

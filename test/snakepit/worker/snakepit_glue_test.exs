@@ -49,7 +49,7 @@ defmodule Snakepit.SharedMemory.SnakepitGlueTest do
   end
 
   test "python_env/0 is what a worker needs to import snakepit_shm" do
-    env = SHM.python_env()
+    {:ok, env} = SHM.python_env()
     [python_path | _] = String.split(env["PYTHONPATH"], ":")
     assert File.exists?(Path.join(python_path, "snakepit_shm/__init__.py"))
     assert File.exists?(env["SNAKEPIT_SHM_LIB"])
