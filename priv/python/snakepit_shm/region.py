@@ -52,11 +52,14 @@ def creator_alive(header):
         return False
 
 
-def deallocated_message(header):
+def deallocated_message(header, state=0):
     """Say who freed a region and what to do, for RegionDeallocated."""
-    who = (f"its owner (OS process {header.creator_pid}, the VM that created it)"
-           if creator_alive(header) else
-           f"its owner's cleanup (the creating process {header.creator_pid} is gone)")
+    if state & F.STATE_ADOPTED:
+        who = "the VM that adopted it (adopt_region/2)"
+    elif creator_alive(header):
+        who = f"its owner (OS process {header.creator_pid}, the VM that created it)"
+    else:
+        who = f"its owner's cleanup (the creating process {header.creator_pid} is gone)"
     return (f"region {header.region_id} was deallocated by {who}: its memory is no "
             "longer anybody's, so anything written now would be lost and anything read "
             "may be zeroed. Ask the Elixir side for a fresh region (and keep a region "
@@ -452,8 +455,9 @@ class Region:
 
     def _check_live(self):
         """Refuse a region the owner deallocated (a read-only peek at the header)."""
-        if state_bits(self._attachment.header_mm) & F.STATE_DEALLOCATED:
-            raise errors.RegionDeallocated(deallocated_message(self._header))
+        state = state_bits(self._attachment.header_mm)
+        if state & F.STATE_DEALLOCATED:
+            raise errors.RegionDeallocated(deallocated_message(self._header, state))
 
     def _check_plaintext(self, what):
         self._check_open()
