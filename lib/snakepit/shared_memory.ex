@@ -227,7 +227,8 @@ defmodule Snakepit.SharedMemory do
   `:access_count` (accesses through this VM), `:reference_count` (holds in the header:
   BEAM mappings and attached OS processes), `:owner`, `:permissions`,
   `:security_level`, `:cleanup_policy`, `:timeout`, `:access_mode`,
-  `:allowed_processes`, `:metadata`, `:sealed`, `:encrypted`, `:adopted`, and
+  `:allowed_processes`, `:metadata`, `:sealed`, `:encrypted`, `:adopted` (taken over
+  from a worker with `adopt_region/2`, or re-registered after a registry loss), and
   `:mapped_by` (pids with a live mapping, then `%{os_pid, holds, writable}` of other OS
   processes holding it).
   """
