@@ -366,6 +366,9 @@ defmodule Snakepit.SharedMemory do
   `deallocate_region/1` work on it. The worker's ownership ends (it closes its
   descriptors when it sees the adopted bit).
 
+  `seal/1` answers `:busy` while the worker still has the output attached read-write:
+  let the worker close it (leave its `with` block) before it returns the ref.
+
   Adopt while the worker is alive: a worker that dies before adoption leaves nothing
   behind (memfd regions die with it; POSIX ones are removed by the next orphan sweep),
   and adopting then gives `:not_found`. Only unencrypted regions; once only

@@ -34,6 +34,16 @@ defmodule Snakepit.SharedMemory.RoughEdgesTest do
     assert Command.executable("no-such-python-xyz") == "no-such-python-xyz"
   end
 
+  test "doctor --python python3 runs the python3 of PATH" do
+    {out, _err, _status} =
+      run_task("snakepit.shm.doctor", ["--python", "python3", "--format", "json"])
+
+    %{"findings" => findings} = json!(out)
+    details = Enum.map_join(findings, "\n", & &1["detail"])
+    refute details =~ "python3 not found"
+    assert details =~ System.find_executable("python3")
+  end
+
   @tag :tmp_dir
   test "doctor: CAP_IPC_LOCK lifts RLIMIT_MEMLOCK", %{tmp_dir: dir} do
     with_cap = Path.join(dir, "with")
