@@ -2,8 +2,10 @@
 // catches everything and turns it into an SPSHM_E* code and a message.
 #include "snakepit_shm.h"
 
+#if defined(__linux__)
 #include <fcntl.h>
 #include <unistd.h>
+#endif
 
 #include <cstdlib>
 #include <cstring>
@@ -201,6 +203,7 @@ SPSHM_EXPORT int spshm_encrypt(const void* header, uint8_t* data, uint64_t data_
 
 namespace {
 
+#if defined(__linux__)
 /// A new O_CLOEXEC descriptor of the memfd behind "/proc/<pid>/fd/<n>" (our own pid).
 int dup_of_proc_path(const std::string& path) {
   auto slash = path.rfind('/');
@@ -210,6 +213,12 @@ int dup_of_proc_path(const std::string& path) {
   if (end == nullptr || *end != '\0' || n < 0) return -1;
   return ::fcntl(static_cast<int>(n), F_DUPFD_CLOEXEC, 0);
 }
+
+void close_fd(int fd) { ::close(fd); }
+#else
+int dup_of_proc_path(const std::string&) { return -1; }  // memfd is Linux-only
+void close_fd(int) {}
+#endif
 
 }  // namespace
 
@@ -242,8 +251,8 @@ SPSHM_EXPORT int spshm_create(uint64_t size, int backend, const char* metadata_j
       int control = dup_of_proc_path(region.control_path());
       int data = dup_of_proc_path(region.data_path());
       if (control < 0 || data < 0) {
-        if (control >= 0) ::close(control);
-        if (data >= 0) ::close(data);
+        if (control >= 0) close_fd(control);
+        if (data >= 0) close_fd(data);
         return fail(Errc::io_error, "cannot duplicate the region's memfds (out of descriptors?)",
                     err, errlen);
       }
