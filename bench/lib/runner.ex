@@ -25,14 +25,27 @@ defmodule SnakepitShm.Bench.Runner do
 
   def parts, do: @parts
 
+  @quick_out "_build/bench-quick"
+
+  @doc """
+  Where a run writes RESULTS.md and the plots unless `--out` says otherwise: the
+  committed `bench/` only for a full run of every part; quick or partial runs go under
+  `_build/bench-quick`, so they never overwrite the report.
+  """
+  def default_out(profile, parts) do
+    if profile == :full and Enum.sort(parts) == Enum.sort(@parts), do: "bench", else: @quick_out
+  end
+
   @doc """
   Options: `:profile` (`:quick` | `:full`), `:only` (list of parts), `:out` (directory
-  of RESULTS.md and the PNGs).
+  of RESULTS.md and the PNGs; default `default_out/2`).
   """
   def run(opts) do
-    profile = Profile.get(Keyword.fetch!(opts, :profile))
+    profile_name = Keyword.fetch!(opts, :profile)
+    profile = Profile.get(profile_name)
     parts = Keyword.get(opts, :only, @parts)
-    out = Keyword.fetch!(opts, :out)
+    full = default_out(profile_name, parts) == "bench"
+    out = Keyword.get(opts, :out) || default_out(profile_name, parts)
     started = System.monotonic_time(:millisecond)
     load_at_start = Meta.load_average()
 
@@ -65,9 +78,14 @@ defmodule SnakepitShm.Bench.Runner do
       |> Map.put(:load_at_start, load_at_start)
 
     results = Map.put(results, :meta, meta)
-    File.mkdir_p!(Path.dirname(@last_results))
-    File.write!(@last_results, :erlang.term_to_binary(results))
-    write_report(results, out)
+    # Only a full run is what --report-only rewrites the report from.
+    last = if full, do: @last_results, else: Path.join(@quick_out, "last_results.etf")
+    File.mkdir_p!(Path.dirname(last))
+    File.write!(last, :erlang.term_to_binary(results))
+    results = write_report(results, out)
+    # The README quotes the committed report: only a full run into bench/ updates it.
+    if full and out == "bench", do: Report.update_readme(results)
+    results
   end
 
   @doc """

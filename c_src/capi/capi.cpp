@@ -2,6 +2,12 @@
 // catches everything and turns it into an SPSHM_E* code and a message.
 #include "snakepit_shm.h"
 
+#if defined(__linux__)
+#include <fcntl.h>
+#include <unistd.h>
+#endif
+
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <new>
@@ -192,5 +198,68 @@ SPSHM_EXPORT int spshm_encrypt(const void* header, uint8_t* data, uint64_t data_
       return fail(Errc::sealed, "the region is sealed: it can only be read", err, errlen);
     spshm::crypto::Binding binding{h.region_id, h.data_size};
     return from(spshm::crypto::encrypt(binding, key, data, offset, in, length), err, errlen);
+  });
+}
+
+namespace {
+
+#if defined(__linux__)
+/// A new O_CLOEXEC descriptor of the memfd behind "/proc/<pid>/fd/<n>" (our own pid).
+int dup_of_proc_path(const std::string& path) {
+  auto slash = path.rfind('/');
+  if (slash == std::string::npos) return -1;
+  char* end = nullptr;
+  long n = std::strtol(path.c_str() + slash + 1, &end, 10);
+  if (end == nullptr || *end != '\0' || n < 0) return -1;
+  return ::fcntl(static_cast<int>(n), F_DUPFD_CLOEXEC, 0);
+}
+
+void close_fd(int fd) { ::close(fd); }
+#else
+int dup_of_proc_path(const std::string&) { return -1; }  // memfd is Linux-only
+void close_fd(int) {}
+#endif
+
+}  // namespace
+
+SPSHM_EXPORT int spshm_create(uint64_t size, int backend, const char* metadata_json,
+                              uint64_t idle_timeout_ns, char* region_id, int* control_fd,
+                              int* data_fd, char* err, size_t errlen) {
+  return guarded(err, errlen, [&] {
+    if (region_id == nullptr || control_fd == nullptr || data_fd == nullptr)
+      return fail(Errc::invalid_argument, "region_id, control_fd and data_fd must not be NULL", err,
+                  errlen);
+    *control_fd = -1;
+    *data_fd = -1;
+    region_id[0] = '\0';
+    if (size == 0) return fail(Errc::invalid_argument, "size must be > 0", err, errlen);
+    spshm::CreateOptions options;
+    if (backend == static_cast<int>(spshm::BackendKind::posix))
+      options.backend = spshm::BackendKind::posix;
+    else if (backend == static_cast<int>(spshm::BackendKind::memfd))
+      options.backend = spshm::BackendKind::memfd;
+    else
+      return fail(Errc::invalid_argument, "backend must be 1 (posix) or 2 (memfd)", err, errlen);
+    options.size = size;
+    options.mode = 0600;
+    options.metadata_json = metadata_json != nullptr ? metadata_json : "{}";
+    options.idle_timeout_ns = idle_timeout_ns;
+    auto created = spshm::Region::create(options);
+    if (!created) return fail(created.error(), err, errlen);
+    spshm::Region& region = *created;
+    if (options.backend == spshm::BackendKind::memfd) {
+      int control = dup_of_proc_path(region.control_path());
+      int data = dup_of_proc_path(region.data_path());
+      if (control < 0 || data < 0) {
+        if (control >= 0) close_fd(control);
+        if (data >= 0) close_fd(data);
+        return fail(Errc::io_error, "cannot duplicate the region's memfds (out of descriptors?)",
+                    err, errlen);
+      }
+      *control_fd = control;
+      *data_fd = data;
+    }
+    copy_message(region.id(), region_id, spshm::kRegionIdCapacity);
+    return succeed(err, errlen);
   });
 }

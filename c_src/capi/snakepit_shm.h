@@ -69,6 +69,18 @@ int spshm_decrypt(const void* header, const uint8_t* data, uint64_t data_len, co
 int spshm_encrypt(const void* header, uint8_t* data, uint64_t data_len, const uint8_t* key,
                   uint64_t offset, const uint8_t* in, uint64_t length, char* err, size_t errlen);
 
+/* Creates a region owned by the calling process, with the same core as the Elixir side
+ * (random id, O_EXCL, fchmod 0600, posix_fallocate, header published, memfd seals).
+ * backend: 1 POSIX (/dev/shm), 2 memfd. metadata_json may be NULL (an empty object);
+ * idle_timeout_ns 0 never expires. Unencrypted (security level standard) only.
+ * Writes the NUL-terminated id into region_id (>= 32 bytes). For memfd, *control_fd and
+ * *data_fd receive new O_CLOEXEC descriptors of the two memfds, which keep the region
+ * alive: the caller must keep them open until another process has opened the region
+ * (/proc/<pid>/fd/<n> of these descriptors) and close them after; for POSIX both are -1
+ * (the region is reached by id). The core's own mapping is gone when this returns. */
+int spshm_create(uint64_t size, int backend, const char* metadata_json, uint64_t idle_timeout_ns,
+                 char* region_id, int* control_fd, int* data_fd, char* err, size_t errlen);
+
 #ifdef __cplusplus
 }
 #endif

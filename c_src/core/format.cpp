@@ -165,6 +165,7 @@ std::string layout_description() {
       JsonObject o(out);
       o.number("sealed", kStateSealed);
       o.number("deallocated", kStateDeallocated);
+      o.number("adopted", kStateAdopted);
     }
     {
       root.key("slot_states");

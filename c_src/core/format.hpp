@@ -60,6 +60,8 @@ inline constexpr std::uint32_t kFlagSplitData = 1u << 2;
 // Mutable state bits (RegionHeader::state).
 inline constexpr std::uint32_t kStateSealed = 1u << 0;
 inline constexpr std::uint32_t kStateDeallocated = 1u << 1;
+/// A VM took over a region a worker created (adopt_region/2): the creator may drop it.
+inline constexpr std::uint32_t kStateAdopted = 1u << 2;
 
 // Holder slot states.
 inline constexpr std::uint32_t kSlotFree = 0;

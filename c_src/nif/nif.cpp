@@ -42,6 +42,7 @@ ErlNifFunc nif_funcs[] = {
     {"deallocate_plain", 2, nif_deallocate_plain, 0},
     {"last_access", 1, nif_last_access, 0},
     {"set_idle_timeout", 2, nif_set_idle_timeout, 0},
+    {"mark_adopted", 1, nif_mark_adopted, 0},
     {"export_key", 1, nif_export_key, 0},
     {"release_holder", 3, nif_release_holder, 0},
     {"monitor_owner", 2, nif_monitor_owner, 0},

@@ -21,6 +21,7 @@ SPSHM_NIF(nif_deallocate);
 SPSHM_NIF(nif_deallocate_plain);
 SPSHM_NIF(nif_last_access);
 SPSHM_NIF(nif_set_idle_timeout);
+SPSHM_NIF(nif_mark_adopted);
 SPSHM_NIF(nif_export_key);
 SPSHM_NIF(nif_release_holder);
 SPSHM_NIF(nif_inspect_path);

@@ -214,6 +214,21 @@ ERL_NIF_TERM nif_set_idle_timeout(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]
   return atoms.ok;
 }
 
+// One atomic fetch_or: marks a worker-created region as taken over by this VM, so its
+// creator may close its descriptors (adopt_region/2). busy if it was already adopted.
+ERL_NIF_TERM nif_mark_adopted(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  RegionResource* res;
+  if (!get_region(env, argv[0], &res)) return enif_make_badarg(env);
+  if (!res->region.header_writable()) return private_header(env, res->region, "adopt it");
+  std::uint32_t before =
+      res->region.header().state.fetch_or(kStateAdopted, std::memory_order_acq_rel);
+  if (before & kStateDeallocated)
+    return make_error(env, Errc::deallocated, "region " + res->region.id() + " was deallocated");
+  if (before & kStateAdopted)
+    return make_error(env, Errc::busy, "region " + res->region.id() + " was already adopted");
+  return atoms.ok;
+}
+
 ERL_NIF_TERM nif_export_key(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   RegionResource* res;
   if (!get_region(env, argv[0], &res)) return enif_make_badarg(env);

@@ -31,7 +31,10 @@ defmodule Snakepit.SharedMemory do
   ## Lifetimes
 
   A region lives until its cleanup policy frees it (see `allocate_region/2`), its idle
-  `:timeout` passes, or `deallocate_region/1`. A mapping belongs to the process that
+  `:timeout` passes, or `deallocate_region/1`. Expiry is checked by the manager's
+  periodic cleanup, every `:cleanup_interval` ms (`config :snakepit_shm`, default 5 000):
+  a region with `timeout: 1_000` is freed between 1 and about 6 seconds after its last
+  access. A mapping whose region was freed answers `:deallocated`, saying why. A mapping belongs to the process that
   made it: `unmap_region/1` or that process's death ends it. Zero-copy binaries of a
   sealed region stay valid after unmap and deallocation (they keep the memory mapped).
   """
@@ -50,10 +53,10 @@ defmodule Snakepit.SharedMemory do
 
   Options (keyword list or map):
 
-    * `:permissions` - `%{owner: :read_write | :read_only, group: :read_write |
-      :read_only | :none, other: ...}`: the mode of the segment for other OS users.
-      Group or other access needs the `:posix` backend. Defaults to owner-only
-      read-write.
+    * `:permissions` - a map `%{owner: o, group: g, other: x}`, each one of
+      `:read_write`, `:read_only` or `:none` (`:owner`: `:read_write` or `:read_only`):
+      the mode of the segment for other OS users. Group or other access needs the
+      `:posix` backend. Defaults to owner-only read-write.
     * `:timeout` - milliseconds without access (map, read, write; a worker's attach)
       after which the region expires and is freed, or `:infinity`. A region that some
       process holds (a mapping, an attached worker) is in use and does not expire.
@@ -73,11 +76,15 @@ defmodule Snakepit.SharedMemory do
       to `[]`: every process of this VM.
     * `:metadata` - a JSON-encodable map stored in the region header, visible to workers
       (`dtype` and `shape` are used by `export_ref/2` and `Region.ndarray()`), at most
-      1792 bytes of JSON. Defaults to `%{}`.
+      1792 bytes of JSON. A `dtype` must be one of numpy's names
+      (`Snakepit.SharedMemory.Dtype`) and `shape` x itemsize must fit in `size`
+      (`:invalid_metadata` otherwise). Defaults to `%{}`.
     * `:name` - a well-known name (1-21 characters of `[a-z0-9_-]`) so that other
       processes find the region as `spshm_n_<name>`. Defaults to `nil` (a random id).
     * `:open_mode` - for named regions: `:create` (fail if it exists), `:open_only`,
-      `:create_or_open`, `:remove_and_create`. Defaults to `:create`.
+      `:create_or_open`, `:remove_and_create`. Defaults to `:create`. Opening an
+      existing region of another size is a `:size_mismatch` error; pass `size` `:any`
+      with `:open_only` to take it whatever its size.
     * `:backend` - `:auto`, `:memfd` (Linux: sealed anonymous memory, never visible in
       `/dev/shm`) or `:posix` (`/dev/shm`). `:auto` picks `:posix` when a name or
       group/other permissions need it, else the platform default (`:memfd` on Linux).
@@ -87,11 +94,11 @@ defmodule Snakepit.SharedMemory do
 
   Errors: `:invalid_size`, `:invalid_option`, `:invalid_metadata`, `:metadata_too_large`,
   `:size_exceeds_limit`, `:memory_limit_exceeded`, `:region_limit_exceeded`,
-  `:process_limit_exceeded`, `:already_exists`, `:unsupported`, `:disabled` (the
-  application runs with `enabled: false`), and native ones such as `:no_space` or
-  `:mlock_failed`.
+  `:process_limit_exceeded`, `:already_exists`, `:size_mismatch`, `:unsupported`,
+  `:disabled` (the application runs with `enabled: false`), and native ones such as
+  `:no_space` or `:mlock_failed`.
   """
-  @spec allocate_region(pos_integer(), keyword() | map()) :: {:ok, region_id()} | error()
+  @spec allocate_region(pos_integer() | :any, keyword() | map()) :: {:ok, region_id()} | error()
   def allocate_region(size, opts \\ []) do
     start = Stats.start()
 
@@ -221,7 +228,8 @@ defmodule Snakepit.SharedMemory do
   `:access_count` (accesses through this VM), `:reference_count` (holds in the header:
   BEAM mappings and attached OS processes), `:owner`, `:permissions`,
   `:security_level`, `:cleanup_policy`, `:timeout`, `:access_mode`,
-  `:allowed_processes`, `:metadata`, `:sealed`, `:encrypted`, `:adopted`, and
+  `:allowed_processes`, `:metadata`, `:sealed`, `:encrypted`, `:adopted` (taken over
+  from a worker with `adopt_region/2`, or re-registered after a registry loss), and
   `:mapped_by` (pids with a live mapping, then `%{os_pid, holds, writable}` of other OS
   processes holding it).
   """
@@ -318,7 +326,9 @@ defmodule Snakepit.SharedMemory do
   The reference a Python worker attaches with (`snakepit_shm.attach(ref)`): a map with
   string keys, encodable as JSON (`Snakepit.SharedMemory.JSON.encode/1`): `"v"`,
   `"region_id"`, `"backend"`, `"control_path"`, `"data_path"`, `"data_offset"`,
-  `"size"`, `"sealed"`, `"encrypted"`, `"dtype"`, `"shape"`, `"metadata"`, and `"key"`
+  `"size"`, `"sealed"`, `"encrypted"`, `"dtype"`, `"shape"`, `"format"` (`"numpy"` when a
+  dtype is known, `"arrow"` or `"raw"` as the metadata's `format` says, else `"raw"`),
+  `"metadata"`, and `"key"`
   only when asked. Nothing else.
 
   A `:maximum` region must be sealed first (`:not_sealed`): it is shared read-only.
@@ -329,6 +339,9 @@ defmodule Snakepit.SharedMemory do
       of the ref decrypt it: hand it only to the worker that needs it. Defaults to `false`.
     * `:dtype` - overrides the `dtype` of the metadata. Defaults to the metadata's.
     * `:shape` - overrides the `shape` of the metadata. Defaults to the metadata's.
+
+  The resulting dtype must be a numpy name and `shape` x itemsize must fit in the
+  region (`:invalid_option` otherwise).
   """
   @spec export_ref(region_id(), keyword() | map()) :: {:ok, map()} | error()
   def export_ref(region_id, opts \\ []) do
@@ -352,6 +365,106 @@ defmodule Snakepit.SharedMemory do
   """
   @spec health() :: Snakepit.SharedMemory.Health.report()
   def health, do: Snakepit.SharedMemory.HealthMonitor.check_now()
+
+  # ---- worker outputs and Snakepit glue ----
+
+  @doc """
+  Takes over a region a Python worker created for its output
+  (`snakepit_shm.allocate(size, dtype=..., shape=...)` or `snakepit_shm.from_array(a)`,
+  whose `.ref` the worker returned). Accepts the ref as a map, its JSON, or wrapped in a
+  Snakepit `ZeroCopyRef` marker. Returns the region id, now registered in this VM as if
+  allocated here: the owner, cleanup policy, timeout, limits and quotas apply, and
+  `map_region/2`, `read/3`, `seal/1` (then zero-copy reads), `export_ref/2` and
+  `deallocate_region/1` work on it. The worker's ownership ends (it closes its
+  descriptors when it sees the adopted bit).
+
+  `seal/1` answers `:busy` while the worker still has the output attached read-write:
+  let the worker close it (leave its `with` block) before it returns the ref.
+
+  Adopt while the worker is alive: a worker that dies before adoption leaves nothing
+  behind (memfd regions die with it; POSIX ones are removed by the next orphan sweep),
+  and adopting then gives `:not_found`. Only unencrypted regions; once only
+  (`:already_adopted`).
+
+  Options: `:owner` (default `self()`), `:cleanup_policy`, `:timeout`,
+  `:allowed_processes`, `:access_mode`, as for `allocate_region/2`.
+  """
+  @spec adopt_region(map() | String.t(), keyword() | map()) :: {:ok, region_id()} | error()
+  def adopt_region(ref, opts \\ []) do
+    start = Stats.start()
+
+    result =
+      with :ok <- available(),
+           :ok <- enabled(),
+           do: Snakepit.SharedMemory.Adoption.adopt(ref, opts)
+
+    Stats.stop(:allocate, start, result, %{adopted: true})
+  end
+
+  @doc """
+  Snakepit's `ZeroCopyRef` wire marker for a region (by id: exported with
+  `export_ref/2` first) or for a ref: `%{"__snakepit_zero_copy__" => true, "kind" =>
+  "shm", "device" => "cpu", "dtype", "shape", "owner", "ref" => our ref, "copy" =>
+  false, "bytes", "metadata"}`. Put it in a tool's arguments;
+  `snakepit_shm.attach/resolve` on the worker understand it.
+  """
+  @spec to_zero_copy_ref(region_id() | map(), keyword() | map()) :: {:ok, map()} | error()
+  def to_zero_copy_ref(id_or_ref, export_opts \\ [])
+
+  def to_zero_copy_ref(id, export_opts) when is_binary(id) do
+    with {:ok, ref} <- export_ref(id, export_opts),
+         do: Snakepit.SharedMemory.ZeroCopy.to_marker(ref)
+  end
+
+  def to_zero_copy_ref(ref, _export_opts), do: Snakepit.SharedMemory.ZeroCopy.to_marker(ref)
+
+  @doc """
+  Our ref out of a Snakepit `ZeroCopyRef` marker (a map or its JSON) of kind `"shm"`,
+  e.g. a worker's answer, ready for `adopt_region/2`. `:unsupported` for other kinds.
+  """
+  @spec from_zero_copy_ref(map() | String.t()) :: {:ok, map()} | error()
+  def from_zero_copy_ref(marker) do
+    with {:ok, ref} <- Snakepit.SharedMemory.ZeroCopy.unwrap(marker) do
+      if is_binary(ref["region_id"]),
+        do: {:ok, ref},
+        else:
+          Error.error(
+            :invalid_argument,
+            "the marker carries no ref: #{inspect(marker, limit: 8)}"
+          )
+    end
+  end
+
+  @doc """
+  The environment variables a Python worker needs to `import snakepit_shm`:
+  `{:ok, %{"PYTHONPATH" => ".../priv/python[:existing]", "SNAKEPIT_SHM_LIB" =>
+  ".../priv/libsnakepit_shm.so"}}`. Give the map to a Snakepit pool as `adapter_env`
+  (`Enum.to_list/1` if a list of pairs is wanted), or to `System.cmd/3`'s `:env`.
+  """
+  @spec python_env() :: {:ok, %{String.t() => String.t()}}
+  def python_env, do: {:ok, Snakepit.SharedMemory.ZeroCopy.python_env()}
+
+  @doc """
+  The region's contents as an Nx tensor, typed and shaped by its metadata's `dtype`
+  and `shape` (`{:f, 32}` for `"float32"`, see `Snakepit.SharedMemory.Dtype`). Needs
+  Nx loaded (`:unsupported` otherwise); no compile-time dependency. A sealed region is
+  read without copying.
+  """
+  @spec to_nx(region_id()) :: {:ok, term()} | error()
+  def to_nx(region_id) do
+    with {:ok, info} <- get_region_info(region_id),
+         {:ok, mapping} <- map_region(region_id, access_mode: :read_only) do
+      result = read(mapping, 0, info.size)
+      _ = unmap_region(mapping)
+
+      with {:ok, binary} <- result do
+        meta = info.metadata
+        dtype = meta["dtype"] || meta[:dtype]
+        shape = meta["shape"] || meta[:shape]
+        Snakepit.SharedMemory.ZeroCopy.to_nx(binary, dtype, shape)
+      end
+    end
+  end
 
   # ---- helpers ----
 

@@ -107,4 +107,21 @@ defmodule Mix.Tasks.Snakepit.Shm.NodeTasksTest do
 
     assert err =~ "cannot connect to node nobody@nohost"
   end
+
+  test "a wrong cookie and a node that does not run get different messages", c do
+    # An earlier test of this VM may be connected already: a wrong cookie only shows on
+    # a new connection.
+    node = String.to_atom(c.node)
+    Node.disconnect(node)
+    on_exit(fn -> Node.set_cookie(node, String.to_atom(c.cookie)) end)
+    {_out, err, 1} = run_task("snakepit.shm.stats", ["--node", c.node, "--cookie", "wrong"])
+    assert err =~ "is running but refused the connection: the cookie does not match"
+
+    [_, host] = String.split(c.node, "@")
+
+    {_out, err, 1} =
+      run_task("snakepit.shm.stats", ["--node", "nosuch_i13@" <> host, "--cookie", c.cookie])
+
+    assert err =~ "no node named nosuch_i13 runs on #{host}"
+  end
 end

@@ -26,7 +26,12 @@ defmodule Snakepit.SharedMemory.ReliabilityApiFuzz do
     cleanup_regions: 1,
     stats: 1,
     health: 1,
-    export_ref: 5
+    export_ref: 5,
+    adopt_region: 2,
+    to_zero_copy_ref: 2,
+    from_zero_copy_ref: 2,
+    python_env: 1,
+    to_nx: 1
   ]
   @total_weight @functions |> Keyword.values() |> Enum.sum()
 
@@ -199,6 +204,25 @@ defmodule Snakepit.SharedMemory.ReliabilityApiFuzz do
 
   defp args(:stats, _state, _pool), do: []
   defp args(:health, _state, _pool), do: []
+  defp args(:python_env, _state, _pool), do: []
+  defp args(:to_nx, _state, pool), do: [G.pick(0.85, pool, fn -> G.region_id(pool) end)]
+
+  defp args(f, _state, pool) when f in [:to_zero_copy_ref, :adopt_region, :from_zero_copy_ref] do
+    ref =
+      G.one_of([
+        G.region_id(pool),
+        %{"v" => 1, "region_id" => G.region_id(pool), "backend" => "memfd"},
+        %{"v" => 1, "region_id" => "spshm_aaaaaaaaaaaaaaaaaaaa", "backend" => "posix"},
+        %{
+          "__snakepit_zero_copy__" => true,
+          "kind" => G.one_of(["shm", "dlpack"]),
+          "ref" => G.any(pool)
+        },
+        G.any(pool)
+      ])
+
+    if f == :from_zero_copy_ref, do: [ref], else: [ref, G.one_of([[], [owner: self()], %{}])]
+  end
 
   defp args(:export_ref, _state, pool) do
     opts =
@@ -333,6 +357,14 @@ defmodule Snakepit.SharedMemory.ReliabilityApiFuzz do
     do: s in [:ok, :degraded, :critical] and is_list(checks)
 
   defp well_shaped?(:export_ref, _, {:ok, %{"region_id" => id}}), do: is_binary(id)
+  defp well_shaped?(:adopt_region, _, {:ok, id}), do: is_binary(id)
+
+  defp well_shaped?(:to_zero_copy_ref, _, {:ok, marker}),
+    do: marker["__snakepit_zero_copy__"] == true
+
+  defp well_shaped?(:from_zero_copy_ref, _, {:ok, ref}), do: is_binary(ref["region_id"])
+  defp well_shaped?(:python_env, _, {:ok, env}), do: is_map(env)
+  defp well_shaped?(:to_nx, _, {:ok, _tensor}), do: true
 
   defp well_shaped?(f, _, :ok) when f in [:unmap_region, :deallocate_region, :write, :seal],
     do: true

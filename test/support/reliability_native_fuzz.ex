@@ -61,6 +61,7 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
     deallocate_plain: 2,
     last_access: 2,
     set_idle_timeout: 2,
+    mark_adopted: 1,
     export_key: 2,
     release_holder: 3,
     monitor_owner: 3,
@@ -235,7 +236,7 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
   end
 
   defp args(fun, _state, pool)
-       when fun in [:info, :header, :hold_counts, :seal, :export_key, :last_access],
+       when fun in [:info, :header, :hold_counts, :seal, :export_key, :last_access, :mark_adopted],
        do: [G.pick(0.85, pool, fn -> G.handle(pool, :region) end)]
 
   defp args(:map, _state, pool),
@@ -443,6 +444,7 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
               :deallocate,
               :deallocate_plain,
               :set_idle_timeout,
+              :mark_adopted,
               :monitor_owner,
               :cancel_watch,
               :unlink_segment,

@@ -34,7 +34,8 @@ defmodule Mix.Tasks.Snakepit.Shm.Doctor do
 
   ## Options
 
-    * `--python PATH` - the workers' interpreter. Defaults to `/usr/bin/python3`.
+    * `--python PATH` - the workers' interpreter: a path, or a name looked up on PATH
+      (`--python python3`). Defaults to `/usr/bin/python3`.
     * `--node NAME` - ask this running node (started with `--sname`/`--name`) for
       its health checks instead. Defaults to none: check this host.
     * `--cookie COOKIE` - the node's cookie. Defaults to `~/.erlang.cookie`.
@@ -59,7 +60,7 @@ defmodule Mix.Tasks.Snakepit.Shm.Doctor do
     %{opts: opts, format: format} = Command.parse!("snakepit.shm.doctor", @help, argv, @switches)
 
     Command.load_code()
-    python = Keyword.get(opts, :python, "/usr/bin/python3")
+    python = Command.executable(Keyword.get(opts, :python, "/usr/bin/python3"))
 
     {findings, health} =
       if opts[:node] do

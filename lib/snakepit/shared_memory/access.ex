@@ -140,7 +140,7 @@ defmodule Snakepit.SharedMemory.Access do
         do: Native.write_dirty(mapping.ref, offset, data),
         else: Native.write(mapping.ref, offset, data)
 
-    with :ok <- native(result, mapping.region_id) do
+    with :ok <- freed(native(result, mapping.region_id), mapping) do
       :counters.add(mapping.counters, 1, 1)
       Stats.count(:bytes_written, byte_size(data))
 
@@ -195,7 +195,7 @@ defmodule Snakepit.SharedMemory.Access do
           Native.read(mapping.ref, offset, length)
       end
 
-    with {:ok, data} <- native(result, mapping.region_id) do
+    with {:ok, data} <- freed(native(result, mapping.region_id), mapping) do
       :counters.add(mapping.counters, 1, 1)
       Stats.count(:bytes_read, length)
 
@@ -229,6 +229,9 @@ defmodule Snakepit.SharedMemory.Access do
          info = Native.info(ref),
          :ok <- export_allowed(id, level, info),
          {:ok, metadata} <- json_metadata(region(record, :metadata)),
+         dtype = opts.dtype || Map.get(metadata, "dtype"),
+         shape = opts.shape || Map.get(metadata, "shape"),
+         :ok <- Snakepit.SharedMemory.Dtype.check_layout(dtype, shape, info.size, "export_ref/2"),
          {:ok, key} <- key(ref, info, opts.include_key, id) do
       ref_map =
         %{
@@ -241,8 +244,9 @@ defmodule Snakepit.SharedMemory.Access do
           "size" => info.size,
           "sealed" => info.sealed,
           "encrypted" => info.encrypted,
-          "dtype" => opts.dtype || Map.get(metadata, "dtype"),
-          "shape" => opts.shape || Map.get(metadata, "shape"),
+          "dtype" => dtype,
+          "shape" => shape,
+          "format" => Map.get(metadata, "format") || if(dtype, do: "numpy", else: "raw"),
           "metadata" => metadata
         }
         |> put_key(key)
@@ -305,6 +309,11 @@ defmodule Snakepit.SharedMemory.Access do
       %{region_id: id}
     )
   end
+
+  defp freed({:error, _} = error, mapping),
+    do: Snakepit.SharedMemory.Freed.explain(error, mapping.region_id, mapping.counters)
+
+  defp freed(result, _mapping), do: result
 
   @doc false
   def native(:ok, _id), do: :ok

@@ -40,7 +40,7 @@ defmodule Snakepit.SharedMemory.Allocator do
   # opening the segment a second time.
   defp named_existing(%{name: nil}), do: :none
 
-  defp named_existing(%{name: name, open_mode: mode}) do
+  defp named_existing(%{name: name, open_mode: mode} = opts) do
     id = "spshm_n_" <> name
 
     case {Registry.lookup(id), mode} do
@@ -58,10 +58,27 @@ defmodule Snakepit.SharedMemory.Allocator do
       {_record, :remove_and_create} ->
         {:remove_first, id}
 
-      {_record, _open} ->
-        {:existing, id}
+      {region(size: size), _open} ->
+        with :ok <- same_size(id, size, opts.size), do: {:existing, id}
     end
   end
+
+  # open_only / create_or_open finding a region of another size: the caller's idea of
+  # the region is wrong, say so (size: :any opts out).
+  defp same_size(_id, _size, :any), do: :ok
+  defp same_size(_id, size, size), do: :ok
+
+  defp same_size(id, size, wanted) do
+    Error.error(
+      :size_mismatch,
+      "the existing region #{id} has #{size} bytes, not the #{wanted} asked for: pass its " <>
+        "size, or size :any with open_mode: :open_only to take it whatever its size",
+      %{region_id: id, size: size, requested: wanted}
+    )
+  end
+
+  defp reserved_size(%{size: :any}), do: 0
+  defp reserved_size(%{size: size}), do: size
 
   defp remove_then_allocate(id, opts) do
     case free(id, :replaced) do
@@ -74,17 +91,21 @@ defmodule Snakepit.SharedMemory.Allocator do
     config = Config.get()
     flags = Security.level_flags(opts.security_level)
 
-    with :ok <- Quota.reserve(opts.owner, opts.size, config) do
+    with :ok <- Quota.reserve(opts.owner, reserved_size(opts), config) do
       # From here a kill leaves a reservation (and maybe a POSIX segment) behind: the
       # journal row says so, with what the manager needs to find the segment.
       Journal.note({:allocate, :creating, opts.size, opts.backend, System.os_time(:nanosecond)})
 
       case create(opts, native_options(opts, flags)) do
+        {:ok, _ref, %{role: :opened} = info} when info.size != opts.size and opts.size != :any ->
+          Quota.release(opts.owner, reserved_size(opts))
+          same_size(info.id, info.size, opts.size)
+
         {:ok, ref, info} ->
           register(ref, info, opts)
 
         {:error, native} ->
-          Quota.release(opts.owner, opts.size)
+          Quota.release(opts.owner, reserved_size(opts))
           {:error, Error.from_native(native, %{size: opts.size, backend: opts.backend})}
       end
     end
@@ -95,6 +116,8 @@ defmodule Snakepit.SharedMemory.Allocator do
   defp create(%{size: size, name: nil}, native_opts) when size <= @plain_limit,
     do: Native.create_plain(size, native_opts)
 
+  # size :any (open_only): the core ignores the size when it opens an existing region.
+  defp create(%{size: :any}, native_opts), do: Native.create(1, native_opts)
   defp create(opts, native_opts), do: Native.create(opts.size, native_opts)
 
   defp native_options(opts, flags) do
@@ -113,7 +136,7 @@ defmodule Snakepit.SharedMemory.Allocator do
 
   defp register(ref, info, opts) do
     # An opened named region has the size its creator gave it.
-    if info.size != opts.size, do: Quota.adjust_bytes(info.size - opts.size)
+    if info.size != opts.size, do: Quota.adjust_bytes(info.size - reserved_size(opts))
 
     record =
       region(
@@ -154,9 +177,10 @@ defmodule Snakepit.SharedMemory.Allocator do
   end
 
   @doc false
-  # Slot 1: accesses through this VM; slot 2: sealed (see Snakepit.SharedMemory.Access).
+  # Slot 1: accesses through this VM; slot 2: sealed (see Snakepit.SharedMemory.Access);
+  # slot 3: why it was freed (Snakepit.SharedMemory.Freed).
   def new_counters(info) do
-    counters = :counters.new(2, [:write_concurrency])
+    counters = :counters.new(Snakepit.SharedMemory.Freed.slots(), [:write_concurrency])
     if info.sealed, do: :counters.put(counters, 2, 1)
     counters
   end
@@ -223,7 +247,9 @@ defmodule Snakepit.SharedMemory.Allocator do
   end
 
   defp release(record, reason) do
-    region(id: id, owner: owner, size: size, role: role) = record
+    region(id: id, owner: owner, size: size, role: role, counters: counters) = record
+    # Before the mappings end: a read racing this free sees the reason with :closed.
+    Snakepit.SharedMemory.Freed.mark(counters, reason)
 
     # Mappings first: take (not just read) each row, so a concurrent unmap_region/1 and
     # this loop never both unmap one mapping.
@@ -234,7 +260,11 @@ defmodule Snakepit.SharedMemory.Allocator do
     if role == :created, do: destroy(record)
     Quota.release(owner, size)
     Stats.event(:deallocations, %{count: 1}, %{region_id: id, reason: reason})
-    Logger.debug("snakepit_shm: freed #{id} (#{reason})")
+    # The one log line of a free (explicit deallocations at debug, policies at info).
+    Logger.log(if(reason == :deallocated, do: :debug, else: :info), fn ->
+      "snakepit_shm: freed #{id} (#{reason})"
+    end)
+
     record
   end
 

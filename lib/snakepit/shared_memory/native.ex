@@ -153,6 +153,10 @@ defmodule Snakepit.SharedMemory.Native do
   @spec set_idle_timeout(region(), non_neg_integer()) :: :ok | nif_error()
   def set_idle_timeout(_region, _ms), do: :erlang.nif_error(:not_loaded)
 
+  @doc "Sets the adopted state bit (adopt_region/2); busy if another VM adopted it first."
+  @spec mark_adopted(region()) :: :ok | nif_error()
+  def mark_adopted(_region), do: :erlang.nif_error(:not_loaded)
+
   @doc "The key of an encrypted region (only for export_ref with include_key: true)."
   @spec export_key(region()) :: {:ok, binary()} | nif_error()
   def export_key(_region), do: :erlang.nif_error(:not_loaded)

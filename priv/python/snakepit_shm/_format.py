@@ -81,6 +81,7 @@ KNOWN_FLAGS = FLAG_ENCRYPTED | FLAG_NAMED | FLAG_SPLIT_DATA
 # Mutable state bits (the ``state`` field).
 STATE_SEALED = 1 << 0
 STATE_DEALLOCATED = 1 << 1
+STATE_ADOPTED = 1 << 2
 
 # Holder slot states.
 SLOT_FREE = 0

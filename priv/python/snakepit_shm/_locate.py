@@ -98,10 +98,44 @@ def parse_target(target):
         else:
             return find_by_id(validate_region_id(text))
     if isinstance(target, dict):
-        return _parse_ref(target)
+        return _parse_ref(unwrap_marker(target))
     raise TypeError(
         "attach() takes a region id (str), a ref (dict, as returned by Elixir's "
         f"export_ref/2) or that ref as a JSON string; got {type(target).__name__}")
+
+
+MARKER = "__snakepit_zero_copy__"
+
+
+def is_marker(value):
+    """True for a Snakepit ZeroCopyRef wire marker (any kind)."""
+    return isinstance(value, dict) and value.get(MARKER) is True
+
+
+def is_ref(value):
+    """True for one of our refs (export_ref/2 or a worker output)."""
+    return (isinstance(value, dict) and value.get("v") == 1
+            and isinstance(value.get("region_id"), str) and "backend" in value)
+
+
+def unwrap_marker(value):
+    """Return our ref from a Snakepit marker of kind "shm"; other dicts unchanged."""
+    if not is_marker(value):
+        return value
+    kind = value.get("kind")
+    if kind != "shm":
+        raise ValueError(f"a Snakepit zero-copy marker of kind {kind!r} carries no shared "
+                         "memory region: only kind 'shm' can be attached here")
+    ref = value.get("ref")
+    if isinstance(ref, str):
+        try:
+            ref = json.loads(ref)
+        except ValueError as exc:
+            raise ValueError(f"the marker's ref is not valid JSON: {exc}") from None
+    if not isinstance(ref, dict):
+        raise ValueError("the Snakepit marker has no 'ref' object: build it with "
+                         "Snakepit.SharedMemory.to_zero_copy_ref/1")
+    return ref
 
 
 def _ref_field(ref, name, kinds, required=True):
@@ -238,12 +272,20 @@ def open_object(path, region_id, writable, *, memfd_target=None):
     flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NONBLOCK
     if memfd_target is None:
         flags |= os.O_NOFOLLOW
+    else:
+        _check_memfd_link(path, region_id, memfd_target)
     try:
         fd = os.open(path, flags)
     except OSError as exc:
         raise _open_error(path, region_id, writable, exc) from None
     try:
         info = os.fstat(fd)
+        if memfd_target is not None:
+            # Checked again on the opened file: the descriptor may have been closed
+            # and reused between the readlink above and the open.
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target != memfd_target:
+                raise _reused_fd(path, region_id, target, memfd_target)
         if not stat.S_ISREG(info.st_mode):
             raise errors.CorruptRegion(
                 f"{path} is not a snakepit_shm segment (not a regular file); refusing "
@@ -256,10 +298,7 @@ def open_object(path, region_id, writable, *, memfd_target=None):
         if memfd_target is not None:
             target = os.readlink(f"/proc/self/fd/{fd}")
             if target != memfd_target:
-                raise errors.CorruptRegion(
-                    f"{path} is {target!r}, not the memfd {memfd_target!r} of region "
-                    f"{region_id}: the ref is stale (its process closed or reused the "
-                    "descriptor); ask the Elixir side for a fresh export_ref/2.")
+                raise _reused_fd(path, region_id, target, memfd_target)
         return fd, info.st_size
     except BaseException:
         os.close(fd)
@@ -280,3 +319,26 @@ def _open_error(path, region_id, writable, exc):
             f"cannot open {path} {'for writing' if writable else 'for reading'}: "
             f"{exc.strerror}. Check that the worker runs as the VM's user.")
     return errors.SnakepitShmError(f"cannot open {path}: {exc.strerror}")
+
+
+def _check_memfd_link(path, region_id, memfd_target):
+    """Refuse a /proc/<pid>/fd/<n> path that no longer names the region's memfd.
+
+    Once the owner closed the memfd (the region was deallocated) its descriptor
+    number is free and the process may reuse it for anything: a socket, a pipe,
+    another file.  Looking at the link first means we never even open such a thing.
+    """
+    try:
+        target = os.readlink(path)
+    except OSError as exc:
+        raise _open_error(path, region_id, False, exc) from None
+    if target != memfd_target:
+        raise _reused_fd(path, region_id, target, memfd_target)
+
+
+def _reused_fd(path, region_id, target, memfd_target):
+    return errors.RegionNotFound(
+        f"region {region_id} no longer exists: {path} is now {target!r}, not its memfd "
+        f"{memfd_target!r}. The owner closed the region (deallocated, or the owner "
+        "exited) and its descriptor number was reused; ask the Elixir side for a fresh "
+        "region and ref.")

@@ -12,10 +12,12 @@ __all__ = [
     "RegionNotFound",
     "CorruptRegion",
     "RegionExpired",
+    "RegionDeallocated",
     "PermissionError",
     "ViewsStillAlive",
     "LibraryNotFound",
     "UnheldAttachWarning",
+    "OrphanedRegionWarning",
 ]
 
 
@@ -33,6 +35,15 @@ class CorruptRegion(SnakepitShmError):
 
 class RegionExpired(SnakepitShmError):
     """The region has been idle longer than its timeout and will be freed."""
+
+
+class RegionDeallocated(RegionExpired):
+    """The owner freed the region while this worker had it attached.
+
+    Raised by ``read``, ``write``, ``ndarray`` and ``buf`` instead of silently reading
+    freed (maybe zeroed) memory or writing results nobody will read.  A subclass of
+    RegionExpired, so ``except RegionExpired`` catches both ways a region ends.
+    """
 
 
 class PermissionError(SnakepitShmError, builtins.PermissionError):
@@ -55,4 +66,13 @@ class UnheldAttachWarning(UserWarning):
     The data is immutable and stays mapped, but the manager does not know this worker
     uses it: keep the region allocated on the Elixir side until the worker is done, or
     use the memfd backend, whose header stays writable after sealing.
+    """
+
+
+class OrphanedRegionWarning(UserWarning):
+    """An attached region's creator (the Elixir VM) is no longer running.
+
+    Its data is intact, but nobody will read results written into it and the next
+    orphan sweep of a VM on this host frees it (memfd regions go when their last
+    descriptor closes).  Finish quickly or ask a live VM for a fresh region.
     """

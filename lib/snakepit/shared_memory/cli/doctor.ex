@@ -264,14 +264,7 @@ defmodule Snakepit.SharedMemory.CLI.Doctor do
         finding("RLIMIT_MEMLOCK", :ok, "#{Human.bytes(soft)} (hard #{limit_text(hard)})")
 
       {:ok, soft, hard} ->
-        finding(
-          "RLIMIT_MEMLOCK",
-          :warn,
-          "#{Human.bytes(soft)} (hard #{limit_text(hard)}): security_level :maximum regions lock their pages in RAM, " <>
-            "so all of them together cannot exceed this",
-          "raise it for the VM's user: `ulimit -l unlimited` before starting it, systemd LimitMEMLOCK=infinity, " <>
-            "docker --ulimit memlock=-1, or grant CAP_IPC_LOCK; or use security_level :high"
-        )
+        memlock_low(soft, hard, ipc_lock?())
 
       :error ->
         finding(
@@ -281,6 +274,42 @@ defmodule Snakepit.SharedMemory.CLI.Doctor do
           "check `ulimit -l` by hand"
         )
     end
+  end
+
+  # CAP_IPC_LOCK (bit 14 of CapEff) lifts RLIMIT_MEMLOCK: root usually has it.
+  @cap_ipc_lock 14
+
+  @doc false
+  @spec ipc_lock?(String.t()) :: boolean()
+  def ipc_lock?(status_path \\ "/proc/self/status") do
+    with {:ok, status} <- File.read(status_path),
+         [_, hex] <- Regex.run(~r/^CapEff:\s*([0-9a-fA-F]+)$/m, status),
+         {caps, ""} <- Integer.parse(hex, 16) do
+      Bitwise.band(Bitwise.bsr(caps, @cap_ipc_lock), 1) == 1
+    else
+      _ -> false
+    end
+  end
+
+  @doc false
+  def memlock_low(soft, hard, true) do
+    finding(
+      "RLIMIT_MEMLOCK",
+      :ok,
+      "#{Human.bytes(soft)} (hard #{limit_text(hard)}), but this process has CAP_IPC_LOCK, " <>
+        "which lifts the limit: security_level :maximum can lock any size"
+    )
+  end
+
+  def memlock_low(soft, hard, false) do
+    finding(
+      "RLIMIT_MEMLOCK",
+      :warn,
+      "#{Human.bytes(soft)} (hard #{limit_text(hard)}): security_level :maximum regions lock their pages in RAM, " <>
+        "so all of them together cannot exceed this",
+      "raise it for the VM's user: `ulimit -l unlimited` before starting it, systemd LimitMEMLOCK=infinity, " <>
+        "docker --ulimit memlock=-1, or grant CAP_IPC_LOCK; or use security_level :high"
+    )
   end
 
   defp nofile do

@@ -124,9 +124,46 @@ defmodule Snakepit.SharedMemory.CLI.Remote do
 
       _ ->
         Command.fail!(
-          "cannot connect to node #{node}: check that it runs (epmd -names), that the name " <>
-            "is complete (name@host) and that --cookie matches its cookie"
+          "cannot connect to node #{node}: " <> connect_failure(node, registered(node))
         )
+    end
+  end
+
+  @doc false
+  # Why Node.connect/1 failed, from what epmd on the node's host says: a node that is
+  # registered but refused us has another cookie; one that is not registered is not
+  # running (or has another name).
+  @spec connect_failure(node(), :registered | :not_registered | :no_epmd) :: String.t()
+  def connect_failure(node, :registered) do
+    "node #{node} is running but refused the connection: the cookie does not match. " <>
+      "Pass its cookie with --cookie (see its ~/.erlang.cookie or its --cookie/RELEASE_COOKIE)"
+  end
+
+  def connect_failure(node, :not_registered) do
+    [name, host] = String.split(Atom.to_string(node), "@", parts: 2)
+
+    "no node named #{name} runs on #{host} (epmd there does not know it): start it, or " <>
+      "check the name with `epmd -names` on #{host}"
+  end
+
+  def connect_failure(node, :no_epmd) do
+    host = node |> Atom.to_string() |> String.split("@") |> List.last()
+
+    "cannot reach epmd on #{host}: no Erlang node runs there, or the host name is wrong or " <>
+      "unreachable (node #{node})"
+  end
+
+  defp registered(node) do
+    [name, host] = String.split(Atom.to_string(node), "@", parts: 2)
+
+    case :erl_epmd.names(String.to_charlist(host)) do
+      {:ok, names} ->
+        if Enum.any?(names, fn {n, _port} -> List.to_string(n) == name end),
+          do: :registered,
+          else: :not_registered
+
+      _ ->
+        :no_epmd
     end
   end
 
@@ -161,7 +198,9 @@ defmodule Snakepit.SharedMemory.CLI.Remote do
         {if(String.contains?(host, "."), do: :longnames, else: :shortnames), host}
 
       _ ->
-        Command.usage_error!("snakepit.shm", "--node must look like name@host, got: #{target}")
+        # Command.parse!/5 checks --node first (naming the task); this is a safety net.
+        Mix.shell().error("--node must look like name@host, got: #{target}")
+        exit({:shutdown, 2})
     end
   end
 
