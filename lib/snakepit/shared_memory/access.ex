@@ -243,7 +243,9 @@ defmodule Snakepit.SharedMemory.Access do
           "encrypted" => info.encrypted,
           "dtype" => opts.dtype || Map.get(metadata, "dtype"),
           "shape" => opts.shape || Map.get(metadata, "shape"),
-          "metadata" => metadata
+          "metadata" => metadata,
+          "node" => Atom.to_string(node()),
+          "boot_id" => Native.self_info().boot_id
         }
         |> put_key(key)
 

@@ -143,6 +143,7 @@ defmodule Snakepit.SharedMemory.Allocator do
     # re-checks the owners of a dead caller that had a journal row.
     if Registry.insert_new(record) do
       watch_owner(ref, info.id, opts.owner)
+      Snakepit.SharedMemory.Cluster.Directory.added(info.id)
       Stats.count(:allocations)
       {:ok, info.id}
     else
@@ -232,6 +233,7 @@ defmodule Snakepit.SharedMemory.Allocator do
         do: Native.unmap(mapping)
 
     if role == :created, do: destroy(record)
+    Snakepit.SharedMemory.Cluster.Directory.removed(id)
     Quota.release(owner, size)
     Stats.event(:deallocations, %{count: 1}, %{region_id: id, reason: reason})
     Logger.debug("snakepit_shm: freed #{id} (#{reason})")

@@ -4,12 +4,13 @@ defmodule Snakepit.SharedMemory.Application do
 
   Validates the configuration (an invalid key fails the start with a message naming
   it), sets up the statistics counters, and starts, under a `:rest_for_one`
-  supervisor, the table owner and then the manager.
+  supervisor, the table owner, the manager, then the cluster directory (a `:pg` scope
+  and this node's member of it, `Snakepit.SharedMemory.Cluster.Supervisor`).
   """
 
   use Application
 
-  alias Snakepit.SharedMemory.{Config, Manager, Platform, Stats, TableOwner}
+  alias Snakepit.SharedMemory.{Cluster, Config, Manager, Platform, Stats, TableOwner}
 
   @impl true
   def start(_type, _args) do
@@ -17,7 +18,7 @@ defmodule Snakepit.SharedMemory.Application do
          {:ok, _platform} <- Platform.select(:os.type()) do
       Stats.setup()
 
-      Supervisor.start_link([TableOwner, Manager],
+      Supervisor.start_link([TableOwner, Manager, Cluster.Supervisor],
         strategy: :rest_for_one,
         max_restarts: 10,
         max_seconds: 5,

@@ -6,7 +6,14 @@ defmodule Snakepit.SharedMemory.ApplicationTest do
   describe "start/2" do
     test "starts the table owner, then the manager, under :rest_for_one" do
       children = Supervisor.which_children(Snakepit.SharedMemory.Supervisor)
-      assert [{Manager, manager, :worker, _}, {TableOwner, owner, :worker, _}] = children
+
+      assert [
+               {Snakepit.SharedMemory.Cluster.Supervisor, cluster, :supervisor, _},
+               {Manager, manager, :worker, _},
+               {TableOwner, owner, :worker, _}
+             ] = children
+
+      assert is_pid(cluster)
       assert is_pid(manager) and is_pid(owner)
 
       assert %{strategy: :rest_for_one} =

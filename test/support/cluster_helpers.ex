@@ -1,0 +1,140 @@
+defmodule Snakepit.SharedMemory.ClusterHelpers do
+  @moduledoc false
+  # Peers for the cluster tests: OTP's :peer starts other VMs on this machine, each with
+  # this project's code path, this VM's :snakepit_shm settings and its own manager.
+
+  @doc """
+  Makes this VM a distributed node (shortnames) if it is not one yet, starting epmd
+  first, so `mix test` works without --sname.
+  """
+  @spec ensure_distributed!() :: node()
+  def ensure_distributed! do
+    unless Node.alive?() do
+      {_, 0} = System.cmd("epmd", ["-daemon"])
+      name = :"shmtest#{System.unique_integer([:positive])}_#{:rand.uniform(1_000_000)}"
+
+      case :net_kernel.start([name, :shortnames]) do
+        {:ok, _} -> :ok
+        {:error, {:already_started, _}} -> :ok
+      end
+    end
+
+    node()
+  end
+
+  @doc "Starts a peer running :snakepit_shm; returns `{peer_pid, node}`."
+  @spec start_peer!(String.t()) :: {pid(), node()}
+  def start_peer!(prefix) do
+    ensure_distributed!()
+    cookie = Node.get_cookie() |> Atom.to_charlist()
+
+    {:ok, peer, node} =
+      :peer.start(%{
+        name: :peer.random_name(String.to_charlist(prefix)),
+        args: [~c"-setcookie", cookie, ~c"-kernel", ~c"prevent_overlapping_partitions", ~c"false"],
+        wait_boot: 120_000
+      })
+
+    :ok = :erpc.call(node, :code, :add_paths, [:code.get_path()])
+
+    for {key, value} <- Application.get_all_env(:snakepit_shm),
+        do: :ok = :erpc.call(node, Application, :put_env, [:snakepit_shm, key, value])
+
+    :ok = :erpc.call(node, Application, :put_env, [:logger, :level, :warning])
+    {:ok, _} = :erpc.call(node, Application, :ensure_all_started, [:snakepit_shm])
+    {peer, node}
+  end
+
+  @doc "Stops a peer if it still runs."
+  @spec stop_peer(pid()) :: :ok
+  def stop_peer(peer) do
+    :peer.stop(peer)
+  catch
+    :exit, _ -> :ok
+  end
+
+  @doc "The OS pid of a node's VM."
+  @spec os_pid(node()) :: String.t()
+  def os_pid(node), do: :erpc.call(node, System, :pid, [])
+
+  @doc "Calls `Snakepit.SharedMemory.fun(args...)` on `node`."
+  @spec shm(node(), atom(), [term()]) :: term()
+  def shm(node, fun, args), do: :erpc.call(node, Snakepit.SharedMemory, fun, args, 120_000)
+
+  @doc "Calls `ClusterHelpers.fun(args...)` on `node` (this module is on the peers' path)."
+  @spec remote(node(), atom(), [term()]) :: term()
+  def remote(node, fun, args), do: :erpc.call(node, __MODULE__, fun, args, 300_000)
+
+  @block 1_048_576
+
+  @doc """
+  Allocates a region of `size` bytes (cleanup policy :manual, so it outlives the
+  calling process) and fills it with a pattern that differs in every MiB. Returns the
+  id. Runs on the node it is called on (use remote/3).
+  """
+  @spec filled_region(pos_integer(), keyword()) :: String.t()
+  def filled_region(size, opts \\ []) do
+    alias Snakepit.SharedMemory, as: SHM
+    {:ok, id} = SHM.allocate_region(size, Keyword.merge([cleanup_policy: :manual], opts))
+    {:ok, m} = SHM.map_region(id, access_mode: :read_write)
+    seed = :crypto.strong_rand_bytes(min(size, @block))
+
+    for offset <- 0..(size - 1)//@block do
+      len = min(@block, size - offset)
+      block = binary_part(seed, 0, len)
+      prefix = min(len, 8)
+      <<_::binary-size(prefix), rest::binary>> = block
+      :ok = SHM.write(m, offset, [binary_part(<<offset::64>>, 0, prefix), rest])
+    end
+
+    :ok = SHM.unmap_region(m)
+    id
+  end
+
+  @doc "SHA-256 of a region's data, read chunk by chunk (on the node it is called on)."
+  @spec digest(String.t()) :: binary()
+  def digest(id) do
+    alias Snakepit.SharedMemory, as: SHM
+    {:ok, %{size: size}} = SHM.get_region_info(id)
+    {:ok, m} = SHM.map_region(id, access_mode: :read_only)
+
+    ctx =
+      Enum.reduce(0..(size - 1)//4 * @block, :crypto.hash_init(:sha256), fn offset, ctx ->
+        {:ok, data} = SHM.read(m, offset, min(4 * @block, size - offset))
+        :crypto.hash_update(ctx, data)
+      end)
+
+    :ok = SHM.unmap_region(m)
+    :crypto.hash_final(ctx)
+  end
+
+  @doc "Ids of the regions a node's registry holds."
+  @spec ids(node()) :: [String.t()]
+  def ids(node), do: :erpc.call(node, Snakepit.SharedMemory.Registry, :ids, []) |> Enum.sort()
+
+  @doc "Waits until every node's directory saw `count` members (each directory settled)."
+  @spec settle!([node()], pos_integer()) :: :ok
+  def settle!(nodes, count) do
+    deadline = System.monotonic_time(:millisecond) + 30_000
+    do_settle(nodes, count, deadline)
+  end
+
+  defp do_settle(nodes, count, deadline) do
+    alias Snakepit.SharedMemory.Cluster.Directory
+    seen = Enum.map(nodes, &:erpc.call(&1, Directory, :sync, []))
+
+    cond do
+      Enum.all?(seen, &(length(&1) == count)) ->
+        # A second round: entries sent before each directory saw the change are in.
+        Enum.each(nodes, &:erpc.call(&1, Directory, :sync, []))
+        :ok
+
+      System.monotonic_time(:millisecond) > deadline ->
+        raise "cluster did not settle: #{inspect(seen)}"
+
+      true ->
+        Process.sleep(20)
+        do_settle(nodes, count, deadline)
+    end
+  end
+end
