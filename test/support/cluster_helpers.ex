@@ -137,4 +137,58 @@ defmodule Snakepit.SharedMemory.ClusterHelpers do
         do_settle(nodes, count, deadline)
     end
   end
+
+  @doc """
+  Starts, on the node it is called on, a process that calls `fetch(id, opts)` and sends
+  `{:fetch_result, result}` to `report_to`; returns its pid.
+  """
+  @spec fetch_in_background(String.t(), keyword(), pid()) :: pid()
+  def fetch_in_background(id, opts, report_to) do
+    spawn(fn -> send(report_to, {:fetch_result, Snakepit.SharedMemory.fetch(id, opts)}) end)
+  end
+
+  @doc "The receiving process of a fetch run by `caller` (the one it monitors)."
+  @spec receiver_of(pid()) :: pid()
+  def receiver_of(caller) do
+    {:monitors, [{:process, receiver} | _]} = Process.info(caller, :monitors)
+    receiver
+  end
+
+  @doc """
+  Samples `:erlang.memory(:binary)` of the node it runs on every `interval` ms until
+  it receives `:stop`, then sends `{:binary_memory, baseline, peak}` to `parent`.
+  """
+  @spec sample_binary_memory(pid(), pos_integer()) :: :ok
+  def sample_binary_memory(parent, interval \\ 5) do
+    :erlang.garbage_collect()
+    baseline = :erlang.memory(:binary)
+    send(parent, {:sampling, self()})
+    peak = sample_loop(baseline, interval)
+    send(parent, {:binary_memory, node(), baseline, peak})
+    :ok
+  end
+
+  defp sample_loop(peak, interval) do
+    receive do
+      :stop -> max(peak, :erlang.memory(:binary))
+    after
+      interval -> sample_loop(max(peak, :erlang.memory(:binary)), interval)
+    end
+  end
+
+  @doc "Waits (up to 30 s) until `fun` returns a truthy value; returns it, or raises."
+  @spec eventually((() -> term())) :: term()
+  def eventually(fun, deadline \\ nil) do
+    deadline = deadline || System.monotonic_time(:millisecond) + 30_000
+
+    case fun.() do
+      value when value not in [nil, false] ->
+        value
+
+      _ ->
+        if System.monotonic_time(:millisecond) > deadline, do: raise("condition never held")
+        Process.sleep(20)
+        eventually(fun, deadline)
+    end
+  end
 end

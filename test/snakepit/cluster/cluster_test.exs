@@ -143,7 +143,7 @@ defmodule Snakepit.SharedMemory.ClusterTest do
 
       # :maximum leaves its VM only sealed, and its copy is sealed.
       id = remote(c.a, :filled_region, [100_000, [security_level: :maximum]])
-      assert {:error, %Error{reason: :not_sealed}} = SHM.fetch(id)
+      assert {:error, %Error{reason: :not_sealed}} = SHM.fetch(id, node: c.a)
       :ok = shm(c.a, :seal, [id])
       assert {:ok, local} = SHM.fetch(id)
       assert {:ok, %{sealed: true, security_level: :maximum}} = SHM.get_region_info(local)
@@ -193,6 +193,162 @@ defmodule Snakepit.SharedMemory.ClusterTest do
       assert {:error, %Error{reason: :permission_denied}} = SHM.fetch(id)
       :ok = shm(c.a, :cleanup_regions, [[ids: [id]]]) |> elem(0)
       assert ids(node()) == before
+    end
+  end
+
+  @mib 1_048_576
+
+  describe "failures mid-transfer" do
+    test "the sending node killed: :nodedown, the partial copy freed", c do
+      {peer, victim} = start_peer!("shmv")
+      settle!([node(), c.a, c.b, victim], 4)
+      id = remote(victim, :filled_region, [16 * @mib])
+      vm = os_pid(victim)
+      before = ids(node())
+
+      caller =
+        fetch_in_background(
+          id,
+          [node: victim, chunk_size: 65_536, window: 1, progress: self()],
+          self()
+        )
+
+      assert_receive {:snakepit_shm_fetch_progress, ^id, _, _}, 30_000
+      # Hold the receiver still so that the transfer cannot end before the kill.
+      receiver = receiver_of(caller)
+      :erlang.suspend_process(receiver)
+      assert length(ids(node())) == length(before) + 1
+      {_, 0} = System.cmd("kill", ["-9", vm])
+      eventually(fn -> victim not in Node.list() end)
+      :erlang.resume_process(receiver)
+
+      assert_receive {:fetch_result, {:error, %Error{reason: :nodedown} = error}}, 30_000
+      assert error.message =~ "went down"
+      assert ids(node()) == before
+      # The victim's memfd regions died with it: nothing of it in /dev/shm either.
+      assert Snakepit.SharedMemory.ShmHelpers.segments_created_by(String.to_integer(vm)) == []
+      stop_peer(peer)
+      settle!([node(), c.a, c.b], 3)
+    end
+
+    test "the receiving node killed: the sender unmaps and stops", c do
+      {peer, victim} = start_peer!("shmr")
+      settle!([node(), c.a, c.b, victim], 4)
+      id = remote(c.a, :filled_region, [16 * @mib])
+      before_a = ids(c.a)
+
+      caller =
+        remote(victim, :fetch_in_background, [
+          id,
+          [chunk_size: 65_536, window: 1, progress: self()],
+          self()
+        ])
+
+      assert_receive {:snakepit_shm_fetch_progress, ^id, _, _}, 30_000
+      receiver = :erpc.call(victim, Snakepit.SharedMemory.ClusterHelpers, :receiver_of, [caller])
+      :ok = :erpc.call(victim, :erlang, :suspend_process, [receiver]) |> then(fn true -> :ok end)
+      assert {:ok, %{mapped_by: [_sender]}} = shm(c.a, :get_region_info, [id])
+      {_, 0} = System.cmd("kill", ["-9", os_pid(victim)])
+
+      eventually(fn -> match?({:ok, %{mapped_by: []}}, shm(c.a, :get_region_info, [id])) end)
+      assert ids(c.a) == before_a
+      :ok = shm(c.a, :deallocate_region, [id])
+      stop_peer(peer)
+      settle!([node(), c.a, c.b], 3)
+    end
+
+    test "the caller killed: its partial copy is freed, the sender stops", c do
+      id = remote(c.a, :filled_region, [16 * @mib])
+      before = ids(node())
+
+      caller = fetch_in_background(id, [chunk_size: 65_536, window: 1, progress: self()], self())
+      assert_receive {:snakepit_shm_fetch_progress, ^id, _, _}, 30_000
+      receiver = receiver_of(caller)
+      :erlang.suspend_process(receiver)
+      assert length(ids(node())) == length(before) + 1
+      Process.exit(caller, :kill)
+      :erlang.resume_process(receiver)
+
+      eventually(fn -> ids(node()) == before end)
+      eventually(fn -> match?({:ok, %{mapped_by: []}}, shm(c.a, :get_region_info, [id])) end)
+      refute_received {:fetch_result, _}
+      :ok = shm(c.a, :deallocate_region, [id])
+    end
+  end
+
+  describe "directory membership" do
+    test "a node that joins takes shards, a node that dies is purged", c do
+      a_ids = for _ <- 1..30, do: remote(c.a, :filled_region, [4096])
+      {peer, newcomer} = start_peer!("shmn")
+      settle!([node(), c.a, c.b, newcomer], 4)
+
+      # Some shards moved to the newcomer; every region is still found.
+      for id <- a_ids, do: assert({:ok, c.a} == SHM.locate(id))
+      assert Enum.any?(a_ids, &(Directory.shard(&1, Directory.members()) == newcomer))
+
+      n_ids = for _ <- 1..30, do: remote(newcomer, :filled_region, [4096])
+      settle!([node(), c.a, c.b, newcomer], 4)
+      for id <- n_ids, do: assert({:ok, newcomer} == SHM.locate(id))
+      nodes = [node(), c.a, c.b, newcomer]
+      entries = Enum.flat_map(nodes, &:erpc.call(&1, Directory, :shard_entries, []))
+      assert Enum.count(entries, &(elem(&1, 1) == newcomer)) == 30
+
+      {_, 0} = System.cmd("kill", ["-9", os_pid(newcomer)])
+      settle!([node(), c.a, c.b], 3)
+
+      for n <- [node(), c.a, c.b] do
+        entries = :erpc.call(n, Directory, :shard_entries, [])
+        refute Enum.any?(entries, &(elem(&1, 1) == newcomer)), "#{n} kept entries of #{newcomer}"
+      end
+
+      for id <- n_ids, do: assert({:error, %Error{reason: :not_found}} = SHM.locate(id))
+      for id <- a_ids, do: assert({:ok, c.a} == SHM.locate(id))
+      for id <- a_ids, do: :ok = shm(c.a, :deallocate_region, [id])
+      stop_peer(peer)
+    end
+  end
+
+  describe "back-pressure" do
+    test "1 GiB: verified, and neither VM holds more than a few windows", c do
+      size = 1024 * @mib
+      id = remote(c.a, :filled_region, [size])
+      source_digest = remote(c.a, :digest, [id])
+
+      Node.spawn(c.a, Snakepit.SharedMemory.ClusterHelpers, :sample_binary_memory, [self()])
+      assert_receive {:sampling, remote_sampler}, 30_000
+      me = self()
+      spawn(fn -> Snakepit.SharedMemory.ClusterHelpers.sample_binary_memory(me) end)
+      assert_receive {:sampling, local_sampler}, 30_000
+
+      assert {:ok, local} = SHM.fetch(id, progress: self())
+      send(remote_sampler, :stop)
+      send(local_sampler, :stop)
+      assert_receive {:binary_memory, a, a_base, a_peak}, 30_000
+      assert_receive {:binary_memory, b, b_base, b_peak}, 30_000
+      peaks = %{a => a_peak - a_base, b => b_peak - b_base}
+      # Defaults: 4 chunks of 4 MiB in flight. Allow four windows (64 MiB), far below 1 GiB.
+      assert peaks[c.a] < 64 * @mib, "sender peak #{peaks[c.a]}"
+      assert peaks[node()] < 64 * @mib, "receiver peak #{peaks[node()]}"
+
+      IO.puts(
+        "\n1 GiB fetch: binary memory peak above baseline: sender #{div(peaks[c.a], @mib)} MiB, receiver #{div(peaks[node()], @mib)} MiB"
+      )
+
+      progress = collect_progress(id, [])
+      assert length(progress) == 256
+      assert List.last(progress) == size
+
+      assert digest(local) == source_digest
+      :ok = SHM.deallocate_region(local)
+      :ok = shm(c.a, :deallocate_region, [id])
+    end
+  end
+
+  defp collect_progress(id, acc) do
+    receive do
+      {:snakepit_shm_fetch_progress, ^id, done, _total} -> collect_progress(id, [done | acc])
+    after
+      0 -> Enum.reverse(acc)
     end
   end
 end
