@@ -1,3 +1,5 @@
+Code.require_file("../../mix/support/task_helpers.exs", __DIR__)
+
 defmodule Snakepit.SharedMemory.ClusterTest do
   # Several VMs on this machine (OTP's :peer), each running :snakepit_shm with its own
   # manager; this VM is one of the cluster's nodes. Not async: it makes this VM a
@@ -190,7 +192,7 @@ defmodule Snakepit.SharedMemory.ClusterTest do
 
       holder = :erpc.call(c.a, :erlang, :whereis, [Snakepit.SharedMemory.Manager])
       id = remote(c.a, :filled_region, [4096, [allowed_processes: [holder]]])
-      assert {:error, %Error{reason: :permission_denied}} = SHM.fetch(id)
+      assert {:error, %Error{reason: :permission_denied}} = SHM.fetch(id, node: c.a)
       :ok = shm(c.a, :cleanup_regions, [[ids: [id]]]) |> elem(0)
       assert ids(node()) == before
     end
@@ -349,6 +351,44 @@ defmodule Snakepit.SharedMemory.ClusterTest do
       {:snakepit_shm_fetch_progress, ^id, done, _total} -> collect_progress(id, [done | acc])
     after
       0 -> Enum.reverse(acc)
+    end
+  end
+
+  describe "mix snakepit.shm.list --cluster" do
+    test "lists the regions of every connected node, with their node", c do
+      import Snakepit.SharedMemory.TaskHelpers, only: [run_task: 2, json!: 1]
+      a_id = remote(c.a, :filled_region, [100_000])
+      b_id = remote(c.b, :filled_region, [50_000])
+      {:ok, mine} = SHM.allocate_region(4096)
+
+      args = [
+        "--node",
+        Atom.to_string(c.b),
+        "--cookie",
+        Atom.to_string(Node.get_cookie()),
+        "--cluster"
+      ]
+
+      {out, _err, 0} = run_task("snakepit.shm.list", args)
+      assert out =~ ~r/^NODE\s+ID\s+BACKEND/m
+      assert out =~ ~r/^#{c.a}\s+#{a_id}\s+memfd\s+97\.7 KiB/m
+      assert out =~ ~r/^#{c.b}\s+#{b_id}\s+memfd\s+48\.8 KiB/m
+      assert out =~ ~r/^#{node()}\s+#{mine}\s+memfd\s+4\.0 KiB/m
+      assert out =~ "cluster of #{c.b}"
+
+      {out, _err, 0} = run_task("snakepit.shm.list", args ++ ["--format", "json"])
+      regions = json!(out)["regions"]
+      assert %{"node" => a} = Enum.find(regions, &(&1["id"] == a_id))
+      assert a == Atom.to_string(c.a)
+      assert %{"node" => b} = Enum.find(regions, &(&1["id"] == b_id))
+      assert b == Atom.to_string(c.b)
+
+      {_out, err, 2} = run_task("snakepit.shm.list", ["--cluster"])
+      assert err =~ "--cluster needs --node"
+
+      :ok = shm(c.a, :deallocate_region, [a_id])
+      :ok = shm(c.b, :deallocate_region, [b_id])
+      :ok = SHM.deallocate_region(mine)
     end
   end
 end
