@@ -18,8 +18,8 @@ decryption.  Linux only (POSIX shm and memfd backends).
 """
 
 from ._attach import attach, inspect
-from .errors import (CorruptRegion, LibraryNotFound, PermissionError, RegionExpired,
-                     RegionNotFound, SnakepitShmError, UnheldAttachWarning,
+from .errors import (CorruptRegion, ForeignHostRegion, LibraryNotFound, PermissionError,
+                     RegionExpired, RegionNotFound, SnakepitShmError, UnheldAttachWarning,
                      ViewsStillAlive)
 from .region import Region
 
@@ -31,6 +31,7 @@ __all__ = [
     "Region",
     "SnakepitShmError",
     "RegionNotFound",
+    "ForeignHostRegion",
     "CorruptRegion",
     "RegionExpired",
     "PermissionError",
