@@ -191,4 +191,37 @@ defmodule Snakepit.SharedMemory.ClusterHelpers do
         eventually(fun, deadline)
     end
   end
+
+  @doc "Reads `length` bytes at `offset` of a region (on the node it is called on)."
+  @spec read(String.t(), non_neg_integer(), non_neg_integer()) :: binary()
+  def read(id, offset, length) do
+    alias Snakepit.SharedMemory, as: SHM
+    {:ok, m} = SHM.map_region(id, access_mode: :read_only)
+    {:ok, data} = SHM.read(m, offset, length)
+    :ok = SHM.unmap_region(m)
+    data
+  end
+
+  @doc """
+  Loads, on the node it is called on, a stand-in `:telemetry` module that sends every
+  event to `sink` as `{:telemetry, name, measurements, metadata}`. Only for peers: it
+  would see every event of this VM.
+  """
+  @spec fake_telemetry(pid()) :: :ok
+  def fake_telemetry(sink) do
+    Application.put_env(:snakepit_shm_test, :telemetry_sink, sink)
+
+    Code.compile_string("""
+    defmodule :telemetry do
+      def execute(name, measurements, metadata) do
+        case Application.get_env(:snakepit_shm_test, :telemetry_sink) do
+          nil -> :ok
+          pid -> send(pid, {:telemetry, name, measurements, metadata})
+        end
+      end
+    end
+    """)
+
+    :ok
+  end
 end

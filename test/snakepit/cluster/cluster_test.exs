@@ -391,4 +391,88 @@ defmodule Snakepit.SharedMemory.ClusterTest do
       :ok = SHM.deallocate_region(mine)
     end
   end
+
+  describe "on the wire" do
+    test "encrypted regions travel as ciphertext, standard ones as they are", c do
+      for {level, opts} <- [{:high, []}, {:standard, [encrypt: true]}, {:standard, []}] do
+        id = remote(c.a, :filled_region, [@mib, [security_level: level]])
+        # The caller exits after the fetch: the copy must outlive it.
+        fetch_opts =
+          [node: c.a, chunk_size: 65_536, window: 1, progress: self()] ++
+            [region: [cleanup_policy: :manual]] ++ opts
+
+        caller = fetch_in_background(id, fetch_opts, self())
+        assert_receive {:snakepit_shm_fetch_progress, ^id, _, _}, 30_000
+        receiver = receiver_of(caller)
+        :erlang.suspend_process(receiver)
+        :erlang.trace(receiver, true, [:receive])
+        :erlang.resume_process(receiver)
+        assert_receive {:fetch_result, {:ok, local}}, 60_000
+        chunks = traced_chunks(receiver, [])
+        assert length(chunks) > 4
+
+        for {index, payload} <- chunks do
+          plain = remote(c.a, :read, [id, index * 65_536, 65_536])
+
+          if level == :high or opts[:encrypt] do
+            assert byte_size(payload) == byte_size(plain) + 16
+            assert :binary.match(payload, binary_part(plain, 8, 32)) == :nomatch
+          else
+            assert payload == plain
+          end
+        end
+
+        assert digest(local) == remote(c.a, :digest, [id])
+        :ok = SHM.deallocate_region(local)
+        :ok = shm(c.a, :deallocate_region, [id])
+      end
+    end
+  end
+
+  defp traced_chunks(receiver, acc) do
+    receive do
+      {:trace, ^receiver, :receive, {_tag, :chunk, index, payload, _crc}} ->
+        traced_chunks(receiver, [{index, payload} | acc])
+
+      {:trace, ^receiver, :receive, _other} ->
+        traced_chunks(receiver, acc)
+    after
+      500 -> Enum.reverse(acc)
+    end
+  end
+
+  describe "telemetry" do
+    test "[:snakepit_shm, :fetch, :progress] after each chunk, then :stop", c do
+      # The stand-in :telemetry runs on the peer only (it would see this VM's events).
+      :ok = remote(c.b, :fake_telemetry, [self()])
+      id = filled_region(200_000)
+
+      _caller =
+        remote(c.b, :fetch_in_background, [
+          id,
+          [node: node(), chunk_size: 65_536, region: [cleanup_policy: :manual]],
+          self()
+        ])
+
+      assert_receive {:fetch_result, {:ok, copy}}, 60_000
+
+      for done <- [65_536, 131_072, 196_608, 200_000] do
+        assert_receive {:telemetry, [:snakepit_shm, :fetch, :progress],
+                        %{bytes: ^done, total: 200_000},
+                        %{region_id: ^id, local_region_id: ^copy} = meta},
+                       5_000
+
+        assert meta.node == node()
+      end
+
+      assert_receive {:telemetry, [:snakepit_shm, :fetch, :stop], %{duration: d},
+                      %{region_id: ^id, result: :ok}},
+                     5_000
+
+      assert d > 0
+      :ok = remote(c.b, :fake_telemetry, [nil]) |> then(fn :ok -> :ok end)
+      :ok = shm(c.b, :deallocate_region, [copy])
+      :ok = SHM.deallocate_region(id)
+    end
+  end
 end
