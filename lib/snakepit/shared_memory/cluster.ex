@@ -118,7 +118,19 @@ defmodule Snakepit.SharedMemory.Cluster do
   defp ref_node(_ref), do: {:ok, nil}
 
   defp source_node(id, nil), do: locate(id)
-  defp source_node(_id, node), do: {:ok, node}
+
+  defp source_node(id, node) do
+    if node in [node() | Node.list()] do
+      {:ok, node}
+    else
+      Error.error(
+        :nodedown,
+        "node #{node} is not connected to #{node()}, so #{id} cannot be fetched from it: " <>
+          "connect it first (Node.connect/1) or leave out :node to locate the region",
+        %{region_id: id, node: node}
+      )
+    end
+  end
 
   defp options(opts) when is_list(opts) do
     if Keyword.keyword?(opts), do: options(Map.new(opts)), else: bad_options(opts)

@@ -162,6 +162,15 @@ defmodule Snakepit.SharedMemory.ClusterTest do
       :ok = shm(c.a, :deallocate_region, [id])
     end
 
+    test "a region of this node is copied too", _c do
+      id = filled_region(300_000)
+      assert {:ok, copy} = SHM.fetch(id, chunk_size: 65_536)
+      assert copy != id
+      assert digest(copy) == digest(id)
+      :ok = SHM.deallocate_region(copy)
+      :ok = SHM.deallocate_region(id)
+    end
+
     test "into: an existing local region", c do
       id = remote(c.a, :filled_region, [100_000])
       {:ok, target} = SHM.allocate_region(100_000)
@@ -185,6 +194,10 @@ defmodule Snakepit.SharedMemory.ClusterTest do
       assert {:error, %Error{reason: :not_found}} =
                SHM.fetch("spshm_" <> String.duplicate("b", 20), node: c.a)
 
+      assert {:error, %Error{reason: :nodedown, message: msg}} =
+               SHM.fetch("spshm_" <> String.duplicate("b", 20), node: :nowhere@nohost)
+
+      assert msg =~ "not connected"
       assert {:error, %Error{reason: :invalid_option}} = SHM.fetch("x", window: 0)
       assert {:error, %Error{reason: :invalid_option}} = SHM.fetch("x", chunk_size: 1)
       assert {:error, %Error{reason: :invalid_option}} = SHM.fetch("x", bogus: 1)

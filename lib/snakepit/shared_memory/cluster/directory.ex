@@ -82,7 +82,7 @@ defmodule Snakepit.SharedMemory.Cluster.Directory do
   @spec shard_lookup(String.t()) :: {:ok, node()} | :error
   def shard_lookup(id) do
     case :ets.lookup(@table, id) do
-      [{^id, node}] -> {:ok, node}
+      [{^id, node} | _] -> {:ok, node}
       [] -> :error
     end
   rescue
@@ -125,7 +125,8 @@ defmodule Snakepit.SharedMemory.Cluster.Directory do
 
   @impl true
   def init(nil) do
-    :ets.new(@table, [:set, :protected, :named_table, {:read_concurrency, true}])
+    # A bag: a named POSIX region opened by two nodes of one host is on both.
+    :ets.new(@table, [:bag, :protected, :named_table, {:read_concurrency, true}])
     :ets.new(@meta, [:set, :protected, :named_table, {:read_concurrency, true}])
     :ok = :net_kernel.monitor_nodes(true)
     {ref, pids} = :pg.monitor(@scope, @group)
