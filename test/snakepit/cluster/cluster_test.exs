@@ -68,6 +68,32 @@ defmodule Snakepit.SharedMemory.ClusterTest do
       :ok = SHM.deallocate_region(mine)
     end
 
+    test "a VM that becomes a distributed node after start-up still answers" do
+      # A peer without distribution (its control channel is stdio), made a node later.
+      {:ok, peer, :nonode@nohost} =
+        :peer.start(%{connection: :standard_io, wait_boot: 120_000, args: [~c"-setcookie", ~c"x"]})
+
+      try do
+        :ok = :peer.call(peer, :code, :add_paths, [:code.get_path()])
+        {:ok, _} = :peer.call(peer, Application, :ensure_all_started, [:snakepit_shm])
+        {:ok, id} = :peer.call(peer, SHM, :allocate_region, [64, [cleanup_policy: :manual]])
+        assert {:ok, :nonode@nohost} = :peer.call(peer, SHM, :locate, [id])
+        name = :"shmlate#{System.unique_integer([:positive])}"
+        {:ok, _} = :peer.call(peer, :net_kernel, :start, [[name, :shortnames]])
+        me = :peer.call(peer, :erlang, :node, [])
+        assert {:ok, ^me} = :peer.call(peer, SHM, :locate, [id])
+        missing = "spshm_" <> String.duplicate("c", 20)
+        assert {:error, %Error{reason: :not_found}} = :peer.call(peer, SHM, :locate, [missing])
+        # The directory re-registered its regions under the new name.
+        eventually(fn ->
+          :peer.call(peer, Directory, :sync, []) == [me] and
+            :peer.call(peer, Directory, :shard_entries, []) == [{id, me}]
+        end)
+      after
+        :peer.stop(peer)
+      end
+    end
+
     test "bad input" do
       assert {:error, %Error{reason: :invalid_argument}} = SHM.locate(:nope)
     end

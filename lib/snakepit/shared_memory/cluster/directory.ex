@@ -61,8 +61,19 @@ defmodule Snakepit.SharedMemory.Cluster.Directory do
   @spec members() :: [node()]
   def members do
     case :ets.lookup(@meta, :members) do
-      [{:members, nodes}] -> nodes
-      [] -> [node()]
+      [{:members, nodes}] ->
+        if node() in nodes do
+          nodes
+        else
+          # This VM became a distributed node (or changed its name) since the last
+          # membership change: no event says so; the directory re-registers under the
+          # new name, and until then this node alone is the directory.
+          notify(:renamed)
+          [node()]
+        end
+
+      [] ->
+        [node()]
     end
   rescue
     ArgumentError -> [node()]
@@ -173,7 +184,9 @@ defmodule Snakepit.SharedMemory.Cluster.Directory do
     {:noreply, rebalance(%{state | pids: pids})}
   end
 
-  def handle_info({:nodeup, _node}, state), do: {:noreply, state}
+  def handle_info({:nodeup, _node}, state), do: {:noreply, rebalance(state)}
+
+  def handle_info(:renamed, state), do: {:noreply, rebalance(state)}
 
   def handle_info(message, state) do
     Logger.debug("snakepit_shm cluster directory: unexpected message #{inspect(message)}")
