@@ -119,14 +119,25 @@ defmodule Snakepit.SharedMemory.ClusterHelpers do
     do_settle(nodes, count, deadline)
   end
 
+  @doc "Calls :sync on the directory of every member node, from this node."
+  @spec sync_all() :: :ok
+  def sync_all do
+    alias Snakepit.SharedMemory.Cluster.Directory
+    for n <- Directory.members(), do: GenServer.call({Directory, n}, :sync, 30_000)
+    :ok
+  end
+
   defp do_settle(nodes, count, deadline) do
     alias Snakepit.SharedMemory.Cluster.Directory
     seen = Enum.map(nodes, &:erpc.call(&1, Directory, :sync, []))
 
     cond do
       Enum.all?(seen, &(length(&1) == count)) ->
-        # A second round: entries sent before each directory saw the change are in.
+        # Every directory has handled what it was sent (and forwarded its entries); then,
+        # from each node, a call to every directory: it travels on the same connection
+        # as that node's forwards, after them, so once answered they are all in.
         Enum.each(nodes, &:erpc.call(&1, Directory, :sync, []))
+        Enum.each(nodes, &:erpc.call(&1, __MODULE__, :sync_all, []))
         :ok
 
       System.monotonic_time(:millisecond) > deadline ->
