@@ -317,6 +317,38 @@ defmodule Snakepit.SharedMemory.ClusterTest do
     end
   end
 
+  describe "a process of the transfer killed" do
+    for victim <- [:sender, :receiver] do
+      test "the #{victim}: an error, no partial copy, the source released", c do
+        id = remote(c.a, :filled_region, [4 * @mib])
+        before = ids(node())
+        opts = [node: c.a, chunk_size: 65_536, window: 1, progress: self()]
+        caller = fetch_in_background(id, opts, self())
+        assert_receive {:snakepit_shm_fetch_progress, ^id, _, _}, 30_000
+        receiver = receiver_of(caller)
+        # Held still, so that the transfer cannot end before the kill.
+        :erlang.suspend_process(receiver)
+
+        case unquote(victim) do
+          :receiver ->
+            Process.exit(receiver, :kill)
+
+          :sender ->
+            {:monitors, monitors} = Process.info(receiver, :monitors)
+            [sender] = for {:process, pid} <- monitors, node(pid) == c.a, do: pid
+            true = :erpc.call(c.a, Process, :exit, [sender, :kill])
+            :erlang.resume_process(receiver)
+        end
+
+        assert_receive {:fetch_result, {:error, %Error{reason: :io_error} = error}}, 30_000
+        assert error.message =~ "killed"
+        assert ids(node()) == before
+        eventually(fn -> match?({:ok, %{mapped_by: []}}, shm(c.a, :get_region_info, [id])) end)
+        :ok = shm(c.a, :deallocate_region, [id])
+      end
+    end
+  end
+
   describe "directory membership" do
     test "a node that joins takes shards, a node that dies is purged", c do
       a_ids = for _ <- 1..30, do: remote(c.a, :filled_region, [4096])
@@ -512,6 +544,72 @@ defmodule Snakepit.SharedMemory.ClusterTest do
       :ok = remote(c.b, :fake_telemetry, [nil]) |> then(fn :ok -> :ok end)
       :ok = shm(c.b, :deallocate_region, [copy])
       :ok = SHM.deallocate_region(id)
+    end
+  end
+
+  describe "checks on the way" do
+    # Window 1: with the receiver held still, the sender waits for an ack after its next
+    # chunk, which sits in the receiver's mailbox with the transfer's tag. A forged chunk
+    # with that tag goes in right behind it, with the index the receiver expects next.
+    for {level, forged_crc, reason} <- [
+          {:standard, :wrong, :corrupt},
+          {:high, :right, :tampered}
+        ] do
+      test "#{level}: a chunk that fails its #{if forged_crc == :wrong, do: "CRC", else: "authentication"} ends the fetch with #{inspect(reason)}",
+           c do
+        id = remote(c.a, :filled_region, [4 * @mib, [security_level: unquote(level)]])
+        before = ids(node())
+        opts = [node: c.a, chunk_size: 65_536, window: 1, progress: self()]
+        caller = fetch_in_background(id, opts, self())
+        assert_receive {:snakepit_shm_fetch_progress, ^id, _, _}, 30_000
+        receiver = receiver_of(caller)
+        :erlang.suspend_process(receiver)
+
+        {tag, next} =
+          eventually(fn ->
+            {:messages, messages} = Process.info(receiver, :messages)
+            List.last(for {tag, :chunk, i, _, _} <- messages, do: {tag, i + 1})
+          end)
+
+        extra = if unquote(level) == :high, do: 16, else: 0
+        payload = :crypto.strong_rand_bytes(65_536 + extra)
+        crc = :erlang.crc32(payload) + if(unquote(forged_crc) == :wrong, do: 1, else: 0)
+        send(receiver, {tag, :chunk, next, payload, crc})
+        :erlang.resume_process(receiver)
+
+        assert_receive {:fetch_result, {:error, %Error{reason: unquote(reason)} = error}}, 30_000
+        assert error.message =~ "chunk #{next}"
+        assert ids(node()) == before
+        eventually(fn -> match?({:ok, %{mapped_by: []}}, shm(c.a, :get_region_info, [id])) end)
+        :ok = shm(c.a, :deallocate_region, [id])
+      end
+    end
+  end
+
+  describe "concurrency" do
+    test "eight fetches at once from two nodes, each verified", c do
+      sources =
+        for i <- 1..8 do
+          n = if rem(i, 2) == 0, do: c.a, else: c.b
+          id = remote(n, :filled_region, [@mib + i * 4099])
+          {n, id, remote(n, :digest, [id])}
+        end
+
+      results =
+        sources
+        |> Enum.map(fn {n, id, _} ->
+          me = self()
+          Task.async(fn -> SHM.fetch(id, node: n, chunk_size: 65_536, region: [owner: me]) end)
+        end)
+        |> Enum.map(&Task.await(&1, 120_000))
+
+      for {{n, id, source_digest}, {:ok, copy}} <- Enum.zip(sources, results) do
+        assert {:ok, %{owner: owner}} = SHM.get_region_info(copy)
+        assert owner == self()
+        assert digest(copy) == source_digest
+        :ok = SHM.deallocate_region(copy)
+        :ok = shm(n, :deallocate_region, [id])
+      end
     end
   end
 end
