@@ -81,7 +81,9 @@ defmodule Snakepit.SharedMemory.Cluster.Directory do
 
   @doc "The node holding the directory shard of `id` among `nodes` (rendezvous hashing)."
   @spec shard(String.t(), [node()]) :: node()
-  def shard(id, [_ | _] = nodes) do
+  def shard(_id, []), do: node()
+
+  def shard(id, nodes) do
     {_weight, node} = nodes |> Enum.map(&{:erlang.phash2({id, &1}, @range), &1}) |> Enum.max()
     node
   end
