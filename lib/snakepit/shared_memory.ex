@@ -349,8 +349,11 @@ defmodule Snakepit.SharedMemory do
   A region of this node is answered from the local registry with no remote call; any
   other with at most one: the directory of region ids is sharded over the nodes
   running `:snakepit_shm` (rendezvous hashing of the id over the members of a `:pg`
-  group), and only the node holding the id's shard is asked. Right after a node joins
-  or leaves, a lookup can miss for the few milliseconds the directory takes to settle.
+  group), and only the node holding the id's shard is asked. The directory is updated
+  by messages, without making allocation wait: a region allocated on another node a
+  moment ago, or whose shard moved because a node joined or left, can be missed for the
+  few milliseconds its entry takes to arrive. A ref from `export_ref/2` names its node,
+  so `fetch/2` of a ref needs no lookup at all.
   See `Snakepit.SharedMemory.Cluster.Directory`. Errors: `:not_found`,
   `:invalid_argument`, `:nodedown` (the shard's node did not answer).
   """
