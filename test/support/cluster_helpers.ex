@@ -235,4 +235,21 @@ defmodule Snakepit.SharedMemory.ClusterHelpers do
 
     :ok
   end
+
+  @doc """
+  Suspends `pid` from a process of its own node that keeps it suspended until sent
+  `:resume` (a suspension ends with the process that made it, so an :erpc call cannot
+  hold one). Sends `{:suspended, holder}` to `parent` once done.
+  """
+  @spec suspender(pid(), pid()) :: :ok
+  def suspender(pid, parent) do
+    true = :erlang.suspend_process(pid)
+    send(parent, {:suspended, self()})
+
+    receive do
+      :resume -> :erlang.resume_process(pid)
+    end
+
+    :ok
+  end
 end

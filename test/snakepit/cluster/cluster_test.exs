@@ -287,7 +287,8 @@ defmodule Snakepit.SharedMemory.ClusterTest do
 
       assert_receive {:snakepit_shm_fetch_progress, ^id, _, _}, 30_000
       receiver = :erpc.call(victim, Snakepit.SharedMemory.ClusterHelpers, :receiver_of, [caller])
-      :ok = :erpc.call(victim, :erlang, :suspend_process, [receiver]) |> then(fn true -> :ok end)
+      Node.spawn(victim, Snakepit.SharedMemory.ClusterHelpers, :suspender, [receiver, self()])
+      assert_receive {:suspended, _holder}, 30_000
       assert {:ok, %{mapped_by: [_sender]}} = shm(c.a, :get_region_info, [id])
       {_, 0} = System.cmd("kill", ["-9", os_pid(victim)])
 
@@ -346,6 +347,47 @@ defmodule Snakepit.SharedMemory.ClusterTest do
         eventually(fn -> match?({:ok, %{mapped_by: []}}, shm(c.a, :get_region_info, [id])) end)
         :ok = shm(c.a, :deallocate_region, [id])
       end
+    end
+  end
+
+  describe "the source mid-transfer" do
+    test "freed on its node: the fetch fails, the partial copy is freed", c do
+      id = remote(c.a, :filled_region, [4 * @mib])
+      before = ids(node())
+      opts = [node: c.a, chunk_size: 65_536, window: 1, progress: self()]
+      caller = fetch_in_background(id, opts, self())
+      assert_receive {:snakepit_shm_fetch_progress, ^id, _, _}, 30_000
+      receiver = receiver_of(caller)
+      :erlang.suspend_process(receiver)
+      :ok = shm(c.a, :deallocate_region, [id])
+      :erlang.resume_process(receiver)
+
+      assert_receive {:fetch_result, {:error, %Error{reason: reason}}}, 30_000
+      assert reason in [:closed, :deallocated, :not_found]
+      assert ids(node()) == before
+    end
+
+    test "a silent sender: :timeout after :chunk_timeout, the partial copy is freed", c do
+      id = remote(c.a, :filled_region, [4 * @mib])
+      before = ids(node())
+      opts = [node: c.a, chunk_size: 65_536, window: 1, progress: self(), chunk_timeout: 300]
+      caller = fetch_in_background(id, opts, self())
+      assert_receive {:snakepit_shm_fetch_progress, ^id, _, _}, 30_000
+      receiver = receiver_of(caller)
+      :erlang.suspend_process(receiver)
+      {:monitors, monitors} = Process.info(receiver, :monitors)
+      [sender] = for {:process, pid} <- monitors, node(pid) == c.a, do: pid
+      Node.spawn(c.a, Snakepit.SharedMemory.ClusterHelpers, :suspender, [sender, self()])
+      assert_receive {:suspended, holder}, 30_000
+      # The receiver reads what is queued (at most one chunk), then hears nothing.
+      :erlang.resume_process(receiver)
+
+      assert_receive {:fetch_result, {:error, %Error{reason: :timeout} = error}}, 30_000
+      assert error.message =~ ":chunk_timeout"
+      assert ids(node()) == before
+      send(holder, :resume)
+      eventually(fn -> match?({:ok, %{mapped_by: []}}, shm(c.a, :get_region_info, [id])) end)
+      :ok = shm(c.a, :deallocate_region, [id])
     end
   end
 
