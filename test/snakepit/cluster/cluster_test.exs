@@ -99,6 +99,13 @@ defmodule Snakepit.SharedMemory.ClusterTest do
     end
   end
 
+  # A region filled on `node`, its directory entry settled (a fetch by id locates it).
+  defp settled_region(c, node, args) do
+    id = remote(node, :filled_region, args)
+    settle!([node(), c.a, c.b], 3)
+    id
+  end
+
   # Counts calls of Directory.shard_lookup/1 on every node but this one (each remote
   # lookup is exactly one such call, made by :erpc) and of :erpc.call/5 here.
   defp counting(fun) do
@@ -128,7 +135,7 @@ defmodule Snakepit.SharedMemory.ClusterTest do
   describe "fetch/2" do
     test "1 byte and 1 MiB, verified against the source", c do
       for size <- [1, 1_048_576, 3 * 1_048_576 + 17] do
-        id = remote(c.a, :filled_region, [size, [metadata: %{dtype: "uint8", shape: [size]}]])
+        id = settled_region(c, c.a, [size, [metadata: %{dtype: "uint8", shape: [size]}]])
         source_digest = remote(c.a, :digest, [id])
         assert {:ok, local} = SHM.fetch(id, chunk_size: 1_048_576)
         assert {:ok, node()} == SHM.locate(local)
@@ -143,7 +150,7 @@ defmodule Snakepit.SharedMemory.ClusterTest do
     end
 
     test "a ref names its node: no lookup needed", c do
-      id = remote(c.b, :filled_region, [70_000])
+      id = settled_region(c, c.b, [70_000])
       {:ok, ref} = shm(c.b, :export_ref, [id])
       assert ref["node"] == Atom.to_string(c.b)
       assert {:ok, local} = SHM.fetch(ref, checksum: :sha256, chunk_size: 4096, window: 1)
@@ -153,7 +160,7 @@ defmodule Snakepit.SharedMemory.ClusterTest do
     end
 
     test "encrypted regions arrive encrypted, never at a lower level", c do
-      id = remote(c.a, :filled_region, [2_000_000, [security_level: :high]])
+      id = settled_region(c, c.a, [2_000_000, [security_level: :high]])
       source_digest = remote(c.a, :digest, [id])
       assert {:ok, local} = SHM.fetch(id, chunk_size: 65_536)
       {:ok, info} = SHM.get_region_info(local)
@@ -170,7 +177,7 @@ defmodule Snakepit.SharedMemory.ClusterTest do
       :ok = shm(c.a, :deallocate_region, [id])
 
       # :maximum leaves its VM only sealed, and its copy is sealed.
-      id = remote(c.a, :filled_region, [100_000, [security_level: :maximum]])
+      id = settled_region(c, c.a, [100_000, [security_level: :maximum]])
       assert {:error, %Error{reason: :not_sealed}} = SHM.fetch(id, node: c.a)
       :ok = shm(c.a, :seal, [id])
       assert {:ok, local} = SHM.fetch(id)
@@ -181,7 +188,7 @@ defmodule Snakepit.SharedMemory.ClusterTest do
     end
 
     test "a standard region with encrypt: true", c do
-      id = remote(c.a, :filled_region, [300_000])
+      id = settled_region(c, c.a, [300_000])
       assert {:ok, local} = SHM.fetch(id, encrypt: true, chunk_size: 65_536)
       assert digest(local) == remote(c.a, :digest, [id])
       :ok = SHM.deallocate_region(local)
@@ -198,10 +205,19 @@ defmodule Snakepit.SharedMemory.ClusterTest do
     end
 
     test "into: an existing local region", c do
-      id = remote(c.a, :filled_region, [100_000])
+      id = settled_region(c, c.a, [100_000])
       {:ok, target} = SHM.allocate_region(100_000)
       assert {:ok, ^target} = SHM.fetch(id, into: target)
       assert digest(target) == remote(c.a, :digest, [id])
+
+      # No downgrade through :into either: an encrypted source needs an encrypted target.
+      secret = settled_region(c, c.a, [100_000, [security_level: :high]])
+      assert {:error, %Error{reason: :permission_denied}} = SHM.fetch(secret, into: target)
+      {:ok, enc_target} = SHM.allocate_region(100_000, security_level: :high)
+      assert {:ok, ^enc_target} = SHM.fetch(secret, into: enc_target)
+      assert digest(enc_target) == remote(c.a, :digest, [secret])
+      :ok = SHM.deallocate_region(enc_target)
+      :ok = shm(c.a, :deallocate_region, [secret])
 
       {:ok, small} = SHM.allocate_region(10)
       assert {:error, %Error{reason: :invalid_size}} = SHM.fetch(id, into: small)
@@ -230,7 +246,7 @@ defmodule Snakepit.SharedMemory.ClusterTest do
       assert {:error, %Error{reason: :invalid_argument}} = SHM.fetch(42)
 
       holder = :erpc.call(c.a, :erlang, :whereis, [Snakepit.SharedMemory.Manager])
-      id = remote(c.a, :filled_region, [4096, [allowed_processes: [holder]]])
+      id = settled_region(c, c.a, [4096, [allowed_processes: [holder]]])
       assert {:error, %Error{reason: :permission_denied}} = SHM.fetch(id, node: c.a)
       :ok = shm(c.a, :cleanup_regions, [[ids: [id]]]) |> elem(0)
       assert ids(node()) == before

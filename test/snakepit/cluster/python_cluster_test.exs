@@ -37,6 +37,7 @@ defmodule Snakepit.SharedMemory.PythonClusterTest do
 
   test "fetch into: a region a Python worker is attached to", c do
     id = remote(c.a, :filled_region, [3_000_000])
+    settle!([node(), c.a], 2)
     source_digest = remote(c.a, :digest, [id])
     {:ok, target} = SHM.allocate_region(3_000_000)
     {:ok, ref} = SHM.export_ref(target)

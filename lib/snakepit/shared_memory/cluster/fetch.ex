@@ -181,16 +181,27 @@ defmodule Snakepit.SharedMemory.Cluster.Fetch do
   end
 
   defp target(%{into: %Mapping{} = into} = state, info, _level) do
-    if into.size < info.size do
-      Error.error(
-        :invalid_size,
-        "region #{into.region_id} (#{Error.format_bytes(into.size)}) is smaller than " <>
-          "#{state.id} (#{Error.format_bytes(info.size)}): fetch into a region at least " <>
-          "that large",
-        %{region_id: into.region_id, size: info.size}
-      )
-    else
-      {:ok, state}
+    cond do
+      @levels[into.security_level] < @levels[info.security_level] ->
+        Error.error(
+          :permission_denied,
+          "region #{state.id} has security_level #{inspect(info.security_level)}: it " <>
+            "cannot be written into #{into.region_id}, which is " <>
+            "#{inspect(into.security_level)}; fetch it into a region of that level or higher",
+          %{region_id: state.id, into: into.region_id}
+        )
+
+      into.size < info.size ->
+        Error.error(
+          :invalid_size,
+          "region #{into.region_id} (#{Error.format_bytes(into.size)}) is smaller than " <>
+            "#{state.id} (#{Error.format_bytes(info.size)}): fetch into a region at least " <>
+            "that large",
+          %{region_id: into.region_id, size: info.size}
+        )
+
+      true ->
+        {:ok, state}
     end
   end
 
