@@ -214,7 +214,8 @@ defmodule Snakepit.SharedMemory do
   end
 
   @doc """
-  Everything known about a region: `:id`, `:size`, `:backend`, `:name`, `:role`,
+  Everything known about a region: `:id`, `:node` (the node holding it), `:size`,
+  `:backend`, `:name`, `:role`,
   `:created_at`, `:last_accessed` (`DateTime`, from the header: any process's access),
   `:access_count` (accesses through this VM), `:reference_count` (holds in the header:
   BEAM mappings and attached OS processes), `:owner`, `:permissions`,

@@ -143,6 +143,9 @@ defmodule Snakepit.SharedMemory.ClusterTest do
         {:ok, info} = SHM.get_region_info(local)
         assert info.size == size
         assert info.owner == self()
+        assert info.node == node()
+        assert {:ok, %{node: a}} = shm(c.a, :get_region_info, [id])
+        assert a == c.a
         assert info.metadata == %{dtype: "uint8", shape: [size]}
         :ok = SHM.deallocate_region(local)
         :ok = shm(c.a, :deallocate_region, [id])
