@@ -40,6 +40,8 @@ defmodule Snakepit.SharedMemory.ClusterHelpers do
     for {key, value} <- Application.get_all_env(:snakepit_shm),
         do: :ok = :erpc.call(node, Application, :put_env, [:snakepit_shm, key, value])
 
+    # A peer must not sweep the orphans other suites on this machine made on purpose.
+    :ok = :erpc.call(node, Application, :put_env, [:snakepit_shm, :orphan_sweep, false])
     :ok = :erpc.call(node, Application, :put_env, [:logger, :level, :warning])
     {:ok, _} = :erpc.call(node, Application, :ensure_all_started, [:snakepit_shm])
     {peer, node}

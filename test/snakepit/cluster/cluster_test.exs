@@ -75,6 +75,7 @@ defmodule Snakepit.SharedMemory.ClusterTest do
 
       try do
         :ok = :peer.call(peer, :code, :add_paths, [:code.get_path()])
+        :ok = :peer.call(peer, Application, :put_env, [:snakepit_shm, :orphan_sweep, false])
         {:ok, _} = :peer.call(peer, Application, :ensure_all_started, [:snakepit_shm])
         {:ok, id} = :peer.call(peer, SHM, :allocate_region, [64, [cleanup_policy: :manual]])
         assert {:ok, :nonode@nohost} = :peer.call(peer, SHM, :locate, [id])
