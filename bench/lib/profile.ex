@@ -33,7 +33,9 @@ defmodule SnakepitShm.Bench.Profile do
       scale_orphans: 1_000,
       scale_reps: 3,
       fresh_pages_size: 256 * @mib,
-      fresh_pages_reps: 2
+      fresh_pages_reps: 2,
+      cluster_sizes: [64 * @mib, 1 * @gib],
+      cluster_reps: 2
     }
   end
 
@@ -60,7 +62,9 @@ defmodule SnakepitShm.Bench.Profile do
       scale_orphans: 1_000,
       scale_reps: 5,
       fresh_pages_size: 1 * @gib,
-      fresh_pages_reps: 3
+      fresh_pages_reps: 3,
+      cluster_sizes: [64 * @mib, 1 * @gib],
+      cluster_reps: 5
     }
   end
 end

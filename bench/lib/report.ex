@@ -37,7 +37,8 @@ defmodule SnakepitShm.Bench.Report do
         {:crypto, &ReportSections.crypto/1},
         {:scale, &ReportSections.scale/1},
         {:fresh_pages, &ReportSections.fresh_pages/1},
-        {:health, &SnakepitShm.Bench.Health.section/1}
+        {:health, &SnakepitShm.Bench.Health.section/1},
+        {:cluster, &SnakepitShm.Bench.ClusterReport.section/1}
       ]
       |> Enum.filter(fn {part, _} -> Map.has_key?(results, part) end)
       |> Enum.map_join("\n", fn {part, fun} -> fun.(results[part]) end)

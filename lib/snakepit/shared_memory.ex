@@ -223,7 +223,8 @@ defmodule Snakepit.SharedMemory do
   end
 
   @doc """
-  Everything known about a region: `:id`, `:size`, `:backend`, `:name`, `:role`,
+  Everything known about a region: `:id`, `:node` (the node holding it), `:size`,
+  `:backend`, `:name`, `:role`,
   `:created_at`, `:last_accessed` (`DateTime`, from the header: any process's access),
   `:access_count` (accesses through this VM), `:reference_count` (holds in the header:
   BEAM mappings and attached OS processes), `:owner`, `:permissions`,
@@ -328,8 +329,9 @@ defmodule Snakepit.SharedMemory do
   `"region_id"`, `"backend"`, `"control_path"`, `"data_path"`, `"data_offset"`,
   `"size"`, `"sealed"`, `"encrypted"`, `"dtype"`, `"shape"`, `"format"` (`"numpy"` when a
   dtype is known, `"arrow"` or `"raw"` as the metadata's `format` says, else `"raw"`),
-  `"metadata"`, and `"key"`
-  only when asked. Nothing else.
+  `"metadata"`, `"node"` (the Erlang node holding the region, for `fetch/2`), `"boot_id"`
+  (the host's boot id, 32 hex digits: a worker on another host refuses the ref and says
+  to fetch it first), and `"key"` only when asked. Nothing else.
 
   A `:maximum` region must be sealed first (`:not_sealed`): it is shared read-only.
 
@@ -464,6 +466,77 @@ defmodule Snakepit.SharedMemory do
         Snakepit.SharedMemory.ZeroCopy.to_nx(binary, dtype, shape)
       end
     end
+  end
+
+  @doc """
+  The node of the cluster that holds `region_id`: `{:ok, node}`, or
+  `{:error, %Error{reason: :not_found}}` if no connected node does.
+
+  A region of this node is answered from the local registry with no remote call; any
+  other with at most one: the directory of region ids is sharded over the nodes
+  running `:snakepit_shm` (rendezvous hashing of the id over the members of a `:pg`
+  group), and only the node holding the id's shard is asked. The directory is updated
+  by messages, without making allocation wait: a region allocated on another node a
+  moment ago, or whose shard moved because a node joined or left, can be missed for the
+  few milliseconds its entry takes to arrive. A ref from `export_ref/2` names its node,
+  so `fetch/2` of a ref needs no lookup at all.
+  See `Snakepit.SharedMemory.Cluster.Directory`. Errors: `:not_found`,
+  `:invalid_argument`, `:nodedown` (the shard's node did not answer).
+  """
+  @spec locate(region_id()) :: {:ok, node()} | error()
+  def locate(region_id) do
+    with :ok <- available(), do: Snakepit.SharedMemory.Cluster.locate(region_id)
+  end
+
+  @doc """
+  Copies a region of another node (a region id, or its ref from `export_ref/2`) into a
+  new region of this node, over distributed Erlang, and returns the new id.
+
+  The region is streamed in chunks with a bounded window of unacknowledged chunks (so
+  neither VM ever holds more than `window * chunk_size` of it in memory), each chunk
+  CRC-32-checked and the whole compared against the sender's digest. The copy gets the
+  source's size, metadata, security level and seal; it is owned by the caller
+  (cleanup policy `:automatic` unless `:region` says otherwise). If anything fails —
+  the other node goes down (`:nodedown`), a check fails (`:corrupt`, `:tampered`), the
+  link stalls (`:timeout`) — the partial copy is freed before the error is returned;
+  if the caller dies mid-transfer, the partial copy is freed too.
+
+  Encrypted regions (`:high`, `:maximum`) travel encrypted with a key made for the
+  transfer (X25519 + ChaCha20-Poly1305), never with their own key, and arrive in a
+  region encrypted with a key of this VM; the copy cannot have a lower security level
+  than the source (`:permission_denied`), and a `:maximum` source must be sealed
+  (`:not_sealed`), as for `export_ref/2`. The source's `:allowed_processes` applies to
+  the caller. See `Snakepit.SharedMemory.Cluster.Wire`.
+
+  Options (keyword list or map):
+
+    * `:node` - the node to copy from. Defaults to the ref's `"node"` if connected,
+      else `locate/1`.
+    * `:into` - a region of this node (id or ref), at least as large, to write into
+      instead of allocating one, such as a region a Python worker is attached to: the
+      bytes land straight in its mapping. Not freed on failure (it is not ours); its
+      content is then undefined. Defaults to `nil`.
+    * `:region` - `allocate_region/2` options for the copy (`:owner`,
+      `:cleanup_policy`, `:timeout`, `:metadata`, ...). Defaults to `[]`.
+    * `:security_level` - the copy's level, at least the source's. Defaults to the
+      source's.
+    * `:encrypt` - encrypt the transfer of a `:standard` region too. Defaults to
+      `false` (encrypted regions always travel encrypted).
+    * `:chunk_size` - bytes per chunk, 4096 to 64 MiB. Defaults to 4 MiB.
+    * `:window` - chunks in flight, 1 to 64. Defaults to 4.
+    * `:chunk_timeout` - ms without progress before giving up. Defaults to 30000.
+    * `:checksum` - whole-region digest, `:crc32` or `:sha256`. Defaults to `:crc32`.
+    * `:progress` - a pid that receives `{:snakepit_shm_fetch_progress, region_id,
+      bytes_done, total}` after each chunk. Defaults to `nil`.
+
+  Telemetry: `[:snakepit_shm, :fetch, :progress]` after each chunk (measurements
+  `%{bytes, total}`, metadata `%{region_id, node, local_region_id}`) and
+  `[:snakepit_shm, :fetch, :stop]` (`%{duration}`, `%{region_id, node, result}`).
+  """
+  @spec fetch(region_id() | map(), [Snakepit.SharedMemory.Cluster.fetch_option()] | map()) ::
+          {:ok, region_id()} | error()
+  def fetch(region_id_or_ref, opts \\ []) do
+    with :ok <- available(), do: Snakepit.SharedMemory.Cluster.fetch(region_id_or_ref, opts)
   end
 
   # ---- helpers ----

@@ -524,7 +524,7 @@ defmodule Snakepit.SharedMemoryTest do
       {:ok, ref} = SM.export_ref(id)
 
       assert Map.keys(ref) |> Enum.sort() ==
-               ~w(backend control_path data_offset data_path dtype encrypted format metadata region_id sealed shape size v)
+               ~w(backend boot_id control_path data_offset data_path dtype encrypted format metadata node region_id sealed shape size v)
 
       assert %{"v" => 1, "region_id" => ^id, "size" => 64, "dtype" => "uint8"} = ref
       assert ref["shape"] == [8, 8]

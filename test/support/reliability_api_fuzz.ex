@@ -31,7 +31,9 @@ defmodule Snakepit.SharedMemory.ReliabilityApiFuzz do
     to_zero_copy_ref: 2,
     from_zero_copy_ref: 2,
     python_env: 1,
-    to_nx: 1
+    to_nx: 1,
+    locate: 2,
+    fetch: 2
   ]
   @total_weight @functions |> Keyword.values() |> Enum.sum()
 
@@ -237,6 +239,26 @@ defmodule Snakepit.SharedMemory.ReliabilityApiFuzz do
     [G.pick(0.85, pool, fn -> G.region_id(pool) end), G.pick(0.85, pool, fn -> opts end)]
   end
 
+  defp args(:locate, _state, pool), do: [G.pick(0.85, pool, fn -> G.region_id(pool) end)]
+
+  defp args(:fetch, _state, pool) do
+    opts =
+      G.one_of([
+        [],
+        [chunk_size: 4096, window: 1],
+        [into: G.region_id(pool)],
+        [encrypt: true, checksum: :sha256],
+        [region: [cleanup_policy: :manual]],
+        [security_level: :standard],
+        [window: 0],
+        [chunk_size: -1],
+        [node: :nowhere@nohost],
+        [bogus: 1]
+      ])
+
+    [G.pick(0.85, pool, fn -> G.region_id(pool) end), G.pick(0.85, pool, fn -> opts end)]
+  end
+
   defp alloc_opts(pool) do
     valid = %{
       permissions:
@@ -365,6 +387,8 @@ defmodule Snakepit.SharedMemory.ReliabilityApiFuzz do
   defp well_shaped?(:from_zero_copy_ref, _, {:ok, ref}), do: is_binary(ref["region_id"])
   defp well_shaped?(:python_env, _, {:ok, env}), do: is_map(env)
   defp well_shaped?(:to_nx, _, {:ok, _tensor}), do: true
+  defp well_shaped?(:locate, _, {:ok, node}), do: is_atom(node)
+  defp well_shaped?(:fetch, _, {:ok, id}), do: is_binary(id)
 
   defp well_shaped?(f, _, :ok) when f in [:unmap_region, :deallocate_region, :write, :seal],
     do: true
@@ -375,6 +399,13 @@ defmodule Snakepit.SharedMemory.ReliabilityApiFuzz do
 
   defp keep(state, :allocate_region, _args, {:returned, {:ok, id}}) do
     %{state | own: [id | state.own], ids: Enum.take([id | state.ids], @pool_ids)}
+  end
+
+  # A copy made by fetch (not one written into an existing region) is the batch's own.
+  defp keep(state, :fetch, _args, {:returned, {:ok, id}}) do
+    if id in state.ids,
+      do: state,
+      else: %{state | own: [id | state.own], ids: Enum.take([id | state.ids], @pool_ids)}
   end
 
   defp keep(state, :map_region, _args, {:returned, {:ok, mapping}}) do

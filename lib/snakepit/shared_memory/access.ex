@@ -247,7 +247,9 @@ defmodule Snakepit.SharedMemory.Access do
           "dtype" => dtype,
           "shape" => shape,
           "format" => Map.get(metadata, "format") || if(dtype, do: "numpy", else: "raw"),
-          "metadata" => metadata
+          "metadata" => metadata,
+          "node" => Atom.to_string(node()),
+          "boot_id" => Native.self_info().boot_id
         }
         |> put_key(key)
 

@@ -166,6 +166,7 @@ defmodule Snakepit.SharedMemory.Allocator do
     # re-checks the owners of a dead caller that had a journal row.
     if Registry.insert_new(record) do
       watch_owner(ref, info.id, opts.owner)
+      Snakepit.SharedMemory.Cluster.Directory.added(info.id)
       Stats.count(:allocations)
       {:ok, info.id}
     else
@@ -258,6 +259,7 @@ defmodule Snakepit.SharedMemory.Allocator do
         do: Native.unmap(mapping)
 
     if role == :created, do: destroy(record)
+    Snakepit.SharedMemory.Cluster.Directory.removed(id)
     Quota.release(owner, size)
     Stats.event(:deallocations, %{count: 1}, %{region_id: id, reason: reason})
     # The one log line of a free (explicit deallocations at debug, policies at info).

@@ -5,12 +5,22 @@ defmodule Snakepit.SharedMemory.Application do
   Validates the configuration (an invalid key fails the start with a message naming
   it), points the native layer at the directory of POSIX segments (`:shm_path`), sets
   up the statistics counters, and starts, under a `:rest_for_one` supervisor, the table
-  owner, the manager and the health monitor (`Snakepit.SharedMemory.HealthMonitor`).
+  owner, the manager, the health monitor (`Snakepit.SharedMemory.HealthMonitor`), then
+  the cluster directory (a `:pg` scope and this node's member of it,
+  `Snakepit.SharedMemory.Cluster.Supervisor`).
   """
 
   use Application
 
-  alias Snakepit.SharedMemory.{Config, HealthMonitor, Manager, Platform, Stats, TableOwner}
+  alias Snakepit.SharedMemory.{
+    Cluster,
+    Config,
+    HealthMonitor,
+    Manager,
+    Platform,
+    Stats,
+    TableOwner
+  }
 
   @impl true
   def start(_type, _args) do
@@ -20,7 +30,7 @@ defmodule Snakepit.SharedMemory.Application do
       Platform.warn_unless_tmpfs(config.shm_path)
       Stats.setup()
 
-      Supervisor.start_link([TableOwner, Manager, HealthMonitor],
+      Supervisor.start_link([TableOwner, Manager, HealthMonitor, Cluster.Supervisor],
         strategy: :rest_for_one,
         max_restarts: 10,
         max_seconds: 5,

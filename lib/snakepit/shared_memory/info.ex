@@ -12,6 +12,7 @@ defmodule Snakepit.SharedMemory.Info do
 
   @type t :: %{
           id: String.t(),
+          node: node(),
           size: pos_integer(),
           backend: atom(),
           name: String.t() | nil,
@@ -64,6 +65,8 @@ defmodule Snakepit.SharedMemory.Info do
 
     %{
       id: region(record, :id),
+      # The node that holds the region (its manager's node): what locate/1 answers.
+      node: node(),
       size: region(record, :size),
       backend: region(record, :backend),
       name: region(record, :name),

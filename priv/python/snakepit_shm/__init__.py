@@ -21,9 +21,10 @@ decryption.  Linux only (POSIX shm and memfd backends).
 from ._attach import attach, attach_async, inspect
 from ._outputs import allocate, discard, from_array, pending_outputs
 from ._resolve import resolve, to_zero_copy_ref
-from .errors import (CorruptRegion, LibraryNotFound, OrphanedRegionWarning,
-                     PermissionError, RegionDeallocated, RegionExpired, RegionNotFound,
-                     SnakepitShmError, UnheldAttachWarning, ViewsStillAlive)
+from .errors import (CorruptRegion, ForeignHostRegion, LibraryNotFound,
+                     OrphanedRegionWarning, PermissionError, RegionDeallocated,
+                     RegionExpired, RegionNotFound, SnakepitShmError, UnheldAttachWarning,
+                     ViewsStillAlive)
 from .region import Region
 
 __version__ = "0.1.0"
@@ -41,6 +42,7 @@ __all__ = [
     "Region",
     "SnakepitShmError",
     "RegionNotFound",
+    "ForeignHostRegion",
     "CorruptRegion",
     "RegionExpired",
     "RegionDeallocated",

@@ -157,6 +157,7 @@ def _parse_ref(ref):
         raise ValueError(f"unsupported ref version {version!r}: this client reads "
                          "refs with \"v\": 1; upgrade the Python package")
     region_id = validate_region_id(_ref_field(ref, "region_id", (str,)))
+    _check_host(ref, region_id)
     backend_name = _ref_field(ref, "backend", (str,))
     if backend_name not in _BACKENDS:
         raise ValueError(f"the ref's backend {backend_name!r} cannot be attached here: "
@@ -195,6 +196,44 @@ def _parse_ref(ref):
                     data_offset=data_offset, size=size, dtype=dtype,
                     shape=tuple(shape) if shape is not None else None,
                     key=_decode_key(ref.get("key")))
+
+
+BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
+_HEX32 = re.compile(r"[0-9a-f]{32}")
+
+
+def host_boot_id():
+    """Return this host's boot id as 32 lowercase hex digits (as refs carry it), or None."""
+    try:
+        with open(BOOT_ID_PATH, "r", encoding="ascii") as f:
+            text = f.read().strip().replace("-", "").lower()
+    except OSError:
+        return None
+    return text if _HEX32.fullmatch(text) else None
+
+
+def _check_host(ref, region_id):
+    """Refuse a ref made on another host (or another boot of this one).
+
+    Refs from export_ref/2 carry ``boot_id``; older refs without it are accepted as
+    before. Checked before anything is opened, so a region of the same name on this
+    host is never mapped in its place.
+    """
+    boot_id = _ref_field(ref, "boot_id", (str,), required=False)
+    if boot_id is None:
+        return
+    if not _HEX32.fullmatch(boot_id):
+        raise ValueError(f"the ref's boot_id {boot_id!r} is not 32 hex digits: pass the "
+                         "map returned by Snakepit.SharedMemory.export_ref/2 unchanged")
+    here = host_boot_id()
+    if here is not None and here != boot_id:
+        node = ref.get("node")
+        where = f" on node {node}" if isinstance(node, str) else ""
+        raise errors.ForeignHostRegion(
+            f"region {region_id} lives on another host{where} (its ref's boot_id is "
+            f"{boot_id}, this host's is {here}): shared memory does not cross hosts. "
+            "Fetch it to a node on this host first, with "
+            "Snakepit.SharedMemory.fetch(ref) there, and attach the ref of the copy.")
 
 
 def _decode_key(value):

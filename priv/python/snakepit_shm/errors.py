@@ -10,6 +10,7 @@ import builtins
 __all__ = [
     "SnakepitShmError",
     "RegionNotFound",
+    "ForeignHostRegion",
     "CorruptRegion",
     "RegionExpired",
     "RegionDeallocated",
@@ -27,6 +28,14 @@ class SnakepitShmError(Exception):
 
 class RegionNotFound(SnakepitShmError):
     """No region with that id exists (never did, was deallocated, or is not visible)."""
+
+
+class ForeignHostRegion(RegionNotFound):
+    """The ref names a region of another host (its ``boot_id`` is not this host's).
+
+    Shared memory does not cross hosts: fetch the region to a node on this host first
+    (``Snakepit.SharedMemory.fetch/2`` there) and attach the ref of the local copy.
+    """
 
 
 class CorruptRegion(SnakepitShmError):

@@ -53,6 +53,42 @@ defmodule Snakepit.SharedMemory.CLI.Remote do
     end
   end
 
+  @doc """
+  Entries of every region of every node connected to `opts[:node]` (its
+  `Snakepit.SharedMemory.Cluster.list_regions/1`), each with a `:node` (a string), and
+  `{node, message}` for the nodes that could not list theirs.
+  """
+  @spec cluster_entries!(keyword()) :: {[Entry.t()], [{String.t(), String.t()}]}
+  def cluster_entries!(opts) do
+    node = connect!(opts)
+
+    listing =
+      try do
+        :erpc.call(node, Snakepit.SharedMemory.Cluster, :list_regions, [%{}], @timeout)
+      catch
+        kind, reason ->
+          Command.fail!(
+            "cannot list the cluster through #{node}: #{inspect({kind, reason}, limit: 5)} " <>
+              "(does it run :snakepit_shm with cluster support?)"
+          )
+      end
+
+    {:ok, per_node} = listing
+
+    Enum.reduce(per_node, {[], []}, fn
+      %{node: n, regions: infos, os_pid: os_pid}, {entries, failed} ->
+        mine =
+          infos
+          |> Enum.map(&(Entry.from_info(&1, os_pid) |> Map.put(:node, Atom.to_string(n))))
+          |> Entry.sort()
+
+        {entries ++ mine, failed}
+
+      %{node: n, error: message}, {entries, failed} ->
+        {entries, failed ++ [{Atom.to_string(n), message}]}
+    end)
+  end
+
   @doc "The entry of one region on the node, or nil if the node does not know it."
   @spec entry!(keyword(), String.t()) :: Entry.t() | nil
   def entry!(opts, id) do
