@@ -291,23 +291,25 @@ ERL_NIF_TERM nif_board_leave(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   return atoms.ok;
 }
 
-// board_entries(board) -> {now_ns, unreadable, [entry]}: every live slot, consistent
+// board_entries(board) -> {now_ns, [unreadable index], [entry]}: every live slot, consistent
 // copies; slots still changing after the retry budget are counted, not returned.
 ERL_NIF_TERM nif_board_entries(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   BoardResource* res;
   if (!get_board(env, argv[0], &res)) return enif_make_badarg(env);
   std::uint64_t now = b::monotonic_ns();
-  std::uint32_t budget = 4096, unreadable = 0;
-  ERL_NIF_TERM list = enif_make_list(env, 0);
+  std::uint32_t budget = 4096;
+  ERL_NIF_TERM list = enif_make_list(env, 0), unreadable = enif_make_list(env, 0);
   for (std::uint32_t i = res->view.capacity(); i-- > 0;) {
     b::Entry e;
     switch (res->view.read(i, now, &e, &budget)) {
       case b::ReadStatus::ok: list = enif_make_list_cell(env, make_entry(env, e), list); break;
-      case b::ReadStatus::unreadable: ++unreadable; break;
+      case b::ReadStatus::unreadable:
+        unreadable = enif_make_list_cell(env, enif_make_uint(env, i), unreadable);
+        break;
       case b::ReadStatus::free: break;
     }
   }
-  return enif_make_tuple3(env, make_u64(env, now), enif_make_uint(env, unreadable), list);
+  return enif_make_tuple3(env, make_u64(env, now), unreadable, list);
 }
 
 // board_least_loaded(board, rotation, [excluded_id]) -> {:ok, worker_id} |

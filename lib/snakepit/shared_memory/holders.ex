@@ -133,6 +133,8 @@ defmodule Snakepit.SharedMemory.Holders do
           do: {id, n}
 
     total = released |> Enum.map(&elem(&1, 1)) |> Enum.sum()
+    # Status board slots it still held are freed too (it cannot leave() any more).
+    _ = Snakepit.SharedMemory.StatusBoard.reclaim_os_process(os_pid, start)
 
     if total > 0 do
       Stats.event(:os_holders_released, %{count: total}, %{os_pid: os_pid})

@@ -228,11 +228,11 @@ defmodule Snakepit.SharedMemory.Native do
   @spec board_leave(board_slot()) :: :ok | nif_error()
   def board_leave(_slot), do: :erlang.nif_error(:not_loaded)
 
-  @doc "{now_ns, unreadable, [entry tuple]} of every live slot."
-  @spec board_entries(board()) :: {non_neg_integer(), non_neg_integer(), [tuple()]}
+  @doc "{now_ns, [unreadable slot index], [entry tuple]} of every live slot."
+  @spec board_entries(board()) :: {non_neg_integer(), [non_neg_integer()], [tuple()]}
   def board_entries(_board), do: :erlang.nif_error(:not_loaded)
 
-  @spec board_entries_dirty(board()) :: {non_neg_integer(), non_neg_integer(), [tuple()]}
+  @spec board_entries_dirty(board()) :: {non_neg_integer(), [non_neg_integer()], [tuple()]}
   def board_entries_dirty(_board), do: :erlang.nif_error(:not_loaded)
 
   @doc "{:ok, worker_id} or {:none, candidates, unreadable}."
