@@ -22,6 +22,7 @@ from .errors import (CorruptRegion, LibraryNotFound, PermissionError, RegionExpi
                      RegionNotFound, SnakepitShmError, UnheldAttachWarning,
                      ViewsStillAlive)
 from .region import Region
+from .board import BoardFull, StatusBoard
 
 __version__ = "0.1.0"
 
@@ -29,6 +30,8 @@ __all__ = [
     "attach",
     "inspect",
     "Region",
+    "StatusBoard",
+    "BoardFull",
     "SnakepitShmError",
     "RegionNotFound",
     "CorruptRegion",
