@@ -299,7 +299,8 @@ defmodule Snakepit.SharedMemory.StatusBoard do
   @doc """
   Joins the board as worker `worker_id` (1 to 64 bytes) from the calling process:
   claims a free slot (state `:starting`) that is freed by `leave/1` or the death of the
-  calling process. `opts` are initial values, as for `update/2`.
+  calling process. `opts` are initial values, as for `update/2`. Keep the returned
+  `Slot`: a slot whose handle is garbage collected is left, like a mapping.
 
   `{:error, %Error{reason: :board_full}}` when every slot is taken.
   """
@@ -353,6 +354,20 @@ defmodule Snakepit.SharedMemory.StatusBoard do
       :ok -> :ok
       {:error, native} -> {:error, Error.from_native(native, %{board: name})}
     end
+  end
+
+  @doc false
+  # The layout facts this module relies on (checked against Native.board_layout/0 and
+  # docs/FORMAT.md by the tests).
+  @spec __layout__() :: map()
+  def __layout__ do
+    %{
+      header_size: @header_size,
+      slot_size: @slot_size,
+      max_capacity: @max_capacity,
+      gauge_count: @gauge_count,
+      states: @states |> Enum.with_index() |> Map.new()
+    }
   end
 
   # ---- used by the manager ----
