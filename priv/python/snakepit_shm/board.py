@@ -135,7 +135,7 @@ class StatusBoard:
                 raise _errors.CorruptRegion(
                     f"the board's gauges {gauges} differ from the ref's {info['gauges']}")
         except BaseException:
-            del anchor
+            anchor = None  # the export must end before the region can close
             region.close()
             raise
         address = ctypes.addressof(anchor) + BF.slot_offset(index.value)
