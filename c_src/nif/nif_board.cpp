@@ -4,9 +4,10 @@
 //   * BoardResource: a validated board::View over a region's data area; keeps the
 //     region resource (and so the mapping) alive.
 //   * BoardSlotResource: one slot joined by an Erlang process of this VM. The slot is
-//     freed by board_leave/1, by the death of the joining process (monitor `down`
-//     callback) or when the resource is garbage collected: all three are atomic
-//     updates of the slot, never a wait.
+//     freed by board_leave/1 or by the death of the joining process (monitor `down`
+//     callback): atomic updates of the slot, never a wait. Until then the resource pins
+//     itself (an extra reference), so dropping the handle does not free the slot nor
+//     lose the monitor.
 #include <erl_nif.h>
 
 #include <atomic>
@@ -36,9 +37,14 @@ struct BoardSlotResource {
   std::uint32_t index = 0;
   std::uint64_t owner = 0;
   std::atomic<bool> left{false};
+  std::atomic<bool> pinned{false};  ///< holds an extra reference until left
 
-  void leave() noexcept {
-    if (!left.exchange(true)) (void)board->view.leave(index, owner);
+  /// Frees the slot once; true if this call did it.
+  bool leave() noexcept {
+    if (left.exchange(true)) return false;
+    bool ours = board->view.leave(index, owner);
+    if (pinned.exchange(false)) enif_release_resource(this);  // may run the destructor later
+    return ours;
   }
 };
 
@@ -241,8 +247,11 @@ ERL_NIF_TERM nif_board_join(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   slot->index = index;
   slot->owner = owner;
   ERL_NIF_TERM term = enif_make_resource(env, slot);
-  enif_release_resource(slot);
-  (void)enif_monitor_process(env, slot, &self, nullptr);
+  if (enif_monitor_process(env, slot, &self, nullptr) == 0) {
+    slot->pinned.store(true);  // keeps the reference of enif_alloc_resource until left
+  } else {
+    enif_release_resource(slot);  // no monitor: the handle's lifetime is the slot's
+  }
   return enif_make_tuple3(env, atoms.ok, term, enif_make_uint(env, index));
 }
 
@@ -285,8 +294,8 @@ ERL_NIF_TERM nif_board_update(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
 ERL_NIF_TERM nif_board_leave(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   BoardSlotResource* slot;
   if (!get_slot(env, argv[0], &slot)) return enif_make_badarg(env);
-  if (slot->left.exchange(true)) return make_error(env, Errc::closed, "already left");
-  if (!slot->board->view.leave(slot->index, slot->owner))
+  if (slot->left.load()) return make_error(env, Errc::closed, "already left");
+  if (!slot->leave())
     return make_error(env, Errc::closed, "this board slot is no longer ours (reclaimed)");
   return atoms.ok;
 }

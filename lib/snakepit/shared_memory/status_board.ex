@@ -199,6 +199,30 @@ defmodule Snakepit.SharedMemory.StatusBoard do
     end
   end
 
+  @doc """
+  A plain-data picture of a board (no references: it can cross nodes), for tools:
+  `%{name, region_id, capacity, stale_after, gauges, entries}` with the entries of
+  `entries/1`. Takes a handle, or a name or region id (see `open/1`).
+  """
+  @spec snapshot(t() | String.t()) :: {:ok, map()} | {:error, Error.t()}
+  def snapshot(%__MODULE__{} = board) do
+    {:ok, entries} = entries(board)
+
+    {:ok,
+     %{
+       name: board.name,
+       region_id: board.region_id,
+       capacity: board.capacity,
+       stale_after: board.stale_after,
+       gauges: board.gauges,
+       entries: entries
+     }}
+  end
+
+  def snapshot(name) do
+    with {:ok, board} <- open(name), do: snapshot(board)
+  end
+
   @doc "Frees the board (its region). Workers still attached see it deallocated."
   @spec delete(t()) :: :ok | {:error, Error.t()}
   def delete(%__MODULE__{region_id: id}), do: SharedMemory.deallocate_region(id)
@@ -299,8 +323,9 @@ defmodule Snakepit.SharedMemory.StatusBoard do
   @doc """
   Joins the board as worker `worker_id` (1 to 64 bytes) from the calling process:
   claims a free slot (state `:starting`) that is freed by `leave/1` or the death of the
-  calling process. `opts` are initial values, as for `update/2`. Keep the returned
-  `Slot`: a slot whose handle is garbage collected is left, like a mapping.
+  calling process. `opts` are initial values, as for `update/2`. The slot stays taken
+  even if the returned `Slot` is dropped; only `leave/1` or the death of the process
+  frees it.
 
   `{:error, %Error{reason: :board_full}}` when every slot is taken.
   """

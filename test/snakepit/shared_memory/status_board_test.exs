@@ -334,6 +334,26 @@ defmodule Snakepit.SharedMemory.StatusBoardTest do
       assert ShmHelpers.wait_until(fn -> ids(board) == [] end, 2_000)
     end
 
+    test "a dropped handle keeps its slot until the process dies" do
+      board = board!()
+      parent = self()
+
+      pid =
+        spawn(fn ->
+          {:ok, _dropped} = StatusBoard.join(board, "forgetful", state: :idle)
+          :erlang.garbage_collect()
+          send(parent, :joined)
+          Process.sleep(:infinity)
+        end)
+
+      assert_receive :joined, 5_000
+      :erlang.garbage_collect(pid)
+      Process.sleep(50)
+      assert ids(board) == ["forgetful"]
+      Process.exit(pid, :kill)
+      assert ShmHelpers.wait_until(fn -> ids(board) == [] end, 2_000)
+    end
+
     test "a board of 10 000 slots: every slot joins, is listed and can be picked" do
       board = board!(capacity: 10_000)
 
