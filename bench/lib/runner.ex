@@ -19,7 +19,7 @@ defmodule SnakepitShm.Bench.Runner do
     ZeroCopy
   }
 
-  @parts ~w(handoff lifecycle concurrency zero_copy crypto scale fresh_pages)a
+  @parts ~w(handoff lifecycle concurrency zero_copy crypto scale fresh_pages board)a
   @last_results "_build/bench/last_results.etf"
 
   def parts, do: @parts
@@ -102,6 +102,7 @@ defmodule SnakepitShm.Bench.Runner do
   defp run_part(:crypto, profile, payload, programs), do: Crypto.run(profile, payload, programs)
   defp run_part(:scale, profile, _, programs), do: Scale.run(profile, programs)
   defp run_part(:fresh_pages, profile, _, programs), do: FreshPages.run(profile, programs)
+  defp run_part(:board, profile, _, programs), do: SnakepitShm.Bench.Board.run(profile, programs)
 
   # One random payload for the whole run; smaller payloads are sub-binaries of it (no
   # copy), so every path of a size hands off exactly the same bytes.
