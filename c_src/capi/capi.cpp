@@ -203,7 +203,8 @@ namespace {
 spshm::Result<spshm::board::View> board_view(void* data, uint64_t bytes) {
   spshm::board::View view;
   switch (spshm::board::View::make(data, bytes, &view)) {
-    case spshm::board::ViewStatus::ok: return view;
+    case spshm::board::ViewStatus::ok:
+      return view;
     case spshm::board::ViewStatus::bad_version:
       return Error{Errc::unsupported_version, 0, "the status board has an unknown version"};
     case spshm::board::ViewStatus::too_small:
@@ -227,10 +228,9 @@ SPSHM_EXPORT size_t spshm_board_layout(char* buf, size_t buflen) {
   }
 }
 
-SPSHM_EXPORT int spshm_board_join(void* data, uint64_t bytes, const char* worker_id,
-                                  size_t id_len, uint32_t pid, uint64_t start_time,
-                                  uint32_t* index, uint64_t* owner, uint32_t* capacity, char* err,
-                                  size_t errlen) {
+SPSHM_EXPORT int spshm_board_join(void* data, uint64_t bytes, const char* worker_id, size_t id_len,
+                                  uint32_t pid, uint64_t start_time, uint32_t* index,
+                                  uint64_t* owner, uint32_t* capacity, char* err, size_t errlen) {
   return guarded(err, errlen, [&] {
     if (worker_id == nullptr || index == nullptr || owner == nullptr)
       return fail(Errc::invalid_argument, "NULL argument", err, errlen);
@@ -240,8 +240,7 @@ SPSHM_EXPORT int spshm_board_join(void* data, uint64_t bytes, const char* worker
     if (!view) return fail(view.error(), err, errlen);
     if (capacity != nullptr) *capacity = view->capacity();
     if (!view->join(std::string(worker_id, id_len), pid, start_time, index, owner)) {
-      std::string message = "the status board is full: all " +
-                            std::to_string(view->capacity()) +
+      std::string message = "the status board is full: all " + std::to_string(view->capacity()) +
                             " slots are taken; create the board with a larger capacity";
       copy_message(message, err, errlen);
       return SPSHM_E_BOARD_FULL;

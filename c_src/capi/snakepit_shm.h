@@ -82,9 +82,9 @@ size_t spshm_board_layout(char* buf, size_t buflen);
  * slot for worker_id (1..64 bytes) of process (pid, start_time). On success *index is
  * the slot and *owner the word to pass to update/leave; *capacity (if non-NULL) the
  * board's slot count. SPSHM_E_BOARD_FULL when no slot is free. */
-int spshm_board_join(void* data, uint64_t bytes, const char* worker_id, size_t id_len,
-                     uint32_t pid, uint64_t start_time, uint32_t* index, uint64_t* owner,
-                     uint32_t* capacity, char* err, size_t errlen);
+int spshm_board_join(void* data, uint64_t bytes, const char* worker_id, size_t id_len, uint32_t pid,
+                     uint64_t start_time, uint32_t* index, uint64_t* owner, uint32_t* capacity,
+                     char* err, size_t errlen);
 
 /* The writer's fast path: `slot` is data + 512 + 192 * index of a slot this process
  * joined; values[10] = state, queue, in_flight, memory, processed, errors, gauge 0..3

@@ -111,12 +111,18 @@ std::uint64_t monotonic_ns() noexcept {
 
 const char* state_name(std::uint32_t state) noexcept {
   switch (state) {
-    case 0: return "starting";
-    case 1: return "idle";
-    case 2: return "busy";
-    case 3: return "draining";
-    case 4: return "shutdown";
-    default: return "unknown";
+    case 0:
+      return "starting";
+    case 1:
+      return "idle";
+    case 2:
+      return "busy";
+    case 3:
+      return "draining";
+    case 4:
+      return "shutdown";
+    default:
+      return "unknown";
   }
 }
 
@@ -346,7 +352,8 @@ View::Pick View::least_loaded(std::uint64_t now_ns, std::uint64_t rotation,
         in_flight = s.in_flight.load(R);
         if (check_ids) {
           length = s.id_length.load(R);
-          for (std::uint32_t k = 0; k < kWorkerIdCapacity / 8; ++k) words[k] = s.worker_id[k].load(R);
+          for (std::uint32_t k = 0; k < kWorkerIdCapacity / 8; ++k)
+            words[k] = s.worker_id[k].load(R);
         }
         std::atomic_thread_fence(std::memory_order_acquire);
         consistent = s.seq.load(R) == s1 && s.owner.load(R) == o1;
@@ -419,8 +426,10 @@ struct Field {
   std::size_t offset, size;
 };
 
-#define BOARD_HEADER_FIELD(f) Field{#f, offsetof(BoardHeader, f), sizeof(BoardHeader::f)}
-#define BOARD_SLOT_FIELD(f) Field{#f, offsetof(BoardSlot, f), sizeof(BoardSlot::f)}
+#define BOARD_HEADER_FIELD(f) \
+  Field { #f, offsetof(BoardHeader, f), sizeof(BoardHeader::f) }
+#define BOARD_SLOT_FIELD(f) \
+  Field { #f, offsetof(BoardSlot, f), sizeof(BoardSlot::f) }
 
 void append_fields(std::string& out, const char* key, const Field* fields, std::size_t n) {
   out += "\"";
@@ -428,8 +437,9 @@ void append_fields(std::string& out, const char* key, const Field* fields, std::
   out += "\":{";
   for (std::size_t i = 0; i < n; ++i) {
     if (i) out += ",";
-    out += "\"" + std::string(fields[i].name) + "\":{\"offset\":" +
-           std::to_string(fields[i].offset) + ",\"size\":" + std::to_string(fields[i].size) + "}";
+    out += "\"" + std::string(fields[i].name) +
+           "\":{\"offset\":" + std::to_string(fields[i].offset) +
+           ",\"size\":" + std::to_string(fields[i].size) + "}";
   }
   out += "}";
 }
@@ -438,18 +448,18 @@ void append_fields(std::string& out, const char* key, const Field* fields, std::
 
 std::string board_layout_description() {
   static const Field header_fields[] = {
-      BOARD_HEADER_FIELD(magic),          BOARD_HEADER_FIELD(version),
-      BOARD_HEADER_FIELD(header_size),    BOARD_HEADER_FIELD(slot_size),
-      BOARD_HEADER_FIELD(capacity),       BOARD_HEADER_FIELD(stale_after_ms),
-      BOARD_HEADER_FIELD(gauge_names),    BOARD_HEADER_FIELD(created_ns),
-      BOARD_HEADER_FIELD(generation),     BOARD_HEADER_FIELD(reserved),
+      BOARD_HEADER_FIELD(magic),       BOARD_HEADER_FIELD(version),
+      BOARD_HEADER_FIELD(header_size), BOARD_HEADER_FIELD(slot_size),
+      BOARD_HEADER_FIELD(capacity),    BOARD_HEADER_FIELD(stale_after_ms),
+      BOARD_HEADER_FIELD(gauge_names), BOARD_HEADER_FIELD(created_ns),
+      BOARD_HEADER_FIELD(generation),  BOARD_HEADER_FIELD(reserved),
   };
   static const Field slot_fields[] = {
-      BOARD_SLOT_FIELD(owner),      BOARD_SLOT_FIELD(seq),       BOARD_SLOT_FIELD(pid),
-      BOARD_SLOT_FIELD(state),      BOARD_SLOT_FIELD(start_time), BOARD_SLOT_FIELD(updated_ns),
-      BOARD_SLOT_FIELD(queue),      BOARD_SLOT_FIELD(in_flight), BOARD_SLOT_FIELD(memory),
-      BOARD_SLOT_FIELD(processed),  BOARD_SLOT_FIELD(errors),    BOARD_SLOT_FIELD(gauges),
-      BOARD_SLOT_FIELD(id_length),  BOARD_SLOT_FIELD(reserved0), BOARD_SLOT_FIELD(worker_id),
+      BOARD_SLOT_FIELD(owner),     BOARD_SLOT_FIELD(seq),        BOARD_SLOT_FIELD(pid),
+      BOARD_SLOT_FIELD(state),     BOARD_SLOT_FIELD(start_time), BOARD_SLOT_FIELD(updated_ns),
+      BOARD_SLOT_FIELD(queue),     BOARD_SLOT_FIELD(in_flight),  BOARD_SLOT_FIELD(memory),
+      BOARD_SLOT_FIELD(processed), BOARD_SLOT_FIELD(errors),     BOARD_SLOT_FIELD(gauges),
+      BOARD_SLOT_FIELD(id_length), BOARD_SLOT_FIELD(reserved0),  BOARD_SLOT_FIELD(worker_id),
       BOARD_SLOT_FIELD(joined_ns),
   };
   std::string out = "{\"magic\":\"" + std::string(kBoardMagic, sizeof kBoardMagic) + "\"";

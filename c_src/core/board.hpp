@@ -50,35 +50,35 @@ enum class WorkerState : std::uint32_t {
 inline constexpr std::uint32_t kStateCount = 5;
 
 struct BoardHeader {
-  char magic[8];                                     // 0   "SPSHMBRD"
-  std::uint32_t version;                             // 8   kBoardVersion
-  std::uint32_t header_size;                         // 12  kBoardHeaderSize
-  std::uint32_t slot_size;                           // 16  kSlotSize
-  std::uint32_t capacity;                            // 20  slots, 1..65536
-  std::uint64_t stale_after_ms;                      // 24  entries older than this are stale
+  char magic[8];                                      // 0   "SPSHMBRD"
+  std::uint32_t version;                              // 8   kBoardVersion
+  std::uint32_t header_size;                          // 12  kBoardHeaderSize
+  std::uint32_t slot_size;                            // 16  kSlotSize
+  std::uint32_t capacity;                             // 20  slots, 1..65536
+  std::uint64_t stale_after_ms;                       // 24  entries older than this are stale
   char gauge_names[kGaugeCount][kGaugeNameCapacity];  // 32  NUL padded
-  std::uint64_t created_ns;                          // 160 CLOCK_MONOTONIC at creation
-  std::atomic<std::uint64_t> generation;             // 168 bumped on every join/leave/reclaim
-  std::uint8_t reserved[336];                        // 176 zero
+  std::uint64_t created_ns;                           // 160 CLOCK_MONOTONIC at creation
+  std::atomic<std::uint64_t> generation;              // 168 bumped on every join/leave/reclaim
+  std::uint8_t reserved[336];                         // 176 zero
 };
 
 struct BoardSlot {
-  std::atomic<std::uint64_t> owner;           // 0   state | incarnation << 32
-  std::atomic<std::uint64_t> seq;             // 8   seqlock sequence: odd while writing
-  std::atomic<std::uint32_t> pid;             // 16  OS pid of the writer
-  std::atomic<std::uint32_t> state;           // 20  WorkerState
-  std::atomic<std::uint64_t> start_time;      // 24  /proc/<pid>/stat field 22
-  std::atomic<std::uint64_t> updated_ns;      // 32  CLOCK_MONOTONIC of the last update
-  std::atomic<std::uint64_t> queue;           // 40  queued requests
-  std::atomic<std::uint64_t> in_flight;       // 48  requests being processed
-  std::atomic<std::uint64_t> memory;          // 56  bytes
-  std::atomic<std::uint64_t> processed;       // 64  requests completed
-  std::atomic<std::uint64_t> errors;          // 72  requests failed
+  std::atomic<std::uint64_t> owner;               // 0   state | incarnation << 32
+  std::atomic<std::uint64_t> seq;                 // 8   seqlock sequence: odd while writing
+  std::atomic<std::uint32_t> pid;                 // 16  OS pid of the writer
+  std::atomic<std::uint32_t> state;               // 20  WorkerState
+  std::atomic<std::uint64_t> start_time;          // 24  /proc/<pid>/stat field 22
+  std::atomic<std::uint64_t> updated_ns;          // 32  CLOCK_MONOTONIC of the last update
+  std::atomic<std::uint64_t> queue;               // 40  queued requests
+  std::atomic<std::uint64_t> in_flight;           // 48  requests being processed
+  std::atomic<std::uint64_t> memory;              // 56  bytes
+  std::atomic<std::uint64_t> processed;           // 64  requests completed
+  std::atomic<std::uint64_t> errors;              // 72  requests failed
   std::atomic<std::int64_t> gauges[kGaugeCount];  // 80 user gauges
-  std::atomic<std::uint32_t> id_length;       // 112 bytes of worker_id in use, <= 64
-  std::atomic<std::uint32_t> reserved0;       // 116 zero
+  std::atomic<std::uint32_t> id_length;           // 112 bytes of worker_id in use, <= 64
+  std::atomic<std::uint32_t> reserved0;           // 116 zero
   std::atomic<std::uint64_t> worker_id[kWorkerIdCapacity / 8];  // 120 bytes, zero padded
-  std::atomic<std::uint64_t> joined_ns;       // 184 CLOCK_MONOTONIC of the join
+  std::atomic<std::uint64_t> joined_ns;                         // 184 CLOCK_MONOTONIC of the join
 };
 
 static_assert(sizeof(BoardHeader) == kBoardHeaderSize);

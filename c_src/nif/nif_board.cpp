@@ -99,6 +99,10 @@ ERL_NIF_TERM view_error(ErlNifEnv* env, b::ViewStatus status) {
   }
 }
 
+ERL_NIF_TERM deleted(ErlNifEnv* env) {
+  return make_error(env, Errc::deallocated, "the status board was deleted");
+}
+
 bool usable(RegionResource* r) {
   return !r->is_deallocated() && !r->region.encrypted() && r->region.data() != nullptr;
 }
@@ -109,9 +113,9 @@ ERL_NIF_TERM make_u64(ErlNifEnv* env, std::uint64_t v) { return enif_make_uint64
 //  updated_ns, joined_ns, pid, start_time, stale}
 ERL_NIF_TERM make_entry(ErlNifEnv* env, const b::Entry& e) {
   const auto& v = e.values;
-  ERL_NIF_TERM gauges = enif_make_tuple4(
-      env, enif_make_int64(env, v.gauges[0]), enif_make_int64(env, v.gauges[1]),
-      enif_make_int64(env, v.gauges[2]), enif_make_int64(env, v.gauges[3]));
+  ERL_NIF_TERM gauges =
+      enif_make_tuple4(env, enif_make_int64(env, v.gauges[0]), enif_make_int64(env, v.gauges[1]),
+                       enif_make_int64(env, v.gauges[2]), enif_make_int64(env, v.gauges[3]));
   ERL_NIF_TERM items[] = {enif_make_uint(env, e.index),
                           make_binary(env, e.worker_id),
                           enif_make_uint(env, v.state),
@@ -305,17 +309,21 @@ ERL_NIF_TERM nif_board_leave(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
 ERL_NIF_TERM nif_board_entries(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   BoardResource* res;
   if (!get_board(env, argv[0], &res)) return enif_make_badarg(env);
+  if (res->region->is_deallocated()) return deleted(env);
   std::uint64_t now = b::monotonic_ns();
   std::uint32_t budget = 4096;
   ERL_NIF_TERM list = enif_make_list(env, 0), unreadable = enif_make_list(env, 0);
   for (std::uint32_t i = res->view.capacity(); i-- > 0;) {
     b::Entry e;
     switch (res->view.read(i, now, &e, &budget)) {
-      case b::ReadStatus::ok: list = enif_make_list_cell(env, make_entry(env, e), list); break;
+      case b::ReadStatus::ok:
+        list = enif_make_list_cell(env, make_entry(env, e), list);
+        break;
       case b::ReadStatus::unreadable:
         unreadable = enif_make_list_cell(env, enif_make_uint(env, i), unreadable);
         break;
-      case b::ReadStatus::free: break;
+      case b::ReadStatus::free:
+        break;
     }
   }
   return enif_make_tuple3(env, make_u64(env, now), unreadable, list);
@@ -340,6 +348,7 @@ ERL_NIF_TERM nif_board_least_loaded(ErlNifEnv* env, int, const ERL_NIF_TERM argv
       exclude.push_back(std::move(id));
     }
   }
+  if (res->region->is_deallocated()) return deleted(env);
   auto pick = res->view.least_loaded(b::monotonic_ns(), rotation, exclude);
   if (!pick.found)
     return enif_make_tuple3(env, atom(env, "none"), enif_make_uint(env, pick.candidates),

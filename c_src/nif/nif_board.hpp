@@ -8,8 +8,7 @@ namespace spshm::nif {
 /// Opens (load) or takes over (upgrade) the board resource types. False on failure.
 bool open_board_resource_types(ErlNifEnv* env);
 
-#define SPSHM_BOARD_NIF(name) \
-  ERL_NIF_TERM name(ErlNifEnv* env, int argc, const ERL_NIF_TERM argv[])
+#define SPSHM_BOARD_NIF(name) ERL_NIF_TERM name(ErlNifEnv* env, int argc, const ERL_NIF_TERM argv[])
 SPSHM_BOARD_NIF(nif_board_layout);
 SPSHM_BOARD_NIF(nif_board_init);
 SPSHM_BOARD_NIF(nif_board_open);

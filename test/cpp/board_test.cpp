@@ -56,28 +56,34 @@ std::string field_json(const char* name, std::size_t offset, std::size_t size) {
          ",\"size\":" + std::to_string(size) + "}";
 }
 
-#define H(f) {#f, {offsetof(BoardHeader, f), sizeof(BoardHeader::f)}}
-#define S(f) {#f, {offsetof(BoardSlot, f), sizeof(BoardSlot::f)}}
+#define H(f)                                                 \
+  {                                                          \
+#f, { offsetof(BoardHeader, f), sizeof(BoardHeader::f) } \
+  }
+#define S(f)                                             \
+  {                                                      \
+#f, { offsetof(BoardSlot, f), sizeof(BoardSlot::f) } \
+  }
 
 const std::map<std::string, Row> kHeader = {
-    H(magic),      H(version),     H(header_size), H(slot_size),  H(capacity),
-    H(stale_after_ms), H(gauge_names), H(created_ns), H(generation), H(reserved)};
-const std::map<std::string, Row> kSlot = {
-    S(owner),     S(seq),    S(pid),       S(state),     S(start_time), S(updated_ns),
-    S(queue),     S(in_flight), S(memory), S(processed), S(errors),     S(gauges),
-    S(id_length), S(reserved0), S(worker_id), S(joined_ns)};
+    H(magic),          H(version),     H(header_size), H(slot_size),  H(capacity),
+    H(stale_after_ms), H(gauge_names), H(created_ns),  H(generation), H(reserved)};
+const std::map<std::string, Row> kSlot = {S(owner),      S(seq),        S(pid),       S(state),
+                                          S(start_time), S(updated_ns), S(queue),     S(in_flight),
+                                          S(memory),     S(processed),  S(errors),    S(gauges),
+                                          S(id_length),  S(reserved0),  S(worker_id), S(joined_ns)};
 
 /// A board in private, 64-byte aligned memory.
 struct TestBoard {
   explicit TestBoard(std::uint32_t capacity, std::uint64_t stale_ms = 30000,
                      std::vector<std::string> gauges = {"a", "b"}) {
     bytes = board_bytes(capacity);
-    memory.reset(static_cast<std::uint8_t*>(::operator new(bytes, std::align_val_t{64})));
+    memory.reset(static_cast<std::uint8_t*>(::operator new (bytes, std::align_val_t{64})));
     REQUIRE(View::init(memory.get(), bytes, capacity, stale_ms, gauges));
     REQUIRE(View::make(memory.get(), bytes, &view) == ViewStatus::ok);
   }
   struct Free {
-    void operator()(std::uint8_t* p) const { ::operator delete(p, std::align_val_t{64}); }
+    void operator()(std::uint8_t* p) const { ::operator delete (p, std::align_val_t{64}); }
   };
   std::unique_ptr<std::uint8_t, Free> memory;
   std::uint64_t bytes = 0;
@@ -96,8 +102,10 @@ Values idle(std::uint64_t load) {
 
 TEST_CASE("board layout: static facts, JSON and docs/FORMAT.md agree", "[board]") {
   std::string json = board_layout_description();
-  for (const auto& [name, row] : kHeader) REQUIRE(json.find(field_json(name.c_str(), row.offset, row.size)) != std::string::npos);
-  for (const auto& [name, row] : kSlot) REQUIRE(json.find(field_json(name.c_str(), row.offset, row.size)) != std::string::npos);
+  for (const auto& [name, row] : kHeader)
+    REQUIRE(json.find(field_json(name.c_str(), row.offset, row.size)) != std::string::npos);
+  for (const auto& [name, row] : kSlot)
+    REQUIRE(json.find(field_json(name.c_str(), row.offset, row.size)) != std::string::npos);
   auto header_doc = doc_rows("Status board header");
   auto slot_doc = doc_rows("Status board slot");
   REQUIRE(header_doc.size() == kHeader.size());
@@ -157,10 +165,10 @@ TEST_CASE("board: least_loaded prefers idle, then load; ties round-robin", "[boa
     REQUIRE(b.view.join("w" + std::to_string(k), 1, 1, &s[k].first, &s[k].second));
   Values busy;
   busy.state = static_cast<std::uint32_t>(WorkerState::busy);
-  REQUIRE(b.view.update(s[0].first, s[0].second, busy));      // busy, load 0
-  REQUIRE(b.view.update(s[1].first, s[1].second, idle(3)));   // idle, load 3
-  REQUIRE(b.view.update(s[2].first, s[2].second, idle(1)));   // idle, load 1
-  REQUIRE(b.view.update(s[3].first, s[3].second, idle(1)));   // idle, load 1
+  REQUIRE(b.view.update(s[0].first, s[0].second, busy));     // busy, load 0
+  REQUIRE(b.view.update(s[1].first, s[1].second, idle(3)));  // idle, load 3
+  REQUIRE(b.view.update(s[2].first, s[2].second, idle(1)));  // idle, load 1
+  REQUIRE(b.view.update(s[3].first, s[3].second, idle(1)));  // idle, load 1
   Values draining = idle(0);
   draining.state = static_cast<std::uint32_t>(WorkerState::draining);
   REQUIRE(b.view.update(s[4].first, s[4].second, draining));  // not routable
@@ -206,7 +214,8 @@ TEST_CASE("board: reclaim frees the slots of one (pid, start time) only", "[boar
   REQUIRE(b.view.reclaim(100, 7) == 0);
   int live = 0;
   Entry e;
-  for (std::uint32_t k = 0; k < 8; ++k) live += b.view.read(k, monotonic_ns(), &e) == ReadStatus::ok;
+  for (std::uint32_t k = 0; k < 8; ++k)
+    live += b.view.read(k, monotonic_ns(), &e) == ReadStatus::ok;
   REQUIRE(live == 2);
 }
 
@@ -228,7 +237,8 @@ TEST_CASE("board: no torn read while writer threads hammer their slots", "[board
         v.memory = ~n;
         v.processed = n * 7;
         v.errors = n ^ 0x5555;
-        for (std::uint32_t g = 0; g < kGaugeCount; ++g) v.gauges[g] = -static_cast<std::int64_t>(n + g);
+        for (std::uint32_t g = 0; g < kGaugeCount; ++g)
+          v.gauges[g] = -static_cast<std::int64_t>(n + g);
         b.view.update(index, owner, v);
       }
     });
@@ -274,7 +284,9 @@ TEST_CASE("board: hostile slots never hang a reader", "[board]") {
   for (std::uint32_t k = 0; k < 4096; ++k) b.slot(k).seq.fetch_or(1);
   auto t0 = std::chrono::steady_clock::now();
   auto p = b.view.least_loaded(monotonic_ns(), 0, {});
-  auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - t0).count();
+  auto ms =
+      std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - t0)
+          .count();
   REQUIRE_FALSE(p.found);
   REQUIRE(p.unreadable == 4096);
   REQUIRE(ms < 1000);
@@ -287,7 +299,8 @@ TEST_CASE("board: hostile slots never hang a reader", "[board]") {
 
   // Garbage everywhere in the slots: reads stay in bounds, ids clamped to 64 bytes.
   std::uint8_t* slots = b.memory.get() + kBoardHeaderSize;
-  for (std::uint64_t k = 0; k < 4096ull * kSlotSize; ++k) slots[k] = static_cast<std::uint8_t>(k * 131 + 7);
+  for (std::uint64_t k = 0; k < 4096ull * kSlotSize; ++k)
+    slots[k] = static_cast<std::uint8_t>(k * 131 + 7);
   for (std::uint32_t k = 0; k < 4096; ++k) {
     b.slot(k).owner.store(kSlotLive);
     b.slot(k).seq.store(2);

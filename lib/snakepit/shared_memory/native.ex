@@ -229,15 +229,17 @@ defmodule Snakepit.SharedMemory.Native do
   def board_leave(_slot), do: :erlang.nif_error(:not_loaded)
 
   @doc "{now_ns, [unreadable slot index], [entry tuple]} of every live slot."
-  @spec board_entries(board()) :: {non_neg_integer(), [non_neg_integer()], [tuple()]}
+  @spec board_entries(board()) ::
+          {non_neg_integer(), [non_neg_integer()], [tuple()]} | nif_error()
   def board_entries(_board), do: :erlang.nif_error(:not_loaded)
 
-  @spec board_entries_dirty(board()) :: {non_neg_integer(), [non_neg_integer()], [tuple()]}
+  @spec board_entries_dirty(board()) ::
+          {non_neg_integer(), [non_neg_integer()], [tuple()]} | nif_error()
   def board_entries_dirty(_board), do: :erlang.nif_error(:not_loaded)
 
   @doc "{:ok, worker_id} or {:none, candidates, unreadable}."
   @spec board_least_loaded(board(), non_neg_integer(), [binary()]) ::
-          {:ok, binary()} | {:none, non_neg_integer(), non_neg_integer()}
+          {:ok, binary()} | {:none, non_neg_integer(), non_neg_integer()} | nif_error()
   def board_least_loaded(_board, _rotation, _exclude), do: :erlang.nif_error(:not_loaded)
 
   @doc "Frees the board slots of a dead OS process (0 if the region is not a board)."

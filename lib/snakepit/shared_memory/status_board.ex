@@ -206,17 +206,17 @@ defmodule Snakepit.SharedMemory.StatusBoard do
   """
   @spec snapshot(t() | String.t()) :: {:ok, map()} | {:error, Error.t()}
   def snapshot(%__MODULE__{} = board) do
-    {:ok, entries} = entries(board)
-
-    {:ok,
-     %{
-       name: board.name,
-       region_id: board.region_id,
-       capacity: board.capacity,
-       stale_after: board.stale_after,
-       gauges: board.gauges,
-       entries: entries
-     }}
+    with {:ok, entries} <- entries(board) do
+      {:ok,
+       %{
+         name: board.name,
+         region_id: board.region_id,
+         capacity: board.capacity,
+         stale_after: board.stale_after,
+         gauges: board.gauges,
+         entries: entries
+       }}
+    end
   end
 
   def snapshot(name) do
@@ -234,15 +234,21 @@ defmodule Snakepit.SharedMemory.StatusBoard do
   it changing beyond the bounded retries (or whose sequence a peer left odd) is
   returned as `%{slot: i, state: :unreadable}` with every other field zero or nil.
   """
-  @spec entries(t()) :: {:ok, [entry()]}
+  @spec entries(t()) :: {:ok, [entry()]} | {:error, Error.t()}
   def entries(%__MODULE__{} = board) do
-    {now, unreadable, rows} =
+    result =
       if board.capacity > @dirty_entries_above,
         do: Native.board_entries_dirty(board.board),
         else: Native.board_entries(board.board)
 
-    decoded = Enum.map(rows, &decode(&1, now, board.gauges))
-    {:ok, merge_unreadable(decoded, unreadable)}
+    case result do
+      {now, unreadable, rows} ->
+        decoded = Enum.map(rows, &decode(&1, now, board.gauges))
+        {:ok, merge_unreadable(decoded, unreadable)}
+
+      {:error, native} ->
+        {:error, Error.from_native(native, %{board: board.name})}
+    end
   end
 
   @doc """
@@ -271,10 +277,7 @@ defmodule Snakepit.SharedMemory.StatusBoard do
   def least_loaded(%__MODULE__{} = board, []) do
     rotation = :atomics.add_get(board.rotation, 1, 1)
 
-    case Native.board_least_loaded(board.board, rotation, []) do
-      {:ok, id} -> {:ok, id}
-      {:none, candidates, unreadable} -> no_worker(board, candidates, unreadable)
-    end
+    picked(board, Native.board_least_loaded(board.board, rotation, []))
   end
 
   def least_loaded(%__MODULE__{} = board, opts) when is_list(opts) do
@@ -284,10 +287,7 @@ defmodule Snakepit.SharedMemory.StatusBoard do
       rotation = :atomics.add_get(board.rotation, 1, 1)
 
       if score == nil do
-        case Native.board_least_loaded(board.board, rotation, exclude) do
-          {:ok, id} -> {:ok, id}
-          {:none, candidates, unreadable} -> no_worker(board, candidates, unreadable)
-        end
+        picked(board, Native.board_least_loaded(board.board, rotation, exclude))
       else
         scored_pick(board, rotation, exclude, score)
       end
@@ -297,8 +297,20 @@ defmodule Snakepit.SharedMemory.StatusBoard do
   def least_loaded(_board, opts),
     do: Error.error(:invalid_option, "options must be a keyword list, got: #{inspect(opts)}")
 
+  defp picked(_board, {:ok, id}), do: {:ok, id}
+
+  defp picked(board, {:none, candidates, unreadable}),
+    do: no_worker(board, candidates, unreadable)
+
+  defp picked(board, {:error, native}),
+    do: {:error, Error.from_native(native, %{board: board.name})}
+
   defp scored_pick(board, rotation, exclude, score) do
-    {:ok, entries} = entries(board)
+    with {:ok, entries} <- entries(board),
+         do: scored_pick(board, rotation, exclude, score, entries)
+  end
+
+  defp scored_pick(board, rotation, exclude, score, entries) do
     excluded = MapSet.new(exclude)
 
     candidates =
@@ -675,12 +687,16 @@ defmodule Snakepit.SharedMemory.StatusBoard do
         ":score must be a function of one entry, got: #{inspect(other)}"
       )
 
-  defp worker_id(id) when is_binary(id) and byte_size(id) in 1..64, do: :ok
+  defp worker_id(id) when is_binary(id) and byte_size(id) in 1..64 do
+    if String.valid?(id), do: :ok, else: bad_worker_id(id)
+  end
 
-  defp worker_id(id),
+  defp worker_id(id), do: bad_worker_id(id)
+
+  defp bad_worker_id(id),
     do:
       Error.error(
         :invalid_argument,
-        "a worker id is a string of 1 to 64 bytes, got: #{inspect(id)}"
+        "a worker id is a UTF-8 string of 1 to 64 bytes, got: #{inspect(id)}"
       )
 end

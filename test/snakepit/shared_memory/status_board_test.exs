@@ -159,6 +159,9 @@ defmodule Snakepit.SharedMemory.StatusBoardTest do
       assert ref["board"]["gauges"] == board.gauges
       assert :ok = StatusBoard.delete(board)
       assert {:error, %Error{reason: :not_found}} = SM.get_region_info(board.region_id)
+      # A handle kept after delete/1 says so instead of routing to a dead board.
+      assert {:error, %Error{reason: :deallocated}} = StatusBoard.least_loaded(board)
+      assert {:error, %Error{reason: :deallocated}} = StatusBoard.entries(board)
     end
 
     test "bad options are refused with a clear error" do
@@ -299,6 +302,7 @@ defmodule Snakepit.SharedMemory.StatusBoardTest do
     test "bad ids and values are refused" do
       board = board!()
       assert {:error, %Error{reason: :invalid_argument}} = StatusBoard.join(board, "")
+      assert {:error, %Error{reason: :invalid_argument}} = StatusBoard.join(board, <<0xFF>>)
 
       assert {:error, %Error{reason: :invalid_argument}} =
                StatusBoard.join(board, String.duplicate("x", 65))
