@@ -259,6 +259,18 @@ bool View::leave(std::uint32_t index, std::uint64_t owner) noexcept {
   return true;
 }
 
+std::vector<std::pair<std::uint32_t, std::uint64_t>> View::owners() const {
+  std::vector<std::pair<std::uint32_t, std::uint64_t>> out;
+  for (std::uint32_t i = 0; i < capacity_; ++i) {
+    const BoardSlot& s = slots_[i];
+    if (owner_state(s.owner.load(std::memory_order_acquire)) != kSlotLive) continue;
+    std::pair<std::uint32_t, std::uint64_t> who{s.pid.load(R), s.start_time.load(R)};
+    if (std::find(out.begin(), out.end(), who) == out.end() && out.size() < 4096)
+      out.push_back(who);  // a pool's workers are few; a hostile board cannot grow this
+  }
+  return out;
+}
+
 std::uint32_t View::reclaim(std::uint32_t pid, std::uint64_t start_time) noexcept {
   std::uint32_t freed = 0;
   for (std::uint32_t i = 0; i < capacity_; ++i) {

@@ -171,6 +171,9 @@ class View {
   bool update(std::uint32_t index, std::uint64_t owner, const Values& v) noexcept;
   /// Frees our slot. False if it was no longer ours.
   bool leave(std::uint32_t index, std::uint64_t owner) noexcept;
+  /// (pid, start_time) of every live slot, for the manager's death watches. Bounded by
+  /// capacity; values are as a peer wrote them (the watcher checks them with the kernel).
+  std::vector<std::pair<std::uint32_t, std::uint64_t>> owners() const;
   /// Frees every live slot of a (dead) process; returns how many.
   std::uint32_t reclaim(std::uint32_t pid, std::uint64_t start_time) noexcept;
 

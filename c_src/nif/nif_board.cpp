@@ -371,6 +371,25 @@ ERL_NIF_TERM nif_board_reclaim(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   return enif_make_uint(env, view.reclaim(static_cast<std::uint32_t>(os_pid), start));
 }
 
+// board_watch_info(region) -> {generation, [{os_pid, start_time}]} | nil: what the
+// manager needs to watch the OS processes that joined (nil if not a board).
+ERL_NIF_TERM nif_board_watch_info(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  RegionResource* r;
+  std::uint64_t known = 0;
+  if (!get_region(env, argv[0], &r) || !get_u64(env, argv[1], &known)) return enif_make_badarg(env);
+  if (!usable(r)) return atoms.nil;
+  b::View view;
+  if (b::View::make(r->region.data(), r->region.capacity(), &view) != b::ViewStatus::ok)
+    return atoms.nil;
+  std::uint64_t generation = view.generation();
+  if (generation == known) return enif_make_tuple2(env, make_u64(env, generation), atoms.nil);
+  ERL_NIF_TERM list = enif_make_list(env, 0);
+  for (const auto& [pid, start] : view.owners())
+    list = enif_make_list_cell(
+        env, enif_make_tuple2(env, enif_make_uint(env, pid), make_u64(env, start)), list);
+  return enif_make_tuple2(env, make_u64(env, generation), list);
+}
+
 ERL_NIF_TERM nif_board_monotonic_ns(ErlNifEnv* env, int, const ERL_NIF_TERM[]) {
   return make_u64(env, b::monotonic_ns());
 }

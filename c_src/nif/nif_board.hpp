@@ -19,6 +19,7 @@ SPSHM_BOARD_NIF(nif_board_leave);
 SPSHM_BOARD_NIF(nif_board_entries);
 SPSHM_BOARD_NIF(nif_board_least_loaded);
 SPSHM_BOARD_NIF(nif_board_reclaim);
+SPSHM_BOARD_NIF(nif_board_watch_info);
 SPSHM_BOARD_NIF(nif_board_monotonic_ns);
 #undef SPSHM_BOARD_NIF
 

@@ -246,6 +246,14 @@ defmodule Snakepit.SharedMemory.Native do
   @spec board_reclaim(region(), non_neg_integer(), non_neg_integer()) :: non_neg_integer()
   def board_reclaim(_region, _os_pid, _start_time), do: :erlang.nif_error(:not_loaded)
 
+  @doc """
+  {generation, [{os_pid, start_time}] | nil} of the board in a region (nil owners when
+  the generation is still `known`), or nil if the region holds no board.
+  """
+  @spec board_watch_info(region(), non_neg_integer()) ::
+          {non_neg_integer(), [{non_neg_integer(), non_neg_integer()}] | nil} | nil
+  def board_watch_info(_region, _known), do: :erlang.nif_error(:not_loaded)
+
   @doc "CLOCK_MONOTONIC nanoseconds (the clock of the board's timestamps)."
   @spec board_monotonic_ns() :: non_neg_integer()
   def board_monotonic_ns, do: :erlang.nif_error(:not_loaded)

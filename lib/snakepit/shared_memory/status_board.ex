@@ -51,6 +51,7 @@ defmodule Snakepit.SharedMemory.StatusBoard do
   @dirty_entries_above 2048
   @states [:starting, :idle, :busy, :draining, :shutdown]
   @fields [:state, :queue, :in_flight, :memory, :processed, :errors]
+  @unknown_generation 0xFFFF_FFFF_FFFF_FFFF
 
   @typedoc "A board handle: usable from any process of the VM."
   @type t :: %__MODULE__{
@@ -422,6 +423,42 @@ defmodule Snakepit.SharedMemory.StatusBoard do
     for {ref, metadata} <- rows, board_metadata?(metadata), reduce: 0 do
       acc -> acc + Native.board_reclaim(ref, os_pid, start_time)
     end
+  end
+
+  @doc false
+  # For the manager's holder scan (Holders.scan/1): for every board of this VM whose
+  # join generation changed since `generations`, arms `watch` (a pidfd watch) on each OS
+  # process that holds a slot, other than this VM. Returns the boards' new generations
+  # (keys `{:board, region_id}`) and the state.
+  @spec watch_joiners(map(), map(), ({pos_integer(), non_neg_integer()}, map() -> map())) ::
+          {[{{:board, String.t()}, non_neg_integer()}], map()}
+  def watch_joiners(generations, state, watch) do
+    rows =
+      :ets.select(Registry.regions_table(), [
+        {Registry.region(id: :"$1", ref: :"$2", metadata: :"$3", _: :_), [],
+         [{{:"$1", :"$2", :"$3"}}]}
+      ])
+
+    Enum.flat_map_reduce(rows, state, fn {id, ref, metadata}, acc ->
+      key = {:board, id}
+      known = Map.get(generations, key, @unknown_generation)
+
+      case board_metadata?(metadata) && Native.board_watch_info(ref, known) do
+        {generation, nil} ->
+          {[{key, generation}], acc}
+
+        {generation, owners} ->
+          acc =
+            owners
+            |> Enum.reject(fn {pid, _} -> pid == acc.self_os_pid end)
+            |> Enum.reduce(acc, watch)
+
+          {[{key, generation}], acc}
+
+        _ ->
+          {[], acc}
+      end
+    end)
   end
 
   defp board_metadata?(%{"kind" => "status_board"}), do: true

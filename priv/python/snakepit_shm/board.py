@@ -10,17 +10,27 @@ The Elixir side creates the board and hands each worker its ref (``export_ref/1`
 
 ``update`` is a seqlock write into this worker's slot done by the C library: no lock,
 no system call, about a microsecond from CPython.  Only the fields given change.
-If the worker dies without ``leave()``, even by SIGKILL, the manager frees its slot.
+If the worker dies without ``leave()``, even by SIGKILL, the manager frees its slot
+(it watches every process that holds a slot with a pidfd).
+
+A slot has exactly one writer: the process that joined.  Call ``update`` from one
+thread at a time, and after ``os.fork()`` let the child join a slot of its own rather
+than write the parent's.  Joining maps the board's segment without registering a hold
+on the region (so any number of processes may join, not only the 64 of a region's
+holder table); the board lives as long as the Elixir side keeps it.
 """
 
 import ctypes
+import mmap
+import os
+import stat
 import struct
 import threading
 
 from . import _board_format as BF
-from . import _native, _proc
+from . import _format as F
+from . import _locate, _native, _proc
 from . import errors as _errors
-from ._attach import attach
 
 _VALUES = struct.Struct("<6Q4q")  # state, queue, in_flight, memory, processed, errors, gauges
 _FIELDS = ("state", "queue", "in_flight", "memory", "processed", "errors")
@@ -78,10 +88,11 @@ def board_layout():
 class StatusBoard:
     """This worker's slot on a status board; obtain one with :meth:`join`."""
 
-    def __init__(self, *, region, anchor, slot_address, owner, index, worker_id, gauges,
-                 capacity, functions):
+    def __init__(self, *, region, size, anchor, slot_address, owner, index, worker_id,
+                 gauges, capacity, functions):
         """Internal: use :meth:`StatusBoard.join`."""
         self._region = region
+        self._size = size
         self._anchor = anchor
         self._data_address = ctypes.addressof(anchor)
         self._slot = slot_address
@@ -102,9 +113,11 @@ class StatusBoard:
     def join(cls, ref, worker_id):
         """Join the board of ``ref`` (Elixir's ``StatusBoard.export_ref/1``) as
         ``worker_id`` (1 to 64 bytes of UTF-8): claims a free slot, state "starting".
+        ``ref`` may also be that map as JSON, the board's region id or its name.
 
-        Raises BoardFull when every slot is taken, ValueError for a bad worker id, and
-        the errors of :func:`snakepit_shm.attach`.
+        Raises BoardFull when every slot is taken, ValueError for a bad worker id,
+        RegionNotFound when the board does not exist, CorruptRegion when the segment is
+        not a valid board, PermissionError when it is not ours.
         """
         wid = worker_id.encode("utf-8") if isinstance(worker_id, str) else worker_id
         if not isinstance(wid, bytes) or not 1 <= len(wid) <= BF.WORKER_ID_CAPACITY:
@@ -113,10 +126,9 @@ class StatusBoard:
         info = ref.get("board") if isinstance(ref, dict) else None
         library = _native.library()
         functions = _functions(library)
-        region = attach(ref, "rw")
+        region, size = _map_board(ref, library)
         try:
-            anchor = (ctypes.c_char * region.size).from_buffer(region._data_mm,
-                                                               region._view_offset)
+            anchor = (ctypes.c_char * size).from_buffer(region, F.HEADER_SIZE)
         except BaseException:
             region.close()
             raise
@@ -125,7 +137,7 @@ class StatusBoard:
             index, owner, capacity = ctypes.c_uint32(), ctypes.c_uint64(), ctypes.c_uint32()
             err = ctypes.create_string_buffer(512)
             code = functions["spshm_board_join"](
-                ctypes.addressof(anchor), region.size, wid, len(wid), pid, start_time,
+                ctypes.addressof(anchor), size, wid, len(wid), pid, start_time,
                 ctypes.byref(index), ctypes.byref(owner), ctypes.byref(capacity), err, 512)
             if code == -100:
                 raise BoardFull(err.value.decode("utf-8", "replace"))
@@ -139,7 +151,8 @@ class StatusBoard:
             region.close()
             raise
         address = ctypes.addressof(anchor) + BF.slot_offset(index.value)
-        return cls(region=region, anchor=anchor, slot_address=address, owner=owner.value,
+        return cls(region=region, size=size, anchor=anchor, slot_address=address,
+                   owner=owner.value,
                    index=index.value, worker_id=wid.decode("utf-8", "replace"),
                    gauges=gauges, capacity=capacity.value, functions=functions)
 
@@ -219,8 +232,7 @@ class StatusBoard:
             return
         self._closed = True
         err = ctypes.create_string_buffer(512)
-        self._leave(self._data_address, self._region.size, self._index, self._owner,
-                    err, 512)
+        self._leave(self._data_address, self._size, self._index, self._owner, err, 512)
         self._anchor = None
         self._region.close()
 
@@ -233,6 +245,47 @@ class StatusBoard:
     def __repr__(self):
         state = "left" if self._closed else f"slot {self._index}"
         return f"<snakepit_shm.StatusBoard {self._worker_id!r} {state}>"
+
+
+def _map_board(ref, library):
+    """Map the board's POSIX segment read-write (no hold); return (mmap, data size)."""
+    if isinstance(ref, str) and not ref.strip().startswith(("{", "spshm_")):
+        ref = "spshm_n_" + ref.strip()  # a board's name
+    location = _locate.parse_target(ref)
+    if location.backend != F.BACKEND_POSIX:
+        raise ValueError(f"{location.region_id} is a memfd region: status boards are "
+                         "named POSIX regions (StatusBoard.create/2)")
+    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(location.control_path, flags)
+    except FileNotFoundError:
+        raise _errors.RegionNotFound(
+            f"no status board {location.region_id} ({location.control_path}): it was "
+            "deleted, its owner exited, or the name is wrong") from None
+    except OSError as exc:
+        raise _errors.PermissionError(
+            f"cannot open the status board {location.control_path}: {exc.strerror}"
+        ) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            raise _errors.PermissionError(
+                f"{location.control_path} is not a regular file of this user: refused")
+        if st.st_size < F.HEADER_SIZE + BF.HEADER_SIZE:
+            raise _errors.CorruptRegion(f"{location.control_path} is too small for a board")
+        header = os.pread(fd, F.HEADER_SIZE, 0)
+        with _native.buffer_address(header) as (address, _):
+            library.validate_header(address, st.st_size)
+        fields = F.unpack_fields(header)
+        if (fields["flags"] & F.FLAG_ENCRYPTED or fields["backend"] != F.BACKEND_POSIX
+                or fields["data_offset"] != F.HEADER_SIZE):
+            raise _errors.CorruptRegion(f"{location.region_id} is not a status board")
+        if fields["state"] & F.STATE_DEALLOCATED:
+            raise _errors.RegionNotFound(f"the status board {location.region_id} was deleted")
+        region = mmap.mmap(fd, st.st_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fd)
+    return region, fields["data_size"]
 
 
 def _gauge_names(anchor):

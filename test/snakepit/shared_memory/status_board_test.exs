@@ -469,6 +469,60 @@ defmodule Snakepit.SharedMemory.StatusBoardTest do
     end
   end
 
+  describe "many Python processes" do
+    @forker ~S"""
+    import ctypes, json, os, sys, time
+    import snakepit_shm
+    ref, n = json.loads(sys.argv[1]), int(sys.argv[2])
+    for i in range(n):
+        if os.fork() == 0:
+            ctypes.CDLL(None).prctl(1, 9)  # PR_SET_PDEATHSIG: SIGKILL when the parent dies
+            b = snakepit_shm.StatusBoard.join(ref, "fork-%d" % i)
+            b.update(state="idle", queue=i)
+            os.write(1, b"JOINED %d\n" % os.getpid())  # one write: lines never interleave
+            time.sleep(120)
+            os._exit(0)
+    os.write(1, b"FORKED\n")
+    time.sleep(120)
+    """
+
+    test "more workers than a region has holder slots (70 processes) join; SIGKILL frees them all" do
+      board = board!(capacity: 100)
+      {:ok, ref} = StatusBoard.export_ref(board)
+      {:ok, json} = JSON.encode(ref)
+
+      port =
+        Port.open({:spawn_executable, ShmHelpers.python()}, [
+          :binary,
+          :exit_status,
+          :stderr_to_stdout,
+          {:line, 4096},
+          args: ["-c", @forker, json, "70"],
+          env: [
+            {~c"PYTHONPATH", String.to_charlist(Path.join(@root, "priv/python"))},
+            {~c"SNAKEPIT_SHM_LIB",
+             String.to_charlist(Path.join(@root, "priv/libsnakepit_shm.so"))}
+          ]
+        ])
+
+      {:os_pid, parent} = Port.info(port, :os_pid)
+
+      try do
+        pids = for _ <- 1..70, do: port |> expect("JOINED") |> String.split() |> List.last()
+        assert length(ids(board)) == 70
+        # The joiners hold no region hold: the manager finds them through the board.
+        assert {:ok, %{reference_count: 0}} = SM.get_region_info(board.region_id)
+        Manager.sync()
+        for pid <- pids, do: TestSupport.kill9(String.to_integer(pid))
+        assert ShmHelpers.wait_until(fn -> ids(board) == [] end, 2_000)
+      after
+        # The children die with their parent (PR_SET_PDEATHSIG), whatever happened.
+        TestSupport.kill9(parent)
+        close(port)
+      end
+    end
+  end
+
   describe "hostile writes into the segment" do
     test "a sequence stuck odd, garbage slots and a damaged header never hang or crash a reader" do
       board = board!(capacity: 16)
