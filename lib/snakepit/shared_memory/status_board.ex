@@ -27,10 +27,11 @@ defmodule Snakepit.SharedMemory.StatusBoard do
 
   ## Dead workers
 
-  A Python worker that joins attaches the board's region, so the manager watches its
-  OS process (a pidfd registered with `enif_select`, as for every region holder). When
-  the process dies, even by SIGKILL, its slot is freed; until then its last entry ages
-  and becomes stale after `:stale_after`. An Elixir process that joins with `join/3`
+  The manager watches every OS process that holds a slot of a board of this VM (a
+  pidfd registered with `enif_select`, as for region holders; it learns of new joiners
+  from the board's join counter on its holder scan). When the process dies, even by
+  SIGKILL, its slot is freed at once; a worker that stops publishing without dying
+  keeps its slot, and its entry becomes stale after `:stale_after`. An Elixir process that joins with `join/3`
   holds its slot until `leave/1` or its death (a monitor in the NIF).
   """
 
