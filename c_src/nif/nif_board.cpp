@@ -38,14 +38,12 @@ struct BoardSlotResource {
   std::uint64_t owner = 0;
   std::atomic<bool> left{false};
   std::atomic<bool> pinned{false};  ///< holds an extra reference until left
+  /// The handle may be passed between Erlang processes: updates through it are
+  /// serialised here (a few instructions held), so the slot keeps a single writer.
+  std::atomic<bool> writing{false};
 
   /// Frees the slot once; true if this call did it.
-  bool leave() noexcept {
-    if (left.exchange(true)) return false;
-    bool ours = board->view.leave(index, owner);
-    if (pinned.exchange(false)) enif_release_resource(this);  // may run the destructor later
-    return ours;
-  }
+  bool leave() noexcept;
 };
 
 ErlNifResourceType* board_type = nullptr;
@@ -107,6 +105,12 @@ bool usable(RegionResource* r) {
   return !r->is_deallocated() && !r->region.encrypted() && r->region.data() != nullptr;
 }
 
+// Whether this VM may write the board's slots: a sealed region's data must never change
+// again (zero-copy binaries of it may exist), whatever mapping we still have.
+bool writable_board(RegionResource* r) {
+  return usable(r) && r->region.writable() && (r->region.header().state.load() & kStateSealed) == 0;
+}
+
 ERL_NIF_TERM make_u64(ErlNifEnv* env, std::uint64_t v) { return enif_make_uint64(env, v); }
 
 // {index, worker_id, state, queue, in_flight, memory, processed, errors, {g0..g3},
@@ -131,6 +135,14 @@ ERL_NIF_TERM make_entry(ErlNifEnv* env, const b::Entry& e) {
                           make_u64(env, e.start_time),
                           make_bool(e.stale)};
   return enif_make_tuple_from_array(env, items, sizeof items / sizeof items[0]);
+}
+
+bool BoardSlotResource::leave() noexcept {
+  if (left.exchange(true)) return false;
+  // A sealed board's bytes must not change: its slot is then left as it is.
+  bool ours = writable_board(board->region) && board->view.leave(index, owner);
+  if (pinned.exchange(false)) enif_release_resource(this);  // may run the destructor later
+  return ours;
 }
 
 }  // namespace
@@ -170,8 +182,9 @@ ERL_NIF_TERM nif_board_init(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
     if (!get_string(env, head, &name)) return enif_make_badarg(env);
     names.push_back(std::move(name));
   }
-  if (!usable(r) || !r->region.writable())
-    return make_error(env, Errc::permission_denied, "the board's region is not writable here");
+  if (!writable_board(r))
+    return make_error(env, Errc::permission_denied,
+                      "the board's region is not writable here (read-only, sealed or freed)");
   if (capacity == 0 || capacity > b::kMaxCapacity || stale == 0)
     return make_error(env, Errc::invalid_argument, "capacity or stale_after out of range");
   if (!b::View::init(r->region.data(), r->region.capacity(), static_cast<std::uint32_t>(capacity),
@@ -217,8 +230,8 @@ ERL_NIF_TERM nif_board_info(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   return make_map(env, keys, values);
 }
 
-// board_join(board, worker_id, os_pid, start_time) -> {:ok, slot, index}: the slot is
-// tied to the calling process (freed when it dies).
+// board_join(board, worker_id, os_pid, start_time) -> {:ok, slot, index} | {:full,
+// capacity}: the slot is tied to the calling process (freed when it dies).
 ERL_NIF_TERM nif_board_join(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   BoardResource* res;
   std::string id;
@@ -228,17 +241,15 @@ ERL_NIF_TERM nif_board_join(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
     return enif_make_badarg(env);
   if (id.empty() || id.size() > b::kWorkerIdCapacity)
     return make_error(env, Errc::invalid_argument, "a worker id is 1 to 64 bytes");
-  if (!res->writable || !usable(res->region))
-    return make_error(env, Errc::permission_denied, "the board is not writable here");
+  if (!res->writable || !writable_board(res->region))
+    return make_error(env, Errc::permission_denied,
+                      "the board is not writable here (read-only, sealed or deleted)");
   ErlNifPid self;
   if (!enif_self(env, &self)) return enif_make_badarg(env);
   std::uint32_t index = 0;
   std::uint64_t owner = 0;
   if (!res->view.join(id, static_cast<std::uint32_t>(os_pid), start, &index, &owner)) {
-    ERL_NIF_TERM detail =
-        enif_make_tuple3(env, atom(env, "board_full"), enif_make_uint(env, res->view.capacity()),
-                         enif_make_int(env, 0));
-    return enif_make_tuple2(env, atoms.error, detail);
+    return enif_make_tuple2(env, atom(env, "full"), enif_make_uint(env, res->view.capacity()));
   }
   void* mem = enif_alloc_resource(slot_type, sizeof(BoardSlotResource));
   if (mem == nullptr) {
@@ -271,27 +282,41 @@ ERL_NIF_TERM nif_board_update(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   if (slot->left.load()) return make_error(env, Errc::closed, "this board slot was left");
   b::BoardSlot* s = slot->board->view.slot(slot->index);
   if (s == nullptr) return enif_make_badarg(env);
+  if (!writable_board(slot->board->region))
+    return make_error(env, Errc::permission_denied, "the board was sealed or deleted");
+  while (slot->writing.exchange(true, std::memory_order_acquire)) {
+    // another scheduler thread is inside the ~50 ns section below
+  }
   b::Values v = b::own_values(*s);
   std::uint64_t* u[] = {nullptr, &v.queue, &v.in_flight, &v.memory, &v.processed, &v.errors};
   for (int k = 0; k < 10; ++k) {
     if (enif_is_identical(items[k], atoms.nil)) continue;
     if (k == 0) {
       unsigned state;
-      if (!enif_get_uint(env, items[0], &state) || state >= b::kStateCount)
+      if (!enif_get_uint(env, items[0], &state) || state >= b::kStateCount) {
+        slot->writing.store(false, std::memory_order_release);
         return enif_make_badarg(env);
+      }
       v.state = state;
     } else if (k < 6) {
       ErlNifUInt64 x;
-      if (!enif_get_uint64(env, items[k], &x)) return enif_make_badarg(env);
+      if (!enif_get_uint64(env, items[k], &x)) {
+        slot->writing.store(false, std::memory_order_release);
+        return enif_make_badarg(env);
+      }
       *u[k] = x;
     } else {
       ErlNifSInt64 x;
-      if (!enif_get_int64(env, items[k], &x)) return enif_make_badarg(env);
+      if (!enif_get_int64(env, items[k], &x)) {
+        slot->writing.store(false, std::memory_order_release);
+        return enif_make_badarg(env);
+      }
       v.gauges[k - 6] = x;
     }
   }
-  if (!b::update_slot(*s, slot->owner, v))
-    return make_error(env, Errc::closed, "this board slot is no longer ours (reclaimed)");
+  bool ok = b::update_slot(*s, slot->owner, v);
+  slot->writing.store(false, std::memory_order_release);
+  if (!ok) return make_error(env, Errc::closed, "this board slot is no longer ours (reclaimed)");
   return atoms.ok;
 }
 
@@ -364,7 +389,7 @@ ERL_NIF_TERM nif_board_reclaim(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   if (!get_region(env, argv[0], &r) || !get_u64(env, argv[1], &os_pid) ||
       !get_u64(env, argv[2], &start) || os_pid > UINT32_MAX)
     return enif_make_badarg(env);
-  if (!usable(r) || !r->region.writable()) return enif_make_uint(env, 0);
+  if (!writable_board(r)) return enif_make_uint(env, 0);
   b::View view;
   if (b::View::make(r->region.data(), r->region.capacity(), &view) != b::ViewStatus::ok)
     return enif_make_uint(env, 0);

@@ -210,7 +210,10 @@ TEST_CASE("board: reclaim frees the slots of one (pid, start time) only", "[boar
   REQUIRE(b.view.join("a2", 100, 7, &i, &o));
   REQUIRE(b.view.join("reused-pid", 100, 8, &i, &o));
   REQUIRE(b.view.join("b", 200, 7, &i, &o));
+  auto owners = b.view.owners();  // distinct (pid, start time) pairs of live slots
+  REQUIRE(owners.size() == 3);
   REQUIRE(b.view.reclaim(100, 7) == 2);
+  REQUIRE(b.view.owners().size() == 2);
   REQUIRE(b.view.reclaim(100, 7) == 0);
   int live = 0;
   Entry e;

@@ -217,7 +217,7 @@ defmodule Snakepit.SharedMemory.Native do
   @doc "Claims a slot for the calling process (freed when it dies): {:ok, slot, index}."
   @spec board_join(board(), binary(), non_neg_integer(), non_neg_integer()) ::
           {:ok, board_slot(), non_neg_integer()}
-          | {:error, {:board_full, pos_integer(), 0}}
+          | {:full, pos_integer()}
           | nif_error()
   def board_join(_board, _worker_id, _os_pid, _start_time), do: :erlang.nif_error(:not_loaded)
 

@@ -362,7 +362,7 @@ defmodule Snakepit.SharedMemory.StatusBoard do
             do: {:ok, slot},
             else: with(:ok <- publish(slot, values), do: {:ok, slot})
 
-        {:error, {:board_full, capacity, _}} ->
+        {:full, capacity} ->
           Error.error(
             :board_full,
             "the status board #{inspect(board.name)} is full: all #{capacity} slots are taken; " <>

@@ -13,9 +13,9 @@ no system call, about a microsecond from CPython.  Only the fields given change.
 If the worker dies without ``leave()``, even by SIGKILL, the manager frees its slot
 (it watches every process that holds a slot with a pidfd).
 
-A slot has exactly one writer: the process that joined.  Call ``update`` from one
-thread at a time, and after ``os.fork()`` let the child join a slot of its own rather
-than write the parent's.  Joining maps the board's segment without registering a hold
+A slot has exactly one writer: the process that joined (``update`` holds the GIL for
+its C call, so threads of the worker never write the slot at once).  After
+``os.fork()`` let the child join a slot of its own rather than write the parent's.  Joining maps the board's segment without registering a hold
 on the region (so any number of processes may join, not only the 64 of a region's
 holder table); the board lives as long as the Elixir side keeps it.
 """
@@ -61,9 +61,12 @@ def _functions(library):
                                        c.c_char_p, c.c_size_t], c.c_int),
             }
             functions = {}
+            # update runs through PyDLL: the GIL stays held during the call, so two
+            # threads of one worker can never be inside the seqlock write at once.
+            pydll = ctypes.PyDLL(library.path)
             for name, (argtypes, restype) in sig.items():
                 try:
-                    function = getattr(dll, name)
+                    function = getattr(pydll if name == "spshm_board_update" else dll, name)
                 except AttributeError:
                     raise _errors.LibraryNotFound(
                         f"{library.path} does not export {name}(): it is out of date, "

@@ -358,6 +358,45 @@ defmodule Snakepit.SharedMemory.StatusBoardTest do
       assert ShmHelpers.wait_until(fn -> ids(board) == [] end, 2_000)
     end
 
+    test "one handle shared by several Erlang processes still has one writer at a time" do
+      board = board!(gauges: [:g0, :g1, :g2, :g3])
+      {:ok, slot} = StatusBoard.join(board, "shared")
+      deadline = System.monotonic_time(:millisecond) + 1_500
+
+      writers =
+        for w <- 1..4 do
+          Task.async(fn ->
+            Stream.iterate(w, &(&1 + 4))
+            |> Enum.reduce_while(0, fn n, count ->
+              if System.monotonic_time(:millisecond) > deadline do
+                {:halt, count}
+              else
+                :ok =
+                  StatusBoard.update(slot,
+                    state: if(rem(n, 2) == 1, do: :idle, else: :busy),
+                    queue: n,
+                    in_flight: 3 * n,
+                    memory: 5 * n,
+                    processed: 7 * n,
+                    errors: Bitwise.bxor(n, 0x5555),
+                    g0: -n,
+                    g1: n + 1,
+                    g2: 2 * n,
+                    g3: -3 * n
+                  )
+
+                {:cont, count + 1}
+              end
+            end)
+          end)
+        end
+
+      {checked, _} = check_consistency(board, deadline, 0, 0)
+      counts = Enum.map(writers, &Task.await(&1, 10_000))
+      assert checked > 100
+      assert Enum.all?(counts, &(&1 > 100))
+    end
+
     test "a board of 10 000 slots: every slot joins, is listed and can be picked" do
       board = board!(capacity: 10_000)
 
