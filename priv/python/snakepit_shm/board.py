@@ -15,9 +15,10 @@ If the worker dies without ``leave()``, even by SIGKILL, the manager frees its s
 
 A slot has exactly one writer: the process that joined (``update`` holds the GIL for
 its C call, so threads of the worker never write the slot at once).  After
-``os.fork()`` let the child join a slot of its own rather than write the parent's.  Joining maps the board's segment without registering a hold
-on the region (so any number of processes may join, not only the 64 of a region's
-holder table); the board lives as long as the Elixir side keeps it.
+``os.fork()`` let the child join a slot of its own rather than write the parent's.
+Joining maps the board's segment without registering a hold on the region (so any
+number of processes may join, not only the 64 of a region's holder table); the board
+lives as long as the Elixir side keeps it.
 """
 
 import ctypes
