@@ -215,8 +215,8 @@ defmodule Snakepit.SharedMemory.StatusBoard do
          region_id: board.region_id,
          capacity: board.capacity,
          stale_after: board.stale_after,
-         gauges: board.gauges,
-         entries: entries
+         gauges: Enum.map(board.gauges, &printable/1),
+         entries: Enum.map(entries, &%{&1 | worker_id: printable(&1.worker_id)})
        }}
     end
   end
@@ -461,6 +461,10 @@ defmodule Snakepit.SharedMemory.StatusBoard do
       end
     end)
   end
+
+  # Ids and names come from shared memory: a peer may have written anything there.
+  defp printable(nil), do: nil
+  defp printable(text), do: if(String.valid?(text), do: text, else: inspect(text))
 
   defp board_metadata?(%{"kind" => "status_board"}), do: true
   defp board_metadata?(%{kind: "status_board"}), do: true

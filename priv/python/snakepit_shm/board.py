@@ -185,6 +185,14 @@ class StatusBoard:
         """True once leave() ran."""
         return self._closed
 
+    @property
+    def deleted(self):
+        """True if the Elixir side deleted the board (updates then reach nobody)."""
+        if self._closed:
+            return False
+        state = F.FIELD["state"][0]
+        return bool(struct.unpack_from("<I", self._region, state)[0] & F.STATE_DEALLOCATED)
+
     def update(self, state=None, queue=None, in_flight=None, memory=None, processed=None,
                errors=None, **gauges):
         """Publish new values; fields not given keep their last value.

@@ -39,6 +39,8 @@ defmodule Snakepit.SharedMemory.StatusBoardTest do
                            memory=5 * n, processed=7 * n, errors=n ^ 0x5555,
                            g0=-n, g1=n + 1, g2=2 * n, g3=-3 * n)
           print("HAMMERED", n, flush=True)
+      elif cmd[0] == "deleted":
+          print("DELETED", b.deleted, flush=True)
       elif cmd[0] == "leave":
           b.leave()
           print("LEFT", flush=True)
@@ -441,9 +443,13 @@ defmodule Snakepit.SharedMemory.StatusBoardTest do
 
       assert entry.gauges["gpu"] == -3
       assert {:ok, "py-1"} = StatusBoard.least_loaded(board)
+      command(port, "deleted")
+      assert expect(port, "DELETED") == "DELETED False"
+      :ok = StatusBoard.delete(board)
+      command(port, "deleted")
+      assert expect(port, "DELETED") == "DELETED True"
       command(port, "leave")
       expect(port, "LEFT")
-      assert ids(board) == []
       Port.close(port)
     end
 
@@ -588,6 +594,9 @@ defmodule Snakepit.SharedMemory.StatusBoardTest do
       {:ok, entries} = StatusBoard.entries(board)
       assert length(entries) == 16
       assert Enum.all?(entries, &(byte_size(&1.worker_id) <= 64))
+      # Tools get printable ids whatever bytes a peer wrote.
+      {:ok, snapshot} = StatusBoard.snapshot(board)
+      assert {:ok, _} = JSON.encode(Snakepit.SharedMemory.CLI.Command.jsonable(snapshot))
       _ = StatusBoard.least_loaded(board)
       _ = StatusBoard.least_loaded(board, exclude: ["x"], score: & &1.queue)
 
