@@ -86,6 +86,35 @@ bool is_stale(std::uint64_t updated, std::uint64_t now, std::uint64_t stale_afte
   return stale_after_ms < UINT64_MAX / 1'000'000 && age > stale_after_ms * 1'000'000;
 }
 
+// Indices of equally good entries: on the stack for the usual pool, on the heap beyond.
+class TieList {
+ public:
+  void clear() noexcept {
+    size_ = 0;
+    heap_.clear();
+  }
+  void push(std::uint32_t index) {
+    if (size_ < kInline) {
+      inline_[size_] = index;
+    } else {
+      if (heap_.empty()) heap_.assign(inline_, inline_ + kInline);
+      heap_.push_back(index);
+    }
+    ++size_;
+  }
+  std::size_t size() const noexcept { return size_; }
+  bool empty() const noexcept { return size_ == 0; }
+  std::uint32_t operator[](std::size_t k) const noexcept {
+    return size_ <= kInline ? inline_[k] : heap_[k];
+  }
+
+ private:
+  static constexpr std::size_t kInline = 128;
+  std::uint32_t inline_[kInline];
+  std::vector<std::uint32_t> heap_;
+  std::size_t size_ = 0;
+};
+
 bool id_equals(const std::uint64_t (&words)[kWorkerIdCapacity / 8], std::uint32_t length,
                const std::string& id) noexcept {
   return id.size() == length && std::memcmp(words, id.data(), length) == 0;
@@ -106,6 +135,17 @@ std::uint64_t monotonic_ns() noexcept {
   ::clock_gettime(CLOCK_MONOTONIC, &ts);
   return static_cast<std::uint64_t>(ts.tv_sec) * 1'000'000'000u +
          static_cast<std::uint64_t>(ts.tv_nsec);
+#endif
+}
+
+std::uint64_t monotonic_coarse_ns() noexcept {
+#ifdef CLOCK_MONOTONIC_COARSE
+  struct timespec ts;
+  ::clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+  return static_cast<std::uint64_t>(ts.tv_sec) * 1'000'000'000u +
+         static_cast<std::uint64_t>(ts.tv_nsec);
+#else
+  return monotonic_ns();
 #endif
 }
 
@@ -339,24 +379,33 @@ ReadStatus View::read(std::uint32_t index, std::uint64_t now_ns, Entry* out,
 View::Pick View::least_loaded(std::uint64_t now_ns, std::uint64_t rotation,
                               const std::vector<std::string>& exclude) const {
   Pick pick;
-  std::uint32_t best_rank = 2;
-  std::uint64_t best_load = UINT64_MAX;
-  std::vector<std::uint32_t> ties;
-  ties.reserve(16);
+  // One 64-bit key per entry, lower is better: rank (idle 0, busy 1) in bit 62, then
+  // queue + in_flight saturated to 62 bits.
+  constexpr std::uint64_t kLoadMask = (std::uint64_t{1} << 62) - 1;
+  std::uint64_t best = UINT64_MAX;
+  TieList ties;
   std::uint32_t budget = kScanRetryBudget;
   const bool check_ids = !exclude.empty();
+  // Fresh: updated in [oldest, newest] (later than one second ahead: hostile).
+  const std::uint64_t stale_ns =
+      stale_after_ms_ < UINT64_MAX / 1'000'000 ? stale_after_ms_ * 1'000'000 : UINT64_MAX;
+  const std::uint64_t oldest = now_ns > stale_ns ? now_ns - stale_ns : 0;
+  const std::uint64_t newest = now_ns + kFutureSlackNs;
+  constexpr auto idle = static_cast<std::uint32_t>(WorkerState::idle);
+  constexpr auto busy = static_cast<std::uint32_t>(WorkerState::busy);
   for (std::uint32_t i = 0; i < capacity_; ++i) {
     const BoardSlot& s = slots_[i];
-    bool done = false;
-    std::uint32_t attempts = 0;
-    while (!done) {
+    std::uint32_t state = 0, length = 0;
+    std::uint64_t updated = 0, queue = 0, in_flight = 0;
+    std::uint64_t words[kWorkerIdCapacity / 8];
+    bool live = true, consistent = false;
+    for (std::uint32_t attempt = 0;; ++attempt) {
       std::uint64_t o1 = s.owner.load(std::memory_order_acquire);
-      if (owner_state(o1) != kSlotLive) break;
+      if (owner_state(o1) != kSlotLive) {
+        live = false;
+        break;
+      }
       std::uint64_t s1 = s.seq.load(std::memory_order_acquire);
-      std::uint32_t state = 0, length = 0;
-      std::uint64_t updated = 0, queue = 0, in_flight = 0;
-      std::uint64_t words[kWorkerIdCapacity / 8];
-      bool consistent = false;
       if (!(s1 & 1)) {
         state = s.state.load(R);
         updated = s.updated_ns.load(R);
@@ -368,49 +417,41 @@ View::Pick View::least_loaded(std::uint64_t now_ns, std::uint64_t rotation,
             words[k] = s.worker_id[k].load(R);
         }
         std::atomic_thread_fence(std::memory_order_acquire);
-        consistent = s.seq.load(R) == s1 && s.owner.load(R) == o1;
-      }
-      if (!consistent) {
-        ++attempts;
-        if (attempts >= kReadRetries || budget == 0) {
-          ++pick.unreadable;
+        if (s.seq.load(R) == s1 && s.owner.load(R) == o1) {
+          consistent = true;
           break;
         }
-        --budget;
-        cpu_relax();
-        continue;
       }
-      done = true;
-      std::uint32_t rank;
-      if (state == static_cast<std::uint32_t>(WorkerState::idle)) {
-        rank = 0;
-      } else if (state == static_cast<std::uint32_t>(WorkerState::busy)) {
-        rank = 1;
-      } else {
-        break;  // starting, draining, shutdown, unknown: not routable
-      }
-      if (is_stale(updated, now_ns, stale_after_ms_)) break;
-      if (check_ids) {
-        length = std::min(length, kWorkerIdCapacity);
-        bool excluded = false;
-        for (const auto& x : exclude)
-          if (id_equals(words, length, x)) {
-            excluded = true;
-            break;
-          }
-        if (excluded) break;
-      }
-      ++pick.candidates;
-      std::uint64_t load = queue + in_flight;
-      if (load < queue) load = UINT64_MAX;  // saturate hostile values
-      if (rank < best_rank || (rank == best_rank && load < best_load)) {
-        best_rank = rank;
-        best_load = load;
-        ties.clear();
-        ties.push_back(i);
-      } else if (rank == best_rank && load == best_load) {
-        ties.push_back(i);
-      }
+      if (attempt + 1 >= kReadRetries || budget == 0) break;
+      --budget;
+      cpu_relax();
+    }
+    if (!live) continue;
+    if (!consistent) {
+      ++pick.unreadable;
+      continue;
+    }
+    if ((state != idle && state != busy) || updated < oldest || updated > newest) continue;
+    if (check_ids) {
+      length = std::min(length, kWorkerIdCapacity);
+      bool excluded = false;
+      for (const auto& x : exclude)
+        if (id_equals(words, length, x)) {
+          excluded = true;
+          break;
+        }
+      if (excluded) continue;
+    }
+    ++pick.candidates;
+    std::uint64_t load = queue + in_flight;
+    if (load < queue || load > kLoadMask) load = kLoadMask;  // saturate hostile values
+    std::uint64_t key = (std::uint64_t{state == busy} << 62) | load;
+    if (key < best) {
+      best = key;
+      ties.clear();
+      ties.push(i);
+    } else if (key == best) {
+      ties.push(i);
     }
   }
   if (ties.empty()) return pick;
@@ -418,15 +459,38 @@ View::Pick View::least_loaded(std::uint64_t now_ns, std::uint64_t rotation,
   std::size_t n = ties.size();
   for (std::size_t k = 0; k < n; ++k) {
     std::uint32_t index = ties[(rotation + k) % n];
-    Entry e;
-    if (read(index, now_ns, &e) == ReadStatus::ok) {
+    if (read_id(index, &pick.worker_id)) {
       pick.found = true;
       pick.index = index;
-      pick.worker_id = std::move(e.worker_id);
       return pick;
     }
   }
   return pick;
+}
+
+bool View::read_id(std::uint32_t index, std::string* out) const {
+  if (index >= capacity_) return false;
+  const BoardSlot& s = slots_[index];
+  for (std::uint32_t attempt = 0; attempt < kReadRetries; ++attempt) {
+    std::uint64_t o1 = s.owner.load(std::memory_order_acquire);
+    if (owner_state(o1) != kSlotLive) return false;
+    std::uint64_t s1 = s.seq.load(std::memory_order_acquire);
+    if (s1 & 1) {
+      cpu_relax();
+      continue;
+    }
+    std::uint64_t words[kWorkerIdCapacity / 8];
+    std::uint32_t length = s.id_length.load(R);
+    for (std::uint32_t k = 0; k < kWorkerIdCapacity / 8; ++k) words[k] = s.worker_id[k].load(R);
+    std::atomic_thread_fence(std::memory_order_acquire);
+    if (s.seq.load(R) != s1 || s.owner.load(R) != o1) {
+      cpu_relax();
+      continue;
+    }
+    out->assign(reinterpret_cast<const char*>(words), std::min(length, kWorkerIdCapacity));
+    return true;
+  }
+  return false;
 }
 
 // ---- layout description ----

@@ -116,6 +116,9 @@ constexpr std::uint64_t board_bytes(std::uint32_t capacity) noexcept {
 /// CLOCK_MONOTONIC nanoseconds (comparable between processes of one host; a vDSO call,
 /// no system call).
 std::uint64_t monotonic_ns() noexcept;
+/// The same clock at tick resolution (a few ms, CLOCK_MONOTONIC_COARSE where available):
+/// cheaper, and precise enough for a reader's staleness decisions.
+std::uint64_t monotonic_coarse_ns() noexcept;
 
 /// The values a writer publishes (everything but identity and time).
 struct Values {
@@ -198,6 +201,8 @@ class View {
   /// (rotation mod count)-th, so that a rotation counter shares ties evenly.
   Pick least_loaded(std::uint64_t now_ns, std::uint64_t rotation,
                     const std::vector<std::string>& exclude) const;
+  /// The worker id of a live slot (consistent copy, bounded retries); false otherwise.
+  bool read_id(std::uint32_t index, std::string* out) const;
 
  private:
   BoardHeader* header_ = nullptr;

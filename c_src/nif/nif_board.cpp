@@ -30,6 +30,8 @@ struct BoardResource {
   RegionResource* region = nullptr;  ///< kept
   b::View view;
   bool writable = false;
+  /// Round-robin counter of least_loaded: shared by every process using this handle.
+  std::atomic<std::uint64_t> rotation{0};
 };
 
 struct BoardSlotResource {
@@ -354,19 +356,17 @@ ERL_NIF_TERM nif_board_entries(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   return enif_make_tuple3(env, make_u64(env, now), unreadable, list);
 }
 
-// board_least_loaded(board, rotation, [excluded_id]) -> {:ok, worker_id} |
-// {:none, candidates, unreadable}
+// board_least_loaded(board, [excluded_id]) -> {:ok, worker_id} |
+// {:none, candidates, unreadable}. Ties go round-robin on the handle's own counter.
 ERL_NIF_TERM nif_board_least_loaded(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   BoardResource* res;
-  std::uint64_t rotation = 0;
   unsigned n = 0;
-  if (!get_board(env, argv[0], &res) || !get_u64(env, argv[1], &rotation) ||
-      !enif_get_list_length(env, argv[2], &n) || n > 4096)
+  if (!get_board(env, argv[0], &res) || !enif_get_list_length(env, argv[1], &n) || n > 4096)
     return enif_make_badarg(env);
   std::vector<std::string> exclude;
   if (n > 0) {
     exclude.reserve(n);
-    ERL_NIF_TERM list = argv[2], head;
+    ERL_NIF_TERM list = argv[1], head;
     while (enif_get_list_cell(env, list, &head, &list)) {
       std::string id;
       if (!get_string(env, head, &id)) return enif_make_badarg(env);
@@ -374,7 +374,8 @@ ERL_NIF_TERM nif_board_least_loaded(ErlNifEnv* env, int, const ERL_NIF_TERM argv
     }
   }
   if (res->region->is_deallocated()) return deleted(env);
-  auto pick = res->view.least_loaded(b::monotonic_ns(), rotation, exclude);
+  std::uint64_t rotation = res->rotation.fetch_add(1, std::memory_order_relaxed);
+  auto pick = res->view.least_loaded(b::monotonic_coarse_ns(), rotation, exclude);
   if (!pick.found)
     return enif_make_tuple3(env, atom(env, "none"), enif_make_uint(env, pick.candidates),
                             enif_make_uint(env, pick.unreadable));

@@ -363,7 +363,6 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
   defp args(:board_least_loaded, _state, pool),
     do: [
       G.pick(0.85, pool, fn -> G.handle(pool, :board) end),
-      G.pick(0.9, pool, fn -> G.one_of([0, 1, (1 <<< 64) - 1, 1 <<< 64]) end),
       G.pick(0.9, pool, fn -> G.one_of([[], ["w"], ["w", "", <<255>>], [1], :x]) end)
     ]
 

@@ -237,10 +237,10 @@ defmodule Snakepit.SharedMemory.Native do
           {non_neg_integer(), [non_neg_integer()], [tuple()]} | nif_error()
   def board_entries_dirty(_board), do: :erlang.nif_error(:not_loaded)
 
-  @doc "{:ok, worker_id} or {:none, candidates, unreadable}."
-  @spec board_least_loaded(board(), non_neg_integer(), [binary()]) ::
+  @doc "{:ok, worker_id} or {:none, candidates, unreadable}; ties round-robin per handle."
+  @spec board_least_loaded(board(), [binary()]) ::
           {:ok, binary()} | {:none, non_neg_integer(), non_neg_integer()} | nif_error()
-  def board_least_loaded(_board, _rotation, _exclude), do: :erlang.nif_error(:not_loaded)
+  def board_least_loaded(_board, _exclude), do: :erlang.nif_error(:not_loaded)
 
   @doc "Frees the board slots of a dead OS process (0 if the region is not a board)."
   @spec board_reclaim(region(), non_neg_integer(), non_neg_integer()) :: non_neg_integer()

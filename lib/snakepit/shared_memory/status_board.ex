@@ -260,8 +260,8 @@ defmodule Snakepit.SharedMemory.StatusBoard do
     1. drop free slots, unreadable slots, entries older than `:stale_after`, excluded
        workers, and workers that are not `:idle` or `:busy`;
     2. prefer `:idle` over `:busy`, then the lowest `queue + in_flight`;
-    3. break ties round-robin (a counter per board handle), so equal workers share the
-       load evenly.
+    3. break ties round-robin (a counter per board handle, shared by every process
+       that uses it), so equal workers share the load evenly.
 
   Options:
 
@@ -276,22 +276,21 @@ defmodule Snakepit.SharedMemory.StatusBoard do
   @spec least_loaded(t(), keyword()) :: {:ok, String.t()} | {:error, Error.t()}
   def least_loaded(board, opts \\ [])
 
-  def least_loaded(%__MODULE__{} = board, []) do
-    rotation = :atomics.add_get(board.rotation, 1, 1)
-
-    picked(board, Native.board_least_loaded(board.board, rotation, []))
+  def least_loaded(%__MODULE__{board: ref} = board, []) do
+    case Native.board_least_loaded(ref, []) do
+      {:ok, id} -> {:ok, id}
+      other -> picked(board, other)
+    end
   end
 
   def least_loaded(%__MODULE__{} = board, opts) when is_list(opts) do
     with :ok <- check_keyword(opts),
          {:ok, exclude} <- exclude(Keyword.get(opts, :exclude, [])),
          {:ok, score} <- score(Keyword.get(opts, :score)) do
-      rotation = :atomics.add_get(board.rotation, 1, 1)
-
       if score == nil do
-        picked(board, Native.board_least_loaded(board.board, rotation, exclude))
+        picked(board, Native.board_least_loaded(board.board, exclude))
       else
-        scored_pick(board, rotation, exclude, score)
+        scored_pick(board, :atomics.add_get(board.rotation, 1, 1), exclude, score)
       end
     end
   end
