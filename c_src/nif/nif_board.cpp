@@ -9,8 +9,10 @@
 //     itself (an extra reference), so dropping the handle does not free the slot nor
 //     lose the monitor.
 #include <erl_nif.h>
+#include <signal.h>
 
 #include <atomic>
+#include <cerrno>
 #include <new>
 #include <string>
 #include <vector>
@@ -115,10 +117,19 @@ bool writable_board(RegionResource* r) {
 
 ERL_NIF_TERM make_u64(ErlNifEnv* env, std::uint64_t v) { return enif_make_uint64(env, v); }
 
+// Whether the writer of an entry still exists: kill(pid, 0) (one cheap system call, on
+// the reader's side only). A reused pid reads as alive; the entry then ages into stale.
+bool writer_alive(std::uint32_t pid) {
+  if (pid == 0 || pid > INT32_MAX) return false;
+  if (pid == self_identity.pid) return true;
+  return ::kill(static_cast<pid_t>(pid), 0) == 0 || errno != ESRCH;
+}
+
 // {index, worker_id, state, queue, in_flight, memory, processed, errors, {g0..g3},
-//  updated_ns, joined_ns, pid, start_time, stale}
+//  updated_ns, joined_ns, pid, start_time, stale, alive}
 ERL_NIF_TERM make_entry(ErlNifEnv* env, const b::Entry& e) {
   const auto& v = e.values;
+  bool alive = writer_alive(e.pid);
   ERL_NIF_TERM gauges =
       enif_make_tuple4(env, enif_make_int64(env, v.gauges[0]), enif_make_int64(env, v.gauges[1]),
                        enif_make_int64(env, v.gauges[2]), enif_make_int64(env, v.gauges[3]));
@@ -135,7 +146,8 @@ ERL_NIF_TERM make_entry(ErlNifEnv* env, const b::Entry& e) {
                           make_u64(env, e.joined_ns),
                           enif_make_uint(env, e.pid),
                           make_u64(env, e.start_time),
-                          make_bool(e.stale)};
+                          make_bool(e.stale || !alive),
+                          make_bool(alive)};
   return enif_make_tuple_from_array(env, items, sizeof items / sizeof items[0]);
 }
 

@@ -79,7 +79,8 @@ defmodule Snakepit.SharedMemory.StatusBoard do
           age_ms: non_neg_integer(),
           os_pid: non_neg_integer(),
           start_time: non_neg_integer(),
-          stale: boolean()
+          stale: boolean(),
+          alive: boolean()
         }
 
   defmodule Slot do
@@ -232,7 +233,10 @@ defmodule Snakepit.SharedMemory.StatusBoard do
   # ---- reading ----
 
   @doc """
-  Every live slot, decoded (see `t:entry/0`), in slot order. A slot whose writer keeps
+  Every live slot, decoded (see `t:entry/0`), in slot order. `:stale` is true for an
+  entry older than the board's `:stale_after`, and for one whose OS process no longer
+  exists (`:alive` false: it died and the manager has not freed its slot yet, or the
+  board is not managed by this VM). A slot whose writer keeps
   it changing beyond the bounded retries (or whose sequence a peer left odd) is
   returned as `%{slot: i, state: :unreadable}` with every other field zero or nil.
   """
@@ -508,7 +512,7 @@ defmodule Snakepit.SharedMemory.StatusBoard do
 
   defp decode(
          {index, id, state, queue, in_flight, memory, processed, errors, {g0, g1, g2, g3},
-          updated, _joined, os_pid, start_time, stale},
+          updated, _joined, os_pid, start_time, stale, alive},
          now,
          gauge_names
        ) do
@@ -525,7 +529,8 @@ defmodule Snakepit.SharedMemory.StatusBoard do
       age_ms: if(now > updated, do: div(now - updated, 1_000_000), else: 0),
       os_pid: os_pid,
       start_time: start_time,
-      stale: stale
+      stale: stale,
+      alive: alive
     }
   end
 
@@ -547,7 +552,8 @@ defmodule Snakepit.SharedMemory.StatusBoard do
           age_ms: 0,
           os_pid: 0,
           start_time: 0,
-          stale: true
+          stale: true,
+          alive: false
         }
       end
 

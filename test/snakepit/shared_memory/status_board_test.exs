@@ -498,18 +498,27 @@ defmodule Snakepit.SharedMemory.StatusBoardTest do
       close(other)
     end
 
-    test "a worker that dies before the manager ever saw it is reclaimed too" do
+    test "a worker that dies before the manager saw it is stale until reclaimed, then freed" do
       board = board!(capacity: 4)
 
-      {port, os_pid, _} =
-        TestSupport.with_manager_suspended(fn ->
-          {port, os_pid, slot} = python_worker(board, "ephemeral")
-          command(port, "exit_now")
-          assert_receive {^port, {:exit_status, 0}}, 10_000
-          {port, os_pid, slot}
-        end)
+      TestSupport.with_manager_suspended(fn ->
+        {port, os_pid, _slot} = python_worker(board, "ephemeral")
+        command(port, "update state=idle")
+        expect(port, "OK")
+        assert {:ok, [%{alive: true, stale: false}]} = StatusBoard.entries(board)
+        command(port, "exit_now")
+        assert_receive {^port, {:exit_status, 0}}, 10_000
+        # Its last entry stays, reported stale (its process is gone), until the manager
+        # reclaims the slot.
+        assert ShmHelpers.wait_until(fn -> not File.exists?("/proc/#{os_pid}") end, 2_000)
 
-      _ = {port, os_pid}
+        assert {:ok, [%{worker_id: "ephemeral", alive: false, stale: true}]} =
+                 StatusBoard.entries(board)
+
+        assert {:error, %Error{reason: :no_worker}} =
+                 StatusBoard.least_loaded(board, score: & &1.queue)
+      end)
+
       assert ShmHelpers.wait_until(fn -> ids(board) == [] end, 2_000)
     end
   end
