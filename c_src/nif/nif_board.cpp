@@ -133,21 +133,12 @@ ERL_NIF_TERM make_entry(ErlNifEnv* env, const b::Entry& e) {
   ERL_NIF_TERM gauges =
       enif_make_tuple4(env, enif_make_int64(env, v.gauges[0]), enif_make_int64(env, v.gauges[1]),
                        enif_make_int64(env, v.gauges[2]), enif_make_int64(env, v.gauges[3]));
-  ERL_NIF_TERM items[] = {enif_make_uint(env, e.index),
-                          make_binary(env, e.worker_id),
-                          enif_make_uint(env, v.state),
-                          make_u64(env, v.queue),
-                          make_u64(env, v.in_flight),
-                          make_u64(env, v.memory),
-                          make_u64(env, v.processed),
-                          make_u64(env, v.errors),
-                          gauges,
-                          make_u64(env, e.updated_ns),
-                          make_u64(env, e.joined_ns),
-                          enif_make_uint(env, e.pid),
-                          make_u64(env, e.start_time),
-                          make_bool(e.stale || !alive),
-                          make_bool(alive)};
+  ERL_NIF_TERM items[] = {
+      enif_make_uint(env, e.index), make_binary(env, e.worker_id), enif_make_uint(env, v.state),
+      make_u64(env, v.queue),       make_u64(env, v.in_flight),    make_u64(env, v.memory),
+      make_u64(env, v.processed),   make_u64(env, v.errors),       gauges,
+      make_u64(env, e.updated_ns),  make_u64(env, e.joined_ns),    enif_make_uint(env, e.pid),
+      make_u64(env, e.start_time),  make_bool(e.stale || !alive),  make_bool(alive)};
   return enif_make_tuple_from_array(env, items, sizeof items / sizeof items[0]);
 }
 
