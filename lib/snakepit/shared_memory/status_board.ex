@@ -454,7 +454,7 @@ defmodule Snakepit.SharedMemory.StatusBoard do
         {generation, owners} ->
           acc =
             owners
-            |> Enum.reject(fn {pid, _} -> pid == acc.self_os_pid end)
+            |> Enum.reject(fn {pid, _} -> pid == 0 or pid == acc.self_os_pid end)
             |> Enum.reduce(acc, watch)
 
           {[{key, generation}], acc}
