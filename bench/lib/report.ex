@@ -38,7 +38,8 @@ defmodule SnakepitShm.Bench.Report do
         {:scale, &ReportSections.scale/1},
         {:fresh_pages, &ReportSections.fresh_pages/1},
         {:health, &SnakepitShm.Bench.Health.section/1},
-        {:cluster, &SnakepitShm.Bench.ClusterReport.section/1}
+        {:cluster, &SnakepitShm.Bench.ClusterReport.section/1},
+        {:board, &SnakepitShm.Bench.Board.report/1}
       ]
       |> Enum.filter(fn {part, _} -> Map.has_key?(results, part) end)
       |> Enum.map_join("\n", fn {part, fun} -> fun.(results[part]) end)

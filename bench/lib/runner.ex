@@ -2,8 +2,8 @@ defmodule SnakepitShm.Bench.Runner do
   @moduledoc """
   Runs every part of the bench in one VM, one after the other, and writes
   `bench/RESULTS.md` and the plots. Parts (issue 6): `handoff`, `lifecycle`,
-  `concurrency`, `zero_copy`, `crypto`, `scale`, `fresh_pages`; `health` (issue 19) and
-  `cluster` (issue 18).
+  `concurrency`, `zero_copy`, `crypto`, `scale`, `fresh_pages`; `health` (issue 19),
+  `cluster` (issue 18), `board` (issue 16).
   """
 
   alias SnakepitShm.Bench.{
@@ -22,7 +22,7 @@ defmodule SnakepitShm.Bench.Runner do
     ZeroCopy
   }
 
-  @parts ~w(handoff lifecycle concurrency zero_copy crypto scale fresh_pages health cluster)a
+  @parts ~w(handoff lifecycle concurrency zero_copy crypto scale fresh_pages health cluster board)a
   @last_results "_build/bench/last_results.etf"
 
   def parts, do: @parts
@@ -125,6 +125,7 @@ defmodule SnakepitShm.Bench.Runner do
   defp run_part(:fresh_pages, profile, _, programs), do: FreshPages.run(profile, programs)
   defp run_part(:health, profile, _, _), do: Health.run(profile)
   defp run_part(:cluster, profile, _, _), do: Cluster.run(profile)
+  defp run_part(:board, profile, _, programs), do: SnakepitShm.Bench.Board.run(profile, programs)
 
   # One random payload for the whole run; smaller payloads are sub-binaries of it (no
   # copy), so every path of a size hands off exactly the same bytes.

@@ -17,7 +17,8 @@ defmodule SnakepitShm.Bench.Targets do
         &zero_copy/1,
         &crypto/1,
         &scale/1,
-        &SnakepitShm.Bench.Health.targets/1
+        &SnakepitShm.Bench.Health.targets/1,
+        &SnakepitShm.Bench.Board.targets/1
       ],
       & &1.(results)
     )

@@ -13,6 +13,7 @@
 #include <new>
 #include <string>
 
+#include "board.hpp"
 #include "crypto.hpp"
 #include "format.hpp"
 #include "header.hpp"
@@ -260,6 +261,86 @@ SPSHM_EXPORT int spshm_create(uint64_t size, int backend, const char* metadata_j
       *data_fd = data;
     }
     copy_message(region.id(), region_id, spshm::kRegionIdCapacity);
+    return succeed(err, errlen);
+  });
+}
+
+// ---- status board ----
+
+namespace {
+
+spshm::Result<spshm::board::View> board_view(void* data, uint64_t bytes) {
+  spshm::board::View view;
+  switch (spshm::board::View::make(data, bytes, &view)) {
+    case spshm::board::ViewStatus::ok:
+      return view;
+    case spshm::board::ViewStatus::bad_version:
+      return Error{Errc::unsupported_version, 0, "the status board has an unknown version"};
+    case spshm::board::ViewStatus::too_small:
+      return Error{Errc::corrupt, 0, "the region is too small to hold a status board"};
+    default:
+      return Error{Errc::corrupt, 0,
+                   "the region does not hold a valid status board (bad magic or geometry)"};
+  }
+}
+
+}  // namespace
+
+SPSHM_EXPORT size_t spshm_board_layout(char* buf, size_t buflen) {
+  try {
+    std::string layout = spshm::board::board_layout_description();
+    copy_message(layout, buf, buflen);
+    return layout.size();
+  } catch (...) {
+    if (buf != nullptr && buflen > 0) buf[0] = '\0';
+    return 0;
+  }
+}
+
+SPSHM_EXPORT int spshm_board_join(void* data, uint64_t bytes, const char* worker_id, size_t id_len,
+                                  uint32_t pid, uint64_t start_time, uint32_t* index,
+                                  uint64_t* owner, uint32_t* capacity, char* err, size_t errlen) {
+  return guarded(err, errlen, [&] {
+    if (worker_id == nullptr || index == nullptr || owner == nullptr)
+      return fail(Errc::invalid_argument, "NULL argument", err, errlen);
+    if (id_len == 0 || id_len > spshm::board::kWorkerIdCapacity)
+      return fail(Errc::invalid_argument, "worker_id must be 1 to 64 bytes", err, errlen);
+    auto view = board_view(data, bytes);
+    if (!view) return fail(view.error(), err, errlen);
+    if (capacity != nullptr) *capacity = view->capacity();
+    if (!view->join(std::string(worker_id, id_len), pid, start_time, index, owner)) {
+      std::string message = "the status board is full: all " + std::to_string(view->capacity()) +
+                            " slots are taken; create the board with a larger capacity";
+      copy_message(message, err, errlen);
+      return SPSHM_E_BOARD_FULL;
+    }
+    return succeed(err, errlen);
+  });
+}
+
+SPSHM_EXPORT int spshm_board_update(void* slot, uint64_t owner, const uint64_t* values) {
+  if (slot == nullptr || values == nullptr) return SPSHM_E_INVALID_ARGUMENT;
+  spshm::board::Values v;
+  v.state = static_cast<uint32_t>(values[0]);
+  v.queue = values[1];
+  v.in_flight = values[2];
+  v.memory = values[3];
+  v.processed = values[4];
+  v.errors = values[5];
+  for (uint32_t g = 0; g < spshm::board::kGaugeCount; ++g)
+    v.gauges[g] = static_cast<int64_t>(values[6 + g]);
+  return spshm::board::update_slot(*static_cast<spshm::board::BoardSlot*>(slot), owner, v)
+             ? SPSHM_OK
+             : code_of(Errc::closed);
+}
+
+SPSHM_EXPORT int spshm_board_leave(void* data, uint64_t bytes, uint32_t index, uint64_t owner,
+                                   char* err, size_t errlen) {
+  return guarded(err, errlen, [&] {
+    auto view = board_view(data, bytes);
+    if (!view) return fail(view.error(), err, errlen);
+    if (!view->leave(index, owner))
+      return fail(Errc::closed, "the slot is no longer ours (left or reclaimed)", err, errlen);
     return succeed(err, errlen);
   });
 }

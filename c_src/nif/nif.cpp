@@ -12,6 +12,7 @@
 // (two descriptors each) alive.
 #include <erl_nif.h>
 
+#include "nif_board.hpp"
 #include "nif_functions.hpp"
 #include "resources.hpp"
 #include "terms.hpp"
@@ -57,6 +58,20 @@ ErlNifFunc nif_funcs[] = {
     {"set_shm_dir", 1, nif_set_shm_dir, kIo},
     {"shm_dir", 0, nif_shm_dir, 0},
     {"fs_stat", 1, nif_fs_stat, kIo},
+    // status board (nif_board.cpp)
+    {"board_layout", 0, nif_board_layout, 0},
+    {"board_init", 4, nif_board_init, kIo},
+    {"board_open", 1, nif_board_open, 0},
+    {"board_info", 1, nif_board_info, 0},
+    {"board_join", 4, nif_board_join, 0},
+    {"board_update", 2, nif_board_update, 0},
+    {"board_leave", 1, nif_board_leave, 0},
+    {"board_entries", 1, nif_board_entries, 0},
+    {"board_entries_dirty", 1, nif_board_entries, kCpu},
+    {"board_least_loaded", 2, nif_board_least_loaded, 0},
+    {"board_reclaim", 3, nif_board_reclaim, 0},
+    {"board_watch_info", 2, nif_board_watch_info, 0},
+    {"board_monotonic_ns", 0, nif_board_monotonic_ns, 0},
 };
 
 // load and upgrade do the same: resource types are opened with CREATE | TAKEOVER, so a
@@ -64,6 +79,7 @@ ErlNifFunc nif_funcs[] = {
 int init(ErlNifEnv* env) {
   init_atoms(env);
   if (!open_resource_types(env)) return 1;
+  if (!open_board_resource_types(env)) return 3;
   if (!init_self_identity()) return 2;
   return 0;
 }

@@ -74,7 +74,21 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
     self_info: 1,
     set_shm_dir: 1,
     shm_dir: 1,
-    fs_stat: 2
+    fs_stat: 2,
+    # status board (nif_board.cpp)
+    board_layout: 1,
+    board_init: 3,
+    board_open: 4,
+    board_info: 2,
+    board_join: 4,
+    board_update: 5,
+    board_leave: 3,
+    board_entries: 3,
+    board_entries_dirty: 1,
+    board_least_loaded: 5,
+    board_reclaim: 2,
+    board_watch_info: 2,
+    board_monotonic_ns: 1
   ]
   @total_weight @functions |> Keyword.values() |> Enum.sum()
 
@@ -142,6 +156,8 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
       regions: for({r, info, _} <- base.regions, do: {r, info}),
       mappings: for({r, info, m} <- base.regions, do: {m, info.size, r}),
       watches: [],
+      boards: [],
+      slots: [],
       own: [],
       os_pids: [{me.os_pid, me.start_time}, {sleeper_pid, sleeper_start}, {1, 0}],
       pids: [base.dead_pid, self(), G.external_pid()],
@@ -214,6 +230,8 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
         for({_r, info} <- state.regions, path <- [info.control_path, info.data_path], do: path),
       pid: state.pids,
       watch: Enum.map(state.watches, &elem(&1, 0)),
+      board: state.boards,
+      slot: state.slots,
       port: [state.port]
     }
   end
@@ -295,7 +313,9 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
 
   defp args(:process_alive, state, _pool), do: Tuple.to_list(os_pid_and_start(state))
 
-  defp args(fun, _state, _pool) when fun in [:header_layout, :self_info, :shm_dir], do: []
+  defp args(fun, _state, _pool)
+       when fun in [:header_layout, :self_info, :shm_dir, :board_layout, :board_monotonic_ns],
+       do: []
 
   # Never another directory than /dev/shm: the directory is global to the VM, and the
   # other suites' segments live there. Only refusals (and /dev/shm itself) otherwise.
@@ -316,6 +336,61 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
     ]
 
   defp args(:fs_stat, _state, pool), do: [G.pick(0.85, pool, fn -> path_string(pool) end)]
+
+  defp args(:board_init, _state, pool),
+    do: [
+      G.pick(0.85, pool, fn -> G.handle(pool, :region) end),
+      G.pick(0.9, pool, fn -> G.one_of([0, 1, 4, 20, 1000, 65_536, 65_537, 1 <<< 64]) end),
+      G.pick(0.9, pool, fn -> G.one_of([0, 1, 30_000, (1 <<< 64) - 1]) end),
+      G.pick(0.9, pool, fn ->
+        G.one_of(
+          [[], ["a"], ["a", "b", "c", "d"], ["a", "b", "c", "d", "e"], [<<0, 1>>]] ++
+            [[String.duplicate("x", 31)], [String.duplicate("x", 32)], [:a]]
+        )
+      end)
+    ]
+
+  defp args(f, _state, pool) when f in [:board_open, :board_watch_info, :board_reclaim] do
+    region = G.pick(0.85, pool, fn -> G.handle(pool, :region) end)
+
+    case f do
+      :board_open ->
+        [region]
+
+      :board_watch_info ->
+        [region, G.pick(0.9, pool, fn -> G.one_of([0, 1, (1 <<< 64) - 1, 1 <<< 64]) end)]
+
+      :board_reclaim ->
+        [region, G.pick(0.9, pool, &G.integer/0), G.pick(0.9, pool, &G.integer/0)]
+    end
+  end
+
+  defp args(f, _state, pool) when f in [:board_info, :board_entries, :board_entries_dirty],
+    do: [G.pick(0.85, pool, fn -> G.handle(pool, :board) end)]
+
+  defp args(:board_join, state, pool) do
+    {os_pid, start} = os_pid_and_start(state)
+
+    id = G.one_of(["w", "", String.duplicate("y", 64), String.duplicate("y", 65), <<255, 0>>])
+
+    [G.pick(0.85, pool, fn -> G.handle(pool, :board) end), G.pick(0.9, pool, fn -> id end)] ++
+      [os_pid, start]
+  end
+
+  defp args(:board_update, _state, pool) do
+    value = fn -> G.one_of([nil, nil, 0, 1, 4, -1, 1 <<< 63, 1 <<< 64, -(1 <<< 63), :x]) end
+    values = List.to_tuple(for(_ <- 1..G.one_of([10, 10, 10, 9, 11]), do: value.()))
+    [G.pick(0.85, pool, fn -> G.handle(pool, :slot) end), G.pick(0.9, pool, fn -> values end)]
+  end
+
+  defp args(:board_leave, _state, pool),
+    do: [G.pick(0.85, pool, fn -> G.handle(pool, :slot) end)]
+
+  defp args(:board_least_loaded, _state, pool),
+    do: [
+      G.pick(0.85, pool, fn -> G.handle(pool, :board) end),
+      G.pick(0.9, pool, fn -> G.one_of([[], ["w"], ["w", "", <<255>>], [1], :x]) end)
+    ]
 
   defp create_opts(pool) do
     %{
@@ -430,6 +505,21 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
   defp well_shaped?(:self_info, _, %{os_pid: p}), do: is_integer(p)
   defp well_shaped?(:shm_dir, _, dir), do: dir == "/dev/shm"
   defp well_shaped?(:fs_stat, _, {:ok, %{total: t, available: a}}), do: non_neg?(t) and a <= t
+  defp well_shaped?(:board_layout, _, v), do: is_binary(v)
+  defp well_shaped?(:board_monotonic_ns, _, v), do: non_neg?(v)
+  defp well_shaped?(:board_open, _, {:ok, b}), do: is_reference(b)
+  defp well_shaped?(:board_info, _, %{capacity: c, gauge_names: g}), do: c > 0 and length(g) == 4
+  defp well_shaped?(:board_join, _, {:ok, s, i}), do: is_reference(s) and non_neg?(i)
+  defp well_shaped?(:board_join, _, {:full, c}), do: c > 0
+  defp well_shaped?(:board_reclaim, _, n), do: non_neg?(n)
+  defp well_shaped?(:board_watch_info, _, nil), do: true
+  defp well_shaped?(:board_watch_info, _, {g, o}), do: non_neg?(g) and (o == nil or is_list(o))
+  defp well_shaped?(:board_least_loaded, _, {:ok, id}), do: is_binary(id) and byte_size(id) <= 64
+  defp well_shaped?(:board_least_loaded, _, {:none, c, u}), do: non_neg?(c) and non_neg?(u)
+
+  defp well_shaped?(f, _, {now, unreadable, entries})
+       when f in [:board_entries, :board_entries_dirty],
+       do: non_neg?(now) and is_list(unreadable) and is_list(entries)
 
   defp well_shaped?(f, [_m, _off, len], {:ok, bin})
        when f in [:read, :read_dirty, :read_zero_copy],
@@ -448,7 +538,10 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
               :monitor_owner,
               :cancel_watch,
               :unlink_segment,
-              :set_shm_dir
+              :set_shm_dir,
+              :board_init,
+              :board_update,
+              :board_leave
             ],
        do: true
 
@@ -495,6 +588,12 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
     for {w, _} <- drop, do: Native.cancel_watch(w)
     %{state | watches: keep}
   end
+
+  defp keep(state, :board_open, _args, {:returned, {:ok, board}}),
+    do: %{state | boards: Enum.take([board | state.boards], 6)}
+
+  defp keep(state, :board_join, _args, {:returned, {:ok, slot, _index}}),
+    do: %{state | slots: Enum.take([slot | state.slots], 16)}
 
   defp keep(state, _fun, _args, _outcome), do: state
 end

@@ -25,7 +25,7 @@ defmodule Snakepit.SharedMemory.Holders do
 
   @type holder :: {pos_integer(), non_neg_integer()}
   @type t :: %__MODULE__{
-          generations: %{String.t() => non_neg_integer()},
+          generations: %{(String.t() | {:board, String.t()}) => non_neg_integer()},
           watches: %{holder() => {reference(), reference()}},
           refs: %{reference() => holder()},
           self_os_pid: pos_integer() | nil
@@ -60,7 +60,12 @@ defmodule Snakepit.SharedMemory.Holders do
         {{id, generation}, acc}
       end)
 
-    generations = Map.new(pairs)
+    # Status boards: OS processes that joined one (they hold a slot, not the region)
+    # get the same pidfd watch; their death frees their slots (release_everywhere/1).
+    {board_pairs, state} =
+      Snakepit.SharedMemory.StatusBoard.watch_joiners(state.generations, state, &watch/2)
+
+    generations = Map.new(pairs ++ board_pairs)
     %{state | generations: generations}
   end
 
@@ -133,6 +138,8 @@ defmodule Snakepit.SharedMemory.Holders do
           do: {id, n}
 
     total = released |> Enum.map(&elem(&1, 1)) |> Enum.sum()
+    # Status board slots it still held are freed too (it cannot leave() any more).
+    _ = Snakepit.SharedMemory.StatusBoard.reclaim_os_process(os_pid, start)
 
     if total > 0 do
       Stats.event(:os_holders_released, %{count: total}, %{os_pid: os_pid})

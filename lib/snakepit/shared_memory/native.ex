@@ -221,4 +221,70 @@ defmodule Snakepit.SharedMemory.Native do
            }}
           | nif_error()
   def fs_stat(_path), do: :erlang.nif_error(:not_loaded)
+
+  # ---- status board (c_src/nif/nif_board.cpp); used by Snakepit.SharedMemory.StatusBoard ----
+
+  @type board :: reference()
+  @type board_slot :: reference()
+
+  @doc "The board layout (c_src/core/board.hpp) as JSON."
+  @spec board_layout() :: binary()
+  def board_layout, do: :erlang.nif_error(:not_loaded)
+
+  @doc "Writes a fresh board header (capacity, stale_after ms, gauge names) into a region."
+  @spec board_init(region(), pos_integer(), pos_integer(), [binary()]) :: :ok | nif_error()
+  def board_init(_region, _capacity, _stale_after_ms, _gauges),
+    do: :erlang.nif_error(:not_loaded)
+
+  @doc "Validates the board in a region's data area and returns a handle to read/join it."
+  @spec board_open(region()) :: {:ok, board()} | nif_error()
+  def board_open(_region), do: :erlang.nif_error(:not_loaded)
+
+  @doc "%{capacity, stale_after_ms, gauge_names, generation, writable}."
+  @spec board_info(board()) :: map()
+  def board_info(_board), do: :erlang.nif_error(:not_loaded)
+
+  @doc "Claims a slot for the calling process (freed when it dies): {:ok, slot, index}."
+  @spec board_join(board(), binary(), non_neg_integer(), non_neg_integer()) ::
+          {:ok, board_slot(), non_neg_integer()}
+          | {:full, pos_integer()}
+          | nif_error()
+  def board_join(_board, _worker_id, _os_pid, _start_time), do: :erlang.nif_error(:not_loaded)
+
+  @doc "Publishes {state, queue, in_flight, memory, processed, errors, g0, g1, g2, g3} (nil keeps)."
+  @spec board_update(board_slot(), tuple()) :: :ok | nif_error()
+  def board_update(_slot, _values), do: :erlang.nif_error(:not_loaded)
+
+  @spec board_leave(board_slot()) :: :ok | nif_error()
+  def board_leave(_slot), do: :erlang.nif_error(:not_loaded)
+
+  @doc "{now_ns, [unreadable slot index], [entry tuple]} of every live slot."
+  @spec board_entries(board()) ::
+          {non_neg_integer(), [non_neg_integer()], [tuple()]} | nif_error()
+  def board_entries(_board), do: :erlang.nif_error(:not_loaded)
+
+  @spec board_entries_dirty(board()) ::
+          {non_neg_integer(), [non_neg_integer()], [tuple()]} | nif_error()
+  def board_entries_dirty(_board), do: :erlang.nif_error(:not_loaded)
+
+  @doc "{:ok, worker_id} or {:none, candidates, unreadable}; ties round-robin per handle."
+  @spec board_least_loaded(board(), [binary()]) ::
+          {:ok, binary()} | {:none, non_neg_integer(), non_neg_integer()} | nif_error()
+  def board_least_loaded(_board, _exclude), do: :erlang.nif_error(:not_loaded)
+
+  @doc "Frees the board slots of a dead OS process (0 if the region is not a board)."
+  @spec board_reclaim(region(), non_neg_integer(), non_neg_integer()) :: non_neg_integer()
+  def board_reclaim(_region, _os_pid, _start_time), do: :erlang.nif_error(:not_loaded)
+
+  @doc """
+  {generation, [{os_pid, start_time}] | nil} of the board in a region (nil owners when
+  the generation is still `known`), or nil if the region holds no board.
+  """
+  @spec board_watch_info(region(), non_neg_integer()) ::
+          {non_neg_integer(), [{non_neg_integer(), non_neg_integer()}] | nil} | nil
+  def board_watch_info(_region, _known), do: :erlang.nif_error(:not_loaded)
+
+  @doc "CLOCK_MONOTONIC nanoseconds (the clock of the board's timestamps)."
+  @spec board_monotonic_ns() :: non_neg_integer()
+  def board_monotonic_ns, do: :erlang.nif_error(:not_loaded)
 end

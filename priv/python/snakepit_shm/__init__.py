@@ -26,6 +26,7 @@ from .errors import (CorruptRegion, ForeignHostRegion, LibraryNotFound,
                      RegionExpired, RegionNotFound, SnakepitShmError, UnheldAttachWarning,
                      ViewsStillAlive)
 from .region import Region
+from .board import BoardFull, StatusBoard
 
 __version__ = "0.1.0"
 
@@ -40,6 +41,8 @@ __all__ = [
     "to_zero_copy_ref",
     "inspect",
     "Region",
+    "StatusBoard",
+    "BoardFull",
     "SnakepitShmError",
     "RegionNotFound",
     "ForeignHostRegion",

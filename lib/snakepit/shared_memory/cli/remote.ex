@@ -10,13 +10,13 @@ defmodule Snakepit.SharedMemory.CLI.Remote do
 
   @timeout 15_000
 
-  @doc "Calls `Snakepit.SharedMemory.fun(args...)` on the node of `opts[:node]`."
-  @spec call!(keyword(), atom(), [term()]) :: term()
-  def call!(opts, fun, args) do
+  @doc "Calls `module.fun(args...)` (default `Snakepit.SharedMemory`) on the node of `opts[:node]`."
+  @spec call!(keyword(), atom(), [term()], module()) :: term()
+  def call!(opts, fun, args, module \\ Snakepit.SharedMemory) do
     node = connect!(opts)
 
     try do
-      :erpc.call(node, Snakepit.SharedMemory, fun, args, @timeout)
+      :erpc.call(node, module, fun, args, @timeout)
     catch
       :error, {:erpc, :noconnection} ->
         Command.fail!("lost the connection to #{node} while calling #{fun}")
