@@ -1,5 +1,7 @@
 // POSIX part of the OS layer (Linux and macOS): shm_open objects, files, mappings, mlock.
 #include <fcntl.h>
+#include <setjmp.h>
+#include <signal.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
@@ -10,8 +12,10 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 #include <cstring>
+#include <mutex>
 #include <string>
 
 #include "platform.hpp"
@@ -244,6 +248,83 @@ Result<void> lock_memory(void* address, std::size_t length) {
   }
 #endif
   return {};
+}
+
+// ---- guarded access (SIGBUS) ----
+
+namespace {
+
+struct GuardFrame {
+  sigjmp_buf jump;
+  const char* first;
+  std::size_t length;
+};
+
+// initial-exec: reading it in the signal handler never allocates (dynamic TLS could).
+__attribute__((tls_model("initial-exec"))) thread_local GuardFrame* tls_frame = nullptr;
+struct sigaction previous_bus {};
+std::atomic<bool> guard_installed{false};
+
+void on_sigbus(int sig, siginfo_t* info, void* context) {
+  GuardFrame* frame = tls_frame;
+  if (frame != nullptr && info != nullptr && info->si_code > 0) {
+    const char* at = static_cast<const char*>(info->si_addr);
+    if (at >= frame->first && at < frame->first + frame->length) {
+      tls_frame = nullptr;
+      siglongjmp(frame->jump, 1);  // back into run_guarded: the access becomes an error
+    }
+  }
+  // Not ours: whatever was installed before decides.
+  if (previous_bus.sa_flags & SA_SIGINFO) {
+    if (previous_bus.sa_sigaction != nullptr) previous_bus.sa_sigaction(sig, info, context);
+    return;
+  }
+  if (previous_bus.sa_handler == SIG_DFL || previous_bus.sa_handler == SIG_IGN) {
+    // The default action (a core dump): a faulting instruction runs again on return and
+    // now gets it; a signal sent by kill(2) is raised again.
+    struct sigaction dfl {};
+    dfl.sa_handler = SIG_DFL;
+    sigemptyset(&dfl.sa_mask);
+    ::sigaction(SIGBUS, &dfl, nullptr);
+    if (info == nullptr || info->si_code <= 0) ::raise(SIGBUS);
+    return;
+  }
+  previous_bus.sa_handler(sig);
+}
+
+}  // namespace
+
+bool install_fault_guard() noexcept {
+  static std::mutex once;
+  std::lock_guard<std::mutex> lock(once);
+  if (guard_installed.load()) return true;
+  struct sigaction action {};
+  action.sa_sigaction = on_sigbus;
+  action.sa_flags = SA_SIGINFO | SA_ONSTACK;
+  sigemptyset(&action.sa_mask);
+  if (::sigaction(SIGBUS, &action, &previous_bus) != 0) return false;
+  guard_installed.store(true);
+  return true;
+}
+
+bool fault_guard_installed() noexcept { return guard_installed.load(); }
+
+bool run_guarded(void (*body)(void*), void* context, const void* first,
+                 std::size_t length) noexcept {
+  if (!guard_installed.load(std::memory_order_acquire) || length == 0) {
+    body(context);
+    return true;
+  }
+  GuardFrame frame;
+  frame.first = static_cast<const char*>(first);
+  frame.length = length;
+  if (sigsetjmp(frame.jump, 1) != 0) return false;  // the handler cleared tls_frame
+  tls_frame = &frame;
+  std::atomic_signal_fence(std::memory_order_seq_cst);
+  body(context);
+  std::atomic_signal_fence(std::memory_order_seq_cst);
+  tls_frame = nullptr;
+  return true;
 }
 
 std::size_t page_size() noexcept {

@@ -188,11 +188,17 @@ ERL_NIF_TERM nif_read_zero_copy(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) 
                           " is encrypted: zero-copy reads would expose "
                           "ciphertext; use read/3 to decrypt");
   }
-  if (!region.sealed()) {
+  // Only over a seal the kernel enforces (memfd F_SEAL_WRITE, asked of the kernel now):
+  // nobody, in any process, can change these bytes any more.
+  if (!region.immutable()) {
     return make_error(env, Errc::invalid_argument,
                       region_label(m) +
-                          " is not sealed: its bytes may still change, so reads "
-                          "copy; seal it first for zero-copy reads");
+                          (region.sealed()
+                               ? " is sealed, but not by the kernel (POSIX, Windows and macOS "
+                                 "regions can be made writable again by their owner): read/3 "
+                                 "copies"
+                               : " is not sealed: its bytes may still change, so reads copy; "
+                                 "seal it first for zero-copy reads"));
   }
   if (!in_bounds(env, m, offset, length, &reply)) return reply;
   m->owner->zero_copy_shared.store(true);

@@ -44,6 +44,7 @@ void init_atoms(ErlNifEnv* env) {
   a.role = atom(env, "role");
   a.encrypted = atom(env, "encrypted");
   a.sealed = atom(env, "sealed");
+  a.zero_copy = atom(env, "zero_copy");
   a.os_pid = atom(env, "os_pid");
   a.format_version = atom(env, "format_version");
   a.flags = atom(env, "flags");
