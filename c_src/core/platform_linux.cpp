@@ -245,9 +245,9 @@ Result<void> try_lock_byte(const Handle& object, std::uint64_t offset, bool excl
   if (set_ofd_lock(fd_of(object), offset, exclusive ? F_WRLCK : F_RDLCK) == 0) return {};
   int err = errno;
   if (err == EAGAIN || err == EACCES)
-    return Error{Errc::busy, err,
-                 exclusive ? "another process is reading or writing it"
-                           : "another process is writing it"};
+    return Error{
+        Errc::busy, err,
+        exclusive ? "another process is reading or writing it" : "another process is writing it"};
   return os_error("cannot lock byte " + std::to_string(offset) + " (F_OFD_SETLK)", err);
 }
 

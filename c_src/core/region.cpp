@@ -344,10 +344,10 @@ namespace {
 constexpr auto kSealWait = std::chrono::seconds(30);
 
 Result<void> seal_refused(RegionFactory::Impl& impl, const Error& why) {
-  return Error{why.code, why.sys_errno,
-               "cannot seal region " + impl.id + ": " + why.message +
-                   (why.code == Errc::busy ? "; have it close that mapping (or exit) and retry"
-                                           : "")};
+  return Error{
+      why.code, why.sys_errno,
+      "cannot seal region " + impl.id + ": " + why.message +
+          (why.code == Errc::busy ? "; have it close that mapping (or exit) and retry" : "")};
 }
 
 /// The memfd part of a seal, with this process's writes drained: no writable mapping
@@ -356,7 +356,8 @@ Result<void> seal_refused(RegionFactory::Impl& impl, const Error& why) {
 Result<void> seal_kernel(RegionFactory::Impl& impl) {
   const platform::Handle& data = impl.data_handle();
   if (impl.view_writable) {
-    if (auto r = platform::downgrade_view(data, impl.data_map, 0); !r) return seal_refused(impl, r.error());
+    if (auto r = platform::downgrade_view(data, impl.data_map, 0); !r)
+      return seal_refused(impl, r.error());
     impl.view_writable = false;
     if (impl.memory_locked) (void)platform::lock_memory(impl.data, impl.capacity);
   }
@@ -382,7 +383,8 @@ Result<void> Region::seal() {
     bool kernel = impl_->backend == BackendKind::memfd;
     std::uint32_t state = h.state.load(std::memory_order_seq_cst);
     if (state & kStateDeallocated)
-      return Error{Errc::deallocated, 0, "cannot seal region " + impl_->id + ": it was deallocated"};
+      return Error{Errc::deallocated, 0,
+                   "cannot seal region " + impl_->id + ": it was deallocated"};
     if ((state & kStateSealed) && (!kernel || immutable())) return {};  // idempotent
 
     // Phase 1, sealing: writers that honour the header (this VM, Python workers) stop.
@@ -528,9 +530,9 @@ Result<void> Region::write(std::uint64_t offset, const std::uint8_t* src, std::s
     if ((state & kStateSealed) || !impl_->view_writable)
       return Error{Errc::sealed, 0, "region " + impl_->id + " is sealed: it can only be read"};
     if ((state & kStateSealing) || !gate.owns_lock())
-      return Error{Errc::busy, 0,
-                   "region " + impl_->id +
-                       " is being sealed: writes are refused (retry if the seal fails)"};
+      return Error{
+          Errc::busy, 0,
+          "region " + impl_->id + " is being sealed: writes are refused (retry if the seal fails)"};
     if (impl_->damaged.load()) return truncated(*impl_);
     if (auto r = check_range(impl_->id, impl_->size, offset, length); !r) return r;
     if (length > 0 && src == nullptr)
@@ -542,8 +544,8 @@ Result<void> Region::write(std::uint64_t offset, const std::uint8_t* src, std::s
       if (auto r = lock_data(*impl_, true); !r) return r;
       Result<void> done;
       bool ok = access_data(*impl_, [&] {
-        done = crypto::encrypt(impl_->binding(), impl_->key.data(), impl_->data, offset, src,
-                               length);
+        done =
+            crypto::encrypt(impl_->binding(), impl_->key.data(), impl_->data, offset, src, length);
       });
       unlock_data(*impl_, true);
       if (!ok) return truncated(*impl_);
@@ -577,8 +579,8 @@ Result<void> Region::read(std::uint64_t offset, std::uint8_t* dst, std::size_t l
       }
       Result<void> done;
       bool ok = access_data(*impl_, [&] {
-        done = crypto::decrypt(impl_->binding(), impl_->key.data(), impl_->data, offset, dst,
-                               length);
+        done =
+            crypto::decrypt(impl_->binding(), impl_->key.data(), impl_->data, offset, dst, length);
       });
       if (locking) unlock_data(*impl_, false);
       if (!ok) return truncated(*impl_);

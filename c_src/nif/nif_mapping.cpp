@@ -101,7 +101,7 @@ ERL_NIF_TERM do_read(ErlNifEnv* env, const ERL_NIF_TERM argv[], bool dirty) {
 
 }  // namespace
 
-ERL_NIF_TERM nif_map(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+SPSHM_GUARDED_NIF(nif_map)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   RegionResource* res;
   if (!get_region(env, argv[0], &res)) return enif_make_badarg(env);
   bool writable;
@@ -133,6 +133,10 @@ ERL_NIF_TERM nif_map(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   }
 
   void* mem = enif_alloc_resource(resource_types.mapping, sizeof(MappingResource));
+  if (mem == nullptr) {
+    if (shared_header) (void)release(region.header(), self_identity.pid, self_identity.start_time);
+    return make_error(env, Errc::no_space, "out of memory for a mapping resource");
+  }
   auto* m = new (mem) MappingResource{res, writable, shared_header};
   enif_keep_resource(res);  // released by the mapping's destructor
   ERL_NIF_TERM term = enif_make_resource(env, m);
@@ -141,7 +145,7 @@ ERL_NIF_TERM nif_map(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   return make_ok(env, term);
 }
 
-ERL_NIF_TERM nif_unmap(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+SPSHM_GUARDED_NIF(nif_unmap)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   MappingResource* m;
   if (!get_mapping(env, argv[0], &m)) return enif_make_badarg(env);
   if (m->closed.exchange(true)) {
@@ -153,26 +157,26 @@ ERL_NIF_TERM nif_unmap(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   return atoms.ok;
 }
 
-ERL_NIF_TERM nif_write(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+SPSHM_GUARDED_NIF(nif_write)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   return do_write(env, argv, false);
 }
 
-ERL_NIF_TERM nif_write_dirty(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+SPSHM_GUARDED_NIF(nif_write_dirty)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   return do_write(env, argv, true);
 }
 
-ERL_NIF_TERM nif_read(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+SPSHM_GUARDED_NIF(nif_read)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   return do_read(env, argv, false);
 }
 
-ERL_NIF_TERM nif_read_dirty(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+SPSHM_GUARDED_NIF(nif_read_dirty)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   return do_read(env, argv, true);
 }
 
 // O(1) whatever the length: the binary points into the mapping and keeps the region
 // resource (hence the mapping) alive. Only honest over bytes that can no longer change:
 // a sealed, unencrypted region.
-ERL_NIF_TERM nif_read_zero_copy(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+SPSHM_GUARDED_NIF(nif_read_zero_copy)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   MappingResource* m;
   std::uint64_t offset = 0, length = 0;
   if (!get_mapping(env, argv[0], &m) || !get_u64(env, argv[1], &offset) ||
@@ -191,9 +195,9 @@ ERL_NIF_TERM nif_read_zero_copy(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) 
   // Only over a seal the kernel enforces (memfd F_SEAL_WRITE, asked of the kernel now):
   // nobody, in any process, can change these bytes any more.
   if (!region.immutable()) {
-    return make_error(env, Errc::invalid_argument,
-                      region_label(m) +
-                          (region.sealed()
+    return make_error(
+        env, Errc::invalid_argument,
+        region_label(m) + (region.sealed()
                                ? " is sealed, but not by the kernel (POSIX, Windows and macOS "
                                  "regions can be made writable again by their owner): read/3 "
                                  "copies"

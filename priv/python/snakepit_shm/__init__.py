@@ -21,6 +21,7 @@ from ._attach import attach, inspect
 from .errors import (CorruptRegion, LibraryNotFound, PermissionError, RegionExpired,
                      RegionNotFound, SnakepitShmError, UnheldAttachWarning,
                      ViewsStillAlive)
+from .errors import RegionBusy
 from .region import Region
 
 __version__ = "0.1.0"
@@ -33,6 +34,7 @@ __all__ = [
     "RegionNotFound",
     "CorruptRegion",
     "RegionExpired",
+    "RegionBusy",
     "PermissionError",
     "ViewsStillAlive",
     "LibraryNotFound",

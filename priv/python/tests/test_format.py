@@ -25,6 +25,7 @@ CONSTANTS = {
     "chunk_overhead": F.CHUNK_OVERHEAD, "key_size": F.KEY_SIZE,
     "posix_data_offset": F.HEADER_SIZE, "memfd_data_offset": 0,
     "magic": F.MAGIC.decode(),
+    "data_lock_byte": F.DATA_LOCK_BYTE,
 }
 ENUMS = {
     "backends": {"posix": F.BACKEND_POSIX, "memfd": F.BACKEND_MEMFD,
@@ -33,7 +34,8 @@ ENUMS = {
                 "xchacha20poly1305_chunks": F.CIPHER_XCHACHA20POLY1305_CHUNKS},
     "flags": {"encrypted": F.FLAG_ENCRYPTED, "named": F.FLAG_NAMED,
               "split_data": F.FLAG_SPLIT_DATA},
-    "states": {"sealed": F.STATE_SEALED, "deallocated": F.STATE_DEALLOCATED},
+    "states": {"sealed": F.STATE_SEALED, "deallocated": F.STATE_DEALLOCATED,
+               "sealing": F.STATE_SEALING},
     "slot_states": {"free": F.SLOT_FREE, "busy": F.SLOT_BUSY, "live": F.SLOT_LIVE},
     "holder_flags": {"writable": F.HOLDER_WRITABLE,
                      "incarnation_mask": F.HOLDER_INCARNATION_MASK},
