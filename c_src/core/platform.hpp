@@ -185,6 +185,10 @@ void unlock_byte(const Handle& object, std::uint64_t offset) noexcept;
 /// Windows: nothing to install (a section cannot shrink under a view).
 bool install_fault_guard() noexcept;
 bool fault_guard_installed() noexcept;
+/// How many faults outside run_guarded() the handler repaired so far (Linux: a page of a
+/// mapping of a /dev/shm/spshm_* segment that lost its memory is replaced by a private
+/// zero page, so that header reads of a truncated segment do not kill the process).
+std::uint64_t fault_repairs() noexcept;
 /// Runs body(context) and returns true; or returns false if body touched a page of
 /// [first, first + length) that its object no longer has (a peer truncated it: SIGBUS),
 /// abandoning body at that instant. body must take no lock and own no object with a

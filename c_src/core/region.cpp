@@ -336,7 +336,16 @@ bool Region::immutable() const noexcept {
   return true;
 }
 
-bool Region::damaged() const noexcept { return impl_->damaged.load(std::memory_order_acquire); }
+bool Region::damaged() const noexcept {
+  if (impl_->damaged.load(std::memory_order_acquire)) return true;
+  // Only after the SIGBUS handler repaired a page somewhere in this process: is our
+  // segment shorter than what we mapped? (One fstat; nothing otherwise.)
+  if (impl_->backend != BackendKind::posix || platform::fault_repairs() == 0) return false;
+  auto info = platform::stat(impl_->control, impl_->id);
+  if (!info || info->size >= kHeaderSize + impl_->capacity) return false;
+  impl_->damaged.store(true, std::memory_order_release);
+  return true;
+}
 
 namespace {
 
@@ -533,7 +542,7 @@ Result<void> Region::write(std::uint64_t offset, const std::uint8_t* src, std::s
       return Error{
           Errc::busy, 0,
           "region " + impl_->id + " is being sealed: writes are refused (retry if the seal fails)"};
-    if (impl_->damaged.load()) return truncated(*impl_);
+    if (damaged()) return truncated(*impl_);
     if (auto r = check_range(impl_->id, impl_->size, offset, length); !r) return r;
     if (length > 0 && src == nullptr)
       return Error{Errc::invalid_argument, 0, "write source must not be NULL"};
@@ -564,7 +573,7 @@ Result<void> Region::read(std::uint64_t offset, std::uint8_t* dst, std::size_t l
     std::uint32_t state = impl_->header().state.load(std::memory_order_acquire);
     if (state & kStateDeallocated)
       return Error{Errc::deallocated, 0, "region " + impl_->id + " has been deallocated"};
-    if (impl_->damaged.load()) return truncated(*impl_);
+    if (damaged()) return truncated(*impl_);
     if (auto r = check_range(impl_->id, impl_->size, offset, length); !r) return r;
     if (length > 0 && dst == nullptr)
       return Error{Errc::invalid_argument, 0, "read destination must not be NULL"};

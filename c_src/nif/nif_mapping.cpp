@@ -27,6 +27,13 @@ bool usable(ErlNifEnv* env, const MappingResource* m, ERL_NIF_TERM* reply) {
                         "this mapping of " + region_label(m) + " was unmapped: map it again");
     return false;
   }
+  if (m->owner->region.damaged()) {
+    *reply = make_error(env, Errc::truncated,
+                        region_label(m) +
+                            " lost its memory: another process truncated the segment; its "
+                            "data is gone. Deallocate it");
+    return false;
+  }
   if (m->owner->is_deallocated()) {
     *reply = make_error(env, Errc::deallocated, region_label(m) + " was deallocated");
     return false;
@@ -113,6 +120,12 @@ SPSHM_GUARDED_NIF(nif_map)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
     return enif_make_badarg(env);
   }
   Region& region = res->region;
+  if (region.damaged()) {
+    return make_error(env, Errc::truncated,
+                      "region " + region.id() +
+                          " lost its memory: another process truncated the segment; its data "
+                          "is gone. Deallocate it");
+  }
   if (res->is_deallocated()) {
     return make_error(env, Errc::deallocated, "region " + region.id() + " was deallocated");
   }
