@@ -20,6 +20,13 @@ constexpr std::uint64_t kPlainLimit = 65536;
 
 std::string region_label(const MappingResource* m) { return "region " + m->owner->region.id(); }
 
+ERL_NIF_TERM truncated_error(ErlNifEnv* env, const Region& region) {
+  return make_error(env, Errc::truncated,
+                    "region " + region.id() +
+                        " lost its memory: another process truncated the segment (POSIX "
+                        "backend); its data is gone. Deallocate it");
+}
+
 // Checks shared by every access through a mapping; false with *reply set on refusal.
 bool usable(ErlNifEnv* env, const MappingResource* m, ERL_NIF_TERM* reply) {
   if (m->closed.load()) {
@@ -28,10 +35,7 @@ bool usable(ErlNifEnv* env, const MappingResource* m, ERL_NIF_TERM* reply) {
     return false;
   }
   if (m->owner->region.damaged()) {
-    *reply = make_error(env, Errc::truncated,
-                        region_label(m) +
-                            " lost its memory: another process truncated the segment; its "
-                            "data is gone. Deallocate it");
+    *reply = truncated_error(env, m->owner->region);
     return false;
   }
   if (m->owner->is_deallocated()) {
@@ -120,12 +124,7 @@ SPSHM_GUARDED_NIF(nif_map)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
     return enif_make_badarg(env);
   }
   Region& region = res->region;
-  if (region.damaged()) {
-    return make_error(env, Errc::truncated,
-                      "region " + region.id() +
-                          " lost its memory: another process truncated the segment; its data "
-                          "is gone. Deallocate it");
-  }
+  if (region.damaged()) return truncated_error(env, region);
   if (res->is_deallocated()) {
     return make_error(env, Errc::deallocated, "region " + region.id() + " was deallocated");
   }
@@ -142,6 +141,8 @@ SPSHM_GUARDED_NIF(nif_map)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   bool shared_header = region.header_writable();
   if (shared_header) {
     auto held = hold(region.header(), self_identity.pid, self_identity.start_time, writable);
+    // A header that faulted (a peer truncated the segment) reads as zeros: say so.
+    if (!held.ok() && region.damaged()) return truncated_error(env, region);
     if (!held.ok()) return make_error(env, held.error());
   }
 

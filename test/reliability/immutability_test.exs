@@ -71,7 +71,10 @@ defmodule Snakepit.SharedMemory.Reliability.ImmutabilityTest do
       size = 256 * 1024 * 1024
       payload = :binary.copy(<<0xAB>>, size)
 
-      for delay <- [5, 12, 20] do
+      delays =
+        if ReliabilityHelpers.soak?(), do: [5, 8, 12, 16, 20], else: [5 + :rand.uniform(15)]
+
+      for delay <- delays do
         {:ok, id} = SM.allocate_region(size, backend: unquote(backend))
         {:ok, m} = SM.map_region(id, access_mode: :read_write)
         writer = Task.async(fn -> SM.write(m, 0, payload) end)
