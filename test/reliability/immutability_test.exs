@@ -259,6 +259,7 @@ defmodule Snakepit.SharedMemory.Reliability.ImmutabilityTest do
   import json, sys, time, snakepit_shm
   ref = json.loads(sys.argv[1]); offset = int(sys.argv[2]); seconds = float(sys.argv[3])
   counts = {"ok": 0, "busy": 0, "tampered": 0, "other": 0, "reads": 0}
+  Busy = getattr(snakepit_shm, "RegionBusy", ())
   with snakepit_shm.attach(ref, mode="rw") as region:
       print("ready", flush=True)
       sys.stdin.readline()
@@ -273,7 +274,7 @@ defmodule Snakepit.SharedMemory.Reliability.ImmutabilityTest do
                   else:
                       region.read(0, 4096)
                       counts["reads"] += 1
-              except snakepit_shm.RegionBusy:
+              except Busy:
                   counts["busy"] += 1
               except snakepit_shm.CorruptRegion:
                   counts["tampered"] += 1
