@@ -9,6 +9,8 @@
 #include <limits>
 #include <mutex>
 #include <new>
+#include <shared_mutex>
+#include <type_traits>
 
 #include "crypto.hpp"
 #include "header.hpp"
@@ -436,6 +438,13 @@ Result<void> Region::deallocate(bool zero) {
   return guarded([&]() -> Result<void> {
     if (!impl_->header_shared || (zero && !impl_->writable))
       return needs_writable(impl_->id, zero ? "zero and deallocate" : "deallocate");
+    // Not while a seal remaps the view (the gate): zeroing then could hit a read-only page.
+    std::shared_lock<std::shared_timed_mutex> gate(impl_->gate, std::try_to_lock);
+    if (zero && !gate.owns_lock())
+      return Error{Errc::busy, 0,
+                   "region " + impl_->id +
+                       " is being sealed: it cannot be zeroed now; deallocate it without "
+                       "zeroing or retry"};
     impl_->header().state.fetch_or(kStateDeallocated, std::memory_order_seq_cst);
     // A kernel-sealed memfd cannot be written by anyone, us included: its pages go back
     // to the kernel (which clears them before reuse) when the last descriptor and
@@ -536,12 +545,14 @@ Result<void> Region::write(std::uint64_t offset, const std::uint8_t* src, std::s
     std::uint32_t state = impl_->header().state.load(std::memory_order_seq_cst);
     if (state & kStateDeallocated)
       return Error{Errc::deallocated, 0, "region " + impl_->id + " has been deallocated"};
-    if ((state & kStateSealed) || !impl_->view_writable)
+    if (state & kStateSealed)
       return Error{Errc::sealed, 0, "region " + impl_->id + " is sealed: it can only be read"};
     if ((state & kStateSealing) || !gate.owns_lock())
       return Error{
           Errc::busy, 0,
           "region " + impl_->id + " is being sealed: writes are refused (retry if the seal fails)"};
+    if (!impl_->view_writable)  // read under the gate: seal() changes it exclusively
+      return Error{Errc::sealed, 0, "region " + impl_->id + " is sealed: it can only be read"};
     if (damaged()) return truncated(*impl_);
     if (auto r = check_range(impl_->id, impl_->size, offset, length); !r) return r;
     if (length > 0 && src == nullptr)

@@ -218,8 +218,8 @@ TEST_CASE("an unguarded fault in one of our segments is repaired, others are not
     char path[] = "/tmp/spshm_sigbus_XXXXXX";
     int f = mkstemp(path);
     if (f < 0 || ftruncate(f, 4096) != 0) return 1;
-    auto* p = static_cast<volatile char*>(
-        mmap(nullptr, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, f, 0));
+    auto* p =
+        static_cast<volatile char*>(mmap(nullptr, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, f, 0));
     unlink(path);
     if (ftruncate(f, 0) != 0) return 2;
     return static_cast<int>(p[0]);  // SIGBUS, default action
