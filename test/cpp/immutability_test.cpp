@@ -222,9 +222,11 @@ TEST_CASE("an unguarded fault in one of our segments is repaired, others are not
         static_cast<volatile char*>(mmap(nullptr, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, f, 0));
     unlink(path);
     if (ftruncate(f, 0) != 0) return 2;
-    return static_cast<int>(p[0]);  // SIGBUS, default action
+    return static_cast<int>(p[0]);  // SIGBUS: whatever handled it before ours decides
   });
-  REQUIRE(code == 128 + SIGBUS);
+  // Repaired, the read would see a zero page and the child exit 0. Chained, it dies of
+  // SIGBUS (128 + 7), or exits 1 under a sanitizer whose handler was there first.
+  REQUIRE(code != 0);
 }
 
 TEST_CASE("encrypted regions admit one writer at a time across opens", "[crypto][lock]") {
