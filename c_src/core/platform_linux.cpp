@@ -205,6 +205,9 @@ Result<void> upgrade_view(const Handle& object, Mapping& view, std::uint64_t off
 Result<void> seal_writes(const Handle& object) {
   if (::fcntl(fd_of(object), F_ADD_SEALS, F_SEAL_WRITE | F_SEAL_FUTURE_WRITE) == 0) return {};
   int err = errno;
+  // Kernels 3.17-5.0 know F_SEAL_WRITE but not F_SEAL_FUTURE_WRITE (redundant with it).
+  if (err == EINVAL && ::fcntl(fd_of(object), F_ADD_SEALS, F_SEAL_WRITE) == 0) return {};
+  if (err == EINVAL) err = errno;
   if (err == EBUSY)
     return Error{Errc::busy, err,
                  "the kernel refused F_SEAL_WRITE: a writable shared mapping of the data "
