@@ -148,3 +148,28 @@ def test_writes_stop_while_a_seal_is_being_committed(forge):
         assert not region.sealed
         segment.set_u32("state", 0)
         region.write(0, b"x")
+
+
+TRUNCATED_READER = """
+import json, os, sys, snakepit_shm
+ref = json.loads(sys.argv[1])
+with snakepit_shm.attach(ref) as region:
+    fd = os.open(ref["control_path"], os.O_RDWR)
+    os.ftruncate(fd, 0)
+    os.close(fd)
+    region.read(0, 10)
+print("survived")
+"""
+
+
+def test_a_worker_reading_a_truncated_posix_segment_dies_of_sigbus(forge):
+    # Documented in docs/SECURITY.md: the Python client does not guard its copies.
+    import signal
+    import subprocess
+    import sys
+    segment = forge.posix(8192, data=b"x" * 8192)
+    worker = subprocess.run([sys.executable, "-c", TRUNCATED_READER,
+                             json.dumps(segment.ref())],
+                            capture_output=True, env=os.environ.copy(), timeout=60)
+    assert worker.returncode == -signal.SIGBUS, worker
+    assert b"survived" not in worker.stdout
