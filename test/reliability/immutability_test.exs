@@ -220,6 +220,35 @@ defmodule Snakepit.SharedMemory.Reliability.ImmutabilityTest do
     :ok = SM.deallocate_region(id)
   end
 
+  # ---- 4. the header's sealed bit is not trusted ----
+
+  test "memfd: a forged sealed bit in the header gives no zero-copy binary, an opened region asks the kernel" do
+    alias Snakepit.SharedMemory.Native
+    {:ok, region, info} = Native.create(8192, ShmHelpers.create_opts(backend: :memfd))
+    {:ok, mapping} = Native.map(region, :read_write)
+    :ok = Native.write(mapping, 0, "abcd")
+    # Any process of the uid can write the header: set the sealed bit by hand.
+    {:ok, control} = :file.open(info.control_path, [:read, :write, :raw, :binary])
+    :ok = :file.pwrite(control, 2048, <<1::little-32>>)
+    assert Native.info(region).sealed
+    assert {:error, {:invalid_argument, message, _}} = Native.read_zero_copy(mapping, 0, 4)
+    assert message =~ "not by the kernel"
+    refute Native.info(region).zero_copy
+    :ok = :file.pwrite(control, 2048, <<0::little-32>>)
+    :file.close(control)
+    :ok = Native.unmap(mapping)
+    # Opened read-only in this VM: its view comes from an O_RDONLY open and does not
+    # block the seal; afterwards it sees the kernel's seal through F_GET_SEALS.
+    {:ok, opened, opened_info} = Native.open({info.control_path, info.data_path}, false)
+    refute opened_info.zero_copy
+    :ok = Native.seal(region)
+    assert Native.info(opened).zero_copy
+    {:ok, reader} = Native.map(opened, :read_only)
+    assert {:ok, "abcd"} = Native.read_zero_copy(reader, 0, 4)
+    :ok = Native.unmap(reader)
+    :ok = Native.deallocate(region, false)
+  end
+
   # ---- 3b. POSIX: the owner can make the segment writable again, so reads copy ----
 
   @posix_writer ~S"""
