@@ -164,9 +164,12 @@ class Region {
   Result<void> unlink();
 
   /// Bounds-checked copies in and out of the data area, decrypting/encrypting chunks of
-  /// encrypted regions (tampered on a failed tag). Refuse sealed for writes. Thread-safe;
-  /// encrypted writes of one Region are serialised (concurrent writers of one region in
-  /// *different* processes must coordinate themselves).
+  /// encrypted regions (tampered on a failed tag). Writes refuse sealed, and busy while a
+  /// seal is being committed. Thread-safe; never wait. Encrypted regions: writes of one
+  /// Region are serialised, and across processes each write holds the data lock
+  /// (kDataLockByte) exclusively and each read of an unsealed region shared: busy on
+  /// conflict (Linux). POSIX segments: the copy is guarded (platform::run_guarded), so a
+  /// peer's truncation gives truncated instead of SIGBUS once the NIF installed the guard.
   Result<void> write(std::uint64_t offset, const std::uint8_t* src, std::size_t length);
   Result<void> read(std::uint64_t offset, std::uint8_t* dst, std::size_t length) const;
 
