@@ -139,6 +139,7 @@ std::string layout_description() {
     root.number("posix_data_offset", kHeaderSize);
     root.number("memfd_data_offset", 0);
     root.number("aad_size", crypto::kAadSize);
+    root.number("data_lock_byte", kDataLockByte);
     {
       root.key("backends");
       JsonObject o(out);
@@ -165,6 +166,7 @@ std::string layout_description() {
       JsonObject o(out);
       o.number("sealed", kStateSealed);
       o.number("deallocated", kStateDeallocated);
+      o.number("sealing", kStateSealing);
       o.number("adopted", kStateAdopted);
     }
     {

@@ -168,6 +168,51 @@ Result<Mapping> map(const Handle& handle, std::uint64_t offset, std::size_t leng
 /// Makes the data immutable for every future mapping and open of other processes
 /// (memfd: F_SEAL_FUTURE_WRITE; named POSIX: mode 0400). Existing mappings keep working.
 Result<void> seal_object(const Handle& data_object, BackendKind backend);
+// ---- kernel-enforced immutability (Linux memfd; unsupported elsewhere) ----
+
+/// Replaces `view`, a shared mapping of `object` from byte `offset`, in place (same
+/// address, MAP_FIXED) by a read-only mapping of a read-only open of the object, so that
+/// this process keeps no mapping the kernel counts as writable (VM_MAYWRITE): one that
+/// could never be mprotect'ed writable again. unsupported where the OS cannot.
+Result<void> downgrade_view(const Handle& object, Mapping& view, std::uint64_t offset);
+/// The reverse, after a refused seal: maps the view read-write again from `object`.
+Result<void> upgrade_view(const Handle& object, Mapping& view, std::uint64_t offset);
+/// Forbids every write to the object, by anyone, for ever (memfd F_SEAL_WRITE). busy
+/// while any process (a forked child included) maps it writable; unsupported where the
+/// OS has no such seal. `object` must be open for writing.
+Result<void> seal_writes(const Handle& object);
+/// True if the kernel forbids every write to the object (F_SEAL_WRITE is set on it).
+bool writes_sealed(const Handle& object) noexcept;
+
+// ---- advisory byte locks between processes ----
+
+/// Locks byte `offset` of the object without waiting, exclusively or shared, as an open
+/// file description lock (Linux F_OFD_SETLK): owned by this open of the object, so two
+/// opens conflict even in one process, and released by the kernel when the last
+/// descriptor of the open closes (its process died). busy on a conflicting lock.
+/// macOS and Windows: no cross-process lock, always succeeds (documented).
+Result<void> try_lock_byte(const Handle& object, std::uint64_t offset, bool exclusive);
+void unlock_byte(const Handle& object, std::uint64_t offset) noexcept;
+
+// ---- guarded access to mappings a peer may truncate (POSIX shm) ----
+
+/// Installs, once per process, the SIGBUS handler behind run_guarded(): it acts only on
+/// a thread inside run_guarded() whose fault lies in the range it guards, and chains to
+/// the handler installed before it otherwise. Idempotent; false if sigaction failed.
+/// Windows: nothing to install (a section cannot shrink under a view).
+bool install_fault_guard() noexcept;
+bool fault_guard_installed() noexcept;
+/// How many faults outside run_guarded() the handler repaired so far (Linux: a page of a
+/// mapping of a /dev/shm/spshm_* segment that lost its memory is replaced by a private
+/// zero page, so that header reads of a truncated segment do not kill the process).
+std::uint64_t fault_repairs() noexcept;
+/// Runs body(context) and returns true; or returns false if body touched a page of
+/// [first, first + length) that its object no longer has (a peer truncated it: SIGBUS),
+/// abandoning body at that instant. body must take no lock and own no object with a
+/// destructor (it is left by siglongjmp). Without the handler installed it just runs body.
+bool run_guarded(void (*body)(void*), void* context, const void* first,
+                 std::size_t length) noexcept;
+
 /// mlock + keep out of core dumps; mlock_failed names RLIMIT_MEMLOCK and how to raise it.
 Result<void> lock_memory(void* address, std::size_t length);
 std::size_t page_size() noexcept;

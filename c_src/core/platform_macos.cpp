@@ -58,6 +58,21 @@ Result<void> seal_object(const Handle& data_object, BackendKind backend) {
   return set_mode(data_object, 0400, "the sealed segment");
 }
 
+// No memfd, no file seals: nothing is kernel-sealed on macOS (read/3 always copies).
+Result<void> downgrade_view(const Handle&, Mapping&, std::uint64_t) {
+  return Error{Errc::unsupported, 0, "macOS has no kernel write seal"};
+}
+Result<void> upgrade_view(const Handle&, Mapping&, std::uint64_t) { return {}; }
+Result<void> seal_writes(const Handle&) {
+  return Error{Errc::unsupported, 0, "macOS has no kernel write seal"};
+}
+bool writes_sealed(const Handle&) noexcept { return false; }
+
+// No open file description locks here: encrypted regions are not protected against
+// concurrent writers of different processes on this OS (documented in SECURITY.md).
+Result<void> try_lock_byte(const Handle&, std::uint64_t, bool) { return {}; }
+void unlock_byte(const Handle&, std::uint64_t) noexcept {}
+
 // ---- processes, time, randomness ----
 
 Result<ProcessStat> process_stat(std::uint32_t pid) {

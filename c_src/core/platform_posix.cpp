@@ -1,5 +1,8 @@
 // POSIX part of the OS layer (Linux and macOS): shm_open objects, files, mappings, mlock.
 #include <fcntl.h>
+#include <pthread.h>
+#include <setjmp.h>
+#include <signal.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
@@ -12,8 +15,10 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 #include <cstring>
+#include <mutex>
 #include <string>
 
 #include "platform.hpp"
@@ -276,6 +281,168 @@ Result<FsSpace> fs_space(const std::string& path) {
   space.tmpfs = ::statfs(path.c_str(), &sf) == 0 && sf.f_type == TMPFS_MAGIC;
 #endif
   return space;
+}
+
+// ---- guarded access (SIGBUS) ----
+
+namespace {
+
+struct GuardFrame {
+  sigjmp_buf jump;
+  const char* first;
+  std::size_t length;
+};
+
+// initial-exec: reading it in the signal handler never allocates (dynamic TLS could).
+__attribute__((tls_model("initial-exec"))) thread_local GuardFrame* tls_frame = nullptr;
+struct sigaction previous_bus {};
+std::atomic<bool> guard_installed{false};
+std::atomic<std::uint64_t> repairs{0};  // lock-free: updated in the handler
+
+#if defined(__linux__)
+/// Parses a hexadecimal number at *p (advancing it).
+std::uintptr_t parse_hex(const char*& p, const char* end) noexcept {
+  std::uintptr_t v = 0;
+  for (; p < end; ++p) {
+    char c = *p;
+    int d = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+    if (d < 0) break;
+    v = v << 4 | static_cast<std::uintptr_t>(d);
+  }
+  return v;
+}
+
+/// True if `line` (one /proc/self/maps line) maps `address` from one of our segments.
+bool maps_our_segment(const char* line, const char* end, std::uintptr_t address) noexcept {
+  const char* p = line;
+  std::uintptr_t start = parse_hex(p, end);
+  if (p >= end || *p != '-') return false;
+  ++p;
+  std::uintptr_t stop = parse_hex(p, end);
+  if (address < start || address >= stop) return false;
+  // Any directory: segments live in /dev/shm or in the directory set_named_dir() chose
+  // (shm_path), which a signal handler cannot read under its mutex. memfd mappings show
+  // as "/memfd:spshm_..." and cannot be truncated (sealed), so they never match.
+  static const char kOurs[] = "/spshm_";
+  std::size_t n = sizeof kOurs - 1;
+  for (const char* q = p; q + n <= end; ++q)
+    if (std::memcmp(q, kOurs, n) == 0) return true;
+  return false;
+}
+
+/// In the SIGBUS handler (only async-signal-safe system calls): if `address` lies in a
+/// mapping of a <segment dir>/spshm_* segment, replaces its page by a private zero page.
+bool repair_our_page(void* address) noexcept {
+  auto at = reinterpret_cast<std::uintptr_t>(address);
+  int fd = ::open("/proc/self/maps", O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return false;
+  char buffer[4096];
+  std::size_t used = 0;
+  bool ours = false;
+  for (;;) {
+    ssize_t got = ::read(fd, buffer + used, sizeof buffer - used);
+    if (got < 0 && errno == EINTR) continue;
+    if (got <= 0) break;
+    used += static_cast<std::size_t>(got);
+    std::size_t from = 0;
+    for (std::size_t i = 0; i < used; ++i) {
+      if (buffer[i] != '\n') continue;
+      if (maps_our_segment(buffer + from, buffer + i, at)) ours = true;
+      from = i + 1;
+    }
+    if (ours) break;
+    std::memmove(buffer, buffer + from, used - from);  // keep the partial last line
+    used -= from;
+    if (used == sizeof buffer) used = 0;  // a line longer than the buffer: not ours
+  }
+  ::close(fd);
+  if (!ours) return false;
+  auto page = static_cast<std::uintptr_t>(::sysconf(_SC_PAGESIZE));
+  void* start = reinterpret_cast<void*>(at & ~(page - 1));
+  return ::mmap(start, page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1,
+                0) != MAP_FAILED;
+}
+#else
+bool repair_our_page(void*) noexcept { return false; }
+#endif
+
+void on_sigbus(int sig, siginfo_t* info, void* context) {
+  GuardFrame* frame = tls_frame;
+  if (frame != nullptr && info != nullptr && info->si_code > 0) {
+    const char* at = static_cast<const char*>(info->si_addr);
+    if (at >= frame->first && at < frame->first + frame->length) {
+      tls_frame = nullptr;
+      siglongjmp(frame->jump, 1);  // back into run_guarded: the access becomes an error
+    }
+  }
+  // Outside a guarded copy: a fault in a mapping of one of our own segments (a header
+  // read, an unguarded path) is repaired in place, so the VM lives and the next guarded
+  // access reports the truncation.
+  if (info != nullptr && info->si_code > 0 && repair_our_page(info->si_addr)) {
+    repairs.fetch_add(1, std::memory_order_relaxed);
+    return;
+  }
+  // Not ours: whatever was installed before decides.
+  if (previous_bus.sa_flags & SA_SIGINFO) {
+    if (previous_bus.sa_sigaction != nullptr) previous_bus.sa_sigaction(sig, info, context);
+    return;
+  }
+  if (previous_bus.sa_handler == SIG_DFL || previous_bus.sa_handler == SIG_IGN) {
+    // The default action (a core dump): a faulting instruction runs again on return and
+    // now gets it; a signal sent by kill(2) is raised again.
+    struct sigaction dfl {};
+    dfl.sa_handler = SIG_DFL;
+    sigemptyset(&dfl.sa_mask);
+    ::sigaction(SIGBUS, &dfl, nullptr);
+    if (info == nullptr || info->si_code <= 0) ::raise(SIGBUS);
+    return;
+  }
+  previous_bus.sa_handler(sig);
+}
+
+}  // namespace
+
+bool install_fault_guard() noexcept {
+  static std::mutex once;
+  std::lock_guard<std::mutex> lock(once);
+  if (guard_installed.load()) return true;
+  struct sigaction action {};
+  action.sa_sigaction = on_sigbus;
+  action.sa_flags = SA_SIGINFO | SA_ONSTACK;
+  sigemptyset(&action.sa_mask);
+  if (::sigaction(SIGBUS, &action, &previous_bus) != 0) return false;
+  guard_installed.store(true);
+  return true;
+}
+
+bool fault_guard_installed() noexcept { return guard_installed.load(); }
+
+std::uint64_t fault_repairs() noexcept { return repairs.load(std::memory_order_relaxed); }
+
+bool run_guarded(void (*body)(void*), void* context, const void* first,
+                 std::size_t length) noexcept {
+  if (!guard_installed.load(std::memory_order_acquire) || length == 0) {
+    body(context);
+    return true;
+  }
+  GuardFrame frame;
+  frame.first = static_cast<const char*>(first);
+  frame.length = length;
+  // Threads of the VM run with most signals blocked, and a fault whose signal is blocked
+  // kills the process whatever the handler: unblock SIGBUS on this thread for the body
+  // only. sigsetjmp saved the mask before (savemask 1), and siglongjmp restores it.
+  sigset_t bus, previous_mask;
+  sigemptyset(&bus);
+  sigaddset(&bus, SIGBUS);
+  if (sigsetjmp(frame.jump, 1) != 0) return false;  // the handler cleared tls_frame
+  tls_frame = &frame;
+  std::atomic_signal_fence(std::memory_order_seq_cst);
+  pthread_sigmask(SIG_UNBLOCK, &bus, &previous_mask);
+  body(context);
+  pthread_sigmask(SIG_SETMASK, &previous_mask, nullptr);
+  std::atomic_signal_fence(std::memory_order_seq_cst);
+  tls_frame = nullptr;
+  return true;
 }
 
 std::size_t page_size() noexcept {

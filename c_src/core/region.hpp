@@ -133,12 +133,26 @@ class Region {
   /// so hold()/release() on it would only change this process's copy. Check before holding.
   bool header_writable() const noexcept;
 
-  /// Seals: refuses with busy if another live process holds it writable; then sets
-  /// kStateSealed and makes the data immutable for peers (memfd: F_SEAL_FUTURE_WRITE on
-  /// the data memfd; POSIX: fchmod 0400). Idempotent. permission_denied through a
-  /// read-only handle, deallocated after deallocate(), unsupported on kernels < 5.1.
+  /// Seals, in two phases. Sealing: sets kStateSealing (writers that honour the header
+  /// refuse with busy), refuses with busy if another live process holds it writable, and
+  /// waits (up to 30 s) for the writes of this process already running. Commit: memfd:
+  /// remaps this process's view of the data read-only (from a read-only open), then
+  /// F_SEAL_WRITE, which the kernel refuses (busy, and the view is made writable again)
+  /// while any process maps the data writable; POSIX/Windows/macOS: mode 0400 (not
+  /// enforced against processes of our uid). Only then kStateSealed, never cleared.
+  /// Call it off latency-sensitive threads (it may wait). Idempotent. permission_denied
+  /// through a read-only handle, deallocated after deallocate(), unsupported on kernels
+  /// without memfd seals.
   Result<void> seal();
+  /// The header says sealed (committed; for POSIX that is a promise, not a kernel fact).
   bool sealed() const noexcept;
+  /// The kernel forbids every write to the data, by anyone (memfd F_SEAL_WRITE, asked of
+  /// the kernel with F_GET_SEALS, never of the header): the only case where the bytes may
+  /// be handed out without copying. Always false for POSIX, Windows and macOS regions.
+  bool immutable() const noexcept;
+  /// A guarded access faulted: a peer truncated the (POSIX) segment; every access fails
+  /// with truncated from then on.
+  bool damaged() const noexcept;
 
   /// Marks the header deallocated, zeroes the data with sodium_memzero when `zero`, and
   /// removes the name (POSIX shm_unlink; memfd: nothing to remove). Memory is returned
@@ -150,9 +164,12 @@ class Region {
   Result<void> unlink();
 
   /// Bounds-checked copies in and out of the data area, decrypting/encrypting chunks of
-  /// encrypted regions (tampered on a failed tag). Refuse sealed for writes. Thread-safe;
-  /// encrypted writes of one Region are serialised (concurrent writers of one region in
-  /// *different* processes must coordinate themselves).
+  /// encrypted regions (tampered on a failed tag). Writes refuse sealed, and busy while a
+  /// seal is being committed. Thread-safe; never wait. Encrypted regions: writes of one
+  /// Region are serialised, and across processes each write holds the data lock
+  /// (kDataLockByte) exclusively and each read of an unsealed region shared: busy on
+  /// conflict (Linux). POSIX segments: the copy is guarded (platform::run_guarded), so a
+  /// peer's truncation gives truncated instead of SIGBUS once the NIF installed the guard.
   Result<void> write(std::uint64_t offset, const std::uint8_t* src, std::size_t length);
   Result<void> read(std::uint64_t offset, std::uint8_t* dst, std::size_t length) const;
 

@@ -14,6 +14,7 @@
 
 #include "nif_board.hpp"
 #include "nif_functions.hpp"
+#include "platform.hpp"
 #include "resources.hpp"
 #include "terms.hpp"
 
@@ -38,7 +39,7 @@ ErlNifFunc nif_funcs[] = {
     {"read", 3, nif_read, 0},
     {"read_dirty", 3, nif_read_dirty, kCpu},
     {"read_zero_copy", 3, nif_read_zero_copy, 0},
-    {"seal", 1, nif_seal, 0},
+    {"seal", 1, nif_seal, kIo},  // waits for in-flight writes of this VM
     {"deallocate", 2, nif_deallocate, kIo},
     {"deallocate_plain", 2, nif_deallocate_plain, 0},
     {"last_access", 1, nif_last_access, 0},
@@ -81,6 +82,8 @@ int init(ErlNifEnv* env) {
   if (!open_resource_types(env)) return 1;
   if (!open_board_resource_types(env)) return 3;
   if (!init_self_identity()) return 2;
+  // SIGBUS of a POSIX segment truncated by a peer becomes a :truncated error.
+  if (!platform::install_fault_guard()) return 3;
   return 0;
 }
 

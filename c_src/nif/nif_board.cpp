@@ -19,6 +19,7 @@
 
 #include "board.hpp"
 #include "nif_board.hpp"
+#include "nif_functions.hpp"
 #include "resources.hpp"
 #include "terms.hpp"
 
@@ -166,13 +167,13 @@ bool open_board_resource_types(ErlNifEnv* env) {
   return true;
 }
 
-ERL_NIF_TERM nif_board_layout(ErlNifEnv* env, int, const ERL_NIF_TERM[]) {
+SPSHM_GUARDED_NIF(nif_board_layout)(ErlNifEnv* env, int, const ERL_NIF_TERM[]) {
   return make_binary(env, b::board_layout_description());
 }
 
 // board_init(region, capacity, stale_after_ms, [gauge_name]): the creator writes the
 // board header into a fresh region (size checked here too).
-ERL_NIF_TERM nif_board_init(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+SPSHM_GUARDED_NIF(nif_board_init)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   RegionResource* r;
   std::uint64_t capacity = 0, stale = 0;
   unsigned length = 0;
@@ -200,7 +201,7 @@ ERL_NIF_TERM nif_board_init(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   return atoms.ok;
 }
 
-ERL_NIF_TERM nif_board_open(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+SPSHM_GUARDED_NIF(nif_board_open)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   RegionResource* r;
   if (!get_region(env, argv[0], &r)) return enif_make_badarg(env);
   if (!usable(r))
@@ -220,7 +221,7 @@ ERL_NIF_TERM nif_board_open(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   return make_ok(env, term);
 }
 
-ERL_NIF_TERM nif_board_info(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+SPSHM_GUARDED_NIF(nif_board_info)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   BoardResource* res;
   if (!get_board(env, argv[0], &res)) return enif_make_badarg(env);
   const auto& names = res->view.gauge_names();
@@ -237,7 +238,7 @@ ERL_NIF_TERM nif_board_info(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
 
 // board_join(board, worker_id, os_pid, start_time) -> {:ok, slot, index} | {:full,
 // capacity}: the slot is tied to the calling process (freed when it dies).
-ERL_NIF_TERM nif_board_join(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+SPSHM_GUARDED_NIF(nif_board_join)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   BoardResource* res;
   std::string id;
   std::uint64_t os_pid = 0, start = 0;
@@ -277,7 +278,7 @@ ERL_NIF_TERM nif_board_join(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
 
 // board_update(slot, {state, queue, in_flight, memory, processed, errors, g0, g1, g2, g3})
 // where each element is an integer or nil (keep the last published value).
-ERL_NIF_TERM nif_board_update(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+SPSHM_GUARDED_NIF(nif_board_update)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   BoardSlotResource* slot;
   int arity = 0;
   const ERL_NIF_TERM* items;
@@ -325,7 +326,7 @@ ERL_NIF_TERM nif_board_update(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   return atoms.ok;
 }
 
-ERL_NIF_TERM nif_board_leave(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+SPSHM_GUARDED_NIF(nif_board_leave)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   BoardSlotResource* slot;
   if (!get_slot(env, argv[0], &slot)) return enif_make_badarg(env);
   if (slot->left.load()) return make_error(env, Errc::closed, "already left");
@@ -336,7 +337,7 @@ ERL_NIF_TERM nif_board_leave(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
 
 // board_entries(board) -> {now_ns, [unreadable index], [entry]}: every live slot, consistent
 // copies; slots still changing after the retry budget are counted, not returned.
-ERL_NIF_TERM nif_board_entries(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+SPSHM_GUARDED_NIF(nif_board_entries)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   BoardResource* res;
   if (!get_board(env, argv[0], &res)) return enif_make_badarg(env);
   if (res->region->is_deallocated()) return deleted(env);
@@ -361,7 +362,7 @@ ERL_NIF_TERM nif_board_entries(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
 
 // board_least_loaded(board, [excluded_id]) -> {:ok, worker_id} |
 // {:none, candidates, unreadable}. Ties go round-robin on the handle's own counter.
-ERL_NIF_TERM nif_board_least_loaded(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+SPSHM_GUARDED_NIF(nif_board_least_loaded)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   BoardResource* res;
   unsigned n = 0;
   if (!get_board(env, argv[0], &res) || !enif_get_list_length(env, argv[1], &n) || n > 4096)
@@ -387,7 +388,7 @@ ERL_NIF_TERM nif_board_least_loaded(ErlNifEnv* env, int, const ERL_NIF_TERM argv
 
 // board_reclaim(region, os_pid, start_time) -> count: frees the slots of a dead OS
 // process if the region holds a board (0 otherwise).
-ERL_NIF_TERM nif_board_reclaim(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+SPSHM_GUARDED_NIF(nif_board_reclaim)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   RegionResource* r;
   std::uint64_t os_pid = 0, start = 0;
   if (!get_region(env, argv[0], &r) || !get_u64(env, argv[1], &os_pid) ||
@@ -402,7 +403,7 @@ ERL_NIF_TERM nif_board_reclaim(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
 
 // board_watch_info(region) -> {generation, [{os_pid, start_time}]} | nil: what the
 // manager needs to watch the OS processes that joined (nil if not a board).
-ERL_NIF_TERM nif_board_watch_info(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+SPSHM_GUARDED_NIF(nif_board_watch_info)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   RegionResource* r;
   std::uint64_t known = 0;
   if (!get_region(env, argv[0], &r) || !get_u64(env, argv[1], &known)) return enif_make_badarg(env);
@@ -419,7 +420,7 @@ ERL_NIF_TERM nif_board_watch_info(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]
   return enif_make_tuple2(env, make_u64(env, generation), list);
 }
 
-ERL_NIF_TERM nif_board_monotonic_ns(ErlNifEnv* env, int, const ERL_NIF_TERM[]) {
+SPSHM_GUARDED_NIF(nif_board_monotonic_ns)(ErlNifEnv* env, int, const ERL_NIF_TERM[]) {
   return make_u64(env, b::monotonic_ns());
 }
 

@@ -6,6 +6,27 @@
 
 namespace spshm::nif {
 
+/// {:error, {reason, message, errno}} built without any C++ allocation (for the catch
+/// blocks of guard_nif: after std::bad_alloc nothing may allocate from the C++ heap).
+ERL_NIF_TERM static_error(ErlNifEnv* env, const char* reason, const char* message,
+                          int sys_errno) noexcept;
+
+/// Runs a NIF body so that no C++ exception ever crosses into the VM (it would abort
+/// the whole VM): std::bad_alloc becomes {:error, {:no_space, "out of memory ...", ENOMEM}},
+/// anything else {:error, {:io_error, "internal error ...", 0}}.
+ERL_NIF_TERM guard_nif(ErlNifEnv* env, int argc, const ERL_NIF_TERM argv[],
+                       ERL_NIF_TERM (*body)(ErlNifEnv*, int, const ERL_NIF_TERM[])) noexcept;
+
+/// Defines NIF `name` as guard_nif over the body that follows the macro:
+///   SPSHM_GUARDED_NIF(nif_x)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) { ... }
+/// Every NIF is defined this way (new NIFs too).
+#define SPSHM_GUARDED_NIF(name)                                            \
+  static ERL_NIF_TERM name##_body(ErlNifEnv*, int, const ERL_NIF_TERM[]);  \
+  ERL_NIF_TERM name(ErlNifEnv* env, int argc, const ERL_NIF_TERM argv[]) { \
+    return guard_nif(env, argc, argv, name##_body);                        \
+  }                                                                        \
+  static ERL_NIF_TERM name##_body
+
 #define SPSHM_NIF(name) ERL_NIF_TERM name(ErlNifEnv* env, int argc, const ERL_NIF_TERM argv[])
 
 // nif_region.cpp: regions as a whole

@@ -6,7 +6,7 @@
 
 namespace spshm::nif {
 
-ERL_NIF_TERM nif_set_shm_dir(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+SPSHM_GUARDED_NIF(nif_set_shm_dir)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   std::string dir;
   Error why{};
   ERL_NIF_TERM reply;
@@ -17,12 +17,12 @@ ERL_NIF_TERM nif_set_shm_dir(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   return atoms.ok;
 }
 
-ERL_NIF_TERM nif_shm_dir(ErlNifEnv* env, int, const ERL_NIF_TERM[]) {
+SPSHM_GUARDED_NIF(nif_shm_dir)(ErlNifEnv* env, int, const ERL_NIF_TERM[]) {
   std::string dir = segment_dir();
   return dir.empty() ? atoms.nil : make_binary(env, dir);
 }
 
-ERL_NIF_TERM nif_fs_stat(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+SPSHM_GUARDED_NIF(nif_fs_stat)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   std::string path;
   Error why{};
   ERL_NIF_TERM reply;

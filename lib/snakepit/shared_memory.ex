@@ -185,10 +185,12 @@ defmodule Snakepit.SharedMemory do
   def write(other, _offset, _data), do: not_a_mapping(other)
 
   @doc """
-  Reads `length` bytes at `offset`. A sealed, unencrypted region gives a zero-copy
-  binary (constant time whatever the length); other regions copy (above 64 KiB on a
-  dirty scheduler), and encrypted ones are decrypted and verified (`:tampered` if the
-  data was modified outside this VM).
+  Reads `length` bytes at `offset`. An unencrypted region whose seal the kernel enforces
+  (memfd) gives a zero-copy binary (constant time whatever the length); other regions copy
+  (above 64 KiB on a dirty scheduler) — POSIX regions too, even sealed, since their owner
+  can make them writable again — and encrypted ones are decrypted and verified
+  (`:tampered` if the data was modified outside this VM; `:busy` while another process
+  writes it). `:truncated` if a peer truncated a POSIX segment under the mapping.
   """
   @spec read(Mapping.t(), non_neg_integer(), non_neg_integer()) :: {:ok, binary()} | error()
   def read(%Mapping{} = mapping, offset, length)
@@ -209,9 +211,13 @@ defmodule Snakepit.SharedMemory do
   def read(other, _offset, _length), do: not_a_mapping(other)
 
   @doc """
-  Seals a region: its data can no longer change (memfd: `F_SEAL_FUTURE_WRITE`; POSIX:
-  mode 0400), writes fail with `:sealed`, and `read/3` returns zero-copy binaries.
-  `:busy` while another OS process holds it writable. Irreversible and idempotent.
+  Seals a region: its data can no longer change, writes fail with `:sealed`. On memfd
+  the kernel enforces it for every process (`F_SEAL_WRITE`) and `read/3` then returns
+  zero-copy binaries; on POSIX it is mode 0400, a weaker promise, and reads keep copying
+  (docs/SECURITY.md). Writes of this VM already running finish first (it may wait, on a
+  dirty scheduler). `:busy` — and nothing changes — while another OS process holds or
+  maps the data writable (a worker attached "rw", a forked child of one, a raw writable
+  mapping). Irreversible and idempotent.
   """
   @spec seal(region_id()) :: :ok | error()
   def seal(region_id) do

@@ -13,7 +13,17 @@ defmodule Snakepit.SharedMemory.Allocator do
   require Logger
   require Snakepit.SharedMemory.Registry
 
-  alias Snakepit.SharedMemory.{Config, Error, Journal, Native, Quota, Registry, Security, Stats}
+  alias Snakepit.SharedMemory.{
+    Access,
+    Config,
+    Error,
+    Journal,
+    Native,
+    Quota,
+    Registry,
+    Security,
+    Stats
+  }
 
   import Snakepit.SharedMemory.Registry, only: [region: 1]
 
@@ -178,11 +188,13 @@ defmodule Snakepit.SharedMemory.Allocator do
   end
 
   @doc false
-  # Slot 1: accesses through this VM; slot 2: sealed (see Snakepit.SharedMemory.Access);
-  # slot 3: why it was freed (Snakepit.SharedMemory.Freed).
+  # Slot 1: accesses through this VM; slot 2: sealed (see Snakepit.SharedMemory.Access):
+  # 1 sealed, 2 sealed by the kernel (zero-copy reads). For an opened or adopted region
+  # `zero_copy` comes from the kernel's own seals (F_GET_SEALS), not from the header.
+  # Slot 3: why it was freed (Snakepit.SharedMemory.Freed).
   def new_counters(info) do
     counters = :counters.new(Snakepit.SharedMemory.Freed.slots(), [:write_concurrency])
-    if info.sealed, do: :counters.put(counters, 2, 1)
+    if info.sealed, do: Access.mark_sealed(counters, Map.get(info, :zero_copy, false))
     counters
   end
 

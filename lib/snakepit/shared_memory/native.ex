@@ -62,7 +62,7 @@ defmodule Snakepit.SharedMemory.Native do
           required(:idle_timeout_ms) => non_neg_integer()
         }
   # %{id, backend, size, capacity, control_path, data_path, data_offset, role :: :created | :opened,
-  #   encrypted, sealed, os_pid}
+  #   encrypted, sealed, os_pid, zero_copy} (zero_copy: the kernel enforces the seal)
   @type region_info :: map()
 
   def load_nif do
@@ -126,7 +126,7 @@ defmodule Snakepit.SharedMemory.Native do
           {:ok, binary()} | nif_error()
   def read_dirty(_mapping, _offset, _length), do: :erlang.nif_error(:not_loaded)
 
-  @doc "Zero-copy read of a sealed, unencrypted region: the binary keeps the mapping alive."
+  @doc "Zero-copy read of a kernel-sealed (memfd), unencrypted region: the binary keeps the mapping alive."
   @spec read_zero_copy(mapping(), non_neg_integer(), non_neg_integer()) ::
           {:ok, binary()} | nif_error()
   def read_zero_copy(_mapping, _offset, _length), do: :erlang.nif_error(:not_loaded)

@@ -25,6 +25,7 @@ from .errors import (CorruptRegion, ForeignHostRegion, LibraryNotFound,
                      OrphanedRegionWarning, PermissionError, RegionDeallocated,
                      RegionExpired, RegionNotFound, SnakepitShmError, UnheldAttachWarning,
                      ViewsStillAlive)
+from .errors import RegionBusy
 from .region import Region
 from .board import BoardFull, StatusBoard
 
@@ -49,6 +50,7 @@ __all__ = [
     "CorruptRegion",
     "RegionExpired",
     "RegionDeallocated",
+    "RegionBusy",
     "PermissionError",
     "ViewsStillAlive",
     "LibraryNotFound",

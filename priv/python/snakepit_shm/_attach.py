@@ -50,7 +50,9 @@ def attach(ref_or_region_id, mode="r"):
 
         header_mm = mmap.mmap(control_fd, F.HEADER_SIZE, access=(
             mmap.ACCESS_WRITE if header_writable else mmap.ACCESS_READ))
-        attachment = Attachment(header_mm, library, header_writable)
+        # Encrypted: keep a descriptor of the control object for the data lock.
+        lock_fd = os.dup(control_fd) if header.encrypted else None
+        attachment = Attachment(header_mm, library, header_writable, lock_fd)
         on_error.callback(attachment.close_quietly)
         # Hold first, then look at the state bits: seal() sets the sealed bit before
         # it looks for writable holders, so either it sees this hold or we see the bit.

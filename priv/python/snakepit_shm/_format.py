@@ -81,7 +81,12 @@ KNOWN_FLAGS = FLAG_ENCRYPTED | FLAG_NAMED | FLAG_SPLIT_DATA
 # Mutable state bits (the ``state`` field).
 STATE_SEALED = 1 << 0
 STATE_DEALLOCATED = 1 << 1
-STATE_ADOPTED = 1 << 2
+STATE_SEALING = 1 << 2  # a seal is being committed: writers refuse (not yet sealed)
+STATE_ADOPTED = 1 << 3  # a VM took over a worker-created region
+
+# Byte of the control object whose open file description lock (F_OFD_SETLK) serialises
+# the data of an encrypted region across processes: writers exclusive, readers shared.
+DATA_LOCK_BYTE = 1
 
 # Holder slot states.
 SLOT_FREE = 0

@@ -19,6 +19,7 @@ __all__ = [
     "LibraryNotFound",
     "UnheldAttachWarning",
     "OrphanedRegionWarning",
+    "RegionBusy",
 ]
 
 
@@ -65,6 +66,15 @@ class ViewsStillAlive(SnakepitShmError, builtins.BufferError):
 
 class LibraryNotFound(SnakepitShmError, builtins.OSError):
     """The C ABI library libsnakepit_shm.so could not be found or loaded."""
+
+
+class RegionBusy(SnakepitShmError):
+    """Another process is writing (or reading) an encrypted region right now.
+
+    Encrypted regions admit one writer at a time across processes (an OFD lock on byte
+    1 of the control object); a concurrent write or read is refused rather than left
+    to corrupt or misread a chunk. Retry shortly.
+    """
 
 
 class UnheldAttachWarning(UserWarning):

@@ -2,6 +2,8 @@
 
 import contextlib
 import ctypes
+import errno
+import fcntl
 import math
 import os
 import struct
@@ -84,13 +86,34 @@ class Attachment:
     only once the data mapping itself goes away (see Region.__del__).
     """
 
-    def __init__(self, header_mm, library, writable):
-        """Wrap a mapped header; ``writable`` if it is mapped for writing."""
+    def __init__(self, header_mm, library, writable, lock_fd=None):
+        """Wrap a mapped header; ``writable`` if it is mapped for writing.
+
+        ``lock_fd`` (encrypted regions) is a descriptor of the control object kept open
+        for the cross-process data lock; closed with the attachment.
+        """
         self.header_mm = header_mm
         self.library = library
         self.writable = writable
+        self.lock_fd = lock_fd
         self.identity = None  # (pid, start_time) while a hold is registered
         self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def data_lock(self, exclusive, region_id):
+        """Hold the data lock of an encrypted region (OFD lock of F.DATA_LOCK_BYTE).
+
+        Writers lock it exclusively, readers shared, never waiting: a conflict raises
+        RegionBusy. The kernel drops the lock if this process dies.
+        """
+        if self.lock_fd is None:
+            yield
+            return
+        _ofd_lock(self.lock_fd, fcntl.F_WRLCK if exclusive else fcntl.F_RDLCK, region_id)
+        try:
+            yield
+        finally:
+            _ofd_lock(self.lock_fd, fcntl.F_UNLCK, region_id)
 
     def hold(self, identity, writable):
         """Register one hold of ``identity`` in the header."""
@@ -115,6 +138,9 @@ class Attachment:
             self.release()
         finally:
             self.header_mm.close()
+            fd, self.lock_fd = self.lock_fd, None
+            if fd is not None:
+                os.close(fd)
 
     def close_quietly(self):
         """close() for finalizers, where nobody could handle an exception."""
@@ -350,6 +376,10 @@ class Region:
                 raise errors.PermissionError(
                     f"region {self.region_id} is sealed (immutable): write results into "
                     "another region")
+            if state_bits(self._attachment.header_mm) & F.STATE_SEALING:
+                raise errors.RegionBusy(
+                    f"region {self.region_id} is being sealed: writes are refused (the "
+                    "seal fails while this worker maps it writable: close it)")
             with _exported(data, False, "write() needs C-contiguous bytes-like data") \
                     as (source, length):
                 offset, length = _check_range(offset, length, self.size)
@@ -488,7 +518,11 @@ class Region:
         if length == 0:
             return
         lib = _native.library()
-        with _native.buffer_address(self._attachment.header_mm) as (header, _), \
+        # A sealed region has no writer left: no lock needed.
+        locking = not state_bits(self._attachment.header_mm) & F.STATE_SEALED
+        with self._attachment.data_lock(False, self.region_id) if locking \
+                else contextlib.nullcontext(), \
+                _native.buffer_address(self._attachment.header_mm) as (header, _), \
                 _native.buffer_address(self._data_mm) as (data, data_len):
             lib.decrypt(header, data + self._view_offset, data_len - self._view_offset,
                         key, offset, out_address, length)
@@ -498,7 +532,8 @@ class Region:
         if length == 0:
             return
         lib = _native.library()
-        with _native.buffer_address(self._attachment.header_mm) as (header, _), \
+        with self._attachment.data_lock(True, self.region_id), \
+                _native.buffer_address(self._attachment.header_mm) as (header, _), \
                 _native.buffer_address(self._data_mm, writable=True) as (data, data_len):
             lib.encrypt(header, data + self._view_offset, data_len - self._view_offset,
                         key, offset, source_address, length)
@@ -511,6 +546,24 @@ class Region:
 async def _in_executor(function, *args):
     import asyncio
     return await asyncio.get_running_loop().run_in_executor(None, function, *args)
+
+
+_F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
+
+
+def _ofd_lock(fd, kind, region_id):
+    """Set (or drop) an OFD lock on byte F.DATA_LOCK_BYTE of ``fd`` without waiting."""
+    # struct flock: l_type, l_whence, l_start, l_len, l_pid (0 for OFD locks).
+    request = struct.pack("hhqqi4x", kind, os.SEEK_SET, F.DATA_LOCK_BYTE, 1, 0)
+    try:
+        fcntl.fcntl(fd, _F_OFD_SETLK, request)
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            who = "reading or writing" if kind == fcntl.F_WRLCK else "writing"
+            raise errors.RegionBusy(
+                f"encrypted region {region_id} is in use: another process is {who} it "
+                "(one writer at a time, enforced across processes); retry") from None
+        raise
 
 
 @contextlib.contextmanager

@@ -25,6 +25,7 @@ CONSTANTS = {
     "chunk_overhead": F.CHUNK_OVERHEAD, "key_size": F.KEY_SIZE,
     "posix_data_offset": F.HEADER_SIZE, "memfd_data_offset": 0,
     "magic": F.MAGIC.decode(),
+    "data_lock_byte": F.DATA_LOCK_BYTE,
 }
 ENUMS = {
     "backends": {"posix": F.BACKEND_POSIX, "memfd": F.BACKEND_MEMFD,
@@ -34,7 +35,7 @@ ENUMS = {
     "flags": {"encrypted": F.FLAG_ENCRYPTED, "named": F.FLAG_NAMED,
               "split_data": F.FLAG_SPLIT_DATA},
     "states": {"sealed": F.STATE_SEALED, "deallocated": F.STATE_DEALLOCATED,
-               "adopted": F.STATE_ADOPTED},
+               "sealing": F.STATE_SEALING, "adopted": F.STATE_ADOPTED},
     "slot_states": {"free": F.SLOT_FREE, "busy": F.SLOT_BUSY, "live": F.SLOT_LIVE},
     "holder_flags": {"writable": F.HOLDER_WRITABLE,
                      "incarnation_mask": F.HOLDER_INCARNATION_MASK},

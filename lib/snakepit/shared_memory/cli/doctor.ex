@@ -444,7 +444,7 @@ defmodule Snakepit.SharedMemory.CLI.Doctor do
     end
   end
 
-  # seal/1 of a memfd region adds F_SEAL_FUTURE_WRITE: it fails on kernels without it.
+  # seal/1 of a memfd region adds F_SEAL_WRITE | F_SEAL_FUTURE_WRITE: it fails on kernels without them.
   defp seal_check(id) do
     with {:ok, mapping} <- SHM.map_region(id, access_mode: :read_write),
          :ok <- SHM.write(mapping, 0, "doctor"),
@@ -460,7 +460,7 @@ defmodule Snakepit.SharedMemory.CLI.Doctor do
           finding(
             "memfd sealing",
             :ok,
-            "allocated a memfd region, wrote it, sealed it (F_SEAL_FUTURE_WRITE): read-write mappings are refused, the data reads back"
+            "allocated a memfd region, wrote it, sealed it (F_SEAL_WRITE): read-write mappings are refused, the data reads back"
           )
 
         {{:ok, mapping}, _} ->
