@@ -206,6 +206,10 @@ bool fault_guard_installed() noexcept;
 /// mapping of a /dev/shm/spshm_* segment that lost its memory is replaced by a private
 /// zero page, so that header reads of a truncated segment do not kill the process).
 std::uint64_t fault_repairs() noexcept;
+
+/// Tells the SIGBUS handler where segments live (set_named_dir calls it): a fault in a
+/// mapping of "<dir>/spshm_*" outside a guarded copy is repaired.
+void set_fault_segment_dir(const std::string& dir) noexcept;
 /// Runs body(context) and returns true; or returns false if body touched a page of
 /// [first, first + length) that its object no longer has (a peer truncated it: SIGBUS),
 /// abandoning body at that instant. body must take no lock and own no object with a

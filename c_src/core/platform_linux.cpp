@@ -88,6 +88,7 @@ Result<void> set_named_dir(const std::string& dir) {
                  clean + " is not a directory: shm_path must name a directory (a tmpfs mount)"};
   std::lock_guard<std::mutex> lock(named_dir_mutex);
   named_dir_value = clean;
+  set_fault_segment_dir(clean);
   return {};
 }
 

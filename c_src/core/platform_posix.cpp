@@ -298,6 +298,10 @@ __attribute__((tls_model("initial-exec"))) thread_local GuardFrame* tls_frame = 
 struct sigaction previous_bus {};
 std::atomic<bool> guard_installed{false};
 std::atomic<std::uint64_t> repairs{0};  // lock-free: updated in the handler
+// "<segment dir>/spshm_", readable from the signal handler without a lock: written only
+// by set_fault_segment_dir() (length 0 while it is rewritten).
+char segment_prefix[4352] = "/dev/shm/spshm_";
+std::atomic<std::size_t> segment_prefix_length{sizeof "/dev/shm/spshm_" - 1};
 
 #if defined(__linux__)
 /// Parses a hexadecimal number at *p (advancing it).
@@ -320,13 +324,13 @@ bool maps_our_segment(const char* line, const char* end, std::uintptr_t address)
   ++p;
   std::uintptr_t stop = parse_hex(p, end);
   if (address < start || address >= stop) return false;
-  // Any directory: segments live in /dev/shm or in the directory set_named_dir() chose
-  // (shm_path), which a signal handler cannot read under its mutex. memfd mappings show
-  // as "/memfd:spshm_..." and cannot be truncated (sealed), so they never match.
-  static const char kOurs[] = "/spshm_";
-  std::size_t n = sizeof kOurs - 1;
+  // "<segment dir>/spshm_": the directory set_named_dir() chose (shm_path), copied for
+  // this handler by set_fault_segment_dir(). memfd mappings show as "/memfd:spshm_..."
+  // and cannot be truncated (sealed), so they never match.
+  std::size_t n = segment_prefix_length.load(std::memory_order_acquire);
+  if (n == 0) return false;
   for (const char* q = p; q + n <= end; ++q)
-    if (std::memcmp(q, kOurs, n) == 0) return true;
+    if (std::memcmp(q, segment_prefix, n) == 0) return true;
   return false;
 }
 
@@ -413,6 +417,14 @@ bool install_fault_guard() noexcept {
   if (::sigaction(SIGBUS, &action, &previous_bus) != 0) return false;
   guard_installed.store(true);
   return true;
+}
+
+void set_fault_segment_dir(const std::string& dir) noexcept {
+  std::string prefix = dir + "/spshm_";
+  segment_prefix_length.store(0, std::memory_order_release);
+  if (prefix.size() >= sizeof segment_prefix) return;  // too long: never repaired
+  std::memcpy(segment_prefix, prefix.c_str(), prefix.size() + 1);
+  segment_prefix_length.store(prefix.size(), std::memory_order_release);
 }
 
 bool fault_guard_installed() noexcept { return guard_installed.load(); }

@@ -259,6 +259,8 @@ bool writes_sealed(const Handle&) noexcept { return false; }
 bool install_fault_guard() noexcept { return true; }
 bool fault_guard_installed() noexcept { return true; }
 std::uint64_t fault_repairs() noexcept { return 0; }
+
+void set_fault_segment_dir(const std::string&) noexcept {}
 bool run_guarded(void (*body)(void*), void* context, const void*, std::size_t) noexcept {
   body(context);
   return true;
