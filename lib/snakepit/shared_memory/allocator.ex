@@ -14,6 +14,7 @@ defmodule Snakepit.SharedMemory.Allocator do
   require Snakepit.SharedMemory.Registry
 
   alias Snakepit.SharedMemory.{Config, Error, Journal, Native, Quota, Registry, Security, Stats}
+  alias Snakepit.SharedMemory.HostQuota
 
   import Snakepit.SharedMemory.Registry, only: [region: 1]
 
@@ -74,19 +75,33 @@ defmodule Snakepit.SharedMemory.Allocator do
     config = Config.get()
     flags = Security.level_flags(opts.security_level)
 
-    with :ok <- Quota.reserve(opts.owner, opts.size, config) do
+    with :ok <- Quota.reserve(opts.owner, opts.size, config),
+         {:ok, host} <- host_reserve(opts) do
       # From here a kill leaves a reservation (and maybe a POSIX segment) behind: the
       # journal row says so, with what the manager needs to find the segment.
       Journal.note({:allocate, :creating, opts.size, opts.backend, System.os_time(:nanosecond)})
 
       case create(opts, native_options(opts, flags)) do
         {:ok, ref, info} ->
-          register(ref, info, opts)
+          register(ref, info, opts, host)
 
         {:error, native} ->
           Quota.release(opts.owner, opts.size)
+          HostQuota.Regions.discard(host)
           {:error, Error.from_native(native, %{size: opts.size, backend: opts.backend})}
       end
+    end
+  end
+
+  # The host-wide quota (config :host_quota), after this VM's own limits.
+  defp host_reserve(opts) do
+    case HostQuota.Regions.reserve(opts.size) do
+      {:ok, host} ->
+        {:ok, host}
+
+      {:error, _} = error ->
+        Quota.release(opts.owner, opts.size)
+        error
     end
   end
 
@@ -111,7 +126,7 @@ defmodule Snakepit.SharedMemory.Allocator do
     }
   end
 
-  defp register(ref, info, opts) do
+  defp register(ref, info, opts, host) do
     # An opened named region has the size its creator gave it.
     if info.size != opts.size, do: Quota.adjust_bytes(info.size - opts.size)
 
@@ -142,6 +157,7 @@ defmodule Snakepit.SharedMemory.Allocator do
     # answers not_found) or, if this caller is killed right here, by the manager, which
     # re-checks the owners of a dead caller that had a journal row.
     if Registry.insert_new(record) do
+      HostQuota.Regions.bind(host, info.id, info.role)
       watch_owner(ref, info.id, opts.owner)
       Stats.count(:allocations)
       {:ok, info.id}
@@ -149,6 +165,7 @@ defmodule Snakepit.SharedMemory.Allocator do
       # Only a named region opened concurrently by two callers of this VM gets here: the
       # other caller registered it; drop this second handle and share the first.
       Quota.release(opts.owner, info.size)
+      HostQuota.Regions.discard(host)
       {:ok, info.id}
     end
   end
@@ -233,6 +250,7 @@ defmodule Snakepit.SharedMemory.Allocator do
 
     if role == :created, do: destroy(record)
     Quota.release(owner, size)
+    HostQuota.Regions.release(id)
     Stats.event(:deallocations, %{count: 1}, %{region_id: id, reason: reason})
     Logger.debug("snakepit_shm: freed #{id} (#{reason})")
     record

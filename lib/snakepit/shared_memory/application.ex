@@ -9,15 +9,20 @@ defmodule Snakepit.SharedMemory.Application do
 
   use Application
 
-  alias Snakepit.SharedMemory.{Config, Manager, Platform, Stats, TableOwner}
+  alias Snakepit.SharedMemory.{Config, HostQuota, Manager, Platform, Stats, TableOwner}
 
   @impl true
   def start(_type, _args) do
-    with {:ok, _config} <- Config.load(),
+    with {:ok, config} <- Config.load(),
          {:ok, _platform} <- Platform.select(:os.type()) do
       Stats.setup()
 
-      Supervisor.start_link([TableOwner, Manager],
+      # The host quota client (when configured) starts before the manager, so that a
+      # restart of the client restarts the manager, which re-declares every region.
+      children =
+        [HostQuota.Supervisor, TableOwner] ++ HostQuota.Regions.children(config) ++ [Manager]
+
+      Supervisor.start_link(children,
         strategy: :rest_for_one,
         max_restarts: 10,
         max_seconds: 5,

@@ -11,7 +11,8 @@ defmodule Snakepit.SharedMemory.Error do
   `:memory_limit_exceeded`, `:region_limit_exceeded`, `:process_limit_exceeded`,
   `:invalid_metadata`, `:metadata_too_large`, `:not_found`, `:permission_denied`,
   `:closed`, `:not_sealed`, `:already_exists`, `:unsupported`, `:unavailable`,
-  `:invalid_json`. Reasons coming from the native core are the names of `spshm::Errc`
+  `:invalid_json`, `:quota_exceeded` and `:unknown_quota` (host quotas,
+  `Snakepit.SharedMemory.HostQuota`). Reasons coming from the native core are the names of `spshm::Errc`
   (`c_src/core/error.hpp`): `:not_found`, `:no_space`, `:corrupt`, `:sealed`, `:busy`,
   `:expired`, `:deallocated`, `:out_of_bounds`, `:tampered`, `:mlock_failed`, ...
 

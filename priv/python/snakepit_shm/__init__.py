@@ -21,6 +21,8 @@ from ._attach import attach, inspect
 from .errors import (CorruptRegion, LibraryNotFound, PermissionError, RegionExpired,
                      RegionNotFound, SnakepitShmError, UnheldAttachWarning,
                      ViewsStillAlive)
+from .quota import (HostQuota, QuotaError, QuotaExceeded, QuotaUnavailable, Reservation,
+                    UnknownQuota)
 from .region import Region
 
 __version__ = "0.1.0"
@@ -37,4 +39,10 @@ __all__ = [
     "ViewsStillAlive",
     "LibraryNotFound",
     "UnheldAttachWarning",
+    "HostQuota",
+    "Reservation",
+    "QuotaError",
+    "QuotaExceeded",
+    "UnknownQuota",
+    "QuotaUnavailable",
 ]

@@ -31,9 +31,15 @@ defmodule Snakepit.SharedMemory.HostQuota.Client do
   end
 
   @doc """
-  Starts a client. Options: `:dir` (the quota directory, see
-  `Snakepit.SharedMemory.HostQuota.RuntimeDir`), `:name` (registered name; defaults to
-  none), `:label` (how the server shows this client; defaults to the node name).
+  Starts a client. Options:
+
+    * `:dir` - the quota directory (see `Snakepit.SharedMemory.HostQuota.RuntimeDir`).
+      Defaults to the configured or default one.
+    * `:name` - a registered name. Defaults to none.
+    * `:label` - how the server shows this client. Defaults to the node name.
+    * `:define` - `[{quota, limit}]` to set on the first connection. Defaults to `[]`.
+    * `:table` - the name of a public ETS table this client owns (for
+      `Snakepit.SharedMemory.HostQuota.Regions`). Defaults to none.
   """
   @spec start_link(keyword()) :: GenServer.on_start()
   def start_link(opts) do
@@ -62,6 +68,10 @@ defmodule Snakepit.SharedMemory.HostQuota.Client do
   def init(opts) do
     case RuntimeDir.ensure(opts[:dir]) do
       {:ok, dir} ->
+        # A table whose life is this session's (HostQuota.Regions keeps region ->
+        # reservation there): if this process dies, table and session end together.
+        if opts[:table], do: :ets.new(opts[:table], [:named_table, :public, :set])
+
         state = %{
           dir: dir,
           path: RuntimeDir.socket_path(dir),
@@ -116,6 +126,19 @@ defmodule Snakepit.SharedMemory.HostQuota.Client do
         state = drop_owner(%{state | held: held}, held_res.owner)
         {:noreply, request(state, from, :release, &{:release, &1, id}, held_res)}
     end
+  end
+
+  def handle_call({:declare, name, amount}, from, state) do
+    res = %Reservation{
+      id: System.unique_integer([:positive]),
+      name: name,
+      amount: amount,
+      owner: nil,
+      client: self()
+    }
+
+    make = &{:declare, &1, res.id, name, amount, Map.get(state.limits, name, 0)}
+    {:noreply, request(state, from, :declare, make, res)}
   end
 
   def handle_call({:usage, name}, from, state),
@@ -227,6 +250,11 @@ defmodule Snakepit.SharedMemory.HostQuota.Client do
   defp settle(%{kind: :reserve, res: res, from: from}, {:error, _, reason, message}, state) do
     GenServer.reply(from, error(reason, message, res))
     drop_owner(state, res.owner)
+  end
+
+  defp settle(%{kind: :declare, res: res, from: from}, {:ok, _}, state) do
+    GenServer.reply(from, {:ok, res})
+    %{state | held: Map.put(state.held, res.id, res)}
   end
 
   defp settle(%{kind: :usage, from: from}, {:usage, _, quotas}, state) do
@@ -379,5 +407,5 @@ defmodule Snakepit.SharedMemory.HostQuota.Client do
 
   defp os_pid, do: String.to_integer(System.pid())
 
-  defp label, do: if(Node.alive?(), do: Atom.to_string(node()), else: "beam #{System.pid()}")
+  defp label, do: Atom.to_string(node())
 end

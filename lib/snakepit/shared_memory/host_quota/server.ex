@@ -459,7 +459,7 @@ defmodule Snakepit.SharedMemory.HostQuota.Server do
       if(by != "", do: " (#{by})", else: "") <>
       ", #{max(quota.limit - quota.used, 0)} left" <>
       if(waiters > 0, do: ", #{waiters} reservation(s) already waiting", else: "") <>
-      "; release reservations, raise the limit with define/2, or pass wait: ms to queue"
+      "; release reservations, raise the limit (define), or wait in line (the wait option)"
   end
 
   defp never(name, amount, quota),
@@ -511,7 +511,5 @@ defmodule Snakepit.SharedMemory.HostQuota.Server do
 
   defp os_pid, do: String.to_integer(System.pid())
 
-  defp label do
-    if Node.alive?(), do: Atom.to_string(node()), else: "beam #{System.pid()}"
-  end
+  defp label, do: Atom.to_string(node())
 end
