@@ -152,6 +152,7 @@ defmodule Snakepit.SharedMemory.HostQuota.Client do
        dir: state.dir,
        connected: state.socket != nil,
        serving: state.server != nil and Process.alive?(state.server),
+       server: state.server,
        client_id: state.client_id
      }, state}
   end
