@@ -11,10 +11,13 @@
 #   allocate SIZE                  -> ok REGION_ID | error REASON   (allocate_region/2)
 #   deallocate REGION_ID           -> ok | error REASON
 #   serving                        -> serving true|false
+require Logger
+
 defmodule SnakepitShm.HostQuotaPeer do
   alias Snakepit.SharedMemory.HostQuota
 
   def main do
+    Logger.configure(level: :error)
     for {k, v} <- config(), do: Application.put_env(:snakepit_shm, k, v)
     Application.put_env(:snakepit_shm, :orphan_sweep, false)
     {:ok, _} = Application.ensure_all_started(:snakepit_shm)
