@@ -30,7 +30,7 @@ defmodule Snakepit.SharedMemory.HostQuota.RuntimeDir do
   @doc "Resolves, creates if needed and verifies the directory. Returns its path."
   @spec ensure(String.t() | nil) :: {:ok, String.t()} | {:error, Error.t()}
   def ensure(dir \\ nil) do
-    path = dir || configured() || default()
+    path = dir || default_dir()
 
     with :ok <- make(path),
          :ok <- verify(path),
@@ -38,6 +38,13 @@ defmodule Snakepit.SharedMemory.HostQuota.RuntimeDir do
       {:ok, path}
     end
   end
+
+  @doc """
+  The directory to use when none is given: `SNAKEPIT_SHM_QUOTA_DIR`, the
+  `:host_quota_dir` setting, else the first of the defaults (not created).
+  """
+  @spec default_dir() :: String.t()
+  def default_dir, do: configured() || default()
 
   @doc "The socket path inside `dir`."
   @spec socket_path(String.t()) :: String.t()
