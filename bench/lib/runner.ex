@@ -2,13 +2,14 @@ defmodule SnakepitShm.Bench.Runner do
   @moduledoc """
   Runs every part of the bench in one VM, one after the other, and writes
   `bench/RESULTS.md` and the plots. Parts (issue 6): `handoff`, `lifecycle`,
-  `concurrency`, `zero_copy`, `crypto`, `scale`, `fresh_pages`.
+  `concurrency`, `zero_copy`, `crypto`, `scale`, `fresh_pages`; (issue 17) `host_quota`.
   """
 
   alias SnakepitShm.Bench.{
     Crypto,
     FreshPages,
     Handoff,
+    HostQuota,
     Lifecycle,
     Meta,
     Plots,
@@ -19,7 +20,7 @@ defmodule SnakepitShm.Bench.Runner do
     ZeroCopy
   }
 
-  @parts ~w(handoff lifecycle concurrency zero_copy crypto scale fresh_pages)a
+  @parts ~w(handoff lifecycle concurrency zero_copy crypto scale fresh_pages host_quota)a
   @last_results "_build/bench/last_results.etf"
 
   def parts, do: @parts
@@ -102,6 +103,7 @@ defmodule SnakepitShm.Bench.Runner do
   defp run_part(:crypto, profile, payload, programs), do: Crypto.run(profile, payload, programs)
   defp run_part(:scale, profile, _, programs), do: Scale.run(profile, programs)
   defp run_part(:fresh_pages, profile, _, programs), do: FreshPages.run(profile, programs)
+  defp run_part(:host_quota, profile, _, programs), do: HostQuota.run(profile, programs)
 
   # One random payload for the whole run; smaller payloads are sub-binaries of it (no
   # copy), so every path of a size hands off exactly the same bytes.

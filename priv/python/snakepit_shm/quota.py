@@ -64,6 +64,7 @@ ERRORS = {1: "quota_exceeded", 2: "unknown_quota", 3: "invalid_argument", 4: "co
 
 _NAME = re.compile(r"\A[A-Za-z0-9_.:\-]{1,64}\Z")
 _MARGIN = 5.0  # seconds a call may take beyond its wait before the server counts as gone
+_RCVTIMEO = struct.pack("ll", 1, 0)  # struct timeval: 1 s
 
 
 class QuotaError(SnakepitShmError):
@@ -283,7 +284,7 @@ class HostQuota:
         self._path = os.path.join(self._dir, SOCKET_NAME)
         self._client_id = secrets.randbits(64)
         self._label = label or os.path.basename(sys.argv[0] or "") or "python"
-        self._cv = threading.Condition()
+        self._cv = threading.Condition(threading.Lock())
         self._ids = itertools.count(1)
         self._sock = None
         self._buf = bytearray()
@@ -430,25 +431,31 @@ class HostQuota:
             self._pending[req] = (frame, release)
             self._send_locked(frame)
         try:
-            reply = self._await(req, deadline)
+            reply = self._await(req, deadline, reservation)
         finally:
-            with self._cv:
-                self._pending.pop(req, None)
+            if self._pending.get(req) is not None:
+                with self._cv:
+                    self._pending.pop(req, None)
         if reply[0] == ERROR:
             _, _, reason, message = reply
             cls = {"quota_exceeded": QuotaExceeded, "unknown_quota": UnknownQuota}.get(reason)
             raise (cls or QuotaError)(message, reason)
-        if reservation is not None:
-            with self._cv:
-                self._held[reservation.id] = reservation
         return reply
 
-    def _await(self, req, deadline):
+    def _take_locked(self, req, reply, reservation):
+        # Called with the lock held, once the reply of `req` is here.
+        self._pending.pop(req, None)
+        if reservation is not None and reply[0] == GRANTED:
+            self._held[reservation.id] = reservation
+        return reply
+
+    def _await(self, req, deadline, reservation):
+        """Leader/follower: one thread reads the socket for everyone, others wait."""
         while True:
             with self._cv:
                 while True:
                     if req in self._replies:
-                        return self._replies.pop(req)
+                        return self._take_locked(req, self._replies.pop(req), reservation)
                     self._check_open()
                     remaining = None if deadline is None else deadline - time.monotonic()
                     if remaining is not None and remaining <= 0:
@@ -462,12 +469,12 @@ class HostQuota:
                         self._reconnect_locked(deadline or time.monotonic() + _MARGIN)
                         continue
                     self._cv.wait(remaining)
-            reply = None
+            # Blocking read; SO_RCVTIMEO (set at connect) wakes it now and then so that
+            # a deadline is seen even if the server hangs without closing.
             try:
-                sock.settimeout(remaining)
                 reply = self._read_one(sock)
-            except socket.timeout:
-                pass
+            except BlockingIOError:
+                reply = None
             except (OSError, ValueError):
                 reply = False
             with self._cv:
@@ -475,11 +482,14 @@ class HostQuota:
                 if reply is False:
                     if self._sock is sock:
                         self._drop_locked()
-                elif reply is not None and reply[0] != WELCOME:
+                elif reply is not None and reply[0] == WELCOME:
+                    self._server_pid = reply[2]
+                elif reply is not None:
+                    if reply[1] == req:
+                        self._cv.notify_all()
+                        return self._take_locked(req, reply, reservation)
                     if reply[1] in self._pending:
                         self._replies[reply[1]] = reply
-                elif reply is not None:
-                    self._server_pid = reply[2]
                 self._cv.notify_all()
 
     def _read_one(self, sock):
@@ -553,6 +563,8 @@ class HostQuota:
                 self._cv.wait(delay)
                 delay = min(delay * 2, 0.05)
                 continue
+            # Reads block (no Python timeout: one syscall per read) but wake each second.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _RCVTIMEO)
             self._sock = sock
             self._buf = bytearray()
             frames = [encode_hello(self._client_id, os.getpid(), self._label)]
