@@ -59,8 +59,8 @@ std::uint64_t mono_ns() {
 }
 
 SharedHeader* create_table() {
-  void* p = mmap(nullptr, sizeof(SharedHeader), PROT_READ | PROT_WRITE,
-                 MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+  void* p = mmap(nullptr, sizeof(SharedHeader), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS,
+                 -1, 0);
   if (p == MAP_FAILED) {
     std::perror("mmap");
     std::exit(1);
@@ -209,8 +209,7 @@ int kill_latency(const std::string& mode, int reps) {
       ns.push_back(l);
   }
   std::printf("{\"mode\": \"%s\", \"ns\": [", mode.c_str());
-  for (std::size_t i = 0; i < ns.size(); ++i)
-    std::printf("%s%" PRIu64, i == 0 ? "" : ", ", ns[i]);
+  for (std::size_t i = 0; i < ns.size(); ++i) std::printf("%s%" PRIu64, i == 0 ? "" : ", ", ns[i]);
   std::printf("], \"timeouts\": %d}\n", timeouts);
   return 0;
 }

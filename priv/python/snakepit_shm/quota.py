@@ -259,8 +259,8 @@ class Reservation:
         self.release()
 
     def __repr__(self):
-        return "<Reservation %d of %r: %d%s>" % (self.id, self.name, self.amount,
-                                                  "" if self.held else " (released)")
+        state = "" if self.held else " (released)"
+        return "<Reservation %d of %r: %d%s>" % (self.id, self.name, self.amount, state)
 
 
 _INSTANCES = weakref.WeakSet()
