@@ -6,8 +6,15 @@ defmodule Snakepit.SharedMemory.ApplicationTest do
   describe "start/2" do
     test "starts the table owner, then the manager, under :rest_for_one" do
       children = Supervisor.which_children(Snakepit.SharedMemory.Supervisor)
-      assert [{Manager, manager, :worker, _}, {TableOwner, owner, :worker, _}] = children
-      assert is_pid(manager) and is_pid(owner)
+      # (which_children lists the last started first.) No :host_quota configured here,
+      # so no host quota client between the table owner and the manager.
+      assert [
+               {Manager, manager, :worker, _},
+               {TableOwner, owner, :worker, _},
+               {Snakepit.SharedMemory.HostQuota.Supervisor, hq, :supervisor, _}
+             ] = children
+
+      assert is_pid(manager) and is_pid(owner) and is_pid(hq)
 
       assert %{strategy: :rest_for_one} =
                :sys.get_state(Snakepit.SharedMemory.Supervisor) |> supervisor_strategy()
