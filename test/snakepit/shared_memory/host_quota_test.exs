@@ -291,6 +291,52 @@ defmodule Snakepit.SharedMemory.HostQuotaTest do
     end
   end
 
+  describe "recovery after a takeover" do
+    test "no grant until the live clients had time to re-declare", %{dir: dir} do
+      # A stale socket of a dead server: whoever serves next takes over.
+      File.mkdir_p!(dir)
+      File.chmod!(dir, 0o700)
+      stale = Path.join(dir, "quota.sock")
+      {:ok, l} = :gen_tcp.listen(0, [:binary, ifaddr: {:local, stale}])
+      :gen_tcp.close(l)
+      assert File.exists?(stale)
+
+      a = client(dir, "a")
+      :ok = HQ.define("q", 10, client: a)
+      test = self()
+      t0 = System.monotonic_time(:millisecond)
+
+      spawn(fn ->
+        send(test, {:a, HQ.reserve("q", 6, client: a), System.monotonic_time(:millisecond)})
+      end)
+
+      # A client of the dead server re-declares what it holds, during the grace period.
+      {:ok, s} = :gen_tcp.connect({:local, stale}, 0, [:binary, packet: 4, active: false])
+      :ok = :gen_tcp.send(s, Protocol.encode_request({:hello, 9, 9, :other, "old"}))
+      :ok = :gen_tcp.send(s, Protocol.encode_request({:declare, 1, 1, "q", 5, 10}))
+      {:ok, _welcome} = :gen_tcp.recv(s, 0, 2_000)
+      {:ok, _ok} = :gen_tcp.recv(s, 0, 2_000)
+
+      assert_receive {:a, {:error, %Error{reason: :quota_exceeded}}, at}, 5_000
+      assert at - t0 >= 200
+      assert used(a, "q") == 5
+      :gen_tcp.close(s)
+      assert wait_until(fn -> used(a, "q") == 0 end)
+      assert {:ok, _} = HQ.reserve("q", 6, client: a)
+    end
+
+    test "a live server of the path is never replaced", %{dir: dir} do
+      File.mkdir_p!(dir)
+      File.chmod!(dir, 0o700)
+      # Someone serves quota.sock without our election name (another network namespace).
+      {:ok, other} = :gen_tcp.listen(0, [:binary, ifaddr: {:local, Path.join(dir, "quota.sock")}])
+
+      on_exit(fn -> :gen_tcp.close(other) end)
+      assert Snakepit.SharedMemory.HostQuota.Server.start(dir) == :ignore
+      assert File.exists?(Path.join(dir, "quota.sock"))
+    end
+  end
+
   describe "malformed messages" do
     defp raw(dir) do
       {:ok, s} =

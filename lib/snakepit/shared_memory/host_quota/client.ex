@@ -318,6 +318,19 @@ defmodule Snakepit.SharedMemory.HostQuota.Client do
       Enum.split_with(state.pending, fn {_req, e} -> e.res != nil and e.res.owner == pid end)
 
     state = %{state | held: Map.new(kept), pending: Map.new(pending)}
+
+    # A caller that reserved for another owner is still waiting for an answer.
+    for {_, e} <- waiting do
+      GenServer.reply(
+        e.from,
+        Error.error(
+          :owner_down,
+          "the owner #{inspect(pid)} of this reservation of #{inspect(e.res.name)} died " <>
+            "before it was granted"
+        )
+      )
+    end
+
     ids = Enum.map(gone, &elem(&1, 0)) ++ Enum.map(waiting, fn {_, e} -> e.res.id end)
     Enum.reduce(ids, state, &send_now(&2, {:release, 0, &1}))
   end

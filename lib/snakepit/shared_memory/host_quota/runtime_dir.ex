@@ -174,9 +174,10 @@ defmodule Snakepit.SharedMemory.HostQuota.RuntimeDir do
         {:ok, token}
 
       {:ok, _other} ->
-        # Damaged (or a write cut short): replace it; every VM reads the winner's.
-        File.rm(path)
-        create_token(path)
+        # It is written whole and linked into place, so only someone else can have made
+        # it like this. Replacing it here could give two VMs two different tokens (two
+        # servers): a person decides.
+        fail(path, "the election token is damaged (not 32 bytes): remove it")
 
       {:error, :enoent} ->
         create_token(path)

@@ -30,6 +30,7 @@ defmodule Snakepit.SharedMemory.HostQuota.Server do
   alias Snakepit.SharedMemory.HostQuota.{Protocol, RuntimeDir}
 
   @active 64
+  @recovery_ms 250
 
   @doc false
   def child_spec(dir) do
@@ -70,9 +71,37 @@ defmodule Snakepit.SharedMemory.HostQuota.Server do
 
   defp serve(dir, lock) do
     path = RuntimeDir.socket_path(dir)
-    # Only the election winner touches the path: a leftover of a dead server goes.
-    _ = File.rm(path)
 
+    case previous_server(path) do
+      :alive ->
+        # Someone serves the path without holding our election name: a VM in another
+        # network namespace sharing this directory (abstract names are per namespace).
+        # A live server is never replaced; this VM connects to it as a client.
+        :gen_tcp.close(lock)
+        :ignore
+
+      previous ->
+        # Only the election winner touches the path: a leftover of a dead server goes.
+        _ = File.rm(path)
+        listen(dir, lock, path, previous == :dead)
+    end
+  end
+
+  defp previous_server(path) do
+    case :gen_tcp.connect({:local, path}, 0, [:binary, active: false], 500) do
+      {:ok, socket} ->
+        :gen_tcp.close(socket)
+        :alive
+
+      {:error, :enoent} ->
+        :none
+
+      {:error, _} ->
+        :dead
+    end
+  end
+
+  defp listen(dir, lock, path, takeover?) do
     opts = [
       :binary,
       packet: 4,
@@ -96,13 +125,25 @@ defmodule Snakepit.SharedMemory.HostQuota.Server do
          listen: listen,
          sessions: %{},
          quotas: %{},
-         label: label()
+         label: label(),
+         recovering: recovery(takeover?)
        }}
     else
       {:error, reason} ->
         :gen_tcp.close(lock)
         {:stop, {:cannot_listen, path, reason}}
     end
+  end
+
+  # After a takeover the state is rebuilt from what the live clients re-declare as they
+  # reconnect (within milliseconds of the old server's death). Until the grace period
+  # ends no reservation is granted, so that one granted early cannot push the total
+  # past the limit once everyone has re-declared (like NFS lock recovery).
+  defp recovery(false), do: false
+
+  defp recovery(true) do
+    Process.send_after(self(), :recovered, @recovery_ms)
+    true
   end
 
   defp accept_loop(listen, server) do
@@ -150,6 +191,8 @@ defmodule Snakepit.SharedMemory.HostQuota.Server do
 
   def handle_info({:tcp_error, socket, reason}, state),
     do: {:noreply, end_session(state, socket, "socket error #{inspect(reason)}")}
+
+  def handle_info(:recovered, state), do: {:noreply, recovered(state)}
 
   def handle_info({:wait_timeout, socket, res_id}, state) do
     {:noreply, wait_timed_out(state, socket, res_id)}
@@ -227,6 +270,9 @@ defmodule Snakepit.SharedMemory.HostQuota.Server do
       amount > quota.limit ->
         reply_error(state, socket, req, :quota_exceeded, never(name, amount, quota))
 
+      state.recovering ->
+        enqueue(state, socket, req, res_id, name, amount, wait)
+
       :queue.is_empty(quota.queue) and quota.used + amount <= quota.limit ->
         grant(state, socket, req, res_id, name, amount)
 
@@ -234,22 +280,7 @@ defmodule Snakepit.SharedMemory.HostQuota.Server do
         reply_error(state, socket, req, :quota_exceeded, exceeded(state, name, amount, nil))
 
       true ->
-        timer =
-          if wait == :infinity,
-            do: nil,
-            else: Process.send_after(self(), {:wait_timeout, socket, res_id}, wait)
-
-        waiter = %{
-          socket: socket,
-          req: req,
-          res_id: res_id,
-          amount: amount,
-          since: now(),
-          wait: wait,
-          timer: timer
-        }
-
-        update_in(state, [:quotas, name, :queue], &:queue.in(waiter, &1))
+        enqueue(state, socket, req, res_id, name, amount, wait)
     end
   end
 
@@ -297,6 +328,43 @@ defmodule Snakepit.SharedMemory.HostQuota.Server do
 
   # ---- quota state ----
 
+  defp enqueue(state, socket, req, res_id, name, amount, wait) do
+    # wait 0 during recovery: answered when it ends (recovered/1), no timer.
+    timer =
+      if wait in [0, :infinity],
+        do: nil,
+        else: Process.send_after(self(), {:wait_timeout, socket, res_id}, wait)
+
+    waiter = %{
+      socket: socket,
+      req: req,
+      res_id: res_id,
+      amount: amount,
+      since: now(),
+      wait: wait,
+      timer: timer
+    }
+
+    update_in(state, [:quotas, name, :queue], &:queue.in(waiter, &1))
+  end
+
+  # The grace period is over: grant what fits in line order, refuse the requests that
+  # did not want to wait and do not fit.
+  defp recovered(state) do
+    state = %{state | recovering: false}
+    state = Enum.reduce(Map.keys(state.quotas), state, &pump(&2, &1))
+
+    Enum.reduce(state.quotas, state, fn {name, quota}, state ->
+      {refused, kept} = Enum.split_with(:queue.to_list(quota.queue), &(&1.wait == 0))
+
+      state = put_in(state, [:quotas, name, :queue], :queue.from_list(kept))
+
+      Enum.reduce(refused, state, fn w, state ->
+        reply_error(state, w.socket, w.req, :quota_exceeded, exceeded(state, name, w.amount, 0))
+      end)
+    end)
+  end
+
   defp grant(state, socket, req, res_id, name, amount) do
     state
     |> put_in([:sessions, socket, :held, res_id], {name, amount})
@@ -306,6 +374,8 @@ defmodule Snakepit.SharedMemory.HostQuota.Server do
 
   # Grants waiters in arrival order while the head fits: strict FIFO, so a large request
   # at the head is never overtaken (and starved) by smaller ones behind it.
+  defp pump(%{recovering: true} = state, _name), do: state
+
   defp pump(state, name) do
     with %{queue: queue, used: used, limit: limit} <- state.quotas[name],
          {{:value, w}, rest} <- :queue.out(queue),
