@@ -85,4 +85,45 @@ defmodule Mix.Tasks.Snakepit.Shm.QuotaTest do
     {out, _err, 0} = run_task("snakepit.shm.quota", ["--help"])
     assert out =~ "mix snakepit.shm.quota [QUOTA]"
   end
+
+  test "--node asks a running node's client", %{dir: dir} do
+    {_, 0} = System.cmd("epmd", ["-daemon"])
+    cookie = "c#{System.unique_integer([:positive])}"
+    name = "shmquota#{System.unique_integer([:positive])}"
+
+    body = """
+    System.put_env("SNAKEPIT_SHM_QUOTA_DIR", "#{dir}")
+    {:ok, _} = Application.ensure_all_started(:snakepit_shm)
+    alias Snakepit.SharedMemory.HostQuota
+    :ok = HostQuota.define("lic", 3)
+    {:ok, _} = HostQuota.reserve("lic", 2, owner: nil)
+    IO.puts("READY \#{System.pid()} \#{node()}")
+    Process.sleep(:infinity)
+    """
+
+    {_port, [vm, node]} = start_vm(body, ["--sname", name, "--cookie", cookie])
+
+    on_exit(fn ->
+      kill9(vm)
+      :net_kernel.stop()
+    end)
+
+    {out, _err, 0} = run_task("snakepit.shm.quota", ["--node", node, "--cookie", cookie])
+    assert out =~ ~r/lic\s+3\s+2\s+1\s+1\s+0/
+    assert out =~ "node #{node}"
+    assert out =~ ~r/holder\s+node #{node} \(os pid #{vm}\)\s+2/
+
+    {out, _err, 0} =
+      run_task("snakepit.shm.quota", [
+        "lic",
+        "--node",
+        node,
+        "--cookie",
+        cookie,
+        "--format",
+        "json"
+      ])
+
+    assert %{"quotas" => [%{"name" => "lic", "used" => 2}]} = json!(out)
+  end
 end
