@@ -177,6 +177,24 @@ defmodule Snakepit.SharedMemory.HostQuotaTest do
     end
   end
 
+  describe "a server that does not answer" do
+    test "the call fails with :unavailable and a late grant is given back", %{dir: dir} do
+      a = client(dir)
+      :ok = HQ.define("q", 10, client: a)
+      {:ok, %{server: server}} = HQ.info(client: a)
+      :sys.suspend(server)
+
+      try do
+        assert {:error, %Error{reason: :unavailable}} = HQ.reserve("q", 4, client: a)
+      after
+        :sys.resume(server)
+      end
+
+      assert wait_until(fn -> used(a, "q") == 0 end)
+      assert HQ.held(client: a) == []
+    end
+  end
+
   describe "wait:" do
     test "waiters are granted in arrival order; a big head is not overtaken", %{dir: dir} do
       a = client(dir)

@@ -160,6 +160,13 @@ defmodule Snakepit.SharedMemory.HostQuota.Client do
   @impl true
   def handle_cast({:abandon, id}, state) do
     # A caller gave up waiting (its call timed out): whatever the server decided, let go.
+    # Its request may still be pending (a grant arriving later must not be kept) or
+    # already granted.
+    {waiting, pending} =
+      Enum.split_with(state.pending, fn {_req, e} -> e.res != nil and e.res.id == id end)
+
+    state = %{state | pending: Map.new(pending)}
+    state = Enum.reduce(waiting, state, fn {_, e}, state -> drop_owner(state, e.res.owner) end)
     {held_res, held} = Map.pop(state.held, id)
     state = if held_res, do: drop_owner(%{state | held: held}, held_res.owner), else: state
     {:noreply, send_now(state, {:release, 0, id})}
@@ -351,9 +358,12 @@ defmodule Snakepit.SharedMemory.HostQuota.Client do
         end
 
       {:error, reason} ->
-        Logger.warning(
-          "snakepit_shm host quota: cannot connect to #{state.path}: #{inspect(reason)}"
-        )
+        # Once per outage, not once per retry.
+        if state.backoff == 1,
+          do:
+            Logger.warning(
+              "snakepit_shm host quota: cannot connect to #{state.path}: #{inspect(reason)}"
+            )
 
         retry(state)
     end
@@ -379,7 +389,9 @@ defmodule Snakepit.SharedMemory.HostQuota.Client do
   end
 
   defp log_election(state, reason) do
-    Logger.warning("snakepit_shm host quota: cannot serve #{state.dir}: #{inspect(reason)}")
+    if state.backoff == 1,
+      do: Logger.warning("snakepit_shm host quota: cannot serve #{state.dir}: #{inspect(reason)}")
+
     state
   end
 
