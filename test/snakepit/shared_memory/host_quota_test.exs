@@ -144,6 +144,16 @@ defmodule Snakepit.SharedMemory.HostQuotaTest do
     end
   end
 
+  describe "labels" do
+    test "control characters in a label are made printable", %{dir: dir} do
+      a = client(dir, "evil\nlabel\e[31m")
+      :ok = HQ.define("q", 10, client: a)
+      {:ok, _} = HQ.reserve("q", 1, client: a)
+      {:ok, [q]} = HQ.usage("q", client: a)
+      assert [%{label: "evil?label?[31m"}] = q.holders
+    end
+  end
+
   describe "death releases" do
     test "the death of the owner process releases its reservations", %{dir: dir} do
       a = client(dir)

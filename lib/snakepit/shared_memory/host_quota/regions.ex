@@ -46,7 +46,20 @@ defmodule Snakepit.SharedMemory.HostQuota.Regions do
         {:ok, nil}
 
       %{host_quota: name, host_quota_wait: wait} ->
-        HostQuota.reserve(name, size, owner: nil, wait: wait)
+        case HostQuota.reserve(name, size, owner: nil, wait: wait) do
+          {:error, %Error{reason: :unknown_quota} = error} ->
+            {:error,
+             %{
+               error
+               | message:
+                   error.message <>
+                     " (config :snakepit_shm, host_quota: #{inspect(name)} needs a limit: set " <>
+                     "host_quota_limit: bytes on at least one VM of this host)"
+             }}
+
+          other ->
+            other
+        end
     end
   end
 

@@ -214,7 +214,7 @@ defmodule Snakepit.SharedMemory.HostQuota.Server do
     case Protocol.decode_request(data) do
       {:ok, {:hello, client_id, os_pid, kind, label}} when not session.hello ->
         session = %{session | hello: true, client_id: client_id, os_pid: os_pid}
-        session = %{session | kind: kind, label: label}
+        session = %{session | kind: kind, label: printable(label)}
         state = put_in(state, [:sessions, socket], session)
         reply(state, socket, Protocol.welcome(os_pid(), state.label))
 
@@ -575,6 +575,13 @@ defmodule Snakepit.SharedMemory.HostQuota.Server do
     else
       state
     end
+  end
+
+  # Labels end up in log lines and error messages: printable characters only, short.
+  defp printable(label) do
+    label
+    |> String.slice(0, 64)
+    |> String.replace(~r/[^[:print:]]/u, "?")
   end
 
   defp now, do: System.monotonic_time(:millisecond)
