@@ -21,7 +21,8 @@ defmodule Mix.Tasks.Snakepit.Shm.Quota do
     * `--format table|json` - output format. Defaults to `table`. In scripts, set
       `MIX_QUIET=1` to keep mix's own messages out of the JSON.
     * `--node NAME`, `--cookie COOKIE` - ask a running node (distributed Erlang) to
-      query the server through its own client instead.
+      query the server of its quota directory instead (for a VM whose directory or
+      user environment differs from this shell's).
 
   ## Exit status
 
@@ -76,17 +77,19 @@ defmodule Mix.Tasks.Snakepit.Shm.Quota do
   defp remote(opts, name) do
     node = Remote.connect!(opts)
 
+    # The node probes its own quota directory: like the local probe, it only looks (a
+    # node that never used host quotas does not become a client or a server).
     try do
-      :erpc.call(node, HostQuota, :usage, [name], 15_000)
+      :erpc.call(node, HostQuota.Probe, :usage, [nil, name], 15_000)
     catch
       kind, reason ->
-        Command.fail!("calling HostQuota.usage on #{node} failed: #{inspect({kind, reason})}")
+        Command.fail!("probing the host quotas on #{node} failed: #{inspect({kind, reason})}")
     else
-      {:ok, quotas} ->
-        %{quotas: quotas, source: "node #{node}"}
+      {:ok, result} ->
+        Map.put(result, :source, "node #{node}, server at #{result.dir}")
 
       {:error, error} ->
-        Command.fail!("HostQuota.usage failed on #{node}: #{error.message}")
+        Command.fail!("on #{node}: #{error.message}")
     end
   end
 
