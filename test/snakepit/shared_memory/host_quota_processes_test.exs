@@ -283,4 +283,75 @@ defmodule Snakepit.SharedMemory.HostQuotaProcessesTest do
     ms_until(fn -> usage(c, "shm_total").used == 500_000 end, 1_000)
     assert "ok " <> _ = cmd(vm1, "allocate 500000")
   end
+
+  # Soak (SNAKEPIT_SHM_SOAK=1): the serving process is killed again and again while
+  # VMs and Python clients hammer one quota; the limit holds throughout and everything
+  # comes back to zero.
+  @tag :soak
+  @tag timeout: 600_000
+  test "repeated takeovers under load", %{dir: dir} do
+    first = start_beam(dir)
+    assert cmd(first, "serving") == "serving true"
+    assert cmd(first, "define q 10") == "ok"
+    beams = [first, start_beam(dir), start_beam(dir)]
+    pys = [start_python(dir), start_python(dir)]
+    c = client(dir)
+    test = self()
+
+    watcher =
+      spawn_link(fn ->
+        watch = fn watch, max ->
+          max =
+            case HQ.usage("q", client: c) do
+              {:ok, [q]} ->
+                assert q.used <= q.limit, "over the limit: #{inspect(q)}"
+                assert q.used == Enum.sum(Enum.map(q.holders, & &1.amount))
+                max(max, q.used)
+
+              _ ->
+                max
+            end
+
+          receive do
+            :stop -> send(test, {:max_used, max})
+          after
+            1 -> watch.(watch, max)
+          end
+        end
+
+        watch.(watch, 0)
+      end)
+
+    for p <- pys, do: send_line(p, "stress q 10 20000")
+    for p <- tl(beams), do: send_line(p, "stress q 10 20000")
+
+    {alive, kills} =
+      Enum.reduce(1..5, {beams, 0}, fn _round, {alive, kills} ->
+        Process.sleep(400)
+        # Who serves (the peers are busy: ask the server itself).
+        {:ok, %{server_os_pid: pid}} = Snakepit.SharedMemory.HostQuota.Probe.usage(dir, "q")
+        {:ok, %{server: local}} = HQ.info(client: c)
+
+        case Enum.find(alive, &(&1.pid == Integer.to_string(pid))) do
+          nil ->
+            # This VM serves: kill the server process (its sessions end as on a VM death).
+            assert local, "the server (os pid #{pid}) is neither a peer nor this VM"
+            Process.exit(local, :kill)
+            {alive, kills + 1}
+
+          peer ->
+            kill9(peer)
+            {List.delete(alive, peer), kills + 1}
+        end
+      end)
+
+    assert kills == 5
+    # Still stressing when the last takeover happened (else the test proves little).
+    survivors = Enum.filter(alive, &(&1 != first))
+    assert Enum.map(survivors ++ pys, &reply(&1, 300_000)) |> Enum.uniq() == ["done"]
+    send(watcher, :stop)
+    assert_receive {:max_used, max}, 10_000
+    assert max <= 10
+    ms_until(fn -> usage(c, "q").used == 0 end, 5_000)
+  end
 end
