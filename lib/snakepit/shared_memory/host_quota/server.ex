@@ -201,8 +201,6 @@ defmodule Snakepit.SharedMemory.HostQuota.Server do
   # Replies of port_command/3 (what gen_tcp:send would wait for).
   def handle_info({:inet_reply, _socket, _status}, state), do: {:noreply, state}
 
-  def handle_info({:EXIT, _pid, reason}, state), do: {:stop, reason, state}
-
   def handle_info(message, state) do
     Logger.debug("snakepit_shm host quota server: unexpected #{inspect(message)}")
     {:noreply, state}
