@@ -261,3 +261,29 @@ def test_a_forked_child_does_not_inherit_the_session(tmp_path):
     assert quota.usage() == []
     quota.close()
     server.stop()
+
+
+def test_many_threads_share_one_session(tmp_path):
+    # One thread reads for everyone (leader/follower); a reply for another is handed on.
+    server = FakeServer(tmp_path)
+    quota = snakepit_shm.HostQuota.connect(dir=server.dir)
+    errors = []
+
+    def work():
+        try:
+            for _ in range(200):
+                with quota.reserve("q", 1):
+                    pass
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not any(t.is_alive() for t in threads)
+    assert errors == []
+    assert quota.held == []
+    quota.close()
+    server.stop()
