@@ -288,6 +288,7 @@ class HostQuota:
         self._ids = itertools.count(1)
         self._sock = None
         self._buf = bytearray()
+        self._buf_sock = None
         self._reading = False
         self._replies = {}
         self._pending = {}
@@ -493,6 +494,10 @@ class HostQuota:
                 self._cv.notify_all()
 
     def _read_one(self, sock):
+        if self._buf_sock is not sock:
+            # Bytes of an earlier connection must never be parsed with this one's.
+            self._buf = bytearray()
+            self._buf_sock = sock
         while True:
             if len(self._buf) >= 4:
                 (n,) = struct.unpack_from(">I", self._buf, 0)
@@ -547,9 +552,15 @@ class HostQuota:
         self._cv.notify_all()
 
     def _reconnect_locked(self, deadline):
+        # Single flight: the watcher and a caller may both get here, and cv.wait()
+        # below lets the other in. Whoever connects first wins; the other returns.
+        # (Replacing a live socket would leave its session, and what the server
+        # granted it, alive for as long as anything still references that socket.)
         delay = 0.002
         while True:
             self._check_open()
+            if self._sock is not None:
+                return
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 sock.connect(self._path)

@@ -110,6 +110,7 @@ class FakeServer:
         self.path = os.path.join(self.dir, "quota.sock")
         self.frames = []  # (connection number, payload)
         self.conns = []
+        self.ended = set()  # connection numbers the client closed
         self.reply = reply or self.default_reply
         self.listen()
 
@@ -136,6 +137,7 @@ class FakeServer:
             except OSError:
                 return
             if not chunk:
+                self.ended.add(n)
                 return
             buf += chunk
             while len(buf) >= 4 and len(buf) >= 4 + struct.unpack(">I", buf[:4])[0]:
@@ -285,5 +287,31 @@ def test_many_threads_share_one_session(tmp_path):
     assert not any(t.is_alive() for t in threads)
     assert errors == []
     assert quota.held == []
+    quota.close()
+    server.stop()
+
+
+def test_one_connection_after_a_hang_up_even_when_a_call_races_the_watcher(tmp_path):
+    # The watcher and a caller both try to reconnect while no server listens; whoever
+    # connects first wins and the other must not open a second session (the server
+    # would count what it grants that session until the socket is collected).
+    server = FakeServer(tmp_path)
+    quota = snakepit_shm.HostQuota.connect(dir=server.dir)
+    for _ in range(5):
+        first = len(server.conns)
+        server.hang_up()
+        results = []
+        callers = [threading.Thread(target=lambda: results.append(quota.usage()))
+                   for _ in range(3)]
+        for t in callers:
+            t.start()
+        time.sleep(0.05)
+        server.listen()
+        for t in callers:
+            t.join(10)
+        assert results == [[], [], []]
+        time.sleep(0.1)
+        new = range(first + 1, len(server.conns) + 1)
+        assert len([n for n in new if n not in server.ended]) == 1
     quota.close()
     server.stop()
