@@ -108,6 +108,23 @@ defmodule Snakepit.SharedMemory.HostQuota.RegionsTest do
     assert used(c) == 0
   end
 
+  test "host_quota_wait: an allocation waits in line for a deallocation", %{client: c} do
+    {:ok, a} = SHM.allocate_region(80_000)
+    Application.put_env(:snakepit_shm, :host_quota_wait, 5_000)
+    {:ok, _} = Snakepit.SharedMemory.Config.load()
+    test = self()
+    spawn(fn -> send(test, {:allocated, SHM.allocate_region(50_000, owner: test)}) end)
+
+    assert eventually(fn -> match?({:ok, [%{waiters: [_]}]}, HQ.usage(@quota, client: c)) end)
+    refute_received {:allocated, _}
+    :ok = SHM.deallocate_region(a)
+    assert_receive {:allocated, {:ok, _b}}, 5_000
+    assert used(c) == 50_000
+  after
+    Application.delete_env(:snakepit_shm, :host_quota_wait)
+    {:ok, _} = Snakepit.SharedMemory.Config.load()
+  end
+
   test "config validation" do
     assert {:error, m} = Snakepit.SharedMemory.Config.validate(host_quota: "bad name")
     assert m =~ "host_quota"
