@@ -223,15 +223,16 @@ defmodule Snakepit.SharedMemory.HostQuota.Client do
 
   defp send_now(%{socket: nil} = state, _frame), do: state
 
+  # port_command/2 rather than :gen_tcp.send/2: no selective receive of the driver's
+  # {:inet_reply, ...} in a mailbox that may hold many calls (those replies are dropped
+  # by the catch-all handle_info); a write error shows up as tcp_closed/tcp_error.
   defp send_now(state, frame) do
-    case :gen_tcp.send(state.socket, frame) do
-      :ok ->
-        state
-
-      {:error, _} ->
-        :gen_tcp.close(state.socket)
-        disconnected(state)
-    end
+    :erlang.port_command(state.socket, frame)
+    state
+  rescue
+    ArgumentError ->
+      :gen_tcp.close(state.socket)
+      disconnected(state)
   end
 
   defp handle_reply({:welcome, _pid, _label}, state), do: state
