@@ -3,7 +3,7 @@ defmodule SnakepitShm.Bench.Runner do
   Runs every part of the bench in one VM, one after the other, and writes
   `bench/RESULTS.md` and the plots. Parts (issue 6): `handoff`, `lifecycle`,
   `concurrency`, `zero_copy`, `crypto`, `scale`, `fresh_pages`; `health` (issue 19),
-  `cluster` (issue 18), `board` (issue 16).
+  `cluster` (issue 18), `board` (issue 16), `host_quota` (issue 17).
   """
 
   alias SnakepitShm.Bench.{
@@ -12,6 +12,7 @@ defmodule SnakepitShm.Bench.Runner do
     FreshPages,
     Handoff,
     Health,
+    HostQuota,
     Lifecycle,
     Meta,
     Plots,
@@ -22,7 +23,7 @@ defmodule SnakepitShm.Bench.Runner do
     ZeroCopy
   }
 
-  @parts ~w(handoff lifecycle concurrency zero_copy crypto scale fresh_pages health cluster board)a
+  @parts ~w(handoff lifecycle concurrency zero_copy crypto scale fresh_pages health cluster board host_quota)a
   @last_results "_build/bench/last_results.etf"
 
   def parts, do: @parts
@@ -126,6 +127,7 @@ defmodule SnakepitShm.Bench.Runner do
   defp run_part(:health, profile, _, _), do: Health.run(profile)
   defp run_part(:cluster, profile, _, _), do: Cluster.run(profile)
   defp run_part(:board, profile, _, programs), do: SnakepitShm.Bench.Board.run(profile, programs)
+  defp run_part(:host_quota, profile, _, programs), do: HostQuota.run(profile, programs)
 
   # One random payload for the whole run; smaller payloads are sub-binaries of it (no
   # copy), so every path of a size hands off exactly the same bytes.

@@ -96,7 +96,9 @@ defmodule Snakepit.SharedMemory do
   `:size_exceeds_limit`, `:memory_limit_exceeded`, `:region_limit_exceeded`,
   `:process_limit_exceeded`, `:already_exists`, `:size_mismatch`, `:unsupported`,
   `:disabled` (the application runs with `enabled: false`), and native ones such as
-  `:no_space` or `:mlock_failed`.
+  `:no_space` or `:mlock_failed`. With a host-wide quota configured (`:host_quota`, see
+  `Snakepit.SharedMemory.HostQuota`): `:quota_exceeded` (the message says who holds
+  what), `:unknown_quota`, `:unavailable`.
   """
   @spec allocate_region(pos_integer() | :any, keyword() | map()) :: {:ok, region_id()} | error()
   def allocate_region(size, opts \\ []) do

@@ -20,7 +20,17 @@ defmodule Snakepit.SharedMemory.Adoption do
 
   require Snakepit.SharedMemory.Registry
 
-  alias Snakepit.SharedMemory.{Allocator, Error, JSON, Native, Options, Quota, Registry}
+  alias Snakepit.SharedMemory.{
+    Allocator,
+    Error,
+    HostQuota,
+    JSON,
+    Native,
+    Options,
+    Quota,
+    Registry
+  }
+
   alias Snakepit.SharedMemory.{Config, Stats, ZeroCopy}
 
   import Snakepit.SharedMemory.Registry, only: [region: 1]
@@ -200,7 +210,8 @@ defmodule Snakepit.SharedMemory.Adoption do
     {:ok, header} = Native.header(handle)
 
     with :ok <- Quota.reserve(opts.owner, info.size, Config.get()),
-         :ok <- mark(handle, id, opts) do
+         {:ok, host} <- host_reserve(info.size, opts),
+         :ok <- mark(handle, id, opts, host) do
       timeout = opts.timeout
       _ = Native.set_idle_timeout(handle, if(timeout == :infinity, do: 0, else: timeout))
 
@@ -227,23 +238,40 @@ defmodule Snakepit.SharedMemory.Adoption do
         )
 
       if Registry.insert_new(record) do
+        HostQuota.Regions.bind(host, id, :created)
         watch(handle, id, opts.owner)
+        Snakepit.SharedMemory.Cluster.Directory.added(id)
         Stats.count(:allocations)
         {:ok, id}
       else
         Quota.release(opts.owner, info.size)
+        HostQuota.Regions.discard(host)
         not_registered(id)
       end
     end
   end
 
-  defp mark(handle, id, opts) do
+  # The host-wide quota (config :host_quota) holds adopted regions as it holds allocated
+  # ones: the region counts against the budget from now until it is freed.
+  defp host_reserve(size, opts) do
+    case HostQuota.Regions.reserve(size) do
+      {:ok, host} ->
+        {:ok, host}
+
+      {:error, _} = error ->
+        Quota.release(opts.owner, size)
+        error
+    end
+  end
+
+  defp mark(handle, id, opts, host) do
     case Native.mark_adopted(handle) do
       :ok ->
         :ok
 
       {:error, {reason, message, _}} ->
         Quota.release(opts.owner, Native.info(handle).size)
+        HostQuota.Regions.discard(host)
 
         reason = if reason == :busy, do: :already_adopted, else: reason
         Error.error(reason, "cannot adopt #{id}: #{message}", %{region_id: id})

@@ -25,6 +25,8 @@ defmodule Snakepit.SharedMemory.Allocator do
     Stats
   }
 
+  alias Snakepit.SharedMemory.HostQuota
+
   import Snakepit.SharedMemory.Registry, only: [region: 1]
 
   # Largest size the plain (normal-scheduler) create and zeroing NIFs take.
@@ -101,7 +103,8 @@ defmodule Snakepit.SharedMemory.Allocator do
     config = Config.get()
     flags = Security.level_flags(opts.security_level)
 
-    with :ok <- Quota.reserve(opts.owner, reserved_size(opts), config) do
+    with :ok <- Quota.reserve(opts.owner, reserved_size(opts), config),
+         {:ok, host} <- host_reserve(opts) do
       # From here a kill leaves a reservation (and maybe a POSIX segment) behind: the
       # journal row says so, with what the manager needs to find the segment.
       Journal.note({:allocate, :creating, opts.size, opts.backend, System.os_time(:nanosecond)})
@@ -109,15 +112,32 @@ defmodule Snakepit.SharedMemory.Allocator do
       case create(opts, native_options(opts, flags)) do
         {:ok, _ref, %{role: :opened} = info} when info.size != opts.size and opts.size != :any ->
           Quota.release(opts.owner, reserved_size(opts))
+          HostQuota.Regions.discard(host)
           same_size(info.id, info.size, opts.size)
 
         {:ok, ref, info} ->
-          register(ref, info, opts)
+          register(ref, info, opts, host)
 
         {:error, native} ->
           Quota.release(opts.owner, reserved_size(opts))
+          HostQuota.Regions.discard(host)
           {:error, Error.from_native(native, %{size: opts.size, backend: opts.backend})}
       end
+    end
+  end
+
+  # The host-wide quota (config :host_quota), after this VM's own limits. `size: :any`
+  # only opens an existing region (its creator holds the reservation).
+  defp host_reserve(%{size: :any}), do: {:ok, nil}
+
+  defp host_reserve(opts) do
+    case HostQuota.Regions.reserve(opts.size) do
+      {:ok, host} ->
+        {:ok, host}
+
+      {:error, _} = error ->
+        Quota.release(opts.owner, reserved_size(opts))
+        error
     end
   end
 
@@ -144,7 +164,7 @@ defmodule Snakepit.SharedMemory.Allocator do
     }
   end
 
-  defp register(ref, info, opts) do
+  defp register(ref, info, opts, host) do
     # An opened named region has the size its creator gave it.
     if info.size != opts.size, do: Quota.adjust_bytes(info.size - reserved_size(opts))
 
@@ -175,6 +195,7 @@ defmodule Snakepit.SharedMemory.Allocator do
     # answers not_found) or, if this caller is killed right here, by the manager, which
     # re-checks the owners of a dead caller that had a journal row.
     if Registry.insert_new(record) do
+      HostQuota.Regions.bind(host, info.id, info.role)
       watch_owner(ref, info.id, opts.owner)
       Snakepit.SharedMemory.Cluster.Directory.added(info.id)
       Stats.count(:allocations)
@@ -183,6 +204,7 @@ defmodule Snakepit.SharedMemory.Allocator do
       # Only a named region opened concurrently by two callers of this VM gets here: the
       # other caller registered it; drop this second handle and share the first.
       Quota.release(opts.owner, info.size)
+      HostQuota.Regions.discard(host)
       {:ok, info.id}
     end
   end
@@ -273,6 +295,7 @@ defmodule Snakepit.SharedMemory.Allocator do
     if role == :created, do: destroy(record)
     Snakepit.SharedMemory.Cluster.Directory.removed(id)
     Quota.release(owner, size)
+    HostQuota.Regions.release(id)
     Stats.event(:deallocations, %{count: 1}, %{region_id: id, reason: reason})
     # The one log line of a free (explicit deallocations at debug, policies at info).
     Logger.log(if(reason == :deallocated, do: :debug, else: :info), fn ->

@@ -16,6 +16,7 @@ defmodule Snakepit.SharedMemory.Application do
     Cluster,
     Config,
     HealthMonitor,
+    HostQuota,
     Manager,
     Platform,
     Stats,
@@ -30,7 +31,13 @@ defmodule Snakepit.SharedMemory.Application do
       Platform.warn_unless_tmpfs(config.shm_path)
       Stats.setup()
 
-      Supervisor.start_link([TableOwner, Manager, HealthMonitor, Cluster.Supervisor],
+      # The host quota client (when configured) starts before the manager, so that a
+      # restart of the client restarts the manager, which re-declares every region.
+      children =
+        [HostQuota.Supervisor, TableOwner] ++
+          HostQuota.Regions.children(config) ++ [Manager, HealthMonitor, Cluster.Supervisor]
+
+      Supervisor.start_link(children,
         strategy: :rest_for_one,
         max_restarts: 10,
         max_seconds: 5,

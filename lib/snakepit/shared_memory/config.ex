@@ -52,6 +52,20 @@ defmodule Snakepit.SharedMemory.Config do
       and goes back only below the threshold minus `hysteresis` points. Defaults to
       `%{degraded: 80, critical: 95, hysteresis: 5}`.
 
+  Host-wide quota (`Snakepit.SharedMemory.HostQuota`, `docs/QUOTA.md`):
+
+    * `:host_quota` - the name of a host quota (e.g. `"shm_total"`) that every region
+      this VM creates is reserved from, so that all VMs (and Python workers) of the host
+      configured with it share one budget; `nil` for none. Defaults to `nil`.
+    * `:host_quota_limit` - the limit this VM sets for `:host_quota` when it starts
+      (bytes), or `nil` to leave it to another VM or tool. Defaults to `nil`.
+    * `:host_quota_wait` - ms `allocate_region/2` waits in line for host quota capacity
+      before failing with `:quota_exceeded`, or `:infinity`. Defaults to `0`.
+    * `:host_quota_dir` - the private directory of the quota server's socket, or `nil`
+      for `$XDG_RUNTIME_DIR/snakepit_shm` (then `/run/user/<uid>/snakepit_shm`, then
+      `/tmp/snakepit_shm-<uid>`). The `SNAKEPIT_SHM_QUOTA_DIR` environment variable
+      overrides it. Defaults to `nil`.
+
   ## Snakepit's configuration
 
   `config :snakepit, :shared_memory, ...` (the keys of the Snakepit shared-memory
@@ -83,7 +97,11 @@ defmodule Snakepit.SharedMemory.Config do
     shm_path: nil,
     telemetry: true,
     health_check_interval: 60_000,
-    health_thresholds: %{degraded: 80, critical: 95, hysteresis: 5}
+    health_thresholds: %{degraded: 80, critical: 95, hysteresis: 5},
+    host_quota: nil,
+    host_quota_limit: nil,
+    host_quota_wait: 0,
+    host_quota_dir: nil
   ]
 
   @type t :: %{
@@ -105,7 +123,11 @@ defmodule Snakepit.SharedMemory.Config do
           shm_path: String.t() | nil,
           telemetry: boolean(),
           health_check_interval: pos_integer() | false,
-          health_thresholds: %{degraded: number(), critical: number(), hysteresis: number()}
+          health_thresholds: %{degraded: number(), critical: number(), hysteresis: number()},
+          host_quota: String.t() | nil,
+          host_quota_limit: non_neg_integer() | nil,
+          host_quota_wait: non_neg_integer() | :infinity,
+          host_quota_dir: String.t() | nil
         }
 
   @doc "The default value of every setting."
@@ -265,6 +287,30 @@ defmodule Snakepit.SharedMemory.Config do
       {:error,
        "%{degraded: percent, critical: percent, hysteresis: points} with " <>
          "0 < degraded < critical <= 100 and 0 <= hysteresis < degraded"}
+
+  defp check(:host_quota, nil), do: :ok
+
+  defp check(:host_quota, value) do
+    if Snakepit.SharedMemory.HostQuota.Protocol.valid_name?(value),
+      do: :ok,
+      else: {:error, "nil or a quota name of 1-64 characters of [A-Za-z0-9_.:-]"}
+  end
+
+  defp check(:host_quota_limit, value) when is_nil(value) or (is_integer(value) and value >= 0),
+    do: :ok
+
+  defp check(:host_quota_limit, _), do: {:error, "nil or a non-negative integer"}
+
+  defp check(:host_quota_wait, value)
+       when value == :infinity or (is_integer(value) and value >= 0),
+       do: :ok
+
+  defp check(:host_quota_wait, _), do: {:error, "a non-negative integer or :infinity"}
+
+  defp check(:host_quota_dir, value) when is_nil(value) or (is_binary(value) and value != ""),
+    do: :ok
+
+  defp check(:host_quota_dir, _), do: {:error, "nil or a directory path"}
 
   defp check(_key, _value), do: {:error, :unknown}
 

@@ -14,7 +14,8 @@ defmodule Snakepit.SharedMemory.Error do
   `:invalid_json`, `:disabled`, `:size_mismatch` (open_only of a region of another size),
   `:already_adopted` (`adopt_region/2`), `:deallocated` (a mapping whose region was
   freed, with `details.freed_because`); of the cluster (`locate/1`, `fetch/2`):
-  `:nodedown`, `:timeout`, `:corrupt`, `:tampered`. Reasons coming from the native core are the names of `spshm::Errc`
+  `:nodedown`, `:timeout`, `:corrupt`, `:tampered`; `:quota_exceeded` and
+  `:unknown_quota` (host quotas, `Snakepit.SharedMemory.HostQuota`). Reasons coming from the native core are the names of `spshm::Errc`
   (`c_src/core/error.hpp`): `:not_found`, `:no_space`, `:corrupt`, `:sealed`, `:busy`,
   `:expired`, `:deallocated`, `:out_of_bounds`, `:tampered`, `:mlock_failed`, ...
 

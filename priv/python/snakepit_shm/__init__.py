@@ -26,6 +26,8 @@ from .errors import (CorruptRegion, ForeignHostRegion, LibraryNotFound,
                      RegionExpired, RegionNotFound, SnakepitShmError, UnheldAttachWarning,
                      ViewsStillAlive)
 from .errors import RegionBusy
+from .quota import (HostQuota, QuotaError, QuotaExceeded, QuotaUnavailable, Reservation,
+                    UnknownQuota)
 from .region import Region
 from .board import BoardFull, StatusBoard
 
@@ -56,4 +58,10 @@ __all__ = [
     "LibraryNotFound",
     "UnheldAttachWarning",
     "OrphanedRegionWarning",
+    "HostQuota",
+    "Reservation",
+    "QuotaError",
+    "QuotaExceeded",
+    "UnknownQuota",
+    "QuotaUnavailable",
 ]

@@ -6,16 +6,18 @@ defmodule Snakepit.SharedMemory.ApplicationTest do
   describe "start/2" do
     test "starts the table owner, then the manager, then the health monitor, then the cluster directory, under :rest_for_one" do
       children = Supervisor.which_children(Snakepit.SharedMemory.Supervisor)
-
+      # (which_children lists the last started first.) No :host_quota configured here,
+      # so no host quota client between the table owner and the manager.
       assert [
                {Snakepit.SharedMemory.Cluster.Supervisor, cluster, :supervisor, _},
                {HealthMonitor, health, :worker, _},
                {Manager, manager, :worker, _},
-               {TableOwner, owner, :worker, _}
+               {TableOwner, owner, :worker, _},
+               {Snakepit.SharedMemory.HostQuota.Supervisor, hq, :supervisor, _}
              ] = children
 
-      assert is_pid(cluster)
-      assert is_pid(manager) and is_pid(owner) and is_pid(health)
+      assert is_pid(cluster) and is_pid(health) and is_pid(hq)
+      assert is_pid(manager) and is_pid(owner)
 
       assert %{strategy: :rest_for_one} =
                :sys.get_state(Snakepit.SharedMemory.Supervisor) |> supervisor_strategy()

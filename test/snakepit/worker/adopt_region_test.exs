@@ -67,6 +67,7 @@ defmodule Snakepit.SharedMemory.AdoptRegionTest do
       else
         assert :binary.referenced_byte_size(data) == 4000
       end
+
       expected = for i <- 0..999, into: <<>>, do: <<i * 2.0::float-32-little>>
       assert data == expected
 
