@@ -1,0 +1,78 @@
+defmodule Snakepit.SharedMemory.StatusBoardAttackTest do
+  # Attacks on the status board's public API: every function returns an error tuple
+  # for bad input (never raises), whatever the caller passes or its :score does.
+  use ExUnit.Case, async: false
+
+  @moduletag :capture_log
+
+  alias Snakepit.SharedMemory.{Error, StatusBoard}
+
+  setup_all do
+    {:ok, _} = Application.ensure_all_started(:snakepit_shm)
+    :ok
+  end
+
+  setup do
+    name = "atkb#{System.unique_integer([:positive])}"
+    {:ok, board} = StatusBoard.create(name, capacity: 4)
+    on_exit(fn -> _ = StatusBoard.delete(board) end)
+    {:ok, slot} = StatusBoard.join(board, "w1", state: :idle)
+    %{board: board, slot: slot}
+  end
+
+  defp error?(result, reason), do: match?({:error, %Error{reason: ^reason}}, result)
+
+  test "functions given something that is not a board or slot return :invalid_argument" do
+    for bad <- [:foo, nil, %{}, "board", 42] do
+      assert error?(StatusBoard.entries(bad), :invalid_argument)
+      assert error?(StatusBoard.least_loaded(bad), :invalid_argument)
+      assert error?(StatusBoard.least_loaded(bad, exclude: []), :invalid_argument)
+      assert error?(StatusBoard.delete(bad), :invalid_argument)
+      assert error?(StatusBoard.export_ref(bad), :invalid_argument)
+      assert error?(StatusBoard.join(bad, "x"), :invalid_argument)
+      assert error?(StatusBoard.update(bad, queue: 1), :invalid_argument)
+      assert error?(StatusBoard.leave(bad), :invalid_argument)
+    end
+  end
+
+  test "forged handles (a reference that is no NIF resource) give errors", ctx do
+    forged = %{ctx.board | board: make_ref()}
+    assert error?(StatusBoard.entries(forged), :invalid_argument)
+    assert error?(StatusBoard.least_loaded(forged), :invalid_argument)
+    assert error?(StatusBoard.least_loaded(forged, exclude: ["x"]), :invalid_argument)
+    assert error?(StatusBoard.join(forged, "zz"), :invalid_argument)
+    forged_slot = %{ctx.slot | ref: make_ref()}
+    assert error?(StatusBoard.update(forged_slot, queue: 1), :invalid_argument)
+    assert error?(StatusBoard.leave(forged_slot), :invalid_argument)
+    # the real ones still work
+    assert {:ok, "w1"} = StatusBoard.least_loaded(ctx.board)
+  end
+
+  test "malformed fields and options are :invalid_option errors", ctx do
+    for fields <- ["x", :x, [:queue], [{:queue, 1} | :tail], [{:queue, 1, 2}], 5] do
+      assert error?(StatusBoard.update(ctx.slot, fields), :invalid_option), inspect(fields)
+      assert error?(StatusBoard.join(ctx.board, "w9", fields), :invalid_option), inspect(fields)
+    end
+
+    assert error?(StatusBoard.least_loaded(ctx.board, foo: 1), :invalid_option)
+    assert error?(StatusBoard.create("atkbx", foo: 1), :invalid_option)
+    assert {:ok, [%{worker_id: "w1"}]} = StatusBoard.entries(ctx.board)
+  end
+
+  test "a :score that raises, throws, exits or returns no number gives an error", ctx do
+    for score <- [
+          fn _ -> raise "boom" end,
+          fn _ -> throw(:ball) end,
+          fn _ -> exit(:gone) end,
+          fn _ -> :not_a_number end,
+          fn _ -> nil end
+        ] do
+      assert {:error, %Error{reason: :invalid_option} = e} =
+               StatusBoard.least_loaded(ctx.board, score: score)
+
+      assert e.message =~ ":score"
+    end
+
+    assert {:ok, "w1"} = StatusBoard.least_loaded(ctx.board, score: fn e -> e.queue end)
+  end
+end
