@@ -75,4 +75,26 @@ defmodule Snakepit.SharedMemory.StatusBoardAttackTest do
 
     assert {:ok, "w1"} = StatusBoard.least_loaded(ctx.board, score: fn e -> e.queue end)
   end
+
+  test "a large :exclude list with garbage excludes exactly the ids it names" do
+    name = "atkx#{System.unique_integer([:positive])}"
+    {:ok, board} = StatusBoard.create(name, capacity: 300)
+
+    try do
+      ids = for i <- 1..300, do: "worker-#{i}"
+      for id <- ids, do: {:ok, _} = StatusBoard.join(board, id, state: :idle)
+      keep = "worker-137"
+      garbage = ["", String.duplicate("z", 65), <<0, 255, 1>>, "worker-1" <> <<0>>]
+      filler = for i <- 1..3_000, do: "absent-#{i}"
+      exclude = Enum.shuffle((ids -- [keep]) ++ garbage ++ filler ++ ids -- [keep])
+      assert length(exclude) <= 4096
+
+      for _ <- 1..5, do: assert({:ok, ^keep} = StatusBoard.least_loaded(board, exclude: exclude))
+
+      assert {:error, %Error{reason: :no_worker}} =
+               StatusBoard.least_loaded(board, exclude: [keep | exclude])
+    after
+      StatusBoard.delete(board)
+    end
+  end
 end
