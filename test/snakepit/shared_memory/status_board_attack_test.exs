@@ -97,4 +97,22 @@ defmodule Snakepit.SharedMemory.StatusBoardAttackTest do
       StatusBoard.delete(board)
     end
   end
+
+  # A peer (any process of the user: the board is a POSIX segment) truncates the board.
+  # The VM lived (the SIGBUS handler repairs the page) but the board then read as empty
+  # and join/update wrote into private zero pages, all answering :ok.
+  test "a board truncated by a peer answers :truncated, not an empty board", ctx do
+    path = Path.join("/dev/shm", ctx.board.region_id)
+    {:ok, f} = :file.open(String.to_charlist(path), [:read, :write, :raw, :binary])
+    {:ok, _} = :file.position(f, 0)
+    :ok = :file.truncate(f)
+    :ok = :file.close(f)
+
+    assert error?(StatusBoard.least_loaded(ctx.board), :truncated)
+    assert error?(StatusBoard.entries(ctx.board), :truncated)
+    assert error?(StatusBoard.least_loaded(ctx.board, exclude: ["x"]), :truncated)
+    assert error?(StatusBoard.update(ctx.slot, queue: 1), :truncated)
+    assert error?(StatusBoard.join(ctx.board, "w2"), :truncated)
+    assert :ok = StatusBoard.delete(ctx.board)
+  end
 end
