@@ -54,4 +54,65 @@ defmodule Snakepit.SharedMemory.Reliability.AttackBTest do
     assert out =~ "REGION OK"
     assert out =~ "BOARD OK"
   end
+
+  # A Python worker attached to an encrypted region forks. The data lock is an OFD lock,
+  # and fork() shares the open file description: parent and child both held the
+  # "exclusive" lock at once, wrote one chunk together, and thousands of writes and
+  # reads came back tampered; the memfd region's chunk stayed lost for good.
+  @forked_encrypted_writers ~S"""
+  import json, sys, time, os, snakepit_shm
+  ref = json.loads(sys.argv[1])
+  counts = {"ok": 0, "busy": 0, "tampered": 0, "other": 0}
+  region = snakepit_shm.attach(ref, mode="rw")
+  child = os.fork()
+  offset = 1000 if child == 0 else 2000
+  payload = bytes([offset % 251]) * 100
+  end = time.monotonic() + 1.0
+  while time.monotonic() < end or counts["ok"] == 0:
+      try:
+          region.write(offset, payload)
+          counts["ok"] += 1
+          region.read(0, 4096)
+      except snakepit_shm.RegionBusy:
+          counts["busy"] += 1
+      except snakepit_shm.CorruptRegion:
+          counts["tampered"] += 1
+      except Exception as exc:
+          counts["other"] += 1
+          print("error", repr(exc), flush=True)
+  print("result", json.dumps(counts), flush=True)
+  if child == 0:
+      os._exit(0)
+  os.waitpid(child, 0)
+  region.close()
+  """
+
+  for backend <- [:memfd, :posix] do
+    test "#{backend}: a forked Python writer of an encrypted region never corrupts a chunk" do
+      alias Snakepit.SharedMemory, as: SM
+      {:ok, id} = SM.allocate_region(4096, backend: unquote(backend), security_level: :high)
+      {:ok, m} = SM.map_region(id, access_mode: :read_write)
+      {:ok, ref} = SM.export_ref(id, include_key: true)
+      {:ok, json} = Snakepit.SharedMemory.JSON.encode(ref)
+
+      try do
+        {out, 0} = ReliabilityHelpers.python(@forked_encrypted_writers, [json])
+        results = Regex.scan(~r/^result (.*)$/m, out, capture: :all_but_first)
+        assert length(results) == 2, out
+
+        for [line] <- results do
+          {:ok, counts} = Snakepit.SharedMemory.JSON.decode(line)
+          assert counts["tampered"] == 0, out
+          assert counts["other"] == 0, out
+          assert counts["ok"] > 0, out
+        end
+
+        assert {:ok, data} = SM.read(m, 0, 4096)
+        assert binary_part(data, 1000, 100) == :binary.copy(<<rem(1000, 251)>>, 100)
+        assert binary_part(data, 2000, 100) == :binary.copy(<<rem(2000, 251)>>, 100)
+      after
+        SM.deallocate_region(id)
+      end
+    end
+  end
 end

@@ -86,7 +86,7 @@ defmodule Snakepit.SharedMemory.StatusBoardAttackTest do
       keep = "worker-137"
       garbage = ["", String.duplicate("z", 65), <<0, 255, 1>>, "worker-1" <> <<0>>]
       filler = for i <- 1..3_000, do: "absent-#{i}"
-      exclude = Enum.shuffle((ids -- [keep]) ++ garbage ++ filler ++ ids -- [keep])
+      exclude = Enum.shuffle((ids -- [keep]) ++ garbage ++ filler ++ (ids -- [keep]))
       assert length(exclude) <= 4096
 
       for _ <- 1..5, do: assert({:ok, ^keep} = StatusBoard.least_loaded(board, exclude: exclude))
