@@ -115,4 +115,67 @@ defmodule Snakepit.SharedMemory.Reliability.AttackBTest do
       end
     end
   end
+
+  # A Python worker that joined a board forks. The child inherited the StatusBoard
+  # object: its leave() (a `with` block unwinding in the child) freed the parent's slot,
+  # and its updates made two writers of one seqlock slot.
+  @forked_board_worker ~S"""
+  import json, sys, os, snakepit_shm
+  ref = json.loads(sys.argv[1])
+  board = snakepit_shm.StatusBoard.join(ref, "parent")
+  board.update(state="idle", queue=1)
+  child = os.fork()
+  if child == 0:
+      try:
+          board.update(queue=99)
+          print("child updated", flush=True)
+      except snakepit_shm.SnakepitShmError as exc:
+          print("child refused", exc, flush=True)
+      board.leave()
+      os._exit(0)
+  os.waitpid(child, 0)
+  board.update(state="idle", queue=2)
+  print("parent updated", flush=True)
+  sys.stdin.readline()
+  board.leave()
+  """
+
+  test "a forked child can neither write nor free its parent's board slot" do
+    alias Snakepit.SharedMemory.StatusBoard
+    name = "atkbfork#{System.unique_integer([:positive])}"
+    {:ok, board} = StatusBoard.create(name, capacity: 4)
+    {:ok, ref} = StatusBoard.export_ref(board)
+    {:ok, json} = Snakepit.SharedMemory.JSON.encode(ref)
+
+    env = for {k, v} <- ReliabilityHelpers.python_env(), do: {k, v}
+
+    port =
+      Port.open(
+        {:spawn_executable, Snakepit.SharedMemory.ShmHelpers.python()},
+        [:binary, :exit_status, :stderr_to_stdout, {:line, 4096}] ++
+          [args: ["-u", "-c", @forked_board_worker, json], env: env]
+      )
+
+    try do
+      lines = collect(port, "parent updated", [])
+      assert Enum.any?(lines, &String.starts_with?(&1, "child refused")), inspect(lines)
+      assert {:ok, [%{worker_id: "parent", queue: 2}]} = StatusBoard.entries(board)
+      Port.command(port, "bye\n")
+      assert_receive {^port, {:exit_status, 0}}, 30_000
+    after
+      StatusBoard.delete(board)
+    end
+  end
+
+  defp collect(port, last, acc) do
+    receive do
+      {^port, {:data, {:eol, line}}} ->
+        if line == last, do: Enum.reverse([line | acc]), else: collect(port, last, [line | acc])
+
+      {^port, {:exit_status, status}} ->
+        flunk("python exited with #{status}: #{inspect(Enum.reverse(acc))}")
+    after
+      30_000 -> flunk("python said no #{inspect(last)}: #{inspect(Enum.reverse(acc))}")
+    end
+  end
 end
