@@ -80,10 +80,11 @@ defmodule Snakepit.SharedMemory.Reliability.AttackBTest do
       except Exception as exc:
           counts["other"] += 1
           print("error", repr(exc), flush=True)
-  print("result", json.dumps(counts), flush=True)
   if child == 0:
+      print("result", json.dumps(counts), flush=True)
       os._exit(0)
-  os.waitpid(child, 0)
+  os.waitpid(child, 0)  # then print: the two lines never interleave
+  print("result", json.dumps(counts), flush=True)
   region.close()
   """
 
