@@ -258,6 +258,7 @@ SPSHM_GUARDED_NIF(nif_board_join)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]
     return enif_make_badarg(env);
   if (id.empty() || id.size() > b::kWorkerIdCapacity)
     return make_error(env, Errc::invalid_argument, "a worker id is 1 to 64 bytes");
+  if (res->region->is_deallocated()) return deleted(env);
   if (!res->writable || !writable_board(res->region))
     return make_error(env, Errc::permission_denied,
                       "the board is not writable here (read-only, sealed or deleted)");
@@ -300,6 +301,7 @@ SPSHM_GUARDED_NIF(nif_board_update)(ErlNifEnv* env, int, const ERL_NIF_TERM argv
   if (slot->left.load()) return make_error(env, Errc::closed, "this board slot was left");
   b::BoardSlot* s = slot->board->view.slot(slot->index);
   if (s == nullptr) return enif_make_badarg(env);
+  if (slot->board->region->is_deallocated()) return deleted(env);
   if (!writable_board(slot->board->region))
     return make_error(env, Errc::permission_denied, "the board was sealed or deleted");
   if (damaged(slot->board->region)) return truncated(env);

@@ -115,4 +115,14 @@ defmodule Snakepit.SharedMemory.StatusBoardAttackTest do
     assert error?(StatusBoard.join(ctx.board, "w2"), :truncated)
     assert :ok = StatusBoard.delete(ctx.board)
   end
+
+  # update/2 and join/3 on a deleted board said :permission_denied ("sealed or
+  # deleted") while entries/1 and least_loaded/2 said :deallocated.
+  test "every function of a deleted board says :deallocated", ctx do
+    assert :ok = StatusBoard.delete(ctx.board)
+    assert error?(StatusBoard.entries(ctx.board), :deallocated)
+    assert error?(StatusBoard.least_loaded(ctx.board), :deallocated)
+    assert error?(StatusBoard.update(ctx.slot, queue: 1), :deallocated)
+    assert error?(StatusBoard.join(ctx.board, "w2"), :deallocated)
+  end
 end
