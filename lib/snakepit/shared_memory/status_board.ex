@@ -525,9 +525,15 @@ defmodule Snakepit.SharedMemory.StatusBoard do
     end)
   end
 
-  # Ids and names come from shared memory: a peer may have written anything there.
+  # Ids and names come from shared memory: a peer may have written anything there,
+  # including terminal escape sequences for the operator who prints the board.
   defp printable(nil), do: nil
-  defp printable(text), do: if(String.valid?(text), do: text, else: inspect(text))
+
+  defp printable(text) do
+    if String.valid?(text) and not String.match?(text, ~r/[\x00-\x1f\x7f\x{80}-\x{9f}]/u),
+      do: text,
+      else: inspect(text, binaries: :as_strings)
+  end
 
   defp board_metadata?(%{"kind" => "status_board"}), do: true
   defp board_metadata?(%{kind: "status_board"}), do: true

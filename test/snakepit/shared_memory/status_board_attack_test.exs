@@ -125,4 +125,17 @@ defmodule Snakepit.SharedMemory.StatusBoardAttackTest do
     assert error?(StatusBoard.update(ctx.slot, queue: 1), :deallocated)
     assert error?(StatusBoard.join(ctx.board, "w2"), :deallocated)
   end
+
+  # A worker id is any UTF-8 its (possibly hostile) worker chose; snapshot/1 (what
+  # `mix snakepit.shm.board` prints) passed escape sequences through to the terminal.
+  test "snapshot/1 and the board table never carry control characters", ctx do
+    evil = "evil\e]0;pwned\a\e[2J\u009b31m"
+    {:ok, _} = StatusBoard.join(ctx.board, evil, state: :idle)
+    {:ok, snapshot} = StatusBoard.snapshot(ctx.board)
+    ids = Enum.map(snapshot.entries, & &1.worker_id)
+    assert "w1" in ids
+    assert Enum.any?(ids, &String.contains?(&1, "evil"))
+    table = Mix.Tasks.Snakepit.Shm.Board.render(snapshot)
+    refute String.match?(table, ~r/[\x00-\x09\x0b-\x1f\x7f\x{80}-\x{9f}]/u), inspect(table)
+  end
 end
