@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <string_view>
 
 namespace spshm::board {
 
@@ -114,11 +115,6 @@ class TieList {
   std::vector<std::uint32_t> heap_;
   std::size_t size_ = 0;
 };
-
-bool id_equals(const std::uint64_t (&words)[kWorkerIdCapacity / 8], std::uint32_t length,
-               const std::string& id) noexcept {
-  return id.size() == length && std::memcmp(words, id.data(), length) == 0;
-}
 
 }  // namespace
 
@@ -304,10 +300,14 @@ std::vector<std::pair<std::uint32_t, std::uint64_t>> View::owners() const {
   for (std::uint32_t i = 0; i < capacity_; ++i) {
     const BoardSlot& s = slots_[i];
     if (owner_state(s.owner.load(std::memory_order_acquire)) != kSlotLive) continue;
-    std::pair<std::uint32_t, std::uint64_t> who{s.pid.load(R), s.start_time.load(R)};
-    if (std::find(out.begin(), out.end(), who) == out.end() && out.size() < 4096)
-      out.push_back(who);  // a pool's workers are few; a hostile board cannot grow this
+    out.emplace_back(s.pid.load(R), s.start_time.load(R));
   }
+  // Distinct owners in O(n log n) (a linear search per slot held a normal scheduler for
+  // tens of ms on a big board); a pool's workers are few, a hostile board cannot grow
+  // the answer past 4096.
+  std::sort(out.begin(), out.end());
+  out.erase(std::unique(out.begin(), out.end()), out.end());
+  if (out.size() > 4096) out.resize(4096);
   return out;
 }
 
@@ -386,6 +386,10 @@ View::Pick View::least_loaded(std::uint64_t now_ns, std::uint64_t rotation,
   TieList ties;
   std::uint32_t budget = kScanRetryBudget;
   const bool check_ids = !exclude.empty();
+  // Sorted once, searched per entry: O(capacity log |exclude|), not O(capacity * |exclude|)
+  // (65 536 slots and 4 096 excluded ids would hold a normal scheduler for half a second).
+  std::vector<std::string_view> excluded(exclude.begin(), exclude.end());
+  std::sort(excluded.begin(), excluded.end());
   // Fresh: updated in [oldest, newest] (later than one second ahead: hostile).
   const std::uint64_t stale_ns =
       stale_after_ms_ < UINT64_MAX / 1'000'000 ? stale_after_ms_ * 1'000'000 : UINT64_MAX;
@@ -434,13 +438,8 @@ View::Pick View::least_loaded(std::uint64_t now_ns, std::uint64_t rotation,
     if ((state != idle && state != busy) || updated < oldest || updated > newest) continue;
     if (check_ids) {
       length = std::min(length, kWorkerIdCapacity);
-      bool excluded = false;
-      for (const auto& x : exclude)
-        if (id_equals(words, length, x)) {
-          excluded = true;
-          break;
-        }
-      if (excluded) continue;
+      std::string_view id(reinterpret_cast<const char*>(words), length);
+      if (std::binary_search(excluded.begin(), excluded.end(), id)) continue;
     }
     ++pick.candidates;
     std::uint64_t load = queue + in_flight;

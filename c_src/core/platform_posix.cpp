@@ -29,6 +29,50 @@ namespace {
 
 int fd_of(const Handle& h) noexcept { return static_cast<int>(h.native()); }
 
+// The shared mappings this process made with map(), readable from the SIGBUS handler
+// without a lock: a fault in one of them is ours to repair whatever the object is called
+// now (a peer may rename the segment before truncating it, and /proc/self/maps then
+// shows the new name). A slot is claimed by a CAS on its length, published by storing its
+// start (release); the handler only trusts slots whose start is set. When the table is
+// full, the handler falls back to the segment's name in /proc/self/maps.
+constexpr std::size_t kMappedRanges = 8192;
+struct MappedRange {
+  std::atomic<std::uintptr_t> start{0};
+  std::atomic<std::size_t> length{0};
+};
+MappedRange mapped_ranges[kMappedRanges];
+
+void remember_mapping(void* address, std::size_t length) noexcept {
+  if (address == nullptr || length == 0) return;
+  for (auto& r : mapped_ranges) {
+    std::size_t free = 0;
+    if (r.length.load(std::memory_order_relaxed) != 0 ||
+        !r.length.compare_exchange_strong(free, length, std::memory_order_acq_rel))
+      continue;
+    r.start.store(reinterpret_cast<std::uintptr_t>(address), std::memory_order_release);
+    return;
+  }
+}
+
+void forget_mapping(void* address) noexcept {
+  auto at = reinterpret_cast<std::uintptr_t>(address);
+  for (auto& r : mapped_ranges) {
+    if (r.start.load(std::memory_order_acquire) != at) continue;
+    r.start.store(0, std::memory_order_release);
+    r.length.store(0, std::memory_order_release);
+    return;
+  }
+}
+
+[[maybe_unused]] bool in_our_mapping(std::uintptr_t address) noexcept {
+  for (const auto& r : mapped_ranges) {
+    std::uintptr_t start = r.start.load(std::memory_order_acquire);
+    if (start == 0 || address < start) continue;
+    if (address - start < r.length.load(std::memory_order_acquire)) return true;
+  }
+  return false;
+}
+
 Error errno_error(const std::string& what) { return os_error(what, errno); }
 
 // Named objects. Linux: files of named_dir() (/dev/shm unless moved to another tmpfs),
@@ -58,7 +102,10 @@ void Handle::reset() noexcept {
 }
 
 void Mapping::reset() noexcept {
-  if (address_ != nullptr) ::munmap(address_, length_);
+  if (address_ != nullptr) {
+    forget_mapping(address_);
+    ::munmap(address_, length_);
+  }
   address_ = nullptr;
   length_ = 0;
 }
@@ -223,6 +270,7 @@ Result<Mapping> map(const Handle& handle, std::uint64_t offset, std::size_t leng
                        " for writing: it is sealed or read-only for us (map it read_only)"};
     return os_error("cannot map " + std::to_string(length) + " bytes of " + what, err);
   }
+  if (sharing == Sharing::shared) remember_mapping(address, length);
   return Mapping(address, length);
 }
 
@@ -338,12 +386,12 @@ bool maps_our_segment(const char* line, const char* end, std::uintptr_t address)
 /// mapping of a <segment dir>/spshm_* segment, replaces its page by a private zero page.
 bool repair_our_page(void* address) noexcept {
   auto at = reinterpret_cast<std::uintptr_t>(address);
-  int fd = ::open("/proc/self/maps", O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return false;
+  bool ours = in_our_mapping(at);
+  int fd = ours ? -1 : ::open("/proc/self/maps", O_RDONLY | O_CLOEXEC);
+  if (!ours && fd < 0) return false;
   char buffer[4096];
   std::size_t used = 0;
-  bool ours = false;
-  for (;;) {
+  for (; fd >= 0;) {
     ssize_t got = ::read(fd, buffer + used, sizeof buffer - used);
     if (got < 0 && errno == EINTR) continue;
     if (got <= 0) break;
@@ -359,7 +407,7 @@ bool repair_our_page(void* address) noexcept {
     used -= from;
     if (used == sizeof buffer) used = 0;  // a line longer than the buffer: not ours
   }
-  ::close(fd);
+  if (fd >= 0) ::close(fd);
   if (!ours) return false;
   auto page = static_cast<std::uintptr_t>(::sysconf(_SC_PAGESIZE));
   void* start = reinterpret_cast<void*>(at & ~(page - 1));

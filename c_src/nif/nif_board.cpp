@@ -106,6 +106,17 @@ ERL_NIF_TERM deleted(ErlNifEnv* env) {
   return make_error(env, Errc::deallocated, "the status board was deleted");
 }
 
+// A peer truncated the board's POSIX segment: the SIGBUS handler replaced the lost
+// pages by private zero pages, so reads would show an empty board and writes would reach
+// nobody. Say so instead.
+bool damaged(RegionResource* r) { return r->region.damaged(); }
+
+ERL_NIF_TERM truncated(ErlNifEnv* env) {
+  return make_error(env, Errc::truncated,
+                    "the status board's segment was truncated by another process: its slots "
+                    "are gone; delete the board and create it again");
+}
+
 bool usable(RegionResource* r) {
   return !r->is_deallocated() && !r->region.encrypted() && r->region.data() != nullptr;
 }
@@ -247,9 +258,11 @@ SPSHM_GUARDED_NIF(nif_board_join)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]
     return enif_make_badarg(env);
   if (id.empty() || id.size() > b::kWorkerIdCapacity)
     return make_error(env, Errc::invalid_argument, "a worker id is 1 to 64 bytes");
+  if (res->region->is_deallocated()) return deleted(env);
   if (!res->writable || !writable_board(res->region))
     return make_error(env, Errc::permission_denied,
                       "the board is not writable here (read-only, sealed or deleted)");
+  if (damaged(res->region)) return truncated(env);
   ErlNifPid self;
   if (!enif_self(env, &self)) return enif_make_badarg(env);
   std::uint32_t index = 0;
@@ -288,8 +301,10 @@ SPSHM_GUARDED_NIF(nif_board_update)(ErlNifEnv* env, int, const ERL_NIF_TERM argv
   if (slot->left.load()) return make_error(env, Errc::closed, "this board slot was left");
   b::BoardSlot* s = slot->board->view.slot(slot->index);
   if (s == nullptr) return enif_make_badarg(env);
+  if (slot->board->region->is_deallocated()) return deleted(env);
   if (!writable_board(slot->board->region))
     return make_error(env, Errc::permission_denied, "the board was sealed or deleted");
+  if (damaged(slot->board->region)) return truncated(env);
   while (slot->writing.exchange(true, std::memory_order_acquire)) {
     // another scheduler thread is inside the ~50 ns section below
   }
@@ -341,6 +356,7 @@ SPSHM_GUARDED_NIF(nif_board_entries)(ErlNifEnv* env, int, const ERL_NIF_TERM arg
   BoardResource* res;
   if (!get_board(env, argv[0], &res)) return enif_make_badarg(env);
   if (res->region->is_deallocated()) return deleted(env);
+  if (damaged(res->region)) return truncated(env);
   std::uint64_t now = b::monotonic_ns();
   std::uint32_t budget = 4096;
   ERL_NIF_TERM list = enif_make_list(env, 0), unreadable = enif_make_list(env, 0);
@@ -357,6 +373,7 @@ SPSHM_GUARDED_NIF(nif_board_entries)(ErlNifEnv* env, int, const ERL_NIF_TERM arg
         break;
     }
   }
+  if (damaged(res->region)) return truncated(env);  // this scan hit the truncation
   return enif_make_tuple3(env, make_u64(env, now), unreadable, list);
 }
 
@@ -378,8 +395,10 @@ SPSHM_GUARDED_NIF(nif_board_least_loaded)(ErlNifEnv* env, int, const ERL_NIF_TER
     }
   }
   if (res->region->is_deallocated()) return deleted(env);
+  if (damaged(res->region)) return truncated(env);
   std::uint64_t rotation = res->rotation.fetch_add(1, std::memory_order_relaxed);
   auto pick = res->view.least_loaded(b::monotonic_coarse_ns(), rotation, exclude);
+  if (damaged(res->region)) return truncated(env);  // this scan hit the truncation
   if (!pick.found)
     return enif_make_tuple3(env, atom(env, "none"), enif_make_uint(env, pick.candidates),
                             enif_make_uint(env, pick.unreadable));

@@ -123,6 +123,7 @@ defmodule Snakepit.SharedMemory.StatusBoard do
   @spec create(String.t(), keyword()) :: {:ok, t()} | {:error, Error.t()}
   def create(name, opts \\ []) do
     with :ok <- check_keyword(opts),
+         :ok <- known_options(opts, [:capacity, :stale_after, :gauges, :owner, :cleanup_policy]),
          {:ok, capacity} <- capacity(Keyword.get(opts, :capacity, @default_capacity)),
          {:ok, stale_after} <-
            positive(:stale_after, Keyword.get(opts, :stale_after, @default_stale_after)),
@@ -202,6 +203,8 @@ defmodule Snakepit.SharedMemory.StatusBoard do
     end
   end
 
+  def export_ref(other), do: not_a_board(other)
+
   @doc """
   A plain-data picture of a board (no references: it can cross nodes), for tools:
   `%{name, region_id, capacity, stale_after, gauges, entries}` with the entries of
@@ -228,7 +231,10 @@ defmodule Snakepit.SharedMemory.StatusBoard do
 
   @doc "Frees the board (its region). Workers still attached see it deallocated."
   @spec delete(t()) :: :ok | {:error, Error.t()}
-  def delete(%__MODULE__{region_id: id}), do: SharedMemory.deallocate_region(id)
+  def delete(%__MODULE__{region_id: id}) when is_binary(id),
+    do: SharedMemory.deallocate_region(id)
+
+  def delete(other), do: not_a_board(other)
 
   # ---- reading ----
 
@@ -243,19 +249,26 @@ defmodule Snakepit.SharedMemory.StatusBoard do
   @spec entries(t()) :: {:ok, [entry()]} | {:error, Error.t()}
   def entries(%__MODULE__{} = board) do
     result =
-      if board.capacity > @dirty_entries_above,
-        do: Native.board_entries_dirty(board.board),
-        else: Native.board_entries(board.board)
+      nif(board, fn ->
+        if board.capacity > @dirty_entries_above,
+          do: Native.board_entries_dirty(board.board),
+          else: Native.board_entries(board.board)
+      end)
 
     case result do
       {now, unreadable, rows} ->
         decoded = Enum.map(rows, &decode(&1, now, board.gauges))
         {:ok, merge_unreadable(decoded, unreadable)}
 
+      {:error, %Error{}} = error ->
+        error
+
       {:error, native} ->
         {:error, Error.from_native(native, %{board: board.name})}
     end
   end
+
+  def entries(other), do: not_a_board(other)
 
   @doc """
   The id of the worker to route the next request to, chosen in the calling process in
@@ -281,7 +294,7 @@ defmodule Snakepit.SharedMemory.StatusBoard do
   def least_loaded(board, opts \\ [])
 
   def least_loaded(%__MODULE__{board: ref} = board, []) do
-    case Native.board_least_loaded(ref, []) do
+    case nif(board, fn -> Native.board_least_loaded(ref, []) end) do
       {:ok, id} -> {:ok, id}
       other -> picked(board, other)
     end
@@ -289,23 +302,28 @@ defmodule Snakepit.SharedMemory.StatusBoard do
 
   def least_loaded(%__MODULE__{} = board, opts) when is_list(opts) do
     with :ok <- check_keyword(opts),
+         :ok <- known_options(opts, [:exclude, :score]),
          {:ok, exclude} <- exclude(Keyword.get(opts, :exclude, [])),
          {:ok, score} <- score(Keyword.get(opts, :score)) do
       if score == nil do
-        picked(board, Native.board_least_loaded(board.board, exclude))
+        picked(board, nif(board, fn -> Native.board_least_loaded(board.board, exclude) end))
       else
         scored_pick(board, :atomics.add_get(board.rotation, 1, 1), exclude, score)
       end
     end
   end
 
-  def least_loaded(_board, opts),
+  def least_loaded(%__MODULE__{}, opts),
     do: Error.error(:invalid_option, "options must be a keyword list, got: #{inspect(opts)}")
+
+  def least_loaded(other, _opts), do: not_a_board(other)
 
   defp picked(_board, {:ok, id}), do: {:ok, id}
 
   defp picked(board, {:none, candidates, unreadable}),
     do: no_worker(board, candidates, unreadable)
+
+  defp picked(_board, {:error, %Error{}} = error), do: error
 
   defp picked(board, {:error, native}),
     do: {:error, Error.from_native(native, %{board: board.name})}
@@ -318,12 +336,42 @@ defmodule Snakepit.SharedMemory.StatusBoard do
   defp scored_pick(board, rotation, exclude, score, entries) do
     excluded = MapSet.new(exclude)
 
-    candidates =
+    scored =
       for %{state: state, stale: false, worker_id: id} = entry <- entries,
           state in [:idle, :busy],
           not MapSet.member?(excluded, id),
-          do: {score.(entry), entry}
+          do: {apply_score(score, entry), entry}
 
+    case Enum.find(scored, &match?({{:error, _}, _}, &1)) do
+      {error, _entry} -> error
+      nil -> scored_candidates(board, rotation, entries, scored)
+    end
+  end
+
+  # The user's :score function runs in the caller: whatever it raises, throws or
+  # returns that is not a number becomes an :invalid_option error, never a crash.
+  defp apply_score(score, entry) do
+    case score.(entry) do
+      n when is_number(n) ->
+        n
+
+      other ->
+        Error.error(
+          :invalid_option,
+          "the :score function must return a number, got: #{inspect(other)} for worker " <>
+            inspect(entry.worker_id)
+        )
+    end
+  catch
+    kind, reason ->
+      Error.error(
+        :invalid_option,
+        "the :score function failed on worker #{inspect(entry.worker_id)}: " <>
+          Exception.format_banner(kind, reason, __STACKTRACE__)
+      )
+  end
+
+  defp scored_candidates(board, rotation, entries, candidates) do
     case candidates do
       [] ->
         no_worker(board, 0, Enum.count(entries, &(&1.state == :unreadable)))
@@ -347,11 +395,13 @@ defmodule Snakepit.SharedMemory.StatusBoard do
   `{:error, %Error{reason: :board_full}}` when every slot is taken.
   """
   @spec join(t(), String.t(), keyword()) :: {:ok, Slot.t()} | {:error, Error.t()}
-  def join(%__MODULE__{} = board, worker_id, opts \\ []) do
+  def join(board, worker_id, opts \\ [])
+
+  def join(%__MODULE__{} = board, worker_id, opts) do
     with :ok <- worker_id(worker_id),
          {:ok, values} <- values(opts, board.gauges),
          %{os_pid: os_pid, start_time: start} = Native.self_info() do
-      case Native.board_join(board.board, worker_id, os_pid, start) do
+      case nif(board, fn -> Native.board_join(board.board, worker_id, os_pid, start) end) do
         {:ok, ref, index} ->
           slot = %Slot{
             ref: ref,
@@ -373,11 +423,16 @@ defmodule Snakepit.SharedMemory.StatusBoard do
             %{capacity: capacity, board: board.name}
           )
 
+        {:error, %Error{}} = error ->
+          error
+
         {:error, native} ->
           {:error, Error.from_native(native, %{board: board.name})}
       end
     end
   end
+
+  def join(other, _worker_id, _opts), do: not_a_board(other)
 
   @doc """
   Publishes new values for a joined slot; fields not given keep their last value.
@@ -385,18 +440,23 @@ defmodule Snakepit.SharedMemory.StatusBoard do
   board's gauge names (atoms or strings). A seqlock write: no lock, no system call.
   """
   @spec update(Slot.t(), keyword() | map()) :: :ok | {:error, Error.t()}
-  def update(%Slot{} = slot, fields) when is_list(fields) or is_map(fields) do
+  def update(%Slot{} = slot, fields) do
     with {:ok, values} <- values(fields, slot.gauges), do: publish(slot, values)
   end
+
+  def update(other, _fields), do: not_a_slot(other)
 
   @doc "Frees a slot joined with `join/3`. `:closed` if it was already left."
   @spec leave(Slot.t()) :: :ok | {:error, Error.t()}
   def leave(%Slot{ref: ref, board_name: name}) do
-    case Native.board_leave(ref) do
+    case nif(%{name: name}, fn -> Native.board_leave(ref) end) do
       :ok -> :ok
+      {:error, %Error{}} = error -> error
       {:error, native} -> {:error, Error.from_native(native, %{board: name})}
     end
   end
+
+  def leave(other), do: not_a_slot(other)
 
   @doc false
   # The layout facts this module relies on (checked against Native.board_layout/0 and
@@ -465,9 +525,15 @@ defmodule Snakepit.SharedMemory.StatusBoard do
     end)
   end
 
-  # Ids and names come from shared memory: a peer may have written anything there.
+  # Ids and names come from shared memory: a peer may have written anything there,
+  # including terminal escape sequences for the operator who prints the board.
   defp printable(nil), do: nil
-  defp printable(text), do: if(String.valid?(text), do: text, else: inspect(text))
+
+  defp printable(text) do
+    if String.valid?(text) and not String.match?(text, ~r/[\x00-\x1f\x7f\x{80}-\x{9f}]/u),
+      do: text,
+      else: inspect(text, binaries: :as_strings)
+  end
 
   defp board_metadata?(%{"kind" => "status_board"}), do: true
   defp board_metadata?(%{kind: "status_board"}), do: true
@@ -504,8 +570,9 @@ defmodule Snakepit.SharedMemory.StatusBoard do
   defp native({:error, native}, id), do: {:error, Error.from_native(native, %{region_id: id})}
 
   defp publish(slot, values) do
-    case Native.board_update(slot.ref, values) do
+    case nif(%{name: slot.board_name}, fn -> Native.board_update(slot.ref, values) end) do
       :ok -> :ok
+      {:error, %Error{}} = error -> error
       {:error, native} -> {:error, Error.from_native(native, %{board: slot.board_name})}
     end
   end
@@ -572,6 +639,22 @@ defmodule Snakepit.SharedMemory.StatusBoard do
   end
 
   defp values(fields, gauge_names) do
+    if pairs?(fields),
+      do: decode_values(fields, gauge_names),
+      else:
+        Error.error(
+          :invalid_option,
+          "board fields must be a keyword list or a map of field => value, got: " <>
+            inspect(fields)
+        )
+  end
+
+  defp pairs?(fields) when is_map(fields), do: true
+  defp pairs?([]), do: true
+  defp pairs?([{_key, _value} | rest]), do: pairs?(rest)
+  defp pairs?(_), do: false
+
+  defp decode_values(fields, gauge_names) do
     Enum.reduce_while(fields, {:ok, List.duplicate(nil, 10)}, fn {key, value}, {:ok, acc} ->
       case field_index(key, gauge_names) do
         {:ok, i} ->
@@ -633,6 +716,47 @@ defmodule Snakepit.SharedMemory.StatusBoard do
   defp check_value(i, key, v) do
     what = if i < 6, do: "a non-negative 64-bit integer", else: "a signed 64-bit integer"
     Error.error(:invalid_option, "#{inspect(key)} must be #{what}, got: #{inspect(v)}")
+  end
+
+  # A handle forged or damaged by the caller makes the NIF raise badarg: an error instead.
+  defp nif(board, call) do
+    call.()
+  rescue
+    ArgumentError ->
+      Error.error(
+        :invalid_argument,
+        "not a valid status board handle (board #{inspect(Map.get(board, :name))}): " <>
+          "use the one StatusBoard.create/2, open/1 or join/3 returned"
+      )
+  end
+
+  defp not_a_board(other),
+    do:
+      Error.error(
+        :invalid_argument,
+        "not a status board: expected the handle of StatusBoard.create/2 or open/1, got: " <>
+          inspect(other)
+      )
+
+  defp not_a_slot(other),
+    do:
+      Error.error(
+        :invalid_argument,
+        "not a status board slot: expected the slot of StatusBoard.join/3, got: " <>
+          inspect(other)
+      )
+
+  defp known_options(opts, known) do
+    case Keyword.keys(opts) -- known do
+      [] ->
+        :ok
+
+      unknown ->
+        Error.error(
+          :invalid_option,
+          "unknown option(s) #{inspect(Enum.uniq(unknown))}: use #{inspect(known)}"
+        )
+    end
   end
 
   defp check_keyword(opts) do

@@ -15,7 +15,8 @@ If the worker dies without ``leave()``, even by SIGKILL, the manager frees its s
 
 A slot has exactly one writer: the process that joined (``update`` holds the GIL for
 its C call, so threads of the worker never write the slot at once).  After
-``os.fork()`` let the child join a slot of its own rather than write the parent's.
+``os.fork()`` the child's copies of the parent's boards refuse ``update`` (and their
+``leave`` frees nothing): the child joins a slot of its own.
 Joining maps the board's segment without registering a hold on the region (so any
 number of processes may join, not only the 64 of a region's holder table); the board
 lives as long as the Elixir side keeps it.
@@ -27,6 +28,7 @@ import os
 import stat
 import struct
 import threading
+import weakref
 
 from . import _board_format as BF
 from . import _format as F
@@ -38,6 +40,20 @@ _FIELDS = ("state", "queue", "in_flight", "memory", "processed", "errors")
 _U64_MAX = (1 << 64) - 1
 _declared = {}
 _declare_lock = threading.Lock()
+_joined = weakref.WeakSet()  # StatusBoards of this process with a slot
+
+
+def _forget_slots_in_child():
+    # A forked child inherits the parent's StatusBoard objects but not its slots: two
+    # writers of one seqlock slot can publish torn entries, and the child's leave() (a
+    # ``with`` block unwinding in the child) would free the parent's slot.
+    for board in list(_joined):
+        board._closed = True
+        board._forked = True
+    _joined.clear()
+
+
+os.register_at_fork(after_in_child=_forget_slots_in_child)
 
 
 class BoardFull(_errors.SnakepitShmError):
@@ -112,6 +128,8 @@ class StatusBoard:
         self._update = functions["spshm_board_update"]
         self._leave = functions["spshm_board_leave"]
         self._closed = False
+        self._forked = False
+        _joined.add(self)
 
     @classmethod
     def join(cls, ref, worker_id):
@@ -203,7 +221,10 @@ class StatusBoard:
         """
         values = self._values
         if self._closed:
-            raise _errors.SnakepitShmError("this status board slot was left")
+            raise _errors.SnakepitShmError(
+                "this status board slot belongs to the parent process: a forked child "
+                "joins a slot of its own (StatusBoard.join)" if self._forked else
+                "this status board slot was left")
         old = values[:]
         if state is not None:
             s = BF.STATES.get(state)
@@ -243,6 +264,7 @@ class StatusBoard:
         if self._closed:
             return
         self._closed = True
+        _joined.discard(self)
         err = ctypes.create_string_buffer(512)
         self._leave(self._data_address, self._size, self._index, self._owner, err, 512)
         self._anchor = None

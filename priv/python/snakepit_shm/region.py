@@ -98,6 +98,8 @@ class Attachment:
         self.lock_fd = lock_fd
         self.identity = None  # (pid, start_time) while a hold is registered
         self._lock = threading.Lock()
+        if lock_fd is not None:
+            _lock_holders.add(self)
 
     @contextlib.contextmanager
     def data_lock(self, exclusive, region_id):
@@ -109,6 +111,10 @@ class Attachment:
         if self.lock_fd is None:
             yield
             return
+        if self.lock_fd < 0:
+            raise errors.RegionBusy(
+                f"encrypted region {region_id} cannot be locked in this forked process "
+                "(its lock descriptor could not be reopened): attach it again here")
         _ofd_lock(self.lock_fd, fcntl.F_WRLCK if exclusive else fcntl.F_RDLCK, region_id)
         try:
             yield
@@ -139,8 +145,34 @@ class Attachment:
         finally:
             self.header_mm.close()
             fd, self.lock_fd = self.lock_fd, None
-            if fd is not None:
+            if fd is not None and fd >= 0:
                 os.close(fd)
+
+    def reopen_lock_after_fork(self):
+        """In a forked child: give the data lock a descriptor of its own.
+
+        An OFD lock belongs to the open file description, which fork() shares: parent
+        and child would both "hold" the exclusive lock at once and write one encrypted
+        chunk together, destroying it. The child's descriptor is replaced by a fresh
+        open of the same object (the parent's lock and descriptor are untouched).
+        """
+        fd = self.lock_fd
+        if fd is None or fd < 0:
+            return
+        try:
+            mode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+            fresh = os.open(f"/proc/self/fd/{fd}", mode | os.O_CLOEXEC)
+        except OSError:
+            self.lock_fd = -1  # refuse locked access rather than share the parent's lock
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+            return
+        try:
+            os.dup2(fresh, fd, inheritable=False)
+        finally:
+            os.close(fresh)
 
     def close_quietly(self):
         """close() for finalizers, where nobody could handle an exception."""
@@ -549,6 +581,17 @@ async def _in_executor(function, *args):
 
 
 _F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
+
+
+_lock_holders = weakref.WeakSet()  # Attachments with a data lock descriptor
+
+
+def _reopen_locks_in_child():
+    for attachment in list(_lock_holders):
+        attachment.reopen_lock_after_fork()
+
+
+os.register_at_fork(after_in_child=_reopen_locks_in_child)
 
 
 def _ofd_lock(fd, kind, region_id):
