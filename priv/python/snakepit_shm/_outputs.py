@@ -12,9 +12,9 @@ Region object is closed or garbage collected, until the VM marks the region adop
 daemon thread looks at the header's state every 50 ms while outputs are pending.  If
 the worker dies before adoption, the kernel closes its descriptors and the memory is
 gone: nothing is left behind.  A POSIX region (``backend="posix"``) is a file in
-/dev/shm whose creator is the worker: given up (``discard()``, ``keep_seconds``) its
-name is removed; if the worker dies before adoption, the next orphan sweep of a VM on
-the host removes it.
+/dev/shm ($SNAKEPIT_SHM_PATH if set) whose creator is the worker: given up
+(``discard()``, ``keep_seconds``) its name is removed; if the worker dies before
+adoption, the next orphan sweep of a VM on the host removes it.
 """
 
 import json
@@ -26,6 +26,7 @@ import time
 
 from . import _format as F
 from . import _native
+from ._locate import shm_dir
 from .region import state_bits
 
 __all__ = ["allocate", "from_array", "discard", "pending_outputs"]
@@ -59,7 +60,7 @@ class _Pending:
         state = state_bits(self.header_mm)
         if self.posix_path and not state & (F.STATE_ADOPTED | F.STATE_DEALLOCATED):
             # Given up before any VM took it: a POSIX name would outlive the worker.
-            _unlink_quietly(self.region_id)
+            _unlink_quietly(self.posix_path)
         self.header_mm.close()
         for fd in self.fds:
             try:
@@ -115,7 +116,9 @@ def allocate(size, dtype=None, shape=None, metadata=None, *, backend="memfd",
         ref["data_path"] = f"/proc/{pid}/fd/{data_fd}"
         _keep(_Pending(region_id, control_fd, data_fd, deadline))
     else:
-        path = os.path.join("/dev/shm", region_id)
+        # Where the C library created it: $SNAKEPIT_SHM_PATH (the VM's shm_path), else
+        # /dev/shm.
+        path = os.path.join(shm_dir(), region_id)
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         _keep(_Pending(region_id, fd, -1, deadline, posix_path=path))
     # Imported here: _attach imports the region module too.
@@ -251,8 +254,8 @@ def _check_fits(size, dtype_name, itemsize, shape):
                          "pass shape=")
 
 
-def _unlink_quietly(region_id):
+def _unlink_quietly(path):
     try:
-        os.unlink(os.path.join("/dev/shm", region_id))
+        os.unlink(path)
     except OSError:
         pass
