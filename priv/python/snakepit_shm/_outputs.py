@@ -97,11 +97,17 @@ def allocate(size, dtype=None, shape=None, metadata=None, *, backend="memfd",
     meta.setdefault("format", "numpy" if dtype_name else "raw")
     if meta["format"] not in _FORMATS:
         raise ValueError(f"metadata format must be one of {_FORMATS}, got {meta['format']!r}")
-    text = json.dumps(meta, separators=(",", ":"))
+    try:
+        # allow_nan=False: NaN/Infinity are not JSON, and the VM could not read them.
+        text = json.dumps(meta, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"metadata must be JSON-encodable: {exc}") from None
     if len(text.encode()) > F.METADATA_CAPACITY:
         raise ValueError(f"metadata encodes to {len(text.encode())} bytes of JSON, the "
                          f"header holds {F.METADATA_CAPACITY}: keep it small")
-    idle_ns = 0 if timeout is None else int(timeout * 1e9)
+    idle_ns = 0 if timeout is None else int(_seconds("timeout", timeout, 1.8e10) * 1e9)
+    if keep_seconds != math.inf:  # inf: until adopted or discarded
+        _seconds("keep_seconds", keep_seconds, math.inf)
     lib = _native.library()
     region_id, control_fd, data_fd = lib.create(size, _BACKENDS[backend], text, idle_ns)
     ref = {"v": 1, "region_id": region_id, "backend": backend, "size": size,
@@ -232,6 +238,14 @@ def _dtype(dtype):
     return dtype, sizes[dtype]
 
 
+def _seconds(name, value, limit):
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and math.isfinite(value) and 0 < value < limit)
+    if not ok:
+        raise ValueError(f"{name} must be a positive, finite number of seconds, got {value!r}")
+    return value
+
+
 def _shape(shape):
     if shape is None:
         return None
@@ -240,6 +254,9 @@ def _shape(shape):
     shape = tuple(shape)
     if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise ValueError(f"shape must hold non-negative ints, got {shape!r}")
+    if any(d >= 2 ** 63 for d in shape):
+        # numpy's dimensions are signed 64-bit: such an array could never be made.
+        raise ValueError(f"shape {shape!r} has a dimension of 2**63 or more")
     return shape
 
 

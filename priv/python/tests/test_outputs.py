@@ -100,6 +100,14 @@ def test_adopted_posix_output_is_not_removed():
     (dict(size=16, dtype=numpy.dtype([("a", "<i4")])), "cannot be shared"),
     (dict(size=16, metadata={"format": "pickle"}), "format"),
     (dict(size=16, backend="shm"), "backend"),
+    # Found by attack runs: each of these used to be accepted.
+    (dict(size=16, metadata={"x": float("nan")}), "JSON"),
+    (dict(size=16, timeout=-1), "timeout"),
+    (dict(size=16, timeout=float("nan")), "timeout"),
+    (dict(size=16, timeout="10"), "timeout"),
+    (dict(size=16, keep_seconds=-1), "keep_seconds"),
+    (dict(size=16, keep_seconds=float("nan")), "keep_seconds"),
+    (dict(size=16, dtype="uint8", shape=[2 ** 64, 0]), "shape"),
 ])
 def test_allocate_validates_where_the_mistake_is_made(kwargs, match):
     before = snakepit_shm.pending_outputs()
