@@ -45,6 +45,25 @@ defmodule Snakepit.SharedMemory.ValidationTest do
     :ok = SHM.deallocate_region(id)
   end
 
+  test "a dimension numpy cannot hold (2**63 or more) is refused even when the product fits" do
+    huge = Bitwise.bsl(1, 64)
+
+    assert {:error, %Error{reason: :invalid_metadata, message: m}} =
+             SHM.allocate_region(16, metadata: %{"dtype" => "uint8", "shape" => [huge, 0]})
+
+    assert m =~ "2**63"
+
+    {:ok, id} = SHM.allocate_region(16)
+
+    assert {:error, %Error{reason: :invalid_option}} =
+             SHM.export_ref(id, dtype: "uint8", shape: [0, Bitwise.bsl(1, 63)])
+
+    assert {:ok, %{"shape" => [0, 9_223_372_036_854_775_807]}} =
+             SHM.export_ref(id, dtype: "uint8", shape: [0, Bitwise.bsl(1, 63) - 1])
+
+    :ok = SHM.deallocate_region(id)
+  end
+
   test "open_only with a conflicting size is an error unless size: :any" do
     name = "i13val#{System.unique_integer([:positive])}"
     {:ok, id} = SHM.allocate_region(4096, name: name)
