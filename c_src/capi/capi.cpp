@@ -259,6 +259,7 @@ SPSHM_EXPORT int spshm_create(uint64_t size, int backend, const char* metadata_j
     options.mode = 0600;
     options.metadata_json = metadata_json != nullptr ? metadata_json : "{}";
     options.idle_timeout_ns = idle_timeout_ns;
+    options.worker_output = true;  // the VM may adopt it (adopt_region/2)
     auto created = spshm::Region::create(options);
     if (!created) return fail(created.error(), err, errlen);
     spshm::Region& region = *created;

@@ -386,7 +386,9 @@ defmodule Snakepit.SharedMemory do
   Adopt while the worker is alive: a worker that dies before adoption leaves nothing
   behind (memfd regions die with it; POSIX ones are removed by the next orphan sweep),
   and adopting then gives `:not_found`. Only unencrypted regions; once only
-  (`:already_adopted`).
+  (`:already_adopted`). Only worker outputs (their header carries the `worker_output`
+  flag): the ref of a region another VM allocated, even on this host, is refused
+  (`:invalid_argument`); `fetch/2` or map it there instead.
 
   Options: `:owner` (default `self()`), `:cleanup_policy`, `:timeout`,
   `:allowed_processes`, `:access_mode`, as for `allocate_region/2`.

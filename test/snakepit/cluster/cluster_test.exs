@@ -674,4 +674,27 @@ defmodule Snakepit.SharedMemory.ClusterTest do
       end
     end
   end
+
+  describe "adopt_region/2 of another node's region (same host)" do
+    # Found by an attack run: the ref of a region another VM allocated (a node on the
+    # same host) was adopted, and deallocating it here destroyed it under that VM.
+    for backend <- [:memfd, :posix] do
+      test "#{backend}: refused, and the region stays the other VM's", c do
+        {:ok, id} =
+          shm(c.a, :allocate_region, [4096, [cleanup_policy: :manual, backend: unquote(backend)]])
+
+        {:ok, ref} = shm(c.a, :export_ref, [id])
+
+        assert {:error, %Error{reason: :invalid_argument, message: message}} =
+                 SHM.adopt_region(ref)
+
+        assert message =~ "not a worker's output"
+        assert {:error, %Error{reason: :not_found}} = SHM.get_region_info(id)
+        assert {:ok, %{adopted: false}} = shm(c.a, :get_region_info, [id])
+        # Still alive there (the mapping ends with the :erpc process that made it).
+        assert {:ok, _mapping} = shm(c.a, :map_region, [id])
+        :ok = shm(c.a, :deallocate_region, [id])
+      end
+    end
+  end
 end
