@@ -63,6 +63,7 @@ defmodule Snakepit.SharedMemory.Config do
   """
 
   @key {__MODULE__, :config}
+  @max_timeout_ms div(0xFFFFFFFFFFFFFFFF, 1_000_000)
 
   @defaults [
     max_regions: 100_000,
@@ -215,9 +216,14 @@ defmodule Snakepit.SharedMemory.Config do
     "invalid configuration: config :snakepit_shm, #{key}: must be #{what}, got: #{inspect(value)}"
   end
 
-  defp check(key, value)
-       when key in [:max_regions, :max_total_memory, :max_regions_per_process, :default_timeout],
-       do: pos_or_infinity(value)
+  defp check(key, value) when key in [:max_regions, :max_total_memory, :max_regions_per_process],
+    do: pos_or_infinity(value)
+
+  # Region headers keep the idle timeout in 64-bit nanoseconds.
+  defp check(:default_timeout, value) when is_integer(value) and value > @max_timeout_ms,
+    do: {:error, "at most #{@max_timeout_ms} ms (64-bit nanoseconds) or :infinity"}
+
+  defp check(:default_timeout, value), do: pos_or_infinity(value)
 
   defp check(key, value)
        when key in [:max_region_size, :cleanup_interval, :holder_scan_interval, :barrier_timeout],

@@ -165,6 +165,27 @@ defmodule Snakepit.SharedMemory.AdoptRegionTest do
     refute File.exists?("/dev/shm/" <> id)
   end
 
+  test "a :timeout too large for 64-bit nanoseconds is an error tuple, not a raise", %{
+    worker: worker
+  } do
+    # Found by an attack run: adopt_region(ref, timeout: 2**70) raised ArgumentError
+    # (badarg from the NIF) and allocate_region/2 blamed "idle_timeout_ms".
+    huge = Bitwise.bsl(1, 70)
+    ref = PythonWorker.ask(worker, "alloc memfd 4")
+
+    assert {:error, %Error{reason: :invalid_option, message: m}} =
+             SHM.adopt_region(ref, timeout: huge)
+
+    assert m =~ ":timeout"
+
+    assert {:error, %Error{reason: :invalid_option, message: ":timeout" <> _}} =
+             SHM.allocate_region(16, timeout: huge)
+
+    # Still adoptable with a sane timeout.
+    assert {:ok, id} = SHM.adopt_region(ref, timeout: 60_000)
+    :ok = SHM.deallocate_region(id)
+  end
+
   test "a worker that is never adopted gives up its output after keep_seconds" do
     script = ~S"""
     import json, time, snakepit_shm
