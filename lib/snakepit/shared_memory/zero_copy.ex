@@ -130,8 +130,19 @@ defmodule Snakepit.SharedMemory.ZeroCopy do
         )
 
       true ->
-        with {:ok, type} <- Dtype.to_nx(dtype || "uint8") do
-          tensor = nx.from_binary(binary, type)
+        dtype = dtype || "uint8"
+
+        with {:ok, type} <- Dtype.to_nx(dtype),
+             :ok <- Dtype.check_layout(dtype, shape, byte_size(binary), "to_nx/1"),
+             {:ok, itemsize} <- Dtype.itemsize(dtype) do
+          # The shape may cover less than the region (shape x itemsize <= size, and a
+          # 0-size array lives in a 1-byte region): give Nx exactly the bytes it shapes.
+          used =
+            if shape,
+              do: Enum.product(shape) * itemsize,
+              else: div(byte_size(binary), itemsize) * itemsize
+
+          tensor = nx.from_binary(binary_part(binary, 0, used), type)
           {:ok, if(shape, do: nx.reshape(tensor, List.to_tuple(shape)), else: tensor)}
         end
     end
