@@ -526,7 +526,8 @@ defmodule Snakepit.SharedMemory do
       `false` (encrypted regions always travel encrypted).
     * `:chunk_size` - bytes per chunk, 4096 to 64 MiB. Defaults to 4 MiB.
     * `:window` - chunks in flight, 1 to 64. Defaults to 4.
-    * `:chunk_timeout` - ms without progress before giving up. Defaults to 30000.
+    * `:chunk_timeout` - ms without progress before giving up (at most 4294967295).
+      Defaults to 30000.
     * `:checksum` - whole-region digest, `:crc32` or `:sha256`. Defaults to `:crc32`.
     * `:progress` - a pid that receives `{:snakepit_shm_fetch_progress, region_id,
       bytes_done, total}` after each chunk. Defaults to `nil`.

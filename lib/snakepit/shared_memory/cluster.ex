@@ -170,7 +170,9 @@ defmodule Snakepit.SharedMemory.Cluster do
       {:chunk_size, &(is_integer(&1) and &1 >= @min_chunk and &1 <= @max_chunk),
        "an integer from #{@min_chunk} to #{@max_chunk} (bytes)"},
       {:window, &(is_integer(&1) and &1 >= 1 and &1 <= 64), "an integer from 1 to 64"},
-      {:chunk_timeout, &(is_integer(&1) and &1 > 0), "milliseconds (integer > 0)"},
+      # 4_294_967_295: the largest timeout receive/after takes.
+      {:chunk_timeout, &(is_integer(&1) and &1 > 0 and &1 <= 4_294_967_295),
+       "milliseconds (integer from 1 to 4294967295)"},
       {:encrypt, &is_boolean/1, "true or false"},
       {:checksum, &(&1 in [:crc32, :sha256]), ":crc32 or :sha256"},
       {:security_level, &(&1 in [nil, :standard, :high, :maximum]),

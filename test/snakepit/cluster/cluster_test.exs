@@ -255,6 +255,20 @@ defmodule Snakepit.SharedMemory.ClusterTest do
       :ok = shm(c.a, :cleanup_regions, [[ids: [id]]]) |> elem(0)
       assert ids(node()) == before
     end
+
+    test "a :chunk_timeout beyond what receive/after takes is an option error", c do
+      # Found by an attack run: 2**40 ms crashed the receiving process (:timeout_value,
+      # logged as a crash) and the caller got an :io_error naming the crash.
+      id = remote(c.a, :filled_region, [4096])
+
+      assert {:error, %Error{reason: :invalid_option, message: m}} =
+               SHM.fetch(id, node: c.a, chunk_timeout: Bitwise.bsl(1, 40))
+
+      assert m =~ ":chunk_timeout"
+      assert {:ok, copy} = SHM.fetch(id, node: c.a, chunk_timeout: 4_294_967_295)
+      :ok = SHM.deallocate_region(copy)
+      :ok = shm(c.a, :deallocate_region, [id])
+    end
   end
 
   @mib 1_048_576
