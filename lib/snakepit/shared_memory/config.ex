@@ -261,9 +261,9 @@ defmodule Snakepit.SharedMemory.Config do
         else: {:error, "a positive integer (ms) or false"}
       )
 
-  defp check(:health_thresholds, %{degraded: d, critical: c, hysteresis: h})
-       when is_number(d) and is_number(c) and is_number(h) and 0 < d and d < c and c <= 100 and
-              0 <= h and h < d,
+  defp check(:health_thresholds, %{degraded: d, critical: c, hysteresis: h} = t)
+       when map_size(t) == 3 and is_number(d) and is_number(c) and is_number(h) and 0 < d and
+              d < c and c <= 100 and 0 <= h and h < d,
        do: :ok
 
   defp check(:health_thresholds, _value),

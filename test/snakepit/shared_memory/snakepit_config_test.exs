@@ -182,6 +182,12 @@ defmodule Snakepit.SharedMemory.SnakepitConfigTest do
 
       assert {:error, message} = Config.validate(health_thresholds: %{degraded: 96})
       assert message =~ "health_thresholds"
+
+      # Found by an attack run: a misspelt key was ignored (the default applied).
+      assert {:error, message} =
+               Config.validate(health_thresholds: %{degraded: 70, hysterisis: 10})
+
+      assert message =~ "health_thresholds"
     end
   end
 
