@@ -279,7 +279,15 @@ defmodule Snakepit.SharedMemory.JSON do
           do: String.replace(text, ~r/[eE]/, ".0e", global: false),
           else: text
 
-      String.to_float(normalized)
+      try do
+        String.to_float(normalized)
+      rescue
+        ArgumentError ->
+          throw(
+            {:json_decode,
+             "invalid JSON: number #{String.slice(text, 0, 40)} is out of range (beyond a double)"}
+          )
+      end
     end
   end
 
