@@ -37,6 +37,7 @@ defmodule Snakepit.SharedMemory.Adoption do
          {:ok, id, target} <- target(ref),
          :ok <- not_registered(id),
          {:ok, handle, info} <- open(id, target),
+         :ok <- same_region(id, info),
          :ok <- check_header(id, handle, info),
          :ok <- check_creator(id, handle, target),
          {:ok, opts} <- Options.allocate(info.size, opts) do
@@ -132,6 +133,20 @@ defmodule Snakepit.SharedMemory.Adoption do
          }}
     end
   end
+
+  # The descriptors a ref names may now hold another region (the worker discarded the
+  # output and made another, or it exited and its pid was reused): never adopt that one.
+  defp same_region(id, %{id: id}), do: :ok
+
+  defp same_region(id, info),
+    do:
+      Error.error(
+        :not_found,
+        "region #{id} is gone: the descriptors its ref names now hold region #{info.id} (the " <>
+          "worker discarded or closed the output, or exited); adopt the ref while the worker " <>
+          "keeps its output",
+        %{region_id: id}
+      )
 
   defp check_header(id, handle, info) do
     {:ok, header} = Native.header(handle)

@@ -165,6 +165,27 @@ defmodule Snakepit.SharedMemory.AdoptRegionTest do
     refute File.exists?("/dev/shm/" <> id)
   end
 
+  test "a ref whose descriptors hold another region is refused, not adopted as that one", %{
+    worker: worker
+  } do
+    # Found by an attack run: the region id of the ref was never compared with the
+    # region its /proc paths lead to (a discarded output whose fd numbers were reused,
+    # or a worker whose pid was reused), so the VM adopted some other region.
+    a = PythonWorker.ask(worker, "alloc memfd 4")
+    b = PythonWorker.ask(worker, "alloc memfd 8")
+    forged = %{b | "region_id" => a["region_id"]}
+
+    assert {:error, %Error{reason: :not_found, message: m}} = SHM.adopt_region(forged)
+    assert m =~ b["region_id"]
+    assert {:error, %Error{reason: :not_found}} = SHM.get_region_info(b["region_id"])
+
+    for ref <- [a, b] do
+      assert {:ok, id} = SHM.adopt_region(ref)
+      assert id == ref["region_id"]
+      :ok = SHM.deallocate_region(id)
+    end
+  end
+
   test "a :timeout too large for 64-bit nanoseconds is an error tuple, not a raise", %{
     worker: worker
   } do
