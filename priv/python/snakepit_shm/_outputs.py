@@ -20,6 +20,7 @@ adoption, the next orphan sweep of a VM on the host removes it.
 import json
 import math
 import mmap
+import operator
 import os
 import threading
 import time
@@ -82,8 +83,9 @@ def allocate(size, dtype=None, shape=None, metadata=None, *, backend="memfd",
     adopts it with ``adopt_region/2``; the ``with`` block or ``close()`` of the Region
     does not free the output (see the module docs).
     """
-    if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
-        raise ValueError(f"size must be a positive int number of bytes, got {size!r}")
+    given, size = size, _integer(size)
+    if size is None or size <= 0:
+        raise ValueError(f"size must be a positive int number of bytes, got {given!r}")
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be 'memfd' or 'posix', got {backend!r}")
     meta = dict(metadata or {})
@@ -246,14 +248,26 @@ def _seconds(name, value, limit):
     return value
 
 
+def _integer(value):
+    """``value`` as a Python int if it is an integer (numpy's too, not bool), else None."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def _shape(shape):
     if shape is None:
         return None
-    if isinstance(shape, int) and not isinstance(shape, bool):
+    if _integer(shape) is not None:
         shape = (shape,)
     shape = tuple(shape)
-    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+    dims = tuple(_integer(d) for d in shape)
+    if not all(d is not None and d >= 0 for d in dims):
         raise ValueError(f"shape must hold non-negative ints, got {shape!r}")
+    shape = dims
     if any(d >= 2 ** 63 for d in shape):
         # numpy's dimensions are signed 64-bit: such an array could never be made.
         raise ValueError(f"shape {shape!r} has a dimension of 2**63 or more")

@@ -148,3 +148,20 @@ def test_forked_child_does_not_keep_the_parent_outputs():
     out.close()
     snakepit_shm.discard(out)
     gc.collect()
+
+
+def test_allocate_takes_numpy_integers_for_size_and_shape():
+    # Found by an attack run: sizes computed with numpy (4 * numpy.int64(n)) were
+    # refused as "not a positive int".
+    n = numpy.int64(4)
+    out = snakepit_shm.allocate(4 * n, dtype="float32", shape=[n, numpy.int32(1)])
+    try:
+        assert out.size == 16
+        assert out.ref["shape"] == [4, 1] and type(out.ref["shape"][0]) is int
+        json.dumps(out.ref)
+        assert out.ndarray().shape == (4, 1)
+    finally:
+        out.close()
+        snakepit_shm.discard(out.region_id)
+    with pytest.raises(ValueError):
+        snakepit_shm.allocate(numpy.bool_(True))
