@@ -3,6 +3,7 @@
 import contextlib
 import ctypes
 import math
+import operator
 import os
 import struct
 import threading
@@ -556,14 +557,25 @@ def _check_range(offset, length, size):
     return offset, length
 
 
+def _index(value):
+    """``value`` as a Python int if it is an integer (numpy's too, not bool), else None."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def _normalize_shape(shape):
-    if isinstance(shape, int) and not isinstance(shape, bool):
+    if _index(shape) is not None:
         shape = (shape,)
     try:
         shape = tuple(shape)
     except TypeError:
         raise TypeError(f"shape must be an int or a sequence of ints, got {shape!r}") \
             from None
-    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+    dims = tuple(_index(d) for d in shape)
+    if not all(d is not None and d >= 0 for d in dims):
         raise ValueError(f"shape must hold non-negative ints, got {shape!r}")
-    return shape
+    return dims

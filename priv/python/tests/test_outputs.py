@@ -165,3 +165,15 @@ def test_allocate_takes_numpy_integers_for_size_and_shape():
         snakepit_shm.discard(out.region_id)
     with pytest.raises(ValueError):
         snakepit_shm.allocate(numpy.bool_(True))
+
+
+def test_ndarray_takes_numpy_integers_in_its_shape():
+    out = snakepit_shm.allocate(24)
+    try:
+        arr = out.ndarray("float32", shape=(numpy.int64(2), numpy.int32(3)))
+        assert arr.shape == (2, 3)
+        del arr
+        assert out.ndarray("uint8", shape=numpy.int64(24)).shape == (24,)
+    finally:
+        out.close()
+        snakepit_shm.discard(out.region_id)
