@@ -218,6 +218,36 @@ defmodule Snakepit.SharedMemory.ShmPathTest do
     end
   end
 
+  test "a directory other users may write without the sticky bit is warned about" do
+    # Found by an attack run: shm_path on a 0777 directory (not 1777 like /dev/shm)
+    # started silently, although any local user can then delete or rename our segments.
+    dir = Path.join(System.tmp_dir!(), "i19_open_#{System.unique_integer([:positive])}")
+    File.mkdir_p!(dir)
+
+    try do
+      File.chmod!(dir, 0o777)
+
+      log =
+        ExUnit.CaptureLog.capture_log(fn ->
+          Snakepit.SharedMemory.Platform.warn_unless_tmpfs(dir)
+        end)
+
+      assert log =~ "shm_path #{dir} is writable by other users without the sticky bit"
+
+      # (File.chmod/2 drops the sticky bit.)
+      {_, 0} = System.cmd("chmod", ["1777", dir])
+
+      log =
+        ExUnit.CaptureLog.capture_log(fn ->
+          Snakepit.SharedMemory.Platform.warn_unless_tmpfs(dir)
+        end)
+
+      refute log =~ "sticky"
+    after
+      File.rm_rf(dir)
+    end
+  end
+
   test "a missing or relative shm_path fails the start with a message naming it" do
     Application.stop(:snakepit_shm)
 
