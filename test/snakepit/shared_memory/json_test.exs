@@ -82,6 +82,18 @@ defmodule Snakepit.SharedMemory.JSONTest do
       assert message =~ "nesting"
     end
 
+    test "a number of thousands of digits is refused before it stalls a scheduler" do
+      # Found by an attack run: :erlang.binary_to_integer/1 does not yield, and a
+      # 600 000-digit number in a ref's JSON blocked a scheduler for seconds.
+      long = String.duplicate("7", 600_000)
+      assert {:error, %Error{reason: :invalid_json, message: m}} = JSON.decode(long)
+      assert m =~ "digits"
+      assert {:error, %Error{}} = JSON.decode(~s({"size": #{long}}))
+      # Anything a region could need still decodes.
+      big = Integer.pow(10, 300)
+      assert {:ok, ^big} = JSON.decode(Integer.to_string(big))
+    end
+
     test "a number beyond a double is an error, not a raise" do
       # Found by an attack run: String.to_float/1 raised ArgumentError, so
       # adopt_region/2 and from_zero_copy_ref/1 of such JSON raised too.
