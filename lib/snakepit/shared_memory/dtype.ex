@@ -191,6 +191,12 @@ defmodule Snakepit.SharedMemory.Dtype do
           "#{what}: shape must be a list of non-negative integers, got: #{inspect(shape)}"
         )
 
+      length(shape) > 64 ->
+        Error.error(
+          :invalid_option,
+          "#{what}: shape has #{length(shape)} dimensions; numpy arrays have at most 64 dimensions"
+        )
+
       Enum.any?(shape, &(&1 >= @max_dim)) ->
         Error.error(
           :invalid_option,

@@ -268,6 +268,8 @@ def _shape(shape):
     if not all(d is not None and d >= 0 for d in dims):
         raise ValueError(f"shape must hold non-negative ints, got {shape!r}")
     shape = dims
+    if len(shape) > 64:
+        raise ValueError(f"shape has {len(shape)} dimensions; numpy arrays have at most 64")
     if any(d >= 2 ** 63 for d in shape):
         # numpy's dimensions are signed 64-bit: such an array could never be made.
         raise ValueError(f"shape {shape!r} has a dimension of 2**63 or more")
