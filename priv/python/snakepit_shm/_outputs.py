@@ -88,6 +88,8 @@ def allocate(size, dtype=None, shape=None, metadata=None, *, backend="memfd",
         raise ValueError(f"size must be a positive int number of bytes, got {given!r}")
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be 'memfd' or 'posix', got {backend!r}")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise ValueError(f"metadata must be a dict (a JSON object), got {type(metadata).__name__}")
     meta = dict(metadata or {})
     dtype_name, itemsize = _dtype(dtype if dtype is not None else meta.get("dtype"))
     shape = _shape(shape if shape is not None else meta.get("shape"))

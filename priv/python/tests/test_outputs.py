@@ -109,6 +109,8 @@ def test_adopted_posix_output_is_not_removed():
     (dict(size=16, keep_seconds=float("nan")), "keep_seconds"),
     (dict(size=16, dtype="uint8", shape=[2 ** 64, 0]), "shape"),
     (dict(size=16, dtype="uint8", shape=[1] * 65), "64"),
+    (dict(size=16, metadata="abc"), "metadata must be a dict"),
+    (dict(size=16, metadata=[1, 2]), "metadata must be a dict"),
 ])
 def test_allocate_validates_where_the_mistake_is_made(kwargs, match):
     before = snakepit_shm.pending_outputs()
