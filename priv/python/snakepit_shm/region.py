@@ -442,6 +442,19 @@ class Region:
         except Exception:  # noqa: BLE001 - __del__ must not raise
             pass
 
+    # A copy would share the mappings and the hold: closing either would unmap the
+    # other's memory behind its back.  Hand over the ref instead.
+    def __copy__(self):
+        raise TypeError("a Region cannot be copied: attach its ref again "
+                        "(snakepit_shm.attach(region.ref)) for a second handle")
+
+    def __deepcopy__(self, memo):
+        self.__copy__()
+
+    def __reduce__(self):
+        raise TypeError("a Region cannot be pickled: send region.ref (JSON-encodable) and "
+                        "attach it on the other side")
+
     def __repr__(self):
         """Return a short description (id, size, mode, backend, state)."""
         state = "closed" if self._closed else ("held" if self.held else "unheld")

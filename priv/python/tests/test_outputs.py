@@ -180,3 +180,19 @@ def test_ndarray_takes_numpy_integers_in_its_shape():
     finally:
         out.close()
         snakepit_shm.discard(out.region_id)
+
+
+def test_a_region_cannot_be_copied_or_pickled():
+    # Found by an attack run: copy.copy() shared the mmaps, and closing the copy left
+    # the original "open" over unmapped memory.
+    import copy
+    import pickle
+    out = snakepit_shm.allocate(16)
+    try:
+        for attempt in (copy.copy, copy.deepcopy, pickle.dumps):
+            with pytest.raises(TypeError, match="ref"):
+                attempt(out)
+        out.write(0, b"still usable")
+    finally:
+        out.close()
+        snakepit_shm.discard(out.region_id)
