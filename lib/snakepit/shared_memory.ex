@@ -519,7 +519,8 @@ defmodule Snakepit.SharedMemory do
       bytes land straight in its mapping. Not freed on failure (it is not ours); its
       content is then undefined. Defaults to `nil`.
     * `:region` - `allocate_region/2` options for the copy (`:owner`,
-      `:cleanup_policy`, `:timeout`, `:metadata`, ...). Defaults to `[]`.
+      `:cleanup_policy`, `:timeout`, `:metadata`, ...; `:open_mode` only `:create`: the
+      copy is always a new region). Defaults to `[]`.
     * `:security_level` - the copy's level, at least the source's. Defaults to the
       source's.
     * `:encrypt` - encrypt the transfer of a `:standard` region too. Defaults to

@@ -269,6 +269,25 @@ defmodule Snakepit.SharedMemory.ClusterTest do
       :ok = SHM.deallocate_region(copy)
       :ok = shm(c.a, :deallocate_region, [id])
     end
+
+    test ":region cannot open an existing region (that is what :into is for)", c do
+      # Found by an attack run: region: [name: n, open_mode: :open_only] wrote into an
+      # existing region of another owner, which a failed fetch would then have freed.
+      id = remote(c.a, :filled_region, [4096])
+      other = spawn(fn -> Process.sleep(:infinity) end)
+      {:ok, named} = SHM.allocate_region(4096, name: "attack_a_fetch", owner: other)
+
+      for mode <- [:open_only, :create_or_open, :remove_and_create] do
+        assert {:error, %Error{reason: :invalid_option, message: m}} =
+                 SHM.fetch(id, node: c.a, region: [name: "attack_a_fetch", open_mode: mode])
+
+        assert m =~ ":into"
+      end
+
+      assert {:ok, %{owner: ^other}} = SHM.get_region_info(named)
+      :ok = SHM.deallocate_region(named)
+      :ok = shm(c.a, :deallocate_region, [id])
+    end
   end
 
   @mib 1_048_576
