@@ -243,6 +243,8 @@ defmodule Snakepit.SharedMemory.Adoption do
 
       if Registry.insert_new(record) do
         watch(handle, id, opts.owner)
+        # Other nodes find it with locate/1 and fetch/2, as a region allocated here.
+        Snakepit.SharedMemory.Cluster.Directory.added(id)
         Stats.count(:allocations)
         {:ok, id}
       else

@@ -708,6 +708,39 @@ defmodule Snakepit.SharedMemory.ClusterTest do
     end
   end
 
+  describe "adopted worker outputs" do
+    test "are found by locate/1 and fetch/2 from other nodes", c do
+      # Found by an attack run: adoption registered the region but never told the
+      # directory, so other nodes could not locate (nor fetch by id) a worker's output.
+      worker =
+        Snakepit.SharedMemory.Test.PythonWorker.start("""
+        import json, sys, snakepit_shm
+        for line in sys.stdin:
+            out = snakepit_shm.allocate(4096)
+            out.write(0, b"adopted")
+            out.close()
+            print(json.dumps(out.ref))
+        """)
+
+      try do
+        ref = Snakepit.SharedMemory.Test.PythonWorker.ask(worker, "go")
+        {:ok, id} = SHM.adopt_region(ref)
+        sync_all()
+
+        assert {:ok, node()} == :erpc.call(c.a, SHM, :locate, [id])
+
+        assert {:ok, copy} =
+                 :erpc.call(c.b, SHM, :fetch, [id, [region: [cleanup_policy: :manual]]])
+
+        assert "adopted" == remote(c.b, :read, [copy, 0, 7])
+        :ok = shm(c.b, :deallocate_region, [copy])
+        :ok = SHM.deallocate_region(id)
+      after
+        Snakepit.SharedMemory.Test.PythonWorker.stop(worker)
+      end
+    end
+  end
+
   describe "adopt_region/2 of another node's region (same host)" do
     # Found by an attack run: the ref of a region another VM allocated (a node on the
     # same host) was adopted, and deallocating it here destroyed it under that VM.
