@@ -13,9 +13,9 @@ defmodule Snakepit.SharedMemory.Adoption do
   Until adoption the worker owns the region: if it dies first, a memfd region dies with
   its descriptors and a POSIX region is an orphan (creator gone) that the next orphan
   sweep removes. After adoption of a POSIX region, the header still names the worker
-  as creator; this VM's registry keeps it, but another VM's orphan sweep on the same
-  host would take it for an orphan once the worker is gone: prefer the memfd backend
-  (the worker's default) for outputs.
+  as creator, and carries the adopted bit: the orphan sweeps of other VMs on the host
+  leave it alone while a process (this VM) holds it open, and remove it once this VM
+  is gone too. The memfd backend (the worker's default) needs none of this.
   """
 
   require Snakepit.SharedMemory.Registry

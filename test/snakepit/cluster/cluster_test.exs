@@ -741,6 +741,38 @@ defmodule Snakepit.SharedMemory.ClusterTest do
     end
   end
 
+  describe "an adopted POSIX output whose worker exited" do
+    test "is no orphan to another VM on the host while this VM holds it", c do
+      # Found by an attack run: the header names the worker as creator, so once it
+      # exited the orphan sweep of any other VM on the host (its start, or `mix
+      # snakepit.shm.cleanup`) removed the segment under the VM that adopted it.
+      alias Snakepit.SharedMemory.Test.PythonWorker
+
+      worker =
+        PythonWorker.start("""
+        import json, sys, snakepit_shm
+        for line in sys.stdin:
+            out = snakepit_shm.allocate(4096, backend="posix")
+            out.close()
+            print(json.dumps(out.ref))
+        """)
+
+      ref = PythonWorker.ask(worker, "go")
+      {:ok, id} = SHM.adopt_region(ref, cleanup_policy: :manual)
+      PythonWorker.stop(worker)
+
+      eventually(fn ->
+        {:ok, header} = Snakepit.SharedMemory.Native.inspect_path("/dev/shm/" <> id)
+        not header.creator_alive
+      end)
+
+      # A dry run: a real sweep on the peer would also take other suites' orphans.
+      {:ok, would_free} = shm(c.a, :cleanup_regions, [[dry_run: true]])
+      refute id in Enum.map(would_free, & &1.region_id)
+      :ok = SHM.deallocate_region(id)
+    end
+  end
+
   describe "adopt_region/2 of another node's region (same host)" do
     # Found by an attack run: the ref of a region another VM allocated (a node on the
     # same host) was adopted, and deallocating it here destroyed it under that VM.
