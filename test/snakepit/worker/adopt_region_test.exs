@@ -1,3 +1,5 @@
+Code.require_file("../../mix/support/task_helpers.exs", __DIR__)
+
 defmodule Snakepit.SharedMemory.AdoptRegionTest do
   # Issue 13, Seen 2: workers allocate their outputs; Elixir adopts them.
   use ExUnit.Case, async: false
@@ -205,6 +207,29 @@ defmodule Snakepit.SharedMemory.AdoptRegionTest do
     # Still adoptable with a sane timeout.
     assert {:ok, id} = SHM.adopt_region(ref, timeout: 60_000)
     :ok = SHM.deallocate_region(id)
+  end
+
+  test "mix snakepit.shm.cleanup leaves an adopted POSIX output alone once its worker exits",
+       %{worker: worker} do
+    # Found by an attack run: the offline cleanup took it for an orphan (its header
+    # names the worker as creator) and removed it under the VM that adopted it.
+    ref = PythonWorker.ask(worker, "alloc posix 16")
+    {:ok, id} = SHM.adopt_region(ref, cleanup_policy: :manual)
+    PythonWorker.stop(worker)
+    path = Path.join("/dev/shm", id)
+
+    assert eventually(fn ->
+             {:ok, header} = Snakepit.SharedMemory.Native.inspect_path(path)
+             not header.creator_alive
+           end)
+
+    {_out, _err, _status} =
+      Snakepit.SharedMemory.TaskHelpers.run_task("snakepit.shm.cleanup", ["--id", id])
+
+    assert File.exists?(path)
+    assert {:ok, %{size: 64}} = SHM.get_region_info(id)
+    :ok = SHM.deallocate_region(id)
+    refute File.exists?(path)
   end
 
   test "a worker that is never adopted gives up its output after keep_seconds" do
