@@ -390,7 +390,8 @@ defmodule Snakepit.SharedMemory do
   flag): the ref of a region another VM allocated, even on this host, is refused
   (`:invalid_argument`); `fetch/2` or map it there instead.
 
-  Options: `:owner` (default `self()`), `:cleanup_policy`, `:timeout`,
+  Options: `:owner` (default `self()`), `:cleanup_policy`, `:timeout` (default: the
+  worker's `allocate(..., timeout=...)`, else `:default_timeout`),
   `:allowed_processes`, `:access_mode`, as for `allocate_region/2`.
   """
   @spec adopt_region(map() | String.t(), keyword() | map()) :: {:ok, region_id()} | error()

@@ -40,7 +40,7 @@ defmodule Snakepit.SharedMemory.Adoption do
          :ok <- same_region(id, info),
          :ok <- check_header(id, handle, info),
          :ok <- check_creator(id, handle, target),
-         {:ok, opts} <- Options.allocate(info.size, opts) do
+         {:ok, opts} <- Options.allocate(info.size, worker_timeout(opts, handle)) do
       register(handle, info, opts)
     end
   end
@@ -147,6 +147,18 @@ defmodule Snakepit.SharedMemory.Adoption do
           "keeps its output",
         %{region_id: id}
       )
+
+  # The idle timeout the worker asked for (allocate(timeout=...)) applies unless the
+  # caller gives one.
+  defp worker_timeout(opts, handle) do
+    case Native.header(handle) do
+      {:ok, %{idle_timeout_ns: ns}} when ns > 0 and not is_map_key(opts, :timeout) ->
+        Map.put(opts, :timeout, max(div(ns, 1_000_000), 1))
+
+      _ ->
+        opts
+    end
+  end
 
   defp check_header(id, handle, info) do
     {:ok, header} = Native.header(handle)

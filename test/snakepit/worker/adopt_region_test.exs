@@ -32,6 +32,10 @@ defmodule Snakepit.SharedMemory.AdoptRegionTest do
           while words[1] in snakepit_shm.pending_outputs() and time.monotonic() < deadline:
               time.sleep(0.02)
           print(json.dumps(words[1] not in snakepit_shm.pending_outputs()))
+      elif words[0] == "timed":          # timed SECONDS: an output with an idle timeout
+          with snakepit_shm.allocate(16, timeout=float(words[1])) as out:
+              ref = out.ref
+          print(json.dumps(ref))
       elif words[0] == "pending":
           print(json.dumps(snakepit_shm.pending_outputs()))
   """
@@ -230,6 +234,27 @@ defmodule Snakepit.SharedMemory.AdoptRegionTest do
     assert {:ok, %{size: 64}} = SHM.get_region_info(id)
     :ok = SHM.deallocate_region(id)
     refute File.exists?(path)
+  end
+
+  test "the worker's timeout applies after adoption unless adopt_region/2 gives one", %{
+    worker: worker
+  } do
+    # Found by an attack run: the documented allocate(timeout=...) was overwritten by
+    # the VM's default_timeout (:infinity) at adoption.
+    ref = PythonWorker.ask(worker, "timed 30")
+    {:ok, id} = SHM.adopt_region(ref)
+    assert {:ok, %{timeout: 30_000}} = SHM.get_region_info(id)
+    :ok = SHM.deallocate_region(id)
+
+    ref = PythonWorker.ask(worker, "timed 30")
+    {:ok, id} = SHM.adopt_region(ref, timeout: 5_000)
+    assert {:ok, %{timeout: 5_000}} = SHM.get_region_info(id)
+    :ok = SHM.deallocate_region(id)
+
+    ref = PythonWorker.ask(worker, "alloc memfd 4")
+    {:ok, id} = SHM.adopt_region(ref)
+    assert {:ok, %{timeout: :infinity}} = SHM.get_region_info(id)
+    :ok = SHM.deallocate_region(id)
   end
 
   test "a worker that is never adopted gives up its output after keep_seconds" do
