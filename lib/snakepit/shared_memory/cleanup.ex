@@ -402,8 +402,26 @@ defmodule Snakepit.SharedMemory.Cleanup do
     end
   end
 
-  # The header's adopted state bit (kStateAdopted, docs/FORMAT.md).
-  defp adopted?(header), do: Bitwise.band(header.state, 4) != 0
+  @doc false
+  # True if a header (Native.header/1, Native.inspect_path/1) has the adopted state bit:
+  # a VM took the worker's output over. The bit comes from the core's layout (one source
+  # of truth), read once.
+  @spec adopted?(map()) :: boolean()
+  def adopted?(%{state: state}), do: Bitwise.band(state, adopted_bit()) != 0
+
+  defp adopted_bit do
+    key = {__MODULE__, :adopted_bit}
+
+    case :persistent_term.get(key, nil) do
+      nil ->
+        {:ok, %{"states" => %{"adopted" => bit}}} = JSON.decode(Native.header_layout())
+        :persistent_term.put(key, bit)
+        bit
+
+      bit ->
+        bit
+    end
+  end
 
   defp unlink(id) do
     case Native.unlink_segment(id) do

@@ -49,7 +49,7 @@ defmodule Snakepit.SharedMemory.CLI.HostCleanup do
 
   defp adopted?(path) do
     case Native.inspect_path(path) do
-      {:ok, header} -> Bitwise.band(header.state, 4) != 0
+      {:ok, header} -> Snakepit.SharedMemory.Cleanup.adopted?(header)
       _ -> false
     end
   end
