@@ -149,11 +149,19 @@ def from_array(array, metadata=None, *, backend="memfd", timeout=None,
     The region has the array's dtype and shape (C order); hand ``region.ref`` back.
     """
     import numpy
-    array = numpy.ascontiguousarray(array)
+    array = numpy.asarray(array)
     region = allocate(max(1, array.nbytes), array.dtype, array.shape, metadata,
                       backend=backend, timeout=timeout, keep_seconds=keep_seconds)
     if array.nbytes:
-        region.write(0, array.reshape(-1).view(numpy.uint8))
+        try:
+            # Straight into the region, whatever the strides (no contiguous temporary).
+            target = region.ndarray()
+            numpy.copyto(target, array, casting="no")
+            del target
+        except BaseException:
+            region.close()
+            discard(region.region_id)
+            raise
     return region
 
 

@@ -196,3 +196,32 @@ def test_a_region_cannot_be_copied_or_pickled():
     finally:
         out.close()
         snakepit_shm.discard(out.region_id)
+
+
+def test_from_array_copies_a_strided_or_broadcast_array_without_a_temporary():
+    # Found by an attack run: numpy.ascontiguousarray() first made a full private copy
+    # (a broadcast scalar of 32 MiB cost 32 MiB of worker memory before the copy).
+    import tracemalloc
+    src = numpy.broadcast_to(numpy.float64(2.5), (4 * 1024 * 1024,))
+    tracemalloc.start()
+    try:
+        out = snakepit_shm.from_array(src)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    try:
+        assert peak < 4 * 1024 * 1024
+        arr = out.ndarray()
+        assert arr.shape == src.shape and float(arr[0]) == 2.5 and float(arr[-1]) == 2.5
+        del arr
+        strided = numpy.arange(30, dtype=numpy.int32).reshape(5, 6)[:, ::2].T
+        out2 = snakepit_shm.from_array(strided)
+        try:
+            assert (out2.ndarray() == strided).all()
+            assert out2.ref["shape"] == [3, 5]
+        finally:
+            out2.close()
+            snakepit_shm.discard(out2.region_id)
+    finally:
+        out.close()
+        snakepit_shm.discard(out.region_id)
