@@ -227,6 +227,9 @@ defmodule Snakepit.SharedMemory.AdoptRegionTest do
              not header.creator_alive
            end)
 
+    # list/info/doctor do not call it an orphan either.
+    assert %{orphaned: false} = Snakepit.SharedMemory.CLI.HostScan.find(id)
+
     {_out, _err, _status} =
       Snakepit.SharedMemory.TaskHelpers.run_task("snakepit.shm.cleanup", ["--id", id])
 
