@@ -17,6 +17,7 @@
 #include "crypto.hpp"
 #include "format.hpp"
 #include "header.hpp"
+#include "platform.hpp"
 #include "region.hpp"
 
 #define SPSHM_EXPORT extern "C" __attribute__((visibility("default")))
@@ -241,10 +242,25 @@ SPSHM_EXPORT int spshm_create(uint64_t size, int backend, const char* metadata_j
       options.backend = spshm::BackendKind::memfd;
     else
       return fail(Errc::invalid_argument, "backend must be 1 (posix) or 2 (memfd)", err, errlen);
+#if defined(__linux__)
+    if (options.backend == spshm::BackendKind::posix) {
+      // Where the VM keeps its POSIX segments (config :snakepit_shm, shm_path), so that
+      // it finds the output to adopt it; /dev/shm when the variable is not set.
+      const char* dir = std::getenv("SNAKEPIT_SHM_PATH");
+      auto moved =
+          spshm::platform::set_named_dir(dir != nullptr && *dir != '\0' ? dir : "/dev/shm");
+      if (!moved)
+        return fail(Error{Errc::invalid_argument, moved.error().sys_errno,
+                          "SNAKEPIT_SHM_PATH: " + moved.error().message +
+                              " (set it to the VM's config :snakepit_shm, shm_path)"},
+                    err, errlen);
+    }
+#endif
     options.size = size;
     options.mode = 0600;
     options.metadata_json = metadata_json != nullptr ? metadata_json : "{}";
     options.idle_timeout_ns = idle_timeout_ns;
+    options.worker_output = true;  // the VM may adopt it (adopt_region/2)
     auto created = spshm::Region::create(options);
     if (!created) return fail(created.error(), err, errlen);
     spshm::Region& region = *created;

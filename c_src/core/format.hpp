@@ -56,6 +56,9 @@ enum class CipherKind : std::uint32_t {
 inline constexpr std::uint32_t kFlagEncrypted = 1u << 0;
 inline constexpr std::uint32_t kFlagNamed = 1u << 1;
 inline constexpr std::uint32_t kFlagSplitData = 1u << 2;
+/// Created by a worker through the C API (snakepit_shm.allocate): the only regions a VM
+/// may adopt (adopt_region/2); a VM's own regions never carry it.
+inline constexpr std::uint32_t kFlagWorkerOutput = 1u << 3;
 
 // Mutable state bits (RegionHeader::state).
 inline constexpr std::uint32_t kStateSealed = 1u << 0;

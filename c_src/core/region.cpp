@@ -126,7 +126,8 @@ Result<void> fill_new_region(RegionFactory::Impl& impl, const CreateOptions& o, 
   init.region_id = impl.id;
   init.backend = impl.backend;
   init.flags = (o.encrypted ? kFlagEncrypted : 0) | (named ? kFlagNamed : 0) |
-               (impl.backend == BackendKind::memfd ? kFlagSplitData : 0);
+               (impl.backend == BackendKind::memfd ? kFlagSplitData : 0) |
+               (o.worker_output ? kFlagWorkerOutput : 0);
   init.security_level = o.security_level;
   init.data_size = o.size;
   init.data_capacity = impl.capacity;

@@ -44,6 +44,7 @@ struct CreateOptions {
   bool lock_memory = false;          ///< mlock + MADV_DONTDUMP; mlock_failed if it cannot
   std::string metadata_json;         ///< <= kMetadataCapacity bytes, stored verbatim
   std::uint64_t idle_timeout_ns = 0;
+  bool worker_output = false;  ///< kFlagWorkerOutput: made by a worker for adopt_region/2
 };
 
 /// Where to find an existing region.

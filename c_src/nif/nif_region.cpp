@@ -221,6 +221,14 @@ SPSHM_GUARDED_NIF(nif_mark_adopted)(ErlNifEnv* env, int, const ERL_NIF_TERM argv
   RegionResource* res;
   if (!get_region(env, argv[0], &res)) return enif_make_badarg(env);
   if (!res->region.header_writable()) return private_header(env, res->region, "adopt it");
+  // Only a worker's output: another VM's region (a ref of a node on the same host) must
+  // not be taken over, and then freed, by this VM.
+  if ((res->region.header().flags & kFlagWorkerOutput) == 0)
+    return make_error(env, Errc::invalid_argument,
+                      "region " + res->region.id() +
+                          " is not a worker's output (snakepit_shm.allocate/from_array): it "
+                          "belongs to the VM that allocated it; map_region/2 it there, or "
+                          "fetch/2 it");
   std::uint32_t before =
       res->region.header().state.fetch_or(kStateAdopted, std::memory_order_acq_rel);
   if (before & kStateDeallocated)

@@ -394,9 +394,12 @@ defmodule Snakepit.SharedMemory do
   Adopt while the worker is alive: a worker that dies before adoption leaves nothing
   behind (memfd regions die with it; POSIX ones are removed by the next orphan sweep),
   and adopting then gives `:not_found`. Only unencrypted regions; once only
-  (`:already_adopted`).
+  (`:already_adopted`). Only worker outputs (their header carries the `worker_output`
+  flag): the ref of a region another VM allocated, even on this host, is refused
+  (`:invalid_argument`); `fetch/2` or map it there instead.
 
-  Options: `:owner` (default `self()`), `:cleanup_policy`, `:timeout`,
+  Options: `:owner` (default `self()`), `:cleanup_policy`, `:timeout` (default: the
+  worker's `allocate(..., timeout=...)`, else `:default_timeout`),
   `:allowed_processes`, `:access_mode`, as for `allocate_region/2`.
   """
   @spec adopt_region(map() | String.t(), keyword() | map()) :: {:ok, region_id()} | error()
@@ -448,7 +451,8 @@ defmodule Snakepit.SharedMemory do
   @doc """
   The environment variables a Python worker needs to `import snakepit_shm`:
   `{:ok, %{"PYTHONPATH" => ".../priv/python[:existing]", "SNAKEPIT_SHM_LIB" =>
-  ".../priv/libsnakepit_shm.so"}}`. Give the map to a Snakepit pool as `adapter_env`
+  ".../priv/libsnakepit_shm.so"}}`, plus `"SNAKEPIT_SHM_PATH"` when `:shm_path` is
+  configured. Give the map to a Snakepit pool as `adapter_env`
   (`Enum.to_list/1` if a list of pairs is wanted), or to `System.cmd/3`'s `:env`.
   """
   @spec python_env() :: {:ok, %{String.t() => String.t()}}
@@ -525,14 +529,16 @@ defmodule Snakepit.SharedMemory do
       bytes land straight in its mapping. Not freed on failure (it is not ours); its
       content is then undefined. Defaults to `nil`.
     * `:region` - `allocate_region/2` options for the copy (`:owner`,
-      `:cleanup_policy`, `:timeout`, `:metadata`, ...). Defaults to `[]`.
+      `:cleanup_policy`, `:timeout`, `:metadata`, ...; `:open_mode` only `:create`: the
+      copy is always a new region). Defaults to `[]`.
     * `:security_level` - the copy's level, at least the source's. Defaults to the
       source's.
     * `:encrypt` - encrypt the transfer of a `:standard` region too. Defaults to
       `false` (encrypted regions always travel encrypted).
     * `:chunk_size` - bytes per chunk, 4096 to 64 MiB. Defaults to 4 MiB.
     * `:window` - chunks in flight, 1 to 64. Defaults to 4.
-    * `:chunk_timeout` - ms without progress before giving up. Defaults to 30000.
+    * `:chunk_timeout` - ms without progress before giving up (at most 4294967295).
+      Defaults to 30000.
     * `:checksum` - whole-region digest, `:crc32` or `:sha256`. Defaults to `:crc32`.
     * `:progress` - a pid that receives `{:snakepit_shm_fetch_progress, region_id,
       bytes_done, total}` after each chunk. Defaults to `nil`.

@@ -13,9 +13,9 @@ defmodule Snakepit.SharedMemory.Adoption do
   Until adoption the worker owns the region: if it dies first, a memfd region dies with
   its descriptors and a POSIX region is an orphan (creator gone) that the next orphan
   sweep removes. After adoption of a POSIX region, the header still names the worker
-  as creator; this VM's registry keeps it, but another VM's orphan sweep on the same
-  host would take it for an orphan once the worker is gone: prefer the memfd backend
-  (the worker's default) for outputs.
+  as creator, and carries the adopted bit: the orphan sweeps of other VMs on the host
+  leave it alone while a process (this VM) holds it open, and remove it once this VM
+  is gone too. The memfd backend (the worker's default) needs none of this.
   """
 
   require Snakepit.SharedMemory.Registry
@@ -47,9 +47,10 @@ defmodule Snakepit.SharedMemory.Adoption do
          {:ok, id, target} <- target(ref),
          :ok <- not_registered(id),
          {:ok, handle, info} <- open(id, target),
+         :ok <- same_region(id, info),
          :ok <- check_header(id, handle, info),
          :ok <- check_creator(id, handle, target),
-         {:ok, opts} <- Options.allocate(info.size, opts) do
+         {:ok, opts} <- Options.allocate(info.size, worker_timeout(opts, handle)) do
       register(handle, info, opts)
     end
   end
@@ -140,6 +141,32 @@ defmodule Snakepit.SharedMemory.Adoption do
                  " (adopt the ref while the worker that made it is alive and has not " <>
                  "discarded it)"
          }}
+    end
+  end
+
+  # The descriptors a ref names may now hold another region (the worker discarded the
+  # output and made another, or it exited and its pid was reused): never adopt that one.
+  defp same_region(id, %{id: id}), do: :ok
+
+  defp same_region(id, info),
+    do:
+      Error.error(
+        :not_found,
+        "region #{id} is gone: the descriptors its ref names now hold region #{info.id} (the " <>
+          "worker discarded or closed the output, or exited); adopt the ref while the worker " <>
+          "keeps its output",
+        %{region_id: id}
+      )
+
+  # The idle timeout the worker asked for (allocate(timeout=...)) applies unless the
+  # caller gives one.
+  defp worker_timeout(opts, handle) do
+    case Native.header(handle) do
+      {:ok, %{idle_timeout_ns: ns}} when ns > 0 and not is_map_key(opts, :timeout) ->
+        Map.put(opts, :timeout, max(div(ns, 1_000_000), 1))
+
+      _ ->
+        opts
     end
   end
 
@@ -240,6 +267,7 @@ defmodule Snakepit.SharedMemory.Adoption do
       if Registry.insert_new(record) do
         HostQuota.Regions.bind(host, id, :created)
         watch(handle, id, opts.owner)
+        # Other nodes find it with locate/1 and fetch/2, as a region allocated here.
         Snakepit.SharedMemory.Cluster.Directory.added(id)
         Stats.count(:allocations)
         {:ok, id}

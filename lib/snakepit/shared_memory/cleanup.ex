@@ -18,7 +18,9 @@ defmodule Snakepit.SharedMemory.Cleanup do
 
     * orphans (`sweep_orphans/1`): segments of ours whose creator VM is gone (its OS
       pid, start time and boot id no longer match a live process). A VM killed with
-      SIGKILL leaves its POSIX segments; the next start frees them.
+      SIGKILL leaves its POSIX segments; the next start frees them. A worker's output
+      adopted by a VM names the worker as creator: it is an orphan only once no process
+      has it open any more (the adopting VM holds it).
     * incomplete segments (`Snakepit.SharedMemory.Incomplete`): a VM killed while
       creating a segment leaves it without a header; it is removed once no process has
       it open (part of `sweep_orphans/1`).
@@ -246,9 +248,19 @@ defmodule Snakepit.SharedMemory.Cleanup do
     dry_run = Keyword.get(opts, :dry_run, false)
     {valid, corrupt} = scan_unregistered()
 
+    candidates = for {id, header} <- valid, not header.creator_alive, do: {id, header}
+
+    # A worker's output adopted by a VM still names the worker as creator: it is an
+    # orphan only once no process holds it open (the adopting VM keeps a descriptor).
+    held =
+      if Enum.any?(candidates, fn {_id, header} -> adopted?(header) end),
+        do: Incomplete.open_paths(),
+        else: MapSet.new()
+
     orphans =
-      for {id, header} <- valid,
-          not header.creator_alive,
+      for {id, header} <- candidates,
+          not (adopted?(header) and
+                 MapSet.member?(held, Path.join(Platform.current().shm_dir(), id))),
           dry_run or unlink(id) do
         %{region_id: id, reason: :orphan, size: header.size}
       end
@@ -387,6 +399,27 @@ defmodule Snakepit.SharedMemory.Cleanup do
       {valid, corrupt}
     else
       _ -> {[], []}
+    end
+  end
+
+  @doc false
+  # True if a header (Native.header/1, Native.inspect_path/1) has the adopted state bit:
+  # a VM took the worker's output over. The bit comes from the core's layout (one source
+  # of truth), read once.
+  @spec adopted?(map()) :: boolean()
+  def adopted?(%{state: state}), do: Bitwise.band(state, adopted_bit()) != 0
+
+  defp adopted_bit do
+    key = {__MODULE__, :adopted_bit}
+
+    case :persistent_term.get(key, nil) do
+      nil ->
+        {:ok, %{"states" => %{"adopted" => bit}}} = JSON.decode(Native.header_layout())
+        :persistent_term.put(key, bit)
+        bit
+
+      bit ->
+        bit
     end
   end
 

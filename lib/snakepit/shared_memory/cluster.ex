@@ -170,7 +170,9 @@ defmodule Snakepit.SharedMemory.Cluster do
       {:chunk_size, &(is_integer(&1) and &1 >= @min_chunk and &1 <= @max_chunk),
        "an integer from #{@min_chunk} to #{@max_chunk} (bytes)"},
       {:window, &(is_integer(&1) and &1 >= 1 and &1 <= 64), "an integer from 1 to 64"},
-      {:chunk_timeout, &(is_integer(&1) and &1 > 0), "milliseconds (integer > 0)"},
+      # 4_294_967_295: the largest timeout receive/after takes.
+      {:chunk_timeout, &(is_integer(&1) and &1 > 0 and &1 <= 4_294_967_295),
+       "milliseconds (integer from 1 to 4294967295)"},
       {:encrypt, &is_boolean/1, "true or false"},
       {:checksum, &(&1 in [:crc32, :sha256]), ":crc32 or :sha256"},
       {:security_level, &(&1 in [nil, :standard, :high, :maximum]),
@@ -197,16 +199,31 @@ defmodule Snakepit.SharedMemory.Cluster do
   end
 
   defp region_options(%{region: region}) when is_map(region) and not is_struct(region),
-    do: {:ok, region}
+    do: new_region_only(region)
 
   defp region_options(%{region: region}) when is_list(region) do
     if Keyword.keyword?(region),
-      do: {:ok, Map.new(region)},
+      do: new_region_only(Map.new(region)),
       else: invalid(":region must be allocate_region/2 options, got: #{inspect(region)}")
   end
 
   defp region_options(%{region: region}),
     do: invalid(":region must be allocate_region/2 options, got: #{inspect(region)}")
+
+  # The copy is a new region, freed if the fetch fails: opening (or replacing) an
+  # existing named region would overwrite, then free, somebody else's region.
+  defp new_region_only(region) do
+    case Map.get(region, :open_mode, :create) do
+      :create ->
+        {:ok, region}
+
+      mode ->
+        invalid(
+          ":region open_mode #{inspect(mode)}: the copy is always a new region (open_mode " <>
+            ":create); to write into an existing region, pass it as :into"
+        )
+    end
+  end
 
   defp into(nil), do: {:ok, nil}
   defp into(id) when is_binary(id), do: local_into(id)

@@ -77,6 +77,7 @@ defmodule Snakepit.SharedMemory.Config do
   """
 
   @key {__MODULE__, :config}
+  @max_timeout_ms div(0xFFFFFFFFFFFFFFFF, 1_000_000)
 
   @defaults [
     max_regions: 100_000,
@@ -237,9 +238,14 @@ defmodule Snakepit.SharedMemory.Config do
     "invalid configuration: config :snakepit_shm, #{key}: must be #{what}, got: #{inspect(value)}"
   end
 
-  defp check(key, value)
-       when key in [:max_regions, :max_total_memory, :max_regions_per_process, :default_timeout],
-       do: pos_or_infinity(value)
+  defp check(key, value) when key in [:max_regions, :max_total_memory, :max_regions_per_process],
+    do: pos_or_infinity(value)
+
+  # Region headers keep the idle timeout in 64-bit nanoseconds.
+  defp check(:default_timeout, value) when is_integer(value) and value > @max_timeout_ms,
+    do: {:error, "at most #{@max_timeout_ms} ms (64-bit nanoseconds) or :infinity"}
+
+  defp check(:default_timeout, value), do: pos_or_infinity(value)
 
   defp check(key, value)
        when key in [:max_region_size, :cleanup_interval, :holder_scan_interval, :barrier_timeout],
@@ -277,9 +283,9 @@ defmodule Snakepit.SharedMemory.Config do
         else: {:error, "a positive integer (ms) or false"}
       )
 
-  defp check(:health_thresholds, %{degraded: d, critical: c, hysteresis: h})
-       when is_number(d) and is_number(c) and is_number(h) and 0 < d and d < c and c <= 100 and
-              0 <= h and h < d,
+  defp check(:health_thresholds, %{degraded: d, critical: c, hysteresis: h} = t)
+       when map_size(t) == 3 and is_number(d) and is_number(c) and is_number(h) and 0 < d and
+              d < c and c <= 100 and 0 <= h and h < d,
        do: :ok
 
   defp check(:health_thresholds, _value),

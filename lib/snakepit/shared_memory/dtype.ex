@@ -179,14 +179,34 @@ defmodule Snakepit.SharedMemory.Dtype do
 
   defp check_shape(nil, _what), do: :ok
 
+  # numpy's dimensions are signed 64-bit (npy_intp): a larger one can never be read, even
+  # when the product fits because another dimension is 0.
+  @max_dim Bitwise.bsl(1, 63)
+
   defp check_shape(shape, what) do
-    if is_list(shape) and Enum.all?(shape, &(is_integer(&1) and &1 >= 0)),
-      do: :ok,
-      else:
+    cond do
+      not (is_list(shape) and Enum.all?(shape, &(is_integer(&1) and &1 >= 0))) ->
         Error.error(
           :invalid_option,
           "#{what}: shape must be a list of non-negative integers, got: #{inspect(shape)}"
         )
+
+      length(shape) > 64 ->
+        Error.error(
+          :invalid_option,
+          "#{what}: shape has #{length(shape)} dimensions; numpy arrays have at most 64 dimensions"
+        )
+
+      Enum.any?(shape, &(&1 >= @max_dim)) ->
+        Error.error(
+          :invalid_option,
+          "#{what}: shape #{inspect(shape)} has a dimension of 2**63 or more, which no " <>
+            "numpy array can have"
+        )
+
+      true ->
+        :ok
+    end
   end
 
   defp fits(_dtype, _shape, _itemsize, :any, _what), do: :ok

@@ -30,7 +30,8 @@ defmodule Snakepit.SharedMemory.Health do
   the threshold minus `:hysteresis` points (5), so a value hovering at a threshold does
   not flap. A count check is `:degraded` while its count is above zero. A check that
   cannot measure here (no cgroup, no limit, no shm directory) is `:ok` and says so in
-  `measurements.skipped`.
+  `measurements.skipped`, except a configured `:shm_path` that cannot be measured (it
+  was removed or unmounted after start): `:shm_space` is then `:critical`.
   """
 
   require Snakepit.SharedMemory.Registry
@@ -122,6 +123,8 @@ defmodule Snakepit.SharedMemory.Health do
     finish(m, if(m.value > 0, do: :degraded, else: :ok), nil)
   end
 
+  def evaluate(%{kind: :failed} = m, _previous, _thresholds), do: finish(m, :critical, nil)
+
   defp finish(m, status, percent) do
     %{
       name: m.name,
@@ -162,6 +165,22 @@ defmodule Snakepit.SharedMemory.Health do
       limit: limit,
       measurements: measurements,
       advice: advice
+    }
+
+  # The configured shm_path existed at start: if it cannot be measured now (unmounted,
+  # removed), every POSIX allocation fails.
+  defp shm_path_unusable(dir, why),
+    do: %{
+      name: :shm_space,
+      kind: :failed,
+      value: nil,
+      limit: nil,
+      measurements: %{path: dir, error: why},
+      advice: fn _ ->
+        "shm_path #{dir} cannot be used (#{why}): POSIX regions fail until it is back. " <>
+          "Recreate or remount it (mount -t tmpfs -o size=2g tmpfs #{dir}), or use " <>
+          "backend: :memfd"
+      end
     }
 
   defp skipped(name, why),
@@ -242,7 +261,9 @@ defmodule Snakepit.SharedMemory.Health do
             )
 
           {:error, {_reason, message, _errno}} ->
-            skipped(:shm_space, message)
+            if Config.get(:shm_path) == dir,
+              do: shm_path_unusable(dir, message),
+              else: skipped(:shm_space, message)
         end
     end
   end

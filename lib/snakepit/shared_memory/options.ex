@@ -8,6 +8,7 @@ defmodule Snakepit.SharedMemory.Options do
   alias Snakepit.SharedMemory.{Config, Dtype, Error, JSON, Platform, Security}
 
   @metadata_capacity 1792
+  @max_timeout_ms div(0xFFFFFFFFFFFFFFFF, 1_000_000)
   @name_pattern ~r/\A[a-z0-9_-]{1,21}\z/
 
   @allocate_keys [
@@ -196,7 +197,16 @@ defmodule Snakepit.SharedMemory.Options do
   end
 
   defp timeout(:infinity), do: {:ok, :infinity}
-  defp timeout(ms) when is_integer(ms) and ms > 0, do: {:ok, ms}
+
+  # The header keeps the idle timeout in 64-bit nanoseconds.
+  defp timeout(ms) when is_integer(ms) and ms > 0 and ms <= @max_timeout_ms, do: {:ok, ms}
+
+  defp timeout(ms) when is_integer(ms) and ms > 0,
+    do:
+      invalid(
+        ":timeout must be at most #{@max_timeout_ms} ms (64-bit nanoseconds, about 584 " <>
+          "years) or :infinity, got: #{ms}"
+      )
 
   defp timeout(other),
     do:

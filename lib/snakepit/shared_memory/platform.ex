@@ -100,12 +100,16 @@ defmodule Snakepit.SharedMemory.Platform do
 
   @doc """
   Logs a warning if the configured `shm_path` is not a tmpfs (it works, but its pages are
-  written back to disk). The application calls it once at start.
+  written back to disk), and one if other users may write it without the sticky bit
+  (they could delete or rename our segments; `/dev/shm` is mode 1777). The application
+  calls it once at start.
   """
   @spec warn_unless_tmpfs(String.t() | nil) :: :ok
   def warn_unless_tmpfs(nil), do: :ok
 
   def warn_unless_tmpfs(dir) do
+    warn_if_others_may_remove(dir)
+
     case Snakepit.SharedMemory.Native.fs_stat(dir) do
       {:ok, %{tmpfs: false}} ->
         require Logger
@@ -113,6 +117,25 @@ defmodule Snakepit.SharedMemory.Platform do
         Logger.warning(
           "snakepit_shm: shm_path #{dir} is not a tmpfs: POSIX regions there are backed by " <>
             "disk and written back; mount a tmpfs there (mount -t tmpfs -o size=2g tmpfs #{dir})"
+        )
+
+      _ ->
+        :ok
+    end
+  end
+
+  defp warn_if_others_may_remove(dir) do
+    import Bitwise
+
+    case File.stat(dir) do
+      {:ok, %{mode: mode}} when (mode &&& 0o022) != 0 and (mode &&& 0o1000) == 0 ->
+        require Logger
+
+        Logger.warning(
+          "snakepit_shm: shm_path #{dir} is writable by other users without the sticky " <>
+            "bit (mode #{Integer.to_string(mode &&& 0o7777, 8)}): any of them can delete or " <>
+            "rename the segments of this VM; chmod +t #{dir} (as /dev/shm, mode 1777) or " <>
+            "use a directory only this user can write"
         )
 
       _ ->

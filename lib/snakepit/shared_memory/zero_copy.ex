@@ -101,7 +101,9 @@ defmodule Snakepit.SharedMemory.ZeroCopy do
   @doc """
   The environment a worker needs to `import snakepit_shm`: `PYTHONPATH` (this
   application's `priv/python`, ahead of any `PYTHONPATH` given) and `SNAKEPIT_SHM_LIB`
-  (the C library). Use it as a Snakepit pool's `adapter_env`.
+  (the C library), plus `SNAKEPIT_SHM_PATH` when `:shm_path` is configured (bare-id
+  lookups and the worker's POSIX outputs then use that directory). Use it as a Snakepit
+  pool's `adapter_env`.
   """
   @spec python_env(String.t() | nil) :: %{String.t() => String.t()}
   def python_env(existing \\ System.get_env("PYTHONPATH")) do
@@ -109,7 +111,12 @@ defmodule Snakepit.SharedMemory.ZeroCopy do
     python = Path.join(priv, "python")
     path = if existing in [nil, ""], do: python, else: python <> ":" <> existing
 
-    %{"PYTHONPATH" => path, "SNAKEPIT_SHM_LIB" => Path.join(priv, "libsnakepit_shm.so")}
+    env = %{"PYTHONPATH" => path, "SNAKEPIT_SHM_LIB" => Path.join(priv, "libsnakepit_shm.so")}
+
+    case Snakepit.SharedMemory.Config.get(:shm_path) do
+      nil -> env
+      dir -> Map.put(env, "SNAKEPIT_SHM_PATH", dir)
+    end
   end
 
   @doc """
@@ -130,8 +137,19 @@ defmodule Snakepit.SharedMemory.ZeroCopy do
         )
 
       true ->
-        with {:ok, type} <- Dtype.to_nx(dtype || "uint8") do
-          tensor = nx.from_binary(binary, type)
+        dtype = dtype || "uint8"
+
+        with {:ok, type} <- Dtype.to_nx(dtype),
+             :ok <- Dtype.check_layout(dtype, shape, byte_size(binary), "to_nx/1"),
+             {:ok, itemsize} <- Dtype.itemsize(dtype) do
+          # The shape may cover less than the region (shape x itemsize <= size, and a
+          # 0-size array lives in a 1-byte region): give Nx exactly the bytes it shapes.
+          used =
+            if shape,
+              do: Enum.product(shape) * itemsize,
+              else: div(byte_size(binary), itemsize) * itemsize
+
+          tensor = nx.from_binary(binary_part(binary, 0, used), type)
           {:ok, if(shape, do: nx.reshape(tensor, List.to_tuple(shape)), else: tensor)}
         end
     end

@@ -12,20 +12,22 @@ Region object is closed or garbage collected, until the VM marks the region adop
 daemon thread looks at the header's state every 50 ms while outputs are pending.  If
 the worker dies before adoption, the kernel closes its descriptors and the memory is
 gone: nothing is left behind.  A POSIX region (``backend="posix"``) is a file in
-/dev/shm whose creator is the worker: given up (``discard()``, ``keep_seconds``) its
-name is removed; if the worker dies before adoption, the next orphan sweep of a VM on
-the host removes it.
+/dev/shm ($SNAKEPIT_SHM_PATH if set) whose creator is the worker: given up
+(``discard()``, ``keep_seconds``) its name is removed; if the worker dies before
+adoption, the next orphan sweep of a VM on the host removes it.
 """
 
 import json
 import math
 import mmap
+import operator
 import os
 import threading
 import time
 
 from . import _format as F
 from . import _native
+from ._locate import shm_dir
 from .region import state_bits
 
 __all__ = ["allocate", "from_array", "discard", "pending_outputs"]
@@ -59,7 +61,7 @@ class _Pending:
         state = state_bits(self.header_mm)
         if self.posix_path and not state & (F.STATE_ADOPTED | F.STATE_DEALLOCATED):
             # Given up before any VM took it: a POSIX name would outlive the worker.
-            _unlink_quietly(self.region_id)
+            _unlink_quietly(self.posix_path)
         self.header_mm.close()
         for fd in self.fds:
             try:
@@ -81,10 +83,13 @@ def allocate(size, dtype=None, shape=None, metadata=None, *, backend="memfd",
     adopts it with ``adopt_region/2``; the ``with`` block or ``close()`` of the Region
     does not free the output (see the module docs).
     """
-    if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
-        raise ValueError(f"size must be a positive int number of bytes, got {size!r}")
+    given, size = size, _integer(size)
+    if size is None or size <= 0:
+        raise ValueError(f"size must be a positive int number of bytes, got {given!r}")
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be 'memfd' or 'posix', got {backend!r}")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise ValueError(f"metadata must be a dict (a JSON object), got {type(metadata).__name__}")
     meta = dict(metadata or {})
     dtype_name, itemsize = _dtype(dtype if dtype is not None else meta.get("dtype"))
     shape = _shape(shape if shape is not None else meta.get("shape"))
@@ -96,11 +101,17 @@ def allocate(size, dtype=None, shape=None, metadata=None, *, backend="memfd",
     meta.setdefault("format", "numpy" if dtype_name else "raw")
     if meta["format"] not in _FORMATS:
         raise ValueError(f"metadata format must be one of {_FORMATS}, got {meta['format']!r}")
-    text = json.dumps(meta, separators=(",", ":"))
+    try:
+        # allow_nan=False: NaN/Infinity are not JSON, and the VM could not read them.
+        text = json.dumps(meta, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"metadata must be JSON-encodable: {exc}") from None
     if len(text.encode()) > F.METADATA_CAPACITY:
         raise ValueError(f"metadata encodes to {len(text.encode())} bytes of JSON, the "
                          f"header holds {F.METADATA_CAPACITY}: keep it small")
-    idle_ns = 0 if timeout is None else int(timeout * 1e9)
+    idle_ns = 0 if timeout is None else int(_seconds("timeout", timeout, 1.8e10) * 1e9)
+    if keep_seconds != math.inf:  # inf: until adopted or discarded
+        _seconds("keep_seconds", keep_seconds, math.inf)
     lib = _native.library()
     region_id, control_fd, data_fd = lib.create(size, _BACKENDS[backend], text, idle_ns)
     ref = {"v": 1, "region_id": region_id, "backend": backend, "size": size,
@@ -115,7 +126,9 @@ def allocate(size, dtype=None, shape=None, metadata=None, *, backend="memfd",
         ref["data_path"] = f"/proc/{pid}/fd/{data_fd}"
         _keep(_Pending(region_id, control_fd, data_fd, deadline))
     else:
-        path = os.path.join("/dev/shm", region_id)
+        # Where the C library created it: $SNAKEPIT_SHM_PATH (the VM's shm_path), else
+        # /dev/shm.
+        path = os.path.join(shm_dir(), region_id)
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         _keep(_Pending(region_id, fd, -1, deadline, posix_path=path))
     # Imported here: _attach imports the region module too.
@@ -136,11 +149,19 @@ def from_array(array, metadata=None, *, backend="memfd", timeout=None,
     The region has the array's dtype and shape (C order); hand ``region.ref`` back.
     """
     import numpy
-    array = numpy.ascontiguousarray(array)
+    array = numpy.asarray(array)
     region = allocate(max(1, array.nbytes), array.dtype, array.shape, metadata,
                       backend=backend, timeout=timeout, keep_seconds=keep_seconds)
     if array.nbytes:
-        region.write(0, array.reshape(-1).view(numpy.uint8))
+        try:
+            # Straight into the region, whatever the strides (no contiguous temporary).
+            target = region.ndarray()
+            numpy.copyto(target, array, casting="no")
+            del target
+        except BaseException:
+            region.close()
+            discard(region.region_id)
+            raise
     return region
 
 
@@ -229,14 +250,39 @@ def _dtype(dtype):
     return dtype, sizes[dtype]
 
 
+def _seconds(name, value, limit):
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and math.isfinite(value) and 0 < value < limit)
+    if not ok:
+        raise ValueError(f"{name} must be a positive, finite number of seconds, got {value!r}")
+    return value
+
+
+def _integer(value):
+    """``value`` as a Python int if it is an integer (numpy's too, not bool), else None."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def _shape(shape):
     if shape is None:
         return None
-    if isinstance(shape, int) and not isinstance(shape, bool):
+    if _integer(shape) is not None:
         shape = (shape,)
     shape = tuple(shape)
-    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+    dims = tuple(_integer(d) for d in shape)
+    if not all(d is not None and d >= 0 for d in dims):
         raise ValueError(f"shape must hold non-negative ints, got {shape!r}")
+    shape = dims
+    if len(shape) > 64:
+        raise ValueError(f"shape has {len(shape)} dimensions; numpy arrays have at most 64")
+    if any(d >= 2 ** 63 for d in shape):
+        # numpy's dimensions are signed 64-bit: such an array could never be made.
+        raise ValueError(f"shape {shape!r} has a dimension of 2**63 or more")
     return shape
 
 
@@ -251,8 +297,8 @@ def _check_fits(size, dtype_name, itemsize, shape):
                          "pass shape=")
 
 
-def _unlink_quietly(region_id):
+def _unlink_quietly(path):
     try:
-        os.unlink(os.path.join("/dev/shm", region_id))
+        os.unlink(path)
     except OSError:
         pass

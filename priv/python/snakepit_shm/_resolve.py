@@ -31,20 +31,30 @@ def resolve(args, mode="r", arrays=True):
     if isinstance(args, (str, bytes)):
         args = json.loads(args)
     with contextlib.ExitStack() as stack:
-        yield _walk(args, stack, mode, arrays)
+        yield _walk(args, stack, mode, arrays, set())
 
 
-def _walk(value, stack, mode, arrays):
+def _walk(value, stack, mode, arrays, path):
     if is_marker(value):
         if value.get("kind") != "shm":
             return value  # another kind of zero-copy handle: Snakepit's business
         return _attach_one(unwrap_marker(value), stack, mode, arrays)
     if is_ref(value):
         return _attach_one(value, stack, mode, arrays)
-    if isinstance(value, dict):
-        return {key: _walk(item, stack, mode, arrays) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_walk(item, stack, mode, arrays) for item in value]
+    if isinstance(value, (dict, list, tuple)):
+        # Containers on the way down from the root: one seen again is a cycle (JSON
+        # cannot make one, but Python arguments can), which would recurse forever.
+        if id(value) in path:
+            raise ValueError("resolve() got arguments that contain a cycle (a dict or list "
+                             "inside itself): pass JSON-like, tree-shaped arguments")
+        path.add(id(value))
+        try:
+            if isinstance(value, dict):
+                return {key: _walk(item, stack, mode, arrays, path)
+                        for key, item in value.items()}
+            return [_walk(item, stack, mode, arrays, path) for item in value]
+        finally:
+            path.discard(id(value))
     return value
 
 

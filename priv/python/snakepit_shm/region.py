@@ -5,6 +5,7 @@ import ctypes
 import errno
 import fcntl
 import math
+import operator
 import os
 import struct
 import threading
@@ -503,6 +504,19 @@ class Region:
         except Exception:  # noqa: BLE001 - __del__ must not raise
             pass
 
+    # A copy would share the mappings and the hold: closing either would unmap the
+    # other's memory behind its back.  Hand over the ref instead.
+    def __copy__(self):
+        raise TypeError("a Region cannot be copied: attach its ref again "
+                        "(snakepit_shm.attach(region.ref)) for a second handle")
+
+    def __deepcopy__(self, memo):
+        self.__copy__()
+
+    def __reduce__(self):
+        raise TypeError("a Region cannot be pickled: send region.ref (JSON-encodable) and "
+                        "attach it on the other side")
+
     def __repr__(self):
         """Return a short description (id, size, mode, backend, state)."""
         state = "closed" if self._closed else ("held" if self.held else "unheld")
@@ -652,14 +666,25 @@ def _check_range(offset, length, size):
     return offset, length
 
 
+def _index(value):
+    """``value`` as a Python int if it is an integer (numpy's too, not bool), else None."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def _normalize_shape(shape):
-    if isinstance(shape, int) and not isinstance(shape, bool):
+    if _index(shape) is not None:
         shape = (shape,)
     try:
         shape = tuple(shape)
     except TypeError:
         raise TypeError(f"shape must be an int or a sequence of ints, got {shape!r}") \
             from None
-    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+    dims = tuple(_index(d) for d in shape)
+    if not all(d is not None and d >= 0 for d in dims):
         raise ValueError(f"shape must hold non-negative ints, got {shape!r}")
-    return shape
+    return dims

@@ -100,6 +100,17 @@ def test_adopted_posix_output_is_not_removed():
     (dict(size=16, dtype=numpy.dtype([("a", "<i4")])), "cannot be shared"),
     (dict(size=16, metadata={"format": "pickle"}), "format"),
     (dict(size=16, backend="shm"), "backend"),
+    # Found by attack runs: each of these used to be accepted.
+    (dict(size=16, metadata={"x": float("nan")}), "JSON"),
+    (dict(size=16, timeout=-1), "timeout"),
+    (dict(size=16, timeout=float("nan")), "timeout"),
+    (dict(size=16, timeout="10"), "timeout"),
+    (dict(size=16, keep_seconds=-1), "keep_seconds"),
+    (dict(size=16, keep_seconds=float("nan")), "keep_seconds"),
+    (dict(size=16, dtype="uint8", shape=[2 ** 64, 0]), "shape"),
+    (dict(size=16, dtype="uint8", shape=[1] * 65), "64"),
+    (dict(size=16, metadata="abc"), "metadata must be a dict"),
+    (dict(size=16, metadata=[1, 2]), "metadata must be a dict"),
 ])
 def test_allocate_validates_where_the_mistake_is_made(kwargs, match):
     before = snakepit_shm.pending_outputs()
@@ -140,3 +151,77 @@ def test_forked_child_does_not_keep_the_parent_outputs():
     out.close()
     snakepit_shm.discard(out)
     gc.collect()
+
+
+def test_allocate_takes_numpy_integers_for_size_and_shape():
+    # Found by an attack run: sizes computed with numpy (4 * numpy.int64(n)) were
+    # refused as "not a positive int".
+    n = numpy.int64(4)
+    out = snakepit_shm.allocate(4 * n, dtype="float32", shape=[n, numpy.int32(1)])
+    try:
+        assert out.size == 16
+        assert out.ref["shape"] == [4, 1] and type(out.ref["shape"][0]) is int
+        json.dumps(out.ref)
+        assert out.ndarray().shape == (4, 1)
+    finally:
+        out.close()
+        snakepit_shm.discard(out.region_id)
+    with pytest.raises(ValueError):
+        snakepit_shm.allocate(numpy.bool_(True))
+
+
+def test_ndarray_takes_numpy_integers_in_its_shape():
+    out = snakepit_shm.allocate(24)
+    try:
+        arr = out.ndarray("float32", shape=(numpy.int64(2), numpy.int32(3)))
+        assert arr.shape == (2, 3)
+        del arr
+        assert out.ndarray("uint8", shape=numpy.int64(24)).shape == (24,)
+    finally:
+        out.close()
+        snakepit_shm.discard(out.region_id)
+
+
+def test_a_region_cannot_be_copied_or_pickled():
+    # Found by an attack run: copy.copy() shared the mmaps, and closing the copy left
+    # the original "open" over unmapped memory.
+    import copy
+    import pickle
+    out = snakepit_shm.allocate(16)
+    try:
+        for attempt in (copy.copy, copy.deepcopy, pickle.dumps):
+            with pytest.raises(TypeError, match="ref"):
+                attempt(out)
+        out.write(0, b"still usable")
+    finally:
+        out.close()
+        snakepit_shm.discard(out.region_id)
+
+
+def test_from_array_copies_a_strided_or_broadcast_array_without_a_temporary():
+    # Found by an attack run: numpy.ascontiguousarray() first made a full private copy
+    # (a broadcast scalar of 32 MiB cost 32 MiB of worker memory before the copy).
+    import tracemalloc
+    src = numpy.broadcast_to(numpy.float64(2.5), (4 * 1024 * 1024,))
+    tracemalloc.start()
+    try:
+        out = snakepit_shm.from_array(src)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    try:
+        assert peak < 4 * 1024 * 1024
+        arr = out.ndarray()
+        assert arr.shape == src.shape and float(arr[0]) == 2.5 and float(arr[-1]) == 2.5
+        del arr
+        strided = numpy.arange(30, dtype=numpy.int32).reshape(5, 6)[:, ::2].T
+        out2 = snakepit_shm.from_array(strided)
+        try:
+            assert (out2.ndarray() == strided).all()
+            assert out2.ref["shape"] == [3, 5]
+        finally:
+            out2.close()
+            snakepit_shm.discard(out2.region_id)
+    finally:
+        out.close()
+        snakepit_shm.discard(out.region_id)

@@ -76,3 +76,15 @@ def test_async_reads_run_in_an_executor(forge):
             return data, bytes(buffer)
 
     assert asyncio.run(main()) == (b"async", b"async")
+
+
+def test_resolve_refuses_cyclic_args_with_a_clear_error():
+    args = {"a": [1, 2]}
+    args["a"].append(args)
+    with pytest.raises(ValueError, match="cycle"):
+        with snakepit_shm.resolve(args):
+            pass
+    # The same object twice (not a cycle) is fine.
+    shared = [1]
+    with snakepit_shm.resolve({"x": shared, "y": shared}) as got:
+        assert got == {"x": [1], "y": [1]}

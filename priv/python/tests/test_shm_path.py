@@ -59,3 +59,24 @@ def test_a_relative_snakepit_shm_path_is_refused(monkeypatch):
     monkeypatch.setenv("SNAKEPIT_SHM_PATH", "relative/dir")
     with pytest.raises(ValueError, match="SNAKEPIT_SHM_PATH"):
         _locate.parse_target(ID)
+
+
+def test_posix_outputs_are_created_in_snakepit_shm_path(tmp_path, monkeypatch):
+    # A VM with shm_path adopts POSIX outputs from its own directory: the worker must
+    # create them there, not in /dev/shm.
+    import snakepit_shm
+    monkeypatch.setenv("SNAKEPIT_SHM_PATH", str(tmp_path))
+    out = snakepit_shm.allocate(64, backend="posix", keep_seconds=60)
+    rid = out.region_id
+    try:
+        assert os.path.exists(os.path.join(str(tmp_path), rid))
+        assert not os.path.exists(os.path.join("/dev/shm", rid))
+        out.write(0, b"abc")
+        with snakepit_shm.attach(out.ref) as again:
+            assert bytes(again.read(0, 3)) == b"abc"
+    finally:
+        out.close()
+        snakepit_shm.discard(rid)
+    # Given up: its name is removed from that directory too.
+    assert not os.path.exists(os.path.join(str(tmp_path), rid))
+    assert not os.path.exists(os.path.join("/dev/shm", rid))

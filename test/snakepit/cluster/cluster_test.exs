@@ -255,6 +255,39 @@ defmodule Snakepit.SharedMemory.ClusterTest do
       :ok = shm(c.a, :cleanup_regions, [[ids: [id]]]) |> elem(0)
       assert ids(node()) == before
     end
+
+    test "a :chunk_timeout beyond what receive/after takes is an option error", c do
+      # Found by an attack run: 2**40 ms crashed the receiving process (:timeout_value,
+      # logged as a crash) and the caller got an :io_error naming the crash.
+      id = remote(c.a, :filled_region, [4096])
+
+      assert {:error, %Error{reason: :invalid_option, message: m}} =
+               SHM.fetch(id, node: c.a, chunk_timeout: Bitwise.bsl(1, 40))
+
+      assert m =~ ":chunk_timeout"
+      assert {:ok, copy} = SHM.fetch(id, node: c.a, chunk_timeout: 4_294_967_295)
+      :ok = SHM.deallocate_region(copy)
+      :ok = shm(c.a, :deallocate_region, [id])
+    end
+
+    test ":region cannot open an existing region (that is what :into is for)", c do
+      # Found by an attack run: region: [name: n, open_mode: :open_only] wrote into an
+      # existing region of another owner, which a failed fetch would then have freed.
+      id = remote(c.a, :filled_region, [4096])
+      other = spawn(fn -> Process.sleep(:infinity) end)
+      {:ok, named} = SHM.allocate_region(4096, name: "attack_a_fetch", owner: other)
+
+      for mode <- [:open_only, :create_or_open, :remove_and_create] do
+        assert {:error, %Error{reason: :invalid_option, message: m}} =
+                 SHM.fetch(id, node: c.a, region: [name: "attack_a_fetch", open_mode: mode])
+
+        assert m =~ ":into"
+      end
+
+      assert {:ok, %{owner: ^other}} = SHM.get_region_info(named)
+      :ok = SHM.deallocate_region(named)
+      :ok = shm(c.a, :deallocate_region, [id])
+    end
   end
 
   @mib 1_048_576
@@ -671,6 +704,94 @@ defmodule Snakepit.SharedMemory.ClusterTest do
         assert digest(copy) == source_digest
         :ok = SHM.deallocate_region(copy)
         :ok = shm(n, :deallocate_region, [id])
+      end
+    end
+  end
+
+  describe "adopted worker outputs" do
+    test "are found by locate/1 and fetch/2 from other nodes", c do
+      # Found by an attack run: adoption registered the region but never told the
+      # directory, so other nodes could not locate (nor fetch by id) a worker's output.
+      worker =
+        Snakepit.SharedMemory.Test.PythonWorker.start("""
+        import json, sys, snakepit_shm
+        for line in sys.stdin:
+            out = snakepit_shm.allocate(4096)
+            out.write(0, b"adopted")
+            out.close()
+            print(json.dumps(out.ref))
+        """)
+
+      try do
+        ref = Snakepit.SharedMemory.Test.PythonWorker.ask(worker, "go")
+        {:ok, id} = SHM.adopt_region(ref)
+        sync_all()
+
+        assert {:ok, node()} == :erpc.call(c.a, SHM, :locate, [id])
+
+        assert {:ok, copy} =
+                 :erpc.call(c.b, SHM, :fetch, [id, [region: [cleanup_policy: :manual]]])
+
+        assert "adopted" == remote(c.b, :read, [copy, 0, 7])
+        :ok = shm(c.b, :deallocate_region, [copy])
+        :ok = SHM.deallocate_region(id)
+      after
+        Snakepit.SharedMemory.Test.PythonWorker.stop(worker)
+      end
+    end
+  end
+
+  describe "an adopted POSIX output whose worker exited" do
+    test "is no orphan to another VM on the host while this VM holds it", c do
+      # Found by an attack run: the header names the worker as creator, so once it
+      # exited the orphan sweep of any other VM on the host (its start, or `mix
+      # snakepit.shm.cleanup`) removed the segment under the VM that adopted it.
+      alias Snakepit.SharedMemory.Test.PythonWorker
+
+      worker =
+        PythonWorker.start("""
+        import json, sys, snakepit_shm
+        for line in sys.stdin:
+            out = snakepit_shm.allocate(4096, backend="posix")
+            out.close()
+            print(json.dumps(out.ref))
+        """)
+
+      ref = PythonWorker.ask(worker, "go")
+      {:ok, id} = SHM.adopt_region(ref, cleanup_policy: :manual)
+      PythonWorker.stop(worker)
+
+      eventually(fn ->
+        {:ok, header} = Snakepit.SharedMemory.Native.inspect_path("/dev/shm/" <> id)
+        not header.creator_alive
+      end)
+
+      # A dry run: a real sweep on the peer would also take other suites' orphans.
+      {:ok, would_free} = shm(c.a, :cleanup_regions, [[dry_run: true]])
+      refute id in Enum.map(would_free, & &1.region_id)
+      :ok = SHM.deallocate_region(id)
+    end
+  end
+
+  describe "adopt_region/2 of another node's region (same host)" do
+    # Found by an attack run: the ref of a region another VM allocated (a node on the
+    # same host) was adopted, and deallocating it here destroyed it under that VM.
+    for backend <- [:memfd, :posix] do
+      test "#{backend}: refused, and the region stays the other VM's", c do
+        {:ok, id} =
+          shm(c.a, :allocate_region, [4096, [cleanup_policy: :manual, backend: unquote(backend)]])
+
+        {:ok, ref} = shm(c.a, :export_ref, [id])
+
+        assert {:error, %Error{reason: :invalid_argument, message: message}} =
+                 SHM.adopt_region(ref)
+
+        assert message =~ "not a worker's output"
+        assert {:error, %Error{reason: :not_found}} = SHM.get_region_info(id)
+        assert {:ok, %{adopted: false}} = shm(c.a, :get_region_info, [id])
+        # Still alive there (the mapping ends with the :erpc process that made it).
+        assert {:ok, _mapping} = shm(c.a, :map_region, [id])
+        :ok = shm(c.a, :deallocate_region, [id])
       end
     end
   end

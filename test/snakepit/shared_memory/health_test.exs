@@ -240,6 +240,26 @@ defmodule Snakepit.SharedMemory.HealthTest do
       )
     end
 
+    test "shm_space is critical when the configured shm_path is gone" do
+      # Found by an attack run: the directory removed after start (an unmounted tmpfs, a
+      # cleaned-up /tmp) left every POSIX allocation failing while health said :ok.
+      dir = Path.join(System.tmp_dir!(), "spshm_health_#{System.unique_integer([:positive])}")
+      File.mkdir_p!(dir)
+
+      try do
+        TestSupport.with_config([shm_path: dir], fn ->
+          assert Health.run() |> check(:shm_space) |> Map.fetch!(:status) == :ok
+          File.rmdir!(dir)
+          shm = Health.run() |> check(:shm_space)
+          assert shm.status == :critical
+          assert shm.message =~ dir
+          assert shm.message =~ "shm_path"
+        end)
+      after
+        File.rm_rf(dir)
+      end
+    end
+
     test "host_memory, shm_space and cgroup_memory report what they measure" do
       report = SM.health()
       host = check(report, :host_memory)

@@ -218,6 +218,73 @@ defmodule Snakepit.SharedMemory.ShmPathTest do
     end
   end
 
+  test "a worker started with python_env/0 makes POSIX outputs this VM adopts", %{dir: dir} do
+    # Found by an attack run: python_env/0 (what a pool's adapter_env gets) left out
+    # SNAKEPIT_SHM_PATH, and the worker's POSIX outputs went to /dev/shm, where this VM
+    # could not adopt them.
+    alias Snakepit.SharedMemory.Test.PythonWorker
+
+    with_shm_path(dir, fn ->
+      assert {:ok, %{"SNAKEPIT_SHM_PATH" => ^dir}} = SM.python_env()
+
+      worker =
+        PythonWorker.start("""
+        import json, sys, snakepit_shm
+        for line in sys.stdin:
+            out = snakepit_shm.allocate(4096, backend="posix")
+            out.write(0, b"posix out")
+            out.close()
+            print(json.dumps(out.ref))
+        """)
+
+      try do
+        ref = PythonWorker.ask(worker, "go")
+        assert File.exists?(Path.join(dir, ref["region_id"]))
+        assert {:ok, id} = SM.adopt_region(ref)
+        {:ok, m} = SM.map_region(id, access_mode: :read_only)
+        assert {:ok, "posix out"} = SM.read(m, 0, 9)
+        :ok = SM.unmap_region(m)
+        :ok = SM.deallocate_region(id)
+        refute File.exists?(Path.join(dir, id))
+      after
+        PythonWorker.stop(worker)
+      end
+    end)
+
+    assert {:ok, env} = SM.python_env()
+    refute Map.has_key?(env, "SNAKEPIT_SHM_PATH")
+  end
+
+  test "a directory other users may write without the sticky bit is warned about" do
+    # Found by an attack run: shm_path on a 0777 directory (not 1777 like /dev/shm)
+    # started silently, although any local user can then delete or rename our segments.
+    dir = Path.join(System.tmp_dir!(), "i19_open_#{System.unique_integer([:positive])}")
+    File.mkdir_p!(dir)
+
+    try do
+      File.chmod!(dir, 0o777)
+
+      log =
+        ExUnit.CaptureLog.capture_log(fn ->
+          Snakepit.SharedMemory.Platform.warn_unless_tmpfs(dir)
+        end)
+
+      assert log =~ "shm_path #{dir} is writable by other users without the sticky bit"
+
+      # (File.chmod/2 drops the sticky bit.)
+      {_, 0} = System.cmd("chmod", ["1777", dir])
+
+      log =
+        ExUnit.CaptureLog.capture_log(fn ->
+          Snakepit.SharedMemory.Platform.warn_unless_tmpfs(dir)
+        end)
+
+      refute log =~ "sticky"
+    after
+      File.rm_rf(dir)
+    end
+  end
+
   test "a missing or relative shm_path fails the start with a message naming it" do
     Application.stop(:snakepit_shm)
 

@@ -159,11 +159,34 @@ defmodule Snakepit.SharedMemory.SnakepitConfigTest do
       assert message =~ "health_check_interval"
     end
 
+    test "malformed platform_options are an error naming the key, not a raise" do
+      # Found by an attack run: Map.new/1 raised ArgumentError on these.
+      for bad <- [[1], %{linux: [1]}, [{:linux, %{}, 3}], %{windows: [:x]}, %{linux: 5}] do
+        assert {:error, message} = Config.validate([], platform_options: bad)
+        assert message =~ "platform_options"
+      end
+    end
+
+    test "a default_timeout too large for 64-bit nanoseconds names the key" do
+      # Found by an attack run: accepted, then every allocation failed.
+      huge = Bitwise.bsl(1, 70)
+      assert {:error, message} = Config.validate(default_timeout: huge)
+      assert message =~ "config :snakepit_shm, default_timeout"
+      assert {:error, message} = Config.validate([], default_timeout: huge)
+      assert message =~ "config :snakepit, :shared_memory, default_timeout"
+    end
+
     test "health thresholds are validated and may be given in part" do
       assert {:ok, %{health_thresholds: %{degraded: 70, critical: 95, hysteresis: 5}}} =
                Config.validate(health_thresholds: %{degraded: 70})
 
       assert {:error, message} = Config.validate(health_thresholds: %{degraded: 96})
+      assert message =~ "health_thresholds"
+
+      # Found by an attack run: a misspelt key was ignored (the default applied).
+      assert {:error, message} =
+               Config.validate(health_thresholds: %{degraded: 70, hysterisis: 10})
+
       assert message =~ "health_thresholds"
     end
   end

@@ -1,3 +1,5 @@
+Code.require_file("../../mix/support/task_helpers.exs", __DIR__)
+
 defmodule Snakepit.SharedMemory.AdoptRegionTest do
   # Issue 13, Seen 2: workers allocate their outputs; Elixir adopts them.
   use ExUnit.Case, async: false
@@ -30,6 +32,10 @@ defmodule Snakepit.SharedMemory.AdoptRegionTest do
           while words[1] in snakepit_shm.pending_outputs() and time.monotonic() < deadline:
               time.sleep(0.02)
           print(json.dumps(words[1] not in snakepit_shm.pending_outputs()))
+      elif words[0] == "timed":          # timed SECONDS: an output with an idle timeout
+          with snakepit_shm.allocate(16, timeout=float(words[1])) as out:
+              ref = out.ref
+          print(json.dumps(ref))
       elif words[0] == "pending":
           print(json.dumps(snakepit_shm.pending_outputs()))
   """
@@ -170,6 +176,95 @@ defmodule Snakepit.SharedMemory.AdoptRegionTest do
     assert {:error, %Error{reason: :not_found}} = SHM.adopt_region(ref)
     :ok = Snakepit.SharedMemory.Native.unlink_segment(id)
     refute File.exists?("/dev/shm/" <> id)
+  end
+
+  test "a ref whose descriptors hold another region is refused, not adopted as that one", %{
+    worker: worker
+  } do
+    # Found by an attack run: the region id of the ref was never compared with the
+    # region its /proc paths lead to (a discarded output whose fd numbers were reused,
+    # or a worker whose pid was reused), so the VM adopted some other region.
+    a = PythonWorker.ask(worker, "alloc memfd 4")
+    b = PythonWorker.ask(worker, "alloc memfd 8")
+    forged = %{b | "region_id" => a["region_id"]}
+
+    assert {:error, %Error{reason: :not_found, message: m}} = SHM.adopt_region(forged)
+    assert m =~ b["region_id"]
+    assert {:error, %Error{reason: :not_found}} = SHM.get_region_info(b["region_id"])
+
+    for ref <- [a, b] do
+      assert {:ok, id} = SHM.adopt_region(ref)
+      assert id == ref["region_id"]
+      :ok = SHM.deallocate_region(id)
+    end
+  end
+
+  test "a :timeout too large for 64-bit nanoseconds is an error tuple, not a raise", %{
+    worker: worker
+  } do
+    # Found by an attack run: adopt_region(ref, timeout: 2**70) raised ArgumentError
+    # (badarg from the NIF) and allocate_region/2 blamed "idle_timeout_ms".
+    huge = Bitwise.bsl(1, 70)
+    ref = PythonWorker.ask(worker, "alloc memfd 4")
+
+    assert {:error, %Error{reason: :invalid_option, message: m}} =
+             SHM.adopt_region(ref, timeout: huge)
+
+    assert m =~ ":timeout"
+
+    assert {:error, %Error{reason: :invalid_option, message: ":timeout" <> _}} =
+             SHM.allocate_region(16, timeout: huge)
+
+    # Still adoptable with a sane timeout.
+    assert {:ok, id} = SHM.adopt_region(ref, timeout: 60_000)
+    :ok = SHM.deallocate_region(id)
+  end
+
+  test "mix snakepit.shm.cleanup leaves an adopted POSIX output alone once its worker exits",
+       %{worker: worker} do
+    # Found by an attack run: the offline cleanup took it for an orphan (its header
+    # names the worker as creator) and removed it under the VM that adopted it.
+    ref = PythonWorker.ask(worker, "alloc posix 16")
+    {:ok, id} = SHM.adopt_region(ref, cleanup_policy: :manual)
+    PythonWorker.stop(worker)
+    path = Path.join("/dev/shm", id)
+
+    assert eventually(fn ->
+             {:ok, header} = Snakepit.SharedMemory.Native.inspect_path(path)
+             not header.creator_alive
+           end)
+
+    # list/info/doctor do not call it an orphan either.
+    assert %{orphaned: false} = Snakepit.SharedMemory.CLI.HostScan.find(id)
+
+    {_out, _err, _status} =
+      Snakepit.SharedMemory.TaskHelpers.run_task("snakepit.shm.cleanup", ["--id", id])
+
+    assert File.exists?(path)
+    assert {:ok, %{size: 64}} = SHM.get_region_info(id)
+    :ok = SHM.deallocate_region(id)
+    refute File.exists?(path)
+  end
+
+  test "the worker's timeout applies after adoption unless adopt_region/2 gives one", %{
+    worker: worker
+  } do
+    # Found by an attack run: the documented allocate(timeout=...) was overwritten by
+    # the VM's default_timeout (:infinity) at adoption.
+    ref = PythonWorker.ask(worker, "timed 30")
+    {:ok, id} = SHM.adopt_region(ref)
+    assert {:ok, %{timeout: 30_000}} = SHM.get_region_info(id)
+    :ok = SHM.deallocate_region(id)
+
+    ref = PythonWorker.ask(worker, "timed 30")
+    {:ok, id} = SHM.adopt_region(ref, timeout: 5_000)
+    assert {:ok, %{timeout: 5_000}} = SHM.get_region_info(id)
+    :ok = SHM.deallocate_region(id)
+
+    ref = PythonWorker.ask(worker, "alloc memfd 4")
+    {:ok, id} = SHM.adopt_region(ref)
+    assert {:ok, %{timeout: :infinity}} = SHM.get_region_info(id)
+    :ok = SHM.deallocate_region(id)
   end
 
   test "a worker that is never adopted gives up its output after keep_seconds" do

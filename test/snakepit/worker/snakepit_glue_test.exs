@@ -97,4 +97,45 @@ defmodule Snakepit.SharedMemory.SnakepitGlueTest do
 
     :ok = SHM.deallocate_region(id)
   end
+
+  test "to_nx/1 takes the bytes the shape needs, not the whole region" do
+    # Found by an attack run: a shape smaller than the region (allowed: shape x itemsize
+    # <= size), or a 0-size array from from_array() (a 1-byte region), made real Nx
+    # raise in reshape/from_binary.
+    {:ok, id} = SHM.allocate_region(16, metadata: %{dtype: "float32", shape: [2]})
+    {:ok, empty} = SHM.allocate_region(1, metadata: %{dtype: "float64", shape: [0, 5]})
+    {:ok, m} = SHM.map_region(id)
+    :ok = SHM.write(m, 0, <<1.5::float-32-little, 2.5::float-32-little>>)
+    :ok = SHM.unmap_region(m)
+
+    unless Code.ensure_loaded?(Nx) do
+      # A stand-in that checks what real Nx checks.
+      Code.compile_string("""
+      defmodule Nx do
+        def from_binary(binary, {_, bits} = type) do
+          if rem(byte_size(binary) * 8, bits) != 0, do: raise(ArgumentError, "size")
+          {:tensor, binary, type}
+        end
+
+        def reshape({:tensor, binary, {_, bits} = type}, shape) do
+          n = shape |> Tuple.to_list() |> Enum.product()
+          if n * bits != byte_size(binary) * 8, do: raise(ArgumentError, "shape")
+          {:tensor, binary, type, shape}
+        end
+      end
+      """)
+
+      try do
+        assert {:ok, {:tensor, <<1.5::float-32-little, 2.5::float-32-little>>, {:f, 32}, {2}}} =
+                 SHM.to_nx(id)
+
+        assert {:ok, {:tensor, "", {:f, 64}, {0, 5}}} = SHM.to_nx(empty)
+      after
+        :code.purge(Nx)
+        :code.delete(Nx)
+      end
+    end
+
+    for r <- [id, empty], do: :ok = SHM.deallocate_region(r)
+  end
 end

@@ -45,6 +45,42 @@ defmodule Snakepit.SharedMemory.ValidationTest do
     :ok = SHM.deallocate_region(id)
   end
 
+  test "a dimension numpy cannot hold (2**63 or more) is refused even when the product fits" do
+    huge = Bitwise.bsl(1, 64)
+
+    assert {:error, %Error{reason: :invalid_metadata, message: m}} =
+             SHM.allocate_region(16, metadata: %{"dtype" => "uint8", "shape" => [huge, 0]})
+
+    assert m =~ "2**63"
+
+    {:ok, id} = SHM.allocate_region(16)
+
+    assert {:error, %Error{reason: :invalid_option}} =
+             SHM.export_ref(id, dtype: "uint8", shape: [0, Bitwise.bsl(1, 63)])
+
+    assert {:ok, %{"shape" => [0, 9_223_372_036_854_775_807]}} =
+             SHM.export_ref(id, dtype: "uint8", shape: [0, Bitwise.bsl(1, 63) - 1])
+
+    :ok = SHM.deallocate_region(id)
+  end
+
+  test "a shape of more than 64 dimensions is refused before its product is computed" do
+    # Found by an attack run: export_ref(id, shape: 30_000 dims of 2**62) spent 20 s
+    # multiplying and printing a 2-million-bit "needed" size.
+    {:ok, id} = SHM.allocate_region(16)
+
+    assert {:error, %Error{reason: :invalid_option, message: m}} =
+             SHM.export_ref(id, dtype: "uint8", shape: List.duplicate(Bitwise.bsl(1, 62), 30_000))
+
+    assert m =~ "64 dimensions"
+
+    assert {:error, %Error{reason: :invalid_metadata}} =
+             SHM.allocate_region(16, metadata: %{"shape" => List.duplicate(1, 65)})
+
+    assert {:ok, _} = SHM.export_ref(id, dtype: "uint8", shape: List.duplicate(1, 64))
+    :ok = SHM.deallocate_region(id)
+  end
+
   test "open_only with a conflicting size is an error unless size: :any" do
     name = "i13val#{System.unique_integer([:positive])}"
     {:ok, id} = SHM.allocate_region(4096, name: name)

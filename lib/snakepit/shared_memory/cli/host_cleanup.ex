@@ -6,7 +6,9 @@ defmodule Snakepit.SharedMemory.CLI.HostCleanup do
   #     owner death, reference counts) and releases the holds of dead workers itself;
   #   * a POSIX segment whose owner VM is gone is removed (Native.unlink_segment/1, which
   #     checks again that it is ours and intact). Processes still mapping it keep their
-  #     mapping; the memory is freed when the last one unmaps it;
+  #     mapping; the memory is freed when the last one unmaps it. Except a worker's
+  #     output adopted by a VM (adopted state bit): its header names the worker, and it
+  #     is left alone while a process (the adopting VM) holds it open;
   #   * a memfd region whose owner VM is gone has no name to remove: the kernel frees it
   #     when the last process with an fd or mapping of it exits. Holds of dead processes
   #     in its header are released, and the processes keeping it are named;
@@ -29,7 +31,28 @@ defmodule Snakepit.SharedMemory.CLI.HostCleanup do
 
   @doc "What cleanup would do with `entries` (regions with a live owner are left out)."
   @spec plan([Entry.t()]) :: [action()]
-  def plan(entries), do: Enum.flat_map(entries, &plan_one/1)
+  def plan(entries), do: entries |> drop_adopted_in_use() |> Enum.flat_map(&plan_one/1)
+
+  defp drop_adopted_in_use(entries) do
+    adopted =
+      for %{status: :ok, backend: "posix", owner: %{alive: false}, path: path} = e <- entries,
+          adopted?(path),
+          do: e.id
+
+    if adopted == [] do
+      entries
+    else
+      open = Snakepit.SharedMemory.Incomplete.open_paths()
+      Enum.reject(entries, &(&1.id in adopted and MapSet.member?(open, &1.path)))
+    end
+  end
+
+  defp adopted?(path) do
+    case Native.inspect_path(path) do
+      {:ok, header} -> Snakepit.SharedMemory.Cleanup.adopted?(header)
+      _ -> false
+    end
+  end
 
   defp plan_one(%{status: :ok, owner: %{alive: true}}), do: []
 

@@ -72,7 +72,14 @@ defmodule Snakepit.SharedMemory.CLI.HostScan do
 
     with :ok <- check_name(name),
          {:ok, header} <- Native.inspect_path(path) do
-      Entry.from_header(header, context, %{path: path, data_path: path, open_by: []})
+      entry = Entry.from_header(header, context, %{path: path, data_path: path, open_by: []})
+
+      # A worker's output adopted by a VM names the (exited) worker as creator: no
+      # orphan while a process (the adopting VM) holds it open.
+      if entry.orphaned and Snakepit.SharedMemory.Cleanup.adopted?(header) and
+           MapSet.member?(Snakepit.SharedMemory.Incomplete.open_paths(), path),
+         do: %{entry | orphaned: false},
+         else: entry
     else
       {:error, {reason, message, _errno}} ->
         Entry.unreadable(name, "posix", path, reason, message)

@@ -172,12 +172,9 @@ defmodule Snakepit.SharedMemory.Config.Snakepit do
   defp requirement(key, _value) when key in @noticed_only, do: {:ok, [], [@notices[key]]}
 
   defp requirement(:platform_options, value) when is_map(value) or is_list(value) do
-    Enum.reduce_while(Map.new(value), {:ok, [], []}, fn {os, opts}, {:ok, reqs, notices} ->
-      case platform(os, opts) do
-        {:ok, r, n} -> {:cont, {:ok, reqs ++ r, notices ++ n}}
-        error -> {:halt, error}
-      end
-    end)
+    with {:ok, value} <- pairs(value, "platform_options") do
+      platforms(value)
+    end
   end
 
   defp requirement(:platform_options, value),
@@ -189,11 +186,31 @@ defmodule Snakepit.SharedMemory.Config.Snakepit do
        "#{inspect(value)}; known keys are #{Enum.join(@known, ", ")}"}
   end
 
-  defp platform(:linux, opts) when is_map(opts) or is_list(opts) do
+  # A map, or a list of {key, value} pairs, as a map; anything else names `key`.
+  defp pairs(value, key) do
+    if is_map(value) or (is_list(value) and Enum.all?(value, &match?({_, _}, &1))),
+      do: {:ok, Map.new(value)},
+      else: invalid(key, value, "a map or a keyword list")
+  end
+
+  defp platforms(value) do
+    Enum.reduce_while(value, {:ok, [], []}, fn {os, opts}, {:ok, reqs, notices} ->
+      case platform(os, opts) do
+        {:ok, r, n} -> {:cont, {:ok, reqs ++ r, notices ++ n}}
+        error -> {:halt, error}
+      end
+    end)
+  end
+
+  defp platform(os, opts) when os in [:linux, :windows] and is_list(opts) do
+    with {:ok, opts} <- pairs(opts, "platform_options.#{os}"), do: platform(os, opts)
+  end
+
+  defp platform(:linux, opts) when is_map(opts) do
     # A config shared by Linux and macOS developers must start on both.
     linux? = :os.type() == {:unix, :linux}
 
-    Enum.reduce_while(Map.new(opts), {:ok, [], []}, fn
+    Enum.reduce_while(opts, {:ok, [], []}, fn
       {:shm_path, path}, {:ok, reqs, notices} ->
         case valid(:shm_path, path, "platform_options.linux.shm_path") do
           :ok when not linux? ->
@@ -218,8 +235,8 @@ defmodule Snakepit.SharedMemory.Config.Snakepit do
     end)
   end
 
-  defp platform(:windows, opts) when is_map(opts) or is_list(opts) do
-    Enum.reduce_while(Map.new(opts), {:ok, [], []}, fn
+  defp platform(:windows, opts) when is_map(opts) do
+    Enum.reduce_while(opts, {:ok, [], []}, fn
       {:use_large_pages, true}, {:ok, reqs, notices} ->
         {:cont, {:ok, reqs, notices ++ [@notices.use_large_pages]}}
 
