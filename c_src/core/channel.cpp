@@ -92,7 +92,7 @@ Result<std::unique_ptr<Endpoint>> Endpoint::create_owner(const OwnerOptions& o) 
       o.inline_max == 0 ? ring::default_inline_max(o.ring_size, o.ring_size) : o.inline_max;
   if (inline_max > ring::max_inline_max(o.ring_size, o.ring_size)) {
     return Error{Errc::invalid_argument, 0,
-                 "inline_threshold must be at most a quarter of the ring minus 8 bytes (" +
+                 "inline_threshold must be at most a quarter of the ring (" +
                      std::to_string(ring::max_inline_max(o.ring_size, o.ring_size)) + ")"};
   }
   std::unique_ptr<Endpoint> ep(new Endpoint());
@@ -319,14 +319,13 @@ Result<std::unique_ptr<Endpoint>> Endpoint::connect(const std::string& path,
 Endpoint::~Endpoint() {
   close(CloseReason::closed);
   if (map_ != nullptr) os::unmap(map_, total_map_size());
-  close_fd(epfd_);
+  if (epfd_owned_) close_fd(epfd_);
 }
 
 int Endpoint::release_wait_fd() noexcept {
   std::lock_guard<std::mutex> lock(mu_);
-  int fd = epfd_;
-  epfd_ = -1;
-  return fd;
+  epfd_owned_ = false;  // still used here until close(), then forgotten
+  return epfd_;
 }
 
 std::string Endpoint::token_hex() const {
@@ -367,6 +366,7 @@ void Endpoint::fail(CloseReason reason, const std::string& detail) {
   close_fd(wake_fd_);
   close_fd(peer_wake_fd_);
   close_fd(memfd_);
+  if (!epfd_owned_) epfd_ = -1;  // its new owner closes it after close() returned
   for (int f : fdq_) ::close(f);
   fdq_.clear();
   for (auto& q : inq_) {
@@ -611,7 +611,9 @@ void Endpoint::handle_events() {
 
 bool Endpoint::prepare_wait(bool want_data, bool want_space, std::uint64_t need) {
   std::lock_guard<std::mutex> lock(mu_);
-  if (reason_ != CloseReason::none || peer_eof_) return false;
+  // Closed or at EOF: a caller that wants something must look now (recv/send report it);
+  // one that wants nothing may sleep (nothing more will happen).
+  if (reason_ != CloseReason::none || peer_eof_) return !(want_data || want_space);
   bool sleep = true;
   const std::uint64_t now = os::monotonic_ns();
   if (want_data) {

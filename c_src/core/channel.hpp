@@ -144,6 +144,7 @@ class Endpoint {
   CloseReason reason_ = CloseReason::none;
   std::string detail_;
   bool peer_eof_ = false;
+  bool epfd_owned_ = true;
   int epfd_ = -1, listen_fd_ = -1, conn_fd_ = -1, wake_fd_ = -1, peer_wake_fd_ = -1, memfd_ = -1;
   void* map_ = nullptr;
   std::string dir_, path_;

@@ -112,10 +112,10 @@ constexpr std::uint32_t default_inline_max(std::uint64_t cap0, std::uint64_t cap
   return static_cast<std::uint32_t>((cap0 < cap1 ? cap0 : cap1) / 4);
 }
 
-/// The largest inline threshold allowed for rings of these capacities: frame_size(max)
-/// must not exceed a quarter of the smaller ring.
+/// The largest inline threshold allowed: a quarter of the smaller ring (a frame of that
+/// size, header included, always fits in a ring holding less than 3/4 of its capacity).
 constexpr std::uint64_t max_inline_max(std::uint64_t cap0, std::uint64_t cap1) noexcept {
-  return (cap0 < cap1 ? cap0 : cap1) / 4 - kFrameHeaderSize;
+  return (cap0 < cap1 ? cap0 : cap1) / 4;
 }
 
 /// Layout facts as JSON (offsets computed with offsetof/sizeof): the test oracle.

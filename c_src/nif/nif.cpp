@@ -12,6 +12,7 @@
 // (two descriptors each) alive.
 #include <erl_nif.h>
 
+#include "nif_channel.hpp"
 #include "nif_functions.hpp"
 #include "resources.hpp"
 #include "terms.hpp"
@@ -52,6 +53,22 @@ ErlNifFunc nif_funcs[] = {
     {"process_start_time", 1, nif_process_start_time, 0},
     {"process_alive", 2, nif_process_alive, 0},
     {"self_info", 0, nif_self_info, 0},
+    // the message channel (nif_channel.cpp): every call is short except these two dirty
+    // ones (mkdtemp + fallocate of the rings; copying a large message into a memfd)
+    {"channel_layout", 0, nif_channel_layout, 0},
+    {"channel_open", 1, nif_channel_open, kIo},
+    {"channel_info", 1, nif_channel_info, 0},
+    {"channel_select", 1, nif_channel_select, 0},
+    {"channel_events", 1, nif_channel_events, 0},
+    {"channel_send", 2, nif_channel_send, 0},
+    {"channel_prepare_region", 1, nif_channel_prepare_region, kCpu},
+    {"channel_send_region", 2, nif_channel_send_region, 0},
+    {"channel_recv", 3, nif_channel_recv, 0},
+    {"channel_prepare_wait", 4, nif_channel_prepare_wait, 0},
+    {"channel_flush", 1, nif_channel_flush, 0},
+    {"channel_close", 1, nif_channel_close, 0},
+    {"channel_monitor", 2, nif_channel_monitor, 0},
+    {"channel_stats", 1, nif_channel_stats, 0},
 };
 
 // load and upgrade do the same: resource types are opened with CREATE | TAKEOVER, so a
@@ -59,6 +76,7 @@ ErlNifFunc nif_funcs[] = {
 int init(ErlNifEnv* env) {
   init_atoms(env);
   if (!open_resource_types(env)) return 1;
+  if (!open_channel_resource_types(env)) return 3;
   if (!init_self_identity()) return 2;
   return 0;
 }

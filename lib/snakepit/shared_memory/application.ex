@@ -17,7 +17,13 @@ defmodule Snakepit.SharedMemory.Application do
          {:ok, _platform} <- Platform.select(:os.type()) do
       Stats.setup()
 
-      Supervisor.start_link([TableOwner, Manager],
+      Supervisor.start_link(
+        [
+          # open message channels, for Channel.list/0 and the mix tasks
+          {Registry, keys: :duplicate, name: Snakepit.SharedMemory.ChannelRegistry},
+          TableOwner,
+          Manager
+        ],
         strategy: :rest_for_one,
         max_restarts: 10,
         max_seconds: 5,

@@ -18,6 +18,7 @@ decryption.  Linux only (POSIX shm and memfd backends).
 """
 
 from ._attach import attach, inspect
+from .channel import Channel, ChannelClosed, ChannelProtocolError, WouldBlock
 from .errors import (CorruptRegion, LibraryNotFound, PermissionError, RegionExpired,
                      RegionNotFound, SnakepitShmError, UnheldAttachWarning,
                      ViewsStillAlive)
@@ -37,4 +38,8 @@ __all__ = [
     "ViewsStillAlive",
     "LibraryNotFound",
     "UnheldAttachWarning",
+    "Channel",
+    "ChannelClosed",
+    "ChannelProtocolError",
+    "WouldBlock",
 ]
