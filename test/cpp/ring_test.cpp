@@ -221,10 +221,12 @@ TEST_CASE("endpoint: owner and worker exchange messages over both transports", "
     auto& ow = *owner.value();
     std::string path = ow.socket_path(), token = ow.token_hex();
     std::atomic<bool> done{false};
+    std::atomic<int> loops{0};
     std::thread pump([&] {
       while (!done.load()) {
         channel::os::wait_readable(ow.wait_fd(), 10);
         ow.handle_events();
+        ++loops;
       }
     });
     channel::WorkerOptions wo;
@@ -282,7 +284,11 @@ TEST_CASE("endpoint: owner and worker exchange messages over both transports", "
       if (got == channel::Io::closed) break;
       if (got == channel::Io::ok) CHECK(r.length == 3);
       channel::os::wait_readable(ow.wait_fd(), 10);
+      ow.handle_events();
     }
+    auto st = ow.stats();
+    INFO("transport " << int(wanted == channel::Wanted::shm) << " received " << st.messages_received
+                      << " wakeups " << st.wakeups << " loops " << loops.load() << " state " << int(st.state));
     CHECK(got == channel::Io::closed);
     CHECK(ow.close_reason() == channel::CloseReason::peer_closed);
     done = true;
