@@ -113,7 +113,9 @@ Result<std::unique_ptr<Endpoint>> Endpoint::create_owner(const OwnerOptions& o) 
   Error shm_error{Errc::unsupported, 0, "socket transport asked"};
   bool shm_ok = false;
   if (o.transport != Wanted::socket) {
-    auto mfd = os::make_ring_memfd(ep->total_map_size());
+    auto mfd = o.refuse_memfd ? Result<int>(Error{Errc::unsupported, EPERM,
+                                                  "memfd_create refused (simulated)"})
+                              : os::make_ring_memfd(ep->total_map_size());
     if (mfd.ok()) {
       ep->memfd_ = mfd.value();
       auto m = os::map_fd(ep->memfd_, ep->total_map_size(), true);
@@ -304,7 +306,9 @@ Result<std::unique_ptr<Endpoint>> Endpoint::connect(const std::string& path,
     for (int f : fds) ep->fdq_.push_back(f);
     fds.clear();
   }
-  if (!os::epoll_set(ep->epfd_, ep->conn_fd_, kEpollIn | kEpollRdHup, true)) {
+  const std::uint32_t interest =
+      ep->transport_ == Transport::shm ? kEpollRdHup : kEpollIn | kEpollRdHup;
+  if (!os::epoll_set(ep->epfd_, ep->conn_fd_, interest, true)) {
     return os_error("epoll_ctl(socket)", errno);
   }
   std::uint32_t uid = 0, pid = 0;
@@ -374,6 +378,7 @@ void Endpoint::fail(CloseReason reason, const std::string& detail) {
   }
   inq_.clear();
   inq_bytes_ = 0;
+  regions_queued_ = 0;
   out_pending_.clear();
   out_off_ = 0;
 }
@@ -408,7 +413,10 @@ Io Endpoint::closed_result(Error* err) {
 
 void Endpoint::set_conn_interest() {
   if (conn_fd_ < 0 || epfd_ < 0 || peer_eof_) return;
-  std::uint32_t ev = kEpollRdHup | (reading_paused_ ? 0 : kEpollIn) | (want_out_ ? kEpollOut : 0);
+  // With shared memory the socket carries only the fds of region frames, read when their
+  // frame is: only the hang-up is watched (so fds never pile up in this process).
+  const bool reading = !reading_paused_ && !(transport_ == Transport::shm && state_ == State::connected);
+  std::uint32_t ev = kEpollRdHup | (reading ? kEpollIn : 0) | (want_out_ ? kEpollOut : 0);
   os::epoll_set(epfd_, conn_fd_, ev, false);
 }
 
@@ -428,7 +436,8 @@ void Endpoint::drop_candidate() {
 void Endpoint::read_socket() {
   std::uint8_t buf[kReadChunk];
   while (conn_fd_ >= 0 && !peer_eof_ && reason_ == CloseReason::none) {
-    if (transport_ == Transport::socket && state_ == State::connected && inq_bytes_ >= cap_) {
+    if (transport_ == Transport::socket && state_ == State::connected &&
+        (inq_bytes_ >= cap_ || fdq_.size() + regions_queued_ >= kMaxQueuedFds / 2)) {
       reading_paused_ = true;  // back-pressure: the kernel buffer fills, the peer blocks
       set_conn_interest();
       return;
@@ -457,6 +466,25 @@ void Endpoint::read_socket() {
     parse_frames();
   }
   if (peer_eof_ && conn_fd_ >= 0 && epfd_ >= 0) os::epoll_remove(epfd_, conn_fd_);
+}
+
+int Endpoint::read_carrier() {
+  if (!fdq_.empty()) {
+    int fd = fdq_.front();
+    fdq_.pop_front();
+    return fd;
+  }
+  if (conn_fd_ < 0) return -1;
+  std::uint8_t hdr[ring::kFrameHeaderSize];
+  std::vector<int> fds;
+  bool trunc = false;
+  long n = os::recv_with_fds(conn_fd_, hdr, sizeof hdr, &fds, &trunc);
+  if (n == static_cast<long>(sizeof hdr) && !trunc && fds.size() == 1 && get_u32(hdr) == 0 &&
+      get_u32(hdr + 4) == ring::kFrameCarrier) {
+    return fds[0];
+  }
+  for (int f : fds) ::close(f);
+  return -1;
 }
 
 void Endpoint::parse_frames() {
@@ -496,6 +524,7 @@ void Endpoint::parse_frames() {
       fdq_.pop_front();
       inq_.push_back(Queued{type, std::vector<std::uint8_t>(payload, payload + len), fd, 0});
       inq_bytes_ += len + ring::kFrameHeaderSize;
+      ++regions_queued_;
     }
     // carrier: its fd is already queued in fdq_, in order
     inoff_ += ring::kFrameHeaderSize + len;
@@ -532,6 +561,7 @@ bool Endpoint::handle_hello(const std::uint8_t* payload) {
   state_ = State::connected;
   st_.state = state_;
   cleanup_listen();  // one worker per channel: nothing is left in the filesystem
+  set_conn_interest();
   // The memfd is only needed for the handshake: the mapping keeps the rings alive.
   close_fd(memfd_);
   return true;
@@ -599,7 +629,16 @@ void Endpoint::handle_events() {
       os::epoll_set(epfd_, conn_fd_, kEpollIn | kEpollRdHup, true);
     }
   }
-  if (conn_fd_ >= 0 && !peer_eof_) read_socket();
+  if (conn_fd_ >= 0 && !peer_eof_) {
+    if (transport_ == Transport::shm && state_ == State::connected) {
+      if (os::hung_up(conn_fd_)) {
+        peer_eof_ = true;  // unread carriers stay readable for their frames
+        if (epfd_ >= 0) os::epoll_remove(epfd_, conn_fd_);
+      }
+    } else {
+      read_socket();
+    }
+  }
   if (want_out_ && conn_fd_ >= 0 && reason_ == CloseReason::none) {
     if (flush_out()) {
       want_out_ = false;
@@ -641,7 +680,7 @@ bool Endpoint::prepare_wait(bool want_data, bool want_space, std::uint64_t need)
   } else if (want_space && transport_ == Transport::shm) {
     if (!ring::prepare_wait_space(prod_, ring::frame_size(need))) sleep = false;
   }
-  if (reading_paused_ && inq_bytes_ < cap_ / 2) {
+  if (reading_paused_ && inq_bytes_ < cap_ / 2 && regions_queued_ < kMaxQueuedFds / 4) {
     reading_paused_ = false;
     set_conn_interest();
     sleep = false;  // unread socket data may be waiting
@@ -809,14 +848,11 @@ Io Endpoint::recv(AllocFn alloc, void* ctx, Received* out, Error* err) {
       }
       std::uint8_t payload[ring::kRegionPayloadSize];
       ring::copy_payload(cons_, f, payload);
-      if (fdq_.empty() && conn_fd_ >= 0) read_socket();  // the carrier was sent first
-      if (reason_ != CloseReason::none) return closed_result(err);
-      if (fdq_.empty()) {
+      int fd = read_carrier();  // sent before the frame was published
+      if (fd < 0) {
         fail(CloseReason::protocol_error, "region frame without its fd");
         return closed_result(err);
       }
-      int fd = fdq_.front();
-      fdq_.pop_front();
       if (ring::consume(cons_, f, now)) os::signal_eventfd(peer_wake_fd_);
       return take_region(get_u64(payload), get_u64(payload + 8), fd, out, err);
     }
@@ -837,6 +873,7 @@ Io Endpoint::recv(AllocFn alloc, void* ctx, Received* out, Error* err) {
       st_.bytes_received += q.bytes.size();
       return Io::ok;
     }
+    --regions_queued_;
     return take_region(get_u64(q.bytes.data()), get_u64(q.bytes.data() + 8), q.fd, out, err);
   }
   if (eof) {

@@ -42,6 +42,7 @@ struct OwnerOptions {
   std::string socket_dir;  ///< empty: $XDG_RUNTIME_DIR, $TMPDIR or /tmp
   ring::AckPolicy ack;
   std::uint64_t max_message_size = 1ull << 40;
+  bool refuse_memfd = false;  ///< tests: behave as if memfd_create were refused
 };
 
 struct WorkerOptions {
@@ -127,6 +128,7 @@ class Endpoint {
   Io closed_result(Error* err);
   void fail(CloseReason reason, const std::string& detail);  // mu_ held
   void read_socket();                                         // mu_ held
+  int read_carrier();  // shm: the fd of the next region frame, or -1 (mu_ held)
   void parse_frames();                                        // mu_ held
   bool handle_hello(const std::uint8_t* payload);             // mu_ held
   Io sock_write(const void* data, std::size_t len, const int* fds, std::size_t nfds);
@@ -165,6 +167,7 @@ class Endpoint {
   };
   std::deque<Queued> inq_;
   std::uint64_t inq_bytes_ = 0;
+  std::size_t regions_queued_ = 0;
   bool reading_paused_ = false;
   std::deque<int> fdq_;
   // control socket output

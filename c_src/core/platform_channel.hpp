@@ -68,6 +68,8 @@ long recv_with_fds(int fd, void* buf, std::size_t len, std::vector<int>* fds,
 Result<int> make_epoll();
 bool epoll_set(int epfd, int fd, std::uint32_t events, bool add) noexcept;
 void epoll_remove(int epfd, int fd) noexcept;
+/// True if the peer of a socket hung up (POLLRDHUP/POLLHUP/POLLERR now), unread data or not.
+bool hung_up(int fd) noexcept;
 /// Waits up to timeout_ms (-1 forever) for epfd to be readable. True if readable.
 bool wait_readable(int fd, int timeout_ms) noexcept;
 

@@ -306,6 +306,12 @@ void epoll_remove(int epfd, int fd) noexcept {
   ::epoll_ctl(epfd, EPOLL_CTL_DEL, fd, &ev);
 }
 
+bool hung_up(int fd) noexcept {
+  struct pollfd p = {fd, POLLRDHUP, 0};
+  if (::poll(&p, 1, 0) <= 0) return false;
+  return (p.revents & (POLLRDHUP | POLLHUP | POLLERR)) != 0;
+}
+
 bool wait_readable(int fd, int timeout_ms) noexcept {
   struct pollfd p = {fd, POLLIN, 0};
   int rc;

@@ -63,7 +63,7 @@ struct ChannelAtoms {
   ERL_NIF_TERM would_block, closed, shm, socket, automatic, immediate, batch, deferred;
   ERL_NIF_TERM listening, connected, none, peer_closed, protocol_error, io_error;
   ERL_NIF_TERM ring_size, inline_threshold, transport, socket_dir, ack_mode, max_batch_size,
-      flush_interval_us, max_message_size;
+      flush_interval_us, max_message_size, simulate_memfd_failure;
   ERL_NIF_TERM path, token, inline_max, state, close_reason, close_detail, messages_sent,
       bytes_sent, messages_received, bytes_received, region_messages_sent,
       region_messages_received, doorbells_rung, wakeups, flushes, pending_acks, would_blocks,
@@ -238,6 +238,7 @@ bool open_channel_resource_types(ErlNifEnv* env) {
   A(max_batch_size);
   A(flush_interval_us);
   A(max_message_size);
+  A(simulate_memfd_failure);
   A(path);
   A(token);
   A(inline_max);
@@ -312,6 +313,10 @@ ERL_NIF_TERM nif_channel_open(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   o.ack.max_batch = static_cast<std::uint32_t>(max_batch);
   o.ack.flush_interval_ns = flush_us * 1000;
   o.max_message_size = max_msg;
+  ERL_NIF_TERM refuse;
+  if (get_map_value(env, argv[0], ca.simulate_memfd_failure, &refuse)) {
+    o.refuse_memfd = enif_is_identical(refuse, atoms.true_);
+  }
   auto r = Endpoint::create_owner(o);
   if (!r.ok()) return make_error(env, r.error());
   void* mem = enif_alloc_resource(channel_type, sizeof(ChannelResource));

@@ -97,7 +97,9 @@ defmodule Snakepit.SharedMemory.Channel do
     send_timeout: :infinity,
     max_message_size: 1 <<< 40,
     socket_dir: nil,
-    owner: nil
+    owner: nil,
+    # tests only: behave as if memfd_create were refused (a seccomp filter, an old kernel)
+    simulate_memfd_failure: false
   ]
 
   @doc """
@@ -362,6 +364,7 @@ defmodule Snakepit.SharedMemory.Channel do
   defp check(:max_message_size, v, acc) when is_integer(v) and v > 0, do: {:cont, acc}
   defp check(:socket_dir, v, acc) when is_nil(v) or is_binary(v), do: {:cont, acc}
   defp check(:owner, v, acc) when is_nil(v) or is_pid(v), do: {:cont, acc}
+  defp check(:simulate_memfd_failure, v, acc) when is_boolean(v), do: {:cont, acc}
 
   defp check(:ring_size, v, _acc) do
     {:halt,

@@ -47,7 +47,8 @@ defmodule Snakepit.SharedMemory.Channel.Server do
       ack_mode: opts[:ack_mode],
       max_batch_size: opts[:max_batch_size],
       flush_interval_us: opts[:flush_interval] * 1000,
-      max_message_size: opts[:max_message_size]
+      max_message_size: opts[:max_message_size],
+      simulate_memfd_failure: opts[:simulate_memfd_failure] == true
     }
 
     with {:ok, res} <- open_native(native_opts),
