@@ -69,6 +69,11 @@ ErlNifFunc nif_funcs[] = {
     {"channel_close", 1, nif_channel_close, 0},
     {"channel_monitor", 2, nif_channel_monitor, 0},
     {"channel_stats", 1, nif_channel_stats, 0},
+    {"ring_probe_new", 3, nif_ring_probe_new, 0},
+    {"ring_probe_write", 3, nif_ring_probe_write, 0},
+    {"ring_probe_read", 1, nif_ring_probe_read, 0},
+    {"ring_probe_flush", 1, nif_ring_probe_flush, 0},
+    {"ring_probe_indices", 1, nif_ring_probe_indices, 0},
 };
 
 // load and upgrade do the same: resource types are opened with CREATE | TAKEOVER, so a
@@ -76,7 +81,7 @@ ErlNifFunc nif_funcs[] = {
 int init(ErlNifEnv* env) {
   init_atoms(env);
   if (!open_resource_types(env)) return 1;
-  if (!open_channel_resource_types(env)) return 3;
+  if (!open_channel_resource_types(env) || !open_ring_probe_type(env)) return 3;
   if (!init_self_identity()) return 2;
   return 0;
 }

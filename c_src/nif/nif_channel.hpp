@@ -23,6 +23,13 @@ SPSHM_CHANNEL_NIF(nif_channel_flush);
 SPSHM_CHANNEL_NIF(nif_channel_close);
 SPSHM_CHANNEL_NIF(nif_channel_monitor);
 SPSHM_CHANNEL_NIF(nif_channel_stats);
+// nif_ring_probe.cpp: a private ring for the PropEr model of the indices (tests only)
+bool open_ring_probe_type(ErlNifEnv* env);
+SPSHM_CHANNEL_NIF(nif_ring_probe_new);
+SPSHM_CHANNEL_NIF(nif_ring_probe_write);
+SPSHM_CHANNEL_NIF(nif_ring_probe_read);
+SPSHM_CHANNEL_NIF(nif_ring_probe_flush);
+SPSHM_CHANNEL_NIF(nif_ring_probe_indices);
 #undef SPSHM_CHANNEL_NIF
 
 }  // namespace spshm::nif

@@ -246,4 +246,16 @@ defmodule Snakepit.SharedMemory.Native do
 
   @spec channel_stats(channel()) :: map()
   def channel_stats(_ch), do: :erlang.nif_error(:not_loaded)
+
+  # Test probe of the ring (c_src/nif/nif_ring_probe.cpp), for the PropEr model.
+  @doc false
+  def ring_probe_new(_capacity, _ack_mode, _max_batch), do: :erlang.nif_error(:not_loaded)
+  @doc false
+  def ring_probe_write(_probe, _length, _seed), do: :erlang.nif_error(:not_loaded)
+  @doc false
+  def ring_probe_read(_probe), do: :erlang.nif_error(:not_loaded)
+  @doc false
+  def ring_probe_flush(_probe), do: :erlang.nif_error(:not_loaded)
+  @doc false
+  def ring_probe_indices(_probe), do: :erlang.nif_error(:not_loaded)
 end
