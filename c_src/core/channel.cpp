@@ -601,10 +601,12 @@ Io Endpoint::sock_write(const void* data, std::size_t len, const int* fds, std::
     peer_eof_ = true;
     return Io::closed;
   }
-  if (static_cast<std::size_t>(n) < len) {  // the rest goes out before anything else
+  if (static_cast<std::size_t>(n) < len) {  // the rest goes out before anything else,
     const auto* p = static_cast<const std::uint8_t*>(data);
     out_pending_.assign(p + n, p + len);
     out_off_ = 0;
+    want_out_ = true;  // as soon as the socket is writable (handle_events flushes it)
+    set_conn_interest();
   }
   return Io::ok;
 }

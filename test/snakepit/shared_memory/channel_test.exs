@@ -113,6 +113,22 @@ defmodule Snakepit.SharedMemory.ChannelTest do
         assert {0, _} = await_exit(w.port)
       end
 
+      test "inline messages as large as the threshold (partial socket writes) round-trip",
+           %{transport: transport} do
+        {:ok, ch} = Channel.open(transport: transport, ring_size: 4 * 1024 * 1024, active: true)
+        w = start_worker(ch, "echo")
+        msg = :crypto.strong_rand_bytes(1024 * 1024)
+
+        for _ <- 1..20 do
+          :ok = Channel.send(ch, msg)
+          assert_receive {:snakepit_shm_channel, ^ch, ^msg}, 10_000
+        end
+
+        assert Channel.stats(ch).region_messages_sent == 0
+        :ok = Channel.close(ch)
+        await_exit(w.port)
+      end
+
       test "1 GiB goes through as one region message", %{transport: transport} do
         {:ok, ch} = Channel.open(transport: transport)
         w = start_worker(ch, "echo_checksum")
