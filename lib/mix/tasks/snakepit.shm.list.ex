@@ -28,6 +28,10 @@ defmodule Mix.Tasks.Snakepit.Shm.List do
   owner or age); without one they are listed with the flag CORRUPT, NOT-OURS or
   UNREADABLE.
 
+  The table ends with the message channels (`Snakepit.SharedMemory.Channel`) mapped by
+  processes of your uid: one line per channel with the OS pids mapping it (owner VM and
+  worker); `--format json` lists them under `channels`.
+
   Flags: `orphaned` (owner VM gone), `expired` (idle longer than its timeout),
   `sealed`, `encrypted`, `dead-holder` (a process holding it died).
 
@@ -59,12 +63,19 @@ defmodule Mix.Tasks.Snakepit.Shm.List do
           source: source,
           filters: Map.new(filters),
           regions: shown,
-          totals: totals
+          totals: totals,
+          channels: Snakepit.SharedMemory.CLI.ChannelScan.scan()
         })
 
       :table ->
         Mix.shell().info(RegionView.table(shown))
         Mix.shell().info("\n" <> RegionView.totals_line(totals) <> " (#{source})")
+        # message channels (Snakepit.SharedMemory.Channel) mapped on this host
+        Mix.shell().info(
+          Snakepit.SharedMemory.CLI.ChannelScan.lines(
+            Snakepit.SharedMemory.CLI.ChannelScan.scan()
+          )
+        )
     end
 
     Command.finish(if Enum.any?(shown, &(&1.status != :ok)), do: 1, else: 0)
