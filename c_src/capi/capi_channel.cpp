@@ -75,8 +75,8 @@ SPSHM_EXPORT int spshm_ch_connect(const char* path, const char* token_hex, int a
                                   uint64_t max_message_size, int timeout_ms, spshm_channel** out,
                                   char* err, size_t errlen) {
   try {
-    if (path == nullptr || token_hex == nullptr || out == nullptr || ack_mode < 0 ||
-        ack_mode > 2 || max_batch == 0) {
+    if (path == nullptr || token_hex == nullptr || out == nullptr || ack_mode < 0 || ack_mode > 2 ||
+        max_batch == 0) {
       return fail(Error{Errc::invalid_argument, 0, "bad channel connect arguments"}, err, errlen);
     }
     spshm::channel::WorkerOptions o;
@@ -128,8 +128,8 @@ SPSHM_EXPORT int spshm_ch_send(spshm_channel* ch, const void* data, uint64_t len
   }
 }
 
-SPSHM_EXPORT int spshm_ch_prepare_region(const void* data, uint64_t length, int* fd_out,
-                                         char* err, size_t errlen) {
+SPSHM_EXPORT int spshm_ch_prepare_region(const void* data, uint64_t length, int* fd_out, char* err,
+                                         size_t errlen) {
   try {
     auto r = spshm::channel::Endpoint::prepare_region(data, length);
     if (!r.ok()) return fail(r.error(), err, errlen);

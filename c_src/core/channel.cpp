@@ -75,9 +75,7 @@ const char* close_reason_name(CloseReason r) noexcept {
   return "io_error";
 }
 
-const char* transport_name(Transport t) noexcept {
-  return t == Transport::shm ? "shm" : "socket";
-}
+const char* transport_name(Transport t) noexcept { return t == Transport::shm ? "shm" : "socket"; }
 
 // ---------------------------------------------------------------------------------------
 // creation
@@ -113,9 +111,10 @@ Result<std::unique_ptr<Endpoint>> Endpoint::create_owner(const OwnerOptions& o) 
   Error shm_error{Errc::unsupported, 0, "socket transport asked"};
   bool shm_ok = false;
   if (o.transport != Wanted::socket) {
-    auto mfd = o.refuse_memfd ? Result<int>(Error{Errc::unsupported, EPERM,
-                                                  "memfd_create refused (simulated)"})
-                              : os::make_ring_memfd(ep->total_map_size());
+    auto mfd =
+        o.refuse_memfd
+            ? Result<int>(Error{Errc::unsupported, EPERM, "memfd_create refused (simulated)"})
+            : os::make_ring_memfd(ep->total_map_size());
     if (mfd.ok()) {
       ep->memfd_ = mfd.value();
       auto m = os::map_fd(ep->memfd_, ep->total_map_size(), true);
@@ -245,8 +244,7 @@ Result<std::unique_ptr<Endpoint>> Endpoint::connect(const std::string& path,
   std::uint32_t inline_max = get_u32(p + 24);
   ep->inoff_ = ring::kFrameHeaderSize + kWelcomeSize;
   if (version != ring::kVersion || !ring::valid_capacity(cap0) || cap0 != cap1 ||
-      inline_max > ring::max_inline_max(cap0, cap1) ||
-      (transport != 1 && transport != 2)) {
+      inline_max > ring::max_inline_max(cap0, cap1) || (transport != 1 && transport != 2)) {
     cleanup_fds();
     return Error{Errc::unsupported_version, 0, "unsupported channel welcome"};
   }
@@ -415,7 +413,8 @@ void Endpoint::set_conn_interest() {
   if (conn_fd_ < 0 || epfd_ < 0 || peer_eof_) return;
   // With shared memory the socket carries only the fds of region frames, read when their
   // frame is: only the hang-up is watched (so fds never pile up in this process).
-  const bool reading = !reading_paused_ && !(transport_ == Transport::shm && state_ == State::connected);
+  const bool reading =
+      !reading_paused_ && !(transport_ == Transport::shm && state_ == State::connected);
   std::uint32_t ev = kEpollRdHup | (reading ? kEpollIn : 0) | (want_out_ ? kEpollOut : 0);
   os::epoll_set(epfd_, conn_fd_, ev, false);
 }
@@ -507,9 +506,9 @@ void Endpoint::parse_frames() {
     }
     if (!ok) {
       if (state_ == State::listening) return drop_candidate();
-      return fail(CloseReason::protocol_error,
-                  "malformed control frame (type " + std::to_string(type) + ", length " +
-                      std::to_string(len) + ")");
+      return fail(CloseReason::protocol_error, "malformed control frame (type " +
+                                                   std::to_string(type) + ", length " +
+                                                   std::to_string(len) + ")");
     }
     if (avail < ring::kFrameHeaderSize + len) break;
     const std::uint8_t* payload = f + ring::kFrameHeaderSize;
@@ -797,8 +796,7 @@ Io Endpoint::send_region(int fd, std::uint64_t size, Error* err) {
 // ---------------------------------------------------------------------------------------
 // receiving
 
-Io Endpoint::take_region(std::uint64_t size, std::uint64_t seq, int fd, Received* out,
-                         Error* err) {
+Io Endpoint::take_region(std::uint64_t size, std::uint64_t seq, int fd, Received* out, Error* err) {
   if (seq != seq_in_ || size <= inline_max_ || size > max_message_) {
     if (fd >= 0) ::close(fd);
     fail(CloseReason::protocol_error, "region frame out of sequence or of a bad size");

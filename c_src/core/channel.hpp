@@ -32,7 +32,8 @@ const char* transport_name(Transport t) noexcept;
 
 inline constexpr std::uint32_t kTokenSize = 32;
 inline constexpr std::uint32_t kHelloSize = kTokenSize + 8;  // token, u32 version, u32 flags
-inline constexpr std::uint32_t kWelcomeSize = 32;  // u32 version, u32 transport, u64 cap0, u64 cap1, u32 inline_max, u32 0
+inline constexpr std::uint32_t kWelcomeSize =
+    32;  // u32 version, u32 transport, u64 cap0, u64 cap1, u32 inline_max, u32 0
 inline constexpr std::uint32_t kMaxQueuedFds = 256;
 
 struct OwnerOptions {
@@ -127,10 +128,10 @@ class Endpoint {
   Endpoint() = default;
   Io closed_result(Error* err);
   void fail(CloseReason reason, const std::string& detail);  // mu_ held
-  void read_socket();                                         // mu_ held
-  int read_carrier();  // shm: the fd of the next region frame, or -1 (mu_ held)
-  void parse_frames();                                        // mu_ held
-  bool handle_hello(const std::uint8_t* payload);             // mu_ held
+  void read_socket();                                        // mu_ held
+  int read_carrier();   // shm: the fd of the next region frame, or -1 (mu_ held)
+  void parse_frames();  // mu_ held
+  bool handle_hello(const std::uint8_t* payload);  // mu_ held
   Io sock_write(const void* data, std::size_t len, const int* fds, std::size_t nfds);
   bool flush_out();  // true if nothing is pending
   void set_conn_interest();

@@ -82,7 +82,8 @@ Result<int> make_message_memfd(const void* data, std::uint64_t length) {
     ::close(fd);
     return os_error(what, err);
   };
-  if (::ftruncate(fd, static_cast<off_t>(length)) != 0) return fail("ftruncate of a message", errno);
+  if (::ftruncate(fd, static_cast<off_t>(length)) != 0)
+    return fail("ftruncate of a message", errno);
   const auto* p = static_cast<const std::uint8_t*>(data);
   std::uint64_t done = 0;
   while (done < length) {

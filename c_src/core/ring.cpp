@@ -86,7 +86,8 @@ std::string validate_header(const void* base, std::uint64_t object_size, std::ui
   if (h.version != kVersion) return "unsupported channel version " + std::to_string(h.version);
   if (h.header_size != kHeaderSize) return "bad channel header size";
   if (!valid_capacity(cap0) || !valid_capacity(cap1)) return "ring capacity out of range";
-  if (h.capacity[0] != cap0 || h.capacity[1] != cap1) return "ring capacities differ from handshake";
+  if (h.capacity[0] != cap0 || h.capacity[1] != cap1)
+    return "ring capacities differ from handshake";
   if (h.data_offset[0] != kHeaderSize || h.data_offset[1] != kHeaderSize + cap0) {
     return "bad ring data offsets";
   }

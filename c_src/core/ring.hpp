@@ -37,11 +37,11 @@ inline constexpr std::uint32_t kRegionPayloadSize = 16;  // u64 size, u64 sequen
 /// Frame types. In the rings only data and region frames appear; the control socket also
 /// carries the handshake and the fd carrier of region frames (docs/CHANNEL.md).
 enum FrameType : std::uint32_t {
-  kFrameData = 1,     ///< payload = the message bytes
-  kFrameRegion = 2,   ///< payload = u64 size, u64 sequence; the bytes are in a sealed memfd
-  kFrameHello = 16,   ///< socket only: worker -> owner, token and version
-  kFrameWelcome = 17, ///< socket only: owner -> worker, transport and sizes (+ fds)
-  kFrameCarrier = 18, ///< socket only: carries the memfd of the next region frame
+  kFrameData = 1,      ///< payload = the message bytes
+  kFrameRegion = 2,    ///< payload = u64 size, u64 sequence; the bytes are in a sealed memfd
+  kFrameHello = 16,    ///< socket only: worker -> owner, token and version
+  kFrameWelcome = 17,  ///< socket only: owner -> worker, transport and sizes (+ fds)
+  kFrameCarrier = 18,  ///< socket only: carries the memfd of the next region frame
 };
 
 /// The producer's cache line of one ring.
@@ -66,17 +66,17 @@ struct RingControl {
 };
 
 struct ChannelHeader {
-  char magic[8];                  ///< 0    "SPSHMCHN", written last by the creator
-  std::uint32_t version;          ///< 8    1
-  std::uint32_t header_size;      ///< 12   4096
-  std::uint64_t capacity[2];      ///< 16   bytes of ring 0 and ring 1
-  std::uint64_t data_offset[2];   ///< 32   4096 and 4096 + capacity[0]
-  std::uint64_t total_size;       ///< 48   4096 + capacity[0] + capacity[1]
-  std::uint32_t inline_max;       ///< 56   largest payload sent inline; larger: region frame
-  std::uint32_t flags;            ///< 60   0 (reserved)
-  std::uint8_t reserved0[64];     ///< 64   zero
-  RingControl rings[2];           ///< 128  ring 0 control, 256 ring 1 control
-  std::uint8_t reserved1[3712];   ///< 384  zero
+  char magic[8];                 ///< 0    "SPSHMCHN", written last by the creator
+  std::uint32_t version;         ///< 8    1
+  std::uint32_t header_size;     ///< 12   4096
+  std::uint64_t capacity[2];     ///< 16   bytes of ring 0 and ring 1
+  std::uint64_t data_offset[2];  ///< 32   4096 and 4096 + capacity[0]
+  std::uint64_t total_size;      ///< 48   4096 + capacity[0] + capacity[1]
+  std::uint32_t inline_max;      ///< 56   largest payload sent inline; larger: region frame
+  std::uint32_t flags;           ///< 60   0 (reserved)
+  std::uint8_t reserved0[64];    ///< 64   zero
+  RingControl rings[2];          ///< 128  ring 0 control, 256 ring 1 control
+  std::uint8_t reserved1[3712];  ///< 384  zero
 };
 
 static_assert(sizeof(ProducerLine) == 64 && sizeof(ConsumerLine) == 64);
@@ -165,8 +165,8 @@ struct Consumer {
   std::uint64_t head_seen = 0;  ///< the producer's last head we saw (validated)
   std::uint32_t unpublished = 0;
   std::uint64_t last_publish_ns = 0;
-  std::uint64_t flushes = 0;   ///< times the tail was published
-  std::uint64_t doorbells = 0; ///< times the producer had to be woken
+  std::uint64_t flushes = 0;    ///< times the tail was published
+  std::uint64_t doorbells = 0;  ///< times the producer had to be woken
   AckPolicy policy;
 };
 

@@ -65,9 +65,9 @@ struct ChannelAtoms {
   ERL_NIF_TERM ring_size, inline_threshold, transport, socket_dir, ack_mode, max_batch_size,
       flush_interval_us, max_message_size, simulate_memfd_failure;
   ERL_NIF_TERM path, token, inline_max, state, close_reason, close_detail, messages_sent,
-      bytes_sent, messages_received, bytes_received, region_messages_sent,
-      region_messages_received, doorbells_rung, wakeups, flushes, pending_acks, would_blocks,
-      fallbacks, fallback_reason, out_occupancy, in_occupancy, peer_pid;
+      bytes_sent, messages_received, bytes_received, region_messages_sent, region_messages_received,
+      doorbells_rung, wakeups, flushes, pending_acks, would_blocks, fallbacks, fallback_reason,
+      out_occupancy, in_occupancy, peer_pid;
 } ca;
 
 ERL_NIF_TERM atom(ErlNifEnv* env, const char* name) { return enif_make_atom(env, name); }
@@ -277,11 +277,11 @@ ERL_NIF_TERM nif_channel_open(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   std::uint64_t ring_size, inline_threshold, max_batch, flush_us, max_msg;
   if (!get_map_value(env, argv[0], ca.ring_size, &v) || !get_u64(env, v, &ring_size) ||
       !get_map_value(env, argv[0], ca.inline_threshold, &v) ||
-      !get_u64(env, v, &inline_threshold) ||
-      !get_map_value(env, argv[0], ca.max_batch_size, &v) || !get_u64(env, v, &max_batch) ||
-      !get_map_value(env, argv[0], ca.flush_interval_us, &v) || !get_u64(env, v, &flush_us) ||
-      !get_map_value(env, argv[0], ca.max_message_size, &v) || !get_u64(env, v, &max_msg) ||
-      !get_map_value(env, argv[0], ca.socket_dir, &v) || !get_string(env, v, &o.socket_dir)) {
+      !get_u64(env, v, &inline_threshold) || !get_map_value(env, argv[0], ca.max_batch_size, &v) ||
+      !get_u64(env, v, &max_batch) || !get_map_value(env, argv[0], ca.flush_interval_us, &v) ||
+      !get_u64(env, v, &flush_us) || !get_map_value(env, argv[0], ca.max_message_size, &v) ||
+      !get_u64(env, v, &max_msg) || !get_map_value(env, argv[0], ca.socket_dir, &v) ||
+      !get_string(env, v, &o.socket_dir)) {
     return enif_make_badarg(env);
   }
   if (!get_map_value(env, argv[0], ca.transport, &v)) return enif_make_badarg(env);
@@ -358,7 +358,7 @@ ERL_NIF_TERM nif_channel_events(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) 
   ChannelResource* c;
   if (!get_channel(env, argv[0], &c)) return enif_make_badarg(env);
   c->ep->handle_events();
-  return c->ep->state() == channel::State::connected ? ca.connected
+  return c->ep->state() == channel::State::connected   ? ca.connected
          : c->ep->state() == channel::State::listening ? ca.listening
                                                        : closed_tuple(env, c);
 }
@@ -539,29 +539,29 @@ ERL_NIF_TERM nif_channel_stats(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
                          ca.out_occupancy,
                          ca.in_occupancy,
                          ca.peer_pid};
-  ERL_NIF_TERM vals[] = {s.transport == channel::Transport::shm ? ca.shm : ca.socket,
-                         state,
-                         reason_atom(s.reason),
-                         make_binary(env, s.close_detail),
-                         enif_make_uint64(env, s.messages_sent),
-                         enif_make_uint64(env, s.bytes_sent),
-                         enif_make_uint64(env, s.messages_received),
-                         enif_make_uint64(env, s.bytes_received),
-                         enif_make_uint64(env, s.region_messages_sent),
-                         enif_make_uint64(env, s.region_messages_received),
-                         enif_make_uint64(env, s.doorbells_rung),
-                         enif_make_uint64(env, s.wakeups),
-                         enif_make_uint64(env, s.flushes),
-                         enif_make_uint64(env, s.pending_acks),
-                         enif_make_uint64(env, s.would_blocks),
-                         enif_make_uint64(env, s.fallbacks),
-                         s.fallback_reason.empty() ? atoms.nil
-                                                   : make_binary(env, s.fallback_reason),
-                         enif_make_uint64(env, s.ring_size),
-                         enif_make_uint64(env, s.inline_max),
-                         enif_make_uint64(env, s.out_occupancy),
-                         enif_make_uint64(env, s.in_occupancy),
-                         enif_make_uint(env, s.peer_pid)};
+  ERL_NIF_TERM vals[] = {
+      s.transport == channel::Transport::shm ? ca.shm : ca.socket,
+      state,
+      reason_atom(s.reason),
+      make_binary(env, s.close_detail),
+      enif_make_uint64(env, s.messages_sent),
+      enif_make_uint64(env, s.bytes_sent),
+      enif_make_uint64(env, s.messages_received),
+      enif_make_uint64(env, s.bytes_received),
+      enif_make_uint64(env, s.region_messages_sent),
+      enif_make_uint64(env, s.region_messages_received),
+      enif_make_uint64(env, s.doorbells_rung),
+      enif_make_uint64(env, s.wakeups),
+      enif_make_uint64(env, s.flushes),
+      enif_make_uint64(env, s.pending_acks),
+      enif_make_uint64(env, s.would_blocks),
+      enif_make_uint64(env, s.fallbacks),
+      s.fallback_reason.empty() ? atoms.nil : make_binary(env, s.fallback_reason),
+      enif_make_uint64(env, s.ring_size),
+      enif_make_uint64(env, s.inline_max),
+      enif_make_uint64(env, s.out_occupancy),
+      enif_make_uint64(env, s.in_occupancy),
+      enif_make_uint(env, s.peer_pid)};
   return make_map(env, keys, vals);
 }
 

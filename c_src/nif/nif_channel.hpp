@@ -8,7 +8,8 @@ namespace spshm::nif {
 /// Opens (load) or takes over (upgrade) the channel's resource types. False on failure.
 bool open_channel_resource_types(ErlNifEnv* env);
 
-#define SPSHM_CHANNEL_NIF(name) ERL_NIF_TERM name(ErlNifEnv* env, int argc, const ERL_NIF_TERM argv[])
+#define SPSHM_CHANNEL_NIF(name) \
+  ERL_NIF_TERM name(ErlNifEnv* env, int argc, const ERL_NIF_TERM argv[])
 SPSHM_CHANNEL_NIF(nif_channel_layout);
 SPSHM_CHANNEL_NIF(nif_channel_open);
 SPSHM_CHANNEL_NIF(nif_channel_info);

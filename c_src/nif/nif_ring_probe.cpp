@@ -78,8 +78,8 @@ ERL_NIF_TERM nif_ring_probe_write(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]
   std::vector<std::uint8_t> payload(len);
   for (std::size_t i = 0; i < len; ++i) payload[i] = static_cast<std::uint8_t>(seed + i);
   bool bell = false;
-  auto s = ring::write(r->p, ring::kFrameData, payload.data(), static_cast<std::uint32_t>(len),
-                       &bell);
+  auto s =
+      ring::write(r->p, ring::kFrameData, payload.data(), static_cast<std::uint32_t>(len), &bell);
   return s == ring::Status::ok ? atoms.ok : enif_make_atom(env, "full");
 }
 

@@ -136,7 +136,7 @@ TEST_CASE("the doorbell is rung only for a consumer that announced it sleeps", "
   ring::write(r.p, ring::kFrameData, "b", 1, &bell);
   CHECK(bell);
   ring::write(r.p, ring::kFrameData, "c", 1, &bell);
-  CHECK_FALSE(bell);                             // once per sleep
+  CHECK_FALSE(bell);                                // once per sleep
   CHECK_FALSE(ring::prepare_sleep(r.c, 0, &wake));  // data there: do not sleep
 }
 
@@ -288,7 +288,8 @@ TEST_CASE("endpoint: owner and worker exchange messages over both transports", "
     }
     auto st = ow.stats();
     INFO("transport " << int(wanted == channel::Wanted::shm) << " received " << st.messages_received
-                      << " wakeups " << st.wakeups << " loops " << loops.load() << " state " << int(st.state));
+                      << " wakeups " << st.wakeups << " loops " << loops.load() << " state "
+                      << int(st.state));
     CHECK(got == channel::Io::closed);
     CHECK(ow.close_reason() == channel::CloseReason::peer_closed);
     done = true;
