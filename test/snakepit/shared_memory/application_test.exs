@@ -6,7 +6,9 @@ defmodule Snakepit.SharedMemory.ApplicationTest do
   describe "start/2" do
     test "starts the table owner, then the manager, under :rest_for_one" do
       children = Supervisor.which_children(Snakepit.SharedMemory.Supervisor)
-      assert [{Manager, manager, :worker, _}, {TableOwner, owner, :worker, _}] = children
+      # (plus, first, the registry of open message channels)
+      assert [{Manager, manager, :worker, _}, {TableOwner, owner, :worker, _} | rest] = children
+      assert [{Snakepit.SharedMemory.ChannelRegistry, _, :supervisor, [Registry]}] = rest
       assert is_pid(manager) and is_pid(owner)
 
       assert %{strategy: :rest_for_one} =
