@@ -60,8 +60,8 @@ Result<int> make_ring_memfd(std::uint64_t size) {
                  "memfd_create refused (SNAKEPIT_SHM_CHANNEL_NO_MEMFD=1 simulates a seccomp "
                  "filter)"};
   }
-  int fd = memfd("spshm_channel");
-  if (fd < 0) return os_error("memfd_create(spshm_channel)", errno);
+  int fd = memfd("snakepit-channel");
+  if (fd < 0) return os_error("memfd_create(snakepit-channel)", errno);
   int rc = ::posix_fallocate(fd, 0, static_cast<off_t>(size));
   if (rc != 0) {
     ::close(fd);
@@ -76,8 +76,8 @@ Result<int> make_ring_memfd(std::uint64_t size) {
 }
 
 Result<int> make_message_memfd(const void* data, std::uint64_t length) {
-  int fd = memfd("spshm_channel_msg");
-  if (fd < 0) return os_error("memfd_create(spshm_channel_msg)", errno);
+  int fd = memfd("snakepit-channel-msg");
+  if (fd < 0) return os_error("memfd_create(snakepit-channel-msg)", errno);
   auto fail = [fd](const char* what, int err) {
     ::close(fd);
     return os_error(what, err);

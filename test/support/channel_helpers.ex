@@ -74,7 +74,7 @@ defmodule Snakepit.SharedMemory.ChannelHelpers do
   @doc "Memfds of the channel (rings and messages) this VM still has open or mapped."
   def channel_memfds do
     maps = File.read!("/proc/self/maps")
-    Regex.scan(~r/memfd:spshm_channel\S*/, maps) |> length()
+    Regex.scan(~r/memfd:snakepit-channel\S*/, maps) |> length()
   end
 
   def kill9(os_pid), do: System.cmd("kill", ["-9", to_string(os_pid)])

@@ -28,7 +28,7 @@ defmodule Mix.Tasks.Snakepit.Shm.List do
   owner or age); without one they are listed with the flag CORRUPT, NOT-OURS or
   UNREADABLE.
 
-  The table ends with the message channels (`Snakepit.SharedMemory.Channel`) mapped by
+  Before the totals come the message channels (`Snakepit.SharedMemory.Channel`) mapped by
   processes of your uid: one line per channel with the OS pids mapping it (owner VM and
   worker); `--format json` lists them under `channels`.
 

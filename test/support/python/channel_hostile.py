@@ -30,7 +30,7 @@ def connect(ref):
 
 
 def sealed_memfd(data, seal=True):
-    fd = os.memfd_create("spshm_channel_msg", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    fd = os.memfd_create("snakepit-channel-msg", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     os.write(fd, data)
     if seal:
         import fcntl

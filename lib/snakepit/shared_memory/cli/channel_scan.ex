@@ -1,7 +1,7 @@
 defmodule Snakepit.SharedMemory.CLI.ChannelScan do
   @moduledoc false
   # Message channels of this host, for `mix snakepit.shm.list` / `stats`: an offline
-  # scan of /proc/*/maps for the channel's ring memfd (`memfd:spshm_channel`), grouped by
+  # scan of /proc/*/maps for the channel's ring memfd (`memfd:snakepit-channel`), grouped by
   # inode: each channel is mapped by its owner VM and, once connected, its worker. Only
   # processes of our uid are readable. Within a VM, Channel.list/0 gives the full stats.
 
@@ -45,7 +45,7 @@ defmodule Snakepit.SharedMemory.CLI.ChannelScan do
     case File.read("/proc/#{pid}/maps") do
       {:ok, maps} ->
         for line <- String.split(maps, "\n"),
-            String.contains?(line, "memfd:spshm_channel "),
+            String.contains?(line, "memfd:snakepit-channel "),
             [range, _perms, _off, _dev, inode | _] <- [String.split(line)],
             [from, to] <- [String.split(range, "-")],
             uniq: true do
