@@ -23,7 +23,7 @@ defmodule SnakepitShm.Bench.Runner do
     ZeroCopy
   }
 
-  @parts ~w(handoff lifecycle concurrency zero_copy crypto scale fresh_pages health cluster board host_quota)a
+  @parts ~w(handoff lifecycle concurrency zero_copy crypto scale fresh_pages health cluster board host_quota channel)a
   @last_results "_build/bench/last_results.etf"
 
   def parts, do: @parts
@@ -129,13 +129,18 @@ defmodule SnakepitShm.Bench.Runner do
   defp run_part(:board, profile, _, programs), do: SnakepitShm.Bench.Board.run(profile, programs)
   defp run_part(:host_quota, profile, _, programs), do: HostQuota.run(profile, programs)
 
+  defp run_part(:channel, profile, payload, _),
+    do: SnakepitShm.Bench.Channel.run(profile, payload)
+
   # One random payload for the whole run; smaller payloads are sub-binaries of it (no
   # copy), so every path of a size hands off exactly the same bytes.
   defp payload(profile, parts) do
     sizes = [
       if(:handoff in parts, do: Enum.max(profile.handoff_sizes), else: 0),
       if(:zero_copy in parts, do: Enum.max(profile.zero_copy_sizes), else: 0),
-      if(:crypto in parts, do: profile.crypto_size, else: 0)
+      if(:crypto in parts, do: profile.crypto_size, else: 0),
+      # the channel part's handoff goes up to the handoff part's largest size
+      if(:channel in parts, do: Enum.max(profile.handoff_sizes), else: 0)
     ]
 
     log("generating a #{div(Enum.max(sizes), 1024 * 1024)} MiB random payload")

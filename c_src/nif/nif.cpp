@@ -13,6 +13,7 @@
 #include <erl_nif.h>
 
 #include "nif_board.hpp"
+#include "nif_channel.hpp"
 #include "nif_functions.hpp"
 #include "platform.hpp"
 #include "resources.hpp"
@@ -73,6 +74,27 @@ ErlNifFunc nif_funcs[] = {
     {"board_reclaim", 3, nif_board_reclaim, 0},
     {"board_watch_info", 2, nif_board_watch_info, 0},
     {"board_monotonic_ns", 0, nif_board_monotonic_ns, 0},
+    // the message channel (nif_channel.cpp): every call is short except these two dirty
+    // ones (mkdtemp + fallocate of the rings; copying a large message into a memfd)
+    {"channel_layout", 0, nif_channel_layout, 0},
+    {"channel_open", 1, nif_channel_open, kIo},
+    {"channel_info", 1, nif_channel_info, 0},
+    {"channel_select", 1, nif_channel_select, 0},
+    {"channel_events", 1, nif_channel_events, 0},
+    {"channel_send", 2, nif_channel_send, 0},
+    {"channel_prepare_region", 1, nif_channel_prepare_region, kCpu},
+    {"channel_send_region", 2, nif_channel_send_region, 0},
+    {"channel_recv", 3, nif_channel_recv, 0},
+    {"channel_prepare_wait", 4, nif_channel_prepare_wait, 0},
+    {"channel_flush", 1, nif_channel_flush, 0},
+    {"channel_close", 1, nif_channel_close, 0},
+    {"channel_monitor", 2, nif_channel_monitor, 0},
+    {"channel_stats", 1, nif_channel_stats, 0},
+    {"ring_probe_new", 3, nif_ring_probe_new, 0},
+    {"ring_probe_write", 3, nif_ring_probe_write, 0},
+    {"ring_probe_read", 1, nif_ring_probe_read, 0},
+    {"ring_probe_flush", 1, nif_ring_probe_flush, 0},
+    {"ring_probe_indices", 1, nif_ring_probe_indices, 0},
 };
 
 // load and upgrade do the same: resource types are opened with CREATE | TAKEOVER, so a
@@ -81,6 +103,7 @@ int init(ErlNifEnv* env) {
   init_atoms(env);
   if (!open_resource_types(env)) return 1;
   if (!open_board_resource_types(env)) return 3;
+  if (!open_channel_resource_types(env) || !open_ring_probe_type(env)) return 3;
   if (!init_self_identity()) return 2;
   // SIGBUS of a POSIX segment truncated by a peer becomes a :truncated error.
   if (!platform::install_fault_guard()) return 3;

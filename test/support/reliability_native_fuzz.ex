@@ -88,7 +88,27 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
     board_least_loaded: 5,
     board_reclaim: 2,
     board_watch_info: 2,
-    board_monotonic_ns: 1
+    board_monotonic_ns: 1,
+    # the message channel (nif_channel.cpp) and the ring probe (nif_ring_probe.cpp)
+    channel_layout: 1,
+    channel_open: 1,
+    channel_info: 1,
+    channel_select: 1,
+    channel_events: 1,
+    channel_send: 2,
+    channel_prepare_region: 1,
+    channel_send_region: 1,
+    channel_recv: 2,
+    channel_prepare_wait: 1,
+    channel_flush: 1,
+    channel_close: 1,
+    channel_monitor: 1,
+    channel_stats: 1,
+    ring_probe_new: 1,
+    ring_probe_write: 2,
+    ring_probe_read: 2,
+    ring_probe_flush: 1,
+    ring_probe_indices: 1
   ]
   @total_weight @functions |> Keyword.values() |> Enum.sum()
 
@@ -314,7 +334,14 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
   defp args(:process_alive, state, _pool), do: Tuple.to_list(os_pid_and_start(state))
 
   defp args(fun, _state, _pool)
-       when fun in [:header_layout, :self_info, :shm_dir, :board_layout, :board_monotonic_ns],
+       when fun in [
+              :header_layout,
+              :self_info,
+              :shm_dir,
+              :board_layout,
+              :board_monotonic_ns,
+              :channel_layout
+            ],
        do: []
 
   # Never another directory than /dev/shm: the directory is global to the VM, and the
@@ -391,6 +418,103 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
       G.pick(0.85, pool, fn -> G.handle(pool, :board) end),
       G.pick(0.9, pool, fn -> G.one_of([[], ["w"], ["w", "", <<255>>], [1], :x]) end)
     ]
+
+  defp args(:channel_open, _state, pool),
+    do: [
+      G.pick(0.9, pool, fn ->
+        %{
+          ring_size: G.one_of([4096, 65_536, 5000, 0, 1 <<< 30, 1 <<< 64]),
+          inline_threshold: G.one_of([0, 100, 1024, 1 <<< 33]),
+          transport: G.one_of([:auto, :shm, :socket, :bogus]),
+          socket_dir: G.one_of(["", "/nonexistent", "/tmp", <<0>>]),
+          ack_mode: G.one_of([:immediate, :batch, :deferred, :other]),
+          max_batch_size: G.one_of([0, 1, 32, 1 <<< 40]),
+          flush_interval_us: G.one_of([0, 5000, 1 <<< 62]),
+          max_message_size: G.one_of([0, 1 <<< 40])
+        }
+      end)
+    ]
+
+  defp args(fun, _state, pool)
+       when fun in [
+              :channel_info,
+              :channel_select,
+              :channel_events,
+              :channel_flush,
+              :channel_close,
+              :channel_stats
+            ],
+       do: [channel(pool)]
+
+  defp args(:channel_send, _state, pool), do: [channel(pool), G.payload(pool)]
+
+  defp args(:channel_prepare_region, _state, pool), do: [G.payload(pool)]
+
+  defp args(:channel_send_region, _state, pool) do
+    prepared =
+      case Native.channel_prepare_region(:binary.copy("p", 5000)) do
+        {:ok, p} -> p
+        _ -> make_ref()
+      end
+
+    [channel(pool), G.pick(0.9, pool, fn -> prepared end)]
+  end
+
+  defp args(:channel_recv, _state, pool),
+    do: [channel(pool), G.one_of([0, 1, 64, 1 <<< 64]), G.one_of([0, 1024, 1 <<< 20])]
+
+  defp args(:channel_prepare_wait, _state, pool),
+    do: [
+      channel(pool),
+      G.one_of([true, false, :x]),
+      G.one_of([true, false]),
+      G.one_of([0, 16, 1 <<< 64])
+    ]
+
+  defp args(:channel_monitor, _state, pool), do: [channel(pool), G.pid(pool)]
+
+  defp args(:ring_probe_new, _state, _pool),
+    do: [G.one_of([4096, 8192, 5000, 1 <<< 21]), G.one_of([0, 1, 2, 3]), G.one_of([0, 1, 32])]
+
+  defp args(:ring_probe_write, _state, pool),
+    do: [probe(pool), G.one_of([0, 1, 100, 1024, 1025, 1 <<< 64]), G.one_of([0, 255, 1 <<< 64])]
+
+  defp args(fun, _state, pool)
+       when fun in [:ring_probe_read, :ring_probe_flush, :ring_probe_indices],
+       do: [probe(pool)]
+
+  # A channel or probe of this batch (made on first use), or something else.
+  defp channel(pool) do
+    G.pick(0.85, pool, fn ->
+      case Process.get(:fuzz_channel) do
+        nil ->
+          {:ok, ch} =
+            Native.channel_open(%{
+              ring_size: 4096,
+              inline_threshold: 0,
+              transport: G.one_of([:shm, :socket]),
+              socket_dir: "",
+              ack_mode: :batch,
+              max_batch_size: 32,
+              flush_interval_us: 5000,
+              max_message_size: 1 <<< 30
+            })
+
+          Process.put(:fuzz_channel, ch)
+          ch
+
+        ch ->
+          ch
+      end
+    end)
+  end
+
+  defp probe(pool) do
+    G.pick(0.85, pool, fn ->
+      Process.get(:fuzz_probe) ||
+        tap(Native.ring_probe_new(4096, :rand.uniform(3) - 1, 4), &Process.put(:fuzz_probe, &1))
+    end)
+  end
 
   defp create_opts(pool) do
     %{
@@ -545,7 +669,40 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
             ],
        do: true
 
+  defp well_shaped?(:channel_layout, _, v), do: is_binary(v)
+  defp well_shaped?(:channel_open, _, {:ok, ch}), do: is_reference(ch)
+  defp well_shaped?(:channel_info, _, %{path: p}), do: is_binary(p)
+  defp well_shaped?(:channel_stats, _, %{state: s}), do: is_atom(s)
+  defp well_shaped?(:channel_events, _, v), do: v in [:listening, :connected] or closed?(v)
+  defp well_shaped?(:channel_prepare_region, _, {:ok, p}), do: is_reference(p)
+  defp well_shaped?(:channel_recv, _, {:ok, l}), do: is_list(l)
+  defp well_shaped?(:channel_recv, _, {:closed, r, l}), do: is_atom(r) and is_list(l)
+  defp well_shaped?(:channel_prepare_wait, _, v), do: is_boolean(v)
+  defp well_shaped?(:ring_probe_new, _, v), do: is_reference(v)
+  defp well_shaped?(:ring_probe_write, _, v), do: v in [:ok, :full]
+
+  defp well_shaped?(:ring_probe_read, _, v),
+    do: v in [:empty, :protocol_error] or match?({:ok, b} when is_binary(b), v)
+
+  defp well_shaped?(:ring_probe_indices, _, {h, t, p}),
+    do: non_neg?(h) and non_neg?(t) and non_neg?(p)
+
+  defp well_shaped?(f, _, v)
+       when f in [
+              :channel_select,
+              :channel_send,
+              :channel_send_region,
+              :channel_flush,
+              :channel_close,
+              :channel_monitor,
+              :ring_probe_flush
+            ],
+       do: v in [:ok, :would_block] or closed?(v)
+
   defp well_shaped?(_f, _args, _value), do: false
+
+  defp closed?({:closed, r}), do: is_atom(r)
+  defp closed?(_), do: false
 
   defp ref_id?(r, id), do: is_reference(r) and is_binary(id) and String.starts_with?(id, "spshm_")
   defp non_neg?(n), do: is_integer(n) and n >= 0

@@ -22,8 +22,8 @@ defmodule Mix.Tasks.Snakepit.Shm.Bench do
     * `--quick` - the smoke profile (under 2 minutes). Defaults to the full profile
       (under 15 minutes).
     * `--only PART[,PART...]` - run only these parts: handoff, lifecycle, concurrency,
-      zero_copy, crypto, scale, fresh_pages, health, cluster, board, host_quota. Defaults
-      to all.
+      zero_copy, crypto, scale, fresh_pages, health, cluster, board, host_quota, channel.
+      Defaults to all.
     * `--out DIR` - where RESULTS.md and the plots go. Defaults to `bench` for a full
       run of every part (the committed report), and to `_build/bench-quick` for
       `--quick` or `--only` runs, which never touch the committed report.
@@ -54,7 +54,7 @@ defmodule Mix.Tasks.Snakepit.Shm.Bench do
     fail_on_miss: :boolean,
     report_only: :boolean
   ]
-  @parts ~w(handoff lifecycle concurrency zero_copy crypto scale fresh_pages health cluster board host_quota)
+  @parts ~w(handoff lifecycle concurrency zero_copy crypto scale fresh_pages health cluster board host_quota channel)
 
   @impl true
   def run(argv) do

@@ -35,6 +35,10 @@ defmodule Mix.Tasks.Snakepit.Shm.List do
   owner or age); without one they are listed with the flag CORRUPT, NOT-OURS or
   UNREADABLE.
 
+  Before the totals come the message channels (`Snakepit.SharedMemory.Channel`) mapped by
+  processes of your uid: one line per channel with the OS pids mapping it (owner VM and
+  worker); `--format json` lists them under `channels`.
+
   Flags: `orphaned` (owner VM gone), `expired` (idle longer than its timeout),
   `sealed`, `encrypted`, `dead-holder` (a process holding it died).
 
@@ -67,7 +71,8 @@ defmodule Mix.Tasks.Snakepit.Shm.List do
           source: source,
           filters: Map.new(filters),
           regions: shown,
-          totals: totals
+          totals: totals,
+          channels: Snakepit.SharedMemory.CLI.ChannelScan.scan()
         })
 
       :table ->
@@ -76,6 +81,12 @@ defmodule Mix.Tasks.Snakepit.Shm.List do
 
         Mix.shell().info(table)
         Mix.shell().info("\n" <> RegionView.totals_line(totals) <> " (#{source})")
+        # message channels (Snakepit.SharedMemory.Channel) mapped on this host
+        Mix.shell().info(
+          Snakepit.SharedMemory.CLI.ChannelScan.lines(
+            Snakepit.SharedMemory.CLI.ChannelScan.scan()
+          )
+        )
     end
 
     Command.finish(if failed != [] or Enum.any?(shown, &(&1.status != :ok)), do: 1, else: 0)

@@ -34,7 +34,12 @@ defmodule Snakepit.SharedMemory.Application do
       # The host quota client (when configured) starts before the manager, so that a
       # restart of the client restarts the manager, which re-declares every region.
       children =
-        [HostQuota.Supervisor, TableOwner] ++
+        [
+          # open message channels, for Channel.list/0 and the mix tasks
+          {Registry, keys: :duplicate, name: Snakepit.SharedMemory.ChannelRegistry},
+          HostQuota.Supervisor,
+          TableOwner
+        ] ++
           HostQuota.Regions.children(config) ++ [Manager, HealthMonitor, Cluster.Supervisor]
 
       Supervisor.start_link(children,

@@ -287,4 +287,70 @@ defmodule Snakepit.SharedMemory.Native do
   @doc "CLOCK_MONOTONIC nanoseconds (the clock of the board's timestamps)."
   @spec board_monotonic_ns() :: non_neg_integer()
   def board_monotonic_ns, do: :erlang.nif_error(:not_loaded)
+
+  # ---- the message channel (c_src/nif/nif_channel.cpp; see Snakepit.SharedMemory.Channel) ----
+  # A channel resource owns the owner end of a channel. channel_select/1 arms enif_select
+  # for the calling process, which then receives {:select, ch, :undefined, :ready_input}.
+  # channel_send/2 takes a binary of at most inline_max bytes; larger messages go through
+  # channel_prepare_region/1 (dirty) and channel_send_region/2. Closed channels answer
+  # {:closed, reason}.
+
+  @type channel :: reference()
+
+  @spec channel_layout() :: binary()
+  def channel_layout, do: :erlang.nif_error(:not_loaded)
+
+  @spec channel_open(map()) :: {:ok, channel()} | nif_error()
+  def channel_open(_opts), do: :erlang.nif_error(:not_loaded)
+
+  @spec channel_info(channel()) :: map()
+  def channel_info(_ch), do: :erlang.nif_error(:not_loaded)
+
+  @spec channel_select(channel()) :: :ok | {:closed, atom()} | nif_error()
+  def channel_select(_ch), do: :erlang.nif_error(:not_loaded)
+
+  @spec channel_events(channel()) :: :listening | :connected | {:closed, atom()}
+  def channel_events(_ch), do: :erlang.nif_error(:not_loaded)
+
+  @spec channel_send(channel(), binary()) :: :ok | :would_block | {:closed, atom()} | nif_error()
+  def channel_send(_ch, _bin), do: :erlang.nif_error(:not_loaded)
+
+  @spec channel_prepare_region(binary()) :: {:ok, reference()} | nif_error()
+  def channel_prepare_region(_bin), do: :erlang.nif_error(:not_loaded)
+
+  @spec channel_send_region(channel(), reference()) ::
+          :ok | :would_block | {:closed, atom()} | nif_error()
+  def channel_send_region(_ch, _prepared), do: :erlang.nif_error(:not_loaded)
+
+  @spec channel_recv(channel(), pos_integer(), non_neg_integer()) ::
+          {:ok, [binary()]} | {:closed, atom(), [binary()]} | nif_error()
+  def channel_recv(_ch, _max_count, _max_bytes), do: :erlang.nif_error(:not_loaded)
+
+  @spec channel_prepare_wait(channel(), boolean(), boolean(), non_neg_integer()) :: boolean()
+  def channel_prepare_wait(_ch, _want_data, _want_space, _need),
+    do: :erlang.nif_error(:not_loaded)
+
+  @spec channel_flush(channel()) :: :ok
+  def channel_flush(_ch), do: :erlang.nif_error(:not_loaded)
+
+  @spec channel_close(channel()) :: :ok
+  def channel_close(_ch), do: :erlang.nif_error(:not_loaded)
+
+  @spec channel_monitor(channel(), pid()) :: :ok | nif_error()
+  def channel_monitor(_ch, _pid), do: :erlang.nif_error(:not_loaded)
+
+  @spec channel_stats(channel()) :: map()
+  def channel_stats(_ch), do: :erlang.nif_error(:not_loaded)
+
+  # Test probe of the ring (c_src/nif/nif_ring_probe.cpp), for the PropEr model.
+  @doc false
+  def ring_probe_new(_capacity, _ack_mode, _max_batch), do: :erlang.nif_error(:not_loaded)
+  @doc false
+  def ring_probe_write(_probe, _length, _seed), do: :erlang.nif_error(:not_loaded)
+  @doc false
+  def ring_probe_read(_probe), do: :erlang.nif_error(:not_loaded)
+  @doc false
+  def ring_probe_flush(_probe), do: :erlang.nif_error(:not_loaded)
+  @doc false
+  def ring_probe_indices(_probe), do: :erlang.nif_error(:not_loaded)
 end

@@ -21,6 +21,7 @@ decryption.  Linux only (POSIX shm and memfd backends).
 from ._attach import attach, attach_async, inspect
 from ._outputs import allocate, discard, from_array, pending_outputs
 from ._resolve import resolve, to_zero_copy_ref
+from .channel import Channel, ChannelClosed, ChannelProtocolError, WouldBlock
 from .errors import (CorruptRegion, ForeignHostRegion, LibraryNotFound,
                      OrphanedRegionWarning, PermissionError, RegionDeallocated,
                      RegionExpired, RegionNotFound, SnakepitShmError, UnheldAttachWarning,
@@ -64,4 +65,8 @@ __all__ = [
     "QuotaExceeded",
     "UnknownQuota",
     "QuotaUnavailable",
+    "Channel",
+    "ChannelClosed",
+    "ChannelProtocolError",
+    "WouldBlock",
 ]

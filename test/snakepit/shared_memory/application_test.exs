@@ -7,13 +7,15 @@ defmodule Snakepit.SharedMemory.ApplicationTest do
     test "starts the table owner, then the manager, then the health monitor, then the cluster directory, under :rest_for_one" do
       children = Supervisor.which_children(Snakepit.SharedMemory.Supervisor)
       # (which_children lists the last started first.) No :host_quota configured here,
-      # so no host quota client between the table owner and the manager.
+      # so no host quota client between the table owner and the manager; first of all,
+      # the registry of open message channels.
       assert [
                {Snakepit.SharedMemory.Cluster.Supervisor, cluster, :supervisor, _},
                {HealthMonitor, health, :worker, _},
                {Manager, manager, :worker, _},
                {TableOwner, owner, :worker, _},
-               {Snakepit.SharedMemory.HostQuota.Supervisor, hq, :supervisor, _}
+               {Snakepit.SharedMemory.HostQuota.Supervisor, hq, :supervisor, _},
+               {Snakepit.SharedMemory.ChannelRegistry, _, :supervisor, [Registry]}
              ] = children
 
       assert is_pid(cluster) and is_pid(health) and is_pid(hq)

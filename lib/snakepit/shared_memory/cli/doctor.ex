@@ -36,7 +36,8 @@ defmodule Snakepit.SharedMemory.CLI.Doctor do
       memlock(),
       nofile(),
       remove_ipc(),
-      if(nif.status == :ok, do: memfd_seal(), else: skipped("memfd sealing", "the NIF"))
+      if(nif.status == :ok, do: memfd_seal(), else: skipped("memfd sealing", "the NIF")),
+      if(nif.status == :ok, do: channel(), else: skipped("message channel", "the NIF"))
     ] ++ DoctorPython.checks(python, priv) ++ health_findings(health())
   end
 
@@ -117,6 +118,32 @@ defmodule Snakepit.SharedMemory.CLI.Doctor do
     end
   rescue
     e -> finding("NIF loads", :fail, Exception.message(e), "rebuild with `mix compile`")
+  end
+
+  # ---- the message channel (Snakepit.SharedMemory.Channel) ----
+
+  defp channel do
+    case Snakepit.SharedMemory.Channel.open(transport: :shm) do
+      {:ok, ch} ->
+        stats = Snakepit.SharedMemory.Channel.stats(ch)
+        Snakepit.SharedMemory.Channel.close(ch)
+
+        finding(
+          "message channel",
+          :ok,
+          "shared-memory rings work (memfd + eventfd + private Unix socket; ring #{Human.bytes(stats.ring_size)})"
+        )
+
+      {:error, e} ->
+        finding(
+          "message channel",
+          :warn,
+          "channels fall back to the socket transport: #{e.message}",
+          "allow memfd_create/eventfd (seccomp profile) and a writable $XDG_RUNTIME_DIR or /tmp"
+        )
+    end
+  rescue
+    e -> finding("message channel", :warn, Exception.message(e))
   end
 
   # ---- /dev/shm ----
