@@ -146,7 +146,10 @@ def _check_u64(value, what, minimum):
 # ---- encoding and decoding (mirrors Snakepit.SharedMemory.HostQuota.Protocol) ----
 
 def encode_hello(client_id, pid, label):
-    lab = label.encode()[:255]
+    # At most 255 bytes of UTF-8, never a character cut in two (nor a lone surrogate of
+    # an undecodable argv[0]): the server closes a session whose label is not UTF-8,
+    # and this client would reconnect and be refused again, forever.
+    lab = str(label).encode("utf-8", "replace")[:255].decode("utf-8", "ignore").encode()
     return struct.pack(">BBQIBH", VERSION, HELLO, client_id, pid, KIND_PYTHON, len(lab)) + lab
 
 

@@ -35,6 +35,14 @@ def test_byte_layout_of_requests():
         assert frame.hex() == expected.replace(" ", "")
 
 
+def test_a_long_label_is_cut_on_a_character_boundary():
+    for label in ("\u00e9" * 200, "w\udcff"):
+        frame = q.encode_hello(7, 1, label)
+        (n,) = struct.unpack_from(">H", frame, 15)
+        assert n <= 255 and len(frame) == 17 + n
+        frame[17:].decode("utf-8")  # strict: what the server checks
+
+
 def test_decode_replies():
     assert q.decode_reply(bytes.fromhex("0182" "00000005")) == (q.OK, 5)
     assert q.decode_reply(bytes.fromhex("0185" "00000002" "000000000000000a")) == \

@@ -52,6 +52,14 @@ defmodule Snakepit.SharedMemory.HostQuota.ProtocolTest do
     end
   end
 
+  test "a long label is cut on a character boundary, never into bytes the server refuses" do
+    label = String.duplicate("é", 200)
+    bin = IO.iodata_to_binary(Protocol.encode_request({:hello, 1, 2, :beam, label}))
+    assert {:ok, {:hello, 1, 2, :beam, cut}} = Protocol.decode_request(bin)
+    assert byte_size(cut) == 254 and String.valid?(cut)
+    assert Protocol.cut(<<"ab", 255, "c">>, 255) == "ab?c"
+  end
+
   defp truncate(v), do: binary_part(v, 0, :rand.uniform(byte_size(v)) - 1)
 
   describe "replies" do

@@ -75,7 +75,7 @@ defmodule Snakepit.SharedMemory.HostQuota.Client do
         state = %{
           dir: dir,
           path: RuntimeDir.socket_path(dir),
-          label: opts[:label] || label(),
+          label: Protocol.cut(label(opts[:label]), 255),
           client_id: :crypto.strong_rand_bytes(8) |> :binary.decode_unsigned(),
           socket: nil,
           backoff: 1,
@@ -434,5 +434,7 @@ defmodule Snakepit.SharedMemory.HostQuota.Client do
 
   defp os_pid, do: String.to_integer(System.pid())
 
-  defp label, do: Atom.to_string(node())
+  defp label(label) when is_binary(label), do: label
+  defp label(nil), do: Atom.to_string(node())
+  defp label(other), do: inspect(other)
 end

@@ -102,7 +102,7 @@ defmodule Snakepit.SharedMemory.HostQuota.Protocol do
   @doc "Encodes a request (the payload of one frame)."
   @spec encode_request(request()) :: iodata()
   def encode_request({:hello, client_id, os_pid, kind, label}) do
-    label = binary_part(label, 0, min(byte_size(label), 255))
+    label = cut(label, 255)
 
     [
       <<@version, @hello, client_id::64, os_pid::32, Map.fetch!(@kinds, kind),
@@ -207,6 +207,21 @@ defmodule Snakepit.SharedMemory.HostQuota.Protocol do
     if String.valid?(text), do: :ok, else: {:error, "#{what} is not UTF-8"}
   end
 
+  # At most `max` bytes of `text` as UTF-8, never cutting a character in two: the server
+  # refuses a label that is not UTF-8, and a client whose HELLO it refuses would
+  # reconnect and be refused again, forever. Bytes that are not UTF-8 become "?".
+  @doc false
+  @spec cut(binary(), non_neg_integer()) :: binary()
+  def cut(text, max) do
+    {part, trims} =
+      if byte_size(text) <= max, do: {text, 0..0}, else: {binary_part(text, 0, max), 0..3}
+
+    Enum.find_value(trims, fn n ->
+      p = binary_part(part, 0, max(byte_size(part) - n, 0))
+      if String.valid?(p), do: p
+    end) || for(<<c <- part>>, into: "", do: if(c < 128, do: <<c>>, else: "?"))
+  end
+
   defp hex(n), do: n |> Integer.to_string(16) |> String.pad_leading(2, "0")
 
   # ---- server side: encoding replies ----
@@ -214,7 +229,7 @@ defmodule Snakepit.SharedMemory.HostQuota.Protocol do
   @doc "WELCOME: the server's OS pid and label (its node name)."
   @spec welcome(non_neg_integer(), String.t()) :: iodata()
   def welcome(os_pid, label) do
-    label = binary_part(label, 0, min(byte_size(label), 255))
+    label = cut(label, 255)
     [<<@version, @welcome, os_pid::32, byte_size(label)::16>>, label]
   end
 
@@ -266,7 +281,7 @@ defmodule Snakepit.SharedMemory.HostQuota.Protocol do
   end
 
   defp client(c) do
-    label = binary_part(c.label, 0, min(byte_size(c.label), 64))
+    label = cut(c.label, 64)
     <<c.os_pid::32, Map.fetch!(@kinds, c.kind), byte_size(label)::16, label::binary>>
   end
 
