@@ -63,6 +63,26 @@ defmodule Snakepit.SharedMemory.HostQuota.ProtocolTest do
   defp truncate(v), do: binary_part(v, 0, :rand.uniform(byte_size(v)) - 1)
 
   describe "replies" do
+    test "a usage reply never exceeds one frame, however many holders" do
+      who = fn i -> %{os_pid: i, kind: :python, label: String.duplicate("x", 64), amount: 1} end
+
+      quotas =
+        for q <- 1..64 do
+          %{
+            name: String.duplicate("q", 60) <> "#{q}",
+            limit: 1000,
+            used: 150,
+            holders: for(i <- 1..150, do: Map.put(who.(i), :count, 1)),
+            waiters: for(i <- 1..150, do: Map.put(who.(i), :waited_ms, 5))
+          }
+        end
+
+      bin = IO.iodata_to_binary(Protocol.usage_reply(9, quotas))
+      assert byte_size(bin) <= Protocol.max_frame()
+      assert {:ok, {:usage, 9, [first | _] = decoded}} = Protocol.decode_reply(bin)
+      assert length(decoded) >= 3 and length(first.holders) == 100
+    end
+
     test "round trip through decode_reply/1" do
       usage = [
         %{

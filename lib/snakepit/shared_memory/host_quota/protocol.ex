@@ -255,13 +255,24 @@ defmodule Snakepit.SharedMemory.HostQuota.Protocol do
   @doc "USAGE_REPLY to request `req`."
   @spec usage_reply(non_neg_integer(), [quota_usage()]) :: iodata()
   def usage_reply(req, quotas) do
-    # Keeps the reply within one frame: a huge usage list is cut, never a bad frame.
-    quotas = Enum.take(quotas, 64)
+    # Keeps the reply within one frame: a huge usage list is cut, never a bad frame
+    # (a frame above max_frame/0 would make every client drop the connection, reconnect
+    # and ask again, forever). At most 100 holders and 100 waiters per quota, and as
+    # many whole quotas as fit.
+    header = 8
 
-    [
-      <<@version, @usage_reply, req::32, length(quotas)::16>>
-      | Enum.map(quotas, &encode_quota/1)
-    ]
+    {encoded, _size} =
+      quotas
+      |> Enum.take(64)
+      |> Enum.reduce_while({[], header}, fn q, {acc, size} ->
+        bin = IO.iodata_to_binary(encode_quota(q))
+
+        if size + byte_size(bin) <= @max_frame,
+          do: {:cont, {[bin | acc], size + byte_size(bin)}},
+          else: {:halt, {acc, size}}
+      end)
+
+    [<<@version, @usage_reply, req::32, length(encoded)::16>> | Enum.reverse(encoded)]
   end
 
   defp encode_quota(q) do
