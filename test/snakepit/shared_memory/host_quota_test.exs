@@ -132,6 +132,25 @@ defmodule Snakepit.SharedMemory.HostQuotaTest do
       assert {:error, %Error{reason: :invalid_option}} = HQ.define(String.duplicate("x", 65), 1)
     end
 
+    test "bad arguments give error tuples, never a raise or an exit", %{dir: dir} do
+      a = client(dir)
+      :ok = HQ.define("q", 10, client: a)
+
+      for bad <- [nil, :res, %{id: 1}, {:ok, 1}] do
+        assert {:error, %Error{reason: :invalid_option}} = HQ.release(bad)
+      end
+
+      assert {:error, %Error{reason: :invalid_option}} = HQ.reserve("q", 1, :bad)
+      assert {:error, %Error{reason: :invalid_option}} = HQ.define("q", 1, %{client: a})
+      assert {:error, %Error{reason: :invalid_option}} = HQ.usage("q", :bad)
+
+      dead = spawn(fn -> :ok end)
+      Process.sleep(10)
+      assert {:error, %Error{reason: :unavailable}} = HQ.info(client: dead)
+      assert HQ.held(client: dead) == []
+      assert {:error, %Error{reason: :unavailable}} = HQ.usage("q", client: dead)
+    end
+
     test "a lower limit revokes nothing; new reservations wait for releases", %{dir: dir} do
       a = client(dir)
       :ok = HQ.define("q", 10, client: a)
