@@ -125,6 +125,27 @@ defmodule Snakepit.SharedMemory.HostQuota.RegionsTest do
     {:ok, _} = Snakepit.SharedMemory.Config.load()
   end
 
+  test "host_quota_wait: a caller killed while waiting leaves the line and holds nothing",
+       %{client: c} do
+    {:ok, a} = SHM.allocate_region(80_000)
+    # Far longer than the checks below: the line must empty because the caller died.
+    Application.put_env(:snakepit_shm, :host_quota_wait, 600_000)
+    {:ok, _} = Snakepit.SharedMemory.Config.load()
+    caller = spawn(fn -> SHM.allocate_region(50_000) end)
+
+    assert eventually(fn -> match?({:ok, [%{waiters: [_]}]}, HQ.usage(@quota, client: c)) end)
+    Process.exit(caller, :kill)
+    # Its request leaves the line at once, and nothing is granted to nobody later.
+    assert eventually(fn -> match?({:ok, [%{waiters: []}]}, HQ.usage(@quota, client: c)) end)
+    :ok = SHM.deallocate_region(a)
+    Process.sleep(100)
+    assert used(c) == 0
+    assert Enum.filter(HQ.held(client: c), &(&1.name == @quota)) == []
+  after
+    Application.delete_env(:snakepit_shm, :host_quota_wait)
+    {:ok, _} = Snakepit.SharedMemory.Config.load()
+  end
+
   test "config validation" do
     assert {:error, m} = Snakepit.SharedMemory.Config.validate(host_quota: "bad name")
     assert m =~ "host_quota"
