@@ -349,7 +349,12 @@ class HostQuota:
         try:
             reply = self._call(lambda req: encode_reserve(req, res_id, bname, amount, wait_ms),
                                timeout, reservation=res)
-        except QuotaUnavailable:
+        except (QuotaExceeded, UnknownQuota):
+            raise
+        except BaseException:
+            # Unavailable, or the caller was interrupted while waiting (Ctrl-C, an
+            # exception from a signal handler): whatever the server decides later, this
+            # reservation must not stay held nor waiting in line.
             self._send_quietly(encode_release(0, res_id))
             raise
         with self._cv:

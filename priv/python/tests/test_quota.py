@@ -4,6 +4,7 @@ against it).  Here: the byte layout, the private-directory checks, reconnect wit
 re-declaration after a hang-up, malformed replies, fork."""
 
 import os
+import signal
 import socket
 import struct
 import threading
@@ -321,5 +322,39 @@ def test_one_connection_after_a_hang_up_even_when_a_call_races_the_watcher(tmp_p
         time.sleep(0.1)
         new = range(first + 1, len(server.conns) + 1)
         assert len([n for n in new if n not in server.ended]) == 1
+    quota.close()
+    server.stop()
+
+
+def test_a_reserve_interrupted_while_waiting_is_given_back(tmp_path):
+    # The server never answers the RESERVE: the caller is interrupted while waiting
+    # (Ctrl-C, an exception raised by a signal handler).
+    def reply(payload):
+        if payload[1] == q.RESERVE:
+            return None
+        return FakeServer.default_reply(payload)
+
+    server = FakeServer(tmp_path, reply)
+    quota = snakepit_shm.HostQuota.connect(dir=server.dir)
+
+    class Interrupted(BaseException):
+        pass
+
+    def interrupt(*_):
+        raise Interrupted()
+
+    old = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        with pytest.raises(Interrupted):
+            quota.reserve("q", 1, wait=60)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    reserve = [p for (n, p) in server.frames if p[1] == q.RESERVE][0]
+    res_id = struct.unpack_from(">Q", reserve, 6)[0]
+    # The waiting request is cancelled (RELEASE of its id), not left in line.
+    assert wait_for(lambda: any(p[1] == q.RELEASE and struct.unpack_from(">Q", p, 6)[0] == res_id
+                                for (n, p) in server.frames))
     quota.close()
     server.stop()
