@@ -364,7 +364,12 @@ class HostQuota:
     def release(self, reservation):
         """Release a reservation (idempotent: releasing twice is not an error)."""
         with self._cv:
-            if self._held.pop(reservation.id, None) is None or self._sock is None:
+            if self._held.get(reservation.id) is not reservation:
+                # Not held, or a reservation of another client (ids are per client:
+                # the same id here may be one of ours).
+                return
+            del self._held[reservation.id]
+            if self._sock is None:
                 # Not held, or the session it was held by is gone (and with it the
                 # reservation; it is not re-declared on reconnect).
                 return

@@ -326,6 +326,21 @@ def test_one_connection_after_a_hang_up_even_when_a_call_races_the_watcher(tmp_p
     server.stop()
 
 
+def test_release_of_another_clients_reservation_releases_nothing_here(tmp_path):
+    server = FakeServer(tmp_path)
+    a = snakepit_shm.HostQuota.connect(dir=server.dir)
+    b = snakepit_shm.HostQuota.connect(dir=server.dir)
+    ra = a.reserve("q", 1)
+    rb = b.reserve("q", 2)
+    assert ra.id == rb.id  # ids are per client
+    b.release(ra)  # not b's: b's own reservation of the same id stays held
+    assert rb.held and ra.held
+    assert [p[1] for (n, p) in server.frames if n == 2].count(q.RELEASE) == 0
+    a.close()
+    b.close()
+    server.stop()
+
+
 def test_a_reserve_interrupted_while_waiting_is_given_back(tmp_path):
     # The server never answers the RESERVE: the caller is interrupted while waiting
     # (Ctrl-C, an exception raised by a signal handler).
