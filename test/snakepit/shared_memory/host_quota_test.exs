@@ -264,6 +264,31 @@ defmodule Snakepit.SharedMemory.HostQuotaTest do
       assert wait_until(fn -> used(a, "q") == 0 end)
     end
 
+    test "a limit lowered below a waiter refuses it at once instead of blocking the line",
+         %{dir: dir} do
+      a = client(dir)
+      :ok = HQ.define("q", 100, client: a)
+      {:ok, held} = HQ.reserve("q", 60, client: a)
+      test = self()
+
+      spawn(fn -> send(test, {:big, HQ.reserve("q", 50, client: a, wait: :infinity)}) end)
+      assert wait_until(fn -> match?({:ok, [%{waiters: [_]}]}, HQ.usage("q", client: a)) end)
+
+      spawn(fn ->
+        send(test, {:small, HQ.reserve("q", 10, client: a, wait: :infinity, owner: test)})
+      end)
+
+      assert wait_until(fn -> match?({:ok, [%{waiters: [_, _]}]}, HQ.usage("q", client: a)) end)
+
+      # 50 can never fit in 40: it fails now, and 10 is no longer stuck behind it.
+      :ok = HQ.define("q", 40, client: a)
+      assert_receive {:big, {:error, %Error{reason: :quota_exceeded, message: m}}}, 5_000
+      assert m =~ "more than its whole limit 40"
+      :ok = HQ.release(held)
+      assert_receive {:small, {:ok, _}}, 5_000
+      assert used(a, "q") == 10
+    end
+
     test "a wait that runs out fails with quota_exceeded; the line moves on", %{dir: dir} do
       a = client(dir)
       :ok = HQ.define("q", 10, client: a)
