@@ -178,8 +178,17 @@ defmodule Snakepit.SharedMemory.HostQuota do
 
   defp default_client(_opts) do
     case Process.whereis(Client) do
-      nil -> start_default([])
-      pid -> {:ok, pid}
+      nil ->
+        # With config :host_quota, the client must be the manager's (with its table).
+        with :ok <- Snakepit.SharedMemory.HostQuota.Regions.ensure_client() do
+          case Process.whereis(Client) do
+            nil -> start_default([])
+            pid -> {:ok, pid}
+          end
+        end
+
+      pid ->
+        {:ok, pid}
     end
   end
 

@@ -146,6 +146,49 @@ defmodule Snakepit.SharedMemory.HostQuota.RegionsTest do
     {:ok, _} = Snakepit.SharedMemory.Config.load()
   end
 
+  test "a quota directory this VM cannot use does not stop the application from starting;
+        allocations say why until it is fixed",
+       %{client: c} do
+    bad = Path.join(System.tmp_dir!(), "spshm_hqr_bad_#{System.unique_integer([:positive])}")
+    File.mkdir!(bad)
+    File.chmod!(bad, 0o755)
+    on_exit(fn -> File.rm_rf!(bad) end)
+    # The application's client, as the application starts it: left out, not a crash.
+    :ok = stop_supervised(Snakepit.SharedMemory.HostQuota.Client)
+    Process.exit(c, :kill)
+    config = Snakepit.SharedMemory.Config.get() |> Map.put(:host_quota_dir, bad)
+    [spec] = Regions.children(config)
+    assert {:ok, :undefined} = start_supervised(spec)
+    Application.put_env(:snakepit_shm, :host_quota_dir, bad)
+    {:ok, _} = Snakepit.SharedMemory.Config.load()
+
+    assert {:error, %Error{reason: :permission_denied, message: m}} = SHM.allocate_region(1_000)
+    assert m =~ "group/other permissions"
+    assert {:error, %Error{reason: :permission_denied}} = HQ.usage(@quota)
+
+    # Fixed: the next allocation starts the manager's client (with its table).
+    File.chmod!(bad, 0o700)
+    {:ok, a} = SHM.allocate_region(1_000)
+    client = Process.whereis(Snakepit.SharedMemory.HostQuota.Client)
+
+    on_exit(fn ->
+      # A child of HQ.Supervisor: terminated there, else it would be restarted.
+      _ = DynamicSupervisor.terminate_child(HQ.Supervisor, client)
+
+      for {_, pid, _, _} <- DynamicSupervisor.which_children(HQ.Supervisor), is_pid(pid) do
+        if :sys.get_state(pid, 1_000)[:dir] == bad,
+          do: DynamicSupervisor.terminate_child(HQ.Supervisor, pid)
+      end
+    end)
+
+    assert used(client) == 1_000
+    :ok = SHM.deallocate_region(a)
+    assert used(client) == 0
+  after
+    Application.delete_env(:snakepit_shm, :host_quota_dir)
+    {:ok, _} = Snakepit.SharedMemory.Config.load()
+  end
+
   test "config validation" do
     assert {:error, m} = Snakepit.SharedMemory.Config.validate(host_quota: "bad name")
     assert m =~ "host_quota"
