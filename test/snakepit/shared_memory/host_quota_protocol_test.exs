@@ -83,6 +83,16 @@ defmodule Snakepit.SharedMemory.HostQuota.ProtocolTest do
       assert length(decoded) >= 3 and length(first.holders) == 100
     end
 
+    test "totals past 2^64 - 1 are reported as 2^64 - 1, never wrapped" do
+      max = 0xFFFF_FFFF_FFFF_FFFF
+      h = %{os_pid: 1, kind: :other, label: "x", amount: 2 * max, count: 2}
+      q = %{name: "q", limit: 10, used: 2 * max, holders: [h], waiters: []}
+      bin = IO.iodata_to_binary(Protocol.usage_reply(1, [q]))
+
+      assert {:ok, {:usage, 1, [%{used: ^max, holders: [%{amount: ^max}]}]}} =
+               Protocol.decode_reply(bin)
+    end
+
     test "round trip through decode_reply/1" do
       usage = [
         %{

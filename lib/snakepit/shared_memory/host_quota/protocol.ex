@@ -280,9 +280,9 @@ defmodule Snakepit.SharedMemory.HostQuota.Protocol do
     waiters = Enum.take(q.waiters, 100)
 
     [
-      <<byte_size(q.name), q.name::binary, q.limit::64, q.used::64, length(holders)::16>>,
+      <<byte_size(q.name), q.name::binary, q.limit::64, u64(q.used)::64, length(holders)::16>>,
       Enum.map(holders, fn h ->
-        [client(h), <<h.amount::64, min(h.count, 0xFFFF_FFFF)::32>>]
+        [client(h), <<u64(h.amount)::64, min(h.count, 0xFFFF_FFFF)::32>>]
       end),
       <<length(waiters)::16>>,
       Enum.map(waiters, fn w ->
@@ -290,6 +290,10 @@ defmodule Snakepit.SharedMemory.HostQuota.Protocol do
       end)
     ]
   end
+
+  # Sums of re-declared amounts (DECLARE counts whatever the limit says) can pass
+  # 2^64 - 1: reported as that, never wrapped around to a small number.
+  defp u64(n), do: min(n, 0xFFFF_FFFF_FFFF_FFFF)
 
   defp client(c) do
     label = cut(c.label, 64)
