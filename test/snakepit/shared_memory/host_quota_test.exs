@@ -289,6 +289,56 @@ defmodule Snakepit.SharedMemory.HostQuotaTest do
       assert used(a, "q") == 10
     end
 
+    test "a session ended by a failed send while the line is reworked is not resurrected",
+         %{dir: dir} do
+      alias Snakepit.SharedMemory.HostQuota.Server
+      # The end of the grace period refuses S's wait-0 request in "a"; that send fails
+      # (S's socket is gone), which ends S: its 5 in "b" is released and T's waiter in
+      # "b" is granted. T's waiter must not come back into the line of "b" (granted
+      # twice, counted twice).
+      File.mkdir_p!(dir)
+      {:ok, l} = :gen_tcp.listen(0, [:binary, active: false, ifaddr: {:local, "#{dir}/t"}])
+      {:ok, t_peer} = :gen_tcp.connect({:local, "#{dir}/t"}, 0, [:binary, active: false])
+      {:ok, t} = :gen_tcp.accept(l)
+      {:ok, s_port} = :gen_tcp.connect({:local, "#{dir}/t"}, 0, [:binary, active: false])
+      :gen_tcp.close(s_port)
+      who = %{hello: true, client_id: 1, os_pid: 1, kind: :other, label: "x"}
+      waiter = %{req: 7, since: 0, timer: nil}
+
+      state = %{
+        recovering: true,
+        sessions: %{
+          s_port => Map.put(who, :held, %{1 => {"b", 5}}),
+          t => Map.put(who, :held, %{2 => {"a", 10}})
+        },
+        quotas: %{
+          "a" => %{
+            limit: 10,
+            used: 10,
+            queue:
+              :queue.from_list([
+                Map.merge(waiter, %{socket: s_port, res_id: 3, amount: 5, wait: 0})
+              ])
+          },
+          "b" => %{
+            limit: 10,
+            used: 5,
+            queue:
+              :queue.from_list([
+                Map.merge(waiter, %{socket: t, res_id: 4, amount: 10, wait: :infinity})
+              ])
+          }
+        }
+      }
+
+      {:noreply, state} = Server.handle_info(:recovered, state)
+      assert state.quotas["b"].used == 10
+      assert :queue.to_list(state.quotas["b"].queue) == []
+      assert state.sessions[t].held[4] == {"b", 10}
+      refute Map.has_key?(state.sessions, s_port)
+      :gen_tcp.close(t_peer)
+    end
+
     test "a wait that runs out fails with quota_exceeded; the line moves on", %{dir: dir} do
       a = client(dir)
       :ok = HQ.define("q", 10, client: a)

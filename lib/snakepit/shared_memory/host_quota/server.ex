@@ -371,7 +371,10 @@ defmodule Snakepit.SharedMemory.HostQuota.Server do
     state = %{state | recovering: false}
     state = Enum.reduce(Map.keys(state.quotas), state, &pump(&2, &1))
 
-    Enum.reduce(state.quotas, state, fn {name, quota}, state ->
+    # Each quota read afresh: a refusal whose send fails ends that session, which
+    # changes other quotas' lines (its waiters leave, its releases grant others).
+    Enum.reduce(Map.keys(state.quotas), state, fn name, state ->
+      quota = state.quotas[name]
       {refused, kept} = Enum.split_with(:queue.to_list(quota.queue), &(&1.wait == 0))
 
       state = put_in(state, [:quotas, name, :queue], :queue.from_list(kept))
@@ -441,7 +444,10 @@ defmodule Snakepit.SharedMemory.HostQuota.Server do
   end
 
   defp remove_waiters(state, match?) do
-    Enum.reduce(state.quotas, state, fn {name, quota}, state ->
+    # Each quota read afresh: a grant by pump/2 whose send fails ends that session,
+    # which changes the other quotas' lines.
+    Enum.reduce(Map.keys(state.quotas), state, fn name, state ->
+      quota = state.quotas[name]
       {gone, kept} = Enum.split_with(:queue.to_list(quota.queue), match?)
 
       if gone == [] do
