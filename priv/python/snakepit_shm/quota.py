@@ -299,6 +299,8 @@ class HostQuota:
         self._limits = {}
         self._closed = False
         self._server_pid = None
+        self._connected_at = -math.inf
+        self._hangup_delay = 0.0
         _check_dir(self._dir)
         with self._cv:
             self._reconnect_locked(time.monotonic() + timeout)
@@ -570,6 +572,14 @@ class HostQuota:
         # (Replacing a live socket would leave its session, and what the server
         # granted it, alive for as long as anything still references that socket.)
         delay = 0.002
+        if time.monotonic() - self._connected_at < 0.1:
+            # The last connection was hung up at once (refused, not a server that died:
+            # a server of another protocol version, a squatter): back off instead of
+            # reconnecting in a hot loop.
+            self._hangup_delay = min(max(self._hangup_delay * 2, 0.002), 0.05)
+            self._cv.wait(self._hangup_delay)
+        else:
+            self._hangup_delay = 0.0
         while True:
             self._check_open()
             if self._sock is not None:
@@ -590,6 +600,7 @@ class HostQuota:
             # Reads block (no Python timeout: one syscall per read) but wake each second.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _RCVTIMEO)
             self._sock = sock
+            self._connected_at = time.monotonic()
             self._buf = bytearray()
             frames = [encode_hello(self._client_id, os.getpid(), self._label)]
             frames += [encode_define(0, n.encode(), lim, if_absent=True)
@@ -601,7 +612,10 @@ class HostQuota:
             try:
                 sock.sendall(b"".join(struct.pack(">I", len(f)) + f for f in frames))
             except OSError:
+                # Hung up before it read our HELLO: refused, back off as above.
                 self._drop_locked()
+                self._cv.wait(delay)
+                delay = min(delay * 2, 0.05)
                 continue
             self._cv.notify_all()
             return

@@ -373,3 +373,29 @@ def test_a_reserve_interrupted_while_waiting_is_given_back(tmp_path):
                                 for (n, p) in server.frames))
     quota.close()
     server.stop()
+
+
+def test_something_that_hangs_up_at_once_is_not_reconnected_to_in_a_hot_loop(tmp_path):
+    d = str(tmp_path / "qdir")
+    os.mkdir(d, 0o700)
+    lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lsock.bind(os.path.join(d, "quota.sock"))
+    lsock.listen(64)
+    count = [0]
+
+    def accept():
+        while True:
+            try:
+                conn, _ = lsock.accept()
+            except OSError:
+                return
+            count[0] += 1
+            conn.close()
+
+    threading.Thread(target=accept, daemon=True).start()
+    quota = snakepit_shm.HostQuota.connect(dir=d)
+    time.sleep(1.0)
+    # Before: thousands of connections a second. Backing off to 50 ms: about 20.
+    assert count[0] < 200
+    quota.close()
+    lsock.close()

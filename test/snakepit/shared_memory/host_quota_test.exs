@@ -486,6 +486,32 @@ defmodule Snakepit.SharedMemory.HostQuotaTest do
       end
     end
 
+    test "something that accepts and hangs up at once is not reconnected to in a hot loop",
+         %{dir: dir} do
+      File.mkdir_p!(dir)
+      File.chmod!(dir, 0o700)
+      path = Path.join(dir, "quota.sock")
+      {:ok, l} = :gen_tcp.listen(0, [:binary, active: false, ifaddr: {:local, path}])
+      count = :counters.new(1, [])
+
+      acceptor =
+        spawn(fn ->
+          Stream.repeatedly(fn ->
+            {:ok, s} = :gen_tcp.accept(l)
+            :counters.add(count, 1, 1)
+            :gen_tcp.close(s)
+          end)
+          |> Stream.run()
+        end)
+
+      a = client(dir)
+      Process.sleep(1_000)
+      # Before: thousands of connections a second. Backing off to 50 ms: about 20.
+      assert :counters.get(count, 1) < 200
+      assert {:error, %Error{reason: :unavailable}} = HQ.usage(nil, client: a)
+      Process.exit(acceptor, :kill)
+    end
+
     test "bad frames close that session (releasing what it held), never the server",
          %{dir: dir} do
       a = client(dir)

@@ -78,6 +78,7 @@ defmodule Snakepit.SharedMemory.HostQuota.Client do
           label: Protocol.cut(label(opts[:label]), 255),
           client_id: :crypto.strong_rand_bytes(8) |> :binary.decode_unsigned(),
           socket: nil,
+          welcomed: false,
           backoff: 1,
           next_req: 1,
           pending: %{},
@@ -250,7 +251,7 @@ defmodule Snakepit.SharedMemory.HostQuota.Client do
       disconnected(state)
   end
 
-  defp handle_reply({:welcome, _pid, _label}, state), do: state
+  defp handle_reply({:welcome, _pid, _label}, state), do: %{state | welcomed: true, backoff: 1}
 
   defp handle_reply({kind, req, _} = reply, state) when kind in [:granted, :usage],
     do: answer(state, req, reply)
@@ -387,7 +388,10 @@ defmodule Snakepit.SharedMemory.HostQuota.Client do
 
     case :gen_tcp.connect({:local, state.path}, 0, opts, 1_000) do
       {:ok, socket} ->
-        connected(%{state | socket: socket, backoff: 1})
+        # The backoff is reset by the server's WELCOME, not by the connect: something
+        # that accepts and hangs up at once (a server of another protocol version, a
+        # squatter) must not be reconnected to in a hot loop.
+        connected(%{state | socket: socket, welcomed: false})
 
       {:error, reason} when reason in [:enoent, :econnrefused] ->
         case elect(state) do
@@ -466,7 +470,10 @@ defmodule Snakepit.SharedMemory.HostQuota.Client do
     # gone with everything it held, and it is not re-declared.
     {releases, pending} = Enum.split_with(state.pending, fn {_, e} -> e.kind == :release end)
     for {_, e} <- releases, do: GenServer.reply(e.from, :ok)
-    connect(%{state | socket: nil, pending: Map.new(pending)})
+    state = %{state | socket: nil, pending: Map.new(pending)}
+    # A session that ends before its WELCOME was refused, not a server that died:
+    # back off instead of reconnecting at once.
+    if state.welcomed, do: connect(state), else: retry(state)
   end
 
   defp os_pid, do: String.to_integer(System.pid())
