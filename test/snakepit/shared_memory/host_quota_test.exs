@@ -615,6 +615,21 @@ defmodule Snakepit.SharedMemory.HostQuotaTest do
       assert (t.mode &&& 0o777) == 0o600
     end
 
+    test "a FIFO planted as the election token is refused, not read (which blocks forever)",
+         %{dir: dir} do
+      File.mkdir_p!(dir)
+      File.chmod!(dir, 0o700)
+      {_, 0} = System.cmd("mkfifo", [Path.join(dir, "election")])
+
+      assert {:error, %Error{reason: :permission_denied, message: m}} =
+               Snakepit.SharedMemory.HostQuota.RuntimeDir.election_name(dir)
+
+      assert m =~ "the election token is not a regular file (other): remove it"
+      # The client standing for election stays responsive (it serves nobody).
+      a = client(dir)
+      assert {:ok, %{connected: false}} = HQ.info(client: a)
+    end
+
     test "a directory with group/other bits, of another owner, or a symlink is refused",
          %{dir: dir} do
       # A refused directory stops the client in init: its start_link exits the caller.
