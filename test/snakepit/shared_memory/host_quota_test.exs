@@ -14,7 +14,12 @@ defmodule Snakepit.SharedMemory.HostQuotaTest do
   alias Snakepit.SharedMemory.HostQuota.{Client, Protocol}
 
   setup do
-    dir = Path.join(System.tmp_dir!(), "spshm_hq_#{System.unique_integer([:positive])}")
+    # The OS pid too: a run killed before its on_exit leaves its directory behind.
+    dir =
+      Path.join(
+        System.tmp_dir!(),
+        "spshm_hq_#{System.pid()}_#{System.unique_integer([:positive])}"
+      )
 
     on_exit(fn ->
       # Servers of this directory are children of HostQuota.Supervisor: stop them.
