@@ -16,7 +16,12 @@ defmodule Snakepit.SharedMemory.HostQuota.RegionsTest do
   @quota "hq_regions_test"
 
   setup do
-    dir = Path.join(System.tmp_dir!(), "spshm_hqr_#{System.unique_integer([:positive])}")
+    dir =
+      Path.join(
+        System.tmp_dir!(),
+        "spshm_hqr_#{System.pid()}_#{System.unique_integer([:positive])}"
+      )
+
     old = Application.get_all_env(:snakepit_shm)
     Application.put_env(:snakepit_shm, :host_quota, @quota)
     Application.put_env(:snakepit_shm, :host_quota_limit, 100_000)
@@ -149,7 +154,12 @@ defmodule Snakepit.SharedMemory.HostQuota.RegionsTest do
   test "a quota directory this VM cannot use does not stop the application from starting;
         allocations say why until it is fixed",
        %{client: c} do
-    bad = Path.join(System.tmp_dir!(), "spshm_hqr_bad_#{System.unique_integer([:positive])}")
+    bad =
+      Path.join(
+        System.tmp_dir!(),
+        "spshm_hqr_bad_#{System.pid()}_#{System.unique_integer([:positive])}"
+      )
+
     File.mkdir!(bad)
     File.chmod!(bad, 0o755)
     on_exit(fn -> File.rm_rf!(bad) end)
