@@ -317,7 +317,8 @@ defmodule Snakepit.SharedMemory.HostQuota.Client do
   # Stops watching the caller of a settled request; whether it is still alive.
   defp caller_alive?(%{caller: {pid, ref}}) do
     Process.demonitor(ref, [:flush])
-    Process.alive?(pid)
+    # A caller on another node (a :client pid used remotely) is taken as alive.
+    node(pid) != node() or Process.alive?(pid)
   end
 
   defp caller_alive?(_entry), do: true
