@@ -51,7 +51,9 @@ defmodule Mix.Tasks.Snakepit.Shm.QuotaTest do
     assert out =~ ~r/gpu0\s+4\s+0\s+4\s+0\s+0/
     assert out =~ ~r/holder\s+node app@host \(os pid #{System.pid()}\)\s+700\s+2 reservation/
     assert out =~ ~r/waiter\s+node app@host \(os pid #{System.pid()}\)\s+500\s+waiting/
-    assert out =~ "served by nonode@nohost (os pid #{System.pid()})"
+    # The node name is whatever this VM is called when the server started (other suites
+    # make the test VM distributed for a while).
+    assert out =~ ~r/served by \S+ \(os pid #{System.pid()}\)/
 
     {out, _err, 0} =
       run_task("snakepit.shm.quota", ["shm_total", "--dir", dir, "--format", "json"])

@@ -43,7 +43,11 @@ defmodule Snakepit.SharedMemory.HostQuota do
   Options: `:client` (see the module doc).
   """
   @spec define(name(), non_neg_integer(), keyword()) :: :ok | {:error, Error.t()}
-  def define(name, limit, opts \\ []) do
+  def define(name, limit, opts \\ [])
+
+  def define(_name, _limit, opts) when not is_list(opts), do: bad_opts(opts)
+
+  def define(name, limit, opts) do
     with :ok <- check_name(name),
          :ok <- check_u64(limit, "limit", 0),
          {:ok, client} <- client(opts) do
@@ -68,7 +72,11 @@ defmodule Snakepit.SharedMemory.HostQuota do
     * `:client` - see the module doc.
   """
   @spec reserve(name(), pos_integer(), keyword()) :: {:ok, Reservation.t()} | {:error, Error.t()}
-  def reserve(name, amount, opts \\ []) do
+  def reserve(name, amount, opts \\ [])
+
+  def reserve(_name, _amount, opts) when not is_list(opts), do: bad_opts(opts)
+
+  def reserve(name, amount, opts) do
     wait = Keyword.get(opts, :wait, 0)
     owner = Keyword.get(opts, :owner, self())
 
@@ -104,8 +112,15 @@ defmodule Snakepit.SharedMemory.HostQuota do
   any more (released before, or its owner died).
   """
   @spec release(Reservation.t()) :: :ok | {:error, Error.t()}
-  def release(%Reservation{client: client} = res),
+  def release(%Reservation{client: client} = res) when is_pid(client),
     do: Client.call(client, {:release, res}, @call_margin)
+
+  def release(other),
+    do:
+      Error.error(
+        :invalid_option,
+        "release/1 takes a reservation returned by reserve/3, got: #{inspect(other)}"
+      )
 
   @doc """
   What the server knows of quota `name` (`nil`: every quota): limit, total used, each
@@ -114,7 +129,11 @@ defmodule Snakepit.SharedMemory.HostQuota do
   name.
   """
   @spec usage(name() | nil, keyword()) :: {:ok, [usage()]} | {:error, Error.t()}
-  def usage(name \\ nil, opts \\ []) do
+  def usage(name \\ nil, opts \\ [])
+
+  def usage(_name, opts) when not is_list(opts), do: bad_opts(opts)
+
+  def usage(name, opts) do
     with :ok <- if(name == nil, do: :ok, else: check_name(name)),
          {:ok, client} <- client(opts) do
       Client.call(client, {:usage, name}, @call_margin)
@@ -128,6 +147,8 @@ defmodule Snakepit.SharedMemory.HostQuota do
       {:ok, client} -> GenServer.call(client, :held)
       {:error, _} -> []
     end
+  catch
+    :exit, _ -> []
   end
 
   @doc """
@@ -137,11 +158,16 @@ defmodule Snakepit.SharedMemory.HostQuota do
   @spec info(keyword()) :: {:ok, map()} | {:error, Error.t()}
   def info(opts \\ []) do
     with {:ok, client} <- client(opts), do: {:ok, GenServer.call(client, :info)}
+  catch
+    :exit, reason ->
+      Error.error(:unavailable, "the host quota client is not running: #{inspect(reason)}")
   end
 
   @doc false
   # The default client of this VM, started on first use.
   @spec client(keyword()) :: {:ok, pid()} | {:error, Error.t()}
+  def client(opts) when not is_list(opts), do: bad_opts(opts)
+
   def client(opts) do
     case Keyword.get(opts, :client) do
       pid when is_pid(pid) -> {:ok, pid}
@@ -152,8 +178,17 @@ defmodule Snakepit.SharedMemory.HostQuota do
 
   defp default_client(_opts) do
     case Process.whereis(Client) do
-      nil -> start_default([])
-      pid -> {:ok, pid}
+      nil ->
+        # With config :host_quota, the client must be the manager's (with its table).
+        with :ok <- Snakepit.SharedMemory.HostQuota.Regions.ensure_client() do
+          case Process.whereis(Client) do
+            nil -> start_default([])
+            pid -> {:ok, pid}
+          end
+        end
+
+      pid ->
+        {:ok, pid}
     end
   end
 
@@ -184,6 +219,9 @@ defmodule Snakepit.SharedMemory.HostQuota do
         Error.error(:unavailable, "cannot start the host quota client: #{inspect(reason)}")
     end
   end
+
+  defp bad_opts(opts),
+    do: Error.error(:invalid_option, "options must be a keyword list, got: #{inspect(opts)}")
 
   defp check_name(name) do
     if Protocol.valid_name?(name),

@@ -146,7 +146,10 @@ def _check_u64(value, what, minimum):
 # ---- encoding and decoding (mirrors Snakepit.SharedMemory.HostQuota.Protocol) ----
 
 def encode_hello(client_id, pid, label):
-    lab = label.encode()[:255]
+    # At most 255 bytes of UTF-8, never a character cut in two (nor a lone surrogate of
+    # an undecodable argv[0]): the server closes a session whose label is not UTF-8,
+    # and this client would reconnect and be refused again, forever.
+    lab = str(label).encode("utf-8", "replace")[:255].decode("utf-8", "ignore").encode()
     return struct.pack(">BBQIBH", VERSION, HELLO, client_id, pid, KIND_PYTHON, len(lab)) + lab
 
 
@@ -296,6 +299,8 @@ class HostQuota:
         self._limits = {}
         self._closed = False
         self._server_pid = None
+        self._connected_at = -math.inf
+        self._hangup_delay = 0.0
         _check_dir(self._dir)
         with self._cv:
             self._reconnect_locked(time.monotonic() + timeout)
@@ -346,7 +351,12 @@ class HostQuota:
         try:
             reply = self._call(lambda req: encode_reserve(req, res_id, bname, amount, wait_ms),
                                timeout, reservation=res)
-        except QuotaUnavailable:
+        except (QuotaExceeded, UnknownQuota):
+            raise
+        except BaseException:
+            # Unavailable, or the caller was interrupted while waiting (Ctrl-C, an
+            # exception from a signal handler): whatever the server decides later, this
+            # reservation must not stay held nor waiting in line.
             self._send_quietly(encode_release(0, res_id))
             raise
         with self._cv:
@@ -356,7 +366,12 @@ class HostQuota:
     def release(self, reservation):
         """Release a reservation (idempotent: releasing twice is not an error)."""
         with self._cv:
-            if self._held.pop(reservation.id, None) is None or self._sock is None:
+            if self._held.get(reservation.id) is not reservation:
+                # Not held, or a reservation of another client (ids are per client:
+                # the same id here may be one of ours).
+                return
+            del self._held[reservation.id]
+            if self._sock is None:
                 # Not held, or the session it was held by is gone (and with it the
                 # reservation; it is not re-declared on reconnect).
                 return
@@ -557,6 +572,14 @@ class HostQuota:
         # (Replacing a live socket would leave its session, and what the server
         # granted it, alive for as long as anything still references that socket.)
         delay = 0.002
+        if time.monotonic() - self._connected_at < 0.1:
+            # The last connection was hung up at once (refused, not a server that died:
+            # a server of another protocol version, a squatter): back off instead of
+            # reconnecting in a hot loop.
+            self._hangup_delay = min(max(self._hangup_delay * 2, 0.002), 0.05)
+            self._cv.wait(self._hangup_delay)
+        else:
+            self._hangup_delay = 0.0
         while True:
             self._check_open()
             if self._sock is not None:
@@ -577,6 +600,7 @@ class HostQuota:
             # Reads block (no Python timeout: one syscall per read) but wake each second.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _RCVTIMEO)
             self._sock = sock
+            self._connected_at = time.monotonic()
             self._buf = bytearray()
             frames = [encode_hello(self._client_id, os.getpid(), self._label)]
             frames += [encode_define(0, n.encode(), lim, if_absent=True)
@@ -588,7 +612,10 @@ class HostQuota:
             try:
                 sock.sendall(b"".join(struct.pack(">I", len(f)) + f for f in frames))
             except OSError:
+                # Hung up before it read our HELLO: refused, back off as above.
                 self._drop_locked()
+                self._cv.wait(delay)
+                delay = min(delay * 2, 0.05)
                 continue
             self._cv.notify_all()
             return

@@ -4,6 +4,7 @@ against it).  Here: the byte layout, the private-directory checks, reconnect wit
 re-declaration after a hang-up, malformed replies, fork."""
 
 import os
+import signal
 import socket
 import struct
 import threading
@@ -33,6 +34,14 @@ VECTORS = [
 def test_byte_layout_of_requests():
     for frame, expected in VECTORS:
         assert frame.hex() == expected.replace(" ", "")
+
+
+def test_a_long_label_is_cut_on_a_character_boundary():
+    for label in ("\u00e9" * 200, "w\udcff"):
+        frame = q.encode_hello(7, 1, label)
+        (n,) = struct.unpack_from(">H", frame, 15)
+        assert n <= 255 and len(frame) == 17 + n
+        frame[17:].decode("utf-8")  # strict: what the server checks
 
 
 def test_decode_replies():
@@ -315,3 +324,78 @@ def test_one_connection_after_a_hang_up_even_when_a_call_races_the_watcher(tmp_p
         assert len([n for n in new if n not in server.ended]) == 1
     quota.close()
     server.stop()
+
+
+def test_release_of_another_clients_reservation_releases_nothing_here(tmp_path):
+    server = FakeServer(tmp_path)
+    a = snakepit_shm.HostQuota.connect(dir=server.dir)
+    b = snakepit_shm.HostQuota.connect(dir=server.dir)
+    ra = a.reserve("q", 1)
+    rb = b.reserve("q", 2)
+    assert ra.id == rb.id  # ids are per client
+    b.release(ra)  # not b's: b's own reservation of the same id stays held
+    assert rb.held and ra.held
+    assert [p[1] for (n, p) in server.frames if n == 2].count(q.RELEASE) == 0
+    a.close()
+    b.close()
+    server.stop()
+
+
+def test_a_reserve_interrupted_while_waiting_is_given_back(tmp_path):
+    # The server never answers the RESERVE: the caller is interrupted while waiting
+    # (Ctrl-C, an exception raised by a signal handler).
+    def reply(payload):
+        if payload[1] == q.RESERVE:
+            return None
+        return FakeServer.default_reply(payload)
+
+    server = FakeServer(tmp_path, reply)
+    quota = snakepit_shm.HostQuota.connect(dir=server.dir)
+
+    class Interrupted(BaseException):
+        pass
+
+    def interrupt(*_):
+        raise Interrupted()
+
+    old = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        with pytest.raises(Interrupted):
+            quota.reserve("q", 1, wait=60)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    reserve = [p for (n, p) in server.frames if p[1] == q.RESERVE][0]
+    res_id = struct.unpack_from(">Q", reserve, 6)[0]
+    # The waiting request is cancelled (RELEASE of its id), not left in line.
+    assert wait_for(lambda: any(p[1] == q.RELEASE and struct.unpack_from(">Q", p, 6)[0] == res_id
+                                for (n, p) in server.frames))
+    quota.close()
+    server.stop()
+
+
+def test_something_that_hangs_up_at_once_is_not_reconnected_to_in_a_hot_loop(tmp_path):
+    d = str(tmp_path / "qdir")
+    os.mkdir(d, 0o700)
+    lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lsock.bind(os.path.join(d, "quota.sock"))
+    lsock.listen(64)
+    count = [0]
+
+    def accept():
+        while True:
+            try:
+                conn, _ = lsock.accept()
+            except OSError:
+                return
+            count[0] += 1
+            conn.close()
+
+    threading.Thread(target=accept, daemon=True).start()
+    quota = snakepit_shm.HostQuota.connect(dir=d)
+    time.sleep(1.0)
+    # Before: thousands of connections a second. Backing off to 50 ms: about 20.
+    assert count[0] < 200
+    quota.close()
+    lsock.close()

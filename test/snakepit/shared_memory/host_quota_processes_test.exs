@@ -15,7 +15,11 @@ defmodule Snakepit.SharedMemory.HostQuotaProcessesTest do
   @python_path Path.expand("../../../priv/python", __DIR__)
 
   setup do
-    dir = Path.join(System.tmp_dir!(), "spshm_hqp_#{System.unique_integer([:positive])}")
+    dir =
+      Path.join(
+        System.tmp_dir!(),
+        "spshm_hqp_#{System.pid()}_#{System.unique_integer([:positive])}"
+      )
 
     on_exit(fn ->
       for {_, pid, _, _} <- DynamicSupervisor.which_children(HQ.Supervisor),

@@ -52,9 +52,47 @@ defmodule Snakepit.SharedMemory.HostQuota.ProtocolTest do
     end
   end
 
+  test "a long label is cut on a character boundary, never into bytes the server refuses" do
+    label = String.duplicate("é", 200)
+    bin = IO.iodata_to_binary(Protocol.encode_request({:hello, 1, 2, :beam, label}))
+    assert {:ok, {:hello, 1, 2, :beam, cut}} = Protocol.decode_request(bin)
+    assert byte_size(cut) == 254 and String.valid?(cut)
+    assert Protocol.cut(<<"ab", 255, "c">>, 255) == "ab?c"
+  end
+
   defp truncate(v), do: binary_part(v, 0, :rand.uniform(byte_size(v)) - 1)
 
   describe "replies" do
+    test "a usage reply never exceeds one frame, however many holders" do
+      who = fn i -> %{os_pid: i, kind: :python, label: String.duplicate("x", 64), amount: 1} end
+
+      quotas =
+        for q <- 1..64 do
+          %{
+            name: String.duplicate("q", 60) <> "#{q}",
+            limit: 1000,
+            used: 150,
+            holders: for(i <- 1..150, do: Map.put(who.(i), :count, 1)),
+            waiters: for(i <- 1..150, do: Map.put(who.(i), :waited_ms, 5))
+          }
+        end
+
+      bin = IO.iodata_to_binary(Protocol.usage_reply(9, quotas))
+      assert byte_size(bin) <= Protocol.max_frame()
+      assert {:ok, {:usage, 9, [first | _] = decoded}} = Protocol.decode_reply(bin)
+      assert length(decoded) >= 3 and length(first.holders) == 100
+    end
+
+    test "totals past 2^64 - 1 are reported as 2^64 - 1, never wrapped" do
+      max = 0xFFFF_FFFF_FFFF_FFFF
+      h = %{os_pid: 1, kind: :other, label: "x", amount: 2 * max, count: 2}
+      q = %{name: "q", limit: 10, used: 2 * max, holders: [h], waiters: []}
+      bin = IO.iodata_to_binary(Protocol.usage_reply(1, [q]))
+
+      assert {:ok, {:usage, 1, [%{used: ^max, holders: [%{amount: ^max}]}]}} =
+               Protocol.decode_reply(bin)
+    end
+
     test "round trip through decode_reply/1" do
       usage = [
         %{

@@ -16,7 +16,12 @@ defmodule Snakepit.SharedMemory.HostQuota.RegionsTest do
   @quota "hq_regions_test"
 
   setup do
-    dir = Path.join(System.tmp_dir!(), "spshm_hqr_#{System.unique_integer([:positive])}")
+    dir =
+      Path.join(
+        System.tmp_dir!(),
+        "spshm_hqr_#{System.pid()}_#{System.unique_integer([:positive])}"
+      )
+
     old = Application.get_all_env(:snakepit_shm)
     Application.put_env(:snakepit_shm, :host_quota, @quota)
     Application.put_env(:snakepit_shm, :host_quota_limit, 100_000)
@@ -122,6 +127,75 @@ defmodule Snakepit.SharedMemory.HostQuota.RegionsTest do
     assert used(c) == 50_000
   after
     Application.delete_env(:snakepit_shm, :host_quota_wait)
+    {:ok, _} = Snakepit.SharedMemory.Config.load()
+  end
+
+  test "host_quota_wait: a caller killed while waiting leaves the line and holds nothing",
+       %{client: c} do
+    {:ok, a} = SHM.allocate_region(80_000)
+    # Far longer than the checks below: the line must empty because the caller died.
+    Application.put_env(:snakepit_shm, :host_quota_wait, 600_000)
+    {:ok, _} = Snakepit.SharedMemory.Config.load()
+    caller = spawn(fn -> SHM.allocate_region(50_000) end)
+
+    assert eventually(fn -> match?({:ok, [%{waiters: [_]}]}, HQ.usage(@quota, client: c)) end)
+    Process.exit(caller, :kill)
+    # Its request leaves the line at once, and nothing is granted to nobody later.
+    assert eventually(fn -> match?({:ok, [%{waiters: []}]}, HQ.usage(@quota, client: c)) end)
+    :ok = SHM.deallocate_region(a)
+    Process.sleep(100)
+    assert used(c) == 0
+    assert Enum.filter(HQ.held(client: c), &(&1.name == @quota)) == []
+  after
+    Application.delete_env(:snakepit_shm, :host_quota_wait)
+    {:ok, _} = Snakepit.SharedMemory.Config.load()
+  end
+
+  test "a quota directory this VM cannot use does not stop the application from starting;
+        allocations say why until it is fixed",
+       %{client: c} do
+    bad =
+      Path.join(
+        System.tmp_dir!(),
+        "spshm_hqr_bad_#{System.pid()}_#{System.unique_integer([:positive])}"
+      )
+
+    File.mkdir!(bad)
+    File.chmod!(bad, 0o755)
+    on_exit(fn -> File.rm_rf!(bad) end)
+    # The application's client, as the application starts it: left out, not a crash.
+    :ok = stop_supervised(Snakepit.SharedMemory.HostQuota.Client)
+    Process.exit(c, :kill)
+    config = Snakepit.SharedMemory.Config.get() |> Map.put(:host_quota_dir, bad)
+    [spec] = Regions.children(config)
+    assert {:ok, :undefined} = start_supervised(spec)
+    Application.put_env(:snakepit_shm, :host_quota_dir, bad)
+    {:ok, _} = Snakepit.SharedMemory.Config.load()
+
+    assert {:error, %Error{reason: :permission_denied, message: m}} = SHM.allocate_region(1_000)
+    assert m =~ "group/other permissions"
+    assert {:error, %Error{reason: :permission_denied}} = HQ.usage(@quota)
+
+    # Fixed: the next allocation starts the manager's client (with its table).
+    File.chmod!(bad, 0o700)
+    {:ok, a} = SHM.allocate_region(1_000)
+    client = Process.whereis(Snakepit.SharedMemory.HostQuota.Client)
+
+    on_exit(fn ->
+      # A child of HQ.Supervisor: terminated there, else it would be restarted.
+      _ = DynamicSupervisor.terminate_child(HQ.Supervisor, client)
+
+      for {_, pid, _, _} <- DynamicSupervisor.which_children(HQ.Supervisor), is_pid(pid) do
+        if :sys.get_state(pid, 1_000)[:dir] == bad,
+          do: DynamicSupervisor.terminate_child(HQ.Supervisor, pid)
+      end
+    end)
+
+    assert used(client) == 1_000
+    :ok = SHM.deallocate_region(a)
+    assert used(client) == 0
+  after
+    Application.delete_env(:snakepit_shm, :host_quota_dir)
     {:ok, _} = Snakepit.SharedMemory.Config.load()
   end
 

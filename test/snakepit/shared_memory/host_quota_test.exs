@@ -14,7 +14,12 @@ defmodule Snakepit.SharedMemory.HostQuotaTest do
   alias Snakepit.SharedMemory.HostQuota.{Client, Protocol}
 
   setup do
-    dir = Path.join(System.tmp_dir!(), "spshm_hq_#{System.unique_integer([:positive])}")
+    # The OS pid too: a run killed before its on_exit leaves its directory behind.
+    dir =
+      Path.join(
+        System.tmp_dir!(),
+        "spshm_hq_#{System.pid()}_#{System.unique_integer([:positive])}"
+      )
 
     on_exit(fn ->
       # Servers of this directory are children of HostQuota.Supervisor: stop them.
@@ -132,6 +137,25 @@ defmodule Snakepit.SharedMemory.HostQuotaTest do
       assert {:error, %Error{reason: :invalid_option}} = HQ.define(String.duplicate("x", 65), 1)
     end
 
+    test "bad arguments give error tuples, never a raise or an exit", %{dir: dir} do
+      a = client(dir)
+      :ok = HQ.define("q", 10, client: a)
+
+      for bad <- [nil, :res, %{id: 1}, {:ok, 1}] do
+        assert {:error, %Error{reason: :invalid_option}} = HQ.release(bad)
+      end
+
+      assert {:error, %Error{reason: :invalid_option}} = HQ.reserve("q", 1, :bad)
+      assert {:error, %Error{reason: :invalid_option}} = HQ.define("q", 1, %{client: a})
+      assert {:error, %Error{reason: :invalid_option}} = HQ.usage("q", :bad)
+
+      dead = spawn(fn -> :ok end)
+      Process.sleep(10)
+      assert {:error, %Error{reason: :unavailable}} = HQ.info(client: dead)
+      assert HQ.held(client: dead) == []
+      assert {:error, %Error{reason: :unavailable}} = HQ.usage("q", client: dead)
+    end
+
     test "a lower limit revokes nothing; new reservations wait for releases", %{dir: dir} do
       a = client(dir)
       :ok = HQ.define("q", 10, client: a)
@@ -243,6 +267,81 @@ defmodule Snakepit.SharedMemory.HostQuotaTest do
       assert used(a, "q") == 10
       for {_, pid} <- waiters, do: Process.exit(pid, :kill)
       assert wait_until(fn -> used(a, "q") == 0 end)
+    end
+
+    test "a limit lowered below a waiter refuses it at once instead of blocking the line",
+         %{dir: dir} do
+      a = client(dir)
+      :ok = HQ.define("q", 100, client: a)
+      {:ok, held} = HQ.reserve("q", 60, client: a)
+      test = self()
+
+      spawn(fn -> send(test, {:big, HQ.reserve("q", 50, client: a, wait: :infinity)}) end)
+      assert wait_until(fn -> match?({:ok, [%{waiters: [_]}]}, HQ.usage("q", client: a)) end)
+
+      spawn(fn ->
+        send(test, {:small, HQ.reserve("q", 10, client: a, wait: :infinity, owner: test)})
+      end)
+
+      assert wait_until(fn -> match?({:ok, [%{waiters: [_, _]}]}, HQ.usage("q", client: a)) end)
+
+      # 50 can never fit in 40: it fails now, and 10 is no longer stuck behind it.
+      :ok = HQ.define("q", 40, client: a)
+      assert_receive {:big, {:error, %Error{reason: :quota_exceeded, message: m}}}, 5_000
+      assert m =~ "more than its whole limit 40"
+      :ok = HQ.release(held)
+      assert_receive {:small, {:ok, _}}, 5_000
+      assert used(a, "q") == 10
+    end
+
+    test "a session ended by a failed send while the line is reworked is not resurrected",
+         %{dir: dir} do
+      alias Snakepit.SharedMemory.HostQuota.Server
+      # The end of the grace period refuses S's wait-0 request in "a"; that send fails
+      # (S's socket is gone), which ends S: its 5 in "b" is released and T's waiter in
+      # "b" is granted. T's waiter must not come back into the line of "b" (granted
+      # twice, counted twice).
+      File.mkdir_p!(dir)
+      {:ok, l} = :gen_tcp.listen(0, [:binary, active: false, ifaddr: {:local, "#{dir}/t"}])
+      {:ok, t_peer} = :gen_tcp.connect({:local, "#{dir}/t"}, 0, [:binary, active: false])
+      {:ok, t} = :gen_tcp.accept(l)
+      {:ok, s_port} = :gen_tcp.connect({:local, "#{dir}/t"}, 0, [:binary, active: false])
+      :gen_tcp.close(s_port)
+      who = %{hello: true, client_id: 1, os_pid: 1, kind: :other, label: "x"}
+      waiter = %{req: 7, since: 0, timer: nil}
+
+      state = %{
+        recovering: true,
+        sessions: %{
+          s_port => Map.put(who, :held, %{1 => {"b", 5}}),
+          t => Map.put(who, :held, %{2 => {"a", 10}})
+        },
+        quotas: %{
+          "a" => %{
+            limit: 10,
+            used: 10,
+            queue:
+              :queue.from_list([
+                Map.merge(waiter, %{socket: s_port, res_id: 3, amount: 5, wait: 0})
+              ])
+          },
+          "b" => %{
+            limit: 10,
+            used: 5,
+            queue:
+              :queue.from_list([
+                Map.merge(waiter, %{socket: t, res_id: 4, amount: 10, wait: :infinity})
+              ])
+          }
+        }
+      }
+
+      {:noreply, state} = Server.handle_info(:recovered, state)
+      assert state.quotas["b"].used == 10
+      assert :queue.to_list(state.quotas["b"].queue) == []
+      assert state.sessions[t].held[4] == {"b", 10}
+      refute Map.has_key?(state.sessions, s_port)
+      :gen_tcp.close(t_peer)
     end
 
     test "a wait that runs out fails with quota_exceeded; the line moves on", %{dir: dir} do
@@ -392,6 +491,32 @@ defmodule Snakepit.SharedMemory.HostQuotaTest do
       end
     end
 
+    test "something that accepts and hangs up at once is not reconnected to in a hot loop",
+         %{dir: dir} do
+      File.mkdir_p!(dir)
+      File.chmod!(dir, 0o700)
+      path = Path.join(dir, "quota.sock")
+      {:ok, l} = :gen_tcp.listen(0, [:binary, active: false, ifaddr: {:local, path}])
+      count = :counters.new(1, [])
+
+      acceptor =
+        spawn(fn ->
+          Stream.repeatedly(fn ->
+            {:ok, s} = :gen_tcp.accept(l)
+            :counters.add(count, 1, 1)
+            :gen_tcp.close(s)
+          end)
+          |> Stream.run()
+        end)
+
+      a = client(dir)
+      Process.sleep(1_000)
+      # Before: thousands of connections a second. Backing off to 50 ms: about 20.
+      assert :counters.get(count, 1) < 200
+      assert {:error, %Error{reason: :unavailable}} = HQ.usage(nil, client: a)
+      Process.exit(acceptor, :kill)
+    end
+
     test "bad frames close that session (releasing what it held), never the server",
          %{dir: dir} do
       a = client(dir)
@@ -493,6 +618,21 @@ defmodule Snakepit.SharedMemory.HostQuotaTest do
       assert s.type == :other and (s.mode &&& 0o777) == 0o600
       {:ok, t} = File.lstat(Path.join(dir, "election"))
       assert (t.mode &&& 0o777) == 0o600
+    end
+
+    test "a FIFO planted as the election token is refused, not read (which blocks forever)",
+         %{dir: dir} do
+      File.mkdir_p!(dir)
+      File.chmod!(dir, 0o700)
+      {_, 0} = System.cmd("mkfifo", [Path.join(dir, "election")])
+
+      assert {:error, %Error{reason: :permission_denied, message: m}} =
+               Snakepit.SharedMemory.HostQuota.RuntimeDir.election_name(dir)
+
+      assert m =~ "the election token is not a regular file (other): remove it"
+      # The client standing for election stays responsive (it serves nobody).
+      a = client(dir)
+      assert {:ok, %{connected: false}} = HQ.info(client: a)
     end
 
     test "a directory with group/other bits, of another owner, or a symlink is refused",

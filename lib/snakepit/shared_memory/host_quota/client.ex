@@ -75,9 +75,10 @@ defmodule Snakepit.SharedMemory.HostQuota.Client do
         state = %{
           dir: dir,
           path: RuntimeDir.socket_path(dir),
-          label: opts[:label] || label(),
+          label: Protocol.cut(label(opts[:label]), 255),
           client_id: :crypto.strong_rand_bytes(8) |> :binary.decode_unsigned(),
           socket: nil,
+          welcomed: false,
           backoff: 1,
           next_req: 1,
           pending: %{},
@@ -109,7 +110,13 @@ defmodule Snakepit.SharedMemory.HostQuota.Client do
   def handle_call({:reserve, %Reservation{} = res, wait}, from, state) do
     state = add_owner(state, res.owner)
     make = &{:reserve, &1, res.id, res.name, res.amount, wait}
-    {:noreply, request(state, from, :reserve, make, res)}
+    req = state.next_req
+    state = request(state, from, :reserve, make, res)
+    # The caller alone learns the reservation: if it dies before the answer (killed
+    # while waiting in line), nobody could ever release it, whatever its owner
+    # (`owner: nil` would hold it until this VM dies). Its request leaves the line.
+    caller = elem(from, 0)
+    {:noreply, put_in(state, [:pending, req, :caller], {caller, Process.monitor(caller)})}
   end
 
   def handle_call({:release, %Reservation{id: id} = res}, from, state) do
@@ -166,7 +173,13 @@ defmodule Snakepit.SharedMemory.HostQuota.Client do
       Enum.split_with(state.pending, fn {_req, e} -> e.res != nil and e.res.id == id end)
 
     state = %{state | pending: Map.new(pending)}
-    state = Enum.reduce(waiting, state, fn {_, e}, state -> drop_owner(state, e.res.owner) end)
+
+    state =
+      Enum.reduce(waiting, state, fn {_, e}, state ->
+        _ = caller_alive?(e)
+        drop_owner(state, e.res.owner)
+      end)
+
     {held_res, held} = Map.pop(state.held, id)
     state = if held_res, do: drop_owner(%{state | held: held}, held_res.owner), else: state
     {:noreply, send_now(state, {:release, 0, id})}
@@ -199,8 +212,11 @@ defmodule Snakepit.SharedMemory.HostQuota.Client do
   def handle_info(:reconnect, %{socket: nil} = state), do: {:noreply, connect(state)}
   def handle_info(:reconnect, state), do: {:noreply, state}
 
-  def handle_info({:DOWN, _ref, :process, pid, _reason}, state) do
-    {:noreply, owner_down(state, pid)}
+  def handle_info({:DOWN, ref, :process, pid, _reason}, state) do
+    case Enum.find(state.pending, fn {_, e} -> match?({_, ^ref}, Map.get(e, :caller)) end) do
+      {req, entry} -> {:noreply, caller_down(state, req, entry)}
+      nil -> {:noreply, owner_down(state, pid)}
+    end
   end
 
   def handle_info(_message, state), do: {:noreply, state}
@@ -235,7 +251,7 @@ defmodule Snakepit.SharedMemory.HostQuota.Client do
       disconnected(state)
   end
 
-  defp handle_reply({:welcome, _pid, _label}, state), do: state
+  defp handle_reply({:welcome, _pid, _label}, state), do: %{state | welcomed: true, backoff: 1}
 
   defp handle_reply({kind, req, _} = reply, state) when kind in [:granted, :usage],
     do: answer(state, req, reply)
@@ -250,13 +266,20 @@ defmodule Snakepit.SharedMemory.HostQuota.Client do
     end
   end
 
-  defp settle(%{kind: :reserve, res: res, from: from}, {:granted, _, limit}, state) do
-    GenServer.reply(from, {:ok, res})
+  defp settle(%{kind: :reserve, res: res, from: from} = e, {:granted, _, limit}, state) do
     state = put_in(state, [:limits, res.name], limit)
-    %{state | held: Map.put(state.held, res.id, res)}
+
+    if caller_alive?(e) do
+      GenServer.reply(from, {:ok, res})
+      %{state | held: Map.put(state.held, res.id, res)}
+    else
+      # Granted after its caller died (its :DOWN not handled yet): give it back.
+      state |> drop_owner(res.owner) |> send_now({:release, 0, res.id})
+    end
   end
 
-  defp settle(%{kind: :reserve, res: res, from: from}, {:error, _, reason, message}, state) do
+  defp settle(%{kind: :reserve, res: res, from: from} = e, {:error, _, reason, message}, state) do
+    _ = caller_alive?(e)
     GenServer.reply(from, error(reason, message, res))
     drop_owner(state, res.owner)
   end
@@ -289,6 +312,20 @@ defmodule Snakepit.SharedMemory.HostQuota.Client do
   defp error(reason, message, res) do
     details = if res, do: %{quota: res.name, amount: res.amount}, else: %{}
     Error.error(reason, message, details)
+  end
+
+  # Stops watching the caller of a settled request; whether it is still alive.
+  defp caller_alive?(%{caller: {pid, ref}}) do
+    Process.demonitor(ref, [:flush])
+    # A caller on another node (a :client pid used remotely) is taken as alive.
+    node(pid) != node() or Process.alive?(pid)
+  end
+
+  defp caller_alive?(_entry), do: true
+
+  defp caller_down(state, req, entry) do
+    state = %{state | pending: Map.delete(state.pending, req)}
+    state |> drop_owner(entry.res.owner) |> send_now({:release, 0, entry.res.id})
   end
 
   # ---- owners ----
@@ -329,6 +366,8 @@ defmodule Snakepit.SharedMemory.HostQuota.Client do
 
     # A caller that reserved for another owner is still waiting for an answer.
     for {_, e} <- waiting do
+      _ = caller_alive?(e)
+
       GenServer.reply(
         e.from,
         Error.error(
@@ -350,7 +389,10 @@ defmodule Snakepit.SharedMemory.HostQuota.Client do
 
     case :gen_tcp.connect({:local, state.path}, 0, opts, 1_000) do
       {:ok, socket} ->
-        connected(%{state | socket: socket, backoff: 1})
+        # The backoff is reset by the server's WELCOME, not by the connect: something
+        # that accepts and hangs up at once (a server of another protocol version, a
+        # squatter) must not be reconnected to in a hot loop.
+        connected(%{state | socket: socket, welcomed: false})
 
       {:error, reason} when reason in [:enoent, :econnrefused] ->
         case elect(state) do
@@ -429,10 +471,15 @@ defmodule Snakepit.SharedMemory.HostQuota.Client do
     # gone with everything it held, and it is not re-declared.
     {releases, pending} = Enum.split_with(state.pending, fn {_, e} -> e.kind == :release end)
     for {_, e} <- releases, do: GenServer.reply(e.from, :ok)
-    connect(%{state | socket: nil, pending: Map.new(pending)})
+    state = %{state | socket: nil, pending: Map.new(pending)}
+    # A session that ends before its WELCOME was refused, not a server that died:
+    # back off instead of reconnecting at once.
+    if state.welcomed, do: connect(state), else: retry(state)
   end
 
   defp os_pid, do: String.to_integer(System.pid())
 
-  defp label, do: Atom.to_string(node())
+  defp label(label) when is_binary(label), do: label
+  defp label(nil), do: Atom.to_string(node())
+  defp label(other), do: inspect(other)
 end

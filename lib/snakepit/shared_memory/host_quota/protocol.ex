@@ -102,7 +102,7 @@ defmodule Snakepit.SharedMemory.HostQuota.Protocol do
   @doc "Encodes a request (the payload of one frame)."
   @spec encode_request(request()) :: iodata()
   def encode_request({:hello, client_id, os_pid, kind, label}) do
-    label = binary_part(label, 0, min(byte_size(label), 255))
+    label = cut(label, 255)
 
     [
       <<@version, @hello, client_id::64, os_pid::32, Map.fetch!(@kinds, kind),
@@ -207,6 +207,21 @@ defmodule Snakepit.SharedMemory.HostQuota.Protocol do
     if String.valid?(text), do: :ok, else: {:error, "#{what} is not UTF-8"}
   end
 
+  # At most `max` bytes of `text` as UTF-8, never cutting a character in two: the server
+  # refuses a label that is not UTF-8, and a client whose HELLO it refuses would
+  # reconnect and be refused again, forever. Bytes that are not UTF-8 become "?".
+  @doc false
+  @spec cut(binary(), non_neg_integer()) :: binary()
+  def cut(text, max) do
+    {part, trims} =
+      if byte_size(text) <= max, do: {text, 0..0}, else: {binary_part(text, 0, max), 0..3}
+
+    Enum.find_value(trims, fn n ->
+      p = binary_part(part, 0, max(byte_size(part) - n, 0))
+      if String.valid?(p), do: p
+    end) || for(<<c <- part>>, into: "", do: if(c < 128, do: <<c>>, else: "?"))
+  end
+
   defp hex(n), do: n |> Integer.to_string(16) |> String.pad_leading(2, "0")
 
   # ---- server side: encoding replies ----
@@ -214,7 +229,7 @@ defmodule Snakepit.SharedMemory.HostQuota.Protocol do
   @doc "WELCOME: the server's OS pid and label (its node name)."
   @spec welcome(non_neg_integer(), String.t()) :: iodata()
   def welcome(os_pid, label) do
-    label = binary_part(label, 0, min(byte_size(label), 255))
+    label = cut(label, 255)
     [<<@version, @welcome, os_pid::32, byte_size(label)::16>>, label]
   end
 
@@ -240,13 +255,24 @@ defmodule Snakepit.SharedMemory.HostQuota.Protocol do
   @doc "USAGE_REPLY to request `req`."
   @spec usage_reply(non_neg_integer(), [quota_usage()]) :: iodata()
   def usage_reply(req, quotas) do
-    # Keeps the reply within one frame: a huge usage list is cut, never a bad frame.
-    quotas = Enum.take(quotas, 64)
+    # Keeps the reply within one frame: a huge usage list is cut, never a bad frame
+    # (a frame above max_frame/0 would make every client drop the connection, reconnect
+    # and ask again, forever). At most 100 holders and 100 waiters per quota, and as
+    # many whole quotas as fit.
+    header = 8
 
-    [
-      <<@version, @usage_reply, req::32, length(quotas)::16>>
-      | Enum.map(quotas, &encode_quota/1)
-    ]
+    {encoded, _size} =
+      quotas
+      |> Enum.take(64)
+      |> Enum.reduce_while({[], header}, fn q, {acc, size} ->
+        bin = IO.iodata_to_binary(encode_quota(q))
+
+        if size + byte_size(bin) <= @max_frame,
+          do: {:cont, {[bin | acc], size + byte_size(bin)}},
+          else: {:halt, {acc, size}}
+      end)
+
+    [<<@version, @usage_reply, req::32, length(encoded)::16>> | Enum.reverse(encoded)]
   end
 
   defp encode_quota(q) do
@@ -254,9 +280,9 @@ defmodule Snakepit.SharedMemory.HostQuota.Protocol do
     waiters = Enum.take(q.waiters, 100)
 
     [
-      <<byte_size(q.name), q.name::binary, q.limit::64, q.used::64, length(holders)::16>>,
+      <<byte_size(q.name), q.name::binary, q.limit::64, u64(q.used)::64, length(holders)::16>>,
       Enum.map(holders, fn h ->
-        [client(h), <<h.amount::64, min(h.count, 0xFFFF_FFFF)::32>>]
+        [client(h), <<u64(h.amount)::64, min(h.count, 0xFFFF_FFFF)::32>>]
       end),
       <<length(waiters)::16>>,
       Enum.map(waiters, fn w ->
@@ -265,8 +291,12 @@ defmodule Snakepit.SharedMemory.HostQuota.Protocol do
     ]
   end
 
+  # Sums of re-declared amounts (DECLARE counts whatever the limit says) can pass
+  # 2^64 - 1: reported as that, never wrapped around to a small number.
+  defp u64(n), do: min(n, 0xFFFF_FFFF_FFFF_FFFF)
+
   defp client(c) do
-    label = binary_part(c.label, 0, min(byte_size(c.label), 64))
+    label = cut(c.label, 64)
     <<c.os_pid::32, Map.fetch!(@kinds, c.kind), byte_size(label)::16, label::binary>>
   end
 

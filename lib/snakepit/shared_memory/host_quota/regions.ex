@@ -31,11 +31,68 @@ defmodule Snakepit.SharedMemory.HostQuota.Regions do
   def children(%{host_quota: nil}), do: []
 
   def children(config) do
+    spec = Supervisor.child_spec({Client, client_opts(config)}, id: Client)
+    [%{spec | start: {__MODULE__, :start_client, [client_opts(config)]}}]
+  end
+
+  defp client_opts(config) do
     define =
       if config.host_quota_limit, do: [{config.host_quota, config.host_quota_limit}], else: []
 
-    opts = [name: Client, define: define, table: @table, dir: config.host_quota_dir]
-    [Supervisor.child_spec({Client, opts}, id: Client)]
+    [name: Client, define: define, table: @table, dir: config.host_quota_dir]
+  end
+
+  @doc false
+  # A quota directory this VM cannot use (another owner, group/other bits: in /tmp
+  # another user can plant it) must not stop the whole application from starting:
+  # the client is left out with a logged error, and `reserve/1` tries again (and
+  # fails with that error) at each allocation until the directory is fixed.
+  @spec start_client(keyword()) :: GenServer.on_start()
+  def start_client(opts) do
+    case Client.start_link(opts) do
+      {:error, %Error{} = error} ->
+        Logger.error("snakepit_shm host quota: #{error.message}")
+        :ignore
+
+      other ->
+        other
+    end
+  end
+
+  @doc false
+  # Starts this VM's client with the manager's options if the application left it out
+  # (see start_client/1), so that a client started later for any use has the table.
+  @spec ensure_client() :: :ok | {:error, Error.t()}
+  def ensure_client do
+    case Config.get() do
+      %{host_quota: nil} -> :ok
+      config -> ensure_client(config)
+    end
+  end
+
+  # The client the application left out (see start_client/1), started now with the
+  # same options so that its table and limits are there.
+  defp ensure_client(config) do
+    with nil <- Process.whereis(Client),
+         sup when is_pid(sup) <- Process.whereis(Snakepit.SharedMemory.HostQuota.Supervisor) do
+      spec = Supervisor.child_spec({Client, client_opts(config)}, id: Client)
+
+      case DynamicSupervisor.start_child(sup, spec) do
+        {:ok, _} ->
+          :ok
+
+        {:error, {:already_started, _}} ->
+          :ok
+
+        {:error, %Error{} = error} ->
+          {:error, error}
+
+        {:error, reason} ->
+          Error.error(:unavailable, "cannot start the host quota client: #{inspect(reason)}")
+      end
+    else
+      _ -> :ok
+    end
   end
 
   @doc "Reserves `size` bytes for a region about to be created; `{:ok, nil}` if no host quota."
@@ -45,8 +102,11 @@ defmodule Snakepit.SharedMemory.HostQuota.Regions do
       %{host_quota: nil} ->
         {:ok, nil}
 
-      %{host_quota: name, host_quota_wait: wait} ->
-        case HostQuota.reserve(name, size, owner: nil, wait: wait) do
+      %{host_quota: name, host_quota_wait: wait} = config ->
+        case with(
+               :ok <- ensure_client(config),
+               do: HostQuota.reserve(name, size, owner: nil, wait: wait)
+             ) do
           {:error, %Error{reason: :unknown_quota} = error} ->
             {:error,
              %{

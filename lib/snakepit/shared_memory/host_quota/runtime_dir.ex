@@ -169,6 +169,21 @@ defmodule Snakepit.SharedMemory.HostQuota.RuntimeDir do
   defp token(dir) do
     path = Path.join(dir, @token)
 
+    # Only a regular file is read: a FIFO planted there would block the read (and the
+    # client standing for election) forever, a symlink could point anywhere.
+    case File.lstat(path) do
+      {:ok, %File.Stat{type: :regular}} ->
+        read_token(path)
+
+      {:ok, %File.Stat{type: type}} ->
+        fail(path, "the election token is not a regular file (#{type}): remove it")
+
+      {:error, _} ->
+        read_token(path)
+    end
+  end
+
+  defp read_token(path) do
     case File.read(path) do
       {:ok, <<token::binary-size(32)>>} ->
         {:ok, token}

@@ -243,7 +243,7 @@ defmodule Snakepit.SharedMemory.HostQuota.Server do
           put_in(state, [:quotas, name, :limit], limit)
       end
 
-    state |> reply(socket, Protocol.ok(req), req) |> pump(name)
+    state |> reply(socket, Protocol.ok(req), req) |> refuse_too_big(name) |> pump(name)
   end
 
   defp handle_request({:reserve, req, res_id, name, amount, wait}, socket, state) do
@@ -326,6 +326,25 @@ defmodule Snakepit.SharedMemory.HostQuota.Server do
 
   # ---- quota state ----
 
+  # Waiters asking for more than a lowered limit could never be granted, and at the
+  # head of the line they would block everyone behind them forever: they fail now,
+  # as such a request does when it arrives.
+  defp refuse_too_big(state, name) do
+    quota = state.quotas[name]
+    {refused, kept} = Enum.split_with(:queue.to_list(quota.queue), &(&1.amount > quota.limit))
+
+    if refused == [] do
+      state
+    else
+      for w <- refused, w.timer, do: Process.cancel_timer(w.timer)
+      state = put_in(state, [:quotas, name, :queue], :queue.from_list(kept))
+
+      Enum.reduce(refused, state, fn w, state ->
+        reply_error(state, w.socket, w.req, :quota_exceeded, never(name, w.amount, quota))
+      end)
+    end
+  end
+
   defp enqueue(state, socket, req, res_id, name, amount, wait) do
     # wait 0 during recovery: answered when it ends (recovered/1), no timer.
     timer =
@@ -352,7 +371,10 @@ defmodule Snakepit.SharedMemory.HostQuota.Server do
     state = %{state | recovering: false}
     state = Enum.reduce(Map.keys(state.quotas), state, &pump(&2, &1))
 
-    Enum.reduce(state.quotas, state, fn {name, quota}, state ->
+    # Each quota read afresh: a refusal whose send fails ends that session, which
+    # changes other quotas' lines (its waiters leave, its releases grant others).
+    Enum.reduce(Map.keys(state.quotas), state, fn name, state ->
+      quota = state.quotas[name]
       {refused, kept} = Enum.split_with(:queue.to_list(quota.queue), &(&1.wait == 0))
 
       state = put_in(state, [:quotas, name, :queue], :queue.from_list(kept))
@@ -422,7 +444,10 @@ defmodule Snakepit.SharedMemory.HostQuota.Server do
   end
 
   defp remove_waiters(state, match?) do
-    Enum.reduce(state.quotas, state, fn {name, quota}, state ->
+    # Each quota read afresh: a grant by pump/2 whose send fails ends that session,
+    # which changes the other quotas' lines.
+    Enum.reduce(Map.keys(state.quotas), state, fn name, state ->
+      quota = state.quotas[name]
       {gone, kept} = Enum.split_with(:queue.to_list(quota.queue), match?)
 
       if gone == [] do
