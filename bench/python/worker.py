@@ -14,6 +14,13 @@ the xor as 8 little-endian bytes. Requests (first byte, then the rest of the fra
 * ``U`` socket path: connect to the Unix socket the bench listens on and serve
   ``{packet, 4}`` payload frames on it (path d), in a thread, until the bench closes
   it; the reply on the port comes once connected.
+* ``C`` JSON channel ref: connect to the bench's message channel
+  (``snakepit_shm.Channel``) and serve handoff messages on it (path b', warm region +
+  channel message), in a thread, until the bench closes it; the reply on the port comes
+  once connected. A channel message is either JSON ``{"ref": ref, "length": n}`` (attach
+  and keep the region, then reduce) or ``<Q length><region id>`` (reduce the first
+  ``length`` bytes of a kept region); the answer, on the channel, is ``R``, the xor and
+  the timings (attach, reduce, close) as the port's replies.
 * ``Q``: exit.
 """
 
@@ -33,6 +40,7 @@ from framing import FrameReader, write_frame  # noqa: E402
 
 _REPLY = struct.Struct("<cQ")  # the socket path's reply; port replies may add timings
 _HEADER = struct.Struct(">I")
+_LENGTH = struct.Struct("<Q")  # the channel path's message: length, then the region id
 # The pipe and the socket are sized as large as this machine allows, so that the
 # baselines move data in as few system calls as they can: the fairest comparison.
 _PIPE_SIZE = 1 << 20
@@ -117,6 +125,33 @@ class Worker:
             sock.close()
 
 
+    def serve_channel(self, ref):
+        """The channel path: small messages name a warm region, the bytes stay in it."""
+        try:
+            channel = self.shm.Channel.connect(ref)
+        except Exception as error:  # reported to the bench instead of a silent hang
+            write_frame(1, b"E" + str(error).encode())
+            return
+        reply(0)
+        with channel:
+            try:
+                while True:
+                    message = channel.recv()
+                    if message[:1] == b"{":
+                        value, timings = self.warm(json.loads(bytes(message)))
+                    else:
+                        (length,) = _LENGTH.unpack_from(message)
+                        t0 = clock()
+                        region = self.kept[bytes(message[_LENGTH.size:]).decode()]
+                        words = region.ndarray("uint64", (length // 8,))
+                        value = int(np.bitwise_xor.reduce(words)) if words.size else 0
+                        del words
+                        timings = (0, clock() - t0, 0)
+                    channel.send(_REPLY.pack(b"R", value) + struct.pack("<3Q", *timings))
+            except self.shm.ChannelClosed:
+                pass
+
+
 def recv_exact(sock, view):
     """Fill ``view`` from ``sock``; False on a clean end of stream."""
     filled = 0
@@ -156,6 +191,9 @@ def main():
             # Served by a thread, so that the port stays responsive; the bench sends
             # one request at a time on either channel, so they never compete.
             threading.Thread(target=worker.serve_socket, args=(bytes(body).decode(),),
+                             daemon=True).start()
+        elif op == b"C":
+            threading.Thread(target=worker.serve_channel, args=(json.loads(bytes(body)),),
                              daemon=True).start()
         elif op == b"Q":
             return
