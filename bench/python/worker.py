@@ -70,6 +70,7 @@ class Worker:
     def __init__(self, snakepit_shm):
         self.shm = snakepit_shm
         self.kept = {}  # region id -> attached Region (warm path)
+        self.views = {}  # region id -> its uint64 view (channel path)
 
     def fresh(self, ref):
         """Attach, reduce, close; returns (xor, (attach ns, reduce ns, close ns))."""
@@ -98,6 +99,7 @@ class Worker:
         return value, (t1 - t0, clock() - t1, 0)
 
     def drop(self, region_id):
+        self.views.pop(region_id, None)  # the view goes before the region closes
         region = self.kept.pop(region_id, None)
         if region is not None:
             region.close()
@@ -124,7 +126,6 @@ class Worker:
         finally:
             sock.close()
 
-
     def serve_channel(self, ref):
         """The channel path: small messages name a warm region, the bytes stay in it."""
         try:
@@ -142,14 +143,25 @@ class Worker:
                     else:
                         (length,) = _LENGTH.unpack_from(message)
                         t0 = clock()
-                        region = self.kept[bytes(message[_LENGTH.size:]).decode()]
-                        words = region.ndarray("uint64", (length // 8,))
-                        value = int(np.bitwise_xor.reduce(words)) if words.size else 0
-                        del words
+                        words = self.words_of(bytes(message[_LENGTH.size:]).decode())
+                        part = words[:length // 8]
+                        value = int(np.bitwise_xor.reduce(part)) if part.size else 0
+                        del part
                         timings = (0, clock() - t0, 0)
                     channel.send(_REPLY.pack(b"R", value) + struct.pack("<3Q", *timings))
             except self.shm.ChannelClosed:
                 pass
+            finally:
+                self.views.clear()
+
+    def words_of(self, region_id):
+        """The whole kept region as uint64 words, made once per region (as a worker that
+        keeps a region keeps its view): each message then slices it."""
+        words = self.views.get(region_id)
+        if words is None:
+            region = self.kept[region_id]
+            words = self.views[region_id] = region.ndarray("uint64", (region.size // 8,))
+        return words
 
 
 def recv_exact(sock, view):
