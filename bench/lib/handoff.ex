@@ -39,11 +39,15 @@ defmodule SnakepitShm.Bench.Handoff do
     worker = Programs.open_python("worker.py", [Programs.python_client_dir()])
     plain = Programs.open_python("worker.py", [Programs.python_client_dir(), "--default-pipe"])
     reference = Programs.open_line_port(programs.handoff_ref)
+    # the channel path has a worker process of its own: its channel thread (spinning
+    # briefly after each message) must not share a GIL with the other paths' serving
+    chan_worker = Programs.open_python("worker.py", [Programs.python_client_dir()])
     {listener, socket, socket_path} = open_socket(worker)
-    channel = open_channel(worker)
+    channel = open_channel(chan_worker)
 
     ctx = %{
       worker: worker,
+      chan_worker: chan_worker,
       plain_worker: plain,
       reference: reference,
       socket: socket,
@@ -64,6 +68,7 @@ defmodule SnakepitShm.Bench.Handoff do
       File.rm(socket_path)
       Programs.close_python(worker)
       Programs.close_python(plain)
+      Programs.close_python(chan_worker)
       Programs.close_line_port(reference)
     end
   end
@@ -120,7 +125,7 @@ defmodule SnakepitShm.Bench.Handoff do
       breakdown = if headline?, do: breakdown(ctx, data, profile.handoff_reps), else: nil
       %{size: size, iterations: iterations, samples: samples, breakdown: breakdown}
     after
-      teardown_warm(ctx.worker, warm)
+      teardown_warm([ctx.worker, ctx.chan_worker], warm)
     end
   end
 
@@ -238,8 +243,8 @@ defmodule SnakepitShm.Bench.Handoff do
     %{id: id, mapping: mapping, ref: ref}
   end
 
-  defp teardown_warm(worker, warm) do
-    Programs.request(worker, ["D", warm.id])
+  defp teardown_warm(workers, warm) do
+    for worker <- workers, do: Programs.request(worker, ["D", warm.id])
     SM.unmap_region(warm.mapping)
     SM.deallocate_region(warm.id)
   end
