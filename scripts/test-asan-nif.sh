@@ -93,7 +93,10 @@ export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1"
 export SNAKEPIT_SHM_ASAN_PROBE=1
 
 suites=(test/native_test.exs test/reliability/fuzz_native_test.exs test/reliability/fuzz_api_test.exs
-  test/reliability/model_property_test.exs test/reliability/chaos_test.exs)
+  test/reliability/model_property_test.exs test/reliability/chaos_test.exs
+  # the message channel (issue 15): rings, region messages, hostile frames, ring model
+  test/snakepit/shared_memory/channel_test.exs test/snakepit/shared_memory/channel_hostile_test.exs
+  test/reliability/channel_ring_property_test.exs)
 present=()
 for s in "${suites[@]}"; do [ -f "$s" ] && present+=("$s"); done
 

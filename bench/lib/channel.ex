@@ -52,10 +52,12 @@ defmodule SnakepitShm.Bench.Channel do
       socket: with_socket("sink", &oneway_socket(&1, oneway_n))
     }
 
-    handoff = %{
-      channel: with_channel(:shm, "handoff", &handoff_channel(&1, payload, handoff_sizes, quick)),
-      port: with_port("handoff", &handoff_port(&1, payload, handoff_sizes, quick))
-    }
+    # Both peers run at once and their rounds alternate, so that a change in the
+    # machine's load (other work on a shared host) hits both paths alike.
+    handoff =
+      with_channel(:shm, "handoff", fn ch ->
+        with_port("handoff", &handoff_paired(ch, &1, payload, handoff_sizes, quick))
+      end)
 
     %{rtt: rtt, oneway: oneway, handoff: handoff, rtt_n: rtt_n, oneway_n: oneway_n}
   end
@@ -290,37 +292,50 @@ defmodule SnakepitShm.Bench.Channel do
 
   # ---- handoff ----
 
-  defp handoff_channel(ch, payload, sizes, quick) do
-    for size <- sizes, into: %{} do
-      data = binary_part(payload, 0, size)
+  @handoff_rounds 5
 
-      samples =
-        timed(handoff_n(size, quick), fn ->
-          :ok = Channel.send(ch, data)
+  # Per size: #{@handoff_rounds} rounds, each timing a batch of channel handoffs and a
+  # batch of Port handoffs, the order swapped every round; samples pooled per path.
+  defp handoff_paired(ch, port, payload, sizes, quick) do
+    per_size =
+      for size <- sizes do
+        data = binary_part(payload, 0, size)
+        n = max(div(handoff_n(size, quick), @handoff_rounds), 1)
 
-          receive do
-            {:snakepit_shm_channel, ^ch, <<_::64>>} -> :ok
+        paths = [
+          channel: fn -> handoff_channel(ch, data) end,
+          port: fn -> handoff_port(port, data) end
+        ]
+
+        rounds =
+          for round <- 1..@handoff_rounds do
+            order = if rem(round, 2) == 0, do: Enum.reverse(paths), else: paths
+            Map.new(order, fn {name, fun} -> {name, timed(n, fun)} end)
           end
-        end)
 
-      {size, summarize(samples)}
+        {size,
+         Map.new([:channel, :port], fn p -> {p, summarize(Enum.flat_map(rounds, & &1[p]))} end)}
+      end
+
+    %{
+      channel: Map.new(per_size, fn {size, m} -> {size, m.channel} end),
+      port: Map.new(per_size, fn {size, m} -> {size, m.port} end)
+    }
+  end
+
+  defp handoff_channel(ch, data) do
+    :ok = Channel.send(ch, data)
+
+    receive do
+      {:snakepit_shm_channel, ^ch, <<_::64>>} -> :ok
     end
   end
 
-  defp handoff_port(port, payload, sizes, quick) do
-    for size <- sizes, into: %{} do
-      data = binary_part(payload, 0, size)
+  defp handoff_port(port, data) do
+    Port.command(port, data)
 
-      samples =
-        timed(handoff_n(size, quick), fn ->
-          Port.command(port, data)
-
-          receive do
-            {^port, {:data, <<_::64>>}} -> :ok
-          end
-        end)
-
-      {size, summarize(samples)}
+    receive do
+      {^port, {:data, <<_::64>>}} -> :ok
     end
   end
 

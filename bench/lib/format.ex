@@ -45,6 +45,7 @@ defmodule SnakepitShm.Bench.Format do
   end
 
   @doc "A ratio summary: \"4.8× (4.1–5.2)\"."
+  def ratio(nil), do: "–"
   def ratio(%{median: m, min: lo, max: hi}), do: "#{num(m)}× (#{num(lo)}–#{num(hi)})"
 
   @doc "Plain summary of numbers: \"1.2 M (1.1–1.3 M)\" with a unit suffix."

@@ -14,14 +14,18 @@ defmodule SnakepitShm.Bench.Handoff do
     * `:port_1m` - the same with the pipe enlarged to 1 MiB (F_SETPIPE_SZ), the
       fastest Port we could make here (a second worker process);
     * `:socket` - the payload through a Unix domain socket (`gen_tcp`, `{packet, 4}`);
-    * `:reference` - C++: one memcpy into touched memory plus the same read pass.
+    * `:reference` - C++: one memcpy into touched memory plus the same read pass;
+    * `:channel` - (b') the warm region, but the message naming it (region id + length,
+      24 bytes) and the 8-byte answer travel over a `Snakepit.SharedMemory.Channel`
+      (shared-memory rings, eventfd doorbells) instead of the Port: the product's best
+      path (issue 15). Target: faster than the Port at every size.
   """
 
   alias Snakepit.SharedMemory, as: SM
-  alias Snakepit.SharedMemory.JSON
+  alias Snakepit.SharedMemory.{Channel, JSON}
   alias SnakepitShm.Bench.Programs
 
-  @paths [:fresh, :warm, :port, :port_1m, :socket, :reference]
+  @paths [:fresh, :warm, :port, :port_1m, :socket, :reference, :channel]
   @socket_buffer 4 * 1024 * 1024
 
   def paths, do: @paths
@@ -35,8 +39,20 @@ defmodule SnakepitShm.Bench.Handoff do
     worker = Programs.open_python("worker.py", [Programs.python_client_dir()])
     plain = Programs.open_python("worker.py", [Programs.python_client_dir(), "--default-pipe"])
     reference = Programs.open_line_port(programs.handoff_ref)
+    # the channel path has a worker process of its own: its channel thread (spinning
+    # briefly after each message) must not share a GIL with the other paths' serving
+    chan_worker = Programs.open_python("worker.py", [Programs.python_client_dir()])
     {listener, socket, socket_path} = open_socket(worker)
-    ctx = %{worker: worker, plain_worker: plain, reference: reference, socket: socket}
+    channel = open_channel(chan_worker)
+
+    ctx = %{
+      worker: worker,
+      chan_worker: chan_worker,
+      plain_worker: plain,
+      reference: reference,
+      socket: socket,
+      channel: channel
+    }
 
     try do
       sizes = Enum.filter(profile.handoff_sizes, &(&1 <= byte_size(payload)))
@@ -46,11 +62,13 @@ defmodule SnakepitShm.Bench.Handoff do
         measure_size(ctx, profile, data, size == profile.headline_size)
       end)
     after
+      Channel.close(channel)
       :gen_tcp.close(socket)
       :gen_tcp.close(listener)
       File.rm(socket_path)
       Programs.close_python(worker)
       Programs.close_python(plain)
+      Programs.close_python(chan_worker)
       Programs.close_line_port(reference)
     end
   end
@@ -75,6 +93,18 @@ defmodule SnakepitShm.Bench.Handoff do
     {listener, socket, path}
   end
 
+  # The worker connects to the channel in a thread of its own and answers on the port
+  # once connected. Active mode: an answer arrives as a message, as a Port's does.
+  defp open_channel(worker) do
+    {:ok, channel} = ok!(Channel.open(active: true), :channel_open)
+    {:ok, json} = JSON.encode(Channel.export_ref(channel))
+
+    case Programs.request(worker, ["C", json]) do
+      <<?R, _::binary>> -> channel
+      other -> raise "the worker could not connect to the channel: #{inspect(other)}"
+    end
+  end
+
   defp measure_size(ctx, profile, data, headline?) do
     size = byte_size(data)
     iterations = iterations(profile, size)
@@ -82,6 +112,7 @@ defmodule SnakepitShm.Bench.Handoff do
     ctx = Map.put(ctx, :warm, warm)
 
     try do
+      bind_channel(ctx, warm, size)
       check_agreement(ctx, data)
 
       rounds =
@@ -94,7 +125,7 @@ defmodule SnakepitShm.Bench.Handoff do
       breakdown = if headline?, do: breakdown(ctx, data, profile.handoff_reps), else: nil
       %{size: size, iterations: iterations, samples: samples, breakdown: breakdown}
     after
-      teardown_warm(ctx.worker, warm)
+      teardown_warm([ctx.worker, ctx.chan_worker], warm)
     end
   end
 
@@ -114,7 +145,8 @@ defmodule SnakepitShm.Bench.Handoff do
   # xor of the payload (a wrong path must fail the bench, not report a number).
   defp check_agreement(ctx, data) do
     results =
-      for path <- [:fresh, :warm, :port, :port_1m, :socket], do: {path, handoff(ctx, path, data)}
+      for path <- [:fresh, :warm, :port, :port_1m, :socket, :channel],
+          do: {path, handoff(ctx, path, data)}
 
     values = results |> Enum.map(fn {_, {x, _}} -> x end) |> Enum.uniq()
 
@@ -164,6 +196,11 @@ defmodule SnakepitShm.Bench.Handoff do
     decode(Programs.request(ctx.worker, ["W", json]))
   end
 
+  defp handoff(ctx, :channel, data) do
+    :ok = ok!(SM.write(ctx.warm.mapping, 0, data), :write)
+    channel_request(ctx.channel, [<<byte_size(data)::little-64>>, ctx.warm.id])
+  end
+
   defp handoff(ctx, :port, data), do: decode(Programs.request(ctx.plain_worker, ["P", data]))
   defp handoff(ctx, :port_1m, data), do: decode(Programs.request(ctx.worker, ["P", data]))
 
@@ -181,6 +218,24 @@ defmodule SnakepitShm.Bench.Handoff do
   defp decode(<<?R, xor::little-64, timings::binary>>),
     do: {xor, for(<<ns::little-64 <- timings>>, do: ns)}
 
+  defp channel_request(channel, message) do
+    :ok = ok!(Channel.send(channel, message), :channel_send)
+
+    receive do
+      {:snakepit_shm_channel, ^channel, reply} -> decode(reply)
+      {:snakepit_shm_channel_closed, ^channel, reason} -> raise "channel closed: #{reason}"
+    after
+      600_000 -> raise "the worker did not answer on the channel"
+    end
+  end
+
+  # Once per size, untimed: the worker attaches the warm region (by its full ref) and
+  # keeps it, so that each timed message needs only the region id and the length.
+  defp bind_channel(ctx, warm, size) do
+    {:ok, json} = JSON.encode(%{"ref" => warm.ref, "length" => size})
+    channel_request(ctx.channel, json)
+  end
+
   defp setup_warm(data) do
     {:ok, id} = ok!(SM.allocate_region(byte_size(data)), :allocate_region)
     {:ok, mapping} = ok!(SM.map_region(id, access_mode: :read_write), :map_region)
@@ -188,8 +243,8 @@ defmodule SnakepitShm.Bench.Handoff do
     %{id: id, mapping: mapping, ref: ref}
   end
 
-  defp teardown_warm(worker, warm) do
-    Programs.request(worker, ["D", warm.id])
+  defp teardown_warm(workers, warm) do
+    for worker <- workers, do: Programs.request(worker, ["D", warm.id])
     SM.unmap_region(warm.mapping)
     SM.deallocate_region(warm.id)
   end
@@ -199,7 +254,8 @@ defmodule SnakepitShm.Bench.Handoff do
   defp breakdown(ctx, data, reps) do
     fresh = for _ <- 1..reps, do: fresh_steps(ctx, data)
     warm = for _ <- 1..reps, do: warm_steps(ctx, data)
-    %{fresh: transpose(fresh), warm: transpose(warm)}
+    channel = for _ <- 1..reps, do: channel_steps(ctx, data)
+    %{fresh: transpose(fresh), warm: transpose(warm), channel: transpose(channel)}
   end
 
   defp fresh_steps(ctx, data) do
@@ -284,6 +340,23 @@ defmodule SnakepitShm.Bench.Handoff do
       {"write", t1 - t0},
       {"worker: xor-reduce", reduce},
       {"messaging (round trip less worker time)", t2 - t1 - reduce},
+      {"total", t2 - t0}
+    ]
+  end
+
+  defp channel_steps(ctx, data) do
+    t = fn -> System.monotonic_time(:nanosecond) end
+    t0 = t.()
+    :ok = SM.write(ctx.warm.mapping, 0, data)
+    t1 = t.()
+    message = [<<byte_size(data)::little-64>>, ctx.warm.id]
+    {_xor, [_attach, reduce, _close]} = channel_request(ctx.channel, message)
+    t2 = t.()
+
+    [
+      {"write", t1 - t0},
+      {"worker: xor-reduce", reduce},
+      {"channel messaging (round trip less worker time)", t2 - t1 - reduce},
       {"total", t2 - t0}
     ]
   end

@@ -14,6 +14,13 @@ the xor as 8 little-endian bytes. Requests (first byte, then the rest of the fra
 * ``U`` socket path: connect to the Unix socket the bench listens on and serve
   ``{packet, 4}`` payload frames on it (path d), in a thread, until the bench closes
   it; the reply on the port comes once connected.
+* ``C`` JSON channel ref: connect to the bench's message channel
+  (``snakepit_shm.Channel``) and serve handoff messages on it (path b', warm region +
+  channel message), in a thread, until the bench closes it; the reply on the port comes
+  once connected. A channel message is either JSON ``{"ref": ref, "length": n}`` (attach
+  and keep the region, then reduce) or ``<Q length><region id>`` (reduce the first
+  ``length`` bytes of a kept region); the answer, on the channel, is ``R``, the xor and
+  the timings (attach, reduce, close) as the port's replies.
 * ``Q``: exit.
 """
 
@@ -33,6 +40,7 @@ from framing import FrameReader, write_frame  # noqa: E402
 
 _REPLY = struct.Struct("<cQ")  # the socket path's reply; port replies may add timings
 _HEADER = struct.Struct(">I")
+_LENGTH = struct.Struct("<Q")  # the channel path's message: length, then the region id
 # The pipe and the socket are sized as large as this machine allows, so that the
 # baselines move data in as few system calls as they can: the fairest comparison.
 _PIPE_SIZE = 1 << 20
@@ -62,6 +70,7 @@ class Worker:
     def __init__(self, snakepit_shm):
         self.shm = snakepit_shm
         self.kept = {}  # region id -> attached Region (warm path)
+        self.views = {}  # region id -> its uint64 view (channel path)
 
     def fresh(self, ref):
         """Attach, reduce, close; returns (xor, (attach ns, reduce ns, close ns))."""
@@ -90,6 +99,7 @@ class Worker:
         return value, (t1 - t0, clock() - t1, 0)
 
     def drop(self, region_id):
+        self.views.pop(region_id, None)  # the view goes before the region closes
         region = self.kept.pop(region_id, None)
         if region is not None:
             region.close()
@@ -115,6 +125,43 @@ class Worker:
                 sock.sendall(_HEADER.pack(_REPLY.size) + _REPLY.pack(b"R", value))
         finally:
             sock.close()
+
+    def serve_channel(self, ref):
+        """The channel path: small messages name a warm region, the bytes stay in it."""
+        try:
+            channel = self.shm.Channel.connect(ref)
+        except Exception as error:  # reported to the bench instead of a silent hang
+            write_frame(1, b"E" + str(error).encode())
+            return
+        reply(0)
+        with channel:
+            try:
+                while True:
+                    message = channel.recv()
+                    if message[:1] == b"{":
+                        value, timings = self.warm(json.loads(bytes(message)))
+                    else:
+                        (length,) = _LENGTH.unpack_from(message)
+                        t0 = clock()
+                        words = self.words_of(bytes(message[_LENGTH.size:]).decode())
+                        part = words[:length // 8]
+                        value = int(np.bitwise_xor.reduce(part)) if part.size else 0
+                        del part
+                        timings = (0, clock() - t0, 0)
+                    channel.send(_REPLY.pack(b"R", value) + struct.pack("<3Q", *timings))
+            except self.shm.ChannelClosed:
+                pass
+            finally:
+                self.views.clear()
+
+    def words_of(self, region_id):
+        """The whole kept region as uint64 words, made once per region (as a worker that
+        keeps a region keeps its view): each message then slices it."""
+        words = self.views.get(region_id)
+        if words is None:
+            region = self.kept[region_id]
+            words = self.views[region_id] = region.ndarray("uint64", (region.size // 8,))
+        return words
 
 
 def recv_exact(sock, view):
@@ -156,6 +203,9 @@ def main():
             # Served by a thread, so that the port stays responsive; the bench sends
             # one request at a time on either channel, so they never compete.
             threading.Thread(target=worker.serve_socket, args=(bytes(body).decode(),),
+                             daemon=True).start()
+        elif op == b"C":
+            threading.Thread(target=worker.serve_channel, args=(json.loads(bytes(body)),),
                              daemon=True).start()
         elif op == b"Q":
             return

@@ -60,6 +60,38 @@ defmodule SnakepitShm.Bench.ReportTest do
       assert r.warm_vs_socket.median == 3.0
       assert r.warm_vs_reference.median == 1.0
       assert r.fresh_vs_port.median == 0.5
+      assert r.channel_vs_port == nil, "a run from before the channel path has no ratio"
+    end
+
+    test "the channel path (b'): its ratios and the target 'faster than the Port at every size'" do
+      row = fn size, channel, port ->
+        %{
+          size: size,
+          breakdown: nil,
+          samples: %{
+            fresh: port,
+            warm: port,
+            port: port,
+            port_1m: port,
+            socket: port,
+            reference: port,
+            channel: channel
+          }
+        }
+      end
+
+      fast = row.(4096, [1, 2], [2, 4])
+      assert Targets.handoff_ratios(fast).channel_vs_port.median == 2.0
+
+      assert [%{part: "1", met: true, measured: "2.00× (2.00–2.00) at 4 KiB"}] =
+               Targets.evaluate(%{handoff: [fast, row.(1_048_576, [1, 1], [3, 3])]})
+
+      assert [%{met: false, reason: reason, measured: measured}] =
+               Targets.evaluate(%{handoff: [fast, row.(1_048_576, [4, 4], [3, 3])]})
+
+      assert measured =~ "at 1 MiB"
+      assert reason =~ "the Port was as fast or faster at 1 MiB"
+      assert Targets.evaluate(%{handoff: []}) == []
     end
   end
 

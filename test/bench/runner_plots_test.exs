@@ -45,6 +45,7 @@ defmodule SnakepitShm.Bench.RunnerPlotsTest do
 
     assert handoff =~ "target for (b): 10 x (c)"
     assert handoff =~ "target for (a): 2 x (c)"
+    assert handoff =~ "(b') warm region + channel message"
     assert fresh =~ "rotate by 30 right"
   end
 
@@ -59,7 +60,7 @@ defmodule SnakepitShm.Bench.RunnerPlotsTest do
 
       rows =
         for s <- sizes,
-            do: Enum.join([s | List.duplicate("1.0", 18)] ++ [Plots.tic_label(s)], " ")
+            do: Enum.join([s | List.duplicate("1.0", 21)] ++ [Plots.tic_label(s)], " ")
 
       File.write!(Path.join(dir, "handoff.dat"), Enum.join(rows, "\n") <> "\n")
 

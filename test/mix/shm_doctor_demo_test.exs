@@ -47,6 +47,7 @@ defmodule Mix.Tasks.Snakepit.Shm.DoctorDemoTest do
             "RLIMIT_NOFILE",
             "systemd RemoveIPC",
             "memfd sealing",
+            "message channel",
             "Python client",
             "numpy",
             "pidfd"
@@ -59,6 +60,7 @@ defmodule Mix.Tasks.Snakepit.Shm.DoctorDemoTest do
       assert out =~ ~r/^NIF loads\s+ok/m
       assert out =~ ~r/^memfd sealing\s+ok\s+allocated a memfd region/m
       assert out =~ ~r/^Python client\s+ok/m
+      assert out =~ ~r/^message channel\s+ok\s+shared-memory rings work/m
       assert status == if(out =~ ~r/^\S.*\s+FAIL\s/m, do: 1, else: 0)
       if out =~ ~r/\sWARN\s/, do: assert(out =~ "What to do:")
     end

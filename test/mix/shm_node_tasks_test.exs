@@ -15,7 +15,8 @@ defmodule Mix.Tasks.Snakepit.Shm.NodeTasksTest do
   {:ok, b} = SHM.allocate_region(50_000, backend: :memfd)
   {:ok, m} = SHM.map_region(a)
   :ok = SHM.write(m, 0, "hello")
-  IO.puts("READY \#{System.pid()} \#{node()} \#{a} \#{b}")
+  {:ok, ch} = Snakepit.SharedMemory.Channel.open(transport: :shm)
+  IO.puts("READY \#{System.pid()} \#{node()} \#{a} \#{b} \#{ch.id}")
   Process.sleep(:infinity)
   """
 
@@ -23,7 +24,7 @@ defmodule Mix.Tasks.Snakepit.Shm.NodeTasksTest do
     {_, 0} = System.cmd("epmd", ["-daemon"])
     cookie = "c#{System.unique_integer([:positive])}"
     name = "shmtask#{System.unique_integer([:positive])}"
-    {_port, [vm, node, a, b]} = start_vm(@node_vm, ["--sname", name, "--cookie", cookie])
+    {_port, [vm, node, a, b, ch]} = start_vm(@node_vm, ["--sname", name, "--cookie", cookie])
 
     on_exit(fn ->
       # Only memfd regions: they die with the VM, nothing is left in /dev/shm.
@@ -32,7 +33,7 @@ defmodule Mix.Tasks.Snakepit.Shm.NodeTasksTest do
       assert Snakepit.SharedMemory.ShmHelpers.segments_created_by(String.to_integer(vm)) == []
     end)
 
-    %{vm: vm, node: node, cookie: cookie, a: a, b: b}
+    %{vm: vm, node: node, cookie: cookie, a: a, b: b, ch: ch}
   end
 
   defp remote(c), do: ["--node", c.node, "--cookie", c.cookie]
@@ -71,6 +72,31 @@ defmodule Mix.Tasks.Snakepit.Shm.NodeTasksTest do
              "active_bytes" => 150_000,
              "operations" => %{"allocate" => %{"count" => 2}}
            } = json!(out)
+  end
+
+  test "list shows the message channels mapped on this host: the node's, by its OS pid", c do
+    vm = String.to_integer(c.vm)
+    {out, _err, 0} = run_task("snakepit.shm.list", remote(c))
+    assert out =~ ~r/^channels: \d+$/m
+    assert out =~ ~r/^  inode \d+  \d+ KiB  mapped by (\d+, )*#{vm}(, \d+)*$/m
+
+    {out, _err, 0} = run_task("snakepit.shm.list", remote(c) ++ ["--format", "json"])
+    channels = json!(out)["channels"]
+    assert [%{"inode" => _, "bytes" => bytes}] = Enum.filter(channels, &(vm in &1["pids"]))
+    assert bytes > 0
+  end
+
+  test "stats --node lists the node's open channels with their counters", c do
+    {out, _err, 0} = run_task("snakepit.shm.stats", remote(c))
+    assert out =~ ~r/^Channels: 1$/m
+    assert out =~ ~r/^  #{c.ch}  shm listening  sent 0 \(0 B\)  received 0 \(0 B\)/m
+
+    {out, _err, 0} = run_task("snakepit.shm.stats", remote(c) ++ ["--format", "json"])
+
+    assert %{"channels" => [%{"id" => id, "transport" => "shm", "state" => "listening"}]} =
+             json!(out)
+
+    assert id == c.ch
   end
 
   test "doctor --node shows the node's health checks (Snakepit.SharedMemory.health/0)", c do

@@ -147,6 +147,11 @@ class Channel:
         self._len = ctypes.c_uint32()
         self._fd = ctypes.c_int()
         self._size = ctypes.c_uint64()
+        # made once: _try_recv runs per message (and in the spin loop)
+        self._buf_len = len(self._buf)
+        self._len_ref = ctypes.byref(self._len)
+        self._fd_ref = ctypes.byref(self._fd)
+        self._size_ref = ctypes.byref(self._size)
         self._wait_fd = self._lib.spshm_ch_wait_fd(self._h)
         self._poll = select.poll()
         self._poll.register(self._wait_fd, select.POLLIN)
@@ -221,6 +226,15 @@ class Channel:
         :class:`ChannelClosed` if the channel is closed.
         """
         self._check_open()
+        if type(data) is bytes and len(data) <= self._inline_max:
+            # Fast path (a reply, a small request): bytes are immutable and stay alive
+            # during the call, so ctypes passes their buffer as it is.
+            code = self._lib.spshm_ch_send(self._h, data, len(data), self._err, _ERR_LEN)
+            if code == 0:
+                return
+            if code != _WOULD_BLOCK:
+                self._raise(code)
+            # the ring is full: nothing was sent; the general path below waits
         with _native.buffer_address(data) as (address, length):
             if length <= self._inline_max:
                 def attempt():
@@ -260,9 +274,8 @@ class Channel:
 
     def _try_recv(self):
         """One message or None (nothing now). Raises ChannelClosed at the end."""
-        code = self._lib.spshm_ch_recv(self._h, self._buf, len(self._buf),
-                                       ctypes.byref(self._len), ctypes.byref(self._fd),
-                                       ctypes.byref(self._size), self._err, _ERR_LEN)
+        code = self._lib.spshm_ch_recv(self._h, self._buf, self._buf_len, self._len_ref,
+                                       self._fd_ref, self._size_ref, self._err, _ERR_LEN)
         if code == 0:
             return ctypes.string_at(self._buf, self._len.value)
         if code == _REGION:
