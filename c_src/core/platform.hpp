@@ -151,6 +151,29 @@ Result<Mapping> map(const Handle& handle, std::uint64_t offset, std::size_t leng
 /// Makes the data immutable for every future mapping and open of other processes
 /// (memfd: F_SEAL_FUTURE_WRITE; named POSIX: mode 0400). Existing mappings keep working.
 Result<void> seal_object(const Handle& data_object, BackendKind backend);
+// ---- liveness locks (Linux: open file description locks, F_OFD_*) ----
+//
+// A lock belongs to the open file description of `handle`, not to the process: it lasts
+// until the last descriptor of that open is closed (also on SIGKILL), works across PID
+// namespaces, and conflicts with locks of every other open, even of the same process.
+// Bytes may lie beyond the end of the object.
+
+/// True where the OS has open file description locks (Linux). Elsewhere the functions
+/// below do nothing, lock_is_held() says true (never "unused": nothing is deleted on its
+/// word) and try_lock_exclusive() says true (callers only take free slots there).
+bool has_ofd_locks() noexcept;
+/// Takes a shared lock of byte `offset` (F_OFD_SETLK, F_RDLCK); busy if another open
+/// holds it exclusively (a sweeper removing the object right now).
+Result<void> lock_shared(const Handle& handle, std::uint64_t offset);
+/// Tries an exclusive lock of byte `offset` without waiting (the handle must be open for
+/// writing): false if another open holds a lock there.
+Result<bool> try_lock_exclusive(const Handle& handle, std::uint64_t offset);
+/// Drops this open's lock of byte `offset`.
+void unlock(const Handle& handle, std::uint64_t offset) noexcept;
+/// True if an open other than this one holds a lock of byte `offset` (F_OFD_GETLK with
+/// F_WRLCK: works on a read-only handle).
+Result<bool> lock_is_held(const Handle& handle, std::uint64_t offset);
+
 /// mlock + keep out of core dumps; mlock_failed names RLIMIT_MEMLOCK and how to raise it.
 Result<void> lock_memory(void* address, std::size_t length);
 std::size_t page_size() noexcept;

@@ -12,6 +12,7 @@
 #include "crypto.hpp"
 #include "header.hpp"
 #include "ids.hpp"
+#include "park.hpp"
 #include "platform.hpp"
 #include "region_impl.hpp"
 
@@ -23,17 +24,6 @@ using platform::Sharing;
 namespace {
 
 constexpr int kCreateAttempts = 8;
-
-/// True if `region_id` currently names the object behind `ours` (same device and inode).
-/// Where the OS gives no identity (Windows: no names to remove), it says true.
-bool names_our_object(const std::string& region_id, const platform::Handle& ours) {
-  auto current = platform::open_named(region_id, Access::read_only);
-  if (!current) return current.error().code != Errc::not_found;
-  auto a = platform::stat(ours, region_id);
-  auto b = platform::stat(current.value(), region_id);
-  if (!a || !b) return true;
-  return a->device == b->device && a->inode == b->inode;
-}
 
 std::uint64_t round_up_to_page(std::uint64_t n) noexcept {
   std::uint64_t page = platform::page_size();
@@ -122,7 +112,8 @@ Result<void> fill_new_region(RegionFactory::Impl& impl, const CreateOptions& o, 
   init.region_id = impl.id;
   init.backend = impl.backend;
   init.flags = (o.encrypted ? kFlagEncrypted : 0) | (named ? kFlagNamed : 0) |
-               (impl.backend == BackendKind::memfd ? kFlagSplitData : 0);
+               (impl.backend == BackendKind::memfd ? kFlagSplitData : 0) |
+               (platform::has_ofd_locks() ? kFlagLivenessLocks : 0);
   init.security_level = o.security_level;
   init.data_size = o.size;
   init.data_capacity = impl.capacity;
@@ -178,7 +169,16 @@ Result<Region> create_posix(const CreateOptions& o) {
   }
   for (int attempt = 0; attempt < kCreateAttempts; ++attempt) {
     auto handle = platform::create_named(id, o.mode, named_object_size(o));
-    if (handle) return build_posix(std::move(*handle), id, o);
+    if (handle) {
+      // The liveness lock first, before sizing: from here until this Region is gone the
+      // segment is in use for every sweeper, header or not (a slow fallocate included).
+      if (auto r = take_liveness_lock(*handle, "segment " + id); !r) {
+        (void)platform::unlink_named(id);
+        return r.error();
+      }
+      test_park("create_" + std::to_string(o.size));
+      return build_posix(std::move(*handle), id, o);
+    }
     if (handle.error().code != Errc::already_exists) return std::move(handle).error();
     if (!named) {
       id = random_region_id();  // 100 random bits collided, or someone squats: next one
@@ -208,6 +208,7 @@ Result<Region> create_memfd(const CreateOptions& o) {
   auto control = platform::create_anonymous(impl->id, kHeaderSize);
   if (!control) return control.error();
   impl->control = std::move(*control);
+  if (auto r = take_liveness_lock(impl->control, "memfd " + impl->id); !r) return r.error();
   auto data = platform::create_anonymous(impl->id + ".data", round_up_to_page(impl->capacity));
   if (!data) return data.error();
   impl->data_object = std::move(*data);
@@ -311,7 +312,7 @@ Result<void> Region::seal() {
                    "cannot seal region " + impl_->id + ": it was deallocated"};
     }
     if (set_by_us) {
-      if (std::uint32_t pid = other_writable_holder(h, platform::current_pid())) {
+      if (std::uint32_t pid = other_writable_holder(h, platform::current_pid(), &impl_->control)) {
         undo();
         return Error{Errc::busy, 0,
                      "cannot seal region " + impl_->id + ": process " + std::to_string(pid) +
@@ -337,6 +338,25 @@ Result<void> Region::deallocate(bool zero) {
     }
     return unlink();
   });
+}
+
+Result<void> Region::hold(std::uint32_t pid, std::uint64_t start_time, bool writable) {
+  if (!impl_->header_shared)
+    return Error{Errc::permission_denied, 0,
+                 "region " + impl_->id + " is seen through a private copy of its header"};
+  std::lock_guard<std::mutex> lock(impl_->slot_mutex);
+  return hold_on(impl_->header(), impl_->control, impl_->slot, pid, start_time, writable);
+}
+
+Result<void> Region::release() {
+  std::lock_guard<std::mutex> lock(impl_->slot_mutex);
+  return release_on(impl_->header(), impl_->control, impl_->slot);
+}
+
+std::uint32_t Region::reap_dead_holders() {
+  if (!impl_->header_shared) return 0;
+  std::lock_guard<std::mutex> lock(impl_->slot_mutex);
+  return reap_dead_slots(impl_->header(), impl_->control, impl_->slot);
 }
 
 Result<void> Region::unlink() {

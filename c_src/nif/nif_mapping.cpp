@@ -128,7 +128,7 @@ ERL_NIF_TERM nif_map(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   // process, opened read-only) cannot carry our hold: map without one.
   bool shared_header = region.header_writable();
   if (shared_header) {
-    auto held = hold(region.header(), self_identity.pid, self_identity.start_time, writable);
+    auto held = region.hold(self_identity.pid, self_identity.start_time, writable);
     if (!held.ok()) return make_error(env, held.error());
   }
 

@@ -12,7 +12,7 @@ ResourceTypes resource_types;
 SelfIdentity self_identity;
 
 void MappingResource::release_hold() noexcept {
-  if (held) (void)release(owner->region.header(), self_identity.pid, self_identity.start_time);
+  if (held) (void)owner->region.release();
 }
 
 namespace {

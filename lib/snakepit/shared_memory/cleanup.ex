@@ -16,12 +16,11 @@ defmodule Snakepit.SharedMemory.Cleanup do
 
   ## Sweeps of the shm directory (`/dev/shm` on Linux)
 
-    * orphans (`sweep_orphans/1`): segments of ours whose creator VM is gone (its OS
-      pid, start time and boot id no longer match a live process). A VM killed with
-      SIGKILL leaves its POSIX segments; the next start frees them.
-    * incomplete segments (`Snakepit.SharedMemory.Incomplete`): a VM killed while
-      creating a segment leaves it without a header; it is removed once no process has
-      it open (part of `sweep_orphans/1`).
+    * orphans (`sweep_orphans/1`): segments of ours that nobody uses, asked of the
+      kernel: every user holds a shared open file description lock on the segment
+      (byte 0), so a segment whose lock is free has no user anywhere, whatever PID
+      namespace or VM. A VM killed with SIGKILL leaves its POSIX segments; the next
+      sweep frees them, header-less ones (a kill inside create) included.
     * re-adoption (`adopt_own_segments/0`): when the registry tables were lost (the table
       owner died), POSIX segments created by this very VM are registered again, as
       `:manual` regions without owner (see `docs/SECURITY.md`). memfd regions cannot be
@@ -34,7 +33,7 @@ defmodule Snakepit.SharedMemory.Cleanup do
   require Logger
   require Snakepit.SharedMemory.Registry
 
-  alias Snakepit.SharedMemory.{Access, Allocator, Config, Incomplete, JSON, Journal, Native}
+  alias Snakepit.SharedMemory.{Access, Allocator, Config, JSON, Journal, Native}
   alias Snakepit.SharedMemory.Platform
   alias Snakepit.SharedMemory.{Quota, Registry, Security, Stats}
 
@@ -207,12 +206,7 @@ defmodule Snakepit.SharedMemory.Cleanup do
 
   # Names in the shm directory, listed once per sweep (nil: this platform has none).
   defp segment_names do
-    with dir when is_binary(dir) <- Platform.current().shm_dir(),
-         {:ok, names} <- File.ls(dir) do
-      MapSet.new(names)
-    else
-      _ -> nil
-    end
+    if Platform.current().shm_dir(), do: MapSet.new(Native.list_segments())
   end
 
   defp vanished?(region(backend: :posix, role: :created, id: id), %MapSet{} = present),
@@ -239,43 +233,56 @@ defmodule Snakepit.SharedMemory.Cleanup do
   # ---- the shm directory ----
 
   @doc """
-  Frees segments of ours whose creator VM is gone. Returns what was (or, with
-  `dry_run: true`, would be) freed.
+  Removes the segments of ours in the shm directory that nobody uses: no open file
+  description anywhere (this VM, another VM in any PID namespace, a Python worker) holds
+  their liveness lock (`Native.sweep_segment/2`: the kernel answers, no PID is trusted).
+  That covers the segments of VMs that died, segments whose creation was cut short
+  (header-less, their creator's lock gone) and segments created for callers killed
+  mid-allocation. A segment being created holds its creator's lock from the instant it
+  exists, so it is never taken for an orphan. Returns what was (or, with `dry_run: true`,
+  would be) removed.
   """
   @spec sweep_orphans(keyword()) :: [freed()]
   def sweep_orphans(opts \\ []) do
     dry_run = Keyword.get(opts, :dry_run, false)
-    {valid, corrupt} = scan_unregistered()
+    dir = Platform.current().shm_dir()
 
-    orphans =
-      for {id, header} <- valid,
-          not header.creator_alive,
-          dry_run or unlink(id) do
-        %{region_id: id, reason: :orphan, size: header.size}
+    freed =
+      for id <- segment_ids(),
+          not Registry.member?(id),
+          size = segment_size(dir, id),
+          {:ok, outcome} when outcome in [:removed, :removed_incomplete] <- [
+            Native.sweep_segment(id, dry_run)
+          ] do
+        reason = if outcome == :removed, do: :orphan, else: :incomplete
+        %{region_id: id, reason: reason, size: size}
       end
-
-    # Header-less segments name no creator: see Snakepit.SharedMemory.Incomplete.
-    incomplete =
-      case Platform.current().shm_dir() do
-        nil ->
-          []
-
-        dir ->
-          for id <- Incomplete.sweep(dir, corrupt, dry_run),
-              do: %{region_id: id, reason: :incomplete, size: 0}
-      end
-
-    freed = orphans ++ incomplete
 
     if freed != [] and not dry_run do
       Stats.event(:orphans, %{count: length(freed)}, %{
         region_ids: Enum.map(freed, & &1.region_id)
       })
 
-      Logger.info("snakepit_shm: removed #{length(freed)} segment(s) left by dead VMs")
+      Logger.info("snakepit_shm: removed #{length(freed)} unused segment(s)")
     end
 
     freed
+  end
+
+  @doc "Ids of the segments of ours in the shm directory (`Native.list_segments/0`)."
+  @spec segment_ids() :: [String.t()]
+  def segment_ids do
+    if Platform.current().shm_dir(), do: Native.list_segments(), else: []
+  end
+
+  # lstat only: never opens the name (it may be a FIFO).
+  defp segment_size(nil, _id), do: 0
+
+  defp segment_size(dir, id) do
+    case File.lstat(Path.join(dir, id)) do
+      {:ok, %File.Stat{size: size}} -> max(size - 4096, 0)
+      _ -> 0
+    end
   end
 
   @doc """
@@ -290,6 +297,8 @@ defmodule Snakepit.SharedMemory.Cleanup do
     for {id, header} <- unregistered_segments(), ours?(header, me), adopt(id, header), do: id
   end
 
+  # Created by this VM: pid, start time and boot id all match (mappings of this VM that
+  # outlived the tables may still hold it: it is ours, and in use by us).
   defp ours?(header, me) do
     header.creator_pid == me.os_pid and header.creator_start_time == me.start_time and
       header.boot_id == me.boot_id and not header.deallocated
@@ -336,15 +345,10 @@ defmodule Snakepit.SharedMemory.Cleanup do
   end
 
   @doc """
-  Removes the segments of callers killed inside `Native.create/2`: every unregistered
-  POSIX segment of this VM with the size of a pending leak, created after its start.
-  Returns the pendings not past their deadline (a dirty create keeps running after its
-  caller died, so a segment can appear after the death was handled: the manager
-  calls this again until the deadline).
-
-  The manager calls it inside `Journal.barrier/2`, where no live caller holds a segment
-  it has created but not registered yet; matching size and time keeps segments made by
-  direct users of `Snakepit.SharedMemory.Native` in this VM out of harm's way.
+  Removes the segments of callers killed inside `Native.create/2`: the dirty create
+  keeps running after its caller died, and the region it returns to nobody is garbage
+  collected, which drops its liveness lock; `sweep_orphans/1` then removes it. Returns
+  the pendings not past their deadline (the manager calls this again until then).
   """
   @spec sweep_leaks([{pos_integer(), integer(), integer()}]) :: [
           {pos_integer(), integer(), integer()}
@@ -352,16 +356,8 @@ defmodule Snakepit.SharedMemory.Cleanup do
   def sweep_leaks([]), do: []
 
   def sweep_leaks(pending) do
-    me = Native.self_info()
-
-    for {id, h} <- unregistered_segments(),
-        ours?(h, me),
-        Enum.any?(pending, fn {size, started, _} ->
-          h.size == size and h.created_at_ns >= started
-        end),
-        unlink(id) do
+    for %{region_id: id} <- sweep_orphans() do
       Stats.event(:leaked, %{count: 1}, %{region_id: id})
-      Logger.warning("snakepit_shm: removed #{id}, created for a caller killed mid-allocation")
     end
 
     now = System.monotonic_time(:millisecond)
@@ -370,35 +366,20 @@ defmodule Snakepit.SharedMemory.Cleanup do
 
   # Segments in the shm directory that the registry does not know, with their headers.
   # Unreadable ones (being created right now, foreign, corrupt) are skipped, never freed.
-  defp unregistered_segments, do: elem(scan_unregistered(), 0)
+  defp unregistered_segments, do: scan_unregistered()
 
-  # Segments in the shm directory that the registry does not know: {readable ones with
-  # their headers, names whose header is not valid}. Neither kind is freed here.
+  # Segments in the shm directory that the registry does not know, with their headers.
+  # Unreadable ones (being created right now, foreign, corrupt) are skipped, never freed.
   defp scan_unregistered do
-    with dir when is_binary(dir) <- Platform.current().shm_dir(),
-         {:ok, names} <- File.ls(dir) do
-      results =
-        for name <- names,
-            String.starts_with?(name, "spshm_"),
-            Registry.lookup(name) == nil,
-            do: {name, Native.inspect_path(Path.join(dir, name))}
+    case Platform.current().shm_dir() do
+      nil ->
+        []
 
-      valid = for {name, {:ok, %{id: id} = header}} <- results, id == name, do: {name, header}
-      corrupt = for {name, {:error, {:corrupt, _, _}}} <- results, do: name
-      {valid, corrupt}
-    else
-      _ -> {[], []}
-    end
-  end
-
-  defp unlink(id) do
-    case Native.unlink_segment(id) do
-      :ok ->
-        true
-
-      {:error, {_reason, message, _errno}} ->
-        Logger.warning("snakepit_shm: could not remove #{id}: #{message}")
-        false
+      dir ->
+        for id <- segment_ids(),
+            not Registry.member?(id),
+            {:ok, %{id: ^id} = header} <- [Native.inspect_path(Path.join(dir, id))],
+            do: {id, header}
     end
   end
 end

@@ -54,18 +54,26 @@ class Attachment:
     only once the data mapping itself goes away (see Region.__del__).
     """
 
-    def __init__(self, header_mm, library, writable):
-        """Wrap a mapped header; ``writable`` if it is mapped for writing."""
+    def __init__(self, header_mm, library, writable, fd):
+        """Wrap a mapped header; ``writable`` if it is mapped for writing.
+
+        ``fd`` is a descriptor of this attachment's own open of the control object
+        (owned from now on): it carries the liveness lock and the lock of the holder
+        slot, and is closed by close().
+        """
         self.header_mm = header_mm
         self.library = library
         self.writable = writable
+        self.fd = fd
+        self.slot = ctypes.c_int(-1)  # the holder slot this open owns (-1: none)
         self.identity = None  # (pid, start_time) while a hold is registered
         self._lock = threading.Lock()
 
     def hold(self, identity, writable):
-        """Register one hold of ``identity`` in the header."""
+        """Register one hold of ``identity`` in the header, in this open's slot."""
         with _native.buffer_address(self.header_mm, writable=True) as (address, _):
-            self.library.hold(address, identity[0], identity[1], writable)
+            self.library.hold_fd(address, self.fd, self.slot, identity[0], identity[1],
+                                 writable)
         self.identity = identity
 
     def release(self):
@@ -77,14 +85,19 @@ class Attachment:
             if identity is None or identity[0] != os.getpid():
                 return
             with _native.buffer_address(self.header_mm, writable=True) as (address, _):
-                self.library.release(address, identity[0], identity[1])
+                self.library.release_fd(address, self.fd, self.slot)
 
     def close(self):
-        """Release the hold, then unmap the header."""
+        """Release the hold, then unmap the header and close the control descriptor."""
         try:
             self.release()
         finally:
-            self.header_mm.close()
+            try:
+                self.header_mm.close()
+            finally:
+                fd, self.fd = self.fd, -1
+                if fd >= 0:
+                    os.close(fd)
 
     def close_quietly(self):
         """close() for finalizers, where nobody could handle an exception."""

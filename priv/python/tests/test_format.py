@@ -32,7 +32,7 @@ ENUMS = {
     "ciphers": {"none": F.CIPHER_NONE,
                 "xchacha20poly1305_chunks": F.CIPHER_XCHACHA20POLY1305_CHUNKS},
     "flags": {"encrypted": F.FLAG_ENCRYPTED, "named": F.FLAG_NAMED,
-              "split_data": F.FLAG_SPLIT_DATA},
+              "split_data": F.FLAG_SPLIT_DATA, "liveness_locks": F.FLAG_LIVENESS_LOCKS},
     "states": {"sealed": F.STATE_SEALED, "deallocated": F.STATE_DEALLOCATED},
     "slot_states": {"free": F.SLOT_FREE, "busy": F.SLOT_BUSY, "live": F.SLOT_LIVE},
     "holder_flags": {"writable": F.HOLDER_WRITABLE,

@@ -145,20 +145,26 @@ defmodule Snakepit.SharedMemory.CleanupTest do
     test "a POSIX segment of a caller killed inside create is found and removed" do
       started = System.os_time(:nanosecond)
       opts = ShmHelpers.create_opts(%{backend: :posix})
-      {:ok, region, info} = Native.create(12_345, opts)
-      assert File.exists?("/dev/shm/#{info.id}")
       deadline = System.monotonic_time(:millisecond) + 1_000
-      # Another size, or a segment older than the allocation, is not taken for it; the
-      # pending stays until its deadline (the dirty create may still be running).
-      assert Cleanup.sweep_leaks([{999, started, deadline}]) == [{999, started, deadline}]
-      later = started + 10_000_000_000
-      assert Cleanup.sweep_leaks([{12_345, later, deadline}]) == [{12_345, later, deadline}]
-      assert File.exists?("/dev/shm/#{info.id}")
+      # A region somebody still holds (its resource keeps the liveness lock) stays.
+      {:ok, kept, kept_info} = Native.create(12_345, opts)
+      # What a dirty create returns to a caller that was killed meanwhile: a resource
+      # nobody references, garbage collected, its lock gone with its descriptor.
+      id =
+        Task.async(fn ->
+          {:ok, _region, info} = Native.create(12_345, opts)
+          info.id
+        end)
+        |> Task.await()
+
+      assert File.exists?("/dev/shm/#{id}")
+      # The pending stays until its deadline (the dirty create may still be running).
       assert Cleanup.sweep_leaks([{12_345, started, deadline}]) == [{12_345, started, deadline}]
-      refute File.exists?("/dev/shm/#{info.id}")
+      refute File.exists?("/dev/shm/#{id}")
+      assert File.exists?("/dev/shm/#{kept_info.id}")
       # Pendings past their deadline are dropped.
       assert Cleanup.sweep_leaks([{1, started, deadline - 5_000}]) == []
-      _ = region
+      assert :ok = Native.deallocate(kept, false)
     end
 
     test "a POSIX segment of a caller killed while freeing it is removed" do

@@ -54,12 +54,7 @@ defmodule Snakepit.SharedMemory.CLI.HostScan do
 
   # ---- POSIX ----
 
-  defp posix_names do
-    case File.ls(@shm_dir) do
-      {:ok, names} -> names |> Enum.filter(&String.starts_with?(&1, @prefix)) |> Enum.sort()
-      {:error, _} -> []
-    end
-  end
+  defp posix_names, do: Enum.sort(Native.list_segments())
 
   defp posix_present?(id) do
     # lstat: a planted symlink of that name is still "present" (and reported not ours).
@@ -70,13 +65,24 @@ defmodule Snakepit.SharedMemory.CLI.HostScan do
     path = posix_path(name)
 
     with :ok <- check_name(name),
-         {:ok, header} <- Native.inspect_path(path) do
-      Entry.from_header(header, context, %{path: path, data_path: path, open_by: []})
+         {:ok, header} <- Native.inspect_path(path),
+         :ok <- check_header_id(name, header) do
+      # The file's name, not the id its header claims: that is what cleanup removes.
+      Entry.from_header(header, context, %{id: name, path: path, data_path: path, open_by: []})
     else
       {:error, {reason, message, _errno}} ->
         Entry.unreadable(name, "posix", path, reason, message)
     end
   end
+
+  defp check_header_id(name, %{id: name}), do: :ok
+
+  defp check_header_id(name, %{id: other}),
+    do:
+      {:error,
+       {:corrupt,
+        "#{name} holds the header of #{other}: a copy or a rename, not the segment of " <>
+          "that name (left in place)", 0}}
 
   defp check_name(name) do
     if Entry.region_id?(name),
