@@ -188,6 +188,9 @@ struct ProcessStat {
 };
 /// not_found if no process has this pid.
 Result<ProcessStat> process_stat(std::uint32_t pid);
+/// Parses a UUID's 32 hex digits ('-', whitespace and a newline ignored) into `out`;
+/// false (out untouched) unless there are exactly 32. The one boot id parser (POSIX).
+bool parse_uuid(const std::string& text, std::array<std::uint8_t, 16>& out) noexcept;
 /// This boot's id (Linux: /proc/sys/kernel/random/boot_id), zeros if unknown.
 std::array<std::uint8_t, 16> boot_id();
 /// Fills `buffer` from the OS CSPRNG.

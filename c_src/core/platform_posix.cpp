@@ -319,6 +319,30 @@ std::size_t page_size() noexcept {
   return size;
 }
 
+bool parse_uuid(const std::string& text, std::array<std::uint8_t, 16>& out) noexcept {
+  std::array<std::uint8_t, 16> parsed{};
+  std::size_t nibbles = 0;
+  for (char c : text) {
+    int v;
+    if (c >= '0' && c <= '9')
+      v = c - '0';
+    else if (c >= 'a' && c <= 'f')
+      v = c - 'a' + 10;
+    else if (c >= 'A' && c <= 'F')
+      v = c - 'A' + 10;
+    else if (c == '-' || c == '\n' || c == ' ' || c == '\0')
+      continue;
+    else
+      return false;
+    if (nibbles == 32) return false;
+    parsed[nibbles / 2] = static_cast<std::uint8_t>(parsed[nibbles / 2] << 4 | v);
+    ++nibbles;
+  }
+  if (nibbles != 32) return false;
+  out = parsed;
+  return true;
+}
+
 std::uint32_t current_pid() noexcept { return static_cast<std::uint32_t>(::getpid()); }
 
 std::uint64_t realtime_ns() noexcept {

@@ -205,7 +205,9 @@ defmodule Snakepit.SharedMemory.Reliability.LivenessTest do
         [id] =
           for link <- Path.wildcard("/proc/#{vm_pid}/fd/*"),
               {:ok, target} <- [:file.read_link(link)],
-              "/dev/shm/" <> id = List.to_string(target),
+              target = List.to_string(target),
+              String.starts_with?(target, "/dev/shm/spshm_"),
+              id = String.replace_prefix(target, "/dev/shm/", ""),
               match?({:ok, %File.Stat{size: 0}}, File.lstat(shm(id))),
               uniq: true,
               do: id
