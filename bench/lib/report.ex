@@ -36,7 +36,8 @@ defmodule SnakepitShm.Bench.Report do
         {:zero_copy, &ReportSections.zero_copy/1},
         {:crypto, &ReportSections.crypto/1},
         {:scale, &ReportSections.scale/1},
-        {:fresh_pages, &ReportSections.fresh_pages/1}
+        {:fresh_pages, &ReportSections.fresh_pages/1},
+        {:scheduler, &ReportSections.scheduler/1}
       ]
       |> Enum.filter(fn {part, _} -> Map.has_key?(results, part) end)
       |> Enum.map_join("\n", fn {part, fun} -> fun.(results[part]) end)

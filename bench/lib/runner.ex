@@ -2,7 +2,7 @@ defmodule SnakepitShm.Bench.Runner do
   @moduledoc """
   Runs every part of the bench in one VM, one after the other, and writes
   `bench/RESULTS.md` and the plots. Parts (issue 6): `handoff`, `lifecycle`,
-  `concurrency`, `zero_copy`, `crypto`, `scale`, `fresh_pages`.
+  `concurrency`, `zero_copy`, `crypto`, `scale`, `fresh_pages`; issue 12: `scheduler`.
   """
 
   alias SnakepitShm.Bench.{
@@ -16,10 +16,11 @@ defmodule SnakepitShm.Bench.Runner do
     Programs,
     Report,
     Scale,
+    SchedulerProbe,
     ZeroCopy
   }
 
-  @parts ~w(handoff lifecycle concurrency zero_copy crypto scale fresh_pages)a
+  @parts ~w(handoff lifecycle concurrency zero_copy crypto scale fresh_pages scheduler)a
   @last_results "_build/bench/last_results.etf"
 
   def parts, do: @parts
@@ -103,13 +104,16 @@ defmodule SnakepitShm.Bench.Runner do
   defp run_part(:scale, profile, _, programs), do: Scale.run(profile, programs)
   defp run_part(:fresh_pages, profile, _, programs), do: FreshPages.run(profile, programs)
 
+  defp run_part(:scheduler, profile, payload, programs),
+    do: SchedulerProbe.run(profile, payload, programs)
+
   # One random payload for the whole run; smaller payloads are sub-binaries of it (no
   # copy), so every path of a size hands off exactly the same bytes.
   defp payload(profile, parts) do
     sizes = [
       if(:handoff in parts, do: Enum.max(profile.handoff_sizes), else: 0),
       if(:zero_copy in parts, do: Enum.max(profile.zero_copy_sizes), else: 0),
-      if(:crypto in parts, do: profile.crypto_size, else: 0)
+      if(:crypto in parts or :scheduler in parts, do: profile.crypto_size, else: 0)
     ]
 
     log("generating a #{div(Enum.max(sizes), 1024 * 1024)} MiB random payload")

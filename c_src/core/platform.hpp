@@ -78,6 +78,14 @@ class Mapping {
 
   std::uint8_t* data() const noexcept { return static_cast<std::uint8_t*>(address_); }
   std::size_t size() const noexcept { return length_; }
+  /// Splits off [offset, size()) as a Mapping of its own (offset page-aligned, POSIX
+  /// only: a Windows view cannot be unmapped in parts); this one keeps [0, offset).
+  Mapping split_at(std::size_t offset) noexcept {
+    if (address_ == nullptr || offset >= length_) return Mapping();
+    Mapping tail(static_cast<std::uint8_t*>(address_) + offset, length_ - offset);
+    length_ = offset;
+    return tail;
+  }
   bool valid() const noexcept { return address_ != nullptr; }
   void reset() noexcept;  ///< unmaps (per OS)
 

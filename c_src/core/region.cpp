@@ -359,6 +359,21 @@ std::uint32_t Region::reap_dead_holders() {
   return reap_dead_slots(impl_->header(), impl_->control, impl_->slot);
 }
 
+Region::DetachedData Region::detach_data() noexcept {
+  DetachedData out;
+  Impl& impl = *impl_;
+  out.bytes = impl.capacity;
+  if (impl.data_map.valid()) {
+    out.mapping = std::move(impl.data_map);
+  } else if (platform::named_backend() == BackendKind::posix &&
+             impl.header_map.size() > kHeaderSize) {
+    out.mapping = impl.header_map.split_at(kHeaderSize);  // header and data in one mapping
+  }
+  if (impl.data_object.valid()) out.object = std::move(impl.data_object);  // memfd
+  if (out.mapping.valid()) impl.data = nullptr;
+  return out;
+}
+
 Result<void> Region::unlink() {
   return guarded([&]() -> Result<void> {
     if (impl_->data_object.valid()) return {};  // memfd: no name to remove

@@ -168,6 +168,20 @@ class Region {
   /// Frees the slots of dead holders (reap_dead_slots); returns the holds released.
   std::uint32_t reap_dead_holders();
 
+  /// The data area's memory in this process, detached from its Region by detach_data():
+  /// destroying it unmaps (and for a memfd closes) it, which for a large region takes
+  /// time (about 0.1 s per GiB): the NIF hands it to a reaper thread.
+  struct DetachedData {
+    platform::Mapping mapping;
+    platform::Handle object;
+    std::uint64_t bytes = 0;
+  };
+  /// Ends this process's use of the data area at once (after deallocate(): nobody here
+  /// may read it any more), so that its memory goes back to the OS now rather than when
+  /// the Region is destroyed. The header stays mapped (holds are released through it).
+  /// data() is null afterwards; the caller guarantees no access is in flight.
+  DetachedData detach_data() noexcept;
+
   /// Records the access time in the header (map/read/write).
   void touch() noexcept;
 

@@ -13,6 +13,7 @@
 #include <erl_nif.h>
 
 #include "nif_functions.hpp"
+#include "reaper.hpp"
 #include "resources.hpp"
 #include "terms.hpp"
 
@@ -63,6 +64,7 @@ int init(ErlNifEnv* env) {
   init_atoms(env);
   if (!open_resource_types(env)) return 1;
   if (!init_self_identity()) return 2;
+  (void)start_reaper();  // without it, large regions are destroyed in place
   return 0;
 }
 
@@ -76,7 +78,7 @@ int upgrade(ErlNifEnv* env, void** priv_data, void**, ERL_NIF_TERM) {
   return init(env);
 }
 
-void unload(ErlNifEnv*, void*) {}
+void unload(ErlNifEnv*, void*) { stop_reaper(); }
 
 }  // namespace
 }  // namespace spshm::nif

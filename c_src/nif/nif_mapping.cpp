@@ -69,6 +69,8 @@ ERL_NIF_TERM do_write(ErlNifEnv* env, const ERL_NIF_TERM argv[], bool dirty) {
   }
   if (!dirty && data.size > kPlainLimit) return too_long_for_plain(env, "write_dirty", data.size);
   if (!in_bounds(env, m, offset, data.size, &reply)) return reply;
+  DataAccess access(m->owner);
+  if (!access.ok()) return make_error(env, Errc::deallocated, region_label(m) + " was deallocated");
   auto written = m->owner->region.write(offset, data.data, data.size);
   if (!written.ok()) return make_error(env, written.error());
   return atoms.ok;
@@ -90,6 +92,11 @@ ERL_NIF_TERM do_read(ErlNifEnv* env, const ERL_NIF_TERM argv[], bool dirty) {
     return make_error(env, Errc::no_space,
                       "cannot allocate a binary of " + std::to_string(length) +
                           " bytes: read a smaller range, or seal the region for zero-copy reads");
+  }
+  DataAccess access(m->owner);
+  if (!access.ok()) {
+    enif_release_binary(&bin);
+    return make_error(env, Errc::deallocated, region_label(m) + " was deallocated");
   }
   auto copied = m->owner->region.read(offset, bin.data, bin.size);
   if (!copied.ok()) {
@@ -199,6 +206,8 @@ ERL_NIF_TERM nif_read_zero_copy(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) 
   if (m->owner->deallocating.load()) {
     return make_error(env, Errc::deallocated, region_label(m) + " is being deallocated");
   }
+  DataAccess access(m->owner);
+  if (!access.ok()) return make_error(env, Errc::deallocated, region_label(m) + " was deallocated");
   region.touch();
   ERL_NIF_TERM bin = enif_make_resource_binary(env, m->owner, region.data() + offset,
                                                static_cast<std::size_t>(length));

@@ -194,6 +194,10 @@ ERL_NIF_TERM do_deallocate(ErlNifEnv* env, const ERL_NIF_TERM argv[], bool plain
     return make_error(env, done.error());
   }
   res->deallocated.store(true);
+  // The memory goes back now, not at the next garbage collection of whoever still has
+  // this resource (read after deallocating, Dekker with read_zero_copy: a zero-copy
+  // binary may point into the data, which must then stay mapped until it is collected).
+  if (!res->zero_copy_shared.load()) res->retire();
   return atoms.ok;
 }
 

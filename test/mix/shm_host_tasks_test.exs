@@ -58,6 +58,15 @@ defmodule Mix.Tasks.Snakepit.Shm.HostTasksTest do
   defp orphans do
     {_port, [vm, orphan, expired, damaged, victim1, victim2]} = start_vm(@orphan_vm)
     kill9(vm)
+    # The leader of a killed VM is a zombie before its other threads have exited and
+    # closed its descriptors: wait until the kernel has dropped its liveness locks.
+    ShmHelpers.wait_until(fn ->
+      match?(
+        {:ok, %{in_use: false}},
+        Snakepit.SharedMemory.Native.inspect_path("/dev/shm/" <> orphan)
+      )
+    end)
+
     # A header no longer matching its CRC: bytes 16.. are data_size and data_capacity.
     corrupt!(damaged, 16, "garbage!garbage!")
     ids = [orphan, expired, damaged, victim1, victim2]

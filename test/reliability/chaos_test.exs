@@ -464,7 +464,7 @@ defmodule Snakepit.SharedMemory.Reliability.ChaosTest do
       if Port.info(vm1) != nil, do: Port.close(vm1)
       # Its last user gone, the attached segment is an orphan: swept.
       ShmHelpers.wait_until(fn -> not ReliabilityHelpers.os_alive?(holder_pid) end, 5_000)
-      Snakepit.SharedMemory.Cleanup.sweep_orphans()
+      Snakepit.SharedMemory.Sweep.sweep_orphans()
     end
   end
 

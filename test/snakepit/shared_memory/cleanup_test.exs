@@ -6,7 +6,7 @@ defmodule Snakepit.SharedMemory.CleanupTest do
   @moduletag :capture_log
 
   alias Snakepit.SharedMemory, as: SM
-  alias Snakepit.SharedMemory.{Cleanup, Journal, Manager, Native, Quota, Registry}
+  alias Snakepit.SharedMemory.{Cleanup, Journal, Manager, Native, Quota, Registry, Sweep}
   alias Snakepit.SharedMemory.{ShmHelpers, TestSupport}
 
   @kib 1024
@@ -159,11 +159,11 @@ defmodule Snakepit.SharedMemory.CleanupTest do
 
       assert File.exists?("/dev/shm/#{id}")
       # The pending stays until its deadline (the dirty create may still be running).
-      assert Cleanup.sweep_leaks([{12_345, started, deadline}]) == [{12_345, started, deadline}]
+      assert Sweep.sweep_leaks([{12_345, started, deadline}]) == [{12_345, started, deadline}]
       refute File.exists?("/dev/shm/#{id}")
       assert File.exists?("/dev/shm/#{kept_info.id}")
       # Pendings past their deadline are dropped.
-      assert Cleanup.sweep_leaks([{1, started, deadline - 5_000}]) == []
+      assert Sweep.sweep_leaks([{1, started, deadline - 5_000}]) == []
       assert :ok = Native.deallocate(kept, false)
     end
 
@@ -278,12 +278,12 @@ defmodule Snakepit.SharedMemory.CleanupTest do
 
       # (Other VMs' orphans may be found too on a shared machine: look at ours.)
       mine = fn entries -> Enum.sort(for %{region_id: id} <- entries, id in ids, do: id) end
-      dry = Cleanup.sweep_orphans(dry_run: true)
+      dry = Sweep.sweep_orphans(dry_run: true)
       assert mine.(dry) == Enum.sort(ids)
       assert Enum.all?(dry, &(&1.reason == :orphan))
       assert Enum.all?(ids, &File.exists?("/dev/shm/#{&1}"))
 
-      swept = Cleanup.sweep_orphans()
+      swept = Sweep.sweep_orphans()
       assert mine.(swept) == Enum.sort(ids)
       refute Enum.any?(ids, &File.exists?("/dev/shm/#{&1}"))
       {:ok, stats} = SM.stats()
@@ -292,7 +292,7 @@ defmodule Snakepit.SharedMemory.CleanupTest do
 
     test "segments of live VMs (this one) are left alone" do
       {:ok, id} = SM.allocate_region(@kib, backend: :posix)
-      assert Cleanup.sweep_orphans() == []
+      assert Sweep.sweep_orphans() == []
       assert File.exists?("/dev/shm/#{id}")
     end
   end
@@ -303,7 +303,7 @@ defmodule Snakepit.SharedMemory.CleanupTest do
         ShmHelpers.create_opts(%{backend: :posix, metadata: ~s({"a":1}), idle_timeout_ms: 60_000})
 
       {:ok, region, info} = Native.create(300, opts)
-      assert info.id in Cleanup.adopt_own_segments()
+      assert info.id in Sweep.adopt_own_segments()
       {:ok, adopted} = SM.get_region_info(info.id)
       assert %{adopted: true, owner: nil, cleanup_policy: :manual, size: 300} = adopted
       assert %{metadata: %{"a" => 1}, timeout: 60_000} = adopted
