@@ -147,6 +147,9 @@ defmodule Snakepit.SharedMemory.Reliability.LivenessTest do
 
         ReliabilityHelpers.kill9(vm1_pid)
         assert_receive {^vm1, {:exit_status, _}}, 10_000
+        # This VM's open holds the liveness lock: in use for everybody.
+        assert {:ok, %{in_use: true}} = Native.inspect_path(shm(id)),
+               File.read!("/proc/locks") <> inspect(inode(id))
 
         {out, 0} = ReliabilityHelpers.elixir_vm(@vm3, env: [{"SPLIT_NAME", name}])
         # 78bae8e: VM3's sweep unlinked the name and create_or_open made a new, empty one.
