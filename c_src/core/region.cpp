@@ -411,7 +411,17 @@ Error no_key(const std::string& id) {
 
 }  // namespace
 
-Result<void> Region::write(std::uint64_t offset, const std::uint8_t* src, std::size_t length) {
+namespace {
+
+Error lock_busy(const std::string& id) {
+  return Error{Errc::busy, 0,
+               "region " + id + " is being encrypted or decrypted by another call right now"};
+}
+
+}  // namespace
+
+Result<void> Region::write(std::uint64_t offset, const std::uint8_t* src, std::size_t length,
+                           bool wait) {
   return guarded([&]() -> Result<void> {
     if (!impl_->writable) return needs_writable(impl_->id, "write to");
     std::uint32_t state = impl_->header().state.load(std::memory_order_acquire);
@@ -423,7 +433,11 @@ Result<void> Region::write(std::uint64_t offset, const std::uint8_t* src, std::s
     if (length > 0 && src == nullptr)
       return Error{Errc::invalid_argument, 0, "write source must not be NULL"};
     if (impl_->encrypted) {
-      std::unique_lock<std::shared_mutex> lock(impl_->crypt);
+      std::unique_lock<std::shared_mutex> lock(impl_->crypt, std::defer_lock);
+      if (wait)
+        lock.lock();
+      else if (!lock.try_lock())
+        return lock_busy(impl_->id);
       if (impl_->key.empty()) return no_key(impl_->id);
       if (auto r = crypto::encrypt(impl_->binding(), impl_->key.data(), impl_->data, offset, src,
                                    length);
@@ -437,7 +451,8 @@ Result<void> Region::write(std::uint64_t offset, const std::uint8_t* src, std::s
   });
 }
 
-Result<void> Region::read(std::uint64_t offset, std::uint8_t* dst, std::size_t length) const {
+Result<void> Region::read(std::uint64_t offset, std::uint8_t* dst, std::size_t length,
+                          bool wait) const {
   return guarded([&]() -> Result<void> {
     std::uint32_t state = impl_->header().state.load(std::memory_order_acquire);
     if (state & kStateDeallocated)
@@ -446,7 +461,11 @@ Result<void> Region::read(std::uint64_t offset, std::uint8_t* dst, std::size_t l
     if (length > 0 && dst == nullptr)
       return Error{Errc::invalid_argument, 0, "read destination must not be NULL"};
     if (impl_->encrypted) {
-      std::shared_lock<std::shared_mutex> lock(impl_->crypt);
+      std::shared_lock<std::shared_mutex> lock(impl_->crypt, std::defer_lock);
+      if (wait)
+        lock.lock();
+      else if (!lock.try_lock())
+        return lock_busy(impl_->id);
       if (impl_->key.empty()) return no_key(impl_->id);
       if (auto r = crypto::decrypt(impl_->binding(), impl_->key.data(), impl_->data, offset, dst,
                                    length);

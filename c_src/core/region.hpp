@@ -157,8 +157,12 @@ class Region {
   /// encrypted regions (tampered on a failed tag). Refuse sealed for writes. Thread-safe;
   /// encrypted writes of one Region are serialised (concurrent writers of one region in
   /// *different* processes must coordinate themselves).
-  Result<void> write(std::uint64_t offset, const std::uint8_t* src, std::size_t length);
-  Result<void> read(std::uint64_t offset, std::uint8_t* dst, std::size_t length) const;
+  /// With `wait` false, an encrypted region whose lock another call holds answers busy
+  /// at once instead of waiting (callers on threads that must not block retry elsewhere).
+  Result<void> write(std::uint64_t offset, const std::uint8_t* src, std::size_t length,
+                     bool wait = true);
+  Result<void> read(std::uint64_t offset, std::uint8_t* dst, std::size_t length,
+                    bool wait = true) const;
 
   /// One hold of process (pid, start_time) through this Region's own open of the control
   /// object (hold_on): its slot dies with this Region, also if the process is killed.

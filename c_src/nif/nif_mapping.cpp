@@ -71,7 +71,12 @@ ERL_NIF_TERM do_write(ErlNifEnv* env, const ERL_NIF_TERM argv[], bool dirty) {
   if (!in_bounds(env, m, offset, data.size, &reply)) return reply;
   DataAccess access(m->owner);
   if (!access.ok()) return make_error(env, Errc::deallocated, region_label(m) + " was deallocated");
-  auto written = m->owner->region.write(offset, data.data, data.size);
+  // On a normal scheduler never wait for the region's lock (a dirty multi-GB encryption
+  // may hold it): retry on a dirty scheduler instead.
+  auto written = m->owner->region.write(offset, data.data, data.size, dirty);
+  if (!written.ok() && !dirty && written.error().code == Errc::busy && m->owner->region.encrypted())
+    return enif_schedule_nif(env, "write_dirty", ERL_NIF_DIRTY_JOB_CPU_BOUND, nif_write_dirty, 3,
+                             argv);
   if (!written.ok()) return make_error(env, written.error());
   return atoms.ok;
 }
@@ -98,9 +103,12 @@ ERL_NIF_TERM do_read(ErlNifEnv* env, const ERL_NIF_TERM argv[], bool dirty) {
     enif_release_binary(&bin);
     return make_error(env, Errc::deallocated, region_label(m) + " was deallocated");
   }
-  auto copied = m->owner->region.read(offset, bin.data, bin.size);
+  auto copied = m->owner->region.read(offset, bin.data, bin.size, dirty);
   if (!copied.ok()) {
     enif_release_binary(&bin);
+    if (!dirty && copied.error().code == Errc::busy && m->owner->region.encrypted())
+      return enif_schedule_nif(env, "read_dirty", ERL_NIF_DIRTY_JOB_CPU_BOUND, nif_read_dirty, 3,
+                               argv);
     return make_error(env, copied.error());
   }
   return make_ok(env, enif_make_binary(env, &bin));

@@ -451,7 +451,11 @@ defmodule Snakepit.SharedMemory.Reliability.ChaosTest do
       # leaves it, name and all; every other one is gone.
       attached = hd(ids)
 
-      assert with_header ++ incomplete == [attached],
+      # (Named regions of the killed VM that this VM's own chaos opened are in use too.)
+      in_use = fn id -> match?({:ok, %{in_use: true}}, Native.inspect_path("/dev/shm/" <> id)) end
+      assert attached in with_header
+
+      assert Enum.reject(with_header ++ incomplete, in_use) == [],
              "left after the next start's sweep: #{inspect(details, limit: 10)}"
 
       # The Python worker still reads the memory it mapped.

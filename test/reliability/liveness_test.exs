@@ -201,8 +201,10 @@ defmodule Snakepit.SharedMemory.Reliability.LivenessTest do
         ])
 
       try do
-        vm_pid = await_line(vm, "PID ", 60_000)
-        "parked at create_" <> _ = await_line(vm, "snakepit_shm: ", 30_000)
+        # The NIF writes to stderr directly, the VM's IO.puts goes through its group
+        # leader: the two lines may come in either order.
+        lines = await_lines(vm, ["PID ", "snakepit_shm: parked at create_"], 60_000)
+        vm_pid = lines["PID "]
 
         # The segment that VM has open and that is still empty.
         [id] =
@@ -552,6 +554,32 @@ defmodule Snakepit.SharedMemory.Reliability.LivenessTest do
   end
 
   # ---- helpers ----
+
+  # Waits for a line starting with each prefix, in any order: %{prefix => rest}.
+  defp await_lines(port, prefixes, timeout, found \\ %{}) do
+    if map_size(found) == length(prefixes) do
+      found
+    else
+      receive do
+        {^port, {:data, {:eol, line}}} ->
+          found =
+            case Enum.find(prefixes, &String.starts_with?(line, &1)) do
+              nil -> found
+              prefix -> Map.put(found, prefix, String.replace_prefix(line, prefix, ""))
+            end
+
+          await_lines(port, prefixes, timeout, found)
+
+        {^port, {:data, _}} ->
+          await_lines(port, prefixes, timeout, found)
+
+        {^port, {:exit_status, status}} ->
+          flunk("the VM exited with #{status} (seen: #{inspect(found)})")
+      after
+        timeout -> flunk("no #{inspect(prefixes -- Map.keys(found))} line in time")
+      end
+    end
+  end
 
   defp await_line(port, prefix, timeout) do
     receive do

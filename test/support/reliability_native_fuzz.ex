@@ -68,6 +68,9 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
     cancel_watch: 2,
     inspect_path: 5,
     unlink_segment: 2,
+    sweep_segment: 2,
+    list_segments: 1,
+    reap_holders: 2,
     process_start_time: 2,
     process_alive: 2,
     self_info: 1
@@ -230,7 +233,7 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
   end
 
   defp args(fun, _state, pool)
-       when fun in [:info, :header, :hold_counts, :seal, :export_key, :last_access],
+       when fun in [:info, :header, :hold_counts, :seal, :export_key, :last_access, :reap_holders],
        do: [G.pick(0.85, pool, fn -> G.handle(pool, :region) end)]
 
   defp args(:map, _state, pool),
@@ -289,7 +292,12 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
 
   defp args(:process_alive, state, _pool), do: Tuple.to_list(os_pid_and_start(state))
 
-  defp args(fun, _state, _pool) when fun in [:header_layout, :self_info], do: []
+  defp args(fun, _state, _pool) when fun in [:header_layout, :self_info, :list_segments],
+    do: []
+
+  # Always a dry run: a fuzzer on a shared host removes nothing, even an unused segment.
+  defp args(:sweep_segment, _state, pool),
+    do: [G.region_id(pool), true]
 
   defp create_opts(pool) do
     %{
@@ -399,6 +407,12 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
   defp well_shaped?(:watch_os_process, _, {:ok, w}), do: is_reference(w)
   defp well_shaped?(:export_key, _, {:ok, key}), do: is_binary(key) and byte_size(key) == 32
   defp well_shaped?(:release_holder, _, {:ok, n}), do: non_neg?(n)
+  defp well_shaped?(:reap_holders, _, {:ok, n}), do: non_neg?(n)
+  defp well_shaped?(:list_segments, _, v), do: is_list(v) and Enum.all?(v, &is_binary/1)
+
+  defp well_shaped?(:sweep_segment, _, {:ok, o}),
+    do: o in [:removed, :removed_incomplete, :in_use, :young]
+
   defp well_shaped?(:process_start_time, _, {:ok, t}), do: non_neg?(t)
   defp well_shaped?(:process_alive, _, v), do: is_boolean(v)
   defp well_shaped?(:self_info, _, %{os_pid: p}), do: is_integer(p)
