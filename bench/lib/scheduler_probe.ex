@@ -49,12 +49,22 @@ defmodule SnakepitShm.Bench.SchedulerProbe do
       {:encrypt, fn -> :ok = write(:high, data) end},
       {:decrypt, fn -> read(:high, size) end},
       {:zero, fn -> :ok = dealloc(:high) end},
-      {:gc_last_reference, fn -> gc_last_reference(gc_size) end},
-      {:sweep_big_orphans, fn -> sweep_big_orphans(gc_size) end}
+      {:gc_last_reference, {fn -> gc_setup(gc_size) end, &gc_last_reference/1}},
+      {:sweep_big_orphans, {fn -> orphan_setup(gc_size) end, &sweep_big_orphans/1}}
     ]
 
     results =
-      for {op, fun} <- measures do
+      for {op, work} <- measures do
+        fun =
+          case work do
+            {setup, run} ->
+              arg = setup.()
+              fn -> run.(arg) end
+
+            fun ->
+              fun
+          end
+
         {ns, samples} = Crypto.probe_during(fun)
         {op, ns, Enum.max(samples, fn -> 0 end)}
       end
@@ -84,58 +94,64 @@ defmodule SnakepitShm.Bench.SchedulerProbe do
     SM.deallocate_region(id)
   end
 
-  # A process holds the only reference to a large memfd region (a direct Native user)
-  # and dies: the VM collects it, and the region resource's destructor unmaps it.
-  defp gc_last_reference(size) do
-    {pid, ref} =
-      spawn_monitor(fn ->
-        opts = %{
-          backend: :memfd,
-          name: nil,
-          open_mode: :create,
-          mode: 0o600,
-          security_level: 0,
-          encrypted: false,
-          lock_memory: false,
-          metadata: "{}",
-          idle_timeout_ms: 0
-        }
+  @native_opts %{
+    backend: :memfd,
+    name: nil,
+    open_mode: :create,
+    mode: 0o600,
+    security_level: 0,
+    encrypted: false,
+    lock_memory: false,
+    metadata: "{}",
+    idle_timeout_ms: 0
+  }
 
-        {:ok, region, _} = Native.create(size, opts)
+  # Set up outside the probe window: a process holding the only reference to a large,
+  # written memfd region. Probed: its death, the VM collecting it, the region resource's
+  # destructor (its munmap and close go to the reaper thread).
+  defp gc_setup(size) do
+    parent = self()
+
+    pid =
+      spawn(fn ->
+        {:ok, region, _} = Native.create(size, @native_opts)
         {:ok, m} = Native.map(region, :read_write)
         :ok = Native.write_dirty(m, size - 4, "last")
+        send(parent, {:ready, self()})
+
+        receive do
+          :die -> :ok
+        end
       end)
+
+    receive do
+      {:ready, ^pid} -> pid
+    end
+  end
+
+  defp gc_last_reference(pid) do
+    ref = Process.monitor(pid)
+    send(pid, :die)
 
     receive do
       {:DOWN, ^ref, :process, ^pid, _} -> :ok
     end
   end
 
-  # A large POSIX segment nobody uses any more (what a killed VM leaves), swept.
-  defp sweep_big_orphans(size) do
-    opts = %{
-      backend: :posix,
-      name: nil,
-      open_mode: :create,
-      mode: 0o600,
-      security_level: 0,
-      encrypted: false,
-      lock_memory: false,
-      metadata: "{}",
-      idle_timeout_ms: 0
-    }
+  # Set up outside the probe window: a large POSIX segment nobody uses any more (what a
+  # killed VM leaves). Probed: the sweep that removes it.
+  defp orphan_setup(size) do
+    Task.async(fn ->
+      {:ok, region, info} = Native.create(size, %{@native_opts | backend: :posix})
+      {:ok, m} = Native.map(region, :read_write)
+      :ok = Native.write_dirty(m, size - 4, "last")
+      info.id
+    end)
+    |> Task.await(:infinity)
+  end
 
-    id =
-      Task.async(fn ->
-        {:ok, region, info} = Native.create(size, opts)
-        {:ok, m} = Native.map(region, :read_write)
-        :ok = Native.write_dirty(m, size - 4, "last")
-        info.id
-      end)
-      |> Task.await(:infinity)
-
+  defp sweep_big_orphans(id) do
     :erlang.garbage_collect()
-    # Its creator's region is gone (the task exited): the sweep removes it.
     wait_removed(id, 50)
   end
 

@@ -27,6 +27,9 @@ ErlNifFunc nif_funcs[] = {
     {"header_layout", 0, nif_header_layout, 0},
     {"create", 2, nif_create, kIo},
     {"create_plain", 2, nif_create_plain, 0},
+    // The same as create/2 on a dirty CPU scheduler: an encrypted region's creation is
+    // encryption of every chunk, CPU work that must not crowd the dirty I/O threads.
+    {"create_cpu", 2, nif_create, kCpu},
     {"open", 2, nif_open, kIo},
     {"info", 1, nif_info, 0},
     {"header", 1, nif_header, 0},

@@ -45,6 +45,7 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
     header_layout: 1,
     create: 8,
     create_plain: 6,
+    create_cpu: 2,
     open: 6,
     info: 3,
     header: 4,
@@ -217,7 +218,7 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
 
   # ---- argument generators, per function ----
 
-  defp args(f, _state, pool) when f in [:create, :create_plain],
+  defp args(f, _state, pool) when f in [:create, :create_plain, :create_cpu],
     do: [G.pick(0.85, pool, &G.size/0), G.pick(0.9, pool, fn -> create_opts(pool) end)]
 
   defp args(:open, state, pool) do
@@ -395,8 +396,9 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
 
   defp well_shaped?(:header_layout, _, v), do: is_binary(v)
 
-  defp well_shaped?(f, _, {:ok, r, %{id: id}}) when f in [:create, :create_plain, :open],
-    do: ref_id?(r, id)
+  defp well_shaped?(f, _, {:ok, r, %{id: id}})
+       when f in [:create, :create_plain, :create_cpu, :open],
+       do: ref_id?(r, id)
 
   defp well_shaped?(:last_access, _, ns), do: non_neg?(ns)
   defp well_shaped?(:info, _, v), do: is_map(v) and is_binary(v[:id])
@@ -444,7 +446,7 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
   # ---- keeping what calls created ----
 
   defp keep(state, f, _args, {:returned, {:ok, region, info}})
-       when f in [:create, :create_plain, :open] do
+       when f in [:create, :create_plain, :create_cpu, :open] do
     state = %{state | own: [{region, info} | state.own]}
     regions = [{region, info} | state.regions]
 

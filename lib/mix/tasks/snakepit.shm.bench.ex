@@ -22,7 +22,7 @@ defmodule Mix.Tasks.Snakepit.Shm.Bench do
     * `--quick` - the smoke profile (under 2 minutes). Defaults to the full profile
       (under 15 minutes).
     * `--only PART[,PART...]` - run only these parts: handoff, lifecycle, concurrency,
-      zero_copy, crypto, scale, fresh_pages. Defaults to all.
+      zero_copy, crypto, scale, fresh_pages, scheduler. Defaults to all.
     * `--out DIR` - where RESULTS.md and the plots go. Defaults to `bench`.
     * `--report-only` - measure nothing: write RESULTS.md and the plots again from the
       last run's results (`_build/bench/last_results.etf`), e.g. after a change to the
@@ -51,7 +51,7 @@ defmodule Mix.Tasks.Snakepit.Shm.Bench do
     fail_on_miss: :boolean,
     report_only: :boolean
   ]
-  @parts ~w(handoff lifecycle concurrency zero_copy crypto scale fresh_pages)
+  @parts ~w(handoff lifecycle concurrency zero_copy crypto scale fresh_pages scheduler)
 
   @impl true
   def run(argv) do

@@ -107,6 +107,10 @@ defmodule Snakepit.SharedMemory.Allocator do
   defp create(%{size: size, name: nil, backend: :memfd}, native_opts) when size <= @plain_limit,
     do: Native.create_plain(size, native_opts)
 
+  # Creating an encrypted region encrypts every chunk: CPU work, for a CPU scheduler.
+  defp create(opts, %{encrypted: true} = native_opts),
+    do: Native.create_cpu(opts.size, native_opts)
+
   defp create(opts, native_opts), do: Native.create(opts.size, native_opts)
 
   defp native_options(opts, flags) do

@@ -90,6 +90,10 @@ defmodule Snakepit.SharedMemory.Native do
           {:ok, region(), region_info()} | nif_error()
   def create_plain(_size, _opts), do: :erlang.nif_error(:not_loaded)
 
+  @doc "create/2 on a dirty CPU scheduler (encrypted regions: creating them is encryption)."
+  @spec create_cpu(pos_integer(), create_opts()) :: {:ok, region(), region_info()} | nif_error()
+  def create_cpu(_size, _opts), do: :erlang.nif_error(:not_loaded)
+
   @doc "Opens an existing region: by id (POSIX) or by {control_path, data_path}."
   @spec open(binary() | {binary(), binary()}, boolean()) ::
           {:ok, region(), region_info()} | nif_error()
