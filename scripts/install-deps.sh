@@ -6,9 +6,10 @@ set -euo pipefail
 
 build_pkgs=(make cmake g++ pkg-config elixir erlang-dev erlang-dialyzer erlang-proper erlang-os-mon
   erlang-tools libsodium-dev libboost-dev python3 python3-numpy)
-test_pkgs=(catch2 python3-pytest python3-pycodestyle python3-pyflakes clang-format)
+test_pkgs=(catch2 python3-pytest python3-pycodestyle python3-pyflakes clang-format
+  python3-venv python3-setuptools)  # pip install priv/python into a venv (issue 13)
 wine_pkgs=(g++-mingw-w64-x86-64 wine64)
-bench_pkgs=(gnuplot-nox)
+bench_pkgs=(gnuplot-nox python3-grpcio)
 
 want=("${build_pkgs[@]}")
 for group in "$@"; do

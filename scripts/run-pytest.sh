@@ -15,6 +15,6 @@ for tool in pycodestyle pyflakes; do
     exit 1
   fi
 done
-"$PY" -m pycodestyle --max-line-length=99 priv/python/snakepit_shm priv/python/tests
-"$PY" -m pyflakes priv/python/snakepit_shm priv/python/tests
+"$PY" -m pycodestyle --max-line-length=99 priv/python/snakepit_shm priv/python/tests priv/python/examples
+"$PY" -m pyflakes priv/python/snakepit_shm priv/python/tests priv/python/examples
 "$PY" -m pytest -q -p no:cacheprovider priv/python/tests "$@"

@@ -14,8 +14,29 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 log_dir=_build/asan-nif
-mkdir -p "$log_dir"
 fail() { echo "test-asan-nif: $*" >&2; exit 1; }
+
+# What went wrong with the test run, from its exit status and whether the VM confirmed
+# ASan: a hang or a failure is reported as such, never as "ASan not loaded".
+# Usage (also for tests): classify STATUS PROBE_SEEN(0|1) TIMEOUT_S LOG
+classify() {
+  local status=$1 probe=$2 limit=$3 log=$4
+  if [ "$status" -eq 124 ] || [ "$status" -eq 137 ]; then
+    echo "the suites did not finish within ${limit} s and were killed: a test hangs (for example one blocked opening a FIFO or waiting for a message); the last lines of $log show where"
+  elif [ "$status" -ne 0 ] && [ "$probe" -eq 1 ]; then
+    echo "tests failed under ASan (status $status, full log: $log)"
+  elif [ "$status" -ne 0 ]; then
+    echo "the test VM failed (status $status) before confirming that ASan was loaded: it did not start, or crashed early; see $log"
+  elif [ "$probe" -eq 0 ]; then
+    echo "the tests passed but the test VM never confirmed that ASan was loaded (LD_PRELOAD or SNAKEPIT_SHM_NIF_DIR lost?): full log $log"
+  fi
+}
+if [ "${1:-}" = "--classify" ]; then
+  shift
+  classify "$@"
+  exit 0
+fi
+mkdir -p "$log_dir"
 
 libasan=$(gcc -print-file-name=libasan.so)
 libubsan=$(gcc -print-file-name=libubsan.so)
@@ -78,8 +99,10 @@ for s in "${suites[@]}"; do [ -f "$s" ] && present+=("$s"); done
 
 echo "test-asan-nif: running ${present[*]} with LD_PRELOAD=$libasan $libubsan"
 status=0
-LD_PRELOAD="$libasan $libubsan" MIX_ENV=test mix test "${present[@]}" \
-  >"$log_dir/test.log" 2>&1 || status=$?
+# A hang must end with its own diagnosis, not with the CI's timeout.
+limit=${SNAKEPIT_SHM_ASAN_TIMEOUT:-1800}
+LD_PRELOAD="$libasan $libubsan" MIX_ENV=test timeout --kill-after=30 "$limit" \
+  mix test "${present[@]}" >"$log_dir/test.log" 2>&1 || status=$?
 tail -n 25 "$log_dir/test.log"
 
 if grep -qE 'ERROR: AddressSanitizer|runtime error:|SUMMARY: (Address|UndefinedBehavior)Sanitizer' \
@@ -87,7 +110,8 @@ if grep -qE 'ERROR: AddressSanitizer|runtime error:|SUMMARY: (Address|UndefinedB
   grep -nE -A30 'ERROR: AddressSanitizer|runtime error:' "$log_dir/test.log" | head -80 >&2
   fail "a sanitizer reported an error (full log: $log_dir/test.log)"
 fi
-grep -q 'asan probe: libasan mapped, NIF from priv/asan' "$log_dir/test.log" ||
-  fail "the test VM did not confirm that ASan was loaded (full log: $log_dir/test.log)"
-[ "$status" -eq 0 ] || fail "tests failed under ASan (status $status, full log: $log_dir/test.log)"
+probe=0
+grep -q 'asan probe: libasan mapped, NIF from priv/asan' "$log_dir/test.log" && probe=1
+problem=$(classify "$status" "$probe" "$limit" "$log_dir/test.log")
+[ -z "$problem" ] || fail "$problem"
 echo "test-asan-nif: passed under AddressSanitizer + UBSan"

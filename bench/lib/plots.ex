@@ -4,6 +4,8 @@ defmodule SnakepitShm.Bench.Plots do
   `bench/gnuplot/<name>.gp` with gnuplot's pngcairo terminal into `<out>/<name>.png`.
   """
 
+  import Bitwise, only: [<<<: 2]
+
   alias SnakepitShm.Bench.{Handoff, Stats}
 
   @data_dir "_build/bench/plot"
@@ -73,7 +75,7 @@ defmodule SnakepitShm.Bench.Plots do
         [
           row.size
           | Enum.flat_map(Handoff.paths(), &triple(row.samples[&1], fn ns -> row.size / ns end))
-        ]
+        ] ++ [tic_label(row.size)]
       end
     )
   end
@@ -105,9 +107,28 @@ defmodule SnakepitShm.Bench.Plots do
     write(
       "zero_copy.dat",
       for row <- rows do
-        [row.size] ++ triple(row.zero_copy, &(&1 / 1000)) ++ triple(row.copy, &(&1 / 1000))
+        [row.size] ++
+          triple(row.zero_copy, &(&1 / 1000)) ++
+          triple(row.copy, &(&1 / 1000)) ++ [tic_label(row.size)]
       end
     )
+  end
+
+  @doc """
+  The x tick label of a size, quoted for gnuplot's `xtic()`: the plots put ticks only
+  at the sizes measured in the run (a fixed tick list left empty ticks at sizes a
+  profile does not measure).
+  """
+  def tic_label(bytes) do
+    label =
+      cond do
+        bytes >= 1 <<< 30 and rem(bytes, 1 <<< 30) == 0 -> "#{div(bytes, 1 <<< 30)} GiB"
+        bytes >= 1 <<< 20 and rem(bytes, 1 <<< 20) == 0 -> "#{div(bytes, 1 <<< 20)} MiB"
+        bytes >= 1 <<< 10 and rem(bytes, 1 <<< 10) == 0 -> "#{div(bytes, 1 <<< 10)} KiB"
+        true -> "#{bytes} B"
+      end
+
+    "\"#{label}\""
   end
 
   defp fresh_pages(modes) do

@@ -33,7 +33,12 @@ defmodule SnakepitShm.Bench.Profile do
       scale_orphans: 1_000,
       scale_reps: 3,
       fresh_pages_size: 256 * @mib,
-      fresh_pages_reps: 2
+      fresh_pages_reps: 2,
+      cluster_sizes: [64 * @mib, 1 * @gib],
+      cluster_reps: 2,
+      host_quota_reps: 3,
+      host_quota_pairs: 5_000,
+      host_quota_kills: 5
     }
   end
 
@@ -60,7 +65,12 @@ defmodule SnakepitShm.Bench.Profile do
       scale_orphans: 1_000,
       scale_reps: 5,
       fresh_pages_size: 1 * @gib,
-      fresh_pages_reps: 3
+      fresh_pages_reps: 3,
+      cluster_sizes: [64 * @mib, 1 * @gib],
+      cluster_reps: 5,
+      host_quota_reps: 7,
+      host_quota_pairs: 20_000,
+      host_quota_kills: 20
     }
   end
 end

@@ -13,7 +13,8 @@ defmodule SnakepitShm.Bench.Programs do
     handoff_ref: {"handoff_ref.cpp", []},
     crypto_ref: {"crypto_ref.cpp", ["pkg-config:libsodium"]},
     fresh_pages: {"fresh_pages.cpp", []},
-    make_orphans: {"make_orphans.cpp", ["core", "pkg-config:libsodium"]}
+    make_orphans: {"make_orphans.cpp", ["core", "pkg-config:libsodium"]},
+    robust_quota: {"robust_quota.cpp", ["-lpthread"]}
   }
 
   @doc "Directory of the bench sources (bench/)."
@@ -55,6 +56,8 @@ defmodule SnakepitShm.Bench.Programs do
 
     [core_lib()]
   end
+
+  defp link_args("-l" <> _ = flag), do: [flag]
 
   defp link_args("pkg-config:" <> lib) do
     case System.cmd("pkg-config", ["--cflags", "--libs", lib], stderr_to_stdout: true) do

@@ -37,7 +37,12 @@ defmodule SnakepitShm.Bench.Report do
         {:crypto, &ReportSections.crypto/1},
         {:scale, &ReportSections.scale/1},
         {:fresh_pages, &ReportSections.fresh_pages/1},
-        {:scheduler, &ReportSections.scheduler/1}
+        {:scheduler, &ReportSections.scheduler/1},
+        {:health, &SnakepitShm.Bench.Health.section/1},
+        {:cluster, &SnakepitShm.Bench.ClusterReport.section/1},
+        {:board, &SnakepitShm.Bench.Board.report/1},
+        {:host_quota, &ReportSections.host_quota/1},
+        {:channel, &SnakepitShm.Bench.Channel.markdown/1}
       ]
       |> Enum.filter(fn {part, _} -> Map.has_key?(results, part) end)
       |> Enum.map_join("\n", fn {part, fun} -> fun.(results[part]) end)
@@ -113,6 +118,51 @@ defmodule SnakepitShm.Bench.Report do
     product faster: [FINDINGS.md](FINDINGS.md) (hand-written, updated with each
     measurement campaign; it names the runs of the history above that it relies on).
     """
+  end
+
+  # ---- the README's figures ----
+
+  @readme_start "<!-- bench-summary:start (written by a full `make bench`) -->"
+  @readme_end "<!-- bench-summary:end -->"
+
+  @doc """
+  The "How fast" figures of the README, from one run: the machine and date named, then
+  every target with its measured value, as RESULTS.md has them (the README never
+  carries figures of another run).
+  """
+  def readme_block(results) do
+    meta = results.meta
+    targets = Targets.evaluate(results)
+
+    rows =
+      for t <- targets,
+          do: [t.what, t.measured, t.target, if(t.met, do: "met", else: "**missed**")]
+
+    "From [`bench/RESULTS.md`](bench/RESULTS.md): full run of #{meta.date} on " <>
+      "#{meta.machine} (#{meta.kernel}), load average #{Map.get(meta, :load_at_start, "?")} " <>
+      "at start; #{Enum.count(targets, & &1.met)} of #{length(targets)} targets met. " <>
+      "Every ratio is paired inside this run.\n\n" <>
+      table(["what", "measured", "target", "status"], rows)
+  end
+
+  @doc """
+  Replaces the block between the bench-summary markers of `readme` with
+  `readme_block/1` (a full run of every part only: the runner decides). Returns
+  `:ok`, or `:no_markers` when the README has none (left untouched).
+  """
+  def update_readme(results, readme \\ "README.md") do
+    with {:ok, text} <- File.read(readme),
+         [before, rest] <- String.split(text, @readme_start, parts: 2),
+         [_old, after_block] <- String.split(rest, @readme_end, parts: 2) do
+      File.write!(
+        readme,
+        before <> @readme_start <> "\n" <> readme_block(results) <> @readme_end <> after_block
+      )
+
+      :ok
+    else
+      _ -> :no_markers
+    end
   end
 
   # ---- run history ----

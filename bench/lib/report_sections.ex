@@ -373,4 +373,48 @@ defmodule SnakepitShm.Bench.ReportSections do
     #{Enum.join(rows, "\n")}
     """
   end
+
+  def host_quota(q) do
+    kill_row = fn label, %{ns: ns, timeouts: t, reps: reps} ->
+      shown = if ns == [], do: "never", else: time_summary(ns)
+      [label, shown, "#{t} of #{reps}"]
+    end
+
+    rt = [
+      ["host quota server, Elixir client (over its Unix socket)", time_summary(q.elixir_rt_ns)],
+      ["host quota server, Python client", time_summary(q.python_rt_ns)],
+      ["seed: robust-mutex table in shared memory (C++, no IPC)", time_summary(q.seed_rt_ns)]
+    ]
+
+    kills = [
+      ["host quota server: session EOF (Python client)", time_summary(q.kill_ours_ns), "0"],
+      kill_row.(
+        "seed: died holding the mutex (EOWNERDEAD, then kill(pid, 0) scan)",
+        q.kill_seed.holding
+      ),
+      kill_row.(
+        "seed: died outside the mutex (the seed reclaims only on EOWNERDEAD)",
+        q.kill_seed.idle
+      ),
+      kill_row.("seed + a dead-PID scan on every failed reserve (busy polling)", q.kill_seed.scan)
+    ]
+
+    """
+    ## Host quotas (issue 17)
+
+    Reserve + release round trip, #{q.pairs} pairs per round (per pair; median and range
+    over the rounds). Goal: below 50 µs.
+
+    #{table(["client", "reserve + release"], rt)}
+    Release latency after a client's SIGKILL, from the client's clock reading just before
+    the signal to the moment a waiting reservation of the freed amount is granted
+    (timeouts: not released within 2 s).
+
+    #{table(["approach", "latency", "timeouts"], kills)}
+    The seed's robust mutex only learns of a death when the dead process held the mutex,
+    and then asks `kill(pid, 0)`, which still sees a process that is exiting (or a
+    zombie): the usage it held can stay counted for good. The server learns of every
+    death from the socket, whether or not the client was inside a call.
+    """
+  end
 end

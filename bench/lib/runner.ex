@@ -2,13 +2,18 @@ defmodule SnakepitShm.Bench.Runner do
   @moduledoc """
   Runs every part of the bench in one VM, one after the other, and writes
   `bench/RESULTS.md` and the plots. Parts (issue 6): `handoff`, `lifecycle`,
-  `concurrency`, `zero_copy`, `crypto`, `scale`, `fresh_pages`; issue 12: `scheduler`.
+  `concurrency`, `zero_copy`, `crypto`, `scale`, `fresh_pages`; `health` (issue 19),
+  `cluster` (issue 18), `board` (issue 16), `host_quota` (issue 17), `channel` (issue
+  15), `scheduler` (issue 12).
   """
 
   alias SnakepitShm.Bench.{
+    Cluster,
     Crypto,
     FreshPages,
     Handoff,
+    Health,
+    HostQuota,
     Lifecycle,
     Meta,
     Plots,
@@ -20,19 +25,32 @@ defmodule SnakepitShm.Bench.Runner do
     ZeroCopy
   }
 
-  @parts ~w(handoff lifecycle concurrency zero_copy crypto scale fresh_pages scheduler)a
+  @parts ~w(handoff lifecycle concurrency zero_copy crypto scale fresh_pages health cluster board host_quota channel scheduler)a
   @last_results "_build/bench/last_results.etf"
 
   def parts, do: @parts
 
+  @quick_out "_build/bench-quick"
+
+  @doc """
+  Where a run writes RESULTS.md and the plots unless `--out` says otherwise: the
+  committed `bench/` only for a full run of every part; quick or partial runs go under
+  `_build/bench-quick`, so they never overwrite the report.
+  """
+  def default_out(profile, parts) do
+    if profile == :full and Enum.sort(parts) == Enum.sort(@parts), do: "bench", else: @quick_out
+  end
+
   @doc """
   Options: `:profile` (`:quick` | `:full`), `:only` (list of parts), `:out` (directory
-  of RESULTS.md and the PNGs).
+  of RESULTS.md and the PNGs; default `default_out/2`).
   """
   def run(opts) do
-    profile = Profile.get(Keyword.fetch!(opts, :profile))
+    profile_name = Keyword.fetch!(opts, :profile)
+    profile = Profile.get(profile_name)
     parts = Keyword.get(opts, :only, @parts)
-    out = Keyword.fetch!(opts, :out)
+    full = default_out(profile_name, parts) == "bench"
+    out = Keyword.get(opts, :out) || default_out(profile_name, parts)
     started = System.monotonic_time(:millisecond)
     load_at_start = Meta.load_average()
 
@@ -65,9 +83,14 @@ defmodule SnakepitShm.Bench.Runner do
       |> Map.put(:load_at_start, load_at_start)
 
     results = Map.put(results, :meta, meta)
-    File.mkdir_p!(Path.dirname(@last_results))
-    File.write!(@last_results, :erlang.term_to_binary(results))
-    write_report(results, out)
+    # Only a full run is what --report-only rewrites the report from.
+    last = if full, do: @last_results, else: Path.join(@quick_out, "last_results.etf")
+    File.mkdir_p!(Path.dirname(last))
+    File.write!(last, :erlang.term_to_binary(results))
+    results = write_report(results, out)
+    # The README quotes the committed report: only a full run into bench/ updates it.
+    if full and out == "bench", do: Report.update_readme(results)
+    results
   end
 
   @doc """
@@ -103,6 +126,13 @@ defmodule SnakepitShm.Bench.Runner do
   defp run_part(:crypto, profile, payload, programs), do: Crypto.run(profile, payload, programs)
   defp run_part(:scale, profile, _, programs), do: Scale.run(profile, programs)
   defp run_part(:fresh_pages, profile, _, programs), do: FreshPages.run(profile, programs)
+  defp run_part(:health, profile, _, _), do: Health.run(profile)
+  defp run_part(:cluster, profile, _, _), do: Cluster.run(profile)
+  defp run_part(:board, profile, _, programs), do: SnakepitShm.Bench.Board.run(profile, programs)
+  defp run_part(:host_quota, profile, _, programs), do: HostQuota.run(profile, programs)
+
+  defp run_part(:channel, profile, payload, _),
+    do: SnakepitShm.Bench.Channel.run(profile, payload)
 
   defp run_part(:scheduler, profile, payload, programs),
     do: SchedulerProbe.run(profile, payload, programs)
@@ -113,7 +143,9 @@ defmodule SnakepitShm.Bench.Runner do
     sizes = [
       if(:handoff in parts, do: Enum.max(profile.handoff_sizes), else: 0),
       if(:zero_copy in parts, do: Enum.max(profile.zero_copy_sizes), else: 0),
-      if(:crypto in parts or :scheduler in parts, do: profile.crypto_size, else: 0)
+      if(:crypto in parts or :scheduler in parts, do: profile.crypto_size, else: 0),
+      # the channel part's handoff goes up to the handoff part's largest size
+      if(:channel in parts, do: Enum.max(profile.handoff_sizes), else: 0)
     ]
 
     log("generating a #{div(Enum.max(sizes), 1024 * 1024)} MiB random payload")

@@ -10,7 +10,16 @@ defmodule SnakepitShm.Bench.Targets do
   @doc "Returns `[%{part, what, target, measured, met, reason}]` for the parts present."
   def evaluate(results) do
     Enum.flat_map(
-      [&handoff/1, &lifecycle/1, &refcount/1, &zero_copy/1, &crypto/1, &scale/1],
+      [
+        &handoff/1,
+        &lifecycle/1,
+        &refcount/1,
+        &zero_copy/1,
+        &crypto/1,
+        &scale/1,
+        &SnakepitShm.Bench.Health.targets/1,
+        &SnakepitShm.Bench.Board.targets/1
+      ],
       & &1.(results)
     )
   end

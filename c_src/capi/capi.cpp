@@ -2,14 +2,22 @@
 // catches everything and turns it into an SPSHM_E* code and a message.
 #include "snakepit_shm.h"
 
+#if defined(__linux__)
+#include <fcntl.h>
+#include <unistd.h>
+#endif
+
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <new>
 #include <string>
 
+#include "board.hpp"
 #include "crypto.hpp"
 #include "format.hpp"
 #include "header.hpp"
+#include "platform.hpp"
 #include "region.hpp"
 #include "region_impl.hpp"
 
@@ -242,5 +250,163 @@ SPSHM_EXPORT int spshm_encrypt(const void* header, uint8_t* data, uint64_t data_
       return fail(Errc::sealed, "the region is sealed: it can only be read", err, errlen);
     spshm::crypto::Binding binding{h.region_id, h.data_size};
     return from(spshm::crypto::encrypt(binding, key, data, offset, in, length), err, errlen);
+  });
+}
+
+namespace {
+
+#if defined(__linux__)
+/// A new O_CLOEXEC descriptor of the memfd behind "/proc/<pid>/fd/<n>" (our own pid).
+int dup_of_proc_path(const std::string& path) {
+  auto slash = path.rfind('/');
+  if (slash == std::string::npos) return -1;
+  char* end = nullptr;
+  long n = std::strtol(path.c_str() + slash + 1, &end, 10);
+  if (end == nullptr || *end != '\0' || n < 0) return -1;
+  return ::fcntl(static_cast<int>(n), F_DUPFD_CLOEXEC, 0);
+}
+
+void close_fd(int fd) { ::close(fd); }
+#else
+int dup_of_proc_path(const std::string&) { return -1; }  // memfd is Linux-only
+void close_fd(int) {}
+#endif
+
+}  // namespace
+
+SPSHM_EXPORT int spshm_create(uint64_t size, int backend, const char* metadata_json,
+                              uint64_t idle_timeout_ns, char* region_id, int* control_fd,
+                              int* data_fd, char* err, size_t errlen) {
+  return guarded(err, errlen, [&] {
+    if (region_id == nullptr || control_fd == nullptr || data_fd == nullptr)
+      return fail(Errc::invalid_argument, "region_id, control_fd and data_fd must not be NULL", err,
+                  errlen);
+    *control_fd = -1;
+    *data_fd = -1;
+    region_id[0] = '\0';
+    if (size == 0) return fail(Errc::invalid_argument, "size must be > 0", err, errlen);
+    spshm::CreateOptions options;
+    if (backend == static_cast<int>(spshm::BackendKind::posix))
+      options.backend = spshm::BackendKind::posix;
+    else if (backend == static_cast<int>(spshm::BackendKind::memfd))
+      options.backend = spshm::BackendKind::memfd;
+    else
+      return fail(Errc::invalid_argument, "backend must be 1 (posix) or 2 (memfd)", err, errlen);
+#if defined(__linux__)
+    if (options.backend == spshm::BackendKind::posix) {
+      // Where the VM keeps its POSIX segments (config :snakepit_shm, shm_path), so that
+      // it finds the output to adopt it; /dev/shm when the variable is not set.
+      const char* dir = std::getenv("SNAKEPIT_SHM_PATH");
+      auto moved =
+          spshm::platform::set_named_dir(dir != nullptr && *dir != '\0' ? dir : "/dev/shm");
+      if (!moved)
+        return fail(Error{Errc::invalid_argument, moved.error().sys_errno,
+                          "SNAKEPIT_SHM_PATH: " + moved.error().message +
+                              " (set it to the VM's config :snakepit_shm, shm_path)"},
+                    err, errlen);
+    }
+#endif
+    options.size = size;
+    options.mode = 0600;
+    options.metadata_json = metadata_json != nullptr ? metadata_json : "{}";
+    options.idle_timeout_ns = idle_timeout_ns;
+    options.worker_output = true;  // the VM may adopt it (adopt_region/2)
+    auto created = spshm::Region::create(options);
+    if (!created) return fail(created.error(), err, errlen);
+    spshm::Region& region = *created;
+    if (options.backend == spshm::BackendKind::memfd) {
+      int control = dup_of_proc_path(region.control_path());
+      int data = dup_of_proc_path(region.data_path());
+      if (control < 0 || data < 0) {
+        if (control >= 0) close_fd(control);
+        if (data >= 0) close_fd(data);
+        return fail(Errc::io_error, "cannot duplicate the region's memfds (out of descriptors?)",
+                    err, errlen);
+      }
+      *control_fd = control;
+      *data_fd = data;
+    }
+    copy_message(region.id(), region_id, spshm::kRegionIdCapacity);
+    return succeed(err, errlen);
+  });
+}
+
+// ---- status board ----
+
+namespace {
+
+spshm::Result<spshm::board::View> board_view(void* data, uint64_t bytes) {
+  spshm::board::View view;
+  switch (spshm::board::View::make(data, bytes, &view)) {
+    case spshm::board::ViewStatus::ok:
+      return view;
+    case spshm::board::ViewStatus::bad_version:
+      return Error{Errc::unsupported_version, 0, "the status board has an unknown version"};
+    case spshm::board::ViewStatus::too_small:
+      return Error{Errc::corrupt, 0, "the region is too small to hold a status board"};
+    default:
+      return Error{Errc::corrupt, 0,
+                   "the region does not hold a valid status board (bad magic or geometry)"};
+  }
+}
+
+}  // namespace
+
+SPSHM_EXPORT size_t spshm_board_layout(char* buf, size_t buflen) {
+  try {
+    std::string layout = spshm::board::board_layout_description();
+    copy_message(layout, buf, buflen);
+    return layout.size();
+  } catch (...) {
+    if (buf != nullptr && buflen > 0) buf[0] = '\0';
+    return 0;
+  }
+}
+
+SPSHM_EXPORT int spshm_board_join(void* data, uint64_t bytes, const char* worker_id, size_t id_len,
+                                  uint32_t pid, uint64_t start_time, uint32_t* index,
+                                  uint64_t* owner, uint32_t* capacity, char* err, size_t errlen) {
+  return guarded(err, errlen, [&] {
+    if (worker_id == nullptr || index == nullptr || owner == nullptr)
+      return fail(Errc::invalid_argument, "NULL argument", err, errlen);
+    if (id_len == 0 || id_len > spshm::board::kWorkerIdCapacity)
+      return fail(Errc::invalid_argument, "worker_id must be 1 to 64 bytes", err, errlen);
+    auto view = board_view(data, bytes);
+    if (!view) return fail(view.error(), err, errlen);
+    if (capacity != nullptr) *capacity = view->capacity();
+    if (!view->join(std::string(worker_id, id_len), pid, start_time, index, owner)) {
+      std::string message = "the status board is full: all " + std::to_string(view->capacity()) +
+                            " slots are taken; create the board with a larger capacity";
+      copy_message(message, err, errlen);
+      return SPSHM_E_BOARD_FULL;
+    }
+    return succeed(err, errlen);
+  });
+}
+
+SPSHM_EXPORT int spshm_board_update(void* slot, uint64_t owner, const uint64_t* values) {
+  if (slot == nullptr || values == nullptr) return SPSHM_E_INVALID_ARGUMENT;
+  spshm::board::Values v;
+  v.state = static_cast<uint32_t>(values[0]);
+  v.queue = values[1];
+  v.in_flight = values[2];
+  v.memory = values[3];
+  v.processed = values[4];
+  v.errors = values[5];
+  for (uint32_t g = 0; g < spshm::board::kGaugeCount; ++g)
+    v.gauges[g] = static_cast<int64_t>(values[6 + g]);
+  return spshm::board::update_slot(*static_cast<spshm::board::BoardSlot*>(slot), owner, v)
+             ? SPSHM_OK
+             : code_of(Errc::closed);
+}
+
+SPSHM_EXPORT int spshm_board_leave(void* data, uint64_t bytes, uint32_t index, uint64_t owner,
+                                   char* err, size_t errlen) {
+  return guarded(err, errlen, [&] {
+    auto view = board_view(data, bytes);
+    if (!view) return fail(view.error(), err, errlen);
+    if (!view->leave(index, owner))
+      return fail(Errc::closed, "the slot is no longer ours (left or reclaimed)", err, errlen);
+    return succeed(err, errlen);
   });
 }

@@ -80,6 +80,45 @@ int spshm_decrypt(const void* header, const uint8_t* data, uint64_t data_len, co
 int spshm_encrypt(const void* header, uint8_t* data, uint64_t data_len, const uint8_t* key,
                   uint64_t offset, const uint8_t* in, uint64_t length, char* err, size_t errlen);
 
+/* Creates a region owned by the calling process, with the same core as the Elixir side
+ * (random id, O_EXCL, fchmod 0600, posix_fallocate, header published, memfd seals).
+ * backend: 1 POSIX (/dev/shm), 2 memfd. metadata_json may be NULL (an empty object);
+ * idle_timeout_ns 0 never expires. Unencrypted (security level standard) only.
+ * Writes the NUL-terminated id into region_id (>= 32 bytes). For memfd, *control_fd and
+ * *data_fd receive new O_CLOEXEC descriptors of the two memfds, which keep the region
+ * alive: the caller must keep them open until another process has opened the region
+ * (/proc/<pid>/fd/<n> of these descriptors) and close them after; for POSIX both are -1
+ * (the region is reached by id). The core's own mapping is gone when this returns. */
+int spshm_create(uint64_t size, int backend, const char* metadata_json, uint64_t idle_timeout_ns,
+                 char* region_id, int* control_fd, int* data_fd, char* err, size_t errlen);
+
+/* ---- status board (c_src/core/board.hpp, docs/FORMAT.md § status board) ---- */
+
+/* Every slot of the board is taken (spshm_board_join). */
+#define SPSHM_E_BOARD_FULL -100
+
+/* Writes the board layout JSON (board_layout_description()) into buf; returns the
+ * length needed (excluding NUL). */
+size_t spshm_board_layout(char* buf, size_t buflen);
+
+/* Validates the board at `data` (a region's data area, `bytes` long) and claims a free
+ * slot for worker_id (1..64 bytes) of process (pid, start_time). On success *index is
+ * the slot and *owner the word to pass to update/leave; *capacity (if non-NULL) the
+ * board's slot count. SPSHM_E_BOARD_FULL when no slot is free. */
+int spshm_board_join(void* data, uint64_t bytes, const char* worker_id, size_t id_len, uint32_t pid,
+                     uint64_t start_time, uint32_t* index, uint64_t* owner, uint32_t* capacity,
+                     char* err, size_t errlen);
+
+/* The writer's fast path: `slot` is data + 512 + 192 * index of a slot this process
+ * joined; values[10] = state, queue, in_flight, memory, processed, errors, gauge 0..3
+ * (gauges as two's-complement int64). A seqlock write: no lock, no system call.
+ * Returns 0, or SPSHM_E_CLOSED if the slot is no longer ours (left or reclaimed). */
+int spshm_board_update(void* slot, uint64_t owner, const uint64_t* values);
+
+/* Frees a slot joined by this process. SPSHM_E_CLOSED if it was no longer ours. */
+int spshm_board_leave(void* data, uint64_t bytes, uint32_t index, uint64_t owner, char* err,
+                      size_t errlen);
+
 #ifdef __cplusplus
 }
 #endif

@@ -48,6 +48,8 @@ const char* errc_name(Errc code) noexcept {
       return "unsupported";
     case Errc::io_error:
       return "io_error";
+    case Errc::truncated:
+      return "truncated";
   }
   return "io_error";
 }

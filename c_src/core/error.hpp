@@ -29,6 +29,7 @@ enum class Errc {
   mlock_failed,         ///< mlock failed, usually RLIMIT_MEMLOCK is too low
   unsupported,          ///< not available on this platform or kernel
   io_error,             ///< any other OS failure
+  truncated,            ///< a peer truncated a POSIX segment under our mapping (SIGBUS caught)
 };
 
 /// Stable lower_snake_case name of an error code ("not_found"): the Elixir reason atom.

@@ -139,6 +139,7 @@ std::string layout_description() {
     root.number("posix_data_offset", kHeaderSize);
     root.number("memfd_data_offset", 0);
     root.number("aad_size", crypto::kAadSize);
+    root.number("data_lock_byte", kDataLockByte);
     {
       root.key("backends");
       JsonObject o(out);
@@ -159,6 +160,7 @@ std::string layout_description() {
       o.number("encrypted", kFlagEncrypted);
       o.number("named", kFlagNamed);
       o.number("split_data", kFlagSplitData);
+      o.number("worker_output", kFlagWorkerOutput);
       o.number("liveness_locks", kFlagLivenessLocks);
     }
     {
@@ -166,6 +168,8 @@ std::string layout_description() {
       JsonObject o(out);
       o.number("sealed", kStateSealed);
       o.number("deallocated", kStateDeallocated);
+      o.number("sealing", kStateSealing);
+      o.number("adopted", kStateAdopted);
     }
     {
       root.key("slot_states");
@@ -341,7 +345,8 @@ Result<void> validate_kind(const RegionHeader& h) {
   bool named = id.compare(0, kNamedIdPrefixLength, kNamedIdPrefix) == 0;
   if (named != ((h.flags & kFlagNamed) != 0))
     return corrupt(h, "the named flag does not match the region id");
-  if (h.flags & ~(kFlagEncrypted | kFlagNamed | kFlagSplitData | kFlagLivenessLocks))
+  if (h.flags &
+      ~(kFlagEncrypted | kFlagNamed | kFlagSplitData | kFlagWorkerOutput | kFlagLivenessLocks))
     return corrupt(h, "unknown flags " + std::to_string(h.flags));
   if (h.security_level > 2)
     return corrupt(h, "security_level " + std::to_string(h.security_level) + " is unknown");

@@ -72,11 +72,27 @@ inline constexpr std::uint32_t kFlagSplitData = 1u << 2;
 /// Every user of this region holds the liveness lock (byte 0): a sweeper may trust the
 /// lock alone. Regions written without it (by an older version) are judged by their
 /// creator's PID and start time, as that version did.
-inline constexpr std::uint32_t kFlagLivenessLocks = 1u << 3;
+inline constexpr std::uint32_t kFlagLivenessLocks = 1u << 4;
+/// Created by a worker through the C API (snakepit_shm.allocate): the only regions a VM
+/// may adopt (adopt_region/2); a VM's own regions never carry it.
+inline constexpr std::uint32_t kFlagWorkerOutput = 1u << 3;
 
 // Mutable state bits (RegionHeader::state).
 inline constexpr std::uint32_t kStateSealed = 1u << 0;
 inline constexpr std::uint32_t kStateDeallocated = 1u << 1;
+/// A seal is being committed: writers that honour the header refuse (busy). Cleared when
+/// the seal commits (kStateSealed set) or fails. kStateSealed is set only once the seal
+/// is committed (memfd: after the kernel accepted F_SEAL_WRITE), and never cleared.
+inline constexpr std::uint32_t kStateSealing = 1u << 2;
+
+/// A VM took over a region a worker created (adopt_region/2): the creator may drop it.
+inline constexpr std::uint32_t kStateAdopted = 1u << 3;
+
+/// Byte of the control object whose advisory lock (Linux OFD lock) serialises access to
+/// the data of an encrypted region across processes: writers lock it exclusively,
+/// readers shared, both without waiting (busy on conflict). The kernel drops the lock of
+/// a process that dies. (Byte 0 and other ranges are left to other protocols.)
+inline constexpr std::uint64_t kDataLockByte = 1;
 
 // Holder slot states.
 inline constexpr std::uint32_t kSlotFree = 0;

@@ -18,7 +18,7 @@
 // more than one slot; its counts add up and release()/release_all() handle every slot.
 //
 // Sealing (region.cpp) and writable holds exclude each other Dekker-style: hold() first
-// publishes the writable bit, then reads the state; seal() first sets kStateSealed, then
+// publishes the writable bit, then reads the state; seal() first sets kStateSealing, then
 // reads every slot's flags. With seq_cst on both sides at least one of them sees the
 // other, so a writable hold never coexists with a seal.
 #include <atomic>
@@ -172,8 +172,10 @@ Result<void> hold(RegionHeader& header, std::uint32_t pid, std::uint64_t start_t
     std::uint32_t state = header.state.load(kOrder);
     if (state & kStateDeallocated)
       return Error{Errc::deallocated, 0, "cannot hold a region that has been deallocated"};
-    if (writable && (state & kStateSealed))
-      return Error{Errc::sealed, 0, "the region is sealed: map it read_only"};
+    if (writable && (state & (kStateSealed | kStateSealing)))
+      return Error{Errc::sealed, 0,
+                   (state & kStateSealed) ? "the region is sealed: map it read_only"
+                                          : "the region is being sealed: map it read_only"};
 
     if (!add_to_existing(header, pid, start_time, writable) &&
         !claim_free(header, pid, start_time, writable))
@@ -186,7 +188,7 @@ Result<void> hold(RegionHeader& header, std::uint32_t pid, std::uint64_t start_t
 
     // Second look, after our hold is published (see the Dekker note above).
     state = header.state.load(kOrder);
-    if ((state & kStateDeallocated) || (writable && (state & kStateSealed))) {
+    if ((state & kStateDeallocated) || (writable && (state & (kStateSealed | kStateSealing)))) {
       (void)release(header, pid, start_time);
       if (state & kStateDeallocated)
         return Error{Errc::deallocated, 0, "the region was deallocated while mapping it"};

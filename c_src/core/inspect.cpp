@@ -218,6 +218,21 @@ Result<SweepOutcome> sweep_segment(const std::string& region_id, bool dry_run) {
 
 std::vector<std::string> list_segments() { return platform::list_named(); }
 
+std::string segment_dir() { return platform::named_dir(); }
+
+Result<void> set_segment_dir(const std::string& dir) { return platform::set_named_dir(dir); }
+
+Result<FilesystemSpace> filesystem_space(const std::string& path) {
+  auto space = platform::fs_space(path);
+  if (!space.ok()) return std::move(space).error();
+  FilesystemSpace out;
+  out.total = space.value().total;
+  out.free = space.value().free;
+  out.available = space.value().available;
+  out.tmpfs = space.value().tmpfs;
+  return out;
+}
+
 // ---- processes ----
 
 std::uint32_t self_pid() noexcept { return platform::current_pid(); }

@@ -128,6 +128,23 @@ Result<void> unlink_named(const std::string& region_id);
 std::string named_path(const std::string& region_id);
 /// Region ids of every named object whose name starts with kNamePrefix.
 std::vector<std::string> list_named();
+/// The directory whose files are the named objects ("/dev/shm" unless set_named_dir()
+/// moved it), or "" where named objects are not files (macOS, Windows).
+std::string named_dir();
+/// Moves the named objects of this process to `dir` (an absolute path of an existing
+/// directory, normally a tmpfs): create_named, open_named, unlink_named, named_path and
+/// list_named all follow. unsupported where named objects are not files.
+Result<void> set_named_dir(const std::string& dir);
+
+/// Size and free space of the filesystem holding `path` (statvfs), and whether it is a
+/// tmpfs (memory-backed: Linux statfs TMPFS_MAGIC).
+struct FsSpace {
+  std::uint64_t total = 0;      ///< bytes
+  std::uint64_t free = 0;       ///< bytes free for root
+  std::uint64_t available = 0;  ///< bytes free for unprivileged users
+  bool tmpfs = false;
+};
+Result<FsSpace> fs_space(const std::string& path);
 
 // ---- anonymous objects (Linux memfd) ----
 
@@ -181,6 +198,54 @@ void unlock(const Handle& handle, std::uint64_t offset) noexcept;
 /// True if an open other than this one holds a lock of byte `offset` (F_OFD_GETLK with
 /// F_WRLCK: works on a read-only handle).
 Result<bool> lock_is_held(const Handle& handle, std::uint64_t offset);
+// ---- kernel-enforced immutability (Linux memfd; unsupported elsewhere) ----
+
+/// Replaces `view`, a shared mapping of `object` from byte `offset`, in place (same
+/// address, MAP_FIXED) by a read-only mapping of a read-only open of the object, so that
+/// this process keeps no mapping the kernel counts as writable (VM_MAYWRITE): one that
+/// could never be mprotect'ed writable again. unsupported where the OS cannot.
+Result<void> downgrade_view(const Handle& object, Mapping& view, std::uint64_t offset);
+/// The reverse, after a refused seal: maps the view read-write again from `object`.
+Result<void> upgrade_view(const Handle& object, Mapping& view, std::uint64_t offset);
+/// Forbids every write to the object, by anyone, for ever (memfd F_SEAL_WRITE). busy
+/// while any process (a forked child included) maps it writable; unsupported where the
+/// OS has no such seal. `object` must be open for writing.
+Result<void> seal_writes(const Handle& object);
+/// True if the kernel forbids every write to the object (F_SEAL_WRITE is set on it).
+bool writes_sealed(const Handle& object) noexcept;
+
+// ---- advisory byte locks between processes ----
+
+/// Locks byte `offset` of the object without waiting, exclusively or shared, as an open
+/// file description lock (Linux F_OFD_SETLK): owned by this open of the object, so two
+/// opens conflict even in one process, and released by the kernel when the last
+/// descriptor of the open closes (its process died). busy on a conflicting lock.
+/// macOS and Windows: no cross-process lock, always succeeds (documented).
+Result<void> try_lock_byte(const Handle& object, std::uint64_t offset, bool exclusive);
+void unlock_byte(const Handle& object, std::uint64_t offset) noexcept;
+
+// ---- guarded access to mappings a peer may truncate (POSIX shm) ----
+
+/// Installs, once per process, the SIGBUS handler behind run_guarded(): it acts only on
+/// a thread inside run_guarded() whose fault lies in the range it guards, and chains to
+/// the handler installed before it otherwise. Idempotent; false if sigaction failed.
+/// Windows: nothing to install (a section cannot shrink under a view).
+bool install_fault_guard() noexcept;
+bool fault_guard_installed() noexcept;
+/// How many faults outside run_guarded() the handler repaired so far (Linux: a page of a
+/// mapping of a /dev/shm/spshm_* segment that lost its memory is replaced by a private
+/// zero page, so that header reads of a truncated segment do not kill the process).
+std::uint64_t fault_repairs() noexcept;
+
+/// Tells the SIGBUS handler where segments live (set_named_dir calls it): a fault in a
+/// mapping of "<dir>/spshm_*" outside a guarded copy is repaired.
+void set_fault_segment_dir(const std::string& dir) noexcept;
+/// Runs body(context) and returns true; or returns false if body touched a page of
+/// [first, first + length) that its object no longer has (a peer truncated it: SIGBUS),
+/// abandoning body at that instant. body must take no lock and own no object with a
+/// destructor (it is left by siglongjmp). Without the handler installed it just runs body.
+bool run_guarded(void (*body)(void*), void* context, const void* first,
+                 std::size_t length) noexcept;
 
 /// mlock + keep out of core dumps; mlock_failed names RLIMIT_MEMLOCK and how to raise it.
 Result<void> lock_memory(void* address, std::size_t length);

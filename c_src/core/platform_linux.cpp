@@ -21,6 +21,8 @@ namespace spshm::platform {
 namespace {
 
 constexpr char kShmDir[] = "/dev/shm";
+std::mutex named_dir_mutex;
+std::string named_dir_value = kShmDir;  // guarded by named_dir_mutex
 constexpr char kMemfdLinkPrefix[] = "/memfd:";
 constexpr char kDeletedSuffix[] = " (deleted)";
 
@@ -67,13 +69,34 @@ std::uint64_t available_memory() {
 
 // ---- named objects ----
 
-std::string named_path(const std::string& region_id) {
-  return std::string(kShmDir) + "/" + region_id;
+std::string named_dir() {
+  std::lock_guard<std::mutex> lock(named_dir_mutex);
+  return named_dir_value;
 }
+
+Result<void> set_named_dir(const std::string& dir) {
+  if (dir.empty() || dir[0] != '/' || dir.find('\0') != std::string::npos)
+    return Error{Errc::invalid_argument, 0,
+                 "the shared memory directory must be an absolute path, got: " + dir};
+  std::string clean = dir;
+  while (clean.size() > 1 && clean.back() == '/') clean.pop_back();
+  struct stat st;
+  if (::stat(clean.c_str(), &st) != 0)
+    return os_error("cannot use " + clean + " as the shared memory directory", errno);
+  if (!S_ISDIR(st.st_mode))
+    return Error{Errc::invalid_argument, ENOTDIR,
+                 clean + " is not a directory: shm_path must name a directory (a tmpfs mount)"};
+  std::lock_guard<std::mutex> lock(named_dir_mutex);
+  named_dir_value = clean;
+  set_fault_segment_dir(clean);
+  return {};
+}
+
+std::string named_path(const std::string& region_id) { return named_dir() + "/" + region_id; }
 
 std::vector<std::string> list_named() {
   std::vector<std::string> ids;
-  DIR* dir = ::opendir(kShmDir);
+  DIR* dir = ::opendir(named_dir().c_str());
   if (dir == nullptr) return ids;
   while (struct dirent* entry = ::readdir(dir)) {
     if (std::strncmp(entry->d_name, kNamePrefix, sizeof kNamePrefix - 1) == 0)
@@ -170,6 +193,92 @@ Result<void> seal_object(const Handle& data_object, BackendKind backend) {
     return os_error("cannot seal the data memfd (F_SEAL_FUTURE_WRITE)", err);
   }
   return {};
+}
+
+// ---- kernel-enforced immutability ----
+
+namespace {
+
+Result<void> remap_view(int fd, Mapping& view, std::uint64_t offset, int prot) {
+  if (!view.valid()) return {};
+  void* at = ::mmap(view.data(), view.size(), prot, MAP_SHARED | MAP_FIXED, fd,
+                    static_cast<off_t>(offset));
+  if (at == MAP_FAILED) return os_error("cannot remap the data of a region", errno);
+  return {};
+}
+
+}  // namespace
+
+Result<void> downgrade_view(const Handle& object, Mapping& view, std::uint64_t offset) {
+  // A new open file description, read-only: a mapping of it has neither VM_WRITE nor
+  // VM_MAYWRITE, so it never blocks F_SEAL_WRITE and mprotect(PROT_WRITE) fails on it.
+  std::string self_link = "/proc/self/fd/" + std::to_string(fd_of(object));
+  int ro = ::open(self_link.c_str(), O_RDONLY | O_CLOEXEC);
+  if (ro < 0) return os_error("cannot reopen " + self_link + " read-only", errno);
+  Handle guard(ro);
+  // MAP_FIXED replaces the old mapping atomically (one mmap_lock hold): other threads
+  // reading the view meanwhile see the same bytes through the new mapping.
+  return remap_view(ro, view, offset, PROT_READ);
+}
+
+Result<void> upgrade_view(const Handle& object, Mapping& view, std::uint64_t offset) {
+  return remap_view(fd_of(object), view, offset, PROT_READ | PROT_WRITE);
+}
+
+Result<void> seal_writes(const Handle& object) {
+  if (::fcntl(fd_of(object), F_ADD_SEALS, F_SEAL_WRITE | F_SEAL_FUTURE_WRITE) == 0) return {};
+  int err = errno;
+  // Kernels 3.17-5.0 know F_SEAL_WRITE but not F_SEAL_FUTURE_WRITE (redundant with it).
+  if (err == EINVAL && ::fcntl(fd_of(object), F_ADD_SEALS, F_SEAL_WRITE) == 0) return {};
+  if (err == EINVAL) err = errno;
+  if (err == EBUSY)
+    return Error{Errc::busy, err,
+                 "the kernel refused F_SEAL_WRITE: a writable shared mapping of the data "
+                 "exists in some process (a worker attached mode='rw', a forked child of "
+                 "one, or a raw mmap of /proc/<pid>/fd/<n>)"};
+  if (err == EINVAL)
+    return Error{Errc::unsupported, err,
+                 "this kernel (" + kernel_release() + ") cannot seal memfd writes"};
+  return os_error("cannot seal the data memfd (F_SEAL_WRITE)", err);
+}
+
+bool writes_sealed(const Handle& object) noexcept {
+  int seals = ::fcntl(fd_of(object), F_GET_SEALS);
+  return seals >= 0 && (seals & F_SEAL_WRITE) != 0;
+}
+
+// ---- advisory byte locks ----
+
+namespace {
+
+int set_ofd_lock(int fd, std::uint64_t offset, short type) noexcept {
+  struct flock lock {};
+  lock.l_type = type;
+  lock.l_whence = SEEK_SET;
+  lock.l_start = static_cast<off_t>(offset);
+  lock.l_len = 1;
+  lock.l_pid = 0;  // required by F_OFD_*
+  int rc;
+  do {
+    rc = ::fcntl(fd, F_OFD_SETLK, &lock);
+  } while (rc != 0 && errno == EINTR);
+  return rc;
+}
+
+}  // namespace
+
+Result<void> try_lock_byte(const Handle& object, std::uint64_t offset, bool exclusive) {
+  if (set_ofd_lock(fd_of(object), offset, exclusive ? F_WRLCK : F_RDLCK) == 0) return {};
+  int err = errno;
+  if (err == EAGAIN || err == EACCES)
+    return Error{
+        Errc::busy, err,
+        exclusive ? "another process is reading or writing it" : "another process is writing it"};
+  return os_error("cannot lock byte " + std::to_string(offset) + " (F_OFD_SETLK)", err);
+}
+
+void unlock_byte(const Handle& object, std::uint64_t offset) noexcept {
+  (void)set_ofd_lock(fd_of(object), offset, F_UNLCK);
 }
 
 // ---- processes, time, randomness ----

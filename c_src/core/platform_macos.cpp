@@ -27,6 +27,13 @@ namespace spshm::platform {
 
 std::string named_path(const std::string&) { return {}; }  // shm objects have no path
 
+std::string named_dir() { return {}; }
+
+Result<void> set_named_dir(const std::string&) {
+  return Error{Errc::unsupported, 0,
+               "macOS POSIX shared memory objects are not files: shm_path cannot move them"};
+}
+
 std::vector<std::string> list_named() {
   // macOS offers no way to enumerate POSIX shm objects (no /dev/shm, no API): regions of
   // dead processes are found through the manager's journal, not by listing.
@@ -51,6 +58,21 @@ Result<void> seal_object(const Handle& data_object, BackendKind backend) {
   // access; mappings made writable before keep working.
   return set_mode(data_object, 0400, "the sealed segment");
 }
+
+// No memfd, no file seals: nothing is kernel-sealed on macOS (read/3 always copies).
+Result<void> downgrade_view(const Handle&, Mapping&, std::uint64_t) {
+  return Error{Errc::unsupported, 0, "macOS has no kernel write seal"};
+}
+Result<void> upgrade_view(const Handle&, Mapping&, std::uint64_t) { return {}; }
+Result<void> seal_writes(const Handle&) {
+  return Error{Errc::unsupported, 0, "macOS has no kernel write seal"};
+}
+bool writes_sealed(const Handle&) noexcept { return false; }
+
+// No open file description locks here: encrypted regions are not protected against
+// concurrent writers of different processes on this OS (documented in SECURITY.md).
+Result<void> try_lock_byte(const Handle&, std::uint64_t, bool) { return {}; }
+void unlock_byte(const Handle&, std::uint64_t) noexcept {}
 
 // ---- processes, time, randomness ----
 

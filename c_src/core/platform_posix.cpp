@@ -1,17 +1,24 @@
 // POSIX part of the OS layer (Linux and macOS): shm_open objects, files, mappings, mlock.
 #include <fcntl.h>
+#include <pthread.h>
+#include <setjmp.h>
+#include <signal.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #if defined(__linux__)
+#include <linux/magic.h>
+#include <sys/statfs.h>
 #include <sys/syscall.h>
 #endif
 #include <time.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 #include <cstring>
+#include <mutex>
 #include <string>
 
 #include "platform.hpp"
@@ -22,9 +29,70 @@ namespace {
 
 int fd_of(const Handle& h) noexcept { return static_cast<int>(h.native()); }
 
-std::string object_name(const std::string& region_id) { return "/" + region_id; }
+// The shared mappings this process made with map(), readable from the SIGBUS handler
+// without a lock: a fault in one of them is ours to repair whatever the object is called
+// now (a peer may rename the segment before truncating it, and /proc/self/maps then
+// shows the new name). A slot is claimed by a CAS on its length, published by storing its
+// start (release); the handler only trusts slots whose start is set. When the table is
+// full, the handler falls back to the segment's name in /proc/self/maps.
+constexpr std::size_t kMappedRanges = 8192;
+struct MappedRange {
+  std::atomic<std::uintptr_t> start{0};
+  std::atomic<std::size_t> length{0};
+};
+MappedRange mapped_ranges[kMappedRanges];
+
+void remember_mapping(void* address, std::size_t length) noexcept {
+  if (address == nullptr || length == 0) return;
+  for (auto& r : mapped_ranges) {
+    std::size_t free = 0;
+    if (r.length.load(std::memory_order_relaxed) != 0 ||
+        !r.length.compare_exchange_strong(free, length, std::memory_order_acq_rel))
+      continue;
+    r.start.store(reinterpret_cast<std::uintptr_t>(address), std::memory_order_release);
+    return;
+  }
+}
+
+void forget_mapping(void* address) noexcept {
+  auto at = reinterpret_cast<std::uintptr_t>(address);
+  for (auto& r : mapped_ranges) {
+    if (r.start.load(std::memory_order_acquire) != at) continue;
+    r.start.store(0, std::memory_order_release);
+    r.length.store(0, std::memory_order_release);
+    return;
+  }
+}
+
+[[maybe_unused]] bool in_our_mapping(std::uintptr_t address) noexcept {
+  for (const auto& r : mapped_ranges) {
+    std::uintptr_t start = r.start.load(std::memory_order_acquire);
+    if (start == 0 || address < start) continue;
+    if (address - start < r.length.load(std::memory_order_acquire)) return true;
+  }
+  return false;
+}
 
 Error errno_error(const std::string& what) { return os_error(what, errno); }
+
+// Named objects. Linux: files of named_dir() (/dev/shm unless moved to another tmpfs),
+// opened directly, which is what glibc's shm_open does for /dev/shm. Elsewhere: shm_open.
+#if defined(__linux__)
+int open_named_object(const std::string& region_id, int flags, mode_t mode) {
+  return ::open(named_path(region_id).c_str(), flags | O_NOFOLLOW | O_CLOEXEC, mode);
+}
+int unlink_named_object(const std::string& region_id) {
+  return ::unlink(named_path(region_id).c_str());
+}
+#else
+std::string object_name(const std::string& region_id) { return "/" + region_id; }
+int open_named_object(const std::string& region_id, int flags, mode_t mode) {
+  return ::shm_open(object_name(region_id).c_str(), flags, mode);
+}
+int unlink_named_object(const std::string& region_id) {
+  return ::shm_unlink(object_name(region_id).c_str());
+}
+#endif
 
 }  // namespace
 
@@ -34,7 +102,10 @@ void Handle::reset() noexcept {
 }
 
 void Mapping::reset() noexcept {
-  if (address_ != nullptr) ::munmap(address_, length_);
+  if (address_ != nullptr) {
+    forget_mapping(address_);
+    ::munmap(address_, length_);
+  }
   address_ = nullptr;
   length_ = 0;
 }
@@ -45,9 +116,8 @@ BackendKind named_backend() noexcept { return BackendKind::posix; }
 
 Result<Handle> create_named(const std::string& region_id, std::uint32_t mode,
                             std::uint64_t /*size: allocate() sets it*/) {
-  std::string name = object_name(region_id);
   // O_EXCL: never open somebody else's object; O_NOFOLLOW: never follow a planted link.
-  int fd = ::shm_open(name.c_str(), O_CREAT | O_EXCL | O_RDWR | O_NOFOLLOW | O_CLOEXEC, 0600);
+  int fd = open_named_object(region_id, O_CREAT | O_EXCL | O_RDWR | O_NOFOLLOW | O_CLOEXEC, 0600);
   if (fd < 0) {
     int err = errno;
     if (err == EEXIST)
@@ -61,7 +131,7 @@ Result<Handle> create_named(const std::string& region_id, std::uint32_t mode,
   // The umask applied to shm_open's mode: fchmod sets exactly what was asked.
   if (::fchmod(fd, static_cast<mode_t>(mode)) != 0) {
     Error e = errno_error("cannot set the permissions of " + region_id);
-    ::shm_unlink(name.c_str());
+    unlink_named_object(region_id);
     return e;
   }
   return handle;
@@ -73,7 +143,7 @@ Result<Handle> open_named(const std::string& region_id, Access access) {
   // (check_our_object) before using it; blocking mode is restored below.
   int flags =
       (access == Access::read_write ? O_RDWR : O_RDONLY) | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK;
-  int fd = ::shm_open(object_name(region_id).c_str(), flags, 0);
+  int fd = open_named_object(region_id, flags, 0);
   if (fd < 0) {
     int err = errno;
     if (err == ENOENT)
@@ -91,7 +161,7 @@ Result<Handle> open_named(const std::string& region_id, Access access) {
 }
 
 Result<void> unlink_named(const std::string& region_id) {
-  if (::shm_unlink(object_name(region_id).c_str()) != 0) {
+  if (unlink_named_object(region_id) != 0) {
     int err = errno;
     if (err == ENOENT)
       return Error{Errc::not_found, err, "no shared memory segment named " + region_id};
@@ -209,6 +279,7 @@ Result<Mapping> map(const Handle& handle, std::uint64_t offset, std::size_t leng
                        " for writing: it is sealed or read-only for us (map it read_only)"};
     return os_error("cannot map " + std::to_string(length) + " bytes of " + what, err);
   }
+  if (sharing == Sharing::shared) remember_mapping(address, length);
   return Mapping(address, length);
 }
 
@@ -253,6 +324,194 @@ Result<void> lock_memory(void* address, std::size_t length) {
   }
 #endif
   return {};
+}
+
+Result<FsSpace> fs_space(const std::string& path) {
+  struct statvfs fs;
+  if (::statvfs(path.c_str(), &fs) != 0) return errno_error("cannot statvfs " + path);
+  FsSpace space;
+  space.total = std::uint64_t{fs.f_blocks} * fs.f_frsize;
+  space.free = std::uint64_t{fs.f_bfree} * fs.f_frsize;
+  space.available = std::uint64_t{fs.f_bavail} * fs.f_frsize;
+#if defined(__linux__)
+  struct statfs sf;
+  space.tmpfs = ::statfs(path.c_str(), &sf) == 0 && sf.f_type == TMPFS_MAGIC;
+#endif
+  return space;
+}
+
+// ---- guarded access (SIGBUS) ----
+
+namespace {
+
+struct GuardFrame {
+  sigjmp_buf jump;
+  const char* first;
+  std::size_t length;
+};
+
+// initial-exec: reading it in the signal handler never allocates (dynamic TLS could).
+__attribute__((tls_model("initial-exec"))) thread_local GuardFrame* tls_frame = nullptr;
+struct sigaction previous_bus {};
+std::atomic<bool> guard_installed{false};
+std::atomic<std::uint64_t> repairs{0};  // lock-free: updated in the handler
+// "<segment dir>/spshm_", readable from the signal handler without a lock: written only
+// by set_fault_segment_dir() (length 0 while it is rewritten).
+char segment_prefix[4352] = "/dev/shm/spshm_";
+std::atomic<std::size_t> segment_prefix_length{sizeof "/dev/shm/spshm_" - 1};
+
+#if defined(__linux__)
+/// Parses a hexadecimal number at *p (advancing it).
+std::uintptr_t parse_hex(const char*& p, const char* end) noexcept {
+  std::uintptr_t v = 0;
+  for (; p < end; ++p) {
+    char c = *p;
+    int d = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+    if (d < 0) break;
+    v = v << 4 | static_cast<std::uintptr_t>(d);
+  }
+  return v;
+}
+
+/// True if `line` (one /proc/self/maps line) maps `address` from one of our segments.
+bool maps_our_segment(const char* line, const char* end, std::uintptr_t address) noexcept {
+  const char* p = line;
+  std::uintptr_t start = parse_hex(p, end);
+  if (p >= end || *p != '-') return false;
+  ++p;
+  std::uintptr_t stop = parse_hex(p, end);
+  if (address < start || address >= stop) return false;
+  // "<segment dir>/spshm_": the directory set_named_dir() chose (shm_path), copied for
+  // this handler by set_fault_segment_dir(). memfd mappings show as "/memfd:spshm_..."
+  // and cannot be truncated (sealed), so they never match.
+  std::size_t n = segment_prefix_length.load(std::memory_order_acquire);
+  if (n == 0) return false;
+  for (const char* q = p; q + n <= end; ++q)
+    if (std::memcmp(q, segment_prefix, n) == 0) return true;
+  return false;
+}
+
+/// In the SIGBUS handler (only async-signal-safe system calls): if `address` lies in a
+/// mapping of a <segment dir>/spshm_* segment, replaces its page by a private zero page.
+bool repair_our_page(void* address) noexcept {
+  auto at = reinterpret_cast<std::uintptr_t>(address);
+  bool ours = in_our_mapping(at);
+  int fd = ours ? -1 : ::open("/proc/self/maps", O_RDONLY | O_CLOEXEC);
+  if (!ours && fd < 0) return false;
+  char buffer[4096];
+  std::size_t used = 0;
+  for (; fd >= 0;) {
+    ssize_t got = ::read(fd, buffer + used, sizeof buffer - used);
+    if (got < 0 && errno == EINTR) continue;
+    if (got <= 0) break;
+    used += static_cast<std::size_t>(got);
+    std::size_t from = 0;
+    for (std::size_t i = 0; i < used; ++i) {
+      if (buffer[i] != '\n') continue;
+      if (maps_our_segment(buffer + from, buffer + i, at)) ours = true;
+      from = i + 1;
+    }
+    if (ours) break;
+    std::memmove(buffer, buffer + from, used - from);  // keep the partial last line
+    used -= from;
+    if (used == sizeof buffer) used = 0;  // a line longer than the buffer: not ours
+  }
+  if (fd >= 0) ::close(fd);
+  if (!ours) return false;
+  auto page = static_cast<std::uintptr_t>(::sysconf(_SC_PAGESIZE));
+  void* start = reinterpret_cast<void*>(at & ~(page - 1));
+  return ::mmap(start, page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1,
+                0) != MAP_FAILED;
+}
+#else
+bool repair_our_page(void*) noexcept { return false; }
+#endif
+
+void on_sigbus(int sig, siginfo_t* info, void* context) {
+  GuardFrame* frame = tls_frame;
+  if (frame != nullptr && info != nullptr && info->si_code > 0) {
+    const char* at = static_cast<const char*>(info->si_addr);
+    if (at >= frame->first && at < frame->first + frame->length) {
+      tls_frame = nullptr;
+      siglongjmp(frame->jump, 1);  // back into run_guarded: the access becomes an error
+    }
+  }
+  // Outside a guarded copy: a fault in a mapping of one of our own segments (a header
+  // read, an unguarded path) is repaired in place, so the VM lives and the next guarded
+  // access reports the truncation.
+  if (info != nullptr && info->si_code > 0 && repair_our_page(info->si_addr)) {
+    repairs.fetch_add(1, std::memory_order_relaxed);
+    return;
+  }
+  // Not ours: whatever was installed before decides.
+  if (previous_bus.sa_flags & SA_SIGINFO) {
+    if (previous_bus.sa_sigaction != nullptr) previous_bus.sa_sigaction(sig, info, context);
+    return;
+  }
+  if (previous_bus.sa_handler == SIG_DFL || previous_bus.sa_handler == SIG_IGN) {
+    // The default action (a core dump): a faulting instruction runs again on return and
+    // now gets it; a signal sent by kill(2) is raised again.
+    struct sigaction dfl {};
+    dfl.sa_handler = SIG_DFL;
+    sigemptyset(&dfl.sa_mask);
+    ::sigaction(SIGBUS, &dfl, nullptr);
+    if (info == nullptr || info->si_code <= 0) ::raise(SIGBUS);
+    return;
+  }
+  previous_bus.sa_handler(sig);
+}
+
+}  // namespace
+
+bool install_fault_guard() noexcept {
+  static std::mutex once;
+  std::lock_guard<std::mutex> lock(once);
+  if (guard_installed.load()) return true;
+  struct sigaction action {};
+  action.sa_sigaction = on_sigbus;
+  action.sa_flags = SA_SIGINFO | SA_ONSTACK;
+  sigemptyset(&action.sa_mask);
+  if (::sigaction(SIGBUS, &action, &previous_bus) != 0) return false;
+  guard_installed.store(true);
+  return true;
+}
+
+void set_fault_segment_dir(const std::string& dir) noexcept {
+  std::string prefix = dir + "/spshm_";
+  segment_prefix_length.store(0, std::memory_order_release);
+  if (prefix.size() >= sizeof segment_prefix) return;  // too long: never repaired
+  std::memcpy(segment_prefix, prefix.c_str(), prefix.size() + 1);
+  segment_prefix_length.store(prefix.size(), std::memory_order_release);
+}
+
+bool fault_guard_installed() noexcept { return guard_installed.load(); }
+
+std::uint64_t fault_repairs() noexcept { return repairs.load(std::memory_order_relaxed); }
+
+bool run_guarded(void (*body)(void*), void* context, const void* first,
+                 std::size_t length) noexcept {
+  if (!guard_installed.load(std::memory_order_acquire) || length == 0) {
+    body(context);
+    return true;
+  }
+  GuardFrame frame;
+  frame.first = static_cast<const char*>(first);
+  frame.length = length;
+  // Threads of the VM run with most signals blocked, and a fault whose signal is blocked
+  // kills the process whatever the handler: unblock SIGBUS on this thread for the body
+  // only. sigsetjmp saved the mask before (savemask 1), and siglongjmp restores it.
+  sigset_t bus, previous_mask;
+  sigemptyset(&bus);
+  sigaddset(&bus, SIGBUS);
+  if (sigsetjmp(frame.jump, 1) != 0) return false;  // the handler cleared tls_frame
+  tls_frame = &frame;
+  std::atomic_signal_fence(std::memory_order_seq_cst);
+  pthread_sigmask(SIG_UNBLOCK, &bus, &previous_mask);
+  body(context);
+  pthread_sigmask(SIG_SETMASK, &previous_mask, nullptr);
+  std::atomic_signal_fence(std::memory_order_seq_cst);
+  tls_frame = nullptr;
+  return true;
 }
 
 // ---- liveness locks ----

@@ -246,6 +246,31 @@ Result<void> seal_object(const Handle& data_object, BackendKind backend) {
   return set_mode(data_object, 0400, "the sealed segment");
 }
 
+// No kernel write seal on Windows: read/3 always copies. A section cannot shrink under a
+// view, so no access can fault: run_guarded just runs the body.
+Result<void> downgrade_view(const Handle&, Mapping&, std::uint64_t) {
+  return Error{Errc::unsupported, 0, "Windows has no kernel write seal"};
+}
+Result<void> upgrade_view(const Handle&, Mapping&, std::uint64_t) { return {}; }
+Result<void> seal_writes(const Handle&) {
+  return Error{Errc::unsupported, 0, "Windows has no kernel write seal"};
+}
+bool writes_sealed(const Handle&) noexcept { return false; }
+bool install_fault_guard() noexcept { return true; }
+bool fault_guard_installed() noexcept { return true; }
+std::uint64_t fault_repairs() noexcept { return 0; }
+
+void set_fault_segment_dir(const std::string&) noexcept {}
+bool run_guarded(void (*body)(void*), void* context, const void*, std::size_t) noexcept {
+  body(context);
+  return true;
+}
+
+// No open file description locks here: encrypted regions are not protected against
+// concurrent writers of different processes on this OS (documented in SECURITY.md).
+Result<void> try_lock_byte(const Handle&, std::uint64_t, bool) { return {}; }
+void unlock_byte(const Handle&, std::uint64_t) noexcept {}
+
 Result<void> lock_memory(void* address, std::size_t length) {
   if (!::VirtualLock(address, length)) {
     DWORD err = ::GetLastError();

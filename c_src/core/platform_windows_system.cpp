@@ -81,6 +81,17 @@ bool is_section_of_ours(const SpshmObjectDirectoryInformation& entry, std::strin
 
 BackendKind named_backend() noexcept { return BackendKind::windows; }
 
+std::string named_dir() { return {}; }
+
+Result<void> set_named_dir(const std::string&) {
+  return Error{Errc::unsupported, 0,
+               "Windows file mappings are kernel objects, not files: shm_path cannot move them"};
+}
+
+Result<FsSpace> fs_space(const std::string& path) {
+  return Error{Errc::unsupported, 0, "filesystem space of " + path + " is not measured on Windows"};
+}
+
 std::vector<std::string> list_named() {
   // Every file mapping of this session named spshm_*: the Local\ object directory.
   std::vector<std::string> ids;

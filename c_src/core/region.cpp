@@ -4,10 +4,13 @@
 #include "guard.hpp"
 
 #include <cerrno>
+#include <chrono>
 #include <cstring>
 #include <limits>
 #include <mutex>
 #include <new>
+#include <shared_mutex>
+#include <type_traits>
 
 #include "crypto.hpp"
 #include "header.hpp"
@@ -107,12 +110,14 @@ class NameGuard {
 Result<void> fill_new_region(RegionFactory::Impl& impl, const CreateOptions& o, bool named) {
   if (o.lock_memory) {
     if (auto r = platform::lock_memory(impl.data, impl.capacity); !r) return r;
+    impl.memory_locked = true;
   }
   HeaderInit init;
   init.region_id = impl.id;
   init.backend = impl.backend;
   init.flags = (o.encrypted ? kFlagEncrypted : 0) | (named ? kFlagNamed : 0) |
                (impl.backend == BackendKind::memfd ? kFlagSplitData : 0) |
+               (o.worker_output ? kFlagWorkerOutput : 0) |
                (platform::has_ofd_locks() ? kFlagLivenessLocks : 0);
   init.security_level = o.security_level;
   init.data_size = o.size;
@@ -231,6 +236,29 @@ Error needs_writable(const std::string& id, const char* action) {
                    " through a read-only handle: open or map it read_write"};
 }
 
+/// Runs `body`, which touches the data mapping. POSIX segments can be truncated by a
+/// peer (a memfd cannot: F_SEAL_SHRINK), so there the body runs guarded: a SIGBUS
+/// becomes `false` and marks the region damaged.
+template <class Body>
+bool access_data(RegionFactory::Impl& impl, Body&& body) {
+  if (impl.backend != BackendKind::posix) {
+    body();
+    return true;
+  }
+  using B = std::remove_reference_t<Body>;
+  bool ok = platform::run_guarded([](void* b) { (*static_cast<B*>(b))(); }, &body, impl.data,
+                                  impl.capacity);
+  if (!ok) impl.damaged.store(true, std::memory_order_release);
+  return ok;
+}
+
+Error truncated(const RegionFactory::Impl& impl) {
+  return Error{Errc::truncated, EFAULT,
+               "region " + impl.id +
+                   " lost its memory: another process truncated the segment (ftruncate or "
+                   "shm_unlink + recreate); its data is gone. Deallocate it"};
+}
+
 }  // namespace
 
 Result<Region> Region::create(const CreateOptions& options) {
@@ -242,7 +270,9 @@ Result<Region> Region::create(const CreateOptions& options) {
   });
 }
 
-Region::Region(std::unique_ptr<Impl> impl) noexcept : impl_(std::move(impl)) {}
+Region::Region(std::unique_ptr<Impl> impl) noexcept : impl_(std::move(impl)) {
+  impl_->view_writable = impl_->writable;  // every constructor maps the data read-write iff so
+}
 Region::Region(Region&&) noexcept = default;
 Region& Region::operator=(Region&&) noexcept = default;
 Region::~Region() = default;
@@ -282,9 +312,14 @@ Result<void> Region::use_key(const std::uint8_t* key) {
     auto copy = crypto::Key::copy_of(key);
     if (!copy) return copy.error();
     std::uint8_t probe;
-    if (auto r = crypto::decrypt(impl_->binding(), copy->data(), impl_->data, 0, &probe, 1); !r)
-      return Error{r.error().code, 0,
-                   "this key does not open region " + impl_->id + ": " + r.error().message};
+    Result<void> opened;
+    if (!access_data(*impl_, [&] {
+          opened = crypto::decrypt(impl_->binding(), copy->data(), impl_->data, 0, &probe, 1);
+        }))
+      return truncated(*impl_);
+    if (!opened)
+      return Error{opened.error().code, 0,
+                   "this key does not open region " + impl_->id + ": " + opened.error().message};
     crypto::secure_zero(&probe, 1);
     std::unique_lock<std::shared_mutex> lock(impl_->crypt);
     impl_->key = std::move(*copy);
@@ -296,33 +331,107 @@ bool Region::sealed() const noexcept {
   return (impl_->header().state.load(std::memory_order_acquire) & kStateSealed) != 0;
 }
 
+bool Region::immutable() const noexcept {
+  if (impl_->immutable.load(std::memory_order_acquire)) return true;
+  // Asked of the kernel, never of the header (which any process of our uid can write).
+  if (impl_->backend != BackendKind::memfd || !impl_->data_object.valid()) return false;
+  if (!platform::writes_sealed(impl_->data_object)) return false;
+  impl_->immutable.store(true, std::memory_order_release);
+  return true;
+}
+
+bool Region::damaged() const noexcept {
+  if (impl_->damaged.load(std::memory_order_acquire)) return true;
+  // Only after the SIGBUS handler repaired a page somewhere in this process: is our
+  // segment shorter than what we mapped? (One fstat; nothing otherwise.)
+  if (impl_->backend != BackendKind::posix || platform::fault_repairs() == 0) return false;
+  auto info = platform::stat(impl_->control, impl_->id);
+  if (!info || info->size >= kHeaderSize + impl_->capacity) return false;
+  impl_->damaged.store(true, std::memory_order_release);
+  return true;
+}
+
+namespace {
+
+/// How long seal() waits for this process's in-flight writes (a 1 GiB copy: ~0.3 s).
+constexpr auto kSealWait = std::chrono::seconds(30);
+
+Result<void> seal_refused(RegionFactory::Impl& impl, const Error& why) {
+  return Error{
+      why.code, why.sys_errno,
+      "cannot seal region " + impl.id + ": " + why.message +
+          (why.code == Errc::busy ? "; have it close that mapping (or exit) and retry" : "")};
+}
+
+/// The memfd part of a seal, with this process's writes drained: no writable mapping
+/// of ours left, then F_SEAL_WRITE, which the kernel grants only if no process anywhere
+/// maps the data writable. On refusal our view is made writable again.
+Result<void> seal_kernel(RegionFactory::Impl& impl) {
+  const platform::Handle& data = impl.data_handle();
+  if (impl.view_writable) {
+    if (auto r = platform::downgrade_view(data, impl.data_map, 0); !r)
+      return seal_refused(impl, r.error());
+    impl.view_writable = false;
+    if (impl.memory_locked) (void)platform::lock_memory(impl.data, impl.capacity);
+  }
+  auto sealed = platform::seal_writes(data);
+  if (sealed) {
+    impl.immutable.store(true, std::memory_order_release);
+    return {};
+  }
+  if (impl.writable && platform::upgrade_view(data, impl.data_map, 0)) {
+    impl.view_writable = true;
+    if (impl.memory_locked) (void)platform::lock_memory(impl.data, impl.capacity);
+  }
+  return seal_refused(impl, sealed.error());
+}
+
+}  // namespace
+
 Result<void> Region::seal() {
   return guarded([&]() -> Result<void> {
     if (!impl_->writable || !impl_->header_shared) return needs_writable(impl_->id, "seal");
+    std::lock_guard<std::mutex> one_at_a_time(impl_->seal_mutex);
     RegionHeader& h = impl_->header();
-    // Dekker with hold() (holders.cpp): set the bit first, then look for writable holders.
-    std::uint32_t before = h.state.fetch_or(kStateSealed, std::memory_order_seq_cst);
-    bool set_by_us = (before & kStateSealed) == 0;
-    auto undo = [&] {
-      if (set_by_us) h.state.fetch_and(~kStateSealed, std::memory_order_seq_cst);
-    };
-    if (before & kStateDeallocated) {
-      undo();
+    bool kernel = impl_->backend == BackendKind::memfd;
+    std::uint32_t state = h.state.load(std::memory_order_seq_cst);
+    if (state & kStateDeallocated)
       return Error{Errc::deallocated, 0,
                    "cannot seal region " + impl_->id + ": it was deallocated"};
-    }
-    if (set_by_us) {
-      if (std::uint32_t pid = other_writable_holder(h, platform::current_pid(), &impl_->control)) {
-        undo();
-        return Error{Errc::busy, 0,
-                     "cannot seal region " + impl_->id + ": process " + std::to_string(pid) +
-                         " holds it read-write; have it unmap (or remap read_only) and retry"};
-      }
-    }
-    if (auto r = platform::seal_object(impl_->data_handle(), impl_->backend); !r) {
+    if ((state & kStateSealed) && (!kernel || immutable())) return {};  // idempotent
+
+    // Phase 1, sealing: writers that honour the header (this VM, Python workers) stop.
+    // Dekker with hold() (holders.cpp): set the bit first, then look for writable holders.
+    std::uint32_t before = h.state.fetch_or(kStateSealing, std::memory_order_seq_cst);
+    bool set_by_us = (before & kStateSealing) == 0;
+    auto undo = [&] {
+      if (set_by_us) h.state.fetch_and(~kStateSealing, std::memory_order_seq_cst);
+    };
+    if (std::uint32_t pid = other_writable_holder(h, platform::current_pid(), &impl_->control)) {
       undo();
-      return r;
+      return Error{Errc::busy, 0,
+                   "cannot seal region " + impl_->id + ": process " + std::to_string(pid) +
+                       " holds it read-write; have it unmap (or remap read_only) and retry"};
     }
+    // In-flight writes of this process finish first; new ones see the bit and refuse.
+    std::unique_lock<std::shared_timed_mutex> writes(impl_->gate, std::defer_lock);
+    if (!writes.try_lock_for(kSealWait)) {
+      undo();
+      return Error{Errc::busy, 0,
+                   "cannot seal region " + impl_->id +
+                       ": writes of this process are still running after 30 s; retry"};
+    }
+    // Phase 2, commit: the kernel seal (memfd) or the object's mode (POSIX, Windows:
+    // not enforced against the owner, so read/3 keeps copying).
+    Result<void> committed =
+        kernel ? seal_kernel(*impl_) : platform::seal_object(impl_->data_handle(), impl_->backend);
+    if (!committed) {
+      undo();
+      return committed;
+    }
+    // Only now does the header say sealed, and it never goes back.
+    h.state.fetch_or(kStateSealed, std::memory_order_seq_cst);
+    h.state.fetch_and(~kStateSealing, std::memory_order_seq_cst);
     return {};
   });
 }
@@ -331,10 +440,24 @@ Result<void> Region::deallocate(bool zero) {
   return guarded([&]() -> Result<void> {
     if (!impl_->header_shared || (zero && !impl_->writable))
       return needs_writable(impl_->id, zero ? "zero and deallocate" : "deallocate");
+    // Not while a seal remaps the view (the gate): zeroing then could hit a read-only page.
+    std::shared_lock<std::shared_timed_mutex> gate(impl_->gate, std::try_to_lock);
+    if (zero && !gate.owns_lock())
+      return Error{Errc::busy, 0,
+                   "region " + impl_->id +
+                       " is being sealed: it cannot be zeroed now; deallocate it without "
+                       "zeroing or retry"};
     impl_->header().state.fetch_or(kStateDeallocated, std::memory_order_seq_cst);
-    if (zero) {
+    // A kernel-sealed memfd cannot be written by anyone, us included: its pages go back
+    // to the kernel (which clears them before reuse) when the last descriptor and
+    // mapping anywhere are gone; an encrypted one holds only ciphertext whose key is
+    // wiped with the handle.
+    if (zero && impl_->view_writable) {
       std::unique_lock<std::shared_mutex> lock(impl_->crypt);
-      crypto::secure_zero(impl_->data, impl_->capacity);
+      if (!access_data(*impl_, [&] { crypto::secure_zero(impl_->data, impl_->capacity); })) {
+        (void)unlink();
+        return truncated(*impl_);
+      }
     }
     return unlink();
   });
@@ -402,6 +525,13 @@ void touch_header(RegionFactory::Impl& impl) noexcept {
     impl.header().last_access_ns.store(platform::realtime_ns(), std::memory_order_relaxed);
 }
 
+Error data_busy(const RegionFactory::Impl& impl, const Error& why) {
+  if (why.code != Errc::busy) return why;
+  return Error{Errc::busy, why.sys_errno,
+               "encrypted region " + impl.id + " is in use: " + why.message +
+                   " (one writer at a time, enforced across processes); retry"};
+}
+
 Error no_key(const std::string& id) {
   return Error{Errc::permission_denied, 0,
                "region " + id +
@@ -418,17 +548,54 @@ Error lock_busy(const std::string& id) {
                "region " + id + " is being encrypted or decrypted by another call right now"};
 }
 
+/// Cross-process lock of an encrypted region's data (kDataLockByte of the control
+/// object): writers exclusive, readers shared, never waiting. Readers of this process
+/// share one lock (one open file description): the first takes it, the last drops it.
+Result<void> lock_data(RegionFactory::Impl& impl, bool exclusive) {
+  if (exclusive) {
+    auto r = platform::try_lock_byte(impl.control, kDataLockByte, true);
+    if (!r) return data_busy(impl, r.error());
+    return {};
+  }
+  std::lock_guard<std::mutex> lock(impl.data_lock_mutex);
+  if (impl.data_lock_readers == 0) {
+    auto r = platform::try_lock_byte(impl.control, kDataLockByte, false);
+    if (!r) return data_busy(impl, r.error());
+  }
+  ++impl.data_lock_readers;
+  return {};
+}
+
+void unlock_data(RegionFactory::Impl& impl, bool exclusive) noexcept {
+  if (exclusive) {
+    platform::unlock_byte(impl.control, kDataLockByte);
+    return;
+  }
+  std::lock_guard<std::mutex> lock(impl.data_lock_mutex);
+  if (--impl.data_lock_readers == 0) platform::unlock_byte(impl.control, kDataLockByte);
+}
+
 }  // namespace
 
 Result<void> Region::write(std::uint64_t offset, const std::uint8_t* src, std::size_t length,
                            bool wait) {
   return guarded([&]() -> Result<void> {
     if (!impl_->writable) return needs_writable(impl_->id, "write to");
-    std::uint32_t state = impl_->header().state.load(std::memory_order_acquire);
+    // Shared with the other writes of this process, exclusive with seal(): taken without
+    // waiting (a failure means a seal is draining writes right now).
+    std::shared_lock<std::shared_timed_mutex> gate(impl_->gate, std::try_to_lock);
+    std::uint32_t state = impl_->header().state.load(std::memory_order_seq_cst);
     if (state & kStateDeallocated)
       return Error{Errc::deallocated, 0, "region " + impl_->id + " has been deallocated"};
     if (state & kStateSealed)
       return Error{Errc::sealed, 0, "region " + impl_->id + " is sealed: it can only be read"};
+    if ((state & kStateSealing) || !gate.owns_lock())
+      return Error{
+          Errc::busy, 0,
+          "region " + impl_->id + " is being sealed: writes are refused (retry if the seal fails)"};
+    if (!impl_->view_writable)  // read under the gate: seal() changes it exclusively
+      return Error{Errc::sealed, 0, "region " + impl_->id + " is sealed: it can only be read"};
+    if (damaged()) return truncated(*impl_);
     if (auto r = check_range(impl_->id, impl_->size, offset, length); !r) return r;
     if (length > 0 && src == nullptr)
       return Error{Errc::invalid_argument, 0, "write source must not be NULL"};
@@ -439,12 +606,19 @@ Result<void> Region::write(std::uint64_t offset, const std::uint8_t* src, std::s
       else if (!lock.try_lock())
         return lock_busy(impl_->id);
       if (impl_->key.empty()) return no_key(impl_->id);
-      if (auto r = crypto::encrypt(impl_->binding(), impl_->key.data(), impl_->data, offset, src,
-                                   length);
-          !r)
-        return r;
+      if (length == 0) return {};
+      if (auto r = lock_data(*impl_, true); !r) return r;
+      Result<void> done;
+      bool ok = access_data(*impl_, [&] {
+        done =
+            crypto::encrypt(impl_->binding(), impl_->key.data(), impl_->data, offset, src, length);
+      });
+      unlock_data(*impl_, true);
+      if (!ok) return truncated(*impl_);
+      if (!done) return done;
     } else if (length > 0) {
-      std::memcpy(impl_->data + offset, src, length);
+      if (!access_data(*impl_, [&] { std::memcpy(impl_->data + offset, src, length); }))
+        return truncated(*impl_);
     }
     touch();
     return {};
@@ -457,6 +631,7 @@ Result<void> Region::read(std::uint64_t offset, std::uint8_t* dst, std::size_t l
     std::uint32_t state = impl_->header().state.load(std::memory_order_acquire);
     if (state & kStateDeallocated)
       return Error{Errc::deallocated, 0, "region " + impl_->id + " has been deallocated"};
+    if (damaged()) return truncated(*impl_);
     if (auto r = check_range(impl_->id, impl_->size, offset, length); !r) return r;
     if (length > 0 && dst == nullptr)
       return Error{Errc::invalid_argument, 0, "read destination must not be NULL"};
@@ -467,12 +642,23 @@ Result<void> Region::read(std::uint64_t offset, std::uint8_t* dst, std::size_t l
       else if (!lock.try_lock())
         return lock_busy(impl_->id);
       if (impl_->key.empty()) return no_key(impl_->id);
-      if (auto r = crypto::decrypt(impl_->binding(), impl_->key.data(), impl_->data, offset, dst,
-                                   length);
-          !r)
-        return r;
+      if (length == 0) return {};
+      // A sealed region has no writer left: no lock needed.
+      bool locking = !(state & kStateSealed);
+      if (locking) {
+        if (auto r = lock_data(*impl_, false); !r) return r;
+      }
+      Result<void> done;
+      bool ok = access_data(*impl_, [&] {
+        done =
+            crypto::decrypt(impl_->binding(), impl_->key.data(), impl_->data, offset, dst, length);
+      });
+      if (locking) unlock_data(*impl_, false);
+      if (!ok) return truncated(*impl_);
+      if (!done) return done;
     } else if (length > 0) {
-      std::memcpy(dst, impl_->data + offset, length);
+      if (!access_data(*impl_, [&] { std::memcpy(dst, impl_->data + offset, length); }))
+        return truncated(*impl_);
     }
     touch_header(*impl_);
     return {};

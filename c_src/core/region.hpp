@@ -45,6 +45,7 @@ struct CreateOptions {
   bool lock_memory = false;          ///< mlock + MADV_DONTDUMP; mlock_failed if it cannot
   std::string metadata_json;         ///< <= kMetadataCapacity bytes, stored verbatim
   std::uint64_t idle_timeout_ns = 0;
+  bool worker_output = false;  ///< kFlagWorkerOutput: made by a worker for adopt_region/2
 };
 
 /// Where to find an existing region.
@@ -137,12 +138,26 @@ class Region {
   /// so hold()/release() on it would only change this process's copy. Check before holding.
   bool header_writable() const noexcept;
 
-  /// Seals: refuses with busy if another live process holds it writable; then sets
-  /// kStateSealed and makes the data immutable for peers (memfd: F_SEAL_FUTURE_WRITE on
-  /// the data memfd; POSIX: fchmod 0400). Idempotent. permission_denied through a
-  /// read-only handle, deallocated after deallocate(), unsupported on kernels < 5.1.
+  /// Seals, in two phases. Sealing: sets kStateSealing (writers that honour the header
+  /// refuse with busy), refuses with busy if another live process holds it writable, and
+  /// waits (up to 30 s) for the writes of this process already running. Commit: memfd:
+  /// remaps this process's view of the data read-only (from a read-only open), then
+  /// F_SEAL_WRITE, which the kernel refuses (busy, and the view is made writable again)
+  /// while any process maps the data writable; POSIX/Windows/macOS: mode 0400 (not
+  /// enforced against processes of our uid). Only then kStateSealed, never cleared.
+  /// Call it off latency-sensitive threads (it may wait). Idempotent. permission_denied
+  /// through a read-only handle, deallocated after deallocate(), unsupported on kernels
+  /// without memfd seals.
   Result<void> seal();
+  /// The header says sealed (committed; for POSIX that is a promise, not a kernel fact).
   bool sealed() const noexcept;
+  /// The kernel forbids every write to the data, by anyone (memfd F_SEAL_WRITE, asked of
+  /// the kernel with F_GET_SEALS, never of the header): the only case where the bytes may
+  /// be handed out without copying. Always false for POSIX, Windows and macOS regions.
+  bool immutable() const noexcept;
+  /// A guarded access faulted: a peer truncated the (POSIX) segment; every access fails
+  /// with truncated from then on.
+  bool damaged() const noexcept;
 
   /// Marks the header deallocated, zeroes the data with sodium_memzero when `zero`, and
   /// removes the name (POSIX shm_unlink; memfd: nothing to remove). Memory is returned
@@ -154,11 +169,15 @@ class Region {
   Result<void> unlink();
 
   /// Bounds-checked copies in and out of the data area, decrypting/encrypting chunks of
-  /// encrypted regions (tampered on a failed tag). Refuse sealed for writes. Thread-safe;
-  /// encrypted writes of one Region are serialised (concurrent writers of one region in
-  /// *different* processes must coordinate themselves).
-  /// With `wait` false, an encrypted region whose lock another call holds answers busy
-  /// at once instead of waiting (callers on threads that must not block retry elsewhere).
+  /// encrypted regions (tampered on a failed tag). Writes refuse sealed, and busy while a
+  /// seal is being committed. Thread-safe; never wait. Encrypted regions: writes of one
+  /// Region are serialised, and across processes each write holds the data lock
+  /// (kDataLockByte) exclusively and each read of an unsealed region shared: busy on
+  /// conflict (Linux). POSIX segments: the copy is guarded (platform::run_guarded), so a
+  /// peer's truncation gives truncated instead of SIGBUS once the NIF installed the guard.
+  /// With `wait` false, an encrypted region whose in-process lock another call holds
+  /// answers busy at once instead of waiting (callers on threads that must not block
+  /// retry elsewhere).
   Result<void> write(std::uint64_t offset, const std::uint8_t* src, std::size_t length,
                      bool wait = true);
   Result<void> read(std::uint64_t offset, std::uint8_t* dst, std::size_t length,
@@ -297,7 +316,26 @@ Result<void> validate_name(const std::string& name);
 std::string named_region_id(const std::string& name);
 /// Checks a region id: ^spshm_[a-z2-7]{20}$ or ^spshm_n_[a-z0-9_-]{1,21}$.
 Result<void> validate_region_id(const std::string& region_id);
-/// Ids of every POSIX segment of ours (name starting with kNamePrefix) in /dev/shm.
+/// Ids of every POSIX segment of ours (name starting with kNamePrefix) in /dev/shm
+/// (or the directory set by set_segment_dir()).
 std::vector<std::string> list_segments();
+
+// ---- where POSIX segments live (shm_path) ----
+
+/// The directory of POSIX segments: "/dev/shm" unless set_segment_dir() moved it; ""
+/// where segments are not files (macOS, Windows).
+std::string segment_dir();
+/// Moves POSIX segments of this process (create, open, unlink, list, paths in refs) to
+/// `dir`, an existing absolute directory (normally a tmpfs). unsupported off Linux.
+Result<void> set_segment_dir(const std::string& dir);
+struct FilesystemSpace {
+  std::uint64_t total = 0;      ///< bytes
+  std::uint64_t free = 0;       ///< bytes free (for root)
+  std::uint64_t available = 0;  ///< bytes free for unprivileged users
+  bool tmpfs = false;           ///< memory-backed (Linux TMPFS_MAGIC)
+};
+/// Size and free space of the filesystem holding `path` (statvfs), and whether it is a
+/// tmpfs. unsupported on Windows.
+Result<FilesystemSpace> filesystem_space(const std::string& path);
 
 }  // namespace spshm

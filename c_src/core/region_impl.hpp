@@ -1,6 +1,7 @@
 // Internal: what a Region owns, shared by region.cpp (create, use) and region_open.cpp.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -39,6 +40,23 @@ struct Region::Impl {
   crypto::Key key;
   /// Encrypted writes are read-modify-write of whole chunks: exclusive. Reads: shared.
   mutable std::shared_mutex crypt;
+
+  /// Writes of this process hold it shared; seal() takes it exclusively, so a write that
+  /// started before a seal finishes before the seal commits (never after).
+  mutable std::shared_timed_mutex gate;
+  std::mutex seal_mutex;  ///< one seal() at a time
+  /// data_map is a writable mapping (false once sealed: then it is a read-only mapping of
+  /// a read-only open, and nothing may be written through `data`).
+  bool view_writable = false;
+  bool memory_locked = false;  ///< lock_memory applied to the data (re-applied after a remap)
+  /// The kernel forbids every write to the data (F_SEAL_WRITE seen): never goes back.
+  mutable std::atomic<bool> immutable{false};
+  /// A guarded access faulted: a peer truncated the object. Every later access fails.
+  mutable std::atomic<bool> damaged{false};
+  /// Encrypted regions: readers of this process sharing the cross-process data lock
+  /// (kDataLockByte of the control object), counted so the last one unlocks it.
+  mutable std::mutex data_lock_mutex;
+  mutable int data_lock_readers = 0;
 
   RegionHeader& header() noexcept { return *reinterpret_cast<RegionHeader*>(header_map.data()); }
   const platform::Handle& data_handle() const noexcept {

@@ -23,7 +23,7 @@ ERL_NIF_TERM encode_info(ErlNifEnv* env, const Region& region) {
   const Atoms& a = atoms;
   ERL_NIF_TERM keys[] = {a.id,           a.backend,   a.size,        a.capacity,
                          a.control_path, a.data_path, a.data_offset, a.role,
-                         a.encrypted,    a.sealed,    a.os_pid};
+                         a.encrypted,    a.sealed,    a.os_pid,      a.zero_copy};
   ERL_NIF_TERM values[] = {
       make_binary(env, region.id()),
       backend_atom(region.backend()),
@@ -36,6 +36,7 @@ ERL_NIF_TERM encode_info(ErlNifEnv* env, const Region& region) {
       make_bool(region.encrypted()),
       make_bool(region.sealed()),
       enif_make_uint(env, self_identity.pid),
+      make_bool(region.immutable() && !region.encrypted()),
   };
   return make_map(env, keys, values);
 }

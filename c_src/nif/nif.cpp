@@ -12,7 +12,10 @@
 // (two descriptors each) alive.
 #include <erl_nif.h>
 
+#include "nif_board.hpp"
+#include "nif_channel.hpp"
 #include "nif_functions.hpp"
+#include "platform.hpp"
 #include "reaper.hpp"
 #include "resources.hpp"
 #include "terms.hpp"
@@ -41,11 +44,12 @@ ErlNifFunc nif_funcs[] = {
     {"read", 3, nif_read, 0},
     {"read_dirty", 3, nif_read_dirty, kCpu},
     {"read_zero_copy", 3, nif_read_zero_copy, 0},
-    {"seal", 1, nif_seal, 0},
+    {"seal", 1, nif_seal, kIo},  // waits for in-flight writes of this VM
     {"deallocate", 2, nif_deallocate, kIo},
     {"deallocate_plain", 2, nif_deallocate_plain, 0},
     {"last_access", 1, nif_last_access, 0},
     {"set_idle_timeout", 2, nif_set_idle_timeout, 0},
+    {"mark_adopted", 1, nif_mark_adopted, 0},
     {"export_key", 1, nif_export_key, 0},
     {"release_holder", 3, nif_release_holder, 0},
     {"reap_holders", 1, nif_reap_holders, 0},
@@ -59,6 +63,45 @@ ErlNifFunc nif_funcs[] = {
     {"process_start_time", 1, nif_process_start_time, 0},
     {"process_alive", 2, nif_process_alive, 0},
     {"self_info", 0, nif_self_info, 0},
+    // nif_health.cpp
+    {"set_shm_dir", 1, nif_set_shm_dir, kIo},
+    {"shm_dir", 0, nif_shm_dir, 0},
+    {"fs_stat", 1, nif_fs_stat, kIo},
+    // status board (nif_board.cpp)
+    {"board_layout", 0, nif_board_layout, 0},
+    {"board_init", 4, nif_board_init, kIo},
+    {"board_open", 1, nif_board_open, 0},
+    {"board_info", 1, nif_board_info, 0},
+    {"board_join", 4, nif_board_join, 0},
+    {"board_update", 2, nif_board_update, 0},
+    {"board_leave", 1, nif_board_leave, 0},
+    {"board_entries", 1, nif_board_entries, 0},
+    {"board_entries_dirty", 1, nif_board_entries, kCpu},
+    {"board_least_loaded", 2, nif_board_least_loaded, 0},
+    {"board_reclaim", 3, nif_board_reclaim, 0},
+    {"board_watch_info", 2, nif_board_watch_info, 0},
+    {"board_monotonic_ns", 0, nif_board_monotonic_ns, 0},
+    // the message channel (nif_channel.cpp): every call is short except these two dirty
+    // ones (mkdtemp + fallocate of the rings; copying a large message into a memfd)
+    {"channel_layout", 0, nif_channel_layout, 0},
+    {"channel_open", 1, nif_channel_open, kIo},
+    {"channel_info", 1, nif_channel_info, 0},
+    {"channel_select", 1, nif_channel_select, 0},
+    {"channel_events", 1, nif_channel_events, 0},
+    {"channel_send", 2, nif_channel_send, 0},
+    {"channel_prepare_region", 1, nif_channel_prepare_region, kCpu},
+    {"channel_send_region", 2, nif_channel_send_region, 0},
+    {"channel_recv", 3, nif_channel_recv, 0},
+    {"channel_prepare_wait", 4, nif_channel_prepare_wait, 0},
+    {"channel_flush", 1, nif_channel_flush, 0},
+    {"channel_close", 1, nif_channel_close, 0},
+    {"channel_monitor", 2, nif_channel_monitor, 0},
+    {"channel_stats", 1, nif_channel_stats, 0},
+    {"ring_probe_new", 3, nif_ring_probe_new, 0},
+    {"ring_probe_write", 3, nif_ring_probe_write, 0},
+    {"ring_probe_read", 1, nif_ring_probe_read, 0},
+    {"ring_probe_flush", 1, nif_ring_probe_flush, 0},
+    {"ring_probe_indices", 1, nif_ring_probe_indices, 0},
 };
 
 // load and upgrade do the same: resource types are opened with CREATE | TAKEOVER, so a
@@ -66,8 +109,12 @@ ErlNifFunc nif_funcs[] = {
 int init(ErlNifEnv* env) {
   init_atoms(env);
   if (!open_resource_types(env)) return 1;
+  if (!open_board_resource_types(env)) return 3;
+  if (!open_channel_resource_types(env) || !open_ring_probe_type(env)) return 3;
   if (!init_self_identity()) return 2;
   (void)start_reaper();  // without it, large regions are destroyed in place
+  // SIGBUS of a POSIX segment truncated by a peer becomes a :truncated error.
+  if (!platform::install_fault_guard()) return 3;
   return 0;
 }
 

@@ -6,6 +6,27 @@
 
 namespace spshm::nif {
 
+/// {:error, {reason, message, errno}} built without any C++ allocation (for the catch
+/// blocks of guard_nif: after std::bad_alloc nothing may allocate from the C++ heap).
+ERL_NIF_TERM static_error(ErlNifEnv* env, const char* reason, const char* message,
+                          int sys_errno) noexcept;
+
+/// Runs a NIF body so that no C++ exception ever crosses into the VM (it would abort
+/// the whole VM): std::bad_alloc becomes {:error, {:no_space, "out of memory ...", ENOMEM}},
+/// anything else {:error, {:io_error, "internal error ...", 0}}.
+ERL_NIF_TERM guard_nif(ErlNifEnv* env, int argc, const ERL_NIF_TERM argv[],
+                       ERL_NIF_TERM (*body)(ErlNifEnv*, int, const ERL_NIF_TERM[])) noexcept;
+
+/// Defines NIF `name` as guard_nif over the body that follows the macro:
+///   SPSHM_GUARDED_NIF(nif_x)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) { ... }
+/// Every NIF is defined this way (new NIFs too).
+#define SPSHM_GUARDED_NIF(name)                                            \
+  static ERL_NIF_TERM name##_body(ErlNifEnv*, int, const ERL_NIF_TERM[]);  \
+  ERL_NIF_TERM name(ErlNifEnv* env, int argc, const ERL_NIF_TERM argv[]) { \
+    return guard_nif(env, argc, argv, name##_body);                        \
+  }                                                                        \
+  static ERL_NIF_TERM name##_body
+
 #define SPSHM_NIF(name) ERL_NIF_TERM name(ErlNifEnv* env, int argc, const ERL_NIF_TERM argv[])
 
 // nif_region.cpp: regions as a whole
@@ -21,6 +42,7 @@ SPSHM_NIF(nif_deallocate);
 SPSHM_NIF(nif_deallocate_plain);
 SPSHM_NIF(nif_last_access);
 SPSHM_NIF(nif_set_idle_timeout);
+SPSHM_NIF(nif_mark_adopted);
 SPSHM_NIF(nif_export_key);
 SPSHM_NIF(nif_release_holder);
 SPSHM_NIF(nif_inspect_path);
@@ -45,6 +67,11 @@ SPSHM_NIF(nif_cancel_watch);
 SPSHM_NIF(nif_process_start_time);
 SPSHM_NIF(nif_process_alive);
 SPSHM_NIF(nif_self_info);
+
+// nif_health.cpp: shm_path and filesystem space (health checks)
+SPSHM_NIF(nif_set_shm_dir);
+SPSHM_NIF(nif_shm_dir);
+SPSHM_NIF(nif_fs_stat);
 
 #undef SPSHM_NIF
 

@@ -20,11 +20,22 @@ constexpr std::uint64_t kPlainLimit = 65536;
 
 std::string region_label(const MappingResource* m) { return "region " + m->owner->region.id(); }
 
+ERL_NIF_TERM truncated_error(ErlNifEnv* env, const Region& region) {
+  return make_error(env, Errc::truncated,
+                    "region " + region.id() +
+                        " lost its memory: another process truncated the segment (POSIX "
+                        "backend); its data is gone. Deallocate it");
+}
+
 // Checks shared by every access through a mapping; false with *reply set on refusal.
 bool usable(ErlNifEnv* env, const MappingResource* m, ERL_NIF_TERM* reply) {
   if (m->closed.load()) {
     *reply = make_error(env, Errc::closed,
                         "this mapping of " + region_label(m) + " was unmapped: map it again");
+    return false;
+  }
+  if (m->owner->region.damaged()) {
+    *reply = truncated_error(env, m->owner->region);
     return false;
   }
   if (m->owner->is_deallocated()) {
@@ -116,7 +127,7 @@ ERL_NIF_TERM do_read(ErlNifEnv* env, const ERL_NIF_TERM argv[], bool dirty) {
 
 }  // namespace
 
-ERL_NIF_TERM nif_map(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+SPSHM_GUARDED_NIF(nif_map)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   RegionResource* res;
   if (!get_region(env, argv[0], &res)) return enif_make_badarg(env);
   bool writable;
@@ -128,6 +139,7 @@ ERL_NIF_TERM nif_map(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
     return enif_make_badarg(env);
   }
   Region& region = res->region;
+  if (region.damaged()) return truncated_error(env, region);
   if (res->is_deallocated()) {
     return make_error(env, Errc::deallocated, "region " + region.id() + " was deallocated");
   }
@@ -144,10 +156,16 @@ ERL_NIF_TERM nif_map(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   bool shared_header = region.header_writable();
   if (shared_header) {
     auto held = region.hold(self_identity.pid, self_identity.start_time, writable);
+    // A header that faulted (a peer truncated the segment) reads as zeros: say so.
+    if (!held.ok() && region.damaged()) return truncated_error(env, region);
     if (!held.ok()) return make_error(env, held.error());
   }
 
   void* mem = enif_alloc_resource(resource_types.mapping, sizeof(MappingResource));
+  if (mem == nullptr) {
+    if (shared_header) (void)release(region.header(), self_identity.pid, self_identity.start_time);
+    return make_error(env, Errc::no_space, "out of memory for a mapping resource");
+  }
   auto* m = new (mem) MappingResource{res, writable, shared_header};
   enif_keep_resource(res);  // released by the mapping's destructor
   ERL_NIF_TERM term = enif_make_resource(env, m);
@@ -156,7 +174,7 @@ ERL_NIF_TERM nif_map(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   return make_ok(env, term);
 }
 
-ERL_NIF_TERM nif_unmap(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+SPSHM_GUARDED_NIF(nif_unmap)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   MappingResource* m;
   if (!get_mapping(env, argv[0], &m)) return enif_make_badarg(env);
   if (m->closed.exchange(true)) {
@@ -168,26 +186,26 @@ ERL_NIF_TERM nif_unmap(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   return atoms.ok;
 }
 
-ERL_NIF_TERM nif_write(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+SPSHM_GUARDED_NIF(nif_write)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   return do_write(env, argv, false);
 }
 
-ERL_NIF_TERM nif_write_dirty(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+SPSHM_GUARDED_NIF(nif_write_dirty)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   return do_write(env, argv, true);
 }
 
-ERL_NIF_TERM nif_read(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+SPSHM_GUARDED_NIF(nif_read)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   return do_read(env, argv, false);
 }
 
-ERL_NIF_TERM nif_read_dirty(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+SPSHM_GUARDED_NIF(nif_read_dirty)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   return do_read(env, argv, true);
 }
 
 // O(1) whatever the length: the binary points into the mapping and keeps the region
 // resource (hence the mapping) alive. Only honest over bytes that can no longer change:
 // a sealed, unencrypted region.
-ERL_NIF_TERM nif_read_zero_copy(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+SPSHM_GUARDED_NIF(nif_read_zero_copy)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   MappingResource* m;
   std::uint64_t offset = 0, length = 0;
   if (!get_mapping(env, argv[0], &m) || !get_u64(env, argv[1], &offset) ||
@@ -203,11 +221,17 @@ ERL_NIF_TERM nif_read_zero_copy(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) 
                           " is encrypted: zero-copy reads would expose "
                           "ciphertext; use read/3 to decrypt");
   }
-  if (!region.sealed()) {
-    return make_error(env, Errc::invalid_argument,
-                      region_label(m) +
-                          " is not sealed: its bytes may still change, so reads "
-                          "copy; seal it first for zero-copy reads");
+  // Only over a seal the kernel enforces (memfd F_SEAL_WRITE, asked of the kernel now):
+  // nobody, in any process, can change these bytes any more.
+  if (!region.immutable()) {
+    return make_error(
+        env, Errc::invalid_argument,
+        region_label(m) + (region.sealed()
+                               ? " is sealed, but not by the kernel (POSIX, Windows and macOS "
+                                 "regions can be made writable again by their owner): read/3 "
+                                 "copies"
+                               : " is not sealed: its bytes may still change, so reads copy; "
+                                 "seal it first for zero-copy reads"));
   }
   if (!in_bounds(env, m, offset, length, &reply)) return reply;
   m->owner->zero_copy_shared.store(true);

@@ -47,7 +47,7 @@ Result<int> open_pidfd(std::uint32_t os_pid) {
 
 }  // namespace
 
-ERL_NIF_TERM nif_monitor_owner(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+SPSHM_GUARDED_NIF(nif_monitor_owner)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   RegionResource* res;
   ErlNifPid pid;
   if (!get_region(env, argv[0], &res) || !enif_get_local_pid(env, argv[1], &pid)) {
@@ -66,7 +66,7 @@ ERL_NIF_TERM nif_monitor_owner(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
 // The caller receives {:select, watch, ref, :ready_input} once the process exits. The
 // start time is compared AFTER the pidfd is open: the pidfd pins that very process, so
 // a pid reused by another process between the caller's check and now is detected.
-ERL_NIF_TERM nif_watch_os_process(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+SPSHM_GUARDED_NIF(nif_watch_os_process)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   std::uint64_t os_pid = 0, start_time = 0;
   if (!get_u64(env, argv[0], &os_pid) || !get_u64(env, argv[1], &start_time) ||
       !enif_is_ref(env, argv[2])) {
@@ -78,6 +78,10 @@ ERL_NIF_TERM nif_watch_os_process(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]
   if (!pidfd.ok()) return make_error(env, pidfd.error());
 
   void* mem = enif_alloc_resource(resource_types.watch, sizeof(WatchResource));
+  if (mem == nullptr) {
+    ::close(pidfd.value());
+    return make_error(env, Errc::no_space, "out of memory for a watch resource");
+  }
   auto* w = new (mem) WatchResource();
   w->fd.store(pidfd.value());  // from here on the destructor or stop callback closes it
   w->os_pid = pid;
@@ -107,7 +111,7 @@ ERL_NIF_TERM nif_watch_os_process(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]
   return make_ok(env, term);
 }
 
-ERL_NIF_TERM nif_cancel_watch(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+SPSHM_GUARDED_NIF(nif_cancel_watch)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   WatchResource* w;
   if (!get_watch(env, argv[0], &w)) return enif_make_badarg(env);
   int fd = w->fd.load();
@@ -118,7 +122,7 @@ ERL_NIF_TERM nif_cancel_watch(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   return atoms.ok;
 }
 
-ERL_NIF_TERM nif_process_start_time(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+SPSHM_GUARDED_NIF(nif_process_start_time)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   std::uint64_t os_pid = 0;
   if (!get_u64(env, argv[0], &os_pid)) return enif_make_badarg(env);
   if (!valid_os_pid(os_pid)) return invalid_pid(env, os_pid);
@@ -127,7 +131,7 @@ ERL_NIF_TERM nif_process_start_time(ErlNifEnv* env, int, const ERL_NIF_TERM argv
   return make_ok(env, enif_make_uint64(env, start.value()));
 }
 
-ERL_NIF_TERM nif_process_alive(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+SPSHM_GUARDED_NIF(nif_process_alive)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   std::uint64_t os_pid = 0, start_time = 0;
   if (!get_u64(env, argv[0], &os_pid) || !get_u64(env, argv[1], &start_time)) {
     return enif_make_badarg(env);
@@ -136,7 +140,7 @@ ERL_NIF_TERM nif_process_alive(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   return make_bool(process_alive(static_cast<std::uint32_t>(os_pid), start_time));
 }
 
-ERL_NIF_TERM nif_self_info(ErlNifEnv* env, int, const ERL_NIF_TERM[]) {
+SPSHM_GUARDED_NIF(nif_self_info)(ErlNifEnv* env, int, const ERL_NIF_TERM[]) {
   return encode_self_info(env);
 }
 

@@ -28,12 +28,13 @@ constexpr std::uint64_t kMaxRegionSize = std::uint64_t{1} << 62;
 ERL_NIF_TERM ok_region(ErlNifEnv* env, Region&& region) {
   RegionResource* res = nullptr;
   ERL_NIF_TERM term = make_region_resource(env, std::move(region), &res);
+  if (res == nullptr) return make_error(env, Errc::no_space, "out of memory for a region resource");
   return enif_make_tuple3(env, atoms.ok, term, encode_info(env, res->region));
 }
 
 }  // namespace
 
-ERL_NIF_TERM nif_header_layout(ErlNifEnv* env, int, const ERL_NIF_TERM[]) {
+SPSHM_GUARDED_NIF(nif_header_layout)(ErlNifEnv* env, int, const ERL_NIF_TERM[]) {
   return make_binary(env, layout_description());
 }
 
@@ -77,15 +78,15 @@ ERL_NIF_TERM do_create(ErlNifEnv* env, const ERL_NIF_TERM argv[], bool plain) {
 
 }  // namespace
 
-ERL_NIF_TERM nif_create(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+SPSHM_GUARDED_NIF(nif_create)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   return do_create(env, argv, false);
 }
 
-ERL_NIF_TERM nif_create_plain(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+SPSHM_GUARDED_NIF(nif_create_plain)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   return do_create(env, argv, true);
 }
 
-ERL_NIF_TERM nif_open(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+SPSHM_GUARDED_NIF(nif_open)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   bool writable = false;
   if (!get_bool(env, argv[1], &writable)) return enif_make_badarg(env);
   OpenTarget target;
@@ -110,13 +111,13 @@ ERL_NIF_TERM nif_open(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   return ok_region(env, std::move(region).value());
 }
 
-ERL_NIF_TERM nif_info(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+SPSHM_GUARDED_NIF(nif_info)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   RegionResource* res;
   if (!get_region(env, argv[0], &res)) return enif_make_badarg(env);
   return encode_info(env, res->region);
 }
 
-ERL_NIF_TERM nif_header(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+SPSHM_GUARDED_NIF(nif_header)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   RegionResource* res;
   if (!get_region(env, argv[0], &res)) return enif_make_badarg(env);
   return make_ok(env, encode_snapshot(env, snapshot(res->region.header()), std::string()));
@@ -125,7 +126,7 @@ ERL_NIF_TERM nif_header(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
 // {generation, holds}: first frees the slots of dead holders (one non-blocking fcntl per
 // claimed slot of another open: the kernel says whether its owner lives), then sums the
 // counts of the claimed slots. No allocation, no I/O.
-ERL_NIF_TERM nif_hold_counts(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+SPSHM_GUARDED_NIF(nif_hold_counts)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   RegionResource* res;
   if (!get_region(env, argv[0], &res)) return enif_make_badarg(env);
   (void)res->region.reap_dead_holders();
@@ -135,13 +136,13 @@ ERL_NIF_TERM nif_hold_counts(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
 }
 
 // Frees the holder slots whose owners are dead (their slot locks are gone). No I/O.
-ERL_NIF_TERM nif_reap_holders(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+SPSHM_GUARDED_NIF(nif_reap_holders)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   RegionResource* res;
   if (!get_region(env, argv[0], &res)) return enif_make_badarg(env);
   return make_ok(env, enif_make_uint(env, res->region.reap_dead_holders()));
 }
 
-ERL_NIF_TERM nif_seal(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+SPSHM_GUARDED_NIF(nif_seal)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   RegionResource* res;
   if (!get_region(env, argv[0], &res)) return enif_make_badarg(env);
   if (res->is_deallocated()) {
@@ -204,23 +205,23 @@ ERL_NIF_TERM do_deallocate(ErlNifEnv* env, const ERL_NIF_TERM argv[], bool plain
 }  // namespace
 
 // Dirty (I/O bound): zeroing a large region takes about 1 s per 10 GB.
-ERL_NIF_TERM nif_deallocate(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+SPSHM_GUARDED_NIF(nif_deallocate)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   return do_deallocate(env, argv, false);
 }
 
 // Normal scheduler: marking, unlinking, and zeroing at most 64 KiB.
-ERL_NIF_TERM nif_deallocate_plain(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+SPSHM_GUARDED_NIF(nif_deallocate_plain)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   return do_deallocate(env, argv, true);
 }
 
 // One atomic load: the access time of the header (map/read/write, any process).
-ERL_NIF_TERM nif_last_access(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+SPSHM_GUARDED_NIF(nif_last_access)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   RegionResource* res;
   if (!get_region(env, argv[0], &res)) return enif_make_badarg(env);
   return enif_make_uint64(env, res->region.header().last_access_ns.load());
 }
 
-ERL_NIF_TERM nif_set_idle_timeout(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+SPSHM_GUARDED_NIF(nif_set_idle_timeout)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   RegionResource* res;
   std::uint64_t ms = 0;
   if (!get_region(env, argv[0], &res) || !get_u64(env, argv[1], &ms)) {
@@ -235,7 +236,30 @@ ERL_NIF_TERM nif_set_idle_timeout(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]
   return atoms.ok;
 }
 
-ERL_NIF_TERM nif_export_key(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+// One atomic fetch_or: marks a worker-created region as taken over by this VM, so its
+// creator may close its descriptors (adopt_region/2). busy if it was already adopted.
+SPSHM_GUARDED_NIF(nif_mark_adopted)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  RegionResource* res;
+  if (!get_region(env, argv[0], &res)) return enif_make_badarg(env);
+  if (!res->region.header_writable()) return private_header(env, res->region, "adopt it");
+  // Only a worker's output: another VM's region (a ref of a node on the same host) must
+  // not be taken over, and then freed, by this VM.
+  if ((res->region.header().flags & kFlagWorkerOutput) == 0)
+    return make_error(env, Errc::invalid_argument,
+                      "region " + res->region.id() +
+                          " is not a worker's output (snakepit_shm.allocate/from_array): it "
+                          "belongs to the VM that allocated it; map_region/2 it there, or "
+                          "fetch/2 it");
+  std::uint32_t before =
+      res->region.header().state.fetch_or(kStateAdopted, std::memory_order_acq_rel);
+  if (before & kStateDeallocated)
+    return make_error(env, Errc::deallocated, "region " + res->region.id() + " was deallocated");
+  if (before & kStateAdopted)
+    return make_error(env, Errc::busy, "region " + res->region.id() + " was already adopted");
+  return atoms.ok;
+}
+
+SPSHM_GUARDED_NIF(nif_export_key)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   RegionResource* res;
   if (!get_region(env, argv[0], &res)) return enif_make_badarg(env);
   if (!res->region.encrypted()) {
@@ -251,7 +275,7 @@ ERL_NIF_TERM nif_export_key(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   return make_ok(env, make_binary(env, key, kKeySize));
 }
 
-ERL_NIF_TERM nif_release_holder(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+SPSHM_GUARDED_NIF(nif_release_holder)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   RegionResource* res;
   std::uint64_t os_pid = 0, start_time = 0;
   if (!get_region(env, argv[0], &res) || !get_u64(env, argv[1], &os_pid) ||
@@ -268,7 +292,7 @@ ERL_NIF_TERM nif_release_holder(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) 
   return make_ok(env, enif_make_uint(env, released));
 }
 
-ERL_NIF_TERM nif_inspect_path(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+SPSHM_GUARDED_NIF(nif_inspect_path)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   std::string path;
   Error why{};
   ERL_NIF_TERM reply;
@@ -279,7 +303,7 @@ ERL_NIF_TERM nif_inspect_path(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
 }
 
 // Dirty (I/O bound): opens a name in a shared directory and may unlink a big segment.
-ERL_NIF_TERM nif_sweep_segment(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+SPSHM_GUARDED_NIF(nif_sweep_segment)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   std::string id;
   Error why{};
   ERL_NIF_TERM reply;
@@ -303,7 +327,7 @@ ERL_NIF_TERM nif_sweep_segment(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
 
 // Dirty (I/O bound): reads a directory. The one listing of segments (the manager's
 // sweeps and the mix tasks use it).
-ERL_NIF_TERM nif_list_segments(ErlNifEnv* env, int, const ERL_NIF_TERM[]) {
+SPSHM_GUARDED_NIF(nif_list_segments)(ErlNifEnv* env, int, const ERL_NIF_TERM[]) {
   ERL_NIF_TERM list = enif_make_list(env, 0);
   for (const std::string& id : list_segments()) {
     list = enif_make_list_cell(env, make_binary(env, id), list);
@@ -311,7 +335,7 @@ ERL_NIF_TERM nif_list_segments(ErlNifEnv* env, int, const ERL_NIF_TERM[]) {
   return list;
 }
 
-ERL_NIF_TERM nif_unlink_segment(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+SPSHM_GUARDED_NIF(nif_unlink_segment)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   std::string id;
   Error why{};
   ERL_NIF_TERM reply;

@@ -1,6 +1,10 @@
 #include "terms.hpp"
 
+#include <cerrno>
 #include <cstring>
+#include <new>
+
+#include "nif_functions.hpp"
 
 namespace spshm::nif {
 
@@ -44,6 +48,7 @@ void init_atoms(ErlNifEnv* env) {
   a.role = atom(env, "role");
   a.encrypted = atom(env, "encrypted");
   a.sealed = atom(env, "sealed");
+  a.zero_copy = atom(env, "zero_copy");
   a.os_pid = atom(env, "os_pid");
   a.format_version = atom(env, "format_version");
   a.flags = atom(env, "flags");
@@ -136,6 +141,29 @@ ERL_NIF_TERM make_error(ErlNifEnv* env, Errc code, std::string_view message, int
   ERL_NIF_TERM detail =
       enif_make_tuple3(env, reason, make_binary(env, message), enif_make_int(env, sys_errno));
   return enif_make_tuple2(env, atoms.error, detail);
+}
+
+ERL_NIF_TERM static_error(ErlNifEnv* env, const char* reason, const char* message,
+                          int sys_errno) noexcept {
+  ERL_NIF_TERM text;
+  std::size_t length = std::strlen(message);
+  unsigned char* dst = enif_make_new_binary(env, length, &text);
+  if (dst == nullptr) return enif_make_badarg(env);  // the VM itself is out of memory
+  std::memcpy(dst, message, length);
+  ERL_NIF_TERM detail =
+      enif_make_tuple3(env, enif_make_atom(env, reason), text, enif_make_int(env, sys_errno));
+  return enif_make_tuple2(env, atoms.error, detail);
+}
+
+ERL_NIF_TERM guard_nif(ErlNifEnv* env, int argc, const ERL_NIF_TERM argv[],
+                       ERL_NIF_TERM (*body)(ErlNifEnv*, int, const ERL_NIF_TERM[])) noexcept {
+  try {
+    return body(env, argc, argv);
+  } catch (const std::bad_alloc&) {
+    return static_error(env, "no_space", "out of memory in the snakepit_shm NIF", ENOMEM);
+  } catch (...) {
+    return static_error(env, "io_error", "internal error in the snakepit_shm NIF", 0);
+  }
 }
 
 ERL_NIF_TERM make_error(ErlNifEnv* env, const Error& error) {

@@ -31,7 +31,10 @@ defmodule Snakepit.SharedMemory do
   ## Lifetimes
 
   A region lives until its cleanup policy frees it (see `allocate_region/2`), its idle
-  `:timeout` passes, or `deallocate_region/1`. A mapping belongs to the process that
+  `:timeout` passes, or `deallocate_region/1`. Expiry is checked by the manager's
+  periodic cleanup, every `:cleanup_interval` ms (`config :snakepit_shm`, default 5 000):
+  a region with `timeout: 1_000` is freed between 1 and about 6 seconds after its last
+  access. A mapping whose region was freed answers `:deallocated`, saying why. A mapping belongs to the process that
   made it: `unmap_region/1` or that process's death ends it. Zero-copy binaries of a
   sealed region stay valid after unmap and deallocation (they keep the memory mapped).
   """
@@ -50,10 +53,10 @@ defmodule Snakepit.SharedMemory do
 
   Options (keyword list or map):
 
-    * `:permissions` - `%{owner: :read_write | :read_only, group: :read_write |
-      :read_only | :none, other: ...}`: the mode of the segment for other OS users.
-      Group or other access needs the `:posix` backend. Defaults to owner-only
-      read-write.
+    * `:permissions` - a map `%{owner: o, group: g, other: x}`, each one of
+      `:read_write`, `:read_only` or `:none` (`:owner`: `:read_write` or `:read_only`):
+      the mode of the segment for other OS users. Group or other access needs the
+      `:posix` backend. Defaults to owner-only read-write.
     * `:timeout` - milliseconds without access (map, read, write; a worker's attach)
       after which the region expires and is freed, or `:infinity`. A region that some
       process holds (a mapping, an attached worker) is in use and does not expire.
@@ -73,11 +76,15 @@ defmodule Snakepit.SharedMemory do
       to `[]`: every process of this VM.
     * `:metadata` - a JSON-encodable map stored in the region header, visible to workers
       (`dtype` and `shape` are used by `export_ref/2` and `Region.ndarray()`), at most
-      1792 bytes of JSON. Defaults to `%{}`.
+      1792 bytes of JSON. A `dtype` must be one of numpy's names
+      (`Snakepit.SharedMemory.Dtype`) and `shape` x itemsize must fit in `size`
+      (`:invalid_metadata` otherwise). Defaults to `%{}`.
     * `:name` - a well-known name (1-21 characters of `[a-z0-9_-]`) so that other
       processes find the region as `spshm_n_<name>`. Defaults to `nil` (a random id).
     * `:open_mode` - for named regions: `:create` (fail if it exists), `:open_only`,
-      `:create_or_open`, `:remove_and_create`. Defaults to `:create`.
+      `:create_or_open`, `:remove_and_create`. Defaults to `:create`. Opening an
+      existing region of another size is a `:size_mismatch` error; pass `size` `:any`
+      with `:open_only` to take it whatever its size.
     * `:backend` - `:auto`, `:memfd` (Linux: sealed anonymous memory, never visible in
       `/dev/shm`) or `:posix` (`/dev/shm`). `:auto` picks `:posix` when a name or
       group/other permissions need it, else the platform default (`:memfd` on Linux).
@@ -87,16 +94,20 @@ defmodule Snakepit.SharedMemory do
 
   Errors: `:invalid_size`, `:invalid_option`, `:invalid_metadata`, `:metadata_too_large`,
   `:size_exceeds_limit`, `:memory_limit_exceeded`, `:region_limit_exceeded`,
-  `:process_limit_exceeded`, `:already_exists`, `:unsupported`, and native ones such as
-  `:no_space` or `:mlock_failed`.
+  `:process_limit_exceeded`, `:already_exists`, `:size_mismatch`, `:unsupported`,
+  `:disabled` (the application runs with `enabled: false`), and native ones such as
+  `:no_space` or `:mlock_failed`. With a host-wide quota configured (`:host_quota`, see
+  `Snakepit.SharedMemory.HostQuota`): `:quota_exceeded` (the message says who holds
+  what), `:unknown_quota`, `:unavailable`.
   """
-  @spec allocate_region(pos_integer(), keyword() | map()) :: {:ok, region_id()} | error()
+  @spec allocate_region(pos_integer() | :any, keyword() | map()) :: {:ok, region_id()} | error()
   def allocate_region(size, opts \\ []) do
     start = Stats.start()
 
     result =
       tables(fn ->
         with :ok <- available(),
+             :ok <- enabled(),
              {:ok, opts} <- Options.allocate(size, opts),
              do: Allocator.allocate(opts)
       end)
@@ -187,10 +198,12 @@ defmodule Snakepit.SharedMemory do
   def write(other, _offset, _data), do: not_a_mapping(other)
 
   @doc """
-  Reads `length` bytes at `offset`. A sealed, unencrypted region gives a zero-copy
-  binary (constant time whatever the length); other regions copy (above 64 KiB on a
-  dirty scheduler), and encrypted ones are decrypted and verified (`:tampered` if the
-  data was modified outside this VM).
+  Reads `length` bytes at `offset`. An unencrypted region whose seal the kernel enforces
+  (memfd) gives a zero-copy binary (constant time whatever the length); other regions copy
+  (above 64 KiB on a dirty scheduler) — POSIX regions too, even sealed, since their owner
+  can make them writable again — and encrypted ones are decrypted and verified
+  (`:tampered` if the data was modified outside this VM; `:busy` while another process
+  writes it). `:truncated` if a peer truncated a POSIX segment under the mapping.
   """
   @spec read(Mapping.t(), non_neg_integer(), non_neg_integer()) :: {:ok, binary()} | error()
   def read(%Mapping{} = mapping, offset, length)
@@ -211,9 +224,13 @@ defmodule Snakepit.SharedMemory do
   def read(other, _offset, _length), do: not_a_mapping(other)
 
   @doc """
-  Seals a region: its data can no longer change (memfd: `F_SEAL_FUTURE_WRITE`; POSIX:
-  mode 0400), writes fail with `:sealed`, and `read/3` returns zero-copy binaries.
-  `:busy` while another OS process holds it writable. Irreversible and idempotent.
+  Seals a region: its data can no longer change, writes fail with `:sealed`. On memfd
+  the kernel enforces it for every process (`F_SEAL_WRITE`) and `read/3` then returns
+  zero-copy binaries; on POSIX it is mode 0400, a weaker promise, and reads keep copying
+  (docs/SECURITY.md). Writes of this VM already running finish first (it may wait, on a
+  dirty scheduler). `:busy` — and nothing changes — while another OS process holds or
+  maps the data writable (a worker attached "rw", a forked child of one, a raw writable
+  mapping). Irreversible and idempotent.
   """
   @spec seal(region_id()) :: :ok | error()
   def seal(region_id) do
@@ -225,12 +242,14 @@ defmodule Snakepit.SharedMemory do
   end
 
   @doc """
-  Everything known about a region: `:id`, `:size`, `:backend`, `:name`, `:role`,
+  Everything known about a region: `:id`, `:node` (the node holding it), `:size`,
+  `:backend`, `:name`, `:role`,
   `:created_at`, `:last_accessed` (`DateTime`, from the header: any process's access),
   `:access_count` (accesses through this VM), `:reference_count` (holds in the header:
   BEAM mappings and attached OS processes), `:owner`, `:permissions`,
   `:security_level`, `:cleanup_policy`, `:timeout`, `:access_mode`,
-  `:allowed_processes`, `:metadata`, `:sealed`, `:encrypted`, `:adopted`, and
+  `:allowed_processes`, `:metadata`, `:sealed`, `:encrypted`, `:adopted` (taken over
+  from a worker with `adopt_region/2`, or re-registered after a registry loss), and
   `:mapped_by` (pids with a live mapping, then `%{os_pid, holds, writable}` of other OS
   processes holding it).
   """
@@ -327,8 +346,11 @@ defmodule Snakepit.SharedMemory do
   The reference a Python worker attaches with (`snakepit_shm.attach(ref)`): a map with
   string keys, encodable as JSON (`Snakepit.SharedMemory.JSON.encode/1`): `"v"`,
   `"region_id"`, `"backend"`, `"control_path"`, `"data_path"`, `"data_offset"`,
-  `"size"`, `"sealed"`, `"encrypted"`, `"dtype"`, `"shape"`, `"metadata"`, and `"key"`
-  only when asked. Nothing else.
+  `"size"`, `"sealed"`, `"encrypted"`, `"dtype"`, `"shape"`, `"format"` (`"numpy"` when a
+  dtype is known, `"arrow"` or `"raw"` as the metadata's `format` says, else `"raw"`),
+  `"metadata"`, `"node"` (the Erlang node holding the region, for `fetch/2`), `"boot_id"`
+  (the host's boot id, 32 hex digits: a worker on another host refuses the ref and says
+  to fetch it first), and `"key"` only when asked. Nothing else.
 
   A `:maximum` region must be sealed first (`:not_sealed`): it is shared read-only.
 
@@ -338,6 +360,9 @@ defmodule Snakepit.SharedMemory do
       of the ref decrypt it: hand it only to the worker that needs it. Defaults to `false`.
     * `:dtype` - overrides the `dtype` of the metadata. Defaults to the metadata's.
     * `:shape` - overrides the `shape` of the metadata. Defaults to the metadata's.
+
+  The resulting dtype must be a numpy name and `shape` x itemsize must fit in the
+  region (`:invalid_option` otherwise).
   """
   @spec export_ref(region_id(), keyword() | map()) :: {:ok, map()} | error()
   def export_ref(region_id, opts \\ []) do
@@ -351,7 +376,207 @@ defmodule Snakepit.SharedMemory do
     Stats.stop(:export, start, result, %{region_id: region_id})
   end
 
+  @doc """
+  The health of this VM's shared memory, checked now: `%{status: :ok | :degraded |
+  :critical, checks: [check]}`, the status being the worst of the checks. Each check
+  is `%{name, status, value, limit, percent, measurements, message}`; `message` says
+  what is wrong and what to do (nil when the check is `:ok`). The same checks run every
+  `:health_check_interval` ms and in `mix snakepit.shm.doctor`; see
+  `Snakepit.SharedMemory.Health`.
+  """
+  @spec health() :: Snakepit.SharedMemory.Health.report()
+  def health, do: Snakepit.SharedMemory.HealthMonitor.check_now()
+
+  # ---- worker outputs and Snakepit glue ----
+
+  @doc """
+  Takes over a region a Python worker created for its output
+  (`snakepit_shm.allocate(size, dtype=..., shape=...)` or `snakepit_shm.from_array(a)`,
+  whose `.ref` the worker returned). Accepts the ref as a map, its JSON, or wrapped in a
+  Snakepit `ZeroCopyRef` marker. Returns the region id, now registered in this VM as if
+  allocated here: the owner, cleanup policy, timeout, limits and quotas apply, and
+  `map_region/2`, `read/3`, `seal/1` (then zero-copy reads), `export_ref/2` and
+  `deallocate_region/1` work on it. The worker's ownership ends (it closes its
+  descriptors when it sees the adopted bit).
+
+  `seal/1` answers `:busy` while the worker still has the output attached read-write:
+  let the worker close it (leave its `with` block) before it returns the ref.
+
+  Adopt while the worker is alive: a worker that dies before adoption leaves nothing
+  behind (memfd regions die with it; POSIX ones are removed by the next orphan sweep),
+  and adopting then gives `:not_found`. Only unencrypted regions; once only
+  (`:already_adopted`). Only worker outputs (their header carries the `worker_output`
+  flag): the ref of a region another VM allocated, even on this host, is refused
+  (`:invalid_argument`); `fetch/2` or map it there instead.
+
+  Options: `:owner` (default `self()`), `:cleanup_policy`, `:timeout` (default: the
+  worker's `allocate(..., timeout=...)`, else `:default_timeout`),
+  `:allowed_processes`, `:access_mode`, as for `allocate_region/2`.
+  """
+  @spec adopt_region(map() | String.t(), keyword() | map()) :: {:ok, region_id()} | error()
+  def adopt_region(ref, opts \\ []) do
+    start = Stats.start()
+
+    result =
+      with :ok <- available(),
+           :ok <- enabled(),
+           do: Snakepit.SharedMemory.Adoption.adopt(ref, opts)
+
+    Stats.stop(:allocate, start, result, %{adopted: true})
+  end
+
+  @doc """
+  Snakepit's `ZeroCopyRef` wire marker for a region (by id: exported with
+  `export_ref/2` first) or for a ref: `%{"__snakepit_zero_copy__" => true, "kind" =>
+  "shm", "device" => "cpu", "dtype", "shape", "owner", "ref" => our ref, "copy" =>
+  false, "bytes", "metadata"}`. Put it in a tool's arguments;
+  `snakepit_shm.attach/resolve` on the worker understand it.
+  """
+  @spec to_zero_copy_ref(region_id() | map(), keyword() | map()) :: {:ok, map()} | error()
+  def to_zero_copy_ref(id_or_ref, export_opts \\ [])
+
+  def to_zero_copy_ref(id, export_opts) when is_binary(id) do
+    with {:ok, ref} <- export_ref(id, export_opts),
+         do: Snakepit.SharedMemory.ZeroCopy.to_marker(ref)
+  end
+
+  def to_zero_copy_ref(ref, _export_opts), do: Snakepit.SharedMemory.ZeroCopy.to_marker(ref)
+
+  @doc """
+  Our ref out of a Snakepit `ZeroCopyRef` marker (a map or its JSON) of kind `"shm"`,
+  e.g. a worker's answer, ready for `adopt_region/2`. `:unsupported` for other kinds.
+  """
+  @spec from_zero_copy_ref(map() | String.t()) :: {:ok, map()} | error()
+  def from_zero_copy_ref(marker) do
+    with {:ok, ref} <- Snakepit.SharedMemory.ZeroCopy.unwrap(marker) do
+      if is_binary(ref["region_id"]),
+        do: {:ok, ref},
+        else:
+          Error.error(
+            :invalid_argument,
+            "the marker carries no ref: #{inspect(marker, limit: 8)}"
+          )
+    end
+  end
+
+  @doc """
+  The environment variables a Python worker needs to `import snakepit_shm`:
+  `{:ok, %{"PYTHONPATH" => ".../priv/python[:existing]", "SNAKEPIT_SHM_LIB" =>
+  ".../priv/libsnakepit_shm.so"}}`, plus `"SNAKEPIT_SHM_PATH"` when `:shm_path` is
+  configured. Give the map to a Snakepit pool as `adapter_env`
+  (`Enum.to_list/1` if a list of pairs is wanted), or to `System.cmd/3`'s `:env`.
+  """
+  @spec python_env() :: {:ok, %{String.t() => String.t()}}
+  def python_env, do: {:ok, Snakepit.SharedMemory.ZeroCopy.python_env()}
+
+  @doc """
+  The region's contents as an Nx tensor, typed and shaped by its metadata's `dtype`
+  and `shape` (`{:f, 32}` for `"float32"`, see `Snakepit.SharedMemory.Dtype`). Needs
+  Nx loaded (`:unsupported` otherwise); no compile-time dependency. A sealed region is
+  read without copying.
+  """
+  @spec to_nx(region_id()) :: {:ok, term()} | error()
+  def to_nx(region_id) do
+    with {:ok, info} <- get_region_info(region_id),
+         {:ok, mapping} <- map_region(region_id, access_mode: :read_only) do
+      result = read(mapping, 0, info.size)
+      _ = unmap_region(mapping)
+
+      with {:ok, binary} <- result do
+        meta = info.metadata
+        dtype = meta["dtype"] || meta[:dtype]
+        shape = meta["shape"] || meta[:shape]
+        Snakepit.SharedMemory.ZeroCopy.to_nx(binary, dtype, shape)
+      end
+    end
+  end
+
+  @doc """
+  The node of the cluster that holds `region_id`: `{:ok, node}`, or
+  `{:error, %Error{reason: :not_found}}` if no connected node does.
+
+  A region of this node is answered from the local registry with no remote call; any
+  other with at most one: the directory of region ids is sharded over the nodes
+  running `:snakepit_shm` (rendezvous hashing of the id over the members of a `:pg`
+  group), and only the node holding the id's shard is asked. The directory is updated
+  by messages, without making allocation wait: a region allocated on another node a
+  moment ago, or whose shard moved because a node joined or left, can be missed for the
+  few milliseconds its entry takes to arrive. A ref from `export_ref/2` names its node,
+  so `fetch/2` of a ref needs no lookup at all.
+  See `Snakepit.SharedMemory.Cluster.Directory`. Errors: `:not_found`,
+  `:invalid_argument`, `:nodedown` (the shard's node did not answer).
+  """
+  @spec locate(region_id()) :: {:ok, node()} | error()
+  def locate(region_id) do
+    with :ok <- available(), do: Snakepit.SharedMemory.Cluster.locate(region_id)
+  end
+
+  @doc """
+  Copies a region of another node (a region id, or its ref from `export_ref/2`) into a
+  new region of this node, over distributed Erlang, and returns the new id.
+
+  The region is streamed in chunks with a bounded window of unacknowledged chunks (so
+  neither VM ever holds more than `window * chunk_size` of it in memory), each chunk
+  CRC-32-checked and the whole compared against the sender's digest. The copy gets the
+  source's size, metadata, security level and seal; it is owned by the caller
+  (cleanup policy `:automatic` unless `:region` says otherwise). If anything fails —
+  the other node goes down (`:nodedown`), a check fails (`:corrupt`, `:tampered`), the
+  link stalls (`:timeout`) — the partial copy is freed before the error is returned;
+  if the caller dies mid-transfer, the partial copy is freed too.
+
+  Encrypted regions (`:high`, `:maximum`) travel encrypted with a key made for the
+  transfer (X25519 + ChaCha20-Poly1305), never with their own key, and arrive in a
+  region encrypted with a key of this VM; the copy cannot have a lower security level
+  than the source (`:permission_denied`), and a `:maximum` source must be sealed
+  (`:not_sealed`), as for `export_ref/2`. The source's `:allowed_processes` applies to
+  the caller. See `Snakepit.SharedMemory.Cluster.Wire`.
+
+  Options (keyword list or map):
+
+    * `:node` - the node to copy from. Defaults to the ref's `"node"` if connected,
+      else `locate/1`.
+    * `:into` - a region of this node (id or ref), at least as large, to write into
+      instead of allocating one, such as a region a Python worker is attached to: the
+      bytes land straight in its mapping. Not freed on failure (it is not ours); its
+      content is then undefined. Defaults to `nil`.
+    * `:region` - `allocate_region/2` options for the copy (`:owner`,
+      `:cleanup_policy`, `:timeout`, `:metadata`, ...; `:open_mode` only `:create`: the
+      copy is always a new region). Defaults to `[]`.
+    * `:security_level` - the copy's level, at least the source's. Defaults to the
+      source's.
+    * `:encrypt` - encrypt the transfer of a `:standard` region too. Defaults to
+      `false` (encrypted regions always travel encrypted).
+    * `:chunk_size` - bytes per chunk, 4096 to 64 MiB. Defaults to 4 MiB.
+    * `:window` - chunks in flight, 1 to 64. Defaults to 4.
+    * `:chunk_timeout` - ms without progress before giving up (at most 4294967295).
+      Defaults to 30000.
+    * `:checksum` - whole-region digest, `:crc32` or `:sha256`. Defaults to `:crc32`.
+    * `:progress` - a pid that receives `{:snakepit_shm_fetch_progress, region_id,
+      bytes_done, total}` after each chunk. Defaults to `nil`.
+
+  Telemetry: `[:snakepit_shm, :fetch, :progress]` after each chunk (measurements
+  `%{bytes, total}`, metadata `%{region_id, node, local_region_id}`) and
+  `[:snakepit_shm, :fetch, :stop]` (`%{duration}`, `%{region_id, node, result}`).
+  """
+  @spec fetch(region_id() | map(), [Snakepit.SharedMemory.Cluster.fetch_option()] | map()) ::
+          {:ok, region_id()} | error()
+  def fetch(region_id_or_ref, opts \\ []) do
+    with :ok <- available(), do: Snakepit.SharedMemory.Cluster.fetch(region_id_or_ref, opts)
+  end
+
   # ---- helpers ----
+
+  defp enabled do
+    if Config.get(:enabled),
+      do: :ok,
+      else:
+        Error.error(
+          :disabled,
+          "shared memory is disabled (config :snakepit_shm, enabled: false, or " <>
+            "config :snakepit, :shared_memory, enabled: false): allocations are refused; " <>
+            "set enabled: true to use it"
+        )
+  end
 
   defp available do
     if Registry.available?(), do: :ok, else: unavailable(:not_started)

@@ -1,6 +1,7 @@
 # The bench's own arithmetic and report bookkeeping (bench/lib is compiled by
 # `mix snakepit.shm.bench` at run time, not with the library: required here). No timing.
-for file <- ~w(stats format programs lifecycle handoff targets report_sections report) do
+for file <-
+      ~w(stats format programs lifecycle handoff health board targets report_sections cluster_report report) do
   Code.require_file("../../bench/lib/#{file}.ex", __DIR__)
 end
 

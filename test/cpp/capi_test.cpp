@@ -99,3 +99,42 @@ TEST_CASE("spshm_decrypt and spshm_encrypt interoperate with Region", "[capi][cr
   REQUIRE(spshm_encrypt(&r.header(), r.data(), r.capacity(), r.key(), 0, patch.data(), 1, err,
                         sizeof err) == SPSHM_E_SEALED);
 }
+
+TEST_CASE("spshm_create makes a worker-owned region the core can open", "[capi]") {
+  char err[256];
+  char id[64];
+  int control = -1, data = -1;
+  REQUIRE(spshm_create(4096, 2, "{\"dtype\":\"uint8\"}", 0, id, &control, &data, err, sizeof err) ==
+          SPSHM_OK);
+  REQUIRE(control >= 0);
+  REQUIRE(data >= 0);
+  REQUIRE(validate_region_id(id));
+  {
+    // Another process would open these paths; the core's own mapping is gone.
+    std::string pid = std::to_string(self_pid());
+    OpenTarget target{id, "/proc/" + pid + "/fd/" + std::to_string(control),
+                      "/proc/" + pid + "/fd/" + std::to_string(data)};
+    auto opened = Region::open(target, true);
+    REQUIRE(opened);
+    REQUIRE(opened->size() == 4096);
+    REQUIRE(std::string(opened->header().metadata, opened->header().metadata_length) ==
+            "{\"dtype\":\"uint8\"}");
+    REQUIRE(opened->header().creator_pid == self_pid());
+  }
+  ::close(control);
+  ::close(data);
+
+  // POSIX: reached by id, no descriptors handed out.
+  REQUIRE(spshm_create(100, 1, nullptr, 0, id, &control, &data, err, sizeof err) == SPSHM_OK);
+  REQUIRE(control == -1);
+  REQUIRE(data == -1);
+  REQUIRE(Region::open(OpenTarget{id, "", ""}, true));
+  REQUIRE(unlink_segment(id));
+
+  REQUIRE(spshm_create(0, 2, nullptr, 0, id, &control, &data, err, sizeof err) ==
+          SPSHM_E_INVALID_ARGUMENT);
+  REQUIRE(spshm_create(10, 7, nullptr, 0, id, &control, &data, err, sizeof err) ==
+          SPSHM_E_INVALID_ARGUMENT);
+  REQUIRE(spshm_create(10, 2, nullptr, 0, nullptr, &control, &data, err, sizeof err) ==
+          SPSHM_E_INVALID_ARGUMENT);
+}

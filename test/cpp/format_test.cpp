@@ -118,10 +118,11 @@ TEST_CASE("layout_description states every constant", "[format]") {
         std::string("\"chunk_overhead\":40"),
         std::string("\"key_size\":32"),
         std::string("\"aad_size\":48"),
+        std::string("\"data_lock_byte\":1"),
         std::string("\"backends\":{\"posix\":1,\"memfd\":2,\"windows\":3}"),
-        std::string(
-            "\"flags\":{\"encrypted\":1,\"named\":2,\"split_data\":4,\"liveness_locks\":8}"),
-        std::string("\"states\":{\"sealed\":1,\"deallocated\":2}"),
+        std::string("\"flags\":{\"encrypted\":1,\"named\":2,\"split_data\":4,\"worker_output\":8,"
+                    "\"liveness_locks\":16}"),
+        std::string("\"states\":{\"sealed\":1,\"deallocated\":2,\"sealing\":4,\"adopted\":8}"),
         std::string("\"slot_states\":{\"free\":0,\"busy\":1,\"live\":2}"),
         std::string("\"holder_flags\":{\"writable\":1,\"incarnation_mask\":4294967040}"),
         std::string("\"holder\":{\"size\":24,")}) {

@@ -73,6 +73,19 @@ defmodule Mix.Tasks.Snakepit.Shm.NodeTasksTest do
            } = json!(out)
   end
 
+  test "doctor --node shows the node's health checks (Snakepit.SharedMemory.health/0)", c do
+    {out, _err, 0} = run_task("snakepit.shm.doctor", remote(c))
+    assert out =~ ~r/^health: regions\s+ok\s+0\.0 % \(2 of 100000\)/m
+    assert out =~ ~r/^health: memory\s+ok\s+146 KiB/m
+    assert out =~ ~r/^health: shm_space\s+ok/m
+    refute out =~ "NIF loads"
+
+    {out, _err, 0} = run_task("snakepit.shm.doctor", remote(c) ++ ["--format", "json"])
+    report = json!(out)
+    assert report["health"]["status"] == "ok"
+    assert length(report["findings"]) == length(Snakepit.SharedMemory.Health.names())
+  end
+
   test "cleanup --node --dry-run asks the node's manager and frees nothing", c do
     {out, _err, 0} = run_task("snakepit.shm.cleanup", ["--dry-run" | remote(c)])
     assert out =~ "Nothing to clean up on #{c.node}."
@@ -93,5 +106,22 @@ defmodule Mix.Tasks.Snakepit.Shm.NodeTasksTest do
       run_task("snakepit.shm.stats", ["--node", "nobody@nohost", "--cookie", c.cookie])
 
     assert err =~ "cannot connect to node nobody@nohost"
+  end
+
+  test "a wrong cookie and a node that does not run get different messages", c do
+    # An earlier test of this VM may be connected already: a wrong cookie only shows on
+    # a new connection.
+    node = String.to_atom(c.node)
+    Node.disconnect(node)
+    on_exit(fn -> Node.set_cookie(node, String.to_atom(c.cookie)) end)
+    {_out, err, 1} = run_task("snakepit.shm.stats", ["--node", c.node, "--cookie", "wrong"])
+    assert err =~ "is running but refused the connection: the cookie does not match"
+
+    [_, host] = String.split(c.node, "@")
+
+    {_out, err, 1} =
+      run_task("snakepit.shm.stats", ["--node", "nosuch_i13@" <> host, "--cookie", c.cookie])
+
+    assert err =~ "no node named nosuch_i13 runs on #{host}"
   end
 end

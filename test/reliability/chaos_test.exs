@@ -433,12 +433,13 @@ defmodule Snakepit.SharedMemory.Reliability.ChaosTest do
 
       remaining =
         for {id, result} <- details,
-            match?({:ok, %{creator_pid: ^vm1_pid}}, result) or header_less?(id),
+            match?({:ok, %{creator_pid: ^vm1_pid}}, result) or
+              ReliabilityHelpers.header_less?(id),
             do: id
 
       # A VM killed inside create leaves a header-less segment: the sweep removes it too
       # once no process has it open (a creator of another VM still at work is left).
-      {incomplete, with_header} = Enum.split_with(remaining, &header_less?/1)
+      {incomplete, with_header} = Enum.split_with(remaining, &ReliabilityHelpers.header_less?/1)
       incomplete = Enum.reject(incomplete, &held_open?/1)
 
       ReliabilityHelpers.record("vm_kill", %{
@@ -473,14 +474,6 @@ defmodule Snakepit.SharedMemory.Reliability.ChaosTest do
   end
 
   # What a creator killed between shm_open and publishing the header leaves.
-  defp header_less?(id) do
-    case File.open("/dev/shm/" <> id, [:read, :binary, :raw], &IO.binread(&1, 8)) do
-      {:ok, :eof} -> true
-      {:ok, magic} when is_binary(magic) -> magic == <<0::size(byte_size(magic))-unit(8)>>
-      _ -> false
-    end
-  end
-
   # True if a live process has the segment open (a creator still at work).
   defp held_open?(id) do
     target = "/dev/shm/" <> id

@@ -90,8 +90,8 @@ defmodule Snakepit.SharedMemory.Reliability.MemoryCgroupTest do
         {:skip, "this process has no memory cgroup"}
 
       %{version: 1, path: path} ->
-        parent = Path.join("/sys/fs/cgroup/memory", path)
-        parent = if File.dir?(parent), do: parent, else: "/sys/fs/cgroup/memory"
+        # (path: the group's directory under the memory hierarchy's mount)
+        parent = if File.dir?(path), do: path, else: "/sys/fs/cgroup/memory"
         mkdir(Path.join(parent, name), "memory.limit_in_bytes")
 
       %{version: 2} ->

@@ -147,7 +147,9 @@ defmodule Snakepit.SharedMemory.Reliability.SecurityTest do
       # call) and picks a fresh id when the name exists.
       root = ReliabilityHelpers.root()
       platform = File.read!(Path.join(root, "c_src/core/platform_posix.cpp"))
-      assert platform =~ ~r/shm_open\([^;]*O_CREAT \| O_EXCL[^;]*O_NOFOLLOW/s
+      # (Linux opens named objects in the shm directory with open(2), elsewhere shm_open.)
+      assert platform =~ ~r/open_named_object\([^;]*O_CREAT \| O_EXCL[^;]*O_NOFOLLOW/s
+      assert platform =~ ~r/::open\(named_path\([^;]*O_NOFOLLOW \| O_CLOEXEC/s
       region = File.read!(Path.join(root, "c_src/core/region.cpp"))
 
       assert region =~

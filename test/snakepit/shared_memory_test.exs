@@ -175,7 +175,7 @@ defmodule Snakepit.SharedMemoryTest do
       name = ShmHelpers.unique_name("o")
       opts = ShmHelpers.create_opts(%{backend: :posix, name: name})
       {:ok, foreign, info} = Native.create(8 * @kib, opts)
-      {:ok, id} = SM.allocate_region(@kib, name: name, open_mode: :open_only)
+      {:ok, id} = SM.allocate_region(:any, name: name, open_mode: :open_only)
       assert {:ok, %{role: :opened, size: 8192}} = SM.get_region_info(id)
       :ok = SM.deallocate_region(id)
       assert File.exists?("/dev/shm/#{info.id}")
@@ -524,7 +524,7 @@ defmodule Snakepit.SharedMemoryTest do
       {:ok, ref} = SM.export_ref(id)
 
       assert Map.keys(ref) |> Enum.sort() ==
-               ~w(backend control_path data_offset data_path dtype encrypted metadata region_id sealed shape size v)
+               ~w(backend boot_id control_path data_offset data_path dtype encrypted format metadata node region_id sealed shape size v)
 
       assert %{"v" => 1, "region_id" => ^id, "size" => 64, "dtype" => "uint8"} = ref
       assert ref["shape"] == [8, 8]

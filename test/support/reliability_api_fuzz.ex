@@ -25,7 +25,15 @@ defmodule Snakepit.SharedMemory.ReliabilityApiFuzz do
     list_regions: 2,
     cleanup_regions: 1,
     stats: 1,
-    export_ref: 5
+    health: 1,
+    export_ref: 5,
+    adopt_region: 2,
+    to_zero_copy_ref: 2,
+    from_zero_copy_ref: 2,
+    python_env: 1,
+    to_nx: 1,
+    locate: 2,
+    fetch: 2
   ]
   @total_weight @functions |> Keyword.values() |> Enum.sum()
 
@@ -197,6 +205,26 @@ defmodule Snakepit.SharedMemory.ReliabilityApiFuzz do
   end
 
   defp args(:stats, _state, _pool), do: []
+  defp args(:health, _state, _pool), do: []
+  defp args(:python_env, _state, _pool), do: []
+  defp args(:to_nx, _state, pool), do: [G.pick(0.85, pool, fn -> G.region_id(pool) end)]
+
+  defp args(f, _state, pool) when f in [:to_zero_copy_ref, :adopt_region, :from_zero_copy_ref] do
+    ref =
+      G.one_of([
+        G.region_id(pool),
+        %{"v" => 1, "region_id" => G.region_id(pool), "backend" => "memfd"},
+        %{"v" => 1, "region_id" => "spshm_aaaaaaaaaaaaaaaaaaaa", "backend" => "posix"},
+        %{
+          "__snakepit_zero_copy__" => true,
+          "kind" => G.one_of(["shm", "dlpack"]),
+          "ref" => G.any(pool)
+        },
+        G.any(pool)
+      ])
+
+    if f == :from_zero_copy_ref, do: [ref], else: [ref, G.one_of([[], [owner: self()], %{}])]
+  end
 
   defp args(:export_ref, _state, pool) do
     opts =
@@ -206,6 +234,26 @@ defmodule Snakepit.SharedMemory.ReliabilityApiFuzz do
         [dtype: "float32", shape: [2, 2]],
         [shape: [-1]],
         [dtype: 1]
+      ])
+
+    [G.pick(0.85, pool, fn -> G.region_id(pool) end), G.pick(0.85, pool, fn -> opts end)]
+  end
+
+  defp args(:locate, _state, pool), do: [G.pick(0.85, pool, fn -> G.region_id(pool) end)]
+
+  defp args(:fetch, _state, pool) do
+    opts =
+      G.one_of([
+        [],
+        [chunk_size: 4096, window: 1],
+        [into: G.region_id(pool)],
+        [encrypt: true, checksum: :sha256],
+        [region: [cleanup_policy: :manual]],
+        [security_level: :standard],
+        [window: 0],
+        [chunk_size: -1],
+        [node: :nowhere@nohost],
+        [bogus: 1]
       ])
 
     [G.pick(0.85, pool, fn -> G.region_id(pool) end), G.pick(0.85, pool, fn -> opts end)]
@@ -326,7 +374,21 @@ defmodule Snakepit.SharedMemory.ReliabilityApiFuzz do
   defp well_shaped?(:list_regions, _, {:ok, list}), do: is_list(list)
   defp well_shaped?(:cleanup_regions, _, {:ok, list}), do: is_list(list)
   defp well_shaped?(:stats, _, {:ok, stats}), do: is_map(stats)
+
+  defp well_shaped?(:health, _, %{status: s, checks: checks}),
+    do: s in [:ok, :degraded, :critical] and is_list(checks)
+
   defp well_shaped?(:export_ref, _, {:ok, %{"region_id" => id}}), do: is_binary(id)
+  defp well_shaped?(:adopt_region, _, {:ok, id}), do: is_binary(id)
+
+  defp well_shaped?(:to_zero_copy_ref, _, {:ok, marker}),
+    do: marker["__snakepit_zero_copy__"] == true
+
+  defp well_shaped?(:from_zero_copy_ref, _, {:ok, ref}), do: is_binary(ref["region_id"])
+  defp well_shaped?(:python_env, _, {:ok, env}), do: is_map(env)
+  defp well_shaped?(:to_nx, _, {:ok, _tensor}), do: true
+  defp well_shaped?(:locate, _, {:ok, node}), do: is_atom(node)
+  defp well_shaped?(:fetch, _, {:ok, id}), do: is_binary(id)
 
   defp well_shaped?(f, _, :ok) when f in [:unmap_region, :deallocate_region, :write, :seal],
     do: true
@@ -337,6 +399,13 @@ defmodule Snakepit.SharedMemory.ReliabilityApiFuzz do
 
   defp keep(state, :allocate_region, _args, {:returned, {:ok, id}}) do
     %{state | own: [id | state.own], ids: Enum.take([id | state.ids], @pool_ids)}
+  end
+
+  # A copy made by fetch (not one written into an existing region) is the batch's own.
+  defp keep(state, :fetch, _args, {:returned, {:ok, id}}) do
+    if id in state.ids,
+      do: state,
+      else: %{state | own: [id | state.own], ids: Enum.take([id | state.ids], @pool_ids)}
   end
 
   defp keep(state, :map_region, _args, {:returned, {:ok, mapping}}) do

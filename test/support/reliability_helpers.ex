@@ -202,6 +202,24 @@ defmodule Snakepit.SharedMemory.ReliabilityHelpers do
     prefix <> ~s(exec elixir -pa "#{ebin}" -e "$SNAKEPIT_SHM_VM_CODE")
   end
 
+  @doc """
+  True if the segment `id` in /dev/shm has no header yet (empty, or zero magic). Never
+  opens anything but a regular file: a FIFO planted under that name would block
+  open(2), and `:file` cannot open with O_NONBLOCK.
+  """
+  @spec header_less?(String.t(), String.t()) :: boolean()
+  def header_less?(id, dir \\ "/dev/shm") do
+    path = Path.join(dir, id)
+
+    with {:ok, %File.Stat{type: :regular}} <- File.lstat(path),
+         {:ok, magic} <- File.open(path, [:read, :binary, :raw], &IO.binread(&1, 8)) do
+      magic == :eof or
+        (is_binary(magic) and magic == <<0::size(byte_size(magic))-unit(8)>>)
+    else
+      _ -> false
+    end
+  end
+
   @doc "kill -9 an OS process."
   def kill9(os_pid), do: System.cmd("kill", ["-9", Integer.to_string(os_pid)])
 

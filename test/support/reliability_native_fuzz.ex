@@ -62,6 +62,7 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
     deallocate_plain: 2,
     last_access: 2,
     set_idle_timeout: 2,
+    mark_adopted: 1,
     export_key: 2,
     release_holder: 3,
     monitor_owner: 3,
@@ -74,7 +75,44 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
     reap_holders: 2,
     process_start_time: 2,
     process_alive: 2,
-    self_info: 1
+    self_info: 1,
+    set_shm_dir: 1,
+    shm_dir: 1,
+    fs_stat: 2,
+    # status board (nif_board.cpp)
+    board_layout: 1,
+    board_init: 3,
+    board_open: 4,
+    board_info: 2,
+    board_join: 4,
+    board_update: 5,
+    board_leave: 3,
+    board_entries: 3,
+    board_entries_dirty: 1,
+    board_least_loaded: 5,
+    board_reclaim: 2,
+    board_watch_info: 2,
+    board_monotonic_ns: 1,
+    # the message channel (nif_channel.cpp) and the ring probe (nif_ring_probe.cpp)
+    channel_layout: 1,
+    channel_open: 1,
+    channel_info: 1,
+    channel_select: 1,
+    channel_events: 1,
+    channel_send: 2,
+    channel_prepare_region: 1,
+    channel_send_region: 1,
+    channel_recv: 2,
+    channel_prepare_wait: 1,
+    channel_flush: 1,
+    channel_close: 1,
+    channel_monitor: 1,
+    channel_stats: 1,
+    ring_probe_new: 1,
+    ring_probe_write: 2,
+    ring_probe_read: 2,
+    ring_probe_flush: 1,
+    ring_probe_indices: 1
   ]
   @total_weight @functions |> Keyword.values() |> Enum.sum()
 
@@ -142,6 +180,8 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
       regions: for({r, info, _} <- base.regions, do: {r, info}),
       mappings: for({r, info, m} <- base.regions, do: {m, info.size, r}),
       watches: [],
+      boards: [],
+      slots: [],
       own: [],
       os_pids: [{me.os_pid, me.start_time}, {sleeper_pid, sleeper_start}, {1, 0}],
       pids: [base.dead_pid, self(), G.external_pid()],
@@ -169,8 +209,10 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
     fun = pick_function()
     pool = pool(state)
 
+    # set_shm_dir is global to the VM (where every suite's POSIX segments live): it
+    # only ever gets the chosen arguments of args/3, never arbitrary paths.
     args =
-      if :rand.uniform(5) == 1,
+      if :rand.uniform(5) == 1 and fun != :set_shm_dir,
         do: for(_ <- 1..arity(fun)//1, do: G.any(pool)),
         else: args(fun, state, pool)
 
@@ -212,6 +254,8 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
         for({_r, info} <- state.regions, path <- [info.control_path, info.data_path], do: path),
       pid: state.pids,
       watch: Enum.map(state.watches, &elem(&1, 0)),
+      board: state.boards,
+      slot: state.slots,
       port: [state.port]
     }
   end
@@ -234,7 +278,16 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
   end
 
   defp args(fun, _state, pool)
-       when fun in [:info, :header, :hold_counts, :seal, :export_key, :last_access, :reap_holders],
+       when fun in [
+              :info,
+              :header,
+              :hold_counts,
+              :seal,
+              :export_key,
+              :last_access,
+              :reap_holders,
+              :mark_adopted
+            ],
        do: [G.pick(0.85, pool, fn -> G.handle(pool, :region) end)]
 
   defp args(:map, _state, pool),
@@ -293,12 +346,189 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
 
   defp args(:process_alive, state, _pool), do: Tuple.to_list(os_pid_and_start(state))
 
-  defp args(fun, _state, _pool) when fun in [:header_layout, :self_info, :list_segments],
-    do: []
+  defp args(fun, _state, _pool)
+       when fun in [
+              :header_layout,
+              :self_info,
+              :shm_dir,
+              :board_layout,
+              :board_monotonic_ns,
+              :channel_layout,
+              :list_segments
+            ],
+       do: []
 
-  # Always a dry run: a fuzzer on a shared host removes nothing, even an unused segment.
-  defp args(:sweep_segment, _state, pool),
-    do: [G.region_id(pool), true]
+  # Never another directory than /dev/shm: the directory is global to the VM, and the
+  # other suites' segments live there. Only refusals (and /dev/shm itself) otherwise.
+  defp args(:set_shm_dir, _state, _pool),
+    do: [
+      G.one_of([
+        "/dev/shm",
+        "/dev/shm/",
+        "relative/dir",
+        "",
+        "/nonexistent/spshm",
+        "/etc/hostname",
+        "/dev/shm\0/x",
+        :dev_shm,
+        42,
+        ~c"/dev/shm"
+      ])
+    ]
+
+  defp args(:fs_stat, _state, pool), do: [G.pick(0.85, pool, fn -> path_string(pool) end)]
+
+  defp args(:board_init, _state, pool),
+    do: [
+      G.pick(0.85, pool, fn -> G.handle(pool, :region) end),
+      G.pick(0.9, pool, fn -> G.one_of([0, 1, 4, 20, 1000, 65_536, 65_537, 1 <<< 64]) end),
+      G.pick(0.9, pool, fn -> G.one_of([0, 1, 30_000, (1 <<< 64) - 1]) end),
+      G.pick(0.9, pool, fn ->
+        G.one_of(
+          [[], ["a"], ["a", "b", "c", "d"], ["a", "b", "c", "d", "e"], [<<0, 1>>]] ++
+            [[String.duplicate("x", 31)], [String.duplicate("x", 32)], [:a]]
+        )
+      end)
+    ]
+
+  defp args(f, _state, pool) when f in [:board_open, :board_watch_info, :board_reclaim] do
+    region = G.pick(0.85, pool, fn -> G.handle(pool, :region) end)
+
+    case f do
+      :board_open ->
+        [region]
+
+      :board_watch_info ->
+        [region, G.pick(0.9, pool, fn -> G.one_of([0, 1, (1 <<< 64) - 1, 1 <<< 64]) end)]
+
+      :board_reclaim ->
+        [region, G.pick(0.9, pool, &G.integer/0), G.pick(0.9, pool, &G.integer/0)]
+    end
+  end
+
+  defp args(f, _state, pool) when f in [:board_info, :board_entries, :board_entries_dirty],
+    do: [G.pick(0.85, pool, fn -> G.handle(pool, :board) end)]
+
+  defp args(:board_join, state, pool) do
+    {os_pid, start} = os_pid_and_start(state)
+
+    id = G.one_of(["w", "", String.duplicate("y", 64), String.duplicate("y", 65), <<255, 0>>])
+
+    [G.pick(0.85, pool, fn -> G.handle(pool, :board) end), G.pick(0.9, pool, fn -> id end)] ++
+      [os_pid, start]
+  end
+
+  defp args(:board_update, _state, pool) do
+    value = fn -> G.one_of([nil, nil, 0, 1, 4, -1, 1 <<< 63, 1 <<< 64, -(1 <<< 63), :x]) end
+    values = List.to_tuple(for(_ <- 1..G.one_of([10, 10, 10, 9, 11]), do: value.()))
+    [G.pick(0.85, pool, fn -> G.handle(pool, :slot) end), G.pick(0.9, pool, fn -> values end)]
+  end
+
+  defp args(:board_leave, _state, pool),
+    do: [G.pick(0.85, pool, fn -> G.handle(pool, :slot) end)]
+
+  defp args(:board_least_loaded, _state, pool),
+    do: [
+      G.pick(0.85, pool, fn -> G.handle(pool, :board) end),
+      G.pick(0.9, pool, fn -> G.one_of([[], ["w"], ["w", "", <<255>>], [1], :x]) end)
+    ]
+
+  defp args(:channel_open, _state, pool),
+    do: [
+      G.pick(0.9, pool, fn ->
+        %{
+          ring_size: G.one_of([4096, 65_536, 5000, 0, 1 <<< 30, 1 <<< 64]),
+          inline_threshold: G.one_of([0, 100, 1024, 1 <<< 33]),
+          transport: G.one_of([:auto, :shm, :socket, :bogus]),
+          socket_dir: G.one_of(["", "/nonexistent", "/tmp", <<0>>]),
+          ack_mode: G.one_of([:immediate, :batch, :deferred, :other]),
+          max_batch_size: G.one_of([0, 1, 32, 1 <<< 40]),
+          flush_interval_us: G.one_of([0, 5000, 1 <<< 62]),
+          max_message_size: G.one_of([0, 1 <<< 40])
+        }
+      end)
+    ]
+
+  defp args(fun, _state, pool)
+       when fun in [
+              :channel_info,
+              :channel_select,
+              :channel_events,
+              :channel_flush,
+              :channel_close,
+              :channel_stats
+            ],
+       do: [channel(pool)]
+
+  defp args(:channel_send, _state, pool), do: [channel(pool), G.payload(pool)]
+
+  defp args(:channel_prepare_region, _state, pool), do: [G.payload(pool)]
+
+  defp args(:channel_send_region, _state, pool) do
+    prepared =
+      case Native.channel_prepare_region(:binary.copy("p", 5000)) do
+        {:ok, p} -> p
+        _ -> make_ref()
+      end
+
+    [channel(pool), G.pick(0.9, pool, fn -> prepared end)]
+  end
+
+  defp args(:channel_recv, _state, pool),
+    do: [channel(pool), G.one_of([0, 1, 64, 1 <<< 64]), G.one_of([0, 1024, 1 <<< 20])]
+
+  defp args(:channel_prepare_wait, _state, pool),
+    do: [
+      channel(pool),
+      G.one_of([true, false, :x]),
+      G.one_of([true, false]),
+      G.one_of([0, 16, 1 <<< 64])
+    ]
+
+  defp args(:channel_monitor, _state, pool), do: [channel(pool), G.pid(pool)]
+
+  defp args(:ring_probe_new, _state, _pool),
+    do: [G.one_of([4096, 8192, 5000, 1 <<< 21]), G.one_of([0, 1, 2, 3]), G.one_of([0, 1, 32])]
+
+  defp args(:ring_probe_write, _state, pool),
+    do: [probe(pool), G.one_of([0, 1, 100, 1024, 1025, 1 <<< 64]), G.one_of([0, 255, 1 <<< 64])]
+
+  defp args(fun, _state, pool)
+       when fun in [:ring_probe_read, :ring_probe_flush, :ring_probe_indices],
+       do: [probe(pool)]
+
+  # A channel or probe of this batch (made on first use), or something else.
+  defp channel(pool) do
+    G.pick(0.85, pool, fn ->
+      case Process.get(:fuzz_channel) do
+        nil ->
+          {:ok, ch} =
+            Native.channel_open(%{
+              ring_size: 4096,
+              inline_threshold: 0,
+              transport: G.one_of([:shm, :socket]),
+              socket_dir: "",
+              ack_mode: :batch,
+              max_batch_size: 32,
+              flush_interval_us: 5000,
+              max_message_size: 1 <<< 30
+            })
+
+          Process.put(:fuzz_channel, ch)
+          ch
+
+        ch ->
+          ch
+      end
+    end)
+  end
+
+  defp probe(pool) do
+    G.pick(0.85, pool, fn ->
+      Process.get(:fuzz_probe) ||
+        tap(Native.ring_probe_new(4096, :rand.uniform(3) - 1, 4), &Process.put(:fuzz_probe, &1))
+    end)
+  end
 
   defp create_opts(pool) do
     %{
@@ -418,6 +648,23 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
   defp well_shaped?(:process_start_time, _, {:ok, t}), do: non_neg?(t)
   defp well_shaped?(:process_alive, _, v), do: is_boolean(v)
   defp well_shaped?(:self_info, _, %{os_pid: p}), do: is_integer(p)
+  defp well_shaped?(:shm_dir, _, dir), do: dir == "/dev/shm"
+  defp well_shaped?(:fs_stat, _, {:ok, %{total: t, available: a}}), do: non_neg?(t) and a <= t
+  defp well_shaped?(:board_layout, _, v), do: is_binary(v)
+  defp well_shaped?(:board_monotonic_ns, _, v), do: non_neg?(v)
+  defp well_shaped?(:board_open, _, {:ok, b}), do: is_reference(b)
+  defp well_shaped?(:board_info, _, %{capacity: c, gauge_names: g}), do: c > 0 and length(g) == 4
+  defp well_shaped?(:board_join, _, {:ok, s, i}), do: is_reference(s) and non_neg?(i)
+  defp well_shaped?(:board_join, _, {:full, c}), do: c > 0
+  defp well_shaped?(:board_reclaim, _, n), do: non_neg?(n)
+  defp well_shaped?(:board_watch_info, _, nil), do: true
+  defp well_shaped?(:board_watch_info, _, {g, o}), do: non_neg?(g) and (o == nil or is_list(o))
+  defp well_shaped?(:board_least_loaded, _, {:ok, id}), do: is_binary(id) and byte_size(id) <= 64
+  defp well_shaped?(:board_least_loaded, _, {:none, c, u}), do: non_neg?(c) and non_neg?(u)
+
+  defp well_shaped?(f, _, {now, unreadable, entries})
+       when f in [:board_entries, :board_entries_dirty],
+       do: non_neg?(now) and is_list(unreadable) and is_list(entries)
 
   defp well_shaped?(f, [_m, _off, len], {:ok, bin})
        when f in [:read, :read_dirty, :read_zero_copy],
@@ -432,13 +679,51 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
               :deallocate,
               :deallocate_plain,
               :set_idle_timeout,
+              :mark_adopted,
               :monitor_owner,
               :cancel_watch,
-              :unlink_segment
+              :unlink_segment,
+              :set_shm_dir,
+              :board_init,
+              :board_update,
+              :board_leave
             ],
        do: true
 
+  defp well_shaped?(:channel_layout, _, v), do: is_binary(v)
+  defp well_shaped?(:channel_open, _, {:ok, ch}), do: is_reference(ch)
+  defp well_shaped?(:channel_info, _, %{path: p}), do: is_binary(p)
+  defp well_shaped?(:channel_stats, _, %{state: s}), do: is_atom(s)
+  defp well_shaped?(:channel_events, _, v), do: v in [:listening, :connected] or closed?(v)
+  defp well_shaped?(:channel_prepare_region, _, {:ok, p}), do: is_reference(p)
+  defp well_shaped?(:channel_recv, _, {:ok, l}), do: is_list(l)
+  defp well_shaped?(:channel_recv, _, {:closed, r, l}), do: is_atom(r) and is_list(l)
+  defp well_shaped?(:channel_prepare_wait, _, v), do: is_boolean(v)
+  defp well_shaped?(:ring_probe_new, _, v), do: is_reference(v)
+  defp well_shaped?(:ring_probe_write, _, v), do: v in [:ok, :full]
+
+  defp well_shaped?(:ring_probe_read, _, v),
+    do: v in [:empty, :protocol_error] or match?({:ok, b} when is_binary(b), v)
+
+  defp well_shaped?(:ring_probe_indices, _, {h, t, p}),
+    do: non_neg?(h) and non_neg?(t) and non_neg?(p)
+
+  defp well_shaped?(f, _, v)
+       when f in [
+              :channel_select,
+              :channel_send,
+              :channel_send_region,
+              :channel_flush,
+              :channel_close,
+              :channel_monitor,
+              :ring_probe_flush
+            ],
+       do: v in [:ok, :would_block] or closed?(v)
+
   defp well_shaped?(_f, _args, _value), do: false
+
+  defp closed?({:closed, r}), do: is_atom(r)
+  defp closed?(_), do: false
 
   defp ref_id?(r, id), do: is_reference(r) and is_binary(id) and String.starts_with?(id, "spshm_")
   defp non_neg?(n), do: is_integer(n) and n >= 0
@@ -481,6 +766,12 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
     for {w, _} <- drop, do: Native.cancel_watch(w)
     %{state | watches: keep}
   end
+
+  defp keep(state, :board_open, _args, {:returned, {:ok, board}}),
+    do: %{state | boards: Enum.take([board | state.boards], 6)}
+
+  defp keep(state, :board_join, _args, {:returned, {:ok, slot, _index}}),
+    do: %{state | slots: Enum.take([slot | state.slots], 16)}
 
   defp keep(state, _fun, _args, _outcome), do: state
 end

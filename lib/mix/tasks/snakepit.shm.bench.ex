@@ -22,10 +22,14 @@ defmodule Mix.Tasks.Snakepit.Shm.Bench do
     * `--quick` - the smoke profile (under 2 minutes). Defaults to the full profile
       (under 15 minutes).
     * `--only PART[,PART...]` - run only these parts: handoff, lifecycle, concurrency,
-      zero_copy, crypto, scale, fresh_pages, scheduler. Defaults to all.
-    * `--out DIR` - where RESULTS.md and the plots go. Defaults to `bench`.
+      zero_copy, crypto, scale, fresh_pages, health, cluster, board, host_quota, channel,
+      scheduler.
+      Defaults to all.
+    * `--out DIR` - where RESULTS.md and the plots go. Defaults to `bench` for a full
+      run of every part (the committed report), and to `_build/bench-quick` for
+      `--quick` or `--only` runs, which never touch the committed report.
     * `--report-only` - measure nothing: write RESULTS.md and the plots again from the
-      last run's results (`_build/bench/last_results.etf`), e.g. after a change to the
+      last full run's results (`_build/bench/last_results.etf`), e.g. after a change to the
       report. Defaults to off.
     * `--fail-on-miss` - exit with status 1 when a target is missed. Defaults to off:
       a missed target is reported in RESULTS.md, and the run still succeeds.
@@ -51,7 +55,7 @@ defmodule Mix.Tasks.Snakepit.Shm.Bench do
     fail_on_miss: :boolean,
     report_only: :boolean
   ]
-  @parts ~w(handoff lifecycle concurrency zero_copy crypto scale fresh_pages scheduler)
+  @parts ~w(handoff lifecycle concurrency zero_copy crypto scale fresh_pages health cluster board host_quota channel scheduler)
 
   @impl true
   def run(argv) do
@@ -78,7 +82,7 @@ defmodule Mix.Tasks.Snakepit.Shm.Bench do
           runner.run(
             profile: if(opts[:quick], do: :quick, else: :full),
             only: parts,
-            out: opts[:out] || "bench"
+            out: opts[:out]
           )
         end
       rescue

@@ -152,11 +152,19 @@ defmodule Mix.Tasks.Snakepit.Shm.Cleanup do
         do: "",
         else:
           "\n\nWhy:\n" <>
-            Enum.join(problems, "\n") <>
-            "\nCheck such files yourself (ls -l, od -c | head) and delete them by hand if they are garbage."
+            Enum.join(problems, "\n") <> general_advice(problems)
 
     Table.render(["ID", "ACTION", "SIZE", "WHY"], rows, right: [2]) <>
       details <> "\n\n" <> summary
+  end
+
+  @doc false
+  # Said once: the core's own messages often carry this advice already.
+  def general_advice(problems) do
+    if Enum.all?(problems, &String.contains?(&1, "by hand")),
+      do: "",
+      else:
+        "\nCheck such files yourself (ls -l, od -c | head) and delete them by hand if they are garbage."
   end
 
   defp verb(%{action: :refuse}, _), do: "REFUSED"

@@ -104,7 +104,7 @@ defmodule Mix.Tasks.Snakepit.Shm.Demo do
       mib: mib,
       backend: backend,
       repeat: repeat,
-      python: Keyword.get(opts, :python, "/usr/bin/python3")
+      python: Command.executable(Keyword.get(opts, :python, "/usr/bin/python3"))
     }
   end
 end

@@ -16,16 +16,29 @@ defmodule Mix.Tasks.Snakepit.Shm.Doctor do
       read-write mappings are then refused;
     * the Python client imports under the workers' interpreter (with
       PYTHONPATH=priv/python and SNAKEPIT_SHM_LIB=priv/libsnakepit_shm.so), finds its
-      C library, numpy is present, and pidfd_open works.
+      C library, numpy is present, and pidfd_open works;
+    * the health checks of a running application (`health: NAME` rows, the very checks
+      of `Snakepit.SharedMemory.health/0`): regions, bytes and regions per process
+      against their limits, the shm tmpfs, the memory cgroup, host memory, file
+      descriptors, locked memory, dead processes cleaned up, expired regions still held.
+      A degraded check warns, a critical one fails.
 
       mix snakepit.shm.doctor [--python PATH] [--strict] [--format table|json]
+      mix snakepit.shm.doctor --node NAME [--cookie COOKIE] [--strict] [--format table|json]
+
+  With `--node` it asks the running VM NAME for its health report
+  (`Snakepit.SharedMemory.health/0`) and shows only those checks.
 
   It starts the :snakepit_shm application in its own VM (with the start-up orphan
   sweep turned off: the doctor only reports) and frees the region it made.
 
   ## Options
 
-    * `--python PATH` - the workers' interpreter. Defaults to `/usr/bin/python3`.
+    * `--python PATH` - the workers' interpreter: a path, or a name looked up on PATH
+      (`--python python3`). Defaults to `/usr/bin/python3`.
+    * `--node NAME` - ask this running node (started with `--sname`/`--name`) for
+      its health checks instead. Defaults to none: check this host.
+    * `--cookie COOKIE` - the node's cookie. Defaults to `~/.erlang.cookie`.
     * `--strict` - treat warnings as failures (exit 1).
     * `--format table|json` - output format. Defaults to `table`.
 
@@ -38,25 +51,34 @@ defmodule Mix.Tasks.Snakepit.Shm.Doctor do
 
   use Mix.Task
 
-  alias Snakepit.SharedMemory.CLI.{Command, Doctor, Table}
+  alias Snakepit.SharedMemory.CLI.{Command, Doctor, Remote, Table}
 
   @switches [python: :string, strict: :boolean]
 
   @impl true
   def run(argv) do
-    %{opts: opts, format: format} =
-      Command.parse!("snakepit.shm.doctor", @help, argv, @switches, remote: false)
+    %{opts: opts, format: format} = Command.parse!("snakepit.shm.doctor", @help, argv, @switches)
 
     Command.load_code()
-    python = Keyword.get(opts, :python, "/usr/bin/python3")
+    python = Command.executable(Keyword.get(opts, :python, "/usr/bin/python3"))
 
-    findings =
-      without_orphan_sweep(fn -> Command.quietly(fn -> Doctor.run(python, priv_dir()) end) end)
+    {findings, health} =
+      if opts[:node] do
+        health = Remote.call!(opts, :health, [])
+        {Doctor.health_findings(health), health}
+      else
+        without_orphan_sweep(fn ->
+          Command.quietly(fn ->
+            findings = Doctor.run(python, priv_dir())
+            {findings, Snakepit.SharedMemory.HealthMonitor.last()}
+          end)
+        end)
+      end
 
     failed = Enum.any?(findings, &(&1.status == :fail or (opts[:strict] && &1.status == :warn)))
 
     case format do
-      :json -> Command.print_json(%{ok: not failed, findings: findings})
+      :json -> Command.print_json(%{ok: not failed, findings: findings, health: health})
       :table -> Mix.shell().info(render(findings))
     end
 

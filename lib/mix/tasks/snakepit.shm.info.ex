@@ -9,7 +9,7 @@ defmodule Mix.Tasks.Snakepit.Shm.Info do
       mix snakepit.shm.info REGION_ID [--format table|json] [--node NAME [--cookie COOKIE]]
 
   Without `--node` it reads the region's own header (no running manager needed): the
-  POSIX segment /dev/shm/REGION_ID, or the memfd of that id in the open fds of a process
+  POSIX segment /dev/shm/REGION_ID (or under config :snakepit_shm, shm_path), or the memfd of that id in the open fds of a process
   of your uid. The header is checked (magic, format version, sizes, CRC-32): a damaged
   header is reported as CORRUPT.
 
@@ -36,7 +36,7 @@ defmodule Mix.Tasks.Snakepit.Shm.Info do
 
     id =
       case args do
-        [id] -> id
+        [id] -> valid_id!(id)
         [] -> Command.usage_error!("snakepit.shm.info", "give the region id (spshm_...)")
       end
 
@@ -54,6 +54,18 @@ defmodule Mix.Tasks.Snakepit.Shm.Info do
 
         Command.finish(if entry.status == :ok, do: 0, else: 1)
     end
+  end
+
+  # A malformed id is a usage error (status 2), not a missing region (status 1).
+  defp valid_id!(id) do
+    if Regex.match?(~r/\Aspshm_([a-z2-7]{20}|n_[a-z0-9_-]{1,21})\z/, id),
+      do: id,
+      else:
+        Command.usage_error!(
+          "snakepit.shm.info",
+          "#{inspect(id)} is not a region id: ids look like spshm_ followed by 20 characters " <>
+            "of [a-z2-7], or spshm_n_<name> (see `mix snakepit.shm.list`)"
+        )
   end
 
   defp lookup(id, opts) do

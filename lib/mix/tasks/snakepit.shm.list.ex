@@ -7,10 +7,12 @@ defmodule Mix.Tasks.Snakepit.Shm.List do
 
       mix snakepit.shm.list [--orphaned] [--owner OS_PID] [--older-than DURATION]
                             [--format table|json] [--node NAME [--cookie COOKIE]]
+                            [--cluster --node NAME [--cookie COOKIE]]
 
   Without `--node` it works offline, with no running manager: it reads the header of
-  every POSIX segment in /dev/shm/spshm_* and of every memfd region found in the open
-  fds of processes of your uid (/proc/*/fd). Run it as the user that runs the VM.
+  every POSIX segment in /dev/shm/spshm_* (or in the directory of config :snakepit_shm,
+  shm_path) and of every memfd region found in the open fds of processes of your uid
+  (/proc/*/fd). Run it as the user that runs the VM.
 
   ## Options
 
@@ -24,9 +26,18 @@ defmodule Mix.Tasks.Snakepit.Shm.List do
     * `--node NAME`, `--cookie COOKIE` - ask a running node (distributed Erlang) for the
       regions its manager knows instead of reading the segments.
 
+    * `--cluster` (with `--node`) - the regions of every node connected to NAME (NAME
+      included), as their managers know them, with a NODE column (a `node` field in
+      JSON). A connected node that does not answer or does not run `:snakepit_shm` is
+      reported on stderr and makes the exit status 1.
+
   With a filter, segments whose header cannot be read are not shown (they have no
   owner or age); without one they are listed with the flag CORRUPT, NOT-OURS or
   UNREADABLE.
+
+  Before the totals come the message channels (`Snakepit.SharedMemory.Channel`) mapped by
+  processes of your uid: one line per channel with the OS pids mapping it (owner VM and
+  worker); `--format json` lists them under `channels`.
 
   Flags: `orphaned` (owner VM gone), `expired` (idle longer than its timeout),
   `sealed`, `encrypted`, `dead-holder` (a process holding it died).
@@ -42,16 +53,17 @@ defmodule Mix.Tasks.Snakepit.Shm.List do
 
   alias Snakepit.SharedMemory.CLI.{Command, HostScan, Human, RegionView, Remote}
 
-  @switches [orphaned: :boolean, owner: :integer, older_than: :string]
+  @switches [orphaned: :boolean, owner: :integer, older_than: :string, cluster: :boolean]
 
   @impl true
   def run(argv) do
     %{opts: opts, format: format} = Command.parse!("snakepit.shm.list", @help, argv, @switches)
     filters = filters!(opts)
     Command.load_code()
-    {source, entries} = fetch(opts)
+    {source, entries, failed} = fetch(opts)
     shown = apply_filters(entries, filters)
     totals = RegionView.totals(shown)
+    for {node, message} <- failed, do: Mix.shell().error("#{node}: #{message}")
 
     case format do
       :json ->
@@ -59,15 +71,25 @@ defmodule Mix.Tasks.Snakepit.Shm.List do
           source: source,
           filters: Map.new(filters),
           regions: shown,
-          totals: totals
+          totals: totals,
+          channels: Snakepit.SharedMemory.CLI.ChannelScan.scan()
         })
 
       :table ->
-        Mix.shell().info(RegionView.table(shown))
+        table =
+          if opts[:cluster], do: RegionView.cluster_table(shown), else: RegionView.table(shown)
+
+        Mix.shell().info(table)
         Mix.shell().info("\n" <> RegionView.totals_line(totals) <> " (#{source})")
+        # message channels (Snakepit.SharedMemory.Channel) mapped on this host
+        Mix.shell().info(
+          Snakepit.SharedMemory.CLI.ChannelScan.lines(
+            Snakepit.SharedMemory.CLI.ChannelScan.scan()
+          )
+        )
     end
 
-    Command.finish(if Enum.any?(shown, &(&1.status != :ok)), do: 1, else: 0)
+    Command.finish(if failed != [] or Enum.any?(shown, &(&1.status != :ok)), do: 1, else: 0)
   end
 
   defp filters!(opts) do
@@ -99,9 +121,23 @@ defmodule Mix.Tasks.Snakepit.Shm.List do
     do: "--older-than needs a duration like 250ms, 30s, 5m, 2h or 1d, got: #{inspect(text)}"
 
   defp fetch(opts) do
-    case opts[:node] do
-      nil -> {"offline scan of this host", HostScan.scan()}
-      node -> {"node #{node}", Remote.entries!(opts)}
+    case {opts[:node], opts[:cluster]} do
+      {nil, true} ->
+        Command.usage_error!(
+          "snakepit.shm.list",
+          "--cluster needs --node NAME: a node of the cluster to ask (with --cookie if needed)"
+        )
+
+      {nil, _} ->
+        {"offline scan of this host", HostScan.scan(), []}
+
+      {node, true} ->
+        {entries, failed} = Remote.cluster_entries!(opts)
+        nodes = entries |> Enum.map(& &1.node) |> Enum.uniq() |> length()
+        {"cluster of #{node}: #{nodes} node(s) with regions", entries, failed}
+
+      {node, _} ->
+        {"node #{node}", Remote.entries!(opts), []}
     end
   end
 

@@ -54,10 +54,44 @@ defmodule Mix.Tasks.Snakepit.Shm.Stats do
         other -> Command.fail!("unexpected answer from #{opts[:node]}: #{inspect(other)}")
       end
 
+    channels = remote_channels(opts)
+
     case format do
-      :json -> Command.print_json(Map.put(stats, :node, opts[:node]))
-      :table -> Mix.shell().info(render(opts[:node], stats))
+      :json ->
+        Command.print_json(stats |> Map.put(:node, opts[:node]) |> Map.put(:channels, channels))
+
+      :table ->
+        Mix.shell().info(render(opts[:node], stats))
+        Mix.shell().info("\n" <> channel_lines(channels))
     end
+  end
+
+  # The node's open message channels (Snakepit.SharedMemory.Channel.list/0), as plain maps.
+  defp remote_channels(opts) do
+    node = Remote.connect!(opts)
+
+    case :erpc.call(node, Snakepit.SharedMemory.Channel, :list, [], 15_000) do
+      list when is_list(list) ->
+        for {ch, s} <- list, do: Map.put(Map.drop(s, [:owner]), :id, ch.id)
+
+      _ ->
+        []
+    end
+  catch
+    _, _ -> []
+  end
+
+  defp channel_lines([]), do: "Channels: none"
+
+  defp channel_lines(channels) do
+    rows =
+      for c <- channels do
+        "  #{c.id}  #{c.transport} #{c.state}  sent #{c.messages_sent} (#{Human.bytes(c.bytes_sent)})" <>
+          "  received #{c.messages_received} (#{Human.bytes(c.bytes_received)})" <>
+          "  doorbells #{c.doorbells_rung}  fallbacks #{c.fallbacks}  peer #{c.peer_pid}"
+      end
+
+    Enum.join(["Channels: #{length(channels)}" | rows], "\n")
   end
 
   defp render(node, stats) do

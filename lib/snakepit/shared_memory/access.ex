@@ -80,12 +80,16 @@ defmodule Snakepit.SharedMemory.Access do
   end
 
   # Slot 2 of a region's counters is 1 once seal/1 succeeded (sealing is irreversible and
-  # only this VM, the creator, can seal): a read checks it without a NIF call.
+  # only this VM, the creator, can seal), 2 if the kernel enforces the seal (memfd
+  # F_SEAL_WRITE): a read checks it without a NIF call. Only 2 gives zero-copy binaries;
+  # a POSIX region's owner could make it writable again, so its reads keep copying.
   @sealed_slot 2
-  defp sealed?(counters), do: :counters.get(counters, @sealed_slot) == 1
+  defp sealed?(counters), do: :counters.get(counters, @sealed_slot) >= 1
+  defp zero_copy?(counters), do: :counters.get(counters, @sealed_slot) == 2
 
   @doc false
-  def mark_sealed(counters), do: :counters.put(counters, @sealed_slot, 1)
+  def mark_sealed(counters, zero_copy),
+    do: :counters.put(counters, @sealed_slot, if(zero_copy, do: 2, else: 1))
 
   @doc """
   Unmaps. Removes the mapping's hold; frees a `:reference_counted` region whose count
@@ -140,7 +144,7 @@ defmodule Snakepit.SharedMemory.Access do
         do: Native.write_dirty(mapping.ref, offset, data),
         else: Native.write(mapping.ref, offset, data)
 
-    with :ok <- native(result, mapping.region_id) do
+    with :ok <- freed(native(result, mapping.region_id), mapping) do
       :counters.add(mapping.counters, 1, 1)
       Stats.count(:bytes_written, byte_size(data))
 
@@ -171,8 +175,8 @@ defmodule Snakepit.SharedMemory.Access do
   end
 
   @doc """
-  Reads `length` bytes at `offset`: a zero-copy binary for a sealed, unencrypted region,
-  a copy otherwise.
+  Reads `length` bytes at `offset`: a zero-copy binary for an unencrypted region whose
+  seal the kernel enforces (memfd), a copy otherwise (POSIX regions, even sealed).
   """
   @spec read(Mapping.t(), non_neg_integer(), non_neg_integer()) ::
           {:ok, binary()} | {:error, Error.t()}
@@ -185,7 +189,7 @@ defmodule Snakepit.SharedMemory.Access do
   defp read_checked(mapping, offset, length) do
     result =
       cond do
-        not mapping.encrypted and sealed?(mapping.counters) ->
+        not mapping.encrypted and zero_copy?(mapping.counters) ->
           Native.read_zero_copy(mapping.ref, offset, length)
 
         length > @dirty_threshold ->
@@ -195,7 +199,7 @@ defmodule Snakepit.SharedMemory.Access do
           Native.read(mapping.ref, offset, length)
       end
 
-    with {:ok, data} <- native(result, mapping.region_id) do
+    with {:ok, data} <- freed(native(result, mapping.region_id), mapping) do
       :counters.add(mapping.counters, 1, 1)
       Stats.count(:bytes_read, length)
 
@@ -215,7 +219,7 @@ defmodule Snakepit.SharedMemory.Access do
          region(ref: ref, owner: owner, allowed: allowed, security_level: level) = record,
          :ok <- Security.authorize(id, owner, allowed, self(), :seal),
          :ok <- native(Native.seal(ref), id) do
-      mark_sealed(region(record, :counters))
+      mark_sealed(region(record, :counters), Native.info(ref).zero_copy)
       Security.audit(level, id, :seal, %{})
     end
   end
@@ -229,6 +233,9 @@ defmodule Snakepit.SharedMemory.Access do
          info = Native.info(ref),
          :ok <- export_allowed(id, level, info),
          {:ok, metadata} <- json_metadata(region(record, :metadata)),
+         dtype = opts.dtype || Map.get(metadata, "dtype"),
+         shape = opts.shape || Map.get(metadata, "shape"),
+         :ok <- Snakepit.SharedMemory.Dtype.check_layout(dtype, shape, info.size, "export_ref/2"),
          {:ok, key} <- key(ref, info, opts.include_key, id) do
       ref_map =
         %{
@@ -241,9 +248,12 @@ defmodule Snakepit.SharedMemory.Access do
           "size" => info.size,
           "sealed" => info.sealed,
           "encrypted" => info.encrypted,
-          "dtype" => opts.dtype || Map.get(metadata, "dtype"),
-          "shape" => opts.shape || Map.get(metadata, "shape"),
-          "metadata" => metadata
+          "dtype" => dtype,
+          "shape" => shape,
+          "format" => Map.get(metadata, "format") || if(dtype, do: "numpy", else: "raw"),
+          "metadata" => metadata,
+          "node" => Atom.to_string(node()),
+          "boot_id" => Native.self_info().boot_id
         }
         |> put_key(key)
 
@@ -305,6 +315,11 @@ defmodule Snakepit.SharedMemory.Access do
       %{region_id: id}
     )
   end
+
+  defp freed({:error, _} = error, mapping),
+    do: Snakepit.SharedMemory.Freed.explain(error, mapping.region_id, mapping.counters)
+
+  defp freed(result, _mapping), do: result
 
   @doc false
   def native(:ok, _id), do: :ok

@@ -13,8 +13,20 @@ defmodule Snakepit.SharedMemory.Allocator do
   require Logger
   require Snakepit.SharedMemory.Registry
 
-  alias Snakepit.SharedMemory.{Config, Error, Journal, MemoryLimits, Native, Quota, Registry}
-  alias Snakepit.SharedMemory.{Security, Stats}
+  alias Snakepit.SharedMemory.{
+    Access,
+    Config,
+    Error,
+    Journal,
+    MemoryLimits,
+    Native,
+    Quota,
+    Registry,
+    Security,
+    Stats
+  }
+
+  alias Snakepit.SharedMemory.HostQuota
 
   import Snakepit.SharedMemory.Registry, only: [region: 1]
 
@@ -41,7 +53,7 @@ defmodule Snakepit.SharedMemory.Allocator do
   # opening the segment a second time.
   defp named_existing(%{name: nil}), do: :none
 
-  defp named_existing(%{name: name, open_mode: mode}) do
+  defp named_existing(%{name: name, open_mode: mode} = opts) do
     id = "spshm_n_" <> name
 
     case {Registry.lookup(id), mode} do
@@ -59,10 +71,27 @@ defmodule Snakepit.SharedMemory.Allocator do
       {_record, :remove_and_create} ->
         {:remove_first, id}
 
-      {_record, _open} ->
-        {:existing, id}
+      {region(size: size), _open} ->
+        with :ok <- same_size(id, size, opts.size), do: {:existing, id}
     end
   end
+
+  # open_only / create_or_open finding a region of another size: the caller's idea of
+  # the region is wrong, say so (size: :any opts out).
+  defp same_size(_id, _size, :any), do: :ok
+  defp same_size(_id, size, size), do: :ok
+
+  defp same_size(id, size, wanted) do
+    Error.error(
+      :size_mismatch,
+      "the existing region #{id} has #{size} bytes, not the #{wanted} asked for: pass its " <>
+        "size, or size :any with open_mode: :open_only to take it whatever its size",
+      %{region_id: id, size: size, requested: wanted}
+    )
+  end
+
+  defp reserved_size(%{size: :any}), do: 0
+  defp reserved_size(%{size: size}), do: size
 
   defp remove_then_allocate(id, opts) do
     case free(id, :replaced) do
@@ -76,30 +105,58 @@ defmodule Snakepit.SharedMemory.Allocator do
     flags = Security.level_flags(opts.security_level)
 
     with :ok <- memory_headroom(opts.size),
-         :ok <- Quota.reserve(opts.owner, opts.size, config) do
+         :ok <- Quota.reserve(opts.owner, reserved_size(opts), config),
+         {:ok, host} <- host_reserve(opts) do
       # From here a kill leaves a reservation (and maybe a POSIX segment) behind: the
       # journal row says so, with what the manager needs to find the segment.
       Journal.note({:allocate, :creating, opts.size, opts.backend, System.os_time(:nanosecond)})
 
       case create(opts, native_options(opts, flags)) do
+        {:ok, _ref, %{role: :opened} = info} when info.size != opts.size and opts.size != :any ->
+          Quota.release(opts.owner, reserved_size(opts))
+          HostQuota.Regions.discard(host)
+          same_size(info.id, info.size, opts.size)
+
         {:ok, ref, info} ->
-          register(ref, info, opts)
+          register(ref, info, opts, host)
 
         {:error, native} ->
-          Quota.release(opts.owner, opts.size)
+          Quota.release(opts.owner, reserved_size(opts))
+          HostQuota.Regions.discard(host)
           {:error, Error.from_native(native, %{size: opts.size, backend: opts.backend})}
       end
     end
   end
 
   # A container's memory cgroup, not the host, bounds what this VM may allocate: going
-  # past it gets the VM OOM-killed (Snakepit.SharedMemory.MemoryLimits).
+  # past it gets the VM OOM-killed (Snakepit.SharedMemory.MemoryLimits). `size: :any`
+  # only opens an existing region: nothing new is charged.
+  defp memory_headroom(:any), do: :ok
+
   defp memory_headroom(size) do
     case MemoryLimits.check(size) do
       :ok -> :ok
       {:error, message} -> Error.error(:no_space, message, %{size: size})
     end
   end
+
+  # The host-wide quota (config :host_quota), after this VM's own limits. `size: :any`
+  # only opens an existing region (its creator holds the reservation).
+  defp host_reserve(%{size: :any}), do: {:ok, nil}
+
+  defp host_reserve(opts) do
+    case HostQuota.Regions.reserve(opts.size) do
+      {:ok, host} ->
+        {:ok, host}
+
+      {:error, _} = error ->
+        Quota.release(opts.owner, reserved_size(opts))
+        error
+    end
+  end
+
+  # size :any (open_only): the core ignores the size when it opens an existing region.
+  defp create(%{size: :any}, native_opts), do: Native.create(1, native_opts)
 
   # Small memfd regions are created on the calling scheduler: a dirty NIF costs a
   # scheduler round trip (~10 us) even when its work takes less. A POSIX segment is a
@@ -127,9 +184,9 @@ defmodule Snakepit.SharedMemory.Allocator do
     }
   end
 
-  defp register(ref, info, opts) do
+  defp register(ref, info, opts, host) do
     # An opened named region has the size its creator gave it.
-    if info.size != opts.size, do: Quota.adjust_bytes(info.size - opts.size)
+    if info.size != opts.size, do: Quota.adjust_bytes(info.size - reserved_size(opts))
 
     record =
       region(
@@ -158,22 +215,28 @@ defmodule Snakepit.SharedMemory.Allocator do
     # answers not_found) or, if this caller is killed right here, by the manager, which
     # re-checks the owners of a dead caller that had a journal row.
     if Registry.insert_new(record) do
+      HostQuota.Regions.bind(host, info.id, info.role)
       watch_owner(ref, info.id, opts.owner)
+      Snakepit.SharedMemory.Cluster.Directory.added(info.id)
       Stats.count(:allocations)
       {:ok, info.id}
     else
       # Only a named region opened concurrently by two callers of this VM gets here: the
       # other caller registered it; drop this second handle and share the first.
       Quota.release(opts.owner, info.size)
+      HostQuota.Regions.discard(host)
       {:ok, info.id}
     end
   end
 
   @doc false
-  # Slot 1: accesses through this VM; slot 2: sealed (see Snakepit.SharedMemory.Access).
+  # Slot 1: accesses through this VM; slot 2: sealed (see Snakepit.SharedMemory.Access):
+  # 1 sealed, 2 sealed by the kernel (zero-copy reads). For an opened or adopted region
+  # `zero_copy` comes from the kernel's own seals (F_GET_SEALS), not from the header.
+  # Slot 3: why it was freed (Snakepit.SharedMemory.Freed).
   def new_counters(info) do
-    counters = :counters.new(2, [:write_concurrency])
-    if info.sealed, do: :counters.put(counters, 2, 1)
+    counters = :counters.new(Snakepit.SharedMemory.Freed.slots(), [:write_concurrency])
+    if info.sealed, do: Access.mark_sealed(counters, Map.get(info, :zero_copy, false))
     counters
   end
 
@@ -239,7 +302,9 @@ defmodule Snakepit.SharedMemory.Allocator do
   end
 
   defp release(record, reason) do
-    region(id: id, owner: owner, size: size, role: role) = record
+    region(id: id, owner: owner, size: size, role: role, counters: counters) = record
+    # Before the mappings end: a read racing this free sees the reason with :closed.
+    Snakepit.SharedMemory.Freed.mark(counters, reason)
 
     # Mappings first: take (not just read) each row, so a concurrent unmap_region/1 and
     # this loop never both unmap one mapping.
@@ -248,9 +313,15 @@ defmodule Snakepit.SharedMemory.Allocator do
         do: Native.unmap(mapping)
 
     if role == :created, do: destroy(record)
+    Snakepit.SharedMemory.Cluster.Directory.removed(id)
     Quota.release(owner, size)
+    HostQuota.Regions.release(id)
     Stats.event(:deallocations, %{count: 1}, %{region_id: id, reason: reason})
-    Logger.debug("snakepit_shm: freed #{id} (#{reason})")
+    # The one log line of a free (explicit deallocations at debug, policies at info).
+    Logger.log(if(reason == :deallocated, do: :debug, else: :info), fn ->
+      "snakepit_shm: freed #{id} (#{reason})"
+    end)
+
     record
   end
 

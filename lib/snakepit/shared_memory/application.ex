@@ -3,21 +3,35 @@ defmodule Snakepit.SharedMemory.Application do
   The `:snakepit_shm` application.
 
   Validates the configuration (an invalid key fails the start with a message naming
-  it), sets up the statistics counters, and starts, under a `:rest_for_one`
-  supervisor, the table owner and then a supervisor of the manager.
+  it), points the native layer at the directory of POSIX segments (`:shm_path`), sets
+  up the statistics counters, and starts, under a `:rest_for_one` supervisor, the
+  registry of message channels, the host quota supervisor, the table owner, the host
+  quota client (when configured), then a supervisor of the manager, the health monitor
+  (`Snakepit.SharedMemory.HealthMonitor`), and the cluster directory (a `:pg` scope and
+  this node's member of it, `Snakepit.SharedMemory.Cluster.Supervisor`).
 
-  Why two levels: the manager is the only process with logic, so it is the one that can
-  crash, and a crash loop (killed every 100 ms under load) must not reach the table
-  owner, whose death would drop every region of the registry. The manager's own
-  supervisor restarts it up to 1000 times a second; only a manager that cannot start
-  at all exhausts that and reaches the top supervisor. The NIF's state (region
+  Why the manager has a supervisor of its own: the manager is the process with the most
+  logic, so it is the one that can crash, and a crash loop (killed every 100 ms under
+  load) must not reach the table owner, whose death would drop every region of the
+  registry. The manager's own supervisor restarts it up to 1000 times a second; only a
+  manager that cannot start at all exhausts that and reaches the top supervisor (which
+  then restarts what comes after it, never the table owner). The NIF's state (region
   resources in the registry, their liveness locks) lives in the tables, so it survives
   every manager restart too.
   """
 
   use Application
 
-  alias Snakepit.SharedMemory.{Config, Manager, Platform, Stats, TableOwner}
+  alias Snakepit.SharedMemory.{
+    Cluster,
+    Config,
+    HealthMonitor,
+    HostQuota,
+    Manager,
+    Platform,
+    Stats,
+    TableOwner
+  }
 
   @doc false
   def manager_supervisor_spec do
@@ -40,13 +54,27 @@ defmodule Snakepit.SharedMemory.Application do
 
   @impl true
   def start(_type, _args) do
-    with {:ok, _config} <- Config.load(),
-         {:ok, _platform} <- Platform.select(:os.type()) do
+    with {:ok, config} <- Config.load(),
+         {:ok, platform} <- Platform.select(:os.type()),
+         :ok <- Platform.apply_shm_path(platform, config.shm_path) do
+      Platform.warn_unless_tmpfs(config.shm_path)
       Stats.setup()
 
-      Supervisor.start_link([TableOwner, manager_supervisor_spec()],
+      # The host quota client (when configured) starts before the manager, so that a
+      # restart of the client restarts the manager (its supervisor), which re-declares every region.
+      children =
+        [
+          # open message channels, for Channel.list/0 and the mix tasks
+          {Registry, keys: :duplicate, name: Snakepit.SharedMemory.ChannelRegistry},
+          HostQuota.Supervisor,
+          TableOwner
+        ] ++
+          HostQuota.Regions.children(config) ++
+          [manager_supervisor_spec(), HealthMonitor, Cluster.Supervisor]
+
+      Supervisor.start_link(children,
         strategy: :rest_for_one,
-        max_restarts: 3,
+        max_restarts: 10,
         max_seconds: 5,
         name: Snakepit.SharedMemory.Supervisor
       )

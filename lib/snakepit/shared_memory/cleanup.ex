@@ -210,7 +210,6 @@ defmodule Snakepit.SharedMemory.Cleanup do
         if reason in [:expired, :owner_down, :unreferenced, :vanished],
           do: Stats.event(reason, %{count: 1}, %{region_id: id})
 
-        Logger.info("snakepit_shm: freed #{id} (#{reason})")
         [%{region_id: id, reason: reason, size: region(record, :size)}]
 
       {:error, _} ->

@@ -38,9 +38,46 @@ defmodule Snakepit.SharedMemory.Config do
       Defaults to `:info`.
     * `:barrier_timeout` - ms the manager waits for in-flight operations before a
       consistency check. Defaults to `5_000`.
+    * `:enabled` - `false` starts the application but refuses every allocation with
+      `%Snakepit.SharedMemory.Error{reason: :disabled}`. Defaults to `true`.
+    * `:shm_path` - the directory (a tmpfs) of POSIX segments on Linux, for example a
+      larger tmpfs than Docker's 64 MiB `/dev/shm`. Every tool follows it; Python
+      workers that attach by bare region id need `SNAKEPIT_SHM_PATH` set to it.
+      Defaults to `nil` (`/dev/shm`).
+    * `:telemetry` - emit `:telemetry` events. Defaults to `true`.
+    * `:health_check_interval` - ms between health checks
+      (`Snakepit.SharedMemory.Health`), or `false`. Defaults to `60_000`.
+    * `:health_thresholds` - `%{degraded: percent, critical: percent, hysteresis:
+      points}`: a check is degraded at `degraded` % of a limit, critical at `critical` %,
+      and goes back only below the threshold minus `hysteresis` points. Defaults to
+      `%{degraded: 80, critical: 95, hysteresis: 5}`.
+
+  Host-wide quota (`Snakepit.SharedMemory.HostQuota`, `docs/QUOTA.md`):
+
+    * `:host_quota` - the name of a host quota (e.g. `"shm_total"`) that every region
+      this VM creates is reserved from, so that all VMs (and Python workers) of the host
+      configured with it share one budget; `nil` for none. Defaults to `nil`.
+    * `:host_quota_limit` - the limit this VM sets for `:host_quota` when it starts
+      (bytes), or `nil` to leave it to another VM or tool. Defaults to `nil`.
+    * `:host_quota_wait` - ms `allocate_region/2` waits in line for host quota capacity
+      before failing with `:quota_exceeded`, or `:infinity`. Defaults to `0`.
+    * `:host_quota_dir` - the private directory of the quota server's socket, or `nil`
+      for `$XDG_RUNTIME_DIR/snakepit_shm` (then `/run/user/<uid>/snakepit_shm`, then
+      `/tmp/snakepit_shm-<uid>`). The `SNAKEPIT_SHM_QUOTA_DIR` environment variable
+      overrides it. Defaults to `nil`.
+
+  ## Snakepit's configuration
+
+  `config :snakepit, :shared_memory, ...` (the keys of the Snakepit shared-memory
+  design) is read too and mapped onto these settings by
+  `Snakepit.SharedMemory.Config.Snakepit` (the table is in `docs/OPERATIONS.md`).
+  Where both set the same setting, `config :snakepit_shm` wins if it satisfies what
+  the Snakepit key asks, and a contradiction fails the start with a message naming both
+  keys.
   """
 
   @key {__MODULE__, :config}
+  @max_timeout_ms div(0xFFFFFFFFFFFFFFFF, 1_000_000)
 
   @defaults [
     max_regions: 100_000,
@@ -56,7 +93,16 @@ defmodule Snakepit.SharedMemory.Config do
     zero_on_free: false,
     orphan_sweep: true,
     audit_log_level: :info,
-    barrier_timeout: 5_000
+    barrier_timeout: 5_000,
+    enabled: true,
+    shm_path: nil,
+    telemetry: true,
+    health_check_interval: 60_000,
+    health_thresholds: %{degraded: 80, critical: 95, hysteresis: 5},
+    host_quota: nil,
+    host_quota_limit: nil,
+    host_quota_wait: 0,
+    host_quota_dir: nil
   ]
 
   @type t :: %{
@@ -73,7 +119,16 @@ defmodule Snakepit.SharedMemory.Config do
           zero_on_free: boolean(),
           orphan_sweep: boolean(),
           audit_log_level: Logger.level(),
-          barrier_timeout: pos_integer()
+          barrier_timeout: pos_integer(),
+          enabled: boolean(),
+          shm_path: String.t() | nil,
+          telemetry: boolean(),
+          health_check_interval: pos_integer() | false,
+          health_thresholds: %{degraded: number(), critical: number(), hysteresis: number()},
+          host_quota: String.t() | nil,
+          host_quota_limit: non_neg_integer() | nil,
+          host_quota_wait: non_neg_integer() | :infinity,
+          host_quota_dir: String.t() | nil
         }
 
   @doc "The default value of every setting."
@@ -86,18 +141,37 @@ defmodule Snakepit.SharedMemory.Config do
   """
   @spec load() :: {:ok, t()} | {:error, String.t()}
   def load do
-    with {:ok, config} <- validate(Application.get_all_env(:snakepit_shm)) do
+    with {:ok, config, notices} <- resolve() do
       :persistent_term.put(@key, config)
+      __MODULE__.Snakepit.notify(notices)
       {:ok, config}
     end
   end
 
-  @doc "The validated configuration (the defaults if the application never started)."
+  # Both sources: config :snakepit_shm and config :snakepit, :shared_memory.
+  defp resolve do
+    validate_with_notices(
+      Application.get_all_env(:snakepit_shm),
+      Application.get_env(:snakepit, :shared_memory, [])
+    )
+  end
+
+  @doc """
+  The validated configuration: what `load/0` stored when the application started, or,
+  before that (offline tools), the configuration as the application environment says
+  now (the defaults if it is invalid).
+  """
   @spec get() :: t()
   def get do
     case :persistent_term.get(@key, nil) do
-      nil -> Map.new(@defaults)
-      config -> config
+      nil ->
+        case resolve() do
+          {:ok, config, _notices} -> config
+          {:error, _} -> Map.new(@defaults)
+        end
+
+      config ->
+        config
     end
   end
 
@@ -109,9 +183,34 @@ defmodule Snakepit.SharedMemory.Config do
   Validates a keyword list of settings, filling in defaults. Unknown keys are errors
   (a typo must not silently fall back to a default).
   """
-  @spec validate(keyword()) :: {:ok, t()} | {:error, String.t()}
-  def validate(env) when is_list(env) do
+  @spec validate(keyword(), keyword() | map()) :: {:ok, t()} | {:error, String.t()}
+  def validate(env, snakepit_env \\ []) when is_list(env) do
+    with {:ok, config, _notices} <- validate_with_notices(env, snakepit_env), do: {:ok, config}
+  end
+
+  @doc false
+  # validate/2 plus the one-time notices about Snakepit keys that mean nothing here.
+  @spec validate_with_notices(keyword(), term()) ::
+          {:ok, t(), [String.t()]} | {:error, String.t()}
+  def validate_with_notices(env, snakepit_env) when is_list(env) do
     env = Keyword.drop(env, [:included_applications])
+
+    with {:ok, own} <- validate_own(env),
+         {:ok, merged, notices} <- __MODULE__.Snakepit.merge(own, env, snakepit_env),
+         {:ok, config} <- validate_own(Map.to_list(merged)) do
+      {:ok, config, notices}
+    end
+  end
+
+  defp validate_own(env) do
+    env =
+      case Keyword.fetch(env, :health_thresholds) do
+        {:ok, partial} when is_map(partial) ->
+          Keyword.put(env, :health_thresholds, Map.merge(@defaults[:health_thresholds], partial))
+
+        _ ->
+          env
+      end
 
     Enum.reduce_while(Keyword.merge(@defaults, env), {:ok, %{}}, fn {key, value}, {:ok, acc} ->
       case check(key, value) do
@@ -120,6 +219,15 @@ defmodule Snakepit.SharedMemory.Config do
       end
     end)
   end
+
+  @doc false
+  # One setting's check, for Snakepit.SharedMemory.Config.Snakepit: :ok or {:error, what it must be}.
+  @spec check_setting(atom(), term()) :: :ok | {:error, String.t() | :unknown}
+  def check_setting(key, value), do: check(key, value)
+
+  @doc "The one-time notices given about `config :snakepit, :shared_memory` keys."
+  @spec notices() :: [String.t()]
+  def notices, do: __MODULE__.Snakepit.notices()
 
   defp message(key, value, :unknown) do
     "invalid configuration: unknown key config :snakepit_shm, #{key}: #{inspect(value)}; " <>
@@ -130,9 +238,14 @@ defmodule Snakepit.SharedMemory.Config do
     "invalid configuration: config :snakepit_shm, #{key}: must be #{what}, got: #{inspect(value)}"
   end
 
-  defp check(key, value)
-       when key in [:max_regions, :max_total_memory, :max_regions_per_process, :default_timeout],
-       do: pos_or_infinity(value)
+  defp check(key, value) when key in [:max_regions, :max_total_memory, :max_regions_per_process],
+    do: pos_or_infinity(value)
+
+  # Region headers keep the idle timeout in 64-bit nanoseconds.
+  defp check(:default_timeout, value) when is_integer(value) and value > @max_timeout_ms,
+    do: {:error, "at most #{@max_timeout_ms} ms (64-bit nanoseconds) or :infinity"}
+
+  defp check(:default_timeout, value), do: pos_or_infinity(value)
 
   defp check(key, value)
        when key in [:max_region_size, :cleanup_interval, :holder_scan_interval, :barrier_timeout],
@@ -149,6 +262,61 @@ defmodule Snakepit.SharedMemory.Config do
 
   defp check(:audit_log_level, value),
     do: one_of(value, [:debug, :info, :notice, :warning, :error, :critical, :alert, :emergency])
+
+  defp check(key, value) when key in [:enabled, :telemetry],
+    do: if(is_boolean(value), do: :ok, else: {:error, "true or false"})
+
+  defp check(:shm_path, nil), do: :ok
+
+  defp check(:shm_path, value) do
+    if is_binary(value) and String.starts_with?(value, "/") and not String.contains?(value, "\0"),
+      do: :ok,
+      else: {:error, "nil or an absolute directory path (a tmpfs mount), as a string"}
+  end
+
+  defp check(:health_check_interval, false), do: :ok
+
+  defp check(:health_check_interval, value),
+    do:
+      if(is_integer(value) and value > 0,
+        do: :ok,
+        else: {:error, "a positive integer (ms) or false"}
+      )
+
+  defp check(:health_thresholds, %{degraded: d, critical: c, hysteresis: h} = t)
+       when map_size(t) == 3 and is_number(d) and is_number(c) and is_number(h) and 0 < d and
+              d < c and c <= 100 and 0 <= h and h < d,
+       do: :ok
+
+  defp check(:health_thresholds, _value),
+    do:
+      {:error,
+       "%{degraded: percent, critical: percent, hysteresis: points} with " <>
+         "0 < degraded < critical <= 100 and 0 <= hysteresis < degraded"}
+
+  defp check(:host_quota, nil), do: :ok
+
+  defp check(:host_quota, value) do
+    if Snakepit.SharedMemory.HostQuota.Protocol.valid_name?(value),
+      do: :ok,
+      else: {:error, "nil or a quota name of 1-64 characters of [A-Za-z0-9_.:-]"}
+  end
+
+  defp check(:host_quota_limit, value) when is_nil(value) or (is_integer(value) and value >= 0),
+    do: :ok
+
+  defp check(:host_quota_limit, _), do: {:error, "nil or a non-negative integer"}
+
+  defp check(:host_quota_wait, value)
+       when value == :infinity or (is_integer(value) and value >= 0),
+       do: :ok
+
+  defp check(:host_quota_wait, _), do: {:error, "a non-negative integer or :infinity"}
+
+  defp check(:host_quota_dir, value) when is_nil(value) or (is_binary(value) and value != ""),
+    do: :ok
+
+  defp check(:host_quota_dir, _), do: {:error, "nil or a directory path"}
 
   defp check(_key, _value), do: {:error, :unknown}
 

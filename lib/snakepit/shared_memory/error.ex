@@ -11,7 +11,11 @@ defmodule Snakepit.SharedMemory.Error do
   `:memory_limit_exceeded`, `:region_limit_exceeded`, `:process_limit_exceeded`,
   `:invalid_metadata`, `:metadata_too_large`, `:not_found`, `:permission_denied`,
   `:closed`, `:not_sealed`, `:already_exists`, `:unsupported`, `:unavailable`,
-  `:invalid_json`. Reasons coming from the native core are the names of `spshm::Errc`
+  `:invalid_json`, `:disabled`, `:size_mismatch` (open_only of a region of another size),
+  `:already_adopted` (`adopt_region/2`), `:deallocated` (a mapping whose region was
+  freed, with `details.freed_because`); of the cluster (`locate/1`, `fetch/2`):
+  `:nodedown`, `:timeout`, `:corrupt`, `:tampered`; `:quota_exceeded` and
+  `:unknown_quota` (host quotas, `Snakepit.SharedMemory.HostQuota`). Reasons coming from the native core are the names of `spshm::Errc`
   (`c_src/core/error.hpp`): `:not_found`, `:no_space`, `:corrupt`, `:sealed`, `:busy`,
   `:expired`, `:deallocated`, `:out_of_bounds`, `:tampered`, `:mlock_failed`, ...
 
@@ -41,6 +45,16 @@ defmodule Snakepit.SharedMemory.Error do
     expired: "the region outlived its idle :timeout; allocate it with a longer :timeout"
   }
 
+  # The core's mlock message already says how to raise RLIMIT_MEMLOCK: then only the
+  # Elixir-side way out is added, so the advice is not given twice.
+  defp advice(:mlock_failed, message) do
+    if message =~ "RLIMIT_MEMLOCK",
+      do: "security_level :maximum locks the region in RAM; security_level: :high does not",
+      else: @native_advice.mlock_failed
+  end
+
+  defp advice(reason, _message), do: Map.get(@native_advice, reason)
+
   @doc "Builds an error. `details` defaults to an empty map."
   @spec new(atom(), String.t(), map()) :: t()
   def new(reason, message, details \\ %{})
@@ -62,9 +76,9 @@ defmodule Snakepit.SharedMemory.Error do
   def from_native({reason, message, errno}, details)
       when is_atom(reason) and is_binary(message) and is_integer(errno) do
     message =
-      case Map.fetch(@native_advice, reason) do
-        {:ok, advice} -> message <> " (" <> advice <> ")"
-        :error -> message
+      case advice(reason, message) do
+        nil -> message
+        advice -> message <> " (" <> advice <> ")"
       end
 
     new(reason, message, Map.put(details, :errno, errno))

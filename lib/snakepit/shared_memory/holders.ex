@@ -27,7 +27,7 @@ defmodule Snakepit.SharedMemory.Holders do
 
   @type holder :: {pos_integer(), non_neg_integer()}
   @type t :: %__MODULE__{
-          generations: %{String.t() => non_neg_integer()},
+          generations: %{(String.t() | {:board, String.t()}) => non_neg_integer()},
           watches: %{holder() => {reference(), reference()}},
           refs: %{reference() => holder()},
           retry: MapSet.t(holder()),
@@ -63,7 +63,12 @@ defmodule Snakepit.SharedMemory.Holders do
         {{id, generation}, acc}
       end)
 
-    generations = Map.new(pairs)
+    # Status boards: OS processes that joined one (they hold a slot, not the region)
+    # get the same pidfd watch; their death frees their slots (release_everywhere/1).
+    {board_pairs, state} =
+      Snakepit.SharedMemory.StatusBoard.watch_joiners(state.generations, state, &watch/2)
+
+    generations = Map.new(pairs ++ board_pairs)
     rearm(%{state | generations: generations})
   end
 
@@ -143,7 +148,7 @@ defmodule Snakepit.SharedMemory.Holders do
   # The slots of a dead process are those whose lock is gone: reaped by the kernel's
   # word, not by its pid (which may be reused, or name another process in another PID
   # namespace).
-  defp release_everywhere({os_pid, _start}) do
+  defp release_everywhere({os_pid, start}) do
     rows =
       :ets.select(Registry.regions_table(), [
         {region(id: :"$1", ref: :"$2", _: :_), [], [{{:"$1", :"$2"}}]}
@@ -155,6 +160,8 @@ defmodule Snakepit.SharedMemory.Holders do
           do: {id, n}
 
     total = released |> Enum.map(&elem(&1, 1)) |> Enum.sum()
+    # Status board slots it still held are freed too (it cannot leave() any more).
+    _ = Snakepit.SharedMemory.StatusBoard.reclaim_os_process(os_pid, start)
 
     if total > 0 do
       Stats.event(:os_holders_released, %{count: total}, %{os_pid: os_pid})

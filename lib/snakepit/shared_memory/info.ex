@@ -12,6 +12,7 @@ defmodule Snakepit.SharedMemory.Info do
 
   @type t :: %{
           id: String.t(),
+          node: node(),
           size: pos_integer(),
           backend: atom(),
           name: String.t() | nil,
@@ -64,6 +65,8 @@ defmodule Snakepit.SharedMemory.Info do
 
     %{
       id: region(record, :id),
+      # The node that holds the region (its manager's node): what locate/1 answers.
+      node: node(),
       size: region(record, :size),
       backend: region(record, :backend),
       name: region(record, :name),
@@ -80,7 +83,7 @@ defmodule Snakepit.SharedMemory.Info do
       access_mode: region(record, :access_mode),
       allowed_processes: region(record, :allowed),
       metadata: region(record, :metadata),
-      sealed: :counters.get(counters, 2) == 1,
+      sealed: :counters.get(counters, 2) >= 1,
       encrypted: Security.level_flags(level).encrypted,
       adopted: region(record, :adopted),
       # More holds than BEAM mappings: other OS processes hold it; read who.
@@ -180,7 +183,7 @@ defmodule Snakepit.SharedMemory.Info do
       {:cleanup_policy, policy} -> region(record, :cleanup_policy) == policy
       {:older_than, ms} -> now - region(record, :created_at) > ms
       {:name, name} -> region(record, :name) == name
-      {:sealed, sealed} -> :counters.get(region(record, :counters), 2) == 1 == sealed
+      {:sealed, sealed} -> :counters.get(region(record, :counters), 2) >= 1 == sealed
     end)
   end
 end

@@ -11,7 +11,8 @@ defmodule Snakepit.SharedMemory.JSON do
   Anything else (tuples, pids, invalid UTF-8, ...) is an error, never a silent guess.
 
   Decoding: objects become maps with string keys, arrays lists, numbers integers or
-  floats, `null` `nil`. Nesting deeper than #{512} levels is refused.
+  floats, `null` `nil`. Nesting deeper than #{512} levels, numbers of more than 1024
+  characters and numbers beyond a double are refused.
   """
 
   import Bitwise, only: [<<<: 2]
@@ -258,8 +259,15 @@ defmodule Snakepit.SharedMemory.JSON do
 
   @number ~r/\A-?(?:0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?/
 
+  # :erlang.binary_to_integer/1 takes time quadratic in the digits without yielding:
+  # longer numbers are refused before they can stall a scheduler.
+  @max_number_chars 1024
+
   defp number(input, original) do
     case Regex.run(@number, input, capture: :all) do
+      [text | _parts] when byte_size(text) > @max_number_chars ->
+        syntax_error(original, input, "number of more than #{@max_number_chars} digits")
+
       [text | parts] ->
         rest = binary_part(input, byte_size(text), byte_size(input) - byte_size(text))
         {parse_number(text, parts), rest}
@@ -279,7 +287,15 @@ defmodule Snakepit.SharedMemory.JSON do
           do: String.replace(text, ~r/[eE]/, ".0e", global: false),
           else: text
 
-      String.to_float(normalized)
+      try do
+        String.to_float(normalized)
+      rescue
+        ArgumentError ->
+          throw(
+            {:json_decode,
+             "invalid JSON: number #{String.slice(text, 0, 40)} is out of range (beyond a double)"}
+          )
+      end
     end
   end
 

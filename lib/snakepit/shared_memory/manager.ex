@@ -206,7 +206,9 @@ defmodule Snakepit.SharedMemory.Manager do
           pendings =
             for {pid, journal} <- dead, p = Cleanup.repair(journal), p != nil, do: {pid, p}
 
-          Quota.recount(Registry.all())
+          records = Registry.all()
+          Quota.recount(records)
+          Snakepit.SharedMemory.HostQuota.Regions.recount(records)
           pendings
         end)
 

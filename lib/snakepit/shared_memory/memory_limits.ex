@@ -1,29 +1,25 @@
 defmodule Snakepit.SharedMemory.MemoryLimits do
   @moduledoc """
-  How much memory this VM may still use: the host's (`/proc/meminfo`) and its memory
-  cgroup's (a container's limit), read from the files the kernel publishes.
+  How much memory this VM may still use: the host's (`/proc/meminfo`) and that of the
+  memory cgroup it runs in (a container's limit).
 
-  In a container the host's `MemAvailable` says nothing about the limit that matters:
-  a 512 MiB allocation inside a 256 MiB memory cgroup passes a host-wide check and then
-  gets the VM OOM-killed. Shared memory (POSIX segments in `/dev/shm` and memfds alike)
-  is charged to the cgroup of the process that allocates it, so the allocation guard
-  (`check/1`, called by the allocator) refuses what would not fit in the cgroup's
-  headroom.
+    * cgroup v2: `memory.max` and `memory.current` of the VM's cgroup (from
+      `/proc/self/cgroup`, line `0::/path`) or of the ancestor with the tightest limit;
+    * cgroup v1: `memory.limit_in_bytes` and `memory.usage_in_bytes` of the `memory`
+      hierarchy (a v1 "no limit" of about 2^63 reads as `:infinity`).
 
-  Cgroups:
+  Mount points come from `/proc/self/mountinfo` (normally `/sys/fs/cgroup` for v2 and
+  `/sys/fs/cgroup/memory` for v1). Only files are read: no process, no NIF, a few
+  hundred microseconds.
 
-    * v2 (unified): the `0::<path>` line of `/proc/self/cgroup`, files `memory.max`
-      (`max` = no limit) and `memory.current` under `/sys/fs/cgroup<path>` (or
-      `/sys/fs/cgroup/unified<path>` on hybrid hosts);
-    * v1: the line naming the `memory` controller, files `memory.limit_in_bytes` (a
-      value near 2^63 means no limit) and `memory.usage_in_bytes` under
-      `/sys/fs/cgroup/memory<path>`.
-
-  The limit in force is the smallest of the group's and its ancestors'. Inside a cgroup
-  namespace (most containers) the path is `/` and the files are at the mount's root;
-  when the path does not exist under the mount (a container that sees the host's path
-  but mounts its own group), the mount's root is used.
+  Shared memory (POSIX segments and memfds alike) is charged to the cgroup of the process
+  that allocates it, and in a container the host's `MemAvailable` says nothing about the
+  limit that matters: a 512 MiB allocation inside a 256 MiB memory cgroup passes a
+  host-wide check and then gets the VM OOM-killed. So the allocation guard (`check/1`,
+  called by the allocator) refuses what would not fit in the cgroup's headroom.
   """
+
+  import Bitwise
 
   @type cgroup :: %{
           version: 1 | 2,
@@ -31,24 +27,25 @@ defmodule Snakepit.SharedMemory.MemoryLimits do
           max: non_neg_integer() | :infinity,
           current: non_neg_integer()
         }
-  @type t :: %{
+  @type snapshot :: %{
           host: %{total: non_neg_integer(), available: non_neg_integer()},
-          cgroup: cgroup() | nil
+          cgroup: nil | cgroup()
         }
 
-  # v1 reports "no limit" as the largest page-aligned signed 64-bit value.
-  @v1_unlimited 0x7FFF_FFFF_FFFF_0000
   # Allocations below this size are not checked (each check reads a few small files).
   @check_threshold 1_048_576
 
-  @doc "The host's memory and this process's memory cgroup (nil if it has none)."
-  @spec snapshot() :: t()
+  # v1 reports "unlimited" as PAGE_COUNTER_MAX pages: anything this large is no limit.
+  @unlimited 1 <<< 62
+
+  @doc "The host's memory and the VM's memory cgroup (nil when there is none or no limit file)."
+  @spec snapshot() :: snapshot()
   def snapshot, do: %{host: host(), cgroup: cgroup()}
 
   @doc """
-  `:ok` if `size` more bytes fit in the memory cgroup's headroom (limit minus usage),
-  else `{:error, message}`. Sizes under 1 MiB, and processes without a limited memory
-  cgroup, always pass.
+  `:ok` if `size` more bytes fit in the memory cgroup's headroom (limit minus usage, of
+  the group or ancestor that leaves the least), else `{:error, message}`. Sizes under
+  1 MiB, and processes without a limited memory cgroup, always pass.
   """
   @spec check(non_neg_integer()) :: :ok | {:error, String.t()}
   def check(size) when size < @check_threshold, do: :ok
@@ -71,102 +68,95 @@ defmodule Snakepit.SharedMemory.MemoryLimits do
     end
   end
 
-  # ---- host ----
-
-  defp host do
+  @doc "MemTotal and MemAvailable of `/proc/meminfo`, in bytes (0 when unreadable)."
+  @spec host() :: %{total: non_neg_integer(), available: non_neg_integer()}
+  def host do
     case File.read("/proc/meminfo") do
-      {:ok, text} ->
-        %{total: meminfo(text, "MemTotal"), available: meminfo(text, "MemAvailable")}
-
-      {:error, _} ->
-        %{total: 0, available: 0}
+      {:ok, text} -> %{total: meminfo(text, "MemTotal"), available: meminfo(text, "MemAvailable")}
+      {:error, _} -> %{total: 0, available: 0}
     end
   end
 
   defp meminfo(text, key) do
-    case Regex.run(~r/^#{key}:\s+(\d+) kB/m, text) do
-      [_, kb] -> String.to_integer(kb) * 1024
+    case Regex.run(~r/^#{key}:\s+(\d+)/m, text) do
+      [_, kib] -> String.to_integer(kib) * 1024
       nil -> 0
     end
   end
 
-  # ---- cgroup ----
-
-  defp cgroup do
-    with {:ok, text} <- File.read("/proc/self/cgroup") do
-      lines = String.split(text, "\n", trim: true)
-      v2(lines) || v1(lines)
+  @doc """
+  The memory cgroup of `pid_dir` (default `/proc/self`): v1 if the `memory` controller
+  is mounted as a v1 hierarchy, else v2; nil if neither has a readable limit.
+  """
+  @spec cgroup(String.t()) :: cgroup() | nil
+  def cgroup(pid_dir \\ "/proc/self") do
+    with {:ok, lines} <- read_lines(Path.join(pid_dir, "cgroup")),
+         {:ok, mounts} <- read_lines(Path.join(pid_dir, "mountinfo")) do
+      v1(lines, mounts) || v2(lines, mounts)
     else
       _ -> nil
     end
   end
 
-  defp v2(lines) do
-    with "0::" <> path <- Enum.find(lines, &String.starts_with?(&1, "0::")),
-         mount when is_binary(mount) <-
-           Enum.find(["/sys/fs/cgroup", "/sys/fs/cgroup/unified"], &v2_memory?/1) do
-      dir = group_dir(mount, path)
-
-      %{
-        version: 2,
-        path: path,
-        max: limit(mount, dir, "memory.max"),
-        current: read_int(Path.join(dir, "memory.current")) || 0
-      }
-    else
-      _ -> nil
+  defp read_lines(path) do
+    case File.read(path) do
+      {:ok, text} -> {:ok, String.split(text, "\n", trim: true)}
+      error -> error
     end
   end
 
-  defp v2_memory?(mount) do
-    case File.read(Path.join(mount, "cgroup.controllers")) do
-      {:ok, controllers} -> "memory" in String.split(controllers)
-      _ -> false
-    end
-  end
-
-  defp v1(lines) do
-    mount = "/sys/fs/cgroup/memory"
-
-    with [_, path] <-
+  # "4:memory:/docker/abc" (or "4:cpu,memory:/x")
+  defp v1(lines, mounts) do
+    with path when is_binary(path) <-
            Enum.find_value(lines, fn line ->
              case String.split(line, ":", parts: 3) do
                [_, controllers, path] ->
-                 if "memory" in String.split(controllers, ","), do: [nil, path]
+                 if "memory" in String.split(controllers, ","), do: path
 
                _ ->
                  nil
              end
            end),
-         true <- File.exists?(Path.join(mount, "memory.usage_in_bytes")) do
-      dir = group_dir(mount, path)
+         {root, mount} <- mount_point(mounts, "cgroup", &("memory" in String.split(&1, ","))) do
+      dir = Path.join(mount, relative(path, root))
 
-      %{
-        version: 1,
-        path: path,
-        max: limit(mount, dir, "memory.limit_in_bytes"),
-        current: read_int(Path.join(dir, "memory.usage_in_bytes")) || 0
-      }
+      with {:ok, max} <- read_value(Path.join(dir, "memory.limit_in_bytes")),
+           {:ok, current} <- read_value(Path.join(dir, "memory.usage_in_bytes")) do
+        %{version: 1, path: dir, max: max, current: current}
+      else
+        _ -> nil
+      end
     else
       _ -> nil
     end
   end
 
-  defp group_dir(mount, path) do
-    dir = Path.join(mount, path)
-    if File.dir?(dir), do: dir, else: mount
-  end
+  # "0::/user.slice/..." ; the tightest memory.max from the cgroup up to the mount root.
+  defp v2(lines, mounts) do
+    with path when is_binary(path) <-
+           Enum.find_value(lines, fn line ->
+             case String.split(line, ":", parts: 3) do
+               ["0", "", path] -> path
+               _ -> nil
+             end
+           end),
+         {root, mount} <- mount_point(mounts, "cgroup2", fn _ -> true end) do
+      own = Path.join(mount, relative(path, root))
 
-  # The smallest limit of the group and its ancestors up to the mount.
-  defp limit(mount, dir, file) do
-    dir
-    |> ancestors(mount)
-    |> Enum.map(&read_limit(Path.join(&1, file)))
-    |> Enum.reduce(:infinity, fn
-      :infinity, acc -> acc
-      value, :infinity -> value
-      value, acc -> min(value, acc)
-    end)
+      own
+      |> ancestors(mount)
+      |> Enum.flat_map(fn dir ->
+        with {:ok, max} <- read_value(Path.join(dir, "memory.max")),
+             {:ok, current} <- read_value(Path.join(dir, "memory.current")) do
+          [%{version: 2, path: dir, max: max, current: current}]
+        else
+          _ -> []
+        end
+      end)
+      |> tightest()
+    else
+      _ -> nil
+    end
   end
 
   defp ancestors(dir, mount) do
@@ -175,28 +165,64 @@ defmodule Snakepit.SharedMemory.MemoryLimits do
       else: [dir | ancestors(Path.dirname(dir), mount)]
   end
 
-  defp read_limit(path) do
+  # The cgroup that leaves the least headroom (its own if no ancestor limits more).
+  defp tightest([]), do: nil
+
+  defp tightest([own | _] = all) do
+    limited = Enum.filter(all, &(&1.max != :infinity))
+
+    if limited == [],
+      do: own,
+      else: Enum.min_by(limited, &(&1.max - &1.current))
+  end
+
+  defp relative(path, "/"), do: String.trim_leading(path, "/")
+
+  defp relative(path, root) do
+    # Inside a cgroup namespace the path may already be relative to the mount's root.
+    if String.starts_with?(path, root),
+      do: path |> String.replace_prefix(root, "") |> String.trim_leading("/"),
+      else: String.trim_leading(path, "/")
+  end
+
+  # mountinfo: "id parent maj:min root mount_point opts - fstype source super_opts"
+  defp mount_point(mounts, fstype, super_ok?) do
+    Enum.find_value(mounts, fn line ->
+      case String.split(line, " - ", parts: 2) do
+        [left, right] ->
+          case {String.split(left, " "), String.split(right, " ")} do
+            {[_, _, _, root, mount | _], [^fstype, _source, super | _]} ->
+              if super_ok?.(super), do: {unescape(root), unescape(mount)}
+
+            _ ->
+              nil
+          end
+
+        _ ->
+          nil
+      end
+    end)
+  end
+
+  defp unescape(text), do: String.replace(text, "\\040", " ")
+
+  defp read_value(path) do
     case File.read(path) do
-      {:ok, "max" <> _} -> :infinity
-      {:ok, text} -> parse_limit(text)
-      _ -> :infinity
-    end
-  end
+      {:ok, text} ->
+        case String.trim(text) do
+          "max" ->
+            {:ok, :infinity}
 
-  defp parse_limit(text) do
-    case Integer.parse(String.trim(text)) do
-      {value, ""} when value >= @v1_unlimited -> :infinity
-      {value, ""} -> value
-      _ -> :infinity
-    end
-  end
+          digits ->
+            case Integer.parse(digits) do
+              {n, ""} when n >= @unlimited -> {:ok, :infinity}
+              {n, ""} -> {:ok, n}
+              _ -> :error
+            end
+        end
 
-  defp read_int(path) do
-    with {:ok, text} <- File.read(path),
-         {value, _} <- Integer.parse(String.trim(text)) do
-      value
-    else
-      _ -> nil
+      {:error, _} ->
+        :error
     end
   end
 end

@@ -62,7 +62,7 @@ defmodule Snakepit.SharedMemory.Native do
           required(:idle_timeout_ms) => non_neg_integer()
         }
   # %{id, backend, size, capacity, control_path, data_path, data_offset, role :: :created | :opened,
-  #   encrypted, sealed, os_pid}
+  #   encrypted, sealed, os_pid, zero_copy} (zero_copy: the kernel enforces the seal)
   @type region_info :: map()
 
   def load_nif do
@@ -130,7 +130,7 @@ defmodule Snakepit.SharedMemory.Native do
           {:ok, binary()} | nif_error()
   def read_dirty(_mapping, _offset, _length), do: :erlang.nif_error(:not_loaded)
 
-  @doc "Zero-copy read of a sealed, unencrypted region: the binary keeps the mapping alive."
+  @doc "Zero-copy read of a kernel-sealed (memfd), unencrypted region: the binary keeps the mapping alive."
   @spec read_zero_copy(mapping(), non_neg_integer(), non_neg_integer()) ::
           {:ok, binary()} | nif_error()
   def read_zero_copy(_mapping, _offset, _length), do: :erlang.nif_error(:not_loaded)
@@ -156,6 +156,10 @@ defmodule Snakepit.SharedMemory.Native do
   @doc "Sets the idle timeout in the header (0: never expires)."
   @spec set_idle_timeout(region(), non_neg_integer()) :: :ok | nif_error()
   def set_idle_timeout(_region, _ms), do: :erlang.nif_error(:not_loaded)
+
+  @doc "Sets the adopted state bit (adopt_region/2); busy if another VM adopted it first."
+  @spec mark_adopted(region()) :: :ok | nif_error()
+  def mark_adopted(_region), do: :erlang.nif_error(:not_loaded)
 
   @doc "The key of an encrypted region (only for export_ref with include_key: true)."
   @spec export_key(region()) :: {:ok, binary()} | nif_error()
@@ -219,4 +223,161 @@ defmodule Snakepit.SharedMemory.Native do
   @doc "%{os_pid, start_time, boot_id} of this VM."
   @spec self_info() :: map()
   def self_info, do: :erlang.nif_error(:not_loaded)
+
+  # ---- shm_path and filesystem space (c_src/nif/nif_health.cpp) ----
+
+  @doc """
+  Moves the POSIX segments of this VM (create, open, unlink, list, paths in refs) to
+  `dir`, an existing absolute directory (normally a tmpfs). :unsupported off Linux.
+  """
+  @spec set_shm_dir(binary()) :: :ok | nif_error()
+  def set_shm_dir(_dir), do: :erlang.nif_error(:not_loaded)
+
+  @doc "The directory of POSIX segments (\"/dev/shm\" unless moved), nil where they are no files."
+  @spec shm_dir() :: binary() | nil
+  def shm_dir, do: :erlang.nif_error(:not_loaded)
+
+  @doc "statvfs of `path`: bytes total, free, available to users, and whether it is a tmpfs."
+  @spec fs_stat(binary()) ::
+          {:ok,
+           %{
+             total: non_neg_integer(),
+             free: non_neg_integer(),
+             available: non_neg_integer(),
+             tmpfs: boolean()
+           }}
+          | nif_error()
+  def fs_stat(_path), do: :erlang.nif_error(:not_loaded)
+
+  # ---- status board (c_src/nif/nif_board.cpp); used by Snakepit.SharedMemory.StatusBoard ----
+
+  @type board :: reference()
+  @type board_slot :: reference()
+
+  @doc "The board layout (c_src/core/board.hpp) as JSON."
+  @spec board_layout() :: binary()
+  def board_layout, do: :erlang.nif_error(:not_loaded)
+
+  @doc "Writes a fresh board header (capacity, stale_after ms, gauge names) into a region."
+  @spec board_init(region(), pos_integer(), pos_integer(), [binary()]) :: :ok | nif_error()
+  def board_init(_region, _capacity, _stale_after_ms, _gauges),
+    do: :erlang.nif_error(:not_loaded)
+
+  @doc "Validates the board in a region's data area and returns a handle to read/join it."
+  @spec board_open(region()) :: {:ok, board()} | nif_error()
+  def board_open(_region), do: :erlang.nif_error(:not_loaded)
+
+  @doc "%{capacity, stale_after_ms, gauge_names, generation, writable}."
+  @spec board_info(board()) :: map()
+  def board_info(_board), do: :erlang.nif_error(:not_loaded)
+
+  @doc "Claims a slot for the calling process (freed when it dies): {:ok, slot, index}."
+  @spec board_join(board(), binary(), non_neg_integer(), non_neg_integer()) ::
+          {:ok, board_slot(), non_neg_integer()}
+          | {:full, pos_integer()}
+          | nif_error()
+  def board_join(_board, _worker_id, _os_pid, _start_time), do: :erlang.nif_error(:not_loaded)
+
+  @doc "Publishes {state, queue, in_flight, memory, processed, errors, g0, g1, g2, g3} (nil keeps)."
+  @spec board_update(board_slot(), tuple()) :: :ok | nif_error()
+  def board_update(_slot, _values), do: :erlang.nif_error(:not_loaded)
+
+  @spec board_leave(board_slot()) :: :ok | nif_error()
+  def board_leave(_slot), do: :erlang.nif_error(:not_loaded)
+
+  @doc "{now_ns, [unreadable slot index], [entry tuple]} of every live slot."
+  @spec board_entries(board()) ::
+          {non_neg_integer(), [non_neg_integer()], [tuple()]} | nif_error()
+  def board_entries(_board), do: :erlang.nif_error(:not_loaded)
+
+  @spec board_entries_dirty(board()) ::
+          {non_neg_integer(), [non_neg_integer()], [tuple()]} | nif_error()
+  def board_entries_dirty(_board), do: :erlang.nif_error(:not_loaded)
+
+  @doc "{:ok, worker_id} or {:none, candidates, unreadable}; ties round-robin per handle."
+  @spec board_least_loaded(board(), [binary()]) ::
+          {:ok, binary()} | {:none, non_neg_integer(), non_neg_integer()} | nif_error()
+  def board_least_loaded(_board, _exclude), do: :erlang.nif_error(:not_loaded)
+
+  @doc "Frees the board slots of a dead OS process (0 if the region is not a board)."
+  @spec board_reclaim(region(), non_neg_integer(), non_neg_integer()) :: non_neg_integer()
+  def board_reclaim(_region, _os_pid, _start_time), do: :erlang.nif_error(:not_loaded)
+
+  @doc """
+  {generation, [{os_pid, start_time}] | nil} of the board in a region (nil owners when
+  the generation is still `known`), or nil if the region holds no board.
+  """
+  @spec board_watch_info(region(), non_neg_integer()) ::
+          {non_neg_integer(), [{non_neg_integer(), non_neg_integer()}] | nil} | nil
+  def board_watch_info(_region, _known), do: :erlang.nif_error(:not_loaded)
+
+  @doc "CLOCK_MONOTONIC nanoseconds (the clock of the board's timestamps)."
+  @spec board_monotonic_ns() :: non_neg_integer()
+  def board_monotonic_ns, do: :erlang.nif_error(:not_loaded)
+
+  # ---- the message channel (c_src/nif/nif_channel.cpp; see Snakepit.SharedMemory.Channel) ----
+  # A channel resource owns the owner end of a channel. channel_select/1 arms enif_select
+  # for the calling process, which then receives {:select, ch, :undefined, :ready_input}.
+  # channel_send/2 takes a binary of at most inline_max bytes; larger messages go through
+  # channel_prepare_region/1 (dirty) and channel_send_region/2. Closed channels answer
+  # {:closed, reason}.
+
+  @type channel :: reference()
+
+  @spec channel_layout() :: binary()
+  def channel_layout, do: :erlang.nif_error(:not_loaded)
+
+  @spec channel_open(map()) :: {:ok, channel()} | nif_error()
+  def channel_open(_opts), do: :erlang.nif_error(:not_loaded)
+
+  @spec channel_info(channel()) :: map()
+  def channel_info(_ch), do: :erlang.nif_error(:not_loaded)
+
+  @spec channel_select(channel()) :: :ok | {:closed, atom()} | nif_error()
+  def channel_select(_ch), do: :erlang.nif_error(:not_loaded)
+
+  @spec channel_events(channel()) :: :listening | :connected | {:closed, atom()}
+  def channel_events(_ch), do: :erlang.nif_error(:not_loaded)
+
+  @spec channel_send(channel(), binary()) :: :ok | :would_block | {:closed, atom()} | nif_error()
+  def channel_send(_ch, _bin), do: :erlang.nif_error(:not_loaded)
+
+  @spec channel_prepare_region(binary()) :: {:ok, reference()} | nif_error()
+  def channel_prepare_region(_bin), do: :erlang.nif_error(:not_loaded)
+
+  @spec channel_send_region(channel(), reference()) ::
+          :ok | :would_block | {:closed, atom()} | nif_error()
+  def channel_send_region(_ch, _prepared), do: :erlang.nif_error(:not_loaded)
+
+  @spec channel_recv(channel(), pos_integer(), non_neg_integer()) ::
+          {:ok, [binary()]} | {:closed, atom(), [binary()]} | nif_error()
+  def channel_recv(_ch, _max_count, _max_bytes), do: :erlang.nif_error(:not_loaded)
+
+  @spec channel_prepare_wait(channel(), boolean(), boolean(), non_neg_integer()) :: boolean()
+  def channel_prepare_wait(_ch, _want_data, _want_space, _need),
+    do: :erlang.nif_error(:not_loaded)
+
+  @spec channel_flush(channel()) :: :ok
+  def channel_flush(_ch), do: :erlang.nif_error(:not_loaded)
+
+  @spec channel_close(channel()) :: :ok
+  def channel_close(_ch), do: :erlang.nif_error(:not_loaded)
+
+  @spec channel_monitor(channel(), pid()) :: :ok | nif_error()
+  def channel_monitor(_ch, _pid), do: :erlang.nif_error(:not_loaded)
+
+  @spec channel_stats(channel()) :: map()
+  def channel_stats(_ch), do: :erlang.nif_error(:not_loaded)
+
+  # Test probe of the ring (c_src/nif/nif_ring_probe.cpp), for the PropEr model.
+  @doc false
+  def ring_probe_new(_capacity, _ack_mode, _max_batch), do: :erlang.nif_error(:not_loaded)
+  @doc false
+  def ring_probe_write(_probe, _length, _seed), do: :erlang.nif_error(:not_loaded)
+  @doc false
+  def ring_probe_read(_probe), do: :erlang.nif_error(:not_loaded)
+  @doc false
+  def ring_probe_flush(_probe), do: :erlang.nif_error(:not_loaded)
+  @doc false
+  def ring_probe_indices(_probe), do: :erlang.nif_error(:not_loaded)
 end

@@ -5,9 +5,10 @@ defmodule Snakepit.SharedMemory.Options do
   `:invalid_option` error (never an exception) whose message names the option.
   """
 
-  alias Snakepit.SharedMemory.{Config, Error, JSON, Platform, Security}
+  alias Snakepit.SharedMemory.{Config, Dtype, Error, JSON, Platform, Security}
 
   @metadata_capacity 1792
+  @max_timeout_ms div(0xFFFFFFFFFFFFFFFF, 1_000_000)
   @name_pattern ~r/\A[a-z0-9_-]{1,21}\z/
 
   @allocate_keys [
@@ -29,8 +30,8 @@ defmodule Snakepit.SharedMemory.Options do
   def allocate(size, opts) do
     config = Config.get()
 
-    with :ok <- check_size(size, config),
-         {:ok, opts} <- to_map(opts, @allocate_keys),
+    with {:ok, opts} <- to_map(opts, @allocate_keys),
+         :ok <- check_size(size, config, opts),
          {:ok, perms} <- Security.normalize_permissions(Map.get(opts, :permissions, %{})),
          {:ok, timeout} <- timeout(Map.get(opts, :timeout, config.default_timeout)),
          {:ok, level} <- level(Map.get(opts, :security_level, config.security_level)),
@@ -38,6 +39,7 @@ defmodule Snakepit.SharedMemory.Options do
          {:ok, policy} <- policy(Map.get(opts, :cleanup_policy, config.default_cleanup_policy)),
          {:ok, allowed} <- allowed(Map.get(opts, :allowed_processes, [])),
          {:ok, metadata, json} <- metadata(Map.get(opts, :metadata, %{})),
+         :ok <- metadata_layout(metadata, size),
          {:ok, name, open_mode} <- name(Map.get(opts, :name), Map.get(opts, :open_mode)),
          {:ok, owner} <- owner(Map.get(opts, :owner, self())),
          {:ok, backend} <- backend(Map.get(opts, :backend, config.default_backend), name, perms) do
@@ -157,6 +159,21 @@ defmodule Snakepit.SharedMemory.Options do
   defp to_map(opts, _allowed),
     do: invalid("options must be a keyword list or a map, got: #{inspect(opts)}")
 
+  # size: :any opens a named region whatever its size (open_mode: :open_only only).
+  defp check_size(:any, _config, %{name: name, open_mode: :open_only}) when is_binary(name),
+    do: :ok
+
+  defp check_size(:any, _config, _opts),
+    do:
+      Error.error(
+        :invalid_size,
+        "size :any is only for opening an existing named region (name: ..., open_mode: " <>
+          ":open_only): give a size in bytes to create one",
+        %{size: :any}
+      )
+
+  defp check_size(size, config, _opts), do: check_size(size, config)
+
   defp check_size(size, config) when is_integer(size) and size > 0 do
     if size > config.max_region_size do
       Error.error(
@@ -180,7 +197,16 @@ defmodule Snakepit.SharedMemory.Options do
   end
 
   defp timeout(:infinity), do: {:ok, :infinity}
-  defp timeout(ms) when is_integer(ms) and ms > 0, do: {:ok, ms}
+
+  # The header keeps the idle timeout in 64-bit nanoseconds.
+  defp timeout(ms) when is_integer(ms) and ms > 0 and ms <= @max_timeout_ms, do: {:ok, ms}
+
+  defp timeout(ms) when is_integer(ms) and ms > 0,
+    do:
+      invalid(
+        ":timeout must be at most #{@max_timeout_ms} ms (64-bit nanoseconds, about 584 " <>
+          "years) or :infinity, got: #{ms}"
+      )
 
   defp timeout(other),
     do:
@@ -243,6 +269,30 @@ defmodule Snakepit.SharedMemory.Options do
 
   defp metadata(other),
     do: Error.error(:invalid_metadata, ":metadata must be a map, got: #{inspect(other)}")
+
+  defp format_ok(format)
+       when format in [nil, "numpy", "arrow", "raw", :numpy, :arrow, :raw],
+       do: nil
+
+  defp format_ok(format),
+    do:
+      Error.error(
+        :invalid_metadata,
+        ":metadata: format must be \"numpy\", \"arrow\" or \"raw\", got: #{inspect(format)}"
+      )
+
+  # The dtype and shape a worker will read the region with (Region.ndarray()).
+  defp metadata_layout(metadata, size) do
+    dtype = Map.get(metadata, "dtype", Map.get(metadata, :dtype))
+    shape = Map.get(metadata, "shape", Map.get(metadata, :shape))
+
+    format = Map.get(metadata, "format", Map.get(metadata, :format))
+
+    case format_ok(format) || Dtype.check_layout(dtype, shape, size, ":metadata") do
+      :ok -> :ok
+      {:error, error} -> {:error, %{error | reason: :invalid_metadata}}
+    end
+  end
 
   defp name(nil, nil), do: {:ok, nil, :create}
 

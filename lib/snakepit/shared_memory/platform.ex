@@ -65,6 +65,85 @@ defmodule Snakepit.SharedMemory.Platform do
   end
 
   @doc """
+  Points the native layer at the configured directory of POSIX segments
+  (`config :snakepit_shm, shm_path:`), on platforms whose segments are files (Linux).
+  The application calls it at start, the offline tools before they scan. Returns an
+  error message naming the setting if the directory cannot be used.
+  """
+  @spec apply_shm_path(module(), String.t() | nil) :: :ok | {:error, String.t()}
+  def apply_shm_path(platform \\ current(), shm_path) do
+    cond do
+      platform.shm_dir() == nil and shm_path != nil ->
+        {:error,
+         "config :snakepit_shm, shm_path: #{inspect(shm_path)}: #{platform.name()} POSIX " <>
+           "shared memory is not a directory of files; remove the setting"}
+
+      platform.shm_dir() == nil ->
+        :ok
+
+      true ->
+        dir = shm_path || "/dev/shm"
+
+        case Snakepit.SharedMemory.Native.set_shm_dir(dir) do
+          :ok ->
+            :ok
+
+          {:error, {_reason, message, _errno}} ->
+            {:error,
+             "invalid configuration: config :snakepit_shm, shm_path: #{inspect(dir)}: " <>
+               message <>
+               " (create the directory, e.g. mount a tmpfs there: " <>
+               "mount -t tmpfs -o size=2g,mode=1777 tmpfs #{dir})"}
+        end
+    end
+  end
+
+  @doc """
+  Logs a warning if the configured `shm_path` is not a tmpfs (it works, but its pages are
+  written back to disk), and one if other users may write it without the sticky bit
+  (they could delete or rename our segments; `/dev/shm` is mode 1777). The application
+  calls it once at start.
+  """
+  @spec warn_unless_tmpfs(String.t() | nil) :: :ok
+  def warn_unless_tmpfs(nil), do: :ok
+
+  def warn_unless_tmpfs(dir) do
+    warn_if_others_may_remove(dir)
+
+    case Snakepit.SharedMemory.Native.fs_stat(dir) do
+      {:ok, %{tmpfs: false}} ->
+        require Logger
+
+        Logger.warning(
+          "snakepit_shm: shm_path #{dir} is not a tmpfs: POSIX regions there are backed by " <>
+            "disk and written back; mount a tmpfs there (mount -t tmpfs -o size=2g tmpfs #{dir})"
+        )
+
+      _ ->
+        :ok
+    end
+  end
+
+  defp warn_if_others_may_remove(dir) do
+    import Bitwise
+
+    case File.stat(dir) do
+      {:ok, %{mode: mode}} when (mode &&& 0o022) != 0 and (mode &&& 0o1000) == 0 ->
+        require Logger
+
+        Logger.warning(
+          "snakepit_shm: shm_path #{dir} is writable by other users without the sticky " <>
+            "bit (mode #{Integer.to_string(mode &&& 0o7777, 8)}): any of them can delete or " <>
+            "rename the segments of this VM; chmod +t #{dir} (as /dev/shm, mode 1777) or " <>
+            "use a directory only this user can write"
+        )
+
+      _ ->
+        :ok
+    end
+  end
+
+  @doc """
   Resolves a requested backend (`:auto` or a concrete one) for a region that does or
   does not `need_name?` (a well-known name or group/other permissions).
   """

@@ -81,6 +81,7 @@ defmodule Snakepit.SharedMemory.Stats do
     :holder_table_full,
     :mlock_failed,
     :io_error,
+    :disabled,
     :other
   ]
 
@@ -179,6 +180,23 @@ defmodule Snakepit.SharedMemory.Stats do
   @spec count(atom(), integer()) :: :ok
   def count(event, by \\ 1), do: :counters.add(ref(), Map.fetch!(@event_index, event), by)
 
+  @doc "The current values of some event counters (no histogram is read)."
+  @spec events([atom()]) :: %{atom() => integer()}
+  def events(names) do
+    counters = ref()
+    Map.new(names, &{&1, :counters.get(counters, Map.fetch!(@event_index, &1))})
+  end
+
+  @doc "The current failure counts of some error reasons (unknown reasons count as `:other`)."
+  @spec errors([atom()]) :: %{atom() => integer()}
+  def errors(reasons) do
+    counters = ref()
+
+    Map.new(reasons, fn reason ->
+      {reason, :counters.get(counters, Map.get(@reason_index, reason, @reason_index.other))}
+    end)
+  end
+
   @doc """
   Counts `event` and emits `[:snakepit_shm, :region, event]` (or `[:snakepit_shm,
   :cleanup, event]` for `:orphans` and `:leaked`). The counter grows by
@@ -194,7 +212,9 @@ defmodule Snakepit.SharedMemory.Stats do
   @doc "Emits a telemetry event if `:telemetry` is loaded; otherwise does nothing."
   @spec telemetry([atom()], map(), map()) :: :ok
   def telemetry(name, measurements, metadata) do
-    if :erlang.function_exported(:telemetry, :execute, 3) do
+    # config :snakepit_shm, telemetry: false (Snakepit's telemetry_enabled: false) silences it.
+    if :erlang.function_exported(:telemetry, :execute, 3) and
+         Snakepit.SharedMemory.Config.get(:telemetry) do
       apply(:telemetry, :execute, [name, measurements, metadata])
     end
 

@@ -7,8 +7,9 @@ The Elixir side allocates a region, writes into it, and hands the worker a small
 
     with snakepit_shm.attach(ref) as region:          # ref: dict, JSON string or id
         weights = region.ndarray()                     # zero-copy, dtype/shape from ref
-        total = weights.sum()
-        del weights                                    # views must go before close()
+        total = float(weights.sum())
+    # Leaving the block with `weights` still alive is fine: the mapping and the hold
+    # last until the last view of the region is gone (close(strict=True) refuses).
 
 Attaching registers this process as a holder in the region's header, so the manager
 knows the region is in use; the manager also releases the hold if the worker dies,
@@ -17,24 +18,55 @@ the project's C library ``libsnakepit_shm.so`` for the atomic holder-table updat
 decryption.  Linux only (POSIX shm and memfd backends).
 """
 
-from ._attach import attach, inspect
-from .errors import (CorruptRegion, LibraryNotFound, PermissionError, RegionExpired,
-                     RegionNotFound, SnakepitShmError, UnheldAttachWarning,
+from ._attach import attach, attach_async, inspect
+from ._outputs import allocate, discard, from_array, pending_outputs
+from ._resolve import resolve, to_zero_copy_ref
+from .channel import Channel, ChannelClosed, ChannelProtocolError, WouldBlock
+from .errors import (CorruptRegion, ForeignHostRegion, LibraryNotFound,
+                     OrphanedRegionWarning, PermissionError, RegionDeallocated,
+                     RegionExpired, RegionNotFound, SnakepitShmError, UnheldAttachWarning,
                      ViewsStillAlive)
+from .errors import RegionBusy
+from .quota import (HostQuota, QuotaError, QuotaExceeded, QuotaUnavailable, Reservation,
+                    UnknownQuota)
 from .region import Region
+from .board import BoardFull, StatusBoard
 
 __version__ = "0.1.0"
 
 __all__ = [
     "attach",
+    "attach_async",
+    "allocate",
+    "from_array",
+    "discard",
+    "pending_outputs",
+    "resolve",
+    "to_zero_copy_ref",
     "inspect",
     "Region",
+    "StatusBoard",
+    "BoardFull",
     "SnakepitShmError",
     "RegionNotFound",
+    "ForeignHostRegion",
     "CorruptRegion",
     "RegionExpired",
+    "RegionDeallocated",
+    "RegionBusy",
     "PermissionError",
     "ViewsStillAlive",
     "LibraryNotFound",
     "UnheldAttachWarning",
+    "OrphanedRegionWarning",
+    "HostQuota",
+    "Reservation",
+    "QuotaError",
+    "QuotaExceeded",
+    "UnknownQuota",
+    "QuotaUnavailable",
+    "Channel",
+    "ChannelClosed",
+    "ChannelProtocolError",
+    "WouldBlock",
 ]

@@ -12,7 +12,8 @@ from . import _header
 from . import _locate
 from . import _native
 from . import _proc
-from .region import Attachment, Region, expiry_problem, state_bits, touch
+from .region import (Attachment, Region, creator_alive, expiry_problem, state_bits,
+                     touch)
 
 _SECURITY_LEVELS = {0: "standard", 1: "high", 2: "maximum"}
 
@@ -21,7 +22,8 @@ def attach(ref_or_region_id, mode="r"):
     """Attach a region and register this process as one of its holders.
 
     ``ref_or_region_id`` is the map returned by Elixir's ``export_ref/2`` (a dict, or
-    that map as a JSON string) or a bare region id.  ``mode`` is "r" (read-only data)
+    that map as a JSON string), that map wrapped in a Snakepit ``ZeroCopyRef`` marker
+    (``to_zero_copy_ref/1``), or a bare region id.  ``mode`` is "r" (read-only data)
     or "rw".  Returns a :class:`Region`; use it as a context manager or call close().
 
     Raises RegionNotFound, CorruptRegion, RegionExpired or PermissionError (all
@@ -52,7 +54,10 @@ def attach(ref_or_region_id, mode="r"):
             mmap.ACCESS_WRITE if header_writable else mmap.ACCESS_READ))
         # The attachment keeps the control descriptor open: its locks (liveness, holder
         # slot) live as long as this open file description, and die with the process.
-        attachment = Attachment(header_mm, library, header_writable, os.dup(control_fd))
+        # Encrypted: one more descriptor of the control object for the data lock.
+        own_fd = os.dup(control_fd)
+        lock_fd = os.dup(control_fd) if header.encrypted else None
+        attachment = Attachment(header_mm, library, header_writable, own_fd, lock_fd)
         on_error.callback(attachment.close_quietly)
         # Hold first, then look at the state bits: seal() sets the sealed bit before
         # it looks for writable holders, so either it sees this hold or we see the bit.
@@ -66,6 +71,7 @@ def attach(ref_or_region_id, mode="r"):
                 "allocated on the Elixir side while this worker uses it, or use the "
                 "memfd backend."), stacklevel=2)
         _check_state(location.region_id, header_mm, mode)
+        _warn_if_orphaned(header, header_mm)
 
         data_mm, view_offset = _map_data(location.region_id, data_fd, header, mode)
         on_error.callback(data_mm.close)
@@ -75,6 +81,14 @@ def attach(ref_or_region_id, mode="r"):
             touch(header_mm)
         on_error.pop_all()
         return region
+
+
+async def attach_async(ref_or_region_id, mode="r"):
+    """:func:`attach` in the event loop's default executor (finding a memfd region by
+    bare id scans /proc, and the first load of the C library reads a file)."""
+    import asyncio
+    return await asyncio.get_running_loop().run_in_executor(None, attach,
+                                                            ref_or_region_id, mode)
 
 
 def inspect(ref_or_region_id):
@@ -216,6 +230,17 @@ def _deallocated_error(region_id):
     return errors.RegionNotFound(
         f"region {region_id} was deallocated: its data is gone or being zeroed. Ask the "
         "Elixir side for a fresh region.")
+
+
+def _warn_if_orphaned(header, header_mm):
+    """Warn when the creator VM is gone (and no VM adopted the region)."""
+    if state_bits(header_mm) & F.STATE_ADOPTED or creator_alive(header):
+        return
+    warnings.warn(errors.OrphanedRegionWarning(
+        f"region {header.region_id} is an orphan: the process that created it "
+        f"(OS pid {header.creator_pid}) is no longer running, so nobody will read what "
+        "this worker writes into it and the next orphan sweep frees it. Finish "
+        "quickly, or ask a live VM for a fresh region."), stacklevel=3)
 
 
 def _check_state(region_id, header_mm, mode):

@@ -76,12 +76,20 @@ CIPHER_XCHACHA20POLY1305_CHUNKS = 1
 FLAG_ENCRYPTED = 1 << 0
 FLAG_NAMED = 1 << 1
 FLAG_SPLIT_DATA = 1 << 2
-FLAG_LIVENESS_LOCKS = 1 << 3  # every user holds the liveness lock (byte 0)
-KNOWN_FLAGS = FLAG_ENCRYPTED | FLAG_NAMED | FLAG_SPLIT_DATA | FLAG_LIVENESS_LOCKS
+FLAG_WORKER_OUTPUT = 1 << 3  # made by snakepit_shm.allocate: adoptable by a VM
+FLAG_LIVENESS_LOCKS = 1 << 4  # every user holds the liveness lock (byte 0)
+KNOWN_FLAGS = (FLAG_ENCRYPTED | FLAG_NAMED | FLAG_SPLIT_DATA | FLAG_WORKER_OUTPUT
+               | FLAG_LIVENESS_LOCKS)
 
 # Mutable state bits (the ``state`` field).
 STATE_SEALED = 1 << 0
 STATE_DEALLOCATED = 1 << 1
+STATE_SEALING = 1 << 2  # a seal is being committed: writers refuse (not yet sealed)
+STATE_ADOPTED = 1 << 3  # a VM took over a worker-created region
+
+# Byte of the control object whose open file description lock (F_OFD_SETLK) serialises
+# the data of an encrypted region across processes: writers exclusive, readers shared.
+DATA_LOCK_BYTE = 1
 
 # Holder slot states.
 SLOT_FREE = 0

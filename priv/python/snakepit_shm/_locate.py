@@ -19,6 +19,9 @@ from . import errors
 from . import _format
 
 SHM_DIR = "/dev/shm"
+# The VM's config :snakepit_shm, shm_path (POSIX segments moved to another tmpfs):
+# workers that attach by bare region id need it; refs carry full paths anyway.
+SHM_PATH_ENV = "SNAKEPIT_SHM_PATH"
 NAMED_PREFIX = "spshm_n_"
 _RANDOM_ID = re.compile(r"spshm_[a-z2-7]{20}")
 _NAMED_ID = re.compile(r"spshm_n_[a-z0-9_-]{1,21}")
@@ -44,6 +47,24 @@ class Location:
 
 class OpenDenied(errors.PermissionError):
     """The OS refused to open an object with the requested access (EACCES/EPERM)."""
+
+
+def shm_dir():
+    """The directory of POSIX segments: $SNAKEPIT_SHM_PATH, else /dev/shm."""
+    value = os.environ.get(SHM_PATH_ENV)
+    if not value:
+        return SHM_DIR
+    if not os.path.isabs(value) or "\0" in value:
+        raise ValueError(
+            f"{SHM_PATH_ENV}={value!r} is not an absolute directory path: set it to the "
+            "VM's config :snakepit_shm, shm_path (for example /run/snakepit_shm)")
+    return os.path.normpath(value)
+
+
+def _segment_path_ok(path, region_id):
+    """True for an absolute, normalised path whose last component is the region id."""
+    return (os.path.isabs(path) and os.path.normpath(path) == path
+            and os.path.basename(path) == region_id)
 
 
 def valid_region_id(text):
@@ -77,10 +98,44 @@ def parse_target(target):
         else:
             return find_by_id(validate_region_id(text))
     if isinstance(target, dict):
-        return _parse_ref(target)
+        return _parse_ref(unwrap_marker(target))
     raise TypeError(
         "attach() takes a region id (str), a ref (dict, as returned by Elixir's "
         f"export_ref/2) or that ref as a JSON string; got {type(target).__name__}")
+
+
+MARKER = "__snakepit_zero_copy__"
+
+
+def is_marker(value):
+    """True for a Snakepit ZeroCopyRef wire marker (any kind)."""
+    return isinstance(value, dict) and value.get(MARKER) is True
+
+
+def is_ref(value):
+    """True for one of our refs (export_ref/2 or a worker output)."""
+    return (isinstance(value, dict) and value.get("v") == 1
+            and isinstance(value.get("region_id"), str) and "backend" in value)
+
+
+def unwrap_marker(value):
+    """Return our ref from a Snakepit marker of kind "shm"; other dicts unchanged."""
+    if not is_marker(value):
+        return value
+    kind = value.get("kind")
+    if kind != "shm":
+        raise ValueError(f"a Snakepit zero-copy marker of kind {kind!r} carries no shared "
+                         "memory region: only kind 'shm' can be attached here")
+    ref = value.get("ref")
+    if isinstance(ref, str):
+        try:
+            ref = json.loads(ref)
+        except ValueError as exc:
+            raise ValueError(f"the marker's ref is not valid JSON: {exc}") from None
+    if not isinstance(ref, dict):
+        raise ValueError("the Snakepit marker has no 'ref' object: build it with "
+                         "Snakepit.SharedMemory.to_zero_copy_ref/1")
+    return ref
 
 
 def _ref_field(ref, name, kinds, required=True):
@@ -102,18 +157,26 @@ def _parse_ref(ref):
         raise ValueError(f"unsupported ref version {version!r}: this client reads "
                          "refs with \"v\": 1; upgrade the Python package")
     region_id = validate_region_id(_ref_field(ref, "region_id", (str,)))
+    _check_host(ref, region_id)
     backend_name = _ref_field(ref, "backend", (str,))
     if backend_name not in _BACKENDS:
         raise ValueError(f"the ref's backend {backend_name!r} cannot be attached here: "
                          "this client supports 'posix' and 'memfd' (Linux)")
     backend = _BACKENDS[backend_name]
     if backend == _format.BACKEND_POSIX:
-        path = os.path.join(SHM_DIR, region_id)
+        # The VM may keep segments in another tmpfs (shm_path): the ref's path says
+        # where; it must still name this region's segment (and is opened O_NOFOLLOW).
+        path = None
         for name in ("control_path", "data_path"):
             given = _ref_field(ref, name, (str,), required=False)
-            if given is not None and given != path:
+            if given is None:
+                continue
+            if not _segment_path_ok(given, region_id) or (path is not None and given != path):
                 raise ValueError(f"the ref's {name} {given!r} is not the POSIX segment "
-                                 f"of {region_id} ({path})")
+                                 f"of {region_id} (expected <shm directory>/{region_id})")
+            path = given
+        if path is None:
+            path = os.path.join(shm_dir(), region_id)
         control_path = data_path = path
     else:
         control_path = _ref_field(ref, "control_path", (str,))
@@ -133,6 +196,44 @@ def _parse_ref(ref):
                     data_offset=data_offset, size=size, dtype=dtype,
                     shape=tuple(shape) if shape is not None else None,
                     key=_decode_key(ref.get("key")))
+
+
+BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
+_HEX32 = re.compile(r"[0-9a-f]{32}")
+
+
+def host_boot_id():
+    """Return this host's boot id as 32 lowercase hex digits (as refs carry it), or None."""
+    try:
+        with open(BOOT_ID_PATH, "r", encoding="ascii") as f:
+            text = f.read().strip().replace("-", "").lower()
+    except OSError:
+        return None
+    return text if _HEX32.fullmatch(text) else None
+
+
+def _check_host(ref, region_id):
+    """Refuse a ref made on another host (or another boot of this one).
+
+    Refs from export_ref/2 carry ``boot_id``; older refs without it are accepted as
+    before. Checked before anything is opened, so a region of the same name on this
+    host is never mapped in its place.
+    """
+    boot_id = _ref_field(ref, "boot_id", (str,), required=False)
+    if boot_id is None:
+        return
+    if not _HEX32.fullmatch(boot_id):
+        raise ValueError(f"the ref's boot_id {boot_id!r} is not 32 hex digits: pass the "
+                         "map returned by Snakepit.SharedMemory.export_ref/2 unchanged")
+    here = host_boot_id()
+    if here is not None and here != boot_id:
+        node = ref.get("node")
+        where = f" on node {node}" if isinstance(node, str) else ""
+        raise errors.ForeignHostRegion(
+            f"region {region_id} lives on another host{where} (its ref's boot_id is "
+            f"{boot_id}, this host's is {here}): shared memory does not cross hosts. "
+            "Fetch it to a node on this host first, with "
+            "Snakepit.SharedMemory.fetch(ref) there, and attach the ref of the copy.")
 
 
 def _decode_key(value):
@@ -156,8 +257,9 @@ def memfd_link_targets(region_id):
 
 
 def find_by_id(region_id):
-    """Locate a region by id: /dev/shm first, then memfds in /proc/*/fd of our uid."""
-    path = os.path.join(SHM_DIR, region_id)
+    """Locate a region by id: the shm directory first ($SNAKEPIT_SHM_PATH, else
+    /dev/shm), then memfds in /proc/*/fd of our uid."""
+    path = os.path.join(shm_dir(), region_id)
     if os.path.lexists(path):
         return Location(region_id, _format.BACKEND_POSIX, path, path)
     control_target, data_target = memfd_link_targets(region_id)
@@ -209,12 +311,20 @@ def open_object(path, region_id, writable, *, memfd_target=None):
     flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NONBLOCK
     if memfd_target is None:
         flags |= os.O_NOFOLLOW
+    else:
+        _check_memfd_link(path, region_id, memfd_target)
     try:
         fd = os.open(path, flags)
     except OSError as exc:
         raise _open_error(path, region_id, writable, exc) from None
     try:
         info = os.fstat(fd)
+        if memfd_target is not None:
+            # Checked again on the opened file: the descriptor may have been closed
+            # and reused between the readlink above and the open.
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target != memfd_target:
+                raise _reused_fd(path, region_id, target, memfd_target)
         if not stat.S_ISREG(info.st_mode):
             raise errors.CorruptRegion(
                 f"{path} is not a snakepit_shm segment (not a regular file); refusing "
@@ -227,10 +337,7 @@ def open_object(path, region_id, writable, *, memfd_target=None):
         if memfd_target is not None:
             target = os.readlink(f"/proc/self/fd/{fd}")
             if target != memfd_target:
-                raise errors.CorruptRegion(
-                    f"{path} is {target!r}, not the memfd {memfd_target!r} of region "
-                    f"{region_id}: the ref is stale (its process closed or reused the "
-                    "descriptor); ask the Elixir side for a fresh export_ref/2.")
+                raise _reused_fd(path, region_id, target, memfd_target)
         return fd, info.st_size
     except BaseException:
         os.close(fd)
@@ -251,3 +358,26 @@ def _open_error(path, region_id, writable, exc):
             f"cannot open {path} {'for writing' if writable else 'for reading'}: "
             f"{exc.strerror}. Check that the worker runs as the VM's user.")
     return errors.SnakepitShmError(f"cannot open {path}: {exc.strerror}")
+
+
+def _check_memfd_link(path, region_id, memfd_target):
+    """Refuse a /proc/<pid>/fd/<n> path that no longer names the region's memfd.
+
+    Once the owner closed the memfd (the region was deallocated) its descriptor
+    number is free and the process may reuse it for anything: a socket, a pipe,
+    another file.  Looking at the link first means we never even open such a thing.
+    """
+    try:
+        target = os.readlink(path)
+    except OSError as exc:
+        raise _open_error(path, region_id, False, exc) from None
+    if target != memfd_target:
+        raise _reused_fd(path, region_id, target, memfd_target)
+
+
+def _reused_fd(path, region_id, target, memfd_target):
+    return errors.RegionNotFound(
+        f"region {region_id} no longer exists: {path} is now {target!r}, not its memfd "
+        f"{memfd_target!r}. The owner closed the region (deallocated, or the owner "
+        "exited) and its descriptor number was reused; ask the Elixir side for a fresh "
+        "region and ref.")

@@ -4,8 +4,8 @@ The client maps segments itself with :mod:`mmap`; it calls the library only for 
 Python cannot do safely: atomic updates of the header's holder table and refcount, and
 XChaCha20-Poly1305 decryption/encryption of encrypted regions.
 
-The library is found through the environment variable ``SNAKEPIT_SHM_LIB`` or, by
-default, at ``priv/libsnakepit_shm.so`` (two directories above this package).  It is
+The library is found through the environment variable ``SNAKEPIT_SHM_LIB``, next to
+this package, or at ``priv/libsnakepit_shm.so`` (two directories above this package).  It is
 loaded on first use and cached.
 """
 
@@ -23,6 +23,8 @@ _ERR_LEN = 512
 # SPSHM_E_* codes of c_src/capi/snakepit_shm.h.
 E_INVALID_ARGUMENT = -1
 E_NOT_FOUND = -2
+E_NO_SPACE = -5
+E_TOO_LARGE = -6
 E_PERMISSION_DENIED = -4
 E_CORRUPT = -7
 E_UNSUPPORTED_VERSION = -8
@@ -45,6 +47,8 @@ _ERROR_CLASSES = {
     E_NOT_OURS: errors.CorruptRegion,
     E_TAMPERED: errors.CorruptRegion,
     E_EXPIRED: errors.RegionExpired,
+    E_NO_SPACE: MemoryError,
+    E_TOO_LARGE: ValueError,
 }
 
 _lock = threading.Lock()
@@ -52,11 +56,19 @@ _library = None
 
 
 def library_path():
-    """Return the path the C ABI library is loaded from."""
+    """Return the path the C ABI library is loaded from.
+
+    In order: ``SNAKEPIT_SHM_LIB``; ``libsnakepit_shm.so`` next to this package (an
+    installed copy); ``priv/libsnakepit_shm.so`` of the source tree this package sits
+    in.  The last one is returned (for the error message) when none exists.
+    """
     configured = os.environ.get("SNAKEPIT_SHM_LIB")
     if configured:
         return configured
     here = os.path.dirname(os.path.abspath(__file__))
+    beside = os.path.join(here, "libsnakepit_shm.so")
+    if os.path.exists(beside):
+        return beside
     return os.path.normpath(os.path.join(here, "..", "..", "libsnakepit_shm.so"))
 
 
@@ -133,7 +145,8 @@ class Library:
             raise errors.LibraryNotFound(
                 f"the snakepit_shm C library is missing: {path} does not exist. "
                 "Build it with `mix compile` (or `make build`) in the project root, "
-                "or point SNAKEPIT_SHM_LIB at libsnakepit_shm.so.")
+                "and point SNAKEPIT_SHM_LIB at priv/libsnakepit_shm.so (Elixir: "
+                "Snakepit.SharedMemory.python_env/0 gives the worker environment).")
         try:
             self._dll = ctypes.CDLL(path)
         except OSError as exc:
@@ -174,6 +187,9 @@ class Library:
             "spshm_encrypt": ([c.c_void_p, c.c_void_p, c.c_uint64, c.c_char_p,
                                c.c_uint64, c.c_void_p, c.c_uint64, c.c_char_p,
                                c.c_size_t], c.c_int),
+            "spshm_create": ([c.c_uint64, c.c_int, c.c_char_p, c.c_uint64, c.c_char_p,
+                              c.POINTER(c.c_int), c.POINTER(c.c_int), c.c_char_p,
+                              c.c_size_t], c.c_int),
         }
         for name, (argtypes, restype) in sig.items():
             try:
@@ -265,3 +281,17 @@ class Library:
         code = self._dll.spshm_encrypt(header_address, data_address, data_len, key,
                                        offset, in_address, length, err, _ERR_LEN)
         self._check(code, err, "cannot encrypt into the region")
+
+    def create(self, size, backend, metadata_json, idle_timeout_ns=0):
+        """Create a region owned by this process with the core's own create.
+
+        Returns (region_id, control_fd, data_fd); the fds are -1 for POSIX regions.
+        """
+        err = ctypes.create_string_buffer(_ERR_LEN)
+        region_id = ctypes.create_string_buffer(64)
+        control, data = ctypes.c_int(-1), ctypes.c_int(-1)
+        code = self._dll.spshm_create(size, backend, metadata_json.encode("utf-8"),
+                                      idle_timeout_ns, region_id, ctypes.byref(control),
+                                      ctypes.byref(data), err, _ERR_LEN)
+        self._check(code, err, f"cannot create a region of {size} bytes")
+        return region_id.value.decode("ascii"), control.value, data.value

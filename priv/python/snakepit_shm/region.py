@@ -2,7 +2,10 @@
 
 import contextlib
 import ctypes
+import errno
+import fcntl
 import math
+import operator
 import os
 import struct
 import threading
@@ -12,6 +15,7 @@ import weakref
 from . import errors
 from . import _format as F
 from . import _native
+from . import _proc
 
 __all__ = ["Region"]
 
@@ -36,6 +40,35 @@ def expiry_problem(header_mm, now_ns=None):
     return None
 
 
+def creator_alive(header):
+    """True if the header's creator process runs, with its start time, on this boot."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", "rb") as source:
+            boot = bytes.fromhex(source.read().decode().strip().replace("-", ""))
+    except (OSError, ValueError):
+        boot = header.boot_id
+    if boot != header.boot_id:
+        return False
+    try:
+        return _proc.process_start_time(header.creator_pid) == header.creator_start_time
+    except (errors.SnakepitShmError, OSError, ValueError, IndexError):
+        return False
+
+
+def deallocated_message(header, state=0):
+    """Say who freed a region and what to do, for RegionDeallocated."""
+    if state & F.STATE_ADOPTED:
+        who = "the VM that adopted it (adopt_region/2)"
+    elif creator_alive(header):
+        who = f"its owner (OS process {header.creator_pid}, the VM that created it)"
+    else:
+        who = f"its owner's cleanup (the creating process {header.creator_pid} is gone)"
+    return (f"region {header.region_id} was deallocated by {who}: its memory is no "
+            "longer anybody's, so anything written now would be lost and anything read "
+            "may be zeroed. Ask the Elixir side for a fresh region (and keep a region "
+            "allocated until the worker has answered).")
+
+
 def touch(header_mm):
     """Record an access time in a writable header.
 
@@ -54,20 +87,47 @@ class Attachment:
     only once the data mapping itself goes away (see Region.__del__).
     """
 
-    def __init__(self, header_mm, library, writable, fd):
+    def __init__(self, header_mm, library, writable, fd, lock_fd=None):
         """Wrap a mapped header; ``writable`` if it is mapped for writing.
 
         ``fd`` is a descriptor of this attachment's own open of the control object
         (owned from now on): it carries the liveness lock and the lock of the holder
         slot, and is closed by close().
+
+        ``lock_fd`` (encrypted regions) is a descriptor of the control object kept open
+        for the cross-process data lock (reopened in forked children); closed with the
+        attachment.
         """
         self.header_mm = header_mm
         self.library = library
         self.writable = writable
         self.fd = fd
         self.slot = ctypes.c_int(-1)  # the holder slot this open owns (-1: none)
+        self.lock_fd = lock_fd
         self.identity = None  # (pid, start_time) while a hold is registered
         self._lock = threading.Lock()
+        if lock_fd is not None:
+            _lock_holders.add(self)
+
+    @contextlib.contextmanager
+    def data_lock(self, exclusive, region_id):
+        """Hold the data lock of an encrypted region (OFD lock of F.DATA_LOCK_BYTE).
+
+        Writers lock it exclusively, readers shared, never waiting: a conflict raises
+        RegionBusy. The kernel drops the lock if this process dies.
+        """
+        if self.lock_fd is None:
+            yield
+            return
+        if self.lock_fd < 0:
+            raise errors.RegionBusy(
+                f"encrypted region {region_id} cannot be locked in this forked process "
+                "(its lock descriptor could not be reopened): attach it again here")
+        _ofd_lock(self.lock_fd, fcntl.F_WRLCK if exclusive else fcntl.F_RDLCK, region_id)
+        try:
+            yield
+        finally:
+            _ofd_lock(self.lock_fd, fcntl.F_UNLCK, region_id)
 
     def hold(self, identity, writable):
         """Register one hold of ``identity`` in the header, in this open's slot."""
@@ -98,6 +158,35 @@ class Attachment:
                 fd, self.fd = self.fd, -1
                 if fd >= 0:
                     os.close(fd)
+                fd, self.lock_fd = self.lock_fd, None
+                if fd is not None and fd >= 0:
+                    os.close(fd)
+
+    def reopen_lock_after_fork(self):
+        """In a forked child: give the data lock a descriptor of its own.
+
+        An OFD lock belongs to the open file description, which fork() shares: parent
+        and child would both "hold" the exclusive lock at once and write one encrypted
+        chunk together, destroying it. The child's descriptor is replaced by a fresh
+        open of the same object (the parent's lock and descriptor are untouched).
+        """
+        fd = self.lock_fd
+        if fd is None or fd < 0:
+            return
+        try:
+            mode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+            fresh = os.open(f"/proc/self/fd/{fd}", mode | os.O_CLOEXEC)
+        except OSError:
+            self.lock_fd = -1  # refuse locked access rather than share the parent's lock
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+            return
+        try:
+            os.dup2(fresh, fd, inheritable=False)
+        finally:
+            os.close(fresh)
 
     def close_quietly(self):
         """close() for finalizers, where nobody could handle an exception."""
@@ -110,12 +199,22 @@ class Attachment:
 class Region:
     """A region attached to this process; obtain one with :func:`snakepit_shm.attach`.
 
-    Use it as a context manager, or call :meth:`close` when done.  ``close()``
-    refuses (raising :class:`~snakepit_shm.ViewsStillAlive`, a BufferError) while
-    memoryviews or numpy arrays of the region are alive: delete them first, then call
-    ``close()`` again; the region stays attached and usable until then.  A Region that
-    is garbage collected while arrays of it are alive keeps its hold until the last of
-    them is gone.
+    Lifetime rules:
+
+    * Use it as a context manager, or call :meth:`close` when done.  Leaving the
+      ``with`` block (or ``close()``) while numpy arrays or memoryviews of the region
+      are still alive never raises and never throws a result away: the Region is
+      closed for new calls at once, and the mapping and this process's hold last
+      until the last of those views is gone.  Return a slice, keep an array: both
+      stay valid.
+    * ``close(strict=True)`` is the strict variant: it raises
+      :class:`~snakepit_shm.ViewsStillAlive` (a BufferError) while views are alive and
+      leaves the region attached and usable.
+    * A Region that is garbage collected behaves like ``close()``.
+    * Once the Elixir side deallocated the region, ``read``, ``write``, ``ndarray`` and
+      ``buf`` raise :class:`~snakepit_shm.RegionDeallocated`; :attr:`deallocated` and
+      :attr:`owner_alive` tell without raising.  Arrays made earlier still point at
+      the old memory: their contents are no longer anybody's results.
     """
 
     def __init__(self, *, location, header, attachment, data_mm, view_offset, mode):
@@ -128,6 +227,7 @@ class Region:
         self._mode = mode
         self._lock = threading.RLock()
         self._closed = False
+        self._output_ref = None
 
     # ---- properties ----
 
@@ -174,13 +274,57 @@ class Region:
 
     @property
     def closed(self):
-        """True once close() succeeded."""
+        """True once close() was called (even if live views defer the unmapping)."""
         return self._closed
+
+    @property
+    def released(self):
+        """True once the mapping is gone and the hold released (no view left)."""
+        return self._closed and self._attachment.identity is None
+
+    @property
+    def deallocated(self):
+        """True if the owner deallocated the region: its data is no longer anybody's."""
+        self._check_open()
+        return bool(state_bits(self._attachment.header_mm) & F.STATE_DEALLOCATED)
+
+    @property
+    def owner_alive(self):
+        """True if the process that created the region (the VM) is still running.
+
+        A region whose creator died (kill -9 of the VM) is an orphan: the next orphan
+        sweep of a VM on this host frees it.  For a region a worker created and a VM
+        adopted, the creator is the worker.
+        """
+        return creator_alive(self._header)
+
+    @property
+    def ref(self):
+        """A JSON-encodable ref to this region, for another process or the VM.
+
+        For an output made by :func:`snakepit_shm.allocate` it is what Elixir's
+        ``adopt_region/2`` takes; for an attached region it locates the same region.
+        """
+        if self._output_ref is not None:
+            return dict(self._output_ref)
+        loc = self._location
+        return {"v": 1, "region_id": self.region_id, "backend": self.backend,
+                "control_path": loc.control_path, "data_path": loc.data_path,
+                "size": self.size, "dtype": self._default("dtype", None),
+                "shape": self._default("shape", None), "metadata": self.metadata,
+                "format": self.metadata.get("format") or (
+                    "numpy" if self._default("dtype", None) else "raw")}
+
+    def zero_copy_ref(self):
+        """:attr:`ref` wrapped in Snakepit's ZeroCopyRef wire marker (kind "shm")."""
+        from ._resolve import to_zero_copy_ref  # late import: _resolve imports _attach
+        return to_zero_copy_ref(self.ref)
 
     @property
     def buf(self):
         """A memoryview of the data (read-only in mode "r"); no copy."""
         self._check_plaintext(".buf")
+        self._check_live()
         start = self._view_offset
         return memoryview(self._data_mm)[start:start + self.size]
 
@@ -195,6 +339,7 @@ class Region:
         """
         numpy = _import_numpy()
         self._check_plaintext(".ndarray()")
+        self._check_live()
         dtype = numpy.dtype(self._default("dtype", dtype) or "uint8")
         shape = self._default("shape", shape)
         available = self.size - _check_offset(offset, self.size)
@@ -225,6 +370,7 @@ class Region:
         """
         with self._lock:
             self._check_open()
+            self._check_live()
             offset, length = _check_range(offset, length, self.size)
             if self.encrypted:
                 out = bytearray(length)
@@ -247,6 +393,7 @@ class Region:
         """
         with self._lock:
             self._check_open()
+            self._check_live()
             with _exported(buffer, True, "readinto() needs a writable, C-contiguous "
                            "buffer") as (target, length):
                 offset, length = _check_range(offset, length, self.size)
@@ -266,6 +413,7 @@ class Region:
         """
         with self._lock:
             self._check_open()
+            self._check_live()
             if self._mode != "rw":
                 raise errors.PermissionError(
                     f"region {self.region_id} is attached read-only: attach it with "
@@ -274,6 +422,10 @@ class Region:
                 raise errors.PermissionError(
                     f"region {self.region_id} is sealed (immutable): write results into "
                     "another region")
+            if state_bits(self._attachment.header_mm) & F.STATE_SEALING:
+                raise errors.RegionBusy(
+                    f"region {self.region_id} is being sealed: writes are refused (the "
+                    "seal fails while this worker maps it writable: close it)")
             with _exported(data, False, "write() needs C-contiguous bytes-like data") \
                     as (source, length):
                 offset, length = _check_range(offset, length, self.size)
@@ -284,21 +436,47 @@ class Region:
                         ctypes.memmove(out + self._view_offset + offset, source, length)
             self._touch()
 
+    # ---- asyncio ----
+
+    async def read_async(self, offset=0, length=None):
+        """:meth:`read` in the event loop's default executor (decryption of a large
+        encrypted region takes about 1.5 s per GB: never block the loop with it)."""
+        return await _in_executor(self.read, offset, length)
+
+    async def readinto_async(self, buffer, offset=0):
+        """:meth:`readinto` in the default executor."""
+        return await _in_executor(self.readinto, buffer, offset)
+
+    async def write_async(self, offset, data):
+        """:meth:`write` in the default executor."""
+        return await _in_executor(self.write, offset, data)
+
     # ---- lifecycle ----
 
-    def close(self):
-        """Unmap the region and release this process's hold (idempotent).
+    def close(self, strict=False):
+        """Close the region: unmap it and release this process's hold (idempotent).
 
-        Raises ViewsStillAlive (a BufferError) if memoryviews or numpy arrays of the
-        region still exist: the region then stays attached; delete them and call
-        close() again.
+        If memoryviews or numpy arrays of the region are still alive, the Region is
+        closed for further calls now and the unmapping and the hold release happen when
+        the last of them is garbage collected; the views stay valid until then.
+        Returns True if everything was released now, False if it was deferred.
+
+        ``strict=True`` refuses instead: it raises ViewsStillAlive (a BufferError)
+        while views exist, and the region stays attached and usable.
         """
         with self._lock:
             if self._closed:
-                return
+                return self.released
             try:
                 self._data_mm.close()
             except BufferError:
+                if not strict:
+                    self._closed = True
+                    weakref.finalize(self._data_mm, self._attachment.close_quietly)
+                    # The views keep the mmap alive; this Region must not, or the
+                    # finalizer would wait for the Region too.
+                    self._data_mm = None
+                    return False
                 raise errors.ViewsStillAlive(
                     f"cannot close region {self.region_id}: memoryviews or numpy arrays "
                     "made from its .buf or .ndarray() are still alive. Delete them "
@@ -306,6 +484,11 @@ class Region:
                     "stays attached and usable until then.") from None
             self._closed = True
             self._attachment.close()
+            return True
+
+    def close_now(self):
+        """close(strict=True): raise ViewsStillAlive rather than defer."""
+        return self.close(strict=True)
 
     def info(self):
         """Return a snapshot of the header as a JSON-encodable dict."""
@@ -320,7 +503,7 @@ class Region:
         return self
 
     def __exit__(self, exc_type, exc, traceback):
-        """Close the region (see close() about live views)."""
+        """Close the region; live views defer the unmapping (see close())."""
         self.close()
 
     def __del__(self):
@@ -328,13 +511,24 @@ class Region:
         if getattr(self, "_closed", True):
             return
         try:
-            self.close()
-        except BufferError:  # ViewsStillAlive; a builtin name works even at shutdown
-            # Arrays of the region are alive: keep the hold until the data mapping
+            # Arrays of the region still alive: the hold lasts until the data mapping
             # itself is freed with the last of them.
-            weakref.finalize(self._data_mm, self._attachment.close_quietly)
+            self.close()
         except Exception:  # noqa: BLE001 - __del__ must not raise
             pass
+
+    # A copy would share the mappings and the hold: closing either would unmap the
+    # other's memory behind its back.  Hand over the ref instead.
+    def __copy__(self):
+        raise TypeError("a Region cannot be copied: attach its ref again "
+                        "(snakepit_shm.attach(region.ref)) for a second handle")
+
+    def __deepcopy__(self, memo):
+        self.__copy__()
+
+    def __reduce__(self):
+        raise TypeError("a Region cannot be pickled: send region.ref (JSON-encodable) and "
+                        "attach it on the other side")
 
     def __repr__(self):
         """Return a short description (id, size, mode, backend, state)."""
@@ -347,6 +541,12 @@ class Region:
     def _check_open(self):
         if self._closed:
             raise ValueError(f"region {self.region_id} is closed; attach it again")
+
+    def _check_live(self):
+        """Refuse a region the owner deallocated (a read-only peek at the header)."""
+        state = state_bits(self._attachment.header_mm)
+        if state & F.STATE_DEALLOCATED:
+            raise errors.RegionDeallocated(deallocated_message(self._header, state))
 
     def _check_plaintext(self, what):
         self._check_open()
@@ -377,7 +577,11 @@ class Region:
         if length == 0:
             return
         lib = _native.library()
-        with _native.buffer_address(self._attachment.header_mm) as (header, _), \
+        # A sealed region has no writer left: no lock needed.
+        locking = not state_bits(self._attachment.header_mm) & F.STATE_SEALED
+        with self._attachment.data_lock(False, self.region_id) if locking \
+                else contextlib.nullcontext(), \
+                _native.buffer_address(self._attachment.header_mm) as (header, _), \
                 _native.buffer_address(self._data_mm) as (data, data_len):
             lib.decrypt(header, data + self._view_offset, data_len - self._view_offset,
                         key, offset, out_address, length)
@@ -387,7 +591,8 @@ class Region:
         if length == 0:
             return
         lib = _native.library()
-        with _native.buffer_address(self._attachment.header_mm) as (header, _), \
+        with self._attachment.data_lock(True, self.region_id), \
+                _native.buffer_address(self._attachment.header_mm) as (header, _), \
                 _native.buffer_address(self._data_mm, writable=True) as (data, data_len):
             lib.encrypt(header, data + self._view_offset, data_len - self._view_offset,
                         key, offset, source_address, length)
@@ -395,6 +600,40 @@ class Region:
     def _touch(self):
         if self._attachment.writable:
             touch(self._attachment.header_mm)
+
+
+async def _in_executor(function, *args):
+    import asyncio
+    return await asyncio.get_running_loop().run_in_executor(None, function, *args)
+
+
+_F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
+
+
+_lock_holders = weakref.WeakSet()  # Attachments with a data lock descriptor
+
+
+def _reopen_locks_in_child():
+    for attachment in list(_lock_holders):
+        attachment.reopen_lock_after_fork()
+
+
+os.register_at_fork(after_in_child=_reopen_locks_in_child)
+
+
+def _ofd_lock(fd, kind, region_id):
+    """Set (or drop) an OFD lock on byte F.DATA_LOCK_BYTE of ``fd`` without waiting."""
+    # struct flock: l_type, l_whence, l_start, l_len, l_pid (0 for OFD locks).
+    request = struct.pack("hhqqi4x", kind, os.SEEK_SET, F.DATA_LOCK_BYTE, 1, 0)
+    try:
+        fcntl.fcntl(fd, _F_OFD_SETLK, request)
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            who = "reading or writing" if kind == fcntl.F_WRLCK else "writing"
+            raise errors.RegionBusy(
+                f"encrypted region {region_id} is in use: another process is {who} it "
+                "(one writer at a time, enforced across processes); retry") from None
+        raise
 
 
 @contextlib.contextmanager
@@ -440,14 +679,25 @@ def _check_range(offset, length, size):
     return offset, length
 
 
+def _index(value):
+    """``value`` as a Python int if it is an integer (numpy's too, not bool), else None."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def _normalize_shape(shape):
-    if isinstance(shape, int) and not isinstance(shape, bool):
+    if _index(shape) is not None:
         shape = (shape,)
     try:
         shape = tuple(shape)
     except TypeError:
         raise TypeError(f"shape must be an int or a sequence of ints, got {shape!r}") \
             from None
-    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+    dims = tuple(_index(d) for d in shape)
+    if not all(d is not None and d >= 0 for d in dims):
         raise ValueError(f"shape must hold non-negative ints, got {shape!r}")
-    return shape
+    return dims

@@ -5,6 +5,8 @@
 #   header ID                               -> ok <refcount> <pid:count:writable,...>
 #   read ID OFFSET LENGTH                   -> ok <hex>
 #   seal ID | deallocate ID                 -> ok | error <reason>
+#   drop ID                                 -> ok   (deallocate, forget the resource)
+#   gc                                      -> ok   (closes the descriptors of dropped ones)
 #
 # Regions live until the peer's stdin closes; then every one is deallocated.
 defmodule SnakepitShm.PythonTestPeer do
@@ -76,6 +78,19 @@ defmodule SnakepitShm.PythonTestPeer do
       :ok -> {"ok", regions}
       {:error, {reason, message, _errno}} -> {"error #{reason} #{message}", regions}
     end
+  end
+
+  defp handle(["drop", id], regions) do
+    {region, regions} = Map.pop!(regions, id)
+    :ok = Native.deallocate(region, false)
+    # The region resource (and with it the memfd descriptors) goes with the last term:
+    # see the "gc" command.
+    {"ok", regions}
+  end
+
+  defp handle(["gc"], regions) do
+    :erlang.garbage_collect()
+    {"ok", regions}
   end
 
   defp handle(other, regions), do: {"error unknown command #{inspect(other)}", regions}

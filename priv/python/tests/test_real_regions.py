@@ -165,3 +165,10 @@ def test_deallocated_by_elixir(peer, backend):
     peer.ok("deallocate", ref["region_id"])
     with pytest.raises(snakepit_shm.RegionNotFound):
         snakepit_shm.attach(ref)
+
+
+def test_the_core_boot_id_is_the_one_refs_are_checked_against(peer):
+    # export_ref/2 writes the core's boot id (Native.self_info/0), the one in headers.
+    ref = peer.create(64, "memfd")
+    from snakepit_shm import _locate
+    assert snakepit_shm.inspect(ref)["boot_id"] == _locate.host_boot_id()

@@ -81,5 +81,31 @@ defmodule Snakepit.SharedMemory.JSONTest do
       assert {:error, %Error{message: message}} = JSON.decode(deep)
       assert message =~ "nesting"
     end
+
+    test "a number of thousands of digits is refused before it stalls a scheduler" do
+      # Found by an attack run: :erlang.binary_to_integer/1 does not yield, and a
+      # 600 000-digit number in a ref's JSON blocked a scheduler for seconds.
+      long = String.duplicate("7", 600_000)
+      assert {:error, %Error{reason: :invalid_json, message: m}} = JSON.decode(long)
+      assert m =~ "digits"
+      assert {:error, %Error{}} = JSON.decode(~s({"size": #{long}}))
+      # Anything a region could need still decodes.
+      big = Integer.pow(10, 300)
+      assert {:ok, ^big} = JSON.decode(Integer.to_string(big))
+    end
+
+    test "a number beyond a double is an error, not a raise" do
+      # Found by an attack run: String.to_float/1 raised ArgumentError, so
+      # adopt_region/2 and from_zero_copy_ref/1 of such JSON raised too.
+      for text <- ["1e999999", "1E400", "-1.5e400", ~s({"size": 1e309})] do
+        assert {:error, %Error{reason: :invalid_json, message: m}} = JSON.decode(text)
+        assert m =~ "out of range"
+      end
+
+      assert {:ok, 0.0} = JSON.decode("1e-400")
+
+      assert {:error, %Error{}} =
+               Snakepit.SharedMemory.adopt_region(~s({"v": 1, "region_id": "x", "size": 1e400}))
+    end
   end
 end

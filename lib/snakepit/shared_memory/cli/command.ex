@@ -48,10 +48,15 @@ defmodule Snakepit.SharedMemory.CLI.Command do
       parsed[:cookie] && !parsed[:node] ->
         usage_error!(task, "--cookie needs --node NAME (the node to ask)")
 
+      parsed[:node] && not node_name?(parsed[:node]) ->
+        usage_error!(task, "--node must look like name@host, got: #{parsed[:node]}")
+
       true ->
         %{opts: parsed, args: args, format: format!(task, parsed[:format])}
     end
   end
+
+  defp node_name?(name), do: Regex.match?(~r/\A[^@\s]+@[^@\s]+\z/, name)
 
   defp describe_invalid([{name, nil} | _]), do: name
   defp describe_invalid([{name, value} | _]), do: "#{name} #{inspect(value)}"
@@ -68,6 +73,15 @@ defmodule Snakepit.SharedMemory.CLI.Command do
   def usage_error!(task, message) do
     Mix.shell().error("mix #{task}: #{message}\nRun `mix help #{task}` for usage.")
     exit({:shutdown, 2})
+  end
+
+  @doc """
+  The interpreter a `--python` option names: a bare name (`python3`) is looked up on
+  PATH like a shell would; a path is kept as given.
+  """
+  @spec executable(String.t()) :: String.t()
+  def executable(name) do
+    if String.contains?(name, "/"), do: name, else: System.find_executable(name) || name
   end
 
   @doc "Prints `message` on stderr and exits with status 1."
@@ -148,6 +162,12 @@ defmodule Snakepit.SharedMemory.CLI.Command do
       Mix.shell(shell)
     end
 
-    :ok
+    # The segments live where config :snakepit_shm, shm_path: says; the NIF must look there.
+    alias Snakepit.SharedMemory.{Config, Platform}
+
+    case Platform.apply_shm_path(Config.get(:shm_path)) do
+      :ok -> :ok
+      {:error, message} -> fail!(message)
+    end
   end
 end

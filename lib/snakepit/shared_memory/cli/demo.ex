@@ -58,7 +58,8 @@ defmodule Snakepit.SharedMemory.CLI.Demo do
         with {:ok, report} <- hello(worker, report, say),
              {:ok, data, report} <- hand_over(opts, payload, worker, report, say),
              {:ok, report} <- compute(opts, data, worker, report, say),
-             {:ok, report} <- measure(opts, payload, data, worker, report, say) do
+             {:ok, report} <- measure(opts, payload, data, worker, report, say),
+             {:ok, report} <- channel_step(opts, report, say) do
           free(data)
           {:ok, report}
         else
@@ -380,4 +381,12 @@ defmodule Snakepit.SharedMemory.CLI.Demo do
   end
 
   defp step(n), do: "\n#{n}. "
+
+  # The message channel next to the Port (Snakepit.SharedMemory.CLI.DemoChannel).
+  defp channel_step(opts, report, say) do
+    case Snakepit.SharedMemory.CLI.DemoChannel.run(opts.python, priv_dir(), say) do
+      {:ok, channel} -> {:ok, Map.put(report, :channel, channel)}
+      {:error, message} -> {:error, "message channel: " <> message, report}
+    end
+  end
 end

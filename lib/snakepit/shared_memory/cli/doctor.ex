@@ -37,9 +37,57 @@ defmodule Snakepit.SharedMemory.CLI.Doctor do
       memlock(),
       nofile(),
       remove_ipc(),
-      if(nif.status == :ok, do: memfd_seal(), else: skipped("memfd sealing", "the NIF"))
-    ] ++ DoctorPython.checks(python, priv)
+      if(nif.status == :ok, do: memfd_seal(), else: skipped("memfd sealing", "the NIF")),
+      if(nif.status == :ok, do: channel(), else: skipped("message channel", "the NIF"))
+    ] ++ DoctorPython.checks(python, priv) ++ health_findings(health())
   end
+
+  # ---- the running checks of Snakepit.SharedMemory.Health ----
+
+  @doc """
+  The health report of this VM: the very checks the application runs every
+  `:health_check_interval` (`Snakepit.SharedMemory.health/0`).
+  """
+  @spec health() :: map()
+  def health do
+    case Application.ensure_all_started(:snakepit_shm) do
+      {:ok, _} -> SHM.health()
+      {:error, _} -> Snakepit.SharedMemory.Health.run()
+    end
+  end
+
+  @doc "Doctor findings (`health: NAME`) of a health report: degraded warns, critical fails."
+  @spec health_findings(map()) :: [finding()]
+  def health_findings(%{checks: checks}) do
+    for check <- checks do
+      finding(
+        "health: #{check.name}",
+        health_status(check.status),
+        health_detail(check),
+        check.message
+      )
+    end
+  end
+
+  defp health_status(:ok), do: :ok
+  defp health_status(:degraded), do: :warn
+  defp health_status(:critical), do: :fail
+
+  defp health_detail(%{measurements: %{skipped: why}}), do: "not measured: #{why}"
+
+  defp health_detail(%{percent: p, value: value, limit: limit} = check) when is_number(p),
+    do: "#{p} % (#{health_value(check, value)} of #{health_value(check, limit)})"
+
+  defp health_detail(%{value: value, limit: :infinity} = check),
+    do: "#{health_value(check, value)} (no limit)"
+
+  defp health_detail(%{value: value} = check), do: "#{health_value(check, value)}"
+
+  @byte_checks [:memory, :shm_space, :cgroup_memory, :host_memory, :memlock]
+  defp health_value(%{name: name}, n) when name in @byte_checks and is_integer(n),
+    do: Human.bytes(n)
+
+  defp health_value(_check, other), do: to_string(other)
 
   @doc false
   def finding(check, status, detail, fix \\ nil),
@@ -71,6 +119,32 @@ defmodule Snakepit.SharedMemory.CLI.Doctor do
     end
   rescue
     e -> finding("NIF loads", :fail, Exception.message(e), "rebuild with `mix compile`")
+  end
+
+  # ---- the message channel (Snakepit.SharedMemory.Channel) ----
+
+  defp channel do
+    case Snakepit.SharedMemory.Channel.open(transport: :shm) do
+      {:ok, ch} ->
+        stats = Snakepit.SharedMemory.Channel.stats(ch)
+        Snakepit.SharedMemory.Channel.close(ch)
+
+        finding(
+          "message channel",
+          :ok,
+          "shared-memory rings work (memfd + eventfd + private Unix socket; ring #{Human.bytes(stats.ring_size)})"
+        )
+
+      {:error, e} ->
+        finding(
+          "message channel",
+          :warn,
+          "channels fall back to the socket transport: #{e.message}",
+          "allow memfd_create/eventfd (seccomp profile) and a writable $XDG_RUNTIME_DIR or /tmp"
+        )
+    end
+  rescue
+    e -> finding("message channel", :warn, Exception.message(e))
   end
 
   # ---- /dev/shm ----
@@ -257,14 +331,7 @@ defmodule Snakepit.SharedMemory.CLI.Doctor do
         finding("RLIMIT_MEMLOCK", :ok, "#{Human.bytes(soft)} (hard #{limit_text(hard)})")
 
       {:ok, soft, hard} ->
-        finding(
-          "RLIMIT_MEMLOCK",
-          :warn,
-          "#{Human.bytes(soft)} (hard #{limit_text(hard)}): security_level :maximum regions lock their pages in RAM, " <>
-            "so all of them together cannot exceed this",
-          "raise it for the VM's user: `ulimit -l unlimited` before starting it, systemd LimitMEMLOCK=infinity, " <>
-            "docker --ulimit memlock=-1, or grant CAP_IPC_LOCK; or use security_level :high"
-        )
+        memlock_low(soft, hard, ipc_lock?())
 
       :error ->
         finding(
@@ -274,6 +341,42 @@ defmodule Snakepit.SharedMemory.CLI.Doctor do
           "check `ulimit -l` by hand"
         )
     end
+  end
+
+  # CAP_IPC_LOCK (bit 14 of CapEff) lifts RLIMIT_MEMLOCK: root usually has it.
+  @cap_ipc_lock 14
+
+  @doc false
+  @spec ipc_lock?(String.t()) :: boolean()
+  def ipc_lock?(status_path \\ "/proc/self/status") do
+    with {:ok, status} <- File.read(status_path),
+         [_, hex] <- Regex.run(~r/^CapEff:\s*([0-9a-fA-F]+)$/m, status),
+         {caps, ""} <- Integer.parse(hex, 16) do
+      Bitwise.band(Bitwise.bsr(caps, @cap_ipc_lock), 1) == 1
+    else
+      _ -> false
+    end
+  end
+
+  @doc false
+  def memlock_low(soft, hard, true) do
+    finding(
+      "RLIMIT_MEMLOCK",
+      :ok,
+      "#{Human.bytes(soft)} (hard #{limit_text(hard)}), but this process has CAP_IPC_LOCK, " <>
+        "which lifts the limit: security_level :maximum can lock any size"
+    )
+  end
+
+  def memlock_low(soft, hard, false) do
+    finding(
+      "RLIMIT_MEMLOCK",
+      :warn,
+      "#{Human.bytes(soft)} (hard #{limit_text(hard)}): security_level :maximum regions lock their pages in RAM, " <>
+        "so all of them together cannot exceed this",
+      "raise it for the VM's user: `ulimit -l unlimited` before starting it, systemd LimitMEMLOCK=infinity, " <>
+        "docker --ulimit memlock=-1, or grant CAP_IPC_LOCK; or use security_level :high"
+    )
   end
 
   defp nofile do
@@ -408,7 +511,7 @@ defmodule Snakepit.SharedMemory.CLI.Doctor do
     end
   end
 
-  # seal/1 of a memfd region adds F_SEAL_FUTURE_WRITE: it fails on kernels without it.
+  # seal/1 of a memfd region adds F_SEAL_WRITE | F_SEAL_FUTURE_WRITE: it fails on kernels without them.
   defp seal_check(id) do
     with {:ok, mapping} <- SHM.map_region(id, access_mode: :read_write),
          :ok <- SHM.write(mapping, 0, "doctor"),
@@ -424,7 +527,7 @@ defmodule Snakepit.SharedMemory.CLI.Doctor do
           finding(
             "memfd sealing",
             :ok,
-            "allocated a memfd region, wrote it, sealed it (F_SEAL_FUTURE_WRITE): read-write mappings are refused, the data reads back"
+            "allocated a memfd region, wrote it, sealed it (F_SEAL_WRITE): read-write mappings are refused, the data reads back"
           )
 
         {{:ok, mapping}, _} ->

@@ -27,7 +27,8 @@ defmodule Snakepit.SharedMemory.CLI.DoctorPython do
 
   @probe """
   import json, os, sys
-  out = {"python": sys.version.split()[0]}
+  out = {"python": sys.version.split()[0], "prefix": sys.prefix,
+         "base_prefix": getattr(sys, "base_prefix", sys.prefix)}
   try:
       import snakepit_shm
       out["client"] = snakepit_shm.__version__
@@ -114,12 +115,7 @@ defmodule Snakepit.SharedMemory.CLI.DoctorPython do
           finding("numpy", :ok, "numpy #{version}")
 
         _ ->
-          finding(
-            "numpy",
-            :warn,
-            "numpy is missing under #{python}",
-            "apt-get install python3-numpy (Region.ndarray() needs it)"
-          )
+          finding("numpy", :warn, "numpy is missing under #{python}", numpy_fix(python, probe))
       end
 
     pidfd =
@@ -145,5 +141,24 @@ defmodule Snakepit.SharedMemory.CLI.DoctorPython do
       end
 
     [client, numpy, pidfd]
+  end
+
+  @doc false
+  # How to get numpy for *this* interpreter: apt only helps Debian's own python3.
+  @spec numpy_fix(String.t(), map()) :: String.t()
+  def numpy_fix(python, probe) do
+    cond do
+      probe["prefix"] == "/usr" ->
+        "apt-get install python3-numpy (Region.ndarray() needs it)"
+
+      probe["base_prefix"] == "/usr" ->
+        "#{python} is a venv of Debian's python3: apt-get install python3-numpy and recreate " <>
+          "the venv with --system-site-packages, or `#{python} -m pip install numpy`"
+
+      true ->
+        "#{python} is not Debian's python3 (prefix #{probe["prefix"]}), so apt-get " <>
+          "install python3-numpy does not reach it: `#{python} -m pip install numpy`, or " <>
+          "run the workers with --python /usr/bin/python3 and apt-get install python3-numpy"
+    end
   end
 end

@@ -8,6 +8,8 @@ defmodule Snakepit.SharedMemory.CLI.HostCleanup do
   #     PIDs in the header are labels, never evidence (PID namespaces, reuse);
   #   * a POSIX segment nobody uses is removed by Native.sweep_segment/2, which checks
   #     again, under its own exclusive lock, that it is ours, intact and unused;
+  #     A worker's output adopted by a VM (adopted state bit) names the worker, long
+  #     gone, as its creator, but the adopting VM holds its liveness lock: in use;
   #   * a memfd region whose owner VM is gone has no name to remove: the kernel frees it
   #     when the last process with an fd or mapping of it exits. Holds of dead processes
   #     in its header are released, and the processes keeping it are named;

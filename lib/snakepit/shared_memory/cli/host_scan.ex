@@ -2,7 +2,7 @@ defmodule Snakepit.SharedMemory.CLI.HostScan do
   @moduledoc false
   # Offline discovery of every segment of ours on this host, without a running manager:
   #
-  #   * POSIX segments: the files /dev/shm/spshm_*;
+  #   * POSIX segments: the files /dev/shm/spshm_* (or of config :snakepit_shm, shm_path);
   #   * memfd regions: the fds of processes of our uid whose link reads
   #     "/memfd:spshm_<id> (deleted)" (the control memfd; the data memfd ends in ".data").
   #     A memfd region lives as long as some process keeps an fd or a mapping of it; we
@@ -14,7 +14,6 @@ defmodule Snakepit.SharedMemory.CLI.HostScan do
   alias Snakepit.SharedMemory.CLI.Entry
   alias Snakepit.SharedMemory.Native
 
-  @shm_dir "/dev/shm"
   @prefix "spshm_"
   @memfd_prefix "/memfd:" <> @prefix
   @deleted " (deleted)"
@@ -50,7 +49,9 @@ defmodule Snakepit.SharedMemory.CLI.HostScan do
 
   @doc "Path of the POSIX segment of `name` (a region id)."
   @spec posix_path(String.t()) :: String.t()
-  def posix_path(name), do: Path.join(@shm_dir, name)
+  def posix_path(name), do: Path.join(shm_dir(), name)
+
+  defp shm_dir, do: Snakepit.SharedMemory.Platform.current().shm_dir() || "/dev/shm"
 
   # ---- POSIX ----
 
@@ -68,6 +69,8 @@ defmodule Snakepit.SharedMemory.CLI.HostScan do
          {:ok, header} <- Native.inspect_path(path),
          :ok <- check_header_id(name, header) do
       # The file's name, not the id its header claims: that is what cleanup removes.
+      # A worker's output adopted by a VM names the (exited) worker as creator, but the
+      # adopting VM holds its liveness lock: in use, never an orphan.
       Entry.from_header(header, context, %{id: name, path: path, data_path: path, open_by: []})
     else
       {:error, {reason, message, _errno}} ->

@@ -16,6 +16,15 @@ defmodule Snakepit.SharedMemory.CLI.RegionView do
     Table.render(@headers, rows, right: [2, 4, 5, 6])
   end
 
+  @doc "The list table of several nodes: the `list` table with a NODE column first."
+  @spec cluster_table([Entry.t()]) :: String.t()
+  def cluster_table([]), do: "No snakepit_shm regions found on any node."
+
+  def cluster_table(entries) do
+    rows = Enum.map(entries, &[&1[:node] || "-" | row(&1)])
+    Table.render(["NODE" | @headers], rows, right: [3, 5, 6, 7])
+  end
+
   defp row(%{status: :ok} = e) do
     [
       e.id,

@@ -10,13 +10,13 @@ defmodule Snakepit.SharedMemory.CLI.Remote do
 
   @timeout 15_000
 
-  @doc "Calls `Snakepit.SharedMemory.fun(args...)` on the node of `opts[:node]`."
-  @spec call!(keyword(), atom(), [term()]) :: term()
-  def call!(opts, fun, args) do
+  @doc "Calls `module.fun(args...)` (default `Snakepit.SharedMemory`) on the node of `opts[:node]`."
+  @spec call!(keyword(), atom(), [term()], module()) :: term()
+  def call!(opts, fun, args, module \\ Snakepit.SharedMemory) do
     node = connect!(opts)
 
     try do
-      :erpc.call(node, Snakepit.SharedMemory, fun, args, @timeout)
+      :erpc.call(node, module, fun, args, @timeout)
     catch
       :error, {:erpc, :noconnection} ->
         Command.fail!("lost the connection to #{node} while calling #{fun}")
@@ -51,6 +51,42 @@ defmodule Snakepit.SharedMemory.CLI.Remote do
       {:ok, infos} -> infos |> Enum.map(&Entry.from_info(&1, os_pid)) |> Entry.sort()
       {:error, error} -> Command.fail!("list_regions failed on #{opts[:node]}: #{error.message}")
     end
+  end
+
+  @doc """
+  Entries of every region of every node connected to `opts[:node]` (its
+  `Snakepit.SharedMemory.Cluster.list_regions/1`), each with a `:node` (a string), and
+  `{node, message}` for the nodes that could not list theirs.
+  """
+  @spec cluster_entries!(keyword()) :: {[Entry.t()], [{String.t(), String.t()}]}
+  def cluster_entries!(opts) do
+    node = connect!(opts)
+
+    listing =
+      try do
+        :erpc.call(node, Snakepit.SharedMemory.Cluster, :list_regions, [%{}], @timeout)
+      catch
+        kind, reason ->
+          Command.fail!(
+            "cannot list the cluster through #{node}: #{inspect({kind, reason}, limit: 5)} " <>
+              "(does it run :snakepit_shm with cluster support?)"
+          )
+      end
+
+    {:ok, per_node} = listing
+
+    Enum.reduce(per_node, {[], []}, fn
+      %{node: n, regions: infos, os_pid: os_pid}, {entries, failed} ->
+        mine =
+          infos
+          |> Enum.map(&(Entry.from_info(&1, os_pid) |> Map.put(:node, Atom.to_string(n))))
+          |> Entry.sort()
+
+        {entries ++ mine, failed}
+
+      %{node: n, error: message}, {entries, failed} ->
+        {entries, failed ++ [{Atom.to_string(n), message}]}
+    end)
   end
 
   @doc "The entry of one region on the node, or nil if the node does not know it."
@@ -124,9 +160,46 @@ defmodule Snakepit.SharedMemory.CLI.Remote do
 
       _ ->
         Command.fail!(
-          "cannot connect to node #{node}: check that it runs (epmd -names), that the name " <>
-            "is complete (name@host) and that --cookie matches its cookie"
+          "cannot connect to node #{node}: " <> connect_failure(node, registered(node))
         )
+    end
+  end
+
+  @doc false
+  # Why Node.connect/1 failed, from what epmd on the node's host says: a node that is
+  # registered but refused us has another cookie; one that is not registered is not
+  # running (or has another name).
+  @spec connect_failure(node(), :registered | :not_registered | :no_epmd) :: String.t()
+  def connect_failure(node, :registered) do
+    "node #{node} is running but refused the connection: the cookie does not match. " <>
+      "Pass its cookie with --cookie (see its ~/.erlang.cookie or its --cookie/RELEASE_COOKIE)"
+  end
+
+  def connect_failure(node, :not_registered) do
+    [name, host] = String.split(Atom.to_string(node), "@", parts: 2)
+
+    "no node named #{name} runs on #{host} (epmd there does not know it): start it, or " <>
+      "check the name with `epmd -names` on #{host}"
+  end
+
+  def connect_failure(node, :no_epmd) do
+    host = node |> Atom.to_string() |> String.split("@") |> List.last()
+
+    "cannot reach epmd on #{host}: no Erlang node runs there, or the host name is wrong or " <>
+      "unreachable (node #{node})"
+  end
+
+  defp registered(node) do
+    [name, host] = String.split(Atom.to_string(node), "@", parts: 2)
+
+    case :erl_epmd.names(String.to_charlist(host)) do
+      {:ok, names} ->
+        if Enum.any?(names, fn {n, _port} -> List.to_string(n) == name end),
+          do: :registered,
+          else: :not_registered
+
+      _ ->
+        :no_epmd
     end
   end
 
@@ -161,7 +234,9 @@ defmodule Snakepit.SharedMemory.CLI.Remote do
         {if(String.contains?(host, "."), do: :longnames, else: :shortnames), host}
 
       _ ->
-        Command.usage_error!("snakepit.shm", "--node must look like name@host, got: #{target}")
+        # Command.parse!/5 checks --node first (naming the task); this is a safety net.
+        Mix.shell().error("--node must look like name@host, got: #{target}")
+        exit({:shutdown, 2})
     end
   end
 

@@ -10,6 +10,7 @@ defmodule Snakepit.SharedMemory.Platform.Linux do
   def default_backend, do: :memfd
   @impl true
   def named_backend, do: :posix
+  # config :snakepit_shm, shm_path: moves POSIX segments to another tmpfs.
   @impl true
-  def shm_dir, do: "/dev/shm"
+  def shm_dir, do: Snakepit.SharedMemory.Config.get(:shm_path) || "/dev/shm"
 end

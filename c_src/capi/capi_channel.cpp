@@ -1,0 +1,216 @@
+// C ABI of the channel's worker end (snakepit_shm_channel.h) over spshm::channel::Endpoint.
+// Nothing may escape to C: every function catches everything.
+#include "snakepit_shm_channel.h"
+
+#include <cstring>
+#include <memory>
+#include <new>
+#include <sstream>
+#include <string>
+
+#include "channel.hpp"
+#include "ring.hpp"
+
+#define SPSHM_EXPORT extern "C" __attribute__((visibility("default")))
+
+struct spshm_channel {
+  std::unique_ptr<spshm::channel::Endpoint> ep;
+};
+
+namespace {
+
+using spshm::Errc;
+using spshm::Error;
+using spshm::channel::Io;
+
+int code_of(Errc code) noexcept { return -(static_cast<int>(code) + 1); }
+
+size_t copy_out(const std::string& s, char* buf, size_t buflen) noexcept {
+  if (buf != nullptr && buflen > 0) {
+    size_t n = s.size() < buflen - 1 ? s.size() : buflen - 1;
+    std::memcpy(buf, s.data(), n);
+    buf[n] = '\0';
+  }
+  return s.size();
+}
+
+int fail(const Error& e, char* err, size_t errlen) noexcept {
+  copy_out(e.message, err, errlen);
+  return code_of(e.code);
+}
+
+int io_result(Io io, const Error& e, char* err, size_t errlen) noexcept {
+  switch (io) {
+    case Io::ok:
+      return 0;
+    case Io::would_block:
+      return SPSHM_CH_WOULD_BLOCK;
+    default:
+      return fail(e, err, errlen);
+  }
+}
+
+struct Buffer {
+  void* data;
+  size_t length;
+};
+
+void* into_buffer(void* ctx, size_t length) {
+  auto* b = static_cast<Buffer*>(ctx);
+  return length <= b->length ? b->data : nullptr;
+}
+
+}  // namespace
+
+SPSHM_EXPORT size_t spshm_channel_layout(char* buf, size_t buflen) {
+  try {
+    return copy_out(spshm::ring::layout_description(), buf, buflen);
+  } catch (...) {
+    return 0;
+  }
+}
+
+SPSHM_EXPORT int spshm_ch_connect(const char* path, const char* token_hex, int ack_mode,
+                                  uint32_t max_batch, uint64_t flush_interval_ns,
+                                  uint64_t max_message_size, int timeout_ms, spshm_channel** out,
+                                  char* err, size_t errlen) {
+  try {
+    if (path == nullptr || token_hex == nullptr || out == nullptr || ack_mode < 0 || ack_mode > 2 ||
+        max_batch == 0) {
+      return fail(Error{Errc::invalid_argument, 0, "bad channel connect arguments"}, err, errlen);
+    }
+    spshm::channel::WorkerOptions o;
+    o.ack.mode = static_cast<spshm::ring::AckMode>(ack_mode);
+    o.ack.max_batch = max_batch;
+    o.ack.flush_interval_ns = flush_interval_ns;
+    o.max_message_size = max_message_size;
+    o.timeout_ms = timeout_ms;
+    auto r = spshm::channel::Endpoint::connect(path, token_hex, o);
+    if (!r.ok()) return fail(r.error(), err, errlen);
+    auto* ch = new spshm_channel{std::move(r.value())};
+    *out = ch;
+    return 0;
+  } catch (const std::bad_alloc&) {
+    return fail(Error{Errc::no_space, 0, "out of memory"}, err, errlen);
+  } catch (...) {
+    return fail(Error{Errc::io_error, 0, "unexpected failure"}, err, errlen);
+  }
+}
+
+SPSHM_EXPORT void spshm_ch_free(spshm_channel* ch) {
+  try {
+    delete ch;
+  } catch (...) {
+  }
+}
+
+SPSHM_EXPORT void spshm_ch_close(spshm_channel* ch) {
+  try {
+    if (ch != nullptr) ch->ep->close();
+  } catch (...) {
+  }
+}
+
+SPSHM_EXPORT int spshm_ch_wait_fd(spshm_channel* ch) { return ch->ep->wait_fd(); }
+SPSHM_EXPORT int spshm_ch_transport(spshm_channel* ch) {
+  return static_cast<int>(ch->ep->transport());
+}
+SPSHM_EXPORT uint32_t spshm_ch_inline_max(spshm_channel* ch) { return ch->ep->inline_max(); }
+SPSHM_EXPORT uint64_t spshm_ch_ring_size(spshm_channel* ch) { return ch->ep->ring_size(); }
+
+SPSHM_EXPORT int spshm_ch_send(spshm_channel* ch, const void* data, uint64_t length, char* err,
+                               size_t errlen) {
+  try {
+    Error e{Errc::io_error, 0, {}};
+    return io_result(ch->ep->send(data, length, &e), e, err, errlen);
+  } catch (...) {
+    return fail(Error{Errc::io_error, 0, "unexpected failure"}, err, errlen);
+  }
+}
+
+SPSHM_EXPORT int spshm_ch_prepare_region(const void* data, uint64_t length, int* fd_out, char* err,
+                                         size_t errlen) {
+  try {
+    auto r = spshm::channel::Endpoint::prepare_region(data, length);
+    if (!r.ok()) return fail(r.error(), err, errlen);
+    *fd_out = r.value();
+    return 0;
+  } catch (...) {
+    return fail(Error{Errc::io_error, 0, "unexpected failure"}, err, errlen);
+  }
+}
+
+SPSHM_EXPORT int spshm_ch_send_region(spshm_channel* ch, int fd, uint64_t size, char* err,
+                                      size_t errlen) {
+  try {
+    Error e{Errc::io_error, 0, {}};
+    return io_result(ch->ep->send_region(fd, size, &e), e, err, errlen);
+  } catch (...) {
+    return fail(Error{Errc::io_error, 0, "unexpected failure"}, err, errlen);
+  }
+}
+
+SPSHM_EXPORT int spshm_ch_recv(spshm_channel* ch, void* buf, size_t buflen, uint32_t* length_out,
+                               int* fd_out, uint64_t* size_out, char* err, size_t errlen) {
+  try {
+    Buffer b{buf, buflen};
+    spshm::channel::Received r;
+    Error e{Errc::io_error, 0, {}};
+    Io io = ch->ep->recv(into_buffer, &b, &r, &e);
+    if (io != Io::ok) return io_result(io, e, err, errlen);
+    if (r.kind == spshm::channel::Received::region) {
+      *fd_out = r.fd;
+      *size_out = r.size;
+      return SPSHM_CH_REGION;
+    }
+    *length_out = r.length;
+    return 0;
+  } catch (...) {
+    return fail(Error{Errc::io_error, 0, "unexpected failure"}, err, errlen);
+  }
+}
+
+SPSHM_EXPORT int spshm_ch_prepare_wait(spshm_channel* ch, int want_data, int want_space,
+                                       uint64_t need) {
+  try {
+    return ch->ep->prepare_wait(want_data != 0, want_space != 0, need) ? 1 : 0;
+  } catch (...) {
+    return 0;
+  }
+}
+
+SPSHM_EXPORT void spshm_ch_handle_events(spshm_channel* ch) {
+  try {
+    ch->ep->handle_events();
+  } catch (...) {
+  }
+}
+
+SPSHM_EXPORT void spshm_ch_flush(spshm_channel* ch) {
+  try {
+    ch->ep->flush_acks();
+  } catch (...) {
+  }
+}
+
+SPSHM_EXPORT size_t spshm_ch_stats(spshm_channel* ch, char* buf, size_t buflen) {
+  try {
+    auto s = ch->ep->stats();
+    std::ostringstream o;
+    o << "{\"transport\":\"" << spshm::channel::transport_name(s.transport) << "\""
+      << ",\"closed\":\"" << spshm::channel::close_reason_name(s.reason) << "\""
+      << ",\"messages_sent\":" << s.messages_sent << ",\"bytes_sent\":" << s.bytes_sent
+      << ",\"messages_received\":" << s.messages_received
+      << ",\"bytes_received\":" << s.bytes_received
+      << ",\"region_messages_sent\":" << s.region_messages_sent
+      << ",\"region_messages_received\":" << s.region_messages_received
+      << ",\"doorbells_rung\":" << s.doorbells_rung << ",\"wakeups\":" << s.wakeups
+      << ",\"flushes\":" << s.flushes << ",\"pending_acks\":" << s.pending_acks
+      << ",\"would_blocks\":" << s.would_blocks << ",\"ring_size\":" << s.ring_size
+      << ",\"inline_max\":" << s.inline_max << ",\"out_occupancy\":" << s.out_occupancy
+      << ",\"in_occupancy\":" << s.in_occupancy << ",\"peer_pid\":" << s.peer_pid << "}";
+    return copy_out(o.str(), buf, buflen);
+  } catch (...) {
+    return 0;
+  }
+}

@@ -1,0 +1,55 @@
+/* C ABI of the message channel's worker end (docs/CHANNEL.md), for the Python client.
+ * Linux only. Return codes: 0 ok, 1 would block (SPSHM_CH_WOULD_BLOCK), 2 a region
+ * message was received (SPSHM_CH_REGION), or a negative SPSHM_E* code with a message in
+ * `err`; SPSHM_E_CLOSED's message is the close reason ("peer_closed", "protocol_error"...). */
+#ifndef SNAKEPIT_SHM_CHANNEL_H
+#define SNAKEPIT_SHM_CHANNEL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define SPSHM_CH_WOULD_BLOCK 1
+#define SPSHM_CH_REGION 2
+
+typedef struct spshm_channel spshm_channel;
+
+/* Layout JSON of the channel memory (ring.hpp layout_description()). */
+size_t spshm_channel_layout(char* buf, size_t buflen);
+
+/* Connects to the owner's socket, authenticates with the 64-hex-digit token, maps the
+ * rings. ack_mode: 0 immediate, 1 batch, 2 deferred. */
+int spshm_ch_connect(const char* path, const char* token_hex, int ack_mode, uint32_t max_batch,
+                     uint64_t flush_interval_ns, uint64_t max_message_size, int timeout_ms,
+                     spshm_channel** out, char* err, size_t errlen);
+void spshm_ch_free(spshm_channel* ch);
+void spshm_ch_close(spshm_channel* ch);
+int spshm_ch_wait_fd(spshm_channel* ch);
+int spshm_ch_transport(spshm_channel* ch); /* 1 shm, 2 socket */
+uint32_t spshm_ch_inline_max(spshm_channel* ch);
+uint64_t spshm_ch_ring_size(spshm_channel* ch);
+
+int spshm_ch_send(spshm_channel* ch, const void* data, uint64_t length, char* err, size_t errlen);
+/* A sealed memfd holding a copy of data (for messages above inline_max). */
+int spshm_ch_prepare_region(const void* data, uint64_t length, int* fd_out, char* err,
+                            size_t errlen);
+/* Sends a prepared memfd; on 0 the channel took the fd, on 1 the caller keeps it. */
+int spshm_ch_send_region(spshm_channel* ch, int fd, uint64_t size, char* err, size_t errlen);
+/* Receives one message: 0 with *length_out bytes in buf (buflen >= inline_max), or 2 with a
+ * write-sealed memfd (*fd_out, the caller owns it) of *size_out bytes, or 1. */
+int spshm_ch_recv(spshm_channel* ch, void* buf, size_t buflen, uint32_t* length_out, int* fd_out,
+                  uint64_t* size_out, char* err, size_t errlen);
+/* 1: sleep on wait_fd now; 0: something is ready, retry. */
+int spshm_ch_prepare_wait(spshm_channel* ch, int want_data, int want_space, uint64_t need);
+void spshm_ch_handle_events(spshm_channel* ch);
+void spshm_ch_flush(spshm_channel* ch);
+/* Stats as JSON. Returns the length needed. */
+size_t spshm_ch_stats(spshm_channel* ch, char* buf, size_t buflen);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

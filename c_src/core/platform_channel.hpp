@@ -1,0 +1,78 @@
+// The OS primitives of the message channel (Linux: platform_channel_linux.cpp):
+// eventfd doorbells, sealed memfds, a private Unix socket directory, fd passing.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "error.hpp"
+
+namespace spshm::channel::os {
+
+/// A non-blocking, close-on-exec eventfd (counter 0).
+Result<int> make_eventfd();
+/// Adds 1 to an eventfd (never blocks; a saturated counter is already "signalled").
+void signal_eventfd(int fd) noexcept;
+/// Resets an eventfd to 0; returns the count read (0 if it was not signalled).
+std::uint64_t drain_eventfd(int fd) noexcept;
+
+/// A memfd of `size` bytes whose pages are allocated now (posix_fallocate: no SIGBUS on
+/// first touch), sealed F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL. Honours
+/// SNAKEPIT_SHM_CHANNEL_NO_MEMFD=1 (refuses, as a seccomp filter would: for tests).
+Result<int> make_ring_memfd(std::uint64_t size);
+
+/// A memfd holding a copy of `data` (written with pwrite, never mapped writable), then
+/// sealed F_SEAL_WRITE | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL: immutable for everyone.
+Result<int> make_message_memfd(const void* data, std::uint64_t length);
+
+/// Checks that `fd` is a memfd sealed against writes and shrinking with at least `size`
+/// bytes: only then can it be mapped without SIGBUS and shared zero-copy.
+Result<void> check_message_memfd(int fd, std::uint64_t size);
+
+/// Checks that `fd` is sealed against shrinking and returns its size.
+Result<std::uint64_t> sealed_size(int fd);
+
+/// Maps `size` bytes of `fd` (shared, read-only or read-write).
+Result<void*> map_fd(int fd, std::uint64_t size, bool writable);
+void unmap(void* addr, std::uint64_t size) noexcept;
+
+/// Creates a fresh 0700 directory under `base` (empty: $XDG_RUNTIME_DIR, else $TMPDIR,
+/// else /tmp) and returns its path.
+Result<std::string> make_private_dir(const std::string& base);
+
+/// A listening, non-blocking Unix stream socket bound to `path`, chmod 0600.
+Result<int> listen_unix(const std::string& path);
+/// A blocking connection to `path`.
+Result<int> connect_unix(const std::string& path);
+/// Accepts one connection (non-blocking, close-on-exec); -1 with errno EAGAIN if none.
+int accept_nonblocking(int listen_fd) noexcept;
+/// The uid and pid of the process at the other end of a Unix socket.
+bool peer_credentials(int fd, std::uint32_t* uid, std::uint32_t* pid) noexcept;
+std::uint32_t effective_uid() noexcept;
+
+void set_nonblocking(int fd) noexcept;
+
+/// sendmsg of `len` bytes with `fds` attached (SCM_RIGHTS), MSG_NOSIGNAL | MSG_DONTWAIT.
+/// Returns bytes sent or -1 (errno set).
+long send_with_fds(int fd, const void* data, std::size_t len, const int* fds,
+                   std::size_t nfds) noexcept;
+/// recvmsg (MSG_DONTWAIT | MSG_CMSG_CLOEXEC): bytes read (0 = EOF) or -1 (errno);
+/// received fds are appended to `fds`. *truncated: the kernel dropped fds or control data.
+long recv_with_fds(int fd, void* buf, std::size_t len, std::vector<int>* fds,
+                   bool* truncated) noexcept;
+
+/// epoll helpers: level-triggered interest `events` (EPOLLIN = 1, EPOLLOUT = 4,
+/// EPOLLRDHUP = 0x2000) on fd; remove.
+Result<int> make_epoll();
+bool epoll_set(int epfd, int fd, std::uint32_t events, bool add) noexcept;
+void epoll_remove(int epfd, int fd) noexcept;
+/// True if the peer of a socket hung up (POLLRDHUP/POLLHUP/POLLERR now), unread data or not.
+bool hung_up(int fd) noexcept;
+/// Waits up to timeout_ms (-1 forever) for epfd to be readable. True if readable.
+bool wait_readable(int fd, int timeout_ms) noexcept;
+
+std::uint64_t monotonic_ns() noexcept;
+
+}  // namespace spshm::channel::os

@@ -1,0 +1,332 @@
+// Linux primitives of the message channel (platform_channel.hpp).
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+
+#include "platform_channel.hpp"
+
+#ifndef F_SEAL_FUTURE_WRITE
+#define F_SEAL_FUTURE_WRITE 0x0010
+#endif
+
+namespace spshm::channel::os {
+
+namespace {
+
+int memfd(const char* name) noexcept {
+  return ::memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
+}
+
+}  // namespace
+
+Result<int> make_eventfd() {
+  int fd = ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  if (fd < 0) return os_error("eventfd", errno);
+  return fd;
+}
+
+void signal_eventfd(int fd) noexcept {
+  std::uint64_t one = 1;
+  ssize_t rc;
+  do {
+    rc = ::write(fd, &one, sizeof one);
+  } while (rc < 0 && errno == EINTR);
+}
+
+std::uint64_t drain_eventfd(int fd) noexcept {
+  std::uint64_t v = 0;
+  ssize_t rc;
+  do {
+    rc = ::read(fd, &v, sizeof v);
+  } while (rc < 0 && errno == EINTR);
+  return rc == sizeof v ? v : 0;
+}
+
+Result<int> make_ring_memfd(std::uint64_t size) {
+  const char* no = std::getenv("SNAKEPIT_SHM_CHANNEL_NO_MEMFD");
+  if (no != nullptr && std::strcmp(no, "1") == 0) {
+    return Error{Errc::unsupported, EPERM,
+                 "memfd_create refused (SNAKEPIT_SHM_CHANNEL_NO_MEMFD=1 simulates a seccomp "
+                 "filter)"};
+  }
+  int fd = memfd("snakepit-channel");
+  if (fd < 0) return os_error("memfd_create(snakepit-channel)", errno);
+  int rc = ::posix_fallocate(fd, 0, static_cast<off_t>(size));
+  if (rc != 0) {
+    ::close(fd);
+    return os_error("posix_fallocate of the channel rings", rc);
+  }
+  if (::fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0) {
+    int err = errno;
+    ::close(fd);
+    return os_error("sealing the channel memfd", err);
+  }
+  return fd;
+}
+
+Result<int> make_message_memfd(const void* data, std::uint64_t length) {
+  int fd = memfd("snakepit-channel-msg");
+  if (fd < 0) return os_error("memfd_create(snakepit-channel-msg)", errno);
+  auto fail = [fd](const char* what, int err) {
+    ::close(fd);
+    return os_error(what, err);
+  };
+  if (::ftruncate(fd, static_cast<off_t>(length)) != 0)
+    return fail("ftruncate of a message", errno);
+  const auto* p = static_cast<const std::uint8_t*>(data);
+  std::uint64_t done = 0;
+  while (done < length) {
+    std::uint64_t chunk = std::min<std::uint64_t>(length - done, 1u << 30);
+    ssize_t n = ::pwrite(fd, p + done, chunk, static_cast<off_t>(done));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return fail("writing a message memfd", errno);
+    }
+    if (n == 0) return fail("writing a message memfd", ENOSPC);
+    done += static_cast<std::uint64_t>(n);
+  }
+  if (::fcntl(fd, F_ADD_SEALS, F_SEAL_WRITE | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0) {
+    return fail("sealing a message memfd", errno);
+  }
+  return fd;
+}
+
+Result<void> check_message_memfd(int fd, std::uint64_t size) {
+  int seals = ::fcntl(fd, F_GET_SEALS);
+  if (seals < 0) return Error{Errc::not_ours, errno, "a region message fd is not a memfd"};
+  const int need = F_SEAL_SHRINK | F_SEAL_WRITE;
+  if ((seals & need) != need) {
+    return Error{Errc::not_ours, 0, "a region message memfd is not sealed against writes"};
+  }
+  struct stat st;
+  if (::fstat(fd, &st) != 0) return os_error("fstat of a region message", errno);
+  if (!S_ISREG(st.st_mode) || static_cast<std::uint64_t>(st.st_size) < size) {
+    return Error{Errc::corrupt, 0, "a region message memfd is smaller than announced"};
+  }
+  return {};
+}
+
+Result<std::uint64_t> sealed_size(int fd) {
+  int seals = ::fcntl(fd, F_GET_SEALS);
+  if (seals < 0 || (seals & F_SEAL_SHRINK) == 0) {
+    return Error{Errc::not_ours, seals < 0 ? errno : 0,
+                 "the channel memfd is not sealed against shrinking"};
+  }
+  struct stat st;
+  if (::fstat(fd, &st) != 0) return os_error("fstat of the channel memfd", errno);
+  return static_cast<std::uint64_t>(st.st_size);
+}
+
+Result<void*> map_fd(int fd, std::uint64_t size, bool writable) {
+  int prot = PROT_READ | (writable ? PROT_WRITE : 0);
+  void* p = ::mmap(nullptr, size, prot, MAP_SHARED, fd, 0);
+  if (p == MAP_FAILED) return os_error("mmap of a channel memfd", errno);
+  return p;
+}
+
+void unmap(void* addr, std::uint64_t size) noexcept {
+  if (addr != nullptr && size > 0) ::munmap(addr, size);
+}
+
+Result<std::string> make_private_dir(const std::string& base_in) {
+  std::string base = base_in;
+  if (base.empty()) {
+    for (const char* var : {"XDG_RUNTIME_DIR", "TMPDIR"}) {
+      const char* v = std::getenv(var);
+      if (v != nullptr && *v != '\0' && ::access(v, W_OK | X_OK) == 0) {
+        base = v;
+        break;
+      }
+    }
+    if (base.empty()) base = "/tmp";
+  }
+  std::string templ = base + "/spshm-ch-XXXXXX";
+  std::vector<char> buf(templ.begin(), templ.end());
+  buf.push_back('\0');
+  if (::mkdtemp(buf.data()) == nullptr) return os_error("mkdtemp(" + templ + ")", errno);
+  return std::string(buf.data());  // mkdtemp creates it 0700
+}
+
+Result<int> listen_unix(const std::string& path) {
+  struct sockaddr_un addr;
+  std::memset(&addr, 0, sizeof addr);
+  addr.sun_family = AF_UNIX;
+  if (path.size() >= sizeof addr.sun_path) {
+    return Error{Errc::invalid_argument, ENAMETOOLONG,
+                 "socket path " + path + " is longer than 107 bytes: choose a shorter socket_dir"};
+  }
+  std::memcpy(addr.sun_path, path.c_str(), path.size());
+  int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+  if (fd < 0) return os_error("socket(AF_UNIX)", errno);
+  if (::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0 ||
+      ::chmod(path.c_str(), 0600) != 0 || ::listen(fd, 4) != 0) {
+    int err = errno;
+    ::close(fd);
+    ::unlink(path.c_str());
+    return os_error("listening on " + path, err);
+  }
+  return fd;
+}
+
+Result<int> connect_unix(const std::string& path) {
+  struct sockaddr_un addr;
+  std::memset(&addr, 0, sizeof addr);
+  addr.sun_family = AF_UNIX;
+  if (path.empty() || path.size() >= sizeof addr.sun_path) {
+    return Error{Errc::invalid_argument, ENAMETOOLONG, "bad channel socket path"};
+  }
+  std::memcpy(addr.sun_path, path.c_str(), path.size());
+  int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return os_error("socket(AF_UNIX)", errno);
+  int rc;
+  do {
+    rc = ::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr);
+  } while (rc != 0 && errno == EINTR);
+  if (rc != 0) {
+    int err = errno;
+    ::close(fd);
+    return os_error("connecting to the channel socket " + path +
+                        " (is the channel still open and not yet connected?)",
+                    err);
+  }
+  return fd;
+}
+
+int accept_nonblocking(int listen_fd) noexcept {
+  return ::accept4(listen_fd, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+}
+
+bool peer_credentials(int fd, std::uint32_t* uid, std::uint32_t* pid) noexcept {
+  struct ucred cred;
+  socklen_t len = sizeof cred;
+  if (::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) return false;
+  *uid = cred.uid;
+  *pid = static_cast<std::uint32_t>(cred.pid);
+  return true;
+}
+
+std::uint32_t effective_uid() noexcept { return ::geteuid(); }
+
+void set_nonblocking(int fd) noexcept {
+  int fl = ::fcntl(fd, F_GETFL);
+  if (fl >= 0) ::fcntl(fd, F_SETFL, fl | O_NONBLOCK);
+}
+
+long send_with_fds(int fd, const void* data, std::size_t len, const int* fds,
+                   std::size_t nfds) noexcept {
+  struct iovec iov;
+  iov.iov_base = const_cast<void*>(data);
+  iov.iov_len = len;
+  struct msghdr msg;
+  std::memset(&msg, 0, sizeof msg);
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  alignas(struct cmsghdr) char control[CMSG_SPACE(sizeof(int) * 4)];
+  if (nfds > 0) {
+    if (nfds > 4) {
+      errno = EINVAL;
+      return -1;
+    }
+    std::memset(control, 0, sizeof control);
+    msg.msg_control = control;
+    msg.msg_controllen = CMSG_SPACE(sizeof(int) * nfds);
+    struct cmsghdr* c = CMSG_FIRSTHDR(&msg);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int) * nfds);
+    std::memcpy(CMSG_DATA(c), fds, sizeof(int) * nfds);
+  }
+  ssize_t n;
+  do {
+    n = ::sendmsg(fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+  } while (n < 0 && errno == EINTR);
+  return n;
+}
+
+long recv_with_fds(int fd, void* buf, std::size_t len, std::vector<int>* fds,
+                   bool* truncated) noexcept {
+  struct iovec iov;
+  iov.iov_base = buf;
+  iov.iov_len = len;
+  struct msghdr msg;
+  std::memset(&msg, 0, sizeof msg);
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  alignas(struct cmsghdr) char control[CMSG_SPACE(sizeof(int) * 8)];
+  msg.msg_control = control;
+  msg.msg_controllen = sizeof control;
+  ssize_t n;
+  do {
+    n = ::recvmsg(fd, &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+  } while (n < 0 && errno == EINTR);
+  *truncated = false;
+  if (n < 0) return n;
+  for (struct cmsghdr* c = CMSG_FIRSTHDR(&msg); c != nullptr; c = CMSG_NXTHDR(&msg, c)) {
+    if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
+      std::size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+      for (std::size_t i = 0; i < count; ++i) {
+        int f;
+        std::memcpy(&f, CMSG_DATA(c) + i * sizeof(int), sizeof f);
+        fds->push_back(f);
+      }
+    } else {
+      *truncated = true;  // credentials or anything else: not part of our protocol
+    }
+  }
+  if ((msg.msg_flags & MSG_CTRUNC) != 0) *truncated = true;
+  return n;
+}
+
+Result<int> make_epoll() {
+  int fd = ::epoll_create1(EPOLL_CLOEXEC);
+  if (fd < 0) return os_error("epoll_create1", errno);
+  return fd;
+}
+
+bool epoll_set(int epfd, int fd, std::uint32_t events, bool add) noexcept {
+  struct epoll_event ev;
+  std::memset(&ev, 0, sizeof ev);
+  ev.events = events;
+  ev.data.fd = fd;
+  return ::epoll_ctl(epfd, add ? EPOLL_CTL_ADD : EPOLL_CTL_MOD, fd, &ev) == 0;
+}
+
+void epoll_remove(int epfd, int fd) noexcept {
+  struct epoll_event ev;
+  ::epoll_ctl(epfd, EPOLL_CTL_DEL, fd, &ev);
+}
+
+bool hung_up(int fd) noexcept {
+  struct pollfd p = {fd, POLLRDHUP, 0};
+  if (::poll(&p, 1, 0) <= 0) return false;
+  return (p.revents & (POLLRDHUP | POLLHUP | POLLERR)) != 0;
+}
+
+bool wait_readable(int fd, int timeout_ms) noexcept {
+  struct pollfd p = {fd, POLLIN, 0};
+  int rc;
+  do {
+    rc = ::poll(&p, 1, timeout_ms);
+  } while (rc < 0 && errno == EINTR);
+  return rc > 0;
+}
+
+std::uint64_t monotonic_ns() noexcept {
+  struct timespec ts;
+  ::clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<std::uint64_t>(ts.tv_sec) * 1000000000ull +
+         static_cast<std::uint64_t>(ts.tv_nsec);
+}
+
+}  // namespace spshm::channel::os

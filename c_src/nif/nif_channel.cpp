@@ -1,0 +1,569 @@
+// NIFs of the message channel (Snakepit.SharedMemory.Channel): the owner end of a
+// spshm::channel::Endpoint in a resource, woken by enif_select on the endpoint's epoll fd
+// (doorbell eventfd + control socket), so that incoming data becomes a message in the
+// mailbox of the channel's process. No NIF here blocks: waiting is enif_select's job.
+//
+// Resources:
+//   * ChannelResource owns the Endpoint. Its epoll fd, once handed to enif_select, is
+//     closed only by the `stop` callback. It monitors the owner process: the `down`
+//     callback closes the channel (the worker sees EOF at once) even if nobody else runs.
+//   * MessageResource is one received region message: a read-only mapping of a
+//     write-sealed memfd under zero-copy binaries; the destructor unmaps it (on a
+//     detached thread for large mappings, so no scheduler waits for a big munmap).
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <memory>
+#include <mutex>
+#include <new>
+#include <string>
+#include <thread>
+
+#include <erl_nif.h>
+
+#include "channel.hpp"
+#include "nif_channel.hpp"
+#include "nif_functions.hpp"
+#include "platform_channel.hpp"
+#include "ring.hpp"
+#include "terms.hpp"
+
+namespace spshm::nif {
+
+namespace {
+
+using channel::Endpoint;
+using channel::Io;
+
+struct ChannelResource {
+  std::unique_ptr<Endpoint> ep;
+  std::mutex mu;  ///< guards the fields below
+  int epfd = -1;  ///< the endpoint's epoll fd, ours once released
+  bool selected = false;
+  bool closed = false;
+  bool monitoring = false;
+  ErlNifMonitor monitor{};
+};
+
+struct PreparedResource {
+  std::atomic<int> fd{-1};
+  std::uint64_t size = 0;
+};
+
+struct MessageResource {
+  void* addr = nullptr;
+  std::uint64_t size = 0;
+};
+
+ErlNifResourceType* channel_type = nullptr;
+ErlNifResourceType* prepared_type = nullptr;
+ErlNifResourceType* message_type = nullptr;
+
+struct ChannelAtoms {
+  ERL_NIF_TERM would_block, closed, shm, socket, automatic, immediate, batch, deferred;
+  ERL_NIF_TERM listening, connected, none, peer_closed, protocol_error, io_error;
+  ERL_NIF_TERM ring_size, inline_threshold, transport, socket_dir, ack_mode, max_batch_size,
+      flush_interval_us, max_message_size, simulate_memfd_failure;
+  ERL_NIF_TERM path, token, inline_max, state, close_reason, close_detail, messages_sent,
+      bytes_sent, messages_received, bytes_received, region_messages_sent, region_messages_received,
+      doorbells_rung, wakeups, flushes, pending_acks, would_blocks, fallbacks, fallback_reason,
+      out_occupancy, in_occupancy, peer_pid;
+} ca;
+
+ERL_NIF_TERM atom(ErlNifEnv* env, const char* name) { return enif_make_atom(env, name); }
+
+ERL_NIF_TERM reason_atom(channel::CloseReason r) {
+  switch (r) {
+    case channel::CloseReason::none:
+      return ca.none;
+    case channel::CloseReason::closed:
+      return ca.closed;
+    case channel::CloseReason::peer_closed:
+      return ca.peer_closed;
+    case channel::CloseReason::protocol_error:
+      return ca.protocol_error;
+    case channel::CloseReason::io_error:
+      return ca.io_error;
+  }
+  return ca.io_error;
+}
+
+// Closes the endpoint and stops selecting its epoll fd (the stop callback closes it) or
+// closes the fd directly if it was never selected. enif_select(STOP) may call the stop
+// callback directly, which takes c->mu: so it is called without holding c->mu.
+void close_channel(ErlNifEnv* env, ChannelResource* c) {
+  if (c->ep) c->ep->close();
+  int fd = -1;
+  bool was_selected = false;
+  {
+    std::lock_guard<std::mutex> lock(c->mu);
+    c->closed = true;
+    fd = c->epfd;
+    was_selected = c->selected;
+    c->selected = false;
+    if (fd >= 0 && !was_selected) {
+      ::close(fd);
+      c->epfd = -1;
+    }
+  }
+  if (fd >= 0 && was_selected) {
+    enif_select(env, static_cast<ErlNifEvent>(fd), ERL_NIF_SELECT_STOP, c, nullptr,
+                atoms.undefined);
+  }
+}
+
+void channel_dtor(ErlNifEnv*, void* obj) {
+  auto* c = static_cast<ChannelResource*>(obj);
+  // While selected the VM holds a reference, so here the fd is ours (or already closed).
+  if (c->epfd >= 0) ::close(c->epfd);
+  c->epfd = -1;
+  c->ep.reset();  // closes the socket (EOF for the peer), unmaps the rings (<= 32 MiB)
+  c->~ChannelResource();
+}
+
+void channel_stop(ErlNifEnv*, void* obj, ErlNifEvent event, int) {
+  auto* c = static_cast<ChannelResource*>(obj);
+  std::lock_guard<std::mutex> lock(c->mu);
+  if (c->epfd == static_cast<int>(event)) c->epfd = -1;
+  ::close(static_cast<int>(event));
+}
+
+// The owner died: close now, whoever else still holds the resource.
+void channel_down(ErlNifEnv* env, void* obj, ErlNifPid*, ErlNifMonitor*) {
+  auto* c = static_cast<ChannelResource*>(obj);
+  {
+    std::lock_guard<std::mutex> lock(c->mu);
+    c->monitoring = false;
+  }
+  close_channel(env, c);
+}
+
+void prepared_dtor(ErlNifEnv*, void* obj) {
+  auto* p = static_cast<PreparedResource*>(obj);
+  int fd = p->fd.exchange(-1);
+  if (fd >= 0) ::close(fd);
+  p->~PreparedResource();
+}
+
+void message_dtor(ErlNifEnv*, void* obj) {
+  auto* m = static_cast<MessageResource*>(obj);
+  void* addr = m->addr;
+  std::uint64_t size = m->size;
+  if (addr != nullptr) {
+    if (size >= (64u << 20)) {
+      // A big munmap can take milliseconds: not on a scheduler thread.
+      try {
+        std::thread([addr, size] { ::munmap(addr, size); }).detach();
+      } catch (...) {
+        ::munmap(addr, size);
+      }
+    } else {
+      ::munmap(addr, size);
+    }
+  }
+  m->~MessageResource();
+}
+
+bool get_channel(ErlNifEnv* env, ERL_NIF_TERM t, ChannelResource** out) {
+  return enif_get_resource(env, t, channel_type, reinterpret_cast<void**>(out)) != 0 &&
+         (*out)->ep != nullptr;
+}
+
+ERL_NIF_TERM closed_tuple(ErlNifEnv* env, ChannelResource* c) {
+  return enif_make_tuple2(env, ca.closed, reason_atom(c->ep->close_reason()));
+}
+
+ERL_NIF_TERM io_term(ErlNifEnv* env, ChannelResource* c, Io io, const Error& e) {
+  switch (io) {
+    case Io::ok:
+      return atoms.ok;
+    case Io::would_block:
+      return ca.would_block;
+    case Io::closed:
+      return closed_tuple(env, c);
+    case Io::error:
+      break;
+  }
+  return make_error(env, e);
+}
+
+struct BinAlloc {
+  ErlNifBinary bin;
+  bool allocated = false;
+};
+
+void* alloc_binary(void* ctx, std::size_t length) {
+  auto* a = static_cast<BinAlloc*>(ctx);
+  if (!enif_alloc_binary(length, &a->bin)) return nullptr;
+  a->allocated = true;
+  return a->bin.data;
+}
+
+}  // namespace
+
+bool open_channel_resource_types(ErlNifEnv* env) {
+  auto flags = static_cast<ErlNifResourceFlags>(ERL_NIF_RT_CREATE | ERL_NIF_RT_TAKEOVER);
+  ErlNifResourceTypeInit ci{};
+  ci.dtor = channel_dtor;
+  ci.stop = channel_stop;
+  ci.down = channel_down;
+  ErlNifResourceTypeInit pi{};
+  pi.dtor = prepared_dtor;
+  ErlNifResourceTypeInit mi{};
+  mi.dtor = message_dtor;
+  channel_type = enif_open_resource_type_x(env, "spshm_channel", &ci, flags, nullptr);
+  prepared_type = enif_open_resource_type_x(env, "spshm_channel_prepared", &pi, flags, nullptr);
+  message_type = enif_open_resource_type_x(env, "spshm_channel_message", &mi, flags, nullptr);
+  if (channel_type == nullptr || prepared_type == nullptr || message_type == nullptr) return false;
+#define A(name) ca.name = atom(env, #name)
+  A(would_block);
+  A(closed);
+  A(shm);
+  A(socket);
+  ca.automatic = atom(env, "auto");
+  A(immediate);
+  A(batch);
+  A(deferred);
+  A(listening);
+  A(connected);
+  A(none);
+  A(peer_closed);
+  A(protocol_error);
+  A(io_error);
+  A(ring_size);
+  A(inline_threshold);
+  A(transport);
+  A(socket_dir);
+  A(ack_mode);
+  A(max_batch_size);
+  A(flush_interval_us);
+  A(max_message_size);
+  A(simulate_memfd_failure);
+  A(path);
+  A(token);
+  A(inline_max);
+  A(state);
+  A(close_reason);
+  A(close_detail);
+  A(messages_sent);
+  A(bytes_sent);
+  A(messages_received);
+  A(bytes_received);
+  A(region_messages_sent);
+  A(region_messages_received);
+  A(doorbells_rung);
+  A(wakeups);
+  A(flushes);
+  A(pending_acks);
+  A(would_blocks);
+  A(fallbacks);
+  A(fallback_reason);
+  A(out_occupancy);
+  A(in_occupancy);
+  A(peer_pid);
+#undef A
+  return true;
+}
+
+SPSHM_GUARDED_NIF(nif_channel_layout)(ErlNifEnv* env, int, const ERL_NIF_TERM[]) {
+  return make_binary(env, ring::layout_description());
+}
+
+// channel_open(%{ring_size, inline_threshold, transport, socket_dir, ack_mode,
+//                max_batch_size, flush_interval_us, max_message_size}) -> {:ok, ch} | error
+SPSHM_GUARDED_NIF(nif_channel_open)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  channel::OwnerOptions o;
+  ERL_NIF_TERM v;
+  std::uint64_t ring_size, inline_threshold, max_batch, flush_us, max_msg;
+  if (!get_map_value(env, argv[0], ca.ring_size, &v) || !get_u64(env, v, &ring_size) ||
+      !get_map_value(env, argv[0], ca.inline_threshold, &v) ||
+      !get_u64(env, v, &inline_threshold) || !get_map_value(env, argv[0], ca.max_batch_size, &v) ||
+      !get_u64(env, v, &max_batch) || !get_map_value(env, argv[0], ca.flush_interval_us, &v) ||
+      !get_u64(env, v, &flush_us) || !get_map_value(env, argv[0], ca.max_message_size, &v) ||
+      !get_u64(env, v, &max_msg) || !get_map_value(env, argv[0], ca.socket_dir, &v) ||
+      !get_string(env, v, &o.socket_dir)) {
+    return enif_make_badarg(env);
+  }
+  if (!get_map_value(env, argv[0], ca.transport, &v)) return enif_make_badarg(env);
+  if (enif_is_identical(v, ca.shm)) {
+    o.transport = channel::Wanted::shm;
+  } else if (enif_is_identical(v, ca.socket)) {
+    o.transport = channel::Wanted::socket;
+  } else if (enif_is_identical(v, ca.automatic)) {
+    o.transport = channel::Wanted::automatic;
+  } else {
+    return enif_make_badarg(env);
+  }
+  if (!get_map_value(env, argv[0], ca.ack_mode, &v)) return enif_make_badarg(env);
+  if (enif_is_identical(v, ca.immediate)) {
+    o.ack.mode = ring::AckMode::immediate;
+  } else if (enif_is_identical(v, ca.batch)) {
+    o.ack.mode = ring::AckMode::batch;
+  } else if (enif_is_identical(v, ca.deferred)) {
+    o.ack.mode = ring::AckMode::deferred;
+  } else {
+    return enif_make_badarg(env);
+  }
+  if (max_batch == 0 || max_batch > 1'000'000 || inline_threshold > UINT32_MAX ||
+      flush_us > 3'600'000'000ull || has_nul(o.socket_dir)) {
+    return make_error(env, Errc::invalid_argument, "channel option out of range");
+  }
+  o.ring_size = ring_size;
+  o.inline_max = static_cast<std::uint32_t>(inline_threshold);
+  o.ack.max_batch = static_cast<std::uint32_t>(max_batch);
+  o.ack.flush_interval_ns = flush_us * 1000;
+  o.max_message_size = max_msg;
+  ERL_NIF_TERM refuse;
+  if (get_map_value(env, argv[0], ca.simulate_memfd_failure, &refuse)) {
+    o.refuse_memfd = enif_is_identical(refuse, atoms.true_);
+  }
+  auto r = Endpoint::create_owner(o);
+  if (!r.ok()) return make_error(env, r.error());
+  void* mem = enif_alloc_resource(channel_type, sizeof(ChannelResource));
+  if (mem == nullptr) return make_error(env, Errc::no_space, "out of memory");
+  auto* c = new (mem) ChannelResource();
+  c->ep = std::move(r.value());
+  c->epfd = c->ep->release_wait_fd();
+  ERL_NIF_TERM term = enif_make_resource(env, c);
+  enif_release_resource(c);
+  return make_ok(env, term);
+}
+
+SPSHM_GUARDED_NIF(nif_channel_info)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  ChannelResource* c;
+  if (!get_channel(env, argv[0], &c)) return enif_make_badarg(env);
+  ERL_NIF_TERM keys[] = {ca.path, ca.token, ca.transport, ca.ring_size, ca.inline_max};
+  ERL_NIF_TERM vals[] = {
+      make_binary(env, c->ep->socket_path()), make_binary(env, c->ep->token_hex()),
+      c->ep->transport() == channel::Transport::shm ? ca.shm : ca.socket,
+      enif_make_uint64(env, c->ep->ring_size()), enif_make_uint64(env, c->ep->inline_max())};
+  return make_map(env, keys, vals);
+}
+
+// Arms enif_select on the epoll fd for the calling process:
+// {:select, ch, :undefined, :ready_input} arrives when something happened.
+SPSHM_GUARDED_NIF(nif_channel_select)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  ChannelResource* c;
+  if (!get_channel(env, argv[0], &c)) return enif_make_badarg(env);
+  std::lock_guard<std::mutex> lock(c->mu);
+  if (c->closed || c->epfd < 0) return closed_tuple(env, c);
+  int rc = enif_select(env, static_cast<ErlNifEvent>(c->epfd), ERL_NIF_SELECT_READ, c, nullptr,
+                       atoms.undefined);
+  if (rc < 0) return make_error(env, Errc::io_error, "enif_select refused the channel's fd");
+  c->selected = true;
+  return atoms.ok;
+}
+
+SPSHM_GUARDED_NIF(nif_channel_events)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  ChannelResource* c;
+  if (!get_channel(env, argv[0], &c)) return enif_make_badarg(env);
+  c->ep->handle_events();
+  return c->ep->state() == channel::State::connected   ? ca.connected
+         : c->ep->state() == channel::State::listening ? ca.listening
+                                                       : closed_tuple(env, c);
+}
+
+SPSHM_GUARDED_NIF(nif_channel_send)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  ChannelResource* c;
+  ErlNifBinary bin;
+  if (!get_channel(env, argv[0], &c) || !enif_inspect_binary(env, argv[1], &bin)) {
+    return enif_make_badarg(env);
+  }
+  Error e{Errc::io_error, 0, {}};
+  return io_term(env, c, c->ep->send(bin.data, bin.size, &e), e);
+}
+
+// Dirty: copies a large message into a fresh sealed memfd.
+SPSHM_GUARDED_NIF(nif_channel_prepare_region)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  ErlNifBinary bin;
+  if (!enif_inspect_binary(env, argv[0], &bin) || bin.size == 0) return enif_make_badarg(env);
+  auto fd = Endpoint::prepare_region(bin.data, bin.size);
+  if (!fd.ok()) return make_error(env, fd.error());
+  void* mem = enif_alloc_resource(prepared_type, sizeof(PreparedResource));
+  if (mem == nullptr) {
+    ::close(fd.value());
+    return make_error(env, Errc::no_space, "out of memory");
+  }
+  auto* p = new (mem) PreparedResource();
+  p->fd.store(fd.value());
+  p->size = bin.size;
+  ERL_NIF_TERM term = enif_make_resource(env, p);
+  enif_release_resource(p);
+  return make_ok(env, term);
+}
+
+SPSHM_GUARDED_NIF(nif_channel_send_region)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  ChannelResource* c;
+  PreparedResource* p;
+  if (!get_channel(env, argv[0], &c) ||
+      !enif_get_resource(env, argv[1], prepared_type, reinterpret_cast<void**>(&p))) {
+    return enif_make_badarg(env);
+  }
+  int fd = p->fd.exchange(-1);
+  if (fd < 0) return make_error(env, Errc::invalid_argument, "this message was already sent");
+  Error e{Errc::io_error, 0, {}};
+  Io io = c->ep->send_region(fd, p->size, &e);
+  if (io != Io::ok) p->fd.store(fd);  // kept for a retry (or closed by the destructor)
+  return io_term(env, c, io, e);
+}
+
+// channel_recv(ch, max_count, max_bytes) -> {:ok, [binary]} | {:closed, reason, [binary]}
+//   | {:error, ...}; messages in order, at most max_count, stopping after max_bytes copied.
+SPSHM_GUARDED_NIF(nif_channel_recv)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  ChannelResource* c;
+  std::uint64_t max_count = 0, max_bytes = 0;
+  if (!get_channel(env, argv[0], &c) || !get_u64(env, argv[1], &max_count) ||
+      !get_u64(env, argv[2], &max_bytes) || max_count == 0) {
+    return enif_make_badarg(env);
+  }
+  ERL_NIF_TERM list = enif_make_list(env, 0);
+  std::uint64_t count = 0, copied = 0;
+  ERL_NIF_TERM status = atoms.ok;
+  while (count < max_count && copied < max_bytes) {
+    BinAlloc a;
+    channel::Received r;
+    Error e{Errc::io_error, 0, {}};
+    Io io = c->ep->recv(alloc_binary, &a, &r, &e);
+    if (io == Io::would_block) break;
+    if (io == Io::closed) {
+      status = reason_atom(c->ep->close_reason());
+      break;
+    }
+    if (io == Io::error) {
+      if (a.allocated) enif_release_binary(&a.bin);
+      return make_error(env, e);
+    }
+    ERL_NIF_TERM msg;
+    if (r.kind == channel::Received::data) {
+      if (a.allocated) {
+        msg = enif_make_binary(env, &a.bin);
+      } else {
+        (void)enif_make_new_binary(env, 0, &msg);
+      }
+      copied += r.length;
+    } else {
+      auto m = channel::os::map_fd(r.fd, r.size, false);
+      ::close(r.fd);
+      if (!m.ok()) return make_error(env, m.error());
+      void* mem = enif_alloc_resource(message_type, sizeof(MessageResource));
+      if (mem == nullptr) {
+        channel::os::unmap(m.value(), r.size);
+        return make_error(env, Errc::no_space, "out of memory");
+      }
+      auto* mr = new (mem) MessageResource();
+      mr->addr = m.value();
+      mr->size = r.size;
+      // Zero-copy: the memfd is sealed against writes, so these bytes never change.
+      msg = enif_make_resource_binary(env, mr, mr->addr, mr->size);
+      enif_release_resource(mr);
+      copied += 4096;
+    }
+    list = enif_make_list_cell(env, msg, list);
+    ++count;
+  }
+  ERL_NIF_TERM ordered;
+  enif_make_reverse_list(env, list, &ordered);
+  if (status == atoms.ok) return enif_make_tuple2(env, atoms.ok, ordered);
+  return enif_make_tuple3(env, ca.closed, status, ordered);
+}
+
+SPSHM_GUARDED_NIF(nif_channel_prepare_wait)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  ChannelResource* c;
+  bool want_data, want_space;
+  std::uint64_t need;
+  if (!get_channel(env, argv[0], &c) || !get_bool(env, argv[1], &want_data) ||
+      !get_bool(env, argv[2], &want_space) || !get_u64(env, argv[3], &need)) {
+    return enif_make_badarg(env);
+  }
+  return make_bool(c->ep->prepare_wait(want_data, want_space, need));
+}
+
+SPSHM_GUARDED_NIF(nif_channel_flush)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  ChannelResource* c;
+  if (!get_channel(env, argv[0], &c)) return enif_make_badarg(env);
+  c->ep->flush_acks();
+  return atoms.ok;
+}
+
+SPSHM_GUARDED_NIF(nif_channel_close)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  ChannelResource* c;
+  if (!get_channel(env, argv[0], &c)) return enif_make_badarg(env);
+  close_channel(env, c);
+  return atoms.ok;
+}
+
+// Monitors `pid` as the owner (replacing the previous one): its death closes the channel.
+SPSHM_GUARDED_NIF(nif_channel_monitor)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  ChannelResource* c;
+  ErlNifPid pid;
+  if (!get_channel(env, argv[0], &c) || !enif_get_local_pid(env, argv[1], &pid)) {
+    return enif_make_badarg(env);
+  }
+  std::lock_guard<std::mutex> lock(c->mu);
+  if (c->monitoring) {
+    enif_demonitor_process(env, c, &c->monitor);
+    c->monitoring = false;
+  }
+  int rc = enif_monitor_process(env, c, &pid, &c->monitor);
+  if (rc != 0) return make_error(env, Errc::not_found, "the owner process is not alive");
+  c->monitoring = true;
+  return atoms.ok;
+}
+
+SPSHM_GUARDED_NIF(nif_channel_stats)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  ChannelResource* c;
+  if (!get_channel(env, argv[0], &c)) return enif_make_badarg(env);
+  auto s = c->ep->stats();
+  ERL_NIF_TERM state = s.state == channel::State::listening   ? ca.listening
+                       : s.state == channel::State::connected ? ca.connected
+                                                              : ca.closed;
+  ERL_NIF_TERM keys[] = {ca.transport,
+                         ca.state,
+                         ca.close_reason,
+                         ca.close_detail,
+                         ca.messages_sent,
+                         ca.bytes_sent,
+                         ca.messages_received,
+                         ca.bytes_received,
+                         ca.region_messages_sent,
+                         ca.region_messages_received,
+                         ca.doorbells_rung,
+                         ca.wakeups,
+                         ca.flushes,
+                         ca.pending_acks,
+                         ca.would_blocks,
+                         ca.fallbacks,
+                         ca.fallback_reason,
+                         ca.ring_size,
+                         ca.inline_max,
+                         ca.out_occupancy,
+                         ca.in_occupancy,
+                         ca.peer_pid};
+  ERL_NIF_TERM vals[] = {
+      s.transport == channel::Transport::shm ? ca.shm : ca.socket,
+      state,
+      reason_atom(s.reason),
+      make_binary(env, s.close_detail),
+      enif_make_uint64(env, s.messages_sent),
+      enif_make_uint64(env, s.bytes_sent),
+      enif_make_uint64(env, s.messages_received),
+      enif_make_uint64(env, s.bytes_received),
+      enif_make_uint64(env, s.region_messages_sent),
+      enif_make_uint64(env, s.region_messages_received),
+      enif_make_uint64(env, s.doorbells_rung),
+      enif_make_uint64(env, s.wakeups),
+      enif_make_uint64(env, s.flushes),
+      enif_make_uint64(env, s.pending_acks),
+      enif_make_uint64(env, s.would_blocks),
+      enif_make_uint64(env, s.fallbacks),
+      s.fallback_reason.empty() ? atoms.nil : make_binary(env, s.fallback_reason),
+      enif_make_uint64(env, s.ring_size),
+      enif_make_uint64(env, s.inline_max),
+      enif_make_uint64(env, s.out_occupancy),
+      enif_make_uint64(env, s.in_occupancy),
+      enif_make_uint(env, s.peer_pid)};
+  return make_map(env, keys, vals);
+}
+
+}  // namespace spshm::nif

@@ -1,0 +1,328 @@
+defmodule Snakepit.SharedMemory.Adoption do
+  @moduledoc """
+  Taking over regions that Python workers created (`adopt_region/2`).
+
+  A worker that only learns the size of its result while computing allocates the
+  output itself (`snakepit_shm.allocate/4`, `snakepit_shm.from_array/1`) and hands back
+  its ref. `adopt/2` opens that region read-write, registers it in this VM exactly like
+  a region allocated here (owner, cleanup policy, timeout, limits and quotas apply;
+  `role: :created`, so freeing it destroys it) and sets the `adopted` bit in its header,
+  which tells the worker to close its own descriptors: from then on the VM alone owns
+  it. A region can be adopted once (`:already_adopted`).
+
+  Until adoption the worker owns the region: if it dies first, a memfd region dies with
+  its descriptors and a POSIX region is an orphan (creator gone) that the next orphan
+  sweep removes. After adoption of a POSIX region, the header still names the worker
+  as creator, and carries the adopted bit: the orphan sweeps of other VMs on the host
+  leave it alone while a process (this VM) holds it open, and remove it once this VM
+  is gone too. The memfd backend (the worker's default) needs none of this.
+  """
+
+  require Snakepit.SharedMemory.Registry
+
+  alias Snakepit.SharedMemory.{
+    Allocator,
+    Error,
+    HostQuota,
+    JSON,
+    Native,
+    Options,
+    Quota,
+    Registry
+  }
+
+  alias Snakepit.SharedMemory.{Config, Stats, ZeroCopy}
+
+  import Snakepit.SharedMemory.Registry, only: [region: 1]
+
+  @id ~r/\Aspshm_[a-z2-7]{20}\z/
+  @proc_fd ~r/\A\/proc\/[1-9][0-9]*\/fd\/[0-9]+\z/
+  @adopt_keys [:owner, :cleanup_policy, :timeout, :allowed_processes, :access_mode]
+
+  @doc "Adopts the region of `ref` (see `Snakepit.SharedMemory.adopt_region/2`)."
+  @spec adopt(term(), keyword() | map()) :: {:ok, String.t()} | {:error, Error.t()}
+  def adopt(ref, opts) do
+    with {:ok, opts} <- adopt_options(opts),
+         {:ok, ref} <- ZeroCopy.unwrap(ref),
+         {:ok, id, target} <- target(ref),
+         :ok <- not_registered(id),
+         {:ok, handle, info} <- open(id, target),
+         :ok <- same_region(id, info),
+         :ok <- check_header(id, handle, info),
+         :ok <- check_creator(id, handle, target),
+         {:ok, opts} <- Options.allocate(info.size, worker_timeout(opts, handle)) do
+      register(handle, info, opts)
+    end
+  end
+
+  defp target(%{"region_id" => id, "backend" => "memfd"} = ref) when is_binary(id) do
+    control = Map.get(ref, "control_path")
+    data = Map.get(ref, "data_path")
+
+    cond do
+      not Regex.match?(@id, id) -> bad_ref("region_id #{inspect(id)} is not a region id")
+      not (is_binary(control) and Regex.match?(@proc_fd, control)) -> bad_ref("control_path")
+      not (is_binary(data) and Regex.match?(@proc_fd, data)) -> bad_ref("data_path")
+      true -> {:ok, id, {control, data}}
+    end
+  end
+
+  defp target(%{"region_id" => id, "backend" => "posix"}) when is_binary(id) do
+    if Regex.match?(@id, id),
+      do: {:ok, id, id},
+      else: bad_ref("region_id #{inspect(id)} is not a region id of a worker output")
+  end
+
+  defp target(other),
+    do: bad_ref("expected a ref with region_id and backend, got: #{inspect(other, limit: 8)}")
+
+  defp bad_ref(problem) do
+    Error.error(
+      :invalid_argument,
+      "adopt_region/2 needs the ref a worker returned (snakepit_shm.allocate(...).ref): " <>
+        problem
+    )
+  end
+
+  defp adopt_options(opts) do
+    cond do
+      is_list(opts) and Keyword.keyword?(opts) ->
+        known_options(Map.new(opts))
+
+      is_map(opts) and not is_struct(opts) ->
+        known_options(opts)
+
+      true ->
+        Error.error(
+          :invalid_option,
+          "options must be a keyword list or a map, got: #{inspect(opts, limit: 8)}"
+        )
+    end
+  end
+
+  defp known_options(opts) do
+    case Map.keys(opts) -- @adopt_keys do
+      [] ->
+        {:ok, opts}
+
+      unknown ->
+        Error.error(
+          :invalid_option,
+          "adopt_region/2 accepts #{inspect(@adopt_keys)}, got: #{inspect(unknown)} (size, " <>
+            "metadata, backend and security level come from the worker's region)"
+        )
+    end
+  end
+
+  defp not_registered(id) do
+    if Registry.lookup(id) == nil,
+      do: :ok,
+      else:
+        Error.error(
+          :already_adopted,
+          "region #{id} is already registered in this VM (adopted before, or allocated here)",
+          %{region_id: id}
+        )
+  end
+
+  defp open(id, target) do
+    case Native.open(target, true) do
+      {:ok, handle, info} ->
+        {:ok, handle, info}
+
+      {:error, native} ->
+        error = Error.from_native(native, %{region_id: id})
+
+        {:error,
+         %{
+           error
+           | message:
+               error.message <>
+                 " (adopt the ref while the worker that made it is alive and has not " <>
+                 "discarded it)"
+         }}
+    end
+  end
+
+  # The descriptors a ref names may now hold another region (the worker discarded the
+  # output and made another, or it exited and its pid was reused): never adopt that one.
+  defp same_region(id, %{id: id}), do: :ok
+
+  defp same_region(id, info),
+    do:
+      Error.error(
+        :not_found,
+        "region #{id} is gone: the descriptors its ref names now hold region #{info.id} (the " <>
+          "worker discarded or closed the output, or exited); adopt the ref while the worker " <>
+          "keeps its output",
+        %{region_id: id}
+      )
+
+  # The idle timeout the worker asked for (allocate(timeout=...)) applies unless the
+  # caller gives one.
+  defp worker_timeout(opts, handle) do
+    case Native.header(handle) do
+      {:ok, %{idle_timeout_ns: ns}} when ns > 0 and not is_map_key(opts, :timeout) ->
+        Map.put(opts, :timeout, max(div(ns, 1_000_000), 1))
+
+      _ ->
+        opts
+    end
+  end
+
+  defp check_header(id, handle, info) do
+    {:ok, header} = Native.header(handle)
+
+    cond do
+      info.encrypted ->
+        Error.error(
+          :unsupported,
+          "region #{id} is encrypted: only unencrypted worker outputs can be adopted",
+          %{region_id: id}
+        )
+
+      header.deallocated ->
+        Error.error(:deallocated, "region #{id} was deallocated", %{region_id: id})
+
+      not header.creator_alive ->
+        Error.error(
+          :not_found,
+          "region #{id} is an orphan: the worker that created it (OS pid " <>
+            "#{header.creator_pid}) died before adoption, so it is left to the orphan sweep",
+          %{region_id: id}
+        )
+
+      true ->
+        :ok
+    end
+  end
+
+  # Only a worker's own output: the process whose descriptors the ref names must be the
+  # region's creator, and it must not be this VM (its regions are registered already,
+  # or were freed). Same-uid processes are trusted (docs/SECURITY.md), but a mistaken
+  # ref must not make this VM destroy another VM's region.
+  defp check_creator(id, handle, target) do
+    {:ok, header} = Native.header(handle)
+    me = Native.self_info()
+
+    named_pid =
+      case target do
+        {control, _data} -> control |> String.split("/") |> Enum.at(2) |> String.to_integer()
+        _posix -> header.creator_pid
+      end
+
+    cond do
+      header.creator_pid == me.os_pid ->
+        Error.error(
+          :invalid_argument,
+          "region #{id} was created by this VM, not by a worker: nothing to adopt",
+          %{region_id: id}
+        )
+
+      header.creator_pid != named_pid ->
+        Error.error(
+          :invalid_argument,
+          "region #{id} was created by OS process #{header.creator_pid}, but the ref names " <>
+            "the descriptors of process #{named_pid}: only a worker's own output can be adopted",
+          %{region_id: id}
+        )
+
+      true ->
+        :ok
+    end
+  end
+
+  defp register(handle, info, opts) do
+    id = info.id
+    {:ok, header} = Native.header(handle)
+
+    with :ok <- Quota.reserve(opts.owner, info.size, Config.get()),
+         {:ok, host} <- host_reserve(info.size, opts),
+         :ok <- mark(handle, id, opts, host) do
+      timeout = opts.timeout
+      _ = Native.set_idle_timeout(handle, if(timeout == :infinity, do: 0, else: timeout))
+
+      record =
+        region(
+          id: id,
+          ref: handle,
+          size: info.size,
+          backend: info.backend,
+          role: :created,
+          name: nil,
+          owner: opts.owner,
+          created_at: System.system_time(:millisecond),
+          seq: System.unique_integer([:monotonic]),
+          permissions: opts.permissions,
+          security_level: :standard,
+          cleanup_policy: opts.cleanup_policy,
+          timeout: timeout,
+          access_mode: opts.access_mode,
+          allowed: opts.allowed,
+          metadata: decode(header.metadata),
+          counters: Allocator.new_counters(info),
+          adopted: true
+        )
+
+      if Registry.insert_new(record) do
+        HostQuota.Regions.bind(host, id, :created)
+        watch(handle, id, opts.owner)
+        # Other nodes find it with locate/1 and fetch/2, as a region allocated here.
+        Snakepit.SharedMemory.Cluster.Directory.added(id)
+        Stats.count(:allocations)
+        {:ok, id}
+      else
+        Quota.release(opts.owner, info.size)
+        HostQuota.Regions.discard(host)
+        not_registered(id)
+      end
+    end
+  end
+
+  # The host-wide quota (config :host_quota) holds adopted regions as it holds allocated
+  # ones: the region counts against the budget from now until it is freed.
+  defp host_reserve(size, opts) do
+    case HostQuota.Regions.reserve(size) do
+      {:ok, host} ->
+        {:ok, host}
+
+      {:error, _} = error ->
+        Quota.release(opts.owner, size)
+        error
+    end
+  end
+
+  defp mark(handle, id, opts, host) do
+    case Native.mark_adopted(handle) do
+      :ok ->
+        :ok
+
+      {:error, {reason, message, _}} ->
+        Quota.release(opts.owner, Native.info(handle).size)
+        HostQuota.Regions.discard(host)
+
+        reason = if reason == :busy, do: :already_adopted, else: reason
+        Error.error(reason, "cannot adopt #{id}: #{message}", %{region_id: id})
+    end
+  end
+
+  defp watch(handle, id, owner) do
+    case Native.monitor_owner(handle, owner) do
+      :ok ->
+        :ok
+
+      {:error, _} ->
+        case Process.whereis(Snakepit.SharedMemory.Manager) do
+          nil -> :ok
+          manager -> send(manager, {:snakepit_shm_owner_down, id, owner})
+        end
+    end
+  end
+
+  defp decode(json) do
+    case JSON.decode(json) do
+      {:ok, map} when is_map(map) -> map
+      _ -> %{}
+    end
+  end
+end

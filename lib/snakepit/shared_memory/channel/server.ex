@@ -1,0 +1,436 @@
+defmodule Snakepit.SharedMemory.Channel.Server do
+  @moduledoc false
+  # The process behind a Snakepit.SharedMemory.Channel (what a port is to :gen_tcp). It is
+  # the target of enif_select on the channel's epoll fd: each {:select, ...} message means
+  # "the doorbell rang, the control socket has news, or ring space came back". It then
+  # drains the incoming ring (NIF calls bounded to 1 MiB / 64 messages each), delivers
+  # active-mode messages to the owner, answers passive recv/2 callers and senders waiting
+  # for space, and re-arms the select after announcing in the ring what it waits for.
+  # It never loops on its own: when something is ready at once it sends itself :poll, so
+  # calls (setopts, close) interleave with a busy stream.
+
+  use GenServer
+
+  import Bitwise, only: [<<<: 2]
+
+  alias Snakepit.SharedMemory.{Channel, Error, Native, Stats}
+
+  @registry Snakepit.SharedMemory.ChannelRegistry
+  @batch 64
+  @recv_bytes 1 <<< 20
+
+  @spec start(pid(), keyword()) :: {:ok, Channel.t()} | {:error, Error.t()}
+  def start(owner, opts) do
+    case GenServer.start(__MODULE__, {owner, opts}) do
+      {:ok, pid} -> GenServer.call(pid, :channel, :infinity)
+      {:error, {:shutdown, %Error{} = error}} -> {:error, error}
+      {:error, other} -> Error.error(:io_error, "channel failed to start: #{inspect(other)}")
+    end
+  end
+
+  @spec all() :: [Channel.t()]
+  def all do
+    if Process.whereis(@registry) do
+      for {_pid, ch} <- Registry.lookup(@registry, :channels), do: ch
+    else
+      []
+    end
+  end
+
+  @impl true
+  def init({owner, opts}) do
+    native_opts = %{
+      ring_size: opts[:ring_size],
+      inline_threshold: opts[:inline_threshold] || 0,
+      transport: opts[:transport],
+      socket_dir: opts[:socket_dir] || "",
+      ack_mode: opts[:ack_mode],
+      max_batch_size: opts[:max_batch_size],
+      flush_interval_us: opts[:flush_interval] * 1000,
+      max_message_size: opts[:max_message_size],
+      simulate_memfd_failure: opts[:simulate_memfd_failure] == true
+    }
+
+    with {:ok, res} <- open_native(native_opts),
+         :ok <- monitor_native(res, owner) do
+      info = Native.channel_info(res)
+      timeout = :atomics.new(1, signed: true)
+      :atomics.put(timeout, 1, Channel.encode_timeout(opts[:send_timeout]))
+
+      ch = %Channel{
+        id: "spshm_ch_" <> random_id(),
+        resource: res,
+        server: self(),
+        inline_max: info.inline_max,
+        send_timeout: timeout
+      }
+
+      if Process.whereis(@registry), do: Registry.register(@registry, :channels, ch)
+
+      Stats.telemetry([:snakepit_shm, :channel, :open], %{count: 1}, %{
+        id: ch.id,
+        transport: info.transport
+      })
+
+      state = %{
+        ch: ch,
+        res: res,
+        owner: owner,
+        owner_mon: Process.monitor(owner),
+        active: normalize_active(opts[:active]),
+        recv_q: :queue.new(),
+        space: [],
+        closed: nil,
+        closed_sent: false,
+        connected: false,
+        poll_pending: false
+      }
+
+      {:ok, arm(state)}
+    else
+      {:error, %Error{} = error} -> {:stop, {:shutdown, error}}
+    end
+  end
+
+  defp open_native(opts) do
+    case Native.channel_open(opts) do
+      {:ok, res} -> {:ok, res}
+      {:error, native} -> {:error, Error.from_native(native)}
+    end
+  end
+
+  defp monitor_native(res, owner) do
+    case Native.channel_monitor(res, owner) do
+      :ok ->
+        :ok
+
+      {:error, _} ->
+        Native.channel_close(res)
+        Error.error(:not_found, "the channel's owner #{inspect(owner)} is not alive")
+    end
+  end
+
+  defp random_id do
+    :crypto.strong_rand_bytes(10) |> Base.encode32(case: :lower, padding: false)
+  end
+
+  defp normalize_active(n) when is_integer(n) and n <= 0, do: false
+  defp normalize_active(a), do: a
+
+  # ---- calls ----
+
+  @impl true
+  def handle_call(:channel, _from, state), do: {:reply, {:ok, state.ch}, state}
+
+  def handle_call(:owner_info, _from, state) do
+    {:reply, {:ok, %{active: state.active, owner: state.owner}}, state}
+  end
+
+  def handle_call({:recv, _timeout}, _from, %{active: active} = state) when active != false do
+    {:reply,
+     Error.error(:active_mode, "recv/2 needs active: false (the channel delivers messages)"),
+     state}
+  end
+
+  def handle_call({:recv, timeout}, from, state) do
+    state = deliver(state)
+    first = if :queue.is_empty(state.recv_q), do: take_one(state), else: nil
+
+    cond do
+      first != nil ->
+        {reply, state} = first
+        {:reply, reply, arm(state)}
+
+      state.closed != nil ->
+        {:reply, Channel.closed_error(state.ch.id, state.closed), state}
+
+      timeout == 0 ->
+        {:reply, timeout_error(state), state}
+
+      true ->
+        timer =
+          if timeout == :infinity,
+            do: nil,
+            else: Process.send_after(self(), {:recv_timeout, from}, timeout)
+
+        state = %{state | recv_q: :queue.in({from, timer}, state.recv_q)}
+        {:noreply, arm(state)}
+    end
+  end
+
+  def handle_call({:active, a}, _from, state) do
+    active =
+      case {a, state.active} do
+        {n, cur} when is_integer(n) and is_integer(cur) -> cur + n
+        {n, _} -> n
+      end
+
+    state = %{state | active: normalize_active(active)}
+
+    if is_integer(active) and active <= 0 do
+      send(state.owner, {:snakepit_shm_channel_passive, state.ch})
+    end
+
+    {:reply, :ok, process(state)}
+  end
+
+  def handle_call({:await_space, need, remaining}, from, state) do
+    if state.closed != nil do
+      {:reply, Channel.closed_error(state.ch.id, state.closed), state}
+    else
+      timer =
+        if remaining == :infinity,
+          do: nil,
+          else: Process.send_after(self(), {:space_timeout, from}, remaining)
+
+      {:noreply, arm(%{state | space: [{from, need, timer} | state.space]})}
+    end
+  end
+
+  def handle_call({:controlling_process, caller, pid}, _from, state) do
+    cond do
+      caller != state.owner ->
+        {:reply, Error.error(:not_owner, "only the channel's owner may hand it over"), state}
+
+      Native.channel_monitor(state.res, pid) != :ok ->
+        {:reply, Error.error(:not_found, "the new owner #{inspect(pid)} is not alive"), state}
+
+      true ->
+        Process.demonitor(state.owner_mon, [:flush])
+        {:reply, :ok, %{state | owner: pid, owner_mon: Process.monitor(pid)}}
+    end
+  end
+
+  def handle_call(:close, _from, state) do
+    Native.channel_close(state.res)
+    state = fail_waiters(%{state | closed: state.closed || :closed})
+    closed_telemetry(state, :closed)
+    {:stop, :normal, :ok, state}
+  end
+
+  # ---- events ----
+
+  @impl true
+  def handle_info({:select, _res, :undefined, :ready_input}, state) do
+    state =
+      case Native.channel_events(state.res) do
+        :connected when not state.connected ->
+          Stats.telemetry([:snakepit_shm, :channel, :connected], %{count: 1}, %{id: state.ch.id})
+          %{state | connected: true}
+
+        _ ->
+          state
+      end
+
+    {:noreply, process(state)}
+  end
+
+  def handle_info(:poll, state), do: {:noreply, process(%{state | poll_pending: false})}
+
+  def handle_info({:recv_timeout, from}, state) do
+    {hits, rest} = Enum.split_with(:queue.to_list(state.recv_q), fn {f, _} -> f == from end)
+    if hits != [], do: GenServer.reply(from, timeout_error(state))
+    {:noreply, %{state | recv_q: :queue.from_list(rest)}}
+  end
+
+  def handle_info({:space_timeout, from}, state) do
+    {hits, rest} = Enum.split_with(state.space, fn {f, _, _} -> f == from end)
+
+    if hits != [] do
+      GenServer.reply(
+        from,
+        Error.error(:timeout, "no ring space within :send_timeout: the worker does not read", %{
+          channel: state.ch.id
+        })
+      )
+    end
+
+    {:noreply, %{state | space: rest}}
+  end
+
+  def handle_info({:DOWN, ref, :process, _pid, _reason}, %{owner_mon: ref} = state) do
+    Native.channel_close(state.res)
+    closed_telemetry(state, :owner_down)
+    {:stop, :normal, fail_waiters(%{state | closed: state.closed || :closed})}
+  end
+
+  def handle_info(_other, state), do: {:noreply, state}
+
+  @impl true
+  def terminate(_reason, state) do
+    Native.channel_close(state.res)
+    :ok
+  end
+
+  # ---- the work ----
+
+  defp process(state) do
+    state
+    |> deliver()
+    |> wake_senders()
+    |> arm()
+  end
+
+  defp deliver(%{closed: closed} = state) when closed != nil, do: state
+
+  defp deliver(%{active: false} = state) do
+    if :queue.is_empty(state.recv_q) do
+      state
+    else
+      {{:value, {from, timer}}, q} = :queue.out(state.recv_q)
+
+      case take_one(state) do
+        nil ->
+          state
+
+        {{:error, _} = reply, state} ->
+          if timer, do: Process.cancel_timer(timer)
+          GenServer.reply(from, reply)
+          fail_waiters(%{state | recv_q: q})
+
+        {reply, state} ->
+          if timer, do: Process.cancel_timer(timer)
+          GenServer.reply(from, reply)
+          deliver(%{state | recv_q: q})
+      end
+    end
+  end
+
+  defp deliver(state) do
+    count =
+      case state.active do
+        n when is_integer(n) -> min(n, @batch)
+        :once -> 1
+        true -> @batch
+      end
+
+    {msgs, status} = recv(state, count)
+    for m <- msgs, do: send(state.owner, {:snakepit_shm_channel, state.ch, m})
+    n = length(msgs)
+
+    state =
+      case state.active do
+        :once when n > 0 ->
+          %{state | active: false}
+
+        a when is_integer(a) ->
+          left = a - n
+
+          if left <= 0 do
+            send(state.owner, {:snakepit_shm_channel_passive, state.ch})
+            %{state | active: false}
+          else
+            %{state | active: left}
+          end
+
+        _ ->
+          state
+      end
+
+    case status do
+      :open -> state
+      reason -> closed(state, reason)
+    end
+  end
+
+  # One message for a passive caller: {{:ok, bin} | {:error, e}, state} or nil.
+  defp take_one(state) do
+    case recv(state, 1) do
+      {[m], :open} -> {{:ok, m}, state}
+      {[m], reason} -> {{:ok, m}, mark_closed(state, reason)}
+      {[], :open} -> nil
+      {[], reason} -> {Channel.closed_error(state.ch.id, reason), mark_closed(state, reason)}
+    end
+  end
+
+  defp recv(state, count) do
+    case Native.channel_recv(state.res, count, @recv_bytes) do
+      {:ok, msgs} -> {msgs, :open}
+      {:closed, reason, msgs} -> {msgs, reason}
+      {:error, _native} -> {[], :io_error}
+    end
+  end
+
+  defp mark_closed(state, reason) do
+    if state.closed == nil do
+      Native.channel_close(state.res)
+      closed_telemetry(state, reason)
+      %{state | closed: reason}
+    else
+      state
+    end
+  end
+
+  defp closed(state, reason) do
+    state = mark_closed(state, reason)
+
+    if state.closed_sent do
+      state
+    else
+      send(state.owner, {:snakepit_shm_channel_closed, state.ch, state.closed})
+      fail_waiters(%{state | closed_sent: true})
+    end
+  end
+
+  defp fail_waiters(state) do
+    reason = state.closed || :closed
+
+    for {from, timer} <- :queue.to_list(state.recv_q) do
+      if timer, do: Process.cancel_timer(timer)
+      GenServer.reply(from, Channel.closed_error(state.ch.id, reason))
+    end
+
+    for {from, _need, timer} <- state.space do
+      if timer, do: Process.cancel_timer(timer)
+      GenServer.reply(from, Channel.closed_error(state.ch.id, reason))
+    end
+
+    %{state | recv_q: :queue.new(), space: []}
+  end
+
+  # Senders waiting for space retry (a spurious wake-up costs them one NIF call).
+  defp wake_senders(%{space: []} = state), do: state
+
+  defp wake_senders(state) do
+    for {from, _need, timer} <- state.space do
+      if timer, do: Process.cancel_timer(timer)
+      GenServer.reply(from, :retry)
+    end
+
+    %{state | space: []}
+  end
+
+  defp arm(%{closed: closed} = state) when closed != nil, do: state
+
+  defp arm(state) do
+    want_data = state.active != false or not :queue.is_empty(state.recv_q)
+    want_space = state.space != []
+    need = Enum.reduce(state.space, 0, fn {_, n, _}, acc -> max(n, acc) end)
+
+    if Native.channel_prepare_wait(state.res, want_data, want_space, need) do
+      case Native.channel_select(state.res) do
+        :ok -> state
+        {:closed, reason} -> closed(state, reason)
+        {:error, _} -> closed(state, :io_error)
+      end
+    else
+      if state.poll_pending do
+        state
+      else
+        send(self(), :poll)
+        %{state | poll_pending: true}
+      end
+    end
+  end
+
+  defp timeout_error(state) do
+    Error.error(:timeout, "no message within the timeout", %{channel: state.ch.id})
+  end
+
+  defp closed_telemetry(state, reason) do
+    Stats.telemetry([:snakepit_shm, :channel, :closed], %{count: 1}, %{
+      id: state.ch.id,
+      reason: reason
+    })
+  end
+end

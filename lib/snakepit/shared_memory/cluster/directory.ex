@@ -1,0 +1,241 @@
+defmodule Snakepit.SharedMemory.Cluster.Directory do
+  @moduledoc """
+  The cluster-wide region directory: which node holds which region.
+
+  One directory process per node joins the `:pg` group `#{inspect(:managers)}` of the
+  scope `#{inspect(:snakepit_shm_cluster)}` (started by the application's supervisor),
+  so the group's members are the snakepit_shm managers of the cluster, one per node.
+
+  ## Sharding
+
+  The directory is sharded by region id over the group's member nodes with rendezvous
+  (highest random weight) hashing: the shard of `id` is the member node with the
+  largest `:erlang.phash2({id, node}, 2^32)` (ties broken by node order). Every node
+  computes the same shard from the same member list, so a lookup is:
+
+    * a region of this node: found in the local registry, no remote call;
+    * a region whose shard is this node: one ETS lookup, no remote call;
+    * any other region: exactly one `:erpc.call/5` to the shard's node, which answers
+      from its ETS table (no process of that node is involved).
+
+  ## Keeping it current
+
+    * Allocation and deallocation (in `Snakepit.SharedMemory.Allocator`) cast
+      `{:added, id}` / `{:removed, id}` to the local directory, which forwards the entry
+      to the id's shard (one message; nothing is broadcast).
+    * Membership changes come from `:pg.monitor/2` (join and leave of members) and from
+      `:net_kernel.monitor_nodes/1` (`nodedown`). On every change each directory drops
+      the entries of nodes that left, drops the entries whose shard moved elsewhere, and
+      re-registers the ids of its own regions (read from the registry, the source of
+      truth) with their new shards. Only ids whose shard changed move in a rendezvous
+      scheme, but re-sending every local id keeps the protocol free of hand-offs: a
+      shard that moved away is simply rebuilt by the regions' own nodes.
+
+  Between a membership change and the end of that re-registration (a few milliseconds
+  on a LAN) a lookup of a region whose shard just moved can answer `:not_found`: the
+  directory is eventually consistent, the registry of each node is authoritative
+  (`fetch/2` asks the region's node, which checks its registry).
+  """
+
+  use GenServer
+
+  require Logger
+
+  alias Snakepit.SharedMemory.Registry
+
+  @scope :snakepit_shm_cluster
+  @group :managers
+  @table :snakepit_shm_cluster_directory
+  @meta :snakepit_shm_cluster_meta
+  @range 4_294_967_296
+
+  @doc false
+  def scope, do: @scope
+  @doc false
+  def group, do: @group
+
+  @doc false
+  def start_link(_arg), do: GenServer.start_link(__MODULE__, nil, name: __MODULE__)
+
+  @doc "The member nodes of the group as this node sees them, sorted (this node included)."
+  @spec members() :: [node()]
+  def members do
+    case :ets.lookup(@meta, :members) do
+      [{:members, nodes}] ->
+        if node() in nodes do
+          nodes
+        else
+          # This VM became a distributed node (or changed its name) since the last
+          # membership change: no event says so; the directory re-registers under the
+          # new name, and until then this node alone is the directory.
+          notify(:renamed)
+          [node()]
+        end
+
+      [] ->
+        [node()]
+    end
+  rescue
+    ArgumentError -> [node()]
+  end
+
+  @doc "The node holding the directory shard of `id` among `nodes` (rendezvous hashing)."
+  @spec shard(String.t(), [node()]) :: node()
+  def shard(_id, []), do: node()
+
+  def shard(id, nodes) do
+    {_weight, node} = nodes |> Enum.map(&{:erlang.phash2({id, &1}, @range), &1}) |> Enum.max()
+    node
+  end
+
+  @doc """
+  The node of `id` according to this node's shard table: `{:ok, node}` or `:error`.
+  Called by other nodes through `:erpc`; reads ETS only.
+  """
+  @spec shard_lookup(String.t()) :: {:ok, node()} | :error
+  def shard_lookup(id) do
+    case :ets.lookup(@table, id) do
+      [{^id, node} | _] -> {:ok, node}
+      [] -> :error
+    end
+  rescue
+    ArgumentError -> :error
+  end
+
+  @doc "Every `{id, node}` entry of this node's shard (for tests and tools)."
+  @spec shard_entries() :: [{String.t(), node()}]
+  def shard_entries do
+    :ets.tab2list(@table)
+  rescue
+    ArgumentError -> []
+  end
+
+  @doc "Called by the allocator when a region of this node was registered."
+  @spec added(String.t()) :: :ok
+  def added(id), do: notify({:added, id})
+
+  @doc "Called by the allocator when a region of this node was freed."
+  @spec removed(String.t()) :: :ok
+  def removed(id), do: notify({:removed, id})
+
+  defp notify(message) do
+    case Process.whereis(__MODULE__) do
+      nil -> :ok
+      pid -> send(pid, message)
+    end
+
+    :ok
+  end
+
+  @doc """
+  Waits until this node's directory has handled everything sent to it before, then
+  returns the member nodes it sees. For tests and tools that need a settled state.
+  """
+  @spec sync() :: [node()]
+  def sync, do: GenServer.call(__MODULE__, :sync, 30_000)
+
+  # ---- GenServer ----
+
+  @impl true
+  def init(nil) do
+    # A bag: a named POSIX region opened by two nodes of one host is on both.
+    :ets.new(@table, [:bag, :protected, :named_table, {:read_concurrency, true}])
+    :ets.new(@meta, [:set, :protected, :named_table, {:read_concurrency, true}])
+    :ok = :net_kernel.monitor_nodes(true)
+    {ref, pids} = :pg.monitor(@scope, @group)
+    :ok = :pg.join(@scope, @group, self())
+    state = %{pg_ref: ref, pids: MapSet.new([self() | pids]), nodes: []}
+    {:ok, rebalance(state)}
+  end
+
+  @impl true
+  def handle_call(:sync, _from, state), do: {:reply, state.nodes, state}
+
+  @impl true
+  def handle_info({:added, id}, state) do
+    register(id, node(), state)
+    {:noreply, state}
+  end
+
+  def handle_info({:removed, id}, state) do
+    unregister(id, node(), state)
+    {:noreply, state}
+  end
+
+  # From other nodes' directories (or this one): entries of this shard.
+  def handle_info({:register, from_node, ids}, state) do
+    :ets.insert(@table, Enum.map(ids, &{&1, from_node}))
+    {:noreply, state}
+  end
+
+  def handle_info({:unregister, from_node, id}, state) do
+    :ets.delete_object(@table, {id, from_node})
+    {:noreply, state}
+  end
+
+  def handle_info({ref, :join, @group, pids}, %{pg_ref: ref} = state) do
+    {:noreply, rebalance(%{state | pids: MapSet.union(state.pids, MapSet.new(pids))})}
+  end
+
+  def handle_info({ref, :leave, @group, pids}, %{pg_ref: ref} = state) do
+    {:noreply, rebalance(%{state | pids: MapSet.difference(state.pids, MapSet.new(pids))})}
+  end
+
+  def handle_info({:nodedown, down}, state) do
+    pids = state.pids |> Enum.reject(&(node(&1) == down)) |> MapSet.new()
+    {:noreply, rebalance(%{state | pids: pids})}
+  end
+
+  def handle_info({:nodeup, _node}, state), do: {:noreply, rebalance(state)}
+
+  def handle_info(:renamed, state), do: {:noreply, rebalance(state)}
+
+  def handle_info(message, state) do
+    Logger.debug("snakepit_shm cluster directory: unexpected message #{inspect(message)}")
+    {:noreply, state}
+  end
+
+  # ---- helpers ----
+
+  defp register(id, from_node, state) do
+    case shard(id, state.nodes) do
+      me when me == node() -> :ets.insert(@table, {id, from_node})
+      other -> send({__MODULE__, other}, {:register, from_node, [id]})
+    end
+  end
+
+  defp unregister(id, from_node, state) do
+    case shard(id, state.nodes) do
+      me when me == node() -> :ets.delete_object(@table, {id, from_node})
+      other -> send({__MODULE__, other}, {:unregister, from_node, id})
+    end
+  end
+
+  defp rebalance(state) do
+    nodes = state.pids |> Enum.map(&node/1) |> Enum.uniq() |> Enum.sort()
+
+    if nodes == state.nodes do
+      state
+    else
+      :ets.insert(@meta, {:members, nodes})
+      live = MapSet.new(nodes)
+
+      # Entries of nodes that left, and entries whose shard is no longer this node.
+      for {id, at} <- :ets.tab2list(@table),
+          not MapSet.member?(live, at) or shard(id, nodes) != node(),
+          do: :ets.delete_object(@table, {id, at})
+
+      state = %{state | nodes: nodes}
+
+      # Re-register every region of this node with its shard, one message per shard.
+      Registry.ids()
+      |> Enum.group_by(&shard(&1, nodes))
+      |> Enum.each(fn
+        {me, ids} when me == node() -> :ets.insert(@table, Enum.map(ids, &{&1, node()}))
+        {other, ids} -> send({__MODULE__, other}, {:register, node(), ids})
+      end)
+
+      state
+    end
+  end
+end

@@ -1,0 +1,228 @@
+defmodule Snakepit.SharedMemory.HostQuota do
+  @moduledoc """
+  Quotas shared by every process of one host (BEAM VMs and Python workers), held by
+  sessions and released when a client dies.
+
+      :ok = HostQuota.define("gpu0", 16 * 1024 * 1024 * 1024)
+      {:ok, res} = HostQuota.reserve("gpu0", 4 * 1024 * 1024 * 1024, wait: 5_000)
+      # ... use the 4 GiB ...
+      :ok = HostQuota.release(res)
+
+  A per-host server (one of the VMs, elected by the kernel) tracks what each client
+  session holds. A reservation ends with `release/1`, with the death of its owner
+  process (the caller by default, see `:owner`), or with its client's session: when a
+  VM or a Python worker dies, even by SIGKILL, its socket closes and the server
+  releases everything it held at once. There is no shared table, no robust mutex and no
+  PID scan; see `docs/QUOTA.md` for the protocol, the election and the takeover.
+
+  Python workers use the same quotas through `snakepit_shm.HostQuota`.
+
+  Every function takes a `:client` option: the pid of a client started with
+  `Snakepit.SharedMemory.HostQuota.Client.start_link/1` (tests and tools use one per
+  quota directory). Defaults to this VM's client, started on first use for the quota
+  directory of `Snakepit.SharedMemory.HostQuota.RuntimeDir`.
+
+  With `config :snakepit_shm, host_quota: "shm_total"` the manager reserves every
+  region it creates from that quota (see `Snakepit.SharedMemory.Config`).
+  """
+
+  alias Snakepit.SharedMemory.Error
+  alias Snakepit.SharedMemory.HostQuota.{Client, Protocol, Reservation}
+
+  @type name :: String.t()
+  @type usage :: Protocol.quota_usage()
+
+  @call_margin 5_000
+
+  @doc """
+  Defines the quota `name` (1-64 characters of `[A-Za-z0-9_.:-]`) with `limit` units
+  (bytes, slots, licences: the server only adds and compares), or changes the limit of
+  an existing one. Lowering a limit below what is held revokes nothing: new
+  reservations wait (or fail) until enough is released.
+
+  Options: `:client` (see the module doc).
+  """
+  @spec define(name(), non_neg_integer(), keyword()) :: :ok | {:error, Error.t()}
+  def define(name, limit, opts \\ []) do
+    with :ok <- check_name(name),
+         :ok <- check_u64(limit, "limit", 0),
+         {:ok, client} <- client(opts) do
+      Client.call(client, {:define, name, limit}, @call_margin)
+    end
+  end
+
+  @doc """
+  Reserves `amount` units of quota `name`.
+
+  Returns `{:ok, reservation}`, or `{:error, %Error{reason: :quota_exceeded}}` whose
+  message says how much is used, by whom (OS pid, node name or program) and how much is
+  left; `:unknown_quota` if nobody defined it; `:unavailable` if no server answers.
+
+  Options:
+
+    * `:wait` - milliseconds to wait in line for capacity instead of failing at once,
+      or `:infinity`. Waiters are granted strictly in arrival order (a large request at
+      the head is not overtaken by smaller ones). Defaults to `0`.
+    * `:owner` - the pid whose death releases the reservation, or `nil` to tie it only
+      to this VM's session. Defaults to `self()`.
+    * `:client` - see the module doc.
+  """
+  @spec reserve(name(), pos_integer(), keyword()) :: {:ok, Reservation.t()} | {:error, Error.t()}
+  def reserve(name, amount, opts \\ []) do
+    wait = Keyword.get(opts, :wait, 0)
+    owner = Keyword.get(opts, :owner, self())
+
+    with :ok <- check_name(name),
+         :ok <- check_u64(amount, "amount", 1),
+         :ok <- check_wait(wait),
+         :ok <- check_owner(owner),
+         {:ok, client} <- client(opts) do
+      res = %Reservation{
+        id: System.unique_integer([:positive]),
+        name: name,
+        amount: amount,
+        owner: owner,
+        client: client
+      }
+
+      timeout = if wait == :infinity, do: :infinity, else: wait + @call_margin
+
+      case Client.call(client, {:reserve, res, wait}, timeout) do
+        {:error, %Error{reason: :unavailable}} = error ->
+          # Whatever the server decides later, this reservation must not stay held.
+          GenServer.cast(client, {:abandon, res.id})
+          error
+
+        other ->
+          other
+      end
+    end
+  end
+
+  @doc """
+  Releases a reservation. `{:error, %Error{reason: :not_found}}` if it is not held
+  any more (released before, or its owner died).
+  """
+  @spec release(Reservation.t()) :: :ok | {:error, Error.t()}
+  def release(%Reservation{client: client} = res),
+    do: Client.call(client, {:release, res}, @call_margin)
+
+  @doc """
+  What the server knows of quota `name` (`nil`: every quota): limit, total used, each
+  holder (OS pid, kind `:beam | :python | :other`, label = node name or program, amount,
+  number of reservations) and each waiter in line order. `{:ok, []}` for an unknown
+  name.
+  """
+  @spec usage(name() | nil, keyword()) :: {:ok, [usage()]} | {:error, Error.t()}
+  def usage(name \\ nil, opts \\ []) do
+    with :ok <- if(name == nil, do: :ok, else: check_name(name)),
+         {:ok, client} <- client(opts) do
+      Client.call(client, {:usage, name}, @call_margin)
+    end
+  end
+
+  @doc "The reservations this client holds (all owners)."
+  @spec held(keyword()) :: [Reservation.t()]
+  def held(opts \\ []) do
+    case client(opts) do
+      {:ok, client} -> GenServer.call(client, :held)
+      {:error, _} -> []
+    end
+  end
+
+  @doc """
+  About this VM's client: its quota directory, whether it is connected, whether this
+  VM serves.
+  """
+  @spec info(keyword()) :: {:ok, map()} | {:error, Error.t()}
+  def info(opts \\ []) do
+    with {:ok, client} <- client(opts), do: {:ok, GenServer.call(client, :info)}
+  end
+
+  @doc false
+  # The default client of this VM, started on first use.
+  @spec client(keyword()) :: {:ok, pid()} | {:error, Error.t()}
+  def client(opts) do
+    case Keyword.get(opts, :client) do
+      pid when is_pid(pid) -> {:ok, pid}
+      nil -> default_client(opts)
+      other -> Error.error(:invalid_option, ":client must be a pid, got: #{inspect(other)}")
+    end
+  end
+
+  defp default_client(_opts) do
+    case Process.whereis(Client) do
+      nil -> start_default([])
+      pid -> {:ok, pid}
+    end
+  end
+
+  @doc false
+  # Starts this VM's client under the application (`define` gives limits to set on the
+  # first connection).
+  @spec start_default(keyword()) :: {:ok, pid()} | {:error, Error.t()}
+  def start_default(define) do
+    spec = {Client, name: Client, define: define}
+
+    result =
+      case Process.whereis(Snakepit.SharedMemory.HostQuota.Supervisor) do
+        nil -> Client.start_link(name: Client, define: define)
+        sup -> DynamicSupervisor.start_child(sup, spec)
+      end
+
+    case result do
+      {:ok, pid} ->
+        {:ok, pid}
+
+      {:error, {:already_started, pid}} ->
+        {:ok, pid}
+
+      {:error, %Error{} = error} ->
+        {:error, error}
+
+      {:error, reason} ->
+        Error.error(:unavailable, "cannot start the host quota client: #{inspect(reason)}")
+    end
+  end
+
+  defp check_name(name) do
+    if Protocol.valid_name?(name),
+      do: :ok,
+      else:
+        Error.error(
+          :invalid_option,
+          "a host quota name must be 1-64 characters of [A-Za-z0-9_.:-], got: #{inspect(name)}"
+        )
+  end
+
+  defp check_u64(value, _what, min)
+       when is_integer(value) and value >= min and value < 0x1_0000_0000_0000_0000,
+       do: :ok
+
+  defp check_u64(value, what, min),
+    do:
+      Error.error(
+        :invalid_option,
+        "#{what} must be an integer from #{min} to 2^64-1, got: #{inspect(value)}"
+      )
+
+  defp check_wait(:infinity), do: :ok
+  defp check_wait(ms) when is_integer(ms) and ms >= 0 and ms < 0xFFFF_FFFF, do: :ok
+
+  defp check_wait(other),
+    do:
+      Error.error(
+        :invalid_option,
+        ":wait must be milliseconds (a non-negative integer) or :infinity, got: #{inspect(other)}"
+      )
+
+  defp check_owner(nil), do: :ok
+  defp check_owner(pid) when is_pid(pid) and node(pid) == node(), do: :ok
+
+  defp check_owner(other),
+    do:
+      Error.error(
+        :invalid_option,
+        ":owner must be a local pid or nil, got: #{inspect(other)}"
+      )
+end

@@ -1,0 +1,103 @@
+"""asyncio API of the message channel::
+
+    import snakepit_shm.aio
+
+    async def main(ref):
+        async with await snakepit_shm.aio.connect(ref) as ch:
+            msg = await ch.recv()
+            await ch.send(msg)
+
+Waiting uses ``loop.add_reader`` on the channel's descriptor: no thread, no polling.
+The handshake runs in the default executor so it never blocks the loop.
+"""
+
+import asyncio
+import functools
+import time
+
+from .channel import Channel, WouldBlock
+
+__all__ = ["connect", "AsyncChannel"]
+
+
+async def connect(ref, **options):
+    """Connect to a channel (see :meth:`snakepit_shm.Channel.connect`) without blocking."""
+    loop = asyncio.get_running_loop()
+    ch = await loop.run_in_executor(None, functools.partial(Channel.connect, ref, **options))
+    return AsyncChannel(ch)
+
+
+class AsyncChannel:
+    """A :class:`snakepit_shm.Channel` with awaitable ``send`` and ``recv``."""
+
+    def __init__(self, channel):
+        """Wrap a connected :class:`Channel`."""
+        self.channel = channel
+
+    async def _wait(self, want_data, want_space, need, deadline):
+        ch = self.channel
+        if ch._prepare_wait(want_data, want_space, need):
+            loop = asyncio.get_running_loop()
+            fut = loop.create_future()
+            fd = ch.fileno()
+
+            def ready():
+                if not fut.done():
+                    fut.set_result(None)
+
+            loop.add_reader(fd, ready)
+            try:
+                if deadline is None:
+                    await fut
+                else:
+                    left = max(0.0, deadline - time.monotonic())
+                    try:
+                        await asyncio.wait_for(fut, left)
+                    except asyncio.TimeoutError:
+                        pass
+            finally:
+                loop.remove_reader(fd)
+        ch._handle_events()
+
+    async def recv(self, timeout=None):
+        """Receive one message (``bytes`` or a zero-copy ``memoryview``)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            msg = self.channel._try_recv()
+            if msg is not None:
+                return msg
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError("no message on the channel within the timeout")
+            await self._wait(True, False, 0, deadline)
+
+    async def send(self, data, timeout=None):
+        """Send one message, waiting (without blocking the loop) while the ring is full."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                self.channel.send(data, timeout=0)
+                return
+            except WouldBlock:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+                await self._wait(False, True, 16 if len(memoryview(data)) >
+                                 self.channel.inline_max else len(memoryview(data)),
+                                 deadline)
+
+    def fileno(self):
+        """The channel's wait descriptor."""
+        return self.channel.fileno()
+
+    def stats(self):
+        """Counters of this end."""
+        return self.channel.stats()
+
+    def close(self):
+        """Close the channel."""
+        self.channel.close()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        self.close()

@@ -1,0 +1,385 @@
+"""The worker end of a message channel opened by Elixir (``Snakepit.SharedMemory.Channel``).
+
+A channel is a bidirectional, ordered, message-oriented connection between one Elixir
+process and this process, over two shared-memory rings with eventfd doorbells (or over a
+Unix socket when shared memory cannot be used; the API is the same)::
+
+    import snakepit_shm
+
+    with snakepit_shm.Channel.connect(ref) as ch:    # ref: dict or JSON from export_ref/1
+        while True:
+            try:
+                msg = ch.recv()                       # bytes, or a memoryview for big ones
+            except snakepit_shm.ChannelClosed:
+                break
+            ch.send(msg)
+
+Messages above the channel's inline threshold (a quarter of the ring by default) travel
+as sealed memfds: ``recv`` returns them as a read-only ``memoryview`` over the mapping
+(zero-copy; the memory is freed when the view is released).  Small messages are ``bytes``.
+
+Waiting never polls: a receiver about to sleep announces it in the ring, so the sender
+rings this process's eventfd only then.  ``fileno()`` is a descriptor that becomes
+readable when something happened (for ``select``/``poll`` or ``loop.add_reader``; see
+:mod:`snakepit_shm.aio` for asyncio).  The Elixir side sees this process's death (even
+SIGKILL) at once, as EOF on the control socket.
+
+A Channel is not thread-safe for concurrent receivers (one consumer); ``send`` may be
+called from any thread.
+"""
+
+import ctypes
+import errno as _errno
+import json
+import mmap
+import os
+import select
+import time
+
+from . import _native, errors
+
+__all__ = ["Channel", "ChannelClosed", "ChannelProtocolError", "WouldBlock"]
+
+_ERR_LEN = 256
+_WOULD_BLOCK = 1
+_REGION = 2
+_E_CLOSED = -14
+_ACK_MODES = {"immediate": 0, "batch": 1, "deferred": 2}
+
+
+class ChannelClosed(errors.SnakepitShmError, ConnectionError):
+    """The channel is closed: ``reason`` is ``"peer_closed"`` (the Elixir side closed it
+    or died), ``"closed"`` (closed here) or ``"protocol_error"`` (the peer broke the
+    protocol)."""
+
+    def __init__(self, reason, message=None):
+        self.reason = reason
+        super().__init__(message or f"channel closed: {reason}")
+
+
+class ChannelProtocolError(ChannelClosed):
+    """The peer sent a malformed frame or corrupted the ring; the channel is closed."""
+
+
+class WouldBlock(errors.SnakepitShmError, BlockingIOError):
+    """``send(..., timeout=0)`` found the ring full."""
+
+
+_declared = False
+
+
+def _lib():
+    global _declared
+    lib = _native.library()._dll
+    if not _declared:
+        c = ctypes
+        sig = {
+            "spshm_channel_layout": ([c.c_char_p, c.c_size_t], c.c_size_t),
+            "spshm_ch_connect": ([c.c_char_p, c.c_char_p, c.c_int, c.c_uint32, c.c_uint64,
+                                  c.c_uint64, c.c_int, c.POINTER(c.c_void_p), c.c_char_p,
+                                  c.c_size_t], c.c_int),
+            "spshm_ch_free": ([c.c_void_p], None),
+            "spshm_ch_close": ([c.c_void_p], None),
+            "spshm_ch_wait_fd": ([c.c_void_p], c.c_int),
+            "spshm_ch_transport": ([c.c_void_p], c.c_int),
+            "spshm_ch_inline_max": ([c.c_void_p], c.c_uint32),
+            "spshm_ch_ring_size": ([c.c_void_p], c.c_uint64),
+            "spshm_ch_send": ([c.c_void_p, c.c_void_p, c.c_uint64, c.c_char_p, c.c_size_t],
+                              c.c_int),
+            "spshm_ch_prepare_region": ([c.c_void_p, c.c_uint64, c.POINTER(c.c_int),
+                                         c.c_char_p, c.c_size_t], c.c_int),
+            "spshm_ch_send_region": ([c.c_void_p, c.c_int, c.c_uint64, c.c_char_p,
+                                      c.c_size_t], c.c_int),
+            "spshm_ch_recv": ([c.c_void_p, c.c_void_p, c.c_size_t, c.POINTER(c.c_uint32),
+                               c.POINTER(c.c_int), c.POINTER(c.c_uint64), c.c_char_p,
+                               c.c_size_t], c.c_int),
+            "spshm_ch_prepare_wait": ([c.c_void_p, c.c_int, c.c_int, c.c_uint64], c.c_int),
+            "spshm_ch_handle_events": ([c.c_void_p], None),
+            "spshm_ch_flush": ([c.c_void_p], None),
+            "spshm_ch_stats": ([c.c_void_p, c.c_char_p, c.c_size_t], c.c_size_t),
+        }
+        for name, (argtypes, restype) in sig.items():
+            try:
+                fn = getattr(lib, name)
+            except AttributeError:
+                raise errors.LibraryNotFound(
+                    f"libsnakepit_shm.so does not export {name}(): rebuild it with "
+                    "`mix compile`.") from None
+            fn.argtypes = argtypes
+            fn.restype = restype
+        _declared = True
+    return lib
+
+
+def layout():
+    """The channel layout as the C library computes it (a dict): the test oracle."""
+    lib = _lib()
+    needed = lib.spshm_channel_layout(None, 0)
+    buf = ctypes.create_string_buffer(needed + 1)
+    lib.spshm_channel_layout(buf, needed + 1)
+    return json.loads(buf.value.decode("utf-8"))
+
+
+def _parse_ref(ref):
+    if isinstance(ref, (str, bytes)):
+        ref = json.loads(ref)
+    if not isinstance(ref, dict) or ref.get("kind") != "snakepit_shm_channel":
+        raise ValueError("not a channel ref: pass the map of "
+                         "Snakepit.SharedMemory.Channel.export_ref/1 (or its JSON)")
+    for key in ("path", "token"):
+        if not isinstance(ref.get(key), str):
+            raise ValueError(f"channel ref without {key!r}")
+    return ref
+
+
+class Channel:
+    """One connected worker end of a channel. Create it with :meth:`connect`."""
+
+    def __init__(self, handle, ref, spin=50e-6):
+        """Use :meth:`Channel.connect`."""
+        self._spin = spin
+        self._lib = _lib()
+        self._h = ctypes.c_void_p(handle)
+        self._ref = ref
+        self._err = ctypes.create_string_buffer(_ERR_LEN)
+        self._inline_max = self._lib.spshm_ch_inline_max(self._h)
+        self._buf = ctypes.create_string_buffer(max(self._inline_max, 1))
+        self._len = ctypes.c_uint32()
+        self._fd = ctypes.c_int()
+        self._size = ctypes.c_uint64()
+        self._wait_fd = self._lib.spshm_ch_wait_fd(self._h)
+        self._poll = select.poll()
+        self._poll.register(self._wait_fd, select.POLLIN)
+        self._closed = False
+
+    @classmethod
+    def connect(cls, ref, *, ack_mode="batch", max_batch_size=32, flush_interval=0.005,
+                max_message_size=1 << 40, timeout=10.0, spin=50e-6):
+        """Connect to the channel described by ``ref`` (dict or JSON string).
+
+        ``ack_mode`` (``"batch"``, ``"immediate"`` or ``"deferred"``), ``max_batch_size``
+        and ``flush_interval`` (seconds) say how often this side publishes how far it
+        has read the incoming ring; ``max_message_size`` bounds the region messages it
+        accepts; ``timeout`` bounds the handshake; ``recv`` polls the ring for up to
+        ``spin`` seconds (default 50 µs, 0 to never spin) before it sleeps on the doorbell,
+        which saves a wake-up when the answer is quick.  Raises ``PermissionError`` for a
+        wrong token or a channel that already has its worker, ``OSError`` if the owner
+        is gone.
+        """
+        ref = _parse_ref(ref)
+        if ack_mode not in _ACK_MODES:
+            raise ValueError(f"ack_mode must be one of {sorted(_ACK_MODES)}")
+        lib = _lib()
+        out = ctypes.c_void_p()
+        err = ctypes.create_string_buffer(_ERR_LEN)
+        code = lib.spshm_ch_connect(ref["path"].encode(), ref["token"].encode(),
+                                    _ACK_MODES[ack_mode], int(max_batch_size),
+                                    int(flush_interval * 1e9), int(max_message_size),
+                                    int(timeout * 1000), ctypes.byref(out), err, _ERR_LEN)
+        if code != 0:
+            message = err.value.decode("utf-8", "replace")
+            if code == _native.E_PERMISSION_DENIED:
+                raise errors.PermissionError(f"cannot connect to the channel: {message}")
+            raise OSError(_errno.ECONNREFUSED, f"cannot connect to the channel: {message}")
+        return cls(out.value, ref, spin)
+
+    @classmethod
+    async def connect_async(cls, ref, **options):
+        """Connect without blocking the event loop; returns an :class:`aio.AsyncChannel`."""
+        from . import aio
+        return await aio.connect(ref, **options)
+
+    # ---- properties ----
+
+    @property
+    def transport(self):
+        """``"shm"`` (rings in shared memory) or ``"socket"`` (the fallback)."""
+        return "shm" if self._lib.spshm_ch_transport(self._h) == 1 else "socket"
+
+    @property
+    def inline_max(self):
+        """Largest message sent inline; larger ones travel as sealed memfds."""
+        return self._inline_max
+
+    @property
+    def closed(self):
+        """True once :meth:`close` was called."""
+        return self._closed
+
+    def fileno(self):
+        """A descriptor that is readable when the channel needs attention."""
+        self._check_open()
+        return self._wait_fd
+
+    # ---- sending ----
+
+    def send(self, data, timeout=None):
+        """Send one message (any bytes-like object).
+
+        Blocks while the outgoing ring is full, up to ``timeout`` seconds (``None``:
+        forever; ``0``: raise :class:`WouldBlock` at once).  Raises
+        :class:`ChannelClosed` if the channel is closed.
+        """
+        self._check_open()
+        with _native.buffer_address(data) as (address, length):
+            if length <= self._inline_max:
+                def attempt():
+                    return self._lib.spshm_ch_send(self._h, address, length, self._err,
+                                                   _ERR_LEN)
+                self._send_loop(attempt, length, timeout)
+                return
+            fd = ctypes.c_int(-1)
+            code = self._lib.spshm_ch_prepare_region(address, length, ctypes.byref(fd),
+                                                     self._err, _ERR_LEN)
+        if code != 0:
+            raise OSError(_errno.ENOMEM, "cannot prepare a region message: "
+                          + self._err.value.decode("utf-8", "replace"))
+        try:
+            self._send_loop(lambda: self._lib.spshm_ch_send_region(
+                self._h, fd.value, length, self._err, _ERR_LEN),
+                16, timeout)
+            fd = None
+        finally:
+            if fd is not None:
+                os.close(fd.value)
+
+    def _send_loop(self, attempt, need, timeout):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            code = attempt()
+            if code == 0:
+                return
+            if code != _WOULD_BLOCK:
+                self._raise(code)
+            if deadline is not None and time.monotonic() >= deadline:
+                raise WouldBlock("the channel's ring is full: the Elixir side does not "
+                                 "read fast enough")
+            self._wait(False, True, need, deadline)
+
+    # ---- receiving ----
+
+    def _try_recv(self):
+        """One message or None (nothing now). Raises ChannelClosed at the end."""
+        code = self._lib.spshm_ch_recv(self._h, self._buf, len(self._buf),
+                                       ctypes.byref(self._len), ctypes.byref(self._fd),
+                                       ctypes.byref(self._size), self._err, _ERR_LEN)
+        if code == 0:
+            return ctypes.string_at(self._buf, self._len.value)
+        if code == _REGION:
+            fd, size = self._fd.value, self._size.value
+            try:
+                mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+            finally:
+                os.close(fd)
+            return memoryview(mapping)
+        if code == _WOULD_BLOCK:
+            return None
+        self._raise(code)
+
+    def recv(self, timeout=None):
+        """Receive one message: ``bytes``, or a read-only ``memoryview`` (zero-copy) for
+        a message above the inline threshold.
+
+        Waits up to ``timeout`` seconds (``None``: forever); raises ``TimeoutError``
+        when nothing came, :class:`ChannelClosed` once the channel is closed and every
+        message sent before the close has been received.
+        """
+        self._check_open()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        msg = self._try_recv()
+        if msg is not None:
+            return msg
+        if self._spin > 0:
+            until = time.perf_counter() + self._spin
+            while time.perf_counter() < until:
+                msg = self._try_recv()
+                if msg is not None:
+                    return msg
+        while True:
+            msg = self._try_recv()
+            if msg is not None:
+                return msg
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError("no message on the channel within the timeout")
+            self._wait(True, False, 0, deadline)
+
+    def recv_many(self, max_count, timeout=None):
+        """Wait for at least one message (as :meth:`recv`), then return a list of up to
+        ``max_count`` messages that are already there."""
+        first = self.recv(timeout)
+        out = [first]
+        while len(out) < max_count:
+            try:
+                msg = self._try_recv()
+            except ChannelClosed:
+                break  # reported by the next recv
+            if msg is None:
+                break
+            out.append(msg)
+        return out
+
+    def flush(self):
+        """Publish the read position now (batched acknowledgements)."""
+        self._check_open()
+        self._lib.spshm_ch_flush(self._h)
+
+    # ---- waiting (also used by aio) ----
+
+    def _prepare_wait(self, want_data, want_space, need):
+        return self._lib.spshm_ch_prepare_wait(self._h, int(want_data), int(want_space),
+                                               need) == 1
+
+    def _handle_events(self):
+        self._lib.spshm_ch_handle_events(self._h)
+
+    def _wait(self, want_data, want_space, need, deadline):
+        if self._prepare_wait(want_data, want_space, need):
+            if deadline is None:
+                self._poll.poll()
+            else:
+                left = max(0.0, deadline - time.monotonic())
+                self._poll.poll(int(left * 1000) + 1)
+        self._handle_events()
+
+    # ---- lifecycle ----
+
+    def stats(self):
+        """Counters of this end (messages, bytes, doorbells, flushes, transport...)."""
+        self._check_open()
+        needed = self._lib.spshm_ch_stats(self._h, None, 0)
+        buf = ctypes.create_string_buffer(needed + 1)
+        self._lib.spshm_ch_stats(self._h, buf, needed + 1)
+        return json.loads(buf.value.decode("utf-8"))
+
+    def close(self):
+        """Close the channel (idempotent): the Elixir side sees ``:peer_closed``."""
+        if not self._closed:
+            self._closed = True
+            self._lib.spshm_ch_close(self._h)
+            self._lib.spshm_ch_free(self._h)
+            self._h = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def _check_open(self):
+        if self._closed:
+            raise ChannelClosed("closed", "the channel was closed by this process")
+
+    def _raise(self, code):
+        message = self._err.value.decode("utf-8", "replace")
+        if code == _E_CLOSED:
+            if message == "protocol_error":
+                raise ChannelProtocolError(message, "the Elixir side broke the channel "
+                                           "protocol; the channel is closed")
+            raise ChannelClosed(message or "peer_closed")
+        raise OSError(_errno.EIO, f"channel failure: {message} (code {code})")

@@ -1,0 +1,206 @@
+"""The worker end of the message channel against a real Elixir owner (channel_peer.exs),
+over both transports; the asyncio API; layout constants against the C library."""
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+import snakepit_shm
+from snakepit_shm import _channel_format as fmt
+from snakepit_shm import aio, channel
+from conftest import REPO, requires_lib
+from test_real_regions import _peer_command
+
+pytestmark = requires_lib
+PEER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "channel_peer.exs")
+
+
+class Owner:
+    """A running channel_peer.exs."""
+
+    def __init__(self, transport, mode="echo"):
+        argv, env = _peer_command()
+        argv = argv[:-1] + [PEER, transport, mode]
+        self.process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, text=True,
+                                        cwd=REPO)
+        self.ref = json.loads(self.process.stdout.readline())
+
+    def last_line(self, timeout=10):
+        out, _ = self.process.communicate(timeout=timeout)
+        return out.strip().splitlines()[-1]
+
+    def kill(self):
+        self.process.kill()
+        self.process.wait()
+
+
+@pytest.fixture(params=["shm", "socket"])
+def owner(request):
+    try:
+        running = Owner(request.param)
+    except LookupError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the channel tests, but {exc}")
+        pytest.skip(f"{exc}: run `mix compile` first")
+    running.transport = request.param
+    yield running
+    running.kill()
+
+
+def test_layout_constants_match_the_c_library():
+    layout = channel.layout()
+    assert layout["magic"].encode() == fmt.MAGIC
+    assert layout["version"] == fmt.VERSION
+    assert layout["header_size"] == fmt.HEADER_SIZE
+    assert layout["min_capacity"] == fmt.MIN_CAPACITY
+    assert layout["max_capacity"] == fmt.MAX_CAPACITY
+    assert layout["default_capacity"] == fmt.DEFAULT_CAPACITY
+    assert layout["frame_header_size"] == fmt.FRAME_HEADER_SIZE
+    assert layout["region_payload_size"] == fmt.REGION_PAYLOAD_SIZE
+    assert layout["frame_types"] == {"data": fmt.FRAME_DATA, "region": fmt.FRAME_REGION,
+                                     "hello": fmt.FRAME_HELLO, "welcome": fmt.FRAME_WELCOME,
+                                     "carrier": fmt.FRAME_CARRIER}
+    assert {k: tuple(v) for k, v in layout["fields"].items()} == fmt.FIELDS
+    rc = layout["ring_control"]
+    assert (rc["size"], rc["head"], rc["producer_waiting"], rc["tail"],
+            rc["consumer_waiting"]) == (fmt.RING_CONTROL_SIZE, fmt.HEAD, fmt.PRODUCER_WAITING,
+                                        fmt.TAIL, fmt.CONSUMER_WAITING)
+    assert fmt.frame_size(0) == 8 and fmt.frame_size(1) == 16 and fmt.frame_size(8) == 16
+
+
+def test_round_trips_small_and_large(owner):
+    with snakepit_shm.Channel.connect(owner.ref) as ch:
+        assert ch.transport == owner.transport
+        for i in range(500):
+            msg = os.urandom(i % 300)
+            ch.send(msg)
+            assert ch.recv(timeout=10) == msg
+        big = os.urandom(3 << 20)              # above the inline threshold: a region message
+        ch.send(big)
+        back = ch.recv(timeout=30)
+        assert isinstance(back, memoryview) and back.readonly
+        assert back == big
+        back.release()
+        stats = ch.stats()
+        assert stats["region_messages_sent"] == 1 and stats["region_messages_received"] == 1
+        ch.send(b"stop")
+    assert owner.last_line() == "closed by_elixir"
+
+
+def test_recv_many_and_timeout(owner):
+    with snakepit_shm.Channel.connect(owner.ref) as ch:
+        for i in range(10):
+            ch.send(b"m%d" % i)
+        got = []
+        while len(got) < 10:
+            got += ch.recv_many(10, timeout=10)
+        assert got == [b"m%d" % i for i in range(10)]
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError):
+            ch.recv(timeout=0.05)
+        assert time.monotonic() - t0 < 5
+
+
+def test_python_close_is_peer_closed_for_elixir(owner):
+    ch = snakepit_shm.Channel.connect(owner.ref)
+    ch.send(b"hello")
+    assert ch.recv(timeout=10) == b"hello"
+    ch.close()
+    ch.close()
+    assert owner.last_line() == "closed peer_closed"
+    with pytest.raises(snakepit_shm.ChannelClosed):
+        ch.send(b"x")
+
+
+def test_elixir_sigkill_is_seen_within_a_second(owner):
+    with snakepit_shm.Channel.connect(owner.ref) as ch:
+        ch.send(b"ping")
+        assert ch.recv(timeout=10) == b"ping"
+        os.kill(owner.process.pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        with pytest.raises(snakepit_shm.ChannelClosed) as info:
+            ch.recv(timeout=10)
+        assert info.value.reason == "peer_closed"
+        assert time.monotonic() - t0 < 1.0
+        with pytest.raises(snakepit_shm.ChannelClosed):
+            ch.send(b"after")
+
+
+def test_wrong_token_is_refused(owner):
+    bad = dict(owner.ref, token="0" * 64)
+    with pytest.raises(PermissionError):
+        snakepit_shm.Channel.connect(bad, timeout=2)
+    with snakepit_shm.Channel.connect(owner.ref) as ch:   # the real worker still gets in
+        ch.send(b"ok")
+        assert ch.recv(timeout=10) == b"ok"
+
+
+def test_bad_refs():
+    with pytest.raises(ValueError):
+        snakepit_shm.Channel.connect({"kind": "other"})
+    with pytest.raises(OSError):
+        snakepit_shm.Channel.connect({"kind": "snakepit_shm_channel",
+                                      "path": "/nonexistent/ctl", "token": "00" * 32})
+
+
+@pytest.mark.parametrize("transport", ["shm", "socket"])
+def test_back_pressure_would_block(transport):
+    try:
+        mute = Owner(transport, "mute")
+    except LookupError as exc:
+        pytest.skip(str(exc))
+    try:
+        with snakepit_shm.Channel.connect(mute.ref) as ch:
+            with pytest.raises(snakepit_shm.WouldBlock):
+                for _ in range(100000):
+                    ch.send(b"x" * 1000, timeout=0)
+            t0 = time.monotonic()
+            with pytest.raises(snakepit_shm.WouldBlock):
+                for _ in range(1000):   # waits up to the timeout each time, then gives up
+                    ch.send(b"y" * 1000, timeout=0.05)
+            assert time.monotonic() - t0 >= 0.05
+    finally:
+        mute.kill()
+
+
+def test_asyncio_round_trips(owner):
+    async def main():
+        ch = await aio.connect(owner.ref)
+        async with ch:
+            for i in range(200):
+                await ch.send(b"a%d" % i)
+                assert await ch.recv(timeout=10) == b"a%d" % i
+            # Many in flight at once, received by a concurrent task.
+            received = []
+
+            async def reader():
+                while len(received) < 300:
+                    received.append(await ch.recv(timeout=10))
+
+            task = asyncio.create_task(reader())
+            for i in range(300):
+                await ch.send(b"b%d" % i)
+            await asyncio.wait_for(task, 30)
+            assert received == [b"b%d" % i for i in range(300)]
+            big = os.urandom(1 << 20)
+            await ch.send(big)
+            assert await ch.recv(timeout=30) == big
+            with pytest.raises(TimeoutError):
+                await ch.recv(timeout=0.05)
+
+    asyncio.run(main())
+
+
+def test_connect_async_classmethod(owner):
+    async def main():
+        ch = await snakepit_shm.Channel.connect_async(owner.ref)
+        await ch.send(b"x")
+        assert await ch.recv(timeout=10) == b"x"
+        ch.close()
+
+    asyncio.run(main())

@@ -1,0 +1,175 @@
+"""Issue 11 on the Python side: readers never block a kernel seal, encrypted regions
+admit one writer at a time across processes (RegionBusy, never a corrupted chunk), and
+writes stop while a seal is being committed."""
+
+import fcntl
+import json
+import os
+import time
+
+import pytest
+
+import snakepit_shm
+from snakepit_shm import _format as F
+from conftest import requires_lib
+
+pytestmark = requires_lib
+
+F_ADD_SEALS = getattr(fcntl, "F_ADD_SEALS", 1033)
+F_SEAL_WRITE = getattr(fcntl, "F_SEAL_WRITE", 0x0008)
+SIZE = 2 * F.CHUNK_SIZE + 1000
+
+
+def try_seal_write(segment):
+    """Ask the kernel for F_SEAL_WRITE on the data memfd; return None or the errno."""
+    fd = os.open(segment.data_path, os.O_RDWR)
+    try:
+        fcntl.fcntl(fd, F_ADD_SEALS, F_SEAL_WRITE)
+        return None
+    except OSError as exc:
+        return exc.errno
+    finally:
+        os.close(fd)
+
+
+def test_a_read_only_attach_does_not_block_the_kernel_seal(forge):
+    segment = forge.memfd(8192, data=b"x" * 8192)
+    with snakepit_shm.attach(segment.ref(), mode="r") as region:
+        assert region.read(0, 1) == b"x"
+        # Its data mapping comes from an O_RDONLY open: no VM_MAYWRITE, no EBUSY.
+        assert try_seal_write(segment) is None
+        assert region.read(8191, 1) == b"x"
+
+
+def test_a_read_write_attach_blocks_the_kernel_seal_until_closed(forge):
+    segment = forge.memfd(8192, data=b"x" * 8192)
+    region = snakepit_shm.attach(segment.ref(), mode="rw")
+    import errno
+    assert try_seal_write(segment) == errno.EBUSY
+    region.close()
+    assert try_seal_write(segment) is None
+
+
+@pytest.fixture(params=["posix", "memfd"])
+def encrypted(request, forge):
+    key = os.urandom(F.KEY_SIZE)
+    return getattr(forge, request.param)(SIZE, data=bytes(SIZE), key=key)
+
+
+def test_a_writer_elsewhere_makes_writes_and_reads_busy(encrypted):
+    # Two attachments: two opens of the control object, as two processes have.
+    with snakepit_shm.attach(encrypted.ref(), mode="rw") as a, \
+            snakepit_shm.attach(encrypted.ref(), mode="rw") as b:
+        with a._attachment.data_lock(True, a.region_id):
+            with pytest.raises(snakepit_shm.RegionBusy, match="one writer at a time"):
+                b.write(0, b"y" * 10)
+            with pytest.raises(snakepit_shm.RegionBusy):
+                b.read(0, 10)
+        with a._attachment.data_lock(False, a.region_id):
+            assert b.read(0, 10) == bytes(10)       # readers share
+            with pytest.raises(snakepit_shm.RegionBusy):
+                b.write(0, b"y" * 10)
+        b.write(0, b"y" * 10)
+        assert a.read(0, 10) == b"y" * 10
+
+
+WORKER = """
+import json, sys, time, snakepit_shm
+ref = json.loads(sys.argv[1]); offset = int(sys.argv[2])
+counts = {"ok": 0, "busy": 0, "corrupt": 0}
+with snakepit_shm.attach(ref, mode="rw") as region:
+    end = time.monotonic() + 1.0
+    while time.monotonic() < end:
+        try:
+            region.write(offset, bytes([offset % 251]) * 100)
+            region.read(0, 4096)
+            counts["ok"] += 1
+        except snakepit_shm.RegionBusy:
+            counts["busy"] += 1
+        except snakepit_shm.CorruptRegion:
+            counts["corrupt"] += 1
+print(json.dumps(counts))
+"""
+
+
+def test_concurrent_python_writers_never_corrupt_a_chunk(encrypted):
+    import subprocess
+    import sys
+    ref = json.dumps(encrypted.ref())
+    workers = [subprocess.Popen([sys.executable, "-c", WORKER, ref, str(offset)],
+                                stdout=subprocess.PIPE, env=os.environ.copy())
+               for offset in (0, 1000, 2000)]
+    results = [json.loads(w.communicate(timeout=60)[0]) for w in workers]
+    assert all(w.returncode == 0 for w in workers)
+    assert all(r["corrupt"] == 0 for r in results), results
+    assert all(r["ok"] > 0 for r in results), results
+    with snakepit_shm.attach(encrypted.ref()) as region:
+        data = region.read()   # every chunk still authenticates
+    for offset in (0, 1000, 2000):
+        assert data[offset:offset + 100] == bytes([offset % 251]) * 100
+
+
+def test_a_dead_writer_leaves_no_lock_behind(encrypted):
+    import signal
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        region = snakepit_shm.attach(encrypted.ref(), mode="rw")
+        with region._attachment.data_lock(True, region.region_id):
+            time.sleep(60)
+        os._exit(0)
+    try:
+        deadline = time.monotonic() + 10
+        with snakepit_shm.attach(encrypted.ref(), mode="rw") as region:
+            while time.monotonic() < deadline:   # wait until the child holds the lock
+                try:
+                    region.write(0, b"z")
+                except snakepit_shm.RegionBusy:
+                    break
+                time.sleep(0.01)
+            else:
+                pytest.fail("the child never took the lock")
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pid = 0
+            region.write(0, b"z")   # the kernel dropped the dead holder's lock
+            assert region.read(0, 1) == b"z"
+    finally:
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+
+
+def test_writes_stop_while_a_seal_is_being_committed(forge):
+    segment = forge.memfd(4096, data=bytes(4096))
+    with snakepit_shm.attach(segment.ref(), mode="rw") as region:
+        segment.set_u32("state", F.STATE_SEALING)
+        with pytest.raises(snakepit_shm.RegionBusy, match="being sealed"):
+            region.write(0, b"x")
+        assert not region.sealed
+        segment.set_u32("state", 0)
+        region.write(0, b"x")
+
+
+TRUNCATED_READER = """
+import json, os, sys, snakepit_shm
+ref = json.loads(sys.argv[1])
+with snakepit_shm.attach(ref) as region:
+    fd = os.open(ref["control_path"], os.O_RDWR)
+    os.ftruncate(fd, 0)
+    os.close(fd)
+    region.read(0, 10)
+print("survived")
+"""
+
+
+def test_a_worker_reading_a_truncated_posix_segment_dies_of_sigbus(forge):
+    # Documented in docs/SECURITY.md: the Python client does not guard its copies.
+    import signal
+    import subprocess
+    import sys
+    segment = forge.posix(8192, data=b"x" * 8192)
+    worker = subprocess.run([sys.executable, "-c", TRUNCATED_READER,
+                             json.dumps(segment.ref())],
+                            capture_output=True, env=os.environ.copy(), timeout=60)
+    assert worker.returncode == -signal.SIGBUS, worker
+    assert b"survived" not in worker.stdout

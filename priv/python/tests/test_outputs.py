@@ -1,0 +1,227 @@
+"""Worker outputs (issue 13): allocate(), from_array(), the keep-alive until adoption."""
+
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy
+import pytest
+
+import snakepit_shm
+from snakepit_shm import _format as F
+from conftest import requires_lib
+
+pytestmark = requires_lib
+
+
+def _adopt_by_hand(ref):
+    """What the VM's adopt_region/2 does to the header: set the adopted bit."""
+    fd = os.open(ref["control_path"], os.O_RDWR)
+    try:
+        state = int.from_bytes(os.pread(fd, 4, 2048), "little")
+        os.pwrite(fd, (state | F.STATE_ADOPTED).to_bytes(4, "little"), 2048)
+    finally:
+        os.close(fd)
+
+
+def _wait(predicate, seconds=10):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+def test_allocate_a_typed_output_and_hand_back_its_ref():
+    with snakepit_shm.allocate(24, dtype="float64", shape=(3,),
+                               metadata={"tool": "t"}) as out:
+        out.ndarray()[:] = [1.5, 2.5, 3.5]
+        ref = out.ref
+    assert ref["owner"] == "python" and ref["format"] == "numpy"
+    assert ref["dtype"] == "float64" and ref["shape"] == [3]
+    assert ref["metadata"] == {"tool": "t", "dtype": "float64", "shape": [3],
+                               "format": "numpy"}
+    json.dumps(ref)  # JSON-encodable, as Snakepit sends it
+    # Closed, but kept alive for the VM: another process can still attach it.
+    assert ref["region_id"] in snakepit_shm.pending_outputs()
+    with snakepit_shm.attach(json.dumps(ref)) as again:
+        assert again.ndarray().tolist() == [1.5, 2.5, 3.5]
+    _adopt_by_hand(ref)
+    assert _wait(lambda: ref["region_id"] not in snakepit_shm.pending_outputs())
+
+
+def test_from_array_copies_dtype_shape_and_data():
+    source = numpy.arange(12, dtype=numpy.int32).reshape(3, 4)[:, ::2]  # not contiguous
+    region = snakepit_shm.from_array(source)
+    arr = region.ndarray()
+    assert arr.dtype == numpy.int32 and arr.shape == (3, 2)
+    assert (arr == source).all()
+    marker = region.zero_copy_ref()
+    assert marker["__snakepit_zero_copy__"] is True and marker["kind"] == "shm"
+    assert marker["bytes"] == 24 and marker["shape"] == [3, 2]
+    del arr
+    region.close()
+    snakepit_shm.discard(region)
+    assert region.region_id not in snakepit_shm.pending_outputs()
+    with pytest.raises(snakepit_shm.RegionNotFound):
+        snakepit_shm.attach(marker)
+
+
+def test_posix_output_is_a_dev_shm_segment_removed_when_given_up():
+    out = snakepit_shm.allocate(100, backend="posix")
+    path = os.path.join("/dev/shm", out.region_id)
+    assert os.path.exists(path) and out.backend == "posix"
+    assert out.ref["format"] == "raw" and "control_path" not in out.ref
+    out.close()
+    assert os.path.exists(path)  # waiting for adoption
+    snakepit_shm.discard(out.region_id)
+    assert not os.path.exists(path)
+
+
+def test_adopted_posix_output_is_not_removed():
+    out = snakepit_shm.allocate(100, backend="posix")
+    path = os.path.join("/dev/shm", out.region_id)
+    _adopt_by_hand({"control_path": path})
+    assert _wait(lambda: out.region_id not in snakepit_shm.pending_outputs())
+    out.close()
+    assert os.path.exists(path)
+    os.unlink(path)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(size=0), "positive"),
+    (dict(size=16, dtype="float33"), "not a numpy dtype"),
+    (dict(size=16, dtype="float32", shape=[100]), "needs 400 bytes"),
+    (dict(size=10, dtype="float64"), "whole number"),
+    (dict(size=16, dtype=numpy.dtype([("a", "<i4")])), "cannot be shared"),
+    (dict(size=16, metadata={"format": "pickle"}), "format"),
+    (dict(size=16, backend="shm"), "backend"),
+    # Found by attack runs: each of these used to be accepted.
+    (dict(size=16, metadata={"x": float("nan")}), "JSON"),
+    (dict(size=16, timeout=-1), "timeout"),
+    (dict(size=16, timeout=float("nan")), "timeout"),
+    (dict(size=16, timeout="10"), "timeout"),
+    (dict(size=16, keep_seconds=-1), "keep_seconds"),
+    (dict(size=16, keep_seconds=float("nan")), "keep_seconds"),
+    (dict(size=16, dtype="uint8", shape=[2 ** 64, 0]), "shape"),
+    (dict(size=16, dtype="uint8", shape=[1] * 65), "64"),
+    (dict(size=16, metadata="abc"), "metadata must be a dict"),
+    (dict(size=16, metadata=[1, 2]), "metadata must be a dict"),
+])
+def test_allocate_validates_where_the_mistake_is_made(kwargs, match):
+    before = snakepit_shm.pending_outputs()
+    with pytest.raises(ValueError, match=match):
+        snakepit_shm.allocate(**kwargs)
+    assert snakepit_shm.pending_outputs() == before
+
+
+def test_unadopted_output_dies_with_a_killed_worker():
+    script = ("import json, sys, time, snakepit_shm\n"
+              "out = snakepit_shm.allocate(4096)\n"
+              "print(json.dumps(out.ref), flush=True)\n"
+              "time.sleep(60)\n")
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                             text=True, env=os.environ)
+    try:
+        ref = json.loads(child.stdout.readline())
+        region = snakepit_shm.attach(ref)  # alive while the worker keeps it
+        region.close()
+    finally:
+        child.kill()
+        child.wait()
+    with pytest.raises(snakepit_shm.RegionNotFound):
+        snakepit_shm.attach(ref)
+
+
+def test_forked_child_does_not_keep_the_parent_outputs():
+    out = snakepit_shm.allocate(64)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        os.write(write, json.dumps(snakepit_shm.pending_outputs()).encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert json.loads(os.read(read, 4096)) == []
+    os.close(read)
+    os.close(write)
+    out.close()
+    snakepit_shm.discard(out)
+    gc.collect()
+
+
+def test_allocate_takes_numpy_integers_for_size_and_shape():
+    # Found by an attack run: sizes computed with numpy (4 * numpy.int64(n)) were
+    # refused as "not a positive int".
+    n = numpy.int64(4)
+    out = snakepit_shm.allocate(4 * n, dtype="float32", shape=[n, numpy.int32(1)])
+    try:
+        assert out.size == 16
+        assert out.ref["shape"] == [4, 1] and type(out.ref["shape"][0]) is int
+        json.dumps(out.ref)
+        assert out.ndarray().shape == (4, 1)
+    finally:
+        out.close()
+        snakepit_shm.discard(out.region_id)
+    with pytest.raises(ValueError):
+        snakepit_shm.allocate(numpy.bool_(True))
+
+
+def test_ndarray_takes_numpy_integers_in_its_shape():
+    out = snakepit_shm.allocate(24)
+    try:
+        arr = out.ndarray("float32", shape=(numpy.int64(2), numpy.int32(3)))
+        assert arr.shape == (2, 3)
+        del arr
+        assert out.ndarray("uint8", shape=numpy.int64(24)).shape == (24,)
+    finally:
+        out.close()
+        snakepit_shm.discard(out.region_id)
+
+
+def test_a_region_cannot_be_copied_or_pickled():
+    # Found by an attack run: copy.copy() shared the mmaps, and closing the copy left
+    # the original "open" over unmapped memory.
+    import copy
+    import pickle
+    out = snakepit_shm.allocate(16)
+    try:
+        for attempt in (copy.copy, copy.deepcopy, pickle.dumps):
+            with pytest.raises(TypeError, match="ref"):
+                attempt(out)
+        out.write(0, b"still usable")
+    finally:
+        out.close()
+        snakepit_shm.discard(out.region_id)
+
+
+def test_from_array_copies_a_strided_or_broadcast_array_without_a_temporary():
+    # Found by an attack run: numpy.ascontiguousarray() first made a full private copy
+    # (a broadcast scalar of 32 MiB cost 32 MiB of worker memory before the copy).
+    import tracemalloc
+    src = numpy.broadcast_to(numpy.float64(2.5), (4 * 1024 * 1024,))
+    tracemalloc.start()
+    try:
+        out = snakepit_shm.from_array(src)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    try:
+        assert peak < 4 * 1024 * 1024
+        arr = out.ndarray()
+        assert arr.shape == src.shape and float(arr[0]) == 2.5 and float(arr[-1]) == 2.5
+        del arr
+        strided = numpy.arange(30, dtype=numpy.int32).reshape(5, 6)[:, ::2].T
+        out2 = snakepit_shm.from_array(strided)
+        try:
+            assert (out2.ndarray() == strided).all()
+            assert out2.ref["shape"] == [3, 5]
+        finally:
+            out2.close()
+            snakepit_shm.discard(out2.region_id)
+    finally:
+        out.close()
+        snakepit_shm.discard(out.region_id)

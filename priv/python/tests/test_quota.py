@@ -1,0 +1,317 @@
+"""snakepit_shm.HostQuota against a scripted fake server (the real server is an Elixir
+VM: test/snakepit/shared_memory/host_quota_processes_test.exs drives Python clients
+against it).  Here: the byte layout, the private-directory checks, reconnect with
+re-declaration after a hang-up, malformed replies, fork."""
+
+import os
+import socket
+import struct
+import threading
+import time
+
+import pytest
+
+import snakepit_shm
+from snakepit_shm import quota as q
+
+# The same vectors are checked on the Elixir side (host_quota_protocol_test.exs) and
+# written out in docs/QUOTA.md.
+VECTORS = [
+    (q.encode_hello(7, 4242, "w"), "01 01 0000000000000007 00001092 02 0001 77"),
+    (q.encode_define(1, b"gpu0", 100), "01 02 00000001 00 0000000000000064 04 67707530"),
+    (q.encode_define(0, b"gpu0", 100, if_absent=True),
+     "01 02 00000000 01 0000000000000064 04 67707530"),
+    (q.encode_reserve(2, 9, b"q", 5, 0xFFFFFFFF),
+     "01 03 00000002 0000000000000009 0000000000000005 ffffffff 01 71"),
+    (q.encode_release(3, 9), "01 04 00000003 0000000000000009"),
+    (q.encode_declare(0, 9, b"q", 5, 10),
+     "01 05 00000000 0000000000000009 0000000000000005 000000000000000a 01 71"),
+    (q.encode_usage(4, b""), "01 06 00000004 00"),
+]
+
+
+def test_byte_layout_of_requests():
+    for frame, expected in VECTORS:
+        assert frame.hex() == expected.replace(" ", "")
+
+
+def test_decode_replies():
+    assert q.decode_reply(bytes.fromhex("0182" "00000005")) == (q.OK, 5)
+    assert q.decode_reply(bytes.fromhex("0185" "00000002" "000000000000000a")) == \
+        (q.GRANTED, 2, 10)
+    err = bytes.fromhex("0183" "00000002" "01" "0002") + b"no"
+    assert q.decode_reply(err) == (q.ERROR, 2, "quota_exceeded", "no")
+    usage = (bytes.fromhex("0184" "00000004" "0001") + b"\x01q" + struct.pack(">QQH", 10, 3, 1)
+             + struct.pack(">IBH", 42, 2, 1) + b"p" + struct.pack(">QI", 3, 1)
+             + struct.pack(">H", 0))
+    (_, req, [quota]) = q.decode_reply(usage)
+    assert req == 4
+    assert quota == {"name": "q", "limit": 10, "used": 3, "left": 7, "waiters": [],
+                     "holders": [{"os_pid": 42, "kind": "python", "label": "p", "amount": 3,
+                                  "count": 1}]}
+    for bad in [b"", b"\x02\x82\x00\x00\x00\x01", b"\x01\x82\x00", b"\x01\x99",
+                usage[:-1], usage + b"\x00"]:
+        with pytest.raises(ValueError):
+            q.decode_reply(bad)
+
+
+def test_bad_arguments(tmp_path):
+    server = FakeServer(tmp_path)
+    with snakepit_shm.HostQuota.connect(dir=server.dir) as quota:
+        for args in [("bad name", 1), ("q", 0), ("q", -1), ("q", 1 << 64), ("q", True)]:
+            with pytest.raises(ValueError):
+                quota.reserve(*args)
+        with pytest.raises(ValueError):
+            quota.reserve("q", 1, wait=-1)
+        with pytest.raises(ValueError):
+            quota.define("q", -1)
+    server.stop()
+
+
+# ---- the private directory ----
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(snakepit_shm.QuotaUnavailable, match="does not exist"):
+        snakepit_shm.HostQuota.connect(dir=str(tmp_path / "none"))
+
+
+def test_directory_with_group_bits_or_a_symlink_is_refused(tmp_path):
+    d = tmp_path / "d"
+    d.mkdir(mode=0o755)
+    os.chmod(d, 0o755)
+    with pytest.raises(PermissionError, match="group/other permissions"):
+        snakepit_shm.HostQuota.connect(dir=str(d))
+    os.chmod(d, 0o700)
+    link = tmp_path / "link"
+    link.symlink_to(d)
+    with pytest.raises(PermissionError, match="not a directory"):
+        snakepit_shm.HostQuota.connect(dir=str(link))
+    if os.getuid() == 0:
+        os.chown(d, 65534, 65534)
+        with pytest.raises(PermissionError, match="owned by uid 65534"):
+            snakepit_shm.HostQuota.connect(dir=str(d))
+
+
+def test_no_server(tmp_path):
+    d = tmp_path / "d"
+    d.mkdir(mode=0o700)
+    with pytest.raises(snakepit_shm.QuotaUnavailable, match="no host quota server"):
+        snakepit_shm.HostQuota.connect(dir=str(d), timeout=0.1)
+
+
+# ---- a scripted server ----
+
+class FakeServer:
+    """Accepts connections, records every frame, grants every RESERVE, OKs the rest."""
+
+    def __init__(self, tmp_path, reply=None):
+        self.dir = str(tmp_path / "qdir")
+        os.mkdir(self.dir, 0o700)
+        self.path = os.path.join(self.dir, "quota.sock")
+        self.frames = []  # (connection number, payload)
+        self.conns = []
+        self.ended = set()  # connection numbers the client closed
+        self.reply = reply or self.default_reply
+        self.listen()
+
+    def listen(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(self.path)
+        self.sock.listen(8)
+        threading.Thread(target=self.accept, args=(self.sock,), daemon=True).start()
+
+    def accept(self, lsock):
+        while True:
+            try:
+                conn, _ = lsock.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+            threading.Thread(target=self.serve, args=(conn, len(self.conns)), daemon=True).start()
+
+    def serve(self, conn, n):
+        buf = b""
+        while True:
+            try:
+                chunk = conn.recv(65536)
+            except OSError:
+                return
+            if not chunk:
+                self.ended.add(n)
+                return
+            buf += chunk
+            while len(buf) >= 4 and len(buf) >= 4 + struct.unpack(">I", buf[:4])[0]:
+                size = struct.unpack(">I", buf[:4])[0]
+                payload, buf = buf[4:4 + size], buf[4 + size:]
+                self.frames.append((n, payload))
+                out = self.reply(payload)
+                if out is not None:
+                    conn.sendall(struct.pack(">I", len(out)) + out)
+
+    @staticmethod
+    def default_reply(payload):
+        kind = payload[1]
+        if kind == q.HELLO:
+            return bytes([1, q.WELCOME]) + struct.pack(">IH", 1, 1) + b"s"
+        req = struct.unpack_from(">I", payload, 2)[0]
+        if req == 0:
+            return None
+        if kind == q.RESERVE:
+            return bytes([1, q.GRANTED]) + struct.pack(">IQ", req, 100)
+        if kind == q.USAGE:
+            return bytes([1, q.USAGE_REPLY]) + struct.pack(">IH", req, 0)
+        return bytes([1, q.OK]) + struct.pack(">I", req)
+
+    def hang_up(self):
+        """The serving VM dies: its listener and every session go."""
+        self.sock.close()
+        os.unlink(self.path)
+        for c in self.conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # closed before
+            c.close()
+
+    def stop(self):
+        self.hang_up()
+
+    def kinds(self, n):
+        return [p[1] for (m, p) in self.frames if m == n]
+
+
+def wait_for(fun, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if fun():
+            return True
+        time.sleep(0.005)
+    return False
+
+
+def test_reconnects_at_once_and_redeclares_what_it_holds(tmp_path):
+    server = FakeServer(tmp_path)
+    quota = snakepit_shm.HostQuota.connect(dir=server.dir)
+    quota.define("q", 10)
+    res = quota.reserve("q", 4)
+    released = quota.reserve("q", 1)
+    released.release()
+    assert server.kinds(1) == [q.HELLO, q.DEFINE, q.RESERVE, q.RESERVE, q.RELEASE]
+
+    # The server dies while this client is idle; a new one appears.
+    server.hang_up()
+    server.listen()
+    # Re-declared without any call being made (the watcher saw the hang-up).
+    assert wait_for(lambda: len(server.kinds(2)) == 3)
+    assert server.kinds(2) == [q.HELLO, q.DEFINE, q.DECLARE]
+    define = [p for (n, p) in server.frames if n == 2 and p[1] == q.DEFINE][0]
+    assert define[6] == 1  # if_absent: the new server may know a newer limit
+    declare = [p for (n, p) in server.frames if n == 2 and p[1] == q.DECLARE][0]
+    assert struct.unpack_from(">IQQQ", declare, 2) == (0, res.id, 4, 10)
+    assert res.held and not released.held
+    assert quota.usage() == []
+    quota.close()
+    server.stop()
+
+
+def test_a_malformed_reply_drops_the_connection_and_the_call_retries(tmp_path):
+    bad = {"left": 1}
+
+    def reply(payload):
+        if payload[1] == q.USAGE and bad["left"]:
+            bad["left"] -= 1
+            return b"\x01\x84garbage"
+        return FakeServer.default_reply(payload)
+
+    server = FakeServer(tmp_path, reply)
+    with snakepit_shm.HostQuota.connect(dir=server.dir) as quota:
+        # The bad reply closes the session; the call is re-sent on the next one.
+        assert quota.usage() == []
+        assert len(server.conns) == 2
+    server.stop()
+
+
+def test_close_ends_the_session_and_is_idempotent(tmp_path):
+    server = FakeServer(tmp_path)
+    quota = snakepit_shm.HostQuota.connect(dir=server.dir)
+    with quota.reserve("q", 1) as res:
+        assert res.held
+    assert not res.held
+    quota.close()
+    quota.close()
+    with pytest.raises(snakepit_shm.QuotaUnavailable, match="closed"):
+        quota.usage()
+    server.stop()
+
+
+def test_a_forked_child_does_not_inherit_the_session(tmp_path):
+    server = FakeServer(tmp_path)
+    quota = snakepit_shm.HostQuota.connect(dir=server.dir)
+    quota.reserve("q", 1)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            quota.usage()
+            os._exit(1)
+        except snakepit_shm.QuotaUnavailable:
+            os._exit(0)
+        except BaseException:
+            os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0
+    # The parent's session is untouched.
+    assert quota.usage() == []
+    quota.close()
+    server.stop()
+
+
+def test_many_threads_share_one_session(tmp_path):
+    # One thread reads for everyone (leader/follower); a reply for another is handed on.
+    server = FakeServer(tmp_path)
+    quota = snakepit_shm.HostQuota.connect(dir=server.dir)
+    errors = []
+
+    def work():
+        try:
+            for _ in range(200):
+                with quota.reserve("q", 1):
+                    pass
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not any(t.is_alive() for t in threads)
+    assert errors == []
+    assert quota.held == []
+    quota.close()
+    server.stop()
+
+
+def test_one_connection_after_a_hang_up_even_when_a_call_races_the_watcher(tmp_path):
+    # The watcher and a caller both try to reconnect while no server listens; whoever
+    # connects first wins and the other must not open a second session (the server
+    # would count what it grants that session until the socket is collected).
+    server = FakeServer(tmp_path)
+    quota = snakepit_shm.HostQuota.connect(dir=server.dir)
+    for _ in range(5):
+        first = len(server.conns)
+        server.hang_up()
+        results = []
+        callers = [threading.Thread(target=lambda: results.append(quota.usage()))
+                   for _ in range(3)]
+        for t in callers:
+            t.start()
+        time.sleep(0.05)
+        server.listen()
+        for t in callers:
+            t.join(10)
+        assert results == [[], [], []]
+        time.sleep(0.1)
+        new = range(first + 1, len(server.conns) + 1)
+        assert len([n for n in new if n not in server.ended]) == 1
+    quota.close()
+    server.stop()

@@ -1,0 +1,526 @@
+defmodule Snakepit.SharedMemory.HostQuotaTest do
+  # Host quotas inside this VM: several clients (sessions) of one private quota
+  # directory per test, so nothing here meets another process's server.
+  # Several OS processes: host_quota_processes_test.exs.
+  use ExUnit.Case, async: true
+
+  # The server logs every session it closes for a bad message: expected here.
+  @moduletag :capture_log
+
+  import Bitwise
+
+  alias Snakepit.SharedMemory.Error
+  alias Snakepit.SharedMemory.HostQuota, as: HQ
+  alias Snakepit.SharedMemory.HostQuota.{Client, Protocol}
+
+  setup do
+    dir = Path.join(System.tmp_dir!(), "spshm_hq_#{System.unique_integer([:positive])}")
+
+    on_exit(fn ->
+      # Servers of this directory are children of HostQuota.Supervisor: stop them.
+      for {_, pid, _, [mod]} <- DynamicSupervisor.which_children(HQ.Supervisor),
+          mod == Snakepit.SharedMemory.HostQuota.Server,
+          is_pid(pid),
+          do: if(server_dir(pid) == dir, do: Process.exit(pid, :kill))
+
+      File.rm_rf!(dir)
+    end)
+
+    %{dir: dir}
+  end
+
+  defp server_dir(pid) do
+    :sys.get_state(pid, 1_000).dir
+  catch
+    :exit, _ -> nil
+  end
+
+  defp client(dir, label \\ nil) do
+    {:ok, pid} = Client.start_link(dir: dir, label: label)
+    # Not linked to the test: a test kills clients on purpose.
+    Process.unlink(pid)
+    on_exit(fn -> Process.exit(pid, :kill) end)
+    pid
+  end
+
+  defp used(client, name) do
+    {:ok, [q]} = HQ.usage(name, client: client)
+    q.used
+  end
+
+  defp wait_until(fun, ms \\ 5_000) do
+    deadline = System.monotonic_time(:millisecond) + ms
+
+    Stream.repeatedly(fn ->
+      fun.() || (Process.sleep(5) && false)
+    end)
+    |> Enum.find(fn ok -> ok or System.monotonic_time(:millisecond) > deadline end)
+  end
+
+  describe "define/3, reserve/3, release/1, usage/2" do
+    test "reserve within the limit, refuse beyond it, release gives it back", %{dir: dir} do
+      a = client(dir, "node-a")
+      b = client(dir, "node-b")
+      assert :ok = HQ.define("gpu0", 100, client: a)
+      assert {:ok, r1} = HQ.reserve("gpu0", 60, client: a)
+      assert r1.amount == 60 and r1.name == "gpu0" and r1.owner == self()
+
+      assert {:error, %Error{reason: :quota_exceeded, message: msg}} =
+               HQ.reserve("gpu0", 50, client: b)
+
+      # What is used, by whom, what is left.
+      assert msg =~ "cannot reserve 50"
+      assert msg =~ "60 of 100 used"
+      assert msg =~ "60 by node node-a (os pid #{System.pid()})"
+      assert msg =~ "40 left"
+
+      assert {:ok, r2} = HQ.reserve("gpu0", 40, client: b)
+      assert {:ok, [usage]} = HQ.usage("gpu0", client: b)
+      assert usage.used == 100 and usage.limit == 100
+
+      assert Enum.sort(Enum.map(usage.holders, &{&1.label, &1.amount, &1.count})) ==
+               [{"node-a", 60, 1}, {"node-b", 40, 1}]
+
+      assert Enum.all?(usage.holders, &(&1.os_pid == String.to_integer(System.pid())))
+      assert Enum.all?(usage.holders, &(&1.kind == :beam))
+
+      assert :ok = HQ.release(r1)
+      assert {:error, %Error{reason: :not_found}} = HQ.release(r1)
+      assert used(a, "gpu0") == 40
+      assert :ok = HQ.release(r2)
+      assert used(a, "gpu0") == 0
+    end
+
+    test "usage of every quota and of an unknown one", %{dir: dir} do
+      a = client(dir)
+      :ok = HQ.define("b", 2, client: a)
+      :ok = HQ.define("a", 1, client: a)
+      assert {:ok, [%{name: "a"}, %{name: "b"}]} = HQ.usage(nil, client: a)
+      assert {:ok, []} = HQ.usage("nope", client: a)
+    end
+
+    test "an unknown quota, a request larger than the limit, bad arguments", %{dir: dir} do
+      a = client(dir)
+
+      assert {:error, %Error{reason: :unknown_quota, message: m}} =
+               HQ.reserve("nope", 1, client: a)
+
+      assert m =~ "define it first"
+      :ok = HQ.define("q", 10, client: a)
+
+      assert {:error, %Error{reason: :quota_exceeded, message: m}} =
+               HQ.reserve("q", 11, client: a, wait: 10_000)
+
+      assert m =~ "more than its whole limit 10"
+
+      for {args, what} <- [
+            {["bad name!", 1], "name"},
+            {["q", 0], "amount"},
+            {["q", -1], "amount"},
+            {["q", 1 <<< 64], "amount"},
+            {["q", 1.5], "amount"}
+          ] do
+        assert {:error, %Error{reason: :invalid_option, message: m}} =
+                 apply(HQ, :reserve, args ++ [[client: a]])
+
+        assert m =~ what
+      end
+
+      assert {:error, %Error{reason: :invalid_option}} = HQ.reserve("q", 1, client: a, wait: -1)
+      assert {:error, %Error{reason: :invalid_option}} = HQ.reserve("q", 1, client: a, owner: 1)
+      assert {:error, %Error{reason: :invalid_option}} = HQ.define("q", -1, client: a)
+      assert {:error, %Error{reason: :invalid_option}} = HQ.define(String.duplicate("x", 65), 1)
+    end
+
+    test "a lower limit revokes nothing; new reservations wait for releases", %{dir: dir} do
+      a = client(dir)
+      :ok = HQ.define("q", 10, client: a)
+      {:ok, r} = HQ.reserve("q", 8, client: a)
+      :ok = HQ.define("q", 5, client: a)
+      assert used(a, "q") == 8
+      assert {:error, %Error{reason: :quota_exceeded}} = HQ.reserve("q", 1, client: a)
+      :ok = HQ.release(r)
+      assert {:ok, _} = HQ.reserve("q", 5, client: a)
+    end
+  end
+
+  describe "labels" do
+    test "control characters in a label are made printable", %{dir: dir} do
+      a = client(dir, "evil\nlabel\e[31m")
+      :ok = HQ.define("q", 10, client: a)
+      {:ok, _} = HQ.reserve("q", 1, client: a)
+      {:ok, [q]} = HQ.usage("q", client: a)
+      assert [%{label: "evil?label?[31m"}] = q.holders
+    end
+  end
+
+  describe "death releases" do
+    test "the death of the owner process releases its reservations", %{dir: dir} do
+      a = client(dir)
+      :ok = HQ.define("q", 10, client: a)
+      test = self()
+
+      owner =
+        spawn(fn ->
+          {:ok, _} = HQ.reserve("q", 4, client: a)
+          {:ok, _} = HQ.reserve("q", 3, client: a)
+          send(test, :reserved)
+          Process.sleep(:infinity)
+        end)
+
+      assert_receive :reserved, 5_000
+      {:ok, kept} = HQ.reserve("q", 2, client: a, owner: nil)
+      assert used(a, "q") == 9
+      Process.exit(owner, :kill)
+      assert wait_until(fn -> used(a, "q") == 2 end, 1_000)
+      assert [^kept] = HQ.held(client: a)
+    end
+
+    test "the end of a client's session releases all it held", %{dir: dir} do
+      a = client(dir)
+      b = client(dir)
+      :ok = HQ.define("q", 10, client: a)
+      {:ok, _} = HQ.reserve("q", 6, client: b, owner: nil)
+      assert used(a, "q") == 6
+      Process.exit(b, :kill)
+      assert wait_until(fn -> used(a, "q") == 0 end, 1_000)
+    end
+  end
+
+  describe "a server that does not answer" do
+    test "the call fails with :unavailable and a late grant is given back", %{dir: dir} do
+      a = client(dir)
+      :ok = HQ.define("q", 10, client: a)
+      {:ok, %{server: server}} = HQ.info(client: a)
+      :sys.suspend(server)
+
+      try do
+        assert {:error, %Error{reason: :unavailable}} = HQ.reserve("q", 4, client: a)
+      after
+        :sys.resume(server)
+      end
+
+      assert wait_until(fn -> used(a, "q") == 0 end)
+      assert HQ.held(client: a) == []
+    end
+  end
+
+  describe "wait:" do
+    test "waiters are granted in arrival order; a big head is not overtaken", %{dir: dir} do
+      a = client(dir)
+      :ok = HQ.define("q", 10, client: a)
+      {:ok, full} = HQ.reserve("q", 10, client: a)
+      test = self()
+
+      waiters =
+        for {{tag, amount}, n} <- Enum.with_index([a5: 5, b8: 8, c2: 2], 1) do
+          pid =
+            spawn(fn ->
+              {:ok, res} = HQ.reserve("q", amount, client: a, wait: 30_000)
+              send(test, {:granted, tag, res})
+              Process.sleep(:infinity)
+            end)
+
+          # Arrival order is the order the server saw them: one at a time.
+          assert wait_until(fn ->
+                   {:ok, [q]} = HQ.usage("q", client: a)
+                   length(q.waiters) == n
+                 end)
+
+          {tag, pid}
+        end
+
+      {:ok, [q]} = HQ.usage("q", client: a)
+      assert Enum.map(q.waiters, & &1.amount) == [5, 8, 2]
+
+      :ok = HQ.release(full)
+      assert_receive {:granted, :a5, _}, 5_000
+      # 8 does not fit beside 5; 2 would, but it must not overtake 8.
+      refute_receive {:granted, _, _}, 200
+      Process.exit(waiters[:a5], :kill)
+      assert_receive {:granted, :b8, _}, 5_000
+      assert_receive {:granted, :c2, _}, 5_000
+      assert used(a, "q") == 10
+      for {_, pid} <- waiters, do: Process.exit(pid, :kill)
+      assert wait_until(fn -> used(a, "q") == 0 end)
+    end
+
+    test "a wait that runs out fails with quota_exceeded; the line moves on", %{dir: dir} do
+      a = client(dir)
+      :ok = HQ.define("q", 10, client: a)
+      {:ok, _full} = HQ.reserve("q", 10, client: a)
+      t0 = System.monotonic_time(:millisecond)
+
+      assert {:error, %Error{reason: :quota_exceeded, message: m}} =
+               HQ.reserve("q", 3, client: a, wait: 100)
+
+      assert System.monotonic_time(:millisecond) - t0 >= 100
+      assert m =~ "gave up after waiting 100 ms"
+      {:ok, [q]} = HQ.usage("q", client: a)
+      assert q.waiters == []
+    end
+
+    test "a waiter whose owner dies leaves the line", %{dir: dir} do
+      a = client(dir)
+      :ok = HQ.define("q", 10, client: a)
+      {:ok, full} = HQ.reserve("q", 10, client: a)
+      waiter = spawn(fn -> HQ.reserve("q", 8, client: a, wait: :infinity) end)
+
+      assert wait_until(fn ->
+               {:ok, [q]} = HQ.usage("q", client: a)
+               length(q.waiters) == 1
+             end)
+
+      Process.exit(waiter, :kill)
+
+      assert wait_until(fn ->
+               {:ok, [q]} = HQ.usage("q", client: a)
+               q.waiters == []
+             end)
+
+      :ok = HQ.release(full)
+      assert used(a, "q") == 0
+    end
+  end
+
+  describe "takeover" do
+    test "when the server dies, another client serves and totals stay", %{dir: dir} do
+      a = client(dir, "a")
+      b = client(dir, "b")
+      c = client(dir, "c")
+      :ok = HQ.define("q", 10, client: a)
+      {:ok, _} = HQ.reserve("q", 3, client: a, owner: nil)
+      {:ok, _} = HQ.reserve("q", 4, client: b, owner: nil)
+      {:ok, rc} = HQ.reserve("q", 2, client: c, owner: nil)
+      {:ok, %{server: server}} = HQ.info(client: a)
+      assert is_pid(server)
+      Process.exit(server, :kill)
+
+      assert wait_until(
+               fn ->
+                 match?({:ok, [%{used: 9}]}, HQ.usage("q", client: b)) and
+                   match?({:ok, [%{used: 9}]}, HQ.usage("q", client: c))
+               end,
+               2_000
+             )
+
+      {:ok, [q]} = HQ.usage("q", client: c)
+      assert q.limit == 10
+
+      assert Enum.sort(Enum.map(q.holders, &{&1.label, &1.amount})) == [
+               {"a", 3},
+               {"b", 4},
+               {"c", 2}
+             ]
+
+      assert {:error, %Error{reason: :quota_exceeded}} = HQ.reserve("q", 2, client: b)
+      assert :ok = HQ.release(rc)
+      assert used(b, "q") == 7
+    end
+  end
+
+  describe "recovery after a takeover" do
+    test "no grant until the live clients had time to re-declare", %{dir: dir} do
+      # A stale socket of a dead server: whoever serves next takes over.
+      File.mkdir_p!(dir)
+      File.chmod!(dir, 0o700)
+      stale = Path.join(dir, "quota.sock")
+      {:ok, l} = :gen_tcp.listen(0, [:binary, ifaddr: {:local, stale}])
+      :gen_tcp.close(l)
+      assert File.exists?(stale)
+
+      a = client(dir, "a")
+      :ok = HQ.define("q", 10, client: a)
+      test = self()
+      t0 = System.monotonic_time(:millisecond)
+
+      spawn(fn ->
+        send(test, {:a, HQ.reserve("q", 6, client: a), System.monotonic_time(:millisecond)})
+      end)
+
+      # A client of the dead server re-declares what it holds, during the grace period.
+      {:ok, s} = :gen_tcp.connect({:local, stale}, 0, [:binary, packet: 4, active: false])
+      :ok = :gen_tcp.send(s, Protocol.encode_request({:hello, 9, 9, :other, "old"}))
+      :ok = :gen_tcp.send(s, Protocol.encode_request({:declare, 1, 1, "q", 5, 10}))
+      {:ok, _welcome} = :gen_tcp.recv(s, 0, 2_000)
+      {:ok, _ok} = :gen_tcp.recv(s, 0, 2_000)
+
+      assert_receive {:a, {:error, %Error{reason: :quota_exceeded}}, at}, 5_000
+      assert at - t0 >= 200
+      assert used(a, "q") == 5
+      :gen_tcp.close(s)
+      assert wait_until(fn -> used(a, "q") == 0 end)
+      assert {:ok, _} = HQ.reserve("q", 6, client: a)
+    end
+
+    test "a live server of the path is never replaced", %{dir: dir} do
+      File.mkdir_p!(dir)
+      File.chmod!(dir, 0o700)
+      # Someone serves quota.sock without our election name (another network namespace).
+      {:ok, other} = :gen_tcp.listen(0, [:binary, ifaddr: {:local, Path.join(dir, "quota.sock")}])
+
+      on_exit(fn -> :gen_tcp.close(other) end)
+      assert Snakepit.SharedMemory.HostQuota.Server.start(dir) == :ignore
+      assert File.exists?(Path.join(dir, "quota.sock"))
+    end
+  end
+
+  describe "malformed messages" do
+    defp raw(dir) do
+      {:ok, s} =
+        :gen_tcp.connect({:local, Path.join(dir, "quota.sock")}, 0, [:binary, active: false])
+
+      s
+    end
+
+    defp hello(s) do
+      frame(s, Protocol.encode_request({:hello, 1, 1, :other, "fuzz"}))
+      {:ok, <<_len::32, _::binary>>} = :gen_tcp.recv(s, 0, 2_000)
+    end
+
+    defp frame(s, payload) do
+      payload = IO.iodata_to_binary(payload)
+      :ok = :gen_tcp.send(s, <<byte_size(payload)::32, payload::binary>>)
+    end
+
+    defp closed?(s), do: match?({:error, :closed}, drain(s))
+
+    defp drain(s) do
+      case :gen_tcp.recv(s, 0, 2_000) do
+        {:ok, _} -> drain(s)
+        other -> other
+      end
+    end
+
+    test "bad frames close that session (releasing what it held), never the server",
+         %{dir: dir} do
+      a = client(dir)
+      :ok = HQ.define("q", 10, client: a)
+
+      cases = [
+        # unknown version
+        <<9, 1, 0::64, 0::32, 1, 0::16>>,
+        # unknown type
+        <<1, 0x7F, 1, 2, 3>>,
+        # truncated fields
+        <<1, 0x03, 0::32, 7::64>>,
+        # trailing bytes
+        IO.iodata_to_binary([Protocol.encode_request({:release, 1, 1}), <<0>>]),
+        # invalid name
+        <<1, 0x06, 0::32, 3, "a b">>,
+        # empty
+        <<>>
+      ]
+
+      for payload <- cases do
+        s = raw(dir)
+        hello(s)
+        frame(s, Protocol.encode_request({:reserve, 1, 42, "q", 5, 0}))
+        {:ok, _granted} = :gen_tcp.recv(s, 0, 2_000)
+        assert used(a, "q") == 5
+        frame(s, payload)
+        assert closed?(s), "session not closed after #{inspect(payload)}"
+        assert wait_until(fn -> used(a, "q") == 0 end, 1_000)
+      end
+
+      # A request before HELLO, a second HELLO.
+      s = raw(dir)
+      frame(s, Protocol.encode_request({:usage, 1, nil}))
+      assert closed?(s)
+      s = raw(dir)
+      hello(s)
+      frame(s, Protocol.encode_request({:hello, 1, 1, :other, "again"}))
+      assert closed?(s)
+
+      # A length prefix past the maximum frame; a frame cut short by the client.
+      s = raw(dir)
+      hello(s)
+      :ok = :gen_tcp.send(s, <<100_000_000::32, 1, 2, 3>>)
+      assert closed?(s)
+      s = raw(dir)
+      hello(s)
+      :ok = :gen_tcp.send(s, <<50::32, 1, 3, 0, 0>>)
+      :gen_tcp.close(s)
+
+      assert {:ok, r} = HQ.reserve("q", 10, client: a)
+      :ok = HQ.release(r)
+    end
+
+    test "random bytes: the server survives and keeps counting right", %{dir: dir} do
+      a = client(dir)
+      :ok = HQ.define("q", 1_000, client: a)
+      {:ok, _} = HQ.reserve("q", 7, client: a)
+      :rand.seed(:exsss, {17, 17, 17})
+
+      for i <- 1..300 do
+        s = raw(dir)
+        if rem(i, 2) == 0, do: hello(s)
+        valid = Protocol.encode_request({:reserve, i, i, "q", 1, 0}) |> IO.iodata_to_binary()
+        # Mutations of a valid request, or noise.
+        payload =
+          case rem(i, 3) do
+            0 -> :crypto.strong_rand_bytes(:rand.uniform(64))
+            1 -> mutate(valid)
+            2 -> binary_part(valid, 0, :rand.uniform(byte_size(valid)))
+          end
+
+        frame(s, payload)
+        _ = :gen_tcp.recv(s, 0, 20)
+        :gen_tcp.close(s)
+      end
+
+      assert wait_until(fn -> used(a, "q") == 7 end, 2_000)
+      {:ok, [q]} = HQ.usage("q", client: a)
+      assert [%{amount: 7}] = q.holders
+      {:ok, %{server: server}} = HQ.info(client: a)
+      assert Process.alive?(server)
+    end
+
+    defp mutate(bin) do
+      i = :rand.uniform(byte_size(bin)) - 1
+      <<pre::binary-size(i), b, post::binary>> = bin
+      <<pre::binary, bxor(b, :rand.uniform(255)), post::binary>>
+    end
+  end
+
+  describe "directory and socket" do
+    test "the directory is 0700 and the socket 0600, both ours", %{dir: dir} do
+      a = client(dir)
+      :ok = HQ.define("q", 1, client: a)
+      {:ok, d} = File.lstat(dir)
+      {:ok, s} = File.lstat(Path.join(dir, "quota.sock"))
+      assert d.type == :directory and (d.mode &&& 0o777) == 0o700
+      assert s.type == :other and (s.mode &&& 0o777) == 0o600
+      {:ok, t} = File.lstat(Path.join(dir, "election"))
+      assert (t.mode &&& 0o777) == 0o600
+    end
+
+    test "a directory with group/other bits, of another owner, or a symlink is refused",
+         %{dir: dir} do
+      # A refused directory stops the client in init: its start_link exits the caller.
+      Process.flag(:trap_exit, true)
+      File.mkdir_p!(dir)
+      File.chmod!(dir, 0o755)
+
+      assert {:error, %Error{reason: :permission_denied, message: m}} =
+               Client.start_link(dir: dir)
+
+      assert m =~ "group/other permissions (mode 0755)"
+
+      File.chmod!(dir, 0o700)
+
+      if Snakepit.SharedMemory.HostQuota.RuntimeDir.uid() == 0 do
+        File.chown!(dir, 65_534)
+        assert {:error, %Error{message: m}} = Client.start_link(dir: dir)
+        assert m =~ "owned by uid 65534"
+        File.chown!(dir, 0)
+      end
+
+      link = dir <> "_link"
+      File.ln_s!(dir, link)
+      on_exit(fn -> File.rm(link) end)
+      assert {:error, %Error{message: m}} = Client.start_link(dir: link)
+      assert m =~ "not a directory"
+    end
+  end
+end
