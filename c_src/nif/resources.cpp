@@ -13,6 +13,7 @@ ResourceTypes resource_types;
 SelfIdentity self_identity;
 
 void RegionResource::release_data() noexcept {
+  if (data_pinned.load()) return;  // a board view points into it: kept until destroyed
   if (!data_released.exchange(true)) dispose(region.detach_data());
 }
 

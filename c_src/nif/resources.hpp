@@ -33,6 +33,9 @@ struct RegionResource {
   /// the bytes under it must not change (deallocate refuses to zero them). Together
   /// with `deallocating` (both seq_cst) no binary is made while zeroing starts.
   std::atomic<bool> zero_copy_shared{false};
+  /// A status board (board_open) keeps a view of the data for as long as it lives: the
+  /// data area then stays mapped until the region resource is destroyed (never retired).
+  std::atomic<bool> data_pinned{false};
 
   /// Deallocated through this handle or by anyone else (header state).
   bool is_deallocated() const noexcept {

@@ -358,6 +358,10 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
             ],
        do: []
 
+  # Always a dry run: a fuzzer on a shared host removes nothing, even an unused segment.
+  defp args(:sweep_segment, _state, pool),
+    do: [G.region_id(pool), true]
+
   # Never another directory than /dev/shm: the directory is global to the VM, and the
   # other suites' segments live there. Only refusals (and /dev/shm itself) otherwise.
   defp args(:set_shm_dir, _state, _pool),
