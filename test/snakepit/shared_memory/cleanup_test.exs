@@ -283,11 +283,13 @@ defmodule Snakepit.SharedMemory.CleanupTest do
       assert Enum.all?(dry, &(&1.reason == :orphan))
       assert Enum.all?(ids, &File.exists?("/dev/shm/#{&1}"))
 
+      # (This VM's manager, or another VM's sweep on a shared machine, may take some of
+      # them first: every one must be gone, and this sweep removed no other of ours.)
       swept = Sweep.sweep_orphans()
-      assert mine.(swept) == Enum.sort(ids)
+      assert mine.(swept) -- ids == []
       refute Enum.any?(ids, &File.exists?("/dev/shm/#{&1}"))
       {:ok, stats} = SM.stats()
-      assert stats.events.orphans >= 50
+      assert stats.events.orphans >= length(mine.(swept))
     end
 
     test "segments of live VMs (this one) are left alone" do
