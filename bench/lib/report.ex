@@ -37,6 +37,7 @@ defmodule SnakepitShm.Bench.Report do
         {:crypto, &ReportSections.crypto/1},
         {:scale, &ReportSections.scale/1},
         {:fresh_pages, &ReportSections.fresh_pages/1},
+        {:scheduler, &ReportSections.scheduler/1},
         {:health, &SnakepitShm.Bench.Health.section/1},
         {:cluster, &SnakepitShm.Bench.ClusterReport.section/1},
         {:board, &SnakepitShm.Bench.Board.report/1},

@@ -3,7 +3,8 @@ defmodule SnakepitShm.Bench.Runner do
   Runs every part of the bench in one VM, one after the other, and writes
   `bench/RESULTS.md` and the plots. Parts (issue 6): `handoff`, `lifecycle`,
   `concurrency`, `zero_copy`, `crypto`, `scale`, `fresh_pages`; `health` (issue 19),
-  `cluster` (issue 18), `board` (issue 16), `host_quota` (issue 17).
+  `cluster` (issue 18), `board` (issue 16), `host_quota` (issue 17), `channel` (issue
+  15), `scheduler` (issue 12).
   """
 
   alias SnakepitShm.Bench.{
@@ -20,10 +21,11 @@ defmodule SnakepitShm.Bench.Runner do
     Programs,
     Report,
     Scale,
+    SchedulerProbe,
     ZeroCopy
   }
 
-  @parts ~w(handoff lifecycle concurrency zero_copy crypto scale fresh_pages health cluster board host_quota channel)a
+  @parts ~w(handoff lifecycle concurrency zero_copy crypto scale fresh_pages health cluster board host_quota channel scheduler)a
   @last_results "_build/bench/last_results.etf"
 
   def parts, do: @parts
@@ -132,13 +134,16 @@ defmodule SnakepitShm.Bench.Runner do
   defp run_part(:channel, profile, payload, _),
     do: SnakepitShm.Bench.Channel.run(profile, payload)
 
+  defp run_part(:scheduler, profile, payload, programs),
+    do: SchedulerProbe.run(profile, payload, programs)
+
   # One random payload for the whole run; smaller payloads are sub-binaries of it (no
   # copy), so every path of a size hands off exactly the same bytes.
   defp payload(profile, parts) do
     sizes = [
       if(:handoff in parts, do: Enum.max(profile.handoff_sizes), else: 0),
       if(:zero_copy in parts, do: Enum.max(profile.zero_copy_sizes), else: 0),
-      if(:crypto in parts, do: profile.crypto_size, else: 0),
+      if(:crypto in parts or :scheduler in parts, do: profile.crypto_size, else: 0),
       # the channel part's handoff goes up to the handoff part's largest size
       if(:channel in parts, do: Enum.max(profile.handoff_sizes), else: 0)
     ]

@@ -19,6 +19,7 @@
 #include "header.hpp"
 #include "platform.hpp"
 #include "region.hpp"
+#include "region_impl.hpp"
 
 #define SPSHM_EXPORT extern "C" __attribute__((visibility("default")))
 
@@ -156,6 +157,55 @@ SPSHM_EXPORT int spshm_release(void* header, uint32_t pid, uint64_t start_time, 
   return guarded(err, errlen, [&] {
     if (auto r = looks_like_header(header); !r) return fail(r.error(), err, errlen);
     return from(spshm::release(*static_cast<RegionHeader*>(header), pid, start_time), err, errlen);
+  });
+}
+
+namespace {
+
+/// Lends a caller's descriptor to the core without taking ownership of it.
+class BorrowedFd {
+ public:
+  explicit BorrowedFd(int fd) noexcept : handle_(fd) {}
+  ~BorrowedFd() { (void)handle_.release(); }
+  BorrowedFd(const BorrowedFd&) = delete;
+  BorrowedFd& operator=(const BorrowedFd&) = delete;
+  const spshm::platform::Handle& get() const noexcept { return handle_; }
+
+ private:
+  spshm::platform::Handle handle_;
+};
+
+}  // namespace
+
+SPSHM_EXPORT int spshm_liveness_lock(int fd, char* err, size_t errlen) {
+  return guarded(err, errlen, [&] {
+    if (fd < 0) return fail(Errc::invalid_argument, "fd must not be negative", err, errlen);
+    BorrowedFd handle(fd);
+    return from(spshm::take_liveness_lock(handle.get(), "the control object"), err, errlen);
+  });
+}
+
+SPSHM_EXPORT int spshm_hold_fd(void* header, int fd, int* slot, uint32_t pid, uint64_t start_time,
+                               int writable, char* err, size_t errlen) {
+  return guarded(err, errlen, [&] {
+    if (auto r = looks_like_header(header); !r) return fail(r.error(), err, errlen);
+    if (fd < 0 || slot == nullptr)
+      return fail(Errc::invalid_argument, "fd and slot must be valid", err, errlen);
+    BorrowedFd handle(fd);
+    return from(spshm::hold_on(*static_cast<RegionHeader*>(header), handle.get(), *slot, pid,
+                               start_time, writable != 0),
+                err, errlen);
+  });
+}
+
+SPSHM_EXPORT int spshm_release_fd(void* header, int fd, int* slot, char* err, size_t errlen) {
+  return guarded(err, errlen, [&] {
+    if (auto r = looks_like_header(header); !r) return fail(r.error(), err, errlen);
+    if (fd < 0 || slot == nullptr)
+      return fail(Errc::invalid_argument, "fd and slot must be valid", err, errlen);
+    BorrowedFd handle(fd);
+    return from(spshm::release_on(*static_cast<RegionHeader*>(header), handle.get(), *slot), err,
+                errlen);
   });
 }
 

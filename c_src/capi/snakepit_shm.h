@@ -55,6 +55,17 @@ int spshm_hold(void* header, uint32_t pid, uint64_t start_time, int writable, ch
                size_t errlen);
 int spshm_release(void* header, uint32_t pid, uint64_t start_time, char* err, size_t errlen);
 
+/* Liveness (Linux open file description locks on the control object, docs/FORMAT.md
+ * "Locks"). `fd` is this attachment's own open of the control object, kept open for as
+ * long as the region is attached: closing it (or dying) drops every lock below. */
+/* Takes the shared liveness lock (byte 0): sweepers then leave the segment alone. */
+int spshm_liveness_lock(int fd, char* err, size_t errlen);
+/* hold/release through the slot owned by the open `fd` (*slot: -1 before the first hold;
+ * updated). A slot whose owner died at any instant is recovered by the next claimer. */
+int spshm_hold_fd(void* header, int fd, int* slot, uint32_t pid, uint64_t start_time, int writable,
+                  char* err, size_t errlen);
+int spshm_release_fd(void* header, int fd, int* slot, char* err, size_t errlen);
+
 /* Start time (field 22 of /proc/<pid>/stat) of a process. */
 int spshm_process_start_time(uint32_t pid, uint64_t* out, char* err, size_t errlen);
 

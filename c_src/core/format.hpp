@@ -33,6 +33,19 @@ inline constexpr char kNamePrefix[] = "spshm_";
 // Longest segment name including the leading '/' (macOS allows 31 bytes with the NUL).
 inline constexpr std::size_t kMaxSegmentNameLength = 30;
 
+// Byte ranges of the control object used as open file description locks (Linux
+// F_OFD_SETLK; docs/FORMAT.md "Locks"). Locks may lie beyond the end of the object and
+// never touch its bytes.
+//   byte 0: liveness. Every user (creator, opener, Python attach) holds a shared lock for
+//           as long as it uses the region; a sweeper removes a segment only after taking
+//           it exclusively (or seeing it free with F_OFD_GETLK).
+//   bytes [1, 256): reserved for other protocols (#11: encrypted single writer).
+//   byte kSlotLockBase + i: holder slot i. The open that owns slot i holds it
+//           exclusively while the slot is claimed; a slot whose lock nobody holds is dead
+//           and may be recovered by anyone who takes its lock.
+inline constexpr std::uint64_t kLivenessLockByte = 0;
+inline constexpr std::uint64_t kSlotLockBase = 256;
+
 // Encrypted layout: each chunk of up to kChunkSize plaintext bytes is stored as
 // nonce (24) || ciphertext || tag (16), chunk i at offset i * (kChunkSize + kChunkOverhead).
 inline constexpr std::uint32_t kChunkSize = 65536;
@@ -56,6 +69,10 @@ enum class CipherKind : std::uint32_t {
 inline constexpr std::uint32_t kFlagEncrypted = 1u << 0;
 inline constexpr std::uint32_t kFlagNamed = 1u << 1;
 inline constexpr std::uint32_t kFlagSplitData = 1u << 2;
+/// Every user of this region holds the liveness lock (byte 0): a sweeper may trust the
+/// lock alone. Regions written without it (by an older version) are judged by their
+/// creator's PID and start time, as that version did.
+inline constexpr std::uint32_t kFlagLivenessLocks = 1u << 4;
 /// Created by a worker through the C API (snakepit_shm.allocate): the only regions a VM
 /// may adopt (adopt_region/2); a VM's own regions never carry it.
 inline constexpr std::uint32_t kFlagWorkerOutput = 1u << 3;

@@ -6,6 +6,7 @@
 
 #include "error.hpp"
 #include "format.hpp"
+#include "platform.hpp"
 
 namespace spshm {
 
@@ -40,7 +41,10 @@ Result<void> validate_header_fields(const RegionHeader& header);
 /// The sealing side of the seal/hold exclusion (holders.cpp): the pid of a live process
 /// other than `self` that holds the region writable (or is registering a writable hold),
 /// or 0. Call it only after setting kStateSealed (seq_cst).
-std::uint32_t other_writable_holder(const RegionHeader& header, std::uint32_t self);
+/// `lock` (an open of the control object, may be null) lets the kernel say that a slot
+/// left busy is dead (its slot lock is free): such slots never block a seal.
+std::uint32_t other_writable_holder(const RegionHeader& header, std::uint32_t self,
+                                    const platform::Handle* lock = nullptr);
 
 /// Largest data_size a header may claim (keeps every offset computation far from overflow).
 inline constexpr std::uint64_t kMaxDataSize = std::uint64_t{1} << 60;

@@ -26,6 +26,8 @@
 
 #include "guard.hpp"
 #include "header.hpp"
+#include "park.hpp"
+#include "platform.hpp"
 #include "region.hpp"
 
 namespace spshm {
@@ -229,7 +231,183 @@ std::uint32_t release_all(RegionHeader& header, std::uint32_t pid, std::uint64_t
   return released;
 }
 
-std::uint32_t other_writable_holder(const RegionHeader& h, std::uint32_t self) {
+// ---- slots owned by an open file description ----
+//
+// The functions above key a slot by (pid, start time): a process killed between two
+// steps of a transition leaves the slot `busy`, or a count that no live process will
+// ever take back, and only a PID says whether its owner lives. The functions below are
+// what the NIF and the Python client use: each open file description of the control
+// object (one Region, one attach) owns at most one slot and holds that slot's lock byte
+// (kSlotLockBase + i) exclusively from before it touches the slot until after it freed
+// it. Whoever takes a slot's lock owns the slot, whatever state the previous owner left
+// it in: the kernel drops the lock of a dead process at once, so a slot can never stay
+// busy or counted after its owner died, and no PID is trusted (PID namespaces, reuse).
+
+namespace {
+
+/// Makes slot i, whose lock this open now holds, ours with one hold. Returns the count a
+/// dead owner left in it (recovered), or -1 if the slot could not be taken (a claimer of
+/// the pid-keyed functions, which take no locks, got it first).
+long take_locked_slot(RegionHeader& h, std::uint32_t i, std::uint32_t pid, std::uint64_t start_time,
+                      bool writable) noexcept {
+  HolderSlot& s = h.holders[i];
+  long recovered = 0;
+  std::uint32_t state = kSlotFree;
+  if (!s.slot_state.compare_exchange_strong(state, kSlotBusy, kOrder)) {
+    // Left busy or live by an owner whose lock is gone: it is dead, the slot is ours.
+    s.slot_state.store(kSlotBusy, kOrder);
+    recovered = load_word(s).count;
+  }
+  __atomic_store_n(&s.pid, pid, __ATOMIC_RELEASE);
+  __atomic_store_n(&s.start_time, start_time, __ATOMIC_RELEASE);
+  std::uint32_t incarnation = (load_word(s).flags + (1u << kIncarnationShift)) & kIncarnationMask;
+  store_word(s, Word{1, incarnation | (writable ? kHolderWritable : 0)});
+  test_park("claim");  // busy, counted, writable flag set: the worst instant to die
+  s.slot_state.store(kSlotLive, kOrder);
+  return recovered;
+}
+
+/// Clears slot i (its lock held by the caller) and makes it free; returns its count.
+std::uint32_t clear_locked_slot(HolderSlot& s) noexcept {
+  s.slot_state.store(kSlotBusy, kOrder);
+  Word w = load_word(s);
+  store_word(s, Word{0, w.flags & kIncarnationMask});
+  __atomic_store_n(&s.pid, 0u, __ATOMIC_RELEASE);
+  __atomic_store_n(&s.start_time, std::uint64_t{0}, __ATOMIC_RELEASE);
+  s.slot_state.store(kSlotFree, kOrder);
+  return w.count;
+}
+
+/// Claims a slot for this open: free slots first, then dead ones. Returns its index.
+Result<int> claim_locked(RegionHeader& h, const platform::Handle& lock, std::uint32_t pid,
+                         std::uint64_t start_time, bool writable) {
+  bool ofd = platform::has_ofd_locks();
+  for (int pass = 0; pass < (ofd ? 2 : 1); ++pass) {
+    for (std::uint32_t i = 0; i < slot_count(h); ++i) {
+      bool free = h.holders[i].slot_state.load(kOrder) == kSlotFree;
+      if (free != (pass == 0)) continue;
+      auto got = platform::try_lock_exclusive(lock, kSlotLockBase + i);
+      if (!got) return got.error();
+      if (!*got) continue;  // a live open owns it
+      long recovered = take_locked_slot(h, i, pid, start_time, writable);
+      if (recovered < 0) {
+        platform::unlock(lock, kSlotLockBase + i);
+        continue;
+      }
+      if (recovered > 0) refcount_sub(h, static_cast<std::uint32_t>(recovered));
+      return static_cast<int>(i);
+    }
+  }
+  return Error{Errc::holder_table_full, 0,
+               "all " + std::to_string(kHolderCapacity) +
+                   " holder slots of the region are in use by live processes: unmap it in "
+                   "some of them and retry"};
+}
+
+bool owns_live_slot(const RegionHeader& h, int slot) noexcept {
+  if (slot < 0 || static_cast<std::uint32_t>(slot) >= slot_count(h)) return false;
+  const HolderSlot& s = h.holders[slot];
+  return s.slot_state.load(kOrder) == kSlotLive && load_word(s).count > 0;
+}
+
+}  // namespace
+
+Result<void> hold_on(RegionHeader& header, const platform::Handle& lock, int& slot,
+                     std::uint32_t pid, std::uint64_t start_time, bool writable) {
+  return guarded([&]() -> Result<void> {
+    if (pid == 0) return Error{Errc::invalid_argument, 0, "holder pid must not be 0"};
+    std::uint32_t state = header.state.load(kOrder);
+    if (state & kStateDeallocated)
+      return Error{Errc::deallocated, 0, "cannot hold a region that has been deallocated"};
+    if (writable && (state & kStateSealed))
+      return Error{Errc::sealed, 0, "the region is sealed: map it read_only"};
+
+    if (owns_live_slot(header, slot)) {
+      HolderSlot& s = header.holders[slot];
+      Word w = load_word(s);
+      std::uint32_t add = writable ? kHolderWritable : 0;
+      while (!cas_word(s, w, Word{w.count + 1, w.flags | add})) {
+      }
+    } else {
+      if (slot >= 0) {
+        // Our slot was emptied under us (release_all of our pid): give its lock back.
+        platform::unlock(lock, kSlotLockBase + static_cast<std::uint64_t>(slot));
+        slot = -1;
+      }
+      auto claimed = claim_locked(header, lock, pid, start_time, writable);
+      if (!claimed) return claimed.error();
+      slot = *claimed;
+    }
+    header.refcount.fetch_add(1, kOrder);
+    changed(header);
+
+    state = header.state.load(kOrder);
+    if ((state & kStateDeallocated) || (writable && (state & kStateSealed))) {
+      (void)release_on(header, lock, slot);
+      if (state & kStateDeallocated)
+        return Error{Errc::deallocated, 0, "the region was deallocated while mapping it"};
+      return Error{Errc::sealed, 0, "the region was sealed while mapping it: map it read_only"};
+    }
+    return {};
+  });
+}
+
+Result<void> release_on(RegionHeader& header, const platform::Handle& lock, int& slot) {
+  return guarded([&]() -> Result<void> {
+    if (!owns_live_slot(header, slot)) {
+      if (slot >= 0) platform::unlock(lock, kSlotLockBase + static_cast<std::uint64_t>(slot));
+      slot = -1;
+      return Error{Errc::not_found, 0, "this process holds no reference to this region"};
+    }
+    HolderSlot& s = header.holders[slot];
+    Word w = load_word(s);
+    while (w.count > 0 && !cas_word(s, w, Word{w.count - 1, w.flags})) {
+    }
+    if (w.count == 0) return Error{Errc::not_found, 0, "no hold left to release"};
+    refcount_sub(header, 1);
+    if (w.count == 1) {
+      test_park("release");
+      clear_locked_slot(s);
+      platform::unlock(lock, kSlotLockBase + static_cast<std::uint64_t>(slot));
+      slot = -1;
+    }
+    changed(header);
+    return {};
+  });
+}
+
+std::uint32_t reap_dead_slots(RegionHeader& header, const platform::Handle& lock, int own_slot) {
+  if (!platform::has_ofd_locks()) return 0;
+  std::uint32_t released = 0;
+  bool any = false;
+  for (std::uint32_t i = 0; i < slot_count(header); ++i) {
+    if (static_cast<int>(i) == own_slot) continue;
+    HolderSlot& s = header.holders[i];
+    if (s.slot_state.load(kOrder) == kSlotFree) continue;
+    auto got = platform::try_lock_exclusive(lock, kSlotLockBase + i);
+    if (!got || !*got) continue;  // its owner lives (or we cannot tell: keep it)
+    if (s.slot_state.load(kOrder) != kSlotFree) {
+      released += clear_locked_slot(s);
+      any = true;
+    }
+    platform::unlock(lock, kSlotLockBase + i);
+  }
+  if (released > 0) refcount_sub(header, released);
+  if (any) changed(header);
+  return released;
+}
+
+std::uint32_t reference_count(const RegionHeader& header) {
+  std::uint32_t total = 0;
+  for (std::uint32_t i = 0; i < slot_count(header); ++i) {
+    const HolderSlot& s = header.holders[i];
+    if (s.slot_state.load(kOrder) != kSlotFree) total += load_word(s).count;
+  }
+  return total;
+}
+
+std::uint32_t other_writable_holder(const RegionHeader& h, std::uint32_t self,
+                                    const platform::Handle* lock) {
   for (std::uint32_t i = 0; i < slot_count(h); ++i) {
     const HolderSlot& s = h.holders[i];
     std::uint32_t state = s.slot_state.load(kOrder);
@@ -240,6 +418,12 @@ std::uint32_t other_writable_holder(const RegionHeader& h, std::uint32_t self) {
     std::uint32_t pid = load_pid(s);
     if (pid == 0 || pid == self) continue;
     if (state == kSlotLive && !process_alive(pid, load_start(s))) continue;  // died holding
+    // Left busy by a claimer killed mid-claim: its slot lock is gone (pid-keyed claimers,
+    // which take no lock, are mid-claim for a few stores and re-check the seal after).
+    if (state == kSlotBusy && lock != nullptr && platform::has_ofd_locks()) {
+      auto held = platform::lock_is_held(*lock, kSlotLockBase + i);
+      if (held && !*held) continue;
+    }
     return pid;
   }
   return 0;

@@ -19,6 +19,11 @@ namespace {
 /// is this old: younger ones may still be being created by a live process.
 constexpr std::uint64_t kStaleCreationNs = 10ull * 1000 * 1000 * 1000;
 
+/// An unlocked header-less segment younger than this is left alone: a creator takes the
+/// liveness lock a few system calls after its O_EXCL create, and a creator of an older
+/// version (no locks) may still be sizing it.
+constexpr std::uint64_t kCreationGraceNs = kStaleCreationNs;
+
 /// Reads the header of an opened object into `copy`; corrupt if it is too small.
 Result<void> read_header(const platform::Handle& handle, const platform::ObjectInfo& info,
                          const std::string& what, HeaderCopy& copy) {
@@ -39,6 +44,14 @@ bool is_incomplete(const RegionHeader* header) noexcept {
   return true;
 }
 
+Error too_short(const std::string& what, std::uint64_t size) {
+  return Error{Errc::corrupt, 0,
+               what + " is " + std::to_string(size) + " bytes, smaller than a " +
+                   std::to_string(kHeaderSize) +
+                   "-byte header, yet has a magic: damaged (not removed: check it and delete "
+                   "it by hand if it is garbage)"};
+}
+
 }  // namespace
 
 HeaderSnapshot snapshot(const RegionHeader& h) {
@@ -52,7 +65,7 @@ HeaderSnapshot snapshot(const RegionHeader& h) {
   s.flags = h.flags;
   s.state = h.state.load(std::memory_order_acquire);
   s.security_level = h.security_level;
-  s.refcount = h.refcount.load(std::memory_order_acquire);
+  s.refcount = reference_count(h);
   s.creator_pid = h.creator_pid;
   s.creator_start_time = h.creator_start_time;
   std::memcpy(s.boot_id.data(), h.boot_id, s.boot_id.size());
@@ -82,7 +95,12 @@ Result<HeaderSnapshot> inspect(const std::string& path) {
     bool split = (h.flags & kFlagSplitData) != 0;
     std::uint64_t object_size = split ? std::numeric_limits<std::uint64_t>::max() : info->size;
     if (auto r = validate_header(h, object_size); !r) return r.error();
-    return snapshot(h);
+    HeaderSnapshot snap = snapshot(h);
+    auto held = platform::lock_is_held(*handle, kLivenessLockByte);
+    snap.in_use = !held || *held;
+    // A region written without liveness locks: its users take none; its creator decides.
+    if (!(h.flags & kFlagLivenessLocks)) snap.in_use = snap.in_use || snap.creator_alive;
+    return snap;
   } catch (const std::bad_alloc&) {
     return Error{Errc::no_space, ENOMEM, "out of memory inspecting " + path};
   }
@@ -131,6 +149,71 @@ Result<void> unlink_segment(const std::string& region_id) {
   } catch (const std::bad_alloc&) {
     return Error{Errc::no_space, ENOMEM, "out of memory removing " + region_id};
   }
+}
+
+Result<SweepOutcome> sweep_segment(const std::string& region_id, bool dry_run) {
+  return guarded([&]() -> Result<SweepOutcome> {
+    if (auto r = validate_region_id(region_id); !r) return r.error();
+    std::string what = "segment " + region_id;
+    bool exclusive = true;
+    auto handle = platform::open_named(region_id, platform::Access::read_write);
+    if (!handle && handle.error().code == Errc::permission_denied) {
+      exclusive = false;  // mode 0400 (sealed): no write open, hence no F_WRLCK
+      handle = platform::open_named(region_id, platform::Access::read_only);
+    }
+    if (!handle) return std::move(handle).error();
+    auto info = check_our_object(*handle, what);
+    if (!info) return info.error();
+    if (exclusive) {
+      auto got = platform::try_lock_exclusive(*handle, kLivenessLockByte);
+      if (!got) return got.error();
+      if (!*got) return SweepOutcome::in_use;
+    } else {
+      auto held = platform::lock_is_held(*handle, kLivenessLockByte);
+      if (!held) return held.error();
+      if (*held) return SweepOutcome::in_use;
+    }
+    if (!platform::has_ofd_locks()) return SweepOutcome::in_use;  // nobody to ask
+    HeaderCopy copy;
+    std::memset(copy.bytes, 0, sizeof copy.bytes);
+    std::uint64_t readable = std::min<std::uint64_t>(info->size, sizeof copy.bytes);
+    if (readable > 0) {
+      if (auto r = platform::read_at(*handle, 0, copy.bytes, readable, what); !r) return r.error();
+    }
+    bool incomplete = is_incomplete(&copy.get());
+    if (incomplete) {
+      std::uint64_t now = platform::realtime_ns();
+      if (now <= info->modified_ns || now - info->modified_ns < kCreationGraceNs)
+        return SweepOutcome::young;
+    } else {
+      if (info->size < kHeaderSize) return too_short(what, info->size);
+      if (auto r = validate_header(copy.get(), info->size); !r) {
+        Error e = std::move(r).error();
+        e.message += " (not removed: check it and delete it by hand if it is garbage)";
+        return e;
+      }
+      std::string id(copy.get().region_id, strnlen(copy.get().region_id, kRegionIdCapacity));
+      if (id != region_id)
+        return Error{Errc::corrupt, 0,
+                     what + " holds the header of " + id + ": not removed (remove it by hand)"};
+      // Written by a version without liveness locks: its users hold none, so the lock
+      // proves nothing; judge by its creator, as that version did.
+      const RegionHeader& h = copy.get();
+      if (!(h.flags & kFlagLivenessLocks)) {
+        std::array<std::uint8_t, 16> boot{};
+        std::memcpy(boot.data(), h.boot_id, boot.size());
+        if (boot == platform::boot_id() && process_alive(h.creator_pid, h.creator_start_time))
+          return SweepOutcome::in_use;
+      }
+    }
+    // The name may have been given to a new object since we opened it (remove_and_create).
+    if (!names_our_object(region_id, *handle)) return SweepOutcome::in_use;
+    if (!dry_run) {
+      if (auto r = platform::unlink_named(region_id); !r && r.error().code != Errc::not_found)
+        return r.error();
+    }
+    return incomplete ? SweepOutcome::removed_incomplete : SweepOutcome::removed;
+  });
 }
 
 std::vector<std::string> list_segments() { return platform::list_named(); }

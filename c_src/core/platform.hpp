@@ -78,6 +78,14 @@ class Mapping {
 
   std::uint8_t* data() const noexcept { return static_cast<std::uint8_t*>(address_); }
   std::size_t size() const noexcept { return length_; }
+  /// Splits off [offset, size()) as a Mapping of its own (offset page-aligned, POSIX
+  /// only: a Windows view cannot be unmapped in parts); this one keeps [0, offset).
+  Mapping split_at(std::size_t offset) noexcept {
+    if (address_ == nullptr || offset >= length_) return Mapping();
+    Mapping tail(static_cast<std::uint8_t*>(address_) + offset, length_ - offset);
+    length_ = offset;
+    return tail;
+  }
   bool valid() const noexcept { return address_ != nullptr; }
   void reset() noexcept;  ///< unmaps (per OS)
 
@@ -168,6 +176,28 @@ Result<Mapping> map(const Handle& handle, std::uint64_t offset, std::size_t leng
 /// Makes the data immutable for every future mapping and open of other processes
 /// (memfd: F_SEAL_FUTURE_WRITE; named POSIX: mode 0400). Existing mappings keep working.
 Result<void> seal_object(const Handle& data_object, BackendKind backend);
+// ---- liveness locks (Linux: open file description locks, F_OFD_*) ----
+//
+// A lock belongs to the open file description of `handle`, not to the process: it lasts
+// until the last descriptor of that open is closed (also on SIGKILL), works across PID
+// namespaces, and conflicts with locks of every other open, even of the same process.
+// Bytes may lie beyond the end of the object.
+
+/// True where the OS has open file description locks (Linux). Elsewhere the functions
+/// below do nothing, lock_is_held() says true (never "unused": nothing is deleted on its
+/// word) and try_lock_exclusive() says true (callers only take free slots there).
+bool has_ofd_locks() noexcept;
+/// Takes a shared lock of byte `offset` (F_OFD_SETLK, F_RDLCK); busy if another open
+/// holds it exclusively (a sweeper removing the object right now).
+Result<void> lock_shared(const Handle& handle, std::uint64_t offset);
+/// Tries an exclusive lock of byte `offset` without waiting (the handle must be open for
+/// writing): false if another open holds a lock there.
+Result<bool> try_lock_exclusive(const Handle& handle, std::uint64_t offset);
+/// Drops this open's lock of byte `offset`.
+void unlock(const Handle& handle, std::uint64_t offset) noexcept;
+/// True if an open other than this one holds a lock of byte `offset` (F_OFD_GETLK with
+/// F_WRLCK: works on a read-only handle).
+Result<bool> lock_is_held(const Handle& handle, std::uint64_t offset);
 // ---- kernel-enforced immutability (Linux memfd; unsupported elsewhere) ----
 
 /// Replaces `view`, a shared mapping of `object` from byte `offset`, in place (same
@@ -231,6 +261,9 @@ struct ProcessStat {
 };
 /// not_found if no process has this pid.
 Result<ProcessStat> process_stat(std::uint32_t pid);
+/// Parses a UUID's 32 hex digits ('-', whitespace and a newline ignored) into `out`;
+/// false (out untouched) unless there are exactly 32. The one boot id parser (POSIX).
+bool parse_uuid(const std::string& text, std::array<std::uint8_t, 16>& out) noexcept;
 /// This boot's id (Linux: /proc/sys/kernel/random/boot_id), zeros if unknown.
 std::array<std::uint8_t, 16> boot_id();
 /// Fills `buffer` from the OS CSPRNG.

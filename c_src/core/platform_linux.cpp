@@ -316,23 +316,7 @@ std::array<std::uint8_t, 16> boot_id() {
   std::call_once(once, [] {
     std::string text;
     if (!read_small_file("/proc/sys/kernel/random/boot_id", text)) return;
-    std::array<std::uint8_t, 16> parsed{};
-    std::size_t nibbles = 0;
-    for (char c : text) {
-      int v;
-      if (c >= '0' && c <= '9')
-        v = c - '0';
-      else if (c >= 'a' && c <= 'f')
-        v = c - 'a' + 10;
-      else if (c >= 'A' && c <= 'F')
-        v = c - 'A' + 10;
-      else
-        continue;  // '-' and the newline
-      if (nibbles == 32) return;
-      parsed[nibbles / 2] = static_cast<std::uint8_t>(parsed[nibbles / 2] << 4 | v);
-      ++nibbles;
-    }
-    if (nibbles == 32) id = parsed;
+    (void)parse_uuid(text, id);
   });
   return id;
 }

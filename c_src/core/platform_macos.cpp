@@ -15,6 +15,7 @@
 
 #include <cerrno>
 #include <cstdlib>
+#include <cstring>
 #include <mutex>
 #include <string>
 
@@ -102,24 +103,7 @@ std::array<std::uint8_t, 16> boot_id() {
     char text[64] = {};
     size_t length = sizeof text - 1;
     if (::sysctlbyname("kern.bootsessionuuid", text, &length, nullptr, 0) != 0) return;
-    std::array<std::uint8_t, 16> parsed{};
-    std::size_t nibbles = 0;
-    for (std::size_t i = 0; i < length && text[i] != '\0'; ++i) {
-      char c = text[i];
-      int v;
-      if (c >= '0' && c <= '9')
-        v = c - '0';
-      else if (c >= 'a' && c <= 'f')
-        v = c - 'a' + 10;
-      else if (c >= 'A' && c <= 'F')
-        v = c - 'A' + 10;
-      else
-        continue;  // '-'
-      if (nibbles == 32) return;
-      parsed[nibbles / 2] = static_cast<std::uint8_t>(parsed[nibbles / 2] << 4 | v);
-      ++nibbles;
-    }
-    if (nibbles == 32) id = parsed;
+    (void)parse_uuid(std::string(text, strnlen(text, length)), id);
   });
   return id;
 }

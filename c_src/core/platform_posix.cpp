@@ -138,7 +138,11 @@ Result<Handle> create_named(const std::string& region_id, std::uint32_t mode,
 }
 
 Result<Handle> open_named(const std::string& region_id, Access access) {
-  int flags = (access == Access::read_write ? O_RDWR : O_RDONLY) | O_NOFOLLOW | O_CLOEXEC;
+  // O_NONBLOCK: a FIFO planted under one of our names (in a world-writable directory)
+  // would otherwise block this thread until a writer appears. Callers fstat the object
+  // (check_our_object) before using it; blocking mode is restored below.
+  int flags =
+      (access == Access::read_write ? O_RDWR : O_RDONLY) | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK;
   int fd = open_named_object(region_id, flags, 0);
   if (fd < 0) {
     int err = errno;
@@ -146,8 +150,13 @@ Result<Handle> open_named(const std::string& region_id, Access access) {
       return Error{
           Errc::not_found, err,
           "no region " + region_id + " in shared memory (deallocated, expired, or never created)"};
+    if (err == ELOOP)
+      return Error{Errc::not_ours, err,
+                   "segment " + region_id + " is a symbolic link: refusing to follow it"};
     return os_error("cannot open shared memory segment " + region_id, err);
   }
+  int fl = ::fcntl(fd, F_GETFL);
+  if (fl >= 0) (void)::fcntl(fd, F_SETFL, fl & ~O_NONBLOCK);
   return Handle(fd);
 }
 
@@ -505,9 +514,92 @@ bool run_guarded(void (*body)(void*), void* context, const void* first,
   return true;
 }
 
+// ---- liveness locks ----
+
+#if defined(F_OFD_SETLK)
+
+namespace {
+
+struct flock byte_lock(short type, std::uint64_t offset) noexcept {
+  struct flock fl {};
+  fl.l_type = type;
+  fl.l_whence = SEEK_SET;
+  fl.l_start = static_cast<off_t>(offset);
+  fl.l_len = 1;
+  fl.l_pid = 0;  // must be 0 for OFD locks
+  return fl;
+}
+
+}  // namespace
+
+bool has_ofd_locks() noexcept { return true; }
+
+Result<void> lock_shared(const Handle& handle, std::uint64_t offset) {
+  struct flock fl = byte_lock(F_RDLCK, offset);
+  if (::fcntl(fd_of(handle), F_OFD_SETLK, &fl) == 0) return {};
+  int err = errno;
+  if (err == EAGAIN || err == EACCES)
+    return Error{Errc::busy, err, "the segment is being removed by a cleanup right now"};
+  return os_error("cannot take the liveness lock (F_OFD_SETLK)", err);
+}
+
+Result<bool> try_lock_exclusive(const Handle& handle, std::uint64_t offset) {
+  struct flock fl = byte_lock(F_WRLCK, offset);
+  if (::fcntl(fd_of(handle), F_OFD_SETLK, &fl) == 0) return true;
+  int err = errno;
+  if (err == EAGAIN || err == EACCES) return false;
+  return os_error("cannot take an exclusive lock (F_OFD_SETLK)", err);
+}
+
+void unlock(const Handle& handle, std::uint64_t offset) noexcept {
+  struct flock fl = byte_lock(F_UNLCK, offset);
+  (void)::fcntl(fd_of(handle), F_OFD_SETLK, &fl);
+}
+
+Result<bool> lock_is_held(const Handle& handle, std::uint64_t offset) {
+  struct flock fl = byte_lock(F_WRLCK, offset);
+  if (::fcntl(fd_of(handle), F_OFD_GETLK, &fl) != 0)
+    return os_error("cannot query the liveness lock (F_OFD_GETLK)", errno);
+  return fl.l_type != F_UNLCK;
+}
+
+#else  // no OFD locks (macOS): see platform.hpp
+
+bool has_ofd_locks() noexcept { return false; }
+Result<void> lock_shared(const Handle&, std::uint64_t) { return {}; }
+Result<bool> try_lock_exclusive(const Handle&, std::uint64_t) { return true; }
+void unlock(const Handle&, std::uint64_t) noexcept {}
+Result<bool> lock_is_held(const Handle&, std::uint64_t) { return true; }
+
+#endif
+
 std::size_t page_size() noexcept {
   static const std::size_t size = static_cast<std::size_t>(::sysconf(_SC_PAGESIZE));
   return size;
+}
+
+bool parse_uuid(const std::string& text, std::array<std::uint8_t, 16>& out) noexcept {
+  std::array<std::uint8_t, 16> parsed{};
+  std::size_t nibbles = 0;
+  for (char c : text) {
+    int v;
+    if (c >= '0' && c <= '9')
+      v = c - '0';
+    else if (c >= 'a' && c <= 'f')
+      v = c - 'a' + 10;
+    else if (c >= 'A' && c <= 'F')
+      v = c - 'A' + 10;
+    else if (c == '-' || c == '\n' || c == ' ' || c == '\0')
+      continue;
+    else
+      return false;
+    if (nibbles == 32) return false;
+    parsed[nibbles / 2] = static_cast<std::uint8_t>(parsed[nibbles / 2] << 4 | v);
+    ++nibbles;
+  }
+  if (nibbles != 32) return false;
+  out = parsed;
+  return true;
 }
 
 std::uint32_t current_pid() noexcept { return static_cast<std::uint32_t>(::getpid()); }

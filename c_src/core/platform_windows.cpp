@@ -285,6 +285,17 @@ Result<void> lock_memory(void* address, std::size_t length) {
   return {};
 }
 
+// ---- liveness locks: none on Windows ----
+// A file mapping is freed with its last handle or view in any process, so nothing is
+// ever swept: lock_is_held() says "in use" and the other functions do nothing. Holder
+// slots are only claimed when free (see platform.hpp).
+
+bool has_ofd_locks() noexcept { return false; }
+Result<void> lock_shared(const Handle&, std::uint64_t) { return {}; }
+Result<bool> try_lock_exclusive(const Handle&, std::uint64_t) { return true; }
+void unlock(const Handle&, std::uint64_t) noexcept {}
+Result<bool> lock_is_held(const Handle&, std::uint64_t) { return true; }
+
 std::size_t page_size() noexcept {
   static const std::size_t size = [] {
     SYSTEM_INFO info;

@@ -15,6 +15,7 @@
 #include "crypto.hpp"
 #include "header.hpp"
 #include "ids.hpp"
+#include "park.hpp"
 #include "platform.hpp"
 #include "region_impl.hpp"
 
@@ -26,17 +27,6 @@ using platform::Sharing;
 namespace {
 
 constexpr int kCreateAttempts = 8;
-
-/// True if `region_id` currently names the object behind `ours` (same device and inode).
-/// Where the OS gives no identity (Windows: no names to remove), it says true.
-bool names_our_object(const std::string& region_id, const platform::Handle& ours) {
-  auto current = platform::open_named(region_id, Access::read_only);
-  if (!current) return current.error().code != Errc::not_found;
-  auto a = platform::stat(ours, region_id);
-  auto b = platform::stat(current.value(), region_id);
-  if (!a || !b) return true;
-  return a->device == b->device && a->inode == b->inode;
-}
 
 std::uint64_t round_up_to_page(std::uint64_t n) noexcept {
   std::uint64_t page = platform::page_size();
@@ -127,7 +117,8 @@ Result<void> fill_new_region(RegionFactory::Impl& impl, const CreateOptions& o, 
   init.backend = impl.backend;
   init.flags = (o.encrypted ? kFlagEncrypted : 0) | (named ? kFlagNamed : 0) |
                (impl.backend == BackendKind::memfd ? kFlagSplitData : 0) |
-               (o.worker_output ? kFlagWorkerOutput : 0);
+               (o.worker_output ? kFlagWorkerOutput : 0) |
+               (platform::has_ofd_locks() ? kFlagLivenessLocks : 0);
   init.security_level = o.security_level;
   init.data_size = o.size;
   init.data_capacity = impl.capacity;
@@ -183,7 +174,16 @@ Result<Region> create_posix(const CreateOptions& o) {
   }
   for (int attempt = 0; attempt < kCreateAttempts; ++attempt) {
     auto handle = platform::create_named(id, o.mode, named_object_size(o));
-    if (handle) return build_posix(std::move(*handle), id, o);
+    if (handle) {
+      // The liveness lock first, before sizing: from here until this Region is gone the
+      // segment is in use for every sweeper, header or not (a slow fallocate included).
+      if (auto r = take_liveness_lock(*handle, "segment " + id); !r) {
+        (void)platform::unlink_named(id);
+        return r.error();
+      }
+      test_park("create_" + std::to_string(o.size));
+      return build_posix(std::move(*handle), id, o);
+    }
     if (handle.error().code != Errc::already_exists) return std::move(handle).error();
     if (!named) {
       id = random_region_id();  // 100 random bits collided, or someone squats: next one
@@ -213,6 +213,7 @@ Result<Region> create_memfd(const CreateOptions& o) {
   auto control = platform::create_anonymous(impl->id, kHeaderSize);
   if (!control) return control.error();
   impl->control = std::move(*control);
+  if (auto r = take_liveness_lock(impl->control, "memfd " + impl->id); !r) return r.error();
   auto data = platform::create_anonymous(impl->id + ".data", round_up_to_page(impl->capacity));
   if (!data) return data.error();
   impl->data_object = std::move(*data);
@@ -406,7 +407,7 @@ Result<void> Region::seal() {
     auto undo = [&] {
       if (set_by_us) h.state.fetch_and(~kStateSealing, std::memory_order_seq_cst);
     };
-    if (std::uint32_t pid = other_writable_holder(h, platform::current_pid())) {
+    if (std::uint32_t pid = other_writable_holder(h, platform::current_pid(), &impl_->control)) {
       undo();
       return Error{Errc::busy, 0,
                    "cannot seal region " + impl_->id + ": process " + std::to_string(pid) +
@@ -462,6 +463,40 @@ Result<void> Region::deallocate(bool zero) {
   });
 }
 
+Result<void> Region::hold(std::uint32_t pid, std::uint64_t start_time, bool writable) {
+  if (!impl_->header_shared)
+    return Error{Errc::permission_denied, 0,
+                 "region " + impl_->id + " is seen through a private copy of its header"};
+  std::lock_guard<std::mutex> lock(impl_->slot_mutex);
+  return hold_on(impl_->header(), impl_->control, impl_->slot, pid, start_time, writable);
+}
+
+Result<void> Region::release() {
+  std::lock_guard<std::mutex> lock(impl_->slot_mutex);
+  return release_on(impl_->header(), impl_->control, impl_->slot);
+}
+
+std::uint32_t Region::reap_dead_holders() {
+  if (!impl_->header_shared) return 0;
+  std::lock_guard<std::mutex> lock(impl_->slot_mutex);
+  return reap_dead_slots(impl_->header(), impl_->control, impl_->slot);
+}
+
+Region::DetachedData Region::detach_data() noexcept {
+  DetachedData out;
+  Impl& impl = *impl_;
+  out.bytes = impl.capacity;
+  if (impl.data_map.valid()) {
+    out.mapping = std::move(impl.data_map);
+  } else if (platform::named_backend() == BackendKind::posix &&
+             impl.header_map.size() > kHeaderSize) {
+    out.mapping = impl.header_map.split_at(kHeaderSize);  // header and data in one mapping
+  }
+  if (impl.data_object.valid()) out.object = std::move(impl.data_object);  // memfd
+  if (out.mapping.valid()) impl.data = nullptr;
+  return out;
+}
+
 Result<void> Region::unlink() {
   return guarded([&]() -> Result<void> {
     if (impl_->data_object.valid()) return {};  // memfd: no name to remove
@@ -508,6 +543,11 @@ Error no_key(const std::string& id) {
 
 namespace {
 
+Error lock_busy(const std::string& id) {
+  return Error{Errc::busy, 0,
+               "region " + id + " is being encrypted or decrypted by another call right now"};
+}
+
 /// Cross-process lock of an encrypted region's data (kDataLockByte of the control
 /// object): writers exclusive, readers shared, never waiting. Readers of this process
 /// share one lock (one open file description): the first takes it, the last drops it.
@@ -537,7 +577,8 @@ void unlock_data(RegionFactory::Impl& impl, bool exclusive) noexcept {
 
 }  // namespace
 
-Result<void> Region::write(std::uint64_t offset, const std::uint8_t* src, std::size_t length) {
+Result<void> Region::write(std::uint64_t offset, const std::uint8_t* src, std::size_t length,
+                           bool wait) {
   return guarded([&]() -> Result<void> {
     if (!impl_->writable) return needs_writable(impl_->id, "write to");
     // Shared with the other writes of this process, exclusive with seal(): taken without
@@ -559,7 +600,11 @@ Result<void> Region::write(std::uint64_t offset, const std::uint8_t* src, std::s
     if (length > 0 && src == nullptr)
       return Error{Errc::invalid_argument, 0, "write source must not be NULL"};
     if (impl_->encrypted) {
-      std::unique_lock<std::shared_mutex> lock(impl_->crypt);
+      std::unique_lock<std::shared_mutex> lock(impl_->crypt, std::defer_lock);
+      if (wait)
+        lock.lock();
+      else if (!lock.try_lock())
+        return lock_busy(impl_->id);
       if (impl_->key.empty()) return no_key(impl_->id);
       if (length == 0) return {};
       if (auto r = lock_data(*impl_, true); !r) return r;
@@ -580,7 +625,8 @@ Result<void> Region::write(std::uint64_t offset, const std::uint8_t* src, std::s
   });
 }
 
-Result<void> Region::read(std::uint64_t offset, std::uint8_t* dst, std::size_t length) const {
+Result<void> Region::read(std::uint64_t offset, std::uint8_t* dst, std::size_t length,
+                          bool wait) const {
   return guarded([&]() -> Result<void> {
     std::uint32_t state = impl_->header().state.load(std::memory_order_acquire);
     if (state & kStateDeallocated)
@@ -590,7 +636,11 @@ Result<void> Region::read(std::uint64_t offset, std::uint8_t* dst, std::size_t l
     if (length > 0 && dst == nullptr)
       return Error{Errc::invalid_argument, 0, "read destination must not be NULL"};
     if (impl_->encrypted) {
-      std::shared_lock<std::shared_mutex> lock(impl_->crypt);
+      std::shared_lock<std::shared_mutex> lock(impl_->crypt, std::defer_lock);
+      if (wait)
+        lock.lock();
+      else if (!lock.try_lock())
+        return lock_busy(impl_->id);
       if (impl_->key.empty()) return no_key(impl_->id);
       if (length == 0) return {};
       // A sealed region has no writer left: no lock needed.

@@ -15,6 +15,7 @@
 
 #include "error.hpp"
 #include "format.hpp"
+#include "platform.hpp"
 
 namespace spshm {
 
@@ -74,7 +75,10 @@ struct HeaderSnapshot {
   std::uint64_t created_at_ns, last_access_ns, idle_timeout_ns;
   std::string metadata_json;
   std::vector<HolderInfo> holders;
-  bool creator_alive;  ///< same boot, pid alive with the same start time
+  bool creator_alive;  ///< same boot, pid alive with the same start time (for display)
+  /// Some open of the control object holds its liveness lock (inspect(): asked of the
+  /// kernel; a snapshot of a mapped Region: true). What sweeps decide on.
+  bool in_use = true;
 };
 
 class Region {
@@ -171,8 +175,35 @@ class Region {
   /// (kDataLockByte) exclusively and each read of an unsealed region shared: busy on
   /// conflict (Linux). POSIX segments: the copy is guarded (platform::run_guarded), so a
   /// peer's truncation gives truncated instead of SIGBUS once the NIF installed the guard.
-  Result<void> write(std::uint64_t offset, const std::uint8_t* src, std::size_t length);
-  Result<void> read(std::uint64_t offset, std::uint8_t* dst, std::size_t length) const;
+  /// With `wait` false, an encrypted region whose in-process lock another call holds
+  /// answers busy at once instead of waiting (callers on threads that must not block
+  /// retry elsewhere).
+  Result<void> write(std::uint64_t offset, const std::uint8_t* src, std::size_t length,
+                     bool wait = true);
+  Result<void> read(std::uint64_t offset, std::uint8_t* dst, std::size_t length,
+                    bool wait = true) const;
+
+  /// One hold of process (pid, start_time) through this Region's own open of the control
+  /// object (hold_on): its slot dies with this Region, also if the process is killed.
+  Result<void> hold(std::uint32_t pid, std::uint64_t start_time, bool writable);
+  /// Removes one hold taken with hold() (not_found if none is left).
+  Result<void> release();
+  /// Frees the slots of dead holders (reap_dead_slots); returns the holds released.
+  std::uint32_t reap_dead_holders();
+
+  /// The data area's memory in this process, detached from its Region by detach_data():
+  /// destroying it unmaps (and for a memfd closes) it, which for a large region takes
+  /// time (about 0.1 s per GiB): the NIF hands it to a reaper thread.
+  struct DetachedData {
+    platform::Mapping mapping;
+    platform::Handle object;
+    std::uint64_t bytes = 0;
+  };
+  /// Ends this process's use of the data area at once (after deallocate(): nobody here
+  /// may read it any more), so that its memory goes back to the OS now rather than when
+  /// the Region is destroyed. The header stays mapped (holds are released through it).
+  /// data() is null afterwards; the caller guarantees no access is in flight.
+  DetachedData detach_data() noexcept;
 
   /// Records the access time in the header (map/read/write).
   void touch() noexcept;
@@ -198,6 +229,24 @@ Result<void> release(RegionHeader& header, std::uint32_t pid, std::uint64_t star
 std::uint32_t release_all(RegionHeader& header, std::uint32_t pid, std::uint64_t start_time);
 std::vector<HolderInfo> holders(const RegionHeader& header);
 
+// ---- holder slots owned by an open file description (what the NIF and Python use) ----
+
+/// Adds one hold through `lock`, an open of the control object. `slot` is that open's
+/// slot (-1: none yet): the first hold claims one (a free slot, else a dead one whose
+/// lock nobody holds, recovered) and keeps the slot's lock byte (kSlotLockBase + i)
+/// until its last hold is released, so the slot dies with the open. Needs a read-write
+/// `lock` on Linux. Callers serialise hold_on/release_on of one open.
+Result<void> hold_on(RegionHeader& header, const platform::Handle& lock, int& slot,
+                     std::uint32_t pid, std::uint64_t start_time, bool writable);
+/// Removes one hold of the open's slot; frees the slot (and its lock) at zero.
+Result<void> release_on(RegionHeader& header, const platform::Handle& lock, int& slot);
+/// Frees every claimed slot other than `own_slot` whose lock nobody holds (its owner is
+/// dead, killed at any instant). Returns the holds released. Linux only (0 elsewhere).
+std::uint32_t reap_dead_slots(RegionHeader& header, const platform::Handle& lock, int own_slot);
+/// The number of holds: the sum of the counts of every claimed slot (the header's
+/// refcount field is only a hint kept for readers of format version 1).
+std::uint32_t reference_count(const RegionHeader& header);
+
 // ---- header validation and inspection ----
 
 /// zlib CRC-32 (the same as Python's zlib.crc32).
@@ -214,6 +263,28 @@ Result<void> validate_header(const RegionHeader& header, std::uint64_t data_obje
 /// its own consistency, its data being elsewhere). Never modifies anything.
 Result<HeaderSnapshot> inspect(const std::string& path);
 HeaderSnapshot snapshot(const RegionHeader& header);
+
+/// What sweep_segment() did.
+enum class SweepOutcome {
+  removed,             ///< ours, unused, with a valid header: the name was removed
+  removed_incomplete,  ///< ours, unused, never got a header (creator died): removed
+  in_use,              ///< some open holds its liveness lock (or the name now names another object)
+  young,               ///< header-less and unused, but created less than kCreationGraceNs ago
+};
+
+/// Removes the POSIX segment `region_id` if, and only if, it is ours (well-formed id, a
+/// regular file of our uid, a valid header naming that id, or no header yet) and no open
+/// of it anywhere holds its liveness lock. The check and the removal run under this
+/// call's exclusive lock of the liveness byte, so no opener can start using the segment
+/// in between (an opener that opened the name before the removal sees it gone once it
+/// has its lock). A segment mode 0400 (sealed) cannot be opened for writing: it is then
+/// checked with F_OFD_GETLK, which leaves a window of a few system calls. A header
+/// without kFlagLivenessLocks (an older writer, whose users take no locks) is in use
+/// while its creator lives (pid, start time, boot id). A header-less segment is removed
+/// only once unlocked and untouched for 10 s. Never blocks (FIFOs and other non-files
+/// are refused: not_ours). A damaged header: corrupt.
+/// With `dry_run`, says what it would do and removes nothing.
+Result<SweepOutcome> sweep_segment(const std::string& region_id, bool dry_run = false);
 
 /// Unlinks the POSIX segment `region_id` only if it is ours: a well-formed id, a regular
 /// file of our uid, and a valid header naming that id, or no header at all (smaller than

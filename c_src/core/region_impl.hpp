@@ -32,6 +32,11 @@ struct Region::Impl {
   platform::Mapping data_map;    ///< data area (invalid when header_map covers it)
   std::uint8_t* data = nullptr;  ///< start of the data area in this process
 
+  /// The holder slot this Region's open owns (-1: none), and what serialises its changes
+  /// (held for a few atomic operations and at most two fcntl calls, never for I/O).
+  int slot = -1;
+  std::mutex slot_mutex;
+
   crypto::Key key;
   /// Encrypted writes are read-modify-write of whole chunks: exclusive. Reads: shared.
   mutable std::shared_mutex crypt;
@@ -74,6 +79,14 @@ struct Region::Impl {
 /// otherwise) owned by our uid (not_ours, naming the owner). Returns its size and times.
 Result<platform::ObjectInfo> check_our_object(const platform::Handle& handle,
                                               const std::string& what);
+
+/// Takes the shared liveness lock (kLivenessLockByte) on `handle`, retrying for a moment
+/// while a sweeper holds it exclusively (busy if it still does).
+Result<void> take_liveness_lock(const platform::Handle& handle, const std::string& what);
+
+/// True if `region_id` currently names the object behind `ours` (same device and inode).
+/// Where the OS gives no identity (Windows: no names to remove), it says true.
+bool names_our_object(const std::string& region_id, const platform::Handle& ours);
 
 /// A private copy of a header (for validation without trusting shared memory).
 struct HeaderCopy {

@@ -47,6 +47,28 @@ Result<platform::ObjectInfo> check_our_object(const platform::Handle& handle,
   return info;
 }
 
+Result<void> take_liveness_lock(const platform::Handle& handle, const std::string& what) {
+  // A sweeper holds the byte exclusively only for the few system calls that check and
+  // remove a segment: wait that long, no more.
+  for (int attempt = 0;; ++attempt) {
+    auto r = platform::lock_shared(handle, kLivenessLockByte);
+    if (r || r.error().code != Errc::busy || attempt >= 200) {
+      if (!r) return Error{r.error().code, r.error().sys_errno, what + ": " + r.error().message};
+      return r;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+}
+
+bool names_our_object(const std::string& region_id, const platform::Handle& ours) {
+  auto current = platform::open_named(region_id, Access::read_only);
+  if (!current) return current.error().code != Errc::not_found;
+  auto a = platform::stat(ours, region_id);
+  auto b = platform::stat(current.value(), region_id);
+  if (!a || !b) return true;
+  return a->device == b->device && a->inode == b->inode;
+}
+
 namespace {
 
 Error too_small(const std::string& what, std::uint64_t size) {
@@ -125,7 +147,15 @@ Result<HeaderCopy> map_and_copy_header(RegionFactory::Impl& impl, const std::str
 }
 
 Result<Region> open_single(platform::Handle handle, bool header_shared, const std::string& what,
-                           const std::string& expected_id, bool writable, bool wait) {
+                           const std::string& expected_id, bool writable, bool wait, bool by_name) {
+  if (auto r = check_object(handle, what); !r) return r.error();
+  if (auto r = take_liveness_lock(handle, what); !r) return r.error();
+  // Opened by name: a sweeper may have removed that name between our open and our lock
+  // (it found the segment unused). Then this object is on its way out: not found.
+  if (by_name && !names_our_object(expected_id, handle))
+    return Error{
+        Errc::not_found, 0,
+        "no region " + expected_id + " in shared memory (it was removed while opening it)"};
   auto info = wait_for_header(handle, what, wait);
   if (!info) return info.error();
   auto impl = std::make_unique<RegionFactory::Impl>();
@@ -151,7 +181,8 @@ Result<Region> open_single(platform::Handle handle, bool header_shared, const st
 /// falls back to a read-only handle and a private view of the header.
 template <class Opener>
 Result<Region> open_with_fallback(Opener&& opener, const std::string& what,
-                                  const std::string& expected_id, bool writable, bool wait) {
+                                  const std::string& expected_id, bool writable, bool wait,
+                                  bool by_name) {
   auto handle = opener(Access::read_write);
   bool header_shared = true;
   if (!handle && !writable && handle.error().code == Errc::permission_denied) {
@@ -159,7 +190,7 @@ Result<Region> open_with_fallback(Opener&& opener, const std::string& what,
     header_shared = false;
   }
   if (!handle) return handle.error();
-  return open_single(std::move(*handle), header_shared, what, expected_id, writable, wait);
+  return open_single(std::move(*handle), header_shared, what, expected_id, writable, wait, by_name);
 }
 
 }  // namespace
@@ -201,7 +232,7 @@ Result<Region> RegionFactory::open_named(const std::string& region_id, bool writ
   if (auto r = validate_region_id(region_id); !r) return r.error();
   auto opener = [&](Access access) { return platform::open_named(region_id, access); };
   auto region = open_with_fallback(opener, "segment " + region_id, region_id, writable,
-                                   is_named_region_id(region_id));
+                                   is_named_region_id(region_id), true);
   if (region) region->impl_->role = role;
   return region;
 }
@@ -209,7 +240,7 @@ Result<Region> RegionFactory::open_named(const std::string& region_id, bool writ
 Result<Region> RegionFactory::open_single_path(const std::string& path,
                                                const std::string& expected_id, bool writable) {
   auto opener = [&](Access access) { return platform::open_path(path, access); };
-  return open_with_fallback(opener, path, expected_id, writable, false);
+  return open_with_fallback(opener, path, expected_id, writable, false, false);
 }
 
 Result<Region> RegionFactory::open_split(const OpenTarget& t, bool writable) {
@@ -227,6 +258,7 @@ Result<Region> RegionFactory::open_split(const OpenTarget& t, bool writable) {
   impl->control = std::move(*control);
   auto control_info = check_object(impl->control, t.control_path);
   if (!control_info) return control_info.error();
+  if (auto r = take_liveness_lock(impl->control, t.control_path); !r) return r.error();
   if (control_info->size < kHeaderSize) return too_small(t.control_path, control_info->size);
   auto copy = map_and_copy_header(*impl, t.control_path);
   if (!copy) return copy.error();

@@ -83,6 +83,7 @@ ERL_NIF_TERM encode_snapshot(ErlNifEnv* env, const HeaderSnapshot& s, const std:
       a.metadata,
       a.holders,
       a.creator_alive,
+      a.in_use,
   };
   ERL_NIF_TERM values[] = {
       make_binary(env, s.region_id),
@@ -107,6 +108,7 @@ ERL_NIF_TERM encode_snapshot(ErlNifEnv* env, const HeaderSnapshot& s, const std:
       make_binary(env, s.metadata_json),
       encode_holders(env, s.holders),
       make_bool(s.creator_alive),
+      make_bool(s.in_use),
   };
   ERL_NIF_TERM map = make_map(env, keys, values);
   if (!path.empty()) enif_make_map_put(env, map, a.path, make_binary(env, path), &map);

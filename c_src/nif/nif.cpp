@@ -16,6 +16,7 @@
 #include "nif_channel.hpp"
 #include "nif_functions.hpp"
 #include "platform.hpp"
+#include "reaper.hpp"
 #include "resources.hpp"
 #include "terms.hpp"
 
@@ -29,6 +30,9 @@ ErlNifFunc nif_funcs[] = {
     {"header_layout", 0, nif_header_layout, 0},
     {"create", 2, nif_create, kIo},
     {"create_plain", 2, nif_create_plain, 0},
+    // The same as create/2 on a dirty CPU scheduler: an encrypted region's creation is
+    // encryption of every chunk, CPU work that must not crowd the dirty I/O threads.
+    {"create_cpu", 2, nif_create, kCpu},
     {"open", 2, nif_open, kIo},
     {"info", 1, nif_info, 0},
     {"header", 1, nif_header, 0},
@@ -48,11 +52,14 @@ ErlNifFunc nif_funcs[] = {
     {"mark_adopted", 1, nif_mark_adopted, 0},
     {"export_key", 1, nif_export_key, 0},
     {"release_holder", 3, nif_release_holder, 0},
+    {"reap_holders", 1, nif_reap_holders, 0},
     {"monitor_owner", 2, nif_monitor_owner, 0},
     {"watch_os_process", 3, nif_watch_os_process, 0},
     {"cancel_watch", 1, nif_cancel_watch, 0},
     {"inspect_path", 1, nif_inspect_path, kIo},
-    {"unlink_segment", 1, nif_unlink_segment, 0},
+    {"unlink_segment", 1, nif_unlink_segment, kIo},
+    {"sweep_segment", 2, nif_sweep_segment, kIo},
+    {"list_segments", 0, nif_list_segments, kIo},
     {"process_start_time", 1, nif_process_start_time, 0},
     {"process_alive", 2, nif_process_alive, 0},
     {"self_info", 0, nif_self_info, 0},
@@ -105,6 +112,7 @@ int init(ErlNifEnv* env) {
   if (!open_board_resource_types(env)) return 3;
   if (!open_channel_resource_types(env) || !open_ring_probe_type(env)) return 3;
   if (!init_self_identity()) return 2;
+  (void)start_reaper();  // without it, large regions are destroyed in place
   // SIGBUS of a POSIX segment truncated by a peer becomes a :truncated error.
   if (!platform::install_fault_guard()) return 3;
   return 0;
@@ -120,7 +128,7 @@ int upgrade(ErlNifEnv* env, void** priv_data, void**, ERL_NIF_TERM) {
   return init(env);
 }
 
-void unload(ErlNifEnv*, void*) {}
+void unload(ErlNifEnv*, void*) { stop_reaper(); }
 
 }  // namespace
 }  // namespace spshm::nif

@@ -204,6 +204,9 @@ SPSHM_GUARDED_NIF(nif_board_init)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]
                       "the board's region is not writable here (read-only, sealed or freed)");
   if (capacity == 0 || capacity > b::kMaxCapacity || stale == 0)
     return make_error(env, Errc::invalid_argument, "capacity or stale_after out of range");
+  DataAccess access(r);  // the data stays mapped meanwhile (deallocate retires it)
+  if (!access.ok() || r->region.data() == nullptr)
+    return make_error(env, Errc::deallocated, "the board's region is deallocated");
   if (!b::View::init(r->region.data(), r->region.capacity(), static_cast<std::uint32_t>(capacity),
                      stale, names))
     return make_error(env, Errc::invalid_argument,
@@ -217,6 +220,9 @@ SPSHM_GUARDED_NIF(nif_board_open)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]
   if (!get_region(env, argv[0], &r)) return enif_make_badarg(env);
   if (!usable(r))
     return make_error(env, Errc::deallocated, "the board's region is deallocated or encrypted");
+  DataAccess access(r);  // the data stays mapped meanwhile (deallocate retires it)
+  if (!access.ok() || r->region.data() == nullptr)
+    return make_error(env, Errc::deallocated, "the board's region is deallocated");
   b::View view;
   auto status = b::View::make(r->region.data(), r->region.capacity(), &view);
   if (status != b::ViewStatus::ok) return view_error(env, status);
@@ -227,6 +233,8 @@ SPSHM_GUARDED_NIF(nif_board_open)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]
   res->writable = r->region.writable();
   enif_keep_resource(r);
   res->region = r;
+  // Pinned before the access above ends: the data is never retired under this view.
+  r->data_pinned.store(true);
   ERL_NIF_TERM term = enif_make_resource(env, res);
   enif_release_resource(res);
   return make_ok(env, term);
@@ -414,6 +422,8 @@ SPSHM_GUARDED_NIF(nif_board_reclaim)(ErlNifEnv* env, int, const ERL_NIF_TERM arg
       !get_u64(env, argv[2], &start) || os_pid > UINT32_MAX)
     return enif_make_badarg(env);
   if (!writable_board(r)) return enif_make_uint(env, 0);
+  DataAccess access(r);
+  if (!access.ok() || r->region.data() == nullptr) return enif_make_uint(env, 0);
   b::View view;
   if (b::View::make(r->region.data(), r->region.capacity(), &view) != b::ViewStatus::ok)
     return enif_make_uint(env, 0);
@@ -427,6 +437,8 @@ SPSHM_GUARDED_NIF(nif_board_watch_info)(ErlNifEnv* env, int, const ERL_NIF_TERM 
   std::uint64_t known = 0;
   if (!get_region(env, argv[0], &r) || !get_u64(env, argv[1], &known)) return enif_make_badarg(env);
   if (!usable(r)) return atoms.nil;
+  DataAccess access(r);
+  if (!access.ok() || r->region.data() == nullptr) return atoms.nil;
   b::View view;
   if (b::View::make(r->region.data(), r->region.capacity(), &view) != b::ViewStatus::ok)
     return atoms.nil;

@@ -47,6 +47,9 @@ SPSHM_NIF(nif_export_key);
 SPSHM_NIF(nif_release_holder);
 SPSHM_NIF(nif_inspect_path);
 SPSHM_NIF(nif_unlink_segment);
+SPSHM_NIF(nif_sweep_segment);
+SPSHM_NIF(nif_reap_holders);
+SPSHM_NIF(nif_list_segments);
 
 // nif_mapping.cpp: mappings and data access
 SPSHM_NIF(nif_map);

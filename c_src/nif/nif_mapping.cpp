@@ -80,7 +80,14 @@ ERL_NIF_TERM do_write(ErlNifEnv* env, const ERL_NIF_TERM argv[], bool dirty) {
   }
   if (!dirty && data.size > kPlainLimit) return too_long_for_plain(env, "write_dirty", data.size);
   if (!in_bounds(env, m, offset, data.size, &reply)) return reply;
-  auto written = m->owner->region.write(offset, data.data, data.size);
+  DataAccess access(m->owner);
+  if (!access.ok()) return make_error(env, Errc::deallocated, region_label(m) + " was deallocated");
+  // On a normal scheduler never wait for the region's lock (a dirty multi-GB encryption
+  // may hold it): retry on a dirty scheduler instead.
+  auto written = m->owner->region.write(offset, data.data, data.size, dirty);
+  if (!written.ok() && !dirty && written.error().code == Errc::busy && m->owner->region.encrypted())
+    return enif_schedule_nif(env, "write_dirty", ERL_NIF_DIRTY_JOB_CPU_BOUND, nif_write_dirty, 3,
+                             argv);
   if (!written.ok()) return make_error(env, written.error());
   return atoms.ok;
 }
@@ -102,9 +109,17 @@ ERL_NIF_TERM do_read(ErlNifEnv* env, const ERL_NIF_TERM argv[], bool dirty) {
                       "cannot allocate a binary of " + std::to_string(length) +
                           " bytes: read a smaller range, or seal the region for zero-copy reads");
   }
-  auto copied = m->owner->region.read(offset, bin.data, bin.size);
+  DataAccess access(m->owner);
+  if (!access.ok()) {
+    enif_release_binary(&bin);
+    return make_error(env, Errc::deallocated, region_label(m) + " was deallocated");
+  }
+  auto copied = m->owner->region.read(offset, bin.data, bin.size, dirty);
   if (!copied.ok()) {
     enif_release_binary(&bin);
+    if (!dirty && copied.error().code == Errc::busy && m->owner->region.encrypted())
+      return enif_schedule_nif(env, "read_dirty", ERL_NIF_DIRTY_JOB_CPU_BOUND, nif_read_dirty, 3,
+                               argv);
     return make_error(env, copied.error());
   }
   return make_ok(env, enif_make_binary(env, &bin));
@@ -140,7 +155,7 @@ SPSHM_GUARDED_NIF(nif_map)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   // process, opened read-only) cannot carry our hold: map without one.
   bool shared_header = region.header_writable();
   if (shared_header) {
-    auto held = hold(region.header(), self_identity.pid, self_identity.start_time, writable);
+    auto held = region.hold(self_identity.pid, self_identity.start_time, writable);
     // A header that faulted (a peer truncated the segment) reads as zeros: say so.
     if (!held.ok() && region.damaged()) return truncated_error(env, region);
     if (!held.ok()) return make_error(env, held.error());
@@ -223,6 +238,8 @@ SPSHM_GUARDED_NIF(nif_read_zero_copy)(ErlNifEnv* env, int, const ERL_NIF_TERM ar
   if (m->owner->deallocating.load()) {
     return make_error(env, Errc::deallocated, region_label(m) + " is being deallocated");
   }
+  DataAccess access(m->owner);
+  if (!access.ok()) return make_error(env, Errc::deallocated, region_label(m) + " was deallocated");
   region.touch();
   ERL_NIF_TERM bin = enif_make_resource_binary(env, m->owner, region.data() + offset,
                                                static_cast<std::size_t>(length));

@@ -62,11 +62,13 @@ ERL_NIF_TERM do_create(ErlNifEnv* env, const ERL_NIF_TERM argv[], bool plain) {
     return make_error(env, Errc::too_large,
                       "size " + std::to_string(size) + " exceeds the limit of 2^62 bytes");
   }
-  if (plain && (size > kPlainLimit || !options.name.empty())) {
-    return make_error(env, Errc::invalid_argument,
-                      "create_plain/2 takes unnamed regions of at most 65536 bytes (got " +
-                          std::to_string(size) + (options.name.empty() ? "" : ", named") +
-                          "): use create/2");
+  // A normal scheduler never opens a path: a POSIX segment is a name in a shared
+  // directory (a FIFO may sit there). Only memfds, which have no name, are created here.
+  if (plain && (size > kPlainLimit || options.backend != BackendKind::memfd)) {
+    return make_error(
+        env, Errc::invalid_argument,
+        "create_plain/2 takes memfd regions of at most 65536 bytes (got " + std::to_string(size) +
+            (options.backend != BackendKind::memfd ? ", not memfd" : "") + "): use create/2");
   }
   options.size = size;
   auto region = Region::create(options);
@@ -121,14 +123,23 @@ SPSHM_GUARDED_NIF(nif_header)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   return make_ok(env, encode_snapshot(env, snapshot(res->region.header()), std::string()));
 }
 
-// Two atomic loads, no allocation: lets the manager poll thousands of headers cheaply and
-// read the full header() only of regions whose holders changed.
+// {generation, holds}: first frees the slots of dead holders (one non-blocking fcntl per
+// claimed slot of another open: the kernel says whether its owner lives), then sums the
+// counts of the claimed slots. No allocation, no I/O.
 SPSHM_GUARDED_NIF(nif_hold_counts)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   RegionResource* res;
   if (!get_region(env, argv[0], &res)) return enif_make_badarg(env);
+  (void)res->region.reap_dead_holders();
   const RegionHeader& h = res->region.header();
   return enif_make_tuple2(env, enif_make_uint(env, h.holders_generation.load()),
-                          enif_make_uint(env, h.refcount.load()));
+                          enif_make_uint(env, reference_count(h)));
+}
+
+// Frees the holder slots whose owners are dead (their slot locks are gone). No I/O.
+SPSHM_GUARDED_NIF(nif_reap_holders)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  RegionResource* res;
+  if (!get_region(env, argv[0], &res)) return enif_make_badarg(env);
+  return make_ok(env, enif_make_uint(env, res->region.reap_dead_holders()));
 }
 
 SPSHM_GUARDED_NIF(nif_seal)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
@@ -149,6 +160,12 @@ ERL_NIF_TERM do_deallocate(ErlNifEnv* env, const ERL_NIF_TERM argv[], bool plain
   bool zero = false;
   if (!get_region(env, argv[0], &res) || !get_bool(env, argv[1], &zero)) {
     return enif_make_badarg(env);
+  }
+  if (plain && res->region.backend() != BackendKind::memfd) {
+    return make_error(env, Errc::invalid_argument,
+                      "deallocate_plain/2 takes memfd regions only (region " + res->region.id() +
+                          " has a name to remove, which means opening a path): use "
+                          "deallocate/2");
   }
   if (plain && zero && res->region.capacity() > kPlainLimit) {
     return make_error(env, Errc::invalid_argument,
@@ -178,6 +195,10 @@ ERL_NIF_TERM do_deallocate(ErlNifEnv* env, const ERL_NIF_TERM argv[], bool plain
     return make_error(env, done.error());
   }
   res->deallocated.store(true);
+  // The memory goes back now, not at the next garbage collection of whoever still has
+  // this resource (read after deallocating, Dekker with read_zero_copy: a zero-copy
+  // binary may point into the data, which must then stay mapped until it is collected).
+  if (!res->zero_copy_shared.load()) res->retire();
   return atoms.ok;
 }
 
@@ -279,6 +300,39 @@ SPSHM_GUARDED_NIF(nif_inspect_path)(ErlNifEnv* env, int, const ERL_NIF_TERM argv
   auto snap = inspect(path);
   if (!snap.ok()) return make_error(env, snap.error());
   return make_ok(env, encode_snapshot(env, snap.value(), path));
+}
+
+// Dirty (I/O bound): opens a name in a shared directory and may unlink a big segment.
+SPSHM_GUARDED_NIF(nif_sweep_segment)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  std::string id;
+  Error why{};
+  ERL_NIF_TERM reply;
+  bool dry_run = false;
+  if (!get_bool(env, argv[1], &dry_run)) return enif_make_badarg(env);
+  if (!decoded(env, get_os_string(env, argv[0], "region id", &id, &why), why, &reply)) return reply;
+  auto done = sweep_segment(id, dry_run);
+  if (!done.ok()) return make_error(env, done.error());
+  switch (done.value()) {
+    case SweepOutcome::removed:
+      return make_ok(env, atoms.removed);
+    case SweepOutcome::removed_incomplete:
+      return make_ok(env, atoms.removed_incomplete);
+    case SweepOutcome::in_use:
+      return make_ok(env, atoms.in_use);
+    case SweepOutcome::young:
+      return make_ok(env, atoms.young);
+  }
+  return make_ok(env, atoms.in_use);
+}
+
+// Dirty (I/O bound): reads a directory. The one listing of segments (the manager's
+// sweeps and the mix tasks use it).
+SPSHM_GUARDED_NIF(nif_list_segments)(ErlNifEnv* env, int, const ERL_NIF_TERM[]) {
+  ERL_NIF_TERM list = enif_make_list(env, 0);
+  for (const std::string& id : list_segments()) {
+    list = enif_make_list_cell(env, make_binary(env, id), list);
+  }
+  return list;
 }
 
 SPSHM_GUARDED_NIF(nif_unlink_segment)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {

@@ -4,6 +4,7 @@
 
 #include <new>
 
+#include "reaper.hpp"
 #include "terms.hpp"
 
 namespace spshm::nif {
@@ -11,8 +12,13 @@ namespace spshm::nif {
 ResourceTypes resource_types;
 SelfIdentity self_identity;
 
+void RegionResource::release_data() noexcept {
+  if (data_pinned.load()) return;  // a board view points into it: kept until destroyed
+  if (!data_released.exchange(true)) dispose(region.detach_data());
+}
+
 void MappingResource::release_hold() noexcept {
-  if (held) (void)release(owner->region.header(), self_identity.pid, self_identity.start_time);
+  if (held) (void)owner->region.release();
 }
 
 namespace {
@@ -20,9 +26,12 @@ namespace {
 // ---- region ----
 
 void region_dtor(ErlNifEnv*, void* obj) {
-  // ~Region munmaps and closes: no I/O that can block. Runs only when no mapping and no
-  // zero-copy binary refers to the region any more.
-  static_cast<RegionResource*>(obj)->~RegionResource();
+  // Runs only when no mapping and no zero-copy binary refers to the region any more, on
+  // whatever scheduler collected the last reference: a large region's munmap and close
+  // go to the reaper thread (~0.1 s per GiB would stall a normal scheduler).
+  auto* res = static_cast<RegionResource*>(obj);
+  dispose(std::move(res->region));
+  res->~RegionResource();
 }
 
 // The owner process registered with monitor_owner/2 died: tell the manager. The message

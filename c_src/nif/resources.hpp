@@ -33,11 +33,59 @@ struct RegionResource {
   /// the bytes under it must not change (deallocate refuses to zero them). Together
   /// with `deallocating` (both seq_cst) no binary is made while zeroing starts.
   std::atomic<bool> zero_copy_shared{false};
+  /// A status board (board_open) keeps a view of the data for as long as it lives: the
+  /// data area then stays mapped until the region resource is destroyed (never retired).
+  std::atomic<bool> data_pinned{false};
 
   /// Deallocated through this handle or by anyone else (header state).
   bool is_deallocated() const noexcept {
     return deallocated.load() || (region.header().state.load() & kStateDeallocated) != 0;
   }
+
+  // ---- releasing the data area at deallocation, not at garbage collection ----
+  //
+  // `access` counts NIF calls touching the data (read/write) in its low bits; bit 63 says
+  // the data area is being retired. A call enters (fails once retiring), works, leaves;
+  // retire() (after a successful deallocate, unless zero-copy binaries point into the
+  // data) sets the bit, and whoever sees the count at zero with the bit set, retire()
+  // itself or the last call to leave, detaches the data area and disposes of it (the
+  // reaper thread for large ones). Nothing waits.
+  static constexpr std::uint64_t kRetiring = std::uint64_t{1} << 63;
+  std::atomic<std::uint64_t> access{0};
+  std::atomic<bool> data_released{false};
+
+  bool enter() noexcept {
+    if (access.fetch_add(1) & kRetiring) {
+      leave();
+      return false;
+    }
+    return true;
+  }
+  void leave() noexcept {
+    std::uint64_t before = access.fetch_sub(1);
+    if ((before & kRetiring) && (before & ~kRetiring) == 1) release_data();
+  }
+  void retire() noexcept {
+    std::uint64_t before = access.fetch_or(kRetiring);
+    if (!(before & kRetiring) && (before & ~kRetiring) == 0) release_data();
+  }
+  void release_data() noexcept;
+};
+
+/// enter()/leave() of a RegionResource for one scope.
+class DataAccess {
+ public:
+  explicit DataAccess(RegionResource* r) noexcept : r_(r), ok_(r->enter()) {}
+  ~DataAccess() {
+    if (ok_) r_->leave();
+  }
+  DataAccess(const DataAccess&) = delete;
+  DataAccess& operator=(const DataAccess&) = delete;
+  bool ok() const noexcept { return ok_; }
+
+ private:
+  RegionResource* r_;
+  bool ok_;
 };
 
 struct MappingResource {

@@ -68,6 +68,10 @@ void init_atoms(ErlNifEnv* env) {
   a.count = atom(env, "count");
   a.writable = atom(env, "writable");
   a.creator_alive = atom(env, "creator_alive");
+  a.in_use = atom(env, "in_use");
+  a.removed = atom(env, "removed");
+  a.removed_incomplete = atom(env, "removed_incomplete");
+  a.young = atom(env, "young");
   a.path = atom(env, "path");
   a.state = atom(env, "state");
   a.snakepit_shm_owner_down = atom(env, "snakepit_shm_owner_down");

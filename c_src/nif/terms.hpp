@@ -33,7 +33,7 @@ struct Atoms {
   ERL_NIF_TERM encrypted, sealed, os_pid, format_version, flags, deallocated, security_level;
   ERL_NIF_TERM refcount, creator_pid, creator_start_time, boot_id, created_at_ns;
   ERL_NIF_TERM last_access_ns, idle_timeout_ns, metadata, holders, pid, start_time, count;
-  ERL_NIF_TERM writable, creator_alive, path, state;
+  ERL_NIF_TERM writable, creator_alive, path, state, in_use, removed, removed_incomplete, young;
   ERL_NIF_TERM zero_copy;  // info: the kernel sealed the data (read/3 need not copy)
   // messages
   ERL_NIF_TERM snakepit_shm_owner_down, manager_name;

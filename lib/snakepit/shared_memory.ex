@@ -105,10 +105,12 @@ defmodule Snakepit.SharedMemory do
     start = Stats.start()
 
     result =
-      with :ok <- available(),
-           :ok <- enabled(),
-           {:ok, opts} <- Options.allocate(size, opts),
-           do: Allocator.allocate(opts)
+      tables(fn ->
+        with :ok <- available(),
+             :ok <- enabled(),
+             {:ok, opts} <- Options.allocate(size, opts),
+             do: Allocator.allocate(opts)
+      end)
 
     Stats.stop(:allocate, start, result, %{size: size})
   end
@@ -129,9 +131,11 @@ defmodule Snakepit.SharedMemory do
     start = Stats.start()
 
     result =
-      with :ok <- available(),
-           {:ok, opts} <- Options.map(opts),
-           do: Access.map(region_id, opts)
+      tables(fn ->
+        with :ok <- available(),
+             {:ok, opts} <- Options.map(opts),
+             do: Access.map(region_id, opts)
+      end)
 
     Stats.stop(:map, start, result, %{region_id: region_id})
   end
@@ -144,7 +148,12 @@ defmodule Snakepit.SharedMemory do
   @spec unmap_region(Mapping.t()) :: :ok | error()
   def unmap_region(%Mapping{region_id: id} = mapping) when is_binary(id) do
     start = Stats.start()
-    Stats.stop(:unmap, start, with(:ok <- available(), do: Access.unmap(mapping)))
+
+    Stats.stop(
+      :unmap,
+      start,
+      tables(fn -> with(:ok <- available(), do: Access.unmap(mapping)) end)
+    )
   end
 
   def unmap_region(other), do: not_a_mapping(other)
@@ -160,13 +169,15 @@ defmodule Snakepit.SharedMemory do
     start = Stats.start()
 
     result =
-      with :ok <- available(),
-           {:ok, record} <- Access.lookup(region_id),
-           Registry.region(owner: owner, allowed: allowed, security_level: level) = record,
-           :ok <- Security.authorize(region_id, owner, allowed, self(), :deallocate),
-           {:ok, _record} <- Allocator.free(region_id, :deallocated) do
-        Security.audit(level, region_id, :deallocate, %{})
-      end
+      tables(fn ->
+        with :ok <- available(),
+             {:ok, record} <- Access.lookup(region_id),
+             Registry.region(owner: owner, allowed: allowed, security_level: level) = record,
+             :ok <- Security.authorize(region_id, owner, allowed, self(), :deallocate),
+             {:ok, _record} <- Allocator.free(region_id, :deallocated) do
+          Security.audit(level, region_id, :deallocate, %{})
+        end
+      end)
 
     Stats.stop(:deallocate, start, result, %{region_id: region_id})
   end
@@ -569,6 +580,17 @@ defmodule Snakepit.SharedMemory do
 
   defp available do
     if Registry.available?(), do: :ok, else: unavailable(:not_started)
+  end
+
+  # The registry tables live in a process that does nothing (TableOwner), so they outlive
+  # any number of manager crashes; they vanish under a running call only when the
+  # application stops or that process dies. Such a call returns :unavailable instead of
+  # raising the ArgumentError of a missing ETS table.
+  defp tables(fun) do
+    fun.()
+  rescue
+    e in ArgumentError ->
+      if Registry.available?(), do: reraise(e, __STACKTRACE__), else: unavailable(:tables_gone)
   end
 
   defp unavailable(reason) do

@@ -70,7 +70,7 @@ TEST_CASE("inspect reads a memfd control object through /proc", "[inspect]") {
   REQUIRE_OK(snap);
   REQUIRE(snap->region_id == r.id());
   REQUIRE(snap->backend == BackendKind::memfd);
-  REQUIRE(snap->flags == kFlagSplitData);
+  REQUIRE(snap->flags == (kFlagSplitData | kFlagLivenessLocks));
   // The data memfd has no header.
   REQUIRE_ERR(inspect(r.data_path()), Errc::corrupt);
 }

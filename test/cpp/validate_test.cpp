@@ -29,12 +29,12 @@ TEST_CASE("validate_header accepts a fresh header of either backend", "[validate
   Region m = create_ok(options(BackendKind::memfd, 1000));
   REQUIRE_OK(validate_header(m.header(), 1000));
   REQUIRE(m.header().data_offset == 0);
-  REQUIRE(m.header().flags == kFlagSplitData);
+  REQUIRE(m.header().flags == (kFlagSplitData | kFlagLivenessLocks));
   Region p = create_ok(options(BackendKind::posix, 1000));
   SegmentCleanup cleanup{p.id()};
   REQUIRE_OK(validate_header(p.header(), kHeaderSize + 1000));
   REQUIRE(p.header().data_offset == kHeaderSize);
-  REQUIRE(p.header().flags == 0);
+  REQUIRE(p.header().flags == kFlagLivenessLocks);
   REQUIRE_OK(p.deallocate(false));
 }
 

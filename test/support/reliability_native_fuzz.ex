@@ -45,6 +45,7 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
     header_layout: 1,
     create: 8,
     create_plain: 6,
+    create_cpu: 2,
     open: 6,
     info: 3,
     header: 4,
@@ -69,6 +70,9 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
     cancel_watch: 2,
     inspect_path: 5,
     unlink_segment: 2,
+    sweep_segment: 2,
+    list_segments: 1,
+    reap_holders: 2,
     process_start_time: 2,
     process_alive: 2,
     self_info: 1,
@@ -258,7 +262,7 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
 
   # ---- argument generators, per function ----
 
-  defp args(f, _state, pool) when f in [:create, :create_plain],
+  defp args(f, _state, pool) when f in [:create, :create_plain, :create_cpu],
     do: [G.pick(0.85, pool, &G.size/0), G.pick(0.9, pool, fn -> create_opts(pool) end)]
 
   defp args(:open, state, pool) do
@@ -274,7 +278,16 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
   end
 
   defp args(fun, _state, pool)
-       when fun in [:info, :header, :hold_counts, :seal, :export_key, :last_access, :mark_adopted],
+       when fun in [
+              :info,
+              :header,
+              :hold_counts,
+              :seal,
+              :export_key,
+              :last_access,
+              :reap_holders,
+              :mark_adopted
+            ],
        do: [G.pick(0.85, pool, fn -> G.handle(pool, :region) end)]
 
   defp args(:map, _state, pool),
@@ -340,9 +353,14 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
               :shm_dir,
               :board_layout,
               :board_monotonic_ns,
-              :channel_layout
+              :channel_layout,
+              :list_segments
             ],
        do: []
+
+  # Always a dry run: a fuzzer on a shared host removes nothing, even an unused segment.
+  defp args(:sweep_segment, _state, pool),
+    do: [G.region_id(pool), true]
 
   # Never another directory than /dev/shm: the directory is global to the VM, and the
   # other suites' segments live there. Only refusals (and /dev/shm itself) otherwise.
@@ -612,8 +630,9 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
 
   defp well_shaped?(:header_layout, _, v), do: is_binary(v)
 
-  defp well_shaped?(f, _, {:ok, r, %{id: id}}) when f in [:create, :create_plain, :open],
-    do: ref_id?(r, id)
+  defp well_shaped?(f, _, {:ok, r, %{id: id}})
+       when f in [:create, :create_plain, :create_cpu, :open],
+       do: ref_id?(r, id)
 
   defp well_shaped?(:last_access, _, ns), do: non_neg?(ns)
   defp well_shaped?(:info, _, v), do: is_map(v) and is_binary(v[:id])
@@ -624,6 +643,12 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
   defp well_shaped?(:watch_os_process, _, {:ok, w}), do: is_reference(w)
   defp well_shaped?(:export_key, _, {:ok, key}), do: is_binary(key) and byte_size(key) == 32
   defp well_shaped?(:release_holder, _, {:ok, n}), do: non_neg?(n)
+  defp well_shaped?(:reap_holders, _, {:ok, n}), do: non_neg?(n)
+  defp well_shaped?(:list_segments, _, v), do: is_list(v) and Enum.all?(v, &is_binary/1)
+
+  defp well_shaped?(:sweep_segment, _, {:ok, o}),
+    do: o in [:removed, :removed_incomplete, :in_use, :young]
+
   defp well_shaped?(:process_start_time, _, {:ok, t}), do: non_neg?(t)
   defp well_shaped?(:process_alive, _, v), do: is_boolean(v)
   defp well_shaped?(:self_info, _, %{os_pid: p}), do: is_integer(p)
@@ -710,7 +735,7 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
   # ---- keeping what calls created ----
 
   defp keep(state, f, _args, {:returned, {:ok, region, info}})
-       when f in [:create, :create_plain, :open] do
+       when f in [:create, :create_plain, :create_cpu, :open] do
     state = %{state | own: [{region, info} | state.own]}
     regions = [{region, info} | state.regions]
 

@@ -11,15 +11,16 @@ defmodule Mix.Tasks.Snakepit.Shm.Cleanup do
 
   Offline (without `--node`), it reads every segment's header and:
 
-    * never touches a region whose owner VM is alive (its manager frees it on expiry,
-      owner death or last reference, and releases dead workers' holds itself);
-    * removes a POSIX segment whose owner VM is gone; processes still mapping it keep
-      their mapping until they unmap it;
+    * never touches a region some process uses: every user (the creating VM, other VMs
+      that opened it, Python workers, a creator still sizing it) holds a shared lock
+      on the segment, and the kernel says whether anyone does. PIDs in the header are
+      shown, never trusted (PID namespaces, reuse);
+    * removes a POSIX segment nobody uses;
     * for a memfd region whose owner VM is gone, releases the holds of dead processes
       and names the processes that keep it alive (the kernel frees it when they close
       it; there is no name to remove);
-    * removes a segment that never got a header once it is older than 10 s (its
-      creator died while creating it);
+    * removes a segment that never got a header and that nobody uses (its creator
+      died while creating it);
     * refuses, and only reports, a segment with a damaged header, a symlink, an object
       of another user or a misnamed file: check it and delete it by hand.
 
@@ -132,7 +133,9 @@ defmodule Mix.Tasks.Snakepit.Shm.Cleanup do
 
     freed =
       actions
-      |> Enum.filter(&(&1.action in [:remove, :remove_incomplete] and &1.result != :failed))
+      |> Enum.filter(
+        &(&1.action in [:remove, :remove_incomplete] and &1.result in [:done, :planned])
+      )
 
     refused = Enum.count(actions, &HostCleanup.problem?/1)
 
@@ -166,6 +169,7 @@ defmodule Mix.Tasks.Snakepit.Shm.Cleanup do
 
   defp verb(%{action: :refuse}, _), do: "REFUSED"
   defp verb(%{result: :failed}, _), do: "FAILED"
+  defp verb(%{result: :skipped}, _), do: "kept"
   defp verb(%{action: kind}, true), do: "would " <> verb_text(kind)
   defp verb(%{action: kind}, false), do: past(kind)
 

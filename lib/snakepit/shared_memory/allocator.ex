@@ -18,6 +18,7 @@ defmodule Snakepit.SharedMemory.Allocator do
     Config,
     Error,
     Journal,
+    MemoryLimits,
     Native,
     Quota,
     Registry,
@@ -103,7 +104,8 @@ defmodule Snakepit.SharedMemory.Allocator do
     config = Config.get()
     flags = Security.level_flags(opts.security_level)
 
-    with :ok <- Quota.reserve(opts.owner, reserved_size(opts), config),
+    with :ok <- memory_headroom(opts.size),
+         :ok <- Quota.reserve(opts.owner, reserved_size(opts), config),
          {:ok, host} <- host_reserve(opts) do
       # From here a kill leaves a reservation (and maybe a POSIX segment) behind: the
       # journal row says so, with what the manager needs to find the segment.
@@ -126,6 +128,18 @@ defmodule Snakepit.SharedMemory.Allocator do
     end
   end
 
+  # A container's memory cgroup, not the host, bounds what this VM may allocate: going
+  # past it gets the VM OOM-killed (Snakepit.SharedMemory.MemoryLimits). `size: :any`
+  # only opens an existing region: nothing new is charged.
+  defp memory_headroom(:any), do: :ok
+
+  defp memory_headroom(size) do
+    case MemoryLimits.check(size) do
+      :ok -> :ok
+      {:error, message} -> Error.error(:no_space, message, %{size: size})
+    end
+  end
+
   # The host-wide quota (config :host_quota), after this VM's own limits. `size: :any`
   # only opens an existing region (its creator holds the reservation).
   defp host_reserve(%{size: :any}), do: {:ok, nil}
@@ -141,13 +155,19 @@ defmodule Snakepit.SharedMemory.Allocator do
     end
   end
 
-  # Small unnamed regions are created on the calling scheduler: a dirty NIF costs a
-  # scheduler round trip (~10 us) even when its work takes less.
-  defp create(%{size: size, name: nil}, native_opts) when size <= @plain_limit,
-    do: Native.create_plain(size, native_opts)
-
   # size :any (open_only): the core ignores the size when it opens an existing region.
   defp create(%{size: :any}, native_opts), do: Native.create(1, native_opts)
+
+  # Small memfd regions are created on the calling scheduler: a dirty NIF costs a
+  # scheduler round trip (~10 us) even when its work takes less. A POSIX segment is a
+  # name in a shared directory: opening it is dirty work, whatever its size.
+  defp create(%{size: size, name: nil, backend: :memfd}, native_opts) when size <= @plain_limit,
+    do: Native.create_plain(size, native_opts)
+
+  # Creating an encrypted region encrypts every chunk: CPU work, for a CPU scheduler.
+  defp create(opts, %{encrypted: true} = native_opts),
+    do: Native.create_cpu(opts.size, native_opts)
+
   defp create(opts, native_opts), do: Native.create(opts.size, native_opts)
 
   defp native_options(opts, flags) do
@@ -306,7 +326,7 @@ defmodule Snakepit.SharedMemory.Allocator do
   end
 
   defp destroy(record) do
-    region(id: id, ref: ref, security_level: level) = record
+    region(id: id, security_level: level) = record
     zero = Security.level_flags(level).zero_on_free or Config.get(:zero_on_free)
 
     case deallocate(record, zero) do
@@ -317,7 +337,7 @@ defmodule Snakepit.SharedMemory.Allocator do
         # Zero-copy binaries of a sealed region may still be alive: they must not change
         # under the VM, so this region is freed without zeroing.
         Logger.warning("snakepit_shm: #{id} freed without zeroing: #{message}")
-        Native.deallocate_plain(ref, false)
+        deallocate(record, false)
 
       {:error, {:deallocated, _, _}} ->
         :ok
@@ -327,14 +347,17 @@ defmodule Snakepit.SharedMemory.Allocator do
     end
   end
 
-  # Marking and unlinking are quick whatever the size; zeroing is not (dirty above 64 KiB,
-  # counting the encryption overhead of the capacity, hence the margin).
-  defp deallocate(region(ref: ref), false), do: Native.deallocate_plain(ref, false)
+  # Marking is quick whatever the size; zeroing is not (dirty above 64 KiB, counting the
+  # encryption overhead of the capacity, hence the margin); removing a POSIX name opens a
+  # path in a shared directory (dirty, whatever the size).
+  defp deallocate(region(backend: :memfd, ref: ref), false),
+    do: Native.deallocate_plain(ref, false)
 
-  defp deallocate(region(ref: ref, size: size), true) when size <= div(@plain_limit, 2),
-    do: Native.deallocate_plain(ref, true)
+  defp deallocate(region(backend: :memfd, ref: ref, size: size), true)
+       when size <= div(@plain_limit, 2),
+       do: Native.deallocate_plain(ref, true)
 
-  defp deallocate(region(ref: ref), true), do: Native.deallocate(ref, true)
+  defp deallocate(region(ref: ref), zero), do: Native.deallocate(ref, zero)
 
   defp not_found(id) do
     Error.error(

@@ -4,10 +4,20 @@ defmodule Snakepit.SharedMemory.Application do
 
   Validates the configuration (an invalid key fails the start with a message naming
   it), points the native layer at the directory of POSIX segments (`:shm_path`), sets
-  up the statistics counters, and starts, under a `:rest_for_one` supervisor, the table
-  owner, the manager, the health monitor (`Snakepit.SharedMemory.HealthMonitor`), then
-  the cluster directory (a `:pg` scope and this node's member of it,
-  `Snakepit.SharedMemory.Cluster.Supervisor`).
+  up the statistics counters, and starts, under a `:rest_for_one` supervisor, the
+  registry of message channels, the host quota supervisor, the table owner, the host
+  quota client (when configured), then a supervisor of the manager, the health monitor
+  (`Snakepit.SharedMemory.HealthMonitor`), and the cluster directory (a `:pg` scope and
+  this node's member of it, `Snakepit.SharedMemory.Cluster.Supervisor`).
+
+  Why the manager has a supervisor of its own: the manager is the process with the most
+  logic, so it is the one that can crash, and a crash loop (killed every 100 ms under
+  load) must not reach the table owner, whose death would drop every region of the
+  registry. The manager's own supervisor restarts it up to 1000 times a second; only a
+  manager that cannot start at all exhausts that and reaches the top supervisor (which
+  then restarts what comes after it, never the table owner). The NIF's state (region
+  resources in the registry, their liveness locks) lives in the tables, so it survives
+  every manager restart too.
   """
 
   use Application
@@ -23,6 +33,25 @@ defmodule Snakepit.SharedMemory.Application do
     TableOwner
   }
 
+  @doc false
+  def manager_supervisor_spec do
+    %{
+      id: Snakepit.SharedMemory.ManagerSupervisor,
+      type: :supervisor,
+      start:
+        {Supervisor, :start_link,
+         [
+           [Manager],
+           [
+             strategy: :one_for_one,
+             max_restarts: 1000,
+             max_seconds: 1,
+             name: Snakepit.SharedMemory.ManagerSupervisor
+           ]
+         ]}
+    }
+  end
+
   @impl true
   def start(_type, _args) do
     with {:ok, config} <- Config.load(),
@@ -32,7 +61,7 @@ defmodule Snakepit.SharedMemory.Application do
       Stats.setup()
 
       # The host quota client (when configured) starts before the manager, so that a
-      # restart of the client restarts the manager, which re-declares every region.
+      # restart of the client restarts the manager (its supervisor), which re-declares every region.
       children =
         [
           # open message channels, for Channel.list/0 and the mix tasks
@@ -40,7 +69,8 @@ defmodule Snakepit.SharedMemory.Application do
           HostQuota.Supervisor,
           TableOwner
         ] ++
-          HostQuota.Regions.children(config) ++ [Manager, HealthMonitor, Cluster.Supervisor]
+          HostQuota.Regions.children(config) ++
+          [manager_supervisor_spec(), HealthMonitor, Cluster.Supervisor]
 
       Supervisor.start_link(children,
         strategy: :rest_for_one,

@@ -1,6 +1,6 @@
 defmodule Snakepit.SharedMemory.Cleanup do
   @moduledoc """
-  Cleanup policies and sweeps. The manager calls these; every free goes through
+  Cleanup policies: what frees a registered region, and when. The manager calls these; every free goes through
   `Snakepit.SharedMemory.Allocator.free/2`.
 
   ## Policies
@@ -14,31 +14,16 @@ defmodule Snakepit.SharedMemory.Cleanup do
   Every policy also frees a region whose idle `:timeout` passed (`:expired`) or whose
   POSIX segment was removed behind our back (`:vanished`, e.g. systemd `RemoveIPC=yes`).
 
-  ## Sweeps of the shm directory (`/dev/shm` on Linux)
-
-    * orphans (`sweep_orphans/1`): segments of ours whose creator VM is gone (its OS
-      pid, start time and boot id no longer match a live process). A VM killed with
-      SIGKILL leaves its POSIX segments; the next start frees them. A worker's output
-      adopted by a VM names the worker as creator: it is an orphan only once no process
-      has it open any more (the adopting VM holds it).
-    * incomplete segments (`Snakepit.SharedMemory.Incomplete`): a VM killed while
-      creating a segment leaves it without a header; it is removed once no process has
-      it open (part of `sweep_orphans/1`).
-    * re-adoption (`adopt_own_segments/0`): when the registry tables were lost (the table
-      owner died), POSIX segments created by this very VM are registered again, as
-      `:manual` regions without owner (see `docs/SECURITY.md`). memfd regions cannot be
-      re-adopted: nothing names them; they die with their last mapping.
-    * leaks (`sweep_leaks/1`): a caller killed inside `Native.create/2` (a dirty NIF that
-      keeps running) leaves a POSIX segment nobody registered. The manager remembers
-      such deaths (size, start time) and frees the matching unregistered segment.
+  The shm directory itself (orphans, re-adoption, leaks) is swept by
+  `Snakepit.SharedMemory.Sweep`.
   """
 
   require Logger
   require Snakepit.SharedMemory.Registry
 
-  alias Snakepit.SharedMemory.{Access, Allocator, Config, Incomplete, JSON, Journal, Native}
+  alias Snakepit.SharedMemory.{Access, Allocator, Config, Journal, Native}
   alias Snakepit.SharedMemory.Platform
-  alias Snakepit.SharedMemory.{Quota, Registry, Security, Stats}
+  alias Snakepit.SharedMemory.{Quota, Registry, Stats}
 
   import Snakepit.SharedMemory.Registry, only: [region: 1, region: 2]
 
@@ -209,12 +194,7 @@ defmodule Snakepit.SharedMemory.Cleanup do
 
   # Names in the shm directory, listed once per sweep (nil: this platform has none).
   defp segment_names do
-    with dir when is_binary(dir) <- Platform.current().shm_dir(),
-         {:ok, names} <- File.ls(dir) do
-      MapSet.new(names)
-    else
-      _ -> nil
-    end
+    if Platform.current().shm_dir(), do: MapSet.new(Native.list_segments())
   end
 
   defp vanished?(region(backend: :posix, role: :created, id: id), %MapSet{} = present),
@@ -234,203 +214,6 @@ defmodule Snakepit.SharedMemory.Cleanup do
 
       {:error, _} ->
         []
-    end
-  end
-
-  # ---- the shm directory ----
-
-  @doc """
-  Frees segments of ours whose creator VM is gone. Returns what was (or, with
-  `dry_run: true`, would be) freed.
-  """
-  @spec sweep_orphans(keyword()) :: [freed()]
-  def sweep_orphans(opts \\ []) do
-    dry_run = Keyword.get(opts, :dry_run, false)
-    {valid, corrupt} = scan_unregistered()
-
-    candidates = for {id, header} <- valid, not header.creator_alive, do: {id, header}
-
-    # A worker's output adopted by a VM still names the worker as creator: it is an
-    # orphan only once no process holds it open (the adopting VM keeps a descriptor).
-    held =
-      if Enum.any?(candidates, fn {_id, header} -> adopted?(header) end),
-        do: Incomplete.open_paths(),
-        else: MapSet.new()
-
-    orphans =
-      for {id, header} <- candidates,
-          not (adopted?(header) and
-                 MapSet.member?(held, Path.join(Platform.current().shm_dir(), id))),
-          dry_run or unlink(id) do
-        %{region_id: id, reason: :orphan, size: header.size}
-      end
-
-    # Header-less segments name no creator: see Snakepit.SharedMemory.Incomplete.
-    incomplete =
-      case Platform.current().shm_dir() do
-        nil ->
-          []
-
-        dir ->
-          for id <- Incomplete.sweep(dir, corrupt, dry_run),
-              do: %{region_id: id, reason: :incomplete, size: 0}
-      end
-
-    freed = orphans ++ incomplete
-
-    if freed != [] and not dry_run do
-      Stats.event(:orphans, %{count: length(freed)}, %{
-        region_ids: Enum.map(freed, & &1.region_id)
-      })
-
-      Logger.info("snakepit_shm: removed #{length(freed)} segment(s) left by dead VMs")
-    end
-
-    freed
-  end
-
-  @doc """
-  Registers again the POSIX segments created by this VM that the registry does not know
-  (after a loss of the registry tables). Policy of a re-adopted region: `:manual`, no
-  owner, its idle timeout and metadata from its header.
-  """
-  @spec adopt_own_segments() :: [String.t()]
-  def adopt_own_segments do
-    me = Native.self_info()
-
-    for {id, header} <- unregistered_segments(), ours?(header, me), adopt(id, header), do: id
-  end
-
-  defp ours?(header, me) do
-    header.creator_pid == me.os_pid and header.creator_start_time == me.start_time and
-      header.boot_id == me.boot_id and not header.deallocated
-  end
-
-  defp adopt(id, header) do
-    with {:ok, ref, info} <- Native.open(id, true) do
-      timeout_ms = div(header.idle_timeout_ns, 1_000_000)
-
-      record =
-        region(
-          id: id,
-          ref: ref,
-          size: info.size,
-          backend: info.backend,
-          role: :created,
-          name:
-            if(String.starts_with?(id, "spshm_n_"), do: String.replace_prefix(id, "spshm_n_", "")),
-          owner: nil,
-          created_at: div(header.created_at_ns, 1_000_000),
-          seq: System.unique_integer([:monotonic]),
-          permissions: Security.default_permissions(),
-          security_level: Security.level_from_int(header.security_level),
-          cleanup_policy: :manual,
-          timeout: if(timeout_ms == 0, do: :infinity, else: timeout_ms),
-          metadata: decode_metadata(header.metadata),
-          counters: Allocator.new_counters(info),
-          adopted: true
-        )
-
-      adopted = Registry.insert_new(record)
-      if adopted, do: Stats.count(:adopted)
-      adopted
-    else
-      _ -> false
-    end
-  end
-
-  defp decode_metadata(json) do
-    case JSON.decode(json) do
-      {:ok, map} when is_map(map) -> map
-      _ -> %{}
-    end
-  end
-
-  @doc """
-  Removes the segments of callers killed inside `Native.create/2`: every unregistered
-  POSIX segment of this VM with the size of a pending leak, created after its start.
-  Returns the pendings not past their deadline (a dirty create keeps running after its
-  caller died, so a segment can appear after the death was handled: the manager
-  calls this again until the deadline).
-
-  The manager calls it inside `Journal.barrier/2`, where no live caller holds a segment
-  it has created but not registered yet; matching size and time keeps segments made by
-  direct users of `Snakepit.SharedMemory.Native` in this VM out of harm's way.
-  """
-  @spec sweep_leaks([{pos_integer(), integer(), integer()}]) :: [
-          {pos_integer(), integer(), integer()}
-        ]
-  def sweep_leaks([]), do: []
-
-  def sweep_leaks(pending) do
-    me = Native.self_info()
-
-    for {id, h} <- unregistered_segments(),
-        ours?(h, me),
-        Enum.any?(pending, fn {size, started, _} ->
-          h.size == size and h.created_at_ns >= started
-        end),
-        unlink(id) do
-      Stats.event(:leaked, %{count: 1}, %{region_id: id})
-      Logger.warning("snakepit_shm: removed #{id}, created for a caller killed mid-allocation")
-    end
-
-    now = System.monotonic_time(:millisecond)
-    Enum.filter(pending, fn {_size, _started, deadline} -> now < deadline end)
-  end
-
-  # Segments in the shm directory that the registry does not know, with their headers.
-  # Unreadable ones (being created right now, foreign, corrupt) are skipped, never freed.
-  defp unregistered_segments, do: elem(scan_unregistered(), 0)
-
-  # Segments in the shm directory that the registry does not know: {readable ones with
-  # their headers, names whose header is not valid}. Neither kind is freed here.
-  defp scan_unregistered do
-    with dir when is_binary(dir) <- Platform.current().shm_dir(),
-         {:ok, names} <- File.ls(dir) do
-      results =
-        for name <- names,
-            String.starts_with?(name, "spshm_"),
-            Registry.lookup(name) == nil,
-            do: {name, Native.inspect_path(Path.join(dir, name))}
-
-      valid = for {name, {:ok, %{id: id} = header}} <- results, id == name, do: {name, header}
-      corrupt = for {name, {:error, {:corrupt, _, _}}} <- results, do: name
-      {valid, corrupt}
-    else
-      _ -> {[], []}
-    end
-  end
-
-  @doc false
-  # True if a header (Native.header/1, Native.inspect_path/1) has the adopted state bit:
-  # a VM took the worker's output over. The bit comes from the core's layout (one source
-  # of truth), read once.
-  @spec adopted?(map()) :: boolean()
-  def adopted?(%{state: state}), do: Bitwise.band(state, adopted_bit()) != 0
-
-  defp adopted_bit do
-    key = {__MODULE__, :adopted_bit}
-
-    case :persistent_term.get(key, nil) do
-      nil ->
-        {:ok, %{"states" => %{"adopted" => bit}}} = JSON.decode(Native.header_layout())
-        :persistent_term.put(key, bit)
-        bit
-
-      bit ->
-        bit
-    end
-  end
-
-  defp unlink(id) do
-    case Native.unlink_segment(id) do
-      :ok ->
-        true
-
-      {:error, {_reason, message, _errno}} ->
-        Logger.warning("snakepit_shm: could not remove #{id}: #{message}")
-        false
     end
   end
 end

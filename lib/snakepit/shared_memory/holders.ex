@@ -2,13 +2,15 @@ defmodule Snakepit.SharedMemory.Holders do
   @moduledoc """
   OS processes (Python workers) that hold regions: discovery and death.
 
-  A worker that attaches a region adds a hold to the header's holder table; nothing
-  tells the VM. So the manager scans every `holder_scan_interval` ms, cheaply: one
-  `Native.hold_counts/1` (two atomic loads) per region, and the full header only of
-  regions whose holder generation changed. Each new holding OS process gets a pidfd
-  watch (`Native.watch_os_process/3`, `enif_select`): its death is an event, not a
-  poll. On death every hold it still has on any region is released
-  (`Native.release_holder/3`), which may free `:reference_counted` regions.
+  A worker that attaches a region adds a hold to the header's holder table, in a slot
+  whose lock its own open of the region holds: when the worker dies, at any instant, the
+  kernel drops that lock and the slot is dead for everyone (`Native.reap_holders/1`,
+  and every `Native.hold_counts/1`, free such slots). What the manager adds is
+  promptness: it scans every `holder_scan_interval` ms (the full header only of regions
+  whose holder generation changed), and each new holding OS process gets a pidfd watch
+  (`Native.watch_os_process/3`, `enif_select`), so its death is an event that reaps its
+  slots at once, which may free `:reference_counted` regions. A watch that could not be
+  armed (out of descriptors: EMFILE) is retried on every scan.
 
   The scan also notices a `:reference_counted` region whose count dropped to zero
   without a BEAM call (a worker closing it, a mapping garbage collected).
@@ -21,13 +23,14 @@ defmodule Snakepit.SharedMemory.Holders do
 
   import Snakepit.SharedMemory.Registry, only: [region: 1]
 
-  defstruct generations: %{}, watches: %{}, refs: %{}, self_os_pid: nil
+  defstruct generations: %{}, watches: %{}, refs: %{}, retry: MapSet.new(), self_os_pid: nil
 
   @type holder :: {pos_integer(), non_neg_integer()}
   @type t :: %__MODULE__{
           generations: %{(String.t() | {:board, String.t()}) => non_neg_integer()},
           watches: %{holder() => {reference(), reference()}},
           refs: %{reference() => holder()},
+          retry: MapSet.t(holder()),
           self_os_pid: pos_integer() | nil
         }
 
@@ -66,7 +69,18 @@ defmodule Snakepit.SharedMemory.Holders do
       Snakepit.SharedMemory.StatusBoard.watch_joiners(state.generations, state, &watch/2)
 
     generations = Map.new(pairs ++ board_pairs)
-    %{state | generations: generations}
+    rearm(%{state | generations: generations})
+  end
+
+  # Watches that failed (EMFILE...) are tried again; a holder gone meanwhile is reaped.
+  defp rearm(%{retry: retry} = state) do
+    if MapSet.size(retry) == 0 do
+      state
+    else
+      Enum.reduce(retry, %{state | retry: MapSet.new()}, fn {pid, start}, acc ->
+        arm(pid, start, acc)
+      end)
+    end
   end
 
   @doc "Reads the holders of a region whose generation changed; watches the new ones."
@@ -106,8 +120,13 @@ defmodule Snakepit.SharedMemory.Holders do
         state
 
       {:error, {_reason, message, _}} ->
-        Logger.warning("snakepit_shm: cannot watch OS process #{os_pid}: #{message}")
-        state
+        unless MapSet.member?(state.retry, holder),
+          do:
+            Logger.warning(
+              "snakepit_shm: cannot watch OS process #{os_pid} (retrying): #{message}"
+            )
+
+        %{state | retry: MapSet.put(state.retry, holder)}
     end
   end
 
@@ -126,6 +145,9 @@ defmodule Snakepit.SharedMemory.Holders do
     end
   end
 
+  # The slots of a dead process are those whose lock is gone: reaped by the kernel's
+  # word, not by its pid (which may be reused, or name another process in another PID
+  # namespace).
   defp release_everywhere({os_pid, start}) do
     rows =
       :ets.select(Registry.regions_table(), [
@@ -134,7 +156,7 @@ defmodule Snakepit.SharedMemory.Holders do
 
     released =
       for {id, ref} <- rows,
-          {:ok, n} when n > 0 <- [Native.release_holder(ref, os_pid, start)],
+          {:ok, n} when n > 0 <- [Native.reap_holders(ref)],
           do: {id, n}
 
     total = released |> Enum.map(&elem(&1, 1)) |> Enum.sum()

@@ -26,7 +26,7 @@ defmodule Snakepit.SharedMemory.Manager do
 
   require Snakepit.SharedMemory.Registry
 
-  alias Snakepit.SharedMemory.{Cleanup, Config, Holders, Journal, Quota, Registry}
+  alias Snakepit.SharedMemory.{Cleanup, Config, Holders, Journal, Quota, Registry, Sweep}
 
   @leak_scan_ms 100
 
@@ -60,7 +60,7 @@ defmodule Snakepit.SharedMemory.Manager do
     state = %{holders: Holders.new(), monitored: MapSet.new(), pending_leaks: [], config: config}
 
     unless Registry.flag(:initialized) do
-      adopted = Cleanup.adopt_own_segments()
+      adopted = Sweep.adopt_own_segments()
       Registry.set_flag(:initialized, true)
 
       if adopted != [],
@@ -70,7 +70,7 @@ defmodule Snakepit.SharedMemory.Manager do
           )
     end
 
-    if config.orphan_sweep, do: Cleanup.sweep_orphans()
+    if config.orphan_sweep, do: Sweep.sweep_orphans()
     # Always, not only after deaths: a previous manager may have died mid-free, and the
     # counters of re-adopted regions must be counted.
     state = repair_dead_callers(state, :always)
@@ -131,7 +131,7 @@ defmodule Snakepit.SharedMemory.Manager do
     # it, so an unregistered segment of this VM can only be a leak.
     pending =
       case Journal.barrier(state.config.barrier_timeout, fn ->
-             Cleanup.sweep_leaks(Enum.map(state.pending_leaks, &elem(&1, 1)))
+             Sweep.sweep_leaks(Enum.map(state.pending_leaks, &elem(&1, 1)))
            end) do
         {:ok, left} ->
           # A settled leak (swept, or never created before its deadline) lets go of the
@@ -238,7 +238,7 @@ defmodule Snakepit.SharedMemory.Manager do
   end
 
   defp cleanup_regions(opts) do
-    orphans = if opts.orphans, do: Cleanup.sweep_orphans(dry_run: opts.dry_run), else: []
+    orphans = if opts.orphans, do: Sweep.sweep_orphans(dry_run: opts.dry_run), else: []
 
     due =
       if opts.expired_only,

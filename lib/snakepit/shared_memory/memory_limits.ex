@@ -11,6 +11,12 @@ defmodule Snakepit.SharedMemory.MemoryLimits do
   Mount points come from `/proc/self/mountinfo` (normally `/sys/fs/cgroup` for v2 and
   `/sys/fs/cgroup/memory` for v1). Only files are read: no process, no NIF, a few
   hundred microseconds.
+
+  Shared memory (POSIX segments and memfds alike) is charged to the cgroup of the process
+  that allocates it, and in a container the host's `MemAvailable` says nothing about the
+  limit that matters: a 512 MiB allocation inside a 256 MiB memory cgroup passes a
+  host-wide check and then gets the VM OOM-killed. So the allocation guard (`check/1`,
+  called by the allocator) refuses what would not fit in the cgroup's headroom.
   """
 
   import Bitwise
@@ -26,12 +32,41 @@ defmodule Snakepit.SharedMemory.MemoryLimits do
           cgroup: nil | cgroup()
         }
 
+  # Allocations below this size are not checked (each check reads a few small files).
+  @check_threshold 1_048_576
+
   # v1 reports "unlimited" as PAGE_COUNTER_MAX pages: anything this large is no limit.
   @unlimited 1 <<< 62
 
   @doc "The host's memory and the VM's memory cgroup (nil when there is none or no limit file)."
   @spec snapshot() :: snapshot()
   def snapshot, do: %{host: host(), cgroup: cgroup()}
+
+  @doc """
+  `:ok` if `size` more bytes fit in the memory cgroup's headroom (limit minus usage, of
+  the group or ancestor that leaves the least), else `{:error, message}`. Sizes under
+  1 MiB, and processes without a limited memory cgroup, always pass.
+  """
+  @spec check(non_neg_integer()) :: :ok | {:error, String.t()}
+  def check(size) when size < @check_threshold, do: :ok
+
+  def check(size) do
+    case cgroup() do
+      %{max: max, current: current, path: path, version: version} when is_integer(max) ->
+        headroom = max(max - current, 0)
+
+        if size > headroom,
+          do:
+            {:error,
+             "allocating #{size} bytes would exceed the memory cgroup's limit (cgroup v#{version} " <>
+               "#{path}: #{current} of #{max} bytes in use, #{headroom} left) and get this VM " <>
+               "OOM-killed: free memory in the container, raise its memory limit, or allocate less"},
+          else: :ok
+
+      _ ->
+        :ok
+    end
+  end
 
   @doc "MemTotal and MemAvailable of `/proc/meminfo`, in bytes (0 when unreadable)."
   @spec host() :: %{total: non_neg_integer(), available: non_neg_integer()}

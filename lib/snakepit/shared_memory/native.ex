@@ -90,6 +90,10 @@ defmodule Snakepit.SharedMemory.Native do
           {:ok, region(), region_info()} | nif_error()
   def create_plain(_size, _opts), do: :erlang.nif_error(:not_loaded)
 
+  @doc "create/2 on a dirty CPU scheduler (encrypted regions: creating them is encryption)."
+  @spec create_cpu(pos_integer(), create_opts()) :: {:ok, region(), region_info()} | nif_error()
+  def create_cpu(_size, _opts), do: :erlang.nif_error(:not_loaded)
+
   @doc "Opens an existing region: by id (POSIX) or by {control_path, data_path}."
   @spec open(binary() | {binary(), binary()}, boolean()) ::
           {:ok, region(), region_info()} | nif_error()
@@ -166,6 +170,14 @@ defmodule Snakepit.SharedMemory.Native do
           {:ok, non_neg_integer()} | nif_error()
   def release_holder(_region, _os_pid, _start_time), do: :erlang.nif_error(:not_loaded)
 
+  @doc """
+  Frees the holder slots of dead holders: slots whose lock (held by the holder's open
+  file description for as long as it holds the region) is gone. Returns how many holds
+  were released. Linux; 0 elsewhere.
+  """
+  @spec reap_holders(region()) :: {:ok, non_neg_integer()}
+  def reap_holders(_region), do: :erlang.nif_error(:not_loaded)
+
   @doc "Monitors `pid` from the region resource; on its death the NIF sends {:snakepit_shm_owner_down, region_id, pid} to the registered manager."
   @spec monitor_owner(region(), pid()) :: :ok | nif_error()
   def monitor_owner(_region, _pid), do: :erlang.nif_error(:not_loaded)
@@ -186,6 +198,21 @@ defmodule Snakepit.SharedMemory.Native do
   @doc "Unlinks a POSIX segment by id if, and only if, it is provably ours."
   @spec unlink_segment(binary()) :: :ok | nif_error()
   def unlink_segment(_region_id), do: :erlang.nif_error(:not_loaded)
+
+  @doc """
+  Removes the POSIX segment `region_id` if it is ours and no open of it anywhere holds
+  its liveness lock (dirty IO); with `dry_run` true only says what it would do.
+  `:removed_incomplete`: it never got a header (its creator died creating it); `:young`:
+  header-less, unused and under 10 s old (its creator may not have locked it yet, or be an
+  older version that takes no locks).
+  """
+  @spec sweep_segment(binary(), boolean()) ::
+          {:ok, :removed | :removed_incomplete | :in_use | :young} | nif_error()
+  def sweep_segment(_region_id, _dry_run), do: :erlang.nif_error(:not_loaded)
+
+  @doc "Names starting with spshm_ in the shm directory, not validated (dirty IO)."
+  @spec list_segments() :: [binary()]
+  def list_segments, do: :erlang.nif_error(:not_loaded)
 
   @spec process_start_time(non_neg_integer()) :: {:ok, non_neg_integer()} | nif_error()
   def process_start_time(_os_pid), do: :erlang.nif_error(:not_loaded)

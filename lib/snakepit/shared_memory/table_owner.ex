@@ -7,7 +7,7 @@ defmodule Snakepit.SharedMemory.TableOwner do
   manager finds the registry as it was. This process is started before the manager
   under a `:rest_for_one` supervisor; if it dies anyway, the manager is restarted after
   it and rebuilds the registry from the segments' own headers (see
-  `Snakepit.SharedMemory.Cleanup.adopt_own_segments/0`).
+  `Snakepit.SharedMemory.Sweep.adopt_own_segments/0`).
   """
 
   use GenServer

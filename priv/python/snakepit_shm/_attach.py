@@ -39,6 +39,8 @@ def attach(ref_or_region_id, mode="r"):
     with contextlib.ExitStack() as fds, contextlib.ExitStack() as on_error:
         control_fd, control_size, header_writable = _open_control(location, mode)
         fds.callback(os.close, control_fd)
+        # The shared liveness lock first: from here on no sweeper removes the segment.
+        library.liveness_lock(control_fd)
         data_fd, data_size = _open_data(location, mode, control_fd, control_size, fds)
         snapshot = os.pread(control_fd, F.HEADER_SIZE, 0)
         header = _header.validate(snapshot, where=location.control_path,
@@ -50,9 +52,12 @@ def attach(ref_or_region_id, mode="r"):
 
         header_mm = mmap.mmap(control_fd, F.HEADER_SIZE, access=(
             mmap.ACCESS_WRITE if header_writable else mmap.ACCESS_READ))
-        # Encrypted: keep a descriptor of the control object for the data lock.
+        # The attachment keeps the control descriptor open: its locks (liveness, holder
+        # slot) live as long as this open file description, and die with the process.
+        # Encrypted: one more descriptor of the control object for the data lock.
+        own_fd = os.dup(control_fd)
         lock_fd = os.dup(control_fd) if header.encrypted else None
-        attachment = Attachment(header_mm, library, header_writable, lock_fd)
+        attachment = Attachment(header_mm, library, header_writable, own_fd, lock_fd)
         on_error.callback(attachment.close_quietly)
         # Hold first, then look at the state bits: seal() sets the sealed bit before
         # it looks for writable holders, so either it sees this hold or we see the bit.
@@ -117,6 +122,7 @@ def describe(header, raw, location):
     fields = F.unpack_fields(raw)
     state = fields["state"]
     problem = expiry_problem(raw)
+    holders = F.unpack_holders(raw)
     return {
         "region_id": header.region_id,
         "backend": F.BACKEND_NAMES[header.backend],
@@ -130,8 +136,10 @@ def describe(header, raw, location):
                                                header.security_level),
         "sealed": bool(state & F.STATE_SEALED),
         "deallocated": bool(state & F.STATE_DEALLOCATED),
-        "refcount": fields["refcount"],
-        "holders": F.unpack_holders(raw),
+        # The number of holds is the sum of the slots' counts (the header's refcount
+        # field is only a hint: a holder killed mid-update can leave it off).
+        "refcount": sum(h["count"] for h in holders),
+        "holders": holders,
         "creator_pid": header.creator_pid,
         "creator_start_time": header.creator_start_time,
         "boot_id": header.boot_id.hex(),

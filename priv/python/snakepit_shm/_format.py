@@ -77,7 +77,9 @@ FLAG_ENCRYPTED = 1 << 0
 FLAG_NAMED = 1 << 1
 FLAG_SPLIT_DATA = 1 << 2
 FLAG_WORKER_OUTPUT = 1 << 3  # made by snakepit_shm.allocate: adoptable by a VM
-KNOWN_FLAGS = FLAG_ENCRYPTED | FLAG_NAMED | FLAG_SPLIT_DATA | FLAG_WORKER_OUTPUT
+FLAG_LIVENESS_LOCKS = 1 << 4  # every user holds the liveness lock (byte 0)
+KNOWN_FLAGS = (FLAG_ENCRYPTED | FLAG_NAMED | FLAG_SPLIT_DATA | FLAG_WORKER_OUTPUT
+               | FLAG_LIVENESS_LOCKS)
 
 # Mutable state bits (the ``state`` field).
 STATE_SEALED = 1 << 0

@@ -87,15 +87,22 @@ class Attachment:
     only once the data mapping itself goes away (see Region.__del__).
     """
 
-    def __init__(self, header_mm, library, writable, lock_fd=None):
+    def __init__(self, header_mm, library, writable, fd, lock_fd=None):
         """Wrap a mapped header; ``writable`` if it is mapped for writing.
 
+        ``fd`` is a descriptor of this attachment's own open of the control object
+        (owned from now on): it carries the liveness lock and the lock of the holder
+        slot, and is closed by close().
+
         ``lock_fd`` (encrypted regions) is a descriptor of the control object kept open
-        for the cross-process data lock; closed with the attachment.
+        for the cross-process data lock (reopened in forked children); closed with the
+        attachment.
         """
         self.header_mm = header_mm
         self.library = library
         self.writable = writable
+        self.fd = fd
+        self.slot = ctypes.c_int(-1)  # the holder slot this open owns (-1: none)
         self.lock_fd = lock_fd
         self.identity = None  # (pid, start_time) while a hold is registered
         self._lock = threading.Lock()
@@ -123,9 +130,10 @@ class Attachment:
             _ofd_lock(self.lock_fd, fcntl.F_UNLCK, region_id)
 
     def hold(self, identity, writable):
-        """Register one hold of ``identity`` in the header."""
+        """Register one hold of ``identity`` in the header, in this open's slot."""
         with _native.buffer_address(self.header_mm, writable=True) as (address, _):
-            self.library.hold(address, identity[0], identity[1], writable)
+            self.library.hold_fd(address, self.fd, self.slot, identity[0], identity[1],
+                                 writable)
         self.identity = identity
 
     def release(self):
@@ -137,17 +145,22 @@ class Attachment:
             if identity is None or identity[0] != os.getpid():
                 return
             with _native.buffer_address(self.header_mm, writable=True) as (address, _):
-                self.library.release(address, identity[0], identity[1])
+                self.library.release_fd(address, self.fd, self.slot)
 
     def close(self):
-        """Release the hold, then unmap the header."""
+        """Release the hold, then unmap the header and close the control descriptor."""
         try:
             self.release()
         finally:
-            self.header_mm.close()
-            fd, self.lock_fd = self.lock_fd, None
-            if fd is not None and fd >= 0:
-                os.close(fd)
+            try:
+                self.header_mm.close()
+            finally:
+                fd, self.fd = self.fd, -1
+                if fd >= 0:
+                    os.close(fd)
+                fd, self.lock_fd = self.lock_fd, None
+                if fd is not None and fd >= 0:
+                    os.close(fd)
 
     def reopen_lock_after_fork(self):
         """In a forked child: give the data lock a descriptor of its own.

@@ -109,11 +109,11 @@ defmodule Snakepit.SharedMemory.ManagerTest do
       owner2 = spawn(fn -> Process.sleep(:infinity) end)
       {:ok, orphaned} = SM.allocate_region(1024, owner: owner2)
       manager = Process.whereis(Manager)
-      :ok = Supervisor.terminate_child(Snakepit.SharedMemory.Supervisor, Manager)
+      :ok = Supervisor.terminate_child(Snakepit.SharedMemory.ManagerSupervisor, Manager)
       refute Process.alive?(manager)
       Process.exit(owner2, :kill)
       TestSupport.await_death(owner2)
-      {:ok, _} = Supervisor.restart_child(Snakepit.SharedMemory.Supervisor, Manager)
+      {:ok, _} = Supervisor.restart_child(Snakepit.SharedMemory.ManagerSupervisor, Manager)
       Manager.sync()
       assert Registry.lookup(orphaned) == nil
     end

@@ -11,7 +11,7 @@ defmodule Snakepit.SharedMemory.ShmPathTest do
   @moduletag :capture_log
 
   alias Snakepit.SharedMemory, as: SM
-  alias Snakepit.SharedMemory.{Cleanup, Config, Native, ReliabilityForge, ReliabilityHelpers}
+  alias Snakepit.SharedMemory.{Config, Native, ReliabilityForge, ReliabilityHelpers, Sweep}
   alias Snakepit.SharedMemory.TaskHelpers
 
   @mib 1024 * 1024
@@ -151,7 +151,7 @@ defmodule Snakepit.SharedMemory.ShmPathTest do
       refute File.exists?(Path.join(dir, orphan))
       # ... and so does the manager's sweep.
       orphan2 = forge_orphan(dir, template)
-      assert orphan2 in Enum.map(Cleanup.sweep_orphans(), & &1.region_id)
+      assert orphan2 in Enum.map(Sweep.sweep_orphans(), & &1.region_id)
       refute File.exists?(Path.join(dir, orphan2))
 
       # The live regions were left alone; freeing them empties the directory.

@@ -33,6 +33,7 @@ defmodule Snakepit.SharedMemory.CLI.Doctor do
       shm_dir(),
       leftovers,
       kernel(),
+      memory(),
       memlock(),
       nofile(),
       remove_ipc(),
@@ -279,6 +280,45 @@ defmodule Snakepit.SharedMemory.CLI.Doctor do
     case Regex.run(~r/^(\d+)\.(\d+)/, release) do
       [_, major, minor] -> {String.to_integer(major), String.to_integer(minor)}
       _ -> nil
+    end
+  end
+
+  # The host's memory and the memory cgroup's (a container's limit): shared memory is
+  # charged to the cgroup, and the allocation guard refuses what it cannot hold.
+  defp memory do
+    %{host: host, cgroup: cgroup} = Snakepit.SharedMemory.MemoryLimits.snapshot()
+    host_text = "host: #{Human.bytes(host.available)} available of #{Human.bytes(host.total)}"
+
+    case cgroup do
+      nil ->
+        finding("memory", :ok, host_text <> "; no memory cgroup")
+
+      %{max: :infinity} = c ->
+        finding(
+          "memory",
+          :ok,
+          host_text <>
+            "; memory cgroup v#{c.version} #{c.path}: no limit, #{Human.bytes(c.current)} in use"
+        )
+
+      %{max: max, current: current} = c ->
+        headroom = max(max - current, 0)
+
+        detail =
+          host_text <>
+            "; memory cgroup v#{c.version} #{c.path}: #{Human.bytes(current)} of " <>
+            "#{Human.bytes(max)} in use (#{Human.bytes(headroom)} left: allocations beyond it " <>
+            "are refused)"
+
+        if headroom < div(max, 10),
+          do:
+            finding(
+              "memory",
+              :warn,
+              detail,
+              "raise the container's memory limit or free memory in it"
+            ),
+          else: finding("memory", :ok, detail)
     end
   end
 

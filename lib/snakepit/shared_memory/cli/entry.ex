@@ -5,7 +5,8 @@ defmodule Snakepit.SharedMemory.CLI.Entry do
   # table renderers and `--format json` see the same thing.
   #
   #   status      :ok | :corrupt | :not_ours | :not_found | :unreadable
-  #   orphaned    its creator VM is gone (dead, or from an earlier boot)
+  #   in_use      some open of it holds its liveness lock (asked of the kernel)
+  #   orphaned    nobody uses it (not in_use): what cleanup decides on
   #   expired     idle longer than its timeout
   #   holders     [%{os_pid, start_time, count, writable, alive}]
   #   open_by     OS pids that keep an fd of a memfd region open
@@ -56,7 +57,8 @@ defmodule Snakepit.SharedMemory.CLI.Entry do
       timeout_ms: if(h.idle_timeout_ns > 0, do: div(h.idle_timeout_ns, 1_000_000)),
       expires_in_ms: expires_in_ms,
       expired: expires_in_ms != nil and expires_in_ms <= 0,
-      orphaned: not h.creator_alive,
+      in_use: Map.get(h, :in_use, true),
+      orphaned: not Map.get(h, :in_use, true),
       sealed: h.sealed,
       encrypted: h.encrypted,
       deallocated: h.deallocated,

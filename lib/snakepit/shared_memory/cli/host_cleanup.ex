@@ -2,18 +2,19 @@ defmodule Snakepit.SharedMemory.CLI.HostCleanup do
   @moduledoc false
   # Offline cleanup of the host, from the entries of HostScan. The rules:
   #
-  #   * a region whose owner VM is alive is never touched: its manager frees it (expiry,
-  #     owner death, reference counts) and releases the holds of dead workers itself;
-  #   * a POSIX segment whose owner VM is gone is removed (Native.unlink_segment/1, which
-  #     checks again that it is ours and intact). Processes still mapping it keep their
-  #     mapping; the memory is freed when the last one unmaps it. Except a worker's
-  #     output adopted by a VM (adopted state bit): its header names the worker, and it
-  #     is left alone while a process (the adopting VM) holds it open;
+  #   * a region some process uses is never touched. "Uses" is asked of the kernel: every
+  #     user (the creating VM, VMs that opened it, Python workers, a creator still inside
+  #     fallocate) holds a shared open file description lock on byte 0 of the segment.
+  #     PIDs in the header are labels, never evidence (PID namespaces, reuse);
+  #   * a POSIX segment nobody uses is removed by Native.sweep_segment/2, which checks
+  #     again, under its own exclusive lock, that it is ours, intact and unused;
+  #     A worker's output adopted by a VM (adopted state bit) names the worker, long
+  #     gone, as its creator, but the adopting VM holds its liveness lock: in use;
   #   * a memfd region whose owner VM is gone has no name to remove: the kernel frees it
   #     when the last process with an fd or mapping of it exits. Holds of dead processes
   #     in its header are released, and the processes keeping it are named;
-  #   * a segment that never got a header (creator died while creating it) is removed by
-  #     Native.unlink_segment/1 once it is older than 10 s;
+  #   * a segment that never got a header and that nobody uses (its creator died while
+  #     creating it) is removed the same way;
   #   * a corrupt segment, a symlink, an object of another user or a misnamed file is
   #     refused: reported, never deleted. The operator looks at it and decides.
 
@@ -25,43 +26,19 @@ defmodule Snakepit.SharedMemory.CLI.HostCleanup do
           action: :remove | :release_holds | :keep | :refuse | :remove_incomplete,
           size: non_neg_integer() | nil,
           detail: String.t(),
-          result: :planned | :done | :failed,
+          result: :planned | :done | :skipped | :failed,
           entry: Entry.t()
         }
 
   @doc "What cleanup would do with `entries` (regions with a live owner are left out)."
   @spec plan([Entry.t()]) :: [action()]
-  def plan(entries), do: entries |> drop_adopted_in_use() |> Enum.flat_map(&plan_one/1)
+  def plan(entries), do: Enum.flat_map(entries, &plan_one/1)
 
-  defp drop_adopted_in_use(entries) do
-    adopted =
-      for %{status: :ok, backend: "posix", owner: %{alive: false}, path: path} = e <- entries,
-          adopted?(path),
-          do: e.id
-
-    if adopted == [] do
-      entries
-    else
-      open = Snakepit.SharedMemory.Incomplete.open_paths()
-      Enum.reject(entries, &(&1.id in adopted and MapSet.member?(open, &1.path)))
-    end
-  end
-
-  defp adopted?(path) do
-    case Native.inspect_path(path) do
-      {:ok, header} -> Snakepit.SharedMemory.Cleanup.adopted?(header)
-      _ -> false
-    end
-  end
-
-  defp plan_one(%{status: :ok, owner: %{alive: true}}), do: []
+  defp plan_one(%{status: :ok, in_use: true}), do: []
 
   defp plan_one(%{status: :ok, backend: "posix"} = e) do
-    live = for h <- e.holders, h.alive == true, do: h.os_pid
-
     detail =
-      "owner VM #{e.owner.os_pid} is gone" <>
-        if(live == [], do: "", else: "; still mapped by #{pids(live)}, freed when they unmap it")
+      "nobody uses it (no process holds its liveness lock); created by VM #{e.owner.os_pid}"
 
     [action(e, :remove, detail)]
   end
@@ -85,11 +62,23 @@ defmodule Snakepit.SharedMemory.CLI.HostCleanup do
   end
 
   defp plan_one(%{status: :corrupt, backend: "posix"} = e) do
-    if incomplete?(e.path),
-      do: [
-        action(e, :remove_incomplete, "never got a header (its creator died while creating it)")
-      ],
-      else: [action(e, :refuse, refusal(e))]
+    case Native.sweep_segment(e.id, true) do
+      {:ok, :removed_incomplete} ->
+        [
+          action(
+            e,
+            :remove_incomplete,
+            "never got a header and nobody uses it (its creator died while creating it)"
+          )
+        ]
+
+      # Being created right now (its creator holds the liveness lock): not ours to judge.
+      {:ok, kept} when kept in [:in_use, :young] ->
+        []
+
+      _ ->
+        [action(e, :refuse, refusal(e))]
+    end
   end
 
   defp plan_one(e), do: [action(e, :refuse, refusal(e))]
@@ -114,33 +103,24 @@ defmodule Snakepit.SharedMemory.CLI.HostCleanup do
   defp pids([pid]), do: "pid #{pid}"
   defp pids(list), do: "pids " <> Enum.join(list, ", ")
 
-  # A regular file of ours whose magic is still zero (or that is empty): a creator writes
-  # the magic last. A short file that has a magic was truncated later: damaged.
-  defp incomplete?(path) do
-    with {:ok, %File.Stat{type: :regular}} <- File.lstat(path) do
-      magic_zero?(path)
-    else
-      _ -> false
-    end
-  end
-
-  defp magic_zero?(path) do
-    case File.open(path, [:read, :binary, :raw], &IO.binread(&1, 8)) do
-      {:ok, :eof} -> true
-      {:ok, magic} when is_binary(magic) -> magic == <<0::size(byte_size(magic))-unit(8)>>
-      _ -> false
-    end
-  end
-
   @doc "Carries out the planned actions; each gets `result: :done | :failed`."
   @spec apply_plan([action()]) :: [action()]
   def apply_plan(actions), do: Enum.map(actions, &apply_one/1)
 
+  # Only what this call really removed counts as removed.
   defp apply_one(%{action: kind, id: id} = a) when kind in [:remove, :remove_incomplete] do
-    case Native.unlink_segment(id) do
-      :ok -> %{a | result: :done}
-      {:error, {:not_found, _, _}} -> %{a | result: :done, detail: a.detail <> " (already gone)"}
-      {:error, {_reason, message, _}} -> %{a | result: :failed, problem: message}
+    case Native.sweep_segment(id, false) do
+      {:ok, removed} when removed in [:removed, :removed_incomplete] ->
+        %{a | result: :done}
+
+      {:ok, _in_use_or_young} ->
+        %{a | result: :skipped, detail: "in use again (a process opened it): kept"}
+
+      {:error, {:not_found, _, _}} ->
+        %{a | result: :skipped, detail: "already gone (removed by someone else)"}
+
+      {:error, {_reason, message, _}} ->
+        %{a | result: :failed, problem: message}
     end
   end
 

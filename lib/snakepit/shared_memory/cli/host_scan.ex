@@ -55,12 +55,7 @@ defmodule Snakepit.SharedMemory.CLI.HostScan do
 
   # ---- POSIX ----
 
-  defp posix_names do
-    case File.ls(shm_dir()) do
-      {:ok, names} -> names |> Enum.filter(&String.starts_with?(&1, @prefix)) |> Enum.sort()
-      {:error, _} -> []
-    end
-  end
+  defp posix_names, do: Enum.sort(Native.list_segments())
 
   defp posix_present?(id) do
     # lstat: a planted symlink of that name is still "present" (and reported not ours).
@@ -71,20 +66,26 @@ defmodule Snakepit.SharedMemory.CLI.HostScan do
     path = posix_path(name)
 
     with :ok <- check_name(name),
-         {:ok, header} <- Native.inspect_path(path) do
-      entry = Entry.from_header(header, context, %{path: path, data_path: path, open_by: []})
-
-      # A worker's output adopted by a VM names the (exited) worker as creator: no
-      # orphan while a process (the adopting VM) holds it open.
-      if entry.orphaned and Snakepit.SharedMemory.Cleanup.adopted?(header) and
-           MapSet.member?(Snakepit.SharedMemory.Incomplete.open_paths(), path),
-         do: %{entry | orphaned: false},
-         else: entry
+         {:ok, header} <- Native.inspect_path(path),
+         :ok <- check_header_id(name, header) do
+      # The file's name, not the id its header claims: that is what cleanup removes.
+      # A worker's output adopted by a VM names the (exited) worker as creator, but the
+      # adopting VM holds its liveness lock: in use, never an orphan.
+      Entry.from_header(header, context, %{id: name, path: path, data_path: path, open_by: []})
     else
       {:error, {reason, message, _errno}} ->
         Entry.unreadable(name, "posix", path, reason, message)
     end
   end
+
+  defp check_header_id(name, %{id: name}), do: :ok
+
+  defp check_header_id(name, %{id: other}),
+    do:
+      {:error,
+       {:corrupt,
+        "#{name} holds the header of #{other}: a copy or a rename, not the segment of " <>
+          "that name (left in place)", 0}}
 
   defp check_name(name) do
     if Entry.region_id?(name),

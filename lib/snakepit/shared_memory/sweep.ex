@@ -1,0 +1,180 @@
+defmodule Snakepit.SharedMemory.Sweep do
+  @moduledoc """
+  Sweeps of the shm directory (`/dev/shm` on Linux): what is there that the registry
+  does not hold. (Policies for registered regions: `Snakepit.SharedMemory.Cleanup`.)
+
+    * orphans (`sweep_orphans/1`): segments of ours that nobody uses, asked of the
+      kernel: every user holds a shared open file description lock on the segment
+      (byte 0), so a segment whose lock is free has no user anywhere, whatever PID
+      namespace or VM. A VM killed with SIGKILL leaves its POSIX segments; the next
+      sweep frees them, header-less ones (a kill inside create) included.
+    * re-adoption (`adopt_own_segments/0`): when the registry tables were lost (the table
+      owner died), POSIX segments created by this very VM are registered again, as
+      `:manual` regions without owner (see `docs/SECURITY.md`). memfd regions cannot be
+      re-adopted: nothing names them; they die with their last mapping.
+    * leaks (`sweep_leaks/1`): a caller killed inside `Native.create/2` (a dirty NIF that
+      keeps running) leaves a POSIX segment nobody registered; once the region the NIF
+      returned to nobody is garbage collected, its lock is gone and the orphan sweep
+      removes it. The manager sweeps again until the dead caller's deadline.
+  """
+
+  require Logger
+  require Snakepit.SharedMemory.Registry
+
+  alias Snakepit.SharedMemory.{Allocator, JSON, Native, Platform, Registry, Security, Stats}
+
+  import Snakepit.SharedMemory.Registry, only: [region: 1]
+
+  @type freed :: Snakepit.SharedMemory.Cleanup.freed()
+
+  @doc """
+  Removes the segments of ours in the shm directory that nobody uses: no open file
+  description anywhere (this VM, another VM in any PID namespace, a Python worker) holds
+  their liveness lock (`Native.sweep_segment/2`: the kernel answers, no PID is trusted).
+  That covers the segments of VMs that died, segments whose creation was cut short
+  (header-less, their creator's lock gone) and segments created for callers killed
+  mid-allocation. A segment being created holds its creator's lock from the instant it
+  exists, so it is never taken for an orphan. Returns what was (or, with `dry_run: true`,
+  would be) removed.
+  """
+  @spec sweep_orphans(keyword()) :: [freed()]
+  def sweep_orphans(opts \\ []) do
+    dry_run = Keyword.get(opts, :dry_run, false)
+    dir = Platform.current().shm_dir()
+
+    freed =
+      for id <- segment_ids(),
+          not Registry.member?(id),
+          size = segment_size(dir, id),
+          {:ok, outcome} when outcome in [:removed, :removed_incomplete] <- [
+            Native.sweep_segment(id, dry_run)
+          ] do
+        reason = if outcome == :removed, do: :orphan, else: :incomplete
+        %{region_id: id, reason: reason, size: size}
+      end
+
+    if freed != [] and not dry_run do
+      Stats.event(:orphans, %{count: length(freed)}, %{
+        region_ids: Enum.map(freed, & &1.region_id)
+      })
+
+      Logger.info("snakepit_shm: removed #{length(freed)} unused segment(s)")
+    end
+
+    freed
+  end
+
+  @doc "Ids of the segments of ours in the shm directory (`Native.list_segments/0`)."
+  @spec segment_ids() :: [String.t()]
+  def segment_ids do
+    if Platform.current().shm_dir(), do: Native.list_segments(), else: []
+  end
+
+  # lstat only: never opens the name (it may be a FIFO).
+  defp segment_size(nil, _id), do: 0
+
+  defp segment_size(dir, id) do
+    case File.lstat(Path.join(dir, id)) do
+      {:ok, %File.Stat{size: size}} -> max(size - 4096, 0)
+      _ -> 0
+    end
+  end
+
+  @doc """
+  Registers again the POSIX segments created by this VM that the registry does not know
+  (after a loss of the registry tables). Policy of a re-adopted region: `:manual`, no
+  owner, its idle timeout and metadata from its header.
+  """
+  @spec adopt_own_segments() :: [String.t()]
+  def adopt_own_segments do
+    me = Native.self_info()
+
+    for {id, header} <- unregistered_segments(), ours?(header, me), adopt(id, header), do: id
+  end
+
+  # Created by this VM: pid, start time and boot id all match (mappings of this VM that
+  # outlived the tables may still hold it: it is ours, and in use by us).
+  defp ours?(header, me) do
+    header.creator_pid == me.os_pid and header.creator_start_time == me.start_time and
+      header.boot_id == me.boot_id and not header.deallocated
+  end
+
+  defp adopt(id, header) do
+    with {:ok, ref, info} <- Native.open(id, true) do
+      timeout_ms = div(header.idle_timeout_ns, 1_000_000)
+
+      record =
+        region(
+          id: id,
+          ref: ref,
+          size: info.size,
+          backend: info.backend,
+          role: :created,
+          name:
+            if(String.starts_with?(id, "spshm_n_"), do: String.replace_prefix(id, "spshm_n_", "")),
+          owner: nil,
+          created_at: div(header.created_at_ns, 1_000_000),
+          seq: System.unique_integer([:monotonic]),
+          permissions: Security.default_permissions(),
+          security_level: Security.level_from_int(header.security_level),
+          cleanup_policy: :manual,
+          timeout: if(timeout_ms == 0, do: :infinity, else: timeout_ms),
+          metadata: decode_metadata(header.metadata),
+          counters: Allocator.new_counters(info),
+          adopted: true
+        )
+
+      adopted = Registry.insert_new(record)
+      if adopted, do: Stats.count(:adopted)
+      adopted
+    else
+      _ -> false
+    end
+  end
+
+  defp decode_metadata(json) do
+    case JSON.decode(json) do
+      {:ok, map} when is_map(map) -> map
+      _ -> %{}
+    end
+  end
+
+  @doc """
+  Removes the segments of callers killed inside `Native.create/2`: the dirty create
+  keeps running after its caller died, and the region it returns to nobody is garbage
+  collected, which drops its liveness lock; `sweep_orphans/1` then removes it. Returns
+  the pendings not past their deadline (the manager calls this again until then).
+  """
+  @spec sweep_leaks([{pos_integer(), integer(), integer()}]) :: [
+          {pos_integer(), integer(), integer()}
+        ]
+  def sweep_leaks([]), do: []
+
+  def sweep_leaks(pending) do
+    for %{region_id: id} <- sweep_orphans() do
+      Stats.event(:leaked, %{count: 1}, %{region_id: id})
+    end
+
+    now = System.monotonic_time(:millisecond)
+    Enum.filter(pending, fn {_size, _started, deadline} -> now < deadline end)
+  end
+
+  # Segments in the shm directory that the registry does not know, with their headers.
+  # Unreadable ones (being created right now, foreign, corrupt) are skipped, never freed.
+  defp unregistered_segments, do: scan_unregistered()
+
+  # Segments in the shm directory that the registry does not know, with their headers.
+  # Unreadable ones (being created right now, foreign, corrupt) are skipped, never freed.
+  defp scan_unregistered do
+    case Platform.current().shm_dir() do
+      nil ->
+        []
+
+      dir ->
+        for id <- segment_ids(),
+            not Registry.member?(id),
+            {:ok, %{id: ^id} = header} <- [Native.inspect_path(Path.join(dir, id))],
+            do: {id, header}
+    end
+  end
+end
