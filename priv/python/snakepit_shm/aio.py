@@ -33,19 +33,27 @@ class AsyncChannel:
     def __init__(self, channel):
         """Wrap a connected :class:`Channel`."""
         self.channel = channel
+        # Every task sleeping on the channel (a sender waiting for space and a receiver
+        # task, say) shares one add_reader registration: asyncio keeps a single reader
+        # callback per descriptor, so a second add_reader would replace the first
+        # waiter's callback and that waiter would never be woken.
+        self._waiters = set()
+        self._reader_fd = None
+
+    def _wake_all(self):
+        for fut in self._waiters:
+            if not fut.done():
+                fut.set_result(None)
 
     async def _wait(self, want_data, want_space, need, deadline):
         ch = self.channel
         if ch._prepare_wait(want_data, want_space, need):
             loop = asyncio.get_running_loop()
             fut = loop.create_future()
-            fd = ch.fileno()
-
-            def ready():
-                if not fut.done():
-                    fut.set_result(None)
-
-            loop.add_reader(fd, ready)
+            if not self._waiters:
+                self._reader_fd = ch.fileno()
+                loop.add_reader(self._reader_fd, self._wake_all)
+            self._waiters.add(fut)
             try:
                 if deadline is None:
                     await fut
@@ -56,7 +64,10 @@ class AsyncChannel:
                     except asyncio.TimeoutError:
                         pass
             finally:
-                loop.remove_reader(fd)
+                self._waiters.discard(fut)
+                if not self._waiters:
+                    loop.remove_reader(self._reader_fd)
+                    self._reader_fd = None
         ch._handle_events()
 
     async def recv(self, timeout=None):
