@@ -202,7 +202,9 @@ defmodule SnakepitShm.Bench.Lifecycle do
     end
   end
 
-  defp native_opts do
+  @doc "Options of `Native.create/2` for a plain owner-only memfd region (the bench's raw NIF paths)."
+  @spec native_opts() :: map()
+  def native_opts do
     %{
       backend: :memfd,
       name: nil,

@@ -94,18 +94,6 @@ defmodule SnakepitShm.Bench.SchedulerProbe do
     SM.deallocate_region(id)
   end
 
-  @native_opts %{
-    backend: :memfd,
-    name: nil,
-    open_mode: :create,
-    mode: 0o600,
-    security_level: 0,
-    encrypted: false,
-    lock_memory: false,
-    metadata: "{}",
-    idle_timeout_ms: 0
-  }
-
   # Set up outside the probe window: a process holding the only reference to a large,
   # written memfd region. Probed: its death, the VM collecting it, the region resource's
   # destructor (its munmap and close go to the reaper thread).
@@ -114,7 +102,7 @@ defmodule SnakepitShm.Bench.SchedulerProbe do
 
     pid =
       spawn(fn ->
-        {:ok, region, _} = Native.create(size, @native_opts)
+        {:ok, region, _} = Native.create(size, SnakepitShm.Bench.Lifecycle.native_opts())
         {:ok, m} = Native.map(region, :read_write)
         :ok = Native.write_dirty(m, size - 4, "last")
         send(parent, {:ready, self()})
@@ -142,7 +130,9 @@ defmodule SnakepitShm.Bench.SchedulerProbe do
   # killed VM leaves). Probed: the sweep that removes it.
   defp orphan_setup(size) do
     Task.async(fn ->
-      {:ok, region, info} = Native.create(size, %{@native_opts | backend: :posix})
+      {:ok, region, info} =
+        Native.create(size, %{SnakepitShm.Bench.Lifecycle.native_opts() | backend: :posix})
+
       {:ok, m} = Native.map(region, :read_write)
       :ok = Native.write_dirty(m, size - 4, "last")
       info.id
