@@ -205,6 +205,9 @@ defmodule Snakepit.SharedMemory.Channel.Server do
     Native.channel_close(state.res)
     state = fail_waiters(%{state | closed: state.closed || :closed})
     closed_telemetry(state, :closed)
+    # Out of the registry before the reply: Channel.list/0 must not show a channel whose
+    # close/1 returned (the registry's own cleanup after our exit is asynchronous).
+    if Process.whereis(@registry), do: Registry.unregister(@registry, :channels)
     {:stop, :normal, :ok, state}
   end
 
