@@ -7,6 +7,7 @@ defmodule Snakepit.SharedMemory.AdoptRegionTest do
   alias Snakepit.SharedMemory, as: SHM
   alias Snakepit.SharedMemory.Error
   alias Snakepit.SharedMemory.Test.PythonWorker
+  alias Snakepit.SharedMemory.ShmHelpers
 
   @worker ~S"""
   import json, sys, time
@@ -130,18 +131,7 @@ defmodule Snakepit.SharedMemory.AdoptRegionTest do
     :ok = SHM.deallocate_region(own)
 
     # A region made by this VM's core directly (not registered): still not a worker's.
-    {:ok, raw, info} =
-      Snakepit.SharedMemory.Native.create(64, %{
-        backend: :memfd,
-        name: nil,
-        open_mode: :create,
-        mode: 0o600,
-        security_level: 0,
-        encrypted: false,
-        lock_memory: false,
-        metadata: "{}",
-        idle_timeout_ms: 0
-      })
+    {:ok, raw, info} = Snakepit.SharedMemory.Native.create(64, ShmHelpers.create_opts())
 
     ref = %{
       "v" => 1,
