@@ -304,6 +304,22 @@ Result<int> claim_locked(RegionHeader& h, const platform::Handle& lock, std::uin
                    "some of them and retry"};
 }
 
+/// Takes back slot i, free and still locked by this open since its last release with
+/// keep_lock (no lock system call). False if the slot is not free any more (a claimer of
+/// the pid-keyed functions, which take no locks, got it).
+bool retake_kept_slot(RegionHeader& h, std::uint32_t i, std::uint32_t pid, std::uint64_t start_time,
+                      bool writable) noexcept {
+  HolderSlot& s = h.holders[i];
+  std::uint32_t state = kSlotFree;
+  if (!s.slot_state.compare_exchange_strong(state, kSlotBusy, kOrder)) return false;
+  __atomic_store_n(&s.pid, pid, __ATOMIC_RELEASE);
+  __atomic_store_n(&s.start_time, start_time, __ATOMIC_RELEASE);
+  std::uint32_t incarnation = (load_word(s).flags + (1u << kIncarnationShift)) & kIncarnationMask;
+  store_word(s, Word{1, incarnation | (writable ? kHolderWritable : 0)});
+  s.slot_state.store(kSlotLive, kOrder);
+  return true;
+}
+
 bool owns_live_slot(const RegionHeader& h, int slot) noexcept {
   if (slot < 0 || static_cast<std::uint32_t>(slot) >= slot_count(h)) return false;
   const HolderSlot& s = h.holders[slot];
@@ -328,9 +344,11 @@ Result<void> hold_on(RegionHeader& header, const platform::Handle& lock, int& sl
       std::uint32_t add = writable ? kHolderWritable : 0;
       while (!cas_word(s, w, Word{w.count + 1, w.flags | add})) {
       }
-    } else {
+    } else if (slot < 0 || static_cast<std::uint32_t>(slot) >= slot_count(header) ||
+               !retake_kept_slot(header, static_cast<std::uint32_t>(slot), pid, start_time,
+                                 writable)) {
       if (slot >= 0) {
-        // Our slot was emptied under us (release_all of our pid): give its lock back.
+        // Our kept slot was taken (a pid-keyed claimer) or is not free: give its lock back.
         platform::unlock(lock, kSlotLockBase + static_cast<std::uint64_t>(slot));
         slot = -1;
       }
@@ -352,7 +370,8 @@ Result<void> hold_on(RegionHeader& header, const platform::Handle& lock, int& sl
   });
 }
 
-Result<void> release_on(RegionHeader& header, const platform::Handle& lock, int& slot) {
+Result<void> release_on(RegionHeader& header, const platform::Handle& lock, int& slot,
+                        bool keep_lock) {
   return guarded([&]() -> Result<void> {
     if (!owns_live_slot(header, slot)) {
       if (slot >= 0) platform::unlock(lock, kSlotLockBase + static_cast<std::uint64_t>(slot));
@@ -368,8 +387,10 @@ Result<void> release_on(RegionHeader& header, const platform::Handle& lock, int&
     if (w.count == 1) {
       test_park("release");
       clear_locked_slot(s);
-      platform::unlock(lock, kSlotLockBase + static_cast<std::uint64_t>(slot));
-      slot = -1;
+      if (!keep_lock) {
+        platform::unlock(lock, kSlotLockBase + static_cast<std::uint64_t>(slot));
+        slot = -1;
+      }
     }
     changed(header);
     return {};
