@@ -137,7 +137,7 @@ defmodule Snakepit.SharedMemory.Stats do
   def stop(op, start, result, metadata \\ %{}) do
     duration = System.monotonic_time() - start
     counters = ref()
-    ns = System.convert_time_unit(duration, :native, :nanosecond)
+    ns = :erlang.convert_time_unit(duration, :native, :nanosecond)
     :counters.add(counters, Map.fetch!(@op_index, op) + bucket(ns), 1)
 
     outcome =
@@ -155,11 +155,14 @@ defmodule Snakepit.SharedMemory.Stats do
           :ok
       end
 
-    telemetry(
-      [:snakepit_shm, :region, op],
-      %{duration: duration},
-      Map.put(metadata, :result, outcome)
-    )
+    # The metadata map is only built when there is someone to send it to.
+    if :erlang.function_exported(:telemetry, :execute, 3),
+      do:
+        telemetry(
+          [:snakepit_shm, :region, op],
+          %{duration: duration},
+          Map.put(metadata, :result, outcome)
+        )
 
     result
   end
