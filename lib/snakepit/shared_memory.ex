@@ -258,7 +258,11 @@ defmodule Snakepit.SharedMemory do
   end
 
   @doc """
-  Lists live regions, oldest first, described as by `get_region_info/1`.
+  Lists live regions, oldest first, described as by `get_region_info/1` except for the
+  times: `:created_at` and `:last_accessed` are integers, microseconds since the Unix
+  epoch (`:last_accessed` is `nil` if the region was never accessed), so that listing
+  10 000 regions makes no `DateTime`s. `Snakepit.SharedMemory.Info.to_datetimes/1`
+  converts one description (the mix tasks do, for people to read).
 
   Filter (keyword list or map; every given key must match):
 
@@ -270,7 +274,7 @@ defmodule Snakepit.SharedMemory do
     * `:name` - a well-known name. Defaults to any.
     * `:sealed` - `true` or `false`. Defaults to either.
   """
-  @spec list_regions(keyword() | map()) :: {:ok, [Info.t()]} | error()
+  @spec list_regions(keyword() | map()) :: {:ok, [Info.listed()]} | error()
   def list_regions(filter \\ []) do
     with :ok <- available(), {:ok, filter} <- Options.filter(filter) do
       {:ok, filter |> Info.select() |> Info.describe_all()}
