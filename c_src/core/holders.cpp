@@ -33,6 +33,14 @@
 namespace spshm {
 
 namespace {
+/// Holds of dead holders released by this process (reap_dead_slots, dead slots taken
+/// over by claim_locked): the one place every such release passes through.
+std::atomic<std::uint64_t> reaped_total{0};
+}  // namespace
+
+std::uint64_t reaped_holds_total() noexcept { return reaped_total.load(std::memory_order_relaxed); }
+
+namespace {
 
 static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the header is little-endian");
 static_assert(offsetof(HolderSlot, count) % 8 == 0, "count+flags must be one aligned word");
@@ -294,7 +302,10 @@ Result<int> claim_locked(RegionHeader& h, const platform::Handle& lock, std::uin
         platform::unlock(lock, kSlotLockBase + i);
         continue;
       }
-      if (recovered > 0) refcount_sub(h, static_cast<std::uint32_t>(recovered));
+      if (recovered > 0) {
+        refcount_sub(h, static_cast<std::uint32_t>(recovered));
+        reaped_total.fetch_add(static_cast<std::uint64_t>(recovered), std::memory_order_relaxed);
+      }
       return static_cast<int>(i);
     }
   }
@@ -413,7 +424,10 @@ std::uint32_t reap_dead_slots(RegionHeader& header, const platform::Handle& lock
     }
     platform::unlock(lock, kSlotLockBase + i);
   }
-  if (released > 0) refcount_sub(header, released);
+  if (released > 0) {
+    refcount_sub(header, released);
+    reaped_total.fetch_add(released, std::memory_order_relaxed);
+  }
   if (any) changed(header);
   return released;
 }

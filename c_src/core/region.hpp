@@ -249,6 +249,9 @@ Result<void> release_on(RegionHeader& header, const platform::Handle& lock, int&
 /// Frees every claimed slot other than `own_slot` whose lock nobody holds (its owner is
 /// dead, killed at any instant). Returns the holds released. Linux only (0 elsewhere).
 std::uint32_t reap_dead_slots(RegionHeader& header, const platform::Handle& lock, int own_slot);
+/// The holds of dead holders this process released since it started: every release of
+/// reap_dead_slots and every dead slot claim_locked took over (whoever called them).
+std::uint64_t reaped_holds_total() noexcept;
 /// The number of holds: the sum of the counts of every claimed slot (the header's
 /// refcount field is only a hint kept for readers of format version 1).
 std::uint32_t reference_count(const RegionHeader& header);

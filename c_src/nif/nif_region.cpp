@@ -142,6 +142,11 @@ SPSHM_GUARDED_NIF(nif_reap_holders)(ErlNifEnv* env, int, const ERL_NIF_TERM argv
   return make_ok(env, enif_make_uint(env, res->region.reap_dead_holders()));
 }
 
+// The holds of dead holders this VM released so far, whichever NIF call reaped them.
+SPSHM_GUARDED_NIF(nif_reaped_holds)(ErlNifEnv* env, int, const ERL_NIF_TERM[]) {
+  return enif_make_uint64(env, reaped_holds_total());
+}
+
 SPSHM_GUARDED_NIF(nif_seal)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   RegionResource* res;
   if (!get_region(env, argv[0], &res)) return enif_make_badarg(env);

@@ -178,6 +178,14 @@ defmodule Snakepit.SharedMemory.Native do
   @spec reap_holders(region()) :: {:ok, non_neg_integer()}
   def reap_holders(_region), do: :erlang.nif_error(:not_loaded)
 
+  @doc """
+  The holds of dead holders this VM released since it started, whichever call reaped
+  them (`reap_holders/1`, `hold_counts/1`, a hold taking over a dead slot): what
+  `Snakepit.SharedMemory.stats/0` reports as `os_holders_released`.
+  """
+  @spec reaped_holds() :: non_neg_integer()
+  def reaped_holds, do: :erlang.nif_error(:not_loaded)
+
   @doc "Monitors `pid` from the region resource; on its death the NIF sends {:snakepit_shm_owner_down, region_id, pid} to the registered manager."
   @spec monitor_owner(region(), pid()) :: :ok | nif_error()
   def monitor_owner(_region, _pid), do: :erlang.nif_error(:not_loaded)
