@@ -55,8 +55,14 @@ defmodule Snakepit.SharedMemory.Info do
   def describe(record) do
     id = region(record, :id)
 
+    ref = region(record, :ref)
+    # hold_counts/1 reaps dead holders' slots first: a worker killed a moment ago no
+    # longer counts, whether or not the manager has seen its death yet.
+    {_generation, refcount} = Native.hold_counts(ref)
+    counts = {refcount, Native.last_access(ref)}
+
     record
-    |> describe(beam_holds(Registry.mappings_of(id)) |> Map.get(id, {[], 0}))
+    |> describe(beam_holds(Registry.mappings_of(id)) |> Map.get(id, {[], 0}), counts)
     |> to_datetimes()
   end
 
@@ -68,7 +74,18 @@ defmodule Snakepit.SharedMemory.Info do
   @spec describe_all([Registry.region_record()]) :: [listed()]
   def describe_all(records) do
     holds = beam_holds(:ets.tab2list(Registry.mappings_table()))
-    for record <- records, do: describe(record, Map.get(holds, region(record, :id), {[], 0}))
+
+    # One NIF call per 4096 regions reads their counts and access times (a header's
+    # refcount word: dead holders' slots are reaped by the periodic checks, not here).
+    records
+    |> Enum.chunk_every(4096)
+    |> Enum.flat_map(fn chunk ->
+      counts = Native.list_counts(Enum.map(chunk, &region(&1, :ref)))
+
+      Enum.zip_with(chunk, counts, fn record, counts ->
+        describe(record, Map.get(holds, region(record, :id), {[], 0}), counts)
+      end)
+    end)
   end
 
   @doc """
@@ -102,9 +119,8 @@ defmodule Snakepit.SharedMemory.Info do
     |> Map.new(fn {id, pids} -> {id, {Enum.uniq(pids), length(pids)}} end)
   end
 
-  defp describe(record, {pids, beam_holds}) do
+  defp describe(record, {pids, beam_holds}, {refcount, last_access_ns}) do
     region(ref: ref, counters: counters, security_level: level) = record
-    {_generation, refcount} = Native.hold_counts(ref)
 
     %{
       id: region(record, :id),
@@ -115,7 +131,7 @@ defmodule Snakepit.SharedMemory.Info do
       name: region(record, :name),
       role: region(record, :role),
       created_at: region(record, :created_at) * 1000,
-      last_accessed: last_accessed(Native.last_access(ref)),
+      last_accessed: last_accessed(last_access_ns),
       access_count: :counters.get(counters, 1),
       reference_count: refcount,
       owner: region(record, :owner),
