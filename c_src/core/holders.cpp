@@ -349,7 +349,10 @@ Result<void> hold_on(RegionHeader& header, const platform::Handle& lock, int& sl
     if (writable && (state & kStateSealed))
       return Error{Errc::sealed, 0, "the region is sealed: map it read_only"};
 
-    if (owns_live_slot(header, slot)) {
+    // Live, counted and (pid, start time)'s: a slot this open kept free (keep_lock) may
+    // have been claimed meanwhile by a caller of the pid-keyed functions, which take no
+    // lock; never add to theirs.
+    if (owns_live_slot(header, slot) && belongs_to(header.holders[slot], pid, start_time)) {
       HolderSlot& s = header.holders[slot];
       Word w = load_word(s);
       std::uint32_t add = writable ? kHolderWritable : 0;

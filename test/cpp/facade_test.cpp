@@ -61,8 +61,7 @@ TEST_CASE("a Region keeps its free slot's lock across 0 -> 1 -> 0 and takes the 
   REQUIRE(h.refcount.load() == 0);
 }
 
-TEST_CASE("a kept slot lock dies with its open: the slot can be claimed again",
-          "[facade][linux]") {
+TEST_CASE("a kept slot lock dies with its open: the slot can be claimed again", "[facade][linux]") {
   Region r = create_ok(options(BackendKind::memfd, 4096));
   int kept = -1;
   {
@@ -130,4 +129,26 @@ TEST_CASE("every reaped hold is counted in reaped_holds_total", "[facade][linux]
   REQUIRE(reference_count(r.header()) == kHolderCapacity);
   REQUIRE_OK(r.release());
   for (Region& o : opens) REQUIRE_OK(o.release());
+}
+
+TEST_CASE("a kept free slot claimed meanwhile by a pid-keyed holder is never added to",
+          "[facade][linux]") {
+  Region r = create_ok(options(BackendKind::memfd, 4096));
+  RegionHeader& h = r.header();
+  REQUIRE_OK(r.hold(self_pid(), self_start(), false));
+  int kept = live_slot_of(h, self_pid());
+  REQUIRE_OK(r.release());
+  // The pid-keyed functions take no lock: the lowest free slot, the kept one, is theirs.
+  REQUIRE_OK(hold(h, 4242, 1, false));
+  REQUIRE(live_slot_of(h, 4242) == kept);
+  REQUIRE_OK(r.hold(self_pid(), self_start(), true));
+  int mine = live_slot_of(h, self_pid());
+  REQUIRE(mine >= 0);
+  REQUIRE(mine != kept);
+  for (const HolderInfo& info : holders(h)) REQUIRE(info.count == 1);
+  REQUIRE(reference_count(h) == 2);
+  REQUIRE_OK(r.release());
+  REQUIRE_OK(release(h, 4242, 1));
+  REQUIRE(reference_count(h) == 0);
+  REQUIRE(h.refcount.load() == 0);
 }
