@@ -33,6 +33,14 @@
 namespace spshm {
 
 namespace {
+/// Holds of dead holders released by this process (reap_dead_slots, dead slots taken
+/// over by claim_locked): the one place every such release passes through.
+std::atomic<std::uint64_t> reaped_total{0};
+}  // namespace
+
+std::uint64_t reaped_holds_total() noexcept { return reaped_total.load(std::memory_order_relaxed); }
+
+namespace {
 
 static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the header is little-endian");
 static_assert(offsetof(HolderSlot, count) % 8 == 0, "count+flags must be one aligned word");
@@ -294,7 +302,10 @@ Result<int> claim_locked(RegionHeader& h, const platform::Handle& lock, std::uin
         platform::unlock(lock, kSlotLockBase + i);
         continue;
       }
-      if (recovered > 0) refcount_sub(h, static_cast<std::uint32_t>(recovered));
+      if (recovered > 0) {
+        refcount_sub(h, static_cast<std::uint32_t>(recovered));
+        reaped_total.fetch_add(static_cast<std::uint64_t>(recovered), std::memory_order_relaxed);
+      }
       return static_cast<int>(i);
     }
   }
@@ -302,6 +313,22 @@ Result<int> claim_locked(RegionHeader& h, const platform::Handle& lock, std::uin
                "all " + std::to_string(kHolderCapacity) +
                    " holder slots of the region are in use by live processes: unmap it in "
                    "some of them and retry"};
+}
+
+/// Takes back slot i, free and still locked by this open since its last release with
+/// keep_lock (no lock system call). False if the slot is not free any more (a claimer of
+/// the pid-keyed functions, which take no locks, got it).
+bool retake_kept_slot(RegionHeader& h, std::uint32_t i, std::uint32_t pid, std::uint64_t start_time,
+                      bool writable) noexcept {
+  HolderSlot& s = h.holders[i];
+  std::uint32_t state = kSlotFree;
+  if (!s.slot_state.compare_exchange_strong(state, kSlotBusy, kOrder)) return false;
+  __atomic_store_n(&s.pid, pid, __ATOMIC_RELEASE);
+  __atomic_store_n(&s.start_time, start_time, __ATOMIC_RELEASE);
+  std::uint32_t incarnation = (load_word(s).flags + (1u << kIncarnationShift)) & kIncarnationMask;
+  store_word(s, Word{1, incarnation | (writable ? kHolderWritable : 0)});
+  s.slot_state.store(kSlotLive, kOrder);
+  return true;
 }
 
 bool owns_live_slot(const RegionHeader& h, int slot) noexcept {
@@ -322,15 +349,20 @@ Result<void> hold_on(RegionHeader& header, const platform::Handle& lock, int& sl
     if (writable && (state & kStateSealed))
       return Error{Errc::sealed, 0, "the region is sealed: map it read_only"};
 
-    if (owns_live_slot(header, slot)) {
+    // Live, counted and (pid, start time)'s: a slot this open kept free (keep_lock) may
+    // have been claimed meanwhile by a caller of the pid-keyed functions, which take no
+    // lock; never add to theirs.
+    if (owns_live_slot(header, slot) && belongs_to(header.holders[slot], pid, start_time)) {
       HolderSlot& s = header.holders[slot];
       Word w = load_word(s);
       std::uint32_t add = writable ? kHolderWritable : 0;
       while (!cas_word(s, w, Word{w.count + 1, w.flags | add})) {
       }
-    } else {
+    } else if (slot < 0 || static_cast<std::uint32_t>(slot) >= slot_count(header) ||
+               !retake_kept_slot(header, static_cast<std::uint32_t>(slot), pid, start_time,
+                                 writable)) {
       if (slot >= 0) {
-        // Our slot was emptied under us (release_all of our pid): give its lock back.
+        // Our kept slot was taken (a pid-keyed claimer) or is not free: give its lock back.
         platform::unlock(lock, kSlotLockBase + static_cast<std::uint64_t>(slot));
         slot = -1;
       }
@@ -352,7 +384,8 @@ Result<void> hold_on(RegionHeader& header, const platform::Handle& lock, int& sl
   });
 }
 
-Result<void> release_on(RegionHeader& header, const platform::Handle& lock, int& slot) {
+Result<void> release_on(RegionHeader& header, const platform::Handle& lock, int& slot,
+                        bool keep_lock) {
   return guarded([&]() -> Result<void> {
     if (!owns_live_slot(header, slot)) {
       if (slot >= 0) platform::unlock(lock, kSlotLockBase + static_cast<std::uint64_t>(slot));
@@ -368,8 +401,10 @@ Result<void> release_on(RegionHeader& header, const platform::Handle& lock, int&
     if (w.count == 1) {
       test_park("release");
       clear_locked_slot(s);
-      platform::unlock(lock, kSlotLockBase + static_cast<std::uint64_t>(slot));
-      slot = -1;
+      if (!keep_lock) {
+        platform::unlock(lock, kSlotLockBase + static_cast<std::uint64_t>(slot));
+        slot = -1;
+      }
     }
     changed(header);
     return {};
@@ -392,7 +427,10 @@ std::uint32_t reap_dead_slots(RegionHeader& header, const platform::Handle& lock
     }
     platform::unlock(lock, kSlotLockBase + i);
   }
-  if (released > 0) refcount_sub(header, released);
+  if (released > 0) {
+    refcount_sub(header, released);
+    reaped_total.fetch_add(released, std::memory_order_relaxed);
+  }
   if (any) changed(header);
   return released;
 }

@@ -253,7 +253,8 @@ std::size_t page_size() noexcept;
 
 // ---- processes, time, randomness ----
 
-std::uint32_t current_pid() noexcept;  ///< never cached (fork changes it)
+/// This process's pid: cached, and reset in the child of fork() (pthread_atfork).
+std::uint32_t current_pid() noexcept;
 
 struct ProcessStat {
   std::uint64_t start_time = 0;  ///< clock ticks since boot (/proc/<pid>/stat field 22)

@@ -602,7 +602,24 @@ bool parse_uuid(const std::string& text, std::array<std::uint8_t, 16>& out) noex
   return true;
 }
 
-std::uint32_t current_pid() noexcept { return static_cast<std::uint32_t>(::getpid()); }
+// The pid is cached (a getpid system call costs ~0.7 us; the hot paths asked for it
+// several times per region cycle) and the cache is cleared in the child of every fork()
+// by a pthread_atfork handler: the C ABI library lives in Python workers that may fork.
+// The handler is registered before the first value is cached, so no fork can miss it.
+// (A raw clone(2) system call runs no atfork handlers: such a child must exec.)
+namespace {
+std::atomic<std::uint32_t> cached_pid{0};
+void forget_pid() noexcept { cached_pid.store(0, std::memory_order_relaxed); }
+}  // namespace
+
+std::uint32_t current_pid() noexcept {
+  std::uint32_t pid = cached_pid.load(std::memory_order_relaxed);
+  if (pid != 0) return pid;
+  static const bool registered = ::pthread_atfork(nullptr, nullptr, forget_pid) == 0;
+  pid = static_cast<std::uint32_t>(::getpid());
+  if (registered) cached_pid.store(pid, std::memory_order_relaxed);
+  return pid;
+}
 
 std::uint64_t realtime_ns() noexcept {
   struct timespec ts;

@@ -473,7 +473,7 @@ Result<void> Region::hold(std::uint32_t pid, std::uint64_t start_time, bool writ
 
 Result<void> Region::release() {
   std::lock_guard<std::mutex> lock(impl_->slot_mutex);
-  return release_on(impl_->header(), impl_->control, impl_->slot);
+  return release_on(impl_->header(), impl_->control, impl_->slot, /*keep_lock=*/true);
 }
 
 std::uint32_t Region::reap_dead_holders() {

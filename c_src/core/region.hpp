@@ -238,11 +238,20 @@ std::vector<HolderInfo> holders(const RegionHeader& header);
 /// `lock` on Linux. Callers serialise hold_on/release_on of one open.
 Result<void> hold_on(RegionHeader& header, const platform::Handle& lock, int& slot,
                      std::uint32_t pid, std::uint64_t start_time, bool writable);
-/// Removes one hold of the open's slot; frees the slot (and its lock) at zero.
-Result<void> release_on(RegionHeader& header, const platform::Handle& lock, int& slot);
+/// Removes one hold of the open's slot; frees the slot at zero, and its lock too unless
+/// `keep_lock`: then the open keeps the (free) slot's lock and `slot`, and its next
+/// hold_on takes the same slot back without a lock system call (the NIF: every BEAM
+/// mapping's 0 <-> 1 transition would otherwise cost two fcntl calls). A free slot whose
+/// lock is kept is skipped by other claimers (their try-lock fails) and by reapers (it
+/// is free); it is released with the open (close of the control object).
+Result<void> release_on(RegionHeader& header, const platform::Handle& lock, int& slot,
+                        bool keep_lock = false);
 /// Frees every claimed slot other than `own_slot` whose lock nobody holds (its owner is
 /// dead, killed at any instant). Returns the holds released. Linux only (0 elsewhere).
 std::uint32_t reap_dead_slots(RegionHeader& header, const platform::Handle& lock, int own_slot);
+/// The holds of dead holders this process released since it started: every release of
+/// reap_dead_slots and every dead slot claim_locked took over (whoever called them).
+std::uint64_t reaped_holds_total() noexcept;
 /// The number of holds: the sum of the counts of every claimed slot (the header's
 /// refcount field is only a hint kept for readers of format version 1).
 std::uint32_t reference_count(const RegionHeader& header);

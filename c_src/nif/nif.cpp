@@ -53,6 +53,8 @@ ErlNifFunc nif_funcs[] = {
     {"export_key", 1, nif_export_key, 0},
     {"release_holder", 3, nif_release_holder, 0},
     {"reap_holders", 1, nif_reap_holders, 0},
+    {"reaped_holds", 0, nif_reaped_holds, 0},
+    {"list_counts", 1, nif_list_counts, 0},
     {"monitor_owner", 2, nif_monitor_owner, 0},
     {"watch_os_process", 3, nif_watch_os_process, 0},
     {"cancel_watch", 1, nif_cancel_watch, 0},

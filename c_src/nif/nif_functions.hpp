@@ -49,6 +49,8 @@ SPSHM_NIF(nif_inspect_path);
 SPSHM_NIF(nif_unlink_segment);
 SPSHM_NIF(nif_sweep_segment);
 SPSHM_NIF(nif_reap_holders);
+SPSHM_NIF(nif_reaped_holds);
+SPSHM_NIF(nif_list_counts);
 SPSHM_NIF(nif_list_segments);
 
 // nif_mapping.cpp: mappings and data access

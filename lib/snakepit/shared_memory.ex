@@ -130,12 +130,13 @@ defmodule Snakepit.SharedMemory do
   def map_region(region_id, opts \\ []) do
     start = Stats.start()
 
+    # The hot path checks nothing up front: a missing table reads as "no such region" or
+    # raises, and only then does available/1 tell a stopped application apart.
     result =
       tables(fn ->
-        with :ok <- available(),
-             {:ok, opts} <- Options.map(opts),
-             do: Access.map(region_id, opts)
+        with {:ok, opts} <- Options.map(opts), do: Access.map(region_id, opts)
       end)
+      |> or_unavailable()
 
     Stats.stop(:map, start, result, %{region_id: region_id})
   end
@@ -149,11 +150,7 @@ defmodule Snakepit.SharedMemory do
   def unmap_region(%Mapping{region_id: id} = mapping) when is_binary(id) do
     start = Stats.start()
 
-    Stats.stop(
-      :unmap,
-      start,
-      tables(fn -> with(:ok <- available(), do: Access.unmap(mapping)) end)
-    )
+    Stats.stop(:unmap, start, tables(fn -> Access.unmap(mapping) end) |> or_unavailable())
   end
 
   def unmap_region(other), do: not_a_mapping(other)
@@ -261,7 +258,11 @@ defmodule Snakepit.SharedMemory do
   end
 
   @doc """
-  Lists live regions, oldest first, described as by `get_region_info/1`.
+  Lists live regions, oldest first, described as by `get_region_info/1` except for the
+  times: `:created_at` and `:last_accessed` are integers, microseconds since the Unix
+  epoch (`:last_accessed` is `nil` if the region was never accessed), so that listing
+  10 000 regions makes no `DateTime`s. `Snakepit.SharedMemory.Info.to_datetimes/1`
+  converts one description (the mix tasks do, for people to read).
 
   Filter (keyword list or map; every given key must match):
 
@@ -273,7 +274,7 @@ defmodule Snakepit.SharedMemory do
     * `:name` - a well-known name. Defaults to any.
     * `:sealed` - `true` or `false`. Defaults to either.
   """
-  @spec list_regions(keyword() | map()) :: {:ok, [Info.t()]} | error()
+  @spec list_regions(keyword() | map()) :: {:ok, [Info.listed()]} | error()
   def list_regions(filter \\ []) do
     with :ok <- available(), {:ok, filter} <- Options.filter(filter) do
       {:ok, filter |> Info.select() |> Info.describe_all()}
@@ -581,6 +582,17 @@ defmodule Snakepit.SharedMemory do
   defp available do
     if Registry.available?(), do: :ok, else: unavailable(:not_started)
   end
+
+  # An error of a call made without available/0 first: :unavailable if the reason was
+  # that the application is not running.
+  defp or_unavailable({:error, _} = error) do
+    case available() do
+      :ok -> error
+      unavailable -> unavailable
+    end
+  end
+
+  defp or_unavailable(result), do: result
 
   # The registry tables live in a process that does nothing (TableOwner), so they outlive
   # any number of manager crashes; they vanish under a running call only when the

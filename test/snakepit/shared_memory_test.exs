@@ -464,6 +464,27 @@ defmodule Snakepit.SharedMemoryTest do
       assert error_reason(SM.list_regions(owner: "me")) == :invalid_option
       Process.exit(other, :kill)
     end
+
+    test "times are integers (µs since the Unix epoch); get_region_info/1 has DateTimes" do
+      before_us = System.os_time(:microsecond)
+      {:ok, id} = SM.allocate_region(10)
+      {:ok, [listed]} = SM.list_regions(%{})
+      assert %{id: ^id, created_at: created, last_accessed: first} = listed
+      assert first == nil or is_integer(first)
+      # created_at has millisecond precision (the registry's clock)
+      assert is_integer(created) and created >= div(before_us, 1000) * 1000
+      assert created <= System.os_time(:microsecond)
+
+      {:ok, mapping} = SM.map_region(id)
+      :ok = SM.write(mapping, 0, "x")
+      {:ok, [%{last_accessed: last}]} = SM.list_regions(%{})
+      assert is_integer(last) and last >= created and last >= (first || 0)
+
+      {:ok, info} = SM.get_region_info(id)
+      assert %DateTime{} = info.created_at
+      assert DateTime.to_unix(info.created_at, :microsecond) == created
+      assert Snakepit.SharedMemory.Info.to_datetimes(listed).created_at == info.created_at
+    end
   end
 
   describe "cleanup_regions/1" do

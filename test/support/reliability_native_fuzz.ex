@@ -73,6 +73,8 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
     sweep_segment: 2,
     list_segments: 1,
     reap_holders: 2,
+    reaped_holds: 1,
+    list_counts: 2,
     process_start_time: 2,
     process_alive: 2,
     self_info: 1,
@@ -354,9 +356,18 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
               :board_layout,
               :board_monotonic_ns,
               :channel_layout,
-              :list_segments
+              :list_segments,
+              :reaped_holds
             ],
        do: []
+
+  # Mostly lists of region handles, sometimes with anything else in them, or not a list.
+  defp args(:list_counts, _state, pool),
+    do: [
+      G.pick(0.85, pool, fn ->
+        for _ <- 1..:rand.uniform(5), do: G.pick(0.9, pool, fn -> G.handle(pool, :region) end)
+      end)
+    ]
 
   # Always a dry run: a fuzzer on a shared host removes nothing, even an unused segment.
   defp args(:sweep_segment, _state, pool),
@@ -653,6 +664,13 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
   defp well_shaped?(:process_alive, _, v), do: is_boolean(v)
   defp well_shaped?(:self_info, _, %{os_pid: p}), do: is_integer(p)
   defp well_shaped?(:shm_dir, _, dir), do: dir == "/dev/shm"
+  defp well_shaped?(:reaped_holds, _, n), do: non_neg?(n)
+
+  defp well_shaped?(:list_counts, [regions], counts) when is_list(counts),
+    do:
+      length(counts) == length(regions) and
+        Enum.all?(counts, &match?({h, t} when is_integer(h) and h >= 0 and is_integer(t), &1))
+
   defp well_shaped?(:fs_stat, _, {:ok, %{total: t, available: a}}), do: non_neg?(t) and a <= t
   defp well_shaped?(:board_layout, _, v), do: is_binary(v)
   defp well_shaped?(:board_monotonic_ns, _, v), do: non_neg?(v)

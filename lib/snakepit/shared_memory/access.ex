@@ -45,7 +45,8 @@ defmodule Snakepit.SharedMemory.Access do
            pid: self(),
            encrypted: Security.level_flags(level).encrypted,
            security_level: level,
-           counters: counters
+           counters: counters,
+           cleanup_policy: region(record, :cleanup_policy)
          }}
       else
         if Registry.take_mapping(id, mapping_id), do: Native.unmap(mapping_ref)
@@ -108,7 +109,9 @@ defmodule Snakepit.SharedMemory.Access do
       {_key, _pid, _mode, mapping_ref} ->
         Native.unmap(mapping_ref)
         Security.audit(mapping.security_level, id, :unmap, %{})
-        free_if_unreferenced(id)
+        # The policy never changes: only a :reference_counted region (or a mapping made
+        # before the struct carried it) needs the look at the registry and the counts.
+        if mapping.cleanup_policy in [nil, :reference_counted], do: free_if_unreferenced(id)
         :ok
     end
   end

@@ -164,7 +164,13 @@ defmodule Snakepit.SharedMemory.Holders do
     _ = Snakepit.SharedMemory.StatusBoard.reclaim_os_process(os_pid, start)
 
     if total > 0 do
-      Stats.event(:os_holders_released, %{count: total}, %{os_pid: os_pid})
+      # Only the telemetry event: the counter of stats/0 is kept by the NIF, which counts
+      # every reaped hold, also those a concurrent hold_counts/1 reaped before us (then
+      # `total` here misses them, and so does this event).
+      Stats.telemetry([:snakepit_shm, :region, :os_holders_released], %{count: total}, %{
+        os_pid: os_pid
+      })
+
       Logger.info("snakepit_shm: OS process #{os_pid} exited holding #{total} hold(s): released")
     end
 

@@ -17,8 +17,8 @@ defmodule Snakepit.SharedMemory.Info do
           backend: atom(),
           name: String.t() | nil,
           role: :created | :opened,
-          created_at: DateTime.t(),
-          last_accessed: DateTime.t() | nil,
+          created_at: DateTime.t() | non_neg_integer(),
+          last_accessed: DateTime.t() | non_neg_integer() | nil,
           access_count: non_neg_integer(),
           reference_count: non_neg_integer(),
           owner: pid() | nil,
@@ -35,22 +35,82 @@ defmodule Snakepit.SharedMemory.Info do
           mapped_by: [pid() | %{os_pid: pos_integer(), holds: pos_integer(), writable: boolean()}]
         }
 
+  @typedoc """
+  A description whose times are integers (`list_regions/1`): `:created_at` and
+  `:last_accessed` in microseconds since the Unix epoch (`nil`: never accessed).
+  `to_datetimes/1` turns them into `DateTime`s.
+  """
+  @type listed :: %{
+          required(:created_at) => non_neg_integer(),
+          required(:last_accessed) => non_neg_integer() | nil,
+          optional(atom()) => term()
+        }
+
   @doc """
-  Everything known about one region record. Cheap: registry fields, two atomic loads of
-  the header, and the header's holder table only when OS processes hold the region.
+  Everything known about one region record, times as `DateTime`s (`get_region_info/1`,
+  read by people). Cheap: registry fields, two atomic loads of the header, and the
+  header's holder table only when OS processes hold the region.
   """
   @spec describe(Registry.region_record()) :: t()
   def describe(record) do
     id = region(record, :id)
-    describe(record, beam_holds(Registry.mappings_of(id)) |> Map.get(id, {[], 0}))
+
+    ref = region(record, :ref)
+    # hold_counts/1 reaps dead holders' slots first: a worker killed a moment ago no
+    # longer counts, whether or not the manager has seen its death yet.
+    {_generation, refcount} = Native.hold_counts(ref)
+    counts = {refcount, Native.last_access(ref)}
+
+    record
+    |> describe(beam_holds(Registry.mappings_of(id)) |> Map.get(id, {[], 0}), counts)
+    |> to_datetimes()
   end
 
-  @doc "Describes many records with one pass over the mappings table (`list_regions/1`)."
-  @spec describe_all([Registry.region_record()]) :: [t()]
+  @doc """
+  Describes many records with one pass over the mappings table (`list_regions/1`),
+  times as integers (microseconds since the Unix epoch): converting 10 000 of them to
+  `DateTime`s would cost more than the rest of the listing. See `to_datetimes/1`.
+  """
+  @spec describe_all([Registry.region_record()]) :: [listed()]
   def describe_all(records) do
     holds = beam_holds(:ets.tab2list(Registry.mappings_table()))
-    for record <- records, do: describe(record, Map.get(holds, region(record, :id), {[], 0}))
+
+    # One NIF call per 4096 regions reads their counts and access times (a header's
+    # refcount word: dead holders' slots are reaped by the periodic checks, not here).
+    records
+    |> Enum.chunk_every(4096)
+    |> Enum.flat_map(fn chunk ->
+      counts = Native.list_counts(Enum.map(chunk, &region(&1, :ref)))
+
+      Enum.zip_with(chunk, counts, fn record, counts ->
+        describe(record, Map.get(holds, region(record, :id), {[], 0}), counts)
+      end)
+    end)
   end
+
+  @doc """
+  A description with `:created_at` and `:last_accessed` as `DateTime`s (UTC): converts
+  the integer times of `list_regions/1` (microseconds since the Unix epoch); leaves
+  `DateTime`s and `nil` as they are (a description from a node of an older version).
+  """
+  @spec to_datetimes(map()) :: map()
+  def to_datetimes(%{created_at: created, last_accessed: last} = info) do
+    %{info | created_at: to_datetime(created, 3), last_accessed: to_datetime(last, 6)}
+  end
+
+  def to_datetimes(info), do: info
+
+  @doc """
+  A time of a description (`DateTime`, integer microseconds since the Unix epoch, or
+  nil) in microseconds since the Unix epoch, or nil.
+  """
+  @spec to_unix_us(DateTime.t() | integer() | nil) :: integer() | nil
+  def to_unix_us(nil), do: nil
+  def to_unix_us(us) when is_integer(us), do: us
+  def to_unix_us(%DateTime{} = dt), do: DateTime.to_unix(dt, :microsecond)
+
+  defp to_datetime(us, precision) when is_integer(us) and us >= 0, do: utc_from_us(us, precision)
+  defp to_datetime(other, _precision), do: other
 
   # region id => {pids with a mapping (unique), number of mappings (= BEAM holds)}
   defp beam_holds(rows) do
@@ -59,9 +119,8 @@ defmodule Snakepit.SharedMemory.Info do
     |> Map.new(fn {id, pids} -> {id, {Enum.uniq(pids), length(pids)}} end)
   end
 
-  defp describe(record, {pids, beam_holds}) do
+  defp describe(record, {pids, beam_holds}, {refcount, last_access_ns}) do
     region(ref: ref, counters: counters, security_level: level) = record
-    {_generation, refcount} = Native.hold_counts(ref)
 
     %{
       id: region(record, :id),
@@ -71,8 +130,8 @@ defmodule Snakepit.SharedMemory.Info do
       backend: region(record, :backend),
       name: region(record, :name),
       role: region(record, :role),
-      created_at: utc_from_us(region(record, :created_at) * 1000, 3),
-      last_accessed: last_accessed(Native.last_access(ref)),
+      created_at: region(record, :created_at) * 1000,
+      last_accessed: last_accessed(last_access_ns),
       access_count: :counters.get(counters, 1),
       reference_count: refcount,
       owner: region(record, :owner),
@@ -107,7 +166,7 @@ defmodule Snakepit.SharedMemory.Info do
   end
 
   defp last_accessed(0), do: nil
-  defp last_accessed(ns), do: utc_from_us(div(ns, 1000), 6)
+  defp last_accessed(ns), do: div(ns, 1000)
 
   @doc false
   # DateTime.from_unix!/2 for non-negative times, several times cheaper (it matters when

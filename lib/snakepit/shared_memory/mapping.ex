@@ -19,7 +19,8 @@ defmodule Snakepit.SharedMemory.Mapping do
     :pid,
     encrypted: false,
     security_level: :standard,
-    counters: nil
+    counters: nil,
+    cleanup_policy: nil
   ]
 
   @type t :: %__MODULE__{
@@ -32,7 +33,8 @@ defmodule Snakepit.SharedMemory.Mapping do
           pid: pid() | nil,
           encrypted: boolean(),
           security_level: :standard | :high | :maximum,
-          counters: :counters.counters_ref() | nil
+          counters: :counters.counters_ref() | nil,
+          cleanup_policy: atom() | nil
         }
 
   defimpl Inspect do

@@ -178,6 +178,22 @@ defmodule Snakepit.SharedMemory.Native do
   @spec reap_holders(region()) :: {:ok, non_neg_integer()}
   def reap_holders(_region), do: :erlang.nif_error(:not_loaded)
 
+  @doc """
+  The holds of dead holders this VM released since it started, whichever call reaped
+  them (`reap_holders/1`, `hold_counts/1`, a hold taking over a dead slot): what
+  `Snakepit.SharedMemory.stats/0` reports as `os_holders_released`.
+  """
+  @spec reaped_holds() :: non_neg_integer()
+  def reaped_holds, do: :erlang.nif_error(:not_loaded)
+
+  @doc """
+  `{holds, last_access_ns}` of each of at most 4096 regions, from the header's refcount
+  and access-time words (`list_regions/1`). Does not reap dead holders' slots, unlike
+  `hold_counts/1`: a dead holder counts until something reaps it.
+  """
+  @spec list_counts([region()]) :: [{non_neg_integer(), non_neg_integer()}]
+  def list_counts(_regions), do: :erlang.nif_error(:not_loaded)
+
   @doc "Monitors `pid` from the region resource; on its death the NIF sends {:snakepit_shm_owner_down, region_id, pid} to the registered manager."
   @spec monitor_owner(region(), pid()) :: :ok | nif_error()
   def monitor_owner(_region, _pid), do: :erlang.nif_error(:not_loaded)

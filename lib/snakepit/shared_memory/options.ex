@@ -65,6 +65,11 @@ defmodule Snakepit.SharedMemory.Options do
 
   @doc "Validated `map_region/2` options: `%{access_mode: mode | nil}`."
   @spec map(term()) :: {:ok, map()} | {:error, Error.t()}
+  def map([]), do: {:ok, %{access_mode: nil}}
+
+  def map(access_mode: mode) when mode in [:read_only, :read_write],
+    do: {:ok, %{access_mode: mode}}
+
   def map(opts) do
     with {:ok, opts} <- to_map(opts, [:access_mode]) do
       case Map.fetch(opts, :access_mode) do

@@ -141,12 +141,12 @@ defmodule Snakepit.SharedMemory.Registry do
   @doc "`{cleanup_policy, region_resource}` of a region without copying its record, or nil."
   @spec policy_and_ref(String.t()) :: {atom(), reference()} | nil
   def policy_and_ref(id) do
-    case :ets.select(@regions, [
-           {region(id: id, ref: :"$1", cleanup_policy: :"$2", _: :_), [], [{{:"$2", :"$1"}}]}
-         ]) do
-      [pair] -> pair
-      [] -> nil
-    end
+    # Two element reads (no match specification to run over the table): neither field of
+    # a record ever changes, so reading them apart is consistent.
+    {:ets.lookup_element(@regions, id, region(:cleanup_policy) + 1),
+     :ets.lookup_element(@regions, id, region(:ref) + 1)}
+  rescue
+    ArgumentError -> nil
   end
 
   @doc """
@@ -240,18 +240,32 @@ defmodule Snakepit.SharedMemory.Registry do
   # ---- callers ----
 
   @doc """
-  Makes sure the manager monitors the calling process (once per process): the first
-  call casts to the manager; later calls are one `:ets.insert_new/2`.
+  Makes sure the manager monitors the calling process (once per process and per
+  incarnation of the tables): the first call inserts the caller's row and casts to the
+  manager; later calls read one process-dictionary entry (the tables' incarnation it
+  registered under, compared with the current one: a restart of the table owner makes
+  every process register again).
   """
   @spec register_caller() :: :ok
   def register_caller do
-    pid = self()
+    incarnation = :persistent_term.get({__MODULE__, :incarnation}, nil)
 
-    if :ets.insert_new(@callers, {pid}),
-      do: GenServer.cast(Snakepit.SharedMemory.Manager, {:monitor_caller, pid})
+    if incarnation == nil or Process.get({__MODULE__, :caller}) !== incarnation do
+      pid = self()
+
+      if :ets.insert_new(@callers, {pid}),
+        do: GenServer.cast(Snakepit.SharedMemory.Manager, {:monitor_caller, pid})
+
+      if incarnation != nil, do: Process.put({__MODULE__, :caller}, incarnation)
+    end
 
     :ok
   end
+
+  @doc false
+  # Called by the table owner once it created the tables (see register_caller/0).
+  @spec new_incarnation() :: :ok
+  def new_incarnation, do: :persistent_term.put({__MODULE__, :incarnation}, make_ref())
 
   @doc "Every registered caller."
   @spec callers() :: [pid()]

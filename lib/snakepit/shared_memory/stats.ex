@@ -110,7 +110,29 @@ defmodule Snakepit.SharedMemory.Stats do
   @doc "Creates the counters (again, resetting them). Called by the application."
   @spec setup() :: :ok
   def setup do
+    :persistent_term.put({__MODULE__, :reaped_base}, reaped_holds())
     :persistent_term.put(@key, :counters.new(@size, [:write_concurrency]))
+  end
+
+  # :os_holders_released is counted where dead holders' slots are reaped, in the NIF
+  # (Native.reaped_holds/0: hold_counts/1 of a periodic check may reap a dead worker's
+  # slot before the manager's release_everywhere gets there): the event counter reads
+  # that total, from the last setup/0 on.
+  defp reaped_holds do
+    Snakepit.SharedMemory.Native.reaped_holds()
+  rescue
+    _ -> 0
+  end
+
+  defp with_reaped(events) do
+    case events do
+      %{os_holders_released: n} ->
+        base = :persistent_term.get({__MODULE__, :reaped_base}, 0)
+        %{events | os_holders_released: n + max(reaped_holds() - base, 0)}
+
+      _ ->
+        events
+    end
   end
 
   defp ref do
@@ -137,7 +159,7 @@ defmodule Snakepit.SharedMemory.Stats do
   def stop(op, start, result, metadata \\ %{}) do
     duration = System.monotonic_time() - start
     counters = ref()
-    ns = System.convert_time_unit(duration, :native, :nanosecond)
+    ns = :erlang.convert_time_unit(duration, :native, :nanosecond)
     :counters.add(counters, Map.fetch!(@op_index, op) + bucket(ns), 1)
 
     outcome =
@@ -155,11 +177,14 @@ defmodule Snakepit.SharedMemory.Stats do
           :ok
       end
 
-    telemetry(
-      [:snakepit_shm, :region, op],
-      %{duration: duration},
-      Map.put(metadata, :result, outcome)
-    )
+    # The metadata map is only built when there is someone to send it to.
+    if :erlang.function_exported(:telemetry, :execute, 3),
+      do:
+        telemetry(
+          [:snakepit_shm, :region, op],
+          %{duration: duration},
+          Map.put(metadata, :result, outcome)
+        )
 
     result
   end
@@ -184,7 +209,7 @@ defmodule Snakepit.SharedMemory.Stats do
   @spec events([atom()]) :: %{atom() => integer()}
   def events(names) do
     counters = ref()
-    Map.new(names, &{&1, :counters.get(counters, Map.fetch!(@event_index, &1))})
+    Map.new(names, &{&1, :counters.get(counters, Map.fetch!(@event_index, &1))}) |> with_reaped()
   end
 
   @doc "The current failure counts of some error reasons (unknown reasons count as `:other`)."
@@ -228,7 +253,9 @@ defmodule Snakepit.SharedMemory.Stats do
   @spec snapshot() :: %{events: map(), errors: map(), operations: map()}
   def snapshot do
     counters = ref()
-    events = Map.new(@events, fn e -> {e, :counters.get(counters, @event_index[e])} end)
+
+    events =
+      Map.new(@events, fn e -> {e, :counters.get(counters, @event_index[e])} end) |> with_reaped()
 
     errors =
       for reason <- @reasons,

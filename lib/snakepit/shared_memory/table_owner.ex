@@ -20,6 +20,7 @@ defmodule Snakepit.SharedMemory.TableOwner do
   @impl true
   def init(nil) do
     for {name, options} <- Registry.tables(), do: :ets.new(name, options)
+    Registry.new_incarnation()
     Quota.setup()
     Registry.set_flag(:initialized, false)
     {:ok, nil}

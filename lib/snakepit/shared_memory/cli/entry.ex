@@ -79,6 +79,8 @@ defmodule Snakepit.SharedMemory.CLI.Entry do
   @spec from_info(map(), pos_integer()) :: t()
   def from_info(info, vm_os_pid) do
     now_ms = System.os_time(:millisecond)
+    # Integer times (list_regions/1) or DateTimes (get_region_info/1, older nodes).
+    info = Snakepit.SharedMemory.Info.to_datetimes(info)
     created_ms = DateTime.to_unix(info.created_at, :millisecond)
 
     last_ms =
