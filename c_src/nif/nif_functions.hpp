@@ -59,6 +59,11 @@ SPSHM_NIF(nif_write_dirty);
 SPSHM_NIF(nif_read);
 SPSHM_NIF(nif_read_dirty);
 SPSHM_NIF(nif_read_zero_copy);
+// large reads in slices (issue 12)
+bool open_read_buffer_type(ErlNifEnv* env);
+SPSHM_NIF(nif_read_buffer);
+SPSHM_NIF(nif_read_into);
+SPSHM_NIF(nif_read_buffer_take);
 
 // nif_process.cpp: processes, owners and OS-process watches
 SPSHM_NIF(nif_monitor_owner);

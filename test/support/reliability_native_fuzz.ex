@@ -57,6 +57,10 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
     read: 9,
     read_dirty: 4,
     read_zero_copy: 5,
+    # large reads in slices (issue 12)
+    read_buffer: 2,
+    read_into: 4,
+    read_buffer_take: 2,
     seal: 3,
     deallocate: 2,
     deallocate_plain: 2,
@@ -308,6 +312,23 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
     [mapping, G.offset(size), G.length_for(size)]
   end
 
+  defp args(:read_buffer, _state, pool),
+    do: [G.pick(0.85, pool, fn -> G.one_of([0, 1, 1000, 1 <<< 20, 1 <<< 62, -1]) end)]
+
+  defp args(:read_into, state, pool) do
+    {mapping, size} = mapping_and_size(state, pool)
+
+    [
+      mapping,
+      G.offset(size),
+      read_buffer(pool),
+      G.pick(0.85, pool, fn -> G.one_of([0, 1, 999, 1000, 1 <<< 64]) end),
+      G.length_for(size)
+    ]
+  end
+
+  defp args(:read_buffer_take, _state, pool), do: [read_buffer(pool)]
+
   defp args(f, _state, pool) when f in [:deallocate, :deallocate_plain],
     do: [
       G.pick(0.85, pool, fn -> G.handle(pool, :region) end),
@@ -527,6 +548,14 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
     end)
   end
 
+  # A read buffer of 1000 bytes of this batch (made on first use, again once taken).
+  defp read_buffer(pool) do
+    G.pick(0.85, pool, fn ->
+      Process.get(:fuzz_read_buffer) ||
+        tap(elem(Native.read_buffer(1000), 1), &Process.put(:fuzz_read_buffer, &1))
+    end)
+  end
+
   defp probe(pool) do
     G.pick(0.85, pool, fn ->
       Process.get(:fuzz_probe) ||
@@ -674,11 +703,19 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
        when f in [:read, :read_dirty, :read_zero_copy],
        do: is_binary(bin) and byte_size(bin) == len
 
+  defp well_shaped?(:read_buffer, _, {:ok, b}), do: is_reference(b)
+
+  defp well_shaped?(:read_buffer_take, _, {:ok, bin}) do
+    Process.delete(:fuzz_read_buffer)
+    is_binary(bin) and byte_size(bin) == 1000
+  end
+
   defp well_shaped?(f, _, :ok)
        when f in [
               :unmap,
               :write,
               :write_dirty,
+              :read_into,
               :seal,
               :deallocate,
               :deallocate_plain,

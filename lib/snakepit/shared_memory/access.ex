@@ -191,26 +191,25 @@ defmodule Snakepit.SharedMemory.Access do
     Native.write_dirty(ref, offset + done, binary_part(data, done, byte_size(data) - done))
   end
 
-  # A large read in slices (see @slice), joined by iolist_to_binary/1, which yields.
+  # A large read in slices (see @slice) into one binary: read_buffer/1 allocates it,
+  # read_into/5 fills it slice by slice on a dirty CPU scheduler, read_buffer_take/1 hands
+  # it over without a copy.
   defp read_slices(ref, offset, length) when length > @slice do
-    first = @slice - rem(offset, @slice)
-    read_slices(ref, offset, offset + length, first, [])
+    with {:ok, buffer} <- Native.read_buffer(length),
+         :ok <- read_into(ref, offset, buffer, 0, length, @slice - rem(offset, @slice)) do
+      Native.read_buffer_take(buffer)
+    end
   end
 
   defp read_slices(ref, offset, length), do: Native.read_dirty(ref, offset, length)
 
-  defp read_slices(ref, at, stop, length, acc) do
-    length = min(length, stop - at)
+  defp read_into(ref, offset, buffer, at, length, slice) do
+    slice = min(slice, length - at)
 
-    case Native.read_dirty(ref, at, length) do
-      {:ok, part} when at + length >= stop ->
-        {:ok, :erlang.iolist_to_binary(:lists.reverse(acc, [part]))}
-
-      {:ok, part} ->
-        read_slices(ref, at + length, stop, @slice, [part | acc])
-
-      error ->
-        error
+    case Native.read_into(ref, offset + at, buffer, at, slice) do
+      :ok when at + slice >= length -> :ok
+      :ok -> read_into(ref, offset, buffer, at + slice, length, @slice)
+      error -> error
     end
   end
 

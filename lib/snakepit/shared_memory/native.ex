@@ -135,6 +135,22 @@ defmodule Snakepit.SharedMemory.Native do
           {:ok, binary()} | nif_error()
   def read_zero_copy(_mapping, _offset, _length), do: :erlang.nif_error(:not_loaded)
 
+  # Large reads in slices (issue 12): a buffer binary of `length` bytes (not touched),
+  # filled by read_into/5 on a dirty CPU scheduler one slice at a time, then handed over
+  # whole, without a copy, by read_buffer_take/1.
+  @doc "A read buffer of `length` bytes for read_into/5 (internal)."
+  @spec read_buffer(non_neg_integer()) :: {:ok, reference()} | nif_error()
+  def read_buffer(_length), do: :erlang.nif_error(:not_loaded)
+
+  @doc "Copies (decrypts) `length` bytes at `offset` of the mapping into the buffer at `at` (dirty CPU, internal)."
+  @spec read_into(mapping(), non_neg_integer(), reference(), non_neg_integer(), non_neg_integer()) ::
+          :ok | nif_error()
+  def read_into(_mapping, _offset, _buffer, _at, _length), do: :erlang.nif_error(:not_loaded)
+
+  @doc "The read buffer's binary, without a copy; the buffer is empty afterwards (internal)."
+  @spec read_buffer_take(reference()) :: {:ok, binary()} | nif_error()
+  def read_buffer_take(_buffer), do: :erlang.nif_error(:not_loaded)
+
   @spec seal(region()) :: :ok | nif_error()
   def seal(_region), do: :erlang.nif_error(:not_loaded)
 

@@ -4,7 +4,8 @@ defmodule Snakepit.SharedMemory.DirtySlicesTest do
   @moduledoc """
   Issue 12, Seen 9: one long dirty NIF call lets normal schedulers sleep through their
   timers for as long as it runs (bench/FINDINGS.md section 7). Large reads and writes
-  therefore go to the dirty scheduler in slices of at most 1 MiB, each inside one 1 MiB
+  therefore go to the dirty scheduler in slices of at most 1 MiB (a read fills one
+  binary, handed over without a copy), each inside one 1 MiB
   block of the region (so an encrypted region's 64 KiB chunks are never split), and
   come back to a normal scheduler between slices. These tests trace the NIF calls the
   facade makes and check the bytes that come back.
@@ -14,6 +15,8 @@ defmodule Snakepit.SharedMemory.DirtySlicesTest do
   @moduletag :capture_log
 
   alias Snakepit.SharedMemory, as: SM
+  import Bitwise
+
   alias Snakepit.SharedMemory.{Error, Native, TestSupport}
 
   @mib 1_048_576
@@ -28,14 +31,14 @@ defmodule Snakepit.SharedMemory.DirtySlicesTest do
     :ok
   end
 
-  # Runs `fun` with call tracing of Native.write_dirty/3 and Native.read_dirty/3 in this
+  # Runs `fun` with call tracing of Native.write_dirty/3 and Native.read_into/5 in this
   # process (a process cannot be its own tracer); returns `{result, [{function, offset,
   # length}]}` in call order.
   defp traced(fun) do
     me = self()
     tracer = spawn_link(fn -> collect([]) end)
     :erlang.trace_pattern({Native, :write_dirty, 3}, true, [:local])
-    :erlang.trace_pattern({Native, :read_dirty, 3}, true, [:local])
+    :erlang.trace_pattern({Native, :read_into, 5}, true, [:local])
     :erlang.trace(me, true, [:call, {:tracer, tracer}])
     result = fun.()
     :erlang.trace(me, false, [:call])
@@ -57,8 +60,8 @@ defmodule Snakepit.SharedMemory.DirtySlicesTest do
       {:trace, _, :call, {Native, :write_dirty, [_, offset, data]}} ->
         collect([{:write_dirty, offset, byte_size(data)} | acc])
 
-      {:trace, _, :call, {Native, :read_dirty, [_, offset, length]}} ->
-        collect([{:read_dirty, offset, length} | acc])
+      {:trace, _, :call, {Native, :read_into, [_, offset, _buffer, _at, length]}} ->
+        collect([{:read_into, offset, length} | acc])
 
       {:calls, pid} ->
         send(pid, {:calls, Enum.reverse(acc)})
@@ -98,7 +101,7 @@ defmodule Snakepit.SharedMemory.DirtySlicesTest do
 
       {{:ok, back}, calls} = traced(fn -> SM.read(m, offset, byte_size(data)) end)
       assert back == data
-      assert_sliced(calls, :read_dirty, offset, byte_size(data))
+      assert_sliced(calls, :read_into, offset, byte_size(data))
 
       # what lies around the write is untouched (zeros), across slice boundaries too
       assert {:ok, <<0::size(70_001)-unit(8)>>} = SM.read(m, 0, offset)
@@ -135,5 +138,38 @@ defmodule Snakepit.SharedMemory.DirtySlicesTest do
     {:ok, rw} = SM.map_region(id, access_mode: :read_write)
     assert {:ok, back} = SM.read(rw, 0, 3 * @mib)
     assert back == :binary.copy(<<0>>, 3 * @mib)
+  end
+
+  describe "the read buffer NIFs refuse misuse" do
+    test "take twice, fill after take, out of the buffer, wrong terms, huge sizes" do
+      {:ok, id} = SM.allocate_region(2 * @mib, security_level: :high)
+      {:ok, m} = SM.map_region(id, access_mode: :read_write)
+      :ok = SM.write(m, 0, :binary.copy(<<9>>, 2 * @mib))
+      {:ok, buffer} = Native.read_buffer(1000)
+
+      assert {:error, {:out_of_bounds, _, _}} = Native.read_into(m.ref, 0, buffer, 999, 2)
+      assert {:error, {:out_of_bounds, _, _}} = Native.read_into(m.ref, 2 * @mib, buffer, 0, 1)
+      assert :ok = Native.read_into(m.ref, @mib - 500, buffer, 0, 1000)
+      assert {:ok, bin} = Native.read_buffer_take(buffer)
+      assert bin == :binary.copy(<<9>>, 1000)
+      assert {:error, {:closed, _, _}} = Native.read_buffer_take(buffer)
+      assert {:error, {:closed, _, _}} = Native.read_into(m.ref, 0, buffer, 0, 1)
+      # the binary handed over is not changed by later calls on the buffer
+      assert bin == :binary.copy(<<9>>, 1000)
+
+      assert_raise ArgumentError, fn -> Native.read_buffer(-1) end
+      assert_raise ArgumentError, fn -> Native.read_buffer_take(m.ref) end
+      assert_raise ArgumentError, fn -> Native.read_into(buffer, 0, buffer, 0, 1) end
+      assert {:error, {:no_space, _, _}} = Native.read_buffer(1 <<< 60)
+
+      # a buffer never taken is freed with its last reference
+      {:ok, _} = Native.read_buffer(4 * @mib)
+      :erlang.garbage_collect()
+
+      :ok = SM.unmap_region(m)
+
+      assert {:error, {:closed, _, _}} =
+               Native.read_into(m.ref, 0, elem(Native.read_buffer(8), 1), 0, 8)
+    end
   end
 end
