@@ -244,8 +244,8 @@ defmodule SnakepitShm.Bench.ReportSections do
     a normal scheduler while the product's operation ran. The same probe over an idle
     sleep as long as the encryption, in the same rounds, was late by up to
     #{time(c |> Map.get(:idle, %{}) |> Map.get(:same_length_sleep, [0]) |> Enum.max())}, and
-    while OTP's own `crypto:hash(sha256)` of the same bytes ran (a dirty NIF that is not
-    ours) by up to
+    while OTP's own `crypto:hash(sha256)` of the same bytes ran (OTP runs it on the normal
+    schedulers, in slices; not ours) by up to
     #{time(c |> Map.get(:idle, %{}) |> Map.get(:otp_dirty_hash, [0]) |> Enum.max())};
     over 300 ms of idle VM before the rounds: #{time(Enum.max(c.idle_probe))} worst,
     #{time(median(c.idle_probe))} median (ERTS rounds a 1 ms timeout up, so about 1 ms of
