@@ -44,6 +44,8 @@ ErlNifFunc nif_funcs[] = {
     {"read", 3, nif_read, 0},
     {"read_dirty", 3, nif_read_dirty, kCpu},
     {"read_zero_copy", 3, nif_read_zero_copy, 0},
+    {"init_chunks", 3, nif_init_chunks, kCpu},
+    {"publish", 1, nif_publish, 0},
     {"read_buffer", 1, nif_read_buffer, 0},
     {"read_into", 5, nif_read_into, kCpu},
     {"read_buffer_take", 1, nif_read_buffer_take, 0},

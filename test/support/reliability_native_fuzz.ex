@@ -57,7 +57,9 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
     read: 9,
     read_dirty: 4,
     read_zero_copy: 5,
-    # large reads in slices (issue 12)
+    # large reads and encrypted creation in slices (issue 12)
+    init_chunks: 2,
+    publish: 2,
     read_buffer: 2,
     read_into: 4,
     read_buffer_take: 2,
@@ -329,6 +331,15 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
 
   defp args(:read_buffer_take, _state, pool), do: [read_buffer(pool)]
 
+  defp args(:init_chunks, _state, pool),
+    do: [
+      G.pick(0.85, pool, fn -> G.handle(pool, :region) end),
+      G.pick(0.85, pool, fn -> G.one_of([0, 1, 16, 1 <<< 64]) end),
+      G.pick(0.85, pool, fn -> G.one_of([0, 1, 16, 1 <<< 40]) end)
+    ]
+
+  defp args(:publish, _state, pool), do: [G.pick(0.85, pool, fn -> G.handle(pool, :region) end)]
+
   defp args(f, _state, pool) when f in [:deallocate, :deallocate_plain],
     do: [
       G.pick(0.85, pool, fn -> G.handle(pool, :region) end),
@@ -575,6 +586,7 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
       metadata: G.one_of(["{}", ~s({"dtype":"uint8","shape":[4]}), "", "not json", "\0"]),
       idle_timeout_ms: G.one_of([0, 0, 1, 60_000, (1 <<< 64) - 1])
     }
+    |> then(&if(:rand.uniform(4) == 1, do: Map.put(&1, :defer_chunks, true), else: &1))
     |> G.mutate_map(pool)
   end
 
@@ -704,6 +716,7 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
        do: is_binary(bin) and byte_size(bin) == len
 
   defp well_shaped?(:read_buffer, _, {:ok, b}), do: is_reference(b)
+  defp well_shaped?(:init_chunks, _, {:ok, left}), do: non_neg?(left)
 
   defp well_shaped?(:read_buffer_take, _, {:ok, bin}) do
     Process.delete(:fuzz_read_buffer)
@@ -716,6 +729,7 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
               :write,
               :write_dirty,
               :read_into,
+              :publish,
               :seal,
               :deallocate,
               :deallocate_plain,

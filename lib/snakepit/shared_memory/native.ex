@@ -59,7 +59,8 @@ defmodule Snakepit.SharedMemory.Native do
           required(:encrypted) => boolean(),
           required(:lock_memory) => boolean(),
           required(:metadata) => binary(),
-          required(:idle_timeout_ms) => non_neg_integer()
+          required(:idle_timeout_ms) => non_neg_integer(),
+          optional(:defer_chunks) => boolean()
         }
   # %{id, backend, size, capacity, control_path, data_path, data_offset, role :: :created | :opened,
   #   encrypted, sealed, os_pid, zero_copy} (zero_copy: the kernel enforces the seal)
@@ -93,6 +94,18 @@ defmodule Snakepit.SharedMemory.Native do
   @doc "create/2 on a dirty CPU scheduler (encrypted regions: creating them is encryption)."
   @spec create_cpu(pos_integer(), create_opts()) :: {:ok, region(), region_info()} | nif_error()
   def create_cpu(_size, _opts), do: :erlang.nif_error(:not_loaded)
+
+  # Encrypted regions created in slices (issue 12): create_cpu/2 with `defer_chunks: true`
+  # in the options leaves the chunks and the header to init_chunks/3 (dirty CPU, at most
+  # 16 chunks of 64 KiB per call; returns the chunks left) and publish/1.
+  @doc "Initialises chunks [first, first + count) of a region created with defer_chunks (internal)."
+  @spec init_chunks(region(), non_neg_integer(), non_neg_integer()) ::
+          {:ok, non_neg_integer()} | nif_error()
+  def init_chunks(_region, _first, _count), do: :erlang.nif_error(:not_loaded)
+
+  @doc "Publishes a region created with defer_chunks once every chunk is initialised (internal)."
+  @spec publish(region()) :: :ok | nif_error()
+  def publish(_region), do: :erlang.nif_error(:not_loaded)
 
   @doc "Opens an existing region: by id (POSIX) or by {control_path, data_path}."
   @spec open(binary() | {binary(), binary()}, boolean()) ::

@@ -39,6 +39,7 @@ defmodule Snakepit.SharedMemory.DirtySlicesTest do
     tracer = spawn_link(fn -> collect([]) end)
     :erlang.trace_pattern({Native, :write_dirty, 3}, true, [:local])
     :erlang.trace_pattern({Native, :read_into, 5}, true, [:local])
+    :erlang.trace_pattern({Native, :init_chunks, 3}, true, [:local])
     :erlang.trace(me, true, [:call, {:tracer, tracer}])
     result = fun.()
     :erlang.trace(me, false, [:call])
@@ -62,6 +63,9 @@ defmodule Snakepit.SharedMemory.DirtySlicesTest do
 
       {:trace, _, :call, {Native, :read_into, [_, offset, _buffer, _at, length]}} ->
         collect([{:read_into, offset, length} | acc])
+
+      {:trace, _, :call, {Native, :init_chunks, [_, first, count]}} ->
+        collect([{:init_chunks, first, count} | acc])
 
       {:calls, pid} ->
         send(pid, {:calls, Enum.reverse(acc)})
@@ -170,6 +174,70 @@ defmodule Snakepit.SharedMemory.DirtySlicesTest do
 
       assert {:error, {:closed, _, _}} =
                Native.read_into(m.ref, 0, elem(Native.read_buffer(8), 1), 0, 8)
+    end
+  end
+
+  describe "encrypted regions are created in slices" do
+    test "allocate_region initialises the chunks 16 at a time, in order, then publishes" do
+      size = 5 * @mib + 1
+      {{:ok, id}, calls} = traced(fn -> SM.allocate_region(size, security_level: :high) end)
+      inits = for {:init_chunks, first, count} <- calls, do: {first, count}
+      chunks = div(size + 65_535, 65_536)
+      assert length(inits) == div(chunks + 15, 16)
+      assert Enum.map(inits, &elem(&1, 0)) == Enum.map(0..(length(inits) - 1), &(&1 * 16))
+      assert Enum.all?(inits, fn {_, count} -> count == 16 end)
+
+      {:ok, m} = SM.map_region(id, access_mode: :read_write)
+      assert {:ok, zeros} = SM.read(m, 0, size)
+      assert zeros == :binary.copy(<<0>>, size)
+      :ok = SM.write(m, size - 3, "end")
+      assert {:ok, "end"} = SM.read(m, size - 3, 3)
+    end
+
+    test "a deferred region refuses access until published; misuse is refused" do
+      opts = %{
+        backend: :memfd,
+        name: nil,
+        open_mode: :create,
+        mode: 0o600,
+        security_level: 1,
+        encrypted: true,
+        lock_memory: false,
+        metadata: "{}",
+        idle_timeout_ms: 0,
+        defer_chunks: true
+      }
+
+      size = 40 * 65_536
+      {:ok, region, _info} = Native.create_cpu(size, opts)
+      {:ok, m} = Native.map(region, :read_write)
+      assert {:error, {:busy, _, _}} = Native.write(m, 0, "x")
+      assert {:error, {:busy, _, _}} = Native.read(m, 0, 1)
+      assert {:error, {:invalid_argument, _, _}} = Native.publish(region)
+      assert {:error, {:invalid_argument, _, _}} = Native.init_chunks(region, 5, 16)
+      # at most 16 chunks per call, whatever is asked
+      assert {:ok, 24} = Native.init_chunks(region, 0, 1000)
+      assert {:ok, 8} = Native.init_chunks(region, 16, 16)
+      assert {:error, {:invalid_argument, _, _}} = Native.publish(region)
+      assert {:ok, 0} = Native.init_chunks(region, 32, 16)
+      assert :ok = Native.publish(region)
+      assert {:error, {:invalid_argument, _, _}} = Native.publish(region)
+      assert {:error, {:invalid_argument, _, _}} = Native.init_chunks(region, 40, 1)
+      assert :ok = Native.write(m, 0, "x")
+      assert {:ok, "x"} = Native.read(m, 0, 1)
+      assert {:ok, zeros} = Native.read_dirty(m, 1, size - 1)
+      assert zeros == :binary.copy(<<0>>, size - 1)
+
+      # a region created without the option has nothing to initialise
+      {:ok, plain, _} = Native.create_cpu(size, %{opts | defer_chunks: false})
+      assert {:error, {:invalid_argument, _, _}} = Native.init_chunks(plain, 0, 1)
+      assert {:error, {:invalid_argument, _, _}} = Native.publish(plain)
+      assert_raise ArgumentError, fn -> Native.init_chunks(m, 0, 1) end
+      assert_raise ArgumentError, fn -> Native.create_cpu(size, %{opts | defer_chunks: 1}) end
+
+      :ok = Native.unmap(m)
+      :ok = Native.deallocate(region, false)
+      :ok = Native.deallocate(plain, false)
     end
   end
 end
