@@ -41,8 +41,8 @@ SPSHM_GUARDED_NIF(nif_init_chunks)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[
   DataAccess access(res);
   if (!access.ok())
     return make_error(env, Errc::deallocated, "region " + res->region.id() + " was deallocated");
-  auto left = res->region.initialise_chunks(first, count < kMaxChunksPerCall ? count
-                                                                              : kMaxChunksPerCall);
+  auto left =
+      res->region.initialise_chunks(first, count < kMaxChunksPerCall ? count : kMaxChunksPerCall);
   if (!left.ok()) return make_error(env, left.error());
   return make_ok(env, enif_make_uint64(env, *left));
 }
