@@ -29,8 +29,8 @@ TEST_CASE("a deferred encrypted region is usable only once every chunk is in and
   auto early = Region::open(OpenTarget{r.id(), r.control_path(), r.data_path()}, true);
   REQUIRE_FALSE(early.ok());
 
-  REQUIRE_FALSE(r.publish().ok());                 // chunks missing
-  REQUIRE_FALSE(r.initialise_chunks(3, 4).ok());   // out of order
+  REQUIRE_FALSE(r.publish().ok());                // chunks missing
+  REQUIRE_FALSE(r.initialise_chunks(3, 4).ok());  // out of order
   auto left = r.initialise_chunks(0, 16);
   REQUIRE(left.ok());
   REQUIRE(*left == 5);
