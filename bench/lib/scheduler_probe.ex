@@ -11,10 +11,12 @@ defmodule SnakepitShm.Bench.SchedulerProbe do
 
   alias Snakepit.SharedMemory, as: SM
   alias Snakepit.SharedMemory.{Native, Sweep}
-  alias SnakepitShm.Bench.Crypto
 
   @doc """
-  `%{size, gc_size, ops: %{op => [max overshoot ns per round]}, durations: %{op => [ns]}}`.
+  `%{size, gc_size, ops: %{op => [max overshoot ns per round]}, durations: %{op => [ns]},
+  phases: %{op => [phase of the worst overshoot per round]}}`: the phase is the step of the
+  operation (for example `:map`, `:write`, `:unmap`) that overlapped the worst late sleep
+  most, `:outside` when it fell outside every step (the probe's own start or end).
   """
   def run(profile, payload, _programs) do
     size = profile.crypto_size
@@ -26,7 +28,8 @@ defmodule SnakepitShm.Bench.SchedulerProbe do
       size: byte_size(data),
       gc_size: gc_size,
       ops: collect(rounds, :probe),
-      durations: collect(rounds, :ns)
+      durations: collect(rounds, :ns),
+      phases: collect(rounds, :phase)
     }
   end
 
@@ -41,11 +44,16 @@ defmodule SnakepitShm.Bench.SchedulerProbe do
     measures = [
       {:idle_sleep, fn -> Process.sleep(50) end},
       {:otp_crypto_hash, fn -> :crypto.hash(:sha256, data) end},
-      {:create, fn -> Process.put(:plain, SM.allocate_region(size)) end},
+      {:create,
+       fn -> step(:allocate, fn -> Process.put(:plain, SM.allocate_region(size)) end) end},
       {:write, fn -> :ok = write(:plain, data) end},
       {:deallocate, fn -> :ok = dealloc(:plain) end},
       {:create_encrypted,
-       fn -> Process.put(:high, SM.allocate_region(size, security_level: :high)) end},
+       fn ->
+         step(:allocate, fn ->
+           Process.put(:high, SM.allocate_region(size, security_level: :high))
+         end)
+       end},
       {:encrypt, fn -> :ok = write(:high, data) end},
       {:decrypt, fn -> read(:high, size) end},
       {:zero, fn -> :ok = dealloc(:high) end},
@@ -65,33 +73,92 @@ defmodule SnakepitShm.Bench.SchedulerProbe do
               fun
           end
 
-        {ns, samples} = Crypto.probe_during(fun)
-        {op, ns, Enum.max(samples, fn -> 0 end)}
+        {ns, late, phase} = probe_steps(fun)
+        {op, ns, late, phase}
       end
 
     %{
-      probe: Map.new(results, fn {op, _, late} -> {op, late} end),
-      ns: Map.new(results, fn {op, ns, _} -> {op, ns} end)
+      probe: Map.new(results, fn {op, _, late, _} -> {op, late} end),
+      ns: Map.new(results, fn {op, ns, _, _} -> {op, ns} end),
+      phase: Map.new(results, fn {op, _, _, phase} -> {op, phase} end)
     }
+  end
+
+  # Crypto.probe_during/1 with the time of each late sleep and the steps the operation
+  # went through (step/2): {ns taken, worst overshoot, the step that overlapped the worst
+  # late sleep most}.
+  defp probe_steps(fun) do
+    parent = self()
+    Process.put(:probe_steps, [])
+    probe = spawn_link(fn -> probe_loop(parent, []) end)
+    Process.sleep(5)
+    start = System.monotonic_time(:nanosecond)
+    fun.()
+    stop = System.monotonic_time(:nanosecond)
+    send(probe, :stop)
+
+    samples =
+      receive do
+        {^probe, samples} -> samples
+      end
+
+    steps = Process.delete(:probe_steps)
+    steps = if steps == [], do: [{:whole, start, stop}], else: steps
+
+    case Enum.max_by(samples, fn {late, _} -> late end, fn -> nil end) do
+      nil -> {stop - start, 0, :none}
+      {late, woke} -> {stop - start, late, phase(steps, woke - late, woke)}
+    end
+  end
+
+  defp probe_loop(parent, acc) do
+    receive do
+      :stop -> send(parent, {self(), acc})
+    after
+      0 ->
+        before = System.monotonic_time(:nanosecond)
+        Process.sleep(1)
+        woke = System.monotonic_time(:nanosecond)
+        probe_loop(parent, [{woke - before - 1_000_000, woke} | acc])
+    end
+  end
+
+  # The step that overlapped [from, to] most; :outside when none did.
+  defp phase(steps, from, to) do
+    {name, overlap} =
+      steps
+      |> Enum.map(fn {name, a, b} -> {name, min(b, to) - max(a, from)} end)
+      |> Enum.max_by(fn {_, overlap} -> overlap end)
+
+    if overlap > 0, do: name, else: :outside
+  end
+
+  # Runs one step of an operation, recording its name and time span for the report.
+  defp step(name, fun) do
+    from = System.monotonic_time(:nanosecond)
+    result = fun.()
+    to = System.monotonic_time(:nanosecond)
+    Process.put(:probe_steps, [{name, from, to} | Process.get(:probe_steps, [])])
+    result
   end
 
   defp write(key, data) do
     {:ok, id} = Process.get(key)
-    {:ok, m} = SM.map_region(id)
-    :ok = SM.write(m, 0, data)
-    :ok = SM.unmap_region(m)
+    {:ok, m} = step(:map, fn -> SM.map_region(id) end)
+    :ok = step(:write, fn -> SM.write(m, 0, data) end)
+    :ok = step(:unmap, fn -> SM.unmap_region(m) end)
   end
 
   defp read(key, size) do
     {:ok, id} = Process.get(key)
-    {:ok, m} = SM.map_region(id)
-    {:ok, _} = SM.read(m, 0, size)
-    :ok = SM.unmap_region(m)
+    {:ok, m} = step(:map, fn -> SM.map_region(id) end)
+    {:ok, _} = step(:read, fn -> SM.read(m, 0, size) end)
+    :ok = step(:unmap, fn -> SM.unmap_region(m) end)
   end
 
   defp dealloc(key) do
     {:ok, id} = Process.delete(key)
-    SM.deallocate_region(id)
+    step(:deallocate_region, fn -> SM.deallocate_region(id) end)
   end
 
   # Set up outside the probe window: a process holding the only reference to a large,
@@ -121,9 +188,14 @@ defmodule SnakepitShm.Bench.SchedulerProbe do
     ref = Process.monitor(pid)
     send(pid, :die)
 
-    receive do
-      {:DOWN, ^ref, :process, ^pid, _} -> :ok
-    end
+    step(:exit_and_gc, fn ->
+      receive do
+        {:DOWN, ^ref, :process, ^pid, _} -> :ok
+      end
+    end)
+
+    # the reaper thread's munmap runs after the DOWN: probed while the probe goes on
+    step(:after_exit, fn -> Process.sleep(20) end)
   end
 
   # Set up outside the probe window: a large POSIX segment nobody uses any more (what a
@@ -141,17 +213,17 @@ defmodule SnakepitShm.Bench.SchedulerProbe do
   end
 
   defp sweep_big_orphans(id) do
-    :erlang.garbage_collect()
+    step(:garbage_collect, fn -> :erlang.garbage_collect() end)
     wait_removed(id, 50)
   end
 
   defp wait_removed(_id, 0), do: :ok
 
   defp wait_removed(id, tries) do
-    Sweep.sweep_orphans()
+    step(:sweep_orphans, fn -> Sweep.sweep_orphans() end)
 
     if File.exists?("/dev/shm/" <> id) do
-      Process.sleep(10)
+      step(:wait, fn -> Process.sleep(10) end)
       wait_removed(id, tries - 1)
     else
       :ok

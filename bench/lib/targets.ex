@@ -402,8 +402,9 @@ defmodule SnakepitShm.Bench.Targets do
 
     controls_text =
       "The same probe over an idle sleep of the same length was late by up to " <>
-        "#{Format.time(idle)} and over OTP's own crypto:hash/2 of the same bytes (a dirty " <>
-        "NIF) by up to #{Format.time(otp)}, in the same rounds."
+        "#{Format.time(idle)} and over OTP's own crypto:hash/2 of the same bytes (run by " <>
+        "OTP on the normal schedulers, in slices) by up to #{Format.time(otp)}, in the " <>
+        "same rounds."
 
     verdict =
       cond do
@@ -418,8 +419,10 @@ defmodule SnakepitShm.Bench.Targets do
 
         true ->
           " Even in rounds where the operation ran at its usual speed the probe was late " <>
-            "by up to #{Format.time(calm || worst)}: a product-side delay of a normal " <>
-            "scheduler, not explained yet (bench/FINDINGS.md)."
+            "by up to #{Format.time(calm || worst)}: a thread of this VM kept a core busy " <>
+            "for that long while the normal schedulers were idle (one long dirty call, or " <>
+            "a native thread's munmap), which is what delays their timers: see " <>
+            "bench/FINDINGS.md section 7."
       end
 
     controls_text <> verdict <> worst_round(c)

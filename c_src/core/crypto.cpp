@@ -181,10 +181,19 @@ Error no_scratch() {
 }  // namespace
 
 Result<void> initialise_chunks(const Binding& b, const std::uint8_t* key, std::uint8_t* data) {
+  return initialise_chunk_range(b, key, data, 0, chunk_count(b));
+}
+
+std::uint64_t chunk_count(const Binding& b) noexcept {
+  return (b.data_size + kChunkSize - 1) / kChunkSize;
+}
+
+Result<void> initialise_chunk_range(const Binding& b, const std::uint8_t* key, std::uint8_t* data,
+                                    std::uint64_t first, std::uint64_t count) {
   if (auto r = init(); !r) return r;
   static const std::uint8_t zeros[kChunkSize] = {};
-  std::uint64_t chunks = (b.data_size + kChunkSize - 1) / kChunkSize;
-  for (std::uint64_t i = 0; i < chunks; ++i) seal_chunk(b, key, data, chunk_at(b, i), zeros);
+  for (std::uint64_t i = first; i < first + count; ++i)
+    seal_chunk(b, key, data, chunk_at(b, i), zeros);
   return {};
 }
 

@@ -54,6 +54,11 @@ struct Binding {
 /// Writes every chunk as the encryption of zeros, so that every chunk authenticates.
 /// `data` holds encrypted_capacity(data_size) bytes.
 Result<void> initialise_chunks(const Binding& binding, const std::uint8_t* key, std::uint8_t* data);
+/// The number of chunks of a region of binding.data_size bytes.
+std::uint64_t chunk_count(const Binding& binding) noexcept;
+/// initialise_chunks() for chunks [first, first + count) only (the caller clips).
+Result<void> initialise_chunk_range(const Binding& binding, const std::uint8_t* key,
+                                    std::uint8_t* data, std::uint64_t first, std::uint64_t count);
 
 /// Encrypts plaintext [offset, offset + length) into `data` (read-modify-write of
 /// partially covered chunks, fresh nonces). The caller checks bounds and serialises

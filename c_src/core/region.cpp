@@ -132,6 +132,10 @@ Result<void> fill_new_region(RegionFactory::Impl& impl, const CreateOptions& o, 
     auto key = crypto::Key::generate();
     if (!key) return key.error();
     impl.key = std::move(*key);
+    if (o.defer_chunks) {  // initialise_chunks() in slices, then publish()
+      impl.unpublished.store(true);
+      return {};
+    }
     if (auto r = crypto::initialise_chunks(impl.binding(), impl.key.data(), impl.data); !r)
       return r;
   }
@@ -520,6 +524,11 @@ Result<void> check_range(const std::string& id, std::uint64_t size, std::uint64_
   return {};
 }
 
+Error still_initialising(const RegionFactory::Impl& impl) {
+  return Error{Errc::busy, 0,
+               "region " + impl.id + " is still being initialised by its creator: retry"};
+}
+
 void touch_header(RegionFactory::Impl& impl) noexcept {
   if (impl.header_shared)
     impl.header().last_access_ns.store(platform::realtime_ns(), std::memory_order_relaxed);
@@ -580,6 +589,7 @@ void unlock_data(RegionFactory::Impl& impl, bool exclusive) noexcept {
 Result<void> Region::write(std::uint64_t offset, const std::uint8_t* src, std::size_t length,
                            bool wait) {
   return guarded([&]() -> Result<void> {
+    if (impl_->unpublished.load()) return still_initialising(*impl_);
     if (!impl_->writable) return needs_writable(impl_->id, "write to");
     // Shared with the other writes of this process, exclusive with seal(): taken without
     // waiting (a failure means a seal is draining writes right now).
@@ -628,6 +638,7 @@ Result<void> Region::write(std::uint64_t offset, const std::uint8_t* src, std::s
 Result<void> Region::read(std::uint64_t offset, std::uint8_t* dst, std::size_t length,
                           bool wait) const {
   return guarded([&]() -> Result<void> {
+    if (impl_->unpublished.load()) return still_initialising(*impl_);
     std::uint32_t state = impl_->header().state.load(std::memory_order_acquire);
     if (state & kStateDeallocated)
       return Error{Errc::deallocated, 0, "region " + impl_->id + " has been deallocated"};
@@ -666,5 +677,41 @@ Result<void> Region::read(std::uint64_t offset, std::uint8_t* dst, std::size_t l
 }
 
 void Region::touch() noexcept { touch_header(*impl_); }
+
+// --- Deferred initialisation of encrypted regions (issue 12) ----------------------------
+
+Result<std::uint64_t> Region::initialise_chunks(std::uint64_t first, std::uint64_t count) {
+  std::unique_lock<std::shared_mutex> lock(impl_->crypt);  // one initialiser at a time
+  if (!impl_->unpublished.load())
+    return Error{Errc::invalid_argument, 0,
+                 "region " + impl_->id + " was not created with deferred chunks, or is published"};
+  crypto::Binding b = impl_->binding();
+  std::uint64_t total = crypto::chunk_count(b);
+  if (first != impl_->chunks_initialised)
+    return Error{Errc::invalid_argument, 0,
+                 "region " + impl_->id + ": chunks are initialised in order, next is " +
+                     std::to_string(impl_->chunks_initialised)};
+  std::uint64_t n = std::min(count, total - first);
+  if (auto r = crypto::initialise_chunk_range(b, impl_->key.data(), impl_->data, first, n); !r)
+    return r.error();
+  impl_->chunks_initialised = first + n;
+  return total - impl_->chunks_initialised;
+}
+
+Result<void> Region::publish() {
+  // Never waits (callers on normal schedulers): busy while chunks are being initialised.
+  std::unique_lock<std::shared_mutex> lock(impl_->crypt, std::try_to_lock);
+  if (!lock.owns_lock())
+    return Error{Errc::busy, 0, "region " + impl_->id + " is being initialised right now"};
+  if (!impl_->unpublished.load())
+    return Error{Errc::invalid_argument, 0,
+                 "region " + impl_->id + " was not created with deferred chunks, or is published"};
+  if (impl_->chunks_initialised != crypto::chunk_count(impl_->binding()))
+    return Error{Errc::invalid_argument, 0,
+                 "region " + impl_->id + ": initialise every chunk before publishing it"};
+  publish_header(impl_->header());
+  impl_->unpublished.store(false);
+  return {};
+}
 
 }  // namespace spshm

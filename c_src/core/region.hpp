@@ -46,6 +46,10 @@ struct CreateOptions {
   std::string metadata_json;         ///< <= kMetadataCapacity bytes, stored verbatim
   std::uint64_t idle_timeout_ns = 0;
   bool worker_output = false;  ///< kFlagWorkerOutput: made by a worker for adopt_region/2
+  /// Encrypted only: create() leaves the chunks uninitialised and the header unpublished;
+  /// the creator calls initialise_chunks() in slices, then publish() (issue 12: no call
+  /// keeps a core busy for the whole encryption of a large region).
+  bool defer_chunks = false;
 };
 
 /// Where to find an existing region.
@@ -112,6 +116,13 @@ class Region {
   Role role() const noexcept;
   bool writable() const noexcept;
   bool encrypted() const noexcept;
+  /// A region created with defer_chunks: initialises chunks [first, first + count) (in
+  /// order: `first` is the number already done), returns how many are left after them.
+  /// invalid_argument when not deferred, already published, or out of order. Until
+  /// publish(), reads and writes answer busy and other processes cannot open it.
+  Result<std::uint64_t> initialise_chunks(std::uint64_t first, std::uint64_t count);
+  /// Publishes the header of a deferred region once every chunk is initialised.
+  Result<void> publish();
   std::uint64_t size() const noexcept;      ///< user bytes (plaintext size)
   std::uint64_t capacity() const noexcept;  ///< bytes of the data area in use
 

@@ -48,6 +48,9 @@ struct Region::Impl {
   /// data_map is a writable mapping (false once sealed: then it is a read-only mapping of
   /// a read-only open, and nothing may be written through `data`).
   bool view_writable = false;
+  /// Created with defer_chunks and not yet published (issue 12); chunks done so far.
+  std::atomic<bool> unpublished{false};
+  std::uint64_t chunks_initialised = 0;
   bool memory_locked = false;  ///< lock_memory applied to the data (re-applied after a remap)
   /// The kernel forbids every write to the data (F_SEAL_WRITE seen): never goes back.
   mutable std::atomic<bool> immutable{false};

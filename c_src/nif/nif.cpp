@@ -44,6 +44,11 @@ ErlNifFunc nif_funcs[] = {
     {"read", 3, nif_read, 0},
     {"read_dirty", 3, nif_read_dirty, kCpu},
     {"read_zero_copy", 3, nif_read_zero_copy, 0},
+    {"init_chunks", 3, nif_init_chunks, kCpu},
+    {"publish", 1, nif_publish, 0},
+    {"read_buffer", 1, nif_read_buffer, 0},
+    {"read_into", 5, nif_read_into, kCpu},
+    {"read_buffer_take", 1, nif_read_buffer_take, 0},
     {"seal", 1, nif_seal, kIo},  // waits for in-flight writes of this VM
     {"deallocate", 2, nif_deallocate, kIo},
     {"deallocate_plain", 2, nif_deallocate_plain, 0},
@@ -113,6 +118,7 @@ int init(ErlNifEnv* env) {
   if (!open_resource_types(env)) return 1;
   if (!open_board_resource_types(env)) return 3;
   if (!open_channel_resource_types(env) || !open_ring_probe_type(env)) return 3;
+  if (!open_read_buffer_type(env)) return 3;
   if (!init_self_identity()) return 2;
   (void)start_reaper();  // without it, large regions are destroyed in place
   // SIGBUS of a POSIX segment truncated by a peer becomes a :truncated error.

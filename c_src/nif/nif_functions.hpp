@@ -61,6 +61,14 @@ SPSHM_NIF(nif_write_dirty);
 SPSHM_NIF(nif_read);
 SPSHM_NIF(nif_read_dirty);
 SPSHM_NIF(nif_read_zero_copy);
+// encrypted regions created in slices (issue 12), nif_create_slices.cpp
+SPSHM_NIF(nif_init_chunks);
+SPSHM_NIF(nif_publish);
+// large reads in slices (issue 12)
+bool open_read_buffer_type(ErlNifEnv* env);
+SPSHM_NIF(nif_read_buffer);
+SPSHM_NIF(nif_read_into);
+SPSHM_NIF(nif_read_buffer_take);
 
 // nif_process.cpp: processes, owners and OS-process watches
 SPSHM_NIF(nif_monitor_owner);

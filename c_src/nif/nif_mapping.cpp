@@ -4,6 +4,7 @@
 // (about 10 us of memcpy, or of XChaCha20 for encrypted regions, well under the 1 ms a
 // NIF may take); the *_dirty variants run on dirty CPU schedulers for anything larger.
 #include <cstdint>
+#include <mutex>
 #include <new>
 #include <string>
 
@@ -244,6 +245,102 @@ SPSHM_GUARDED_NIF(nif_read_zero_copy)(ErlNifEnv* env, int, const ERL_NIF_TERM ar
   ERL_NIF_TERM bin = enif_make_resource_binary(env, m->owner, region.data() + offset,
                                                static_cast<std::size_t>(length));
   return make_ok(env, bin);
+}
+
+// --- Large reads in slices (issue 12) -------------------------------------------------
+// One dirty call that runs for tens of milliseconds let the normal schedulers sleep
+// through their timers for as long (bench/FINDINGS.md section 7). A large read therefore
+// fills one binary in slices of about 1 ms each, returning to a normal scheduler between
+// them: read_buffer/1 allocates it (not touched: cheap), read_into/5 (dirty CPU) copies or
+// decrypts one slice into it, read_buffer_take/1 hands it over as a binary (no copy).
+
+namespace {
+
+ErlNifResourceType* read_buffer_type = nullptr;
+
+struct ReadBuffer {
+  std::mutex mutex;  ///< read_into holds it (dirty); take only tries it (normal scheduler)
+  ErlNifBinary bin{};
+  bool owned = false;  ///< bin is ours until taken
+};
+
+void read_buffer_dtor(ErlNifEnv*, void* obj) {
+  auto* b = static_cast<ReadBuffer*>(obj);
+  if (b->owned) enif_release_binary(&b->bin);
+  b->~ReadBuffer();
+}
+
+bool get_read_buffer(ErlNifEnv* env, ERL_NIF_TERM term, ReadBuffer** out) {
+  return enif_get_resource(env, term, read_buffer_type, reinterpret_cast<void**>(out)) != 0;
+}
+
+}  // namespace
+
+bool open_read_buffer_type(ErlNifEnv* env) {
+  ErlNifResourceTypeInit init{};
+  init.dtor = read_buffer_dtor;
+  auto flags = static_cast<ErlNifResourceFlags>(ERL_NIF_RT_CREATE | ERL_NIF_RT_TAKEOVER);
+  read_buffer_type = enif_open_resource_type_x(env, "spshm_read_buffer", &init, flags, nullptr);
+  return read_buffer_type != nullptr;
+}
+
+// read_buffer(length) -> {:ok, buffer} | {:error, {:no_space, ...}}
+SPSHM_GUARDED_NIF(nif_read_buffer)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  std::uint64_t length = 0;
+  if (!get_u64(env, argv[0], &length) || length > SIZE_MAX) return enif_make_badarg(env);
+  void* mem = enif_alloc_resource(read_buffer_type, sizeof(ReadBuffer));
+  if (mem == nullptr) return make_error(env, Errc::no_space, "out of memory for a read buffer");
+  auto* b = new (mem) ReadBuffer{};
+  ERL_NIF_TERM term = enif_make_resource(env, b);
+  enif_release_resource(b);
+  if (!enif_alloc_binary(static_cast<std::size_t>(length), &b->bin)) {
+    return make_error(env, Errc::no_space,
+                      "cannot allocate a binary of " + std::to_string(length) +
+                          " bytes: read a smaller range, or seal the region for zero-copy reads");
+  }
+  b->owned = true;
+  return make_ok(env, term);
+}
+
+// read_into(mapping, offset, buffer, at, length) -> :ok | {:error, _}: bytes [offset,
+// offset + length) of the region into bytes [at, at + length) of the buffer.
+SPSHM_GUARDED_NIF(nif_read_into)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  MappingResource* m;
+  ReadBuffer* b;
+  std::uint64_t offset = 0, at = 0, length = 0;
+  if (!get_mapping(env, argv[0], &m) || !get_u64(env, argv[1], &offset) ||
+      !get_read_buffer(env, argv[2], &b) || !get_u64(env, argv[3], &at) ||
+      !get_u64(env, argv[4], &length)) {
+    return enif_make_badarg(env);
+  }
+  ERL_NIF_TERM reply;
+  if (!usable(env, m, &reply)) return reply;
+  if (!in_bounds(env, m, offset, length, &reply)) return reply;
+  std::lock_guard<std::mutex> lock(b->mutex);
+  if (!b->owned) return make_error(env, Errc::closed, "this read buffer was already taken");
+  if (at > b->bin.size || length > b->bin.size - at) {
+    return make_error(env, Errc::out_of_bounds,
+                      "at " + std::to_string(at) + " + length " + std::to_string(length) +
+                          " exceeds the read buffer of " + std::to_string(b->bin.size) + " bytes");
+  }
+  DataAccess access(m->owner);
+  if (!access.ok()) return make_error(env, Errc::deallocated, region_label(m) + " was deallocated");
+  auto copied = m->owner->region.read(offset, b->bin.data + at, static_cast<std::size_t>(length));
+  if (!copied.ok()) return make_error(env, copied.error());
+  return atoms.ok;
+}
+
+// read_buffer_take(buffer) -> {:ok, binary} | {:error, _}: the buffer's binary, whole,
+// without a copy; the buffer is empty afterwards. Never waits (normal scheduler).
+SPSHM_GUARDED_NIF(nif_read_buffer_take)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  ReadBuffer* b;
+  if (!get_read_buffer(env, argv[0], &b)) return enif_make_badarg(env);
+  std::unique_lock<std::mutex> lock(b->mutex, std::try_to_lock);
+  if (!lock.owns_lock())
+    return make_error(env, Errc::busy, "this read buffer is being filled by another call");
+  if (!b->owned) return make_error(env, Errc::closed, "this read buffer was already taken");
+  b->owned = false;
+  return make_ok(env, enif_make_binary(env, &b->bin));
 }
 
 }  // namespace spshm::nif

@@ -267,6 +267,12 @@ Decoded decode_create_options(ErlNifEnv* env, ERL_NIF_TERM map, CreateOptions* o
   if (!enif_is_identical(name, atoms.nil) && !get_string(env, name, &o.name)) {
     return Decoded::badarg;
   }
+  // Optional (issue 12): an encrypted region's chunks initialised in slices by the caller.
+  ERL_NIF_TERM defer;
+  if (enif_get_map_value(env, map, enif_make_atom(env, "defer_chunks"), &defer) &&
+      !get_bool(env, defer, &o.defer_chunks)) {
+    return Decoded::badarg;
+  }
 
   if (mode_bits > 0777) {
     return invalid(why, "mode " + std::to_string(mode_bits) +

@@ -181,8 +181,12 @@ defmodule Snakepit.SharedMemory do
 
   @doc """
   Writes `data` (a binary or iodata) at byte `offset`. Payloads above 64 KiB run on a
-  dirty scheduler. Errors: `:out_of_bounds`, `:sealed`, `:permission_denied` (read-only
-  mapping), `:closed`, `:deallocated`.
+  dirty scheduler, in slices of at most 1 MiB with a return to a normal scheduler between
+  them (one long call would delay other processes' timers): a seal, a deallocation or a
+  writer in another process that comes between two slices ends the write with its error,
+  the slices before it written. Bounds are checked first: an out-of-bounds write writes
+  nothing. Errors: `:out_of_bounds`, `:sealed`, `:permission_denied` (read-only mapping),
+  `:closed`, `:deallocated`, `:busy`.
   """
   @spec write(Mapping.t(), non_neg_integer(), iodata()) :: :ok | error()
   def write(%Mapping{} = mapping, offset, data) when is_integer(offset) and offset >= 0 do
@@ -200,7 +204,9 @@ defmodule Snakepit.SharedMemory do
   (above 64 KiB on a dirty scheduler) — POSIX regions too, even sealed, since their owner
   can make them writable again — and encrypted ones are decrypted and verified
   (`:tampered` if the data was modified outside this VM; `:busy` while another process
-  writes it). `:truncated` if a peer truncated a POSIX segment under the mapping.
+  writes it). `:truncated` if a peer truncated a POSIX segment under the mapping. A copy
+  above 1 MiB is made in slices of at most 1 MiB into one binary (no second copy): a
+  writer in another process may change the region between two slices.
   """
   @spec read(Mapping.t(), non_neg_integer(), non_neg_integer()) :: {:ok, binary()} | error()
   def read(%Mapping{} = mapping, offset, length)

@@ -57,6 +57,12 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
     read: 9,
     read_dirty: 4,
     read_zero_copy: 5,
+    # large reads and encrypted creation in slices (issue 12)
+    init_chunks: 2,
+    publish: 2,
+    read_buffer: 2,
+    read_into: 4,
+    read_buffer_take: 2,
     seal: 3,
     deallocate: 2,
     deallocate_plain: 2,
@@ -310,6 +316,32 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
     [mapping, G.offset(size), G.length_for(size)]
   end
 
+  defp args(:read_buffer, _state, pool),
+    do: [G.pick(0.85, pool, fn -> G.one_of([0, 1, 1000, 1 <<< 20, 1 <<< 62, -1]) end)]
+
+  defp args(:read_into, state, pool) do
+    {mapping, size} = mapping_and_size(state, pool)
+
+    [
+      mapping,
+      G.offset(size),
+      read_buffer(pool),
+      G.pick(0.85, pool, fn -> G.one_of([0, 1, 999, 1000, 1 <<< 64]) end),
+      G.length_for(size)
+    ]
+  end
+
+  defp args(:read_buffer_take, _state, pool), do: [read_buffer(pool)]
+
+  defp args(:init_chunks, _state, pool),
+    do: [
+      G.pick(0.85, pool, fn -> G.handle(pool, :region) end),
+      G.pick(0.85, pool, fn -> G.one_of([0, 1, 16, 1 <<< 64]) end),
+      G.pick(0.85, pool, fn -> G.one_of([0, 1, 16, 1 <<< 40]) end)
+    ]
+
+  defp args(:publish, _state, pool), do: [G.pick(0.85, pool, fn -> G.handle(pool, :region) end)]
+
   defp args(f, _state, pool) when f in [:deallocate, :deallocate_plain],
     do: [
       G.pick(0.85, pool, fn -> G.handle(pool, :region) end),
@@ -538,6 +570,14 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
     end)
   end
 
+  # A read buffer of 1000 bytes of this batch (made on first use, again once taken).
+  defp read_buffer(pool) do
+    G.pick(0.85, pool, fn ->
+      Process.get(:fuzz_read_buffer) ||
+        tap(elem(Native.read_buffer(1000), 1), &Process.put(:fuzz_read_buffer, &1))
+    end)
+  end
+
   defp probe(pool) do
     G.pick(0.85, pool, fn ->
       Process.get(:fuzz_probe) ||
@@ -557,6 +597,7 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
       metadata: G.one_of(["{}", ~s({"dtype":"uint8","shape":[4]}), "", "not json", "\0"]),
       idle_timeout_ms: G.one_of([0, 0, 1, 60_000, (1 <<< 64) - 1])
     }
+    |> then(&if(:rand.uniform(4) == 1, do: Map.put(&1, :defer_chunks, true), else: &1))
     |> G.mutate_map(pool)
   end
 
@@ -692,11 +733,21 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
        when f in [:read, :read_dirty, :read_zero_copy],
        do: is_binary(bin) and byte_size(bin) == len
 
+  defp well_shaped?(:read_buffer, _, {:ok, b}), do: is_reference(b)
+  defp well_shaped?(:init_chunks, _, {:ok, left}), do: non_neg?(left)
+
+  defp well_shaped?(:read_buffer_take, _, {:ok, bin}) do
+    Process.delete(:fuzz_read_buffer)
+    is_binary(bin) and byte_size(bin) == 1000
+  end
+
   defp well_shaped?(f, _, :ok)
        when f in [
               :unmap,
               :write,
               :write_dirty,
+              :read_into,
+              :publish,
               :seal,
               :deallocate,
               :deallocate_plain,

@@ -15,6 +15,13 @@ defmodule Snakepit.SharedMemory.Access do
   # Payloads above this go to the dirty-scheduler variants (the plain NIFs refuse them).
   @dirty_threshold 65_536
 
+  # Large reads and writes go to the dirty scheduler one slice at a time, and come back
+  # to a normal scheduler between slices. One dirty call that runs for tens of
+  # milliseconds (a 64 MiB encryption) let normal schedulers sleep through their timers
+  # for as long (bench/FINDINGS.md section 7): a slice is about 1 ms of encryption. A
+  # multiple of the encryption chunk (64 KiB), so slices never split a chunk.
+  @slice 1_048_576
+
   @doc "Maps a registered region for the calling process."
   @spec map(String.t(), map()) :: {:ok, Mapping.t()} | {:error, Error.t()}
   def map(id, opts) do
@@ -144,7 +151,7 @@ defmodule Snakepit.SharedMemory.Access do
   defp write_binary(mapping, offset, data) do
     result =
       if byte_size(data) > @dirty_threshold,
-        do: Native.write_dirty(mapping.ref, offset, data),
+        do: write_dirty(mapping, offset, data),
         else: Native.write(mapping.ref, offset, data)
 
     with :ok <- freed(native(result, mapping.region_id), mapping) do
@@ -155,6 +162,57 @@ defmodule Snakepit.SharedMemory.Access do
         offset: offset,
         bytes: byte_size(data)
       })
+    end
+  end
+
+  # Out of bounds (or not an offset at all): one call, which refuses it whole, so that a
+  # write is never partly done because of its arguments.
+  defp write_dirty(mapping, offset, data) do
+    if in_bounds?(mapping, offset, byte_size(data)),
+      do: write_slices(mapping.ref, offset, data, 0),
+      else: Native.write_dirty(mapping.ref, offset, data)
+  end
+
+  defp in_bounds?(%Mapping{size: size}, offset, length),
+    do:
+      is_integer(offset) and is_integer(length) and offset >= 0 and is_integer(size) and
+        offset + length <= size
+
+  # Slices end on multiples of @slice in the region (so an encrypted region's chunks are
+  # never split); the first error ends the write. Sub-binaries: nothing is copied.
+  defp write_slices(ref, offset, data, done) when byte_size(data) - done > @slice do
+    at = offset + done
+    length = @slice - rem(at, @slice)
+
+    case Native.write_dirty(ref, at, binary_part(data, done, length)) do
+      :ok -> write_slices(ref, offset, data, done + length)
+      error -> error
+    end
+  end
+
+  defp write_slices(ref, offset, data, done) do
+    Native.write_dirty(ref, offset + done, binary_part(data, done, byte_size(data) - done))
+  end
+
+  # A large read in slices (see @slice) into one binary: read_buffer/1 allocates it,
+  # read_into/5 fills it slice by slice on a dirty CPU scheduler, read_buffer_take/1 hands
+  # it over without a copy.
+  defp read_slices(ref, offset, length) when length > @slice do
+    with {:ok, buffer} <- Native.read_buffer(length),
+         :ok <- read_into(ref, offset, buffer, 0, length, @slice - rem(offset, @slice)) do
+      Native.read_buffer_take(buffer)
+    end
+  end
+
+  defp read_slices(ref, offset, length), do: Native.read_dirty(ref, offset, length)
+
+  defp read_into(ref, offset, buffer, at, length, slice) do
+    slice = min(slice, length - at)
+
+    case Native.read_into(ref, offset + at, buffer, at, slice) do
+      :ok when at + slice >= length -> :ok
+      :ok -> read_into(ref, offset, buffer, at + slice, length, @slice)
+      error -> error
     end
   end
 
@@ -196,7 +254,9 @@ defmodule Snakepit.SharedMemory.Access do
           Native.read_zero_copy(mapping.ref, offset, length)
 
         length > @dirty_threshold ->
-          Native.read_dirty(mapping.ref, offset, length)
+          if in_bounds?(mapping, offset, length),
+            do: read_slices(mapping.ref, offset, length),
+            else: Native.read_dirty(mapping.ref, offset, length)
 
         true ->
           Native.read(mapping.ref, offset, length)

@@ -164,11 +164,39 @@ defmodule Snakepit.SharedMemory.Allocator do
   defp create(%{size: size, name: nil, backend: :memfd}, native_opts) when size <= @plain_limit,
     do: Native.create_plain(size, native_opts)
 
-  # Creating an encrypted region encrypts every chunk: CPU work, for a CPU scheduler.
-  defp create(opts, %{encrypted: true} = native_opts),
-    do: Native.create_cpu(opts.size, native_opts)
+  # Creating an encrypted region encrypts every chunk: CPU work, for a CPU scheduler, in
+  # slices of 1 MiB that come back to a normal scheduler between them (one call encrypting
+  # a large region delayed idle normal schedulers' timers for as long: bench/FINDINGS.md
+  # section 7). An opened (existing) region has nothing to initialise.
+  defp create(opts, %{encrypted: true} = native_opts) do
+    with {:ok, ref, info} <-
+           Native.create_cpu(opts.size, Map.put(native_opts, :defer_chunks, true)) do
+      if info.role == :created, do: initialise(ref, info), else: {:ok, ref, info}
+    end
+  end
 
   defp create(opts, native_opts), do: Native.create(opts.size, native_opts)
+
+  defp initialise(ref, info) do
+    with :ok <- init_chunks(ref, 0),
+         :ok <- Native.publish(ref) do
+      {:ok, ref, info}
+    else
+      error ->
+        _ = Native.deallocate(ref, false)
+        error
+    end
+  end
+
+  @chunks_per_call 16
+
+  defp init_chunks(ref, first) do
+    case Native.init_chunks(ref, first, @chunks_per_call) do
+      {:ok, 0} -> :ok
+      {:ok, _left} -> init_chunks(ref, first + @chunks_per_call)
+      error -> error
+    end
+  end
 
   defp native_options(opts, flags) do
     %{

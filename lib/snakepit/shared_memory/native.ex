@@ -59,7 +59,8 @@ defmodule Snakepit.SharedMemory.Native do
           required(:encrypted) => boolean(),
           required(:lock_memory) => boolean(),
           required(:metadata) => binary(),
-          required(:idle_timeout_ms) => non_neg_integer()
+          required(:idle_timeout_ms) => non_neg_integer(),
+          optional(:defer_chunks) => boolean()
         }
   # %{id, backend, size, capacity, control_path, data_path, data_offset, role :: :created | :opened,
   #   encrypted, sealed, os_pid, zero_copy} (zero_copy: the kernel enforces the seal)
@@ -93,6 +94,18 @@ defmodule Snakepit.SharedMemory.Native do
   @doc "create/2 on a dirty CPU scheduler (encrypted regions: creating them is encryption)."
   @spec create_cpu(pos_integer(), create_opts()) :: {:ok, region(), region_info()} | nif_error()
   def create_cpu(_size, _opts), do: :erlang.nif_error(:not_loaded)
+
+  # Encrypted regions created in slices (issue 12): create_cpu/2 with `defer_chunks: true`
+  # in the options leaves the chunks and the header to init_chunks/3 (dirty CPU, at most
+  # 16 chunks of 64 KiB per call; returns the chunks left) and publish/1.
+  @doc "Initialises chunks [first, first + count) of a region created with defer_chunks (internal)."
+  @spec init_chunks(region(), non_neg_integer(), non_neg_integer()) ::
+          {:ok, non_neg_integer()} | nif_error()
+  def init_chunks(_region, _first, _count), do: :erlang.nif_error(:not_loaded)
+
+  @doc "Publishes a region created with defer_chunks once every chunk is initialised (internal)."
+  @spec publish(region()) :: :ok | nif_error()
+  def publish(_region), do: :erlang.nif_error(:not_loaded)
 
   @doc "Opens an existing region: by id (POSIX) or by {control_path, data_path}."
   @spec open(binary() | {binary(), binary()}, boolean()) ::
@@ -134,6 +147,22 @@ defmodule Snakepit.SharedMemory.Native do
   @spec read_zero_copy(mapping(), non_neg_integer(), non_neg_integer()) ::
           {:ok, binary()} | nif_error()
   def read_zero_copy(_mapping, _offset, _length), do: :erlang.nif_error(:not_loaded)
+
+  # Large reads in slices (issue 12): a buffer binary of `length` bytes (not touched),
+  # filled by read_into/5 on a dirty CPU scheduler one slice at a time, then handed over
+  # whole, without a copy, by read_buffer_take/1.
+  @doc "A read buffer of `length` bytes for read_into/5 (internal)."
+  @spec read_buffer(non_neg_integer()) :: {:ok, reference()} | nif_error()
+  def read_buffer(_length), do: :erlang.nif_error(:not_loaded)
+
+  @doc "Copies (decrypts) `length` bytes at `offset` of the mapping into the buffer at `at` (dirty CPU, internal)."
+  @spec read_into(mapping(), non_neg_integer(), reference(), non_neg_integer(), non_neg_integer()) ::
+          :ok | nif_error()
+  def read_into(_mapping, _offset, _buffer, _at, _length), do: :erlang.nif_error(:not_loaded)
+
+  @doc "The read buffer's binary, without a copy; the buffer is empty afterwards (internal)."
+  @spec read_buffer_take(reference()) :: {:ok, binary()} | nif_error()
+  def read_buffer_take(_buffer), do: :erlang.nif_error(:not_loaded)
 
   @spec seal(region()) :: :ok | nif_error()
   def seal(_region), do: :erlang.nif_error(:not_loaded)
