@@ -17,6 +17,7 @@ import stat
 
 from . import errors
 from . import _format
+from . import _proc
 
 SHM_DIR = "/dev/shm"
 # The VM's config :snakepit_shm, shm_path (POSIX segments moved to another tmpfs):
@@ -204,12 +205,10 @@ _HEX32 = re.compile(r"[0-9a-f]{32}")
 
 def host_boot_id():
     """Return this host's boot id as 32 lowercase hex digits (as refs carry it), or None."""
-    try:
-        with open(BOOT_ID_PATH, "r", encoding="ascii") as f:
-            text = f.read().strip().replace("-", "").lower()
-    except OSError:
+    boot = _proc.boot_id()
+    if boot is None or len(boot) != 16:
         return None
-    return text if _HEX32.fullmatch(text) else None
+    return boot.hex()
 
 
 def _check_host(ref, region_id):
@@ -319,12 +318,6 @@ def open_object(path, region_id, writable, *, memfd_target=None):
         raise _open_error(path, region_id, writable, exc) from None
     try:
         info = os.fstat(fd)
-        if memfd_target is not None:
-            # Checked again on the opened file: the descriptor may have been closed
-            # and reused between the readlink above and the open.
-            target = os.readlink(f"/proc/self/fd/{fd}")
-            if target != memfd_target:
-                raise _reused_fd(path, region_id, target, memfd_target)
         if not stat.S_ISREG(info.st_mode):
             raise errors.CorruptRegion(
                 f"{path} is not a snakepit_shm segment (not a regular file); refusing "
@@ -335,6 +328,8 @@ def open_object(path, region_id, writable, *, memfd_target=None):
                 f"{os.geteuid()}; snakepit_shm only attaches segments of its own user. "
                 "Run the worker as the same user as the Elixir VM.")
         if memfd_target is not None:
+            # Checked again on the opened file: the descriptor may have been closed
+            # and reused between the readlink above and the open.
             target = os.readlink(f"/proc/self/fd/{fd}")
             if target != memfd_target:
                 raise _reused_fd(path, region_id, target, memfd_target)
