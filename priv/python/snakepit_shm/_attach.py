@@ -1,6 +1,7 @@
 """attach() and inspect(): from a ref or region id to a validated, mapped Region."""
 
 import contextlib
+import copy
 import errno
 import mmap
 import os
@@ -37,14 +38,25 @@ def attach(ref_or_region_id, mode="r"):
     library = _native.library()
     identity = _proc.self_identity()
     # Plain try blocks rather than ExitStacks: this is the per-request path of a worker.
-    control_fd, control_size, header_writable = _open_control(location, mode)
-    data_fd = attachment = data_mm = None
+    fast = _fast_open(library, location, mode)
+    if fast is not None:
+        control_fd, _, data_fd, data_size, snapshot = fast
+        header_writable = True
+    else:
+        control_fd, control_size, header_writable = _open_control(location, mode)
+        data_fd = None
+    attachment = data_mm = None
     try:
-        # The shared liveness lock first: from here on no sweeper removes the segment.
-        library.liveness_lock(control_fd)
-        data_fd, data_size = _open_data(location, mode, control_fd, control_size)
-        snapshot = os.pread(control_fd, F.HEADER_SIZE, 0)
-        header = _validated(library, snapshot, location, control_size, data_size)
+        if fast is not None:
+            # Opened, locked and validated by the core in one call.
+            header = _header.from_valid(snapshot, where=location.control_path,
+                                        region_id=location.region_id)
+        else:
+            # The shared liveness lock first: from here on no sweeper removes it.
+            library.liveness_lock(control_fd)
+            data_fd, data_size = _open_data(location, mode, control_fd, control_size)
+            snapshot = os.pread(control_fd, F.HEADER_SIZE, 0)
+            header = _validated(library, snapshot, location, control_size, data_size)
         _check_matches_ref(location, header)
 
         header_mm = mmap.mmap(control_fd, F.HEADER_SIZE, access=(
@@ -86,6 +98,16 @@ def attach(ref_or_region_id, mode="r"):
             os.close(data_fd)
         if control_fd >= 0:
             os.close(control_fd)
+
+
+def _fast_open(library, location, mode):
+    """Open, lock and validate a memfd region in one call of the library, or None (a
+    POSIX region, or anything refused: the step-by-step path then says what)."""
+    if location.backend != F.BACKEND_MEMFD:
+        return None
+    control_link, data_link = _locate.memfd_link_targets(location.region_id)
+    return library.attach_memfd(location.control_path, control_link, location.data_path,
+                                data_link, mode == "rw")
 
 
 def _validated(library, snapshot, location, control_size, data_size):
@@ -172,7 +194,7 @@ def describe(header, raw, location):
         "last_access_ns": fields["last_access_ns"],
         "idle_timeout_ns": fields["idle_timeout_ns"],
         "expired": problem is not None,
-        "metadata": header.metadata,
+        "metadata": copy.deepcopy(header.metadata),
         "control_path": location.control_path,
         "data_path": location.data_path,
     }

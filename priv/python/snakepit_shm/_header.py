@@ -198,10 +198,28 @@ def _check_layout(fields, corrupt, data_object_size):
                       f"object has {data_object_size}")
 
 
+# Decoded metadata by its bytes: a worker attaches region after region with the same
+# few metadata objects (dtype, shape, format). Shared dicts: nobody changes them
+# (Region.metadata hands out copies).
+_metadata_cache = {}
+_METADATA_CACHE_LIMIT = 256
+
+
 def _decode_metadata(header, length, corrupt):
     if length == 0:
         return {}
     raw = bytes(header[F.METADATA_OFFSET:F.METADATA_OFFSET + length])
+    cached = _metadata_cache.get(raw)
+    if cached is not None:
+        return cached
+    metadata = _parse_metadata(raw, corrupt)
+    if len(_metadata_cache) >= _METADATA_CACHE_LIMIT:
+        _metadata_cache.clear()
+    _metadata_cache[raw] = metadata
+    return metadata
+
+
+def _parse_metadata(raw, corrupt):
     try:
         metadata = json.loads(raw.decode("utf-8"))
     except ValueError:

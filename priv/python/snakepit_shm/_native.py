@@ -206,6 +206,10 @@ class Library:
                                c.c_uint64, c.c_int, c.c_char_p, c.c_size_t], c.c_int),
             "spshm_release_fd": ([c.c_void_p, c.c_int, c.POINTER(c.c_int), c.c_char_p,
                                   c.c_size_t], c.c_int),
+            "spshm_attach_memfd": ([c.c_char_p, c.c_char_p, c.c_char_p, c.c_char_p, c.c_int,
+                                    c.c_void_p, c.POINTER(c.c_int),
+                                    c.POINTER(c.c_uint64), c.POINTER(c.c_int),
+                                    c.POINTER(c.c_uint64), c.c_char_p, c.c_size_t], c.c_int),
             "spshm_process_start_time": ([c.c_uint32, c.POINTER(c.c_uint64),
                                           c.c_char_p, c.c_size_t], c.c_int),
             "spshm_decrypt": ([c.c_void_p, c.c_void_p, c.c_uint64, c.c_char_p,
@@ -284,6 +288,24 @@ class Library:
         code = self._dll.spshm_release_fd(header_address, fd, ctypes.byref(slot), err,
                                           _ERR_LEN)
         self._check(code, err, "cannot release this process's hold")
+
+    def attach_memfd(self, control_path, control_link, data_path, data_link,
+                     data_writable):
+        """The fast open of a memfd region (capi_attach.cpp): returns (control_fd,
+        control_size, data_fd, data_size, header copy) or None when anything was
+        refused (the caller then redoes it step by step to say why)."""
+        header = ctypes.create_string_buffer(4096)
+        control_fd, data_fd = ctypes.c_int(-1), ctypes.c_int(-1)
+        control_size, data_size = ctypes.c_uint64(), ctypes.c_uint64()
+        code = self._dll.spshm_attach_memfd(
+            control_path.encode(), control_link.encode(), data_path.encode(),
+            data_link.encode(), 1 if data_writable else 0, header, ctypes.byref(control_fd),
+            ctypes.byref(control_size), ctypes.byref(data_fd), ctypes.byref(data_size),
+            None, 0)
+        if code != 0:
+            return None
+        return (control_fd.value, control_size.value, data_fd.value, data_size.value,
+                header.raw)
 
     def process_start_time(self, pid):
         """Return the start time (clock ticks since boot) of process ``pid``."""

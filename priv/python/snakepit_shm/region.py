@@ -1,6 +1,7 @@
 """The Region class: one attached region, its mappings and its hold."""
 
 import contextlib
+import copy
 import ctypes
 import errno
 import fcntl
@@ -255,7 +256,7 @@ class Region:
     @property
     def metadata(self):
         """The JSON metadata object the Elixir side stored in the header (a dict)."""
-        return dict(self._header.metadata)
+        return copy.deepcopy(self._header.metadata)
 
     @property
     def sealed(self):
@@ -557,7 +558,9 @@ class Region:
         from_ref = getattr(self._location, name)
         if from_ref is not None:
             return from_ref
-        return self._header.metadata.get(name)
+        value = self._header.metadata.get(name)
+        # the decoded metadata is shared by the regions with the same bytes: copies out
+        return copy.deepcopy(value) if isinstance(value, (list, dict)) else value
 
     def _key(self):
         key = self._location.key
