@@ -97,8 +97,7 @@ defmodule SnakepitShm.Bench.PerRequest do
 
   # One Elixir process per pair, owner of its worker's Port (a Port answers its owner).
   defp pair_loop(parent, data) do
-    port =
-      Programs.open_python("worker.py", [Programs.python_client_dir(), "--default-pipe"])
+    port = Programs.open_python("worker.py", [Programs.python_client_dir(), "--default-pipe"])
 
     # Every path once, untimed (the worker loads numpy, the library, the index).
     xor = request(port, :port, data)
@@ -161,14 +160,18 @@ defmodule SnakepitShm.Bench.PerRequest do
 
   defp micro(profile) do
     count = micro_region_count()
-    ids = for _ <- 1..count, do: elem(ok!(SM.allocate_region(4096, backend: :memfd), :allocate), 1)
+
+    ids =
+      for _ <- 1..count, do: elem(ok!(SM.allocate_region(4096, backend: :memfd), :allocate), 1)
 
     try do
       {:ok, small} = ok!(SM.allocate_region(4096, backend: :memfd), :allocate)
 
       try do
         {:ok, ref} = ok!(SM.export_ref(small), :export_ref)
-        {rounds, per_round, scans} = if profile.name == :quick, do: {5, 300, 3}, else: {11, 1000, 5}
+
+        {rounds, per_round, scans} =
+          if profile.name == :quick, do: {5, 300, 3}, else: {11, 1000, 5}
 
         request = %{
           ref: ref,
@@ -248,10 +251,14 @@ defmodule SnakepitShm.Bench.PerRequest do
     micro_rows = [
       ["attach + ndarray + close by ref (4 KiB)", us(m["ref"])],
       ["multiprocessing.shared_memory attach + numpy view + close (4 KiB)", us(m["mp"])],
-      ["attach + ndarray + close by bare id (#{m["live_regions"]} live memfd regions)",
-       us(m["bare_id"])],
-      ["bare-id lookup alone, runtime index#{if m["index"], do: "", else: " (absent!)"}",
-       us(m["find"])],
+      [
+        "attach + ndarray + close by bare id (#{m["live_regions"]} live memfd regions)",
+        us(m["bare_id"])
+      ],
+      [
+        "bare-id lookup alone, runtime index#{if m["index"], do: "", else: " (absent!)"}",
+        us(m["find"])
+      ],
       ["bare-id lookup alone, /proc/*/fd scan (the fallback)", us(m["scan"])]
     ]
 
@@ -308,7 +315,8 @@ defmodule SnakepitShm.Bench.PerRequest do
           part: "14",
           what: "Python attach + close by ref (4 KiB) vs multiprocessing.shared_memory",
           target: "no slower (ratio >= 1)",
-          measured: "#{Format.num(ref)} µs vs #{Format.num(mp)} µs (#{Format.ratio(attach_ratio)})",
+          measured:
+            "#{Format.num(ref)} µs vs #{Format.num(mp)} µs (#{Format.ratio(attach_ratio)})",
           met: attach_ratio.median >= 1.0,
           reason: if(attach_ratio.median >= 1.0, do: "", else: "see FINDINGS.md (attach)")
         },

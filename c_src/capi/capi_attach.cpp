@@ -44,10 +44,9 @@ SPSHM_EXPORT int spshm_open_memfd(const char* path, const char* expected_link, i
 }
 
 SPSHM_EXPORT int spshm_attach_memfd(const char* control_path, const char* control_link,
-                                    const char* data_path, const char* data_link,
-                                    int data_writable, void* header_out, int* control_fd,
-                                    uint64_t* control_size, int* data_fd, uint64_t* data_size,
-                                    char* err, size_t errlen) {
+                                    const char* data_path, const char* data_link, int data_writable,
+                                    void* header_out, int* control_fd, uint64_t* control_size,
+                                    int* data_fd, uint64_t* data_size, char* err, size_t errlen) {
 #if defined(__linux__)
   if (header_out == nullptr || control_fd == nullptr || data_fd == nullptr ||
       control_size == nullptr || data_size == nullptr)
@@ -70,9 +69,9 @@ SPSHM_EXPORT int spshm_attach_memfd(const char* control_path, const char* contro
   *control_fd = *data_fd = -1;
   return code;
 #else
-  (void)control_path, (void)control_link, (void)data_path, (void)data_link,
-      (void)data_writable, (void)header_out, (void)control_fd, (void)control_size,
-      (void)data_fd, (void)data_size, (void)err, (void)errlen;
+  (void)control_path, (void)control_link, (void)data_path, (void)data_link, (void)data_writable,
+      (void)header_out, (void)control_fd, (void)control_size, (void)data_fd, (void)data_size,
+      (void)err, (void)errlen;
   return SPSHM_E_UNSUPPORTED;
 #endif
 }
@@ -85,7 +84,8 @@ int open_checked(const char* path, const char* expected_link, int writable, int*
   std::size_t expected_length = std::strlen(expected_link);
   if (!link_is(path, expected_link, expected_length)) return SPSHM_E_NOT_FOUND;
   int fd = ::open(path, (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
-  if (fd < 0) return errno == EACCES || errno == EPERM ? SPSHM_E_PERMISSION_DENIED : SPSHM_E_IO_ERROR;
+  if (fd < 0)
+    return errno == EACCES || errno == EPERM ? SPSHM_E_PERMISSION_DENIED : SPSHM_E_IO_ERROR;
   struct stat st;
   char self[64];
   std::snprintf(self, sizeof self, "/proc/self/fd/%d", fd);

@@ -70,10 +70,10 @@ int spshm_liveness_lock(int fd, char* err, size_t errlen);
  * is closed again. */
 int spshm_open_memfd(const char* path, const char* expected_link, int writable, int* fd_out,
                      uint64_t* size_out);
-int spshm_attach_memfd(const char* control_path, const char* control_link,
-                       const char* data_path, const char* data_link, int data_writable,
-                       void* header_out, int* control_fd, uint64_t* control_size,
-                       int* data_fd, uint64_t* data_size, char* err, size_t errlen);
+int spshm_attach_memfd(const char* control_path, const char* control_link, const char* data_path,
+                       const char* data_link, int data_writable, void* header_out, int* control_fd,
+                       uint64_t* control_size, int* data_fd, uint64_t* data_size, char* err,
+                       size_t errlen);
 /* hold/release through the slot owned by the open `fd` (*slot: -1 before the first hold;
  * updated). A slot whose owner died at any instant is recovered by the next claimer. */
 int spshm_hold_fd(void* header, int fd, int* slot, uint32_t pid, uint64_t start_time, int writable,

@@ -205,9 +205,9 @@ Result<Region> create_posix(const CreateOptions& o) {
 
 // One readlink lets a worker find this region by bare id (runtime_index.hpp).
 void publish_in_index(RegionFactory::Impl& impl) {
-  impl.index_entry.publish(impl.id, runtime_index::Entry{"memfd", platform::handle_path(impl.control),
-                                                         platform::handle_path(impl.data_object),
-                                                         0, impl.size});
+  impl.index_entry.publish(
+      impl.id, runtime_index::Entry{"memfd", platform::handle_path(impl.control),
+                                    platform::handle_path(impl.data_object), 0, impl.size});
 }
 
 Result<Region> create_memfd(const CreateOptions& o) {

@@ -45,8 +45,8 @@ void Published::remove() noexcept {
 namespace {
 
 std::mutex g_mutex;
-int g_dirfd = -1;     // O_PATH descriptor of the directory (-1: not opened yet / off)
-bool g_off = false;   // the directory is unusable: do not retry on every region
+int g_dirfd = -1;    // O_PATH descriptor of the directory (-1: not opened yet / off)
+bool g_off = false;  // the directory is unusable: do not retry on every region
 std::string g_path;
 
 std::string configured_path() {
@@ -164,8 +164,7 @@ SweepResult sweep() noexcept {
       if (!region_id_shaped(d->d_name)) continue;  // not an entry: not ours to judge
       char text[512];
       ssize_t n = ::readlinkat(dir, d->d_name, text, sizeof text - 1);
-      bool alive =
-          n > 0 && entry_alive(d->d_name, std::string(text, static_cast<std::size_t>(n)));
+      bool alive = n > 0 && entry_alive(d->d_name, std::string(text, static_cast<std::size_t>(n)));
       if (alive) {
         ++result.kept;
       } else if (::unlinkat(dir, d->d_name, 0) == 0) {

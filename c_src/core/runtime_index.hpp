@@ -22,7 +22,6 @@
 #include <cstdint>
 #include <string>
 
-
 namespace spshm::runtime_index {
 
 struct Entry {

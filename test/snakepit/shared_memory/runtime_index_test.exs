@@ -90,4 +90,9 @@ defmodule Snakepit.SharedMemory.RuntimeIndexTest do
     File.rm!(other)
     :ok = SM.deallocate_region(live)
   end
+
+  test "python_env/0 tells workers where this VM's index is" do
+    assert {:ok, %{"SNAKEPIT_SHM_RUNTIME_DIR" => dir}} = SM.python_env()
+    assert dir == dir()
+  end
 end
