@@ -74,7 +74,10 @@ defmodule SnakepitShm.Bench.PerRequest do
         end
 
       samples = Map.new(samples, fn {path, list} -> {path, Enum.reverse(list)} end)
-      %{pairs: pairs, samples: samples}
+      [first | _] = workers
+      send(first, {:breakdown, self(), requests * rounds})
+      breakdown = receive(do: ({:breakdown, ^first, b} -> b))
+      %{pairs: pairs, samples: samples, breakdown: breakdown}
     after
       for w <- workers, do: send(w, :stop)
       for w <- workers, do: receive(do: ({:stopped, ^w} -> :ok))
@@ -114,6 +117,10 @@ defmodule SnakepitShm.Bench.PerRequest do
         send(parent, {:done, self(), xor})
         serve(parent, port, data)
 
+      {:breakdown, from, count} ->
+        send(from, {:breakdown, self(), breakdown(port, data, count)})
+        serve(parent, port, data)
+
       :stop ->
         Programs.close_python(port)
         send(parent, {:stopped, self()})
@@ -143,6 +150,49 @@ defmodule SnakepitShm.Bench.PerRequest do
     :ok = ok!(SM.deallocate_region(id), :deallocate)
     xor
   end
+
+  # Untimed by the rounds: where a bare-id request's time goes (medians, ns).
+  defp breakdown(port, data, count) do
+    steps =
+      for _ <- 1..count do
+        t0 = now()
+        {:ok, id} = ok!(SM.allocate_region(byte_size(data)), :allocate)
+        t1 = now()
+        {:ok, mapping} = ok!(SM.map_region(id), :map)
+        :ok = ok!(SM.write(mapping, 0, data), :write)
+        t2 = now()
+        reply = Programs.request(port, ["B", id])
+        t3 = now()
+        :ok = ok!(SM.unmap_region(mapping), :unmap)
+        :ok = ok!(SM.deallocate_region(id), :deallocate)
+        t4 = now()
+        <<?R, _::little-64, attach::little-64, reduce::little-64, close::little-64>> = reply
+        t5 = now()
+        _ = Programs.request(port, ["P", data])
+        port_ns = now() - t5
+
+        [
+          {"allocate", t1 - t0},
+          {"map + write 1 MiB", t2 - t1},
+          {"worker: attach by bare id", attach},
+          {"worker: reduce", reduce},
+          {"worker: close", close},
+          {"messaging (round trip less worker time)", t3 - t2 - attach - reduce - close},
+          {"unmap + deallocate", t4 - t3},
+          {"total", t4 - t0},
+          {"the Port (same payload)", port_ns}
+        ]
+      end
+
+    steps
+    |> Enum.zip()
+    |> Enum.map(fn column ->
+      pairs = Tuple.to_list(column)
+      {elem(hd(pairs), 0), Stats.summary(Enum.map(pairs, &elem(&1, 1))).median}
+    end)
+  end
+
+  defp now, do: System.monotonic_time(:nanosecond)
 
   defp xor_of(<<?R, xor::little-64, _::binary>>), do: xor
   defp xor_of(other), do: raise("unexpected worker answer #{inspect(other, limit: 20)}")
@@ -247,6 +297,8 @@ defmodule SnakepitShm.Bench.PerRequest do
       end
 
     m = r.micro
+    [%{breakdown: breakdown} | _] = r.columns
+    breakdown_rows = for {step, ns} <- breakdown, do: [step, Format.time(ns)]
 
     micro_rows = [
       ["attach + ndarray + close by ref (4 KiB)", us(m["ref"])],
@@ -272,6 +324,9 @@ defmodule SnakepitShm.Bench.PerRequest do
     per pair per round, #{r.rounds} rounds). Target: at least 5× the Port in every column.
 
     #{Format.table(["pairs", "by bare id", "by ref", "Port", "bare id vs Port", "ref vs Port"], rows)}
+    Breakdown of one bare-id request (1 pair, medians, measured apart from the rounds):
+
+    #{Format.table(["step", "median"], breakdown_rows)}
     Worker-side attach (bench/python/attach_micro.py; medians of rounds, µs):
 
     #{Format.table(["what", "median (min–max) over rounds"], micro_rows)}
