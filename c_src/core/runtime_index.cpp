@@ -3,6 +3,7 @@
 // index is off (named objects are found by name).
 #include "runtime_index.hpp"
 
+#include <atomic>
 #include <cstring>
 #include <mutex>
 
@@ -44,9 +45,12 @@ void Published::remove() noexcept {
 
 namespace {
 
+// Opening (and reopening) the directory is serialised; entries are written and removed
+// without a lock (a system call on a tmpfs, never under a mutex: a resource destructor on
+// a normal scheduler must not wait behind another thread's call).
 std::mutex g_mutex;
-int g_dirfd = -1;    // O_PATH descriptor of the directory (-1: not opened yet / off)
-bool g_off = false;  // the directory is unusable: do not retry on every region
+std::atomic<int> g_dirfd{-1};  // O_PATH descriptor of the directory (-1: not open / off)
+bool g_off = false;            // the directory is unusable: do not retry on every region
 std::string g_path;
 
 std::string configured_path() {
@@ -72,18 +76,21 @@ int open_checked(const std::string& path) {
   return fd;
 }
 
-// The directory's descriptor (lock held), opening it on first use or after `reopen`.
-int dir_fd(bool reopen) {
-  if (reopen && g_dirfd >= 0) {
-    ::close(g_dirfd);
-    g_dirfd = -1;
-    g_off = false;
-  }
-  if (g_dirfd >= 0 || g_off) return g_dirfd;
+// The directory's descriptor, opening it on first use, or again when `stale` (the
+// descriptor that failed with ENOENT: the directory was removed). A replaced descriptor
+// is left open (another thread may be using it): one per removal of the directory.
+int dir_fd(int stale = -1) {
+  int fd = g_dirfd.load(std::memory_order_acquire);
+  if (fd >= 0 && fd != stale) return fd;
+  std::lock_guard<std::mutex> lock(g_mutex);
+  fd = g_dirfd.load(std::memory_order_acquire);
+  if (fd >= 0 && fd != stale) return fd;
+  if (fd < 0 && g_off && stale < 0) return -1;
   g_path = configured_path();
-  g_dirfd = open_checked(g_path);
-  g_off = g_dirfd < 0;
-  return g_dirfd;
+  fd = open_checked(g_path);
+  g_off = fd < 0;
+  g_dirfd.store(fd, std::memory_order_release);
+  return fd;
 }
 
 bool region_id_shaped(const char* name) {
@@ -115,24 +122,25 @@ bool entry_alive(const std::string& id, const std::string& entry) {
 }  // namespace
 
 std::string directory() {
+  if (dir_fd() < 0) return {};
   std::lock_guard<std::mutex> lock(g_mutex);
-  return dir_fd(false) >= 0 ? g_path : std::string();
+  return g_path;
 }
 
 bool publish(const std::string& region_id, const Entry& entry) noexcept {
   try {
     std::string text = format(entry);
-    std::lock_guard<std::mutex> lock(g_mutex);
+    int stale = -1;
     for (int attempt = 0; attempt < 2; ++attempt) {
-      int dir = dir_fd(attempt > 0);
+      int dir = dir_fd(stale);
       if (dir < 0) return false;
       if (::symlinkat(text.c_str(), dir, region_id.c_str()) == 0) return true;
       if (errno == EEXIST) {  // a stale entry of a dead VM (ids are unique while live)
         ::unlinkat(dir, region_id.c_str(), 0);
-        if (::symlinkat(text.c_str(), dir, region_id.c_str()) == 0) return true;
-        return false;
+        return ::symlinkat(text.c_str(), dir, region_id.c_str()) == 0;
       }
       if (errno != ENOENT) return false;  // ENOENT: the directory was removed; recreate
+      stale = dir;
     }
   } catch (...) {
   }
@@ -140,20 +148,16 @@ bool publish(const std::string& region_id, const Entry& entry) noexcept {
 }
 
 void remove(const std::string& region_id) noexcept {
-  std::lock_guard<std::mutex> lock(g_mutex);
-  if (g_dirfd >= 0) ::unlinkat(g_dirfd, region_id.c_str(), 0);
+  int dir = g_dirfd.load(std::memory_order_acquire);
+  if (dir >= 0) ::unlinkat(dir, region_id.c_str(), 0);
 }
 
 SweepResult sweep() noexcept {
   SweepResult result;
   try {
-    int dir;
-    {
-      std::lock_guard<std::mutex> lock(g_mutex);
-      dir = dir_fd(false);
-      if (dir < 0) return result;
-      dir = ::openat(dir, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    }
+    int dir = dir_fd();
+    if (dir < 0) return result;
+    dir = ::openat(dir, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (dir < 0) return result;
     DIR* listing = ::fdopendir(dir);
     if (listing == nullptr) {

@@ -64,8 +64,8 @@ TEST_CASE("the sweep removes stale entries only", "[runtime_index]") {
   ::unlink(named.c_str());
   ::unlink(other.c_str());
   // A dead VM's entry (its pid is gone), a live region's id pointing at the wrong fds.
-  REQUIRE(::symlink("spshm1 memfd /proc/999999999/fd/3 /proc/999999999/fd/4 0 1",
-                    stale.c_str()) == 0);
+  REQUIRE(::symlink("spshm1 memfd /proc/999999999/fd/3 /proc/999999999/fd/4 0 1", stale.c_str()) ==
+          0);
   REQUIRE(::symlink(("spshm1 memfd " + live.data_path() + " " + live.data_path() + " 0 1").c_str(),
                     named.c_str()) == 0);
   REQUIRE(::symlink("anything", other.c_str()) == 0);
