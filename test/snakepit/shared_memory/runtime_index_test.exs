@@ -95,4 +95,38 @@ defmodule Snakepit.SharedMemory.RuntimeIndexTest do
     assert {:ok, %{"SNAKEPIT_SHM_RUNTIME_DIR" => dir}} = SM.python_env()
     assert dir == dir()
   end
+
+  test "a VM refuses an index directory that is not its own 0700 directory" do
+    base = Path.join(System.tmp_dir!(), "rt_index_#{System.unique_integer([:positive])}")
+    File.mkdir_p!(base)
+    open = Path.join(base, "open")
+    File.mkdir_p!(open)
+    File.chmod!(open, 0o755)
+    good = Path.join(base, "good")
+    File.mkdir_p!(good)
+    File.chmod!(good, 0o700)
+    link = Path.join(base, "link")
+    File.ln_s!(good, link)
+
+    code = """
+    Application.ensure_all_started(:snakepit_shm)
+    {:ok, id} = Snakepit.SharedMemory.allocate_region(4096, backend: :memfd)
+    {:ok, r} = Snakepit.SharedMemory.Native.runtime_index_sweep()
+    IO.puts("RESULT \#{inspect(r.directory)} \#{id}")
+    """
+
+    try do
+      for {dir, expected} <- [{open, nil}, {link, nil}, {good, good}] do
+        {out, 0} = ReliabilityHelpers.elixir_vm(code, env: [{"SNAKEPIT_SHM_RUNTIME_DIR", dir}])
+
+        [_, shown, id] = Regex.run(~r/RESULT (\S+) (spshm_\w+)/, out)
+        assert shown == inspect(expected), out
+        # nothing was written into a refused directory (the VM freed its region on exit)
+        if expected == nil, do: assert(File.ls!(dir) == [])
+        assert File.read_link(Path.join(good, id)) == {:error, :enoent}
+      end
+    after
+      File.rm_rf!(base)
+    end
+  end
 end
