@@ -1,12 +1,12 @@
-// The worker's fast attach of a memfd region (snakepit_shm.h, spshm_open_memfd and
-// spshm_attach_memfd): what the Python client's _locate.open_object and attach() do
-// for /proc/<pid>/fd/<n> paths, in one call instead of a dozen system calls each
-// wrapped in Python. Same checks, same order: the
-// link names the expected memfd before anything is opened (so a reused descriptor
-// number that now leads to a device or a FIFO is never opened), the opened object is a
-// regular file of our uid, and the link of the opened descriptor still names that
-// memfd (the number may have been reused between the two). Any refusal is reported by
-// code only: the Python client then redoes the open its own way for the message.
+// The worker's fast attach of a memfd region (snakepit_shm.h, spshm_attach_memfd): what
+// the Python client's _locate.open_object and attach() do for /proc/<pid>/fd/<n> paths,
+// in one call instead of a dozen system calls each wrapped in Python. Same checks, same
+// order: the link names the expected memfd before anything is opened (so a reused
+// descriptor number that now leads to a device or a FIFO is never opened), the opened
+// object is a regular file of our uid, and the link of the opened descriptor still
+// names that memfd (the number may have been reused between the two). Any refusal is
+// reported by code only: the Python client then redoes the open its own way for the
+// message.
 #include "snakepit_shm.h"
 
 #if defined(__linux__)
@@ -35,13 +35,8 @@ bool link_is(const char* path, const char* expected, std::size_t expected_length
 
 }  // namespace
 
-int open_checked(const char* path, const char* expected_link, int writable, int* fd_out,
-                 uint64_t* size_out) noexcept;
-
-SPSHM_EXPORT int spshm_open_memfd(const char* path, const char* expected_link, int writable,
-                                  int* fd_out, uint64_t* size_out) {
-  return open_checked(path, expected_link, writable, fd_out, size_out);
-}
+static int open_checked(const char* path, const char* expected_link, int writable, int* fd_out,
+                        uint64_t* size_out) noexcept;
 
 SPSHM_EXPORT int spshm_attach_memfd(const char* control_path, const char* control_link,
                                     const char* data_path, const char* data_link, int data_writable,
@@ -76,8 +71,8 @@ SPSHM_EXPORT int spshm_attach_memfd(const char* control_path, const char* contro
 #endif
 }
 
-int open_checked(const char* path, const char* expected_link, int writable, int* fd_out,
-                 uint64_t* size_out) noexcept {
+static int open_checked(const char* path, const char* expected_link, int writable, int* fd_out,
+                        uint64_t* size_out) noexcept {
 #if defined(__linux__)
   if (path == nullptr || expected_link == nullptr || fd_out == nullptr || size_out == nullptr)
     return SPSHM_E_INVALID_ARGUMENT;
