@@ -42,7 +42,8 @@ defmodule SnakepitShm.Bench.Report do
         {:cluster, &SnakepitShm.Bench.ClusterReport.section/1},
         {:board, &SnakepitShm.Bench.Board.report/1},
         {:host_quota, &ReportSections.host_quota/1},
-        {:channel, &SnakepitShm.Bench.Channel.markdown/1}
+        {:channel, &SnakepitShm.Bench.Channel.markdown/1},
+        {:per_request, &SnakepitShm.Bench.PerRequest.section/1}
       ]
       |> Enum.filter(fn {part, _} -> Map.has_key?(results, part) end)
       |> Enum.map_join("\n", fn {part, fun} -> fun.(results[part]) end)

@@ -4,7 +4,7 @@ defmodule SnakepitShm.Bench.Runner do
   `bench/RESULTS.md` and the plots. Parts (issue 6): `handoff`, `lifecycle`,
   `concurrency`, `zero_copy`, `crypto`, `scale`, `fresh_pages`; `health` (issue 19),
   `cluster` (issue 18), `board` (issue 16), `host_quota` (issue 17), `channel` (issue
-  15), `scheduler` (issue 12).
+  15), `scheduler` (issue 12), `per_request` (issue 14).
   """
 
   alias SnakepitShm.Bench.{
@@ -25,7 +25,7 @@ defmodule SnakepitShm.Bench.Runner do
     ZeroCopy
   }
 
-  @parts ~w(handoff lifecycle concurrency zero_copy crypto scale fresh_pages health cluster board host_quota channel scheduler)a
+  @parts ~w(handoff lifecycle concurrency zero_copy crypto scale fresh_pages health cluster board host_quota channel scheduler per_request)a
   @last_results "_build/bench/last_results.etf"
 
   def parts, do: @parts
@@ -137,6 +137,9 @@ defmodule SnakepitShm.Bench.Runner do
   defp run_part(:scheduler, profile, payload, programs),
     do: SchedulerProbe.run(profile, payload, programs)
 
+  defp run_part(:per_request, profile, payload, programs),
+    do: SnakepitShm.Bench.PerRequest.run(profile, payload, programs)
+
   # One random payload for the whole run; smaller payloads are sub-binaries of it (no
   # copy), so every path of a size hands off exactly the same bytes.
   defp payload(profile, parts) do
@@ -145,7 +148,9 @@ defmodule SnakepitShm.Bench.Runner do
       if(:zero_copy in parts, do: Enum.max(profile.zero_copy_sizes), else: 0),
       if(:crypto in parts or :scheduler in parts, do: profile.crypto_size, else: 0),
       # the channel part's handoff goes up to the handoff part's largest size
-      if(:channel in parts, do: Enum.max(profile.handoff_sizes), else: 0)
+      if(:channel in parts, do: Enum.max(profile.handoff_sizes), else: 0),
+      # the per-request handoff: 1 MiB
+      if(:per_request in parts, do: SnakepitShm.Bench.PerRequest.size(), else: 0)
     ]
 
     log("generating a #{div(Enum.max(sizes), 1024 * 1024)} MiB random payload")

@@ -19,7 +19,8 @@ defmodule SnakepitShm.Bench.Targets do
         &crypto/1,
         &scale/1,
         &SnakepitShm.Bench.Health.targets/1,
-        &SnakepitShm.Bench.Board.targets/1
+        &SnakepitShm.Bench.Board.targets/1,
+        &SnakepitShm.Bench.PerRequest.targets/1
       ],
       & &1.(results)
     )

@@ -8,6 +8,7 @@ the xor as 8 little-endian bytes. Requests (first byte, then the rest of the fra
 
 * ``P`` payload: the payload came through the port itself (path c).
 * ``S`` JSON ref: attach the region with snakepit_shm, reduce, close (path a, fresh).
+* ``B`` region id: the same as ``S``, attaching by bare id (per-request handoff).
 * ``W`` JSON {"ref": ref, "length": n}: reduce the first n bytes of a region kept
   attached between requests (path b, warm); attached on first use.
 * ``D`` region id: close the kept attachment of that region.
@@ -194,6 +195,8 @@ def main():
             reply(xor_reduce(body))
         elif op == b"S":
             reply(*worker.fresh(json.loads(bytes(body))))
+        elif op == b"B":
+            reply(*worker.fresh(bytes(body).decode()))  # by bare region id
         elif op == b"W":
             reply(*worker.warm(json.loads(bytes(body))))
         elif op == b"D":

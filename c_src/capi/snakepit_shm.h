@@ -60,6 +60,17 @@ int spshm_release(void* header, uint32_t pid, uint64_t start_time, char* err, si
  * long as the region is attached: closing it (or dying) drops every lock below. */
 /* Takes the shared liveness lock (byte 0): sweepers then leave the segment alone. */
 int spshm_liveness_lock(int fd, char* err, size_t errlen);
+/* The worker's fast path (capi_attach.cpp): opens the memfds behind `control_path` and
+ * `data_path` (/proc/<pid>/fd/<n> links) only if each link reads the expected name
+ * before and after the open and each is a regular file of our uid; the control object
+ * read-write, the data object read-write iff data_writable. Takes the liveness lock,
+ * copies the 4096-byte header into header_out and validates it (message in err). On any
+ * failure every descriptor is closed again and a code is returned (a refused open has no
+ * message: the caller redoes the open its own way to explain it). */
+int spshm_attach_memfd(const char* control_path, const char* control_link, const char* data_path,
+                       const char* data_link, int data_writable, void* header_out, int* control_fd,
+                       uint64_t* control_size, int* data_fd, uint64_t* data_size, char* err,
+                       size_t errlen);
 /* hold/release through the slot owned by the open `fd` (*slot: -1 before the first hold;
  * updated). A slot whose owner died at any instant is recovered by the next claimer. */
 int spshm_hold_fd(void* header, int fd, int* slot, uint32_t pid, uint64_t start_time, int writable,

@@ -207,6 +207,13 @@ Result<Region> create_posix(const CreateOptions& o) {
                    " attempts: other processes keep creating and removing that name"};
 }
 
+// One readlink lets a worker find this region by bare id (runtime_index.hpp).
+void publish_in_index(RegionFactory::Impl& impl) {
+  impl.index_entry.publish(
+      impl.id, runtime_index::Entry{"memfd", platform::handle_path(impl.control),
+                                    platform::handle_path(impl.data_object), 0, impl.size});
+}
+
 Result<Region> create_memfd(const CreateOptions& o) {
   auto impl = std::make_unique<RegionFactory::Impl>();
   impl->id = random_region_id();
@@ -231,6 +238,7 @@ Result<Region> create_memfd(const CreateOptions& o) {
   impl->data_map = std::move(*mapped);
   impl->data = impl->data_map.data();
   if (auto r = fill_new_region(*impl, o, false); !r) return r.error();
+  publish_in_index(*impl);
   return RegionFactory::make(std::move(impl));
 }
 
@@ -503,7 +511,10 @@ Region::DetachedData Region::detach_data() noexcept {
 
 Result<void> Region::unlink() {
   return guarded([&]() -> Result<void> {
-    if (impl_->data_object.valid()) return {};  // memfd: no name to remove
+    if (impl_->data_object.valid()) {  // memfd: no name to remove, only the index entry
+      impl_->index_entry.remove();
+      return {};
+    }
     // Remove the name only while it still names our object: after a :remove_and_create
     // elsewhere it may already belong to a newer region, which must survive.
     if (!names_our_object(impl_->id, impl_->control)) return {};

@@ -12,6 +12,7 @@
 #include "crypto.hpp"
 #include "platform.hpp"
 #include "region.hpp"
+#include "runtime_index.hpp"
 
 namespace spshm {
 
@@ -60,6 +61,9 @@ struct Region::Impl {
   /// (kDataLockByte of the control object), counted so the last one unlocks it.
   mutable std::mutex data_lock_mutex;
   mutable int data_lock_readers = 0;
+  /// Created memfd regions: the entry of the runtime index that lets workers find the
+  /// region by bare id (removed on deallocation, at the latest with the Region).
+  runtime_index::Published index_entry;
 
   RegionHeader& header() noexcept { return *reinterpret_cast<RegionHeader*>(header_map.data()); }
   const platform::Handle& data_handle() const noexcept {

@@ -29,6 +29,7 @@ constexpr unsigned kCpu = ERL_NIF_DIRTY_JOB_CPU_BOUND;
 ErlNifFunc nif_funcs[] = {
     {"header_layout", 0, nif_header_layout, 0},
     {"create", 2, nif_create, kIo},
+    {"runtime_index_sweep", 0, nif_runtime_index_sweep, kIo},
     {"create_plain", 2, nif_create_plain, 0},
     // The same as create/2 on a dirty CPU scheduler: an encrypted region's creation is
     // encryption of every chunk, CPU work that must not crowd the dirty I/O threads.

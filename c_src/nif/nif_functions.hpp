@@ -83,6 +83,9 @@ SPSHM_NIF(nif_set_shm_dir);
 SPSHM_NIF(nif_shm_dir);
 SPSHM_NIF(nif_fs_stat);
 
+// nif_runtime_index.cpp: the bare-id index of memfd regions
+SPSHM_NIF(nif_runtime_index_sweep);
+
 #undef SPSHM_NIF
 
 }  // namespace spshm::nif

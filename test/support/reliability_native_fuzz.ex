@@ -78,6 +78,7 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
     unlink_segment: 2,
     sweep_segment: 2,
     list_segments: 1,
+    runtime_index_sweep: 1,
     reap_holders: 2,
     reaped_holds: 1,
     list_counts: 2,
@@ -389,7 +390,8 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
               :board_monotonic_ns,
               :channel_layout,
               :list_segments,
-              :reaped_holds
+              :reaped_holds,
+              :runtime_index_sweep
             ],
        do: []
 
@@ -697,6 +699,9 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
   defp well_shaped?(:release_holder, _, {:ok, n}), do: non_neg?(n)
   defp well_shaped?(:reap_holders, _, {:ok, n}), do: non_neg?(n)
   defp well_shaped?(:list_segments, _, v), do: is_list(v) and Enum.all?(v, &is_binary/1)
+
+  defp well_shaped?(:runtime_index_sweep, _, {:ok, %{kept: k, removed: r, directory: d}}),
+    do: non_neg?(k) and non_neg?(r) and (d == nil or is_binary(d))
 
   defp well_shaped?(:sweep_segment, _, {:ok, o}),
     do: o in [:removed, :removed_incomplete, :in_use, :young]

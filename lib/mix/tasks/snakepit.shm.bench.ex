@@ -23,7 +23,7 @@ defmodule Mix.Tasks.Snakepit.Shm.Bench do
       (under 15 minutes).
     * `--only PART[,PART...]` - run only these parts: handoff, lifecycle, concurrency,
       zero_copy, crypto, scale, fresh_pages, health, cluster, board, host_quota, channel,
-      scheduler.
+      scheduler, per_request.
       Defaults to all.
     * `--out DIR` - where RESULTS.md and the plots go. Defaults to `bench` for a full
       run of every part (the committed report), and to `_build/bench-quick` for
@@ -55,7 +55,7 @@ defmodule Mix.Tasks.Snakepit.Shm.Bench do
     fail_on_miss: :boolean,
     report_only: :boolean
   ]
-  @parts ~w(handoff lifecycle concurrency zero_copy crypto scale fresh_pages health cluster board host_quota channel scheduler)
+  @parts ~w(handoff lifecycle concurrency zero_copy crypto scale fresh_pages health cluster board host_quota channel scheduler per_request)
 
   @impl true
   def run(argv) do

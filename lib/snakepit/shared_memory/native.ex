@@ -255,6 +255,15 @@ defmodule Snakepit.SharedMemory.Native do
           {:ok, :removed | :removed_incomplete | :in_use | :young} | nif_error()
   def sweep_segment(_region_id, _dry_run), do: :erlang.nif_error(:not_loaded)
 
+  @doc """
+  Removes the stale entries of the runtime index (the per-user directory where each
+  memfd region is listed so that workers find it by bare id) and says what it kept and
+  removed (dirty IO). `directory` is `nil` when the index is off.
+  """
+  @spec runtime_index_sweep() ::
+          {:ok, %{directory: binary() | nil, kept: non_neg_integer(), removed: non_neg_integer()}}
+  def runtime_index_sweep, do: :erlang.nif_error(:not_loaded)
+
   @doc "Names starting with spshm_ in the shm directory, not validated (dirty IO)."
   @spec list_segments() :: [binary()]
   def list_segments, do: :erlang.nif_error(:not_loaded)

@@ -53,6 +53,8 @@ defmodule Snakepit.SharedMemory.Sweep do
         %{region_id: id, reason: reason, size: size}
       end
 
+    unless dry_run, do: sweep_runtime_index()
+
     if freed != [] and not dry_run do
       Stats.event(:orphans, %{count: length(freed)}, %{
         region_ids: Enum.map(freed, & &1.region_id)
@@ -62,6 +64,26 @@ defmodule Snakepit.SharedMemory.Sweep do
     end
 
     freed
+  end
+
+  @doc """
+  Removes the stale entries of the runtime index, the per-user directory where every
+  memfd region of a live VM is listed for bare-id lookups by workers: entries of VMs
+  that died (kill -9) or of memfds that are gone. Runs with every orphan sweep (at
+  start-up). Returns what `Native.runtime_index_sweep/0` says.
+  """
+  @spec sweep_runtime_index() :: %{
+          directory: String.t() | nil,
+          kept: non_neg_integer(),
+          removed: non_neg_integer()
+        }
+  def sweep_runtime_index do
+    {:ok, result} = Native.runtime_index_sweep()
+
+    if result.removed > 0,
+      do: Logger.info("snakepit_shm: removed #{result.removed} stale runtime index entries")
+
+    result
   end
 
   @doc "Ids of the segments of ours in the shm directory (`Native.list_segments/0`)."

@@ -102,8 +102,10 @@ defmodule Snakepit.SharedMemory.ZeroCopy do
   The environment a worker needs to `import snakepit_shm`: `PYTHONPATH` (this
   application's `priv/python`, ahead of any `PYTHONPATH` given) and `SNAKEPIT_SHM_LIB`
   (the C library), plus `SNAKEPIT_SHM_PATH` when `:shm_path` is configured (bare-id
-  lookups and the worker's POSIX outputs then use that directory). Use it as a Snakepit
-  pool's `adapter_env`.
+  lookups and the worker's POSIX outputs then use that directory), and
+  `SNAKEPIT_SHM_RUNTIME_DIR`, the directory where this VM lists its memfd regions for
+  bare-id lookups (docs/FORMAT.md, "Runtime index"). Use it as a Snakepit pool's
+  `adapter_env`.
   """
   @spec python_env(String.t() | nil) :: %{String.t() => String.t()}
   def python_env(existing \\ System.get_env("PYTHONPATH")) do
@@ -113,9 +115,30 @@ defmodule Snakepit.SharedMemory.ZeroCopy do
 
     env = %{"PYTHONPATH" => path, "SNAKEPIT_SHM_LIB" => Path.join(priv, "libsnakepit_shm.so")}
 
-    case Snakepit.SharedMemory.Config.get(:shm_path) do
-      nil -> env
-      dir -> Map.put(env, "SNAKEPIT_SHM_PATH", dir)
+    env =
+      case Snakepit.SharedMemory.Config.get(:shm_path) do
+        nil -> env
+        dir -> Map.put(env, "SNAKEPIT_SHM_PATH", dir)
+      end
+
+    Map.put(env, "SNAKEPIT_SHM_RUNTIME_DIR", runtime_dir())
+  end
+
+  # The directory of the runtime index as the core computes it (runtime_index.hpp), so
+  # that a worker started with another environment (no XDG_RUNTIME_DIR) looks where
+  # this VM writes.
+  defp runtime_dir do
+    case {System.get_env("SNAKEPIT_SHM_RUNTIME_DIR"), System.get_env("XDG_RUNTIME_DIR")} do
+      {"/" <> _ = own, _} -> own
+      {_, "/" <> _ = xdg} -> xdg <> "/snakepit_shm"
+      _ -> "/dev/shm/snakepit_shm-#{euid()}"
+    end
+  end
+
+  defp euid do
+    case File.stat("/proc/self", time: :posix) do
+      {:ok, %File.Stat{uid: uid}} -> uid
+      _ -> 0
     end
   end
 

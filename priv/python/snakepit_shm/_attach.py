@@ -1,6 +1,7 @@
 """attach() and inspect(): from a ref or region id to a validated, mapped Region."""
 
 import contextlib
+import copy
 import errno
 import mmap
 import os
@@ -36,29 +37,36 @@ def attach(ref_or_region_id, mode="r"):
     location = _locate.parse_target(ref_or_region_id)
     library = _native.library()
     identity = _proc.self_identity()
-    with contextlib.ExitStack() as fds, contextlib.ExitStack() as on_error:
+    # Plain try blocks rather than ExitStacks: this is the per-request path of a worker.
+    fast = _fast_open(library, location, mode)
+    if fast is not None:
+        control_fd, _, data_fd, data_size, snapshot = fast
+        header_writable = True
+    else:
         control_fd, control_size, header_writable = _open_control(location, mode)
-        fds.callback(os.close, control_fd)
-        # The shared liveness lock first: from here on no sweeper removes the segment.
-        library.liveness_lock(control_fd)
-        data_fd, data_size = _open_data(location, mode, control_fd, control_size, fds)
-        snapshot = os.pread(control_fd, F.HEADER_SIZE, 0)
-        header = _header.validate(snapshot, where=location.control_path,
-                                  region_id=location.region_id,
-                                  control_size=control_size, data_object_size=data_size)
+        data_fd = None
+    attachment = data_mm = None
+    try:
+        if fast is not None:
+            # Opened, locked and validated by the core in one call.
+            header = _header.from_valid(snapshot, where=location.control_path,
+                                        region_id=location.region_id)
+        else:
+            # The shared liveness lock first: from here on no sweeper removes it.
+            library.liveness_lock(control_fd)
+            data_fd, data_size = _open_data(location, mode, control_fd, control_size)
+            snapshot = os.pread(control_fd, F.HEADER_SIZE, 0)
+            header = _validated(library, snapshot, location, control_size, data_size)
         _check_matches_ref(location, header)
-        with _native.buffer_address(snapshot) as (address, _):
-            library.validate_header(address, data_size)
 
         header_mm = mmap.mmap(control_fd, F.HEADER_SIZE, access=(
             mmap.ACCESS_WRITE if header_writable else mmap.ACCESS_READ))
-        # The attachment keeps the control descriptor open: its locks (liveness, holder
-        # slot) live as long as this open file description, and die with the process.
-        # Encrypted: one more descriptor of the control object for the data lock.
-        own_fd = os.dup(control_fd)
+        # The attachment owns the control descriptor from here: its locks (liveness,
+        # holder slot) live as long as this open file description, and die with the
+        # process. Encrypted: one more descriptor of the control object for the data lock.
         lock_fd = os.dup(control_fd) if header.encrypted else None
-        attachment = Attachment(header_mm, library, header_writable, own_fd, lock_fd)
-        on_error.callback(attachment.close_quietly)
+        attachment = Attachment(header_mm, library, header_writable, control_fd, lock_fd)
+        control_fd = -1
         # Hold first, then look at the state bits: seal() sets the sealed bit before
         # it looks for writable holders, so either it sees this hold or we see the bit.
         if header_writable:
@@ -74,13 +82,52 @@ def attach(ref_or_region_id, mode="r"):
         _warn_if_orphaned(header, header_mm)
 
         data_mm, view_offset = _map_data(location.region_id, data_fd, header, mode)
-        on_error.callback(data_mm.close)
         region = Region(location=location, header=header, attachment=attachment,
                         data_mm=data_mm, view_offset=view_offset, mode=mode)
         if header_writable:
             touch(header_mm)
-        on_error.pop_all()
+        data_mm = attachment = None
         return region
+    finally:
+        if data_mm is not None:
+            data_mm.close()
+        if attachment is not None:
+            attachment.close_quietly()
+        if data_fd is not None and data_fd != control_fd and \
+                location.backend == F.BACKEND_MEMFD:
+            os.close(data_fd)
+        if control_fd >= 0:
+            os.close(control_fd)
+
+
+def _fast_open(library, location, mode):
+    """Open, lock and validate a memfd region in one call of the library, or None (a
+    POSIX region, or anything refused: the step-by-step path then says what)."""
+    if location.backend != F.BACKEND_MEMFD:
+        return None
+    control_link, data_link = _locate.memfd_link_targets(location.region_id)
+    return library.attach_memfd(location.control_path, control_link, location.data_path,
+                                data_link, mode == "rw")
+
+
+def _validated(library, snapshot, location, control_size, data_size):
+    """Validate a header snapshot: the core's checks (one C call), then what only this
+    side knows (the id asked for, the metadata as JSON). A failure is explained by the
+    Python twin of the checks, which names the problem in this API's words."""
+    where, region_id = location.control_path, location.region_id
+    if control_size < F.HEADER_SIZE or len(snapshot) < F.HEADER_SIZE:
+        _header.validate(snapshot, where=where, region_id=region_id,
+                         control_size=control_size, data_object_size=data_size)
+    try:
+        with _native.buffer_address(snapshot) as (address, _):
+            library.validate_header(address, data_size)
+    except errors.CorruptRegion:
+        # Raises with a precise message; if the twin finds nothing, the core's error
+        # stands.
+        _header.validate(snapshot, where=where, region_id=region_id,
+                         control_size=control_size, data_object_size=data_size)
+        raise
+    return _header.from_valid(snapshot, where=where, region_id=region_id)
 
 
 async def attach_async(ref_or_region_id, mode="r"):
@@ -147,7 +194,7 @@ def describe(header, raw, location):
         "last_access_ns": fields["last_access_ns"],
         "idle_timeout_ns": fields["idle_timeout_ns"],
         "expired": problem is not None,
-        "metadata": header.metadata,
+        "metadata": copy.deepcopy(header.metadata),
         "control_path": location.control_path,
         "data_path": location.data_path,
     }
@@ -188,13 +235,11 @@ def _raise_if_sealed(location, target):
         raise _sealed_error(location.region_id)
 
 
-def _open_data(location, mode, control_fd, control_size, fds):
+def _open_data(location, mode, control_fd, control_size):
     if location.backend != F.BACKEND_MEMFD:
         return control_fd, control_size
-    fd, size = _locate.open_object(location.data_path, location.region_id, mode == "rw",
-                                   memfd_target=_memfd_target(location, 1))
-    fds.callback(os.close, fd)
-    return fd, size
+    return _locate.open_object(location.data_path, location.region_id, mode == "rw",
+                               memfd_target=_memfd_target(location, 1))
 
 
 def _check_matches_ref(location, header):

@@ -169,6 +169,11 @@ def unpack_fields(header):
     return fields
 
 
+def unpack_immutable(header):
+    """Return the scalar prefix [0, 136) as a tuple, in layout order."""
+    return _IMMUTABLE.unpack_from(header, 0)
+
+
 def unpack_holders(header):
     """Return the live holder slots as dicts {pid, start_time, count, writable}."""
     slots = []

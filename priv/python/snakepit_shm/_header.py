@@ -118,6 +118,33 @@ def validate(header, *, where, region_id, control_size, data_object_size):
         metadata=_decode_metadata(header, fields["metadata_length"], corrupt))
 
 
+def from_valid(header, *, where, region_id):
+    """Return the :class:`Header` of a snapshot the core already validated.
+
+    Checks what the core cannot know: that it is the region asked for, and that the
+    metadata is a JSON object.
+    """
+    def corrupt(problem):
+        return errors.CorruptRegion(
+            f"{where} is not a valid snakepit_shm region: {problem}. It is damaged, "
+            "truncated or not ours; do not use it (`mix snakepit.shm.doctor` reports "
+            "such segments, `mix snakepit.shm.cleanup` removes ours).")
+
+    (_, version, _, data_size, data_capacity, data_offset, backend, flags, creator_pid,
+     security_level, creator_start_time, boot_id, created_at_ns, cipher, chunk_size,
+     raw_id, metadata_length, _) = F.unpack_immutable(header)
+    stored_id = _decode_id(raw_id)
+    if stored_id != region_id:
+        raise corrupt(f"it holds region {stored_id}, not {region_id}")
+    return Header(
+        region_id=stored_id, format_version=version, backend=backend, flags=flags,
+        data_size=data_size, data_capacity=data_capacity, data_offset=data_offset,
+        creator_pid=creator_pid, creator_start_time=creator_start_time,
+        security_level=security_level, boot_id=boot_id, created_at_ns=created_at_ns,
+        cipher=cipher, chunk_size=chunk_size,
+        metadata=_decode_metadata(header, metadata_length, corrupt))
+
+
 def _zero(chunk):
     return bytes(chunk).count(0) == len(chunk)
 
@@ -171,10 +198,28 @@ def _check_layout(fields, corrupt, data_object_size):
                       f"object has {data_object_size}")
 
 
+# Decoded metadata by its bytes: a worker attaches region after region with the same
+# few metadata objects (dtype, shape, format). Shared dicts: nobody changes them
+# (Region.metadata hands out copies).
+_metadata_cache = {}
+_METADATA_CACHE_LIMIT = 256
+
+
 def _decode_metadata(header, length, corrupt):
     if length == 0:
         return {}
     raw = bytes(header[F.METADATA_OFFSET:F.METADATA_OFFSET + length])
+    cached = _metadata_cache.get(raw)
+    if cached is not None:
+        return cached
+    metadata = _parse_metadata(raw, corrupt)
+    if len(_metadata_cache) >= _METADATA_CACHE_LIMIT:
+        _metadata_cache.clear()
+    _metadata_cache[raw] = metadata
+    return metadata
+
+
+def _parse_metadata(raw, corrupt):
     try:
         metadata = json.loads(raw.decode("utf-8"))
     except ValueError:

@@ -17,6 +17,7 @@ import stat
 
 from . import errors
 from . import _format
+from . import _proc
 
 SHM_DIR = "/dev/shm"
 # The VM's config :snakepit_shm, shm_path (POSIX segments moved to another tmpfs):
@@ -204,12 +205,10 @@ _HEX32 = re.compile(r"[0-9a-f]{32}")
 
 def host_boot_id():
     """Return this host's boot id as 32 lowercase hex digits (as refs carry it), or None."""
-    try:
-        with open(BOOT_ID_PATH, "r", encoding="ascii") as f:
-            text = f.read().strip().replace("-", "").lower()
-    except OSError:
+    boot = _proc.boot_id()
+    if boot is None or len(boot) != 16:
         return None
-    return text if _HEX32.fullmatch(text) else None
+    return boot.hex()
 
 
 def _check_host(ref, region_id):
@@ -256,12 +255,79 @@ def memfd_link_targets(region_id):
     return (f"/memfd:{region_id} (deleted)", f"/memfd:{region_id}.data (deleted)")
 
 
+# The runtime index (c_src/core/runtime_index.hpp): the VM lists each memfd region in a
+# per-user 0700 directory, one symlink per region id whose text is
+# "spshm1 <kind> <control path> <data path> <offset> <size>".
+RUNTIME_DIR_ENV = "SNAKEPIT_SHM_RUNTIME_DIR"
+INDEX_VERSION = "spshm1"
+
+
+def runtime_dir():
+    """The directory of the runtime index, as the VM computes it (it may not exist):
+    $SNAKEPIT_SHM_RUNTIME_DIR, else $XDG_RUNTIME_DIR/snakepit_shm, else
+    /dev/shm/snakepit_shm-<euid>."""
+    own = os.environ.get(RUNTIME_DIR_ENV)
+    if own and own.startswith("/"):
+        return own
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg and xdg.startswith("/"):
+        return xdg + "/snakepit_shm"
+    return f"/dev/shm/snakepit_shm-{os.geteuid()}"
+
+
+def index_entry(region_id):
+    """Return (kind, control_path, data_path, offset, size) of ``region_id``'s entry in
+    the runtime index, or None: no directory, a directory that is not ours or not 0700
+    (nothing in it is trusted), no entry, or an entry that is not one of ours.
+
+    An entry only says where to look: the caller still checks the memfd's name and the
+    header's region id after opening.
+    """
+    directory = runtime_dir()
+    try:
+        info = os.lstat(directory)
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() \
+                or info.st_mode & 0o077:
+            return None
+        text = os.readlink(f"{directory}/{region_id}")
+    except (OSError, ValueError):
+        return None
+    fields = text.split(" ")
+    if len(fields) != 6 or fields[0] != INDEX_VERSION:
+        return None
+    _, kind, control, data, offset, size = fields
+    if not (_PROC_FD_PATH.fullmatch(control) and _PROC_FD_PATH.fullmatch(data)
+            and offset.isdigit() and size.isdigit()):
+        return None
+    return kind, control, data, int(offset), int(size)
+
+
+def _indexed(region_id):
+    """The Location of a memfd region found through the runtime index, or None."""
+    entry = index_entry(region_id)
+    if entry is None or entry[0] != "memfd":
+        return None  # kinds this client does not read (yet) fall back to the scan
+    _, control, data, _, _ = entry
+    try:
+        # A stale entry (its VM died or freed the region unannounced) names a
+        # descriptor that is gone or now something else: then scan.
+        if os.readlink(control) != memfd_link_targets(region_id)[0]:
+            return None
+    except OSError:
+        return None
+    return Location(region_id, _format.BACKEND_MEMFD, control, data)
+
+
 def find_by_id(region_id):
     """Locate a region by id: the shm directory first ($SNAKEPIT_SHM_PATH, else
-    /dev/shm), then memfds in /proc/*/fd of our uid."""
+    /dev/shm), then the runtime index of memfd regions, then memfds in /proc/*/fd of
+    our uid (where the index is missing or stale)."""
     path = os.path.join(shm_dir(), region_id)
     if os.path.lexists(path):
         return Location(region_id, _format.BACKEND_POSIX, path, path)
+    indexed = _indexed(region_id)
+    if indexed is not None:
+        return indexed
     control_target, data_target = memfd_link_targets(region_id)
     uid = os.geteuid()
     for pid in _pids_of_uid(uid):
@@ -319,12 +385,6 @@ def open_object(path, region_id, writable, *, memfd_target=None):
         raise _open_error(path, region_id, writable, exc) from None
     try:
         info = os.fstat(fd)
-        if memfd_target is not None:
-            # Checked again on the opened file: the descriptor may have been closed
-            # and reused between the readlink above and the open.
-            target = os.readlink(f"/proc/self/fd/{fd}")
-            if target != memfd_target:
-                raise _reused_fd(path, region_id, target, memfd_target)
         if not stat.S_ISREG(info.st_mode):
             raise errors.CorruptRegion(
                 f"{path} is not a snakepit_shm segment (not a regular file); refusing "
@@ -335,6 +395,8 @@ def open_object(path, region_id, writable, *, memfd_target=None):
                 f"{os.geteuid()}; snakepit_shm only attaches segments of its own user. "
                 "Run the worker as the same user as the Elixir VM.")
         if memfd_target is not None:
+            # Checked again on the opened file: the descriptor may have been closed
+            # and reused between the readlink above and the open.
             target = os.readlink(f"/proc/self/fd/{fd}")
             if target != memfd_target:
                 raise _reused_fd(path, region_id, target, memfd_target)

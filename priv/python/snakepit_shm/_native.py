@@ -136,6 +136,33 @@ def buffer_address(obj, writable=False):
         _PyBuffer_Release(ctypes.byref(view))
 
 
+def address_of(obj, writable=False):
+    """Return the address of ``obj``'s buffer (an mmap) without keeping it exported.
+
+    The address of an mmap never changes while it is open; the caller must make sure
+    it is not closed while the address is in use (Attachment does, under its lock).
+    """
+    view = _PyBuffer()
+    _PyObject_GetBuffer(obj, ctypes.byref(view),
+                        _PYBUF_WRITABLE if writable else _PYBUF_SIMPLE)
+    address = view.buf
+    _PyBuffer_Release(ctypes.byref(view))
+    return address
+
+
+_errors = threading.local()
+
+
+def _err_buffer():
+    """A per-thread buffer for the library's error messages (cleared before use)."""
+    buf = getattr(_errors, "buf", None)
+    if buf is None:
+        buf = _errors.buf = ctypes.create_string_buffer(_ERR_LEN)
+    else:
+        buf[0] = 0
+    return buf
+
+
 class Library:
     """The functions of ``snakepit_shm.h``, with errors turned into exceptions."""
 
@@ -179,6 +206,10 @@ class Library:
                                c.c_uint64, c.c_int, c.c_char_p, c.c_size_t], c.c_int),
             "spshm_release_fd": ([c.c_void_p, c.c_int, c.POINTER(c.c_int), c.c_char_p,
                                   c.c_size_t], c.c_int),
+            "spshm_attach_memfd": ([c.c_char_p, c.c_char_p, c.c_char_p, c.c_char_p, c.c_int,
+                                    c.c_void_p, c.POINTER(c.c_int),
+                                    c.POINTER(c.c_uint64), c.POINTER(c.c_int),
+                                    c.POINTER(c.c_uint64), c.c_char_p, c.c_size_t], c.c_int),
             "spshm_process_start_time": ([c.c_uint32, c.POINTER(c.c_uint64),
                                           c.c_char_p, c.c_size_t], c.c_int),
             "spshm_decrypt": ([c.c_void_p, c.c_void_p, c.c_uint64, c.c_char_p,
@@ -220,7 +251,7 @@ class Library:
 
     def validate_header(self, header_address, data_object_size):
         """Validate a mapped header with the core's own checks."""
-        err = ctypes.create_string_buffer(_ERR_LEN)
+        err = _err_buffer()
         code = self._dll.spshm_validate_header(header_address, data_object_size,
                                                err, _ERR_LEN)
         self._check(code, err, "the header failed validation")
@@ -240,23 +271,41 @@ class Library:
 
     def liveness_lock(self, fd):
         """Take the shared liveness lock on the control object open as ``fd``."""
-        err = ctypes.create_string_buffer(_ERR_LEN)
+        err = _err_buffer()
         code = self._dll.spshm_liveness_lock(fd, err, _ERR_LEN)
         self._check(code, err, "cannot take the liveness lock of the region")
 
     def hold_fd(self, header_address, fd, slot, pid, start_time, writable):
         """Add one hold through the open ``fd``; ``slot`` is its c_int slot index."""
-        err = ctypes.create_string_buffer(_ERR_LEN)
+        err = _err_buffer()
         code = self._dll.spshm_hold_fd(header_address, fd, ctypes.byref(slot), pid,
                                        start_time, 1 if writable else 0, err, _ERR_LEN)
         self._check(code, err, "cannot register this process as a holder")
 
     def release_fd(self, header_address, fd, slot):
         """Remove one hold of the slot owned by the open ``fd``."""
-        err = ctypes.create_string_buffer(_ERR_LEN)
+        err = _err_buffer()
         code = self._dll.spshm_release_fd(header_address, fd, ctypes.byref(slot), err,
                                           _ERR_LEN)
         self._check(code, err, "cannot release this process's hold")
+
+    def attach_memfd(self, control_path, control_link, data_path, data_link,
+                     data_writable):
+        """The fast open of a memfd region (capi_attach.cpp): returns (control_fd,
+        control_size, data_fd, data_size, header copy) or None when anything was
+        refused (the caller then redoes it step by step to say why)."""
+        header = ctypes.create_string_buffer(4096)
+        control_fd, data_fd = ctypes.c_int(-1), ctypes.c_int(-1)
+        control_size, data_size = ctypes.c_uint64(), ctypes.c_uint64()
+        code = self._dll.spshm_attach_memfd(
+            control_path.encode(), control_link.encode(), data_path.encode(),
+            data_link.encode(), 1 if data_writable else 0, header, ctypes.byref(control_fd),
+            ctypes.byref(control_size), ctypes.byref(data_fd), ctypes.byref(data_size),
+            None, 0)
+        if code != 0:
+            return None
+        return (control_fd.value, control_size.value, data_fd.value, data_size.value,
+                header.raw)
 
     def process_start_time(self, pid):
         """Return the start time (clock ticks since boot) of process ``pid``."""

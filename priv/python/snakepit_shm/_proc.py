@@ -1,6 +1,8 @@
 """Process identity: (pid, start time) pairs as recorded in the holder table."""
 
 import os
+import select
+import threading
 
 from . import errors
 
@@ -32,3 +34,84 @@ def self_identity():
     if _identity is None or _identity[0] != pid:
         _identity = (pid, process_start_time(pid))
     return _identity
+
+
+_BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
+_boot_id = None
+
+
+def boot_id():
+    """Return this host's boot id as 16 bytes, or None if unreadable (read once: a
+    process never outlives the boot it started in)."""
+    global _boot_id
+    if _boot_id is None:
+        try:
+            with open(_BOOT_ID_PATH, "rb") as source:
+                _boot_id = bytes.fromhex(source.read().decode().strip().replace("-", ""))
+        except (OSError, ValueError):
+            return None
+    return _boot_id
+
+
+# pid -> (start_time, pidfd): processes seen running with that start time. A pidfd
+# names one process for good (a reused pid is another process), and becomes readable
+# when that process exits: one poll() instead of reading /proc/<pid>/stat each time.
+_alive = {}
+_alive_lock = threading.Lock()
+_ALIVE_CACHE_LIMIT = 64
+
+
+def running(pid, start_time):
+    """True if process ``pid`` runs and started at ``start_time`` (clock ticks)."""
+    with _alive_lock:
+        known = _alive.get(pid)
+        if known is not None and known[2] == os.getpid():
+            if known[0] == start_time and not _exited(known[1]):
+                return True
+            _forget(pid)
+    pidfd = _pidfd_open(pid)
+    try:
+        started = process_start_time(pid)
+    except (errors.SnakepitShmError, OSError, ValueError, IndexError):
+        started = None
+    if started != start_time or pidfd is None:
+        if pidfd is not None:
+            os.close(pidfd)
+        return started == start_time
+    with _alive_lock:
+        if pid in _alive:
+            _forget(pid)
+        if len(_alive) >= _ALIVE_CACHE_LIMIT:
+            _forget(next(iter(_alive)))
+        _alive[pid] = (start_time, pidfd, os.getpid())
+    return True
+
+
+def _forget(pid):
+    _, pidfd, owner = _alive.pop(pid)
+    if owner == os.getpid():  # a forked child's copy is closed with the child
+        try:
+            os.close(pidfd)
+        except OSError:
+            pass
+
+
+def _pidfd_open(pid):
+    opener = getattr(os, "pidfd_open", None)
+    if opener is None:
+        return None
+    try:
+        fd = opener(pid)
+    except OSError:
+        return None
+    os.set_inheritable(fd, False)
+    return fd
+
+
+def _exited(pidfd):
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    try:
+        return bool(poller.poll(0))
+    except OSError:
+        return True

@@ -1,6 +1,7 @@
 """The Region class: one attached region, its mappings and its hold."""
 
 import contextlib
+import copy
 import ctypes
 import errno
 import fcntl
@@ -42,17 +43,10 @@ def expiry_problem(header_mm, now_ns=None):
 
 def creator_alive(header):
     """True if the header's creator process runs, with its start time, on this boot."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id", "rb") as source:
-            boot = bytes.fromhex(source.read().decode().strip().replace("-", ""))
-    except (OSError, ValueError):
-        boot = header.boot_id
-    if boot != header.boot_id:
+    boot = _proc.boot_id()
+    if boot is not None and boot != header.boot_id:
         return False
-    try:
-        return _proc.process_start_time(header.creator_pid) == header.creator_start_time
-    except (errors.SnakepitShmError, OSError, ValueError, IndexError):
-        return False
+    return _proc.running(header.creator_pid, header.creator_start_time)
 
 
 def deallocated_message(header, state=0):
@@ -99,6 +93,10 @@ class Attachment:
         attachment.
         """
         self.header_mm = header_mm
+        # Taken once (an open mmap never moves); used only under self._lock or before
+        # the attachment is shared, and close() unmaps only after the release.
+        self.address = _native.address_of(header_mm, writable=writable) if writable \
+            else None
         self.library = library
         self.writable = writable
         self.fd = fd
@@ -131,10 +129,10 @@ class Attachment:
 
     def hold(self, identity, writable):
         """Register one hold of ``identity`` in the header, in this open's slot."""
-        with _native.buffer_address(self.header_mm, writable=True) as (address, _):
-            self.library.hold_fd(address, self.fd, self.slot, identity[0], identity[1],
-                                 writable)
-        self.identity = identity
+        with self._lock:
+            self.library.hold_fd(self.address, self.fd, self.slot, identity[0],
+                                 identity[1], writable)
+            self.identity = identity
 
     def release(self):
         """Release the hold if this process registered one (idempotent, fork-safe)."""
@@ -144,8 +142,7 @@ class Attachment:
             # process that registered the hold may release it.
             if identity is None or identity[0] != os.getpid():
                 return
-            with _native.buffer_address(self.header_mm, writable=True) as (address, _):
-                self.library.release_fd(address, self.fd, self.slot)
+            self.library.release_fd(self.address, self.fd, self.slot)
 
     def close(self):
         """Release the hold, then unmap the header and close the control descriptor."""
@@ -259,7 +256,7 @@ class Region:
     @property
     def metadata(self):
         """The JSON metadata object the Elixir side stored in the header (a dict)."""
-        return dict(self._header.metadata)
+        return copy.deepcopy(self._header.metadata)
 
     @property
     def sealed(self):
@@ -561,7 +558,9 @@ class Region:
         from_ref = getattr(self._location, name)
         if from_ref is not None:
             return from_ref
-        return self._header.metadata.get(name)
+        value = self._header.metadata.get(name)
+        # the decoded metadata is shared by the regions with the same bytes: copies out
+        return copy.deepcopy(value) if isinstance(value, (list, dict)) else value
 
     def _key(self):
         key = self._location.key

@@ -1,0 +1,94 @@
+"""Worker-side attach cost (issue 14): one-shot, prints JSON.
+
+Usage: ``attach_micro.py PRIV_PYTHON_DIR REQUEST_JSON`` where the request is
+``{"ref": <ref of a 4 KiB region>, "bare_id": <id of a memfd region among many live>,
+"rounds": r, "per_round": n, "scan_iterations": k}``.
+
+Times, in paired rounds (order rotated each round), the median of ``per_round`` runs of:
+
+* ``ref``: ``snakepit_shm.attach(ref)``, ``ndarray()``, ``close()`` (a 4 KiB region);
+* ``mp``: ``multiprocessing.shared_memory.SharedMemory(name=...)``, a numpy view of
+  its buffer, ``close()`` (a 4 KiB segment this script created once): Python's own
+  attach + close;
+* ``bare_id``: ``attach(region_id)``, ``ndarray()``, ``close()`` through the runtime
+  index, and ``find``: the bare-id lookup alone;
+
+and, ``scan_iterations`` times, the lookup with the /proc/*/fd scan (the index ignored),
+as the fallback costs with the same live regions. Prints one JSON object of lists of
+microseconds (one per round; the scan: one per iteration).
+"""
+
+import json
+import os
+import statistics
+import sys
+import time
+from multiprocessing import shared_memory
+
+import numpy as np
+
+clock = time.perf_counter_ns
+
+
+def median_us(fn, count):
+    samples = []
+    for _ in range(count):
+        started = clock()
+        fn()
+        samples.append(clock() - started)
+    return statistics.median(samples) / 1000
+
+
+def main():
+    sys.path.insert(0, sys.argv[1])
+    import snakepit_shm
+    from snakepit_shm import _locate
+
+    request = json.loads(sys.argv[2])
+    ref, bare_id = request["ref"], request["bare_id"]
+    segment = shared_memory.SharedMemory(create=True, size=4096)
+
+    def by_ref():
+        region = snakepit_shm.attach(ref)
+        words = region.ndarray()
+        del words
+        region.close()
+
+    def by_id():
+        region = snakepit_shm.attach(bare_id)
+        words = region.ndarray()
+        del words
+        region.close()
+
+    def mp():
+        shm = shared_memory.SharedMemory(name=segment.name)
+        words = np.frombuffer(shm.buf, dtype=np.uint8)
+        del words
+        shm.close()
+
+    def find():
+        _locate.find_by_id(bare_id)
+
+    paths = {"ref": by_ref, "mp": mp, "bare_id": by_id, "find": find}
+    out = {name: [] for name in paths}
+    try:
+        for fn in paths.values():  # warm: the library, numpy, the tracker
+            for _ in range(50):
+                fn()
+        names = list(paths)
+        for round_no in range(request["rounds"]):
+            order = names[round_no % len(names):] + names[:round_no % len(names)]
+            for name in order:
+                out[name].append(median_us(paths[name], request["per_round"]))
+        out["index"] = _locate.index_entry(bare_id) is not None
+        # The fallback: the index out of the way (a directory that does not exist).
+        os.environ[_locate.RUNTIME_DIR_ENV] = "/nonexistent/snakepit_shm_bench"
+        out["scan"] = [median_us(find, 1) for _ in range(request["scan_iterations"])]
+    finally:
+        segment.close()
+        segment.unlink()
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+// The runtime index: one entry per live region in a per-user 0700 directory, so that a
+// worker finds a region by its bare id with one readlink instead of a scan of every
+// process's /proc/<pid>/fd (docs/FORMAT.md, "Runtime index").
+//
+// The directory is $SNAKEPIT_SHM_RUNTIME_DIR, else $XDG_RUNTIME_DIR/snakepit_shm, else
+// /dev/shm/snakepit_shm-<euid> (tmpfs: publishing never waits for a disk, so it may run on
+// a normal scheduler); it is used only while it is a real directory owned by this user
+// with no group/other permission (never a symlink), and is never trusted further:
+// an entry only says where to look, and the reader checks the memfd link name and the
+// header's region id after opening. Everything here is best effort: without the
+// directory (read-only /tmp, another user's directory, ...) no entry is written and
+// workers fall back to the /proc scan.
+//
+// An entry is a symbolic link named after the region id whose target is the text
+//   "spshm1 <kind> <control path> <data path> <offset> <size>"
+// (never a path to follow): kind "memfd" (a dedicated memfd pair, offset 0) or "arena"
+// (a region carved from a shared arena file at <offset>). One symlinkat to publish and
+// one unlinkat to remove: no file to open, write and close.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+namespace spshm::runtime_index {
+
+struct Entry {
+  std::string kind;          ///< "memfd" or "arena"
+  std::string control_path;  ///< what to open for the header / control block
+  std::string data_path;     ///< what to open for the data (same as control for an arena)
+  std::uint64_t offset = 0;  ///< where the region starts in its object
+  std::uint64_t size = 0;    ///< its data size in bytes
+};
+
+/// The entry's text (the symlink target).
+std::string format(const Entry& entry);
+
+/// The directory in use, or "" when the index is off (not ours, not 0700, uncreatable).
+std::string directory();
+
+/// Writes the entry of `region_id` (replacing a stale one). False when not written.
+bool publish(const std::string& region_id, const Entry& entry) noexcept;
+
+/// Removes the entry of `region_id` if there is one. Never fails.
+void remove(const std::string& region_id) noexcept;
+
+struct SweepResult {
+  std::size_t kept = 0;
+  std::size_t removed = 0;
+};
+
+/// Removes the entries whose memfd no longer exists under the path they name (their VM
+/// exited or freed the region without removing it, e.g. kill -9), and anything in the
+/// directory that is not an entry of ours.
+SweepResult sweep() noexcept;
+
+/// The entry a region publishes while it lives, removed on remove() or destruction.
+class Published {
+ public:
+  Published() noexcept = default;
+  Published(const Published&) = delete;
+  Published& operator=(const Published&) = delete;
+  ~Published() { remove(); }
+  void publish(const std::string& region_id, const Entry& entry) noexcept;
+  void remove() noexcept;
+
+ private:
+  char id_[40] = {};  ///< the published id ("" when none): no allocation on removal
+};
+
+}  // namespace spshm::runtime_index

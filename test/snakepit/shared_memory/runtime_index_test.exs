@@ -1,0 +1,132 @@
+Code.require_file("../test_support.exs", __DIR__)
+
+defmodule Snakepit.SharedMemory.RuntimeIndexTest do
+  # The runtime index (issue 14): each memfd region of a VM is listed in a per-user 0700
+  # directory so that a worker finds it by bare id without scanning /proc/*/fd; the
+  # entry goes with the region, and the orphan sweep removes what dead VMs left.
+  use ExUnit.Case, async: false
+
+  @moduletag :capture_log
+
+  alias Snakepit.SharedMemory, as: SM
+  alias Snakepit.SharedMemory.{Native, ReliabilityHelpers, Sweep}
+
+  defp dir do
+    {:ok, %{directory: dir}} = Native.runtime_index_sweep()
+    dir
+  end
+
+  defp entry(dir, id), do: File.read_link(Path.join(dir, id))
+
+  test "allocate lists a memfd region, deallocate removes it; the directory is ours, 0700" do
+    dir = dir()
+    assert is_binary(dir)
+    {:ok, %File.Stat{type: :directory, mode: mode, uid: uid}} = File.lstat(dir)
+    assert Bitwise.band(mode, 0o777) == 0o700
+    {euid, 0} = System.cmd("id", ["-u"])
+    assert Integer.to_string(uid) == String.trim(euid)
+
+    {:ok, id} = SM.allocate_region(10_000, backend: :memfd)
+    {:ok, ref} = SM.export_ref(id)
+
+    assert entry(dir, id) ==
+             {:ok, "spshm1 memfd #{ref["control_path"]} #{ref["data_path"]} 0 10000"}
+
+    :ok = SM.deallocate_region(id)
+    assert entry(dir, id) == {:error, :enoent}
+  end
+
+  test "POSIX regions are found by name: no entry" do
+    {:ok, id} = SM.allocate_region(4096, backend: :posix)
+    assert entry(dir(), id) == {:error, :enoent}
+    :ok = SM.deallocate_region(id)
+  end
+
+  test "a Python worker attaches by bare id through the index, without the /proc scan" do
+    {:ok, id} = SM.allocate_region(4096, backend: :memfd)
+    {:ok, mapping} = SM.map_region(id)
+    :ok = SM.write(mapping, 0, "indexed")
+
+    script = """
+    import sys, snakepit_shm
+    from snakepit_shm import _locate
+    def no_scan(uid):
+        raise AssertionError("scanned /proc")
+    _locate._pids_of_uid = no_scan
+    with snakepit_shm.attach(sys.argv[1]) as region:
+        print(region.read(0, 7).decode())
+    """
+
+    {out, status} = ReliabilityHelpers.python(script, [id])
+    assert {status, String.trim(out)} == {0, "indexed"}
+    :ok = SM.unmap_region(mapping)
+    :ok = SM.deallocate_region(id)
+  end
+
+  test "the sweep removes the entries of a VM killed with SIGKILL, and keeps live ones" do
+    dir = dir()
+    {:ok, live} = SM.allocate_region(4096, backend: :memfd)
+
+    code = """
+    Application.ensure_all_started(:snakepit_shm)
+    {:ok, id} = Snakepit.SharedMemory.allocate_region(4096, backend: :memfd)
+    IO.puts("ID " <> id)
+    System.cmd("kill", ["-9", System.pid()])
+    """
+
+    {out, _status} = ReliabilityHelpers.elixir_vm(code)
+    [_, dead] = Regex.run(~r/ID (spshm_[a-z2-7]{20})/, out)
+    assert {:ok, "spshm1 memfd " <> _} = entry(dir, dead)
+
+    # Not ours to judge: a name that is no region id stays.
+    other = Path.join(dir, "not-an-entry")
+    File.write!(other, "x")
+
+    assert %{removed: removed} = Sweep.sweep_runtime_index()
+    assert removed >= 1
+    assert entry(dir, dead) == {:error, :enoent}
+    assert {:ok, _} = entry(dir, live)
+    assert File.exists?(other)
+    File.rm!(other)
+    :ok = SM.deallocate_region(live)
+  end
+
+  test "python_env/0 tells workers where this VM's index is" do
+    assert {:ok, %{"SNAKEPIT_SHM_RUNTIME_DIR" => dir}} = SM.python_env()
+    assert dir == dir()
+  end
+
+  test "a VM refuses an index directory that is not its own 0700 directory" do
+    base = Path.join(System.tmp_dir!(), "rt_index_#{System.unique_integer([:positive])}")
+    File.mkdir_p!(base)
+    open = Path.join(base, "open")
+    File.mkdir_p!(open)
+    File.chmod!(open, 0o755)
+    good = Path.join(base, "good")
+    File.mkdir_p!(good)
+    File.chmod!(good, 0o700)
+    link = Path.join(base, "link")
+    File.ln_s!(good, link)
+
+    code = """
+    Application.ensure_all_started(:snakepit_shm)
+    {:ok, id} = Snakepit.SharedMemory.allocate_region(4096, backend: :memfd)
+    {:ok, r} = Snakepit.SharedMemory.Native.runtime_index_sweep()
+    IO.puts("RESULT \#{inspect(r.directory)} \#{id}")
+    """
+
+    try do
+      for {dir, expected} <- [{open, nil}, {link, nil}, {good, good}] do
+        {out, 0} = ReliabilityHelpers.elixir_vm(code, env: [{"SNAKEPIT_SHM_RUNTIME_DIR", dir}])
+
+        [_, shown, id] = Regex.run(~r/RESULT (\S+) (spshm_\w+)/, out)
+        assert shown == inspect(expected), out
+        # nothing was written into a refused directory (the VM freed its region on exit)
+        if expected == nil, do: assert(File.ls!(dir) == [])
+        assert File.read_link(Path.join(good, id)) == {:error, :enoent}
+      end
+    after
+      File.rm_rf!(base)
+    end
+  end
+end
