@@ -194,6 +194,8 @@ class View {
     std::string worker_id;
     std::uint32_t candidates = 0;  ///< fresh, routable entries seen
     std::uint32_t unreadable = 0;  ///< slots given up after kReadRetries
+    char id[kWorkerIdCapacity];    ///< the picked worker id (id_length bytes), no allocation
+    std::uint32_t id_length = 0;
   };
   /// The seed's routing, in one O(capacity) pass: skip free, unreadable, stale, excluded
   /// and non-routable (starting, draining, shutdown) entries; prefer idle over busy,
@@ -201,8 +203,13 @@ class View {
   /// (rotation mod count)-th, so that a rotation counter shares ties evenly.
   Pick least_loaded(std::uint64_t now_ns, std::uint64_t rotation,
                     const std::vector<std::string>& exclude) const;
+  /// least_loaded() without exclusions, the router's hot path: fills id/id_length only
+  /// (no allocation, no branch per consistent slot).
+  Pick least_loaded_all(std::uint64_t now_ns, std::uint64_t rotation) const;
   /// The worker id of a live slot (consistent copy, bounded retries); false otherwise.
   bool read_id(std::uint32_t index, std::string* out) const;
+  /// The same into `out` (kWorkerIdCapacity bytes), no allocation.
+  bool read_id_into(std::uint32_t index, char* out, std::uint32_t* length) const noexcept;
 
  private:
   BoardHeader* header_ = nullptr;

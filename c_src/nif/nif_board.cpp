@@ -405,12 +405,15 @@ SPSHM_GUARDED_NIF(nif_board_least_loaded)(ErlNifEnv* env, int, const ERL_NIF_TER
   if (res->region->is_deallocated()) return deleted(env);
   if (damaged(res->region)) return truncated(env);
   std::uint64_t rotation = res->rotation.fetch_add(1, std::memory_order_relaxed);
-  auto pick = res->view.least_loaded(b::monotonic_coarse_ns(), rotation, exclude);
+  auto pick = n == 0 ? res->view.least_loaded_all(b::monotonic_coarse_ns(), rotation)
+                     : res->view.least_loaded(b::monotonic_coarse_ns(), rotation, exclude);
   if (damaged(res->region)) return truncated(env);  // this scan hit the truncation
   if (!pick.found)
     return enif_make_tuple3(env, atom(env, "none"), enif_make_uint(env, pick.candidates),
                             enif_make_uint(env, pick.unreadable));
-  return enif_make_tuple2(env, atoms.ok, make_binary(env, pick.worker_id));
+  ERL_NIF_TERM id = n == 0 ? make_binary(env, std::string_view(pick.id, pick.id_length))
+                           : make_binary(env, pick.worker_id);
+  return enif_make_tuple2(env, atoms.ok, id);
 }
 
 // board_reclaim(region, os_pid, start_time) -> count: frees the slots of a dead OS

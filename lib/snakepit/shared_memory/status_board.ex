@@ -293,11 +293,15 @@ defmodule Snakepit.SharedMemory.StatusBoard do
   @spec least_loaded(t(), keyword()) :: {:ok, String.t()} | {:error, Error.t()}
   def least_loaded(board, opts \\ [])
 
+  # The router's hot path: the NIF is called directly (no closure), a forged handle's
+  # badarg is rescued here.
   def least_loaded(%__MODULE__{board: ref} = board, []) do
-    case nif(board, fn -> Native.board_least_loaded(ref, []) end) do
+    case Native.board_least_loaded(ref, []) do
       {:ok, id} -> {:ok, id}
       other -> picked(board, other)
     end
+  rescue
+    ArgumentError -> nif(board, fn -> raise ArgumentError end)
   end
 
   def least_loaded(%__MODULE__{} = board, opts) when is_list(opts) do

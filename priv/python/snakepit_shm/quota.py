@@ -364,18 +364,21 @@ class HostQuota:
         return res
 
     def release(self, reservation):
-        """Release a reservation (idempotent: releasing twice is not an error)."""
+        """Release a reservation (idempotent: releasing twice is not an error).
+
+        Sent without waiting for an answer (request id 0): the server applies it before
+        anything this session sends later (one ordered socket), and a server that dies
+        meanwhile takes the reservation with it (it is not re-declared on reconnect).
+        """
         with self._cv:
             if self._held.get(reservation.id) is not reservation:
                 # Not held, or a reservation of another client (ids are per client:
                 # the same id here may be one of ours).
                 return
             del self._held[reservation.id]
-            if self._sock is None:
-                # Not held, or the session it was held by is gone (and with it the
-                # reservation; it is not re-declared on reconnect).
-                return
-        self._call(lambda req: encode_release(req, reservation.id), None, release=True)
+            # With no socket, the session it was held by is gone, and the reservation
+            # with it (_send_locked sends nothing then).
+            self._send_locked(encode_release(0, reservation.id))
 
     def usage(self, name=None):
         """Limit, used, left, holders and waiters of quota ``name`` (None: all), as dicts."""
