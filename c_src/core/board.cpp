@@ -18,6 +18,10 @@
 #else
 #include <time.h>
 #endif
+#if defined(__linux__)
+#include <fcntl.h>
+#include <cerrno>
+#endif
 
 #include <algorithm>
 #include <cstring>
@@ -223,17 +227,94 @@ std::uint64_t View::generation() const noexcept {
   return header_->generation.load(std::memory_order_acquire);
 }
 
+// ---- slot locks ----
+
+#if defined(__linux__)
+namespace {
+int slot_lock(int fd, int cmd, short type, std::uint32_t index, short* found = nullptr) noexcept {
+  struct flock fl {};
+  fl.l_type = type;
+  fl.l_whence = SEEK_SET;
+  fl.l_start = static_cast<off_t>(kSlotLockBase + index);
+  fl.l_len = 1;
+  if (::fcntl(fd, cmd, &fl) != 0) return errno == EAGAIN || errno == EACCES ? 0 : -1;
+  if (found != nullptr) *found = fl.l_type;
+  return 1;
+}
+}  // namespace
+
+int SlotLocks::try_lock(std::uint32_t index) const noexcept {
+  return fd_ < 0 ? -1 : slot_lock(fd_, F_OFD_SETLK, F_WRLCK, index);
+}
+void SlotLocks::unlock(std::uint32_t index) const noexcept {
+  if (fd_ >= 0) (void)slot_lock(fd_, F_OFD_SETLK, F_UNLCK, index);
+}
+int SlotLocks::held(std::uint32_t index) const noexcept {
+  short found = F_UNLCK;
+  if (fd_ < 0 || slot_lock(fd_, F_OFD_GETLK, F_WRLCK, index, &found) != 1) return -1;
+  return found != F_UNLCK ? 1 : 0;
+}
+#else
+int SlotLocks::try_lock(std::uint32_t) const noexcept { return -1; }
+void SlotLocks::unlock(std::uint32_t) const noexcept {}
+int SlotLocks::held(std::uint32_t) const noexcept { return -1; }
+#endif
+
 bool View::join(const std::string& worker_id, std::uint32_t pid, std::uint64_t start_time,
                 std::uint32_t* index, std::uint64_t* owner) noexcept {
+  return join_locked(worker_id, pid, start_time, SlotLocks(-1), false, 0, index, owner);
+}
+
+int View::owner_alive(std::uint32_t index, const SlotLocks& locks) const noexcept {
+  if (index >= capacity_) return 0;
+  return locks.held(index);
+}
+
+bool View::recover_dead(std::uint32_t index, const SlotLocks& locks) noexcept {
+  if (index >= capacity_) return false;
+  BoardSlot& s = slots_[index];
+  std::uint64_t o = s.owner.load(std::memory_order_acquire);
+  if (owner_state(o) == kSlotFree) return false;
+  if (locks.try_lock(index) != 1) return false;  // alive (or unknown): leave it alone
+  // Ours now: nobody else can claim or recover it until we unlock.
+  std::uint32_t incarnation = owner_incarnation(o) + 1;
+  bool freed = s.owner.compare_exchange_strong(o, owner_word(incarnation, kSlotBusy));
+  if (freed) {
+    {
+      WriteSection w(s);
+      s.state.store(static_cast<std::uint32_t>(WorkerState::shutdown), R);
+    }
+    locks.unlock(index);
+    std::uint64_t busy = owner_word(incarnation, kSlotBusy);
+    s.owner.compare_exchange_strong(busy, owner_word(incarnation, kSlotFree));
+    header_->generation.fetch_add(1);
+  } else {
+    locks.unlock(index);
+  }
+  return freed;
+}
+
+bool View::join_locked(const std::string& worker_id, std::uint32_t pid, std::uint64_t start_time,
+                       const SlotLocks& locks, bool recover, std::uint32_t self_pid,
+                       std::uint32_t* index, std::uint64_t* owner) noexcept {
   if (worker_id.empty() || worker_id.size() > kWorkerIdCapacity) return false;
   std::uint64_t words[kWorkerIdCapacity / 8] = {};
   std::memcpy(words, worker_id.data(), worker_id.size());
+  const bool locking = locks.fd() >= 0;
   for (std::uint32_t i = 0; i < capacity_; ++i) {
     BoardSlot& s = slots_[i];
     std::uint64_t o = s.owner.load(std::memory_order_acquire);
-    if (owner_state(o) != kSlotFree) continue;
+    if (owner_state(o) != kSlotFree) {
+      // Taken, unless its owner died (its lock is free): then it is ours to recover.
+      if (!locking || !recover || s.pid.load(R) == self_pid) continue;
+    }
+    // The lock first: a joiner killed after it never leaves a slot nobody can recover.
+    if (locking && locks.try_lock(i) != 1) continue;
     std::uint32_t incarnation = owner_incarnation(o) + 1;
-    if (!s.owner.compare_exchange_strong(o, owner_word(incarnation, kSlotBusy))) continue;
+    if (!s.owner.compare_exchange_strong(o, owner_word(incarnation, kSlotBusy))) {
+      if (locking) locks.unlock(i);
+      continue;
+    }
     std::uint64_t now = monotonic_ns();
     {
       WriteSection w(s);
@@ -280,7 +361,7 @@ bool View::update(std::uint32_t index, std::uint64_t owner, const Values& v) noe
   return update_slot(slots_[index], owner, v);
 }
 
-bool View::leave(std::uint32_t index, std::uint64_t owner) noexcept {
+bool View::leave(std::uint32_t index, std::uint64_t owner, const SlotLocks* locks) noexcept {
   if (index >= capacity_ || owner_state(owner) != kSlotLive) return false;
   BoardSlot& s = slots_[index];
   std::uint64_t expected = owner;
@@ -290,7 +371,12 @@ bool View::leave(std::uint32_t index, std::uint64_t owner) noexcept {
     WriteSection w(s);
     s.state.store(static_cast<std::uint32_t>(WorkerState::shutdown), R);
   }
-  s.owner.store(owner_word(incarnation, kSlotFree), std::memory_order_release);
+  // Unlocked while still busy (never a free slot whose lock a leaver still holds); a
+  // joiner may recover the busy slot meanwhile, which the compare-and-swap below sees.
+  if (locks != nullptr) locks->unlock(index);
+  std::uint64_t busy = owner_word(incarnation, kSlotBusy);
+  s.owner.compare_exchange_strong(busy, owner_word(incarnation, kSlotFree),
+                                  std::memory_order_release);
   header_->generation.fetch_add(1);
   return true;
 }
