@@ -91,10 +91,16 @@ class QuotaUnavailable(QuotaError, ConnectionError):
 
 
 def default_dir():
-    """The quota directory, resolved as the Elixir side does (docs/QUOTA.md)."""
-    env = os.environ.get("SNAKEPIT_SHM_QUOTA_DIR")
-    if env:
-        return env
+    """The quota directory, resolved as the Elixir side does (docs/QUOTA.md).
+
+    ``SNAKEPIT_SHM_QUOTA_DIR`` if set; else ``SNAKEPIT_SHM_VM_QUOTA_DIR``, the directory
+    the Elixir VM that started this process uses (it exports it, ``host_quota_dir``
+    configuration included); else the defaults.
+    """
+    for name in ("SNAKEPIT_SHM_QUOTA_DIR", "SNAKEPIT_SHM_VM_QUOTA_DIR"):
+        env = os.environ.get(name)
+        if env:
+            return env
     uid = os.getuid()
     for base in (os.environ.get("XDG_RUNTIME_DIR"), "/run/user/%d" % uid):
         if base and _owned_dir(base, uid):

@@ -68,6 +68,9 @@ defmodule Snakepit.SharedMemory.HostQuota.Client do
   def init(opts) do
     case RuntimeDir.ensure(opts[:dir]) do
       {:ok, dir} ->
+        # This VM's own client: workers it starts from now on find the same directory.
+        if opts[:name] == __MODULE__, do: RuntimeDir.export_env(dir)
+
         # A table whose life is this session's (HostQuota.Regions keeps region ->
         # reservation there): if this process dies, table and session end together.
         if opts[:table], do: :ets.new(opts[:table], [:named_table, :public, :set])
