@@ -110,6 +110,11 @@ defmodule Snakepit.SharedMemory.HostQuota do
   @doc """
   Releases a reservation. `{:error, %Error{reason: :not_found}}` if it is not held
   any more (released before, or its owner died).
+
+  The release is final when this returns: the client no longer holds it (it is never
+  re-declared), and the server applies it before anything this VM's session sends
+  next. It does not wait for the server's answer (the RELEASE frame asks for none), so
+  a reserve + release pair costs one socket round trip.
   """
   @spec release(Reservation.t()) :: :ok | {:error, Error.t()}
   def release(%Reservation{client: client} = res) when is_pid(client),
