@@ -7,6 +7,9 @@ defmodule SnakepitShm.Bench.Board do
       lengths, some stale) versus `GenServer.call` to a server that holds the same
       entries in a map and answers with the same algorithm (stale dropped, idle first,
       lowest queue + in flight, round-robin ties);
+    * `least_loaded/2` without and with `verify: true` over 64 slots owned by another OS
+      process (one Python process joins them all), where the kernel is asked whether
+      the pick's owner still holds its slot lock;
     * one update: from a Python worker through the C ABI (`StatusBoard.update`, timed
       inside Python), from Elixir (`StatusBoard.update/2`), and a `GenServer.cast` to
       the server (cast throughput, drained by one call at the end of each batch).
