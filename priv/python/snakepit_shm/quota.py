@@ -257,9 +257,9 @@ class Reservation:
         """Whether this reservation is still held by its client."""
         return self._quota._is_held(self.id)
 
-    def release(self):
-        """Give the reservation back (idempotent)."""
-        self._quota.release(self)
+    def release(self, sync=True):
+        """Give the reservation back (idempotent); see :meth:`HostQuota.release`."""
+        self._quota.release(self, sync=sync)
 
     def __enter__(self):
         return self
@@ -369,12 +369,16 @@ class HostQuota:
             self._limits.setdefault(name, reply[2])
         return res
 
-    def release(self, reservation):
+    def release(self, reservation, sync=True):
         """Release a reservation (idempotent: releasing twice is not an error).
 
-        Sent without waiting for an answer (request id 0): the server applies it before
-        anything this session sends later (one ordered socket), and a server that dies
-        meanwhile takes the reservation with it (it is not re-declared on reconnect).
+        By default returns once the server has applied it: every client sees the
+        amount free afterwards.  ``sync=False`` sends it without waiting for an answer
+        (request id 0), one round trip less: the server applies it before anything this
+        session sends later (one ordered socket), a server that dies meanwhile takes
+        the reservation with it (it is not re-declared on reconnect), but another
+        client may see the amount as used for the microseconds the frame takes to
+        reach the server.
         """
         with self._cv:
             if self._held.get(reservation.id) is not reservation:
@@ -382,9 +386,12 @@ class HostQuota:
                 # the same id here may be one of ours).
                 return
             del self._held[reservation.id]
-            # With no socket, the session it was held by is gone, and the reservation
-            # with it (_send_locked sends nothing then).
-            self._send_locked(encode_release(0, reservation.id))
+            if not sync or self._sock is None:
+                # With no socket, the session it was held by is gone, and the
+                # reservation with it (_send_locked sends nothing then).
+                self._send_locked(encode_release(0, reservation.id))
+                return
+        self._call(lambda req: encode_release(req, reservation.id), None, release=True)
 
     def usage(self, name=None):
         """Limit, used, left, holders and waiters of quota ``name`` (None: all), as dicts."""
