@@ -104,7 +104,10 @@ size_t spshm_board_layout(char* buf, size_t buflen);
 /* Validates the board at `data` (a region's data area, `bytes` long) and claims a free
  * slot for worker_id (1..64 bytes) of process (pid, start_time). On success *index is
  * the slot and *owner the word to pass to update/leave; *capacity (if non-NULL) the
- * board's slot count. SPSHM_E_BOARD_FULL when no slot is free. */
+ * board's slot count. SPSHM_E_BOARD_FULL when no slot is free.
+ * Deprecated: a slot joined without its liveness lock looks dead to readers that ask
+ * the kernel (least_loaded(verify: true), entries' alive) and may be taken over by a
+ * joiner; workers use spshm_board_join_locked (below). */
 int spshm_board_join(void* data, uint64_t bytes, const char* worker_id, size_t id_len, uint32_t pid,
                      uint64_t start_time, uint32_t* index, uint64_t* owner, uint32_t* capacity,
                      char* err, size_t errlen);
