@@ -7,6 +7,9 @@ defmodule SnakepitShm.Bench.Board do
       lengths, some stale) versus `GenServer.call` to a server that holds the same
       entries in a map and answers with the same algorithm (stale dropped, idle first,
       lowest queue + in flight, round-robin ties);
+    * `least_loaded/2` without and with `verify: true` over 64 slots owned by another OS
+      process (one Python process joins them all), where the kernel is asked whether
+      the pick's owner still holds its slot lock;
     * one update: from a Python worker through the C ABI (`StatusBoard.update`, timed
       inside Python), from Elixir (`StatusBoard.update/2`), and a `GenServer.cast` to
       the server (cast throughput, drained by one call at the end of each batch).
@@ -83,10 +86,72 @@ defmodule SnakepitShm.Bench.Board do
   print(json.dumps(out), flush=True)
   """
 
+  # One Python process owns every slot of the verify board (each join is its own open
+  # of the segment, with its own slot lock), so that `verify: true` asks the kernel.
+  @python_owner ~S"""
+  import json, random, sys
+  import snakepit_shm
+  ref, n = json.loads(sys.argv[1]), int(sys.argv[2])
+  random.seed(16)
+  slots = []
+  for i in range(n):
+      b = snakepit_shm.StatusBoard.join(ref, "py-%d" % i)
+      b.update(state=random.choice(["idle", "busy", "busy"]), queue=random.randrange(8))
+      slots.append(b)
+  print("READY", flush=True)
+  sys.stdin.readline()
+  """
+
   def run(profile, _programs) do
     {rounds, calls} = if profile.name == :quick, do: {5, 2_000}, else: {15, 20_000}
     routing = for n <- @sizes, do: routing(n, rounds, calls)
-    %{rounds: rounds, calls: calls, routing: routing, update: updates(rounds, calls)}
+
+    %{
+      rounds: rounds,
+      calls: calls,
+      routing: routing,
+      verify: verify(64, rounds, calls),
+      update: updates(rounds, calls)
+    }
+  end
+
+  # least_loaded/2 with and without `verify: true` over slots owned by another OS
+  # process (the kernel is asked whether the pick's owner holds its slot lock).
+  defp verify(n, rounds, calls) do
+    {:ok, board} = StatusBoard.create(name("v#{n}"), capacity: n)
+    {:ok, ref} = StatusBoard.export_ref(board)
+    {:ok, json} = JSON.encode(ref)
+
+    port =
+      Port.open({:spawn_executable, "/usr/bin/python3"}, [
+        :binary,
+        {:line, 4096},
+        args: ["-c", @python_owner, json, Integer.to_string(n)],
+        env: [
+          {~c"PYTHONPATH", String.to_charlist(Programs.python_client_dir())},
+          {~c"PYTHONDONTWRITEBYTECODE", ~c"1"}
+        ]
+      ])
+
+    receive do
+      {^port, {:data, {:eol, "READY"}}} -> :ok
+    after
+      60_000 -> raise "the Python slot owner did not get ready"
+    end
+
+    try do
+      samples =
+        for _ <- 1..rounds do
+          {per_call(calls, fn -> {:ok, _} = StatusBoard.least_loaded(board) end),
+           per_call(calls, fn -> {:ok, _} = StatusBoard.least_loaded(board, verify: true) end)}
+        end
+
+      {plain, verified} = Enum.unzip(samples)
+      %{workers: n, plain_ns: plain, verify_ns: verified}
+    after
+      Port.close(port)
+      StatusBoard.delete(board)
+    end
   end
 
   defp routing(n, rounds, calls) do
@@ -195,6 +260,21 @@ defmodule SnakepitShm.Bench.Board do
 
     u = b.update
 
+    verify_rows =
+      case Map.get(b, :verify) do
+        nil ->
+          []
+
+        v ->
+          [
+            [
+              v.workers,
+              Format.time_summary(v.plain_ns),
+              Format.time_summary(v.verify_ns)
+            ]
+          ]
+      end
+
     update_rows = [
       ["Python `StatusBoard.update` (C ABI, timed in CPython)", Format.time_summary(u.python_ns)],
       ["Elixir `StatusBoard.update/2` (NIF)", Format.time_summary(u.elixir_ns)],
@@ -209,6 +289,11 @@ defmodule SnakepitShm.Bench.Board do
     #{b.calls} calls per round, #{b.rounds} rounds, order alternated.
 
     #{Format.table(["workers", "least_loaded/2", "GenServer.call", "speed-up (paired)"], rows)}
+    The same pick over slots owned by another OS process (one Python process holding
+    every slot), without and with `verify: true` (the kernel confirms that the pick's
+    owner holds its slot lock: one `F_OFD_GETLK`):
+
+    #{Format.table(["workers", "least_loaded/2", "least_loaded(verify: true)"], verify_rows)}
     One update of a worker's entry (per call):
 
     #{Format.table(["update", "time"], update_rows)}

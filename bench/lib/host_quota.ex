@@ -5,6 +5,8 @@ defmodule SnakepitShm.Bench.HostQuota do
 
     * reserve + release round trip: from Elixir (this VM's client; this VM serves, over
       the Unix socket like every client), from Python (`bench/python/quota_client.py`),
+      each with the default release (answered: two round trips per pair) and with the
+      fire-and-forget one (`sync: false`: one round trip per pair),
       and the seed's robust-mutex table in shared memory (C++ `robust_quota rt`, one
       process, no IPC at all: its floor);
     * release latency after a client's SIGKILL: a Python client holding 60 of 100 kills
@@ -35,6 +37,8 @@ defmodule SnakepitShm.Bench.HostQuota do
           %{
             elixir: elixir_rt(client, pairs),
             python: python_rt(dir, pairs),
+            elixir_fast: elixir_rt(client, pairs, sync: false),
+            python_fast: python_rt(dir, pairs, "rt-fast"),
             seed: seed_rt(programs, pairs * 20)
           }
         end
@@ -43,6 +47,8 @@ defmodule SnakepitShm.Bench.HostQuota do
         pairs: pairs,
         elixir_rt_ns: Enum.map(rounds, & &1.elixir),
         python_rt_ns: Enum.map(rounds, & &1.python),
+        elixir_fast_rt_ns: Enum.map(rounds, & &1.elixir_fast),
+        python_fast_rt_ns: Enum.map(rounds, & &1.python_fast),
         seed_rt_ns: Enum.map(rounds, & &1.seed),
         kill_ours_ns: for(_ <- 1..profile.host_quota_kills, do: ours_kill(dir, client)),
         kill_seed:
@@ -59,20 +65,20 @@ defmodule SnakepitShm.Bench.HostQuota do
     end
   end
 
-  defp elixir_rt(client, pairs) do
-    for _ <- 1..500, do: pair(client)
-    {us, _} = :timer.tc(fn -> for _ <- 1..pairs, do: pair(client) end)
+  defp elixir_rt(client, pairs, release_opts \\ []) do
+    for _ <- 1..500, do: pair(client, release_opts)
+    {us, _} = :timer.tc(fn -> for _ <- 1..pairs, do: pair(client, release_opts) end)
     us * 1000 / pairs
   end
 
-  defp pair(client) do
+  defp pair(client, release_opts) do
     {:ok, res} = HQ.reserve("bench", 1, client: client)
-    :ok = HQ.release(res)
+    :ok = HQ.release(res, release_opts)
   end
 
-  defp python_rt(dir, pairs) do
+  defp python_rt(dir, pairs, mode \\ "rt") do
     script = Path.join([Programs.bench_dir(), "python", "quota_client.py"])
-    {out, 0} = System.cmd(@python, [script, "rt", dir, "bench", "#{pairs}"])
+    {out, 0} = System.cmd(@python, [script, mode, dir, "bench", "#{pairs}"])
     {:ok, %{"ns_per_pair" => ns}} = JSON.decode(String.trim(out))
     ns
   end

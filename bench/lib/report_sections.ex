@@ -398,17 +398,32 @@ defmodule SnakepitShm.Bench.ReportSections do
 
   defp late_with_phase(ms, _step), do: :erlang.float_to_binary(ms, decimals: 1)
 
+  # Rows of the fire-and-forget release (issue 17: one round trip per pair), when the
+  # run measured it.
+  defp fast_release_rows(%{elixir_fast_rt_ns: e, python_fast_rt_ns: p}) do
+    [
+      ["host quota server, Elixir client, `release(res, sync: false)`", time_summary(e)],
+      ["host quota server, Python client, `release(sync=False)`", time_summary(p)]
+    ]
+  end
+
+  defp fast_release_rows(_), do: []
+
   def host_quota(q) do
     kill_row = fn label, %{ns: ns, timeouts: t, reps: reps} ->
       shown = if ns == [], do: "never", else: time_summary(ns)
       [label, shown, "#{t} of #{reps}"]
     end
 
-    rt = [
-      ["host quota server, Elixir client (over its Unix socket)", time_summary(q.elixir_rt_ns)],
-      ["host quota server, Python client", time_summary(q.python_rt_ns)],
-      ["seed: robust-mutex table in shared memory (C++, no IPC)", time_summary(q.seed_rt_ns)]
-    ]
+    rt =
+      [
+        ["host quota server, Elixir client (over its Unix socket)", time_summary(q.elixir_rt_ns)],
+        ["host quota server, Python client", time_summary(q.python_rt_ns)]
+      ] ++
+        fast_release_rows(q) ++
+        [
+          ["seed: robust-mutex table in shared memory (C++, no IPC)", time_summary(q.seed_rt_ns)]
+        ]
 
     kills = [
       ["host quota server: session EOF (Python client)", time_summary(q.kill_ours_ns), "0"],

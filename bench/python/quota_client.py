@@ -1,6 +1,7 @@
 """Bench helper of part host_quota: the Python side of the host quota server.
 
     quota_client.py rt DIR NAME N        -> {"ns_per_pair": X}  (reserve+release, N pairs)
+    quota_client.py rt-fast DIR NAME N   -> the same with release(sync=False)
     quota_client.py hold DIR NAME AMOUNT -> prints READY, then on the line "die" prints
                                             KILL <CLOCK_REALTIME ns> and SIGKILLs itself
 """
@@ -19,13 +20,14 @@ import snakepit_shm  # noqa: E402
 def main():
     mode, qdir, name = sys.argv[1], sys.argv[2], sys.argv[3]
     quota = snakepit_shm.HostQuota.connect(dir=qdir, label="bench")
-    if mode == "rt":
+    if mode in ("rt", "rt-fast"):
         n = int(sys.argv[4])
+        sync = mode == "rt"
         for _ in range(min(n, 500)):
-            quota.reserve(name, 1).release()
+            quota.reserve(name, 1).release(sync=sync)
         t0 = time.perf_counter_ns()
         for _ in range(n):
-            quota.reserve(name, 1).release()
+            quota.reserve(name, 1).release(sync=sync)
         print('{"ns_per_pair": %.1f}' % ((time.perf_counter_ns() - t0) / n), flush=True)
     elif mode == "hold":
         quota.reserve(name, int(sys.argv[4]))

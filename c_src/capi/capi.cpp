@@ -384,6 +384,30 @@ SPSHM_EXPORT int spshm_board_join(void* data, uint64_t bytes, const char* worker
   });
 }
 
+SPSHM_EXPORT int spshm_board_join_locked(int fd, void* data, uint64_t bytes, const char* worker_id,
+                                         size_t id_len, uint32_t pid, uint64_t start_time,
+                                         uint32_t* index, uint64_t* owner, uint32_t* capacity,
+                                         char* err, size_t errlen) {
+  return guarded(err, errlen, [&] {
+    if (worker_id == nullptr || index == nullptr || owner == nullptr || fd < 0)
+      return fail(Errc::invalid_argument, "NULL argument or no descriptor", err, errlen);
+    if (id_len == 0 || id_len > spshm::board::kWorkerIdCapacity)
+      return fail(Errc::invalid_argument, "worker_id must be 1 to 64 bytes", err, errlen);
+    auto view = board_view(data, bytes);
+    if (!view) return fail(view.error(), err, errlen);
+    if (capacity != nullptr) *capacity = view->capacity();
+    if (!view->join_locked(std::string(worker_id, id_len), pid, start_time,
+                           spshm::board::SlotLocks(fd), true, pid, index, owner)) {
+      std::string message = "the status board is full: all " + std::to_string(view->capacity()) +
+                            " slots are taken by live workers; create the board with a larger "
+                            "capacity";
+      copy_message(message, err, errlen);
+      return SPSHM_E_BOARD_FULL;
+    }
+    return succeed(err, errlen);
+  });
+}
+
 SPSHM_EXPORT int spshm_board_update(void* slot, uint64_t owner, const uint64_t* values) {
   if (slot == nullptr || values == nullptr) return SPSHM_E_INVALID_ARGUMENT;
   spshm::board::Values v;

@@ -115,10 +115,22 @@ size_t spshm_board_layout(char* buf, size_t buflen);
 /* Validates the board at `data` (a region's data area, `bytes` long) and claims a free
  * slot for worker_id (1..64 bytes) of process (pid, start_time). On success *index is
  * the slot and *owner the word to pass to update/leave; *capacity (if non-NULL) the
- * board's slot count. SPSHM_E_BOARD_FULL when no slot is free. */
+ * board's slot count. SPSHM_E_BOARD_FULL when no slot is free.
+ * Deprecated: a slot joined without its liveness lock looks dead to readers that ask
+ * the kernel (least_loaded(verify: true), entries' alive) and may be taken over by a
+ * joiner; workers use spshm_board_join_locked (below). */
 int spshm_board_join(void* data, uint64_t bytes, const char* worker_id, size_t id_len, uint32_t pid,
                      uint64_t start_time, uint32_t* index, uint64_t* owner, uint32_t* capacity,
                      char* err, size_t errlen);
+
+/* spshm_board_join, and the slot's liveness lock is taken through `fd`, this
+ * process's own open of the board's segment (Linux OFD lock of byte 2^40 + index; see
+ * docs/FORMAT.md): keep `fd` open while the slot is held, and close it after leaving.
+ * The kernel drops the lock when the process dies, so others can tell a dead owner
+ * from a live one; a slot whose owner died (even mid-join) is taken over. */
+int spshm_board_join_locked(int fd, void* data, uint64_t bytes, const char* worker_id,
+                            size_t id_len, uint32_t pid, uint64_t start_time, uint32_t* index,
+                            uint64_t* owner, uint32_t* capacity, char* err, size_t errlen);
 
 /* The writer's fast path: `slot` is data + 512 + 192 * index of a slot this process
  * joined; values[10] = state, queue, in_flight, memory, processed, errors, gauge 0..3

@@ -18,6 +18,10 @@
 #else
 #include <time.h>
 #endif
+#if defined(__linux__)
+#include <fcntl.h>
+#include <cerrno>
+#endif
 
 #include <algorithm>
 #include <cstring>
@@ -91,8 +95,8 @@ bool is_stale(std::uint64_t updated, std::uint64_t now, std::uint64_t stale_afte
 class TieList {
  public:
   void clear() noexcept {
+    if (size_ > kInline) heap_.clear();
     size_ = 0;
-    heap_.clear();
   }
   void push(std::uint32_t index) {
     if (size_ < kInline) {
@@ -223,17 +227,94 @@ std::uint64_t View::generation() const noexcept {
   return header_->generation.load(std::memory_order_acquire);
 }
 
+// ---- slot locks ----
+
+#if defined(__linux__)
+namespace {
+int slot_lock(int fd, int cmd, short type, std::uint32_t index, short* found = nullptr) noexcept {
+  struct flock fl {};
+  fl.l_type = type;
+  fl.l_whence = SEEK_SET;
+  fl.l_start = static_cast<off_t>(kSlotLockBase + index);
+  fl.l_len = 1;
+  if (::fcntl(fd, cmd, &fl) != 0) return errno == EAGAIN || errno == EACCES ? 0 : -1;
+  if (found != nullptr) *found = fl.l_type;
+  return 1;
+}
+}  // namespace
+
+int SlotLocks::try_lock(std::uint32_t index) const noexcept {
+  return fd_ < 0 ? -1 : slot_lock(fd_, F_OFD_SETLK, F_WRLCK, index);
+}
+void SlotLocks::unlock(std::uint32_t index) const noexcept {
+  if (fd_ >= 0) (void)slot_lock(fd_, F_OFD_SETLK, F_UNLCK, index);
+}
+int SlotLocks::held(std::uint32_t index) const noexcept {
+  short found = F_UNLCK;
+  if (fd_ < 0 || slot_lock(fd_, F_OFD_GETLK, F_WRLCK, index, &found) != 1) return -1;
+  return found != F_UNLCK ? 1 : 0;
+}
+#else
+int SlotLocks::try_lock(std::uint32_t) const noexcept { return -1; }
+void SlotLocks::unlock(std::uint32_t) const noexcept {}
+int SlotLocks::held(std::uint32_t) const noexcept { return -1; }
+#endif
+
 bool View::join(const std::string& worker_id, std::uint32_t pid, std::uint64_t start_time,
                 std::uint32_t* index, std::uint64_t* owner) noexcept {
+  return join_locked(worker_id, pid, start_time, SlotLocks(-1), false, 0, index, owner);
+}
+
+int View::owner_alive(std::uint32_t index, const SlotLocks& locks) const noexcept {
+  if (index >= capacity_) return 0;
+  return locks.held(index);
+}
+
+bool View::recover_dead(std::uint32_t index, const SlotLocks& locks) noexcept {
+  if (index >= capacity_) return false;
+  BoardSlot& s = slots_[index];
+  std::uint64_t o = s.owner.load(std::memory_order_acquire);
+  if (owner_state(o) == kSlotFree) return false;
+  if (locks.try_lock(index) != 1) return false;  // alive (or unknown): leave it alone
+  // Ours now: nobody else can claim or recover it until we unlock.
+  std::uint32_t incarnation = owner_incarnation(o) + 1;
+  bool freed = s.owner.compare_exchange_strong(o, owner_word(incarnation, kSlotBusy));
+  if (freed) {
+    {
+      WriteSection w(s);
+      s.state.store(static_cast<std::uint32_t>(WorkerState::shutdown), R);
+    }
+    locks.unlock(index);
+    std::uint64_t busy = owner_word(incarnation, kSlotBusy);
+    s.owner.compare_exchange_strong(busy, owner_word(incarnation, kSlotFree));
+    header_->generation.fetch_add(1);
+  } else {
+    locks.unlock(index);
+  }
+  return freed;
+}
+
+bool View::join_locked(const std::string& worker_id, std::uint32_t pid, std::uint64_t start_time,
+                       const SlotLocks& locks, bool recover, std::uint32_t self_pid,
+                       std::uint32_t* index, std::uint64_t* owner) noexcept {
   if (worker_id.empty() || worker_id.size() > kWorkerIdCapacity) return false;
   std::uint64_t words[kWorkerIdCapacity / 8] = {};
   std::memcpy(words, worker_id.data(), worker_id.size());
+  const bool locking = locks.fd() >= 0;
   for (std::uint32_t i = 0; i < capacity_; ++i) {
     BoardSlot& s = slots_[i];
     std::uint64_t o = s.owner.load(std::memory_order_acquire);
-    if (owner_state(o) != kSlotFree) continue;
+    if (owner_state(o) != kSlotFree) {
+      // Taken, unless its owner died (its lock is free): then it is ours to recover.
+      if (!locking || !recover || s.pid.load(R) == self_pid) continue;
+    }
+    // The lock first: a joiner killed after it never leaves a slot nobody can recover.
+    if (locking && locks.try_lock(i) != 1) continue;
     std::uint32_t incarnation = owner_incarnation(o) + 1;
-    if (!s.owner.compare_exchange_strong(o, owner_word(incarnation, kSlotBusy))) continue;
+    if (!s.owner.compare_exchange_strong(o, owner_word(incarnation, kSlotBusy))) {
+      if (locking) locks.unlock(i);
+      continue;
+    }
     std::uint64_t now = monotonic_ns();
     {
       WriteSection w(s);
@@ -280,7 +361,7 @@ bool View::update(std::uint32_t index, std::uint64_t owner, const Values& v) noe
   return update_slot(slots_[index], owner, v);
 }
 
-bool View::leave(std::uint32_t index, std::uint64_t owner) noexcept {
+bool View::leave(std::uint32_t index, std::uint64_t owner, const SlotLocks* locks) noexcept {
   if (index >= capacity_ || owner_state(owner) != kSlotLive) return false;
   BoardSlot& s = slots_[index];
   std::uint64_t expected = owner;
@@ -290,7 +371,12 @@ bool View::leave(std::uint32_t index, std::uint64_t owner) noexcept {
     WriteSection w(s);
     s.state.store(static_cast<std::uint32_t>(WorkerState::shutdown), R);
   }
-  s.owner.store(owner_word(incarnation, kSlotFree), std::memory_order_release);
+  // Unlocked while still busy (never a free slot whose lock a leaver still holds); a
+  // joiner may recover the busy slot meanwhile, which the compare-and-swap below sees.
+  if (locks != nullptr) locks->unlock(index);
+  std::uint64_t busy = owner_word(incarnation, kSlotBusy);
+  s.owner.compare_exchange_strong(busy, owner_word(incarnation, kSlotFree),
+                                  std::memory_order_release);
   header_->generation.fetch_add(1);
   return true;
 }
@@ -376,8 +462,94 @@ ReadStatus View::read(std::uint32_t index, std::uint64_t now_ns, Entry* out,
   return ReadStatus::unreadable;
 }
 
+// The routing pass without :exclude (a router's hot path): reads only what the key
+// needs (owner word once, sequence twice, four fields), no worker id until the pick,
+// and no allocation. A slot caught mid-write takes the general scan's bounded retries.
+// Re-reading the owner word is not needed for a consistent copy: every claim and
+// release of a slot also moves its sequence (a write section), and the id of the pick
+// is read again, consistently, from the slot it names.
+View::Pick View::least_loaded_all(std::uint64_t now_ns, std::uint64_t rotation) const {
+  Pick pick;
+  constexpr std::uint64_t kLoadMask = (std::uint64_t{1} << 62) - 1;
+  const std::uint64_t stale_ns =
+      stale_after_ms_ < UINT64_MAX / 1'000'000 ? stale_after_ms_ * 1'000'000 : UINT64_MAX;
+  const std::uint64_t oldest = now_ns > stale_ns ? now_ns - stale_ns : 0;
+  const std::uint64_t newest = now_ns + kFutureSlackNs;
+  constexpr auto idle = static_cast<std::uint32_t>(WorkerState::idle);
+  constexpr auto busy = static_cast<std::uint32_t>(WorkerState::busy);
+  std::uint32_t budget = kScanRetryBudget;
+  std::uint64_t best = UINT64_MAX;
+  TieList ties;
+  for (std::uint32_t i = 0; i < capacity_; ++i) {
+    const BoardSlot& s = slots_[i];
+    if (owner_state(s.owner.load(std::memory_order_acquire)) != kSlotLive) continue;
+    std::uint64_t s1 = s.seq.load(std::memory_order_acquire);
+    std::uint32_t state = s.state.load(R);
+    std::uint64_t updated = s.updated_ns.load(R);
+    std::uint64_t queue = s.queue.load(R);
+    std::uint64_t in_flight = s.in_flight.load(R);
+    std::atomic_thread_fence(std::memory_order_acquire);
+    if (__builtin_expect((s1 & 1) != 0 || s.seq.load(R) != s1, 0)) {
+      // caught mid-write: bounded retries, for this slot only
+      bool live = true, consistent = false;
+      for (std::uint32_t attempt = 1; attempt < kReadRetries && budget > 0; ++attempt) {
+        --budget;
+        cpu_relax();
+        if (owner_state(s.owner.load(std::memory_order_acquire)) != kSlotLive) {
+          live = false;
+          break;
+        }
+        s1 = s.seq.load(std::memory_order_acquire);
+        if (s1 & 1) continue;
+        state = s.state.load(R);
+        updated = s.updated_ns.load(R);
+        queue = s.queue.load(R);
+        in_flight = s.in_flight.load(R);
+        std::atomic_thread_fence(std::memory_order_acquire);
+        if (s.seq.load(R) == s1) {
+          consistent = true;
+          break;
+        }
+      }
+      if (!live) continue;
+      if (!consistent) {
+        ++pick.unreadable;
+        continue;
+      }
+    }
+    if ((state != idle && state != busy) || updated < oldest || updated > newest) continue;
+    ++pick.candidates;
+    std::uint64_t load = queue + in_flight;
+    if (load < queue || load > kLoadMask) load = kLoadMask;  // saturate hostile values
+    std::uint64_t key = (std::uint64_t{state == busy} << 62) | load;
+    if (key < best) {
+      best = key;
+      ties.clear();
+      ties.push(i);
+    } else if (key == best) {
+      ties.push(i);
+    }
+  }
+  // The chosen tie; if it changed since the scan, the next ones (bounded by ties.size()).
+  std::size_t n = ties.size();
+  for (std::size_t k = 0; k < n; ++k) {
+    std::uint32_t index = ties[(rotation + k) % n];
+    if (read_id_into(index, pick.id, &pick.id_length)) {
+      pick.found = true;
+      pick.index = index;
+      return pick;
+    }
+  }
+  return pick;
+}
+
 View::Pick View::least_loaded(std::uint64_t now_ns, std::uint64_t rotation,
                               const std::vector<std::string>& exclude) const {
+  if (exclude.empty()) {
+    Pick pick = least_loaded_all(now_ns, rotation);
+    if (pick.found) pick.worker_id.assign(pick.id, pick.id_length);
+    return pick;
+  }
   Pick pick;
   // One 64-bit key per entry, lower is better: rank (idle 0, busy 1) in bit 62, then
   // queue + in_flight saturated to 62 bits.
@@ -468,6 +640,14 @@ View::Pick View::least_loaded(std::uint64_t now_ns, std::uint64_t rotation,
 }
 
 bool View::read_id(std::uint32_t index, std::string* out) const {
+  char id[kWorkerIdCapacity];
+  std::uint32_t length = 0;
+  if (!read_id_into(index, id, &length)) return false;
+  out->assign(id, length);
+  return true;
+}
+
+bool View::read_id_into(std::uint32_t index, char* out, std::uint32_t* out_length) const noexcept {
   if (index >= capacity_) return false;
   const BoardSlot& s = slots_[index];
   for (std::uint32_t attempt = 0; attempt < kReadRetries; ++attempt) {
@@ -486,7 +666,8 @@ bool View::read_id(std::uint32_t index, std::string* out) const {
       cpu_relax();
       continue;
     }
-    out->assign(reinterpret_cast<const char*>(words), std::min(length, kWorkerIdCapacity));
+    *out_length = std::min(length, kWorkerIdCapacity);
+    std::memcpy(out, words, *out_length);
     return true;
   }
   return false;

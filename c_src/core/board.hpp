@@ -120,6 +120,35 @@ std::uint64_t monotonic_ns() noexcept;
 /// cheaper, and precise enough for a reader's staleness decisions.
 std::uint64_t monotonic_coarse_ns() noexcept;
 
+// ---- liveness of slot owners (Linux open file description locks) ----
+//
+// Whoever claims slot i holds an exclusive OFD lock of byte kSlotLockBase + i of the
+// board's segment (its own open of it) for as long as it owns the slot: the kernel drops
+// the lock the instant the last descriptor of that open closes, which a SIGKILL does.
+// A slot that is not free while nobody holds its lock has a dead owner (killed while
+// claiming, publishing or leaving): anyone may take the lock and recover the slot. The
+// byte lies far beyond the segment's end (locks never touch the bytes) and clear of the
+// region's own lock bytes (docs/FORMAT.md "Locks").
+inline constexpr std::uint64_t kSlotLockBase = std::uint64_t{1} << 40;
+
+/// An open of the board's segment through which this process takes slot locks (a file
+/// descriptor it owns; -1: no locks, as on platforms without OFD locks).
+class SlotLocks {
+ public:
+  explicit SlotLocks(int fd) noexcept : fd_(fd) {}
+  int fd() const noexcept { return fd_; }
+  /// Exclusive lock of slot `index`'s byte, without waiting: 1 taken (or already ours
+  /// through this open), 0 held by another open, -1 error (or no locks here).
+  int try_lock(std::uint32_t index) const noexcept;
+  void unlock(std::uint32_t index) const noexcept;
+  /// Whether an open other than this one holds slot `index`'s lock: 1 yes, 0 no,
+  /// -1 unknown (error, or no locks on this platform: callers then take it as held).
+  int held(std::uint32_t index) const noexcept;
+
+ private:
+  int fd_;
+};
+
 /// The values a writer publishes (everything but identity and time).
 struct Values {
   std::uint32_t state = 0;  ///< WorkerState
@@ -170,10 +199,24 @@ class View {
   /// slot is taken (board full). worker_id is cut to 64 bytes by the caller's checks.
   bool join(const std::string& worker_id, std::uint32_t pid, std::uint64_t start_time,
             std::uint32_t* index, std::uint64_t* owner) noexcept;
+  /// join() that first takes the slot's lock through `locks` (kept until leave or
+  /// death), so that the kernel can tell when this owner dies. With `recover`, a slot
+  /// that is not free but whose lock nobody holds (its owner died, even mid-claim) is
+  /// taken over, except slots of `self_pid` (a process's own slots are its business).
+  bool join_locked(const std::string& worker_id, std::uint32_t pid, std::uint64_t start_time,
+                   const SlotLocks& locks, bool recover, std::uint32_t self_pid,
+                   std::uint32_t* index, std::uint64_t* owner) noexcept;
+  /// Whether the owner of live slot `index` is alive as far as the kernel knows (its
+  /// lock is held by another open): 1 alive, 0 dead, -1 unknown.
+  int owner_alive(std::uint32_t index, const SlotLocks& locks) const noexcept;
+  /// Frees slot `index` if it is not free and its owner is dead by its lock (taken
+  /// through `locks`, then released). True if this call freed it.
+  bool recover_dead(std::uint32_t index, const SlotLocks& locks) noexcept;
   /// Publishes `v` (seqlock write). False if the slot is no longer ours (reclaimed).
   bool update(std::uint32_t index, std::uint64_t owner, const Values& v) noexcept;
-  /// Frees our slot. False if it was no longer ours.
-  bool leave(std::uint32_t index, std::uint64_t owner) noexcept;
+  /// Frees our slot. False if it was no longer ours. With `locks`, drops the slot's
+  /// lock too (after the slot stops being live, before it becomes free).
+  bool leave(std::uint32_t index, std::uint64_t owner, const SlotLocks* locks = nullptr) noexcept;
   /// (pid, start_time) of every live slot, for the manager's death watches. Bounded by
   /// capacity; values are as a peer wrote them (the watcher checks them with the kernel).
   std::vector<std::pair<std::uint32_t, std::uint64_t>> owners() const;
@@ -194,6 +237,8 @@ class View {
     std::string worker_id;
     std::uint32_t candidates = 0;  ///< fresh, routable entries seen
     std::uint32_t unreadable = 0;  ///< slots given up after kReadRetries
+    char id[kWorkerIdCapacity];    ///< the picked worker id (id_length bytes), no allocation
+    std::uint32_t id_length = 0;
   };
   /// The seed's routing, in one O(capacity) pass: skip free, unreadable, stale, excluded
   /// and non-routable (starting, draining, shutdown) entries; prefer idle over busy,
@@ -201,8 +246,13 @@ class View {
   /// (rotation mod count)-th, so that a rotation counter shares ties evenly.
   Pick least_loaded(std::uint64_t now_ns, std::uint64_t rotation,
                     const std::vector<std::string>& exclude) const;
+  /// least_loaded() without exclusions, the router's hot path: fills id/id_length only
+  /// (no allocation, no branch per consistent slot).
+  Pick least_loaded_all(std::uint64_t now_ns, std::uint64_t rotation) const;
   /// The worker id of a live slot (consistent copy, bounded retries); false otherwise.
   bool read_id(std::uint32_t index, std::string* out) const;
+  /// The same into `out` (kWorkerIdCapacity bytes), no allocation.
+  bool read_id_into(std::uint32_t index, char* out, std::uint32_t* length) const noexcept;
 
  private:
   BoardHeader* header_ = nullptr;

@@ -86,6 +86,7 @@ ErlNifFunc nif_funcs[] = {
     {"board_entries", 1, nif_board_entries, 0},
     {"board_entries_dirty", 1, nif_board_entries, kCpu},
     {"board_least_loaded", 2, nif_board_least_loaded, 0},
+    {"board_least_loaded", 3, nif_board_least_loaded, 0},
     {"board_reclaim", 3, nif_board_reclaim, 0},
     {"board_watch_info", 2, nif_board_watch_info, 0},
     {"board_monotonic_ns", 0, nif_board_monotonic_ns, 0},

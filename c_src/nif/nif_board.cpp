@@ -9,7 +9,9 @@
 //     itself (an extra reference), so dropping the handle does not free the slot nor
 //     lose the monitor.
 #include <erl_nif.h>
+#include <fcntl.h>
 #include <signal.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <cerrno>
@@ -33,6 +35,10 @@ struct BoardResource {
   RegionResource* region = nullptr;  ///< kept
   b::View view;
   bool writable = false;
+  /// This handle's own open of the board's segment: the OFD locks of the slots joined
+  /// through it, and the kernel's word on other owners' liveness (-1: none).
+  int lock_fd = -1;
+  b::SlotLocks locks() const noexcept { return b::SlotLocks(lock_fd); }
   /// Round-robin counter of least_loaded: shared by every process using this handle.
   std::atomic<std::uint64_t> rotation{0};
 };
@@ -56,6 +62,7 @@ ErlNifResourceType* slot_type = nullptr;
 
 void board_dtor(ErlNifEnv*, void* obj) {
   auto* res = static_cast<BoardResource*>(obj);
+  if (res->lock_fd >= 0) ::close(res->lock_fd);  // drops the locks of its (left) slots
   if (res->region != nullptr) enif_release_resource(res->region);
   res->~BoardResource();
 }
@@ -137,11 +144,18 @@ bool writer_alive(std::uint32_t pid) {
   return ::kill(static_cast<pid_t>(pid), 0) == 0 || errno != ESRCH;
 }
 
+// Whether the owner of live slot `index` is alive: the kernel's word (its slot lock is
+// held), not its pid; kill(pid, 0) only where locks cannot tell (no lock descriptor).
+bool owner_alive(const BoardResource* res, std::uint32_t index, std::uint32_t pid) {
+  if (pid != 0 && pid == self_identity.pid) return true;  // freed by monitors, at once
+  int held = res->view.owner_alive(index, res->locks());
+  return held < 0 ? writer_alive(pid) : held == 1;
+}
+
 // {index, worker_id, state, queue, in_flight, memory, processed, errors, {g0..g3},
 //  updated_ns, joined_ns, pid, start_time, stale, alive}
-ERL_NIF_TERM make_entry(ErlNifEnv* env, const b::Entry& e) {
+ERL_NIF_TERM make_entry(ErlNifEnv* env, const b::Entry& e, bool alive) {
   const auto& v = e.values;
-  bool alive = writer_alive(e.pid);
   ERL_NIF_TERM gauges =
       enif_make_tuple4(env, enif_make_int64(env, v.gauges[0]), enif_make_int64(env, v.gauges[1]),
                        enif_make_int64(env, v.gauges[2]), enif_make_int64(env, v.gauges[3]));
@@ -157,9 +171,31 @@ ERL_NIF_TERM make_entry(ErlNifEnv* env, const b::Entry& e) {
 bool BoardSlotResource::leave() noexcept {
   if (left.exchange(true)) return false;
   // A sealed board's bytes must not change: its slot is then left as it is.
-  bool ours = writable_board(board->region) && board->view.leave(index, owner);
+  auto locks = board->locks();
+  bool ours = writable_board(board->region) && board->view.leave(index, owner, &locks);
   if (pinned.exchange(false)) enif_release_resource(this);  // may run the destructor later
   return ours;
+}
+
+// A new open of the board's segment (never a dup: locks belong to the open): through it
+// this handle locks the slots it joins and asks the kernel about other owners. -1 if
+// the segment cannot be opened (no locks then: liveness falls back to pids).
+int open_lock_fd(RegionResource* r) {
+#if defined(__linux__)
+  std::string path;
+  try {
+    path = r->region.control_path();
+  } catch (...) {
+    return -1;
+  }
+  int flags = (r->region.writable() ? O_RDWR : O_RDONLY) | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK;
+  int fd = ::open(path.c_str(), flags);
+  if (fd < 0 && r->region.writable()) fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+  return fd;
+#else
+  (void)r;
+  return -1;
+#endif
 }
 
 }  // namespace
@@ -231,6 +267,7 @@ SPSHM_GUARDED_NIF(nif_board_open)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]
   auto* res = new (mem) BoardResource();
   res->view = std::move(view);
   res->writable = r->region.writable();
+  res->lock_fd = open_lock_fd(r);
   enif_keep_resource(r);
   res->region = r;
   // Pinned before the access above ends: the data is never retired under this view.
@@ -275,12 +312,14 @@ SPSHM_GUARDED_NIF(nif_board_join)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]
   if (!enif_self(env, &self)) return enif_make_badarg(env);
   std::uint32_t index = 0;
   std::uint64_t owner = 0;
-  if (!res->view.join(id, static_cast<std::uint32_t>(os_pid), start, &index, &owner)) {
+  if (!res->view.join_locked(id, static_cast<std::uint32_t>(os_pid), start, res->locks(), true,
+                             self_identity.pid, &index, &owner)) {
     return enif_make_tuple2(env, atom(env, "full"), enif_make_uint(env, res->view.capacity()));
   }
   void* mem = enif_alloc_resource(slot_type, sizeof(BoardSlotResource));
   if (mem == nullptr) {
-    (void)res->view.leave(index, owner);
+    auto locks = res->locks();
+    (void)res->view.leave(index, owner, &locks);
     return enif_make_badarg(env);
   }
   auto* slot = new (mem) BoardSlotResource();
@@ -372,7 +411,7 @@ SPSHM_GUARDED_NIF(nif_board_entries)(ErlNifEnv* env, int, const ERL_NIF_TERM arg
     b::Entry e;
     switch (res->view.read(i, now, &e, &budget)) {
       case b::ReadStatus::ok:
-        list = enif_make_list_cell(env, make_entry(env, e), list);
+        list = enif_make_list_cell(env, make_entry(env, e, owner_alive(res, i, e.pid)), list);
         break;
       case b::ReadStatus::unreadable:
         unreadable = enif_make_list_cell(env, enif_make_uint(env, i), unreadable);
@@ -387,11 +426,14 @@ SPSHM_GUARDED_NIF(nif_board_entries)(ErlNifEnv* env, int, const ERL_NIF_TERM arg
 
 // board_least_loaded(board, [excluded_id]) -> {:ok, worker_id} |
 // {:none, candidates, unreadable}. Ties go round-robin on the handle's own counter.
-SPSHM_GUARDED_NIF(nif_board_least_loaded)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+SPSHM_GUARDED_NIF(nif_board_least_loaded)(ErlNifEnv* env, int argc, const ERL_NIF_TERM argv[]) {
   BoardResource* res;
   unsigned n = 0;
   if (!get_board(env, argv[0], &res) || !enif_get_list_length(env, argv[1], &n) || n > 4096)
     return enif_make_badarg(env);
+  // board_least_loaded(board, exclude, true): the pick's owner is confirmed alive by the
+  // kernel (its slot lock; one F_OFD_GETLK), a dead one is freed and the pick made again.
+  bool verify = argc > 2 && enif_is_identical(argv[2], atoms.true_);
   std::vector<std::string> exclude;
   if (n > 0) {
     exclude.reserve(n);
@@ -405,12 +447,31 @@ SPSHM_GUARDED_NIF(nif_board_least_loaded)(ErlNifEnv* env, int, const ERL_NIF_TER
   if (res->region->is_deallocated()) return deleted(env);
   if (damaged(res->region)) return truncated(env);
   std::uint64_t rotation = res->rotation.fetch_add(1, std::memory_order_relaxed);
-  auto pick = res->view.least_loaded(b::monotonic_coarse_ns(), rotation, exclude);
+  auto pick = n == 0 ? res->view.least_loaded_all(b::monotonic_coarse_ns(), rotation)
+                     : res->view.least_loaded(b::monotonic_coarse_ns(), rotation, exclude);
+  // At most a few dead owners are skipped per call (each costs a scan); a board full of
+  // freshly dead workers answers no_worker only once they are all freed.
+  for (int round = 0; verify && pick.found && round < 16; ++round) {
+    const b::BoardSlot* slot = res->view.slot(pick.index);
+    std::uint32_t pid = slot == nullptr ? 0 : slot->pid.load(std::memory_order_relaxed);
+    if (owner_alive(res, pick.index, pid)) break;
+    auto locks = res->locks();
+    if (!(writable_board(res->region) && res->view.recover_dead(pick.index, locks))) {
+      // Cannot free it from here (read-only handle): leave it out of this pick.
+      if (pick.worker_id.empty()) pick.worker_id.assign(pick.id, pick.id_length);
+      exclude.push_back(pick.worker_id);
+      n = static_cast<unsigned>(exclude.size());
+    }
+    pick = n == 0 ? res->view.least_loaded_all(b::monotonic_coarse_ns(), rotation)
+                  : res->view.least_loaded(b::monotonic_coarse_ns(), rotation, exclude);
+  }
   if (damaged(res->region)) return truncated(env);  // this scan hit the truncation
   if (!pick.found)
     return enif_make_tuple3(env, atom(env, "none"), enif_make_uint(env, pick.candidates),
                             enif_make_uint(env, pick.unreadable));
-  return enif_make_tuple2(env, atoms.ok, make_binary(env, pick.worker_id));
+  ERL_NIF_TERM id = n == 0 ? make_binary(env, std::string_view(pick.id, pick.id_length))
+                           : make_binary(env, pick.worker_id);
+  return enif_make_tuple2(env, atoms.ok, id);
 }
 
 // board_reclaim(region, os_pid, start_time) -> count: frees the slots of a dead OS

@@ -361,3 +361,85 @@ TEST_CASE("board C ABI: join, update fast path, leave, full", "[board]") {
   REQUIRE(spshm_board_join(junk, sizeof junk, "py", 2, 5, 6, &index, &owner, nullptr, err,
                            sizeof err) == SPSHM_E_CORRUPT);
 }
+
+#if defined(__linux__)
+#include <fcntl.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+namespace {
+// Two opens of one file (distinct open file descriptions: their OFD locks conflict).
+struct LockFile {
+  LockFile() {
+    char path[] = "/tmp/spshm_board_locks_XXXXXX";
+    a = ::mkstemp(path);
+    REQUIRE(a >= 0);
+    b = ::open(path, O_RDWR | O_CLOEXEC);
+    REQUIRE(b >= 0);
+    c = ::open(path, O_RDWR | O_CLOEXEC);
+    REQUIRE(c >= 0);
+    ::unlink(path);
+  }
+  ~LockFile() {
+    if (a >= 0) ::close(a);
+    if (b >= 0) ::close(b);
+    if (c >= 0) ::close(c);
+  }
+  void close_a() {
+    ::close(a);
+    a = -1;
+  }
+  int a = -1, b = -1, c = -1;
+};
+}  // namespace
+
+TEST_CASE("board: owners hold their slot's lock; a dead owner is seen and recovered", "[board]") {
+  TestBoard board(2);
+  LockFile f;
+  std::uint32_t index = 0;
+  std::uint64_t owner = 0;
+  REQUIRE(board.view.join_locked("w", 100, 1, SlotLocks(f.a), true, 100, &index, &owner));
+  REQUIRE(board.view.owner_alive(index, SlotLocks(f.b)) == 1);
+  // Not recovered while its owner lives; another open takes the other slot.
+  REQUIRE_FALSE(board.view.recover_dead(index, SlotLocks(f.b)));
+  std::uint32_t other = 0;
+  std::uint64_t other_owner = 0;
+  REQUIRE(board.view.join_locked("x", 200, 1, SlotLocks(f.b), true, 200, &other, &other_owner));
+  REQUIRE(other != index);
+  std::uint32_t third = 0;
+  std::uint64_t third_owner = 0;
+  // Full: both owners alive (asked through a third open: the locks of one open never
+  // conflict with each other, which is why a VM skips the slots of its own pid).
+  REQUIRE_FALSE(
+      board.view.join_locked("y", 300, 1, SlotLocks(f.c), true, 300, &third, &third_owner));
+  f.close_a();  // what the kernel does when the owner dies
+  REQUIRE(board.view.owner_alive(index, SlotLocks(f.b)) == 0);
+  REQUIRE(board.view.recover_dead(index, SlotLocks(f.b)));
+  Entry e;
+  REQUIRE(board.view.read(index, monotonic_ns(), &e) == ReadStatus::free);
+  REQUIRE_FALSE(board.view.update(index, owner, Values{}));  // the dead owner's word is void
+  REQUIRE(board.view.leave(other, other_owner, nullptr));
+}
+
+TEST_CASE("board: a slot left busy by an owner killed mid-join is taken over", "[board]") {
+  TestBoard board(1);
+  LockFile f;
+  std::uint32_t index = 0;
+  std::uint64_t owner = 0;
+  REQUIRE(board.view.join_locked("w", 100, 1, SlotLocks(f.a), true, 100, &index, &owner));
+  // Killed between the claim and its first write: busy, and its lock goes with it.
+  board.slot(index).owner.store((owner & 0xffffffff00000000ull) | kSlotBusy);
+  std::uint32_t again = 0;
+  std::uint64_t again_owner = 0;
+  // The same process (pid 100) never takes over its own slots.
+  REQUIRE_FALSE(
+      board.view.join_locked("z", 100, 1, SlotLocks(f.b), true, 100, &again, &again_owner));
+  f.close_a();
+  REQUIRE(board.view.join_locked("z", 200, 1, SlotLocks(f.b), true, 200, &again, &again_owner));
+  REQUIRE(again == index);
+  REQUIRE(again_owner != owner);
+  Entry e;
+  REQUIRE(board.view.read(index, monotonic_ns(), &e) == ReadStatus::ok);
+  REQUIRE(e.worker_id == "z");
+}
+#endif

@@ -64,7 +64,31 @@ defmodule Snakepit.SharedMemory.HealthMonitor do
   def check_now do
     GenServer.call(__MODULE__, :check_now, 30_000)
   catch
-    :exit, _ -> Health.run()
+    :exit, _ -> not_running(Health.run())
+  end
+
+  # The monitor is not there: unless the application is merely restarting it, nothing
+  # of this VM's shared memory works (allocate_region/2 fails), whatever the host's
+  # measurements say. The report says so first, and is critical.
+  defp not_running(report) do
+    if Enum.any?(Application.started_applications(), &(elem(&1, 0) == :snakepit_shm)) do
+      report
+    else
+      check = %{
+        name: :application,
+        status: :critical,
+        value: nil,
+        limit: nil,
+        percent: nil,
+        measurements: %{running: false},
+        message:
+          "the snakepit_shm application is not running: start it " <>
+            "(Application.ensure_all_started(:snakepit_shm)); the checks below measure " <>
+            "the host only"
+      }
+
+      %{report | status: :critical, checks: [check | report.checks]}
+    end
   end
 
   @doc "The last report (nil before the first check)."

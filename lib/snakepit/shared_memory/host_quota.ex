@@ -110,12 +110,37 @@ defmodule Snakepit.SharedMemory.HostQuota do
   @doc """
   Releases a reservation. `{:error, %Error{reason: :not_found}}` if it is not held
   any more (released before, or its owner died).
-  """
-  @spec release(Reservation.t()) :: :ok | {:error, Error.t()}
-  def release(%Reservation{client: client} = res) when is_pid(client),
-    do: Client.call(client, {:release, res}, @call_margin)
 
-  def release(other),
+  By default it returns once the server has applied the release: every client, of
+  any VM or Python process, sees the amount free after this returns.
+
+  Options:
+
+    * `:sync` - `false` to send the release without waiting for the server's answer
+      (the RELEASE frame then asks for none), so that a reserve + release pair costs
+      one socket round trip instead of two. The release is final when this returns
+      (the client no longer holds it and never re-declares it) and the server applies
+      it before anything this VM's session sends next, but another client may, for
+      the microseconds the frame takes to reach the server, still see the amount as
+      used (a `wait: 0` reserve there could fail). Defaults to `true`.
+  """
+  @spec release(Reservation.t(), keyword()) :: :ok | {:error, Error.t()}
+  def release(res, opts \\ [])
+
+  def release(%Reservation{client: client} = res, opts) when is_pid(client) and is_list(opts) do
+    case Keyword.get(opts, :sync, true) do
+      sync when is_boolean(sync) ->
+        Client.call(client, {:release, res, sync}, @call_margin)
+
+      other ->
+        Error.error(:invalid_option, ":sync must be true or false, got: #{inspect(other)}")
+    end
+  end
+
+  def release(%Reservation{}, opts),
+    do: Error.error(:invalid_option, "options must be a keyword list, got: #{inspect(opts)}")
+
+  def release(other, _opts),
     do:
       Error.error(
         :invalid_option,

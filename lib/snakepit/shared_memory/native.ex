@@ -353,6 +353,14 @@ defmodule Snakepit.SharedMemory.Native do
           {:ok, binary()} | {:none, non_neg_integer(), non_neg_integer()} | nif_error()
   def board_least_loaded(_board, _exclude), do: :erlang.nif_error(:not_loaded)
 
+  @doc """
+  board_least_loaded/2, and with `verify` true the pick's owner is confirmed alive by
+  its slot lock (a dead one is freed and the pick made again).
+  """
+  @spec board_least_loaded(board(), [binary()], boolean()) ::
+          {:ok, binary()} | {:none, non_neg_integer(), non_neg_integer()} | nif_error()
+  def board_least_loaded(_board, _exclude, _verify), do: :erlang.nif_error(:not_loaded)
+
   @doc "Frees the board slots of a dead OS process (0 if the region is not a board)."
   @spec board_reclaim(region(), non_neg_integer(), non_neg_integer()) :: non_neg_integer()
   def board_reclaim(_region, _os_pid, _start_time), do: :erlang.nif_error(:not_loaded)

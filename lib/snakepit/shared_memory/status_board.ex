@@ -286,29 +286,54 @@ defmodule Snakepit.SharedMemory.StatusBoard do
       to `[]`.
     * `:score` - a function of the decoded entry (`t:entry/0`) returning a number,
       lower is better; replaces step 2 (step 1 and the tie-breaking stay). Decodes
-      every entry, so it is slower. Defaults to `nil`.
+      every entry, so it is slower (and skips dead owners by their slot locks, as
+      `entries/1` does). Defaults to `nil`.
+    * `:verify` - when `true`, the kernel confirms that the pick's owner is alive
+      before it is returned: every worker holds an open file description lock on its
+      slot, which the kernel drops the instant the worker dies (SIGKILL included). A
+      dead owner's slot is freed on the spot and the pick made again, so a worker that
+      died before the call is never returned, even before the manager hears of its
+      death. Costs one system call (`F_OFD_GETLK`) per call. Defaults to `false`:
+      no system call; a worker that just died is then skipped once the manager has
+      freed its slot (its pidfd fires: milliseconds).
+
+  Whatever is picked may still die right after the call: a router must handle a
+  failed dispatch either way.
 
   `{:error, %Error{reason: :no_worker}}` when no entry qualifies.
   """
   @spec least_loaded(t(), keyword()) :: {:ok, String.t()} | {:error, Error.t()}
   def least_loaded(board, opts \\ [])
 
+  # The router's hot path: the NIF is called directly (no closure), a forged handle's
+  # badarg is rescued here.
   def least_loaded(%__MODULE__{board: ref} = board, []) do
-    case nif(board, fn -> Native.board_least_loaded(ref, []) end) do
+    case Native.board_least_loaded(ref, []) do
       {:ok, id} -> {:ok, id}
       other -> picked(board, other)
     end
+  rescue
+    ArgumentError -> nif(board, fn -> raise ArgumentError end)
   end
 
   def least_loaded(%__MODULE__{} = board, opts) when is_list(opts) do
     with :ok <- check_keyword(opts),
-         :ok <- known_options(opts, [:exclude, :score]),
+         :ok <- known_options(opts, [:exclude, :score, :verify]),
          {:ok, exclude} <- exclude(Keyword.get(opts, :exclude, [])),
-         {:ok, score} <- score(Keyword.get(opts, :score)) do
-      if score == nil do
-        picked(board, nif(board, fn -> Native.board_least_loaded(board.board, exclude) end))
-      else
-        scored_pick(board, :atomics.add_get(board.rotation, 1, 1), exclude, score)
+         {:ok, score} <- score(Keyword.get(opts, :score)),
+         {:ok, verify} <- verify(Keyword.get(opts, :verify, false)) do
+      cond do
+        score == nil and verify ->
+          picked(
+            board,
+            nif(board, fn -> Native.board_least_loaded(board.board, exclude, true) end)
+          )
+
+        score == nil ->
+          picked(board, nif(board, fn -> Native.board_least_loaded(board.board, exclude) end))
+
+        true ->
+          scored_pick(board, :atomics.add_get(board.rotation, 1, 1), exclude, score)
       end
     end
   end
@@ -847,6 +872,11 @@ defmodule Snakepit.SharedMemory.StatusBoard do
         :invalid_option,
         ":exclude must be a list of at most 4096 worker ids, got: #{inspect(other)}"
       )
+
+  defp verify(v) when is_boolean(v), do: {:ok, v}
+
+  defp verify(v),
+    do: Error.error(:invalid_option, ":verify must be true or false, got: #{inspect(v)}")
 
   defp score(nil), do: {:ok, nil}
   defp score(f) when is_function(f, 1), do: {:ok, f}

@@ -47,9 +47,12 @@ def _forget_slots_in_child():
     # A forked child inherits the parent's StatusBoard objects but not its slots: two
     # writers of one seqlock slot can publish torn entries, and the child's leave() (a
     # ``with`` block unwinding in the child) would free the parent's slot.
+    # Its copy of the lock descriptor is closed too: the slot's liveness lock belongs to
+    # the open both share, and the child must not keep the parent's slot alive.
     for board in list(_joined):
         board._closed = True
         board._forked = True
+        board._close_lock_fd()
     _joined.clear()
 
 
@@ -73,6 +76,11 @@ def _functions(library):
                                       c.c_uint32, c.c_uint64, c.POINTER(c.c_uint32),
                                       c.POINTER(c.c_uint64), c.POINTER(c.c_uint32),
                                       c.c_char_p, c.c_size_t], c.c_int),
+                "spshm_board_join_locked": ([c.c_int, c.c_void_p, c.c_uint64, c.c_char_p,
+                                             c.c_size_t, c.c_uint32, c.c_uint64,
+                                             c.POINTER(c.c_uint32), c.POINTER(c.c_uint64),
+                                             c.POINTER(c.c_uint32), c.c_char_p, c.c_size_t],
+                                            c.c_int),
                 "spshm_board_update": ([c.c_void_p, c.c_uint64, c.c_void_p], c.c_int),
                 "spshm_board_leave": ([c.c_void_p, c.c_uint64, c.c_uint32, c.c_uint64,
                                        c.c_char_p, c.c_size_t], c.c_int),
@@ -109,8 +117,9 @@ class StatusBoard:
     """This worker's slot on a status board; obtain one with :meth:`join`."""
 
     def __init__(self, *, region, size, anchor, slot_address, owner, index, worker_id,
-                 gauges, capacity, functions):
+                 gauges, capacity, functions, lock_fd=-1):
         """Internal: use :meth:`StatusBoard.join`."""
+        self._lock_fd = lock_fd
         self._region = region
         self._size = size
         self._anchor = anchor
@@ -148,18 +157,21 @@ class StatusBoard:
         info = ref.get("board") if isinstance(ref, dict) else None
         library = _native.library()
         functions = _functions(library)
-        region, size = _map_board(ref, library)
+        region, size, lock_fd = _map_board(ref, library)
         try:
             anchor = (ctypes.c_char * size).from_buffer(region, F.HEADER_SIZE)
         except BaseException:
             region.close()
+            os.close(lock_fd)
             raise
         try:
             pid, start_time = _proc.self_identity()
             index, owner, capacity = ctypes.c_uint32(), ctypes.c_uint64(), ctypes.c_uint32()
             err = ctypes.create_string_buffer(512)
-            code = functions["spshm_board_join"](
-                ctypes.addressof(anchor), size, wid, len(wid), pid, start_time,
+            # The slot's liveness lock is taken through lock_fd (this join's own open
+            # of the segment), held until leave() closes it or this process dies.
+            code = functions["spshm_board_join_locked"](
+                lock_fd, ctypes.addressof(anchor), size, wid, len(wid), pid, start_time,
                 ctypes.byref(index), ctypes.byref(owner), ctypes.byref(capacity), err, 512)
             if code == -100:
                 raise BoardFull(err.value.decode("utf-8", "replace"))
@@ -171,10 +183,11 @@ class StatusBoard:
         except BaseException:
             anchor = None  # the export must end before the region can close
             region.close()
+            os.close(lock_fd)
             raise
         address = ctypes.addressof(anchor) + BF.slot_offset(index.value)
         return cls(region=region, size=size, anchor=anchor, slot_address=address,
-                   owner=owner.value,
+                   owner=owner.value, lock_fd=lock_fd,
                    index=index.value, worker_id=wid.decode("utf-8", "replace"),
                    gauges=gauges, capacity=capacity.value, functions=functions)
 
@@ -267,8 +280,17 @@ class StatusBoard:
         _joined.discard(self)
         err = ctypes.create_string_buffer(512)
         self._leave(self._data_address, self._size, self._index, self._owner, err, 512)
+        self._close_lock_fd()  # after the slot is free: its lock goes with the descriptor
         self._anchor = None
         self._region.close()
+
+    def _close_lock_fd(self):
+        fd, self._lock_fd = self._lock_fd, -1
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def __enter__(self):
         return self
@@ -317,9 +339,24 @@ def _map_board(ref, library):
         if fields["state"] & F.STATE_DEALLOCATED:
             raise _errors.RegionNotFound(f"the status board {location.region_id} was deleted")
         region = mmap.mmap(fd, st.st_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        # The slot's liveness lock is taken through an open of its own: mmap keeps a
+        # dup of `fd` (same open), which a forked child would inherit with the lock.
+        try:
+            lock_fd = os.open(location.control_path, flags)
+        except OSError as exc:
+            region.close()
+            raise _errors.PermissionError(
+                f"cannot open the status board {location.control_path}: {exc.strerror}"
+            ) from None
+        lst = os.fstat(lock_fd)
+        if (lst.st_ino, lst.st_dev) != (st.st_ino, st.st_dev):
+            os.close(lock_fd)
+            region.close()
+            raise _errors.RegionNotFound(
+                f"the status board {location.region_id} was replaced while joining")
     finally:
         os.close(fd)
-    return region, fields["data_size"]
+    return region, fields["data_size"], lock_fd
 
 
 def _gauge_names(anchor):

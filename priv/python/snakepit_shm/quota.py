@@ -91,10 +91,16 @@ class QuotaUnavailable(QuotaError, ConnectionError):
 
 
 def default_dir():
-    """The quota directory, resolved as the Elixir side does (docs/QUOTA.md)."""
-    env = os.environ.get("SNAKEPIT_SHM_QUOTA_DIR")
-    if env:
-        return env
+    """The quota directory, resolved as the Elixir side does (docs/QUOTA.md).
+
+    ``SNAKEPIT_SHM_QUOTA_DIR`` if set; else ``SNAKEPIT_SHM_VM_QUOTA_DIR``, the directory
+    the Elixir VM that started this process uses (it exports it, ``host_quota_dir``
+    configuration included); else the defaults.
+    """
+    for name in ("SNAKEPIT_SHM_QUOTA_DIR", "SNAKEPIT_SHM_VM_QUOTA_DIR"):
+        env = os.environ.get(name)
+        if env:
+            return env
     uid = os.getuid()
     for base in (os.environ.get("XDG_RUNTIME_DIR"), "/run/user/%d" % uid):
         if base and _owned_dir(base, uid):
@@ -251,9 +257,9 @@ class Reservation:
         """Whether this reservation is still held by its client."""
         return self._quota._is_held(self.id)
 
-    def release(self):
-        """Give the reservation back (idempotent)."""
-        self._quota.release(self)
+    def release(self, sync=True):
+        """Give the reservation back (idempotent); see :meth:`HostQuota.release`."""
+        self._quota.release(self, sync=sync)
 
     def __enter__(self):
         return self
@@ -363,17 +369,27 @@ class HostQuota:
             self._limits.setdefault(name, reply[2])
         return res
 
-    def release(self, reservation):
-        """Release a reservation (idempotent: releasing twice is not an error)."""
+    def release(self, reservation, sync=True):
+        """Release a reservation (idempotent: releasing twice is not an error).
+
+        By default returns once the server has applied it: every client sees the
+        amount free afterwards.  ``sync=False`` sends it without waiting for an answer
+        (request id 0), one round trip less: the server applies it before anything this
+        session sends later (one ordered socket), a server that dies meanwhile takes
+        the reservation with it (it is not re-declared on reconnect), but another
+        client may see the amount as used for the microseconds the frame takes to
+        reach the server.
+        """
         with self._cv:
             if self._held.get(reservation.id) is not reservation:
                 # Not held, or a reservation of another client (ids are per client:
                 # the same id here may be one of ours).
                 return
             del self._held[reservation.id]
-            if self._sock is None:
-                # Not held, or the session it was held by is gone (and with it the
-                # reservation; it is not re-declared on reconnect).
+            if not sync or self._sock is None:
+                # With no socket, the session it was held by is gone, and the
+                # reservation with it (_send_locked sends nothing then).
+                self._send_locked(encode_release(0, reservation.id))
                 return
         self._call(lambda req: encode_release(req, reservation.id), None, release=True)
 

@@ -399,3 +399,32 @@ def test_something_that_hangs_up_at_once_is_not_reconnected_to_in_a_hot_loop(tmp
     assert count[0] < 200
     quota.close()
     lsock.close()
+
+
+def test_release_waits_for_the_server_unless_sync_false(tmp_path):
+    # sync=False: RELEASE with request id 0 (no answer awaited); the default asks for
+    # the answer and returns once the server sent it.
+    answered = []
+
+    def reply(payload):
+        if payload[1] == q.RELEASE:
+            req = struct.unpack_from(">I", payload, 2)[0]
+            answered.append(req)
+        return FakeServer.default_reply(payload)
+
+    server = FakeServer(tmp_path, reply=reply)
+    quota = snakepit_shm.HostQuota.connect(dir=server.dir)
+    fast = quota.reserve("q", 1)
+    slow = quota.reserve("q", 2)
+    fast.release(sync=False)
+    assert not fast.held
+    slow.release()
+    assert not slow.held
+    releases = [p for (n, p) in server.frames if p[1] == q.RELEASE]
+    fields = [struct.unpack_from(">IQ", p, 2) for p in releases]
+    assert fields == [(0, fast.id), (answered[1], slow.id)]
+    assert answered[0] == 0 and answered[1] != 0
+    fast.release()  # idempotent, nothing sent
+    assert len([p for (n, p) in server.frames if p[1] == q.RELEASE]) == 2
+    quota.close()
+    server.stop()

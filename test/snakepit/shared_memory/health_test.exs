@@ -431,4 +431,23 @@ defmodule Snakepit.SharedMemory.HealthTest do
       end)
     end
   end
+
+  describe "with the application stopped" do
+    test "health/0 says the application is not running (critical), not :ok" do
+      :ok = Application.stop(:snakepit_shm)
+
+      try do
+        report = SM.health()
+        assert report.status == :critical
+        assert [%{name: :application, status: :critical, message: message} | rest] = report.checks
+        assert message =~ "not running"
+        # The host's own checks are still there, after it.
+        assert Enum.any?(rest, &(&1.name == :shm_space))
+      after
+        {:ok, _} = Application.ensure_all_started(:snakepit_shm)
+      end
+
+      refute Enum.any?(SM.health().checks, &(&1.name == :application))
+    end
+  end
 end

@@ -199,6 +199,31 @@ defmodule Snakepit.SharedMemory.HostQuota.RegionsTest do
     {:ok, _} = Snakepit.SharedMemory.Config.load()
   end
 
+  test "a Python worker started by this VM finds the VM's configured quota directory " <>
+         "(no SNAKEPIT_SHM_QUOTA_DIR)",
+       %{client: c} do
+    {:ok, %{dir: dir}} = HQ.info(client: c)
+    assert System.get_env("SNAKEPIT_SHM_VM_QUOTA_DIR") == dir
+
+    script = ~S"""
+    import sys, snakepit_shm
+    print(snakepit_shm.quota.default_dir())
+    with snakepit_shm.HostQuota.connect(timeout=10.0) as q:
+        print(q.usage(sys.argv[1])[0]["limit"])
+    """
+
+    {out, 0} =
+      System.cmd("/usr/bin/python3", ["-c", script, @quota],
+        env: [
+          {"SNAKEPIT_SHM_QUOTA_DIR", nil},
+          {"PYTHONPATH", Path.expand("../../../priv/python", __DIR__)}
+        ],
+        stderr_to_stdout: true
+      )
+
+    assert String.split(out, "\n", trim: true) == [dir, "100000"]
+  end
+
   test "config validation" do
     assert {:error, m} = Snakepit.SharedMemory.Config.validate(host_quota: "bad name")
     assert m =~ "host_quota"

@@ -96,6 +96,33 @@ defmodule Snakepit.SharedMemory.HostQuotaTest do
       assert used(a, "gpu0") == 0
     end
 
+    test "release(sync: false) sends the release unanswered; it is final at once and " <>
+           "ordered before the session's next request",
+         %{dir: dir} do
+      a = client(dir, "fast")
+      b = client(dir, "other")
+      :ok = HQ.define("ff", 10, client: a)
+
+      for _ <- 1..200 do
+        {:ok, r} = HQ.reserve("ff", 10, client: a)
+        assert :ok = HQ.release(r, sync: false)
+        # Final here: not held, cannot be released twice.
+        assert {:error, %Error{reason: :not_found}} = HQ.release(r, sync: false)
+        refute Enum.any?(HQ.held(client: a), &(&1.id == r.id))
+        # The same session's next request comes after it: the whole quota is free.
+        assert {:ok, r2} = HQ.reserve("ff", 10, client: a)
+        assert :ok = HQ.release(r2)
+      end
+
+      # Another client sees it once the frame has reached the server.
+      {:ok, r} = HQ.reserve("ff", 10, client: a)
+      :ok = HQ.release(r, sync: false)
+      assert wait_until(fn -> used(b, "ff") == 0 end, 2_000)
+
+      assert {:error, %Error{reason: :invalid_option}} = HQ.release(r, sync: :maybe)
+      assert {:error, %Error{reason: :invalid_option}} = HQ.release(r, :nope)
+    end
+
     test "usage of every quota and of an unknown one", %{dir: dir} do
       a = client(dir)
       :ok = HQ.define("b", 2, client: a)

@@ -46,6 +46,18 @@ defmodule Snakepit.SharedMemory.HostQuota.RuntimeDir do
   @spec default_dir() :: String.t()
   def default_dir, do: configured() || default()
 
+  @doc """
+  Exports `dir` (default: `default_dir/0`) to the OS environment of this VM as
+  `SNAKEPIT_SHM_VM_QUOTA_DIR`, which every program it starts inherits: the Python
+  client (`snakepit_shm.HostQuota.connect()`) then finds the directory this VM uses,
+  `:host_quota_dir` included. `SNAKEPIT_SHM_QUOTA_DIR`, when set, still wins on both
+  sides. Called at application start and when this VM's client starts.
+  """
+  @spec export_env(String.t() | nil) :: :ok
+  def export_env(dir \\ nil) do
+    System.put_env("SNAKEPIT_SHM_VM_QUOTA_DIR", dir || default_dir())
+  end
+
   @doc "The socket path inside `dir`."
   @spec socket_path(String.t()) :: String.t()
   def socket_path(dir), do: Path.join(dir, @socket)
