@@ -12,6 +12,7 @@ import threading
 import time
 import weakref
 
+from . import _announce
 from . import errors
 from . import _format as F
 from . import _native
@@ -105,6 +106,7 @@ class Attachment:
         self.slot = ctypes.c_int(-1)  # the holder slot this open owns (-1: none)
         self.lock_fd = lock_fd
         self.identity = None  # (pid, start_time) while a hold is registered
+        self.bell = None  # (event socket paths, region id): announce the release
         self._lock = threading.Lock()
         if lock_fd is not None:
             _lock_holders.add(self)
@@ -146,6 +148,8 @@ class Attachment:
                 return
             with _native.buffer_address(self.header_mm, writable=True) as (address, _):
                 self.library.release_fd(address, self.fd, self.slot)
+            if self.bell is not None:
+                _announce.announce(self.bell[0], _announce.PREFIX_RELEASE, self.bell[1])
 
     def close(self):
         """Release the hold, then unmap the header and close the control descriptor."""
