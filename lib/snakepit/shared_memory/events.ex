@@ -103,8 +103,8 @@ defmodule Snakepit.SharedMemory.Events do
   than a minute whose inode is still the one that refused are removed, so a VM binding
   its socket right now is never disturbed. Returns the removed paths.
   """
-  @spec sweep_stale(String.t(), String.t() | nil) :: [String.t()]
-  def sweep_stale(dir, own \\ nil) do
+  @spec sweep_stale(String.t(), String.t() | nil, integer()) :: [String.t()]
+  def sweep_stale(dir, own \\ nil, now_s \\ System.os_time(:second)) do
     case File.ls(dir) do
       {:ok, names} ->
         candidates =
@@ -114,26 +114,24 @@ defmodule Snakepit.SharedMemory.Events do
               path != own,
               do: path
 
-        if candidates == [], do: [], else: probe_all(candidates)
+        if candidates == [], do: [], else: probe_all(candidates, now_s - @stale_after_s)
 
       {:error, _} ->
         []
     end
   end
 
-  defp probe_all(paths) do
+  defp probe_all(paths, old) do
     {:ok, probe} = :gen_udp.open(0, [:local, :binary, {:active, false}])
 
     try do
-      for path <- paths, stale?(probe, path), do: path
+      for path <- paths, stale?(probe, path, old), do: path
     after
       :gen_udp.close(probe)
     end
   end
 
-  defp stale?(probe, path) do
-    old = System.os_time(:second) - @stale_after_s
-
+  defp stale?(probe, path, old) do
     with {:ok, %File.Stat{type: :other, inode: inode, ctime: ctime}} <-
            File.lstat(path, time: :posix),
          true <- ctime < old,

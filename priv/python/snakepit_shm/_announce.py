@@ -38,13 +38,21 @@ def creator_path(creator_pid, creator_start_time):
     return os.path.join(_dir, "ev-%d-%d.sock" % (creator_pid, creator_start_time))
 
 
+_targets = {}
+
+
 def targets(creator_pid, creator_start_time):
     """The socket paths to announce to for a region of this creator (1 or 2)."""
-    mine = creator_path(creator_pid, creator_start_time)
     inherited = os.environ.get("SNAKEPIT_SHM_EVENTS")
-    if inherited and inherited != mine:
-        return (mine, inherited)
-    return (mine,)
+    key = (creator_pid, creator_start_time, inherited)
+    found = _targets.get(key)
+    if found is None:
+        mine = creator_path(creator_pid, creator_start_time)
+        found = (mine, inherited) if inherited and inherited != mine else (mine,)
+        if len(_targets) > 256:  # creators of a long-lived worker: keep it bounded
+            _targets.clear()
+        _targets[key] = found
+    return found
 
 
 def _socket():
