@@ -192,9 +192,10 @@ defmodule Snakepit.SharedMemory.Cleanup do
     generation > 0 and refcount == 0
   end
 
-  # Names in the shm directory, listed once per sweep (nil: this platform has none).
+  # Names in the shm directory, listed once per sweep (nil: this platform has none),
+  # by the one listing there is (`Sweep.segment_ids/0`, `Native.list_segments/0`).
   defp segment_names do
-    if Platform.current().shm_dir(), do: MapSet.new(Native.list_segments())
+    if Platform.current().shm_dir(), do: MapSet.new(Snakepit.SharedMemory.Sweep.segment_ids())
   end
 
   defp vanished?(region(backend: :posix, role: :created, id: id), %MapSet{} = present),

@@ -15,6 +15,7 @@ import weakref
 from . import _announce
 from . import errors
 from . import _format as F
+from . import _locate
 from . import _native
 from . import _proc
 
@@ -43,11 +44,8 @@ def expiry_problem(header_mm, now_ns=None):
 
 def creator_alive(header):
     """True if the header's creator process runs, with its start time, on this boot."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id", "rb") as source:
-            boot = bytes.fromhex(source.read().decode().strip().replace("-", ""))
-    except (OSError, ValueError):
-        boot = header.boot_id
+    here = _locate.host_boot_id()  # the one boot-id parser of the Python client
+    boot = bytes.fromhex(here) if here is not None else header.boot_id
     if boot != header.boot_id:
         return False
     try:
