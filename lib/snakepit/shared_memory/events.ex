@@ -36,7 +36,7 @@ defmodule Snakepit.SharedMemory.Events do
   @batch 64
   @max_id 255
 
-  @type t :: %{socket: port(), path: String.t()}
+  @type t :: %{socket: port(), path: String.t(), inode: non_neg_integer()}
 
   @doc "The environment variable that names this VM's event socket for its workers."
   @spec env_var() :: String.t()
@@ -87,8 +87,16 @@ defmodule Snakepit.SharedMemory.Events do
     case :gen_udp.open(0, opts) do
       {:ok, socket} ->
         _ = File.chmod(path, 0o600)
-        System.put_env(@env, path)
-        {:ok, %{socket: socket, path: path}}
+
+        case File.lstat(path) do
+          {:ok, %File.Stat{type: :other, inode: inode}} ->
+            System.put_env(@env, path)
+            {:ok, %{socket: socket, path: path, inode: inode}}
+
+          _ ->
+            :gen_udp.close(socket)
+            {:error, "#{path} vanished right after it was bound"}
+        end
 
       {:error, reason} ->
         {:error, "cannot bind #{path}: #{:inet.format_error(reason)}"}
@@ -144,6 +152,29 @@ defmodule Snakepit.SharedMemory.Events do
     end
   end
 
+  @doc """
+  Checks that the socket file is still the one bound (a cleaner of old files in
+  `/tmp`, an operator's `rm`, may have removed it, and then no worker could reach this
+  VM); binds a new one if not. O(1): one `lstat`. Returns the events to use (nil if a
+  new socket could not be bound: the manager then scans instead).
+  """
+  @spec check(t()) :: t() | nil
+  def check(%{path: path, inode: inode} = events) do
+    case File.lstat(path) do
+      {:ok, %File.Stat{type: :other, inode: ^inode}} ->
+        events
+
+      _ ->
+        Logger.warning("snakepit_shm: event socket #{path} was removed: binding it again")
+        _ = :gen_udp.close(events.socket)
+
+        case bind(path) do
+          {:ok, events} -> events
+          {:error, _} -> nil
+        end
+    end
+  end
+
   @doc "Re-arms delivery after `{:udp_passive, socket}`."
   @spec rearm(t()) :: :ok
   def rearm(%{socket: socket}) do
@@ -155,9 +186,11 @@ defmodule Snakepit.SharedMemory.Events do
   @spec close(t() | nil) :: :ok
   def close(nil), do: :ok
 
-  def close(%{socket: socket, path: path}) do
+  def close(%{socket: socket, path: path, inode: inode}) do
     _ = :gen_udp.close(socket)
-    _ = File.rm(path)
+    # Only our own file: never one a later bind of the same name made.
+    with {:ok, %File.Stat{inode: ^inode}} <- File.lstat(path), do: File.rm(path)
+
     if System.get_env(@env) == path, do: System.delete_env(@env)
     :ok
   end

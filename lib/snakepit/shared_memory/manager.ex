@@ -219,6 +219,20 @@ defmodule Snakepit.SharedMemory.Manager do
     end
   end
 
+  defp check_events(%{events: nil} = state), do: state
+
+  defp check_events(state) do
+    case Events.check(state.events) do
+      nil ->
+        # No socket any more: the scan takes over (as if it never opened).
+        schedule(:holder_scan, state.config.holder_scan_interval)
+        %{state | events: nil}
+
+      events ->
+        %{state | events: events}
+    end
+  end
+
   # An announced id: only ids of regions this VM holds are kept (no NIF call for the
   # others); repeated ids are coalesced until the :rung message, queued behind the
   # datagrams already in the mailbox, handles them all at once.
@@ -294,7 +308,7 @@ defmodule Snakepit.SharedMemory.Manager do
 
   defp periodic_cleanup(state) do
     state = repair_dead_callers(state, :if_any)
-    state = %{state | holders: Holders.retry(state.holders)}
+    state = %{state | holders: Holders.retry(state.holders)} |> check_events()
     for {id, reason} <- Cleanup.due(), do: Cleanup.free(id, reason)
     # Callers whose first-use cast was lost (the manager was down) get monitored now.
     Enum.reduce(Registry.callers(), state, &monitor/2)

@@ -186,6 +186,25 @@ defmodule Snakepit.SharedMemory.EventsTest do
       assert ShmHelpers.wait_until(fn -> Registry.lookup(id) == nil end, 5_000)
     end
 
+    test "a removed socket file is bound again by the next cleanup, and works" do
+      %{path: path, socket: socket} = events()
+      File.rm!(path)
+
+      # (tmpfs may give the new file the old inode number: the port tells them apart.)
+      assert ShmHelpers.wait_until(
+               fn -> match?(%{path: ^path, socket: s} when s != socket, events()) end,
+               5_000
+             )
+
+      assert File.exists?(path)
+      {:ok, id} = SM.allocate_region(4096, cleanup_policy: :reference_counted)
+      {:ok, ref} = SM.export_ref(id)
+      {port, os_pid} = TestSupport.python_holder(ref)
+      assert ShmHelpers.wait_until(fn -> watched?(os_pid) end, 5_000)
+      Port.close(port)
+      TestSupport.kill9(os_pid)
+    end
+
     test "stale sockets of dead VMs are removed, live ones and fresh ones are kept" do
       dir = Path.join(System.tmp_dir!(), "spshm_ev_#{System.unique_integer([:positive])}")
       File.mkdir_p!(dir)
