@@ -35,6 +35,7 @@ defmodule Snakepit.SharedMemory.Holders do
             refs: %{},
             retry: MapSet.new(),
             held: %{},
+            prune_at: 4_096,
             self_os_pid: nil
 
   @type holder :: {pos_integer(), non_neg_integer()}
@@ -44,6 +45,7 @@ defmodule Snakepit.SharedMemory.Holders do
           refs: %{reference() => holder()},
           retry: MapSet.t(holder()),
           held: %{holder() => MapSet.t(String.t())},
+          prune_at: pos_integer(),
           self_os_pid: pos_integer() | nil
         }
 
@@ -130,6 +132,37 @@ defmodule Snakepit.SharedMemory.Holders do
         state
         |> board_rung(id)
         |> rearm()
+        |> maybe_prune()
+    end
+  end
+
+  # Announcements add entries for regions that are freed later, by anyone: once the
+  # generations map doubled since the last pruning, drop what the registry no longer
+  # holds (amortised O(1) per announcement, and bounded by the live regions).
+  defp maybe_prune(%{generations: generations, prune_at: at} = state) do
+    if map_size(generations) < at do
+      state
+    else
+      live? = fn
+        {{:board, id}, _} -> Registry.member?(id)
+        {id, _} -> Registry.member?(id)
+      end
+
+      generations = generations |> Enum.filter(live?) |> Map.new()
+
+      held =
+        for {holder, ids} <- state.held,
+            ids = MapSet.filter(ids, &Registry.member?/1),
+            MapSet.size(ids) > 0,
+            into: %{},
+            do: {holder, ids}
+
+      %{
+        state
+        | generations: generations,
+          held: held,
+          prune_at: max(4_096, 2 * map_size(generations))
+      }
     end
   end
 
