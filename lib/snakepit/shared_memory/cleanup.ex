@@ -163,7 +163,7 @@ defmodule Snakepit.SharedMemory.Cleanup do
       ])
 
     for {id, ref, timeout, created_at} <- rows,
-        expired?(region(id: id, ref: ref, timeout: timeout, created_at: created_at), now_ms),
+        idle_and_unheld?(ref, timeout, created_at, now_ms),
         do: {id, :expired}
   end
 
@@ -204,7 +204,10 @@ defmodule Snakepit.SharedMemory.Cleanup do
   @spec expired?(Registry.region_record(), integer()) :: boolean()
   def expired?(region(timeout: :infinity), _now_ms), do: false
 
-  def expired?(region(timeout: timeout, ref: ref, created_at: created_at), now_ms) do
+  def expired?(region(timeout: timeout, ref: ref, created_at: created_at), now_ms),
+    do: idle_and_unheld?(ref, timeout, created_at, now_ms)
+
+  defp idle_and_unheld?(ref, timeout, created_at, now_ms) do
     last_ms = div(Native.last_access(ref), 1_000_000)
     now_ms - max(last_ms, created_at) > timeout and elem(Native.hold_counts(ref), 1) == 0
   end
