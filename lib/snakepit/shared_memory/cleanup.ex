@@ -139,38 +139,60 @@ defmodule Snakepit.SharedMemory.Cleanup do
   """
   @spec due(integer()) :: [{String.t(), atom()}]
   def due(now_ms \\ System.system_time(:millisecond)) do
-    # The registry first, the directory second: every region of the snapshot had its
-    # segment before the listing, so a name missing from it really vanished. (The other
-    # order would take a region registered in between for a vanished one.)
-    records =
-      Registry.all_with([
-        :id,
-        :ref,
-        :owner,
-        :cleanup_policy,
-        :timeout,
-        :created_at,
-        :backend,
-        :role
-      ])
+    # Each check selects, inside ETS, only the regions it can concern (a finite idle
+    # timeout; a dead owner, found among the owners (`Quota`'s table, one row per owner);
+    # `:reference_counted`; POSIX and created here), so a VM of 100 000 default regions
+    # (memfd, :automatic, no timeout, live owners) copies nothing and calls no NIF.
+    # The registry before the directory: every POSIX region of the snapshot had its
+    # segment before the listing, so a name missing from it really vanished (the other
+    # order would take a region registered in between for a vanished one).
+    posix = select_ids(region(backend: :posix, role: :created, id: :"$1", _: :_), [])
 
-    present = segment_names()
-
-    for record <- records,
-        reason = due_reason(record, now_ms, present),
-        reason != nil,
-        do: {region(record, :id), reason}
+    (expired(now_ms) ++ owners_down() ++ unreferenced() ++ vanished(posix))
+    |> Enum.uniq_by(&elem(&1, 0))
   end
 
-  defp due_reason(record, now_ms, present) do
-    region(ref: ref, owner: owner, cleanup_policy: policy) = record
+  defp select_ids(pattern, guards),
+    do: :ets.select(Registry.regions_table(), [{pattern, guards, [:"$1"]}])
 
-    cond do
-      expired?(record, now_ms) -> :expired
-      is_pid(owner) and not Process.alive?(owner) and owner_death_frees?(record) -> :owner_down
-      policy == :reference_counted and unreferenced?(ref) -> :unreferenced
-      vanished?(record, present) -> :vanished
-      true -> nil
+  defp expired(now_ms) do
+    rows =
+      :ets.select(Registry.regions_table(), [
+        {region(id: :"$1", ref: :"$2", timeout: :"$3", created_at: :"$4", _: :_),
+         [{:"=/=", :"$3", :infinity}], [{{:"$1", :"$2", :"$3", :"$4"}}]}
+      ])
+
+    for {id, ref, timeout, created_at} <- rows,
+        idle_and_unheld?(ref, timeout, created_at, now_ms),
+        do: {id, :expired}
+  end
+
+  # A safety net only: an owner's death is an event (the NIF's monitor), and a manager
+  # that was down when it came runs check_owners/0 at start-up.
+  defp owners_down do
+    for {owner, _n} <- :ets.tab2list(Registry.owners_table()),
+        not Process.alive?(owner),
+        record <- Registry.owned_by(owner),
+        owner_death_frees?(record),
+        do: {region(record, :id), :owner_down}
+  end
+
+  defp unreferenced do
+    rows =
+      :ets.select(Registry.regions_table(), [
+        {region(id: :"$1", ref: :"$2", cleanup_policy: :reference_counted, _: :_), [],
+         [{{:"$1", :"$2"}}]}
+      ])
+
+    for {id, ref} <- rows, unreferenced?(ref), do: {id, :unreferenced}
+  end
+
+  defp vanished([]), do: []
+
+  defp vanished(posix) do
+    case segment_names() do
+      %MapSet{} = present -> for id <- posix, not MapSet.member?(present, id), do: {id, :vanished}
+      nil -> []
     end
   end
 
@@ -182,7 +204,10 @@ defmodule Snakepit.SharedMemory.Cleanup do
   @spec expired?(Registry.region_record(), integer()) :: boolean()
   def expired?(region(timeout: :infinity), _now_ms), do: false
 
-  def expired?(region(timeout: timeout, ref: ref, created_at: created_at), now_ms) do
+  def expired?(region(timeout: timeout, ref: ref, created_at: created_at), now_ms),
+    do: idle_and_unheld?(ref, timeout, created_at, now_ms)
+
+  defp idle_and_unheld?(ref, timeout, created_at, now_ms) do
     last_ms = div(Native.last_access(ref), 1_000_000)
     now_ms - max(last_ms, created_at) > timeout and elem(Native.hold_counts(ref), 1) == 0
   end
@@ -192,15 +217,11 @@ defmodule Snakepit.SharedMemory.Cleanup do
     generation > 0 and refcount == 0
   end
 
-  # Names in the shm directory, listed once per sweep (nil: this platform has none).
+  # Names in the shm directory, listed once per sweep (nil: this platform has none),
+  # by the one listing there is (`Sweep.segment_ids/0`, `Native.list_segments/0`).
   defp segment_names do
-    if Platform.current().shm_dir(), do: MapSet.new(Native.list_segments())
+    if Platform.current().shm_dir(), do: MapSet.new(Snakepit.SharedMemory.Sweep.segment_ids())
   end
-
-  defp vanished?(region(backend: :posix, role: :created, id: id), %MapSet{} = present),
-    do: not MapSet.member?(present, id)
-
-  defp vanished?(_record, _present), do: false
 
   @doc "Frees `id` for `reason`; the freed entry, or nothing if it was already gone."
   @spec free(String.t(), atom()) :: [freed()]

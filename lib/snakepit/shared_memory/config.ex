@@ -23,7 +23,9 @@ defmodule Snakepit.SharedMemory.Config do
     * `:cleanup_interval` - ms between periodic cleanups (idle timeouts, vanished
       segments, leaked segments). Defaults to `5_000`.
     * `:holder_scan_interval` - ms between scans of region headers that discover OS
-      processes (Python workers) holding a region. Defaults to `200`.
+      processes (Python workers) holding a region, used only where the VM's event
+      socket cannot be bound (workers otherwise announce their holds:
+      `Snakepit.SharedMemory.Events`). Defaults to `200`.
     * `:default_timeout` - idle ms before a region expires when `allocate_region/2` gets
       no `:timeout`, or `:infinity`. Defaults to `:infinity`.
     * `:security_level` - default `:security_level` of new regions. Defaults to `:standard`.

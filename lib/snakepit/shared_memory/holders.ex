@@ -6,14 +6,21 @@ defmodule Snakepit.SharedMemory.Holders do
   whose lock its own open of the region holds: when the worker dies, at any instant, the
   kernel drops that lock and the slot is dead for everyone (`Native.reap_holders/1`,
   and every `Native.hold_counts/1`, free such slots). What the manager adds is
-  promptness: it scans every `holder_scan_interval` ms (the full header only of regions
-  whose holder generation changed), and each new holding OS process gets a pidfd watch
-  (`Native.watch_os_process/3`, `enif_select`), so its death is an event that reaps its
-  slots at once, which may free `:reference_counted` regions. A watch that could not be
-  armed (out of descriptors: EMFILE) is retried on every scan.
+  promptness, by events only:
 
-  The scan also notices a `:reference_counted` region whose count dropped to zero
-  without a BEAM call (a worker closing it, a mapping garbage collected).
+    * discovery: the worker announces its hold on the VM's event socket
+      (`Snakepit.SharedMemory.Events`); `rung/2` then reads that one region (its hold
+      counts, and its full header only if its holder generation changed) and arms a
+      pidfd watch (`Native.watch_os_process/3`, `enif_select`) on each new holding OS
+      process. A full `scan/1` runs only at manager start-up and in `Manager.sync/0`
+      (or every `holder_scan_interval` ms where the event socket is unavailable);
+    * death: the watch fires; the dead process's slots are reaped in the regions it
+      was seen holding (not in every region), which may free `:reference_counted`
+      regions. A watch that could not be armed (out of descriptors: EMFILE) is
+      retried on the next event or cleanup.
+
+  A released hold is announced too, so a `:reference_counted` region whose count
+  dropped to zero without a BEAM call (a worker closing it) is freed at once.
   """
 
   require Logger
@@ -23,7 +30,13 @@ defmodule Snakepit.SharedMemory.Holders do
 
   import Snakepit.SharedMemory.Registry, only: [region: 1]
 
-  defstruct generations: %{}, watches: %{}, refs: %{}, retry: MapSet.new(), self_os_pid: nil
+  defstruct generations: %{},
+            watches: %{},
+            refs: %{},
+            retry: MapSet.new(),
+            held: %{},
+            prune_at: 4_096,
+            self_os_pid: nil
 
   @type holder :: {pos_integer(), non_neg_integer()}
   @type t :: %__MODULE__{
@@ -31,6 +44,8 @@ defmodule Snakepit.SharedMemory.Holders do
           watches: %{holder() => {reference(), reference()}},
           refs: %{reference() => holder()},
           retry: MapSet.t(holder()),
+          held: %{holder() => MapSet.t(String.t())},
+          prune_at: pos_integer(),
           self_os_pid: pos_integer() | nil
         }
 
@@ -54,7 +69,7 @@ defmodule Snakepit.SharedMemory.Holders do
         acc =
           case state.generations do
             %{^id => ^generation} -> acc
-            _ -> changed(acc, ref)
+            _ -> changed(acc, ref, id)
           end
 
         if policy == :reference_counted and generation > 0 and refcount == 0,
@@ -72,6 +87,10 @@ defmodule Snakepit.SharedMemory.Holders do
     rearm(%{state | generations: generations})
   end
 
+  @doc "Tries again the watches that could not be armed (EMFILE...); O(1) if none."
+  @spec retry(t()) :: t()
+  def retry(state), do: rearm(state)
+
   # Watches that failed (EMFILE...) are tried again; a holder gone meanwhile is reaped.
   defp rearm(%{retry: retry} = state) do
     if MapSet.size(retry) == 0 do
@@ -83,20 +102,96 @@ defmodule Snakepit.SharedMemory.Holders do
     end
   end
 
+  @doc """
+  Handles an announcement for region (or status board) `id`: reads that region's hold
+  counts, its header if its holder generation changed (watching new holders), frees
+  it if it is `:reference_counted` and nothing holds it any more, and watches the new
+  joiners of a status board. Ids this VM does not hold cost one ETS lookup.
+  """
+  @spec rung(t(), String.t()) :: t()
+  def rung(state, id) do
+    case Registry.policy_and_ref(id) do
+      nil ->
+        state
+
+      {policy, ref} ->
+        {generation, refcount} = Native.hold_counts(ref)
+
+        state =
+          case state.generations do
+            %{^id => ^generation} ->
+              state
+
+            generations ->
+              changed(%{state | generations: Map.put(generations, id, generation)}, ref, id)
+          end
+
+        if policy == :reference_counted and generation > 0 and refcount == 0,
+          do: Access.free_if_unreferenced(id)
+
+        state
+        |> board_rung(id)
+        |> rearm()
+        |> maybe_prune()
+    end
+  end
+
+  # Announcements add entries for regions that are freed later, by anyone: once the
+  # generations map doubled since the last pruning, drop what the registry no longer
+  # holds (amortised O(1) per announcement, and bounded by the live regions).
+  defp maybe_prune(%{generations: generations, prune_at: at} = state) do
+    if map_size(generations) < at do
+      state
+    else
+      live? = fn
+        {{:board, id}, _} -> Registry.member?(id)
+        {id, _} -> Registry.member?(id)
+      end
+
+      generations = generations |> Enum.filter(live?) |> Map.new()
+
+      held =
+        for {holder, ids} <- state.held,
+            ids = MapSet.filter(ids, &Registry.member?/1),
+            MapSet.size(ids) > 0,
+            into: %{},
+            do: {holder, ids}
+
+      %{
+        state
+        | generations: generations,
+          held: held,
+          prune_at: max(4_096, 2 * map_size(generations))
+      }
+    end
+  end
+
+  defp board_rung(state, id) do
+    {pairs, state} =
+      Snakepit.SharedMemory.StatusBoard.watch_joiners_of(id, state.generations, state, &watch/2)
+
+    %{state | generations: Map.merge(state.generations, Map.new(pairs))}
+  end
+
   @doc "Reads the holders of a region whose generation changed; watches the new ones."
-  @spec changed(t(), reference()) :: t()
-  def changed(state, ref) do
+  @spec changed(t(), reference(), String.t() | nil) :: t()
+  def changed(state, ref, id \\ nil) do
     case Native.header(ref) do
       {:ok, %{holders: holders}} ->
         holders
         |> Enum.map(&{&1.pid, &1.start_time})
         |> Enum.reject(fn {pid, _} -> pid == state.self_os_pid end)
-        |> Enum.reduce(state, &watch/2)
+        |> Enum.reduce(state, fn holder, acc -> watch(holder, held(acc, holder, id)) end)
 
       _ ->
         state
     end
   end
+
+  defp held(state, _holder, nil), do: state
+
+  defp held(state, holder, id),
+    do: %{state | held: Map.update(state.held, holder, MapSet.new([id]), &MapSet.put(&1, id))}
 
   defp watch({os_pid, start} = holder, state) do
     if Map.has_key?(state.watches, holder), do: state, else: arm(os_pid, start, state)
@@ -116,8 +211,8 @@ defmodule Snakepit.SharedMemory.Holders do
 
       {:error, {:not_found, _, _}} ->
         # Already gone: release its holds now.
-        release_everywhere(holder)
-        state
+        release_everywhere(holder, Map.get(state.held, holder))
+        %{state | held: Map.delete(state.held, holder)}
 
       {:error, {_reason, message, _}} ->
         unless MapSet.member?(state.retry, holder),
@@ -140,19 +235,25 @@ defmodule Snakepit.SharedMemory.Holders do
         state
 
       {holder, refs} ->
-        release_everywhere(holder)
-        %{state | refs: refs, watches: Map.delete(state.watches, holder)}
+        release_everywhere(holder, Map.get(state.held, holder))
+
+        %{
+          state
+          | refs: refs,
+            watches: Map.delete(state.watches, holder),
+            held: Map.delete(state.held, holder)
+        }
     end
   end
 
   # The slots of a dead process are those whose lock is gone: reaped by the kernel's
   # word, not by its pid (which may be reused, or name another process in another PID
-  # namespace).
-  defp release_everywhere({os_pid, start}) do
-    rows =
-      :ets.select(Registry.regions_table(), [
-        {region(id: :"$1", ref: :"$2", _: :_), [], [{{:"$1", :"$2"}}]}
-      ])
+  # namespace). Only in the regions it was seen holding (`ids`): O(its regions), not
+  # O(all regions); a hold it took unannounced is reaped by the next hold count of
+  # that region (every `Native.hold_counts/1` reaps dead slots). A status board's
+  # joiner that holds no region has no ids (nil): its board slots are reclaimed below.
+  defp release_everywhere({os_pid, start}, ids) do
+    rows = for id <- ids || [], {_policy, ref} <- [Registry.policy_and_ref(id)], do: {id, ref}
 
     released =
       for {id, ref} <- rows,

@@ -5,8 +5,12 @@ defmodule Snakepit.SharedMemory.Manager do
     * deaths: owners (`{:snakepit_shm_owner_down, id, pid}` from the NIF's monitors),
       API callers (monitors; their mappings are unmapped, their owned regions get their
       policy, an operation they died in is repaired), OS holders (pidfd watches);
-    * the holder scan (every `:holder_scan_interval` ms) and the periodic cleanup
-      (every `:cleanup_interval` ms: expiry, policies, vanished and leaked segments);
+    * OS holders' announcements on the VM's event socket (`Snakepit.SharedMemory.Events`):
+      each names one region to look at, coalesced, so discovering a new holder is
+      O(the regions that changed), never a poll of every region (a scan every
+      `:holder_scan_interval` ms only where the event socket cannot be opened);
+    * the periodic cleanup (every `:cleanup_interval` ms: expiry, policies, vanished
+      and leaked segments);
     * `cleanup_regions/1`;
     * start-up: rebuild from the segments if the tables are new, orphan sweep, repair
       of operations cut short by deaths while no manager ran, recount of the quota
@@ -26,7 +30,7 @@ defmodule Snakepit.SharedMemory.Manager do
 
   require Snakepit.SharedMemory.Registry
 
-  alias Snakepit.SharedMemory.{Cleanup, Config, Holders, Journal, Quota, Registry, Sweep}
+  alias Snakepit.SharedMemory.{Cleanup, Config, Events, Holders, Journal, Quota, Registry, Sweep}
 
   @leak_scan_ms 100
 
@@ -57,7 +61,15 @@ defmodule Snakepit.SharedMemory.Manager do
   def init(nil) do
     Process.flag(:trap_exit, true)
     config = Config.get()
-    state = %{holders: Holders.new(), monitored: MapSet.new(), pending_leaks: [], config: config}
+
+    state = %{
+      holders: Holders.new(),
+      monitored: MapSet.new(),
+      pending_leaks: [],
+      config: config,
+      events: open_events(),
+      rung: MapSet.new()
+    }
 
     unless Registry.flag(:initialized) do
       adopted = Sweep.adopt_own_segments()
@@ -77,7 +89,7 @@ defmodule Snakepit.SharedMemory.Manager do
     Cleanup.check_owners()
     state = Enum.reduce(Registry.callers(), state, &monitor/2)
     state = %{state | holders: Holders.scan(state.holders)}
-    schedule(:holder_scan, config.holder_scan_interval)
+    if state.events == nil, do: schedule(:holder_scan, config.holder_scan_interval)
     schedule(:cleanup, config.cleanup_interval)
     if state.pending_leaks != [], do: schedule(:leak_scan, @leak_scan_ms)
     {:ok, state}
@@ -114,6 +126,20 @@ defmodule Snakepit.SharedMemory.Manager do
 
   def handle_info({:select, watch, ref, :ready_input}, state) do
     {:noreply, %{state | holders: Holders.exited(state.holders, watch, ref)}}
+  end
+
+  def handle_info({:udp, socket, _address, _port, data}, %{events: %{socket: socket}} = state) do
+    {:noreply, ring(state, Events.parse(data))}
+  end
+
+  def handle_info({:udp_passive, socket}, %{events: %{socket: socket} = events} = state) do
+    Events.rearm(events)
+    {:noreply, state}
+  end
+
+  def handle_info(:rung, state) do
+    holders = Enum.reduce(state.rung, state.holders, &Holders.rung(&2, &1))
+    {:noreply, %{state | holders: holders, rung: MapSet.new()}}
   end
 
   def handle_info(:holder_scan, state) do
@@ -156,7 +182,9 @@ defmodule Snakepit.SharedMemory.Manager do
   end
 
   @impl true
-  def terminate(reason, _state) do
+  def terminate(reason, state) do
+    Events.close(state.events)
+
     # A normal stop frees everything. After a crash of the table owner the tables are
     # gone already (nothing to free: POSIX segments are re-adopted by the next manager).
     if stopping?(reason) and Registry.available?() do
@@ -175,6 +203,54 @@ defmodule Snakepit.SharedMemory.Manager do
   defp stopping?(_), do: false
 
   # ---- helpers ----
+
+  defp open_events do
+    case Events.open() do
+      {:ok, events} ->
+        events
+
+      {:error, why} ->
+        Logger.warning(
+          "snakepit_shm: no event socket (#{why}): scanning for OS holders every " <>
+            "holder_scan_interval ms instead"
+        )
+
+        nil
+    end
+  end
+
+  defp check_events(%{events: nil} = state), do: state
+
+  defp check_events(state) do
+    case Events.check(state.events) do
+      nil ->
+        # No socket any more: the scan takes over (as if it never opened).
+        schedule(:holder_scan, state.config.holder_scan_interval)
+        %{state | events: nil}
+
+      events ->
+        %{state | events: events}
+    end
+  end
+
+  # An announced id: only ids of regions this VM holds are kept (no NIF call for the
+  # others); repeated ids are coalesced until the :rung message, queued behind the
+  # datagrams already in the mailbox, handles them all at once.
+  defp ring(state, {_kind, id}) do
+    cond do
+      MapSet.member?(state.rung, id) ->
+        state
+
+      Registry.member?(id) ->
+        if MapSet.size(state.rung) == 0, do: send(self(), :rung)
+        %{state | rung: MapSet.put(state.rung, id)}
+
+      true ->
+        state
+    end
+  end
+
+  defp ring(state, :error), do: state
 
   defp monitor(pid, state) do
     if MapSet.member?(state.monitored, pid) do
@@ -232,6 +308,7 @@ defmodule Snakepit.SharedMemory.Manager do
 
   defp periodic_cleanup(state) do
     state = repair_dead_callers(state, :if_any)
+    state = %{state | holders: Holders.retry(state.holders)} |> check_events()
     for {id, reason} <- Cleanup.due(), do: Cleanup.free(id, reason)
     # Callers whose first-use cast was lost (the manager was down) get monitored now.
     Enum.reduce(Registry.callers(), state, &monitor/2)

@@ -528,26 +528,46 @@ defmodule Snakepit.SharedMemory.StatusBoard do
          [{{:"$1", :"$2", :"$3"}}]}
       ])
 
-    Enum.flat_map_reduce(rows, state, fn {id, ref, metadata}, acc ->
-      key = {:board, id}
-      known = Map.get(generations, key, @unknown_generation)
+    Enum.flat_map_reduce(rows, state, &watch_board(&1, &2, generations, watch))
+  end
 
-      case board_metadata?(metadata) && Native.board_watch_info(ref, known) do
-        {generation, nil} ->
-          {[{key, generation}], acc}
+  @doc false
+  # watch_joiners/3 for the one board `id` (an announcement on the event socket).
+  @spec watch_joiners_of(
+          String.t(),
+          map(),
+          map(),
+          ({pos_integer(), non_neg_integer()}, map() -> map())
+        ) :: {[{{:board, String.t()}, non_neg_integer()}], map()}
+  def watch_joiners_of(id, generations, state, watch) do
+    case Registry.lookup(id) do
+      Registry.region(ref: ref, metadata: metadata) ->
+        watch_board({id, ref, metadata}, state, generations, watch)
 
-        {generation, owners} ->
-          acc =
-            owners
-            |> Enum.reject(fn {pid, _} -> pid == 0 or pid == acc.self_os_pid end)
-            |> Enum.reduce(acc, watch)
+      nil ->
+        {[], state}
+    end
+  end
 
-          {[{key, generation}], acc}
+  defp watch_board({id, ref, metadata}, acc, generations, watch) do
+    key = {:board, id}
+    known = Map.get(generations, key, @unknown_generation)
 
-        _ ->
-          {[], acc}
-      end
-    end)
+    case board_metadata?(metadata) && Native.board_watch_info(ref, known) do
+      {generation, nil} ->
+        {[{key, generation}], acc}
+
+      {generation, owners} ->
+        acc =
+          owners
+          |> Enum.reject(fn {pid, _} -> pid == 0 or pid == acc.self_os_pid end)
+          |> Enum.reduce(acc, watch)
+
+        {[{key, generation}], acc}
+
+      _ ->
+        {[], acc}
+    end
   end
 
   # Ids and names come from shared memory: a peer may have written anything there,

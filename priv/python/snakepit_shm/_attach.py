@@ -7,6 +7,7 @@ import mmap
 import os
 import warnings
 
+from . import _announce
 from . import errors
 from . import _format as F
 from . import _header
@@ -71,6 +72,12 @@ def attach(ref_or_region_id, mode="r"):
         # it looks for writable holders, so either it sees this hold or we see the bit.
         if header_writable:
             _hold(attachment, identity, location.region_id, mode)
+            # Tell the VM(s) at once (one non-blocking datagram): no polling finds it.
+            attachment.bell = (_announce.targets(header.creator_pid,
+                                                 header.creator_start_time),
+                               location.region_id)
+            _announce.announce(attachment.bell[0], _announce.PREFIX_ATTACH,
+                               location.region_id)
         else:
             warnings.warn(errors.UnheldAttachWarning(
                 f"{location.control_path} cannot be opened for writing (sealed POSIX "

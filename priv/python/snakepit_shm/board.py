@@ -32,7 +32,7 @@ import weakref
 
 from . import _board_format as BF
 from . import _format as F
-from . import _locate, _native, _proc
+from . import _announce, _locate, _native, _proc
 from . import errors as _errors
 
 _VALUES = struct.Struct("<6Q4q")  # state, queue, in_flight, memory, processed, errors, gauges
@@ -185,6 +185,7 @@ class StatusBoard:
             region.close()
             os.close(lock_fd)
             raise
+        _announce_join(region)
         address = ctypes.addressof(anchor) + BF.slot_offset(index.value)
         return cls(region=region, size=size, anchor=anchor, slot_address=address,
                    owner=owner.value, lock_fd=lock_fd,
@@ -301,6 +302,18 @@ class StatusBoard:
     def __repr__(self):
         state = "left" if self._closed else f"slot {self._index}"
         return f"<snakepit_shm.StatusBoard {self._worker_id!r} {state}>"
+
+
+def _announce_join(region):
+    """Tell the board's VM that an OS process joined (it arms a watch on it at once)."""
+    try:
+        fields = F.unpack_fields(region)
+        region_id = fields["region_id"].rstrip(b"\0").decode()
+    except (ValueError, KeyError, UnicodeError, struct.error):
+        return
+    _announce.announce(
+        _announce.targets(fields["creator_pid"], fields["creator_start_time"]),
+        _announce.PREFIX_ATTACH, region_id)
 
 
 def _map_board(ref, library):

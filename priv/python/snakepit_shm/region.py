@@ -13,8 +13,10 @@ import threading
 import time
 import weakref
 
+from . import _announce
 from . import errors
 from . import _format as F
+from . import _locate
 from . import _native
 from . import _proc
 
@@ -103,6 +105,7 @@ class Attachment:
         self.slot = ctypes.c_int(-1)  # the holder slot this open owns (-1: none)
         self.lock_fd = lock_fd
         self.identity = None  # (pid, start_time) while a hold is registered
+        self.bell = None  # (event socket paths, region id): announce the release
         self._lock = threading.Lock()
         if lock_fd is not None:
             _lock_holders.add(self)
@@ -143,6 +146,8 @@ class Attachment:
             if identity is None or identity[0] != os.getpid():
                 return
             self.library.release_fd(self.address, self.fd, self.slot)
+            if self.bell is not None:
+                _announce.announce(self.bell[0], _announce.PREFIX_RELEASE, self.bell[1])
 
     def close(self):
         """Release the hold, then unmap the header and close the control descriptor."""

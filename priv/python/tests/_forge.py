@@ -21,6 +21,7 @@ import time
 import zlib
 
 from snakepit_shm import _format as F
+from snakepit_shm import _locate
 
 BASE32 = "abcdefghijklmnopqrstuvwxyz234567"
 
@@ -48,9 +49,8 @@ def start_time(pid):
 
 
 def boot_id():
-    """This boot's id as 16 bytes."""
-    with open("/proc/sys/kernel/random/boot_id") as f:
-        return bytes.fromhex(f.read().strip().replace("-", ""))
+    """This boot's id as 16 bytes (from the client's one boot-id parser)."""
+    return bytes.fromhex(_locate.host_boot_id())
 
 
 def build_header(region_id, backend, size, *, metadata=None, encrypted=False,

@@ -55,7 +55,7 @@ defmodule Snakepit.SharedMemory.CLI.HostScan do
 
   # ---- POSIX ----
 
-  defp posix_names, do: Enum.sort(Native.list_segments())
+  defp posix_names, do: Enum.sort(Snakepit.SharedMemory.Sweep.segment_ids())
 
   defp posix_present?(id) do
     # lstat: a planted symlink of that name is still "present" (and reported not ours).
