@@ -16,7 +16,6 @@ import weakref
 from . import _announce
 from . import errors
 from . import _format as F
-from . import _locate
 from . import _native
 from . import _proc
 
