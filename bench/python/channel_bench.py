@@ -34,7 +34,10 @@ def reduce(view):
 def run_channel(mode):
     import snakepit_shm
     ref = json.loads(os.environ["SPSHM_CHANNEL_REF"])
-    with snakepit_shm.Channel.connect(ref) as ch:
+    options = {}
+    if os.environ.get("SPSHM_SPIN"):
+        options["spin"] = float(os.environ["SPSHM_SPIN"])
+    with snakepit_shm.Channel.connect(ref, **options) as ch:
         try:
             if mode == "echo":
                 while True:

@@ -170,6 +170,27 @@ SPSHM_EXPORT int spshm_ch_recv(spshm_channel* ch, void* buf, size_t buflen, uint
   }
 }
 
+SPSHM_EXPORT int spshm_ch_recv_wait(spshm_channel* ch, void* buf, size_t buflen,
+                                    uint32_t* length_out, int* fd_out, uint64_t* size_out,
+                                    uint64_t spin_ns, int timeout_ms, char* err, size_t errlen) {
+  try {
+    Buffer b{buf, buflen};
+    spshm::channel::Received r;
+    Error e{Errc::io_error, 0, {}};
+    Io io = ch->ep->recv_wait(into_buffer, &b, &r, &e, spin_ns, timeout_ms);
+    if (io != Io::ok) return io_result(io, e, err, errlen);
+    if (r.kind == spshm::channel::Received::region) {
+      *fd_out = r.fd;
+      *size_out = r.size;
+      return SPSHM_CH_REGION;
+    }
+    *length_out = r.length;
+    return 0;
+  } catch (...) {
+    return fail(Error{Errc::io_error, 0, "unexpected failure"}, err, errlen);
+  }
+}
+
 SPSHM_EXPORT int spshm_ch_prepare_wait(spshm_channel* ch, int want_data, int want_space,
                                        uint64_t need) {
   try {

@@ -42,6 +42,12 @@ int spshm_ch_send_region(spshm_channel* ch, int fd, uint64_t size, char* err, si
  * write-sealed memfd (*fd_out, the caller owns it) of *size_out bytes, or 1. */
 int spshm_ch_recv(spshm_channel* ch, void* buf, size_t buflen, uint32_t* length_out, int* fd_out,
                   uint64_t* size_out, char* err, size_t errlen);
+/* As spshm_ch_recv, but waits: re-checks the ring for up to spin_ns, then sleeps on the
+ * doorbell up to timeout_ms (-1 forever). 1: nothing in time, or a signal interrupted the
+ * wait. Call it without holding a lock others need (Python: ctypes releases the GIL). */
+int spshm_ch_recv_wait(spshm_channel* ch, void* buf, size_t buflen, uint32_t* length_out,
+                       int* fd_out, uint64_t* size_out, uint64_t spin_ns, int timeout_ms, char* err,
+                       size_t errlen);
 /* 1: sleep on wait_fd now; 0: something is ready, retry. */
 int spshm_ch_prepare_wait(spshm_channel* ch, int want_data, int want_space, uint64_t need);
 void spshm_ch_handle_events(spshm_channel* ch);

@@ -883,6 +883,48 @@ Io Endpoint::recv(AllocFn alloc, void* ctx, Received* out, Error* err) {
   return Io::would_block;
 }
 
+Io Endpoint::recv_wait(AllocFn alloc, void* ctx, Received* out, Error* err, std::uint64_t spin_ns,
+                       int timeout_ms) {
+  Io io = recv(alloc, ctx, out, err);
+  if (io != Io::would_block) return io;
+  bool spin = false;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    spin = spin_ns > 0 && transport_ == Transport::shm && map_ != nullptr &&
+           reason_ == CloseReason::none;
+  }
+  if (spin) {
+    // Only this (the single consumer's) thread touches cons_; the mapping lives as long
+    // as the endpoint. The head is read without the mutex, recv() validates it.
+    const std::uint64_t until = os::monotonic_ns() + spin_ns;
+    do {
+      for (int i = 0; i < 32; ++i) {
+        if (ring::has_data(cons_)) return recv(alloc, ctx, out, err);
+        os::cpu_relax();
+      }
+    } while (os::monotonic_ns() < until);
+  }
+  const std::uint64_t start = os::monotonic_ns();
+  for (;;) {
+    int wait_ms = timeout_ms;
+    if (timeout_ms >= 0) {
+      const std::uint64_t spent = (os::monotonic_ns() - start) / 1000000;
+      if (spent >= static_cast<std::uint64_t>(timeout_ms)) return Io::would_block;
+      wait_ms = timeout_ms - static_cast<int>(spent);
+    }
+    if (prepare_wait(true, false, 0)) {
+      if (os::wait_readable_once(epfd_, wait_ms) < 0) {
+        handle_events();  // withdraws the announcement
+        io = recv(alloc, ctx, out, err);
+        return io;  // would_block: interrupted, the caller decides
+      }
+    }
+    handle_events();
+    io = recv(alloc, ctx, out, err);
+    if (io != Io::would_block) return io;
+  }
+}
+
 Stats Endpoint::stats() {
   std::lock_guard<std::mutex> lock(mu_);
   Stats s = st_;

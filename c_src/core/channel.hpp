@@ -113,6 +113,15 @@ class Endpoint {
   static Result<int> prepare_region(const void* data, std::uint64_t length);
   /// Takes the next message: ok (in *out), would_block (none yet), closed (and nothing left).
   Io recv(AllocFn alloc, void* ctx, Received* out, Error* err);
+  /// Blocking receive for a worker thread (the Python client): recv(); if nothing is
+  /// there, re-checks the ring for up to `spin_ns` (a reply that comes quickly then costs
+  /// no doorbell and no wake-up), then announces the sleep and waits on wait_fd() up to
+  /// `timeout_ms` (-1: forever). would_block: nothing within the timeout, or a signal
+  /// interrupted the wait (the caller runs its handlers, checks its deadline, calls again).
+  /// Takes the mutex only inside recv()/prepare_wait()/handle_events(): send() from
+  /// another thread is never held up by a sleeping receiver.
+  Io recv_wait(AllocFn alloc, void* ctx, Received* out, Error* err, std::uint64_t spin_ns,
+               int timeout_ms);
   /// Announces what the caller will sleep for: data, and/or `need` bytes of send space.
   /// True: sleep on wait_fd(); false: something is ready now, retry.
   bool prepare_wait(bool want_data, bool want_space, std::uint64_t need);

@@ -72,6 +72,11 @@ void epoll_remove(int epfd, int fd) noexcept;
 bool hung_up(int fd) noexcept;
 /// Waits up to timeout_ms (-1 forever) for epfd to be readable. True if readable.
 bool wait_readable(int fd, int timeout_ms) noexcept;
+/// As wait_readable, but returns at once when a signal interrupts the wait: 1 readable,
+/// 0 timed out, -1 interrupted (EINTR: the caller runs its signal handlers and retries).
+int wait_readable_once(int fd, int timeout_ms) noexcept;
+/// A pause instruction for spin loops (lets the sibling hyperthread run).
+void cpu_relax() noexcept;
 
 std::uint64_t monotonic_ns() noexcept;
 

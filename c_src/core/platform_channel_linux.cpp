@@ -10,6 +10,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
@@ -320,6 +321,23 @@ bool wait_readable(int fd, int timeout_ms) noexcept {
     rc = ::poll(&p, 1, timeout_ms);
   } while (rc < 0 && errno == EINTR);
   return rc > 0;
+}
+
+int wait_readable_once(int fd, int timeout_ms) noexcept {
+  struct pollfd p = {fd, POLLIN, 0};
+  int rc = ::poll(&p, 1, timeout_ms);
+  if (rc < 0) return -1;
+  return rc > 0 ? 1 : 0;
+}
+
+void cpu_relax() noexcept {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield" ::: "memory");
+#else
+  std::atomic_signal_fence(std::memory_order_seq_cst);
+#endif
 }
 
 std::uint64_t monotonic_ns() noexcept {

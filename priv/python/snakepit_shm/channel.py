@@ -45,6 +45,7 @@ _WOULD_BLOCK = 1
 _REGION = 2
 _E_CLOSED = -14
 _ACK_MODES = {"immediate": 0, "batch": 1, "deferred": 2}
+_MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
 
 
 class ChannelClosed(errors.SnakepitShmError, ConnectionError):
@@ -93,6 +94,9 @@ def _lib():
             "spshm_ch_recv": ([c.c_void_p, c.c_void_p, c.c_size_t, c.POINTER(c.c_uint32),
                                c.POINTER(c.c_int), c.POINTER(c.c_uint64), c.c_char_p,
                                c.c_size_t], c.c_int),
+            "spshm_ch_recv_wait": ([c.c_void_p, c.c_void_p, c.c_size_t, c.POINTER(c.c_uint32),
+                                    c.POINTER(c.c_int), c.POINTER(c.c_uint64), c.c_uint64,
+                                    c.c_int, c.c_char_p, c.c_size_t], c.c_int),
             "spshm_ch_prepare_wait": ([c.c_void_p, c.c_int, c.c_int, c.c_uint64], c.c_int),
             "spshm_ch_handle_events": ([c.c_void_p], None),
             "spshm_ch_flush": ([c.c_void_p], None),
@@ -138,6 +142,7 @@ class Channel:
     def __init__(self, handle, ref, spin=50e-6):
         """Use :meth:`Channel.connect`."""
         self._spin = spin
+        self._spin_ns = max(0, int(spin * 1e9))
         self._lib = _lib()
         self._h = ctypes.c_void_p(handle)
         self._ref = ref
@@ -276,12 +281,25 @@ class Channel:
         """One message or None (nothing now). Raises ChannelClosed at the end."""
         code = self._lib.spshm_ch_recv(self._h, self._buf, self._buf_len, self._len_ref,
                                        self._fd_ref, self._size_ref, self._err, _ERR_LEN)
+        return self._message(code)
+
+    def _recv_wait(self, timeout_ms):
+        """One message, waiting in the library (GIL released): spin, then sleep on the
+        doorbell up to timeout_ms (-1: forever). None: nothing in time, or a signal."""
+        code = self._lib.spshm_ch_recv_wait(self._h, self._buf, self._buf_len,
+                                            self._len_ref, self._fd_ref, self._size_ref,
+                                            self._spin_ns, timeout_ms, self._err, _ERR_LEN)
+        return self._message(code)
+
+    def _message(self, code):
         if code == 0:
             return ctypes.string_at(self._buf, self._len.value)
         if code == _REGION:
             fd, size = self._fd.value, self._size.value
             try:
-                mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+                # Populated at once: one call maps every page instead of a fault per
+                # 4 KiB page when the worker reads the message.
+                mapping = mmap.mmap(fd, size, _MAP_FLAGS, mmap.PROT_READ)
             finally:
                 os.close(fd)
             return memoryview(mapping)
@@ -298,23 +316,23 @@ class Channel:
         message sent before the close has been received.
         """
         self._check_open()
-        deadline = None if timeout is None else time.monotonic() + timeout
+        if timeout is None:
+            while True:
+                msg = self._recv_wait(-1)
+                if msg is not None:
+                    return msg
+                # a signal interrupted the wait: its handler runs now (it may raise)
         msg = self._try_recv()
         if msg is not None:
             return msg
-        if self._spin > 0:
-            until = time.perf_counter() + self._spin
-            while time.perf_counter() < until:
-                msg = self._try_recv()
-                if msg is not None:
-                    return msg
+        deadline = time.monotonic() + timeout
         while True:
-            msg = self._try_recv()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("no message on the channel within the timeout")
+            msg = self._recv_wait(int(left * 1000) + 1)
             if msg is not None:
                 return msg
-            if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError("no message on the channel within the timeout")
-            self._wait(True, False, 0, deadline)
 
     def recv_many(self, max_count, timeout=None):
         """Wait for at least one message (as :meth:`recv`), then return a list of up to
