@@ -4,6 +4,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 
@@ -14,7 +15,8 @@ namespace spshm::channel {
 
 namespace {
 
-constexpr std::uint32_t kEpollIn = 0x001, kEpollOut = 0x004, kEpollRdHup = 0x2000;
+constexpr std::uint32_t kEpollIn = 0x001, kEpollOut = 0x004, kEpollErr = 0x008, kEpollHup = 0x010,
+                        kEpollRdHup = 0x2000, kEpollEt = 1u << 31;
 constexpr std::size_t kReadChunk = 65536;
 
 void put_u32(std::uint8_t* p, std::uint32_t v) noexcept { std::memcpy(p, &v, 4); }
@@ -149,7 +151,7 @@ Result<std::unique_ptr<Endpoint>> Endpoint::create_owner(const OwnerOptions& o) 
     ep->cons_.data = base + ring::kHeaderSize + o.ring_size;
     ep->cons_.cap = o.ring_size;
     ep->cons_.last_publish_ns = os::monotonic_ns();
-    if (!os::epoll_set(ep->epfd_, ep->wake_fd_, kEpollIn, true)) {
+    if (!os::epoll_set(ep->epfd_, ep->wake_fd_, kEpollIn | kEpollEt, true)) {
       return os_error("epoll_ctl(doorbell)", errno);
     }
   } else {
@@ -297,7 +299,7 @@ Result<std::unique_ptr<Endpoint>> Endpoint::connect(const std::string& path,
     ep->prod_.tail_seen = t1;
     ep->cons_.tail = ep->cons_.published = ep->cons_.head_seen = t0;
     ep->cons_.last_publish_ns = os::monotonic_ns();
-    if (!os::epoll_set(ep->epfd_, ep->wake_fd_, kEpollIn, true)) {
+    if (!os::epoll_set(ep->epfd_, ep->wake_fd_, kEpollIn | kEpollEt, true)) {
       return os_error("epoll_ctl(doorbell)", errno);
     }
   } else {
@@ -613,11 +615,32 @@ Io Endpoint::sock_write(const void* data, std::size_t len, const int* fds, std::
 // ---------------------------------------------------------------------------------------
 // events and waiting
 
+// The doorbell eventfd is registered edge-triggered: a ring of the doorbell is reported
+// once by epoll_wait and never needs a read() to be drained. One epoll_wait tells what
+// happened (doorbell, hang-up, socket news): one system call per wake-up instead of a read
+// of the eventfd plus a poll of the socket.
 void Endpoint::handle_events() {
+  os::Ready ready[8];
+  int n = 0;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (reason_ != CloseReason::none || epfd_ < 0) return;
+    n = os::epoll_wait_ready(epfd_, ready, 8, 0);
+  }
+  handle_ready(ready, n < 0 ? 0 : n);
+}
+
+void Endpoint::handle_ready(const os::Ready* ready, int count) {
   std::lock_guard<std::mutex> lock(mu_);
   if (reason_ != CloseReason::none) return;
   ++st_.wakeups;
-  if (wake_fd_ >= 0) os::drain_eventfd(wake_fd_);
+  bool conn_hup = false;
+  for (int i = 0; i < count; ++i) {
+    if (ready[i].fd == conn_fd_ && conn_fd_ >= 0 &&
+        (ready[i].events & (kEpollRdHup | kEpollHup | kEpollErr)) != 0) {
+      conn_hup = true;
+    }
+  }
   if (transport_ == Transport::shm && map_ != nullptr) {
     ring::end_sleep(cons_);
     prod_.ctl->producer.waiting.store(0, std::memory_order_relaxed);
@@ -632,7 +655,9 @@ void Endpoint::handle_events() {
   }
   if (conn_fd_ >= 0 && !peer_eof_) {
     if (transport_ == Transport::shm && state_ == State::connected) {
-      if (os::hung_up(conn_fd_)) {
+      // The socket is watched level-triggered for the hang-up: epoll reports it on every
+      // wait until it is removed here, so it cannot be missed.
+      if (conn_hup) {
         peer_eof_ = true;  // unread carriers stay readable for their frames
         if (epfd_ >= 0) os::epoll_remove(epfd_, conn_fd_);
       }
@@ -887,22 +912,38 @@ Io Endpoint::recv_wait(AllocFn alloc, void* ctx, Received* out, Error* err, std:
                        int timeout_ms) {
   Io io = recv(alloc, ctx, out, err);
   if (io != Io::would_block) return io;
-  bool spin = false;
+  bool shm = false;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    spin = spin_ns > 0 && transport_ == Transport::shm && map_ != nullptr &&
-           reason_ == CloseReason::none;
+    shm = transport_ == Transport::shm && map_ != nullptr && reason_ == CloseReason::none;
   }
-  if (spin) {
+  // Adaptive spin (as an adaptive mutex): spinning pays only when the next message comes
+  // within the window and a CPU is free for the peer meanwhile. A spin that ran out
+  // halves the next one (on a loaded machine it soon stops stealing the CPU the peer
+  // needs); a spin that caught a message lets the next one grow back; while spinning is
+  // off, one wait in 64 probes with a short spin so that a quieter machine is noticed.
+  if (spin_ns != spin_max_) {
+    spin_max_ = spin_ns;
+    spin_cur_ = spin_ns;
+  }
+  std::uint64_t spin = spin_cur_;
+  if (spin == 0 && spin_max_ > 0 && ++spin_probe_ % 64 == 0) spin = spin_max_ / 4;
+  if (shm && spin > 0) {
     // Only this (the single consumer's) thread touches cons_; the mapping lives as long
     // as the endpoint. The head is read without the mutex, recv() validates it.
-    const std::uint64_t until = os::monotonic_ns() + spin_ns;
+    const std::uint64_t until = os::monotonic_ns() + spin;
     do {
       for (int i = 0; i < 32; ++i) {
-        if (ring::has_data(cons_)) return recv(alloc, ctx, out, err);
+        if (ring::has_data(cons_)) {
+          spin_cur_ = std::min(spin_max_, std::max(spin_cur_, spin) + spin_max_ / 8);
+          spin_hits_.fetch_add(1, std::memory_order_relaxed);
+          return recv(alloc, ctx, out, err);
+        }
         os::cpu_relax();
       }
     } while (os::monotonic_ns() < until);
+    spin_cur_ = spin / 2 < 1000 ? 0 : spin / 2;
+    spin_misses_.fetch_add(1, std::memory_order_relaxed);
   }
   const std::uint64_t start = os::monotonic_ns();
   for (;;) {
@@ -913,14 +954,16 @@ Io Endpoint::recv_wait(AllocFn alloc, void* ctx, Received* out, Error* err, std:
       wait_ms = timeout_ms - static_cast<int>(spent);
     }
     if (prepare_wait(true, false, 0)) {
-      if (os::wait_readable_once(epfd_, wait_ms) < 0) {
-        handle_events();  // withdraws the announcement
-        io = recv(alloc, ctx, out, err);
-        return io;  // would_block: interrupted, the caller decides
-      }
+      // The worker's epoll fd is never handed out: it lives as long as the endpoint.
+      os::Ready ready[8];
+      int n = os::epoll_wait_ready(epfd_, ready, 8, wait_ms);
+      handle_ready(ready, n < 0 ? 0 : n);  // also withdraws the announcement
+      io = recv(alloc, ctx, out, err);
+      if (n < 0) return io;  // would_block: interrupted by a signal, the caller decides
+    } else {
+      handle_events();
+      io = recv(alloc, ctx, out, err);
     }
-    handle_events();
-    io = recv(alloc, ctx, out, err);
     if (io != Io::would_block) return io;
   }
 }
@@ -928,6 +971,8 @@ Io Endpoint::recv_wait(AllocFn alloc, void* ctx, Received* out, Error* err, std:
 Stats Endpoint::stats() {
   std::lock_guard<std::mutex> lock(mu_);
   Stats s = st_;
+  s.spin_hits = spin_hits_.load(std::memory_order_relaxed);
+  s.spin_misses = spin_misses_.load(std::memory_order_relaxed);
   s.state = state_;
   s.reason = reason_;
   s.close_detail = detail_;

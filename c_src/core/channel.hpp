@@ -10,6 +10,7 @@
 // Every public method is thread-safe (one mutex per endpoint, held briefly).
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <deque>
 #include <memory>
@@ -18,6 +19,7 @@
 #include <vector>
 
 #include "error.hpp"
+#include "platform_channel.hpp"
 #include "ring.hpp"
 
 namespace spshm::channel {
@@ -75,6 +77,8 @@ struct Stats {
   std::uint64_t region_messages_sent = 0, region_messages_received = 0;
   std::uint64_t doorbells_rung = 0, wakeups = 0, flushes = 0, pending_acks = 0;
   std::uint64_t would_blocks = 0, fallbacks = 0;
+  std::uint64_t spin_hits = 0,
+                spin_misses = 0;  ///< recv_wait: spins that caught a message / ran out
   std::uint64_t ring_size = 0, inline_max = 0, out_occupancy = 0, in_occupancy = 0;
   std::uint32_t peer_pid = 0;
   std::string fallback_reason, close_detail;
@@ -104,6 +108,8 @@ class Endpoint {
   /// Non-blocking: accepts and authenticates the worker, drains the doorbell, reads the
   /// control socket (fds, socket-transport frames, EOF), flushes pending socket output.
   void handle_events();
+  /// handle_events() with what a wait on wait_fd() by epoll already reported.
+  void handle_ready(const os::Ready* ready, int count);
   /// Sends `length` <= inline_max() bytes inline.
   Io send(const void* data, std::uint64_t length, Error* err);
   /// Sends a memfd made by prepare_region(); takes the fd on ok, leaves it on would_block.
@@ -187,6 +193,9 @@ class Endpoint {
   bool want_out_ = false;
   std::vector<std::uint8_t> staging_;
   std::uint64_t seq_out_ = 0, seq_in_ = 0;
+  // recv_wait's adaptive spin (touched by the receiving thread only)
+  std::uint64_t spin_max_ = 0, spin_cur_ = 0, spin_probe_ = 0;
+  std::atomic<std::uint64_t> spin_hits_{0}, spin_misses_{0};
   Stats st_;
 };
 

@@ -308,6 +308,18 @@ void epoll_remove(int epfd, int fd) noexcept {
   ::epoll_ctl(epfd, EPOLL_CTL_DEL, fd, &ev);
 }
 
+int epoll_wait_ready(int epfd, Ready* out, int max, int timeout_ms) noexcept {
+  struct epoll_event evs[8];
+  if (max > 8) max = 8;
+  int n = ::epoll_wait(epfd, evs, max, timeout_ms);
+  if (n < 0) return -1;
+  for (int i = 0; i < n; ++i) {
+    out[i].fd = evs[i].data.fd;
+    out[i].events = evs[i].events;
+  }
+  return n;
+}
+
 bool hung_up(int fd) noexcept {
   struct pollfd p = {fd, POLLRDHUP, 0};
   if (::poll(&p, 1, 0) <= 0) return false;
@@ -321,13 +333,6 @@ bool wait_readable(int fd, int timeout_ms) noexcept {
     rc = ::poll(&p, 1, timeout_ms);
   } while (rc < 0 && errno == EINTR);
   return rc > 0;
-}
-
-int wait_readable_once(int fd, int timeout_ms) noexcept {
-  struct pollfd p = {fd, POLLIN, 0};
-  int rc = ::poll(&p, 1, timeout_ms);
-  if (rc < 0) return -1;
-  return rc > 0 ? 1 : 0;
 }
 
 void cpu_relax() noexcept {

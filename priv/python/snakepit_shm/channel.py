@@ -48,6 +48,17 @@ _ACK_MODES = {"immediate": 0, "batch": 1, "deferred": 2}
 _MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
 
 
+class _Io(ctypes.Structure):
+    """``spshm_ch_io`` of snakepit_shm_channel.h: the arguments that do not change between
+    messages, filled once, so that each receive or send converts two or three arguments
+    (a ctypes call costs about a microsecond per argument)."""
+
+    _fields_ = [("ch", ctypes.c_void_p), ("buf", ctypes.c_void_p), ("buflen", ctypes.c_uint64),
+                ("spin_ns", ctypes.c_uint64), ("size", ctypes.c_uint64),
+                ("length", ctypes.c_uint32), ("fd", ctypes.c_int32),
+                ("err", ctypes.c_char * _ERR_LEN)]
+
+
 class ChannelClosed(errors.SnakepitShmError, ConnectionError):
     """The channel is closed: ``reason`` is ``"peer_closed"`` (the Elixir side closed it
     or died), ``"closed"`` (closed here) or ``"protocol_error"`` (the peer broke the
@@ -97,6 +108,8 @@ def _lib():
             "spshm_ch_recv_wait": ([c.c_void_p, c.c_void_p, c.c_size_t, c.POINTER(c.c_uint32),
                                     c.POINTER(c.c_int), c.POINTER(c.c_uint64), c.c_uint64,
                                     c.c_int, c.c_char_p, c.c_size_t], c.c_int),
+            "spshm_ch_recv_io": ([c.c_void_p, c.c_int], c.c_int),
+            "spshm_ch_send_io": ([c.c_void_p, c.c_void_p, c.c_uint64], c.c_int),
             "spshm_ch_prepare_wait": ([c.c_void_p, c.c_int, c.c_int, c.c_uint64], c.c_int),
             "spshm_ch_handle_events": ([c.c_void_p], None),
             "spshm_ch_flush": ([c.c_void_p], None),
@@ -157,6 +170,11 @@ class Channel:
         self._len_ref = ctypes.byref(self._len)
         self._fd_ref = ctypes.byref(self._fd)
         self._size_ref = ctypes.byref(self._size)
+        self._io = _Io(handle, ctypes.addressof(self._buf), self._buf_len, self._spin_ns)
+        self._io_addr = ctypes.addressof(self._io)
+        self._view = memoryview(self._buf).cast("B")
+        self._recv_io = self._lib.spshm_ch_recv_io
+        self._send_io = self._lib.spshm_ch_send_io
         self._wait_fd = self._lib.spshm_ch_wait_fd(self._h)
         self._poll = select.poll()
         self._poll.register(self._wait_fd, select.POLLIN)
@@ -234,11 +252,11 @@ class Channel:
         if type(data) is bytes and len(data) <= self._inline_max:
             # Fast path (a reply, a small request): bytes are immutable and stay alive
             # during the call, so ctypes passes their buffer as it is.
-            code = self._lib.spshm_ch_send(self._h, data, len(data), self._err, _ERR_LEN)
+            code = self._send_io(self._io_addr, data, len(data))
             if code == 0:
                 return
             if code != _WOULD_BLOCK:
-                self._raise(code)
+                self._raise(code, self._io.err)
             # the ring is full: nothing was sent; the general path below waits
         with _native.buffer_address(data) as (address, length):
             if length <= self._inline_max:
@@ -286,26 +304,33 @@ class Channel:
     def _recv_wait(self, timeout_ms):
         """One message, waiting in the library (GIL released): spin, then sleep on the
         doorbell up to timeout_ms (-1: forever). None: nothing in time, or a signal."""
-        code = self._lib.spshm_ch_recv_wait(self._h, self._buf, self._buf_len,
-                                            self._len_ref, self._fd_ref, self._size_ref,
-                                            self._spin_ns, timeout_ms, self._err, _ERR_LEN)
-        return self._message(code)
+        code = self._recv_io(self._io_addr, timeout_ms)
+        if code == 0:
+            return self._view[:self._io.length].tobytes()
+        if code == _REGION:
+            return self._region(self._io.fd, self._io.size)
+        if code == _WOULD_BLOCK:
+            return None
+        self._raise(code, self._io.err)
 
     def _message(self, code):
         if code == 0:
             return ctypes.string_at(self._buf, self._len.value)
         if code == _REGION:
-            fd, size = self._fd.value, self._size.value
-            try:
-                # Populated at once: one call maps every page instead of a fault per
-                # 4 KiB page when the worker reads the message.
-                mapping = mmap.mmap(fd, size, _MAP_FLAGS, mmap.PROT_READ)
-            finally:
-                os.close(fd)
-            return memoryview(mapping)
+            return self._region(self._fd.value, self._size.value)
         if code == _WOULD_BLOCK:
             return None
         self._raise(code)
+
+    def _region(self, fd, size):
+        """A region message's sealed memfd as a read-only memoryview (the fd is closed)."""
+        try:
+            # Populated at once: one call maps every page instead of a fault per 4 KiB
+            # page when the worker reads the message.
+            mapping = mmap.mmap(fd, size, _MAP_FLAGS, mmap.PROT_READ)
+        finally:
+            os.close(fd)
+        return memoryview(mapping)
 
     def recv(self, timeout=None):
         """Receive one message: ``bytes``, or a read-only ``memoryview`` (zero-copy) for
@@ -406,8 +431,8 @@ class Channel:
         if self._closed:
             raise ChannelClosed("closed", "the channel was closed by this process")
 
-    def _raise(self, code):
-        message = self._err.value.decode("utf-8", "replace")
+    def _raise(self, code, err=None):
+        message = (self._err.value if err is None else err).decode("utf-8", "replace")
         if code == _E_CLOSED:
             if message == "protocol_error":
                 raise ChannelProtocolError(message, "the Elixir side broke the channel "
