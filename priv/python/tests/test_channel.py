@@ -204,3 +204,75 @@ def test_connect_async_classmethod(owner):
         ch.close()
 
     asyncio.run(main())
+
+
+# ---- the waiting receive (spshm_ch_recv_io: spin, then sleep inside the library) ----
+
+def test_blocking_recv_sees_elixir_sigkill_while_it_sleeps(owner):
+    """recv() without a timeout sleeps inside the library (GIL released): the owner's
+    SIGKILL, sent from another thread meanwhile, ends it with peer_closed at once."""
+    import threading
+    with snakepit_shm.Channel.connect(owner.ref, spin=20e-6) as ch:
+        ch.send(b"ping")
+        assert ch.recv(timeout=10) == b"ping"
+        killer = threading.Timer(0.3, os.kill, (owner.process.pid, signal.SIGKILL))
+        t0 = time.monotonic()
+        killer.start()
+        try:
+            with pytest.raises(snakepit_shm.ChannelClosed) as info:
+                ch.recv()
+        finally:
+            killer.cancel()
+        assert info.value.reason == "peer_closed"
+        assert time.monotonic() - t0 < 5.0
+
+
+def test_blocking_recv_lets_signal_handlers_run(owner):
+    """A signal interrupts the wait in the library; the Python handler runs and what it
+    raises comes out of recv() (Ctrl-C works on a worker blocked in recv)."""
+    class Interrupted(Exception):
+        pass
+
+    def handler(signum, frame):
+        raise Interrupted()
+
+    previous = signal.signal(signal.SIGALRM, handler)
+    try:
+        with snakepit_shm.Channel.connect(owner.ref) as ch:
+            signal.setitimer(signal.ITIMER_REAL, 0.2)
+            t0 = time.monotonic()
+            with pytest.raises(Interrupted):
+                ch.recv()
+            assert time.monotonic() - t0 < 5.0
+            # the channel still works after the interruption
+            ch.send(b"after")
+            assert ch.recv(timeout=10) == b"after"
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_adaptive_spin_stops_spinning_on_a_silent_channel(owner):
+    """A spin that runs out halves the next one: on a channel where nothing comes, the
+    receiver soon sleeps at once instead of burning a CPU before every wait."""
+    if owner.transport != "shm":
+        pytest.skip("the spin watches the shared-memory ring")
+    with snakepit_shm.Channel.connect(owner.ref, spin=200e-6) as ch:
+        for _ in range(40):
+            with pytest.raises(TimeoutError):
+                ch.recv(timeout=0.002)
+        stats = ch.stats()
+        # 200, 100, 50, 25, 12.5, 6.25, 3.1, 1.6 µs, then off (plus rare probes)
+        assert 1 <= stats["spin_misses"] <= 12
+        # and a message that comes is still received
+        ch.send(b"late")
+        assert ch.recv(timeout=10) == b"late"
+
+
+def test_spin_zero_never_spins(owner):
+    with snakepit_shm.Channel.connect(owner.ref, spin=0) as ch:
+        for i in range(20):
+            ch.send(b"%d" % i)
+            assert ch.recv(timeout=10) == b"%d" % i
+        stats = ch.stats()
+        assert stats["spin_hits"] == 0 and stats["spin_misses"] == 0
