@@ -193,9 +193,9 @@ class Channel:
         out halves the next, one that catches a message lets it grow back (``stats()``:
         ``spin_hits``, ``spin_misses``), so a worker on a busy machine soon stops taking
         the CPU its peer needs.  ``recv`` waits inside the C library with the GIL
-        released; a signal ends the wait and its Python handler runs.  Raises ``PermissionError`` for a
-        wrong token or a channel that already has its worker, ``OSError`` if the owner
-        is gone.
+        released; a signal ends the wait and its Python handler runs.  Raises
+        ``PermissionError`` for a wrong token or a channel that already has its worker,
+        ``OSError`` if the owner is gone.
         """
         ref = _parse_ref(ref)
         if ack_mode not in _ACK_MODES:
