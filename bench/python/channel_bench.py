@@ -6,6 +6,7 @@
 
 echo: every message goes back. sink: counts messages until b"!END", then replies the count.
 handoff: reads every byte of the message (xor-reduce over a numpy uint64 view), replies 8 bytes.
+$SPSHM_SPIN (seconds) overrides the channel client's spin, for experiments.
 """
 import json
 import os
