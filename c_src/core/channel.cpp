@@ -305,6 +305,14 @@ Result<std::unique_ptr<Endpoint>> Endpoint::connect(const std::string& path,
   } else {
     for (int f : fds) ep->fdq_.push_back(f);
     fds.clear();
+    // No doorbell on this transport: a private eventfd, rung only by close(), wakes a
+    // thread asleep in recv_wait() (see fail()).
+    auto own = os::make_eventfd();
+    if (!own.ok()) return own.error();
+    ep->wake_fd_ = own.value();
+    if (!os::epoll_set(ep->epfd_, ep->wake_fd_, kEpollIn | kEpollEt, true)) {
+      return os_error("epoll_ctl(close eventfd)", errno);
+    }
   }
   const std::uint32_t interest =
       ep->transport_ == Transport::shm ? kEpollRdHup : kEpollIn | kEpollRdHup;
@@ -323,6 +331,7 @@ Result<std::unique_ptr<Endpoint>> Endpoint::connect(const std::string& path,
 Endpoint::~Endpoint() {
   close(CloseReason::closed);
   if (map_ != nullptr) os::unmap(map_, total_map_size());
+  close_fd(wake_fd_);  // the worker's, kept by fail() (see there)
   if (epfd_owned_) close_fd(epfd_);
 }
 
@@ -366,8 +375,15 @@ void Endpoint::fail(CloseReason reason, const std::string& detail) {
     close_fd(conn_fd_);
   }
   cleanup_listen();
-  if (wake_fd_ >= 0 && epfd_ >= 0) os::epoll_remove(epfd_, wake_fd_);
-  close_fd(wake_fd_);
+  if (owner_) {
+    if (wake_fd_ >= 0 && epfd_ >= 0) os::epoll_remove(epfd_, wake_fd_);
+    close_fd(wake_fd_);
+  } else {
+    // The worker's own doorbell stays registered until the destructor: ringing it wakes
+    // a thread asleep in recv_wait() on this endpoint, which then reports the close
+    // (closing it here could leave that thread asleep on an empty epoll set).
+    if (wake_fd_ >= 0) os::signal_eventfd(wake_fd_);
+  }
   close_fd(peer_wake_fd_);
   close_fd(memfd_);
   if (!epfd_owned_) epfd_ = -1;  // its new owner closes it after close() returned

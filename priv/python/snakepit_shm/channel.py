@@ -410,12 +410,20 @@ class Channel:
         return json.loads(buf.value.decode("utf-8"))
 
     def close(self):
-        """Close the channel (idempotent): the Elixir side sees ``:peer_closed``."""
+        """Close the channel (idempotent): the Elixir side sees ``:peer_closed``.
+
+        A thread blocked in :meth:`recv` on this channel wakes up and gets
+        :class:`ChannelClosed`. The handle itself is freed when the object goes away
+        (never under a thread that is still inside the library)."""
         if not self._closed:
             self._closed = True
             self._lib.spshm_ch_close(self._h)
-            self._lib.spshm_ch_free(self._h)
-            self._h = None
+
+    def _free(self):
+        if self._h is not None:
+            h, self._h = self._h, None
+            self._io.ch = None
+            self._lib.spshm_ch_free(h)
 
     def __enter__(self):
         return self
@@ -426,6 +434,7 @@ class Channel:
     def __del__(self):
         try:
             self.close()
+            self._free()
         except Exception:
             pass
 

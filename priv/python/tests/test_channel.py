@@ -276,3 +276,31 @@ def test_spin_zero_never_spins(owner):
             assert ch.recv(timeout=10) == b"%d" % i
         stats = ch.stats()
         assert stats["spin_hits"] == 0 and stats["spin_misses"] == 0
+
+
+def test_close_from_another_thread_wakes_a_blocked_recv(owner):
+    """close() while a thread sleeps in recv() (inside the library): that recv ends with
+    ChannelClosed at once, and nothing is freed under it (no crash)."""
+    import threading
+    ch = snakepit_shm.Channel.connect(owner.ref)
+    ch.send(b"ping")
+    assert ch.recv(timeout=10) == b"ping"
+    outcome = []
+
+    def receiver():
+        try:
+            ch.recv()
+            outcome.append("message")
+        except snakepit_shm.ChannelClosed as exc:
+            outcome.append(exc.reason)
+
+    thread = threading.Thread(target=receiver)
+    thread.start()
+    time.sleep(0.2)
+    t0 = time.monotonic()
+    ch.close()
+    thread.join(5)
+    assert not thread.is_alive()
+    assert time.monotonic() - t0 < 2.0
+    assert outcome == ["closed"]
+    assert owner.last_line() == "closed peer_closed"
