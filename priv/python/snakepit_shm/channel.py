@@ -357,7 +357,8 @@ class Channel:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError("no message on the channel within the timeout")
-            msg = self._recv_wait(int(left * 1000) + 1)
+            # in slices of at most a day: the library takes an int of milliseconds
+            msg = self._recv_wait(min(int(left * 1000) + 1, 86_400_000))
             if msg is not None:
                 return msg
 
