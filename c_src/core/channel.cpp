@@ -933,32 +933,26 @@ Io Endpoint::recv_wait(AllocFn alloc, void* ctx, Received* out, Error* err, std:
     std::lock_guard<std::mutex> lock(mu_);
     shm = transport_ == Transport::shm && map_ != nullptr && reason_ == CloseReason::none;
   }
-  // Adaptive spin (as an adaptive mutex): spinning pays only when the next message comes
-  // within the window and a CPU is free for the peer meanwhile. A spin that ran out
-  // halves the next one (on a loaded machine it soon stops stealing the CPU the peer
-  // needs); a spin that caught a message lets the next one grow back; while spinning is
-  // off, one wait in 64 probes with a short spin so that a quieter machine is noticed.
-  if (spin_ns != spin_max_) {
-    spin_max_ = spin_ns;
-    spin_cur_ = spin_ns;
-  }
-  std::uint64_t spin = spin_cur_;
-  if (spin == 0 && spin_max_ > 0 && ++spin_probe_ % 64 == 0) spin = spin_max_ / 4;
-  if (shm && spin > 0) {
+  // The spin saves the worker's wake-up when the owner answers within the window, but
+  // only if a CPU is free for the owner meanwhile: on an overloaded machine the spinning
+  // worker takes the CPU the BEAM needs to produce that answer. So it spins only while
+  // the load average is below the number of CPUs (looked at every 100 ms). A spin that
+  // shrinks after misses was tried and rejected: on a quiet machine it settles where both
+  // sides sleep and every round trip pays two deep wake-ups (bench/FINDINGS.md 8.1).
+  const std::uint64_t spin = spin_ns > 0 && shm && os::cpus_idle() ? spin_ns : 0;
+  if (spin > 0) {
     // Only this (the single consumer's) thread touches cons_; the mapping lives as long
     // as the endpoint. The head is read without the mutex, recv() validates it.
     const std::uint64_t until = os::monotonic_ns() + spin;
     do {
       for (int i = 0; i < 32; ++i) {
         if (ring::has_data(cons_)) {
-          spin_cur_ = std::min(spin_max_, std::max(spin_cur_, spin) + spin_max_ / 8);
           spin_hits_.fetch_add(1, std::memory_order_relaxed);
           return recv(alloc, ctx, out, err);
         }
         os::cpu_relax();
       }
     } while (os::monotonic_ns() < until);
-    spin_cur_ = spin / 2 < 1000 ? 0 : spin / 2;
     spin_misses_.fetch_add(1, std::memory_order_relaxed);
   }
   const std::uint64_t start = os::monotonic_ns();

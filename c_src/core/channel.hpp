@@ -193,8 +193,6 @@ class Endpoint {
   bool want_out_ = false;
   std::vector<std::uint8_t> staging_;
   std::uint64_t seq_out_ = 0, seq_in_ = 0;
-  // recv_wait's adaptive spin (touched by the receiving thread only)
-  std::uint64_t spin_max_ = 0, spin_cur_ = 0, spin_probe_ = 0;
   std::atomic<std::uint64_t> spin_hits_{0}, spin_misses_{0};
   Stats st_;
 };

@@ -335,6 +335,26 @@ bool wait_readable(int fd, int timeout_ms) noexcept {
   return rc > 0;
 }
 
+bool cpus_idle() noexcept {
+  static std::atomic<std::uint64_t> checked_ns{0};
+  static std::atomic<bool> idle{true};
+  const std::uint64_t now = monotonic_ns();
+  const std::uint64_t last = checked_ns.load(std::memory_order_relaxed);
+  if (last != 0 && now - last < 100'000'000ull) return idle.load(std::memory_order_relaxed);
+  checked_ns.store(now, std::memory_order_relaxed);
+  double load = 0;
+  const char* fake = std::getenv("SNAKEPIT_SHM_CHANNEL_LOADAVG");
+  if (fake != nullptr && *fake != '\0') {
+    load = std::strtod(fake, nullptr);
+  } else if (::getloadavg(&load, 1) != 1) {
+    return idle.load(std::memory_order_relaxed);  // unknown: keep the last verdict
+  }
+  const long cpus = ::sysconf(_SC_NPROCESSORS_ONLN);
+  const bool verdict = cpus > 1 && load < static_cast<double>(cpus);
+  idle.store(verdict, std::memory_order_relaxed);
+  return verdict;
+}
+
 void cpu_relax() noexcept {
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_ia32_pause();

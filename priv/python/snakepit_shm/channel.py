@@ -189,10 +189,10 @@ class Channel:
         has read the incoming ring; ``max_message_size`` bounds the region messages it
         accepts; ``timeout`` bounds the handshake; ``recv`` polls the ring for up to
         ``spin`` seconds (default 50 µs, 0 to never spin) before it sleeps on the doorbell,
-        which saves a wake-up when the answer is quick.  The spin adapts: one that runs
-        out halves the next, one that catches a message lets it grow back (``stats()``:
-        ``spin_hits``, ``spin_misses``), so a worker on a busy machine soon stops taking
-        the CPU its peer needs.  ``recv`` waits inside the C library with the GIL
+        which saves a wake-up when the answer is quick.  It spins only while the load
+        average is below the number of CPUs (``stats()``: ``spin_hits``,
+        ``spin_misses``): on a busy machine a spinning worker would take the CPU its
+        peer needs to answer.  ``recv`` waits inside the C library with the GIL
         released; a signal ends the wait and its Python handler runs.  Raises
         ``PermissionError`` for a wrong token or a channel that already has its worker,
         ``OSError`` if the owner is gone.
