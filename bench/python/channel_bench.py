@@ -6,6 +6,7 @@
 
 echo: every message goes back. sink: counts messages until b"!END", then replies the count.
 handoff: reads every byte of the message (xor-reduce over a numpy uint64 view), replies 8 bytes.
+$SPSHM_SPIN (seconds) overrides the channel client's spin, for experiments.
 """
 import json
 import os
@@ -34,7 +35,10 @@ def reduce(view):
 def run_channel(mode):
     import snakepit_shm
     ref = json.loads(os.environ["SPSHM_CHANNEL_REF"])
-    with snakepit_shm.Channel.connect(ref) as ch:
+    options = {}
+    if os.environ.get("SPSHM_SPIN"):
+        options["spin"] = float(os.environ["SPSHM_SPIN"])
+    with snakepit_shm.Channel.connect(ref, **options) as ch:
         try:
             if mode == "echo":
                 while True:

@@ -170,6 +170,45 @@ SPSHM_EXPORT int spshm_ch_recv(spshm_channel* ch, void* buf, size_t buflen, uint
   }
 }
 
+SPSHM_EXPORT int spshm_ch_recv_wait(spshm_channel* ch, void* buf, size_t buflen,
+                                    uint32_t* length_out, int* fd_out, uint64_t* size_out,
+                                    uint64_t spin_ns, int timeout_ms, char* err, size_t errlen) {
+  try {
+    Buffer b{buf, buflen};
+    spshm::channel::Received r;
+    Error e{Errc::io_error, 0, {}};
+    Io io = ch->ep->recv_wait(into_buffer, &b, &r, &e, spin_ns, timeout_ms);
+    if (io != Io::ok) return io_result(io, e, err, errlen);
+    if (r.kind == spshm::channel::Received::region) {
+      *fd_out = r.fd;
+      *size_out = r.size;
+      return SPSHM_CH_REGION;
+    }
+    *length_out = r.length;
+    return 0;
+  } catch (...) {
+    return fail(Error{Errc::io_error, 0, "unexpected failure"}, err, errlen);
+  }
+}
+
+SPSHM_EXPORT int spshm_ch_recv_io(spshm_ch_io* io, int timeout_ms) {
+  if (io == nullptr || io->ch == nullptr) return SPSHM_CH_WOULD_BLOCK;
+  uint32_t length = 0;
+  int fd = -1;
+  uint64_t size = 0;
+  int rc = spshm_ch_recv_wait(io->ch, io->buf, static_cast<size_t>(io->buflen), &length, &fd, &size,
+                              io->spin_ns, timeout_ms, io->err, sizeof io->err);
+  io->length = length;
+  io->fd = fd;
+  io->size = size;
+  return rc;
+}
+
+SPSHM_EXPORT int spshm_ch_send_io(spshm_ch_io* io, const void* data, uint64_t length) {
+  if (io == nullptr || io->ch == nullptr) return SPSHM_CH_WOULD_BLOCK;
+  return spshm_ch_send(io->ch, data, length, io->err, sizeof io->err);
+}
+
 SPSHM_EXPORT int spshm_ch_prepare_wait(spshm_channel* ch, int want_data, int want_space,
                                        uint64_t need) {
   try {
@@ -206,7 +245,8 @@ SPSHM_EXPORT size_t spshm_ch_stats(spshm_channel* ch, char* buf, size_t buflen) 
       << ",\"region_messages_received\":" << s.region_messages_received
       << ",\"doorbells_rung\":" << s.doorbells_rung << ",\"wakeups\":" << s.wakeups
       << ",\"flushes\":" << s.flushes << ",\"pending_acks\":" << s.pending_acks
-      << ",\"would_blocks\":" << s.would_blocks << ",\"ring_size\":" << s.ring_size
+      << ",\"would_blocks\":" << s.would_blocks << ",\"spin_hits\":" << s.spin_hits
+      << ",\"spin_misses\":" << s.spin_misses << ",\"ring_size\":" << s.ring_size
       << ",\"inline_max\":" << s.inline_max << ",\"out_occupancy\":" << s.out_occupancy
       << ",\"in_occupancy\":" << s.in_occupancy << ",\"peer_pid\":" << s.peer_pid << "}";
     return copy_out(o.str(), buf, buflen);

@@ -42,6 +42,30 @@ int spshm_ch_send_region(spshm_channel* ch, int fd, uint64_t size, char* err, si
  * write-sealed memfd (*fd_out, the caller owns it) of *size_out bytes, or 1. */
 int spshm_ch_recv(spshm_channel* ch, void* buf, size_t buflen, uint32_t* length_out, int* fd_out,
                   uint64_t* size_out, char* err, size_t errlen);
+/* As spshm_ch_recv, but waits: re-checks the ring for up to spin_ns, then sleeps on the
+ * doorbell up to timeout_ms (-1 forever). 1: nothing in time, or a signal interrupted the
+ * wait. Call it without holding a lock others need (Python: ctypes releases the GIL). */
+int spshm_ch_recv_wait(spshm_channel* ch, void* buf, size_t buflen, uint32_t* length_out,
+                       int* fd_out, uint64_t* size_out, uint64_t spin_ns, int timeout_ms, char* err,
+                       size_t errlen);
+/* The per-message calls of a language binding with a costly foreign-function call
+ * (Python's ctypes converts every argument on every call): everything that does not
+ * change between messages lives in this block, filled once, so that a receive takes two
+ * arguments and a send three. Results land in the block. */
+typedef struct spshm_ch_io {
+  spshm_channel* ch; /* in */
+  void* buf;         /* in: where inline messages are copied (buflen >= inline_max) */
+  uint64_t buflen;   /* in */
+  uint64_t spin_ns;  /* in: how long recv re-checks the ring before sleeping */
+  uint64_t size;     /* out: bytes of a region message */
+  uint32_t length;   /* out: bytes of an inline message */
+  int32_t fd;        /* out: the memfd of a region message (the caller owns it) */
+  char err[256];     /* out: the error message of a negative result */
+} spshm_ch_io;
+/* spshm_ch_recv_wait with the block's arguments. */
+int spshm_ch_recv_io(spshm_ch_io* io, int timeout_ms);
+/* spshm_ch_send with the block's channel and error buffer. */
+int spshm_ch_send_io(spshm_ch_io* io, const void* data, uint64_t length);
 /* 1: sleep on wait_fd now; 0: something is ready, retry. */
 int spshm_ch_prepare_wait(spshm_channel* ch, int want_data, int want_space, uint64_t need);
 void spshm_ch_handle_events(spshm_channel* ch);

@@ -4,6 +4,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 
@@ -14,7 +15,8 @@ namespace spshm::channel {
 
 namespace {
 
-constexpr std::uint32_t kEpollIn = 0x001, kEpollOut = 0x004, kEpollRdHup = 0x2000;
+constexpr std::uint32_t kEpollIn = 0x001, kEpollOut = 0x004, kEpollErr = 0x008, kEpollHup = 0x010,
+                        kEpollRdHup = 0x2000, kEpollEt = 1u << 31;
 constexpr std::size_t kReadChunk = 65536;
 
 void put_u32(std::uint8_t* p, std::uint32_t v) noexcept { std::memcpy(p, &v, 4); }
@@ -149,7 +151,7 @@ Result<std::unique_ptr<Endpoint>> Endpoint::create_owner(const OwnerOptions& o) 
     ep->cons_.data = base + ring::kHeaderSize + o.ring_size;
     ep->cons_.cap = o.ring_size;
     ep->cons_.last_publish_ns = os::monotonic_ns();
-    if (!os::epoll_set(ep->epfd_, ep->wake_fd_, kEpollIn, true)) {
+    if (!os::epoll_set(ep->epfd_, ep->wake_fd_, kEpollIn | kEpollEt, true)) {
       return os_error("epoll_ctl(doorbell)", errno);
     }
   } else {
@@ -297,12 +299,20 @@ Result<std::unique_ptr<Endpoint>> Endpoint::connect(const std::string& path,
     ep->prod_.tail_seen = t1;
     ep->cons_.tail = ep->cons_.published = ep->cons_.head_seen = t0;
     ep->cons_.last_publish_ns = os::monotonic_ns();
-    if (!os::epoll_set(ep->epfd_, ep->wake_fd_, kEpollIn, true)) {
+    if (!os::epoll_set(ep->epfd_, ep->wake_fd_, kEpollIn | kEpollEt, true)) {
       return os_error("epoll_ctl(doorbell)", errno);
     }
   } else {
     for (int f : fds) ep->fdq_.push_back(f);
     fds.clear();
+    // No doorbell on this transport: a private eventfd, rung only by close(), wakes a
+    // thread asleep in recv_wait() (see fail()).
+    auto own = os::make_eventfd();
+    if (!own.ok()) return own.error();
+    ep->wake_fd_ = own.value();
+    if (!os::epoll_set(ep->epfd_, ep->wake_fd_, kEpollIn | kEpollEt, true)) {
+      return os_error("epoll_ctl(close eventfd)", errno);
+    }
   }
   const std::uint32_t interest =
       ep->transport_ == Transport::shm ? kEpollRdHup : kEpollIn | kEpollRdHup;
@@ -321,6 +331,7 @@ Result<std::unique_ptr<Endpoint>> Endpoint::connect(const std::string& path,
 Endpoint::~Endpoint() {
   close(CloseReason::closed);
   if (map_ != nullptr) os::unmap(map_, total_map_size());
+  close_fd(wake_fd_);  // the worker's, kept by fail() (see there)
   if (epfd_owned_) close_fd(epfd_);
 }
 
@@ -364,8 +375,15 @@ void Endpoint::fail(CloseReason reason, const std::string& detail) {
     close_fd(conn_fd_);
   }
   cleanup_listen();
-  if (wake_fd_ >= 0 && epfd_ >= 0) os::epoll_remove(epfd_, wake_fd_);
-  close_fd(wake_fd_);
+  if (owner_) {
+    if (wake_fd_ >= 0 && epfd_ >= 0) os::epoll_remove(epfd_, wake_fd_);
+    close_fd(wake_fd_);
+  } else {
+    // The worker's own doorbell stays registered until the destructor: ringing it wakes
+    // a thread asleep in recv_wait() on this endpoint, which then reports the close
+    // (closing it here could leave that thread asleep on an empty epoll set).
+    if (wake_fd_ >= 0) os::signal_eventfd(wake_fd_);
+  }
   close_fd(peer_wake_fd_);
   close_fd(memfd_);
   if (!epfd_owned_) epfd_ = -1;  // its new owner closes it after close() returned
@@ -613,11 +631,32 @@ Io Endpoint::sock_write(const void* data, std::size_t len, const int* fds, std::
 // ---------------------------------------------------------------------------------------
 // events and waiting
 
+// The doorbell eventfd is registered edge-triggered: a ring of the doorbell is reported
+// once by epoll_wait and never needs a read() to be drained. One epoll_wait tells what
+// happened (doorbell, hang-up, socket news): one system call per wake-up instead of a read
+// of the eventfd plus a poll of the socket.
 void Endpoint::handle_events() {
+  os::Ready ready[8];
+  int n = 0;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (reason_ != CloseReason::none || epfd_ < 0) return;
+    n = os::epoll_wait_ready(epfd_, ready, 8, 0);
+  }
+  handle_ready(ready, n < 0 ? 0 : n);
+}
+
+void Endpoint::handle_ready(const os::Ready* ready, int count) {
   std::lock_guard<std::mutex> lock(mu_);
   if (reason_ != CloseReason::none) return;
   ++st_.wakeups;
-  if (wake_fd_ >= 0) os::drain_eventfd(wake_fd_);
+  bool conn_hup = false;
+  for (int i = 0; i < count; ++i) {
+    if (ready[i].fd == conn_fd_ && conn_fd_ >= 0 &&
+        (ready[i].events & (kEpollRdHup | kEpollHup | kEpollErr)) != 0) {
+      conn_hup = true;
+    }
+  }
   if (transport_ == Transport::shm && map_ != nullptr) {
     ring::end_sleep(cons_);
     prod_.ctl->producer.waiting.store(0, std::memory_order_relaxed);
@@ -632,7 +671,9 @@ void Endpoint::handle_events() {
   }
   if (conn_fd_ >= 0 && !peer_eof_) {
     if (transport_ == Transport::shm && state_ == State::connected) {
-      if (os::hung_up(conn_fd_)) {
+      // The socket is watched level-triggered for the hang-up: epoll reports it on every
+      // wait until it is removed here, so it cannot be missed.
+      if (conn_hup) {
         peer_eof_ = true;  // unread carriers stay readable for their frames
         if (epfd_ >= 0) os::epoll_remove(epfd_, conn_fd_);
       }
@@ -883,9 +924,65 @@ Io Endpoint::recv(AllocFn alloc, void* ctx, Received* out, Error* err) {
   return Io::would_block;
 }
 
+Io Endpoint::recv_wait(AllocFn alloc, void* ctx, Received* out, Error* err, std::uint64_t spin_ns,
+                       int timeout_ms) {
+  Io io = recv(alloc, ctx, out, err);
+  if (io != Io::would_block) return io;
+  bool shm = false;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    shm = transport_ == Transport::shm && map_ != nullptr && reason_ == CloseReason::none;
+  }
+  // The spin saves the worker's wake-up when the owner answers within the window, but
+  // only if a CPU is free for the owner meanwhile: on an overloaded machine the spinning
+  // worker takes the CPU the BEAM needs to produce that answer. So it spins only while
+  // the load average is below the number of CPUs (looked at every 100 ms). A spin that
+  // shrinks after misses was tried and rejected: on a quiet machine it settles where both
+  // sides sleep and every round trip pays two deep wake-ups (bench/FINDINGS.md 8.1).
+  const std::uint64_t spin = spin_ns > 0 && shm && os::cpus_idle() ? spin_ns : 0;
+  if (spin > 0) {
+    // Only this (the single consumer's) thread touches cons_; the mapping lives as long
+    // as the endpoint. The head is read without the mutex, recv() validates it.
+    const std::uint64_t until = os::monotonic_ns() + spin;
+    do {
+      for (int i = 0; i < 32; ++i) {
+        if (ring::has_data(cons_)) {
+          spin_hits_.fetch_add(1, std::memory_order_relaxed);
+          return recv(alloc, ctx, out, err);
+        }
+        os::cpu_relax();
+      }
+    } while (os::monotonic_ns() < until);
+    spin_misses_.fetch_add(1, std::memory_order_relaxed);
+  }
+  const std::uint64_t start = os::monotonic_ns();
+  for (;;) {
+    int wait_ms = timeout_ms;
+    if (timeout_ms >= 0) {
+      const std::uint64_t spent = (os::monotonic_ns() - start) / 1000000;
+      if (spent >= static_cast<std::uint64_t>(timeout_ms)) return Io::would_block;
+      wait_ms = timeout_ms - static_cast<int>(spent);
+    }
+    if (prepare_wait(true, false, 0)) {
+      // The worker's epoll fd is never handed out: it lives as long as the endpoint.
+      os::Ready ready[8];
+      int n = os::epoll_wait_ready(epfd_, ready, 8, wait_ms);
+      handle_ready(ready, n < 0 ? 0 : n);  // also withdraws the announcement
+      io = recv(alloc, ctx, out, err);
+      if (n < 0) return io;  // would_block: interrupted by a signal, the caller decides
+    } else {
+      handle_events();
+      io = recv(alloc, ctx, out, err);
+    }
+    if (io != Io::would_block) return io;
+  }
+}
+
 Stats Endpoint::stats() {
   std::lock_guard<std::mutex> lock(mu_);
   Stats s = st_;
+  s.spin_hits = spin_hits_.load(std::memory_order_relaxed);
+  s.spin_misses = spin_misses_.load(std::memory_order_relaxed);
   s.state = state_;
   s.reason = reason_;
   s.close_detail = detail_;

@@ -10,6 +10,7 @@
 // Every public method is thread-safe (one mutex per endpoint, held briefly).
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <deque>
 #include <memory>
@@ -18,6 +19,7 @@
 #include <vector>
 
 #include "error.hpp"
+#include "platform_channel.hpp"
 #include "ring.hpp"
 
 namespace spshm::channel {
@@ -75,6 +77,8 @@ struct Stats {
   std::uint64_t region_messages_sent = 0, region_messages_received = 0;
   std::uint64_t doorbells_rung = 0, wakeups = 0, flushes = 0, pending_acks = 0;
   std::uint64_t would_blocks = 0, fallbacks = 0;
+  std::uint64_t spin_hits = 0,
+                spin_misses = 0;  ///< recv_wait: spins that caught a message / ran out
   std::uint64_t ring_size = 0, inline_max = 0, out_occupancy = 0, in_occupancy = 0;
   std::uint32_t peer_pid = 0;
   std::string fallback_reason, close_detail;
@@ -104,6 +108,8 @@ class Endpoint {
   /// Non-blocking: accepts and authenticates the worker, drains the doorbell, reads the
   /// control socket (fds, socket-transport frames, EOF), flushes pending socket output.
   void handle_events();
+  /// handle_events() with what a wait on wait_fd() by epoll already reported.
+  void handle_ready(const os::Ready* ready, int count);
   /// Sends `length` <= inline_max() bytes inline.
   Io send(const void* data, std::uint64_t length, Error* err);
   /// Sends a memfd made by prepare_region(); takes the fd on ok, leaves it on would_block.
@@ -113,6 +119,15 @@ class Endpoint {
   static Result<int> prepare_region(const void* data, std::uint64_t length);
   /// Takes the next message: ok (in *out), would_block (none yet), closed (and nothing left).
   Io recv(AllocFn alloc, void* ctx, Received* out, Error* err);
+  /// Blocking receive for a worker thread (the Python client): recv(); if nothing is
+  /// there, re-checks the ring for up to `spin_ns` (a reply that comes quickly then costs
+  /// no doorbell and no wake-up), then announces the sleep and waits on wait_fd() up to
+  /// `timeout_ms` (-1: forever). would_block: nothing within the timeout, or a signal
+  /// interrupted the wait (the caller runs its handlers, checks its deadline, calls again).
+  /// Takes the mutex only inside recv()/prepare_wait()/handle_events(): send() from
+  /// another thread is never held up by a sleeping receiver.
+  Io recv_wait(AllocFn alloc, void* ctx, Received* out, Error* err, std::uint64_t spin_ns,
+               int timeout_ms);
   /// Announces what the caller will sleep for: data, and/or `need` bytes of send space.
   /// True: sleep on wait_fd(); false: something is ready now, retry.
   bool prepare_wait(bool want_data, bool want_space, std::uint64_t need);
@@ -178,6 +193,7 @@ class Endpoint {
   bool want_out_ = false;
   std::vector<std::uint8_t> staging_;
   std::uint64_t seq_out_ = 0, seq_in_ = 0;
+  std::atomic<std::uint64_t> spin_hits_{0}, spin_misses_{0};
   Stats st_;
 };
 

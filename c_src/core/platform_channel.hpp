@@ -68,10 +68,25 @@ long recv_with_fds(int fd, void* buf, std::size_t len, std::vector<int>* fds,
 Result<int> make_epoll();
 bool epoll_set(int epfd, int fd, std::uint32_t events, bool add) noexcept;
 void epoll_remove(int epfd, int fd) noexcept;
+/// One ready descriptor reported by epoll_wait_ready (events as in epoll: EPOLLIN 1,
+/// EPOLLOUT 4, EPOLLERR 8, EPOLLHUP 0x10, EPOLLRDHUP 0x2000).
+struct Ready {
+  int fd;
+  std::uint32_t events;
+};
+/// epoll_wait up to timeout_ms (0: a probe, -1: forever): the number of ready descriptors
+/// written to out (at most max), 0 on timeout, -1 when interrupted by a signal or failed.
+int epoll_wait_ready(int epfd, Ready* out, int max, int timeout_ms) noexcept;
 /// True if the peer of a socket hung up (POLLRDHUP/POLLHUP/POLLERR now), unread data or not.
 bool hung_up(int fd) noexcept;
 /// Waits up to timeout_ms (-1 forever) for epfd to be readable. True if readable.
 bool wait_readable(int fd, int timeout_ms) noexcept;
+/// True while the machine has a CPU to spare: the 1-minute load average is below the
+/// number of online CPUs (re-read at most every 100 ms; the environment variable
+/// SNAKEPIT_SHM_CHANNEL_LOADAVG, if set, stands in for the load average: tests).
+bool cpus_idle() noexcept;
+/// A pause instruction for spin loops (lets the sibling hyperthread run).
+void cpu_relax() noexcept;
 
 std::uint64_t monotonic_ns() noexcept;
 

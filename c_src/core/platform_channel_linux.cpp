@@ -10,6 +10,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
@@ -307,6 +308,18 @@ void epoll_remove(int epfd, int fd) noexcept {
   ::epoll_ctl(epfd, EPOLL_CTL_DEL, fd, &ev);
 }
 
+int epoll_wait_ready(int epfd, Ready* out, int max, int timeout_ms) noexcept {
+  struct epoll_event evs[8];
+  if (max > 8) max = 8;
+  int n = ::epoll_wait(epfd, evs, max, timeout_ms);
+  if (n < 0) return -1;
+  for (int i = 0; i < n; ++i) {
+    out[i].fd = evs[i].data.fd;
+    out[i].events = evs[i].events;
+  }
+  return n;
+}
+
 bool hung_up(int fd) noexcept {
   struct pollfd p = {fd, POLLRDHUP, 0};
   if (::poll(&p, 1, 0) <= 0) return false;
@@ -320,6 +333,36 @@ bool wait_readable(int fd, int timeout_ms) noexcept {
     rc = ::poll(&p, 1, timeout_ms);
   } while (rc < 0 && errno == EINTR);
   return rc > 0;
+}
+
+bool cpus_idle() noexcept {
+  static std::atomic<std::uint64_t> checked_ns{0};
+  static std::atomic<bool> idle{true};
+  const std::uint64_t now = monotonic_ns();
+  const std::uint64_t last = checked_ns.load(std::memory_order_relaxed);
+  if (last != 0 && now - last < 100'000'000ull) return idle.load(std::memory_order_relaxed);
+  checked_ns.store(now, std::memory_order_relaxed);
+  double load = 0;
+  const char* fake = std::getenv("SNAKEPIT_SHM_CHANNEL_LOADAVG");
+  if (fake != nullptr && *fake != '\0') {
+    load = std::strtod(fake, nullptr);
+  } else if (::getloadavg(&load, 1) != 1) {
+    return idle.load(std::memory_order_relaxed);  // unknown: keep the last verdict
+  }
+  const long cpus = ::sysconf(_SC_NPROCESSORS_ONLN);
+  const bool verdict = cpus > 1 && load < static_cast<double>(cpus);
+  idle.store(verdict, std::memory_order_relaxed);
+  return verdict;
+}
+
+void cpu_relax() noexcept {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield" ::: "memory");
+#else
+  std::atomic_signal_fence(std::memory_order_seq_cst);
+#endif
 }
 
 std::uint64_t monotonic_ns() noexcept {

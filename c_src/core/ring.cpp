@@ -243,6 +243,10 @@ bool prepare_sleep(Consumer& c, std::uint64_t now_ns, bool* wake_producer) noexc
   return true;
 }
 
+bool has_data(const Consumer& c) noexcept {
+  return c.tail != c.head_seen || c.ctl->producer.head.load(kAcquire) != c.tail;
+}
+
 void end_sleep(Consumer& c) noexcept { c.ctl->consumer.waiting.store(0, kRelaxed); }
 
 std::uint64_t occupancy(const Consumer& c) noexcept { return c.head_seen - c.tail; }

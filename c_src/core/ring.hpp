@@ -208,6 +208,10 @@ bool flush(Consumer& c, std::uint64_t now_ns) noexcept;
 /// announcement is withdrawn. *wake_producer as for flush().
 bool prepare_sleep(Consumer& c, std::uint64_t now_ns, bool* wake_producer) noexcept;
 
+/// Consumer: true if the producer published bytes beyond our tail (one acquire load, no
+/// validation: peek() validates). For spin loops.
+bool has_data(const Consumer& c) noexcept;
+
 /// Consumer: after waking up, withdraw the announcement.
 void end_sleep(Consumer& c) noexcept;
 

@@ -101,6 +101,7 @@ ErlNifFunc nif_funcs[] = {
     {"channel_prepare_region", 1, nif_channel_prepare_region, kCpu},
     {"channel_send_region", 2, nif_channel_send_region, 0},
     {"channel_recv", 3, nif_channel_recv, 0},
+    {"channel_pump", 3, nif_channel_pump, 0},
     {"channel_prepare_wait", 4, nif_channel_prepare_wait, 0},
     {"channel_flush", 1, nif_channel_flush, 0},
     {"channel_close", 1, nif_channel_close, 0},

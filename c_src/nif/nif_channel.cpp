@@ -408,18 +408,16 @@ SPSHM_GUARDED_NIF(nif_channel_send_region)(ErlNifEnv* env, int, const ERL_NIF_TE
   return io_term(env, c, io, e);
 }
 
-// channel_recv(ch, max_count, max_bytes) -> {:ok, [binary]} | {:closed, reason, [binary]}
-//   | {:error, ...}; messages in order, at most max_count, stopping after max_bytes copied.
-SPSHM_GUARDED_NIF(nif_channel_recv)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
-  ChannelResource* c;
-  std::uint64_t max_count = 0, max_bytes = 0;
-  if (!get_channel(env, argv[0], &c) || !get_u64(env, argv[1], &max_count) ||
-      !get_u64(env, argv[2], &max_bytes) || max_count == 0) {
-    return enif_make_badarg(env);
-  }
+namespace {
+
+// Up to max_count messages (stopping after max_bytes copied) as a list in order.
+// *status: ok, or the close reason; returns false with *error set on a failure.
+bool take_messages(ErlNifEnv* env, ChannelResource* c, std::uint64_t max_count,
+                   std::uint64_t max_bytes, ERL_NIF_TERM* ordered, std::uint64_t* taken,
+                   ERL_NIF_TERM* status, ERL_NIF_TERM* error) {
   ERL_NIF_TERM list = enif_make_list(env, 0);
   std::uint64_t count = 0, copied = 0;
-  ERL_NIF_TERM status = atoms.ok;
+  *status = atoms.ok;
   while (count < max_count && copied < max_bytes) {
     BinAlloc a;
     channel::Received r;
@@ -427,12 +425,13 @@ SPSHM_GUARDED_NIF(nif_channel_recv)(ErlNifEnv* env, int, const ERL_NIF_TERM argv
     Io io = c->ep->recv(alloc_binary, &a, &r, &e);
     if (io == Io::would_block) break;
     if (io == Io::closed) {
-      status = reason_atom(c->ep->close_reason());
+      *status = reason_atom(c->ep->close_reason());
       break;
     }
     if (io == Io::error) {
       if (a.allocated) enif_release_binary(&a.bin);
-      return make_error(env, e);
+      *error = make_error(env, e);
+      return false;
     }
     ERL_NIF_TERM msg;
     if (r.kind == channel::Received::data) {
@@ -445,11 +444,15 @@ SPSHM_GUARDED_NIF(nif_channel_recv)(ErlNifEnv* env, int, const ERL_NIF_TERM argv
     } else {
       auto m = channel::os::map_fd(r.fd, r.size, false);
       ::close(r.fd);
-      if (!m.ok()) return make_error(env, m.error());
+      if (!m.ok()) {
+        *error = make_error(env, m.error());
+        return false;
+      }
       void* mem = enif_alloc_resource(message_type, sizeof(MessageResource));
       if (mem == nullptr) {
         channel::os::unmap(m.value(), r.size);
-        return make_error(env, Errc::no_space, "out of memory");
+        *error = make_error(env, Errc::no_space, "out of memory");
+        return false;
       }
       auto* mr = new (mem) MessageResource();
       mr->addr = m.value();
@@ -462,10 +465,71 @@ SPSHM_GUARDED_NIF(nif_channel_recv)(ErlNifEnv* env, int, const ERL_NIF_TERM argv
     list = enif_make_list_cell(env, msg, list);
     ++count;
   }
-  ERL_NIF_TERM ordered;
-  enif_make_reverse_list(env, list, &ordered);
+  enif_make_reverse_list(env, list, ordered);
+  *taken = count;
+  return true;
+}
+
+// Re-arms enif_select on the epoll fd (c->mu taken here). False if closed or refused.
+bool select_again(ErlNifEnv* env, ChannelResource* c) {
+  std::lock_guard<std::mutex> lock(c->mu);
+  if (c->closed || c->epfd < 0) return false;
+  int rc = enif_select(env, static_cast<ErlNifEvent>(c->epfd), ERL_NIF_SELECT_READ, c, nullptr,
+                       atoms.undefined);
+  if (rc < 0) return false;
+  c->selected = true;
+  return true;
+}
+
+}  // namespace
+
+// channel_recv(ch, max_count, max_bytes) -> {:ok, [binary]} | {:closed, reason, [binary]}
+//   | {:error, ...}; messages in order, at most max_count, stopping after max_bytes copied.
+SPSHM_GUARDED_NIF(nif_channel_recv)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  ChannelResource* c;
+  std::uint64_t max_count = 0, max_bytes = 0;
+  if (!get_channel(env, argv[0], &c) || !get_u64(env, argv[1], &max_count) ||
+      !get_u64(env, argv[2], &max_bytes) || max_count == 0) {
+    return enif_make_badarg(env);
+  }
+  ERL_NIF_TERM ordered, status, error;
+  std::uint64_t taken = 0;
+  if (!take_messages(env, c, max_count, max_bytes, &ordered, &taken, &status, &error)) {
+    return error;
+  }
   if (status == atoms.ok) return enif_make_tuple2(env, atoms.ok, ordered);
   return enif_make_tuple3(env, ca.closed, status, ordered);
+}
+
+// The whole wake-up of a connected channel's process in one call (the hot path of an
+// active channel): handle the events (doorbell, hang-up), take up to max_count messages,
+// and, if the ring was emptied (fewer than max_count taken), announce the sleep and re-arm
+// enif_select.
+// channel_pump(ch, max_count, max_bytes) -> {:ok, [binary], armed} | {:closed, reason,
+//   [binary]} | {:error, ...}. armed false: look again now (more is ready, or the quota
+//   was reached and the caller decides what it waits for).
+SPSHM_GUARDED_NIF(nif_channel_pump)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  ChannelResource* c;
+  std::uint64_t max_count = 0, max_bytes = 0;
+  if (!get_channel(env, argv[0], &c) || !get_u64(env, argv[1], &max_count) ||
+      !get_u64(env, argv[2], &max_bytes) || max_count == 0) {
+    return enif_make_badarg(env);
+  }
+  c->ep->handle_events();
+  ERL_NIF_TERM ordered, status, error;
+  std::uint64_t taken = 0;
+  if (!take_messages(env, c, max_count, max_bytes, &ordered, &taken, &status, &error)) {
+    return error;
+  }
+  if (status != atoms.ok) return enif_make_tuple3(env, ca.closed, status, ordered);
+  bool armed = false;
+  if (taken < max_count && c->ep->prepare_wait(true, false, 0)) {
+    if (!select_again(env, c)) {
+      return enif_make_tuple3(env, ca.closed, reason_atom(c->ep->close_reason()), ordered);
+    }
+    armed = true;
+  }
+  return enif_make_tuple3(env, atoms.ok, ordered, make_bool(armed));
 }
 
 SPSHM_GUARDED_NIF(nif_channel_prepare_wait)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {

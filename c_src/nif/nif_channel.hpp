@@ -19,6 +19,7 @@ SPSHM_CHANNEL_NIF(nif_channel_send);
 SPSHM_CHANNEL_NIF(nif_channel_prepare_region);
 SPSHM_CHANNEL_NIF(nif_channel_send_region);
 SPSHM_CHANNEL_NIF(nif_channel_recv);
+SPSHM_CHANNEL_NIF(nif_channel_pump);
 SPSHM_CHANNEL_NIF(nif_channel_prepare_wait);
 SPSHM_CHANNEL_NIF(nif_channel_flush);
 SPSHM_CHANNEL_NIF(nif_channel_close);

@@ -112,6 +112,7 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
     channel_prepare_region: 1,
     channel_send_region: 1,
     channel_recv: 2,
+    channel_pump: 2,
     channel_prepare_wait: 1,
     channel_flush: 1,
     channel_close: 1,
@@ -526,6 +527,9 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
   defp args(:channel_recv, _state, pool),
     do: [channel(pool), G.one_of([0, 1, 64, 1 <<< 64]), G.one_of([0, 1024, 1 <<< 20])]
 
+  defp args(:channel_pump, _state, pool),
+    do: [channel(pool), G.one_of([0, 1, 64, 1 <<< 64, :x]), G.one_of([0, 1024, 1 <<< 20, -1])]
+
   defp args(:channel_prepare_wait, _state, pool),
     do: [
       channel(pool),
@@ -776,6 +780,8 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
   defp well_shaped?(:channel_prepare_region, _, {:ok, p}), do: is_reference(p)
   defp well_shaped?(:channel_recv, _, {:ok, l}), do: is_list(l)
   defp well_shaped?(:channel_recv, _, {:closed, r, l}), do: is_atom(r) and is_list(l)
+  defp well_shaped?(:channel_pump, _, {:ok, l, armed}), do: is_list(l) and is_boolean(armed)
+  defp well_shaped?(:channel_pump, _, {:closed, r, l}), do: is_atom(r) and is_list(l)
   defp well_shaped?(:channel_prepare_wait, _, v), do: is_boolean(v)
   defp well_shaped?(:ring_probe_new, _, v), do: is_reference(v)
   defp well_shaped?(:ring_probe_write, _, v), do: v in [:ok, :full]

@@ -415,6 +415,13 @@ defmodule Snakepit.SharedMemory.Native do
           {:ok, [binary()]} | {:closed, atom(), [binary()]} | nif_error()
   def channel_recv(_ch, _max_count, _max_bytes), do: :erlang.nif_error(:not_loaded)
 
+  # One wake-up of a connected channel's process: events, up to max_count messages, and
+  # (if fewer were there) the sleep announcement and the re-armed select. armed false:
+  # look again now.
+  @spec channel_pump(channel(), pos_integer(), non_neg_integer()) ::
+          {:ok, [binary()], boolean()} | {:closed, atom(), [binary()]} | nif_error()
+  def channel_pump(_ch, _max_count, _max_bytes), do: :erlang.nif_error(:not_loaded)
+
   @spec channel_prepare_wait(channel(), boolean(), boolean(), non_neg_integer()) :: boolean()
   def channel_prepare_wait(_ch, _want_data, _want_space, _need),
     do: :erlang.nif_error(:not_loaded)

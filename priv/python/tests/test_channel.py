@@ -204,3 +204,112 @@ def test_connect_async_classmethod(owner):
         ch.close()
 
     asyncio.run(main())
+
+
+# ---- the waiting receive (spshm_ch_recv_io: spin, then sleep inside the library) ----
+
+def test_blocking_recv_sees_elixir_sigkill_while_it_sleeps(owner):
+    """recv() without a timeout sleeps inside the library (GIL released): the owner's
+    SIGKILL, sent from another thread meanwhile, ends it with peer_closed at once."""
+    import threading
+    with snakepit_shm.Channel.connect(owner.ref, spin=20e-6) as ch:
+        ch.send(b"ping")
+        assert ch.recv(timeout=10) == b"ping"
+        killer = threading.Timer(0.3, os.kill, (owner.process.pid, signal.SIGKILL))
+        t0 = time.monotonic()
+        killer.start()
+        try:
+            with pytest.raises(snakepit_shm.ChannelClosed) as info:
+                ch.recv()
+        finally:
+            killer.cancel()
+        assert info.value.reason == "peer_closed"
+        assert time.monotonic() - t0 < 5.0
+
+
+def test_blocking_recv_lets_signal_handlers_run(owner):
+    """A signal interrupts the wait in the library; the Python handler runs and what it
+    raises comes out of recv() (Ctrl-C works on a worker blocked in recv)."""
+    class Interrupted(Exception):
+        pass
+
+    def handler(signum, frame):
+        raise Interrupted()
+
+    previous = signal.signal(signal.SIGALRM, handler)
+    try:
+        with snakepit_shm.Channel.connect(owner.ref) as ch:
+            signal.setitimer(signal.ITIMER_REAL, 0.2)
+            t0 = time.monotonic()
+            with pytest.raises(Interrupted):
+                ch.recv()
+            assert time.monotonic() - t0 < 5.0
+            # the channel still works after the interruption
+            ch.send(b"after")
+            assert ch.recv(timeout=10) == b"after"
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("load,spins", [("100", False), ("0", True)])
+def test_spin_only_while_a_cpu_is_free(owner, monkeypatch, load, spins):
+    """The receiver spins before it sleeps only while the load average is below the CPU
+    count: on an overloaded machine it would take the CPU its peer needs to answer.
+    (SNAKEPIT_SHM_CHANNEL_LOADAVG stands in for the load average; re-read every 100 ms.)"""
+    if owner.transport != "shm":
+        pytest.skip("the spin watches the shared-memory ring")
+    if os.cpu_count() < 2 and spins:
+        pytest.skip("never spins on one CPU")
+    monkeypatch.setenv("SNAKEPIT_SHM_CHANNEL_LOADAVG", load)
+    time.sleep(0.25)
+    with snakepit_shm.Channel.connect(owner.ref, spin=100e-6) as ch:
+        for _ in range(10):
+            with pytest.raises(TimeoutError):
+                ch.recv(timeout=0.003)
+        stats = ch.stats()
+        if spins:
+            assert stats["spin_misses"] >= 5
+        else:
+            assert stats["spin_misses"] == 0 and stats["spin_hits"] == 0
+        ch.send(b"late")
+        assert ch.recv(timeout=10) == b"late"
+    monkeypatch.delenv("SNAKEPIT_SHM_CHANNEL_LOADAVG")
+    time.sleep(0.25)
+
+
+def test_spin_zero_never_spins(owner):
+    with snakepit_shm.Channel.connect(owner.ref, spin=0) as ch:
+        for i in range(20):
+            ch.send(b"%d" % i)
+            assert ch.recv(timeout=10) == b"%d" % i
+        stats = ch.stats()
+        assert stats["spin_hits"] == 0 and stats["spin_misses"] == 0
+
+
+def test_close_from_another_thread_wakes_a_blocked_recv(owner):
+    """close() while a thread sleeps in recv() (inside the library): that recv ends with
+    ChannelClosed at once, and nothing is freed under it (no crash)."""
+    import threading
+    ch = snakepit_shm.Channel.connect(owner.ref)
+    ch.send(b"ping")
+    assert ch.recv(timeout=10) == b"ping"
+    outcome = []
+
+    def receiver():
+        try:
+            ch.recv()
+            outcome.append("message")
+        except snakepit_shm.ChannelClosed as exc:
+            outcome.append(exc.reason)
+
+    thread = threading.Thread(target=receiver)
+    thread.start()
+    time.sleep(0.2)
+    t0 = time.monotonic()
+    ch.close()
+    thread.join(5)
+    assert not thread.is_alive()
+    assert time.monotonic() - t0 < 2.0
+    assert outcome == ["closed"]
+    assert owner.last_line() == "closed peer_closed"

@@ -52,6 +52,23 @@ defmodule Snakepit.SharedMemory.ChannelHostileTest do
     end
   end
 
+  test "shm: a doorbell storm neither closes nor spins the channel",
+       %{port: port} do
+    {:ok, ch} = Channel.open(transport: :shm, active: true, ring_size: 16_384)
+    attack(port, ch, "doorbell_storm")
+    # Ringing is not a protocol error: the frame published after the storm arrives.
+    assert_receive {:snakepit_shm_channel, ^ch, "after"}, 10_000
+    refute_received {:snakepit_shm_channel_closed, ^ch, _}
+    # The channel's process is asleep again, not looping on a doorbell nobody reads.
+    Process.sleep(100)
+    {:reductions, r1} = Process.info(ch.server, :reductions)
+    Process.sleep(300)
+    {:reductions, r2} = Process.info(ch.server, :reductions)
+    assert r2 - r1 < 1_000
+    assert %{state: :connected} = Channel.stats(ch)
+    :ok = Channel.close(ch)
+  end
+
   test "shm: a consumer index out of bounds fails the owner's next send", %{port: port} do
     {:ok, ch} = Channel.open(transport: :shm, ring_size: 4096, send_timeout: 0)
     attack(port, ch, "tail_beyond")

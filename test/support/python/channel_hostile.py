@@ -93,6 +93,14 @@ def attack(case, ref, rng):
     elif case == "random":
         mm[data1:data1 + cap1] = rng.randbytes(cap1)
         publish(rng.randrange(0, 2 * cap1))
+    elif case == "doorbell_storm":
+        # Rings the owner's doorbell 20000 times without publishing anything (the owner
+        # never reads the eventfd: it is edge-triggered), then publishes one frame.
+        for _ in range(20000):
+            os.write(efd_owner, struct.pack("<Q", 1))
+        struct.pack_into("<II", mm, data1, 5, 1)
+        mm[data1 + 8:data1 + 13] = b"after"
+        publish(16)
     return keep
 
 

@@ -214,6 +214,26 @@ defmodule Snakepit.SharedMemory.Channel.Server do
   # ---- events ----
 
   @impl true
+  # The hot path of an active, connected channel: one NIF call takes the messages and
+  # re-arms the select (see Native.channel_pump/3).
+  def handle_info(
+        {:select, _res, :undefined, :ready_input},
+        %{connected: true, closed: nil, active: active, space: []} = state
+      )
+      when active != false do
+    case Native.channel_pump(state.res, batch_count(active), @recv_bytes) do
+      {:ok, msgs, armed} ->
+        state = deliver_active(state, msgs)
+        {:noreply, if(armed, do: state, else: arm(state))}
+
+      {:closed, reason, msgs} ->
+        {:noreply, state |> deliver_active(msgs) |> closed(reason)}
+
+      {:error, _native} ->
+        {:noreply, closed(state, :io_error)}
+    end
+  end
+
   def handle_info({:select, _res, :undefined, :ready_input}, state) do
     state =
       case Native.channel_events(state.res) do
@@ -300,39 +320,42 @@ defmodule Snakepit.SharedMemory.Channel.Server do
   end
 
   defp deliver(state) do
-    count =
-      case state.active do
-        n when is_integer(n) -> min(n, @batch)
-        :once -> 1
-        true -> @batch
-      end
-
-    {msgs, status} = recv(state, count)
-    for m <- msgs, do: send(state.owner, {:snakepit_shm_channel, state.ch, m})
-    n = length(msgs)
-
-    state =
-      case state.active do
-        :once when n > 0 ->
-          %{state | active: false}
-
-        a when is_integer(a) ->
-          left = a - n
-
-          if left <= 0 do
-            send(state.owner, {:snakepit_shm_channel_passive, state.ch})
-            %{state | active: false}
-          else
-            %{state | active: left}
-          end
-
-        _ ->
-          state
-      end
+    {msgs, status} = recv(state, batch_count(state.active))
+    state = deliver_active(state, msgs)
 
     case status do
       :open -> state
       reason -> closed(state, reason)
+    end
+  end
+
+  defp batch_count(n) when is_integer(n), do: min(n, @batch)
+  defp batch_count(:once), do: 1
+  defp batch_count(true), do: @batch
+
+  # Active mode: the messages go to the owner, the active count goes down.
+  defp deliver_active(state, []), do: state
+
+  defp deliver_active(state, msgs) do
+    for m <- msgs, do: send(state.owner, {:snakepit_shm_channel, state.ch, m})
+    n = length(msgs)
+
+    case state.active do
+      :once when n > 0 ->
+        %{state | active: false}
+
+      a when is_integer(a) ->
+        left = a - n
+
+        if left <= 0 do
+          send(state.owner, {:snakepit_shm_channel_passive, state.ch})
+          %{state | active: false}
+        else
+          %{state | active: left}
+        end
+
+      _ ->
+        state
     end
   end
 
