@@ -46,7 +46,15 @@ struct CreateOptions {
   std::string metadata_json;         ///< <= kMetadataCapacity bytes, stored verbatim
   std::uint64_t idle_timeout_ns = 0;
   bool worker_output = false;  ///< kFlagWorkerOutput: made by a worker for adopt_region/2
+  /// Carve the region out of this process's arenas (arena.hpp) when it qualifies: memfd,
+  /// unnamed, standard security (not encrypted, no lock_memory), mode 0600, and a chunk
+  /// that fits an arena. Otherwise (or where arenas are unsupported) a dedicated region
+  /// is made as if `arena` were false. The size threshold is the caller's policy.
+  bool arena = false;
 };
+
+/// True if create() would carve a region with these options out of an arena.
+bool arena_eligible(const CreateOptions& options) noexcept;
 
 /// Where to find an existing region.
 struct OpenTarget {
@@ -208,6 +216,11 @@ class Region {
   /// Records the access time in the header (map/read/write).
   void touch() noexcept;
 
+  /// Arena regions: the control block's offset in the arena (0 for a dedicated region),
+  /// which a worker needs with control_path() to find the region.
+  std::uint64_t control_offset() const noexcept;
+  bool in_arena() const noexcept;
+
  private:
   struct Impl;
   friend class RegionFactory;  // internal (region_impl.hpp): builds Regions from an Impl
@@ -237,12 +250,17 @@ std::vector<HolderInfo> holders(const RegionHeader& header);
 /// until its last hold is released, so the slot dies with the open. Needs a read-write
 /// `lock` on Linux. Callers serialise hold_on/release_on of one open.
 Result<void> hold_on(RegionHeader& header, const platform::Handle& lock, int& slot,
-                     std::uint32_t pid, std::uint64_t start_time, bool writable);
+                     std::uint32_t pid, std::uint64_t start_time, bool writable,
+                     std::uint64_t lock_base = 0);
 /// Removes one hold of the open's slot; frees the slot (and its lock) at zero.
-Result<void> release_on(RegionHeader& header, const platform::Handle& lock, int& slot);
+/// `lock_base`: where the control block starts in the object behind `lock` (an arena
+/// chunk's offset; 0 for a dedicated control object): every lock byte is shifted by it.
+Result<void> release_on(RegionHeader& header, const platform::Handle& lock, int& slot,
+                        std::uint64_t lock_base = 0);
 /// Frees every claimed slot other than `own_slot` whose lock nobody holds (its owner is
 /// dead, killed at any instant). Returns the holds released. Linux only (0 elsewhere).
-std::uint32_t reap_dead_slots(RegionHeader& header, const platform::Handle& lock, int own_slot);
+std::uint32_t reap_dead_slots(RegionHeader& header, const platform::Handle& lock, int own_slot,
+                              std::uint64_t lock_base = 0);
 /// The number of holds: the sum of the counts of every claimed slot (the header's
 /// refcount field is only a hint kept for readers of format version 1).
 std::uint32_t reference_count(const RegionHeader& header);

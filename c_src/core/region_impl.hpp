@@ -9,6 +9,7 @@
 #include <shared_mutex>
 #include <string>
 
+#include "arena.hpp"
 #include "crypto.hpp"
 #include "platform.hpp"
 #include "region.hpp"
@@ -58,7 +59,24 @@ struct Region::Impl {
   mutable std::mutex data_lock_mutex;
   mutable int data_lock_readers = 0;
 
-  RegionHeader& header() noexcept { return *reinterpret_cast<RegionHeader*>(header_map.data()); }
+  /// Arena regions (arena.hpp): the arena whose chunk [base, base + chunk_length) this
+  /// region is. `control` then holds the arena's descriptor *borrowed* (released, never
+  /// closed, by ~Impl), header_map and data_map stay empty, and every lock byte is
+  /// shifted by `base`. The creator's Impl gives the chunk back when it is destroyed.
+  std::shared_ptr<Arena> arena;
+  std::uint64_t base = 0;
+  std::uint64_t chunk_length = 0;
+  RegionHeader* arena_header = nullptr;
+
+  Impl() = default;
+  Impl(const Impl&) = delete;
+  Impl& operator=(const Impl&) = delete;
+  ~Impl();
+
+  RegionHeader& header() noexcept {
+    return arena_header != nullptr ? *arena_header
+                                   : *reinterpret_cast<RegionHeader*>(header_map.data());
+  }
   const platform::Handle& data_handle() const noexcept {
     return data_object.valid() ? data_object : control;
   }

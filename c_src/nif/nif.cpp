@@ -28,6 +28,10 @@ constexpr unsigned kCpu = ERL_NIF_DIRTY_JOB_CPU_BOUND;
 
 ErlNifFunc nif_funcs[] = {
     {"header_layout", 0, nif_header_layout, 0},
+    // arenas of small regions (nif_arena.cpp)
+    {"arena_configure", 2, nif_arena_configure, 0},
+    {"arena_maintain", 0, nif_arena_maintain, kIo},
+    {"arena_stats", 0, nif_arena_stats, 0},
     {"create", 2, nif_create, kIo},
     {"create_plain", 2, nif_create_plain, 0},
     // The same as create/2 on a dirty CPU scheduler: an encrypted region's creation is

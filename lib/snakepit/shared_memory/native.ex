@@ -59,10 +59,13 @@ defmodule Snakepit.SharedMemory.Native do
           required(:encrypted) => boolean(),
           required(:lock_memory) => boolean(),
           required(:metadata) => binary(),
-          required(:idle_timeout_ms) => non_neg_integer()
+          required(:idle_timeout_ms) => non_neg_integer(),
+          optional(:arena) => boolean()
         }
   # %{id, backend, size, capacity, control_path, data_path, data_offset, role :: :created | :opened,
-  #   encrypted, sealed, os_pid, zero_copy} (zero_copy: the kernel enforces the seal)
+  #   encrypted, sealed, os_pid, zero_copy, control_offset, arena} (zero_copy: the kernel
+  #   enforces the seal; control_offset: where an arena region's control block sits in
+  #   control_path's object, 0 for a dedicated region; data_offset is then absolute)
   @type region_info :: map()
 
   def load_nif do
@@ -78,6 +81,20 @@ defmodule Snakepit.SharedMemory.Native do
   @doc false
   @spec header_layout() :: binary()
   def header_layout, do: :erlang.nif_error(:not_loaded)
+
+  # ---- arenas of small regions (c_src/core/arena.hpp) ----
+
+  @doc false
+  @spec arena_configure(non_neg_integer(), non_neg_integer()) :: :ok | nif_error()
+  def arena_configure(_arena_bytes, _grace_ms), do: :erlang.nif_error(:not_loaded)
+
+  @doc false
+  @spec arena_maintain() :: non_neg_integer()
+  def arena_maintain, do: :erlang.nif_error(:not_loaded)
+
+  @doc false
+  @spec arena_stats() :: %{atom() => non_neg_integer()}
+  def arena_stats, do: :erlang.nif_error(:not_loaded)
 
   @spec create(pos_integer(), create_opts()) :: {:ok, region(), region_info()} | nif_error()
   def create(_size, _opts), do: :erlang.nif_error(:not_loaded)
