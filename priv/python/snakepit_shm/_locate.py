@@ -26,6 +26,7 @@ NAMED_PREFIX = "spshm_n_"
 _RANDOM_ID = re.compile(r"spshm_[a-z2-7]{20}")
 _NAMED_ID = re.compile(r"spshm_n_[a-z0-9_-]{1,21}")
 _PROC_FD_PATH = re.compile(r"/proc/[1-9][0-9]*/fd/[0-9]+")
+_ARENA_TARGET = re.compile(r"/memfd:spshm_arena_[a-z2-7]{20} \(deleted\)")
 _BACKENDS = {"posix": _format.BACKEND_POSIX, "memfd": _format.BACKEND_MEMFD}
 
 
@@ -43,6 +44,7 @@ class Location:
     dtype: str = None
     shape: tuple = None
     key: bytes = None
+    control_offset: int = None  # an arena region: its control block's offset
 
 
 class OpenDenied(errors.PermissionError):
@@ -186,6 +188,13 @@ def _parse_ref(ref):
                 raise ValueError(f"the ref's {name} {path!r} is not a /proc/<pid>/fd/<n> "
                                  "path of a memfd region")
     data_offset = _ref_field(ref, "data_offset", (int,), required=False)
+    control_offset = _ref_field(ref, "control_offset", (int,), required=False)
+    if control_offset is not None:
+        if backend != _format.BACKEND_MEMFD or control_path != data_path or \
+                control_offset < 0 or control_offset % _format.HEADER_SIZE:
+            raise ValueError(f"the ref's control_offset {control_offset!r} does not name "
+                             "a chunk of an arena (a positive multiple of 4096 of a memfd "
+                             "whose control_path and data_path are the same)")
     size = _ref_field(ref, "size", (int,), required=False)
     dtype = _ref_field(ref, "dtype", (str,), required=False)
     shape = _ref_field(ref, "shape", (list, tuple), required=False)
@@ -195,7 +204,7 @@ def _parse_ref(ref):
     return Location(region_id, backend, control_path, data_path, from_ref=True,
                     data_offset=data_offset, size=size, dtype=dtype,
                     shape=tuple(shape) if shape is not None else None,
-                    key=_decode_key(ref.get("key")))
+                    key=_decode_key(ref.get("key")), control_offset=control_offset)
 
 
 BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
@@ -249,6 +258,17 @@ def _decode_key(value):
         raise ValueError(f"the ref's key has {len(key)} bytes, expected "
                          f"{_format.KEY_SIZE}")
     return key
+
+
+def arena_link_target(path, region_id):
+    """The /proc link target of the arena memfd that ``path`` names (checked)."""
+    try:
+        target = os.readlink(path)
+    except OSError as exc:
+        raise _open_error(path, region_id, False, exc) from None
+    if not _ARENA_TARGET.fullmatch(target):
+        raise _reused_fd(path, region_id, target, "/memfd:spshm_arena_<id> (deleted)")
+    return target
 
 
 def memfd_link_targets(region_id):

@@ -87,7 +87,7 @@ class Attachment:
     only once the data mapping itself goes away (see Region.__del__).
     """
 
-    def __init__(self, header_mm, library, writable, fd, lock_fd=None):
+    def __init__(self, header_mm, library, writable, fd, lock_fd=None, lock_base=0):
         """Wrap a mapped header; ``writable`` if it is mapped for writing.
 
         ``fd`` is a descriptor of this attachment's own open of the control object
@@ -104,6 +104,7 @@ class Attachment:
         self.fd = fd
         self.slot = ctypes.c_int(-1)  # the holder slot this open owns (-1: none)
         self.lock_fd = lock_fd
+        self.lock_base = lock_base  # an arena region's control block offset (else 0)
         self.identity = None  # (pid, start_time) while a hold is registered
         self._lock = threading.Lock()
         if lock_fd is not None:
@@ -133,7 +134,7 @@ class Attachment:
         """Register one hold of ``identity`` in the header, in this open's slot."""
         with _native.buffer_address(self.header_mm, writable=True) as (address, _):
             self.library.hold_fd(address, self.fd, self.slot, identity[0], identity[1],
-                                 writable)
+                                 writable, self.lock_base)
         self.identity = identity
 
     def release(self):
@@ -145,7 +146,7 @@ class Attachment:
             if identity is None or identity[0] != os.getpid():
                 return
             with _native.buffer_address(self.header_mm, writable=True) as (address, _):
-                self.library.release_fd(address, self.fd, self.slot)
+                self.library.release_fd(address, self.fd, self.slot, self.lock_base)
 
     def close(self):
         """Release the hold, then unmap the header and close the control descriptor."""
