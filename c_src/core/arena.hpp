@@ -51,9 +51,9 @@ class Arena {
   platform::Handle fd_;
   platform::Mapping map_;
   std::string name_;
-  std::map<std::uint64_t, std::uint64_t> free_;  ///< offset -> length of free runs
+  std::map<std::uint64_t, std::uint64_t> free_;                   ///< offset -> length of free runs
   std::vector<std::pair<std::uint64_t, std::uint64_t>> pending_;  ///< retired, still opened
-  std::uint64_t live_ = 0;                                         ///< chunks handed out
+  std::uint64_t live_ = 0;                                        ///< chunks handed out
   std::chrono::steady_clock::time_point empty_since_{};
 };
 

@@ -347,9 +347,8 @@ Result<void> validate_kind(const RegionHeader& h) {
   bool named = id.compare(0, kNamedIdPrefixLength, kNamedIdPrefix) == 0;
   if (named != ((h.flags & kFlagNamed) != 0))
     return corrupt(h, "the named flag does not match the region id");
-  if (h.flags &
-      ~(kFlagEncrypted | kFlagNamed | kFlagSplitData | kFlagWorkerOutput | kFlagLivenessLocks |
-        kFlagArena))
+  if (h.flags & ~(kFlagEncrypted | kFlagNamed | kFlagSplitData | kFlagWorkerOutput |
+                  kFlagLivenessLocks | kFlagArena))
     return corrupt(h, "unknown flags " + std::to_string(h.flags));
   if (h.security_level > 2)
     return corrupt(h, "security_level " + std::to_string(h.security_level) + " is unknown");

@@ -238,10 +238,10 @@ std::uint32_t release_all(RegionHeader& header, std::uint32_t pid, std::uint64_t
 // ever take back, and only a PID says whether its owner lives. The functions below are
 // what the NIF and the Python client use: each open file description of the control
 // object (one Region, one attach) owns at most one slot and holds that slot's lock byte
-// (kSlotLockBase + i, shifted by the arena chunk offset) exclusively from before it touches the slot until after it freed
-// it. Whoever takes a slot's lock owns the slot, whatever state the previous owner left
-// it in: the kernel drops the lock of a dead process at once, so a slot can never stay
-// busy or counted after its owner died, and no PID is trusted (PID namespaces, reuse).
+// (kSlotLockBase + i, shifted by the arena chunk offset) exclusively from before it touches the
+// slot until after it freed it. Whoever takes a slot's lock owns the slot, whatever state the
+// previous owner left it in: the kernel drops the lock of a dead process at once, so a slot can
+// never stay busy or counted after its owner died, and no PID is trusted (PID namespaces, reuse).
 
 namespace {
 
@@ -357,7 +357,8 @@ Result<void> release_on(RegionHeader& header, const platform::Handle& lock, int&
                         std::uint64_t lock_base) {
   return guarded([&]() -> Result<void> {
     if (!owns_live_slot(header, slot)) {
-      if (slot >= 0) platform::unlock(lock, lock_base + kSlotLockBase + static_cast<std::uint64_t>(slot));
+      if (slot >= 0)
+        platform::unlock(lock, lock_base + kSlotLockBase + static_cast<std::uint64_t>(slot));
       slot = -1;
       return Error{Errc::not_found, 0, "this process holds no reference to this region"};
     }

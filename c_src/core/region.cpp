@@ -315,7 +315,8 @@ RegionFactory::Impl::~Impl() {
   // (an attached worker sees it, as after deallocate), and the chunk goes back to the
   // arena, which reuses it only once no worker holds it open any more.
   if (slot >= 0) platform::unlock(control, base + kSlotLockBase + static_cast<std::uint64_t>(slot));
-  if (arena_header != nullptr) arena_header->state.fetch_or(kStateDeallocated, std::memory_order_seq_cst);
+  if (arena_header != nullptr)
+    arena_header->state.fetch_or(kStateDeallocated, std::memory_order_seq_cst);
   platform::unlock(control, base + kLivenessLockByte);
   (void)control.release();  // the arena's descriptor: closed with the arena
   process_arenas().retire(ArenaChunk{std::move(arena), base, chunk_length});
@@ -464,8 +465,8 @@ Result<void> Region::seal() {
     auto undo = [&] {
       if (set_by_us) h.state.fetch_and(~kStateSealing, std::memory_order_seq_cst);
     };
-    if (std::uint32_t pid = other_writable_holder(h, platform::current_pid(), &impl_->control,
-                                                 impl_->base)) {
+    if (std::uint32_t pid =
+            other_writable_holder(h, platform::current_pid(), &impl_->control, impl_->base)) {
       undo();
       return Error{Errc::busy, 0,
                    "cannot seal region " + impl_->id + ": process " + std::to_string(pid) +
@@ -481,10 +482,9 @@ Result<void> Region::seal() {
     }
     // Phase 2, commit: the kernel seal (memfd) or the object's mode (POSIX, Windows:
     // not enforced against the owner, so read/3 keeps copying).
-    Result<void> committed =
-        impl_->arena ? Result<void>{}
-        : kernel     ? seal_kernel(*impl_)
-                     : platform::seal_object(impl_->data_handle(), impl_->backend);
+    Result<void> committed = impl_->arena ? Result<void>{}
+                             : kernel     ? seal_kernel(*impl_)
+                                      : platform::seal_object(impl_->data_handle(), impl_->backend);
     if (!committed) {
       undo();
       return committed;

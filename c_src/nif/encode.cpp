@@ -21,10 +21,9 @@ ERL_NIF_TERM backend_atom(BackendKind kind) {
 
 ERL_NIF_TERM encode_info(ErlNifEnv* env, const Region& region) {
   const Atoms& a = atoms;
-  ERL_NIF_TERM keys[] = {a.id,           a.backend,   a.size,        a.capacity,
-                         a.control_path, a.data_path, a.data_offset, a.role,
-                         a.encrypted,    a.sealed,    a.os_pid,      a.zero_copy,
-                         a.control_offset, a.arena};
+  ERL_NIF_TERM keys[] = {a.id,        a.backend,     a.size,           a.capacity,  a.control_path,
+                         a.data_path, a.data_offset, a.role,           a.encrypted, a.sealed,
+                         a.os_pid,    a.zero_copy,   a.control_offset, a.arena};
   ERL_NIF_TERM values[] = {
       make_binary(env, region.id()),
       backend_atom(region.backend()),

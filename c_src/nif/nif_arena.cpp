@@ -32,11 +32,13 @@ SPSHM_GUARDED_NIF(nif_arena_stats)(ErlNifEnv* env, int, const ERL_NIF_TERM[]) {
                          enif_make_atom(env, "live_chunks"), enif_make_atom(env, "pending_chunks"),
                          enif_make_atom(env, "created"),     enif_make_atom(env, "returned"),
                          enif_make_atom(env, "arena_size")};
-  ERL_NIF_TERM values[] = {
-      enif_make_uint64(env, s.arenas),         enif_make_uint64(env, s.arena_bytes),
-      enif_make_uint64(env, s.live_chunks),    enif_make_uint64(env, s.pending_chunks),
-      enif_make_uint64(env, s.created),        enif_make_uint64(env, s.returned),
-      enif_make_uint64(env, process_arenas().arena_bytes())};
+  ERL_NIF_TERM values[] = {enif_make_uint64(env, s.arenas),
+                           enif_make_uint64(env, s.arena_bytes),
+                           enif_make_uint64(env, s.live_chunks),
+                           enif_make_uint64(env, s.pending_chunks),
+                           enif_make_uint64(env, s.created),
+                           enif_make_uint64(env, s.returned),
+                           enif_make_uint64(env, process_arenas().arena_bytes())};
   return make_map(env, keys, values);
 }
 
