@@ -140,4 +140,3 @@ def test_a_wrong_offset_or_link_is_refused(arena):
             snakepit_shm.attach(ref_of(other, region_id, offset, size))
     finally:
         os.close(other)
-
