@@ -284,6 +284,7 @@ def find_by_id(region_id):
         return Location(region_id, _format.BACKEND_POSIX, path, path)
     control_target, data_target = memfd_link_targets(region_id)
     uid = os.geteuid()
+    arenas = []
     for pid in _pids_of_uid(uid):
         fd_dir = f"/proc/{pid}/fd"
         control = data = None
@@ -300,13 +301,59 @@ def find_by_id(region_id):
                 control = f"{fd_dir}/{name}"
             elif target == data_target:
                 data = f"{fd_dir}/{name}"
+            elif _ARENA_TARGET.fullmatch(target):
+                arenas.append((f"{fd_dir}/{name}", target))
             if control and data:
                 return Location(region_id, _format.BACKEND_MEMFD, control, data)
+    seen = set()
+    for path, target in arenas:
+        if target in seen:  # the same arena through another descriptor
+            continue
+        seen.add(target)
+        offset = _find_in_arena(path, region_id)
+        if offset is not None:
+            return Location(region_id, _format.BACKEND_MEMFD, path, path,
+                            control_offset=offset)
     raise errors.RegionNotFound(
         f"region {region_id} does not exist: there is no {path}, and no process of uid "
         f"{uid} has its memfds open. It was deallocated, its owner exited, or it lives "
         "in another container or under another user; check the id, or pass the full ref "
         "from export_ref/2.")
+
+
+def _find_in_arena(path, region_id):
+    """The control_offset of ``region_id`` in the arena at ``path``, or None.
+
+    Walks the arena's chunks from its start: a published control block names its
+    region and its data capacity (the next chunk follows it); anything else is skipped
+    a page at a time. Reads with pread (never maps: untouched pages stay unallocated).
+    The attach that follows validates what it finds, as for any other ref.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        size = os.fstat(fd).st_size
+        wanted = region_id.encode()
+        id_at, id_len = _format.FIELD["region_id"][0], _format.FIELD["region_id"][1]
+        cap_at = _format.FIELD["data_capacity"][0]
+        offset = 0
+        while offset + _format.HEADER_SIZE <= size:
+            prefix = os.pread(fd, id_at + id_len, offset)
+            step = _format.HEADER_SIZE
+            if prefix[:8] == _format.MAGIC:
+                if prefix[id_at:id_at + id_len].rstrip(b"\0") == wanted:
+                    return offset
+                capacity = int.from_bytes(prefix[cap_at:cap_at + 8], "little")
+                if 0 < capacity <= size:
+                    step += -(-capacity // _format.HEADER_SIZE) * _format.HEADER_SIZE
+            offset += step
+        return None
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def _pids_of_uid(uid):

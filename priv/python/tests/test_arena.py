@@ -140,3 +140,13 @@ def test_a_wrong_offset_or_link_is_refused(arena):
             snakepit_shm.attach(ref_of(other, region_id, offset, size))
     finally:
         os.close(other)
+
+
+def test_attach_by_bare_id_finds_the_chunk_in_an_arena(arena):
+    fd, chunks = arena
+    for index, (region_id, offset, size) in enumerate(chunks):
+        with snakepit_shm.attach(region_id) as region:
+            assert bytes(region.buf) == bytes([index + 1]) * size
+            assert region.info()["data_offset"] == F.ARENA_DATA_OFFSET
+    with pytest.raises(snakepit_shm.errors.RegionNotFound):
+        snakepit_shm.attach(random_region_id())
