@@ -2,10 +2,13 @@
 #include "arena.hpp"
 
 #include <algorithm>
+#include <cerrno>
 #include <cstring>
 
 #include "format.hpp"
+#include "header.hpp"
 #include "region.hpp"
+#include "region_impl.hpp"
 
 #ifdef __linux__
 #include <fcntl.h>
@@ -56,6 +59,22 @@ Result<std::shared_ptr<Arena>> make_arena(std::uint64_t) {
   return Error{Errc::unsupported, 0, "arenas need Linux (memfd and OFD locks)"};
 }
 #endif
+
+/// The object is a memfd named spshm_arena_* (its /proc link target says so).
+bool is_arena_object(const platform::Handle& handle) {
+#ifdef __linux__
+  std::string link = "/proc/self/fd/" + std::to_string(handle.native());
+  char target[256];
+  ssize_t n = ::readlink(link.c_str(), target, sizeof target - 1);
+  if (n <= 0) return false;
+  static const char kPrefix[] = "/memfd:spshm_arena_";
+  return static_cast<std::size_t>(n) > sizeof kPrefix - 1 &&
+         std::memcmp(target, kPrefix, sizeof kPrefix - 1) == 0;
+#else
+  (void)handle;
+  return false;
+#endif
+}
 
 }  // namespace
 
@@ -229,6 +248,40 @@ ArenaStats ArenaSet::stats() {
   s.created = created_;
   s.returned = returned_;
   return s;
+}
+
+Result<std::vector<ArenaEntry>> inspect_arena(const std::string& path) {
+  try {
+    auto handle = platform::open_path(path, platform::Access::read_only);
+    if (!handle) return handle.error();
+    if (!is_arena_object(*handle))
+      return Error{Errc::not_ours, 0, path + " is not an arena (a memfd named spshm_arena_*)"};
+    auto info = check_our_object(*handle, path);
+    if (!info) return info.error();
+    std::vector<ArenaEntry> out;
+    std::uint64_t offset = 0;
+    HeaderCopy copy;
+    while (offset + kHeaderSize <= info->size) {
+      std::uint64_t step = kHeaderSize;
+      if (auto r = platform::read_at(*handle, offset, copy.bytes, sizeof copy.bytes, path); !r)
+        return r.error();
+      const RegionHeader& h = copy.get();
+      if (header_published(h) && (h.flags & kFlagArena) != 0 &&
+          validate_header(h, info->size - offset)) {
+        ArenaEntry e;
+        e.control_offset = offset;
+        e.snapshot = snapshot(h);
+        auto held = platform::lock_is_held(*handle, offset + kLivenessLockByte);
+        e.snapshot.in_use = !held || *held;
+        out.push_back(std::move(e));
+        step += round_page(h.data_capacity);
+      }
+      offset += step;
+    }
+    return out;
+  } catch (const std::bad_alloc&) {
+    return Error{Errc::no_space, ENOMEM, "out of memory inspecting arena " + path};
+  }
 }
 
 ArenaSet& process_arenas() {

@@ -24,6 +24,7 @@
 
 #include "error.hpp"
 #include "platform.hpp"
+#include "region.hpp"
 
 namespace spshm {
 
@@ -104,6 +105,20 @@ class ArenaSet {
   std::chrono::milliseconds grace_{30000};
   std::uint64_t created_ = 0, returned_ = 0;
 };
+
+/// One region found in an arena by inspect_arena.
+struct ArenaEntry {
+  std::uint64_t control_offset = 0;
+  HeaderSnapshot snapshot;
+};
+
+/// Offline inspection of an arena (the mix tasks, another VM): opens `path` read-only
+/// (a /proc/<pid>/fd/<n> link to a memfd named spshm_arena_*), checks it is ours, walks
+/// its chunks with pread (a published control block names its capacity and the next
+/// chunk follows it; anything else is skipped a page at a time) and returns every valid
+/// control block, deallocated ones included. `in_use` says whether some open holds the
+/// chunk's liveness lock. Never maps, never modifies anything.
+Result<std::vector<ArenaEntry>> inspect_arena(const std::string& path);
 
 /// The ArenaSet of this process (the VM's: only the NIF creates arena regions).
 ArenaSet& process_arenas();

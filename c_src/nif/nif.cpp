@@ -32,6 +32,7 @@ ErlNifFunc nif_funcs[] = {
     {"arena_configure", 2, nif_arena_configure, 0},
     {"arena_maintain", 0, nif_arena_maintain, kIo},
     {"arena_stats", 0, nif_arena_stats, 0},
+    {"inspect_arena", 1, nif_inspect_arena, kIo},
     {"create", 2, nif_create, kIo},
     {"create_plain", 2, nif_create_plain, 0},
     // The same as create/2 on a dirty CPU scheduler: an encrypted region's creation is

@@ -2,7 +2,10 @@
 // counters. Terms in, core calls, terms out.
 #include <chrono>
 
+#include <vector>
+
 #include "arena.hpp"
+#include "encode.hpp"
 #include "nif_functions.hpp"
 #include "terms.hpp"
 
@@ -24,6 +27,23 @@ SPSHM_GUARDED_NIF(nif_arena_configure)(ErlNifEnv* env, int, const ERL_NIF_TERM a
 // Dirty I/O: returning an arena unmaps megabytes.
 SPSHM_GUARDED_NIF(nif_arena_maintain)(ErlNifEnv* env, int, const ERL_NIF_TERM[]) {
   return enif_make_uint(env, process_arenas().maintain());
+}
+
+// inspect_arena(path): [{control_offset, header snapshot map}] (dirty I/O: reads a file).
+SPSHM_GUARDED_NIF(nif_inspect_arena)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  std::string path;
+  Error why{};
+  ERL_NIF_TERM reply;
+  if (!decoded(env, get_os_string(env, argv[0], "path", &path, &why), why, &reply)) return reply;
+  auto found = inspect_arena(path);
+  if (!found.ok()) return make_error(env, found.error());
+  std::vector<ERL_NIF_TERM> list;
+  for (const ArenaEntry& e : found.value()) {
+    list.push_back(enif_make_tuple2(env, enif_make_uint64(env, e.control_offset),
+                                    encode_snapshot(env, e.snapshot, path)));
+  }
+  return make_ok(env,
+                 enif_make_list_from_array(env, list.data(), static_cast<unsigned>(list.size())));
 }
 
 SPSHM_GUARDED_NIF(nif_arena_stats)(ErlNifEnv* env, int, const ERL_NIF_TERM[]) {

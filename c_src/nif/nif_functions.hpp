@@ -34,6 +34,7 @@ SPSHM_NIF(nif_header_layout);
 SPSHM_NIF(nif_arena_configure);
 SPSHM_NIF(nif_arena_maintain);
 SPSHM_NIF(nif_arena_stats);
+SPSHM_NIF(nif_inspect_arena);
 SPSHM_NIF(nif_create);
 SPSHM_NIF(nif_create_plain);
 SPSHM_NIF(nif_open);

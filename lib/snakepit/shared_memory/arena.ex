@@ -9,7 +9,8 @@ defmodule Snakepit.SharedMemory.Arena do
   data. Creating and freeing it costs a few system calls instead of ~20, and 10 000
   such regions hold a handful of file descriptors instead of 20 000.
 
-  What goes to an arena: the `:memfd` backend (`:auto` on Linux), no `:name`,
+  What goes to an arena: the `:auto` backend (resolving to memfd on Linux; an explicit
+  `backend: :memfd` asks for a memfd of its own, with its own kernel seal), no `:name`,
   `:security_level` `:standard`, owner-only permissions (mode 0600), and `arena: true`
   (the per-region option; its default is the `:arena` setting). Everything else keeps a
   dedicated segment, as does every region when arenas are unsupported (not Linux, or

@@ -68,9 +68,9 @@ defmodule Snakepit.SharedMemory.Config do
 
   Arenas of small regions (`Snakepit.SharedMemory.Arena`, docs/ARCHITECTURE.md):
 
-    * `:arena` - carve unnamed `:standard` owner-only memfd regions of at most
+    * `:arena` - carve unnamed `:standard` owner-only `backend: :auto` regions of at most
       `:arena_threshold` bytes out of shared arenas (`arena: false` on
-      `allocate_region/2` opts one region out). Defaults to `false`.
+      `allocate_region/2` opts one region out). Defaults to `true`.
     * `:arena_threshold` - largest region (bytes) that goes to an arena, at most
       1 MiB. Defaults to `65_536`.
     * `:arena_size` - bytes of each arena (a memfd; at least 1 MiB). Defaults to 8 MiB.
@@ -114,7 +114,7 @@ defmodule Snakepit.SharedMemory.Config do
     host_quota_limit: nil,
     host_quota_wait: 0,
     host_quota_dir: nil,
-    arena: false,
+    arena: true,
     arena_threshold: 65_536,
     arena_size: 8 * 1024 * 1024,
     arena_grace: 30_000

@@ -96,6 +96,11 @@ defmodule Snakepit.SharedMemory.Native do
   @spec arena_stats() :: %{atom() => non_neg_integer()}
   def arena_stats, do: :erlang.nif_error(:not_loaded)
 
+  @doc false
+  # Every region in the arena at `path` (offline: the mix tasks): [{control_offset, header}].
+  @spec inspect_arena(binary()) :: {:ok, [{non_neg_integer(), map()}]} | nif_error()
+  def inspect_arena(_path), do: :erlang.nif_error(:not_loaded)
+
   @spec create(pos_integer(), create_opts()) :: {:ok, region(), region_info()} | nif_error()
   def create(_size, _opts), do: :erlang.nif_error(:not_loaded)
 

@@ -61,7 +61,9 @@ defmodule Snakepit.SharedMemory.Options do
          open_mode: open_mode,
          owner: owner,
          backend: backend,
-         arena: arena
+         # Arenas serve the :auto backend: an explicit :memfd asks for a memfd of its own
+         # (its own kernel seal, its own descriptors).
+         arena: arena and Map.get(opts, :backend, config.default_backend) == :auto
        }}
     end
   end

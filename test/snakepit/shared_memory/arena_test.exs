@@ -171,6 +171,25 @@ defmodule Snakepit.SharedMemory.ArenaTest do
     end
   end
 
+  describe "the offline tools (mix snakepit.shm.list / info / cleanup)" do
+    test "see each arena region by its id, never the arena itself" do
+      id = filled_region(4096, 7)
+      {:ok, ref} = SM.export_ref(id)
+      entry = Snakepit.SharedMemory.CLI.HostScan.find(id)
+      assert entry.id == id
+      assert entry.backend == "memfd"
+      assert entry.size == 4096
+      assert entry.in_use
+      refute entry.orphaned
+      assert entry.path =~ ~r"^/proc/\d+/fd/\d+$"
+      assert entry.path == ref["control_path"]
+      entries = Snakepit.SharedMemory.CLI.HostScan.scan()
+      assert Enum.any?(entries, &(&1.id == id))
+      refute Enum.any?(entries, &String.starts_with?(&1.id, "spshm_arena_"))
+      :ok = SM.deallocate_region(id)
+    end
+  end
+
   @neighbour_worker ~S"""
   import json, sys
   import snakepit_shm
