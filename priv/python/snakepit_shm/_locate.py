@@ -306,13 +306,13 @@ def find_by_id(region_id):
             if control and data:
                 return Location(region_id, _format.BACKEND_MEMFD, control, data)
     seen = set()
-    for path, target in arenas:
+    for arena_path, target in arenas:
         if target in seen:  # the same arena through another descriptor
             continue
         seen.add(target)
-        offset = _find_in_arena(path, region_id)
+        offset = _find_in_arena(arena_path, region_id)
         if offset is not None:
-            return Location(region_id, _format.BACKEND_MEMFD, path, path,
+            return Location(region_id, _format.BACKEND_MEMFD, arena_path, arena_path,
                             control_offset=offset)
     raise errors.RegionNotFound(
         f"region {region_id} does not exist: there is no {path}, and no process of uid "
