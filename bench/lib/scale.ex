@@ -15,6 +15,8 @@ defmodule SnakepitShm.Bench.Scale do
 
   def run(profile, programs) do
     count = profile.scale_regions
+    # First, before the POSIX regions (whose descriptors close asynchronously).
+    default_backend = default_backend_fds(count)
     :erlang.garbage_collect()
     before = :erlang.memory()
     {alloc_ns, ids} = timed(fn -> for _ <- 1..count, do: allocate!() end)
@@ -49,14 +51,14 @@ defmodule SnakepitShm.Bench.Scale do
     after
       Enum.each(ids, &SM.deallocate_region/1)
     end
-    |> Map.put(:default_backend, default_backend_fds(count))
+    |> Map.put(:default_backend, default_backend)
   end
 
   # Issue 14: the same number of 4 KiB regions with the default options (arenas when
   # the configuration has them on), counting this VM's file descriptors before and
   # with all of them live. Stops at the first refusal (EMFILE with dedicated memfds).
   defp default_backend_fds(count) do
-    :erlang.garbage_collect()
+    for pid <- Process.list(), do: :erlang.garbage_collect(pid)
     fds_before = fd_count()
     arenas_before = Snakepit.SharedMemory.Arena.stats()
 

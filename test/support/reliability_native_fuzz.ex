@@ -685,7 +685,10 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
   defp well_shaped?(:board_reclaim, _, n), do: non_neg?(n)
   defp well_shaped?(:arena_configure, _, :ok), do: true
   defp well_shaped?(:arena_maintain, _, n), do: non_neg?(n)
-  defp well_shaped?(:arena_stats, _, %{arenas: n, live_chunks: l}), do: non_neg?(n) and non_neg?(l)
+
+  defp well_shaped?(:arena_stats, _, %{arenas: n, live_chunks: l}),
+    do: non_neg?(n) and non_neg?(l)
+
   defp well_shaped?(:inspect_arena, _, {:ok, list}), do: is_list(list)
   defp well_shaped?(:board_watch_info, _, nil), do: true
   defp well_shaped?(:board_watch_info, _, {g, o}), do: non_neg?(g) and (o == nil or is_list(o))

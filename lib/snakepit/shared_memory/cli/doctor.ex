@@ -486,7 +486,8 @@ defmodule Snakepit.SharedMemory.CLI.Doctor do
 
   defp memfd_seal do
     with {:ok, _} <- Application.ensure_all_started(:snakepit_shm),
-         {:ok, id} <- SHM.allocate_region(4096,
+         {:ok, id} <-
+           SHM.allocate_region(4096,
              backend: :memfd,
              # a memfd of its own: an arena region gets no kernel seal
              arena: false,
