@@ -248,6 +248,7 @@ Result<Region> create_arena(const CreateOptions& o) {
   impl->base = chunk->offset;
   impl->chunk_length = chunk->length;
   impl->control = platform::Handle(chunk->arena->handle().native());  // borrowed (~Impl)
+  impl->arena_chunk = true;
   std::uint8_t* at = chunk->arena->base() + chunk->offset;
   if (auto r = platform::lock_shared(impl->control, impl->base + kLivenessLockByte); !r)
     return r.error();  // ~Impl gives the chunk back
@@ -329,8 +330,61 @@ bool arena_eligible(const CreateOptions& o) noexcept {
          arena_chunk_length(o.size) <= process_arenas().arena_bytes();
 }
 
-std::uint64_t Region::control_offset() const noexcept { return impl_->arena ? impl_->base : 0; }
-bool Region::in_arena() const noexcept { return impl_->arena != nullptr; }
+std::uint64_t Region::control_offset() const noexcept { return impl_->base; }
+bool Region::in_arena() const noexcept { return impl_->arena_chunk; }
+
+Result<Region> open_arena_region(const std::string& path, std::uint64_t offset,
+                                 const std::string& expected_id, bool writable) {
+  return guarded([&]() -> Result<Region> {
+    using platform::Access;
+    using platform::Sharing;
+    Access access = writable ? Access::read_write : Access::read_only;
+    auto handle = platform::open_path(path, access);
+    if (!handle) return handle.error();
+    auto info = check_our_object(*handle, path);
+    if (!info) return info.error();
+    if (offset % kHeaderSize != 0 || offset + kHeaderSize > info->size)
+      return Error{Errc::invalid_argument, 0,
+                   "control_offset " + std::to_string(offset) + " is not a page of the arena " +
+                       path + " (" + std::to_string(info->size) + " bytes)"};
+    if (auto r = platform::lock_shared(*handle, offset + kLivenessLockByte); !r) {
+      if (r.error().code == Errc::busy)
+        return Error{Errc::not_found, 0, "the region at " + path + " was freed"};
+      return r.error();
+    }
+    HeaderCopy copy;
+    if (auto r = platform::read_at(*handle, offset, copy.bytes, sizeof copy.bytes, path); !r)
+      return r.error();
+    const RegionHeader& h = copy.get();
+    if (!header_published(h) || (h.flags & kFlagArena) == 0)
+      return Error{Errc::not_found, 0,
+                   "no region at offset " + std::to_string(offset) + " of " + path};
+    if (auto r = validate_header(h, info->size - offset); !r) return r.error();
+    std::string id(h.region_id, strnlen(h.region_id, kRegionIdCapacity));
+    if (!expected_id.empty() && id != expected_id)
+      return Error{Errc::not_found, 0,
+                   "region " + expected_id + " is gone: its place in the arena now holds " + id};
+    if (h.state.load() & kStateDeallocated)
+      return Error{Errc::deallocated, 0, "region " + id + " has been deallocated"};
+    auto impl = std::make_unique<RegionFactory::Impl>();
+    impl->adopt(h);
+    impl->role = Role::opened;
+    impl->writable = writable;
+    impl->base = offset;
+    impl->arena_chunk = true;
+    impl->control = std::move(*handle);
+    auto header = platform::map(impl->control, offset, kHeaderSize, access, Sharing::shared,
+                                "the control block of " + id);
+    if (!header) return header.error();
+    impl->header_map = std::move(*header);
+    auto mapped = platform::map(impl->control, offset + kHeaderSize, impl->capacity, access,
+                                Sharing::shared, "the data of " + id);
+    if (!mapped) return mapped.error();
+    impl->data_map = std::move(*mapped);
+    impl->data = impl->data_map.data();
+    return RegionFactory::make(std::move(impl));
+  });
+}
 
 const std::string& Region::id() const noexcept { return impl_->id; }
 BackendKind Region::backend() const noexcept { return impl_->backend; }
@@ -346,13 +400,14 @@ const std::uint8_t* Region::data() const noexcept { return impl_->data; }
 bool Region::header_writable() const noexcept { return impl_->header_shared; }
 
 std::string Region::control_path() const {
-  if (impl_->data_object.valid() || impl_->arena) return platform::handle_path(impl_->control);
+  if (impl_->data_object.valid() || impl_->arena_chunk)
+    return platform::handle_path(impl_->control);
   return platform::named_path(impl_->id);
 }
 
 std::string Region::data_path() const {
   if (impl_->data_object.valid()) return platform::handle_path(impl_->data_object);
-  if (impl_->arena) return platform::handle_path(impl_->control);
+  if (impl_->arena_chunk) return platform::handle_path(impl_->control);
   return platform::named_path(impl_->id);
 }
 
@@ -451,7 +506,7 @@ Result<void> Region::seal() {
     RegionHeader& h = impl_->header();
     // An arena region shares its memfd with others: no kernel seal of its own. Its seal
     // is the header's word (writers that honour it refuse), and reads keep copying.
-    bool kernel = impl_->backend == BackendKind::memfd && !impl_->arena;
+    bool kernel = impl_->backend == BackendKind::memfd && !impl_->arena_chunk;
     std::uint32_t state = h.state.load(std::memory_order_seq_cst);
     if (state & kStateDeallocated)
       return Error{Errc::deallocated, 0,
@@ -482,8 +537,8 @@ Result<void> Region::seal() {
     }
     // Phase 2, commit: the kernel seal (memfd) or the object's mode (POSIX, Windows:
     // not enforced against the owner, so read/3 keeps copying).
-    Result<void> committed = impl_->arena ? Result<void>{}
-                             : kernel     ? seal_kernel(*impl_)
+    Result<void> committed = impl_->arena_chunk ? Result<void>{}
+                             : kernel           ? seal_kernel(*impl_)
                                       : platform::seal_object(impl_->data_handle(), impl_->backend);
     if (!committed) {
       undo();

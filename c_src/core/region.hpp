@@ -228,6 +228,15 @@ class Region {
   std::unique_ptr<Impl> impl_;
 };
 
+/// Opens the region whose control block sits `control_offset` bytes into the arena at
+/// `path` (a /proc/<pid>/fd/<n> link to a memfd named spshm_arena_*), as another VM or
+/// the mix tasks do: its own open of the arena (the liveness lock at the chunk's offset
+/// is taken before anything is read), the header page and the data pages mapped, the
+/// header validated against what is left of the arena and, when `expected_id` is not
+/// empty, its id checked (not_found otherwise: the chunk was reused).
+Result<Region> open_arena_region(const std::string& path, std::uint64_t control_offset,
+                                 const std::string& expected_id, bool writable);
+
 // ---- holders (atomic, lock-free, safe between processes) ----
 
 /// Adds one hold of process (pid, start_time): increments its slot count (claiming a

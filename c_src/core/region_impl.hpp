@@ -67,6 +67,9 @@ struct Region::Impl {
   std::uint64_t base = 0;
   std::uint64_t chunk_length = 0;
   RegionHeader* arena_header = nullptr;
+  /// A chunk of an arena, created here (arena set) or opened (open_arena_region: then
+  /// `control` is this Region's own open of the arena and the maps are its own).
+  bool arena_chunk = false;
 
   Impl() = default;
   Impl(const Impl&) = delete;

@@ -219,3 +219,34 @@ TEST_CASE("arena: seal is the header's word, reads are never zero-copy", "[arena
   REQUIRE_OK(r.deallocate(true));
   REQUIRE(r.header().state.load() & kStateDeallocated);
 }
+
+TEST_CASE("arena: another open reaches a region by its arena path and offset", "[arena]") {
+  if (!arenas_supported()) return;  // arenas need Linux with 4 KiB pages
+  Region r = create_ok(arena_options(5000));
+  std::vector<std::uint8_t> pattern(5000, 0x5A);
+  REQUIRE_OK(r.write(0, pattern.data(), pattern.size()));
+  auto opened = open_arena_region(r.control_path(), r.control_offset(), r.id(), true);
+  REQUIRE_OK(opened);
+  Region& o = opened.value();
+  REQUIRE(o.id() == r.id());
+  REQUIRE(o.in_arena());
+  REQUIRE(o.control_offset() == r.control_offset());
+  std::vector<std::uint8_t> got(5000);
+  REQUIRE_OK(o.read(0, got.data(), got.size()));
+  REQUIRE(got == pattern);
+  REQUIRE_OK(o.hold(4242, 1, false));
+  REQUIRE(reference_count(r.header()) == 1);
+  REQUIRE(r.reap_dead_holders() == 0);  // its open lives
+  // Wrong offsets and ids are refused.
+  REQUIRE_ERR(open_arena_region(r.control_path(), r.control_offset() + 1, "", false),
+              Errc::invalid_argument);
+  REQUIRE_ERR(open_arena_region(r.control_path(), r.control_offset(), random_region_id(), false),
+              Errc::not_found);
+  // Its open keeps the chunk: destroyed here, the region is pending, not reused.
+  { Region gone = std::move(r); }
+  REQUIRE(process_arenas().stats().pending_chunks >= 1);
+  opened = Error{Errc::not_found, 0, ""};  // drops o: its open and locks
+  process_arenas().maintain();
+  Region again = create_ok(arena_options(5000));
+  REQUIRE(process_arenas().stats().pending_chunks == 0);
+}

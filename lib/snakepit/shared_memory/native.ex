@@ -83,6 +83,7 @@ defmodule Snakepit.SharedMemory.Native do
   def header_layout, do: :erlang.nif_error(:not_loaded)
 
   # ---- arenas of small regions (c_src/core/arena.hpp) ----
+  # open/2 also takes {arena_path, arena_path, control_offset}: a region in an arena.
 
   @doc false
   @spec arena_configure(non_neg_integer(), non_neg_integer()) :: :ok | nif_error()
@@ -117,7 +118,7 @@ defmodule Snakepit.SharedMemory.Native do
   def create_cpu(_size, _opts), do: :erlang.nif_error(:not_loaded)
 
   @doc "Opens an existing region: by id (POSIX) or by {control_path, data_path}."
-  @spec open(binary() | {binary(), binary()}, boolean()) ::
+  @spec open(binary() | {binary(), binary()} | {binary(), binary(), non_neg_integer()}, boolean()) ::
           {:ok, region(), region_info()} | nif_error()
   def open(_target, _writable), do: :erlang.nif_error(:not_loaded)
 

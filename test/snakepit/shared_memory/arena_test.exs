@@ -183,6 +183,15 @@ defmodule Snakepit.SharedMemory.ArenaTest do
       refute entry.orphaned
       assert entry.path =~ ~r"^/proc/\d+/fd/\d+$"
       assert entry.path == ref["control_path"]
+      # cleanup (release_holds) opens it where the scan found it.
+      assert entry.control_offset == ref["control_offset"]
+
+      assert {:ok, other, %{id: ^id, arena: true}} =
+               Native.open({entry.path, entry.path, entry.control_offset}, false)
+
+      {:ok, [{_, header} | _]} = Native.inspect_arena(entry.path)
+      assert header.id =~ ~r/^spshm_/
+      _ = other
       entries = Snakepit.SharedMemory.CLI.HostScan.scan()
       assert Enum.any?(entries, &(&1.id == id))
       refute Enum.any?(entries, &String.starts_with?(&1.id, "spshm_arena_"))

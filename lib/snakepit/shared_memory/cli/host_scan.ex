@@ -72,7 +72,7 @@ defmodule Snakepit.SharedMemory.CLI.HostScan do
       [{_pid, first} | _] ->
         case Native.inspect_arena(first) do
           {:ok, found} ->
-            for {_offset, header} <- found do
+            for {offset, header} <- found do
               # The creator's descriptor of the arena when it still has one.
               path =
                 case List.keyfind(control, header.creator_pid, 0) do
@@ -80,7 +80,12 @@ defmodule Snakepit.SharedMemory.CLI.HostScan do
                   nil -> first
                 end
 
-              Entry.from_header(header, context, %{path: path, data_path: path, open_by: open_by})
+              Entry.from_header(header, context, %{
+                path: path,
+                data_path: path,
+                open_by: open_by,
+                control_offset: offset
+              })
             end
 
           {:error, _} ->
