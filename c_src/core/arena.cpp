@@ -196,7 +196,10 @@ void ArenaSet::retire(ArenaChunk chunk) noexcept {
   if (!chunk.arena) return;
   std::lock_guard<std::mutex> lock(mutex_);
   Arena& a = *chunk.arena;
+  // The caller's shared liveness lock is still held by the arena's open: reclaim's
+  // exclusive lock converts it (one fcntl) when nobody else holds the byte.
   if (!reclaim(a, chunk.offset, chunk.length)) {
+    platform::unlock(a.fd_, chunk.offset + kLivenessLockByte);
     try {
       a.pending_.emplace_back(chunk.offset, chunk.length);
     } catch (...) {

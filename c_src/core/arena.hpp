@@ -78,8 +78,9 @@ class ArenaSet {
   /// an arena when none has room (growth never resizes a mapped arena).
   Result<ArenaChunk> allocate(std::uint64_t length);
 
-  /// Gives back a chunk whose region this process no longer uses. The caller has already
-  /// dropped its own locks on it. The chunk is reusable once no other open of the arena
+  /// Gives back a chunk whose region this process no longer uses. The caller has dropped
+  /// its slot lock and still holds its shared liveness lock (through the arena's open),
+  /// which this converts or drops. The chunk is reusable once no other open of the arena
   /// (a worker) holds a lock on its liveness byte: checked now, and again later for the
   /// chunks that were still in use (`pending`).
   void retire(ArenaChunk chunk) noexcept;

@@ -318,7 +318,8 @@ RegionFactory::Impl::~Impl() {
   if (slot >= 0) platform::unlock(control, base + kSlotLockBase + static_cast<std::uint64_t>(slot));
   if (arena_header != nullptr)
     arena_header->state.fetch_or(kStateDeallocated, std::memory_order_seq_cst);
-  platform::unlock(control, base + kLivenessLockByte);
+  // Our shared liveness lock stays: retire() converts it to an exclusive one in a single
+  // fcntl (granted only if no other open holds the byte), or drops it.
   (void)control.release();  // the arena's descriptor: closed with the arena
   process_arenas().retire(ArenaChunk{std::move(arena), base, chunk_length});
 }
