@@ -130,9 +130,9 @@ void ArenaSet::insert_free(Arena& a, std::uint64_t offset, std::uint64_t length)
   }
 }
 
-/// The chunk is reusable if no open other than ours holds a lock on its liveness byte:
-/// our own shared lock is already gone, so an exclusive lock succeeds only then. The
-/// bytes are zeroed before anyone gets them again.
+/// The chunk is reusable if no open other than the arena's holds a lock on its liveness
+/// byte: the exclusive lock (converting the arena open's own shared lock, if it still
+/// holds one) is granted only then. The bytes are zeroed before anyone gets them again.
 bool ArenaSet::reclaim(Arena& a, std::uint64_t offset, std::uint64_t length) noexcept {
   auto got = platform::try_lock_exclusive(a.fd_, offset + kLivenessLockByte);
   if (!got || !*got) return false;
