@@ -497,6 +497,8 @@ defmodule SnakepitShm.Bench.Targets do
     ] ++ default_backend_fds(s)
   end
 
+  defp scale(_), do: []
+
   defp default_backend_fds(%{default_backend: d}) do
     met = d.regions == d.asked and d.fds < 200
 
@@ -518,8 +520,6 @@ defmodule SnakepitShm.Bench.Targets do
   end
 
   defp default_backend_fds(_), do: []
-
-  defp scale(_), do: []
 
   defp median(samples), do: Stats.summary(samples).median
 end
