@@ -96,7 +96,8 @@ suites=(test/native_test.exs test/reliability/fuzz_native_test.exs test/reliabil
   test/reliability/model_property_test.exs test/reliability/chaos_test.exs
   # the message channel (issue 15): rings, region messages, hostile frames, ring model
   test/snakepit/shared_memory/channel_test.exs test/snakepit/shared_memory/channel_hostile_test.exs
-  test/reliability/channel_ring_property_test.exs)
+  test/reliability/channel_ring_property_test.exs
+  test/snakepit/shared_memory/arena_test.exs)
 present=()
 for s in "${suites[@]}"; do [ -f "$s" ] && present+=("$s"); done
 

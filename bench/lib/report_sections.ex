@@ -292,8 +292,28 @@ defmodule SnakepitShm.Bench.ReportSections do
     #{table(["measure", "time"], for({name, ns} <- Enum.sort(Map.get(s, :floors, %{})), do: [name, time_summary(ns)]))}
     memfd regions hold two descriptors each: #{s.regions} of them need RLIMIT_NOFILE above
     #{2 * s.regions} plus the VM's own; the POSIX backend is used here.
+    #{scale_default_backend(s)}
     """
   end
+
+  defp scale_default_backend(%{default_backend: d}) do
+    rows = [
+      ["regions allocated (asked)", "#{d.regions} (#{d.asked})"],
+      ["of which in arenas", "#{d.in_arena} in #{d.arenas} arenas (#{d.arena_bytes} bytes)"],
+      ["file descriptors they hold", d.fds],
+      ["allocate them all", time(d.allocate_ns)]
+    ]
+
+    """
+
+    The same number of 4 KiB regions with the default options (issue 14: small regions
+    come from arenas when `:arena` is on, one descriptor per arena):
+
+    #{table(["measure", "value"], rows)}
+    """
+  end
+
+  defp scale_default_backend(_), do: ""
 
   def fresh_pages(modes) do
     rows =

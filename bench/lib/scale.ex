@@ -15,6 +15,8 @@ defmodule SnakepitShm.Bench.Scale do
 
   def run(profile, programs) do
     count = profile.scale_regions
+    # First, before the POSIX regions (whose descriptors close asynchronously).
+    default_backend = default_backend_fds(count)
     :erlang.garbage_collect()
     before = :erlang.memory()
     {alloc_ns, ids} = timed(fn -> for _ <- 1..count, do: allocate!() end)
@@ -49,7 +51,43 @@ defmodule SnakepitShm.Bench.Scale do
     after
       Enum.each(ids, &SM.deallocate_region/1)
     end
+    |> Map.put(:default_backend, default_backend)
   end
+
+  # Issue 14: the same number of 4 KiB regions with the default options (arenas when
+  # the configuration has them on), counting this VM's file descriptors before and
+  # with all of them live. Stops at the first refusal (EMFILE with dedicated memfds).
+  defp default_backend_fds(count) do
+    for pid <- Process.list(), do: :erlang.garbage_collect(pid)
+    fds_before = fd_count()
+    arenas_before = Snakepit.SharedMemory.Arena.stats()
+
+    {ns, ids} =
+      timed(fn ->
+        Enum.reduce_while(1..count, [], fn _, ids ->
+          case SM.allocate_region(@size) do
+            {:ok, id} -> {:cont, [id | ids]}
+            {:error, _} -> {:halt, ids}
+          end
+        end)
+      end)
+
+    fds_live = fd_count()
+    arenas = Snakepit.SharedMemory.Arena.stats()
+    Enum.each(ids, &SM.deallocate_region/1)
+
+    %{
+      regions: length(ids),
+      asked: count,
+      fds: fds_live - fds_before,
+      allocate_ns: ns,
+      arenas: arenas.arenas - arenas_before.arenas,
+      arena_bytes: arenas.arena_bytes - arenas_before.arena_bytes,
+      in_arena: arenas.live_chunks - arenas_before.live_chunks
+    }
+  end
+
+  defp fd_count, do: "/proc/self/fd" |> File.ls!() |> length()
 
   defp allocate! do
     case SM.allocate_region(@size, backend: :posix) do

@@ -209,6 +209,47 @@ SPSHM_EXPORT int spshm_release_fd(void* header, int fd, int* slot, char* err, si
   });
 }
 
+// ---- arena regions (docs/FORMAT.md, "Arenas"): the same locks, at the control block's
+// offset `base` in the arena object ----
+
+SPSHM_EXPORT int spshm_liveness_lock_at(int fd, uint64_t base, char* err, size_t errlen) {
+  return guarded(err, errlen, [&] {
+    if (fd < 0) return fail(Errc::invalid_argument, "fd must not be negative", err, errlen);
+    BorrowedFd handle(fd);
+    auto locked = spshm::platform::lock_shared(handle.get(), base + spshm::kLivenessLockByte);
+    if (!locked && locked.error().code == Errc::busy)
+      return fail(Errc::deallocated,
+                  "the region was freed and its place in the arena is being reclaimed", err,
+                  errlen);
+    return from(locked, err, errlen);
+  });
+}
+
+SPSHM_EXPORT int spshm_hold_fd_at(void* header, int fd, uint64_t base, int* slot, uint32_t pid,
+                                  uint64_t start_time, int writable, char* err, size_t errlen) {
+  return guarded(err, errlen, [&] {
+    if (auto r = looks_like_header(header); !r) return fail(r.error(), err, errlen);
+    if (fd < 0 || slot == nullptr)
+      return fail(Errc::invalid_argument, "fd and slot must be valid", err, errlen);
+    BorrowedFd handle(fd);
+    return from(spshm::hold_on(*static_cast<RegionHeader*>(header), handle.get(), *slot, pid,
+                               start_time, writable != 0, base),
+                err, errlen);
+  });
+}
+
+SPSHM_EXPORT int spshm_release_fd_at(void* header, int fd, uint64_t base, int* slot, char* err,
+                                     size_t errlen) {
+  return guarded(err, errlen, [&] {
+    if (auto r = looks_like_header(header); !r) return fail(r.error(), err, errlen);
+    if (fd < 0 || slot == nullptr)
+      return fail(Errc::invalid_argument, "fd and slot must be valid", err, errlen);
+    BorrowedFd handle(fd);
+    return from(spshm::release_on(*static_cast<RegionHeader*>(header), handle.get(), *slot, base),
+                err, errlen);
+  });
+}
+
 SPSHM_EXPORT int spshm_process_start_time(uint32_t pid, uint64_t* out, char* err, size_t errlen) {
   return guarded(err, errlen, [&] {
     if (out == nullptr) return fail(Errc::invalid_argument, "out pointer is NULL", err, errlen);

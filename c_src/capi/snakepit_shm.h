@@ -76,6 +76,12 @@ int spshm_attach_memfd(const char* control_path, const char* control_link, const
 int spshm_hold_fd(void* header, int fd, int* slot, uint32_t pid, uint64_t start_time, int writable,
                   char* err, size_t errlen);
 int spshm_release_fd(void* header, int fd, int* slot, char* err, size_t errlen);
+/* Arena regions: the same three with every lock byte shifted by `base`, the control
+   block's offset in the arena object (docs/FORMAT.md, "Arenas"). */
+int spshm_liveness_lock_at(int fd, uint64_t base, char* err, size_t errlen);
+int spshm_hold_fd_at(void* header, int fd, uint64_t base, int* slot, uint32_t pid,
+                     uint64_t start_time, int writable, char* err, size_t errlen);
+int spshm_release_fd_at(void* header, int fd, uint64_t base, int* slot, char* err, size_t errlen);
 
 /* Start time (field 22 of /proc/<pid>/stat) of a process. */
 int spshm_process_start_time(uint32_t pid, uint64_t* out, char* err, size_t errlen);

@@ -138,6 +138,7 @@ std::string layout_description() {
     root.number("key_size", kKeySize);
     root.number("posix_data_offset", kHeaderSize);
     root.number("memfd_data_offset", 0);
+    root.number("arena_data_offset", kHeaderSize);
     root.number("aad_size", crypto::kAadSize);
     root.number("data_lock_byte", kDataLockByte);
     {
@@ -162,6 +163,7 @@ std::string layout_description() {
       o.number("split_data", kFlagSplitData);
       o.number("worker_output", kFlagWorkerOutput);
       o.number("liveness_locks", kFlagLivenessLocks);
+      o.number("arena", kFlagArena);
     }
     {
       root.key("states");
@@ -345,8 +347,8 @@ Result<void> validate_kind(const RegionHeader& h) {
   bool named = id.compare(0, kNamedIdPrefixLength, kNamedIdPrefix) == 0;
   if (named != ((h.flags & kFlagNamed) != 0))
     return corrupt(h, "the named flag does not match the region id");
-  if (h.flags &
-      ~(kFlagEncrypted | kFlagNamed | kFlagSplitData | kFlagWorkerOutput | kFlagLivenessLocks))
+  if (h.flags & ~(kFlagEncrypted | kFlagNamed | kFlagSplitData | kFlagWorkerOutput |
+                  kFlagLivenessLocks | kFlagArena))
     return corrupt(h, "unknown flags " + std::to_string(h.flags));
   if (h.security_level > 2)
     return corrupt(h, "security_level " + std::to_string(h.security_level) + " is unknown");
@@ -359,6 +361,16 @@ Result<void> validate_kind(const RegionHeader& h) {
       return corrupt(h, "backend " + std::to_string(h.backend) + " is unknown");
   }
   bool split = (h.flags & kFlagSplitData) != 0;
+  if (h.flags & kFlagArena) {
+    // An arena chunk: a memfd whose data follows the control block in the same object.
+    if (static_cast<BackendKind>(h.backend) != BackendKind::memfd || split ||
+        (h.flags & (kFlagNamed | kFlagEncrypted | kFlagWorkerOutput)) != 0)
+      return corrupt(h, "the arena flag does not match the backend or flags");
+    if (h.data_offset != kHeaderSize)
+      return corrupt(h, "data_offset of an arena chunk is " + std::to_string(h.data_offset) +
+                            ", expected " + std::to_string(kHeaderSize));
+    return {};
+  }
   if (split != (static_cast<BackendKind>(h.backend) == BackendKind::memfd))
     return corrupt(h, "the split-data flag does not match the backend");
   std::uint64_t expected_offset = split ? 0 : kHeaderSize;

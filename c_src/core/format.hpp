@@ -76,6 +76,11 @@ inline constexpr std::uint32_t kFlagLivenessLocks = 1u << 4;
 /// Created by a worker through the C API (snakepit_shm.allocate): the only regions a VM
 /// may adopt (adopt_region/2); a VM's own regions never carry it.
 inline constexpr std::uint32_t kFlagWorkerOutput = 1u << 3;
+/// A small region carved out of an arena (docs/FORMAT.md, "Arenas"): backend memfd, the
+/// header is a control block at some page-aligned offset of an arena memfd, the data
+/// follows it (data_offset 4096, relative to the control block), and every lock byte of
+/// the region is shifted by the control block's offset.
+inline constexpr std::uint32_t kFlagArena = 1u << 5;
 
 // Mutable state bits (RegionHeader::state).
 inline constexpr std::uint32_t kStateSealed = 1u << 0;

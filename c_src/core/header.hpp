@@ -44,7 +44,8 @@ Result<void> validate_header_fields(const RegionHeader& header);
 /// `lock` (an open of the control object, may be null) lets the kernel say that a slot
 /// left busy is dead (its slot lock is free): such slots never block a seal.
 std::uint32_t other_writable_holder(const RegionHeader& header, std::uint32_t self,
-                                    const platform::Handle* lock = nullptr);
+                                    const platform::Handle* lock = nullptr,
+                                    std::uint64_t lock_base = 0);
 
 /// Largest data_size a header may claim (keeps every offset computation far from overflow).
 inline constexpr std::uint64_t kMaxDataSize = std::uint64_t{1} << 60;

@@ -246,10 +246,10 @@ std::uint32_t release_all(RegionHeader& header, std::uint32_t pid, std::uint64_t
 // ever take back, and only a PID says whether its owner lives. The functions below are
 // what the NIF and the Python client use: each open file description of the control
 // object (one Region, one attach) owns at most one slot and holds that slot's lock byte
-// (kSlotLockBase + i) exclusively from before it touches the slot until after it freed
-// it. Whoever takes a slot's lock owns the slot, whatever state the previous owner left
-// it in: the kernel drops the lock of a dead process at once, so a slot can never stay
-// busy or counted after its owner died, and no PID is trusted (PID namespaces, reuse).
+// (kSlotLockBase + i, shifted by the arena chunk offset) exclusively from before it touches the
+// slot until after it freed it. Whoever takes a slot's lock owns the slot, whatever state the
+// previous owner left it in: the kernel drops the lock of a dead process at once, so a slot can
+// never stay busy or counted after its owner died, and no PID is trusted (PID namespaces, reuse).
 
 namespace {
 
@@ -288,18 +288,18 @@ std::uint32_t clear_locked_slot(HolderSlot& s) noexcept {
 
 /// Claims a slot for this open: free slots first, then dead ones. Returns its index.
 Result<int> claim_locked(RegionHeader& h, const platform::Handle& lock, std::uint32_t pid,
-                         std::uint64_t start_time, bool writable) {
+                         std::uint64_t start_time, bool writable, std::uint64_t lock_base) {
   bool ofd = platform::has_ofd_locks();
   for (int pass = 0; pass < (ofd ? 2 : 1); ++pass) {
     for (std::uint32_t i = 0; i < slot_count(h); ++i) {
       bool free = h.holders[i].slot_state.load(kOrder) == kSlotFree;
       if (free != (pass == 0)) continue;
-      auto got = platform::try_lock_exclusive(lock, kSlotLockBase + i);
+      auto got = platform::try_lock_exclusive(lock, lock_base + kSlotLockBase + i);
       if (!got) return got.error();
       if (!*got) continue;  // a live open owns it
       long recovered = take_locked_slot(h, i, pid, start_time, writable);
       if (recovered < 0) {
-        platform::unlock(lock, kSlotLockBase + i);
+        platform::unlock(lock, lock_base + kSlotLockBase + i);
         continue;
       }
       if (recovered > 0) {
@@ -340,7 +340,8 @@ bool owns_live_slot(const RegionHeader& h, int slot) noexcept {
 }  // namespace
 
 Result<void> hold_on(RegionHeader& header, const platform::Handle& lock, int& slot,
-                     std::uint32_t pid, std::uint64_t start_time, bool writable) {
+                     std::uint32_t pid, std::uint64_t start_time, bool writable,
+                     std::uint64_t lock_base) {
   return guarded([&]() -> Result<void> {
     if (pid == 0) return Error{Errc::invalid_argument, 0, "holder pid must not be 0"};
     std::uint32_t state = header.state.load(kOrder);
@@ -363,10 +364,10 @@ Result<void> hold_on(RegionHeader& header, const platform::Handle& lock, int& sl
                                  writable)) {
       if (slot >= 0) {
         // Our kept slot was taken (a pid-keyed claimer) or is not free: give its lock back.
-        platform::unlock(lock, kSlotLockBase + static_cast<std::uint64_t>(slot));
+        platform::unlock(lock, lock_base + kSlotLockBase + static_cast<std::uint64_t>(slot));
         slot = -1;
       }
-      auto claimed = claim_locked(header, lock, pid, start_time, writable);
+      auto claimed = claim_locked(header, lock, pid, start_time, writable, lock_base);
       if (!claimed) return claimed.error();
       slot = *claimed;
     }
@@ -375,7 +376,7 @@ Result<void> hold_on(RegionHeader& header, const platform::Handle& lock, int& sl
 
     state = header.state.load(kOrder);
     if ((state & kStateDeallocated) || (writable && (state & kStateSealed))) {
-      (void)release_on(header, lock, slot);
+      (void)release_on(header, lock, slot, lock_base);
       if (state & kStateDeallocated)
         return Error{Errc::deallocated, 0, "the region was deallocated while mapping it"};
       return Error{Errc::sealed, 0, "the region was sealed while mapping it: map it read_only"};
@@ -385,10 +386,11 @@ Result<void> hold_on(RegionHeader& header, const platform::Handle& lock, int& sl
 }
 
 Result<void> release_on(RegionHeader& header, const platform::Handle& lock, int& slot,
-                        bool keep_lock) {
+                        std::uint64_t lock_base, bool keep_lock) {
   return guarded([&]() -> Result<void> {
     if (!owns_live_slot(header, slot)) {
-      if (slot >= 0) platform::unlock(lock, kSlotLockBase + static_cast<std::uint64_t>(slot));
+      if (slot >= 0)
+        platform::unlock(lock, lock_base + kSlotLockBase + static_cast<std::uint64_t>(slot));
       slot = -1;
       return Error{Errc::not_found, 0, "this process holds no reference to this region"};
     }
@@ -402,7 +404,7 @@ Result<void> release_on(RegionHeader& header, const platform::Handle& lock, int&
       test_park("release");
       clear_locked_slot(s);
       if (!keep_lock) {
-        platform::unlock(lock, kSlotLockBase + static_cast<std::uint64_t>(slot));
+        platform::unlock(lock, lock_base + kSlotLockBase + static_cast<std::uint64_t>(slot));
         slot = -1;
       }
     }
@@ -411,7 +413,8 @@ Result<void> release_on(RegionHeader& header, const platform::Handle& lock, int&
   });
 }
 
-std::uint32_t reap_dead_slots(RegionHeader& header, const platform::Handle& lock, int own_slot) {
+std::uint32_t reap_dead_slots(RegionHeader& header, const platform::Handle& lock, int own_slot,
+                              std::uint64_t lock_base) {
   if (!platform::has_ofd_locks()) return 0;
   std::uint32_t released = 0;
   bool any = false;
@@ -419,13 +422,13 @@ std::uint32_t reap_dead_slots(RegionHeader& header, const platform::Handle& lock
     if (static_cast<int>(i) == own_slot) continue;
     HolderSlot& s = header.holders[i];
     if (s.slot_state.load(kOrder) == kSlotFree) continue;
-    auto got = platform::try_lock_exclusive(lock, kSlotLockBase + i);
+    auto got = platform::try_lock_exclusive(lock, lock_base + kSlotLockBase + i);
     if (!got || !*got) continue;  // its owner lives (or we cannot tell: keep it)
     if (s.slot_state.load(kOrder) != kSlotFree) {
       released += clear_locked_slot(s);
       any = true;
     }
-    platform::unlock(lock, kSlotLockBase + i);
+    platform::unlock(lock, lock_base + kSlotLockBase + i);
   }
   if (released > 0) {
     refcount_sub(header, released);
@@ -445,7 +448,7 @@ std::uint32_t reference_count(const RegionHeader& header) {
 }
 
 std::uint32_t other_writable_holder(const RegionHeader& h, std::uint32_t self,
-                                    const platform::Handle* lock) {
+                                    const platform::Handle* lock, std::uint64_t lock_base) {
   for (std::uint32_t i = 0; i < slot_count(h); ++i) {
     const HolderSlot& s = h.holders[i];
     std::uint32_t state = s.slot_state.load(kOrder);
@@ -459,7 +462,7 @@ std::uint32_t other_writable_holder(const RegionHeader& h, std::uint32_t self,
     // Left busy by a claimer killed mid-claim: its slot lock is gone (pid-keyed claimers,
     // which take no lock, are mid-claim for a few stores and re-check the seal after).
     if (state == kSlotBusy && lock != nullptr && platform::has_ofd_locks()) {
-      auto held = platform::lock_is_held(*lock, kSlotLockBase + i);
+      auto held = platform::lock_is_held(*lock, lock_base + kSlotLockBase + i);
       if (held && !*held) continue;
     }
     return pid;

@@ -115,14 +115,15 @@ Result<void> fill_new_region(RegionFactory::Impl& impl, const CreateOptions& o, 
   HeaderInit init;
   init.region_id = impl.id;
   init.backend = impl.backend;
+  bool split = impl.backend == BackendKind::memfd && !impl.arena;
   init.flags = (o.encrypted ? kFlagEncrypted : 0) | (named ? kFlagNamed : 0) |
-               (impl.backend == BackendKind::memfd ? kFlagSplitData : 0) |
+               (split ? kFlagSplitData : 0) | (impl.arena ? kFlagArena : 0) |
                (o.worker_output ? kFlagWorkerOutput : 0) |
                (platform::has_ofd_locks() ? kFlagLivenessLocks : 0);
   init.security_level = o.security_level;
   init.data_size = o.size;
   init.data_capacity = impl.capacity;
-  init.data_offset = impl.backend == BackendKind::memfd ? 0 : kHeaderSize;
+  init.data_offset = split ? 0 : kHeaderSize;
   init.metadata_json = o.metadata_json;
   init.idle_timeout_ns = o.idle_timeout_ns;
   RegionHeader& h = impl.header();
@@ -242,6 +243,33 @@ Result<Region> create_memfd(const CreateOptions& o) {
   return RegionFactory::make(std::move(impl));
 }
 
+/// A small region carved out of this process's arenas (arena.hpp): one page-aligned
+/// chunk, control block then data. Costs one fcntl (the liveness lock at the chunk's
+/// offset) when an arena has room: no memfd, no mapping.
+Result<Region> create_arena(const CreateOptions& o) {
+  std::uint64_t capacity = capacity_for(o);
+  auto chunk = process_arenas().allocate(arena_chunk_length(capacity));
+  if (!chunk) return chunk.error();
+  auto impl = std::make_unique<RegionFactory::Impl>();
+  impl->id = random_region_id();
+  impl->backend = BackendKind::memfd;
+  impl->role = Role::created;
+  impl->writable = true;
+  impl->capacity = capacity;
+  impl->arena = chunk->arena;
+  impl->base = chunk->offset;
+  impl->chunk_length = chunk->length;
+  impl->control = platform::Handle(chunk->arena->handle().native());  // borrowed (~Impl)
+  impl->arena_chunk = true;
+  std::uint8_t* at = chunk->arena->base() + chunk->offset;
+  if (auto r = platform::lock_shared(impl->control, impl->base + kLivenessLockByte); !r)
+    return r.error();  // ~Impl gives the chunk back
+  impl->arena_header = reinterpret_cast<RegionHeader*>(at);
+  impl->data = at + kHeaderSize;
+  if (auto r = fill_new_region(*impl, o, false); !r) return r.error();
+  return RegionFactory::make(std::move(impl));
+}
+
 Error needs_writable(const std::string& id, const char* action) {
   return Error{Errc::permission_denied, 0,
                std::string("cannot ") + action + " region " + id +
@@ -277,6 +305,10 @@ Result<Region> Region::create(const CreateOptions& options) {
   return guarded([&]() -> Result<Region> {
     if (auto r = check_create_options(options); !r) return r.error();
     if (auto r = crypto::init(); !r) return r.error();
+    if (arena_eligible(options) && arenas_supported()) {
+      auto carved = create_arena(options);
+      if (carved || carved.error().code != Errc::unsupported) return carved;
+    }
     if (options.backend == BackendKind::memfd) return create_memfd(options);
     return create_posix(options);
   });
@@ -288,6 +320,84 @@ Region::Region(std::unique_ptr<Impl> impl) noexcept : impl_(std::move(impl)) {
 Region::Region(Region&&) noexcept = default;
 Region& Region::operator=(Region&&) noexcept = default;
 Region::~Region() = default;
+
+RegionFactory::Impl::~Impl() {
+  if (!arena) return;
+  // The region ends here for this process: no hold of ours stays (the slot dies with
+  // its lock, as it would with a closed control object), the header says deallocated
+  // (an attached worker sees it, as after deallocate), and the chunk goes back to the
+  // arena, which reuses it only once no worker holds it open any more.
+  if (slot >= 0) platform::unlock(control, base + kSlotLockBase + static_cast<std::uint64_t>(slot));
+  if (arena_header != nullptr)
+    arena_header->state.fetch_or(kStateDeallocated, std::memory_order_seq_cst);
+  // Our shared liveness lock stays: retire() converts it to an exclusive one in a single
+  // fcntl (granted only if no other open holds the byte), or drops it.
+  (void)control.release();  // the arena's descriptor: closed with the arena
+  process_arenas().retire(ArenaChunk{std::move(arena), base, chunk_length});
+}
+
+bool arena_eligible(const CreateOptions& o) noexcept {
+  return o.arena && o.backend == BackendKind::memfd && o.name.empty() &&
+         o.open_mode == OpenMode::create && o.security_level == 0 && !o.encrypted &&
+         !o.lock_memory && !o.worker_output && o.mode == 0600 && o.size > 0 &&
+         arena_chunk_length(o.size) <= process_arenas().arena_bytes();
+}
+
+std::uint64_t Region::control_offset() const noexcept { return impl_->base; }
+bool Region::in_arena() const noexcept { return impl_->arena_chunk; }
+
+Result<Region> open_arena_region(const std::string& path, std::uint64_t offset,
+                                 const std::string& expected_id, bool writable) {
+  return guarded([&]() -> Result<Region> {
+    using platform::Access;
+    using platform::Sharing;
+    Access access = writable ? Access::read_write : Access::read_only;
+    auto handle = platform::open_path(path, access);
+    if (!handle) return handle.error();
+    auto info = check_our_object(*handle, path);
+    if (!info) return info.error();
+    if (offset % kHeaderSize != 0 || offset + kHeaderSize > info->size)
+      return Error{Errc::invalid_argument, 0,
+                   "control_offset " + std::to_string(offset) + " is not a page of the arena " +
+                       path + " (" + std::to_string(info->size) + " bytes)"};
+    if (auto r = platform::lock_shared(*handle, offset + kLivenessLockByte); !r) {
+      if (r.error().code == Errc::busy)
+        return Error{Errc::not_found, 0, "the region at " + path + " was freed"};
+      return r.error();
+    }
+    HeaderCopy copy;
+    if (auto r = platform::read_at(*handle, offset, copy.bytes, sizeof copy.bytes, path); !r)
+      return r.error();
+    const RegionHeader& h = copy.get();
+    if (!header_published(h) || (h.flags & kFlagArena) == 0)
+      return Error{Errc::not_found, 0,
+                   "no region at offset " + std::to_string(offset) + " of " + path};
+    if (auto r = validate_header(h, info->size - offset); !r) return r.error();
+    std::string id(h.region_id, strnlen(h.region_id, kRegionIdCapacity));
+    if (!expected_id.empty() && id != expected_id)
+      return Error{Errc::not_found, 0,
+                   "region " + expected_id + " is gone: its place in the arena now holds " + id};
+    if (h.state.load() & kStateDeallocated)
+      return Error{Errc::deallocated, 0, "region " + id + " has been deallocated"};
+    auto impl = std::make_unique<RegionFactory::Impl>();
+    impl->adopt(h);
+    impl->role = Role::opened;
+    impl->writable = writable;
+    impl->base = offset;
+    impl->arena_chunk = true;
+    impl->control = std::move(*handle);
+    auto header = platform::map(impl->control, offset, kHeaderSize, access, Sharing::shared,
+                                "the control block of " + id);
+    if (!header) return header.error();
+    impl->header_map = std::move(*header);
+    auto mapped = platform::map(impl->control, offset + kHeaderSize, impl->capacity, access,
+                                Sharing::shared, "the data of " + id);
+    if (!mapped) return mapped.error();
+    impl->data_map = std::move(*mapped);
+    impl->data = impl->data_map.data();
+    return RegionFactory::make(std::move(impl));
+  });
+}
 
 const std::string& Region::id() const noexcept { return impl_->id; }
 BackendKind Region::backend() const noexcept { return impl_->backend; }
@@ -303,12 +413,14 @@ const std::uint8_t* Region::data() const noexcept { return impl_->data; }
 bool Region::header_writable() const noexcept { return impl_->header_shared; }
 
 std::string Region::control_path() const {
-  if (impl_->data_object.valid()) return platform::handle_path(impl_->control);
+  if (impl_->data_object.valid() || impl_->arena_chunk)
+    return platform::handle_path(impl_->control);
   return platform::named_path(impl_->id);
 }
 
 std::string Region::data_path() const {
   if (impl_->data_object.valid()) return platform::handle_path(impl_->data_object);
+  if (impl_->arena_chunk) return platform::handle_path(impl_->control);
   return platform::named_path(impl_->id);
 }
 
@@ -405,7 +517,9 @@ Result<void> Region::seal() {
     if (!impl_->writable || !impl_->header_shared) return needs_writable(impl_->id, "seal");
     std::lock_guard<std::mutex> one_at_a_time(impl_->seal_mutex);
     RegionHeader& h = impl_->header();
-    bool kernel = impl_->backend == BackendKind::memfd;
+    // An arena region shares its memfd with others: no kernel seal of its own. Its seal
+    // is the header's word (writers that honour it refuse), and reads keep copying.
+    bool kernel = impl_->backend == BackendKind::memfd && !impl_->arena_chunk;
     std::uint32_t state = h.state.load(std::memory_order_seq_cst);
     if (state & kStateDeallocated)
       return Error{Errc::deallocated, 0,
@@ -419,7 +533,8 @@ Result<void> Region::seal() {
     auto undo = [&] {
       if (set_by_us) h.state.fetch_and(~kStateSealing, std::memory_order_seq_cst);
     };
-    if (std::uint32_t pid = other_writable_holder(h, platform::current_pid(), &impl_->control)) {
+    if (std::uint32_t pid =
+            other_writable_holder(h, platform::current_pid(), &impl_->control, impl_->base)) {
       undo();
       return Error{Errc::busy, 0,
                    "cannot seal region " + impl_->id + ": process " + std::to_string(pid) +
@@ -435,8 +550,9 @@ Result<void> Region::seal() {
     }
     // Phase 2, commit: the kernel seal (memfd) or the object's mode (POSIX, Windows:
     // not enforced against the owner, so read/3 keeps copying).
-    Result<void> committed =
-        kernel ? seal_kernel(*impl_) : platform::seal_object(impl_->data_handle(), impl_->backend);
+    Result<void> committed = impl_->arena_chunk ? Result<void>{}
+                             : kernel           ? seal_kernel(*impl_)
+                                      : platform::seal_object(impl_->data_handle(), impl_->backend);
     if (!committed) {
       undo();
       return committed;
@@ -480,18 +596,20 @@ Result<void> Region::hold(std::uint32_t pid, std::uint64_t start_time, bool writ
     return Error{Errc::permission_denied, 0,
                  "region " + impl_->id + " is seen through a private copy of its header"};
   std::lock_guard<std::mutex> lock(impl_->slot_mutex);
-  return hold_on(impl_->header(), impl_->control, impl_->slot, pid, start_time, writable);
+  return hold_on(impl_->header(), impl_->control, impl_->slot, pid, start_time, writable,
+                 impl_->base);
 }
 
 Result<void> Region::release() {
   std::lock_guard<std::mutex> lock(impl_->slot_mutex);
-  return release_on(impl_->header(), impl_->control, impl_->slot, /*keep_lock=*/true);
+  return release_on(impl_->header(), impl_->control, impl_->slot, impl_->base,
+                    /*keep_lock=*/true);
 }
 
 std::uint32_t Region::reap_dead_holders() {
   if (!impl_->header_shared) return 0;
   std::lock_guard<std::mutex> lock(impl_->slot_mutex);
-  return reap_dead_slots(impl_->header(), impl_->control, impl_->slot);
+  return reap_dead_slots(impl_->header(), impl_->control, impl_->slot, impl_->base);
 }
 
 Region::DetachedData Region::detach_data() noexcept {

@@ -50,7 +50,15 @@ struct CreateOptions {
   /// the creator calls initialise_chunks() in slices, then publish() (issue 12: no call
   /// keeps a core busy for the whole encryption of a large region).
   bool defer_chunks = false;
+  /// Carve the region out of this process's arenas (arena.hpp) when it qualifies: memfd,
+  /// unnamed, standard security (not encrypted, no lock_memory), mode 0600, and a chunk
+  /// that fits an arena. Otherwise (or where arenas are unsupported) a dedicated region
+  /// is made as if `arena` were false. The size threshold is the caller's policy.
+  bool arena = false;
 };
+
+/// True if create() would carve a region with these options out of an arena.
+bool arena_eligible(const CreateOptions& options) noexcept;
 
 /// Where to find an existing region.
 struct OpenTarget {
@@ -219,12 +227,26 @@ class Region {
   /// Records the access time in the header (map/read/write).
   void touch() noexcept;
 
+  /// Arena regions: the control block's offset in the arena (0 for a dedicated region),
+  /// which a worker needs with control_path() to find the region.
+  std::uint64_t control_offset() const noexcept;
+  bool in_arena() const noexcept;
+
  private:
   struct Impl;
   friend class RegionFactory;  // internal (region_impl.hpp): builds Regions from an Impl
   explicit Region(std::unique_ptr<Impl> impl) noexcept;
   std::unique_ptr<Impl> impl_;
 };
+
+/// Opens the region whose control block sits `control_offset` bytes into the arena at
+/// `path` (a /proc/<pid>/fd/<n> link to a memfd named spshm_arena_*), as another VM or
+/// the mix tasks do: its own open of the arena (the liveness lock at the chunk's offset
+/// is taken before anything is read), the header page and the data pages mapped, the
+/// header validated against what is left of the arena and, when `expected_id` is not
+/// empty, its id checked (not_found otherwise: the chunk was reused).
+Result<Region> open_arena_region(const std::string& path, std::uint64_t control_offset,
+                                 const std::string& expected_id, bool writable);
 
 // ---- holders (atomic, lock-free, safe between processes) ----
 
@@ -248,18 +270,22 @@ std::vector<HolderInfo> holders(const RegionHeader& header);
 /// until its last hold is released, so the slot dies with the open. Needs a read-write
 /// `lock` on Linux. Callers serialise hold_on/release_on of one open.
 Result<void> hold_on(RegionHeader& header, const platform::Handle& lock, int& slot,
-                     std::uint32_t pid, std::uint64_t start_time, bool writable);
+                     std::uint32_t pid, std::uint64_t start_time, bool writable,
+                     std::uint64_t lock_base = 0);
 /// Removes one hold of the open's slot; frees the slot at zero, and its lock too unless
 /// `keep_lock`: then the open keeps the (free) slot's lock and `slot`, and its next
 /// hold_on takes the same slot back without a lock system call (the NIF: every BEAM
 /// mapping's 0 <-> 1 transition would otherwise cost two fcntl calls). A free slot whose
 /// lock is kept is skipped by other claimers (their try-lock fails) and by reapers (it
 /// is free); it is released with the open (close of the control object).
+/// `lock_base`: where the control block starts in the object behind `lock` (an arena
+/// chunk's offset; 0 for a dedicated control object): every lock byte is shifted by it.
 Result<void> release_on(RegionHeader& header, const platform::Handle& lock, int& slot,
-                        bool keep_lock = false);
+                        std::uint64_t lock_base = 0, bool keep_lock = false);
 /// Frees every claimed slot other than `own_slot` whose lock nobody holds (its owner is
 /// dead, killed at any instant). Returns the holds released. Linux only (0 elsewhere).
-std::uint32_t reap_dead_slots(RegionHeader& header, const platform::Handle& lock, int own_slot);
+std::uint32_t reap_dead_slots(RegionHeader& header, const platform::Handle& lock, int own_slot,
+                              std::uint64_t lock_base = 0);
 /// The holds of dead holders this process released since it started: every release of
 /// reap_dead_slots and every dead slot claim_locked took over (whoever called them).
 std::uint64_t reaped_holds_total() noexcept;

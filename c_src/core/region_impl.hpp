@@ -9,6 +9,7 @@
 #include <shared_mutex>
 #include <string>
 
+#include "arena.hpp"
 #include "crypto.hpp"
 #include "platform.hpp"
 #include "region.hpp"
@@ -65,7 +66,27 @@ struct Region::Impl {
   /// region by bare id (removed on deallocation, at the latest with the Region).
   runtime_index::Published index_entry;
 
-  RegionHeader& header() noexcept { return *reinterpret_cast<RegionHeader*>(header_map.data()); }
+  /// Arena regions (arena.hpp): the arena whose chunk [base, base + chunk_length) this
+  /// region is. `control` then holds the arena's descriptor *borrowed* (released, never
+  /// closed, by ~Impl), header_map and data_map stay empty, and every lock byte is
+  /// shifted by `base`. The creator's Impl gives the chunk back when it is destroyed.
+  std::shared_ptr<Arena> arena;
+  std::uint64_t base = 0;
+  std::uint64_t chunk_length = 0;
+  RegionHeader* arena_header = nullptr;
+  /// A chunk of an arena, created here (arena set) or opened (open_arena_region: then
+  /// `control` is this Region's own open of the arena and the maps are its own).
+  bool arena_chunk = false;
+
+  Impl() = default;
+  Impl(const Impl&) = delete;
+  Impl& operator=(const Impl&) = delete;
+  ~Impl();
+
+  RegionHeader& header() noexcept {
+    return arena_header != nullptr ? *arena_header
+                                   : *reinterpret_cast<RegionHeader*>(header_map.data());
+  }
   const platform::Handle& data_handle() const noexcept {
     return data_object.valid() ? data_object : control;
   }

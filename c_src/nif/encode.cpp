@@ -21,9 +21,9 @@ ERL_NIF_TERM backend_atom(BackendKind kind) {
 
 ERL_NIF_TERM encode_info(ErlNifEnv* env, const Region& region) {
   const Atoms& a = atoms;
-  ERL_NIF_TERM keys[] = {a.id,           a.backend,   a.size,        a.capacity,
-                         a.control_path, a.data_path, a.data_offset, a.role,
-                         a.encrypted,    a.sealed,    a.os_pid,      a.zero_copy};
+  ERL_NIF_TERM keys[] = {a.id,        a.backend,     a.size,           a.capacity,  a.control_path,
+                         a.data_path, a.data_offset, a.role,           a.encrypted, a.sealed,
+                         a.os_pid,    a.zero_copy,   a.control_offset, a.arena};
   ERL_NIF_TERM values[] = {
       make_binary(env, region.id()),
       backend_atom(region.backend()),
@@ -31,12 +31,16 @@ ERL_NIF_TERM encode_info(ErlNifEnv* env, const Region& region) {
       enif_make_uint64(env, region.capacity()),
       make_binary(env, region.control_path()),
       make_binary(env, region.data_path()),
-      enif_make_uint64(env, region.header().data_offset),
+      // Where the data starts in data_path's object: an arena region's data follows its
+      // control block, control_offset bytes into the arena.
+      enif_make_uint64(env, region.control_offset() + region.header().data_offset),
       region.role() == Role::created ? a.created : a.opened,
       make_bool(region.encrypted()),
       make_bool(region.sealed()),
       enif_make_uint(env, self_identity.pid),
       make_bool(region.immutable() && !region.encrypted()),
+      enif_make_uint64(env, region.control_offset()),
+      make_bool(region.in_arena()),
   };
   return make_map(env, keys, values);
 }

@@ -28,6 +28,11 @@ constexpr unsigned kCpu = ERL_NIF_DIRTY_JOB_CPU_BOUND;
 
 ErlNifFunc nif_funcs[] = {
     {"header_layout", 0, nif_header_layout, 0},
+    // arenas of small regions (nif_arena.cpp)
+    {"arena_configure", 2, nif_arena_configure, 0},
+    {"arena_maintain", 0, nif_arena_maintain, kIo},
+    {"arena_stats", 0, nif_arena_stats, 0},
+    {"inspect_arena", 1, nif_inspect_arena, kIo},
     {"create", 2, nif_create, kIo},
     {"runtime_index_sweep", 0, nif_runtime_index_sweep, kIo},
     {"create_plain", 2, nif_create_plain, 0},

@@ -31,6 +31,10 @@ ERL_NIF_TERM guard_nif(ErlNifEnv* env, int argc, const ERL_NIF_TERM argv[],
 
 // nif_region.cpp: regions as a whole
 SPSHM_NIF(nif_header_layout);
+SPSHM_NIF(nif_arena_configure);
+SPSHM_NIF(nif_arena_maintain);
+SPSHM_NIF(nif_arena_stats);
+SPSHM_NIF(nif_inspect_arena);
 SPSHM_NIF(nif_create);
 SPSHM_NIF(nif_create_plain);
 SPSHM_NIF(nif_open);

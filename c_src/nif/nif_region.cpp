@@ -95,6 +95,18 @@ SPSHM_GUARDED_NIF(nif_open)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   ERL_NIF_TERM reply;
   int arity = 0;
   const ERL_NIF_TERM* paths = nullptr;
+  if (enif_get_tuple(env, argv[0], &arity, &paths) && arity == 3) {
+    // {arena path, arena path, control_offset}: a region in an arena (docs/FORMAT.md).
+    std::uint64_t offset = 0;
+    if (!get_u64(env, paths[2], &offset)) return enif_make_badarg(env);
+    if (!decoded(env, get_os_string(env, paths[0], "control_path", &target.control_path, &why), why,
+                 &reply)) {
+      return reply;
+    }
+    auto region = open_arena_region(target.control_path, offset, std::string(), writable);
+    if (!region.ok()) return make_error(env, region.error());
+    return ok_region(env, std::move(region).value());
+  }
   if (enif_get_tuple(env, argv[0], &arity, &paths)) {
     if (arity != 2) return enif_make_badarg(env);
     if (!decoded(env, get_os_string(env, paths[0], "control_path", &target.control_path, &why), why,

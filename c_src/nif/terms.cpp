@@ -37,6 +37,8 @@ void init_atoms(ErlNifEnv* env) {
   a.open_mode = atom(env, "open_mode");
   a.mode = atom(env, "mode");
   a.lock_memory = atom(env, "lock_memory");
+  a.arena = atom(env, "arena");
+  a.control_offset = atom(env, "control_offset");
   a.idle_timeout_ms = atom(env, "idle_timeout_ms");
   a.id = atom(env, "id");
   a.backend = atom(env, "backend");
@@ -293,6 +295,11 @@ Decoded decode_create_options(ErlNifEnv* env, ERL_NIF_TERM map, CreateOptions* o
       *why = valid.error();
       return Decoded::invalid;
     }
+  }
+  // Optional: absent means a dedicated region (Snakepit.SharedMemory.Arena decides).
+  ERL_NIF_TERM arena;
+  if (enif_get_map_value(env, map, atoms.arena, &arena) && !get_bool(env, arena, &o.arena)) {
+    return Decoded::badarg;
   }
   o.mode = static_cast<std::uint32_t>(mode_bits);
   o.security_level = static_cast<std::uint32_t>(security_level);

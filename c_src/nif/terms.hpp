@@ -28,6 +28,7 @@ struct Atoms {
   ERL_NIF_TERM read_only, read_write, created, opened;
   // option keys
   ERL_NIF_TERM name, open_mode, mode, lock_memory, idle_timeout_ms;
+  ERL_NIF_TERM arena, control_offset;  // create option and info keys (arena regions)
   // info / header keys
   ERL_NIF_TERM id, backend, size, capacity, control_path, data_path, data_offset, role;
   ERL_NIF_TERM encrypted, sealed, os_pid, format_version, flags, deallocated, security_level;

@@ -357,7 +357,9 @@ defmodule Snakepit.SharedMemory do
   dtype is known, `"arrow"` or `"raw"` as the metadata's `format` says, else `"raw"`),
   `"metadata"`, `"node"` (the Erlang node holding the region, for `fetch/2`), `"boot_id"`
   (the host's boot id, 32 hex digits: a worker on another host refuses the ref and says
-  to fetch it first), and `"key"` only when asked. Nothing else.
+  to fetch it first), `"key"` only when asked, and `"control_offset"` only for a region
+  carved out of an arena (where its control block sits in the arena `"control_path"`
+  names; docs/FORMAT.md "Arenas"). Nothing else.
 
   A `:maximum` region must be sealed first (`:not_sealed`): it is shared read-only.
 

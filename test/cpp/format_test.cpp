@@ -121,7 +121,8 @@ TEST_CASE("layout_description states every constant", "[format]") {
         std::string("\"data_lock_byte\":1"),
         std::string("\"backends\":{\"posix\":1,\"memfd\":2,\"windows\":3}"),
         std::string("\"flags\":{\"encrypted\":1,\"named\":2,\"split_data\":4,\"worker_output\":8,"
-                    "\"liveness_locks\":16}"),
+                    "\"liveness_locks\":16,\"arena\":32}"),
+        std::string("\"arena_data_offset\":4096"),
         std::string("\"states\":{\"sealed\":1,\"deallocated\":2,\"sealing\":4,\"adopted\":8}"),
         std::string("\"slot_states\":{\"free\":0,\"busy\":1,\"live\":2}"),
         std::string("\"holder_flags\":{\"writable\":1,\"incarnation_mask\":4294967040}"),

@@ -43,6 +43,10 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
   # {function, weight}: deallocation and unlinking are rarer, so that the pool stays alive.
   @functions [
     header_layout: 1,
+    arena_configure: 1,
+    arena_maintain: 1,
+    arena_stats: 1,
+    inspect_arena: 2,
     create: 8,
     create_plain: 6,
     create_cpu: 2,
@@ -222,7 +226,7 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
     # set_shm_dir is global to the VM (where every suite's POSIX segments live): it
     # only ever gets the chosen arguments of args/3, never arbitrary paths.
     args =
-      if :rand.uniform(5) == 1 and fun != :set_shm_dir,
+      if :rand.uniform(5) == 1 and fun not in [:set_shm_dir, :arena_configure],
         do: for(_ <- 1..arity(fun)//1, do: G.any(pool)),
         else: args(fun, state, pool)
 
@@ -392,7 +396,9 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
               :channel_layout,
               :list_segments,
               :reaped_holds,
-              :runtime_index_sweep
+              :runtime_index_sweep,
+              :arena_maintain,
+              :arena_stats
             ],
        do: []
 
@@ -403,6 +409,22 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
         for _ <- 1..:rand.uniform(5), do: G.pick(0.9, pool, fn -> G.handle(pool, :region) end)
       end)
     ]
+
+  # Global to the VM (the size of its next arenas): only the configured values, or
+  # refusals, never a size another suite would notice.
+  defp args(:arena_configure, _state, _pool) do
+    config = Snakepit.SharedMemory.Config.get()
+
+    G.one_of([
+      [config.arena_size, config.arena_grace],
+      [1 <<< 64, 0],
+      [-1, 0],
+      [:big, 1],
+      [config.arena_size, 1 <<< 41]
+    ])
+  end
+
+  defp args(:inspect_arena, _state, pool), do: [G.pick(0.85, pool, fn -> path_string(pool) end)]
 
   # Always a dry run: a fuzzer on a shared host removes nothing, even an unused segment.
   defp args(:sweep_segment, _state, pool),
@@ -729,6 +751,13 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
   defp well_shaped?(:board_join, _, {:ok, s, i}), do: is_reference(s) and non_neg?(i)
   defp well_shaped?(:board_join, _, {:full, c}), do: c > 0
   defp well_shaped?(:board_reclaim, _, n), do: non_neg?(n)
+  defp well_shaped?(:arena_configure, _, :ok), do: true
+  defp well_shaped?(:arena_maintain, _, n), do: non_neg?(n)
+
+  defp well_shaped?(:arena_stats, _, %{arenas: n, live_chunks: l}),
+    do: non_neg?(n) and non_neg?(l)
+
+  defp well_shaped?(:inspect_arena, _, {:ok, list}), do: is_list(list)
   defp well_shaped?(:board_watch_info, _, nil), do: true
   defp well_shaped?(:board_watch_info, _, {g, o}), do: non_neg?(g) and (o == nil or is_list(o))
   defp well_shaped?(:board_least_loaded, _, {:ok, id}), do: is_binary(id) and byte_size(id) <= 64

@@ -319,11 +319,19 @@ defmodule Snakepit.SharedMemory.Access do
           "boot_id" => Native.self_info().boot_id
         }
         |> put_key(key)
+        |> put_arena(info)
 
       Security.audit(level, id, :export, %{include_key: opts.include_key})
       {:ok, ref_map}
     end
   end
+
+  # An arena region (docs/FORMAT.md, "Arenas"): its control block sits control_offset
+  # bytes into the arena memfd that control_path names (data_offset is absolute there).
+  defp put_arena(ref_map, %{arena: true, control_offset: offset}),
+    do: Map.put(ref_map, "control_offset", offset)
+
+  defp put_arena(ref_map, _info), do: ref_map
 
   # :maximum regions are shared with other OS processes only read-only: sealed first.
   defp export_allowed(id, :maximum, %{sealed: false}) do

@@ -111,7 +111,7 @@ defmodule Snakepit.SharedMemory.Allocator do
       # journal row says so, with what the manager needs to find the segment.
       Journal.note({:allocate, :creating, opts.size, opts.backend, System.os_time(:nanosecond)})
 
-      case create(opts, native_options(opts, flags)) do
+      case create(opts, native_options(opts, flags, config)) do
         {:ok, _ref, %{role: :opened} = info} when info.size != opts.size and opts.size != :any ->
           Quota.release(opts.owner, reserved_size(opts))
           HostQuota.Regions.discard(host)
@@ -198,8 +198,9 @@ defmodule Snakepit.SharedMemory.Allocator do
     end
   end
 
-  defp native_options(opts, flags) do
+  defp native_options(opts, flags, config) do
     %{
+      arena: Snakepit.SharedMemory.Arena.use?(opts, flags, config),
       backend: opts.backend,
       name: opts.name,
       open_mode: opts.open_mode,

@@ -58,6 +58,7 @@ defmodule Snakepit.SharedMemory.Application do
          {:ok, platform} <- Platform.select(:os.type()),
          :ok <- Platform.apply_shm_path(platform, config.shm_path) do
       Platform.warn_unless_tmpfs(config.shm_path)
+      Snakepit.SharedMemory.Arena.configure(config)
       Stats.setup()
 
       # The host quota client (when configured) starts before the manager, so that a

@@ -68,6 +68,17 @@ defmodule Snakepit.SharedMemory.Config do
       `/tmp/snakepit_shm-<uid>`). The `SNAKEPIT_SHM_QUOTA_DIR` environment variable
       overrides it. Defaults to `nil`.
 
+  Arenas of small regions (`Snakepit.SharedMemory.Arena`, docs/ARCHITECTURE.md):
+
+    * `:arena` - carve unnamed `:standard` owner-only `backend: :auto` regions of at most
+      `:arena_threshold` bytes out of shared arenas (`arena: false` on
+      `allocate_region/2` opts one region out). Defaults to `true`.
+    * `:arena_threshold` - largest region (bytes) that goes to an arena, at most
+      1 MiB. Defaults to `65_536`.
+    * `:arena_size` - bytes of each arena (a memfd; at least 1 MiB). Defaults to 8 MiB.
+    * `:arena_grace` - ms an empty arena is kept before it is returned to the OS.
+      Defaults to `30_000`.
+
   ## Snakepit's configuration
 
   `config :snakepit, :shared_memory, ...` (the keys of the Snakepit shared-memory
@@ -104,7 +115,11 @@ defmodule Snakepit.SharedMemory.Config do
     host_quota: nil,
     host_quota_limit: nil,
     host_quota_wait: 0,
-    host_quota_dir: nil
+    host_quota_dir: nil,
+    arena: true,
+    arena_threshold: 65_536,
+    arena_size: 8 * 1024 * 1024,
+    arena_grace: 30_000
   ]
 
   @type t :: %{
@@ -130,7 +145,11 @@ defmodule Snakepit.SharedMemory.Config do
           host_quota: String.t() | nil,
           host_quota_limit: non_neg_integer() | nil,
           host_quota_wait: non_neg_integer() | :infinity,
-          host_quota_dir: String.t() | nil
+          host_quota_dir: String.t() | nil,
+          arena: boolean(),
+          arena_threshold: non_neg_integer(),
+          arena_size: pos_integer(),
+          arena_grace: non_neg_integer()
         }
 
   @doc "The default value of every setting."
@@ -319,6 +338,20 @@ defmodule Snakepit.SharedMemory.Config do
     do: :ok
 
   defp check(:host_quota_dir, _), do: {:error, "nil or a directory path"}
+
+  defp check(:arena, value), do: if(is_boolean(value), do: :ok, else: {:error, "true or false"})
+
+  defp check(:arena_threshold, value) when is_integer(value) and value in 0..1_048_576, do: :ok
+  defp check(:arena_threshold, _), do: {:error, "an integer of bytes from 0 to 1048576"}
+
+  defp check(:arena_size, value)
+       when is_integer(value) and value >= 1_048_576 and value <= 1_073_741_824,
+       do: :ok
+
+  defp check(:arena_size, _), do: {:error, "an integer of bytes from 1 MiB to 1 GiB"}
+
+  defp check(:arena_grace, value) when is_integer(value) and value >= 0, do: :ok
+  defp check(:arena_grace, _), do: {:error, "a non-negative integer (ms)"}
 
   defp check(_key, _value), do: {:error, :unknown}
 

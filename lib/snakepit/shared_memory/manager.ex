@@ -149,6 +149,7 @@ defmodule Snakepit.SharedMemory.Manager do
 
   def handle_info(:cleanup, state) do
     schedule(:cleanup, state.config.cleanup_interval)
+    Snakepit.SharedMemory.Arena.maintain()
     {:noreply, periodic_cleanup(state)}
   end
 

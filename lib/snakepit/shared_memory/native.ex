@@ -60,10 +60,13 @@ defmodule Snakepit.SharedMemory.Native do
           required(:lock_memory) => boolean(),
           required(:metadata) => binary(),
           required(:idle_timeout_ms) => non_neg_integer(),
-          optional(:defer_chunks) => boolean()
+          optional(:defer_chunks) => boolean(),
+          optional(:arena) => boolean()
         }
   # %{id, backend, size, capacity, control_path, data_path, data_offset, role :: :created | :opened,
-  #   encrypted, sealed, os_pid, zero_copy} (zero_copy: the kernel enforces the seal)
+  #   encrypted, sealed, os_pid, zero_copy, control_offset, arena} (zero_copy: the kernel
+  #   enforces the seal; control_offset: where an arena region's control block sits in
+  #   control_path's object, 0 for a dedicated region; data_offset is then absolute)
   @type region_info :: map()
 
   def load_nif do
@@ -79,6 +82,26 @@ defmodule Snakepit.SharedMemory.Native do
   @doc false
   @spec header_layout() :: binary()
   def header_layout, do: :erlang.nif_error(:not_loaded)
+
+  # ---- arenas of small regions (c_src/core/arena.hpp) ----
+  # open/2 also takes {arena_path, arena_path, control_offset}: a region in an arena.
+
+  @doc false
+  @spec arena_configure(non_neg_integer(), non_neg_integer()) :: :ok | nif_error()
+  def arena_configure(_arena_bytes, _grace_ms), do: :erlang.nif_error(:not_loaded)
+
+  @doc false
+  @spec arena_maintain() :: non_neg_integer()
+  def arena_maintain, do: :erlang.nif_error(:not_loaded)
+
+  @doc false
+  @spec arena_stats() :: %{atom() => non_neg_integer()}
+  def arena_stats, do: :erlang.nif_error(:not_loaded)
+
+  @doc false
+  # Every region in the arena at `path` (offline: the mix tasks): [{control_offset, header}].
+  @spec inspect_arena(binary()) :: {:ok, [{non_neg_integer(), map()}]} | nif_error()
+  def inspect_arena(_path), do: :erlang.nif_error(:not_loaded)
 
   @spec create(pos_integer(), create_opts()) :: {:ok, region(), region_info()} | nif_error()
   def create(_size, _opts), do: :erlang.nif_error(:not_loaded)
@@ -108,7 +131,7 @@ defmodule Snakepit.SharedMemory.Native do
   def publish(_region), do: :erlang.nif_error(:not_loaded)
 
   @doc "Opens an existing region: by id (POSIX) or by {control_path, data_path}."
-  @spec open(binary() | {binary(), binary()}, boolean()) ::
+  @spec open(binary() | {binary(), binary()} | {binary(), binary(), non_neg_integer()}, boolean()) ::
           {:ok, region(), region_info()} | nif_error()
   def open(_target, _writable), do: :erlang.nif_error(:not_loaded)
 

@@ -22,7 +22,8 @@ defmodule Snakepit.SharedMemory.Options do
     :name,
     :open_mode,
     :backend,
-    :owner
+    :owner,
+    :arena
   ]
 
   @doc "Validated `allocate_region/2` options (see `Snakepit.SharedMemory.allocate_region/2`)."
@@ -42,6 +43,7 @@ defmodule Snakepit.SharedMemory.Options do
          :ok <- metadata_layout(metadata, size),
          {:ok, name, open_mode} <- name(Map.get(opts, :name), Map.get(opts, :open_mode)),
          {:ok, owner} <- owner(Map.get(opts, :owner, self())),
+         {:ok, arena} <- arena(Map.get(opts, :arena, config.arena)),
          {:ok, backend} <- backend(Map.get(opts, :backend, config.default_backend), name, perms) do
       {:ok,
        %{
@@ -58,7 +60,10 @@ defmodule Snakepit.SharedMemory.Options do
          name: name,
          open_mode: open_mode,
          owner: owner,
-         backend: backend
+         backend: backend,
+         # Arenas serve the :auto backend: an explicit :memfd asks for a memfd of its own
+         # (its own kernel seal, its own descriptors).
+         arena: arena and Map.get(opts, :backend, config.default_backend) == :auto
        }}
     end
   end
@@ -345,6 +350,9 @@ defmodule Snakepit.SharedMemory.Options do
 
   defp backend(other, _name, _perms),
     do: invalid(":backend must be :auto, :posix or :memfd, got: #{inspect(other)}")
+
+  defp arena(value) when is_boolean(value), do: {:ok, value}
+  defp arena(other), do: invalid(":arena must be true or false, got: #{inspect(other)}")
 
   defp boolean(opts, key) do
     case Map.get(opts, key, false) do

@@ -47,26 +47,32 @@ def attach(ref_or_region_id, mode="r"):
         control_fd, control_size, header_writable = _open_control(location, mode)
         data_fd = None
     attachment = data_mm = None
+    base = 0
     try:
         if fast is not None:
             # Opened, locked and validated by the core in one call.
             header = _header.from_valid(snapshot, where=location.control_path,
                                         region_id=location.region_id)
         else:
+            # An arena region (docs/FORMAT.md "Arenas"): its control block sits `base`
+            # bytes into the arena, and each of its locks is shifted by `base`.
+            base = _arena_base(location, control_size)
             # The shared liveness lock first: from here on no sweeper removes it.
-            library.liveness_lock(control_fd)
+            library.liveness_lock(control_fd, base)
             data_fd, data_size = _open_data(location, mode, control_fd, control_size)
-            snapshot = os.pread(control_fd, F.HEADER_SIZE, 0)
-            header = _validated(library, snapshot, location, control_size, data_size)
-        _check_matches_ref(location, header)
+            snapshot = os.pread(control_fd, F.HEADER_SIZE, base)
+            header = _validated(library, snapshot, location, control_size - base,
+                                data_size - base)
+        _check_matches_ref(location, header, base)
 
-        header_mm = mmap.mmap(control_fd, F.HEADER_SIZE, access=(
+        header_mm = mmap.mmap(control_fd, F.HEADER_SIZE, offset=base, access=(
             mmap.ACCESS_WRITE if header_writable else mmap.ACCESS_READ))
         # The attachment owns the control descriptor from here: its locks (liveness,
         # holder slot) live as long as this open file description, and die with the
         # process. Encrypted: one more descriptor of the control object for the data lock.
         lock_fd = os.dup(control_fd) if header.encrypted else None
-        attachment = Attachment(header_mm, library, header_writable, control_fd, lock_fd)
+        attachment = Attachment(header_mm, library, header_writable, control_fd, lock_fd,
+                                lock_base=base)
         control_fd = -1
         # Hold first, then look at the state bits: seal() sets the sealed bit before
         # it looks for writable holders, so either it sees this hold or we see the bit.
@@ -88,7 +94,7 @@ def attach(ref_or_region_id, mode="r"):
         _check_state(location.region_id, header_mm, mode)
         _warn_if_orphaned(header, header_mm)
 
-        data_mm, view_offset = _map_data(location.region_id, data_fd, header, mode)
+        data_mm, view_offset = _map_data(location.region_id, data_fd, header, mode, base)
         region = Region(location=location, header=header, attachment=attachment,
                         data_mm=data_mm, view_offset=view_offset, mode=mode)
         if header_writable:
@@ -100,8 +106,10 @@ def attach(ref_or_region_id, mode="r"):
             data_mm.close()
         if attachment is not None:
             attachment.close_quietly()
-        if data_fd is not None and data_fd != control_fd and \
-                location.backend == F.BACKEND_MEMFD:
+        # A dedicated memfd region's data descriptor is its own (POSIX and arena
+        # regions read their data through the control descriptor).
+        if data_fd is not None and location.backend == F.BACKEND_MEMFD and \
+                location.control_offset is None:
             os.close(data_fd)
         if control_fd >= 0:
             os.close(control_fd)
@@ -110,7 +118,7 @@ def attach(ref_or_region_id, mode="r"):
 def _fast_open(library, location, mode):
     """Open, lock and validate a memfd region in one call of the library, or None (a
     POSIX region, or anything refused: the step-by-step path then says what)."""
-    if location.backend != F.BACKEND_MEMFD:
+    if location.backend != F.BACKEND_MEMFD or location.control_offset is not None:
         return None
     control_link, data_link = _locate.memfd_link_targets(location.region_id)
     return library.attach_memfd(location.control_path, control_link, location.data_path,
@@ -157,17 +165,21 @@ def inspect(ref_or_region_id):
             location.control_path, location.region_id, False,
             memfd_target=_memfd_target(location, 0))
         fds.callback(os.close, fd)
-        if location.backend == F.BACKEND_MEMFD:
+        base = _arena_base(location, control_size)
+        if location.control_offset is not None:
+            data_size = control_size
+        elif location.backend == F.BACKEND_MEMFD:
             data_fd, data_size = _locate.open_object(
                 location.data_path, location.region_id, False,
                 memfd_target=_memfd_target(location, 1))
             os.close(data_fd)
         else:
             data_size = control_size
-        snapshot = os.pread(fd, F.HEADER_SIZE, 0)
+        snapshot = os.pread(fd, F.HEADER_SIZE, base)
         header = _header.validate(snapshot, where=location.control_path,
                                   region_id=location.region_id,
-                                  control_size=control_size, data_object_size=data_size)
+                                  control_size=control_size - base,
+                                  data_object_size=data_size - base)
         return describe(header, snapshot, location)
 
 
@@ -210,7 +222,21 @@ def describe(header, raw, location):
 def _memfd_target(location, index):
     if location.backend != F.BACKEND_MEMFD:
         return None
+    if location.control_offset is not None:
+        return _locate.arena_link_target(location.control_path, location.region_id)
     return _locate.memfd_link_targets(location.region_id)[index]
+
+
+def _arena_base(location, control_size):
+    """The control block's offset of an arena region (0 for a dedicated one)."""
+    base = location.control_offset
+    if base is None:
+        return 0
+    if base + F.HEADER_SIZE > control_size:
+        raise errors.CorruptRegion(
+            f"region {location.region_id}: the ref's control_offset {base} lies beyond "
+            f"its arena ({control_size} bytes); the ref is stale or was edited.")
+    return base
 
 
 def _open_control(location, mode):
@@ -243,20 +269,21 @@ def _raise_if_sealed(location, target):
 
 
 def _open_data(location, mode, control_fd, control_size):
-    if location.backend != F.BACKEND_MEMFD:
+    if location.backend != F.BACKEND_MEMFD or location.control_offset is not None:
         return control_fd, control_size
     return _locate.open_object(location.data_path, location.region_id, mode == "rw",
                                memfd_target=_memfd_target(location, 1))
 
 
-def _check_matches_ref(location, header):
+def _check_matches_ref(location, header, base=0):
     problems = []
     if header.backend != location.backend:
         problems.append(f"backend {F.BACKEND_NAMES.get(header.backend)}")
     if location.size is not None and location.size != header.data_size:
         problems.append(f"size {header.data_size}, the ref says {location.size}")
-    if location.data_offset is not None and location.data_offset != header.data_offset:
-        problems.append(f"data_offset {header.data_offset}, the ref says "
+    if location.data_offset is not None and \
+            location.data_offset != base + header.data_offset:
+        problems.append(f"data_offset {base + header.data_offset}, the ref says "
                         f"{location.data_offset}")
     if problems:
         raise errors.CorruptRegion(
@@ -312,10 +339,12 @@ def _sealed_error(region_id):
         "and write results into another region.")
 
 
-def _map_data(region_id, fd, header, mode):
-    """Map [data_offset, data_offset + capacity) of the data object."""
-    start = header.data_offset - header.data_offset % mmap.ALLOCATIONGRANULARITY
-    view_offset = header.data_offset - start
+def _map_data(region_id, fd, header, mode, base=0):
+    """Map [data_offset, data_offset + capacity) of the data object (an arena region:
+    only its own pages, base + data_offset onwards)."""
+    data_offset = base + header.data_offset
+    start = data_offset - data_offset % mmap.ALLOCATIONGRANULARITY
+    view_offset = data_offset - start
     access = mmap.ACCESS_WRITE if mode == "rw" else mmap.ACCESS_READ
     try:
         data_mm = mmap.mmap(fd, view_offset + header.data_capacity, offset=start,

@@ -78,8 +78,10 @@ FLAG_NAMED = 1 << 1
 FLAG_SPLIT_DATA = 1 << 2
 FLAG_WORKER_OUTPUT = 1 << 3  # made by snakepit_shm.allocate: adoptable by a VM
 FLAG_LIVENESS_LOCKS = 1 << 4  # every user holds the liveness lock (byte 0)
+FLAG_ARENA = 1 << 5  # a chunk of an arena memfd (docs/FORMAT.md "Arenas")
 KNOWN_FLAGS = (FLAG_ENCRYPTED | FLAG_NAMED | FLAG_SPLIT_DATA | FLAG_WORKER_OUTPUT
-               | FLAG_LIVENESS_LOCKS)
+               | FLAG_LIVENESS_LOCKS | FLAG_ARENA)
+ARENA_DATA_OFFSET = HEADER_SIZE  # an arena chunk's data follows its control block
 
 # Mutable state bits (the ``state`` field).
 STATE_SEALED = 1 << 0

@@ -170,13 +170,18 @@ def _check_layout(fields, corrupt, data_object_size):
         raise corrupt(f"unknown flags {flags:#x}")
     if fields["security_level"] > 2:
         raise corrupt(f"security_level {fields['security_level']} is unknown")
-    if bool(flags & F.FLAG_SPLIT_DATA) != (backend == F.BACKEND_MEMFD):
+    arena = bool(flags & F.FLAG_ARENA)
+    if arena and (backend != F.BACKEND_MEMFD or flags & (
+            F.FLAG_SPLIT_DATA | F.FLAG_NAMED | F.FLAG_ENCRYPTED | F.FLAG_WORKER_OUTPUT)):
+        raise corrupt("the arena flag does not match the backend or flags")
+    if not arena and bool(flags & F.FLAG_SPLIT_DATA) != (backend == F.BACKEND_MEMFD):
         raise corrupt("the split-data flag does not match the backend")
     if size == 0:
         raise corrupt("data_size is 0")
     if size > MAX_DATA_SIZE:
         raise corrupt("data_size is implausibly large")
-    expected_offset = 0 if backend == F.BACKEND_MEMFD else F.HEADER_SIZE
+    expected_offset = (F.ARENA_DATA_OFFSET if arena
+                       else 0 if backend == F.BACKEND_MEMFD else F.HEADER_SIZE)
     if offset != expected_offset:
         raise corrupt(f"data_offset {offset} != {expected_offset} for backend "
                       f"{F.BACKEND_NAMES[backend]}")

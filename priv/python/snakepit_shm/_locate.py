@@ -27,6 +27,7 @@ NAMED_PREFIX = "spshm_n_"
 _RANDOM_ID = re.compile(r"spshm_[a-z2-7]{20}")
 _NAMED_ID = re.compile(r"spshm_n_[a-z0-9_-]{1,21}")
 _PROC_FD_PATH = re.compile(r"/proc/[1-9][0-9]*/fd/[0-9]+")
+_ARENA_TARGET = re.compile(r"/memfd:spshm_arena_[a-z2-7]{20} \(deleted\)")
 _BACKENDS = {"posix": _format.BACKEND_POSIX, "memfd": _format.BACKEND_MEMFD}
 
 
@@ -44,6 +45,7 @@ class Location:
     dtype: str = None
     shape: tuple = None
     key: bytes = None
+    control_offset: int = None  # an arena region: its control block's offset
 
 
 class OpenDenied(errors.PermissionError):
@@ -187,6 +189,13 @@ def _parse_ref(ref):
                 raise ValueError(f"the ref's {name} {path!r} is not a /proc/<pid>/fd/<n> "
                                  "path of a memfd region")
     data_offset = _ref_field(ref, "data_offset", (int,), required=False)
+    control_offset = _ref_field(ref, "control_offset", (int,), required=False)
+    if control_offset is not None:
+        if backend != _format.BACKEND_MEMFD or control_path != data_path or \
+                control_offset < 0 or control_offset % _format.HEADER_SIZE:
+            raise ValueError(f"the ref's control_offset {control_offset!r} does not name "
+                             "a chunk of an arena (a positive multiple of 4096 of a memfd "
+                             "whose control_path and data_path are the same)")
     size = _ref_field(ref, "size", (int,), required=False)
     dtype = _ref_field(ref, "dtype", (str,), required=False)
     shape = _ref_field(ref, "shape", (list, tuple), required=False)
@@ -196,7 +205,7 @@ def _parse_ref(ref):
     return Location(region_id, backend, control_path, data_path, from_ref=True,
                     data_offset=data_offset, size=size, dtype=dtype,
                     shape=tuple(shape) if shape is not None else None,
-                    key=_decode_key(ref.get("key")))
+                    key=_decode_key(ref.get("key")), control_offset=control_offset)
 
 
 BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
@@ -248,6 +257,17 @@ def _decode_key(value):
         raise ValueError(f"the ref's key has {len(key)} bytes, expected "
                          f"{_format.KEY_SIZE}")
     return key
+
+
+def arena_link_target(path, region_id):
+    """The /proc link target of the arena memfd that ``path`` names (checked)."""
+    try:
+        target = os.readlink(path)
+    except OSError as exc:
+        raise _open_error(path, region_id, False, exc) from None
+    if not _ARENA_TARGET.fullmatch(target):
+        raise _reused_fd(path, region_id, target, "/memfd:spshm_arena_<id> (deleted)")
+    return target
 
 
 def memfd_link_targets(region_id):
@@ -330,6 +350,7 @@ def find_by_id(region_id):
         return indexed
     control_target, data_target = memfd_link_targets(region_id)
     uid = os.geteuid()
+    arenas = []
     for pid in _pids_of_uid(uid):
         fd_dir = f"/proc/{pid}/fd"
         control = data = None
@@ -346,13 +367,59 @@ def find_by_id(region_id):
                 control = f"{fd_dir}/{name}"
             elif target == data_target:
                 data = f"{fd_dir}/{name}"
+            elif _ARENA_TARGET.fullmatch(target):
+                arenas.append((f"{fd_dir}/{name}", target))
             if control and data:
                 return Location(region_id, _format.BACKEND_MEMFD, control, data)
+    seen = set()
+    for arena_path, target in arenas:
+        if target in seen:  # the same arena through another descriptor
+            continue
+        seen.add(target)
+        offset = _find_in_arena(arena_path, region_id)
+        if offset is not None:
+            return Location(region_id, _format.BACKEND_MEMFD, arena_path, arena_path,
+                            control_offset=offset)
     raise errors.RegionNotFound(
         f"region {region_id} does not exist: there is no {path}, and no process of uid "
         f"{uid} has its memfds open. It was deallocated, its owner exited, or it lives "
         "in another container or under another user; check the id, or pass the full ref "
         "from export_ref/2.")
+
+
+def _find_in_arena(path, region_id):
+    """The control_offset of ``region_id`` in the arena at ``path``, or None.
+
+    Walks the arena's chunks from its start: a published control block names its
+    region and its data capacity (the next chunk follows it); anything else is skipped
+    a page at a time. Reads with pread (never maps: untouched pages stay unallocated).
+    The attach that follows validates what it finds, as for any other ref.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        size = os.fstat(fd).st_size
+        wanted = region_id.encode()
+        id_at, id_len = _format.FIELD["region_id"][0], _format.FIELD["region_id"][1]
+        cap_at = _format.FIELD["data_capacity"][0]
+        offset = 0
+        while offset + _format.HEADER_SIZE <= size:
+            prefix = os.pread(fd, id_at + id_len, offset)
+            step = _format.HEADER_SIZE
+            if prefix[:8] == _format.MAGIC:
+                if prefix[id_at:id_at + id_len].rstrip(b"\0") == wanted:
+                    return offset
+                capacity = int.from_bytes(prefix[cap_at:cap_at + 8], "little")
+                if 0 < capacity <= size:
+                    step += -(-capacity // _format.HEADER_SIZE) * _format.HEADER_SIZE
+            offset += step
+        return None
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def _pids_of_uid(uid):

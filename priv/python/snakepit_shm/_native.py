@@ -210,6 +210,13 @@ class Library:
                                     c.c_void_p, c.POINTER(c.c_int),
                                     c.POINTER(c.c_uint64), c.POINTER(c.c_int),
                                     c.POINTER(c.c_uint64), c.c_char_p, c.c_size_t], c.c_int),
+            "spshm_liveness_lock_at": ([c.c_int, c.c_uint64, c.c_char_p, c.c_size_t],
+                                       c.c_int),
+            "spshm_hold_fd_at": ([c.c_void_p, c.c_int, c.c_uint64, c.POINTER(c.c_int),
+                                  c.c_uint32, c.c_uint64, c.c_int, c.c_char_p,
+                                  c.c_size_t], c.c_int),
+            "spshm_release_fd_at": ([c.c_void_p, c.c_int, c.c_uint64, c.POINTER(c.c_int),
+                                     c.c_char_p, c.c_size_t], c.c_int),
             "spshm_process_start_time": ([c.c_uint32, c.POINTER(c.c_uint64),
                                           c.c_char_p, c.c_size_t], c.c_int),
             "spshm_decrypt": ([c.c_void_p, c.c_void_p, c.c_uint64, c.c_char_p,
@@ -269,24 +276,37 @@ class Library:
         code = self._dll.spshm_release(header_address, pid, start_time, err, _ERR_LEN)
         self._check(code, err, "cannot release this process's hold")
 
-    def liveness_lock(self, fd):
-        """Take the shared liveness lock on the control object open as ``fd``."""
+    def liveness_lock(self, fd, base=0):
+        """Take the shared liveness lock on the control object open as ``fd``
+        (``base``: an arena region's control block offset, docs/FORMAT.md "Arenas")."""
         err = _err_buffer()
-        code = self._dll.spshm_liveness_lock(fd, err, _ERR_LEN)
+        if base:
+            code = self._dll.spshm_liveness_lock_at(fd, base, err, _ERR_LEN)
+        else:
+            code = self._dll.spshm_liveness_lock(fd, err, _ERR_LEN)
         self._check(code, err, "cannot take the liveness lock of the region")
 
-    def hold_fd(self, header_address, fd, slot, pid, start_time, writable):
+    def hold_fd(self, header_address, fd, slot, pid, start_time, writable, base=0):
         """Add one hold through the open ``fd``; ``slot`` is its c_int slot index."""
         err = _err_buffer()
-        code = self._dll.spshm_hold_fd(header_address, fd, ctypes.byref(slot), pid,
-                                       start_time, 1 if writable else 0, err, _ERR_LEN)
+        if base:
+            code = self._dll.spshm_hold_fd_at(header_address, fd, base, ctypes.byref(slot),
+                                              pid, start_time, 1 if writable else 0, err,
+                                              _ERR_LEN)
+        else:
+            code = self._dll.spshm_hold_fd(header_address, fd, ctypes.byref(slot), pid,
+                                           start_time, 1 if writable else 0, err, _ERR_LEN)
         self._check(code, err, "cannot register this process as a holder")
 
-    def release_fd(self, header_address, fd, slot):
+    def release_fd(self, header_address, fd, slot, base=0):
         """Remove one hold of the slot owned by the open ``fd``."""
         err = _err_buffer()
-        code = self._dll.spshm_release_fd(header_address, fd, ctypes.byref(slot), err,
-                                          _ERR_LEN)
+        if base:
+            code = self._dll.spshm_release_fd_at(header_address, fd, base,
+                                                 ctypes.byref(slot), err, _ERR_LEN)
+        else:
+            code = self._dll.spshm_release_fd(header_address, fd, ctypes.byref(slot), err,
+                                              _ERR_LEN)
         self._check(code, err, "cannot release this process's hold")
 
     def attach_memfd(self, control_path, control_link, data_path, data_link,

@@ -82,7 +82,7 @@ class Attachment:
     only once the data mapping itself goes away (see Region.__del__).
     """
 
-    def __init__(self, header_mm, library, writable, fd, lock_fd=None):
+    def __init__(self, header_mm, library, writable, fd, lock_fd=None, lock_base=0):
         """Wrap a mapped header; ``writable`` if it is mapped for writing.
 
         ``fd`` is a descriptor of this attachment's own open of the control object
@@ -103,6 +103,7 @@ class Attachment:
         self.fd = fd
         self.slot = ctypes.c_int(-1)  # the holder slot this open owns (-1: none)
         self.lock_fd = lock_fd
+        self.lock_base = lock_base  # an arena region's control block offset (else 0)
         self.identity = None  # (pid, start_time) while a hold is registered
         self.bell = None  # (event socket paths, region id): announce the release
         self._lock = threading.Lock()
@@ -133,7 +134,7 @@ class Attachment:
         """Register one hold of ``identity`` in the header, in this open's slot."""
         with self._lock:
             self.library.hold_fd(self.address, self.fd, self.slot, identity[0],
-                                 identity[1], writable)
+                                 identity[1], writable, self.lock_base)
             self.identity = identity
 
     def release(self):
@@ -144,7 +145,7 @@ class Attachment:
             # process that registered the hold may release it.
             if identity is None or identity[0] != os.getpid():
                 return
-            self.library.release_fd(self.address, self.fd, self.slot)
+            self.library.release_fd(self.address, self.fd, self.slot, self.lock_base)
             if self.bell is not None:
                 _announce.announce(self.bell[0], _announce.PREFIX_RELEASE, self.bell[1])
 

@@ -24,6 +24,7 @@ CONSTANTS = {
     "nonce_size": F.NONCE_SIZE, "tag_size": F.TAG_SIZE,
     "chunk_overhead": F.CHUNK_OVERHEAD, "key_size": F.KEY_SIZE,
     "posix_data_offset": F.HEADER_SIZE, "memfd_data_offset": 0,
+    "arena_data_offset": F.ARENA_DATA_OFFSET,
     "magic": F.MAGIC.decode(),
     "data_lock_byte": F.DATA_LOCK_BYTE,
 }
@@ -35,7 +36,7 @@ ENUMS = {
     "flags": {"encrypted": F.FLAG_ENCRYPTED, "named": F.FLAG_NAMED,
               "split_data": F.FLAG_SPLIT_DATA,
               "worker_output": F.FLAG_WORKER_OUTPUT,
-              "liveness_locks": F.FLAG_LIVENESS_LOCKS},
+              "liveness_locks": F.FLAG_LIVENESS_LOCKS, "arena": F.FLAG_ARENA},
     "states": {"sealed": F.STATE_SEALED, "deallocated": F.STATE_DEALLOCATED,
                "sealing": F.STATE_SEALING, "adopted": F.STATE_ADOPTED},
     "slot_states": {"free": F.SLOT_FREE, "busy": F.SLOT_BUSY, "live": F.SLOT_LIVE},

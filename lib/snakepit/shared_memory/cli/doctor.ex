@@ -486,7 +486,13 @@ defmodule Snakepit.SharedMemory.CLI.Doctor do
 
   defp memfd_seal do
     with {:ok, _} <- Application.ensure_all_started(:snakepit_shm),
-         {:ok, id} <- SHM.allocate_region(4096, backend: :memfd, metadata: %{doctor: true}) do
+         {:ok, id} <-
+           SHM.allocate_region(4096,
+             backend: :memfd,
+             # a memfd of its own: an arena region gets no kernel seal
+             arena: false,
+             metadata: %{doctor: true}
+           ) do
       try do
         seal_check(id)
       after

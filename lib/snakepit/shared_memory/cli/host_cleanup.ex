@@ -125,7 +125,7 @@ defmodule Snakepit.SharedMemory.CLI.HostCleanup do
   end
 
   defp apply_one(%{action: :release_holds, entry: e} = a) do
-    case Native.open({e.path, e.data_path || ""}, false) do
+    case Native.open(open_target(e), false) do
       {:ok, region, _info} ->
         released =
           for h <- e.holders, h.alive == false, reduce: 0 do
@@ -142,6 +142,10 @@ defmodule Snakepit.SharedMemory.CLI.HostCleanup do
   end
 
   defp apply_one(a), do: %{a | result: :done}
+
+  # A region in an arena is opened at its control block's offset (docs/FORMAT.md).
+  defp open_target(%{control_offset: offset} = e), do: {e.path, e.path, offset}
+  defp open_target(e), do: {e.path, e.data_path || ""}
 
   @doc "True if an action is a refusal or failed (exit status 1)."
   @spec problem?(action()) :: boolean()

@@ -7,6 +7,9 @@ defmodule Snakepit.SharedMemory.CLI.HostScan do
   #     "/memfd:spshm_<id> (deleted)" (the control memfd; the data memfd ends in ".data").
   #     A memfd region lives as long as some process keeps an fd or a mapping of it; we
   #     find it through the fds, preferring those of its creator.
+  #   * arena regions: the fds whose link reads "/memfd:spshm_arena_<id> (deleted)" are
+  #     arenas (docs/FORMAT.md "Arenas"); every published control block in one is a
+  #     region (Native.inspect_arena/1 walks the chunks).
   #
   # Each one's header is read with Native.inspect_path/1 (which refuses symlinks, objects
   # of other users and damaged headers) and turned into an entry (CLI.Entry).
@@ -23,8 +26,9 @@ defmodule Snakepit.SharedMemory.CLI.HostScan do
   def scan do
     context = Entry.context()
     posix = Enum.map(posix_names(), &inspect_posix(&1, context))
-    memfd = Enum.map(memfd_regions(), &inspect_memfd(&1, context))
-    Entry.sort(posix ++ memfd)
+    {arenas, regions} = memfd_regions() |> Enum.split_with(&arena?/1)
+    memfd = Enum.map(regions, &inspect_memfd(&1, context))
+    Entry.sort(posix ++ memfd ++ Enum.flat_map(arenas, &inspect_arena(&1, context)))
   end
 
   @doc "The entry of one region id, or nil if no segment of that id is on this host."
@@ -40,9 +44,52 @@ defmodule Snakepit.SharedMemory.CLI.HostScan do
         inspect_posix(id, context)
 
       true ->
-        case Enum.find(memfd_regions(), &(&1.id == id)) do
-          nil -> nil
-          region -> inspect_memfd(region, context)
+        {arenas, regions} = memfd_regions() |> Enum.split_with(&arena?/1)
+
+        case Enum.find(regions, &(&1.id == id)) do
+          nil ->
+            arenas
+            |> Stream.flat_map(&inspect_arena(&1, context))
+            |> Enum.find(&(&1.id == id))
+
+          region ->
+            inspect_memfd(region, context)
+        end
+    end
+  end
+
+  # ---- arenas (small regions carved out of a VM's arena memfds) ----
+
+  defp arena?(%{id: id}), do: String.starts_with?(id, @prefix <> "arena_")
+
+  defp inspect_arena(%{control: control}, context) do
+    open_by = control |> Enum.map(&elem(&1, 0)) |> Enum.uniq() |> Enum.sort()
+
+    case Enum.sort(control) do
+      [] ->
+        []
+
+      [{_pid, first} | _] ->
+        case Native.inspect_arena(first) do
+          {:ok, found} ->
+            for {offset, header} <- found do
+              # The creator's descriptor of the arena when it still has one.
+              path =
+                case List.keyfind(control, header.creator_pid, 0) do
+                  {_, p} -> p
+                  nil -> first
+                end
+
+              Entry.from_header(header, context, %{
+                path: path,
+                data_path: path,
+                open_by: open_by,
+                control_offset: offset
+              })
+            end
+
+          {:error, _} ->
+            []
         end
     end
   end
