@@ -31,6 +31,13 @@ bool may_create(OpenMode mode) noexcept;         ///< create, create_or_open, re
 bool may_open_existing(OpenMode mode) noexcept;  ///< open_only, create_or_open
 bool removes_first(OpenMode mode) noexcept;      ///< remove_and_create
 
+/// Huge pages for the data of a memfd region (MFD_HUGETLB, from the host's hugetlb pool).
+enum class HugePages {
+  off,        ///< ordinary pages
+  automatic,  ///< huge pages when the host has enough free ones, else ordinary pages, silently
+  on,         ///< huge pages or no_space / unsupported, saying why
+};
+
 /// What actually happened when a Region was obtained.
 enum class Role { created, opened };
 
@@ -46,6 +53,10 @@ struct CreateOptions {
   std::string metadata_json;         ///< <= kMetadataCapacity bytes, stored verbatim
   std::uint64_t idle_timeout_ns = 0;
   bool worker_output = false;  ///< kFlagWorkerOutput: made by a worker for adopt_region/2
+  HugePages huge_pages = HugePages::off;  ///< memfd only; sizes round up to the huge page size
+  /// Prefault the creator's mapping of a fresh memfd data object (MADV_POPULATE_WRITE),
+  /// so that the first write does not take one page fault per 4 KiB page.
+  bool populate = false;
 };
 
 /// Where to find an existing region.

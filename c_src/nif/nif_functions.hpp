@@ -73,6 +73,12 @@ SPSHM_NIF(nif_set_shm_dir);
 SPSHM_NIF(nif_shm_dir);
 SPSHM_NIF(nif_fs_stat);
 
+// nif_pool.cpp: the warm pool and huge pages
+SPSHM_NIF(nif_pool_configure);
+SPSHM_NIF(nif_pool_drain);
+SPSHM_NIF(nif_pool_stats);
+SPSHM_NIF(nif_huge_page_info);
+
 #undef SPSHM_NIF
 
 }  // namespace spshm::nif

@@ -66,6 +66,16 @@ defmodule Snakepit.SharedMemory.Config do
       `/tmp/snakepit_shm-<uid>`). The `SNAKEPIT_SHM_QUOTA_DIR` environment variable
       overrides it. Defaults to `nil`.
 
+  Large regions (`Snakepit.SharedMemory.WarmPool`):
+
+    * `:pool_bytes` - byte budget of the warm pool of freed large `:standard` memfd
+      regions reused by the next allocation of their size; `0` disables it. Defaults to
+      `:default`: min(256 MiB, 5 % of RAM).
+    * `:huge_pages` - default `:huge_pages` of memfd regions of at least one huge page:
+      `:auto` (huge pages when the host's hugetlb pool has enough free ones, else
+      ordinary pages, silently), `true` (fail with `:no_space` when it has not) or
+      `false`. Defaults to `:auto`.
+
   ## Snakepit's configuration
 
   `config :snakepit, :shared_memory, ...` (the keys of the Snakepit shared-memory
@@ -102,7 +112,9 @@ defmodule Snakepit.SharedMemory.Config do
     host_quota: nil,
     host_quota_limit: nil,
     host_quota_wait: 0,
-    host_quota_dir: nil
+    host_quota_dir: nil,
+    pool_bytes: :default,
+    huge_pages: :auto
   ]
 
   @type t :: %{
@@ -128,7 +140,9 @@ defmodule Snakepit.SharedMemory.Config do
           host_quota: String.t() | nil,
           host_quota_limit: non_neg_integer() | nil,
           host_quota_wait: non_neg_integer() | :infinity,
-          host_quota_dir: String.t() | nil
+          host_quota_dir: String.t() | nil,
+          pool_bytes: :default | non_neg_integer(),
+          huge_pages: :auto | boolean()
         }
 
   @doc "The default value of every setting."
@@ -317,6 +331,15 @@ defmodule Snakepit.SharedMemory.Config do
     do: :ok
 
   defp check(:host_quota_dir, _), do: {:error, "nil or a directory path"}
+
+  defp check(:pool_bytes, value)
+       when value == :default or (is_integer(value) and value >= 0),
+       do: :ok
+
+  defp check(:pool_bytes, _),
+    do: {:error, ":default or a non-negative integer (bytes; 0 disables)"}
+
+  defp check(:huge_pages, value), do: one_of(value, [:auto, true, false])
 
   defp check(_key, _value), do: {:error, :unknown}
 

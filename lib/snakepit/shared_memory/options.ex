@@ -22,7 +22,8 @@ defmodule Snakepit.SharedMemory.Options do
     :name,
     :open_mode,
     :backend,
-    :owner
+    :owner,
+    :huge_pages
   ]
 
   @doc "Validated `allocate_region/2` options (see `Snakepit.SharedMemory.allocate_region/2`)."
@@ -42,6 +43,7 @@ defmodule Snakepit.SharedMemory.Options do
          :ok <- metadata_layout(metadata, size),
          {:ok, name, open_mode} <- name(Map.get(opts, :name), Map.get(opts, :open_mode)),
          {:ok, owner} <- owner(Map.get(opts, :owner, self())),
+         {:ok, huge_pages} <- huge_pages(Map.get(opts, :huge_pages, config.huge_pages)),
          {:ok, backend} <- backend(Map.get(opts, :backend, config.default_backend), name, perms) do
       {:ok,
        %{
@@ -58,7 +60,8 @@ defmodule Snakepit.SharedMemory.Options do
          name: name,
          open_mode: open_mode,
          owner: owner,
-         backend: backend
+         backend: backend,
+         huge_pages: huge_pages
        }}
     end
   end
@@ -363,4 +366,14 @@ defmodule Snakepit.SharedMemory.Options do
   defp non_neg_integer?(value), do: is_integer(value) and value >= 0
 
   defp invalid(message), do: Error.error(:invalid_option, message)
+
+  # :huge_pages (memfd regions; docs/ARCHITECTURE.md "Fresh pages").
+  defp huge_pages(value) when value in [:auto, true, false], do: {:ok, value}
+
+  defp huge_pages(other),
+    do:
+      Error.error(
+        :invalid_option,
+        ":huge_pages must be :auto, true or false, got: #{inspect(other)}"
+      )
 end
