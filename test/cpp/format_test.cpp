@@ -77,6 +77,7 @@ TEST_CASE("layout_description names every header field with offsetof/sizeof", "[
                                       HEADER_FIELD(region_id),
                                       HEADER_FIELD(metadata_length),
                                       HEADER_FIELD(header_crc32),
+                                      HEADER_FIELD(data_name),
                                       HEADER_FIELD(reserved0),
                                       HEADER_FIELD(metadata),
                                       HEADER_FIELD(state),
@@ -121,7 +122,7 @@ TEST_CASE("layout_description states every constant", "[format]") {
         std::string("\"data_lock_byte\":1"),
         std::string("\"backends\":{\"posix\":1,\"memfd\":2,\"windows\":3}"),
         std::string("\"flags\":{\"encrypted\":1,\"named\":2,\"split_data\":4,\"worker_output\":8,"
-                    "\"liveness_locks\":16}"),
+                    "\"liveness_locks\":16,\"huge_pages\":128}"),
         std::string("\"states\":{\"sealed\":1,\"deallocated\":2,\"sealing\":4,\"adopted\":8}"),
         std::string("\"slot_states\":{\"free\":0,\"busy\":1,\"live\":2}"),
         std::string("\"holder_flags\":{\"writable\":1,\"incarnation_mask\":4294967040}"),

@@ -35,7 +35,7 @@ ENUMS = {
     "flags": {"encrypted": F.FLAG_ENCRYPTED, "named": F.FLAG_NAMED,
               "split_data": F.FLAG_SPLIT_DATA,
               "worker_output": F.FLAG_WORKER_OUTPUT,
-              "liveness_locks": F.FLAG_LIVENESS_LOCKS},
+              "liveness_locks": F.FLAG_LIVENESS_LOCKS, "huge_pages": F.FLAG_HUGE_PAGES},
     "states": {"sealed": F.STATE_SEALED, "deallocated": F.STATE_DEALLOCATED,
                "sealing": F.STATE_SEALING, "adopted": F.STATE_ADOPTED},
     "slot_states": {"free": F.SLOT_FREE, "busy": F.SLOT_BUSY, "live": F.SLOT_LIVE},
