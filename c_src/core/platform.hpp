@@ -174,9 +174,6 @@ HugePageInfo huge_page_info() noexcept;
 /// create_anonymous() with MFD_HUGETLB: `size` must be a multiple of the huge page size.
 /// no_space when the hugetlb pool has too few free pages, unsupported without hugetlbfs.
 Result<Handle> create_anonymous_huge(const std::string& debug_name, std::uint64_t size);
-/// Prefaults a shared read-write mapping (MADV_POPULATE_WRITE, Linux 5.14): false if the
-/// kernel cannot (the pages then fault in on first touch, as without it).
-bool populate_write(Mapping& mapping) noexcept;
 
 // ---- any object ----
 

@@ -105,12 +105,4 @@ Result<Handle> create_anonymous_huge(const std::string& debug_name, std::uint64_
   return handle;
 }
 
-bool populate_write(Mapping& mapping) noexcept {
-#ifndef MADV_POPULATE_WRITE
-  constexpr int MADV_POPULATE_WRITE = 23;
-#endif
-  if (!mapping.valid()) return false;
-  return ::madvise(mapping.data(), mapping.size(), MADV_POPULATE_WRITE) == 0;
-}
-
 }  // namespace spshm::platform

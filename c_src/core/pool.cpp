@@ -256,9 +256,9 @@ Result<NewDataObject> obtain_data_object(const std::string& id, const CreateOpti
   }
   auto object = platform::create_anonymous(id + ".data", object_size);
   if (!object) return object.error();
-  auto out = map_fresh(std::move(*object), capacity, false, id);
-  if (out && o.populate) (void)platform::populate_write(out->mapping);
-  return out;
+  // (Prefaulting this mapping with MADV_POPULATE_WRITE or MAP_POPULATE only moves the
+  // page faults from the first write into create: no gain measured, bench/FINDINGS.md.)
+  return map_fresh(std::move(*object), capacity, false, id);
 }
 
 }  // namespace spshm

@@ -99,8 +99,7 @@ struct NewDataObject {
 /// Gets the data object of new memfd region `id` holding `capacity` bytes: a pooled one
 /// when the options allow it and one fits (zeroed unless clean), else a huge-page memfd
 /// when asked (HugePages::on fails with no_space/unsupported when the host has none;
-/// automatic falls back to ordinary pages silently), else a fresh memfd, prefaulted
-/// when options.populate.
+/// automatic falls back to ordinary pages silently), else a fresh memfd.
 Result<NewDataObject> obtain_data_object(const std::string& id, const CreateOptions& options,
                                          std::uint64_t capacity);
 

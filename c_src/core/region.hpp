@@ -54,9 +54,6 @@ struct CreateOptions {
   std::uint64_t idle_timeout_ns = 0;
   bool worker_output = false;  ///< kFlagWorkerOutput: made by a worker for adopt_region/2
   HugePages huge_pages = HugePages::off;  ///< memfd only; sizes round up to the huge page size
-  /// Prefault the creator's mapping of a fresh memfd data object (MADV_POPULATE_WRITE),
-  /// so that the first write does not take one page fault per 4 KiB page.
-  bool populate = false;
 };
 
 /// Where to find an existing region.

@@ -88,9 +88,6 @@ Decoded decode_pool_create_options(ErlNifEnv* env, ERL_NIF_TERM map, CreateOptio
       return Decoded::invalid;
     }
   }
-  if (enif_get_map_value(env, map, atom(env, "populate"), &value) &&
-      !get_bool(env, value, &out->populate))
-    return Decoded::badarg;
   return Decoded::ok;
 }
 

@@ -64,7 +64,7 @@ enum class Decoded { ok, badarg, invalid };
 /// the timeout fits in nanoseconds, no NUL in the name); the core checks the rest.
 Decoded decode_create_options(ErlNifEnv* env, ERL_NIF_TERM map, CreateOptions* out, Error* why);
 /// The optional create keys of the warm pool and huge pages (nif_pool.cpp):
-/// huge_pages (:auto | true | false) and populate (boolean).
+/// huge_pages (:auto | true | false).
 Decoded decode_pool_create_options(ErlNifEnv* env, ERL_NIF_TERM map, CreateOptions* out,
                                    Error* why);
 

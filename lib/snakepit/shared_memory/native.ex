@@ -60,8 +60,7 @@ defmodule Snakepit.SharedMemory.Native do
           required(:lock_memory) => boolean(),
           required(:metadata) => binary(),
           required(:idle_timeout_ms) => non_neg_integer(),
-          optional(:huge_pages) => :auto | boolean(),
-          optional(:populate) => boolean()
+          optional(:huge_pages) => :auto | boolean()
         }
   # %{id, backend, size, capacity, control_path, data_path, data_offset, role :: :created | :opened,
   #   encrypted, sealed, os_pid, zero_copy} (zero_copy: the kernel enforces the seal)
