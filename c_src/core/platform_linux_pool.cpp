@@ -98,7 +98,8 @@ Result<Handle> create_anonymous_huge(const std::string& debug_name, std::uint64_
     if (err == ENOSPC || err == ENOMEM)
       return Error{Errc::no_space, err,
                    "the hugetlb pool has too few free pages for " + std::to_string(size) +
-                       " bytes (" + what + "): reserve more (vm.nr_hugepages) or use "
+                       " bytes (" + what +
+                       "): reserve more (vm.nr_hugepages) or use "
                        "huge_pages: :auto"};
     return os_error("cannot allocate " + std::to_string(size) + " bytes for " + what, err);
   }

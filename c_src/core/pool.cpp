@@ -2,8 +2,8 @@
 #include "pool.hpp"
 
 #include <algorithm>
-#include <chrono>
 #include <cerrno>
+#include <chrono>
 #include <cstring>
 #include <mutex>
 #include <thread>
@@ -122,9 +122,8 @@ std::optional<Region::DetachedData> offer(const Region& region, Region::Detached
   bool shape = region.backend() == BackendKind::memfd && region.role() == Role::created &&
                !region.encrypted() && region.capacity() >= kMinPooledBytes &&
                h.security_level == 0 && (h.flags & kFlagWorkerOutput) == 0 &&
-               (state & kStateDeallocated) != 0 &&
-               (state & (kStateSealed | kStateSealing)) == 0 && data.object.valid() &&
-               data.mapping.valid() && data.mapping.size() >= data.bytes;
+               (state & kStateDeallocated) != 0 && (state & (kStateSealed | kStateSealing)) == 0 &&
+               data.object.valid() && data.mapping.valid() && data.mapping.size() >= data.bytes;
   if (!shape) return std::move(data);
   {
     std::lock_guard<std::mutex> lock(the_pool.mutex);

@@ -50,8 +50,8 @@ struct Stats {
 
 /// One pooled object.
 struct Entry {
-  platform::Handle object;   ///< the data memfd (byte 0 locked exclusively by this open)
-  platform::Mapping mapping; ///< this process's read-write mapping of it, from offset 0
+  platform::Handle object;    ///< the data memfd (byte 0 locked exclusively by this open)
+  platform::Mapping mapping;  ///< this process's read-write mapping of it, from offset 0
   std::uint64_t object_size = 0;
   bool clean = false;  ///< every byte is zero already (zeroed when freed)
   bool huge = false;   ///< a hugetlbfs memfd

@@ -82,6 +82,7 @@ struct HeaderSnapshot {
   std::array<std::uint8_t, 16> boot_id;
   std::uint64_t created_at_ns, last_access_ns, idle_timeout_ns;
   std::string metadata_json;
+  std::string data_name;  ///< the header's data_name ("" unless a pooled data memfd)
   std::vector<HolderInfo> holders;
   bool creator_alive;  ///< same boot, pid alive with the same start time (for display)
   /// Some open of the control object holds its liveness lock (inspect(): asked of the

@@ -53,14 +53,13 @@ SPSHM_GUARDED_NIF(nif_pool_drain)(ErlNifEnv* env, int, const ERL_NIF_TERM[]) {
 
 SPSHM_GUARDED_NIF(nif_pool_stats)(ErlNifEnv* env, int, const ERL_NIF_TERM[]) {
   pool::Stats s = pool::stats();
-  ERL_NIF_TERM keys[] = {atom(env, "hits"),    atom(env, "misses"),   atom(env, "bytes_held"),
-                         atom(env, "entries"), atom(env, "budget"),   atom(env, "returned"),
+  ERL_NIF_TERM keys[] = {atom(env, "hits"),    atom(env, "misses"),  atom(env, "bytes_held"),
+                         atom(env, "entries"), atom(env, "budget"),  atom(env, "returned"),
                          atom(env, "refused"), atom(env, "released")};
-  ERL_NIF_TERM values[] = {
-      enif_make_uint64(env, s.hits),     enif_make_uint64(env, s.misses),
-      enif_make_uint64(env, s.bytes_held), enif_make_uint64(env, s.entries),
-      enif_make_uint64(env, s.budget),   enif_make_uint64(env, s.returned),
-      enif_make_uint64(env, s.refused),  enif_make_uint64(env, s.released)};
+  ERL_NIF_TERM values[] = {enif_make_uint64(env, s.hits),       enif_make_uint64(env, s.misses),
+                           enif_make_uint64(env, s.bytes_held), enif_make_uint64(env, s.entries),
+                           enif_make_uint64(env, s.budget),     enif_make_uint64(env, s.returned),
+                           enif_make_uint64(env, s.refused),    enif_make_uint64(env, s.released)};
   return make_map(env, keys, values);
 }
 
@@ -68,8 +67,8 @@ SPSHM_GUARDED_NIF(nif_pool_stats)(ErlNifEnv* env, int, const ERL_NIF_TERM[]) {
 SPSHM_GUARDED_NIF(nif_huge_page_info)(ErlNifEnv* env, int, const ERL_NIF_TERM[]) {
   platform::HugePageInfo info = platform::huge_page_info();
   ERL_NIF_TERM keys[] = {atom(env, "page_size"), atom(env, "total"), atom(env, "free")};
-  ERL_NIF_TERM values[] = {enif_make_uint64(env, info.page_size),
-                           enif_make_uint64(env, info.total), enif_make_uint64(env, info.free)};
+  ERL_NIF_TERM values[] = {enif_make_uint64(env, info.page_size), enif_make_uint64(env, info.total),
+                           enif_make_uint64(env, info.free)};
   return make_map(env, keys, values);
 }
 
