@@ -161,6 +161,9 @@ std::string anonymous_name(const Handle& handle);
 /// True if the object carries a seal that forbids writes now or to future mappings
 /// (memfd F_SEAL_WRITE or F_SEAL_FUTURE_WRITE). False elsewhere.
 bool any_write_seal(const Handle& object) noexcept;
+/// True if some open holds byte `offset` of the object exclusively (F_OFD_GETLK asking
+/// for a shared lock): a data memfd in a warm pool. False elsewhere or on error.
+bool exclusively_locked(const Handle& object, std::uint64_t offset) noexcept;
 /// True if the object lives on hugetlbfs (a memfd made with MFD_HUGETLB).
 bool is_hugetlb(const Handle& object) noexcept;
 /// What the host offers for huge-page memfds: the default huge page size and how many

@@ -48,6 +48,15 @@ bool any_write_seal(const Handle& object) noexcept {
   return seals >= 0 && (seals & (F_SEAL_WRITE | F_SEAL_FUTURE_WRITE)) != 0;
 }
 
+bool exclusively_locked(const Handle& object, std::uint64_t offset) noexcept {
+  struct flock fl {};
+  fl.l_type = F_RDLCK;
+  fl.l_whence = SEEK_SET;
+  fl.l_start = static_cast<off_t>(offset);
+  fl.l_len = 1;
+  return ::fcntl(fd_of(object), F_OFD_GETLK, &fl) == 0 && fl.l_type == F_WRLCK;
+}
+
 bool is_hugetlb(const Handle& object) noexcept {
   struct statfs fs {};
   return ::fstatfs(fd_of(object), &fs) == 0 &&

@@ -111,6 +111,11 @@ std::optional<Entry> take(std::uint64_t object_size, std::uint64_t capacity, boo
   return out;
 }
 
+bool is_pooled_object(const std::string& path) {
+  auto handle = platform::open_path(path, platform::Access::read_only);
+  return handle && platform::exclusively_locked(*handle, kLivenessLockByte);
+}
+
 void release_lock(const platform::Handle& object) noexcept {
   platform::unlock(object, kLivenessLockByte);
 }

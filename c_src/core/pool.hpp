@@ -83,6 +83,11 @@ void release_lock(const platform::Handle& object) noexcept;
 std::optional<Region::DetachedData> offer(const Region& region, Region::DetachedData&& data,
                                           bool zeroed);
 
+/// True if `path` (a /proc/<pid>/fd/<n> link to a data memfd of ours) names an object in
+/// some process's warm pool (its byte 0 is locked exclusively): not a region, nothing
+/// leaked. For tools that scan the host.
+bool is_pooled_object(const std::string& path);
+
 }  // namespace spshm::pool
 
 namespace spshm {

@@ -107,6 +107,7 @@ ErlNifFunc nif_funcs[] = {
     {"pool_drain", 0, nif_pool_drain, kIo},
     {"pool_stats", 0, nif_pool_stats, 0},
     {"huge_page_info", 0, nif_huge_page_info, kIo},
+    {"pooled_object", 1, nif_pooled_object, kIo},
 };
 
 // load and upgrade do the same: resource types are opened with CREATE | TAKEOVER, so a

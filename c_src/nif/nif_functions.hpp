@@ -78,6 +78,7 @@ SPSHM_NIF(nif_pool_configure);
 SPSHM_NIF(nif_pool_drain);
 SPSHM_NIF(nif_pool_stats);
 SPSHM_NIF(nif_huge_page_info);
+SPSHM_NIF(nif_pooled_object);
 
 #undef SPSHM_NIF
 

@@ -63,6 +63,13 @@ SPSHM_GUARDED_NIF(nif_pool_stats)(ErlNifEnv* env, int, const ERL_NIF_TERM[]) {
   return make_map(env, keys, values);
 }
 
+// pooled_object(path): the data memfd at path sits in some VM's warm pool.
+SPSHM_GUARDED_NIF(nif_pooled_object)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  std::string path;
+  if (!get_string(env, argv[0], &path)) return enif_make_badarg(env);
+  return make_bool(pool::is_pooled_object(path));
+}
+
 // huge_page_info(): %{page_size, total, free} of the host's default hugetlb pool.
 SPSHM_GUARDED_NIF(nif_huge_page_info)(ErlNifEnv* env, int, const ERL_NIF_TERM[]) {
   platform::HugePageInfo info = platform::huge_page_info();

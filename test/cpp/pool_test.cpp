@@ -25,8 +25,7 @@ bool free_to_pool(Region& r) {
 
 }  // namespace
 
-TEST_CASE("a freed memfd region comes back with a new id, zeroed, its data memfd named",
-          "[pool]") {
+TEST_CASE("a freed memfd region comes back with a new id, zeroed, its data memfd named", "[pool]") {
   PoolBudget budget(64 << 20);
   Region a = create_ok(options(BackendKind::memfd, kSize));
   std::string old_id = a.id();

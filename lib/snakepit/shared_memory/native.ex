@@ -396,4 +396,7 @@ defmodule Snakepit.SharedMemory.Native do
           free: non_neg_integer()
         }
   def huge_page_info, do: :erlang.nif_error(:not_loaded)
+  @doc "True if the data memfd at `path` (/proc/<pid>/fd/<n>) sits in a VM's warm pool."
+  @spec pooled_object(binary()) :: boolean()
+  def pooled_object(_path), do: :erlang.nif_error(:not_loaded)
 end

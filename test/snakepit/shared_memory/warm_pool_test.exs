@@ -98,6 +98,9 @@ defmodule Snakepit.SharedMemory.WarmPoolTest do
     assert s1.returned == s0.returned + 1
     assert s1.bytes_held == s0.bytes_held + size
     assert s1.entries == s0.entries + 1
+    # Host tools (mix snakepit.shm.list/cleanup) do not take a pooled object for a
+    # leftover region.
+    refute Enum.any?(Snakepit.SharedMemory.CLI.HostScan.scan(), &(&1.id == a))
 
     {:ok, b} = SM.allocate_region(size)
     s2 = WarmPool.stats()
@@ -115,6 +118,10 @@ defmodule Snakepit.SharedMemory.WarmPoolTest do
     {:ok, info} = SM.get_region_info(b)
     assert info.id == b
     assert info.reference_count == 0
+    # ... and the host scan shows b with its (reused) data memfd, nothing under a.
+    scan = Snakepit.SharedMemory.CLI.HostScan.scan()
+    assert %{data_path: "/proc/" <> _} = Enum.find(scan, &(&1.id == b))
+    refute Enum.any?(scan, &(&1.id == a))
     :ok = SM.deallocate_region(b)
   end
 

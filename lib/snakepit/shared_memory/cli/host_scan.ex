@@ -30,7 +30,13 @@ defmodule Snakepit.SharedMemory.CLI.HostScan do
     # A data memfd reused from a VM's warm pool keeps its first name: the header of the
     # region using it names it (data_name), and it is not a region of its own.
     used = MapSet.new(inspected, &elem(&1, 1))
-    lone = for r <- data_only, not MapSet.member?(used, r.id), do: inspect_memfd(r, context, data)
+
+    lone =
+      for r <- data_only,
+          not MapSet.member?(used, r.id),
+          not pooled?(r),
+          do: inspect_memfd(r, context, data)
+
     Entry.sort(posix ++ Enum.map(inspected ++ lone, &elem(&1, 0)))
   end
 
@@ -172,6 +178,11 @@ defmodule Snakepit.SharedMemory.CLI.HostScan do
     extra = %{path: control_path, data_path: data_path, open_by: open_by}
     {Entry.from_header(Map.delete(header, :data_name), context, extra), id}
   end
+
+  # A data memfd alone in some VM's warm pool (Snakepit.SharedMemory.WarmPool): memory
+  # that VM keeps for its next region, not a region, nothing leaked.
+  defp pooled?(%{data: [{_pid, path} | _]}), do: Native.pooled_object(path)
+  defp pooled?(_), do: false
 
   defp proc_pids do
     case File.ls("/proc") do
