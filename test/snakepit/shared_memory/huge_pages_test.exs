@@ -50,7 +50,9 @@ defmodule Snakepit.SharedMemory.HugePagesTest do
 
   setup do
     # Pooled objects would keep huge pages busy between tests.
+    # (and another suite, e.g. the NIF fuzzer, may have left another budget)
     WarmPool.drain()
+    :ok = WarmPool.set_budget(WarmPool.default_budget())
     on_exit(fn -> WarmPool.drain() end)
     :ok
   end
