@@ -19,16 +19,39 @@ defmodule SnakepitShm.Bench.Handoff do
       24 bytes) and the 8-byte answer travel over a `Snakepit.SharedMemory.Channel`
       (shared-memory rings, eventfd doorbells) instead of the Port: the product's best
       path (issue 15). Target: faster than the Port at every size.
+    * `:fresh_pooled` - (a') the fresh path with the warm pool on (issue 14): each
+      handoff's region is made from the object the previous one freed (one untimed
+      handoff warms the pool before the timed ones). `:fresh` itself runs with the pool
+      off and ordinary pages: the cost of truly fresh pages.
+    * `:fresh_huge` - (a'') the fresh path on huge pages (`huge_pages: true`, pool off),
+      only where the host's hugetlb pool has room for the payload.
   """
 
   alias Snakepit.SharedMemory, as: SM
-  alias Snakepit.SharedMemory.{Channel, JSON}
+  alias Snakepit.SharedMemory.{Channel, Config, JSON, WarmPool}
   alias SnakepitShm.Bench.Programs
 
-  @paths [:fresh, :warm, :port, :port_1m, :socket, :reference, :channel]
+  @paths [
+    :fresh,
+    :warm,
+    :port,
+    :port_1m,
+    :socket,
+    :reference,
+    :channel,
+    :fresh_pooled,
+    :fresh_huge
+  ]
   @socket_buffer 4 * 1024 * 1024
 
   def paths, do: @paths
+
+  # :fresh_huge only where the host's hugetlb pool holds the payload.
+  defp active_paths(size) do
+    %{page_size: page, free: free} = WarmPool.huge_pages()
+    huge? = page > 0 and free * page >= div(size + page - 1, page) * page
+    if huge?, do: @paths, else: @paths -- [:fresh_huge]
+  end
 
   @doc """
   Runs every size of `profile.handoff_sizes`. Returns one map per size with
@@ -113,15 +136,16 @@ defmodule SnakepitShm.Bench.Handoff do
 
     try do
       bind_channel(ctx, warm, size)
-      check_agreement(ctx, data)
+      paths = active_paths(size)
+      check_agreement(ctx, data, paths)
 
       rounds =
         for round <- 1..rounds(profile, headline?) do
-          order = rotate(@paths, round)
+          order = rotate(paths, round)
           Map.new(order, fn path -> {path, time_path(ctx, path, data, iterations)} end)
         end
 
-      samples = Map.new(@paths, fn p -> {p, Enum.map(rounds, &Map.fetch!(&1, p))} end)
+      samples = Map.new(paths, fn p -> {p, Enum.map(rounds, &Map.fetch!(&1, p))} end)
       breakdown = if headline?, do: breakdown(ctx, data, profile.handoff_reps), else: nil
       %{size: size, iterations: iterations, samples: samples, breakdown: breakdown}
     after
@@ -143,10 +167,10 @@ defmodule SnakepitShm.Bench.Handoff do
 
   # One untimed handoff by every path: warms each up, and checks that all agree on the
   # xor of the payload (a wrong path must fail the bench, not report a number).
-  defp check_agreement(ctx, data) do
+  defp check_agreement(ctx, data, paths) do
     results =
-      for path <- [:fresh, :warm, :port, :port_1m, :socket, :channel],
-          do: {path, handoff(ctx, path, data)}
+      for path <- paths -- [:reference],
+          do: {path, with_pool(path, fn -> handoff(ctx, path, data) end)}
 
     values = results |> Enum.map(fn {_, {x, _}} -> x end) |> Enum.uniq()
 
@@ -169,16 +193,35 @@ defmodule SnakepitShm.Bench.Handoff do
   end
 
   defp time_path(ctx, path, data, iterations) do
-    start = System.monotonic_time(:nanosecond)
-    for _ <- 1..iterations, do: handoff(ctx, path, data)
-    (System.monotonic_time(:nanosecond) - start) / iterations
+    with_pool(path, fn ->
+      # (a'): one untimed handoff leaves an object of this size in the pool.
+      if path == :fresh_pooled, do: handoff(ctx, path, data)
+      start = System.monotonic_time(:nanosecond)
+      for _ <- 1..iterations, do: handoff(ctx, path, data)
+      (System.monotonic_time(:nanosecond) - start) / iterations
+    end)
   end
+
+  # The fresh paths other than (a') run with the warm pool off (budget 0), untimed
+  # around them; the configured budget is restored after each.
+  defp with_pool(path, fun) when path in [:fresh, :fresh_huge] do
+    :ok = WarmPool.set_budget(0)
+
+    try do
+      fun.()
+    after
+      :ok = WarmPool.set_budget(WarmPool.budget(Config.get(:pool_bytes)))
+    end
+  end
+
+  defp with_pool(_path, fun), do: fun.()
 
   # ---- the paths; each returns {xor, worker timings} ----
 
-  defp handoff(ctx, :fresh, data) do
+  defp handoff(ctx, path, data) when path in [:fresh, :fresh_pooled, :fresh_huge] do
     size = byte_size(data)
-    {:ok, id} = ok!(SM.allocate_region(size), :allocate_region)
+    huge = path == :fresh_huge
+    {:ok, id} = ok!(SM.allocate_region(size, huge_pages: huge), :allocate_region)
     {:ok, mapping} = ok!(SM.map_region(id, access_mode: :read_write), :map_region)
     :ok = ok!(SM.write(mapping, 0, data), :write)
     {:ok, ref} = ok!(SM.export_ref(id), :export_ref)

@@ -14,15 +14,27 @@ defmodule SnakepitShm.Bench.ReportSections do
     port_1m: "(c') Port, 1 MiB pipe",
     socket: "(d) Unix socket",
     reference: "(e) C++ memcpy + read",
-    channel: "(b') warm region + channel message"
+    channel: "(b') warm region + channel message",
+    fresh_pooled: "(a') fresh region, warm pool",
+    fresh_huge: "(a'') fresh region, huge pages"
   }
 
   def handoff(rows) do
-    header = ["payload" | Enum.map(Handoff.paths(), &@path_names[&1])]
+    # Paths measured at some size (runs before a path existed, or a host without huge
+    # pages, lack some): "–" where a size lacks one.
+    paths =
+      Enum.filter(Handoff.paths(), fn p -> Enum.any?(rows, &Map.has_key?(&1.samples, p)) end)
+
+    header = ["payload" | Enum.map(paths, &@path_names[&1])]
 
     rates =
       for row <- rows do
-        [bytes(row.size) | Enum.map(Handoff.paths(), &rate_summary(row.size, row.samples[&1]))]
+        [
+          bytes(row.size)
+          | Enum.map(paths, fn p ->
+              if row.samples[p], do: rate_summary(row.size, row.samples[p]), else: "–"
+            end)
+        ]
       end
 
     ratio_rows =
@@ -39,6 +51,8 @@ defmodule SnakepitShm.Bench.ReportSections do
           ratio(r.channel_vs_port),
           ratio(r.channel_vs_port_1m),
           ratio(r.channel_vs_socket),
+          ratio(r.fresh_pooled_vs_port),
+          ratio(r.fresh_huge_vs_port),
           length(row.samples.warm),
           row.iterations
         ]
@@ -54,7 +68,7 @@ defmodule SnakepitShm.Bench.ReportSections do
     #{table(header, rates)}
     Speed-ups from paired rounds (in each round every path ran once, order rotated):
 
-    #{table(["payload", "warm ÷ port", "warm ÷ port (1 MiB pipe)", "warm ÷ socket", "warm ÷ reference", "fresh ÷ port", "channel ÷ port", "channel ÷ port (1 MiB pipe)", "channel ÷ socket", "rounds", "handoffs per sample"], ratio_rows)}
+    #{table(["payload", "warm ÷ port", "warm ÷ port (1 MiB pipe)", "warm ÷ socket", "warm ÷ reference", "fresh ÷ port", "channel ÷ port", "channel ÷ port (1 MiB pipe)", "channel ÷ socket", "fresh (warm pool) ÷ port", "fresh (huge pages) ÷ port", "rounds", "handoffs per sample"], ratio_rows)}
     ![handoff throughput](handoff.png)
 
     #{breakdown(Enum.find(rows, &(&1.breakdown != nil)))}

@@ -38,8 +38,18 @@ defmodule SnakepitShm.Bench.Targets do
       channel_vs_port: channel_ratio(s, :port),
       channel_vs_port_1m: channel_ratio(s, :port_1m),
       channel_vs_socket: channel_ratio(s, :socket),
-      channel_vs_warm: channel_ratio(s, :warm)
+      channel_vs_warm: channel_ratio(s, :warm),
+      fresh_pooled_vs_port: optional_ratio(s, :fresh_pooled),
+      fresh_huge_vs_port: optional_ratio(s, :fresh_huge)
     }
+  end
+
+  # nil where the path was not measured (an older run, a host without huge pages)
+  defp optional_ratio(s, path) do
+    case s[path] do
+      [_ | _] = samples -> Stats.paired_ratio(s.port, samples)
+      _ -> nil
+    end
   end
 
   # nil for a run made before the channel path existed
@@ -95,7 +105,23 @@ defmodule SnakepitShm.Bench.Targets do
             2,
             reason_fresh(row, results)
           )
-        ]
+        ] ++
+          for {key, what} <- [
+                fresh_pooled_vs_port: "fresh region with the warm pool vs Erlang Port, #{size}",
+                fresh_huge_vs_port: "fresh region on huge pages vs Erlang Port, #{size}"
+              ],
+              r[key] != nil do
+            check(
+              "1",
+              what,
+              ">= 3×",
+              r[key],
+              3,
+              "pool: a memset of the reused object plus the write and the worker's read " <>
+                "faults on its new mapping; huge pages: one fault per 2 MiB, but fallocate " <>
+                "still zeroes every page"
+            )
+          end
     end
   end
 

@@ -38,6 +38,22 @@ bool link_is(const char* path, const char* expected, std::size_t expected_length
 static int open_checked(const char* path, const char* expected_link, int writable, int* fd_out,
                         uint64_t* size_out) noexcept;
 
+#if defined(__linux__)
+/// The shared lock of byte 0 of the data memfd (docs/FORMAT.md, "The data memfd"), held
+/// for as long as this open or a mapping of it lives: the creator's warm pool never takes
+/// back an object a worker still maps. Busy while the pool holds the object (the region
+/// is gone): the caller's step-by-step path then says so.
+static int lock_data(int fd) noexcept {
+  struct flock lock {};
+  lock.l_type = F_RDLCK;
+  lock.l_whence = SEEK_SET;
+  lock.l_start = 0;
+  lock.l_len = 1;
+  if (::fcntl(fd, F_OFD_SETLK, &lock) == 0) return SPSHM_OK;
+  return (errno == EAGAIN || errno == EACCES) ? SPSHM_E_BUSY : SPSHM_E_IO_ERROR;
+}
+#endif
+
 SPSHM_EXPORT int spshm_attach_memfd(const char* control_path, const char* control_link,
                                     const char* data_path, const char* data_link, int data_writable,
                                     void* header_out, int* control_fd, uint64_t* control_size,
@@ -50,7 +66,8 @@ SPSHM_EXPORT int spshm_attach_memfd(const char* control_path, const char* contro
   if (code != SPSHM_OK) return code;
   // The shared liveness lock first: from here on no sweeper removes the region.
   if ((code = spshm_liveness_lock(*control_fd, err, errlen)) == SPSHM_OK &&
-      (code = open_checked(data_path, data_link, data_writable, data_fd, data_size)) == SPSHM_OK) {
+      (code = open_checked(data_path, data_link, data_writable, data_fd, data_size)) == SPSHM_OK &&
+      (code = lock_data(*data_fd)) == SPSHM_OK) {
     // A private copy of the header, validated with the core's checks (the caller gets
     // the copy: the shared header could change after the check).
     ssize_t n = *control_size < 4096 ? -1 : ::pread(*control_fd, header_out, 4096, 0);

@@ -3,6 +3,7 @@
 #include <cstddef>
 #include <cstring>
 #include <string>
+#include <string_view>
 
 #include "crypto.hpp"
 #include "guard.hpp"
@@ -48,7 +49,8 @@ const FieldDesc kHeaderFields[] = {
     SPSHM_HEADER_FIELD(region_id, "char[32]"),
     SPSHM_HEADER_FIELD(metadata_length, "u32"),
     SPSHM_HEADER_FIELD(header_crc32, "u32"),
-    SPSHM_HEADER_FIELD(reserved0, "u8[120]"),
+    SPSHM_HEADER_FIELD(data_name, "char[40]"),
+    SPSHM_HEADER_FIELD(reserved0, "u8[80]"),
     SPSHM_HEADER_FIELD(metadata, "char[1792]"),
     SPSHM_HEADER_FIELD(state, "atomic u32"),
     SPSHM_HEADER_FIELD(refcount, "atomic u32"),
@@ -164,6 +166,7 @@ std::string layout_description() {
       o.number("worker_output", kFlagWorkerOutput);
       o.number("liveness_locks", kFlagLivenessLocks);
       o.number("arena", kFlagArena);
+      o.number("huge_pages", kFlagHugePages);
     }
     {
       root.key("states");
@@ -260,6 +263,8 @@ void init_header(RegionHeader& h, const HeaderInit& init) {
   h.chunk_size = encrypted ? kChunkSize : 0;
   std::memcpy(h.region_id, init.region_id.data(),
               std::min<std::size_t>(init.region_id.size(), kRegionIdCapacity));
+  std::memcpy(h.data_name, init.data_name.data(),
+              std::min<std::size_t>(init.data_name.size(), kDataNameCapacity - 1));
   h.metadata_length = static_cast<std::uint32_t>(init.metadata_json.size());
   std::memcpy(h.metadata, init.metadata_json.data(),
               std::min<std::size_t>(init.metadata_json.size(), kMetadataCapacity));
@@ -307,6 +312,23 @@ bool all_zero(const void* data, std::size_t length) noexcept {
   return true;
 }
 
+// data_name: all zero, or "spshm_" + [a-z2-7]{20} + ".data" then zeros (a pooled data
+// memfd keeps the name it was created with: the header says which one belongs to it).
+Result<void> validate_data_name(const RegionHeader& h) {
+  std::size_t length = strnlen(h.data_name, kDataNameCapacity);
+  if (length == kDataNameCapacity) return corrupt(h, "data_name is not NUL terminated");
+  if (!all_zero(h.data_name + length, kDataNameCapacity - length))
+    return corrupt(h, "data_name padding is not zero");
+  if (length == 0) return {};
+  std::string name(h.data_name, length);
+  constexpr std::string_view suffix = ".data";
+  bool ok = name.size() > suffix.size() &&
+            name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0 &&
+            validate_region_id(name.substr(0, name.size() - suffix.size())).ok();
+  if (!ok) return corrupt(h, "data_name is not the name of a data memfd of ours");
+  return {};
+}
+
 Result<void> validate_identity(const RegionHeader& h) {
   if (std::memcmp(h.magic, kMagic, sizeof kMagic) != 0)
     return Error{Errc::corrupt, 0,
@@ -325,6 +347,7 @@ Result<void> validate_identity(const RegionHeader& h) {
     return corrupt(h, "holder_capacity is " + std::to_string(h.holder_capacity) + ", expected " +
                           std::to_string(kHolderCapacity));
   if (!all_zero(h.reserved0, sizeof h.reserved0)) return corrupt(h, "reserved0 is not zero");
+  if (auto r = validate_data_name(h); !r) return r;
   if (!all_zero(h.reserved1, sizeof h.reserved1)) return corrupt(h, "reserved1 is not zero");
   if (h.metadata_length > kMetadataCapacity)
     return corrupt(h, "metadata_length " + std::to_string(h.metadata_length) +
@@ -348,7 +371,7 @@ Result<void> validate_kind(const RegionHeader& h) {
   if (named != ((h.flags & kFlagNamed) != 0))
     return corrupt(h, "the named flag does not match the region id");
   if (h.flags & ~(kFlagEncrypted | kFlagNamed | kFlagSplitData | kFlagWorkerOutput |
-                  kFlagLivenessLocks | kFlagArena))
+                  kFlagLivenessLocks | kFlagArena | kFlagHugePages))
     return corrupt(h, "unknown flags " + std::to_string(h.flags));
   if (h.security_level > 2)
     return corrupt(h, "security_level " + std::to_string(h.security_level) + " is unknown");
@@ -419,6 +442,12 @@ Result<void> validate_header(const RegionHeader& header, std::uint64_t data_obje
                                  std::to_string(data_object_size) + " bytes (truncated or shrunk)");
     return {};
   });
+}
+
+std::string data_object_name(const RegionHeader& h) {
+  std::size_t length = strnlen(h.data_name, kDataNameCapacity);
+  if (length > 0 && length < kDataNameCapacity) return std::string(h.data_name, length);
+  return std::string(h.region_id, strnlen(h.region_id, kRegionIdCapacity)) + ".data";
 }
 
 }  // namespace spshm

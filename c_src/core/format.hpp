@@ -26,6 +26,7 @@ inline constexpr std::uint32_t kMetadataOffset = 256;
 inline constexpr std::uint32_t kMetadataCapacity = 1792;  // bytes [256, 2048)
 inline constexpr std::uint32_t kHolderCapacity = 64;
 inline constexpr std::uint32_t kRegionIdCapacity = 32;
+inline constexpr std::uint32_t kDataNameCapacity = 40;
 inline constexpr std::uint32_t kCrcCoveredPrefix = 132;  // CRC covers [0, 132) ++ metadata
 
 // Prefix of every segment name of ours ("/spshm_..." in /dev/shm, "memfd:spshm_..." in /proc).
@@ -81,6 +82,10 @@ inline constexpr std::uint32_t kFlagWorkerOutput = 1u << 3;
 /// follows it (data_offset 4096, relative to the control block), and every lock byte of
 /// the region is shifted by the control block's offset.
 inline constexpr std::uint32_t kFlagArena = 1u << 5;
+/// The data memfd lives on hugetlbfs (MFD_HUGETLB): its size is a multiple of the huge
+/// page size, and every mapping of it must be too (munmap refuses other lengths), so
+/// openers map the whole data object.
+inline constexpr std::uint32_t kFlagHugePages = 1u << 7;
 
 // Mutable state bits (RegionHeader::state).
 inline constexpr std::uint32_t kStateSealed = 1u << 0;
@@ -135,7 +140,9 @@ struct RegionHeader {
   char region_id[32];                // 96  ASCII, NUL padded
   std::uint32_t metadata_length;     // 128
   std::uint32_t header_crc32;        // 132 zlib CRC-32 of [0,132) ++ metadata[0, metadata_length)
-  std::uint8_t reserved0[120];       // 136 zero
+  char data_name[40];                // 136 name of the data memfd when not region_id + ".data"
+                                     //     (a reused pooled object), NUL padded; else zero
+  std::uint8_t reserved0[80];        // 176 zero
   char metadata[1792];               // 256 UTF-8 JSON object, zero padded
   // ---- mutable part, [2048, 4096) ----
   std::atomic<std::uint32_t> state;            // 2048 kState*
@@ -169,6 +176,8 @@ static_assert(offsetof(RegionHeader, chunk_size) == 92);
 static_assert(offsetof(RegionHeader, region_id) == 96);
 static_assert(offsetof(RegionHeader, metadata_length) == 128);
 static_assert(offsetof(RegionHeader, header_crc32) == kCrcCoveredPrefix);
+static_assert(offsetof(RegionHeader, data_name) == 136);
+static_assert(offsetof(RegionHeader, reserved0) == 176);
 static_assert(offsetof(RegionHeader, metadata) == kMetadataOffset);
 static_assert(offsetof(RegionHeader, state) == kImmutableSize);
 static_assert(offsetof(RegionHeader, refcount) == 2052);

@@ -22,6 +22,7 @@ struct HeaderInit {
   std::uint64_t data_offset = 0;
   std::string metadata_json;
   std::uint64_t idle_timeout_ns = 0;
+  std::string data_name;  ///< the data memfd's name when not region_id + ".data" (pool reuse)
 };
 
 /// Zeroes the header and fills every field except the magic and the CRC. The header
@@ -34,6 +35,10 @@ void publish_header(RegionHeader& header) noexcept;
 
 /// True once publish_header has run (acquire): every immutable field may be read.
 bool header_published(const RegionHeader& header) noexcept;
+
+/// The name the data memfd of a split region must have: the header's data_name (a
+/// reused pooled object) or, when that is empty, region_id + ".data".
+std::string data_object_name(const RegionHeader& header);
 
 /// Every check of validate_header that needs no object size.
 Result<void> validate_header_fields(const RegionHeader& header);

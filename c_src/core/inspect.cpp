@@ -75,6 +75,7 @@ HeaderSnapshot snapshot(const RegionHeader& h) {
   std::uint32_t length =
       h.metadata_length < kMetadataCapacity ? h.metadata_length : kMetadataCapacity;
   s.metadata_json.assign(h.metadata, length);
+  s.data_name.assign(h.data_name, strnlen(h.data_name, kDataNameCapacity));
   s.holders = holders(h);
   s.creator_alive =
       s.boot_id == platform::boot_id() && process_alive(s.creator_pid, s.creator_start_time);

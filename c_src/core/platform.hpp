@@ -156,6 +156,28 @@ std::string handle_path(const Handle& handle);
 /// Name given to create_anonymous() of the object behind `handle` ("" if not anonymous).
 std::string anonymous_name(const Handle& handle);
 
+// ---- warm pool and huge pages (Linux memfd; pool.hpp) ----
+
+/// True if the object carries a seal that forbids writes now or to future mappings
+/// (memfd F_SEAL_WRITE or F_SEAL_FUTURE_WRITE). False elsewhere.
+bool any_write_seal(const Handle& object) noexcept;
+/// True if some open holds byte `offset` of the object exclusively (F_OFD_GETLK asking
+/// for a shared lock): a data memfd in a warm pool. False elsewhere or on error.
+bool exclusively_locked(const Handle& object, std::uint64_t offset) noexcept;
+/// True if the object lives on hugetlbfs (a memfd made with MFD_HUGETLB).
+bool is_hugetlb(const Handle& object) noexcept;
+/// What the host offers for huge-page memfds: the default huge page size and how many
+/// pages of it are reserved (vm.nr_hugepages) and free now. Zeros where unknown.
+struct HugePageInfo {
+  std::uint64_t page_size = 0;
+  std::uint64_t total = 0;
+  std::uint64_t free = 0;
+};
+HugePageInfo huge_page_info() noexcept;
+/// create_anonymous() with MFD_HUGETLB: `size` must be a multiple of the huge page size.
+/// no_space when the hugetlb pool has too few free pages, unsupported without hugetlbfs.
+Result<Handle> create_anonymous_huge(const std::string& debug_name, std::uint64_t size);
+
 // ---- any object ----
 
 /// Opens a path without following symbolic links, except the process fd links

@@ -68,6 +68,13 @@ Result<void> seal_writes(const Handle&) {
   return Error{Errc::unsupported, 0, "macOS has no kernel write seal"};
 }
 bool writes_sealed(const Handle&) noexcept { return false; }
+bool any_write_seal(const Handle&) noexcept { return false; }
+bool is_hugetlb(const Handle&) noexcept { return false; }
+bool exclusively_locked(const Handle&, std::uint64_t) noexcept { return false; }
+HugePageInfo huge_page_info() noexcept { return {}; }
+Result<Handle> create_anonymous_huge(const std::string&, std::uint64_t) {
+  return Error{Errc::unsupported, 0, "macOS has no huge-page memfds"};
+}
 
 // No open file description locks here: encrypted regions are not protected against
 // concurrent writers of different processes on this OS (documented in SECURITY.md).

@@ -256,6 +256,13 @@ Result<void> seal_writes(const Handle&) {
   return Error{Errc::unsupported, 0, "Windows has no kernel write seal"};
 }
 bool writes_sealed(const Handle&) noexcept { return false; }
+bool any_write_seal(const Handle&) noexcept { return false; }
+bool is_hugetlb(const Handle&) noexcept { return false; }
+bool exclusively_locked(const Handle&, std::uint64_t) noexcept { return false; }
+HugePageInfo huge_page_info() noexcept { return {}; }
+Result<Handle> create_anonymous_huge(const std::string&, std::uint64_t) {
+  return Error{Errc::unsupported, 0, "Windows has no huge-page memfds"};
+}
 bool install_fault_guard() noexcept { return true; }
 bool fault_guard_installed() noexcept { return true; }
 std::uint64_t fault_repairs() noexcept { return 0; }

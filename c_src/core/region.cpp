@@ -17,6 +17,7 @@
 #include "ids.hpp"
 #include "park.hpp"
 #include "platform.hpp"
+#include "pool.hpp"
 #include "region_impl.hpp"
 
 namespace spshm {
@@ -58,6 +59,10 @@ Result<void> check_create_options(const CreateOptions& o) {
   if (named) {
     if (auto r = validate_name(o.name); !r) return r;
   }
+  if (o.huge_pages == HugePages::on && o.backend != BackendKind::memfd)
+    return Error{Errc::invalid_argument, 0,
+                 "huge_pages: true needs backend :memfd (a huge-page memfd); POSIX segments "
+                 "live on /dev/shm, which has no huge pages"};
   switch (o.backend) {
     case BackendKind::posix:
     case BackendKind::windows:
@@ -69,6 +74,9 @@ Result<void> check_create_options(const CreateOptions& o) {
                          (o.backend == BackendKind::posix ? "windows" : "posix")};
       return {};
     case BackendKind::memfd:
+      if (o.huge_pages == HugePages::on && (o.lock_memory || o.encrypted))
+        return Error{Errc::invalid_argument, 0,
+                     "huge_pages: true is for :standard (unencrypted) regions only"};
       if (named)
         return Error{Errc::invalid_argument, 0,
                      "named regions need backend :posix (a memfd has no name others can find)"};
@@ -107,7 +115,8 @@ class NameGuard {
 };
 
 /// Writes header (and encrypted chunks) into a freshly mapped region, then publishes it.
-Result<void> fill_new_region(RegionFactory::Impl& impl, const CreateOptions& o, bool named) {
+Result<void> fill_new_region(RegionFactory::Impl& impl, const CreateOptions& o, bool named,
+                             const std::string& data_name = {}, bool huge = false) {
   if (o.lock_memory) {
     if (auto r = platform::lock_memory(impl.data, impl.capacity); !r) return r;
     impl.memory_locked = true;
@@ -119,13 +128,14 @@ Result<void> fill_new_region(RegionFactory::Impl& impl, const CreateOptions& o, 
   init.flags = (o.encrypted ? kFlagEncrypted : 0) | (named ? kFlagNamed : 0) |
                (split ? kFlagSplitData : 0) | (impl.arena ? kFlagArena : 0) |
                (o.worker_output ? kFlagWorkerOutput : 0) |
-               (platform::has_ofd_locks() ? kFlagLivenessLocks : 0);
+               (platform::has_ofd_locks() ? kFlagLivenessLocks : 0) | (huge ? kFlagHugePages : 0);
   init.security_level = o.security_level;
   init.data_size = o.size;
   init.data_capacity = impl.capacity;
   init.data_offset = split ? 0 : kHeaderSize;
   init.metadata_json = o.metadata_json;
   init.idle_timeout_ns = o.idle_timeout_ns;
+  init.data_name = data_name;
   RegionHeader& h = impl.header();
   init_header(h, init);
   impl.adopt(h);
@@ -226,19 +236,22 @@ Result<Region> create_memfd(const CreateOptions& o) {
   if (!control) return control.error();
   impl->control = std::move(*control);
   if (auto r = take_liveness_lock(impl->control, "memfd " + impl->id); !r) return r.error();
-  auto data = platform::create_anonymous(impl->id + ".data", round_up_to_page(impl->capacity));
+  // From the warm pool, on huge pages, or fresh (pool.cpp).
+  auto data = obtain_data_object(impl->id, o, impl->capacity);
   if (!data) return data.error();
-  impl->data_object = std::move(*data);
+  impl->data_object = std::move(data->object);
   auto header = platform::map(impl->control, 0, kHeaderSize, Access::read_write, Sharing::shared,
                               "the control memfd of " + impl->id);
   if (!header) return header.error();
   impl->header_map = std::move(*header);
-  auto mapped = platform::map(impl->data_object, 0, impl->capacity, Access::read_write,
-                              Sharing::shared, "the data memfd of " + impl->id);
-  if (!mapped) return mapped.error();
-  impl->data_map = std::move(*mapped);
+  impl->data_map = std::move(data->mapping);
   impl->data = impl->data_map.data();
-  if (auto r = fill_new_region(*impl, o, false); !r) return r.error();
+  if (auto r = fill_new_region(*impl, o, false, data->pooled ? data->data_name : std::string(),
+                               data->huge);
+      !r)
+    return r.error();
+  // The header names the object now: openers may lock it (and map it) from here on.
+  if (data->pooled) pool::release_lock(impl->data_object);
   publish_in_index(*impl);
   return RegionFactory::make(std::move(impl));
 }

@@ -31,6 +31,13 @@ bool may_create(OpenMode mode) noexcept;         ///< create, create_or_open, re
 bool may_open_existing(OpenMode mode) noexcept;  ///< open_only, create_or_open
 bool removes_first(OpenMode mode) noexcept;      ///< remove_and_create
 
+/// Huge pages for the data of a memfd region (MFD_HUGETLB, from the host's hugetlb pool).
+enum class HugePages {
+  off,        ///< ordinary pages
+  automatic,  ///< huge pages when the host has enough free ones, else ordinary pages, silently
+  on,         ///< huge pages or no_space / unsupported, saying why
+};
+
 /// What actually happened when a Region was obtained.
 enum class Role { created, opened };
 
@@ -55,6 +62,7 @@ struct CreateOptions {
   /// that fits an arena. Otherwise (or where arenas are unsupported) a dedicated region
   /// is made as if `arena` were false. The size threshold is the caller's policy.
   bool arena = false;
+  HugePages huge_pages = HugePages::off;  ///< memfd only; sizes round up to the huge page size
 };
 
 /// True if create() would carve a region with these options out of an arena.
@@ -86,6 +94,7 @@ struct HeaderSnapshot {
   std::array<std::uint8_t, 16> boot_id;
   std::uint64_t created_at_ns, last_access_ns, idle_timeout_ns;
   std::string metadata_json;
+  std::string data_name;  ///< the header's data_name ("" unless a pooled data memfd)
   std::vector<HolderInfo> holders;
   bool creator_alive;  ///< same boot, pid alive with the same start time (for display)
   /// Some open of the control object holds its liveness lock (inspect(): asked of the

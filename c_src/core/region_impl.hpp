@@ -112,6 +112,11 @@ Result<platform::ObjectInfo> check_our_object(const platform::Handle& handle,
 /// while a sweeper holds it exclusively (busy if it still does).
 Result<void> take_liveness_lock(const platform::Handle& handle, const std::string& what);
 
+/// Takes the shared lock of byte 0 of a split region's data object (every opener of a
+/// data memfd holds it while the open or a mapping of it lives). busy for a moment while
+/// the creator's warm pool holds the object (pool.hpp): then the region is gone.
+Result<void> lock_data_object(const platform::Handle& data, const std::string& what);
+
 /// True if `region_id` currently names the object behind `ours` (same device and inode).
 /// Where the OS gives no identity (Windows: no names to remove), it says true.
 bool names_our_object(const std::string& region_id, const platform::Handle& ours);

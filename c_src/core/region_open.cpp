@@ -271,15 +271,20 @@ Result<Region> RegionFactory::open_split(const OpenTarget& t, bool writable) {
   impl->data_object = std::move(*data);
   auto data_info = check_object(impl->data_object, t.data_path);
   if (!data_info) return data_info.error();
+  // The data object's liveness lock: while this open (or a mapping of it) lives, the
+  // creator's warm pool never takes the object back (pool.hpp).
+  if (auto r = lock_data_object(impl->data_object, t.data_path); !r) return r.error();
   if (auto r = validate_header(h, data_info->size); !r) return r.error();
   impl->adopt(h);
   if (platform::anonymous_name(impl->control) != impl->id ||
-      platform::anonymous_name(impl->data_object) != impl->id + ".data")
+      platform::anonymous_name(impl->data_object) != data_object_name(h))
     return Error{Errc::invalid_argument, 0,
                  t.control_path + " and " + t.data_path +
                      " are not the control and data memfds of one region (" + impl->id + ")"};
   if (auto r = check_state(impl->header(), impl->id, writable); !r) return r.error();
-  auto mapped = platform::map(impl->data_object, 0, impl->capacity,
+  // Huge pages: a mapping must cover whole huge pages (munmap refuses other lengths).
+  std::uint64_t map_length = (h.flags & kFlagHugePages) ? data_info->size : impl->capacity;
+  auto mapped = platform::map(impl->data_object, 0, map_length,
                               writable ? Access::read_write : Access::read_only, Sharing::shared,
                               t.data_path);
   if (!mapped) return mapped.error();

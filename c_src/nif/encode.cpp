@@ -116,6 +116,10 @@ ERL_NIF_TERM encode_snapshot(ErlNifEnv* env, const HeaderSnapshot& s, const std:
   };
   ERL_NIF_TERM map = make_map(env, keys, values);
   if (!path.empty()) enif_make_map_put(env, map, a.path, make_binary(env, path), &map);
+  // Only for a data memfd reused from the warm pool (its name is not <id>.data).
+  if (!s.data_name.empty())
+    enif_make_map_put(env, map, enif_make_atom(env, "data_name"), make_binary(env, s.data_name),
+                      &map);
   return map;
 }
 

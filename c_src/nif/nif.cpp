@@ -117,6 +117,12 @@ ErlNifFunc nif_funcs[] = {
     {"ring_probe_read", 1, nif_ring_probe_read, 0},
     {"ring_probe_flush", 1, nif_ring_probe_flush, 0},
     {"ring_probe_indices", 1, nif_ring_probe_indices, 0},
+    // the warm pool and huge pages (nif_pool.cpp); configure/drain may free many objects
+    {"pool_configure", 1, nif_pool_configure, kIo},
+    {"pool_drain", 0, nif_pool_drain, kIo},
+    {"pool_stats", 0, nif_pool_stats, 0},
+    {"huge_page_info", 0, nif_huge_page_info, kIo},
+    {"pooled_object", 1, nif_pooled_object, kIo},
 };
 
 // load and upgrade do the same: resource types are opened with CREATE | TAKEOVER, so a

@@ -90,6 +90,13 @@ SPSHM_NIF(nif_fs_stat);
 // nif_runtime_index.cpp: the bare-id index of memfd regions
 SPSHM_NIF(nif_runtime_index_sweep);
 
+// nif_pool.cpp: the warm pool and huge pages
+SPSHM_NIF(nif_pool_configure);
+SPSHM_NIF(nif_pool_drain);
+SPSHM_NIF(nif_pool_stats);
+SPSHM_NIF(nif_huge_page_info);
+SPSHM_NIF(nif_pooled_object);
+
 #undef SPSHM_NIF
 
 }  // namespace spshm::nif

@@ -132,6 +132,10 @@ bool get_region(ErlNifEnv* env, ERL_NIF_TERM term, RegionResource** out);
 bool get_mapping(ErlNifEnv* env, ERL_NIF_TERM term, MappingResource** out);
 bool get_watch(ErlNifEnv* env, ERL_NIF_TERM term, WatchResource** out);
 
+/// Offers a deallocated region's detached data area to the warm pool (nif_pool.cpp),
+/// disposing of it as before when the pool refuses it.
+void release_data_to_pool_or_dispose(Region& region, Region::DetachedData&& data) noexcept;
+
 /// Moves `region` into a new resource and returns its term (the term owns it).
 /// Sets *out (optional) to the resource for further encoding.
 ERL_NIF_TERM make_region_resource(ErlNifEnv* env, Region&& region, RegionResource** out);

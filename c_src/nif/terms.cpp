@@ -304,6 +304,8 @@ Decoded decode_create_options(ErlNifEnv* env, ERL_NIF_TERM map, CreateOptions* o
   o.mode = static_cast<std::uint32_t>(mode_bits);
   o.security_level = static_cast<std::uint32_t>(security_level);
   o.idle_timeout_ns = timeout_ms * 1000000;
+  // Optional keys of the warm pool / huge pages (nif_pool.cpp).
+  if (Decoded d = decode_pool_create_options(env, map, &o, why); d != Decoded::ok) return d;
   *out = std::move(o);
   return Decoded::ok;
 }

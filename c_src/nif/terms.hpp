@@ -64,6 +64,10 @@ enum class Decoded { ok, badarg, invalid };
 /// idle_timeout_ms. Range checks here are about the term (mode <= 0o777, level <= 2,
 /// the timeout fits in nanoseconds, no NUL in the name); the core checks the rest.
 Decoded decode_create_options(ErlNifEnv* env, ERL_NIF_TERM map, CreateOptions* out, Error* why);
+/// The optional create keys of the warm pool and huge pages (nif_pool.cpp):
+/// huge_pages (:auto | true | false).
+Decoded decode_pool_create_options(ErlNifEnv* env, ERL_NIF_TERM map, CreateOptions* out,
+                                   Error* why);
 
 /// True when `status` is ok; otherwise sets *reply to badarg or to the error tuple of `why`.
 bool decoded(ErlNifEnv* env, Decoded status, const Error& why, ERL_NIF_TERM* reply);

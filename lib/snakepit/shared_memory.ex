@@ -91,6 +91,15 @@ defmodule Snakepit.SharedMemory do
       Defaults to the `:default_backend` setting (`:auto`).
     * `:owner` - the pid whose death triggers the `:automatic` policy. Defaults to
       `self()`.
+    * `:huge_pages` - memfd regions of at least one huge page (2 MiB): `:auto` takes
+      them from the host's hugetlb pool when it has enough free pages (the size rounds
+      up to whole huge pages) and silently uses ordinary pages otherwise; `true` fails
+      with `:no_space` when it has not; `false` never uses them. Defaults to the
+      `:huge_pages` setting (`:auto`). `mix snakepit.shm.doctor` shows the host's pool.
+
+  Large `:standard` memfd regions may come from the warm pool of freed ones
+  (`Snakepit.SharedMemory.WarmPool`, setting `:pool_bytes`): they read as zeros like
+  fresh ones.
 
   Errors: `:invalid_size`, `:invalid_option`, `:invalid_metadata`, `:metadata_too_large`,
   `:size_exceeds_limit`, `:memory_limit_exceeded`, `:region_limit_exceeded`,
@@ -320,7 +329,9 @@ defmodule Snakepit.SharedMemory do
   Counters of this VM: `:allocations`, `:deallocations`, `:active_regions`,
   `:active_bytes`, `:limits`, `:errors` (count by reason), `:operations` (count and
   p50/p90/p99/max in microseconds per operation, from log2 histograms: exact to within
-  a factor of two) and `:events` (expiries, owner deaths, orphans swept, ...).
+  a factor of two), `:events` (expiries, owner deaths, orphans swept, ...) and `:pool`
+  (the warm pool of large regions: `:hits`, `:misses`, `:bytes_held`, ... see
+  `Snakepit.SharedMemory.WarmPool.stats/0`).
   """
   @spec stats() :: {:ok, map()}
   def stats do
@@ -345,7 +356,8 @@ defmodule Snakepit.SharedMemory do
          ]),
        errors: errors,
        operations: operations,
-       events: Map.drop(events, [:allocations, :deallocations])
+       events: Map.drop(events, [:allocations, :deallocations]),
+       pool: Snakepit.SharedMemory.WarmPool.stats()
      }}
   end
 

@@ -77,6 +77,7 @@ TEST_CASE("layout_description names every header field with offsetof/sizeof", "[
                                       HEADER_FIELD(region_id),
                                       HEADER_FIELD(metadata_length),
                                       HEADER_FIELD(header_crc32),
+                                      HEADER_FIELD(data_name),
                                       HEADER_FIELD(reserved0),
                                       HEADER_FIELD(metadata),
                                       HEADER_FIELD(state),
@@ -121,7 +122,7 @@ TEST_CASE("layout_description states every constant", "[format]") {
         std::string("\"data_lock_byte\":1"),
         std::string("\"backends\":{\"posix\":1,\"memfd\":2,\"windows\":3}"),
         std::string("\"flags\":{\"encrypted\":1,\"named\":2,\"split_data\":4,\"worker_output\":8,"
-                    "\"liveness_locks\":16,\"arena\":32}"),
+                    "\"liveness_locks\":16,\"arena\":32,\"huge_pages\":128}"),
         std::string("\"arena_data_offset\":4096"),
         std::string("\"states\":{\"sealed\":1,\"deallocated\":2,\"sealing\":4,\"adopted\":8}"),
         std::string("\"slot_states\":{\"free\":0,\"busy\":1,\"live\":2}"),
@@ -151,7 +152,7 @@ TEST_CASE("layout_description fields tile the header without gaps", "[format]") 
 
 TEST_CASE("docs/FORMAT.md tables agree with the header layout", "[format][docs]") {
   auto header_rows = format_md_rows("Header fields");
-  REQUIRE(header_rows.size() == 28);
+  REQUIRE(header_rows.size() == 29);
   std::string json = layout_description();
   for (const auto& [field, row] : header_rows) {
     INFO(field);

@@ -19,6 +19,11 @@ defmodule Snakepit.SharedMemory.Reliability.FuzzNativeTest do
 
   setup_all do
     ReliabilityHelpers.asan_probe!()
+    # The fuzzer sets random warm-pool budgets: give the next suites the default back.
+    on_exit(fn ->
+      Snakepit.SharedMemory.WarmPool.set_budget(Snakepit.SharedMemory.WarmPool.default_budget())
+    end)
+
     :ok
   end
 

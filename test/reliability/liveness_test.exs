@@ -453,6 +453,17 @@ defmodule Snakepit.SharedMemory.Reliability.LivenessTest do
   end
 
   describe "7. deallocation releases memory at once" do
+    # Without the warm pool (which keeps freed memfd data mapped for reuse by design,
+    # WarmPoolTest): the memory goes back at once, and each region's data memfd is
+    # named after it.
+    setup do
+      :ok = Snakepit.SharedMemory.WarmPool.set_budget(0)
+
+      on_exit(fn ->
+        Snakepit.SharedMemory.WarmPool.set_budget(Snakepit.SharedMemory.WarmPool.default_budget())
+      end)
+    end
+
     for backend <- [:memfd, :posix] do
       test "a #{backend} region's data is unmapped by deallocate_region/1, not at the next GC" do
         {:ok, id} = SM.allocate_region(16 * 1024 * 1024, backend: unquote(backend))

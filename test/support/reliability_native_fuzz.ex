@@ -126,7 +126,13 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
     ring_probe_write: 2,
     ring_probe_read: 2,
     ring_probe_flush: 1,
-    ring_probe_indices: 1
+    ring_probe_indices: 1,
+    # the warm pool and huge pages (nif_pool.cpp)
+    pool_configure: 1,
+    pool_drain: 1,
+    pool_stats: 1,
+    huge_page_info: 1,
+    pooled_object: 2
   ]
   @total_weight @functions |> Keyword.values() |> Enum.sum()
 
@@ -398,7 +404,10 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
               :reaped_holds,
               :runtime_index_sweep,
               :arena_maintain,
-              :arena_stats
+              :arena_stats,
+              :pool_drain,
+              :pool_stats,
+              :huge_page_info
             ],
        do: []
 
@@ -425,6 +434,12 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
   end
 
   defp args(:inspect_arena, _state, pool), do: [G.pick(0.85, pool, fn -> path_string(pool) end)]
+
+  defp args(:pooled_object, _state, pool), do: [G.pick(0.85, pool, fn -> path_string(pool) end)]
+
+  # Budgets a test VM can afford (0 disables the pool), or garbage.
+  defp args(:pool_configure, _state, pool),
+    do: [G.pick(0.85, pool, fn -> Enum.random([0, 8 * 1024 * 1024, 64 * 1024 * 1024]) end)]
 
   # Always a dry run: a fuzzer on a shared host removes nothing, even an unused segment.
   defp args(:sweep_segment, _state, pool),
@@ -735,6 +750,11 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
   defp well_shaped?(:process_start_time, _, {:ok, t}), do: non_neg?(t)
   defp well_shaped?(:process_alive, _, v), do: is_boolean(v)
   defp well_shaped?(:self_info, _, %{os_pid: p}), do: is_integer(p)
+  defp well_shaped?(:pool_configure, _, :ok), do: true
+  defp well_shaped?(:pool_drain, _, {:ok, n}), do: non_neg?(n)
+  defp well_shaped?(:pool_stats, _, %{hits: h, bytes_held: b}), do: non_neg?(h) and non_neg?(b)
+  defp well_shaped?(:huge_page_info, _, %{page_size: p, free: f}), do: non_neg?(p) and non_neg?(f)
+  defp well_shaped?(:pooled_object, _, value), do: is_boolean(value)
   defp well_shaped?(:shm_dir, _, dir), do: dir == "/dev/shm"
   defp well_shaped?(:reaped_holds, _, n), do: non_neg?(n)
 

@@ -5,7 +5,8 @@ defmodule Mix.Tasks.Snakepit.Shm.Stats do
   Shows the counters of the snakepit_shm manager of a running node
   (`Snakepit.SharedMemory.stats/0`): allocations, deallocations, live regions and
   bytes, limits, errors by reason, per-operation latencies (count, p50, p90, p99, max)
-  and events (expiries, owner deaths, orphans swept, dead workers' holds released...).
+  and events (expiries, owner deaths, orphans swept, dead workers' holds released...),
+  and the warm pool of large regions (hits, misses, bytes held).
 
       mix snakepit.shm.stats --node NAME [--cookie COOKIE] [--format table|json]
 
@@ -103,10 +104,18 @@ defmodule Mix.Tasks.Snakepit.Shm.Stats do
         {"Allocations", stats.allocations},
         {"Deallocations", stats.deallocations},
         {"Limits", limits(stats.limits)},
-        {"Errors", counts(stats.errors)}
+        {"Errors", counts(stats.errors)},
+        {"Warm pool", pool_line(Map.get(stats, :pool))}
       ])
 
     Enum.join([summary, operations(stats.operations), "Events: " <> counts(stats.events)], "\n\n")
+  end
+
+  defp pool_line(nil), do: "-"
+
+  defp pool_line(p) do
+    "#{p.hits} hits, #{p.misses} misses, #{Human.bytes(p.bytes_held)} held in #{p.entries} " <>
+      "(budget #{Human.bytes(p.budget)}), #{p.refused} refused"
   end
 
   defp operations(ops) do

@@ -209,7 +209,8 @@ defmodule Snakepit.SharedMemory.Allocator do
       encrypted: flags.encrypted,
       lock_memory: flags.lock_memory,
       metadata: opts.metadata_json,
-      idle_timeout_ms: if(opts.timeout == :infinity, do: 0, else: opts.timeout)
+      idle_timeout_ms: if(opts.timeout == :infinity, do: 0, else: opts.timeout),
+      huge_pages: Map.get(opts, :huge_pages, false)
     }
   end
 

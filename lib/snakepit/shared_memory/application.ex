@@ -30,7 +30,8 @@ defmodule Snakepit.SharedMemory.Application do
     Manager,
     Platform,
     Stats,
-    TableOwner
+    TableOwner,
+    WarmPool
   }
 
   @doc false
@@ -60,6 +61,7 @@ defmodule Snakepit.SharedMemory.Application do
       Platform.warn_unless_tmpfs(config.shm_path)
       Snakepit.SharedMemory.Arena.configure(config)
       Stats.setup()
+      :ok = WarmPool.set_budget(WarmPool.budget(config.pool_bytes))
 
       # The host quota client (when configured) starts before the manager, so that a
       # restart of the client restarts the manager (its supervisor), which re-declares every region.
@@ -82,5 +84,13 @@ defmodule Snakepit.SharedMemory.Application do
     else
       {:error, message} -> {:error, {:snakepit_shm, message}}
     end
+  end
+
+  # The warm pool's memfds go back to the OS when the application stops (the NIF, and
+  # with it the pool, stays loaded): nothing is held for a stopped application.
+  @impl true
+  def stop(_state) do
+    _ = WarmPool.set_budget(0)
+    :ok
   end
 end

@@ -79,6 +79,16 @@ defmodule Snakepit.SharedMemory.Config do
     * `:arena_grace` - ms an empty arena is kept before it is returned to the OS.
       Defaults to `30_000`.
 
+  Large regions (`Snakepit.SharedMemory.WarmPool`):
+
+    * `:pool_bytes` - byte budget of the warm pool of freed large `:standard` memfd
+      regions reused by the next allocation of their size; `0` disables it. Defaults to
+      `:default`: min(256 MiB, 5 % of RAM).
+    * `:huge_pages` - default `:huge_pages` of memfd regions of at least one huge page:
+      `:auto` (huge pages when the host's hugetlb pool has enough free ones, else
+      ordinary pages, silently), `true` (fail with `:no_space` when it has not) or
+      `false`. Defaults to `:auto`.
+
   ## Snakepit's configuration
 
   `config :snakepit, :shared_memory, ...` (the keys of the Snakepit shared-memory
@@ -119,7 +129,9 @@ defmodule Snakepit.SharedMemory.Config do
     arena: true,
     arena_threshold: 65_536,
     arena_size: 8 * 1024 * 1024,
-    arena_grace: 30_000
+    arena_grace: 30_000,
+    pool_bytes: :default,
+    huge_pages: :auto
   ]
 
   @type t :: %{
@@ -149,7 +161,9 @@ defmodule Snakepit.SharedMemory.Config do
           arena: boolean(),
           arena_threshold: non_neg_integer(),
           arena_size: pos_integer(),
-          arena_grace: non_neg_integer()
+          arena_grace: non_neg_integer(),
+          pool_bytes: :default | non_neg_integer(),
+          huge_pages: :auto | boolean()
         }
 
   @doc "The default value of every setting."
@@ -352,6 +366,15 @@ defmodule Snakepit.SharedMemory.Config do
 
   defp check(:arena_grace, value) when is_integer(value) and value >= 0, do: :ok
   defp check(:arena_grace, _), do: {:error, "a non-negative integer (ms)"}
+
+  defp check(:pool_bytes, value)
+       when value == :default or (is_integer(value) and value >= 0),
+       do: :ok
+
+  defp check(:pool_bytes, _),
+    do: {:error, ":default or a non-negative integer (bytes; 0 disables)"}
+
+  defp check(:huge_pages, value), do: one_of(value, [:auto, true, false])
 
   defp check(_key, _value), do: {:error, :unknown}
 

@@ -61,7 +61,8 @@ defmodule Snakepit.SharedMemory.Native do
           required(:metadata) => binary(),
           required(:idle_timeout_ms) => non_neg_integer(),
           optional(:defer_chunks) => boolean(),
-          optional(:arena) => boolean()
+          optional(:arena) => boolean(),
+          optional(:huge_pages) => :auto | boolean()
         }
   # %{id, backend, size, capacity, control_path, data_path, data_offset, role :: :created | :opened,
   #   encrypted, sealed, os_pid, zero_copy, control_offset, arena} (zero_copy: the kernel
@@ -472,4 +473,22 @@ defmodule Snakepit.SharedMemory.Native do
   def ring_probe_flush(_probe), do: :erlang.nif_error(:not_loaded)
   @doc false
   def ring_probe_indices(_probe), do: :erlang.nif_error(:not_loaded)
+
+  # ---- the warm pool and huge pages (nif_pool.cpp) ----
+  @spec pool_configure(non_neg_integer()) :: :ok
+  def pool_configure(_budget), do: :erlang.nif_error(:not_loaded)
+  @spec pool_drain() :: {:ok, non_neg_integer()}
+  def pool_drain, do: :erlang.nif_error(:not_loaded)
+  @spec pool_stats() :: map()
+  def pool_stats, do: :erlang.nif_error(:not_loaded)
+
+  @spec huge_page_info() :: %{
+          page_size: non_neg_integer(),
+          total: non_neg_integer(),
+          free: non_neg_integer()
+        }
+  def huge_page_info, do: :erlang.nif_error(:not_loaded)
+  @doc "True if the data memfd at `path` (/proc/<pid>/fd/<n>) sits in a VM's warm pool."
+  @spec pooled_object(binary()) :: boolean()
+  def pooled_object(_path), do: :erlang.nif_error(:not_loaded)
 end

@@ -23,7 +23,8 @@ defmodule Snakepit.SharedMemory.Options do
     :open_mode,
     :backend,
     :owner,
-    :arena
+    :arena,
+    :huge_pages
   ]
 
   @doc "Validated `allocate_region/2` options (see `Snakepit.SharedMemory.allocate_region/2`)."
@@ -44,6 +45,7 @@ defmodule Snakepit.SharedMemory.Options do
          {:ok, name, open_mode} <- name(Map.get(opts, :name), Map.get(opts, :open_mode)),
          {:ok, owner} <- owner(Map.get(opts, :owner, self())),
          {:ok, arena} <- arena(Map.get(opts, :arena, config.arena)),
+         {:ok, huge_pages} <- huge_pages(Map.get(opts, :huge_pages, config.huge_pages)),
          {:ok, backend} <- backend(Map.get(opts, :backend, config.default_backend), name, perms) do
       {:ok,
        %{
@@ -63,7 +65,8 @@ defmodule Snakepit.SharedMemory.Options do
          backend: backend,
          # Arenas serve the :auto backend: an explicit :memfd asks for a memfd of its own
          # (its own kernel seal, its own descriptors).
-         arena: arena and Map.get(opts, :backend, config.default_backend) == :auto
+         arena: arena and Map.get(opts, :backend, config.default_backend) == :auto,
+         huge_pages: huge_pages
        }}
     end
   end
@@ -376,4 +379,14 @@ defmodule Snakepit.SharedMemory.Options do
   defp non_neg_integer?(value), do: is_integer(value) and value >= 0
 
   defp invalid(message), do: Error.error(:invalid_option, message)
+
+  # :huge_pages (memfd regions; docs/ARCHITECTURE.md "Fresh pages").
+  defp huge_pages(value) when value in [:auto, true, false], do: {:ok, value}
+
+  defp huge_pages(other),
+    do:
+      Error.error(
+        :invalid_option,
+        ":huge_pages must be :auto, true or false, got: #{inspect(other)}"
+      )
 end

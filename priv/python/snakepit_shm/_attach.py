@@ -3,8 +3,11 @@
 import contextlib
 import copy
 import errno
+import fcntl
 import mmap
 import os
+import struct
+import time
 import warnings
 
 from . import _announce
@@ -171,7 +174,7 @@ def inspect(ref_or_region_id):
         elif location.backend == F.BACKEND_MEMFD:
             data_fd, data_size = _locate.open_object(
                 location.data_path, location.region_id, False,
-                memfd_target=_memfd_target(location, 1))
+                memfd_target=_data_target(location, fd))
             os.close(data_fd)
         else:
             data_size = control_size
@@ -271,8 +274,42 @@ def _raise_if_sealed(location, target):
 def _open_data(location, mode, control_fd, control_size):
     if location.backend != F.BACKEND_MEMFD or location.control_offset is not None:
         return control_fd, control_size
-    return _locate.open_object(location.data_path, location.region_id, mode == "rw",
-                               memfd_target=_memfd_target(location, 1))
+    fd, size = _locate.open_object(location.data_path, location.region_id, mode == "rw",
+                                   memfd_target=_data_target(location, control_fd))
+    try:
+        _lock_data(location.region_id, fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, size
+
+
+def _data_target(location, control_fd):
+    """The /proc link target the data memfd must have: <id>.data, or the name the
+    header's data_name gives (a data memfd reused from its creator's warm pool)."""
+    raw = os.pread(control_fd, F.HEADER_SIZE, 0)
+    name = _header.data_name(raw) if len(raw) == F.HEADER_SIZE else ""
+    if not name:
+        return _memfd_target(location, 1)
+    return f"/memfd:{name} (deleted)"
+
+
+def _lock_data(region_id, fd):
+    """Take the shared lock of byte 0 of the data memfd, held while this open or a
+    mapping of it lives: its creator's warm pool never takes back an object someone
+    still maps (docs/ARCHITECTURE.md).  Busy only while the pool holds it: the region
+    this ref named is gone."""
+    lock = struct.pack("hhqqi4x", fcntl.F_RDLCK, os.SEEK_SET, 0, 1, 0)
+    for attempt in range(6):
+        try:
+            fcntl.fcntl(fd, fcntl.F_OFD_SETLK, lock)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES) or attempt == 5:
+                if exc.errno in (errno.EAGAIN, errno.EACCES):
+                    raise _deallocated_error(region_id) from None
+                raise
+            time.sleep(0.001)
 
 
 def _check_matches_ref(location, header, base=0):
@@ -346,9 +383,12 @@ def _map_data(region_id, fd, header, mode, base=0):
     start = data_offset - data_offset % mmap.ALLOCATIONGRANULARITY
     view_offset = data_offset - start
     access = mmap.ACCESS_WRITE if mode == "rw" else mmap.ACCESS_READ
+    length = view_offset + header.data_capacity
+    if header.flags & F.FLAG_HUGE_PAGES:
+        # hugetlbfs: munmap refuses lengths that are not whole huge pages.
+        length = os.fstat(fd).st_size - start
     try:
-        data_mm = mmap.mmap(fd, view_offset + header.data_capacity, offset=start,
-                            access=access)
+        data_mm = mmap.mmap(fd, length, offset=start, access=access)
     except OSError as exc:
         if mode == "rw" and exc.errno in (errno.EPERM, errno.EACCES):
             raise _sealed_error(region_id) from None

@@ -27,7 +27,9 @@ Layout of the control object (all integers little-endian)::
         96   region_id[32]        ASCII, NUL padded
         128  metadata_length u32
         132  header_crc32    u32  zlib CRC-32 of [0, 132) ++ metadata[0, metadata_length)
-        136  reserved0[120]       zero
+        136  data_name[40]        the data memfd's name when not <id>.data (a pooled
+                                  object reused), NUL padded; else zero
+        176  reserved0[80]        zero
         256  metadata[1792]       UTF-8 JSON object, zero padded
     [2048, 4096)  mutable part, updated atomically by the holders
         2048 state           u32  STATE_*
@@ -79,9 +81,12 @@ FLAG_SPLIT_DATA = 1 << 2
 FLAG_WORKER_OUTPUT = 1 << 3  # made by snakepit_shm.allocate: adoptable by a VM
 FLAG_LIVENESS_LOCKS = 1 << 4  # every user holds the liveness lock (byte 0)
 FLAG_ARENA = 1 << 5  # a chunk of an arena memfd (docs/FORMAT.md "Arenas")
+FLAG_HUGE_PAGES = 1 << 7  # data memfd on hugetlbfs: map the whole data object
 KNOWN_FLAGS = (FLAG_ENCRYPTED | FLAG_NAMED | FLAG_SPLIT_DATA | FLAG_WORKER_OUTPUT
-               | FLAG_LIVENESS_LOCKS | FLAG_ARENA)
+               | FLAG_LIVENESS_LOCKS | FLAG_ARENA | FLAG_HUGE_PAGES)
 ARENA_DATA_OFFSET = HEADER_SIZE  # an arena chunk's data follows its control block
+DATA_NAME_OFFSET = 136
+DATA_NAME_CAPACITY = 40
 
 # Mutable state bits (the ``state`` field).
 STATE_SEALED = 1 << 0
@@ -123,7 +128,8 @@ HEADER_FIELDS = (
     ("region_id", 96, 32, None),
     ("metadata_length", 128, 4, "I"),
     ("header_crc32", 132, 4, "I"),
-    ("reserved0", 136, 120, None),
+    ("data_name", 136, 40, None),
+    ("reserved0", 176, 80, None),
     ("metadata", 256, 1792, None),
     ("state", 2048, 4, "I"),
     ("refcount", 2052, 4, "I"),
@@ -150,7 +156,7 @@ HOLDERS_OFFSET = FIELD["holders"][0]
 _IMMUTABLE = struct.Struct("<8sIIQQQIIIIQ16sQII32sII")
 _MUTABLE = struct.Struct("<IIQQII")
 _HOLDER = struct.Struct("<IIQII")
-assert _IMMUTABLE.size == FIELD["reserved0"][0]
+assert _IMMUTABLE.size == FIELD["data_name"][0]
 assert _MUTABLE.size == FIELD["holders"][0] - FIELD["state"][0]
 assert _HOLDER.size == HOLDER_SLOT_SIZE
 assert FIELD["reserved1"][0] + FIELD["reserved1"][1] == HEADER_SIZE

@@ -88,6 +88,8 @@ def validate(header, *, where, region_id, control_size, data_object_size):
         offset, size = F.FIELD[name]
         if not _zero(header[offset:offset + size]):
             raise corrupt(f"reserved bytes {name} are not zero")
+    if data_name(header) is None:
+        raise corrupt("data_name is not the name of a data memfd of ours")
     length = fields["metadata_length"]
     if length > F.METADATA_CAPACITY:
         raise corrupt(f"metadata_length {length} exceeds {F.METADATA_CAPACITY}")
@@ -143,6 +145,17 @@ def from_valid(header, *, where, region_id):
         security_level=security_level, boot_id=boot_id, created_at_ns=created_at_ns,
         cipher=cipher, chunk_size=chunk_size,
         metadata=_decode_metadata(header, metadata_length, corrupt))
+
+def data_name(header):
+    """The header's data_name field: "" when empty, None when malformed."""
+    offset = F.DATA_NAME_OFFSET
+    raw = bytes(header[offset:offset + F.DATA_NAME_CAPACITY])
+    if _zero(raw):
+        return ""
+    name = _decode_id(raw)
+    if name is None or not name.endswith(".data") or not valid_region_id(name[:-5]):
+        return None
+    return name
 
 
 def _zero(chunk):

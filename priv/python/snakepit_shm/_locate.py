@@ -358,11 +358,13 @@ def find_by_id(region_id):
             names = os.listdir(fd_dir)
         except OSError:
             continue  # the process exited, or its fds are not ours to see
+        seen = {}
         for name in names:
             try:
                 target = os.readlink(f"{fd_dir}/{name}")
             except OSError:
                 continue
+            seen[target] = f"{fd_dir}/{name}"
             if target == control_target:
                 control = f"{fd_dir}/{name}"
             elif target == data_target:
@@ -371,11 +373,17 @@ def find_by_id(region_id):
                 arenas.append((f"{fd_dir}/{name}", target))
             if control and data:
                 return Location(region_id, _format.BACKEND_MEMFD, control, data)
-    seen = set()
+        if control:
+            # A data memfd reused from the creator's warm pool keeps its first name:
+            # the control header's data_name says which it is.
+            data = seen.get(_pooled_data_target(control))
+            if data:
+                return Location(region_id, _format.BACKEND_MEMFD, control, data)
+    walked = set()
     for arena_path, target in arenas:
-        if target in seen:  # the same arena through another descriptor
+        if target in walked:  # the same arena through another descriptor
             continue
-        seen.add(target)
+        walked.add(target)
         offset = _find_in_arena(arena_path, region_id)
         if offset is not None:
             return Location(region_id, _format.BACKEND_MEMFD, arena_path, arena_path,
@@ -420,6 +428,23 @@ def _find_in_arena(path, region_id):
         return None
     finally:
         os.close(fd)
+
+
+def _pooled_data_target(control_path):
+    """The link target of the data memfd named by the header's data_name, or None."""
+    from . import _header  # _header imports this module
+    try:
+        fd = os.open(control_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        raw = os.pread(fd, _format.HEADER_SIZE, 0)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    name = _header.data_name(raw) if len(raw) == _format.HEADER_SIZE else None
+    return f"/memfd:{name} (deleted)" if name else None
 
 
 def _pids_of_uid(uid):

@@ -81,7 +81,7 @@ def build_header(region_id, backend, size, *, metadata=None, encrypted=False,
         "header_crc32": 0,
     }
     header = bytearray(F.HEADER_SIZE)
-    header[:F.FIELD["reserved0"][0]] = F.pack_immutable(fields)
+    header[:F.FIELD["data_name"][0]] = F.pack_immutable(fields)
     header[F.METADATA_OFFSET:F.METADATA_OFFSET + len(meta)] = meta
     header[2048:2080] = F.pack_mutable({
         "state": 0, "refcount": 0, "last_access_ns": now,

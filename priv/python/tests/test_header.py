@@ -67,7 +67,7 @@ CORRUPTIONS = [
     ((96, b"x" * 32), True, "malformed region id"),
     ((96 + 26, b"\x00\x01"), True, "malformed region id"),
     (u32(44, F.FLAG_NAMED), True, "named flag"),
-    (u32(44, 1 << 7), True, "unknown flags"),
+    (u32(44, 1 << 9), True, "unknown flags"),
     (u32(40, 9), True, "unknown backend"),
     (u32(44, F.FLAG_SPLIT_DATA), True, "split-data"),
     (u32(52, 3), True, "security_level"),

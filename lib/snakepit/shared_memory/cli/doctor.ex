@@ -38,7 +38,8 @@ defmodule Snakepit.SharedMemory.CLI.Doctor do
       nofile(),
       remove_ipc(),
       if(nif.status == :ok, do: memfd_seal(), else: skipped("memfd sealing", "the NIF")),
-      if(nif.status == :ok, do: channel(), else: skipped("message channel", "the NIF"))
+      if(nif.status == :ok, do: channel(), else: skipped("message channel", "the NIF")),
+      if(nif.status == :ok, do: huge_pages(), else: skipped("huge pages", "the NIF"))
     ] ++ DoctorPython.checks(python, priv) ++ health_findings(health())
   end
 
@@ -569,6 +570,35 @@ defmodule Snakepit.SharedMemory.CLI.Doctor do
     case File.read(path) do
       {:ok, text} -> String.trim(text)
       _ -> nil
+    end
+  end
+
+  # What the host offers for `huge_pages:` (MFD_HUGETLB memfds from the hugetlb pool).
+  @doc false
+  def huge_pages do
+    %{page_size: size, total: total, free: free} = Snakepit.SharedMemory.WarmPool.huge_pages()
+
+    cond do
+      size == 0 ->
+        finding("huge pages", :ok, "no hugetlbfs: huge_pages: :auto uses ordinary pages")
+
+      total == 0 ->
+        finding(
+          "huge pages",
+          :ok,
+          "none reserved (vm.nr_hugepages = 0, #{div(size, 1024)} KiB pages): " <>
+            "huge_pages: :auto uses ordinary pages, huge_pages: true fails",
+          "optional: reserve some as root (echo N > /proc/sys/vm/nr_hugepages) for " <>
+            "faster fresh large regions"
+        )
+
+      true ->
+        finding(
+          "huge pages",
+          :ok,
+          "#{free} of #{total} pages of #{div(size, 1024)} KiB free " <>
+            "(#{div(free * size, 1024 * 1024)} MiB): huge_pages: :auto uses them"
+        )
     end
   end
 end

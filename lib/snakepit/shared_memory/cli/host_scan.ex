@@ -27,8 +27,24 @@ defmodule Snakepit.SharedMemory.CLI.HostScan do
     context = Entry.context()
     posix = Enum.map(posix_names(), &inspect_posix(&1, context))
     {arenas, regions} = memfd_regions() |> Enum.split_with(&arena?/1)
-    memfd = Enum.map(regions, &inspect_memfd(&1, context))
-    Entry.sort(posix ++ memfd ++ Enum.flat_map(arenas, &inspect_arena(&1, context)))
+    data = Map.new(regions, &{&1.id, &1.data})
+    {with_control, data_only} = Enum.split_with(regions, &(&1.control != []))
+    inspected = Enum.map(with_control, &inspect_memfd(&1, context, data))
+    # A data memfd reused from a VM's warm pool keeps its first name: the header of the
+    # region using it names it (data_name), and it is not a region of its own.
+    used = MapSet.new(inspected, &elem(&1, 1))
+
+    lone =
+      for r <- data_only,
+          not MapSet.member?(used, r.id),
+          not pooled?(r),
+          do: inspect_memfd(r, context, data)
+
+    Entry.sort(
+      posix ++
+        Enum.map(inspected ++ lone, &elem(&1, 0)) ++
+        Enum.flat_map(arenas, &inspect_arena(&1, context))
+    )
   end
 
   @doc "The entry of one region id, or nil if no segment of that id is on this host."
@@ -45,15 +61,16 @@ defmodule Snakepit.SharedMemory.CLI.HostScan do
 
       true ->
         {arenas, regions} = memfd_regions() |> Enum.split_with(&arena?/1)
+        data = Map.new(regions, &{&1.id, &1.data})
 
-        case Enum.find(regions, &(&1.id == id)) do
+        case Enum.find(regions, &(&1.id == id and &1.control != [])) do
           nil ->
             arenas
             |> Stream.flat_map(&inspect_arena(&1, context))
             |> Enum.find(&(&1.id == id))
 
           region ->
-            inspect_memfd(region, context)
+            region |> inspect_memfd(context, data) |> elem(0)
         end
     end
   end
@@ -164,32 +181,56 @@ defmodule Snakepit.SharedMemory.CLI.HostScan do
     |> Enum.sort_by(& &1.id)
   end
 
-  defp inspect_memfd(%{id: id, control: control, data: data}, context) do
+  # {entry, id of the data memfd's name used}
+  defp inspect_memfd(%{id: id, control: control, data: data}, context, all_data) do
     open_by = (control ++ data) |> Enum.map(&elem(&1, 0)) |> Enum.uniq() |> Enum.sort()
 
     case Enum.sort(control) do
       [] ->
         problem =
-          "only the data memfd is open (by pid #{Enum.join(open_by, ", ")}): no header to read"
+          "only the data memfd is open (by pid #{Enum.join(open_by, ", ")}): no header to " <>
+            "read (an object in that VM's warm pool, or a worker that kept only the data)"
 
-        id |> Entry.unreadable("memfd", nil, :corrupt, problem) |> Map.put(:open_by, open_by)
+        entry =
+          id |> Entry.unreadable("memfd", nil, :corrupt, problem) |> Map.put(:open_by, open_by)
+
+        {entry, id}
 
       [{_pid, path} | _] ->
         case Native.inspect_path(path) do
+          {:ok, %{data_name: name} = header} ->
+            data_id = String.replace_suffix(name, ".data", "")
+            region = %{id: id, control: control, data: Map.get(all_data, data_id, [])}
+            {entry, _} = inspect_memfd_header(region, header, context, path)
+            {entry, data_id}
+
           {:ok, header} ->
-            # Report the creator's fds when the creator still has them open.
-            pid = if List.keymember?(control, header.creator_pid, 0), do: header.creator_pid
-            {_, control_path} = if pid, do: List.keyfind(control, pid, 0), else: {nil, path}
-            data_pid = pid || control |> Enum.sort() |> hd() |> elem(0)
-            data_path = with {_, p} <- List.keyfind(data, data_pid, 0), do: p
-            extra = %{path: control_path, data_path: data_path, open_by: open_by}
-            Entry.from_header(header, context, extra)
+            inspect_memfd_header(%{id: id, control: control, data: data}, header, context, path)
 
           {:error, {reason, message, _errno}} ->
-            id |> Entry.unreadable("memfd", path, reason, message) |> Map.put(:open_by, open_by)
+            entry =
+              id |> Entry.unreadable("memfd", path, reason, message) |> Map.put(:open_by, open_by)
+
+            {entry, id}
         end
     end
   end
+
+  defp inspect_memfd_header(%{id: id, control: control, data: data}, header, context, path) do
+    open_by = (control ++ data) |> Enum.map(&elem(&1, 0)) |> Enum.uniq() |> Enum.sort()
+    # Report the creator's fds when the creator still has them open.
+    pid = if List.keymember?(control, header.creator_pid, 0), do: header.creator_pid
+    {_, control_path} = if pid, do: List.keyfind(control, pid, 0), else: {nil, path}
+    data_pid = pid || control |> Enum.sort() |> hd() |> elem(0)
+    data_path = with {_, p} <- List.keyfind(data, data_pid, 0), do: p
+    extra = %{path: control_path, data_path: data_path, open_by: open_by}
+    {Entry.from_header(Map.delete(header, :data_name), context, extra), id}
+  end
+
+  # A data memfd alone in some VM's warm pool (Snakepit.SharedMemory.WarmPool): memory
+  # that VM keeps for its next region, not a region, nothing leaked.
+  defp pooled?(%{data: [{_pid, path} | _]}), do: Native.pooled_object(path)
+  defp pooled?(_), do: false
 
   defp proc_pids do
     case File.ls("/proc") do
