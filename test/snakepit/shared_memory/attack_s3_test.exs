@@ -8,8 +8,8 @@ defmodule Snakepit.SharedMemory.AttackS3Test do
   @moduletag :capture_log
 
   alias Snakepit.SharedMemory, as: SM
-  alias Snakepit.SharedMemory.Native
-  alias Snakepit.SharedMemory.TestSupport
+  alias Snakepit.SharedMemory.{Native, Registry}
+  alias Snakepit.SharedMemory.{ShmHelpers, TestSupport}
 
   @mib 1_048_576
 
@@ -48,6 +48,63 @@ defmodule Snakepit.SharedMemory.AttackS3Test do
       {:ok, none} = Native.read_buffer(0)
       assert {:ok, <<>>} = Native.read_buffer_take(none)
       :ok = SM.unmap_region(m)
+    end
+  end
+
+  describe "encrypted regions created in slices" do
+    test "a creator that dies before publishing leaves no named segment behind" do
+      name = ShmHelpers.unique_name("atk")
+      path = Path.join("/dev/shm", "spshm_n_" <> name)
+      parent = self()
+
+      opts =
+        ShmHelpers.create_opts(%{
+          backend: :posix,
+          name: name,
+          security_level: 1,
+          encrypted: true,
+          defer_chunks: true
+        })
+
+      # The allocating process is killed between two slices (here: after the first),
+      # so the region is neither published nor registered: only that process's
+      # reference kept it.
+      pid =
+        spawn(fn ->
+          {:ok, region, %{role: :created}} = Native.create_cpu(40 * 65_536, opts)
+          {:ok, _left} = Native.init_chunks(region, 0, 16)
+          send(parent, :half_made)
+          Process.sleep(:infinity)
+        end)
+
+      assert_receive :half_made, 10_000
+      assert File.exists?(path)
+      Process.exit(pid, :kill)
+
+      assert ShmHelpers.wait_until(
+               fn ->
+                 :erlang.garbage_collect()
+                 not File.exists?(path)
+               end,
+               10_000
+             ),
+             "#{path} was left behind, headerless"
+    end
+
+    test "allocate_region killed mid-creation: nothing left, nothing registered" do
+      name = ShmHelpers.unique_name("atk")
+      path = Path.join("/dev/shm", "spshm_n_" <> name)
+
+      pid =
+        spawn(fn ->
+          SM.allocate_region(128 * @mib, name: name, backend: :posix, security_level: :high)
+        end)
+
+      # Killed once the segment exists (mid-creation, or just after: either way it goes).
+      assert ShmHelpers.wait_until(fn -> File.exists?(path) end, 10_000)
+      Process.exit(pid, :kill)
+      assert ShmHelpers.wait_until(fn -> not File.exists?(path) end, 10_000)
+      assert ShmHelpers.wait_until(fn -> not Enum.any?(Registry.ids(), &(&1 =~ name)) end)
     end
   end
 end
