@@ -96,6 +96,15 @@ Result<platform::ObjectInfo> wait_for_header(const platform::Handle& handle,
     }
     if (complete) return info;
     if (!wait || std::chrono::steady_clock::now() >= deadline) {
+      // A live creator holds the liveness lock from the segment's creation on: it is
+      // still sizing it or writing it (an encrypted region's chunks are encrypted in
+      // slices before the header is published, which can take seconds). Not corrupt.
+      auto held = platform::lock_is_held(handle, kLivenessLockByte);
+      if (held && *held)
+        return Error{Errc::busy, 0,
+                     what +
+                         " is still being created by its creator (its header is not "
+                         "published yet): retry in a moment"};
       if (info->size < kHeaderSize) return too_small(what, info->size);
       return Error{Errc::corrupt, 0,
                    what +

@@ -8,7 +8,7 @@ defmodule Snakepit.SharedMemory.AttackS3Test do
   @moduletag :capture_log
 
   alias Snakepit.SharedMemory, as: SM
-  alias Snakepit.SharedMemory.{Native, Registry}
+  alias Snakepit.SharedMemory.{Error, Native, Registry}
   alias Snakepit.SharedMemory.{ShmHelpers, TestSupport}
 
   @mib 1_048_576
@@ -89,6 +89,36 @@ defmodule Snakepit.SharedMemory.AttackS3Test do
                10_000
              ),
              "#{path} was left behind, headerless"
+    end
+
+    test "another opener of a named region being created is told busy, not corrupt" do
+      name = ShmHelpers.unique_name("atk")
+
+      opts =
+        ShmHelpers.create_opts(%{
+          backend: :posix,
+          name: name,
+          security_level: 1,
+          encrypted: true,
+          defer_chunks: true
+        })
+
+      {:ok, region, %{role: :created}} = Native.create_cpu(40 * 65_536, opts)
+      {:ok, _left} = Native.init_chunks(region, 0, 16)
+
+      # The creator is alive and still encrypting: no header yet, but nothing is wrong
+      # with the segment (and no cleanup should be run on it).
+      assert {:error, %Error{reason: :busy} = error} =
+               SM.allocate_region(:any, name: name, open_mode: :open_only)
+
+      assert Exception.message(error) =~ "being created"
+
+      {:ok, _} = Native.init_chunks(region, 16, 16)
+      {:ok, 0} = Native.init_chunks(region, 32, 16)
+      :ok = Native.publish(region)
+      assert {:ok, id} = SM.allocate_region(:any, name: name, open_mode: :open_only)
+      :ok = SM.deallocate_region(id)
+      :ok = Native.deallocate(region, false)
     end
 
     test "allocate_region killed mid-creation: nothing left, nothing registered" do
