@@ -137,4 +137,65 @@ defmodule Snakepit.SharedMemory.AttackS3Test do
       assert ShmHelpers.wait_until(fn -> not Enum.any?(Registry.ids(), &(&1 =~ name)) end)
     end
   end
+
+  describe "holders learned by announcement" do
+    test "list_regions/1 does not count a holder that died unannounced" do
+      # No periodic check reaps a :manual region's slots of a holder the manager never
+      # heard of (it reaps only where a watched holder was seen); the listing's count
+      # and mapped_by must still not show a dead process.
+      {:ok, id} = SM.allocate_region(4096, cleanup_policy: :manual)
+      {:ok, ref} = SM.export_ref(id)
+      {port, os_pid} = silent_holder(ref)
+      assert %{reference_count: 1, mapped_by: [%{os_pid: ^os_pid}]} = listed(id)
+      TestSupport.kill9(os_pid)
+      assert_receive {^port, {:exit_status, _}}, 5_000
+
+      assert %{reference_count: 0, mapped_by: []} = listed(id)
+      :ok = SM.deallocate_region(id)
+    end
+  end
+
+  defp listed(id) do
+    {:ok, all} = SM.list_regions()
+    Enum.find(all, &(&1.id == id))
+  end
+
+  # A worker that holds `ref` but never announces it (an older client, or its datagram
+  # was lost: a full queue makes sendto fail with EAGAIN, which is ignored).
+  defp silent_holder(ref) do
+    {:ok, json} = Snakepit.SharedMemory.JSON.encode(ref)
+    root = Path.expand("../../..", __DIR__)
+
+    script = """
+    import sys, time, json, warnings
+    warnings.simplefilter("ignore")
+    import snakepit_shm
+    from snakepit_shm import _announce
+    _announce.announce = lambda *args: None
+    region = snakepit_shm.attach(json.loads(sys.argv[1]), mode="r")
+    print("ATTACHED", flush=True)
+    time.sleep(120)
+    """
+
+    port =
+      Port.open({:spawn_executable, ShmHelpers.python()}, [
+        :binary,
+        :exit_status,
+        {:line, 4096},
+        args: ["-c", script, json],
+        env: [
+          {~c"PYTHONPATH", String.to_charlist(Path.join(root, "priv/python"))},
+          {~c"SNAKEPIT_SHM_LIB", String.to_charlist(Path.join(root, "priv/libsnakepit_shm.so"))}
+        ]
+      ])
+
+    {:os_pid, os_pid} = Port.info(port, :os_pid)
+
+    receive do
+      {^port, {:data, {:eol, "ATTACHED"}}} -> {port, os_pid}
+      {^port, {:exit_status, status}} -> flunk("python holder exited with #{status}")
+    after
+      10_000 -> flunk("python holder did not attach")
+    end
+  end
 end
