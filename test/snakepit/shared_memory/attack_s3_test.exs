@@ -155,6 +155,23 @@ defmodule Snakepit.SharedMemory.AttackS3Test do
     end
   end
 
+  describe "the exported quota directory" do
+    test "is absolute, whatever the working directory of the worker" do
+      alias Snakepit.SharedMemory.HostQuota.RuntimeDir
+      previous = System.get_env("SNAKEPIT_SHM_VM_QUOTA_DIR")
+
+      try do
+        # A first-time user's host_quota_dir: "tmp/quota" (relative to the VM's cwd).
+        :ok = RuntimeDir.export_env("tmp/quota")
+        assert System.get_env("SNAKEPIT_SHM_VM_QUOTA_DIR") == Path.expand("tmp/quota")
+      after
+        if previous,
+          do: System.put_env("SNAKEPIT_SHM_VM_QUOTA_DIR", previous),
+          else: System.delete_env("SNAKEPIT_SHM_VM_QUOTA_DIR")
+      end
+    end
+  end
+
   defp listed(id) do
     {:ok, all} = SM.list_regions()
     Enum.find(all, &(&1.id == id))
