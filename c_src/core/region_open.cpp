@@ -103,8 +103,9 @@ Result<platform::ObjectInfo> wait_for_header(const platform::Handle& handle,
       if (held && *held)
         return Error{Errc::busy, 0,
                      what +
-                         " is still being created by its creator (its header is not "
-                         "published yet): retry in a moment"};
+                         " has no header yet while a process holds it: its creator is "
+                         "still creating it (a large encrypted region takes a while); "
+                         "retry in a moment"};
       if (info->size < kHeaderSize) return too_small(what, info->size);
       return Error{Errc::corrupt, 0,
                    what +

@@ -111,7 +111,7 @@ defmodule Snakepit.SharedMemory.AttackS3Test do
       assert {:error, %Error{reason: :busy} = error} =
                SM.allocate_region(:any, name: name, open_mode: :open_only)
 
-      assert Exception.message(error) =~ "being created"
+      assert Exception.message(error) =~ "still creating it"
 
       {:ok, _} = Native.init_chunks(region, 16, 16)
       {:ok, 0} = Native.init_chunks(region, 32, 16)
