@@ -64,9 +64,9 @@ def attach(ref_or_region_id, mode="r"):
             except errors.CorruptRegion:
                 if _being_created(control_fd, snapshot):
                     raise errors.RegionBusy(
-                        f"region {location.region_id} is still being created by its "
-                        "creator (its header is not published yet: a large encrypted "
-                        "region takes a while): retry in a moment") from None
+                        f"region {location.region_id} has no header yet while a process "
+                        "holds it: its creator is still creating it (a large encrypted "
+                        "region takes a while); retry in a moment") from None
                 raise
         _check_matches_ref(location, header)
 

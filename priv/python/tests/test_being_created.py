@@ -35,7 +35,7 @@ def test_attach_while_the_creator_holds_the_segment_is_busy(headerless_segment):
     region_id, fd = headerless_segment
     # The creator's shared liveness lock, as the VM takes it before sizing the segment.
     fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _flock(fcntl.F_RDLCK))
-    with pytest.raises(errors.RegionBusy, match="being created"):
+    with pytest.raises(errors.RegionBusy, match="still creating it"):
         snakepit_shm.attach(region_id)
 
 
