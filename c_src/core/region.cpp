@@ -332,7 +332,13 @@ Region::Region(std::unique_ptr<Impl> impl) noexcept : impl_(std::move(impl)) {
 }
 Region::Region(Region&&) noexcept = default;
 Region& Region::operator=(Region&&) noexcept = default;
-Region::~Region() = default;
+Region::~Region() {
+  // A region created with defer_chunks that was never published was never usable by
+  // anyone (opens wait for its header, reads and writes answer busy): its creator gave
+  // it up (the creating Erlang process was killed between two slices). Its name would
+  // otherwise stay in /dev/shm, headerless, until someone runs the cleanup task.
+  if (impl_ && impl_->role == Role::created && impl_->unpublished.load()) (void)unlink();
+}
 
 RegionFactory::Impl::~Impl() {
   if (!arena) return;

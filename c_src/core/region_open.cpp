@@ -96,6 +96,16 @@ Result<platform::ObjectInfo> wait_for_header(const platform::Handle& handle,
     }
     if (complete) return info;
     if (!wait || std::chrono::steady_clock::now() >= deadline) {
+      // A live creator holds the liveness lock from the segment's creation on: it is
+      // still sizing it or writing it (an encrypted region's chunks are encrypted in
+      // slices before the header is published, which can take seconds). Not corrupt.
+      auto held = platform::lock_is_held(handle, kLivenessLockByte);
+      if (held && *held)
+        return Error{Errc::busy, 0,
+                     what +
+                         " has no header yet while a process holds it: its creator is "
+                         "still creating it (a large encrypted region takes a while); "
+                         "retry in a moment"};
       if (info->size < kHeaderSize) return too_small(what, info->size);
       return Error{Errc::corrupt, 0,
                    what +

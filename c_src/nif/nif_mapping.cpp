@@ -262,6 +262,10 @@ struct ReadBuffer {
   std::mutex mutex;  ///< read_into holds it (dirty); take only tries it (normal scheduler)
   ErlNifBinary bin{};
   bool owned = false;  ///< bin is ours until taken
+  /// Bytes [0, filled) were written by read_into: slices fill the buffer in order, and
+  /// take hands it over only once it is full (enif_alloc_binary does not clear memory:
+  /// an unfilled byte would be whatever the VM's allocator held there before).
+  std::uint64_t filled = 0;
 };
 
 void read_buffer_dtor(ErlNifEnv*, void* obj) {
@@ -323,10 +327,16 @@ SPSHM_GUARDED_NIF(nif_read_into)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[])
                       "at " + std::to_string(at) + " + length " + std::to_string(length) +
                           " exceeds the read buffer of " + std::to_string(b->bin.size) + " bytes");
   }
+  if (at > b->filled) {
+    return make_error(env, Errc::invalid_argument,
+                      "read buffer slices are filled in order: the next one starts at " +
+                          std::to_string(b->filled) + ", not " + std::to_string(at));
+  }
   DataAccess access(m->owner);
   if (!access.ok()) return make_error(env, Errc::deallocated, region_label(m) + " was deallocated");
   auto copied = m->owner->region.read(offset, b->bin.data + at, static_cast<std::size_t>(length));
   if (!copied.ok()) return make_error(env, copied.error());
+  if (at + length > b->filled) b->filled = at + length;
   return atoms.ok;
 }
 
@@ -339,6 +349,12 @@ SPSHM_GUARDED_NIF(nif_read_buffer_take)(ErlNifEnv* env, int, const ERL_NIF_TERM 
   if (!lock.owns_lock())
     return make_error(env, Errc::busy, "this read buffer is being filled by another call");
   if (!b->owned) return make_error(env, Errc::closed, "this read buffer was already taken");
+  if (b->filled < b->bin.size) {
+    return make_error(env, Errc::invalid_argument,
+                      "this read buffer is not filled (" + std::to_string(b->filled) + " of " +
+                          std::to_string(b->bin.size) +
+                          " bytes): uninitialised memory is never handed out");
+  }
   b->owned = false;
   return make_ok(env, enif_make_binary(env, &b->bin));
 }

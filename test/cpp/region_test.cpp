@@ -429,9 +429,15 @@ TEST_CASE("opening a named region waits for its creator to publish the header", 
   REQUIRE_OK(opened);
   REQUIRE(opened->id() == id);
 
-  // A creator that never finishes: after a second, corrupt with advice.
+  // No header while another process holds the segment (its liveness lock: here the
+  // opener above; in life the creator, still creating it): busy, never "remove it".
   std::memset(header.data(), 0, sizeof h.magic);
   REQUIRE(pwrite(fd, header.data(), sizeof h.magic, 0) == sizeof h.magic);
+  auto held = Region::create(open);
+  REQUIRE_ERR(held, Errc::busy);
+  { Region gone = std::move(*opened); }
+
+  // A creator that never finishes (nobody holds it): after a second, corrupt with advice.
   auto stuck = Region::create(open);
   REQUIRE_ERR(stuck, Errc::corrupt);
   REQUIRE(stuck.error().message.find("cleanup") != std::string::npos);

@@ -76,16 +76,31 @@ defmodule Snakepit.SharedMemory.Info do
     holds = beam_holds(:ets.tab2list(Registry.mappings_table()))
 
     # One NIF call per 4096 regions reads their counts and access times (a header's
-    # refcount word: dead holders' slots are reaped by the periodic checks, not here).
+    # refcount word); regions held by OS processes are then counted with their dead
+    # holders' slots reaped (os_checked/3).
     records
     |> Enum.chunk_every(4096)
     |> Enum.flat_map(fn chunk ->
       counts = Native.list_counts(Enum.map(chunk, &region(&1, :ref)))
 
       Enum.zip_with(chunk, counts, fn record, counts ->
-        describe(record, Map.get(holds, region(record, :id), {[], 0}), counts)
+        beam = Map.get(holds, region(record, :id), {[], 0})
+        describe(record, beam, os_checked(record, beam, counts))
       end)
     end)
+  end
+
+  # More holds in the word than BEAM mappings: OS processes hold the region, and one of
+  # them may have died unannounced (an older client, a lost datagram), so that no
+  # periodic check reaps its slot. hold_counts/1 reaps dead slots first (one NIF call,
+  # only for regions OS processes hold: those pay for the holder table read anyway).
+  defp os_checked(record, {_pids, beam_holds}, {refcount, last_access} = counts) do
+    if refcount > beam_holds do
+      {_generation, live} = Native.hold_counts(region(record, :ref))
+      {live, last_access}
+    else
+      counts
+    end
   end
 
   @doc """

@@ -20,6 +20,7 @@ an optimisation of promptness, never a condition of attaching.
 
 import os
 import socket
+import stat
 
 PREFIX_ATTACH = b"A"
 PREFIX_RELEASE = b"R"
@@ -29,26 +30,49 @@ _sock_pid = None
 _dir = None
 
 
-def creator_path(creator_pid, creator_start_time):
-    """The event socket of the VM with this OS identity."""
+def _private_dir():
+    """The quota directory if it is a real directory of our uid with no group/other
+    bits (as the VM requires of it), else None: a directory someone else controls (the
+    world-writable /tmp fallback made by another user, or opened to others) would let
+    them bind the creator's socket name and read which regions this worker attaches."""
     global _dir
     if _dir is None:
         from . import quota  # only on the first announcement
-        _dir = quota.default_dir()
-    return os.path.join(_dir, "ev-%d-%d.sock" % (creator_pid, creator_start_time))
+        path = quota.default_dir()
+        try:
+            info = os.lstat(path)
+        except (OSError, ValueError):
+            return None  # not made yet (no VM uses it): look again next time
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() \
+                or info.st_mode & 0o077:
+            return None
+        _dir = path
+    return _dir
+
+
+def creator_path(creator_pid, creator_start_time):
+    """The event socket of the VM with this OS identity (None: no private directory)."""
+    directory = _private_dir()
+    if directory is None:
+        return None
+    return os.path.join(directory, "ev-%d-%d.sock" % (creator_pid, creator_start_time))
 
 
 _targets = {}
 
 
 def targets(creator_pid, creator_start_time):
-    """The socket paths to announce to for a region of this creator (1 or 2)."""
+    """The socket paths to announce to for a region of this creator (0, 1 or 2)."""
     inherited = os.environ.get("SNAKEPIT_SHM_EVENTS")
     key = (creator_pid, creator_start_time, inherited)
     found = _targets.get(key)
     if found is None:
         mine = creator_path(creator_pid, creator_start_time)
-        found = (mine, inherited) if inherited and inherited != mine else (mine,)
+        found = tuple(p for p in (mine, inherited) if p)
+        if mine == inherited and mine:
+            found = (mine,)
+        if mine is None:
+            return found  # not cached: the directory may be made later
         if len(_targets) > 256:  # creators of a long-lived worker: keep it bounded
             _targets.clear()
         _targets[key] = found

@@ -64,8 +64,16 @@ def attach(ref_or_region_id, mode="r"):
             library.liveness_lock(control_fd, base)
             data_fd, data_size = _open_data(location, mode, control_fd, control_size)
             snapshot = os.pread(control_fd, F.HEADER_SIZE, base)
-            header = _validated(library, snapshot, location, control_size - base,
-                                data_size - base)
+            try:
+                header = _validated(library, snapshot, location, control_size - base,
+                                    data_size - base)
+            except errors.CorruptRegion:
+                if base == 0 and _being_created(control_fd, snapshot):
+                    raise errors.RegionBusy(
+                        f"region {location.region_id} has no header yet while a process "
+                        "holds it: its creator is still creating it (a large encrypted "
+                        "region takes a while); retry in a moment") from None
+                raise
         _check_matches_ref(location, header, base)
 
         header_mm = mmap.mmap(control_fd, F.HEADER_SIZE, offset=base, access=(
@@ -126,6 +134,22 @@ def _fast_open(library, location, mode):
     control_link, data_link = _locate.memfd_link_targets(location.region_id)
     return library.attach_memfd(location.control_path, control_link, location.data_path,
                                 data_link, mode == "rw")
+
+
+def _being_created(control_fd, snapshot):
+    """True if the header is not published (zero magic) while another open holds the
+    segment's liveness lock (byte 0): its creator is alive and still writing it."""
+    if len(snapshot) >= 8 and snapshot[:8] != bytes(8):
+        return False
+    if not hasattr(fcntl, "F_OFD_GETLK"):
+        return False
+    # struct flock: l_type, l_whence, l_start, l_len, l_pid (0 for OFD locks).
+    query = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0, 1, 0)
+    try:
+        answer = fcntl.fcntl(control_fd, fcntl.F_OFD_GETLK, query)
+    except OSError:
+        return False
+    return struct.unpack("hhqqi4x", answer)[0] != fcntl.F_UNLCK
 
 
 def _validated(library, snapshot, location, control_size, data_size):

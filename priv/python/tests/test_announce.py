@@ -44,7 +44,12 @@ def test_announce_never_raises_nor_blocks(tmp_path, receiver):
     assert time.monotonic() - start < 30
 
 
-def test_targets_creator_and_inherited(monkeypatch):
+def test_targets_creator_and_inherited(monkeypatch, tmp_path):
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)  # the creator's socket is only looked for in a private dir
+    monkeypatch.setenv("SNAKEPIT_SHM_QUOTA_DIR", str(private))
+    monkeypatch.setattr(_announce, "_dir", None)
+    monkeypatch.setattr(_announce, "_targets", {})
     monkeypatch.delenv("SNAKEPIT_SHM_EVENTS", raising=False)
     (mine,) = _announce.targets(12, 34)
     assert os.path.basename(mine) == "ev-12-34.sock"
@@ -68,3 +73,41 @@ def test_a_forked_child_uses_its_own_socket(receiver):
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert sorted([sock.recv(512), sock.recv(512)]) == [b"Aspshm_child", b"Aspshm_parent"]
+
+
+@pytest.mark.parametrize("hostile", ["other_uid", "open_mode", "symlink"])
+def test_no_announcement_into_a_directory_we_do_not_control(tmp_path, monkeypatch, hostile):
+    # The creator's socket is looked for in the quota directory, which may be the
+    # world-writable /tmp fallback: a directory another user made (or opened to others)
+    # would let them bind ev-<pid>-<start>.sock there and learn every region id this
+    # worker attaches. The VM refuses such a directory; so must the sender.
+    real = tmp_path / "real"
+    real.mkdir(mode=0o700)
+    directory = tmp_path / "snakepit_shm"
+    if hostile == "other_uid":
+        directory.mkdir(mode=0o700)
+        if os.geteuid() != 0:
+            pytest.skip("needs root to give the directory to another uid")
+        os.chown(directory, 65534, 65534)
+    elif hostile == "open_mode":
+        directory.mkdir()
+        os.chmod(directory, 0o777)
+    else:
+        directory.symlink_to(real)
+    monkeypatch.setenv("SNAKEPIT_SHM_QUOTA_DIR", str(directory))
+    monkeypatch.delenv("SNAKEPIT_SHM_EVENTS", raising=False)
+    monkeypatch.setattr(_announce, "_dir", None)
+    monkeypatch.setattr(_announce, "_targets", {})
+    assert _announce.targets(12, 34) == ()
+    monkeypatch.setenv("SNAKEPIT_SHM_EVENTS", "/run/vm/ev-1-2.sock")
+    assert _announce.targets(12, 34) == ("/run/vm/ev-1-2.sock",)
+
+
+def test_announcements_go_to_a_private_directory_of_ours(tmp_path, monkeypatch):
+    directory = tmp_path / "snakepit_shm"
+    directory.mkdir(mode=0o700)
+    monkeypatch.setenv("SNAKEPIT_SHM_QUOTA_DIR", str(directory))
+    monkeypatch.delenv("SNAKEPIT_SHM_EVENTS", raising=False)
+    monkeypatch.setattr(_announce, "_dir", None)
+    monkeypatch.setattr(_announce, "_targets", {})
+    assert _announce.targets(12, 34) == (str(directory / "ev-12-34.sock"),)

@@ -55,7 +55,9 @@ defmodule Snakepit.SharedMemory.HostQuota.RuntimeDir do
   """
   @spec export_env(String.t() | nil) :: :ok
   def export_env(dir \\ nil) do
-    System.put_env("SNAKEPIT_SHM_VM_QUOTA_DIR", dir || default_dir())
+    # Absolute: a worker started in another working directory must find the same one
+    # (a relative `:host_quota_dir` is relative to this VM's working directory).
+    System.put_env("SNAKEPIT_SHM_VM_QUOTA_DIR", Path.expand(dir || default_dir()))
   end
 
   @doc "The socket path inside `dir`."
