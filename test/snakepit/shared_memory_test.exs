@@ -14,16 +14,7 @@ defmodule Snakepit.SharedMemoryTest do
   @kib 1024
   @mib 1024 * 1024
 
-  setup do
-    before = TestSupport.vm_segments()
-
-    on_exit(fn ->
-      TestSupport.free_everything()
-      TestSupport.assert_nothing_live(before)
-    end)
-
-    :ok
-  end
+  setup do: TestSupport.no_leaks()
 
   defp error_reason({:error, %Error{reason: reason, message: message, details: details}}) do
     assert is_binary(message) and message != ""

@@ -16,6 +16,21 @@ defmodule Snakepit.SharedMemory.TestSupport do
     :ok
   end
 
+  @doc """
+  ExUnit setup (`setup do: TestSupport.no_leaks()`): when the test ends, frees what it
+  left and asserts that nothing of this VM is live and no new segment is left.
+  """
+  def no_leaks do
+    before = vm_segments()
+
+    ExUnit.Callbacks.on_exit(fn ->
+      free_everything()
+      assert_nothing_live(before)
+    end)
+
+    :ok
+  end
+
   @doc "Registry, quota counters and /dev/shm all say: nothing (of this VM) is live."
   def assert_nothing_live(segments_before \\ []) do
     assert ShmHelpers.wait_until(fn -> Registry.count() == 0 end, 5_000),

@@ -10,16 +10,7 @@ defmodule Snakepit.SharedMemory.AllocatorTest do
 
   require Registry
 
-  setup do
-    before = TestSupport.vm_segments()
-
-    on_exit(fn ->
-      TestSupport.free_everything()
-      TestSupport.assert_nothing_live(before)
-    end)
-
-    :ok
-  end
+  setup do: TestSupport.no_leaks()
 
   describe "allocate/1" do
     test "small, large, named and encrypted regions (normal and dirty NIF paths)" do

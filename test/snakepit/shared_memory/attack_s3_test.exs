@@ -13,16 +13,7 @@ defmodule Snakepit.SharedMemory.AttackS3Test do
 
   @mib 1_048_576
 
-  setup do
-    before = TestSupport.vm_segments()
-
-    on_exit(fn ->
-      TestSupport.free_everything()
-      TestSupport.assert_nothing_live(before)
-    end)
-
-    :ok
-  end
+  setup do: TestSupport.no_leaks()
 
   describe "read buffers (large reads in slices)" do
     test "never hand out bytes no slice filled (uninitialised VM memory)" do

@@ -11,16 +11,7 @@ defmodule Snakepit.SharedMemory.CleanupTest do
 
   @kib 1024
 
-  setup do
-    before = TestSupport.vm_segments()
-
-    on_exit(fn ->
-      TestSupport.free_everything()
-      TestSupport.assert_nothing_live(before)
-    end)
-
-    :ok
-  end
+  setup do: TestSupport.no_leaks()
 
   defp gone?(id), do: Registry.lookup(id) == nil
 

@@ -15,16 +15,7 @@ defmodule Snakepit.SharedMemory.EventsTest do
 
   @many 1_000
 
-  setup do
-    before = TestSupport.vm_segments()
-
-    on_exit(fn ->
-      TestSupport.free_everything()
-      TestSupport.assert_nothing_live(before)
-    end)
-
-    :ok
-  end
+  setup do: TestSupport.no_leaks()
 
   defp manager, do: Process.whereis(Manager)
 

@@ -12,16 +12,7 @@ defmodule Snakepit.SharedMemory.FacadeCostTest do
 
   require Registry
 
-  setup do
-    before = TestSupport.vm_segments()
-
-    on_exit(fn ->
-      TestSupport.free_everything()
-      TestSupport.assert_nothing_live(before)
-    end)
-
-    :ok
-  end
+  setup do: TestSupport.no_leaks()
 
   defp ref_of(id), do: Registry.region(Registry.lookup(id), :ref)
 

@@ -13,16 +13,7 @@ defmodule Snakepit.SharedMemory.HoldersTest do
 
   require Registry
 
-  setup do
-    before = TestSupport.vm_segments()
-
-    on_exit(fn ->
-      TestSupport.free_everything()
-      TestSupport.assert_nothing_live(before)
-    end)
-
-    :ok
-  end
+  setup do: TestSupport.no_leaks()
 
   defp os_holders(id) do
     {:ok, info} = SM.get_region_info(id)

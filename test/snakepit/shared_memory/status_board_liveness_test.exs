@@ -28,16 +28,7 @@ defmodule Snakepit.SharedMemory.StatusBoardLivenessTest do
   sys.stdin.readline()
   """
 
-  setup do
-    before = TestSupport.vm_segments()
-
-    on_exit(fn ->
-      TestSupport.free_everything()
-      TestSupport.assert_nothing_live(before)
-    end)
-
-    :ok
-  end
+  setup do: TestSupport.no_leaks()
 
   defp board!(opts) do
     {:ok, board} = StatusBoard.create(ShmHelpers.unique_name("lv"), opts)
