@@ -146,6 +146,7 @@ def from_valid(header, *, where, region_id):
         cipher=cipher, chunk_size=chunk_size,
         metadata=_decode_metadata(header, metadata_length, corrupt))
 
+
 def data_name(header):
     """The header's data_name field: "" when empty, None when malformed."""
     offset = F.DATA_NAME_OFFSET
