@@ -118,7 +118,7 @@ class Writer {
     std::unique_lock<std::mutex> lock(mutex_);
     for (;;) {
       wake_.wait(lock, [&] { return stopping_ || !pending_.empty() || flush_requested_; });
-      if (stopping_) break;  // what is left is swept by the next VM
+      if (stopping_) break;     // what is left is swept by the next VM
       if (!flush_requested_) {  // let a burst accumulate (and cancel out)
         wake_.wait_for(lock, kCoalesce, [&] { return stopping_ || flush_requested_; });
         if (stopping_) break;
