@@ -342,6 +342,26 @@ def _indexed(region_id):
     return Location(region_id, _format.BACKEND_MEMFD, control, data)
 
 
+def arena_hint(target):
+    """For a bare region id whose runtime index entry is of kind ``arena``: a Location
+    built from the entry, NOT verified (the caller's fast open checks the arena link,
+    the owner and that the chunk holds this id, and uses the hint only then). None for
+    anything else: refs, malformed ids, no entry, another kind."""
+    if not isinstance(target, str):
+        return None
+    region_id = target.strip()
+    if not valid_region_id(region_id):
+        return None
+    entry = index_entry(region_id)
+    if entry is None or entry[0] != "arena":
+        return None
+    _, control, data, offset, _ = entry
+    if control != data or offset % _format.HEADER_SIZE:
+        return None
+    return Location(region_id, _format.BACKEND_MEMFD, control, control,
+                    control_offset=offset)
+
+
 def _indexed_in_arena(region_id, control, data, offset):
     """The Location of an arena region named by an index entry, or None.
 

@@ -155,3 +155,53 @@ def test_an_entry_in_a_directory_open_to_others_is_not_used(peer, forged_dir, no
         snakepit_shm.attach(ref["region_id"])
     os.chmod(forged_dir, 0o700)
     peer.ok("deallocate", ref["region_id"])
+
+
+def test_the_fast_arena_open_checks_what_the_entry_says(peer):
+    from snakepit_shm import _native
+    library = _native.library()
+    ref = _arena(peer)
+    other = _arena(peer)
+    path, base = ref["control_path"], ref["control_offset"]
+    opened = library.attach_arena(path, base, ref["region_id"])
+    assert opened is not None
+    fd, size, header = opened
+    os.close(fd)
+    assert header[96:96 + len(ref["region_id"])] == ref["region_id"].encode()
+    # Another region's chunk, a prefix of the id, the data page, a non-arena file,
+    # beyond the arena: refused, nothing left open.
+    before = len(os.listdir("/proc/self/fd"))
+    assert library.attach_arena(path, other["control_offset"], ref["region_id"]) is None
+    assert library.attach_arena(path, base, ref["region_id"][:-1]) is None
+    assert library.attach_arena(path, base + 4096, ref["region_id"]) is None
+    assert library.attach_arena(f"/proc/{os.getpid()}/fd/0", 0, ref["region_id"]) is None
+    assert library.attach_arena(path, size, ref["region_id"]) is None
+    assert library.attach_arena(path, 1 << 62, ref["region_id"]) is None
+    assert len(os.listdir("/proc/self/fd")) == before
+    for r in (ref, other):
+        peer.ok("deallocate", r["region_id"])
+
+
+def test_a_read_write_bare_id_attach_of_an_arena_region_writes_the_vm_sees(peer, no_scan):
+    ref = _arena(peer)
+    peer.ok("flush")
+    with snakepit_shm.attach(ref["region_id"], mode="rw") as region:
+        region.write(0, b"\x01\x02\x03")
+        assert region.held
+        _, holders = peer.holds(ref["region_id"])
+        assert holders.get(os.getpid(), (0, False))[0] == 1
+    assert peer.ok("read", ref["region_id"], 0, 3) == "010203"
+    peer.ok("deallocate", ref["region_id"])
+    peer.ok("flush")
+    with pytest.raises(AssertionError, match="scan ran"):  # no entry: it would scan
+        snakepit_shm.attach(ref["region_id"])
+
+
+def test_a_deallocated_region_is_not_attached_through_its_entry(peer, forged_dir):
+    ref = _arena(peer)
+    keep = _arena(peer)
+    os.symlink(_entry_text(ref), forged_dir / ref["region_id"])
+    peer.ok("deallocate", ref["region_id"])
+    with pytest.raises(snakepit_shm.SnakepitShmError):
+        snakepit_shm.attach(ref["region_id"])
+    peer.ok("deallocate", keep["region_id"])
