@@ -11,6 +11,7 @@
 // Fork: only the process that started the writer queues anything (a forked child has no
 // writer thread, and its copy of the mutex may be locked: it never touches them).
 // Unload and exit join the thread (a thread running in an unloaded library would crash).
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstring>
@@ -41,8 +42,6 @@ struct Op {
 
 class Writer {
  public:
-  ~Writer() { stop(); }
-
   void enqueue_publish(const std::string& id, int fd, std::uint64_t offset,
                        std::uint64_t size) noexcept {
     try {
@@ -104,12 +103,15 @@ class Writer {
   }
 
  private:
-  bool ours() const noexcept { return owner_ == 0 || owner_ == ::getpid(); }
+  bool ours() const noexcept {
+    pid_t owner = owner_.load(std::memory_order_acquire);
+    return owner == 0 || owner == ::getpid();
+  }
 
   bool start_locked() {
     if (thread_.joinable()) return true;
     if (stopping_) return false;
-    owner_ = ::getpid();
+    owner_.store(::getpid(), std::memory_order_release);
     thread_ = std::thread([this] { run(); });
     return true;
   }
@@ -153,24 +155,34 @@ class Writer {
   std::condition_variable wake_, idle_;
   std::unordered_map<std::string, Op> pending_;
   std::thread thread_;
-  pid_t owner_ = 0;
+  std::atomic<pid_t> owner_{0};
   bool flush_requested_ = false, busy_ = false, stopping_ = false;
 };
 
-Writer g_writer;
+// Never destroyed (a NIF call racing the VM's exit must not find it gone, and a
+// destroyed joinable std::thread would terminate the process); joined at exit and on
+// unload instead (JoinAtExit runs at exit, or when the library is unloaded).
+Writer& writer() {
+  static Writer* instance = new Writer;
+  return *instance;
+}
+
+struct JoinAtExit {
+  ~JoinAtExit() { writer().stop(); }
+} g_join_at_exit;
 
 }  // namespace
 
 void publish_arena_later(const std::string& region_id, int arena_fd, std::uint64_t offset,
                          std::uint64_t size) noexcept {
-  g_writer.enqueue_publish(region_id, arena_fd, offset, size);
+  writer().enqueue_publish(region_id, arena_fd, offset, size);
 }
 
-void remove_later(const std::string& region_id) noexcept { g_writer.enqueue_remove(region_id); }
+void remove_later(const std::string& region_id) noexcept { writer().enqueue_remove(region_id); }
 
-bool flush(std::chrono::milliseconds timeout) noexcept { return g_writer.flush(timeout); }
+bool flush(std::chrono::milliseconds timeout) noexcept { return writer().flush(timeout); }
 
-void stop_writer() noexcept { g_writer.stop(); }
+void stop_writer() noexcept { writer().stop(); }
 
 #else
 
