@@ -130,6 +130,19 @@ defmodule Snakepit.SharedMemory.RuntimeIndexArenaTest do
     for id <- dead, do: assert(entry(dir, id) == {:error, :enoent})
   end
 
+  test "a VM that halts with entries still queued exits cleanly (the writer is joined)" do
+    code = """
+    Application.ensure_all_started(:snakepit_shm)
+    for _ <- 1..200, do: {:ok, _} = Snakepit.SharedMemory.allocate_region(4096)
+    IO.puts("HALTING")
+    System.halt(0)
+    """
+
+    {out, status} = ReliabilityHelpers.elixir_vm(code)
+    assert out =~ "HALTING"
+    assert status == 0, out
+  end
+
   test "runtime_index_flush validates its argument" do
     assert_raise ArgumentError, fn -> Native.runtime_index_flush(-1) end
     assert_raise ArgumentError, fn -> Native.runtime_index_flush(:soon) end
