@@ -356,8 +356,8 @@ def arena_hint(target):
     if entry is None or entry[0] != "arena":
         return None
     _, control, data, offset, _ = entry
-    if control != data or offset % _format.HEADER_SIZE:
-        return None
+    if control != data or offset % _format.HEADER_SIZE or offset >= 1 << 63:
+        return None  # (ctypes would silently wrap a larger offset)
     return Location(region_id, _format.BACKEND_MEMFD, control, control,
                     control_offset=offset)
 

@@ -125,6 +125,7 @@ def test_forged_entries_fall_back_to_the_scan_and_find_the_right_region(peer, fo
         _entry_text(ref, offset=ref["control_offset"] + 100),  # not a chunk boundary
         _entry_text(ref, offset=ref["control_offset"] + 4096),  # its data, not its header
         _entry_text(ref, offset=1 << 40),                      # beyond the arena
+        _entry_text(ref, offset=(1 << 64) + ref["control_offset"]),  # wraps in C
         f"spshm1 arena {proc} {proc} 0 4096",                  # not an arena memfd
         f"spshm1 arena {ref['control_path']} {proc} {ref['control_offset']} 4096",
         f"spshm1 arena /etc/passwd /etc/passwd {ref['control_offset']} 4096",
@@ -141,6 +142,10 @@ def test_forged_entries_fall_back_to_the_scan_and_find_the_right_region(peer, fo
             assert region.region_id == ref["region_id"], text
         assert _locate.find_by_id(ref["region_id"]).control_offset == \
             ref["control_offset"], text
+    # An offset that would wrap to the region's own in a C uint64 is not even tried.
+    os.unlink(path)
+    os.symlink(_entry_text(ref, offset=(1 << 64) + ref["control_offset"]), path)
+    assert _locate.arena_hint(ref["region_id"]) is None
     for r in (ref, other):
         peer.ok("deallocate", r["region_id"])
 
