@@ -2,6 +2,7 @@
 
 Usage: ``attach_micro.py PRIV_PYTHON_DIR REQUEST_JSON`` where the request is
 ``{"ref": <ref of a 4 KiB region>, "bare_id": <id of a memfd region among many live>,
+"arena_id": <id of a default 4 KiB (arena) region among many live> (optional),
 "rounds": r, "per_round": n, "scan_iterations": k}``.
 
 Times, in paired rounds (order rotated each round), the median of ``per_round`` runs of:
@@ -12,9 +13,12 @@ Times, in paired rounds (order rotated each round), the median of ``per_round`` 
   attach + close;
 * ``bare_id``: ``attach(region_id)``, ``ndarray()``, ``close()`` through the runtime
   index, and ``find``: the bare-id lookup alone;
+* ``arena_bare_id`` and ``arena_find``: the same for a region carved from an arena
+  (its index entry is an ``arena`` one, written by the VM's background writer);
 
 and, ``scan_iterations`` times, the lookup with the /proc/*/fd scan (the index ignored),
-as the fallback costs with the same live regions. Prints one JSON object of lists of
+as the fallback costs with the same live regions (``scan``; ``arena_scan``: the scan
+and the walk of every arena that finds an arena region without its entry). Prints one JSON object of lists of
 microseconds (one per round; the scan: one per iteration).
 """
 
@@ -46,6 +50,7 @@ def main():
 
     request = json.loads(sys.argv[2])
     ref, bare_id = request["ref"], request["bare_id"]
+    arena_id = request.get("arena_id")
     segment = shared_memory.SharedMemory(create=True, size=4096)
 
     def by_ref():
@@ -69,7 +74,18 @@ def main():
     def find():
         _locate.find_by_id(bare_id)
 
+    def arena_by_id():
+        region = snakepit_shm.attach(arena_id)
+        words = region.ndarray()
+        del words
+        region.close()
+
+    def arena_find():
+        _locate.find_by_id(arena_id)
+
     paths = {"ref": by_ref, "mp": mp, "bare_id": by_id, "find": find}
+    if arena_id:
+        paths.update(arena_bare_id=arena_by_id, arena_find=arena_find)
     out = {name: [] for name in paths}
     try:
         for fn in paths.values():  # warm: the library, numpy, the tracker
@@ -81,9 +97,15 @@ def main():
             for name in order:
                 out[name].append(median_us(paths[name], request["per_round"]))
         out["index"] = _locate.index_entry(bare_id) is not None
+        if arena_id:
+            entry = _locate.index_entry(arena_id)
+            out["arena_index"] = entry is not None and entry[0] == "arena"
         # The fallback: the index out of the way (a directory that does not exist).
         os.environ[_locate.RUNTIME_DIR_ENV] = "/nonexistent/snakepit_shm_bench"
         out["scan"] = [median_us(find, 1) for _ in range(request["scan_iterations"])]
+        if arena_id:
+            out["arena_scan"] = [median_us(arena_find, 1)
+                                 for _ in range(request["scan_iterations"])]
     finally:
         segment.close()
         segment.unlink()

@@ -114,3 +114,77 @@ static int open_checked(const char* path, const char* expected_link, int writabl
   return SPSHM_E_UNSUPPORTED;
 #endif
 }
+
+#if defined(__linux__)
+namespace {
+
+/// "/memfd:spshm_arena_<20 of [a-z2-7]> (deleted)": the link of one of our arenas.
+bool arena_link(const char* path, char* target, std::size_t capacity, std::size_t* length) {
+  ssize_t n = ::readlink(path, target, capacity);
+  static constexpr char kPrefix[] = "/memfd:spshm_arena_";
+  static constexpr char kSuffix[] = " (deleted)";
+  constexpr std::size_t prefix = sizeof kPrefix - 1, suffix = sizeof kSuffix - 1;
+  if (n != static_cast<ssize_t>(prefix + 20 + suffix)) return false;
+  if (std::memcmp(target, kPrefix, prefix) != 0 ||
+      std::memcmp(target + prefix + 20, kSuffix, suffix) != 0)
+    return false;
+  for (std::size_t i = prefix; i < prefix + 20; ++i) {
+    char c = target[i];
+    if (!((c >= 'a' && c <= 'z') || (c >= '2' && c <= '7'))) return false;
+  }
+  *length = static_cast<std::size_t>(n);
+  return true;
+}
+
+}  // namespace
+#endif
+
+SPSHM_EXPORT int spshm_attach_arena(const char* path, uint64_t base, const char* region_id,
+                                    void* header_out, int* fd_out, uint64_t* size_out, char* err,
+                                    size_t errlen) {
+#if defined(__linux__)
+  if (path == nullptr || region_id == nullptr || header_out == nullptr || fd_out == nullptr ||
+      size_out == nullptr || base % 4096 != 0)
+    return SPSHM_E_INVALID_ARGUMENT;
+  std::size_t id_length = std::strlen(region_id);
+  if (id_length == 0 || id_length >= 32) return SPSHM_E_INVALID_ARGUMENT;
+  *fd_out = -1;
+  char before[128], after[128];
+  std::size_t before_length = 0, after_length = 0;
+  if (!arena_link(path, before, sizeof before, &before_length)) return SPSHM_E_NOT_FOUND;
+  int fd = ::open(path, O_RDWR | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
+  if (fd < 0)
+    return errno == EACCES || errno == EPERM ? SPSHM_E_PERMISSION_DENIED : SPSHM_E_IO_ERROR;
+  int code = SPSHM_E_NOT_OURS;
+  struct stat st;
+  char self[64];
+  std::snprintf(self, sizeof self, "/proc/self/fd/%d", fd);
+  if (::fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_uid == ::geteuid() &&
+      arena_link(self, after, sizeof after, &after_length) && after_length == before_length &&
+      std::memcmp(before, after, before_length) == 0) {
+    code = SPSHM_E_NOT_FOUND;
+    const auto size = static_cast<uint64_t>(st.st_size);
+    // The shared liveness lock of the chunk first: from here on its region stays.
+    if (size >= 4096 && base <= size - 4096 &&
+        (code = spshm_liveness_lock_at(fd, base, err, errlen)) == SPSHM_OK) {
+      auto* header = static_cast<char*>(header_out);
+      ssize_t n = ::pread(fd, header, 4096, static_cast<off_t>(base));
+      // The chunk must hold the region asked for (a stale or forged offset: not found).
+      if (n != 4096 || std::memcmp(header + 96, region_id, id_length) != 0 ||
+          header[96 + id_length] != '\0') {
+        code = SPSHM_E_NOT_FOUND;
+      } else if ((code = spshm_validate_header(header, size - base, err, errlen)) == SPSHM_OK) {
+        *fd_out = fd;
+        *size_out = size;
+        return SPSHM_OK;
+      }
+    }
+  }
+  ::close(fd);
+  return code;
+#else
+  (void)path, (void)base, (void)region_id, (void)header_out, (void)fd_out, (void)size_out,
+      (void)err, (void)errlen;
+  return SPSHM_E_UNSUPPORTED;
+#endif
+}

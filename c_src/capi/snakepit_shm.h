@@ -82,6 +82,14 @@ int spshm_liveness_lock_at(int fd, uint64_t base, char* err, size_t errlen);
 int spshm_hold_fd_at(void* header, int fd, uint64_t base, int* slot, uint32_t pid,
                      uint64_t start_time, int writable, char* err, size_t errlen);
 int spshm_release_fd_at(void* header, int fd, uint64_t base, int* slot, char* err, size_t errlen);
+/* The fast attach of an arena region (capi_attach.cpp): opens `path` read-write only if
+ * its link reads /memfd:spshm_arena_<20 of [a-z2-7]> (deleted) before and after the open
+ * (the same text) and it is a regular file of our uid; takes the liveness lock at
+ * `base`; copies the 4096-byte control block at `base` into header_out; checks it holds
+ * `region_id` (else SPSHM_E_NOT_FOUND: a stale or forged offset) and validates it for a
+ * data object of (size - base) bytes. On any failure the descriptor is closed again. */
+int spshm_attach_arena(const char* path, uint64_t base, const char* region_id, void* header_out,
+                       int* fd_out, uint64_t* size_out, char* err, size_t errlen);
 
 /* Start time (field 22 of /proc/<pid>/stat) of a process. */
 int spshm_process_start_time(uint32_t pid, uint64_t* out, char* err, size_t errlen);

@@ -280,6 +280,9 @@ Result<Region> create_arena(const CreateOptions& o) {
   impl->arena_header = reinterpret_cast<RegionHeader*>(at);
   impl->data = at + kHeaderSize;
   if (auto r = fill_new_region(*impl, o, false); !r) return r.error();
+  // Written by the index's own thread: no system call on this path.
+  runtime_index::publish_arena_later(impl->id, chunk->arena->handle().native(), impl->base,
+                                     impl->size);
   return RegionFactory::make(std::move(impl));
 }
 
@@ -352,6 +355,7 @@ RegionFactory::Impl::~Impl() {
   // Our shared liveness lock stays: retire() converts it to an exclusive one in a single
   // fcntl (granted only if no other open holds the byte), or drops it.
   (void)control.release();  // the arena's descriptor: closed with the arena
+  if (!id.empty()) runtime_index::remove_later(id);  // before the chunk can be reused
   process_arenas().retire(ArenaChunk{std::move(arena), base, chunk_length});
 }
 
@@ -650,6 +654,10 @@ Result<void> Region::unlink() {
   return guarded([&]() -> Result<void> {
     if (impl_->data_object.valid()) {  // memfd: no name to remove, only the index entry
       impl_->index_entry.remove();
+      return {};
+    }
+    if (impl_->arena) {  // a created arena region: no name, only its (queued) entry
+      runtime_index::remove_later(impl_->id);
       return {};
     }
     // Remove the name only while it still names our object: after a :remove_and_create

@@ -7,6 +7,7 @@
 #include <cstring>
 #include <mutex>
 
+#include "format.hpp"
 #include "ids.hpp"
 
 #if defined(__linux__)
@@ -98,6 +99,31 @@ bool region_id_shaped(const char* name) {
   return is_random_region_id(id) || is_named_region_id(id);
 }
 
+// True while the control block at `offset_text` of the arena at `path` is a published
+// header of region `id` that is not deallocated (pread: nothing is mapped or changed).
+bool arena_chunk_holds(const std::string& path, const std::string& offset_text,
+                       const std::string& id) {
+  if (offset_text.empty() || offset_text.size() > 15 ||
+      offset_text.find_first_not_of("0123456789") != std::string::npos)
+    return false;
+  off_t offset = static_cast<off_t>(std::stoull(offset_text));
+  if (offset % kHeaderSize != 0) return false;
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+  if (fd < 0) return false;
+  char magic[sizeof kMagic];
+  char stored[sizeof(RegionHeader::region_id) + 1] = {};
+  std::uint32_t state = 0;
+  bool ok = ::pread(fd, magic, sizeof magic, offset + offsetof(RegionHeader, magic)) ==
+                static_cast<ssize_t>(sizeof magic) &&
+            ::pread(fd, stored, sizeof stored - 1, offset + offsetof(RegionHeader, region_id)) ==
+                static_cast<ssize_t>(sizeof stored - 1) &&
+            ::pread(fd, &state, sizeof state, offset + offsetof(RegionHeader, state)) ==
+                static_cast<ssize_t>(sizeof state);
+  ::close(fd);
+  return ok && std::memcmp(magic, kMagic, sizeof magic) == 0 && id == stored &&
+         (state & kStateDeallocated) == 0;
+}
+
 // True while `entry` (a symlink's text) names a memfd of `id` that still exists.
 bool entry_alive(const std::string& id, const std::string& entry) {
   // "spshm1 <kind> <control> <data> <offset> <size>"
@@ -115,8 +141,11 @@ bool entry_alive(const std::string& id, const std::string& entry) {
   if (n <= 0) return false;
   std::string link(target, static_cast<std::size_t>(n));
   if (fields[1] == "memfd") return link == "/memfd:" + id + " (deleted)";
-  // An arena: the object is shared by many regions; alive while it is one of ours.
-  return fields[1] == "arena" && link.compare(0, 13, "/memfd:spshm_") == 0;
+  // An arena: the object is shared by many regions; alive while it is one of ours and
+  // the control block at the offset still holds this region, not deallocated (its VM may
+  // have freed it without removing the entry, and reused the chunk).
+  return fields[1] == "arena" && link.compare(0, 19, "/memfd:spshm_arena_") == 0 &&
+         arena_chunk_holds(fields[2], fields[4], id);
 }
 
 }  // namespace

@@ -18,6 +18,7 @@
 // one unlinkat to remove: no file to open, write and close.
 #pragma once
 
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -53,6 +54,26 @@ struct SweepResult {
 /// exited or freed the region without removing it, e.g. kill -9), and anything in the
 /// directory that is not an entry of ours.
 SweepResult sweep() noexcept;
+
+// Arena regions (runtime_index_writer.cpp): their entries are written by a background
+// thread, so that creating or freeing a small region pays no system call for the index.
+// An entry may appear a few milliseconds after the region (a lookup before that scans),
+// and a region freed before its entry was written never gets one.
+
+/// Queues the entry of an arena region: chunk at `offset` of the arena open as `arena_fd`
+/// in this process, `size` data bytes.
+void publish_arena_later(const std::string& region_id, int arena_fd, std::uint64_t offset,
+                         std::uint64_t size) noexcept;
+
+/// Queues the removal of an arena region's entry (or drops its entry not written yet).
+void remove_later(const std::string& region_id) noexcept;
+
+/// Waits until everything queued is written (tests, benchmarks). False on timeout.
+bool flush(std::chrono::milliseconds timeout) noexcept;
+
+/// Stops and joins the writer (NIF unload; also at exit). What is still queued is left
+/// to the next sweep. Publishing later starts it again.
+void stop_writer() noexcept;
 
 /// The entry a region publishes while it lives, removed on remove() or destruction.
 class Published {

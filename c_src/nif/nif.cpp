@@ -18,6 +18,7 @@
 #include "platform.hpp"
 #include "reaper.hpp"
 #include "resources.hpp"
+#include "runtime_index.hpp"
 #include "terms.hpp"
 
 namespace spshm::nif {
@@ -35,6 +36,7 @@ ErlNifFunc nif_funcs[] = {
     {"inspect_arena", 1, nif_inspect_arena, kIo},
     {"create", 2, nif_create, kIo},
     {"runtime_index_sweep", 0, nif_runtime_index_sweep, kIo},
+    {"runtime_index_flush", 1, nif_runtime_index_flush, kIo},
     {"create_plain", 2, nif_create_plain, 0},
     // The same as create/2 on a dirty CPU scheduler: an encrypted region's creation is
     // encryption of every chunk, CPU work that must not crowd the dirty I/O threads.
@@ -150,7 +152,10 @@ int upgrade(ErlNifEnv* env, void** priv_data, void**, ERL_NIF_TERM) {
   return init(env);
 }
 
-void unload(ErlNifEnv*, void*) { stop_reaper(); }
+void unload(ErlNifEnv*, void*) {
+  stop_reaper();
+  runtime_index::stop_writer();  // its thread runs this library's code
+}
 
 }  // namespace
 }  // namespace spshm::nif

@@ -89,6 +89,7 @@ SPSHM_NIF(nif_fs_stat);
 
 // nif_runtime_index.cpp: the bare-id index of memfd regions
 SPSHM_NIF(nif_runtime_index_sweep);
+SPSHM_NIF(nif_runtime_index_flush);
 
 // nif_pool.cpp: the warm pool and huge pages
 SPSHM_NIF(nif_pool_configure);

@@ -16,4 +16,12 @@ SPSHM_GUARDED_NIF(nif_runtime_index_sweep)(ErlNifEnv* env, int, const ERL_NIF_TE
   return make_ok(env, make_map(env, keys, values));
 }
 
+// Dirty (waits): until the entries of arena regions queued so far are written.
+SPSHM_GUARDED_NIF(nif_runtime_index_flush)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  unsigned int timeout_ms = 0;
+  if (!enif_get_uint(env, argv[0], &timeout_ms)) return enif_make_badarg(env);
+  if (runtime_index::flush(std::chrono::milliseconds(timeout_ms))) return enif_make_atom(env, "ok");
+  return make_error(env, Errc::busy, "the runtime index writer did not finish in time");
+}
+
 }  // namespace spshm::nif

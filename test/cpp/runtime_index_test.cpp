@@ -1,11 +1,14 @@
 // The runtime index (runtime_index.hpp): one entry per created memfd region, removed
 // with it; the sweep removes stale entries and leaves what is not an entry.
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <climits>
 #include <cstdio>
 #include <string>
+#include <vector>
 
 #include "helpers.hpp"
 #include "runtime_index.hpp"
@@ -91,4 +94,68 @@ TEST_CASE("publishing replaces a leftover entry of the same id", "[runtime_index
     CHECK(link_text(path) == "spshm1 arena /proc/1/fd/7 /proc/1/fd/7 8192 100");
   }
   CHECK(link_text(path).empty());
+}
+
+namespace {
+
+CreateOptions small_arena_options(std::uint64_t size) {
+  CreateOptions o = options(BackendKind::memfd, size);
+  o.arena = true;
+  return o;
+}
+
+}  // namespace
+
+TEST_CASE("an arena region's entry is written by the background writer, removed with it",
+          "[runtime_index][arena]") {
+  std::string entry;
+  {
+    Region r = create_ok(small_arena_options(5000));
+    REQUIRE(r.in_arena());
+    entry = runtime_index::directory() + "/" + r.id();
+    REQUIRE(runtime_index::flush(std::chrono::seconds(5)));
+    CHECK(link_text(entry) == "spshm1 arena " + r.control_path() + " " + r.control_path() + " " +
+                                  std::to_string(r.control_offset()) + " 5000");
+  }
+  REQUIRE(runtime_index::flush(std::chrono::seconds(5)));
+  CHECK(link_text(entry).empty());
+}
+
+TEST_CASE("an arena region freed before its entry is written never gets one",
+          "[runtime_index][arena]") {
+  std::vector<std::string> entries;
+  for (int i = 0; i < 100; ++i) {
+    Region r = create_ok(small_arena_options(4096));
+    entries.push_back(runtime_index::directory() + "/" + r.id());
+  }
+  REQUIRE(runtime_index::flush(std::chrono::seconds(5)));
+  for (const auto& e : entries) CHECK(link_text(e).empty());
+}
+
+TEST_CASE("the writer stops, restarts, and a forked child never touches it",
+          "[runtime_index][arena]") {
+  runtime_index::stop_writer();
+  runtime_index::stop_writer();                     // twice: nothing to join
+  Region r = create_ok(small_arena_options(4096));  // starts it again
+  std::string entry = runtime_index::directory() + "/" + r.id();
+  REQUIRE(runtime_index::flush(std::chrono::seconds(5)));
+  CHECK(!link_text(entry).empty());
+  pid_t child = ::fork();
+  REQUIRE(child >= 0);
+  if (child == 0) {
+    // The writer thread does not exist here: queueing, flushing and stopping are no-ops.
+    runtime_index::publish_arena_later("spshm_" + std::string(20, 'z'), 0, 0, 1);
+    runtime_index::remove_later(r.id());
+    bool flushed = runtime_index::flush(std::chrono::milliseconds(10));
+    runtime_index::stop_writer();
+    ::_exit(flushed ? 0 : 1);
+  }
+  int status = 0;
+  REQUIRE(::waitpid(child, &status, 0) == child);
+  CHECK((WIFEXITED(status) && WEXITSTATUS(status) == 0));
+  CHECK(!link_text(entry).empty());  // the child removed nothing
+  CHECK(link_text(runtime_index::directory() + "/spshm_" + std::string(20, 'z')).empty());
+  REQUIRE(r.deallocate(false).ok());
+  REQUIRE(runtime_index::flush(std::chrono::seconds(5)));
+  CHECK(link_text(entry).empty());
 }

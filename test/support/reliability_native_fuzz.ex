@@ -83,6 +83,7 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
     sweep_segment: 2,
     list_segments: 1,
     runtime_index_sweep: 1,
+    runtime_index_flush: 1,
     reap_holders: 2,
     reaped_holds: 1,
     list_counts: 2,
@@ -441,6 +442,10 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
   defp args(:pool_configure, _state, pool),
     do: [G.pick(0.85, pool, fn -> Enum.random([0, 8 * 1024 * 1024, 64 * 1024 * 1024]) end)]
 
+  # Short waits only (the writer drains within milliseconds), and refusals.
+  defp args(:runtime_index_flush, _state, _pool),
+    do: [G.one_of([0, 1, 50, 1000, -1, 1 <<< 32, :soon, "1", 1.5])]
+
   # Always a dry run: a fuzzer on a shared host removes nothing, even an unused segment.
   defp args(:sweep_segment, _state, pool),
     do: [G.region_id(pool), true]
@@ -740,6 +745,9 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
   defp well_shaped?(:release_holder, _, {:ok, n}), do: non_neg?(n)
   defp well_shaped?(:reap_holders, _, {:ok, n}), do: non_neg?(n)
   defp well_shaped?(:list_segments, _, v), do: is_list(v) and Enum.all?(v, &is_binary/1)
+
+  defp well_shaped?(:runtime_index_flush, _, :ok), do: true
+  defp well_shaped?(:runtime_index_flush, _, {:error, {:busy, m, _}}), do: is_binary(m)
 
   defp well_shaped?(:runtime_index_sweep, _, {:ok, %{kept: k, removed: r, directory: d}}),
     do: non_neg?(k) and non_neg?(r) and (d == nil or is_binary(d))

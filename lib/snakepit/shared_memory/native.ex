@@ -288,6 +288,14 @@ defmodule Snakepit.SharedMemory.Native do
           {:ok, %{directory: binary() | nil, kept: non_neg_integer(), removed: non_neg_integer()}}
   def runtime_index_sweep, do: :erlang.nif_error(:not_loaded)
 
+  @doc """
+  Waits up to `timeout_ms` until the runtime index entries of arena regions queued so
+  far are written by the index's background writer (dirty IO; tests and benchmarks).
+  """
+  @spec runtime_index_flush(non_neg_integer()) ::
+          :ok | {:error, {atom(), String.t(), integer()}}
+  def runtime_index_flush(_timeout_ms), do: :erlang.nif_error(:not_loaded)
+
   @doc "Names starting with spshm_ in the shm directory, not validated (dirty IO)."
   @spec list_segments() :: [binary()]
   def list_segments, do: :erlang.nif_error(:not_loaded)

@@ -38,11 +38,17 @@ def attach(ref_or_region_id, mode="r"):
     """
     if mode not in ("r", "rw"):
         raise ValueError(f"mode must be 'r' or 'rw', got {mode!r}")
-    location = _locate.parse_target(ref_or_region_id)
     library = _native.library()
+    # A bare id of an arena region listed in the runtime index: one C call checks the
+    # entry (arena link, owner, the chunk holds this id) while opening it; anything
+    # refused goes the usual way below (which verifies the entry again, or scans).
+    location = _locate.arena_hint(ref_or_region_id)
+    fast = _fast_open_arena(library, location) if location is not None else None
+    if fast is None:
+        location = _locate.parse_target(ref_or_region_id)
+        fast = _fast_open(library, location, mode)
     identity = _proc.self_identity()
     # Plain try blocks rather than ExitStacks: this is the per-request path of a worker.
-    fast = _fast_open(library, location, mode)
     if fast is not None:
         control_fd, _, data_fd, data_size, snapshot = fast
         header_writable = True
@@ -54,6 +60,7 @@ def attach(ref_or_region_id, mode="r"):
     try:
         if fast is not None:
             # Opened, locked and validated by the core in one call.
+            base = location.control_offset or 0
             header = _header.from_valid(snapshot, where=location.control_path,
                                         region_id=location.region_id)
         else:
@@ -150,6 +157,17 @@ def _being_created(control_fd, snapshot):
     except OSError:
         return False
     return struct.unpack("hhqqi4x", answer)[0] != fcntl.F_UNLCK
+
+
+def _fast_open_arena(library, location):
+    """The fast open of an arena region at a hinted offset, as :func:`_fast_open`
+    returns it (the arena's one descriptor serves as control and data), or None."""
+    opened = library.attach_arena(location.control_path, location.control_offset,
+                                  location.region_id)
+    if opened is None:
+        return None
+    fd, size, snapshot = opened
+    return fd, size, fd, size, snapshot
 
 
 def _validated(library, snapshot, location, control_size, data_size):

@@ -325,8 +325,12 @@ def index_entry(region_id):
 def _indexed(region_id):
     """The Location of a memfd region found through the runtime index, or None."""
     entry = index_entry(region_id)
-    if entry is None or entry[0] != "memfd":
-        return None  # kinds this client does not read (yet) fall back to the scan
+    if entry is None:
+        return None
+    if entry[0] == "arena":
+        return _indexed_in_arena(region_id, entry[1], entry[2], entry[3])
+    if entry[0] != "memfd":
+        return None  # kinds this client does not read fall back to the scan
     _, control, data, _, _ = entry
     try:
         # A stale entry (its VM died or freed the region unannounced) names a
@@ -336,6 +340,64 @@ def _indexed(region_id):
     except OSError:
         return None
     return Location(region_id, _format.BACKEND_MEMFD, control, data)
+
+
+def arena_hint(target):
+    """For a bare region id whose runtime index entry is of kind ``arena``: a Location
+    built from the entry, NOT verified (the caller's fast open checks the arena link,
+    the owner and that the chunk holds this id, and uses the hint only then). None for
+    anything else: refs, malformed ids, no entry, another kind."""
+    if not isinstance(target, str):
+        return None
+    region_id = target.strip()
+    if not valid_region_id(region_id):
+        return None
+    entry = index_entry(region_id)
+    if entry is None or entry[0] != "arena":
+        return None
+    _, control, data, offset, _ = entry
+    if control != data or offset % _format.HEADER_SIZE or offset >= 1 << 63:
+        return None  # (ctypes would silently wrap a larger offset)
+    return Location(region_id, _format.BACKEND_MEMFD, control, control,
+                    control_offset=offset)
+
+
+def _indexed_in_arena(region_id, control, data, offset):
+    """The Location of an arena region named by an index entry, or None.
+
+    The entry is believed only as far as it is checked: the path names an arena memfd
+    (before and after the open), a regular file of our uid, and the control block at
+    the offset is a published header of this very region, not deallocated. A stale
+    entry (the region was freed, its chunk reused, its VM died) or a forged one fails
+    one of these and the caller scans. The attach then validates the header in full.
+    """
+    if control != data or offset % _format.HEADER_SIZE:
+        return None
+    try:
+        if not _ARENA_TARGET.fullmatch(os.readlink(control)):
+            return None
+        fd = os.open(control, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid() \
+                or offset + _format.HEADER_SIZE > info.st_size \
+                or not _ARENA_TARGET.fullmatch(os.readlink(f"/proc/self/fd/{fd}")):
+            return None
+        state_at = _format.FIELD["state"][0]
+        raw = os.pread(fd, state_at + 4, offset)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    id_at, id_len = _format.FIELD["region_id"][0], _format.FIELD["region_id"][1]
+    if len(raw) != state_at + 4 or raw[:8] != _format.MAGIC \
+            or raw[id_at:id_at + id_len].rstrip(b"\0") != region_id.encode() \
+            or int.from_bytes(raw[state_at:], "little") & _format.STATE_DEALLOCATED:
+        return None
+    return Location(region_id, _format.BACKEND_MEMFD, control, control,
+                    control_offset=offset)
 
 
 def find_by_id(region_id):

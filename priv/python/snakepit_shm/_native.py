@@ -217,6 +217,9 @@ class Library:
                                   c.c_size_t], c.c_int),
             "spshm_release_fd_at": ([c.c_void_p, c.c_int, c.c_uint64, c.POINTER(c.c_int),
                                      c.c_char_p, c.c_size_t], c.c_int),
+            "spshm_attach_arena": ([c.c_char_p, c.c_uint64, c.c_char_p, c.c_void_p,
+                                    c.POINTER(c.c_int), c.POINTER(c.c_uint64), c.c_char_p,
+                                    c.c_size_t], c.c_int),
             "spshm_process_start_time": ([c.c_uint32, c.POINTER(c.c_uint64),
                                           c.c_char_p, c.c_size_t], c.c_int),
             "spshm_decrypt": ([c.c_void_p, c.c_void_p, c.c_uint64, c.c_char_p,
@@ -326,6 +329,19 @@ class Library:
             return None
         return (control_fd.value, control_size.value, data_fd.value, data_size.value,
                 header.raw)
+
+    def attach_arena(self, path, base, region_id):
+        """The fast open of an arena region (capi_attach.cpp): returns (fd, size,
+        header copy) once the chunk at ``base`` holds ``region_id`` and validates, or
+        None when anything was refused (the caller then locates and opens it step by
+        step, which says why)."""
+        header = ctypes.create_string_buffer(4096)
+        fd, size = ctypes.c_int(-1), ctypes.c_uint64()
+        code = self._dll.spshm_attach_arena(path.encode(), base, region_id.encode(), header,
+                                            ctypes.byref(fd), ctypes.byref(size), None, 0)
+        if code != 0:
+            return None
+        return fd.value, size.value, header.raw
 
     def process_start_time(self, pid):
         """Return the start time (clock ticks since boot) of process ``pid``."""

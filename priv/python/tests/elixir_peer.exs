@@ -2,6 +2,8 @@
 # (Snakepit.SharedMemory.Native) in a real VM and answers one command per line:
 #
 #   create SIZE posix|memfd ENCRYPTED(0|1)  -> ok <ref as JSON>   (data: byte i = (7i+3) rem 251)
+#   create SIZE arena 0                     -> the same, a region carved from an arena
+#   flush                                   -> ok   (runtime index entries are written)
 #   header ID                               -> ok <refcount> <pid:count:writable,...>
 #   read ID OFFSET LENGTH                   -> ok <hex>
 #   seal ID | deallocate ID                 -> ok | error <reason>
@@ -37,7 +39,8 @@ defmodule SnakepitShm.PythonTestPeer do
     encrypted = encrypted == "1"
 
     opts = %{
-      backend: %{"posix" => :posix, "memfd" => :memfd}[backend],
+      backend: %{"posix" => :posix, "memfd" => :memfd, "arena" => :memfd}[backend],
+      arena: backend == "arena",
       name: nil,
       open_mode: :create,
       mode: 0o600,
@@ -88,6 +91,13 @@ defmodule SnakepitShm.PythonTestPeer do
     {"ok", regions}
   end
 
+  defp handle(["flush"], regions) do
+    case Native.runtime_index_flush(5000) do
+      :ok -> {"ok", regions}
+      {:error, {reason, message, _errno}} -> {"error #{reason} #{message}", regions}
+    end
+  end
+
   defp handle(["gc"], regions) do
     :erlang.garbage_collect()
     {"ok", regions}
@@ -96,6 +106,9 @@ defmodule SnakepitShm.PythonTestPeer do
   defp handle(other, regions), do: {"error unknown command #{inspect(other)}", regions}
 
   defp pattern(size), do: for(i <- 0..(size - 1), into: <<>>, do: <<rem(i * 7 + 3, 251)>>)
+
+  defp control_offset(%{arena: true, control_offset: offset}), do: ~s("control_offset":#{offset},)
+  defp control_offset(_info), do: ""
 
   defp ref_json(region, info, encrypted) do
     key =
@@ -109,6 +122,7 @@ defmodule SnakepitShm.PythonTestPeer do
     ~s({"v":1,"region_id":"#{info.id}","backend":"#{info.backend}",) <>
       ~s("control_path":"#{info.control_path}","data_path":"#{info.data_path}",) <>
       ~s("data_offset":#{info.data_offset},"size":#{info.size},"sealed":false,) <>
+      control_offset(info) <>
       ~s("encrypted":#{encrypted},"metadata":{}#{key}})
   end
 end
