@@ -188,6 +188,11 @@ Result<Handle> open_path(const std::string& path, Access access);
 bool is_process_fd_link(const std::string& path) noexcept;
 Result<ObjectInfo> stat(const Handle& handle, const std::string& what);
 Result<void> set_mode(const Handle& handle, std::uint32_t mode, const std::string& what);
+/// Frees the pages of bytes [offset, offset + length) of the object, which keeps its size
+/// (reads there give zeros afterwards, never SIGBUS): Linux fallocate PUNCH_HOLE. Lets a
+/// caller free a large object's memory in pieces instead of all at once in the last
+/// close or unlink. unsupported elsewhere; refused (permission_denied) by a write seal.
+Result<void> release_pages(const Handle& handle, std::uint64_t offset, std::uint64_t length);
 /// Sets the size to `size` and allocates every byte (a full filesystem fails here, not
 /// with SIGBUS on first touch).
 Result<void> allocate(const Handle& handle, std::uint64_t size, const std::string& what);

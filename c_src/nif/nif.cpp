@@ -72,6 +72,10 @@ ErlNifFunc nif_funcs[] = {
     {"inspect_path", 1, nif_inspect_path, kIo},
     {"unlink_segment", 1, nif_unlink_segment, kIo},
     {"sweep_segment", 2, nif_sweep_segment, kIo},
+    // nif_sweep_slices.cpp: an orphan's pages freed in slices
+    {"sweep_segment_begin", 1, nif_sweep_segment_begin, kIo},
+    {"release_pages_step", 1, nif_release_pages_step, kIo},
+    {"reaper_stats", 0, nif_reaper_stats, 0},
     {"list_segments", 0, nif_list_segments, kIo},
     {"process_start_time", 1, nif_process_start_time, 0},
     {"process_alive", 2, nif_process_alive, 0},
@@ -133,6 +137,7 @@ int init(ErlNifEnv* env) {
   if (!open_board_resource_types(env)) return 3;
   if (!open_channel_resource_types(env) || !open_ring_probe_type(env)) return 3;
   if (!open_read_buffer_type(env)) return 3;
+  if (!open_unlinked_type(env)) return 3;
   if (!init_self_identity()) return 2;
   (void)start_reaper();  // without it, large regions are destroyed in place
   // SIGBUS of a POSIX segment truncated by a peer becomes a :truncated error.

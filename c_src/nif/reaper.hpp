@@ -5,6 +5,7 @@
 // normal scheduler too. Small things are destroyed in place (queueing costs more).
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #include "region.hpp"
@@ -13,6 +14,20 @@ namespace spshm::nif {
 
 /// Regions (or detached data areas) at least this large go to the reaper thread.
 inline constexpr std::uint64_t kReapThreshold = std::uint64_t{1} << 20;
+
+/// The reaper unmaps a large data area this many bytes at a time (~1-2 ms of munmap),
+/// and sleeps kReapPauseNs between two pieces.
+inline constexpr std::size_t kReapPiece = std::size_t{16} << 20;
+inline constexpr std::uint64_t kReapPauseNs = 1'000'000;
+
+/// What the reaper did since the library was loaded (tests, bench): pieces of mappings
+/// unmapped, pieces of data objects whose pages it freed, the pause between pieces.
+struct ReaperCounts {
+  std::uint64_t pieces_unmapped = 0;
+  std::uint64_t pieces_released = 0;
+  std::uint64_t pause_ns = 0;
+};
+ReaperCounts reaper_counts() noexcept;
 
 /// Starts the thread (load/upgrade). False if it cannot: everything is then destroyed
 /// in place, as before.

@@ -279,6 +279,41 @@ defmodule Snakepit.SharedMemory.Native do
           {:ok, :removed | :removed_incomplete | :in_use | :young} | nif_error()
   def sweep_segment(_region_id, _dry_run), do: :erlang.nif_error(:not_loaded)
 
+  @typedoc "An unlinked segment whose pages `release_pages_step/1` frees (issue 12)."
+  @opaque unlinked :: reference()
+
+  @doc """
+  `sweep_segment(region_id, false)`, except that a removed segment is not closed (its
+  last close would free every page in one long call): the third element is the open
+  object, whose pages `release_pages_step/1` frees in slices (nil: nothing to free in
+  slices, e.g. a sealed segment, closed here). Dirty IO.
+  """
+  @spec sweep_segment_begin(binary()) ::
+          {:ok, :removed | :removed_incomplete | :in_use | :young, unlinked() | nil}
+          | nif_error()
+  def sweep_segment_begin(_region_id), do: :erlang.nif_error(:not_loaded)
+
+  @doc """
+  Frees up to 8 MiB of the pages of an object `sweep_segment_begin/1` handed over (dirty
+  IO, about 1 ms) and returns the bytes left; at 0 the object is closed. `busy` while
+  another call frees the same object. An object dropped before 0 is freed by the NIF's
+  reaper thread.
+  """
+  @spec release_pages_step(unlinked()) :: {:ok, non_neg_integer()} | nif_error()
+  def release_pages_step(_unlinked), do: :erlang.nif_error(:not_loaded)
+
+  @doc """
+  What the NIF's reaper thread did since the library was loaded: pieces of large
+  mappings it unmapped, pieces of data objects whose pages it freed, and its pause
+  between two pieces (ns).
+  """
+  @spec reaper_stats() :: %{
+          pieces_unmapped: non_neg_integer(),
+          pieces_released: non_neg_integer(),
+          pause_ns: non_neg_integer()
+        }
+  def reaper_stats, do: :erlang.nif_error(:not_loaded)
+
   @doc """
   Removes the stale entries of the runtime index (the per-user directory where each
   memfd region is listed so that workers find it by bare id) and says what it kept and
