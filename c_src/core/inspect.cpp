@@ -220,8 +220,7 @@ Result<SweepOutcome> sweep_segment_keeping(const std::string& region_id, bool dr
       // Its pages may be freed piece by piece by the caller: we hold the liveness byte
       // exclusively (nobody who takes locks uses it), and the holders of an older format,
       // which take none, are only known dead when the header says so (checked above).
-      if (keep != nullptr && exclusive &&
-          (incomplete || (copy.get().flags & kFlagLivenessLocks)))
+      if (keep != nullptr && exclusive && (incomplete || (copy.get().flags & kFlagLivenessLocks)))
         *keep = std::move(*handle);
     }
     return incomplete ? SweepOutcome::removed_incomplete : SweepOutcome::removed;

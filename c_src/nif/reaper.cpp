@@ -43,7 +43,9 @@ std::atomic<std::uint64_t> pause_ns{kReapPauseNs};
 void pause_between_pieces() noexcept {
   std::uint64_t ns = pause_ns.load(std::memory_order_relaxed);
   if (ns == 0) return;
-  struct timespec t{static_cast<time_t>(ns / 1000000000u), static_cast<long>(ns % 1000000000u)};
+  struct timespec t {
+    static_cast<time_t>(ns / 1000000000u), static_cast<long>(ns % 1000000000u)
+  };
   ::nanosleep(&t, nullptr);
 }
 
