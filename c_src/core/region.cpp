@@ -3,6 +3,7 @@
 #include "region.hpp"
 #include "guard.hpp"
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstring>
@@ -601,6 +602,42 @@ Result<void> Region::deallocate(bool zero) {
       }
     }
     return unlink();
+  });
+}
+
+Result<void> Region::mark_deallocated(bool zero) {
+  return guarded([&]() -> Result<void> {
+    if (!impl_->header_shared || (zero && !impl_->writable))
+      return needs_writable(impl_->id, zero ? "zero and deallocate" : "deallocate");
+    std::shared_lock<std::shared_timed_mutex> gate(impl_->gate, std::try_to_lock);
+    if (zero && !gate.owns_lock())
+      return Error{Errc::busy, 0,
+                   "region " + impl_->id +
+                       " is being sealed: it cannot be zeroed now; deallocate it without "
+                       "zeroing or retry"};
+    impl_->header().state.fetch_or(kStateDeallocated, std::memory_order_seq_cst);
+    return {};
+  });
+}
+
+Result<std::uint64_t> Region::zero_slice(std::uint64_t offset, std::uint64_t max_bytes) {
+  return guarded([&]() -> Result<std::uint64_t> {
+    if (!(impl_->header().state.load() & kStateDeallocated))
+      return Error{Errc::invalid_argument, 0,
+                   "region " + impl_->id + " is not being deallocated: mark it first"};
+    if (!impl_->writable) return needs_writable(impl_->id, "zero");
+    std::uint64_t capacity = impl_->capacity;
+    if (offset >= capacity || impl_->data == nullptr) return capacity;
+    // Not while a seal remaps the view (the gate): zeroing then could hit a read-only page.
+    std::shared_lock<std::shared_timed_mutex> gate(impl_->gate, std::try_to_lock);
+    if (!gate.owns_lock())
+      return Error{Errc::busy, 0, "region " + impl_->id + " is being sealed: retry the zeroing"};
+    if (!impl_->view_writable) return capacity;  // a kernel seal: nobody can write it, us neither
+    std::uint64_t length = std::min(max_bytes, capacity - offset);
+    std::unique_lock<std::shared_mutex> lock(impl_->crypt);
+    if (!access_data(*impl_, [&] { crypto::secure_zero(impl_->data + offset, length); }))
+      return truncated(*impl_);
+    return offset + length;
   });
 }
 

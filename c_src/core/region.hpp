@@ -193,6 +193,15 @@ class Region {
   /// needs a read-write handle (permission_denied otherwise).
   Result<void> deallocate(bool zero);
 
+  /// deallocate(zero) in steps, so that no call zeroes more than a bounded amount:
+  /// mark_deallocated() sets kStateDeallocated (every later read and write of any process
+  /// is refused), zero_slice() zeroes up to `max_bytes` of the data area from `offset` and
+  /// returns where the next slice starts (capacity() when done: also at once when a
+  /// kernel seal forbids writing), unlink() removes the name. busy while a seal is being
+  /// committed (retry); zero_slice refuses a region not marked first.
+  Result<void> mark_deallocated(bool zero);
+  Result<std::uint64_t> zero_slice(std::uint64_t offset, std::uint64_t max_bytes);
+
   /// Removes only the name (remove_and_create, orphan cleanup through a live handle).
   Result<void> unlink();
 

@@ -58,6 +58,10 @@ ErlNifFunc nif_funcs[] = {
     {"seal", 1, nif_seal, kIo},  // waits for in-flight writes of this VM
     {"deallocate", 2, nif_deallocate, kIo},
     {"deallocate_plain", 2, nif_deallocate_plain, 0},
+    // nif_zero_slices.cpp: a zeroing deallocation in slices
+    {"deallocate_begin", 1, nif_deallocate_begin, 0},
+    {"zero_step", 2, nif_zero_step, kCpu},
+    {"deallocate_finish", 1, nif_deallocate_finish, kIo},
     {"last_access", 1, nif_last_access, 0},
     {"set_idle_timeout", 2, nif_set_idle_timeout, 0},
     {"mark_adopted", 1, nif_mark_adopted, 0},

@@ -19,7 +19,14 @@ namespace spshm::nif {
 
 namespace {
 
-using Garbage = std::variant<std::unique_ptr<Region>, std::unique_ptr<Region::DetachedData>>;
+/// A region whose zeroing must be finished from `from` on before it is destroyed.
+struct Zeroing {
+  std::unique_ptr<Region> region;
+  std::uint64_t from = 0;
+};
+
+using Garbage = std::variant<std::unique_ptr<Region>, std::unique_ptr<Region::DetachedData>,
+                             std::unique_ptr<Zeroing>>;
 
 struct Reaper {
   std::mutex mutex;
@@ -92,8 +99,33 @@ void release_object_in_pieces(platform::Handle& object) noexcept {
 #endif
 }
 
+// Zeroes what is left of a region whose caller died mid-deallocation, slice by slice
+// (pausing between slices like the unmapping), then removes its name.
+void finish_zeroing(Region& region, std::uint64_t from) noexcept {
+  std::uint64_t at = from;
+  for (int busy = 0; at < region.capacity() && busy < 30000;) {
+    auto next = region.zero_slice(at, kZeroSlice);
+    if (!next.ok()) {
+      if (next.error().code != Errc::busy) break;
+      ++busy;  // a seal is being committed: it ends within 30 s
+      pause_between_pieces();
+      continue;
+    }
+    at = next.value();
+    pause_between_pieces();
+  }
+  (void)region.unlink();
+}
+
 void destroy(Garbage& item) noexcept {
-  if (auto* region = std::get_if<std::unique_ptr<Region>>(&item)) {
+  if (auto* zeroing = std::get_if<std::unique_ptr<Zeroing>>(&item)) {
+    if (*zeroing && (*zeroing)->region) {
+      finish_zeroing(*(*zeroing)->region, (*zeroing)->from);
+      Region::DetachedData data = (*zeroing)->region->detach_data();
+      unmap_in_pieces(data.mapping);
+      release_object_in_pieces(data.object);
+    }
+  } else if (auto* region = std::get_if<std::unique_ptr<Region>>(&item)) {
     if (*region) {
       // Nobody uses it any more (its resource is gone): its data goes first, in pieces.
       Region::DetachedData data = (*region)->detach_data();
@@ -171,6 +203,17 @@ void dispose(Region&& region) noexcept {
     auto boxed = std::make_unique<Region>(std::move(region));
     Garbage item{std::move(boxed)};
     if (!enqueue(std::move(item))) item = Garbage{};
+  } catch (...) {
+  }
+}
+
+void dispose_zeroing(Region&& region, std::uint64_t zero_from) noexcept {
+  try {
+    auto boxed = std::make_unique<Zeroing>();
+    boxed->region = std::make_unique<Region>(std::move(region));
+    boxed->from = zero_from;
+    Garbage item{std::move(boxed)};
+    if (!enqueue(std::move(item))) destroy(item);  // no reaper: here, as one call did
   } catch (...) {
   }
 }

@@ -37,6 +37,13 @@ void stop_reaper();
 
 /// Destroys `region` here if small, on the reaper thread otherwise.
 void dispose(Region&& region) noexcept;
+/// A region marked deallocated whose zeroing stopped at `zero_from` (its caller died):
+/// zeroes the rest in slices, removes its name, then destroys it (on the reaper thread,
+/// or here if the thread is not running).
+void dispose_zeroing(Region&& region, std::uint64_t zero_from) noexcept;
+/// Bytes one slice of zeroing covers (deallocate in slices; ~1 ms of memset).
+inline constexpr std::uint64_t kZeroSlice = std::uint64_t{16} << 20;
+
 /// The same for a detached data area (Region::detach_data()).
 void dispose(Region::DetachedData&& data) noexcept;
 

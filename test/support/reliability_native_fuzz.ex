@@ -81,6 +81,10 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
     inspect_path: 5,
     unlink_segment: 2,
     sweep_segment: 2,
+    # zeroing at deallocation in slices (issue 12)
+    deallocate_begin: 2,
+    zero_step: 3,
+    deallocate_finish: 2,
     # an orphan's pages freed in slices, the reaper's counts (issue 12)
     sweep_segment_begin: 1,
     release_pages_step: 2,
@@ -461,6 +465,15 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
 
   defp args(:release_pages_step, _state, pool), do: [unlinked(pool)]
 
+  defp args(fun, _state, pool) when fun in [:deallocate_begin, :deallocate_finish],
+    do: [G.handle(pool, :region)]
+
+  defp args(:zero_step, _state, pool),
+    do: [
+      G.handle(pool, :region),
+      G.pick(0.85, pool, fn -> G.one_of([0, 0, 16 <<< 20, 4096, 1 <<< 63, -1]) end)
+    ]
+
   # Never another directory than /dev/shm: the directory is global to the VM, and the
   # other suites' segments live there. Only refusals (and /dev/shm itself) otherwise.
   defp args(:set_shm_dir, _state, _pool),
@@ -833,6 +846,8 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
     do: non_neg?(u) and non_neg?(r)
 
   defp well_shaped?(:release_pages_step, _, {:ok, n}), do: non_neg?(n)
+  defp well_shaped?(fun, _, :ok) when fun in [:deallocate_begin, :deallocate_finish], do: true
+  defp well_shaped?(:zero_step, _, {:ok, n}), do: non_neg?(n)
 
   defp well_shaped?(:sweep_segment_begin, _, {:ok, o, u}),
     do: o in [:removed, :removed_incomplete, :in_use, :young] and (u == nil or is_reference(u))

@@ -30,6 +30,9 @@ defmodule Snakepit.SharedMemory.Allocator do
 
   import Snakepit.SharedMemory.Registry, only: [region: 1]
 
+  # Above this size, zeroing at deallocation goes in slices (Native.zero_step/2's bound).
+  @zero_slice 16 * 1024 * 1024
+
   # Largest size the plain (normal-scheduler) create and zeroing NIFs take.
   @plain_limit 65_536
 
@@ -387,7 +390,40 @@ defmodule Snakepit.SharedMemory.Allocator do
        when size <= div(@plain_limit, 2),
        do: Native.deallocate_plain(ref, true)
 
+  # Zeroing a large region is tens of milliseconds of memset: done in slices of at most
+  # 16 MiB, each a dirty call that returns to a normal scheduler (bench/FINDINGS.md §7).
+  defp deallocate(region(ref: ref, size: size), true) when size > @zero_slice,
+    do: deallocate_in_slices(ref)
+
   defp deallocate(region(ref: ref), zero), do: Native.deallocate(ref, zero)
+
+  @doc false
+  # Public for the tests: the zeroing deallocation in slices.
+  @spec deallocate_in_slices(Native.region()) :: :ok | Native.nif_error()
+  def deallocate_in_slices(ref) do
+    with :ok <- Native.deallocate_begin(ref),
+         :ok <- zero_slices(ref, 0, 0) do
+      Native.deallocate_finish(ref)
+    end
+  end
+
+  defp zero_slices(ref, offset, busy) do
+    case Native.zero_step(ref, offset) do
+      {:ok, ^offset} ->
+        :ok
+
+      {:ok, next} ->
+        zero_slices(ref, next, 0)
+
+      # a seal being committed (it started before the deallocation): it ends soon
+      {:error, {:busy, _, _}} when busy < 30_000 ->
+        Process.sleep(1)
+        zero_slices(ref, offset, busy + 1)
+
+      {:error, _} = error ->
+        error
+    end
+  end
 
   defp not_found(id) do
     Error.error(

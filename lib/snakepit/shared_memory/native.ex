@@ -279,6 +279,31 @@ defmodule Snakepit.SharedMemory.Native do
           {:ok, :removed | :removed_incomplete | :in_use | :young} | nif_error()
   def sweep_segment(_region_id, _dry_run), do: :erlang.nif_error(:not_loaded)
 
+  @doc """
+  Starts a zeroing deallocation in slices (issue 12): the checks of `deallocate(region,
+  true)`, then the header is marked deallocated (every later read and write, of any
+  process, is refused). Continue with `zero_step/2` from offset 0, end with
+  `deallocate_finish/1`. If the caller dies before the end, the NIF's reaper thread
+  zeroes the rest and removes the name.
+  """
+  @spec deallocate_begin(region()) :: :ok | nif_error()
+  def deallocate_begin(_region), do: :erlang.nif_error(:not_loaded)
+
+  @doc """
+  Zeroes at most 16 MiB of a region's data area from `offset` (where the previous step
+  ended; dirty CPU, about 1 ms) and returns where the next step starts: the region's
+  capacity once done. `busy` while a seal is being committed (retry).
+  """
+  @spec zero_step(region(), non_neg_integer()) :: {:ok, non_neg_integer()} | nif_error()
+  def zero_step(_region, _offset), do: :erlang.nif_error(:not_loaded)
+
+  @doc """
+  Ends a zeroing deallocation once every `zero_step/2` is done: removes the name, gives
+  the data area back (dirty IO).
+  """
+  @spec deallocate_finish(region()) :: :ok | nif_error()
+  def deallocate_finish(_region), do: :erlang.nif_error(:not_loaded)
+
   @typedoc "An unlinked segment whose pages `release_pages_step/1` frees (issue 12)."
   @opaque unlinked :: reference()
 

@@ -21,7 +21,7 @@ defmodule Snakepit.SharedMemory.ReaperSweepSlicesTest do
 
   @moduletag :capture_log
 
-  alias Snakepit.SharedMemory.{Native, Sweep, TestSupport}
+  alias Snakepit.SharedMemory.{Allocator, Native, Sweep, TestSupport}
 
   @mib 1_048_576
   @size 64 * @mib
@@ -111,11 +111,11 @@ defmodule Snakepit.SharedMemory.ReaperSweepSlicesTest do
     info.id
   end
 
-  defp traced_steps(fun) do
+  defp traced_steps(fun, mfa \\ {Native, :release_pages_step, 1}) do
     me = self()
     tracer = spawn_link(fn -> collect([]) end)
     spec = [{:_, [], [{:return_trace}]}]
-    :erlang.trace_pattern({Native, :release_pages_step, 1}, spec, [:local])
+    :erlang.trace_pattern(mfa, spec, [:local])
     :erlang.trace(me, true, [:call, {:tracer, tracer}])
     result = fun.()
     :erlang.trace(me, false, [:call])
@@ -134,11 +134,11 @@ defmodule Snakepit.SharedMemory.ReaperSweepSlicesTest do
 
   defp collect(acc) do
     receive do
-      {:trace, _, :return_from, {Native, :release_pages_step, 1}, value} ->
-        collect([value | acc])
+      {:trace, _, :return_from, {Native, _, _}, value} ->
+        collect([{:return, value} | acc])
 
-      {:trace, _, :call, _, _} ->
-        collect(acc)
+      {:trace, _, :call, {Native, _, args}} ->
+        collect([{:call, args} | acc])
 
       {:calls, to} ->
         send(to, {:calls, Enum.reverse(acc)})
@@ -153,7 +153,8 @@ defmodule Snakepit.SharedMemory.ReaperSweepSlicesTest do
       assert is_reference(unlinked)
       refute File.exists?(path), "the name is removed before any page is freed"
 
-      {:ok, results} = traced_steps(fn -> Sweep.release_pages(unlinked) end)
+      {:ok, events} = traced_steps(fn -> Sweep.release_pages(unlinked) end)
+      results = for {:return, v} <- events, do: v
       lefts = for {:ok, left} <- results, do: left
       assert length(lefts) == length(results), "every step succeeded: #{inspect(results)}"
       assert List.last(lefts) == 0
@@ -306,5 +307,128 @@ defmodule Snakepit.SharedMemory.ReaperSweepSlicesTest do
   defp seal(region, m) do
     :ok = Native.unmap(m)
     :ok = Native.seal(region)
+  end
+
+  describe "zeroing at deallocation in slices" do
+    test "at most 16 MiB per dirty call, contiguous from 0, and every byte is zero after" do
+      {:ok, region, info} = Native.create(@size, opts(:memfd))
+      {:ok, m} = Native.map(region, :read_write)
+      :ok = Native.write_dirty(m, 20 * @mib, :binary.copy(<<0x5A>>, @mib))
+      :ok = Native.write_dirty(m, @size - 4, "last")
+      :ok = Native.unmap(m)
+      # our own descriptor of the data memfd, to look at the bytes afterwards
+      {:ok, keep} = :file.open(info.data_path, [:read, :raw, :binary])
+
+      {:ok, events} =
+        traced_steps(fn -> Allocator.deallocate_in_slices(region) end, {Native, :zero_step, 2})
+
+      calls = for {:call, [_, offset]} <- events, do: offset
+      nexts = for {:return, {:ok, next}} <- events, do: next
+      assert length(calls) == length(nexts)
+      assert hd(calls) == 0
+      capacity = List.last(nexts)
+      assert capacity >= @size
+      assert length(calls) >= div(@size, 16 * @mib)
+
+      for {offset, next} <- Enum.zip(calls, nexts) do
+        assert next - offset <= 16 * @mib, "a slice zeroed #{next - offset} bytes"
+      end
+
+      # each call starts where the previous one ended
+      assert tl(calls) == Enum.drop(nexts, -1)
+
+      {:ok, zeros} = :file.pread(keep, 20 * @mib, @mib)
+      assert zeros == :binary.copy(<<0>>, @mib)
+      {:ok, tail} = :file.pread(keep, @size - 4, 4)
+      assert tail == <<0, 0, 0, 0>>
+      :ok = :file.close(keep)
+      assert {:error, {:deallocated, _, _}} = Native.deallocate(region, true)
+    end
+
+    test "between the steps: reads, writes, seal and a second deallocation are refused" do
+      {:ok, region, _info} = Native.create(@size, opts(:memfd))
+      {:ok, m} = Native.map(region, :read_write)
+      :ok = Native.deallocate_begin(region)
+      assert {:error, {:deallocated, _, _}} = Native.read(m, 0, 4)
+      assert {:error, {:deallocated, _, _}} = Native.write(m, 0, "x")
+      assert {:error, {:deallocated, _, _}} = Native.read_dirty(m, 0, 4)
+      assert {:error, {:busy, _, _}} = Native.deallocate(region, true)
+      assert {:error, {:busy, _, _}} = Native.deallocate_begin(region)
+      assert {:error, {:deallocated, _, _}} = Native.seal(region)
+      # out of order, or finishing early, is refused
+      assert {:error, {:invalid_argument, _, _}} = Native.zero_step(region, 4096)
+      assert {:error, {:invalid_argument, _, _}} = Native.deallocate_finish(region)
+      assert {:ok, next} = Native.zero_step(region, 0)
+      assert next == 16 * @mib
+      assert {:error, {:invalid_argument, _, _}} = Native.zero_step(region, 0)
+      assert :ok = zero_rest(region, next)
+      assert :ok = Native.deallocate_finish(region)
+      assert {:error, {:invalid_argument, _, _}} = Native.deallocate_finish(region)
+      assert {:error, {:invalid_argument, _, _}} = Native.zero_step(region, 0)
+      assert {:error, {:deallocated, _, _}} = Native.deallocate_begin(region)
+    end
+
+    test "misuse is refused" do
+      {:ok, region, _} = Native.create(@mib, opts(:memfd))
+      assert {:error, {:invalid_argument, _, _}} = Native.zero_step(region, 0)
+      assert {:error, {:invalid_argument, _, _}} = Native.deallocate_finish(region)
+      assert_raise ArgumentError, fn -> Native.zero_step(region, -1) end
+      assert_raise ArgumentError, fn -> Native.zero_step(:nope, 0) end
+      assert_raise ArgumentError, fn -> Native.deallocate_begin(make_ref()) end
+      assert_raise ArgumentError, fn -> Native.deallocate_finish("x") end
+      :ok = Native.deallocate(region, false)
+    end
+
+    test "a caller killed midway: the reaper thread zeroes the rest and removes the name" do
+      parent = self()
+
+      pid =
+        spawn(fn ->
+          {:ok, region, info} = Native.create(@size, opts(:posix))
+          {:ok, m} = Native.map(region, :read_write)
+          :ok = Native.write_dirty(m, 40 * @mib, :binary.copy(<<0x5A>>, @mib))
+          :ok = Native.write_dirty(m, @size - 4, "last")
+          send(parent, {:created, info})
+
+          receive do
+            :go -> :ok
+          end
+
+          :ok = Native.deallocate_begin(region)
+          {:ok, next} = Native.zero_step(region, 0)
+          send(parent, {:zeroed_to, next})
+
+          receive do
+            :never -> :ok
+          end
+        end)
+
+      assert_receive {:created, info}, 30_000
+      path = Path.join("/dev/shm", info.id)
+      # our own descriptor of the segment: the bytes stay readable after the name goes
+      {:ok, keep} = :file.open(path, [:read, :raw, :binary])
+      send(pid, :go)
+      assert_receive {:zeroed_to, next}, 30_000
+      assert next < 40 * @mib
+      kill_and_wait(pid)
+      eventually(fn -> not File.exists?(path) end)
+      base = info.data_offset
+
+      eventually(fn ->
+        {:ok, tail} = :file.pread(keep, base + @size - 4, 4)
+        tail == <<0, 0, 0, 0>>
+      end)
+
+      {:ok, middle} = :file.pread(keep, base + 40 * @mib, @mib)
+      assert middle == :binary.copy(<<0>>, @mib)
+      :ok = :file.close(keep)
+    end
+  end
+
+  defp zero_rest(region, offset) do
+    case Native.zero_step(region, offset) do
+      {:ok, ^offset} -> :ok
+      {:ok, next} -> zero_rest(region, next)
+    end
   end
 end
