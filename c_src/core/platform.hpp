@@ -151,6 +151,14 @@ Result<FsSpace> fs_space(const std::string& path);
 /// Creates an anonymous object of `size` bytes (allocated, zero-filled) that nobody can
 /// shrink or grow. unsupported where the OS has no such thing.
 Result<Handle> create_anonymous(const std::string& debug_name, std::uint64_t size);
+/// create_anonymous() without allocating the pages (the memory check, the size, the
+/// seals and the mode are the same): allocate_range() allocates them in slices.
+Result<Handle> create_anonymous_unallocated(const std::string& debug_name, std::uint64_t size);
+/// Allocates the pages of bytes [offset, offset + length) of the object (posix_fallocate:
+/// out of memory fails here, not with SIGBUS on first touch). No-op where objects are
+/// allocated when sized (macOS, Windows).
+Result<void> allocate_range(const Handle& handle, std::uint64_t offset, std::uint64_t length,
+                            const std::string& what);
 /// Path through which another process of our uid opens `handle` ("/proc/<pid>/fd/<n>").
 std::string handle_path(const Handle& handle);
 /// Name given to create_anonymous() of the object behind `handle` ("" if not anonymous).

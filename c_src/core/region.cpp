@@ -151,6 +151,10 @@ Result<void> fill_new_region(RegionFactory::Impl& impl, const CreateOptions& o, 
     if (auto r = crypto::initialise_chunks(impl.binding(), impl.key.data(), impl.data); !r)
       return r;
   }
+  if (impl.allocation_deferred) {  // allocate_range() in slices, then publish()
+    impl.unpublished.store(true);
+    return {};
+  }
   publish_header(h);
   return {};
 }
@@ -247,6 +251,8 @@ Result<Region> create_memfd(const CreateOptions& o) {
   impl->header_map = std::move(*header);
   impl->data_map = std::move(data->mapping);
   impl->data = impl->data_map.data();
+  impl->allocation_deferred = data->unallocated;
+  impl->object_size = data->object_size;
   if (auto r = fill_new_region(*impl, o, false, data->pooled ? data->data_name : std::string(),
                                data->huge);
       !r)
@@ -861,7 +867,7 @@ void Region::touch() noexcept { touch_header(*impl_); }
 
 Result<std::uint64_t> Region::initialise_chunks(std::uint64_t first, std::uint64_t count) {
   std::unique_lock<std::shared_mutex> lock(impl_->crypt);  // one initialiser at a time
-  if (!impl_->unpublished.load())
+  if (!impl_->unpublished.load() || !impl_->encrypted)
     return Error{Errc::invalid_argument, 0,
                  "region " + impl_->id + " was not created with deferred chunks, or is published"};
   crypto::Binding b = impl_->binding();
@@ -885,12 +891,37 @@ Result<void> Region::publish() {
   if (!impl_->unpublished.load())
     return Error{Errc::invalid_argument, 0,
                  "region " + impl_->id + " was not created with deferred chunks, or is published"};
-  if (impl_->chunks_initialised != crypto::chunk_count(impl_->binding()))
+  if (impl_->encrypted && impl_->chunks_initialised != crypto::chunk_count(impl_->binding()))
     return Error{Errc::invalid_argument, 0,
                  "region " + impl_->id + ": initialise every chunk before publishing it"};
+  if (impl_->allocation_deferred && impl_->allocated < impl_->object_size)
+    return Error{
+        Errc::invalid_argument, 0,
+        "region " + impl_->id + ": allocate every page (allocate_range) before publishing it"};
   publish_header(impl_->header());
   impl_->unpublished.store(false);
   return {};
+}
+
+// --- Deferred allocation of large regions (issue 12) ------------------------------------
+
+Result<std::uint64_t> Region::allocate_range(std::uint64_t offset, std::uint64_t max_bytes) {
+  std::unique_lock<std::shared_mutex> lock(impl_->crypt);  // one allocator at a time
+  if (!impl_->unpublished.load() || !impl_->allocation_deferred)
+    return Error{
+        Errc::invalid_argument, 0,
+        "region " + impl_->id + " was not created with deferred allocation, or is published"};
+  if (offset != impl_->allocated)
+    return Error{Errc::invalid_argument, 0,
+                 "region " + impl_->id + ": pages are allocated in order, next is " +
+                     std::to_string(impl_->allocated)};
+  std::uint64_t length = std::min(max_bytes, impl_->object_size - offset);
+  if (auto r = platform::allocate_range(impl_->data_object, offset, length,
+                                        "the data memfd of " + impl_->id);
+      !r)
+    return r.error();
+  impl_->allocated = offset + length;
+  return impl_->allocated;
 }
 
 }  // namespace spshm

@@ -57,6 +57,12 @@ struct CreateOptions {
   /// the creator calls initialise_chunks() in slices, then publish() (issue 12: no call
   /// keeps a core busy for the whole encryption of a large region).
   bool defer_chunks = false;
+  /// Unencrypted memfd regions without lock_memory: create() sizes the data object but
+  /// does not allocate its pages, and leaves the header unpublished; the creator calls
+  /// allocate_range() in slices, then publish() (issue 12: one fallocate of a large
+  /// object keeps a core busy for tens of milliseconds). Ignored elsewhere (and for a
+  /// data object taken from the warm pool, already allocated: publish() at once).
+  bool defer_allocate = false;
   /// Carve the region out of this process's arenas (arena.hpp) when it qualifies: memfd,
   /// unnamed, standard security (not encrypted, no lock_memory), mode 0600, and a chunk
   /// that fits an arena. Otherwise (or where arenas are unsupported) a dedicated region
@@ -138,7 +144,13 @@ class Region {
   /// invalid_argument when not deferred, already published, or out of order. Until
   /// publish(), reads and writes answer busy and other processes cannot open it.
   Result<std::uint64_t> initialise_chunks(std::uint64_t first, std::uint64_t count);
-  /// Publishes the header of a deferred region once every chunk is initialised.
+  /// A region created with defer_allocate: allocates the pages of its data object from
+  /// `offset` (where the previous call ended) for at most `max_bytes`, and returns where
+  /// the next call starts (the object's size once done: then publish()). no_space when
+  /// memory runs out. invalid_argument when not deferred, published, or out of order.
+  Result<std::uint64_t> allocate_range(std::uint64_t offset, std::uint64_t max_bytes);
+  /// Publishes the header of a deferred region once every chunk is initialised (and,
+  /// with defer_allocate, every page allocated).
   Result<void> publish();
   std::uint64_t size() const noexcept;      ///< user bytes (plaintext size)
   std::uint64_t capacity() const noexcept;  ///< bytes of the data area in use

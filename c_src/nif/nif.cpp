@@ -52,6 +52,7 @@ ErlNifFunc nif_funcs[] = {
     {"read_zero_copy", 3, nif_read_zero_copy, 0},
     {"init_chunks", 3, nif_init_chunks, kCpu},
     {"publish", 1, nif_publish, 0},
+    {"allocate_step", 2, nif_allocate_step, kIo},
     {"read_buffer", 1, nif_read_buffer, 0},
     {"read_into", 5, nif_read_into, kCpu},
     {"read_buffer_take", 1, nif_read_buffer_take, 0},

@@ -70,6 +70,7 @@ SPSHM_NIF(nif_init_chunks);
 SPSHM_NIF(nif_publish);
 // large reads in slices (issue 12)
 // nif_zero_slices.cpp: zeroing at deallocation in slices
+SPSHM_NIF(nif_allocate_step);  // nif_create_slices.cpp
 SPSHM_NIF(nif_deallocate_begin);
 SPSHM_NIF(nif_zero_step);
 SPSHM_NIF(nif_deallocate_finish);

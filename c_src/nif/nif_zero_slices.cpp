@@ -53,9 +53,9 @@ SPSHM_GUARDED_NIF(nif_zero_step)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[])
     return enif_make_badarg(env);
   std::uint64_t expected = res->zero_next.load();
   if (expected == RegionResource::kNotZeroing || res->deallocated.load())
-    return make_error(env, Errc::invalid_argument,
-                      "region " + res->region.id() +
-                          " is not being zeroed: call deallocate_begin/1 first");
+    return make_error(
+        env, Errc::invalid_argument,
+        "region " + res->region.id() + " is not being zeroed: call deallocate_begin/1 first");
   if (offset != expected)
     return make_error(env, Errc::invalid_argument,
                       "zero_step/2 at " + std::to_string(offset) + ": the next slice of region " +
@@ -76,9 +76,9 @@ SPSHM_GUARDED_NIF(nif_deallocate_finish)(ErlNifEnv* env, int, const ERL_NIF_TERM
   if (!get_region(env, argv[0], &res)) return enif_make_badarg(env);
   std::uint64_t next = res->zero_next.load();
   if (next == RegionResource::kNotZeroing || res->deallocated.load())
-    return make_error(env, Errc::invalid_argument,
-                      "region " + res->region.id() +
-                          " is not being zeroed: call deallocate_begin/1 first");
+    return make_error(
+        env, Errc::invalid_argument,
+        "region " + res->region.id() + " is not being zeroed: call deallocate_begin/1 first");
   if (next < res->region.capacity())
     return make_error(env, Errc::invalid_argument,
                       "region " + res->region.id() + " is zeroed up to " + std::to_string(next) +

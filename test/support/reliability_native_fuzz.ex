@@ -81,6 +81,7 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
     inspect_path: 5,
     unlink_segment: 2,
     sweep_segment: 2,
+    allocate_step: 3,
     # zeroing at deallocation in slices (issue 12)
     deallocate_begin: 2,
     zero_step: 3,
@@ -468,6 +469,12 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
   defp args(fun, _state, pool) when fun in [:deallocate_begin, :deallocate_finish],
     do: [G.handle(pool, :region)]
 
+  defp args(:allocate_step, _state, pool),
+    do: [
+      G.handle(pool, :region),
+      G.pick(0.85, pool, fn -> G.one_of([0, 0, 8 <<< 20, 4096, 1 <<< 63, -1]) end)
+    ]
+
   defp args(:zero_step, _state, pool),
     do: [
       G.handle(pool, :region),
@@ -848,6 +855,7 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
   defp well_shaped?(:release_pages_step, _, {:ok, n}), do: non_neg?(n)
   defp well_shaped?(fun, _, :ok) when fun in [:deallocate_begin, :deallocate_finish], do: true
   defp well_shaped?(:zero_step, _, {:ok, n}), do: non_neg?(n)
+  defp well_shaped?(:allocate_step, _, {:ok, n}), do: non_neg?(n)
 
   defp well_shaped?(:sweep_segment_begin, _, {:ok, o, u}),
     do: o in [:removed, :removed_incomplete, :in_use, :young] and (u == nil or is_reference(u))

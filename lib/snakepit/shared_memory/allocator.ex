@@ -30,6 +30,9 @@ defmodule Snakepit.SharedMemory.Allocator do
 
   import Snakepit.SharedMemory.Registry, only: [region: 1]
 
+  # Above this size, a memfd region's pages are allocated in slices (allocate_step/2).
+  @allocate_slice 16 * 1024 * 1024
+
   # Above this size, zeroing at deallocation goes in slices (Native.zero_step/2's bound).
   @zero_slice 16 * 1024 * 1024
 
@@ -178,7 +181,49 @@ defmodule Snakepit.SharedMemory.Allocator do
     end
   end
 
+  # A large unencrypted memfd region: its data object is sized at once and its pages
+  # allocated in dirty calls of 8 MiB, returning to a normal scheduler between them (one
+  # fallocate of the whole object kept a core busy for tens of milliseconds:
+  # bench/FINDINGS.md section 7); published only then. A caller killed midway leaves
+  # nothing: an unpublished memfd dies with its descriptors.
+  defp create(%{size: size, name: nil, backend: :memfd}, %{lock_memory: false} = native_opts)
+       when size > @allocate_slice do
+    with {:ok, ref, info} <- Native.create(size, Map.put(native_opts, :defer_allocate, true)) do
+      case allocate_pages(ref, 0) do
+        :ok ->
+          {:ok, ref, info}
+
+        error ->
+          _ = Native.deallocate(ref, false)
+          error
+      end
+    end
+  end
+
   defp create(opts, native_opts), do: Native.create(opts.size, native_opts)
+
+  @doc false
+  # Public for the tests: allocates a deferred region's pages step by step and publishes
+  # it. A region that was not deferred (its data object came from the warm pool, already
+  # allocated) answers invalid_argument at the first step: then it is published as is.
+  @spec allocate_pages(Native.region(), non_neg_integer()) :: :ok | Native.nif_error()
+  def allocate_pages(ref, offset) do
+    case Native.allocate_step(ref, offset) do
+      {:ok, ^offset} -> publish_deferred(ref)
+      {:ok, next} -> allocate_pages(ref, next)
+      {:error, {:invalid_argument, _, _}} when offset == 0 -> publish_deferred(ref)
+      error -> error
+    end
+  end
+
+  defp publish_deferred(ref) do
+    case Native.publish(ref) do
+      :ok -> :ok
+      # not deferred (a pooled object): already published
+      {:error, {:invalid_argument, _, _}} -> :ok
+      error -> error
+    end
+  end
 
   defp initialise(ref, info) do
     with :ok <- init_chunks(ref, 0),

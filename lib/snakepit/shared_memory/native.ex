@@ -131,6 +131,16 @@ defmodule Snakepit.SharedMemory.Native do
   @spec publish(region()) :: :ok | nif_error()
   def publish(_region), do: :erlang.nif_error(:not_loaded)
 
+  @doc """
+  A region created with `defer_allocate: true` (unencrypted memfd): allocates the pages of
+  its data object from `offset` (where the previous step ended), at most 8 MiB per call
+  (dirty IO, about 1 ms), and returns where the next step starts; the same offset once
+  every page is allocated (then `publish/1`). Until then other processes cannot open it
+  and reads and writes answer `busy` (internal, issue 12).
+  """
+  @spec allocate_step(region(), non_neg_integer()) :: {:ok, non_neg_integer()} | nif_error()
+  def allocate_step(_region, _offset), do: :erlang.nif_error(:not_loaded)
+
   @doc "Opens an existing region: by id (POSIX) or by {control_path, data_path}."
   @spec open(binary() | {binary(), binary()} | {binary(), binary(), non_neg_integer()}, boolean()) ::
           {:ok, region(), region_info()} | nif_error()

@@ -27,7 +27,14 @@ defmodule Snakepit.SharedMemory.ReaperSweepSlicesTest do
   @size 64 * @mib
 
   setup do
+    # No warm pool here: it would keep (and hand back, already allocated) the data
+    # objects these tests watch being freed or allocated.
+    %{budget: budget} = Native.pool_stats()
+    :ok = Native.pool_configure(0)
+    quiet_reaper()
+
     on_exit(fn ->
+      :ok = Native.pool_configure(budget)
       :erlang.trace(self(), false, [:call])
       :erlang.trace_pattern({Native, :_, :_}, false, [])
       TestSupport.free_everything()
@@ -82,6 +89,19 @@ defmodule Snakepit.SharedMemory.ReaperSweepSlicesTest do
 
     receive do
       {:DOWN, ^ref, _, _, _} -> :ok
+    end
+  end
+
+  # Waits until the reaper thread has nothing left from earlier tests (its counts stay
+  # still for 300 ms), so that a test sees only its own pieces.
+  defp quiet_reaper(last \\ nil, tries \\ 100) do
+    now = Native.reaper_stats()
+
+    if now == last or tries == 0 do
+      :ok
+    else
+      Process.sleep(300)
+      quiet_reaper(now, tries - 1)
     end
   end
 
@@ -429,6 +449,108 @@ defmodule Snakepit.SharedMemory.ReaperSweepSlicesTest do
     case Native.zero_step(region, offset) do
       {:ok, ^offset} -> :ok
       {:ok, next} -> zero_rest(region, next)
+    end
+  end
+
+  describe "creating a large memfd region in slices" do
+    defp deferred(size) do
+      {:ok, region, info} = Native.create(size, Map.put(opts(:memfd), :defer_allocate, true))
+      {region, info}
+    end
+
+    test "pages allocated at most 8 MiB per dirty call, in order, then published" do
+      {region, _info} = deferred(@size)
+
+      {:ok, events} =
+        traced_steps(fn -> Allocator.allocate_pages(region, 0) end, {Native, :allocate_step, 2})
+
+      calls = for {:call, [_, offset]} <- events, do: offset
+      nexts = for {:return, {:ok, next}} <- events, do: next
+      assert length(calls) == length(nexts)
+      assert hd(calls) == 0
+      assert length(calls) >= div(@size, 8 * @mib)
+      assert List.last(nexts) >= @size
+      assert tl(calls) == Enum.drop(nexts, -1)
+
+      for {offset, next} <- Enum.zip(calls, nexts) do
+        assert next - offset <= 8 * @mib
+      end
+
+      {:ok, m} = Native.map(region, :read_write)
+      assert :ok = Native.write_dirty(m, @size - 4, "last")
+      assert {:ok, "last"} = Native.read_dirty(m, @size - 4, 4)
+      :ok = Native.unmap(m)
+      :ok = Native.deallocate(region, false)
+    end
+
+    test "unusable and unopenable before it is published" do
+      {region, info} = deferred(@size)
+      {:ok, m} = Native.map(region, :read_write)
+      assert {:error, {:busy, _, _}} = Native.write(m, 0, "x")
+      assert {:error, {:busy, _, _}} = Native.read(m, 0, 1)
+      assert {:error, {:invalid_argument, _, _}} = Native.publish(region)
+      assert {:ok, next} = Native.allocate_step(region, 0)
+      assert next == 8 * @mib
+      # another opener (here through our own descriptors) is refused
+      assert {:error, _} = Native.open({info.control_path, info.data_path}, false)
+      # out of order, or again, is refused
+      assert {:error, {:invalid_argument, _, _}} = Native.allocate_step(region, 0)
+      assert {:error, {:invalid_argument, _, _}} = Native.allocate_step(region, 16 * @mib)
+      assert :ok = Allocator.allocate_pages(region, next)
+      assert {:error, {:invalid_argument, _, _}} = Native.allocate_step(region, 0)
+      assert :ok = Native.write(m, 0, "x")
+      assert {:ok, other, _} = Native.open({info.control_path, info.data_path}, false)
+      {:ok, om} = Native.map(other, :read_only)
+      assert {:ok, "x"} = Native.read(om, 0, 1)
+      :ok = Native.unmap(om)
+      :ok = Native.unmap(m)
+      :ok = Native.deallocate(region, false)
+    end
+
+    test "misuse is refused" do
+      {:ok, plain, _} = Native.create(@mib, opts(:memfd))
+      assert {:error, {:invalid_argument, _, _}} = Native.allocate_step(plain, 0)
+      assert {:error, {:invalid_argument, _, _}} = Native.init_chunks(plain, 0, 1)
+      assert_raise ArgumentError, fn -> Native.allocate_step(plain, -1) end
+      assert_raise ArgumentError, fn -> Native.allocate_step(:nope, 0) end
+      :ok = Native.deallocate(plain, false)
+      assert {:error, {:deallocated, _, _}} = Native.allocate_step(plain, 0)
+      # encrypted and lock_memory regions are never deferred: allocated at creation
+      {:ok, enc, _} =
+        Native.create(@size, %{opts(:memfd) | encrypted: true} |> Map.put(:defer_allocate, true))
+
+      assert {:error, {:invalid_argument, _, _}} = Native.allocate_step(enc, 0)
+      :ok = Native.deallocate(enc, false)
+    end
+
+    test "a creator killed midway leaves nothing behind" do
+      parent = self()
+
+      pid =
+        spawn(fn ->
+          {region, info} = deferred(@size)
+          {:ok, _} = Native.allocate_step(region, 0)
+          send(parent, {:created, info})
+
+          receive do
+            :never -> :ok
+          end
+        end)
+
+      assert_receive {:created, info}, 30_000
+      assert {:ok, target} = File.read_link(info.data_path)
+      assert target =~ info.id
+      kill_and_wait(pid)
+
+      # its data memfd is closed (by the reaper thread): the descriptor is gone or reused
+      eventually(fn ->
+        case File.read_link(info.data_path) do
+          {:ok, t} -> not String.contains?(t, info.id)
+          {:error, _} -> true
+        end
+      end)
+
+      refute File.exists?(Path.join("/dev/shm", info.id))
     end
   end
 end
