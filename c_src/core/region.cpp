@@ -870,6 +870,10 @@ Result<std::uint64_t> Region::initialise_chunks(std::uint64_t first, std::uint64
   if (!impl_->unpublished.load() || !impl_->encrypted)
     return Error{Errc::invalid_argument, 0,
                  "region " + impl_->id + " was not created with deferred chunks, or is published"};
+  if (impl_->allocation_deferred && impl_->allocated < impl_->object_size)
+    return Error{Errc::invalid_argument, 0,
+                 "region " + impl_->id +
+                     ": allocate every page (allocate_range) before initialising its chunks"};
   crypto::Binding b = impl_->binding();
   std::uint64_t total = crypto::chunk_count(b);
   if (first != impl_->chunks_initialised)

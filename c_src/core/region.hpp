@@ -57,7 +57,8 @@ struct CreateOptions {
   /// the creator calls initialise_chunks() in slices, then publish() (issue 12: no call
   /// keeps a core busy for the whole encryption of a large region).
   bool defer_chunks = false;
-  /// Unencrypted memfd regions without lock_memory: create() sizes the data object but
+  /// Memfd regions without lock_memory (encrypted ones only with defer_chunks, whose
+  /// chunks are then initialised once every page is allocated): create() sizes the data object but
   /// does not allocate its pages, and leaves the header unpublished; the creator calls
   /// allocate_range() in slices, then publish() (issue 12: one fallocate of a large
   /// object keeps a core busy for tens of milliseconds). Ignored elsewhere (and for a

@@ -174,9 +174,11 @@ defmodule Snakepit.SharedMemory.Allocator do
   # slices of 1 MiB that come back to a normal scheduler between them (one call encrypting
   # a large region delayed idle normal schedulers' timers for as long: bench/FINDINGS.md
   # section 7). An opened (existing) region has nothing to initialise.
+  # Its pages are allocated in slices first (large memfd regions, as below).
   defp create(opts, %{encrypted: true} = native_opts) do
-    with {:ok, ref, info} <-
-           Native.create_cpu(opts.size, Map.put(native_opts, :defer_chunks, true)) do
+    native_opts = Map.merge(native_opts, %{defer_chunks: true, defer_allocate: true})
+
+    with {:ok, ref, info} <- Native.create_cpu(opts.size, native_opts) do
       if info.role == :created, do: initialise(ref, info), else: {:ok, ref, info}
     end
   end
@@ -208,10 +210,15 @@ defmodule Snakepit.SharedMemory.Allocator do
   # allocated) answers invalid_argument at the first step: then it is published as is.
   @spec allocate_pages(Native.region(), non_neg_integer()) :: :ok | Native.nif_error()
   def allocate_pages(ref, offset) do
+    with :ok <- allocate_all(ref, offset), do: publish_deferred(ref)
+  end
+
+  defp allocate_all(ref, offset) do
     case Native.allocate_step(ref, offset) do
-      {:ok, ^offset} -> publish_deferred(ref)
-      {:ok, next} -> allocate_pages(ref, next)
-      {:error, {:invalid_argument, _, _}} when offset == 0 -> publish_deferred(ref)
+      {:ok, ^offset} -> :ok
+      {:ok, next} -> allocate_all(ref, next)
+      # not deferred: small, from the warm pool, or not a memfd (allocated at creation)
+      {:error, {:invalid_argument, _, _}} when offset == 0 -> :ok
       error -> error
     end
   end
@@ -226,7 +233,8 @@ defmodule Snakepit.SharedMemory.Allocator do
   end
 
   defp initialise(ref, info) do
-    with :ok <- init_chunks(ref, 0),
+    with :ok <- allocate_all(ref, 0),
+         :ok <- init_chunks(ref, 0),
          :ok <- Native.publish(ref) do
       {:ok, ref, info}
     else

@@ -515,11 +515,19 @@ defmodule Snakepit.SharedMemory.ReaperSweepSlicesTest do
       assert_raise ArgumentError, fn -> Native.allocate_step(:nope, 0) end
       :ok = Native.deallocate(plain, false)
       assert {:error, {:deallocated, _, _}} = Native.allocate_step(plain, 0)
-      # encrypted and lock_memory regions are never deferred: allocated at creation
-      {:ok, enc, _} =
-        Native.create(@size, %{opts(:memfd) | encrypted: true} |> Map.put(:defer_allocate, true))
-
+      # encrypted: deferred only with defer_chunks (create would otherwise write every
+      # page), and its chunks only once every page is allocated
+      enc_opts = %{opts(:memfd) | encrypted: true, security_level: 2}
+      {:ok, enc, _} = Native.create(@size, Map.put(enc_opts, :defer_allocate, true))
       assert {:error, {:invalid_argument, _, _}} = Native.allocate_step(enc, 0)
+      :ok = Native.deallocate(enc, false)
+
+      {:ok, enc, _} =
+        Native.create(@size, Map.merge(enc_opts, %{defer_allocate: true, defer_chunks: true}))
+
+      assert {:error, {:invalid_argument, _, _}} = Native.init_chunks(enc, 0, 16)
+      assert {:ok, _} = Native.allocate_step(enc, 0)
+      assert {:error, {:invalid_argument, _, _}} = Native.init_chunks(enc, 0, 16)
       :ok = Native.deallocate(enc, false)
     end
 
