@@ -61,6 +61,7 @@ defmodule Snakepit.SharedMemory.Native do
           required(:metadata) => binary(),
           required(:idle_timeout_ms) => non_neg_integer(),
           optional(:defer_chunks) => boolean(),
+          optional(:defer_allocate) => boolean(),
           optional(:arena) => boolean(),
           optional(:huge_pages) => :auto | boolean()
         }
