@@ -153,6 +153,11 @@ Result<void> unlink_segment(const std::string& region_id) {
 }
 
 Result<SweepOutcome> sweep_segment(const std::string& region_id, bool dry_run) {
+  return sweep_segment_keeping(region_id, dry_run, nullptr);
+}
+
+Result<SweepOutcome> sweep_segment_keeping(const std::string& region_id, bool dry_run,
+                                           platform::Handle* keep) {
   return guarded([&]() -> Result<SweepOutcome> {
     if (auto r = validate_region_id(region_id); !r) return r.error();
     std::string what = "segment " + region_id;
@@ -212,8 +217,33 @@ Result<SweepOutcome> sweep_segment(const std::string& region_id, bool dry_run) {
     if (!dry_run) {
       if (auto r = platform::unlink_named(region_id); !r && r.error().code != Errc::not_found)
         return r.error();
+      // Its pages may be freed piece by piece by the caller: we hold the liveness byte
+      // exclusively (nobody who takes locks uses it), and the holders of an older format,
+      // which take none, are only known dead when the header says so (checked above).
+      if (keep != nullptr && exclusive && (incomplete || (copy.get().flags & kFlagLivenessLocks)))
+        *keep = std::move(*handle);
     }
     return incomplete ? SweepOutcome::removed_incomplete : SweepOutcome::removed;
+  });
+}
+
+Result<std::uint64_t> release_unlinked_pages(platform::Handle& object, std::uint64_t max_bytes,
+                                             std::uint64_t& released) {
+  return guarded([&]() -> Result<std::uint64_t> {
+    if (!object.valid()) return std::uint64_t{0};
+    auto info = platform::stat(object, "an unlinked segment");
+    if (!info) return info.error();
+    // Holes, not ftruncate: a racing reader that mapped it before the removal reads
+    // zeros rather than taking SIGBUS.
+    std::uint64_t from = std::min(released, info->size);
+    std::uint64_t length = std::min(max_bytes, info->size - from);
+    if (auto r = platform::release_pages(object, from, length); !r) return r.error();
+    released = from + length;
+    if (released >= info->size) {
+      object.reset();  // nothing left to free: the close is cheap now
+      return std::uint64_t{0};
+    }
+    return info->size - released;
   });
 }
 

@@ -151,6 +151,14 @@ Result<FsSpace> fs_space(const std::string& path);
 /// Creates an anonymous object of `size` bytes (allocated, zero-filled) that nobody can
 /// shrink or grow. unsupported where the OS has no such thing.
 Result<Handle> create_anonymous(const std::string& debug_name, std::uint64_t size);
+/// create_anonymous() without allocating the pages (the memory check, the size, the
+/// seals and the mode are the same): allocate_range() allocates them in slices.
+Result<Handle> create_anonymous_unallocated(const std::string& debug_name, std::uint64_t size);
+/// Allocates the pages of bytes [offset, offset + length) of the object (posix_fallocate:
+/// out of memory fails here, not with SIGBUS on first touch). No-op where objects are
+/// allocated when sized (macOS, Windows).
+Result<void> allocate_range(const Handle& handle, std::uint64_t offset, std::uint64_t length,
+                            const std::string& what);
 /// Path through which another process of our uid opens `handle` ("/proc/<pid>/fd/<n>").
 std::string handle_path(const Handle& handle);
 /// Name given to create_anonymous() of the object behind `handle` ("" if not anonymous).
@@ -188,6 +196,11 @@ Result<Handle> open_path(const std::string& path, Access access);
 bool is_process_fd_link(const std::string& path) noexcept;
 Result<ObjectInfo> stat(const Handle& handle, const std::string& what);
 Result<void> set_mode(const Handle& handle, std::uint32_t mode, const std::string& what);
+/// Frees the pages of bytes [offset, offset + length) of the object, which keeps its size
+/// (reads there give zeros afterwards, never SIGBUS): Linux fallocate PUNCH_HOLE. Lets a
+/// caller free a large object's memory in pieces instead of all at once in the last
+/// close or unlink. unsupported elsewhere; refused (permission_denied) by a write seal.
+Result<void> release_pages(const Handle& handle, std::uint64_t offset, std::uint64_t length);
 /// Sets the size to `size` and allocates every byte (a full filesystem fails here, not
 /// with SIGBUS on first touch).
 Result<void> allocate(const Handle& handle, std::uint64_t size, const std::string& what);

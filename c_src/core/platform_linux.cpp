@@ -108,7 +108,20 @@ std::vector<std::string> list_named() {
 
 // ---- anonymous objects ----
 
+namespace {
+Result<Handle> make_anonymous(const std::string& debug_name, std::uint64_t size, bool allocate);
+}  // namespace
+
 Result<Handle> create_anonymous(const std::string& debug_name, std::uint64_t size) {
+  return make_anonymous(debug_name, size, true);
+}
+
+Result<Handle> create_anonymous_unallocated(const std::string& debug_name, std::uint64_t size) {
+  return make_anonymous(debug_name, size, false);
+}
+
+namespace {
+Result<Handle> make_anonymous(const std::string& debug_name, std::uint64_t size, bool allocate) {
   int fd = ::memfd_create(debug_name.c_str(), MFD_CLOEXEC | MFD_ALLOW_SEALING);
   if (fd < 0) {
     int err = errno;
@@ -138,7 +151,7 @@ Result<Handle> create_anonymous(const std::string& debug_name, std::uint64_t siz
   if (::fchmod(fd, 0600) != 0) return os_error("cannot set the permissions of " + what, errno);
   // Allocate every page now: out of memory fails here, not on first touch. (A single
   // page, the control memfd, is written at once by its creator: no need.)
-  if (size > page_size()) {
+  if (allocate && size > page_size()) {
     int err;
     do {
       err = ::posix_fallocate(fd, 0, static_cast<off_t>(size));
@@ -148,6 +161,7 @@ Result<Handle> create_anonymous(const std::string& debug_name, std::uint64_t siz
   }
   return handle;
 }
+}  // namespace
 
 std::string handle_path(const Handle& handle) {
   return "/proc/" + std::to_string(current_pid()) + "/fd/" + std::to_string(fd_of(handle));

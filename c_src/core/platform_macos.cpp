@@ -47,6 +47,10 @@ Result<Handle> create_anonymous(const std::string&, std::uint64_t) {
                "macOS has no memfd (anonymous sealable memory): use backend :posix"};
 }
 
+Result<Handle> create_anonymous_unallocated(const std::string& name, std::uint64_t size) {
+  return create_anonymous(name, size);
+}
+
 std::string handle_path(const Handle&) { return {}; }
 std::string anonymous_name(const Handle&) { return {}; }
 bool is_process_fd_link(const std::string&) noexcept { return false; }

@@ -228,6 +228,44 @@ Result<void> set_mode(const Handle& handle, std::uint32_t mode, const std::strin
   return {};
 }
 
+Result<void> allocate_range(const Handle& handle, std::uint64_t offset, std::uint64_t length,
+                            const std::string& what) {
+#if defined(__APPLE__)
+  (void)handle;
+  (void)offset;
+  (void)length;
+  (void)what;
+  return {};
+#else
+  if (length == 0) return {};
+  int err;
+  do {
+    err = ::posix_fallocate(fd_of(handle), static_cast<off_t>(offset), static_cast<off_t>(length));
+  } while (err == EINTR);
+  if (err != 0)
+    return os_error("cannot allocate " + std::to_string(length) + " bytes for " + what, err);
+  return {};
+#endif
+}
+
+Result<void> release_pages(const Handle& handle, std::uint64_t offset, std::uint64_t length) {
+#if defined(__linux__)
+  if (length == 0) return {};
+  int rc;
+  do {
+    rc = ::fallocate(fd_of(handle), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                     static_cast<off_t>(offset), static_cast<off_t>(length));
+  } while (rc != 0 && errno == EINTR);
+  if (rc != 0) return errno_error("cannot free the pages of a shared memory object");
+  return {};
+#else
+  (void)handle;
+  (void)offset;
+  (void)length;
+  return Error{Errc::unsupported, 0, "freeing pages in place needs Linux"};
+#endif
+}
+
 Result<void> allocate(const Handle& handle, std::uint64_t size, const std::string& what) {
 #if defined(__APPLE__)
   if (::ftruncate(fd_of(handle), static_cast<off_t>(size)) != 0)

@@ -155,6 +155,14 @@ Result<Handle> create_anonymous(const std::string&, std::uint64_t) {
                "Windows has no anonymous sealable memory object (memfd): use backend :windows"};
 }
 
+Result<Handle> create_anonymous_unallocated(const std::string& name, std::uint64_t size) {
+  return create_anonymous(name, size);
+}
+
+Result<void> allocate_range(const Handle&, std::uint64_t, std::uint64_t, const std::string&) {
+  return {};  // a section is committed when it is created
+}
+
 std::string handle_path(const Handle&) { return {}; }
 std::string anonymous_name(const Handle&) { return {}; }
 bool is_process_fd_link(const std::string&) noexcept { return false; }

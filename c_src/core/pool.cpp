@@ -258,8 +258,20 @@ Result<NewDataObject> obtain_data_object(const std::string& id, const CreateOpti
     if (o.huge_pages == HugePages::on) return object.error();
     object_size = round_up(capacity, page);  // :auto: the pool emptied meanwhile
   }
-  auto object = platform::create_anonymous(id + ".data", object_size);
+  // Not when create() itself writes every page (encryption without defer_chunks) or
+  // locks them (lock_memory): they would be faulted in without a reservation.
+  bool defer = o.defer_allocate && (!o.encrypted || o.defer_chunks) && !o.lock_memory;
+  auto object = defer ? platform::create_anonymous_unallocated(id + ".data", object_size)
+                      : platform::create_anonymous(id + ".data", object_size);
   if (!object) return object.error();
+  if (defer) {
+    auto fresh = map_fresh(std::move(*object), capacity, false, id);
+    if (fresh) {
+      fresh->unallocated = true;
+      fresh->object_size = object_size;
+    }
+    return fresh;
+  }
   // (Prefaulting this mapping with MADV_POPULATE_WRITE or MAP_POPULATE only moves the
   // page faults from the first write into create: no gain measured, bench/FINDINGS.md.)
   return map_fresh(std::move(*object), capacity, false, id);

@@ -99,6 +99,9 @@ struct NewDataObject {
   std::string data_name;  ///< the object's memfd name when not id + ".data" (pooled)
   bool pooled = false;    ///< from the pool: its exclusive lock is still held (release_lock)
   bool huge = false;      ///< on hugetlbfs: the mapping covers the whole object
+  /// options.defer_allocate honoured: sized, pages not allocated (Region::allocate_range)
+  bool unallocated = false;
+  std::uint64_t object_size = 0;
 };
 
 /// Gets the data object of new memfd region `id` holding `capacity` bytes: a pooled one

@@ -3,6 +3,7 @@
 #include "region.hpp"
 #include "guard.hpp"
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstring>
@@ -150,6 +151,10 @@ Result<void> fill_new_region(RegionFactory::Impl& impl, const CreateOptions& o, 
     if (auto r = crypto::initialise_chunks(impl.binding(), impl.key.data(), impl.data); !r)
       return r;
   }
+  if (impl.allocation_deferred) {  // allocate_range() in slices, then publish()
+    impl.unpublished.store(true);
+    return {};
+  }
   publish_header(h);
   return {};
 }
@@ -246,6 +251,8 @@ Result<Region> create_memfd(const CreateOptions& o) {
   impl->header_map = std::move(*header);
   impl->data_map = std::move(data->mapping);
   impl->data = impl->data_map.data();
+  impl->allocation_deferred = data->unallocated;
+  impl->object_size = data->object_size;
   if (auto r = fill_new_region(*impl, o, false, data->pooled ? data->data_name : std::string(),
                                data->huge);
       !r)
@@ -614,6 +621,42 @@ Result<void> Region::deallocate(bool zero) {
   });
 }
 
+Result<void> Region::mark_deallocated(bool zero) {
+  return guarded([&]() -> Result<void> {
+    if (!impl_->header_shared || (zero && !impl_->writable))
+      return needs_writable(impl_->id, zero ? "zero and deallocate" : "deallocate");
+    std::shared_lock<std::shared_timed_mutex> gate(impl_->gate, std::try_to_lock);
+    if (zero && !gate.owns_lock())
+      return Error{Errc::busy, 0,
+                   "region " + impl_->id +
+                       " is being sealed: it cannot be zeroed now; deallocate it without "
+                       "zeroing or retry"};
+    impl_->header().state.fetch_or(kStateDeallocated, std::memory_order_seq_cst);
+    return {};
+  });
+}
+
+Result<std::uint64_t> Region::zero_slice(std::uint64_t offset, std::uint64_t max_bytes) {
+  return guarded([&]() -> Result<std::uint64_t> {
+    if (!(impl_->header().state.load() & kStateDeallocated))
+      return Error{Errc::invalid_argument, 0,
+                   "region " + impl_->id + " is not being deallocated: mark it first"};
+    if (!impl_->writable) return needs_writable(impl_->id, "zero");
+    std::uint64_t capacity = impl_->capacity;
+    if (offset >= capacity || impl_->data == nullptr) return capacity;
+    // Not while a seal remaps the view (the gate): zeroing then could hit a read-only page.
+    std::shared_lock<std::shared_timed_mutex> gate(impl_->gate, std::try_to_lock);
+    if (!gate.owns_lock())
+      return Error{Errc::busy, 0, "region " + impl_->id + " is being sealed: retry the zeroing"};
+    if (!impl_->view_writable) return capacity;  // a kernel seal: nobody can write it, us neither
+    std::uint64_t length = std::min(max_bytes, capacity - offset);
+    std::unique_lock<std::shared_mutex> lock(impl_->crypt);
+    if (!access_data(*impl_, [&] { crypto::secure_zero(impl_->data + offset, length); }))
+      return truncated(*impl_);
+    return offset + length;
+  });
+}
+
 Result<void> Region::hold(std::uint32_t pid, std::uint64_t start_time, bool writable) {
   if (!impl_->header_shared)
     return Error{Errc::permission_denied, 0,
@@ -838,9 +881,13 @@ void Region::touch() noexcept { touch_header(*impl_); }
 
 Result<std::uint64_t> Region::initialise_chunks(std::uint64_t first, std::uint64_t count) {
   std::unique_lock<std::shared_mutex> lock(impl_->crypt);  // one initialiser at a time
-  if (!impl_->unpublished.load())
+  if (!impl_->unpublished.load() || !impl_->encrypted)
     return Error{Errc::invalid_argument, 0,
                  "region " + impl_->id + " was not created with deferred chunks, or is published"};
+  if (impl_->allocation_deferred && impl_->allocated < impl_->object_size)
+    return Error{Errc::invalid_argument, 0,
+                 "region " + impl_->id +
+                     ": allocate every page (allocate_range) before initialising its chunks"};
   crypto::Binding b = impl_->binding();
   std::uint64_t total = crypto::chunk_count(b);
   if (first != impl_->chunks_initialised)
@@ -862,12 +909,37 @@ Result<void> Region::publish() {
   if (!impl_->unpublished.load())
     return Error{Errc::invalid_argument, 0,
                  "region " + impl_->id + " was not created with deferred chunks, or is published"};
-  if (impl_->chunks_initialised != crypto::chunk_count(impl_->binding()))
+  if (impl_->encrypted && impl_->chunks_initialised != crypto::chunk_count(impl_->binding()))
     return Error{Errc::invalid_argument, 0,
                  "region " + impl_->id + ": initialise every chunk before publishing it"};
+  if (impl_->allocation_deferred && impl_->allocated < impl_->object_size)
+    return Error{
+        Errc::invalid_argument, 0,
+        "region " + impl_->id + ": allocate every page (allocate_range) before publishing it"};
   publish_header(impl_->header());
   impl_->unpublished.store(false);
   return {};
+}
+
+// --- Deferred allocation of large regions (issue 12) ------------------------------------
+
+Result<std::uint64_t> Region::allocate_range(std::uint64_t offset, std::uint64_t max_bytes) {
+  std::unique_lock<std::shared_mutex> lock(impl_->crypt);  // one allocator at a time
+  if (!impl_->unpublished.load() || !impl_->allocation_deferred)
+    return Error{
+        Errc::invalid_argument, 0,
+        "region " + impl_->id + " was not created with deferred allocation, or is published"};
+  if (offset != impl_->allocated)
+    return Error{Errc::invalid_argument, 0,
+                 "region " + impl_->id + ": pages are allocated in order, next is " +
+                     std::to_string(impl_->allocated)};
+  std::uint64_t length = std::min(max_bytes, impl_->object_size - offset);
+  if (auto r = platform::allocate_range(impl_->data_object, offset, length,
+                                        "the data memfd of " + impl_->id);
+      !r)
+    return r.error();
+  impl_->allocated = offset + length;
+  return impl_->allocated;
 }
 
 }  // namespace spshm

@@ -57,6 +57,13 @@ struct CreateOptions {
   /// the creator calls initialise_chunks() in slices, then publish() (issue 12: no call
   /// keeps a core busy for the whole encryption of a large region).
   bool defer_chunks = false;
+  /// Memfd regions without lock_memory (encrypted ones only with defer_chunks, whose
+  /// chunks are then initialised once every page is allocated): create() sizes the data object but
+  /// does not allocate its pages, and leaves the header unpublished; the creator calls
+  /// allocate_range() in slices, then publish() (issue 12: one fallocate of a large
+  /// object keeps a core busy for tens of milliseconds). Ignored elsewhere (and for a
+  /// data object taken from the warm pool, already allocated: publish() at once).
+  bool defer_allocate = false;
   /// Carve the region out of this process's arenas (arena.hpp) when it qualifies: memfd,
   /// unnamed, standard security (not encrypted, no lock_memory), mode 0600, and a chunk
   /// that fits an arena. Otherwise (or where arenas are unsupported) a dedicated region
@@ -138,7 +145,13 @@ class Region {
   /// invalid_argument when not deferred, already published, or out of order. Until
   /// publish(), reads and writes answer busy and other processes cannot open it.
   Result<std::uint64_t> initialise_chunks(std::uint64_t first, std::uint64_t count);
-  /// Publishes the header of a deferred region once every chunk is initialised.
+  /// A region created with defer_allocate: allocates the pages of its data object from
+  /// `offset` (where the previous call ended) for at most `max_bytes`, and returns where
+  /// the next call starts (the object's size once done: then publish()). no_space when
+  /// memory runs out. invalid_argument when not deferred, published, or out of order.
+  Result<std::uint64_t> allocate_range(std::uint64_t offset, std::uint64_t max_bytes);
+  /// Publishes the header of a deferred region once every chunk is initialised (and,
+  /// with defer_allocate, every page allocated).
   Result<void> publish();
   std::uint64_t size() const noexcept;      ///< user bytes (plaintext size)
   std::uint64_t capacity() const noexcept;  ///< bytes of the data area in use
@@ -192,6 +205,15 @@ class Region {
   /// to the OS when the last mapping or descriptor anywhere is gone. Idempotent. Zeroing
   /// needs a read-write handle (permission_denied otherwise).
   Result<void> deallocate(bool zero);
+
+  /// deallocate(zero) in steps, so that no call zeroes more than a bounded amount:
+  /// mark_deallocated() sets kStateDeallocated (every later read and write of any process
+  /// is refused), zero_slice() zeroes up to `max_bytes` of the data area from `offset` and
+  /// returns where the next slice starts (capacity() when done: also at once when a
+  /// kernel seal forbids writing), unlink() removes the name. busy while a seal is being
+  /// committed (retry); zero_slice refuses a region not marked first.
+  Result<void> mark_deallocated(bool zero);
+  Result<std::uint64_t> zero_slice(std::uint64_t offset, std::uint64_t max_bytes);
 
   /// Removes only the name (remove_and_create, orphan cleanup through a live handle).
   Result<void> unlink();
@@ -340,6 +362,18 @@ enum class SweepOutcome {
 /// are refused: not_ours). A damaged header: corrupt.
 /// With `dry_run`, says what it would do and removes nothing.
 Result<SweepOutcome> sweep_segment(const std::string& region_id, bool dry_run = false);
+
+/// sweep_segment(), which, when it removed the segment and held its liveness byte
+/// exclusively, hands the open object over in `keep` instead of closing it (its last
+/// close would free every page at once: 0.1 s per GiB in one call). Free its pages with
+/// release_unlinked_pages(), or close it.
+Result<SweepOutcome> sweep_segment_keeping(const std::string& region_id, bool dry_run,
+                                           platform::Handle* keep);
+/// Frees up to `max_bytes` of the pages of an object sweep_segment_keeping() handed over,
+/// from byte `released` on (advanced), and returns the bytes left; at 0 the object is
+/// closed. One call frees a bounded amount (~1 ms per 8 MiB).
+Result<std::uint64_t> release_unlinked_pages(platform::Handle& object, std::uint64_t max_bytes,
+                                             std::uint64_t& released);
 
 /// Unlinks the POSIX segment `region_id` only if it is ours: a well-formed id, a regular
 /// file of our uid, and a valid header naming that id, or no header at all (smaller than

@@ -53,6 +53,11 @@ struct Region::Impl {
   /// Created with defer_chunks and not yet published (issue 12); chunks done so far.
   std::atomic<bool> unpublished{false};
   std::uint64_t chunks_initialised = 0;
+  /// Created with defer_allocate (issue 12): the data object's pages up to `allocated`
+  /// of `object_size` are allocated; publish() waits for all of them.
+  bool allocation_deferred = false;
+  std::uint64_t allocated = 0;
+  std::uint64_t object_size = 0;
   bool memory_locked = false;  ///< lock_memory applied to the data (re-applied after a remap)
   /// The kernel forbids every write to the data (F_SEAL_WRITE seen): never goes back.
   mutable std::atomic<bool> immutable{false};

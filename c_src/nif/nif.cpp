@@ -54,12 +54,17 @@ ErlNifFunc nif_funcs[] = {
     {"read_zero_copy", 3, nif_read_zero_copy, 0},
     {"init_chunks", 3, nif_init_chunks, kCpu},
     {"publish", 1, nif_publish, 0},
+    {"allocate_step", 2, nif_allocate_step, kIo},
     {"read_buffer", 1, nif_read_buffer, 0},
     {"read_into", 5, nif_read_into, kCpu},
     {"read_buffer_take", 1, nif_read_buffer_take, 0},
     {"seal", 1, nif_seal, kIo},  // waits for in-flight writes of this VM
     {"deallocate", 2, nif_deallocate, kIo},
     {"deallocate_plain", 2, nif_deallocate_plain, 0},
+    // nif_zero_slices.cpp: a zeroing deallocation in slices
+    {"deallocate_begin", 1, nif_deallocate_begin, 0},
+    {"zero_step", 2, nif_zero_step, kCpu},
+    {"deallocate_finish", 1, nif_deallocate_finish, kIo},
     {"last_access", 1, nif_last_access, 0},
     {"set_idle_timeout", 2, nif_set_idle_timeout, 0},
     {"mark_adopted", 1, nif_mark_adopted, 0},
@@ -74,6 +79,10 @@ ErlNifFunc nif_funcs[] = {
     {"inspect_path", 1, nif_inspect_path, kIo},
     {"unlink_segment", 1, nif_unlink_segment, kIo},
     {"sweep_segment", 2, nif_sweep_segment, kIo},
+    // nif_sweep_slices.cpp: an orphan's pages freed in slices
+    {"sweep_segment_begin", 1, nif_sweep_segment_begin, kIo},
+    {"release_pages_step", 1, nif_release_pages_step, kIo},
+    {"reaper_stats", 0, nif_reaper_stats, 0},
     {"list_segments", 0, nif_list_segments, kIo},
     {"process_start_time", 1, nif_process_start_time, 0},
     {"process_alive", 2, nif_process_alive, 0},
@@ -135,6 +144,7 @@ int init(ErlNifEnv* env) {
   if (!open_board_resource_types(env)) return 3;
   if (!open_channel_resource_types(env) || !open_ring_probe_type(env)) return 3;
   if (!open_read_buffer_type(env)) return 3;
+  if (!open_unlinked_type(env)) return 3;
   if (!init_self_identity()) return 2;
   (void)start_reaper();  // without it, large regions are destroyed in place
   // SIGBUS of a POSIX segment truncated by a peer becomes a :truncated error.

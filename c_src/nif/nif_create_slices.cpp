@@ -47,6 +47,23 @@ SPSHM_GUARDED_NIF(nif_init_chunks)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[
   return make_ok(env, enif_make_uint64(env, *left));
 }
 
+// allocate_step(region, offset) -> {:ok, next_offset} | {:error, _}: a region created with
+// defer_allocate (issue 12) gets the pages of its data object allocated from `offset` (where
+// the previous step ended), at most 8 MiB (about 1 ms of fallocate) per call; next_offset
+// == offset once every page is (then publish/1). Dirty I/O.
+SPSHM_GUARDED_NIF(nif_allocate_step)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  constexpr std::uint64_t kAllocateStep = std::uint64_t{8} << 20;
+  RegionResource* res;
+  std::uint64_t offset = 0;
+  if (!get_region(env, argv[0], &res) || !get_u64(env, argv[1], &offset))
+    return enif_make_badarg(env);
+  ERL_NIF_TERM reply;
+  if (!usable(env, res, &reply)) return reply;
+  auto next = res->region.allocate_range(offset, kAllocateStep);
+  if (!next.ok()) return make_error(env, next.error());
+  return make_ok(env, enif_make_uint64(env, *next));
+}
+
 // publish(region) -> :ok | {:error, _}
 SPSHM_GUARDED_NIF(nif_publish)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   RegionResource* res;

@@ -69,6 +69,18 @@ SPSHM_NIF(nif_read_zero_copy);
 SPSHM_NIF(nif_init_chunks);
 SPSHM_NIF(nif_publish);
 // large reads in slices (issue 12)
+// nif_zero_slices.cpp: zeroing at deallocation in slices
+SPSHM_NIF(nif_allocate_step);  // nif_create_slices.cpp
+SPSHM_NIF(nif_deallocate_begin);
+SPSHM_NIF(nif_zero_step);
+SPSHM_NIF(nif_deallocate_finish);
+
+// nif_sweep_slices.cpp: large orphans freed in slices, the reaper's counts
+bool open_unlinked_type(ErlNifEnv* env);
+SPSHM_NIF(nif_sweep_segment_begin);
+SPSHM_NIF(nif_release_pages_step);
+SPSHM_NIF(nif_reaper_stats);
+
 bool open_read_buffer_type(ErlNifEnv* env);
 SPSHM_NIF(nif_read_buffer);
 SPSHM_NIF(nif_read_into);

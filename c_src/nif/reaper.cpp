@@ -2,17 +2,31 @@
 
 #include <erl_nif.h>
 
+#include <time.h>
+
+#include <algorithm>
+#include <atomic>
 #include <condition_variable>
 #include <deque>
 #include <memory>
 #include <mutex>
 #include <variant>
 
+#include "format.hpp"
+#include "platform.hpp"
+
 namespace spshm::nif {
 
 namespace {
 
-using Garbage = std::variant<std::unique_ptr<Region>, std::unique_ptr<Region::DetachedData>>;
+/// A region whose zeroing must be finished from `from` on before it is destroyed.
+struct Zeroing {
+  std::unique_ptr<Region> region;
+  std::uint64_t from = 0;
+};
+
+using Garbage = std::variant<std::unique_ptr<Region>, std::unique_ptr<Region::DetachedData>,
+                             std::unique_ptr<Zeroing>>;
 
 struct Reaper {
   std::mutex mutex;
@@ -27,6 +41,106 @@ struct Reaper {
 // destroying one with a waiter blocks (glibc), which would hang the VM's exit.
 Reaper& reaper = *new Reaper;
 
+std::atomic<std::uint64_t> pieces_unmapped{0};
+std::atomic<std::uint64_t> pieces_released{0};
+std::atomic<std::uint64_t> pause_ns{kReapPauseNs};
+
+// A pause of the reaper thread between two pieces: the core goes back to whoever waits
+// for it (a normal scheduler preempted in its busy wait, see bench/FINDINGS.md §7).
+void pause_between_pieces() noexcept {
+  std::uint64_t ns = pause_ns.load(std::memory_order_relaxed);
+  if (ns == 0) return;
+  struct timespec t {
+    static_cast<time_t>(ns / 1000000000u), static_cast<long>(ns % 1000000000u)
+  };
+  ::nanosleep(&t, nullptr);
+}
+
+// Unmaps `mapping` kReapPiece bytes at a time from its start (the first piece drops its
+// registration with the SIGBUS guard), pausing between pieces: one munmap of a GiB keeps
+// a core busy for ~0.1 s, during which the VM's normal schedulers can lose the CPU.
+void unmap_in_pieces(platform::Mapping& mapping) noexcept {
+#ifndef _WIN32
+  while (mapping.valid() && mapping.size() > kReapPiece) {
+    platform::Mapping rest = mapping.split_at(kReapPiece);
+    mapping = std::move(rest);  // unmaps the piece [0, kReapPiece)
+    pieces_unmapped.fetch_add(1, std::memory_order_relaxed);
+    pause_between_pieces();
+  }
+#endif
+  if (mapping.valid()) pieces_unmapped.fetch_add(1, std::memory_order_relaxed);
+  mapping.reset();
+}
+
+// A memfd data object that no other open uses any more (no other open of it holds its
+// liveness byte: a worker's attachment, its mapping, a forked child's descriptor, another
+// Region of this VM; what the warm pool checks too) would free all its pages at once in
+// its last close: they are freed kReapPiece bytes at a time first. Objects with a write
+// seal (sealed regions) cannot be punched and are closed whole.
+void release_object_in_pieces(platform::Handle& object) noexcept {
+#ifndef _WIN32
+  try {
+    if (!object.valid() || platform::any_write_seal(object)) return;
+    if (platform::anonymous_name(object).rfind("spshm_arena", 0) == 0) return;  // shared
+    auto info = platform::stat(object, "a data object being freed");
+    if (!info || info->size < kReapThreshold) return;
+    auto alone = platform::try_lock_exclusive(object, kLivenessLockByte);
+    if (!alone || !*alone) return;
+    for (std::uint64_t at = 0; at < info->size; at += kReapPiece) {
+      std::uint64_t length = std::min<std::uint64_t>(kReapPiece, info->size - at);
+      if (!platform::release_pages(object, at, length)) return;
+      pieces_released.fetch_add(1, std::memory_order_relaxed);
+      pause_between_pieces();
+    }
+  } catch (...) {
+  }
+#else
+  (void)object;
+#endif
+}
+
+// Zeroes what is left of a region whose caller died mid-deallocation, slice by slice
+// (pausing between slices like the unmapping), then removes its name.
+void finish_zeroing(Region& region, std::uint64_t from) noexcept {
+  std::uint64_t at = from;
+  for (int busy = 0; at < region.capacity() && busy < 30000;) {
+    auto next = region.zero_slice(at, kZeroSlice);
+    if (!next.ok()) {
+      if (next.error().code != Errc::busy) break;
+      ++busy;  // a seal is being committed: it ends within 30 s
+      pause_between_pieces();
+      continue;
+    }
+    at = next.value();
+    pause_between_pieces();
+  }
+  (void)region.unlink();
+}
+
+void destroy(Garbage& item) noexcept {
+  if (auto* zeroing = std::get_if<std::unique_ptr<Zeroing>>(&item)) {
+    if (*zeroing && (*zeroing)->region) {
+      finish_zeroing(*(*zeroing)->region, (*zeroing)->from);
+      Region::DetachedData data = (*zeroing)->region->detach_data();
+      unmap_in_pieces(data.mapping);
+      release_object_in_pieces(data.object);
+    }
+  } else if (auto* region = std::get_if<std::unique_ptr<Region>>(&item)) {
+    if (*region) {
+      // Nobody uses it any more (its resource is gone): its data goes first, in pieces.
+      Region::DetachedData data = (*region)->detach_data();
+      unmap_in_pieces(data.mapping);
+      release_object_in_pieces(data.object);
+    }
+  } else if (auto* data = std::get_if<std::unique_ptr<Region::DetachedData>>(&item)) {
+    if (*data) {
+      unmap_in_pieces((*data)->mapping);
+      release_object_in_pieces((*data)->object);
+    }
+  }
+  item = Garbage{};  // what is left: the header's munmap, the closes
+}
+
 void* reaper_main(void*) {
   std::unique_lock<std::mutex> lock(reaper.mutex);
   for (;;) {
@@ -35,7 +149,7 @@ void* reaper_main(void*) {
     Garbage item = std::move(reaper.queue.front());
     reaper.queue.pop_front();
     lock.unlock();
-    item = Garbage{};  // munmap and close here, off every scheduler
+    destroy(item);  // munmap and close here, off every scheduler
     lock.lock();
   }
 }
@@ -77,12 +191,29 @@ void stop_reaper() {
   reaper.running = false;
 }
 
+ReaperCounts reaper_counts() noexcept {
+  return {pieces_unmapped.load(std::memory_order_relaxed),
+          pieces_released.load(std::memory_order_relaxed),
+          pause_ns.load(std::memory_order_relaxed)};
+}
+
 void dispose(Region&& region) noexcept {
   if (region.capacity() < kReapThreshold) return;  // destroyed by the caller's scope
   try {
     auto boxed = std::make_unique<Region>(std::move(region));
     Garbage item{std::move(boxed)};
     if (!enqueue(std::move(item))) item = Garbage{};
+  } catch (...) {
+  }
+}
+
+void dispose_zeroing(Region&& region, std::uint64_t zero_from) noexcept {
+  try {
+    auto boxed = std::make_unique<Zeroing>();
+    boxed->region = std::make_unique<Region>(std::move(region));
+    boxed->from = zero_from;
+    Garbage item{std::move(boxed)};
+    if (!enqueue(std::move(item))) destroy(item);  // no reaper: here, as one call did
   } catch (...) {
   }
 }

@@ -5,6 +5,7 @@
 // normal scheduler too. Small things are destroyed in place (queueing costs more).
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #include "region.hpp"
@@ -14,6 +15,20 @@ namespace spshm::nif {
 /// Regions (or detached data areas) at least this large go to the reaper thread.
 inline constexpr std::uint64_t kReapThreshold = std::uint64_t{1} << 20;
 
+/// The reaper unmaps a large data area this many bytes at a time (~1-2 ms of munmap),
+/// and sleeps kReapPauseNs between two pieces.
+inline constexpr std::size_t kReapPiece = std::size_t{16} << 20;
+inline constexpr std::uint64_t kReapPauseNs = 1'000'000;
+
+/// What the reaper did since the library was loaded (tests, bench): pieces of mappings
+/// unmapped, pieces of data objects whose pages it freed, the pause between pieces.
+struct ReaperCounts {
+  std::uint64_t pieces_unmapped = 0;
+  std::uint64_t pieces_released = 0;
+  std::uint64_t pause_ns = 0;
+};
+ReaperCounts reaper_counts() noexcept;
+
 /// Starts the thread (load/upgrade). False if it cannot: everything is then destroyed
 /// in place, as before.
 bool start_reaper();
@@ -22,6 +37,13 @@ void stop_reaper();
 
 /// Destroys `region` here if small, on the reaper thread otherwise.
 void dispose(Region&& region) noexcept;
+/// A region marked deallocated whose zeroing stopped at `zero_from` (its caller died):
+/// zeroes the rest in slices, removes its name, then destroys it (on the reaper thread,
+/// or here if the thread is not running).
+void dispose_zeroing(Region&& region, std::uint64_t zero_from) noexcept;
+/// Bytes one slice of zeroing covers (deallocate in slices; ~1 ms of memset).
+inline constexpr std::uint64_t kZeroSlice = std::uint64_t{16} << 20;
+
 /// The same for a detached data area (Region::detach_data()).
 void dispose(Region::DetachedData&& data) noexcept;
 

@@ -30,7 +30,14 @@ void region_dtor(ErlNifEnv*, void* obj) {
   // whatever scheduler collected the last reference: a large region's munmap and close
   // go to the reaper thread (~0.1 s per GiB would stall a normal scheduler).
   auto* res = static_cast<RegionResource*>(obj);
-  dispose(std::move(res->region));
+  std::uint64_t zero_next = res->zero_next.load();
+  if (zero_next != RegionResource::kNotZeroing && !res->deallocated.load()) {
+    // Its zeroing started (deallocate_begin/1) and its caller died before the end: the
+    // promise is kept by the reaper thread (the rest, in slices, then the name).
+    dispose_zeroing(std::move(res->region), zero_next);
+  } else {
+    dispose(std::move(res->region));
+  }
   res->~RegionResource();
 }
 

@@ -29,6 +29,11 @@ struct RegionResource {
   std::atomic<bool> deallocating{false};
   /// deallocate/2 succeeded through this handle (the header says so too).
   std::atomic<bool> deallocated{false};
+  /// deallocate_begin/1 marked it deallocated and zeroing goes on in slices: the offset
+  /// of the next slice (kNotZeroing otherwise). If the resource dies before
+  /// deallocate_finish/1, the reaper thread zeroes the rest and removes the name.
+  static constexpr std::uint64_t kNotZeroing = ~std::uint64_t{0};
+  std::atomic<std::uint64_t> zero_next{kNotZeroing};
   /// A zero-copy binary over this region was handed out: it may still be alive, so
   /// the bytes under it must not change (deallocate refuses to zero them). Together
   /// with `deallocating` (both seq_cst) no binary is made while zeroing starts.

@@ -275,6 +275,10 @@ Decoded decode_create_options(ErlNifEnv* env, ERL_NIF_TERM map, CreateOptions* o
       !get_bool(env, defer, &o.defer_chunks)) {
     return Decoded::badarg;
   }
+  if (enif_get_map_value(env, map, enif_make_atom(env, "defer_allocate"), &defer) &&
+      !get_bool(env, defer, &o.defer_allocate)) {
+    return Decoded::badarg;
+  }
 
   if (mode_bits > 0777) {
     return invalid(why, "mode " + std::to_string(mode_bits) +

@@ -81,6 +81,15 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
     inspect_path: 5,
     unlink_segment: 2,
     sweep_segment: 2,
+    allocate_step: 3,
+    # zeroing at deallocation in slices (issue 12)
+    deallocate_begin: 2,
+    zero_step: 3,
+    deallocate_finish: 2,
+    # an orphan's pages freed in slices, the reaper's counts (issue 12)
+    sweep_segment_begin: 1,
+    release_pages_step: 2,
+    reaper_stats: 1,
     list_segments: 1,
     runtime_index_sweep: 1,
     runtime_index_flush: 1,
@@ -403,6 +412,7 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
               :channel_layout,
               :list_segments,
               :reaped_holds,
+              :reaper_stats,
               :runtime_index_sweep,
               :arena_maintain,
               :arena_stats,
@@ -449,6 +459,32 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
   # Always a dry run: a fuzzer on a shared host removes nothing, even an unused segment.
   defp args(:sweep_segment, _state, pool),
     do: [G.region_id(pool), true]
+
+  # Never an id that may name a segment of somebody else: malformed ids, or well-formed
+  # random ones that name nothing (this one removes what it finds unused).
+  defp args(:sweep_segment_begin, _state, pool),
+    do: [
+      G.pick(0.5, pool, fn ->
+        "spshm_" <> Base.encode32(:crypto.strong_rand_bytes(12), case: :lower, padding: false)
+      end)
+    ]
+
+  defp args(:release_pages_step, _state, pool), do: [unlinked(pool)]
+
+  defp args(fun, _state, pool) when fun in [:deallocate_begin, :deallocate_finish],
+    do: [G.handle(pool, :region)]
+
+  defp args(:allocate_step, _state, pool),
+    do: [
+      G.handle(pool, :region),
+      G.pick(0.85, pool, fn -> G.one_of([0, 0, 8 <<< 20, 4096, 1 <<< 63, -1]) end)
+    ]
+
+  defp args(:zero_step, _state, pool),
+    do: [
+      G.handle(pool, :region),
+      G.pick(0.85, pool, fn -> G.one_of([0, 0, 16 <<< 20, 4096, 1 <<< 63, -1]) end)
+    ]
 
   # Never another directory than /dev/shm: the directory is global to the VM, and the
   # other suites' segments live there. Only refusals (and /dev/shm itself) otherwise.
@@ -618,6 +654,61 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
     end)
   end
 
+  # An unlinked segment of this batch: a 2 MiB POSIX segment of the fuzzer's own, made
+  # by a process that exits (so nobody uses it) and removed by sweep_segment_begin/1.
+  defp unlinked(pool) do
+    G.pick(0.85, pool, fn ->
+      Process.get(:fuzz_unlinked) ||
+        case own_unlinked() do
+          nil -> make_ref()
+          u -> tap(u, &Process.put(:fuzz_unlinked, &1))
+        end
+    end)
+  end
+
+  defp own_unlinked do
+    opts = %{
+      backend: :posix,
+      name: nil,
+      open_mode: :create,
+      mode: 0o600,
+      security_level: 0,
+      encrypted: false,
+      lock_memory: false,
+      metadata: "{}",
+      idle_timeout_ms: 0
+    }
+
+    parent = self()
+
+    {pid, ref} =
+      spawn_monitor(fn ->
+        case Native.create(2 * 1024 * 1024, opts) do
+          {:ok, _region, %{id: id}} -> send(parent, {:fuzz_orphan, self(), id})
+          _ -> send(parent, {:fuzz_orphan, self(), nil})
+        end
+      end)
+
+    # its creator gone (and its region with it), nobody uses the segment any more
+    id = receive do: ({:fuzz_orphan, ^pid, id} -> id)
+    receive do: ({:DOWN, ^ref, _, _, _} -> :ok)
+    if is_binary(id), do: remove_own(id, 100)
+  end
+
+  defp remove_own(id, tries) do
+    case Native.sweep_segment_begin(id) do
+      {:ok, :removed, u} when u != nil ->
+        u
+
+      {:ok, :in_use, nil} when tries > 0 ->
+        Process.sleep(10)
+        remove_own(id, tries - 1)
+
+      _ ->
+        nil
+    end
+  end
+
   # A read buffer of 1000 bytes of this batch (made on first use, again once taken).
   defp read_buffer(pool) do
     G.pick(0.85, pool, fn ->
@@ -765,6 +856,17 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
   defp well_shaped?(:pooled_object, _, value), do: is_boolean(value)
   defp well_shaped?(:shm_dir, _, dir), do: dir == "/dev/shm"
   defp well_shaped?(:reaped_holds, _, n), do: non_neg?(n)
+
+  defp well_shaped?(:reaper_stats, _, %{pieces_unmapped: u, pieces_released: r}),
+    do: non_neg?(u) and non_neg?(r)
+
+  defp well_shaped?(:release_pages_step, _, {:ok, n}), do: non_neg?(n)
+  defp well_shaped?(fun, _, :ok) when fun in [:deallocate_begin, :deallocate_finish], do: true
+  defp well_shaped?(:zero_step, _, {:ok, n}), do: non_neg?(n)
+  defp well_shaped?(:allocate_step, _, {:ok, n}), do: non_neg?(n)
+
+  defp well_shaped?(:sweep_segment_begin, _, {:ok, o, u}),
+    do: o in [:removed, :removed_incomplete, :in_use, :young] and (u == nil or is_reference(u))
 
   defp well_shaped?(:list_counts, [regions], counts) when is_list(counts),
     do:

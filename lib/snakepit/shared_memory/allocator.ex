@@ -30,6 +30,12 @@ defmodule Snakepit.SharedMemory.Allocator do
 
   import Snakepit.SharedMemory.Registry, only: [region: 1]
 
+  # Above this size, a memfd region's pages are allocated in slices (allocate_step/2).
+  @allocate_slice 16 * 1024 * 1024
+
+  # Above this size, zeroing at deallocation goes in slices (Native.zero_step/2's bound).
+  @zero_slice 16 * 1024 * 1024
+
   # Largest size the plain (normal-scheduler) create and zeroing NIFs take.
   @plain_limit 65_536
 
@@ -168,17 +174,67 @@ defmodule Snakepit.SharedMemory.Allocator do
   # slices of 1 MiB that come back to a normal scheduler between them (one call encrypting
   # a large region delayed idle normal schedulers' timers for as long: bench/FINDINGS.md
   # section 7). An opened (existing) region has nothing to initialise.
+  # Its pages are allocated in slices first (large memfd regions, as below).
   defp create(opts, %{encrypted: true} = native_opts) do
-    with {:ok, ref, info} <-
-           Native.create_cpu(opts.size, Map.put(native_opts, :defer_chunks, true)) do
+    native_opts = Map.merge(native_opts, %{defer_chunks: true, defer_allocate: true})
+
+    with {:ok, ref, info} <- Native.create_cpu(opts.size, native_opts) do
       if info.role == :created, do: initialise(ref, info), else: {:ok, ref, info}
+    end
+  end
+
+  # A large unencrypted memfd region: its data object is sized at once and its pages
+  # allocated in dirty calls of 8 MiB, returning to a normal scheduler between them (one
+  # fallocate of the whole object kept a core busy for tens of milliseconds:
+  # bench/FINDINGS.md section 7); published only then. A caller killed midway leaves
+  # nothing: an unpublished memfd dies with its descriptors.
+  defp create(%{size: size, name: nil, backend: :memfd}, %{lock_memory: false} = native_opts)
+       when size > @allocate_slice do
+    with {:ok, ref, info} <- Native.create(size, Map.put(native_opts, :defer_allocate, true)) do
+      case allocate_pages(ref, 0) do
+        :ok ->
+          {:ok, ref, info}
+
+        error ->
+          _ = Native.deallocate(ref, false)
+          error
+      end
     end
   end
 
   defp create(opts, native_opts), do: Native.create(opts.size, native_opts)
 
+  @doc false
+  # Public for the tests: allocates a deferred region's pages step by step and publishes
+  # it. A region that was not deferred (its data object came from the warm pool, already
+  # allocated) answers invalid_argument at the first step: then it is published as is.
+  @spec allocate_pages(Native.region(), non_neg_integer()) :: :ok | Native.nif_error()
+  def allocate_pages(ref, offset) do
+    with :ok <- allocate_all(ref, offset), do: publish_deferred(ref)
+  end
+
+  defp allocate_all(ref, offset) do
+    case Native.allocate_step(ref, offset) do
+      {:ok, ^offset} -> :ok
+      {:ok, next} -> allocate_all(ref, next)
+      # not deferred: small, from the warm pool, or not a memfd (allocated at creation)
+      {:error, {:invalid_argument, _, _}} when offset == 0 -> :ok
+      error -> error
+    end
+  end
+
+  defp publish_deferred(ref) do
+    case Native.publish(ref) do
+      :ok -> :ok
+      # not deferred (a pooled object): already published
+      {:error, {:invalid_argument, _, _}} -> :ok
+      error -> error
+    end
+  end
+
   defp initialise(ref, info) do
-    with :ok <- init_chunks(ref, 0),
+    with :ok <- allocate_all(ref, 0),
+         :ok <- init_chunks(ref, 0),
          :ok <- Native.publish(ref) do
       {:ok, ref, info}
     else
@@ -387,7 +443,40 @@ defmodule Snakepit.SharedMemory.Allocator do
        when size <= div(@plain_limit, 2),
        do: Native.deallocate_plain(ref, true)
 
+  # Zeroing a large region is tens of milliseconds of memset: done in slices of at most
+  # 16 MiB, each a dirty call that returns to a normal scheduler (bench/FINDINGS.md §7).
+  defp deallocate(region(ref: ref, size: size), true) when size > @zero_slice,
+    do: deallocate_in_slices(ref)
+
   defp deallocate(region(ref: ref), zero), do: Native.deallocate(ref, zero)
+
+  @doc false
+  # Public for the tests: the zeroing deallocation in slices.
+  @spec deallocate_in_slices(Native.region()) :: :ok | Native.nif_error()
+  def deallocate_in_slices(ref) do
+    with :ok <- Native.deallocate_begin(ref),
+         :ok <- zero_slices(ref, 0, 0) do
+      Native.deallocate_finish(ref)
+    end
+  end
+
+  defp zero_slices(ref, offset, busy) do
+    case Native.zero_step(ref, offset) do
+      {:ok, ^offset} ->
+        :ok
+
+      {:ok, next} ->
+        zero_slices(ref, next, 0)
+
+      # a seal being committed (it started before the deallocation): it ends soon
+      {:error, {:busy, _, _}} when busy < 30_000 ->
+        Process.sleep(1)
+        zero_slices(ref, offset, busy + 1)
+
+      {:error, _} = error ->
+        error
+    end
+  end
 
   defp not_found(id) do
     Error.error(

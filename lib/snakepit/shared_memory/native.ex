@@ -61,6 +61,7 @@ defmodule Snakepit.SharedMemory.Native do
           required(:metadata) => binary(),
           required(:idle_timeout_ms) => non_neg_integer(),
           optional(:defer_chunks) => boolean(),
+          optional(:defer_allocate) => boolean(),
           optional(:arena) => boolean(),
           optional(:huge_pages) => :auto | boolean()
         }
@@ -130,6 +131,16 @@ defmodule Snakepit.SharedMemory.Native do
   @doc "Publishes a region created with defer_chunks once every chunk is initialised (internal)."
   @spec publish(region()) :: :ok | nif_error()
   def publish(_region), do: :erlang.nif_error(:not_loaded)
+
+  @doc """
+  A region created with `defer_allocate: true` (unencrypted memfd): allocates the pages of
+  its data object from `offset` (where the previous step ended), at most 8 MiB per call
+  (dirty IO, about 1 ms), and returns where the next step starts; the same offset once
+  every page is allocated (then `publish/1`). Until then other processes cannot open it
+  and reads and writes answer `busy` (internal, issue 12).
+  """
+  @spec allocate_step(region(), non_neg_integer()) :: {:ok, non_neg_integer()} | nif_error()
+  def allocate_step(_region, _offset), do: :erlang.nif_error(:not_loaded)
 
   @doc "Opens an existing region: by id (POSIX) or by {control_path, data_path}."
   @spec open(binary() | {binary(), binary()} | {binary(), binary(), non_neg_integer()}, boolean()) ::
@@ -278,6 +289,66 @@ defmodule Snakepit.SharedMemory.Native do
   @spec sweep_segment(binary(), boolean()) ::
           {:ok, :removed | :removed_incomplete | :in_use | :young} | nif_error()
   def sweep_segment(_region_id, _dry_run), do: :erlang.nif_error(:not_loaded)
+
+  @doc """
+  Starts a zeroing deallocation in slices (issue 12): the checks of `deallocate(region,
+  true)`, then the header is marked deallocated (every later read and write, of any
+  process, is refused). Continue with `zero_step/2` from offset 0, end with
+  `deallocate_finish/1`. If the caller dies before the end, the NIF's reaper thread
+  zeroes the rest and removes the name.
+  """
+  @spec deallocate_begin(region()) :: :ok | nif_error()
+  def deallocate_begin(_region), do: :erlang.nif_error(:not_loaded)
+
+  @doc """
+  Zeroes at most 16 MiB of a region's data area from `offset` (where the previous step
+  ended; dirty CPU, about 1 ms) and returns where the next step starts: the region's
+  capacity once done. `busy` while a seal is being committed (retry).
+  """
+  @spec zero_step(region(), non_neg_integer()) :: {:ok, non_neg_integer()} | nif_error()
+  def zero_step(_region, _offset), do: :erlang.nif_error(:not_loaded)
+
+  @doc """
+  Ends a zeroing deallocation once every `zero_step/2` is done: removes the name, gives
+  the data area back (dirty IO).
+  """
+  @spec deallocate_finish(region()) :: :ok | nif_error()
+  def deallocate_finish(_region), do: :erlang.nif_error(:not_loaded)
+
+  @typedoc "An unlinked segment whose pages `release_pages_step/1` frees (issue 12)."
+  @opaque unlinked :: reference()
+
+  @doc """
+  `sweep_segment(region_id, false)`, except that a removed segment is not closed (its
+  last close would free every page in one long call): the third element is the open
+  object, whose pages `release_pages_step/1` frees in slices (nil: nothing to free in
+  slices, e.g. a sealed segment, closed here). Dirty IO.
+  """
+  @spec sweep_segment_begin(binary()) ::
+          {:ok, :removed | :removed_incomplete | :in_use | :young, unlinked() | nil}
+          | nif_error()
+  def sweep_segment_begin(_region_id), do: :erlang.nif_error(:not_loaded)
+
+  @doc """
+  Frees up to 8 MiB of the pages of an object `sweep_segment_begin/1` handed over (dirty
+  IO, about 1 ms) and returns the bytes left; at 0 the object is closed. `busy` while
+  another call frees the same object. An object dropped before 0 is freed by the NIF's
+  reaper thread.
+  """
+  @spec release_pages_step(unlinked()) :: {:ok, non_neg_integer()} | nif_error()
+  def release_pages_step(_unlinked), do: :erlang.nif_error(:not_loaded)
+
+  @doc """
+  What the NIF's reaper thread did since the library was loaded: pieces of large
+  mappings it unmapped, pieces of data objects whose pages it freed, and its pause
+  between two pieces (ns).
+  """
+  @spec reaper_stats() :: %{
+          pieces_unmapped: non_neg_integer(),
+          pieces_released: non_neg_integer(),
+          pause_ns: non_neg_integer()
+        }
+  def reaper_stats, do: :erlang.nif_error(:not_loaded)
 
   @doc """
   Removes the stale entries of the runtime index (the per-user directory where each

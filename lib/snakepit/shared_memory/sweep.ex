@@ -47,7 +47,7 @@ defmodule Snakepit.SharedMemory.Sweep do
           not Registry.member?(id),
           size = segment_size(dir, id),
           {:ok, outcome} when outcome in [:removed, :removed_incomplete] <- [
-            Native.sweep_segment(id, dry_run)
+            sweep_one(id, dry_run)
           ] do
         reason = if outcome == :removed, do: :orphan, else: :incomplete
         %{region_id: id, reason: reason, size: size}
@@ -93,6 +93,37 @@ defmodule Snakepit.SharedMemory.Sweep do
   end
 
   # lstat only: never opens the name (it may be a FIFO).
+  # The pages of a removed orphan are freed in slices of about 1 ms, each a dirty call
+  # that returns to a normal scheduler: one close of a GiB would keep a core busy for
+  # 0.1 s (bench/FINDINGS.md section 7).
+  defp sweep_one(id, true), do: Native.sweep_segment(id, true)
+
+  defp sweep_one(id, false) do
+    case Native.sweep_segment_begin(id) do
+      {:ok, outcome, nil} ->
+        {:ok, outcome}
+
+      {:ok, outcome, unlinked} ->
+        release_pages(unlinked)
+        {:ok, outcome}
+
+      {:error, _} = error ->
+        error
+    end
+  end
+
+  @doc false
+  # Frees the pages of an unlinked orphan step by step (public for the tests).
+  @spec release_pages(Native.unlinked()) :: :ok
+  def release_pages(unlinked) do
+    case Native.release_pages_step(unlinked) do
+      {:ok, 0} -> :ok
+      {:ok, _left} -> release_pages(unlinked)
+      # the step closed it: its close freed the rest (or the reaper will)
+      {:error, _} -> :ok
+    end
+  end
+
   defp segment_size(nil, _id), do: 0
 
   defp segment_size(dir, id) do
