@@ -189,8 +189,25 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
 
   @doc "Deallocates the base pool."
   def free_base_pool(%{regions: regions}) do
-    for {region, _info, _m} <- regions, do: Native.deallocate(region, false)
+    for {region, _info, _m} <- regions, do: release(region)
     :ok
+  end
+
+  # Deallocates a region the fuzzer made. A fuzzed deallocate_begin/1 may have left it
+  # half-way (a second deallocate answers busy): end it the documented way, as its
+  # reaper would once the handle goes.
+  defp release(region) do
+    case Native.deallocate(region, false) do
+      {:error, {:busy, _, _}} -> finish_deallocation(region, 0)
+      other -> other
+    end
+  end
+
+  defp finish_deallocation(region, offset) do
+    case Native.zero_step(region, offset) do
+      {:ok, next} when next > offset -> finish_deallocation(region, next)
+      _ -> Native.deallocate_finish(region)
+    end
   end
 
   # ---- a batch ----
@@ -231,7 +248,7 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
 
   defp teardown(state) do
     for {watch, _} <- state.watches, do: Native.cancel_watch(watch)
-    for {region, _info} <- state.own, do: Native.deallocate(region, false)
+    for {region, _info} <- state.own, do: release(region)
     :ok
   end
 
@@ -981,7 +998,7 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
     if length(regions) > @pool_regions do
       {kept, [{old, _} | _]} = Enum.split(regions, @pool_regions)
       own? = Enum.any?(state.own, fn {r, _} -> r == old end)
-      if own?, do: Native.deallocate(old, false)
+      if own?, do: release(old)
 
       %{
         state
