@@ -19,8 +19,16 @@ defmodule Snakepit.SharedMemory.Access do
   # to a normal scheduler between slices. One dirty call that runs for tens of
   # milliseconds (a 64 MiB encryption) let normal schedulers sleep through their timers
   # for as long (bench/FINDINGS.md section 7): a slice is about 1 ms of encryption. A
-  # multiple of the encryption chunk (64 KiB), so slices never split a chunk.
+  # multiple of the encryption chunk (64 KiB), so slices never split a chunk. A plain
+  # region's slice is a copy at memory speed: 8 MiB is about 1 ms of memcpy, and fewer
+  # round trips keep large handoffs at the speed of one copy.
   @slice 1_048_576
+  @plain_slice 8 * 1_048_576
+
+  @doc false
+  @spec slice_size(Mapping.t()) :: pos_integer()
+  def slice_size(%Mapping{encrypted: true}), do: @slice
+  def slice_size(%Mapping{}), do: @plain_slice
 
   @doc "Maps a registered region for the calling process."
   @spec map(String.t(), map()) :: {:ok, Mapping.t()} | {:error, Error.t()}
@@ -169,7 +177,7 @@ defmodule Snakepit.SharedMemory.Access do
   # write is never partly done because of its arguments.
   defp write_dirty(mapping, offset, data) do
     if in_bounds?(mapping, offset, byte_size(data)),
-      do: write_slices(mapping.ref, offset, data, 0),
+      do: write_slices(mapping.ref, offset, data, 0, slice_size(mapping)),
       else: Native.write_dirty(mapping.ref, offset, data)
   end
 
@@ -180,38 +188,38 @@ defmodule Snakepit.SharedMemory.Access do
 
   # Slices end on multiples of @slice in the region (so an encrypted region's chunks are
   # never split); the first error ends the write. Sub-binaries: nothing is copied.
-  defp write_slices(ref, offset, data, done) when byte_size(data) - done > @slice do
+  defp write_slices(ref, offset, data, done, slice) when byte_size(data) - done > slice do
     at = offset + done
-    length = @slice - rem(at, @slice)
+    length = slice - rem(at, slice)
 
     case Native.write_dirty(ref, at, binary_part(data, done, length)) do
-      :ok -> write_slices(ref, offset, data, done + length)
+      :ok -> write_slices(ref, offset, data, done + length, slice)
       error -> error
     end
   end
 
-  defp write_slices(ref, offset, data, done) do
+  defp write_slices(ref, offset, data, done, _slice) do
     Native.write_dirty(ref, offset + done, binary_part(data, done, byte_size(data) - done))
   end
 
   # A large read in slices (see @slice) into one binary: read_buffer/1 allocates it,
   # read_into/5 fills it slice by slice on a dirty CPU scheduler, read_buffer_take/1 hands
   # it over without a copy.
-  defp read_slices(ref, offset, length) when length > @slice do
+  defp read_slices(ref, offset, length, slice) when length > slice do
     with {:ok, buffer} <- Native.read_buffer(length),
-         :ok <- read_into(ref, offset, buffer, 0, length, @slice - rem(offset, @slice)) do
+         :ok <- read_into(ref, offset, buffer, 0, length, slice - rem(offset, slice), slice) do
       Native.read_buffer_take(buffer)
     end
   end
 
-  defp read_slices(ref, offset, length), do: Native.read_dirty(ref, offset, length)
+  defp read_slices(ref, offset, length, _slice), do: Native.read_dirty(ref, offset, length)
 
-  defp read_into(ref, offset, buffer, at, length, slice) do
-    slice = min(slice, length - at)
+  defp read_into(ref, offset, buffer, at, length, first, slice) do
+    first = min(first, length - at)
 
-    case Native.read_into(ref, offset + at, buffer, at, slice) do
-      :ok when at + slice >= length -> :ok
-      :ok -> read_into(ref, offset, buffer, at + slice, length, @slice)
+    case Native.read_into(ref, offset + at, buffer, at, first) do
+      :ok when at + first >= length -> :ok
+      :ok -> read_into(ref, offset, buffer, at + first, length, slice, slice)
       error -> error
     end
   end
@@ -255,7 +263,7 @@ defmodule Snakepit.SharedMemory.Access do
 
         length > @dirty_threshold ->
           if in_bounds?(mapping, offset, length),
-            do: read_slices(mapping.ref, offset, length),
+            do: read_slices(mapping.ref, offset, length, slice_size(mapping)),
             else: Native.read_dirty(mapping.ref, offset, length)
 
         true ->
