@@ -71,6 +71,15 @@ Result<void> initialise_chunks(const Binding&, const std::uint8_t*, std::uint8_t
   return no_sodium("create an encrypted region");
 }
 
+std::uint64_t chunk_count(const Binding& b) noexcept {
+  return (b.data_size + kChunkSize - 1) / kChunkSize;
+}
+
+Result<void> initialise_chunk_range(const Binding&, const std::uint8_t*, std::uint8_t*,
+                                    std::uint64_t, std::uint64_t) {
+  return no_sodium("create an encrypted region");
+}
+
 Result<void> encrypt(const Binding&, const std::uint8_t*, std::uint8_t*, std::uint64_t,
                      const std::uint8_t*, std::uint64_t) {
   return no_sodium("write to an encrypted region");

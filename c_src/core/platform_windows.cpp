@@ -264,6 +264,10 @@ Result<void> seal_writes(const Handle&) {
   return Error{Errc::unsupported, 0, "Windows has no kernel write seal"};
 }
 bool writes_sealed(const Handle&) noexcept { return false; }
+// Pages of a section are freed with its last view and handle; no hole punching.
+Result<void> release_pages(const Handle&, std::uint64_t, std::uint64_t) {
+  return Error{Errc::unsupported, 0, "Windows cannot free part of a section's pages"};
+}
 bool any_write_seal(const Handle&) noexcept { return false; }
 bool is_hugetlb(const Handle&) noexcept { return false; }
 bool exclusively_locked(const Handle&, std::uint64_t) noexcept { return false; }
