@@ -139,6 +139,39 @@ defmodule Snakepit.SharedMemory.TestSupport do
     end
   end
 
+  @doc """
+  Runs `fun` with call tracing of the calling process on `mfas` (each with the match
+  spec `spec`: `true`, or e.g. `[{:_, [], [{:return_trace}]}]`), from a separate tracer
+  process (a process cannot be its own tracer). Returns `{result, events}`: every trace
+  message, in order, delivered before this returns.
+  """
+  def trace_calls(mfas, spec, fun) do
+    me = self()
+    tracer = spawn_link(fn -> collect_traces([]) end)
+    for mfa <- mfas, do: :erlang.trace_pattern(mfa, spec, [:local])
+    :erlang.trace(me, true, [:call, {:tracer, tracer}])
+    result = fun.()
+    :erlang.trace(me, false, [:call])
+    ref = :erlang.trace_delivered(me)
+
+    receive do
+      {:trace_delivered, ^me, ^ref} -> :ok
+    end
+
+    send(tracer, {:events, me})
+
+    receive do
+      {:events, events} -> {result, events}
+    end
+  end
+
+  defp collect_traces(acc) do
+    receive do
+      {:events, to} -> send(to, {:events, Enum.reverse(acc)})
+      trace when elem(trace, 0) == :trace -> collect_traces([trace | acc])
+    end
+  end
+
   @doc "kill -9 an OS process."
   def kill9(os_pid), do: System.cmd("kill", ["-9", Integer.to_string(os_pid)])
 end

@@ -31,46 +31,25 @@ defmodule Snakepit.SharedMemory.DirtySlicesTest do
     :ok
   end
 
-  # Runs `fun` with call tracing of Native.write_dirty/3 and Native.read_into/5 in this
-  # process (a process cannot be its own tracer); returns `{result, [{function, offset,
-  # length}]}` in call order.
+  # Runs `fun` with call tracing of Native.write_dirty/3, read_into/5 and init_chunks/3;
+  # returns `{result, [{function, offset, length}]}` in call order.
   defp traced(fun) do
-    me = self()
-    tracer = spawn_link(fn -> collect([]) end)
-    :erlang.trace_pattern({Native, :write_dirty, 3}, true, [:local])
-    :erlang.trace_pattern({Native, :read_into, 5}, true, [:local])
-    :erlang.trace_pattern({Native, :init_chunks, 3}, true, [:local])
-    :erlang.trace(me, true, [:call, {:tracer, tracer}])
-    result = fun.()
-    :erlang.trace(me, false, [:call])
-    ref = :erlang.trace_delivered(me)
-
-    receive do
-      {:trace_delivered, ^me, ^ref} -> :ok
-    end
-
-    send(tracer, {:calls, me})
-
-    receive do
-      {:calls, calls} -> {result, calls}
-    end
+    mfas = [{Native, :write_dirty, 3}, {Native, :read_into, 5}, {Native, :init_chunks, 3}]
+    {result, events} = TestSupport.trace_calls(mfas, true, fun)
+    {result, Enum.flat_map(events, &slice_call/1)}
   end
 
-  defp collect(acc) do
-    receive do
-      {:trace, _, :call, {Native, :write_dirty, [_, offset, data]}} ->
-        collect([{:write_dirty, offset, byte_size(data)} | acc])
+  defp slice_call({:trace, _, :call, {Native, :write_dirty, [_, offset, data]}}),
+    do: [{:write_dirty, offset, byte_size(data)}]
 
-      {:trace, _, :call, {Native, :read_into, [_, offset, _buffer, _at, length]}} ->
-        collect([{:read_into, offset, length} | acc])
+  defp slice_call({:trace, _, :call, {Native, :read_into, [_, offset, _buffer, _at, length]}}),
+    do: [{:read_into, offset, length}]
 
-      {:trace, _, :call, {Native, :init_chunks, [_, first, count]}} ->
-        collect([{:init_chunks, first, count} | acc])
+  defp slice_call({:trace, _, :call, {Native, :init_chunks, [_, first, count]}}),
+    do: [{:init_chunks, first, count}]
 
-      {:calls, pid} ->
-        send(pid, {:calls, Enum.reverse(acc)})
-    end
-  end
+  # Trace patterns are global: functions another suite traced are not this test's.
+  defp slice_call(_other), do: []
 
   defp assert_sliced(calls, function, offset, length, slice) do
     mine = for {^function, o, l} <- calls, do: {o, l}

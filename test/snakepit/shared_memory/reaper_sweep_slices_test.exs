@@ -132,38 +132,13 @@ defmodule Snakepit.SharedMemory.ReaperSweepSlicesTest do
   end
 
   defp traced_steps(fun, mfa \\ {Native, :release_pages_step, 1}) do
-    me = self()
-    tracer = spawn_link(fn -> collect([]) end)
-    spec = [{:_, [], [{:return_trace}]}]
-    :erlang.trace_pattern(mfa, spec, [:local])
-    :erlang.trace(me, true, [:call, {:tracer, tracer}])
-    result = fun.()
-    :erlang.trace(me, false, [:call])
-    ref = :erlang.trace_delivered(me)
-
-    receive do
-      {:trace_delivered, ^me, ^ref} -> :ok
-    end
-
-    send(tracer, {:calls, me})
-
-    receive do
-      {:calls, calls} -> {result, calls}
-    end
+    {result, events} = TestSupport.trace_calls([mfa], [{:_, [], [{:return_trace}]}], fun)
+    {result, Enum.flat_map(events, &step_event/1)}
   end
 
-  defp collect(acc) do
-    receive do
-      {:trace, _, :return_from, {Native, _, _}, value} ->
-        collect([{:return, value} | acc])
-
-      {:trace, _, :call, {Native, _, args}} ->
-        collect([{:call, args} | acc])
-
-      {:calls, to} ->
-        send(to, {:calls, Enum.reverse(acc)})
-    end
-  end
+  defp step_event({:trace, _, :return_from, {Native, _, _}, value}), do: [{:return, value}]
+  defp step_event({:trace, _, :call, {Native, _, args}}), do: [{:call, args}]
+  defp step_event(_other), do: []
 
   describe "the orphan sweep frees a large segment's pages in slices" do
     test "name removed first, then at most 8 MiB per dirty call, down to 0" do
