@@ -295,6 +295,7 @@ defmodule Snakepit.SharedMemory.ClusterTest do
   describe "failures mid-transfer" do
     test "the sending node killed: :nodedown, the partial copy freed", c do
       {peer, victim} = start_peer!("shmv")
+      on_exit(fn -> stop_peer(peer) end)
       settle!([node(), c.a, c.b, victim], 4)
       id = remote(victim, :filled_region, [16 * @mib])
       vm = os_pid(victim)
@@ -327,6 +328,7 @@ defmodule Snakepit.SharedMemory.ClusterTest do
 
     test "the receiving node killed: the sender unmaps and stops", c do
       {peer, victim} = start_peer!("shmr")
+      on_exit(fn -> stop_peer(peer) end)
       settle!([node(), c.a, c.b, victim], 4)
       id = remote(c.a, :filled_region, [16 * @mib])
       before_a = ids(c.a)
@@ -448,6 +450,9 @@ defmodule Snakepit.SharedMemory.ClusterTest do
     test "a node that joins takes shards, a node that dies is purged", c do
       a_ids = for _ <- 1..30, do: remote(c.a, :filled_region, [4096])
       {peer, newcomer} = start_peer!("shmn")
+      # Stopped even when an assertion fails first: a peer left running joins the next
+      # suite's cluster (it made PythonClusterTest's setup fail to settle in CI).
+      on_exit(fn -> stop_peer(peer) end)
       settle!([node(), c.a, c.b, newcomer], 4)
 
       # Some shards moved to the newcomer; every region is still found.
