@@ -28,24 +28,9 @@ CreateOptions arena_options(std::uint64_t size) {
 
 /// The `| fact | value | meaning |` rows of docs/FORMAT.md "## Arenas".
 std::map<std::string, std::string> arena_md_rows() {
-  std::string path = __FILE__;
-  path = path.substr(0, path.rfind('/')) + "/../../docs/FORMAT.md";
-  std::ifstream in(path);
   std::map<std::string, std::string> rows;
-  std::string line;
-  bool in_section = false;
-  while (std::getline(in, line)) {
-    if (line.rfind("#", 0) == 0) in_section = line == "## Arenas";
-    if (!in_section || line.rfind("| `", 0) != 0) continue;
-    std::vector<std::string> cells;
-    std::stringstream ss(line.substr(1));
-    std::string cell;
-    while (std::getline(ss, cell, '|')) {
-      auto b = cell.find_first_not_of(" `"), e = cell.find_last_not_of(" `");
-      cells.push_back(b == std::string::npos ? "" : cell.substr(b, e - b + 1));
-    }
+  for (const auto& cells : format_md_table("Arenas"))
     if (cells.size() >= 2) rows[cells[0]] = cells[1];
-  }
   return rows;
 }
 

@@ -13,43 +13,13 @@
 
 #include "board.hpp"
 #include "catch.hpp"
+#include "helpers.hpp"
 #include "snakepit_shm.h"
 
 using namespace spshm::board;
+using namespace spshm_test;
 
 namespace {
-
-struct Row {
-  std::size_t offset, size;
-};
-
-std::map<std::string, Row> doc_rows(const std::string& section) {
-  std::string path = __FILE__;
-  path = path.substr(0, path.rfind('/')) + "/../../docs/FORMAT.md";
-  std::ifstream in(path);
-  std::map<std::string, Row> rows;
-  std::string line;
-  bool inside = false;
-  while (std::getline(in, line)) {
-    if (line.rfind("#", 0) == 0) inside = line == "## " + section;
-    if (!inside || line.rfind("| ", 0) != 0) continue;
-    std::vector<std::string> cells;
-    std::stringstream ss(line.substr(1));
-    std::string cell;
-    while (std::getline(ss, cell, '|')) {
-      auto b = cell.find_first_not_of(' '), e = cell.find_last_not_of(' ');
-      cells.push_back(b == std::string::npos ? "" : cell.substr(b, e - b + 1));
-    }
-    if (cells.size() < 5) continue;
-    std::string offset = cells[0];
-    if (!offset.empty() && offset[0] == '+') offset.erase(0, 1);
-    if (offset.empty() || !isdigit(static_cast<unsigned char>(offset[0]))) continue;
-    std::string field = cells[2];
-    if (field.size() > 2 && field.front() == '`') field = field.substr(1, field.size() - 2);
-    rows[field] = Row{std::stoul(offset), std::stoul(cells[1])};
-  }
-  return rows;
-}
 
 std::string field_json(const char* name, std::size_t offset, std::size_t size) {
   return "\"" + std::string(name) + "\":{\"offset\":" + std::to_string(offset) +
@@ -65,13 +35,13 @@ std::string field_json(const char* name, std::size_t offset, std::size_t size) {
 #f, { offsetof(BoardSlot, f), sizeof(BoardSlot::f) } \
   }
 
-const std::map<std::string, Row> kHeader = {
+const std::map<std::string, LayoutRow> kHeader = {
     H(magic),          H(version),     H(header_size), H(slot_size),  H(capacity),
     H(stale_after_ms), H(gauge_names), H(created_ns),  H(generation), H(reserved)};
-const std::map<std::string, Row> kSlot = {S(owner),      S(seq),        S(pid),       S(state),
-                                          S(start_time), S(updated_ns), S(queue),     S(in_flight),
-                                          S(memory),     S(processed),  S(errors),    S(gauges),
-                                          S(id_length),  S(reserved0),  S(worker_id), S(joined_ns)};
+const std::map<std::string, LayoutRow> kSlot = {
+    S(owner),     S(seq),       S(pid),       S(state),     S(start_time), S(updated_ns),
+    S(queue),     S(in_flight), S(memory),    S(processed), S(errors),     S(gauges),
+    S(id_length), S(reserved0), S(worker_id), S(joined_ns)};
 
 /// A board in private, 64-byte aligned memory.
 struct TestBoard {
@@ -106,8 +76,8 @@ TEST_CASE("board layout: static facts, JSON and docs/FORMAT.md agree", "[board]"
     REQUIRE(json.find(field_json(name.c_str(), row.offset, row.size)) != std::string::npos);
   for (const auto& [name, row] : kSlot)
     REQUIRE(json.find(field_json(name.c_str(), row.offset, row.size)) != std::string::npos);
-  auto header_doc = doc_rows("Status board header");
-  auto slot_doc = doc_rows("Status board slot");
+  auto header_doc = format_md_rows("Status board header");
+  auto slot_doc = format_md_rows("Status board slot");
   REQUIRE(header_doc.size() == kHeader.size());
   REQUIRE(slot_doc.size() == kSlot.size());
   for (const auto& [name, row] : kHeader) {

@@ -19,40 +19,6 @@ std::string field_json(const char* name, std::size_t offset, std::size_t size) {
 #define HEADER_FIELD(f) field_json(#f, offsetof(RegionHeader, f), sizeof(RegionHeader::f))
 #define HOLDER_FIELD(f) field_json(#f, offsetof(HolderSlot, f), sizeof(HolderSlot::f))
 
-struct Row {
-  std::size_t offset, size;
-};
-
-/// Rows of the `| offset | size | field | type | meaning |` table of docs/FORMAT.md.
-std::map<std::string, Row> format_md_rows(const std::string& section) {
-  std::string path = __FILE__;
-  path = path.substr(0, path.rfind('/')) + "/../../docs/FORMAT.md";
-  std::ifstream in(path);
-  std::map<std::string, Row> rows;
-  std::string line;
-  bool in_section = false;
-  while (std::getline(in, line)) {
-    if (line.rfind("#", 0) == 0) in_section = line == "## " + section;
-    if (!in_section || line.rfind("| ", 0) != 0) continue;
-    std::vector<std::string> cells;
-    std::stringstream ss(line.substr(1));
-    std::string cell;
-    while (std::getline(ss, cell, '|')) {
-      auto b = cell.find_first_not_of(' '), e = cell.find_last_not_of(' ');
-      cells.push_back(b == std::string::npos ? "" : cell.substr(b, e - b + 1));
-    }
-    // Header rows start with an absolute offset, holder rows with a relative one ("+8").
-    std::string offset = cells.empty() ? "" : cells[0];
-    if (!offset.empty() && offset[0] == '+') offset.erase(0, 1);
-    if (cells.size() < 5 || offset.empty() || !isdigit(static_cast<unsigned char>(offset[0])))
-      continue;
-    std::string field = cells[2];
-    if (field.size() > 2 && field.front() == '`') field = field.substr(1, field.size() - 2);
-    rows[field] = Row{std::stoul(offset), std::stoul(cells[1])};
-  }
-  return rows;
-}
-
 }  // namespace
 
 TEST_CASE("layout_description names every header field with offsetof/sizeof", "[format]") {

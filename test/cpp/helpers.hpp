@@ -10,8 +10,12 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cctype>
 #include <cstdint>
 #include <cstring>
+#include <fstream>
+#include <map>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -114,6 +118,48 @@ inline std::vector<std::uint8_t> pattern(std::size_t n, std::uint32_t seed) {
     b = static_cast<std::uint8_t>(x);
   }
   return v;
+}
+
+/// The table rows of one `## section` of docs/FORMAT.md: each row's cells, trimmed of
+/// spaces and of the backquotes around a name.
+inline std::vector<std::vector<std::string>> format_md_table(const std::string& section) {
+  std::string path = __FILE__;
+  path = path.substr(0, path.rfind('/')) + "/../../docs/FORMAT.md";
+  std::ifstream in(path);
+  std::vector<std::vector<std::string>> rows;
+  std::string line;
+  bool in_section = false;
+  while (std::getline(in, line)) {
+    if (line.rfind("#", 0) == 0) in_section = line == "## " + section;
+    if (!in_section || line.rfind("| ", 0) != 0) continue;
+    std::vector<std::string> cells;
+    std::stringstream ss(line.substr(1));
+    std::string cell;
+    while (std::getline(ss, cell, '|')) {
+      auto b = cell.find_first_not_of(" `"), e = cell.find_last_not_of(" `");
+      cells.push_back(b == std::string::npos ? "" : cell.substr(b, e - b + 1));
+    }
+    rows.push_back(std::move(cells));
+  }
+  return rows;
+}
+
+struct LayoutRow {
+  std::size_t offset, size;
+};
+
+/// The `| offset | size | field | type | meaning |` rows of a docs/FORMAT.md section, by
+/// field name. Absolute offsets ("8") and offsets relative to a slot ("+8") alike.
+inline std::map<std::string, LayoutRow> format_md_rows(const std::string& section) {
+  std::map<std::string, LayoutRow> rows;
+  for (std::vector<std::string> cells : format_md_table(section)) {
+    if (cells.size() < 5) continue;
+    std::string offset = cells[0];
+    if (!offset.empty() && offset[0] == '+') offset.erase(0, 1);
+    if (offset.empty() || !std::isdigit(static_cast<unsigned char>(offset[0]))) continue;
+    rows[cells[2]] = LayoutRow{std::stoul(offset), std::stoul(cells[1])};
+  }
+  return rows;
 }
 
 }  // namespace spshm_test
