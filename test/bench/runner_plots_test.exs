@@ -20,6 +20,15 @@ defmodule SnakepitShm.Bench.RunnerPlotsTest do
     assert Runner.default_out(:full, [:handoff]) == "_build/bench-quick"
   end
 
+  test "the task's --help names every part of the runner, and --only accepts each" do
+    {:docs_v1, _, _, _, %{"en" => help}, _, _} = Code.fetch_docs(Mix.Tasks.Snakepit.Shm.Bench)
+    [only] = Regex.run(~r/--only PART.*?Defaults to all/s, help)
+
+    for part <- Runner.parts() do
+      assert only =~ ~r/\b#{part}\b/, "the --help of --only does not name #{part}"
+    end
+  end
+
   test "make bench QUICK=1 passes no --out, so the quick default applies" do
     makefile = File.read!(Path.expand("../../Makefile", __DIR__))
     [line] = Regex.run(~r/.*snakepit\.shm\.bench.*QUICK.*/, makefile)
