@@ -21,7 +21,7 @@ defmodule Snakepit.SharedMemory.ReaperSweepSlicesTest do
 
   @moduletag :capture_log
 
-  alias Snakepit.SharedMemory.{Allocator, Native, Sweep, TestSupport}
+  alias Snakepit.SharedMemory.{Allocator, Native, ShmHelpers, Sweep, TestSupport}
 
   @mib 1_048_576
   @size 64 * @mib
@@ -43,19 +43,7 @@ defmodule Snakepit.SharedMemory.ReaperSweepSlicesTest do
     :ok
   end
 
-  defp opts(backend) do
-    %{
-      backend: backend,
-      name: nil,
-      open_mode: :create,
-      mode: 0o600,
-      security_level: 0,
-      encrypted: false,
-      lock_memory: false,
-      metadata: "{}",
-      idle_timeout_ms: 0
-    }
-  end
+  defp opts(backend), do: ShmHelpers.create_opts(%{backend: backend})
 
   # A region of `size` bytes created and written by a process that then waits for
   # `:die` (so its only reference dies with it); `{pid, info}`.
