@@ -102,34 +102,23 @@ defmodule Snakepit.SharedMemory.TestSupport do
 
   @doc """
   Starts a Python worker that attaches `ref` (an export_ref map) and then sleeps. Returns
-  {port, os_pid} once it printed that it attached.
+  {port, os_pid} once it printed that it attached. `prelude` is Python run after
+  `import snakepit_shm` and before the attach (e.g. to silence the announce).
   """
-  def python_holder(ref, mode \\ "r") do
+  def python_holder(ref, mode \\ "r", prelude \\ "") do
     {:ok, json} = Snakepit.SharedMemory.JSON.encode(ref)
-    root = Path.expand("../..", __DIR__)
 
     script = """
     import sys, time, json, warnings
     warnings.simplefilter("ignore")
     import snakepit_shm
+    #{prelude}
     region = snakepit_shm.attach(json.loads(sys.argv[1]), mode=sys.argv[2])
     print("ATTACHED", flush=True)
     time.sleep(120)
     """
 
-    port =
-      Port.open({:spawn_executable, ShmHelpers.python()}, [
-        :binary,
-        :exit_status,
-        {:line, 4096},
-        args: ["-c", script, json, mode],
-        env: [
-          {~c"PYTHONPATH", String.to_charlist(Path.join(root, "priv/python"))},
-          {~c"SNAKEPIT_SHM_LIB", String.to_charlist(Path.join(root, "priv/libsnakepit_shm.so"))}
-        ]
-      ])
-
-    {:os_pid, os_pid} = Port.info(port, :os_pid)
+    {port, os_pid} = python_port(script, [json, mode])
 
     receive do
       {^port, {:data, {:eol, "ATTACHED"}}} -> {port, os_pid}
@@ -137,6 +126,29 @@ defmodule Snakepit.SharedMemory.TestSupport do
     after
       10_000 -> flunk("python holder did not attach")
     end
+  end
+
+  @doc """
+  Runs `script` (Python source) with `args` under this checkout's client, in a Port
+  that delivers lines; returns {port, os_pid}.
+  """
+  def python_port(script, args) do
+    root = Path.expand("../..", __DIR__)
+
+    port =
+      Port.open({:spawn_executable, ShmHelpers.python()}, [
+        :binary,
+        :exit_status,
+        {:line, 4096},
+        args: ["-c", script | args],
+        env: [
+          {~c"PYTHONPATH", String.to_charlist(Path.join(root, "priv/python"))},
+          {~c"SNAKEPIT_SHM_LIB", String.to_charlist(Path.join(root, "priv/libsnakepit_shm.so"))}
+        ]
+      ])
+
+    {:os_pid, os_pid} = Port.info(port, :os_pid)
+    {port, os_pid}
   end
 
   @doc """

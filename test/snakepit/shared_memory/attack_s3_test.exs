@@ -171,39 +171,9 @@ defmodule Snakepit.SharedMemory.AttackS3Test do
   # A worker that holds `ref` but never announces it (an older client, or its datagram
   # was lost: a full queue makes sendto fail with EAGAIN, which is ignored).
   defp silent_holder(ref) do
-    {:ok, json} = Snakepit.SharedMemory.JSON.encode(ref)
-    root = Path.expand("../../..", __DIR__)
-
-    script = """
-    import sys, time, json, warnings
-    warnings.simplefilter("ignore")
-    import snakepit_shm
+    TestSupport.python_holder(ref, "r", """
     from snakepit_shm import _announce
     _announce.announce = lambda *args: None
-    region = snakepit_shm.attach(json.loads(sys.argv[1]), mode="r")
-    print("ATTACHED", flush=True)
-    time.sleep(120)
-    """
-
-    port =
-      Port.open({:spawn_executable, ShmHelpers.python()}, [
-        :binary,
-        :exit_status,
-        {:line, 4096},
-        args: ["-c", script, json],
-        env: [
-          {~c"PYTHONPATH", String.to_charlist(Path.join(root, "priv/python"))},
-          {~c"SNAKEPIT_SHM_LIB", String.to_charlist(Path.join(root, "priv/libsnakepit_shm.so"))}
-        ]
-      ])
-
-    {:os_pid, os_pid} = Port.info(port, :os_pid)
-
-    receive do
-      {^port, {:data, {:eol, "ATTACHED"}}} -> {port, os_pid}
-      {^port, {:exit_status, status}} -> flunk("python holder exited with #{status}")
-    after
-      10_000 -> flunk("python holder did not attach")
-    end
+    """)
   end
 end

@@ -292,25 +292,11 @@ defmodule Snakepit.SharedMemory.EventsTest do
 
   defp python(ref, body) do
     {:ok, json} = Snakepit.SharedMemory.JSON.encode(ref)
-    root = Path.expand("../../..", __DIR__)
 
     script =
       "import sys, time, json, warnings\nwarnings.simplefilter('ignore')\nimport snakepit_shm\n" <>
         body
 
-    port =
-      Port.open({:spawn_executable, ShmHelpers.python()}, [
-        :binary,
-        :exit_status,
-        {:line, 4096},
-        args: ["-c", script, json],
-        env: [
-          {~c"PYTHONPATH", String.to_charlist(Path.join(root, "priv/python"))},
-          {~c"SNAKEPIT_SHM_LIB", String.to_charlist(Path.join(root, "priv/libsnakepit_shm.so"))}
-        ]
-      ])
-
-    {:os_pid, os_pid} = Port.info(port, :os_pid)
-    {port, os_pid}
+    TestSupport.python_port(script, [json])
   end
 end
