@@ -329,8 +329,9 @@ defmodule Snakepit.SharedMemory.ClusterTest do
     test "the receiving node killed: the sender unmaps and stops", c do
       {peer, victim} = start_peer!("shmr")
       on_exit(fn -> stop_peer(peer) end)
-      settle!([node(), c.a, c.b, victim], 4)
       id = remote(c.a, :filled_region, [16 * @mib])
+      # After the region exists: the victim's fetch locates it through the directory.
+      settle!([node(), c.a, c.b, victim], 4)
       before_a = ids(c.a)
 
       caller =
@@ -356,6 +357,7 @@ defmodule Snakepit.SharedMemory.ClusterTest do
 
     test "the caller killed: its partial copy is freed, the sender stops", c do
       id = remote(c.a, :filled_region, [16 * @mib])
+      settle!([node(), c.a, c.b], 3)
       before = ids(node())
 
       caller = fetch_in_background(id, [chunk_size: 65_536, window: 1, progress: self()], self())
@@ -486,6 +488,7 @@ defmodule Snakepit.SharedMemory.ClusterTest do
       size = 1024 * @mib
       id = remote(c.a, :filled_region, [size])
       source_digest = remote(c.a, :digest, [id])
+      settle!([node(), c.a, c.b], 3)
 
       Node.spawn(c.a, Snakepit.SharedMemory.ClusterHelpers, :sample_binary_memory, [self()])
       assert_receive {:sampling, remote_sampler}, 30_000
