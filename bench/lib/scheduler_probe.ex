@@ -199,17 +199,37 @@ defmodule SnakepitShm.Bench.SchedulerProbe do
   end
 
   # Set up outside the probe window: a large POSIX segment nobody uses any more (what a
-  # killed VM leaves). Probed: the sweep that removes it.
+  # killed VM leaves). Probed: the sweep that removes it. The task that made it let go of
+  # it when it exited, but its mapping is unmapped by the reaper thread afterwards (the
+  # garbage collection of the last reference, probed on its own above): until then the
+  # segment is in use, not an orphan, so the setup waits for a dry-run sweep to say it
+  # would be removed.
   defp orphan_setup(size) do
-    Task.async(fn ->
-      {:ok, region, info} =
-        Native.create(size, %{SnakepitShm.Bench.Lifecycle.native_opts() | backend: :posix})
+    id =
+      Task.async(fn ->
+        {:ok, region, info} =
+          Native.create(size, %{SnakepitShm.Bench.Lifecycle.native_opts() | backend: :posix})
 
-      {:ok, m} = Native.map(region, :read_write)
-      :ok = Native.write_dirty(m, size - 4, "last")
-      info.id
-    end)
-    |> Task.await(:infinity)
+        {:ok, m} = Native.map(region, :read_write)
+        :ok = Native.write_dirty(m, size - 4, "last")
+        info.id
+      end)
+      |> Task.await(:infinity)
+
+    wait_orphan(id, 500)
+  end
+
+  defp wait_orphan(id, 0), do: id
+
+  defp wait_orphan(id, tries) do
+    case Native.sweep_segment(id, true) do
+      {:ok, :removed} ->
+        id
+
+      _ ->
+        Process.sleep(10)
+        wait_orphan(id, tries - 1)
+    end
   end
 
   defp sweep_big_orphans(id) do
