@@ -4,9 +4,11 @@ defmodule SnakepitShm.Bench.SchedulerProbe do
   product does each of its heavy operations: create (plain and encrypted), write,
   encrypt, decrypt, zero (deallocating a `:high` region), deallocate, the garbage
   collection of the last reference to a large region, and a sweep of large orphans.
-  Beside each round, the same probe over OTP's own `crypto:hash/2` of the same bytes (a
-  dirty NIF that is not ours) and over an idle sleep: what the machine does to the probe
-  anyway. The target is < 2 ms on a quiet machine.
+  Beside each round, the same probe over OTP's own `crypto:hash/2` of the same bytes
+  (OTP runs it on the normal schedulers, in slices) and over an idle sleep: what the
+  machine does to the probe anyway. The target is < 2 ms on a quiet machine. The same rounds run again in a peer
+  VM started with `+sbwt none` (no busy wait of the normal schedulers: what
+  docs/OPERATIONS.md recommends where millisecond timers matter), reported beside them.
   """
 
   alias Snakepit.SharedMemory, as: SM
