@@ -65,7 +65,7 @@ report(Name, Rs) ->
     Took = lists:sort([T / 1.0e6 || {T, _} <- Rs]),
     P = fun(Q, L) -> lists:nth(max(1, round(Q * length(L))), L) end,
     Above = 100 * length([x || X <- All, X > 2.0]) / length(All),
-    io:format("~-28s worst/round med ~6.2f p75 ~6.2f | sleeps p99 ~6.2f >2ms ~5.2f% | took ~6.1f ms~n",
+    io:format("~-28s worst/round med ~6.2f p75 ~6.2f | sleeps p99 ~6.2f >2ms ~6.2f% | took ~6.1f ms~n",
               [Name, P(0.5, Worst), P(0.75, Worst), P(0.99, All), Above, P(0.5, Took)]).
 
 %% {ns the work took, [lateness ns of each 1 ms sleep]}
