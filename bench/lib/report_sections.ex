@@ -424,6 +424,27 @@ defmodule SnakepitShm.Bench.ReportSections do
     | operation | worst lateness per round (ms) | operation took (ms) |
     |---|---|---|
     #{Enum.join(rows, "\n")}
+    #{scheduler_without_busy_wait(Map.get(s, :sbwt_none))}\
+    """
+  end
+
+  # The same rounds in a peer VM started with `+sbwt none` (SchedulerProbe), when run.
+  defp scheduler_without_busy_wait(nil), do: ""
+
+  defp scheduler_without_busy_wait(%{error: reason}),
+    do: "\nThe same rounds in a VM started with `+sbwt none` could not run: #{reason}\n"
+
+  defp scheduler_without_busy_wait(s) do
+    """
+
+    The same rounds, in the same run, in a peer VM started with `+sbwt none` (its normal
+    schedulers sleep at once when they run out of work instead of busy-waiting, which
+    yields their core to whatever else runs there: docs/OPERATIONS.md, bench/FINDINGS.md
+    section 7). The target above is judged on the default flags. The peer is a process of
+    its own (another session and scheduling autogroup): on a machine with other work the
+    two tables are less comparable than rounds of one VM.
+
+    #{scheduler(Map.delete(s, :sbwt_none)) |> String.split("\n") |> Enum.filter(&String.starts_with?(&1, "|")) |> Enum.join("\n")}
     """
   end
 

@@ -4,9 +4,11 @@ defmodule SnakepitShm.Bench.SchedulerProbe do
   product does each of its heavy operations: create (plain and encrypted), write,
   encrypt, decrypt, zero (deallocating a `:high` region), deallocate, the garbage
   collection of the last reference to a large region, and a sweep of large orphans.
-  Beside each round, the same probe over OTP's own `crypto:hash/2` of the same bytes (a
-  dirty NIF that is not ours) and over an idle sleep: what the machine does to the probe
-  anyway. The target is < 2 ms on a quiet machine.
+  Beside each round, the same probe over OTP's own `crypto:hash/2` of the same bytes
+  (OTP runs it on the normal schedulers, in slices) and over an idle sleep: what the
+  machine does to the probe anyway. The target is < 2 ms on a quiet machine. The same rounds run again in a peer
+  VM started with `+sbwt none` (no busy wait of the normal schedulers: what
+  docs/OPERATIONS.md recommends where millisecond timers matter), reported beside them.
   """
 
   alias Snakepit.SharedMemory, as: SM
@@ -14,13 +16,28 @@ defmodule SnakepitShm.Bench.SchedulerProbe do
 
   @doc """
   `%{size, gc_size, ops: %{op => [max overshoot ns per round]}, durations: %{op => [ns]},
-  phases: %{op => [phase of the worst overshoot per round]}}`: the phase is the step of the
-  operation (for example `:map`, `:write`, `:unmap`) that overlapped the worst late sleep
-  most, `:outside` when it fell outside every step (the probe's own start or end).
+  phases: %{op => [phase of the worst overshoot per round]}, sbwt_none: same keys}`: the
+  phase is the step of the operation (for example `:map`, `:write`, `:unmap`) that
+  overlapped the worst late sleep most, `:outside` when it fell outside every step (the
+  probe's own start or end). `sbwt_none` holds the same rounds run in a peer VM started
+  with `+sbwt none` (or `%{error: reason}`).
   """
   def run(profile, payload, _programs) do
     size = profile.crypto_size
     data = binary_part(payload, 0, min(size, byte_size(payload)))
+
+    profile
+    |> measure(data)
+    |> Map.put(:sbwt_none, in_peer_without_busy_wait(profile))
+  end
+
+  @doc """
+  The same rounds in this VM on `size` random bytes (called in the peer VM of
+  `in_peer_without_busy_wait/1`).
+  """
+  def run_here(profile), do: measure(profile, :crypto.strong_rand_bytes(profile.crypto_size))
+
+  defp measure(profile, data) do
     gc_size = if profile.name == :quick, do: 256 * 1024 * 1024, else: 1024 * 1024 * 1024
     rounds = for _ <- 1..profile.crypto_reps, do: round(data, gc_size)
 
@@ -31,6 +48,47 @@ defmodule SnakepitShm.Bench.SchedulerProbe do
       durations: collect(rounds, :ns),
       phases: collect(rounds, :phase)
     }
+  end
+
+  # The same rounds in a peer VM started with `+sbwt none` (its normal schedulers do not
+  # busy-wait before they sleep: docs/OPERATIONS.md): what that VM flag changes, beside
+  # the default flags measured above (the target is judged on the default). The result of
+  # run_here/1 there, or `%{error: reason}` when the peer cannot run it.
+  defp in_peer_without_busy_wait(profile) do
+    unless Node.alive?() do
+      System.cmd("epmd", ["-daemon"])
+      name = :"snakepit_shm_bench_#{System.unique_integer([:positive])}"
+      {:ok, _} = :net_kernel.start([name, :shortnames])
+    end
+
+    {:ok, peer, node} =
+      :peer.start(%{
+        name: :peer.random_name(~c"snakepit_shm_probe_peer"),
+        args: [~c"-setcookie", Atom.to_charlist(Node.get_cookie()), ~c"+sbwt", ~c"none"],
+        wait_boot: 120_000
+      })
+
+    try do
+      :ok = :erpc.call(node, :code, :add_paths, [:code.get_path()])
+
+      for {key, value} <- Application.get_all_env(:snakepit_shm),
+          do: :erpc.call(node, Application, :put_env, [:snakepit_shm, key, value])
+
+      :erpc.call(node, Application, :put_env, [:logger, :level, :warning])
+      {:ok, _} = :erpc.call(node, Application, :ensure_all_started, [:snakepit_shm])
+      # The bench modules are compiled in memory (mix snakepit.shm.bench): the peer
+      # compiles the two this part needs from their files.
+      dir = Path.dirname(__ENV__.file)
+
+      for file <- ~w(lifecycle.ex scheduler_probe.ex),
+          do: :erpc.call(node, Code, :compile_file, [Path.join(dir, file)], :infinity)
+
+      :erpc.call(node, __MODULE__, :run_here, [profile], :infinity)
+    after
+      :peer.stop(peer)
+    end
+  catch
+    kind, reason -> %{error: Exception.format_banner(kind, reason)}
   end
 
   defp collect(rounds, key) do
@@ -199,17 +257,37 @@ defmodule SnakepitShm.Bench.SchedulerProbe do
   end
 
   # Set up outside the probe window: a large POSIX segment nobody uses any more (what a
-  # killed VM leaves). Probed: the sweep that removes it.
+  # killed VM leaves). Probed: the sweep that removes it. The task that made it let go of
+  # it when it exited, but its mapping is unmapped by the reaper thread afterwards (the
+  # garbage collection of the last reference, probed on its own above): until then the
+  # segment is in use, not an orphan, so the setup waits for a dry-run sweep to say it
+  # would be removed.
   defp orphan_setup(size) do
-    Task.async(fn ->
-      {:ok, region, info} =
-        Native.create(size, %{SnakepitShm.Bench.Lifecycle.native_opts() | backend: :posix})
+    id =
+      Task.async(fn ->
+        {:ok, region, info} =
+          Native.create(size, %{SnakepitShm.Bench.Lifecycle.native_opts() | backend: :posix})
 
-      {:ok, m} = Native.map(region, :read_write)
-      :ok = Native.write_dirty(m, size - 4, "last")
-      info.id
-    end)
-    |> Task.await(:infinity)
+        {:ok, m} = Native.map(region, :read_write)
+        :ok = Native.write_dirty(m, size - 4, "last")
+        info.id
+      end)
+      |> Task.await(:infinity)
+
+    wait_orphan(id, 500)
+  end
+
+  defp wait_orphan(id, 0), do: id
+
+  defp wait_orphan(id, tries) do
+    case Native.sweep_segment(id, true) do
+      {:ok, :removed} ->
+        id
+
+      _ ->
+        Process.sleep(10)
+        wait_orphan(id, tries - 1)
+    end
   end
 
   defp sweep_big_orphans(id) do

@@ -446,10 +446,11 @@ defmodule SnakepitShm.Bench.Targets do
 
         true ->
           " Even in rounds where the operation ran at its usual speed the probe was late " <>
-            "by up to #{Format.time(calm || worst)}: a thread of this VM kept a core busy " <>
-            "for that long while the normal schedulers were idle (one long dirty call, or " <>
-            "a native thread's munmap), which is what delays their timers: see " <>
-            "bench/FINDINGS.md section 7."
+            "by up to #{Format.time(calm || worst)}: an idle normal scheduler yields its " <>
+            "core (sched_yield in its busy wait) to a thread of this VM that keeps it busy " <>
+            "(a dirty slice of the operation), and gets it back when that thread blocks or " <>
+            "at the next scheduler tick; +sbwt none removes that wait (see the scheduler " <>
+            "part and bench/FINDINGS.md section 7)."
       end
 
     controls_text <> verdict <> worst_round(c)
