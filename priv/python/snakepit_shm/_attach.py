@@ -51,7 +51,10 @@ def attach(ref_or_region_id, mode="r"):
             fast = _fast_open(library, location, mode)
     if fast is None:
         location = _locate.parse_target(ref_or_region_id)
-        fast = _fast_open(library, location, mode)
+        if location.control_offset is not None:
+            fast = _fast_open_arena(library, location)
+        else:
+            fast = _fast_open(library, location, mode)
     identity = _proc.self_identity()
     # Plain try blocks rather than ExitStacks: this is the per-request path of a worker.
     if fast is not None:
@@ -170,8 +173,11 @@ def _being_created(control_fd, snapshot):
 
 
 def _fast_open_arena(library, location):
-    """The fast open of an arena region at a hinted offset, as :func:`_fast_open`
-    returns it (the arena's one descriptor serves as control and data), or None."""
+    """The fast open of an arena region (a ref's or an index entry's offset), as
+    :func:`_fast_open` returns it (the arena's one descriptor serves as control and
+    data), or None."""
+    if location.control_offset >= 1 << 63:
+        return None  # (ctypes would silently wrap it): the step-by-step path says why
     opened = library.attach_arena(location.control_path, location.control_offset,
                                   location.region_id)
     if opened is None:
