@@ -265,7 +265,7 @@ SPSHM_EXPORT int spshm_release_fd_at(void* header, int fd, uint64_t base, int* s
 }
 
 SPSHM_EXPORT int spshm_release_fd_closing(void* header, int fd, uint64_t base, int* slot, char* err,
-                                         size_t errlen) {
+                                          size_t errlen) {
   return guarded(err, errlen, [&] {
     if (auto r = looks_like_header(header); !r) return fail(r.error(), err, errlen);
     if (fd < 0 || slot == nullptr)
@@ -273,9 +273,9 @@ SPSHM_EXPORT int spshm_release_fd_closing(void* header, int fd, uint64_t base, i
     BorrowedFd handle(fd);
     // keep_lock: the slot's lock goes with the close(2) the caller makes next, which
     // drops every lock of the open anyway (one walk of the lock list instead of two).
-    return from(spshm::release_on(*static_cast<RegionHeader*>(header), handle.get(), *slot, base,
-                                  true),
-                err, errlen);
+    return from(
+        spshm::release_on(*static_cast<RegionHeader*>(header), handle.get(), *slot, base, true),
+        err, errlen);
   });
 }
 

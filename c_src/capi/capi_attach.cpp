@@ -49,8 +49,8 @@ int pooled_data_link(const void* header, char* out, std::size_t capacity) noexce
   for (std::size_t i = 6; i < kIdLength; ++i)
     if (!((name[i] >= 'a' && name[i] <= 'z') || (name[i] >= '2' && name[i] <= '7')))
       return SPSHM_E_CORRUPT;
-  int written = std::snprintf(out, capacity, "/memfd:%.*s (deleted)", static_cast<int>(length),
-                              name);
+  int written =
+      std::snprintf(out, capacity, "/memfd:%.*s (deleted)", static_cast<int>(length), name);
   return written > 0 && static_cast<std::size_t>(written) < capacity ? 1 : SPSHM_E_CORRUPT;
 }
 #endif
