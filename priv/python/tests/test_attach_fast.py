@@ -3,6 +3,7 @@ validates; every refusal falls back to the step-by-step path and its messages.""
 
 import fcntl
 import os
+import signal
 import struct
 
 import pytest
@@ -153,3 +154,28 @@ def test_a_forged_index_entry_is_not_believed(peer, tmp_path, monkeypatch):
     monkeypatch.undo()
     peer.ok("deallocate", ref["region_id"])
     peer.ok("deallocate", other["region_id"])
+
+
+def test_a_worker_killed_between_its_release_and_its_close_leaves_nothing(peer):
+    # The slot's lock is left to the close: a worker SIGKILLed right after the release
+    # (before the close) still leaves a free slot whose lock the kernel dropped.
+    ref = peer.create(4096, "memfd")
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            region = snakepit_shm.attach(ref, mode="rw")
+            attachment = region._attachment
+            slot = attachment.slot.value
+            attachment.release(closing=True)
+            os.write(ready_w, slot.to_bytes(1, "little"))
+        finally:
+            os.kill(os.getpid(), signal.SIGKILL)
+    os.close(ready_w)
+    slot = os.read(ready_r, 1)[0]
+    os.close(ready_r)
+    os.waitpid(pid, 0)
+    assert slot == pid % 64
+    assert _lock_state(ref["control_path"], 256 + slot) == fcntl.F_UNLCK
+    assert peer.holds(ref["region_id"]) == (0, {})
+    peer.ok("deallocate", ref["region_id"])
