@@ -3,11 +3,15 @@
 Usage: ``attach_micro.py PRIV_PYTHON_DIR REQUEST_JSON`` where the request is
 ``{"ref": <ref of a 4 KiB region>, "bare_id": <id of a memfd region among many live>,
 "arena_id": <id of a default 4 KiB (arena) region among many live> (optional),
+"arena_ref": <ref of that region> (optional),
 "rounds": r, "per_round": n, "scan_iterations": k}``.
 
 Times, in paired rounds (order rotated each round), the median of ``per_round`` runs of:
 
-* ``ref``: ``snakepit_shm.attach(ref)``, ``ndarray()``, ``close()`` (a 4 KiB region);
+* ``ref``: ``snakepit_shm.attach(ref)``, ``ndarray()``, ``close()`` (a 4 KiB region
+  with ``backend: :memfd``: two memfds);
+* ``arena_ref``: the same with the ref of a default 4 KiB region (an arena chunk: one
+  object);
 * ``mp``: ``multiprocessing.shared_memory.SharedMemory(name=...)``, a numpy view of
   its buffer, ``close()`` (a 4 KiB segment this script created once): Python's own
   attach + close;
@@ -51,6 +55,7 @@ def main():
     request = json.loads(sys.argv[2])
     ref, bare_id = request["ref"], request["bare_id"]
     arena_id = request.get("arena_id")
+    arena_ref = request.get("arena_ref")
     segment = shared_memory.SharedMemory(create=True, size=4096)
 
     def by_ref():
@@ -80,12 +85,20 @@ def main():
         del words
         region.close()
 
+    def by_arena_ref():
+        region = snakepit_shm.attach(arena_ref)
+        words = region.ndarray()
+        del words
+        region.close()
+
     def arena_find():
         _locate.find_by_id(arena_id)
 
     paths = {"ref": by_ref, "mp": mp, "bare_id": by_id, "find": find}
     if arena_id:
         paths.update(arena_bare_id=arena_by_id, arena_find=arena_find)
+    if arena_ref:
+        paths.update(arena_ref=by_arena_ref)
     out = {name: [] for name in paths}
     try:
         for fn in paths.values():  # warm: the library, numpy, the tracker

@@ -175,6 +175,12 @@ class BorrowedFd {
   spshm::platform::Handle handle_;
 };
 
+/// Where a worker's claim of a holder slot starts: the VM's opens keep the locks of the
+/// slots they claimed from 0 on, so starting elsewhere saves the lock system calls that
+/// would find them taken (every such call walks the file's whole lock list: long in an
+/// arena, which carries the locks of all its regions).
+std::uint32_t first_slot_of(uint32_t pid) noexcept { return pid % spshm::kHolderCapacity; }
+
 }  // namespace
 
 SPSHM_EXPORT int spshm_liveness_lock(int fd, char* err, size_t errlen) {
@@ -182,6 +188,14 @@ SPSHM_EXPORT int spshm_liveness_lock(int fd, char* err, size_t errlen) {
     if (fd < 0) return fail(Errc::invalid_argument, "fd must not be negative", err, errlen);
     BorrowedFd handle(fd);
     return from(spshm::take_liveness_lock(handle.get(), "the control object"), err, errlen);
+  });
+}
+
+SPSHM_EXPORT int spshm_lock_data(int fd, char* err, size_t errlen) {
+  return guarded(err, errlen, [&] {
+    if (fd < 0) return fail(Errc::invalid_argument, "fd must not be negative", err, errlen);
+    BorrowedFd handle(fd);
+    return from(spshm::lock_data_object(handle.get(), "the data memfd"), err, errlen);
   });
 }
 
@@ -193,7 +207,7 @@ SPSHM_EXPORT int spshm_hold_fd(void* header, int fd, int* slot, uint32_t pid, ui
       return fail(Errc::invalid_argument, "fd and slot must be valid", err, errlen);
     BorrowedFd handle(fd);
     return from(spshm::hold_on(*static_cast<RegionHeader*>(header), handle.get(), *slot, pid,
-                               start_time, writable != 0),
+                               start_time, writable != 0, 0, first_slot_of(pid)),
                 err, errlen);
   });
 }
@@ -233,7 +247,7 @@ SPSHM_EXPORT int spshm_hold_fd_at(void* header, int fd, uint64_t base, int* slot
       return fail(Errc::invalid_argument, "fd and slot must be valid", err, errlen);
     BorrowedFd handle(fd);
     return from(spshm::hold_on(*static_cast<RegionHeader*>(header), handle.get(), *slot, pid,
-                               start_time, writable != 0, base),
+                               start_time, writable != 0, base, first_slot_of(pid)),
                 err, errlen);
   });
 }
@@ -247,6 +261,21 @@ SPSHM_EXPORT int spshm_release_fd_at(void* header, int fd, uint64_t base, int* s
     BorrowedFd handle(fd);
     return from(spshm::release_on(*static_cast<RegionHeader*>(header), handle.get(), *slot, base),
                 err, errlen);
+  });
+}
+
+SPSHM_EXPORT int spshm_release_fd_closing(void* header, int fd, uint64_t base, int* slot, char* err,
+                                          size_t errlen) {
+  return guarded(err, errlen, [&] {
+    if (auto r = looks_like_header(header); !r) return fail(r.error(), err, errlen);
+    if (fd < 0 || slot == nullptr)
+      return fail(Errc::invalid_argument, "fd and slot must be valid", err, errlen);
+    BorrowedFd handle(fd);
+    // keep_lock: the slot's lock goes with the close(2) the caller makes next, which
+    // drops every lock of the open anyway (one walk of the lock list instead of two).
+    return from(
+        spshm::release_on(*static_cast<RegionHeader*>(header), handle.get(), *slot, base, true),
+        err, errlen);
   });
 }
 

@@ -19,6 +19,9 @@
 #endif
 
 #include <cerrno>
+#include <cstddef>
+
+#include "format.hpp"
 
 #define SPSHM_EXPORT extern "C" __attribute__((visibility("default")))
 
@@ -31,28 +34,31 @@ bool link_is(const char* path, const char* expected, std::size_t expected_length
   return n >= 0 && static_cast<std::size_t>(n) == expected_length &&
          std::memcmp(target, expected, expected_length) == 0;
 }
+
+/// The link of a data memfd named by the header's data_name ("/memfd:<name> (deleted)"):
+/// 1 and the link in `out` when data_name is set and well formed ("spshm_" + 20 of
+/// [a-z2-7] + ".data"), 0 when it is empty, SPSHM_E_CORRUPT when it is malformed.
+int pooled_data_link(const void* header, char* out, std::size_t capacity) noexcept {
+  const char* name = static_cast<const char*>(header) + offsetof(spshm::RegionHeader, data_name);
+  std::size_t length = strnlen(name, spshm::kDataNameCapacity);
+  if (length == 0) return 0;
+  constexpr std::size_t kIdLength = 26;  // "spshm_" + 20
+  if (length != kIdLength + 5 || std::memcmp(name, "spshm_", 6) != 0 ||
+      std::memcmp(name + kIdLength, ".data", 5) != 0)
+    return SPSHM_E_CORRUPT;
+  for (std::size_t i = 6; i < kIdLength; ++i)
+    if (!((name[i] >= 'a' && name[i] <= 'z') || (name[i] >= '2' && name[i] <= '7')))
+      return SPSHM_E_CORRUPT;
+  int written =
+      std::snprintf(out, capacity, "/memfd:%.*s (deleted)", static_cast<int>(length), name);
+  return written > 0 && static_cast<std::size_t>(written) < capacity ? 1 : SPSHM_E_CORRUPT;
+}
 #endif
 
 }  // namespace
 
 static int open_checked(const char* path, const char* expected_link, int writable, int* fd_out,
                         uint64_t* size_out) noexcept;
-
-#if defined(__linux__)
-/// The shared lock of byte 0 of the data memfd (docs/FORMAT.md, "The data memfd"), held
-/// for as long as this open or a mapping of it lives: the creator's warm pool never takes
-/// back an object a worker still maps. Busy while the pool holds the object (the region
-/// is gone): the caller's step-by-step path then says so.
-static int lock_data(int fd) noexcept {
-  struct flock lock {};
-  lock.l_type = F_RDLCK;
-  lock.l_whence = SEEK_SET;
-  lock.l_start = 0;
-  lock.l_len = 1;
-  if (::fcntl(fd, F_OFD_SETLK, &lock) == 0) return SPSHM_OK;
-  return (errno == EAGAIN || errno == EACCES) ? SPSHM_E_BUSY : SPSHM_E_IO_ERROR;
-}
-#endif
 
 SPSHM_EXPORT int spshm_attach_memfd(const char* control_path, const char* control_link,
                                     const char* data_path, const char* data_link, int data_writable,
@@ -64,18 +70,27 @@ SPSHM_EXPORT int spshm_attach_memfd(const char* control_path, const char* contro
     return SPSHM_E_INVALID_ARGUMENT;
   int code = open_checked(control_path, control_link, 1, control_fd, control_size);
   if (code != SPSHM_OK) return code;
-  // The shared liveness lock first: from here on no sweeper removes the region.
-  if ((code = spshm_liveness_lock(*control_fd, err, errlen)) == SPSHM_OK &&
-      (code = open_checked(data_path, data_link, data_writable, data_fd, data_size)) == SPSHM_OK &&
-      (code = lock_data(*data_fd)) == SPSHM_OK) {
-    // A private copy of the header, validated with the core's checks (the caller gets
-    // the copy: the shared header could change after the check).
-    ssize_t n = *control_size < 4096 ? -1 : ::pread(*control_fd, header_out, 4096, 0);
-    if (n == 4096 &&
+  *data_fd = -1;
+  // The shared liveness lock first: from here on no sweeper removes the region. Then a
+  // private copy of the header (the caller gets the copy: the shared header could change
+  // after the check), read once: it also names the data memfd.
+  ssize_t n = -1;
+  if ((code = spshm_liveness_lock(*control_fd, err, errlen)) == SPSHM_OK) {
+    n = *control_size < 4096 ? -1 : ::pread(*control_fd, header_out, 4096, 0);
+    if (n != 4096) code = SPSHM_E_CORRUPT;
+  }
+  if (code == SPSHM_OK) {
+    // A data memfd reused from its creator's warm pool keeps its first name, which the
+    // header's data_name gives (docs/FORMAT.md); otherwise it is the caller's data_link.
+    char pooled[64];
+    const char* expected = data_link;
+    if ((code = pooled_data_link(header_out, pooled, sizeof pooled)) == 1) expected = pooled;
+    if (code >= 0 &&
+        (code = open_checked(data_path, expected, data_writable, data_fd, data_size)) == SPSHM_OK &&
+        (code = spshm_lock_data(*data_fd, err, errlen)) == SPSHM_OK &&
         (code = spshm_validate_header(header_out, *data_size, err, errlen)) == SPSHM_OK)
       return SPSHM_OK;
-    if (n != 4096) code = SPSHM_E_CORRUPT;
-    ::close(*data_fd);
+    if (*data_fd >= 0) ::close(*data_fd);
   }
   ::close(*control_fd);
   *control_fd = *data_fd = -1;

@@ -64,13 +64,22 @@ int spshm_liveness_lock(int fd, char* err, size_t errlen);
  * `data_path` (/proc/<pid>/fd/<n> links) only if each link reads the expected name
  * before and after the open and each is a regular file of our uid; the control object
  * read-write, the data object read-write iff data_writable. Takes the liveness lock,
- * copies the 4096-byte header into header_out and validates it (message in err). On any
+ * copies the 4096-byte header into header_out; the data link expected is the header's
+ * data_name when set (a data memfd reused from the creator's warm pool), else data_link;
+ * takes the data lock (spshm_lock_data: SPSHM_E_DEALLOCATED when the object went back to
+ * the pool) and validates the header (message in err). On any
  * failure every descriptor is closed again and a code is returned (a refused open has no
  * message: the caller redoes the open its own way to explain it). */
 int spshm_attach_memfd(const char* control_path, const char* control_link, const char* data_path,
                        const char* data_link, int data_writable, void* header_out, int* control_fd,
                        uint64_t* control_size, int* data_fd, uint64_t* data_size, char* err,
                        size_t errlen);
+/* Takes the shared lock of byte 0 of a data memfd (docs/FORMAT.md, "The data memfd"),
+ * held as long as this open or a mapping of it lives: its creator's warm pool never takes
+ * back an object a worker still maps. Retries for a few milliseconds while the pool holds
+ * it, then SPSHM_E_DEALLOCATED (the region that named it is gone). The one implementation
+ * of this lock: the core's, as the NIF and the pool take it. */
+int spshm_lock_data(int fd, char* err, size_t errlen);
 /* hold/release through the slot owned by the open `fd` (*slot: -1 before the first hold;
  * updated). A slot whose owner died at any instant is recovered by the next claimer. */
 int spshm_hold_fd(void* header, int fd, int* slot, uint32_t pid, uint64_t start_time, int writable,
@@ -82,6 +91,11 @@ int spshm_liveness_lock_at(int fd, uint64_t base, char* err, size_t errlen);
 int spshm_hold_fd_at(void* header, int fd, uint64_t base, int* slot, uint32_t pid,
                      uint64_t start_time, int writable, char* err, size_t errlen);
 int spshm_release_fd_at(void* header, int fd, uint64_t base, int* slot, char* err, size_t errlen);
+/* spshm_release_fd_at before closing `fd`: the slot is freed but its lock is left to the
+ * close(2) of `fd` that the caller MUST make next (the kernel drops every lock of the
+ * open then), saving one lock system call; *slot keeps its index. */
+int spshm_release_fd_closing(void* header, int fd, uint64_t base, int* slot, char* err,
+                             size_t errlen);
 /* The fast attach of an arena region (capi_attach.cpp): opens `path` read-write only if
  * its link reads /memfd:spshm_arena_<20 of [a-z2-7]> (deleted) before and after the open
  * (the same text) and it is a regular file of our uid; takes the liveness lock at

@@ -102,7 +102,7 @@ class ArenaSet {
 
   std::mutex mutex_;
   std::vector<std::shared_ptr<Arena>> arenas_;
-  std::uint64_t arena_bytes_ = 8u << 20;
+  std::uint64_t arena_bytes_ = 2u << 20;  // the :arena_size default (config.ex)
   std::chrono::milliseconds grace_{30000};
   std::uint64_t created_ = 0, returned_ = 0;
 };

@@ -288,10 +288,13 @@ std::uint32_t clear_locked_slot(HolderSlot& s) noexcept {
 
 /// Claims a slot for this open: free slots first, then dead ones. Returns its index.
 Result<int> claim_locked(RegionHeader& h, const platform::Handle& lock, std::uint32_t pid,
-                         std::uint64_t start_time, bool writable, std::uint64_t lock_base) {
+                         std::uint64_t start_time, bool writable, std::uint64_t lock_base,
+                         std::uint32_t first_slot) {
   bool ofd = platform::has_ofd_locks();
+  const std::uint32_t count = slot_count(h);
   for (int pass = 0; pass < (ofd ? 2 : 1); ++pass) {
-    for (std::uint32_t i = 0; i < slot_count(h); ++i) {
+    for (std::uint32_t k = 0; k < count; ++k) {
+      const std::uint32_t i = (first_slot + k) % count;
       bool free = h.holders[i].slot_state.load(kOrder) == kSlotFree;
       if (free != (pass == 0)) continue;
       auto got = platform::try_lock_exclusive(lock, lock_base + kSlotLockBase + i);
@@ -341,7 +344,7 @@ bool owns_live_slot(const RegionHeader& h, int slot) noexcept {
 
 Result<void> hold_on(RegionHeader& header, const platform::Handle& lock, int& slot,
                      std::uint32_t pid, std::uint64_t start_time, bool writable,
-                     std::uint64_t lock_base) {
+                     std::uint64_t lock_base, std::uint32_t first_slot) {
   return guarded([&]() -> Result<void> {
     if (pid == 0) return Error{Errc::invalid_argument, 0, "holder pid must not be 0"};
     std::uint32_t state = header.state.load(kOrder);
@@ -367,7 +370,7 @@ Result<void> hold_on(RegionHeader& header, const platform::Handle& lock, int& sl
         platform::unlock(lock, lock_base + kSlotLockBase + static_cast<std::uint64_t>(slot));
         slot = -1;
       }
-      auto claimed = claim_locked(header, lock, pid, start_time, writable, lock_base);
+      auto claimed = claim_locked(header, lock, pid, start_time, writable, lock_base, first_slot);
       if (!claimed) return claimed.error();
       slot = *claimed;
     }

@@ -216,13 +216,19 @@ Result<NewDataObject> obtain_data_object(const std::string& id, const CreateOpti
   bool huge = false;
   // :auto only for regions of at least one huge page (a smaller one would waste most of
   // its page), and never for encrypted ones (their layout is mapped by its capacity).
+  // The huge page size is fixed at boot: read once. The pool's counts are read (one
+  // pass of /proc/meminfo, ~20 us) only for a region that could use huge pages.
+  static const std::uint64_t huge_page_size = platform::huge_page_info().page_size;
   bool wanted = o.huge_pages == HugePages::on;
-  if (o.huge_pages == HugePages::automatic && !o.encrypted) {
+  bool read = false;
+  if (o.huge_pages == HugePages::automatic && !o.encrypted && huge_page_size != 0 &&
+      capacity >= huge_page_size) {
     huge_info = platform::huge_page_info();
+    read = true;
     wanted = huge_info.page_size != 0 && huge_info.total > 0 && capacity >= huge_info.page_size;
   }
   if (wanted) {
-    huge_info = platform::huge_page_info();
+    if (!read) huge_info = platform::huge_page_info();
     std::uint64_t need =
         huge_info.page_size ? round_up(capacity, huge_info.page_size) / huge_info.page_size : 0;
     huge = huge_info.page_size != 0 && huge_info.free >= need;

@@ -300,9 +300,12 @@ std::vector<HolderInfo> holders(const RegionHeader& header);
 /// lock nobody holds, recovered) and keeps the slot's lock byte (kSlotLockBase + i)
 /// until its last hold is released, so the slot dies with the open. Needs a read-write
 /// `lock` on Linux. Callers serialise hold_on/release_on of one open.
+/// `first_slot`: where a claim starts looking (modulo the slot count): a worker starts
+/// at one derived from its pid, so that it does not try (one lock system call each) the
+/// slots the VM's own opens keep locked from slot 0 on.
 Result<void> hold_on(RegionHeader& header, const platform::Handle& lock, int& slot,
                      std::uint32_t pid, std::uint64_t start_time, bool writable,
-                     std::uint64_t lock_base = 0);
+                     std::uint64_t lock_base = 0, std::uint32_t first_slot = 0);
 /// Removes one hold of the open's slot; frees the slot at zero, and its lock too unless
 /// `keep_lock`: then the open keeps the (free) slot's lock and `slot`, and its next
 /// hold_on takes the same slot back without a lock system call (the NIF: every BEAM

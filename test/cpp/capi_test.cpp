@@ -2,6 +2,10 @@
 #include "helpers.hpp"
 #include "snakepit_shm.h"
 
+#if defined(__linux__)
+#include <fcntl.h>
+#endif
+
 using namespace spshm;
 using namespace spshm_test;
 
@@ -138,3 +142,63 @@ TEST_CASE("spshm_create makes a worker-owned region the core can open", "[capi]"
   REQUIRE(spshm_create(10, 2, nullptr, 0, nullptr, &control, &data, err, sizeof err) ==
           SPSHM_E_INVALID_ARGUMENT);
 }
+
+#if defined(__linux__)
+TEST_CASE("a worker's slot claim, release before close, and the one data lock", "[capi]") {
+  char err[256];
+  char id[64];
+  int control = -1, data = -1;
+  REQUIRE(spshm_create(4096, 2, nullptr, 0, id, &control, &data, err, sizeof err) == SPSHM_OK);
+  std::string proc = "/proc/" + std::to_string(self_pid()) + "/fd/";
+  int fd = ::open((proc + std::to_string(control)).c_str(), O_RDWR | O_CLOEXEC);
+  REQUIRE(fd >= 0);
+  void* header = ::mmap(nullptr, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  REQUIRE(header != MAP_FAILED);
+  auto locked = [&](std::uint64_t byte) {
+    int probe = ::open((proc + std::to_string(control)).c_str(), O_RDWR | O_CLOEXEC);
+    struct flock fl {};
+    fl.l_type = F_WRLCK;
+    fl.l_whence = SEEK_SET;
+    fl.l_start = static_cast<off_t>(byte);
+    fl.l_len = 1;
+    REQUIRE(::fcntl(probe, F_OFD_GETLK, &fl) == 0);
+    ::close(probe);
+    return fl.l_type != F_UNLCK;
+  };
+
+  // A worker's claim starts at its pid's slot, away from the VM's from slot 0 on.
+  const std::uint32_t pid = 4096 + 7;  // any pid: slot 7
+  int slot = -1;
+  REQUIRE(spshm_hold_fd(header, fd, &slot, pid, 11, 0, err, sizeof err) == SPSHM_OK);
+  REQUIRE(slot == 7);
+  REQUIRE(locked(kSlotLockBase + 7));
+  // Released before the close: the slot is free, its lock goes with the close.
+  REQUIRE(spshm_release_fd_closing(header, fd, 0, &slot, err, sizeof err) == SPSHM_OK);
+  REQUIRE(static_cast<RegionHeader*>(header)->refcount.load() == 0);
+  REQUIRE(holders(*static_cast<RegionHeader*>(header)).empty());
+  REQUIRE(locked(kSlotLockBase + 7));
+  ::munmap(header, 4096);
+  ::close(fd);
+  REQUIRE_FALSE(locked(kSlotLockBase + 7));
+
+  // The data lock: shared between openers, refused while the pool holds the object.
+  int reader = ::open((proc + std::to_string(data)).c_str(), O_RDONLY | O_CLOEXEC);
+  int pool = ::open((proc + std::to_string(data)).c_str(), O_RDWR | O_CLOEXEC);
+  REQUIRE(spshm_lock_data(reader, err, sizeof err) == SPSHM_OK);
+  struct flock excl {};
+  excl.l_type = F_WRLCK;
+  excl.l_whence = SEEK_SET;
+  excl.l_len = 1;
+  REQUIRE(::fcntl(pool, F_OFD_SETLK, &excl) == -1);  // a reader holds it
+  ::close(reader);
+  REQUIRE(::fcntl(pool, F_OFD_SETLK, &excl) == 0);
+  int late = ::open((proc + std::to_string(data)).c_str(), O_RDONLY | O_CLOEXEC);
+  REQUIRE(spshm_lock_data(late, err, sizeof err) == SPSHM_E_DEALLOCATED);
+  REQUIRE(std::string(err).find("warm pool") != std::string::npos);
+  REQUIRE(spshm_lock_data(-1, err, sizeof err) == SPSHM_E_INVALID_ARGUMENT);
+  ::close(late);
+  ::close(pool);
+  ::close(control);
+  ::close(data);
+}
+#endif

@@ -75,7 +75,10 @@ defmodule Snakepit.SharedMemory.Config do
       `allocate_region/2` opts one region out). Defaults to `true`.
     * `:arena_threshold` - largest region (bytes) that goes to an arena, at most
       1 MiB. Defaults to `65_536`.
-    * `:arena_size` - bytes of each arena (a memfd; at least 1 MiB). Defaults to 8 MiB.
+    * `:arena_size` - bytes of each arena (a memfd; at least 1 MiB). Defaults to 2 MiB
+      (every lock call on an arena walks the locks of all its live regions: a worker's
+      attach of a region in an 8 MiB arena of 4 KiB regions cost ~30 us more; 10 000
+      regions of 4 KiB still need only 40 descriptors; bench/FINDINGS.md section 9.2).
     * `:arena_grace` - ms an empty arena is kept before it is returned to the OS.
       Defaults to `30_000`.
 
@@ -128,7 +131,7 @@ defmodule Snakepit.SharedMemory.Config do
     host_quota_dir: nil,
     arena: true,
     arena_threshold: 65_536,
-    arena_size: 8 * 1024 * 1024,
+    arena_size: 2 * 1024 * 1024,
     arena_grace: 30_000,
     pool_bytes: :default,
     huge_pages: :auto

@@ -51,7 +51,7 @@ defmodule Snakepit.SharedMemory.MemoryLimits do
   def check(size) when size < @check_threshold, do: :ok
 
   def check(size) do
-    case cgroup() do
+    case current_cgroup() do
       %{max: max, current: current, path: path, version: version} when is_integer(max) ->
         headroom = max(max - current, 0)
 
@@ -89,13 +89,71 @@ defmodule Snakepit.SharedMemory.MemoryLimits do
   is mounted as a v1 hierarchy, else v2; nil if neither has a readable limit.
   """
   @spec cgroup(String.t()) :: cgroup() | nil
-  def cgroup(pid_dir \\ "/proc/self") do
+  def cgroup(pid_dir \\ "/proc/self"), do: pid_dir |> discover() |> read_limits()
+
+  # The allocation guard's cgroup: where this VM's limit files are is found once (from
+  # /proc/self/cgroup and /proc/self/mountinfo, ~100 us of parsing) and kept; only the
+  # two or so limit files are read per check. Found again when they cannot be read (the
+  # VM was moved to another cgroup, or the hierarchy was remounted).
+  defp current_cgroup do
+    key = {__MODULE__, :limit_files}
+
+    case :persistent_term.get(key, :unknown) do
+      :unknown ->
+        rediscover(key)
+
+      # No memory cgroup with a limit file (none mounted, or not readable here).
+      nil ->
+        nil
+
+      found ->
+        case read_limits(found) do
+          nil -> rediscover(key)
+          cgroup -> cgroup
+        end
+    end
+  end
+
+  defp rediscover(key) do
+    found = discover("/proc/self")
+    # persistent_term: replacing a value costs a global GC, so only when it changed.
+    if :persistent_term.get(key, :unknown) != found, do: :persistent_term.put(key, found)
+    read_limits(found)
+  end
+
+  # Where the memory cgroup's limit files are: {:v1, dir}, {:v2, [own dir | ancestors]}
+  # or nil.
+  defp discover(pid_dir) do
     with {:ok, lines} <- read_lines(Path.join(pid_dir, "cgroup")),
          {:ok, mounts} <- read_lines(Path.join(pid_dir, "mountinfo")) do
-      v1(lines, mounts) || v2(lines, mounts)
+      v1_dir(lines, mounts) || v2_dirs(lines, mounts)
     else
       _ -> nil
     end
+  end
+
+  defp read_limits(nil), do: nil
+
+  defp read_limits({:v1, dir}) do
+    with {:ok, max} <- read_value(Path.join(dir, "memory.limit_in_bytes")),
+         {:ok, current} <- read_value(Path.join(dir, "memory.usage_in_bytes")) do
+      %{version: 1, path: dir, max: max, current: current}
+    else
+      _ -> nil
+    end
+  end
+
+  defp read_limits({:v2, dirs}) do
+    dirs
+    |> Enum.flat_map(fn dir ->
+      with {:ok, max} <- read_value(Path.join(dir, "memory.max")),
+           {:ok, current} <- read_value(Path.join(dir, "memory.current")) do
+        [%{version: 2, path: dir, max: max, current: current}]
+      else
+        _ -> []
+      end
+    end)
+    |> tightest()
   end
 
   defp read_lines(path) do
@@ -106,7 +164,7 @@ defmodule Snakepit.SharedMemory.MemoryLimits do
   end
 
   # "4:memory:/docker/abc" (or "4:cpu,memory:/x")
-  defp v1(lines, mounts) do
+  defp v1_dir(lines, mounts) do
     with path when is_binary(path) <-
            Enum.find_value(lines, fn line ->
              case String.split(line, ":", parts: 3) do
@@ -119,20 +177,15 @@ defmodule Snakepit.SharedMemory.MemoryLimits do
            end),
          {root, mount} <- mount_point(mounts, "cgroup", &("memory" in String.split(&1, ","))) do
       dir = Path.join(mount, relative(path, root))
-
-      with {:ok, max} <- read_value(Path.join(dir, "memory.limit_in_bytes")),
-           {:ok, current} <- read_value(Path.join(dir, "memory.usage_in_bytes")) do
-        %{version: 1, path: dir, max: max, current: current}
-      else
-        _ -> nil
-      end
+      # Without a readable limit file the v1 hierarchy does not count: try v2.
+      if read_limits({:v1, dir}), do: {:v1, dir}
     else
       _ -> nil
     end
   end
 
   # "0::/user.slice/..." ; the tightest memory.max from the cgroup up to the mount root.
-  defp v2(lines, mounts) do
+  defp v2_dirs(lines, mounts) do
     with path when is_binary(path) <-
            Enum.find_value(lines, fn line ->
              case String.split(line, ":", parts: 3) do
@@ -142,18 +195,7 @@ defmodule Snakepit.SharedMemory.MemoryLimits do
            end),
          {root, mount} <- mount_point(mounts, "cgroup2", fn _ -> true end) do
       own = Path.join(mount, relative(path, root))
-
-      own
-      |> ancestors(mount)
-      |> Enum.flat_map(fn dir ->
-        with {:ok, max} <- read_value(Path.join(dir, "memory.max")),
-             {:ok, current} <- read_value(Path.join(dir, "memory.current")) do
-          [%{version: 2, path: dir, max: max, current: current}]
-        else
-          _ -> []
-        end
-      end)
-      |> tightest()
+      {:v2, ancestors(own, mount)}
     else
       _ -> nil
     end

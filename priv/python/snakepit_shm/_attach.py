@@ -7,7 +7,6 @@ import fcntl
 import mmap
 import os
 import struct
-import time
 import warnings
 
 from . import _announce
@@ -39,14 +38,23 @@ def attach(ref_or_region_id, mode="r"):
     if mode not in ("r", "rw"):
         raise ValueError(f"mode must be 'r' or 'rw', got {mode!r}")
     library = _native.library()
-    # A bare id of an arena region listed in the runtime index: one C call checks the
-    # entry (arena link, owner, the chunk holds this id) while opening it; anything
-    # refused goes the usual way below (which verifies the entry again, or scans).
-    location = _locate.arena_hint(ref_or_region_id)
-    fast = _fast_open_arena(library, location) if location is not None else None
+    # A bare id listed in the runtime index: one C call checks the entry while opening
+    # the region (the memfd links before and after the open, the owner; for an arena
+    # region, that the chunk holds this id); anything refused goes the usual way below
+    # (which verifies the entry again, or scans).
+    location = _locate.index_hint(ref_or_region_id)
+    fast = None
+    if location is not None:
+        if location.control_offset is not None:
+            fast = _fast_open_arena(library, location)
+        else:
+            fast = _fast_open(library, location, mode)
     if fast is None:
         location = _locate.parse_target(ref_or_region_id)
-        fast = _fast_open(library, location, mode)
+        if location.control_offset is not None:
+            fast = _fast_open_arena(library, location)
+        else:
+            fast = _fast_open(library, location, mode)
     identity = _proc.self_identity()
     # Plain try blocks rather than ExitStacks: this is the per-request path of a worker.
     if fast is not None:
@@ -67,10 +75,12 @@ def attach(ref_or_region_id, mode="r"):
             # An arena region (docs/FORMAT.md "Arenas"): its control block sits `base`
             # bytes into the arena, and each of its locks is shifted by `base`.
             base = _arena_base(location, control_size)
-            # The shared liveness lock first: from here on no sweeper removes it.
+            # The shared liveness lock first: from here on no sweeper removes it. The
+            # header is read once: it also names the data memfd.
             library.liveness_lock(control_fd, base)
-            data_fd, data_size = _open_data(location, mode, control_fd, control_size)
             snapshot = os.pread(control_fd, F.HEADER_SIZE, base)
+            data_fd, data_size = _open_data(location, mode, control_fd, control_size,
+                                            snapshot, library)
             try:
                 header = _validated(library, snapshot, location, control_size - base,
                                     data_size - base)
@@ -139,8 +149,11 @@ def _fast_open(library, location, mode):
     if location.backend != F.BACKEND_MEMFD or location.control_offset is not None:
         return None
     control_link, data_link = _locate.memfd_link_targets(location.region_id)
-    return library.attach_memfd(location.control_path, control_link, location.data_path,
-                                data_link, mode == "rw")
+    opened = library.attach_memfd(location.control_path, control_link, location.data_path,
+                                  data_link, mode == "rw")
+    if opened == _native.E_DEALLOCATED:
+        raise _deallocated_error(location.region_id)
+    return opened
 
 
 def _being_created(control_fd, snapshot):
@@ -160,8 +173,11 @@ def _being_created(control_fd, snapshot):
 
 
 def _fast_open_arena(library, location):
-    """The fast open of an arena region at a hinted offset, as :func:`_fast_open`
-    returns it (the arena's one descriptor serves as control and data), or None."""
+    """The fast open of an arena region (a ref's or an index entry's offset), as
+    :func:`_fast_open` returns it (the arena's one descriptor serves as control and
+    data), or None."""
+    if location.control_offset >= 1 << 63:
+        return None  # (ctypes would silently wrap it): the step-by-step path says why
     opened = library.attach_arena(location.control_path, location.control_offset,
                                   location.region_id)
     if opened is None:
@@ -211,16 +227,16 @@ def inspect(ref_or_region_id):
             memfd_target=_memfd_target(location, 0))
         fds.callback(os.close, fd)
         base = _arena_base(location, control_size)
+        snapshot = os.pread(fd, F.HEADER_SIZE, base)
         if location.control_offset is not None:
             data_size = control_size
         elif location.backend == F.BACKEND_MEMFD:
             data_fd, data_size = _locate.open_object(
                 location.data_path, location.region_id, False,
-                memfd_target=_data_target(location, fd))
+                memfd_target=_data_target(location, snapshot))
             os.close(data_fd)
         else:
             data_size = control_size
-        snapshot = os.pread(fd, F.HEADER_SIZE, base)
         header = _header.validate(snapshot, where=location.control_path,
                                   region_id=location.region_id,
                                   control_size=control_size - base,
@@ -313,45 +329,41 @@ def _raise_if_sealed(location, target):
         raise _sealed_error(location.region_id)
 
 
-def _open_data(location, mode, control_fd, control_size):
+def _open_data(location, mode, control_fd, control_size, snapshot, library):
     if location.backend != F.BACKEND_MEMFD or location.control_offset is not None:
         return control_fd, control_size
     fd, size = _locate.open_object(location.data_path, location.region_id, mode == "rw",
-                                   memfd_target=_data_target(location, control_fd))
+                                   memfd_target=_data_target(location, snapshot))
     try:
-        _lock_data(location.region_id, fd)
+        _lock_data(library, location.region_id, fd)
     except BaseException:
         os.close(fd)
         raise
     return fd, size
 
 
-def _data_target(location, control_fd):
+def _data_target(location, snapshot):
     """The /proc link target the data memfd must have: <id>.data, or the name the
-    header's data_name gives (a data memfd reused from its creator's warm pool)."""
-    raw = os.pread(control_fd, F.HEADER_SIZE, 0)
-    name = _header.data_name(raw) if len(raw) == F.HEADER_SIZE else ""
+    header's data_name gives (a data memfd reused from its creator's warm pool);
+    ``snapshot`` is the header as read once by the caller."""
+    name = _header.data_name(snapshot) if len(snapshot) == F.HEADER_SIZE else ""
     if not name:
         return _memfd_target(location, 1)
     return f"/memfd:{name} (deleted)"
 
 
-def _lock_data(region_id, fd):
+def _lock_data(library, region_id, fd):
     """Take the shared lock of byte 0 of the data memfd, held while this open or a
     mapping of it lives: its creator's warm pool never takes back an object someone
-    still maps (docs/ARCHITECTURE.md).  Busy only while the pool holds it: the region
-    this ref named is gone."""
-    lock = struct.pack("hhqqi4x", fcntl.F_RDLCK, os.SEEK_SET, 0, 1, 0)
-    for attempt in range(6):
-        try:
-            fcntl.fcntl(fd, fcntl.F_OFD_SETLK, lock)
-            return
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EACCES) or attempt == 5:
-                if exc.errno in (errno.EAGAIN, errno.EACCES):
-                    raise _deallocated_error(region_id) from None
-                raise
-            time.sleep(0.001)
+    still maps (docs/ARCHITECTURE.md).  The core's own lock (one implementation for
+    the NIF, the pool and workers); refused only while the pool holds the object: the
+    region this ref named is gone."""
+    try:
+        library.lock_data(fd)
+    except errors.SnakepitShmError as exc:
+        if getattr(exc, "code", None) == _native.E_DEALLOCATED:
+            raise _deallocated_error(region_id) from None
+        raise
 
 
 def _check_matches_ref(location, header, base=0):

@@ -342,6 +342,30 @@ def _indexed(region_id):
     return Location(region_id, _format.BACKEND_MEMFD, control, data)
 
 
+def index_hint(target):
+    """For a bare region id listed in the runtime index: a Location built from its
+    entry (kind ``memfd`` or ``arena``), NOT verified: the caller's fast open checks
+    what the entry says while opening (the memfd links before and after the open, the
+    owner; for an arena, that the chunk holds this id) and uses the hint only then.
+    None for anything else: refs, malformed ids, no entry, another kind."""
+    if not isinstance(target, str):
+        return None
+    region_id = target.strip()
+    if not _RANDOM_ID.fullmatch(region_id):
+        return None  # named regions are POSIX segments: never in the index
+    entry = index_entry(region_id)
+    if entry is None:
+        return None
+    kind, control, data, offset, _ = entry
+    if kind == "memfd":
+        return Location(region_id, _format.BACKEND_MEMFD, control, data)
+    if kind != "arena" or control != data or offset % _format.HEADER_SIZE \
+            or offset >= 1 << 63:
+        return None  # (ctypes would silently wrap a larger offset)
+    return Location(region_id, _format.BACKEND_MEMFD, control, control,
+                    control_offset=offset)
+
+
 def arena_hint(target):
     """For a bare region id whose runtime index entry is of kind ``arena``: a Location
     built from the entry, NOT verified (the caller's fast open checks the arena link,

@@ -210,6 +210,10 @@ class Library:
                                     c.c_void_p, c.POINTER(c.c_int),
                                     c.POINTER(c.c_uint64), c.POINTER(c.c_int),
                                     c.POINTER(c.c_uint64), c.c_char_p, c.c_size_t], c.c_int),
+            "spshm_lock_data": ([c.c_int, c.c_char_p, c.c_size_t], c.c_int),
+            "spshm_release_fd_closing": ([c.c_void_p, c.c_int, c.c_uint64,
+                                          c.POINTER(c.c_int), c.c_char_p, c.c_size_t],
+                                         c.c_int),
             "spshm_liveness_lock_at": ([c.c_int, c.c_uint64, c.c_char_p, c.c_size_t],
                                        c.c_int),
             "spshm_hold_fd_at": ([c.c_void_p, c.c_int, c.c_uint64, c.POINTER(c.c_int),
@@ -312,11 +316,29 @@ class Library:
                                               _ERR_LEN)
         self._check(code, err, "cannot release this process's hold")
 
+    def lock_data(self, fd):
+        """Take the shared lock of byte 0 of a data memfd open as ``fd`` (the core's
+        own, retried while the creator's warm pool holds the object): E_DEALLOCATED
+        (RegionNotFound) when the object went back to the pool."""
+        err = _err_buffer()
+        code = self._dll.spshm_lock_data(fd, err, _ERR_LEN)
+        self._check(code, err, "cannot lock the data memfd")
+
+    def release_fd_closing(self, header_address, fd, slot, base=0):
+        """release_fd before closing ``fd``: the slot's lock goes with the close, which
+        the caller makes right after (one lock system call fewer)."""
+        err = _err_buffer()
+        code = self._dll.spshm_release_fd_closing(header_address, fd, base,
+                                                  ctypes.byref(slot), err, _ERR_LEN)
+        self._check(code, err, "cannot release this process's hold")
+
     def attach_memfd(self, control_path, control_link, data_path, data_link,
                      data_writable):
         """The fast open of a memfd region (capi_attach.cpp): returns (control_fd,
-        control_size, data_fd, data_size, header copy) or None when anything was
-        refused (the caller then redoes it step by step to say why)."""
+        control_size, data_fd, data_size, header copy), None when anything was
+        refused (the caller then redoes it step by step to say why), or the code
+        E_DEALLOCATED when the data memfd went back to its creator's warm pool (the
+        region is gone: nothing more to try)."""
         header = ctypes.create_string_buffer(4096)
         control_fd, data_fd = ctypes.c_int(-1), ctypes.c_int(-1)
         control_size, data_size = ctypes.c_uint64(), ctypes.c_uint64()
@@ -326,7 +348,7 @@ class Library:
             ctypes.byref(control_size), ctypes.byref(data_fd), ctypes.byref(data_size),
             None, 0)
         if code != 0:
-            return None
+            return E_DEALLOCATED if code == E_DEALLOCATED else None
         return (control_fd.value, control_size.value, data_fd.value, data_size.value,
                 header.raw)
 

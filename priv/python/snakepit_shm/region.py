@@ -137,22 +137,30 @@ class Attachment:
                                  identity[1], writable, self.lock_base)
             self.identity = identity
 
-    def release(self):
-        """Release the hold if this process registered one (idempotent, fork-safe)."""
+    def release(self, closing=False):
+        """Release the hold if this process registered one (idempotent, fork-safe).
+
+        ``closing``: the control descriptor is closed right after (close()), which drops
+        the slot's lock with every other lock of this open: no unlock call of its own.
+        """
         with self._lock:
             identity, self.identity = self.identity, None
             # After a fork the child inherits the mapping but not the hold: only the
             # process that registered the hold may release it.
             if identity is None or identity[0] != os.getpid():
                 return
-            self.library.release_fd(self.address, self.fd, self.slot, self.lock_base)
+            if closing:
+                self.library.release_fd_closing(self.address, self.fd, self.slot,
+                                                self.lock_base)
+            else:
+                self.library.release_fd(self.address, self.fd, self.slot, self.lock_base)
             if self.bell is not None:
                 _announce.announce(self.bell[0], _announce.PREFIX_RELEASE, self.bell[1])
 
     def close(self):
         """Release the hold, then unmap the header and close the control descriptor."""
         try:
-            self.release()
+            self.release(closing=True)
         finally:
             try:
                 self.header_mm.close()

@@ -105,9 +105,12 @@ def test_attach_maps_only_its_pages_and_holds_at_its_offset(arena):
         assert info["refcount"] == 1
         # The holder slot lock sits at offset + 256 + slot, liveness at offset + 0: a
         # second open sees both conflict there, and not at byte 0 of the arena.
+        # A worker's claim starts at slot pid % 64 (the VM's own opens keep slots from 0).
+        slot = region._attachment.slot.value
+        assert slot == os.getpid() % 64
         probe = os.open(f"/proc/self/fd/{fd}", os.O_RDWR)
         try:
-            for byte, held in ((offset, True), (offset + 256, True), (0, False)):
+            for byte, held in ((offset, True), (offset + 256 + slot, True), (0, False)):
                 lock = struct.pack("hhqqi", fcntl.F_WRLCK, os.SEEK_SET, byte, 1, 0)
                 out = fcntl.fcntl(probe, 36, lock)  # F_OFD_GETLK
                 assert (struct.unpack("hhqqi", out)[0] != fcntl.F_UNLCK) == held, byte

@@ -1,7 +1,10 @@
 """The fast attach of memfd regions (issue 14): one library call opens, locks and
 validates; every refusal falls back to the step-by-step path and its messages."""
 
+import fcntl
 import os
+import signal
+import struct
 
 import pytest
 
@@ -64,3 +67,115 @@ def test_a_refused_fast_open_still_explains_itself(peer):
     peer.ok("deallocate", ref["region_id"])
     with pytest.raises(snakepit_shm.RegionNotFound):
         snakepit_shm.attach(ref)
+
+
+def _lock_state(path, byte):
+    """F_OFD_GETLK of ``byte`` through a fresh open of ``path``: the type that blocks a
+    write lock (F_UNLCK when nobody holds it)."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        query = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, byte, 1, 0)
+        return struct.unpack("hhqqi4x", fcntl.fcntl(fd, 36, query))[0]  # F_OFD_GETLK
+    finally:
+        os.close(fd)
+
+
+def test_close_gives_the_slot_back_with_the_descriptor(peer):
+    # close() releases the hold and leaves the slot's lock to the close of the control
+    # descriptor (one lock call fewer): after close nothing of it is left, and the next
+    # attach of this process takes the same slot again.
+    ref = peer.create(4096, "memfd")
+    region = snakepit_shm.attach(ref, mode="rw")
+    slot = region._attachment.slot.value
+    assert slot == os.getpid() % 64  # a worker's claim starts away from the VM's slots
+    assert _lock_state(ref["control_path"], 256 + slot) == fcntl.F_WRLCK
+    assert peer.holds(ref["region_id"])[0] == 1
+    region.close()
+    assert _lock_state(ref["control_path"], 256 + slot) == fcntl.F_UNLCK
+    assert peer.holds(ref["region_id"])[0] == 0
+    with snakepit_shm.attach(ref) as again:
+        assert again._attachment.slot.value == slot
+    peer.ok("deallocate", ref["region_id"])
+
+
+def test_a_data_memfd_held_by_the_pool_reads_as_deallocated(peer, monkeypatch):
+    # The warm pool takes byte 0 of a data memfd exclusively while it holds it: the one
+    # data lock (the core's, through spshm_lock_data) refuses, on the fast path and on
+    # the step-by-step one, and says the region is gone.
+    ref = peer.create(4096, "memfd")
+    pool = os.open(ref["data_path"], os.O_RDWR)
+    try:
+        lock = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0, 1, 0)
+        fcntl.fcntl(pool, 37, lock)  # F_OFD_SETLK
+        fds = len(os.listdir("/proc/self/fd"))
+        with pytest.raises(snakepit_shm.RegionNotFound, match="was deallocated"):
+            snakepit_shm.attach(ref)
+        monkeypatch.setattr(_attach, "_fast_open", lambda *args: None)
+        with pytest.raises(snakepit_shm.RegionNotFound, match="was deallocated"):
+            snakepit_shm.attach(ref)
+        assert len(os.listdir("/proc/self/fd")) == fds  # refusals close what they opened
+        monkeypatch.undo()
+    finally:
+        os.close(pool)
+    with snakepit_shm.attach(ref) as region:
+        assert region.held
+    peer.ok("deallocate", ref["region_id"])
+
+
+def test_a_bare_memfd_id_opens_from_its_index_entry_in_one_call(peer, monkeypatch):
+    ref = peer.create(4096, "memfd")
+
+    def refused(*args, **kwargs):
+        raise AssertionError("the verified lookup or the step-by-step path ran")
+
+    # The entry is checked by the one call (the memfd links before and after the open),
+    # not by a lookup of its own first.
+    monkeypatch.setattr(_locate, "_indexed", refused)
+    monkeypatch.setattr(_attach, "_open_control", refused)
+    with snakepit_shm.attach(ref["region_id"]) as region:
+        assert region.held and region.size == 4096
+    monkeypatch.undo()
+    peer.ok("deallocate", ref["region_id"])
+
+
+def test_a_forged_index_entry_is_not_believed(peer, tmp_path, monkeypatch):
+    # An entry naming another region's memfds: the one call refuses it (the link names
+    # the other region), and the verified lookup then finds the region itself.
+    ref = peer.create(4096, "memfd")
+    other = peer.create(4096, "memfd")
+    index = tmp_path / "index"
+    index.mkdir(mode=0o700)
+    os.symlink(f"spshm1 memfd {other['control_path']} {other['data_path']} 0 4096",
+               index / ref["region_id"])
+    monkeypatch.setenv(_locate.RUNTIME_DIR_ENV, str(index))
+    with snakepit_shm.attach(ref["region_id"]) as region:
+        assert region.region_id == ref["region_id"]
+        assert region.ref["control_path"] == ref["control_path"]
+    monkeypatch.undo()
+    peer.ok("deallocate", ref["region_id"])
+    peer.ok("deallocate", other["region_id"])
+
+
+def test_a_worker_killed_between_its_release_and_its_close_leaves_nothing(peer):
+    # The slot's lock is left to the close: a worker SIGKILLed right after the release
+    # (before the close) still leaves a free slot whose lock the kernel dropped.
+    ref = peer.create(4096, "memfd")
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            region = snakepit_shm.attach(ref, mode="rw")
+            attachment = region._attachment
+            slot = attachment.slot.value
+            attachment.release(closing=True)
+            os.write(ready_w, slot.to_bytes(1, "little"))
+        finally:
+            os.kill(os.getpid(), signal.SIGKILL)
+    os.close(ready_w)
+    slot = os.read(ready_r, 1)[0]
+    os.close(ready_r)
+    os.waitpid(pid, 0)
+    assert slot == pid % 64
+    assert _lock_state(ref["control_path"], 256 + slot) == fcntl.F_UNLCK
+    assert peer.holds(ref["region_id"]) == (0, {})
+    peer.ok("deallocate", ref["region_id"])
