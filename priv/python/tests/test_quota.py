@@ -205,6 +205,8 @@ def test_reconnects_at_once_and_redeclares_what_it_holds(tmp_path):
     res = quota.reserve("q", 4)
     released = quota.reserve("q", 1)
     released.release()
+    # Pipelined by default: the frame is on its way, not answered.
+    assert wait_for(lambda: len(server.kinds(1)) == 5)
     assert server.kinds(1) == [q.HELLO, q.DEFINE, q.RESERVE, q.RESERVE, q.RELEASE]
 
     # The server dies while this client is idle; a new one appears.
@@ -401,8 +403,8 @@ def test_something_that_hangs_up_at_once_is_not_reconnected_to_in_a_hot_loop(tmp
     lsock.close()
 
 
-def test_release_waits_for_the_server_unless_sync_false(tmp_path):
-    # sync=False: RELEASE with request id 0 (no answer awaited); the default asks for
+def test_release_is_pipelined_unless_sync_true(tmp_path):
+    # The default: RELEASE with request id 0 (no answer awaited); sync=True asks for
     # the answer and returns once the server sent it.
     answered = []
 
@@ -416,15 +418,87 @@ def test_release_waits_for_the_server_unless_sync_false(tmp_path):
     quota = snakepit_shm.HostQuota.connect(dir=server.dir)
     fast = quota.reserve("q", 1)
     slow = quota.reserve("q", 2)
-    fast.release(sync=False)
+    ctx = quota.reserve("q", 3)
+    fast.release()
     assert not fast.held
-    slow.release()
+    slow.release(sync=True)
     assert not slow.held
+    with ctx:
+        pass
+    assert not ctx.held
+    assert wait_for(lambda: len(answered) == 3)
     releases = [p for (n, p) in server.frames if p[1] == q.RELEASE]
     fields = [struct.unpack_from(">IQ", p, 2) for p in releases]
-    assert fields == [(0, fast.id), (answered[1], slow.id)]
-    assert answered[0] == 0 and answered[1] != 0
+    assert fields == [(0, fast.id), (answered[1], slow.id), (0, ctx.id)]
+    assert answered[0] == 0 and answered[1] != 0 and answered[2] == 0
     fast.release()  # idempotent, nothing sent
-    assert len([p for (n, p) in server.frames if p[1] == q.RELEASE]) == 2
+    quota.release(slow, sync=True)
+    assert quota.usage() == []  # after every frame above (one ordered socket)
+    assert len([p for (n, p) in server.frames if p[1] == q.RELEASE]) == 3
+    quota.close()
+    server.stop()
+
+
+def test_a_caller_spins_for_its_answer_only_with_a_cpu_to_spare(tmp_path, monkeypatch):
+    # SNAKEPIT_SHM_QUOTA_LOADAVG stands in for the load average (re-read every 100 ms).
+    server = FakeServer(tmp_path)
+    with pytest.raises(ValueError):
+        snakepit_shm.HostQuota.connect(dir=server.dir, spin=-1)
+    with pytest.raises(ValueError):
+        snakepit_shm.HostQuota.connect(dir=server.dir, spin=True)
+    monkeypatch.setenv("SNAKEPIT_SHM_QUOTA_LOADAVG", "0")
+    q._idle["at"] = -float("inf")
+    quota = snakepit_shm.HostQuota.connect(dir=server.dir, spin=0.5)
+    for _ in range(20):
+        quota.reserve("q", 1).release()
+    stats = quota.stats()
+    # A fake server in a thread of this process: it answers within the 0.5 s spin.
+    assert stats["spin_hits"] >= 20 and stats["spin_misses"] == 0
+    monkeypatch.setenv("SNAKEPIT_SHM_QUOTA_LOADAVG", "1000")
+    q._idle["at"] = -float("inf")
+    for _ in range(20):
+        quota.reserve("q", 1).release()
+    assert quota.stats() == stats  # overloaded: straight to the blocking read
+    quota.close()
+    off = snakepit_shm.HostQuota.connect(dir=server.dir, spin=0)
+    monkeypatch.setenv("SNAKEPIT_SHM_QUOTA_LOADAVG", "0")
+    q._idle["at"] = -float("inf")
+    off.reserve("q", 1).release()
+    assert off.stats() == {"spin_hits": 0, "spin_misses": 0}
+    off.close()
+    server.stop()
+
+
+def test_an_interrupted_reader_lets_the_next_call_read(tmp_path):
+    # Interrupted while reading its answer (the reader's role), a caller must hand the
+    # role back: before, the next call waited for a reader that was gone.
+    gate = threading.Event()
+
+    def reply(payload):
+        if payload[1] == q.USAGE and not gate.is_set():
+            return None  # never answered: the caller is interrupted
+        return FakeServer.default_reply(payload)
+
+    server = FakeServer(tmp_path, reply)
+    quota = snakepit_shm.HostQuota.connect(dir=server.dir, spin=0)
+
+    class Interrupted(BaseException):
+        pass
+
+    def interrupt(*_):
+        raise Interrupted()
+
+    old = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        with pytest.raises(Interrupted):
+            quota.usage()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    gate.set()
+    res = quota.reserve("q", 1)  # answered: read by this caller
+    assert res.held
+    res.release()
     quota.close()
     server.stop()

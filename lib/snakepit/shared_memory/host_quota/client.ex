@@ -118,8 +118,11 @@ defmodule Snakepit.SharedMemory.HostQuota.Client do
     # The caller alone learns the reservation: if it dies before the answer (killed
     # while waiting in line), nobody could ever release it, whatever its owner
     # (`owner: nil` would hold it until this VM dies). Its request leaves the line.
+    # A `wait: 0` request is answered within a round trip: no monitor, the answer
+    # checks that the caller still lives (settle/3) and gives back a grant it missed.
     caller = elem(from, 0)
-    {:noreply, put_in(state, [:pending, req, :caller], {caller, Process.monitor(caller)})}
+    ref = if wait == 0, do: nil, else: Process.monitor(caller)
+    {:noreply, put_in(state, [:pending, req, :caller], {caller, ref})}
   end
 
   def handle_call({:release, %Reservation{} = res}, from, state),
@@ -136,12 +139,13 @@ defmodule Snakepit.SharedMemory.HostQuota.Client do
          ), state}
 
       {held_res, held} when sync ->
-        # Answered once the server has applied it: every client sees it after this.
+        # sync: true: answered once the server has applied it: every client sees it
+        # after this.
         state = drop_owner(%{state | held: held}, held_res.owner)
         {:noreply, request(state, from, :release, &{:release, &1, id}, held_res)}
 
       {held_res, held} ->
-        # sync: false, fire and forget (request id 0: no answer): the release is final
+        # The default, pipelined (request id 0: no answer): the release is final
         # here, the server applies it before anything this session sends later (one
         # ordered socket), and a server that dies meanwhile takes the reservation with
         # it (it is not re-declared). Half the round trips of a reserve + release pair.
@@ -331,7 +335,7 @@ defmodule Snakepit.SharedMemory.HostQuota.Client do
 
   # Stops watching the caller of a settled request; whether it is still alive.
   defp caller_alive?(%{caller: {pid, ref}}) do
-    Process.demonitor(ref, [:flush])
+    if ref, do: Process.demonitor(ref, [:flush])
     # A caller on another node (a :client pid used remotely) is taken as alive.
     node(pid) != node() or Process.alive?(pid)
   end
