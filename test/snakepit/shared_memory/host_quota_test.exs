@@ -96,28 +96,44 @@ defmodule Snakepit.SharedMemory.HostQuotaTest do
       assert used(a, "gpu0") == 0
     end
 
-    test "release(sync: false) sends the release unanswered; it is final at once and " <>
-           "ordered before the session's next request",
+    test "release/2 is pipelined by default: final at once, ordered before the " <>
+           "session's next request from any process of the VM",
          %{dir: dir} do
       a = client(dir, "fast")
       b = client(dir, "other")
       :ok = HQ.define("ff", 10, client: a)
+      test = self()
 
-      for _ <- 1..200 do
+      for i <- 1..200 do
         {:ok, r} = HQ.reserve("ff", 10, client: a)
-        assert :ok = HQ.release(r, sync: false)
+        opts = Enum.at([[], [sync: false]], rem(i, 2))
+        assert :ok = HQ.release(r, opts)
         # Final here: not held, cannot be released twice.
-        assert {:error, %Error{reason: :not_found}} = HQ.release(r, sync: false)
+        assert {:error, %Error{reason: :not_found}} = HQ.release(r, opts)
         refute Enum.any?(HQ.held(client: a), &(&1.id == r.id))
-        # The same session's next request comes after it: the whole quota is free.
-        assert {:ok, r2} = HQ.reserve("ff", 10, client: a)
-        assert :ok = HQ.release(r2)
+        # The same session's next request comes after it, from this process or
+        # another one of this VM: the whole quota is free.
+        if rem(i, 3) == 0 do
+          spawn(fn -> send(test, {:other, HQ.reserve("ff", 10, client: a, owner: test)}) end)
+          assert_receive {:other, {:ok, r2}}, 5_000
+          assert :ok = HQ.release(r2)
+        else
+          assert {:ok, r2} = HQ.reserve("ff", 10, client: a)
+          assert :ok = HQ.release(r2)
+        end
       end
 
       # Another client sees it once the frame has reached the server.
       {:ok, r} = HQ.reserve("ff", 10, client: a)
-      :ok = HQ.release(r, sync: false)
+      :ok = HQ.release(r)
       assert wait_until(fn -> used(b, "ff") == 0 end, 2_000)
+
+      # sync: true: seen by every client when it returns.
+      for _ <- 1..50 do
+        {:ok, r} = HQ.reserve("ff", 10, client: a)
+        :ok = HQ.release(r, sync: true)
+        assert used(b, "ff") == 0
+      end
 
       assert {:error, %Error{reason: :invalid_option}} = HQ.release(r, sync: :maybe)
       assert {:error, %Error{reason: :invalid_option}} = HQ.release(r, :nope)
@@ -440,7 +456,8 @@ defmodule Snakepit.SharedMemory.HostQuotaTest do
              ]
 
       assert {:error, %Error{reason: :quota_exceeded}} = HQ.reserve("q", 2, client: b)
-      assert :ok = HQ.release(rc)
+      # Seen by another client (b) once it returns: sync: true.
+      assert :ok = HQ.release(rc, sync: true)
       assert used(b, "q") == 7
     end
   end
