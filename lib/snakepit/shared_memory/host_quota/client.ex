@@ -113,8 +113,6 @@ defmodule Snakepit.SharedMemory.HostQuota.Client do
   def handle_call({:reserve, %Reservation{} = res, wait}, from, state) do
     state = add_owner(state, res.owner)
     make = &{:reserve, &1, res.id, res.name, res.amount, wait}
-    req = state.next_req
-    state = request(state, from, :reserve, make, res)
     # The caller alone learns the reservation: if it dies before the answer (killed
     # while waiting in line), nobody could ever release it, whatever its owner
     # (`owner: nil` would hold it until this VM dies). Its request leaves the line.
@@ -122,7 +120,7 @@ defmodule Snakepit.SharedMemory.HostQuota.Client do
     # checks that the caller still lives (settle/3) and gives back a grant it missed.
     caller = elem(from, 0)
     ref = if wait == 0, do: nil, else: Process.monitor(caller)
-    {:noreply, put_in(state, [:pending, req, :caller], {caller, ref})}
+    {:noreply, request(state, from, :reserve, make, res, {caller, ref})}
   end
 
   def handle_call({:release, %Reservation{} = res}, from, state),
@@ -242,10 +240,11 @@ defmodule Snakepit.SharedMemory.HostQuota.Client do
 
   # ---- requests and replies ----
 
-  defp request(state, from, kind, make, res) do
+  defp request(state, from, kind, make, res, caller \\ nil) do
     req = state.next_req
     frame = Protocol.encode_request(make.(req))
     entry = %{from: from, kind: kind, frame: frame, res: res}
+    entry = if caller, do: Map.put(entry, :caller, caller), else: entry
     state = %{state | next_req: next(req), pending: Map.put(state.pending, req, entry)}
     send_now(state, frame)
   end
@@ -286,7 +285,13 @@ defmodule Snakepit.SharedMemory.HostQuota.Client do
   end
 
   defp settle(%{kind: :reserve, res: res, from: from} = e, {:granted, _, limit}, state) do
-    state = put_in(state, [:limits, res.name], limit)
+    name = res.name
+
+    state =
+      case state.limits do
+        %{^name => ^limit} -> state
+        limits -> %{state | limits: Map.put(limits, name, limit)}
+      end
 
     if caller_alive?(e) do
       GenServer.reply(from, {:ok, res})
@@ -353,8 +358,8 @@ defmodule Snakepit.SharedMemory.HostQuota.Client do
 
   defp add_owner(state, pid) do
     case state.owners do
-      %{^pid => {ref, n}} -> put_in(state, [:owners, pid], {ref, n + 1})
-      _ -> put_in(state, [:owners, pid], {Process.monitor(pid), 1})
+      %{^pid => {ref, n}} = owners -> %{state | owners: %{owners | pid => {ref, n + 1}}}
+      owners -> %{state | owners: Map.put(owners, pid, {Process.monitor(pid), 1})}
     end
   end
 
@@ -366,8 +371,8 @@ defmodule Snakepit.SharedMemory.HostQuota.Client do
         Process.demonitor(ref, [:flush])
         %{state | owners: Map.delete(state.owners, pid)}
 
-      %{^pid => {ref, n}} ->
-        put_in(state, [:owners, pid], {ref, n - 1})
+      %{^pid => {ref, n}} = owners ->
+        %{state | owners: %{owners | pid => {ref, n - 1}}}
 
       _ ->
         state
