@@ -496,6 +496,38 @@ defmodule Snakepit.SharedMemory.HostQuotaTest do
       assert {:ok, _} = HQ.reserve("q", 6, client: a)
     end
 
+    test "a wait: 0 reserve whose caller dies before the answer is given back", %{dir: dir} do
+      # No monitor on the caller of a wait: 0 request (answered within a round trip):
+      # held back by the grace period here, its grant arrives after the caller died,
+      # and the client releases it instead of keeping it for nobody.
+      File.mkdir_p!(dir)
+      File.chmod!(dir, 0o700)
+      stale = Path.join(dir, "quota.sock")
+      {:ok, l} = :gen_tcp.listen(0, [:binary, ifaddr: {:local, stale}])
+      :gen_tcp.close(l)
+
+      a = client(dir, "a")
+      :ok = HQ.define("q", 10, client: a)
+      test = self()
+
+      callers =
+        for owner <- [:caller, nil] do
+          spawn(fn ->
+            opts = if owner, do: [client: a], else: [client: a, owner: nil]
+            send(test, {:never, HQ.reserve("q", 3, opts)})
+          end)
+        end
+
+      # Both wait in the line of the recovering server (no grant for 250 ms).
+      assert wait_until(fn -> match?({:ok, [%{waiters: [_, _]}]}, HQ.usage("q", client: a)) end)
+      Enum.each(callers, &Process.exit(&1, :kill))
+      refute_receive {:never, _}, 400
+      # Granted at the end of the grace period, then given back by the client.
+      assert wait_until(fn -> used(a, "q") == 0 and HQ.held(client: a) == [] end)
+      {:ok, [q]} = HQ.usage("q", client: a)
+      assert q.holders == [] and q.waiters == []
+    end
+
     test "a live server of the path is never replaced", %{dir: dir} do
       File.mkdir_p!(dir)
       File.chmod!(dir, 0o700)
