@@ -157,10 +157,19 @@ def _cpus_idle():
     return _idle["verdict"]
 
 
+_NAMES = {}  # valid names seen, encoded (checked once, not on every call)
+
+
 def _check_name(name):
+    if type(name) is str:
+        encoded = _NAMES.get(name)
+        if encoded is not None:
+            return encoded
     if not isinstance(name, str) or not _NAME.match(name):
         raise ValueError("a host quota name must be 1-64 characters of [A-Za-z0-9_.:-], "
                          "got: %r" % (name,))
+    if len(_NAMES) < 1024:
+        _NAMES[name] = name.encode()
     return name.encode()
 
 
