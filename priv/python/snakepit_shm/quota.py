@@ -451,8 +451,8 @@ class HostQuota:
             return list(self._held.values())
 
     def stats(self):
-        """Counters of this client: ``spin_hits`` (answers found while spinning),
-        ``spin_misses`` (spins that ended in a sleep)."""
+        """Counters of this client: ``spin_hits`` (spins that read something: the
+        answer, or the server's hang-up), ``spin_misses`` (spins that ended in a sleep)."""
         return {"spin_hits": self._spin_hits, "spin_misses": self._spin_misses}
 
     @property

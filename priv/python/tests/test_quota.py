@@ -155,7 +155,10 @@ class FakeServer:
                 self.frames.append((n, payload))
                 out = self.reply(payload)
                 if out is not None:
-                    conn.sendall(struct.pack(">I", len(out)) + out)
+                    try:
+                        conn.sendall(struct.pack(">I", len(out)) + out)
+                    except OSError:
+                        return  # the client is gone (closed before reading the answer)
 
     @staticmethod
     def default_reply(payload):
@@ -500,5 +503,39 @@ def test_an_interrupted_reader_lets_the_next_call_read(tmp_path):
     res = quota.reserve("q", 1)  # answered: read by this caller
     assert res.held
     res.release()
+    quota.close()
+    server.stop()
+
+
+def test_a_hang_up_while_the_caller_spins_resends_its_request(tmp_path, monkeypatch):
+    # The server dies while the caller spins for its answer: the caller sees EOF,
+    # reconnects, re-declares, re-sends the request and gets its answer from the new one.
+    monkeypatch.setenv("SNAKEPIT_SHM_QUOTA_LOADAVG", "0")
+    q._idle["at"] = -float("inf")
+    first = {"conn": True}
+
+    def reply(payload):
+        if payload[1] == q.RESERVE and first["conn"]:
+            return None  # the dying server never answers
+        return FakeServer.default_reply(payload)
+
+    server = FakeServer(tmp_path, reply)
+    quota = snakepit_shm.HostQuota.connect(dir=server.dir, spin=0.2)
+
+    def die():
+        time.sleep(0.05)
+        first["conn"] = False
+        server.hang_up()
+        server.listen()
+
+    threading.Thread(target=die, daemon=True).start()
+    res = quota.reserve("q", 1, wait=10)
+    assert res.held
+    kinds = [server.kinds(n) for n in range(1, len(server.conns) + 1)]
+    assert kinds[0] == [q.HELLO, q.RESERVE]
+    # The new session: HELLO, then the request still waiting for its answer.
+    assert kinds[-1][:2] == [q.HELLO, q.RESERVE]
+    # It was spinning (0.2 s) when the hang-up came, and spun for the new answer too.
+    assert quota.stats()["spin_hits"] >= 2 and quota.stats()["spin_misses"] == 0
     quota.close()
     server.stop()
