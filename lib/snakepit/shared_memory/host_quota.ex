@@ -17,6 +17,10 @@ defmodule Snakepit.SharedMemory.HostQuota do
 
   Python workers use the same quotas through `snakepit_shm.HostQuota`.
 
+  A reserve + release pair costs one socket round trip: `release/2` does not wait for
+  the server by default (every later request of this VM sees the release; other
+  clients within microseconds; `sync: true` waits until everyone does).
+
   Every function takes a `:client` option: the pid of a client started with
   `Snakepit.SharedMemory.HostQuota.Client.start_link/1` (tests and tools use one per
   quota directory). Defaults to this VM's client, started on first use for the quota
