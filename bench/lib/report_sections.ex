@@ -452,8 +452,8 @@ defmodule SnakepitShm.Bench.ReportSections do
     calls = hits + misses
 
     if calls == 0 do
-      "The default Python caller did not spin in this run (the load average was at or " <>
-        "above the CPU count, or one CPU): its row is the spin-free path."
+      "The default Python caller did not spin in this run (the load average less one " <>
+        "was at or above the CPU count, or one CPU): its row is the spin-free path."
     else
       "The default Python caller spun in #{calls} of its answered calls and found the " <>
         "answer while spinning in #{hits} of them (#{round(hits * 100 / calls)} %)."
@@ -501,7 +501,7 @@ defmodule SnakepitShm.Bench.ReportSections do
     over the rounds; the variants alternate with the defaults in each round). Goal:
     below 50 µs by default. Defaults: the release is pipelined (one round trip per
     pair); the Python caller re-reads its socket for up to 50 µs before it sleeps,
-    while the load average is below the CPU count. #{quota_spin_note(q)}
+    while the load average less one is below the CPU count. #{quota_spin_note(q)}
 
     #{table(["client", "reserve + release"], rt)}
     Release latency after a client's SIGKILL, from the client's clock reading just before

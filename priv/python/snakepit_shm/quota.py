@@ -140,9 +140,11 @@ _idle = {"at": -math.inf, "verdict": True}
 
 
 def _cpus_idle():
-    """Whether a CPU is to spare for a spinning caller: the 1-minute load average is
-    below the number of CPUs (never on one CPU), re-read at most every 100 ms.
-    ``SNAKEPIT_SHM_QUOTA_LOADAVG`` stands in for the load average (tests)."""
+    """Whether a CPU is to spare for a spinning caller: the 1-minute load average,
+    less one for this caller (a client calling in a loop is itself runnable all the
+    time, spinning or not, and counted), is below the number of CPUs; never on one
+    CPU.  Re-read at most every 100 ms.  ``SNAKEPIT_SHM_QUOTA_LOADAVG`` stands in for
+    the load average (tests)."""
     now = time.monotonic()
     if now - _idle["at"] < 0.1:
         return _idle["verdict"]
@@ -153,7 +155,7 @@ def _cpus_idle():
     except (OSError, ValueError):
         return _idle["verdict"]  # unknown: keep the last verdict
     cpus = os.cpu_count() or 1
-    _idle["verdict"] = cpus > 1 and load < cpus
+    _idle["verdict"] = cpus > 1 and load - 1 < cpus
     return _idle["verdict"]
 
 
@@ -364,8 +366,9 @@ class HostQuota:
 
         ``spin``: a call re-reads the socket for its answer for up to ``spin`` seconds
         (default 50 µs, 0 never) before it sleeps, which saves this process a wake-up
-        when the server answers quickly; only while the 1-minute load average is below
-        the number of CPUs (a spinning caller would take the CPU the server needs).
+        when the server answers quickly; only while the 1-minute load average, less one
+        for this caller, is below the number of CPUs (on a busy machine a spinning
+        caller would take the CPU the server needs for the answer).
         """
         return cls(dir=dir, label=label, timeout=timeout, spin=spin)
 
