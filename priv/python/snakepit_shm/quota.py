@@ -66,6 +66,9 @@ _NAME = re.compile(r"\A[A-Za-z0-9_.:\-]{1,64}\Z")
 _MARGIN = 5.0  # seconds a call may take beyond its wait before the server counts as gone
 _RCVTIMEO = struct.pack("ll", 1, 0)  # struct timeval: 1 s
 SPIN = 50e-6  # seconds a caller re-reads the socket for its answer before it sleeps
+_WINDOW = 256  # answered calls per window in which the spin is measured on or off
+_EXPLORE = 8  # one window in this many re-measures the mode that was slower
+_SAMPLE_NS = 1_000_000  # longer answers waited in line: they say nothing of the spin
 
 
 class QuotaError(SnakepitShmError):
@@ -327,6 +330,12 @@ class HostQuota:
         self._spin_ns = int(spin * 1e9)
         self._spin_hits = 0
         self._spin_misses = 0
+        # Adaptive spin: windows of _WINDOW answered calls alternate by measurement.
+        self._spin_on = True
+        self._win_n = 0
+        self._win_ns = 0
+        self._windows = 0
+        self._est = {True: None, False: None}  # mean round trip (ns) of the last window
         self._dir = dir or default_dir()
         self._path = os.path.join(self._dir, SOCKET_NAME)
         self._client_id = secrets.randbits(64)
@@ -368,7 +377,9 @@ class HostQuota:
         (default 50 µs, 0 never) before it sleeps, which saves this process a wake-up
         when the server answers quickly; only while the 1-minute load average, less one
         for this caller, is below the number of CPUs (on a busy machine a spinning
-        caller would take the CPU the server needs for the answer).
+        caller would take the CPU the server needs for the answer), and only while it
+        measures faster: calls are timed in windows of 256 answers, spinning or not,
+        and the faster mode is kept (the other re-measured one window in eight).
         """
         return cls(dir=dir, label=label, timeout=timeout, spin=spin)
 
@@ -456,7 +467,9 @@ class HostQuota:
     def stats(self):
         """Counters of this client: ``spin_hits`` (spins that read something: the
         answer, or the server's hang-up), ``spin_misses`` (spins that ended in a sleep)."""
-        return {"spin_hits": self._spin_hits, "spin_misses": self._spin_misses}
+        return {"spin_hits": self._spin_hits, "spin_misses": self._spin_misses,
+                "spinning": self._spin_on,
+                "round_trip_ns": {"spin": self._est[True], "no_spin": self._est[False]}}
 
     @property
     def server_pid(self):
@@ -521,12 +534,17 @@ class HostQuota:
             if not self._reading and self._sock is not None:
                 self._reading = True
                 sock = self._sock
+                sent = time.monotonic_ns()
         try:
             reply = self._await(req, deadline, reservation, sock)
         finally:
             if self._pending.get(req) is not None:
                 with self._cv:
                     self._pending.pop(req, None)
+        if sock is not None and self._spin_ns and _cpus_idle():
+            # This thread read its own answer, in this window's mode. (Outside the
+            # lock: two threads counting at once may lose a count, nothing more.)
+            self._account(time.monotonic_ns() - sent)
         if reply[0] == ERROR:
             _, _, reason, message = reply
             cls = {"quota_exceeded": QuotaExceeded, "unknown_quota": UnknownQuota}.get(reason)
@@ -621,8 +639,32 @@ class HostQuota:
                 raise ConnectionResetError("the quota server closed the connection")
             self._buf += chunk
 
+    def _account(self, rt_ns):
+        """Adaptive spin: whether spinning pays is measured, not guessed. Calls are
+        counted in windows of _WINDOW answers, each all spinning or all sleeping (a
+        lone spinning call among sleeping ones finds the server asleep too, a lone
+        sleeping call among spinning ones may wake cheaply: per-call probes mislead).
+        The next window takes the mode whose last window was faster; one in _EXPLORE
+        re-measures the other, as do the first two (one of each)."""
+        if rt_ns >= _SAMPLE_NS:
+            return
+        self._win_n += 1
+        self._win_ns += rt_ns
+        if self._win_n < _WINDOW:
+            return
+        mode = self._spin_on
+        self._est[mode] = self._win_ns / self._win_n
+        self._win_n = self._win_ns = 0
+        self._windows += 1
+        other = not mode
+        if self._est[other] is None:
+            self._spin_on = other
+            return
+        faster = self._est[True] <= self._est[False]
+        self._spin_on = (not faster) if self._windows % _EXPLORE == 0 else faster
+
     def _recv(self, sock):
-        if self._spin_ns and _cpus_idle():
+        if self._spin_ns and self._spin_on and _cpus_idle():
             # Re-read for up to spin seconds: an answer that comes quickly then costs
             # no sleep and no wake-up of this process.
             end = time.monotonic_ns() + self._spin_ns

@@ -478,8 +478,51 @@ def test_a_caller_spins_for_its_answer_only_with_a_cpu_to_spare(tmp_path, monkey
     monkeypatch.setenv("SNAKEPIT_SHM_QUOTA_LOADAVG", "0")
     q._idle["at"] = -float("inf")
     off.reserve("q", 1).release()
-    assert off.stats() == {"spin_hits": 0, "spin_misses": 0}
+    assert (off.stats()["spin_hits"], off.stats()["spin_misses"]) == (0, 0)
     off.close()
+    server.stop()
+
+
+def test_the_spin_is_kept_only_while_it_measures_faster(tmp_path, monkeypatch):
+    # Windows of q._WINDOW answered calls, all spinning or all sleeping; the faster
+    # mode is kept, the other re-measured one window in q._EXPLORE.
+    monkeypatch.setenv("SNAKEPIT_SHM_QUOTA_LOADAVG", "0")
+    q._idle["at"] = -float("inf")
+    server = FakeServer(tmp_path)
+    quota = snakepit_shm.HostQuota.connect(dir=server.dir)
+    w = q._WINDOW
+
+    def window(rt_us):
+        mode = quota.stats()["spinning"]
+        for _ in range(w):
+            quota._account(rt_us * 1000)
+        return mode
+
+    # First one window of each mode, spinning first.
+    assert window(20) is True and window(50) is False
+    # Spinning measured faster: kept, except the re-measuring window.
+    modes = [window(20 if quota.stats()["spinning"] else 50) for _ in range(2 * q._EXPLORE)]
+    assert modes.count(False) == 2 and modes.count(True) == 2 * q._EXPLORE - 2
+    # The machine changes: spinning is now the slower one; it is dropped.
+    for _ in range(3 * q._EXPLORE):
+        window(45 if quota.stats()["spinning"] else 25)
+    modes = [window(45 if quota.stats()["spinning"] else 25) for _ in range(2 * q._EXPLORE)]
+    assert modes.count(True) == 2 and modes.count(False) == 2 * q._EXPLORE - 2
+    # Answers that waited in line (>= 1 ms) are not counted.
+    before = (quota._win_n, quota._win_ns)
+    quota._account(5_000_000)
+    assert (quota._win_n, quota._win_ns) == before
+    rt = quota.stats()["round_trip_ns"]
+    assert rt["spin"] == 45_000 and rt["no_spin"] == 25_000
+
+    # Real calls are counted in the window (a fake server in a thread of this process;
+    # on a loaded machine its answers may take longer than a sample may).
+    monkeypatch.setattr(q, "_SAMPLE_NS", 10 ** 12)
+    n = quota._win_n
+    for _ in range(10):
+        quota.reserve("q", 1).release()
+    assert quota._win_n == n + 10
+    quota.close()
     server.stop()
 
 
