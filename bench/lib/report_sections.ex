@@ -501,7 +501,8 @@ defmodule SnakepitShm.Bench.ReportSections do
     over the rounds; the variants alternate with the defaults in each round). Goal:
     below 50 µs by default. Defaults: the release is pipelined (one round trip per
     pair); the Python caller re-reads its socket for up to 50 µs before it sleeps,
-    while the load average less one is below the CPU count. #{quota_spin_note(q)}
+    while the load average less one is below the CPU count and that measures faster
+    (windows of 256 calls). #{quota_spin_note(q)}
 
     #{table(["client", "reserve + release"], rt)}
     Release latency after a client's SIGKILL, from the client's clock reading just before
