@@ -5,10 +5,12 @@ defmodule SnakepitShm.Bench.HostQuota do
 
     * reserve + release round trip: from Elixir (this VM's client; this VM serves, over
       the Unix socket like every client), from Python (`bench/python/quota_client.py`),
-      each with the default release (answered: two round trips per pair) and with the
-      fire-and-forget one (`sync: false`: one round trip per pair),
-      and the seed's robust-mutex table in shared memory (C++ `robust_quota rt`, one
-      process, no IPC at all: its floor);
+      each with the defaults (a pipelined release: one round trip per pair; the Python
+      caller spins for its answer while a CPU is to spare) and with `sync: true`
+      releases (answered: two round trips per pair, the default before), Python also
+      with `spin=0`, in alternating order within each round; and the seed's
+      robust-mutex table in shared memory (C++ `robust_quota rt`, one process, no IPC
+      at all: its floor);
     * release latency after a client's SIGKILL: a Python client holding 60 of 100 kills
       itself while an Elixir reservation of 60 waits in line; the time from its clock
       reading before the signal to the grant. The seed's table (`robust_quota kill`):
@@ -36,9 +38,10 @@ defmodule SnakepitShm.Bench.HostQuota do
         for _ <- 1..reps do
           %{
             elixir: elixir_rt(client, pairs),
+            elixir_sync: elixir_rt(client, pairs, sync: true),
             python: python_rt(dir, pairs),
-            elixir_fast: elixir_rt(client, pairs, sync: false),
-            python_fast: python_rt(dir, pairs, "rt-fast"),
+            python_sync: python_rt(dir, pairs, "rt-sync"),
+            python_nospin: python_rt(dir, pairs, "rt-nospin"),
             seed: seed_rt(programs, pairs * 20)
           }
         end
@@ -46,9 +49,11 @@ defmodule SnakepitShm.Bench.HostQuota do
       %{
         pairs: pairs,
         elixir_rt_ns: Enum.map(rounds, & &1.elixir),
-        python_rt_ns: Enum.map(rounds, & &1.python),
-        elixir_fast_rt_ns: Enum.map(rounds, & &1.elixir_fast),
-        python_fast_rt_ns: Enum.map(rounds, & &1.python_fast),
+        elixir_sync_rt_ns: Enum.map(rounds, & &1.elixir_sync),
+        python_rt_ns: Enum.map(rounds, &elem(&1.python, 0)),
+        python_spin: Enum.map(rounds, &elem(&1.python, 1)),
+        python_sync_rt_ns: Enum.map(rounds, &elem(&1.python_sync, 0)),
+        python_nospin_rt_ns: Enum.map(rounds, &elem(&1.python_nospin, 0)),
         seed_rt_ns: Enum.map(rounds, & &1.seed),
         kill_ours_ns: for(_ <- 1..profile.host_quota_kills, do: ours_kill(dir, client)),
         kill_seed:
@@ -79,8 +84,8 @@ defmodule SnakepitShm.Bench.HostQuota do
   defp python_rt(dir, pairs, mode \\ "rt") do
     script = Path.join([Programs.bench_dir(), "python", "quota_client.py"])
     {out, 0} = System.cmd(@python, [script, mode, dir, "bench", "#{pairs}"])
-    {:ok, %{"ns_per_pair" => ns}} = JSON.decode(String.trim(out))
-    ns
+    {:ok, %{"ns_per_pair" => ns} = r} = JSON.decode(String.trim(out))
+    {ns, {r["spin_hits"], r["spin_misses"]}}
   end
 
   defp seed_rt(programs, pairs) do

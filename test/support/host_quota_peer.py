@@ -1,11 +1,37 @@
 """A Python peer of the host quota tests: one command per line on stdin, one answer per
-line on stdout (see test/support/host_quota_peer.exs for the commands)."""
+line on stdout (see test/support/host_quota_peer.exs for the commands; also
+``cycle NAME AMOUNT N`` -> done | error REASON)."""
 
 import math
 import os
 import sys
+import threading
 
 import snakepit_shm
+
+
+def cycle(quota, name, amount, n):
+    """n times: reserve the whole quota (wait=0) and release it the default way
+    (pipelined), alternately in two threads handing over after each release: every
+    reserve must find the amount free (one ordered socket)."""
+    turns = [threading.Semaphore(1), threading.Semaphore(0)]
+    failures = []
+
+    def run(me):
+        for _ in range(n // 2):
+            turns[me].acquire()
+            try:
+                quota.reserve(name, amount).release()
+            except snakepit_shm.QuotaError as e:
+                failures.append(e.reason)
+            turns[1 - me].release()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return "error %s" % failures[0] if failures else "done"
 
 
 def main():
@@ -32,6 +58,8 @@ def main():
                     amount = i % max(limit // 2, 1) + 1
                     quota.reserve(words[1], amount, wait=math.inf).release()
                 reply = "done"
+            elif words[0] == "cycle":
+                reply = cycle(quota, words[1], int(words[2]), int(words[3]))
             else:
                 reply = "error unknown command"
         except snakepit_shm.QuotaError as e:

@@ -17,6 +17,10 @@ defmodule Snakepit.SharedMemory.HostQuota do
 
   Python workers use the same quotas through `snakepit_shm.HostQuota`.
 
+  A reserve + release pair costs one socket round trip: `release/2` does not wait for
+  the server by default (every later request of this VM sees the release; other
+  clients within microseconds; `sync: true` waits until everyone does).
+
   Every function takes a `:client` option: the pid of a client started with
   `Snakepit.SharedMemory.HostQuota.Client.start_link/1` (tests and tools use one per
   quota directory). Defaults to this VM's client, started on first use for the quota
@@ -111,24 +115,31 @@ defmodule Snakepit.SharedMemory.HostQuota do
   Releases a reservation. `{:error, %Error{reason: :not_found}}` if it is not held
   any more (released before, or its owner died).
 
-  By default it returns once the server has applied the release: every client, of
-  any VM or Python process, sees the amount free after this returns.
+  By default the release is pipelined: it returns once this VM's client has dropped
+  the reservation and written the RELEASE frame to its session (no answer is awaited,
+  one socket round trip less per reserve + release pair). The release is final when
+  this returns: the reservation is never re-declared, and a server that dies before
+  reading the frame takes the reservation with it. What others observe:
+
+    * every later request of this VM's session (any process of this VM: they share
+      one session, one ordered socket) is applied after it: a `reserve/3` or `usage/2`
+      made after `release/1` returns sees the amount free;
+    * another client (another VM, a Python process, or another `:client` of this VM)
+      may, for the microseconds the frame takes to reach the server, still see the
+      amount as used: its `wait: 0` reserve could fail, a waiting one is granted when
+      the frame arrives.
 
   Options:
 
-    * `:sync` - `false` to send the release without waiting for the server's answer
-      (the RELEASE frame then asks for none), so that a reserve + release pair costs
-      one socket round trip instead of two. The release is final when this returns
-      (the client no longer holds it and never re-declares it) and the server applies
-      it before anything this VM's session sends next, but another client may, for
-      the microseconds the frame takes to reach the server, still see the amount as
-      used (a `wait: 0` reserve there could fail). Defaults to `true`.
+    * `:sync` - `true` to wait for the server's answer: every client of the host sees
+      the amount free once this returns. Use it before telling another process that
+      the amount is free. Defaults to `false`.
   """
   @spec release(Reservation.t(), keyword()) :: :ok | {:error, Error.t()}
   def release(res, opts \\ [])
 
   def release(%Reservation{client: client} = res, opts) when is_pid(client) and is_list(opts) do
-    case Keyword.get(opts, :sync, true) do
+    case Keyword.get(opts, :sync, false) do
       sync when is_boolean(sync) ->
         Client.call(client, {:release, res, sync}, @call_margin)
 

@@ -65,6 +65,10 @@ ERRORS = {1: "quota_exceeded", 2: "unknown_quota", 3: "invalid_argument", 4: "co
 _NAME = re.compile(r"\A[A-Za-z0-9_.:\-]{1,64}\Z")
 _MARGIN = 5.0  # seconds a call may take beyond its wait before the server counts as gone
 _RCVTIMEO = struct.pack("ll", 1, 0)  # struct timeval: 1 s
+SPIN = 50e-6  # seconds a caller re-reads the socket for its answer before it sleeps
+_WINDOW = 256  # answered calls per window in which the spin is measured on or off
+_EXPLORE = 8  # one window in this many re-measures the mode that was slower
+_SAMPLE_NS = 1_000_000  # longer answers waited in line: they say nothing of the spin
 
 
 class QuotaError(SnakepitShmError):
@@ -135,10 +139,42 @@ def _check_dir(path):
                               "chmod 700 it" % (path, st.st_mode & 0o777))
 
 
+_idle = {"at": -math.inf, "verdict": True}
+
+
+def _cpus_idle():
+    """Whether a CPU is to spare for a spinning caller: the 1-minute load average,
+    less one for this caller (a client calling in a loop is itself runnable all the
+    time, spinning or not, and counted), is below the number of CPUs; never on one
+    CPU.  Re-read at most every 100 ms.  ``SNAKEPIT_SHM_QUOTA_LOADAVG`` stands in for
+    the load average (tests)."""
+    now = time.monotonic()
+    if now - _idle["at"] < 0.1:
+        return _idle["verdict"]
+    _idle["at"] = now
+    fake = os.environ.get("SNAKEPIT_SHM_QUOTA_LOADAVG")
+    try:
+        load = float(fake) if fake else os.getloadavg()[0]
+    except (OSError, ValueError):
+        return _idle["verdict"]  # unknown: keep the last verdict
+    cpus = os.cpu_count() or 1
+    _idle["verdict"] = cpus > 1 and load - 1 < cpus
+    return _idle["verdict"]
+
+
+_NAMES = {}  # valid names seen, encoded (checked once, not on every call)
+
+
 def _check_name(name):
+    if type(name) is str:
+        encoded = _NAMES.get(name)
+        if encoded is not None:
+            return encoded
     if not isinstance(name, str) or not _NAME.match(name):
         raise ValueError("a host quota name must be 1-64 characters of [A-Za-z0-9_.:-], "
                          "got: %r" % (name,))
+    if len(_NAMES) < 1024:
+        _NAMES[name] = name.encode()
     return name.encode()
 
 
@@ -257,7 +293,7 @@ class Reservation:
         """Whether this reservation is still held by its client."""
         return self._quota._is_held(self.id)
 
-    def release(self, sync=True):
+    def release(self, sync=False):
         """Give the reservation back (idempotent); see :meth:`HostQuota.release`."""
         self._quota.release(self, sync=sync)
 
@@ -288,7 +324,18 @@ if hasattr(os, "register_at_fork"):
 class HostQuota:
     """A session with the host quota server.  Thread-safe; close() it when done."""
 
-    def __init__(self, dir=None, label=None, timeout=5.0):
+    def __init__(self, dir=None, label=None, timeout=5.0, spin=SPIN):
+        if isinstance(spin, bool) or not isinstance(spin, (int, float)) or not 0 <= spin < 1:
+            raise ValueError("spin must be seconds from 0 to 1, got: %r" % (spin,))
+        self._spin_ns = int(spin * 1e9)
+        self._spin_hits = 0
+        self._spin_misses = 0
+        # Adaptive spin: windows of _WINDOW answered calls alternate by measurement.
+        self._spin_on = True
+        self._win_n = 0
+        self._win_ns = 0
+        self._windows = 0
+        self._est = {True: None, False: None}  # mean round trip (ns) of the last window
         self._dir = dir or default_dir()
         self._path = os.path.join(self._dir, SOCKET_NAME)
         self._client_id = secrets.randbits(64)
@@ -317,7 +364,7 @@ class HostQuota:
         _INSTANCES.add(self)
 
     @classmethod
-    def connect(cls, dir=None, label=None, timeout=5.0):
+    def connect(cls, dir=None, label=None, timeout=5.0, spin=SPIN):
         """Connect to the host's quota server.
 
         ``dir`` defaults to :func:`default_dir` (``SNAKEPIT_SHM_QUOTA_DIR``, else
@@ -325,8 +372,16 @@ class HostQuota:
         ``/tmp/snakepit_shm-<uid>``); ``label`` (how others see this client) defaults
         to the program name.  Raises :class:`QuotaUnavailable` if no server answers
         within ``timeout`` seconds, ``PermissionError`` if the directory is not private.
+
+        ``spin``: a call re-reads the socket for its answer for up to ``spin`` seconds
+        (default 50 µs, 0 never) before it sleeps, which saves this process a wake-up
+        when the server answers quickly; only while the 1-minute load average, less one
+        for this caller, is below the number of CPUs (on a busy machine a spinning
+        caller would take the CPU the server needs for the answer), and only while it
+        measures faster: calls are timed in windows of 256 answers, spinning or not,
+        and the faster mode is kept (the other re-measured one window in eight).
         """
-        return cls(dir=dir, label=label, timeout=timeout)
+        return cls(dir=dir, label=label, timeout=timeout, spin=spin)
 
     # ---- public API ----
 
@@ -355,8 +410,8 @@ class HostQuota:
         res_id = next(self._ids)
         res = Reservation(self, res_id, name, amount)
         try:
-            reply = self._call(lambda req: encode_reserve(req, res_id, bname, amount, wait_ms),
-                               timeout, reservation=res)
+            self._call(lambda req: encode_reserve(req, res_id, bname, amount, wait_ms),
+                       timeout, reservation=res)
         except (QuotaExceeded, UnknownQuota):
             raise
         except BaseException:
@@ -365,20 +420,24 @@ class HostQuota:
             # reservation must not stay held nor waiting in line.
             self._send_quietly(encode_release(0, res_id))
             raise
-        with self._cv:
-            self._limits.setdefault(name, reply[2])
         return res
 
-    def release(self, reservation, sync=True):
+    def release(self, reservation, sync=False):
         """Release a reservation (idempotent: releasing twice is not an error).
 
-        By default returns once the server has applied it: every client sees the
-        amount free afterwards.  ``sync=False`` sends it without waiting for an answer
-        (request id 0), one round trip less: the server applies it before anything this
-        session sends later (one ordered socket), a server that dies meanwhile takes
-        the reservation with it (it is not re-declared on reconnect), but another
-        client may see the amount as used for the microseconds the frame takes to
-        reach the server.
+        By default the release is pipelined: the RELEASE frame is written to the
+        session's socket and no answer is awaited (request id 0), one round trip less
+        per reserve + release pair.  It is final when this returns: the reservation is
+        never re-declared, and a server that dies before reading it takes it with it.
+        Every later request of this client (any thread: one ordered socket) is applied
+        after it, so its next ``reserve`` or ``usage`` sees the amount free.  Another
+        client (another process, or another ``HostQuota`` of this one) may see the
+        amount as used for the microseconds the frame takes to reach the server (its
+        ``wait=0`` reserve could fail; a waiting one is granted when the frame arrives).
+
+        ``sync=True`` returns once the server has applied it: every client sees the
+        amount free afterwards.  Use it before telling another process that the
+        amount is free.
         """
         with self._cv:
             if self._held.get(reservation.id) is not reservation:
@@ -404,6 +463,13 @@ class HostQuota:
         """The reservations this client holds."""
         with self._cv:
             return list(self._held.values())
+
+    def stats(self):
+        """Counters of this client: ``spin_hits`` (spins that read something: the
+        answer, or the server's hang-up), ``spin_misses`` (spins that ended in a sleep)."""
+        return {"spin_hits": self._spin_hits, "spin_misses": self._spin_misses,
+                "spinning": self._spin_on,
+                "round_trip_ns": {"spin": self._est[True], "no_spin": self._est[False]}}
 
     @property
     def server_pid(self):
@@ -462,12 +528,23 @@ class HostQuota:
             frame = build(req)
             self._pending[req] = (frame, release)
             self._send_locked(frame)
+            # Nobody reads: this thread reads its own answer at once (no second trip
+            # through the lock, no other thread involved).
+            sock = None
+            if not self._reading and self._sock is not None:
+                self._reading = True
+                sock = self._sock
+                sent = time.monotonic_ns()
         try:
-            reply = self._await(req, deadline, reservation)
+            reply = self._await(req, deadline, reservation, sock)
         finally:
             if self._pending.get(req) is not None:
                 with self._cv:
                     self._pending.pop(req, None)
+        if sock is not None and self._spin_ns and _cpus_idle():
+            # This thread read its own answer, in this window's mode. (Outside the
+            # lock: two threads counting at once may lose a count, nothing more.)
+            self._account(time.monotonic_ns() - sent)
         if reply[0] == ERROR:
             _, _, reason, message = reply
             cls = {"quota_exceeded": QuotaExceeded, "unknown_quota": UnknownQuota}.get(reason)
@@ -479,50 +556,69 @@ class HostQuota:
         self._pending.pop(req, None)
         if reservation is not None and reply[0] == GRANTED:
             self._held[reservation.id] = reservation
+            self._limits.setdefault(reservation.name, reply[2])
         return reply
 
-    def _await(self, req, deadline, reservation):
-        """Leader/follower: one thread reads the socket for everyone, others wait."""
+    def _await(self, req, deadline, reservation, sock=None):
+        """Leader/follower: one thread reads the socket for everyone, others wait.
+
+        ``sock``: the caller already took the reader's role (``_reading``) for it."""
         while True:
-            with self._cv:
-                while True:
-                    if req in self._replies:
-                        return self._take_locked(req, self._replies.pop(req), reservation)
-                    self._check_open()
-                    remaining = None if deadline is None else deadline - time.monotonic()
-                    if remaining is not None and remaining <= 0:
-                        raise QuotaUnavailable("the host quota server did not answer in time",
-                                               "unavailable")
-                    if not self._reading and self._sock is not None:
-                        self._reading = True
-                        sock = self._sock
-                        break
-                    if not self._reading and self._sock is None:
-                        self._reconnect_locked(deadline or time.monotonic() + _MARGIN)
-                        continue
-                    self._cv.wait(remaining)
-            # Blocking read; SO_RCVTIMEO (set at connect) wakes it now and then so that
-            # a deadline is seen even if the server hangs without closing.
-            try:
-                reply = self._read_one(sock)
-            except BlockingIOError:
-                reply = None
-            except (OSError, ValueError):
-                reply = False
+            if sock is None:
+                with self._cv:
+                    while True:
+                        if req in self._replies:
+                            return self._take_locked(req, self._replies.pop(req), reservation)
+                        self._check_open()
+                        remaining = None if deadline is None else deadline - time.monotonic()
+                        if remaining is not None and remaining <= 0:
+                            raise QuotaUnavailable("the host quota server did not answer in "
+                                                   "time", "unavailable")
+                        if not self._reading and self._sock is not None:
+                            self._reading = True
+                            sock = self._sock
+                            break
+                        if not self._reading and self._sock is None:
+                            self._reconnect_locked(deadline or time.monotonic() + _MARGIN)
+                            continue
+                        self._cv.wait(remaining)
+            reply = self._lead(req, sock, reservation)
+            if reply is not None:
+                return reply
+            sock = None
+
+    def _lead(self, req, sock, reservation):
+        """Reads one reply as the reader: ``req``'s own (taken), or None."""
+        # Blocking read; SO_RCVTIMEO (set at connect) wakes it now and then so that a
+        # deadline is seen even if the server hangs without closing.
+        try:
+            reply = self._read_one(sock)
+        except BlockingIOError:
+            reply = None
+        except (OSError, ValueError):
+            reply = False
+        except BaseException:
+            # Interrupted (Ctrl-C, an exception from a signal handler): let another
+            # thread read, or the watcher watch, instead of waiting for this one.
             with self._cv:
                 self._reading = False
-                if reply is False:
-                    if self._sock is sock:
-                        self._drop_locked()
-                elif reply is not None and reply[0] == WELCOME:
-                    self._server_pid = reply[2]
-                elif reply is not None:
-                    if reply[1] == req:
-                        self._cv.notify_all()
-                        return self._take_locked(req, reply, reservation)
-                    if reply[1] in self._pending:
-                        self._replies[reply[1]] = reply
                 self._cv.notify_all()
+            raise
+        with self._cv:
+            self._reading = False
+            if reply is False:
+                if self._sock is sock:
+                    self._drop_locked()
+            elif reply is not None and reply[0] == WELCOME:
+                self._server_pid = reply[2]
+            elif reply is not None:
+                if reply[1] == req:
+                    self._cv.notify_all()
+                    return self._take_locked(req, reply, reservation)
+                if reply[1] in self._pending:
+                    self._replies[reply[1]] = reply
+            self._cv.notify_all()
+        return None
 
     def _read_one(self, sock):
         if self._buf_sock is not sock:
@@ -538,10 +634,50 @@ class HostQuota:
                     payload = bytes(self._buf[4:4 + n])
                     del self._buf[:4 + n]
                     return decode_reply(payload)
-            chunk = sock.recv(65536)
+            chunk = self._recv(sock)
             if not chunk:
                 raise ConnectionResetError("the quota server closed the connection")
             self._buf += chunk
+
+    def _account(self, rt_ns):
+        """Adaptive spin: whether spinning pays is measured, not guessed. Calls are
+        counted in windows of _WINDOW answers, each all spinning or all sleeping (a
+        lone spinning call among sleeping ones finds the server asleep too, a lone
+        sleeping call among spinning ones may wake cheaply: per-call probes mislead).
+        The next window takes the mode whose last window was faster; one in _EXPLORE
+        re-measures the other, as do the first two (one of each)."""
+        if rt_ns >= _SAMPLE_NS:
+            return
+        self._win_n += 1
+        self._win_ns += rt_ns
+        if self._win_n < _WINDOW:
+            return
+        mode = self._spin_on
+        self._est[mode] = self._win_ns / self._win_n
+        self._win_n = self._win_ns = 0
+        self._windows += 1
+        other = not mode
+        if self._est[other] is None:
+            self._spin_on = other
+            return
+        faster = self._est[True] <= self._est[False]
+        self._spin_on = (not faster) if self._windows % _EXPLORE == 0 else faster
+
+    def _recv(self, sock):
+        if self._spin_ns and self._spin_on and _cpus_idle():
+            # Re-read for up to spin seconds: an answer that comes quickly then costs
+            # no sleep and no wake-up of this process.
+            end = time.monotonic_ns() + self._spin_ns
+            while True:
+                try:
+                    chunk = sock.recv(65536, socket.MSG_DONTWAIT)
+                    self._spin_hits += 1
+                    return chunk
+                except BlockingIOError:
+                    if time.monotonic_ns() >= end:
+                        break
+            self._spin_misses += 1
+        return sock.recv(65536)
 
     def _send_locked(self, payload):
         if self._sock is None:

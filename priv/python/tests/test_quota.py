@@ -155,7 +155,10 @@ class FakeServer:
                 self.frames.append((n, payload))
                 out = self.reply(payload)
                 if out is not None:
-                    conn.sendall(struct.pack(">I", len(out)) + out)
+                    try:
+                        conn.sendall(struct.pack(">I", len(out)) + out)
+                    except OSError:
+                        return  # the client is gone (closed before reading the answer)
 
     @staticmethod
     def default_reply(payload):
@@ -205,6 +208,8 @@ def test_reconnects_at_once_and_redeclares_what_it_holds(tmp_path):
     res = quota.reserve("q", 4)
     released = quota.reserve("q", 1)
     released.release()
+    # Pipelined by default: the frame is on its way, not answered.
+    assert wait_for(lambda: len(server.kinds(1)) == 5)
     assert server.kinds(1) == [q.HELLO, q.DEFINE, q.RESERVE, q.RESERVE, q.RELEASE]
 
     # The server dies while this client is idle; a new one appears.
@@ -401,8 +406,8 @@ def test_something_that_hangs_up_at_once_is_not_reconnected_to_in_a_hot_loop(tmp
     lsock.close()
 
 
-def test_release_waits_for_the_server_unless_sync_false(tmp_path):
-    # sync=False: RELEASE with request id 0 (no answer awaited); the default asks for
+def test_release_is_pipelined_unless_sync_true(tmp_path):
+    # The default: RELEASE with request id 0 (no answer awaited); sync=True asks for
     # the answer and returns once the server sent it.
     answered = []
 
@@ -416,15 +421,177 @@ def test_release_waits_for_the_server_unless_sync_false(tmp_path):
     quota = snakepit_shm.HostQuota.connect(dir=server.dir)
     fast = quota.reserve("q", 1)
     slow = quota.reserve("q", 2)
-    fast.release(sync=False)
+    ctx = quota.reserve("q", 3)
+    fast.release()
     assert not fast.held
-    slow.release()
+    slow.release(sync=True)
     assert not slow.held
+    with ctx:
+        pass
+    assert not ctx.held
+    assert wait_for(lambda: len(answered) == 3)
     releases = [p for (n, p) in server.frames if p[1] == q.RELEASE]
     fields = [struct.unpack_from(">IQ", p, 2) for p in releases]
-    assert fields == [(0, fast.id), (answered[1], slow.id)]
-    assert answered[0] == 0 and answered[1] != 0
+    assert fields == [(0, fast.id), (answered[1], slow.id), (0, ctx.id)]
+    assert answered[0] == 0 and answered[1] != 0 and answered[2] == 0
     fast.release()  # idempotent, nothing sent
-    assert len([p for (n, p) in server.frames if p[1] == q.RELEASE]) == 2
+    quota.release(slow, sync=True)
+    assert quota.usage() == []  # after every frame above (one ordered socket)
+    assert len([p for (n, p) in server.frames if p[1] == q.RELEASE]) == 3
+    quota.close()
+    server.stop()
+
+
+def test_a_caller_spins_for_its_answer_only_with_a_cpu_to_spare(tmp_path, monkeypatch):
+    # SNAKEPIT_SHM_QUOTA_LOADAVG stands in for the load average (re-read every 100 ms).
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("a caller never spins on one CPU")
+    server = FakeServer(tmp_path)
+    with pytest.raises(ValueError):
+        snakepit_shm.HostQuota.connect(dir=server.dir, spin=-1)
+    with pytest.raises(ValueError):
+        snakepit_shm.HostQuota.connect(dir=server.dir, spin=True)
+    monkeypatch.setenv("SNAKEPIT_SHM_QUOTA_LOADAVG", "0")
+    q._idle["at"] = -float("inf")
+    quota = snakepit_shm.HostQuota.connect(dir=server.dir, spin=0.5)
+    for _ in range(20):
+        quota.reserve("q", 1).release()
+    stats = quota.stats()
+    # A fake server in a thread of this process: it answers within the 0.5 s spin.
+    assert stats["spin_hits"] >= 20 and stats["spin_misses"] == 0
+    # The load average less this caller must be below the CPU count.
+    cpus = os.cpu_count()
+    for load, spins in [(cpus + 0.9, True), (cpus + 1, False), (1000, False)]:
+        monkeypatch.setenv("SNAKEPIT_SHM_QUOTA_LOADAVG", str(load))
+        q._idle["at"] = -float("inf")
+        before = quota.stats()["spin_hits"]
+        for _ in range(20):
+            quota.reserve("q", 1).release()
+        assert (quota.stats()["spin_hits"] > before) == (spins and cpus > 1)
+    stats = quota.stats()
+    monkeypatch.setenv("SNAKEPIT_SHM_QUOTA_LOADAVG", "1000")
+    q._idle["at"] = -float("inf")
+    quota.reserve("q", 1).release()
+    assert quota.stats() == stats  # overloaded: straight to the blocking read
+    quota.close()
+    off = snakepit_shm.HostQuota.connect(dir=server.dir, spin=0)
+    monkeypatch.setenv("SNAKEPIT_SHM_QUOTA_LOADAVG", "0")
+    q._idle["at"] = -float("inf")
+    off.reserve("q", 1).release()
+    assert (off.stats()["spin_hits"], off.stats()["spin_misses"]) == (0, 0)
+    off.close()
+    server.stop()
+
+
+def test_the_spin_is_kept_only_while_it_measures_faster(tmp_path, monkeypatch):
+    # Windows of q._WINDOW answered calls, all spinning or all sleeping; the faster
+    # mode is kept, the other re-measured one window in q._EXPLORE.
+    monkeypatch.setenv("SNAKEPIT_SHM_QUOTA_LOADAVG", "0")
+    q._idle["at"] = -float("inf")
+    server = FakeServer(tmp_path)
+    quota = snakepit_shm.HostQuota.connect(dir=server.dir)
+    w = q._WINDOW
+
+    def window(rt_us):
+        mode = quota.stats()["spinning"]
+        for _ in range(w):
+            quota._account(rt_us * 1000)
+        return mode
+
+    # First one window of each mode, spinning first.
+    assert window(20) is True and window(50) is False
+    # Spinning measured faster: kept, except the re-measuring window.
+    modes = [window(20 if quota.stats()["spinning"] else 50) for _ in range(2 * q._EXPLORE)]
+    assert modes.count(False) == 2 and modes.count(True) == 2 * q._EXPLORE - 2
+    # The machine changes: spinning is now the slower one; it is dropped.
+    for _ in range(3 * q._EXPLORE):
+        window(45 if quota.stats()["spinning"] else 25)
+    modes = [window(45 if quota.stats()["spinning"] else 25) for _ in range(2 * q._EXPLORE)]
+    assert modes.count(True) == 2 and modes.count(False) == 2 * q._EXPLORE - 2
+    # Answers that waited in line (>= 1 ms) are not counted.
+    before = (quota._win_n, quota._win_ns)
+    quota._account(5_000_000)
+    assert (quota._win_n, quota._win_ns) == before
+    rt = quota.stats()["round_trip_ns"]
+    assert rt["spin"] == 45_000 and rt["no_spin"] == 25_000
+
+    # Real calls are counted in the window (a fake server in a thread of this process;
+    # on a loaded machine its answers may take longer than a sample may).
+    monkeypatch.setattr(q, "_SAMPLE_NS", 10 ** 12)
+    n = quota._win_n
+    for _ in range(10):
+        quota.reserve("q", 1).release()
+    assert quota._win_n == n + 10
+    quota.close()
+    server.stop()
+
+
+def test_an_interrupted_reader_lets_the_next_call_read(tmp_path):
+    # Interrupted while reading its answer (the reader's role), a caller must hand the
+    # role back: before, the next call waited for a reader that was gone.
+    gate = threading.Event()
+
+    def reply(payload):
+        if payload[1] == q.USAGE and not gate.is_set():
+            return None  # never answered: the caller is interrupted
+        return FakeServer.default_reply(payload)
+
+    server = FakeServer(tmp_path, reply)
+    quota = snakepit_shm.HostQuota.connect(dir=server.dir, spin=0)
+
+    class Interrupted(BaseException):
+        pass
+
+    def interrupt(*_):
+        raise Interrupted()
+
+    old = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        with pytest.raises(Interrupted):
+            quota.usage()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    gate.set()
+    res = quota.reserve("q", 1)  # answered: read by this caller
+    assert res.held
+    res.release()
+    quota.close()
+    server.stop()
+
+
+def test_a_hang_up_while_the_caller_spins_resends_its_request(tmp_path, monkeypatch):
+    # The server dies while the caller spins for its answer: the caller sees EOF,
+    # reconnects, re-declares, re-sends the request and gets its answer from the new one.
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("a caller never spins on one CPU")
+    monkeypatch.setenv("SNAKEPIT_SHM_QUOTA_LOADAVG", "0")
+    q._idle["at"] = -float("inf")
+    first = {"conn": True}
+
+    def reply(payload):
+        if payload[1] == q.RESERVE and first["conn"]:
+            return None  # the dying server never answers
+        return FakeServer.default_reply(payload)
+
+    server = FakeServer(tmp_path, reply)
+    quota = snakepit_shm.HostQuota.connect(dir=server.dir, spin=0.2)
+
+    def die():
+        time.sleep(0.05)
+        first["conn"] = False
+        server.hang_up()
+        server.listen()
+
+    threading.Thread(target=die, daemon=True).start()
+    res = quota.reserve("q", 1, wait=10)
+    assert res.held
+    kinds = [server.kinds(n) for n in range(1, len(server.conns) + 1)]
+    assert kinds[0] == [q.HELLO, q.RESERVE]
+    # The new session: HELLO, then the request still waiting for its answer.
+    assert kinds[-1][:2] == [q.HELLO, q.RESERVE]
+    # It was spinning (0.2 s) when the hang-up came, and spun for the new answer too.
+    assert quota.stats()["spin_hits"] >= 2 and quota.stats()["spin_misses"] == 0
     quota.close()
     server.stop()

@@ -170,6 +170,8 @@ defmodule Snakepit.SharedMemory.HostQuotaProcessesTest do
     send(watcher, :stop)
     assert_receive {:max_used, max}, 5_000
     assert max <= 10 and max > 0
+    # The peers' last releases are pipelined: seen by this client once they arrive.
+    ms_until(fn -> usage(c, "q").used == 0 end, 5_000)
     q = usage(c, "q")
     assert q.used == 0 and q.waiters == [] and q.holders == []
   end
@@ -242,7 +244,7 @@ defmodule Snakepit.SharedMemory.HostQuotaProcessesTest do
     assert "error quota_exceeded" = cmd(other, "reserve q 3 0")
     assert "ok " <> _ = cmd(py, "reserve q 2 0")
     assert "error quota_exceeded" = cmd(other, "reserve q 1 0")
-    :ok = HQ.release(r)
+    :ok = HQ.release(r, sync: true)
     assert "ok " <> _ = cmd(other, "reserve q 1 0")
     assert usage(c, "q").used == 10
   end
@@ -267,6 +269,78 @@ defmodule Snakepit.SharedMemory.HostQuotaProcessesTest do
     assert [%{kind: :beam}] = usage(c, "q").waiters
     assert cmd(py, "release #{id}") == "ok"
     assert "ok " <> _ = reply(vm, 10_000)
+  end
+
+  test "SIGKILL of a Python client waiting in line: its waiter leaves, what it held is " <>
+         "released, the next waiter is granted",
+       %{dir: dir} do
+    c = client(dir)
+    :ok = HQ.define("q", 10, client: c)
+    {:ok, _} = HQ.reserve("q", 6, client: c)
+    py = start_python(dir)
+    vm = start_beam(dir)
+    assert "ok " <> _ = cmd(py, "reserve q 4 0")
+    # The Python client waits for 5 (6 + 4 + 5 > 10); the VM queues 4 behind it.
+    send_line(py, "reserve q 5 60000")
+    ms_until(fn -> length(usage(c, "q").waiters) == 1 end, 10_000)
+    send_line(vm, "reserve q 4 60000")
+    ms_until(fn -> length(usage(c, "q").waiters) == 2 end, 10_000)
+    assert [%{kind: :python, amount: 5}, %{kind: :beam, amount: 4}] = usage(c, "q").waiters
+
+    kill9(py)
+    # Its 4 are released and its waiter is gone: the VM's 4 fits (6 + 4) and, no longer
+    # behind the dead client's 5, is granted.
+    assert "ok " <> _ = reply(vm, 5_000)
+    q = usage(c, "q")
+    assert q.used == 10 and q.waiters == []
+    assert Enum.sort(Enum.map(q.holders, &{&1.kind, &1.amount})) == [{:beam, 4}, {:beam, 6}]
+  end
+
+  test "SIGKILL of the serving VM while a Python client is idle: it re-declares what it " <>
+         "holds within the grace period",
+       %{dir: dir} do
+    server = start_beam(dir)
+    assert cmd(server, "serving") == "serving true"
+    assert cmd(server, "define q 10") == "ok"
+    py = start_python(dir)
+    assert "ok " <> _ = cmd(py, "reserve q 6 0")
+    c = client(dir)
+    {:ok, _} = HQ.reserve("q", 1, client: c)
+    assert usage(c, "q").used == 7
+
+    # The Python client makes no call from here on: only its watcher sees the hang-up.
+    kill9(server)
+    # This VM serves now (its client won the election): the request below goes to the
+    # new server, which answers it when its grace period ends. Had the idle client
+    # not re-declared its 6 by then, 5 would fit (1 + 5) and the total would reach 12
+    # once it did.
+    ms_until(
+      fn -> match?({:ok, %{serving: true, connected: true}}, HQ.info(client: c)) end,
+      2_000
+    )
+
+    assert {:error, %{reason: :quota_exceeded}} = HQ.reserve("q", 5, client: c)
+    q = usage(c, "q")
+    assert q.used == 7
+    assert Enum.sort(Enum.map(q.holders, &{&1.kind, &1.amount})) == [{:beam, 1}, {:python, 6}]
+    # The idle client works on the new server, with what it held.
+    assert "error quota_exceeded" = cmd(py, "reserve q 4 0")
+    assert "ok " <> _ = cmd(py, "reserve q 3 0")
+  end
+
+  test "a released amount is free for the same client's next reserve (pipelined releases " <>
+         "from two Python threads), while a VM hammers another quota",
+       %{dir: dir} do
+    c = client(dir)
+    :ok = HQ.define("q", 5, client: c)
+    :ok = HQ.define("r", 10, client: c)
+    py = start_python(dir)
+    vm = start_beam(dir)
+    send_line(vm, "stress r 10 300")
+    assert cmd(py, "cycle q 5 400", 120_000) == "done"
+    assert reply(vm, 120_000) == "done"
+    # The last release is pipelined: seen by this (other) client once it arrives.
+    ms_until(fn -> usage(c, "q").used == 0 and usage(c, "r").used == 0 end, 5_000)
   end
 
   test "two VMs with host_quota: \"shm_total\" cannot exceed the budget together",

@@ -17,6 +17,25 @@ defmodule Snakepit.SharedMemory.HostQuota.ProtocolTest do
     {{:usage, 4, nil}, "01 06 00000004 00"}
   ]
 
+  describe "valid_name?/1" do
+    test "1-64 characters of [A-Za-z0-9_.:-], every other byte refused" do
+      for name <- ["a", "shm_total", "gpu0", "A.b:c-d_9", String.duplicate("z", 64)],
+          do: assert(Protocol.valid_name?(name))
+
+      for name <- ["", String.duplicate("z", 65), "a b", "a/b", "é", "a\n", "a\0", :a, nil, 1],
+          do: refute(Protocol.valid_name?(name))
+
+      # Every single byte, alone and inside a valid name: exactly the 65 allowed ones.
+      allowed = Enum.concat([?a..?z, ?A..?Z, ?0..?9, [?_, ?., ?:, ?-]])
+
+      for b <- 0..255 do
+        expected = b in allowed
+        assert Protocol.valid_name?(<<b>>) == expected
+        assert Protocol.valid_name?(<<"ab", b, "cd">>) == expected
+      end
+    end
+  end
+
   describe "encode_request/1 and decode_request/1" do
     test "the documented byte layout, both ways" do
       for {request, hex} <- @vectors do

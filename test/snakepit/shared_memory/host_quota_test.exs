@@ -92,32 +92,50 @@ defmodule Snakepit.SharedMemory.HostQuotaTest do
       assert :ok = HQ.release(r1)
       assert {:error, %Error{reason: :not_found}} = HQ.release(r1)
       assert used(a, "gpu0") == 40
-      assert :ok = HQ.release(r2)
+      # r2 is b's and the check asks through a (another session): sync: true, or a
+      # could still see the pipelined release in flight.
+      assert :ok = HQ.release(r2, sync: true)
       assert used(a, "gpu0") == 0
     end
 
-    test "release(sync: false) sends the release unanswered; it is final at once and " <>
-           "ordered before the session's next request",
+    test "release/2 is pipelined by default: final at once, ordered before the " <>
+           "session's next request from any process of the VM",
          %{dir: dir} do
       a = client(dir, "fast")
       b = client(dir, "other")
       :ok = HQ.define("ff", 10, client: a)
+      test = self()
 
-      for _ <- 1..200 do
+      for i <- 1..200 do
         {:ok, r} = HQ.reserve("ff", 10, client: a)
-        assert :ok = HQ.release(r, sync: false)
+        opts = Enum.at([[], [sync: false]], rem(i, 2))
+        assert :ok = HQ.release(r, opts)
         # Final here: not held, cannot be released twice.
-        assert {:error, %Error{reason: :not_found}} = HQ.release(r, sync: false)
+        assert {:error, %Error{reason: :not_found}} = HQ.release(r, opts)
         refute Enum.any?(HQ.held(client: a), &(&1.id == r.id))
-        # The same session's next request comes after it: the whole quota is free.
-        assert {:ok, r2} = HQ.reserve("ff", 10, client: a)
-        assert :ok = HQ.release(r2)
+        # The same session's next request comes after it, from this process or
+        # another one of this VM: the whole quota is free.
+        if rem(i, 3) == 0 do
+          spawn(fn -> send(test, {:other, HQ.reserve("ff", 10, client: a, owner: test)}) end)
+          assert_receive {:other, {:ok, r2}}, 5_000
+          assert :ok = HQ.release(r2)
+        else
+          assert {:ok, r2} = HQ.reserve("ff", 10, client: a)
+          assert :ok = HQ.release(r2)
+        end
       end
 
       # Another client sees it once the frame has reached the server.
       {:ok, r} = HQ.reserve("ff", 10, client: a)
-      :ok = HQ.release(r, sync: false)
+      :ok = HQ.release(r)
       assert wait_until(fn -> used(b, "ff") == 0 end, 2_000)
+
+      # sync: true: seen by every client when it returns.
+      for _ <- 1..50 do
+        {:ok, r} = HQ.reserve("ff", 10, client: a)
+        :ok = HQ.release(r, sync: true)
+        assert used(b, "ff") == 0
+      end
 
       assert {:error, %Error{reason: :invalid_option}} = HQ.release(r, sync: :maybe)
       assert {:error, %Error{reason: :invalid_option}} = HQ.release(r, :nope)
@@ -440,7 +458,8 @@ defmodule Snakepit.SharedMemory.HostQuotaTest do
              ]
 
       assert {:error, %Error{reason: :quota_exceeded}} = HQ.reserve("q", 2, client: b)
-      assert :ok = HQ.release(rc)
+      # Seen by another client (b) once it returns: sync: true.
+      assert :ok = HQ.release(rc, sync: true)
       assert used(b, "q") == 7
     end
   end
@@ -477,6 +496,38 @@ defmodule Snakepit.SharedMemory.HostQuotaTest do
       :gen_tcp.close(s)
       assert wait_until(fn -> used(a, "q") == 0 end)
       assert {:ok, _} = HQ.reserve("q", 6, client: a)
+    end
+
+    test "a wait: 0 reserve whose caller dies before the answer is given back", %{dir: dir} do
+      # No monitor on the caller of a wait: 0 request (answered within a round trip):
+      # held back by the grace period here, its grant arrives after the caller died,
+      # and the client releases it instead of keeping it for nobody.
+      File.mkdir_p!(dir)
+      File.chmod!(dir, 0o700)
+      stale = Path.join(dir, "quota.sock")
+      {:ok, l} = :gen_tcp.listen(0, [:binary, ifaddr: {:local, stale}])
+      :gen_tcp.close(l)
+
+      a = client(dir, "a")
+      :ok = HQ.define("q", 10, client: a)
+      test = self()
+
+      callers =
+        for owner <- [:caller, nil] do
+          spawn(fn ->
+            opts = if owner, do: [client: a], else: [client: a, owner: nil]
+            send(test, {:never, HQ.reserve("q", 3, opts)})
+          end)
+        end
+
+      # Both wait in the line of the recovering server (no grant for 250 ms).
+      assert wait_until(fn -> match?({:ok, [%{waiters: [_, _]}]}, HQ.usage("q", client: a)) end)
+      Enum.each(callers, &Process.exit(&1, :kill))
+      refute_receive {:never, _}, 400
+      # Granted at the end of the grace period, then given back by the client.
+      assert wait_until(fn -> used(a, "q") == 0 and HQ.held(client: a) == [] end)
+      {:ok, [q]} = HQ.usage("q", client: a)
+      assert q.holders == [] and q.waiters == []
     end
 
     test "a live server of the path is never replaced", %{dir: dir} do

@@ -113,13 +113,14 @@ defmodule Snakepit.SharedMemory.HostQuota.Client do
   def handle_call({:reserve, %Reservation{} = res, wait}, from, state) do
     state = add_owner(state, res.owner)
     make = &{:reserve, &1, res.id, res.name, res.amount, wait}
-    req = state.next_req
-    state = request(state, from, :reserve, make, res)
     # The caller alone learns the reservation: if it dies before the answer (killed
     # while waiting in line), nobody could ever release it, whatever its owner
     # (`owner: nil` would hold it until this VM dies). Its request leaves the line.
+    # A `wait: 0` request is answered within a round trip: no monitor, the answer
+    # checks that the caller still lives (settle/3) and gives back a grant it missed.
     caller = elem(from, 0)
-    {:noreply, put_in(state, [:pending, req, :caller], {caller, Process.monitor(caller)})}
+    ref = if wait == 0, do: nil, else: Process.monitor(caller)
+    {:noreply, request(state, from, :reserve, make, res, {caller, ref})}
   end
 
   def handle_call({:release, %Reservation{} = res}, from, state),
@@ -136,12 +137,13 @@ defmodule Snakepit.SharedMemory.HostQuota.Client do
          ), state}
 
       {held_res, held} when sync ->
-        # Answered once the server has applied it: every client sees it after this.
+        # sync: true: answered once the server has applied it: every client sees it
+        # after this.
         state = drop_owner(%{state | held: held}, held_res.owner)
         {:noreply, request(state, from, :release, &{:release, &1, id}, held_res)}
 
       {held_res, held} ->
-        # sync: false, fire and forget (request id 0: no answer): the release is final
+        # The default, pipelined (request id 0: no answer): the release is final
         # here, the server applies it before anything this session sends later (one
         # ordered socket), and a server that dies meanwhile takes the reservation with
         # it (it is not re-declared). Half the round trips of a reserve + release pair.
@@ -238,10 +240,11 @@ defmodule Snakepit.SharedMemory.HostQuota.Client do
 
   # ---- requests and replies ----
 
-  defp request(state, from, kind, make, res) do
+  defp request(state, from, kind, make, res, caller \\ nil) do
     req = state.next_req
     frame = Protocol.encode_request(make.(req))
     entry = %{from: from, kind: kind, frame: frame, res: res}
+    entry = if caller, do: Map.put(entry, :caller, caller), else: entry
     state = %{state | next_req: next(req), pending: Map.put(state.pending, req, entry)}
     send_now(state, frame)
   end
@@ -282,7 +285,13 @@ defmodule Snakepit.SharedMemory.HostQuota.Client do
   end
 
   defp settle(%{kind: :reserve, res: res, from: from} = e, {:granted, _, limit}, state) do
-    state = put_in(state, [:limits, res.name], limit)
+    name = res.name
+
+    state =
+      case state.limits do
+        %{^name => ^limit} -> state
+        limits -> %{state | limits: Map.put(limits, name, limit)}
+      end
 
     if caller_alive?(e) do
       GenServer.reply(from, {:ok, res})
@@ -331,7 +340,7 @@ defmodule Snakepit.SharedMemory.HostQuota.Client do
 
   # Stops watching the caller of a settled request; whether it is still alive.
   defp caller_alive?(%{caller: {pid, ref}}) do
-    Process.demonitor(ref, [:flush])
+    if ref, do: Process.demonitor(ref, [:flush])
     # A caller on another node (a :client pid used remotely) is taken as alive.
     node(pid) != node() or Process.alive?(pid)
   end
@@ -349,8 +358,8 @@ defmodule Snakepit.SharedMemory.HostQuota.Client do
 
   defp add_owner(state, pid) do
     case state.owners do
-      %{^pid => {ref, n}} -> put_in(state, [:owners, pid], {ref, n + 1})
-      _ -> put_in(state, [:owners, pid], {Process.monitor(pid), 1})
+      %{^pid => {ref, n}} = owners -> %{state | owners: %{owners | pid => {ref, n + 1}}}
+      owners -> %{state | owners: Map.put(owners, pid, {Process.monitor(pid), 1})}
     end
   end
 
@@ -362,8 +371,8 @@ defmodule Snakepit.SharedMemory.HostQuota.Client do
         Process.demonitor(ref, [:flush])
         %{state | owners: Map.delete(state.owners, pid)}
 
-      %{^pid => {ref, n}} ->
-        put_in(state, [:owners, pid], {ref, n - 1})
+      %{^pid => {ref, n}} = owners ->
+        %{state | owners: %{owners | pid => {ref, n - 1}}}
 
       _ ->
         state

@@ -287,9 +287,15 @@ defmodule Snakepit.SharedMemory.HostQuota.Server do
 
     case Map.pop(session.held, res_id) do
       {{name, amount}, held} ->
-        state
-        |> put_in([:sessions, socket, :held], held)
-        |> update_in([:quotas, name, :used], &(&1 - amount))
+        # Direct map updates: this is the hot path (put_in/update_in cost ~1 µs more).
+        %{sessions: sessions, quotas: quotas} = state
+        quota = Map.fetch!(quotas, name)
+
+        %{
+          state
+          | sessions: Map.put(sessions, socket, %{session | held: held}),
+            quotas: Map.put(quotas, name, %{quota | used: quota.used - amount})
+        }
         |> reply(socket, Protocol.ok(req), req)
         |> pump(name)
 
@@ -386,10 +392,17 @@ defmodule Snakepit.SharedMemory.HostQuota.Server do
   end
 
   defp grant(state, socket, req, res_id, name, amount) do
-    state
-    |> put_in([:sessions, socket, :held, res_id], {name, amount})
-    |> update_in([:quotas, name, :used], &(&1 + amount))
-    |> reply(socket, Protocol.granted(req, state.quotas[name].limit))
+    %{sessions: sessions, quotas: quotas} = state
+    session = Map.fetch!(sessions, socket)
+    quota = Map.fetch!(quotas, name)
+    held = Map.put(session.held, res_id, {name, amount})
+
+    %{
+      state
+      | sessions: Map.put(sessions, socket, %{session | held: held}),
+        quotas: Map.put(quotas, name, %{quota | used: quota.used + amount})
+    }
+    |> reply(socket, Protocol.granted(req, quota.limit))
   end
 
   # Grants waiters in arrival order while the head fits: strict FIFO, so a large request
@@ -411,8 +424,10 @@ defmodule Snakepit.SharedMemory.HostQuota.Server do
     end
   end
 
-  defp waiting?(quota, socket, res_id),
-    do: Enum.any?(:queue.to_list(quota.queue), &(&1.socket == socket and &1.res_id == res_id))
+  defp waiting?(quota, socket, res_id) do
+    not :queue.is_empty(quota.queue) and
+      Enum.any?(:queue.to_list(quota.queue), &(&1.socket == socket and &1.res_id == res_id))
+  end
 
   defp wait_timed_out(state, socket, res_id) do
     Enum.reduce(state.quotas, state, fn {name, quota}, state ->
