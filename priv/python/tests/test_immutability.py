@@ -78,8 +78,11 @@ import json, sys, time, snakepit_shm
 ref = json.loads(sys.argv[1]); offset = int(sys.argv[2])
 counts = {"ok": 0, "busy": 0, "corrupt": 0}
 with snakepit_shm.attach(ref, mode="rw") as region:
+    # One second of contention, and on a loaded machine until this writer got through
+    # at least once (at most 20 s).
     end = time.monotonic() + 1.0
-    while time.monotonic() < end:
+    cap = end + 19.0
+    while time.monotonic() < end or (counts["ok"] == 0 and time.monotonic() < cap):
         try:
             region.write(offset, bytes([offset % 251]) * 100)
             region.read(0, 4096)
