@@ -690,6 +690,26 @@ void Endpoint::handle_ready(const os::Ready* ready, int count) {
   }
 }
 
+int Endpoint::take_doorbell_fd() noexcept {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (!owner_ || transport_ != Transport::shm || wake_fd_ < 0 || reason_ != CloseReason::none) {
+    errno = EINVAL;
+    return -1;
+  }
+  int dup = os::dup_cloexec(wake_fd_);
+  if (dup < 0) return -1;
+  if (epfd_ >= 0) os::epoll_remove(epfd_, wake_fd_);
+  return dup;
+}
+
+void Endpoint::doorbell_woke() {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (reason_ != CloseReason::none || transport_ != Transport::shm || map_ == nullptr) return;
+  ++st_.wakeups;
+  ring::end_sleep(cons_);
+  prod_.ctl->producer.waiting.store(0, std::memory_order_relaxed);
+}
+
 bool Endpoint::prepare_wait(bool want_data, bool want_space, std::uint64_t need) {
   std::lock_guard<std::mutex> lock(mu_);
   // Closed or at EOF: a caller that wants something must look now (recv/send report it);

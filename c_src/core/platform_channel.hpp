@@ -13,6 +13,8 @@ namespace spshm::channel::os {
 
 /// A non-blocking, close-on-exec eventfd (counter 0).
 Result<int> make_eventfd();
+/// fcntl(F_DUPFD_CLOEXEC): a close-on-exec duplicate of fd, or -1 (errno set).
+int dup_cloexec(int fd) noexcept;
 /// Adds 1 to an eventfd (never blocks; a saturated counter is already "signalled").
 void signal_eventfd(int fd) noexcept;
 /// Resets an eventfd to 0; returns the count read (0 if it was not signalled).

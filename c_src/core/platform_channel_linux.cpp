@@ -335,6 +335,8 @@ bool wait_readable(int fd, int timeout_ms) noexcept {
   return rc > 0;
 }
 
+int dup_cloexec(int fd) noexcept { return ::fcntl(fd, F_DUPFD_CLOEXEC, 3); }
+
 bool cpus_idle() noexcept {
   static std::atomic<std::uint64_t> checked_ns{0};
   static std::atomic<bool> idle{true};

@@ -44,6 +44,9 @@ struct ChannelResource {
   bool closed = false;
   bool monitoring = false;
   ErlNifMonitor monitor{};
+  /// A duplicate of the owner's doorbell read by the channel process's fd port; closed by
+  /// channel_doorbell_close/1 once that port is closed (never while a port may poll it).
+  int bell_fd = -1;
 };
 
 struct PreparedResource {
@@ -529,6 +532,54 @@ SPSHM_GUARDED_NIF(nif_channel_pump)(ErlNifEnv* env, int, const ERL_NIF_TERM argv
     }
     armed = true;
   }
+  return enif_make_tuple3(env, atoms.ok, ordered, make_bool(armed));
+}
+
+// channel_doorbell(ch) -> {:ok, fd} | {:error, ...}: a duplicate of the owner's doorbell
+// eventfd, taken out of the epoll fd, for an fd port (Server): the BEAM's schedulers poll a
+// port's fd themselves, so a doorbell rung while a scheduler still spins is seen without
+// waking the poll thread (docs/CHANNEL.md, "Elixir side").
+SPSHM_GUARDED_NIF(nif_channel_doorbell)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  ChannelResource* c;
+  if (!get_channel(env, argv[0], &c)) return enif_make_badarg(env);
+  std::lock_guard<std::mutex> lock(c->mu);
+  if (c->bell_fd >= 0) return make_error(env, Errc::invalid_argument, "doorbell already taken");
+  int fd = c->ep->take_doorbell_fd();
+  if (fd < 0) return make_error(env, Errc::unsupported, "no doorbell on this channel");
+  c->bell_fd = fd;
+  return make_ok(env, enif_make_int(env, fd));
+}
+
+// channel_doorbell_close(ch) -> :ok: closes the doorbell duplicate (its port is closed).
+SPSHM_GUARDED_NIF(nif_channel_doorbell_close)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  ChannelResource* c;
+  if (!get_channel(env, argv[0], &c)) return enif_make_badarg(env);
+  std::lock_guard<std::mutex> lock(c->mu);
+  if (c->bell_fd >= 0) ::close(c->bell_fd);
+  c->bell_fd = -1;
+  return atoms.ok;
+}
+
+// The hot path of an active channel whose doorbell is an fd port: the port's message was
+// the wake-up, so no epoll probe and no enif_select: withdraw the announcement, take up to
+// max_count messages and, if the ring was emptied, announce the sleep again.
+// channel_pump_bell(ch, max_count, max_bytes) -> as channel_pump/3 (armed: asleep, the
+// doorbell will ring; false: look again now).
+SPSHM_GUARDED_NIF(nif_channel_pump_bell)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  ChannelResource* c;
+  std::uint64_t max_count = 0, max_bytes = 0;
+  if (!get_channel(env, argv[0], &c) || !get_u64(env, argv[1], &max_count) ||
+      !get_u64(env, argv[2], &max_bytes) || max_count == 0) {
+    return enif_make_badarg(env);
+  }
+  c->ep->doorbell_woke();
+  ERL_NIF_TERM ordered, status, error;
+  std::uint64_t taken = 0;
+  if (!take_messages(env, c, max_count, max_bytes, &ordered, &taken, &status, &error)) {
+    return error;
+  }
+  if (status != atoms.ok) return enif_make_tuple3(env, ca.closed, status, ordered);
+  bool armed = taken < max_count && c->ep->prepare_wait(true, false, 0);
   return enif_make_tuple3(env, atoms.ok, ordered, make_bool(armed));
 }
 
