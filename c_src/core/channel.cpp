@@ -918,15 +918,19 @@ Io Endpoint::recv(AllocFn alloc, void* ctx, Received* out, Error* err) {
       return take_region(get_u64(payload), get_u64(payload + 8), fd, out, err);
     }
   } else if (!inq_.empty()) {
+    void* dst = nullptr;
+    if (inq_.front().type == ring::kFrameData) {
+      // before the message leaves the queue: a refused allocation keeps it there
+      dst = alloc(ctx, inq_.front().bytes.size());
+      if (dst == nullptr && !inq_.front().bytes.empty()) {
+        *err = Error{Errc::no_space, ENOMEM, "cannot allocate a received message"};
+        return Io::error;
+      }
+    }
     Queued q = std::move(inq_.front());
     inq_.pop_front();
     inq_bytes_ -= q.bytes.size() + ring::kFrameHeaderSize;
     if (q.type == ring::kFrameData) {
-      void* dst = alloc(ctx, q.bytes.size());
-      if (dst == nullptr && !q.bytes.empty()) {
-        *err = Error{Errc::no_space, ENOMEM, "cannot allocate a received message"};
-        return Io::error;
-      }
       if (!q.bytes.empty()) std::memcpy(dst, q.bytes.data(), q.bytes.size());
       out->kind = Received::data;
       out->length = static_cast<std::uint32_t>(q.bytes.size());

@@ -47,6 +47,8 @@ struct ChannelResource {
   /// A duplicate of the owner's doorbell read by the channel process's fd port; closed by
   /// channel_doorbell_close/1 once that port is closed (never while a port may poll it).
   int bell_fd = -1;
+  /// When the channel process last took a message (channel_pump_bell's spin window).
+  std::atomic<std::uint64_t> last_data_ns{0};
 };
 
 struct PreparedResource {
@@ -64,7 +66,7 @@ ErlNifResourceType* prepared_type = nullptr;
 ErlNifResourceType* message_type = nullptr;
 
 struct ChannelAtoms {
-  ERL_NIF_TERM would_block, closed, shm, socket, automatic, immediate, batch, deferred;
+  ERL_NIF_TERM spin, would_block, closed, shm, socket, automatic, immediate, batch, deferred;
   ERL_NIF_TERM listening, connected, none, peer_closed, protocol_error, io_error;
   ERL_NIF_TERM ring_size, inline_threshold, transport, socket_dir, ack_mode, max_batch_size,
       flush_interval_us, max_message_size, simulate_memfd_failure;
@@ -220,6 +222,7 @@ bool open_channel_resource_types(ErlNifEnv* env) {
   message_type = enif_open_resource_type_x(env, "spshm_channel_message", &mi, flags, nullptr);
   if (channel_type == nullptr || prepared_type == nullptr || message_type == nullptr) return false;
 #define A(name) ca.name = atom(env, #name)
+  A(spin);
   A(would_block);
   A(closed);
   A(shm);
@@ -560,27 +563,47 @@ SPSHM_GUARDED_NIF(nif_channel_doorbell_close)(ErlNifEnv* env, int, const ERL_NIF
   return atoms.ok;
 }
 
-// The hot path of an active channel whose doorbell is an fd port: the port's message was
-// the wake-up, so no epoll probe and no enif_select: withdraw the announcement, take up to
-// max_count messages and, if the ring was emptied, announce the sleep again.
-// channel_pump_bell(ch, max_count, max_bytes) -> as channel_pump/3 (armed: asleep, the
-// doorbell will ring; false: look again now).
+// The hot path of an active channel whose doorbell is an fd port. After a doorbell
+// (woke: true) it withdraws the sleep announcement, with no epoll probe and no
+// enif_select; then it takes up to max_count messages. If it emptied the ring:
+//   * within spin_ns of the last message taken, while a CPU is free (os::cpus_idle, the
+//     worker's own rule), it does NOT announce the sleep and answers :spin: the caller
+//     looks again after the other processes of its scheduler ran (a message to itself).
+//     A reply that comes meanwhile costs the worker no doorbell (no system call) and the
+//     BEAM no wake-up: the Elixir side's brief spin (bench/FINDINGS.md 8.2);
+//   * else it announces the sleep: armed true (the doorbell will ring) or false (data
+//     arrived meanwhile: look again).
+// A full batch (max_count taken) answers :spin too: more is probably there.
+// channel_pump_bell(ch, max_count, max_bytes, woke, spin_ns) ->
+//   {:ok, [binary], true | false | :spin} | {:closed, reason, [binary]} | {:error, ...}
 SPSHM_GUARDED_NIF(nif_channel_pump_bell)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   ChannelResource* c;
-  std::uint64_t max_count = 0, max_bytes = 0;
+  std::uint64_t max_count = 0, max_bytes = 0, spin_ns = 0;
+  bool woke = false;
   if (!get_channel(env, argv[0], &c) || !get_u64(env, argv[1], &max_count) ||
-      !get_u64(env, argv[2], &max_bytes) || max_count == 0) {
+      !get_u64(env, argv[2], &max_bytes) || max_count == 0 || !get_bool(env, argv[3], &woke) ||
+      !get_u64(env, argv[4], &spin_ns)) {
     return enif_make_badarg(env);
   }
-  c->ep->doorbell_woke();
+  if (woke) c->ep->doorbell_woke();
   ERL_NIF_TERM ordered, status, error;
   std::uint64_t taken = 0;
   if (!take_messages(env, c, max_count, max_bytes, &ordered, &taken, &status, &error)) {
     return error;
   }
   if (status != atoms.ok) return enif_make_tuple3(env, ca.closed, status, ordered);
-  bool armed = taken < max_count && c->ep->prepare_wait(true, false, 0);
-  return enif_make_tuple3(env, atoms.ok, ordered, make_bool(armed));
+  const std::uint64_t now = channel::os::monotonic_ns();
+  if (taken > 0) c->last_data_ns.store(now, std::memory_order_relaxed);
+  ERL_NIF_TERM next;
+  if (taken >= max_count) {
+    next = ca.spin;
+  } else if (spin_ns > 0 && now - c->last_data_ns.load(std::memory_order_relaxed) < spin_ns &&
+             channel::os::cpus_idle()) {
+    next = ca.spin;
+  } else {
+    next = make_bool(c->ep->prepare_wait(true, false, 0));
+  }
+  return enif_make_tuple3(env, atoms.ok, ordered, next);
 }
 
 SPSHM_GUARDED_NIF(nif_channel_prepare_wait)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {

@@ -533,9 +533,16 @@ defmodule Snakepit.SharedMemory.Native do
   @spec channel_doorbell_close(channel()) :: :ok
   def channel_doorbell_close(_ch), do: :erlang.nif_error(:not_loaded)
 
-  @spec channel_pump_bell(channel(), pos_integer(), non_neg_integer()) ::
-          {:ok, [binary()], boolean()} | {:closed, atom(), [binary()]} | nif_error()
-  def channel_pump_bell(_ch, _max_count, _max_bytes), do: :erlang.nif_error(:not_loaded)
+  @spec channel_pump_bell(
+          channel(),
+          pos_integer(),
+          non_neg_integer(),
+          boolean(),
+          non_neg_integer()
+        ) ::
+          {:ok, [binary()], boolean() | :spin} | {:closed, atom(), [binary()]} | nif_error()
+  def channel_pump_bell(_ch, _max_count, _max_bytes, _woke, _spin_ns),
+    do: :erlang.nif_error(:not_loaded)
 
   @spec channel_prepare_wait(channel(), boolean(), boolean(), non_neg_integer()) :: boolean()
   def channel_prepare_wait(_ch, _want_data, _want_space, _need),

@@ -85,6 +85,8 @@ defmodule Snakepit.SharedMemory.Channel.Server do
         closed_sent: false,
         connected: false,
         poll_pending: false,
+        spin_pending: false,
+        spin_ns: opts[:spin] * 1000,
         bell: bell
       }
 
@@ -273,26 +275,16 @@ defmodule Snakepit.SharedMemory.Channel.Server do
   end
 
   # The doorbell rang (its fd port read the eventfd): the hot path of an active channel
-  # is one NIF call, no system call.
-  def handle_info(
-        {bell, {:data, _}},
-        %{bell: bell, connected: true, closed: nil, active: active, space: []} = state
-      )
-      when active != false do
-    case Native.channel_pump_bell(state.res, batch_count(active), @recv_bytes) do
-      {:ok, msgs, armed} ->
-        state = deliver_active(state, msgs)
-        {:noreply, if(armed, do: state, else: poll_soon(state))}
-
-      {:closed, reason, msgs} ->
-        {:noreply, state |> deliver_active(msgs) |> closed(reason)}
-
-      {:error, _native} ->
-        {:noreply, closed(state, :io_error)}
-    end
+  # is one NIF call and no system call; :spin is the brief re-check after the last
+  # message (Native.channel_pump_bell/5).
+  def handle_info({bell, {:data, _}}, %{bell: bell} = state) do
+    if hot?(state), do: pump_bell(state, true), else: {:noreply, process(state)}
   end
 
-  def handle_info({bell, {:data, _}}, %{bell: bell} = state), do: {:noreply, process(state)}
+  def handle_info(:spin, state) do
+    state = %{state | spin_pending: false}
+    if hot?(state), do: pump_bell(state, false), else: {:noreply, process(state)}
+  end
 
   def handle_info({:select, _res, :undefined, :ready_input}, state) do
     state =
@@ -347,6 +339,41 @@ defmodule Snakepit.SharedMemory.Channel.Server do
   end
 
   # ---- the work ----
+
+  defp hot?(%{connected: true, closed: nil, active: active, space: []}), do: active != false
+  defp hot?(_state), do: false
+
+  defp pump_bell(state, woke) do
+    case Native.channel_pump_bell(
+           state.res,
+           batch_count(state.active),
+           @recv_bytes,
+           woke,
+           state.spin_ns
+         ) do
+      {:ok, msgs, next} ->
+        state = deliver_active(state, msgs)
+
+        case next do
+          true -> {:noreply, state}
+          false -> {:noreply, poll_soon(state)}
+          :spin -> {:noreply, spin_soon(state)}
+        end
+
+      {:closed, reason, msgs} ->
+        {:noreply, state |> deliver_active(msgs) |> closed(reason)}
+
+      {:error, _native} ->
+        {:noreply, closed(state, :io_error)}
+    end
+  end
+
+  defp spin_soon(%{spin_pending: true} = state), do: state
+
+  defp spin_soon(state) do
+    send(self(), :spin)
+    %{state | spin_pending: true}
+  end
 
   defp process(state) do
     state
