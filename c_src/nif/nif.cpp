@@ -121,6 +121,7 @@ ErlNifFunc nif_funcs[] = {
     {"channel_doorbell", 1, nif_channel_doorbell, 0},
     {"channel_doorbell_close", 1, nif_channel_doorbell_close, 0},
     {"channel_pump_bell", 5, nif_channel_pump_bell, 0},
+    {"channel_guard", 1, nif_channel_guard, 0},
     {"channel_prepare_wait", 4, nif_channel_prepare_wait, 0},
     {"channel_flush", 1, nif_channel_flush, 0},
     {"channel_close", 1, nif_channel_close, 0},

@@ -47,6 +47,8 @@ struct ChannelResource {
   /// A duplicate of the owner's doorbell read by the channel process's fd port; closed by
   /// channel_doorbell_close/1 once that port is closed (never while a port may poll it).
   int bell_fd = -1;
+  bool guarding = false;           ///< server_monitor is set (channel_guard/1)
+  ErlNifMonitor server_monitor{};  ///< the channel's process: its death closes the channel
   /// When the channel process last took a message (channel_pump_bell's spin window).
   std::atomic<std::uint64_t> last_data_ns{0};
 };
@@ -135,11 +137,15 @@ void channel_stop(ErlNifEnv*, void* obj, ErlNifEvent event, int) {
 }
 
 // The owner died: close now, whoever else still holds the resource.
-void channel_down(ErlNifEnv* env, void* obj, ErlNifPid*, ErlNifMonitor*) {
+void channel_down(ErlNifEnv* env, void* obj, ErlNifPid*, ErlNifMonitor* mon) {
   auto* c = static_cast<ChannelResource*>(obj);
   {
     std::lock_guard<std::mutex> lock(c->mu);
-    c->monitoring = false;
+    if (c->guarding && enif_compare_monitors(mon, &c->server_monitor) == 0) {
+      c->guarding = false;  // the channel's process died (even killed): close too
+    } else {
+      c->monitoring = false;
+    }
   }
   close_channel(env, c);
 }
@@ -646,6 +652,24 @@ SPSHM_GUARDED_NIF(nif_channel_monitor)(ErlNifEnv* env, int, const ERL_NIF_TERM a
   int rc = enif_monitor_process(env, c, &pid, &c->monitor);
   if (rc != 0) return make_error(env, Errc::not_found, "the owner process is not alive");
   c->monitoring = true;
+  return atoms.ok;
+}
+
+// channel_guard(ch) -> :ok: the calling process (the channel's process) is monitored too:
+// if it dies in any way, even killed, the channel closes (the worker sees EOF) although
+// callers still hold the resource.
+SPSHM_GUARDED_NIF(nif_channel_guard)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  ChannelResource* c;
+  ErlNifPid self;
+  if (!get_channel(env, argv[0], &c) || enif_self(env, &self) == nullptr) {
+    return enif_make_badarg(env);
+  }
+  std::lock_guard<std::mutex> lock(c->mu);
+  if (c->guarding) return atoms.ok;
+  if (enif_monitor_process(env, c, &self, &c->server_monitor) != 0) {
+    return make_error(env, Errc::not_found, "the channel's process is not alive");
+  }
+  c->guarding = true;
   return atoms.ok;
 }
 

@@ -23,6 +23,7 @@ SPSHM_CHANNEL_NIF(nif_channel_pump);
 SPSHM_CHANNEL_NIF(nif_channel_doorbell);
 SPSHM_CHANNEL_NIF(nif_channel_doorbell_close);
 SPSHM_CHANNEL_NIF(nif_channel_pump_bell);
+SPSHM_CHANNEL_NIF(nif_channel_guard);
 SPSHM_CHANNEL_NIF(nif_channel_prepare_wait);
 SPSHM_CHANNEL_NIF(nif_channel_flush);
 SPSHM_CHANNEL_NIF(nif_channel_close);

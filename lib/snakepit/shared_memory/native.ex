@@ -544,6 +544,10 @@ defmodule Snakepit.SharedMemory.Native do
   def channel_pump_bell(_ch, _max_count, _max_bytes, _woke, _spin_ns),
     do: :erlang.nif_error(:not_loaded)
 
+  # The calling process (the channel's) is monitored by the resource: its death closes it.
+  @spec channel_guard(channel()) :: :ok | nif_error()
+  def channel_guard(_ch), do: :erlang.nif_error(:not_loaded)
+
   @spec channel_prepare_wait(channel(), boolean(), boolean(), non_neg_integer()) :: boolean()
   def channel_prepare_wait(_ch, _want_data, _want_space, _need),
     do: :erlang.nif_error(:not_loaded)

@@ -53,6 +53,7 @@ defmodule Snakepit.SharedMemory.Channel.Server do
 
     with {:ok, res} <- open_native(native_opts),
          :ok <- monitor_native(res, owner),
+         :ok <- Native.channel_guard(res),
          info = Native.channel_info(res),
          {:ok, bell} <- open_doorbell(res, info.transport) do
       timeout = :atomics.new(1, signed: true)
