@@ -960,7 +960,7 @@ Io Endpoint::recv_wait(AllocFn alloc, void* ctx, Received* out, Error* err, std:
   // The spin saves the worker's wake-up when the owner answers within the window, but
   // only if a CPU is free for the owner meanwhile: on an overloaded machine the spinning
   // worker takes the CPU the BEAM needs to produce that answer. So it spins only while
-  // the load average is below the number of CPUs (looked at every 100 ms). A spin that
+  // the other runnable tasks are fewer than the CPUs (os::cpus_idle). A spin that
   // shrinks after misses was tried and rejected: on a quiet machine it settles where both
   // sides sleep and every round trip pays two deep wake-ups (bench/FINDINGS.md 8.1).
   const std::uint64_t spin = spin_ns > 0 && shm && os::cpus_idle() ? spin_ns : 0;

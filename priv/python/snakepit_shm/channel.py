@@ -193,8 +193,8 @@ class Channel:
         has read the incoming ring; ``max_message_size`` bounds the region messages it
         accepts; ``timeout`` bounds the handshake; ``recv`` polls the ring for up to
         ``spin`` seconds (default 50 µs, 0 to never spin) before it sleeps on the doorbell,
-        which saves a wake-up when the answer is quick.  It spins only while the load
-        average is below the number of CPUs (``stats()``: ``spin_hits``,
+        which saves a wake-up when the answer is quick.  It spins only while the other
+        tasks runnable right now are fewer than the CPUs (``stats()``: ``spin_hits``,
         ``spin_misses``): on a busy machine a spinning worker would take the CPU its
         peer needs to answer.  ``recv`` waits inside the C library with the GIL
         released; a signal ends the wait and its Python handler runs.  Raises

@@ -286,9 +286,9 @@ def test_blocking_recv_lets_signal_handlers_run(owner):
 
 @pytest.mark.parametrize("load,spins", [("100", False), ("0", True)])
 def test_spin_only_while_a_cpu_is_free(owner, monkeypatch, load, spins):
-    """The receiver spins before it sleeps only while the load average is below the CPU
-    count: on an overloaded machine it would take the CPU its peer needs to answer.
-    (SNAKEPIT_SHM_CHANNEL_LOADAVG stands in for the load average; re-read every 100 ms.)"""
+    """The receiver spins before it sleeps only while the other runnable tasks are fewer
+    than the CPUs: on an overloaded machine it would take the CPU its peer needs to answer.
+    (SNAKEPIT_SHM_CHANNEL_LOADAVG stands in for that count; re-read every 50 ms.)"""
     if owner.transport != "shm":
         pytest.skip("the spin watches the shared-memory ring")
     if os.cpu_count() < 2 and spins:
