@@ -53,7 +53,7 @@ defmodule Snakepit.SharedMemory.Channel.Server do
 
     with {:ok, res} <- open_native(native_opts),
          :ok <- monitor_native(res, owner),
-         :ok <- Native.channel_guard(res),
+         :ok <- guard_native(res),
          info = Native.channel_info(res),
          {:ok, bell} <- open_doorbell(res, info.transport) do
       timeout = :atomics.new(1, signed: true)
@@ -138,6 +138,18 @@ defmodule Snakepit.SharedMemory.Channel.Server do
     end
 
     Native.channel_doorbell_close(res)
+  end
+
+  # The resource monitors this process too: killed, it closes the channel.
+  defp guard_native(res) do
+    case Native.channel_guard(res) do
+      :ok ->
+        :ok
+
+      {:error, native} ->
+        Native.channel_close(res)
+        {:error, Error.from_native(native)}
+    end
   end
 
   defp monitor_native(res, owner) do
