@@ -45,7 +45,7 @@ struct ChannelResource {
   bool monitoring = false;
   ErlNifMonitor monitor{};
   /// A duplicate of the owner's doorbell read by the channel process's fd port; closed by
-  /// channel_doorbell_close/1 once that port is closed (never while a port may poll it).
+  /// channel_doorbell_close/1 once that port is closed, else by the destructor.
   int bell_fd = -1;
   bool guarding = false;           ///< server_monitor is set (channel_guard/1)
   ErlNifMonitor server_monitor{};  ///< the channel's process: its death closes the channel
@@ -125,6 +125,12 @@ void channel_dtor(ErlNifEnv*, void* obj) {
   // While selected the VM holds a reference, so here the fd is ours (or already closed).
   if (c->epfd >= 0) ::close(c->epfd);
   c->epfd = -1;
+  // The doorbell duplicate, if channel_doorbell_close/1 did not run (the channel's process
+  // was killed, or a caller never opened a port): closed here rather than leaked. A port
+  // still handling the exit signal of its killed process when the last reference goes
+  // could find the fd closed under it: a window of microseconds, only on such a kill.
+  if (c->bell_fd >= 0) ::close(c->bell_fd);
+  c->bell_fd = -1;
   c->ep.reset();  // closes the socket (EOF for the peer), unmaps the rings (<= 32 MiB)
   c->~ChannelResource();
 }
