@@ -204,6 +204,65 @@ SPSHM_EXPORT int spshm_ch_recv_io(spshm_ch_io* io, int timeout_ms) {
   return rc;
 }
 
+namespace {
+
+// Appends a message as u32 length + bytes to a batch buffer; refuses (nullptr) a message
+// that does not fit, which then stays in the ring for the next call.
+struct Batch {
+  uint8_t* data;
+  size_t capacity;
+  size_t used;
+  bool refused;
+};
+
+void* into_batch(void* ctx, size_t length) {
+  auto* b = static_cast<Batch*>(ctx);
+  if (b->used + 4 + length > b->capacity) {
+    b->refused = true;
+    return nullptr;
+  }
+  const auto len = static_cast<uint32_t>(length);
+  std::memcpy(b->data + b->used, &len, 4);
+  void* at = b->data + b->used + 4;
+  b->used += 4 + length;
+  return at;
+}
+
+}  // namespace
+
+SPSHM_EXPORT int spshm_ch_recv_batch_io(spshm_ch_io* io, void* buf, uint64_t buflen,
+                                        uint32_t max_count) {
+  if (io == nullptr || io->ch == nullptr) return SPSHM_CH_WOULD_BLOCK;
+  io->fd = -1;
+  io->size = 0;
+  try {
+    Batch b{static_cast<uint8_t*>(buf), static_cast<size_t>(buflen), 0, false};
+    int count = 0;
+    // Room for at least a length (an empty message is never refused, so never lost).
+    while (static_cast<uint32_t>(count) < max_count && b.used + 4 <= b.capacity) {
+      spshm::channel::Received r;
+      Error e{Errc::io_error, 0, {}};
+      Io got = io->ch->ep->recv(into_batch, &b, &r, &e);
+      if (got == Io::would_block || (got == Io::error && b.refused)) break;
+      if (got != Io::ok) {
+        if (count > 0) break;  // reported by the next call
+        return io_result(got, e, io->err, sizeof io->err);
+      }
+      if (r.kind == spshm::channel::Received::region) {
+        io->fd = r.fd;  // the message after the `count` inline ones
+        io->size = r.size;
+        break;
+      }
+      ++count;
+    }
+    io->length = static_cast<uint32_t>(b.used);
+    if (io->fd < 0) io->size = b.refused || b.used + 4 > b.capacity ? 1 : 0;  // 1: more waits
+    return count;
+  } catch (...) {
+    return fail(Error{Errc::io_error, 0, "unexpected failure"}, io->err, sizeof io->err);
+  }
+}
+
 SPSHM_EXPORT int spshm_ch_send_io(spshm_ch_io* io, const void* data, uint64_t length) {
   if (io == nullptr || io->ch == nullptr) return SPSHM_CH_WOULD_BLOCK;
   return spshm_ch_send(io->ch, data, length, io->err, sizeof io->err);

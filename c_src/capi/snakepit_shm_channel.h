@@ -64,6 +64,14 @@ typedef struct spshm_ch_io {
 } spshm_ch_io;
 /* spshm_ch_recv_wait with the block's arguments. */
 int spshm_ch_recv_io(spshm_ch_io* io, int timeout_ms);
+/* Takes up to max_count messages that are already there, without waiting (a batch for
+ * bindings whose calls are costly): inline messages are appended to buf as u32 length +
+ * bytes (io->length: bytes used), stopping before one that does not fit. Returns how many
+ * (>= 0); if a region message came after them, io->fd (the caller owns it) and io->size
+ * describe it, else io->fd is -1 and io->size is 1 if the buffer filled up before the ring
+ * was empty (call again), 0 if it is empty. Negative: an error, or the channel closed with nothing
+ * taken (as spshm_ch_recv). */
+int spshm_ch_recv_batch_io(spshm_ch_io* io, void* buf, uint64_t buflen, uint32_t max_count);
 /* spshm_ch_send with the block's channel and error buffer. */
 int spshm_ch_send_io(spshm_ch_io* io, const void* data, uint64_t length);
 /* 1: sleep on wait_fd now; 0: something is ready, retry. */

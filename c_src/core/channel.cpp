@@ -690,6 +690,26 @@ void Endpoint::handle_ready(const os::Ready* ready, int count) {
   }
 }
 
+int Endpoint::take_doorbell_fd() noexcept {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (!owner_ || transport_ != Transport::shm || wake_fd_ < 0 || reason_ != CloseReason::none) {
+    errno = EINVAL;
+    return -1;
+  }
+  int dup = os::dup_cloexec(wake_fd_);
+  if (dup < 0) return -1;
+  if (epfd_ >= 0) os::epoll_remove(epfd_, wake_fd_);
+  return dup;
+}
+
+void Endpoint::doorbell_woke() {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (reason_ != CloseReason::none || transport_ != Transport::shm || map_ == nullptr) return;
+  ++st_.wakeups;
+  ring::end_sleep(cons_);
+  prod_.ctl->producer.waiting.store(0, std::memory_order_relaxed);
+}
+
 bool Endpoint::prepare_wait(bool want_data, bool want_space, std::uint64_t need) {
   std::lock_guard<std::mutex> lock(mu_);
   // Closed or at EOF: a caller that wants something must look now (recv/send report it);
@@ -898,15 +918,19 @@ Io Endpoint::recv(AllocFn alloc, void* ctx, Received* out, Error* err) {
       return take_region(get_u64(payload), get_u64(payload + 8), fd, out, err);
     }
   } else if (!inq_.empty()) {
+    void* dst = nullptr;
+    if (inq_.front().type == ring::kFrameData) {
+      // before the message leaves the queue: a refused allocation keeps it there
+      dst = alloc(ctx, inq_.front().bytes.size());
+      if (dst == nullptr && !inq_.front().bytes.empty()) {
+        *err = Error{Errc::no_space, ENOMEM, "cannot allocate a received message"};
+        return Io::error;
+      }
+    }
     Queued q = std::move(inq_.front());
     inq_.pop_front();
     inq_bytes_ -= q.bytes.size() + ring::kFrameHeaderSize;
     if (q.type == ring::kFrameData) {
-      void* dst = alloc(ctx, q.bytes.size());
-      if (dst == nullptr && !q.bytes.empty()) {
-        *err = Error{Errc::no_space, ENOMEM, "cannot allocate a received message"};
-        return Io::error;
-      }
       if (!q.bytes.empty()) std::memcpy(dst, q.bytes.data(), q.bytes.size());
       out->kind = Received::data;
       out->length = static_cast<std::uint32_t>(q.bytes.size());
@@ -936,7 +960,7 @@ Io Endpoint::recv_wait(AllocFn alloc, void* ctx, Received* out, Error* err, std:
   // The spin saves the worker's wake-up when the owner answers within the window, but
   // only if a CPU is free for the owner meanwhile: on an overloaded machine the spinning
   // worker takes the CPU the BEAM needs to produce that answer. So it spins only while
-  // the load average is below the number of CPUs (looked at every 100 ms). A spin that
+  // the other runnable tasks are fewer than the CPUs (os::cpus_idle). A spin that
   // shrinks after misses was tried and rejected: on a quiet machine it settles where both
   // sides sleep and every round trip pays two deep wake-ups (bench/FINDINGS.md 8.1).
   const std::uint64_t spin = spin_ns > 0 && shm && os::cpus_idle() ? spin_ns : 0;

@@ -110,6 +110,15 @@ class Endpoint {
   void handle_events();
   /// handle_events() with what a wait on wait_fd() by epoll already reported.
   void handle_ready(const os::Ready* ready, int count);
+  /// Owner, shared-memory transport: takes the doorbell out of wait_fd() and returns a
+  /// close-on-exec duplicate of it for the caller to wait on (the BEAM reads it through
+  /// an fd port, whose fd the schedulers poll themselves: docs/CHANNEL.md). The caller
+  /// closes the duplicate. -1 (errno set) if there is no doorbell or dup failed.
+  int take_doorbell_fd() noexcept;
+  /// The wake-up of a caller whose doorbell rang outside wait_fd(): withdraws the sleep
+  /// announcements, counts the wake-up; no system call (the socket's news still come
+  /// through wait_fd()).
+  void doorbell_woke();
   /// Sends `length` <= inline_max() bytes inline.
   Io send(const void* data, std::uint64_t length, Error* err);
   /// Sends a memfd made by prepare_region(); takes the fd on ok, leaves it on would_block.

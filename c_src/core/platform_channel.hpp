@@ -13,6 +13,8 @@ namespace spshm::channel::os {
 
 /// A non-blocking, close-on-exec eventfd (counter 0).
 Result<int> make_eventfd();
+/// fcntl(F_DUPFD_CLOEXEC): a close-on-exec duplicate of fd, or -1 (errno set).
+int dup_cloexec(int fd) noexcept;
 /// Adds 1 to an eventfd (never blocks; a saturated counter is already "signalled").
 void signal_eventfd(int fd) noexcept;
 /// Resets an eventfd to 0; returns the count read (0 if it was not signalled).
@@ -81,9 +83,11 @@ int epoll_wait_ready(int epfd, Ready* out, int max, int timeout_ms) noexcept;
 bool hung_up(int fd) noexcept;
 /// Waits up to timeout_ms (-1 forever) for epfd to be readable. True if readable.
 bool wait_readable(int fd, int timeout_ms) noexcept;
-/// True while the machine has a CPU to spare: the 1-minute load average is below the
-/// number of online CPUs (re-read at most every 100 ms; the environment variable
-/// SNAKEPIT_SHM_CHANNEL_LOADAVG, if set, stands in for the load average: tests).
+/// True while the machine has a CPU to spare for a spinning receiver: the tasks runnable
+/// right now other than the caller (/proc/loadavg's running count, smoothed over a few
+/// samples) are fewer than the online CPUs (sampled at most every 50 ms; the 1-minute
+/// load average if /proc is not there; the environment variable
+/// SNAKEPIT_SHM_CHANNEL_LOADAVG, if set, stands in for that count: tests).
 bool cpus_idle() noexcept;
 /// A pause instruction for spin loops (lets the sibling hyperthread run).
 void cpu_relax() noexcept;

@@ -335,22 +335,62 @@ bool wait_readable(int fd, int timeout_ms) noexcept {
   return rc > 0;
 }
 
+int dup_cloexec(int fd) noexcept { return ::fcntl(fd, F_DUPFD_CLOEXEC, 3); }
+
+// How many other tasks are runnable right now: /proc/loadavg's "running/total" field counts
+// the runnable tasks of the whole machine at this instant, the reader included (it runs
+// while it reads). Unlike the 1-minute load average, this is not raised by the spinning
+// worker itself: a worker whose spin counted against it switched its own spin off after a
+// minute of a busy stream and back on a minute after, the bimodal rounds of
+// bench/FINDINGS.md 8.2. -1 if unknown.
+double others_running() noexcept {
+  const char* fake = std::getenv("SNAKEPIT_SHM_CHANNEL_LOADAVG");
+  if (fake != nullptr && *fake != '\0') return std::strtod(fake, nullptr);
+  int fd = ::open("/proc/loadavg", O_RDONLY | O_CLOEXEC);
+  if (fd >= 0) {
+    char buf[128];
+    ssize_t n = ::read(fd, buf, sizeof buf - 1);
+    ::close(fd);
+    if (n > 0) {
+      buf[n] = '\0';
+      // "0.50 0.40 0.30 3/155 12345": the fourth field, before the slash
+      const char* p = buf;
+      for (int field = 0; field < 3 && p != nullptr; ++field) {
+        p = std::strchr(p, ' ');
+        if (p != nullptr) ++p;
+      }
+      if (p != nullptr) {
+        char* end = nullptr;
+        long running = std::strtol(p, &end, 10);
+        if (end != p && *end == '/' && running >= 1) return static_cast<double>(running - 1);
+      }
+    }
+  }
+  double load = 0;
+  if (::getloadavg(&load, 1) == 1) return load;
+  return -1;
+}
+
 bool cpus_idle() noexcept {
   static std::atomic<std::uint64_t> checked_ns{0};
   static std::atomic<bool> idle{true};
+  static std::atomic<std::uint64_t> smoothed_milli{0};  // others running, x1000, smoothed
   const std::uint64_t now = monotonic_ns();
   const std::uint64_t last = checked_ns.load(std::memory_order_relaxed);
-  if (last != 0 && now - last < 100'000'000ull) return idle.load(std::memory_order_relaxed);
+  if (last != 0 && now - last < 50'000'000ull) return idle.load(std::memory_order_relaxed);
   checked_ns.store(now, std::memory_order_relaxed);
-  double load = 0;
+  const double others = others_running();
+  if (others < 0) return idle.load(std::memory_order_relaxed);  // unknown: keep the verdict
+  // Smoothed over the last few samples (half-life: one sample, 50 ms), so one unlucky
+  // instant does not switch the spin off for long, nor one lucky instant on.
+  const auto sample = static_cast<std::uint64_t>(others * 1000.0);
+  const std::uint64_t prev = smoothed_milli.load(std::memory_order_relaxed);
   const char* fake = std::getenv("SNAKEPIT_SHM_CHANNEL_LOADAVG");
-  if (fake != nullptr && *fake != '\0') {
-    load = std::strtod(fake, nullptr);
-  } else if (::getloadavg(&load, 1) != 1) {
-    return idle.load(std::memory_order_relaxed);  // unknown: keep the last verdict
-  }
+  const bool exact = last == 0 || (fake != nullptr && *fake != '\0');  // tests: as given
+  const std::uint64_t avg = exact ? sample : (prev + sample) / 2;
+  smoothed_milli.store(avg, std::memory_order_relaxed);
   const long cpus = ::sysconf(_SC_NPROCESSORS_ONLN);
-  const bool verdict = cpus > 1 && load < static_cast<double>(cpus);
+  const bool verdict = cpus > 1 && static_cast<double>(avg) / 1000.0 < static_cast<double>(cpus);
   idle.store(verdict, std::memory_order_relaxed);
   return verdict;
 }

@@ -44,6 +44,13 @@ struct ChannelResource {
   bool closed = false;
   bool monitoring = false;
   ErlNifMonitor monitor{};
+  /// A duplicate of the owner's doorbell read by the channel process's fd port; closed by
+  /// channel_doorbell_close/1 once that port is closed, else by the destructor.
+  int bell_fd = -1;
+  bool guarding = false;           ///< server_monitor is set (channel_guard/1)
+  ErlNifMonitor server_monitor{};  ///< the channel's process: its death closes the channel
+  /// When the channel process last took a message (channel_pump_bell's spin window).
+  std::atomic<std::uint64_t> last_data_ns{0};
 };
 
 struct PreparedResource {
@@ -61,7 +68,7 @@ ErlNifResourceType* prepared_type = nullptr;
 ErlNifResourceType* message_type = nullptr;
 
 struct ChannelAtoms {
-  ERL_NIF_TERM would_block, closed, shm, socket, automatic, immediate, batch, deferred;
+  ERL_NIF_TERM spin, would_block, closed, shm, socket, automatic, immediate, batch, deferred;
   ERL_NIF_TERM listening, connected, none, peer_closed, protocol_error, io_error;
   ERL_NIF_TERM ring_size, inline_threshold, transport, socket_dir, ack_mode, max_batch_size,
       flush_interval_us, max_message_size, simulate_memfd_failure;
@@ -118,6 +125,12 @@ void channel_dtor(ErlNifEnv*, void* obj) {
   // While selected the VM holds a reference, so here the fd is ours (or already closed).
   if (c->epfd >= 0) ::close(c->epfd);
   c->epfd = -1;
+  // The doorbell duplicate, if channel_doorbell_close/1 did not run (the channel's process
+  // was killed, or a caller never opened a port): closed here rather than leaked. A port
+  // still handling the exit signal of its killed process when the last reference goes
+  // could find the fd closed under it: a window of microseconds, only on such a kill.
+  if (c->bell_fd >= 0) ::close(c->bell_fd);
+  c->bell_fd = -1;
   c->ep.reset();  // closes the socket (EOF for the peer), unmaps the rings (<= 32 MiB)
   c->~ChannelResource();
 }
@@ -130,11 +143,15 @@ void channel_stop(ErlNifEnv*, void* obj, ErlNifEvent event, int) {
 }
 
 // The owner died: close now, whoever else still holds the resource.
-void channel_down(ErlNifEnv* env, void* obj, ErlNifPid*, ErlNifMonitor*) {
+void channel_down(ErlNifEnv* env, void* obj, ErlNifPid*, ErlNifMonitor* mon) {
   auto* c = static_cast<ChannelResource*>(obj);
   {
     std::lock_guard<std::mutex> lock(c->mu);
-    c->monitoring = false;
+    if (c->guarding && enif_compare_monitors(mon, &c->server_monitor) == 0) {
+      c->guarding = false;  // the channel's process died (even killed): close too
+    } else {
+      c->monitoring = false;
+    }
   }
   close_channel(env, c);
 }
@@ -217,6 +234,7 @@ bool open_channel_resource_types(ErlNifEnv* env) {
   message_type = enif_open_resource_type_x(env, "spshm_channel_message", &mi, flags, nullptr);
   if (channel_type == nullptr || prepared_type == nullptr || message_type == nullptr) return false;
 #define A(name) ca.name = atom(env, #name)
+  A(spin);
   A(would_block);
   A(closed);
   A(shm);
@@ -532,6 +550,74 @@ SPSHM_GUARDED_NIF(nif_channel_pump)(ErlNifEnv* env, int, const ERL_NIF_TERM argv
   return enif_make_tuple3(env, atoms.ok, ordered, make_bool(armed));
 }
 
+// channel_doorbell(ch) -> {:ok, fd} | {:error, ...}: a duplicate of the owner's doorbell
+// eventfd, taken out of the epoll fd, for an fd port (Server): the BEAM's schedulers poll a
+// port's fd themselves, so a doorbell rung while a scheduler still spins is seen without
+// waking the poll thread (docs/CHANNEL.md, "Elixir side").
+SPSHM_GUARDED_NIF(nif_channel_doorbell)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  ChannelResource* c;
+  if (!get_channel(env, argv[0], &c)) return enif_make_badarg(env);
+  std::lock_guard<std::mutex> lock(c->mu);
+  if (c->bell_fd >= 0) return make_error(env, Errc::invalid_argument, "doorbell already taken");
+  int fd = c->ep->take_doorbell_fd();
+  if (fd < 0) return make_error(env, Errc::unsupported, "no doorbell on this channel");
+  c->bell_fd = fd;
+  return make_ok(env, enif_make_int(env, fd));
+}
+
+// channel_doorbell_close(ch) -> :ok: closes the doorbell duplicate (its port is closed).
+SPSHM_GUARDED_NIF(nif_channel_doorbell_close)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  ChannelResource* c;
+  if (!get_channel(env, argv[0], &c)) return enif_make_badarg(env);
+  std::lock_guard<std::mutex> lock(c->mu);
+  if (c->bell_fd >= 0) ::close(c->bell_fd);
+  c->bell_fd = -1;
+  return atoms.ok;
+}
+
+// The hot path of an active channel whose doorbell is an fd port. After a doorbell
+// (woke: true) it withdraws the sleep announcement, with no epoll probe and no
+// enif_select; then it takes up to max_count messages. If it emptied the ring:
+//   * within spin_ns of the last message taken, while a CPU is free (os::cpus_idle, the
+//     worker's own rule), it does NOT announce the sleep and answers :spin: the caller
+//     looks again after the other processes of its scheduler ran (a message to itself).
+//     A reply that comes meanwhile costs the worker no doorbell (no system call) and the
+//     BEAM no wake-up: the Elixir side's brief spin (bench/FINDINGS.md 8.2);
+//   * else it announces the sleep: armed true (the doorbell will ring) or false (data
+//     arrived meanwhile: look again).
+// A full batch (max_count taken) answers :spin too: more is probably there.
+// channel_pump_bell(ch, max_count, max_bytes, woke, spin_ns) ->
+//   {:ok, [binary], true | false | :spin} | {:closed, reason, [binary]} | {:error, ...}
+SPSHM_GUARDED_NIF(nif_channel_pump_bell)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  ChannelResource* c;
+  std::uint64_t max_count = 0, max_bytes = 0, spin_ns = 0;
+  bool woke = false;
+  if (!get_channel(env, argv[0], &c) || !get_u64(env, argv[1], &max_count) ||
+      !get_u64(env, argv[2], &max_bytes) || max_count == 0 || !get_bool(env, argv[3], &woke) ||
+      !get_u64(env, argv[4], &spin_ns)) {
+    return enif_make_badarg(env);
+  }
+  if (woke) c->ep->doorbell_woke();
+  ERL_NIF_TERM ordered, status, error;
+  std::uint64_t taken = 0;
+  if (!take_messages(env, c, max_count, max_bytes, &ordered, &taken, &status, &error)) {
+    return error;
+  }
+  if (status != atoms.ok) return enif_make_tuple3(env, ca.closed, status, ordered);
+  const std::uint64_t now = channel::os::monotonic_ns();
+  if (taken > 0) c->last_data_ns.store(now, std::memory_order_relaxed);
+  ERL_NIF_TERM next;
+  if (taken >= max_count) {
+    next = ca.spin;
+  } else if (spin_ns > 0 && now - c->last_data_ns.load(std::memory_order_relaxed) < spin_ns &&
+             channel::os::cpus_idle()) {
+    next = ca.spin;
+  } else {
+    next = make_bool(c->ep->prepare_wait(true, false, 0));
+  }
+  return enif_make_tuple3(env, atoms.ok, ordered, next);
+}
+
 SPSHM_GUARDED_NIF(nif_channel_prepare_wait)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   ChannelResource* c;
   bool want_data, want_space;
@@ -572,6 +658,24 @@ SPSHM_GUARDED_NIF(nif_channel_monitor)(ErlNifEnv* env, int, const ERL_NIF_TERM a
   int rc = enif_monitor_process(env, c, &pid, &c->monitor);
   if (rc != 0) return make_error(env, Errc::not_found, "the owner process is not alive");
   c->monitoring = true;
+  return atoms.ok;
+}
+
+// channel_guard(ch) -> :ok: the calling process (the channel's process) is monitored too:
+// if it dies in any way, even killed, the channel closes (the worker sees EOF) although
+// callers still hold the resource.
+SPSHM_GUARDED_NIF(nif_channel_guard)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  ChannelResource* c;
+  ErlNifPid self;
+  if (!get_channel(env, argv[0], &c) || enif_self(env, &self) == nullptr) {
+    return enif_make_badarg(env);
+  }
+  std::lock_guard<std::mutex> lock(c->mu);
+  if (c->guarding) return atoms.ok;
+  if (enif_monitor_process(env, c, &self, &c->server_monitor) != 0) {
+    return make_error(env, Errc::not_found, "the channel's process is not alive");
+  }
+  c->guarding = true;
   return atoms.ok;
 }
 

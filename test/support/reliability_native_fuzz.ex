@@ -127,6 +127,10 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
     channel_send_region: 1,
     channel_recv: 2,
     channel_pump: 2,
+    channel_doorbell: 1,
+    channel_doorbell_close: 1,
+    channel_pump_bell: 2,
+    channel_guard: 1,
     channel_prepare_wait: 1,
     channel_flush: 1,
     channel_close: 1,
@@ -601,7 +605,10 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
               :channel_events,
               :channel_flush,
               :channel_close,
-              :channel_stats
+              :channel_stats,
+              :channel_doorbell,
+              :channel_doorbell_close,
+              :channel_guard
             ],
        do: [channel(pool)]
 
@@ -624,6 +631,15 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
 
   defp args(:channel_pump, _state, pool),
     do: [channel(pool), G.one_of([0, 1, 64, 1 <<< 64, :x]), G.one_of([0, 1024, 1 <<< 20, -1])]
+
+  defp args(:channel_pump_bell, _state, pool),
+    do: [
+      channel(pool),
+      G.one_of([0, 1, 64, 1 <<< 64, :x]),
+      G.one_of([0, 1024, 1 <<< 20, -1]),
+      G.one_of([true, false, :x]),
+      G.one_of([0, 50_000, 1 <<< 64, -1])
+    ]
 
   defp args(:channel_prepare_wait, _state, pool),
     do: [
@@ -958,6 +974,12 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
   defp well_shaped?(:channel_recv, _, {:closed, r, l}), do: is_atom(r) and is_list(l)
   defp well_shaped?(:channel_pump, _, {:ok, l, armed}), do: is_list(l) and is_boolean(armed)
   defp well_shaped?(:channel_pump, _, {:closed, r, l}), do: is_atom(r) and is_list(l)
+
+  defp well_shaped?(:channel_pump_bell, _, {:ok, l, next}),
+    do: is_list(l) and next in [true, false, :spin]
+
+  defp well_shaped?(:channel_pump_bell, _, {:closed, r, l}), do: is_atom(r) and is_list(l)
+  defp well_shaped?(:channel_doorbell, _, {:ok, fd}), do: is_integer(fd) and fd >= 0
   defp well_shaped?(:channel_prepare_wait, _, v), do: is_boolean(v)
   defp well_shaped?(:ring_probe_new, _, v), do: is_reference(v)
   defp well_shaped?(:ring_probe_write, _, v), do: v in [:ok, :full]
@@ -976,6 +998,8 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
               :channel_flush,
               :channel_close,
               :channel_monitor,
+              :channel_doorbell_close,
+              :channel_guard,
               :ring_probe_flush
             ],
        do: v in [:ok, :would_block] or closed?(v)

@@ -85,6 +85,7 @@ defmodule Snakepit.SharedMemory.Channel do
           | {:max_message_size, pos_integer()}
           | {:socket_dir, Path.t()}
           | {:owner, pid()}
+          | {:spin, non_neg_integer()}
 
   @defaults [
     active: false,
@@ -98,6 +99,7 @@ defmodule Snakepit.SharedMemory.Channel do
     max_message_size: 1 <<< 40,
     socket_dir: nil,
     owner: nil,
+    spin: 50,
     # tests only: behave as if memfd_create were refused (a seccomp filter, an old kernel)
     simulate_memfd_failure: false
   ]
@@ -123,6 +125,11 @@ defmodule Snakepit.SharedMemory.Channel do
     * `:max_message_size` - largest region message accepted from the worker; default 1 TiB.
     * `:socket_dir` - where the private socket directory is made; default
       `$XDG_RUNTIME_DIR`, `$TMPDIR` or `/tmp`.
+    * `:spin` - in active mode, after the last message taken, the channel's process
+      looks at the ring again for up to this many microseconds (between the other
+      processes' turns) before it announces that it sleeps, so that a quick answer costs
+      the worker no doorbell and the BEAM no wake-up; only while the machine has a CPU to
+      spare (as the Python worker's `spin`). Default 50; 0 never spins.
   """
   @spec open([option()]) :: {:ok, t()} | {:error, Error.t()}
   def open(opts \\ []) when is_list(opts) do
@@ -364,6 +371,7 @@ defmodule Snakepit.SharedMemory.Channel do
   defp check(:max_message_size, v, acc) when is_integer(v) and v > 0, do: {:cont, acc}
   defp check(:socket_dir, v, acc) when is_nil(v) or is_binary(v), do: {:cont, acc}
   defp check(:owner, v, acc) when is_nil(v) or is_pid(v), do: {:cont, acc}
+  defp check(:spin, v, acc) when is_integer(v) and v >= 0 and v <= 1_000_000, do: {:cont, acc}
   defp check(:simulate_memfd_failure, v, acc) when is_boolean(v), do: {:cont, acc}
 
   defp check(:ring_size, v, _acc) do

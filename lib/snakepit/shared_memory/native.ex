@@ -525,6 +525,29 @@ defmodule Snakepit.SharedMemory.Native do
           {:ok, [binary()], boolean()} | {:closed, atom(), [binary()]} | nif_error()
   def channel_pump(_ch, _max_count, _max_bytes), do: :erlang.nif_error(:not_loaded)
 
+  # The owner's doorbell as an fd for an fd port (Channel.Server), its close once the port
+  # is closed, and the wake-up of an active channel woken by that port.
+  @spec channel_doorbell(channel()) :: {:ok, non_neg_integer()} | nif_error()
+  def channel_doorbell(_ch), do: :erlang.nif_error(:not_loaded)
+
+  @spec channel_doorbell_close(channel()) :: :ok
+  def channel_doorbell_close(_ch), do: :erlang.nif_error(:not_loaded)
+
+  @spec channel_pump_bell(
+          channel(),
+          pos_integer(),
+          non_neg_integer(),
+          boolean(),
+          non_neg_integer()
+        ) ::
+          {:ok, [binary()], boolean() | :spin} | {:closed, atom(), [binary()]} | nif_error()
+  def channel_pump_bell(_ch, _max_count, _max_bytes, _woke, _spin_ns),
+    do: :erlang.nif_error(:not_loaded)
+
+  # The calling process (the channel's) is monitored by the resource: its death closes it.
+  @spec channel_guard(channel()) :: :ok | nif_error()
+  def channel_guard(_ch), do: :erlang.nif_error(:not_loaded)
+
   @spec channel_prepare_wait(channel(), boolean(), boolean(), non_neg_integer()) :: boolean()
   def channel_prepare_wait(_ch, _want_data, _want_space, _need),
     do: :erlang.nif_error(:not_loaded)

@@ -109,6 +109,8 @@ def _lib():
                                     c.c_int, c.c_char_p, c.c_size_t], c.c_int),
             "spshm_ch_recv_io": ([c.c_void_p, c.c_int], c.c_int),
             "spshm_ch_send_io": ([c.c_void_p, c.c_void_p, c.c_uint64], c.c_int),
+            "spshm_ch_recv_batch_io": ([c.c_void_p, c.c_void_p, c.c_uint64, c.c_uint32],
+                                       c.c_int),
             "spshm_ch_prepare_wait": ([c.c_void_p, c.c_int, c.c_int, c.c_uint64], c.c_int),
             "spshm_ch_handle_events": ([c.c_void_p], None),
             "spshm_ch_flush": ([c.c_void_p], None),
@@ -174,6 +176,8 @@ class Channel:
         self._view = memoryview(self._buf).cast("B")
         self._recv_io = self._lib.spshm_ch_recv_io
         self._send_io = self._lib.spshm_ch_send_io
+        self._recv_batch_io = self._lib.spshm_ch_recv_batch_io
+        self._batch = None  # recv_many's buffer, made on first use
         self._wait_fd = self._lib.spshm_ch_wait_fd(self._h)
         self._poll = select.poll()
         self._poll.register(self._wait_fd, select.POLLIN)
@@ -189,8 +193,8 @@ class Channel:
         has read the incoming ring; ``max_message_size`` bounds the region messages it
         accepts; ``timeout`` bounds the handshake; ``recv`` polls the ring for up to
         ``spin`` seconds (default 50 µs, 0 to never spin) before it sleeps on the doorbell,
-        which saves a wake-up when the answer is quick.  It spins only while the load
-        average is below the number of CPUs (``stats()``: ``spin_hits``,
+        which saves a wake-up when the answer is quick.  It spins only while the other
+        tasks runnable right now are fewer than the CPUs (``stats()``: ``spin_hits``,
         ``spin_misses``): on a busy machine a spinning worker would take the CPU its
         peer needs to answer.  ``recv`` waits inside the C library with the GIL
         released; a signal ends the wait and its Python handler runs.  Raises
@@ -364,17 +368,35 @@ class Channel:
 
     def recv_many(self, max_count, timeout=None):
         """Wait for at least one message (as :meth:`recv`), then return a list of up to
-        ``max_count`` messages that are already there."""
+        ``max_count`` messages that are already there.
+
+        The messages after the first are taken with one call into the library per batch
+        (not one per message): a stream of small messages costs a few hundred
+        nanoseconds of Python per message."""
         first = self.recv(timeout)
         out = [first]
         while len(out) < max_count:
-            try:
-                msg = self._try_recv()
-            except ChannelClosed:
-                break  # reported by the next recv
-            if msg is None:
-                break
-            out.append(msg)
+            if self._batch is None:
+                self._batch = ctypes.create_string_buffer(max(1 << 16, self._inline_max + 4))
+                self._batch_addr = ctypes.addressof(self._batch)
+                self._batch_view = memoryview(self._batch).cast("B")
+            code = self._recv_batch_io(self._io_addr, self._batch_addr, len(self._batch),
+                                       max_count - len(out))
+            if code < 0:
+                if code == _E_CLOSED:
+                    break  # reported by the next recv
+                self._raise(code, self._io.err)
+            view = self._batch_view
+            offset = 0
+            for _ in range(code):
+                length = int.from_bytes(view[offset:offset + 4], "little")
+                offset += 4
+                out.append(view[offset:offset + length].tobytes())
+                offset += length
+            if self._io.fd >= 0:
+                out.append(self._region(self._io.fd, self._io.size))
+            elif self._io.size == 0:
+                break  # the ring is empty (else the buffer filled up: take more)
         return out
 
     def flush(self):

@@ -106,6 +106,38 @@ def test_recv_many_and_timeout(owner):
         assert time.monotonic() - t0 < 5
 
 
+def test_recv_many_batches_keep_order_content_and_region_messages(owner):
+    """recv_many takes the waiting messages in batches (one library call per batch):
+    every size from empty up to the inline threshold, region messages in between, batches
+    that fill the buffer, in order and intact, over both transports."""
+    import random
+    rng = random.Random(15)
+    with snakepit_shm.Channel.connect(owner.ref) as ch:
+        sizes = [ch.inline_max + 1 if i % 100 == 50 else
+                 rng.choice([0, 1, 7, 8, 255, 4096, ch.inline_max, rng.randrange(0, 3000)])
+                 for i in range(2000)]
+        msgs = [os.urandom(n) for n in sizes]
+        got, batches, sent = [], 0, 0
+        while sent < len(msgs):
+            # a burst that fits in the rings both ways, then its echo in batches
+            burst, room = [], ch.inline_max
+            while sent < len(msgs) and (not burst or room >= len(msgs[sent]) + 16):
+                room -= min(len(msgs[sent]), ch.inline_max) + 16
+                burst.append(msgs[sent])
+                sent += 1
+            for m in burst:
+                ch.send(m)
+            target = len(got) + len(burst)
+            while len(got) < target:
+                batch = ch.recv_many(700, timeout=30)
+                assert 1 <= len(batch) <= 700
+                batches += 1
+                got += [bytes(m) for m in batch]
+        assert got == msgs
+        assert batches < len(msgs)  # some batches held several messages
+        assert ch.stats()["region_messages_received"] == sizes.count(ch.inline_max + 1)
+
+
 def test_python_close_is_peer_closed_for_elixir(owner):
     ch = snakepit_shm.Channel.connect(owner.ref)
     ch.send(b"hello")
@@ -254,9 +286,9 @@ def test_blocking_recv_lets_signal_handlers_run(owner):
 
 @pytest.mark.parametrize("load,spins", [("100", False), ("0", True)])
 def test_spin_only_while_a_cpu_is_free(owner, monkeypatch, load, spins):
-    """The receiver spins before it sleeps only while the load average is below the CPU
-    count: on an overloaded machine it would take the CPU its peer needs to answer.
-    (SNAKEPIT_SHM_CHANNEL_LOADAVG stands in for the load average; re-read every 100 ms.)"""
+    """The receiver spins before it sleeps only while the other runnable tasks are fewer
+    than the CPUs: on an overloaded machine it would take the CPU its peer needs to answer.
+    (SNAKEPIT_SHM_CHANNEL_LOADAVG stands in for that count; re-read every 50 ms.)"""
     if owner.transport != "shm":
         pytest.skip("the spin watches the shared-memory ring")
     if os.cpu_count() < 2 and spins:

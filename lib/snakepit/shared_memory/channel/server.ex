@@ -52,8 +52,10 @@ defmodule Snakepit.SharedMemory.Channel.Server do
     }
 
     with {:ok, res} <- open_native(native_opts),
-         :ok <- monitor_native(res, owner) do
-      info = Native.channel_info(res)
+         :ok <- monitor_native(res, owner),
+         :ok <- guard_native(res),
+         info = Native.channel_info(res),
+         {:ok, bell} <- open_doorbell(res, info.transport) do
       timeout = :atomics.new(1, signed: true)
       :atomics.put(timeout, 1, Channel.encode_timeout(opts[:send_timeout]))
 
@@ -83,7 +85,10 @@ defmodule Snakepit.SharedMemory.Channel.Server do
         closed: nil,
         closed_sent: false,
         connected: false,
-        poll_pending: false
+        poll_pending: false,
+        spin_pending: false,
+        spin_ns: opts[:spin] * 1000,
+        bell: bell
       }
 
       {:ok, arm(state)}
@@ -96,6 +101,54 @@ defmodule Snakepit.SharedMemory.Channel.Server do
     case Native.channel_open(opts) do
       {:ok, res} -> {:ok, res}
       {:error, native} -> {:error, Error.from_native(native)}
+    end
+  end
+
+  # The owner's doorbell is read by an fd port instead of the epoll fd under enif_select:
+  # the BEAM's schedulers poll the fds of ports themselves (a scheduler that still spins
+  # for work sees the doorbell at once), while an enif_select fd waits for the poll
+  # thread, whose wake-up costs a thread switch on every round trip (docs/CHANNEL.md).
+  defp open_doorbell(res, :shm) do
+    case Native.channel_doorbell(res) do
+      {:ok, fd} ->
+        try do
+          {:ok, Port.open({:fd, fd, fd}, [:binary, :in])}
+        rescue
+          e ->
+            Native.channel_close(res)
+            Native.channel_doorbell_close(res)
+            Error.error(:io_error, "cannot watch the channel's doorbell: #{Exception.message(e)}")
+        end
+
+      {:error, native} ->
+        Native.channel_close(res)
+        {:error, Error.from_native(native)}
+    end
+  end
+
+  defp open_doorbell(_res, :socket), do: {:ok, nil}
+
+  defp close_doorbell(%{bell: nil}), do: :ok
+
+  defp close_doorbell(%{bell: bell, res: res}) do
+    try do
+      Port.close(bell)
+    rescue
+      ArgumentError -> :ok
+    end
+
+    Native.channel_doorbell_close(res)
+  end
+
+  # The resource monitors this process too: killed, it closes the channel.
+  defp guard_native(res) do
+    case Native.channel_guard(res) do
+      :ok ->
+        :ok
+
+      {:error, native} ->
+        Native.channel_close(res)
+        {:error, Error.from_native(native)}
     end
   end
 
@@ -234,6 +287,18 @@ defmodule Snakepit.SharedMemory.Channel.Server do
     end
   end
 
+  # The doorbell rang (its fd port read the eventfd): the hot path of an active channel
+  # is one NIF call and no system call; :spin is the brief re-check after the last
+  # message (Native.channel_pump_bell/5).
+  def handle_info({bell, {:data, _}}, %{bell: bell} = state) do
+    if hot?(state), do: pump_bell(state, true), else: {:noreply, process(state)}
+  end
+
+  def handle_info(:spin, state) do
+    state = %{state | spin_pending: false}
+    if hot?(state), do: pump_bell(state, false), else: {:noreply, process(state)}
+  end
+
   def handle_info({:select, _res, :undefined, :ready_input}, state) do
     state =
       case Native.channel_events(state.res) do
@@ -282,10 +347,46 @@ defmodule Snakepit.SharedMemory.Channel.Server do
   @impl true
   def terminate(_reason, state) do
     Native.channel_close(state.res)
+    close_doorbell(state)
     :ok
   end
 
   # ---- the work ----
+
+  defp hot?(%{connected: true, closed: nil, active: active, space: []}), do: active != false
+  defp hot?(_state), do: false
+
+  defp pump_bell(state, woke) do
+    case Native.channel_pump_bell(
+           state.res,
+           batch_count(state.active),
+           @recv_bytes,
+           woke,
+           state.spin_ns
+         ) do
+      {:ok, msgs, next} ->
+        state = deliver_active(state, msgs)
+
+        case next do
+          true -> {:noreply, state}
+          false -> {:noreply, poll_soon(state)}
+          :spin -> {:noreply, spin_soon(state)}
+        end
+
+      {:closed, reason, msgs} ->
+        {:noreply, state |> deliver_active(msgs) |> closed(reason)}
+
+      {:error, _native} ->
+        {:noreply, closed(state, :io_error)}
+    end
+  end
+
+  defp spin_soon(%{spin_pending: true} = state), do: state
+
+  defp spin_soon(state) do
+    send(self(), :spin)
+    %{state | spin_pending: true}
+  end
 
   defp process(state) do
     state
@@ -440,13 +541,15 @@ defmodule Snakepit.SharedMemory.Channel.Server do
         {:error, _} -> closed(state, :io_error)
       end
     else
-      if state.poll_pending do
-        state
-      else
-        send(self(), :poll)
-        %{state | poll_pending: true}
-      end
+      poll_soon(state)
     end
+  end
+
+  defp poll_soon(%{poll_pending: true} = state), do: state
+
+  defp poll_soon(state) do
+    send(self(), :poll)
+    %{state | poll_pending: true}
   end
 
   defp timeout_error(state) do
