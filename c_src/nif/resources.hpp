@@ -41,6 +41,13 @@ struct RegionResource {
   /// A status board (board_open) keeps a view of the data for as long as it lives: the
   /// data area then stays mapped until the region resource is destroyed (never retired).
   std::atomic<bool> data_pinned{false};
+  /// A POSIX segment this VM created (its name is ours to remove).
+  bool name_ours = false;
+  /// The last reference removes the name (on the reaper thread): set at creation, cleared
+  /// by keep_name/2 once the region is registered, set again when a free begins. A caller
+  /// killed between creating and registering, or between taking the record out of the
+  /// registry and deallocating it, leaves no segment behind (nif_quota.cpp).
+  std::atomic<bool> drop_unlinks{false};
 
   /// Deallocated through this handle or by anyone else (header state).
   bool is_deallocated() const noexcept {
