@@ -270,7 +270,10 @@ defmodule Snakepit.SharedMemory.Allocator do
       lock_memory: flags.lock_memory,
       metadata: opts.metadata_json,
       idle_timeout_ms: if(opts.timeout == :infinity, do: 0, else: opts.timeout),
-      huge_pages: Map.get(opts, :huge_pages, false)
+      huge_pages: Map.get(opts, :huge_pages, false),
+      # A POSIX segment created here loses its name with its last reference until it is
+      # registered (Native.keep_name/2): a caller killed before that leaves nothing.
+      drop_name: true
     }
   end
 

@@ -136,9 +136,10 @@ defmodule Snakepit.SharedMemory.Cleanup do
   # A safety net only: an owner's death is an event (the NIF's monitor), and a manager
   # that was down when it came runs check_owners/0 at start-up.
   defp owners_down do
-    dead = for {owner, _counter} <- :ets.tab2list(Registry.owners_table()),
-               not Process.alive?(owner),
-               do: owner
+    dead =
+      for {owner, _counter} <- :ets.tab2list(Registry.owners_table()),
+          not Process.alive?(owner),
+          do: owner
 
     due =
       for owner <- dead,

@@ -74,8 +74,10 @@ defmodule Snakepit.SharedMemory.Registry do
   @pattern List.to_tuple([:region | @vars])
   @public List.to_tuple([
             :region
-            | for({{name, _}, var} <- Enum.zip(@region_fields, @vars),
-                  do: if(name == :quota, do: nil, else: var))
+            | for(
+                {{name, _}, var} <- Enum.zip(@region_fields, @vars),
+                do: if(name == :quota, do: nil, else: var)
+              )
           ])
   @owner_position Enum.find_index(@region_fields, &(elem(&1, 0) == :owner)) + 1
 
@@ -202,8 +204,10 @@ defmodule Snakepit.SharedMemory.Registry do
     body =
       List.to_tuple([
         :region
-        | for({name, var} <- Enum.zip(names, vars),
-              do: if(name in fields and name != :quota, do: var))
+        | for(
+            {name, var} <- Enum.zip(names, vars),
+            do: if(name in fields and name != :quota, do: var)
+          )
       ])
 
     :ets.select(@regions, [{pattern, [], [{body}]}])

@@ -20,7 +20,16 @@ defmodule Snakepit.SharedMemory.Sweep do
   require Logger
   require Snakepit.SharedMemory.Registry
 
-  alias Snakepit.SharedMemory.{Allocator, JSON, Native, Platform, Quota, Registry, Security, Stats}
+  alias Snakepit.SharedMemory.{
+    Allocator,
+    JSON,
+    Native,
+    Platform,
+    Quota,
+    Registry,
+    Security,
+    Stats
+  }
 
   import Snakepit.SharedMemory.Registry, only: [region: 1]
 

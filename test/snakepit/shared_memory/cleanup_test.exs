@@ -6,7 +6,7 @@ defmodule Snakepit.SharedMemory.CleanupTest do
   @moduletag :capture_log
 
   alias Snakepit.SharedMemory, as: SM
-  alias Snakepit.SharedMemory.{Cleanup, Journal, Manager, Native, Quota, Registry, Sweep}
+  alias Snakepit.SharedMemory.{Cleanup, Manager, Native, Quota, Registry, Sweep}
   alias Snakepit.SharedMemory.{ShmHelpers, TestSupport}
 
   @kib 1024
@@ -112,35 +112,33 @@ defmodule Snakepit.SharedMemory.CleanupTest do
     end
   end
 
-  describe "repair/1 and recount/0 (callers killed mid-operation)" do
-    test "a caller that died holding a reservation is recounted away" do
+  describe "callers killed mid-operation need no repair" do
+    test "a caller that died holding a quota charge gives it back, with no manager" do
       parent = self()
 
-      pid =
-        spawn(fn ->
-          Snakepit.SharedMemory.Registry.register_caller()
-          Journal.note({:allocate, :reserving})
-          :ok = Quota.reserve(self(), 4096, Snakepit.SharedMemory.Config.get())
-          send(parent, :reserved)
-          Process.sleep(:infinity)
-        end)
+      TestSupport.with_manager_suspended(fn ->
+        pid =
+          spawn(fn ->
+            Snakepit.SharedMemory.Registry.register_caller()
+            {:ok, _charge} = Quota.reserve(self(), 4096, Snakepit.SharedMemory.Config.get())
+            send(parent, :reserved)
+            Process.sleep(:infinity)
+          end)
 
-      assert_receive :reserved
-      assert Quota.totals().regions == 1
-      Process.exit(pid, :kill)
-      assert ShmHelpers.wait_until(fn -> Quota.totals() == %{regions: 0, bytes: 0} end)
-      assert Quota.owned(pid) == 0
-      assert Journal.lookup(pid) == nil
+        assert_receive :reserved
+        assert Quota.totals().regions == 1
+        Process.exit(pid, :kill)
+        assert TestSupport.eventually(fn -> Quota.totals() == %{regions: 0, bytes: 0} end)
+        assert Quota.owned(pid) == 0
+      end)
     end
 
-    test "a POSIX segment of a caller killed inside create is found and removed" do
-      started = System.os_time(:nanosecond)
-      opts = ShmHelpers.create_opts(%{backend: :posix})
-      deadline = System.monotonic_time(:millisecond) + 1_000
-      # A region somebody still holds (its resource keeps the liveness lock) stays.
-      {:ok, kept, kept_info} = Native.create(12_345, opts)
+    test "a POSIX segment created for the allocator and dropped unregistered loses its name" do
+      opts = ShmHelpers.create_opts(%{backend: :posix}) |> Map.put(:drop_name, true)
+      # Without drop_name (tools, tests) a dropped region keeps its name.
+      {:ok, kept, kept_info} = Native.create(12_345, ShmHelpers.create_opts(%{backend: :posix}))
       # What a dirty create returns to a caller that was killed meanwhile: a resource
-      # nobody references, garbage collected, its lock gone with its descriptor.
+      # nobody references; its destructor hands the name to the reaper thread.
       id =
         Task.async(fn ->
           {:ok, _region, info} = Native.create(12_345, opts)
@@ -148,145 +146,16 @@ defmodule Snakepit.SharedMemory.CleanupTest do
         end)
         |> Task.await()
 
-      assert File.exists?("/dev/shm/#{id}")
-      # The pending stays until its deadline (the dirty create may still be running).
-      assert Sweep.sweep_leaks([{12_345, started, deadline}]) == [{12_345, started, deadline}]
-      refute File.exists?("/dev/shm/#{id}")
+      assert TestSupport.eventually(fn -> not File.exists?("/dev/shm/#{id}") end)
       assert File.exists?("/dev/shm/#{kept_info.id}")
-      # Pendings past their deadline are dropped.
-      assert Sweep.sweep_leaks([{1, started, deadline - 5_000}]) == []
+
+      # keep_name(true) (registered) keeps it; keep_name(false) (a free began) drops it.
+      {:ok, held, info} = Native.create(100, opts)
+      :ok = Native.keep_name(held, true)
+      :ok = Native.keep_name(held, false)
+      assert File.exists?("/dev/shm/#{info.id}")
+      assert :ok = Native.deallocate(held, false)
       assert :ok = Native.deallocate(kept, false)
-    end
-
-    test "a POSIX segment of a caller killed while freeing it is removed" do
-      {:ok, region, info} = Native.create(100, ShmHelpers.create_opts(%{backend: :posix}))
-      assert Cleanup.repair({:deallocate, info.id, :posix, :created}) == nil
-      refute File.exists?("/dev/shm/#{info.id}")
-      _ = region
-    end
-  end
-
-  describe "due/1 (expiry and vanished segments)" do
-    test "a held region does not expire" do
-      {:ok, id} = SM.allocate_region(@kib, timeout: 50, cleanup_policy: :manual)
-      {:ok, m} = SM.map_region(id)
-      Process.sleep(300)
-      refute gone?(id)
-      :ok = SM.unmap_region(m)
-      wait_gone(id)
-    end
-
-    test "idle regions expire under every policy; access keeps them alive" do
-      {:ok, idle} = SM.allocate_region(@kib, timeout: 150, cleanup_policy: :manual)
-      {:ok, busy} = SM.allocate_region(@kib, timeout: 150, cleanup_policy: :manual)
-
-      # Accessed often, never held between accesses: alive by its accesses only.
-      for _ <- 1..6 do
-        Process.sleep(50)
-        {:ok, m} = SM.map_region(busy)
-        {:ok, _} = SM.read(m, 0, 1)
-        :ok = SM.unmap_region(m)
-      end
-
-      assert gone?(idle)
-      refute gone?(busy)
-      {:ok, stats} = SM.stats()
-      assert stats.events.expired >= 1
-    end
-
-    test "regions registered while a sweep runs are never taken for vanished" do
-      parent = self()
-
-      allocator =
-        spawn_link(fn ->
-          for _ <- 1..300,
-              do: {:ok, _} = SM.allocate_region(64, backend: :posix, cleanup_policy: :manual)
-
-          send(parent, :allocated)
-        end)
-
-      vanished = Stream.repeatedly(fn -> Cleanup.due() end) |> Enum.take(200) |> List.flatten()
-      assert_receive :allocated, 30_000
-      refute Process.alive?(allocator)
-      assert for({id, :vanished} <- vanished, do: id) == []
-    end
-
-    test "a POSIX segment removed behind our back is freed as :vanished" do
-      {:ok, id} = SM.allocate_region(@kib, backend: :posix, cleanup_policy: :manual)
-      assert Cleanup.due() == []
-      File.rm!("/dev/shm/#{id}")
-      assert {id, :vanished} in Cleanup.due()
-      wait_gone(id)
-    end
-  end
-
-  describe "sweep_orphans/1" do
-    @tag timeout: 120_000
-    test "segments of a VM killed with SIGKILL are swept" do
-      ebin = Path.join(:code.lib_dir(:snakepit_shm), "ebin")
-
-      script = """
-      {:ok, _} = Application.ensure_all_started(:snakepit_shm)
-      ids = for _ <- 1..50 do
-        {:ok, id} = Snakepit.SharedMemory.allocate_region(4096, backend: :posix)
-        id
-      end
-      IO.puts("READY " <> System.pid() <> " " <> Enum.join(ids, ","))
-      Process.sleep(:infinity)
-      """
-
-      port =
-        Port.open({:spawn_executable, System.find_executable("elixir")}, [
-          :binary,
-          :exit_status,
-          {:line, 65_536},
-          args: ["-pa", ebin, "-e", script]
-        ])
-
-      {os_pid, ids} =
-        receive do
-          {^port, {:data, {:eol, "READY " <> rest}}} ->
-            [os_pid, ids] = String.split(rest, " ")
-            {os_pid, String.split(ids, ",")}
-
-          {^port, {:exit_status, status}} ->
-            flunk("the second VM exited with #{status}")
-        after
-          60_000 ->
-            {:os_pid, pid} = Port.info(port, :os_pid)
-            System.cmd("kill", ["-9", Integer.to_string(pid)])
-            flunk("the second VM did not get ready")
-        end
-
-      on_exit(fn -> System.cmd("kill", ["-9", os_pid], stderr_to_stdout: true) end)
-      assert length(ids) == 50
-      assert Enum.all?(ids, &File.exists?("/dev/shm/#{&1}"))
-      {:ok, dry} = SM.cleanup_regions(dry_run: true)
-      assert Enum.filter(dry, &(&1.region_id in ids)) == []
-
-      System.cmd("kill", ["-9", os_pid])
-      assert_receive {^port, {:exit_status, _}}, 10_000
-
-      # (Other VMs' orphans may be found too on a shared machine: look at ours.)
-      mine = fn entries -> Enum.sort(for %{region_id: id} <- entries, id in ids, do: id) end
-      dry = Sweep.sweep_orphans(dry_run: true)
-      assert mine.(dry) == Enum.sort(ids)
-      assert Enum.all?(dry, &(&1.reason == :orphan))
-      assert Enum.all?(ids, &File.exists?("/dev/shm/#{&1}"))
-
-      # (This VM's manager, or another VM's sweep on a shared machine, may take some of
-      # them first: every one must be gone, and this sweep removed no other of ours.)
-      swept = Sweep.sweep_orphans()
-      assert mine.(swept) -- ids == []
-      refute Enum.any?(ids, &File.exists?("/dev/shm/#{&1}"))
-      {:ok, stats} = SM.stats()
-      assert stats.events.orphans >= length(mine.(swept))
-    end
-
-    test "segments of live VMs (this one) are left alone" do
-      {:ok, id} = SM.allocate_region(@kib, backend: :posix)
-      assert Sweep.sweep_orphans() == []
-      assert File.exists?("/dev/shm/#{id}")
     end
   end
 
@@ -300,9 +169,7 @@ defmodule Snakepit.SharedMemory.CleanupTest do
       {:ok, adopted} = SM.get_region_info(info.id)
       assert %{adopted: true, owner: nil, cleanup_policy: :manual, size: 300} = adopted
       assert %{metadata: %{"a" => 1}, timeout: 60_000} = adopted
-      Snakepit.SharedMemory.Manager.sync()
-      # The adopted region is counted once the quota is recounted.
-      {:ok, _} = Cleanup.recount()
+      # The adopted region is counted at once (a charge taken whatever the limits).
       assert Quota.totals() == %{regions: 1, bytes: 300}
       :ok = SM.deallocate_region(info.id)
       _ = region
