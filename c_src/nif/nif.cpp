@@ -140,6 +140,7 @@ ErlNifFunc nif_funcs[] = {
     {"quota_release", 1, nif_quota_release, 0},
     {"quota_resize", 2, nif_quota_resize, 0},
     {"quota_host", 3, nif_quota_host, 0},
+    {"quota_attach", 2, nif_quota_attach, 0},
     {"quota_held", 1, nif_quota_held, 0},
     {"quota_totals", 0, nif_quota_totals, 0},
     {"quota_owned", 1, nif_quota_owned, 0},

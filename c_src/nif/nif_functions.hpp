@@ -66,6 +66,7 @@ SPSHM_NIF(nif_quota_reserve);
 SPSHM_NIF(nif_quota_release);
 SPSHM_NIF(nif_quota_resize);
 SPSHM_NIF(nif_quota_host);
+SPSHM_NIF(nif_quota_attach);
 SPSHM_NIF(nif_quota_held);
 SPSHM_NIF(nif_quota_totals);
 SPSHM_NIF(nif_quota_owned);

@@ -18,6 +18,7 @@
 
 #include "nif_functions.hpp"
 #include "quota.hpp"
+#include "reaper.hpp"
 #include "resources.hpp"
 #include "terms.hpp"
 
@@ -34,6 +35,9 @@ struct ChargeResource {
 
   OwnerResource* owner;  ///< kept with enif_keep_resource, released in the destructor
   quota::Charge charge;
+  /// The region whose name goes if the charge dies unreleased after a free began
+  /// (keep_name(region, false)): kept, released by the destructor or the reaper.
+  std::atomic<RegionResource*> region{nullptr};
   /// A host quota reservation to abandon if the charge dies unreleased (quota_host/3).
   ErlNifPid host_client{};
   std::uint64_t host_id = 0;
@@ -58,9 +62,27 @@ void abandon_host(ErlNifEnv* env, ChargeResource* c) {
   enif_free_env(msg_env);
 }
 
+// On the reaper thread: removes the name of a region whose free was cut short.
+void unlink_region(void* arg) {
+  auto* res = static_cast<RegionResource*>(arg);
+  (void)res->region.unlink();  // only while the name is still our object's
+  enif_release_resource(res);
+}
+
 void charge_dtor(ErlNifEnv* env, void* obj) {
   auto* c = static_cast<ChargeResource*>(obj);
-  if (c->charge.give_back() && c->host_armed.load()) abandon_host(env, c);
+  bool unreleased = c->charge.give_back();
+  if (unreleased && c->host_armed.load()) abandon_host(env, c);
+  RegionResource* region = c->region.exchange(nullptr);
+  if (region != nullptr) {
+    // A deallocator took the record (after keep_name(region, false)) and was killed
+    // before it finished: the name goes now, not when the last of the readers' copies
+    // of the region handle is collected. Unlinking opens a path: the reaper thread.
+    if (unreleased && region->drop_unlinks.load() && !region->deallocated.load())
+      run_on_reaper(unlink_region, region);
+    else
+      enif_release_resource(region);
+  }
   if (c->owner != nullptr) enif_release_resource(c->owner);
   c->~ChargeResource();
 }
@@ -173,6 +195,20 @@ SPSHM_GUARDED_NIF(nif_quota_host)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]
   c->host_client = client;
   c->host_id = id;
   c->host_armed.store(true);
+  return atoms.ok;
+}
+
+// quota_attach(charge, region): the region whose name the charge removes if it dies
+// unreleased once a free began (a POSIX region created here). Once.
+SPSHM_GUARDED_NIF(nif_quota_attach)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  ChargeResource* c;
+  RegionResource* region;
+  if (!get_charge(env, argv[0], &c) || !get_region(env, argv[1], &region))
+    return enif_make_badarg(env);
+  if (!region->name_ours) return atoms.ok;  // nothing to remove
+  RegionResource* expected = nullptr;
+  enif_keep_resource(region);
+  if (!c->region.compare_exchange_strong(expected, region)) enif_release_resource(region);
   return atoms.ok;
 }
 

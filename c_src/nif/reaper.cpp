@@ -25,8 +25,14 @@ struct Zeroing {
   std::uint64_t from = 0;
 };
 
+/// A function to run off every scheduler (run_on_reaper).
+struct Task {
+  void (*fn)(void*) = nullptr;
+  void* arg = nullptr;
+};
+
 using Garbage = std::variant<std::unique_ptr<Region>, std::unique_ptr<Region::DetachedData>,
-                             std::unique_ptr<Zeroing>>;
+                             std::unique_ptr<Zeroing>, Task>;
 
 struct Reaper {
   std::mutex mutex;
@@ -132,6 +138,8 @@ void destroy(Garbage& item) noexcept {
       unmap_in_pieces(data.mapping);
       release_object_in_pieces(data.object);
     }
+  } else if (auto* task = std::get_if<Task>(&item)) {
+    if (task->fn != nullptr) task->fn(task->arg);
   } else if (auto* data = std::get_if<std::unique_ptr<Region::DetachedData>>(&item)) {
     if (*data) {
       unmap_in_pieces((*data)->mapping);
@@ -216,6 +224,11 @@ void dispose_zeroing(Region&& region, std::uint64_t zero_from) noexcept {
     if (!enqueue(std::move(item))) destroy(item);  // no reaper: here, as one call did
   } catch (...) {
   }
+}
+
+void run_on_reaper(void (*fn)(void*), void* arg) noexcept {
+  Garbage item{Task{fn, arg}};
+  if (!enqueue(std::move(item))) fn(arg);  // no reaper: here
 }
 
 void dispose(Region::DetachedData&& data) noexcept {

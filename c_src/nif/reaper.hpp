@@ -44,6 +44,10 @@ void dispose_zeroing(Region&& region, std::uint64_t zero_from) noexcept;
 /// Bytes one slice of zeroing covers (deallocate in slices; ~1 ms of memset).
 inline constexpr std::uint64_t kZeroSlice = std::uint64_t{16} << 20;
 
+/// Runs `fn(arg)` on the reaper thread (here if it is not running): work that opens a
+/// path, asked for from a resource destructor.
+void run_on_reaper(void (*fn)(void*), void* arg) noexcept;
+
 /// The same for a detached data area (Region::detach_data()).
 void dispose(Region::DetachedData&& data) noexcept;
 

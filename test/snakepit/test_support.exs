@@ -17,23 +17,6 @@ defmodule Snakepit.SharedMemory.TestSupport do
   end
 
   @doc """
-  True once `fun` returns true, polled every 2 ms for up to `ms` (false after). For what
-  ERTS finishes a moment after a DOWN message (the destructors of a dead heap).
-  """
-  def eventually(fun, ms \\ 5_000) do
-    deadline = System.monotonic_time(:millisecond) + ms
-    poll_until(fun, deadline)
-  end
-
-  defp poll_until(fun, deadline) do
-    cond do
-      fun.() -> true
-      System.monotonic_time(:millisecond) > deadline -> false
-      true -> Process.sleep(2) && poll_until(fun, deadline)
-    end
-  end
-
-  @doc """
   ExUnit setup (`setup do: TestSupport.no_leaks()`): when the test ends, frees what it
   left and asserts that nothing of this VM is live and no new segment is left.
   """
@@ -62,6 +45,7 @@ defmodule Snakepit.SharedMemory.TestSupport do
     # Rows of live owners stay (at 0); none counts a region.
     for {owner, _counter} <- :ets.tab2list(Registry.owners_table()),
         do: assert(Quota.owned(owner) == 0, "#{inspect(owner)} still counts regions")
+
     assert :ets.tab2list(Registry.mappings_table()) == []
 
     assert ShmHelpers.wait_until(

@@ -120,7 +120,9 @@ defmodule Snakepit.SharedMemory.Allocator do
     # the charge abandons it again, harmlessly).
     with :ok <- memory_headroom(opts.size),
          {:ok, charge} <- Quota.reserve(opts.owner, reserved_size(opts), config),
-         {:ok, host} <- host_reserve(opts, charge) do
+         :ok <- checkpoint(:reserved),
+         {:ok, host} <- host_reserve(opts, charge),
+         :ok <- checkpoint(:host_reserved) do
       case create(opts, native_options(opts, flags, config)) do
         {:ok, _ref, %{role: :opened} = info} when info.size != opts.size and opts.size != :any ->
           HostQuota.Regions.discard(host)
@@ -278,8 +280,11 @@ defmodule Snakepit.SharedMemory.Allocator do
   end
 
   defp register(ref, info, opts, host, charge) do
+    checkpoint(:created)
     # An opened named region has the size its creator gave it.
     if info.size != opts.size, do: Quota.resize(charge, info.size)
+    # A free of this region cut short by a kill removes its name with the charge.
+    Native.quota_attach(charge, ref)
 
     record =
       region(
@@ -310,9 +315,12 @@ defmodule Snakepit.SharedMemory.Allocator do
     # (monitor_owner answers not_found) or, if this caller is killed right here, by the
     # periodic check of dead owners (Cleanup.due/1).
     HostQuota.Regions.bind(host, info.id, info.role)
+    checkpoint(:bound)
 
     if Registry.insert_new(record) do
+      checkpoint(:registered)
       Native.keep_name(ref, true)
+      checkpoint(:kept)
       watch_owner(ref, info.id, opts.owner)
       Snakepit.SharedMemory.Cluster.Directory.added(info.id)
       Stats.count(:allocations)
@@ -392,6 +400,7 @@ defmodule Snakepit.SharedMemory.Allocator do
         # reference to a POSIX region created here removes its name (whoever loses the
         # race for the record leaves it to the winner, who deallocates it anyway).
         Native.keep_name(ref, false)
+        checkpoint(:unkept)
 
         case Registry.take(id) do
           nil -> not_found(id)
@@ -402,6 +411,7 @@ defmodule Snakepit.SharedMemory.Allocator do
 
   defp release(record, reason) do
     region(id: id, role: role, counters: counters, quota: charge) = record
+    checkpoint(:taken)
     # Before the mappings end: a read racing this free sees the reason with :closed.
     Snakepit.SharedMemory.Freed.mark(counters, reason)
 
@@ -412,9 +422,11 @@ defmodule Snakepit.SharedMemory.Allocator do
         do: Native.unmap(mapping)
 
     if role == :created, do: destroy(record)
+    checkpoint(:destroyed)
     Snakepit.SharedMemory.Cluster.Directory.removed(id)
     # The host reservation first: killed in between, the charge abandons it again.
     HostQuota.Regions.release(id)
+    checkpoint(:host_released)
     Quota.release(charge)
     Stats.event(:deallocations, %{count: 1}, %{region_id: id, reason: reason})
     # The one log line of a free (explicit deallocations at debug, policies at info).
@@ -489,6 +501,22 @@ defmodule Snakepit.SharedMemory.Allocator do
 
       {:error, _} = error ->
         error
+    end
+  end
+
+  # Test hook: a process that put a one-argument fun under this key in its dictionary
+  # has it called at each step of an allocation or a free, between two state changes
+  # (test/snakepit/shared_memory/kill_instants_test.exs parks callers there and kills
+  # them). One dictionary read when unset.
+  @checkpoint {__MODULE__, :checkpoint}
+
+  @doc false
+  def checkpoint_key, do: @checkpoint
+
+  defp checkpoint(point) do
+    case Process.get(@checkpoint) do
+      nil -> :ok
+      fun -> fun.(point) |> then(fn _ -> :ok end)
     end
   end
 

@@ -590,6 +590,8 @@ defmodule Snakepit.SharedMemory.Native do
   def quota_resize(_charge, _bytes), do: :erlang.nif_error(:not_loaded)
   @spec quota_host(quota_charge(), pid(), pos_integer()) :: :ok
   def quota_host(_charge, _client, _reservation_id), do: :erlang.nif_error(:not_loaded)
+  @spec quota_attach(quota_charge(), region()) :: :ok
+  def quota_attach(_charge, _region), do: :erlang.nif_error(:not_loaded)
   @spec quota_held(quota_charge()) :: boolean()
   def quota_held(_charge), do: :erlang.nif_error(:not_loaded)
   @spec quota_totals() :: {integer(), integer()}

@@ -128,7 +128,7 @@ defmodule Snakepit.SharedMemory.CleanupTest do
         assert_receive :reserved
         assert Quota.totals().regions == 1
         Process.exit(pid, :kill)
-        assert TestSupport.eventually(fn -> Quota.totals() == %{regions: 0, bytes: 0} end)
+        assert ShmHelpers.wait_until(fn -> Quota.totals() == %{regions: 0, bytes: 0} end)
         assert Quota.owned(pid) == 0
       end)
     end
@@ -146,7 +146,7 @@ defmodule Snakepit.SharedMemory.CleanupTest do
         end)
         |> Task.await()
 
-      assert TestSupport.eventually(fn -> not File.exists?("/dev/shm/#{id}") end)
+      assert ShmHelpers.wait_until(fn -> not File.exists?("/dev/shm/#{id}") end)
       assert File.exists?("/dev/shm/#{kept_info.id}")
 
       # keep_name(true) (registered) keeps it; keep_name(false) (a free began) drops it.

@@ -4,7 +4,7 @@ defmodule Snakepit.SharedMemory.QuotaTest do
   use ExUnit.Case, async: false
 
   alias Snakepit.SharedMemory.{Config, Error, Native, Quota, Registry}
-  alias Snakepit.SharedMemory.TestSupport
+  alias Snakepit.SharedMemory.{ShmHelpers, TestSupport}
   require Registry
 
   setup do
@@ -93,7 +93,7 @@ defmodule Snakepit.SharedMemory.QuotaTest do
       Process.exit(pid, :kill)
       assert_receive {:DOWN, ^ref, :process, ^pid, :killed}
       # ERTS may run the destructor a moment after the DOWN: no manager involved.
-      assert TestSupport.eventually(fn -> Quota.totals() == base end)
+      assert ShmHelpers.wait_until(fn -> Quota.totals() == base end)
       assert Quota.owned(owner) == 0
     end
 
