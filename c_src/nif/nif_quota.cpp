@@ -55,8 +55,8 @@ ERL_NIF_TERM atom(ErlNifEnv* env, const char* name) { return enif_make_atom(env,
 void abandon_host(ErlNifEnv* env, ChargeResource* c) {
   ErlNifEnv* msg_env = enif_alloc_env();
   if (msg_env == nullptr) return;
-  ERL_NIF_TERM request = enif_make_tuple2(msg_env, atom(msg_env, "abandon"),
-                                          enif_make_uint64(msg_env, c->host_id));
+  ERL_NIF_TERM request =
+      enif_make_tuple2(msg_env, atom(msg_env, "abandon"), enif_make_uint64(msg_env, c->host_id));
   ERL_NIF_TERM msg = enif_make_tuple2(msg_env, atom(msg_env, "$gen_cast"), request);
   enif_send(env, &c->host_client, msg_env, msg);
   enif_free_env(msg_env);
