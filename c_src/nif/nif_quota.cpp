@@ -78,7 +78,7 @@ void charge_dtor(ErlNifEnv* env, void* obj) {
     // A deallocator took the record (after keep_name(region, false)) and was killed
     // before it finished: the name goes now, not when the last of the readers' copies
     // of the region handle is collected. Unlinking opens a path: the reaper thread.
-    if (unreleased && region->drop_unlinks.load() && !region->deallocated.load())
+    if (unreleased && region->drops_name() && !region->deallocated.load())
       run_on_reaper(unlink_region, region);
     else
       enif_release_resource(region);
@@ -240,7 +240,14 @@ SPSHM_GUARDED_NIF(nif_keep_name)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[])
   bool keep = false;
   if (!get_region(env, argv[0], &res) || !get_bool(env, argv[1], &keep))
     return enif_make_badarg(env);
-  if (res->name_ours) res->drop_unlinks.store(!keep);
+  if (!res->name_ours) return atoms.ok;
+  if (keep) {
+    // Only the registration keeps it: after a free began, a late keep changes nothing.
+    int expected = RegionResource::kNameDropUntilKept;
+    res->name_state.compare_exchange_strong(expected, RegionResource::kNameKept);
+  } else {
+    res->name_state.store(RegionResource::kNameDropFreeing);
+  }
   return atoms.ok;
 }
 

@@ -84,7 +84,7 @@ ERL_NIF_TERM do_create(ErlNifEnv* env, const ERL_NIF_TERM argv[], bool plain) {
     // the last reference removes the name. Without it the name stays (tools, tests).
     if (enif_get_map_value(env, argv[1], enif_make_atom(env, "drop_name"), &drop_name) &&
         enif_is_identical(drop_name, atoms.true_)) {
-      res->drop_unlinks.store(true);
+      res->name_state.store(RegionResource::kNameDropUntilKept);
     }
   }
   return enif_make_tuple3(env, atoms.ok, term, encode_info(env, res->region));

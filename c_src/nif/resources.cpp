@@ -35,7 +35,7 @@ void region_dtor(ErlNifEnv*, void* obj) {
     // Its zeroing started (deallocate_begin/1) and its caller died before the end: the
     // promise is kept by the reaper thread (the rest, in slices, then the name).
     dispose_zeroing(std::move(res->region), zero_next);
-  } else if (res->drop_unlinks.load() && !res->deallocated.load()) {
+  } else if (res->drops_name() && !res->deallocated.load()) {
     // Created here and never registered (or its free was cut short): the reaper thread
     // removes its name (no path is opened on a scheduler), then destroys it.
     std::uint64_t end = res->region.capacity();

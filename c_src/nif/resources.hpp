@@ -43,11 +43,21 @@ struct RegionResource {
   std::atomic<bool> data_pinned{false};
   /// A POSIX segment this VM created (its name is ours to remove).
   bool name_ours = false;
-  /// The last reference removes the name (on the reaper thread): set at creation, cleared
-  /// by keep_name/2 once the region is registered, set again when a free begins. A caller
-  /// killed between creating and registering, or between taking the record out of the
-  /// registry and deallocating it, leaves no segment behind (nif_quota.cpp).
-  std::atomic<bool> drop_unlinks{false};
+  /// Whether the last reference removes the name (on the reaper thread): kNameDropUntilKept
+  /// from creation (create with drop_name: true) until keep_name(true) once the region is
+  /// registered (kNameKept), kNameDropFreeing once a free begins (keep_name(false); a late
+  /// keep_name(true) no longer undoes it). A caller killed between creating and
+  /// registering, or between taking the record out of the registry and deallocating it,
+  /// leaves no segment behind (nif_quota.cpp).
+  static constexpr int kNameLeft = 0;
+  static constexpr int kNameDropUntilKept = 1;
+  static constexpr int kNameKept = 2;
+  static constexpr int kNameDropFreeing = 3;
+  std::atomic<int> name_state{kNameLeft};
+  bool drops_name() const noexcept {
+    int s = name_state.load();
+    return s == kNameDropUntilKept || s == kNameDropFreeing;
+  }
 
   /// Deallocated through this handle or by anyone else (header state).
   bool is_deallocated() const noexcept {

@@ -63,7 +63,8 @@ defmodule Snakepit.SharedMemory.Native do
           optional(:defer_chunks) => boolean(),
           optional(:defer_allocate) => boolean(),
           optional(:arena) => boolean(),
-          optional(:huge_pages) => :auto | boolean()
+          optional(:huge_pages) => :auto | boolean(),
+          optional(:drop_name) => boolean()
         }
   # %{id, backend, size, capacity, control_path, data_path, data_offset, role :: :created | :opened,
   #   encrypted, sealed, os_pid, zero_copy, control_offset, arena} (zero_copy: the kernel
