@@ -141,6 +141,46 @@ defmodule Snakepit.SharedMemory.KillInstantsTest do
     end
   end
 
+  test "a caller parked mid-allocation holds nobody up, and counts as in flight" do
+    parent = self()
+
+    parked =
+      spawn(fn ->
+        Process.put(Allocator.checkpoint_key(), park_at(:created, parent))
+        SM.allocate_region(5_000, backend: :posix)
+      end)
+
+    assert_receive {:parked, ^parked, :created}, 10_000
+
+    # Another caller killed mid-allocation: once, the manager raised its barrier here and
+    # waited for every live caller in flight (the parked one: never) before recounting.
+    killed =
+      spawn(fn ->
+        Process.put(Allocator.checkpoint_key(), park_at(:reserved, parent))
+        SM.allocate_region(7_000)
+      end)
+
+    assert_receive {:parked, ^killed, :reserved}, 10_000
+    Process.exit(killed, :kill)
+    assert :ok = Snakepit.SharedMemory.Manager.sync()
+
+    for _ <- 1..20 do
+      {:ok, id} = SM.allocate_region(1_000)
+      :ok = SM.deallocate_region(id)
+    end
+
+    # The counters are the registry plus the one allocation in flight.
+    registry = registry_view()
+
+    assert ShmHelpers.wait_until(fn ->
+             Quota.totals() == %{regions: registry.regions + 1, bytes: registry.bytes + 5_000}
+           end)
+
+    Process.exit(parked, :kill)
+    assert ShmHelpers.wait_until(fn -> exact?([parked]) end)
+    assert ShmHelpers.wait_until(&segments_exact?/0, 5_000)
+  end
+
   test "without the hook set, every step is passed through" do
     {:ok, id} = SM.allocate_region(100)
     assert :ok = SM.deallocate_region(id)
