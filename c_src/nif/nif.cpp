@@ -145,6 +145,7 @@ ErlNifFunc nif_funcs[] = {
     {"quota_totals", 0, nif_quota_totals, 0},
     {"quota_owned", 1, nif_quota_owned, 0},
     {"keep_name", 2, nif_keep_name, 0},
+    {"names_dropped", 0, nif_names_dropped, 0},
 };
 
 // load and upgrade do the same: resource types are opened with CREATE | TAKEOVER, so a

@@ -71,6 +71,7 @@ SPSHM_NIF(nif_quota_held);
 SPSHM_NIF(nif_quota_totals);
 SPSHM_NIF(nif_quota_owned);
 SPSHM_NIF(nif_keep_name);
+SPSHM_NIF(nif_names_dropped);
 
 // nif_mapping.cpp: mappings and data access
 SPSHM_NIF(nif_map);

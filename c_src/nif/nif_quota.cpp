@@ -78,10 +78,12 @@ void charge_dtor(ErlNifEnv* env, void* obj) {
     // A deallocator took the record (after keep_name(region, false)) and was killed
     // before it finished: the name goes now, not when the last of the readers' copies
     // of the region handle is collected. Unlinking opens a path: the reaper thread.
-    if (unreleased && region->drops_name() && !region->deallocated.load())
+    if (unreleased && region->drops_name() && !region->deallocated.load()) {
+      note_name_dropped(region);
       run_on_reaper(unlink_region, region);
-    else
+    } else {
       enif_release_resource(region);
+    }
   }
   if (c->owner != nullptr) enif_release_resource(c->owner);
   c->~ChargeResource();
@@ -230,6 +232,11 @@ SPSHM_GUARDED_NIF(nif_quota_owned)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[
   OwnerResource* o;
   if (!get_owner(env, argv[0], &o)) return enif_make_badarg(env);
   return enif_make_int64(env, o->count.regions.load());
+}
+
+// names_dropped(): names removed because a caller was killed mid-allocation or mid-free.
+SPSHM_GUARDED_NIF(nif_names_dropped)(ErlNifEnv* env, int, const ERL_NIF_TERM[]) {
+  return enif_make_uint64(env, names_dropped());
 }
 
 // keep_name(region, keep): whether the last reference to a POSIX region this VM created

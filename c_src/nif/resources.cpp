@@ -12,6 +12,16 @@ namespace spshm::nif {
 ResourceTypes resource_types;
 SelfIdentity self_identity;
 
+namespace {
+std::atomic<std::uint64_t> names_dropped_total{0};
+}
+
+void note_name_dropped(RegionResource* res) noexcept {
+  if (!res->name_dropped.exchange(true)) names_dropped_total.fetch_add(1);
+}
+
+std::uint64_t names_dropped() noexcept { return names_dropped_total.load(); }
+
 void RegionResource::release_data() noexcept {
   if (data_pinned.load()) return;  // a board view points into it: kept until destroyed
   if (!data_released.exchange(true)) release_data_to_pool_or_dispose(region, region.detach_data());
@@ -38,6 +48,7 @@ void region_dtor(ErlNifEnv*, void* obj) {
   } else if (res->drops_name() && !res->deallocated.load()) {
     // Created here and never registered (or its free was cut short): the reaper thread
     // removes its name (no path is opened on a scheduler), then destroys it.
+    note_name_dropped(res);
     std::uint64_t end = res->region.capacity();
     dispose_zeroing(std::move(res->region), end);
   } else {

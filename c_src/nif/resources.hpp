@@ -58,6 +58,8 @@ struct RegionResource {
     int s = name_state.load();
     return s == kNameDropUntilKept || s == kNameDropFreeing;
   }
+  /// Its name was handed to the reaper for removal (counted once: names_dropped()).
+  std::atomic<bool> name_dropped{false};
 
   /// Deallocated through this handle or by anyone else (header state).
   bool is_deallocated() const noexcept {
@@ -153,6 +155,12 @@ bool init_self_identity();
 bool get_region(ErlNifEnv* env, ERL_NIF_TERM term, RegionResource** out);
 bool get_mapping(ErlNifEnv* env, ERL_NIF_TERM term, MappingResource** out);
 bool get_watch(ErlNifEnv* env, ERL_NIF_TERM term, WatchResource** out);
+
+/// Counts, once per region, a name removed because the last reference to the region (or
+/// its quota charge) died with a caller killed mid-allocation or mid-free.
+void note_name_dropped(RegionResource* res) noexcept;
+/// How many such names since the library was loaded.
+std::uint64_t names_dropped() noexcept;
 
 /// Offers a deallocated region's detached data area to the warm pool (nif_pool.cpp),
 /// disposing of it as before when the pool refuses it.

@@ -232,10 +232,31 @@ defmodule Snakepit.SharedMemory.Manager do
   end
 
   defp periodic_cleanup(state) do
+    report_dropped_names()
     state = %{state | holders: Holders.retry(state.holders)} |> check_events()
     for {id, reason} <- Cleanup.due(), do: Cleanup.free(id, reason)
     # Callers whose first-use cast was lost (the manager was down) get monitored now.
     Enum.reduce(Registry.callers(), state, &monitor/2)
+  end
+
+  # Segments of callers killed mid-allocation or mid-free lose their names by themselves
+  # (Snakepit.SharedMemory.Quota); the periodic cleanup reports how many as the :leaked
+  # event (health's dead_processes check reads it). One NIF call and one ETS row.
+  defp report_dropped_names do
+    now = Snakepit.SharedMemory.Native.names_dropped()
+
+    before =
+      case :ets.lookup(Registry.meta_table(), :names_dropped) do
+        [{_, n}] -> n
+        [] -> 0
+      end
+
+    if now > before do
+      :ets.insert(Registry.meta_table(), {:names_dropped, now})
+      Snakepit.SharedMemory.Stats.event(:leaked, %{count: now - before}, %{})
+    end
+  rescue
+    ArgumentError -> :ok
   end
 
   defp cleanup_regions(opts) do

@@ -602,4 +602,7 @@ defmodule Snakepit.SharedMemory.Native do
   @doc "Whether dropping the last reference to a POSIX region created here keeps its name."
   @spec keep_name(region(), boolean()) :: :ok
   def keep_name(_region, _keep), do: :erlang.nif_error(:not_loaded)
+  @doc "Names removed because a caller was killed mid-allocation or mid-free (since load)."
+  @spec names_dropped() :: non_neg_integer()
+  def names_dropped, do: :erlang.nif_error(:not_loaded)
 end

@@ -137,6 +137,7 @@ defmodule Snakepit.SharedMemory.CleanupTest do
       opts = ShmHelpers.create_opts(%{backend: :posix}) |> Map.put(:drop_name, true)
       # Without drop_name (tools, tests) a dropped region keeps its name.
       {:ok, kept, kept_info} = Native.create(12_345, ShmHelpers.create_opts(%{backend: :posix}))
+      dropped = Native.names_dropped()
       # What a dirty create returns to a caller that was killed meanwhile: a resource
       # nobody references; its destructor hands the name to the reaper thread.
       id =
@@ -147,6 +148,11 @@ defmodule Snakepit.SharedMemory.CleanupTest do
         |> Task.await()
 
       assert ShmHelpers.wait_until(fn -> not File.exists?("/dev/shm/#{id}") end)
+      # Counted once, reported by the manager's periodic cleanup as :leaked.
+      assert Native.names_dropped() == dropped + 1
+      :ok = Manager.sync()
+      {:ok, stats} = SM.stats()
+      assert stats.events.leaked >= 1
       assert File.exists?("/dev/shm/#{kept_info.id}")
 
       # keep_name(true) (registered) keeps it; keep_name(false) (a free began) drops it.
