@@ -48,9 +48,13 @@ void region_dtor(ErlNifEnv*, void* obj) {
   } else if (res->drops_name() && !res->deallocated.load()) {
     // Created here and never registered (or its free was cut short): the reaper thread
     // removes its name (no path is opened on a scheduler), then destroys it.
+    // A creation never registered (or a free cut short): the name goes on the reaper
+    // thread; a creation only if nobody else opened the name meanwhile (a named region
+    // another VM or worker already uses stays for the sweeps to judge).
     note_name_dropped(res);
     std::uint64_t end = res->region.capacity();
-    dispose_zeroing(std::move(res->region), end);
+    bool unless_held = res->name_state.load() == RegionResource::kNameDropUntilKept;
+    dispose_unlinking(std::move(res->region), end, unless_held);
   } else {
     dispose(std::move(res->region));
   }

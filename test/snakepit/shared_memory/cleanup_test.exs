@@ -155,6 +155,30 @@ defmodule Snakepit.SharedMemory.CleanupTest do
       assert stats.events.leaked >= 1
       assert File.exists?("/dev/shm/#{kept_info.id}")
 
+      # A named creation dropped unregistered while another open holds it (another VM or
+      # a worker opened the name meanwhile): the name stays (no split brain), for the
+      # sweeps to judge once nobody holds it.
+      named = Map.merge(opts, %{name: "kill_held_#{System.unique_integer([:positive])}"})
+      dropped_before = Native.names_dropped()
+
+      parent = self()
+
+      creator =
+        spawn(fn ->
+          {:ok, _region, info} = Native.create(4096, named)
+          send(parent, {:created, info.id})
+          Process.sleep(:infinity)
+        end)
+
+      assert_receive {:created, named_id}
+      {:ok, other, _} = Native.open(named_id, true)
+      Process.exit(creator, :kill)
+      assert ShmHelpers.wait_until(fn -> Native.names_dropped() > dropped_before end)
+      Process.sleep(300)
+      assert File.exists?("/dev/shm/#{named_id}")
+      :ok = Native.unlink_segment(named_id)
+      _ = other
+
       # keep_name(true) (registered) keeps it; keep_name(false) (a free began) drops it.
       {:ok, held, info} = Native.create(100, opts)
       :ok = Native.keep_name(held, true)
