@@ -1,4 +1,6 @@
 // quota.hpp: the quota counters and the charge one region holds against them.
+#include <sys/stat.h>
+
 #include <atomic>
 #include <memory>
 #include <thread>
@@ -6,6 +8,7 @@
 
 #include "helpers.hpp"
 #include "quota.hpp"
+#include "region.hpp"
 
 using namespace spshm;
 
@@ -80,4 +83,20 @@ TEST_CASE("racing charges never pass a limit and racing give-backs count once", 
   CHECK(given.load() == 64);
   CHECK(totals.regions.load() == 0);
   CHECK(totals.bytes.load() == 0);
+}
+
+// region.cpp: what a creation dropped unregistered does to its name (nif_quota.cpp).
+TEST_CASE("unlink_unless_held leaves a name another open holds", "[region][posix]") {
+  using namespace spshm_test;
+  Region r = create_ok(options(BackendKind::posix, 4096));
+  SegmentCleanup cleanup{r.id()};
+  struct stat st;
+  {
+    auto opened = Region::open(OpenTarget{r.id(), "", ""}, false);
+    REQUIRE_OK(opened);
+    REQUIRE_OK(r.unlink_unless_held());
+    CHECK(stat(r.control_path().c_str(), &st) == 0);  // held by `opened`: stays
+  }
+  REQUIRE_OK(r.unlink_unless_held());
+  CHECK(stat(r.control_path().c_str(), &st) != 0);  // nobody else: gone
 }
