@@ -189,6 +189,130 @@ defmodule Snakepit.SharedMemory.CleanupTest do
     end
   end
 
+  describe "due/1 (expiry and vanished segments)" do
+    test "a held region does not expire" do
+      {:ok, id} = SM.allocate_region(@kib, timeout: 50, cleanup_policy: :manual)
+      {:ok, m} = SM.map_region(id)
+      Process.sleep(300)
+      refute gone?(id)
+      :ok = SM.unmap_region(m)
+      wait_gone(id)
+    end
+
+    test "idle regions expire under every policy; access keeps them alive" do
+      {:ok, idle} = SM.allocate_region(@kib, timeout: 150, cleanup_policy: :manual)
+      {:ok, busy} = SM.allocate_region(@kib, timeout: 150, cleanup_policy: :manual)
+
+      # Accessed often, never held between accesses: alive by its accesses only.
+      for _ <- 1..6 do
+        Process.sleep(50)
+        {:ok, m} = SM.map_region(busy)
+        {:ok, _} = SM.read(m, 0, 1)
+        :ok = SM.unmap_region(m)
+      end
+
+      assert gone?(idle)
+      refute gone?(busy)
+      {:ok, stats} = SM.stats()
+      assert stats.events.expired >= 1
+    end
+
+    test "regions registered while a sweep runs are never taken for vanished" do
+      parent = self()
+
+      allocator =
+        spawn_link(fn ->
+          for _ <- 1..300,
+              do: {:ok, _} = SM.allocate_region(64, backend: :posix, cleanup_policy: :manual)
+
+          send(parent, :allocated)
+        end)
+
+      vanished = Stream.repeatedly(fn -> Cleanup.due() end) |> Enum.take(200) |> List.flatten()
+      assert_receive :allocated, 30_000
+      refute Process.alive?(allocator)
+      assert for({id, :vanished} <- vanished, do: id) == []
+    end
+
+    test "a POSIX segment removed behind our back is freed as :vanished" do
+      {:ok, id} = SM.allocate_region(@kib, backend: :posix, cleanup_policy: :manual)
+      assert Cleanup.due() == []
+      File.rm!("/dev/shm/#{id}")
+      assert {id, :vanished} in Cleanup.due()
+      wait_gone(id)
+    end
+  end
+
+  describe "sweep_orphans/1" do
+    @tag timeout: 120_000
+    test "segments of a VM killed with SIGKILL are swept" do
+      ebin = Path.join(:code.lib_dir(:snakepit_shm), "ebin")
+
+      script = """
+      {:ok, _} = Application.ensure_all_started(:snakepit_shm)
+      ids = for _ <- 1..50 do
+        {:ok, id} = Snakepit.SharedMemory.allocate_region(4096, backend: :posix)
+        id
+      end
+      IO.puts("READY " <> System.pid() <> " " <> Enum.join(ids, ","))
+      Process.sleep(:infinity)
+      """
+
+      port =
+        Port.open({:spawn_executable, System.find_executable("elixir")}, [
+          :binary,
+          :exit_status,
+          {:line, 65_536},
+          args: ["-pa", ebin, "-e", script]
+        ])
+
+      {os_pid, ids} =
+        receive do
+          {^port, {:data, {:eol, "READY " <> rest}}} ->
+            [os_pid, ids] = String.split(rest, " ")
+            {os_pid, String.split(ids, ",")}
+
+          {^port, {:exit_status, status}} ->
+            flunk("the second VM exited with #{status}")
+        after
+          60_000 ->
+            {:os_pid, pid} = Port.info(port, :os_pid)
+            System.cmd("kill", ["-9", Integer.to_string(pid)])
+            flunk("the second VM did not get ready")
+        end
+
+      on_exit(fn -> System.cmd("kill", ["-9", os_pid], stderr_to_stdout: true) end)
+      assert length(ids) == 50
+      assert Enum.all?(ids, &File.exists?("/dev/shm/#{&1}"))
+      {:ok, dry} = SM.cleanup_regions(dry_run: true)
+      assert Enum.filter(dry, &(&1.region_id in ids)) == []
+
+      System.cmd("kill", ["-9", os_pid])
+      assert_receive {^port, {:exit_status, _}}, 10_000
+
+      # (Other VMs' orphans may be found too on a shared machine: look at ours.)
+      mine = fn entries -> Enum.sort(for %{region_id: id} <- entries, id in ids, do: id) end
+      dry = Sweep.sweep_orphans(dry_run: true)
+      assert mine.(dry) == Enum.sort(ids)
+      assert Enum.all?(dry, &(&1.reason == :orphan))
+      assert Enum.all?(ids, &File.exists?("/dev/shm/#{&1}"))
+
+      # (This VM's manager, or another VM's sweep on a shared machine, may take some of
+      # them first: every one must be gone, and this sweep removed no other of ours.)
+      swept = Sweep.sweep_orphans()
+      assert mine.(swept) -- ids == []
+      refute Enum.any?(ids, &File.exists?("/dev/shm/#{&1}"))
+      {:ok, stats} = SM.stats()
+      assert stats.events.orphans >= length(mine.(swept))
+    end
+
+    test "segments of live VMs (this one) are left alone" do
+      {:ok, id} = SM.allocate_region(@kib, backend: :posix)
+      assert Sweep.sweep_orphans() == []
+      assert File.exists?("/dev/shm/#{id}")
+    end
+  end
+
   describe "adopt_own_segments/0" do
     test "re-registers unregistered POSIX segments created by this VM as :manual" do
       opts =
