@@ -16,7 +16,6 @@ config :snakepit_shm,
   default_cleanup_policy: :automatic,
   zero_on_free: false,
   orphan_sweep: true,
-  audit_log_level: :info,
-  barrier_timeout: 5_000
+  audit_log_level: :info
 
 import_config "#{config_env()}.exs"

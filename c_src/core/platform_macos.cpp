@@ -36,7 +36,7 @@ Result<void> set_named_dir(const std::string&) {
 
 std::vector<std::string> list_named() {
   // macOS offers no way to enumerate POSIX shm objects (no /dev/shm, no API): regions of
-  // dead processes are found through the manager's journal, not by listing.
+  // dead processes are found through the manager's registry, not by listing.
   return {};
 }
 

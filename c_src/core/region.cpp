@@ -693,6 +693,17 @@ Region::DetachedData Region::detach_data() noexcept {
   return out;
 }
 
+Result<void> Region::unlink_unless_held() {
+  if (!impl_->data_object.valid() && !impl_->arena) {  // a named object: others may hold it
+    auto held = guarded([&]() -> Result<bool> {
+      return platform::lock_is_held(impl_->control, kLivenessLockByte);
+    });
+    if (!held) return held.error();
+    if (*held) return {};
+  }
+  return unlink();
+}
+
 Result<void> Region::unlink() {
   return guarded([&]() -> Result<void> {
     if (impl_->data_object.valid()) {  // memfd: no name to remove, only the index entry

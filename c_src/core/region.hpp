@@ -217,6 +217,10 @@ class Region {
 
   /// Removes only the name (remove_and_create, orphan cleanup through a live handle).
   Result<void> unlink();
+  /// The same, unless another open holds the region (its liveness lock: another VM or a
+  /// worker opened it meanwhile, a named region); then the name stays for a sweep to
+  /// judge once they are gone. Where there are no OFD locks the name always stays.
+  Result<void> unlink_unless_held();
 
   /// Bounds-checked copies in and out of the data area, decrypting/encrypting chunks of
   /// encrypted regions (tampered on a failed tag). Writes refuse sealed, and busy while a

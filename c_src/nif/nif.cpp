@@ -138,6 +138,18 @@ ErlNifFunc nif_funcs[] = {
     {"pool_stats", 0, nif_pool_stats, 0},
     {"huge_page_info", 0, nif_huge_page_info, kIo},
     {"pooled_object", 1, nif_pooled_object, kIo},
+    // quota charges (nif_quota.cpp): atomic additions, never dirty
+    {"quota_owner_new", 0, nif_quota_owner_new, 0},
+    {"quota_reserve", 5, nif_quota_reserve, 0},
+    {"quota_release", 1, nif_quota_release, 0},
+    {"quota_resize", 2, nif_quota_resize, 0},
+    {"quota_host", 3, nif_quota_host, 0},
+    {"quota_attach", 2, nif_quota_attach, 0},
+    {"quota_held", 1, nif_quota_held, 0},
+    {"quota_totals", 0, nif_quota_totals, 0},
+    {"quota_owned", 1, nif_quota_owned, 0},
+    {"keep_name", 2, nif_keep_name, 0},
+    {"names_dropped", 0, nif_names_dropped, 0},
 };
 
 // load and upgrade do the same: resource types are opened with CREATE | TAKEOVER, so a
@@ -156,13 +168,17 @@ int init(ErlNifEnv* env) {
   return 0;
 }
 
+// priv_data holds the quota counters, handed from a library to its upgrade (live charges
+// of the old one count in them).
 int load(ErlNifEnv* env, void** priv_data, ERL_NIF_TERM) {
-  *priv_data = nullptr;
+  *priv_data = open_quota(env, nullptr);
+  if (*priv_data == nullptr) return 4;
   return init(env);
 }
 
-int upgrade(ErlNifEnv* env, void** priv_data, void**, ERL_NIF_TERM) {
-  *priv_data = nullptr;
+int upgrade(ErlNifEnv* env, void** priv_data, void** old_priv_data, ERL_NIF_TERM) {
+  *priv_data = open_quota(env, *old_priv_data);
+  if (*priv_data == nullptr) return 4;
   return init(env);
 }
 

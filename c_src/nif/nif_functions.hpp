@@ -57,6 +57,22 @@ SPSHM_NIF(nif_reaped_holds);
 SPSHM_NIF(nif_list_counts);
 SPSHM_NIF(nif_list_segments);
 
+// nif_quota.cpp: quota charges and owner counters (core/quota.hpp), keep_name/2
+/// Opens the quota resource types; returns the counters (kept across an upgrade through
+/// priv_data: `old_state` is the previous library's), nullptr on failure.
+void* open_quota(ErlNifEnv* env, void* old_state);
+SPSHM_NIF(nif_quota_owner_new);
+SPSHM_NIF(nif_quota_reserve);
+SPSHM_NIF(nif_quota_release);
+SPSHM_NIF(nif_quota_resize);
+SPSHM_NIF(nif_quota_host);
+SPSHM_NIF(nif_quota_attach);
+SPSHM_NIF(nif_quota_held);
+SPSHM_NIF(nif_quota_totals);
+SPSHM_NIF(nif_quota_owned);
+SPSHM_NIF(nif_keep_name);
+SPSHM_NIF(nif_names_dropped);
+
 // nif_mapping.cpp: mappings and data access
 SPSHM_NIF(nif_map);
 SPSHM_NIF(nif_unmap);

@@ -74,7 +74,20 @@ ERL_NIF_TERM do_create(ErlNifEnv* env, const ERL_NIF_TERM argv[], bool plain) {
   options.size = size;
   auto region = Region::create(options);
   if (!region.ok()) return make_error(env, region.error());
-  return ok_region(env, std::move(region).value());
+  RegionResource* res = nullptr;
+  ERL_NIF_TERM term = make_region_resource(env, std::move(region).value(), &res);
+  if (res == nullptr) return make_error(env, Errc::no_space, "out of memory for a region resource");
+  ERL_NIF_TERM drop_name;
+  if (res->region.role() == Role::created && res->region.backend() == BackendKind::posix) {
+    res->name_ours = true;
+    // drop_name: true (the allocator's): until it is registered (keep_name/2), dropping
+    // the last reference removes the name. Without it the name stays (tools, tests).
+    if (enif_get_map_value(env, argv[1], enif_make_atom(env, "drop_name"), &drop_name) &&
+        enif_is_identical(drop_name, atoms.true_)) {
+      res->name_state.store(RegionResource::kNameDropUntilKept);
+    }
+  }
+  return enif_make_tuple3(env, atoms.ok, term, encode_info(env, res->region));
 }
 
 }  // namespace

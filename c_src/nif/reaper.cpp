@@ -23,10 +23,17 @@ namespace {
 struct Zeroing {
   std::unique_ptr<Region> region;
   std::uint64_t from = 0;
+  bool unless_held = false;  ///< remove the name only if no other open holds the region
+};
+
+/// A function to run off every scheduler (run_on_reaper).
+struct Task {
+  void (*fn)(void*) = nullptr;
+  void* arg = nullptr;
 };
 
 using Garbage = std::variant<std::unique_ptr<Region>, std::unique_ptr<Region::DetachedData>,
-                             std::unique_ptr<Zeroing>>;
+                             std::unique_ptr<Zeroing>, Task>;
 
 struct Reaper {
   std::mutex mutex;
@@ -101,7 +108,7 @@ void release_object_in_pieces(platform::Handle& object) noexcept {
 
 // Zeroes what is left of a region whose caller died mid-deallocation, slice by slice
 // (pausing between slices like the unmapping), then removes its name.
-void finish_zeroing(Region& region, std::uint64_t from) noexcept {
+void finish_zeroing(Region& region, std::uint64_t from, bool unless_held) noexcept {
   std::uint64_t at = from;
   for (int busy = 0; at < region.capacity() && busy < 30000;) {
     auto next = region.zero_slice(at, kZeroSlice);
@@ -114,13 +121,16 @@ void finish_zeroing(Region& region, std::uint64_t from) noexcept {
     at = next.value();
     pause_between_pieces();
   }
-  (void)region.unlink();
+  if (unless_held)
+    (void)region.unlink_unless_held();
+  else
+    (void)region.unlink();
 }
 
 void destroy(Garbage& item) noexcept {
   if (auto* zeroing = std::get_if<std::unique_ptr<Zeroing>>(&item)) {
     if (*zeroing && (*zeroing)->region) {
-      finish_zeroing(*(*zeroing)->region, (*zeroing)->from);
+      finish_zeroing(*(*zeroing)->region, (*zeroing)->from, (*zeroing)->unless_held);
       Region::DetachedData data = (*zeroing)->region->detach_data();
       unmap_in_pieces(data.mapping);
       release_object_in_pieces(data.object);
@@ -132,6 +142,8 @@ void destroy(Garbage& item) noexcept {
       unmap_in_pieces(data.mapping);
       release_object_in_pieces(data.object);
     }
+  } else if (auto* task = std::get_if<Task>(&item)) {
+    if (task->fn != nullptr) task->fn(task->arg);
   } else if (auto* data = std::get_if<std::unique_ptr<Region::DetachedData>>(&item)) {
     if (*data) {
       unmap_in_pieces((*data)->mapping);
@@ -208,14 +220,24 @@ void dispose(Region&& region) noexcept {
 }
 
 void dispose_zeroing(Region&& region, std::uint64_t zero_from) noexcept {
+  dispose_unlinking(std::move(region), zero_from, false);
+}
+
+void dispose_unlinking(Region&& region, std::uint64_t zero_from, bool unless_held) noexcept {
   try {
     auto boxed = std::make_unique<Zeroing>();
     boxed->region = std::make_unique<Region>(std::move(region));
     boxed->from = zero_from;
+    boxed->unless_held = unless_held;
     Garbage item{std::move(boxed)};
     if (!enqueue(std::move(item))) destroy(item);  // no reaper: here, as one call did
   } catch (...) {
   }
+}
+
+void run_on_reaper(void (*fn)(void*), void* arg) noexcept {
+  Garbage item{Task{fn, arg}};
+  if (!enqueue(std::move(item))) fn(arg);  // no reaper: here
 }
 
 void dispose(Region::DetachedData&& data) noexcept {

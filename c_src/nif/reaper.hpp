@@ -41,8 +41,15 @@ void dispose(Region&& region) noexcept;
 /// zeroes the rest in slices, removes its name, then destroys it (on the reaper thread,
 /// or here if the thread is not running).
 void dispose_zeroing(Region&& region, std::uint64_t zero_from) noexcept;
+/// dispose_zeroing, then the name removed only if no other open holds the region when
+/// `unless_held` (a creation never registered: another VM may have opened the name).
+void dispose_unlinking(Region&& region, std::uint64_t zero_from, bool unless_held) noexcept;
 /// Bytes one slice of zeroing covers (deallocate in slices; ~1 ms of memset).
 inline constexpr std::uint64_t kZeroSlice = std::uint64_t{16} << 20;
+
+/// Runs `fn(arg)` on the reaper thread (here if it is not running): work that opens a
+/// path, asked for from a resource destructor.
+void run_on_reaper(void (*fn)(void*), void* arg) noexcept;
 
 /// The same for a detached data area (Region::detach_data()).
 void dispose(Region::DetachedData&& data) noexcept;

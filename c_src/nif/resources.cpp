@@ -12,6 +12,16 @@ namespace spshm::nif {
 ResourceTypes resource_types;
 SelfIdentity self_identity;
 
+namespace {
+std::atomic<std::uint64_t> names_dropped_total{0};
+}
+
+void note_name_dropped(RegionResource* res) noexcept {
+  if (!res->name_dropped.exchange(true)) names_dropped_total.fetch_add(1);
+}
+
+std::uint64_t names_dropped() noexcept { return names_dropped_total.load(); }
+
 void RegionResource::release_data() noexcept {
   if (data_pinned.load()) return;  // a board view points into it: kept until destroyed
   if (!data_released.exchange(true)) release_data_to_pool_or_dispose(region, region.detach_data());
@@ -35,6 +45,16 @@ void region_dtor(ErlNifEnv*, void* obj) {
     // Its zeroing started (deallocate_begin/1) and its caller died before the end: the
     // promise is kept by the reaper thread (the rest, in slices, then the name).
     dispose_zeroing(std::move(res->region), zero_next);
+  } else if (res->drops_name() && !res->deallocated.load()) {
+    // Created here and never registered (or its free was cut short): the reaper thread
+    // removes its name (no path is opened on a scheduler), then destroys it.
+    // A creation never registered (or a free cut short): the name goes on the reaper
+    // thread; a creation only if nobody else opened the name meanwhile (a named region
+    // another VM or worker already uses stays for the sweeps to judge).
+    note_name_dropped(res);
+    std::uint64_t end = res->region.capacity();
+    bool unless_held = res->name_state.load() == RegionResource::kNameDropUntilKept;
+    dispose_unlinking(std::move(res->region), end, unless_held);
   } else {
     dispose(std::move(res->region));
   }

@@ -41,6 +41,25 @@ struct RegionResource {
   /// A status board (board_open) keeps a view of the data for as long as it lives: the
   /// data area then stays mapped until the region resource is destroyed (never retired).
   std::atomic<bool> data_pinned{false};
+  /// A POSIX segment this VM created (its name is ours to remove).
+  bool name_ours = false;
+  /// Whether the last reference removes the name (on the reaper thread): kNameDropUntilKept
+  /// from creation (create with drop_name: true) until keep_name(true) once the region is
+  /// registered (kNameKept), kNameDropFreeing once a free begins (keep_name(false); a late
+  /// keep_name(true) no longer undoes it). A caller killed between creating and
+  /// registering, or between taking the record out of the registry and deallocating it,
+  /// leaves no segment behind (nif_quota.cpp).
+  static constexpr int kNameLeft = 0;
+  static constexpr int kNameDropUntilKept = 1;
+  static constexpr int kNameKept = 2;
+  static constexpr int kNameDropFreeing = 3;
+  std::atomic<int> name_state{kNameLeft};
+  bool drops_name() const noexcept {
+    int s = name_state.load();
+    return s == kNameDropUntilKept || s == kNameDropFreeing;
+  }
+  /// Its name was handed to the reaper for removal (counted once: names_dropped()).
+  std::atomic<bool> name_dropped{false};
 
   /// Deallocated through this handle or by anyone else (header state).
   bool is_deallocated() const noexcept {
@@ -136,6 +155,12 @@ bool init_self_identity();
 bool get_region(ErlNifEnv* env, ERL_NIF_TERM term, RegionResource** out);
 bool get_mapping(ErlNifEnv* env, ERL_NIF_TERM term, MappingResource** out);
 bool get_watch(ErlNifEnv* env, ERL_NIF_TERM term, WatchResource** out);
+
+/// Counts, once per region, a name removed because the last reference to the region (or
+/// its quota charge) died with a caller killed mid-allocation or mid-free.
+void note_name_dropped(RegionResource* res) noexcept;
+/// How many such names since the library was loaded.
+std::uint64_t names_dropped() noexcept;
 
 /// Offers a deallocated region's detached data area to the warm pool (nif_pool.cpp),
 /// disposing of it as before when the pool refuses it.

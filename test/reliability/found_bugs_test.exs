@@ -4,7 +4,7 @@ defmodule Snakepit.SharedMemory.Reliability.FoundBugsTest do
   use ExUnit.Case, async: false
 
   alias Snakepit.SharedMemory
-  alias Snakepit.SharedMemory.{Error, Journal, Manager, Mapping, Native, ReliabilityForge}
+  alias Snakepit.SharedMemory.{Error, Manager, Mapping, Native, ReliabilityForge}
   alias Snakepit.SharedMemory.ReliabilityHelpers
   alias Snakepit.SharedMemory.{Registry, ShmHelpers}
 
@@ -105,41 +105,44 @@ defmodule Snakepit.SharedMemory.Reliability.FoundBugsTest do
     # in three when the machine was loaded): a caller killed after Native.create/2 but
     # before registering leaves a POSIX segment. The manager remembered it only in its
     # state (the journal row was forgotten at once) and swept it 100 ms later; a manager
-    # killed in between lost it for good.
-    test "a leak pending when the manager is killed is still swept by the next manager" do
+    # killed in between lost it for good. There is no leak sweep any more: the segment
+    # loses its name with the dead caller's last reference to it, whatever the manager
+    # does (here it is killed, and then kept suspended).
+    test "a segment of a caller killed before registering it goes, even with the manager killed" do
       parent = self()
       size = 12_345
 
       caller =
         spawn(fn ->
           Registry.register_caller()
-
-          Journal.run({:allocate, :reserving}, fn ->
-            Journal.note({:allocate, :creating, size, :posix, System.os_time(:nanosecond)})
-            opts = ShmHelpers.create_opts(backend: :posix)
-            {:ok, _region, info} = Native.create(size, opts)
-            send(parent, {:created, info.id})
-            Process.sleep(:infinity)
-          end)
+          opts = ShmHelpers.create_opts(backend: :posix) |> Map.put(:drop_name, true)
+          {:ok, _region, info} = Native.create(size, opts)
+          send(parent, {:created, info.id})
+          Process.sleep(:infinity)
         end)
 
       assert_receive {:created, id}, 5_000
 
       try do
         Manager.sync()
-        ref = Process.monitor(caller)
-        Process.exit(caller, :kill)
-        assert_receive {:DOWN, ^ref, :process, ^caller, _}
-        # The manager has handled the death: the leak is pending in its state...
-        Manager.sync()
-        # ...and it is killed before its leak scan runs.
-        Process.exit(Process.whereis(Manager), :kill)
-
-        assert ShmHelpers.wait_until(fn -> is_pid(Process.whereis(Manager)) end, 5_000)
+        old = Process.whereis(Manager)
+        Process.exit(old, :kill)
+        assert ShmHelpers.wait_until(fn -> Process.whereis(Manager) not in [nil, old] end, 5_000)
         Manager.sync()
 
-        assert ShmHelpers.wait_until(fn -> not File.exists?("/dev/shm/" <> id) end, 5_000),
-               "#{id} leaked: the restarted manager forgot it"
+        manager = Process.whereis(Manager)
+        :sys.suspend(manager)
+
+        try do
+          ref = Process.monitor(caller)
+          Process.exit(caller, :kill)
+          assert_receive {:DOWN, ^ref, :process, ^caller, _}
+
+          assert ShmHelpers.wait_until(fn -> not File.exists?("/dev/shm/" <> id) end, 5_000),
+                 "#{id} leaked"
+        after
+          :sys.resume(manager)
+        end
       after
         Native.unlink_segment(id)
       end

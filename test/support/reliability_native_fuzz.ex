@@ -146,7 +146,19 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
     pool_drain: 1,
     pool_stats: 1,
     huge_page_info: 1,
-    pooled_object: 2
+    pooled_object: 2,
+    # quota charges and keep_name (nif_quota.cpp)
+    quota_owner_new: 1,
+    quota_reserve: 3,
+    quota_release: 2,
+    quota_resize: 1,
+    quota_host: 1,
+    quota_attach: 1,
+    quota_held: 1,
+    quota_totals: 1,
+    quota_owned: 1,
+    keep_name: 2,
+    names_dropped: 1
   ]
   @total_weight @functions |> Keyword.values() |> Enum.sum()
 
@@ -439,9 +451,42 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
               :arena_stats,
               :pool_drain,
               :pool_stats,
-              :huge_page_info
+              :huge_page_info,
+              :quota_owner_new,
+              :quota_totals,
+              :names_dropped
             ],
        do: []
+
+  # Limits -1 (none) or small; sizes small (the counters are the VM's: a fuzzed charge
+  # lives until its batch ends) or out of range.
+  defp args(:quota_reserve, _state, pool),
+    do: [
+      G.pick(0.85, pool, fn -> G.one_of([nil, quota_owner()]) end),
+      G.pick(0.9, pool, fn -> G.one_of([0, 1, 4096, -1, 1 <<< 64]) end),
+      G.pick(0.9, pool, fn -> G.one_of([-1, 0, 3, -2]) end),
+      G.pick(0.9, pool, fn -> G.one_of([-1, 0, 10_000, -2]) end),
+      G.pick(0.9, pool, fn -> G.one_of([-1, 0, 1, -2]) end)
+    ]
+
+  defp args(f, _state, pool) when f in [:quota_release, :quota_held], do: [charge(pool)]
+
+  defp args(:quota_resize, _state, pool),
+    do: [charge(pool), G.pick(0.85, pool, fn -> G.one_of([0, 100, -1, 1 <<< 64]) end)]
+
+  defp args(:quota_host, _state, pool),
+    do: [charge(pool), G.pid(pool), G.pick(0.85, pool, fn -> G.one_of([1, 0, -1]) end)]
+
+  defp args(:quota_attach, _state, pool),
+    do: [charge(pool), G.pick(0.85, pool, fn -> G.handle(pool, :region) end)]
+
+  defp args(:quota_owned, _state, pool), do: [G.pick(0.85, pool, &quota_owner/0)]
+
+  defp args(:keep_name, _state, pool),
+    do: [
+      G.pick(0.85, pool, fn -> G.handle(pool, :region) end),
+      G.pick(0.9, pool, fn -> G.one_of([true, false]) end)
+    ]
 
   # Mostly lists of region handles, sometimes with anything else in them, or not a list.
   defp args(:list_counts, _state, pool),
@@ -660,6 +705,33 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
   defp args(fun, _state, pool)
        when fun in [:ring_probe_read, :ring_probe_flush, :ring_probe_indices],
        do: [probe(pool)]
+
+  # A quota charge or owner counter of this batch (made on first use).
+  defp charge(pool) do
+    G.pick(0.85, pool, fn ->
+      case Process.get(:fuzz_charge) do
+        nil ->
+          {:ok, charge} = Native.quota_reserve(nil, 1, -1, -1, -1)
+          Process.put(:fuzz_charge, charge)
+          charge
+
+        charge ->
+          charge
+      end
+    end)
+  end
+
+  defp quota_owner do
+    case Process.get(:fuzz_quota_owner) do
+      nil ->
+        owner = Native.quota_owner_new()
+        Process.put(:fuzz_quota_owner, owner)
+        owner
+
+      owner ->
+        owner
+    end
+  end
 
   # A channel or probe of this batch (made on first use), or something else.
   defp channel(pool) do
@@ -887,6 +959,20 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
   defp well_shaped?(:pool_stats, _, %{hits: h, bytes_held: b}), do: non_neg?(h) and non_neg?(b)
   defp well_shaped?(:huge_page_info, _, %{page_size: p, free: f}), do: non_neg?(p) and non_neg?(f)
   defp well_shaped?(:pooled_object, _, value), do: is_boolean(value)
+  defp well_shaped?(:quota_owner_new, _, v), do: is_reference(v)
+  defp well_shaped?(:quota_reserve, _, {:ok, c}), do: is_reference(c)
+
+  defp well_shaped?(:quota_reserve, _, {:error, why, n}),
+    do: why in [:regions, :bytes, :owner] and is_integer(n)
+
+  defp well_shaped?(f, _, v) when f in [:quota_release, :quota_held], do: is_boolean(v)
+
+  defp well_shaped?(f, _, :ok) when f in [:quota_resize, :quota_host, :quota_attach, :keep_name],
+    do: true
+
+  defp well_shaped?(:quota_totals, _, {r, b}), do: is_integer(r) and is_integer(b)
+  defp well_shaped?(:quota_owned, _, n), do: is_integer(n)
+  defp well_shaped?(:names_dropped, _, n), do: non_neg?(n)
   defp well_shaped?(:shm_dir, _, dir), do: dir == "/dev/shm"
   defp well_shaped?(:reaped_holds, _, n), do: non_neg?(n)
 

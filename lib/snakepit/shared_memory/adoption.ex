@@ -236,9 +236,9 @@ defmodule Snakepit.SharedMemory.Adoption do
     id = info.id
     {:ok, header} = Native.header(handle)
 
-    with :ok <- Quota.reserve(opts.owner, info.size, Config.get()),
-         {:ok, host} <- host_reserve(info.size, opts),
-         :ok <- mark(handle, id, opts, host) do
+    with {:ok, charge} <- Quota.reserve(opts.owner, info.size, Config.get()),
+         {:ok, host} <- host_reserve(info.size, charge),
+         :ok <- mark(handle, id, charge, host) do
       timeout = opts.timeout
       _ = Native.set_idle_timeout(handle, if(timeout == :infinity, do: 0, else: timeout))
 
@@ -261,19 +261,23 @@ defmodule Snakepit.SharedMemory.Adoption do
           allowed: opts.allowed,
           metadata: decode(header.metadata),
           counters: Allocator.new_counters(info),
-          adopted: true
+          adopted: true,
+          quota: charge
         )
 
+      # The charge and the host reservation stay exact if this caller is killed at any
+      # instant (see Snakepit.SharedMemory.Quota): the row first, then the record.
+      HostQuota.Regions.bind(host, id, :created)
+
       if Registry.insert_new(record) do
-        HostQuota.Regions.bind(host, id, :created)
         watch(handle, id, opts.owner)
         # Other nodes find it with locate/1 and fetch/2, as a region allocated here.
         Snakepit.SharedMemory.Cluster.Directory.added(id)
         Stats.count(:allocations)
         {:ok, id}
       else
-        Quota.release(opts.owner, info.size)
-        HostQuota.Regions.discard(host)
+        HostQuota.Regions.release(id)
+        Quota.release(charge)
         not_registered(id)
       end
     end
@@ -281,25 +285,25 @@ defmodule Snakepit.SharedMemory.Adoption do
 
   # The host-wide quota (config :host_quota) holds adopted regions as it holds allocated
   # ones: the region counts against the budget from now until it is freed.
-  defp host_reserve(size, opts) do
-    case HostQuota.Regions.reserve(size) do
+  defp host_reserve(size, charge) do
+    case HostQuota.Regions.reserve(size, charge) do
       {:ok, host} ->
         {:ok, host}
 
       {:error, _} = error ->
-        Quota.release(opts.owner, size)
+        Quota.release(charge)
         error
     end
   end
 
-  defp mark(handle, id, opts, host) do
+  defp mark(handle, id, charge, host) do
     case Native.mark_adopted(handle) do
       :ok ->
         :ok
 
       {:error, {reason, message, _}} ->
-        Quota.release(opts.owner, Native.info(handle).size)
         HostQuota.Regions.discard(host)
+        Quota.release(charge)
 
         reason = if reason == :busy, do: :already_adopted, else: reason
         Error.error(reason, "cannot adopt #{id}: #{message}", %{region_id: id})

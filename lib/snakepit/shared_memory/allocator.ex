@@ -2,9 +2,13 @@ defmodule Snakepit.SharedMemory.Allocator do
   @moduledoc """
   Creating and freeing regions, in the calling process.
 
-  Both paths run inside `Snakepit.SharedMemory.Journal.run/2`, so that a caller killed
-  half-way is repaired by the manager, and are written so that exactly one process
-  frees a region: the one whose `:ets.take/2` returned its record.
+  Both paths stay exact when their caller is killed at any instant, without anyone
+  noticing the death: the region's quota charge (`Snakepit.SharedMemory.Quota`) is held
+  by the caller's heap until the registry record holds it, and again once the record
+  is taken out, so a killed caller's charge gives itself back with its heap; a POSIX
+  segment created here loses its name with the last reference to its region unless it
+  is registered (`Native.keep_name/2`). Exactly one process frees a region: the one
+  whose `:ets.take/2` returned its record.
 
   `free/3` is the only place a region is freed, whoever asks: `deallocate_region/1`, the
   cleanup policies, expiry, the manager on owner death, `cleanup_regions/1`.
@@ -17,7 +21,6 @@ defmodule Snakepit.SharedMemory.Allocator do
     Access,
     Config,
     Error,
-    Journal,
     MemoryLimits,
     Native,
     Quota,
@@ -48,7 +51,7 @@ defmodule Snakepit.SharedMemory.Allocator do
     Registry.register_caller()
 
     case named_existing(opts) do
-      :none -> Journal.run({:allocate, :reserving}, fn -> reserve_and_create(opts) end)
+      :none -> reserve_and_create(opts)
       {:existing, id} -> {:ok, id}
       {:remove_first, id} -> remove_then_allocate(id, opts)
       {:error, _} = error -> error
@@ -102,7 +105,7 @@ defmodule Snakepit.SharedMemory.Allocator do
   defp remove_then_allocate(id, opts) do
     case free(id, :replaced) do
       {:error, %Error{reason: reason}} = error when reason != :not_found -> error
-      _ -> Journal.run({:allocate, :reserving}, fn -> reserve_and_create(opts) end)
+      _ -> reserve_and_create(opts)
     end
   end
 
@@ -110,25 +113,28 @@ defmodule Snakepit.SharedMemory.Allocator do
     config = Config.get()
     flags = Security.level_flags(opts.security_level)
 
+    # From the reservation on, a kill leaves nothing behind: the charge (and the host
+    # reservation riding on it) gives itself back with this process's heap, and a POSIX
+    # segment created here loses its name with its last reference until it is registered.
+    # Failures give the host reservation back before the charge (a kill in between:
+    # the charge abandons it again, harmlessly).
     with :ok <- memory_headroom(opts.size),
-         :ok <- Quota.reserve(opts.owner, reserved_size(opts), config),
-         {:ok, host} <- host_reserve(opts) do
-      # From here a kill leaves a reservation (and maybe a POSIX segment) behind: the
-      # journal row says so, with what the manager needs to find the segment.
-      Journal.note({:allocate, :creating, opts.size, opts.backend, System.os_time(:nanosecond)})
-
+         {:ok, charge} <- Quota.reserve(opts.owner, reserved_size(opts), config),
+         :ok <- checkpoint(:reserved),
+         {:ok, host} <- host_reserve(opts, charge),
+         :ok <- checkpoint(:host_reserved) do
       case create(opts, native_options(opts, flags, config)) do
         {:ok, _ref, %{role: :opened} = info} when info.size != opts.size and opts.size != :any ->
-          Quota.release(opts.owner, reserved_size(opts))
           HostQuota.Regions.discard(host)
+          Quota.release(charge)
           same_size(info.id, info.size, opts.size)
 
         {:ok, ref, info} ->
-          register(ref, info, opts, host)
+          register(ref, info, opts, host, charge)
 
         {:error, native} ->
-          Quota.release(opts.owner, reserved_size(opts))
           HostQuota.Regions.discard(host)
+          Quota.release(charge)
           {:error, Error.from_native(native, %{size: opts.size, backend: opts.backend})}
       end
     end
@@ -148,15 +154,15 @@ defmodule Snakepit.SharedMemory.Allocator do
 
   # The host-wide quota (config :host_quota), after this VM's own limits. `size: :any`
   # only opens an existing region (its creator holds the reservation).
-  defp host_reserve(%{size: :any}), do: {:ok, nil}
+  defp host_reserve(%{size: :any}, _charge), do: {:ok, nil}
 
-  defp host_reserve(opts) do
-    case HostQuota.Regions.reserve(opts.size) do
+  defp host_reserve(opts, charge) do
+    case HostQuota.Regions.reserve(opts.size, charge) do
       {:ok, host} ->
         {:ok, host}
 
       {:error, _} = error ->
-        Quota.release(opts.owner, reserved_size(opts))
+        Quota.release(charge)
         error
     end
   end
@@ -266,13 +272,19 @@ defmodule Snakepit.SharedMemory.Allocator do
       lock_memory: flags.lock_memory,
       metadata: opts.metadata_json,
       idle_timeout_ms: if(opts.timeout == :infinity, do: 0, else: opts.timeout),
-      huge_pages: Map.get(opts, :huge_pages, false)
+      huge_pages: Map.get(opts, :huge_pages, false),
+      # A POSIX segment created here loses its name with its last reference until it is
+      # registered (Native.keep_name/2): a caller killed before that leaves nothing.
+      drop_name: true
     }
   end
 
-  defp register(ref, info, opts, host) do
+  defp register(ref, info, opts, host, charge) do
+    checkpoint(:created)
     # An opened named region has the size its creator gave it.
-    if info.size != opts.size, do: Quota.adjust_bytes(info.size - reserved_size(opts))
+    if info.size != opts.size, do: Quota.resize(charge, info.size)
+    # A free of this region cut short by a kill removes its name with the charge.
+    Native.quota_attach(charge, ref)
 
     record =
       region(
@@ -292,25 +304,32 @@ defmodule Snakepit.SharedMemory.Allocator do
         access_mode: opts.access_mode,
         allowed: opts.allowed,
         metadata: opened_metadata(info, ref, opts),
-        counters: new_counters(info)
+        counters: new_counters(info),
+        quota: charge
       )
 
-    # Write order for crash safety: the record goes into the registry first, then the
-    # owner monitor is armed. Once in the registry a region can always be found and
-    # freed; an owner dying before its monitor is armed is caught below (monitor_owner
-    # answers not_found) or, if this caller is killed right here, by the manager, which
-    # re-checks the owners of a dead caller that had a journal row.
+    # Write order for crash safety: the host reservation's row first (a registered region
+    # always has one), then the record (with the charge) in one insert; then the name is
+    # kept, then the owner monitor is armed. Once in the registry a region can always be
+    # found and freed; an owner dying before its monitor is armed is caught below
+    # (monitor_owner answers not_found) or, if this caller is killed right here, by the
+    # periodic check of dead owners (Cleanup.due/1).
+    HostQuota.Regions.bind(host, info.id, info.role)
+    checkpoint(:bound)
+
     if Registry.insert_new(record) do
-      HostQuota.Regions.bind(host, info.id, info.role)
+      checkpoint(:registered)
+      Native.keep_name(ref, true)
+      checkpoint(:kept)
       watch_owner(ref, info.id, opts.owner)
       Snakepit.SharedMemory.Cluster.Directory.added(info.id)
       Stats.count(:allocations)
       {:ok, info.id}
     else
       # Only a named region opened concurrently by two callers of this VM gets here: the
-      # other caller registered it; drop this second handle and share the first.
-      Quota.release(opts.owner, info.size)
-      HostQuota.Regions.discard(host)
+      # other caller registered it; drop this second handle and share the first (its
+      # host reservation, as an opened region's, was given back by bind/3).
+      Quota.release(charge)
       {:ok, info.id}
     end
   end
@@ -371,24 +390,28 @@ defmodule Snakepit.SharedMemory.Allocator do
   """
   @spec free(String.t(), atom()) :: {:ok, Registry.region_record()} | {:error, Error.t()}
   def free(id, reason) do
-    case Registry.lookup(id) do
+    case Registry.policy_and_ref(id) do
       nil ->
         not_found(id)
 
-      region(backend: backend, role: role) ->
+      {_policy, ref} ->
         Registry.register_caller()
+        # Before the take: if this process is killed once it holds the record, the last
+        # reference to a POSIX region created here removes its name (whoever loses the
+        # race for the record leaves it to the winner, who deallocates it anyway).
+        Native.keep_name(ref, false)
+        checkpoint(:unkept)
 
-        Journal.run({:deallocate, id, backend, role}, fn ->
-          case Registry.take(id) do
-            nil -> not_found(id)
-            record -> {:ok, release(record, reason)}
-          end
-        end)
+        case Registry.take(id) do
+          nil -> not_found(id)
+          record -> {:ok, release(record, reason)}
+        end
     end
   end
 
   defp release(record, reason) do
-    region(id: id, owner: owner, size: size, role: role, counters: counters) = record
+    region(id: id, role: role, counters: counters, quota: charge) = record
+    checkpoint(:taken)
     # Before the mappings end: a read racing this free sees the reason with :closed.
     Snakepit.SharedMemory.Freed.mark(counters, reason)
 
@@ -399,9 +422,12 @@ defmodule Snakepit.SharedMemory.Allocator do
         do: Native.unmap(mapping)
 
     if role == :created, do: destroy(record)
+    checkpoint(:destroyed)
     Snakepit.SharedMemory.Cluster.Directory.removed(id)
-    Quota.release(owner, size)
+    # The host reservation first: killed in between, the charge abandons it again.
     HostQuota.Regions.release(id)
+    checkpoint(:host_released)
+    Quota.release(charge)
     Stats.event(:deallocations, %{count: 1}, %{region_id: id, reason: reason})
     # The one log line of a free (explicit deallocations at debug, policies at info).
     Logger.log(if(reason == :deallocated, do: :debug, else: :info), fn ->
@@ -475,6 +501,22 @@ defmodule Snakepit.SharedMemory.Allocator do
 
       {:error, _} = error ->
         error
+    end
+  end
+
+  # Test hook: a process that put a one-argument fun under this key in its dictionary
+  # has it called at each step of an allocation or a free, between two state changes
+  # (test/snakepit/shared_memory/kill_instants_test.exs parks callers there and kills
+  # them). One dictionary read when unset.
+  @checkpoint {__MODULE__, :checkpoint}
+
+  @doc false
+  def checkpoint_key, do: @checkpoint
+
+  defp checkpoint(point) do
+    case Process.get(@checkpoint) do
+      nil -> :ok
+      fun -> fun.(point) |> then(fn _ -> :ok end)
     end
   end
 

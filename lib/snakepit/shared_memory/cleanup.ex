@@ -21,7 +21,7 @@ defmodule Snakepit.SharedMemory.Cleanup do
   require Logger
   require Snakepit.SharedMemory.Registry
 
-  alias Snakepit.SharedMemory.{Access, Allocator, Config, Journal, Native}
+  alias Snakepit.SharedMemory.{Access, Allocator, Native}
   alias Snakepit.SharedMemory.Platform
   alias Snakepit.SharedMemory.{Quota, Registry, Stats}
 
@@ -51,11 +51,13 @@ defmodule Snakepit.SharedMemory.Cleanup do
   defp owner_death_frees?(_record), do: false
 
   @doc """
-  Everything a dead API caller leaves: its mappings (unmapped, releasing their holds),
-  the regions it owned (policies applied), and an operation it died in (returned, for
-  the manager to repair: see `repair/1`).
+  Everything a dead API caller leaves: its mappings (unmapped, releasing their holds)
+  and the regions it owned (policies applied). An allocation or a free it was killed in
+  needs nothing: its quota charge gave itself back with its heap, and a POSIX segment
+  it had created and not registered lost its name with it
+  (`Snakepit.SharedMemory.Quota`, `Snakepit.SharedMemory.Allocator`).
   """
-  @spec caller_down(pid()) :: %{freed: [freed()], journal: term() | nil}
+  @spec caller_down(pid()) :: %{freed: [freed()]}
   def caller_down(pid) do
     freed_by_unmap =
       pid
@@ -68,7 +70,8 @@ defmodule Snakepit.SharedMemory.Cleanup do
         else: []
 
     Registry.delete_caller(pid)
-    %{freed: freed_by_unmap ++ freed_as_owner, journal: Journal.lookup(pid)}
+    Quota.forget_owner(pid)
+    %{freed: freed_by_unmap ++ freed_as_owner}
   end
 
   defp unmap_dead(id, mapping_id) do
@@ -85,34 +88,6 @@ defmodule Snakepit.SharedMemory.Cleanup do
     end
   end
 
-  @doc """
-  Repairs what a process killed inside an allocation or deallocation left: returns a
-  pending leak to look for (`{size, started_ns, deadline_ms}`) or nil. The counters are
-  fixed separately (`Quota.recount/1`). The manager calls it inside `Journal.barrier/2`.
-  """
-  @spec repair(term()) :: {pos_integer(), integer(), integer()} | nil
-  def repair({:allocate, :creating, size, :posix, started_ns}) do
-    # The dirty create may still be running; give it time proportional to its size.
-    grace = 2_000 + div(size, 100_000)
-    {size, started_ns, System.monotonic_time(:millisecond) + grace}
-  end
-
-  def repair({:deallocate, id, :posix, :created}) do
-    if Registry.lookup(id) == nil do
-      case Native.unlink_segment(id) do
-        :ok ->
-          Logger.warning("snakepit_shm: removed #{id}, left by a caller killed while freeing it")
-
-        {:error, _} ->
-          :ok
-      end
-    end
-
-    nil
-  end
-
-  def repair(_other), do: nil
-
   @doc "Applies the owner-death policy to every region whose owner is no longer alive."
   @spec check_owners() :: [freed()]
   def check_owners do
@@ -120,15 +95,6 @@ defmodule Snakepit.SharedMemory.Cleanup do
         is_pid(owner) and not Process.alive?(owner),
         freed <- owner_down(id, owner),
         do: freed
-  end
-
-  @doc """
-  Recomputes the quota counters from the registry while no allocation or deallocation
-  is in flight. `{:error, :timeout}` if in-flight callers did not finish in time.
-  """
-  @spec recount() :: {:ok, map()} | {:error, :timeout}
-  def recount do
-    Journal.barrier(Config.get(:barrier_timeout), fn -> Quota.recount(Registry.all()) end)
   end
 
   # ---- periodic ----
@@ -170,11 +136,20 @@ defmodule Snakepit.SharedMemory.Cleanup do
   # A safety net only: an owner's death is an event (the NIF's monitor), and a manager
   # that was down when it came runs check_owners/0 at start-up.
   defp owners_down do
-    for {owner, _n} <- :ets.tab2list(Registry.owners_table()),
-        not Process.alive?(owner),
-        record <- Registry.owned_by(owner),
-        owner_death_frees?(record),
-        do: {region(record, :id), :owner_down}
+    dead =
+      for {owner, _counter} <- :ets.tab2list(Registry.owners_table()),
+          not Process.alive?(owner),
+          do: owner
+
+    due =
+      for owner <- dead,
+          record <- Registry.owned_by(owner),
+          owner_death_frees?(record),
+          do: {region(record, :id), :owner_down}
+
+    # Rows of dead owners that count nothing any more (their regions are gone).
+    Enum.each(dead, &Quota.forget_owner/1)
+    due
   end
 
   defp unreferenced do

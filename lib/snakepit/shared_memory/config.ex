@@ -38,8 +38,9 @@ defmodule Snakepit.SharedMemory.Config do
       Defaults to `true`.
     * `:audit_log_level` - Logger level of the access audit of `:maximum` regions.
       Defaults to `:info`.
-    * `:barrier_timeout` - ms the manager waits for in-flight operations before a
-      consistency check. Defaults to `5_000`.
+    * `:barrier_timeout` - removed: it bounded a consistency barrier that no longer
+      exists (the quota counters are exact without one, see
+      `Snakepit.SharedMemory.Quota`). Setting it fails with a message saying to delete it.
     * `:enabled` - `false` starts the application but refuses every allocation with
       `%Snakepit.SharedMemory.Error{reason: :disabled}`. Defaults to `true`.
     * `:shm_path` - the directory (a tmpfs) of POSIX segments on Linux, for example a
@@ -119,7 +120,6 @@ defmodule Snakepit.SharedMemory.Config do
     zero_on_free: false,
     orphan_sweep: true,
     audit_log_level: :info,
-    barrier_timeout: 5_000,
     enabled: true,
     shm_path: nil,
     telemetry: true,
@@ -151,7 +151,6 @@ defmodule Snakepit.SharedMemory.Config do
           zero_on_free: boolean(),
           orphan_sweep: boolean(),
           audit_log_level: Logger.level(),
-          barrier_timeout: pos_integer(),
           enabled: boolean(),
           shm_path: String.t() | nil,
           telemetry: boolean(),
@@ -260,12 +259,18 @@ defmodule Snakepit.SharedMemory.Config do
 
   @doc false
   # One setting's check, for Snakepit.SharedMemory.Config.Snakepit: :ok or {:error, what it must be}.
-  @spec check_setting(atom(), term()) :: :ok | {:error, String.t() | :unknown}
+  @spec check_setting(atom(), term()) :: :ok | {:error, String.t() | :unknown | :removed}
   def check_setting(key, value), do: check(key, value)
 
   @doc "The one-time notices given about `config :snakepit, :shared_memory` keys."
   @spec notices() :: [String.t()]
   def notices, do: __MODULE__.Snakepit.notices()
+
+  defp message(:barrier_timeout, value, :removed) do
+    "invalid configuration: config :snakepit_shm, barrier_timeout: #{inspect(value)} was " <>
+      "removed: the quota counters need no consistency barrier any more (a caller killed " <>
+      "mid-allocation gives its quota back by itself); delete this setting"
+  end
 
   defp message(key, value, :unknown) do
     "invalid configuration: unknown key config :snakepit_shm, #{key}: #{inspect(value)}; " <>
@@ -286,7 +291,7 @@ defmodule Snakepit.SharedMemory.Config do
   defp check(:default_timeout, value), do: pos_or_infinity(value)
 
   defp check(key, value)
-       when key in [:max_region_size, :cleanup_interval, :holder_scan_interval, :barrier_timeout],
+       when key in [:max_region_size, :cleanup_interval, :holder_scan_interval],
        do: if(is_integer(value) and value > 0, do: :ok, else: {:error, "a positive integer"})
 
   defp check(:security_level, value), do: one_of(value, [:standard, :high, :maximum])
@@ -379,6 +384,7 @@ defmodule Snakepit.SharedMemory.Config do
 
   defp check(:huge_pages, value), do: one_of(value, [:auto, true, false])
 
+  defp check(:barrier_timeout, _value), do: {:error, :removed}
   defp check(_key, _value), do: {:error, :unknown}
 
   defp pos_or_infinity(:infinity), do: :ok

@@ -397,7 +397,10 @@ defmodule Snakepit.SharedMemory.Health do
 
   defp busiest_owner do
     :ets.foldl(
-      fn {pid, n}, {_, most} = acc -> if n > most, do: {pid, n}, else: acc end,
+      fn {pid, counter}, {_, most} = acc ->
+        n = Snakepit.SharedMemory.Native.quota_owned(counter)
+        if n > most, do: {pid, n}, else: acc
+      end,
       {nil, 0},
       Registry.owners_table()
     )

@@ -4,7 +4,9 @@ defmodule Snakepit.SharedMemory.Manager do
 
     * deaths: owners (`{:snakepit_shm_owner_down, id, pid}` from the NIF's monitors),
       API callers (monitors; their mappings are unmapped, their owned regions get their
-      policy, an operation they died in is repaired), OS holders (pidfd watches);
+      policy), OS holders (pidfd watches). An allocation or a free a caller was killed
+      in needs no repair: its quota charge gives itself back with its heap
+      (`Snakepit.SharedMemory.Quota`), so nothing here waits for callers in flight;
     * OS holders' announcements on the VM's event socket (`Snakepit.SharedMemory.Events`):
       each names one region to look at, coalesced, so discovering a new holder is
       O(the regions that changed), never a poll of every region (a scan every
@@ -12,9 +14,9 @@ defmodule Snakepit.SharedMemory.Manager do
     * the periodic cleanup (every `:cleanup_interval` ms: expiry, policies, vanished
       and leaked segments);
     * `cleanup_regions/1`;
-    * start-up: rebuild from the segments if the tables are new, orphan sweep, repair
-      of operations cut short by deaths while no manager ran, recount of the quota
-      counters, owner re-check, re-monitoring of callers, a first holder scan.
+    * start-up: rebuild from the segments if the tables are new, orphan sweep,
+      re-declaration of host quota reservations lost with a restarted client, owner
+      re-check, re-monitoring of callers, a first holder scan.
 
   Allocation, mapping, reads, writes and deallocation never wait for it. It can be
   killed at any time: the tables live in `Snakepit.SharedMemory.TableOwner`, and
@@ -30,9 +32,7 @@ defmodule Snakepit.SharedMemory.Manager do
 
   require Snakepit.SharedMemory.Registry
 
-  alias Snakepit.SharedMemory.{Cleanup, Config, Events, Holders, Journal, Quota, Registry, Sweep}
-
-  @leak_scan_ms 100
+  alias Snakepit.SharedMemory.{Cleanup, Config, Events, Holders, Registry, Sweep}
 
   @doc false
   def start_link(_arg), do: GenServer.start_link(__MODULE__, nil, name: __MODULE__)
@@ -65,7 +65,6 @@ defmodule Snakepit.SharedMemory.Manager do
     state = %{
       holders: Holders.new(),
       monitored: MapSet.new(),
-      pending_leaks: [],
       config: config,
       events: open_events(),
       rung: MapSet.new()
@@ -83,15 +82,12 @@ defmodule Snakepit.SharedMemory.Manager do
     end
 
     if config.orphan_sweep, do: Sweep.sweep_orphans()
-    # Always, not only after deaths: a previous manager may have died mid-free, and the
-    # counters of re-adopted regions must be counted.
-    state = repair_dead_callers(state, :always)
+    Snakepit.SharedMemory.HostQuota.Regions.redeclare(Registry.all())
     Cleanup.check_owners()
     state = Enum.reduce(Registry.callers(), state, &monitor/2)
     state = %{state | holders: Holders.scan(state.holders)}
     if state.events == nil, do: schedule(:holder_scan, config.holder_scan_interval)
     schedule(:cleanup, config.cleanup_interval)
-    if state.pending_leaks != [], do: schedule(:leak_scan, @leak_scan_ms)
     {:ok, state}
   end
 
@@ -115,13 +111,8 @@ defmodule Snakepit.SharedMemory.Manager do
   end
 
   def handle_info({:DOWN, _ref, :process, pid, _reason}, state) do
-    state = %{state | monitored: MapSet.delete(state.monitored, pid)}
-    %{journal: journal} = Cleanup.caller_down(pid)
-
-    if journal != nil,
-      do: Logger.info("snakepit_shm: #{inspect(pid)} died inside #{inspect(journal)}: repairing")
-
-    {:noreply, repair_dead_callers(state, :if_any)}
+    _ = Cleanup.caller_down(pid)
+    {:noreply, %{state | monitored: MapSet.delete(state.monitored, pid)}}
   end
 
   def handle_info({:select, watch, ref, :ready_input}, state) do
@@ -151,28 +142,6 @@ defmodule Snakepit.SharedMemory.Manager do
     schedule(:cleanup, state.config.cleanup_interval)
     Snakepit.SharedMemory.Arena.maintain()
     {:noreply, periodic_cleanup(state)}
-  end
-
-  def handle_info(:leak_scan, state) do
-    # Under the barrier no live caller is between creating a segment and registering
-    # it, so an unregistered segment of this VM can only be a leak.
-    pending =
-      case Journal.barrier(state.config.barrier_timeout, fn ->
-             Sweep.sweep_leaks(Enum.map(state.pending_leaks, &elem(&1, 1)))
-           end) do
-        {:ok, left} ->
-          # A settled leak (swept, or never created before its deadline) lets go of the
-          # journal row that kept it known to a restarted manager.
-          {still, settled} = Enum.split_with(state.pending_leaks, &(elem(&1, 1) in left))
-          for {pid, _} <- settled, do: Journal.forget(pid)
-          still
-
-        {:error, :timeout} ->
-          state.pending_leaks
-      end
-
-    if pending != [], do: schedule(:leak_scan, @leak_scan_ms)
-    {:noreply, %{state | pending_leaks: pending}}
   end
 
   def handle_info({:EXIT, _pid, _reason}, state), do: {:noreply, state}
@@ -262,57 +231,32 @@ defmodule Snakepit.SharedMemory.Manager do
     end
   end
 
-  # Processes that died inside an allocation or deallocation (their journal rows; also
-  # those that died while no manager ran, and a previous manager killed mid-free):
-  # repair what each left and bring the quota counters back to what the registry holds,
-  # all while no live caller is in flight. On a barrier timeout the rows stay and the
-  # next periodic cleanup tries again.
-  #
-  # The row of a caller killed mid-allocation stays until its leak scan settles it:
-  # pending leaks live in this process's state, and a manager killed before the scan
-  # would otherwise forget the segment for good; the next one finds the row again.
-  defp repair_dead_callers(state, when_) do
-    pending = MapSet.new(state.pending_leaks, &elem(&1, 0))
-    dead = Enum.reject(Journal.dead_rows(), fn {pid, _} -> MapSet.member?(pending, pid) end)
-
-    if dead == [] and when_ == :if_any do
-      state
-    else
-      result =
-        Journal.barrier(state.config.barrier_timeout, fn ->
-          pendings =
-            for {pid, journal} <- dead, p = Cleanup.repair(journal), p != nil, do: {pid, p}
-
-          records = Registry.all()
-          Quota.recount(records)
-          Snakepit.SharedMemory.HostQuota.Regions.recount(records)
-          pendings
-        end)
-
-      case result do
-        {:ok, pendings} ->
-          kept = MapSet.new(pendings, &elem(&1, 0))
-          for {pid, _} <- dead, not MapSet.member?(kept, pid), do: Journal.forget(pid)
-          Enum.reduce(pendings, state, &add_pending(&2, &1))
-
-        {:error, :timeout} ->
-          Logger.warning("snakepit_shm: repair postponed: callers stayed in flight")
-          state
-      end
-    end
-  end
-
-  defp add_pending(state, pending) do
-    if state.pending_leaks == [], do: schedule(:leak_scan, @leak_scan_ms)
-    %{state | pending_leaks: [pending | state.pending_leaks]}
-  end
-
   defp periodic_cleanup(state) do
-    state = repair_dead_callers(state, :if_any)
+    report_dropped_names()
     state = %{state | holders: Holders.retry(state.holders)} |> check_events()
     for {id, reason} <- Cleanup.due(), do: Cleanup.free(id, reason)
     # Callers whose first-use cast was lost (the manager was down) get monitored now.
     Enum.reduce(Registry.callers(), state, &monitor/2)
+  end
+
+  # Segments of callers killed mid-allocation or mid-free lose their names by themselves
+  # (Snakepit.SharedMemory.Quota); the periodic cleanup reports how many as the :leaked
+  # event (health's dead_processes check reads it). One NIF call and one ETS row.
+  defp report_dropped_names do
+    now = Snakepit.SharedMemory.Native.names_dropped()
+
+    before =
+      case :ets.lookup(Registry.meta_table(), :names_dropped) do
+        [{_, n}] -> n
+        [] -> 0
+      end
+
+    if now > before do
+      :ets.insert(Registry.meta_table(), {:names_dropped, now})
+      Snakepit.SharedMemory.Stats.event(:leaked, %{count: now - before}, %{})
+    end
+  rescue
+    ArgumentError -> :ok
   end
 
   defp cleanup_regions(opts) do

@@ -63,7 +63,8 @@ defmodule Snakepit.SharedMemory.Native do
           optional(:defer_chunks) => boolean(),
           optional(:defer_allocate) => boolean(),
           optional(:arena) => boolean(),
-          optional(:huge_pages) => :auto | boolean()
+          optional(:huge_pages) => :auto | boolean(),
+          optional(:drop_name) => boolean()
         }
   # %{id, backend, size, capacity, control_path, data_path, data_offset, role :: :created | :opened,
   #   encrypted, sealed, os_pid, zero_copy, control_offset, arena} (zero_copy: the kernel
@@ -593,4 +594,38 @@ defmodule Snakepit.SharedMemory.Native do
   @doc "True if the data memfd at `path` (/proc/<pid>/fd/<n>) sits in a VM's warm pool."
   @spec pooled_object(binary()) :: boolean()
   def pooled_object(_path), do: :erlang.nif_error(:not_loaded)
+
+  # ---- quota charges (nif_quota.cpp, c_src/core/quota.hpp) ----
+  # A charge is given back once: quota_release/1, or its destructor when the last
+  # reference dies (a caller killed mid-allocation or mid-free). Limits: -1 for none.
+  @type quota_charge :: reference()
+  @type quota_owner :: reference()
+  @spec quota_owner_new() :: quota_owner()
+  def quota_owner_new, do: :erlang.nif_error(:not_loaded)
+
+  @spec quota_reserve(quota_owner() | nil, non_neg_integer(), integer(), integer(), integer()) ::
+          {:ok, quota_charge()} | {:error, :regions | :bytes | :owner, integer()}
+  def quota_reserve(_owner, _bytes, _max_regions, _max_bytes, _max_per_owner),
+    do: :erlang.nif_error(:not_loaded)
+
+  @spec quota_release(quota_charge()) :: boolean()
+  def quota_release(_charge), do: :erlang.nif_error(:not_loaded)
+  @spec quota_resize(quota_charge(), non_neg_integer()) :: :ok
+  def quota_resize(_charge, _bytes), do: :erlang.nif_error(:not_loaded)
+  @spec quota_host(quota_charge(), pid(), pos_integer()) :: :ok
+  def quota_host(_charge, _client, _reservation_id), do: :erlang.nif_error(:not_loaded)
+  @spec quota_attach(quota_charge(), region()) :: :ok
+  def quota_attach(_charge, _region), do: :erlang.nif_error(:not_loaded)
+  @spec quota_held(quota_charge()) :: boolean()
+  def quota_held(_charge), do: :erlang.nif_error(:not_loaded)
+  @spec quota_totals() :: {integer(), integer()}
+  def quota_totals, do: :erlang.nif_error(:not_loaded)
+  @spec quota_owned(quota_owner()) :: integer()
+  def quota_owned(_owner), do: :erlang.nif_error(:not_loaded)
+  @doc "Whether dropping the last reference to a POSIX region created here keeps its name."
+  @spec keep_name(region(), boolean()) :: :ok
+  def keep_name(_region, _keep), do: :erlang.nif_error(:not_loaded)
+  @doc "Names removed because a caller was killed mid-allocation or mid-free (since load)."
+  @spec names_dropped() :: non_neg_integer()
+  def names_dropped, do: :erlang.nif_error(:not_loaded)
 end

@@ -1,134 +1,143 @@
 defmodule Snakepit.SharedMemory.Quota do
   @moduledoc """
   Limits (`:max_regions`, `:max_total_memory`, `:max_regions_per_process`) checked in
-  the caller, without a process: live regions and bytes are two `:atomics` slots, live
-  regions per owner an ETS counter. A reservation adds first and checks the result, so
-  two callers racing for the last slot cannot both win; a refused or failed allocation
-  rolls its additions back.
+  the caller, without a process and without a barrier.
 
-  A caller killed between its reservation and the registry insert (or between the
-  registry delete and its release) would leave these counters off by one region. Such
-  callers are seen by the manager (their journal row, see
-  `Snakepit.SharedMemory.Journal`), which then recomputes every counter from the
-  registry (`recount/1`) while no other allocation or deallocation is in flight, so the
-  counters always come back to exactly what the registry holds.
+  The counters (live regions, live bytes, and live regions per owner) are native atomics
+  (`c_src/core/quota.hpp`). A region's share of them is a **charge**, a NIF resource
+  that `reserve/3` takes (adding first and checking the result, so two callers racing
+  for the last slot cannot both win; a refused charge takes nothing) and that is given
+  back exactly once:
+
+    * by `release/1`, called by the one process whose `:ets.take/2` got the region's
+      record out of the registry (`Snakepit.SharedMemory.Allocator.free/2`), or on a
+      failed allocation;
+    * or by its destructor, when the last reference to it dies unreleased.
+
+  The charge lives in the allocating process's heap until the registry record that
+  holds it is inserted (one atomic `:ets.insert_new/2`), then in the registry, then in
+  the heap of the process that took the record out. Readers of the registry never copy
+  it (`Snakepit.SharedMemory.Registry.lookup/1` leaves it out). So a caller killed at any
+  instant (`Process.exit(pid, :kill)`) leaves the counters exact: killed before the
+  insert or after the take, its heap held the last reference and the charge gives itself
+  back as that heap is freed; killed between, the registry holds the charge and the
+  region counts, as it should. The counters are always the sum of the live charges, and
+  the live charges are those of the registry plus those of callers in the middle of an
+  allocation or a free. Nothing has to notice a death, and nothing is ever recounted.
+
+  Per-owner counters are NIF resources too, one per owner in the owners table
+  (`{owner_pid, counter}`); a charge keeps its owner's counter alive. A row stays while
+  its owner lives (deleting it while another caller reserves for the same owner would
+  split the count); the manager deletes the row of a dead owner once its count is 0.
   """
 
-  alias Snakepit.SharedMemory.{Error, Registry}
+  alias Snakepit.SharedMemory.{Error, Native, Registry}
 
-  require Registry
-
-  @key {__MODULE__, :atomics}
-  @count 1
-  @bytes 2
+  @typedoc "A region's share of the counters (a NIF resource)."
+  @type charge :: Native.quota_charge()
 
   @doc false
-  # Called by the table owner when it creates fresh tables.
+  # Called by the table owner when it creates fresh tables. The counters are native and
+  # follow the charges: the charges of lost tables gave themselves back with them.
   @spec setup() :: :ok
-  def setup, do: :persistent_term.put(@key, :atomics.new(2, signed: true))
-
-  defp ref, do: :persistent_term.get(@key)
+  def setup, do: :ok
 
   @doc "Live regions and bytes as counted."
   @spec totals() :: %{regions: integer(), bytes: integer()}
   def totals do
-    ref = ref()
-    %{regions: :atomics.get(ref, @count), bytes: :atomics.get(ref, @bytes)}
+    {regions, bytes} = Native.quota_totals()
+    %{regions: regions, bytes: bytes}
   end
 
   @doc "Live regions owned by `pid` as counted."
   @spec owned(pid()) :: non_neg_integer()
   def owned(pid) do
     case :ets.lookup(Registry.owners_table(), pid) do
-      [{^pid, n}] -> n
+      [{^pid, counter}] -> Native.quota_owned(counter)
       [] -> 0
     end
   end
 
-  @doc "Reserves one region of `size` bytes for `owner` (nil: no owner), or refuses."
-  @spec reserve(pid() | nil, pos_integer(), map()) :: :ok | {:error, Error.t()}
+  @doc """
+  Takes a charge of one region of `size` bytes for `owner` (nil: no owner), or refuses.
+  The caller keeps the charge in its heap until the registry record holds it, and
+  releases it with `release/1` if the allocation fails.
+  """
+  @spec reserve(pid() | nil, non_neg_integer(), map()) :: {:ok, charge()} | {:error, Error.t()}
   def reserve(owner, size, config) do
-    ref = ref()
-    count = :atomics.add_get(ref, @count, 1)
-
-    if over?(count, config.max_regions) do
-      :atomics.sub(ref, @count, 1)
-      region_limit(config.max_regions)
-    else
-      bytes = :atomics.add_get(ref, @bytes, size)
-
-      if over?(bytes, config.max_total_memory) do
-        :atomics.sub(ref, @bytes, size)
-        :atomics.sub(ref, @count, 1)
-        memory_limit(size, bytes - size, config.max_total_memory)
-      else
-        reserve_owner(owner, size, config)
-      end
+    case Native.quota_reserve(
+           owner_counter(owner),
+           size,
+           limit(config.max_regions),
+           limit(config.max_total_memory),
+           limit(config.max_regions_per_process)
+         ) do
+      {:ok, charge} -> {:ok, charge}
+      {:error, :regions, _} -> region_limit(config.max_regions)
+      {:error, :bytes, before} -> memory_limit(size, before, config.max_total_memory)
+      {:error, :owner, _} -> process_limit(owner, config.max_regions_per_process)
     end
   end
 
-  defp reserve_owner(nil, _size, _config), do: :ok
-
-  defp reserve_owner(owner, size, config) do
-    owned = :ets.update_counter(Registry.owners_table(), owner, {2, 1}, {owner, 0})
-
-    if over?(owned, config.max_regions_per_process) do
-      release(owner, size)
-      process_limit(owner, config.max_regions_per_process)
-    else
-      :ok
-    end
+  @doc "A charge taken whatever the limits (a region that exists already: re-adoption)."
+  @spec force(pid() | nil, non_neg_integer()) :: charge()
+  def force(owner, size) do
+    {:ok, charge} = Native.quota_reserve(owner_counter(owner), size, -1, -1, -1)
+    charge
   end
 
-  @doc "Corrects the byte count of a reservation (an opened region has its creator's size)."
-  @spec adjust_bytes(integer()) :: :ok
-  def adjust_bytes(delta), do: :atomics.add(ref(), @bytes, delta)
+  @doc "Changes the bytes of a charge not registered yet (an opened region has its creator's size)."
+  @spec resize(charge(), non_neg_integer()) :: :ok
+  def resize(charge, size), do: Native.quota_resize(charge, size)
 
-  @doc "Gives back what `reserve/3` took."
-  @spec release(pid() | nil, non_neg_integer()) :: :ok
-  def release(owner, size) do
-    ref = ref()
-    :atomics.sub(ref, @bytes, size)
-    :atomics.sub(ref, @count, 1)
-    release_owner(owner)
-  end
+  @doc "Gives a charge back (once: later calls, and its destructor, do nothing)."
+  @spec release(charge() | nil) :: :ok
+  def release(nil), do: :ok
 
-  defp release_owner(nil), do: :ok
-
-  defp release_owner(owner) do
-    table = Registry.owners_table()
-
-    if :ets.update_counter(table, owner, {2, -1}, {owner, 0}) <= 0,
-      do: :ets.delete_object(table, {owner, 0})
-
+  def release(charge) do
+    _ = Native.quota_release(charge)
     :ok
   end
 
   @doc """
-  Sets every counter to what `records` hold. Only correct while no allocation or
-  deallocation is in flight: the manager calls it inside `Journal.barrier/2`.
+  Deletes the owners-table row of `pid` if it is dead and counts nothing any more (the
+  manager, once it has applied the policies of that owner's regions).
   """
-  @spec recount([Registry.region_record()]) :: %{regions: integer(), bytes: integer()}
-  def recount(records) do
-    ref = ref()
-    bytes = records |> Enum.map(&Registry.region(&1, :size)) |> Enum.sum()
-    :atomics.put(ref, @count, length(records))
-    :atomics.put(ref, @bytes, bytes)
-
-    owners =
-      records
-      |> Enum.map(&Registry.region(&1, :owner))
-      |> Enum.reject(&is_nil/1)
-      |> Enum.frequencies()
-
+  @spec forget_owner(pid()) :: :ok
+  def forget_owner(pid) do
     table = Registry.owners_table()
-    :ets.delete_all_objects(table)
-    :ets.insert(table, Enum.to_list(owners))
-    %{regions: length(records), bytes: bytes}
+
+    with false <- Process.alive?(pid),
+         [{^pid, counter} = row] <- :ets.lookup(table, pid),
+         0 <- Native.quota_owned(counter) do
+      :ets.delete_object(table, row)
+    end
+
+    :ok
   end
 
-  defp over?(_value, :infinity), do: false
-  defp over?(value, limit), do: value > limit
+  # The owner's counter: one row per owner, made by whoever reserves first (insert_new
+  # decides a race; the loser uses the winner's).
+  defp owner_counter(nil), do: nil
+
+  defp owner_counter(owner) do
+    table = Registry.owners_table()
+
+    case :ets.lookup(table, owner) do
+      [{^owner, counter}] ->
+        counter
+
+      [] ->
+        counter = Native.quota_owner_new()
+
+        if :ets.insert_new(table, {owner, counter}),
+          do: counter,
+          else: owner_counter(owner)
+    end
+  end
+
+  defp limit(:infinity), do: -1
+  defp limit(value), do: value
 
   defp region_limit(max) do
     Error.error(

@@ -20,14 +20,21 @@ defmodule Snakepit.SharedMemory.Registry do
       dies (the manager then unmaps it, releasing its hold in the header).
     * `#{:snakepit_shm_callers}` (`set`): `{pid}` for every process that has used the
       API; the manager monitors each once (first use casts to it).
-    * `#{:snakepit_shm_journal}` (`set`): `{pid, operation}` while a process is inside
-      an allocation or deallocation (see `Snakepit.SharedMemory.Journal`).
-    * `#{:snakepit_shm_owners}` (`set`): `{owner_pid, live_regions}` for
-      `:max_regions_per_process` (see `Snakepit.SharedMemory.Quota`).
+    * `#{:snakepit_shm_owners}` (`set`): `{owner_pid, counter}` for
+      `:max_regions_per_process`: the owner's counter of live regions, a NIF resource
+      (see `Snakepit.SharedMemory.Quota`).
     * `#{:snakepit_shm_meta}` (`set`): `{:initialized, true}` once a manager started on
       these tables (absent in fresh tables: the manager then rebuilds from the segments).
-    * `#{:snakepit_shm_barriers}` (`set`): `{holder_pid}` while that process holds a
-      barrier (see `Snakepit.SharedMemory.Journal`); callers test its size, O(1).
+
+  ## The quota charge of a record
+
+  Each record holds its region's quota charge (`quota`, a NIF resource, see
+  `Snakepit.SharedMemory.Quota`): what the region counts in the quota counters, given
+  back when the last reference to it dies unless released before. So the charge must
+  live only in the registry and in the one process that inserts or takes the record:
+  `lookup/1`, `all/0` and `owned_by/1` return records whose `quota` is nil (the match
+  specification leaves it out, so a reader's heap never holds a charge that would
+  outlive a killed deallocator's). Only `take/1` returns it.
   """
 
   require Record
@@ -35,12 +42,10 @@ defmodule Snakepit.SharedMemory.Registry do
   @regions :snakepit_shm_regions
   @mappings :snakepit_shm_mappings
   @callers :snakepit_shm_callers
-  @journal :snakepit_shm_journal
   @owners :snakepit_shm_owners
   @meta :snakepit_shm_meta
-  @barriers :snakepit_shm_barriers
 
-  Record.defrecord(:region,
+  @region_fields [
     id: nil,
     ref: nil,
     size: 0,
@@ -58,8 +63,23 @@ defmodule Snakepit.SharedMemory.Registry do
     allowed: [],
     metadata: %{},
     counters: nil,
-    adopted: false
-  )
+    adopted: false,
+    quota: nil
+  ]
+
+  Record.defrecord(:region, @region_fields)
+
+  # Match specification pieces that copy a record without its quota charge.
+  @vars for i <- 1..length(@region_fields), do: :"$#{i}"
+  @pattern List.to_tuple([:region | @vars])
+  @public List.to_tuple([
+            :region
+            | for(
+                {{name, _}, var} <- Enum.zip(@region_fields, @vars),
+                do: if(name == :quota, do: nil, else: var)
+              )
+          ])
+  @owner_position Enum.find_index(@region_fields, &(elem(&1, 0) == :owner)) + 1
 
   @type region_record ::
           record(:region,
@@ -80,7 +100,8 @@ defmodule Snakepit.SharedMemory.Registry do
             allowed: [pid()],
             metadata: map(),
             counters: :counters.counters_ref(),
-            adopted: boolean()
+            adopted: boolean(),
+            quota: Snakepit.SharedMemory.Native.quota_charge() | nil
           )
 
   @doc false
@@ -89,10 +110,8 @@ defmodule Snakepit.SharedMemory.Registry do
       {@regions, [:set, :public, :named_table, {:keypos, 2}] ++ concurrency()},
       {@mappings, [:ordered_set, :public, :named_table] ++ concurrency()},
       {@callers, [:set, :public, :named_table] ++ concurrency()},
-      {@journal, [:set, :public, :named_table] ++ concurrency()},
       {@owners, [:set, :public, :named_table, {:write_concurrency, true}]},
-      {@meta, [:set, :public, :named_table, {:read_concurrency, true}]},
-      {@barriers, [:set, :public, :named_table, {:read_concurrency, true}]}
+      {@meta, [:set, :public, :named_table, {:read_concurrency, true}]}
     ]
   end
 
@@ -105,13 +124,9 @@ defmodule Snakepit.SharedMemory.Registry do
   @doc false
   def callers_table, do: @callers
   @doc false
-  def journal_table, do: @journal
-  @doc false
   def owners_table, do: @owners
   @doc false
   def meta_table, do: @meta
-  @doc false
-  def barriers_table, do: @barriers
 
   @doc "True while the registry tables exist."
   @spec available?() :: boolean()
@@ -123,10 +138,13 @@ defmodule Snakepit.SharedMemory.Registry do
   @spec insert_new(region_record()) :: boolean()
   def insert_new(record), do: :ets.insert_new(@regions, record)
 
-  @doc "The record of a region, or nil."
+  @doc "The record of a region (without its quota charge), or nil."
   @spec lookup(String.t()) :: region_record() | nil
   def lookup(id) do
-    case :ets.lookup(@regions, id) do
+    # The key bound in the pattern: one hash lookup, not a scan.
+    spec = [{put_elem(@pattern, 1, id), [], [{put_elem(@public, 1, id)}]}]
+
+    case :ets.select(@regions, spec) do
       [record] -> record
       [] -> nil
     end
@@ -150,8 +168,9 @@ defmodule Snakepit.SharedMemory.Registry do
   end
 
   @doc """
-  Removes and returns a record. Of several processes freeing the same region at once,
-  exactly one gets the record: that one frees it.
+  Removes and returns a record, with its quota charge. Of several processes freeing the
+  same region at once, exactly one gets the record: that one frees it (and releases the
+  charge; if it is killed first, the charge dies with its heap and gives itself back).
   """
   @spec take(String.t()) :: region_record() | nil
   def take(id) do
@@ -163,17 +182,18 @@ defmodule Snakepit.SharedMemory.Registry do
     ArgumentError -> nil
   end
 
-  @doc "Every record."
+  @doc "Every record (without quota charges)."
   @spec all() :: [region_record()]
   def all do
-    :ets.tab2list(@regions)
+    :ets.select(@regions, [{@pattern, [], [{@public}]}])
   rescue
     ArgumentError -> []
   end
 
   @doc """
   Every record with only `fields` filled (the others nil): a sweep over thousands of
-  regions copies a few words of each instead of its maps and lists.
+  regions copies a few words of each instead of its maps and lists. Never the quota
+  charge.
   """
   @spec all_with([atom()]) :: [region_record()]
   def all_with(fields) do
@@ -183,7 +203,11 @@ defmodule Snakepit.SharedMemory.Registry do
 
     body =
       List.to_tuple([
-        :region | for({name, var} <- Enum.zip(names, vars), do: if(name in fields, do: var))
+        :region
+        | for(
+            {name, var} <- Enum.zip(names, vars),
+            do: if(name in fields and name != :quota, do: var)
+          )
       ])
 
     :ets.select(@regions, [{pattern, [], [{body}]}])
@@ -195,9 +219,13 @@ defmodule Snakepit.SharedMemory.Registry do
   @spec ids() :: [String.t()]
   def ids, do: :ets.select(@regions, [{region(id: :"$1", _: :_), [], [:"$1"]}])
 
-  @doc "Records owned by `pid`."
+  @doc "Records owned by `pid` (without quota charges)."
   @spec owned_by(pid()) :: [region_record()]
-  def owned_by(pid), do: :ets.match_object(@regions, region(owner: pid, _: :_))
+  def owned_by(pid) do
+    :ets.select(@regions, [
+      {put_elem(@pattern, @owner_position, pid), [], [{put_elem(@public, @owner_position, pid)}]}
+    ])
+  end
 
   @doc "Live region count (O(1))."
   @spec count() :: non_neg_integer()

@@ -12,16 +12,24 @@ defmodule Snakepit.SharedMemory.Sweep do
       owner died), POSIX segments created by this very VM are registered again, as
       `:manual` regions without owner (see `docs/SECURITY.md`). memfd regions cannot be
       re-adopted: nothing names them; they die with their last mapping.
-    * leaks (`sweep_leaks/1`): a caller killed inside `Native.create/2` (a dirty NIF that
-      keeps running) leaves a POSIX segment nobody registered; once the region the NIF
-      returned to nobody is garbage collected, its lock is gone and the orphan sweep
-      removes it. The manager sweeps again until the dead caller's deadline.
+    * leaks need no sweep: a caller killed inside `Native.create/2` (a dirty NIF that
+      keeps running) or before registering its region drops the last reference to a
+      POSIX segment nobody registered, and that removes its name (`Native.keep_name/2`).
   """
 
   require Logger
   require Snakepit.SharedMemory.Registry
 
-  alias Snakepit.SharedMemory.{Allocator, JSON, Native, Platform, Registry, Security, Stats}
+  alias Snakepit.SharedMemory.{
+    Allocator,
+    JSON,
+    Native,
+    Platform,
+    Quota,
+    Registry,
+    Security,
+    Stats
+  }
 
   import Snakepit.SharedMemory.Registry, only: [region: 1]
 
@@ -174,10 +182,13 @@ defmodule Snakepit.SharedMemory.Sweep do
           timeout: if(timeout_ms == 0, do: :infinity, else: timeout_ms),
           metadata: decode_metadata(header.metadata),
           counters: Allocator.new_counters(info),
-          adopted: true
+          adopted: true,
+          # Counted whatever the limits: the region exists already.
+          quota: Quota.force(nil, info.size)
         )
 
       adopted = Registry.insert_new(record)
+      if not adopted, do: Quota.release(Registry.region(record, :quota))
       if adopted, do: Stats.count(:adopted)
       adopted
     else
@@ -190,26 +201,6 @@ defmodule Snakepit.SharedMemory.Sweep do
       {:ok, map} when is_map(map) -> map
       _ -> %{}
     end
-  end
-
-  @doc """
-  Removes the segments of callers killed inside `Native.create/2`: the dirty create
-  keeps running after its caller died, and the region it returns to nobody is garbage
-  collected, which drops its liveness lock; `sweep_orphans/1` then removes it. Returns
-  the pendings not past their deadline (the manager calls this again until then).
-  """
-  @spec sweep_leaks([{pos_integer(), integer(), integer()}]) :: [
-          {pos_integer(), integer(), integer()}
-        ]
-  def sweep_leaks([]), do: []
-
-  def sweep_leaks(pending) do
-    for %{region_id: id} <- sweep_orphans() do
-      Stats.event(:leaked, %{count: 1}, %{region_id: id})
-    end
-
-    now = System.monotonic_time(:millisecond)
-    Enum.filter(pending, fn {_size, _started, deadline} -> now < deadline end)
   end
 
   # Segments in the shm directory that the registry does not know, with their headers.

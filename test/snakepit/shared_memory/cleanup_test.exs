@@ -6,7 +6,7 @@ defmodule Snakepit.SharedMemory.CleanupTest do
   @moduletag :capture_log
 
   alias Snakepit.SharedMemory, as: SM
-  alias Snakepit.SharedMemory.{Cleanup, Journal, Manager, Native, Quota, Registry, Sweep}
+  alias Snakepit.SharedMemory.{Cleanup, Manager, Native, Quota, Registry, Sweep}
   alias Snakepit.SharedMemory.{ShmHelpers, TestSupport}
 
   @kib 1024
@@ -112,35 +112,34 @@ defmodule Snakepit.SharedMemory.CleanupTest do
     end
   end
 
-  describe "repair/1 and recount/0 (callers killed mid-operation)" do
-    test "a caller that died holding a reservation is recounted away" do
+  describe "callers killed mid-operation need no repair" do
+    test "a caller that died holding a quota charge gives it back, with no manager" do
       parent = self()
 
-      pid =
-        spawn(fn ->
-          Snakepit.SharedMemory.Registry.register_caller()
-          Journal.note({:allocate, :reserving})
-          :ok = Quota.reserve(self(), 4096, Snakepit.SharedMemory.Config.get())
-          send(parent, :reserved)
-          Process.sleep(:infinity)
-        end)
+      TestSupport.with_manager_suspended(fn ->
+        pid =
+          spawn(fn ->
+            Snakepit.SharedMemory.Registry.register_caller()
+            {:ok, _charge} = Quota.reserve(self(), 4096, Snakepit.SharedMemory.Config.get())
+            send(parent, :reserved)
+            Process.sleep(:infinity)
+          end)
 
-      assert_receive :reserved
-      assert Quota.totals().regions == 1
-      Process.exit(pid, :kill)
-      assert ShmHelpers.wait_until(fn -> Quota.totals() == %{regions: 0, bytes: 0} end)
-      assert Quota.owned(pid) == 0
-      assert Journal.lookup(pid) == nil
+        assert_receive :reserved
+        assert Quota.totals().regions == 1
+        Process.exit(pid, :kill)
+        assert ShmHelpers.wait_until(fn -> Quota.totals() == %{regions: 0, bytes: 0} end)
+        assert Quota.owned(pid) == 0
+      end)
     end
 
-    test "a POSIX segment of a caller killed inside create is found and removed" do
-      started = System.os_time(:nanosecond)
-      opts = ShmHelpers.create_opts(%{backend: :posix})
-      deadline = System.monotonic_time(:millisecond) + 1_000
-      # A region somebody still holds (its resource keeps the liveness lock) stays.
-      {:ok, kept, kept_info} = Native.create(12_345, opts)
+    test "a POSIX segment created for the allocator and dropped unregistered loses its name" do
+      opts = ShmHelpers.create_opts(%{backend: :posix}) |> Map.put(:drop_name, true)
+      # Without drop_name (tools, tests) a dropped region keeps its name.
+      {:ok, kept, kept_info} = Native.create(12_345, ShmHelpers.create_opts(%{backend: :posix}))
+      dropped = Native.names_dropped()
       # What a dirty create returns to a caller that was killed meanwhile: a resource
-      # nobody references, garbage collected, its lock gone with its descriptor.
+      # nobody references; its destructor hands the name to the reaper thread.
       id =
         Task.async(fn ->
           {:ok, _region, info} = Native.create(12_345, opts)
@@ -148,21 +147,45 @@ defmodule Snakepit.SharedMemory.CleanupTest do
         end)
         |> Task.await()
 
-      assert File.exists?("/dev/shm/#{id}")
-      # The pending stays until its deadline (the dirty create may still be running).
-      assert Sweep.sweep_leaks([{12_345, started, deadline}]) == [{12_345, started, deadline}]
-      refute File.exists?("/dev/shm/#{id}")
+      assert ShmHelpers.wait_until(fn -> not File.exists?("/dev/shm/#{id}") end)
+      # Counted once, reported by the manager's periodic cleanup as :leaked.
+      assert Native.names_dropped() == dropped + 1
+      :ok = Manager.sync()
+      {:ok, stats} = SM.stats()
+      assert stats.events.leaked >= 1
       assert File.exists?("/dev/shm/#{kept_info.id}")
-      # Pendings past their deadline are dropped.
-      assert Sweep.sweep_leaks([{1, started, deadline - 5_000}]) == []
-      assert :ok = Native.deallocate(kept, false)
-    end
 
-    test "a POSIX segment of a caller killed while freeing it is removed" do
-      {:ok, region, info} = Native.create(100, ShmHelpers.create_opts(%{backend: :posix}))
-      assert Cleanup.repair({:deallocate, info.id, :posix, :created}) == nil
-      refute File.exists?("/dev/shm/#{info.id}")
-      _ = region
+      # A named creation dropped unregistered while another open holds it (another VM or
+      # a worker opened the name meanwhile): the name stays (no split brain), for the
+      # sweeps to judge once nobody holds it.
+      named = Map.merge(opts, %{name: "kill_held_#{System.unique_integer([:positive])}"})
+      dropped_before = Native.names_dropped()
+
+      parent = self()
+
+      creator =
+        spawn(fn ->
+          {:ok, _region, info} = Native.create(4096, named)
+          send(parent, {:created, info.id})
+          Process.sleep(:infinity)
+        end)
+
+      assert_receive {:created, named_id}
+      {:ok, other, _} = Native.open(named_id, true)
+      Process.exit(creator, :kill)
+      assert ShmHelpers.wait_until(fn -> Native.names_dropped() > dropped_before end)
+      Process.sleep(300)
+      assert File.exists?("/dev/shm/#{named_id}")
+      :ok = Native.unlink_segment(named_id)
+      _ = other
+
+      # keep_name(true) (registered) keeps it; keep_name(false) (a free began) drops it.
+      {:ok, held, info} = Native.create(100, opts)
+      :ok = Native.keep_name(held, true)
+      :ok = Native.keep_name(held, false)
+      assert File.exists?("/dev/shm/#{info.id}")
+      assert :ok = Native.deallocate(held, false)
+      assert :ok = Native.deallocate(kept, false)
     end
   end
 
@@ -300,9 +323,7 @@ defmodule Snakepit.SharedMemory.CleanupTest do
       {:ok, adopted} = SM.get_region_info(info.id)
       assert %{adopted: true, owner: nil, cleanup_policy: :manual, size: 300} = adopted
       assert %{metadata: %{"a" => 1}, timeout: 60_000} = adopted
-      Snakepit.SharedMemory.Manager.sync()
-      # The adopted region is counted once the quota is recounted.
-      {:ok, _} = Cleanup.recount()
+      # The adopted region is counted at once (a charge taken whatever the limits).
       assert Quota.totals() == %{regions: 1, bytes: 300}
       :ok = SM.deallocate_region(info.id)
       _ = region

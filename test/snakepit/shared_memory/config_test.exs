@@ -30,6 +30,13 @@ defmodule Snakepit.SharedMemory.ConfigTest do
       assert {:error, message} = Config.validate(max_region: 5)
       assert message =~ "unknown key config :snakepit_shm, max_region:"
     end
+
+    test "barrier_timeout was removed: setting it says so and what to do" do
+      refute Keyword.has_key?(Config.defaults(), :barrier_timeout)
+      assert {:error, message} = Config.validate(barrier_timeout: 5_000)
+      assert message =~ "barrier_timeout: 5000 was removed"
+      assert message =~ "delete this setting"
+    end
   end
 
   describe "load/0 and get/1" do

@@ -94,23 +94,44 @@ defmodule Snakepit.SharedMemory.HostQuota.RegionsTest do
     assert used(c) == 0
   end
 
-  test "the manager's recount releases reservations no region holds and re-declares
-        regions that lost theirs",
+  test "redeclare re-declares regions that lost their reservation (a restarted client)",
        %{client: c} do
     {:ok, a} = SHM.allocate_region(10_000)
-    # A caller killed between its reservation and its region: a reservation of nobody.
-    {:ok, _stray} = HQ.reserve(@quota, 5_000, owner: nil)
     # A region whose reservation is gone (as after a restart of the client).
     [{^a, res}] = :ets.lookup(Regions, a)
     :ok = HQ.release(res)
     :ets.delete(Regions, a)
-    assert used(c) == 5_000
+    assert used(c) == 0
 
-    Regions.recount(Snakepit.SharedMemory.Registry.all())
+    Regions.redeclare(Snakepit.SharedMemory.Registry.all())
     assert used(c) == 10_000
     assert [{^a, _}] = :ets.lookup(Regions, a)
     :ok = SHM.deallocate_region(a)
     assert used(c) == 0
+  end
+
+  test "a caller killed mid-allocation gives its host reservation back, with no manager",
+       %{client: c} do
+    parent = self()
+
+    TestSupport.with_manager_suspended(fn ->
+      # What the allocator holds between the host reservation and the registry insert.
+      pid =
+        spawn(fn ->
+          {:ok, charge} =
+            Snakepit.SharedMemory.Quota.reserve(nil, 7_000, Snakepit.SharedMemory.Config.get())
+
+          {:ok, host} = Regions.reserve(7_000, charge)
+          send(parent, {:reserved, host})
+          Process.sleep(:infinity)
+        end)
+
+      assert_receive {:reserved, host}
+      assert host != nil
+      assert used(c) == 7_000
+      Process.exit(pid, :kill)
+      assert eventually(fn -> used(c) == 0 end)
+    end)
   end
 
   test "host_quota_wait: an allocation waits in line for a deallocation", %{client: c} do

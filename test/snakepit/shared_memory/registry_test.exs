@@ -19,10 +19,14 @@ defmodule Snakepit.SharedMemory.RegistryTest do
       record = Registry.lookup(id)
       assert Registry.region(record, :id) == id
       refute Registry.insert_new(record)
-      assert Registry.take(id) == record
+      # Readers get the record without its quota charge; take/1 hands over the charge.
+      assert Registry.region(record, :quota) == nil
+      taken = Registry.take(id)
+      assert Registry.region(taken, :quota) != nil
+      assert Registry.region(taken, quota: nil) == record
       assert Registry.take(id) == nil
       assert Registry.lookup(id) == nil
-      assert Registry.insert_new(record)
+      assert Registry.insert_new(taken)
     end
   end
 

@@ -3,15 +3,23 @@ defmodule Snakepit.SharedMemory.HostQuota.Regions do
   The manager's use of a host quota (`config :snakepit_shm, host_quota: "shm_total"`):
   every region this VM creates is reserved from it, so that all VMs of the host
   configured with the same quota together stay within its limit. The whole
-  integration is here; the allocator calls `reserve/1` before creating a segment,
-  `bind/3` once the region is registered and `release/1` from `Allocator.free/2`, the
-  one place every region ends (deallocation, owner death, expiry, cleanup).
+  integration is here; the allocator calls `reserve/2` before creating a segment,
+  `bind/3` just before the region is registered and `release/1` from
+  `Allocator.free/2`, the one place every region ends (deallocation, owner death,
+  expiry, cleanup).
+
+  A caller killed mid-allocation or mid-free gives its reservation back without anyone
+  noticing its death: `reserve/2` stamps the reservation on the region's quota charge
+  (`Snakepit.SharedMemory.Quota`), whose destructor, if the charge dies unreleased (with
+  the killed caller's heap), sends the client one `{:abandon, id}`. The one window left:
+  a kill between the client's reply and the stamp (a few instructions) keeps that
+  reservation held, too much rather than too little, until this VM's session ends.
 
   A region's reservation is held by this VM's session (`owner: nil`): it outlives the
   caller that allocated it, and ends with the region or with the VM. The table
   `region id -> reservation` belongs to this VM's client, so both vanish together if it
   ever dies; the manager (restarted after it) then re-declares every region it holds
-  (`recount/1`).
+  (`redeclare/1`).
 
   Only regions this VM created count: a named region opened from another VM is counted
   by its creator.
@@ -95,9 +103,26 @@ defmodule Snakepit.SharedMemory.HostQuota.Regions do
     end
   end
 
-  @doc "Reserves `size` bytes for a region about to be created; `{:ok, nil}` if no host quota."
-  @spec reserve(pos_integer()) :: {:ok, HostQuota.Reservation.t() | nil} | {:error, Error.t()}
-  def reserve(size) do
+  @doc """
+  Reserves `size` bytes for a region about to be created, stamped on its quota `charge`
+  (abandoned if the charge dies unreleased); `{:ok, nil}` if no host quota.
+  """
+  @spec reserve(pos_integer(), Snakepit.SharedMemory.Quota.charge() | nil) ::
+          {:ok, HostQuota.Reservation.t() | nil} | {:error, Error.t()}
+  def reserve(size, charge \\ nil) do
+    with {:ok, res} <- do_reserve(size) do
+      stamp(res, charge)
+      {:ok, res}
+    end
+  end
+
+  defp stamp(%HostQuota.Reservation{client: client, id: id}, charge)
+       when charge != nil and is_pid(client),
+       do: Snakepit.SharedMemory.Native.quota_host(charge, client, id)
+
+  defp stamp(_res, _charge), do: :ok
+
+  defp do_reserve(size) do
     case Config.get() do
       %{host_quota: nil} ->
         {:ok, nil}
@@ -125,7 +150,8 @@ defmodule Snakepit.SharedMemory.HostQuota.Regions do
 
   @doc """
   Records that the region `id` holds `res` (`role` `:created`); a region only opened
-  (created by another VM) gives its reservation back.
+  (created by another VM) gives its reservation back. Called just before the region is
+  registered, so that a registered region always has its row (`redeclare/1`).
   """
   @spec bind(HostQuota.Reservation.t() | nil, String.t(), atom()) :: :ok
   def bind(nil, _id, _role), do: :ok
@@ -168,54 +194,52 @@ defmodule Snakepit.SharedMemory.HostQuota.Regions do
   end
 
   @doc """
-  Brings the reservations in line with `records` (the registry): releases reservations
-  of regions that are gone or were never registered (a caller killed mid-allocation),
-  re-declares regions that have none (after a restart of the client). Only correct
-  while no allocation or deallocation is in flight: the manager calls it inside
-  `Journal.barrier/2`, next to `Quota.recount/1`.
+  Re-declares the regions of `records` (the registry) that have no reservation, after
+  a restart of the client (its table went with it), and forgets rows of regions never
+  registered whose reservation is gone (their caller was killed; its charge abandoned
+  the reservation). Releases nothing a live caller could be using, so it needs no
+  barrier: a region freed while this runs gives back what was declared for it (the
+  declaration's row is written before the registry is checked again).
   """
-  @spec recount([Registry.region_record()]) :: :ok
-  def recount(records) do
+  @spec redeclare([Registry.region_record()]) :: :ok
+  def redeclare(records) do
     config = Config.get()
 
     if config.host_quota != nil and :ets.whereis(@table) != :undefined do
-      do_recount(records, config.host_quota)
+      do_redeclare(records, config.host_quota)
     else
       :ok
     end
+  rescue
+    ArgumentError -> :ok
   end
 
-  defp do_recount(records, name) do
+  defp do_redeclare(records, name) do
     created =
       for r <- records, Registry.region(r, :role) == :created, into: %{} do
         {Registry.region(r, :id), Registry.region(r, :size)}
       end
 
     bound = Map.new(:ets.tab2list(@table))
-    held = for res <- HostQuota.held(), res.owner == nil, res.name == name, do: res
-    bound_ids = MapSet.new(Map.values(bound), & &1.id)
+    held = MapSet.new(for res <- HostQuota.held(), res.owner == nil, res.name == name, do: res.id)
 
-    stale =
-      for({id, res} <- bound, not Map.has_key?(created, id), do: {id, res}) ++
-        for res <- held, not MapSet.member?(bound_ids, res.id), do: {nil, res}
-
-    for {id, res} <- stale do
-      if id, do: :ets.delete(@table, id)
-      discard(res)
-    end
+    for {id, res} <- bound,
+        not Map.has_key?(created, id),
+        not Registry.member?(id),
+        not MapSet.member?(held, res.id),
+        do: :ets.delete_object(@table, {id, res})
 
     for {id, size} <- created, not Map.has_key?(bound, id) do
       case Client.call(Client, {:declare, name, size}, 5_000) do
         {:ok, res} ->
           :ets.insert(@table, {id, res})
+          # Freed meanwhile: its free may have found no row to release.
+          if not Registry.member?(id), do: release(id)
 
         {:error, error} ->
           Logger.warning("snakepit_shm: cannot re-declare #{id}: #{error.message}")
       end
     end
-
-    if stale != [],
-      do: Logger.info("snakepit_shm: released #{length(stale)} stale host quota reservation(s)")
 
     :ok
   end
