@@ -15,6 +15,7 @@ SelfIdentity self_identity;
 void RegionResource::release_data() noexcept {
   if (data_pinned.load()) return;  // a board view points into it: kept until destroyed
   if (!data_released.exchange(true)) release_data_to_pool_or_dispose(region, region.detach_data());
+  region.release_arena_locks();  // an arena chunk's locks: now, not at garbage collection
 }
 
 void MappingResource::release_hold() noexcept {
