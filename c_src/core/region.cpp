@@ -365,7 +365,10 @@ RegionFactory::Impl::~Impl() {
   (void)control.release();  // the arena's descriptor: closed with the arena
   // Before the chunk can be reused; once is enough (a deallocation queued it already).
   if (!id.empty() && !index_removal_queued.load()) runtime_index::remove_later(id);
-  process_arenas().retire(ArenaChunk{std::move(arena), base, chunk_length});
+  if (arena_locks_released)
+    process_arenas().retire_unlocked(ArenaChunk{std::move(arena), base, chunk_length});
+  else
+    process_arenas().retire(ArenaChunk{std::move(arena), base, chunk_length});
 }
 
 void Region::release_arena_locks() noexcept {
