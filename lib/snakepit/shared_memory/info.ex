@@ -255,6 +255,9 @@ defmodule Snakepit.SharedMemory.Info do
   # Heap words a listed region takes while its description is built (its record copied
   # out of ETS, ~50 words; the description, ~70; list cells and temporaries).
   @words_per_region 160
+  # At most this heap up front (16 M words, 128 MiB: ~100 000 regions); beyond, the
+  # helper grows its heap as any process does.
+  @max_presized_words 16_777_216
 
   @doc """
   `list_regions/1`: the descriptions (`describe_all/1`) of the regions matching a
@@ -283,7 +286,7 @@ defmodule Snakepit.SharedMemory.Info do
     {pid, monitor} =
       :erlang.spawn_opt(
         fn -> send(caller, {tag, filter |> select() |> describe_all()}) end,
-        [:monitor, min_heap_size: @words_per_region * size + 4096]
+        [:monitor, min_heap_size: min(@words_per_region * size + 4096, @max_presized_words)]
       )
 
     receive do
