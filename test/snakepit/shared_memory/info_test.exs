@@ -86,4 +86,21 @@ defmodule Snakepit.SharedMemory.InfoTest do
       Process.exit(other, :kill)
     end
   end
+
+  describe "Registry.mappings_of/1" do
+    test "the rows of one region only, in key order, as a match on the table gives them" do
+      {:ok, a} = SM.allocate_region(64)
+      {:ok, b} = SM.allocate_region(64)
+      for _ <- 1..3, do: {:ok, _} = SM.map_region(a)
+      {:ok, _} = SM.map_region(b)
+      table = Registry.mappings_table()
+
+      for id <- [a, b, "spshm_", a <> "x", "zzz"] do
+        assert Registry.mappings_of(id) == :ets.match_object(table, {{id, :_}, :_, :_, :_})
+      end
+
+      assert length(Registry.mappings_of(a)) == 3
+      assert length(Registry.mappings_of(b)) == 1
+    end
+  end
 end
