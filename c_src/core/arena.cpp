@@ -137,6 +137,11 @@ bool ArenaSet::reclaim(Arena& a, std::uint64_t offset, std::uint64_t length) noe
   auto got = platform::try_lock_exclusive(a.fd_, offset + kLivenessLockByte);
   if (!got || !*got) return false;
   platform::unlock(a.fd_, offset + kLivenessLockByte);
+  give_back(a, offset, length);
+  return true;
+}
+
+void ArenaSet::give_back(Arena& a, std::uint64_t offset, std::uint64_t length) noexcept {
   // An opener that took its lock after ours was released sees this header: zero magic
   // means "being created" for a dedicated object, so it must not see a torn one. Clear
   // the magic first, then the rest.
@@ -146,7 +151,6 @@ bool ArenaSet::reclaim(Arena& a, std::uint64_t offset, std::uint64_t length) noe
   insert_free(a, offset, length);
   --a.live_;
   if (a.live_ == 0) a.empty_since_ = std::chrono::steady_clock::now();
-  return true;
 }
 
 void ArenaSet::reclaim_pending_locked(Arena& a) noexcept {
@@ -205,6 +209,24 @@ void ArenaSet::retire(ArenaChunk chunk) noexcept {
     } catch (...) {
       // Lost to this arena (see insert_free).
     }
+  }
+}
+
+void ArenaSet::retire_unlocked(ArenaChunk chunk) noexcept {
+  if (!chunk.arena) return;
+  std::lock_guard<std::mutex> lock(mutex_);
+  Arena& a = *chunk.arena;
+  // Same window as reclaim()'s: an opener locking the byte after this probe reads a
+  // deallocated (or zeroed) header and lets go.
+  auto held = platform::lock_is_held(a.fd_, chunk.offset + kLivenessLockByte);
+  if (held && !*held) {
+    give_back(a, chunk.offset, chunk.length);
+    return;
+  }
+  try {
+    a.pending_.emplace_back(chunk.offset, chunk.length);
+  } catch (...) {
+    // Lost to this arena (see insert_free).
   }
 }
 

@@ -85,6 +85,12 @@ class ArenaSet {
   /// chunks that were still in use (`pending`).
   void retire(ArenaChunk chunk) noexcept;
 
+  /// retire() for a chunk on which this process holds no lock any more (its Region gave
+  /// them back at deallocation: Region::release_arena_locks): one F_OFD_GETLK says
+  /// whether another open still holds its liveness byte, instead of an exclusive lock
+  /// and its unlock.
+  void retire_unlocked(ArenaChunk chunk) noexcept;
+
   /// Reclaims pending chunks whose workers have gone, and returns arenas empty for longer
   /// than the grace period to the OS. Cheap when nothing changed; call it periodically.
   /// Returns the number of arenas returned.
@@ -96,6 +102,7 @@ class ArenaSet {
 
  private:
   bool reclaim(Arena& arena, std::uint64_t offset, std::uint64_t length) noexcept;
+  void give_back(Arena& arena, std::uint64_t offset, std::uint64_t length) noexcept;
   void insert_free(Arena& arena, std::uint64_t offset, std::uint64_t length) noexcept;
   void reclaim_pending_locked(Arena& arena) noexcept;
   std::uint32_t drop_empty_locked(bool force_all_but_one);

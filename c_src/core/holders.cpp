@@ -416,6 +416,10 @@ Result<void> release_on(RegionHeader& header, const platform::Handle& lock, int&
   });
 }
 
+bool kept_slot_is_free(const RegionHeader& header, int slot) noexcept {
+  return slot < 0 || !owns_live_slot(header, slot);
+}
+
 std::uint32_t reap_dead_slots(RegionHeader& header, const platform::Handle& lock, int own_slot,
                               std::uint64_t lock_base) {
   if (!platform::has_ofd_locks()) return 0;

@@ -230,6 +230,9 @@ Result<void> lock_shared(const Handle& handle, std::uint64_t offset);
 Result<bool> try_lock_exclusive(const Handle& handle, std::uint64_t offset);
 /// Drops this open's lock of byte `offset`.
 void unlock(const Handle& handle, std::uint64_t offset) noexcept;
+/// Drops this open's locks of bytes [offset, offset + length) in one call (other opens'
+/// locks there stay).
+void unlock_range(const Handle& handle, std::uint64_t offset, std::uint64_t length) noexcept;
 /// True if an open other than this one holds a lock of byte `offset` (F_OFD_GETLK with
 /// F_WRLCK: works on a read-only handle).
 Result<bool> lock_is_held(const Handle& handle, std::uint64_t offset);

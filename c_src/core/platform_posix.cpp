@@ -594,6 +594,12 @@ void unlock(const Handle& handle, std::uint64_t offset) noexcept {
   (void)::fcntl(fd_of(handle), F_OFD_SETLK, &fl);
 }
 
+void unlock_range(const Handle& handle, std::uint64_t offset, std::uint64_t length) noexcept {
+  struct flock fl = byte_lock(F_UNLCK, offset);
+  fl.l_len = static_cast<off_t>(length);
+  (void)::fcntl(fd_of(handle), F_OFD_SETLK, &fl);
+}
+
 Result<bool> lock_is_held(const Handle& handle, std::uint64_t offset) {
   struct flock fl = byte_lock(F_WRLCK, offset);
   if (::fcntl(fd_of(handle), F_OFD_GETLK, &fl) != 0)
@@ -607,6 +613,7 @@ bool has_ofd_locks() noexcept { return false; }
 Result<void> lock_shared(const Handle&, std::uint64_t) { return {}; }
 Result<bool> try_lock_exclusive(const Handle&, std::uint64_t) { return true; }
 void unlock(const Handle&, std::uint64_t) noexcept {}
+void unlock_range(const Handle&, std::uint64_t, std::uint64_t) noexcept {}
 Result<bool> lock_is_held(const Handle&, std::uint64_t) { return true; }
 
 #endif

@@ -313,6 +313,7 @@ bool has_ofd_locks() noexcept { return false; }
 Result<void> lock_shared(const Handle&, std::uint64_t) { return {}; }
 Result<bool> try_lock_exclusive(const Handle&, std::uint64_t) { return true; }
 void unlock(const Handle&, std::uint64_t) noexcept {}
+void unlock_range(const Handle&, std::uint64_t, std::uint64_t) noexcept {}
 Result<bool> lock_is_held(const Handle&, std::uint64_t) { return true; }
 
 std::size_t page_size() noexcept {

@@ -359,11 +359,35 @@ RegionFactory::Impl::~Impl() {
   if (slot >= 0) platform::unlock(control, base + kSlotLockBase + static_cast<std::uint64_t>(slot));
   if (arena_header != nullptr)
     arena_header->state.fetch_or(kStateDeallocated, std::memory_order_seq_cst);
-  // Our shared liveness lock stays: retire() converts it to an exclusive one in a single
-  // fcntl (granted only if no other open holds the byte), or drops it.
+  // Our shared liveness lock stays (unless release_arena_locks dropped it at the
+  // deallocation): retire() converts it to an exclusive one in a single fcntl (granted
+  // only if no other open holds the byte), or drops it.
   (void)control.release();  // the arena's descriptor: closed with the arena
-  if (!id.empty()) runtime_index::remove_later(id);  // before the chunk can be reused
-  process_arenas().retire(ArenaChunk{std::move(arena), base, chunk_length});
+  // Before the chunk can be reused; once is enough (a deallocation queued it already).
+  if (!id.empty() && !index_removal_queued.load()) runtime_index::remove_later(id);
+  if (arena_locks_released)
+    process_arenas().retire_unlocked(ArenaChunk{std::move(arena), base, chunk_length});
+  else
+    process_arenas().retire(ArenaChunk{std::move(arena), base, chunk_length});
+}
+
+void Region::release_arena_locks() noexcept {
+  Impl& impl = *impl_;
+  if (!impl.arena || impl.arena_header == nullptr) return;  // not a chunk of our arena set
+  std::lock_guard<std::mutex> lock(impl.slot_mutex);
+  if (impl.arena_locks_released) return;
+  if (!(impl.arena_header->state.load(std::memory_order_seq_cst) & kStateDeallocated)) return;
+  impl.arena_locks_released = true;
+  if (kept_slot_is_free(*impl.arena_header, impl.slot)) {
+    // The liveness byte, the reserved bytes (no lock of ours: arena regions are never
+    // encrypted) and the slot bytes up to ours: one system call. Other opens' locks stay.
+    std::uint64_t end =
+        impl.slot < 0 ? 1 : kSlotLockBase + static_cast<std::uint64_t>(impl.slot) + 1;
+    platform::unlock_range(impl.control, impl.base + kLivenessLockByte, end);
+    impl.slot = -1;
+  } else {
+    platform::unlock(impl.control, impl.base + kLivenessLockByte);
+  }
 }
 
 bool arena_eligible(const CreateOptions& o) noexcept {
@@ -711,7 +735,7 @@ Result<void> Region::unlink() {
       return {};
     }
     if (impl_->arena) {  // a created arena region: no name, only its (queued) entry
-      runtime_index::remove_later(impl_->id);
+      if (!impl_->index_removal_queued.exchange(true)) runtime_index::remove_later(impl_->id);
       return {};
     }
     // Remove the name only while it still names our object: after a :remove_and_create

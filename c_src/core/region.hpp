@@ -259,6 +259,18 @@ class Region {
   /// data() is null afterwards; the caller guarantees no access is in flight.
   DetachedData detach_data() noexcept;
 
+  /// Arena regions created by this process, once deallocated (the NIF calls it when it
+  /// retires the data, no access in flight): gives back this open's locks on the chunk now
+  /// instead of when the Region is destroyed at the next garbage collection. Every OFD
+  /// lock operation on the arena walks all the lock records of the arena, so the records
+  /// of freed regions waiting for a collection (two each: the liveness byte and the kept
+  /// slot) slowed every create and map of the VM (bench/FINDINGS.md, section 3a). One
+  /// fcntl drops the liveness lock and, if the slot holds no hold, the kept slot's lock.
+  /// The chunk's bytes stay reserved until the Region is destroyed (a stale handle may
+  /// still read them); it is given back then, once no other open holds its liveness byte
+  /// (ArenaSet::retire, as before). Idempotent; no-op for other regions.
+  void release_arena_locks() noexcept;
+
   /// Records the access time in the header (map/read/write).
   void touch() noexcept;
 
@@ -320,6 +332,9 @@ Result<void> hold_on(RegionHeader& header, const platform::Handle& lock, int& sl
 /// chunk's offset; 0 for a dedicated control object): every lock byte is shifted by it.
 Result<void> release_on(RegionHeader& header, const platform::Handle& lock, int& slot,
                         std::uint64_t lock_base = 0, bool keep_lock = false);
+/// True if an open's `slot` (-1: none) holds no hold: a slot whose lock release_on kept
+/// (keep_lock) may then be given up with its lock.
+bool kept_slot_is_free(const RegionHeader& header, int slot) noexcept;
 /// Frees every claimed slot other than `own_slot` whose lock nobody holds (its owner is
 /// dead, killed at any instant). Returns the holds released. Linux only (0 elsewhere).
 std::uint32_t reap_dead_slots(RegionHeader& header, const platform::Handle& lock, int own_slot,

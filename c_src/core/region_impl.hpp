@@ -82,6 +82,11 @@ struct Region::Impl {
   /// A chunk of an arena, created here (arena set) or opened (open_arena_region: then
   /// `control` is this Region's own open of the arena and the maps are its own).
   bool arena_chunk = false;
+  /// The removal of this arena region's runtime index entry was queued (unlink on
+  /// deallocation): ~Impl does not queue it a second time.
+  std::atomic<bool> index_removal_queued{false};
+  /// release_arena_locks() ran (under slot_mutex): this open holds no lock of the chunk.
+  bool arena_locks_released = false;
 
   Impl() = default;
   Impl(const Impl&) = delete;

@@ -25,6 +25,7 @@ std::uint64_t names_dropped() noexcept { return names_dropped_total.load(); }
 void RegionResource::release_data() noexcept {
   if (data_pinned.load()) return;  // a board view points into it: kept until destroyed
   if (!data_released.exchange(true)) release_data_to_pool_or_dispose(region, region.detach_data());
+  region.release_arena_locks();  // an arena chunk's locks: now, not at garbage collection
 }
 
 void MappingResource::release_hold() noexcept {

@@ -292,7 +292,7 @@ defmodule Snakepit.SharedMemory do
   @spec list_regions(keyword() | map()) :: {:ok, [Info.listed()]} | error()
   def list_regions(filter \\ []) do
     with :ok <- available(), {:ok, filter} <- Options.filter(filter) do
-      {:ok, filter |> Info.select() |> Info.describe_all()}
+      {:ok, Info.list(filter)}
     end
   end
 

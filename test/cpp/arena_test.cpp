@@ -235,3 +235,76 @@ TEST_CASE("arena: another open reaches a region by its arena path and offset", "
   Region again = create_ok(arena_options(5000));
   REQUIRE(process_arenas().stats().pending_chunks == 0);
 }
+
+TEST_CASE("arena: a deallocated region's locks go at once, its chunk when the Region goes",
+          "[arena]") {
+  if (!arenas_supported()) return;  // arenas need Linux with 4 KiB pages
+  drain_arenas();
+  Region r = create_ok(arena_options(4096));
+  std::uint64_t offset = r.control_offset();
+  platform::Handle probe = other_open(r);  // sees the VM's locks (another open)
+  // One hold and its release: the Region keeps its free slot's lock (keep_lock).
+  REQUIRE_OK(r.hold(platform::current_pid(), 1, true));
+  REQUIRE_OK(r.release());
+  auto held = [&](std::uint64_t byte) {
+    auto r = platform::lock_is_held(probe, byte);
+    REQUIRE(r);
+    return *r;
+  };
+  auto slot_locked = [&] {
+    for (std::uint64_t i = 0; i < kHolderCapacity; ++i) {
+      if (held(offset + kSlotLockBase + i)) return true;
+    }
+    return false;
+  };
+  REQUIRE(held(offset + kLivenessLockByte));
+  REQUIRE(slot_locked());
+  r.release_arena_locks();  // not deallocated: nothing changes
+  REQUIRE(held(offset + kLivenessLockByte));
+  REQUIRE(slot_locked());
+
+  REQUIRE_OK(r.deallocate(false));
+  r.release_arena_locks();
+  r.release_arena_locks();  // idempotent
+  REQUIRE_FALSE(held(offset + kLivenessLockByte));
+  REQUIRE_FALSE(slot_locked());
+  // The chunk stays reserved while the Region lives (a stale handle may still read it).
+  std::vector<Region> others;
+  for (int i = 0; i < 16; ++i) {
+    others.push_back(create_ok(arena_options(4096)));
+    REQUIRE(others.back().control_offset() != offset);
+  }
+  std::uint8_t byte = 0;
+  REQUIRE(r.read(0, &byte, 1).error().code == Errc::deallocated);
+  REQUIRE(r.hold(platform::current_pid(), 1, true).error().code == Errc::deallocated);
+  probe = platform::Handle();
+  r = create_ok(arena_options(64));  // the old Region goes: its chunk is reusable
+  others.clear();
+  REQUIRE(process_arenas().stats().pending_chunks == 0);
+}
+
+TEST_CASE("arena: a deallocated region a worker still holds keeps its chunk pending", "[arena]") {
+  if (!arenas_supported()) return;  // arenas need Linux with 4 KiB pages
+  drain_arenas();
+  std::uint64_t offset = 0;
+  platform::Handle worker;
+  {
+    Region r = create_ok(arena_options(4096));
+    offset = r.control_offset();
+    worker = other_open(r);
+    REQUIRE_OK(platform::lock_shared(worker, offset + kLivenessLockByte));
+    // A hold of the VM that was never released: its slot's lock stays with the Region.
+    REQUIRE_OK(r.hold(platform::current_pid(), 1, true));
+    REQUIRE_OK(r.deallocate(false));
+    r.release_arena_locks();
+    platform::Handle probe = other_open(r);
+    auto held = platform::lock_is_held(probe, offset + kLivenessLockByte);
+    REQUIRE(held);
+    REQUIRE(*held);  // the worker's
+  }
+  REQUIRE(process_arenas().stats().pending_chunks == 1);
+  for (int i = 0; i < 16; ++i) REQUIRE(create_ok(arena_options(4096)).control_offset() != offset);
+  worker = platform::Handle();
+  process_arenas().maintain();
+  REQUIRE(process_arenas().stats().pending_chunks == 0);
+}

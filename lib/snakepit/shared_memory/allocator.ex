@@ -366,6 +366,14 @@ defmodule Snakepit.SharedMemory.Allocator do
     end
   end
 
+  # The caller owns the region (the default): the manager already monitors every caller
+  # (Registry.register_caller/0, called first by allocate/1) and applies the owner-death
+  # policy to whatever a dead caller owned (Cleanup.caller_down/1). A resource monitor per
+  # region would repeat that at ~5 us a region (the monitor signal, then the demonitor
+  # when the resource is destroyed): bench/FINDINGS.md, section 3a. Another owner (the
+  # :owner option) is no caller of ours: its death is watched per region.
+  defp watch_owner(_ref, _id, owner) when owner == self(), do: :ok
+
   defp watch_owner(ref, id, owner) do
     case Native.monitor_owner(ref, owner) do
       :ok -> :ok

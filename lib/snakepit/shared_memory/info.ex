@@ -245,8 +245,58 @@ defmodule Snakepit.SharedMemory.Info do
     records =
       if filter == %{}, do: records, else: Enum.filter(records, &matches?(&1, filter, now))
 
-    # seq is a monotonic integer taken at registration: creation order, cheap to sort.
-    Enum.sort_by(records, &region(&1, :seq))
+    # seq is a monotonic integer taken at registration: creation order, cheap to sort
+    # (keysort on the record's own element: no {key, record} pair per region).
+    :lists.keysort(region(:seq) + 1, records)
+  end
+
+  # From this many registered regions, list/1 builds the list in a helper process.
+  @helper_from 1_000
+  # Heap words a listed region takes while its description is built (its record copied
+  # out of ETS, ~50 words; the description, ~70; list cells and temporaries).
+  @words_per_region 160
+  # At most this heap up front (16 M words, 128 MiB: ~100 000 regions); beyond, the
+  # helper grows its heap as any process does.
+  @max_presized_words 16_777_216
+
+  @doc """
+  `list_regions/1`: the descriptions (`describe_all/1`) of the regions matching a
+  validated filter, oldest first.
+
+  With many regions the list is built in a short-lived helper process whose heap is
+  sized for it from the start, then sent to the caller (one copy): built in the
+  caller's heap, 10 000 descriptions (~9 MB of terms, all live) went through a dozen
+  garbage collections of an ever larger heap, each copying everything built so far,
+  which cost more than the rest of the listing (bench/FINDINGS.md, section 5). A helper
+  that fails makes the caller list the regions itself (raising the same way).
+  """
+  @spec list(map()) :: [listed()]
+  def list(filter) do
+    size = :ets.info(Registry.regions_table(), :size)
+
+    if is_integer(size) and size >= @helper_from,
+      do: list_in_helper(filter, size),
+      else: filter |> select() |> describe_all()
+  end
+
+  defp list_in_helper(filter, size) do
+    caller = self()
+    tag = make_ref()
+
+    {pid, monitor} =
+      :erlang.spawn_opt(
+        fn -> send(caller, {tag, filter |> select() |> describe_all()}) end,
+        [:monitor, min_heap_size: min(@words_per_region * size + 4096, @max_presized_words)]
+      )
+
+    receive do
+      {^tag, listed} ->
+        Process.demonitor(monitor, [:flush])
+        listed
+
+      {:DOWN, ^monitor, :process, ^pid, _reason} ->
+        filter |> select() |> describe_all()
+    end
   end
 
   defp matches?(record, filter, now) do

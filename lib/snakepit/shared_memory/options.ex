@@ -257,6 +257,9 @@ defmodule Snakepit.SharedMemory.Options do
   defp allowed(other),
     do: invalid(":allowed_processes must be a list of pids, got: #{inspect(other)}")
 
+  # The default: nothing to encode (allocate_region/2's hot path).
+  defp metadata(map) when map == %{}, do: {:ok, map, "{}"}
+
   defp metadata(map) when is_map(map) and not is_struct(map) do
     case JSON.encode(map) do
       {:ok, json} when byte_size(json) <= @metadata_capacity ->
@@ -295,6 +298,8 @@ defmodule Snakepit.SharedMemory.Options do
       )
 
   # The dtype and shape a worker will read the region with (Region.ndarray()).
+  defp metadata_layout(metadata, _size) when metadata == %{}, do: :ok
+
   defp metadata_layout(metadata, size) do
     dtype = Map.get(metadata, "dtype", Map.get(metadata, :dtype))
     shape = Map.get(metadata, "shape", Map.get(metadata, :shape))

@@ -249,9 +249,26 @@ defmodule Snakepit.SharedMemory.Registry do
     ArgumentError -> nil
   end
 
-  @doc "Mapping rows of one region."
+  @doc "Mapping rows of one region, in key order."
   @spec mappings_of(String.t()) :: [tuple()]
-  def mappings_of(region_id), do: :ets.match_object(@mappings, {{region_id, :_}, :_, :_, :_})
+  # The table is an ordered_set keyed {region_id, mapping_ref}: the region's rows follow
+  # {region_id, 0} (an integer sorts before every reference). Walking them with next/2
+  # costs one call for a region without mappings (every deallocation), where a
+  # match_object compiled its pattern each time (~0.4 us).
+  def mappings_of(region_id),
+    do: mappings_from(region_id, :ets.next(@mappings, {region_id, 0}), [])
+
+  defp mappings_from(id, {id, _} = key, acc) do
+    acc =
+      case :ets.lookup(@mappings, key) do
+        [row] -> [row | acc]
+        [] -> acc
+      end
+
+    mappings_from(id, :ets.next(@mappings, key), acc)
+  end
+
+  defp mappings_from(_id, _other, acc), do: :lists.reverse(acc)
 
   @doc "Mapping rows of one process."
   @spec mappings_of_pid(pid()) :: [tuple()]

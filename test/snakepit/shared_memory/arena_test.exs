@@ -177,6 +177,43 @@ defmodule Snakepit.SharedMemory.ArenaTest do
     end
   end
 
+  describe "deallocation" do
+    # Every OFD lock call on an arena walks all of its lock records: a freed region's
+    # locks must go with deallocate_region/1, not at the next garbage collection of
+    # whoever still has its handle (bench/FINDINGS.md, section 3a).
+    test "drops the VM's locks of the chunk at once; the chunk is reused only later" do
+      id = filled_region(4096, 9)
+      {:ok, ref} = SM.export_ref(id)
+      path = ref["control_path"]
+      offset = ref["control_offset"]
+      {:ok, mapping} = SM.map_region(id, access_mode: :read_write)
+      # The region's handle stays alive in this process (as a caller's stale record does).
+      handle = mapping.ref
+
+      in_use = fn ->
+        {:ok, entries} = Native.inspect_arena(path)
+        {_, header} = List.keyfind(entries, offset, 0)
+        {header.id, header.in_use}
+      end
+
+      assert in_use.() == {id, true}
+      :ok = SM.deallocate_region(id)
+      assert in_use.() == {id, false}
+
+      # Still reserved while the handle lives: new regions go elsewhere.
+      others =
+        for _ <- 1..8 do
+          {:ok, other} = SM.allocate_region(4096, arena: true)
+          {:ok, other_ref} = SM.export_ref(other)
+          refute other_ref["control_path"] == path and other_ref["control_offset"] == offset
+          other
+        end
+
+      assert {:error, _} = Native.write(handle, 0, "x")
+      Enum.each(others, &SM.deallocate_region/1)
+    end
+  end
+
   describe "the offline tools (mix snakepit.shm.list / info / cleanup)" do
     test "see each arena region by its id, never the arena itself" do
       id = filled_region(4096, 7)

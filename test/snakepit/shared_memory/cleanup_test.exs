@@ -79,6 +79,33 @@ defmodule Snakepit.SharedMemory.CleanupTest do
       wait_gone(id)
     end
 
+    # The caller is the owner (the default): no monitor per region, the manager's
+    # monitor of the caller applies the policies (Allocator's watch_owner/3).
+    test "the policies apply when the calling owner itself dies, arena and dedicated" do
+      parent = self()
+
+      owner =
+        spawn(fn ->
+          {:ok, small} = SM.allocate_region(@kib)
+          {:ok, big} = SM.allocate_region(256 * @kib)
+          {:ok, manual} = SM.allocate_region(@kib, cleanup_policy: :manual)
+          {:ok, counted} = SM.allocate_region(@kib, cleanup_policy: :reference_counted)
+          send(parent, {:ids, [small, big], manual, counted})
+          Process.sleep(:infinity)
+        end)
+
+      assert_receive {:ids, automatic, manual, counted}
+      assert Quota.owned(owner) == 4
+      Process.exit(owner, :kill)
+      Enum.each([counted | automatic], &wait_gone/1)
+      TestSupport.await_death(owner)
+      Manager.sync()
+      refute gone?(manual)
+      assert :ok = SM.deallocate_region(manual)
+      assert {:ok, stats} = SM.stats()
+      assert stats.events.owner_down >= 3
+    end
+
     test "a stale notice (another owner) changes nothing" do
       {:ok, id} = SM.allocate_region(@kib)
       assert Cleanup.owner_down(id, spawn_sleeper()) == []

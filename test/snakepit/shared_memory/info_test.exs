@@ -64,4 +64,43 @@ defmodule Snakepit.SharedMemory.InfoTest do
       assert Registry.region(record, :id) == hd(ids)
     end
   end
+
+  describe "list/1 (list_regions/1)" do
+    # From 1 000 regions the list is built in a helper process with a heap sized for it:
+    # the same descriptions, in the same order, as building it in the caller.
+    test "with many regions: the helper's list equals the caller's, oldest first, filtered" do
+      other = spawn(fn -> Process.sleep(:infinity) end)
+      mine = for _ <- 1..1_020, do: elem(SM.allocate_region(64), 1)
+      theirs = for _ <- 1..5, do: elem(SM.allocate_region(64, owner: other), 1)
+      {:ok, _m} = SM.map_region(hd(mine))
+
+      {:ok, listed} = SM.list_regions()
+      ids = mine ++ theirs
+      assert Enum.map(listed, & &1.id) |> Enum.filter(&(&1 in ids)) == ids
+      assert listed == Info.describe_all(Info.select(%{}))
+      assert [%{mapped_by: [pid]} | _] = listed |> Enum.filter(&(&1.id == hd(mine)))
+      assert pid == self()
+
+      {:ok, owned} = SM.list_regions(owner: other)
+      assert Enum.map(owned, & &1.id) == theirs
+      Process.exit(other, :kill)
+    end
+  end
+
+  describe "Registry.mappings_of/1" do
+    test "the rows of one region only, in key order, as a match on the table gives them" do
+      {:ok, a} = SM.allocate_region(64)
+      {:ok, b} = SM.allocate_region(64)
+      for _ <- 1..3, do: {:ok, _} = SM.map_region(a)
+      {:ok, _} = SM.map_region(b)
+      table = Registry.mappings_table()
+
+      for id <- [a, b, "spshm_", a <> "x", "zzz"] do
+        assert Registry.mappings_of(id) == :ets.match_object(table, {{id, :_}, :_, :_, :_})
+      end
+
+      assert length(Registry.mappings_of(a)) == 3
+      assert length(Registry.mappings_of(b)) == 1
+    end
+  end
 end
