@@ -25,7 +25,12 @@ readable when something happened (for ``select``/``poll`` or ``loop.add_reader``
 SIGKILL) at once, as EOF on the control socket.
 
 A Channel is not thread-safe for concurrent receivers (one consumer); ``send`` may be
-called from any thread.
+called from any thread, also while another thread waits in ``recv``. Only one thread at
+a time sleeps on the channel's wake-ups (they carry one "about to sleep" announcement
+per direction); a second thread that must wait meanwhile (a ``send`` on a full ring
+while a ``recv`` sleeps, or the other way round) retries with short pauses (50 µs
+doubling to 5 ms) until it gets through or the sleeping thread returns, instead of
+taking the sleeper's wake-ups from it.
 """
 
 import ctypes
@@ -34,6 +39,7 @@ import json
 import mmap
 import os
 import select
+import threading
 import time
 
 from . import _native, errors
@@ -41,6 +47,10 @@ from . import _native, errors
 __all__ = ["Channel", "ChannelClosed", "ChannelProtocolError", "WouldBlock"]
 
 _ERR_LEN = 256
+# A second thread that must wait while another sleeps on the channel: pauses between
+# its retries (seconds).
+_ASIDE_PAUSE_MIN = 50e-6
+_ASIDE_PAUSE_MAX = 5e-3
 _WOULD_BLOCK = 1
 _REGION = 2
 _E_CLOSED = -14
@@ -181,6 +191,9 @@ class Channel:
         self._wait_fd = self._lib.spshm_ch_wait_fd(self._h)
         self._poll = select.poll()
         self._poll.register(self._wait_fd, select.POLLIN)
+        # The thread that sleeps on the wait fd (see the module doc), if any.
+        self._sleep_lock = threading.Lock()
+        self._sleeper = False
         self._closed = False
 
     @classmethod
@@ -289,6 +302,7 @@ class Channel:
 
     def _send_loop(self, attempt, need, timeout):
         deadline = None if timeout is None else time.monotonic() + timeout
+        pause = _ASIDE_PAUSE_MIN
         while True:
             code = attempt()
             if code == 0:
@@ -298,7 +312,14 @@ class Channel:
             if deadline is not None and time.monotonic() >= deadline:
                 raise WouldBlock("the channel's ring is full: the Elixir side does not "
                                  "read fast enough")
-            self._wait(False, True, need, deadline)
+            if self._claim_sleep():
+                try:
+                    self._wait(False, True, need, deadline)
+                finally:
+                    self._release_sleep()
+                pause = _ASIDE_PAUSE_MIN
+            else:
+                pause = self._pause_aside(pause, deadline)
 
     # ---- receiving ----
 
@@ -347,22 +368,32 @@ class Channel:
         message sent before the close has been received.
         """
         self._check_open()
-        if timeout is None:
-            while True:
-                msg = self._recv_wait(-1)
-                if msg is not None:
-                    return msg
-                # a signal interrupted the wait: its handler runs now (it may raise)
-        msg = self._try_recv()
-        if msg is not None:
-            return msg
-        deadline = time.monotonic() + timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if deadline is not None:
+            msg = self._try_recv()
+            if msg is not None:
+                return msg
+        pause = _ASIDE_PAUSE_MIN
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("no message on the channel within the timeout")
-            # in slices of at most a day: the library takes an int of milliseconds
-            msg = self._recv_wait(min(int(left * 1000) + 1, 86_400_000))
+            if deadline is None:
+                wait_ms = -1
+            else:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("no message on the channel within the timeout")
+                # in slices of at most a day: the library takes an int of milliseconds
+                wait_ms = min(int(left * 1000) + 1, 86_400_000)
+            if self._claim_sleep():
+                try:
+                    # None: nothing in time, or a signal (its handler runs now; it may raise)
+                    msg = self._recv_wait(wait_ms)
+                finally:
+                    self._release_sleep()
+                pause = _ASIDE_PAUSE_MIN
+            else:
+                msg = self._try_recv()
+                if msg is None:
+                    pause = self._pause_aside(pause, deadline)
             if msg is not None:
                 return msg
 
@@ -421,6 +452,27 @@ class Channel:
                 left = max(0.0, deadline - time.monotonic())
                 self._poll.poll(int(left * 1000) + 1)
         self._handle_events()
+
+    def _claim_sleep(self):
+        """True if the calling thread may sleep on the wait fd (no other thread does)."""
+        with self._sleep_lock:
+            if self._sleeper:
+                return False
+            self._sleeper = True
+            return True
+
+    def _release_sleep(self):
+        with self._sleep_lock:
+            self._sleeper = False
+
+    def _pause_aside(self, pause, deadline):
+        """Another thread sleeps on the wait fd: pause without touching it (its wake-ups
+        and announcements are that thread's); returns the next, longer pause."""
+        if deadline is not None:
+            pause = min(pause, max(0.0, deadline - time.monotonic()))
+        time.sleep(pause)
+        self._check_open()
+        return min(pause * 2, _ASIDE_PAUSE_MAX)
 
     # ---- lifecycle ----
 

@@ -345,3 +345,30 @@ def test_close_from_another_thread_wakes_a_blocked_recv(owner):
     assert time.monotonic() - t0 < 2.0
     assert outcome == ["closed"]
     assert owner.last_line() == "closed peer_closed"
+
+
+def test_send_blocked_on_a_full_ring_while_another_thread_sleeps_in_recv(owner):
+    """One thread sleeps in recv() while another sends faster than the echo drains the
+    ring: the sender's waits for space and the receiver's waits for data share the
+    channel's wake-ups, and neither may lose the other's (it hung before)."""
+    import threading
+    count, size = 400, 16_000
+    got = []
+
+    with snakepit_shm.Channel.connect(owner.ref) as ch:
+        def receiver():
+            try:
+                while len(got) < count:
+                    got.append(bytes(ch.recv(timeout=30)))
+            except Exception as exc:  # reported by the assertion below
+                got.append(exc)
+
+        thread = threading.Thread(target=receiver)
+        thread.start()
+        for i in range(count):
+            ch.send(bytes([i % 251]) * size, timeout=30)
+        thread.join(60)
+        assert not thread.is_alive()
+        assert [m[0] if isinstance(m, bytes) else m for m in got] == \
+            [i % 251 for i in range(count)]
+        assert all(len(m) == size for m in got)
