@@ -252,31 +252,34 @@ SPSHM_EXPORT int spshm_hold_fd_at(void* header, int fd, uint64_t base, int* slot
   });
 }
 
-SPSHM_EXPORT int spshm_release_fd_at(void* header, int fd, uint64_t base, int* slot, char* err,
-                                     size_t errlen) {
+namespace {
+
+// spshm_release_fd_at / spshm_release_fd_closing: the slot's hold given back; with
+// keep_lock the slot's lock goes with the close(2) the caller makes next, which drops
+// every lock of the open anyway (one walk of the lock list instead of two).
+int release_fd(void* header, int fd, uint64_t base, int* slot, bool keep_lock, char* err,
+               size_t errlen) {
   return guarded(err, errlen, [&] {
     if (auto r = looks_like_header(header); !r) return fail(r.error(), err, errlen);
     if (fd < 0 || slot == nullptr)
       return fail(Errc::invalid_argument, "fd and slot must be valid", err, errlen);
     BorrowedFd handle(fd);
-    return from(spshm::release_on(*static_cast<RegionHeader*>(header), handle.get(), *slot, base),
+    return from(spshm::release_on(*static_cast<RegionHeader*>(header), handle.get(), *slot, base,
+                                  keep_lock),
                 err, errlen);
   });
 }
 
+}  // namespace
+
+SPSHM_EXPORT int spshm_release_fd_at(void* header, int fd, uint64_t base, int* slot, char* err,
+                                     size_t errlen) {
+  return release_fd(header, fd, base, slot, false, err, errlen);
+}
+
 SPSHM_EXPORT int spshm_release_fd_closing(void* header, int fd, uint64_t base, int* slot, char* err,
                                           size_t errlen) {
-  return guarded(err, errlen, [&] {
-    if (auto r = looks_like_header(header); !r) return fail(r.error(), err, errlen);
-    if (fd < 0 || slot == nullptr)
-      return fail(Errc::invalid_argument, "fd and slot must be valid", err, errlen);
-    BorrowedFd handle(fd);
-    // keep_lock: the slot's lock goes with the close(2) the caller makes next, which
-    // drops every lock of the open anyway (one walk of the lock list instead of two).
-    return from(
-        spshm::release_on(*static_cast<RegionHeader*>(header), handle.get(), *slot, base, true),
-        err, errlen);
-  });
+  return release_fd(header, fd, base, slot, true, err, errlen);
 }
 
 SPSHM_EXPORT int spshm_process_start_time(uint32_t pid, uint64_t* out, char* err, size_t errlen) {
