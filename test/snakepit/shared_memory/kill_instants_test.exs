@@ -59,6 +59,20 @@ defmodule Snakepit.SharedMemory.KillInstantsTest do
     Enum.sort(TestSupport.vm_segments()) == Enum.sort(registered)
   end
 
+  # A process running `fun` with the allocator parked at `point`; returns once it is there.
+  defp parked_caller(point, fun) do
+    parent = self()
+
+    caller =
+      spawn(fn ->
+        Process.put(Allocator.checkpoint_key(), park_at(point, parent))
+        fun.()
+      end)
+
+    assert_receive {:parked, ^caller, ^point}, 10_000
+    caller
+  end
+
   defp park_at(point, parent) do
     fn
       ^point ->
@@ -107,12 +121,10 @@ defmodule Snakepit.SharedMemory.KillInstantsTest do
       assert_receive {:read, 1}
 
       caller =
-        spawn(fn ->
-          Process.put(Allocator.checkpoint_key(), park_at(unquote(point), parent))
+        parked_caller(unquote(point), fn ->
           SM.allocate_region(12_345, backend: unquote(backend), owner: owner)
         end)
 
-      assert_receive {:parked, ^caller, unquote(point)}, 10_000
       kill_and_check(caller, owner)
       # The region a caller killed once it was registered stays, counted, and is freed
       # like any other.
@@ -129,38 +141,18 @@ defmodule Snakepit.SharedMemory.KillInstantsTest do
       reader = spawn_reader(parent)
       assert_receive {:read, 2}
 
-      caller =
-        spawn(fn ->
-          Process.put(Allocator.checkpoint_key(), park_at(unquote(point), parent))
-          SM.deallocate_region(id)
-        end)
-
-      assert_receive {:parked, ^caller, unquote(point)}, 10_000
+      caller = parked_caller(unquote(point), fn -> SM.deallocate_region(id) end)
       kill_and_check(caller, owner)
       Process.exit(reader, :kill)
     end
   end
 
   test "a caller parked mid-allocation holds nobody up, and counts as in flight" do
-    parent = self()
-
-    parked =
-      spawn(fn ->
-        Process.put(Allocator.checkpoint_key(), park_at(:created, parent))
-        SM.allocate_region(5_000, backend: :posix)
-      end)
-
-    assert_receive {:parked, ^parked, :created}, 10_000
+    parked = parked_caller(:created, fn -> SM.allocate_region(5_000, backend: :posix) end)
 
     # Another caller killed mid-allocation: once, the manager raised its barrier here and
     # waited for every live caller in flight (the parked one: never) before recounting.
-    killed =
-      spawn(fn ->
-        Process.put(Allocator.checkpoint_key(), park_at(:reserved, parent))
-        SM.allocate_region(7_000)
-      end)
-
-    assert_receive {:parked, ^killed, :reserved}, 10_000
+    killed = parked_caller(:reserved, fn -> SM.allocate_region(7_000) end)
     Process.exit(killed, :kill)
     assert :ok = Snakepit.SharedMemory.Manager.sync()
 
