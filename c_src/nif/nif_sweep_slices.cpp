@@ -113,17 +113,18 @@ SPSHM_GUARDED_NIF(nif_release_pages_step)(ErlNifEnv* env, int, const ERL_NIF_TER
   return make_ok(env, enif_make_uint64(env, left.value()));
 }
 
-// reaper_stats() -> %{pieces_unmapped, pieces_released, pause_ns}: what the reaper thread
+// reaper_stats() -> %{pieces_unmapped, pieces_released, pause_ns, pauses}: what the reaper thread
 // did since the library was loaded (tests and the bench).
 SPSHM_GUARDED_NIF(nif_reaper_stats)(ErlNifEnv* env, int, const ERL_NIF_TERM[]) {
   ReaperCounts c = reaper_counts();
   ERL_NIF_TERM keys[] = {enif_make_atom(env, "pieces_unmapped"),
-                         enif_make_atom(env, "pieces_released"), enif_make_atom(env, "pause_ns")};
+                         enif_make_atom(env, "pieces_released"), enif_make_atom(env, "pause_ns"),
+                         enif_make_atom(env, "pauses")};
   ERL_NIF_TERM values[] = {enif_make_uint64(env, c.pieces_unmapped),
                            enif_make_uint64(env, c.pieces_released),
-                           enif_make_uint64(env, c.pause_ns)};
+                           enif_make_uint64(env, c.pause_ns), enif_make_uint64(env, c.pauses)};
   ERL_NIF_TERM map;
-  enif_make_map_from_arrays(env, keys, values, 3, &map);
+  enif_make_map_from_arrays(env, keys, values, 4, &map);
   return map;
 }
 

@@ -51,16 +51,42 @@ Reaper& reaper = *new Reaper;
 std::atomic<std::uint64_t> pieces_unmapped{0};
 std::atomic<std::uint64_t> pieces_released{0};
 std::atomic<std::uint64_t> pause_ns{kReapPauseNs};
+std::atomic<std::uint64_t> pauses{0};
 
-// A pause of the reaper thread between two pieces: the core goes back to whoever waits
-// for it (a normal scheduler preempted in its busy wait, see bench/FINDINGS.md §7).
-void pause_between_pieces() noexcept {
+// Sleeps pause_ns: the core goes back to whoever waits for it (a normal scheduler
+// preempted in its busy wait, see bench/FINDINGS.md §7).
+void pause_now() noexcept {
   std::uint64_t ns = pause_ns.load(std::memory_order_relaxed);
   if (ns == 0) return;
   struct timespec t {
     static_cast<time_t>(ns / 1000000000u), static_cast<long>(ns % 1000000000u)
   };
   ::nanosleep(&t, nullptr);
+}
+
+thread_local bool on_reaper_thread = false;
+thread_local std::uint64_t cpu_at_last_pause = 0;
+
+std::uint64_t thread_cpu_ns() noexcept {
+  struct timespec t {};
+  if (::clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t) != 0) return 0;
+  return static_cast<std::uint64_t>(t.tv_sec) * 1000000000u + static_cast<std::uint64_t>(t.tv_nsec);
+}
+
+// Called after each piece of work: the reaper thread pauses once it has spent
+// kReapWorkNs of CPU since its last pause (at most about half a core), whatever the
+// pieces and items. Pieces cost what their pages cost: a piece of a sparse 4 GiB mapping
+// nobody touched takes microseconds, and a pause per piece or per item would make the
+// thread crawl through such a region or a stream of small ones (1000 a second) while
+// the memory and names behind the queue stay held. Destructions done in place (the
+// thread not running) never pause: they run on a scheduler.
+void paced() noexcept {
+  if (!on_reaper_thread) return;
+  std::uint64_t now = thread_cpu_ns();
+  if (now - cpu_at_last_pause < kReapWorkNs) return;
+  pauses.fetch_add(1, std::memory_order_relaxed);
+  pause_now();
+  cpu_at_last_pause = thread_cpu_ns();
 }
 
 // Unmaps `mapping` kReapPiece bytes at a time from its start (the first piece drops its
@@ -72,11 +98,13 @@ void unmap_in_pieces(platform::Mapping& mapping) noexcept {
     platform::Mapping rest = mapping.split_at(kReapPiece);
     mapping = std::move(rest);  // unmaps the piece [0, kReapPiece)
     pieces_unmapped.fetch_add(1, std::memory_order_relaxed);
-    pause_between_pieces();
+    paced();
   }
 #endif
-  if (mapping.valid()) pieces_unmapped.fetch_add(1, std::memory_order_relaxed);
+  if (!mapping.valid()) return;
+  pieces_unmapped.fetch_add(1, std::memory_order_relaxed);
   mapping.reset();
+  paced();
 }
 
 // A memfd data object that no other open uses any more (no other open of it holds its
@@ -97,7 +125,7 @@ void release_object_in_pieces(platform::Handle& object) noexcept {
       std::uint64_t length = std::min<std::uint64_t>(kReapPiece, info->size - at);
       if (!platform::release_pages(object, at, length)) return;
       pieces_released.fetch_add(1, std::memory_order_relaxed);
-      pause_between_pieces();
+      paced();
     }
   } catch (...) {
   }
@@ -107,7 +135,7 @@ void release_object_in_pieces(platform::Handle& object) noexcept {
 }
 
 // Zeroes what is left of a region whose caller died mid-deallocation, slice by slice
-// (pausing between slices like the unmapping), then removes its name.
+// (paced like the unmapping), then removes its name.
 void finish_zeroing(Region& region, std::uint64_t from, bool unless_held) noexcept {
   std::uint64_t at = from;
   for (int busy = 0; at < region.capacity() && busy < 30000;) {
@@ -115,11 +143,11 @@ void finish_zeroing(Region& region, std::uint64_t from, bool unless_held) noexce
     if (!next.ok()) {
       if (next.error().code != Errc::busy) break;
       ++busy;  // a seal is being committed: it ends within 30 s
-      pause_between_pieces();
+      pause_now();
       continue;
     }
     at = next.value();
-    pause_between_pieces();
+    paced();
   }
   if (unless_held)
     (void)region.unlink_unless_held();
@@ -154,6 +182,8 @@ void destroy(Garbage& item) noexcept {
 }
 
 void* reaper_main(void*) {
+  on_reaper_thread = true;
+  cpu_at_last_pause = thread_cpu_ns();
   std::unique_lock<std::mutex> lock(reaper.mutex);
   for (;;) {
     reaper.wake.wait(lock, [] { return reaper.stopping || !reaper.queue.empty(); });
@@ -205,8 +235,8 @@ void stop_reaper() {
 
 ReaperCounts reaper_counts() noexcept {
   return {pieces_unmapped.load(std::memory_order_relaxed),
-          pieces_released.load(std::memory_order_relaxed),
-          pause_ns.load(std::memory_order_relaxed)};
+          pieces_released.load(std::memory_order_relaxed), pause_ns.load(std::memory_order_relaxed),
+          pauses.load(std::memory_order_relaxed)};
 }
 
 void dispose(Region&& region) noexcept {

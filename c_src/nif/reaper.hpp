@@ -15,17 +15,21 @@ namespace spshm::nif {
 /// Regions (or detached data areas) at least this large go to the reaper thread.
 inline constexpr std::uint64_t kReapThreshold = std::uint64_t{1} << 20;
 
-/// The reaper unmaps a large data area this many bytes at a time (~1-2 ms of munmap),
-/// and sleeps kReapPauseNs between two pieces.
+/// The reaper unmaps a large data area this many bytes at a time (~1-2 ms of munmap
+/// when its pages were touched), and sleeps kReapPauseNs each time it has spent
+/// kReapWorkNs of CPU since its last pause (pieces and items alike).
 inline constexpr std::size_t kReapPiece = std::size_t{16} << 20;
 inline constexpr std::uint64_t kReapPauseNs = 1'000'000;
+inline constexpr std::uint64_t kReapWorkNs = 1'000'000;
 
 /// What the reaper did since the library was loaded (tests, bench): pieces of mappings
-/// unmapped, pieces of data objects whose pages it freed, the pause between pieces.
+/// unmapped, pieces of data objects whose pages it freed, the pause it takes after
+/// each kReapWorkNs of CPU.
 struct ReaperCounts {
   std::uint64_t pieces_unmapped = 0;
   std::uint64_t pieces_released = 0;
   std::uint64_t pause_ns = 0;
+  std::uint64_t pauses = 0;  ///< pauses taken (one per kReapWorkNs of CPU, roughly)
 };
 ReaperCounts reaper_counts() noexcept;
 

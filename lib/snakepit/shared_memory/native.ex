@@ -341,13 +341,14 @@ defmodule Snakepit.SharedMemory.Native do
 
   @doc """
   What the NIF's reaper thread did since the library was loaded: pieces of large
-  mappings it unmapped, pieces of data objects whose pages it freed, and its pause
-  between two pieces (ns).
+  mappings it unmapped, pieces of data objects whose pages it freed, the pause it
+  takes after each millisecond of CPU spent on them (ns) and how many it took.
   """
   @spec reaper_stats() :: %{
           pieces_unmapped: non_neg_integer(),
           pieces_released: non_neg_integer(),
-          pause_ns: non_neg_integer()
+          pause_ns: non_neg_integer(),
+          pauses: non_neg_integer()
         }
   def reaper_stats, do: :erlang.nif_error(:not_loaded)
 

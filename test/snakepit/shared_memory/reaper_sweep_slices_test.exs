@@ -8,7 +8,8 @@ defmodule Snakepit.SharedMemory.ReaperSweepSlicesTest do
 
     * the reaper thread unmaps a large data area 16 MiB at a time, and frees the pages
       of a memfd data object nobody else uses in 16 MiB holes before its last close,
-      pausing between pieces (`Native.reaper_stats/0` counts the pieces);
+      pausing 1 ms after each 1 ms of CPU this work costs (`Native.reaper_stats/0`
+      counts the pieces and the pauses);
     * the orphan sweep removes a segment's name and frees its pages in 8 MiB dirty steps
       (`Native.sweep_segment_begin/1`, `Native.release_pages_step/1`), each a call that
       returns to a normal scheduler; a sweeper killed midway leaves the rest to the reaper.
@@ -224,6 +225,38 @@ defmodule Snakepit.SharedMemory.ReaperSweepSlicesTest do
         s.pieces_unmapped - before.pieces_unmapped >= div(@size, 16 * @mib) and
           s.pieces_released - before.pieces_released >= div(@size, 16 * @mib)
       end)
+    end
+
+    test "it pauses by the CPU its work costs, not once per piece or per region" do
+      # 48 regions of 1 MiB (each one unmap and one release piece), then one of 256 MiB
+      # written through (its unmapping and freeing cost tens of ms of CPU).
+      before = Native.reaper_stats()
+      owners = for _ <- 1..48, do: elem(owned_region(:memfd, @mib), 0)
+      Enum.each(owners, &kill_and_wait/1)
+
+      small =
+        eventually(fn ->
+          s = Native.reaper_stats()
+          s.pieces_released - before.pieces_released >= 48 && s
+        end)
+
+      # a pause per piece (the old pacing) would be 48 at least
+      assert small.pauses - before.pauses < 24, inspect({before, small})
+
+      {pid, _} =
+        owned_region(:memfd, 256 * @mib, fn _region, m ->
+          for at <- 0..255, do: :ok = Native.write_dirty(m, at * @mib, :binary.copy(<<1>>, @mib))
+        end)
+
+      kill_and_wait(pid)
+
+      big =
+        eventually(fn ->
+          s = Native.reaper_stats()
+          s.pieces_released - small.pieces_released >= 16 && s
+        end)
+
+      assert big.pauses - small.pauses >= 2, inspect({small, big})
     end
 
     test "another holder's bytes survive: its open keeps the pages until it goes" do
