@@ -66,6 +66,7 @@ void pause_now() noexcept {
 
 thread_local bool on_reaper_thread = false;
 thread_local std::uint64_t cpu_at_last_pause = 0;
+thread_local std::uint64_t cpu_at_last_piece = 0;
 
 std::uint64_t thread_cpu_ns() noexcept {
   struct timespec t {};
@@ -73,20 +74,25 @@ std::uint64_t thread_cpu_ns() noexcept {
   return static_cast<std::uint64_t>(t.tv_sec) * 1000000000u + static_cast<std::uint64_t>(t.tv_nsec);
 }
 
-// Called after each piece of work: the reaper thread pauses once it has spent
-// kReapWorkNs of CPU since its last pause (at most about half a core), whatever the
-// pieces and items. Pieces cost what their pages cost: a piece of a sparse 4 GiB mapping
-// nobody touched takes microseconds, and a pause per piece or per item would make the
-// thread crawl through such a region or a stream of small ones (1000 a second) while
-// the memory and names behind the queue stay held. Destructions done in place (the
-// thread not running) never pause: they run on a scheduler.
+// Called after each piece of work: the reaper thread pauses before its CPU since its
+// last pause would pass kReapWorkNs if the next piece cost what the last one did. A
+// piece that costs a millisecond (16 MiB of touched pages) is followed by a pause, as
+// is each stretch of cheaper pieces that adds up to one: the thread never keeps a core
+// much longer than a piece or a millisecond (what delays an idle normal scheduler's
+// timers, bench/FINDINGS.md §7), and takes no more pauses than its work needs. A pause
+// per piece or per item would make it crawl through a sparse 4 GiB mapping or a stream
+// of small regions (1000 a second) while the memory and names behind the queue stay
+// held. Destructions done in place (the thread not running) never pause: they run on a
+// scheduler.
 void paced() noexcept {
   if (!on_reaper_thread) return;
   std::uint64_t now = thread_cpu_ns();
-  if (now - cpu_at_last_pause < kReapWorkNs) return;
+  std::uint64_t piece = now - cpu_at_last_piece;
+  cpu_at_last_piece = now;
+  if (now - cpu_at_last_pause + piece < kReapWorkNs) return;
   pauses.fetch_add(1, std::memory_order_relaxed);
   pause_now();
-  cpu_at_last_pause = thread_cpu_ns();
+  cpu_at_last_pause = cpu_at_last_piece = thread_cpu_ns();
 }
 
 // Unmaps `mapping` kReapPiece bytes at a time from its start (the first piece drops its
@@ -183,7 +189,7 @@ void destroy(Garbage& item) noexcept {
 
 void* reaper_main(void*) {
   on_reaper_thread = true;
-  cpu_at_last_pause = thread_cpu_ns();
+  cpu_at_last_pause = cpu_at_last_piece = thread_cpu_ns();
   std::unique_lock<std::mutex> lock(reaper.mutex);
   for (;;) {
     reaper.wake.wait(lock, [] { return reaper.stopping || !reaper.queue.empty(); });

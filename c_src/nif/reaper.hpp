@@ -17,7 +17,7 @@ inline constexpr std::uint64_t kReapThreshold = std::uint64_t{1} << 20;
 
 /// The reaper unmaps a large data area this many bytes at a time (~1-2 ms of munmap
 /// when its pages were touched), and sleeps kReapPauseNs each time it has spent
-/// kReapWorkNs of CPU since its last pause (pieces and items alike).
+/// kReapWorkNs of CPU since its last pause (pieces and items alike; see paced()).
 inline constexpr std::size_t kReapPiece = std::size_t{16} << 20;
 inline constexpr std::uint64_t kReapPauseNs = 1'000'000;
 inline constexpr std::uint64_t kReapWorkNs = 1'000'000;
