@@ -36,25 +36,9 @@ defmodule Snakepit.SharedMemory.Reliability.FuzzApiTest do
     Manager.sync()
     registry_before = MapSet.new(Registry.ids())
     segments_before = ShmHelpers.our_segments()
-    # At least @calls calls: whole rounds of @concurrency batches.
-    rounds = max(div(@calls + @batch * @concurrency - 1, @batch * @concurrency), 1)
 
-    figures =
-      Enum.reduce(1..rounds, empty(), fn round, acc ->
-        base = ReliabilityApiFuzz.base_pool()
-
-        results =
-          1..@concurrency
-          |> Task.async_stream(
-            fn i -> ReliabilityApiFuzz.run_batch(seed + round * 100 + i, @batch, base) end,
-            timeout: :infinity,
-            ordered: false
-          )
-          |> Enum.map(fn {:ok, figures} -> figures end)
-
-        ReliabilityApiFuzz.free_base_pool(base)
-        Enum.reduce(results, acc, &merge/2)
-      end)
+    {figures, rounds} =
+      ReliabilityHelpers.fuzz_rounds(ReliabilityApiFuzz, seed, @calls, @batch, @concurrency)
 
     # The batch processes are gone: the manager frees what their deaths leave.
     Manager.sync()
@@ -99,18 +83,5 @@ defmodule Snakepit.SharedMemory.Reliability.FuzzApiTest do
     assert map_size(figures.reasons) >= 8, inspect(figures.reasons)
     assert left, "regions the fuzzed calls left registered: #{inspect(leftover)}"
     assert leaked == [], "seed #{seed}: segments left: #{inspect(leaked)}"
-  end
-
-  defp empty, do: %{calls: 0, ok: 0, errors: 0, raised: 0, reasons: %{}, failures: []}
-
-  defp merge(a, b) do
-    %{
-      calls: a.calls + b.calls,
-      ok: a.ok + b.ok,
-      errors: a.errors + b.errors,
-      raised: a.raised + b.raised,
-      reasons: Map.merge(a.reasons, b.reasons, fn _k, x, y -> x + y end),
-      failures: Enum.take(a.failures ++ b.failures, 20)
-    }
   end
 end

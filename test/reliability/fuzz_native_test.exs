@@ -39,25 +39,9 @@ defmodule Snakepit.SharedMemory.Reliability.FuzzNativeTest do
     :erlang.garbage_collect()
     fds_before = ReliabilityHelpers.fd_count()
     segments_before = ShmHelpers.our_segments()
-    # At least @calls calls: whole rounds of @concurrency batches.
-    rounds = max(div(@calls + @batch * @concurrency - 1, @batch * @concurrency), 1)
 
-    figures =
-      Enum.reduce(1..rounds, empty(), fn round, acc ->
-        base = ReliabilityNativeFuzz.base_pool()
-
-        results =
-          1..@concurrency
-          |> Task.async_stream(
-            fn i -> ReliabilityNativeFuzz.run_batch(seed + round * 100 + i, @batch, base) end,
-            timeout: :infinity,
-            ordered: false
-          )
-          |> Enum.map(fn {:ok, figures} -> figures end)
-
-        ReliabilityNativeFuzz.free_base_pool(base)
-        Enum.reduce(results, acc, &merge/2)
-      end)
+    {figures, rounds} =
+      ReliabilityHelpers.fuzz_rounds(ReliabilityNativeFuzz, seed, @calls, @batch, @concurrency)
 
     # The VM is alive and the NIF still works.
     {:ok, region, _} = Native.create(4096, ShmHelpers.create_opts())
@@ -106,18 +90,5 @@ defmodule Snakepit.SharedMemory.Reliability.FuzzNativeTest do
 
     assert fds_settled,
            "descriptors leaked: #{fds_before} before, #{ReliabilityHelpers.fd_count()} after"
-  end
-
-  defp empty, do: %{calls: 0, ok: 0, errors: 0, raised: 0, reasons: %{}, failures: []}
-
-  defp merge(a, b) do
-    %{
-      calls: a.calls + b.calls,
-      ok: a.ok + b.ok,
-      errors: a.errors + b.errors,
-      raised: a.raised + b.raised,
-      reasons: Map.merge(a.reasons, b.reasons, fn _k, x, y -> x + y end),
-      failures: Enum.take(a.failures ++ b.failures, 20)
-    }
   end
 end

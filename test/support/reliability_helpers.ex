@@ -85,6 +85,49 @@ defmodule Snakepit.SharedMemory.ReliabilityHelpers do
 
   @doc "Open file descriptors of this VM."
   @spec fd_count() :: non_neg_integer()
+  @doc """
+  Runs a fuzz suite's batches: at least `calls` calls, in whole rounds of `concurrency`
+  batches of `batch` calls run at once (`driver.run_batch(seed, batch, base)`) against a
+  base pool made for the round (`driver.base_pool/0`, freed by `driver.free_base_pool/1`).
+  Returns `{figures, rounds}`, the figures of every batch summed (20 failures at most).
+  """
+  @spec fuzz_rounds(module(), integer(), pos_integer(), pos_integer(), pos_integer()) ::
+          {map(), pos_integer()}
+  def fuzz_rounds(driver, seed, calls, batch, concurrency) do
+    rounds = max(div(calls + batch * concurrency - 1, batch * concurrency), 1)
+    empty = %{calls: 0, ok: 0, errors: 0, raised: 0, reasons: %{}, failures: []}
+
+    figures =
+      Enum.reduce(1..rounds, empty, fn round, acc ->
+        base = driver.base_pool()
+
+        results =
+          1..concurrency
+          |> Task.async_stream(
+            fn i -> driver.run_batch(seed + round * 100 + i, batch, base) end,
+            timeout: :infinity,
+            ordered: false
+          )
+          |> Enum.map(fn {:ok, figures} -> figures end)
+
+        driver.free_base_pool(base)
+        Enum.reduce(results, acc, &merge_figures/2)
+      end)
+
+    {figures, rounds}
+  end
+
+  defp merge_figures(a, b) do
+    %{
+      calls: a.calls + b.calls,
+      ok: a.ok + b.ok,
+      errors: a.errors + b.errors,
+      raised: a.raised + b.raised,
+      reasons: Map.merge(a.reasons, b.reasons, fn _k, x, y -> x + y end),
+      failures: Enum.take(a.failures ++ b.failures, 20)
+    }
+  end
+
   def fd_count, do: "/proc/self/fd" |> File.ls!() |> length()
 
   @doc "Lines of /proc/self/maps that map a segment of ours (memfd or /dev/shm)."
