@@ -105,17 +105,26 @@ defmodule SnakepitShm.Bench.Crypto do
   [overshoot ns of each sleep]}`.
   """
   def probe_during(fun) do
+    {start, stop, samples} = probe_run(fun)
+    {stop - start, Enum.map(samples, fn {late, _woke} -> late end)}
+  end
+
+  @doc """
+  Runs `fun` while a probe process sleeps 1 ms in a loop; returns `{start, stop,
+  [{overshoot ns, monotonic ns it woke at}]}` (monotonic ns around `fun`).
+  """
+  def probe_run(fun) do
     parent = self()
     probe = spawn_link(fn -> probe_loop(parent, []) end)
     # Let the probe reach its first sleep before the work starts.
     Process.sleep(5)
     start = System.monotonic_time(:nanosecond)
     fun.()
-    elapsed = System.monotonic_time(:nanosecond) - start
+    stop = System.monotonic_time(:nanosecond)
     send(probe, :stop)
 
     receive do
-      {^probe, samples} -> {elapsed, samples}
+      {^probe, samples} -> {start, stop, samples}
     end
   end
 
@@ -126,8 +135,8 @@ defmodule SnakepitShm.Bench.Crypto do
       0 ->
         before = System.monotonic_time(:nanosecond)
         Process.sleep(1)
-        late = System.monotonic_time(:nanosecond) - before - 1_000_000
-        probe_loop(parent, [late | acc])
+        woke = System.monotonic_time(:nanosecond)
+        probe_loop(parent, [{woke - before - 1_000_000, woke} | acc])
     end
   end
 end

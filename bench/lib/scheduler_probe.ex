@@ -13,6 +13,7 @@ defmodule SnakepitShm.Bench.SchedulerProbe do
 
   alias Snakepit.SharedMemory, as: SM
   alias Snakepit.SharedMemory.{Native, Sweep}
+  alias SnakepitShm.Bench.Crypto
 
   @doc """
   `%{size, gc_size, ops: %{op => [max overshoot ns per round]}, durations: %{op => [ns]},
@@ -142,42 +143,18 @@ defmodule SnakepitShm.Bench.SchedulerProbe do
     }
   end
 
-  # Crypto.probe_during/1 with the time of each late sleep and the steps the operation
+  # Crypto.probe_run/1 with the steps the operation
   # went through (step/2): {ns taken, worst overshoot, the step that overlapped the worst
   # late sleep most}.
   defp probe_steps(fun) do
-    parent = self()
     Process.put(:probe_steps, [])
-    probe = spawn_link(fn -> probe_loop(parent, []) end)
-    Process.sleep(5)
-    start = System.monotonic_time(:nanosecond)
-    fun.()
-    stop = System.monotonic_time(:nanosecond)
-    send(probe, :stop)
-
-    samples =
-      receive do
-        {^probe, samples} -> samples
-      end
-
+    {start, stop, samples} = Crypto.probe_run(fun)
     steps = Process.delete(:probe_steps)
     steps = if steps == [], do: [{:whole, start, stop}], else: steps
 
     case Enum.max_by(samples, fn {late, _} -> late end, fn -> nil end) do
       nil -> {stop - start, 0, :none}
       {late, woke} -> {stop - start, late, phase(steps, woke - late, woke)}
-    end
-  end
-
-  defp probe_loop(parent, acc) do
-    receive do
-      :stop -> send(parent, {self(), acc})
-    after
-      0 ->
-        before = System.monotonic_time(:nanosecond)
-        Process.sleep(1)
-        woke = System.monotonic_time(:nanosecond)
-        probe_loop(parent, [{woke - before - 1_000_000, woke} | acc])
     end
   end
 
