@@ -431,9 +431,15 @@ Result<void> validate_header_fields(const RegionHeader& header) {
   return validate_sizes(header);
 }
 
-Result<void> validate_header(const RegionHeader& header, std::uint64_t data_object_size) {
+Result<void> validate_header(const RegionHeader& header, std::uint64_t data_object_size,
+                             const std::string& what) {
   return guarded([&]() -> Result<void> {
-    if (auto r = validate_header_fields(header); !r) return r;
+    if (auto r = validate_header_fields(header); !r) {
+      if (what.empty() || r.error().message.find(what) != std::string::npos) return r;
+      Error e = std::move(r).error();
+      e.message = what + ": " + e.message;
+      return e;
+    }
     // data_offset <= 4096 and data_capacity <= ~2^60 after the checks above: no overflow.
     std::uint64_t end = header.data_offset + header.data_capacity;
     if (end > data_object_size)

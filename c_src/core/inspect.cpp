@@ -95,7 +95,7 @@ Result<HeaderSnapshot> inspect(const std::string& path) {
     // only the header's own consistency can be checked here.
     bool split = (h.flags & kFlagSplitData) != 0;
     std::uint64_t object_size = split ? std::numeric_limits<std::uint64_t>::max() : info->size;
-    if (auto r = validate_header(h, object_size); !r) return r.error();
+    if (auto r = validate_header(h, object_size, path); !r) return r.error();
     HeaderSnapshot snap = snapshot(h);
     auto held = platform::lock_is_held(*handle, kLivenessLockByte);
     snap.in_use = !held || *held;
@@ -124,7 +124,7 @@ Result<void> unlink_segment(const std::string& region_id) {
     std::memset(copy.bytes, 0, sizeof copy.bytes);
     Result<void> valid = read_header(*handle, *info, what, copy);
     if (valid) {
-      valid = validate_header(copy.get(), info->size);
+      valid = validate_header(copy.get(), info->size, what);
     } else if (info->size > 0 && info->size < kHeaderSize) {
       // Too short for a header: read what there is, to tell damage from a creation cut short.
       auto prefix = std::min<std::uint64_t>(info->size, sizeof copy.get().magic);
@@ -193,7 +193,7 @@ Result<SweepOutcome> sweep_segment_keeping(const std::string& region_id, bool dr
         return SweepOutcome::young;
     } else {
       if (info->size < kHeaderSize) return too_short(what, info->size);
-      if (auto r = validate_header(copy.get(), info->size); !r) {
+      if (auto r = validate_header(copy.get(), info->size, what); !r) {
         Error e = std::move(r).error();
         e.message += " (not removed: check it and delete it by hand if it is garbage)";
         return e;

@@ -426,7 +426,7 @@ Result<Region> open_arena_region(const std::string& path, std::uint64_t offset,
     if (!header_published(h) || (h.flags & kFlagArena) == 0)
       return Error{Errc::not_found, 0,
                    "no region at offset " + std::to_string(offset) + " of " + path};
-    if (auto r = validate_header(h, info->size - offset); !r) return r.error();
+    if (auto r = validate_header(h, info->size - offset, path); !r) return r.error();
     std::string id(h.region_id, strnlen(h.region_id, kRegionIdCapacity));
     if (!expected_id.empty() && id != expected_id)
       return Error{Errc::not_found, 0,

@@ -353,8 +353,11 @@ std::uint32_t crc32(const void* data, std::size_t length, std::uint32_t seed = 0
 std::uint32_t header_crc(const RegionHeader& header) noexcept;
 
 /// Checks magic, version, header size, reserved bytes, CRC, and that the data fits in an
-/// object of `data_object_size` bytes (pass the control object size for POSIX).
-Result<void> validate_header(const RegionHeader& header, std::uint64_t data_object_size);
+/// object of `data_object_size` bytes (pass the control object size for POSIX). With
+/// `what` (the object's path or "segment <name>"), an error names it: the id field of a
+/// header that failed its magic or version check cannot be trusted to.
+Result<void> validate_header(const RegionHeader& header, std::uint64_t data_object_size,
+                             const std::string& what = {});
 
 /// Opens `path` read-only without following symlinks (except /proc/<pid>/fd/<n> links to
 /// memfds named spshm_*), checks it is a regular file of our uid (not_ours otherwise),

@@ -176,7 +176,7 @@ Result<Region> open_single(platform::Handle handle, bool header_shared, const st
   auto copy = map_and_copy_header(*impl, what);
   if (!copy) return copy.error();
   const RegionHeader& h = copy->get();
-  if (auto r = validate_header(h, info->size); !r) return r.error();
+  if (auto r = validate_header(h, info->size, what); !r) return r.error();
   if (auto r = check_identity(h, expected_id, false, what); !r) return r.error();
   impl->adopt(h);
   if (auto r = check_state(impl->header(), impl->id, writable); !r) return r.error();
@@ -284,7 +284,7 @@ Result<Region> RegionFactory::open_split(const OpenTarget& t, bool writable) {
   // The data object's liveness lock: while this open (or a mapping of it) lives, the
   // creator's warm pool never takes the object back (pool.hpp).
   if (auto r = lock_data_object(impl->data_object, t.data_path); !r) return r.error();
-  if (auto r = validate_header(h, data_info->size); !r) return r.error();
+  if (auto r = validate_header(h, data_info->size, t.control_path); !r) return r.error();
   impl->adopt(h);
   if (platform::anonymous_name(impl->control) != impl->id ||
       platform::anonymous_name(impl->data_object) != data_object_name(h))

@@ -65,11 +65,9 @@ defmodule Snakepit.SharedMemory.Reliability.MalformedSegmentsTest do
         assert {:error, {reason, message, _errno}} = result, "#{kind} #{what}: #{inspect(result)}"
         assert reason in reasons, "#{kind} #{what}: #{reason}: #{message}"
         assert message =~ words, "#{kind} #{what}: unclear message: #{message}"
-        # The core cannot trust the id field of a header that failed its magic or version
-        # check, and inspect_path does not add the path: those messages name no object
-        # (reported in docs/RELIABILITY.md); every other one names the segment.
-        if kind not in [:bad_magic, :future_version],
-          do: assert(message =~ seg.id, "#{kind} #{what}: names no segment: #{message}")
+        # Every message names the segment (a bad magic or version included: the core
+        # names the object it opened, not the header's untrusted id field).
+        assert message =~ seg.id, "#{kind} #{what}: names no segment: #{message}"
       end
 
       assert {:error, {_, _, _}} = Native.unlink_segment(seg.id), "#{kind} was unlinked"
