@@ -669,8 +669,9 @@ Result<std::uint64_t> Region::zero_slice(std::uint64_t offset, std::uint64_t max
     std::uint64_t capacity = impl_->capacity;
     if (offset >= capacity || impl_->data == nullptr) return capacity;
     // Not while a seal remaps the view (the gate): zeroing then could hit a read-only page.
-    std::shared_lock<std::shared_timed_mutex> gate(impl_->gate, std::try_to_lock);
-    if (!gate.owns_lock())
+    // Its commit is short: wait for it here (woken by its unlock) rather than polling.
+    std::shared_lock<std::shared_timed_mutex> gate(impl_->gate, std::defer_lock);
+    if (!gate.try_lock_for(std::chrono::milliseconds(100)))
       return Error{Errc::busy, 0, "region " + impl_->id + " is being sealed: retry the zeroing"};
     if (!impl_->view_writable) return capacity;  // a kernel seal: nobody can write it, us neither
     std::uint64_t length = std::min(max_bytes, capacity - offset);

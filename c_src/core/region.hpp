@@ -210,8 +210,9 @@ class Region {
   /// mark_deallocated() sets kStateDeallocated (every later read and write of any process
   /// is refused), zero_slice() zeroes up to `max_bytes` of the data area from `offset` and
   /// returns where the next slice starts (capacity() when done: also at once when a
-  /// kernel seal forbids writing), unlink() removes the name. busy while a seal is being
-  /// committed (retry); zero_slice refuses a region not marked first.
+  /// kernel seal forbids writing), unlink() removes the name. zero_slice waits up to
+  /// 100 ms for a seal of this process being committed (call it off the normal
+  /// schedulers), then answers busy (retry); it refuses a region not marked first.
   Result<void> mark_deallocated(bool zero);
   Result<std::uint64_t> zero_slice(std::uint64_t offset, std::uint64_t max_bytes);
 

@@ -144,12 +144,11 @@ void release_object_in_pieces(platform::Handle& object) noexcept {
 // (paced like the unmapping), then removes its name.
 void finish_zeroing(Region& region, std::uint64_t from, bool unless_held) noexcept {
   std::uint64_t at = from;
-  for (int busy = 0; at < region.capacity() && busy < 30000;) {
+  for (int busy = 0; at < region.capacity() && busy < 300;) {
     auto next = region.zero_slice(at, kZeroSlice);
     if (!next.ok()) {
       if (next.error().code != Errc::busy) break;
-      ++busy;  // a seal is being committed: it ends within 30 s
-      pause_now();
+      ++busy;  // a seal is being committed: zero_slice waited 100 ms for it
       continue;
     }
     at = next.value();

@@ -502,9 +502,9 @@ defmodule Snakepit.SharedMemory.Allocator do
       {:ok, next} ->
         zero_slices(ref, next, 0)
 
-      # a seal being committed (it started before the deallocation): it ends soon
-      {:error, {:busy, _, _}} when busy < 30_000 ->
-        Process.sleep(1)
+      # a seal being committed (it started before the deallocation): zero_step waited
+      # 100 ms for it on its dirty scheduler; again, for 30 s at most
+      {:error, {:busy, _, _}} when busy < 300 ->
         zero_slices(ref, offset, busy + 1)
 
       {:error, _} = error ->
