@@ -52,7 +52,8 @@ defmodule Snakepit.SharedMemory.HostQuota do
   def define(_name, _limit, opts) when not is_list(opts), do: bad_opts(opts)
 
   def define(name, limit, opts) do
-    with :ok <- check_name(name),
+    with :ok <- known_opts(opts, [:client]),
+         :ok <- check_name(name),
          :ok <- check_u64(limit, "limit", 0),
          {:ok, client} <- client(opts) do
       Client.call(client, {:define, name, limit}, @call_margin)
@@ -84,7 +85,8 @@ defmodule Snakepit.SharedMemory.HostQuota do
     wait = Keyword.get(opts, :wait, 0)
     owner = Keyword.get(opts, :owner, self())
 
-    with :ok <- check_name(name),
+    with :ok <- known_opts(opts, [:wait, :owner, :client]),
+         :ok <- check_name(name),
          :ok <- check_u64(amount, "amount", 1),
          :ok <- check_wait(wait),
          :ok <- check_owner(owner),
@@ -139,12 +141,14 @@ defmodule Snakepit.SharedMemory.HostQuota do
   def release(res, opts \\ [])
 
   def release(%Reservation{client: client} = res, opts) when is_pid(client) and is_list(opts) do
-    case Keyword.get(opts, :sync, false) do
-      sync when is_boolean(sync) ->
-        Client.call(client, {:release, res, sync}, @call_margin)
+    with :ok <- known_opts(opts, [:sync]) do
+      case Keyword.get(opts, :sync, false) do
+        sync when is_boolean(sync) ->
+          Client.call(client, {:release, res, sync}, @call_margin)
 
-      other ->
-        Error.error(:invalid_option, ":sync must be true or false, got: #{inspect(other)}")
+        other ->
+          Error.error(:invalid_option, ":sync must be true or false, got: #{inspect(other)}")
+      end
     end
   end
 
@@ -170,7 +174,8 @@ defmodule Snakepit.SharedMemory.HostQuota do
   def usage(_name, opts) when not is_list(opts), do: bad_opts(opts)
 
   def usage(name, opts) do
-    with :ok <- if(name == nil, do: :ok, else: check_name(name)),
+    with :ok <- known_opts(opts, [:client]),
+         :ok <- if(name == nil, do: :ok, else: check_name(name)),
          {:ok, client} <- client(opts) do
       Client.call(client, {:usage, name}, @call_margin)
     end
@@ -253,6 +258,23 @@ defmodule Snakepit.SharedMemory.HostQuota do
 
       {:error, reason} ->
         Error.error(:unavailable, "cannot start the host quota client: #{inspect(reason)}")
+    end
+  end
+
+  defp known_opts(opts, keys) do
+    cond do
+      not Keyword.keyword?(opts) ->
+        bad_opts(opts)
+
+      (unknown = Keyword.keys(opts) -- keys) != [] ->
+        Error.error(
+          :invalid_option,
+          "unknown option(s) #{Enum.map_join(Enum.uniq(unknown), ", ", &inspect/1)}; " <>
+            "accepted: #{Enum.map_join(keys, ", ", &inspect/1)}"
+        )
+
+      true ->
+        :ok
     end
   end
 

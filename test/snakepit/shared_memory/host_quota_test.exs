@@ -180,6 +180,23 @@ defmodule Snakepit.SharedMemory.HostQuotaTest do
       assert {:error, %Error{reason: :invalid_option}} = HQ.reserve("q", 1, client: a, owner: 1)
       assert {:error, %Error{reason: :invalid_option}} = HQ.define("q", -1, client: a)
       assert {:error, %Error{reason: :invalid_option}} = HQ.define(String.duplicate("x", 65), 1)
+
+      # A misspelt option is named, not ignored (a `wiat: 5_000` would fail at once).
+      {:ok, r} = HQ.reserve("q", 1, client: a)
+
+      for {call, name} <- [
+            {fn -> HQ.reserve("q", 1, client: a, wiat: 5_000) end, ":wiat"},
+            {fn -> HQ.define("q", 10, client: a, limit: 3) end, ":limit"},
+            {fn -> HQ.usage("q", client: a, verbose: true) end, ":verbose"},
+            {fn -> HQ.release(r, synch: true) end, ":synch"},
+            {fn -> HQ.reserve("q", 1, [{:client, a}, :wait]) end, "keyword list"}
+          ] do
+        assert {:error, %Error{reason: :invalid_option, message: m}} = call.()
+        assert m =~ name
+      end
+
+      assert :ok = HQ.release(r, sync: false)
+      assert used(a, "q") == 0
     end
 
     test "bad arguments give error tuples, never a raise or an exit", %{dir: dir} do
