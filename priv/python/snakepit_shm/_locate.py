@@ -155,6 +155,9 @@ def _ref_field(ref, name, kinds, required=True):
 
 
 def _parse_ref(ref):
+    if "v" not in ref or "region_id" not in ref:
+        raise ValueError("not a snakepit_shm ref (no \"v\" or \"region_id\"): pass the map "
+                         "Elixir's export_ref/2 returns (or its JSON), or a region id")
     version = ref.get("v")
     if version != 1:
         raise ValueError(f"unsupported ref version {version!r}: this client reads "

@@ -150,7 +150,11 @@ def layout():
 
 def _parse_ref(ref):
     if isinstance(ref, (str, bytes)):
-        ref = json.loads(ref)
+        try:
+            ref = json.loads(ref)
+        except ValueError as e:
+            raise ValueError("not a channel ref (not JSON: %s): pass the map of Snakepit."
+                             "SharedMemory.Channel.export_ref/1 or its JSON" % e) from None
     if not isinstance(ref, dict) or ref.get("kind") != "snakepit_shm_channel":
         raise ValueError("not a channel ref: pass the map of "
                          "Snakepit.SharedMemory.Channel.export_ref/1 (or its JSON)")

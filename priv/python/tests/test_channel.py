@@ -173,8 +173,10 @@ def test_wrong_token_is_refused(owner):
 
 
 def test_bad_refs():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="not a channel ref"):
         snakepit_shm.Channel.connect({"kind": "other"})
+    with pytest.raises(ValueError, match="not a channel ref .not JSON"):
+        snakepit_shm.Channel.connect("nope")
     with pytest.raises(OSError):
         snakepit_shm.Channel.connect({"kind": "snakepit_shm_channel",
                                       "path": "/nonexistent/ctl", "token": "00" * 32})

@@ -55,6 +55,12 @@ class TestArguments:
         with pytest.raises(ValueError, match="data_path"):
             snakepit_shm.attach(seg.ref(data_path="/dev/shm/x"))
 
+    @pytest.mark.parametrize("bad", [{}, {"region_id": "spshm_aaaaaaaaaaaaaaaaaaaa"}, {"v": 1}])
+    def test_not_a_ref(self, bad):
+        # not "upgrade the Python package": it is no ref at all
+        with pytest.raises(ValueError, match="not a snakepit_shm ref"):
+            snakepit_shm.attach(bad)
+
     def test_invalid_json(self):
         with pytest.raises(ValueError, match="not valid JSON"):
             snakepit_shm.attach('{"v": 1,')
