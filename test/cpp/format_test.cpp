@@ -86,6 +86,7 @@ TEST_CASE("layout_description states every constant", "[format]") {
         std::string("\"key_size\":32"),
         std::string("\"aad_size\":48"),
         std::string("\"data_lock_byte\":1"),
+        std::string("\"seal_lock_byte\":2"),
         std::string("\"backends\":{\"posix\":1,\"memfd\":2,\"windows\":3}"),
         std::string("\"flags\":{\"encrypted\":1,\"named\":2,\"split_data\":4,\"worker_output\":8,"
                     "\"liveness_locks\":16,\"arena\":32,\"huge_pages\":128}"),

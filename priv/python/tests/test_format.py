@@ -27,6 +27,7 @@ CONSTANTS = {
     "arena_data_offset": F.ARENA_DATA_OFFSET,
     "magic": F.MAGIC.decode(),
     "data_lock_byte": F.DATA_LOCK_BYTE,
+    "seal_lock_byte": F.SEAL_LOCK_BYTE,
 }
 ENUMS = {
     "backends": {"posix": F.BACKEND_POSIX, "memfd": F.BACKEND_MEMFD,
