@@ -77,8 +77,7 @@ TEST_CASE("a sealer SIGKILLed mid-seal: its bit lives while it lives, then the o
       auto second_seal = other->seal();
       REQUIRE_FALSE(second_seal);
       REQUIRE(second_seal.error().code == Errc::busy);
-      REQUIRE(second_seal.error().message.find("another process is sealing") !=
-              std::string::npos);
+      REQUIRE(second_seal.error().message.find("another process is sealing") != std::string::npos);
       REQUIRE(write_code(*other) == Errc::busy);
     }
     REQUIRE(sealing(r));  // neither the refused seal nor the writes cleared the live bit
