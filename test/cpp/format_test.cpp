@@ -156,3 +156,13 @@ TEST_CASE("header_crc covers the prefix and the metadata only", "[format]") {
   REQUIRE(header_crc(h) == crc);
   h.refcount.fetch_sub(1);
 }
+
+TEST_CASE("docs/FORMAT.md's Locks table names the lock bytes of format.hpp", "[format][docs]") {
+  std::map<std::string, std::string> meaning;  // byte -> meaning cell
+  for (const auto& cells : format_md_table("Locks"))
+    if (cells.size() >= 4) meaning[cells[0]] = cells[3];
+  REQUIRE(meaning[std::to_string(kLivenessLockByte)].find("**liveness**") != std::string::npos);
+  REQUIRE(meaning[std::to_string(kDataLockByte)].find("**data lock**") != std::string::npos);
+  REQUIRE(meaning[std::to_string(kSealLockByte)].find("**seal lock**") != std::string::npos);
+  REQUIRE(meaning.count("3–255") == 1);  // the reserved range starts after the seal lock
+}

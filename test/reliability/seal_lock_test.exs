@@ -84,6 +84,27 @@ defmodule Snakepit.SharedMemory.Reliability.SealLockTest do
     :ok = SM.deallocate_region(id)
   end
 
+  test "the seal lock byte: one value in the core's layout, docs/FORMAT.md and the tests" do
+    {:ok, layout} =
+      Snakepit.SharedMemory.JSON.decode(Snakepit.SharedMemory.Native.header_layout())
+
+    assert layout["seal_lock_byte"] == 2
+    assert layout["data_lock_byte"] == 1
+    assert layout["states"]["sealing"] == 4
+
+    locks =
+      File.read!(Path.join(ReliabilityHelpers.root(), "docs/FORMAT.md"))
+      |> String.split("\n## Locks\n")
+      |> Enum.at(1)
+      |> String.split("\n## ")
+      |> hd()
+
+    assert [_, meaning] =
+             Regex.run(~r/^\| #{layout["seal_lock_byte"]} \|[^|]*\|[^|]*\|([^|]*)\|/m, locks)
+
+    assert meaning =~ "**seal lock**"
+  end
+
   defp start_sealer(name) do
     Port.open({:spawn_executable, "/bin/sh"}, [
       :binary,
