@@ -252,6 +252,18 @@ SPSHM_EXPORT int spshm_hold_fd_at(void* header, int fd, uint64_t base, int* slot
   });
 }
 
+SPSHM_EXPORT int spshm_clear_stale_sealing(void* header, int fd, uint64_t base, char* err,
+                                           size_t errlen) {
+  return guarded(err, errlen, [&] {
+    if (auto r = looks_like_header(header); !r) return fail(r.error(), err, errlen);
+    if (fd < 0) return fail(Errc::invalid_argument, "fd must not be negative", err, errlen);
+    BorrowedFd handle(fd);
+    if (spshm::clear_stale_sealing(*static_cast<RegionHeader*>(header), handle.get(), base))
+      return 0;
+    return fail(Errc::busy, "the region is being sealed by a live process", err, errlen);
+  });
+}
+
 namespace {
 
 // spshm_release_fd_at / spshm_release_fd_closing: the slot's hold given back; with

@@ -96,6 +96,12 @@ int spshm_release_fd_at(void* header, int fd, uint64_t base, int* slot, char* er
  * open then), saving one lock system call; *slot keeps its index. */
 int spshm_release_fd_closing(void* header, int fd, uint64_t base, int* slot, char* err,
                              size_t errlen);
+/* Clears the header's `sealing` state bit (4) left by a sealer killed mid-seal: only if
+ * nobody holds the seal lock (byte 2 + base of the control object, docs/FORMAT.md
+ * "Locks"), taken exclusively through the read-write open `fd` and released at once.
+ * 0 if the bit is clear on return; SPSHM_E_BUSY while a live sealer holds the lock (or
+ * where it cannot be told). Never blocks. */
+int spshm_clear_stale_sealing(void* header, int fd, uint64_t base, char* err, size_t errlen);
 /* The fast attach of an arena region (capi_attach.cpp): opens `path` read-write only if
  * its link reads /memfd:spshm_arena_<20 of [a-z2-7]> (deleted) before and after the open
  * (the same text) and it is a regular file of our uid; takes the liveness lock at

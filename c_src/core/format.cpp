@@ -143,6 +143,7 @@ std::string layout_description() {
     root.number("arena_data_offset", kHeaderSize);
     root.number("aad_size", crypto::kAadSize);
     root.number("data_lock_byte", kDataLockByte);
+    root.number("seal_lock_byte", kSealLockByte);
     {
       root.key("backends");
       JsonObject o(out);

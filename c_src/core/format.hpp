@@ -104,6 +104,13 @@ inline constexpr std::uint32_t kStateAdopted = 1u << 3;
 /// a process that dies. (Byte 0 and other ranges are left to other protocols.)
 inline constexpr std::uint64_t kDataLockByte = 1;
 
+/// Byte of the control object (shifted by an arena chunk's offset, like every lock byte)
+/// that a sealer holds exclusively (Linux OFD lock, taken without waiting) from before it
+/// sets kStateSealing until after it clears it (or sets kStateSealed): so a kStateSealing
+/// bit whose seal lock another open obtains was left by a sealer that died mid-seal, and
+/// that open may clear it (seal_lock.cpp). docs/FORMAT.md, "Locks" and "Sealing".
+inline constexpr std::uint64_t kSealLockByte = 2;
+
 // Holder slot states.
 inline constexpr std::uint32_t kSlotFree = 0;
 inline constexpr std::uint32_t kSlotBusy = 1;  // being claimed or released

@@ -123,6 +123,9 @@ void release_lock(const platform::Handle& object) noexcept {
 std::optional<Region::DetachedData> offer(const Region& region, Region::DetachedData&& data,
                                           bool zeroed) {
   const RegionHeader& h = region.header();
+  // A sealing bit left by a sealer killed mid-seal (nobody holds the seal lock) is no
+  // reason to refuse the object: cleared first (seal_lock.cpp).
+  if (h.state.load(std::memory_order_acquire) & kStateSealing) (void)region.clear_stale_sealing();
   std::uint32_t state = h.state.load(std::memory_order_acquire);
   bool shape = region.backend() == BackendKind::memfd && region.role() == Role::created &&
                !region.encrypted() && region.capacity() >= kMinPooledBytes &&

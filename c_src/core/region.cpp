@@ -580,13 +580,31 @@ Result<void> Region::seal() {
                    "cannot seal region " + impl_->id + ": it was deallocated"};
     if ((state & kStateSealed) && (!kernel || immutable())) return {};  // idempotent
 
+    // The seal lock first (seal_lock.cpp): held from before the bit is set until after
+    // it is cleared, so that a sealer killed in between leaves a bit anyone can tell
+    // stale (the kernel drops the lock with the dead sealer's open).
+    auto locked = take_seal_lock(impl_->control, impl_->base);
+    if (!locked) return seal_refused(*impl_, locked.error());
+    if (!*locked)
+      return Error{Errc::busy, 0,
+                   "cannot seal region " + impl_->id +
+                       ": another process is sealing it right now; retry once it is done"};
+    struct SealLock {
+      const platform::Handle& control;
+      std::uint64_t base;
+      ~SealLock() { drop_seal_lock(control, base); }
+    } seal_lock{impl_->control, impl_->base};
+
     // Phase 1, sealing: writers that honour the header (this VM, Python workers) stop.
     // Dekker with hold() (holders.cpp): set the bit first, then look for writable holders.
     std::uint32_t before = h.state.fetch_or(kStateSealing, std::memory_order_seq_cst);
-    bool set_by_us = (before & kStateSealing) == 0;
+    // With the seal lock ours, a bit already set was left by a sealer that died mid-seal:
+    // ours to clear too. Without OFD locks only our own bit is ours.
+    bool set_by_us = (before & kStateSealing) == 0 || platform::has_ofd_locks();
     auto undo = [&] {
       if (set_by_us) h.state.fetch_and(~kStateSealing, std::memory_order_seq_cst);
     };
+    test_park("seal");  // bit set, seal lock held: the worst instant to die
     if (std::uint32_t pid =
             other_writable_holder(h, platform::current_pid(), &impl_->control, impl_->base)) {
       undo();
@@ -616,6 +634,13 @@ Result<void> Region::seal() {
     h.state.fetch_and(~kStateSealing, std::memory_order_seq_cst);
     return {};
   });
+}
+
+bool Region::clear_stale_sealing() const noexcept {
+  // Never through an open a seal of ours is using (its lock would be ours to take).
+  std::unique_lock<std::mutex> no_seal_of_ours(impl_->seal_mutex, std::try_to_lock);
+  if (!no_seal_of_ours.owns_lock() || !impl_->header_shared) return false;
+  return spshm::clear_stale_sealing(impl_->header(), impl_->control, impl_->base);
 }
 
 Result<void> Region::deallocate(bool zero) {
@@ -832,6 +857,11 @@ Result<void> Region::write(std::uint64_t offset, const std::uint8_t* src, std::s
     std::uint32_t state = impl_->header().state.load(std::memory_order_seq_cst);
     if (state & kStateDeallocated)
       return Error{Errc::deallocated, 0, "region " + impl_->id + " has been deallocated"};
+    if (state & kStateSealed)
+      return Error{Errc::sealed, 0, "region " + impl_->id + " is sealed: it can only be read"};
+    // A sealing bit whose seal lock nobody holds was left by a dead sealer: cleared here.
+    if ((state & kStateSealing) && gate.owns_lock() && clear_stale_sealing())
+      state = impl_->header().state.load(std::memory_order_seq_cst);
     if (state & kStateSealed)
       return Error{Errc::sealed, 0, "region " + impl_->id + " is sealed: it can only be read"};
     if ((state & kStateSealing) || !gate.owns_lock())

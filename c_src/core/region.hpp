@@ -190,6 +190,11 @@ class Region {
   /// through a read-only handle, deallocated after deallocate(), unsupported on kernels
   /// without memfd seals.
   Result<void> seal();
+  /// Clears a kStateSealing bit left by a sealer that was killed mid-seal (another
+  /// process, or another open): only if nobody holds the seal lock (seal_lock.cpp) and no
+  /// seal of this Region is running. True if the bit is clear on return. Never blocks.
+  /// write() calls it when it finds the bit; the warm pool and tests may too.
+  bool clear_stale_sealing() const noexcept;
   /// The header says sealed (committed; for POSIX that is a promise, not a kernel fact).
   bool sealed() const noexcept;
   /// The kernel forbids every write to the data, by anyone (memfd F_SEAL_WRITE, asked of
@@ -309,6 +314,23 @@ Result<void> release(RegionHeader& header, std::uint32_t pid, std::uint64_t star
 /// Removes every hold of a (dead) process; returns how many holds were released.
 std::uint32_t release_all(RegionHeader& header, std::uint32_t pid, std::uint64_t start_time);
 std::vector<HolderInfo> holders(const RegionHeader& header);
+
+// ---- the seal lock (seal_lock.cpp; docs/FORMAT.md "Locks", "Sealing") ----
+
+/// Takes the seal lock (byte kSealLockByte + lock_base of the control object, exclusive,
+/// without waiting) through the open `control`: false if another open holds it (a live
+/// sealer). Always true where the OS has no open file description locks.
+Result<bool> take_seal_lock(const platform::Handle& control, std::uint64_t lock_base = 0);
+void drop_seal_lock(const platform::Handle& control, std::uint64_t lock_base = 0) noexcept;
+/// Clears a kStateSealing bit left by a sealer that died mid-seal: if the bit is set and
+/// the seal lock can be taken through `control` (a read-write open of the control object
+/// that no seal of this process is using), nobody is sealing: the bit is cleared under the
+/// lock. True if the bit is clear on return; false while a live sealer holds the lock,
+/// where the OS has no OFD locks, or on error. Never blocks.
+bool clear_stale_sealing(RegionHeader& header, const platform::Handle& control,
+                         std::uint64_t lock_base = 0) noexcept;
+/// Stale kStateSealing bits cleared by this process (clear_stale_sealing).
+std::uint64_t stale_seals_cleared_total() noexcept;
 
 // ---- holder slots owned by an open file description (what the NIF and Python use) ----
 

@@ -44,6 +44,31 @@ void Published::remove() noexcept {
 
 #if defined(__linux__)
 
+std::string base_directory() {
+  const char* own = std::getenv("SNAKEPIT_SHM_RUNTIME_DIR");
+  if (own != nullptr && own[0] == '/') return own;
+  const char* xdg = std::getenv("XDG_RUNTIME_DIR");
+  if (xdg != nullptr && xdg[0] == '/') return std::string(xdg) + "/snakepit_shm";
+  return "/dev/shm/snakepit_shm-" + std::to_string(::geteuid());
+}
+
+std::string namespace_dir_name_of(const std::string& link) {
+  // "pid:[4026531836]" -> "pidns-4026531836"
+  if (link.size() < 7 || link.compare(0, 5, "pid:[") != 0 || link.back() != ']') return {};
+  std::string digits = link.substr(5, link.size() - 6);
+  if (digits.empty() || digits.size() > 20 ||
+      digits.find_first_not_of("0123456789") != std::string::npos)
+    return {};
+  return "pidns-" + digits;
+}
+
+std::string namespace_dir_name() {
+  char target[64];
+  ssize_t n = ::readlink("/proc/self/ns/pid", target, sizeof target - 1);
+  if (n <= 0) return {};
+  return namespace_dir_name_of(std::string(target, static_cast<std::size_t>(n)));
+}
+
 namespace {
 
 // Opening (and reopening) the directory is serialised; entries are written and removed
@@ -54,19 +79,9 @@ std::atomic<int> g_dirfd{-1};  // O_PATH descriptor of the directory (-1: not op
 bool g_off = false;            // the directory is unusable: do not retry on every region
 std::string g_path;
 
-std::string configured_path() {
-  const char* own = std::getenv("SNAKEPIT_SHM_RUNTIME_DIR");
-  if (own != nullptr && own[0] == '/') return own;
-  const char* xdg = std::getenv("XDG_RUNTIME_DIR");
-  if (xdg != nullptr && xdg[0] == '/') return std::string(xdg) + "/snakepit_shm";
-  return "/dev/shm/snakepit_shm-" + std::to_string(::geteuid());
-}
-
-// Opens the directory (creating it 0700), and checks it through the descriptor: a real
-// directory (O_NOFOLLOW: not a symlink to somewhere else), ours, no group/other bits.
-int open_checked(const std::string& path) {
-  if (::mkdir(path.c_str(), 0700) != 0 && errno != EEXIST) return -1;
-  int fd = ::open(path.c_str(), O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+// A directory descriptor we may use: a real directory (O_NOFOLLOW: not a symlink to
+// somewhere else), ours, no group/other bits. Closes `fd` and says -1 otherwise.
+int checked(int fd) {
   if (fd < 0) return -1;
   struct stat st;
   if (::fstat(fd, &st) != 0 || !S_ISDIR(st.st_mode) || st.st_uid != ::geteuid() ||
@@ -74,6 +89,21 @@ int open_checked(const std::string& path) {
     ::close(fd);
     return -1;
   }
+  return fd;
+}
+
+// Opens the base directory (creating it 0700), then this PID namespace's subdirectory in
+// it (creating it 0700), each checked through its descriptor. -1 if either is unusable
+// or the namespace cannot be named.
+int open_checked(const std::string& base, const std::string& sub) {
+  if (sub.empty()) return -1;
+  if (::mkdir(base.c_str(), 0700) != 0 && errno != EEXIST) return -1;
+  int parent = checked(::open(base.c_str(), O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
+  if (parent < 0) return -1;
+  int fd = -1;
+  if (::mkdirat(parent, sub.c_str(), 0700) == 0 || errno == EEXIST)
+    fd = checked(::openat(parent, sub.c_str(), O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
+  ::close(parent);
   return fd;
 }
 
@@ -87,8 +117,10 @@ int dir_fd(int stale = -1) {
   fd = g_dirfd.load(std::memory_order_acquire);
   if (fd >= 0 && fd != stale) return fd;
   if (fd < 0 && g_off && stale < 0) return -1;
-  g_path = configured_path();
-  fd = open_checked(g_path);
+  std::string base = base_directory();
+  std::string sub = namespace_dir_name();
+  g_path = base + "/" + sub;
+  fd = open_checked(base, sub);
   g_off = fd < 0;
   g_dirfd.store(fd, std::memory_order_release);
   return fd;
@@ -212,6 +244,9 @@ SweepResult sweep() noexcept {
 
 #else  // no runtime index: named objects are found by name
 
+std::string base_directory() { return {}; }
+std::string namespace_dir_name_of(const std::string&) { return {}; }
+std::string namespace_dir_name() { return {}; }
 std::string directory() { return {}; }
 bool publish(const std::string&, const Entry&) noexcept { return false; }
 void remove(const std::string&) noexcept {}

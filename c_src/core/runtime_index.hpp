@@ -2,11 +2,12 @@
 // worker finds a region by its bare id with one readlink instead of a scan of every
 // process's /proc/<pid>/fd (docs/FORMAT.md, "Runtime index").
 //
-// The directory is $SNAKEPIT_SHM_RUNTIME_DIR, else $XDG_RUNTIME_DIR/snakepit_shm, else
+// The directory is the subdirectory pidns-<inode of this PID namespace> of the base
+// $SNAKEPIT_SHM_RUNTIME_DIR, else $XDG_RUNTIME_DIR/snakepit_shm, else
 // /dev/shm/snakepit_shm-<euid> (tmpfs: publishing never waits for a disk, so it may run on
-// a normal scheduler); it is used only while it is a real directory owned by this user
-// with no group/other permission (never a symlink), and is never trusted further:
-// an entry only says where to look, and the reader checks the memfd link name and the
+// a normal scheduler); base and subdirectory are used only while each is a real directory
+// owned by this user with no group/other permission (never a symlink), and is never trusted
+// further: an entry only says where to look, and the reader checks the memfd link name and the
 // header's region id after opening. Everything here is best effort: without the
 // directory (read-only /tmp, another user's directory, ...) no entry is written and
 // workers fall back to the /proc scan.
@@ -36,7 +37,21 @@ struct Entry {
 /// The entry's text (the symlink target).
 std::string format(const Entry& entry);
 
-/// The directory in use, or "" when the index is off (not ours, not 0700, uncreatable).
+/// The base directory: $SNAKEPIT_SHM_RUNTIME_DIR if absolute, else
+/// $XDG_RUNTIME_DIR/snakepit_shm, else /dev/shm/snakepit_shm-<euid> ("" off Linux).
+std::string base_directory();
+/// The subdirectory of the base that holds the entries of one PID namespace (the naming
+/// rule, docs/FORMAT.md "Runtime index"): "pidns-<inode>" from the link text
+/// "pid:[<inode>]" of /proc/self/ns/pid; "" for any other text. Entries name
+/// /proc/<pid>/fd/<n> paths, which mean something only in the PID namespace of their
+/// VM: VMs of one user in different namespaces (docker --ipc=container:, pods) sharing
+/// the base each list and sweep only their own subdirectory.
+std::string namespace_dir_name_of(const std::string& link_text);
+/// namespace_dir_name_of(readlink("/proc/self/ns/pid")); "" if unreadable (index off).
+std::string namespace_dir_name();
+
+/// The directory in use (base_directory() + "/" + namespace_dir_name()), or "" when the
+/// index is off (either not ours, not 0700, uncreatable; the namespace unnamed).
 std::string directory();
 
 /// Writes the entry of `region_id` (replacing a stale one). False when not written.

@@ -86,6 +86,7 @@ TEST_CASE("layout_description states every constant", "[format]") {
         std::string("\"key_size\":32"),
         std::string("\"aad_size\":48"),
         std::string("\"data_lock_byte\":1"),
+        std::string("\"seal_lock_byte\":2"),
         std::string("\"backends\":{\"posix\":1,\"memfd\":2,\"windows\":3}"),
         std::string("\"flags\":{\"encrypted\":1,\"named\":2,\"split_data\":4,\"worker_output\":8,"
                     "\"liveness_locks\":16,\"arena\":32,\"huge_pages\":128}"),
@@ -154,4 +155,14 @@ TEST_CASE("header_crc covers the prefix and the metadata only", "[format]") {
   h.refcount.fetch_add(1);  // mutable part: not covered
   REQUIRE(header_crc(h) == crc);
   h.refcount.fetch_sub(1);
+}
+
+TEST_CASE("docs/FORMAT.md's Locks table names the lock bytes of format.hpp", "[format][docs]") {
+  std::map<std::string, std::string> meaning;  // byte -> meaning cell
+  for (const auto& cells : format_md_table("Locks"))
+    if (cells.size() >= 4) meaning[cells[0]] = cells[3];
+  REQUIRE(meaning[std::to_string(kLivenessLockByte)].find("**liveness**") != std::string::npos);
+  REQUIRE(meaning[std::to_string(kDataLockByte)].find("**data lock**") != std::string::npos);
+  REQUIRE(meaning[std::to_string(kSealLockByte)].find("**seal lock**") != std::string::npos);
+  REQUIRE(meaning.count("3–255") == 1);  // the reserved range starts after the seal lock
 }

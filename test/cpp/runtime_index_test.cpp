@@ -159,3 +159,47 @@ TEST_CASE("the writer stops, restarts, and a forked child never touches it",
   REQUIRE(runtime_index::flush(std::chrono::seconds(5)));
   CHECK(link_text(entry).empty());
 }
+
+TEST_CASE("entries live in this PID namespace's subdirectory of the base", "[runtime_index]") {
+  // The naming rule (docs/FORMAT.md, "Runtime index"): pidns-<inode of /proc/self/ns/pid>.
+  CHECK(runtime_index::namespace_dir_name_of("pid:[4026531836]") == "pidns-4026531836");
+  for (const char* bad : {"", "pid:[]", "pid:[12a]", "net:[4026531836]", "pid:[1/..]",
+                          "pid:[4026531836", "pid:[123456789012345678901]"}) {
+    INFO(bad);
+    CHECK(runtime_index::namespace_dir_name_of(bad).empty());
+  }
+  std::string ns = link_text("/proc/self/ns/pid");
+  REQUIRE(!ns.empty());
+  std::string name = runtime_index::namespace_dir_name();
+  CHECK(name == "pidns-" + ns.substr(5, ns.size() - 6));
+  std::string base = runtime_index::base_directory();
+  CHECK(runtime_index::directory() == base + "/" + name);
+  struct stat st;
+  REQUIRE(::lstat(base.c_str(), &st) == 0);
+  CHECK(S_ISDIR(st.st_mode));
+  CHECK((st.st_mode & 0777) == 0700);
+}
+
+TEST_CASE("the sweep never touches the base nor another namespace's subdirectory",
+          "[runtime_index]") {
+  std::string base = runtime_index::base_directory();
+  REQUIRE(!runtime_index::directory().empty());
+  // What another PID namespace's VM listed (its pids mean nothing here), and an entry
+  // of an older version at the base's top level: neither is ours to judge.
+  std::string theirs_dir = base + "/pidns-1";
+  ::mkdir(theirs_dir.c_str(), 0700);
+  std::string theirs = theirs_dir + "/spshm_" + std::string(20, 'r');
+  std::string top = base + "/spshm_" + std::string(20, 's');
+  ::unlink(theirs.c_str());
+  ::unlink(top.c_str());
+  REQUIRE(::symlink("spshm1 memfd /proc/999999999/fd/3 /proc/999999999/fd/4 0 1", theirs.c_str()) ==
+          0);
+  REQUIRE(::symlink("spshm1 memfd /proc/999999999/fd/3 /proc/999999999/fd/4 0 1", top.c_str()) ==
+          0);
+  (void)runtime_index::sweep();
+  CHECK(!link_text(theirs).empty());
+  CHECK(!link_text(top).empty());
+  ::unlink(theirs.c_str());
+  ::unlink(top.c_str());
+  ::rmdir(theirs_dir.c_str());
+}

@@ -77,7 +77,9 @@ defmodule Snakepit.SharedMemory.Sweep do
   @doc """
   Removes the stale entries of the runtime index, the per-user directory where every
   memfd region of a live VM is listed for bare-id lookups by workers: entries of VMs
-  that died (kill -9) or of memfds that are gone. Runs with every orphan sweep (at
+  that died (kill -9) or of memfds that are gone. Only this PID namespace's
+  subdirectory is swept (`directory` in the result): entries of VMs in other PID
+  namespaces sharing the base are never judged here. Runs with every orphan sweep (at
   start-up). Returns what `Native.runtime_index_sweep/0` says.
   """
   @spec sweep_runtime_index() :: %{

@@ -103,8 +103,10 @@ defmodule Snakepit.SharedMemory.ZeroCopy do
   application's `priv/python`, ahead of any `PYTHONPATH` given) and `SNAKEPIT_SHM_LIB`
   (the C library), plus `SNAKEPIT_SHM_PATH` when `:shm_path` is configured (bare-id
   lookups and the worker's POSIX outputs then use that directory), and
-  `SNAKEPIT_SHM_RUNTIME_DIR`, the directory where this VM lists its memfd regions for
-  bare-id lookups (docs/FORMAT.md, "Runtime index"). Use it as a Snakepit pool's
+  `SNAKEPIT_SHM_RUNTIME_DIR`, the base of the directory where this VM lists its memfd
+  regions for bare-id lookups (the entries are in its subdirectory of the PID namespace,
+  `pidns-<inode>`, which the worker derives the same way: docs/FORMAT.md, "Runtime
+  index"). Use it as a Snakepit pool's
   `adapter_env`.
   """
   @spec python_env(String.t() | nil) :: %{String.t() => String.t()}
@@ -124,7 +126,7 @@ defmodule Snakepit.SharedMemory.ZeroCopy do
     Map.put(env, "SNAKEPIT_SHM_RUNTIME_DIR", runtime_dir())
   end
 
-  # The directory of the runtime index as the core computes it (runtime_index.hpp), so
+  # The base directory of the runtime index as the core computes it (runtime_index.hpp), so
   # that a worker started with another environment (no XDG_RUNTIME_DIR) looks where
   # this VM writes.
   defp runtime_dir do

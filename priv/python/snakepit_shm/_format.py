@@ -97,6 +97,10 @@ STATE_ADOPTED = 1 << 3  # a VM took over a worker-created region
 # Byte of the control object whose open file description lock (F_OFD_SETLK) serialises
 # the data of an encrypted region across processes: writers exclusive, readers shared.
 DATA_LOCK_BYTE = 1
+# Byte of the control object a sealer holds exclusively (F_OFD_SETLK) from before it
+# sets STATE_SEALING until after it clears it: a set bit whose seal lock anyone can take
+# was left by a dead sealer (docs/FORMAT.md, "Locks").
+SEAL_LOCK_BYTE = 2
 
 # Holder slot states.
 SLOT_FREE = 0

@@ -282,13 +282,16 @@ def memfd_link_targets(region_id):
 # per-user 0700 directory, one symlink per region id whose text is
 # "spshm1 <kind> <control path> <data path> <offset> <size>".
 RUNTIME_DIR_ENV = "SNAKEPIT_SHM_RUNTIME_DIR"
+_PIDNS_LINK = re.compile(r"pid:\[([0-9]{1,20})\]")
+_pidns_cache = (None, None)  # (pid, namespace_dir_name()) of the process that asked
 INDEX_VERSION = "spshm1"
 
 
 def runtime_dir():
-    """The directory of the runtime index, as the VM computes it (it may not exist):
-    $SNAKEPIT_SHM_RUNTIME_DIR, else $XDG_RUNTIME_DIR/snakepit_shm, else
-    /dev/shm/snakepit_shm-<euid>."""
+    """The base directory of the runtime index, as the VM computes it (it may not
+    exist): $SNAKEPIT_SHM_RUNTIME_DIR, else $XDG_RUNTIME_DIR/snakepit_shm, else
+    /dev/shm/snakepit_shm-<euid>. The entries are in its subdirectory of this PID
+    namespace (index_dir())."""
     own = os.environ.get(RUNTIME_DIR_ENV)
     if own and own.startswith("/"):
         return own
@@ -296,6 +299,38 @@ def runtime_dir():
     if xdg and xdg.startswith("/"):
         return xdg + "/snakepit_shm"
     return f"/dev/shm/snakepit_shm-{os.geteuid()}"
+
+
+def namespace_dir_name(link_text=None):
+    """The subdirectory of runtime_dir() holding the entries of this PID namespace:
+    "pidns-<inode>" from the link "pid:[<inode>]" of /proc/self/ns/pid (the core's
+    runtime_index::namespace_dir_name: entries name /proc/<pid>/fd paths, which mean
+    something only in their VM's PID namespace). None if it cannot be named."""
+    global _pidns_cache
+    if link_text is None:
+        pid = os.getpid()
+        if _pidns_cache[0] == pid:  # a process never changes PID namespace
+            return _pidns_cache[1]
+        try:
+            name = namespace_dir_name(os.readlink("/proc/self/ns/pid"))
+        except OSError:
+            name = None
+        _pidns_cache = (pid, name)
+        return name
+    match = _PIDNS_LINK.fullmatch(link_text)
+    return f"pidns-{match.group(1)}" if match else None
+
+
+def index_dir():
+    """The directory holding this PID namespace's entries (it may not exist), or None."""
+    name = namespace_dir_name()
+    return None if name is None else f"{runtime_dir()}/{name}"
+
+
+def _ours_0700(path):
+    info = os.lstat(path)
+    return stat.S_ISDIR(info.st_mode) and info.st_uid == os.geteuid() \
+        and not info.st_mode & 0o077
 
 
 def index_entry(region_id):
@@ -306,11 +341,11 @@ def index_entry(region_id):
     An entry only says where to look: the caller still checks the memfd's name and the
     header's region id after opening.
     """
-    directory = runtime_dir()
+    directory = index_dir()
+    if directory is None:
+        return None
     try:
-        info = os.lstat(directory)
-        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() \
-                or info.st_mode & 0o077:
+        if not (_ours_0700(runtime_dir()) and _ours_0700(directory)):
             return None
         text = os.readlink(f"{directory}/{region_id}")
     except (OSError, ValueError):

@@ -202,6 +202,8 @@ class Library:
             "spshm_release": ([c.c_void_p, c.c_uint32, c.c_uint64, c.c_char_p,
                                c.c_size_t], c.c_int),
             "spshm_liveness_lock": ([c.c_int, c.c_char_p, c.c_size_t], c.c_int),
+            "spshm_clear_stale_sealing": ([c.c_void_p, c.c_int, c.c_uint64, c.c_char_p,
+                                           c.c_size_t], c.c_int),
             "spshm_hold_fd": ([c.c_void_p, c.c_int, c.POINTER(c.c_int), c.c_uint32,
                                c.c_uint64, c.c_int, c.c_char_p, c.c_size_t], c.c_int),
             "spshm_release_fd": ([c.c_void_p, c.c_int, c.POINTER(c.c_int), c.c_char_p,
@@ -315,6 +317,14 @@ class Library:
             code = self._dll.spshm_release_fd(header_address, fd, ctypes.byref(slot), err,
                                               _ERR_LEN)
         self._check(code, err, "cannot release this process's hold")
+
+    def clear_stale_sealing(self, header_address, fd, base=0):
+        """Clear the header's sealing bit if the sealer that set it is dead (nobody
+        holds the seal lock, docs/FORMAT.md "Locks"), through the read-write open
+        ``fd``. True if the bit is clear on return, False while a live sealer holds it."""
+        err = _err_buffer()
+        return self._dll.spshm_clear_stale_sealing(header_address, fd, base, err,
+                                                   _ERR_LEN) == 0
 
     def lock_data(self, fd):
         """Take the shared lock of byte 0 of a data memfd open as ``fd`` (the core's

@@ -137,6 +137,15 @@ class Attachment:
                                  identity[1], writable, self.lock_base)
             self.identity = identity
 
+    def clear_stale_sealing(self):
+        """Clear a sealing bit left by a sealer killed mid-seal (the core's check of the
+        seal lock through this open): True if the bit is clear now, False while a live
+        process is sealing (or the header is not writable here)."""
+        with self._lock:
+            if self.address is None or self.fd is None or self.fd < 0:
+                return False
+            return self.library.clear_stale_sealing(self.address, self.fd, self.lock_base)
+
     def release(self, closing=False):
         """Release the hold if this process registered one (idempotent, fork-safe).
 
@@ -432,7 +441,8 @@ class Region:
                 raise errors.PermissionError(
                     f"region {self.region_id} is sealed (immutable): write results into "
                     "another region")
-            if state_bits(self._attachment.header_mm) & F.STATE_SEALING:
+            if state_bits(self._attachment.header_mm) & F.STATE_SEALING \
+                    and not self._attachment.clear_stale_sealing():
                 raise errors.RegionBusy(
                     f"region {self.region_id} is being sealed: writes are refused (the "
                     "seal fails while this worker maps it writable: close it)")

@@ -84,3 +84,16 @@ def lib():
     if _SKIP_WITHOUT_LIB:
         pytest.skip(lib_missing_reason())
     return _native.library()
+
+
+def private_index(tmp_path, monkeypatch):
+    """A private runtime index of this test (the VM keeps writing its own): a 0700 base
+    given to the client as SNAKEPIT_SHM_RUNTIME_DIR, and in it the 0700 subdirectory of
+    this PID namespace where entries go (returned)."""
+    from snakepit_shm import _locate
+    base = tmp_path / "index"
+    base.mkdir(mode=0o700)
+    directory = base / _locate.namespace_dir_name()
+    directory.mkdir(mode=0o700)
+    monkeypatch.setenv(_locate.RUNTIME_DIR_ENV, str(base))
+    return directory

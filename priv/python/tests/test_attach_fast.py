@@ -10,7 +10,7 @@ import pytest
 
 import snakepit_shm
 from snakepit_shm import _attach, _locate, _native
-from conftest import requires_lib
+from conftest import private_index, requires_lib
 from test_stale import _start_peer
 
 pytestmark = requires_lib
@@ -143,11 +143,9 @@ def test_a_forged_index_entry_is_not_believed(peer, tmp_path, monkeypatch):
     # the other region), and the verified lookup then finds the region itself.
     ref = peer.create(4096, "memfd")
     other = peer.create(4096, "memfd")
-    index = tmp_path / "index"
-    index.mkdir(mode=0o700)
+    index = private_index(tmp_path, monkeypatch)
     os.symlink(f"spshm1 memfd {other['control_path']} {other['data_path']} 0 4096",
                index / ref["region_id"])
-    monkeypatch.setenv(_locate.RUNTIME_DIR_ENV, str(index))
     with snakepit_shm.attach(ref["region_id"]) as region:
         assert region.region_id == ref["region_id"]
         assert region.ref["control_path"] == ref["control_path"]

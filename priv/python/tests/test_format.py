@@ -27,6 +27,7 @@ CONSTANTS = {
     "arena_data_offset": F.ARENA_DATA_OFFSET,
     "magic": F.MAGIC.decode(),
     "data_lock_byte": F.DATA_LOCK_BYTE,
+    "seal_lock_byte": F.SEAL_LOCK_BYTE,
 }
 ENUMS = {
     "backends": {"posix": F.BACKEND_POSIX, "memfd": F.BACKEND_MEMFD,
@@ -189,3 +190,18 @@ def test_format_table_parser():
     assert parse_format_tables(text) == [
         [("magic", 0, 8), ("format_version", 8, 4)], [("pid", 4, 4)],
         [("ciphertext", 24, "len_i")]]
+
+
+def test_locks_table_names_the_lock_bytes():
+    # docs/FORMAT.md "Locks": `| byte | lock | held by | meaning |`.
+    with open(FORMAT_MD, encoding="utf-8") as f:
+        section = f.read().split("\n## Locks\n", 1)[1].split("\n## ", 1)[0]
+    meaning = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and len(cells) >= 4:
+            meaning[cells[0]] = cells[3]
+    assert "**data lock**" in meaning[str(F.DATA_LOCK_BYTE)]
+    assert "**seal lock**" in meaning[str(F.SEAL_LOCK_BYTE)]
+    assert "**liveness**" in meaning["0"]
+    assert "3–255" in meaning

@@ -10,7 +10,7 @@ import pytest
 
 import snakepit_shm
 from snakepit_shm import _locate
-from conftest import requires_lib
+from conftest import private_index, requires_lib
 from test_stale import _start_peer
 
 pytestmark = requires_lib
@@ -34,7 +34,7 @@ def no_scan(monkeypatch):
 
 
 def _entry_path(region_id):
-    return os.path.join(_locate.runtime_dir(), region_id)
+    return os.path.join(_locate.index_dir(), region_id)
 
 
 def test_the_vm_lists_each_memfd_region_and_removes_it_on_deallocation(peer):
@@ -42,7 +42,7 @@ def test_the_vm_lists_each_memfd_region_and_removes_it_on_deallocation(peer):
     region_id = ref["region_id"]
     entry = _locate.index_entry(region_id)
     assert entry == ("memfd", ref["control_path"], ref["data_path"], 0, 4096)
-    info = os.lstat(_locate.runtime_dir())
+    info = os.lstat(_locate.index_dir())
     assert info.st_uid == os.geteuid() and info.st_mode & 0o777 == 0o700
     peer.ok("deallocate", region_id)
     assert not os.path.lexists(_entry_path(region_id))
@@ -103,9 +103,7 @@ def test_a_stale_entry_never_opens_a_reused_descriptor(peer):
                                   "spshm2 memfd /proc/1/fd/1 /proc/1/fd/2 0 1",
                                   "spshm1 memfd /proc/1/fd/1 /proc/1/fd/2 x 1", ""])
 def test_malformed_entries_are_ignored(tmp_path, monkeypatch, text):
-    directory = tmp_path / "index"
-    directory.mkdir(mode=0o700)
-    monkeypatch.setenv(_locate.RUNTIME_DIR_ENV, str(directory))
+    directory = private_index(tmp_path, monkeypatch)
     region_id = "spshm_" + "a" * 20
     if text:
         os.symlink(text, directory / region_id)
@@ -116,17 +114,17 @@ def test_malformed_entries_are_ignored(tmp_path, monkeypatch, text):
 
 def test_a_directory_open_to_others_is_not_trusted(peer, tmp_path, monkeypatch, no_scan):
     ref = peer.create(4096, "memfd")
-    directory = tmp_path / "index"
-    directory.mkdir(mode=0o700)
+    directory = private_index(tmp_path, monkeypatch)
     os.symlink(f"spshm1 memfd {ref['control_path']} {ref['data_path']} 0 4096",
                directory / ref["region_id"])
-    monkeypatch.setenv(_locate.RUNTIME_DIR_ENV, str(directory))
     with snakepit_shm.attach(ref["region_id"]) as region:  # ours and 0700: used
         assert region.size == 4096
-    os.chmod(directory, 0o755)
-    with pytest.raises(AssertionError, match="scan ran"):
-        snakepit_shm.attach(ref["region_id"])
-    os.chmod(directory, 0o700)
+    for opened in (directory, directory.parent):  # the namespace's, then the base
+        os.chmod(opened, 0o755)
+        with pytest.raises(AssertionError, match="scan ran"):
+            snakepit_shm.attach(ref["region_id"])
+        os.chmod(opened, 0o700)
+    directory = directory.parent
     link = tmp_path / "link"
     os.symlink(directory, link)  # a symlink to a good directory is not the directory
     monkeypatch.setenv(_locate.RUNTIME_DIR_ENV, str(link))
@@ -141,4 +139,23 @@ def test_the_directory_falls_back_to_the_scan_when_missing(peer, tmp_path, monke
     monkeypatch.setenv(_locate.RUNTIME_DIR_ENV, str(tmp_path / "missing"))
     with snakepit_shm.attach(ref["region_id"]) as region:
         assert region.region_id == ref["region_id"]
+    peer.ok("deallocate", ref["region_id"])
+
+
+def test_the_naming_rule_of_the_namespace_directory():
+    # One rule on every side (runtime_index::namespace_dir_name_of, docs/FORMAT.md).
+    assert _locate.namespace_dir_name("pid:[4026531836]") == "pidns-4026531836"
+    for bad in ["", "pid:[]", "pid:[12a]", "net:[4026531836]", "pid:[1/..]",
+                "pid:[4026531836", "pid:[123456789012345678901]"]:
+        assert _locate.namespace_dir_name(bad) is None, bad
+    link = os.readlink("/proc/self/ns/pid")
+    assert _locate.namespace_dir_name() == "pidns-" + link[5:-1]
+    assert _locate.index_dir() == _locate.runtime_dir() + "/pidns-" + link[5:-1]
+
+
+def test_entries_of_the_vm_are_in_its_namespace_directory(peer):
+    ref = peer.create(4096, "memfd")
+    assert os.readlink(_entry_path(ref["region_id"])).startswith("spshm1 memfd ")
+    top = os.path.join(_locate.runtime_dir(), ref["region_id"])
+    assert not os.path.lexists(top)
     peer.ok("deallocate", ref["region_id"])

@@ -9,7 +9,7 @@ import pytest
 
 import snakepit_shm
 from snakepit_shm import _locate
-from conftest import requires_lib
+from conftest import private_index, requires_lib
 from test_real_regions import pattern
 from test_stale import _start_peer
 
@@ -53,10 +53,7 @@ def _entry_text(ref, offset=None, size=None):
 @pytest.fixture
 def forged_dir(tmp_path, monkeypatch):
     """A private index directory of this worker (the VM keeps writing its own)."""
-    directory = tmp_path / "index"
-    directory.mkdir(mode=0o700)
-    monkeypatch.setenv(_locate.RUNTIME_DIR_ENV, str(directory))
-    return directory
+    return private_index(tmp_path, monkeypatch)
 
 
 def test_the_vm_lists_an_arena_region_and_removes_it_on_deallocation(peer):

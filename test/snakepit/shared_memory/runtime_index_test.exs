@@ -91,9 +91,19 @@ defmodule Snakepit.SharedMemory.RuntimeIndexTest do
     :ok = SM.deallocate_region(live)
   end
 
-  test "python_env/0 tells workers where this VM's index is" do
-    assert {:ok, %{"SNAKEPIT_SHM_RUNTIME_DIR" => dir}} = SM.python_env()
-    assert dir == dir()
+  # The naming rule (runtime_index::namespace_dir_name_of, docs/FORMAT.md "Runtime
+  # index"), computed here independently of the core.
+  defp namespace_dir_name do
+    {:ok, link} = File.read_link("/proc/self/ns/pid")
+    [_, inode] = Regex.run(~r/^pid:\[(\d+)\]$/, link)
+    "pidns-" <> inode
+  end
+
+  test "python_env/0 tells workers the base of this VM's index; entries are in its namespace's subdirectory" do
+    assert {:ok, %{"SNAKEPIT_SHM_RUNTIME_DIR" => base}} = SM.python_env()
+    assert dir() == Path.join(base, namespace_dir_name())
+    {:ok, %File.Stat{type: :directory, mode: mode}} = File.lstat(base)
+    assert Bitwise.band(mode, 0o777) == 0o700
   end
 
   test "a VM refuses an index directory that is not its own 0700 directory" do
@@ -116,14 +126,16 @@ defmodule Snakepit.SharedMemory.RuntimeIndexTest do
     """
 
     try do
-      for {dir, expected} <- [{open, nil}, {link, nil}, {good, good}] do
+      ns_good = Path.join(good, namespace_dir_name())
+
+      for {dir, expected} <- [{open, nil}, {link, nil}, {good, ns_good}] do
         {out, 0} = ReliabilityHelpers.elixir_vm(code, env: [{"SNAKEPIT_SHM_RUNTIME_DIR", dir}])
 
         [_, shown, id] = Regex.run(~r/RESULT (\S+) (spshm_\w+)/, out)
         assert shown == inspect(expected), out
         # nothing was written into a refused directory (the VM freed its region on exit)
         if expected == nil, do: assert(File.ls!(dir) == [])
-        assert File.read_link(Path.join(good, id)) == {:error, :enoent}
+        assert File.read_link(Path.join(ns_good, id)) == {:error, :enoent}
       end
     after
       File.rm_rf!(base)
