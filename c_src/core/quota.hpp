@@ -47,6 +47,12 @@ inline bool over(std::int64_t value, std::int64_t limit) noexcept {
   return limit != kUnlimited && value > limit;
 }
 
+/// `before + amount`, and whether it overflowed (then the taker refuses, whatever the
+/// limit: no counter may wrap).
+inline bool add_overflows(std::int64_t before, std::int64_t amount, std::int64_t* sum) noexcept {
+  return __builtin_add_overflow(before, amount, sum);
+}
+
 /// One region's share of the counters. Not copyable: the counters it holds are given
 /// back once, by the one object that took them.
 class Charge {
@@ -57,24 +63,27 @@ class Charge {
 
   /// Takes one region of `bytes` for the owner, or refuses (nothing taken). Once only.
   Outcome take(std::int64_t bytes, const Limits& limits) noexcept {
-    std::int64_t count = totals_->regions.fetch_add(1) + 1;
-    if (over(count, limits.regions)) {
+    std::int64_t count = 0;
+    std::int64_t was = totals_->regions.fetch_add(1);
+    if (add_overflows(was, 1, &count) || over(count, limits.regions)) {
       totals_->regions.fetch_sub(1);
-      return {Refused::regions, count - 1};
+      return {Refused::regions, was};
     }
-    std::int64_t total = totals_->bytes.fetch_add(bytes) + bytes;
-    if (over(total, limits.bytes)) {
+    std::int64_t total = 0;
+    was = totals_->bytes.fetch_add(bytes);
+    if (add_overflows(was, bytes, &total) || over(total, limits.bytes)) {
       totals_->bytes.fetch_sub(bytes);
       totals_->regions.fetch_sub(1);
-      return {Refused::bytes, total - bytes};
+      return {Refused::bytes, was};
     }
     if (owner_ != nullptr) {
-      std::int64_t owned = owner_->regions.fetch_add(1) + 1;
-      if (over(owned, limits.per_owner)) {
+      std::int64_t owned = 0;
+      was = owner_->regions.fetch_add(1);
+      if (add_overflows(was, 1, &owned) || over(owned, limits.per_owner)) {
         owner_->regions.fetch_sub(1);
         totals_->bytes.fetch_sub(bytes);
         totals_->regions.fetch_sub(1);
-        return {Refused::owner, owned - 1};
+        return {Refused::owner, was};
       }
     }
     bytes_.store(bytes);

@@ -2,6 +2,7 @@
 #include <sys/stat.h>
 
 #include <atomic>
+#include <limits>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -48,6 +49,21 @@ TEST_CASE("a charge adds, checks, and takes nothing when refused", "[quota]") {
   c.resize(9);  // given back: no effect
   CHECK(totals.regions.load() == 0);
   CHECK(totals.bytes.load() == 0);
+}
+
+TEST_CASE("a charge that would wrap a counter is refused, even without limits", "[quota]") {
+  // Found by the native fuzzer under UBSan: 1 + INT64_MAX bytes overflowed the sum.
+  quota::Totals totals;
+  quota::Limits unlimited{quota::kUnlimited, quota::kUnlimited, quota::kUnlimited};
+  quota::Charge a(totals, nullptr);
+  CHECK(a.take(1, unlimited).refused == quota::Refused::none);
+  quota::Charge b(totals, nullptr);
+  auto wrapped = b.take(std::numeric_limits<std::int64_t>::max(), unlimited);
+  CHECK(wrapped.refused == quota::Refused::bytes);
+  CHECK(wrapped.before == 1);
+  CHECK(totals.bytes.load() == 1);
+  CHECK(totals.regions.load() == 1);
+  CHECK(a.give_back());
 }
 
 TEST_CASE("racing charges never pass a limit and racing give-backs count once", "[quota]") {
