@@ -30,7 +30,7 @@ defmodule Snakepit.SharedMemory.HostQuota do
   region it creates from that quota (see `Snakepit.SharedMemory.Config`).
   """
 
-  alias Snakepit.SharedMemory.Error
+  alias Snakepit.SharedMemory.{Error, Options}
   alias Snakepit.SharedMemory.HostQuota.{Client, Protocol, Reservation}
 
   @type name :: String.t()
@@ -52,7 +52,7 @@ defmodule Snakepit.SharedMemory.HostQuota do
   def define(_name, _limit, opts) when not is_list(opts), do: bad_opts(opts)
 
   def define(name, limit, opts) do
-    with :ok <- known_opts(opts, [:client]),
+    with :ok <- Options.known_keys(opts, [:client]),
          :ok <- check_name(name),
          :ok <- check_u64(limit, "limit", 0),
          {:ok, client} <- client(opts) do
@@ -85,7 +85,7 @@ defmodule Snakepit.SharedMemory.HostQuota do
     wait = Keyword.get(opts, :wait, 0)
     owner = Keyword.get(opts, :owner, self())
 
-    with :ok <- known_opts(opts, [:wait, :owner, :client]),
+    with :ok <- Options.known_keys(opts, [:wait, :owner, :client]),
          :ok <- check_name(name),
          :ok <- check_u64(amount, "amount", 1),
          :ok <- check_wait(wait),
@@ -141,7 +141,7 @@ defmodule Snakepit.SharedMemory.HostQuota do
   def release(res, opts \\ [])
 
   def release(%Reservation{client: client} = res, opts) when is_pid(client) and is_list(opts) do
-    with :ok <- known_opts(opts, [:sync]) do
+    with :ok <- Options.known_keys(opts, [:sync]) do
       case Keyword.get(opts, :sync, false) do
         sync when is_boolean(sync) ->
           Client.call(client, {:release, res, sync}, @call_margin)
@@ -174,7 +174,7 @@ defmodule Snakepit.SharedMemory.HostQuota do
   def usage(_name, opts) when not is_list(opts), do: bad_opts(opts)
 
   def usage(name, opts) do
-    with :ok <- known_opts(opts, [:client]),
+    with :ok <- Options.known_keys(opts, [:client]),
          :ok <- if(name == nil, do: :ok, else: check_name(name)),
          {:ok, client} <- client(opts) do
       Client.call(client, {:usage, name}, @call_margin)
@@ -258,23 +258,6 @@ defmodule Snakepit.SharedMemory.HostQuota do
 
       {:error, reason} ->
         Error.error(:unavailable, "cannot start the host quota client: #{inspect(reason)}")
-    end
-  end
-
-  defp known_opts(opts, keys) do
-    cond do
-      not Keyword.keyword?(opts) ->
-        bad_opts(opts)
-
-      (unknown = Keyword.keys(opts) -- keys) != [] ->
-        Error.error(
-          :invalid_option,
-          "unknown option(s) #{Enum.map_join(Enum.uniq(unknown), ", ", &inspect/1)}; " <>
-            "accepted: #{Enum.map_join(keys, ", ", &inspect/1)}"
-        )
-
-      true ->
-        :ok
     end
   end
 

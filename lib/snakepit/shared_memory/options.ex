@@ -150,6 +150,14 @@ defmodule Snakepit.SharedMemory.Options do
   @doc false
   def policies, do: [:automatic, :manual, :reference_counted]
 
+  @doc false
+  # :ok when `opts` (a keyword list or a map) names only `allowed` keys; the error
+  # every option check of the API gives otherwise (HostQuota's functions too).
+  @spec known_keys(keyword() | map(), [atom()]) :: :ok | {:error, Error.t()}
+  def known_keys(opts, allowed) do
+    with {:ok, _} <- to_map(opts, allowed), do: :ok
+  end
+
   defp to_map(opts, allowed) when is_list(opts) do
     if Keyword.keyword?(opts),
       do: to_map(Map.new(opts), allowed),
