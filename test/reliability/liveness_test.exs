@@ -136,7 +136,7 @@ defmodule Snakepit.SharedMemory.Reliability.LivenessTest do
           ]
         ])
 
-      vm1_pid = await_line(vm1, "READY ", 60_000) |> String.to_integer()
+      vm1_pid = ReliabilityHelpers.await_line(vm1, "READY ", 60_000) |> String.to_integer()
 
       try do
         # VM2 (this VM) opens it and uses it.
@@ -203,7 +203,9 @@ defmodule Snakepit.SharedMemory.Reliability.LivenessTest do
       try do
         # The NIF writes to stderr directly, the VM's IO.puts goes through its group
         # leader: the two lines may come in either order.
-        lines = await_lines(vm, ["PID ", "snakepit_shm: parked at create_"], 60_000)
+        lines =
+          ReliabilityHelpers.await_lines(vm, ["PID ", "snakepit_shm: parked at create_"], 60_000)
+
         vm_pid = lines["PID "]
 
         # The segment that VM has open and that is still empty.
@@ -229,7 +231,7 @@ defmodule Snakepit.SharedMemory.Reliability.LivenessTest do
         assert File.exists?(shm(id))
 
         # The creation completes and the region works (78bae8e: RegionNotFound).
-        assert await_line(vm, "CREATED ", 60_000) == id
+        assert ReliabilityHelpers.await_line(vm, "CREATED ", 60_000) == id
         assert_receive {^vm, {:exit_status, 0}}, 30_000
       after
         if Port.info(vm) != nil, do: Port.close(vm)
@@ -562,48 +564,6 @@ defmodule Snakepit.SharedMemory.Reliability.LivenessTest do
         end
 
       churn(i, deadline, acc)
-    end
-  end
-
-  # ---- helpers ----
-
-  # Waits for a line starting with each prefix, in any order: %{prefix => rest}.
-  defp await_lines(port, prefixes, timeout, found \\ %{}) do
-    if map_size(found) == length(prefixes) do
-      found
-    else
-      receive do
-        {^port, {:data, {:eol, line}}} ->
-          found =
-            case Enum.find(prefixes, &String.starts_with?(line, &1)) do
-              nil -> found
-              prefix -> Map.put(found, prefix, String.replace_prefix(line, prefix, ""))
-            end
-
-          await_lines(port, prefixes, timeout, found)
-
-        {^port, {:data, _}} ->
-          await_lines(port, prefixes, timeout, found)
-
-        {^port, {:exit_status, status}} ->
-          flunk("the VM exited with #{status} (seen: #{inspect(found)})")
-      after
-        timeout -> flunk("no #{inspect(prefixes -- Map.keys(found))} line in time")
-      end
-    end
-  end
-
-  defp await_line(port, prefix, timeout) do
-    receive do
-      {^port, {:data, {:eol, line}}} ->
-        if String.starts_with?(line, prefix),
-          do: String.replace_prefix(line, prefix, ""),
-          else: await_line(port, prefix, timeout)
-
-      {^port, {:exit_status, status}} ->
-        flunk("the VM exited with #{status}")
-    after
-      timeout -> flunk("no #{prefix} line in time")
     end
   end
 end

@@ -88,18 +88,7 @@ defmodule Snakepit.SharedMemory.Reliability.RuntimeIndexPidnsTest do
       # Ours survived its sweep, and our worker finds the region by bare id, no scan.
       assert {:ok, "spshm1 memfd " <> _} = File.read_link(entry)
 
-      script = """
-      import sys, snakepit_shm
-      from snakepit_shm import _locate
-      def no_scan(uid):
-          raise AssertionError("scanned /proc")
-      _locate._pids_of_uid = no_scan
-      with snakepit_shm.attach(sys.argv[1]) as region:
-          print(region.read(0, 11).decode())
-      """
-
-      {py_out, py_status} = ReliabilityHelpers.python(script, [id])
-      assert {py_status, String.trim(py_out)} == {0, "found by id"}
+      assert ReliabilityHelpers.python_read_by_index(id, 11) == {0, "found by id"}
 
       # And our sweep never touches their directory (their entry is stale here too).
       _ = Native.runtime_index_sweep()

@@ -38,8 +38,7 @@ defmodule Snakepit.SharedMemory.Reliability.SealLockTest do
     :ok = SM.write(m, 0, "before")
 
     sealer = start_sealer(name)
-    os_pid = await_line(sealer, "OPENED ", 120_000)
-    _ = await_line(sealer, "snakepit_shm: parked at seal", 60_000)
+    %{"OPENED " => os_pid} = await_parked(sealer)
     assert sealing?(id)
 
     # Alive, parked with the lock: our writes and a Python worker's are refused, and
@@ -72,8 +71,7 @@ defmodule Snakepit.SharedMemory.Reliability.SealLockTest do
     {:ok, m} = SM.map_region(id)
 
     sealer = start_sealer(name)
-    os_pid = await_line(sealer, "OPENED ", 120_000)
-    _ = await_line(sealer, "snakepit_shm: parked at seal", 60_000)
+    %{"OPENED " => os_pid} = await_parked(sealer)
     {_, 0} = System.cmd("kill", ["-9", os_pid])
     assert_receive {^sealer, {:exit_status, _}}, 30_000
     assert sealing?(id)
@@ -104,6 +102,12 @@ defmodule Snakepit.SharedMemory.Reliability.SealLockTest do
 
     assert meaning =~ "**seal lock**"
   end
+
+  # The parked line (stderr, written by the core) may come before OPENED (stdout, through
+  # the VM's group leader): both, in either order.
+  defp await_parked(sealer),
+    do:
+      ReliabilityHelpers.await_lines(sealer, ["OPENED ", "snakepit_shm: parked at seal"], 120_000)
 
   defp start_sealer(name) do
     Port.open({:spawn_executable, "/bin/sh"}, [
@@ -141,19 +145,5 @@ defmodule Snakepit.SharedMemory.Reliability.SealLockTest do
     {out, status} = ReliabilityHelpers.python(script, [id])
     assert status == 0, out
     out
-  end
-
-  defp await_line(port, prefix, timeout) do
-    receive do
-      {^port, {:data, {:eol, line}}} ->
-        if String.starts_with?(line, prefix),
-          do: String.replace_prefix(line, prefix, ""),
-          else: await_line(port, prefix, timeout)
-
-      {^port, {:exit_status, status}} ->
-        flunk("the sealing VM exited with #{status}")
-    after
-      timeout -> flunk("no #{prefix} line in time")
-    end
   end
 end

@@ -83,8 +83,6 @@ defmodule Snakepit.SharedMemory.ReliabilityHelpers do
 
   # ---- resources of this VM ----
 
-  @doc "Open file descriptors of this VM."
-  @spec fd_count() :: non_neg_integer()
   @doc """
   Runs a fuzz suite's batches: at least `calls` calls, in whole rounds of `concurrency`
   batches of `batch` calls run at once (`driver.run_batch(seed, batch, base)`) against a
@@ -128,6 +126,90 @@ defmodule Snakepit.SharedMemory.ReliabilityHelpers do
     }
   end
 
+  @doc """
+  Waits for a line starting with `prefix` from `port` (opened with `{:line, n}`), skipping
+  others; returns the rest of the line. Flunks if the port exits or after `timeout` ms.
+  """
+  @spec await_line(port(), String.t(), timeout()) :: String.t()
+  def await_line(port, prefix, timeout) do
+    receive do
+      {^port, {:data, {:eol, line}}} ->
+        if String.starts_with?(line, prefix),
+          do: String.replace_prefix(line, prefix, ""),
+          else: await_line(port, prefix, timeout)
+
+      {^port, {:exit_status, status}} ->
+        ExUnit.Assertions.flunk("the VM exited with #{status}")
+    after
+      timeout -> ExUnit.Assertions.flunk("no #{prefix} line in time")
+    end
+  end
+
+  @doc """
+  Waits for a line starting with each of `prefixes`, in any order (a NIF writes to
+  stderr directly while the VM's `IO.puts` goes through its group leader, so their lines
+  may swap): `%{prefix => rest of the line}`. Flunks if the port exits or after `timeout`.
+  """
+  @spec await_lines(port(), [String.t()], timeout(), map()) :: map()
+  def await_lines(port, prefixes, timeout, found \\ %{}) do
+    if map_size(found) == length(prefixes) do
+      found
+    else
+      receive do
+        {^port, {:data, {:eol, line}}} ->
+          found =
+            case Enum.find(prefixes, &String.starts_with?(line, &1)) do
+              nil -> found
+              prefix -> Map.put(found, prefix, String.replace_prefix(line, prefix, ""))
+            end
+
+          await_lines(port, prefixes, timeout, found)
+
+        {^port, {:data, _}} ->
+          await_lines(port, prefixes, timeout, found)
+
+        {^port, {:exit_status, status}} ->
+          ExUnit.Assertions.flunk("the VM exited with #{status} (seen: #{inspect(found)})")
+      after
+        timeout ->
+          ExUnit.Assertions.flunk("no #{inspect(prefixes -- Map.keys(found))} line in time")
+      end
+    end
+  end
+
+  @doc """
+  A Python worker attaches region `id` by its bare id and prints its first `length`
+  bytes; the /proc scan (and with `arena_walk: false` the arena walk) makes it fail, so
+  the lookup must come from the runtime index. `{exit status, trimmed output}`.
+  """
+  @spec python_read_by_index(String.t(), pos_integer(), keyword()) ::
+          {non_neg_integer(), String.t()}
+  def python_read_by_index(id, length, opts \\ []) do
+    no_walk =
+      if Keyword.get(opts, :arena_walk, true),
+        do: "",
+        else: """
+        def no_walk(path, region_id):
+            raise AssertionError("walked an arena")
+        _locate._find_in_arena = no_walk
+        """
+
+    script = """
+    import sys, snakepit_shm
+    from snakepit_shm import _locate
+    def no_scan(uid):
+        raise AssertionError("scanned /proc")
+    _locate._pids_of_uid = no_scan
+    #{no_walk}with snakepit_shm.attach(sys.argv[1]) as region:
+        print(region.read(0, #{length}).decode())
+    """
+
+    {out, status} = python(script, [id])
+    {status, String.trim(out)}
+  end
+
+  @doc "Open file descriptors of this VM."
+  @spec fd_count() :: non_neg_integer()
   def fd_count, do: "/proc/self/fd" |> File.ls!() |> length()
 
   @doc "Lines of /proc/self/maps that map a segment of ours (memfd or /dev/shm)."

@@ -56,21 +56,7 @@ defmodule Snakepit.SharedMemory.RuntimeIndexArenaTest do
     :ok = SM.write(mapping, 0, "in arena")
     :ok = Native.runtime_index_flush(5000)
 
-    script = """
-    import sys, snakepit_shm
-    from snakepit_shm import _locate
-    def no_scan(uid):
-        raise AssertionError("scanned /proc")
-    def no_walk(path, region_id):
-        raise AssertionError("walked an arena")
-    _locate._pids_of_uid = no_scan
-    _locate._find_in_arena = no_walk
-    with snakepit_shm.attach(sys.argv[1]) as region:
-        print(region.read(0, 8).decode())
-    """
-
-    {out, status} = ReliabilityHelpers.python(script, [id])
-    assert {status, String.trim(out)} == {0, "in arena"}
+    assert ReliabilityHelpers.python_read_by_index(id, 8, arena_walk: false) == {0, "in arena"}
     :ok = SM.unmap_region(mapping)
     :ok = SM.deallocate_region(id)
   end

@@ -47,18 +47,7 @@ defmodule Snakepit.SharedMemory.RuntimeIndexTest do
     {:ok, mapping} = SM.map_region(id)
     :ok = SM.write(mapping, 0, "indexed")
 
-    script = """
-    import sys, snakepit_shm
-    from snakepit_shm import _locate
-    def no_scan(uid):
-        raise AssertionError("scanned /proc")
-    _locate._pids_of_uid = no_scan
-    with snakepit_shm.attach(sys.argv[1]) as region:
-        print(region.read(0, 7).decode())
-    """
-
-    {out, status} = ReliabilityHelpers.python(script, [id])
-    assert {status, String.trim(out)} == {0, "indexed"}
+    assert ReliabilityHelpers.python_read_by_index(id, 7) == {0, "indexed"}
     :ok = SM.unmap_region(mapping)
     :ok = SM.deallocate_region(id)
   end
