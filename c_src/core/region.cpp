@@ -579,6 +579,12 @@ Result<void> Region::seal() {
       return Error{Errc::deallocated, 0,
                    "cannot seal region " + impl_->id + ": it was deallocated"};
     if ((state & kStateSealed) && (!kernel || immutable())) return {};  // idempotent
+    // Not while its creator still initialises it (deferred chunks or pages): a seal would
+    // make the view read-only under initialise_chunks(), whose next write then faults.
+    if (impl_->unpublished.load())
+      return Error{Errc::busy, 0,
+                   "cannot seal region " + impl_->id +
+                       ": it is still being initialised by its creator; seal it once published"};
 
     // The seal lock first (seal_lock.cpp): held from before the bit is set until after
     // it is cleared, so that a sealer killed in between leaves a bit anyone can tell
@@ -946,7 +952,13 @@ void Region::touch() noexcept { touch_header(*impl_); }
 // --- Deferred initialisation of encrypted regions (issue 12) ----------------------------
 
 Result<std::uint64_t> Region::initialise_chunks(std::uint64_t first, std::uint64_t count) {
+  // Shared with writes, exclusive with seal() (which refuses unpublished regions anyway):
+  // the view stays writable while we write into it.
+  std::shared_lock<std::shared_timed_mutex> gate(impl_->gate);
   std::unique_lock<std::shared_mutex> lock(impl_->crypt);  // one initialiser at a time
+  if (!impl_->view_writable)
+    return Error{Errc::sealed, 0,
+                 "region " + impl_->id + " is sealed: its chunks cannot be written"};
   if (!impl_->unpublished.load() || !impl_->encrypted)
     return Error{Errc::invalid_argument, 0,
                  "region " + impl_->id + " was not created with deferred chunks, or is published"};

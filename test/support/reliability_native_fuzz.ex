@@ -706,12 +706,14 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
        when fun in [:ring_probe_read, :ring_probe_flush, :ring_probe_indices],
        do: [probe(pool)]
 
-  # A quota charge or owner counter of this batch (made on first use).
+  # A quota charge of this batch (made on first use). It takes 0 bytes: the VM's totals are
+  # shared by every batch, and a fuzzed charge elsewhere may hold up to INT64_MAX bytes, which
+  # refuses any further byte (the overflow check) but not an empty charge.
   defp charge(pool) do
     G.pick(0.85, pool, fn ->
       case Process.get(:fuzz_charge) do
         nil ->
-          {:ok, charge} = Native.quota_reserve(nil, 1, -1, -1, -1)
+          {:ok, charge} = Native.quota_reserve(nil, 0, -1, -1, -1)
           Process.put(:fuzz_charge, charge)
           charge
 
