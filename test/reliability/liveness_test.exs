@@ -352,8 +352,12 @@ defmodule Snakepit.SharedMemory.Reliability.LivenessTest do
          %{skip: skip} do
       unless skip do
         {:ok, id} = SM.allocate_region(4096, backend: :posix)
-        File.rm!(shm(id))
-        path = plant_fifo(shm(id))
+        # The FIFO replaces the segment in one rename(2): the name never goes missing,
+        # so the periodic cleanup (every 100 ms in tests) cannot take the region for a
+        # vanished one and free it first (1 CI run in ~20 did, between an rm and mkfifo).
+        tmp = plant_fifo(shm(id) <> ".fifo")
+        File.rename!(tmp, shm(id))
+        path = shm(id)
 
         try do
           t = Task.async(fn -> SM.deallocate_region(id) end)
