@@ -5,7 +5,6 @@ writes stop while a seal is being committed."""
 import fcntl
 import json
 import os
-import time
 
 import pytest
 
@@ -112,34 +111,41 @@ def test_concurrent_python_writers_never_corrupt_a_chunk(encrypted):
         assert data[offset:offset + 100] == bytes([offset % 251]) * 100
 
 
+LOCK_HOLDER = """
+import json, sys, time, snakepit_shm
+region = snakepit_shm.attach(json.loads(sys.argv[1]), mode="rw")
+with region._attachment.data_lock(True, region.region_id):
+    print("LOCKED", flush=True)
+    time.sleep(120)
+"""
+
+
 def test_a_dead_writer_leaves_no_lock_behind(encrypted):
-    import signal
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        region = snakepit_shm.attach(encrypted.ref(), mode="rw")
-        with region._attachment.data_lock(True, region.region_id):
-            time.sleep(60)
-        os._exit(0)
+    # A fresh interpreter, not os.fork(): a forked pytest inherits its threads' locks and,
+    # on an exception, would go on running the session (seen once in CI: "the child never
+    # took the lock", with a second process's dots in the output).
+    import subprocess
+    import sys
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, json.dumps(encrypted.ref())],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env=os.environ.copy(), text=True)
     try:
-        deadline = time.monotonic() + 10
+        line = holder.stdout.readline()
+        if line != "LOCKED\n":
+            holder.kill()
+            pytest.fail("the lock holder failed: %r %s" % (line, holder.stderr.read()))
         with snakepit_shm.attach(encrypted.ref(), mode="rw") as region:
-            while time.monotonic() < deadline:   # wait until the child holds the lock
-                try:
-                    region.write(0, b"z")
-                except snakepit_shm.RegionBusy:
-                    break
-                time.sleep(0.01)
-            else:
-                pytest.fail("the child never took the lock")
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            pid = 0
+            with pytest.raises(snakepit_shm.RegionBusy):
+                region.write(0, b"z")
+            holder.kill()
+            holder.wait(timeout=30)
             region.write(0, b"z")   # the kernel dropped the dead holder's lock
             assert region.read(0, 1) == b"z"
     finally:
-        if pid:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
+        holder.kill()
+        holder.wait(timeout=30)
+        holder.stdout.close()
+        holder.stderr.close()
 
 
 def test_a_sealing_bit_nobody_holds_the_seal_lock_for_is_stale(forge):

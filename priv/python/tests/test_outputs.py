@@ -141,9 +141,11 @@ def test_forked_child_does_not_keep_the_parent_outputs():
     out = snakepit_shm.allocate(64)
     read, write = os.pipe()
     pid = os.fork()
-    if pid == 0:  # child
-        os.write(write, json.dumps(snakepit_shm.pending_outputs()).encode())
-        os._exit(0)
+    if pid == 0:  # child: never returns into pytest
+        try:
+            os.write(write, json.dumps(snakepit_shm.pending_outputs()).encode())
+        finally:
+            os._exit(0)
     os.waitpid(pid, 0)
     assert json.loads(os.read(read, 4096)) == []
     os.close(read)
