@@ -483,10 +483,15 @@ class Channel:
     def stats(self):
         """Counters of this end (messages, bytes, doorbells, flushes, transport...)."""
         self._check_open()
-        needed = self._lib.spshm_ch_stats(self._h, None, 0)
-        buf = ctypes.create_string_buffer(needed + 1)
-        self._lib.spshm_ch_stats(self._h, buf, needed + 1)
-        return json.loads(buf.value.decode("utf-8"))
+        # The counters move between two calls (the peer consumes, another thread sends):
+        # the text is taken again until it fits whole, never parsed truncated.
+        size = 1024
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            needed = self._lib.spshm_ch_stats(self._h, buf, size)
+            if needed < size:
+                return json.loads(buf.value.decode("utf-8"))
+            size = needed + 64
 
     def close(self):
         """Close the channel (idempotent): the Elixir side sees ``:peer_closed``.

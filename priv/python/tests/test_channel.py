@@ -374,3 +374,32 @@ def test_send_blocked_on_a_full_ring_while_another_thread_sleeps_in_recv(owner):
         assert [m[0] if isinstance(m, bytes) else m for m in got] == \
             [i % 251 for i in range(count)]
         assert all(len(m) == size for m in got)
+
+
+def test_stats_stay_valid_while_the_counters_move(owner):
+    # The counters change between the library's "how long" and "copy" calls while another
+    # thread sends and receives: stats() once parsed a truncated text (JSONDecodeError).
+    import threading
+    with snakepit_shm.Channel.connect(owner.ref) as ch:
+        stop = threading.Event()
+
+        def stream():
+            while not stop.is_set():
+                for i in range(64):
+                    ch.send(b"s" * (i % 40))
+                for _ in range(64):
+                    ch.recv(timeout=10)
+
+        streamer = threading.Thread(target=stream)
+        streamer.start()
+        try:
+            seen = set()
+            deadline = time.monotonic() + 1.5
+            while time.monotonic() < deadline:
+                seen.add(ch.stats()["messages_sent"])
+        finally:
+            stop.set()
+            streamer.join(timeout=30)
+        assert len(seen) > 10          # the counters did move under it
+        ch.send(b"stop")
+    assert owner.last_line() == "closed by_elixir"
