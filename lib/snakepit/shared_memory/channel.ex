@@ -99,7 +99,7 @@ defmodule Snakepit.SharedMemory.Channel do
     max_message_size: 1 <<< 40,
     socket_dir: nil,
     owner: nil,
-    spin: 50,
+    spin: 0,
     # tests only: behave as if memfd_create were refused (a seccomp filter, an old kernel)
     simulate_memfd_failure: false
   ]
@@ -129,7 +129,7 @@ defmodule Snakepit.SharedMemory.Channel do
       looks at the ring again for up to this many microseconds (between the other
       processes' turns) before it announces that it sleeps, so that a quick answer costs
       the worker no doorbell and the BEAM no wake-up; only while the machine has a CPU to
-      spare (as the Python worker's `spin`). Default 50; 0 never spins.
+      spare (as the Python worker's `spin`). Default 0 (never spins): see docs/CHANNEL.md.
   """
   @spec open([option()]) :: {:ok, t()} | {:error, Error.t()}
   def open(opts \\ []) when is_list(opts) do
