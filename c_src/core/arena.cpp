@@ -44,6 +44,8 @@ Result<std::shared_ptr<Arena>> make_arena(std::uint64_t bytes) {
   int fd = ::memfd_create(name.c_str(), MFD_CLOEXEC | MFD_ALLOW_SEALING);
   if (fd < 0) return os_failure("cannot create arena memfd " + name, errno);
   platform::Handle handle(fd);
+  if (auto limit = platform::check_file_size_limit("arena " + name, bytes); !limit.ok())
+    return limit.error();
   if (::ftruncate(fd, static_cast<off_t>(bytes)) != 0)
     return os_failure("cannot size arena " + name, errno);
   if (::fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW) != 0)

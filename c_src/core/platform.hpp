@@ -204,6 +204,11 @@ Result<void> release_pages(const Handle& handle, std::uint64_t offset, std::uint
 /// Sets the size to `size` and allocates every byte (a full filesystem fails here, not
 /// with SIGBUS on first touch).
 Result<void> allocate(const Handle& handle, std::uint64_t size, const std::string& what);
+/// Refuses (too_large, EFBIG) to grow a file of ours to `size` bytes above this process's
+/// RLIMIT_FSIZE (ulimit -f, systemd LimitFSIZE=): growing past it with ftruncate,
+/// fallocate or pwrite raises SIGXFSZ, whose default action (kept by the BEAM) ends the
+/// process. Every path that sizes a segment, memfd or arena calls it first. POSIX only.
+Result<void> check_file_size_limit(const std::string& what, std::uint64_t size);
 Result<void> read_at(const Handle& handle, std::uint64_t offset, void* buffer, std::size_t length,
                      const std::string& what);
 Result<Mapping> map(const Handle& handle, std::uint64_t offset, std::size_t length, Access access,

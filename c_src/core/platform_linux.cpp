@@ -142,6 +142,7 @@ Result<Handle> make_anonymous(const std::string& debug_name, std::uint64_t size,
                      std::to_string(available) +
                      " bytes of memory are available (MemAvailable in /proc/meminfo): free "
                      "memory or use a smaller region"};
+  if (auto limit = check_file_size_limit(what, size); !limit.ok()) return limit.error();
   if (::ftruncate(fd, static_cast<off_t>(size)) != 0)
     return os_error("cannot size " + what + " to " + std::to_string(size) + " bytes", errno);
   // From here on nobody (not even us) can change its size: a peer cannot make our

@@ -103,6 +103,7 @@ Result<Handle> create_anonymous_huge(const std::string& debug_name, std::uint64_
                      ": the hugetlb pool has " + std::to_string(info.free) + " free pages of " +
                      std::to_string(info.page_size) +
                      " bytes (vm.nr_hugepages; `mix snakepit.shm.doctor` shows it)"};
+  if (auto limit = check_file_size_limit(what, size); !limit.ok()) return limit.error();
   if (::ftruncate(fd, static_cast<off_t>(size)) != 0)
     return os_error("cannot size " + what + " to " + std::to_string(size) + " bytes", errno);
   if (::fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW) != 0)

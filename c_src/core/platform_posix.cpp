@@ -238,6 +238,7 @@ Result<void> allocate_range(const Handle& handle, std::uint64_t offset, std::uin
   return {};
 #else
   if (length == 0) return {};
+  if (auto limit = check_file_size_limit(what, offset + length); !limit.ok()) return limit;
   int err;
   do {
     err = ::posix_fallocate(fd_of(handle), static_cast<off_t>(offset), static_cast<off_t>(length));
@@ -266,7 +267,20 @@ Result<void> release_pages(const Handle& handle, std::uint64_t offset, std::uint
 #endif
 }
 
+Result<void> check_file_size_limit(const std::string& what, std::uint64_t size) {
+  struct rlimit rl;
+  if (::getrlimit(RLIMIT_FSIZE, &rl) != 0 || rl.rlim_cur == RLIM_INFINITY ||
+      size <= static_cast<std::uint64_t>(rl.rlim_cur))
+    return {};
+  return Error{Errc::too_large, EFBIG,
+               what + " needs " + std::to_string(size) +
+                   " bytes, above the file size limit of this process (RLIMIT_FSIZE " +
+                   std::to_string(static_cast<std::uint64_t>(rl.rlim_cur)) +
+                   " bytes): raise it (ulimit -f, systemd LimitFSIZE=) or use smaller regions"};
+}
+
 Result<void> allocate(const Handle& handle, std::uint64_t size, const std::string& what) {
+  if (auto limit = check_file_size_limit(what, size); !limit.ok()) return limit;
 #if defined(__APPLE__)
   if (::ftruncate(fd_of(handle), static_cast<off_t>(size)) != 0)
     return errno_error("cannot size " + what + " to " + std::to_string(size) + " bytes");

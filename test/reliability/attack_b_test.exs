@@ -55,6 +55,36 @@ defmodule Snakepit.SharedMemory.Reliability.AttackBTest do
     assert out =~ "BOARD OK"
   end
 
+  # A VM under a file size limit (ulimit -f, systemd LimitFSIZE=): sizing a segment, a
+  # memfd or an arena past it raised SIGXFSZ, whose default action the BEAM keeps, and
+  # the whole VM died (exit 153) on allocate_region/2 of a region larger than the limit.
+  @file_size_limit ~S"""
+  {:ok, _} = Application.ensure_all_started(:snakepit_shm)
+  alias Snakepit.SharedMemory, as: SM
+  {_, 0} = System.cmd("prlimit", ["--pid", System.pid(), "--fsize=3000000"])
+  {:ok, small} = SM.allocate_region(4096)
+  {:ok, mib} = SM.allocate_region(1_048_576)
+  for opts <- [[], [backend: :posix], [security_level: :high], [arena: false]],
+      size <- [4_194_304, 64 * 1_048_576] do
+    {:error, %{reason: :too_large, message: message}} = SM.allocate_region(size, opts)
+    true = message =~ "RLIMIT_FSIZE"
+  end
+  IO.puts("REFUSED OK")
+  {:ok, m} = SM.map_region(mib)
+  :ok = SM.write(m, 0, "still alive")
+  :ok = SM.unmap_region(m)
+  :ok = SM.deallocate_region(small)
+  :ok = SM.deallocate_region(mib)
+  IO.puts("ALIVE OK")
+  """
+
+  test "a region above the VM's file size limit is refused with :too_large, the VM lives" do
+    {out, status} = ReliabilityHelpers.elixir_vm(@file_size_limit)
+    assert status == 0, "the VM died (exit #{status}):\n#{out}"
+    assert out =~ "REFUSED OK"
+    assert out =~ "ALIVE OK"
+  end
+
   # A Python worker attached to an encrypted region forks. The data lock is an OFD lock,
   # and fork() shares the open file description: parent and child both held the
   # "exclusive" lock at once, wrote one chunk together, and thousands of writes and
