@@ -87,6 +87,9 @@ defmodule Snakepit.SharedMemory.Channel do
           | {:owner, pid()}
           | {:spin, non_neg_integer()}
 
+  # The largest :send_timeout (it is kept in a signed 64-bit atomic): 292 million years.
+  @max_timeout (1 <<< 63) - 1
+
   @defaults [
     active: false,
     ring_size: 65_536,
@@ -189,7 +192,8 @@ defmodule Snakepit.SharedMemory.Channel do
 
   @doc """
   Receives one message in passive mode, waiting up to `timeout` ms (default
-  `:infinity`). `{:error, %Error{reason: :timeout}}` when none came;
+  `:infinity`; a timeout above 2^40 ms, 34 years, waits as `:infinity` does).
+  `{:error, %Error{reason: :timeout}}` when none came;
   `{:error, %Error{reason: :peer_closed | :closed | :protocol_error}}` once the channel is
   closed and every message before the close has been received.
   """
@@ -209,7 +213,7 @@ defmodule Snakepit.SharedMemory.Channel do
       {:active, a}, :ok when is_boolean(a) or a == :once or is_integer(a) ->
         {:cont, call(ch, {:active, a})}
 
-      {:send_timeout, t}, :ok when t == :infinity or (is_integer(t) and t >= 0) ->
+      {:send_timeout, t}, :ok when t == :infinity or (is_integer(t) and t in 0..@max_timeout) ->
         :atomics.put(ch.send_timeout, 1, encode_timeout(t))
         {:cont, :ok}
 
@@ -365,8 +369,9 @@ defmodule Snakepit.SharedMemory.Channel do
   defp check(:flush_interval, v, acc) when is_integer(v) and v >= 0 and v <= 3_600_000,
     do: {:cont, acc}
 
-  defp check(:send_timeout, v, acc) when v == :infinity or (is_integer(v) and v >= 0),
-    do: {:cont, acc}
+  defp check(:send_timeout, v, acc)
+       when v == :infinity or (is_integer(v) and v in 0..@max_timeout),
+       do: {:cont, acc}
 
   defp check(:max_message_size, v, acc) when is_integer(v) and v > 0, do: {:cont, acc}
   defp check(:socket_dir, v, acc) when is_nil(v) or is_binary(v), do: {:cont, acc}

@@ -201,10 +201,7 @@ defmodule Snakepit.SharedMemory.Channel.Server do
         {:reply, timeout_error(state), state}
 
       true ->
-        timer =
-          if timeout == :infinity,
-            do: nil,
-            else: Process.send_after(self(), {:recv_timeout, from}, timeout)
+        timer = start_timer({:recv_timeout, from}, timeout)
 
         state = %{state | recv_q: :queue.in({from, timer}, state.recv_q)}
         {:noreply, arm(state)}
@@ -231,10 +228,7 @@ defmodule Snakepit.SharedMemory.Channel.Server do
     if state.closed != nil do
       {:reply, Channel.closed_error(state.ch.id, state.closed), state}
     else
-      timer =
-        if remaining == :infinity,
-          do: nil,
-          else: Process.send_after(self(), {:space_timeout, from}, remaining)
+      timer = start_timer({:space_timeout, from}, remaining)
 
       {:noreply, arm(%{state | space: [{from, need, timer} | state.space]})}
     end
@@ -514,6 +508,13 @@ defmodule Snakepit.SharedMemory.Channel.Server do
 
     %{state | recv_q: :queue.new(), space: []}
   end
+
+  # erlang:send_after/3 refuses times beyond about 2^44 ms; a timeout that long (over 34
+  # years) is waited for as :infinity is, instead of crashing this process.
+  @max_timer_ms 1 <<< 40
+  defp start_timer(_msg, :infinity), do: nil
+  defp start_timer(_msg, ms) when ms > @max_timer_ms, do: nil
+  defp start_timer(msg, ms), do: Process.send_after(self(), msg, ms)
 
   # Senders waiting for space retry (a spurious wake-up costs them one NIF call).
   defp wake_senders(%{space: []} = state), do: state

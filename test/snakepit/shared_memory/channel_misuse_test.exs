@@ -1,0 +1,63 @@
+defmodule Snakepit.SharedMemory.ChannelMisuseTest do
+  # What a careless or hostile caller of Snakepit.SharedMemory.Channel does: odd but
+  # legal arguments, calls in the wrong mode, hand-overs that fail. Each must give a
+  # clear error (or work) and leave the channel as it was: no crash of the channel's
+  # process, no caller blocked forever.
+  use ExUnit.Case, async: false
+
+  import Bitwise
+  import Snakepit.SharedMemory.ChannelHelpers
+
+  alias Snakepit.SharedMemory.{Channel, Error, Native}
+
+  @moduletag timeout: 120_000
+
+  setup do
+    before = spshm_segments()
+    on_exit(fn -> assert spshm_segments() -- before == [] end)
+    :ok
+  end
+
+  defp spshm_segments, do: File.ls!("/dev/shm") |> Enum.filter(&String.starts_with?(&1, "spshm_"))
+
+  test "recv/2 with a timeout too large for a timer neither crashes nor closes the channel" do
+    fds = fd_count()
+    {:ok, ch} = Channel.open()
+    # A legal timeout (a non-negative integer) above what erlang:send_after/3 accepts.
+    task = Task.async(fn -> Channel.recv(ch, 1 <<< 45) end)
+    assert Task.yield(task, 300) == nil
+    assert Process.alive?(ch.server)
+    assert %{state: :listening} = Channel.stats(ch)
+    :ok = Channel.close(ch)
+    assert {:ok, {:error, %Error{reason: :closed}}} = Task.yield(task, 1_000)
+    assert await_fds(fds) <= fds
+  end
+
+  test "a :send_timeout too large for a timer waits on a full ring instead of closing it" do
+    {:ok, ch} = Channel.open(ring_size: 4096, send_timeout: 1 <<< 45)
+    w = start_worker(ch, "hang")
+    fill = :binary.copy("x", 1000)
+    # The ring takes a few messages, then senders wait for space.
+    tasks = for _ <- 1..8, do: Task.async(fn -> Channel.send(ch, fill) end)
+    Process.sleep(300)
+    assert Process.alive?(ch.server)
+    assert %{state: :connected} = Channel.stats(ch)
+    :ok = Channel.close(ch)
+    results = Enum.map(tasks, &Task.await(&1, 5_000))
+    assert Enum.all?(results, &(&1 == :ok or match?({:error, %Error{reason: :closed}}, &1)))
+    kill9(w.os_pid)
+    await_exit(w.port)
+  end
+
+  test "a :send_timeout beyond 64 bits is an invalid option, not a crash" do
+    assert {:error, %Error{reason: :invalid_option, message: msg}} =
+             Channel.open(send_timeout: 1 <<< 70)
+
+    assert msg =~ "send_timeout"
+    {:ok, ch} = Channel.open()
+
+    assert {:error, %Error{reason: :invalid_option}} = Channel.setopts(ch, send_timeout: 1 <<< 70)
+
+    :ok = Channel.close(ch)
+  end
+end
