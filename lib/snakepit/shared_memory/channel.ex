@@ -194,6 +194,8 @@ defmodule Snakepit.SharedMemory.Channel do
   Receives one message in passive mode, waiting up to `timeout` ms (default
   `:infinity`; a timeout above 2^40 ms, 34 years, waits as `:infinity` does).
   `{:error, %Error{reason: :timeout}}` when none came;
+  `{:error, %Error{reason: :active_mode}}` in active mode, also for a call still waiting
+  when `setopts/2` turns active mode on;
   `{:error, %Error{reason: :peer_closed | :closed | :protocol_error}}` once the channel is
   closed and every message before the close has been received.
   """

@@ -60,4 +60,20 @@ defmodule Snakepit.SharedMemory.ChannelMisuseTest do
 
     :ok = Channel.close(ch)
   end
+
+  for transport <- [:shm, :socket] do
+    test "#{transport}: a recv/2 pending when active mode is switched on does not hang" do
+      {:ok, ch} = Channel.open(transport: unquote(transport))
+      w = start_worker(ch, "echo")
+      task = Task.async(fn -> Channel.recv(ch) end)
+      Process.sleep(100)
+      :ok = Channel.setopts(ch, active: true)
+      # The waiting caller is answered as a recv/2 in active mode would be.
+      assert {:ok, {:error, %Error{reason: :active_mode}}} = Task.yield(task, 1_000)
+      :ok = Channel.send(ch, "hello")
+      assert_receive {:snakepit_shm_channel, ^ch, "hello"}, 5_000
+      :ok = Channel.close(ch)
+      await_exit(w.port)
+    end
+  end
 end

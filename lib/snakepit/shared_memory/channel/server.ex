@@ -180,9 +180,7 @@ defmodule Snakepit.SharedMemory.Channel.Server do
   end
 
   def handle_call({:recv, _timeout}, _from, %{active: active} = state) when active != false do
-    {:reply,
-     Error.error(:active_mode, "recv/2 needs active: false (the channel delivers messages)"),
-     state}
+    {:reply, active_mode_error(), state}
   end
 
   def handle_call({:recv, timeout}, from, state) do
@@ -220,6 +218,10 @@ defmodule Snakepit.SharedMemory.Channel.Server do
     if is_integer(active) and active <= 0 do
       send(state.owner, {:snakepit_shm_channel_passive, state.ch})
     end
+
+    # recv/2 callers still waiting would never be answered: the messages now go to the
+    # owner. They get the answer a recv/2 in active mode gets.
+    state = if state.active != false, do: fail_receivers(state, active_mode_error()), else: state
 
     {:reply, :ok, process(state)}
   end
@@ -495,18 +497,27 @@ defmodule Snakepit.SharedMemory.Channel.Server do
 
   defp fail_waiters(state) do
     reason = state.closed || :closed
-
-    for {from, timer} <- :queue.to_list(state.recv_q) do
-      if timer, do: Process.cancel_timer(timer)
-      GenServer.reply(from, Channel.closed_error(state.ch.id, reason))
-    end
+    state = fail_receivers(state, Channel.closed_error(state.ch.id, reason))
 
     for {from, _need, timer} <- state.space do
       if timer, do: Process.cancel_timer(timer)
       GenServer.reply(from, Channel.closed_error(state.ch.id, reason))
     end
 
-    %{state | recv_q: :queue.new(), space: []}
+    %{state | space: []}
+  end
+
+  defp fail_receivers(state, reply) do
+    for {from, timer} <- :queue.to_list(state.recv_q) do
+      if timer, do: Process.cancel_timer(timer)
+      GenServer.reply(from, reply)
+    end
+
+    %{state | recv_q: :queue.new()}
+  end
+
+  defp active_mode_error do
+    Error.error(:active_mode, "recv/2 needs active: false (the channel delivers messages)")
   end
 
   # erlang:send_after/3 refuses times beyond about 2^44 ms; a timeout that long (over 34
