@@ -76,4 +76,36 @@ defmodule Snakepit.SharedMemory.ChannelMisuseTest do
       await_exit(w.port)
     end
   end
+
+  test "controlling_process/2 to a dead pid keeps the resource's monitor of the owner" do
+    parent = self()
+
+    owner =
+      spawn(fn ->
+        {:ok, ch} = Channel.open()
+        send(parent, {:ch, ch})
+
+        receive do
+          :hand_over_to_dead ->
+            dead = spawn(fn -> :ok end)
+            ref = Process.monitor(dead)
+            receive do: ({:DOWN, ^ref, _, _, _} -> :ok)
+            send(parent, {:cp, Channel.controlling_process(ch, dead)})
+            Process.sleep(:infinity)
+        end
+      end)
+
+    assert_receive {:ch, ch}, 5_000
+    w = start_worker(ch, "echo")
+    send(owner, :hand_over_to_dead)
+    assert_receive {:cp, {:error, %Error{reason: :not_found}}}, 5_000
+    # With the channel's process held up, only the resource's own monitor of the owner
+    # can close the channel when the owner dies (docs/CHANNEL.md).
+    :sys.suspend(ch.server)
+    Process.exit(owner, :kill)
+    assert {0, out} = await_exit(w.port, 5_000)
+    assert "closed peer_closed" in out
+    assert Native.channel_stats(ch.resource).state == :closed
+    :sys.resume(ch.server)
+  end
 end
