@@ -343,7 +343,8 @@ defmodule Snakepit.SharedMemory.Channel do
   end
 
   defp validate(opts) do
-    unknown = Keyword.keys(opts) -- Keyword.keys(@defaults)
+    # uniq: an option given twice is checked (every value), not reported as unknown.
+    unknown = Enum.uniq(Keyword.keys(opts)) -- Keyword.keys(@defaults)
 
     if unknown != [] do
       Error.error(:invalid_option, "unknown channel option(s) #{inspect(unknown)}")

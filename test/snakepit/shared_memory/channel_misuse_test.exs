@@ -108,4 +108,12 @@ defmodule Snakepit.SharedMemory.ChannelMisuseTest do
     assert Native.channel_stats(ch.resource).state == :closed
     :sys.resume(ch.server)
   end
+
+  test "a duplicated option is reported as invalid, not as unknown" do
+    assert {:error, %Error{reason: :invalid_option, message: msg}} =
+             Channel.open(active: true, active: :bad)
+
+    refute msg =~ "unknown"
+    assert msg =~ ":bad"
+  end
 end
