@@ -116,4 +116,48 @@ defmodule Snakepit.SharedMemory.ChannelMisuseTest do
     refute msg =~ "unknown"
     assert msg =~ ":bad"
   end
+
+  # RLIMIT_FSIZE (ulimit -f, systemd LimitFSIZE=) bounds memfds too, and a file grown past
+  # it raises SIGXFSZ, whose default action ends the whole VM (the BEAM does not ignore
+  # it, Python does). The limit is set on this VM for the test only.
+  describe "under a file size limit (RLIMIT_FSIZE)" do
+    setup do
+      limit = 4 <<< 20
+      {_, 0} = System.cmd("prlimit", ["--pid", System.pid(), "--fsize=#{limit}"])
+      on_exit(fn -> System.cmd("prlimit", ["--pid", System.pid(), "--fsize=unlimited"]) end)
+      %{limit: limit}
+    end
+
+    test "a region message above the limit is an error, not the VM's death", %{limit: limit} do
+      fds = fd_count()
+      {:ok, ch} = Channel.open()
+      w = start_worker(ch, "echo_checksum")
+
+      assert {:error, %Error{reason: :too_large, message: msg}} =
+               Channel.send(ch, :binary.copy("a", 2 * limit))
+
+      assert msg =~ "file size limit"
+      # The channel is still usable, for a region message under the limit too.
+      big = :binary.copy("b", div(limit, 2))
+      :ok = Channel.send(ch, big)
+      assert {:ok, reply} = Channel.recv(ch, 10_000)
+      assert reply == "#{byte_size(big)}:#{:erlang.crc32(big)}"
+      :ok = Channel.close(ch)
+      await_exit(w.port)
+      assert await_fds(fds) <= fds
+    end
+
+    test "rings larger than the limit are an error at open/1", %{limit: limit} do
+      fds = fd_count()
+
+      assert {:error, %Error{reason: :too_large}} =
+               Channel.open(transport: :shm, ring_size: 4 * limit)
+
+      # :auto falls back to the socket transport, as when a memfd cannot be created.
+      assert {:ok, ch} = Channel.open(ring_size: 4 * limit)
+      assert %{transport: :socket} = Channel.stats(ch)
+      :ok = Channel.close(ch)
+      assert await_fds(fds) <= fds
+    end
+  end
 end
