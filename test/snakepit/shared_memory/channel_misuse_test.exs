@@ -160,4 +160,23 @@ defmodule Snakepit.SharedMemory.ChannelMisuseTest do
       assert await_fds(fds) <= fds
     end
   end
+
+  test "open/1 with an :owner that dies while the channel opens returns an error, never exits" do
+    # The window is between the channel process's start and its first answer: many tries.
+    results =
+      for i <- 1..20_000 do
+        owner = spawn(fn -> Process.sleep(rem(i, 3)) end)
+
+        try do
+          case Channel.open(owner: owner) do
+            {:ok, ch} -> Channel.close(ch)
+            {:error, %Error{reason: :not_found}} -> :ok
+          end
+        catch
+          kind, reason -> {kind, reason}
+        end
+      end
+
+    assert Enum.reject(results, &(&1 == :ok)) == []
+  end
 end

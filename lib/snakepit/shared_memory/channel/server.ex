@@ -22,10 +22,19 @@ defmodule Snakepit.SharedMemory.Channel.Server do
   @spec start(pid(), keyword()) :: {:ok, Channel.t()} | {:error, Error.t()}
   def start(owner, opts) do
     case GenServer.start(__MODULE__, {owner, opts}) do
-      {:ok, pid} -> GenServer.call(pid, :channel, :infinity)
+      {:ok, pid} -> first_answer(pid, owner)
       {:error, {:shutdown, %Error{} = error}} -> {:error, error}
       {:error, other} -> Error.error(:io_error, "channel failed to start: #{inspect(other)}")
     end
+  end
+
+  # The channel process stops (normally) if the owner dies before it answered: open/1
+  # returns the error a dead owner gets rather than exiting its caller.
+  defp first_answer(pid, owner) do
+    GenServer.call(pid, :channel, :infinity)
+  catch
+    :exit, _ ->
+      Error.error(:not_found, "the channel's owner #{inspect(owner)} died while it opened")
   end
 
   @spec all() :: [Channel.t()]
