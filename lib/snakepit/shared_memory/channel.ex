@@ -236,13 +236,17 @@ defmodule Snakepit.SharedMemory.Channel do
   end
 
   @doc """
-  Makes `pid` the owner: it receives the active-mode messages from now on, and its death
-  closes the channel. Only the current owner may call it. Messages already delivered to
+  Makes `pid` (a local process) the owner: it receives the active-mode messages from now
+  on, and its death closes the channel. Only the current owner may call it. Messages already delivered to
   the old owner stay in its mailbox (switch to `active: false` first to avoid that).
   """
   @spec controlling_process(t(), pid()) :: :ok | {:error, Error.t()}
   def controlling_process(%__MODULE__{} = ch, pid) when is_pid(pid) do
-    call(ch, {:controlling_process, self(), pid})
+    if node(pid) == node() do
+      call(ch, {:controlling_process, self(), pid})
+    else
+      Error.error(:invalid_argument, "the new owner #{inspect(pid)} must be a local process")
+    end
   end
 
   @doc """
@@ -378,7 +382,10 @@ defmodule Snakepit.SharedMemory.Channel do
 
   defp check(:max_message_size, v, acc) when is_integer(v) and v > 0, do: {:cont, acc}
   defp check(:socket_dir, v, acc) when is_nil(v) or is_binary(v), do: {:cont, acc}
-  defp check(:owner, v, acc) when is_nil(v) or is_pid(v), do: {:cont, acc}
+  # Local only: the channel's resource monitors its owner (enif_monitor_process).
+  defp check(:owner, v, acc) when is_nil(v) or (is_pid(v) and node(v) == node()),
+    do: {:cont, acc}
+
   defp check(:spin, v, acc) when is_integer(v) and v >= 0 and v <= 1_000_000, do: {:cont, acc}
   defp check(:simulate_memfd_failure, v, acc) when is_boolean(v), do: {:cont, acc}
 

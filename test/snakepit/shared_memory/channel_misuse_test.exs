@@ -179,4 +179,31 @@ defmodule Snakepit.SharedMemory.ChannelMisuseTest do
 
     assert Enum.reject(results, &(&1 == :ok)) == []
   end
+
+  # A pid of another node (the channel's monitors are local: enif_monitor_process).
+  defp remote_pid do
+    :erlang.binary_to_term(<<131, 88, 100, 0, 9, "foo@bar.x"::binary, 5::32, 0::32, 1::32>>)
+  end
+
+  test "open/1 with the pid of another node as :owner is an invalid option" do
+    assert {:error, %Error{reason: :invalid_option, message: msg}} =
+             Channel.open(owner: remote_pid())
+
+    assert msg =~ ":owner"
+  end
+
+  test "controlling_process/2 to the pid of another node fails and leaves the channel open" do
+    {:ok, ch} = Channel.open()
+    w = start_worker(ch, "echo")
+
+    assert {:error, %Error{reason: :invalid_argument, message: msg}} =
+             Channel.controlling_process(ch, remote_pid())
+
+    assert msg =~ "local"
+    assert Process.alive?(ch.server)
+    :ok = Channel.send(ch, "still open")
+    assert {:ok, "still open"} = Channel.recv(ch, 5_000)
+    :ok = Channel.close(ch)
+    await_exit(w.port)
+  end
 end
