@@ -206,4 +206,20 @@ defmodule Snakepit.SharedMemory.ChannelMisuseTest do
     :ok = Channel.close(ch)
     await_exit(w.port)
   end
+
+  for transport <- [:shm, :socket] do
+    test "#{transport}: a recv/2 caller killed while it waits does not take the next message" do
+      {:ok, ch} = Channel.open(transport: unquote(transport))
+      w = start_worker(ch, "echo")
+      waiters = for _ <- 1..3, do: Task.async(fn -> Channel.recv(ch) end)
+      Process.sleep(100)
+      Enum.each(waiters, &Task.shutdown(&1, :brutal_kill))
+      :ok = Channel.send(ch, "first")
+      :ok = Channel.send(ch, "second")
+      assert {:ok, "first"} = Channel.recv(ch, 5_000)
+      assert {:ok, "second"} = Channel.recv(ch, 5_000)
+      :ok = Channel.close(ch)
+      await_exit(w.port)
+    end
+  end
 end

@@ -210,7 +210,11 @@ defmodule Snakepit.SharedMemory.Channel.Server do
       true ->
         timer = start_timer({:recv_timeout, from}, timeout)
 
-        state = %{state | recv_q: :queue.in({from, timer}, state.recv_q)}
+        # Monitored: a caller that dies while it waits leaves the queue (else the next
+        # message would be taken from the ring for it and lost).
+        {pid, _tag} = from
+        waiter = {from, timer, Process.monitor(pid)}
+        state = %{state | recv_q: :queue.in(waiter, state.recv_q)}
         {:noreply, arm(state)}
     end
   end
@@ -321,8 +325,8 @@ defmodule Snakepit.SharedMemory.Channel.Server do
   def handle_info(:poll, state), do: {:noreply, process(%{state | poll_pending: false})}
 
   def handle_info({:recv_timeout, from}, state) do
-    {hits, rest} = Enum.split_with(:queue.to_list(state.recv_q), fn {f, _} -> f == from end)
-    if hits != [], do: GenServer.reply(from, timeout_error(state))
+    {hits, rest} = Enum.split_with(:queue.to_list(state.recv_q), fn {f, _, _} -> f == from end)
+    for waiter <- hits, do: answer(waiter, timeout_error(state))
     {:noreply, %{state | recv_q: :queue.from_list(rest)}}
   end
 
@@ -345,6 +349,13 @@ defmodule Snakepit.SharedMemory.Channel.Server do
     Native.channel_close(state.res)
     closed_telemetry(state, :owner_down)
     {:stop, :normal, fail_waiters(%{state | closed: state.closed || :closed})}
+  end
+
+  # A recv/2 caller died while it waited.
+  def handle_info({:DOWN, ref, :process, _pid, _reason}, state) do
+    {gone, rest} = Enum.split_with(:queue.to_list(state.recv_q), fn {_, _, m} -> m == ref end)
+    for {_, timer, _} <- gone, timer != nil, do: Process.cancel_timer(timer)
+    {:noreply, %{state | recv_q: :queue.from_list(rest)}}
   end
 
   def handle_info(_other, state), do: {:noreply, state}
@@ -406,21 +417,26 @@ defmodule Snakepit.SharedMemory.Channel.Server do
     if :queue.is_empty(state.recv_q) do
       state
     else
-      {{:value, {from, timer}}, q} = :queue.out(state.recv_q)
+      {{:value, {{pid, _}, timer, mon} = waiter}, q} = :queue.out(state.recv_q)
 
-      case take_one(state) do
-        nil ->
-          state
+      if node(pid) == node() and not Process.alive?(pid) do
+        # Died while waiting (its :DOWN is not handled yet): nothing is taken for it.
+        if timer, do: Process.cancel_timer(timer)
+        Process.demonitor(mon, [:flush])
+        deliver(%{state | recv_q: q})
+      else
+        case take_one(state) do
+          nil ->
+            state
 
-        {{:error, _} = reply, state} ->
-          if timer, do: Process.cancel_timer(timer)
-          GenServer.reply(from, reply)
-          fail_waiters(%{state | recv_q: q})
+          {{:error, _} = reply, state} ->
+            answer(waiter, reply)
+            fail_waiters(%{state | recv_q: q})
 
-        {reply, state} ->
-          if timer, do: Process.cancel_timer(timer)
-          GenServer.reply(from, reply)
-          deliver(%{state | recv_q: q})
+          {reply, state} ->
+            answer(waiter, reply)
+            deliver(%{state | recv_q: q})
+        end
       end
     end
   end
@@ -516,11 +532,14 @@ defmodule Snakepit.SharedMemory.Channel.Server do
     %{state | space: []}
   end
 
+  defp answer({from, timer, mon}, reply) do
+    if timer, do: Process.cancel_timer(timer)
+    Process.demonitor(mon, [:flush])
+    GenServer.reply(from, reply)
+  end
+
   defp fail_receivers(state, reply) do
-    for {from, timer} <- :queue.to_list(state.recv_q) do
-      if timer, do: Process.cancel_timer(timer)
-      GenServer.reply(from, reply)
-    end
+    for waiter <- :queue.to_list(state.recv_q), do: answer(waiter, reply)
 
     %{state | recv_q: :queue.new()}
   end
