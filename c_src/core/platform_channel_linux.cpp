@@ -4,6 +4,7 @@
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -14,6 +15,7 @@
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 
 #include "platform_channel.hpp"
 
@@ -27,6 +29,23 @@ namespace {
 
 int memfd(const char* name) noexcept {
   return ::memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
+}
+
+// RLIMIT_FSIZE (ulimit -f, systemd LimitFSIZE=) bounds a memfd as any file, and growing
+// one past it (ftruncate, posix_fallocate, pwrite) raises SIGXFSZ, whose default action
+// ends the process: the BEAM keeps that default (Python ignores the signal and gets
+// EFBIG). So the size is checked against the limit before the file is grown.
+Result<void> check_file_size_limit(const char* what, std::uint64_t size) {
+  struct rlimit rl;
+  if (::getrlimit(RLIMIT_FSIZE, &rl) != 0 || rl.rlim_cur == RLIM_INFINITY ||
+      size <= static_cast<std::uint64_t>(rl.rlim_cur)) {
+    return {};
+  }
+  return os_error(std::string(what) + " of " + std::to_string(size) +
+                      " bytes is above the file size limit of this process (RLIMIT_FSIZE " +
+                      std::to_string(static_cast<std::uint64_t>(rl.rlim_cur)) +
+                      " bytes: ulimit -f, LimitFSIZE=)",
+                  EFBIG);
 }
 
 }  // namespace
@@ -61,6 +80,7 @@ Result<int> make_ring_memfd(std::uint64_t size) {
                  "memfd_create refused (SNAKEPIT_SHM_CHANNEL_NO_MEMFD=1 simulates a seccomp "
                  "filter)"};
   }
+  if (auto lim = check_file_size_limit("the channel rings", size); !lim.ok()) return lim.error();
   int fd = memfd("snakepit-channel");
   if (fd < 0) return os_error("memfd_create(snakepit-channel)", errno);
   int rc = ::posix_fallocate(fd, 0, static_cast<off_t>(size));
@@ -77,6 +97,9 @@ Result<int> make_ring_memfd(std::uint64_t size) {
 }
 
 Result<int> make_message_memfd(const void* data, std::uint64_t length) {
+  if (auto lim = check_file_size_limit("a region message", length); !lim.ok()) {
+    return lim.error();
+  }
   int fd = memfd("snakepit-channel-msg");
   if (fd < 0) return os_error("memfd_create(snakepit-channel-msg)", errno);
   auto fail = [fd](const char* what, int err) {

@@ -651,12 +651,14 @@ SPSHM_GUARDED_NIF(nif_channel_monitor)(ErlNifEnv* env, int, const ERL_NIF_TERM a
     return enif_make_badarg(env);
   }
   std::lock_guard<std::mutex> lock(c->mu);
-  if (c->monitoring) {
-    enif_demonitor_process(env, c, &c->monitor);
-    c->monitoring = false;
+  // The new monitor first: a pid that is not alive leaves the current owner monitored
+  // (controlling_process/2 to a dead pid fails and changes nothing).
+  ErlNifMonitor next{};
+  if (enif_monitor_process(env, c, &pid, &next) != 0) {
+    return make_error(env, Errc::not_found, "the owner process is not alive");
   }
-  int rc = enif_monitor_process(env, c, &pid, &c->monitor);
-  if (rc != 0) return make_error(env, Errc::not_found, "the owner process is not alive");
+  if (c->monitoring) enif_demonitor_process(env, c, &c->monitor);
+  c->monitor = next;
   c->monitoring = true;
   return atoms.ok;
 }

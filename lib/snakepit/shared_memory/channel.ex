@@ -87,6 +87,9 @@ defmodule Snakepit.SharedMemory.Channel do
           | {:owner, pid()}
           | {:spin, non_neg_integer()}
 
+  # The largest :send_timeout (it is kept in a signed 64-bit atomic): 292 million years.
+  @max_timeout (1 <<< 63) - 1
+
   @defaults [
     active: false,
     ring_size: 65_536,
@@ -189,7 +192,10 @@ defmodule Snakepit.SharedMemory.Channel do
 
   @doc """
   Receives one message in passive mode, waiting up to `timeout` ms (default
-  `:infinity`). `{:error, %Error{reason: :timeout}}` when none came;
+  `:infinity`; a timeout above 2^40 ms, 34 years, waits as `:infinity` does).
+  `{:error, %Error{reason: :timeout}}` when none came;
+  `{:error, %Error{reason: :active_mode}}` in active mode, also for a call still waiting
+  when `setopts/2` turns active mode on;
   `{:error, %Error{reason: :peer_closed | :closed | :protocol_error}}` once the channel is
   closed and every message before the close has been received.
   """
@@ -209,7 +215,7 @@ defmodule Snakepit.SharedMemory.Channel do
       {:active, a}, :ok when is_boolean(a) or a == :once or is_integer(a) ->
         {:cont, call(ch, {:active, a})}
 
-      {:send_timeout, t}, :ok when t == :infinity or (is_integer(t) and t >= 0) ->
+      {:send_timeout, t}, :ok when t == :infinity or (is_integer(t) and t in 0..@max_timeout) ->
         :atomics.put(ch.send_timeout, 1, encode_timeout(t))
         {:cont, :ok}
 
@@ -230,13 +236,17 @@ defmodule Snakepit.SharedMemory.Channel do
   end
 
   @doc """
-  Makes `pid` the owner: it receives the active-mode messages from now on, and its death
-  closes the channel. Only the current owner may call it. Messages already delivered to
+  Makes `pid` (a local process) the owner: it receives the active-mode messages from now
+  on, and its death closes the channel. Only the current owner may call it. Messages already delivered to
   the old owner stay in its mailbox (switch to `active: false` first to avoid that).
   """
   @spec controlling_process(t(), pid()) :: :ok | {:error, Error.t()}
   def controlling_process(%__MODULE__{} = ch, pid) when is_pid(pid) do
-    call(ch, {:controlling_process, self(), pid})
+    if node(pid) == node() do
+      call(ch, {:controlling_process, self(), pid})
+    else
+      Error.error(:invalid_argument, "the new owner #{inspect(pid)} must be a local process")
+    end
   end
 
   @doc """
@@ -337,7 +347,8 @@ defmodule Snakepit.SharedMemory.Channel do
   end
 
   defp validate(opts) do
-    unknown = Keyword.keys(opts) -- Keyword.keys(@defaults)
+    # uniq: an option given twice is checked (every value), not reported as unknown.
+    unknown = Enum.uniq(Keyword.keys(opts)) -- Keyword.keys(@defaults)
 
     if unknown != [] do
       Error.error(:invalid_option, "unknown channel option(s) #{inspect(unknown)}")
@@ -365,12 +376,16 @@ defmodule Snakepit.SharedMemory.Channel do
   defp check(:flush_interval, v, acc) when is_integer(v) and v >= 0 and v <= 3_600_000,
     do: {:cont, acc}
 
-  defp check(:send_timeout, v, acc) when v == :infinity or (is_integer(v) and v >= 0),
-    do: {:cont, acc}
+  defp check(:send_timeout, v, acc)
+       when v == :infinity or (is_integer(v) and v in 0..@max_timeout),
+       do: {:cont, acc}
 
   defp check(:max_message_size, v, acc) when is_integer(v) and v > 0, do: {:cont, acc}
   defp check(:socket_dir, v, acc) when is_nil(v) or is_binary(v), do: {:cont, acc}
-  defp check(:owner, v, acc) when is_nil(v) or is_pid(v), do: {:cont, acc}
+  # Local only: the channel's resource monitors its owner (enif_monitor_process).
+  defp check(:owner, v, acc) when is_nil(v) or (is_pid(v) and node(v) == node()),
+    do: {:cont, acc}
+
   defp check(:spin, v, acc) when is_integer(v) and v >= 0 and v <= 1_000_000, do: {:cont, acc}
   defp check(:simulate_memfd_failure, v, acc) when is_boolean(v), do: {:cont, acc}
 

@@ -22,10 +22,19 @@ defmodule Snakepit.SharedMemory.Channel.Server do
   @spec start(pid(), keyword()) :: {:ok, Channel.t()} | {:error, Error.t()}
   def start(owner, opts) do
     case GenServer.start(__MODULE__, {owner, opts}) do
-      {:ok, pid} -> GenServer.call(pid, :channel, :infinity)
+      {:ok, pid} -> first_answer(pid, owner)
       {:error, {:shutdown, %Error{} = error}} -> {:error, error}
       {:error, other} -> Error.error(:io_error, "channel failed to start: #{inspect(other)}")
     end
+  end
+
+  # The channel process stops (normally) if the owner dies before it answered: open/1
+  # returns the error a dead owner gets rather than exiting its caller.
+  defp first_answer(pid, owner) do
+    GenServer.call(pid, :channel, :infinity)
+  catch
+    :exit, _ ->
+      Error.error(:not_found, "the channel's owner #{inspect(owner)} died while it opened")
   end
 
   @spec all() :: [Channel.t()]
@@ -180,9 +189,7 @@ defmodule Snakepit.SharedMemory.Channel.Server do
   end
 
   def handle_call({:recv, _timeout}, _from, %{active: active} = state) when active != false do
-    {:reply,
-     Error.error(:active_mode, "recv/2 needs active: false (the channel delivers messages)"),
-     state}
+    {:reply, active_mode_error(), state}
   end
 
   def handle_call({:recv, timeout}, from, state) do
@@ -201,12 +208,13 @@ defmodule Snakepit.SharedMemory.Channel.Server do
         {:reply, timeout_error(state), state}
 
       true ->
-        timer =
-          if timeout == :infinity,
-            do: nil,
-            else: Process.send_after(self(), {:recv_timeout, from}, timeout)
+        timer = start_timer({:recv_timeout, from}, timeout)
 
-        state = %{state | recv_q: :queue.in({from, timer}, state.recv_q)}
+        # Monitored: a caller that dies while it waits leaves the queue (else the next
+        # message would be taken from the ring for it and lost).
+        {pid, _tag} = from
+        waiter = {from, timer, Process.monitor(pid)}
+        state = %{state | recv_q: :queue.in(waiter, state.recv_q)}
         {:noreply, arm(state)}
     end
   end
@@ -224,6 +232,10 @@ defmodule Snakepit.SharedMemory.Channel.Server do
       send(state.owner, {:snakepit_shm_channel_passive, state.ch})
     end
 
+    # recv/2 callers still waiting would never be answered: the messages now go to the
+    # owner. They get the answer a recv/2 in active mode gets.
+    state = if state.active != false, do: fail_receivers(state, active_mode_error()), else: state
+
     {:reply, :ok, process(state)}
   end
 
@@ -231,10 +243,7 @@ defmodule Snakepit.SharedMemory.Channel.Server do
     if state.closed != nil do
       {:reply, Channel.closed_error(state.ch.id, state.closed), state}
     else
-      timer =
-        if remaining == :infinity,
-          do: nil,
-          else: Process.send_after(self(), {:space_timeout, from}, remaining)
+      timer = start_timer({:space_timeout, from}, remaining)
 
       {:noreply, arm(%{state | space: [{from, need, timer} | state.space]})}
     end
@@ -316,8 +325,8 @@ defmodule Snakepit.SharedMemory.Channel.Server do
   def handle_info(:poll, state), do: {:noreply, process(%{state | poll_pending: false})}
 
   def handle_info({:recv_timeout, from}, state) do
-    {hits, rest} = Enum.split_with(:queue.to_list(state.recv_q), fn {f, _} -> f == from end)
-    if hits != [], do: GenServer.reply(from, timeout_error(state))
+    {hits, rest} = Enum.split_with(:queue.to_list(state.recv_q), fn {f, _, _} -> f == from end)
+    for waiter <- hits, do: answer(waiter, timeout_error(state))
     {:noreply, %{state | recv_q: :queue.from_list(rest)}}
   end
 
@@ -340,6 +349,13 @@ defmodule Snakepit.SharedMemory.Channel.Server do
     Native.channel_close(state.res)
     closed_telemetry(state, :owner_down)
     {:stop, :normal, fail_waiters(%{state | closed: state.closed || :closed})}
+  end
+
+  # A recv/2 caller died while it waited.
+  def handle_info({:DOWN, ref, :process, _pid, _reason}, state) do
+    {gone, rest} = Enum.split_with(:queue.to_list(state.recv_q), fn {_, _, m} -> m == ref end)
+    for {_, timer, _} <- gone, timer != nil, do: Process.cancel_timer(timer)
+    {:noreply, %{state | recv_q: :queue.from_list(rest)}}
   end
 
   def handle_info(_other, state), do: {:noreply, state}
@@ -401,21 +417,26 @@ defmodule Snakepit.SharedMemory.Channel.Server do
     if :queue.is_empty(state.recv_q) do
       state
     else
-      {{:value, {from, timer}}, q} = :queue.out(state.recv_q)
+      {{:value, {{pid, _}, timer, mon} = waiter}, q} = :queue.out(state.recv_q)
 
-      case take_one(state) do
-        nil ->
-          state
+      if node(pid) == node() and not Process.alive?(pid) do
+        # Died while waiting (its :DOWN is not handled yet): nothing is taken for it.
+        if timer, do: Process.cancel_timer(timer)
+        Process.demonitor(mon, [:flush])
+        deliver(%{state | recv_q: q})
+      else
+        case take_one(state) do
+          nil ->
+            state
 
-        {{:error, _} = reply, state} ->
-          if timer, do: Process.cancel_timer(timer)
-          GenServer.reply(from, reply)
-          fail_waiters(%{state | recv_q: q})
+          {{:error, _} = reply, state} ->
+            answer(waiter, reply)
+            fail_waiters(%{state | recv_q: q})
 
-        {reply, state} ->
-          if timer, do: Process.cancel_timer(timer)
-          GenServer.reply(from, reply)
-          deliver(%{state | recv_q: q})
+          {reply, state} ->
+            answer(waiter, reply)
+            deliver(%{state | recv_q: q})
+        end
       end
     end
   end
@@ -501,19 +522,38 @@ defmodule Snakepit.SharedMemory.Channel.Server do
 
   defp fail_waiters(state) do
     reason = state.closed || :closed
-
-    for {from, timer} <- :queue.to_list(state.recv_q) do
-      if timer, do: Process.cancel_timer(timer)
-      GenServer.reply(from, Channel.closed_error(state.ch.id, reason))
-    end
+    state = fail_receivers(state, Channel.closed_error(state.ch.id, reason))
 
     for {from, _need, timer} <- state.space do
       if timer, do: Process.cancel_timer(timer)
       GenServer.reply(from, Channel.closed_error(state.ch.id, reason))
     end
 
-    %{state | recv_q: :queue.new(), space: []}
+    %{state | space: []}
   end
+
+  defp answer({from, timer, mon}, reply) do
+    if timer, do: Process.cancel_timer(timer)
+    Process.demonitor(mon, [:flush])
+    GenServer.reply(from, reply)
+  end
+
+  defp fail_receivers(state, reply) do
+    for waiter <- :queue.to_list(state.recv_q), do: answer(waiter, reply)
+
+    %{state | recv_q: :queue.new()}
+  end
+
+  defp active_mode_error do
+    Error.error(:active_mode, "recv/2 needs active: false (the channel delivers messages)")
+  end
+
+  # erlang:send_after/3 refuses times beyond about 2^44 ms; a timeout that long (over 34
+  # years) is waited for as :infinity is, instead of crashing this process.
+  @max_timer_ms 1 <<< 40
+  defp start_timer(_msg, :infinity), do: nil
+  defp start_timer(_msg, ms) when ms > @max_timer_ms, do: nil
+  defp start_timer(msg, ms), do: Process.send_after(self(), msg, ms)
 
   # Senders waiting for space retry (a spurious wake-up costs them one NIF call).
   defp wake_senders(%{space: []} = state), do: state
