@@ -4,7 +4,6 @@
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
-#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -17,6 +16,7 @@
 #include <cstring>
 #include <string>
 
+#include "platform.hpp"
 #include "platform_channel.hpp"
 
 #ifndef F_SEAL_FUTURE_WRITE
@@ -29,23 +29,6 @@ namespace {
 
 int memfd(const char* name) noexcept {
   return ::memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
-}
-
-// RLIMIT_FSIZE (ulimit -f, systemd LimitFSIZE=) bounds a memfd as any file, and growing
-// one past it (ftruncate, posix_fallocate, pwrite) raises SIGXFSZ, whose default action
-// ends the process: the BEAM keeps that default (Python ignores the signal and gets
-// EFBIG). So the size is checked against the limit before the file is grown.
-Result<void> check_file_size_limit(const char* what, std::uint64_t size) {
-  struct rlimit rl;
-  if (::getrlimit(RLIMIT_FSIZE, &rl) != 0 || rl.rlim_cur == RLIM_INFINITY ||
-      size <= static_cast<std::uint64_t>(rl.rlim_cur)) {
-    return {};
-  }
-  return os_error(std::string(what) + " of " + std::to_string(size) +
-                      " bytes is above the file size limit of this process (RLIMIT_FSIZE " +
-                      std::to_string(static_cast<std::uint64_t>(rl.rlim_cur)) +
-                      " bytes: ulimit -f, LimitFSIZE=)",
-                  EFBIG);
 }
 
 }  // namespace
@@ -80,7 +63,8 @@ Result<int> make_ring_memfd(std::uint64_t size) {
                  "memfd_create refused (SNAKEPIT_SHM_CHANNEL_NO_MEMFD=1 simulates a seccomp "
                  "filter)"};
   }
-  if (auto lim = check_file_size_limit("the channel rings", size); !lim.ok()) return lim.error();
+  if (auto lim = platform::check_file_size_limit("the channel rings", size); !lim.ok())
+    return lim.error();
   int fd = memfd("snakepit-channel");
   if (fd < 0) return os_error("memfd_create(snakepit-channel)", errno);
   int rc = ::posix_fallocate(fd, 0, static_cast<off_t>(size));
@@ -97,7 +81,7 @@ Result<int> make_ring_memfd(std::uint64_t size) {
 }
 
 Result<int> make_message_memfd(const void* data, std::uint64_t length) {
-  if (auto lim = check_file_size_limit("a region message", length); !lim.ok()) {
+  if (auto lim = platform::check_file_size_limit("a region message", length); !lim.ok()) {
     return lim.error();
   }
   int fd = memfd("snakepit-channel-msg");
