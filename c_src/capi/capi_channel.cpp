@@ -25,6 +25,25 @@ using spshm::channel::Io;
 
 int code_of(Errc code) noexcept { return -(static_cast<int>(code) + 1); }
 
+// A JSON string literal of `s` (quotes, backslashes and control bytes escaped).
+std::string json_string(const std::string& s) {
+  std::string out = "\"";
+  for (unsigned char c : s) {
+    if (c == '"' || c == '\\') {
+      out += '\\';
+      out += static_cast<char>(c);
+    } else if (c < 0x20) {
+      static const char hex[] = "0123456789abcdef";
+      out += "\\u00";
+      out += hex[c >> 4];
+      out += hex[c & 15];
+    } else {
+      out += static_cast<char>(c);
+    }
+  }
+  return out + "\"";
+}
+
 size_t copy_out(const std::string& s, char* buf, size_t buflen) noexcept {
   if (buf != nullptr && buflen > 0) {
     size_t n = s.size() < buflen - 1 ? s.size() : buflen - 1;
@@ -307,7 +326,8 @@ SPSHM_EXPORT size_t spshm_ch_stats(spshm_channel* ch, char* buf, size_t buflen) 
       << ",\"would_blocks\":" << s.would_blocks << ",\"spin_hits\":" << s.spin_hits
       << ",\"spin_misses\":" << s.spin_misses << ",\"ring_size\":" << s.ring_size
       << ",\"inline_max\":" << s.inline_max << ",\"out_occupancy\":" << s.out_occupancy
-      << ",\"in_occupancy\":" << s.in_occupancy << ",\"peer_pid\":" << s.peer_pid << "}";
+      << ",\"in_occupancy\":" << s.in_occupancy << ",\"peer_pid\":" << s.peer_pid
+      << ",\"close_detail\":" << json_string(s.close_detail) << "}";
     return copy_out(o.str(), buf, buflen);
   } catch (...) {
     return 0;

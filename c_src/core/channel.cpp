@@ -465,6 +465,14 @@ void Endpoint::read_socket() {
     for (int f : fds) fdq_.push_back(f);
     if (trunc || fdq_.size() > kMaxQueuedFds) {
       if (state_ == State::listening) return drop_candidate();
+      // The kernel drops the descriptors it cannot install here (EMFILE) and says
+      // "truncated": our limit, not a misbehaving peer.
+      if (trunc && os::fd_table_full(conn_fd_)) {
+        return fail(CloseReason::io_error,
+                    "this process is out of file descriptors (RLIMIT_NOFILE): a message's "
+                    "memfd from the peer was dropped by the kernel; raise the limit (ulimit "
+                    "-n, systemd LimitNOFILE=) or keep fewer descriptors open");
+      }
       return fail(CloseReason::protocol_error, "the peer sent unexpected control data or fds");
     }
     if (n < 0) {
@@ -911,7 +919,14 @@ Io Endpoint::recv(AllocFn alloc, void* ctx, Received* out, Error* err) {
       ring::copy_payload(cons_, f, payload);
       int fd = read_carrier();  // sent before the frame was published
       if (fd < 0) {
-        fail(CloseReason::protocol_error, "region frame without its fd");
+        if (conn_fd_ >= 0 && os::fd_table_full(conn_fd_)) {
+          fail(CloseReason::io_error,
+               "this process is out of file descriptors (RLIMIT_NOFILE): a region "
+               "message's memfd was dropped by the kernel; raise the limit (ulimit -n, "
+               "systemd LimitNOFILE=) or keep fewer descriptors open");
+        } else {
+          fail(CloseReason::protocol_error, "region frame without its fd");
+        }
         return closed_result(err);
       }
       if (ring::consume(cons_, f, now)) os::signal_eventfd(peer_wake_fd_);

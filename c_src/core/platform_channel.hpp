@@ -64,6 +64,10 @@ long send_with_fds(int fd, const void* data, std::size_t len, const int* fds,
 /// received fds are appended to `fds`. *truncated: the kernel dropped fds or control data.
 long recv_with_fds(int fd, void* buf, std::size_t len, std::vector<int>* fds,
                    bool* truncated) noexcept;
+/// True if this process cannot open one more descriptor (EMFILE): the kernel then drops
+/// the descriptors of an SCM_RIGHTS message and sets MSG_CTRUNC, which is our limit, not
+/// a peer's fault. `any_fd` is an open descriptor to duplicate for the test.
+bool fd_table_full(int any_fd) noexcept;
 
 /// epoll helpers: level-triggered interest `events` (EPOLLIN = 1, EPOLLOUT = 4,
 /// EPOLLRDHUP = 0x2000) on fd; remove.

@@ -296,6 +296,15 @@ long recv_with_fds(int fd, void* buf, std::size_t len, std::vector<int>* fds,
   return n;
 }
 
+bool fd_table_full(int any_fd) noexcept {
+  int probe = ::fcntl(any_fd, F_DUPFD_CLOEXEC, 0);
+  if (probe >= 0) {
+    ::close(probe);
+    return false;
+  }
+  return errno == EMFILE || errno == ENFILE;
+}
+
 Result<int> make_epoll() {
   int fd = ::epoll_create1(EPOLL_CLOEXEC);
   if (fd < 0) return os_error("epoll_create1", errno);

@@ -70,8 +70,9 @@ class _Io(ctypes.Structure):
 
 class ChannelClosed(errors.SnakepitShmError, ConnectionError):
     """The channel is closed: ``reason`` is ``"peer_closed"`` (the Elixir side closed it
-    or died), ``"closed"`` (closed here) or ``"protocol_error"`` (the peer broke the
-    protocol)."""
+    or died), ``"closed"`` (closed here), ``"protocol_error"`` (the peer broke the
+    protocol) or ``"io_error"`` (this side failed, e.g. out of file descriptors: the
+    message says how)."""
 
     def __init__(self, reason, message=None):
         self.reason = reason
@@ -532,5 +533,13 @@ class Channel:
             if message == "protocol_error":
                 raise ChannelProtocolError(message, "the Elixir side broke the channel "
                                            "protocol; the channel is closed")
+            if message == "io_error":  # our side failed: say how (out of descriptors...)
+                raise ChannelClosed(message, "channel closed: io_error: " + self._detail())
             raise ChannelClosed(message or "peer_closed")
         raise OSError(_errno.EIO, f"channel failure: {message} (code {code})")
+
+    def _detail(self):
+        try:
+            return self.stats().get("close_detail") or "an I/O error on this side"
+        except Exception:  # the message must not hide the closing error
+            return "an I/O error on this side"

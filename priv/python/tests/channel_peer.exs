@@ -1,6 +1,7 @@
 # Elixir peer of priv/python/tests/test_channel.py: opens a Snakepit.SharedMemory.Channel
 # (transport from argv), prints its ref as one JSON line, then, in active mode:
-#   echo  - sends every message back ("stop" makes it close the channel);
+#   echo  - sends every message back ("stop" makes it close the channel, "big:N" makes
+#           it send N bytes instead: a region message above the inline threshold);
 #   mute  - never reads (back-pressure tests);
 # and prints "closed <reason>" when the channel closes.
 alias Snakepit.SharedMemory.{Channel, JSON}
@@ -16,6 +17,10 @@ loop = fn loop ->
     {:snakepit_shm_channel, ^ch, "stop"} ->
       Channel.close(ch)
       IO.puts("closed by_elixir")
+
+    {:snakepit_shm_channel, ^ch, "big:" <> n} ->
+      :ok = Channel.send(ch, :binary.copy("b", String.to_integer(n)))
+      loop.(loop)
 
     {:snakepit_shm_channel, ^ch, msg} ->
       :ok = Channel.send(ch, msg)

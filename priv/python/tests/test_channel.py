@@ -403,3 +403,33 @@ def test_stats_stay_valid_while_the_counters_move(owner):
         assert len(seen) > 10          # the counters did move under it
         ch.send(b"stop")
     assert owner.last_line() == "closed by_elixir"
+
+
+def test_a_worker_out_of_descriptors_is_told_so_not_blamed_on_the_peer(owner):
+    # A region message's memfd comes by SCM_RIGHTS; a process at RLIMIT_NOFILE gets it
+    # dropped by the kernel (MSG_CTRUNC). That used to close the channel as a
+    # "protocol_error" of the Elixir side.
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    held = []
+    with snakepit_shm.Channel.connect(owner.ref) as ch:
+        big = ch.inline_max + 1
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 8,
+                                                        hard))
+            while True:
+                try:
+                    held.append(os.dup(0))
+                except OSError:
+                    break
+            ch.send(b"big:%d" % big)
+            with pytest.raises(snakepit_shm.ChannelClosed) as closed:
+                ch.recv(timeout=30)
+        finally:
+            for fd in held:
+                os.close(fd)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        assert closed.value.reason == "io_error"
+        assert "out of file descriptors" in str(closed.value)
+        assert not isinstance(closed.value, snakepit_shm.ChannelProtocolError)
+    assert owner.last_line() == "closed peer_closed"
