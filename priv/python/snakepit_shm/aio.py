@@ -74,6 +74,7 @@ class AsyncChannel:
         """Receive one message (``bytes`` or a zero-copy ``memoryview``)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
+            self.channel._check_open()
             msg = self.channel._try_recv()
             if msg is not None:
                 return msg

@@ -70,8 +70,9 @@ class _Io(ctypes.Structure):
 
 class ChannelClosed(errors.SnakepitShmError, ConnectionError):
     """The channel is closed: ``reason`` is ``"peer_closed"`` (the Elixir side closed it
-    or died), ``"closed"`` (closed here) or ``"protocol_error"`` (the peer broke the
-    protocol)."""
+    or died), ``"closed"`` (closed here), ``"protocol_error"`` (the peer broke the
+    protocol) or ``"forked"`` (this process is a child forked from the one that connected
+    the channel: only that process may use or close it)."""
 
     def __init__(self, reason, message=None):
         self.reason = reason
@@ -199,6 +200,9 @@ class Channel:
         self._sleep_lock = threading.Lock()
         self._sleeper = False
         self._closed = False
+        # A child forked from this process inherits the socket and the rings: it may
+        # neither use them nor close them (shutdown() would end the parent's channel).
+        self._pid = os.getpid()
 
     @classmethod
     def connect(cls, ref, *, ack_mode="batch", max_batch_size=32, flush_interval=0.005,
@@ -498,16 +502,21 @@ class Channel:
 
         A thread blocked in :meth:`recv` on this channel wakes up and gets
         :class:`ChannelClosed`. The handle itself is freed when the object goes away
-        (never under a thread that is still inside the library)."""
+        (never under a thread that is still inside the library). In a child forked from
+        the process that connected the channel, it only marks this copy closed: the
+        parent's channel stays open."""
         if not self._closed:
             self._closed = True
-            self._lib.spshm_ch_close(self._h)
+            if os.getpid() == self._pid:
+                self._lib.spshm_ch_close(self._h)
 
     def _free(self):
         if self._h is not None:
             h, self._h = self._h, None
             self._io.ch = None
-            self._lib.spshm_ch_free(h)
+            if os.getpid() == self._pid:
+                self._lib.spshm_ch_free(h)
+            # else a forked child's copy: its descriptors stay open until it exits
 
     def __enter__(self):
         return self
@@ -523,6 +532,10 @@ class Channel:
             pass
 
     def _check_open(self):
+        if os.getpid() != self._pid:
+            raise ChannelClosed("forked", f"this channel belongs to process {self._pid}: "
+                                "a child forked from it cannot use it (connect a channel "
+                                "of its own)")
         if self._closed:
             raise ChannelClosed("closed", "the channel was closed by this process")
 

@@ -403,3 +403,42 @@ def test_stats_stay_valid_while_the_counters_move(owner):
         assert len(seen) > 10          # the counters did move under it
         ch.send(b"stop")
     assert owner.last_line() == "closed by_elixir"
+
+
+def test_a_forked_child_can_neither_use_nor_close_the_parents_channel(owner):
+    """A child forked while the channel is open shares its socket and rings: its close()
+    (leaving a ``with`` block, or the object's collection) shut the socket down under the
+    parent, which then lost its messages (shm: sent into a ring nobody reads) or saw
+    peer_closed; its send/recv raced the parent's on the same rings. In the child, every
+    use raises ChannelClosed("forked") and close() leaves the parent's channel alone."""
+    with snakepit_shm.Channel.connect(owner.ref) as ch:
+        ch.send(b"before")
+        assert ch.recv(timeout=10) == b"before"
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: report what each call did, then drop the channel
+            try:
+                report = []
+                for call in (lambda: ch.send(b"from the child"), lambda: ch.recv(timeout=0.2),
+                             ch.stats, ch.fileno):
+                    try:
+                        call()
+                        report.append("ok")
+                    except snakepit_shm.ChannelClosed as exc:
+                        report.append(exc.reason)
+                    except BaseException as exc:
+                        report.append(type(exc).__name__)
+                ch.close()
+                ch.__del__()
+                os.write(write_end, json.dumps(report).encode())
+            finally:
+                os._exit(0)
+        os.close(write_end)
+        os.waitpid(pid, 0)
+        with os.fdopen(read_end) as pipe:
+            assert json.loads(pipe.read()) == ["forked"] * 4
+        assert not ch.closed
+        ch.send(b"after")
+        assert ch.recv(timeout=10) == b"after"
+        ch.send(b"stop")
+    assert owner.last_line() == "closed by_elixir"
