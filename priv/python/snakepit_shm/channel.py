@@ -24,8 +24,10 @@ readable when something happened (for ``select``/``poll`` or ``loop.add_reader``
 :mod:`snakepit_shm.aio` for asyncio).  The Elixir side sees this process's death (even
 SIGKILL) at once, as EOF on the control socket.
 
-A Channel is not thread-safe for concurrent receivers (one consumer); ``send`` may be
-called from any thread, also while another thread waits in ``recv``. Only one thread at
+Any thread may call ``send``, also while another thread waits in ``recv``. Threads that
+receive at once take turns (``recv`` and ``recv_many`` share the channel's receive
+buffer): each message reaches one of them, whole; a receiver's ``timeout`` includes its
+wait for its turn. Only one thread at
 a time sleeps on the channel's wake-ups (they carry one "about to sleep" announcement
 per direction); a second thread that must wait meanwhile (a ``send`` on a full ring
 while a ``recv`` sleeps, or the other way round) retries with short pauses (50 µs
@@ -198,6 +200,8 @@ class Channel:
         self._poll.register(self._wait_fd, select.POLLIN)
         # The thread that sleeps on the wait fd (see the module doc), if any.
         self._sleep_lock = threading.Lock()
+        # One receiver at a time: recv/recv_many fill self._buf, self._io, self._batch.
+        self._recv_lock = threading.Lock()
         self._sleeper = False
         self._closed = False
         # A child forked from this process inherits the socket and the rings: it may
@@ -377,6 +381,23 @@ class Channel:
         """
         self._check_open()
         deadline = None if timeout is None else time.monotonic() + timeout
+        self._take_recv_turn(deadline)
+        try:
+            return self._recv(deadline)
+        finally:
+            self._recv_lock.release()
+
+    def _take_recv_turn(self, deadline):
+        if deadline is None:
+            self._recv_lock.acquire()
+        elif not self._recv_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise TimeoutError("no message on the channel within the timeout (another "
+                               "thread was receiving)")
+        if self._closed:  # closed while this thread waited for its turn
+            self._recv_lock.release()
+            self._check_open()
+
+    def _recv(self, deadline):
         if deadline is not None:
             msg = self._try_recv()
             if msg is not None:
@@ -412,8 +433,16 @@ class Channel:
         The messages after the first are taken with one call into the library per batch
         (not one per message): a stream of small messages costs a few hundred
         nanoseconds of Python per message."""
-        first = self.recv(timeout)
-        out = [first]
+        self._check_open()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._take_recv_turn(deadline)
+        try:
+            return self._recv_many(max_count, deadline)
+        finally:
+            self._recv_lock.release()
+
+    def _recv_many(self, max_count, deadline):
+        out = [self._recv(deadline)]
         while len(out) < max_count:
             if self._batch is None:
                 self._batch = ctypes.create_string_buffer(max(1 << 16, self._inline_max + 4))

@@ -442,3 +442,50 @@ def test_a_forked_child_can_neither_use_nor_close_the_parents_channel(owner):
         assert ch.recv(timeout=10) == b"after"
         ch.send(b"stop")
     assert owner.last_line() == "closed by_elixir"
+
+
+def test_threads_receiving_at_once_get_every_message_once_and_intact(owner):
+    """Several threads calling recv()/recv_many() on one channel: they shared the
+    channel's receive buffer, so one thread's message was overwritten by another's before
+    it was copied out (corrupt, duplicated and lost messages, silently). Receivers now
+    take turns; each message reaches exactly one of them, whole."""
+    import threading
+    count = 6000
+    got = [[] for _ in range(3)]
+    stop = threading.Event()
+
+    with snakepit_shm.Channel.connect(owner.ref) as ch:
+        def receiver(j):
+            try:
+                while not stop.is_set():
+                    try:
+                        if j == 2:
+                            got[j].extend(bytes(m) for m in ch.recv_many(50, timeout=0.2))
+                        else:
+                            got[j].append(bytes(ch.recv(timeout=0.2)))
+                    except TimeoutError:
+                        pass
+            except Exception as exc:  # reported by the assertion below
+                got[j].append(exc)
+
+        threads = [threading.Thread(target=receiver, args=(j,)) for j in range(3)]
+        for thread in threads:
+            thread.start()
+        try:
+            for i in range(count):
+                ch.send(b"%08d" % i + bytes([i % 251]) * (i % 700), timeout=30)
+            deadline = time.monotonic() + 30
+            while sum(map(len, got)) < count and time.monotonic() < deadline:
+                time.sleep(0.05)
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(10)
+        everything = got[0] + got[1] + got[2]
+        assert not [m for m in everything if not isinstance(m, bytes)]
+        ids = sorted(int(m[:8]) for m in everything)
+        assert ids == list(range(count))
+        assert all(m[8:] == bytes([int(m[:8]) % 251]) * (int(m[:8]) % 700) for m in everything)
+        for per_thread in got:     # each thread saw its share in order
+            mine = [int(m[:8]) for m in per_thread]
+            assert mine == sorted(mine)
