@@ -15,7 +15,7 @@ import asyncio
 import functools
 import time
 
-from .channel import Channel, WouldBlock
+from .channel import Channel, WouldBlock, _deadline
 
 __all__ = ["connect", "AsyncChannel"]
 
@@ -72,7 +72,7 @@ class AsyncChannel:
 
     async def recv(self, timeout=None):
         """Receive one message (``bytes`` or a zero-copy ``memoryview``)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = _deadline(timeout)
         while True:
             self.channel._check_open()
             msg = self.channel._try_recv()
@@ -84,7 +84,7 @@ class AsyncChannel:
 
     async def send(self, data, timeout=None):
         """Send one message, waiting (without blocking the loop) while the ring is full."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = _deadline(timeout)
         while True:
             try:
                 self.channel.send(data, timeout=0)

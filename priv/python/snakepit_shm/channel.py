@@ -38,6 +38,7 @@ taking the sleeper's wake-ups from it.
 import ctypes
 import errno as _errno
 import json
+import math
 import mmap
 import os
 import select
@@ -149,6 +150,16 @@ def layout():
     buf = ctypes.create_string_buffer(needed + 1)
     lib.spshm_channel_layout(buf, needed + 1)
     return json.loads(buf.value.decode("utf-8"))
+
+
+def _deadline(timeout):
+    """The monotonic time a wait of ``timeout`` seconds ends at; None: never (``None``
+    or ``math.inf``)."""
+    if timeout is None or timeout == math.inf:
+        return None
+    if timeout != timeout:
+        raise ValueError("timeout must be a number of seconds or None, not NaN")
+    return time.monotonic() + timeout
 
 
 def _parse_ref(ref):
@@ -276,8 +287,8 @@ class Channel:
     def send(self, data, timeout=None):
         """Send one message (any bytes-like object).
 
-        Blocks while the outgoing ring is full, up to ``timeout`` seconds (``None``:
-        forever; ``0``: raise :class:`WouldBlock` at once).  Raises
+        Blocks while the outgoing ring is full, up to ``timeout`` seconds (``None`` or
+        ``math.inf``: forever; ``0``: raise :class:`WouldBlock` at once).  Raises
         :class:`ChannelClosed` if the channel is closed.
         """
         self._check_open()
@@ -313,7 +324,7 @@ class Channel:
                 os.close(fd.value)
 
     def _send_loop(self, attempt, need, timeout):
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = _deadline(timeout)
         pause = _ASIDE_PAUSE_MIN
         while True:
             code = attempt()
@@ -375,12 +386,13 @@ class Channel:
         """Receive one message: ``bytes``, or a read-only ``memoryview`` (zero-copy) for
         a message above the inline threshold.
 
-        Waits up to ``timeout`` seconds (``None``: forever); raises ``TimeoutError``
-        when nothing came, :class:`ChannelClosed` once the channel is closed and every
-        message sent before the close has been received.
+        Waits up to ``timeout`` seconds (``None`` or ``math.inf``: forever; NaN raises
+        ``ValueError``); raises ``TimeoutError`` when nothing came, :class:`ChannelClosed`
+        once the channel is closed and every message sent before the close has been
+        received.
         """
         self._check_open()
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = _deadline(timeout)
         self._take_recv_turn(deadline)
         try:
             return self._recv(deadline)
@@ -390,7 +402,8 @@ class Channel:
     def _take_recv_turn(self, deadline):
         if deadline is None:
             self._recv_lock.acquire()
-        elif not self._recv_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+        elif not self._recv_lock.acquire(timeout=min(max(0.0, deadline - time.monotonic()),
+                                                     threading.TIMEOUT_MAX)):
             raise TimeoutError("no message on the channel within the timeout (another "
                                "thread was receiving)")
         if self._closed:  # closed while this thread waited for its turn
@@ -434,7 +447,7 @@ class Channel:
         (not one per message): a stream of small messages costs a few hundred
         nanoseconds of Python per message."""
         self._check_open()
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = _deadline(timeout)
         self._take_recv_turn(deadline)
         try:
             return self._recv_many(max_count, deadline)
@@ -487,7 +500,7 @@ class Channel:
                 self._poll.poll()
             else:
                 left = max(0.0, deadline - time.monotonic())
-                self._poll.poll(int(left * 1000) + 1)
+                self._poll.poll(int(min(left * 1000, 86_400_000)) + 1)
         self._handle_events()
 
     def _claim_sleep(self):

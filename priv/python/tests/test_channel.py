@@ -489,3 +489,71 @@ def test_threads_receiving_at_once_get_every_message_once_and_intact(owner):
         for per_thread in got:     # each thread saw its share in order
             mine = [int(m[:8]) for m in per_thread]
             assert mine == sorted(mine)
+
+
+def test_infinite_and_nan_timeouts(owner):
+    """timeout=math.inf means forever (it raised OverflowError: cannot convert float
+    infinity to integer), so does a huge finite one; NaN is refused with a ValueError that
+    names the timeout."""
+    import math
+    import threading
+    with snakepit_shm.Channel.connect(owner.ref) as ch:
+        timer = threading.Timer(0.1, ch.send, (b"late",))
+        timer.start()
+        try:
+            assert ch.recv(timeout=math.inf) == b"late"
+            timer.join()
+            timer = threading.Timer(0.1, ch.send, (b"later",))
+            timer.start()
+            assert ch.recv_many(5, timeout=math.inf) == [b"later"]
+            timer.join()
+            timer = threading.Timer(0.1, ch.send, (b"latest",))
+            timer.start()
+            assert ch.recv(timeout=1e300) == b"latest"
+        finally:
+            timer.cancel()
+        for call in (lambda: ch.recv(timeout=math.nan), lambda: ch.recv_many(2, math.nan)):
+            with pytest.raises(ValueError, match="timeout"):
+                call()
+
+        async def main():
+            achan = aio.AsyncChannel(ch)
+            await achan.send(b"async", timeout=math.inf)
+            assert await achan.recv(timeout=math.inf) == b"async"
+            with pytest.raises(ValueError, match="timeout"):
+                await achan.recv(timeout=math.nan)
+
+        asyncio.run(main())
+
+
+@pytest.mark.parametrize("timeout", [float("inf"), 1e300])
+@pytest.mark.parametrize("transport", ["shm", "socket"])
+def test_send_with_an_infinite_timeout_waits_on_a_full_ring(transport, timeout):
+    import threading
+    try:
+        mute = Owner(transport, "mute")
+    except LookupError as exc:
+        pytest.skip(str(exc))
+    try:
+        with snakepit_shm.Channel.connect(mute.ref) as ch:
+            with pytest.raises(snakepit_shm.WouldBlock):
+                for _ in range(100000):
+                    ch.send(b"x" * 1000, timeout=0)
+            outcome = []
+
+            def sender():
+                try:
+                    while True:  # the socket transport's buffers may take a few more
+                        ch.send(b"y" * 1000, timeout=timeout)
+                except Exception as exc:
+                    outcome.append(exc)
+
+            thread = threading.Thread(target=sender)
+            thread.start()
+            time.sleep(0.3)
+            ch.close()
+            thread.join(5)
+            assert not thread.is_alive()
+            assert len(outcome) == 1 and isinstance(outcome[0], snakepit_shm.ChannelClosed)
+    finally:
+        mute.kill()
