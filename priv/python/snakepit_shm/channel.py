@@ -184,7 +184,7 @@ class Channel:
     def __init__(self, handle, ref, spin=50e-6):
         """Use :meth:`Channel.connect`."""
         self._spin = spin
-        self._spin_ns = max(0, int(spin * 1e9))
+        self._spin_ns = min(max(0, int(spin * 1e9)), (1 << 64) - 1)
         self._lib = _lib()
         self._h = ctypes.c_void_p(handle)
         self._ref = ref
@@ -227,9 +227,10 @@ class Channel:
         ``ack_mode`` (``"batch"``, ``"immediate"`` or ``"deferred"``), ``max_batch_size``
         and ``flush_interval`` (seconds) say how often this side publishes how far it
         has read the incoming ring; ``max_message_size`` bounds the region messages it
-        accepts; ``timeout`` bounds the handshake; ``recv`` polls the ring for up to
-        ``spin`` seconds (default 50 µs, 0 to never spin) before it sleeps on the doorbell,
-        which saves a wake-up when the answer is quick.  It spins only while the other
+        accepts; ``timeout`` bounds the handshake (seconds; ``math.inf`` allowed, a value
+        out of range raises ``ValueError``); ``recv`` polls the ring for up to ``spin``
+        seconds (default 50 µs, 0 to never spin) before it sleeps on the doorbell, which
+        saves a wake-up when the answer is quick.  It spins only while the other
         tasks runnable right now are fewer than the CPUs (``stats()``: ``spin_hits``,
         ``spin_misses``): on a busy machine a spinning worker would take the CPU its
         peer needs to answer.  ``recv`` waits inside the C library with the GIL
@@ -240,13 +241,31 @@ class Channel:
         ref = _parse_ref(ref)
         if ack_mode not in _ACK_MODES:
             raise ValueError(f"ack_mode must be one of {sorted(_ACK_MODES)}")
+        # The C library takes fixed-size integers: check here what ctypes would wrap.
+        max_batch_size = int(max_batch_size)
+        if not 1 <= max_batch_size < 1 << 32:
+            raise ValueError(f"max_batch_size must be between 1 and 2**32 - 1, "
+                             f"got {max_batch_size}")
+        if not 0 <= flush_interval < math.inf:
+            raise ValueError(f"flush_interval must be a finite number of seconds >= 0, "
+                             f"got {flush_interval!r}")
+        max_message_size = int(max_message_size)
+        if not 0 <= max_message_size < 1 << 64:
+            raise ValueError(f"max_message_size must be between 0 and 2**64 - 1, "
+                             f"got {max_message_size}")
+        if timeout is None or timeout != timeout:
+            raise ValueError(f"timeout must be a number of seconds, got {timeout!r}")
+        if not -math.inf < spin < math.inf:
+            raise ValueError(f"spin must be a finite number of seconds, got {spin!r}")
+        timeout_ms = int(min(max(timeout, 0) * 1000, 2**31 - 1))  # math.inf: ~25 days
         lib = _lib()
         out = ctypes.c_void_p()
         err = ctypes.create_string_buffer(_ERR_LEN)
         code = lib.spshm_ch_connect(ref["path"].encode(), ref["token"].encode(),
-                                    _ACK_MODES[ack_mode], int(max_batch_size),
-                                    int(flush_interval * 1e9), int(max_message_size),
-                                    int(timeout * 1000), ctypes.byref(out), err, _ERR_LEN)
+                                    _ACK_MODES[ack_mode], max_batch_size,
+                                    min(int(flush_interval * 1e9), (1 << 64) - 1),
+                                    max_message_size, timeout_ms, ctypes.byref(out), err,
+                                    _ERR_LEN)
         if code != 0:
             message = err.value.decode("utf-8", "replace")
             if code == _native.E_PERMISSION_DENIED:

@@ -557,3 +557,30 @@ def test_send_with_an_infinite_timeout_waits_on_a_full_ring(transport, timeout):
             assert len(outcome) == 1 and isinstance(outcome[0], snakepit_shm.ChannelClosed)
     finally:
         mute.kill()
+
+
+def test_connect_checks_its_numeric_options(owner):
+    """connect's numbers went to C integers unchecked: timeout=math.inf raised
+    OverflowError, a timeout above 2**31 ms (about 25 days) wrapped negative and failed at
+    once, max_batch_size=-1 / flush_interval=-1 / max_message_size=-1 wrapped to huge
+    unsigned values silently, max_batch_size=0 came out as a ConnectionRefusedError.
+    Now: an infinite or huge timeout waits as long as needed, bad values raise ValueError
+    naming the option (before anything is sent to the owner)."""
+    import math
+    for bad in (dict(max_batch_size=0), dict(max_batch_size=-1),
+                dict(max_batch_size=1 << 32), dict(flush_interval=-1),
+                dict(flush_interval=math.nan), dict(max_message_size=-1),
+                dict(timeout=math.nan), dict(spin=math.inf), dict(spin=math.nan)):
+        with pytest.raises(ValueError, match=list(bad)[0]):
+            snakepit_shm.Channel.connect(owner.ref, **bad)
+    with snakepit_shm.Channel.connect(owner.ref, timeout=3e6) as ch:   # 3e9 ms
+        ch.send(b"ok")
+        assert ch.recv(timeout=10) == b"ok"
+    assert owner.last_line() == "closed peer_closed"
+
+
+def test_connect_with_an_infinite_timeout(owner):
+    import math
+    with snakepit_shm.Channel.connect(owner.ref, timeout=math.inf) as ch:
+        ch.send(b"ok")
+        assert ch.recv(timeout=10) == b"ok"
