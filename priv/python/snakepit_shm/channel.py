@@ -465,6 +465,8 @@ class Channel:
         The messages after the first are taken with one call into the library per batch
         (not one per message): a stream of small messages costs a few hundred
         nanoseconds of Python per message."""
+        if max_count < 1:
+            raise ValueError(f"max_count must be at least 1, got {max_count}")
         self._check_open()
         deadline = _deadline(timeout)
         self._take_recv_turn(deadline)

@@ -584,3 +584,14 @@ def test_connect_with_an_infinite_timeout(owner):
     with snakepit_shm.Channel.connect(owner.ref, timeout=math.inf) as ch:
         ch.send(b"ok")
         assert ch.recv(timeout=10) == b"ok"
+
+
+def test_recv_many_refuses_a_count_below_one(owner):
+    """recv_many(0) (or a negative count) returned one message anyway, more than asked;
+    it raises ValueError and leaves the message for the next receive."""
+    with snakepit_shm.Channel.connect(owner.ref) as ch:
+        ch.send(b"kept")
+        for count in (0, -1):
+            with pytest.raises(ValueError, match="max_count"):
+                ch.recv_many(count, timeout=10)
+        assert ch.recv_many(1, timeout=10) == [b"kept"]
