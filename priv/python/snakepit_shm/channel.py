@@ -27,12 +27,12 @@ SIGKILL) at once, as EOF on the control socket.
 Any thread may call ``send``, also while another thread waits in ``recv``. Threads that
 receive at once take turns (``recv`` and ``recv_many`` share the channel's receive
 buffer): each message reaches one of them, whole; a receiver's ``timeout`` includes its
-wait for its turn. Only one thread at
-a time sleeps on the channel's wake-ups (they carry one "about to sleep" announcement
-per direction); a second thread that must wait meanwhile (a ``send`` on a full ring
-while a ``recv`` sleeps, or the other way round) retries with short pauses (50 µs
-doubling to 5 ms) until it gets through or the sleeping thread returns, instead of
-taking the sleeper's wake-ups from it.
+wait for its turn. Only one thread at a time sleeps on the channel's wake-ups (they
+carry one "about to sleep" announcement per direction); a second thread that must wait
+meanwhile (a ``send`` on a full ring while a ``recv`` sleeps, or the other way round)
+retries with short pauses (50 µs doubling to 5 ms) until it gets through or the sleeping
+thread returns, instead of taking the sleeper's wake-ups from it. A signal handler that receives or sends while its
+thread waits in ``recv`` counts as that thread (the wait in the library has returned).
 """
 
 import ctypes
@@ -212,8 +212,10 @@ class Channel:
         # The thread that sleeps on the wait fd (see the module doc), if any.
         self._sleep_lock = threading.Lock()
         # One receiver at a time: recv/recv_many fill self._buf, self._io, self._batch.
-        self._recv_lock = threading.Lock()
-        self._sleeper = False
+        self._recv_lock = threading.RLock()  # re-entered by a signal handler
+        # [thread ident, depth, between_waits]: between_waits while that thread sleeps
+        # only inside the library (recv), whose wait has ended when a signal handler runs.
+        self._sleeper = None
         self._closed = False
         # A child forked from this process inherits the socket and the rings: it may
         # neither use them nor close them (shutdown() would end the parent's channel).
@@ -444,7 +446,7 @@ class Channel:
                     raise TimeoutError("no message on the channel within the timeout")
                 # in slices of at most a day: the library takes an int of milliseconds
                 wait_ms = min(int(left * 1000) + 1, 86_400_000)
-            if self._claim_sleep():
+            if self._claim_sleep(True):
                 try:
                     # None: nothing in time, or a signal (its handler runs now; it may raise)
                     msg = self._recv_wait(wait_ms)
@@ -524,17 +526,26 @@ class Channel:
                 self._poll.poll(int(min(left * 1000, 86_400_000)) + 1)
         self._handle_events()
 
-    def _claim_sleep(self):
-        """True if the calling thread may sleep on the wait fd (no other thread does)."""
+    def _claim_sleep(self, between_waits=False):
+        """True if the calling thread may sleep on the wait fd: no other thread does, or
+        this thread's own claim is a recv whose wait in the library has returned (a
+        signal handler receiving or sending on the channel meanwhile)."""
+        me = threading.get_ident()
         with self._sleep_lock:
-            if self._sleeper:
-                return False
-            self._sleeper = True
-            return True
+            sleeper = self._sleeper
+            if sleeper is None:
+                self._sleeper = [me, 1, between_waits]
+                return True
+            if sleeper[0] == me and sleeper[2]:
+                sleeper[1] += 1
+                return True
+            return False
 
     def _release_sleep(self):
         with self._sleep_lock:
-            self._sleeper = False
+            self._sleeper[1] -= 1
+            if self._sleeper[1] == 0:
+                self._sleeper = None
 
     def _pause_aside(self, pause, deadline):
         """Another thread sleeps on the wait fd: pause without touching it (its wake-ups

@@ -595,3 +595,29 @@ def test_recv_many_refuses_a_count_below_one(owner):
             with pytest.raises(ValueError, match="max_count"):
                 ch.recv_many(count, timeout=10)
         assert ch.recv_many(1, timeout=10) == [b"kept"]
+
+
+def test_a_signal_handler_may_receive_while_its_thread_waits_in_recv(owner):
+    """A signal handler runs in the thread that waits in recv(); if it receives on the
+    same channel it must not wait for that thread's own turn (a self-deadlock)."""
+    import threading
+    got = []
+
+    def handler(signum, frame):
+        ch.send(b"in the handler")
+        got.append(ch.recv(timeout=5))
+
+    previous = signal.signal(signal.SIGALRM, handler)
+    try:
+        with snakepit_shm.Channel.connect(owner.ref) as ch:
+            signal.setitimer(signal.ITIMER_REAL, 0.2)
+            later = threading.Timer(1.0, ch.send, (b"for the main recv",))
+            later.start()
+            try:
+                assert ch.recv(timeout=10) == b"for the main recv"
+            finally:
+                later.cancel()
+            assert got == [b"in the handler"]
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
