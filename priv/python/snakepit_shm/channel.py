@@ -31,8 +31,9 @@ wait for its turn. Only one thread at a time sleeps on the channel's wake-ups (t
 carry one "about to sleep" announcement per direction); a second thread that must wait
 meanwhile (a ``send`` on a full ring while a ``recv`` sleeps, or the other way round)
 retries with short pauses (50 µs doubling to 5 ms) until it gets through or the sleeping
-thread returns, instead of taking the sleeper's wake-ups from it. A signal handler that receives or sends while its
-thread waits in ``recv`` counts as that thread (the wait in the library has returned).
+thread returns, instead of taking the sleeper's wake-ups from it. A signal handler that
+receives or sends while its thread waits in ``recv`` counts as that thread (the wait in
+the library has returned).
 """
 
 import ctypes
