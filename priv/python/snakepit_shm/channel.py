@@ -45,6 +45,7 @@ import os
 import select
 import threading
 import time
+import weakref
 
 from . import _native, errors
 
@@ -221,6 +222,7 @@ class Channel:
         # A child forked from this process inherits the socket and the rings: it may
         # neither use them nor close them (shutdown() would end the parent's channel).
         self._pid = os.getpid()
+        _connected.add(self)
 
     @classmethod
     def connect(cls, ref, *, ack_mode="batch", max_batch_size=32, flush_interval=0.005,
@@ -607,11 +609,11 @@ class Channel:
             pass
 
     def _check_open(self):
-        if os.getpid() != self._pid:
-            raise ChannelClosed("forked", f"this channel belongs to process {self._pid}: "
-                                "a child forked from it cannot use it (connect a channel "
-                                "of its own)")
-        if self._closed:
+        if self._closed:  # also set in a forked child (_after_fork_in_child)
+            if os.getpid() != self._pid:
+                raise ChannelClosed("forked", f"this channel belongs to process "
+                                    f"{self._pid}: a child forked from it cannot use it "
+                                    "(connect a channel of its own)")
             raise ChannelClosed("closed", "the channel was closed by this process")
 
     def _raise(self, code, err=None):
@@ -622,3 +624,18 @@ class Channel:
                                            "protocol; the channel is closed")
             raise ChannelClosed(message or "peer_closed")
         raise OSError(_errno.EIO, f"channel failure: {message} (code {code})")
+
+
+# Every Channel of this process, so that a forked child marks its copies closed at once
+# (the check costs the hot paths nothing); close() and the handle's release also compare
+# the pid, for a fork this hook does not see.
+_connected = weakref.WeakSet()
+
+
+def _after_fork_in_child():
+    for ch in list(_connected):
+        ch._closed = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
