@@ -2,6 +2,7 @@
 # (transport from argv), prints its ref as one JSON line, then, in active mode:
 #   echo  - sends every message back ("stop" makes it close the channel);
 #   mute  - never reads (back-pressure tests);
+#   sink  - reads every message and never answers ("stop" closes the channel);
 # and prints "closed <reason>" when the channel closes.
 alias Snakepit.SharedMemory.{Channel, JSON}
 
@@ -18,7 +19,7 @@ loop = fn loop ->
       IO.puts("closed by_elixir")
 
     {:snakepit_shm_channel, ^ch, msg} ->
-      :ok = Channel.send(ch, msg)
+      if mode != "sink", do: :ok = Channel.send(ch, msg)
       loop.(loop)
 
     {:snakepit_shm_channel_closed, ^ch, reason} ->

@@ -621,3 +621,35 @@ def test_a_signal_handler_may_receive_while_its_thread_waits_in_recv(owner):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("transport", ["shm", "socket"])
+def test_asyncio_sender_waiting_for_space_beside_a_waiting_receiver(transport):
+    """A task waits in recv() (nothing comes: the peer only reads) while another sends
+    faster than the peer reads. Each woken task called handle_events(), which withdraws
+    every "about to sleep" announcement of the channel, also the one the other task had
+    just made: that task then slept unannounced, the peer never rang, and send hung."""
+    try:
+        sink = Owner(transport, "sink")
+    except LookupError as exc:
+        pytest.skip(str(exc))
+
+    async def main():
+        ch = await aio.connect(sink.ref)
+        async with ch:
+            receiver = asyncio.create_task(ch.recv())
+
+            async def sender():
+                for i in range(3000):
+                    await ch.send(bytes([i % 251]) * 12_000)
+
+            await asyncio.wait_for(sender(), 30)   # hung after a few messages
+            assert not receiver.done()
+            receiver.cancel()
+            await ch.send(b"stop")
+
+    try:
+        asyncio.run(main())
+        assert sink.last_line() == "closed by_elixir"
+    finally:
+        sink.kill()
