@@ -98,9 +98,9 @@ class AsyncChannel:
             except WouldBlock:
                 if deadline is not None and time.monotonic() >= deadline:
                     raise
-                await self._wait(False, True, 16 if len(memoryview(data)) >
-                                 self.channel.inline_max else len(memoryview(data)),
-                                 deadline)
+                size = memoryview(data).nbytes  # bytes, not elements (array('i'), numpy)
+                await self._wait(False, True,
+                                 16 if size > self.channel.inline_max else size, deadline)
 
     def fileno(self):
         """The channel's wait descriptor."""

@@ -653,3 +653,44 @@ def test_asyncio_sender_waiting_for_space_beside_a_waiting_receiver(transport):
         assert sink.last_line() == "closed by_elixir"
     finally:
         sink.kill()
+
+
+@pytest.mark.parametrize("transport", ["shm", "socket"])
+def test_asyncio_send_of_a_typed_buffer_waits_without_freezing_the_loop(transport):
+    """aio send measured the message as len(memoryview(data)): elements, not bytes (an
+    array('i') of 320 items is 1280 bytes, not 320). On a full ring it waited for room
+    for 320 bytes, found it, tried again, failed again: a busy loop that never yielded,
+    freezing the event loop (here for the whole timeout; without one, for good)."""
+    import array
+    try:
+        mute = Owner(transport, "mute")
+    except LookupError as exc:
+        pytest.skip(str(exc))
+
+    async def main():
+        ch = await aio.connect(mute.ref)
+        async with ch:
+            typed = array.array("i", range(320))   # 1280 bytes; the ring's last 1136 free
+            with pytest.raises(snakepit_shm.WouldBlock):
+                for _ in range(100000):
+                    ch.channel.send(typed, timeout=0)
+            ticks = 0
+
+            async def ticker():
+                nonlocal ticks
+                while True:
+                    await asyncio.sleep(0.01)
+                    ticks += 1
+
+            task = asyncio.create_task(ticker())
+            await asyncio.sleep(0)
+            with pytest.raises(snakepit_shm.WouldBlock):
+                for _ in range(1000):
+                    await ch.send(typed, timeout=0.5)
+            task.cancel()
+            assert ticks >= 10     # the loop ran meanwhile
+
+    try:
+        asyncio.run(main())
+    finally:
+        mute.kill()
