@@ -694,3 +694,34 @@ def test_asyncio_send_of_a_typed_buffer_waits_without_freezing_the_loop(transpor
         asyncio.run(main())
     finally:
         mute.kill()
+
+
+def test_the_spin_ends_at_the_timeout_and_at_close(owner, monkeypatch):
+    """recv spun for the whole ``spin`` before it looked at its timeout or at a close:
+    with spin=0.5, recv(timeout=0.05) took half a second, and close() from another thread
+    did not end a recv() until its spin was over (spin=50 - meant as µs, like Elixir's
+    :spin - burnt 50 s of CPU per idle recv, deaf to close)."""
+    import threading
+    if owner.transport != "shm":
+        pytest.skip("the spin watches the shared-memory ring")
+    monkeypatch.setenv("SNAKEPIT_SHM_CHANNEL_LOADAVG", "0")   # a CPU is free: it spins
+    time.sleep(0.25)
+    second = Owner("shm")
+    try:
+        with snakepit_shm.Channel.connect(owner.ref, spin=0.5) as ch:
+            t0 = time.monotonic()
+            with pytest.raises(TimeoutError):
+                ch.recv(timeout=0.05)
+            assert time.monotonic() - t0 < 0.3
+        with snakepit_shm.Channel.connect(second.ref, spin=5.0) as ch:
+            closer = threading.Timer(0.2, ch.close)
+            closer.start()
+            t0 = time.monotonic()
+            with pytest.raises(snakepit_shm.ChannelClosed):
+                ch.recv()
+            assert time.monotonic() - t0 < 2.0
+            closer.join()
+    finally:
+        second.kill()
+        monkeypatch.delenv("SNAKEPIT_SHM_CHANNEL_LOADAVG")
+        time.sleep(0.25)
