@@ -42,9 +42,10 @@ int spshm_ch_send_region(spshm_channel* ch, int fd, uint64_t size, char* err, si
  * write-sealed memfd (*fd_out, the caller owns it) of *size_out bytes, or 1. */
 int spshm_ch_recv(spshm_channel* ch, void* buf, size_t buflen, uint32_t* length_out, int* fd_out,
                   uint64_t* size_out, char* err, size_t errlen);
-/* As spshm_ch_recv, but waits: re-checks the ring for up to spin_ns, then sleeps on the
- * doorbell up to timeout_ms (-1 forever). 1: nothing in time, or a signal interrupted the
- * wait. Call it without holding a lock others need (Python: ctypes releases the GIL). */
+/* As spshm_ch_recv, but waits: re-checks the ring for up to spin_ns (never past timeout_ms,
+ * and not after a close), then sleeps on the doorbell up to timeout_ms (-1 forever). 1:
+ * nothing in time, or a signal interrupted the wait. Call it without holding a lock others
+ * need (Python: ctypes releases the GIL). */
 int spshm_ch_recv_wait(spshm_channel* ch, void* buf, size_t buflen, uint32_t* length_out,
                        int* fd_out, uint64_t* size_out, uint64_t spin_ns, int timeout_ms, char* err,
                        size_t errlen);

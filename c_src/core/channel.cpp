@@ -368,6 +368,7 @@ void Endpoint::fail(CloseReason reason, const std::string& detail) {
   if (reason_ != CloseReason::none) return;
   reason_ = reason;
   detail_ = detail;
+  failed_.store(true, std::memory_order_relaxed);
   state_ = State::closed;
   if (conn_fd_ >= 0) {
     ::shutdown(conn_fd_, SHUT_RDWR);  // the peer sees EOF now
@@ -978,7 +979,11 @@ Io Endpoint::recv_wait(AllocFn alloc, void* ctx, Received* out, Error* err, std:
   // the other runnable tasks are fewer than the CPUs (os::cpus_idle). A spin that
   // shrinks after misses was tried and rejected: on a quiet machine it settles where both
   // sides sleep and every round trip pays two deep wake-ups (bench/FINDINGS.md 8.1).
-  const std::uint64_t spin = spin_ns > 0 && shm && os::cpus_idle() ? spin_ns : 0;
+  std::uint64_t spin = spin_ns > 0 && shm && os::cpus_idle() ? spin_ns : 0;
+  // Never past the caller's timeout; a close (another thread) ends it too, below.
+  if (timeout_ms >= 0 && spin > static_cast<std::uint64_t>(timeout_ms) * 1000000) {
+    spin = static_cast<std::uint64_t>(timeout_ms) * 1000000;
+  }
   if (spin > 0) {
     // Only this (the single consumer's) thread touches cons_; the mapping lives as long
     // as the endpoint. The head is read without the mutex, recv() validates it.
@@ -991,7 +996,7 @@ Io Endpoint::recv_wait(AllocFn alloc, void* ctx, Received* out, Error* err, std:
         }
         os::cpu_relax();
       }
-    } while (os::monotonic_ns() < until);
+    } while (os::monotonic_ns() < until && !failed_.load(std::memory_order_relaxed));
     spin_misses_.fetch_add(1, std::memory_order_relaxed);
   }
   const std::uint64_t start = os::monotonic_ns();

@@ -130,7 +130,8 @@ class Endpoint {
   Io recv(AllocFn alloc, void* ctx, Received* out, Error* err);
   /// Blocking receive for a worker thread (the Python client): recv(); if nothing is
   /// there, re-checks the ring for up to `spin_ns` (a reply that comes quickly then costs
-  /// no doorbell and no wake-up), then announces the sleep and waits on wait_fd() up to
+  /// no doorbell and no wake-up; never past `timeout_ms`, and it ends at a close made by
+  /// another thread), then announces the sleep and waits on wait_fd() up to
   /// `timeout_ms` (-1: forever). would_block: nothing within the timeout, or a signal
   /// interrupted the wait (the caller runs its handlers, checks its deadline, calls again).
   /// Takes the mutex only inside recv()/prepare_wait()/handle_events(): send() from
@@ -203,6 +204,8 @@ class Endpoint {
   std::vector<std::uint8_t> staging_;
   std::uint64_t seq_out_ = 0, seq_in_ = 0;
   std::atomic<std::uint64_t> spin_hits_{0}, spin_misses_{0};
+  // Set by fail(): recv_wait()'s spin (which runs without the mutex) stops at a close.
+  std::atomic<bool> failed_{false};
   Stats st_;
 };
 

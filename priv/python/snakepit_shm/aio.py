@@ -15,7 +15,7 @@ import asyncio
 import functools
 import time
 
-from .channel import Channel, WouldBlock
+from .channel import Channel, WouldBlock, _deadline
 
 __all__ = ["connect", "AsyncChannel"]
 
@@ -40,40 +40,47 @@ class AsyncChannel:
         self._waiters = set()
         self._reader_fd = None
 
-    def _wake_all(self):
+    def _events(self):
+        """Take the channel's events and wake every waiting task: taking them withdraws
+        every "about to sleep" announcement of the channel, the other tasks' too, so each
+        of them must look again and announce again before it sleeps (a task left asleep
+        unannounced is never rung: a send waiting for space beside a waiting recv hung)."""
+        self.channel._handle_events()
         for fut in self._waiters:
             if not fut.done():
                 fut.set_result(None)
 
     async def _wait(self, want_data, want_space, need, deadline):
         ch = self.channel
-        if ch._prepare_wait(want_data, want_space, need):
-            loop = asyncio.get_running_loop()
-            fut = loop.create_future()
+        if not ch._prepare_wait(want_data, want_space, need):
+            self._events()  # ready now (or closed): the caller looks again
+            return
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        if not self._waiters:
+            self._reader_fd = ch.fileno()
+            loop.add_reader(self._reader_fd, self._events)
+        self._waiters.add(fut)
+        try:
+            if deadline is None:
+                await fut
+            else:
+                left = max(0.0, deadline - time.monotonic())
+                try:
+                    await asyncio.wait_for(fut, left)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            self._waiters.discard(fut)
             if not self._waiters:
-                self._reader_fd = ch.fileno()
-                loop.add_reader(self._reader_fd, self._wake_all)
-            self._waiters.add(fut)
-            try:
-                if deadline is None:
-                    await fut
-                else:
-                    left = max(0.0, deadline - time.monotonic())
-                    try:
-                        await asyncio.wait_for(fut, left)
-                    except asyncio.TimeoutError:
-                        pass
-            finally:
-                self._waiters.discard(fut)
-                if not self._waiters:
-                    loop.remove_reader(self._reader_fd)
-                    self._reader_fd = None
-        ch._handle_events()
+                loop.remove_reader(self._reader_fd)
+                self._reader_fd = None
 
     async def recv(self, timeout=None):
         """Receive one message (``bytes`` or a zero-copy ``memoryview``)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = _deadline(timeout)
         while True:
+            self.channel._check_open()
             msg = self.channel._try_recv()
             if msg is not None:
                 return msg
@@ -83,7 +90,7 @@ class AsyncChannel:
 
     async def send(self, data, timeout=None):
         """Send one message, waiting (without blocking the loop) while the ring is full."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = _deadline(timeout)
         while True:
             try:
                 self.channel.send(data, timeout=0)
@@ -91,9 +98,9 @@ class AsyncChannel:
             except WouldBlock:
                 if deadline is not None and time.monotonic() >= deadline:
                     raise
-                await self._wait(False, True, 16 if len(memoryview(data)) >
-                                 self.channel.inline_max else len(memoryview(data)),
-                                 deadline)
+                size = memoryview(data).nbytes  # bytes, not elements (array('i'), numpy)
+                await self._wait(False, True,
+                                 16 if size > self.channel.inline_max else size, deadline)
 
     def fileno(self):
         """The channel's wait descriptor."""

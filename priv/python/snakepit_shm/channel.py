@@ -24,23 +24,28 @@ readable when something happened (for ``select``/``poll`` or ``loop.add_reader``
 :mod:`snakepit_shm.aio` for asyncio).  The Elixir side sees this process's death (even
 SIGKILL) at once, as EOF on the control socket.
 
-A Channel is not thread-safe for concurrent receivers (one consumer); ``send`` may be
-called from any thread, also while another thread waits in ``recv``. Only one thread at
-a time sleeps on the channel's wake-ups (they carry one "about to sleep" announcement
-per direction); a second thread that must wait meanwhile (a ``send`` on a full ring
-while a ``recv`` sleeps, or the other way round) retries with short pauses (50 µs
-doubling to 5 ms) until it gets through or the sleeping thread returns, instead of
-taking the sleeper's wake-ups from it.
+Any thread may call ``send``, also while another thread waits in ``recv``. Threads that
+receive at once take turns (``recv`` and ``recv_many`` share the channel's receive
+buffer): each message reaches one of them, whole; a receiver's ``timeout`` includes its
+wait for its turn. Only one thread at a time sleeps on the channel's wake-ups (they
+carry one "about to sleep" announcement per direction); a second thread that must wait
+meanwhile (a ``send`` on a full ring while a ``recv`` sleeps, or the other way round)
+retries with short pauses (50 µs doubling to 5 ms) until it gets through or the sleeping
+thread returns, instead of taking the sleeper's wake-ups from it. A signal handler that
+receives or sends while its thread waits in ``recv`` counts as that thread (the wait in
+the library has returned).
 """
 
 import ctypes
 import errno as _errno
 import json
+import math
 import mmap
 import os
 import select
 import threading
 import time
+import weakref
 
 from . import _native, errors
 
@@ -71,8 +76,9 @@ class _Io(ctypes.Structure):
 class ChannelClosed(errors.SnakepitShmError, ConnectionError):
     """The channel is closed: ``reason`` is ``"peer_closed"`` (the Elixir side closed it
     or died), ``"closed"`` (closed here), ``"protocol_error"`` (the peer broke the
-    protocol) or ``"io_error"`` (this side failed, e.g. out of file descriptors: the
-    message says how)."""
+    protocol), ``"io_error"`` (this side failed, e.g. out of file descriptors: the
+    message says how) or ``"forked"`` (this process is a child forked from the one that
+    connected the channel: only that process may use or close it)."""
 
     def __init__(self, reason, message=None):
         self.reason = reason
@@ -149,6 +155,16 @@ def layout():
     return json.loads(buf.value.decode("utf-8"))
 
 
+def _deadline(timeout):
+    """The monotonic time a wait of ``timeout`` seconds ends at; None: never (``None``
+    or ``math.inf``)."""
+    if timeout is None or timeout == math.inf:
+        return None
+    if timeout != timeout:
+        raise ValueError("timeout must be a number of seconds or None, not NaN")
+    return time.monotonic() + timeout
+
+
 def _parse_ref(ref):
     if isinstance(ref, (str, bytes)):
         try:
@@ -171,7 +187,7 @@ class Channel:
     def __init__(self, handle, ref, spin=50e-6):
         """Use :meth:`Channel.connect`."""
         self._spin = spin
-        self._spin_ns = max(0, int(spin * 1e9))
+        self._spin_ns = min(max(0, int(spin * 1e9)), (1 << 64) - 1)
         self._lib = _lib()
         self._h = ctypes.c_void_p(handle)
         self._ref = ref
@@ -198,8 +214,16 @@ class Channel:
         self._poll.register(self._wait_fd, select.POLLIN)
         # The thread that sleeps on the wait fd (see the module doc), if any.
         self._sleep_lock = threading.Lock()
-        self._sleeper = False
+        # One receiver at a time: recv/recv_many fill self._buf, self._io, self._batch.
+        self._recv_lock = threading.RLock()  # re-entered by a signal handler
+        # [thread ident, depth, between_waits]: between_waits while that thread sleeps
+        # only inside the library (recv), whose wait has ended when a signal handler runs.
+        self._sleeper = None
         self._closed = False
+        # A child forked from this process inherits the socket and the rings: it may
+        # neither use them nor close them (shutdown() would end the parent's channel).
+        self._pid = os.getpid()
+        _connected.add(self)
 
     @classmethod
     def connect(cls, ref, *, ack_mode="batch", max_batch_size=32, flush_interval=0.005,
@@ -209,9 +233,10 @@ class Channel:
         ``ack_mode`` (``"batch"``, ``"immediate"`` or ``"deferred"``), ``max_batch_size``
         and ``flush_interval`` (seconds) say how often this side publishes how far it
         has read the incoming ring; ``max_message_size`` bounds the region messages it
-        accepts; ``timeout`` bounds the handshake; ``recv`` polls the ring for up to
-        ``spin`` seconds (default 50 µs, 0 to never spin) before it sleeps on the doorbell,
-        which saves a wake-up when the answer is quick.  It spins only while the other
+        accepts; ``timeout`` bounds the handshake (seconds; ``math.inf`` allowed, a value
+        out of range raises ``ValueError``); ``recv`` polls the ring for up to ``spin``
+        seconds (default 50 µs, 0 to never spin) before it sleeps on the doorbell, which
+        saves a wake-up when the answer is quick.  It spins only while the other
         tasks runnable right now are fewer than the CPUs (``stats()``: ``spin_hits``,
         ``spin_misses``): on a busy machine a spinning worker would take the CPU its
         peer needs to answer.  ``recv`` waits inside the C library with the GIL
@@ -222,13 +247,31 @@ class Channel:
         ref = _parse_ref(ref)
         if ack_mode not in _ACK_MODES:
             raise ValueError(f"ack_mode must be one of {sorted(_ACK_MODES)}")
+        # The C library takes fixed-size integers: check here what ctypes would wrap.
+        max_batch_size = int(max_batch_size)
+        if not 1 <= max_batch_size < 1 << 32:
+            raise ValueError(f"max_batch_size must be between 1 and 2**32 - 1, "
+                             f"got {max_batch_size}")
+        if not 0 <= flush_interval < math.inf:
+            raise ValueError(f"flush_interval must be a finite number of seconds >= 0, "
+                             f"got {flush_interval!r}")
+        max_message_size = int(max_message_size)
+        if not 0 <= max_message_size < 1 << 64:
+            raise ValueError(f"max_message_size must be between 0 and 2**64 - 1, "
+                             f"got {max_message_size}")
+        if timeout is None or timeout != timeout:
+            raise ValueError(f"timeout must be a number of seconds, got {timeout!r}")
+        if not -math.inf < spin < math.inf:
+            raise ValueError(f"spin must be a finite number of seconds, got {spin!r}")
+        timeout_ms = int(min(max(timeout, 0) * 1000, 2**31 - 1))  # math.inf: ~25 days
         lib = _lib()
         out = ctypes.c_void_p()
         err = ctypes.create_string_buffer(_ERR_LEN)
         code = lib.spshm_ch_connect(ref["path"].encode(), ref["token"].encode(),
-                                    _ACK_MODES[ack_mode], int(max_batch_size),
-                                    int(flush_interval * 1e9), int(max_message_size),
-                                    int(timeout * 1000), ctypes.byref(out), err, _ERR_LEN)
+                                    _ACK_MODES[ack_mode], max_batch_size,
+                                    min(int(flush_interval * 1e9), (1 << 64) - 1),
+                                    max_message_size, timeout_ms, ctypes.byref(out), err,
+                                    _ERR_LEN)
         if code != 0:
             message = err.value.decode("utf-8", "replace")
             if code == _native.E_PERMISSION_DENIED:
@@ -269,8 +312,8 @@ class Channel:
     def send(self, data, timeout=None):
         """Send one message (any bytes-like object).
 
-        Blocks while the outgoing ring is full, up to ``timeout`` seconds (``None``:
-        forever; ``0``: raise :class:`WouldBlock` at once).  Raises
+        Blocks while the outgoing ring is full, up to ``timeout`` seconds (``None`` or
+        ``math.inf``: forever; ``0``: raise :class:`WouldBlock` at once).  Raises
         :class:`ChannelClosed` if the channel is closed.
         """
         self._check_open()
@@ -306,7 +349,7 @@ class Channel:
                 os.close(fd.value)
 
     def _send_loop(self, attempt, need, timeout):
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = _deadline(timeout)
         pause = _ASIDE_PAUSE_MIN
         while True:
             code = attempt()
@@ -368,12 +411,31 @@ class Channel:
         """Receive one message: ``bytes``, or a read-only ``memoryview`` (zero-copy) for
         a message above the inline threshold.
 
-        Waits up to ``timeout`` seconds (``None``: forever); raises ``TimeoutError``
-        when nothing came, :class:`ChannelClosed` once the channel is closed and every
-        message sent before the close has been received.
+        Waits up to ``timeout`` seconds (``None`` or ``math.inf``: forever; NaN raises
+        ``ValueError``); raises ``TimeoutError`` when nothing came, :class:`ChannelClosed`
+        once the channel is closed and every message sent before the close has been
+        received.
         """
         self._check_open()
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = _deadline(timeout)
+        self._take_recv_turn(deadline)
+        try:
+            return self._recv(deadline)
+        finally:
+            self._recv_lock.release()
+
+    def _take_recv_turn(self, deadline):
+        if deadline is None:
+            self._recv_lock.acquire()
+        elif not self._recv_lock.acquire(timeout=min(max(0.0, deadline - time.monotonic()),
+                                                     threading.TIMEOUT_MAX)):
+            raise TimeoutError("no message on the channel within the timeout (another "
+                               "thread was receiving)")
+        if self._closed:  # closed while this thread waited for its turn
+            self._recv_lock.release()
+            self._check_open()
+
+    def _recv(self, deadline):
         if deadline is not None:
             msg = self._try_recv()
             if msg is not None:
@@ -388,7 +450,7 @@ class Channel:
                     raise TimeoutError("no message on the channel within the timeout")
                 # in slices of at most a day: the library takes an int of milliseconds
                 wait_ms = min(int(left * 1000) + 1, 86_400_000)
-            if self._claim_sleep():
+            if self._claim_sleep(True):
                 try:
                     # None: nothing in time, or a signal (its handler runs now; it may raise)
                     msg = self._recv_wait(wait_ms)
@@ -409,8 +471,18 @@ class Channel:
         The messages after the first are taken with one call into the library per batch
         (not one per message): a stream of small messages costs a few hundred
         nanoseconds of Python per message."""
-        first = self.recv(timeout)
-        out = [first]
+        if max_count < 1:
+            raise ValueError(f"max_count must be at least 1, got {max_count}")
+        self._check_open()
+        deadline = _deadline(timeout)
+        self._take_recv_turn(deadline)
+        try:
+            return self._recv_many(max_count, deadline)
+        finally:
+            self._recv_lock.release()
+
+    def _recv_many(self, max_count, deadline):
+        out = [self._recv(deadline)]
         while len(out) < max_count:
             if self._batch is None:
                 self._batch = ctypes.create_string_buffer(max(1 << 16, self._inline_max + 4))
@@ -455,20 +527,29 @@ class Channel:
                 self._poll.poll()
             else:
                 left = max(0.0, deadline - time.monotonic())
-                self._poll.poll(int(left * 1000) + 1)
+                self._poll.poll(int(min(left * 1000, 86_400_000)) + 1)
         self._handle_events()
 
-    def _claim_sleep(self):
-        """True if the calling thread may sleep on the wait fd (no other thread does)."""
+    def _claim_sleep(self, between_waits=False):
+        """True if the calling thread may sleep on the wait fd: no other thread does, or
+        this thread's own claim is a recv whose wait in the library has returned (a
+        signal handler receiving or sending on the channel meanwhile)."""
+        me = threading.get_ident()
         with self._sleep_lock:
-            if self._sleeper:
-                return False
-            self._sleeper = True
-            return True
+            sleeper = self._sleeper
+            if sleeper is None:
+                self._sleeper = [me, 1, between_waits]
+                return True
+            if sleeper[0] == me and sleeper[2]:
+                sleeper[1] += 1
+                return True
+            return False
 
     def _release_sleep(self):
         with self._sleep_lock:
-            self._sleeper = False
+            self._sleeper[1] -= 1
+            if self._sleeper[1] == 0:
+                self._sleeper = None
 
     def _pause_aside(self, pause, deadline):
         """Another thread sleeps on the wait fd: pause without touching it (its wake-ups
@@ -499,16 +580,21 @@ class Channel:
 
         A thread blocked in :meth:`recv` on this channel wakes up and gets
         :class:`ChannelClosed`. The handle itself is freed when the object goes away
-        (never under a thread that is still inside the library)."""
+        (never under a thread that is still inside the library). In a child forked from
+        the process that connected the channel, it only marks this copy closed: the
+        parent's channel stays open."""
         if not self._closed:
             self._closed = True
-            self._lib.spshm_ch_close(self._h)
+            if os.getpid() == self._pid:
+                self._lib.spshm_ch_close(self._h)
 
     def _free(self):
         if self._h is not None:
             h, self._h = self._h, None
             self._io.ch = None
-            self._lib.spshm_ch_free(h)
+            if os.getpid() == self._pid:
+                self._lib.spshm_ch_free(h)
+            # else a forked child's copy: its descriptors stay open until it exits
 
     def __enter__(self):
         return self
@@ -524,7 +610,11 @@ class Channel:
             pass
 
     def _check_open(self):
-        if self._closed:
+        if self._closed:  # also set in a forked child (_after_fork_in_child)
+            if os.getpid() != self._pid:
+                raise ChannelClosed("forked", f"this channel belongs to process "
+                                    f"{self._pid}: a child forked from it cannot use it "
+                                    "(connect a channel of its own)")
             raise ChannelClosed("closed", "the channel was closed by this process")
 
     def _raise(self, code, err=None):
@@ -543,3 +633,18 @@ class Channel:
             return self.stats().get("close_detail") or "an I/O error on this side"
         except Exception:  # the message must not hide the closing error
             return "an I/O error on this side"
+
+
+# Every Channel of this process, so that a forked child marks its copies closed at once
+# (the check costs the hot paths nothing); close() and the handle's release also compare
+# the pid, for a fork this hook does not see.
+_connected = weakref.WeakSet()
+
+
+def _after_fork_in_child():
+    for ch in list(_connected):
+        ch._closed = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

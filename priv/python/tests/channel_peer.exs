@@ -3,6 +3,7 @@
 #   echo  - sends every message back ("stop" makes it close the channel, "big:N" makes
 #           it send N bytes instead: a region message above the inline threshold);
 #   mute  - never reads (back-pressure tests);
+#   sink  - reads every message and never answers ("stop" closes the channel);
 # and prints "closed <reason>" when the channel closes.
 alias Snakepit.SharedMemory.{Channel, JSON}
 
@@ -23,7 +24,7 @@ loop = fn loop ->
       loop.(loop)
 
     {:snakepit_shm_channel, ^ch, msg} ->
-      :ok = Channel.send(ch, msg)
+      if mode != "sink", do: :ok = Channel.send(ch, msg)
       loop.(loop)
 
     {:snakepit_shm_channel_closed, ^ch, reason} ->

@@ -433,3 +433,325 @@ def test_a_worker_out_of_descriptors_is_told_so_not_blamed_on_the_peer(owner):
         assert "out of file descriptors" in str(closed.value)
         assert not isinstance(closed.value, snakepit_shm.ChannelProtocolError)
     assert owner.last_line() == "closed peer_closed"
+
+
+def test_a_forked_child_can_neither_use_nor_close_the_parents_channel(owner):
+    """A child forked while the channel is open shares its socket and rings: its close()
+    (leaving a ``with`` block, or the object's collection) shut the socket down under the
+    parent, which then lost its messages (shm: sent into a ring nobody reads) or saw
+    peer_closed; its send/recv raced the parent's on the same rings. In the child, every
+    use raises ChannelClosed("forked") and close() leaves the parent's channel alone."""
+    with snakepit_shm.Channel.connect(owner.ref) as ch:
+        ch.send(b"before")
+        assert ch.recv(timeout=10) == b"before"
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: report what each call did, then drop the channel
+            try:
+                report = []
+                for call in (lambda: ch.send(b"from the child"), lambda: ch.recv(timeout=0.2),
+                             ch.stats, ch.fileno):
+                    try:
+                        call()
+                        report.append("ok")
+                    except snakepit_shm.ChannelClosed as exc:
+                        report.append(exc.reason)
+                    except BaseException as exc:
+                        report.append(type(exc).__name__)
+                ch.close()
+                ch.__del__()
+                os.write(write_end, json.dumps(report).encode())
+            finally:
+                os._exit(0)
+        os.close(write_end)
+        os.waitpid(pid, 0)
+        with os.fdopen(read_end) as pipe:
+            assert json.loads(pipe.read()) == ["forked"] * 4
+        assert not ch.closed
+        ch.send(b"after")
+        assert ch.recv(timeout=10) == b"after"
+        ch.send(b"stop")
+    assert owner.last_line() == "closed by_elixir"
+
+
+def test_threads_receiving_at_once_get_every_message_once_and_intact(owner):
+    """Several threads calling recv()/recv_many() on one channel: they shared the
+    channel's receive buffer, so one thread's message was overwritten by another's before
+    it was copied out (corrupt, duplicated and lost messages, silently). Receivers now
+    take turns; each message reaches exactly one of them, whole."""
+    import threading
+    count = 6000
+    got = [[] for _ in range(3)]
+    stop = threading.Event()
+
+    with snakepit_shm.Channel.connect(owner.ref) as ch:
+        def receiver(j):
+            try:
+                while not stop.is_set():
+                    try:
+                        if j == 2:
+                            got[j].extend(bytes(m) for m in ch.recv_many(50, timeout=0.2))
+                        else:
+                            got[j].append(bytes(ch.recv(timeout=0.2)))
+                    except TimeoutError:
+                        pass
+            except Exception as exc:  # reported by the assertion below
+                got[j].append(exc)
+
+        threads = [threading.Thread(target=receiver, args=(j,)) for j in range(3)]
+        for thread in threads:
+            thread.start()
+        try:
+            for i in range(count):
+                ch.send(b"%08d" % i + bytes([i % 251]) * (i % 700), timeout=30)
+            deadline = time.monotonic() + 30
+            while sum(map(len, got)) < count and time.monotonic() < deadline:
+                time.sleep(0.05)
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(10)
+        everything = got[0] + got[1] + got[2]
+        assert not [m for m in everything if not isinstance(m, bytes)]
+        ids = sorted(int(m[:8]) for m in everything)
+        assert ids == list(range(count))
+        assert all(m[8:] == bytes([int(m[:8]) % 251]) * (int(m[:8]) % 700) for m in everything)
+        for per_thread in got:     # each thread saw its share in order
+            mine = [int(m[:8]) for m in per_thread]
+            assert mine == sorted(mine)
+
+
+def test_infinite_and_nan_timeouts(owner):
+    """timeout=math.inf means forever (it raised OverflowError: cannot convert float
+    infinity to integer), so does a huge finite one; NaN is refused with a ValueError that
+    names the timeout."""
+    import math
+    import threading
+    with snakepit_shm.Channel.connect(owner.ref) as ch:
+        timer = threading.Timer(0.1, ch.send, (b"late",))
+        timer.start()
+        try:
+            assert ch.recv(timeout=math.inf) == b"late"
+            timer.join()
+            timer = threading.Timer(0.1, ch.send, (b"later",))
+            timer.start()
+            assert ch.recv_many(5, timeout=math.inf) == [b"later"]
+            timer.join()
+            timer = threading.Timer(0.1, ch.send, (b"latest",))
+            timer.start()
+            assert ch.recv(timeout=1e300) == b"latest"
+        finally:
+            timer.cancel()
+        for call in (lambda: ch.recv(timeout=math.nan), lambda: ch.recv_many(2, math.nan)):
+            with pytest.raises(ValueError, match="timeout"):
+                call()
+
+        async def main():
+            achan = aio.AsyncChannel(ch)
+            await achan.send(b"async", timeout=math.inf)
+            assert await achan.recv(timeout=math.inf) == b"async"
+            with pytest.raises(ValueError, match="timeout"):
+                await achan.recv(timeout=math.nan)
+
+        asyncio.run(main())
+
+
+@pytest.mark.parametrize("timeout", [float("inf"), 1e300])
+@pytest.mark.parametrize("transport", ["shm", "socket"])
+def test_send_with_an_infinite_timeout_waits_on_a_full_ring(transport, timeout):
+    import threading
+    try:
+        mute = Owner(transport, "mute")
+    except LookupError as exc:
+        pytest.skip(str(exc))
+    try:
+        with snakepit_shm.Channel.connect(mute.ref) as ch:
+            with pytest.raises(snakepit_shm.WouldBlock):
+                for _ in range(100000):
+                    ch.send(b"x" * 1000, timeout=0)
+            outcome = []
+
+            def sender():
+                try:
+                    while True:  # the socket transport's buffers may take a few more
+                        ch.send(b"y" * 1000, timeout=timeout)
+                except Exception as exc:
+                    outcome.append(exc)
+
+            thread = threading.Thread(target=sender)
+            thread.start()
+            time.sleep(0.3)
+            ch.close()
+            thread.join(5)
+            assert not thread.is_alive()
+            assert len(outcome) == 1 and isinstance(outcome[0], snakepit_shm.ChannelClosed)
+    finally:
+        mute.kill()
+
+
+def test_connect_checks_its_numeric_options(owner):
+    """connect's numbers went to C integers unchecked: timeout=math.inf raised
+    OverflowError, a timeout above 2**31 ms (about 25 days) wrapped negative and failed at
+    once, max_batch_size=-1 / flush_interval=-1 / max_message_size=-1 wrapped to huge
+    unsigned values silently, max_batch_size=0 came out as a ConnectionRefusedError.
+    Now: an infinite or huge timeout waits as long as needed, bad values raise ValueError
+    naming the option (before anything is sent to the owner)."""
+    import math
+    for bad in (dict(max_batch_size=0), dict(max_batch_size=-1),
+                dict(max_batch_size=1 << 32), dict(flush_interval=-1),
+                dict(flush_interval=math.nan), dict(max_message_size=-1),
+                dict(timeout=math.nan), dict(spin=math.inf), dict(spin=math.nan)):
+        with pytest.raises(ValueError, match=list(bad)[0]):
+            snakepit_shm.Channel.connect(owner.ref, **bad)
+    with snakepit_shm.Channel.connect(owner.ref, timeout=3e6) as ch:   # 3e9 ms
+        ch.send(b"ok")
+        assert ch.recv(timeout=10) == b"ok"
+    assert owner.last_line() == "closed peer_closed"
+
+
+def test_connect_with_an_infinite_timeout(owner):
+    import math
+    with snakepit_shm.Channel.connect(owner.ref, timeout=math.inf) as ch:
+        ch.send(b"ok")
+        assert ch.recv(timeout=10) == b"ok"
+
+
+def test_recv_many_refuses_a_count_below_one(owner):
+    """recv_many(0) (or a negative count) returned one message anyway, more than asked;
+    it raises ValueError and leaves the message for the next receive."""
+    with snakepit_shm.Channel.connect(owner.ref) as ch:
+        ch.send(b"kept")
+        for count in (0, -1):
+            with pytest.raises(ValueError, match="max_count"):
+                ch.recv_many(count, timeout=10)
+        assert ch.recv_many(1, timeout=10) == [b"kept"]
+
+
+def test_a_signal_handler_may_receive_while_its_thread_waits_in_recv(owner):
+    """A signal handler runs in the thread that waits in recv(); if it receives on the
+    same channel it must not wait for that thread's own turn (a self-deadlock)."""
+    import threading
+    got = []
+
+    def handler(signum, frame):
+        ch.send(b"in the handler")
+        got.append(ch.recv(timeout=5))
+
+    previous = signal.signal(signal.SIGALRM, handler)
+    try:
+        with snakepit_shm.Channel.connect(owner.ref) as ch:
+            signal.setitimer(signal.ITIMER_REAL, 0.2)
+            later = threading.Timer(1.0, ch.send, (b"for the main recv",))
+            later.start()
+            try:
+                assert ch.recv(timeout=10) == b"for the main recv"
+            finally:
+                later.cancel()
+            assert got == [b"in the handler"]
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("transport", ["shm", "socket"])
+def test_asyncio_sender_waiting_for_space_beside_a_waiting_receiver(transport):
+    """A task waits in recv() (nothing comes: the peer only reads) while another sends
+    faster than the peer reads. Each woken task called handle_events(), which withdraws
+    every "about to sleep" announcement of the channel, also the one the other task had
+    just made: that task then slept unannounced, the peer never rang, and send hung."""
+    try:
+        sink = Owner(transport, "sink")
+    except LookupError as exc:
+        pytest.skip(str(exc))
+
+    async def main():
+        ch = await aio.connect(sink.ref)
+        async with ch:
+            receiver = asyncio.create_task(ch.recv())
+
+            async def sender():
+                for i in range(3000):
+                    await ch.send(bytes([i % 251]) * 12_000)
+
+            await asyncio.wait_for(sender(), 30)   # hung after a few messages
+            assert not receiver.done()
+            receiver.cancel()
+            await ch.send(b"stop")
+
+    try:
+        asyncio.run(main())
+        assert sink.last_line() == "closed by_elixir"
+    finally:
+        sink.kill()
+
+
+@pytest.mark.parametrize("transport", ["shm", "socket"])
+def test_asyncio_send_of_a_typed_buffer_waits_without_freezing_the_loop(transport):
+    """aio send measured the message as len(memoryview(data)): elements, not bytes (an
+    array('i') of 320 items is 1280 bytes, not 320). On a full ring it waited for room
+    for 320 bytes, found it, tried again, failed again: a busy loop that never yielded,
+    freezing the event loop (here for the whole timeout; without one, for good)."""
+    import array
+    try:
+        mute = Owner(transport, "mute")
+    except LookupError as exc:
+        pytest.skip(str(exc))
+
+    async def main():
+        ch = await aio.connect(mute.ref)
+        async with ch:
+            typed = array.array("i", range(320))   # 1280 bytes; the ring's last 1136 free
+            with pytest.raises(snakepit_shm.WouldBlock):
+                for _ in range(100000):
+                    ch.channel.send(typed, timeout=0)
+            ticks = 0
+
+            async def ticker():
+                nonlocal ticks
+                while True:
+                    await asyncio.sleep(0.01)
+                    ticks += 1
+
+            task = asyncio.create_task(ticker())
+            await asyncio.sleep(0)
+            with pytest.raises(snakepit_shm.WouldBlock):
+                for _ in range(1000):
+                    await ch.send(typed, timeout=0.5)
+            task.cancel()
+            assert ticks >= 10     # the loop ran meanwhile
+
+    try:
+        asyncio.run(main())
+    finally:
+        mute.kill()
+
+
+def test_the_spin_ends_at_the_timeout_and_at_close(owner, monkeypatch):
+    """recv spun for the whole ``spin`` before it looked at its timeout or at a close:
+    with spin=0.5, recv(timeout=0.05) took half a second, and close() from another thread
+    did not end a recv() until its spin was over (spin=50 - meant as µs, like Elixir's
+    :spin - burnt 50 s of CPU per idle recv, deaf to close)."""
+    import threading
+    if owner.transport != "shm":
+        pytest.skip("the spin watches the shared-memory ring")
+    monkeypatch.setenv("SNAKEPIT_SHM_CHANNEL_LOADAVG", "0")   # a CPU is free: it spins
+    time.sleep(0.25)
+    second = Owner("shm")
+    try:
+        with snakepit_shm.Channel.connect(owner.ref, spin=0.5) as ch:
+            t0 = time.monotonic()
+            with pytest.raises(TimeoutError):
+                ch.recv(timeout=0.05)
+            assert time.monotonic() - t0 < 0.3
+        with snakepit_shm.Channel.connect(second.ref, spin=5.0) as ch:
+            closer = threading.Timer(0.2, ch.close)
+            closer.start()
+            t0 = time.monotonic()
+            with pytest.raises(snakepit_shm.ChannelClosed):
+                ch.recv()
+            assert time.monotonic() - t0 < 2.0
+            closer.join()
+    finally:
+        second.kill()
+        monkeypatch.delenv("SNAKEPIT_SHM_CHANNEL_LOADAVG")
+        time.sleep(0.25)
