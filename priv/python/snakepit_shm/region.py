@@ -360,6 +360,10 @@ class Region:
         self._check_plaintext(".ndarray()")
         self._check_live()
         dtype = numpy.dtype(self._default("dtype", dtype) or "uint8")
+        if dtype.itemsize == 0:
+            raise ValueError(
+                f"dtype {dtype.str!r} has 0 bytes per item: give a sized one (such as "
+                "'S16' or 'V8') or a numeric dtype")
         shape = self._default("shape", shape)
         available = self.size - _check_offset(offset, self.size)
         if shape is None:

@@ -113,6 +113,16 @@ class TestBuffers:
             with pytest.raises(ValueError, match="outside the region"):
                 region.ndarray(offset=65)
 
+    def test_ndarray_of_a_zero_size_dtype_is_a_clear_error(self, forge):
+        # numpy.dtype("S"), "U", "V" (and "S1099511627776", which numpy wraps) have
+        # itemsize 0: ndarray() divided by it (ZeroDivisionError) without a shape.
+        seg = forge.posix(64, data=payload(64))
+        with snakepit_shm.attach(seg.region_id) as region:
+            for dtype in ("S", "U", "V", "S0", "S1099511627776"):
+                for shape in (None, (3,)):
+                    with pytest.raises(ValueError, match="0 bytes per item"):
+                        region.ndarray(dtype, shape)
+
     def test_readinto(self, forge):
         seg = forge.memfd(100, data=payload(100))
         with snakepit_shm.attach(seg.region_id) as region:
