@@ -176,7 +176,10 @@ SPSHM_GUARDED_NIF(nif_reaped_holds)(ErlNifEnv* env, int, const ERL_NIF_TERM[]) {
 SPSHM_GUARDED_NIF(nif_seal)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   RegionResource* res;
   if (!get_region(env, argv[0], &res)) return enif_make_badarg(env);
-  if (res->is_deallocated()) {
+  // The seal uses the data memfd and mapping: a deallocation racing it must not retire
+  // them meanwhile (a closed descriptor, then another region's reusing its number).
+  DataAccess access(res);
+  if (!access.ok() || res->is_deallocated()) {
     return make_error(env, Errc::deallocated, "region " + res->region.id() + " was deallocated");
   }
   auto sealed = res->region.seal();

@@ -1,0 +1,76 @@
+defmodule Snakepit.SharedMemory.Reliability.AttackCTest do
+  # Attacks on the core region API (allocate, map, read, write, seal, deallocate). Each
+  # runs where a failure cannot take the test VM down with it (a VM of its own) when the
+  # break could be a dead VM.
+  use ExUnit.Case, async: false
+
+  alias Snakepit.SharedMemory.ReliabilityHelpers
+
+  @moduletag :reliability
+  @moduletag timeout: 120_000
+
+  setup_all do
+    ReliabilityHelpers.check_segments_on_exit()
+    :ok
+  end
+
+  # seal/1 racing deallocate_region/1 of the same memfd region: the deallocation retired
+  # the data area (closed the memfd, moved the mapping out of the region) while the seal
+  # still used them, so the seal failed with :io_error "Bad file descriptor" (F_SEAL_WRITE
+  # on a closed descriptor) or, once the number was reused by the next region's memfd,
+  # sealed that one instead. The seal now holds the data area like a read or a write
+  # does. The core's test hook parks the seal (SNAKEPIT_SHM_TEST_PARK=seal=...) after its
+  # checks, before the kernel seal, so that the deallocation and a new allocation happen
+  # exactly there.
+  @seal_vs_deallocate ~S"""
+  {:ok, _} = Application.ensure_all_started(:snakepit_shm)
+  alias Snakepit.SharedMemory, as: SM
+
+  for round <- 1..3 do
+    {:ok, id} = SM.allocate_region(1_048_576, backend: :memfd, cleanup_policy: :manual)
+    parent = self()
+    spawn(fn -> send(parent, {:sealed, SM.seal(id)}) end)
+    Process.sleep(300)
+    :ok = SM.deallocate_region(id)
+    # The next regions take the lowest free descriptor numbers: the one just closed.
+    others = for _ <- 1..4, do: elem(SM.allocate_region(4096, backend: :memfd), 1)
+
+    seal =
+      receive do
+        {:sealed, :ok} -> :ok
+        {:sealed, {:error, %{reason: reason, message: message}}} -> {reason, message}
+      after
+        30_000 -> :timeout
+      end
+
+    IO.puts("SEAL #{round} #{inspect(seal)}")
+    for other <- others do
+      {:ok, info} = SM.get_region_info(other)
+      IO.puts("OTHER #{round} sealed=#{info.sealed}")
+      {:ok, m} = SM.map_region(other)
+      IO.puts("OTHER #{round} write=#{inspect(SM.write(m, 0, "x"))}")
+      :ok = SM.unmap_region(m)
+      :ok = SM.deallocate_region(other)
+    end
+  end
+
+  IO.puts("DONE")
+  """
+
+  test "memfd: seal/1 racing deallocate_region/1 neither uses a closed descriptor nor another region's" do
+    {out, status} =
+      ReliabilityHelpers.elixir_vm(@seal_vs_deallocate,
+        env: [{"SNAKEPIT_SHM_TEST_PARK", "seal=800"}]
+      )
+
+    assert status == 0, "the VM died (exit #{status}):\n#{out}"
+    assert out =~ "DONE"
+
+    for line <- String.split(out, "\n"), String.starts_with?(line, "SEAL ") do
+      assert line =~ ~r/^SEAL \d (:ok|\{:deallocated, )/, out
+    end
+
+    refute out =~ "sealed=true", out
+    refute out =~ "write={:error", out
+  end
+end
