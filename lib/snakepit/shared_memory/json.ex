@@ -68,7 +68,7 @@ defmodule Snakepit.SharedMemory.JSON do
   defp do_encode(int) when is_integer(int), do: Integer.to_string(int)
   defp do_encode(float) when is_float(float), do: :erlang.float_to_binary(float, [:short])
   defp do_encode(%DateTime{} = dt), do: string(DateTime.to_iso8601(dt))
-  defp do_encode(list) when is_list(list), do: [?[, join(Enum.map(list, &do_encode/1)), ?]]
+  defp do_encode(list) when is_list(list), do: [?[, join(encode_list(list, list)), ?]]
 
   defp do_encode(%_{} = struct),
     do: throw({:json_encode, "cannot encode struct #{inspect(struct.__struct__)}"})
@@ -84,6 +84,13 @@ defmodule Snakepit.SharedMemory.JSON do
   end
 
   defp do_encode(other), do: throw({:json_encode, "cannot encode #{inspect(other)} as JSON"})
+
+  # Element by element: an improper list ([1 | 2]) is an error, not a FunctionClauseError.
+  defp encode_list([], _list), do: []
+  defp encode_list([head | tail], list), do: [do_encode(head) | encode_list(tail, list)]
+
+  defp encode_list(_tail, list),
+    do: throw({:json_encode, "cannot encode the improper list #{inspect(list)} as JSON"})
 
   defp key_string(key) when is_binary(key), do: key
 

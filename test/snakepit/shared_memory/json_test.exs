@@ -29,6 +29,13 @@ defmodule Snakepit.SharedMemory.JSONTest do
         assert {:error, %Error{reason: :invalid_json}} = JSON.encode(bad), inspect(bad)
       end
     end
+
+    test "an improper list is an error naming it, not a raise" do
+      for bad <- [[1 | 2], %{"shape" => [2, 3 | 4]}, [[] | :x]] do
+        assert {:error, %Error{reason: :invalid_json, message: message}} = JSON.encode(bad)
+        assert message =~ "improper list", inspect(bad)
+      end
+    end
   end
 
   describe "decode/1" do

@@ -47,6 +47,10 @@ defmodule Snakepit.SharedMemory.OptionsTest do
       assert reason(Options.allocate(1, %URI{})) == :invalid_option
     end
 
+    test "metadata holding an improper list is :invalid_metadata, not a raise" do
+      assert reason(Options.allocate(1, metadata: %{a: [1 | 2]})) == :invalid_metadata
+    end
+
     test "metadata must fit the header" do
       assert {:ok, %{metadata_json: ~s({"a":1})}} = Options.allocate(1, metadata: %{a: 1})
       big = %{"x" => String.duplicate("y", 1785)}
