@@ -185,7 +185,7 @@ defmodule Snakepit.SharedMemory.Dtype do
 
   defp check_shape(shape, what) do
     cond do
-      not (is_list(shape) and Enum.all?(shape, &(is_integer(&1) and &1 >= 0))) ->
+      not Snakepit.SharedMemory.Options.all?(shape, &(is_integer(&1) and &1 >= 0)) ->
         Error.error(
           :invalid_option,
           "#{what}: shape must be a list of non-negative integers, got: #{inspect(shape)}"

@@ -257,7 +257,7 @@ defmodule Snakepit.SharedMemory.Options do
   end
 
   defp allowed(pids) when is_list(pids) do
-    if Enum.all?(pids, &is_pid/1),
+    if all?(pids, &is_pid/1),
       do: {:ok, Enum.uniq(pids)},
       else: invalid(":allowed_processes must be a list of pids, got: #{inspect(pids)}")
   end
@@ -387,8 +387,16 @@ defmodule Snakepit.SharedMemory.Options do
   defp invalid_value(key, value, expected),
     do: invalid("#{inspect(key)} must be #{expected}, got: #{inspect(value)}")
 
-  defp shape?(shape), do: is_list(shape) and Enum.all?(shape, &non_neg_integer?/1)
-  defp ids?(ids), do: is_list(ids) and Enum.all?(ids, &is_binary/1)
+  defp shape?(shape), do: all?(shape, &non_neg_integer?/1)
+  defp ids?(ids), do: all?(ids, &is_binary/1)
+
+  # A proper list whose elements all pass: [a | b] is false, not a FunctionClauseError
+  # from Enum.all?/2.
+  @doc false
+  @spec all?(term(), (term() -> boolean())) :: boolean()
+  def all?([], _valid?), do: true
+  def all?([head | tail], valid?), do: valid?.(head) and all?(tail, valid?)
+  def all?(_other, _valid?), do: false
   defp non_neg_integer?(value), do: is_integer(value) and value >= 0
 
   defp invalid(message), do: Error.error(:invalid_option, message)

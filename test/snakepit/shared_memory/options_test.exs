@@ -51,6 +51,11 @@ defmodule Snakepit.SharedMemory.OptionsTest do
       assert reason(Options.allocate(1, metadata: %{a: [1 | 2]})) == :invalid_metadata
     end
 
+    test "an improper list of :allowed_processes is :invalid_option, not a raise" do
+      assert reason(Options.allocate(1, allowed_processes: [self() | self()])) ==
+               :invalid_option
+    end
+
     test "metadata must fit the header" do
       assert {:ok, %{metadata_json: ~s({"a":1})}} = Options.allocate(1, metadata: %{a: 1})
       big = %{"x" => String.duplicate("y", 1785)}
@@ -76,6 +81,11 @@ defmodule Snakepit.SharedMemory.OptionsTest do
 
       assert reason(Options.export(include_key: 1)) == :invalid_option
       assert reason(Options.export(shape: [-1])) == :invalid_option
+      assert reason(Options.export(shape: [2 | 3])) == :invalid_option
+
+      assert reason(Snakepit.SharedMemory.Dtype.check_layout("uint8", [2 | 3], 6, "x")) ==
+               :invalid_option
+
       assert reason(Options.export(dtype: :f32)) == :invalid_option
     end
   end
@@ -95,6 +105,7 @@ defmodule Snakepit.SharedMemory.OptionsTest do
 
       assert {:ok, %{orphans: false}} = Options.cleanup(expired_only: true)
       assert reason(Options.cleanup(ids: "spshm_x")) == :invalid_option
+      assert reason(Options.cleanup(ids: ["spshm_x" | "spshm_y"])) == :invalid_option
     end
   end
 end
