@@ -626,6 +626,7 @@ Result<void> Region::seal() {
                    "cannot seal region " + impl_->id +
                        ": writes of this process are still running after 30 s; retry"};
     }
+    test_park("seal_commit");  // the gate held: a zeroing deallocation must wait
     // Phase 2, commit: the kernel seal (memfd) or the object's mode (POSIX, Windows:
     // not enforced against the owner, so read/3 keeps copying).
     Result<void> committed = impl_->arena_chunk ? Result<void>{}

@@ -57,6 +57,51 @@ defmodule Snakepit.SharedMemory.Reliability.AttackCTest do
   IO.puts("DONE")
   """
 
+  # With zero_on_free (and at :high, :maximum) a region is zeroed when freed, so that
+  # processes still mapping it (a worker) read zeros, not its data. A deallocate_region/1 that came while a seal/1 committed
+  # (the seal holding the region's gate) found it "being sealed", and the free fell back
+  # to no zeroing at all, with only a warning in the log: the data stayed readable. The
+  # free now waits for the commit (bounded like the seal's own wait), then zeroes. The
+  # core's test hook parks the seal inside the gate (SNAKEPIT_SHM_TEST_PARK=seal_commit).
+  @deallocate_while_sealing ~S"""
+  Application.load(:snakepit_shm)
+  Application.put_env(:snakepit_shm, :zero_on_free, true)
+  {:ok, _} = Application.ensure_all_started(:snakepit_shm)
+  alias Snakepit.SharedMemory, as: SM
+
+  {:ok, id} = SM.allocate_region(4096, backend: :posix, cleanup_policy: :manual)
+
+  {:ok, m} = SM.map_region(id)
+  :ok = SM.write(m, 0, "secret")
+  :ok = SM.unmap_region(m)
+  {:ok, ref} = SM.export_ref(id)
+  # A peer's view of the data, kept across the free.
+  {:ok, fd} = :file.open(String.to_charlist(ref["data_path"]), [:read, :raw, :binary])
+  parent = self()
+  spawn(fn -> send(parent, {:sealed, SM.seal(id)}) end)
+  Process.sleep(300)
+  IO.puts("DEALLOCATE #{inspect(SM.deallocate_region(id))}")
+  receive do
+    {:sealed, result} -> IO.puts("SEAL #{inspect(result)}")
+  after
+    30_000 -> IO.puts("SEAL timeout")
+  end
+  {:ok, bytes} = :file.pread(fd, ref["data_offset"], 6)
+  IO.puts("AFTER #{inspect(bytes)}")
+  """
+
+  test "posix, zero_on_free: a free racing a seal's commit still zeroes the data" do
+    {out, status} =
+      ReliabilityHelpers.elixir_vm(@deallocate_while_sealing,
+        env: [{"SNAKEPIT_SHM_TEST_PARK", "seal_commit=800"}]
+      )
+
+    assert status == 0, "the VM died (exit #{status}):\n#{out}"
+    assert out =~ "DEALLOCATE :ok", out
+    assert out =~ ~s(AFTER <<0, 0, 0, 0, 0, 0>>), out
+    refute out =~ "freed without zeroing", out
+  end
+
   test "memfd: seal/1 racing deallocate_region/1 neither uses a closed descriptor nor another region's" do
     {out, status} =
       ReliabilityHelpers.elixir_vm(@seal_vs_deallocate,

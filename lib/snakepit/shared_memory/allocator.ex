@@ -449,7 +449,7 @@ defmodule Snakepit.SharedMemory.Allocator do
     region(id: id, security_level: level) = record
     zero = Security.level_flags(level).zero_on_free or Config.get(:zero_on_free)
 
-    case deallocate(record, zero) do
+    case deallocate_waiting_for_seal(record, zero, 0) do
       :ok ->
         :ok
 
@@ -466,6 +466,26 @@ defmodule Snakepit.SharedMemory.Allocator do
         Logger.warning("snakepit_shm: freeing #{id} failed: #{inspect(native)}")
     end
   end
+
+  # A seal committing (it holds the region's gate for a moment, or up to the seal's own
+  # 30 s wait) refuses a zeroing free as busy "being sealed": wait for it rather than
+  # free the data unzeroed. Other busy answers (zero-copy binaries alive) are final.
+  defp deallocate_waiting_for_seal(record, true, waited) when waited < 30_000 do
+    case deallocate(record, true) do
+      {:error, {:busy, message, _}} = busy ->
+        if message =~ "being sealed" do
+          Process.sleep(10)
+          deallocate_waiting_for_seal(record, true, waited + 10)
+        else
+          busy
+        end
+
+      other ->
+        other
+    end
+  end
+
+  defp deallocate_waiting_for_seal(record, zero, _waited), do: deallocate(record, zero)
 
   # Marking is quick whatever the size; zeroing is not (dirty above 64 KiB, counting the
   # encryption overhead of the capacity, hence the margin); removing a POSIX name opens a
