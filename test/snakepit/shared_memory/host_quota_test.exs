@@ -696,6 +696,37 @@ defmodule Snakepit.SharedMemory.HostQuotaTest do
       assert Process.alive?(server)
     end
 
+    test "a reservation id reused while it waits is refused, never counted twice",
+         %{dir: dir} do
+      a = client(dir)
+      :ok = HQ.define("qa", 10, client: a)
+      :ok = HQ.define("qb", 10, client: a)
+      {:ok, fill} = HQ.reserve("qb", 10, client: a)
+
+      s = raw(dir)
+      hello(s)
+      # id 5 waits in line on qb ...
+      frame(s, Protocol.encode_request({:reserve, 1, 5, "qb", 4, 60_000}))
+      # ... and is asked for again on qa, and re-declared while it waits.
+      frame(s, Protocol.encode_request({:reserve, 2, 5, "qa", 3, 0}))
+      assert {:ok, reply} = :gen_tcp.recv(s, 0, 2_000)
+      assert {:ok, {:error, 2, :conflict, _}} = Protocol.decode_reply(strip(reply))
+      frame(s, Protocol.encode_request({:declare, 3, 5, "qa", 3, 10}))
+      assert {:ok, reply} = :gen_tcp.recv(s, 0, 2_000)
+      assert {:ok, {:error, 3, :conflict, _}} = Protocol.decode_reply(strip(reply))
+
+      :ok = HQ.release(fill, sync: true)
+      assert {:ok, reply} = :gen_tcp.recv(s, 0, 2_000)
+      assert {:ok, {:granted, 1, 10}} = Protocol.decode_reply(strip(reply))
+      assert used(a, "qa") == 0 and used(a, "qb") == 4
+
+      # Its session ends: everything it held is released, on both quotas.
+      :gen_tcp.close(s)
+      assert wait_until(fn -> used(a, "qa") == 0 and used(a, "qb") == 0 end, 1_000)
+    end
+
+    defp strip(<<_len::32, payload::binary>>), do: payload
+
     defp mutate(bin) do
       i = :rand.uniform(byte_size(bin)) - 1
       <<pre::binary-size(i), b, post::binary>> = bin
