@@ -403,9 +403,11 @@ class HostQuota:
         """
         bname = _check_name(name)
         _check_u64(amount, "amount", 1)
-        if not isinstance(wait, (int, float)) or isinstance(wait, bool) or wait < 0:
+        if (not isinstance(wait, (int, float)) or isinstance(wait, bool) or wait < 0
+                or wait != wait):
             raise ValueError("wait must be seconds >= 0 (math.inf: forever), got: %r" % (wait,))
-        wait_ms = FOREVER if math.isinf(wait) else min(int(wait * 1000), FOREVER - 1)
+        # min() before int(): a finite wait of 1e308 s is inf ms, which int() refuses.
+        wait_ms = FOREVER if math.isinf(wait) else int(min(wait * 1000, FOREVER - 1))
         timeout = math.inf if math.isinf(wait) else wait + _MARGIN
         res_id = next(self._ids)
         res = Reservation(self, res_id, name, amount)
@@ -439,6 +441,11 @@ class HostQuota:
         amount free afterwards.  Use it before telling another process that the
         amount is free.
         """
+        if not isinstance(reservation, Reservation):
+            raise TypeError("release() takes a Reservation returned by reserve(), got: %r"
+                            % (reservation,))
+        if not isinstance(sync, bool):
+            raise ValueError("sync must be True or False, got: %r" % (sync,))
         with self._cv:
             if self._held.get(reservation.id) is not reservation:
                 # Not held, or a reservation of another client (ids are per client:

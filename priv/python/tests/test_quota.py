@@ -3,6 +3,7 @@ VM: test/snakepit/shared_memory/host_quota_processes_test.exs drives Python clie
 against it).  Here: the byte layout, the private-directory checks, reconnect with
 re-declaration after a hang-up, malformed replies, fork."""
 
+import math
 import os
 import signal
 import socket
@@ -74,6 +75,29 @@ def test_bad_arguments(tmp_path):
             quota.reserve("q", 1, wait=-1)
         with pytest.raises(ValueError):
             quota.define("q", -1)
+    server.stop()
+
+
+def test_bad_waits_and_releases_name_the_problem(tmp_path):
+    server = FakeServer(tmp_path)
+    with snakepit_shm.HostQuota.connect(dir=server.dir) as quota:
+        # NaN said "cannot convert float NaN to integer"; 1e308 s overflowed to an
+        # OverflowError from int(inf).
+        with pytest.raises(ValueError, match="wait must be seconds"):
+            quota.reserve("q", 1, wait=float("nan"))
+        res = quota.reserve("q", 1, wait=1e308)  # finite: the longest finite wait
+        assert q.FOREVER - 1 == struct.unpack_from(">I", server.frames[-1][1], 22)[0]
+        res.release()
+        res = quota.reserve("q", 1, wait=math.inf)
+        assert q.FOREVER == struct.unpack_from(">I", server.frames[-1][1], 22)[0]
+        # Something that is no reservation: a TypeError saying so, not AttributeError.
+        for bad in [None, 5, "r"]:
+            with pytest.raises(TypeError, match="Reservation"):
+                quota.release(bad)
+        with pytest.raises(ValueError, match="sync must be True or False"):
+            quota.release(res, sync="no")
+        assert res.held
+        res.release()
     server.stop()
 
 
