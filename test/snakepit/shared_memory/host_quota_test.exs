@@ -240,6 +240,32 @@ defmodule Snakepit.SharedMemory.HostQuotaTest do
     end
   end
 
+  describe "Client.start_link/1 options" do
+    test "bad options are :invalid_option errors, no client starts", %{dir: dir} do
+      # A :define the server refuses closed the session at every connection: the client
+      # reconnected forever (thousands of warnings a second) and never answered.
+      for opts <- [
+            [dir: dir, define: [{"bad name", 1}]],
+            [dir: dir, define: [{"q", 1 <<< 64}]],
+            [dir: dir, define: [{"q", -1}]],
+            [dir: dir, define: [:q]],
+            [dir: dir, define: :q],
+            [dir: dir, define: [{"q", 1} | :x]],
+            [dir: 5],
+            [dir: dir, bogus: 1],
+            :x,
+            [{:dir, dir} | :x]
+          ] do
+        assert {:error, %Error{reason: :invalid_option}} = Client.start_link(opts),
+               inspect(opts)
+      end
+
+      refute File.exists?(dir)
+      a = client(dir)
+      assert {:ok, []} = HQ.usage(nil, client: a)
+    end
+  end
+
   describe "death releases" do
     test "the death of the owner process releases its reservations", %{dir: dir} do
       a = client(dir)
