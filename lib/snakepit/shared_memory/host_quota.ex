@@ -152,7 +152,7 @@ defmodule Snakepit.SharedMemory.HostQuota do
     end
   end
 
-  def release(%Reservation{}, opts),
+  def release(%Reservation{}, opts) when not is_list(opts),
     do: Error.error(:invalid_option, "options must be a keyword list, got: #{inspect(opts)}")
 
   def release(other, _opts),

@@ -207,6 +207,12 @@ defmodule Snakepit.SharedMemory.HostQuotaTest do
         assert {:error, %Error{reason: :invalid_option}} = HQ.release(bad)
       end
 
+      # A Reservation struct built by hand, without a client: the error said the
+      # options ([]) were no keyword list.
+      forged = %Snakepit.SharedMemory.HostQuota.Reservation{id: 1, name: "q", amount: 1}
+      assert {:error, %Error{reason: :invalid_option, message: m}} = HQ.release(forged)
+      assert m =~ "release/1 takes a reservation returned by reserve/3"
+
       assert {:error, %Error{reason: :invalid_option}} = HQ.reserve("q", 1, :bad)
       assert {:error, %Error{reason: :invalid_option}} = HQ.define("q", 1, %{client: a})
       assert {:error, %Error{reason: :invalid_option}} = HQ.usage("q", :bad)
