@@ -99,7 +99,11 @@ defmodule Snakepit.SharedMemory.HostQuota do
         client: client
       }
 
-      timeout = if wait == :infinity, do: :infinity, else: wait + @call_margin
+      # A receive timeout is at most 2^32 - 1 ms: past it, the call waits without one.
+      timeout =
+        if wait == :infinity or wait + @call_margin > 0xFFFF_FFFF,
+          do: :infinity,
+          else: wait + @call_margin
 
       case Client.call(client, {:reserve, res, wait}, timeout) do
         {:error, %Error{reason: :unavailable}} = error ->

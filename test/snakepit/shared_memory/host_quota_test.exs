@@ -324,6 +324,25 @@ defmodule Snakepit.SharedMemory.HostQuotaTest do
   end
 
   describe "wait:" do
+    test "the longest wait accepted waits in line (no :timeout_value raise)", %{dir: dir} do
+      a = client(dir)
+      :ok = HQ.define("q", 10, client: a)
+      {:ok, full} = HQ.reserve("q", 10, client: a)
+      # wait + the call's margin passed 2^32 - 1 ms, the largest receive timeout: the
+      # caller raised ErlangError :timeout_value.
+      task = Task.async(fn -> HQ.reserve("q", 5, client: a, owner: nil, wait: 0xFFFF_FFFE) end)
+
+      assert wait_until(fn ->
+               {:ok, [q]} = HQ.usage("q", client: a)
+               length(q.waiters) == 1
+             end)
+
+      :ok = HQ.release(full)
+      assert {:ok, res} = Task.await(task, 5_000)
+      :ok = HQ.release(res, sync: true)
+      assert used(a, "q") == 0
+    end
+
     test "waiters are granted in arrival order; a big head is not overtaken", %{dir: dir} do
       a = client(dir)
       :ok = HQ.define("q", 10, client: a)
