@@ -408,7 +408,9 @@ class HostQuota:
             raise ValueError("wait must be seconds >= 0 (math.inf: forever), got: %r" % (wait,))
         # min() before int(): a finite wait of 1e308 s is inf ms, which int() refuses.
         wait_ms = FOREVER if math.isinf(wait) else int(min(wait * 1000, FOREVER - 1))
-        timeout = math.inf if math.isinf(wait) else wait + _MARGIN
+        # The server gives up after wait_ms; a longer timeout here would only overflow
+        # the condition variable's wait (OverflowError past threading.TIMEOUT_MAX).
+        timeout = math.inf if math.isinf(wait) else wait_ms / 1000 + _MARGIN
         res_id = next(self._ids)
         res = Reservation(self, res_id, name, amount)
         try:

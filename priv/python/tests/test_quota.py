@@ -101,6 +101,36 @@ def test_bad_waits_and_releases_name_the_problem(tmp_path):
     server.stop()
 
 
+def test_a_huge_finite_wait_beside_another_waiting_thread(tmp_path):
+    # The second thread waits on the condition variable with the wait as its timeout:
+    # wait=1e12 (or 1e300) raised OverflowError at once ("timestamp too large").
+    def reply(payload):
+        return None if payload[1] == q.RESERVE else FakeServer.default_reply(payload)
+
+    server = FakeServer(tmp_path, reply=reply)
+    quota = snakepit_shm.HostQuota.connect(dir=server.dir)
+    errors = []
+
+    def reserve(wait):
+        try:
+            quota.reserve("q", 1, wait=wait)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=reserve, args=(w,), daemon=True)
+               for w in (1e300, 1e300, 1e12)]
+    for t in threads:
+        t.start()
+        time.sleep(0.05)
+    time.sleep(0.3)
+    assert errors == []
+    quota.close()
+    for t in threads:
+        t.join(5)
+    assert all(isinstance(e, snakepit_shm.QuotaUnavailable) for e in errors), errors
+    server.stop()
+
+
 # ---- the private directory ----
 
 def test_missing_directory(tmp_path):
