@@ -327,6 +327,10 @@ class HostQuota:
     def __init__(self, dir=None, label=None, timeout=5.0, spin=SPIN):
         if isinstance(spin, bool) or not isinstance(spin, (int, float)) or not 0 <= spin < 1:
             raise ValueError("spin must be seconds from 0 to 1, got: %r" % (spin,))
+        if (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                or not timeout >= 0):  # NaN too: its deadline would never pass
+            raise ValueError("timeout must be seconds >= 0 (math.inf: forever), got: %r"
+                             % (timeout,))
         self._spin_ns = int(spin * 1e9)
         self._spin_hits = 0
         self._spin_misses = 0

@@ -155,6 +155,15 @@ def test_directory_with_group_bits_or_a_symlink_is_refused(tmp_path):
             snakepit_shm.HostQuota.connect(dir=str(d))
 
 
+def test_bad_connect_timeouts_are_value_errors(tmp_path):
+    d = tmp_path / "d"
+    d.mkdir(mode=0o700)
+    # NaN never reached its deadline: connect() retried forever with no server.
+    for bad in [float("nan"), -1, "x", None, True]:
+        with pytest.raises(ValueError, match="timeout"):
+            snakepit_shm.HostQuota.connect(dir=str(d), timeout=bad)
+
+
 def test_no_server(tmp_path):
     d = tmp_path / "d"
     d.mkdir(mode=0o700)
