@@ -321,6 +321,57 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+class _Wake:
+    """The pipe that wakes a client's watcher thread; closed once, by whoever is last."""
+
+    def __init__(self):
+        self.r, self.w = os.pipe()
+        self._lock = threading.Lock()
+        self._open = True
+
+    def poke(self):
+        with self._lock:
+            if self._open:
+                try:
+                    os.write(self.w, b"x")
+                except OSError:
+                    pass
+
+    def close(self):
+        with self._lock:
+            if self._open:
+                self._open = False
+                os.close(self.r)
+                os.close(self.w)
+
+
+def _watch(ref, wake):
+    """A client's watcher thread: reconnects as soon as the server hangs up, even while
+    no call is made.  Holds the client only between waits (a weak reference)."""
+    while True:
+        quota = ref()
+        sock = quota._watch_socket() if quota is not None else None
+        del quota
+        if sock is None:
+            break
+        try:
+            poller = select.poll()
+            poller.register(sock, select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+            poller.register(wake.r, select.POLLIN)
+            events = poller.poll()
+        except (OSError, ValueError):
+            events = []
+        if any(fd == wake.r for fd, _ in events):
+            break
+        quota = ref()
+        if quota is None:
+            break
+        quota._watch_hangup(sock)
+        del quota, sock
+    if ref() is None:
+        wake.close()  # collected without close(): nobody else closes the pipe
+
+
 class HostQuota:
     """A session with the host quota server.  Thread-safe; close() it when done."""
 
@@ -361,9 +412,11 @@ class HostQuota:
         _check_dir(self._dir)
         with self._cv:
             self._reconnect_locked(time.monotonic() + timeout)
-        self._wake_r, self._wake_w = os.pipe()
-        self._watcher = threading.Thread(target=self._watch, name="snakepit_shm-quota",
-                                         daemon=True)
+        self._wake = _Wake()
+        # The thread holds only a weak reference: a client dropped without close() is
+        # collected, and __del__ ends its session (and the thread).
+        self._watcher = threading.Thread(target=_watch, args=(weakref.ref(self), self._wake),
+                                         name="snakepit_shm-quota", daemon=True)
         self._watcher.start()
         _INSTANCES.add(self)
 
@@ -500,17 +553,10 @@ class HostQuota:
                 self._sock.close()
                 self._sock = None
             self._cv.notify_all()
-        try:
-            os.write(self._wake_w, b"x")
-        except OSError:
-            pass
+        self._wake.poke()
         if threading.current_thread() is not self._watcher:
             self._watcher.join(1.0)
-        for fd in (self._wake_r, self._wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        self._wake.close()
 
     def __enter__(self):
         return self
@@ -519,9 +565,14 @@ class HostQuota:
         self.close()
 
     def __del__(self):
+        # Dropped without close(): the session ends (the server releases what it held)
+        # and the watcher thread, woken, closes the wake pipe and exits.
         try:
-            if not self._closed and self._sock is not None:
-                self._sock.close()
+            if not self._closed:
+                self._closed = True
+                if self._sock is not None:
+                    self._sock.close()
+                self._wake.poke()
         except Exception:
             pass
 
@@ -785,40 +836,33 @@ class HostQuota:
             self._cv.notify_all()
             return
 
-    def _watch(self):
-        """Reconnect as soon as the server hangs up, even while no call is made."""
-        while True:
-            with self._cv:
+    def _watch_socket(self):
+        """The watcher's wait for its turn: the socket to watch, or None once closed."""
+        with self._cv:
+            while True:
                 while self._reading and not self._closed:
                     self._cv.wait()
                 if self._closed:
-                    return
-                sock = self._sock
-                if sock is None:
-                    try:
-                        self._reconnect_locked(time.monotonic() + 1.0)
-                    except QuotaError:
-                        pass
-                    continue
-            poller = select.poll()
-            poller.register(sock, select.POLLRDHUP | select.POLLHUP | select.POLLERR)
-            poller.register(self._wake_r, select.POLLIN)
-            try:
-                events = poller.poll()
-            except (OSError, ValueError):
-                events = []
-            if any(fd == self._wake_r for fd, _ in events):
-                return
-            with self._cv:
-                if self._sock is sock and not self._reading and not self._closed:
-                    self._drop_locked()
-                    try:
-                        self._reconnect_locked(time.monotonic() + 1.0)
-                    except QuotaError:
-                        pass
-                elif self._reading:
-                    # The reader sees the hang-up itself; wait until it has.
-                    self._cv.wait(0.05)
+                    return None
+                if self._sock is not None:
+                    return self._sock
+                try:
+                    self._reconnect_locked(time.monotonic() + 1.0)
+                except QuotaError:
+                    pass
+
+    def _watch_hangup(self, sock):
+        """The watched socket hung up: reconnect, unless a reader handles it."""
+        with self._cv:
+            if self._sock is sock and not self._reading and not self._closed:
+                self._drop_locked()
+                try:
+                    self._reconnect_locked(time.monotonic() + 1.0)
+                except QuotaError:
+                    pass
+            elif self._reading:
+                # The reader sees the hang-up itself; wait until it has.
+                self._cv.wait(0.05)
 
     def _forked(self):
         self._closed = True

@@ -3,6 +3,7 @@ VM: test/snakepit/shared_memory/host_quota_processes_test.exs drives Python clie
 against it).  Here: the byte layout, the private-directory checks, reconnect with
 re-declaration after a hang-up, malformed replies, fork."""
 
+import gc
 import math
 import os
 import signal
@@ -340,6 +341,30 @@ def test_a_forked_child_does_not_inherit_the_session(tmp_path):
     assert quota.usage() == []
     quota.close()
     server.stop()
+
+
+def test_a_client_dropped_without_close_ends_its_session(tmp_path):
+    # The watcher thread held the client (a bound method): __del__ never ran, and each
+    # client dropped without close() kept its session (and what it held), its socket,
+    # its wake pipe and its thread until the process exited.
+    server = FakeServer(tmp_path)
+
+    def fds():
+        return len(os.listdir("/proc/self/fd"))
+
+    warm = snakepit_shm.HostQuota.connect(dir=server.dir)
+    warm.close()
+    before, threads = fds(), threading.active_count()
+    for _ in range(20):
+        quota = snakepit_shm.HostQuota.connect(dir=server.dir)
+        quota.reserve("q", 1)
+        del quota
+    gc.collect()
+    assert wait_for(lambda: set(range(2, 22)) <= server.ended, 5.0), server.ended
+    assert wait_for(lambda: threading.active_count() <= threads, 5.0)
+    server.stop()
+    assert fds() <= before
+    assert not [t for t in threading.enumerate() if t.name == "snakepit_shm-quota"]
 
 
 def test_many_threads_share_one_session(tmp_path):
