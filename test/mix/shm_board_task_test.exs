@@ -30,6 +30,9 @@ defmodule Mix.Tasks.Snakepit.Shm.BoardTaskTest do
     assert err =~ "--format must be table or json"
     {_out, err, 2} = run_task(@task, ["x", "--interval", "0"])
     assert err =~ "--interval"
+    # Past the longest sleep of Process.sleep/1 (2^32 - 1 ms): it raised mid-watch.
+    {_out, err, 2} = run_task(@task, ["x", "--interval", "4294967296"])
+    assert err =~ "--interval"
   end
 
   test "a table with one row per worker; json; an unknown board exits 1", c do

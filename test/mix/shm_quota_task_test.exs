@@ -88,6 +88,51 @@ defmodule Mix.Tasks.Snakepit.Shm.QuotaTest do
     assert out =~ "mix snakepit.shm.quota [QUOTA]"
   end
 
+  test "a socket that hangs up at once or answers garbage is a clean failure", %{dir: dir} do
+    File.mkdir_p!(dir)
+    File.chmod!(dir, 0o700)
+    path = Path.join(dir, "quota.sock")
+    {:ok, l} = :gen_tcp.listen(0, [:binary, active: false, ifaddr: {:local, path}])
+
+    serve = fn answer ->
+      spawn(fn ->
+        Stream.repeatedly(fn ->
+          {:ok, s} = :gen_tcp.accept(l)
+          answer.(s)
+        end)
+        |> Stream.run()
+      end)
+    end
+
+    # Hangs up with a reset (the serving VM killed between accept and HELLO): the
+    # probe's send failed with a MatchError and a stack trace.
+    acceptor =
+      serve.(fn s ->
+        :ok = :inet.setopts(s, linger: {true, 0})
+        :gen_tcp.close(s)
+      end)
+
+    for _ <- 1..5 do
+      {_out, err, 1} = run_task("snakepit.shm.quota", ["--dir", dir])
+      assert err =~ "quota server", err
+      refute err =~ "MatchError"
+    end
+
+    Process.exit(acceptor, :kill)
+
+    acceptor =
+      serve.(fn s ->
+        :gen_tcp.send(s, <<0, 0, 0, 3, 1, 0x99, 0>>)
+        Process.sleep(100)
+        :gen_tcp.close(s)
+      end)
+
+    {_out, err, 1} = run_task("snakepit.shm.quota", ["--dir", dir])
+    assert err =~ "bad answer from the quota server", err
+    Process.exit(acceptor, :kill)
+    :gen_tcp.close(l)
+  end
+
   test "--node asks a running node's client", %{dir: dir} do
     {_, 0} = System.cmd("epmd", ["-daemon"])
     cookie = "c#{System.unique_integer([:positive])}"

@@ -56,9 +56,15 @@ defmodule Mix.Tasks.Snakepit.Shm.Board do
     count = Keyword.get(opts, :count)
 
     cond do
-      interval < 1 -> Command.usage_error!(@task, "--interval must be a positive number of ms")
-      count != nil and count < 1 -> Command.usage_error!(@task, "--count must be positive")
-      true -> :ok
+      # Process.sleep/1 sleeps at most 2^32 - 1 ms (about 49 days).
+      interval not in 1..0xFFFF_FFFF ->
+        Command.usage_error!(@task, "--interval must be from 1 to 4294967295 ms")
+
+      count != nil and count < 1 ->
+        Command.usage_error!(@task, "--count must be positive")
+
+      true ->
+        :ok
     end
 
     Command.load_code()

@@ -345,16 +345,20 @@ defmodule Snakepit.SharedMemory.Config do
       else: {:error, "nil or a quota name of 1-64 characters of [A-Za-z0-9_.:-]"}
   end
 
-  defp check(:host_quota_limit, value) when is_nil(value) or (is_integer(value) and value >= 0),
-    do: :ok
-
-  defp check(:host_quota_limit, _), do: {:error, "nil or a non-negative integer"}
-
-  defp check(:host_quota_wait, value)
-       when value == :infinity or (is_integer(value) and value >= 0),
+  # The quota protocol carries a limit in 64 bits (a larger one would wrap) and a wait in
+  # 32 (HostQuota.reserve/3 refuses a longer one).
+  defp check(:host_quota_limit, value)
+       when is_nil(value) or (is_integer(value) and value in 0..0xFFFF_FFFF_FFFF_FFFF),
        do: :ok
 
-  defp check(:host_quota_wait, _), do: {:error, "a non-negative integer or :infinity"}
+  defp check(:host_quota_limit, _), do: {:error, "nil or an integer from 0 to 2^64-1"}
+
+  defp check(:host_quota_wait, value)
+       when value == :infinity or (is_integer(value) and value in 0..0xFFFF_FFFE),
+       do: :ok
+
+  defp check(:host_quota_wait, _),
+    do: {:error, "milliseconds from 0 to 4294967294 (about 49 days) or :infinity"}
 
   defp check(:host_quota_dir, value) when is_nil(value) or (is_binary(value) and value != ""),
     do: :ok

@@ -99,7 +99,11 @@ defmodule Snakepit.SharedMemory.HostQuota do
         client: client
       }
 
-      timeout = if wait == :infinity, do: :infinity, else: wait + @call_margin
+      # A receive timeout is at most 2^32 - 1 ms: past it, the call waits without one.
+      timeout =
+        if wait == :infinity or wait + @call_margin > 0xFFFF_FFFF,
+          do: :infinity,
+          else: wait + @call_margin
 
       case Client.call(client, {:reserve, res, wait}, timeout) do
         {:error, %Error{reason: :unavailable}} = error ->
@@ -152,7 +156,7 @@ defmodule Snakepit.SharedMemory.HostQuota do
     end
   end
 
-  def release(%Reservation{}, opts),
+  def release(%Reservation{}, opts) when not is_list(opts),
     do: Error.error(:invalid_option, "options must be a keyword list, got: #{inspect(opts)}")
 
   def release(other, _opts),

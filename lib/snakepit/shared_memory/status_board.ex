@@ -52,6 +52,7 @@ defmodule Snakepit.SharedMemory.StatusBoard do
   @dirty_entries_above 2048
   @states [:starting, :idle, :busy, :draining, :shutdown]
   @fields [:state, :queue, :in_flight, :memory, :processed, :errors]
+  @field_names Enum.map(@fields, &Atom.to_string/1)
   @unknown_generation 0xFFFF_FFFF_FFFF_FFFF
 
   @typedoc "A board handle: usable from any process of the VM."
@@ -843,14 +844,16 @@ defmodule Snakepit.SharedMemory.StatusBoard do
     cond do
       not Enum.all?(
         strings,
-        &(is_binary(&1) and byte_size(&1) in 1..31 and not String.contains?(&1, <<0>>))
+        &(is_binary(&1) and byte_size(&1) in 1..31 and String.valid?(&1) and
+              not String.contains?(&1, <<0>>))
       ) ->
         Error.error(
           :invalid_option,
-          ":gauges must be names of 1 to 31 bytes, got: #{inspect(names)}"
+          ":gauges must be UTF-8 names of 1 to 31 bytes, got: #{inspect(names)}"
         )
 
-      Enum.uniq(strings) != strings or Enum.any?(strings, &(String.to_atom(&1) in @fields)) ->
+      # Compared as strings: String.to_atom/1 would add every new name to the atom table.
+      Enum.uniq(strings) != strings or Enum.any?(strings, &(&1 in @field_names)) ->
         Error.error(
           :invalid_option,
           ":gauges must be distinct and not named like a field, got: #{inspect(names)}"

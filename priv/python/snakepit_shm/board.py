@@ -150,10 +150,15 @@ class StatusBoard:
         RegionNotFound when the board does not exist, CorruptRegion when the segment is
         not a valid board, PermissionError when it is not ours.
         """
-        wid = worker_id.encode("utf-8") if isinstance(worker_id, str) else worker_id
+        try:
+            wid = worker_id.encode("utf-8") if isinstance(worker_id, str) else worker_id
+            if isinstance(wid, bytes):
+                wid.decode("utf-8")  # Elixir's join/3 refuses ids that are no UTF-8 too
+        except UnicodeError:
+            wid = None
         if not isinstance(wid, bytes) or not 1 <= len(wid) <= BF.WORKER_ID_CAPACITY:
-            raise ValueError(
-                f"worker_id must be 1 to {BF.WORKER_ID_CAPACITY} bytes, got {worker_id!r}")
+            raise ValueError(f"worker_id must be 1 to {BF.WORKER_ID_CAPACITY} bytes of "
+                             f"UTF-8, got {worker_id!r}")
         info = ref.get("board") if isinstance(ref, dict) else None
         library = _native.library()
         functions = _functions(library)

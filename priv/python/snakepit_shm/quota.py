@@ -321,12 +321,67 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+class _Wake:
+    """The pipe that wakes a client's watcher thread; closed once, by whoever is last."""
+
+    def __init__(self):
+        self.r, self.w = os.pipe()
+        self._lock = threading.Lock()
+        self._open = True
+
+    def poke(self):
+        with self._lock:
+            if self._open:
+                try:
+                    os.write(self.w, b"x")
+                except OSError:
+                    pass
+
+    def close(self):
+        with self._lock:
+            if self._open:
+                self._open = False
+                os.close(self.r)
+                os.close(self.w)
+
+
+def _watch(ref, wake):
+    """A client's watcher thread: reconnects as soon as the server hangs up, even while
+    no call is made.  Holds the client only between waits (a weak reference)."""
+    while True:
+        quota = ref()
+        sock = quota._watch_socket() if quota is not None else None
+        del quota
+        if sock is None:
+            break
+        try:
+            poller = select.poll()
+            poller.register(sock, select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+            poller.register(wake.r, select.POLLIN)
+            events = poller.poll()
+        except (OSError, ValueError):
+            events = []
+        if any(fd == wake.r for fd, _ in events):
+            break
+        quota = ref()
+        if quota is None:
+            break
+        quota._watch_hangup(sock)
+        del quota, sock
+    if ref() is None:
+        wake.close()  # collected without close(): nobody else closes the pipe
+
+
 class HostQuota:
     """A session with the host quota server.  Thread-safe; close() it when done."""
 
     def __init__(self, dir=None, label=None, timeout=5.0, spin=SPIN):
         if isinstance(spin, bool) or not isinstance(spin, (int, float)) or not 0 <= spin < 1:
             raise ValueError("spin must be seconds from 0 to 1, got: %r" % (spin,))
+        if (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                or not timeout >= 0):  # NaN too: its deadline would never pass
+            raise ValueError("timeout must be seconds >= 0 (math.inf: forever), got: %r"
+                             % (timeout,))
         self._spin_ns = int(spin * 1e9)
         self._spin_hits = 0
         self._spin_misses = 0
@@ -357,9 +412,11 @@ class HostQuota:
         _check_dir(self._dir)
         with self._cv:
             self._reconnect_locked(time.monotonic() + timeout)
-        self._wake_r, self._wake_w = os.pipe()
-        self._watcher = threading.Thread(target=self._watch, name="snakepit_shm-quota",
-                                         daemon=True)
+        self._wake = _Wake()
+        # The thread holds only a weak reference: a client dropped without close() is
+        # collected, and __del__ ends its session (and the thread).
+        self._watcher = threading.Thread(target=_watch, args=(weakref.ref(self), self._wake),
+                                         name="snakepit_shm-quota", daemon=True)
         self._watcher.start()
         _INSTANCES.add(self)
 
@@ -403,10 +460,14 @@ class HostQuota:
         """
         bname = _check_name(name)
         _check_u64(amount, "amount", 1)
-        if not isinstance(wait, (int, float)) or isinstance(wait, bool) or wait < 0:
+        if (not isinstance(wait, (int, float)) or isinstance(wait, bool) or wait < 0
+                or wait != wait):
             raise ValueError("wait must be seconds >= 0 (math.inf: forever), got: %r" % (wait,))
-        wait_ms = FOREVER if math.isinf(wait) else min(int(wait * 1000), FOREVER - 1)
-        timeout = math.inf if math.isinf(wait) else wait + _MARGIN
+        # min() before int(): a finite wait of 1e308 s is inf ms, which int() refuses.
+        wait_ms = FOREVER if math.isinf(wait) else int(min(wait * 1000, FOREVER - 1))
+        # The server gives up after wait_ms; a longer timeout here would only overflow
+        # the condition variable's wait (OverflowError past threading.TIMEOUT_MAX).
+        timeout = math.inf if math.isinf(wait) else wait_ms / 1000 + _MARGIN
         res_id = next(self._ids)
         res = Reservation(self, res_id, name, amount)
         try:
@@ -439,6 +500,11 @@ class HostQuota:
         amount free afterwards.  Use it before telling another process that the
         amount is free.
         """
+        if not isinstance(reservation, Reservation):
+            raise TypeError("release() takes a Reservation returned by reserve(), got: %r"
+                            % (reservation,))
+        if not isinstance(sync, bool):
+            raise ValueError("sync must be True or False, got: %r" % (sync,))
         with self._cv:
             if self._held.get(reservation.id) is not reservation:
                 # Not held, or a reservation of another client (ids are per client:
@@ -487,17 +553,10 @@ class HostQuota:
                 self._sock.close()
                 self._sock = None
             self._cv.notify_all()
-        try:
-            os.write(self._wake_w, b"x")
-        except OSError:
-            pass
+        self._wake.poke()
         if threading.current_thread() is not self._watcher:
             self._watcher.join(1.0)
-        for fd in (self._wake_r, self._wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        self._wake.close()
 
     def __enter__(self):
         return self
@@ -506,9 +565,14 @@ class HostQuota:
         self.close()
 
     def __del__(self):
+        # Dropped without close(): the session ends (the server releases what it held)
+        # and the watcher thread, woken, closes the wake pipe and exits.
         try:
-            if not self._closed and self._sock is not None:
-                self._sock.close()
+            if not self._closed:
+                self._closed = True
+                if self._sock is not None:
+                    self._sock.close()
+                self._wake.poke()
         except Exception:
             pass
 
@@ -772,40 +836,33 @@ class HostQuota:
             self._cv.notify_all()
             return
 
-    def _watch(self):
-        """Reconnect as soon as the server hangs up, even while no call is made."""
-        while True:
-            with self._cv:
+    def _watch_socket(self):
+        """The watcher's wait for its turn: the socket to watch, or None once closed."""
+        with self._cv:
+            while True:
                 while self._reading and not self._closed:
                     self._cv.wait()
                 if self._closed:
-                    return
-                sock = self._sock
-                if sock is None:
-                    try:
-                        self._reconnect_locked(time.monotonic() + 1.0)
-                    except QuotaError:
-                        pass
-                    continue
-            poller = select.poll()
-            poller.register(sock, select.POLLRDHUP | select.POLLHUP | select.POLLERR)
-            poller.register(self._wake_r, select.POLLIN)
-            try:
-                events = poller.poll()
-            except (OSError, ValueError):
-                events = []
-            if any(fd == self._wake_r for fd, _ in events):
-                return
-            with self._cv:
-                if self._sock is sock and not self._reading and not self._closed:
-                    self._drop_locked()
-                    try:
-                        self._reconnect_locked(time.monotonic() + 1.0)
-                    except QuotaError:
-                        pass
-                elif self._reading:
-                    # The reader sees the hang-up itself; wait until it has.
-                    self._cv.wait(0.05)
+                    return None
+                if self._sock is not None:
+                    return self._sock
+                try:
+                    self._reconnect_locked(time.monotonic() + 1.0)
+                except QuotaError:
+                    pass
+
+    def _watch_hangup(self, sock):
+        """The watched socket hung up: reconnect, unless a reader handles it."""
+        with self._cv:
+            if self._sock is sock and not self._reading and not self._closed:
+                self._drop_locked()
+                try:
+                    self._reconnect_locked(time.monotonic() + 1.0)
+                except QuotaError:
+                    pass
+            elif self._reading:
+                # The reader sees the hang-up itself; wait until it has.
+                self._cv.wait(0.05)
 
     def _forked(self):
         self._closed = True

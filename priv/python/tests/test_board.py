@@ -115,3 +115,8 @@ def test_join_refuses_bad_worker_ids():
         board.StatusBoard.join({"region_id": "spshm_n_x"}, "")
     with pytest.raises(ValueError):
         board.StatusBoard.join({"region_id": "spshm_n_x"}, "x" * 65)
+    # Bytes that are no UTF-8: Elixir's join/3 refuses them, least_loaded/2 would
+    # hand such an id to a router as a String.t(). Refused before the board is looked up.
+    for bad in [b"\xff\xfe", b"a\x80", "\udcff", 7, None]:
+        with pytest.raises(ValueError, match="worker_id"):
+            board.StatusBoard.join({"region_id": "spshm_n_x"}, bad)

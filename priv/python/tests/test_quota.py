@@ -3,6 +3,8 @@ VM: test/snakepit/shared_memory/host_quota_processes_test.exs drives Python clie
 against it).  Here: the byte layout, the private-directory checks, reconnect with
 re-declaration after a hang-up, malformed replies, fork."""
 
+import gc
+import math
 import os
 import signal
 import socket
@@ -77,6 +79,59 @@ def test_bad_arguments(tmp_path):
     server.stop()
 
 
+def test_bad_waits_and_releases_name_the_problem(tmp_path):
+    server = FakeServer(tmp_path)
+    with snakepit_shm.HostQuota.connect(dir=server.dir) as quota:
+        # NaN said "cannot convert float NaN to integer"; 1e308 s overflowed to an
+        # OverflowError from int(inf).
+        with pytest.raises(ValueError, match="wait must be seconds"):
+            quota.reserve("q", 1, wait=float("nan"))
+        res = quota.reserve("q", 1, wait=1e308)  # finite: the longest finite wait
+        assert q.FOREVER - 1 == struct.unpack_from(">I", server.frames[-1][1], 22)[0]
+        res.release()
+        res = quota.reserve("q", 1, wait=math.inf)
+        assert q.FOREVER == struct.unpack_from(">I", server.frames[-1][1], 22)[0]
+        # Something that is no reservation: a TypeError saying so, not AttributeError.
+        for bad in [None, 5, "r"]:
+            with pytest.raises(TypeError, match="Reservation"):
+                quota.release(bad)
+        with pytest.raises(ValueError, match="sync must be True or False"):
+            quota.release(res, sync="no")
+        assert res.held
+        res.release()
+    server.stop()
+
+
+def test_a_huge_finite_wait_beside_another_waiting_thread(tmp_path):
+    # The second thread waits on the condition variable with the wait as its timeout:
+    # wait=1e12 (or 1e300) raised OverflowError at once ("timestamp too large").
+    def reply(payload):
+        return None if payload[1] == q.RESERVE else FakeServer.default_reply(payload)
+
+    server = FakeServer(tmp_path, reply=reply)
+    quota = snakepit_shm.HostQuota.connect(dir=server.dir)
+    errors = []
+
+    def reserve(wait):
+        try:
+            quota.reserve("q", 1, wait=wait)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=reserve, args=(w,), daemon=True)
+               for w in (1e300, 1e300, 1e12)]
+    for t in threads:
+        t.start()
+        time.sleep(0.05)
+    time.sleep(0.3)
+    assert errors == []
+    quota.close()
+    for t in threads:
+        t.join(5)
+    assert all(isinstance(e, snakepit_shm.QuotaUnavailable) for e in errors), errors
+    server.stop()
+
+
 # ---- the private directory ----
 
 def test_missing_directory(tmp_path):
@@ -99,6 +154,15 @@ def test_directory_with_group_bits_or_a_symlink_is_refused(tmp_path):
         os.chown(d, 65534, 65534)
         with pytest.raises(PermissionError, match="owned by uid 65534"):
             snakepit_shm.HostQuota.connect(dir=str(d))
+
+
+def test_bad_connect_timeouts_are_value_errors(tmp_path):
+    d = tmp_path / "d"
+    d.mkdir(mode=0o700)
+    # NaN never reached its deadline: connect() retried forever with no server.
+    for bad in [float("nan"), -1, "x", None, True]:
+        with pytest.raises(ValueError, match="timeout"):
+            snakepit_shm.HostQuota.connect(dir=str(d), timeout=bad)
 
 
 def test_no_server(tmp_path):
@@ -277,6 +341,30 @@ def test_a_forked_child_does_not_inherit_the_session(tmp_path):
     assert quota.usage() == []
     quota.close()
     server.stop()
+
+
+def test_a_client_dropped_without_close_ends_its_session(tmp_path):
+    # The watcher thread held the client (a bound method): __del__ never ran, and each
+    # client dropped without close() kept its session (and what it held), its socket,
+    # its wake pipe and its thread until the process exited.
+    server = FakeServer(tmp_path)
+
+    def fds():
+        return len(os.listdir("/proc/self/fd"))
+
+    warm = snakepit_shm.HostQuota.connect(dir=server.dir)
+    warm.close()
+    before, threads = fds(), threading.active_count()
+    for _ in range(20):
+        quota = snakepit_shm.HostQuota.connect(dir=server.dir)
+        quota.reserve("q", 1)
+        del quota
+    gc.collect()
+    assert wait_for(lambda: set(range(2, 22)) <= server.ended, 5.0), server.ended
+    assert wait_for(lambda: threading.active_count() <= threads, 5.0)
+    server.stop()
+    assert fds() <= before
+    assert not [t for t in threading.enumerate() if t.name == "snakepit_shm-quota"]
 
 
 def test_many_threads_share_one_session(tmp_path):

@@ -6,6 +6,8 @@ defmodule Snakepit.SharedMemory.HostQuota.RegionsTest do
   # host_quota_processes_test.exs.
   use ExUnit.Case, async: false
 
+  import Bitwise
+
   @moduletag :capture_log
 
   alias Snakepit.SharedMemory, as: SHM
@@ -250,6 +252,14 @@ defmodule Snakepit.SharedMemory.HostQuota.RegionsTest do
     assert m =~ "host_quota"
     assert {:error, _} = Snakepit.SharedMemory.Config.validate(host_quota_limit: -1)
     assert {:error, _} = Snakepit.SharedMemory.Config.validate(host_quota_wait: :soon)
+    # The wire carries a limit in 64 bits and a wait in 32: 2^64 was defined as a limit
+    # of 0 (wrapped), and a wait of 2^32 ms made every allocation fail on :wait.
+    assert {:error, m} = Snakepit.SharedMemory.Config.validate(host_quota_limit: 1 <<< 64)
+    assert m =~ "host_quota_limit"
+    assert {:ok, _} = Snakepit.SharedMemory.Config.validate(host_quota_limit: (1 <<< 64) - 1)
+    assert {:error, m} = Snakepit.SharedMemory.Config.validate(host_quota_wait: 1 <<< 32)
+    assert m =~ "host_quota_wait"
+    assert {:ok, _} = Snakepit.SharedMemory.Config.validate(host_quota_wait: 0xFFFF_FFFE)
     assert {:error, _} = Snakepit.SharedMemory.Config.validate(host_quota_dir: "")
 
     assert {:ok, %{host_quota: nil, host_quota_wait: 0}} =

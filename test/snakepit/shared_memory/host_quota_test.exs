@@ -207,6 +207,12 @@ defmodule Snakepit.SharedMemory.HostQuotaTest do
         assert {:error, %Error{reason: :invalid_option}} = HQ.release(bad)
       end
 
+      # A Reservation struct built by hand, without a client: the error said the
+      # options ([]) were no keyword list.
+      forged = %Snakepit.SharedMemory.HostQuota.Reservation{id: 1, name: "q", amount: 1}
+      assert {:error, %Error{reason: :invalid_option, message: m}} = HQ.release(forged)
+      assert m =~ "release/1 takes a reservation returned by reserve/3"
+
       assert {:error, %Error{reason: :invalid_option}} = HQ.reserve("q", 1, :bad)
       assert {:error, %Error{reason: :invalid_option}} = HQ.define("q", 1, %{client: a})
       assert {:error, %Error{reason: :invalid_option}} = HQ.usage("q", :bad)
@@ -237,6 +243,32 @@ defmodule Snakepit.SharedMemory.HostQuotaTest do
       {:ok, _} = HQ.reserve("q", 1, client: a)
       {:ok, [q]} = HQ.usage("q", client: a)
       assert [%{label: "evil?label?[31m"}] = q.holders
+    end
+  end
+
+  describe "Client.start_link/1 options" do
+    test "bad options are :invalid_option errors, no client starts", %{dir: dir} do
+      # A :define the server refuses closed the session at every connection: the client
+      # reconnected forever (thousands of warnings a second) and never answered.
+      for opts <- [
+            [dir: dir, define: [{"bad name", 1}]],
+            [dir: dir, define: [{"q", 1 <<< 64}]],
+            [dir: dir, define: [{"q", -1}]],
+            [dir: dir, define: [:q]],
+            [dir: dir, define: :q],
+            [dir: dir, define: [{"q", 1} | :x]],
+            [dir: 5],
+            [dir: dir, bogus: 1],
+            :x,
+            [{:dir, dir} | :x]
+          ] do
+        assert {:error, %Error{reason: :invalid_option}} = Client.start_link(opts),
+               inspect(opts)
+      end
+
+      refute File.exists?(dir)
+      a = client(dir)
+      assert {:ok, []} = HQ.usage(nil, client: a)
     end
   end
 
@@ -292,6 +324,25 @@ defmodule Snakepit.SharedMemory.HostQuotaTest do
   end
 
   describe "wait:" do
+    test "the longest wait accepted waits in line (no :timeout_value raise)", %{dir: dir} do
+      a = client(dir)
+      :ok = HQ.define("q", 10, client: a)
+      {:ok, full} = HQ.reserve("q", 10, client: a)
+      # wait + the call's margin passed 2^32 - 1 ms, the largest receive timeout: the
+      # caller raised ErlangError :timeout_value.
+      task = Task.async(fn -> HQ.reserve("q", 5, client: a, owner: nil, wait: 0xFFFF_FFFE) end)
+
+      assert wait_until(fn ->
+               {:ok, [q]} = HQ.usage("q", client: a)
+               length(q.waiters) == 1
+             end)
+
+      :ok = HQ.release(full)
+      assert {:ok, res} = Task.await(task, 5_000)
+      :ok = HQ.release(res, sync: true)
+      assert used(a, "q") == 0
+    end
+
     test "waiters are granted in arrival order; a big head is not overtaken", %{dir: dir} do
       a = client(dir)
       :ok = HQ.define("q", 10, client: a)
@@ -695,6 +746,37 @@ defmodule Snakepit.SharedMemory.HostQuotaTest do
       {:ok, %{server: server}} = HQ.info(client: a)
       assert Process.alive?(server)
     end
+
+    test "a reservation id reused while it waits is refused, never counted twice",
+         %{dir: dir} do
+      a = client(dir)
+      :ok = HQ.define("qa", 10, client: a)
+      :ok = HQ.define("qb", 10, client: a)
+      {:ok, fill} = HQ.reserve("qb", 10, client: a)
+
+      s = raw(dir)
+      hello(s)
+      # id 5 waits in line on qb ...
+      frame(s, Protocol.encode_request({:reserve, 1, 5, "qb", 4, 60_000}))
+      # ... and is asked for again on qa, and re-declared while it waits.
+      frame(s, Protocol.encode_request({:reserve, 2, 5, "qa", 3, 0}))
+      assert {:ok, reply} = :gen_tcp.recv(s, 0, 2_000)
+      assert {:ok, {:error, 2, :conflict, _}} = Protocol.decode_reply(strip(reply))
+      frame(s, Protocol.encode_request({:declare, 3, 5, "qa", 3, 10}))
+      assert {:ok, reply} = :gen_tcp.recv(s, 0, 2_000)
+      assert {:ok, {:error, 3, :conflict, _}} = Protocol.decode_reply(strip(reply))
+
+      :ok = HQ.release(fill, sync: true)
+      assert {:ok, reply} = :gen_tcp.recv(s, 0, 2_000)
+      assert {:ok, {:granted, 1, 10}} = Protocol.decode_reply(strip(reply))
+      assert used(a, "qa") == 0 and used(a, "qb") == 4
+
+      # Its session ends: everything it held is released, on both quotas.
+      :gen_tcp.close(s)
+      assert wait_until(fn -> used(a, "qa") == 0 and used(a, "qb") == 0 end, 1_000)
+    end
+
+    defp strip(<<_len::32, payload::binary>>), do: payload
 
     defp mutate(bin) do
       i = :rand.uniform(byte_size(bin)) - 1

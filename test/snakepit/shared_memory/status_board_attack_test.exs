@@ -59,6 +59,21 @@ defmodule Snakepit.SharedMemory.StatusBoardAttackTest do
     assert {:ok, [%{worker_id: "w1"}]} = StatusBoard.entries(ctx.board)
   end
 
+  test "gauge names that are no UTF-8 are :invalid_option, and make no atoms" do
+    name = "atkg#{System.unique_integer([:positive])}"
+
+    for gauges <- [[<<0xFF, 0xFE>>], ["ok", <<0xC3>>], [<<"a", 0x80>>]] do
+      assert error?(StatusBoard.create(name, gauges: gauges), :invalid_option), inspect(gauges)
+    end
+
+    atoms = :erlang.system_info(:atom_count)
+    fresh = "g#{System.unique_integer([:positive])}"
+    assert {:ok, board} = StatusBoard.create(name, gauges: [fresh])
+    assert :erlang.system_info(:atom_count) == atoms
+    assert :ok = StatusBoard.delete(board)
+    refute File.exists?("/dev/shm/spshm_n_" <> name)
+  end
+
   test "a :score that raises, throws, exits or returns no number gives an error", ctx do
     for score <- [
           fn _ -> raise "boom" end,

@@ -20,7 +20,7 @@ defmodule Snakepit.SharedMemory.HostQuota.Client do
 
   require Logger
 
-  alias Snakepit.SharedMemory.Error
+  alias Snakepit.SharedMemory.{Error, Options}
   alias Snakepit.SharedMemory.HostQuota.{Protocol, Reservation, RuntimeDir, Server}
 
   @max_backoff 50
@@ -41,11 +41,58 @@ defmodule Snakepit.SharedMemory.HostQuota.Client do
     * `:table` - the name of a public ETS table this client owns (for
       `Snakepit.SharedMemory.HostQuota.Regions`). Defaults to none.
   """
-  @spec start_link(keyword()) :: GenServer.on_start()
+  @spec start_link(keyword()) :: GenServer.on_start() | {:error, Error.t()}
   def start_link(opts) do
-    gen_opts = if opts[:name], do: [name: opts[:name]], else: []
-    GenServer.start_link(__MODULE__, opts, gen_opts)
+    with :ok <- check_opts(opts) do
+      gen_opts = if opts[:name], do: [name: opts[:name]], else: []
+      GenServer.start_link(__MODULE__, opts, gen_opts)
+    end
   end
+
+  # Checked before the process starts: a :define the server refuses would close the
+  # session at every connection, and the client would reconnect forever.
+  defp check_opts(opts) do
+    with :ok <- Options.known_keys(opts, [:dir, :name, :label, :define, :table]) do
+      cond do
+        not (is_nil(opts[:dir]) or (is_binary(opts[:dir]) and opts[:dir] != "")) ->
+          bad_opt(":dir must be a directory path, got: #{inspect(opts[:dir])}")
+
+        not (is_nil(opts[:name]) or is_atom(opts[:name])) ->
+          bad_opt(":name must be an atom, got: #{inspect(opts[:name])}")
+
+        not (is_nil(opts[:table]) or is_atom(opts[:table])) ->
+          bad_opt(":table must be an atom, got: #{inspect(opts[:table])}")
+
+        not valid_define?(opts[:define]) ->
+          bad_opt(
+            ":define must be a list of {quota name, limit from 0 to 2^64-1}, got: " <>
+              inspect(opts[:define])
+          )
+
+        true ->
+          :ok
+      end
+    end
+  end
+
+  defp valid_define?(nil), do: true
+
+  defp valid_define?(list) when is_list(list) do
+    Enum.all?(list, fn
+      {name, limit} when is_integer(limit) and limit in 0..0xFFFF_FFFF_FFFF_FFFF ->
+        Protocol.valid_name?(name)
+
+      _ ->
+        false
+    end)
+  rescue
+    # an improper list
+    FunctionClauseError -> false
+  end
+
+  defp valid_define?(_), do: false
+
+  defp bad_opt(message), do: Error.error(:invalid_option, message)
 
   @doc false
   @spec call(GenServer.server(), term(), timeout()) :: term()

@@ -32,10 +32,11 @@ defmodule Snakepit.SharedMemory.HostQuota.Probe do
          {:ok, socket} <- connect(path, opts) do
       try do
         hello = Protocol.encode_request({:hello, 0, os_pid(), :other, "mix snakepit.shm.quota"})
-        :ok = :gen_tcp.send(socket, hello)
-        :ok = :gen_tcp.send(socket, Protocol.encode_request({:usage, 1, name}))
 
-        with {:ok, {:welcome, server_pid, label}} <- recv(socket),
+        # A send fails when the server hung up first (killed, or closing the session).
+        with :ok <- send_request(socket, hello),
+             :ok <- send_request(socket, Protocol.encode_request({:usage, 1, name})),
+             {:ok, {:welcome, server_pid, label}} <- recv(socket),
              {:ok, {:usage, 1, quotas}} <- recv(socket) do
           {:ok, %{quotas: quotas, server_os_pid: server_pid, server: label, dir: path_dir}}
         else
@@ -60,6 +61,16 @@ defmodule Snakepit.SharedMemory.HostQuota.Probe do
             "is running as this user, or it uses another directory (--dir, " <>
             "SNAKEPIT_SHM_QUOTA_DIR)"
         )
+    end
+  end
+
+  defp send_request(socket, data) do
+    case :gen_tcp.send(socket, data) do
+      :ok ->
+        :ok
+
+      {:error, reason} ->
+        Error.error(:unavailable, "the quota server hung up: #{inspect(reason)}")
     end
   end
 

@@ -259,7 +259,7 @@ defmodule Snakepit.SharedMemory.HostQuota.Server do
           do: reply(state, socket, Protocol.granted(req, quota.limit)),
           else: reply_error(state, socket, req, :conflict, conflict(res_id))
 
-      waiting?(quota, socket, res_id) ->
+      waiting?(state, socket, res_id) ->
         reply_error(state, socket, req, :conflict, conflict(res_id))
 
       amount == 0 ->
@@ -318,11 +318,9 @@ defmodule Snakepit.SharedMemory.HostQuota.Server do
         reply(state, socket, Protocol.ok(req), req)
 
       _ ->
-        # Already held by a live client: counted whatever the limit says.
-        state
-        |> put_in([:sessions, socket, :held, res_id], {name, amount})
-        |> update_in([:quotas, name, :used], &(&1 + amount))
-        |> reply(socket, Protocol.ok(req), req)
+        if waiting?(state, socket, res_id),
+          do: reply(state, socket, Protocol.error(req, :conflict, conflict(res_id)), req),
+          else: declare(state, socket, req, res_id, name, amount)
     end
   end
 
@@ -331,6 +329,14 @@ defmodule Snakepit.SharedMemory.HostQuota.Server do
   end
 
   # ---- quota state ----
+
+  # Already held by a live client: counted whatever the limit says.
+  defp declare(state, socket, req, res_id, name, amount) do
+    state
+    |> put_in([:sessions, socket, :held, res_id], {name, amount})
+    |> update_in([:quotas, name, :used], &(&1 + amount))
+    |> reply(socket, Protocol.ok(req), req)
+  end
 
   # Waiters asking for more than a lowered limit could never be granted, and at the
   # head of the line they would block everyone behind them forever: they fail now,
@@ -424,9 +430,13 @@ defmodule Snakepit.SharedMemory.HostQuota.Server do
     end
   end
 
-  defp waiting?(quota, socket, res_id) do
-    not :queue.is_empty(quota.queue) and
-      Enum.any?(:queue.to_list(quota.queue), &(&1.socket == socket and &1.res_id == res_id))
+  # Whether this session's `res_id` waits in the line of any quota: granting it later
+  # would overwrite what the session holds under that id (counted, never released).
+  defp waiting?(state, socket, res_id) do
+    Enum.any?(state.quotas, fn {_name, quota} ->
+      not :queue.is_empty(quota.queue) and
+        Enum.any?(:queue.to_list(quota.queue), &(&1.socket == socket and &1.res_id == res_id))
+    end)
   end
 
   defp wait_timed_out(state, socket, res_id) do
