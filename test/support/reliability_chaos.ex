@@ -176,6 +176,9 @@ defmodule Snakepit.SharedMemory.ReliabilityChaos do
       except snakepit_shm.SnakepitShmError as exc:
           print("GONE", ref["region_id"], type(exc).__name__, flush=True)
           continue
+      except Exception as exc:  # not the client's own error: reported, and the worker lives
+          print("ERR", ref["region_id"], type(exc).__name__, repr(str(exc))[:300], flush=True)
+          continue
       print("OK" if got == crc else "BAD", ref["region_id"], got, crc, flush=True)
       held.append(region)
       if len(held) > 3:
@@ -212,7 +215,12 @@ defmodule Snakepit.SharedMemory.ReliabilityChaos do
 
         with {:ok, ref} <- SharedMemory.export_ref(id),
              {:ok, json} <- JSON.encode([ref, crc]) do
-          Port.command(port, json <> "\n")
+          # A worker SIGKILLed by the chaos may be gone already: its port is closed.
+          try do
+            Port.command(port, json <> "\n")
+          rescue
+            ArgumentError -> :ok
+          end
         end
 
         :ok
@@ -231,7 +239,17 @@ defmodule Snakepit.SharedMemory.ReliabilityChaos do
         anomaly(tables, :python_crc_mismatch, rest)
         drain_python(tables)
 
-      {port, {:data, _other}} when is_port(port) ->
+      {port, {:data, {_, "GONE " <> _}}} when is_port(port) ->
+        drain_python(tables)
+
+      {port, {:data, {_, line}}} when is_port(port) ->
+        # Anything else is the worker's own output (a traceback): kept, reported if the
+        # worker then dies by itself.
+        :ets.insert(tables.anomalies, {{:python_output, port, System.unique_integer()}, line})
+        drain_python(tables)
+
+      {port, {:exit_status, status}} when is_port(port) and status != 137 ->
+        anomaly(tables, {:python_worker_died, port}, status)
         drain_python(tables)
 
       {port, {:exit_status, _}} when is_port(port) ->
