@@ -239,12 +239,16 @@ defmodule Snakepit.SharedMemory.ReliabilityChaos do
         anomaly(tables, :python_crc_mismatch, rest)
         drain_python(tables)
 
-      {port, {:data, {_, "GONE " <> _}}} when is_port(port) ->
+      {port, {:data, {:eol, "GONE " <> _}}} when is_port(port) ->
         drain_python(tables)
 
-      {port, {:data, {_, line}}} when is_port(port) ->
-        # Anything else is the worker's own output (a traceback): kept, reported if the
-        # worker then dies by itself.
+      # The start of a line cut by a SIGKILL of the worker (ours) mid-print.
+      {port, {:data, {:noeol, _}}} when is_port(port) ->
+        drain_python(tables)
+
+      {port, {:data, {:eol, line}}} when is_port(port) ->
+        # Any other whole line is unexpected output of the worker (a traceback, an ERR
+        # line): an anomaly, reported with the line.
         :ets.insert(tables.anomalies, {{:python_output, port, System.unique_integer()}, line})
         drain_python(tables)
 
