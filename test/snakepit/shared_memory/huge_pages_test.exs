@@ -5,7 +5,7 @@ defmodule Snakepit.SharedMemory.HugePagesTest do
   use ExUnit.Case, async: false
 
   alias Snakepit.SharedMemory, as: SM
-  alias Snakepit.SharedMemory.{WarmPool}
+  alias Snakepit.SharedMemory.{ShmHelpers, WarmPool}
   alias Snakepit.SharedMemory.Test.PythonWorker
 
   @mib 1024 * 1024
@@ -138,6 +138,12 @@ defmodule Snakepit.SharedMemory.HugePagesTest do
       # :auto with too few free pages falls back to ordinary pages silently.
       WarmPool.drain()
       reserve(1)
+      # The pool's objects are released by the core's reaper thread and the Python
+      # worker's mapping with its exit: wait until the one reserved page is free (CI read
+      # 0 here once, then 1 after the allocation).
+      assert ShmHelpers.wait_until(fn -> free_pages() == 1 end, 10_000),
+             "huge pages still in use: #{inspect(WarmPool.huge_pages())}"
+
       free1 = free_pages()
       {:ok, c} = SM.allocate_region(8 * @mib, huge_pages: :auto)
       assert free_pages() == free1
