@@ -238,7 +238,6 @@ Result<void> allocate_range(const Handle& handle, std::uint64_t offset, std::uin
   return {};
 #else
   if (length == 0) return {};
-  if (auto limit = check_file_size_limit(what, offset + length); !limit.ok()) return limit;
   int err;
   do {
     err = ::posix_fallocate(fd_of(handle), static_cast<off_t>(offset), static_cast<off_t>(length));
