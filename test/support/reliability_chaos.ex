@@ -249,7 +249,7 @@ defmodule Snakepit.SharedMemory.ReliabilityChaos do
       {port, {:data, {:eol, line}}} when is_port(port) ->
         # Any other whole line is unexpected output of the worker (a traceback, an ERR
         # line): an anomaly, reported with the line.
-        :ets.insert(tables.anomalies, {{:python_output, port, System.unique_integer()}, line})
+        anomaly(tables, {:python_output, port, System.unique_integer()}, line)
         drain_python(tables)
 
       {port, {:exit_status, status}} when is_port(port) and status != 137 ->

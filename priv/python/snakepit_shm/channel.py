@@ -165,6 +165,12 @@ def _deadline(timeout):
     return time.monotonic() + timeout
 
 
+def _wait_ms(left):
+    """A wait of ``left`` seconds as the milliseconds a wait call takes, rounded up, in
+    slices of at most a day (the library and ``poll`` take an int)."""
+    return min(int(left * 1000) + 1, 86_400_000)
+
+
 def _parse_ref(ref):
     if isinstance(ref, (str, bytes)):
         try:
@@ -448,8 +454,7 @@ class Channel:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise TimeoutError("no message on the channel within the timeout")
-                # in slices of at most a day: the library takes an int of milliseconds
-                wait_ms = min(int(left * 1000) + 1, 86_400_000)
+                wait_ms = _wait_ms(left)
             if self._claim_sleep(True):
                 try:
                     # None: nothing in time, or a signal (its handler runs now; it may raise)
@@ -527,7 +532,7 @@ class Channel:
                 self._poll.poll()
             else:
                 left = max(0.0, deadline - time.monotonic())
-                self._poll.poll(int(min(left * 1000, 86_400_000)) + 1)
+                self._poll.poll(_wait_ms(left))
         self._handle_events()
 
     def _claim_sleep(self, between_waits=False):

@@ -39,14 +39,26 @@ class Owner:
         self.process.wait()
 
 
-@pytest.fixture(params=["shm", "socket"])
-def owner(request):
+def start_owner(transport, mode="echo"):
+    """A running channel_peer.exs; skipped where it cannot start (failed in CI)."""
     try:
-        running = Owner(request.param)
+        return Owner(transport, mode)
     except LookupError as exc:
         if os.environ.get("CI"):
             pytest.fail(f"CI must run the channel tests, but {exc}")
         pytest.skip(f"{exc}: run `mix compile` first")
+
+
+def fill_ring(send, message):
+    """Sends ``message`` without waiting until the outgoing ring is full."""
+    with pytest.raises(snakepit_shm.WouldBlock):
+        for _ in range(100000):
+            send(message, timeout=0)
+
+
+@pytest.fixture(params=["shm", "socket"])
+def owner(request):
+    running = start_owner(request.param)
     running.transport = request.param
     yield running
     running.kill()
@@ -184,15 +196,10 @@ def test_bad_refs():
 
 @pytest.mark.parametrize("transport", ["shm", "socket"])
 def test_back_pressure_would_block(transport):
-    try:
-        mute = Owner(transport, "mute")
-    except LookupError as exc:
-        pytest.skip(str(exc))
+    mute = start_owner(transport, "mute")
     try:
         with snakepit_shm.Channel.connect(mute.ref) as ch:
-            with pytest.raises(snakepit_shm.WouldBlock):
-                for _ in range(100000):
-                    ch.send(b"x" * 1000, timeout=0)
+            fill_ring(ch.send, b"x" * 1000)
             t0 = time.monotonic()
             with pytest.raises(snakepit_shm.WouldBlock):
                 for _ in range(1000):   # waits up to the timeout each time, then gives up
@@ -560,15 +567,10 @@ def test_infinite_and_nan_timeouts(owner):
 @pytest.mark.parametrize("transport", ["shm", "socket"])
 def test_send_with_an_infinite_timeout_waits_on_a_full_ring(transport, timeout):
     import threading
-    try:
-        mute = Owner(transport, "mute")
-    except LookupError as exc:
-        pytest.skip(str(exc))
+    mute = start_owner(transport, "mute")
     try:
         with snakepit_shm.Channel.connect(mute.ref) as ch:
-            with pytest.raises(snakepit_shm.WouldBlock):
-                for _ in range(100000):
-                    ch.send(b"x" * 1000, timeout=0)
+            fill_ring(ch.send, b"x" * 1000)
             outcome = []
 
             def sender():
@@ -659,10 +661,7 @@ def test_asyncio_sender_waiting_for_space_beside_a_waiting_receiver(transport):
     faster than the peer reads. Each woken task called handle_events(), which withdraws
     every "about to sleep" announcement of the channel, also the one the other task had
     just made: that task then slept unannounced, the peer never rang, and send hung."""
-    try:
-        sink = Owner(transport, "sink")
-    except LookupError as exc:
-        pytest.skip(str(exc))
+    sink = start_owner(transport, "sink")
 
     async def main():
         ch = await aio.connect(sink.ref)
@@ -692,18 +691,13 @@ def test_asyncio_send_of_a_typed_buffer_waits_without_freezing_the_loop(transpor
     for 320 bytes, found it, tried again, failed again: a busy loop that never yielded,
     freezing the event loop (here for the whole timeout; without one, for good)."""
     import array
-    try:
-        mute = Owner(transport, "mute")
-    except LookupError as exc:
-        pytest.skip(str(exc))
+    mute = start_owner(transport, "mute")
 
     async def main():
         ch = await aio.connect(mute.ref)
         async with ch:
             typed = array.array("i", range(320))   # 1280 bytes; the ring's last 1136 free
-            with pytest.raises(snakepit_shm.WouldBlock):
-                for _ in range(100000):
-                    ch.channel.send(typed, timeout=0)
+            fill_ring(ch.channel.send, typed)
             ticks = 0
 
             async def ticker():
