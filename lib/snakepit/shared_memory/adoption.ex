@@ -251,7 +251,7 @@ defmodule Snakepit.SharedMemory.Adoption do
           role: :created,
           name: nil,
           owner: opts.owner,
-          created_at: System.system_time(:millisecond),
+          created_at: System.os_time(:millisecond),
           seq: System.unique_integer([:monotonic]),
           permissions: opts.permissions,
           security_level: :standard,

@@ -295,7 +295,7 @@ defmodule Snakepit.SharedMemory.Allocator do
         role: info.role,
         name: opts.name,
         owner: opts.owner,
-        created_at: System.system_time(:millisecond),
+        created_at: System.os_time(:millisecond),
         seq: System.unique_integer([:monotonic]),
         permissions: opts.permissions,
         security_level: opened_level(info, ref, opts),

@@ -104,7 +104,10 @@ defmodule Snakepit.SharedMemory.Cleanup do
   `{id, reason}`: `:expired`, `:owner_down`, `:unreferenced`, `:vanished`.
   """
   @spec due(integer()) :: [{String.t(), atom()}]
-  def due(now_ms \\ System.system_time(:millisecond)) do
+  # Wall times here are the OS clock (System.os_time), as the header's last access
+  # (CLOCK_REALTIME, written by the core and by workers): the BEAM's system time lags an
+  # OS clock step (NTP at a VM's boot) for minutes, and idle regions then never expired.
+  def due(now_ms \\ System.os_time(:millisecond)) do
     # Each check selects, inside ETS, only the regions it can concern (a finite idle
     # timeout; a dead owner, found among the owners (`Quota`'s table, one row per owner);
     # `:reference_counted`; POSIX and created here), so a VM of 100 000 default regions

@@ -376,7 +376,7 @@ defmodule Snakepit.SharedMemory.Health do
   end
 
   defp measure(:expired_held, _config, _since) do
-    held = expired_held(System.system_time(:millisecond))
+    held = expired_held(System.os_time(:millisecond))
     shown = Enum.take(held, 5)
 
     count(:expired_held, length(held), %{regions: length(held), region_ids: shown}, fn _ ->

@@ -238,7 +238,7 @@ defmodule Snakepit.SharedMemory.Info do
   @doc "Records matching a validated filter (see `Snakepit.SharedMemory.Options.filter/1`)."
   @spec select(map()) :: [Registry.region_record()]
   def select(filter) do
-    now = System.system_time(:millisecond)
+    now = System.os_time(:millisecond)
 
     records = Registry.all()
 
