@@ -643,6 +643,11 @@ Result<void> Region::seal() {
   });
 }
 
+bool Region::await_seal_commit(std::chrono::milliseconds wait) const {
+  std::shared_lock<std::shared_timed_mutex> gate(impl_->gate, std::defer_lock);
+  return gate.try_lock_for(wait);
+}
+
 bool Region::clear_stale_sealing() const noexcept {
   // Never through an open a seal of ours is using (its lock would be ours to take).
   std::unique_lock<std::mutex> no_seal_of_ours(impl_->seal_mutex, std::try_to_lock);

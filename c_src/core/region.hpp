@@ -7,6 +7,7 @@
 #pragma once
 
 #include <array>
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -195,6 +196,11 @@ class Region {
   /// seal of this Region is running. True if the bit is clear on return. Never blocks.
   /// write() calls it when it finds the bit; the warm pool and tests may too.
   bool clear_stale_sealing() const noexcept;
+  /// Waits up to `wait` for a seal of this process being committed (it holds the view's
+  /// gate while it remaps) to end, woken by its unlock: true once no commit runs. Blocks:
+  /// call it off the normal schedulers. A zeroing deallocate() refused busy "being
+  /// sealed" calls it and retries, instead of polling.
+  bool await_seal_commit(std::chrono::milliseconds wait) const;
   /// The header says sealed (committed; for POSIX that is a promise, not a kernel fact).
   bool sealed() const noexcept;
   /// The kernel forbids every write to the data, by anyone (memfd F_SEAL_WRITE, asked of

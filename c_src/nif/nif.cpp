@@ -65,6 +65,7 @@ ErlNifFunc nif_funcs[] = {
     {"deallocate_begin", 1, nif_deallocate_begin, 0},
     {"zero_step", 2, nif_zero_step, kCpu},
     {"deallocate_finish", 1, nif_deallocate_finish, kIo},
+    {"await_seal_commit", 2, nif_await_seal_commit, kIo},
     {"last_access", 1, nif_last_access, 0},
     {"set_idle_timeout", 2, nif_set_idle_timeout, 0},
     {"mark_adopted", 1, nif_mark_adopted, 0},

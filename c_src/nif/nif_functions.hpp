@@ -90,6 +90,7 @@ SPSHM_NIF(nif_allocate_step);  // nif_create_slices.cpp
 SPSHM_NIF(nif_deallocate_begin);
 SPSHM_NIF(nif_zero_step);
 SPSHM_NIF(nif_deallocate_finish);
+SPSHM_NIF(nif_await_seal_commit);
 
 // nif_sweep_slices.cpp: large orphans freed in slices, the reaper's counts
 bool open_unlinked_type(ErlNifEnv* env);

@@ -43,6 +43,20 @@ SPSHM_GUARDED_NIF(nif_deallocate_begin)(ErlNifEnv* env, int, const ERL_NIF_TERM 
   return atoms.ok;
 }
 
+// await_seal_commit(region, timeout_ms) -> :ok | {:error, {:busy, _, _}}: waits (dirty
+// I/O, at most 1000 ms a call) until no seal of this VM is committing the region, woken
+// by the commit's end. A zeroing free refused as "being sealed" waits here and retries.
+SPSHM_GUARDED_NIF(nif_await_seal_commit)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  RegionResource* res;
+  std::uint64_t timeout_ms = 0;
+  if (!get_region(env, argv[0], &res) || !get_u64(env, argv[1], &timeout_ms) || timeout_ms > 1000)
+    return enif_make_badarg(env);
+  if (res->region.await_seal_commit(std::chrono::milliseconds(timeout_ms))) return atoms.ok;
+  return make_error(env, Errc::busy,
+                    "region " + res->region.id() + " is still being sealed after " +
+                        std::to_string(timeout_ms) + " ms");
+}
+
 // zero_step(region, offset) -> {:ok, next_offset} | {:error, _}: zeroes at most 16 MiB
 // from `offset` (which must be where the previous step ended); next_offset == capacity
 // when done. Dirty CPU.

@@ -31,7 +31,7 @@ defmodule Snakepit.SharedMemory.Allocator do
 
   alias Snakepit.SharedMemory.HostQuota
 
-  import Snakepit.SharedMemory.Registry, only: [region: 1]
+  import Snakepit.SharedMemory.Registry, only: [region: 1, region: 2]
 
   # Above this size, a memfd region's pages are allocated in slices (allocate_step/2).
   @allocate_slice 16 * 1024 * 1024
@@ -468,14 +468,16 @@ defmodule Snakepit.SharedMemory.Allocator do
   end
 
   # A seal committing (it holds the region's gate for a moment, or up to the seal's own
-  # 30 s wait) refuses a zeroing free as busy "being sealed": wait for it rather than
+  # 30 s wait) refuses a zeroing free as busy "being sealed": wait for its end (a dirty
+  # wait on the gate, woken by the commit's unlock, 100 ms at most per call) rather than
   # free the data unzeroed. Other busy answers (zero-copy binaries alive) are final.
+  @seal_wait_ms 100
   defp deallocate_waiting_for_seal(record, true, waited) when waited < 30_000 do
     case deallocate(record, true) do
       {:error, {:busy, message, _}} = busy ->
         if message =~ "being sealed" do
-          Process.sleep(10)
-          deallocate_waiting_for_seal(record, true, waited + 10)
+          _ = Native.await_seal_commit(region(record, :ref), @seal_wait_ms)
+          deallocate_waiting_for_seal(record, true, waited + @seal_wait_ms)
         else
           busy
         end

@@ -316,6 +316,14 @@ defmodule Snakepit.SharedMemory.Native do
   @spec deallocate_finish(region()) :: :ok | nif_error()
   def deallocate_finish(_region), do: :erlang.nif_error(:not_loaded)
 
+  @doc """
+  Waits (dirty IO) up to `timeout_ms` (at most 1000) until no seal of this VM is being
+  committed on the region, woken by the commit's end: `:ok`, or `busy` if one still
+  runs. A zeroing deallocation refused as "being sealed" waits here, then retries.
+  """
+  @spec await_seal_commit(region(), 0..1000) :: :ok | nif_error()
+  def await_seal_commit(_region, _timeout_ms), do: :erlang.nif_error(:not_loaded)
+
   @typedoc "An unlinked segment whose pages `release_pages_step/1` frees (issue 12)."
   @opaque unlinked :: reference()
 

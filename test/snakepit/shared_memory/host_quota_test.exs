@@ -703,6 +703,24 @@ defmodule Snakepit.SharedMemory.HostQuotaTest do
       frame(s, Protocol.encode_request({:hello, 1, 1, :other, "again"}))
       assert closed?(s)
 
+      # A connection that never says HELLO is closed after the deadline, and one that
+      # said it in time is not.
+      key = {Snakepit.SharedMemory.HostQuota.Server, :hello_timeout_ms}
+      :persistent_term.put(key, 200)
+
+      try do
+        silent = raw(dir)
+        greeted = raw(dir)
+        hello(greeted)
+        Process.sleep(400)
+        assert closed?(silent)
+        frame(greeted, Protocol.encode_request({:usage, 2, nil}))
+        assert {:ok, _usage} = :gen_tcp.recv(greeted, 0, 2_000)
+        :gen_tcp.close(greeted)
+      after
+        :persistent_term.erase(key)
+      end
+
       # A length prefix past the maximum frame; a frame cut short by the client.
       s = raw(dir)
       hello(s)

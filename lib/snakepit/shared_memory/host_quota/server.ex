@@ -30,6 +30,9 @@ defmodule Snakepit.SharedMemory.HostQuota.Server do
   alias Snakepit.SharedMemory.HostQuota.{Protocol, RuntimeDir}
 
   @active 64
+  # How long a new connection may take to say HELLO (tests shorten it through
+  # :persistent_term, see hello_timeout/0).
+  @hello_timeout_ms 10_000
   @recovery_ms 250
 
   @doc false
@@ -171,6 +174,7 @@ defmodule Snakepit.SharedMemory.HostQuota.Server do
   @impl true
   def handle_info({:accepted, socket}, state) do
     :ok = :inet.setopts(socket, active: @active)
+    Process.send_after(self(), {:hello_deadline, socket}, hello_timeout())
     session = %{hello: false, client_id: nil, os_pid: 0, kind: :other, label: "?", held: %{}}
     {:noreply, put_in(state, [:sessions, socket], session)}
   end
@@ -193,6 +197,18 @@ defmodule Snakepit.SharedMemory.HostQuota.Server do
     do: {:noreply, end_session(state, socket, "socket error #{inspect(reason)}")}
 
   def handle_info(:recovered, state), do: {:noreply, recovered(state)}
+
+  # A connection that has not said HELLO by now is not a client of ours (or a stuck one):
+  # it holds nothing yet, so closing it costs nobody anything and frees its descriptor.
+  def handle_info({:hello_deadline, socket}, state) do
+    case Map.fetch(state.sessions, socket) do
+      {:ok, %{hello: false}} ->
+        {:noreply, end_session(state, socket, "no HELLO within #{hello_timeout()} ms")}
+
+      _ ->
+        {:noreply, state}
+    end
+  end
 
   def handle_info({:wait_timeout, socket, res_id}, state) do
     {:noreply, wait_timed_out(state, socket, res_id)}
@@ -486,6 +502,8 @@ defmodule Snakepit.SharedMemory.HostQuota.Server do
       end
     end)
   end
+
+  defp hello_timeout, do: :persistent_term.get({__MODULE__, :hello_timeout_ms}, @hello_timeout_ms)
 
   defp end_session(state, socket, why) do
     case Map.pop(state.sessions, socket) do
