@@ -86,6 +86,7 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
     deallocate_begin: 2,
     zero_step: 3,
     deallocate_finish: 2,
+    await_seal_commit: 1,
     # an orphan's pages freed in slices, the reaper's counts (issue 12)
     sweep_segment_begin: 1,
     release_pages_step: 2,
@@ -546,6 +547,14 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
       G.pick(0.85, pool, fn -> G.one_of([0, 0, 8 <<< 20, 4096, 1 <<< 63, -1]) end)
     ]
 
+  # At most 1000 ms: larger waits are refused (badarg), so a call never holds a dirty
+  # scheduler longer; the fuzzer keeps to short waits.
+  defp args(:await_seal_commit, _state, pool),
+    do: [
+      G.handle(pool, :region),
+      G.pick(0.85, pool, fn -> G.one_of([0, 1, 5, 1001, 1 <<< 63, -1]) end)
+    ]
+
   defp args(:zero_step, _state, pool),
     do: [
       G.handle(pool, :region),
@@ -989,7 +998,11 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
     do: non_neg?(u) and non_neg?(r) and non_neg?(p)
 
   defp well_shaped?(:release_pages_step, _, {:ok, n}), do: non_neg?(n)
-  defp well_shaped?(fun, _, :ok) when fun in [:deallocate_begin, :deallocate_finish], do: true
+
+  defp well_shaped?(fun, _, :ok)
+       when fun in [:deallocate_begin, :deallocate_finish, :await_seal_commit],
+       do: true
+
   defp well_shaped?(:zero_step, _, {:ok, n}), do: non_neg?(n)
   defp well_shaped?(:allocate_step, _, {:ok, n}), do: non_neg?(n)
 
