@@ -43,6 +43,57 @@ defmodule Snakepit.SharedMemory.Reliability.MemoryCgroupTest do
     end
   end
 
+  describe "a limit set while the VM runs" do
+    # With no limit anywhere, the guard reads no file for a second after each check (the
+    # limit files cost two reads per allocation); a limit set later applies after that.
+    test "applies to allocations a second later" do
+      case make_group() do
+        {:ok, dir, limit_file} ->
+          try do
+            run_limited_later(dir, limit_file)
+          after
+            File.rmdir(dir)
+          end
+
+        {:skip, reason} ->
+          IO.puts("skipped: #{reason}")
+      end
+    end
+  end
+
+  defp run_limited_later(dir, limit_file) do
+    unlimited = if limit_file == "memory.max", do: "max", else: "-1"
+    File.write!(Path.join(dir, limit_file), unlimited)
+
+    code = """
+    {:ok, _} = Application.ensure_all_started(:snakepit_shm)
+    alias Snakepit.SharedMemory
+    {:ok, id} = SharedMemory.allocate_region(2 * 1024 * 1024)
+    :ok = SharedMemory.deallocate_region(id)
+    File.write!(System.fetch_env!("LIMIT_FILE"), "#{@limit}")
+    Process.sleep(1_100)
+    case SharedMemory.allocate_region(512 * 1024 * 1024) do
+      {:error, %SharedMemory.Error{reason: reason}} -> IO.puts("REFUSED \#{reason}")
+      other -> IO.puts("ALLOCATED \#{inspect(other)}")
+    end
+    IO.puts("ALIVE")
+    """
+
+    command =
+      "echo $$ > #{Path.join(dir, "cgroup.procs")} && " <> ReliabilityHelpers.elixir_command()
+
+    {out, status} =
+      System.cmd("sh", ["-c", command],
+        env: [{"SNAKEPIT_SHM_VM_CODE", code}, {"LIMIT_FILE", Path.join(dir, limit_file)}],
+        stderr_to_stdout: true,
+        cd: ReliabilityHelpers.root()
+      )
+
+    assert status == 0, "the VM died (OOM-killed?): status #{status}\n#{out}"
+    assert out =~ "REFUSED no_space", out
+    assert out =~ "ALIVE"
+  end
+
   defp run_in_group(dir, limit_file) do
     File.write!(Path.join(dir, limit_file), Integer.to_string(@limit))
 

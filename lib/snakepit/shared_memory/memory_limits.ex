@@ -35,6 +35,9 @@ defmodule Snakepit.SharedMemory.MemoryLimits do
   # Allocations below this size are not checked (each check reads a few small files).
   @check_threshold 1_048_576
 
+  # How long "no memory limit" is believed without reading the limit files again.
+  @unlimited_ttl_ms 1_000
+
   # v1 reports "unlimited" as PAGE_COUNTER_MAX pages: anything this large is no limit.
   @unlimited 1 <<< 62
 
@@ -51,6 +54,10 @@ defmodule Snakepit.SharedMemory.MemoryLimits do
   def check(size) when size < @check_threshold, do: :ok
 
   def check(size) do
+    if unlimited_recently?(), do: :ok, else: check_headroom(size)
+  end
+
+  defp check_headroom(size) do
     case current_cgroup() do
       %{max: max, current: current, path: path, version: version} when is_integer(max) ->
         headroom = max(max - current, 0)
@@ -63,10 +70,37 @@ defmodule Snakepit.SharedMemory.MemoryLimits do
                "OOM-killed: free memory in the container, raise its memory limit, or allocate less"},
           else: :ok
 
-      _ ->
+      cgroup ->
+        # No limit anywhere up the hierarchy (or no memory cgroup): nothing to read again
+        # for a while. A limit set later (docker update --memory) applies within 1 s.
+        if cgroup == nil or cgroup.max == :infinity, do: unlimited_for(@unlimited_ttl_ms)
         :ok
     end
   end
+
+  # The deadline (monotonic ms) until which the VM is known to have no memory limit, in
+  # an atomic: updating it costs no global GC (as a persistent_term value would).
+  defp deadline_atomic do
+    key = {__MODULE__, :unlimited_until}
+
+    case :persistent_term.get(key, nil) do
+      nil ->
+        ref = :atomics.new(1, signed: true)
+        :atomics.put(ref, 1, -(1 <<< 62))
+        # Two processes racing here each put an atomic; the last one stays (harmless).
+        :persistent_term.put(key, ref)
+        ref
+
+      ref ->
+        ref
+    end
+  end
+
+  defp unlimited_recently?,
+    do: :atomics.get(deadline_atomic(), 1) > System.monotonic_time(:millisecond)
+
+  defp unlimited_for(ms),
+    do: :atomics.put(deadline_atomic(), 1, System.monotonic_time(:millisecond) + ms)
 
   @doc "MemTotal and MemAvailable of `/proc/meminfo`, in bytes (0 when unreadable)."
   @spec host() :: %{total: non_neg_integer(), available: non_neg_integer()}
