@@ -9,8 +9,11 @@ defmodule Snakepit.SharedMemory.MemoryLimits do
       hierarchy (a v1 "no limit" of about 2^63 reads as `:infinity`).
 
   Mount points come from `/proc/self/mountinfo` (normally `/sys/fs/cgroup` for v2 and
-  `/sys/fs/cgroup/memory` for v1). Only files are read: no process, no NIF, a few
-  hundred microseconds.
+  `/sys/fs/cgroup/memory` for v1), found once. Only files are read: no process, no NIF.
+  A check reads the limit and usage files of the cgroup and its ancestors (two reads
+  each through Erlang's file server, ~100 µs per check on a 2-vCPU VM whose dirty
+  schedulers sleep), except when the last check found no limit anywhere: then no file
+  is read for a second, so a limit set on a running container applies within 1 s.
 
   Shared memory (POSIX segments and memfds alike) is charged to the cgroup of the process
   that allocates it, and in a container the host's `MemAvailable` says nothing about the
