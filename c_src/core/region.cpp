@@ -493,7 +493,10 @@ std::string Region::control_path() const {
 }
 
 std::string Region::data_path() const {
-  if (impl_->data_object.valid()) return platform::handle_path(impl_->data_object);
+  if (impl_->data_object.valid()) {
+    test_park("data_path");  // checked valid, not read yet: a free must not retire it here
+    return platform::handle_path(impl_->data_object);
+  }
   if (impl_->arena_chunk) return platform::handle_path(impl_->control);
   return platform::named_path(impl_->id);
 }
