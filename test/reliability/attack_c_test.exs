@@ -148,7 +148,10 @@ defmodule Snakepit.SharedMemory.Reliability.AttackCTest do
     {out, status} =
       ReliabilityHelpers.elixir_vm(@info_vs_deallocate,
         # Enough normal schedulers that the call parked on one leaves the others running.
-        env: [{"SNAKEPIT_SHM_TEST_PARK", "data_path=800"}, {"ERL_FLAGS", "+S 4:4 +swt very_low +sbwt very_long"}]
+        env: [
+          {"SNAKEPIT_SHM_TEST_PARK", "data_path=800"},
+          {"ERL_FLAGS", "+S 4:4 +swt very_low +sbwt very_long"}
+        ]
       )
 
     assert status == 0, "the VM died (exit #{status}):\n#{out}"
