@@ -8,7 +8,8 @@
 // "release" (count at 0, slot not free yet), "create_<size>" (region.cpp: named object
 // created and locked, not sized yet; <size> is the user size, so one test's creation is
 // parked and no other), "seal" (region.cpp: sealing bit set, seal lock held), "seal_commit"
-// (this process's writes drained, the gate held, the seal not committed yet).
+// (this process's writes drained, the gate held, the seal not committed yet), "data_path"
+// (region.cpp: a memfd region's data descriptor checked valid, its number not read yet).
 #pragma once
 
 #include <chrono>

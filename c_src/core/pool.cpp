@@ -169,7 +169,17 @@ std::optional<Region::DetachedData> offer(const Region& region, Region::Detached
                                         platform::page_size() * platform::page_size() ||
                      entry.huge;
   entry.clean = zeroed && tail_mapped && tail <= 65536;
-  if (entry.clean && tail > 0) std::memset(data.mapping.data() + data.bytes, 0, tail);
+  if (entry.clean && tail > 0) {
+    // A huge page a peer freed faults here if no free one backs it (SIGBUS): guarded;
+    // on a fault the object is left unclean, and take() zeroes it (guarded too).
+    std::uint8_t* from = data.mapping.data() + data.bytes;
+    auto body = [&] { std::memset(from, 0, tail); };
+    using Body = decltype(body);
+    if (!entry.huge)
+      body();
+    else if (!platform::run_guarded([](void* b) { (*static_cast<Body*>(b))(); }, &body, from, tail))
+      entry.clean = false;
+  }
   entry.object = std::move(data.object);
   entry.mapping = std::move(data.mapping);
   std::lock_guard<std::mutex> lock(the_pool.mutex);
@@ -208,6 +218,19 @@ Result<NewDataObject> map_fresh(platform::Handle object, std::uint64_t length, b
   out.mapping = std::move(*mapped);
   out.huge = huge;
   return out;
+}
+
+/// Zeroes a pooled object before its reuse. Pages of a huge-page one that a peer freed
+/// (fallocate PUNCH_HOLE through /proc/<pid>/fd/<n>) fault with SIGBUS when no free huge
+/// page can back them: the memset is guarded, and the object's pages are freed instead
+/// (zeros without touching them).
+void zero_pooled(pool::Entry& entry) {
+  auto body = [&] { std::memset(entry.mapping.data(), 0, entry.object_size); };
+  if (!entry.huge) return body();
+  using Body = decltype(body);
+  if (!platform::run_guarded([](void* b) { (*static_cast<Body*>(b))(); }, &body,
+                             entry.mapping.data(), entry.object_size))
+    (void)platform::release_pages(entry.object, 0, entry.object_size);
 }
 
 }  // namespace
@@ -251,7 +274,7 @@ Result<NewDataObject> obtain_data_object(const std::string& id, const CreateOpti
   std::uint64_t object_size = round_up(capacity, unit);
   if (pool::eligible(o, capacity)) {
     if (auto entry = pool::take(object_size, capacity, huge)) {
-      if (!entry->clean) std::memset(entry->mapping.data(), 0, entry->object_size);
+      if (!entry->clean) zero_pooled(*entry);
       NewDataObject out;
       out.data_name = platform::anonymous_name(entry->object);
       out.object = std::move(entry->object);

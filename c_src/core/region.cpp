@@ -304,7 +304,9 @@ Error needs_writable(const std::string& id, const char* action) {
 /// becomes `false` and marks the region damaged.
 template <class Body>
 bool access_data(RegionFactory::Impl& impl, Body&& body) {
-  if (impl.backend != BackendKind::posix) {
+  // POSIX segments can be truncated under us; huge-page memfds can lose pages to a
+  // peer's PUNCH_HOLE that only a free huge page can back again (SIGBUS otherwise).
+  if (impl.backend != BackendKind::posix && !impl.huge) {
     body();
     return true;
   }
@@ -316,10 +318,28 @@ bool access_data(RegionFactory::Impl& impl, Body&& body) {
 }
 
 Error truncated(const RegionFactory::Impl& impl) {
+  if (impl.huge && impl.backend != BackendKind::posix)
+    return Error{Errc::truncated, EFAULT,
+                 "region " + impl.id +
+                     " lost its memory: another process freed pages of its huge-page data "
+                     "object (fallocate PUNCH_HOLE) and the host's hugetlb pool has no free "
+                     "page to back them again; its data is gone. Deallocate it"};
   return Error{Errc::truncated, EFAULT,
                "region " + impl.id +
                    " lost its memory: another process truncated the segment (ftruncate or "
                    "shm_unlink + recreate); its data is gone. Deallocate it"};
+}
+
+/// A zeroing that faulted on a huge-page memfd (a peer freed some of its pages and no
+/// free huge page can back them): frees the range's pages instead, which leaves zeros
+/// without touching them. False where that is impossible (POSIX: truncated for real).
+bool zero_by_freeing(RegionFactory::Impl& impl, std::uint64_t offset, std::uint64_t length) {
+  if (!impl.huge || !impl.data_object.valid()) return false;
+  auto unit = platform::huge_page_info().page_size;
+  if (unit == 0) return false;
+  std::uint64_t first = offset / unit * unit;
+  std::uint64_t end = (offset + length + unit - 1) / unit * unit;
+  return platform::release_pages(impl.data_object, first, end - first).ok();
 }
 
 }  // namespace
@@ -473,7 +493,10 @@ std::string Region::control_path() const {
 }
 
 std::string Region::data_path() const {
-  if (impl_->data_object.valid()) return platform::handle_path(impl_->data_object);
+  if (impl_->data_object.valid()) {
+    test_park("data_path");  // checked valid, not read yet: a free must not retire it here
+    return platform::handle_path(impl_->data_object);
+  }
   if (impl_->arena_chunk) return platform::handle_path(impl_->control);
   return platform::named_path(impl_->id);
 }
@@ -673,7 +696,8 @@ Result<void> Region::deallocate(bool zero) {
     // wiped with the handle.
     if (zero && impl_->view_writable) {
       std::unique_lock<std::shared_mutex> lock(impl_->crypt);
-      if (!access_data(*impl_, [&] { crypto::secure_zero(impl_->data, impl_->capacity); })) {
+      if (!access_data(*impl_, [&] { crypto::secure_zero(impl_->data, impl_->capacity); }) &&
+          !zero_by_freeing(*impl_, 0, impl_->capacity)) {
         (void)unlink();
         return truncated(*impl_);
       }
@@ -713,7 +737,8 @@ Result<std::uint64_t> Region::zero_slice(std::uint64_t offset, std::uint64_t max
     if (!impl_->view_writable) return capacity;  // a kernel seal: nobody can write it, us neither
     std::uint64_t length = std::min(max_bytes, capacity - offset);
     std::unique_lock<std::shared_mutex> lock(impl_->crypt);
-    if (!access_data(*impl_, [&] { crypto::secure_zero(impl_->data + offset, length); }))
+    if (!access_data(*impl_, [&] { crypto::secure_zero(impl_->data + offset, length); }) &&
+        !zero_by_freeing(*impl_, offset, length))
       return truncated(*impl_);
     return offset + length;
   });

@@ -25,6 +25,10 @@ struct Region::Impl {
   bool writable = false;      ///< the data is mapped read-write
   bool header_shared = true;  ///< false: private copy-on-write view of the header
   bool encrypted = false;
+  /// The data object is a hugetlbfs memfd (kFlagHugePages): a peer can free its pages
+  /// (fallocate PUNCH_HOLE needs no write seal), and touching such a page again faults
+  /// with SIGBUS when the host's hugetlb pool has no free page: accesses are guarded.
+  bool huge = false;
   std::uint64_t size = 0;      ///< plaintext bytes, captured once: never re-read from the header
   std::uint64_t capacity = 0;  ///< bytes of the data area in use
 
@@ -108,6 +112,7 @@ struct Region::Impl {
     id.assign(h.region_id, strnlen(h.region_id, kRegionIdCapacity));
     backend = static_cast<BackendKind>(h.backend);
     encrypted = (h.flags & kFlagEncrypted) != 0;
+    huge = (h.flags & kFlagHugePages) != 0;
     size = h.data_size;
     capacity = h.data_capacity;
   }

@@ -19,8 +19,20 @@ ERL_NIF_TERM backend_atom(BackendKind kind) {
   return atoms.undefined;  // a header of an unknown backend (inspect of a foreign file)
 }
 
-ERL_NIF_TERM encode_info(ErlNifEnv* env, const Region& region) {
+ERL_NIF_TERM encode_info(ErlNifEnv* env, RegionResource& res) {
   const Atoms& a = atoms;
+  const Region& region = res.region;
+  // The data descriptor is moved out and closed when a deallocation retires the data
+  // area (RegionResource::retire, on whatever thread freed it): read it only inside.
+  ERL_NIF_TERM data_path = make_binary(env, std::string());
+  bool zero_copy = false;
+  {
+    DataAccess access(&res);
+    if (access.ok()) {
+      data_path = make_binary(env, region.data_path());
+      zero_copy = region.immutable() && !region.encrypted();
+    }
+  }
   ERL_NIF_TERM keys[] = {a.id,        a.backend,     a.size,           a.capacity,  a.control_path,
                          a.data_path, a.data_offset, a.role,           a.encrypted, a.sealed,
                          a.os_pid,    a.zero_copy,   a.control_offset, a.arena};
@@ -30,7 +42,7 @@ ERL_NIF_TERM encode_info(ErlNifEnv* env, const Region& region) {
       enif_make_uint64(env, region.size()),
       enif_make_uint64(env, region.capacity()),
       make_binary(env, region.control_path()),
-      make_binary(env, region.data_path()),
+      data_path,
       // Where the data starts in data_path's object: an arena region's data follows its
       // control block, control_offset bytes into the arena.
       enif_make_uint64(env, region.control_offset() + region.header().data_offset),
@@ -38,7 +50,7 @@ ERL_NIF_TERM encode_info(ErlNifEnv* env, const Region& region) {
       make_bool(region.encrypted()),
       make_bool(region.sealed()),
       enif_make_uint(env, self_identity.pid),
-      make_bool(region.immutable() && !region.encrypted()),
+      make_bool(zero_copy),
       enif_make_uint64(env, region.control_offset()),
       make_bool(region.in_arena()),
   };

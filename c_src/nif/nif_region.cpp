@@ -30,7 +30,7 @@ ERL_NIF_TERM ok_region(ErlNifEnv* env, Region&& region) {
   RegionResource* res = nullptr;
   ERL_NIF_TERM term = make_region_resource(env, std::move(region), &res);
   if (res == nullptr) return make_error(env, Errc::no_space, "out of memory for a region resource");
-  return enif_make_tuple3(env, atoms.ok, term, encode_info(env, res->region));
+  return enif_make_tuple3(env, atoms.ok, term, encode_info(env, *res));
 }
 
 }  // namespace
@@ -87,7 +87,7 @@ ERL_NIF_TERM do_create(ErlNifEnv* env, const ERL_NIF_TERM argv[], bool plain) {
       res->name_state.store(RegionResource::kNameDropUntilKept);
     }
   }
-  return enif_make_tuple3(env, atoms.ok, term, encode_info(env, res->region));
+  return enif_make_tuple3(env, atoms.ok, term, encode_info(env, *res));
 }
 
 }  // namespace
@@ -140,7 +140,7 @@ SPSHM_GUARDED_NIF(nif_open)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
 SPSHM_GUARDED_NIF(nif_info)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   RegionResource* res;
   if (!get_region(env, argv[0], &res)) return enif_make_badarg(env);
-  return encode_info(env, res->region);
+  return encode_info(env, *res);
 }
 
 SPSHM_GUARDED_NIF(nif_header)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {

@@ -102,6 +102,66 @@ defmodule Snakepit.SharedMemory.Reliability.AttackCTest do
     refute out =~ "freed without zeroing", out
   end
 
+  # Native.info/1 (get_region_info/1, export_ref/2, seal/1's zero-copy answer) read the
+  # region's data descriptor (data_path, the kernel seal) without holding the data area,
+  # so a deallocation on another scheduler could retire it in between: the data race
+  # showed as "/proc/<pid>/fd/-1" (the descriptor moved out), or the number of a
+  # descriptor already closed and reused. The core's test hook parks data_path between
+  # its check and its read (SNAKEPIT_SHM_TEST_PARK=data_path=...).
+  @info_vs_deallocate ~S"""
+  {:ok, _} = Application.ensure_all_started(:snakepit_shm)
+  alias Snakepit.SharedMemory.Native
+
+  opts = %{backend: :memfd, name: nil, open_mode: :create, mode: 0o600, security_level: 0,
+           encrypted: false, lock_memory: false, metadata: "{}", idle_timeout_ms: 0}
+
+  now = fn -> System.monotonic_time(:millisecond) end
+  busy_wait = fn wait, until -> if now.() < until, do: wait.(wait, until) end
+
+  for round <- 1..5 do
+    {:ok, ref, %{data_path: path}} = Native.create(1_048_576, opts)
+    parent = self()
+    spawn(fn -> i = Native.info(ref); send(parent, {:info, i, now.()}) end)
+    # Not Process.sleep/1: a timer on the wheel of the scheduler the parked call blocks
+    # would not fire before it is back.
+    busy_wait.(busy_wait, now.() + 300)
+    freed_at = now.()
+    :ok = Native.deallocate(ref, false)
+    # The next regions take the lowest free descriptor numbers: the one just closed.
+    others = for _ <- 1..4, do: elem(Native.create(4096, opts), 1)
+
+    receive do
+      {:info, info, done_at} ->
+        IO.puts("ROUND #{round} overlap=#{freed_at < done_at} same=#{info.data_path == path} " <>
+                  "zero_copy=#{info.zero_copy} #{info.data_path}")
+    after
+      30_000 -> IO.puts("ROUND #{round} timeout")
+    end
+
+    Enum.each(others, &Native.deallocate(&1, false))
+  end
+
+  IO.puts("DONE")
+  """
+
+  test "memfd: Native.info/1 racing a deallocation never reads a retired descriptor" do
+    {out, status} =
+      ReliabilityHelpers.elixir_vm(@info_vs_deallocate,
+        # Enough normal schedulers that the call parked on one leaves the others running.
+        env: [
+          {"SNAKEPIT_SHM_TEST_PARK", "data_path=800"},
+          {"ERL_FLAGS", "+S 4:4 +swt very_low +sbwt very_long"}
+        ]
+      )
+
+    assert status == 0, "the VM died (exit #{status}):\n#{out}"
+    assert out =~ "DONE"
+    rounds = Regex.scan(~r/^ROUND \d overlap=(\w+) same=(\w+) zero_copy=(\w+)/m, out)
+    assert length(rounds) == 5, out
+    assert Enum.any?(rounds, fn [_, overlap | _] -> overlap == "true" end), out
+    for [_, _, same, zero_copy] <- rounds, do: assert({same, zero_copy} == {"true", "false"}, out)
+  end
+
   test "memfd: seal/1 racing deallocate_region/1 neither uses a closed descriptor nor another region's" do
     {out, status} =
       ReliabilityHelpers.elixir_vm(@seal_vs_deallocate,

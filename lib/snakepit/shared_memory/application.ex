@@ -55,6 +55,8 @@ defmodule Snakepit.SharedMemory.Application do
 
   @impl true
   def start(_type, _args) do
+    preload_modules()
+
     with {:ok, config} <- Config.load(),
          {:ok, platform} <- Platform.select(:os.type()),
          :ok <- Platform.apply_shm_path(platform, config.shm_path) do
@@ -91,6 +93,18 @@ defmodule Snakepit.SharedMemory.Application do
   @impl true
   def stop(_state) do
     _ = WarmPool.set_budget(0)
+    :ok
+  end
+
+  # In interactive mode (mix run, iex, escripts) a module is loaded from its .beam file
+  # on first use. A VM out of file descriptors (RLIMIT_NOFILE: regions hold them) could
+  # then not load the modules of the calls that would free them (deallocate_region/1
+  # raised UndefinedFunctionError for Access) nor of an error reply (Error): every
+  # module of the application is loaded at start instead (a few milliseconds).
+  defp preload_modules do
+    for module <- Application.spec(:snakepit_shm, :modules) || [],
+        do: Code.ensure_loaded(module)
+
     :ok
   end
 end
