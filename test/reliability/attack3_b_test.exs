@@ -1,0 +1,133 @@
+defmodule Snakepit.SharedMemory.Reliability.Attack3BTest do
+  # Attack run 3 (adoption, orphan sweeps, liveness across PID namespaces): each test
+  # reproduces a break found by the run and failed before its fix (docs/RELIABILITY.md).
+  # Real Python workers, real sweeps, a real PID namespace (`unshare`, skipped with the
+  # reason printed where none can be made).
+  use ExUnit.Case, async: false
+
+  alias Snakepit.SharedMemory, as: SHM
+  alias Snakepit.SharedMemory.{JSON, Native, ReliabilityHelpers}
+  alias Snakepit.SharedMemory.Test.PythonWorker
+
+  @moduletag :reliability
+  @moduletag timeout: 300_000
+
+  setup_all do
+    {:ok, _} = Application.ensure_all_started(:snakepit_shm)
+    ReliabilityHelpers.check_segments_on_exit()
+    :ok
+  end
+
+  # A worker that makes one POSIX output per line, fills it and closes the Region (the
+  # usual `with ... as out:` block) before it hands back the ref.
+  @posix_output """
+  import json, sys, snakepit_shm
+  for line in sys.stdin:
+      with snakepit_shm.allocate(4096, backend="posix") as out:
+          out.write(0, b"pending output")
+      print(json.dumps(out.ref), flush=True)
+  """
+
+  defp read_all(id) do
+    {:ok, m} = SHM.map_region(id, access_mode: :read_only)
+    {:ok, data} = SHM.read(m, 0, 14)
+    :ok = SHM.unmap_region(m)
+    data
+  end
+
+  describe "a pending POSIX worker output (closed, not adopted yet)" do
+    test "is in use to every orphan sweep while its worker lives, and is adopted after one" do
+      # Found by this run: the worker kept only a plain descriptor of the segment, no
+      # liveness lock, so the sweep of any VM starting on the host (or `mix
+      # snakepit.shm.cleanup`) removed a live worker's output before the VM adopted it.
+      worker = PythonWorker.start(@posix_output)
+
+      try do
+        ref = PythonWorker.ask(worker, "go")
+        id = ref["region_id"]
+
+        assert {:ok, %{in_use: true}} = Native.inspect_path("/dev/shm/" <> id)
+        assert {:ok, :in_use} = Native.sweep_segment(id, true)
+        # A real sweep of that segment (not of the whole directory: other suites' orphans).
+        assert {:ok, :in_use} = Native.sweep_segment(id, false)
+        assert File.exists?("/dev/shm/" <> id)
+        assert {:ok, ^id} = SHM.adopt_region(ref, cleanup_policy: :manual)
+        assert read_all(id) == "pending output"
+        :ok = SHM.deallocate_region(id)
+      after
+        PythonWorker.stop(worker)
+      end
+    end
+
+    test "is swept once its worker is SIGKILLed (the lock was the worker's)" do
+      worker = PythonWorker.start(@posix_output)
+      ref = PythonWorker.ask(worker, "go")
+      id = ref["region_id"]
+      PythonWorker.kill9(worker)
+
+      assert {:ok, %{in_use: false}} = Native.inspect_path("/dev/shm/" <> id)
+      assert {:ok, :removed} = Native.sweep_segment(id, false)
+      refute File.exists?("/dev/shm/" <> id)
+    end
+  end
+
+  describe "a worker in another PID namespace" do
+    test "its live POSIX output is adopted, not refused as an orphan" do
+      # Found by this run: adopt_region/2 judged the worker dead from the pid in the
+      # header (1 in the worker's namespace: init here), so a sidecar or sandboxed worker's
+      # output was refused as an orphan while the worker lived.
+      case System.cmd("unshare", ["--pid", "--fork", "--mount-proc", "true"],
+             stderr_to_stdout: true
+           ) do
+        {_, 0} ->
+          other_namespace_output()
+
+        {out, _} ->
+          IO.puts("skipped: cannot create a PID namespace here (#{String.trim(out)})")
+      end
+    end
+  end
+
+  defp other_namespace_output do
+    {:ok, env} = SHM.python_env()
+    env = for {k, v} <- env, do: {String.to_charlist(k), String.to_charlist(v)}
+    script = @posix_output
+
+    port =
+      Port.open({:spawn_executable, System.find_executable("unshare")}, [
+        :binary,
+        :exit_status,
+        {:line, 1_000_000},
+        args: ["--pid", "--fork", "--mount-proc", "/usr/bin/python3", "-u", "-c", script],
+        env: env
+      ])
+
+    try do
+      Port.command(port, "go\n")
+
+      ref =
+        receive do
+          {^port, {:data, {:eol, line}}} ->
+            {:ok, ref} = JSON.decode(line)
+            ref
+
+          {^port, {:exit_status, status}} ->
+            flunk("the worker exited with #{status}")
+        after
+          60_000 -> flunk("no ref from the worker")
+        end
+
+      id = ref["region_id"]
+      # The worker is pid 1 of its namespace: nothing here says it is alive but the lock.
+      assert ref["creator_pid"] == 1
+      assert {:ok, %{creator_alive: false, in_use: true}} = Native.inspect_path("/dev/shm/" <> id)
+
+      assert {:ok, ^id} = SHM.adopt_region(ref, cleanup_policy: :manual)
+      assert read_all(id) == "pending output"
+      :ok = SHM.deallocate_region(id)
+      refute File.exists?("/dev/shm/" <> id)
+    after
+      if Port.info(port), do: Port.close(port)
+    end
+  end
+end
