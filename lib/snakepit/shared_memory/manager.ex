@@ -84,6 +84,9 @@ defmodule Snakepit.SharedMemory.Manager do
     if config.orphan_sweep, do: Sweep.sweep_orphans()
     Snakepit.SharedMemory.HostQuota.Regions.redeclare(Registry.all())
     Cleanup.check_owners()
+    # A manager killed while it freed a region (an owner's death, an expiry) never
+    # withdrew it from the cluster directory.
+    Snakepit.SharedMemory.Cluster.Directory.reconcile()
     state = Enum.reduce(Registry.callers(), state, &monitor/2)
     state = %{state | holders: Holders.scan(state.holders)}
     if state.events == nil, do: schedule(:holder_scan, config.holder_scan_interval)
@@ -110,8 +113,12 @@ defmodule Snakepit.SharedMemory.Manager do
     {:noreply, state}
   end
 
-  def handle_info({:DOWN, _ref, :process, pid, _reason}, state) do
+  def handle_info({:DOWN, _ref, :process, pid, reason}, state) do
     _ = Cleanup.caller_down(pid)
+    # Killed (or crashed) between registering a region and announcing it to the cluster
+    # directory, or between taking a freed region's record and withdrawing it: the
+    # directory re-reads the registry.
+    if reason != :normal, do: Snakepit.SharedMemory.Cluster.Directory.reconcile()
     {:noreply, %{state | monitored: MapSet.delete(state.monitored, pid)}}
   end
 

@@ -31,6 +31,12 @@ defmodule Snakepit.SharedMemory.Cluster.Directory do
       scheme, but re-sending every local id keeps the protocol free of hand-offs: a
       shard that moved away is simply rebuilt by the regions' own nodes.
 
+    * A process killed between registering a region and announcing it (or between
+      taking a freed region's record and withdrawing it) sends nothing: the manager,
+      seeing that process die other than normally (and at each of its own restarts),
+      asks for `reconcile/0`, which replaces this node's entries at every shard with
+      what the registry holds.
+
   Between a membership change and the end of that re-registration (a few milliseconds
   on a LAN) a lookup of a region whose shard just moved can answer `:not_found`: the
   directory is eventually consistent, the registry of each node is authoritative
@@ -128,6 +134,18 @@ defmodule Snakepit.SharedMemory.Cluster.Directory do
   end
 
   @doc """
+  Makes the directory's entries of this node's regions match the registry again, at
+  every shard: each member node gets the full list of this node's ids it holds the
+  shard of, and replaces with it every entry of this node it had. Called by the
+  manager when a process that called into the registry died other than normally (or the
+  manager restarted): such a process may have been killed between registering a region
+  and announcing it, or between taking a freed region's record and withdrawing it, and
+  its message never comes. Several requests in a row are served once.
+  """
+  @spec reconcile() :: :ok
+  def reconcile, do: notify(:reconcile)
+
+  @doc """
   Waits until this node's directory has handled everything sent to it before, then
   returns the member nodes it sees. For tests and tools that need a settled state.
   """
@@ -173,6 +191,27 @@ defmodule Snakepit.SharedMemory.Cluster.Directory do
     {:noreply, state}
   end
 
+  # Every entry `from_node` has here, replaced by `ids` (its ids of this shard).
+  def handle_info({:replace, from_node, ids}, state) do
+    replace(from_node, ids)
+    {:noreply, state}
+  end
+
+  def handle_info(:reconcile, state) do
+    flush_reconcile()
+    by_shard = Enum.group_by(Registry.ids(), &shard(&1, state.nodes))
+
+    for member <- state.nodes do
+      ids = Map.get(by_shard, member, [])
+
+      if member == node(),
+        do: replace(node(), ids),
+        else: send({__MODULE__, member}, {:replace, node(), ids})
+    end
+
+    {:noreply, state}
+  end
+
   def handle_info({ref, :join, @group, pids}, %{pg_ref: ref} = state) do
     {:noreply, rebalance(%{state | pids: MapSet.union(state.pids, MapSet.new(pids))})}
   end
@@ -208,6 +247,19 @@ defmodule Snakepit.SharedMemory.Cluster.Directory do
     case shard(id, state.nodes) do
       me when me == node() -> :ets.delete_object(@table, {id, from_node})
       other -> send({__MODULE__, other}, {:unregister, from_node, id})
+    end
+  end
+
+  defp replace(from_node, ids) do
+    :ets.match_delete(@table, {:_, from_node})
+    :ets.insert(@table, Enum.map(ids, &{&1, from_node}))
+  end
+
+  defp flush_reconcile do
+    receive do
+      :reconcile -> flush_reconcile()
+    after
+      0 -> :ok
     end
   end
 
