@@ -261,6 +261,10 @@ defmodule Snakepit.SharedMemory.Adoption do
     id = info.id
     {:ok, header} = Native.header(handle)
 
+    # Monitored by the manager, as an allocating caller: killed between the registry
+    # insert and the directory's announcement below, the directory reconciles.
+    Registry.register_caller()
+
     with {:ok, charge} <- Quota.reserve(opts.owner, info.size, Config.get()),
          {:ok, host} <- host_reserve(info.size, charge),
          :ok <- mark(handle, id, charge, host) do
