@@ -92,23 +92,25 @@ defmodule Snakepit.SharedMemory.Cluster.DirectoryKillTest do
     end
   end
 
-  test "reconcile/0 leaves a settled directory as it was", c do
-    ids = for _ <- 1..20, do: elem(SHM.allocate_region(4096, cleanup_policy: :manual), 1)
-    remote_ids = for _ <- 1..20, do: remote(c.p, :filled_region, [4096])
-    settle!([node(), c.p], 2)
-
-    before =
-      Enum.sort(Directory.shard_entries() ++ :erpc.call(c.p, Directory, :shard_entries, []))
-
+  test "after reconcile/0 every live region is entered once, at its shard", c do
+    mine = for _ <- 1..20, do: elem(SHM.allocate_region(4096, cleanup_policy: :manual), 1)
+    theirs = for _ <- 1..20, do: remote(c.p, :filled_region, [4096])
     Directory.reconcile()
     :ok = :erpc.call(c.p, Directory, :reconcile, [])
     settle!([node(), c.p], 2)
-    later = Enum.sort(Directory.shard_entries() ++ :erpc.call(c.p, Directory, :shard_entries, []))
-    assert later == before
-    for id <- ids, do: assert({:ok, node()} == :erpc.call(c.p, SHM, :locate, [id]))
-    for id <- remote_ids, do: assert({:ok, c.p} == SHM.locate(id))
-    for id <- ids, do: :ok = SHM.deallocate_region(id)
-    for id <- remote_ids, do: :ok = shm(c.p, :deallocate_region, [id])
+    nodes = Enum.sort([node(), c.p])
+
+    expected = for n <- nodes, id <- ids(n), do: {Directory.shard(id, nodes), {id, n}}
+
+    for shard <- nodes do
+      want = for {^shard, entry} <- expected, do: entry
+      assert Enum.sort(:erpc.call(shard, Directory, :shard_entries, [])) == Enum.sort(want)
+    end
+
+    for id <- mine, do: assert({:ok, node()} == :erpc.call(c.p, SHM, :locate, [id]))
+    for id <- theirs, do: assert({:ok, c.p} == SHM.locate(id))
+    for id <- mine, do: :ok = SHM.deallocate_region(id)
+    for id <- theirs, do: :ok = shm(c.p, :deallocate_region, [id])
   end
 
   # The region the killed caller registered: :manual, its owner (the caller) dead.

@@ -25,11 +25,13 @@ defmodule Snakepit.SharedMemory.Cluster.Directory do
       to the id's shard (one message; nothing is broadcast).
     * Membership changes come from `:pg.monitor/2` (join and leave of members) and from
       `:net_kernel.monitor_nodes/1` (`nodedown`). On every change each directory drops
-      the entries of nodes that left, drops the entries whose shard moved elsewhere, and
-      re-registers the ids of its own regions (read from the registry, the source of
-      truth) with their new shards. Only ids whose shard changed move in a rendezvous
-      scheme, but re-sending every local id keeps the protocol free of hand-offs: a
-      shard that moved away is simply rebuilt by the regions' own nodes.
+      the entries of nodes that left, and sends every member the ids of its own regions
+      (read from the registry, the source of truth) whose shard that member now is; the
+      member replaces with them every entry of the sender it had. Only ids whose shard
+      changed move in a rendezvous scheme, but re-sending every local id keeps the
+      protocol free of hand-offs: a shard that moved away is simply rebuilt by the
+      regions' own nodes, and whatever a node announced under an older view (to a node
+      that has moved on) is replaced at its next change, never left behind.
 
     * A process killed between registering a region and announcing it (or between
       taking a freed region's record and withdrawing it) sends nothing: the manager,
@@ -199,16 +201,7 @@ defmodule Snakepit.SharedMemory.Cluster.Directory do
 
   def handle_info(:reconcile, state) do
     flush_reconcile()
-    by_shard = Enum.group_by(Registry.ids(), &shard(&1, state.nodes))
-
-    for member <- state.nodes do
-      ids = Map.get(by_shard, member, [])
-
-      if member == node(),
-        do: replace(node(), ids),
-        else: send({__MODULE__, member}, {:replace, node(), ids})
-    end
-
+    announce_all(state)
     {:noreply, state}
   end
 
@@ -221,6 +214,8 @@ defmodule Snakepit.SharedMemory.Cluster.Directory do
   end
 
   def handle_info({:nodedown, down}, state) do
+    # Its entries, even if this node never saw it join the group.
+    :ets.match_delete(@table, {:_, down})
     pids = state.pids |> Enum.reject(&(node(&1) == down)) |> MapSet.new()
     {:noreply, rebalance(%{state | pids: pids})}
   end
@@ -270,24 +265,41 @@ defmodule Snakepit.SharedMemory.Cluster.Directory do
       state
     else
       :ets.insert(@meta, {:members, nodes})
-      live = MapSet.new(nodes)
-
-      # Entries of nodes that left, and entries whose shard is no longer this node.
-      for {id, at} <- :ets.tab2list(@table),
-          not MapSet.member?(live, at) or shard(id, nodes) != node(),
-          do: :ets.delete_object(@table, {id, at})
-
+      purge(state.nodes -- nodes, MapSet.new(nodes))
       state = %{state | nodes: nodes}
-
-      # Re-register every region of this node with its shard, one message per shard.
-      Registry.ids()
-      |> Enum.group_by(&shard(&1, nodes))
-      |> Enum.each(fn
-        {me, ids} when me == node() -> :ets.insert(@table, Enum.map(ids, &{&1, node()}))
-        {other, ids} -> send({__MODULE__, other}, {:register, node(), ids})
-      end)
-
+      announce_all(state)
       state
     end
+  end
+
+  # Entries of nodes that left the group, and of nodes neither members nor connected (a
+  # node that announced regions and died before this one saw it join). Not entries whose
+  # shard moved elsewhere: another node's view may be newer than this one's, and what it
+  # sent under that view must stay; each node's own announce_all/1 (at its every view
+  # change) replaces whatever it announced before, here as everywhere.
+  defp purge(left, live) do
+    connected = MapSet.new([node() | Node.list()])
+
+    for {id, at} <- :ets.tab2list(@table),
+        at in left or not (MapSet.member?(live, at) or MapSet.member?(connected, at)),
+        do: :ets.delete_object(@table, {id, at})
+  end
+
+  # Every member gets this node's ids of its shard (an empty list included) and replaces
+  # with them every entry of this node it had: entries sent under an older view (to a
+  # node that is not their shard any more, where a later withdrawal would never reach
+  # them) go too.
+  defp announce_all(state) do
+    by_shard = Enum.group_by(Registry.ids(), &shard(&1, state.nodes))
+
+    for member <- state.nodes do
+      ids = Map.get(by_shard, member, [])
+
+      if member == node(),
+        do: replace(node(), ids),
+        else: send({__MODULE__, member}, {:replace, node(), ids})
+    end
+
+    :ok
   end
 end
