@@ -56,6 +56,7 @@ defmodule Snakepit.SharedMemory.Cluster.Directory do
   @table :snakepit_shm_cluster_directory
   @meta :snakepit_shm_cluster_meta
   @range 4_294_967_296
+  @reconcile_delay 200
 
   @doc false
   def scope, do: @scope
@@ -142,7 +143,8 @@ defmodule Snakepit.SharedMemory.Cluster.Directory do
   manager when a process that called into the registry died other than normally (or the
   manager restarted): such a process may have been killed between registering a region
   and announcing it, or between taking a freed region's record and withdrawing it, and
-  its message never comes. Several requests in a row are served once.
+  its message never comes. Requests within 200 ms are served by one reconciliation;
+  `sync/0` makes a waiting one first.
   """
   @spec reconcile() :: :ok
   def reconcile, do: notify(:reconcile)
@@ -164,12 +166,16 @@ defmodule Snakepit.SharedMemory.Cluster.Directory do
     :ok = :net_kernel.monitor_nodes(true)
     {ref, pids} = :pg.monitor(@scope, @group)
     :ok = :pg.join(@scope, @group, self())
-    state = %{pg_ref: ref, pids: MapSet.new([self() | pids]), nodes: []}
+    state = %{pg_ref: ref, pids: MapSet.new([self() | pids]), nodes: [], reconcile: nil}
     {:ok, rebalance(state)}
   end
 
   @impl true
-  def handle_call(:sync, _from, state), do: {:reply, state.nodes, state}
+  # A reconciliation still waiting is made first: what was asked before is done.
+  def handle_call(:sync, _from, state) do
+    state = if state.reconcile, do: reconcile_now(state), else: state
+    {:reply, state.nodes, state}
+  end
 
   @impl true
   def handle_info({:added, id}, state) do
@@ -199,11 +205,15 @@ defmodule Snakepit.SharedMemory.Cluster.Directory do
     {:noreply, state}
   end
 
-  def handle_info(:reconcile, state) do
-    flush_reconcile()
-    announce_all(state)
-    {:noreply, state}
+  # Requests within @reconcile_delay are served by one reconciliation: a storm of crashing
+  # callers costs at most a few walks of the registry a second.
+  def handle_info(:reconcile, %{reconcile: nil} = state) do
+    {:noreply, %{state | reconcile: Process.send_after(self(), :reconcile_now, @reconcile_delay)}}
   end
+
+  def handle_info(:reconcile, state), do: {:noreply, state}
+
+  def handle_info(:reconcile_now, state), do: {:noreply, reconcile_now(state)}
 
   def handle_info({ref, :join, @group, pids}, %{pg_ref: ref} = state) do
     {:noreply, rebalance(%{state | pids: MapSet.union(state.pids, MapSet.new(pids))})}
@@ -250,12 +260,17 @@ defmodule Snakepit.SharedMemory.Cluster.Directory do
     :ets.insert(@table, Enum.map(ids, &{&1, from_node}))
   end
 
-  defp flush_reconcile do
+  defp reconcile_now(state) do
+    if state.reconcile, do: Process.cancel_timer(state.reconcile)
+
     receive do
-      :reconcile -> flush_reconcile()
+      :reconcile_now -> :ok
     after
       0 -> :ok
     end
+
+    announce_all(state)
+    %{state | reconcile: nil}
   end
 
   defp rebalance(state) do
