@@ -237,7 +237,10 @@ defmodule Snakepit.SharedMemory.Adoption do
       end
 
     cond do
-      header.creator_pid == me.os_pid ->
+      # Pid, start time and boot: a worker in another PID namespace (a sidecar container)
+      # may well have this VM's pid (both are pid 1 of their containers).
+      header.creator_pid == me.os_pid and header.creator_start_time == me.start_time and
+          header.boot_id == me.boot_id ->
         Error.error(
           :invalid_argument,
           "region #{id} was created by this VM, not by a worker: nothing to adopt",
