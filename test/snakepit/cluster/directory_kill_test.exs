@@ -113,6 +113,34 @@ defmodule Snakepit.SharedMemory.Cluster.DirectoryKillTest do
     for id <- theirs, do: :ok = shm(c.p, :deallocate_region, [id])
   end
 
+  test "lookups racing reconciliations never miss a live region", c do
+    ids = for _ <- 1..300, do: elem(SHM.allocate_region(64, cleanup_policy: :manual), 1)
+    settle!([node(), c.p], 2)
+    nodes = Enum.sort([node(), c.p])
+    # Those whose shard is this node: the peer's lookups read the table replaced here.
+    here = Enum.filter(ids, &(Directory.shard(&1, nodes) == node()))
+    me = self()
+
+    :erpc.call(c.p, :erlang, :spawn, [
+      Snakepit.SharedMemory.ClusterHelpers,
+      :locate_loop,
+      [me, here, 3_000]
+    ])
+
+    deadline = System.monotonic_time(:millisecond) + 3_000
+
+    Stream.repeatedly(fn ->
+      Directory.reconcile()
+      Directory.sync()
+    end)
+    |> Enum.find(fn _ -> System.monotonic_time(:millisecond) > deadline end)
+
+    assert_receive {:locate_loop, lookups, misses}, 30_000
+    assert lookups > 0
+    assert misses == [], "#{length(misses)} of #{lookups} lookups missed a live region"
+    for id <- ids, do: :ok = SHM.deallocate_region(id)
+  end
+
   # The region the killed caller registered: :manual, its owner (the caller) dead.
   defp owned_by_none?(id) do
     case SHM.get_region_info(id) do

@@ -255,8 +255,15 @@ defmodule Snakepit.SharedMemory.Cluster.Directory do
     end
   end
 
+  # Without a gap: entries that stay are never deleted, so a lookup racing a
+  # replacement still finds every live region.
   defp replace(from_node, ids) do
-    :ets.match_delete(@table, {:_, from_node})
+    keep = MapSet.new(ids)
+
+    for [id] <- :ets.match(@table, {:"$1", from_node}),
+        not MapSet.member?(keep, id),
+        do: :ets.delete_object(@table, {id, from_node})
+
     :ets.insert(@table, Enum.map(ids, &{&1, from_node}))
   end
 
