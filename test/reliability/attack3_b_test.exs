@@ -204,6 +204,63 @@ defmodule Snakepit.SharedMemory.Reliability.Attack3BTest do
     end
   end
 
+  # A FUSE filesystem whose server never answers (not even FUSE_INIT): every statvfs(2)
+  # of the mount blocks until the server exits. Prints "mounted"; exits at end of stdin.
+  @hung_fs ~S'''
+  import ctypes, os, sys
+  d = sys.argv[1]
+  fd = os.open("/dev/fuse", os.O_RDWR)
+  libc = ctypes.CDLL(None, use_errno=True)
+  opts = f"fd={fd},rootmode=40000,user_id=0,group_id=0".encode()
+  if libc.mount(b"hung", d.encode(), b"fuse", 0, opts) != 0:
+      print("mount failed: " + os.strerror(ctypes.get_errno()), flush=True)
+      sys.exit(0)
+  print("mounted", flush=True)
+  sys.stdin.readline()
+  '''
+
+  describe "health with a shm_path whose filesystem hangs" do
+    test "answers within seconds (critical), and never piles up stuck calls" do
+      # Found by this run: the monitor's statvfs of shm_path never returned, so
+      # health/0 waited 30 s for it and then ran the checks itself and hung for good,
+      # each call holding one more dirty I/O scheduler.
+      dir = "/tmp/attack3b_hung_#{System.unique_integer([:positive])}"
+      File.mkdir_p!(dir)
+      node = shm_peer("a3hung", dir, false)
+
+      fuse =
+        Port.open({:spawn_executable, "/usr/bin/python3"}, [
+          :binary,
+          {:line, 1000},
+          args: ["-c", @hung_fs, dir]
+        ])
+
+      try do
+        receive do
+          {^fuse, {:data, {:eol, "mounted"}}} ->
+            for round <- 1..3 do
+              {us, report} = :timer.tc(fn -> :erpc.call(node, SHM, :health, [], 45_000) end)
+              check = Enum.find(report.checks, &(&1.name == :shm_space))
+              assert check.status == :critical, inspect(check)
+              assert check.message =~ "did not answer"
+              assert report.status == :critical
+              # The first waits for the probe's deadline; the later ones find it stuck.
+              assert us < if(round == 1, do: 15_000_000, else: 2_000_000)
+            end
+
+          {^fuse, {:data, {:eol, "mount failed: " <> why}}} ->
+            IO.puts("skipped: cannot mount a FUSE filesystem here (#{why})")
+        after
+          10_000 -> flunk("the FUSE server did not start")
+        end
+      after
+        Port.close(fuse)
+        System.cmd("umount", ["-l", dir], stderr_to_stdout: true)
+        File.rm_rf!(dir)
+      end
+    end
+  end
+
   # Runs as pid 1 of a new PID namespace: adopts the POSIX output of a worker that is pid
   # 1 of another one.
   @pid_one_vm ~S'''
