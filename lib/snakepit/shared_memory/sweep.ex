@@ -75,7 +75,7 @@ defmodule Snakepit.SharedMemory.Sweep do
   def sweep_again(ids), do: sweep(ids, false)
 
   # At most this many held orphans are remembered for a later sweep.
-  @max_held 10_000
+  @max_held 1_000
 
   defp sweep(ids, dry_run) do
     dir = Platform.current().shm_dir()
