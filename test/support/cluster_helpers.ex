@@ -205,6 +205,28 @@ defmodule Snakepit.SharedMemory.ClusterHelpers do
     end
   end
 
+  @doc """
+  Locates every id of `ids` over and over for `ms` milliseconds (on the node it is called
+  on), then sends `{:locate_loop, lookups, misses}` to `parent` (misses: the ids a lookup
+  did not find).
+  """
+  @spec locate_loop(pid(), [String.t()], pos_integer()) :: :ok
+  def locate_loop(parent, ids, ms) do
+    deadline = System.monotonic_time(:millisecond) + ms
+    {lookups, misses} = locate_rounds(ids, deadline, 0, [])
+    send(parent, {:locate_loop, lookups, misses})
+    :ok
+  end
+
+  defp locate_rounds(ids, deadline, lookups, misses) do
+    if System.monotonic_time(:millisecond) > deadline do
+      {lookups, misses}
+    else
+      missed = for id <- ids, not match?({:ok, _}, Snakepit.SharedMemory.locate(id)), do: id
+      locate_rounds(ids, deadline, lookups + length(ids), missed ++ misses)
+    end
+  end
+
   @doc "Reads `length` bytes at `offset` of a region (on the node it is called on)."
   @spec read(String.t(), non_neg_integer(), non_neg_integer()) :: binary()
   def read(id, offset, length) do

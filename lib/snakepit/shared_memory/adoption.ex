@@ -12,7 +12,9 @@ defmodule Snakepit.SharedMemory.Adoption do
 
   Until adoption the worker owns the region: if it dies first, a memfd region dies with
   its descriptors and a POSIX region is an orphan (creator gone) that the next orphan
-  sweep removes. After adoption of a POSIX region, the header still names the worker
+  sweep removes. A pending POSIX output holds its worker's liveness lock, so sweeps leave
+  it and adoption takes it as alive in any PID namespace (the creator pid in its header
+  means nothing in another one). After adoption of a POSIX region, the header still names the worker
   as creator, and carries the adopted bit: the orphan sweeps of other VMs on the host
   leave it alone while a process (this VM) holds it open, and remove it once this VM
   is gone too. The memfd backend (the worker's default) needs none of this.
@@ -27,6 +29,7 @@ defmodule Snakepit.SharedMemory.Adoption do
     JSON,
     Native,
     Options,
+    Platform,
     Quota,
     Registry
   }
@@ -46,9 +49,10 @@ defmodule Snakepit.SharedMemory.Adoption do
          {:ok, ref} <- ZeroCopy.unwrap(ref),
          {:ok, id, target} <- target(ref),
          :ok <- not_registered(id),
+         held = held_by_others?(target),
          {:ok, handle, info} <- open(id, target),
          :ok <- same_region(id, info),
-         :ok <- check_header(id, handle, info),
+         :ok <- check_header(id, handle, info, held),
          :ok <- check_creator(id, handle, target),
          {:ok, opts} <- Options.allocate(info.size, worker_timeout(opts, handle)) do
       register(handle, info, opts)
@@ -170,7 +174,28 @@ defmodule Snakepit.SharedMemory.Adoption do
     end
   end
 
-  defp check_header(id, handle, info) do
+  # Whether some open of a POSIX output (its worker's, which holds the liveness lock while
+  # the output is pending) holds it, asked before this VM opens it: the kernel's answer,
+  # valid in every PID namespace. The header's creator pid is not: a worker in another
+  # PID namespace (a sidecar container sharing /dev/shm, a sandboxed worker) has a pid
+  # that names nothing, or another process, here. A memfd output is reached through
+  # /proc/<pid>/fd of its live worker, so it is checked by the header alone.
+  defp held_by_others?({_control, _data}), do: false
+
+  defp held_by_others?(id) do
+    case Platform.current().shm_dir() do
+      nil ->
+        false
+
+      dir ->
+        case Native.inspect_path(Path.join(dir, id)) do
+          {:ok, %{in_use: in_use}} -> in_use
+          _ -> false
+        end
+    end
+  end
+
+  defp check_header(id, handle, info, held) do
     {:ok, header} = Native.header(handle)
 
     cond do
@@ -184,7 +209,7 @@ defmodule Snakepit.SharedMemory.Adoption do
       header.deallocated ->
         Error.error(:deallocated, "region #{id} was deallocated", %{region_id: id})
 
-      not header.creator_alive ->
+      not header.creator_alive and not held ->
         Error.error(
           :not_found,
           "region #{id} is an orphan: the worker that created it (OS pid " <>
@@ -212,7 +237,10 @@ defmodule Snakepit.SharedMemory.Adoption do
       end
 
     cond do
-      header.creator_pid == me.os_pid ->
+      # Pid, start time and boot: a worker in another PID namespace (a sidecar container)
+      # may well have this VM's pid (both are pid 1 of their containers).
+      header.creator_pid == me.os_pid and header.creator_start_time == me.start_time and
+          header.boot_id == me.boot_id ->
         Error.error(
           :invalid_argument,
           "region #{id} was created by this VM, not by a worker: nothing to adopt",
@@ -235,6 +263,10 @@ defmodule Snakepit.SharedMemory.Adoption do
   defp register(handle, info, opts) do
     id = info.id
     {:ok, header} = Native.header(handle)
+
+    # Monitored by the manager, as an allocating caller: killed between the registry
+    # insert and the directory's announcement below, the directory reconciles.
+    Registry.register_caller()
 
     with {:ok, charge} <- Quota.reserve(opts.owner, info.size, Config.get()),
          {:ok, host} <- host_reserve(info.size, charge),

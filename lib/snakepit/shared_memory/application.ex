@@ -15,7 +15,10 @@ defmodule Snakepit.SharedMemory.Application do
   load) must not reach the table owner, whose death would drop every region of the
   registry. The manager's own supervisor restarts it up to 1000 times a second; only a
   manager that cannot start at all exhausts that and reaches the top supervisor (which
-  then restarts what comes after it, never the table owner). The NIF's state (region
+  then restarts what comes after it, never the table owner). The health monitor and the
+  cluster directory (with its `:pg` scope) have such supervisors too: a crash loop of
+  either one (killed every few milliseconds) used to exhaust the top supervisor's 10
+  restarts in 5 s and stop the application, freeing every region. The NIF's state (region
   resources in the registry, their liveness locks) lives in the tables, so it survives
   every manager restart too.
   """
@@ -53,6 +56,28 @@ defmodule Snakepit.SharedMemory.Application do
     }
   end
 
+  @doc false
+  # The health monitor under a supervisor of its own, for the same reason as the
+  # manager: its crash loop must not exhaust the top supervisor, which would stop the
+  # application and free every region.
+  def health_supervisor_spec do
+    %{
+      id: Snakepit.SharedMemory.HealthSupervisor,
+      type: :supervisor,
+      start:
+        {Supervisor, :start_link,
+         [
+           [HealthMonitor],
+           [
+             strategy: :one_for_one,
+             max_restarts: 1000,
+             max_seconds: 1,
+             name: Snakepit.SharedMemory.HealthSupervisor
+           ]
+         ]}
+    }
+  end
+
   @impl true
   def start(_type, _args) do
     preload_modules()
@@ -75,7 +100,7 @@ defmodule Snakepit.SharedMemory.Application do
           TableOwner
         ] ++
           HostQuota.Regions.children(config) ++
-          [manager_supervisor_spec(), HealthMonitor, Cluster.Supervisor]
+          [manager_supervisor_spec(), health_supervisor_spec(), Cluster.Supervisor]
 
       Supervisor.start_link(children,
         strategy: :rest_for_one,

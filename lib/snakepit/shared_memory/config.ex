@@ -21,7 +21,9 @@ defmodule Snakepit.SharedMemory.Config do
     * `:max_regions_per_process` - live regions owned by one process, or `:infinity`.
       Defaults to `:infinity`.
     * `:cleanup_interval` - ms between periodic cleanups (idle timeouts, vanished
-      segments, leaked segments). Defaults to `5_000`.
+      segments, leaked segments). Defaults to `5_000`. This and the other periods
+      (`:holder_scan_interval`, `:health_check_interval`, `:arena_grace`) are at most
+      `4_294_967_295` ms (about 49 days).
     * `:holder_scan_interval` - ms between scans of region headers that discover OS
       processes (Python workers) holding a region, used only where the VM's event
       socket cannot be bound (workers otherwise announce their holds:
@@ -105,6 +107,7 @@ defmodule Snakepit.SharedMemory.Config do
 
   @key {__MODULE__, :config}
   @max_timeout_ms div(0xFFFFFFFFFFFFFFFF, 1_000_000)
+  @max_timer_ms 4_294_967_295
 
   @defaults [
     max_regions: 100_000,
@@ -290,9 +293,14 @@ defmodule Snakepit.SharedMemory.Config do
 
   defp check(:default_timeout, value), do: pos_or_infinity(value)
 
-  defp check(key, value)
-       when key in [:max_region_size, :cleanup_interval, :holder_scan_interval],
-       do: if(is_integer(value) and value > 0, do: :ok, else: {:error, "a positive integer"})
+  defp check(:max_region_size, value),
+    do: if(is_integer(value) and value > 0, do: :ok, else: {:error, "a positive integer"})
+
+  # Periods of timers (erlang:send_after/3 refuses more than about 2^43 ms, and the
+  # arena's native layer more than 2^40 ms): bounded like every timeout of ours, by what
+  # receive/after takes.
+  defp check(key, value) when key in [:cleanup_interval, :holder_scan_interval],
+    do: timer_ms(value, 1)
 
   defp check(:security_level, value), do: one_of(value, [:standard, :high, :maximum])
   defp check(:default_backend, value), do: one_of(value, [:auto, :posix, :memfd])
@@ -319,12 +327,12 @@ defmodule Snakepit.SharedMemory.Config do
 
   defp check(:health_check_interval, false), do: :ok
 
-  defp check(:health_check_interval, value),
-    do:
-      if(is_integer(value) and value > 0,
-        do: :ok,
-        else: {:error, "a positive integer (ms) or false"}
-      )
+  defp check(:health_check_interval, value) do
+    case timer_ms(value, 1) do
+      :ok -> :ok
+      {:error, what} -> {:error, what <> " or false"}
+    end
+  end
 
   defp check(:health_thresholds, %{degraded: d, critical: c, hysteresis: h} = t)
        when map_size(t) == 3 and is_number(d) and is_number(c) and is_number(h) and 0 < d and
@@ -376,8 +384,7 @@ defmodule Snakepit.SharedMemory.Config do
 
   defp check(:arena_size, _), do: {:error, "an integer of bytes from 1 MiB to 1 GiB"}
 
-  defp check(:arena_grace, value) when is_integer(value) and value >= 0, do: :ok
-  defp check(:arena_grace, _), do: {:error, "a non-negative integer (ms)"}
+  defp check(:arena_grace, value), do: timer_ms(value, 0)
 
   defp check(:pool_bytes, value)
        when value == :default or (is_integer(value) and value >= 0),
@@ -390,6 +397,12 @@ defmodule Snakepit.SharedMemory.Config do
 
   defp check(:barrier_timeout, _value), do: {:error, :removed}
   defp check(_key, _value), do: {:error, :unknown}
+
+  defp timer_ms(value, min) when is_integer(value) and value >= min and value <= @max_timer_ms,
+    do: :ok
+
+  defp timer_ms(_value, min),
+    do: {:error, "milliseconds, an integer from #{min} to #{@max_timer_ms} (about 49 days)"}
 
   defp pos_or_infinity(:infinity), do: :ok
   defp pos_or_infinity(value) when is_integer(value) and value > 0, do: :ok

@@ -57,6 +57,9 @@ defmodule Snakepit.SharedMemory.Manager do
 
   # ---- GenServer ----
 
+  @held_recheck_min 1_000
+  @held_recheck_max 60_000
+
   @impl true
   def init(nil) do
     Process.flag(:trap_exit, true)
@@ -67,7 +70,8 @@ defmodule Snakepit.SharedMemory.Manager do
       monitored: MapSet.new(),
       config: config,
       events: open_events(),
-      rung: MapSet.new()
+      rung: MapSet.new(),
+      held_orphans: %{ids: [], at: 0, wait: @held_recheck_min}
     }
 
     unless Registry.flag(:initialized) do
@@ -81,11 +85,15 @@ defmodule Snakepit.SharedMemory.Manager do
           )
     end
 
-    if config.orphan_sweep, do: Sweep.sweep_orphans()
+    held = if config.orphan_sweep, do: elem(Sweep.sweep_orphans_at_start(), 1), else: []
     Snakepit.SharedMemory.HostQuota.Regions.redeclare(Registry.all())
     Cleanup.check_owners()
+    # A manager killed while it freed a region (an owner's death, an expiry) never
+    # withdrew it from the cluster directory.
+    Snakepit.SharedMemory.Cluster.Directory.reconcile()
     state = Enum.reduce(Registry.callers(), state, &monitor/2)
     state = %{state | holders: Holders.scan(state.holders)}
+    state = %{state | held_orphans: %{state.held_orphans | ids: held, at: now_ms()}}
     if state.events == nil, do: schedule(:holder_scan, config.holder_scan_interval)
     schedule(:cleanup, config.cleanup_interval)
     {:ok, state}
@@ -110,8 +118,12 @@ defmodule Snakepit.SharedMemory.Manager do
     {:noreply, state}
   end
 
-  def handle_info({:DOWN, _ref, :process, pid, _reason}, state) do
+  def handle_info({:DOWN, _ref, :process, pid, reason}, state) do
     _ = Cleanup.caller_down(pid)
+    # Killed (or crashed) between registering a region and announcing it to the cluster
+    # directory, or between taking a freed region's record and withdrawing it: the
+    # directory re-reads the registry.
+    if reason != :normal, do: Snakepit.SharedMemory.Cluster.Directory.reconcile()
     {:noreply, %{state | monitored: MapSet.delete(state.monitored, pid)}}
   end
 
@@ -141,7 +153,7 @@ defmodule Snakepit.SharedMemory.Manager do
   def handle_info(:cleanup, state) do
     schedule(:cleanup, state.config.cleanup_interval)
     Snakepit.SharedMemory.Arena.maintain()
-    {:noreply, periodic_cleanup(state)}
+    {:noreply, state |> periodic_cleanup() |> sweep_held_orphans()}
   end
 
   def handle_info({:EXIT, _pid, _reason}, state), do: {:noreply, state}
@@ -258,6 +270,25 @@ defmodule Snakepit.SharedMemory.Manager do
   rescue
     ArgumentError -> :ok
   end
+
+  # Orphans the start-up sweep left because a process held them (a worker of the VM that
+  # died): swept again, 1 s after start, then backing off to once a minute while none
+  # goes, until none is left.
+  defp sweep_held_orphans(%{held_orphans: %{ids: []}} = state), do: state
+
+  defp sweep_held_orphans(%{held_orphans: held} = state) do
+    now = now_ms()
+
+    if now - held.at < held.wait do
+      state
+    else
+      {freed, ids} = Sweep.sweep_again(held.ids)
+      wait = if freed == [], do: min(held.wait * 2, @held_recheck_max), else: @held_recheck_min
+      %{state | held_orphans: %{ids: ids, at: now, wait: wait}}
+    end
+  end
+
+  defp now_ms, do: System.monotonic_time(:millisecond)
 
   defp cleanup_regions(opts) do
     orphans = if opts.orphans, do: Sweep.sweep_orphans(dry_run: opts.dry_run), else: []

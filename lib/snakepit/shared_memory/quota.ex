@@ -137,6 +137,9 @@ defmodule Snakepit.SharedMemory.Quota do
   end
 
   defp limit(:infinity), do: -1
+  # The native counters are 64-bit signed: a limit they cannot reach is no limit (a
+  # config of 2 ** 64 made every allocation raise ArgumentError).
+  defp limit(value) when value > 0x7FFF_FFFF_FFFF_FFFF, do: -1
   defp limit(value), do: value
 
   defp region_limit(max) do

@@ -48,20 +48,57 @@ defmodule Snakepit.SharedMemory.Sweep do
   @spec sweep_orphans(keyword()) :: [freed()]
   def sweep_orphans(opts \\ []) do
     dry_run = Keyword.get(opts, :dry_run, false)
+    {freed, _held} = sweep(segment_ids(), dry_run)
+    unless dry_run, do: sweep_runtime_index()
+    freed
+  end
+
+  @doc """
+  The manager's start-up sweep: `sweep_orphans/0`, plus the ids it had to leave because
+  some process holds them although the VM that created them is gone (a worker of a VM
+  killed with SIGKILL, still exiting when the next VM started: the usual crash and
+  restart). Nothing else would remove those once their holders exit; the manager sweeps
+  them again with `sweep_again/1`.
+  """
+  @spec sweep_orphans_at_start() :: {[freed()], [String.t()]}
+  def sweep_orphans_at_start do
+    {freed, held} = sweep(segment_ids(), false)
+    sweep_runtime_index()
+    {freed, held}
+  end
+
+  @doc """
+  Sweeps `ids` again (those `sweep_orphans_at_start/0` left held). Returns what it
+  removed and the ids still held.
+  """
+  @spec sweep_again([String.t()]) :: {[freed()], [String.t()]}
+  def sweep_again(ids), do: sweep(ids, false)
+
+  # At most this many held orphans are remembered for a later sweep.
+  @max_held 1_000
+
+  defp sweep(ids, dry_run) do
     dir = Platform.current().shm_dir()
 
-    freed =
-      for id <- segment_ids(),
-          not Registry.member?(id),
-          size = segment_size(dir, id),
-          {:ok, outcome} when outcome in [:removed, :removed_incomplete] <- [
-            sweep_one(id, dry_run)
-          ] do
-        reason = if outcome == :removed, do: :orphan, else: :incomplete
-        %{region_id: id, reason: reason, size: size}
+    outcomes =
+      for id <- ids, not Registry.member?(id) do
+        size = segment_size(dir, id)
+
+        case sweep_one(id, dry_run) do
+          {:ok, outcome} when outcome in [:removed, :removed_incomplete] ->
+            reason = if outcome == :removed, do: :orphan, else: :incomplete
+            {:freed, %{region_id: id, reason: reason, size: size}}
+
+          {:ok, :in_use} ->
+            if held_orphan?(dir, id), do: {:held, id}, else: :skip
+
+          _ ->
+            :skip
+        end
       end
 
-    unless dry_run, do: sweep_runtime_index()
+    freed = for {:freed, f} <- outcomes, do: f
+    held = for({:held, id} <- outcomes, do: id) |> Enum.take(@max_held)
 
     if freed != [] and not dry_run do
       Stats.event(:orphans, %{count: length(freed)}, %{
@@ -71,7 +108,15 @@ defmodule Snakepit.SharedMemory.Sweep do
       Logger.info("snakepit_shm: removed #{length(freed)} unused segment(s)")
     end
 
-    freed
+    {freed, held}
+  end
+
+  # In use, but its creator is gone (by its header: a hint of which segments to look at
+  # again, never a reason to remove one; the lock decides that).
+  defp held_orphan?(nil, _id), do: false
+
+  defp held_orphan?(dir, id) do
+    match?({:ok, %{creator_alive: false}}, Native.inspect_path(Path.join(dir, id)))
   end
 
   @doc """

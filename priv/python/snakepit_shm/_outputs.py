@@ -130,6 +130,12 @@ def allocate(size, dtype=None, shape=None, metadata=None, *, backend="memfd",
         # /dev/shm.
         path = os.path.join(shm_dir(), region_id)
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            _hold_name(lib, fd, path, region_id)
+        except BaseException:
+            os.close(fd)
+            _unlink_quietly(path)
+            raise
         _keep(_Pending(region_id, fd, -1, deadline, posix_path=path))
     # Imported here: _attach imports the region module too.
     from ._attach import attach
@@ -140,6 +146,24 @@ def allocate(size, dtype=None, shape=None, metadata=None, *, backend="memfd",
         raise
     region._output_ref = ref
     return region
+
+
+def _hold_name(lib, fd, path, region_id):
+    """Take the shared liveness lock of a pending POSIX output through the open ``fd``
+    the worker keeps until adoption: orphan sweeps (of any VM, in any PID namespace, and
+    ``mix snakepit.shm.cleanup``) judge a segment by that lock alone, so without it a
+    live worker's output was removed once its Region was closed, before the VM adopted
+    it. The core's create dropped its own open: if a sweep took the name in between,
+    say so now rather than hand back a ref that names nothing."""
+    lib.liveness_lock(fd)
+    try:
+        named = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        named = None
+    held = os.fstat(fd)
+    if named is None or (named.st_dev, named.st_ino) != (held.st_dev, held.st_ino):
+        raise OSError(f"output {region_id} was removed by an orphan sweep while it was "
+                      "being created; allocate it again")
 
 
 def from_array(array, metadata=None, *, backend="memfd", timeout=None,

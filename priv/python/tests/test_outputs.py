@@ -82,6 +82,31 @@ def test_posix_output_is_a_dev_shm_segment_removed_when_given_up():
     assert not os.path.exists(path)
 
 
+def _lock_held_elsewhere(path):
+    """True if some other open of `path` holds its liveness lock (byte 0), as the
+    sweepers of every VM ask the kernel."""
+    import fcntl
+    import struct
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        query = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0, 1, 0)
+        answer = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, query)
+        return struct.unpack("hhqqi4x", answer)[0] != fcntl.F_UNLCK
+    finally:
+        os.close(fd)
+
+
+def test_pending_posix_output_holds_its_liveness_lock_until_given_up():
+    # Found by attack run 3: once the Region was closed, only a plain descriptor kept a
+    # pending POSIX output, and every VM's orphan sweep removed the live worker's output.
+    out = snakepit_shm.allocate(100, backend="posix")
+    path = os.path.join("/dev/shm", out.region_id)
+    out.close()
+    assert _lock_held_elsewhere(path)
+    snakepit_shm.discard(out.region_id)
+    assert not os.path.exists(path)
+
+
 def test_adopted_posix_output_is_not_removed():
     out = snakepit_shm.allocate(100, backend="posix")
     path = os.path.join("/dev/shm", out.region_id)

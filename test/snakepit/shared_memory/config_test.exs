@@ -31,6 +31,28 @@ defmodule Snakepit.SharedMemory.ConfigTest do
       assert message =~ "unknown key config :snakepit_shm, max_region:"
     end
 
+    test "timer periods beyond what a timer takes are refused, naming the key" do
+      # Found by an attack run: cleanup_interval or health_check_interval of 2^50 ms passed
+      # validation and the start crashed in erlang:send_after/3 (badarg, no key named);
+      # holder_scan_interval crashed the manager once its event socket was lost; an
+      # arena_grace over 2^40 ms was dropped by the NIF and the default silently kept.
+      for key <- [:cleanup_interval, :holder_scan_interval, :health_check_interval, :arena_grace],
+          value <- [2 ** 32, 2 ** 41, 2 ** 50] do
+        assert {:error, message} = Config.validate([{key, value}]), "#{key}: #{value}"
+        assert message =~ "config :snakepit_shm, #{key}:"
+        assert message =~ "4294967295"
+      end
+
+      for key <- [:cleanup_interval, :holder_scan_interval, :health_check_interval, :arena_grace],
+          do: assert({:ok, %{^key => 4_294_967_295}} = Config.validate([{key, 4_294_967_295}]))
+
+      assert {:ok, %{arena_grace: 0}} = Config.validate(arena_grace: 0)
+      assert {:error, _} = Config.validate(cleanup_interval: 0)
+
+      assert {:ok, %{health_check_interval: false}} =
+               Config.validate(health_check_interval: false)
+    end
+
     test "barrier_timeout was removed: setting it says so and what to do" do
       refute Keyword.has_key?(Config.defaults(), :barrier_timeout)
       assert {:error, message} = Config.validate(barrier_timeout: 5_000)
@@ -40,6 +62,22 @@ defmodule Snakepit.SharedMemory.ConfigTest do
   end
 
   describe "load/0 and get/1" do
+    for key <- [:cleanup_interval, :health_check_interval] do
+      test "#{key} of 2^50 ms fails the start with a message naming it, not a crash" do
+        Application.stop(:snakepit_shm)
+        Application.put_env(:snakepit_shm, unquote(key), 2 ** 50)
+
+        try do
+          assert {:error, {{:snakepit_shm, message}, _where}} = Application.start(:snakepit_shm)
+          assert message =~ "config :snakepit_shm, #{unquote(key)}:"
+        after
+          Application.delete_env(:snakepit_shm, unquote(key))
+          Config.load()
+          {:ok, _} = Application.ensure_all_started(:snakepit_shm)
+        end
+      end
+    end
+
     test "reads the application environment" do
       Snakepit.SharedMemory.TestSupport.with_config([max_regions: 7], fn ->
         assert Config.get(:max_regions) == 7

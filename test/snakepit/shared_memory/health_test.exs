@@ -379,8 +379,8 @@ defmodule Snakepit.SharedMemory.HealthTest do
   end
 
   defp restart_monitor do
-    :ok = Supervisor.terminate_child(Snakepit.SharedMemory.Supervisor, HealthMonitor)
-    {:ok, _} = Supervisor.restart_child(Snakepit.SharedMemory.Supervisor, HealthMonitor)
+    :ok = Supervisor.terminate_child(Snakepit.SharedMemory.HealthSupervisor, HealthMonitor)
+    {:ok, _} = Supervisor.restart_child(Snakepit.SharedMemory.HealthSupervisor, HealthMonitor)
   end
 
   describe "failure floods" do

@@ -5,6 +5,7 @@ defmodule Snakepit.SharedMemory.QuotaTest do
 
   alias Snakepit.SharedMemory.{Config, Error, Native, Quota, Registry}
   alias Snakepit.SharedMemory.{ShmHelpers, TestSupport}
+  alias Snakepit.SharedMemory, as: SHM
   require Registry
 
   setup do
@@ -47,6 +48,21 @@ defmodule Snakepit.SharedMemory.QuotaTest do
       Process.exit(owner, :kill)
       Quota.forget_owner(owner)
       refute :ets.member(Registry.owners_table(), owner)
+    end
+
+    test "limits of 2^63 and beyond are valid settings and limit nothing" do
+      # Found by an attack run: config max_total_memory: 2 ** 70 (or any of the three
+      # limits at 2^63 or more) was accepted at start, then every allocate_region/2 raised
+      # ArgumentError (the native counters take 64-bit signed limits).
+      for key <- [:max_regions, :max_total_memory, :max_regions_per_process],
+          value <- [2 ** 63, 2 ** 64, 2 ** 70] do
+        TestSupport.with_config([{key, value}], fn ->
+          assert {:ok, charge} = Quota.reserve(self(), 4096, Config.get())
+          Quota.release(charge)
+          assert {:ok, id} = SHM.allocate_region(4096)
+          assert :ok = SHM.deallocate_region(id)
+        end)
+      end
     end
 
     test "memory limit" do

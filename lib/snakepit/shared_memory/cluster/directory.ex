@@ -25,11 +25,19 @@ defmodule Snakepit.SharedMemory.Cluster.Directory do
       to the id's shard (one message; nothing is broadcast).
     * Membership changes come from `:pg.monitor/2` (join and leave of members) and from
       `:net_kernel.monitor_nodes/1` (`nodedown`). On every change each directory drops
-      the entries of nodes that left, drops the entries whose shard moved elsewhere, and
-      re-registers the ids of its own regions (read from the registry, the source of
-      truth) with their new shards. Only ids whose shard changed move in a rendezvous
-      scheme, but re-sending every local id keeps the protocol free of hand-offs: a
-      shard that moved away is simply rebuilt by the regions' own nodes.
+      the entries of nodes that left, and sends every member the ids of its own regions
+      (read from the registry, the source of truth) whose shard that member now is; the
+      member replaces with them every entry of the sender it had. Only ids whose shard
+      changed move in a rendezvous scheme, but re-sending every local id keeps the
+      protocol free of hand-offs: a shard that moved away is simply rebuilt by the
+      regions' own nodes, and whatever a node announced under an older view (to a node
+      that has moved on) is replaced at its next change, never left behind.
+
+    * A process killed between registering a region and announcing it (or between
+      taking a freed region's record and withdrawing it) sends nothing: the manager,
+      seeing that process die other than normally (and at each of its own restarts),
+      asks for `reconcile/0`, which replaces this node's entries at every shard with
+      what the registry holds.
 
   Between a membership change and the end of that re-registration (a few milliseconds
   on a LAN) a lookup of a region whose shard just moved can answer `:not_found`: the
@@ -48,6 +56,7 @@ defmodule Snakepit.SharedMemory.Cluster.Directory do
   @table :snakepit_shm_cluster_directory
   @meta :snakepit_shm_cluster_meta
   @range 4_294_967_296
+  @reconcile_delay 200
 
   @doc false
   def scope, do: @scope
@@ -128,6 +137,19 @@ defmodule Snakepit.SharedMemory.Cluster.Directory do
   end
 
   @doc """
+  Makes the directory's entries of this node's regions match the registry again, at
+  every shard: each member node gets the full list of this node's ids it holds the
+  shard of, and replaces with it every entry of this node it had. Called by the
+  manager when a process that called into the registry died other than normally (or the
+  manager restarted): such a process may have been killed between registering a region
+  and announcing it, or between taking a freed region's record and withdrawing it, and
+  its message never comes. Requests within 200 ms are served by one reconciliation;
+  `sync/0` makes a waiting one first.
+  """
+  @spec reconcile() :: :ok
+  def reconcile, do: notify(:reconcile)
+
+  @doc """
   Waits until this node's directory has handled everything sent to it before, then
   returns the member nodes it sees. For tests and tools that need a settled state.
   """
@@ -144,12 +166,16 @@ defmodule Snakepit.SharedMemory.Cluster.Directory do
     :ok = :net_kernel.monitor_nodes(true)
     {ref, pids} = :pg.monitor(@scope, @group)
     :ok = :pg.join(@scope, @group, self())
-    state = %{pg_ref: ref, pids: MapSet.new([self() | pids]), nodes: []}
+    state = %{pg_ref: ref, pids: MapSet.new([self() | pids]), nodes: [], reconcile: nil}
     {:ok, rebalance(state)}
   end
 
   @impl true
-  def handle_call(:sync, _from, state), do: {:reply, state.nodes, state}
+  # A reconciliation still waiting is made first: what was asked before is done.
+  def handle_call(:sync, _from, state) do
+    state = if state.reconcile, do: reconcile_now(state), else: state
+    {:reply, state.nodes, state}
+  end
 
   @impl true
   def handle_info({:added, id}, state) do
@@ -173,6 +199,22 @@ defmodule Snakepit.SharedMemory.Cluster.Directory do
     {:noreply, state}
   end
 
+  # Every entry `from_node` has here, replaced by `ids` (its ids of this shard).
+  def handle_info({:replace, from_node, ids}, state) do
+    replace(from_node, ids)
+    {:noreply, state}
+  end
+
+  # Requests within @reconcile_delay are served by one reconciliation: a storm of crashing
+  # callers costs at most a few walks of the registry a second.
+  def handle_info(:reconcile, %{reconcile: nil} = state) do
+    {:noreply, %{state | reconcile: Process.send_after(self(), :reconcile_now, @reconcile_delay)}}
+  end
+
+  def handle_info(:reconcile, state), do: {:noreply, state}
+
+  def handle_info(:reconcile_now, state), do: {:noreply, reconcile_now(state)}
+
   def handle_info({ref, :join, @group, pids}, %{pg_ref: ref} = state) do
     {:noreply, rebalance(%{state | pids: MapSet.union(state.pids, MapSet.new(pids))})}
   end
@@ -182,6 +224,8 @@ defmodule Snakepit.SharedMemory.Cluster.Directory do
   end
 
   def handle_info({:nodedown, down}, state) do
+    # Its entries, even if this node never saw it join the group.
+    :ets.match_delete(@table, {:_, down})
     pids = state.pids |> Enum.reject(&(node(&1) == down)) |> MapSet.new()
     {:noreply, rebalance(%{state | pids: pids})}
   end
@@ -211,6 +255,31 @@ defmodule Snakepit.SharedMemory.Cluster.Directory do
     end
   end
 
+  # Without a gap: entries that stay are never deleted, so a lookup racing a
+  # replacement still finds every live region.
+  defp replace(from_node, ids) do
+    keep = MapSet.new(ids)
+
+    for [id] <- :ets.match(@table, {:"$1", from_node}),
+        not MapSet.member?(keep, id),
+        do: :ets.delete_object(@table, {id, from_node})
+
+    :ets.insert(@table, Enum.map(ids, &{&1, from_node}))
+  end
+
+  defp reconcile_now(state) do
+    if state.reconcile, do: Process.cancel_timer(state.reconcile)
+
+    receive do
+      :reconcile_now -> :ok
+    after
+      0 -> :ok
+    end
+
+    announce_all(state)
+    %{state | reconcile: nil}
+  end
+
   defp rebalance(state) do
     nodes = state.pids |> Enum.map(&node/1) |> Enum.uniq() |> Enum.sort()
 
@@ -218,24 +287,41 @@ defmodule Snakepit.SharedMemory.Cluster.Directory do
       state
     else
       :ets.insert(@meta, {:members, nodes})
-      live = MapSet.new(nodes)
-
-      # Entries of nodes that left, and entries whose shard is no longer this node.
-      for {id, at} <- :ets.tab2list(@table),
-          not MapSet.member?(live, at) or shard(id, nodes) != node(),
-          do: :ets.delete_object(@table, {id, at})
-
+      purge(state.nodes -- nodes, MapSet.new(nodes))
       state = %{state | nodes: nodes}
-
-      # Re-register every region of this node with its shard, one message per shard.
-      Registry.ids()
-      |> Enum.group_by(&shard(&1, nodes))
-      |> Enum.each(fn
-        {me, ids} when me == node() -> :ets.insert(@table, Enum.map(ids, &{&1, node()}))
-        {other, ids} -> send({__MODULE__, other}, {:register, node(), ids})
-      end)
-
+      announce_all(state)
       state
     end
+  end
+
+  # Entries of nodes that left the group, and of nodes neither members nor connected (a
+  # node that announced regions and died before this one saw it join). Not entries whose
+  # shard moved elsewhere: another node's view may be newer than this one's, and what it
+  # sent under that view must stay; each node's own announce_all/1 (at its every view
+  # change) replaces whatever it announced before, here as everywhere.
+  defp purge(left, live) do
+    connected = MapSet.new([node() | Node.list()])
+
+    for {id, at} <- :ets.tab2list(@table),
+        at in left or not (MapSet.member?(live, at) or MapSet.member?(connected, at)),
+        do: :ets.delete_object(@table, {id, at})
+  end
+
+  # Every member gets this node's ids of its shard (an empty list included) and replaces
+  # with them every entry of this node it had: entries sent under an older view (to a
+  # node that is not their shard any more, where a later withdrawal would never reach
+  # them) go too.
+  defp announce_all(state) do
+    by_shard = Enum.group_by(Registry.ids(), &shard(&1, state.nodes))
+
+    for member <- state.nodes do
+      ids = Map.get(by_shard, member, [])
+
+      if member == node(),
+        do: replace(node(), ids),
+        else: send({__MODULE__, member}, {:replace, node(), ids})
+    end
+
+    :ok
   end
 end

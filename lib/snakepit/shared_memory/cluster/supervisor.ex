@@ -20,6 +20,8 @@ defmodule Snakepit.SharedMemory.Cluster.Supervisor do
       Directory
     ]
 
-    Supervisor.init(children, strategy: :one_for_all, max_restarts: 10, max_seconds: 5)
+    # As the manager's supervisor: a crash loop of the directory stays here, never
+    # reaching the application's top supervisor (whose exhaustion frees every region).
+    Supervisor.init(children, strategy: :one_for_all, max_restarts: 1000, max_seconds: 1)
   end
 end
