@@ -190,6 +190,8 @@ def _parse_ref(ref):
     for key in ("path", "token"):
         if not isinstance(ref.get(key), str):
             raise ValueError(f"channel ref without {key!r}")
+        if "\0" in ref[key]:  # the C library would read it cut at the NUL
+            raise ValueError(f"the channel ref's {key!r} contains a NUL character")
     return ref
 
 
@@ -275,6 +277,10 @@ class Channel:
         if not 0 <= flush_interval < math.inf:
             raise ValueError(f"flush_interval must be a finite number of seconds >= 0, "
                              f"got {flush_interval!r}")
+        if not isinstance(max_message_size, int) and \
+                not 0 <= max_message_size < float(1 << 64):  # inf, NaN, out of range
+            raise ValueError(f"max_message_size must be between 0 and 2**64 - 1, "
+                             f"got {max_message_size!r}")
         max_message_size = int(max_message_size)
         if not 0 <= max_message_size < 1 << 64:
             raise ValueError(f"max_message_size must be between 0 and 2**64 - 1, "

@@ -1,5 +1,6 @@
 """Signals raising in the middle of a receive (Ctrl-C, a handler's exception): every
-message the channel took from the ring reaches the program once, in order.
+message the channel took from the ring reaches the program once, in order. Also refs and
+options the C library would misread.
 
 Python runs a signal's handler between two bytecodes; one raising right after a call
 returned, in the caller's frame, drops the returned value whatever the library does
@@ -85,3 +86,15 @@ def test_a_signal_raising_mid_receive_loses_no_message(receive):
     assert not missing, f"{len(missing)} messages lost by {interrupts} interruptions, " \
                         f"e.g. {[m[:8] for m in missing[:5]]}"
     assert got == expected  # once each, in order
+
+
+def test_a_ref_or_option_the_c_library_would_misread_is_refused():
+    """A NUL in the ref's path made the library connect to the path cut there
+    ("/tmp/\\0x" -> "/tmp/"); an infinite max_message_size raised OverflowError."""
+    ref = {"kind": "snakepit_shm_channel", "path": "/nonexistent/ctl", "token": "00" * 32}
+    for key in ("path", "token"):
+        with pytest.raises(ValueError, match=f"'{key}' contains a NUL"):
+            snakepit_shm.Channel.connect(dict(ref, **{key: ref[key] + "\0x"}))
+    for bad in (float("inf"), float("nan"), -1, 1 << 64, 1e30):
+        with pytest.raises(ValueError, match="max_message_size must be"):
+            snakepit_shm.Channel.connect(ref, max_message_size=bad)
