@@ -28,6 +28,7 @@ NAMED_PREFIX = "spshm_n_"
 _RANDOM_ID = re.compile(r"spshm_[a-z2-7]{20}")
 _NAMED_ID = re.compile(r"spshm_n_[a-z0-9_-]{1,21}")
 _PROC_FD_PATH = re.compile(r"/proc/[1-9][0-9]*/fd/[0-9]+")
+_INDEX_NUMBER = re.compile(r"[0-9]{1,20}")
 _ARENA_TARGET = re.compile(r"/memfd:spshm_arena_[a-z2-7]{20} \(deleted\)")
 _BACKENDS = {"posix": _format.BACKEND_POSIX, "memfd": _format.BACKEND_MEMFD}
 
@@ -362,8 +363,9 @@ def index_entry(region_id):
     if len(fields) != 6 or fields[0] != INDEX_VERSION:
         return None
     _, kind, control, data, offset, size = fields
+    # [0-9], not str.isdigit(): a forged entry's "²" passes isdigit() and fails int()
     if not (_PROC_FD_PATH.fullmatch(control) and _PROC_FD_PATH.fullmatch(data)
-            and offset.isdigit() and size.isdigit()):
+            and _INDEX_NUMBER.fullmatch(offset) and _INDEX_NUMBER.fullmatch(size)):
         return None
     return kind, control, data, int(offset), int(size)
 
