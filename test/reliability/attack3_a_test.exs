@@ -13,6 +13,23 @@ defmodule Snakepit.SharedMemory.Reliability.Attack3ATest do
     :ok
   end
 
+  # A marker of kind "shm" whose "ref" was not a map was refused as a marker "of kind
+  # \"shm\": only kind \"shm\" carries a shared memory region" (contradicting itself).
+  test "a shm marker with a bad ref names the ref" do
+    for ref <- [5, nil, "x", [1]] do
+      marker = %{"__snakepit_zero_copy__" => true, "kind" => "shm", "ref" => ref}
+
+      assert {:error, %Error{reason: :invalid_argument, message: message}} =
+               SM.from_zero_copy_ref(marker)
+
+      assert message =~ ~s("ref" must be the map of export_ref/2, got: #{inspect(ref)})
+    end
+
+    marker = %{"__snakepit_zero_copy__" => true, "kind" => "shm"}
+    assert {:error, %Error{message: message}} = SM.from_zero_copy_ref(marker)
+    assert message =~ "got: :missing"
+  end
+
   # An option given twice was accepted silently, and the *last* value won (Map.new/1),
   # while Keyword.get/2 and every reader take the first: `[security_level: :high | opts]`
   # with opts holding `security_level: :standard` allocated a plaintext region.
