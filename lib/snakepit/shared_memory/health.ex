@@ -183,6 +183,69 @@ defmodule Snakepit.SharedMemory.Health do
       end
     }
 
+  # statvfs(2) of a directory on a filesystem that stopped answering (a hung NFS or FUSE
+  # mount as shm_path) never returns: asked in a process of its own, for at most
+  # @fs_stat_ms, and never again while that one is still stuck (each stuck call holds a
+  # dirty I/O scheduler: health checks must not use them all up).
+  @fs_stat_ms 5_000
+  @fs_prober :snakepit_shm_health_fs_stat
+
+  defp fs_stat_bounded(dir) do
+    if Process.whereis(@fs_prober) do
+      :hung
+    else
+      # An alias: an answer that comes after the deadline is dropped, not left in the
+      # caller's mailbox.
+      reply_to = :erlang.alias()
+      tag = make_ref()
+
+      {prober, monitor} =
+        spawn_monitor(fn ->
+          try do
+            Process.register(self(), @fs_prober)
+          rescue
+            ArgumentError -> exit(:busy)
+          end
+
+          send(reply_to, {tag, Native.fs_stat(dir)})
+        end)
+
+      result =
+        receive do
+          {^tag, result} -> result
+          {:DOWN, ^monitor, :process, ^prober, :busy} -> :busy
+          {:DOWN, ^monitor, :process, ^prober, _} -> :hung
+        after
+          @fs_stat_ms -> :hung
+        end
+
+      :erlang.unalias(reply_to)
+      Process.demonitor(monitor, [:flush])
+
+      receive do
+        {^tag, _late} -> :ok
+      after
+        0 -> :ok
+      end
+
+      result
+    end
+  end
+
+  defp shm_dir_hung(dir),
+    do: %{
+      name: :shm_space,
+      kind: :failed,
+      value: nil,
+      limit: nil,
+      measurements: %{path: dir, error: "no answer within #{@fs_stat_ms} ms"},
+      advice: fn _ ->
+        "the filesystem of #{dir} did not answer statvfs(2) within #{@fs_stat_ms} ms (a " <>
+          "hung NFS or FUSE mount?): POSIX allocations there hang too. Fix or unmount it, " <>
+          "or put shm_path on a tmpfs"
+      end
+    }
+
   defp skipped(name, why),
     do: usage(name, nil, nil, %{skipped: why}, fn _ -> nil end)
 
@@ -242,7 +305,13 @@ defmodule Snakepit.SharedMemory.Health do
         skipped(:shm_space, "POSIX segments are not files on this platform")
 
       dir ->
-        case Native.fs_stat(dir) do
+        case fs_stat_bounded(dir) do
+          :hung ->
+            shm_dir_hung(dir)
+
+          :busy ->
+            skipped(:shm_space, "another check was measuring #{dir} at this instant")
+
           {:ok, fs} ->
             used = fs.total - fs.available
 

@@ -98,3 +98,23 @@ def test_a_ref_or_option_the_c_library_would_misread_is_refused():
     for bad in (float("inf"), float("nan"), -1, 1 << 64, 1e30):
         with pytest.raises(ValueError, match="max_message_size must be"):
             snakepit_shm.Channel.connect(ref, max_message_size=bad)
+
+
+def test_recv_many_counts_past_u32_and_refuses_non_ints():
+    """max_count went to the library as a u32: 2**32 + 2 asked for 2 messages, 2**32 for
+    none after the first; a float raised ctypes' ArgumentError after a message was
+    taken."""
+    owner = start_owner("shm")
+    try:
+        with snakepit_shm.Channel.connect(owner.ref) as ch:
+            for i in range(5):
+                ch.send(b"m%d" % i)
+            with pytest.raises(TypeError, match="max_count must be an int"):
+                ch.recv_many(2.5, timeout=10)
+            got = []
+            deadline = time.monotonic() + 30
+            while len(got) < 5 and time.monotonic() < deadline:
+                got += ch.recv_many(1 << 32, timeout=10)
+            assert got == [b"m%d" % i for i in range(5)]
+    finally:
+        owner.kill()
