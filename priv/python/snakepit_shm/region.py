@@ -476,6 +476,8 @@ class Region:
         the copy must not count: CorruptRegion."""
         if self._location.backend != F.BACKEND_POSIX or length == 0:
             return
+        if self.encrypted:  # plaintext offsets: the chunks are anywhere in the capacity
+            offset, length = 0, self._header.data_capacity
         end = (self._location.control_offset or 0) + self._header.data_offset + offset + length
         size = os.fstat(self._attachment.fd).st_size
         if size < end:
@@ -634,8 +636,12 @@ class Region:
                 else contextlib.nullcontext(), \
                 _native.buffer_address(self._attachment.header_mm) as (header, _), \
                 _native.buffer_address(self._data_mm) as (data, data_len):
-            lib.decrypt(header, data + self._view_offset, data_len - self._view_offset,
-                        key, offset, out_address, length)
+            try:
+                lib.decrypt(header, data + self._view_offset, data_len - self._view_offset,
+                            key, offset, out_address, length)
+            except errors.CorruptRegion:
+                self._check_not_truncated(offset, length)  # the likelier cause, if so
+                raise
 
     def _encrypt(self, offset, source_address, length):
         key = self._key()
@@ -645,8 +651,12 @@ class Region:
         with self._attachment.data_lock(True, self.region_id), \
                 _native.buffer_address(self._attachment.header_mm) as (header, _), \
                 _native.buffer_address(self._data_mm, writable=True) as (data, data_len):
-            lib.encrypt(header, data + self._view_offset, data_len - self._view_offset,
-                        key, offset, source_address, length)
+            try:
+                lib.encrypt(header, data + self._view_offset, data_len - self._view_offset,
+                            key, offset, source_address, length)
+            except errors.CorruptRegion:
+                self._check_not_truncated(offset, length)  # the likelier cause, if so
+                raise
 
     def _touch(self):
         if self._attachment.writable:

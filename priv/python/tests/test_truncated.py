@@ -38,13 +38,16 @@ CHILD = textwrap.dedent("""
 """)
 
 
+def _run(script, *args):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    return subprocess.run([sys.executable, "-c", script, *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
 @pytest.mark.parametrize("length", [0, 4096 + 8192])
 def test_a_truncated_posix_segment_is_an_error_not_a_sigbus(forge, length):
     seg = forge.posix(65536, data=b"\x07" * 65536)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    child = subprocess.run([sys.executable, "-c", CHILD, seg.region_id, seg.control_path,
-                            str(length)], env=env, capture_output=True, text=True,
-                           timeout=60)
+    child = _run(CHILD, seg.region_id, seg.control_path, length)
     out = child.stdout
     assert child.returncode == 0, f"worker died (status {child.returncode}): {out}" \
                                   f"{child.stderr[-2000:]}"
@@ -59,3 +62,36 @@ def test_a_truncated_posix_segment_is_an_error_not_a_sigbus(forge, length):
             assert lines[label] == "returned", out
     # a raw view of lost pages reads zeros (the page was replaced), it does not kill
     assert lines["buf"] == "returned", out
+
+
+ENCRYPTED_CHILD = textwrap.dedent("""
+    import json, os, sys, warnings
+    import snakepit_shm
+    warnings.simplefilter("ignore")
+    ref = json.loads(sys.argv[1])
+    region = snakepit_shm.attach(ref, "rw")
+    assert region.read(0, 4) == b"\\x07" * 4
+    os.truncate(ref["control_path"], 4096 + 8192)
+    for label, call in [("read", lambda: region.read(0, region.size)),
+                        ("write", lambda: region.write(region.size - 10, b"x" * 10))]:
+        try:
+            call()
+            print(label, "returned", flush=True)
+        except snakepit_shm.SnakepitShmError as exc:
+            print(label, "error", type(exc).__name__, exc, flush=True)
+    region.close()
+    print("ALIVE", flush=True)
+""")
+
+
+def test_a_truncated_encrypted_segment_says_truncated(forge):
+    """The chunks past the cut read as zeros: not a failed authentication (\"modified
+    outside snakepit_shm\") but the truncation."""
+    import json
+    seg = forge.posix(65536, data=b"\x07" * 65536, key=os.urandom(32))
+    child = _run(ENCRYPTED_CHILD, json.dumps(seg.ref()))
+    assert child.returncode == 0, child.stdout + child.stderr[-2000:]
+    assert "ALIVE" in child.stdout
+    for label in ("read", "write"):
+        line = [x for x in child.stdout.splitlines() if x.startswith(label + " ")][0]
+        assert "was truncated by another process" in line, child.stdout
