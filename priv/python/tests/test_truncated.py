@@ -95,3 +95,58 @@ def test_a_truncated_encrypted_segment_says_truncated(forge):
     for label in ("read", "write"):
         line = [x for x in child.stdout.splitlines() if x.startswith(label + " ")][0]
         assert "was truncated by another process" in line, child.stdout
+
+
+BOARD_PEER = """
+{:ok, _} = Application.ensure_all_started(:snakepit_shm)
+[name] = System.argv()
+{:ok, board} = Snakepit.SharedMemory.StatusBoard.create(name, capacity: 4)
+IO.puts("READY")
+IO.gets("")
+Snakepit.SharedMemory.StatusBoard.delete(board)
+"""
+
+BOARD_CHILD = textwrap.dedent("""
+    import os, sys
+    from snakepit_shm import board
+    name, path = sys.argv[1], sys.argv[2]
+    slot = board.StatusBoard.join(name, "w1")
+    slot.update(state="busy", queue=3)
+    os.truncate(path, 0)
+    print("TRUNCATED", flush=True)
+    for label, call in [("deleted", lambda: slot.deleted),
+                        ("update", lambda: slot.update(queue=4))]:
+        try:
+            print(label, "returned", call(), flush=True)
+        except Exception as exc:
+            print(label, "error", type(exc).__name__, exc, flush=True)
+    slot.leave()
+    print("ALIVE", flush=True)
+""")
+
+
+def test_a_worker_on_a_truncated_status_board_lives():
+    """The board's segment is a POSIX segment too: a worker's update() after a peer
+    truncated it died of SIGBUS (the fault guard was only installed by attach)."""
+    from test_real_regions import _peer_command
+    import secrets
+    try:
+        argv, env = _peer_command()
+    except LookupError as exc:
+        pytest.skip(str(exc))
+    name = "a3tb" + secrets.token_hex(4)
+    script = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"board_peer_{name}.exs")
+    with open(script, "w") as f:
+        f.write(BOARD_PEER)
+    peer = subprocess.Popen(argv[:-1] + [script, name], env=env, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert peer.stdout.readline().strip() == "READY"
+        child = _run(BOARD_CHILD, name, f"/dev/shm/spshm_n_{name}")
+        assert child.returncode == 0, child.stdout + child.stderr[-2000:]
+        assert "ALIVE" in child.stdout
+        update = [x for x in child.stdout.splitlines() if x.startswith("update ")][0]
+        assert update.startswith("update error"), child.stdout
+    finally:
+        peer.communicate("\n", timeout=60)
+        os.unlink(script)
