@@ -584,6 +584,8 @@ class Channel:
         (not one per message): a stream of small messages costs a few hundred
         nanoseconds of Python per message. As with :meth:`recv`, an exception raised by a
         signal's handler during the call loses no message."""
+        if not isinstance(max_count, int) or isinstance(max_count, bool):
+            raise TypeError(f"max_count must be an int, got {type(max_count).__name__}")
         if max_count < 1:
             raise ValueError(f"max_count must be at least 1, got {max_count}")
         self._check_open()
@@ -618,8 +620,9 @@ class Channel:
                 self._batch = batch
             self._drain()
             self._begin(_BATCH)
+            # (a u32: ctypes would wrap a larger count, 2**32 to 0)
             code = self._recv_batch_io(self._io_addr, self._batch_addr, len(self._batch),
-                                       max_count - len(held))
+                                       min(max_count - len(held), 0xFFFFFFFF))
             # a region message after the inline ones, or a full buffer: take more
             more = code >= 0 and (self._io.fd >= 0 or self._io.size != 0)
             self._drain()
