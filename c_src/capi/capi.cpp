@@ -304,6 +304,17 @@ SPSHM_EXPORT int spshm_process_start_time(uint32_t pid, uint64_t* out, char* err
   });
 }
 
+SPSHM_EXPORT int spshm_install_fault_guard(const char* segment_dir, char* err, size_t errlen) {
+  return guarded(err, errlen, [&] {
+    if (segment_dir == nullptr || segment_dir[0] != '/')
+      return fail(Errc::invalid_argument, "segment_dir must be an absolute path", err, errlen);
+    if (!spshm::platform::install_fault_guard())
+      return fail(Errc::io_error, "sigaction(SIGBUS) failed", err, errlen);
+    spshm::platform::set_fault_segment_dir(segment_dir);
+    return succeed(err, errlen);
+  });
+}
+
 SPSHM_EXPORT int spshm_decrypt(const void* header, const uint8_t* data, uint64_t data_len,
                                const uint8_t* key, uint64_t offset, uint8_t* out, uint64_t length,
                                char* err, size_t errlen) {

@@ -217,9 +217,13 @@ SPSHM_EXPORT int spshm_ch_recv_io(spshm_ch_io* io, int timeout_ms) {
   uint64_t size = 0;
   int rc = spshm_ch_recv_wait(io->ch, io->buf, static_cast<size_t>(io->buflen), &length, &fd, &size,
                               io->spin_ns, timeout_ms, io->err, sizeof io->err);
-  io->length = length;
-  io->fd = fd;
-  io->size = size;
+  // Only a message changes the block: a binding that fills it with "nothing" markers before
+  // the call finds a message there even if it was interrupted before it saw the result.
+  if (rc == 0 || rc == SPSHM_CH_REGION) {
+    io->length = length;
+    io->fd = fd;
+    io->size = size;
+  }
   return rc;
 }
 

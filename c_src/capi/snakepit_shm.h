@@ -111,6 +111,13 @@ int spshm_clear_stale_sealing(void* header, int fd, uint64_t base, char* err, si
 int spshm_attach_arena(const char* path, uint64_t base, const char* region_id, void* header_out,
                        int* fd_out, uint64_t* size_out, char* err, size_t errlen);
 
+/* Installs (once per process) the core's SIGBUS handler and points it at segment_dir (an
+ * absolute path): a fault in a mapping of "<segment_dir>/spshm_*" (a POSIX segment a peer
+ * truncated under this process) gets a private zero page instead of killing the process;
+ * the caller finds the truncation by the file's size. Faults elsewhere go to the handler
+ * installed before (the default action: the process dies, as without it). */
+int spshm_install_fault_guard(const char* segment_dir, char* err, size_t errlen);
+
 /* Start time (field 22 of /proc/<pid>/stat) of a process. */
 int spshm_process_start_time(uint32_t pid, uint64_t* out, char* err, size_t errlen);
 

@@ -63,7 +63,8 @@ typedef struct spshm_ch_io {
   int32_t fd;        /* out: the memfd of a region message (the caller owns it) */
   char err[256];     /* out: the error message of a negative result */
 } spshm_ch_io;
-/* spshm_ch_recv_wait with the block's arguments. */
+/* spshm_ch_recv_wait with the block's arguments; length, fd and size are written only
+ * when a message is returned (0 or 2). */
 int spshm_ch_recv_io(spshm_ch_io* io, int timeout_ms);
 /* Takes up to max_count messages that are already there, without waiting (a batch for
  * bindings whose calls are costly): inline messages are appended to buf as u32 length +

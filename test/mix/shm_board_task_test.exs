@@ -33,6 +33,11 @@ defmodule Mix.Tasks.Snakepit.Shm.BoardTaskTest do
     # Past the longest sleep of Process.sleep/1 (2^32 - 1 ms): it raised mid-watch.
     {_out, err, 2} = run_task(@task, ["x", "--interval", "4294967296"])
     assert err =~ "--interval"
+    # A malformed name is bad usage (it exited 1, "cannot read status board").
+    for bad <- ["../x", "", "UPPER", String.duplicate("a", 22), "spshm_n_", "a b"] do
+      {_out, err, 2} = run_task(@task, [bad])
+      assert err =~ "is not a board name", bad
+    end
   end
 
   test "a table with one row per worker; json; an unknown board exits 1", c do

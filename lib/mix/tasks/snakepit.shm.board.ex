@@ -48,7 +48,7 @@ defmodule Mix.Tasks.Snakepit.Shm.Board do
 
     name =
       case args do
-        [name] -> name
+        [name] -> valid_name!(name)
         [] -> Command.usage_error!(@task, "give the board's name")
       end
 
@@ -74,6 +74,18 @@ defmodule Mix.Tasks.Snakepit.Shm.Board do
     else
       show(fetch!(name, opts), format, false)
     end
+  end
+
+  # A malformed name is a usage error (status 2), not a missing board (status 1).
+  defp valid_name!(name) do
+    if Regex.match?(~r/\A(spshm_n_[a-z0-9_-]{1,21}|(?!spshm_n_)[a-z0-9_-]{1,21})\z/, name),
+      do: name,
+      else:
+        Command.usage_error!(
+          @task,
+          "#{inspect(name)} is not a board name: 1 to 21 characters of [a-z0-9_-] " <>
+            "(or its region id spshm_n_NAME; see `mix snakepit.shm.list`)"
+        )
   end
 
   defp watch(_name, _opts, _format, _interval, 0), do: :ok

@@ -91,7 +91,8 @@ defmodule Snakepit.SharedMemory.Adoption do
   defp adopt_options(opts) do
     cond do
       is_list(opts) and Keyword.keyword?(opts) ->
-        known_options(Map.new(opts))
+        with {:ok, map} <- Snakepit.SharedMemory.Options.keyword_to_map(opts),
+             do: known_options(map)
 
       is_map(opts) and not is_struct(opts) ->
         known_options(opts)

@@ -133,7 +133,11 @@ defmodule Snakepit.SharedMemory.Cluster do
   end
 
   defp options(opts) when is_list(opts) do
-    if Keyword.keyword?(opts), do: options(Map.new(opts)), else: bad_options(opts)
+    if Keyword.keyword?(opts) do
+      with {:ok, map} <- Snakepit.SharedMemory.Options.keyword_to_map(opts), do: options(map)
+    else
+      bad_options(opts)
+    end
   end
 
   defp options(opts) when is_map(opts) and not is_struct(opts) do
@@ -202,9 +206,12 @@ defmodule Snakepit.SharedMemory.Cluster do
     do: new_region_only(region)
 
   defp region_options(%{region: region}) when is_list(region) do
-    if Keyword.keyword?(region),
-      do: new_region_only(Map.new(region)),
-      else: invalid(":region must be allocate_region/2 options, got: #{inspect(region)}")
+    if Keyword.keyword?(region) do
+      with {:ok, map} <- Snakepit.SharedMemory.Options.keyword_to_map(region),
+           do: new_region_only(map)
+    else
+      invalid(":region must be allocate_region/2 options, got: #{inspect(region)}")
+    end
   end
 
   defp region_options(%{region: region}),

@@ -151,6 +151,26 @@ defmodule Snakepit.SharedMemory.Options do
   def policies, do: [:automatic, :manual, :reference_counted]
 
   @doc false
+  # A keyword list as a map, refusing a key given twice: `Map.new/1` keeps the last value
+  # while `Keyword.get/2` (and the reader's eye) takes the first, so
+  # `[security_level: :high, security_level: :standard]` silently meant `:standard`.
+  @spec keyword_to_map(keyword()) :: {:ok, map()} | {:error, Error.t()}
+  def keyword_to_map(opts) do
+    map = Map.new(opts)
+
+    if map_size(map) == length(opts) do
+      {:ok, map}
+    else
+      duplicates = Enum.uniq(Keyword.keys(opts) -- Map.keys(map))
+
+      invalid(
+        "option(s) #{Enum.map_join(duplicates, ", ", &inspect/1)} given more than once " <>
+          "(in #{inspect(opts, limit: 12)}): give each option once"
+      )
+    end
+  end
+
+  @doc false
   # :ok when `opts` (a keyword list or a map) names only `allowed` keys; the error
   # every option check of the API gives otherwise (HostQuota's functions too).
   @spec known_keys(keyword() | map(), [atom()]) :: :ok | {:error, Error.t()}
@@ -159,9 +179,11 @@ defmodule Snakepit.SharedMemory.Options do
   end
 
   defp to_map(opts, allowed) when is_list(opts) do
-    if Keyword.keyword?(opts),
-      do: to_map(Map.new(opts), allowed),
-      else: invalid("options must be a keyword list or a map, got: #{inspect(opts)}")
+    if Keyword.keyword?(opts) do
+      with {:ok, map} <- keyword_to_map(opts), do: to_map(map, allowed)
+    else
+      invalid("options must be a keyword list or a map, got: #{inspect(opts)}")
+    end
   end
 
   defp to_map(opts, allowed) when is_map(opts) and not is_struct(opts) do

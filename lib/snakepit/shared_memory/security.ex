@@ -44,9 +44,12 @@ defmodule Snakepit.SharedMemory.Security do
   @doc "Validates a permission set given as a map or keyword list and fills in defaults."
   @spec normalize_permissions(term()) :: {:ok, permissions()} | {:error, Error.t()}
   def normalize_permissions(perms) when is_list(perms) do
-    if Keyword.keyword?(perms),
-      do: normalize_permissions(Map.new(perms)),
-      else: invalid_permissions(perms)
+    if Keyword.keyword?(perms) do
+      with {:ok, map} <- Snakepit.SharedMemory.Options.keyword_to_map(perms),
+           do: normalize_permissions(map)
+    else
+      invalid_permissions(perms)
+    end
   end
 
   def normalize_permissions(perms) when is_map(perms) do

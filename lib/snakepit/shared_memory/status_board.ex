@@ -806,9 +806,11 @@ defmodule Snakepit.SharedMemory.StatusBoard do
   end
 
   defp check_keyword(opts) do
-    if Keyword.keyword?(opts),
-      do: :ok,
-      else: Error.error(:invalid_option, "options must be a keyword list, got: #{inspect(opts)}")
+    if Keyword.keyword?(opts) do
+      with {:ok, _map} <- Snakepit.SharedMemory.Options.keyword_to_map(opts), do: :ok
+    else
+      Error.error(:invalid_option, "options must be a keyword list, got: #{inspect(opts)}")
+    end
   end
 
   defp capacity(c) when is_integer(c) and c >= 1 and c <= @max_capacity, do: {:ok, c}

@@ -77,6 +77,14 @@ defmodule Snakepit.SharedMemory.ZeroCopy do
       when is_map(ref) and not is_struct(ref),
       do: {:ok, ref}
 
+  def unwrap(%{@marker => true, "kind" => "shm"} = marker),
+    do:
+      Error.error(
+        :invalid_argument,
+        "malformed Snakepit marker of kind \"shm\": its \"ref\" must be the map of " <>
+          "export_ref/2, got: #{inspect(Map.get(marker, "ref", :missing), limit: 8)}"
+      )
+
   def unwrap(%{@marker => true, "kind" => kind}),
     do:
       Error.error(

@@ -55,6 +55,10 @@ def attach(ref_or_region_id, mode="r"):
             fast = _fast_open_arena(library, location)
         else:
             fast = _fast_open(library, location, mode)
+    if location.backend == F.BACKEND_POSIX:
+        # A peer of our uid may truncate the segment while we map it: its lost pages
+        # become zeros (Region checks the size) instead of a SIGBUS that kills us.
+        library.guard_faults(os.path.dirname(location.control_path))
     identity = _proc.self_identity()
     # Plain try blocks rather than ExitStacks: this is the per-request path of a worker.
     if fast is not None:

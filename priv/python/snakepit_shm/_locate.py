@@ -13,6 +13,7 @@ import errno
 import json
 import os
 import re
+import reprlib
 import stat
 
 from . import errors
@@ -27,6 +28,7 @@ NAMED_PREFIX = "spshm_n_"
 _RANDOM_ID = re.compile(r"spshm_[a-z2-7]{20}")
 _NAMED_ID = re.compile(r"spshm_n_[a-z0-9_-]{1,21}")
 _PROC_FD_PATH = re.compile(r"/proc/[1-9][0-9]*/fd/[0-9]+")
+_INDEX_NUMBER = re.compile(r"[0-9]{1,20}")
 _ARENA_TARGET = re.compile(r"/memfd:spshm_arena_[a-z2-7]{20} \(deleted\)")
 _BACKENDS = {"posix": _format.BACKEND_POSIX, "memfd": _format.BACKEND_MEMFD}
 
@@ -59,7 +61,7 @@ def shm_dir():
         return SHM_DIR
     if not os.path.isabs(value) or "\0" in value:
         raise ValueError(
-            f"{SHM_PATH_ENV}={value!r} is not an absolute directory path: set it to the "
+            f"{SHM_PATH_ENV}={_shown(value)} is not an absolute directory path: set it to the "
             "VM's config :snakepit_shm, shm_path (for example /run/snakepit_shm)")
     return os.path.normpath(value)
 
@@ -75,6 +77,13 @@ def valid_region_id(text):
     return bool(_RANDOM_ID.fullmatch(text) or _NAMED_ID.fullmatch(text))
 
 
+def _shown(value, limit=80):
+    """``repr(value)`` cut to about ``limit`` characters: values from a ref or a command
+    line go into error messages, and a ref may be any size."""
+    text = reprlib.repr(value) if not isinstance(value, str) else repr(value[:limit + 1])
+    return text if len(text) <= limit + 2 else text[:limit] + "..."
+
+
 def validate_region_id(region_id):
     """Return ``region_id`` if it has the shape of one of our ids, else raise ValueError."""
     if not isinstance(region_id, str):
@@ -82,7 +91,7 @@ def validate_region_id(region_id):
     if valid_region_id(region_id):
         return region_id
     raise ValueError(
-        f"{region_id!r} is not a snakepit_shm region id: expected 'spshm_' followed by "
+        f"{_shown(region_id)} is not a snakepit_shm region id: expected 'spshm_' followed by "
         "20 characters of [a-z2-7], or 'spshm_n_' followed by 1-21 characters of "
         "[a-z0-9_-]. Pass the id or the ref returned by the Elixir side unchanged.")
 
@@ -127,7 +136,7 @@ def unwrap_marker(value):
         return value
     kind = value.get("kind")
     if kind != "shm":
-        raise ValueError(f"a Snakepit zero-copy marker of kind {kind!r} carries no shared "
+        raise ValueError(f"a Snakepit zero-copy marker of kind {_shown(kind)} carries no shared "
                          "memory region: only kind 'shm' can be attached here")
     ref = value.get("ref")
     if isinstance(ref, str):
@@ -150,7 +159,7 @@ def _ref_field(ref, name, kinds, required=True):
         return None
     # bool is an int subclass: never accept it where a number is expected.
     if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-        raise ValueError(f"the ref's {name!r} has the wrong type: {value!r}")
+        raise ValueError(f"the ref's {name!r} has the wrong type: {_shown(value)}")
     return value
 
 
@@ -160,13 +169,13 @@ def _parse_ref(ref):
                          "Elixir's export_ref/2 returns (or its JSON), or a region id")
     version = ref.get("v")
     if version != 1:
-        raise ValueError(f"unsupported ref version {version!r}: this client reads "
+        raise ValueError(f"unsupported ref version {_shown(version)}: this client reads "
                          "refs with \"v\": 1; upgrade the Python package")
     region_id = validate_region_id(_ref_field(ref, "region_id", (str,)))
     _check_host(ref, region_id)
     backend_name = _ref_field(ref, "backend", (str,))
     if backend_name not in _BACKENDS:
-        raise ValueError(f"the ref's backend {backend_name!r} cannot be attached here: "
+        raise ValueError(f"the ref's backend {_shown(backend_name)} cannot be attached here: "
                          "this client supports 'posix' and 'memfd' (Linux)")
     backend = _BACKENDS[backend_name]
     if backend == _format.BACKEND_POSIX:
@@ -178,7 +187,7 @@ def _parse_ref(ref):
             if given is None:
                 continue
             if not _segment_path_ok(given, region_id) or (path is not None and given != path):
-                raise ValueError(f"the ref's {name} {given!r} is not the POSIX segment "
+                raise ValueError(f"the ref's {name} {_shown(given)} is not the POSIX segment "
                                  f"of {region_id} (expected <shm directory>/{region_id})")
             path = given
         if path is None:
@@ -189,14 +198,14 @@ def _parse_ref(ref):
         data_path = _ref_field(ref, "data_path", (str,))
         for name, path in (("control_path", control_path), ("data_path", data_path)):
             if not _PROC_FD_PATH.fullmatch(path):
-                raise ValueError(f"the ref's {name} {path!r} is not a /proc/<pid>/fd/<n> "
+                raise ValueError(f"the ref's {name} {_shown(path)} is not a /proc/<pid>/fd/<n> "
                                  "path of a memfd region")
     data_offset = _ref_field(ref, "data_offset", (int,), required=False)
     control_offset = _ref_field(ref, "control_offset", (int,), required=False)
     if control_offset is not None:
         if backend != _format.BACKEND_MEMFD or control_path != data_path or \
                 control_offset < 0 or control_offset % _format.HEADER_SIZE:
-            raise ValueError(f"the ref's control_offset {control_offset!r} does not name "
+            raise ValueError(f"the ref's control_offset {_shown(control_offset)} does not name "
                              "a chunk of an arena (a positive multiple of 4096 of a memfd "
                              "whose control_path and data_path are the same)")
     size = _ref_field(ref, "size", (int,), required=False)
@@ -204,7 +213,7 @@ def _parse_ref(ref):
     shape = _ref_field(ref, "shape", (list, tuple), required=False)
     if shape is not None and not all(isinstance(d, int) and not isinstance(d, bool)
                                      and d >= 0 for d in shape):
-        raise ValueError(f"the ref's shape {shape!r} must be a list of non-negative ints")
+        raise ValueError(f"the ref's shape {_shown(shape)} must be a list of non-negative ints")
     return Location(region_id, backend, control_path, data_path, from_ref=True,
                     data_offset=data_offset, size=size, dtype=dtype,
                     shape=tuple(shape) if shape is not None else None,
@@ -234,7 +243,7 @@ def _check_host(ref, region_id):
     if boot_id is None:
         return
     if not _HEX32.fullmatch(boot_id):
-        raise ValueError(f"the ref's boot_id {boot_id!r} is not 32 hex digits: pass the "
+        raise ValueError(f"the ref's boot_id {_shown(boot_id)} is not 32 hex digits: pass the "
                          "map returned by Snakepit.SharedMemory.export_ref/2 unchanged")
     here = host_boot_id()
     if here is not None and here != boot_id:
@@ -354,8 +363,9 @@ def index_entry(region_id):
     if len(fields) != 6 or fields[0] != INDEX_VERSION:
         return None
     _, kind, control, data, offset, size = fields
+    # [0-9], not str.isdigit(): a forged entry's "²" passes isdigit() and fails int()
     if not (_PROC_FD_PATH.fullmatch(control) and _PROC_FD_PATH.fullmatch(data)
-            and offset.isdigit() and size.isdigit()):
+            and _INDEX_NUMBER.fullmatch(offset) and _INDEX_NUMBER.fullmatch(size)):
         return None
     return kind, control, data, int(offset), int(size)
 

@@ -182,6 +182,7 @@ class Library:
                 "`mix compile`; is libsodium installed (apt-get install libsodium23)?"
             ) from None
         self.path = path
+        self._guarded_dir = None
         self._declare()
         version = self._dll.spshm_abi_version()
         if version != ABI_VERSION:
@@ -226,6 +227,7 @@ class Library:
             "spshm_attach_arena": ([c.c_char_p, c.c_uint64, c.c_char_p, c.c_void_p,
                                     c.POINTER(c.c_int), c.POINTER(c.c_uint64), c.c_char_p,
                                     c.c_size_t], c.c_int),
+            "spshm_install_fault_guard": ([c.c_char_p, c.c_char_p, c.c_size_t], c.c_int),
             "spshm_process_start_time": ([c.c_uint32, c.POINTER(c.c_uint64),
                                           c.c_char_p, c.c_size_t], c.c_int),
             "spshm_decrypt": ([c.c_void_p, c.c_void_p, c.c_uint64, c.c_char_p,
@@ -374,6 +376,17 @@ class Library:
         if code != 0:
             return None
         return fd.value, size.value, header.raw
+
+    def guard_faults(self, segment_dir):
+        """Installs the core's SIGBUS handler (once) for segments in ``segment_dir``: a
+        page of a POSIX segment a peer truncated under this process reads as zeros
+        instead of killing it (Region checks the file's size after each copy)."""
+        if self._guarded_dir == segment_dir:
+            return
+        err = _err_buffer()
+        code = self._dll.spshm_install_fault_guard(os.fsencode(segment_dir), err, _ERR_LEN)
+        self._check(code, err, "cannot install the SIGBUS guard")
+        self._guarded_dir = segment_dir
 
     def process_start_time(self, pid):
         """Return the start time (clock ticks since boot) of process ``pid``."""

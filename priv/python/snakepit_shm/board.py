@@ -329,6 +329,9 @@ def _map_board(ref, library):
     if location.backend != F.BACKEND_POSIX:
         raise ValueError(f"{location.region_id} is a memfd region: status boards are "
                          "named POSIX regions (StatusBoard.create/2)")
+    # A peer of our uid may truncate the segment: its pages become zeros (update()
+    # then finds the slot not ours) instead of a SIGBUS that kills this worker.
+    library.guard_faults(os.path.dirname(location.control_path))
     flags = os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
         fd = os.open(location.control_path, flags)

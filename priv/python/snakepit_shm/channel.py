@@ -60,6 +60,12 @@ _WOULD_BLOCK = 1
 _REGION = 2
 _E_CLOSED = -14
 _ACK_MODES = {"immediate": 0, "batch": 1, "deferred": 2}
+# The io block's "nothing received" markers, and what it may hold (Channel._taking).
+_NO_LENGTH = 0xFFFFFFFF
+_NO_FD = -2
+_ONE = 1
+_BATCH = 2
+_NOTHING = object()
 
 
 class _Io(ctypes.Structure):
@@ -184,6 +190,8 @@ def _parse_ref(ref):
     for key in ("path", "token"):
         if not isinstance(ref.get(key), str):
             raise ValueError(f"channel ref without {key!r}")
+        if "\0" in ref[key]:  # the C library would read it cut at the NUL
+            raise ValueError(f"the channel ref's {key!r} contains a NUL character")
     return ref
 
 
@@ -200,16 +208,24 @@ class Channel:
         self._err = ctypes.create_string_buffer(_ERR_LEN)
         self._inline_max = self._lib.spshm_ch_inline_max(self._h)
         self._buf = ctypes.create_string_buffer(max(self._inline_max, 1))
-        self._len = ctypes.c_uint32()
-        self._fd = ctypes.c_int()
-        self._size = ctypes.c_uint64()
-        # made once: _try_recv runs per message (and in the spin loop)
+        # made once: _pull runs per message (and in the spin loop)
         self._buf_len = len(self._buf)
-        self._len_ref = ctypes.byref(self._len)
-        self._fd_ref = ctypes.byref(self._fd)
-        self._size_ref = ctypes.byref(self._size)
         self._io = _Io(handle, ctypes.addressof(self._buf), self._buf_len, self._spin_ns)
         self._io_addr = ctypes.addressof(self._io)
+        # spshm_ch_recv's out-arguments point into the io block, as spshm_ch_recv_io's
+        self._io_length_ref = ctypes.pointer(ctypes.c_uint32.from_buffer(
+            self._io, _Io.length.offset))
+        self._io_fd_ref = ctypes.pointer(ctypes.c_int32.from_buffer(self._io, _Io.fd.offset))
+        self._io_size_ref = ctypes.pointer(ctypes.c_uint64.from_buffer(
+            self._io, _Io.size.offset))
+        # Messages taken from the ring and not returned yet (see "receiving" below).
+        self._held = []
+        self._taking = 0
+        self._gen = 0
+        self._batch_off = 0
+        self._closing_fd = -1
+        self._io.length = _NO_LENGTH
+        self._io.fd = _NO_FD
         self._view = memoryview(self._buf).cast("B")
         self._recv_io = self._lib.spshm_ch_recv_io
         self._send_io = self._lib.spshm_ch_send_io
@@ -261,6 +277,10 @@ class Channel:
         if not 0 <= flush_interval < math.inf:
             raise ValueError(f"flush_interval must be a finite number of seconds >= 0, "
                              f"got {flush_interval!r}")
+        if not isinstance(max_message_size, int) and \
+                not 0 <= max_message_size < float(1 << 64):  # inf, NaN, out of range
+            raise ValueError(f"max_message_size must be between 0 and 2**64 - 1, "
+                             f"got {max_message_size!r}")
         max_message_size = int(max_message_size)
         if not 0 <= max_message_size < 1 << 64:
             raise ValueError(f"max_message_size must be between 0 and 2**64 - 1, "
@@ -376,42 +396,110 @@ class Channel:
                 pause = self._pause_aside(pause, deadline)
 
     # ---- receiving ----
+    #
+    # Python runs a signal's handler (Ctrl-C's KeyboardInterrupt, an alarm's exception)
+    # after a call returns, between two bytecodes. A message the library has taken from
+    # the ring must not be lost there: every receive call writes into the io block (or
+    # the batch buffer) over "nothing" markers set before it, and _drain moves what it
+    # took into self._held, one message at a time, committing each with stores and one
+    # append that no handler can come between. Whatever a handler's exception
+    # interrupts, the messages stay in the block or in self._held, and the next receive
+    # returns them first, in order. A handler that itself receives (on this thread, under
+    # the re-entrant lock) drains the same state: _gen tells an interrupted step that
+    # its state moved. What no library can keep is a value already returned to the
+    # caller's frame when the handler raises there (``data = sock.recv(n)`` alike).
+
+    def _begin(self, kind):
+        """Marks the io block empty before a receive call that fills it (kind: _ONE or
+        _BATCH). The caller has drained it."""
+        io = self._io
+        self._gen += 1
+        io.length = 0 if kind == _BATCH else _NO_LENGTH
+        io.fd = _NO_FD
+        self._batch_off = 0
+        self._taking = kind
+
+    def _drain(self):
+        """Moves what the last receive call took into self._held (see above)."""
+        io = self._io
+        held = self._held
+        fd = self._closing_fd
+        if fd >= 0:
+            self._closing_fd = -1
+            os.close(fd)
+        while self._taking:
+            gen = self._gen
+            if self._taking == _BATCH and self._batch_off < io.length:
+                off = self._batch_off
+                view = self._batch_view
+                length = int.from_bytes(view[off:off + 4], "little")
+                msg = view[off + 4:off + 4 + length].tobytes()
+                if self._gen == gen and self._batch_off == off:
+                    self._batch_off = off + 4 + length
+                    held.append(msg)
+                continue
+            if self._taking == _ONE and io.fd < 0 and io.length != _NO_LENGTH:
+                msg = self._view[:io.length].tobytes()
+                if self._gen == gen and io.length != _NO_LENGTH:
+                    io.length = _NO_LENGTH
+                    held.append(msg)
+                continue
+            fd = io.fd
+            if fd >= 0:
+                # a region message: its sealed memfd as a read-only memoryview (not
+                # MAP_POPULATE: measured slower than the faults, which map 16 pages each)
+                try:
+                    view = memoryview(mmap.mmap(fd, io.size, mmap.MAP_SHARED, mmap.PROT_READ))
+                except (OSError, ValueError):
+                    if self._gen == gen and io.fd == fd:
+                        io.fd, self._taking = _NO_FD, 0
+                        os.close(fd)
+                    raise
+                if self._gen == gen and io.fd == fd:
+                    # the last message of a take (a batch ends at its region message)
+                    io.fd, self._closing_fd, self._taking = _NO_FD, fd, 0
+                    held.append(view)
+                    fd, self._closing_fd = self._closing_fd, -1
+                    if fd >= 0:
+                        os.close(fd)
+                continue
+            if self._gen == gen:
+                self._taking = 0
+
+    def _pull(self):
+        """Takes one message into self._held if one is there now (never waits)."""
+        self._drain()
+        if self._held:
+            return
+        self._begin(_ONE)
+        code = self._lib.spshm_ch_recv(self._h, self._buf, self._buf_len, self._io_length_ref,
+                                       self._io_fd_ref, self._io_size_ref, self._err, _ERR_LEN)
+        self._drain()
+        if code not in (0, _REGION, _WOULD_BLOCK) and not self._held:
+            self._raise(code)
+
+    def _pull_wait(self, timeout_ms):
+        """As _pull, waiting in the library (GIL released): spin, then sleep on the
+        doorbell up to timeout_ms (-1: forever). Returns with nothing held when nothing
+        came in time, or a signal came (its handler runs now; it may raise)."""
+        self._drain()
+        if self._held:
+            return
+        self._begin(_ONE)
+        code = self._recv_io(self._io_addr, timeout_ms)
+        self._drain()
+        if code not in (0, _REGION, _WOULD_BLOCK) and not self._held:
+            self._raise(code, self._io.err)
 
     def _try_recv(self):
         """One message or None (nothing now). Raises ChannelClosed at the end."""
-        code = self._lib.spshm_ch_recv(self._h, self._buf, self._buf_len, self._len_ref,
-                                       self._fd_ref, self._size_ref, self._err, _ERR_LEN)
-        return self._message(code)
-
-    def _recv_wait(self, timeout_ms):
-        """One message, waiting in the library (GIL released): spin, then sleep on the
-        doorbell up to timeout_ms (-1: forever). None: nothing in time, or a signal."""
-        code = self._recv_io(self._io_addr, timeout_ms)
-        if code == 0:
-            return self._view[:self._io.length].tobytes()
-        if code == _REGION:
-            return self._region(self._io.fd, self._io.size)
-        if code == _WOULD_BLOCK:
-            return None
-        self._raise(code, self._io.err)
-
-    def _message(self, code):
-        if code == 0:
-            return ctypes.string_at(self._buf, self._len.value)
-        if code == _REGION:
-            return self._region(self._fd.value, self._size.value)
-        if code == _WOULD_BLOCK:
-            return None
-        self._raise(code)
-
-    def _region(self, fd, size):
-        """A region message's sealed memfd as a read-only memoryview (the fd is closed)."""
-        try:
-            # Not MAP_POPULATE: measured slower than the faults (which map 16 pages each).
-            mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
-        finally:
-            os.close(fd)
-        return memoryview(mapping)
+        held = self._held
+        self._pull()
+        if held:
+            msg = held[0]
+            del held[0]
+            return msg
+        return None
 
     def recv(self, timeout=None):
         """Receive one message: ``bytes``, or a read-only ``memoryview`` (zero-copy) for
@@ -420,15 +508,29 @@ class Channel:
         Waits up to ``timeout`` seconds (``None`` or ``math.inf``: forever; NaN raises
         ``ValueError``); raises ``TimeoutError`` when nothing came, :class:`ChannelClosed`
         once the channel is closed and every message sent before the close has been
-        received.
+        received. An exception raised by a signal's handler (``KeyboardInterrupt``)
+        during the call loses no message: one already taken is returned by the next
+        receive.
         """
         self._check_open()
         deadline = _deadline(timeout)
         self._take_recv_turn(deadline)
+        held = self._held
+        msg = _NOTHING
+        locked = True
         try:
-            return self._recv(deadline)
-        finally:
+            self._recv(deadline)
+            msg = held[0]
+            del held[0]
+            locked = False
             self._recv_lock.release()
+        except BaseException:
+            if msg is not _NOTHING:
+                held.insert(0, msg)
+            if locked:
+                self._recv_lock.release()
+            raise
+        return msg
 
     def _take_recv_turn(self, deadline):
         if deadline is None:
@@ -442,10 +544,15 @@ class Channel:
             self._check_open()
 
     def _recv(self, deadline):
+        """Returns once self._held has a message."""
+        held = self._held
+        self._drain()
+        if held:
+            return
         if deadline is not None:
-            msg = self._try_recv()
-            if msg is not None:
-                return msg
+            self._pull()
+            if held:
+                return
         pause = _ASIDE_PAUSE_MIN
         while True:
             if deadline is None:
@@ -457,17 +564,17 @@ class Channel:
                 wait_ms = _wait_ms(left)
             if self._claim_sleep(True):
                 try:
-                    # None: nothing in time, or a signal (its handler runs now; it may raise)
-                    msg = self._recv_wait(wait_ms)
+                    # nothing held: nothing in time, or a signal (its handler runs now)
+                    self._pull_wait(wait_ms)
                 finally:
                     self._release_sleep()
                 pause = _ASIDE_PAUSE_MIN
             else:
-                msg = self._try_recv()
-                if msg is None:
+                self._pull()
+                if not held:
                     pause = self._pause_aside(pause, deadline)
-            if msg is not None:
-                return msg
+            if held:
+                return
 
     def recv_many(self, max_count, timeout=None):
         """Wait for at least one message (as :meth:`recv`), then return a list of up to
@@ -475,42 +582,56 @@ class Channel:
 
         The messages after the first are taken with one call into the library per batch
         (not one per message): a stream of small messages costs a few hundred
-        nanoseconds of Python per message."""
+        nanoseconds of Python per message. As with :meth:`recv`, an exception raised by a
+        signal's handler during the call loses no message."""
+        if not isinstance(max_count, int) or isinstance(max_count, bool):
+            raise TypeError(f"max_count must be an int, got {type(max_count).__name__}")
         if max_count < 1:
             raise ValueError(f"max_count must be at least 1, got {max_count}")
         self._check_open()
         deadline = _deadline(timeout)
         self._take_recv_turn(deadline)
+        held = self._held
+        out = None
+        locked = True
         try:
-            return self._recv_many(max_count, deadline)
-        finally:
+            self._recv_many(max_count, deadline)
+            out = held[:max_count]
+            del held[:max_count]
+            locked = False
             self._recv_lock.release()
+        except BaseException:
+            if out is not None:
+                held[0:0] = out
+            if locked:
+                self._recv_lock.release()
+            raise
+        return out
 
     def _recv_many(self, max_count, deadline):
-        out = [self._recv(deadline)]
-        while len(out) < max_count:
-            if self._batch is None:
-                self._batch = ctypes.create_string_buffer(max(1 << 16, self._inline_max + 4))
-                self._batch_addr = ctypes.addressof(self._batch)
-                self._batch_view = memoryview(self._batch).cast("B")
+        """Returns once self._held has a message, and up to max_count of those there."""
+        held = self._held
+        self._recv(deadline)
+        while len(held) < max_count:
+            if self._batch is None:  # made on first use; self._batch set last
+                batch = ctypes.create_string_buffer(max(1 << 16, self._inline_max + 4))
+                self._batch_addr = ctypes.addressof(batch)
+                self._batch_view = memoryview(batch).cast("B")
+                self._batch = batch
+            self._drain()
+            self._begin(_BATCH)
+            # (a u32: ctypes would wrap a larger count, 2**32 to 0)
             code = self._recv_batch_io(self._io_addr, self._batch_addr, len(self._batch),
-                                       max_count - len(out))
+                                       min(max_count - len(held), 0xFFFFFFFF))
+            # a region message after the inline ones, or a full buffer: take more
+            more = code >= 0 and (self._io.fd >= 0 or self._io.size != 0)
+            self._drain()
             if code < 0:
                 if code == _E_CLOSED:
                     break  # reported by the next recv
                 self._raise(code, self._io.err)
-            view = self._batch_view
-            offset = 0
-            for _ in range(code):
-                length = int.from_bytes(view[offset:offset + 4], "little")
-                offset += 4
-                out.append(view[offset:offset + length].tobytes())
-                offset += length
-            if self._io.fd >= 0:
-                out.append(self._region(self._io.fd, self._io.size))
-            elif self._io.size == 0:
-                break  # the ring is empty (else the buffer filled up: take more)
-        return out
+            if not more:
+                break  # the ring is empty
 
     def flush(self):
         """Publish the read position now (batched acknowledgements)."""

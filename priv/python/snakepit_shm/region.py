@@ -158,11 +158,18 @@ class Attachment:
             # process that registered the hold may release it.
             if identity is None or identity[0] != os.getpid():
                 return
-            if closing:
-                self.library.release_fd_closing(self.address, self.fd, self.slot,
-                                                self.lock_base)
-            else:
-                self.library.release_fd(self.address, self.fd, self.slot, self.lock_base)
+            try:
+                if closing:
+                    self.library.release_fd_closing(self.address, self.fd, self.slot,
+                                                    self.lock_base)
+                else:
+                    self.library.release_fd(self.address, self.fd, self.slot,
+                                            self.lock_base)
+            except errors.CorruptRegion:
+                # A peer truncated the segment below its header: the hold was in the
+                # lost page (it reads as zeros now); its lock goes with the descriptor.
+                if os.fstat(self.fd).st_size >= self.lock_base + F.HEADER_SIZE:
+                    raise
             if self.bell is not None:
                 _announce.announce(self.bell[0], _announce.PREFIX_RELEASE, self.bell[1])
 
@@ -404,6 +411,7 @@ class Region:
                 start = self._view_offset + offset
                 with memoryview(self._data_mm) as view:
                     data = bytes(view[start:start + length])
+            self._check_not_truncated(offset, length)
             self._touch()
             return data
 
@@ -425,6 +433,7 @@ class Region:
                 else:
                     with _native.buffer_address(self._data_mm) as (data, _):
                         ctypes.memmove(target, data + self._view_offset + offset, length)
+            self._check_not_truncated(offset, length)
             self._touch()
             return length
 
@@ -458,7 +467,25 @@ class Region:
                 else:
                     with _native.buffer_address(self._data_mm, writable=True) as (out, _):
                         ctypes.memmove(out + self._view_offset + offset, source, length)
+            self._check_not_truncated(offset, length)
             self._touch()
+
+    def _check_not_truncated(self, offset, length):
+        """After a copy: a POSIX segment shrunk by a peer (same uid) lost those pages.
+        The fault guard (attach) made them read as zeros, and writes to them vanish, so
+        the copy must not count: CorruptRegion."""
+        if self._location.backend != F.BACKEND_POSIX or length == 0:
+            return
+        if self.encrypted:  # plaintext offsets: the chunks are anywhere in the capacity
+            offset, length = 0, self._header.data_capacity
+        end = (self._location.control_offset or 0) + self._header.data_offset + offset + length
+        size = os.fstat(self._attachment.fd).st_size
+        if size < end:
+            raise errors.CorruptRegion(
+                f"region {self.region_id} was truncated by another process: its segment "
+                f"{self._location.control_path} now has {size} bytes, bytes [{offset}, "
+                f"{offset + length}) of the data need {end}; they are lost. Close it; the "
+                "Elixir side answers :truncated for it too.")
 
     # ---- asyncio ----
 
@@ -609,8 +636,12 @@ class Region:
                 else contextlib.nullcontext(), \
                 _native.buffer_address(self._attachment.header_mm) as (header, _), \
                 _native.buffer_address(self._data_mm) as (data, data_len):
-            lib.decrypt(header, data + self._view_offset, data_len - self._view_offset,
-                        key, offset, out_address, length)
+            try:
+                lib.decrypt(header, data + self._view_offset, data_len - self._view_offset,
+                            key, offset, out_address, length)
+            except errors.CorruptRegion:
+                self._check_not_truncated(offset, length)  # the likelier cause, if so
+                raise
 
     def _encrypt(self, offset, source_address, length):
         key = self._key()
@@ -620,8 +651,12 @@ class Region:
         with self._attachment.data_lock(True, self.region_id), \
                 _native.buffer_address(self._attachment.header_mm) as (header, _), \
                 _native.buffer_address(self._data_mm, writable=True) as (data, data_len):
-            lib.encrypt(header, data + self._view_offset, data_len - self._view_offset,
-                        key, offset, source_address, length)
+            try:
+                lib.encrypt(header, data + self._view_offset, data_len - self._view_offset,
+                            key, offset, source_address, length)
+            except errors.CorruptRegion:
+                self._check_not_truncated(offset, length)  # the likelier cause, if so
+                raise
 
     def _touch(self):
         if self._attachment.writable:

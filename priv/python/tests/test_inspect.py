@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -78,3 +80,47 @@ def test_attach_without_the_library_says_how_to_build_it(forge, monkeypatch):
     with pytest.raises(snakepit_shm.LibraryNotFound, match="mix compile"):
         snakepit_shm.attach(seg.region_id)
     assert seg.u32("refcount") == 0
+
+
+def test_cli_reader_gone_is_no_traceback(forge):
+    """`python3 -m snakepit_shm info ID | head -1`: the reader closes the pipe before the
+    output is written; no traceback, not even from the interpreter's last flush."""
+    seg = forge.memfd(256)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    child = subprocess.Popen([sys.executable, "-m", "snakepit_shm", "info", seg.region_id],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    child.stdout.close()
+    _, err = child.communicate(timeout=60)
+    assert b"Traceback" not in err and b"BrokenPipe" not in err, err.decode()
+    assert child.returncode == 1
+
+
+def test_cli_interrupted_while_reading_stdin_is_no_traceback():
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    child = subprocess.Popen([sys.executable, "-m", "snakepit_shm", "info", "-"], env=env,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+    try:
+        # wait until it blocks reading stdin (syscall 0 on fd 0, x86-64), then Ctrl-C
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with open(f"/proc/{child.pid}/syscall") as f:
+                if f.read().startswith("0 0x0 "):
+                    break
+            time.sleep(0.01)
+        else:
+            pytest.skip("the CLI never blocked reading stdin (not x86-64?)")
+        child.send_signal(signal.SIGINT)
+        _, err = child.communicate(timeout=60)
+    finally:
+        child.kill()
+        child.wait()
+    assert b"Traceback" not in err, err.decode()
+    assert child.returncode == 130 and b"interrupted" in err
+
+
+def test_cli_messages_cut_a_huge_target():
+    result = run_cli("info", "-", stdin="x" * 1_000_000)
+    assert result.returncode == 1
+    assert "not a snakepit_shm region id" in result.stderr
+    assert len(result.stderr) < 1000

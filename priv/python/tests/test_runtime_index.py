@@ -101,15 +101,24 @@ def test_a_stale_entry_never_opens_a_reused_descriptor(peer):
 
 @pytest.mark.parametrize("text", ["garbage", "spshm1 memfd /etc/passwd /etc/passwd 0 1",
                                   "spshm2 memfd /proc/1/fd/1 /proc/1/fd/2 0 1",
-                                  "spshm1 memfd /proc/1/fd/1 /proc/1/fd/2 x 1", ""])
+                                  "spshm1 memfd /proc/1/fd/1 /proc/1/fd/2 x 1",
+                                  # isdigit() digits that int() refuses (ValueError
+                                  # escaped from attach), and a number beyond u64
+                                  "spshm1 memfd /proc/1/fd/1 /proc/1/fd/2 \u00b2 1",
+                                  "spshm1 memfd /proc/1/fd/1 /proc/1/fd/2 0 \u0661",
+                                  "spshm1 memfd /proc/1/fd/1 /proc/1/fd/2 0 " + "9" * 30,
+                                  "", "fifo"])
 def test_malformed_entries_are_ignored(tmp_path, monkeypatch, text):
     directory = private_index(tmp_path, monkeypatch)
     region_id = "spshm_" + "a" * 20
-    if text:
+    if text == "fifo":
+        os.mkfifo(directory / region_id)  # never opened: readlink refuses it
+    elif text:
         os.symlink(text, directory / region_id)
     else:
         (directory / region_id).write_text("a regular file is not an entry")
     assert _locate.index_entry(region_id) is None
+    assert _locate.index_hint(region_id) is None
 
 
 def test_a_directory_open_to_others_is_not_trusted(peer, tmp_path, monkeypatch, no_scan):
