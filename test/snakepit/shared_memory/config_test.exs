@@ -65,13 +65,20 @@ defmodule Snakepit.SharedMemory.ConfigTest do
     for key <- [:cleanup_interval, :health_check_interval] do
       test "#{key} of 2^50 ms fails the start with a message naming it, not a crash" do
         Application.stop(:snakepit_shm)
+        # config/test.exs sets cleanup_interval (100 ms): put it back as it was, or every
+        # later test that waits for expiry or a sweep waits a minute.
+        previous = Application.fetch_env(:snakepit_shm, unquote(key))
         Application.put_env(:snakepit_shm, unquote(key), 2 ** 50)
 
         try do
           assert {:error, {{:snakepit_shm, message}, _where}} = Application.start(:snakepit_shm)
           assert message =~ "config :snakepit_shm, #{unquote(key)}:"
         after
-          Application.delete_env(:snakepit_shm, unquote(key))
+          case previous do
+            {:ok, value} -> Application.put_env(:snakepit_shm, unquote(key), value)
+            :error -> Application.delete_env(:snakepit_shm, unquote(key))
+          end
+
           Config.load()
           {:ok, _} = Application.ensure_all_started(:snakepit_shm)
         end
