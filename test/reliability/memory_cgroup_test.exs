@@ -29,17 +29,7 @@ defmodule Snakepit.SharedMemory.Reliability.MemoryCgroupTest do
 
   describe "the allocation guard" do
     test "a VM in a 300 MiB memory cgroup refuses a 512 MiB region instead of being OOM-killed" do
-      case make_group() do
-        {:ok, dir, limit_file} ->
-          try do
-            run_in_group(dir, limit_file)
-          after
-            File.rmdir(dir)
-          end
-
-        {:skip, reason} ->
-          IO.puts("skipped: #{reason}")
-      end
+      in_group(&run_in_group/2)
     end
   end
 
@@ -47,17 +37,7 @@ defmodule Snakepit.SharedMemory.Reliability.MemoryCgroupTest do
     # With no limit anywhere, the guard reads no file for a second after each check (the
     # limit files cost two reads per allocation); a limit set later applies after that.
     test "applies to allocations a second later" do
-      case make_group() do
-        {:ok, dir, limit_file} ->
-          try do
-            run_limited_later(dir, limit_file)
-          after
-            File.rmdir(dir)
-          end
-
-        {:skip, reason} ->
-          IO.puts("skipped: #{reason}")
-      end
+      in_group(&run_limited_later/2)
     end
   end
 
@@ -79,15 +59,7 @@ defmodule Snakepit.SharedMemory.Reliability.MemoryCgroupTest do
     IO.puts("ALIVE")
     """
 
-    command =
-      "echo $$ > #{Path.join(dir, "cgroup.procs")} && " <> ReliabilityHelpers.elixir_command()
-
-    {out, status} =
-      System.cmd("sh", ["-c", command],
-        env: [{"SNAKEPIT_SHM_VM_CODE", code}, {"LIMIT_FILE", Path.join(dir, limit_file)}],
-        stderr_to_stdout: true,
-        cd: ReliabilityHelpers.root()
-      )
+    {out, status} = vm_in_group(dir, code, [{"LIMIT_FILE", Path.join(dir, limit_file)}])
 
     assert status == 0, "the VM died (OOM-killed?): status #{status}\n#{out}"
     assert out =~ "REFUSED no_space", out
@@ -114,22 +86,41 @@ defmodule Snakepit.SharedMemory.Reliability.MemoryCgroupTest do
     IO.puts("ALIVE")
     """
 
-    # The shell joins the group, then becomes the VM: every byte it maps is charged there.
-    command =
-      "echo $$ > #{Path.join(dir, "cgroup.procs")} && " <> ReliabilityHelpers.elixir_command()
-
-    {out, status} =
-      System.cmd("sh", ["-c", command],
-        env: [{"SNAKEPIT_SHM_VM_CODE", code}],
-        stderr_to_stdout: true,
-        cd: ReliabilityHelpers.root()
-      )
+    {out, status} = vm_in_group(dir, code, [])
 
     assert status == 0, "the VM died (OOM-killed?): status #{status}\n#{out}"
     assert out =~ "max: #{@limit}"
     assert out =~ ~r/REFUSED memfd no_space .*memory cgroup/
     assert out =~ ~r/REFUSED posix no_space .*memory cgroup/
     assert out =~ "ALIVE"
+  end
+
+  # Runs fun.(dir, limit_file) in a new memory cgroup, removed after (or says why not).
+  defp in_group(fun) do
+    case make_group() do
+      {:ok, dir, limit_file} ->
+        try do
+          fun.(dir, limit_file)
+        after
+          File.rmdir(dir)
+        end
+
+      {:skip, reason} ->
+        IO.puts("skipped: #{reason}")
+    end
+  end
+
+  # A VM running `code` inside the group `dir`: the shell joins the group, then becomes
+  # the VM, so every byte it maps is charged there.
+  defp vm_in_group(dir, code, env) do
+    command =
+      "echo $$ > #{Path.join(dir, "cgroup.procs")} && " <> ReliabilityHelpers.elixir_command()
+
+    System.cmd("sh", ["-c", command],
+      env: [{"SNAKEPIT_SHM_VM_CODE", code} | env],
+      stderr_to_stdout: true,
+      cd: ReliabilityHelpers.root()
+    )
   end
 
   # A child group of this process's memory cgroup (v1), or of the v2 root.
