@@ -6,7 +6,7 @@ defmodule Snakepit.SharedMemory.Reliability.Attack3BTest do
   use ExUnit.Case, async: false
 
   alias Snakepit.SharedMemory, as: SHM
-  alias Snakepit.SharedMemory.{ClusterHelpers, JSON, Native, ReliabilityHelpers, ShmHelpers}
+  alias Snakepit.SharedMemory.{ClusterHelpers, Native, PeerVms, ReliabilityHelpers, ShmHelpers}
   alias Snakepit.SharedMemory.Test.PythonWorker
 
   @moduletag :reliability
@@ -81,7 +81,7 @@ defmodule Snakepit.SharedMemory.Reliability.Attack3BTest do
       File.mkdir_p!(dir)
       on_exit(fn -> File.rm_rf!(dir) end)
 
-      vm1 = shm_peer("a3dead", dir, false)
+      vm1 = PeerVms.shm_peer("a3dead", dir, false)
 
       id = :erpc.call(vm1, ClusterHelpers, :filled_region, [65_536, [backend: :posix]], 60_000)
 
@@ -90,11 +90,11 @@ defmodule Snakepit.SharedMemory.Reliability.Attack3BTest do
       expected =
         vm1 |> :erpc.call(ClusterHelpers, :read, [id, 0, 16]) |> Base.encode16(case: :lower)
 
-      worker = holding_worker(dir, ref, expected)
+      worker = PeerVms.holding_worker(dir, ref, expected)
       {_, 0} = System.cmd("kill", ["-9", :erpc.call(vm1, System, :pid, [])])
       assert ShmHelpers.wait_until(fn -> vm1 not in Node.list() end, 30_000)
 
-      _vm2 = shm_peer("a3next", dir, true)
+      _vm2 = PeerVms.shm_peer("a3next", dir, true)
       # Its start-up sweep has run: the worker's hold kept the region.
       assert File.exists?(Path.join(dir, id))
       send(worker, :release)
@@ -103,88 +103,6 @@ defmodule Snakepit.SharedMemory.Reliability.Attack3BTest do
       assert ShmHelpers.wait_until(fn -> not File.exists?(Path.join(dir, id)) end, 20_000),
              "#{id} outlived its last holder: no sweep of the running VM removed it"
     end
-  end
-
-  # A peer VM running :snakepit_shm with its POSIX segments in `dir`.
-  defp shm_peer(prefix, dir, sweep?) do
-    ClusterHelpers.ensure_distributed!()
-
-    {:ok, peer, node} =
-      :peer.start(%{
-        name: :peer.random_name(String.to_charlist(prefix)),
-        args: [~c"-setcookie", Atom.to_charlist(Node.get_cookie())],
-        wait_boot: 120_000
-      })
-
-    :ok = :erpc.call(node, :code, :add_paths, [:code.get_path()])
-
-    for {key, value} <- Application.get_all_env(:snakepit_shm),
-        do: :ok = :erpc.call(node, Application, :put_env, [:snakepit_shm, key, value])
-
-    env = [shm_path: dir, orphan_sweep: sweep?, cleanup_interval: 100]
-
-    for {key, value} <- env,
-        do: :ok = :erpc.call(node, Application, :put_env, [:snakepit_shm, key, value])
-
-    :ok = :erpc.call(node, Application, :put_env, [:logger, :level, :warning])
-    {:ok, _} = :erpc.call(node, Application, :ensure_all_started, [:snakepit_shm])
-    on_exit(fn -> ClusterHelpers.stop_peer(peer) end)
-    node
-  end
-
-  # A Python worker (SNAKEPIT_SHM_PATH=dir) attached to `ref` until sent :release.
-  defp holding_worker(dir, ref, expected) do
-    parent = self()
-
-    spawn_link(fn ->
-      {:ok, env} = SHM.python_env()
-      env = Map.put(env, "SNAKEPIT_SHM_PATH", dir)
-      env = for {k, v} <- env, do: {String.to_charlist(k), String.to_charlist(v)}
-
-      script = """
-      import json, sys, snakepit_shm
-      region = snakepit_shm.attach(json.loads(sys.stdin.readline()))
-      print(bytes(region.read(0, 16)).hex(), flush=True)
-      sys.stdin.readline()
-      region.close()
-      print("released", flush=True)
-      """
-
-      port =
-        Port.open({:spawn_executable, "/usr/bin/python3"}, [
-          :binary,
-          :exit_status,
-          {:line, 100_000},
-          args: ["-u", "-c", script],
-          env: env
-        ])
-
-      {:ok, json} = JSON.encode(ref)
-      Port.command(port, json <> "\n")
-
-      receive do
-        {^port, {:data, {:eol, ^expected}}} -> send(parent, {:holding, self()})
-      after
-        30_000 -> raise "the worker did not attach"
-      end
-
-      receive do
-        :release -> Port.command(port, "go\n")
-      end
-
-      receive do
-        {^port, {:data, {:eol, "released"}}} -> :ok
-      after
-        30_000 -> raise "the worker did not release"
-      end
-
-      receive do
-        {^port, {:exit_status, _}} -> send(parent, {:released, self()})
-      after
-        30_000 -> raise "the worker did not exit"
-      end
-    end)
-    |> tap(fn worker -> assert_receive {:holding, ^worker}, 30_000 end)
   end
 
   describe "a worker in another PID namespace" do
@@ -226,7 +144,7 @@ defmodule Snakepit.SharedMemory.Reliability.Attack3BTest do
       # each call holding one more dirty I/O scheduler.
       dir = "/tmp/attack3b_hung_#{System.unique_integer([:positive])}"
       File.mkdir_p!(dir)
-      node = shm_peer("a3hung", dir, false)
+      node = PeerVms.shm_peer("a3hung", dir, false)
 
       fuse =
         Port.open({:spawn_executable, "/usr/bin/python3"}, [

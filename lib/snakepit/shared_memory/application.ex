@@ -7,17 +7,19 @@ defmodule Snakepit.SharedMemory.Application do
   up the statistics counters, and starts, under a `:rest_for_one` supervisor, the
   registry of message channels, the host quota supervisor, the table owner, the host
   quota client (when configured), then a supervisor of the manager, the health monitor
-  (`Snakepit.SharedMemory.HealthMonitor`), and the cluster directory (a `:pg` scope and
-  this node's member of it, `Snakepit.SharedMemory.Cluster.Supervisor`).
+  (`Snakepit.SharedMemory.HealthMonitor`), the cluster directory (a `:pg` scope and
+  this node's member of it, `Snakepit.SharedMemory.Cluster.Supervisor`), and this VM's
+  presence among the host's other VMs (`Snakepit.SharedMemory.Peers`: their deaths
+  trigger orphan sweeps).
 
   Why the manager has a supervisor of its own: the manager is the process with the most
   logic, so it is the one that can crash, and a crash loop (killed every 100 ms under
   load) must not reach the table owner, whose death would drop every region of the
   registry. The manager's own supervisor restarts it up to 1000 times a second; only a
   manager that cannot start at all exhausts that and reaches the top supervisor (which
-  then restarts what comes after it, never the table owner). The health monitor and the
-  cluster directory (with its `:pg` scope) have such supervisors too: a crash loop of
-  either one (killed every few milliseconds) used to exhaust the top supervisor's 10
+  then restarts what comes after it, never the table owner). The health monitor, the
+  cluster directory (with its `:pg` scope) and the presence have such supervisors too: a
+  crash loop of any one (killed every few milliseconds) used to exhaust the top supervisor's 10
   restarts in 5 s and stop the application, freeing every region. The NIF's state (region
   resources in the registry, their liveness locks) lives in the tables, so it survives
   every manager restart too.
@@ -31,6 +33,7 @@ defmodule Snakepit.SharedMemory.Application do
     HealthMonitor,
     HostQuota,
     Manager,
+    Peers,
     Platform,
     Stats,
     TableOwner,
@@ -38,43 +41,28 @@ defmodule Snakepit.SharedMemory.Application do
   }
 
   @doc false
-  def manager_supervisor_spec do
-    %{
-      id: Snakepit.SharedMemory.ManagerSupervisor,
-      type: :supervisor,
-      start:
-        {Supervisor, :start_link,
-         [
-           [Manager],
-           [
-             strategy: :one_for_one,
-             max_restarts: 1000,
-             max_seconds: 1,
-             name: Snakepit.SharedMemory.ManagerSupervisor
-           ]
-         ]}
-    }
-  end
+  def manager_supervisor_spec,
+    do: own_supervisor(Snakepit.SharedMemory.ManagerSupervisor, Manager)
 
   @doc false
   # The health monitor under a supervisor of its own, for the same reason as the
   # manager: its crash loop must not exhaust the top supervisor, which would stop the
   # application and free every region.
-  def health_supervisor_spec do
+  def health_supervisor_spec,
+    do: own_supervisor(Snakepit.SharedMemory.HealthSupervisor, HealthMonitor)
+
+  @doc false
+  # The presence among the host's other VMs (Snakepit.SharedMemory.Peers), likewise.
+  def peers_supervisor_spec, do: own_supervisor(Snakepit.SharedMemory.PeersSupervisor, Peers)
+
+  # A supervisor of one child that restarts it up to 1000 times a second.
+  defp own_supervisor(name, child) do
     %{
-      id: Snakepit.SharedMemory.HealthSupervisor,
+      id: name,
       type: :supervisor,
       start:
         {Supervisor, :start_link,
-         [
-           [HealthMonitor],
-           [
-             strategy: :one_for_one,
-             max_restarts: 1000,
-             max_seconds: 1,
-             name: Snakepit.SharedMemory.HealthSupervisor
-           ]
-         ]}
+         [[child], [strategy: :one_for_one, max_restarts: 1000, max_seconds: 1, name: name]]}
     }
   end
 
@@ -100,7 +88,12 @@ defmodule Snakepit.SharedMemory.Application do
           TableOwner
         ] ++
           HostQuota.Regions.children(config) ++
-          [manager_supervisor_spec(), health_supervisor_spec(), Cluster.Supervisor]
+          [
+            manager_supervisor_spec(),
+            health_supervisor_spec(),
+            Cluster.Supervisor,
+            peers_supervisor_spec()
+          ]
 
       Supervisor.start_link(children,
         strategy: :rest_for_one,

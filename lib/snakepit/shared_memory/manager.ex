@@ -42,6 +42,14 @@ defmodule Snakepit.SharedMemory.Manager do
   def cleanup(opts), do: call({:cleanup, opts})
 
   @doc """
+  Tells the manager that the VM `peer` (`Snakepit.SharedMemory.Peers`) died: with
+  `:orphan_sweep` on, it sweeps the orphans (once for the deaths told at the same time)
+  and sweeps again later the segments of that VM some process still holds.
+  """
+  @spec peer_down(Snakepit.SharedMemory.Peers.identity()) :: :ok
+  def peer_down(peer), do: GenServer.cast(__MODULE__, {:peer_down, peer})
+
+  @doc """
   Waits until the manager has handled every message sent to it before this call
   (owner deaths, caller deaths, ...), then runs a holder scan and the periodic cleanup.
   For tests and tools that need a settled state.
@@ -71,7 +79,8 @@ defmodule Snakepit.SharedMemory.Manager do
       config: config,
       events: open_events(),
       rung: MapSet.new(),
-      held_orphans: %{ids: [], at: 0, wait: @held_recheck_min}
+      held_orphans: %{ids: [], at: 0, wait: @held_recheck_min},
+      dead_peers: []
     }
 
     unless Registry.flag(:initialized) do
@@ -101,6 +110,14 @@ defmodule Snakepit.SharedMemory.Manager do
 
   @impl true
   def handle_cast({:monitor_caller, pid}, state), do: {:noreply, monitor(pid, state)}
+
+  # Deaths told together (queued before the :sweep_for_peers message) share one sweep.
+  def handle_cast({:peer_down, peer}, %{config: %{orphan_sweep: true}} = state) do
+    if state.dead_peers == [], do: send(self(), :sweep_for_peers)
+    {:noreply, %{state | dead_peers: [peer | state.dead_peers]}}
+  end
+
+  def handle_cast({:peer_down, _peer}, state), do: {:noreply, state}
 
   @impl true
   def handle_call({:cleanup, opts}, _from, state) do
@@ -143,6 +160,11 @@ defmodule Snakepit.SharedMemory.Manager do
   def handle_info(:rung, state) do
     holders = Enum.reduce(state.rung, state.holders, &Holders.rung(&2, &1))
     {:noreply, %{state | holders: holders, rung: MapSet.new()}}
+  end
+
+  def handle_info(:sweep_for_peers, state) do
+    {_freed, held} = Sweep.sweep_orphans_of(state.dead_peers)
+    {:noreply, remember_held(%{state | dead_peers: []}, held)}
   end
 
   def handle_info(:holder_scan, state) do
@@ -286,6 +308,14 @@ defmodule Snakepit.SharedMemory.Manager do
       wait = if freed == [], do: min(held.wait * 2, @held_recheck_max), else: @held_recheck_min
       %{state | held_orphans: %{ids: ids, at: now, wait: wait}}
     end
+  end
+
+  # Held segments of a VM that just died join those to sweep again, from the shortest wait.
+  defp remember_held(state, []), do: state
+
+  defp remember_held(state, ids) do
+    ids = Enum.uniq(ids ++ state.held_orphans.ids) |> Enum.take(Sweep.max_held())
+    %{state | held_orphans: %{ids: ids, at: now_ms(), wait: @held_recheck_min}}
   end
 
   defp now_ms, do: System.monotonic_time(:millisecond)

@@ -68,6 +68,20 @@ defmodule Snakepit.SharedMemory.Sweep do
   end
 
   @doc """
+  The sweep after the death of VMs this one was connected to (`Snakepit.SharedMemory.Peers`):
+  `sweep_orphans_at_start/0`, where the ids left held also include every segment
+  created by one of `peers` (by its header), whatever the creator's PID looks like
+  from here (another PID namespace, a process still exiting).
+  """
+  @spec sweep_orphans_of([Snakepit.SharedMemory.Peers.identity()]) ::
+          {[freed()], [String.t()]}
+  def sweep_orphans_of(peers) do
+    {freed, held} = sweep(segment_ids(), false, peers)
+    sweep_runtime_index()
+    {freed, held}
+  end
+
+  @doc """
   Sweeps `ids` again (those `sweep_orphans_at_start/0` left held). Returns what it
   removed and the ids still held.
   """
@@ -77,7 +91,10 @@ defmodule Snakepit.SharedMemory.Sweep do
   # At most this many held orphans are remembered for a later sweep.
   @max_held 1_000
 
-  defp sweep(ids, dry_run) do
+  @doc false
+  def max_held, do: @max_held
+
+  defp sweep(ids, dry_run, peers \\ []) do
     dir = Platform.current().shm_dir()
 
     outcomes =
@@ -90,7 +107,7 @@ defmodule Snakepit.SharedMemory.Sweep do
             {:freed, %{region_id: id, reason: reason, size: size}}
 
           {:ok, :in_use} ->
-            if held_orphan?(dir, id), do: {:held, id}, else: :skip
+            if held_orphan?(dir, id, peers), do: {:held, id}, else: :skip
 
           _ ->
             :skip
@@ -113,10 +130,20 @@ defmodule Snakepit.SharedMemory.Sweep do
 
   # In use, but its creator is gone (by its header: a hint of which segments to look at
   # again, never a reason to remove one; the lock decides that).
-  defp held_orphan?(nil, _id), do: false
+  # Or created by one of `peers`, VMs known to be dead.
+  defp held_orphan?(nil, _id, _peers), do: false
 
-  defp held_orphan?(dir, id) do
-    match?({:ok, %{creator_alive: false}}, Native.inspect_path(Path.join(dir, id)))
+  defp held_orphan?(dir, id, peers) do
+    case Native.inspect_path(Path.join(dir, id)) do
+      {:ok, %{creator_alive: false}} -> true
+      {:ok, header} -> Enum.any?(peers, &created_by?(header, &1))
+      _ -> false
+    end
+  end
+
+  defp created_by?(header, peer) do
+    header.creator_pid == peer.os_pid and header.creator_start_time == peer.start_time and
+      header.boot_id == peer.boot_id
   end
 
   @doc """
@@ -202,10 +229,7 @@ defmodule Snakepit.SharedMemory.Sweep do
 
   # Created by this VM: pid, start time and boot id all match (mappings of this VM that
   # outlived the tables may still hold it: it is ours, and in use by us).
-  defp ours?(header, me) do
-    header.creator_pid == me.os_pid and header.creator_start_time == me.start_time and
-      header.boot_id == me.boot_id and not header.deallocated
-  end
+  defp ours?(header, me), do: created_by?(header, me) and not header.deallocated
 
   defp adopt(id, header) do
     with {:ok, ref, info} <- Native.open(id, true) do

@@ -4,12 +4,13 @@ defmodule Snakepit.SharedMemory.ApplicationTest do
   alias Snakepit.SharedMemory.{HealthMonitor, Manager, TableOwner}
 
   describe "start/2" do
-    test "starts the table owner, then the manager's own supervisor, the health monitor and the cluster directory, under :rest_for_one" do
+    test "starts the table owner, then the manager's own supervisor, the health monitor, the cluster directory and the presence, under :rest_for_one" do
       children = Supervisor.which_children(Snakepit.SharedMemory.Supervisor)
       # (which_children lists the last started first.) No :host_quota configured here,
       # so no host quota client between the table owner and the manager's supervisor;
       # first of all, the registry of open message channels.
       assert [
+               {Snakepit.SharedMemory.PeersSupervisor, peers, :supervisor, _},
                {Snakepit.SharedMemory.Cluster.Supervisor, cluster, :supervisor, _},
                {Snakepit.SharedMemory.HealthSupervisor, health, :supervisor, _},
                {Snakepit.SharedMemory.ManagerSupervisor, sup, :supervisor, _},
@@ -18,7 +19,7 @@ defmodule Snakepit.SharedMemory.ApplicationTest do
                {Snakepit.SharedMemory.ChannelRegistry, _, :supervisor, [Registry]}
              ] = children
 
-      assert is_pid(cluster) and is_pid(health) and is_pid(hq)
+      assert is_pid(cluster) and is_pid(health) and is_pid(hq) and is_pid(peers)
       assert is_pid(sup) and is_pid(owner)
 
       assert [{Manager, manager, :worker, _}] =

@@ -1,0 +1,164 @@
+defmodule Snakepit.SharedMemory.Reliability.PeersTest do
+  # The presence of VMs to one another (Snakepit.SharedMemory.Peers): a VM killed with
+  # SIGKILL while another keeps running has its POSIX segments swept by the survivor,
+  # with no VM started. Real VMs (OTP's :peer), each with a private shm_path so that no
+  # sweep here touches other suites' segments; real SIGKILLs.
+  use ExUnit.Case, async: false
+
+  alias Snakepit.SharedMemory.{ClusterHelpers, Native, PeerVms, Peers, ShmHelpers}
+
+  @moduletag :reliability
+  @moduletag timeout: 300_000
+
+  setup do
+    dir = "/dev/shm/peers_test_#{System.unique_integer([:positive])}"
+    File.mkdir_p!(dir)
+    on_exit(fn -> File.rm_rf!(dir) end)
+    {:ok, dir: dir}
+  end
+
+  defp posix_regions(node, count) do
+    for _ <- 1..count,
+        do: :erpc.call(node, ClusterHelpers, :filled_region, [65_536, [backend: :posix]], 60_000)
+  end
+
+  defp kill9(node) do
+    {_, 0} = System.cmd("kill", ["-9", :erpc.call(node, System, :pid, [])])
+    assert ShmHelpers.wait_until(fn -> node not in Node.list() end, 30_000)
+  end
+
+  defp gone?(dir, ids), do: Enum.all?(ids, &(not File.exists?(Path.join(dir, &1))))
+
+  defp uid, do: File.stat!("/proc/self").uid
+
+  defp sockets(dir) do
+    vms = Peers.directory(dir, uid())
+    {:ok, names} = File.ls(vms)
+    Enum.filter(names, &String.starts_with?(&1, "vm-"))
+  end
+
+  test "a VM SIGKILLed while another runs: the survivor sweeps its POSIX segments at once",
+       %{dir: dir} do
+    # Before: the segments stayed in the shm directory until some VM *started* (its
+    # start-up sweep) or an operator ran `mix snakepit.shm.cleanup`.
+    survivor = PeerVms.shm_peer("psurv", dir, true)
+    own = posix_regions(survivor, 1)
+    doomed = PeerVms.shm_peer("pdead", dir, false)
+    ids = posix_regions(doomed, 3)
+
+    assert ShmHelpers.wait_until(fn -> length(:erpc.call(survivor, Peers, :list, [])) == 1 end)
+    assert [%{os_pid: os_pid}] = :erpc.call(survivor, Peers, :list, [])
+    assert Integer.to_string(os_pid) == :erpc.call(doomed, System, :pid, [])
+    assert Enum.all?(ids, &File.exists?(Path.join(dir, &1)))
+
+    kill9(doomed)
+
+    assert ShmHelpers.wait_until(fn -> gone?(dir, ids) end, 10_000),
+           "the dead VM's segments outlived it: #{inspect(Enum.filter(ids, &File.exists?(Path.join(dir, &1))))}"
+
+    # The survivor's own region is untouched, and the dead VM's socket was removed by
+    # nobody yet (it is refused, and removed by the next VM that finds it).
+    assert Enum.all?(own, &File.exists?(Path.join(dir, &1)))
+    assert :erpc.call(survivor, Peers, :list, []) == []
+  end
+
+  test "the dead VM's segment a worker still holds goes when the worker lets go", %{dir: dir} do
+    survivor = PeerVms.shm_peer("psurv", dir, true)
+    doomed = PeerVms.shm_peer("pdead", dir, false)
+    [held, free] = posix_regions(doomed, 2)
+    {:ok, ref} = :erpc.call(doomed, Snakepit.SharedMemory, :export_ref, [held], 60_000)
+
+    expected =
+      doomed |> :erpc.call(ClusterHelpers, :read, [held, 0, 16]) |> Base.encode16(case: :lower)
+
+    worker = PeerVms.holding_worker(dir, ref, expected)
+    assert ShmHelpers.wait_until(fn -> length(:erpc.call(survivor, Peers, :list, [])) == 1 end)
+    kill9(doomed)
+
+    assert ShmHelpers.wait_until(fn -> gone?(dir, [free]) end, 10_000)
+    assert File.exists?(Path.join(dir, held)), "a held segment was removed"
+    assert {:ok, %{in_use: true}} = Native.inspect_path(Path.join(dir, held))
+
+    send(worker, :release)
+    assert_receive {:released, ^worker}, 30_000
+
+    assert ShmHelpers.wait_until(fn -> gone?(dir, [held]) end, 15_000),
+           "#{held} outlived its last holder"
+
+    _ = survivor
+  end
+
+  test "a VM that starts later is connected too, in both directions", %{dir: dir} do
+    first = PeerVms.shm_peer("pfirst", dir, false)
+    second = PeerVms.shm_peer("psecond", dir, true)
+    ids = posix_regions(first, 2)
+
+    assert ShmHelpers.wait_until(fn -> length(:erpc.call(first, Peers, :list, [])) == 1 end)
+    assert length(:erpc.call(second, Peers, :list, [])) == 1
+    assert length(sockets(dir)) == 2
+
+    # The first VM dies: the second (which connected to it) sweeps.
+    kill9(first)
+    assert ShmHelpers.wait_until(fn -> gone?(dir, ids) end, 10_000)
+  end
+
+  test "a dead VM's socket is removed by the next VM; a stopped VM removes its own",
+       %{dir: dir} do
+    vm = PeerVms.shm_peer("pone", dir, false)
+    [socket] = sockets(dir)
+    kill9(vm)
+    assert sockets(dir) == [socket]
+
+    next = PeerVms.shm_peer("ptwo", dir, false)
+    assert [other] = sockets(dir)
+    assert other != socket
+    assert :erpc.call(next, Peers, :list, []) == []
+
+    :ok = :erpc.call(next, Application, :stop, [:snakepit_shm])
+    assert sockets(dir) == []
+  end
+
+  test "a connection that does not introduce itself is dropped and its end sweeps nothing",
+       %{dir: dir} do
+    vm = PeerVms.shm_peer("pvm", dir, true)
+    [name] = sockets(dir)
+    path = Path.join(Peers.directory(dir, uid()), name)
+    orphan = "spshm_" <> String.duplicate("a", 20)
+
+    for hello <- ["not a term", :erlang.term_to_binary({:snakepit_shm_peer, 2, %{}})] do
+      {:ok, s} = :gen_tcp.connect({:local, path}, 0, [:binary, packet: 4, active: false])
+      :ok = :gen_tcp.send(s, hello)
+      # The VM's own hello, then the end of the connection it dropped.
+      assert {:ok, _} = :gen_tcp.recv(s, 0, 5_000)
+      assert {:error, :closed} = :gen_tcp.recv(s, 0, 5_000)
+    end
+
+    assert :erpc.call(vm, Peers, :list, []) == []
+    # A header-less segment of ours, old enough for any sweep to remove it.
+    File.write!(Path.join(dir, orphan), "")
+    File.touch!(Path.join(dir, orphan), {{2020, 1, 1}, {0, 0, 0}})
+    {:ok, s} = :gen_tcp.connect({:local, path}, 0, [:binary, packet: 4, active: false])
+    :ok = :gen_tcp.close(s)
+    # Nothing triggered a sweep: it stays...
+    Process.sleep(500)
+    assert File.exists?(Path.join(dir, orphan))
+
+    # ...until a VM that introduced itself dies.
+    other = PeerVms.shm_peer("pother", dir, false)
+    assert ShmHelpers.wait_until(fn -> length(:erpc.call(vm, Peers, :list, [])) == 1 end)
+    kill9(other)
+    assert ShmHelpers.wait_until(fn -> gone?(dir, [orphan]) end, 10_000)
+  end
+
+  test "a presence directory with group permissions turns presence off, the app runs",
+       %{dir: dir} do
+    vms = Peers.directory(dir, uid())
+    File.mkdir_p!(vms)
+    File.chmod!(vms, 0o755)
+    vm = PeerVms.shm_peer("pperm", dir, true)
+    assert :erpc.call(vm, Process, :whereis, [Peers]) == nil
+    assert {:ok, _} = :erpc.call(vm, Snakepit.SharedMemory, :allocate_region, [4096])
+    assert {:ok, []} = File.ls(vms)
+    assert File.stat!(vms).mode |> Bitwise.band(0o777) == 0o755
+  end
+end
