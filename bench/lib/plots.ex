@@ -6,7 +6,7 @@ defmodule SnakepitShm.Bench.Plots do
 
   import Bitwise, only: [<<<: 2]
 
-  alias SnakepitShm.Bench.{Handoff, Stats}
+  alias SnakepitShm.Bench.Stats
 
   @data_dir "_build/bench/plot"
 

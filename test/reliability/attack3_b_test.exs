@@ -6,7 +6,16 @@ defmodule Snakepit.SharedMemory.Reliability.Attack3BTest do
   use ExUnit.Case, async: false
 
   alias Snakepit.SharedMemory, as: SHM
-  alias Snakepit.SharedMemory.{ClusterHelpers, Native, PeerVms, ReliabilityHelpers, ShmHelpers}
+
+  alias Snakepit.SharedMemory.{
+    ClusterHelpers,
+    JSON,
+    Native,
+    PeerVms,
+    ReliabilityHelpers,
+    ShmHelpers
+  }
+
   alias Snakepit.SharedMemory.Test.PythonWorker
 
   @moduletag :reliability

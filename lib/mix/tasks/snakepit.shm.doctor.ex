@@ -7,6 +7,9 @@ defmodule Mix.Tasks.Snakepit.Shm.Doctor do
     * the NIF loads;
     * /dev/shm: mounted, its size (warns at Docker's 64 MB default) and free space;
     * leftover segments: orphans of dead VMs, damaged or foreign spshm_* files;
+    * peer VMs: whether a VM here can open its presence socket (so that the other VMs
+      of this user sweep its POSIX segments the moment it dies), and how many VMs share
+      the shm directory now;
     * the kernel: memfd F_SEAL_FUTURE_WRITE (Linux 5.1) and pidfd (5.3);
     * RLIMIT_MEMLOCK (security_level :maximum locks pages) and RLIMIT_NOFILE (each
       memfd region holds 2 fds), from /proc/self/limits;

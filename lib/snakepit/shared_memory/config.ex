@@ -36,8 +36,9 @@ defmodule Snakepit.SharedMemory.Config do
     * `:default_cleanup_policy` - default `:cleanup_policy`. Defaults to `:automatic`.
     * `:zero_on_free` - also zero `:standard` regions when they are freed (`:high` and
       `:maximum` regions always are). Defaults to `false`.
-    * `:orphan_sweep` - free, at start-up, segments left in `/dev/shm` by VMs that died.
-      Defaults to `true`.
+    * `:orphan_sweep` - free segments left in `/dev/shm` by VMs that died: at start-up,
+      and when another VM of this user sharing the shm directory dies while this one
+      runs (`Snakepit.SharedMemory.Peers`). Defaults to `true`.
     * `:audit_log_level` - Logger level of the access audit of `:maximum` regions.
       Defaults to `:info`.
     * `:barrier_timeout` - removed: it bounded a consistency barrier that no longer

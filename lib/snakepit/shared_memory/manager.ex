@@ -13,6 +13,8 @@ defmodule Snakepit.SharedMemory.Manager do
       `:holder_scan_interval` ms only where the event socket cannot be opened);
     * the periodic cleanup (every `:cleanup_interval` ms: expiry, policies, vanished
       and leaked segments);
+    * the orphan sweep when another VM sharing the shm directory dies
+      (`Snakepit.SharedMemory.Peers` tells it; deaths told together share one sweep);
     * `cleanup_regions/1`;
     * start-up: rebuild from the segments if the tables are new, orphan sweep,
       re-declaration of host quota reservations lost with a restarted client, owner

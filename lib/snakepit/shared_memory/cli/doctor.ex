@@ -28,10 +28,14 @@ defmodule Snakepit.SharedMemory.CLI.Doctor do
     leftovers =
       if nif.status == :ok, do: leftovers(), else: skipped("leftover segments", "the NIF")
 
+    # Started here (and not by health/0 below) so that the presence row can ask it.
+    health = health()
+
     [
       nif,
       shm_dir(),
       leftovers,
+      peers(),
       kernel(),
       memory(),
       memlock(),
@@ -40,7 +44,38 @@ defmodule Snakepit.SharedMemory.CLI.Doctor do
       if(nif.status == :ok, do: memfd_seal(), else: skipped("memfd sealing", "the NIF")),
       if(nif.status == :ok, do: channel(), else: skipped("message channel", "the NIF")),
       if(nif.status == :ok, do: huge_pages(), else: skipped("huge pages", "the NIF"))
-    ] ++ DoctorPython.checks(python, priv) ++ health_findings(health())
+    ] ++ DoctorPython.checks(python, priv) ++ health_findings(health)
+  end
+
+  # ---- the other VMs of this host (Snakepit.SharedMemory.Peers) ----
+
+  defp peers do
+    dir = Snakepit.SharedMemory.Platform.current().shm_dir()
+
+    cond do
+      dir == nil ->
+        finding("peer VMs", :ok, "no POSIX shm directory on this platform: nothing to sweep")
+
+      Process.whereis(Snakepit.SharedMemory.Peers) == nil ->
+        finding(
+          "peer VMs",
+          :warn,
+          "no presence socket under #{dir}/snakepit_shm-<uid>/vms (the log says why): the " <>
+            "POSIX segments of a VM killed with SIGKILL stay until a VM starts",
+          "make #{dir}/snakepit_shm-<uid> and its vms subdirectory directories of this " <>
+            "user with mode 0700 (or remove them: they are created so)"
+        )
+
+      true ->
+        n = length(Snakepit.SharedMemory.Peers.list())
+
+        finding(
+          "peer VMs",
+          :ok,
+          "#{n} other VM(s) of this user share #{dir}: the POSIX segments of one that dies " <>
+            "are swept by the others at once"
+        )
+    end
   end
 
   # ---- the running checks of Snakepit.SharedMemory.Health ----
