@@ -150,6 +150,46 @@ defmodule Snakepit.SharedMemory.Reliability.PeersTest do
     assert ShmHelpers.wait_until(fn -> gone?(dir, [orphan]) end, 10_000)
   end
 
+  test "connections that never introduce themselves are closed; at most 1024 are kept",
+       %{dir: dir} do
+    vm = PeerVms.shm_peer("pflood", dir, false)
+    [name] = sockets(dir)
+    path = Path.join(Peers.directory(dir, uid()), name)
+    fds = fn -> length(:erpc.call(vm, File, :ls!, ["/proc/self/fd"])) end
+    before = fds.()
+    connect = fn -> :gen_tcp.connect({:local, path}, 0, [:binary, packet: 4, active: false]) end
+
+    # 1100 connections that say nothing, one at a time (the client side of a Unix socket
+    # connected past a full backlog is not really connected): the VM keeps 1024, each
+    # greeted with its hello, and closes the rest before its hello.
+    # (Silent connections are closed after 10 s: longer here, so that all are counted.)
+    :ok = :erpc.call(vm, :persistent_term, :put, [{Peers, :hello_timeout_ms}, 120_000])
+
+    {sockets, outcomes} =
+      Enum.unzip(
+        for _ <- 1..1100 do
+          {:ok, s} = connect.()
+
+          case :gen_tcp.recv(s, 0, 10_000) do
+            {:ok, _hello} -> {s, :kept}
+            {:error, reason} -> {s, reason}
+          end
+        end
+      )
+
+    assert Enum.frequencies(outcomes) == %{kept: 1024, closed: 1100 - 1024}
+    assert (fds.() - before) in 1024..1030
+
+    Enum.each(sockets, &:gen_tcp.close/1)
+    assert ShmHelpers.wait_until(fn -> fds.() - before < 10 end, 10_000)
+
+    # A silent connection is closed after the hello timeout (10 s; 200 ms here).
+    :ok = :erpc.call(vm, :persistent_term, :put, [{Peers, :hello_timeout_ms}, 200])
+    {:ok, s} = connect.()
+    assert {:ok, _hello} = :gen_tcp.recv(s, 0, 5_000)
+    assert {:error, :closed} = :gen_tcp.recv(s, 0, 5_000)
+  end
+
   test "a presence directory with group permissions turns presence off, the app runs",
        %{dir: dir} do
     vms = Peers.directory(dir, uid())

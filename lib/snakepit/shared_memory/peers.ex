@@ -20,8 +20,9 @@ defmodule Snakepit.SharedMemory.Peers do
 
   Each side first sends its identity (`Native.self_info/0`: OS pid, start time and boot
   id, as its segment headers name their creator), so that the survivor knows which
-  held segments were the dead VM's. A connection that says nothing valid first is
-  closed, and its end triggers nothing. A socket of a VM that died is refused by the
+  held segments were the dead VM's. A connection that says nothing valid first, or
+  nothing within 10 s, is closed, and its end triggers nothing; at most 1024 connections
+  are kept (a process of the user connecting in a loop cannot take the VM's descriptors). A socket of a VM that died is refused by the
   kernel (`ECONNREFUSED`) and removed by the next VM that finds it. A VM publishes
   its socket under a temporary name and renames it once it listens, so a name in the
   directory never refuses a connection while its VM lives.
@@ -39,6 +40,10 @@ defmodule Snakepit.SharedMemory.Peers do
   @max_path 107
   @hello_max 512
   @connect_timeout 1_000
+  # A connection must introduce itself this fast; at most this many are kept (a process
+  # of the user connecting in a loop must not take the VM's descriptors).
+  @hello_timeout 10_000
+  @max_connections 1_024
 
   @typedoc "A peer VM's identity, as its segment headers name their creator."
   @type identity :: %{os_pid: non_neg_integer(), start_time: non_neg_integer(), boot_id: binary()}
@@ -121,7 +126,19 @@ defmodule Snakepit.SharedMemory.Peers do
 
   @impl true
   def handle_info({:accepted, socket}, state) do
-    {:noreply, introduce(socket, state)}
+    if map_size(state.peers) >= @max_connections do
+      :gen_tcp.close(socket)
+      {:noreply, state}
+    else
+      {:noreply, introduce(socket, state)}
+    end
+  end
+
+  def handle_info({:hello_timeout, socket}, state) do
+    case Map.fetch(state.peers, socket) do
+      {:ok, :unknown} -> {:noreply, drop(socket, state)}
+      _ -> {:noreply, state}
+    end
   end
 
   # The first packet of a connection is the peer's identity; anything after it is not
@@ -188,6 +205,8 @@ defmodule Snakepit.SharedMemory.Peers do
   defp introduce(socket, state) do
     with :ok <- :gen_tcp.send(socket, state.hello),
          :ok <- :inet.setopts(socket, active: true) do
+      timeout = :persistent_term.get({__MODULE__, :hello_timeout_ms}, @hello_timeout)
+      Process.send_after(self(), {:hello_timeout, socket}, timeout)
       put_in(state.peers[socket], :unknown)
     else
       {:error, _} ->
