@@ -448,7 +448,7 @@ void Endpoint::drop_candidate() {
   for (int f : fdq_) ::close(f);
   fdq_.clear();
   peer_eof_ = false;
-  if (listen_fd_ >= 0 && epfd_ >= 0) os::epoll_set(epfd_, listen_fd_, kEpollIn, true);
+  // The listening socket stays registered while a candidate is there (handle_ready).
 }
 
 void Endpoint::read_socket() {
@@ -670,12 +670,20 @@ void Endpoint::handle_ready(const os::Ready* ready, int count) {
     ring::end_sleep(cons_);
     prod_.ctl->producer.waiting.store(0, std::memory_order_relaxed);
   }
-  if (state_ == State::listening && conn_fd_ < 0 && listen_fd_ >= 0) {
-    int fd = os::accept_nonblocking(listen_fd_);
-    if (fd >= 0) {
-      conn_fd_ = fd;
-      os::epoll_remove(epfd_, listen_fd_);  // one candidate at a time
-      os::epoll_set(epfd_, conn_fd_, kEpollIn | kEpollRdHup, true);
+  if (state_ == State::listening && listen_fd_ >= 0) {
+    // One candidate at a time, but never one that blocks the others: the listening socket
+    // stays watched, and a new connection replaces a candidate that has not presented a
+    // valid hello by then (whatever it had sent is read first). A process that connects
+    // and says nothing, or half a hello, would otherwise keep the real worker out for as
+    // long as it stays connected.
+    if (conn_fd_ >= 0 && !peer_eof_) read_socket();
+    if (state_ == State::listening && reason_ == CloseReason::none) {
+      int fd = os::accept_nonblocking(listen_fd_);
+      if (fd >= 0) {
+        if (conn_fd_ >= 0) drop_candidate();
+        conn_fd_ = fd;
+        os::epoll_set(epfd_, conn_fd_, kEpollIn | kEpollRdHup, true);
+      }
     }
   }
   if (conn_fd_ >= 0 && !peer_eof_) {
