@@ -134,12 +134,21 @@ defmodule Snakepit.SharedMemory.Channel do
       the worker no doorbell and the BEAM no wake-up; only while the machine has a CPU to
       spare (as the Python worker's `spin`). Default 0 (never spins): see docs/CHANNEL.md.
   """
-  @spec open([option()]) :: {:ok, t()} | {:error, Error.t()}
-  def open(opts \\ []) when is_list(opts) do
+  @spec open([option()] | map()) :: {:ok, t()} | {:error, Error.t()}
+  def open(opts \\ [])
+
+  def open(opts) when is_list(opts) or (is_map(opts) and not is_struct(opts)) do
     with {:ok, opts} <- validate(opts) do
       owner = opts[:owner] || self()
       Server.start(owner, opts)
     end
+  end
+
+  def open(other) do
+    Error.error(
+      :invalid_option,
+      "channel options must be a keyword list or a map, got: #{inspect(other, limit: 12)}"
+    )
   end
 
   @doc """
@@ -347,14 +356,30 @@ defmodule Snakepit.SharedMemory.Channel do
   end
 
   defp validate(opts) do
-    # uniq: an option given twice is checked (every value), not reported as unknown.
-    unknown = Enum.uniq(Keyword.keys(opts)) -- Keyword.keys(@defaults)
+    # An option given twice is refused (as by every other function of the API): the
+    # first value would win here, the last one in a Map.new/1 of the same list.
+    with {:ok, map} <- to_map(opts) do
+      unknown = Map.keys(map) -- Keyword.keys(@defaults)
 
-    if unknown != [] do
-      Error.error(:invalid_option, "unknown channel option(s) #{inspect(unknown)}")
+      if unknown != [] do
+        Error.error(:invalid_option, "unknown channel option(s) #{inspect(unknown)}")
+      else
+        opts = Keyword.merge(@defaults, Map.to_list(map))
+        Enum.reduce_while(opts, {:ok, opts}, fn {k, v}, acc -> check(k, v, acc) end)
+      end
+    end
+  end
+
+  defp to_map(opts) when is_map(opts), do: {:ok, opts}
+
+  defp to_map(opts) do
+    if Keyword.keyword?(opts) do
+      Snakepit.SharedMemory.Options.keyword_to_map(opts)
     else
-      opts = Keyword.merge(@defaults, opts)
-      Enum.reduce_while(opts, {:ok, opts}, fn {k, v}, acc -> check(k, v, acc) end)
+      Error.error(
+        :invalid_option,
+        "channel options must be a keyword list, got: #{inspect(opts)}"
+      )
     end
   end
 
