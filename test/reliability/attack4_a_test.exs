@@ -1,0 +1,75 @@
+defmodule Snakepit.SharedMemory.Reliability.Attack4ATest do
+  # Attack run 4, area A: the message channel, the status board and the host quota,
+  # attacked by hostile processes of the same user and used carelessly.
+  use ExUnit.Case, async: false
+
+  import Snakepit.SharedMemory.ChannelHelpers
+
+  alias Snakepit.SharedMemory.{Channel, Error, ReliabilityHelpers}
+
+  @moduletag :reliability
+  @moduletag timeout: 120_000
+
+  setup_all do
+    ReliabilityHelpers.check_segments_on_exit()
+    :ok
+  end
+
+  # Channel.open/1 took an option given twice silently (the first value won, where every
+  # other function of the API refuses it), and raised FunctionClauseError for a map.
+  describe "Channel.open/1 options" do
+    test "an option given twice is refused, naming it" do
+      for opts <- [
+            [active: true, active: false],
+            [ring_size: 4096, ring_size: 8192],
+            [send_timeout: 0, transport: :shm, send_timeout: :infinity]
+          ] do
+        assert {:error, %Error{reason: :invalid_option, message: message}} = Channel.open(opts)
+        [{key, _} | _] = opts -- Enum.uniq_by(opts, &elem(&1, 0))
+        assert message =~ "#{inspect(key)} given more than once"
+      end
+
+      assert Channel.list() == []
+    end
+
+    test "a map of options works as the keyword list does; other terms are refused" do
+      assert {:ok, ch} = Channel.open(%{active: true, ring_size: 8192})
+      assert %{active: true, ring_size: 8192} = Channel.stats(ch)
+      :ok = Channel.close(ch)
+
+      for bad <- [[1, 2], :active, "x", %Error{}] do
+        assert {:error, %Error{reason: :invalid_option, message: message}} = Channel.open(bad)
+        assert message =~ "keyword list"
+      end
+    end
+  end
+
+  # A process of the user that connected to a channel's control socket and said nothing
+  # (or half a hello) was the owner's one candidate for as long as it stayed: the real
+  # worker timed out with "no welcome from the channel owner in time".
+  test "connections that stall in the handshake do not lock the real worker out" do
+    fds = fd_count()
+    {:ok, ch} = Channel.open(active: true)
+    %{"path" => path} = Channel.export_ref(ch)
+
+    stallers =
+      for i <- 1..3 do
+        {:ok, s} = :gen_tcp.connect({:local, path}, 0, [:binary, active: false])
+        # the second one sends half a hello (a frame header announcing 40 bytes)
+        if i == 2, do: :ok = :gen_tcp.send(s, <<40::little-32, 16::little-32, 1, 2, 3, 4>>)
+        Process.sleep(50)
+        s
+      end
+
+    w = start_worker(ch, "echo")
+    assert w.transport == "shm"
+    :ok = Channel.send(ch, "ping")
+    assert_receive {:snakepit_shm_channel, ^ch, "ping"}, 5_000
+    # The stallers were dropped: their sockets are at EOF.
+    for s <- stallers, do: assert({:error, :closed} = :gen_tcp.recv(s, 0, 2_000))
+    :ok = Channel.close(ch)
+    await_exit(w.port)
+    Enum.each(stallers, &:gen_tcp.close/1)
+    assert await_fds(fds) <= fds
+  end
+end
