@@ -5,7 +5,7 @@ defmodule Snakepit.SharedMemory.Reliability.Attack4ATest do
 
   import Snakepit.SharedMemory.ChannelHelpers
 
-  alias Snakepit.SharedMemory.{Channel, Error, ReliabilityHelpers}
+  alias Snakepit.SharedMemory.{Channel, Error, ReliabilityHelpers, StatusBoard}
 
   @moduletag :reliability
   @moduletag timeout: 120_000
@@ -71,5 +71,31 @@ defmodule Snakepit.SharedMemory.Reliability.Attack4ATest do
     await_exit(w.port)
     Enum.each(stallers, &:gen_tcp.close/1)
     assert await_fds(fds) <= fds
+  end
+
+  # StatusBoard.update/2 (and join/3's initial values) took a field given twice: the last
+  # value was published, and a gauge given both as an atom and as a string in a map
+  # published whichever the map enumerated last.
+  test "a board field given twice is refused, naming it" do
+    {:ok, board} = StatusBoard.create("attack4a_twice", capacity: 2, gauges: [:gpu])
+    {:ok, slot} = StatusBoard.join(board, "w1", queue: 3)
+
+    for fields <- [[queue: 1, queue: 2], %{:gpu => 1, "gpu" => 2}, [state: :idle, state: :busy]] do
+      assert {:error, %Error{reason: :invalid_option, message: message}} =
+               StatusBoard.update(slot, fields)
+
+      assert message =~ "given more than once"
+    end
+
+    assert {:error, %Error{reason: :invalid_option}} =
+             StatusBoard.join(board, "w2", in_flight: 1, in_flight: 2)
+
+    # Nothing was published by the refused calls.
+    assert {:ok, [%{worker_id: "w1", queue: 3, gauges: %{"gpu" => 0}}]} =
+             StatusBoard.entries(board)
+
+    :ok = StatusBoard.update(slot, %{:gpu => 7, :queue => 1})
+    assert {:ok, [%{queue: 1, gauges: %{"gpu" => 7}}]} = StatusBoard.entries(board)
+    :ok = StatusBoard.delete(board)
   end
 end

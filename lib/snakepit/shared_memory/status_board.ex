@@ -703,10 +703,23 @@ defmodule Snakepit.SharedMemory.StatusBoard do
   defp decode_values(fields, gauge_names) do
     Enum.reduce_while(fields, {:ok, List.duplicate(nil, 10)}, fn {key, value}, {:ok, acc} ->
       case field_index(key, gauge_names) do
+        # A field given twice (`[queue: 1, queue: 2]`, or a gauge both as an atom and
+        # as a string in a map) is refused: which value won was an accident of order.
         {:ok, i} ->
-          case check_value(i, key, value) do
-            {:ok, v} -> {:cont, {:ok, List.replace_at(acc, i, v)}}
-            error -> {:halt, error}
+          case Enum.at(acc, i) == nil && check_value(i, key, value) do
+            {:ok, v} ->
+              {:cont, {:ok, List.replace_at(acc, i, v)}}
+
+            false ->
+              {:halt,
+               Error.error(
+                 :invalid_option,
+                 "board field #{inspect(key)} given more than once (in " <>
+                   "#{inspect(fields, limit: 12)}): give each field once"
+               )}
+
+            error ->
+              {:halt, error}
           end
 
         :error ->
