@@ -42,6 +42,7 @@ import json
 import math
 import mmap
 import os
+import re
 import select
 import threading
 import time
@@ -60,6 +61,7 @@ _WOULD_BLOCK = 1
 _REGION = 2
 _E_CLOSED = -14
 _ACK_MODES = {"immediate": 0, "batch": 1, "deferred": 2}
+_TOKEN = re.compile(r"[0-9a-fA-F]{64}")
 # The io block's "nothing received" markers, and what it may hold (Channel._taking).
 _NO_LENGTH = 0xFFFFFFFF
 _NO_FD = -2
@@ -161,10 +163,21 @@ def layout():
     return json.loads(buf.value.decode("utf-8"))
 
 
+def _seconds(value, what):
+    """``value`` if it is a number of seconds (int or float, not bool), else TypeError
+    naming ``what`` (a str or None compared with a number raised an operator error)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{what} must be a number of seconds, got {value!r}")
+    return value
+
+
 def _deadline(timeout):
     """The monotonic time a wait of ``timeout`` seconds ends at; None: never (``None``
     or ``math.inf``)."""
-    if timeout is None or timeout == math.inf:
+    if timeout is None:
+        return None
+    _seconds(timeout, "timeout")
+    if timeout == math.inf:
         return None
     if timeout != timeout:
         raise ValueError("timeout must be a number of seconds or None, not NaN")
@@ -192,6 +205,13 @@ def _parse_ref(ref):
             raise ValueError(f"channel ref without {key!r}")
         if "\0" in ref[key]:  # the C library would read it cut at the NUL
             raise ValueError(f"the channel ref's {key!r} contains a NUL character")
+    if not _TOKEN.fullmatch(ref["token"]):
+        raise ValueError("the channel ref's 'token' must be 64 hex characters (as "
+                         "Channel.export_ref/1 makes it), got %d characters"
+                         % len(ref["token"]))
+    if len(os.fsencode(ref["path"])) > 107:  # sun_path
+        raise ValueError("the channel ref's 'path' is longer than a Unix socket path may "
+                         "be (107 bytes): %r" % ref["path"][:80])
     return ref
 
 
@@ -269,6 +289,11 @@ class Channel:
         ref = _parse_ref(ref)
         if ack_mode not in _ACK_MODES:
             raise ValueError(f"ack_mode must be one of {sorted(_ACK_MODES)}")
+        _seconds(flush_interval, "flush_interval")
+        _seconds(timeout, "timeout")
+        _seconds(spin, "spin")
+        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int):
+            raise TypeError(f"max_batch_size must be an int, got {max_batch_size!r}")
         # The C library takes fixed-size integers: check here what ctypes would wrap.
         max_batch_size = int(max_batch_size)
         if not 1 <= max_batch_size < 1 << 32:
@@ -285,10 +310,11 @@ class Channel:
         if not 0 <= max_message_size < 1 << 64:
             raise ValueError(f"max_message_size must be between 0 and 2**64 - 1, "
                              f"got {max_message_size}")
-        if timeout is None or timeout != timeout:
-            raise ValueError(f"timeout must be a number of seconds, got {timeout!r}")
-        if not -math.inf < spin < math.inf:
-            raise ValueError(f"spin must be a finite number of seconds, got {spin!r}")
+        if not timeout >= 0:  # NaN too
+            raise ValueError(f"timeout must be a number of seconds >= 0 (math.inf: "
+                             f"forever), got {timeout!r}")
+        if not 0 <= spin < math.inf:
+            raise ValueError(f"spin must be a finite number of seconds >= 0, got {spin!r}")
         timeout_ms = int(min(max(timeout, 0) * 1000, 2**31 - 1))  # math.inf: ~25 days
         lib = _lib()
         out = ctypes.c_void_p()

@@ -1,0 +1,71 @@
+"""A careless caller of snakepit_shm.Channel (session-4 attack): arguments of the wrong
+type or a malformed ref give an exception that names the argument, not an operator error
+from inside the client nor a ConnectionRefusedError for a ref that could never work."""
+
+import asyncio
+
+import pytest
+
+import snakepit_shm
+from snakepit_shm import aio
+from conftest import requires_lib
+from test_channel import start_owner
+
+pytestmark = requires_lib
+
+
+@pytest.fixture
+def owner():
+    running = start_owner("shm")
+    yield running
+    running.kill()
+
+
+def test_connect_names_a_numeric_option_of_the_wrong_type(owner):
+    # Were: TypeError "'>' not supported between instances of 'int' and 'str'" (timeout),
+    # "'<' not supported ..." (spin), "'<=' not supported ..." (flush_interval); a
+    # max_batch_size of "7" was taken (int("7")).
+    for bad in (dict(timeout="1"), dict(spin="x"), dict(flush_interval="x"),
+                dict(timeout=True), dict(max_batch_size="7"), dict(max_batch_size=2.5)):
+        with pytest.raises(TypeError, match=list(bad)[0]):
+            snakepit_shm.Channel.connect(owner.ref, **bad)
+    # Negative values were taken silently (a timeout of -1 tried once, a spin of -1 never
+    # spun): refused like the other out-of-range values.
+    for bad in (dict(timeout=-1), dict(spin=-1e-6)):
+        with pytest.raises(ValueError, match=list(bad)[0]):
+            snakepit_shm.Channel.connect(owner.ref, **bad)
+    with snakepit_shm.Channel.connect(owner.ref) as ch:  # nothing was sent to the owner
+        ch.send(b"ok")
+        assert ch.recv(timeout=10) == b"ok"
+
+
+def test_a_malformed_ref_is_a_value_error_naming_the_field(owner):
+    # Were ConnectionRefusedError ("the channel token must be 64 hex characters", "bad
+    # channel socket path"): a ref that can never connect is the caller's error.
+    for field, value in (("token", "zz"), ("token", "g" * 64), ("token", "a" * 65),
+                         ("path", "/tmp/" + "a" * 200)):
+        ref = dict(owner.ref, **{field: value})
+        with pytest.raises(ValueError, match=repr(field)):
+            snakepit_shm.Channel.connect(ref)
+    with snakepit_shm.Channel.connect(owner.ref) as ch:
+        ch.send(b"ok")
+        assert ch.recv(timeout=10) == b"ok"
+
+
+def test_receive_timeouts_of_the_wrong_type_are_named(owner):
+    # recv(timeout="1") raised TypeError "unsupported operand type(s) for +: 'float' and
+    # 'str'" (from inside the client).
+    with snakepit_shm.Channel.connect(owner.ref) as ch:
+        for call in (lambda: ch.recv(timeout="1"), lambda: ch.recv_many(2, timeout="1"),
+                     lambda: ch.recv(timeout=[1])):
+            with pytest.raises(TypeError, match="timeout must be a number of seconds"):
+                call()
+
+        async def main():
+            achan = aio.AsyncChannel(ch)
+            with pytest.raises(TypeError, match="timeout must be a number of seconds"):
+                await achan.recv(timeout="1")
+            await achan.send(b"still open")
+            assert await achan.recv(timeout=10) == b"still open"
+
+        asyncio.run(main())
