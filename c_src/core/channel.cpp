@@ -18,6 +18,9 @@ namespace {
 constexpr std::uint32_t kEpollIn = 0x001, kEpollOut = 0x004, kEpollErr = 0x008, kEpollHup = 0x010,
                         kEpollRdHup = 0x2000, kEpollEt = 1u << 31;
 constexpr std::size_t kReadChunk = 65536;
+/// How long a close waits, in the background, for the peer to read the tail of a frame
+/// already sent (socket transport).
+constexpr int kFlushOnCloseMs = 10000;
 
 void put_u32(std::uint8_t* p, std::uint32_t v) noexcept { std::memcpy(p, &v, 4); }
 void put_u64(std::uint8_t* p, std::uint64_t v) noexcept { std::memcpy(p, &v, 8); }
@@ -370,6 +373,18 @@ void Endpoint::fail(CloseReason reason, const std::string& detail) {
   detail_ = detail;
   failed_.store(true, std::memory_order_relaxed);
   state_ = State::closed;
+  if (conn_fd_ >= 0 && reason == CloseReason::closed && !peer_eof_ &&
+      out_off_ < out_pending_.size()) {
+    // Closed here while the tail of a sent frame still waits for room in the socket
+    // (socket transport, a peer reading slowly): send() said ok, so the tail goes out
+    // first, on a thread of its own for at most kFlushOnCloseMs, and then the peer sees
+    // EOF (as the frames left in a ring are still read after a close).
+    if (epfd_ >= 0) os::epoll_remove(epfd_, conn_fd_);
+    os::finish_sending_and_close(
+        conn_fd_, std::vector<std::uint8_t>(out_pending_.begin() + out_off_, out_pending_.end()),
+        kFlushOnCloseMs);
+    conn_fd_ = -1;
+  }
   if (conn_fd_ >= 0) {
     ::shutdown(conn_fd_, SHUT_RDWR);  // the peer sees EOF now
     if (epfd_ >= 0) os::epoll_remove(epfd_, conn_fd_);

@@ -98,4 +98,34 @@ defmodule Snakepit.SharedMemory.Reliability.Attack4ATest do
     assert {:ok, [%{queue: 1, gauges: %{"gpu" => 7}}]} = StatusBoard.entries(board)
     :ok = StatusBoard.delete(board)
   end
+
+  # Socket transport: send/2 of a frame larger than the socket's free buffer writes what
+  # fits and returns :ok, the rest going out when the socket drains. A close/1 right
+  # after dropped that rest: the worker got a cut frame and EOF, and the message was lost
+  # (the shm transport delivers what is in the ring after a close).
+  for transport <- [:socket, :shm] do
+    test "#{transport}: a message whose send returned :ok reaches the worker after close/1" do
+      fds = fd_count()
+
+      {:ok, ch} =
+        Channel.open(transport: unquote(transport), ring_size: 16_777_216, send_timeout: 0)
+
+      w = start_worker(ch, "drain", ["0.5"])
+      msg = :binary.copy("z", 4_000_000)
+
+      sent =
+        Enum.reduce_while(1..100, 0, fn _, n ->
+          case Channel.send(ch, msg) do
+            :ok -> {:cont, n + 1}
+            {:error, %Error{reason: :would_block}} -> {:halt, n}
+          end
+        end)
+
+      assert sent >= 1
+      :ok = Channel.close(ch)
+      assert await_line(w.port, 30_000) == "received #{sent} peer_closed"
+      await_exit(w.port)
+      assert await_fds(fds) <= fds
+    end
+  end
 end
