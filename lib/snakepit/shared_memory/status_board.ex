@@ -122,7 +122,12 @@ defmodule Snakepit.SharedMemory.StatusBoard do
   and those of `Snakepit.SharedMemory.allocate_region/2`.
   """
   @spec create(String.t(), keyword()) :: {:ok, t()} | {:error, Error.t()}
-  def create(name, opts \\ []) do
+  def create(name, opts \\ [])
+
+  def create(name, opts) when is_map(opts) and not is_struct(opts),
+    do: create(name, Map.to_list(opts))
+
+  def create(name, opts) do
     with :ok <- check_keyword(opts),
          :ok <- known_options(opts, [:capacity, :stale_after, :gauges, :owner, :cleanup_policy]),
          {:ok, capacity} <- capacity(Keyword.get(opts, :capacity, @default_capacity)),
@@ -317,6 +322,9 @@ defmodule Snakepit.SharedMemory.StatusBoard do
     ArgumentError -> nif(board, fn -> raise ArgumentError end)
   end
 
+  def least_loaded(%__MODULE__{} = board, opts) when is_map(opts) and not is_struct(opts),
+    do: least_loaded(board, Map.to_list(opts))
+
   def least_loaded(%__MODULE__{} = board, opts) when is_list(opts) do
     with :ok <- check_keyword(opts),
          :ok <- known_options(opts, [:exclude, :score, :verify]),
@@ -340,7 +348,11 @@ defmodule Snakepit.SharedMemory.StatusBoard do
   end
 
   def least_loaded(%__MODULE__{}, opts),
-    do: Error.error(:invalid_option, "options must be a keyword list, got: #{inspect(opts)}")
+    do:
+      Error.error(
+        :invalid_option,
+        "options must be a keyword list or a map, got: #{inspect(opts)}"
+      )
 
   def least_loaded(other, _opts), do: not_a_board(other)
 
@@ -822,7 +834,10 @@ defmodule Snakepit.SharedMemory.StatusBoard do
     if Keyword.keyword?(opts) do
       with {:ok, _map} <- Snakepit.SharedMemory.Options.keyword_to_map(opts), do: :ok
     else
-      Error.error(:invalid_option, "options must be a keyword list, got: #{inspect(opts)}")
+      Error.error(
+        :invalid_option,
+        "options must be a keyword list or a map, got: #{inspect(opts)}"
+      )
     end
   end
 
