@@ -6,6 +6,8 @@ defmodule Snakepit.SharedMemory.Reliability.Attack4ATest do
   import Snakepit.SharedMemory.ChannelHelpers
 
   alias Snakepit.SharedMemory.{Channel, Error, ReliabilityHelpers, StatusBoard}
+  alias Snakepit.SharedMemory.HostQuota, as: HQ
+  alias Snakepit.SharedMemory.HostQuota.Client
 
   @moduletag :reliability
   @moduletag timeout: 120_000
@@ -127,5 +129,88 @@ defmodule Snakepit.SharedMemory.Reliability.Attack4ATest do
       await_exit(w.port)
       assert await_fds(fds) <= fds
     end
+  end
+
+  # The quota server's socket file removed while it serves (an operator's rm,
+  # systemd-tmpfiles ageing /tmp/snakepit_shm-<uid>): the server kept the election name,
+  # so every new client lost the election, found no socket and answered :unavailable
+  # ("is a VM serving?") for as long as the serving VM lived.
+  @tag :capture_log
+  test "the host quota server listens again when its socket file is removed" do
+    dir = Path.join(System.tmp_dir!(), "spshm_hq_a4_#{System.unique_integer([:positive])}")
+    {:ok, a} = Client.start_link(dir: dir, label: "a")
+
+    on_exit(fn ->
+      # The server is a child of HostQuota.Supervisor: stopped before its directory goes
+      # (else it would make the directory again to listen there).
+      for {_, pid, _, [HQ.Server]} <- DynamicSupervisor.which_children(HQ.Supervisor),
+          is_pid(pid),
+          :sys.get_state(pid).dir == dir,
+          do: DynamicSupervisor.terminate_child(HQ.Supervisor, pid)
+
+      File.rm_rf!(dir)
+    end)
+
+    :ok = HQ.define("a4q", 10, client: a)
+    {:ok, _res} = HQ.reserve("a4q", 3, client: a)
+    socket = Path.join(dir, "quota.sock")
+    fds = fd_count()
+
+    for round <- 1..3 do
+      File.rm!(socket)
+      {:ok, b} = Client.start_link(dir: dir, label: "b#{round}")
+
+      # Was {:error, %Error{reason: :unavailable}} after 5 s, in every round.
+      assert {:ok, [%{used: 3, limit: 10}]} = HQ.usage("a4q", client: b)
+
+      # The server's state and its old clients' sessions were kept.
+      assert {:ok, [%{used: 3}]} = HQ.usage("a4q", client: a)
+      GenServer.stop(b)
+    end
+
+    # The old listening sockets were closed, not leaked.
+    assert await_fds(fds) <= fds
+    GenServer.stop(a)
+  end
+
+  # The product brief: every function takes its options as a keyword list or a map.
+  # HostQuota's functions and StatusBoard.create/2 and least_loaded/2 refused a map
+  # ("options must be a keyword list").
+  @tag :capture_log
+  test "host quota and status board functions take their options as a map" do
+    dir = Path.join(System.tmp_dir!(), "spshm_hq_a4m_#{System.unique_integer([:positive])}")
+    {:ok, c} = Client.start_link(dir: dir, label: "maps")
+
+    on_exit(fn ->
+      for {_, pid, _, [HQ.Server]} <- DynamicSupervisor.which_children(HQ.Supervisor),
+          is_pid(pid),
+          :sys.get_state(pid).dir == dir,
+          do: DynamicSupervisor.terminate_child(HQ.Supervisor, pid)
+
+      File.rm_rf!(dir)
+    end)
+
+    assert :ok = HQ.define("a4m", 10, %{client: c})
+    assert {:ok, res} = HQ.reserve("a4m", 4, %{client: c, wait: 0})
+    assert {:ok, [%{used: 4}]} = HQ.usage("a4m", %{client: c})
+    assert :ok = HQ.release(res, %{sync: true})
+    assert {:ok, [%{used: 0}]} = HQ.usage("a4m", %{client: c})
+
+    assert {:error, %Error{reason: :invalid_option, message: message}} =
+             HQ.reserve("a4m", 1, %{client: c, wiat: 5})
+
+    assert message =~ ":wiat"
+    GenServer.stop(c)
+
+    assert {:ok, board} = StatusBoard.create("attack4a_maps", %{capacity: 2})
+    assert board.capacity == 2
+    {:ok, slot} = StatusBoard.join(board, "w1", state: :idle)
+    assert {:ok, "w1"} = StatusBoard.least_loaded(board, %{verify: true})
+
+    assert {:error, %Error{reason: :no_worker}} =
+             StatusBoard.least_loaded(board, %{exclude: ["w1"]})
+
+    :ok = StatusBoard.leave(slot)
+    :ok = StatusBoard.delete(board)
   end
 end
