@@ -126,7 +126,8 @@ defmodule Snakepit.SharedMemory.Channel do
     * `:send_timeout` - how long `send/2` waits for ring space, in ms; `0` never waits;
       default `:infinity`.
     * `:max_message_size` - largest region message accepted from the worker; default 1 TiB.
-    * `:socket_dir` - where the private socket directory is made; default
+    * `:socket_dir` - where the private socket directory is made (a relative path is
+      taken from the VM's working directory); default
       `$XDG_RUNTIME_DIR`, `$TMPDIR` or `/tmp`.
     * `:spin` - in active mode, after the last message taken, the channel's process
       looks at the ring again for up to this many microseconds (between the other

@@ -52,7 +52,7 @@ defmodule Snakepit.SharedMemory.Channel.Server do
       ring_size: opts[:ring_size],
       inline_threshold: opts[:inline_threshold] || 0,
       transport: opts[:transport],
-      socket_dir: opts[:socket_dir] || "",
+      socket_dir: socket_dir(opts[:socket_dir]),
       ack_mode: opts[:ack_mode],
       max_batch_size: opts[:max_batch_size],
       flush_interval_us: opts[:flush_interval] * 1000,
@@ -105,6 +105,11 @@ defmodule Snakepit.SharedMemory.Channel.Server do
       {:error, %Error{} = error} -> {:stop, {:shutdown, error}}
     end
   end
+
+  # The socket's path travels in the ref to a worker that may run in another working
+  # directory: a relative :socket_dir is made absolute here (against this VM's).
+  defp socket_dir(dir) when dir in [nil, ""], do: ""
+  defp socket_dir(dir), do: Path.expand(dir)
 
   defp open_native(opts) do
     case Native.channel_open(opts) do
