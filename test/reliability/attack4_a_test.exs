@@ -213,4 +213,23 @@ defmodule Snakepit.SharedMemory.Reliability.Attack4ATest do
     :ok = StatusBoard.leave(slot)
     :ok = StatusBoard.delete(board)
   end
+
+  # A relative :socket_dir went into the ref as it was ("rel/spshm-ch-XXXXXX/ctl"): a
+  # worker started in another working directory could not connect.
+  test "a relative :socket_dir gives the worker an absolute socket path" do
+    base = Path.join(System.tmp_dir!(), "spshm_a4_cwd_#{System.unique_integer([:positive])}")
+    File.mkdir_p!(Path.join(base, "rel"))
+    on_exit(fn -> File.rm_rf!(base) end)
+    {:ok, ch} = File.cd!(base, fn -> Channel.open(socket_dir: "rel", active: true) end)
+    path = Channel.export_ref(ch)["path"]
+    assert Path.type(path) == :absolute
+    assert String.starts_with?(path, Path.join(base, "rel") <> "/")
+    # The worker runs in this VM's working directory (the repository), not in `base`.
+    w = start_worker(ch, "echo")
+    :ok = Channel.send(ch, "hi")
+    assert_receive {:snakepit_shm_channel, ^ch, "hi"}, 5_000
+    :ok = Channel.close(ch)
+    await_exit(w.port)
+    assert File.ls!(Path.join(base, "rel")) == []
+  end
 end
