@@ -56,7 +56,7 @@ defmodule Snakepit.SharedMemory.Channel do
 
   import Bitwise, only: [<<<: 2]
 
-  alias Snakepit.SharedMemory.{Error, Native}
+  alias Snakepit.SharedMemory.{Error, MemoryLimits, Native}
   alias Snakepit.SharedMemory.Channel.Server
 
   @enforce_keys [:id, :resource, :server, :inline_max, :send_timeout]
@@ -139,7 +139,8 @@ defmodule Snakepit.SharedMemory.Channel do
   def open(opts \\ [])
 
   def open(opts) when is_list(opts) or (is_map(opts) and not is_struct(opts)) do
-    with {:ok, opts} <- validate(opts) do
+    with {:ok, opts} <- validate(opts),
+         :ok <- ring_headroom(opts) do
       owner = opts[:owner] || self()
       Server.start(owner, opts)
     end
@@ -185,18 +186,48 @@ defmodule Snakepit.SharedMemory.Channel do
     if byte_size(bin) <= ch.inline_max do
       send_loop(ch, fn -> Native.channel_send(ch.resource, bin) end, byte_size(bin), deadline(ch))
     else
-      case Native.channel_prepare_region(bin) do
-        {:ok, prepared} ->
-          send_loop(
-            ch,
-            fn -> Native.channel_send_region(ch.resource, prepared) end,
-            16,
-            deadline(ch)
-          )
-
-        {:error, native} ->
-          {:error, Error.from_native(native, %{channel: ch.id})}
+      # The copy into the message's memfd is charged to this VM's memory cgroup: past
+      # its limit the kernel OOM-kills the VM, so it is refused first, as an allocation.
+      with :ok <- memory_headroom(ch, byte_size(bin)) do
+        send_region(ch, bin)
       end
+    end
+  end
+
+  # The rings (a header page and two rings, up to 32 MiB) are charged to the memory
+  # cgroup too.
+  defp ring_headroom(opts) do
+    if opts[:transport] == :socket do
+      :ok
+    else
+      size = 4096 + 2 * opts[:ring_size]
+
+      case MemoryLimits.check(size) do
+        :ok -> :ok
+        {:error, message} -> Error.error(:no_space, message, %{size: size})
+      end
+    end
+  end
+
+  defp memory_headroom(ch, size) do
+    case MemoryLimits.check(size) do
+      :ok -> :ok
+      {:error, message} -> Error.error(:no_space, message, %{channel: ch.id, size: size})
+    end
+  end
+
+  defp send_region(ch, bin) do
+    case Native.channel_prepare_region(bin) do
+      {:ok, prepared} ->
+        send_loop(
+          ch,
+          fn -> Native.channel_send_region(ch.resource, prepared) end,
+          16,
+          deadline(ch)
+        )
+
+      {:error, native} ->
+        {:error, Error.from_native(native, %{channel: ch.id})}
     end
   end
 
