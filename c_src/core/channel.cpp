@@ -21,6 +21,9 @@ constexpr std::size_t kReadChunk = 65536;
 /// How long a close waits, in the background, for the peer to read the tail of a frame
 /// already sent (socket transport).
 constexpr int kFlushOnCloseMs = 10000;
+/// How long the owner stops watching its listening socket after accept() found this
+/// process out of descriptors.
+constexpr std::uint64_t kAcceptPauseNs = 50'000'000;
 
 void put_u32(std::uint8_t* p, std::uint32_t v) noexcept { std::memcpy(p, &v, 4); }
 void put_u64(std::uint8_t* p, std::uint64_t v) noexcept { std::memcpy(p, &v, 8); }
@@ -430,6 +433,11 @@ State Endpoint::state() {
   return state_;
 }
 
+bool Endpoint::accept_paused() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return accept_paused_ && state_ == State::listening && reason_ == CloseReason::none;
+}
+
 Io Endpoint::closed_result(Error* err) {
   CloseReason r = reason_ != CloseReason::none ? reason_ : CloseReason::peer_closed;
   if (err != nullptr) {
@@ -692,12 +700,19 @@ void Endpoint::handle_ready(const os::Ready* ready, int count) {
     // and says nothing, or half a hello, would otherwise keep the real worker out for as
     // long as it stays connected.
     if (conn_fd_ >= 0 && !peer_eof_) read_socket();
-    if (state_ == State::listening && reason_ == CloseReason::none) {
+    if (state_ == State::listening && reason_ == CloseReason::none && !accept_paused_) {
       int fd = os::accept_nonblocking(listen_fd_);
       if (fd >= 0) {
         if (conn_fd_ >= 0) drop_candidate();
         conn_fd_ = fd;
         os::epoll_set(epfd_, conn_fd_, kEpollIn | kEpollRdHup, true);
+      } else if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+        // The connection stays pending and the listening socket readable: watched, it
+        // would wake the owner again at once, for as long as no descriptor is free (the
+        // channel's process spun on a scheduler). It is watched again after a pause.
+        accept_paused_ = true;
+        accept_resume_ns_ = os::monotonic_ns() + kAcceptPauseNs;
+        os::epoll_remove(epfd_, listen_fd_);
       }
     }
   }
@@ -749,6 +764,10 @@ bool Endpoint::prepare_wait(bool want_data, bool want_space, std::uint64_t need)
   if (reason_ != CloseReason::none || peer_eof_) return !(want_data || want_space);
   bool sleep = true;
   const std::uint64_t now = os::monotonic_ns();
+  if (accept_paused_ && now >= accept_resume_ns_ && listen_fd_ >= 0 && epfd_ >= 0) {
+    accept_paused_ = false;  // watched again: a connection still pending wakes us now
+    os::epoll_set(epfd_, listen_fd_, kEpollIn, true);
+  }
   if (want_data) {
     if (transport_ == Transport::shm) {
       bool wake = false;

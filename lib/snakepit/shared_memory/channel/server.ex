@@ -320,12 +320,21 @@ defmodule Snakepit.SharedMemory.Channel.Server do
           Stats.telemetry([:snakepit_shm, :channel, :connected], %{count: 1}, %{id: state.ch.id})
           %{state | connected: true}
 
+        :accept_paused ->
+          # This VM is out of descriptors: a worker's connection waits in the backlog.
+          # The listening socket is watched again after a pause (prepare_wait), which
+          # the next arm here, 50 ms from now, makes.
+          Process.send_after(self(), :retry_accept, 50)
+          state
+
         _ ->
           state
       end
 
     {:noreply, process(state)}
   end
+
+  def handle_info(:retry_accept, state), do: {:noreply, process(state)}
 
   def handle_info(:poll, state), do: {:noreply, process(%{state | poll_pending: false})}
 
