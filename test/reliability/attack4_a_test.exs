@@ -315,4 +315,81 @@ defmodule Snakepit.SharedMemory.Reliability.Attack4ATest do
     if dir, do: File.rmdir(dir)
     {:skip, "#{why}: #{:file.format_error(reason)}"}
   end
+
+  # A VM out of descriptors (RLIMIT_NOFILE) with a worker connecting: accept() failed
+  # with EMFILE, the connection stayed pending and the listening socket readable, and
+  # the channel's process was woken for it again at once, for as long as no descriptor
+  # was free: ~580 000 reductions a second, a scheduler busy. Now it looks again every
+  # 50 ms, and the worker connects once a descriptor is free.
+  test "a VM out of descriptors does not spin on a worker's pending connection" do
+    worker = Path.join(ReliabilityHelpers.root(), "test/support/python/channel_worker.py")
+
+    env =
+      for {k, v} <- ReliabilityHelpers.python_env(),
+          do: ~s({~c"#{k}", ~c"#{v}"})
+
+    code = """
+    defmodule Attack4Fds do
+      alias Snakepit.SharedMemory.{Channel, JSON}
+
+      def run do
+        {:ok, _} = Application.ensure_all_started(:snakepit_shm)
+        {:ok, ch} = Channel.open(active: true)
+        {:ok, json} = JSON.encode(Channel.export_ref(ch))
+        env = [{~c"SPSHM_CHANNEL_REF", String.to_charlist(json)} | [#{Enum.join(env, ", ")}]]
+        IO.puts("warm \#{1} \#{inspect(:x)}")
+        {:reductions, _} = Process.info(ch.server, :reductions)
+
+        port =
+          Port.open({:spawn_executable, "/bin/sh"}, [:binary, :exit_status, {:line, 1000},
+            env: env, args: ["-c", "sleep 0.5; exec /usr/bin/python3 #{worker} echo"]])
+
+        held = grab([])
+        Process.sleep(800)
+        {:reductions, r1} = Process.info(ch.server, :reductions)
+        Process.sleep(1000)
+        {:reductions, r2} = Process.info(ch.server, :reductions)
+        Enum.each(held, &:file.close/1)
+        IO.puts("HELD \#{length(held)} REDUCTIONS \#{r2 - r1}")
+        receive do
+          {^port, {:data, {:eol, line}}} -> IO.puts("WORKER \#{line}")
+        after
+          10_000 -> IO.puts("WORKER silent")
+        end
+        :ok = Channel.send(ch, "ping")
+        receive do
+          {:snakepit_shm_channel, ^ch, msg} -> IO.puts("ECHO \#{msg}")
+        after
+          10_000 -> IO.puts("ECHO none")
+        end
+        Channel.close(ch)
+      end
+
+      defp grab(acc) do
+        case :file.open(~c"/dev/null", [:read, :raw]) do
+          {:ok, f} -> grab([f | acc])
+          _ -> acc
+        end
+      end
+    end
+
+    Attack4Fds.run()
+    """
+
+    {out, status} =
+      System.cmd(
+        "sh",
+        ["-c", "ulimit -n 200; " <> ReliabilityHelpers.elixir_command()],
+        env: [{"SNAKEPIT_SHM_VM_CODE", code}],
+        stderr_to_stdout: true,
+        cd: ReliabilityHelpers.root()
+      )
+
+    assert status == 0, out
+    [_, held, reductions] = Regex.run(~r/HELD (\d+) REDUCTIONS (\d+)/, out)
+    assert String.to_integer(held) > 100, out
+    assert String.to_integer(reductions) < 100_000, out
+    assert out =~ "WORKER connected shm", out
+    assert out =~ "ECHO ping", out
+  end
 end
