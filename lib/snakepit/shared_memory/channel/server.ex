@@ -259,6 +259,16 @@ defmodule Snakepit.SharedMemory.Channel.Server do
       caller != state.owner ->
         {:reply, Error.error(:not_owner, "only the channel's owner may hand it over"), state}
 
+      # Its messages would be sent to this process, which drops what it does not know,
+      # and nobody could take the channel back (only the owner may hand it over).
+      pid == self() ->
+        {:reply,
+         Error.error(
+           :invalid_argument,
+           "the channel's own process (ch.server) cannot own it: give the process that " <>
+             "receives its messages"
+         ), state}
+
       Native.channel_monitor(state.res, pid) != :ok ->
         {:reply, Error.error(:not_found, "the new owner #{inspect(pid)} is not alive"), state}
 
