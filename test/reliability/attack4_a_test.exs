@@ -392,4 +392,21 @@ defmodule Snakepit.SharedMemory.Reliability.Attack4ATest do
     assert out =~ "WORKER connected shm", out
     assert out =~ "ECHO ping", out
   end
+
+  # controlling_process(ch, ch.server) was accepted: every incoming message then went to
+  # the channel's own process, which dropped it, and nobody could take the channel back
+  # (:not_owner).
+  test "a channel cannot be handed to its own process" do
+    {:ok, ch} = Channel.open(active: true)
+    w = start_worker(ch, "echo")
+
+    assert {:error, %Error{reason: :invalid_argument, message: message}} =
+             Channel.controlling_process(ch, ch.server)
+
+    assert message =~ "own process"
+    :ok = Channel.send(ch, "ping")
+    assert_receive {:snakepit_shm_channel, ^ch, "ping"}, 5_000
+    :ok = Channel.close(ch)
+    await_exit(w.port)
+  end
 end
