@@ -400,6 +400,30 @@ class Channel:
             if fd is not None:
                 os.close(fd.value)
 
+    def _prepare_region(self, data):
+        """A sealed memfd holding ``data`` for a region message: (fd, length). The caller
+        sends it with :meth:`_try_send_region` (as often as the ring is full) and closes
+        the fd if it is never sent: the copy is made once, not once per attempt."""
+        with _native.buffer_address(data) as (address, length):
+            fd = ctypes.c_int(-1)
+            code = self._lib.spshm_ch_prepare_region(address, length, ctypes.byref(fd),
+                                                     self._err, _ERR_LEN)
+        if code != 0:
+            raise OSError(_errno.ENOMEM, "cannot prepare a region message: "
+                          + self._err.value.decode("utf-8", "replace"))
+        return fd.value, length
+
+    def _try_send_region(self, fd, length):
+        """Sends a prepared region message: True once sent (the fd is closed), False if
+        the ring is full (the fd stays the caller's)."""
+        self._check_open()
+        code = self._lib.spshm_ch_send_region(self._h, fd, length, self._err, _ERR_LEN)
+        if code == 0:
+            return True
+        if code != _WOULD_BLOCK:
+            self._raise(code)
+        return False
+
     def _send_loop(self, attempt, need, timeout):
         deadline = _deadline(timeout)
         pause = _ASIDE_PAUSE_MIN
