@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 import snakepit_shm
-from snakepit_shm import aio
+from snakepit_shm import aio, channel
 from conftest import requires_lib
 from test_channel import start_owner
 
@@ -69,3 +69,49 @@ def test_receive_timeouts_of_the_wrong_type_are_named(owner):
             assert await achan.recv(timeout=10) == b"still open"
 
         asyncio.run(main())
+
+
+class _CountingLib:
+    """The channel's C library, counting region preparations and answering "ring full"
+    to the first ``full`` region sends."""
+
+    def __init__(self, lib, full):
+        self._lib, self.full, self.prepared = lib, full, 0
+
+    def __getattr__(self, name):
+        fn = getattr(self._lib, name)
+        if name == "spshm_ch_prepare_region":
+            def prepare(*args):
+                self.prepared += 1
+                return fn(*args)
+            return prepare
+        if name == "spshm_ch_send_region":
+            def send_region(*args):
+                if self.full > 0:
+                    self.full -= 1
+                    return channel._WOULD_BLOCK
+                return fn(*args)
+            return send_region
+        return fn
+
+
+def test_asyncio_send_copies_a_region_message_once(owner):
+    """AsyncChannel.send of a message above the inline threshold retried the whole
+    Channel.send after a full ring: every attempt copied the message into a fresh memfd
+    again (3 full rings: 4 copies of 8 MiB)."""
+    import zlib
+    with snakepit_shm.Channel.connect(owner.ref) as ch:
+        counting = _CountingLib(ch._lib, full=3)
+        ch._lib = counting
+        ch._prepare_wait = lambda *args: False  # "space now": retry at once
+
+        async def main():
+            achan = aio.AsyncChannel(ch)
+            big = bytes(range(256)) * (8 << 12)  # 8 MiB
+            await achan.send(big)
+            back = await achan.recv(timeout=30)
+            assert zlib.crc32(back) == zlib.crc32(big)
+
+        asyncio.run(main())
+        assert counting.full == 0
+        assert counting.prepared == 1
