@@ -76,7 +76,7 @@ defmodule Snakepit.SharedMemory.Channel do
   @type option ::
           {:active, active()}
           | {:ring_size, pos_integer()}
-          | {:inline_threshold, non_neg_integer()}
+          | {:inline_threshold, pos_integer()}
           | {:transport, :auto | :shm | :socket}
           | {:ack_mode, :immediate | :batch | :deferred}
           | {:max_batch_size, pos_integer()}
@@ -115,8 +115,8 @@ defmodule Snakepit.SharedMemory.Channel do
     * `:active` - `false` (default, use `recv/2`), `true`, `:once` or an integer.
     * `:ring_size` - bytes of each ring: a multiple of 4096 from 4 KiB to 16 MiB; default
       64 KiB. See docs/CHANNEL.md for sizes by message rate.
-    * `:inline_threshold` - messages above it travel as region messages; default and
-      maximum a quarter of the ring.
+    * `:inline_threshold` - messages above it travel as region messages; at least 1,
+      default and maximum a quarter of the ring.
     * `:transport` - `:auto` (default: shared memory, the socket if a memfd cannot be
       created), `:shm` (fail instead of falling back) or `:socket`.
     * `:ack_mode` - `:batch` (default: the read index is published every
@@ -421,8 +421,20 @@ defmodule Snakepit.SharedMemory.Channel do
        when is_integer(v) and v >= 4096 and v <= 16_777_216 and rem(v, 4096) == 0,
        do: {:cont, acc}
 
-  defp check(:inline_threshold, v, acc) when is_nil(v) or (is_integer(v) and v >= 0),
+  defp check(:inline_threshold, v, acc) when is_nil(v) or (is_integer(v) and v >= 1),
     do: {:cont, acc}
+
+  # 0 went to the core as "no threshold given" and meant the default (a quarter of the
+  # ring): the opposite of what it says. Every message as a region message cannot be
+  # had either (an empty message has no region).
+  defp check(:inline_threshold, 0, _acc) do
+    {:halt,
+     Error.error(
+       :invalid_option,
+       ":inline_threshold must be at least 1 (bytes sent inline; larger messages travel " <>
+         "as region messages), got 0; leave it out for the default, a quarter of the ring"
+     )}
+  end
 
   defp check(:transport, v, acc) when v in [:auto, :shm, :socket], do: {:cont, acc}
   defp check(:ack_mode, v, acc) when v in [:immediate, :batch, :deferred], do: {:cont, acc}
