@@ -34,6 +34,18 @@ defmodule Snakepit.SharedMemory.Reliability.Attack4ATest do
       assert Channel.list() == []
     end
 
+    # inline_threshold: 0 was taken and meant the default (a quarter of the ring: 16 KiB
+    # on a 64 KiB ring), the opposite of what it says.
+    test "inline_threshold: 0 is refused, not taken as the default" do
+      assert {:error, %Error{reason: :invalid_option, message: message}} =
+               Channel.open(inline_threshold: 0)
+
+      assert message =~ ":inline_threshold must be at least 1"
+      {:ok, ch} = Channel.open(inline_threshold: 1)
+      assert ch.inline_max == 1
+      :ok = Channel.close(ch)
+    end
+
     test "a map of options works as the keyword list does; other terms are refused" do
       assert {:ok, ch} = Channel.open(%{active: true, ring_size: 8192})
       assert %{active: true, ring_size: 8192} = Channel.stats(ch)
