@@ -157,14 +157,17 @@ defmodule Snakepit.SharedMemory.HostQuota.Server do
   # The socket file was removed (an operator's rm, systemd-tmpfiles ageing the /tmp
   # fallback directory): the server still holds the election name, so no client could
   # ever reach a server again (every call :unavailable) while this VM lives. It listens
-  # at the path again. A file that is there but is not ours (another server, in another
-  # network namespace, took the free path) is left alone.
+  # at the path again, if the directory is still there. A file that is there but is not
+  # ours (another server, in another network namespace, took the free path) is left
+  # alone.
   defp check_socket(state) do
     path = RuntimeDir.socket_path(state.dir)
 
     case File.lstat(path) do
       {:error, :enoent} ->
-        with {:ok, _} <- RuntimeDir.ensure(state.dir),
+        # Only in the directory as it is (still ours, private): a directory removed
+        # with it is not made again here (its clients make it, with a new election).
+        with :ok <- RuntimeDir.verify(state.dir),
              {:ok, listener} <- open_listener(path) do
           Logger.warning("snakepit_shm host quota: #{path} was removed; listening there again")
           Process.unlink(state.acceptor)
