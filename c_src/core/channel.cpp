@@ -234,7 +234,17 @@ Result<std::unique_ptr<Endpoint>> Endpoint::connect(const std::string& path,
     long n = os::recv_with_fds(ep->conn_fd_, buf, sizeof buf, &fds, &trunc);
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) continue;
     if (n <= 0 || trunc) {
+      // The welcome's memfd and doorbells dropped by the kernel because this process is
+      // at its descriptor limit: our limit, not a refusal (it was reported as one).
+      const bool full = trunc && os::fd_table_full(ep->conn_fd_);
       cleanup_fds();
+      if (full) {
+        return Error{Errc::io_error, EMFILE,
+                     "this process is out of file descriptors (RLIMIT_NOFILE): the kernel "
+                     "dropped the channel's memfd and doorbells sent with the welcome; raise "
+                     "the limit (ulimit -n, systemd LimitNOFILE=) or keep fewer descriptors "
+                     "open, then connect to a new channel (this one took its one worker)"};
+      }
       return Error{Errc::permission_denied, n < 0 ? errno : 0,
                    "the channel owner refused the connection (wrong token, already connected "
                    "or closed)"};

@@ -328,7 +328,9 @@ class Channel:
             message = err.value.decode("utf-8", "replace")
             if code == _native.E_PERMISSION_DENIED:
                 raise errors.PermissionError(f"cannot connect to the channel: {message}")
-            raise OSError(_errno.ECONNREFUSED, f"cannot connect to the channel: {message}")
+            # This process's own limit, not a refusal: not a ConnectionRefusedError.
+            number = _errno.EMFILE if "RLIMIT_NOFILE" in message else _errno.ECONNREFUSED
+            raise OSError(number, f"cannot connect to the channel: {message}")
         return cls(out.value, ref, spin)
 
     @classmethod
