@@ -115,3 +115,43 @@ def test_asyncio_send_copies_a_region_message_once(owner):
         asyncio.run(main())
         assert counting.full == 0
         assert counting.prepared == 1
+
+
+OUT_OF_FDS = """
+import json, os, resource, sys
+sys.path.insert(0, sys.argv[1])
+import snakepit_shm
+from snakepit_shm import channel
+channel._lib()  # loaded before the table is full
+ref = json.loads(sys.argv[2])
+n = len(os.listdir('/proc/self/fd'))
+resource.setrlimit(resource.RLIMIT_NOFILE, (n + 2, n + 2))
+held = []
+while True:
+    try:
+        held.append(os.open('/dev/null', os.O_RDONLY))
+    except OSError:
+        break
+os.close(held.pop())  # room for the socket, none for the welcome's descriptors
+try:
+    snakepit_shm.Channel.connect(ref, timeout=5)
+    print('connected')
+except Exception as exc:
+    print(type(exc).__name__, exc.errno if isinstance(exc, OSError) else '', exc)
+"""
+
+
+def test_a_worker_out_of_descriptors_at_connect_is_told_so(owner):
+    """The kernel drops the welcome's memfd and doorbells for a process at its limit:
+    connect raised PermissionError "the channel owner refused the connection (wrong
+    token, already connected or closed)", blaming the owner and the token."""
+    import json
+    import os
+    import subprocess
+    import sys
+    package = os.path.dirname(os.path.dirname(os.path.abspath(snakepit_shm.__file__)))
+    child = subprocess.run([sys.executable, "-c", OUT_OF_FDS, package, json.dumps(owner.ref)],
+                           capture_output=True, text=True, timeout=60)
+    out = child.stdout.strip()
+    assert out.startswith("OSError 24 "), out + child.stderr[-2000:]
+    assert "out of file descriptors (RLIMIT_NOFILE)" in out
