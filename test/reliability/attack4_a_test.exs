@@ -267,6 +267,8 @@ defmodule Snakepit.SharedMemory.Reliability.Attack4ATest do
           end
           :ok = Channel.send(ch, "small")
           IO.puts("ALIVE")
+          # (a VM that halts leaves a listening channel's socket directory behind)
+          :ok = Channel.close(ch)
           """
 
           command =
