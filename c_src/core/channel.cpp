@@ -18,6 +18,12 @@ namespace {
 constexpr std::uint32_t kEpollIn = 0x001, kEpollOut = 0x004, kEpollErr = 0x008, kEpollHup = 0x010,
                         kEpollRdHup = 0x2000, kEpollEt = 1u << 31;
 constexpr std::size_t kReadChunk = 65536;
+/// How long a close waits, in the background, for the peer to read the tail of a frame
+/// already sent (socket transport).
+constexpr int kFlushOnCloseMs = 10000;
+/// How long the owner stops watching its listening socket after accept() found this
+/// process out of descriptors.
+constexpr std::uint64_t kAcceptPauseNs = 50'000'000;
 
 void put_u32(std::uint8_t* p, std::uint32_t v) noexcept { std::memcpy(p, &v, 4); }
 void put_u64(std::uint8_t* p, std::uint64_t v) noexcept { std::memcpy(p, &v, 8); }
@@ -228,7 +234,17 @@ Result<std::unique_ptr<Endpoint>> Endpoint::connect(const std::string& path,
     long n = os::recv_with_fds(ep->conn_fd_, buf, sizeof buf, &fds, &trunc);
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) continue;
     if (n <= 0 || trunc) {
+      // The welcome's memfd and doorbells dropped by the kernel because this process is
+      // at its descriptor limit: our limit, not a refusal (it was reported as one).
+      const bool full = trunc && os::fd_table_full(ep->conn_fd_);
       cleanup_fds();
+      if (full) {
+        return Error{Errc::io_error, EMFILE,
+                     "this process is out of file descriptors (RLIMIT_NOFILE): the kernel "
+                     "dropped the channel's memfd and doorbells sent with the welcome; raise "
+                     "the limit (ulimit -n, systemd LimitNOFILE=) or keep fewer descriptors "
+                     "open, then connect to a new channel (this one took its one worker)"};
+      }
       return Error{Errc::permission_denied, n < 0 ? errno : 0,
                    "the channel owner refused the connection (wrong token, already connected "
                    "or closed)"};
@@ -370,6 +386,18 @@ void Endpoint::fail(CloseReason reason, const std::string& detail) {
   detail_ = detail;
   failed_.store(true, std::memory_order_relaxed);
   state_ = State::closed;
+  if (conn_fd_ >= 0 && reason == CloseReason::closed && !peer_eof_ &&
+      out_off_ < out_pending_.size()) {
+    // Closed here while the tail of a sent frame still waits for room in the socket
+    // (socket transport, a peer reading slowly): send() said ok, so the tail goes out
+    // first, on a thread of its own for at most kFlushOnCloseMs, and then the peer sees
+    // EOF (as the frames left in a ring are still read after a close).
+    if (epfd_ >= 0) os::epoll_remove(epfd_, conn_fd_);
+    os::finish_sending_and_close(
+        conn_fd_, std::vector<std::uint8_t>(out_pending_.begin() + out_off_, out_pending_.end()),
+        kFlushOnCloseMs);
+    conn_fd_ = -1;
+  }
   if (conn_fd_ >= 0) {
     ::shutdown(conn_fd_, SHUT_RDWR);  // the peer sees EOF now
     if (epfd_ >= 0) os::epoll_remove(epfd_, conn_fd_);
@@ -415,6 +443,11 @@ State Endpoint::state() {
   return state_;
 }
 
+bool Endpoint::accept_paused() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return accept_paused_ && state_ == State::listening && reason_ == CloseReason::none;
+}
+
 Io Endpoint::closed_result(Error* err) {
   CloseReason r = reason_ != CloseReason::none ? reason_ : CloseReason::peer_closed;
   if (err != nullptr) {
@@ -448,7 +481,7 @@ void Endpoint::drop_candidate() {
   for (int f : fdq_) ::close(f);
   fdq_.clear();
   peer_eof_ = false;
-  if (listen_fd_ >= 0 && epfd_ >= 0) os::epoll_set(epfd_, listen_fd_, kEpollIn, true);
+  // The listening socket stays registered while a candidate is there (handle_ready).
 }
 
 void Endpoint::read_socket() {
@@ -670,12 +703,27 @@ void Endpoint::handle_ready(const os::Ready* ready, int count) {
     ring::end_sleep(cons_);
     prod_.ctl->producer.waiting.store(0, std::memory_order_relaxed);
   }
-  if (state_ == State::listening && conn_fd_ < 0 && listen_fd_ >= 0) {
-    int fd = os::accept_nonblocking(listen_fd_);
-    if (fd >= 0) {
-      conn_fd_ = fd;
-      os::epoll_remove(epfd_, listen_fd_);  // one candidate at a time
-      os::epoll_set(epfd_, conn_fd_, kEpollIn | kEpollRdHup, true);
+  if (state_ == State::listening && listen_fd_ >= 0) {
+    // One candidate at a time, but never one that blocks the others: the listening socket
+    // stays watched, and a new connection replaces a candidate that has not presented a
+    // valid hello by then (whatever it had sent is read first). A process that connects
+    // and says nothing, or half a hello, would otherwise keep the real worker out for as
+    // long as it stays connected.
+    if (conn_fd_ >= 0 && !peer_eof_) read_socket();
+    if (state_ == State::listening && reason_ == CloseReason::none && !accept_paused_) {
+      int fd = os::accept_nonblocking(listen_fd_);
+      if (fd >= 0) {
+        if (conn_fd_ >= 0) drop_candidate();
+        conn_fd_ = fd;
+        os::epoll_set(epfd_, conn_fd_, kEpollIn | kEpollRdHup, true);
+      } else if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+        // The connection stays pending and the listening socket readable: watched, it
+        // would wake the owner again at once, for as long as no descriptor is free (the
+        // channel's process spun on a scheduler). It is watched again after a pause.
+        accept_paused_ = true;
+        accept_resume_ns_ = os::monotonic_ns() + kAcceptPauseNs;
+        os::epoll_remove(epfd_, listen_fd_);
+      }
     }
   }
   if (conn_fd_ >= 0 && !peer_eof_) {
@@ -726,6 +774,10 @@ bool Endpoint::prepare_wait(bool want_data, bool want_space, std::uint64_t need)
   if (reason_ != CloseReason::none || peer_eof_) return !(want_data || want_space);
   bool sleep = true;
   const std::uint64_t now = os::monotonic_ns();
+  if (accept_paused_ && now >= accept_resume_ns_ && listen_fd_ >= 0 && epfd_ >= 0) {
+    accept_paused_ = false;  // watched again: a connection still pending wakes us now
+    os::epoll_set(epfd_, listen_fd_, kEpollIn, true);
+  }
   if (want_data) {
     if (transport_ == Transport::shm) {
       bool wake = false;

@@ -147,6 +147,11 @@ class Endpoint {
   void close(CloseReason reason = CloseReason::closed);
   CloseReason close_reason();
   State state();
+  /// True while the owner stopped watching its listening socket because accept() found
+  /// this process out of descriptors (EMFILE): the caller looks again in a while
+  /// (kAcceptPauseNs; prepare_wait() watches it again once that has passed), instead of
+  /// being woken for the same pending connection over and over.
+  bool accept_paused();
   Stats stats();
 
  private:
@@ -195,6 +200,8 @@ class Endpoint {
   std::uint64_t inq_bytes_ = 0;
   std::size_t regions_queued_ = 0;
   bool reading_paused_ = false;
+  bool accept_paused_ = false;
+  std::uint64_t accept_resume_ns_ = 0;
   std::deque<int> fdq_;
   // control socket output
   std::vector<std::uint8_t> out_pending_;

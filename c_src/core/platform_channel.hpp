@@ -60,6 +60,11 @@ void set_nonblocking(int fd) noexcept;
 /// Returns bytes sent or -1 (errno set).
 long send_with_fds(int fd, const void* data, std::size_t len, const int* fds,
                    std::size_t nfds) noexcept;
+/// Takes `fd` (a connected stream socket) and finishes sending `rest` on a detached
+/// thread, for at most `timeout_ms` (the peer must read meanwhile), then shuts it down
+/// and closes it: a local close must not cut a message whose send already succeeded.
+/// Without a thread, the socket is shut down and closed at once.
+void finish_sending_and_close(int fd, std::vector<std::uint8_t> rest, int timeout_ms) noexcept;
 /// recvmsg (MSG_DONTWAIT | MSG_CMSG_CLOEXEC): bytes read (0 = EOF) or -1 (errno);
 /// received fds are appended to `fds`. *truncated: the kernel dropped fds or control data.
 long recv_with_fds(int fd, void* buf, std::size_t len, std::vector<int>* fds,

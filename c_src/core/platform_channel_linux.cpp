@@ -15,6 +15,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <thread>
+#include <vector>
 
 #include "platform.hpp"
 #include "platform_channel.hpp"
@@ -229,6 +231,34 @@ std::uint32_t effective_uid() noexcept { return ::geteuid(); }
 void set_nonblocking(int fd) noexcept {
   int fl = ::fcntl(fd, F_GETFL);
   if (fl >= 0) ::fcntl(fd, F_SETFL, fl | O_NONBLOCK);
+}
+
+void finish_sending_and_close(int fd, std::vector<std::uint8_t> rest, int timeout_ms) noexcept {
+  auto finish = [fd, timeout_ms](const std::vector<std::uint8_t>& bytes) {
+    std::size_t off = 0;
+    const std::uint64_t deadline =
+        monotonic_ns() + static_cast<std::uint64_t>(timeout_ms) * 1000000;
+    while (off < bytes.size()) {
+      long n = send_with_fds(fd, bytes.data() + off, bytes.size() - off, nullptr, 0);
+      if (n > 0) {
+        off += static_cast<std::size_t>(n);
+        continue;
+      }
+      if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) break;
+      const std::uint64_t now = monotonic_ns();
+      if (now >= deadline) break;
+      struct pollfd p = {fd, POLLOUT, 0};
+      ::poll(&p, 1, static_cast<int>((deadline - now) / 1000000 + 1));
+    }
+    ::shutdown(fd, SHUT_RDWR);
+    ::close(fd);
+  };
+  try {
+    std::thread([finish, bytes = std::move(rest)] { finish(bytes); }).detach();
+  } catch (...) {
+    ::shutdown(fd, SHUT_RDWR);
+    ::close(fd);
+  }
 }
 
 long send_with_fds(int fd, const void* data, std::size_t len, const int* fds,

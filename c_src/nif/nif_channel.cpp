@@ -69,7 +69,7 @@ ErlNifResourceType* message_type = nullptr;
 
 struct ChannelAtoms {
   ERL_NIF_TERM spin, would_block, closed, shm, socket, automatic, immediate, batch, deferred;
-  ERL_NIF_TERM listening, connected, none, peer_closed, protocol_error, io_error;
+  ERL_NIF_TERM listening, connected, accept_paused, none, peer_closed, protocol_error, io_error;
   ERL_NIF_TERM ring_size, inline_threshold, transport, socket_dir, ack_mode, max_batch_size,
       flush_interval_us, max_message_size, simulate_memfd_failure;
   ERL_NIF_TERM path, token, inline_max, state, close_reason, close_detail, messages_sent,
@@ -245,6 +245,7 @@ bool open_channel_resource_types(ErlNifEnv* env) {
   A(deferred);
   A(listening);
   A(connected);
+  A(accept_paused);
   A(none);
   A(peer_closed);
   A(protocol_error);
@@ -377,6 +378,7 @@ SPSHM_GUARDED_NIF(nif_channel_events)(ErlNifEnv* env, int, const ERL_NIF_TERM ar
   ChannelResource* c;
   if (!get_channel(env, argv[0], &c)) return enif_make_badarg(env);
   c->ep->handle_events();
+  if (c->ep->accept_paused()) return ca.accept_paused;
   return c->ep->state() == channel::State::connected   ? ca.connected
          : c->ep->state() == channel::State::listening ? ca.listening
                                                        : closed_tuple(env, c);

@@ -319,6 +319,44 @@ TEST_CASE("endpoint: a wrong token is refused and the real worker still connects
   pump.join();
 }
 
+TEST_CASE("endpoint: connections that stall in the handshake do not lock the real worker out",
+          "[channel]") {
+  // Session-4 attack: a process of the user connected to the control socket and said
+  // nothing (or half a hello); the owner kept that one candidate for good and every real
+  // worker timed out ("no welcome from the channel owner in time").
+  channel::OwnerOptions o;
+  auto owner = channel::Endpoint::create_owner(o);
+  REQUIRE(owner.ok());
+  auto& ow = *owner.value();
+  std::atomic<bool> done{false};
+  std::thread pump([&] {
+    while (!done.load()) {
+      channel::os::wait_readable(ow.wait_fd(), 10);
+      ow.handle_events();
+    }
+  });
+  std::vector<int> stallers;
+  for (int i = 0; i < 3; ++i) {
+    auto fd = channel::os::connect_unix(ow.socket_path());
+    REQUIRE(fd.ok());
+    if (i == 1) {  // half a hello: a frame header announcing 40 bytes, then nothing
+      std::uint8_t half[12] = {40, 0, 0, 0, 16, 0, 0, 0, 1, 2, 3, 4};
+      REQUIRE(::send(fd.value(), half, sizeof half, MSG_NOSIGNAL) == sizeof half);
+    }
+    stallers.push_back(fd.value());
+    ::usleep(20000);  // each one accepted before the next arrives
+  }
+  channel::WorkerOptions wo;
+  wo.timeout_ms = 3000;
+  auto good = channel::Endpoint::connect(ow.socket_path(), ow.token_hex(), wo);
+  INFO((good.ok() ? std::string("connected") : good.error().message));
+  CHECK(good.ok());
+  CHECK(ow.state() == channel::State::connected);
+  done = true;
+  pump.join();
+  for (int fd : stallers) ::close(fd);
+}
+
 TEST_CASE("endpoint: recv_wait sleeps on the edge-triggered doorbell, times out, sees the close",
           "[channel]") {
   channel::OwnerOptions o;

@@ -1076,7 +1076,10 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
   defp well_shaped?(:channel_open, _, {:ok, ch}), do: is_reference(ch)
   defp well_shaped?(:channel_info, _, %{path: p}), do: is_binary(p)
   defp well_shaped?(:channel_stats, _, %{state: s}), do: is_atom(s)
-  defp well_shaped?(:channel_events, _, v), do: v in [:listening, :connected] or closed?(v)
+
+  defp well_shaped?(:channel_events, _, v),
+    do: v in [:listening, :accept_paused, :connected] or closed?(v)
+
   defp well_shaped?(:channel_prepare_region, _, {:ok, p}), do: is_reference(p)
   defp well_shaped?(:channel_recv, _, {:ok, l}), do: is_list(l)
   defp well_shaped?(:channel_recv, _, {:closed, r, l}), do: is_atom(r) and is_list(l)

@@ -56,7 +56,7 @@ defmodule Snakepit.SharedMemory.Channel do
 
   import Bitwise, only: [<<<: 2]
 
-  alias Snakepit.SharedMemory.{Error, Native}
+  alias Snakepit.SharedMemory.{Error, MemoryLimits, Native}
   alias Snakepit.SharedMemory.Channel.Server
 
   @enforce_keys [:id, :resource, :server, :inline_max, :send_timeout]
@@ -76,7 +76,7 @@ defmodule Snakepit.SharedMemory.Channel do
   @type option ::
           {:active, active()}
           | {:ring_size, pos_integer()}
-          | {:inline_threshold, non_neg_integer()}
+          | {:inline_threshold, pos_integer()}
           | {:transport, :auto | :shm | :socket}
           | {:ack_mode, :immediate | :batch | :deferred}
           | {:max_batch_size, pos_integer()}
@@ -115,8 +115,8 @@ defmodule Snakepit.SharedMemory.Channel do
     * `:active` - `false` (default, use `recv/2`), `true`, `:once` or an integer.
     * `:ring_size` - bytes of each ring: a multiple of 4096 from 4 KiB to 16 MiB; default
       64 KiB. See docs/CHANNEL.md for sizes by message rate.
-    * `:inline_threshold` - messages above it travel as region messages; default and
-      maximum a quarter of the ring.
+    * `:inline_threshold` - messages above it travel as region messages; at least 1,
+      default and maximum a quarter of the ring.
     * `:transport` - `:auto` (default: shared memory, the socket if a memfd cannot be
       created), `:shm` (fail instead of falling back) or `:socket`.
     * `:ack_mode` - `:batch` (default: the read index is published every
@@ -126,7 +126,8 @@ defmodule Snakepit.SharedMemory.Channel do
     * `:send_timeout` - how long `send/2` waits for ring space, in ms; `0` never waits;
       default `:infinity`.
     * `:max_message_size` - largest region message accepted from the worker; default 1 TiB.
-    * `:socket_dir` - where the private socket directory is made; default
+    * `:socket_dir` - where the private socket directory is made (a relative path is
+      taken from the VM's working directory); default
       `$XDG_RUNTIME_DIR`, `$TMPDIR` or `/tmp`.
     * `:spin` - in active mode, after the last message taken, the channel's process
       looks at the ring again for up to this many microseconds (between the other
@@ -134,12 +135,22 @@ defmodule Snakepit.SharedMemory.Channel do
       the worker no doorbell and the BEAM no wake-up; only while the machine has a CPU to
       spare (as the Python worker's `spin`). Default 0 (never spins): see docs/CHANNEL.md.
   """
-  @spec open([option()]) :: {:ok, t()} | {:error, Error.t()}
-  def open(opts \\ []) when is_list(opts) do
-    with {:ok, opts} <- validate(opts) do
+  @spec open([option()] | map()) :: {:ok, t()} | {:error, Error.t()}
+  def open(opts \\ [])
+
+  def open(opts) when is_list(opts) or (is_map(opts) and not is_struct(opts)) do
+    with {:ok, opts} <- validate(opts),
+         :ok <- ring_headroom(opts) do
       owner = opts[:owner] || self()
       Server.start(owner, opts)
     end
+  end
+
+  def open(other) do
+    Error.error(
+      :invalid_option,
+      "channel options must be a keyword list or a map, got: #{inspect(other, limit: 12)}"
+    )
   end
 
   @doc """
@@ -175,18 +186,48 @@ defmodule Snakepit.SharedMemory.Channel do
     if byte_size(bin) <= ch.inline_max do
       send_loop(ch, fn -> Native.channel_send(ch.resource, bin) end, byte_size(bin), deadline(ch))
     else
-      case Native.channel_prepare_region(bin) do
-        {:ok, prepared} ->
-          send_loop(
-            ch,
-            fn -> Native.channel_send_region(ch.resource, prepared) end,
-            16,
-            deadline(ch)
-          )
-
-        {:error, native} ->
-          {:error, Error.from_native(native, %{channel: ch.id})}
+      # The copy into the message's memfd is charged to this VM's memory cgroup: past
+      # its limit the kernel OOM-kills the VM, so it is refused first, as an allocation.
+      with :ok <- memory_headroom(ch, byte_size(bin)) do
+        send_region(ch, bin)
       end
+    end
+  end
+
+  # The rings (a header page and two rings, up to 32 MiB) are charged to the memory
+  # cgroup too.
+  defp ring_headroom(opts) do
+    if opts[:transport] == :socket do
+      :ok
+    else
+      size = 4096 + 2 * opts[:ring_size]
+
+      case MemoryLimits.check(size) do
+        :ok -> :ok
+        {:error, message} -> Error.error(:no_space, message, %{size: size})
+      end
+    end
+  end
+
+  defp memory_headroom(ch, size) do
+    case MemoryLimits.check(size) do
+      :ok -> :ok
+      {:error, message} -> Error.error(:no_space, message, %{channel: ch.id, size: size})
+    end
+  end
+
+  defp send_region(ch, bin) do
+    case Native.channel_prepare_region(bin) do
+      {:ok, prepared} ->
+        send_loop(
+          ch,
+          fn -> Native.channel_send_region(ch.resource, prepared) end,
+          16,
+          deadline(ch)
+        )
+
+      {:error, native} ->
+        {:error, Error.from_native(native, %{channel: ch.id})}
     end
   end
 
@@ -347,14 +388,30 @@ defmodule Snakepit.SharedMemory.Channel do
   end
 
   defp validate(opts) do
-    # uniq: an option given twice is checked (every value), not reported as unknown.
-    unknown = Enum.uniq(Keyword.keys(opts)) -- Keyword.keys(@defaults)
+    # An option given twice is refused (as by every other function of the API): the
+    # first value would win here, the last one in a Map.new/1 of the same list.
+    with {:ok, map} <- to_map(opts) do
+      unknown = Map.keys(map) -- Keyword.keys(@defaults)
 
-    if unknown != [] do
-      Error.error(:invalid_option, "unknown channel option(s) #{inspect(unknown)}")
+      if unknown != [] do
+        Error.error(:invalid_option, "unknown channel option(s) #{inspect(unknown)}")
+      else
+        opts = Keyword.merge(@defaults, Map.to_list(map))
+        Enum.reduce_while(opts, {:ok, opts}, fn {k, v}, acc -> check(k, v, acc) end)
+      end
+    end
+  end
+
+  defp to_map(opts) when is_map(opts), do: {:ok, opts}
+
+  defp to_map(opts) do
+    if Keyword.keyword?(opts) do
+      Snakepit.SharedMemory.Options.keyword_to_map(opts)
     else
-      opts = Keyword.merge(@defaults, opts)
-      Enum.reduce_while(opts, {:ok, opts}, fn {k, v}, acc -> check(k, v, acc) end)
+      Error.error(
+        :invalid_option,
+        "channel options must be a keyword list, got: #{inspect(opts)}"
+      )
     end
   end
 
@@ -364,8 +421,20 @@ defmodule Snakepit.SharedMemory.Channel do
        when is_integer(v) and v >= 4096 and v <= 16_777_216 and rem(v, 4096) == 0,
        do: {:cont, acc}
 
-  defp check(:inline_threshold, v, acc) when is_nil(v) or (is_integer(v) and v >= 0),
+  defp check(:inline_threshold, v, acc) when is_nil(v) or (is_integer(v) and v >= 1),
     do: {:cont, acc}
+
+  # 0 went to the core as "no threshold given" and meant the default (a quarter of the
+  # ring): the opposite of what it says. Every message as a region message cannot be
+  # had either (an empty message has no region).
+  defp check(:inline_threshold, 0, _acc) do
+    {:halt,
+     Error.error(
+       :invalid_option,
+       ":inline_threshold must be at least 1 (bytes sent inline; larger messages travel " <>
+         "as region messages), got 0; leave it out for the default, a quarter of the ring"
+     )}
+  end
 
   defp check(:transport, v, acc) when v in [:auto, :shm, :socket], do: {:cont, acc}
   defp check(:ack_mode, v, acc) when v in [:immediate, :batch, :deferred], do: {:cont, acc}

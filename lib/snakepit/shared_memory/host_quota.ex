@@ -49,6 +49,9 @@ defmodule Snakepit.SharedMemory.HostQuota do
   @spec define(name(), non_neg_integer(), keyword()) :: :ok | {:error, Error.t()}
   def define(name, limit, opts \\ [])
 
+  def define(name, limit, opts) when is_map(opts) and not is_struct(opts),
+    do: define(name, limit, Map.to_list(opts))
+
   def define(_name, _limit, opts) when not is_list(opts), do: bad_opts(opts)
 
   def define(name, limit, opts) do
@@ -78,6 +81,9 @@ defmodule Snakepit.SharedMemory.HostQuota do
   """
   @spec reserve(name(), pos_integer(), keyword()) :: {:ok, Reservation.t()} | {:error, Error.t()}
   def reserve(name, amount, opts \\ [])
+
+  def reserve(name, amount, opts) when is_map(opts) and not is_struct(opts),
+    do: reserve(name, amount, Map.to_list(opts))
 
   def reserve(_name, _amount, opts) when not is_list(opts), do: bad_opts(opts)
 
@@ -144,6 +150,9 @@ defmodule Snakepit.SharedMemory.HostQuota do
   @spec release(Reservation.t(), keyword()) :: :ok | {:error, Error.t()}
   def release(res, opts \\ [])
 
+  def release(%Reservation{} = res, opts) when is_map(opts) and not is_struct(opts),
+    do: release(res, Map.to_list(opts))
+
   def release(%Reservation{client: client} = res, opts) when is_pid(client) and is_list(opts) do
     with :ok <- Options.known_keys(opts, [:sync]) do
       case Keyword.get(opts, :sync, false) do
@@ -157,7 +166,11 @@ defmodule Snakepit.SharedMemory.HostQuota do
   end
 
   def release(%Reservation{}, opts) when not is_list(opts),
-    do: Error.error(:invalid_option, "options must be a keyword list, got: #{inspect(opts)}")
+    do:
+      Error.error(
+        :invalid_option,
+        "options must be a keyword list or a map, got: #{inspect(opts)}"
+      )
 
   def release(other, _opts),
     do:
@@ -174,6 +187,9 @@ defmodule Snakepit.SharedMemory.HostQuota do
   """
   @spec usage(name() | nil, keyword()) :: {:ok, [usage()]} | {:error, Error.t()}
   def usage(name \\ nil, opts \\ [])
+
+  def usage(name, opts) when is_map(opts) and not is_struct(opts),
+    do: usage(name, Map.to_list(opts))
 
   def usage(_name, opts) when not is_list(opts), do: bad_opts(opts)
 
@@ -211,6 +227,7 @@ defmodule Snakepit.SharedMemory.HostQuota do
   @doc false
   # The default client of this VM, started on first use.
   @spec client(keyword()) :: {:ok, pid()} | {:error, Error.t()}
+  def client(opts) when is_map(opts) and not is_struct(opts), do: client(Map.to_list(opts))
   def client(opts) when not is_list(opts), do: bad_opts(opts)
 
   def client(opts) do
@@ -266,7 +283,11 @@ defmodule Snakepit.SharedMemory.HostQuota do
   end
 
   defp bad_opts(opts),
-    do: Error.error(:invalid_option, "options must be a keyword list, got: #{inspect(opts)}")
+    do:
+      Error.error(
+        :invalid_option,
+        "options must be a keyword list or a map, got: #{inspect(opts)}"
+      )
 
   defp check_name(name) do
     if Protocol.valid_name?(name),

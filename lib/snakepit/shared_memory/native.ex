@@ -511,7 +511,7 @@ defmodule Snakepit.SharedMemory.Native do
   @spec channel_select(channel()) :: :ok | {:closed, atom()} | nif_error()
   def channel_select(_ch), do: :erlang.nif_error(:not_loaded)
 
-  @spec channel_events(channel()) :: :listening | :connected | {:closed, atom()}
+  @spec channel_events(channel()) :: :listening | :accept_paused | :connected | {:closed, atom()}
   def channel_events(_ch), do: :erlang.nif_error(:not_loaded)
 
   @spec channel_send(channel(), binary()) :: :ok | :would_block | {:closed, atom()} | nif_error()

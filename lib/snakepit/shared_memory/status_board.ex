@@ -122,7 +122,12 @@ defmodule Snakepit.SharedMemory.StatusBoard do
   and those of `Snakepit.SharedMemory.allocate_region/2`.
   """
   @spec create(String.t(), keyword()) :: {:ok, t()} | {:error, Error.t()}
-  def create(name, opts \\ []) do
+  def create(name, opts \\ [])
+
+  def create(name, opts) when is_map(opts) and not is_struct(opts),
+    do: create(name, Map.to_list(opts))
+
+  def create(name, opts) do
     with :ok <- check_keyword(opts),
          :ok <- known_options(opts, [:capacity, :stale_after, :gauges, :owner, :cleanup_policy]),
          {:ok, capacity} <- capacity(Keyword.get(opts, :capacity, @default_capacity)),
@@ -317,6 +322,9 @@ defmodule Snakepit.SharedMemory.StatusBoard do
     ArgumentError -> nif(board, fn -> raise ArgumentError end)
   end
 
+  def least_loaded(%__MODULE__{} = board, opts) when is_map(opts) and not is_struct(opts),
+    do: least_loaded(board, Map.to_list(opts))
+
   def least_loaded(%__MODULE__{} = board, opts) when is_list(opts) do
     with :ok <- check_keyword(opts),
          :ok <- known_options(opts, [:exclude, :score, :verify]),
@@ -340,7 +348,11 @@ defmodule Snakepit.SharedMemory.StatusBoard do
   end
 
   def least_loaded(%__MODULE__{}, opts),
-    do: Error.error(:invalid_option, "options must be a keyword list, got: #{inspect(opts)}")
+    do:
+      Error.error(
+        :invalid_option,
+        "options must be a keyword list or a map, got: #{inspect(opts)}"
+      )
 
   def least_loaded(other, _opts), do: not_a_board(other)
 
@@ -703,10 +715,23 @@ defmodule Snakepit.SharedMemory.StatusBoard do
   defp decode_values(fields, gauge_names) do
     Enum.reduce_while(fields, {:ok, List.duplicate(nil, 10)}, fn {key, value}, {:ok, acc} ->
       case field_index(key, gauge_names) do
+        # A field given twice (`[queue: 1, queue: 2]`, or a gauge both as an atom and
+        # as a string in a map) is refused: which value won was an accident of order.
         {:ok, i} ->
-          case check_value(i, key, value) do
-            {:ok, v} -> {:cont, {:ok, List.replace_at(acc, i, v)}}
-            error -> {:halt, error}
+          case Enum.at(acc, i) == nil && check_value(i, key, value) do
+            {:ok, v} ->
+              {:cont, {:ok, List.replace_at(acc, i, v)}}
+
+            false ->
+              {:halt,
+               Error.error(
+                 :invalid_option,
+                 "board field #{inspect(key)} given more than once (in " <>
+                   "#{inspect(fields, limit: 12)}): give each field once"
+               )}
+
+            error ->
+              {:halt, error}
           end
 
         :error ->
@@ -809,7 +834,10 @@ defmodule Snakepit.SharedMemory.StatusBoard do
     if Keyword.keyword?(opts) do
       with {:ok, _map} <- Snakepit.SharedMemory.Options.keyword_to_map(opts), do: :ok
     else
-      Error.error(:invalid_option, "options must be a keyword list, got: #{inspect(opts)}")
+      Error.error(
+        :invalid_option,
+        "options must be a keyword list or a map, got: #{inspect(opts)}"
+      )
     end
   end
 

@@ -13,6 +13,7 @@ The handshake runs in the default executor so it never blocks the loop.
 
 import asyncio
 import functools
+import os
 import time
 
 from .channel import Channel, WouldBlock, _deadline
@@ -91,6 +92,10 @@ class AsyncChannel:
     async def send(self, data, timeout=None):
         """Send one message, waiting (without blocking the loop) while the ring is full."""
         deadline = _deadline(timeout)
+        size = memoryview(data).nbytes  # bytes, not elements (array('i'), numpy)
+        if size > self.channel.inline_max:
+            await self._send_region(data, deadline)
+            return
         while True:
             try:
                 self.channel.send(data, timeout=0)
@@ -101,6 +106,23 @@ class AsyncChannel:
                 size = memoryview(data).nbytes  # bytes, not elements (array('i'), numpy)
                 await self._wait(False, True,
                                  16 if size > self.channel.inline_max else size, deadline)
+
+    async def _send_region(self, data, deadline):
+        # A region message is copied into its memfd once: a retry after a full ring
+        # sends the same memfd again (each attempt used to copy the whole message).
+        ch = self.channel
+        ch._check_open()
+        fd, length = ch._prepare_region(data)
+        try:
+            while not ch._try_send_region(fd, length):
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise WouldBlock("the channel's ring is full: the Elixir side does not "
+                                     "read fast enough")
+                await self._wait(False, True, 16, deadline)
+            fd = -1
+        finally:
+            if fd >= 0:
+                os.close(fd)
 
     def fileno(self):
         """The channel's wait descriptor."""

@@ -160,6 +160,9 @@ class StatusBoard:
             raise ValueError(f"worker_id must be 1 to {BF.WORKER_ID_CAPACITY} bytes of "
                              f"UTF-8, got {worker_id!r}")
         info = ref.get("board") if isinstance(ref, dict) else None
+        if info is not None and not isinstance(info, dict):
+            raise ValueError("the ref's \"board\" must be the map of Elixir's "
+                             f"StatusBoard.export_ref/1, got {info!r:.80}")
         library = _native.library()
         functions = _functions(library)
         region, size, lock_fd = _map_board(ref, library)
@@ -246,7 +249,7 @@ class StatusBoard:
                 "this status board slot was left")
         old = values[:]
         if state is not None:
-            s = BF.STATES.get(state)
+            s = BF.STATES.get(state) if isinstance(state, str) else None
             if s is None:
                 raise ValueError(f"state must be one of {list(BF.STATES)}, got {state!r}")
             values[0] = s
@@ -270,9 +273,23 @@ class StatusBoard:
                 values[i] = value
         try:
             self._pack(self._buffer, 0, *values)
-        except struct.error as exc:
+        except struct.error:
             values[:] = old
-            raise ValueError(f"a board value is out of range: {exc}") from None
+            # Name the field: struct's message ("required argument is not an integer")
+            # does not say which one.
+            given = dict(zip(_FIELDS[1:], (queue, in_flight, memory, processed, errors)))
+            given.update(gauges)
+            for name, value in given.items():
+                if value is None:
+                    continue
+                signed = name in gauges
+                low, high = (-(1 << 63), 1 << 63) if signed else (0, 1 << 64)
+                if isinstance(value, bool) or not isinstance(value, int) \
+                        or not low <= value < high:
+                    raise ValueError(
+                        f"{name} must be an integer from {low} to {high - 1}, got {value!r}"
+                    ) from None
+            raise
         if self._update(self._slot, self._owner, self._buffer_address) != 0:
             raise _errors.SnakepitShmError(
                 "this worker's status board slot is no longer ours (the board was "

@@ -42,6 +42,7 @@ import json
 import math
 import mmap
 import os
+import re
 import select
 import threading
 import time
@@ -60,6 +61,7 @@ _WOULD_BLOCK = 1
 _REGION = 2
 _E_CLOSED = -14
 _ACK_MODES = {"immediate": 0, "batch": 1, "deferred": 2}
+_TOKEN = re.compile(r"[0-9a-fA-F]{64}")
 # The io block's "nothing received" markers, and what it may hold (Channel._taking).
 _NO_LENGTH = 0xFFFFFFFF
 _NO_FD = -2
@@ -161,10 +163,21 @@ def layout():
     return json.loads(buf.value.decode("utf-8"))
 
 
+def _seconds(value, what):
+    """``value`` if it is a number of seconds (int or float, not bool), else TypeError
+    naming ``what`` (a str or None compared with a number raised an operator error)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{what} must be a number of seconds, got {value!r}")
+    return value
+
+
 def _deadline(timeout):
     """The monotonic time a wait of ``timeout`` seconds ends at; None: never (``None``
     or ``math.inf``)."""
-    if timeout is None or timeout == math.inf:
+    if timeout is None:
+        return None
+    _seconds(timeout, "timeout")
+    if timeout == math.inf:
         return None
     if timeout != timeout:
         raise ValueError("timeout must be a number of seconds or None, not NaN")
@@ -192,6 +205,13 @@ def _parse_ref(ref):
             raise ValueError(f"channel ref without {key!r}")
         if "\0" in ref[key]:  # the C library would read it cut at the NUL
             raise ValueError(f"the channel ref's {key!r} contains a NUL character")
+    if not _TOKEN.fullmatch(ref["token"]):
+        raise ValueError("the channel ref's 'token' must be 64 hex characters (as "
+                         "Channel.export_ref/1 makes it), got %d characters"
+                         % len(ref["token"]))
+    if len(os.fsencode(ref["path"])) > 107:  # sun_path
+        raise ValueError("the channel ref's 'path' is longer than a Unix socket path may "
+                         "be (107 bytes): %r" % ref["path"][:80])
     return ref
 
 
@@ -269,6 +289,11 @@ class Channel:
         ref = _parse_ref(ref)
         if ack_mode not in _ACK_MODES:
             raise ValueError(f"ack_mode must be one of {sorted(_ACK_MODES)}")
+        _seconds(flush_interval, "flush_interval")
+        _seconds(timeout, "timeout")
+        _seconds(spin, "spin")
+        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int):
+            raise TypeError(f"max_batch_size must be an int, got {max_batch_size!r}")
         # The C library takes fixed-size integers: check here what ctypes would wrap.
         max_batch_size = int(max_batch_size)
         if not 1 <= max_batch_size < 1 << 32:
@@ -285,10 +310,11 @@ class Channel:
         if not 0 <= max_message_size < 1 << 64:
             raise ValueError(f"max_message_size must be between 0 and 2**64 - 1, "
                              f"got {max_message_size}")
-        if timeout is None or timeout != timeout:
-            raise ValueError(f"timeout must be a number of seconds, got {timeout!r}")
-        if not -math.inf < spin < math.inf:
-            raise ValueError(f"spin must be a finite number of seconds, got {spin!r}")
+        if not timeout >= 0:  # NaN too
+            raise ValueError(f"timeout must be a number of seconds >= 0 (math.inf: "
+                             f"forever), got {timeout!r}")
+        if not 0 <= spin < math.inf:
+            raise ValueError(f"spin must be a finite number of seconds >= 0, got {spin!r}")
         timeout_ms = int(min(max(timeout, 0) * 1000, 2**31 - 1))  # math.inf: ~25 days
         lib = _lib()
         out = ctypes.c_void_p()
@@ -302,7 +328,9 @@ class Channel:
             message = err.value.decode("utf-8", "replace")
             if code == _native.E_PERMISSION_DENIED:
                 raise errors.PermissionError(f"cannot connect to the channel: {message}")
-            raise OSError(_errno.ECONNREFUSED, f"cannot connect to the channel: {message}")
+            # This process's own limit, not a refusal: not a ConnectionRefusedError.
+            number = _errno.EMFILE if "RLIMIT_NOFILE" in message else _errno.ECONNREFUSED
+            raise OSError(number, f"cannot connect to the channel: {message}")
         return cls(out.value, ref, spin)
 
     @classmethod
@@ -373,6 +401,30 @@ class Channel:
         finally:
             if fd is not None:
                 os.close(fd.value)
+
+    def _prepare_region(self, data):
+        """A sealed memfd holding ``data`` for a region message: (fd, length). The caller
+        sends it with :meth:`_try_send_region` (as often as the ring is full) and closes
+        the fd if it is never sent: the copy is made once, not once per attempt."""
+        with _native.buffer_address(data) as (address, length):
+            fd = ctypes.c_int(-1)
+            code = self._lib.spshm_ch_prepare_region(address, length, ctypes.byref(fd),
+                                                     self._err, _ERR_LEN)
+        if code != 0:
+            raise OSError(_errno.ENOMEM, "cannot prepare a region message: "
+                          + self._err.value.decode("utf-8", "replace"))
+        return fd.value, length
+
+    def _try_send_region(self, fd, length):
+        """Sends a prepared region message: True once sent (the fd is closed), False if
+        the ring is full (the fd stays the caller's)."""
+        self._check_open()
+        code = self._lib.spshm_ch_send_region(self._h, fd, length, self._err, _ERR_LEN)
+        if code == 0:
+            return True
+        if code != _WOULD_BLOCK:
+            self._raise(code)
+        return False
 
     def _send_loop(self, attempt, need, timeout):
         deadline = _deadline(timeout)

@@ -214,7 +214,8 @@ defmodule Snakepit.SharedMemory.HostQuotaTest do
       assert m =~ "release/1 takes a reservation returned by reserve/3"
 
       assert {:error, %Error{reason: :invalid_option}} = HQ.reserve("q", 1, :bad)
-      assert {:error, %Error{reason: :invalid_option}} = HQ.define("q", 1, %{client: a})
+      # (A map of options is accepted, as everywhere in the API: attack4_a_test.exs.)
+      assert {:error, %Error{reason: :invalid_option}} = HQ.define("q", 1, "client")
       assert {:error, %Error{reason: :invalid_option}} = HQ.usage("q", :bad)
 
       dead = spawn(fn -> :ok end)

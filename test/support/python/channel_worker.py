@@ -6,6 +6,8 @@ echo_checksum reply with "<len>:<crc32>" of every message (checks content withou
 sink N        receive N messages, then send b"done:<count>:<crc of all>"
 slow          sleep 0.05 s before each receive (back-pressure)
 burst N SIZE  send N messages of SIZE bytes, then wait for the channel to close
+drain DELAY   sleep DELAY seconds, then receive until the channel closes and print
+              "received <count> <reason>"
 hang          connect, then sleep forever (to be killed)
 """
 import json
@@ -50,6 +52,15 @@ def main():
                 for i in range(n):
                     ch.send(i.to_bytes(4, "little") * (size // 4))
                 ch.recv()
+            elif mode == "drain":
+                time.sleep(float(args[0]))
+                n = 0
+                try:
+                    while True:
+                        ch.recv(timeout=30)
+                        n += 1
+                except snakepit_shm.ChannelClosed as exc:
+                    print("received", n, exc.reason, flush=True)
             elif mode == "hang":
                 time.sleep(3600)
         except snakepit_shm.ChannelClosed as exc:

@@ -52,7 +52,7 @@ defmodule Snakepit.SharedMemory.Channel.Server do
       ring_size: opts[:ring_size],
       inline_threshold: opts[:inline_threshold] || 0,
       transport: opts[:transport],
-      socket_dir: opts[:socket_dir] || "",
+      socket_dir: socket_dir(opts[:socket_dir]),
       ack_mode: opts[:ack_mode],
       max_batch_size: opts[:max_batch_size],
       flush_interval_us: opts[:flush_interval] * 1000,
@@ -105,6 +105,11 @@ defmodule Snakepit.SharedMemory.Channel.Server do
       {:error, %Error{} = error} -> {:stop, {:shutdown, error}}
     end
   end
+
+  # The socket's path travels in the ref to a worker that may run in another working
+  # directory: a relative :socket_dir is made absolute here (against this VM's).
+  defp socket_dir(dir) when dir in [nil, ""], do: ""
+  defp socket_dir(dir), do: Path.expand(dir)
 
   defp open_native(opts) do
     case Native.channel_open(opts) do
@@ -254,6 +259,16 @@ defmodule Snakepit.SharedMemory.Channel.Server do
       caller != state.owner ->
         {:reply, Error.error(:not_owner, "only the channel's owner may hand it over"), state}
 
+      # Its messages would be sent to this process, which drops what it does not know,
+      # and nobody could take the channel back (only the owner may hand it over).
+      pid == self() ->
+        {:reply,
+         Error.error(
+           :invalid_argument,
+           "the channel's own process (ch.server) cannot own it: give the process that " <>
+             "receives its messages"
+         ), state}
+
       Native.channel_monitor(state.res, pid) != :ok ->
         {:reply, Error.error(:not_found, "the new owner #{inspect(pid)} is not alive"), state}
 
@@ -315,12 +330,21 @@ defmodule Snakepit.SharedMemory.Channel.Server do
           Stats.telemetry([:snakepit_shm, :channel, :connected], %{count: 1}, %{id: state.ch.id})
           %{state | connected: true}
 
+        :accept_paused ->
+          # This VM is out of descriptors: a worker's connection waits in the backlog.
+          # The listening socket is watched again after a pause (prepare_wait), which
+          # the next arm here, 50 ms from now, makes.
+          Process.send_after(self(), :retry_accept, 50)
+          state
+
         _ ->
           state
       end
 
     {:noreply, process(state)}
   end
+
+  def handle_info(:retry_accept, state), do: {:noreply, process(state)}
 
   def handle_info(:poll, state), do: {:noreply, process(%{state | poll_pending: false})}
 

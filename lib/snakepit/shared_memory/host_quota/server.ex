@@ -34,6 +34,8 @@ defmodule Snakepit.SharedMemory.HostQuota.Server do
   # :persistent_term, see hello_timeout/0).
   @hello_timeout_ms 10_000
   @recovery_ms 250
+  # How often the server checks that its socket file is still there (see :check_socket).
+  @socket_check_ms 1_000
 
   @doc false
   def child_spec(dir) do
@@ -105,6 +107,29 @@ defmodule Snakepit.SharedMemory.HostQuota.Server do
   end
 
   defp listen(dir, lock, path, takeover?) do
+    case open_listener(path) do
+      {:ok, listener} ->
+        Logger.info("snakepit_shm host quota: serving #{path}")
+        Process.send_after(self(), :check_socket, @socket_check_ms)
+
+        {:ok,
+         Map.merge(listener, %{
+           dir: dir,
+           lock: lock,
+           sessions: %{},
+           quotas: %{},
+           label: label(),
+           recovering: recovery(takeover?)
+         })}
+
+      {:error, reason} ->
+        :gen_tcp.close(lock)
+        {:stop, {:cannot_listen, path, reason}}
+    end
+  end
+
+  # Listens at `path` (mode 0600) with an acceptor of its own.
+  defp open_listener(path) do
     opts = [
       :binary,
       packet: 4,
@@ -114,27 +139,46 @@ defmodule Snakepit.SharedMemory.HostQuota.Server do
       ifaddr: {:local, path}
     ]
 
-    with {:ok, listen} <- :gen_tcp.listen(0, opts),
-         :ok <- File.chmod(path, 0o600) do
-      server = self()
-      acceptor = spawn_link(fn -> accept_loop(listen, server) end)
-      :ok = :gen_tcp.controlling_process(listen, acceptor)
-      Logger.info("snakepit_shm host quota: serving #{path}")
+    with {:ok, listen} <- :gen_tcp.listen(0, opts) do
+      case File.chmod(path, 0o600) do
+        :ok ->
+          server = self()
+          acceptor = spawn_link(fn -> accept_loop(listen, server) end)
+          :ok = :gen_tcp.controlling_process(listen, acceptor)
+          {:ok, %{listen: listen, acceptor: acceptor}}
 
-      {:ok,
-       %{
-         dir: dir,
-         lock: lock,
-         listen: listen,
-         sessions: %{},
-         quotas: %{},
-         label: label(),
-         recovering: recovery(takeover?)
-       }}
-    else
-      {:error, reason} ->
-        :gen_tcp.close(lock)
-        {:stop, {:cannot_listen, path, reason}}
+        error ->
+          :gen_tcp.close(listen)
+          error
+      end
+    end
+  end
+
+  # The socket file was removed (an operator's rm, systemd-tmpfiles ageing the /tmp
+  # fallback directory): the server still holds the election name, so no client could
+  # ever reach a server again (every call :unavailable) while this VM lives. It listens
+  # at the path again, if the directory is still there. A file that is there but is not
+  # ours (another server, in another network namespace, took the free path) is left
+  # alone.
+  defp check_socket(state) do
+    path = RuntimeDir.socket_path(state.dir)
+
+    case File.lstat(path) do
+      {:error, :enoent} ->
+        # Only in the directory as it is (still ours, private): a directory removed
+        # with it is not made again here (its clients make it, with a new election).
+        with :ok <- RuntimeDir.verify(state.dir),
+             {:ok, listener} <- open_listener(path) do
+          Logger.warning("snakepit_shm host quota: #{path} was removed; listening there again")
+          Process.unlink(state.acceptor)
+          :gen_tcp.close(state.listen)
+          Map.merge(state, listener)
+        else
+          _ -> state
+        end
+
+      _ ->
+        state
     end
   end
 
@@ -197,6 +241,11 @@ defmodule Snakepit.SharedMemory.HostQuota.Server do
     do: {:noreply, end_session(state, socket, "socket error #{inspect(reason)}")}
 
   def handle_info(:recovered, state), do: {:noreply, recovered(state)}
+
+  def handle_info(:check_socket, state) do
+    Process.send_after(self(), :check_socket, @socket_check_ms)
+    {:noreply, check_socket(state)}
+  end
 
   # A connection that has not said HELLO by now is not a client of ours (or a stuck one):
   # it holds nothing yet, so closing it costs nobody anything and frees its descriptor.
