@@ -5,7 +5,8 @@ defmodule Snakepit.SharedMemory.Reliability.PeersTest do
   # sweep here touches other suites' segments; real SIGKILLs.
   use ExUnit.Case, async: false
 
-  alias Snakepit.SharedMemory.{ClusterHelpers, Native, PeerVms, Peers, ShmHelpers}
+  alias Snakepit.SharedMemory.{ClusterHelpers, Native, PeerVms, Peers, ReliabilityHelpers}
+  alias Snakepit.SharedMemory.{ShmHelpers, Test.PythonWorker}
 
   @moduletag :reliability
   @moduletag timeout: 300_000
@@ -86,6 +87,60 @@ defmodule Snakepit.SharedMemory.Reliability.PeersTest do
            "#{held} outlived its last holder"
 
     _ = survivor
+  end
+
+  # A worker that makes POSIX outputs in `dir` (its argv[1]): "alloc" makes one and
+  # closes its Region (the output stays pending, unadopted), "fork" forks a child that
+  # sleeps; each replies with JSON.
+  @posix_worker """
+  import json, os, sys, time
+  os.environ["SNAKEPIT_SHM_PATH"] = sys.argv[1]
+  import snakepit_shm
+  from snakepit_shm import _presence
+  for line in sys.stdin:
+      if line.strip() == "alloc":
+          with snakepit_shm.allocate(4096, backend="posix") as out:
+              out.write(0, b"pending output")
+          print(json.dumps({"id": out.ref["region_id"], "connected": _presence.connected()}), flush=True)
+      else:
+          child = os.fork()
+          if child == 0:
+              time.sleep(3600)
+              os._exit(0)
+          print(json.dumps({"child": child}), flush=True)
+  """
+
+  test "a Python worker SIGKILLed with an unadopted POSIX output: the VM sweeps it at once",
+       %{dir: dir} do
+    # Before: the output stayed in the shm directory until a VM started (or cleanup).
+    vm = PeerVms.shm_peer("pwork", dir, true)
+    worker = PythonWorker.start(@posix_worker, [dir])
+    %{"id" => id, "connected" => 1} = PythonWorker.ask(worker, "alloc")
+    assert File.exists?(Path.join(dir, id))
+    assert ShmHelpers.wait_until(fn -> length(:erpc.call(vm, Peers, :list, [])) == 1 end)
+    assert [%{os_pid: os_pid}] = :erpc.call(vm, Peers, :list, [])
+    assert os_pid == worker.os_pid
+
+    PythonWorker.kill9(worker)
+    assert ShmHelpers.wait_until(fn -> gone?(dir, [id]) end, 10_000), "#{id} outlived its worker"
+  end
+
+  test "a forked child does not keep its parent's presence connections", %{dir: dir} do
+    vm = PeerVms.shm_peer("pfork", dir, true)
+    worker = PythonWorker.start(@posix_worker, [dir])
+    %{"connected" => 1} = PythonWorker.ask(worker, "alloc")
+    %{"child" => child} = PythonWorker.ask(worker, "fork")
+
+    try do
+      assert ShmHelpers.wait_until(fn -> length(:erpc.call(vm, Peers, :list, [])) == 1 end)
+      # (Not PythonWorker.kill9/1: the child keeps the port's pipes open.)
+      ReliabilityHelpers.kill9(worker.os_pid)
+      # The parent's death is seen although its child (which inherited the sockets) lives.
+      assert ShmHelpers.wait_until(fn -> :erpc.call(vm, Peers, :list, []) == [] end, 10_000)
+      assert ReliabilityHelpers.os_alive?(child)
+    after
+      ReliabilityHelpers.kill9(child)
+    end
   end
 
   test "a VM that starts later is connected too, in both directions", %{dir: dir} do

@@ -19,8 +19,10 @@ defmodule Snakepit.SharedMemory.Peers do
   the manager sweeps again (1 s, then backing off).
 
   Each side first sends its identity (`Native.self_info/0`: OS pid, start time and boot
-  id, as its segment headers name their creator), so that the survivor knows which
-  held segments were the dead VM's. A connection that says nothing valid first, or
+  id, as its segment headers name their creator; a JSON object, docs/FORMAT.md
+  "Presence sockets"), so that the survivor knows which held segments were the dead
+  VM's. A Python worker that creates a POSIX output connects the same way
+  (`snakepit_shm._presence`): the VMs then sweep what it leaves the moment it dies. A connection that says nothing valid first, or
   nothing within 10 s, is closed, and its end triggers nothing; at most 1024 connections
   are kept (a process of the user connecting in a loop cannot take the VM's descriptors). A socket of a VM that died is refused by the
   kernel (`ECONNREFUSED`) and removed by the next VM that finds it. A VM publishes
@@ -32,7 +34,7 @@ defmodule Snakepit.SharedMemory.Peers do
 
   require Logger
 
-  alias Snakepit.SharedMemory.{Native, Platform}
+  alias Snakepit.SharedMemory.{JSON, Native, Platform}
 
   @prefix "vm-"
   @suffix ".sock"
@@ -230,17 +232,26 @@ defmodule Snakepit.SharedMemory.Peers do
   defp socket_options,
     do: [:binary, packet: 4, packet_size: @hello_max, active: false, send_timeout: 1_000]
 
+  # The hello (docs/FORMAT.md "Presence sockets"): one {packet, 4} frame holding a JSON
+  # object, so that a Python worker can say it too.
   defp hello do
     %{os_pid: pid, start_time: start, boot_id: boot} = Native.self_info()
 
-    :erlang.term_to_binary(
-      {:snakepit_shm_peer, 1, %{os_pid: pid, start_time: start, boot_id: boot}}
-    )
+    {:ok, json} =
+      JSON.encode(%{
+        "snakepit_shm_peer" => 1,
+        "os_pid" => pid,
+        "start_time" => start,
+        "boot_id" => boot
+      })
+
+    json
   end
 
   defp decode_hello(data) do
-    case :erlang.binary_to_term(data, [:safe]) do
-      {:snakepit_shm_peer, 1, %{os_pid: pid, start_time: start, boot_id: boot}}
+    case JSON.decode(data) do
+      {:ok,
+       %{"snakepit_shm_peer" => 1, "os_pid" => pid, "start_time" => start, "boot_id" => boot}}
       when is_integer(pid) and pid > 0 and is_integer(start) and start >= 0 and
              is_binary(boot) and byte_size(boot) <= 64 ->
         {:ok, %{os_pid: pid, start_time: start, boot_id: boot}}
@@ -248,8 +259,6 @@ defmodule Snakepit.SharedMemory.Peers do
       _ ->
         :error
     end
-  rescue
-    ArgumentError -> :error
   end
 
   defp listen(dir) do

@@ -14,7 +14,8 @@ the worker dies before adoption, the kernel closes its descriptors and the memor
 gone: nothing is left behind.  A POSIX region (``backend="posix"``) is a file in
 /dev/shm ($SNAKEPIT_SHM_PATH if set) whose creator is the worker: given up
 (``discard()``, ``keep_seconds``) its name is removed; if the worker dies before
-adoption, the next orphan sweep of a VM on the host removes it.
+adoption, the VMs running on the host remove it at once (the worker is connected to
+their presence sockets: ``_presence``), else the next VM start's orphan sweep does.
 """
 
 import json
@@ -27,6 +28,7 @@ import time
 
 from . import _format as F
 from . import _native
+from . import _presence
 from ._locate import shm_dir
 from .region import state_bits
 
@@ -113,6 +115,10 @@ def allocate(size, dtype=None, shape=None, metadata=None, *, backend="memfd",
     if keep_seconds != math.inf:  # inf: until adopted or discarded
         _seconds("keep_seconds", keep_seconds, math.inf)
     lib = _native.library()
+    if backend == "posix":
+        # Before the file exists: the VMs must learn of this worker's death (SIGKILL
+        # included) to sweep an output it leaves unadopted (_presence).
+        _presence.join(shm_dir())
     region_id, control_fd, data_fd = lib.create(size, _BACKENDS[backend], text, idle_ns)
     ref = {"v": 1, "region_id": region_id, "backend": backend, "size": size,
            "sealed": False, "encrypted": False, "dtype": dtype_name,

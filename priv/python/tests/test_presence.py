@@ -1,0 +1,92 @@
+"""The worker's presence to the VMs (snakepit_shm._presence, docs/FORMAT.md "Presence
+sockets"): what it sends, where it looks, and what it refuses to trust."""
+
+import json
+import os
+import socket
+import struct
+
+import pytest
+
+from snakepit_shm import _presence, _proc
+
+
+@pytest.fixture
+def fresh(monkeypatch):
+    """A presence state as in a new process (join() runs once per process)."""
+    monkeypatch.setattr(_presence, "_joined_pid", None)
+    monkeypatch.setattr(_presence, "_sockets", [])
+    yield
+    for sock in _presence._sockets:
+        sock.close()
+
+
+def _vms(tmp_path, mode=0o700):
+    vms = tmp_path / f"snakepit_shm-{os.geteuid()}" / "vms"
+    vms.mkdir(parents=True)
+    os.chmod(vms.parent, 0o700)
+    os.chmod(vms, mode)
+    return vms
+
+
+def _listener(path):
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(4)
+    server.settimeout(5)
+    return server
+
+
+def _frame(conn):
+    header = conn.recv(4, socket.MSG_WAITALL)
+    (length,) = struct.unpack(">I", header)
+    return json.loads(conn.recv(length, socket.MSG_WAITALL))
+
+
+def test_introduces_itself_to_every_vm_with_its_creator_identity(tmp_path, fresh):
+    vms = _vms(tmp_path)
+    servers = [_listener(vms / f"vm-{n}.sock") for n in ("a", "b")]
+    (vms / "vm-dead.sock").touch()  # not a socket: refused, skipped
+    try:
+        assert _presence.join(str(tmp_path)) == 2
+        pid, start_time = _proc.self_identity()
+        for server in servers:
+            conn, _ = server.accept()
+            with conn:
+                assert _frame(conn) == {"snakepit_shm_peer": 1, "os_pid": pid,
+                                        "start_time": start_time,
+                                        "boot_id": _proc.boot_id().hex()}
+        # Once per process.
+        assert _presence.join(str(tmp_path)) == 2
+        assert _presence.connected() == 2
+    finally:
+        for server in servers:
+            server.close()
+
+
+def test_no_directory_means_no_presence(tmp_path, fresh):
+    assert _presence.join(str(tmp_path / "missing")) == 0
+    assert _presence.connected() == 0
+
+
+@pytest.mark.parametrize("mode", [0o755, 0o770, 0o701])
+def test_a_directory_others_can_enter_is_not_trusted(tmp_path, fresh, mode):
+    vms = _vms(tmp_path, mode)
+    server = _listener(vms / "vm-a.sock")
+    try:
+        assert _presence.join(str(tmp_path)) == 0
+    finally:
+        server.close()
+
+
+def test_a_symlinked_directory_is_not_followed(tmp_path, fresh):
+    real = _vms(tmp_path / "real")
+    server = _listener(real / "vm-a.sock")
+    link_parent = tmp_path / "shm" / f"snakepit_shm-{os.geteuid()}"
+    link_parent.mkdir(parents=True)
+    os.chmod(link_parent, 0o700)
+    os.symlink(real, link_parent / "vms")
+    try:
+        assert _presence.join(str(tmp_path / "shm")) == 0
+    finally:
+        server.close()
