@@ -42,6 +42,8 @@ defmodule Snakepit.SharedMemory.Peers do
   @max_path 107
   @hello_max 512
   @connect_timeout 1_000
+  # All the connections of a start together.
+  @connect_budget 3_000
   # A connection must introduce itself this fast; at most this many are kept (a process
   # of the user connecting in a loop must not take the VM's descriptors).
   @hello_timeout 10_000
@@ -118,7 +120,15 @@ defmodule Snakepit.SharedMemory.Peers do
         {:error, _} -> []
       end
 
-    Enum.reduce(entries, state, &connect(Path.join(state.dir, &1), &2))
+    deadline = System.monotonic_time(:millisecond) + @connect_budget
+
+    Enum.reduce(entries, state, fn name, state ->
+      # VMs that do not accept in time (stopped, hung, or listeners that are not VMs at
+      # all) must not hold the application's start: the rest is skipped.
+      if System.monotonic_time(:millisecond) < deadline,
+        do: connect(Path.join(state.dir, name), state),
+        else: state
+    end)
   end
 
   @impl true
