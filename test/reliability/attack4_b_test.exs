@@ -1,0 +1,153 @@
+defmodule Snakepit.SharedMemory.Reliability.Attack4BTest do
+  # Session-4 attack (regions and the manager, as users meet them): containers' small
+  # /dev/shm and descriptor limits, on VMs of their own.
+  use ExUnit.Case, async: false
+
+  alias Snakepit.SharedMemory.ReliabilityHelpers
+
+  @moduletag :reliability
+  @moduletag timeout: 120_000
+
+  setup_all do
+    ReliabilityHelpers.check_segments_on_exit()
+    :ok
+  end
+
+  # A container's small tmpfs as shm_path (the documented way out of Docker's 64 MiB
+  # /dev/shm): a POSIX allocation that did not fit said "free space in /dev/shm (df -h
+  # /dev/shm), enlarge it (mount -o remount,size=... /dev/shm ...)", a directory this VM
+  # does not use, and the Elixir layer appended a second advice naming /dev/shm again.
+  @full_shm_path ~S"""
+  dir = System.get_env("SHM_DIR")
+  Application.put_env(:snakepit_shm, :shm_path, dir)
+  Application.put_env(:logger, :level, :error)
+  {:ok, _} = Application.ensure_all_started(:snakepit_shm)
+  alias Snakepit.SharedMemory, as: SM
+
+  for opts <- [[backend: :posix], [name: "attack4big"], [backend: :posix, security_level: :high]] do
+    {:error, e} = SM.allocate_region(2 * 1024 * 1024, opts)
+    IO.puts("ERROR #{e.reason} #{e.message}")
+  end
+
+  {:ok, id} = SM.allocate_region(100_000, backend: :posix)
+  :ok = SM.deallocate_region(id)
+  IO.puts("LEFT #{inspect(File.ls!(dir))}")
+  """
+
+  test "a full shm_path tmpfs: the :no_space message names that directory, once" do
+    dir = Path.join(System.tmp_dir!(), "spshm_attack4_#{System.unique_integer([:positive])}")
+    File.mkdir_p!(dir)
+
+    case System.cmd("mount", ["-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", dir],
+           stderr_to_stdout: true
+         ) do
+      {_, 0} ->
+        try do
+          {out, status} = ReliabilityHelpers.elixir_vm(@full_shm_path, env: [{"SHM_DIR", dir}])
+
+          assert status == 0, out
+
+          errors =
+            for line <- String.split(out, "\n"), String.starts_with?(line, "ERROR "), do: line
+
+          assert length(errors) == 3, out
+
+          for line <- errors do
+            assert line =~ "ERROR no_space ", line
+            assert line =~ "shared memory directory #{dir} has too little space left", line
+            assert line =~ "mount -o remount,size=... #{dir}", line
+            refute line =~ "/dev/shm", line
+            # one advice, not the core's and then the Elixir layer's
+            assert length(String.split(line, "free regions")) == 2, line
+          end
+
+          assert out =~ "LEFT []", out
+        after
+          System.cmd("umount", ["-l", dir], stderr_to_stdout: true)
+          File.rm_rf(dir)
+        end
+
+      {why, _} ->
+        File.rm_rf(dir)
+        IO.puts("skipped: cannot mount a tmpfs here (#{String.trim(why)})")
+    end
+  end
+
+  # RLIMIT_NOFILE exhausted in interactive mode (mix run, iex): a new arena failed with
+  # :no_space and the advice "the shared memory filesystem or RAM is full ... grow
+  # /dev/shm ... or use backend: :memfd" (the arena is a memfd; the limit is the
+  # descriptors), and list_regions/1 raised UndefinedFunctionError: Stream.Reducers
+  # (Enum.chunk_every/2) could not be loaded from its .beam any more.
+  @nofile_listing ~S"""
+  {:ok, _} = Application.ensure_all_started(:snakepit_shm)
+  alias Snakepit.SharedMemory, as: SM
+  # What this script itself uses after the limit is loaded before it.
+  _ = inspect({:error, %RuntimeError{}, :x, "s", %{a: [1]}, 1.5})
+  _ = Enum.reduce_while([1], 0, fn _, a -> {:halt, a} end)
+  _ = Enum.frequencies_by([{:ok, 1}], &elem(&1, 0))
+  # the background preload of the application (interactive mode) has run by then
+  Process.sleep(3000)
+  open = length(File.ls!("/proc/self/fd"))
+  {_, 0} = System.cmd("prlimit", ["--pid", System.pid(), "--nofile=#{open + 30}"])
+
+  ids =
+    Enum.reduce_while(1..1000, [], fn _, acc ->
+      case SM.allocate_region(4096, arena: false, cleanup_policy: :manual) do
+        {:ok, id} -> {:cont, [id | acc]}
+        {:error, _} -> {:halt, acc}
+      end
+    end)
+
+  # arena regions until the arena in use is full and a new one cannot be made
+  {small, error} =
+    Enum.reduce_while(1..5000, {[], nil}, fn _, {acc, _} ->
+      case SM.allocate_region(4096, cleanup_policy: :manual) do
+        {:ok, id} -> {:cont, {[id | acc], nil}}
+        {:error, e} -> {:halt, {acc, e}}
+      end
+    end)
+
+  try do
+    case error do
+      nil -> IO.puts("ARENA never failed")
+      e -> IO.puts("ARENA #{e.reason} #{e.message}")
+    end
+
+    r = fn name, f ->
+      try do
+        IO.puts("CALL #{name} #{elem(f.(), 0)}")
+      rescue
+        e -> IO.puts("CALL #{name} raised #{Exception.format(:error, e)}")
+      end
+    end
+
+    r.("list_regions", fn -> SM.list_regions(%{}) end)
+    r.("stats", fn -> SM.stats() end)
+    r.("get_region_info", fn -> SM.get_region_info(hd(ids)) end)
+    r.("export_ref", fn -> SM.export_ref(hd(ids)) end)
+    r.("cleanup_regions", fn -> SM.cleanup_regions(dry_run: true) end)
+  rescue
+    e -> IO.puts("RAISED #{Exception.format(:error, e)}")
+  end
+
+  for id <- ids ++ small, do: :ok = SM.deallocate_region(id)
+  {:ok, id} = SM.allocate_region(4096, arena: false)
+  :ok = SM.deallocate_region(id)
+  IO.puts("ALIVE OK #{length(ids)}")
+  """
+
+  test "RLIMIT_NOFILE exhausted: an arena says too many open files; listing and stats work" do
+    {out, status} = ReliabilityHelpers.elixir_vm(@nofile_listing)
+    assert status == 0, "the VM died (exit #{status}):\n#{out}"
+    assert out =~ "ALIVE OK", out
+    assert [arena] = Regex.run(~r/^ARENA .*$/m, out), out
+    assert arena =~ ~r/^ARENA io_error .*[Tt]oo many open files/, arena
+    refute arena =~ "/dev/shm", arena
+
+    for call <- ~w(list_regions stats get_region_info export_ref cleanup_regions) do
+      assert out =~ "CALL #{call} ok", out
+    end
+
+    refute out =~ "raised", out
+  end
+end
