@@ -498,17 +498,15 @@ defmodule Snakepit.SharedMemory do
   """
   @spec to_nx(region_id()) :: {:ok, term()} | error()
   def to_nx(region_id) do
+    # A mapping without a hold: to_nx/1 is a read, not a holder letting go (its unmap
+    # freed a :reference_counted region that nothing else held).
     with {:ok, info} <- get_region_info(region_id),
-         {:ok, mapping} <- map_region(region_id, access_mode: :read_only) do
-      result = read(mapping, 0, info.size)
-      _ = unmap_region(mapping)
-
-      with {:ok, binary} <- result do
-        meta = info.metadata
-        dtype = meta["dtype"] || meta[:dtype]
-        shape = meta["shape"] || meta[:shape]
-        Snakepit.SharedMemory.ZeroCopy.to_nx(binary, dtype, shape)
-      end
+         {:ok, binary} <-
+           tables(fn -> Access.with_unheld(region_id, &read(&1, 0, info.size)) end) do
+      meta = info.metadata
+      dtype = meta["dtype"] || meta[:dtype]
+      shape = meta["shape"] || meta[:shape]
+      Snakepit.SharedMemory.ZeroCopy.to_nx(binary, dtype, shape)
     end
   end
 

@@ -150,4 +150,62 @@ defmodule Snakepit.SharedMemory.Reliability.Attack4BTest do
 
     refute out =~ "raised", out
   end
+
+  # to_nx/1 is a read, yet it mapped the region and unmapped it: the unmap of that one
+  # mapping was "the last holder letting go", and a :reference_counted region that
+  # nothing else held yet was freed (a second to_nx/1, map_region/2, a worker's attach:
+  # :not_found). A fetch/2 of such a region from another node freed it on its own node
+  # the same way (the sender's mapping).
+  describe "passing reads of a :reference_counted region free nothing" do
+    alias Snakepit.SharedMemory, as: SHM
+
+    test "to_nx/1 (Nx loaded or not) leaves the region as it found it" do
+      for backend <- [:memfd, :posix], arena <- [true, false], sealed <- [false, true] do
+        {:ok, id} =
+          SHM.allocate_region(16,
+            cleanup_policy: :reference_counted,
+            metadata: %{dtype: "float32", shape: [4]},
+            backend: backend,
+            arena: arena
+          )
+
+        if sealed, do: :ok = SHM.seal(id)
+        _ = SHM.to_nx(id)
+        _ = SHM.to_nx(id)
+        Process.sleep(250)
+        label = "#{backend} arena=#{arena} sealed=#{sealed}"
+        assert {:ok, %{reference_count: 0}} = SHM.get_region_info(id), label
+
+        # and the policy still works: the first real holder letting go frees it
+        {:ok, m} = SHM.map_region(id, access_mode: :read_only)
+        _ = SHM.to_nx(id)
+        :ok = SHM.unmap_region(m)
+        assert {:error, %{reason: :not_found}} = SHM.get_region_info(id), label
+      end
+    end
+
+    test "fetch/2 from another node leaves the source region alive" do
+      import Snakepit.SharedMemory.ClusterHelpers
+      ensure_distributed!()
+      {peer, a} = start_peer!("shm4b")
+
+      try do
+        owner = Node.spawn(a, Process, :sleep, [:infinity])
+
+        {:ok, id} =
+          :erpc.call(a, SHM, :allocate_region, [
+            4096,
+            [cleanup_policy: :reference_counted, owner: owner]
+          ])
+
+        {:ok, copy} = SHM.fetch(id, node: a)
+        :ok = SHM.deallocate_region(copy)
+        Process.sleep(250)
+        assert {:ok, %{reference_count: 0}} = :erpc.call(a, SHM, :get_region_info, [id])
+        :ok = :erpc.call(a, SHM, :deallocate_region, [id])
+      after
+        stop_peer(peer)
+      end
+    end
+  end
 end

@@ -70,6 +70,42 @@ defmodule Snakepit.SharedMemory.Access do
     end
   end
 
+  @doc """
+  Runs `fun` with a read-only mapping of `id` that adds no hold (the VM's own passing
+  reads, such as `to_nx/1`): it neither counts as a holder of a `:reference_counted`
+  region nor frees one when it ends. Authorised as `map/2` is.
+  """
+  @spec with_unheld(String.t(), (Mapping.t() -> result)) :: result | {:error, Error.t()}
+        when result: term()
+  def with_unheld(id, fun) do
+    with {:ok, record} <- lookup(id),
+         region(ref: ref, owner: owner, allowed: allowed, security_level: level) = record,
+         :ok <- Security.authorize(id, owner, allowed, self(), :map),
+         {:ok, mapping_ref} <- native(Native.map(ref, :read_only_unheld), id) do
+      Security.audit(level, id, :map, %{mode: :read_only})
+
+      mapping = %Mapping{
+        region_id: id,
+        id: make_ref(),
+        mode: :read_only,
+        size: region(record, :size),
+        ref: mapping_ref,
+        region: ref,
+        pid: self(),
+        encrypted: Security.level_flags(level).encrypted,
+        security_level: level,
+        counters: region(record, :counters),
+        cleanup_policy: :manual
+      }
+
+      try do
+        fun.(mapping)
+      after
+        Native.unmap(mapping_ref)
+      end
+    end
+  end
+
   defp mode(record, requested) do
     region(id: id, owner: owner, access_mode: access, counters: counters) = record
     sealed = sealed?(counters)
