@@ -494,7 +494,8 @@ defmodule Snakepit.SharedMemory do
   The region's contents as an Nx tensor, typed and shaped by its metadata's `dtype`
   and `shape` (`{:f, 32}` for `"float32"`, see `Snakepit.SharedMemory.Dtype`). Needs
   Nx loaded (`:unsupported` otherwise); no compile-time dependency. A sealed region is
-  read without copying.
+  read without copying. It reads without taking a hold: it never frees a
+  `:reference_counted` region (only a mapping or a worker letting go does).
   """
   @spec to_nx(region_id()) :: {:ok, term()} | error()
   def to_nx(region_id) do
