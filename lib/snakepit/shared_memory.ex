@@ -421,7 +421,11 @@ defmodule Snakepit.SharedMemory do
   descriptors when it sees the adopted bit).
 
   `seal/1` answers `:busy` while the worker still has the output attached read-write:
-  let the worker close it (leave its `with` block) before it returns the ref.
+  let the worker close it (leave its `with` block) before it returns the ref. With
+  `cleanup_policy: :reference_counted`, the holds the worker had before adoption do not
+  count: the region is freed once a holder of it after adoption (a mapping, an attached
+  worker) lets go and none is left (a worker still holding it at adoption counts as
+  such a holder).
 
   Adopt while the worker is alive: a worker that dies before adoption leaves nothing
   behind (memfd regions die with it; POSIX ones are removed by the next orphan sweep),

@@ -208,4 +208,54 @@ defmodule Snakepit.SharedMemory.Reliability.Attack4BTest do
       end
     end
   end
+
+  # adopt_region(ref, cleanup_policy: :reference_counted) of a worker's output (the
+  # worker made it, wrote it and closed it, as in the README) freed it within one
+  # cleanup tick: the worker's own holds before adoption made it look "held once, now
+  # unreferenced", and the result was lost before anything could map it.
+  @worker_output ~S"""
+  import json, sys, snakepit_shm
+  out = snakepit_shm.allocate(64, backend=sys.argv[1])
+  out.buf[:5] = b"hello"
+  ref = out.ref
+  out.close()
+  print(json.dumps(ref), flush=True)
+  sys.stdin.read()
+  """
+
+  test "an adopted :reference_counted worker output lives until a holder of it lets go" do
+    alias Snakepit.SharedMemory, as: SHM
+
+    for backend <- ["memfd", "posix"] do
+      port =
+        Port.open({:spawn_executable, "/usr/bin/python3"}, [
+          :binary,
+          :exit_status,
+          line: 1_000_000,
+          env: ReliabilityHelpers.python_env(),
+          args: ["-c", @worker_output, backend]
+        ])
+
+      try do
+        json =
+          receive do
+            {^port, {:data, {:eol, line}}} -> line
+          after
+            15_000 -> flunk("the worker made no output")
+          end
+
+        {:ok, id} = SHM.adopt_region(json, cleanup_policy: :reference_counted)
+        # several cleanup ticks (cleanup_interval 100 ms here)
+        Process.sleep(500)
+        assert {:ok, %{reference_count: 0}} = SHM.get_region_info(id), backend
+        {:ok, m} = SHM.map_region(id, access_mode: :read_only)
+        assert {:ok, "hello"} = SHM.read(m, 0, 5)
+        # the policy holds from there: its last holder letting go frees it
+        :ok = SHM.unmap_region(m)
+        assert {:error, %{reason: :not_found}} = SHM.get_region_info(id), backend
+      after
+        Port.close(port)
+      end
+    end
+  end
 end

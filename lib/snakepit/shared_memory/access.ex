@@ -173,8 +173,8 @@ defmodule Snakepit.SharedMemory.Access do
   """
   @spec free_if_unreferenced(String.t()) :: boolean()
   def free_if_unreferenced(id) do
-    with {:reference_counted, ref} <- Registry.policy_and_ref(id),
-         {generation, 0} when generation > 0 <- Native.hold_counts(ref),
+    with {:reference_counted, ref, held_after} <- Registry.policy_ref_and_baseline(id),
+         {generation, 0} when generation > held_after <- Native.hold_counts(ref),
          {:ok, _} <- Allocator.free(id, :unreferenced) do
       Stats.event(:unreferenced, %{count: 1}, %{region_id: id})
       true
