@@ -258,4 +258,51 @@ defmodule Snakepit.SharedMemory.Reliability.Attack4BTest do
       end
     end
   end
+
+  # The same for a named region another VM created and held before: a VM opening it
+  # with :open_only and cleanup_policy: :reference_counted dropped it on its first
+  # cleanup tick (the creator's holds made it "held once, now unreferenced").
+  @open_named ~S"""
+  Application.put_env(:snakepit_shm, :cleanup_interval, 100)
+  Application.put_env(:snakepit_shm, :orphan_sweep, false)
+  Application.put_env(:logger, :level, :error)
+  {:ok, _} = Application.ensure_all_started(:snakepit_shm)
+  alias Snakepit.SharedMemory, as: SM
+  name = System.get_env("REGION_NAME")
+
+  {:ok, id} =
+    SM.allocate_region(:any, name: name, open_mode: :open_only, cleanup_policy: :reference_counted)
+
+  Process.sleep(600)
+  IO.puts("AFTER #{elem(SM.get_region_info(id), 0)}")
+  {:ok, m} = SM.map_region(id, access_mode: :read_only)
+  IO.puts("READ #{inspect(SM.read(m, 0, 5))}")
+  :ok = SM.unmap_region(m)
+  IO.puts("UNMAPPED #{elem(SM.get_region_info(id), 0)}")
+  """
+
+  test "a named region opened :reference_counted by another VM lives until its holders go" do
+    alias Snakepit.SharedMemory, as: SHM
+    name = "a4b#{System.unique_integer([:positive])}"
+    {:ok, id} = SHM.allocate_region(4096, name: name, cleanup_policy: :manual)
+
+    try do
+      {:ok, m} = SHM.map_region(id, access_mode: :read_write)
+      :ok = SHM.write(m, 0, "named")
+      :ok = SHM.unmap_region(m)
+
+      {out, status} = ReliabilityHelpers.elixir_vm(@open_named, env: [{"REGION_NAME", name}])
+
+      assert status == 0, out
+      assert out =~ "AFTER ok", out
+      assert out =~ ~s(READ {:ok, "named"}), out
+      assert out =~ "UNMAPPED error", out
+      # the other VM only closed its open: the creator's region is intact
+      {:ok, m} = SHM.map_region(id, access_mode: :read_only)
+      assert {:ok, "named"} = SHM.read(m, 0, 5)
+      :ok = SHM.unmap_region(m)
+    after
+      SHM.deallocate_region(id)
+    end
+  end
 end

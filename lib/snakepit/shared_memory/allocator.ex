@@ -305,7 +305,10 @@ defmodule Snakepit.SharedMemory.Allocator do
         allowed: opts.allowed,
         metadata: opened_metadata(info, ref, opts),
         counters: new_counters(info),
-        quota: charge
+        quota: charge,
+        # An opened named region may have been held by others before: only holds after
+        # this open count for :reference_counted (else the first tick dropped it).
+        held_after: if(info.role == :opened, do: elem(Native.hold_counts(ref), 0), else: 0)
       )
 
     # Write order for crash safety: the host reservation's row first (a registered region
