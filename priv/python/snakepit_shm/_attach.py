@@ -89,6 +89,8 @@ def attach(ref_or_region_id, mode="r"):
                 header = _validated(library, snapshot, location, control_size - base,
                                     data_size - base)
             except errors.CorruptRegion:
+                if location.control_offset is not None:
+                    _raise_if_freed_chunk(location, snapshot)
                 if base == 0 and _being_created(control_fd, snapshot):
                     raise errors.RegionBusy(
                         f"region {location.region_id} has no header yet while a process "
@@ -145,6 +147,22 @@ def attach(ref_or_region_id, mode="r"):
             os.close(data_fd)
         if control_fd >= 0:
             os.close(control_fd)
+
+
+def _raise_if_freed_chunk(location, snapshot):
+    """An arena region's ref (or index entry) whose chunk is free, or holds another
+    region now: the region was freed and its space reused (a stale ref, like a memfd
+    ref whose descriptor number was reused), not a damaged segment."""
+    now = _header.reused_arena_chunk(snapshot)
+    if now is None or now == location.region_id:
+        return
+    what = ("is free" if now == "free" else
+            f"holds region {now} (its space in the arena was reused)")
+    raise errors.RegionNotFound(
+        f"region {location.region_id} no longer exists: its arena chunk at offset "
+        f"{location.control_offset} of {location.control_path} {what}. The owner freed "
+        "the region (deallocated, or the owner exited); ask the Elixir side for a fresh "
+        "region and ref.") from None
 
 
 def _fast_open(library, location, mode):
@@ -241,10 +259,15 @@ def inspect(ref_or_region_id):
             os.close(data_fd)
         else:
             data_size = control_size
-        header = _header.validate(snapshot, where=location.control_path,
-                                  region_id=location.region_id,
-                                  control_size=control_size - base,
-                                  data_object_size=data_size - base)
+        try:
+            header = _header.validate(snapshot, where=location.control_path,
+                                      region_id=location.region_id,
+                                      control_size=control_size - base,
+                                      data_object_size=data_size - base)
+        except errors.CorruptRegion:
+            if location.control_offset is not None:
+                _raise_if_freed_chunk(location, snapshot)
+            raise
         return describe(header, snapshot, location)
 
 
