@@ -349,4 +349,49 @@ defmodule Snakepit.SharedMemory.Reliability.Attack4BTest do
     # keep the region resources alive until here
     for {_id, ref} <- held, do: assert(is_reference(ref))
   end
+
+  # A worker given the ref of a small (arena) region the VM had freed got CorruptRegion
+  # ("its header is not published ... its creator died ... damaged ... cleanup removes
+  # ours", or "it holds region <other>" once the chunk was reused), where a dedicated
+  # memfd's stale ref says RegionNotFound.
+  @attach_stale ~S"""
+  import sys, snakepit_shm
+  for ref in sys.argv[1:]:
+      try:
+          snakepit_shm.attach(ref).close()
+          print("ATTACHED")
+      except snakepit_shm.SnakepitShmError as e:
+          print(type(e).__name__, e)
+  """
+
+  test "a stale ref of a freed arena region is RegionNotFound for a worker" do
+    alias Snakepit.SharedMemory, as: SHM
+    {:ok, keep} = SHM.allocate_region(4096)
+
+    stale = fn ->
+      {:ok, id} = SHM.allocate_region(4096)
+      {:ok, ref} = SHM.export_ref(id)
+      assert ref["control_offset"] != nil
+      {:ok, json} = SHM.JSON.encode(ref)
+      :ok = SHM.deallocate_region(id)
+      # the region resource goes, its chunk is cleared
+      :erlang.garbage_collect()
+      {id, json}
+    end
+
+    {freed, freed_json} = stale.()
+    Process.sleep(100)
+    {reused, reused_json} = stale.()
+    {:ok, others} = for(_ <- 1..4, do: SHM.allocate_region(4096)) |> then(&{:ok, &1})
+    {out, 0} = ReliabilityHelpers.python(@attach_stale, [freed_json, reused_json])
+    lines = String.split(out, "\n", trim: true)
+    assert length(lines) == 2, out
+
+    for {line, id} <- Enum.zip(lines, [freed, reused]) do
+      assert line =~ ~r/^RegionNotFound region #{id} no longer exists/, out
+    end
+
+    for {:ok, id} <- others, do: :ok = SHM.deallocate_region(id)
+    :ok = SHM.deallocate_region(keep)
+  end
 end
