@@ -37,6 +37,20 @@ def attach(ref_or_region_id, mode="r"):
     """
     if mode not in ("r", "rw"):
         raise ValueError(f"mode must be 'r' or 'rw', got {mode!r}")
+    try:
+        return _attach(ref_or_region_id, mode)
+    except OSError as exc:
+        if exc.errno not in (errno.EMFILE, errno.ENFILE):
+            raise
+        # Every open, dup (mmap duplicates what it maps), pidfd and /proc read here
+        # needs a descriptor: say which limit, not a bare OSError.
+        raise errors.SnakepitShmError(
+            f"cannot attach the region: {exc.strerror}: this worker is out of file "
+            "descriptors; raise the limit (ulimit -n, LimitNOFILE=) or close regions "
+            "and files it no longer uses") from None
+
+
+def _attach(ref_or_region_id, mode):
     library = _native.library()
     # A bare id listed in the runtime index: one C call checks the entry while opening
     # the region (the memfd links before and after the open, the owner; for an arena
@@ -473,7 +487,12 @@ def _map_data(region_id, fd, header, mode, base=0):
     except OSError as exc:
         if mode == "rw" and exc.errno in (errno.EPERM, errno.EACCES):
             raise _sealed_error(region_id) from None
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            # mmap.mmap duplicates the descriptor it maps.
+            hint = ("This worker is out of file descriptors: raise the limit (ulimit -n, "
+                    "LimitNOFILE=) or close regions and files it no longer uses.")
+        else:
+            hint = "Check the address space and memory limits (ulimit -v) of this worker."
         raise errors.SnakepitShmError(
-            f"cannot map region {region_id}: {exc.strerror}. Check the address space "
-            "and memory limits (ulimit -v) of this worker.") from None
+            f"cannot map region {region_id}: {exc.strerror}. {hint}") from None
     return data_mm, view_offset
