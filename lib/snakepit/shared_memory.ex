@@ -320,7 +320,7 @@ defmodule Snakepit.SharedMemory do
     with :ok <- available(), {:ok, opts} <- Options.cleanup(opts) do
       case Manager.cleanup(opts) do
         {:ok, freed} -> {:ok, freed}
-        {:error, reason} -> unavailable(reason)
+        {:error, reason} -> manager_gone(reason)
       end
     end
   end
@@ -626,6 +626,33 @@ defmodule Snakepit.SharedMemory do
   rescue
     e in ArgumentError ->
       if Registry.available?(), do: reraise(e, __STACKTRACE__), else: unavailable(:tables_gone)
+  end
+
+  # The manager exited during the call (killed, crashed; its supervisor restarts it)
+  # or was between two lives: the application runs, so "start it" would be wrong.
+  defp manager_gone(reason) do
+    if Registry.available?() do
+      why =
+        case reason do
+          {why, {GenServer, :call, _}} -> why
+          why -> why
+        end
+
+      what =
+        if why == :noproc,
+          do: "was being restarted",
+          else: "exited before cleanup_regions/1 finished (#{inspect(why, limit: 5)})"
+
+      Error.error(
+        :unavailable,
+        "the manager (Snakepit.SharedMemory.Manager) #{what}; its supervisor restarts " <>
+          "it. Some of the selected regions may be freed already: call " <>
+          "cleanup_regions/1 again (list_regions/1 shows what is left)",
+        %{exit: why}
+      )
+    else
+      unavailable(reason)
+    end
   end
 
   defp unavailable(reason) do

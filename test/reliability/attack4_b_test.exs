@@ -394,4 +394,36 @@ defmodule Snakepit.SharedMemory.Reliability.Attack4BTest do
     for {:ok, id} <- others, do: :ok = SHM.deallocate_region(id)
     :ok = SHM.deallocate_region(keep)
   end
+
+  # cleanup_regions/1 whose manager was killed during the call (a crash, an operator's
+  # kill: its supervisor restarts it) answered "the :snakepit_shm application is not
+  # running ({:killed, {GenServer, :call, ...}}): start it with
+  # Application.ensure_all_started(:snakepit_shm)": the application ran all along.
+  test "cleanup_regions/1 when the manager dies during the call says so, not 'start the app'" do
+    alias Snakepit.SharedMemory, as: SHM
+    {:ok, id} = SHM.allocate_region(4096, cleanup_policy: :manual)
+    manager = Process.whereis(Snakepit.SharedMemory.Manager)
+    :ok = :sys.suspend(manager)
+    task = Task.async(fn -> SHM.cleanup_regions(ids: [id]) end)
+    # the call is in the suspended manager's queue
+    assert Snakepit.SharedMemory.ShmHelpers.wait_until(
+             fn -> Process.info(manager, :message_queue_len) |> elem(1) > 0 end,
+             5_000
+           )
+
+    Process.exit(manager, :kill)
+    assert {:error, %{reason: :unavailable, message: message}} = Task.await(task, 10_000)
+    assert message =~ "manager", message
+    assert message =~ "call cleanup_regions/1 again", message
+    refute message =~ "not running", message
+    refute message =~ "ensure_all_started", message
+    refute message =~ "GenServer", message
+    # it was restarted, and the call works again
+    assert Snakepit.SharedMemory.ShmHelpers.wait_until(
+             fn -> Process.whereis(Snakepit.SharedMemory.Manager) not in [nil, manager] end,
+             5_000
+           )
+
+    assert {:ok, [%{region_id: ^id}]} = SHM.cleanup_regions(ids: [id])
+  end
 end
