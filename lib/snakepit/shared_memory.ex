@@ -44,6 +44,8 @@ defmodule Snakepit.SharedMemory do
 
   require Registry
 
+  @max_u64 0xFFFF_FFFF_FFFF_FFFF
+
   @type region_id :: String.t()
   @type error :: {:error, Error.t()}
 
@@ -198,6 +200,9 @@ defmodule Snakepit.SharedMemory do
   `:closed`, `:deallocated`, `:busy`.
   """
   @spec write(Mapping.t(), non_neg_integer(), iodata()) :: :ok | error()
+  def write(%Mapping{} = mapping, offset, _data) when is_integer(offset) and offset > @max_u64,
+    do: beyond_end(:write, mapping, offset, nil)
+
   def write(%Mapping{} = mapping, offset, data) when is_integer(offset) and offset >= 0 do
     start = Stats.start()
 
@@ -218,6 +223,11 @@ defmodule Snakepit.SharedMemory do
   writer in another process may change the region between two slices.
   """
   @spec read(Mapping.t(), non_neg_integer(), non_neg_integer()) :: {:ok, binary()} | error()
+  def read(%Mapping{} = mapping, offset, length)
+      when is_integer(offset) and offset >= 0 and is_integer(length) and length >= 0 and
+             (offset > @max_u64 or length > @max_u64),
+      do: beyond_end(:read, mapping, offset, length)
+
   def read(%Mapping{} = mapping, offset, length)
       when is_integer(offset) and offset >= 0 and is_integer(length) and length >= 0 do
     start = Stats.start()
@@ -668,6 +678,22 @@ defmodule Snakepit.SharedMemory do
       :invalid_argument,
       "expected a %Snakepit.SharedMemory.Mapping{} from map_region/2, got: #{inspect(other, limit: 5)}"
     )
+  end
+
+  # Offsets and lengths the native layer cannot take (it would saturate them to
+  # 2^64 - 1 and name that number in its message): out of bounds, with the caller's own.
+  defp beyond_end(operation, mapping, offset, length) do
+    start = Stats.start()
+    span = if length, do: "offset #{offset} + length #{length}", else: "offset #{offset}"
+
+    result =
+      Error.error(
+        :out_of_bounds,
+        "#{span} exceeds the size of region #{mapping.region_id} (#{mapping.size} bytes)",
+        %{region_id: mapping.region_id}
+      )
+
+    Stats.stop(operation, start, result, %{region_id: mapping.region_id})
   end
 
   defp bad_offset(offset),

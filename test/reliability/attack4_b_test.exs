@@ -426,4 +426,21 @@ defmodule Snakepit.SharedMemory.Reliability.Attack4BTest do
 
     assert {:ok, [%{region_id: ^id}]} = SHM.cleanup_regions(ids: [id])
   end
+
+  # read/3 and write/3 with an offset or length beyond 2^64 - 1 (a bignum) answered
+  # :out_of_bounds naming 18446744073709551615, a number the caller never gave.
+  test "read/3 and write/3 name the caller's own huge offset and length" do
+    alias Snakepit.SharedMemory, as: SHM
+    {:ok, id} = SHM.allocate_region(4096)
+    {:ok, m} = SHM.map_region(id, access_mode: :read_write)
+    huge = Integer.to_string(2 ** 70)
+
+    for result <- [SHM.read(m, 2 ** 70, 1), SHM.read(m, 0, 2 ** 70), SHM.write(m, 2 ** 64, "x")] do
+      assert {:error, %{reason: :out_of_bounds, message: message}} = result
+      refute message =~ "18446744073709551615", message
+      assert message =~ huge or message =~ Integer.to_string(2 ** 64), message
+    end
+
+    :ok = SHM.deallocate_region(id)
+  end
 end
