@@ -215,27 +215,34 @@ defmodule Snakepit.SharedMemory.Reliability.Attack4BTest do
   # worker made it, wrote it and closed it, as in the README) freed it within one
   # cleanup tick: the worker's own holds before adoption made it look "held once, now
   # unreferenced", and the result was lost before anything could map it.
+  # With argv[2] == "keep", the worker keeps its output attached (the README's
+  # from_array flow returns the ref of an output it never closes) until told to drop it.
   @worker_output ~S"""
-  import json, sys, snakepit_shm
+  import gc, json, sys, snakepit_shm
   out = snakepit_shm.allocate(64, backend=sys.argv[1])
   out.buf[:5] = b"hello"
   ref = out.ref
-  out.close()
+  if sys.argv[2] != "keep":
+      out.close()
   print(json.dumps(ref), flush=True)
+  sys.stdin.readline()
+  del out
+  gc.collect()
+  print("dropped", flush=True)
   sys.stdin.read()
   """
 
   test "an adopted :reference_counted worker output lives until a holder of it lets go" do
     alias Snakepit.SharedMemory, as: SHM
 
-    for backend <- ["memfd", "posix"] do
+    for backend <- ["memfd", "posix"], keep <- ["close", "keep"] do
       port =
         Port.open({:spawn_executable, "/usr/bin/python3"}, [
           :binary,
           :exit_status,
           line: 1_000_000,
           env: ReliabilityHelpers.python_env(),
-          args: ["-c", @worker_output, backend]
+          args: ["-c", @worker_output, backend, keep]
         ])
 
       try do
@@ -249,7 +256,18 @@ defmodule Snakepit.SharedMemory.Reliability.Attack4BTest do
         {:ok, id} = SHM.adopt_region(json, cleanup_policy: :reference_counted)
         # several cleanup ticks (cleanup_interval 100 ms here)
         Process.sleep(500)
-        assert {:ok, %{reference_count: 0}} = SHM.get_region_info(id), backend
+        assert {:ok, _} = SHM.get_region_info(id), "#{backend} #{keep}"
+        # the worker lets go of its own output
+        Port.command(port, "drop\n")
+
+        receive do
+          {^port, {:data, {:eol, "dropped"}}} -> :ok
+        after
+          15_000 -> flunk("the worker did not drop its output")
+        end
+
+        Process.sleep(500)
+        assert {:ok, %{reference_count: 0}} = SHM.get_region_info(id), "#{backend} #{keep}"
         {:ok, m} = SHM.map_region(id, access_mode: :read_only)
         assert {:ok, "hello"} = SHM.read(m, 0, 5)
         # the policy holds from there: its last holder letting go frees it

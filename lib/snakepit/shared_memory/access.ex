@@ -174,7 +174,8 @@ defmodule Snakepit.SharedMemory.Access do
   @spec free_if_unreferenced(String.t()) :: boolean()
   def free_if_unreferenced(id) do
     with {:reference_counted, ref, held_after} <- Registry.policy_ref_and_baseline(id),
-         {generation, 0} when generation > held_after <- Native.hold_counts(ref),
+         {generation, 0} <- Native.hold_counts(ref),
+         true <- held_since?(id, held_after, generation),
          {:ok, _} <- Allocator.free(id, :unreferenced) do
       Stats.event(:unreferenced, %{count: 1}, %{region_id: id})
       true
@@ -182,6 +183,20 @@ defmodule Snakepit.SharedMemory.Access do
       _ -> false
     end
   end
+
+  @doc """
+  True if a `:reference_counted` region's holder generation moved past its baseline
+  (`held_after` of its record). A baseline still `nil` (an adopted worker output whose
+  worker held it at adoption) is set now that nothing holds it: the holds before
+  adoption never count.
+  """
+  @spec held_since?(String.t(), non_neg_integer() | nil, non_neg_integer()) :: boolean()
+  def held_since?(id, nil, generation) do
+    _ = Registry.set_held_after(id, generation)
+    false
+  end
+
+  def held_since?(_id, held_after, generation), do: generation > held_after
 
   @doc "Writes `iodata` at `offset`."
   @spec write(Mapping.t(), non_neg_integer(), iodata()) :: :ok | {:error, Error.t()}

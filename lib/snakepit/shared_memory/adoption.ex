@@ -275,8 +275,13 @@ defmodule Snakepit.SharedMemory.Adoption do
       timeout = opts.timeout
       _ = Native.set_idle_timeout(handle, if(timeout == :infinity, do: 0, else: timeout))
       # The worker's own holds before adoption do not count: a :reference_counted output
-      # is freed once a holder of it after adoption lets go, not at once.
-      {held_after, _} = Native.hold_counts(handle)
+      # is freed once a holder of it after adoption lets go, not at once. Still held
+      # (the worker keeps its output object): the baseline waits until it lets go.
+      held_after =
+        case Native.hold_counts(handle) do
+          {generation, 0} -> generation
+          {_generation, _held} -> nil
+        end
 
       record =
         region(

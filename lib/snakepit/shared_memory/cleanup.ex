@@ -167,7 +167,7 @@ defmodule Snakepit.SharedMemory.Cleanup do
          ), [], [{{:"$1", :"$2", :"$3"}}]}
       ])
 
-    for {id, ref, held_after} <- rows, unreferenced?(ref, held_after), do: {id, :unreferenced}
+    for {id, ref, held_after} <- rows, unreferenced?(id, ref, held_after), do: {id, :unreferenced}
   end
 
   defp vanished([]), do: []
@@ -195,9 +195,9 @@ defmodule Snakepit.SharedMemory.Cleanup do
     now_ms - max(last_ms, created_at) > timeout and elem(Native.hold_counts(ref), 1) == 0
   end
 
-  defp unreferenced?(ref, held_after) do
+  defp unreferenced?(id, ref, held_after) do
     {generation, refcount} = Native.hold_counts(ref)
-    generation > held_after and refcount == 0
+    refcount == 0 and Access.held_since?(id, held_after, generation)
   end
 
   # Names in the shm directory, listed once per sweep (nil: this platform has none),
