@@ -434,8 +434,9 @@ defmodule Snakepit.SharedMemory do
   let the worker close it (leave its `with` block) before it returns the ref. With
   `cleanup_policy: :reference_counted`, the holds the worker had before adoption do not
   count: the region is freed once a holder of it after adoption (a mapping, an attached
-  worker) lets go and none is left (a worker still holding it at adoption counts as
-  such a holder).
+  worker) lets go and none is left. If the worker still holds its output when it is
+  adopted (a `from_array` result it did not close), counting starts once the worker
+  lets go of it.
 
   Adopt while the worker is alive: a worker that dies before adoption leaves nothing
   behind (memfd regions die with it; POSIX ones are removed by the next orphan sweep),
