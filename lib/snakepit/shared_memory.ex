@@ -498,8 +498,9 @@ defmodule Snakepit.SharedMemory do
   @doc """
   The environment variables a Python worker needs to `import snakepit_shm`:
   `{:ok, %{"PYTHONPATH" => ".../priv/python[:existing]", "SNAKEPIT_SHM_LIB" =>
-  ".../priv/libsnakepit_shm.so"}}`, plus `"SNAKEPIT_SHM_PATH"` when `:shm_path` is
-  configured. Give the map to a Snakepit pool as `adapter_env`
+  ".../priv/libsnakepit_shm.so", "SNAKEPIT_SHM_RUNTIME_DIR" => dir}}` (where this VM
+  keeps its runtime index, for bare-id lookups by a worker started with another
+  environment), plus `"SNAKEPIT_SHM_PATH"` when `:shm_path` is configured. Give the map to a Snakepit pool as `adapter_env`
   (`Enum.to_list/1` if a list of pairs is wanted), or to `System.cmd/3`'s `:env`.
   """
   @spec python_env() :: {:ok, %{String.t() => String.t()}}
