@@ -29,10 +29,9 @@ constexpr std::uint64_t kMinArena = 1u << 20;
 std::uint64_t round_page(std::uint64_t n) noexcept { return (n + kPage - 1) & ~(kPage - 1); }
 
 #ifdef __linux__
-Error os_failure(const std::string& what, int err) {
-  return Error{err == ENOMEM || err == EMFILE || err == ENFILE ? Errc::no_space : Errc::io_error,
-               err, what + ": " + std::strerror(err)};
-}
+/// The core's errno mapping, as for every other object: EMFILE is "too many open files"
+/// (io_error, raise ulimit -n), not a full filesystem; ENOMEM is no_space.
+Error os_failure(const std::string& what, int err) { return os_error(what, err); }
 
 /// A new arena: memfd (size sealed at once, owner-only), mapped read-write. Its pages
 /// are not allocated up front: creating an arena costs a few system calls, never a

@@ -278,6 +278,46 @@ Result<void> check_file_size_limit(const std::string& what, std::uint64_t size) 
                    " bytes): raise it (ulimit -f, systemd LimitFSIZE=) or use smaller regions"};
 }
 
+#if !defined(__APPLE__)
+namespace {
+/// ENOSPC while allocating: names the filesystem that is full. A segment of the shared
+/// memory directory (named_dir(): /dev/shm, or the configured shm_path) gets that
+/// directory in its message and remedies; anything else (a memfd on hugetlbfs, the
+/// kernel's shmem mount) is memory of the host, its cgroup or its huge page pool.
+Error no_space_error(const Handle& handle, std::uint64_t size, const std::string& what) {
+  std::string message = "cannot allocate " + std::to_string(size) + " bytes for " + what;
+  struct statvfs fs;
+  bool have_fs = ::fstatvfs(fd_of(handle), &fs) == 0;
+  std::string counts;
+  if (have_fs)
+    counts = std::to_string(std::uint64_t{fs.f_bavail} * fs.f_frsize) + " of " +
+             std::to_string(std::uint64_t{fs.f_blocks} * fs.f_frsize) + " bytes free";
+  const std::string dir = named_dir();
+  struct stat object_st;
+  struct stat dir_st;
+  bool in_dir = !dir.empty() && ::fstat(fd_of(handle), &object_st) == 0 &&
+                ::stat(dir.c_str(), &dir_st) == 0 && object_st.st_dev == dir_st.st_dev;
+  if (in_dir) {
+    message += ": the shared memory directory " + dir + " has too little space left";
+    if (have_fs) message += " (" + counts + ")";
+    message +=
+        ": free regions (mix snakepit.shm.list; mix snakepit.shm.cleanup for orphans), "
+        "enlarge it (df -h " +
+        dir + "; mount -o remount,size=... " + dir +
+        "; docker --shm-size), set shm_path to a larger tmpfs, or use backend :memfd "
+        "for unnamed owner-only regions";
+  } else {
+    message += ": no memory left for it";
+    if (have_fs) message += " (its filesystem has " + counts + ")";
+    message +=
+        ": free regions or memory (the memory cgroup's memory.max, the huge page "
+        "pool), or use smaller regions";
+  }
+  return Error{Errc::no_space, ENOSPC, std::move(message)};
+}
+}  // namespace
+#endif
+
 Result<void> allocate(const Handle& handle, std::uint64_t size, const std::string& what) {
   if (auto limit = check_file_size_limit(what, size); !limit.ok()) return limit;
 #if defined(__APPLE__)
@@ -288,15 +328,9 @@ Result<void> allocate(const Handle& handle, std::uint64_t size, const std::strin
   do {
     err = ::posix_fallocate(fd_of(handle), 0, static_cast<off_t>(size));
   } while (err == EINTR);
-  if (err != 0) {
-    std::string message = "cannot allocate " + std::to_string(size) + " bytes for " + what;
-    struct statvfs fs;
-    if (err == ENOSPC && ::fstatvfs(fd_of(handle), &fs) == 0)
-      message += " (its filesystem has " +
-                 std::to_string(std::uint64_t{fs.f_bavail} * fs.f_frsize) + " of " +
-                 std::to_string(std::uint64_t{fs.f_blocks} * fs.f_frsize) + " bytes free)";
-    return os_error(message, err);
-  }
+  if (err == ENOSPC) return no_space_error(handle, size, what);
+  if (err != 0)
+    return os_error("cannot allocate " + std::to_string(size) + " bytes for " + what, err);
 #endif
   return {};
 }

@@ -132,10 +132,17 @@ SPSHM_GUARDED_NIF(nif_map)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   RegionResource* res;
   if (!get_region(env, argv[0], &res)) return enif_make_badarg(env);
   bool writable;
+  // read_only_unheld: a read-only mapping that adds no hold (the VM's own passing reads,
+  // such as to_nx/1 and a cluster fetch's sender, must not count as holders: the last
+  // of them letting go would free a :reference_counted region nobody else holds).
+  bool want_hold = true;
   if (enif_is_identical(argv[1], atoms.read_write)) {
     writable = true;
   } else if (enif_is_identical(argv[1], atoms.read_only)) {
     writable = false;
+  } else if (enif_is_identical(argv[1], atoms.read_only_unheld)) {
+    writable = false;
+    want_hold = false;
   } else {
     return enif_make_badarg(env);
   }
@@ -154,7 +161,7 @@ SPSHM_GUARDED_NIF(nif_map)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   }
   // A header this process sees as a private copy (a sealed POSIX region of another
   // process, opened read-only) cannot carry our hold: map without one.
-  bool shared_header = region.header_writable();
+  bool shared_header = want_hold && region.header_writable();
   if (shared_header) {
     auto held = region.hold(self_identity.pid, self_identity.start_time, writable);
     // A header that faulted (a peer truncated the segment) reads as zeros: say so.

@@ -30,6 +30,7 @@ void init_atoms(ErlNifEnv* env) {
   a.create_or_open = atom(env, "create_or_open");
   a.remove_and_create = atom(env, "remove_and_create");
   a.read_only = atom(env, "read_only");
+  a.read_only_unheld = atom(env, "read_only_unheld");
   a.read_write = atom(env, "read_write");
   a.created = atom(env, "created");
   a.opened = atom(env, "opened");

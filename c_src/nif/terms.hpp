@@ -25,7 +25,7 @@ struct Atoms {
   // backends, open modes, access modes, roles
   ERL_NIF_TERM posix, memfd, windows;
   ERL_NIF_TERM create, open_only, create_or_open, remove_and_create;
-  ERL_NIF_TERM read_only, read_write, created, opened;
+  ERL_NIF_TERM read_only, read_write, read_only_unheld, created, opened;
   // option keys
   ERL_NIF_TERM name, open_mode, mode, lock_memory, idle_timeout_ms;
   ERL_NIF_TERM arena, control_offset;  // create option and info keys (arena regions)

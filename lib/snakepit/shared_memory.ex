@@ -44,6 +44,8 @@ defmodule Snakepit.SharedMemory do
 
   require Registry
 
+  @max_u64 0xFFFF_FFFF_FFFF_FFFF
+
   @type region_id :: String.t()
   @type error :: {:error, Error.t()}
 
@@ -198,6 +200,9 @@ defmodule Snakepit.SharedMemory do
   `:closed`, `:deallocated`, `:busy`.
   """
   @spec write(Mapping.t(), non_neg_integer(), iodata()) :: :ok | error()
+  def write(%Mapping{} = mapping, offset, _data) when is_integer(offset) and offset > @max_u64,
+    do: beyond_end(:write, mapping, offset, nil)
+
   def write(%Mapping{} = mapping, offset, data) when is_integer(offset) and offset >= 0 do
     start = Stats.start()
 
@@ -218,6 +223,11 @@ defmodule Snakepit.SharedMemory do
   writer in another process may change the region between two slices.
   """
   @spec read(Mapping.t(), non_neg_integer(), non_neg_integer()) :: {:ok, binary()} | error()
+  def read(%Mapping{} = mapping, offset, length)
+      when is_integer(offset) and offset >= 0 and is_integer(length) and length >= 0 and
+             (offset > @max_u64 or length > @max_u64),
+      do: beyond_end(:read, mapping, offset, length)
+
   def read(%Mapping{} = mapping, offset, length)
       when is_integer(offset) and offset >= 0 and is_integer(length) and length >= 0 do
     start = Stats.start()
@@ -320,7 +330,7 @@ defmodule Snakepit.SharedMemory do
     with :ok <- available(), {:ok, opts} <- Options.cleanup(opts) do
       case Manager.cleanup(opts) do
         {:ok, freed} -> {:ok, freed}
-        {:error, reason} -> unavailable(reason)
+        {:error, reason} -> manager_gone(reason)
       end
     end
   end
@@ -421,7 +431,12 @@ defmodule Snakepit.SharedMemory do
   descriptors when it sees the adopted bit).
 
   `seal/1` answers `:busy` while the worker still has the output attached read-write:
-  let the worker close it (leave its `with` block) before it returns the ref.
+  let the worker close it (leave its `with` block) before it returns the ref. With
+  `cleanup_policy: :reference_counted`, the holds the worker had before adoption do not
+  count: the region is freed once a holder of it after adoption (a mapping, an attached
+  worker) lets go and none is left. If the worker still holds its output when it is
+  adopted (a `from_array` result it did not close), counting starts once the worker
+  lets go of it.
 
   Adopt while the worker is alive: a worker that dies before adoption leaves nothing
   behind (memfd regions die with it; POSIX ones are removed by the next orphan sweep),
@@ -483,8 +498,9 @@ defmodule Snakepit.SharedMemory do
   @doc """
   The environment variables a Python worker needs to `import snakepit_shm`:
   `{:ok, %{"PYTHONPATH" => ".../priv/python[:existing]", "SNAKEPIT_SHM_LIB" =>
-  ".../priv/libsnakepit_shm.so"}}`, plus `"SNAKEPIT_SHM_PATH"` when `:shm_path` is
-  configured. Give the map to a Snakepit pool as `adapter_env`
+  ".../priv/libsnakepit_shm.so", "SNAKEPIT_SHM_RUNTIME_DIR" => dir}}` (where this VM
+  keeps its runtime index, for bare-id lookups by a worker started with another
+  environment), plus `"SNAKEPIT_SHM_PATH"` when `:shm_path` is configured. Give the map to a Snakepit pool as `adapter_env`
   (`Enum.to_list/1` if a list of pairs is wanted), or to `System.cmd/3`'s `:env`.
   """
   @spec python_env() :: {:ok, %{String.t() => String.t()}}
@@ -494,21 +510,20 @@ defmodule Snakepit.SharedMemory do
   The region's contents as an Nx tensor, typed and shaped by its metadata's `dtype`
   and `shape` (`{:f, 32}` for `"float32"`, see `Snakepit.SharedMemory.Dtype`). Needs
   Nx loaded (`:unsupported` otherwise); no compile-time dependency. A sealed region is
-  read without copying.
+  read without copying. It reads without taking a hold: it never frees a
+  `:reference_counted` region (only a mapping or a worker letting go does).
   """
   @spec to_nx(region_id()) :: {:ok, term()} | error()
   def to_nx(region_id) do
+    # A mapping without a hold: to_nx/1 is a read, not a holder letting go (its unmap
+    # freed a :reference_counted region that nothing else held).
     with {:ok, info} <- get_region_info(region_id),
-         {:ok, mapping} <- map_region(region_id, access_mode: :read_only) do
-      result = read(mapping, 0, info.size)
-      _ = unmap_region(mapping)
-
-      with {:ok, binary} <- result do
-        meta = info.metadata
-        dtype = meta["dtype"] || meta[:dtype]
-        shape = meta["shape"] || meta[:shape]
-        Snakepit.SharedMemory.ZeroCopy.to_nx(binary, dtype, shape)
-      end
+         {:ok, binary} <-
+           tables(fn -> Access.with_unheld(region_id, &read(&1, 0, info.size)) end) do
+      meta = info.metadata
+      dtype = meta["dtype"] || meta[:dtype]
+      shape = meta["shape"] || meta[:shape]
+      Snakepit.SharedMemory.ZeroCopy.to_nx(binary, dtype, shape)
     end
   end
 
@@ -625,6 +640,33 @@ defmodule Snakepit.SharedMemory do
       if Registry.available?(), do: reraise(e, __STACKTRACE__), else: unavailable(:tables_gone)
   end
 
+  # The manager exited during the call (killed, crashed; its supervisor restarts it)
+  # or was between two lives: the application runs, so "start it" would be wrong.
+  defp manager_gone(reason) do
+    if Registry.available?() do
+      why =
+        case reason do
+          {why, {GenServer, :call, _}} -> why
+          why -> why
+        end
+
+      what =
+        if why == :noproc,
+          do: "was being restarted",
+          else: "exited before cleanup_regions/1 finished (#{inspect(why, limit: 5)})"
+
+      Error.error(
+        :unavailable,
+        "the manager (Snakepit.SharedMemory.Manager) #{what}; its supervisor restarts " <>
+          "it. Some of the selected regions may be freed already: call " <>
+          "cleanup_regions/1 again (list_regions/1 shows what is left)",
+        %{exit: why}
+      )
+    else
+      unavailable(reason)
+    end
+  end
+
   defp unavailable(reason) do
     Error.error(
       :unavailable,
@@ -638,6 +680,22 @@ defmodule Snakepit.SharedMemory do
       :invalid_argument,
       "expected a %Snakepit.SharedMemory.Mapping{} from map_region/2, got: #{inspect(other, limit: 5)}"
     )
+  end
+
+  # Offsets and lengths the native layer cannot take (it would saturate them to
+  # 2^64 - 1 and name that number in its message): out of bounds, with the caller's own.
+  defp beyond_end(operation, mapping, offset, length) do
+    start = Stats.start()
+    span = if length, do: "offset #{offset} + length #{length}", else: "offset #{offset}"
+
+    result =
+      Error.error(
+        :out_of_bounds,
+        "#{span} exceeds the size of region #{mapping.region_id} (#{mapping.size} bytes)",
+        %{region_id: mapping.region_id}
+      )
+
+    Stats.stop(operation, start, result, %{region_id: mapping.region_id})
   end
 
   defp bad_offset(offset),

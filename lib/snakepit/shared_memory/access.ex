@@ -70,6 +70,42 @@ defmodule Snakepit.SharedMemory.Access do
     end
   end
 
+  @doc """
+  Runs `fun` with a read-only mapping of `id` that adds no hold (the VM's own passing
+  reads, such as `to_nx/1`): it neither counts as a holder of a `:reference_counted`
+  region nor frees one when it ends. Authorised as `map/2` is.
+  """
+  @spec with_unheld(String.t(), (Mapping.t() -> result)) :: result | {:error, Error.t()}
+        when result: term()
+  def with_unheld(id, fun) do
+    with {:ok, record} <- lookup(id),
+         region(ref: ref, owner: owner, allowed: allowed, security_level: level) = record,
+         :ok <- Security.authorize(id, owner, allowed, self(), :map),
+         {:ok, mapping_ref} <- native(Native.map(ref, :read_only_unheld), id) do
+      Security.audit(level, id, :map, %{mode: :read_only})
+
+      mapping = %Mapping{
+        region_id: id,
+        id: make_ref(),
+        mode: :read_only,
+        size: region(record, :size),
+        ref: mapping_ref,
+        region: ref,
+        pid: self(),
+        encrypted: Security.level_flags(level).encrypted,
+        security_level: level,
+        counters: region(record, :counters),
+        cleanup_policy: :manual
+      }
+
+      try do
+        fun.(mapping)
+      after
+        Native.unmap(mapping_ref)
+      end
+    end
+  end
+
   defp mode(record, requested) do
     region(id: id, owner: owner, access_mode: access, counters: counters) = record
     sealed = sealed?(counters)
@@ -137,8 +173,9 @@ defmodule Snakepit.SharedMemory.Access do
   """
   @spec free_if_unreferenced(String.t()) :: boolean()
   def free_if_unreferenced(id) do
-    with {:reference_counted, ref} <- Registry.policy_and_ref(id),
-         {generation, 0} when generation > 0 <- Native.hold_counts(ref),
+    with {:reference_counted, ref, held_after} <- Registry.policy_ref_and_baseline(id),
+         {generation, 0} <- Native.hold_counts(ref),
+         true <- held_since?(id, held_after, generation),
          {:ok, _} <- Allocator.free(id, :unreferenced) do
       Stats.event(:unreferenced, %{count: 1}, %{region_id: id})
       true
@@ -146,6 +183,20 @@ defmodule Snakepit.SharedMemory.Access do
       _ -> false
     end
   end
+
+  @doc """
+  True if a `:reference_counted` region's holder generation moved past its baseline
+  (`held_after` of its record). A baseline still `nil` (an adopted worker output whose
+  worker held it at adoption) is set now that nothing holds it: the holds before
+  adoption never count.
+  """
+  @spec held_since?(String.t(), non_neg_integer() | nil, non_neg_integer()) :: boolean()
+  def held_since?(id, nil, generation) do
+    _ = Registry.set_held_after(id, generation)
+    false
+  end
+
+  def held_since?(_id, held_after, generation), do: generation > held_after
 
   @doc "Writes `iodata` at `offset`."
   @spec write(Mapping.t(), non_neg_integer(), iodata()) :: :ok | {:error, Error.t()}

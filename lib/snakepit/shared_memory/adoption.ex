@@ -274,6 +274,14 @@ defmodule Snakepit.SharedMemory.Adoption do
          :ok <- mark(handle, id, charge, host) do
       timeout = opts.timeout
       _ = Native.set_idle_timeout(handle, if(timeout == :infinity, do: 0, else: timeout))
+      # The worker's own holds before adoption do not count: a :reference_counted output
+      # is freed once a holder of it after adoption lets go, not at once. Still held
+      # (the worker keeps its output object): the baseline waits until it lets go.
+      held_after =
+        case Native.hold_counts(handle) do
+          {generation, 0} -> generation
+          {_generation, _held} -> nil
+        end
 
       record =
         region(
@@ -295,7 +303,8 @@ defmodule Snakepit.SharedMemory.Adoption do
           metadata: decode(header.metadata),
           counters: Allocator.new_counters(info),
           adopted: true,
-          quota: charge
+          quota: charge,
+          held_after: held_after
         )
 
       # The charge and the host reservation stay exact if this caller is killed at any

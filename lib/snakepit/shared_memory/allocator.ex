@@ -279,6 +279,13 @@ defmodule Snakepit.SharedMemory.Allocator do
     }
   end
 
+  defp opened_baseline(ref) do
+    case Native.hold_counts(ref) do
+      {generation, 0} -> generation
+      {_generation, _held} -> nil
+    end
+  end
+
   defp register(ref, info, opts, host, charge) do
     checkpoint(:created)
     # An opened named region has the size its creator gave it.
@@ -305,7 +312,11 @@ defmodule Snakepit.SharedMemory.Allocator do
         allowed: opts.allowed,
         metadata: opened_metadata(info, ref, opts),
         counters: new_counters(info),
-        quota: charge
+        quota: charge,
+        # An opened named region may have been held by others before: only holds after
+        # this open count for :reference_counted (else the first tick dropped it); holds
+        # still there count from when they are gone, as for an adopted output.
+        held_after: if(info.role == :opened, do: opened_baseline(ref), else: 0)
       )
 
     # Write order for crash safety: the host reservation's row first (a registered region

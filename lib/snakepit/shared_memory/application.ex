@@ -119,10 +119,49 @@ defmodule Snakepit.SharedMemory.Application do
   # then not load the modules of the calls that would free them (deallocate_region/1
   # raised UndefinedFunctionError for Access) nor of an error reply (Error): every
   # module of the application is loaded at start instead (a few milliseconds).
+  #
+  # The modules of Elixir's standard library those calls reach were still loaded on first
+  # use: list_regions/1 raised UndefinedFunctionError for Stream.Reducers (reached through
+  # Enum.chunk_every/2) once descriptors were out (session-4 attack). In interactive mode
+  # a process at low priority also loads, after the start, every module our modules call,
+  # and every module those of Elixir call in turn (about 150 modules, 0.2 s of CPU, once).
+  # A release (embedded mode) has loaded everything already.
   defp preload_modules do
-    for module <- Application.spec(:snakepit_shm, :modules) || [],
-        do: Code.ensure_loaded(module)
+    ours = Application.spec(:snakepit_shm, :modules) || []
+    for module <- ours, do: Code.ensure_loaded(module)
+
+    if :code.get_mode() == :interactive do
+      spawn(fn ->
+        Process.flag(:priority, :low)
+        preload_callees(ours, MapSet.new(Application.spec(:elixir, :modules) || []))
+      end)
+    end
 
     :ok
+  end
+
+  @doc false
+  # Loads every module the given modules call, and, through modules of `follow`, the
+  # modules those call, transitively. Returns the set of modules visited.
+  def preload_callees(modules, follow) do
+    walk(modules, follow, MapSet.new(modules))
+  end
+
+  defp walk([], _follow, seen), do: seen
+
+  defp walk([module | rest], follow, seen) do
+    callees = Enum.reject(imported_modules(module), &MapSet.member?(seen, &1))
+    _ = :code.ensure_modules_loaded(callees)
+    seen = Enum.reduce(callees, seen, &MapSet.put(&2, &1))
+    walk(Enum.filter(callees, &MapSet.member?(follow, &1)) ++ rest, follow, seen)
+  end
+
+  defp imported_modules(module) do
+    with path when is_list(path) <- :code.which(module),
+         {:ok, {_, [imports: imports]}} <- :beam_lib.chunks(path, [:imports]) do
+      imports |> Enum.map(&elem(&1, 0)) |> Enum.uniq()
+    else
+      _ -> []
+    end
   end
 end

@@ -158,11 +158,16 @@ defmodule Snakepit.SharedMemory.Cleanup do
   defp unreferenced do
     rows =
       :ets.select(Registry.regions_table(), [
-        {region(id: :"$1", ref: :"$2", cleanup_policy: :reference_counted, _: :_), [],
-         [{{:"$1", :"$2"}}]}
+        {region(
+           id: :"$1",
+           ref: :"$2",
+           cleanup_policy: :reference_counted,
+           held_after: :"$3",
+           _: :_
+         ), [], [{{:"$1", :"$2", :"$3"}}]}
       ])
 
-    for {id, ref} <- rows, unreferenced?(ref), do: {id, :unreferenced}
+    for {id, ref, held_after} <- rows, unreferenced?(id, ref, held_after), do: {id, :unreferenced}
   end
 
   defp vanished([]), do: []
@@ -190,9 +195,9 @@ defmodule Snakepit.SharedMemory.Cleanup do
     now_ms - max(last_ms, created_at) > timeout and elem(Native.hold_counts(ref), 1) == 0
   end
 
-  defp unreferenced?(ref) do
+  defp unreferenced?(id, ref, held_after) do
     {generation, refcount} = Native.hold_counts(ref)
-    generation > 0 and refcount == 0
+    refcount == 0 and Access.held_since?(id, held_after, generation)
   end
 
   # Names in the shm directory, listed once per sweep (nil: this platform has none),

@@ -34,8 +34,8 @@ defmodule Snakepit.SharedMemory.Error do
       "security_level :maximum locks the region in RAM: raise RLIMIT_MEMLOCK (ulimit -l, " <>
         "systemd LimitMEMLOCK=) or grant CAP_IPC_LOCK, or use security_level: :high",
     no_space:
-      "the shared memory filesystem or RAM is full: free regions, grow /dev/shm " <>
-        "(docker --shm-size) or use backend: :memfd",
+      "the shared memory filesystem (/dev/shm or the :shm_path setting) or RAM is full: " <>
+        "free regions, grow it (docker --shm-size) or use backend: :memfd",
     tampered:
       "the encrypted data failed authentication: another process modified the segment; " <>
         "treat the region as compromised and deallocate it",
@@ -51,6 +51,14 @@ defmodule Snakepit.SharedMemory.Error do
     if message =~ "RLIMIT_MEMLOCK",
       do: "security_level :maximum locks the region in RAM; security_level: :high does not",
       else: @native_advice.mlock_failed
+  end
+
+  # The core says what is full and what to do for a full filesystem ("free regions")
+  # and for memory ("free memory"); the generic advice is only for bare messages.
+  defp advice(:no_space, message) do
+    if message =~ "free regions" or message =~ "free memory",
+      do: nil,
+      else: @native_advice.no_space
   end
 
   defp advice(reason, _message), do: Map.get(@native_advice, reason)

@@ -159,8 +159,14 @@ defmodule Snakepit.SharedMemory.Native do
   @spec hold_counts(region()) :: {non_neg_integer(), non_neg_integer()}
   def hold_counts(_region), do: :erlang.nif_error(:not_loaded)
 
-  @doc "Maps a region for this VM: one hold of the VM's OS process in the header."
-  @spec map(region(), :read_only | :read_write) :: {:ok, mapping()} | nif_error()
+  @doc """
+  Maps a region for this VM: one hold of the VM's OS process in the header.
+  `:read_only_unheld` maps read-only without a hold, for the VM's own passing reads
+  (`to_nx/1`, a fetch's sender), which must not count as holders of a
+  `:reference_counted` region.
+  """
+  @spec map(region(), :read_only | :read_write | :read_only_unheld) ::
+          {:ok, mapping()} | nif_error()
   def map(_region, _mode), do: :erlang.nif_error(:not_loaded)
 
   @doc "Removes the hold of map/2. The memory stays mapped while the region resource lives."

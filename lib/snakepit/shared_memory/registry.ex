@@ -64,7 +64,13 @@ defmodule Snakepit.SharedMemory.Registry do
     metadata: %{},
     counters: nil,
     adopted: false,
-    quota: nil
+    quota: nil,
+    # The header's holder generation when the region was registered: only a change of
+    # the holder table after it means "held at least once" for :reference_counted (0
+    # for a region created here; an adopted worker output was held by its worker).
+    # nil: holds taken before registration (the worker's own) are still there; the
+    # baseline is the generation once they are gone (set_held_after/2).
+    held_after: 0
   ]
 
   Record.defrecord(:region, @region_fields)
@@ -155,6 +161,26 @@ defmodule Snakepit.SharedMemory.Registry do
   @doc "True if the region is registered (no copy of its record)."
   @spec member?(String.t()) :: boolean()
   def member?(id), do: :ets.member(@regions, id)
+
+  @doc """
+  `{cleanup_policy, ref, held_after}` of a region, or nil: the holder generation above
+  which a `:reference_counted` region counts as held at least once.
+  """
+  @spec policy_ref_and_baseline(String.t()) ::
+          {atom(), reference(), non_neg_integer() | nil} | nil
+  def policy_ref_and_baseline(id) do
+    # Element reads, as policy_and_ref/1 (held_after changes once, from nil).
+    {:ets.lookup_element(@regions, id, region(:cleanup_policy) + 1),
+     :ets.lookup_element(@regions, id, region(:ref) + 1),
+     :ets.lookup_element(@regions, id, region(:held_after) + 1)}
+  rescue
+    ArgumentError -> nil
+  end
+
+  @doc "Sets the baseline of `held_after` (see the field); false if the region is gone."
+  @spec set_held_after(String.t(), non_neg_integer()) :: boolean()
+  def set_held_after(id, generation),
+    do: :ets.update_element(@regions, id, {region(:held_after) + 1, generation})
 
   @doc "`{cleanup_policy, region_resource}` of a region without copying its record, or nil."
   @spec policy_and_ref(String.t()) :: {atom(), reference()} | nil

@@ -37,6 +37,20 @@ def attach(ref_or_region_id, mode="r"):
     """
     if mode not in ("r", "rw"):
         raise ValueError(f"mode must be 'r' or 'rw', got {mode!r}")
+    try:
+        return _attach(ref_or_region_id, mode)
+    except OSError as exc:
+        if exc.errno not in (errno.EMFILE, errno.ENFILE):
+            raise
+        # Every open, dup (mmap duplicates what it maps), pidfd and /proc read here
+        # needs a descriptor: say which limit, not a bare OSError.
+        raise errors.SnakepitShmError(
+            f"cannot attach the region: {exc.strerror}: this worker is out of file "
+            "descriptors; raise the limit (ulimit -n, LimitNOFILE=) or close regions "
+            "and files it no longer uses") from None
+
+
+def _attach(ref_or_region_id, mode):
     library = _native.library()
     # A bare id listed in the runtime index: one C call checks the entry while opening
     # the region (the memfd links before and after the open, the owner; for an arena
@@ -89,6 +103,8 @@ def attach(ref_or_region_id, mode="r"):
                 header = _validated(library, snapshot, location, control_size - base,
                                     data_size - base)
             except errors.CorruptRegion:
+                if location.control_offset is not None:
+                    _raise_if_freed_chunk(location, snapshot)
                 if base == 0 and _being_created(control_fd, snapshot):
                     raise errors.RegionBusy(
                         f"region {location.region_id} has no header yet while a process "
@@ -145,6 +161,22 @@ def attach(ref_or_region_id, mode="r"):
             os.close(data_fd)
         if control_fd >= 0:
             os.close(control_fd)
+
+
+def _raise_if_freed_chunk(location, snapshot):
+    """An arena region's ref (or index entry) whose chunk is free, or holds another
+    region now: the region was freed and its space reused (a stale ref, like a memfd
+    ref whose descriptor number was reused), not a damaged segment."""
+    now = _header.reused_arena_chunk(snapshot)
+    if now is None or now == location.region_id:
+        return
+    what = ("is free" if now == "free" else
+            f"holds region {now} (its space in the arena was reused)")
+    raise errors.RegionNotFound(
+        f"region {location.region_id} no longer exists: its arena chunk at offset "
+        f"{location.control_offset} of {location.control_path} {what}. The owner freed "
+        "the region (deallocated, or the owner exited); ask the Elixir side for a fresh "
+        "region and ref.") from None
 
 
 def _fast_open(library, location, mode):
@@ -241,10 +273,15 @@ def inspect(ref_or_region_id):
             os.close(data_fd)
         else:
             data_size = control_size
-        header = _header.validate(snapshot, where=location.control_path,
-                                  region_id=location.region_id,
-                                  control_size=control_size - base,
-                                  data_object_size=data_size - base)
+        try:
+            header = _header.validate(snapshot, where=location.control_path,
+                                      region_id=location.region_id,
+                                      control_size=control_size - base,
+                                      data_object_size=data_size - base)
+        except errors.CorruptRegion:
+            if location.control_offset is not None:
+                _raise_if_freed_chunk(location, snapshot)
+            raise
         return describe(header, snapshot, location)
 
 
@@ -450,7 +487,12 @@ def _map_data(region_id, fd, header, mode, base=0):
     except OSError as exc:
         if mode == "rw" and exc.errno in (errno.EPERM, errno.EACCES):
             raise _sealed_error(region_id) from None
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            # mmap.mmap duplicates the descriptor it maps.
+            hint = ("This worker is out of file descriptors: raise the limit (ulimit -n, "
+                    "LimitNOFILE=) or close regions and files it no longer uses.")
+        else:
+            hint = "Check the address space and memory limits (ulimit -v) of this worker."
         raise errors.SnakepitShmError(
-            f"cannot map region {region_id}: {exc.strerror}. Check the address space "
-            "and memory limits (ulimit -v) of this worker.") from None
+            f"cannot map region {region_id}: {exc.strerror}. {hint}") from None
     return data_mm, view_offset

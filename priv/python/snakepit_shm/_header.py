@@ -147,6 +147,27 @@ def from_valid(header, *, where, region_id):
         metadata=_decode_metadata(header, metadata_length, corrupt))
 
 
+def reused_arena_chunk(header):
+    """What an arena chunk holds instead of the region asked for, or None.
+
+    ``"free"`` for a chunk whose magic is zero (an arena chunk's magic is cleared when
+    its region is freed; a ref or an index entry only ever names a published one), the
+    id of another region for a chunk with an intact header of that region (it was
+    reused), None for anything else (damage: the usual checks say what).
+    """
+    if len(header) < F.HEADER_SIZE:
+        return None
+    fields = F.unpack_fields(header)
+    if fields["magic"] == bytes(8):
+        return "free"
+    if fields["magic"] != F.MAGIC or header_crc(header) != fields["header_crc32"]:
+        return None
+    stored_id = _decode_id(fields["region_id"])
+    if stored_id is None or not valid_region_id(stored_id):
+        return None
+    return stored_id
+
+
 def data_name(header):
     """The header's data_name field: "" when empty, None when malformed."""
     offset = F.DATA_NAME_OFFSET

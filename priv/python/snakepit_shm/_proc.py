@@ -1,10 +1,16 @@
 """Process identity: (pid, start time) pairs as recorded in the holder table."""
 
+import errno
 import os
 import select
 import threading
 
 from . import errors
+
+
+class ProcUnreadable(errors.SnakepitShmError):
+    """/proc/<pid>/stat could not be read for a reason that says nothing about the
+    process (out of file descriptors, /proc not mounted): whether it runs is unknown."""
 
 
 def process_start_time(pid):
@@ -16,9 +22,15 @@ def process_start_time(pid):
     try:
         with open(f"/proc/{int(pid)}/stat", "rb") as stat:
             content = stat.read()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
         raise errors.SnakepitShmError(
             f"process {pid} does not exist (no /proc/{pid}/stat)") from None
+    except OSError as exc:
+        hint = (": this process is out of file descriptors; raise the limit (ulimit -n, "
+                "LimitNOFILE=) or close files and regions"
+                if exc.errno in (errno.EMFILE, errno.ENFILE) else "")
+        raise ProcUnreadable(
+            f"cannot read /proc/{pid}/stat: {exc.strerror}{hint}") from None
     fields = content[content.rindex(b")") + 2:].split()
     # fields[0] is field 3 (state), so field 22 is fields[19].
     return int(fields[19])
@@ -72,6 +84,12 @@ def running(pid, start_time):
     pidfd = _pidfd_open(pid)
     try:
         started = process_start_time(pid)
+    except ProcUnreadable:
+        # Nothing says it is gone (out of descriptors, typically): never call a live
+        # VM dead for that (a false OrphanedRegionWarning); ask again next time.
+        if pidfd is not None:
+            os.close(pidfd)
+        return True
     except (errors.SnakepitShmError, OSError, ValueError, IndexError):
         started = None
     if started != start_time or pidfd is None:

@@ -126,10 +126,13 @@ def test_attach_maps_only_its_pages_and_holds_at_its_offset(arena):
 def test_a_wrong_offset_or_link_is_refused(arena):
     fd, chunks = arena
     region_id, offset, size = chunks[2]
-    # The ref points at a neighbour's control block: its id does not match.
+    # The ref points at a neighbour's control block: its id does not match. That is
+    # what a stale ref meets once its chunk was freed and reused (session-4 attack):
+    # the region is gone, the arena is not damaged.
     bad = ref_of(fd, region_id, chunks[0][1], size)
     bad["data_offset"] = chunks[0][1] + 4096
-    with pytest.raises(CorruptRegion):
+    with pytest.raises(snakepit_shm.errors.RegionNotFound,
+                       match=f"holds region {chunks[0][0]}"):
         snakepit_shm.attach(bad)
     # Not page aligned, or beyond the arena.
     for wrong in (offset + 1, ARENA_SIZE):
@@ -153,3 +156,35 @@ def test_attach_by_bare_id_finds_the_chunk_in_an_arena(arena):
             assert region.info()["data_offset"] == F.ARENA_DATA_OFFSET
     with pytest.raises(snakepit_shm.errors.RegionNotFound):
         snakepit_shm.attach(random_region_id())
+
+
+def test_a_ref_to_a_freed_chunk_is_region_not_found(arena):
+    """Found by the session-4 attack: a ref (or a stale index entry) of an arena
+    region the VM freed met a chunk whose magic is cleared, or that a new region reused,
+    and raised CorruptRegion ("not published: still being created, or its creator died
+    ... It is damaged ... cleanup removes ours"); a dedicated memfd's stale ref said
+    RegionNotFound. Both are a freed region now."""
+    fd, chunks = arena
+    region_id, offset, size = chunks[1]
+    ref = ref_of(fd, region_id, offset, size)
+    # Freed: the VM clears the chunk's magic.
+    os.pwrite(fd, bytes(8), offset)
+    for target in (ref, dict(ref, data_offset=None)):
+        with pytest.raises(snakepit_shm.errors.RegionNotFound,
+                           match=f"{region_id} no longer exists: .* is free"):
+            snakepit_shm.attach(target)
+    # Reused by another region of the same size.
+    other = random_region_id()
+    os.pwrite(fd, bytes(arena_header(other, size)), offset)
+    with pytest.raises(snakepit_shm.errors.RegionNotFound,
+                       match=f"{region_id} no longer exists: .* holds region {other}"):
+        snakepit_shm.attach(ref)
+    # python3 -m snakepit_shm info says the same.
+    with pytest.raises(snakepit_shm.errors.RegionNotFound, match="no longer exists"):
+        snakepit_shm.inspect(ref)
+    # Damage is still damage: a bad CRC on a header of another id.
+    damaged = bytearray(arena_header(other, size))
+    damaged[F.FIELD["header_crc32"][0]] ^= 0xFF
+    os.pwrite(fd, bytes(damaged), offset)
+    with pytest.raises(CorruptRegion):
+        snakepit_shm.attach(ref)

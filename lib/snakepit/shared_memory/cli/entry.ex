@@ -58,7 +58,7 @@ defmodule Snakepit.SharedMemory.CLI.Entry do
       expires_in_ms: expires_in_ms,
       expired: expires_in_ms != nil and expires_in_ms <= 0,
       in_use: Map.get(h, :in_use, true),
-      orphaned: not Map.get(h, :in_use, true),
+      orphaned: orphaned?(h),
       sealed: h.sealed,
       encrypted: h.encrypted,
       deallocated: h.deallocated,
@@ -176,6 +176,13 @@ defmodule Snakepit.SharedMemory.CLI.Entry do
 
   defp created_us(nil), do: 0
   defp created_us(%DateTime{} = dt), do: DateTime.to_unix(dt, :microsecond)
+
+  # Nobody uses it, and it is not a region a live VM freed (an arena chunk, a memfd its
+  # VM has not garbage-collected yet, kept by a zero-copy binary): that VM lets go of
+  # it by itself, nothing is orphaned.
+  defp orphaned?(h) do
+    not Map.get(h, :in_use, true) and not (h.deallocated and h.creator_alive == true)
+  end
 
   @doc "Flags worth a glance: sealed, encrypted, orphaned, expired, deallocated, dead holders."
   @spec flags(t()) :: [String.t()]

@@ -35,6 +35,9 @@ defmodule Snakepit.SharedMemory.CLI.HostCleanup do
   def plan(entries), do: Enum.flat_map(entries, &plan_one/1)
 
   defp plan_one(%{status: :ok, in_use: true}), do: []
+  # Freed by its VM, which is alive and lets go of it by itself (a freed arena chunk, a
+  # memfd not garbage-collected yet): nothing to do, and its owner is not gone.
+  defp plan_one(%{status: :ok, deallocated: true, owner: %{alive: true}}), do: []
 
   defp plan_one(%{status: :ok, backend: "posix"} = e) do
     detail =

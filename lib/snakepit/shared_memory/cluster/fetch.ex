@@ -514,12 +514,13 @@ defmodule Snakepit.SharedMemory.Cluster.Fetch do
   end
 
   # As Access.map/2, but the authorisation was done for the requester above (this
-  # process is not in an allow-list).
+  # process is not in an allow-list), and without a hold: the sender is no holder, and
+  # its unmap at the end must not free a :reference_counted region nobody else held.
   defp map_read_only(id, record) do
     region(ref: ref, security_level: level, counters: counters, size: size) = record
     Registry.register_caller()
 
-    with {:ok, mapping_ref} <- Access.native(Native.map(ref, :read_only), id) do
+    with {:ok, mapping_ref} <- Access.native(Native.map(ref, :read_only_unheld), id) do
       mapping_id = make_ref()
       Registry.put_mapping(id, mapping_id, self(), :read_only, mapping_ref)
 
@@ -535,7 +536,8 @@ defmodule Snakepit.SharedMemory.Cluster.Fetch do
            pid: self(),
            encrypted: Security.level_flags(level).encrypted,
            security_level: level,
-           counters: counters
+           counters: counters,
+           cleanup_policy: :manual
          }}
       else
         if Registry.take_mapping(id, mapping_id), do: Native.unmap(mapping_ref)
