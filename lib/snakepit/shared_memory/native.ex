@@ -581,9 +581,9 @@ defmodule Snakepit.SharedMemory.Native do
   IO). A live channel holds a shared `flock` on its directory for as long as it exists,
   so only directories whose lock is free are removed (the kernel answers, no PID is
   trusted), and only once they are 10 s old, of this user, mode 0700, and hold nothing
-  but the socket (docs/CHANNEL.md).
+  but the socket (docs/CHANNEL.md). `{:error, _}` only if the NIF ran out of memory.
   """
-  @spec channel_sweep_dirs() :: non_neg_integer()
+  @spec channel_sweep_dirs() :: non_neg_integer() | nif_error()
   def channel_sweep_dirs, do: :erlang.nif_error(:not_loaded)
 
   # Test probe of the ring (c_src/nif/nif_ring_probe.cpp), for the PropEr model.

@@ -188,7 +188,11 @@ defmodule Snakepit.SharedMemory.Sweep do
   """
   @spec sweep_channel_dirs() :: non_neg_integer()
   def sweep_channel_dirs do
-    removed = if match?({:unix, :linux}, :os.type()), do: Native.channel_sweep_dirs(), else: 0
+    removed =
+      case match?({:unix, :linux}, :os.type()) and Native.channel_sweep_dirs() do
+        n when is_integer(n) -> n
+        _ -> 0
+      end
 
     if removed > 0,
       do: Logger.info("snakepit_shm: removed #{removed} stale channel socket director(ies)")
