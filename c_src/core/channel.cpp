@@ -86,6 +86,20 @@ const char* close_reason_name(CloseReason r) noexcept {
 const char* transport_name(Transport t) noexcept { return t == Transport::shm ? "shm" : "socket"; }
 
 // ---------------------------------------------------------------------------------------
+// socket directories of dead owners
+
+std::uint64_t sweep_stale_socket_dirs(const std::string& base) {
+  return os::sweep_stale_socket_dirs(base, kSocketDirGraceNs);
+}
+
+std::uint64_t sweep_default_socket_dirs(const std::vector<std::string>& also_bases) {
+  std::uint64_t removed = 0;
+  for (const auto& base : os::default_socket_dir_bases(also_bases))
+    removed += sweep_stale_socket_dirs(base);
+  return removed;
+}
+
+// ---------------------------------------------------------------------------------------
 // creation
 
 Result<std::unique_ptr<Endpoint>> Endpoint::create_owner(const OwnerOptions& o) {
@@ -169,11 +183,13 @@ Result<std::unique_ptr<Endpoint>> Endpoint::create_owner(const OwnerOptions& o) 
   }
   auto dir = os::make_private_dir(o.socket_dir);
   if (!dir.ok()) return dir.error();
-  ep->dir_ = dir.value();
+  ep->dir_ = dir.value().path;
+  ep->dir_fd_ = dir.value().lock_fd;
   ep->path_ = ep->dir_ + "/ctl";
   auto lfd = os::listen_unix(ep->path_);
   if (!lfd.ok()) {
     ::rmdir(ep->dir_.c_str());
+    close_fd(ep->dir_fd_);
     ep->dir_.clear();
     ep->path_.clear();
     return lfd.error();
@@ -378,6 +394,7 @@ void Endpoint::cleanup_listen() {
   if (!path_.empty()) ::unlink(path_.c_str());
   if (!dir_.empty()) ::rmdir(dir_.c_str());
   dir_.clear();
+  close_fd(dir_fd_);  // only now: while it exists, its lock says its owner lives
 }
 
 void Endpoint::fail(CloseReason reason, const std::string& detail) {

@@ -38,6 +38,19 @@ inline constexpr std::uint32_t kWelcomeSize =
     32;  // u32 version, u32 transport, u64 cap0, u64 cap1, u32 inline_max, u32 0
 inline constexpr std::uint32_t kMaxQueuedFds = 256;
 
+/// A channel's socket directory whose lock is free is still left alone this long after
+/// its last change: the owner takes the lock a few system calls after mkdtemp.
+inline constexpr std::uint64_t kSocketDirGraceNs = 10'000'000'000ull;
+
+/// Removes the socket directories (and `ctl` sockets) that dead owners left in `base`:
+/// os::sweep_stale_socket_dirs with kSocketDirGraceNs. Returns how many it removed.
+std::uint64_t sweep_stale_socket_dirs(const std::string& base);
+/// The same in each default base an owner without `socket_dir` may have chosen
+/// ($XDG_RUNTIME_DIR, $TMPDIR, /tmp: each once, if it exists), and in `also_bases` (the
+/// caller's own view of those variables: os::default_socket_dir_bases). A custom
+/// `socket_dir` is not swept.
+std::uint64_t sweep_default_socket_dirs(const std::vector<std::string>& also_bases = {});
+
 struct OwnerOptions {
   std::uint64_t ring_size = ring::kDefaultCapacity;  ///< each ring
   std::uint32_t inline_max = 0;                      ///< 0: a quarter of the ring
@@ -181,6 +194,8 @@ class Endpoint {
   int epfd_ = -1, listen_fd_ = -1, conn_fd_ = -1, wake_fd_ = -1, peer_wake_fd_ = -1, memfd_ = -1;
   void* map_ = nullptr;
   std::string dir_, path_;
+  /// The socket directory, open and locked shared while it exists (os::PrivateDir).
+  int dir_fd_ = -1;
   std::uint8_t token_[kTokenSize] = {};
   ring::Producer prod_;
   ring::Consumer cons_;

@@ -40,9 +40,37 @@ Result<std::uint64_t> sealed_size(int fd);
 Result<void*> map_fd(int fd, std::uint64_t size, bool writable);
 void unmap(void* addr, std::uint64_t size) noexcept;
 
+/// A channel's private socket directory: its path and a close-on-exec descriptor of it
+/// that holds flock(LOCK_SH) for as long as the directory exists (the owner closes it
+/// only after removing the directory). A sweep tells a live channel's directory from a
+/// dead one's by that lock (sweep_stale_socket_dirs).
+struct PrivateDir {
+  std::string path;
+  int lock_fd = -1;
+};
+
 /// Creates a fresh 0700 directory under `base` (empty: $XDG_RUNTIME_DIR, else $TMPDIR,
-/// else /tmp) and returns its path.
-Result<std::string> make_private_dir(const std::string& base);
+/// else /tmp, the first that is writable), opens it (O_DIRECTORY | O_NOFOLLOW) and locks
+/// it shared. On failure nothing is left (no directory, no descriptor).
+Result<PrivateDir> make_private_dir(const std::string& base);
+
+/// Names of the channel socket directories: "spshm-ch-" + the 6 characters of mkdtemp.
+inline constexpr const char* kSocketDirPrefix = "spshm-ch-";
+
+/// Removes the socket directories of dead channels in `base`: every entry named
+/// kSocketDirPrefix + 6 letters or digits that is a real directory (never a symlink) of
+/// this euid with mode exactly 0700, whose lock nobody holds (flock(LOCK_EX | LOCK_NB)
+/// succeeds: no live owner anywhere, whatever PID namespace) and whose mtime is at least
+/// `grace_ns` old (a channel between its mkdtemp and its flock), and which holds nothing
+/// but a socket named `ctl`: the socket is unlinked, then the directory removed. Never
+/// follows a symlink; anything else is left alone. Returns how many it removed.
+std::uint64_t sweep_stale_socket_dirs(const std::string& base, std::uint64_t grace_ns);
+
+/// The bases an owner without `socket_dir` may choose: $XDG_RUNTIME_DIR, $TMPDIR (as
+/// getenv sees them), then `also` (the same variables as a caller's own environment has
+/// them: the BEAM's os:putenv does not change the process environment), then /tmp: each
+/// that is an existing directory, each once (by device and inode).
+std::vector<std::string> default_socket_dir_bases(const std::vector<std::string>& also = {});
 
 /// A listening, non-blocking Unix stream socket bound to `path`, chmod 0600.
 Result<int> listen_unix(const std::string& path);

@@ -1,8 +1,10 @@
 // Linux primitives of the message channel (platform_channel.hpp).
+#include <dirent.h>
 #include <fcntl.h>
 #include <poll.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -149,7 +151,105 @@ void unmap(void* addr, std::uint64_t size) noexcept {
   if (addr != nullptr && size > 0) ::munmap(addr, size);
 }
 
-Result<std::string> make_private_dir(const std::string& base_in) {
+namespace {
+
+int flock_retry(int fd, int op) noexcept {
+  int rc;
+  do {
+    rc = ::flock(fd, op);
+  } while (rc != 0 && errno == EINTR);
+  return rc;
+}
+
+bool is_socket_dir_name(const char* name) noexcept {
+  const std::size_t plen = std::strlen(kSocketDirPrefix);
+  if (std::strncmp(name, kSocketDirPrefix, plen) != 0 || std::strlen(name) != plen + 6)
+    return false;
+  for (const char* c = name + plen; *c != '\0'; ++c) {
+    const bool alnum =
+        (*c >= 'a' && *c <= 'z') || (*c >= 'A' && *c <= 'Z') || (*c >= '0' && *c <= '9');
+    if (!alnum) return false;
+  }
+  return true;
+}
+
+bool same_file(const struct stat& a, const struct stat& b) noexcept {
+  return a.st_dev == b.st_dev && a.st_ino == b.st_ino;
+}
+
+// A directory of ours as a channel makes it: a real directory, this euid, mode 0700.
+bool ours_0700_dir(const struct stat& st) noexcept {
+  return S_ISDIR(st.st_mode) && st.st_uid == ::geteuid() && (st.st_mode & 07777) == 0700;
+}
+
+std::uint64_t realtime_ns() noexcept {
+  struct timespec ts;
+  ::clock_gettime(CLOCK_REALTIME, &ts);
+  return static_cast<std::uint64_t>(ts.tv_sec) * 1000000000ull +
+         static_cast<std::uint64_t>(ts.tv_nsec);
+}
+
+// True if the directory open at `fd` holds exactly one entry, `ctl`, and it is a socket.
+// An empty directory (a channel killed between mkdtemp and bind) is fine too.
+bool holds_only_ctl_socket(int fd, bool* has_ctl) noexcept {
+  *has_ctl = false;
+  int lfd = ::openat(fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC | O_NOFOLLOW);
+  if (lfd < 0) return false;
+  DIR* d = ::fdopendir(lfd);
+  if (d == nullptr) {
+    ::close(lfd);
+    return false;
+  }
+  bool only = true;
+  while (struct dirent* e = ::readdir(d)) {
+    if (std::strcmp(e->d_name, ".") == 0 || std::strcmp(e->d_name, "..") == 0) continue;
+    struct stat st;
+    if (std::strcmp(e->d_name, "ctl") == 0 && ::fstatat(fd, "ctl", &st, AT_SYMLINK_NOFOLLOW) == 0 &&
+        S_ISSOCK(st.st_mode)) {
+      *has_ctl = true;
+      continue;
+    }
+    only = false;
+    break;
+  }
+  ::closedir(d);
+  return only;
+}
+
+// One candidate entry `name` of the base open at `base_fd`: true if it was removed.
+bool sweep_one_socket_dir(int base_fd, const char* name, std::uint64_t grace_ns) noexcept {
+  struct stat before;
+  if (::fstatat(base_fd, name, &before, AT_SYMLINK_NOFOLLOW) != 0 || !ours_0700_dir(before))
+    return false;
+  int fd = ::openat(base_fd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+  if (fd < 0) return false;
+  bool removed = false;
+  struct stat st;
+  // The very directory looked at (not one renamed into its place since), still ours.
+  if (::fstat(fd, &st) == 0 && same_file(st, before) && ours_0700_dir(st) &&
+      flock_retry(fd, LOCK_EX | LOCK_NB) == 0) {
+    // Nobody holds its lock: its owner is gone, or has not taken the lock yet (young).
+    const std::uint64_t now = realtime_ns();
+    const std::uint64_t mtime = static_cast<std::uint64_t>(st.st_mtim.tv_sec) * 1000000000ull +
+                                static_cast<std::uint64_t>(st.st_mtim.tv_nsec);
+    bool has_ctl = false;
+    if (st.st_mtim.tv_sec >= 0 && now > mtime && now - mtime >= grace_ns &&
+        holds_only_ctl_socket(fd, &has_ctl)) {
+      if (has_ctl) ::unlinkat(fd, "ctl", 0);
+      struct stat again;
+      if (::fstatat(base_fd, name, &again, AT_SYMLINK_NOFOLLOW) == 0 && same_file(again, st) &&
+          ::unlinkat(base_fd, name, AT_REMOVEDIR) == 0) {
+        removed = true;
+      }
+    }
+  }
+  ::close(fd);  // releases the lock, if taken
+  return removed;
+}
+
+}  // namespace
+
+Result<PrivateDir> make_private_dir(const std::string& base_in) {
   std::string base = base_in;
   if (base.empty()) {
     for (const char* var : {"XDG_RUNTIME_DIR", "TMPDIR"}) {
@@ -161,11 +261,80 @@ Result<std::string> make_private_dir(const std::string& base_in) {
     }
     if (base.empty()) base = "/tmp";
   }
-  std::string templ = base + "/spshm-ch-XXXXXX";
-  std::vector<char> buf(templ.begin(), templ.end());
-  buf.push_back('\0');
-  if (::mkdtemp(buf.data()) == nullptr) return os_error("mkdtemp(" + templ + ")", errno);
-  return std::string(buf.data());  // mkdtemp creates it 0700
+  const std::string templ = base + "/" + kSocketDirPrefix + "XXXXXX";
+  // A sweep of another VM may take (and, were the clocks to jump, remove) a directory
+  // between its mkdtemp and its flock: then a fresh one is made.
+  for (int attempt = 0;; ++attempt) {
+    std::vector<char> buf(templ.begin(), templ.end());
+    buf.push_back('\0');
+    if (::mkdtemp(buf.data()) == nullptr) return os_error("mkdtemp(" + templ + ")", errno);
+    std::string path(buf.data());  // mkdtemp creates it 0700
+    int fd = ::open(path.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC | O_NOFOLLOW);
+    if (fd < 0) {
+      int err = errno;
+      ::rmdir(path.c_str());
+      return os_error("opening the channel directory " + path, err);
+    }
+    if (flock_retry(fd, LOCK_SH) != 0) {
+      int err = errno;
+      ::close(fd);
+      ::rmdir(path.c_str());
+      return os_error("locking the channel directory " + path, err);
+    }
+    struct stat st;
+    if (::fstat(fd, &st) != 0) {
+      int err = errno;
+      ::close(fd);
+      ::rmdir(path.c_str());
+      return os_error("fstat of the channel directory " + path, err);
+    }
+    if (st.st_nlink > 0) return PrivateDir{path, fd};
+    ::close(fd);  // removed by a sweep before we held the lock
+    if (attempt == 2) {
+      return Error{Errc::busy, ENOENT, "the channel directory " + path + " was removed at once"};
+    }
+  }
+}
+
+std::uint64_t sweep_stale_socket_dirs(const std::string& base, std::uint64_t grace_ns) {
+  if (base.empty()) return 0;
+  int bfd = ::open(base.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (bfd < 0) return 0;
+  DIR* d = ::fdopendir(bfd);
+  if (d == nullptr) {
+    ::close(bfd);
+    return 0;
+  }
+  std::vector<std::string> names;
+  while (struct dirent* e = ::readdir(d)) {
+    if (is_socket_dir_name(e->d_name)) names.emplace_back(e->d_name);
+  }
+  std::uint64_t removed = 0;
+  for (const auto& name : names) {
+    if (sweep_one_socket_dir(bfd, name.c_str(), grace_ns)) ++removed;
+  }
+  ::closedir(d);  // closes bfd
+  return removed;
+}
+
+std::vector<std::string> default_socket_dir_bases(const std::vector<std::string>& also) {
+  std::vector<std::string> bases;
+  std::vector<struct stat> seen;
+  auto add = [&](const char* dir) {
+    if (dir == nullptr || *dir == '\0') return;
+    struct stat st;
+    if (::stat(dir, &st) != 0 || !S_ISDIR(st.st_mode)) return;
+    for (const auto& s : seen) {
+      if (same_file(s, st)) return;
+    }
+    seen.push_back(st);
+    bases.emplace_back(dir);
+  };
+  add(std::getenv("XDG_RUNTIME_DIR"));
+  add(std::getenv("TMPDIR"));
+  for (const auto& dir : also) add(dir.c_str());
+  add("/tmp");
+  return bases;
 }
 
 Result<int> listen_unix(const std::string& path) {

@@ -107,8 +107,9 @@ ErlNifFunc nif_funcs[] = {
     {"board_reclaim", 3, nif_board_reclaim, 0},
     {"board_watch_info", 2, nif_board_watch_info, 0},
     {"board_monotonic_ns", 0, nif_board_monotonic_ns, 0},
-    // the message channel (nif_channel.cpp): every call is short except these two dirty
-    // ones (mkdtemp + fallocate of the rings; copying a large message into a memfd)
+    // the message channel (nif_channel.cpp): every call is short except these three dirty
+    // ones (mkdtemp + fallocate of the rings; copying a large message into a memfd;
+    // sweeping the socket directories of dead owners)
     {"channel_layout", 0, nif_channel_layout, 0},
     {"channel_open", 1, nif_channel_open, kIo},
     {"channel_info", 1, nif_channel_info, 0},
@@ -128,6 +129,7 @@ ErlNifFunc nif_funcs[] = {
     {"channel_close", 1, nif_channel_close, 0},
     {"channel_monitor", 2, nif_channel_monitor, 0},
     {"channel_stats", 1, nif_channel_stats, 0},
+    {"channel_sweep_dirs", 0, nif_channel_sweep_dirs, kIo},
     {"ring_probe_new", 3, nif_ring_probe_new, 0},
     {"ring_probe_write", 3, nif_ring_probe_write, 0},
     {"ring_probe_read", 1, nif_ring_probe_read, 0},

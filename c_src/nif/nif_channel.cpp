@@ -14,11 +14,13 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cstring>
 #include <memory>
 #include <mutex>
 #include <new>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include <erl_nif.h>
 
@@ -681,6 +683,36 @@ SPSHM_GUARDED_NIF(nif_channel_guard)(ErlNifEnv* env, int, const ERL_NIF_TERM arg
   }
   c->guarding = true;
   return atoms.ok;
+}
+
+namespace {
+
+// An environment variable as the VM sees it (os:putenv/2 changes the VM's copy, not what
+// getenv(3) reads); empty if unset.
+std::string vm_getenv(const char* name) {
+  std::vector<char> buf(4096);
+  std::size_t size = buf.size();
+  int rc = enif_getenv(name, buf.data(), &size);
+  if (rc == 1) {  // too small: size is what it needs
+    buf.resize(size + 1);
+    size = buf.size();
+    rc = enif_getenv(name, buf.data(), &size);
+  }
+  return rc == 0 ? std::string(buf.data(), ::strnlen(buf.data(), buf.size())) : std::string();
+}
+
+}  // namespace
+
+// Dirty (I/O bound): lists $XDG_RUNTIME_DIR, $TMPDIR (the process's and the VM's) and
+// /tmp and, per candidate, opens, locks and maybe removes a directory
+// (channel::sweep_default_socket_dirs).
+SPSHM_GUARDED_NIF(nif_channel_sweep_dirs)(ErlNifEnv* env, int, const ERL_NIF_TERM[]) {
+  std::vector<std::string> vm_bases;
+  for (const char* var : {"XDG_RUNTIME_DIR", "TMPDIR"}) {
+    std::string v = vm_getenv(var);
+    if (!v.empty()) vm_bases.push_back(std::move(v));
+  }
+  return enif_make_uint64(env, channel::sweep_default_socket_dirs(vm_bases));
 }
 
 SPSHM_GUARDED_NIF(nif_channel_stats)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {

@@ -29,6 +29,7 @@ SPSHM_CHANNEL_NIF(nif_channel_flush);
 SPSHM_CHANNEL_NIF(nif_channel_close);
 SPSHM_CHANNEL_NIF(nif_channel_monitor);
 SPSHM_CHANNEL_NIF(nif_channel_stats);
+SPSHM_CHANNEL_NIF(nif_channel_sweep_dirs);
 // nif_ring_probe.cpp: a private ring for the PropEr model of the indices (tests only)
 bool open_ring_probe_type(ErlNifEnv* env);
 SPSHM_CHANNEL_NIF(nif_ring_probe_new);

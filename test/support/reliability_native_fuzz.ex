@@ -137,6 +137,7 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
     channel_close: 1,
     channel_monitor: 1,
     channel_stats: 1,
+    channel_sweep_dirs: 1,
     ring_probe_new: 1,
     ring_probe_write: 2,
     ring_probe_read: 2,
@@ -444,6 +445,7 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
               :board_layout,
               :board_monotonic_ns,
               :channel_layout,
+              :channel_sweep_dirs,
               :list_segments,
               :reaped_holds,
               :reaper_stats,
@@ -1073,6 +1075,7 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
        do: true
 
   defp well_shaped?(:channel_layout, _, v), do: is_binary(v)
+  defp well_shaped?(:channel_sweep_dirs, _, n), do: non_neg?(n)
   defp well_shaped?(:channel_open, _, {:ok, ch}), do: is_reference(ch)
   defp well_shaped?(:channel_info, _, %{path: p}), do: is_binary(p)
   defp well_shaped?(:channel_stats, _, %{state: s}), do: is_atom(s)

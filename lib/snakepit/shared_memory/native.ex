@@ -580,6 +580,18 @@ defmodule Snakepit.SharedMemory.Native do
   @spec channel_stats(channel()) :: map()
   def channel_stats(_ch), do: :erlang.nif_error(:not_loaded)
 
+  @doc """
+  Removes the socket directories (`spshm-ch-XXXXXX`, with their `ctl` socket) that
+  channels of dead VMs left in `$XDG_RUNTIME_DIR`, `$TMPDIR` and `/tmp` (each once, if it
+  exists; a custom `:socket_dir` is not swept) and returns how many it removed (dirty
+  IO). A live channel holds a shared `flock` on its directory for as long as it exists,
+  so only directories whose lock is free are removed (the kernel answers, no PID is
+  trusted), and only once they are 10 s old, of this user, mode 0700, and hold nothing
+  but the socket (docs/CHANNEL.md). `{:error, _}` only if the NIF ran out of memory.
+  """
+  @spec channel_sweep_dirs() :: non_neg_integer() | nif_error()
+  def channel_sweep_dirs, do: :erlang.nif_error(:not_loaded)
+
   # Test probe of the ring (c_src/nif/nif_ring_probe.cpp), for the PropEr model.
   @doc false
   def ring_probe_new(_capacity, _ack_mode, _max_batch), do: :erlang.nif_error(:not_loaded)

@@ -12,6 +12,9 @@ defmodule Snakepit.SharedMemory.Sweep do
       owner died), POSIX segments created by this very VM are registered again, as
       `:manual` regions without owner (see `docs/SECURITY.md`). memfd regions cannot be
       re-adopted: nothing names them; they die with their last mapping.
+    * channel socket directories (`sweep_channel_dirs/0`, with every orphan sweep): the
+      `spshm-ch-XXXXXX` directories and `ctl` sockets of channels whose VM died while
+      they still listened, told from live ones by the lock their owner holds.
     * leaks need no sweep: a caller killed inside `Native.create/2` (a dirty NIF that
       keeps running) or before registering its region drops the last reference to a
       POSIX segment nobody registered, and that removes its name (`Native.keep_name/2`).
@@ -49,7 +52,12 @@ defmodule Snakepit.SharedMemory.Sweep do
   def sweep_orphans(opts \\ []) do
     dry_run = Keyword.get(opts, :dry_run, false)
     {freed, _held} = sweep(segment_ids(), dry_run)
-    unless dry_run, do: sweep_runtime_index()
+
+    unless dry_run do
+      sweep_runtime_index()
+      sweep_channel_dirs()
+    end
+
     freed
   end
 
@@ -64,6 +72,7 @@ defmodule Snakepit.SharedMemory.Sweep do
   def sweep_orphans_at_start do
     {freed, held} = sweep(segment_ids(), false)
     sweep_runtime_index()
+    sweep_channel_dirs()
     {freed, held}
   end
 
@@ -78,6 +87,7 @@ defmodule Snakepit.SharedMemory.Sweep do
   def sweep_orphans_of(peers) do
     {freed, held} = sweep(segment_ids(), false, peers)
     sweep_runtime_index()
+    sweep_channel_dirs()
     {freed, held}
   end
 
@@ -166,6 +176,28 @@ defmodule Snakepit.SharedMemory.Sweep do
       do: Logger.info("snakepit_shm: removed #{result.removed} stale runtime index entries")
 
     result
+  end
+
+  @doc """
+  Removes the socket directories (`spshm-ch-XXXXXX` holding a `ctl` socket) that channels
+  of VMs that died while still listening (a halt without `Channel.close/1`, SIGKILL, a
+  crash) left in `$XDG_RUNTIME_DIR`, `$TMPDIR` and `/tmp`: only those whose lock no live
+  channel holds, 10 s old or more (`Native.channel_sweep_dirs/0`). Directories under a
+  custom `:socket_dir` are not swept. Runs with every orphan sweep. Returns how many it
+  removed (0 where there is no channel: not Linux).
+  """
+  @spec sweep_channel_dirs() :: non_neg_integer()
+  def sweep_channel_dirs do
+    removed =
+      case match?({:unix, :linux}, :os.type()) and Native.channel_sweep_dirs() do
+        n when is_integer(n) -> n
+        _ -> 0
+      end
+
+    if removed > 0,
+      do: Logger.info("snakepit_shm: removed #{removed} stale channel socket director(ies)")
+
+    removed
   end
 
   @doc "Ids of the segments of ours in the shm directory (`Native.list_segments/0`)."
