@@ -233,7 +233,8 @@ defmodule Snakepit.SharedMemory.Reliability.PeersTest do
       )
 
     assert Enum.frequencies(outcomes) == %{kept: 1024, closed: 1100 - 1024}
-    assert (fds.() - before) in 1024..1030
+    # (Give or take a descriptor the VM opens or closes meanwhile.)
+    assert (fds.() - before) in 1014..1034
 
     Enum.each(sockets, &:gen_tcp.close/1)
     assert ShmHelpers.wait_until(fn -> fds.() - before < 10 end, 10_000)
