@@ -200,8 +200,9 @@ defmodule Snakepit.SharedMemory do
   `:closed`, `:deallocated`, `:busy`.
   """
   @spec write(Mapping.t(), non_neg_integer(), iodata()) :: :ok | error()
-  def write(%Mapping{} = mapping, offset, _data) when is_integer(offset) and offset > @max_u64,
-    do: beyond_end(:write, mapping, offset, nil)
+  def write(%Mapping{region_id: id, size: size} = mapping, offset, _data)
+      when is_binary(id) and is_integer(size) and is_integer(offset) and offset > @max_u64,
+      do: beyond_end(:write, mapping, offset, nil)
 
   def write(%Mapping{} = mapping, offset, data) when is_integer(offset) and offset >= 0 do
     start = Stats.start()
@@ -223,9 +224,9 @@ defmodule Snakepit.SharedMemory do
   writer in another process may change the region between two slices.
   """
   @spec read(Mapping.t(), non_neg_integer(), non_neg_integer()) :: {:ok, binary()} | error()
-  def read(%Mapping{} = mapping, offset, length)
-      when is_integer(offset) and offset >= 0 and is_integer(length) and length >= 0 and
-             (offset > @max_u64 or length > @max_u64),
+  def read(%Mapping{region_id: id, size: size} = mapping, offset, length)
+      when is_binary(id) and is_integer(size) and is_integer(offset) and offset >= 0 and
+             is_integer(length) and length >= 0 and (offset > @max_u64 or length > @max_u64),
       do: beyond_end(:read, mapping, offset, length)
 
   def read(%Mapping{} = mapping, offset, length)
