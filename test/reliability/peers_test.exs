@@ -125,6 +125,36 @@ defmodule Snakepit.SharedMemory.Reliability.PeersTest do
     assert ShmHelpers.wait_until(fn -> gone?(dir, [id]) end, 10_000), "#{id} outlived its worker"
   end
 
+  test "a worker joins again a VM whose presence restarted: its death is still seen",
+       %{dir: dir} do
+    # Found by attack run 4 (D): a worker joined once per process, so after the Peers
+    # process of its VM restarted (or the application was stopped and started again: a
+    # new socket name), the worker was connected to no VM for good, and its unadopted
+    # POSIX outputs outlived a SIGKILL until the next VM start.
+    vm = PeerVms.shm_peer("prejoin", dir, true)
+    worker = PythonWorker.start(@posix_worker, [dir])
+    %{"id" => first, "connected" => 1} = PythonWorker.ask(worker, "alloc")
+    assert ShmHelpers.wait_until(fn -> length(:erpc.call(vm, Peers, :list, [])) == 1 end)
+
+    [old] = sockets(dir)
+    peers = :erpc.call(vm, Process, :whereis, [Peers])
+    :erpc.call(vm, Process, :exit, [peers, :kill])
+
+    assert ShmHelpers.wait_until(fn ->
+             pid = :erpc.call(vm, Process, :whereis, [Peers])
+             is_pid(pid) and pid != peers and sockets(dir) -- [old] != []
+           end)
+
+    assert :erpc.call(vm, Peers, :list, []) == []
+    %{"id" => second, "connected" => 1} = PythonWorker.ask(worker, "alloc")
+    assert ShmHelpers.wait_until(fn -> length(:erpc.call(vm, Peers, :list, [])) == 1 end)
+
+    PythonWorker.kill9(worker)
+
+    assert ShmHelpers.wait_until(fn -> gone?(dir, [first, second]) end, 10_000),
+           "the outputs outlived their worker"
+  end
+
   test "a forked child does not keep its parent's presence connections", %{dir: dir} do
     vm = PeerVms.shm_peer("pfork", dir, true)
     worker = PythonWorker.start(@posix_worker, [dir])
