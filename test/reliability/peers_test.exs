@@ -5,7 +5,7 @@ defmodule Snakepit.SharedMemory.Reliability.PeersTest do
   # sweep here touches other suites' segments; real SIGKILLs.
   use ExUnit.Case, async: false
 
-  alias Snakepit.SharedMemory.{ClusterHelpers, Native, PeerVms, Peers, ReliabilityHelpers}
+  alias Snakepit.SharedMemory.{ClusterHelpers, JSON, Native, PeerVms, Peers, ReliabilityHelpers}
   alias Snakepit.SharedMemory.{ShmHelpers, Test.PythonWorker}
 
   @moduletag :reliability
@@ -273,6 +273,60 @@ defmodule Snakepit.SharedMemory.Reliability.PeersTest do
     {:ok, s} = connect.()
     assert {:ok, _hello} = :gen_tcp.recv(s, 0, 5_000)
     assert {:error, :closed} = :gen_tcp.recv(s, 0, 5_000)
+  end
+
+  test "presence connections never take the descriptors the VM needs (ulimit -n 512)",
+       %{dir: dir} do
+    # Found by attack run 4 (D): up to 1024 connections were kept whatever the VM's
+    # descriptor limit; under `ulimit -n 1024` (systemd's default soft limit) 1024
+    # workers, or a process of the user introducing itself in a loop, took every
+    # descriptor of the VM, and its allocations failed.
+    vm = PeerVms.shm_peer("pnofile", dir, false, nofile: 512)
+    [name] = sockets(dir)
+    path = Path.join(Peers.directory(dir, uid()), name)
+
+    {:ok, hello} =
+      JSON.encode(%{
+        "snakepit_shm_peer" => 1,
+        "os_pid" => 999_999,
+        "start_time" => 1,
+        "boot_id" => String.duplicate("0", 32)
+      })
+
+    kept =
+      Enum.reduce_while(1..600, [], fn _, kept ->
+        {:ok, s} = :gen_tcp.connect({:local, path}, 0, [:binary, packet: 4, active: false])
+        :ok = :gen_tcp.send(s, hello)
+
+        case :gen_tcp.recv(s, 0, 2_000) do
+          {:ok, _hello} ->
+            {:cont, [s | kept]}
+
+          {:error, _} ->
+            :gen_tcp.close(s)
+            {:halt, kept}
+        end
+      end)
+
+    try do
+      assert ShmHelpers.wait_until(fn ->
+               length(:erpc.call(vm, Peers, :list, [])) == length(kept)
+             end)
+
+      # (Each freed when the :erpc process that owns it exits.)
+      for backend <- [:posix, :memfd, :posix, :memfd], _ <- 1..20 do
+        assert {:ok, _region} =
+                 :erpc.call(vm, Snakepit.SharedMemory, :allocate_region, [
+                   65_536,
+                   [backend: backend]
+                 ])
+      end
+
+      # At most a quarter of the VM's descriptors.
+      assert length(kept) <= div(512, 4)
+    after
+      Enum.each(kept, &:gen_tcp.close/1)
+    end
   end
 
   test "a presence directory with group permissions turns presence off, the app runs",

@@ -24,7 +24,8 @@ defmodule Snakepit.SharedMemory.Peers do
   VM's. A Python worker that creates a POSIX output connects the same way
   (`snakepit_shm._presence`): the VMs then sweep what it leaves the moment it dies. A connection that says nothing valid first, or
   nothing within 10 s, is closed, and its end triggers nothing; at most 1024 connections
-  are kept (a process of the user connecting in a loop cannot take the VM's descriptors). A socket of a VM that died is refused by the
+  are kept, and at most a quarter of the VM's descriptor limit (`ulimit -n`): a process
+  of the user connecting in a loop, or many workers, cannot take the VM's descriptors. A socket of a VM that died is refused by the
   kernel (`ECONNREFUSED`) and removed by the next VM that finds it. A VM publishes
   its socket under a temporary name and renames it once it listens, so a name in the
   directory never refuses a connection while its VM lives.
@@ -44,8 +45,9 @@ defmodule Snakepit.SharedMemory.Peers do
   @connect_timeout 1_000
   # All the connections of a start together.
   @connect_budget 3_000
-  # A connection must introduce itself this fast; at most this many are kept (a process
-  # of the user connecting in a loop must not take the VM's descriptors).
+  # A connection must introduce itself this fast; at most this many are kept, and at most
+  # a quarter of the VM's descriptor limit (a process of the user connecting in a loop,
+  # or many workers, must not take the descriptors the VM needs for its regions).
   @hello_timeout 10_000
   @max_connections 1_024
 
@@ -91,7 +93,8 @@ defmodule Snakepit.SharedMemory.Peers do
         listener: listener,
         acceptor: acceptor,
         hello: hello(),
-        peers: %{}
+        peers: %{},
+        max_connections: max_connections()
       }
 
       # Connected before the start returns: a VM whose application started is known to
@@ -138,7 +141,7 @@ defmodule Snakepit.SharedMemory.Peers do
 
   @impl true
   def handle_info({:accepted, socket}, state) do
-    if map_size(state.peers) >= @max_connections do
+    if map_size(state.peers) >= state.max_connections do
       :gen_tcp.close(socket)
       {:noreply, state}
     else
@@ -195,6 +198,19 @@ defmodule Snakepit.SharedMemory.Peers do
   end
 
   # ---- helpers ----
+
+  # ulimit -n as the emulator saw it at start (its poll sets' max_fds).
+  defp max_connections do
+    max_fds =
+      [:erlang.system_info(:check_io)]
+      |> List.flatten()
+      |> Enum.find_value(fn
+        {:max_fds, n} when is_integer(n) and n > 0 -> n
+        _ -> nil
+      end)
+
+    if max_fds, do: min(@max_connections, div(max_fds, 4)), else: @max_connections
+  end
 
   defp peer_name?(name),
     do: String.starts_with?(name, @prefix) and String.ends_with?(name, @suffix)
