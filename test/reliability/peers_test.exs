@@ -203,6 +203,31 @@ defmodule Snakepit.SharedMemory.Reliability.PeersTest do
     assert sockets(dir) == []
   end
 
+  test "a VM killed between its listen and its rename: its temporary socket goes later",
+       %{dir: dir} do
+    # Found by attack run 4 (D): a `.tmp-*` name (a VM killed between binding its socket
+    # and renaming it) was never removed by anyone: one dead socket file per such kill.
+    vms = Peers.directory(dir, uid())
+    File.mkdir_p!(vms)
+    File.chmod!(Path.dirname(vms), 0o700)
+    File.chmod!(vms, 0o700)
+
+    for name <- [".tmp-old", ".tmp-young"] do
+      path = Path.join(vms, name)
+      {:ok, listener} = :gen_tcp.listen(0, ifaddr: {:local, path})
+      :ok = :gen_tcp.close(listener)
+      assert {:ok, %File.Stat{type: :other}} = File.lstat(path)
+    end
+
+    File.touch!(Path.join(vms, ".tmp-old"), {{2020, 1, 1}, {0, 0, 0}})
+    _vm = PeerVms.shm_peer("ptmp", dir, false)
+
+    {:ok, names} = File.ls(vms)
+    # The old one refuses connections: its VM is dead. A young one may be a VM starting.
+    refute ".tmp-old" in names
+    assert ".tmp-young" in names
+  end
+
   test "a connection that does not introduce itself is dropped and its end sweeps nothing",
        %{dir: dir} do
     vm = PeerVms.shm_peer("pvm", dir, true)

@@ -28,7 +28,8 @@ defmodule Snakepit.SharedMemory.Peers do
   of the user connecting in a loop, or many workers, cannot take the VM's descriptors. A socket of a VM that died is refused by the
   kernel (`ECONNREFUSED`) and removed by the next VM that finds it. A VM publishes
   its socket under a temporary name and renames it once it listens, so a name in the
-  directory never refuses a connection while its VM lives.
+  directory never refuses a connection while its VM lives (a temporary name older than
+  60 s that refuses connections is a VM killed in between: the next VM start removes it).
   """
 
   use GenServer
@@ -116,12 +117,9 @@ defmodule Snakepit.SharedMemory.Peers do
 
   defp connect_all(state) do
     own = Path.basename(state.path)
-
-    entries =
-      case File.ls(state.dir) do
-        {:ok, names} -> Enum.filter(names, &(peer_name?(&1) and &1 != own))
-        {:error, _} -> []
-      end
+    names = with {:ok, names} <- File.ls(state.dir), do: names, else: (_ -> [])
+    entries = Enum.filter(names, &(peer_name?(&1) and &1 != own))
+    Enum.each(names, &remove_if_abandoned(state.dir, &1))
 
     deadline = System.monotonic_time(:millisecond) + @connect_budget
 
@@ -198,6 +196,27 @@ defmodule Snakepit.SharedMemory.Peers do
   end
 
   # ---- helpers ----
+
+  # A temporary name (`.tmp-<token>`) of a VM killed between its listen and its rename:
+  # nobody else would ever remove it. Only old ones (a VM renames its socket right after
+  # binding it) that refuse connections (nobody listens).
+  @abandoned_after_s 60
+
+  defp remove_if_abandoned(dir, ".tmp-" <> _ = name) do
+    path = Path.join(dir, name)
+
+    with {:ok, %File.Stat{mtime: mtime}} <- File.lstat(path, time: :posix),
+         true <- System.os_time(:second) - mtime > @abandoned_after_s,
+         {:error, :econnrefused} <-
+           :gen_tcp.connect({:local, path}, 0, [:binary, active: false], 100) do
+      _ = File.rm(path)
+    else
+      {:ok, socket} -> :gen_tcp.close(socket)
+      _ -> :ok
+    end
+  end
+
+  defp remove_if_abandoned(_dir, _name), do: :ok
 
   # ulimit -n as the emulator saw it at start (its poll sets' max_fds).
   defp max_connections do
