@@ -173,6 +173,59 @@ defmodule Snakepit.SharedMemory.Reliability.PeersTest do
     end
   end
 
+  test "fake deaths of a live VM (forged hellos, its Peers killed) never remove its segments",
+       %{dir: dir} do
+    # Attack run 4 (D): what a survivor is told about a VM decides at most which held
+    # segments it looks at again; the liveness locks alone decide what goes.
+    survivor = PeerVms.shm_peer("psurv", dir, true)
+    live = PeerVms.shm_peer("plive", dir, true)
+    ids = posix_regions(live, 3)
+    before = for id <- ids, do: :erpc.call(live, ClusterHelpers, :read, [id, 0, 64])
+
+    assert ShmHelpers.wait_until(fn -> length(:erpc.call(survivor, Peers, :list, [])) == 1 end)
+    [identity] = :erpc.call(survivor, Peers, :list, [])
+
+    {:ok, hello} =
+      JSON.encode(%{
+        "snakepit_shm_peer" => 1,
+        "os_pid" => identity.os_pid,
+        "start_time" => identity.start_time,
+        "boot_id" => identity.boot_id
+      })
+
+    path = fn node ->
+      [name] = sockets(dir) -- [Path.basename(:erpc.call(node, :sys, :get_state, [Peers]).path)]
+      Path.join(Peers.directory(dir, uid()), name)
+    end
+
+    # Forged: the live VM's identity, then the end of the connection.
+    for _ <- 1..50 do
+      {:ok, s} = :gen_tcp.connect({:local, path.(live)}, 0, [:binary, packet: 4, active: false])
+      :ok = :gen_tcp.send(s, hello)
+      {:ok, _} = :gen_tcp.recv(s, 0, 5_000)
+      :gen_tcp.close(s)
+    end
+
+    # Its Peers killed over and over.
+    for _ <- 1..10 do
+      pid = :erpc.call(live, Process, :whereis, [Peers])
+      :erpc.call(live, Process, :exit, [pid, :kill])
+
+      assert ShmHelpers.wait_until(fn ->
+               new = :erpc.call(live, Process, :whereis, [Peers])
+               is_pid(new) and new != pid
+             end)
+    end
+
+    assert ShmHelpers.wait_until(fn -> length(:erpc.call(survivor, Peers, :list, [])) == 1 end)
+    # The survivor's held sweeps (1 s, then backing off) ran on them.
+    Process.sleep(2_500)
+    :ok = :erpc.call(survivor, Snakepit.SharedMemory.Manager, :sync, [])
+
+    for id <- ids, do: assert(File.exists?(Path.join(dir, id)), "#{id} of a live VM was removed")
+    assert before == for(id <- ids, do: :erpc.call(live, ClusterHelpers, :read, [id, 0, 64]))
+  end
+
   test "a VM that starts later is connected too, in both directions", %{dir: dir} do
     first = PeerVms.shm_peer("pfirst", dir, false)
     second = PeerVms.shm_peer("psecond", dir, true)
