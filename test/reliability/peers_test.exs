@@ -281,6 +281,25 @@ defmodule Snakepit.SharedMemory.Reliability.PeersTest do
     assert ".tmp-young" in names
   end
 
+  test "a name too long for a Unix socket in the presence directory does not stop a start",
+       %{dir: dir} do
+    # Found by attack run 4 (D): :gen_tcp.connect/4 exits with :badarg on a path longer
+    # than sun_path, so one such `vm-*.sock` (or old `.tmp-*`) name, planted by any
+    # process of the user, crashed Peers at every start: the application failed to start.
+    vms = Peers.directory(dir, uid())
+    File.mkdir_p!(vms)
+    File.chmod!(Path.dirname(vms), 0o700)
+    File.chmod!(vms, 0o700)
+    long = String.duplicate("a", 200)
+    File.write!(Path.join(vms, "vm-#{long}.sock"), "")
+    File.write!(Path.join(vms, ".tmp-#{long}"), "")
+    File.touch!(Path.join(vms, ".tmp-#{long}"), {{2020, 1, 1}, {0, 0, 0}})
+
+    vm = PeerVms.shm_peer("plong", dir, true)
+    assert is_pid(:erpc.call(vm, Process, :whereis, [Peers]))
+    assert [_] = sockets(dir) -- ["vm-#{long}.sock"]
+  end
+
   test "a connection that does not introduce itself is dropped and its end sweeps nothing",
        %{dir: dir} do
     vm = PeerVms.shm_peer("pvm", dir, true)

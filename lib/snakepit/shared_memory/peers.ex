@@ -207,8 +207,7 @@ defmodule Snakepit.SharedMemory.Peers do
 
     with {:ok, %File.Stat{mtime: mtime}} <- File.lstat(path, time: :posix),
          true <- System.os_time(:second) - mtime > @abandoned_after_s,
-         {:error, :econnrefused} <-
-           :gen_tcp.connect({:local, path}, 0, [:binary, active: false], 100) do
+         {:error, :econnrefused} <- connect_local(path, [:binary, active: false], 100) do
       _ = File.rm(path)
     else
       {:ok, socket} -> :gen_tcp.close(socket)
@@ -217,6 +216,17 @@ defmodule Snakepit.SharedMemory.Peers do
   end
 
   defp remove_if_abandoned(_dir, _name), do: :ok
+
+  # :gen_tcp.connect/4 exits with :badarg on a path longer than sun_path: a name nobody
+  # listens on (a VM refuses such a path), planted by anyone of the user, must not crash
+  # the start.
+  defp connect_local(path, options, timeout) do
+    if byte_size(path) > @max_path,
+      do: {:error, :enametoolong},
+      else: :gen_tcp.connect({:local, path}, 0, options, timeout)
+  catch
+    :exit, :badarg -> {:error, :badarg}
+  end
 
   # ulimit -n as the emulator saw it at start (its poll sets' max_fds).
   defp max_connections do
@@ -235,7 +245,7 @@ defmodule Snakepit.SharedMemory.Peers do
     do: String.starts_with?(name, @prefix) and String.ends_with?(name, @suffix)
 
   defp connect(path, state) do
-    case :gen_tcp.connect({:local, path}, 0, socket_options(), @connect_timeout) do
+    case connect_local(path, socket_options(), @connect_timeout) do
       {:ok, socket} ->
         introduce(socket, state)
 
