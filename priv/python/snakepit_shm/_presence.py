@@ -103,15 +103,16 @@ def join(shm_dir):
 def _drop_closed():
     """Close the connections whose VM side is gone (hang-up seen without reading: the
     VM's hello may still sit unread in front of the end of file)."""
-    if not _sockets:
+    if not _sockets or not hasattr(select, "poll"):
         return
+    hangup = getattr(select, "POLLRDHUP", 0)  # Linux; elsewhere POLLHUP alone
     poller = select.poll()
     by_fd = {}
     for path, sock in _sockets.items():
-        poller.register(sock, select.POLLRDHUP)
+        poller.register(sock, hangup)
         by_fd[sock.fileno()] = path
     for fd, events in poller.poll(0):
-        if events & (select.POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL):
+        if events & (hangup | select.POLLHUP | select.POLLERR | select.POLLNVAL):
             sock = _sockets.pop(by_fd[fd])
             try:
                 sock.close()
