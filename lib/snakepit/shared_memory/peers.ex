@@ -59,8 +59,9 @@ defmodule Snakepit.SharedMemory.Peers do
   def start_link(_arg), do: GenServer.start_link(__MODULE__, nil, name: __MODULE__)
 
   @doc """
-  The VMs this one is connected to: one identity per connection whose peer introduced
-  itself (`[]` when presence is off).
+  The peers this VM is connected to: one identity per connection whose peer introduced
+  itself, other VMs and Python workers that made a POSIX output alike (the hello does
+  not tell them apart; `[]` when presence is off).
   """
   @spec list() :: [identity()]
   def list do
