@@ -226,6 +226,83 @@ defmodule Snakepit.SharedMemory.Reliability.PeersTest do
     assert before == for(id <- ids, do: :erpc.call(live, ClusterHelpers, :read, [id, 0, 64]))
   end
 
+  test "deaths in a stream do not keep the survivor's manager sweeping back to back",
+       %{dir: dir} do
+    # Found by attack run 4 (D): every peer that ends (a Python worker's normal exit
+    # included) asked each VM for a sweep of the whole shm directory, run as soon as the
+    # previous one ended: with 1500 segments of a live VM there and a stream of
+    # connections that introduce themselves and leave, the manager swept without a pause
+    # (and every call to it waited). Now a sweep waits 4 times its predecessor's duration.
+    survivor = PeerVms.shm_peer("psurv", dir, true)
+    live = PeerVms.shm_peer("plive", dir, false)
+
+    for _ <- 1..1500 do
+      {:ok, _} =
+        :erpc.call(live, Snakepit.SharedMemory, :allocate_region, [
+          4096,
+          [backend: :posix, cleanup_policy: :manual]
+        ])
+    end
+
+    cost_ms =
+      Enum.min(
+        for _ <- 1..3 do
+          {us, _} =
+            :erpc.call(survivor, :timer, :tc, [
+              Snakepit.SharedMemory.Sweep,
+              :sweep_orphans_of,
+              [[]]
+            ])
+
+          div(us, 1000)
+        end
+      )
+
+    path = :erpc.call(survivor, :sys, :get_state, [Peers]).path
+
+    {:ok, hello} =
+      JSON.encode(%{
+        "snakepit_shm_peer" => 1,
+        "os_pid" => 999_999,
+        "start_time" => 1,
+        "boot_id" => String.duplicate("0", 32)
+      })
+
+    deadline = System.monotonic_time(:millisecond) + 4_000
+
+    flood =
+      Task.async(fn ->
+        Stream.repeatedly(fn ->
+          {:ok, s} = :gen_tcp.connect({:local, path}, 0, [:binary, packet: 4, active: false])
+          :ok = :gen_tcp.send(s, hello)
+          {:ok, _} = :gen_tcp.recv(s, 0, 5_000)
+          :gen_tcp.close(s)
+        end)
+        |> Stream.take_while(fn _ -> System.monotonic_time(:millisecond) < deadline end)
+        |> Stream.run()
+      end)
+
+    Process.sleep(500)
+
+    # How long the manager takes to answer while deaths keep coming: back to back, a
+    # call waits for the sweep in progress (half a sweep on average).
+    latencies =
+      for _ <- 1..15 do
+        Process.sleep(:rand.uniform(150))
+
+        {us, :ok} =
+          :timer.tc(fn -> :erpc.call(survivor, Snakepit.SharedMemory.Manager, :sync, []) end)
+
+        div(us, 1000)
+      end
+
+    Task.await(flood, 30_000)
+    median = latencies |> Enum.sort() |> Enum.at(7)
+
+    assert median < max(div(cost_ms, 4), 5),
+           "median #{median} ms to answer (#{inspect(latencies)}), a sweep takes #{cost_ms} ms"
+  end
+
   test "a VM that starts later is connected too, in both directions", %{dir: dir} do
     first = PeerVms.shm_peer("pfirst", dir, false)
     second = PeerVms.shm_peer("psecond", dir, true)
