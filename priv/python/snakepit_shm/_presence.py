@@ -30,6 +30,8 @@ _CONNECT_TIMEOUT = 1.0
 
 _lock = threading.Lock()
 _sockets = {}  # socket path -> connection
+_refused = set()  # paths nobody listens on: a VM's name never comes back to life
+_REFUSED_MAX = 4096
 _joined_pid = None
 
 
@@ -82,19 +84,34 @@ def join(shm_dir):
                            if n.startswith(_PREFIX) and n.endswith(_SUFFIX))
         except (OSError, ValueError):
             return len(_sockets)
-        paths = [p for p in (os.path.join(vms, n) for n in names) if p not in _sockets]
+        paths = [p for p in (os.path.join(vms, n) for n in names)
+                 if p not in _sockets and p not in _refused]
         hello = _hello() if paths else None
         if hello is None:
             return len(_sockets)
         for path in paths:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            except OSError:
+                break  # out of descriptors: presence is best effort
             try:
                 sock.settimeout(_CONNECT_TIMEOUT)
                 sock.connect(path)
+            except (BlockingIOError, socket.timeout):
+                sock.close()  # a VM too busy to accept: try again at the next output
+                continue
+            except OSError:
+                # A dead VM's socket (refused), not a socket, a name too long: never
+                # again in this process (a live VM's name is published once it listens).
+                sock.close()
+                if len(_refused) >= _REFUSED_MAX:
+                    _refused.clear()
+                _refused.add(path)
+                continue
+            try:
                 sock.sendall(hello)
             except OSError:
-                # A dead VM's socket (refused), a VM too busy to accept: skip it.
-                sock.close()
+                sock.close()  # it closed at once (at its connection limit): next output
                 continue
             _sockets[path] = sock
         return len(_sockets)

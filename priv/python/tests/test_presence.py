@@ -16,6 +16,7 @@ def fresh(monkeypatch):
     """A presence state as in a new process (join() runs once per process)."""
     monkeypatch.setattr(_presence, "_joined_pid", None)
     monkeypatch.setattr(_presence, "_sockets", {})
+    monkeypatch.setattr(_presence, "_refused", set())
     yield
     for sock in _presence._sockets.values():
         sock.close()
@@ -124,3 +125,38 @@ def test_joins_again_the_vms_whose_presence_restarted_or_that_started_later(tmp_
     finally:
         for server in servers:
             server.close()
+
+
+def test_a_name_that_refused_is_not_tried_again(tmp_path, fresh, monkeypatch):
+    # Attack run 4 (D): join() runs before every POSIX output since it joins VMs that
+    # appeared; the names of dead VMs (refused until a VM start removes them, or planted)
+    # must not cost a connect each time.
+    vms = _vms(tmp_path)
+    for n in range(50):
+        (vms / f"vm-dead{n}.sock").touch()
+    made = []
+    real = socket.socket
+
+    def counting(*args, **kwargs):
+        made.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_presence.socket, "socket", counting)
+    assert _presence.join(str(tmp_path)) == 0
+    assert len(made) == 50
+    assert _presence.join(str(tmp_path)) == 0
+    assert len(made) == 50
+
+
+def test_out_of_descriptors_join_does_not_raise(tmp_path, fresh, monkeypatch):
+    vms = _vms(tmp_path)
+    server = _listener(vms / "vm-a.sock")
+
+    def no_descriptor(*args, **kwargs):
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(_presence.socket, "socket", no_descriptor)
+    try:
+        assert _presence.join(str(tmp_path)) == 0
+    finally:
+        server.close()
