@@ -120,17 +120,19 @@ defmodule Snakepit.SharedMemory.Peers do
     own = Path.basename(state.path)
     names = with {:ok, names} <- File.ls(state.dir), do: names, else: (_ -> [])
     entries = Enum.filter(names, &(peer_name?(&1) and &1 != own))
-    Enum.each(names, &remove_if_abandoned(state.dir, &1))
-
     deadline = System.monotonic_time(:millisecond) + @connect_budget
+    in_time? = fn -> System.monotonic_time(:millisecond) < deadline end
 
-    Enum.reduce(entries, state, fn name, state ->
-      # VMs that do not accept in time (stopped, hung, or listeners that are not VMs at
-      # all) must not hold the application's start: the rest is skipped.
-      if System.monotonic_time(:millisecond) < deadline,
-        do: connect(Path.join(state.dir, name), state),
-        else: state
-    end)
+    state =
+      Enum.reduce(entries, state, fn name, state ->
+        # VMs that do not accept in time (stopped, hung, or listeners that are not VMs at
+        # all) must not hold the application's start: the rest is skipped.
+        if in_time?.(), do: connect(Path.join(state.dir, name), state), else: state
+      end)
+
+    # Within the same budget (the directory may hold anything a process of the user put there).
+    Enum.each(names, &if(in_time?.(), do: remove_if_abandoned(state.dir, &1)))
+    state
   end
 
   @impl true
