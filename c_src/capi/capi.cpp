@@ -421,6 +421,19 @@ SPSHM_EXPORT int spshm_create(uint64_t size, int backend, const char* metadata_j
       }
       *control_fd = control;
       *data_fd = data;
+    } else {
+      // The caller's own open of the segment, its liveness lock taken while the core's
+      // open still holds its own: an orphan sweep (any VM's, whenever a peer of it
+      // exits) removes whatever nobody holds, and a worker that opened the name only
+      // after this returned lost its new output to it (attack run 4 D).
+      auto held = spshm::platform::open_named(region.id(), spshm::platform::Access::read_only);
+      spshm::Result<void> locked = held ? spshm::take_liveness_lock(*held, "segment " + region.id())
+                                        : spshm::Result<void>(held.error());
+      if (!locked) {
+        (void)spshm::platform::unlink_named(region.id());
+        return fail(locked.error(), err, errlen);
+      }
+      *control_fd = static_cast<int>(held->release());
     }
     copy_message(region.id(), region_id, spshm::kRegionIdCapacity);
     return succeed(err, errlen);

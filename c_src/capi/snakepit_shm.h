@@ -139,8 +139,11 @@ int spshm_encrypt(const void* header, uint8_t* data, uint64_t data_len, const ui
  * Writes the NUL-terminated id into region_id (>= 32 bytes). For memfd, *control_fd and
  * *data_fd receive new O_CLOEXEC descriptors of the two memfds, which keep the region
  * alive: the caller must keep them open until another process has opened the region
- * (/proc/<pid>/fd/<n> of these descriptors) and close them after; for POSIX both are -1
- * (the region is reached by id). The core's own mapping is gone when this returns. */
+ * (/proc/<pid>/fd/<n> of these descriptors) and close them after; for POSIX the region is
+ * reached by id, *data_fd is -1 and *control_fd a new O_CLOEXEC read-only descriptor of
+ * the segment holding its shared liveness lock (taken before the core's own open closed:
+ * no orphan sweep can ever find the new output unheld), which the caller keeps open as
+ * long as the output must live. The core's own mapping is gone when this returns. */
 int spshm_create(uint64_t size, int backend, const char* metadata_json, uint64_t idle_timeout_ns,
                  char* region_id, int* control_fd, int* data_fd, char* err, size_t errlen);
 

@@ -74,9 +74,19 @@ defmodule Snakepit.SharedMemory.Reliability.Attack3BTest do
       id = ref["region_id"]
       PythonWorker.kill9(worker)
 
-      assert {:ok, %{in_use: false}} = Native.inspect_path("/dev/shm/" <> id)
-      assert {:ok, :removed} = Native.sweep_segment(id, false)
-      refute File.exists?("/dev/shm/" <> id)
+      # Since the presence sockets the worker is connected to every VM sharing /dev/shm
+      # (this one included), and they may sweep it first, at once (attack run 4 D saw
+      # this test fail so, either way).
+      case Native.inspect_path("/dev/shm/" <> id) do
+        {:ok, %{in_use: false}} ->
+          assert Native.sweep_segment(id, false) in [{:ok, :removed}, {:ok, :in_use}] or
+                   not File.exists?("/dev/shm/" <> id)
+
+        {:error, {:not_found, _, _}} ->
+          :ok
+      end
+
+      assert ShmHelpers.wait_until(fn -> not File.exists?("/dev/shm/" <> id) end, 10_000)
     end
   end
 

@@ -9,16 +9,30 @@ defmodule Snakepit.SharedMemory.PeerVms do
   alias Snakepit.SharedMemory, as: SHM
   alias Snakepit.SharedMemory.{ClusterHelpers, JSON}
 
-  @doc "A peer VM running :snakepit_shm with its POSIX segments in `dir` (stopped on exit)."
-  def shm_peer(prefix, dir, sweep?) do
+  @doc """
+  A peer VM running :snakepit_shm with its POSIX segments in `dir` (stopped on exit).
+  `nofile: n` starts it under `ulimit -n n`.
+  """
+  def shm_peer(prefix, dir, sweep?, opts \\ []) do
     ClusterHelpers.ensure_distributed!()
 
+    exec =
+      case Keyword.fetch(opts, :nofile) do
+        {:ok, n} ->
+          %{exec: {~c"/bin/sh", [~c"-c", ~c"ulimit -n #{n} && exec erl \"$@\"", ~c"sh"]}}
+
+        :error ->
+          %{}
+      end
+
     {:ok, peer, node} =
-      :peer.start(%{
-        name: :peer.random_name(String.to_charlist(prefix)),
-        args: [~c"-setcookie", Atom.to_charlist(Node.get_cookie())],
-        wait_boot: 120_000
-      })
+      :peer.start(
+        Map.merge(exec, %{
+          name: :peer.random_name(String.to_charlist(prefix)),
+          args: [~c"-setcookie", Atom.to_charlist(Node.get_cookie())],
+          wait_boot: 120_000
+        })
+      )
 
     :ok = :erpc.call(node, :code, :add_paths, [:code.get_path()])
 

@@ -45,8 +45,10 @@ defmodule Snakepit.SharedMemory.Manager do
 
   @doc """
   Tells the manager that the VM `peer` (`Snakepit.SharedMemory.Peers`) died: with
-  `:orphan_sweep` on, it sweeps the orphans (once for the deaths told at the same time)
-  and sweeps again later the segments of that VM some process still holds.
+  `:orphan_sweep` on, it sweeps the orphans (once for the deaths told at the same time,
+  and at the earliest 4 times the previous such sweep's duration after it ended: a
+  stream of deaths cannot keep the manager sweeping) and sweeps again later the
+  segments of that VM some process still holds.
   """
   @spec peer_down(Snakepit.SharedMemory.Peers.identity()) :: :ok
   def peer_down(peer), do: GenServer.cast(__MODULE__, {:peer_down, peer})
@@ -69,6 +71,10 @@ defmodule Snakepit.SharedMemory.Manager do
 
   @held_recheck_min 1_000
   @held_recheck_max 60_000
+  # Sweeps for dead peers keep the manager busy a fifth of the time at most.
+  @peer_sweep_spacing 4
+  @peer_sweep_max_wait 10_000
+  @max_dead_peers 1_024
 
   @impl true
   def init(nil) do
@@ -82,7 +88,8 @@ defmodule Snakepit.SharedMemory.Manager do
       events: open_events(),
       rung: MapSet.new(),
       held_orphans: %{ids: [], at: 0, wait: @held_recheck_min},
-      dead_peers: []
+      dead_peers: [],
+      peer_sweep_next: now_ms()
     }
 
     unless Registry.flag(:initialized) do
@@ -113,10 +120,23 @@ defmodule Snakepit.SharedMemory.Manager do
   @impl true
   def handle_cast({:monitor_caller, pid}, state), do: {:noreply, monitor(pid, state)}
 
-  # Deaths told together (queued before the :sweep_for_peers message) share one sweep.
+  # Deaths told together (queued before the :sweep_for_peers message) share one sweep, and
+  # a sweep starts at the earliest @peer_sweep_spacing times its predecessor's duration
+  # after it ended: each peer that ends (a worker's normal exit included) asks for a sweep
+  # of the whole shm directory, and back to back they would keep the manager busy.
   def handle_cast({:peer_down, peer}, %{config: %{orphan_sweep: true}} = state) do
-    if state.dead_peers == [], do: send(self(), :sweep_for_peers)
-    {:noreply, %{state | dead_peers: [peer | state.dead_peers]}}
+    if state.dead_peers == [] do
+      case state.peer_sweep_next - now_ms() do
+        wait when wait > 0 -> schedule(:sweep_for_peers, wait)
+        _ -> send(self(), :sweep_for_peers)
+      end
+    end
+
+    # Identities only say which held segments to look at again: a stream of deaths (or
+    # of forged hellos) keeps at most @max_dead_peers of them until the sweep.
+    if peer in state.dead_peers or length(state.dead_peers) >= @max_dead_peers,
+      do: {:noreply, state},
+      else: {:noreply, %{state | dead_peers: [peer | state.dead_peers]}}
   end
 
   def handle_cast({:peer_down, _peer}, state), do: {:noreply, state}
@@ -165,8 +185,11 @@ defmodule Snakepit.SharedMemory.Manager do
   end
 
   def handle_info(:sweep_for_peers, state) do
+    started = now_ms()
     {_freed, held} = Sweep.sweep_orphans_of(state.dead_peers)
-    {:noreply, remember_held(%{state | dead_peers: []}, held)}
+    ended = now_ms()
+    next = ended + min((ended - started) * @peer_sweep_spacing, @peer_sweep_max_wait)
+    {:noreply, remember_held(%{state | dead_peers: [], peer_sweep_next: next}, held)}
   end
 
   def handle_info(:holder_scan, state) do

@@ -24,10 +24,12 @@ defmodule Snakepit.SharedMemory.Peers do
   VM's. A Python worker that creates a POSIX output connects the same way
   (`snakepit_shm._presence`): the VMs then sweep what it leaves the moment it dies. A connection that says nothing valid first, or
   nothing within 10 s, is closed, and its end triggers nothing; at most 1024 connections
-  are kept (a process of the user connecting in a loop cannot take the VM's descriptors). A socket of a VM that died is refused by the
+  are kept, and at most a quarter of the VM's descriptor limit (`ulimit -n`): a process
+  of the user connecting in a loop, or many workers, cannot take the VM's descriptors. A socket of a VM that died is refused by the
   kernel (`ECONNREFUSED`) and removed by the next VM that finds it. A VM publishes
   its socket under a temporary name and renames it once it listens, so a name in the
-  directory never refuses a connection while its VM lives.
+  directory never refuses a connection while its VM lives (a temporary name older than
+  60 s that refuses connections is a VM killed in between: the next VM start removes it).
   """
 
   use GenServer
@@ -44,8 +46,9 @@ defmodule Snakepit.SharedMemory.Peers do
   @connect_timeout 1_000
   # All the connections of a start together.
   @connect_budget 3_000
-  # A connection must introduce itself this fast; at most this many are kept (a process
-  # of the user connecting in a loop must not take the VM's descriptors).
+  # A connection must introduce itself this fast; at most this many are kept, and at most
+  # a quarter of the VM's descriptor limit (a process of the user connecting in a loop,
+  # or many workers, must not take the descriptors the VM needs for its regions).
   @hello_timeout 10_000
   @max_connections 1_024
 
@@ -56,8 +59,9 @@ defmodule Snakepit.SharedMemory.Peers do
   def start_link(_arg), do: GenServer.start_link(__MODULE__, nil, name: __MODULE__)
 
   @doc """
-  The VMs this one is connected to: one identity per connection whose peer introduced
-  itself (`[]` when presence is off).
+  The peers this VM is connected to: one identity per connection whose peer introduced
+  itself, other VMs and Python workers that made a POSIX output alike (the hello does
+  not tell them apart; `[]` when presence is off).
   """
   @spec list() :: [identity()]
   def list do
@@ -91,7 +95,8 @@ defmodule Snakepit.SharedMemory.Peers do
         listener: listener,
         acceptor: acceptor,
         hello: hello(),
-        peers: %{}
+        peers: %{},
+        max_connections: max_connections()
       }
 
       # Connected before the start returns: a VM whose application started is known to
@@ -113,22 +118,21 @@ defmodule Snakepit.SharedMemory.Peers do
 
   defp connect_all(state) do
     own = Path.basename(state.path)
-
-    entries =
-      case File.ls(state.dir) do
-        {:ok, names} -> Enum.filter(names, &(peer_name?(&1) and &1 != own))
-        {:error, _} -> []
-      end
-
+    names = with {:ok, names} <- File.ls(state.dir), do: names, else: (_ -> [])
+    entries = Enum.filter(names, &(peer_name?(&1) and &1 != own))
     deadline = System.monotonic_time(:millisecond) + @connect_budget
+    in_time? = fn -> System.monotonic_time(:millisecond) < deadline end
 
-    Enum.reduce(entries, state, fn name, state ->
-      # VMs that do not accept in time (stopped, hung, or listeners that are not VMs at
-      # all) must not hold the application's start: the rest is skipped.
-      if System.monotonic_time(:millisecond) < deadline,
-        do: connect(Path.join(state.dir, name), state),
-        else: state
-    end)
+    state =
+      Enum.reduce(entries, state, fn name, state ->
+        # VMs that do not accept in time (stopped, hung, or listeners that are not VMs at
+        # all) must not hold the application's start: the rest is skipped.
+        if in_time?.(), do: connect(Path.join(state.dir, name), state), else: state
+      end)
+
+    # Within the same budget (the directory may hold anything a process of the user put there).
+    Enum.each(names, &if(in_time?.(), do: remove_if_abandoned(state.dir, &1)))
+    state
   end
 
   @impl true
@@ -138,7 +142,7 @@ defmodule Snakepit.SharedMemory.Peers do
 
   @impl true
   def handle_info({:accepted, socket}, state) do
-    if map_size(state.peers) >= @max_connections do
+    if map_size(state.peers) >= state.max_connections do
       :gen_tcp.close(socket)
       {:noreply, state}
     else
@@ -196,11 +200,55 @@ defmodule Snakepit.SharedMemory.Peers do
 
   # ---- helpers ----
 
+  # A temporary name (`.tmp-<token>`) of a VM killed between its listen and its rename:
+  # nobody else would ever remove it. Only old ones (a VM renames its socket right after
+  # binding it) that refuse connections (nobody listens).
+  @abandoned_after_s 60
+
+  defp remove_if_abandoned(dir, ".tmp-" <> _ = name) do
+    path = Path.join(dir, name)
+
+    with {:ok, %File.Stat{mtime: mtime}} <- File.lstat(path, time: :posix),
+         true <- System.os_time(:second) - mtime > @abandoned_after_s,
+         {:error, :econnrefused} <- connect_local(path, [:binary, active: false], 100) do
+      _ = File.rm(path)
+    else
+      {:ok, socket} -> :gen_tcp.close(socket)
+      _ -> :ok
+    end
+  end
+
+  defp remove_if_abandoned(_dir, _name), do: :ok
+
+  # :gen_tcp.connect/4 exits with :badarg on a path longer than sun_path: a name nobody
+  # listens on (a VM refuses such a path), planted by anyone of the user, must not crash
+  # the start.
+  defp connect_local(path, options, timeout) do
+    if byte_size(path) > @max_path,
+      do: {:error, :enametoolong},
+      else: :gen_tcp.connect({:local, path}, 0, options, timeout)
+  catch
+    :exit, :badarg -> {:error, :badarg}
+  end
+
+  # ulimit -n as the emulator saw it at start (its poll sets' max_fds).
+  defp max_connections do
+    max_fds =
+      [:erlang.system_info(:check_io)]
+      |> List.flatten()
+      |> Enum.find_value(fn
+        {:max_fds, n} when is_integer(n) and n > 0 -> n
+        _ -> nil
+      end)
+
+    if max_fds, do: min(@max_connections, div(max_fds, 4)), else: @max_connections
+  end
+
   defp peer_name?(name),
     do: String.starts_with?(name, @prefix) and String.ends_with?(name, @suffix)
 
   defp connect(path, state) do
-    case :gen_tcp.connect({:local, path}, 0, socket_options(), @connect_timeout) do
+    case connect_local(path, socket_options(), @connect_timeout) do
       {:ok, socket} ->
         introduce(socket, state)
 

@@ -415,7 +415,9 @@ class Library:
     def create(self, size, backend, metadata_json, idle_timeout_ns=0):
         """Create a region owned by this process with the core's own create.
 
-        Returns (region_id, control_fd, data_fd); the fds are -1 for POSIX regions.
+        Returns (region_id, control_fd, data_fd). memfd: the two memfds. POSIX: data_fd
+        is -1 and control_fd an open of the segment holding its liveness lock (-1 from
+        a library older than that).
         """
         err = ctypes.create_string_buffer(_ERR_LEN)
         region_id = ctypes.create_string_buffer(64)

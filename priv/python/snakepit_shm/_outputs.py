@@ -135,11 +135,14 @@ def allocate(size, dtype=None, shape=None, metadata=None, *, backend="memfd",
         # Where the C library created it: $SNAKEPIT_SHM_PATH (the VM's shm_path), else
         # /dev/shm.
         path = os.path.join(shm_dir(), region_id)
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        fd = control_fd
         try:
-            _hold_name(lib, fd, path, region_id)
+            if fd < 0:  # a library older than the one that hands its held open over
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+                _hold_name(lib, fd, path, region_id)
         except BaseException:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
             _unlink_quietly(path)
             raise
         _keep(_Pending(region_id, fd, -1, deadline, posix_path=path))
@@ -159,8 +162,9 @@ def _hold_name(lib, fd, path, region_id):
     the worker keeps until adoption: orphan sweeps (of any VM, in any PID namespace, and
     ``mix snakepit.shm.cleanup``) judge a segment by that lock alone, so without it a
     live worker's output was removed once its Region was closed, before the VM adopted
-    it. The core's create dropped its own open: if a sweep took the name in between,
-    say so now rather than hand back a ref that names nothing."""
+    it. Only for a library whose create does not hand over its held open (the current
+    one does: no sweep can take the name in between): if a sweep took the name, say so
+    now rather than hand back a ref that names nothing."""
     lib.liveness_lock(fd)
     try:
         named = os.stat(path, follow_symlinks=False)

@@ -107,6 +107,54 @@ def test_pending_posix_output_holds_its_liveness_lock_until_given_up():
     assert not os.path.exists(path)
 
 
+def _sweep_like_a_vm(path):
+    """What every VM's orphan sweep does to a segment (Native.sweep_segment): take the
+    liveness byte exclusively (F_OFD_SETLK, never waiting); if nobody holds it, remove
+    the name. True if it removed it."""
+    import fcntl
+    import struct
+    fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        try:
+            fcntl.fcntl(fd, fcntl.F_OFD_SETLK,
+                        struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0, 1, 0))
+        except OSError:
+            return False
+        os.unlink(path)
+        return True
+    finally:
+        os.close(fd)
+
+
+def test_posix_output_is_held_from_the_instant_create_returns(monkeypatch):
+    # Found by attack run 4 (D): the core's create closed its own open of a POSIX output
+    # and the worker re-opened it by name and locked it after, so a sweep in between
+    # (any VM's, and since the presence sockets every VM sweeps whenever any worker or
+    # VM connected to it exits) removed the live worker's output, and allocate() raised
+    # "removed by an orphan sweep while it was being created".
+    from snakepit_shm import _native
+    lib = _native.library()
+    real_create = type(lib).create
+    swept = []
+
+    def create_then_sweep(self, size, backend, metadata_json, idle_timeout_ns=0):
+        created = real_create(self, size, backend, metadata_json, idle_timeout_ns)
+        if backend == F.BACKEND_POSIX:
+            swept.append(_sweep_like_a_vm(os.path.join("/dev/shm", created[0])))
+        return created
+
+    monkeypatch.setattr(type(lib), "create", create_then_sweep)
+    out = snakepit_shm.allocate(100, backend="posix")
+    path = os.path.join("/dev/shm", out.region_id)
+    try:
+        assert swept == [False], "a sweep found the worker's new output unheld"
+        out.close()
+        assert os.path.exists(path) and _lock_held_elsewhere(path)
+    finally:
+        snakepit_shm.discard(out.region_id)
+    assert not os.path.exists(path)
+
+
 def test_adopted_posix_output_is_not_removed():
     out = snakepit_shm.allocate(100, backend="posix")
     path = os.path.join("/dev/shm", out.region_id)

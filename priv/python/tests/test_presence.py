@@ -15,9 +15,10 @@ from snakepit_shm import _presence, _proc
 def fresh(monkeypatch):
     """A presence state as in a new process (join() runs once per process)."""
     monkeypatch.setattr(_presence, "_joined_pid", None)
-    monkeypatch.setattr(_presence, "_sockets", [])
+    monkeypatch.setattr(_presence, "_sockets", {})
+    monkeypatch.setattr(_presence, "_refused", set())
     yield
-    for sock in _presence._sockets:
+    for sock in _presence._sockets.values():
         sock.close()
 
 
@@ -88,5 +89,74 @@ def test_a_symlinked_directory_is_not_followed(tmp_path, fresh):
     os.symlink(real, link_parent / "vms")
     try:
         assert _presence.join(str(tmp_path / "shm")) == 0
+    finally:
+        server.close()
+
+
+def test_joins_again_the_vms_whose_presence_restarted_or_that_started_later(tmp_path, fresh):
+    # Found by attack run 4 (D): join() ran once per process, so after a restart of a VM's
+    # presence (the application stopped and started again, the Peers process restarted:
+    # a new socket name) or a VM started after the worker's first output, the worker was
+    # connected to nobody, for good: killed with SIGKILL, its unadopted POSIX outputs
+    # stayed until the next VM start.
+    vms = _vms(tmp_path)
+    first = _listener(vms / "vm-a.sock")
+    try:
+        assert _presence.join(str(tmp_path)) == 1
+        conn, _ = first.accept()
+        _frame(conn)
+        # The VM's presence ends (its connection closes, its name goes)...
+        conn.close()
+    finally:
+        first.close()
+        os.unlink(vms / "vm-a.sock")
+    # ...and comes back under a new name, next to a VM started since.
+    servers = [_listener(vms / f"vm-{n}.sock") for n in ("b", "c")]
+    try:
+        assert _presence.join(str(tmp_path)) == 2
+        conns = [server.accept()[0] for server in servers]
+        for conn in conns:
+            assert _frame(conn)["os_pid"] == os.getpid()
+        # The dead connection was closed, not kept.
+        assert _presence.connected() == 2 and len(_presence._sockets) == 2
+        for conn in conns:
+            conn.close()
+        assert _presence.connected() == 0
+    finally:
+        for server in servers:
+            server.close()
+
+
+def test_a_name_that_refused_is_not_tried_again(tmp_path, fresh, monkeypatch):
+    # Attack run 4 (D): join() runs before every POSIX output since it joins VMs that
+    # appeared; the names of dead VMs (refused until a VM start removes them, or planted)
+    # must not cost a connect each time.
+    vms = _vms(tmp_path)
+    for n in range(50):
+        (vms / f"vm-dead{n}.sock").touch()
+    made = []
+    real = socket.socket
+
+    def counting(*args, **kwargs):
+        made.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_presence.socket, "socket", counting)
+    assert _presence.join(str(tmp_path)) == 0
+    assert len(made) == 50
+    assert _presence.join(str(tmp_path)) == 0
+    assert len(made) == 50
+
+
+def test_out_of_descriptors_join_does_not_raise(tmp_path, fresh, monkeypatch):
+    vms = _vms(tmp_path)
+    server = _listener(vms / "vm-a.sock")
+
+    def no_descriptor(*args, **kwargs):
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(_presence.socket, "socket", no_descriptor)
+    try:
+        assert _presence.join(str(tmp_path)) == 0
     finally:
         server.close()

@@ -72,8 +72,9 @@ defmodule Snakepit.SharedMemory.CLI.Doctor do
         finding(
           "peer VMs",
           :ok,
-          "#{n} other VM(s) of this user share #{dir}: the POSIX segments of one that dies " <>
-            "are swept by the others at once"
+          "connected to #{n} peer(s) sharing #{dir} (other VMs of this user, and Python " <>
+            "workers that made POSIX outputs): the POSIX segments of one that dies are " <>
+            "swept at once"
         )
     end
   end
