@@ -45,24 +45,10 @@ defmodule Snakepit.SharedMemory.Access do
       # A deallocation that took the record after our lookup may have swept the
       # mappings before our row existed: check again, and back out if it did.
       if Registry.member?(id) do
-        counters = region(record, :counters)
-        :counters.add(counters, 1, 1)
+        :counters.add(region(record, :counters), 1, 1)
         Security.audit(level, id, :map, %{mode: mode})
 
-        {:ok,
-         %Mapping{
-           region_id: id,
-           id: mapping_id,
-           mode: mode,
-           size: region(record, :size),
-           ref: mapping_ref,
-           region: ref,
-           pid: self(),
-           encrypted: Security.level_flags(level).encrypted,
-           security_level: level,
-           counters: counters,
-           cleanup_policy: region(record, :cleanup_policy)
-         }}
+        {:ok, mapping(record, mapping_id, mode, mapping_ref, region(record, :cleanup_policy))}
       else
         if Registry.take_mapping(id, mapping_id), do: Native.unmap(mapping_ref)
         not_found(id)
@@ -84,19 +70,7 @@ defmodule Snakepit.SharedMemory.Access do
          {:ok, mapping_ref} <- native(Native.map(ref, :read_only_unheld), id) do
       Security.audit(level, id, :map, %{mode: :read_only})
 
-      mapping = %Mapping{
-        region_id: id,
-        id: make_ref(),
-        mode: :read_only,
-        size: region(record, :size),
-        ref: mapping_ref,
-        region: ref,
-        pid: self(),
-        encrypted: Security.level_flags(level).encrypted,
-        security_level: level,
-        counters: region(record, :counters),
-        cleanup_policy: :manual
-      }
+      mapping = mapping(record, make_ref(), :read_only, mapping_ref, :manual)
 
       try do
         fun.(mapping)
@@ -104,6 +78,34 @@ defmodule Snakepit.SharedMemory.Access do
         Native.unmap(mapping_ref)
       end
     end
+  end
+
+  @doc false
+  # The calling process's Mapping of a registered region (`mapping_ref` from Native.map).
+  @spec mapping(
+          Registry.region_record(),
+          reference(),
+          :read_only | :read_write,
+          reference(),
+          atom()
+        ) ::
+          Mapping.t()
+  def mapping(record, mapping_id, mode, mapping_ref, cleanup_policy) do
+    region(id: id, ref: ref, size: size, security_level: level, counters: counters) = record
+
+    %Mapping{
+      region_id: id,
+      id: mapping_id,
+      mode: mode,
+      size: size,
+      ref: mapping_ref,
+      region: ref,
+      pid: self(),
+      encrypted: Security.level_flags(level).encrypted,
+      security_level: level,
+      counters: counters,
+      cleanup_policy: cleanup_policy
+    }
   end
 
   defp mode(record, requested) do

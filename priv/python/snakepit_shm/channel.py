@@ -387,20 +387,15 @@ class Channel:
                                                    _ERR_LEN)
                 self._send_loop(attempt, length, timeout)
                 return
-            fd = ctypes.c_int(-1)
-            code = self._lib.spshm_ch_prepare_region(address, length, ctypes.byref(fd),
-                                                     self._err, _ERR_LEN)
-        if code != 0:
-            raise OSError(_errno.ENOMEM, "cannot prepare a region message: "
-                          + self._err.value.decode("utf-8", "replace"))
+        fd, length = self._prepare_region(data)
         try:
             self._send_loop(lambda: self._lib.spshm_ch_send_region(
-                self._h, fd.value, length, self._err, _ERR_LEN),
+                self._h, fd, length, self._err, _ERR_LEN),
                 16, timeout)
             fd = None
         finally:
             if fd is not None:
-                os.close(fd.value)
+                os.close(fd)
 
     def _prepare_region(self, data):
         """A sealed memfd holding ``data`` for a region message: (fd, length). The caller

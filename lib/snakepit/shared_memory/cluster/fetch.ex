@@ -517,28 +517,15 @@ defmodule Snakepit.SharedMemory.Cluster.Fetch do
   # process is not in an allow-list), and without a hold: the sender is no holder, and
   # its unmap at the end must not free a :reference_counted region nobody else held.
   defp map_read_only(id, record) do
-    region(ref: ref, security_level: level, counters: counters, size: size) = record
     Registry.register_caller()
 
-    with {:ok, mapping_ref} <- Access.native(Native.map(ref, :read_only_unheld), id) do
+    with {:ok, mapping_ref} <-
+           Access.native(Native.map(region(record, :ref), :read_only_unheld), id) do
       mapping_id = make_ref()
       Registry.put_mapping(id, mapping_id, self(), :read_only, mapping_ref)
 
       if Registry.member?(id) do
-        {:ok,
-         %Mapping{
-           region_id: id,
-           id: mapping_id,
-           mode: :read_only,
-           size: size,
-           ref: mapping_ref,
-           region: ref,
-           pid: self(),
-           encrypted: Security.level_flags(level).encrypted,
-           security_level: level,
-           counters: counters,
-           cleanup_policy: :manual
-         }}
+        {:ok, Access.mapping(record, mapping_id, :read_only, mapping_ref, :manual)}
       else
         if Registry.take_mapping(id, mapping_id), do: Native.unmap(mapping_ref)
 
