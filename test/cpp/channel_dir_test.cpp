@@ -20,6 +20,7 @@
 
 #include "catch.hpp"
 #include "channel.hpp"
+#include "channel_helpers.hpp"
 #include "helpers.hpp"
 #include "platform_channel.hpp"
 
@@ -191,18 +192,10 @@ TEST_CASE(
   CHECK(live->state() == channel::State::listening);
 
   // Still reachable: a worker connects to the live one after the sweep.
-  std::atomic<bool> done{false};
-  channel::Endpoint* ow = live.get();
-  std::thread pump([&] {
-    while (!done.load()) {
-      channel::os::wait_readable(ow->wait_fd(), 10);
-      ow->handle_events();
-    }
-  });
+  spshm_test::OwnerPump pump(*live);
   auto worker = channel::Endpoint::connect(live->socket_path(), live->token_hex(), {});
   for (int i = 0; i < 500 && live->state() == channel::State::listening; ++i) ::usleep(10000);
-  done = true;
-  pump.join();
+  pump.stop();
   REQUIRE(worker.ok());
   CHECK(live->state() == channel::State::connected);
   CHECK_FALSE(exists(live_dir));  // removed at the connection, as before

@@ -11,6 +11,7 @@
 
 #include "catch.hpp"
 #include "channel.hpp"
+#include "channel_helpers.hpp"
 #include "platform_channel.hpp"
 #include "ring.hpp"
 
@@ -220,15 +221,7 @@ TEST_CASE("endpoint: owner and worker exchange messages over both transports", "
     REQUIRE(owner.ok());
     auto& ow = *owner.value();
     std::string path = ow.socket_path(), token = ow.token_hex();
-    std::atomic<bool> done{false};
-    std::atomic<int> loops{0};
-    std::thread pump([&] {
-      while (!done.load()) {
-        channel::os::wait_readable(ow.wait_fd(), 10);
-        ow.handle_events();
-        ++loops;
-      }
-    });
+    spshm_test::OwnerPump pump(ow);
     channel::WorkerOptions wo;
     auto worker = channel::Endpoint::connect(path, token, wo);
     REQUIRE(worker.ok());
@@ -288,12 +281,11 @@ TEST_CASE("endpoint: owner and worker exchange messages over both transports", "
     }
     auto st = ow.stats();
     INFO("transport " << int(wanted == channel::Wanted::shm) << " received " << st.messages_received
-                      << " wakeups " << st.wakeups << " loops " << loops.load() << " state "
+                      << " wakeups " << st.wakeups << " loops " << pump.loops() << " state "
                       << int(st.state));
     CHECK(got == channel::Io::closed);
     CHECK(ow.close_reason() == channel::CloseReason::peer_closed);
-    done = true;
-    pump.join();
+    pump.stop();
   }
 }
 
@@ -302,21 +294,14 @@ TEST_CASE("endpoint: a wrong token is refused and the real worker still connects
   auto owner = channel::Endpoint::create_owner(o);
   REQUIRE(owner.ok());
   auto& ow = *owner.value();
-  std::atomic<bool> done{false};
-  std::thread pump([&] {
-    while (!done.load()) {
-      channel::os::wait_readable(ow.wait_fd(), 10);
-      ow.handle_events();
-    }
-  });
+  spshm_test::OwnerPump pump(ow);
   channel::WorkerOptions wo;
   wo.timeout_ms = 2000;
   auto bad = channel::Endpoint::connect(ow.socket_path(), std::string(64, '0'), wo);
   CHECK_FALSE(bad.ok());
   auto good = channel::Endpoint::connect(ow.socket_path(), ow.token_hex(), wo);
   CHECK(good.ok());
-  done = true;
-  pump.join();
+  pump.stop();
 }
 
 TEST_CASE("endpoint: connections that stall in the handshake do not lock the real worker out",
@@ -328,13 +313,7 @@ TEST_CASE("endpoint: connections that stall in the handshake do not lock the rea
   auto owner = channel::Endpoint::create_owner(o);
   REQUIRE(owner.ok());
   auto& ow = *owner.value();
-  std::atomic<bool> done{false};
-  std::thread pump([&] {
-    while (!done.load()) {
-      channel::os::wait_readable(ow.wait_fd(), 10);
-      ow.handle_events();
-    }
-  });
+  spshm_test::OwnerPump pump(ow);
   std::vector<int> stallers;
   for (int i = 0; i < 3; ++i) {
     auto fd = channel::os::connect_unix(ow.socket_path());
@@ -352,8 +331,7 @@ TEST_CASE("endpoint: connections that stall in the handshake do not lock the rea
   INFO((good.ok() ? std::string("connected") : good.error().message));
   CHECK(good.ok());
   CHECK(ow.state() == channel::State::connected);
-  done = true;
-  pump.join();
+  pump.stop();
   for (int fd : stallers) ::close(fd);
 }
 
@@ -365,13 +343,7 @@ TEST_CASE("endpoint: recv_wait sleeps on the edge-triggered doorbell, times out,
   auto owner = channel::Endpoint::create_owner(o);
   REQUIRE(owner.ok());
   auto& ow = *owner.value();
-  std::atomic<bool> done{false};
-  std::thread pump([&] {
-    while (!done.load()) {
-      channel::os::wait_readable(ow.wait_fd(), 10);
-      ow.handle_events();
-    }
-  });
+  spshm_test::OwnerPump pump(ow);
   channel::WorkerOptions wo;
   auto worker = channel::Endpoint::connect(ow.socket_path(), ow.token_hex(), wo);
   REQUIRE(worker.ok());
@@ -429,6 +401,5 @@ TEST_CASE("endpoint: recv_wait sleeps on the edge-triggered doorbell, times out,
   CHECK(channel::os::monotonic_ns() - t0 < 5'000'000'000ull);
   CHECK(wk.close_reason() == channel::CloseReason::peer_closed);
   closer.join();
-  done = true;
-  pump.join();
+  pump.stop();
 }

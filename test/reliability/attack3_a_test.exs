@@ -1,17 +1,9 @@
 defmodule Snakepit.SharedMemory.Reliability.Attack3ATest do
   # Attack run 3, area A: the public API's option lists used carelessly.
-  use ExUnit.Case, async: false
+  use Snakepit.SharedMemory.ReliabilityCase, async: false
 
   alias Snakepit.SharedMemory, as: SM
-  alias Snakepit.SharedMemory.{Error, ReliabilityHelpers}
-
-  @moduletag :reliability
-  @moduletag timeout: 120_000
-
-  setup_all do
-    ReliabilityHelpers.check_segments_on_exit()
-    :ok
-  end
+  alias Snakepit.SharedMemory.Error
 
   # A marker of kind "shm" whose "ref" was not a map was refused as a marker "of kind
   # \"shm\": only kind \"shm\" carries a shared memory region" (contradicting itself).

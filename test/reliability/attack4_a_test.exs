@@ -1,21 +1,13 @@
 defmodule Snakepit.SharedMemory.Reliability.Attack4ATest do
   # Attack run 4, area A: the message channel, the status board and the host quota,
   # attacked by hostile processes of the same user and used carelessly.
-  use ExUnit.Case, async: false
+  use Snakepit.SharedMemory.ReliabilityCase, async: false
 
   import Snakepit.SharedMemory.ChannelHelpers
 
   alias Snakepit.SharedMemory.{Channel, Error, MemoryLimits, ReliabilityHelpers, StatusBoard}
   alias Snakepit.SharedMemory.HostQuota, as: HQ
   alias Snakepit.SharedMemory.HostQuota.Client
-
-  @moduletag :reliability
-  @moduletag timeout: 120_000
-
-  setup_all do
-    ReliabilityHelpers.check_segments_on_exit()
-    :ok
-  end
 
   # Channel.open/1 took an option given twice silently (the first value won, where every
   # other function of the API refuses it), and raised FunctionClauseError for a map.
@@ -143,14 +135,9 @@ defmodule Snakepit.SharedMemory.Reliability.Attack4ATest do
     end
   end
 
-  # The quota server's socket file removed while it serves (an operator's rm,
-  # systemd-tmpfiles ageing /tmp/snakepit_shm-<uid>): the server kept the election name,
-  # so every new client lost the election, found no socket and answered :unavailable
-  # ("is a VM serving?") for as long as the serving VM lived.
-  @tag :capture_log
-  test "the host quota server listens again when its socket file is removed" do
-    dir = Path.join(System.tmp_dir!(), "spshm_hq_a4_#{System.unique_integer([:positive])}")
-    {:ok, a} = Client.start_link(dir: dir, label: "a")
+  # A private host quota directory, removed after the test with the server serving it.
+  defp quota_dir(prefix) do
+    dir = Path.join(System.tmp_dir!(), "#{prefix}_#{System.unique_integer([:positive])}")
 
     on_exit(fn ->
       # The server is a child of HostQuota.Supervisor: stopped before its directory goes
@@ -162,6 +149,18 @@ defmodule Snakepit.SharedMemory.Reliability.Attack4ATest do
 
       File.rm_rf!(dir)
     end)
+
+    dir
+  end
+
+  # The quota server's socket file removed while it serves (an operator's rm,
+  # systemd-tmpfiles ageing /tmp/snakepit_shm-<uid>): the server kept the election name,
+  # so every new client lost the election, found no socket and answered :unavailable
+  # ("is a VM serving?") for as long as the serving VM lived.
+  @tag :capture_log
+  test "the host quota server listens again when its socket file is removed" do
+    dir = quota_dir("spshm_hq_a4")
+    {:ok, a} = Client.start_link(dir: dir, label: "a")
 
     :ok = HQ.define("a4q", 10, client: a)
     {:ok, _res} = HQ.reserve("a4q", 3, client: a)
@@ -190,17 +189,8 @@ defmodule Snakepit.SharedMemory.Reliability.Attack4ATest do
   # ("options must be a keyword list").
   @tag :capture_log
   test "host quota and status board functions take their options as a map" do
-    dir = Path.join(System.tmp_dir!(), "spshm_hq_a4m_#{System.unique_integer([:positive])}")
+    dir = quota_dir("spshm_hq_a4m")
     {:ok, c} = Client.start_link(dir: dir, label: "maps")
-
-    on_exit(fn ->
-      for {_, pid, _, [HQ.Server]} <- DynamicSupervisor.which_children(HQ.Supervisor),
-          is_pid(pid),
-          :sys.get_state(pid).dir == dir,
-          do: DynamicSupervisor.terminate_child(HQ.Supervisor, pid)
-
-      File.rm_rf!(dir)
-    end)
 
     assert :ok = HQ.define("a4m", 10, %{client: c})
     assert {:ok, res} = HQ.reserve("a4m", 4, %{client: c, wait: 0})

@@ -1,19 +1,11 @@
 defmodule Snakepit.SharedMemory.Reliability.Attack4BTest do
   # Session-4 attack (regions and the manager, as users meet them): containers' small
   # /dev/shm and descriptor limits, on VMs of their own.
-  use ExUnit.Case, async: false
+  use Snakepit.SharedMemory.ReliabilityCase, async: false
 
   require Snakepit.SharedMemory.Registry
 
   alias Snakepit.SharedMemory.ReliabilityHelpers
-
-  @moduletag :reliability
-  @moduletag timeout: 120_000
-
-  setup_all do
-    ReliabilityHelpers.check_segments_on_exit()
-    :ok
-  end
 
   # A container's small tmpfs as shm_path (the documented way out of Docker's 64 MiB
   # /dev/shm): a POSIX allocation that did not fit said "free space in /dev/shm (df -h

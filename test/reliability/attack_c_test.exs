@@ -2,17 +2,9 @@ defmodule Snakepit.SharedMemory.Reliability.AttackCTest do
   # Attacks on the core region API (allocate, map, read, write, seal, deallocate). Each
   # runs where a failure cannot take the test VM down with it (a VM of its own) when the
   # break could be a dead VM.
-  use ExUnit.Case, async: false
+  use Snakepit.SharedMemory.ReliabilityCase, async: false
 
   alias Snakepit.SharedMemory.ReliabilityHelpers
-
-  @moduletag :reliability
-  @moduletag timeout: 120_000
-
-  setup_all do
-    ReliabilityHelpers.check_segments_on_exit()
-    :ok
-  end
 
   # seal/1 racing deallocate_region/1 of the same memfd region: the deallocation retired
   # the data area (closed the memfd, moved the mapping out of the region) while the seal

@@ -1,17 +1,9 @@
 defmodule Snakepit.SharedMemory.Reliability.AttackResourcesTest do
   # Resource limits as a container imposes them, on a VM of its own (attack run 3:
   # arenas, warm pool, huge pages, limits).
-  use ExUnit.Case, async: false
+  use Snakepit.SharedMemory.ReliabilityCase, async: false
 
   alias Snakepit.SharedMemory.ReliabilityHelpers
-
-  @moduletag :reliability
-  @moduletag timeout: 120_000
-
-  setup_all do
-    ReliabilityHelpers.check_segments_on_exit()
-    :ok
-  end
 
   # RLIMIT_NOFILE exhausted (ulimit -n, LimitNOFILE=, a container's default): in a VM
   # that loads modules on first use (mix run, iex, escripts: interactive mode), the

@@ -4,17 +4,9 @@ defmodule Snakepit.SharedMemory.Reliability.ChannelDirsTest do
   # directory `spshm-ch-XXXXXX` and its `ctl` socket in /tmp for ever. The owner now holds
   # a shared flock on the directory while it exists, and every orphan sweep removes the
   # directories whose lock is free (Sweep.sweep_channel_dirs/0, docs/CHANNEL.md).
-  use ExUnit.Case, async: false
+  use Snakepit.SharedMemory.ReliabilityCase, async: false
 
   alias Snakepit.SharedMemory.{Channel, Native, ReliabilityHelpers, Sweep}
-
-  @moduletag :reliability
-  @moduletag timeout: 120_000
-
-  setup_all do
-    ReliabilityHelpers.check_segments_on_exit()
-    :ok
-  end
 
   setup do
     n = System.unique_integer([:positive])

@@ -32,10 +32,26 @@ defmodule Snakepit.SharedMemory.Reliability.PeersTest do
 
   defp uid, do: File.stat!("/proc/self").uid
 
+  defp vms(dir), do: Peers.directory(dir, uid())
+
+  # The presence directory made beforehand, as a VM makes it (both levels 0700).
+  defp private_vms(dir) do
+    vms = vms(dir)
+    File.mkdir_p!(vms)
+    File.chmod!(Path.dirname(vms), 0o700)
+    File.chmod!(vms, 0o700)
+    vms
+  end
+
   defp sockets(dir) do
-    vms = Peers.directory(dir, uid())
-    {:ok, names} = File.ls(vms)
+    {:ok, names} = File.ls(vms(dir))
     Enum.filter(names, &String.starts_with?(&1, "vm-"))
+  end
+
+  # The path of the only VM socket in `dir`'s presence directory.
+  defp socket_path(dir) do
+    [name] = sockets(dir)
+    Path.join(vms(dir), name)
   end
 
   test "a VM SIGKILLed while another runs: the survivor sweeps its POSIX segments at once",
@@ -195,7 +211,7 @@ defmodule Snakepit.SharedMemory.Reliability.PeersTest do
 
     path = fn node ->
       [name] = sockets(dir) -- [Path.basename(:erpc.call(node, :sys, :get_state, [Peers]).path)]
-      Path.join(Peers.directory(dir, uid()), name)
+      Path.join(vms(dir), name)
     end
 
     # Forged: the live VM's identity, then the end of the connection.
@@ -337,10 +353,7 @@ defmodule Snakepit.SharedMemory.Reliability.PeersTest do
        %{dir: dir} do
     # Found by attack run 4 (D): a `.tmp-*` name (a VM killed between binding its socket
     # and renaming it) was never removed by anyone: one dead socket file per such kill.
-    vms = Peers.directory(dir, uid())
-    File.mkdir_p!(vms)
-    File.chmod!(Path.dirname(vms), 0o700)
-    File.chmod!(vms, 0o700)
+    vms = private_vms(dir)
 
     for name <- [".tmp-old", ".tmp-young"] do
       path = Path.join(vms, name)
@@ -363,10 +376,7 @@ defmodule Snakepit.SharedMemory.Reliability.PeersTest do
     # Found by attack run 4 (D): :gen_tcp.connect/4 exits with :badarg on a path longer
     # than sun_path, so one such `vm-*.sock` (or old `.tmp-*`) name, planted by any
     # process of the user, crashed Peers at every start: the application failed to start.
-    vms = Peers.directory(dir, uid())
-    File.mkdir_p!(vms)
-    File.chmod!(Path.dirname(vms), 0o700)
-    File.chmod!(vms, 0o700)
+    vms = private_vms(dir)
     long = String.duplicate("a", 200)
     File.write!(Path.join(vms, "vm-#{long}.sock"), "")
     File.write!(Path.join(vms, ".tmp-#{long}"), "")
@@ -380,8 +390,7 @@ defmodule Snakepit.SharedMemory.Reliability.PeersTest do
   test "a connection that does not introduce itself is dropped and its end sweeps nothing",
        %{dir: dir} do
     vm = PeerVms.shm_peer("pvm", dir, true)
-    [name] = sockets(dir)
-    path = Path.join(Peers.directory(dir, uid()), name)
+    path = socket_path(dir)
     orphan = "spshm_" <> String.duplicate("a", 20)
 
     for hello <- ["not a term", :erlang.term_to_binary({:snakepit_shm_peer, 2, %{}})] do
@@ -413,8 +422,7 @@ defmodule Snakepit.SharedMemory.Reliability.PeersTest do
        %{dir: dir} do
     # (ulimit -n 8192: at most a quarter of the descriptor limit is kept, 1024 here.)
     vm = PeerVms.shm_peer("pflood", dir, false, nofile: 8192)
-    [name] = sockets(dir)
-    path = Path.join(Peers.directory(dir, uid()), name)
+    path = socket_path(dir)
     fds = fn -> length(:erpc.call(vm, File, :ls!, ["/proc/self/fd"])) end
     before = fds.()
     connect = fn -> :gen_tcp.connect({:local, path}, 0, [:binary, packet: 4, active: false]) end
@@ -458,8 +466,7 @@ defmodule Snakepit.SharedMemory.Reliability.PeersTest do
     # workers, or a process of the user introducing itself in a loop, took every
     # descriptor of the VM, and its allocations failed.
     vm = PeerVms.shm_peer("pnofile", dir, false, nofile: 512)
-    [name] = sockets(dir)
-    path = Path.join(Peers.directory(dir, uid()), name)
+    path = socket_path(dir)
 
     {:ok, hello} =
       JSON.encode(%{
@@ -507,7 +514,7 @@ defmodule Snakepit.SharedMemory.Reliability.PeersTest do
 
   test "a presence directory with group permissions turns presence off, the app runs",
        %{dir: dir} do
-    vms = Peers.directory(dir, uid())
+    vms = vms(dir)
     File.mkdir_p!(vms)
     File.chmod!(vms, 0o755)
     vm = PeerVms.shm_peer("pperm", dir, true)
