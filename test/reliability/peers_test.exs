@@ -34,6 +34,22 @@ defmodule Snakepit.SharedMemory.Reliability.PeersTest do
 
   defp vms(dir), do: Peers.directory(dir, uid())
 
+  # A presence hello (docs/FORMAT.md "Presence sockets") naming `identity`.
+  defp hello(identity) do
+    {:ok, json} =
+      JSON.encode(%{
+        "snakepit_shm_peer" => 1,
+        "os_pid" => identity.os_pid,
+        "start_time" => identity.start_time,
+        "boot_id" => identity.boot_id
+      })
+
+    json
+  end
+
+  # An identity no process has.
+  @nobody %{os_pid: 999_999, start_time: 1, boot_id: String.duplicate("0", 32)}
+
   # The presence directory made beforehand, as a VM makes it (both levels 0700).
   defp private_vms(dir) do
     vms = vms(dir)
@@ -201,13 +217,7 @@ defmodule Snakepit.SharedMemory.Reliability.PeersTest do
     assert ShmHelpers.wait_until(fn -> length(:erpc.call(survivor, Peers, :list, [])) == 1 end)
     [identity] = :erpc.call(survivor, Peers, :list, [])
 
-    {:ok, hello} =
-      JSON.encode(%{
-        "snakepit_shm_peer" => 1,
-        "os_pid" => identity.os_pid,
-        "start_time" => identity.start_time,
-        "boot_id" => identity.boot_id
-      })
+    hello = hello(identity)
 
     path = fn node ->
       [name] = sockets(dir) -- [Path.basename(:erpc.call(node, :sys, :get_state, [Peers]).path)]
@@ -276,13 +286,7 @@ defmodule Snakepit.SharedMemory.Reliability.PeersTest do
 
     path = :erpc.call(survivor, :sys, :get_state, [Peers]).path
 
-    {:ok, hello} =
-      JSON.encode(%{
-        "snakepit_shm_peer" => 1,
-        "os_pid" => 999_999,
-        "start_time" => 1,
-        "boot_id" => String.duplicate("0", 32)
-      })
+    hello = hello(@nobody)
 
     deadline = System.monotonic_time(:millisecond) + 4_000
 
@@ -468,13 +472,7 @@ defmodule Snakepit.SharedMemory.Reliability.PeersTest do
     vm = PeerVms.shm_peer("pnofile", dir, false, nofile: 512)
     path = socket_path(dir)
 
-    {:ok, hello} =
-      JSON.encode(%{
-        "snakepit_shm_peer" => 1,
-        "os_pid" => 999_999,
-        "start_time" => 1,
-        "boot_id" => String.duplicate("0", 32)
-      })
+    hello = hello(@nobody)
 
     kept =
       Enum.reduce_while(1..600, [], fn _, kept ->
