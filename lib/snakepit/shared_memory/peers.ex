@@ -36,7 +36,7 @@ defmodule Snakepit.SharedMemory.Peers do
 
   require Logger
 
-  alias Snakepit.SharedMemory.{JSON, Native, Platform}
+  alias Snakepit.SharedMemory.{JSON, Native, Platform, PrivateDir}
 
   @prefix "vm-"
   @suffix ".sock"
@@ -381,37 +381,10 @@ defmodule Snakepit.SharedMemory.Peers do
   end
 
   defp ensure_one(dir, uid) do
-    case File.mkdir(dir) do
-      :ok -> File.chmod(dir, 0o700)
-      {:error, :eexist} -> :ok
-      {:error, reason} -> {:error, "cannot create #{dir}: #{:file.format_error(reason)}"}
-    end
-    |> case do
-      :ok -> check_directory(dir, uid)
-      {:error, reason} when is_atom(reason) -> {:error, "cannot chmod #{dir}: #{reason}"}
-      error -> error
-    end
-  end
-
-  defp check_directory(dir, uid) do
-    case File.lstat(dir) do
-      {:ok, %File.Stat{type: :directory, uid: ^uid, mode: mode}}
-      when Bitwise.band(mode, 0o077) == 0 ->
-        :ok
-
-      {:ok, %File.Stat{type: :directory, uid: ^uid, mode: mode}} ->
-        {:error,
-         "no presence socket: #{dir} has group or other permissions " <>
-           "(mode #{Integer.to_string(Bitwise.band(mode, 0o777), 8)}); chmod 700 it"}
-
-      {:ok, %File.Stat{type: :directory, uid: other}} ->
-        {:error, "no presence socket: #{dir} belongs to uid #{other}, not to this user (#{uid})"}
-
-      {:ok, %File.Stat{type: type}} ->
-        {:error, "no presence socket: #{dir} is a #{type}, not a directory"}
-
-      {:error, reason} ->
-        {:error, "no presence socket: cannot stat #{dir}: #{:file.format_error(reason)}"}
+    with :ok <- PrivateDir.make(dir), :ok <- PrivateDir.verify(dir, uid) do
+      :ok
+    else
+      {:error, why} -> {:error, "no presence socket: #{dir}: #{why}"}
     end
   end
 

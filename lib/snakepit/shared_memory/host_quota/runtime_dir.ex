@@ -20,9 +20,7 @@ defmodule Snakepit.SharedMemory.HostQuota.RuntimeDir do
   users cannot read it, so they cannot squat that name).
   """
 
-  import Bitwise
-
-  alias Snakepit.SharedMemory.Error
+  alias Snakepit.SharedMemory.{Error, PrivateDir}
 
   @socket "quota.sock"
   @token "election"
@@ -124,23 +122,7 @@ defmodule Snakepit.SharedMemory.HostQuota.RuntimeDir do
   end
 
   defp make(path) do
-    case File.mkdir(path) do
-      :ok ->
-        # mkdir honours the umask; the mode is set explicitly, then verified below.
-        case File.chmod(path, 0o700) do
-          :ok -> :ok
-          {:error, errno} -> fail(path, "cannot set its mode to 0700 (#{errno})")
-        end
-
-      {:error, :eexist} ->
-        :ok
-
-      {:error, :enoent} ->
-        fail(path, "its parent directory does not exist")
-
-      {:error, errno} ->
-        fail(path, "cannot create it (#{:file.format_error(errno)})")
-    end
+    with {:error, why} <- PrivateDir.make(path), do: fail(path, why)
   end
 
   @doc """
@@ -149,28 +131,7 @@ defmodule Snakepit.SharedMemory.HostQuota.RuntimeDir do
   """
   @spec verify(String.t()) :: :ok | {:error, Error.t()}
   def verify(path) do
-    me = uid()
-
-    case File.lstat(path) do
-      {:ok, %File.Stat{type: :directory, uid: ^me, mode: mode}} when (mode &&& 0o077) == 0 ->
-        :ok
-
-      {:ok, %File.Stat{type: :directory, uid: ^me, mode: mode}} ->
-        fail(
-          path,
-          "it has group/other permissions (mode #{octal(mode &&& 0o777)}); " <>
-            "chmod 700 it, or remove it"
-        )
-
-      {:ok, %File.Stat{type: :directory, uid: uid}} ->
-        fail(path, "it is owned by uid #{uid}, not by this user (uid #{me})")
-
-      {:ok, %File.Stat{type: type}} ->
-        fail(path, "it is a #{type}, not a directory")
-
-      {:error, errno} ->
-        fail(path, "cannot stat it (#{:file.format_error(errno)})")
-    end
+    with {:error, why} <- PrivateDir.verify(path, uid()), do: fail(path, why)
   end
 
   defp check_length(socket) do
@@ -237,8 +198,6 @@ defmodule Snakepit.SharedMemory.HostQuota.RuntimeDir do
       File.rm(tmp)
     end
   end
-
-  defp octal(n), do: "0" <> Integer.to_string(n, 8)
 
   defp fail(path, why) do
     Error.error(
