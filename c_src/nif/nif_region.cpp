@@ -265,15 +265,27 @@ SPSHM_GUARDED_NIF(nif_list_counts)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[
   unsigned length = 0;
   if (!enif_get_list_length(env, argv[0], &length) || length > kListCountsMax)
     return enif_make_badarg(env);
-  std::vector<ERL_NIF_TERM> out;
-  out.reserve(length);
+  // Two passes: the headers first (each in a page of its own: a TLB and a cache miss per
+  // region, ~1 us each on a virtual machine when taken one after the other), prefetched
+  // kPrefetch regions ahead so that the misses overlap; then the terms.
+  constexpr unsigned kPrefetch = 16;
+  std::vector<const RegionHeader*> headers;
+  headers.reserve(length);
   ERL_NIF_TERM list = argv[0], head;
   while (enif_get_list_cell(env, list, &head, &list)) {
     RegionResource* res;
     if (!get_region(env, head, &res)) return enif_make_badarg(env);
-    const RegionHeader& h = res->region.header();
-    out.push_back(enif_make_tuple2(env, enif_make_uint(env, h.refcount.load()),
-                                   enif_make_uint64(env, h.last_access_ns.load())));
+    headers.push_back(&res->region.header());
+  }
+  std::vector<ERL_NIF_TERM> out(headers.size());
+  for (std::size_t i = 0; i < headers.size(); ++i) {
+    if (i + kPrefetch < headers.size()) {
+      // refcount and last_access_ns share a cache line (docs/FORMAT.md: 2052, 2056).
+      __builtin_prefetch(&headers[i + kPrefetch]->refcount);
+    }
+    const RegionHeader& h = *headers[i];
+    out[i] = enif_make_tuple2(env, enif_make_uint(env, h.refcount.load()),
+                              enif_make_uint64(env, h.last_access_ns.load()));
   }
   return enif_make_list_from_array(env, out.data(), static_cast<unsigned>(out.size()));
 }

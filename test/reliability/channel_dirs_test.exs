@@ -1,3 +1,5 @@
+Code.require_file("../mix/support/task_helpers.exs", __DIR__)
+
 defmodule Snakepit.SharedMemory.Reliability.ChannelDirsTest do
   # Attack run 4 (A): a VM that halts (System.halt at the end of a script, SIGKILL, a
   # crash) while one of its channels still listens left the channel's private socket
@@ -6,7 +8,7 @@ defmodule Snakepit.SharedMemory.Reliability.ChannelDirsTest do
   # directories whose lock is free (Sweep.sweep_channel_dirs/0, docs/CHANNEL.md).
   use Snakepit.SharedMemory.ReliabilityCase, async: false
 
-  alias Snakepit.SharedMemory.{Channel, Native, ReliabilityHelpers, Sweep}
+  alias Snakepit.SharedMemory.{Channel, Native, ReliabilityHelpers, Sweep, TaskHelpers}
 
   setup do
     n = System.unique_integer([:positive])
@@ -140,6 +142,36 @@ defmodule Snakepit.SharedMemory.Reliability.ChannelDirsTest do
       assert File.read!(Path.join(extra, "ctl")) == "not a socket"
       assert File.dir?(wide)
       assert {:ok, %File.Stat{type: :symlink}} = File.lstat(link)
+    end)
+  end
+
+  test "mix snakepit.shm.cleanup (offline) removes a dead VM's channel directory; not with " <>
+         "--dry-run or a filter",
+       %{base: base, shm: shm} do
+    # What a channel of a killed VM leaves: a private directory with its listening
+    # socket's name in it, nobody holding the directory's lock.
+    dead = Path.join(base, "spshm-ch-dead01")
+    File.mkdir_p!(dead)
+    File.chmod!(dead, 0o700)
+    {:ok, listener} = :gen_tcp.listen(0, ifaddr: {:local, Path.join(dead, "ctl")})
+    :ok = :gen_tcp.close(listener)
+    age([dead])
+
+    with_env(%{"TMPDIR" => base, "XDG_RUNTIME_DIR" => nil}, fn ->
+      with_shm_dir(shm, fn ->
+        {out, _err, 0} = TaskHelpers.run_task("snakepit.shm.cleanup", ["--dry-run"])
+        refute out =~ "channel socket director"
+        {_out, _err, 0} = TaskHelpers.run_task("snakepit.shm.cleanup", ["--owner", "1"])
+        assert File.dir?(dead)
+
+        {out, _err, 0} = TaskHelpers.run_task("snakepit.shm.cleanup", [])
+        assert out =~ ~r/Removed \d+ stale channel socket director(y|ies) \(left by/
+        refute File.exists?(dead)
+
+        {out, _err, 0} = TaskHelpers.run_task("snakepit.shm.cleanup", ["--format", "json"])
+        assert {:ok, %{"channel_dirs_removed" => n}} = Snakepit.SharedMemory.JSON.decode(out)
+        assert is_integer(n)
+      end)
     end)
   end
 

@@ -22,7 +22,12 @@ defmodule Mix.Tasks.Snakepit.Shm.Cleanup do
     * removes a segment that never got a header and that nobody uses (its creator
       died while creating it);
     * refuses, and only reports, a segment with a damaged header, a symlink, an object
-      of another user or a misnamed file: check it and delete it by hand.
+      of another user or a misnamed file: check it and delete it by hand;
+    * without `--dry-run`, `--owner`, `--older-than` or `--id`: removes the socket
+      directories (`spshm-ch-*` in `$XDG_RUNTIME_DIR`, `$TMPDIR` and `/tmp`) that
+      channels of dead VMs left, those no live channel holds the lock of and 10 s old
+      or more, as every VM's orphan sweep does (docs/CHANNEL.md). Directories under a
+      custom `:socket_dir` are never swept.
 
   With `--node`, it asks that node's manager to run its cleanup now
   (`Snakepit.SharedMemory.cleanup_regions/1`): regions whose idle timeout passed or
@@ -62,6 +67,8 @@ defmodule Mix.Tasks.Snakepit.Shm.Cleanup do
     Table
   }
 
+  alias Snakepit.SharedMemory.Sweep
+
   @task "snakepit.shm.cleanup"
   @switches [dry_run: :boolean, owner: :integer, older_than: :string, id: :keep]
 
@@ -82,16 +89,19 @@ defmodule Mix.Tasks.Snakepit.Shm.Cleanup do
     dry_run = Keyword.get(opts, :dry_run, false)
     planned = HostScan.scan() |> Enum.filter(&selected?(&1, filters)) |> HostCleanup.plan()
     actions = if dry_run, do: planned, else: HostCleanup.apply_plan(planned)
+    # Channel socket directories are no segment: only a cleanup of everything sweeps them.
+    dirs = if dry_run or filtered?(filters), do: 0, else: Sweep.remove_stale_channel_dirs()
 
     case format do
       :json ->
         Command.print_json(%{
           dry_run: dry_run,
-          actions: Enum.map(actions, &Map.delete(&1, :entry))
+          actions: Enum.map(actions, &Map.delete(&1, :entry)),
+          channel_dirs_removed: dirs
         })
 
       :table ->
-        Mix.shell().info(render(actions, dry_run))
+        Mix.shell().info(render(actions, dry_run) <> channel_dirs(dirs))
     end
 
     Command.finish(if Enum.any?(actions, &HostCleanup.problem?/1), do: 1, else: 0)
@@ -115,6 +125,17 @@ defmodule Mix.Tasks.Snakepit.Shm.Cleanup do
 
     %{owner: opts[:owner], older_than: older, ids: Keyword.get_values(opts, :id)}
   end
+
+  defp filtered?(%{owner: owner, older_than: older, ids: ids}),
+    do: owner != nil or older != nil or ids != []
+
+  defp channel_dirs(0), do: ""
+
+  defp channel_dirs(1),
+    do: "\nRemoved 1 stale channel socket directory (left by a channel of a VM that died)."
+
+  defp channel_dirs(n),
+    do: "\nRemoved #{n} stale channel socket directories (left by channels of VMs that died)."
 
   defp selected?(entry, %{owner: owner, older_than: older, ids: ids}) do
     (ids == [] or entry.id in ids) and

@@ -188,16 +188,24 @@ defmodule Snakepit.SharedMemory.Sweep do
   """
   @spec sweep_channel_dirs() :: non_neg_integer()
   def sweep_channel_dirs do
-    removed =
-      case match?({:unix, :linux}, :os.type()) and Native.channel_sweep_dirs() do
-        n when is_integer(n) -> n
-        _ -> 0
-      end
+    removed = remove_stale_channel_dirs()
 
     if removed > 0,
       do: Logger.info("snakepit_shm: removed #{removed} stale channel socket director(ies)")
 
     removed
+  end
+
+  @doc """
+  `sweep_channel_dirs/0` without its log line (`mix snakepit.shm.cleanup` reports the
+  count itself).
+  """
+  @spec remove_stale_channel_dirs() :: non_neg_integer()
+  def remove_stale_channel_dirs do
+    case match?({:unix, :linux}, :os.type()) and Native.channel_sweep_dirs() do
+      n when is_integer(n) -> n
+      _ -> 0
+    end
   end
 
   @doc "Ids of the segments of ours in the shm directory (`Native.list_segments/0`)."
