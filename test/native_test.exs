@@ -244,6 +244,34 @@ defmodule Snakepit.SharedMemory.NativeTest do
     end
   end
 
+  describe "read_small_files/1" do
+    @tag :tmp_dir
+    test "reads each file whole, :error for one that cannot be read", %{tmp_dir: dir} do
+      a = Path.join(dir, "a")
+      File.write!(a, "12345\n")
+      big = Path.join(dir, "big")
+      File.write!(big, :binary.copy("x", 64 * 1024 + 1))
+
+      assert Native.read_small_files([a, Path.join(dir, "missing"), dir, big, a]) ==
+               ["12345\n", :error, :error, :error, "12345\n"]
+
+      assert Native.read_small_files([]) == []
+    end
+
+    test "badarg for anything but a list of at most 64 paths without NUL bytes" do
+      for bad <- [
+            nil,
+            "path",
+            [~c"charlist"],
+            ["a\0b"],
+            [""],
+            List.duplicate("/proc/self/stat", 65)
+          ] do
+        assert_raise ArgumentError, fn -> Native.read_small_files(bad) end
+      end
+    end
+  end
+
   describe "hold_counts/1" do
     test "follows holder changes" do
       {region, _} = create!(4 * @kib)

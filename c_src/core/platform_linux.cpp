@@ -40,22 +40,6 @@ bool all_digits(const std::string& s, std::size_t from, std::size_t to) noexcept
   return true;
 }
 
-/// Reads a small /proc file whole; false if it cannot be opened.
-bool read_small_file(const std::string& path, std::string& out) {
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return false;
-  Handle h(fd);
-  char buffer[1024];
-  out.clear();
-  for (;;) {
-    ssize_t n = ::read(fd, buffer, sizeof buffer);
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0) return false;
-    if (n == 0) return true;
-    out.append(buffer, static_cast<std::size_t>(n));
-  }
-}
-
 /// MemAvailable of /proc/meminfo in bytes, 0 if unknown.
 std::uint64_t available_memory() {
   std::string text;

@@ -670,6 +670,23 @@ std::size_t page_size() noexcept {
   return size;
 }
 
+bool read_small_file(const std::string& path, std::string& out, std::size_t max_bytes) {
+  // O_NONBLOCK: a FIFO (or a device) in the path must not block the caller.
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
+  if (fd < 0) return false;
+  Handle h(fd);
+  char buffer[1024];
+  out.clear();
+  for (;;) {
+    ssize_t n = ::read(fd, buffer, sizeof buffer);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return false;
+    if (n == 0) return true;
+    if (out.size() + static_cast<std::size_t>(n) > max_bytes) return false;
+    out.append(buffer, static_cast<std::size_t>(n));
+  }
+}
+
 bool parse_uuid(const std::string& text, std::array<std::uint8_t, 16>& out) noexcept {
   std::array<std::uint8_t, 16> parsed{};
   std::size_t nibbles = 0;

@@ -88,6 +88,7 @@ ErlNifFunc nif_funcs[] = {
     {"process_start_time", 1, nif_process_start_time, 0},
     {"process_alive", 2, nif_process_alive, 0},
     {"self_info", 0, nif_self_info, 0},
+    {"read_small_files", 1, nif_read_small_files, kIo},
     // nif_health.cpp
     {"set_shm_dir", 1, nif_set_shm_dir, kIo},
     {"shm_dir", 0, nif_shm_dir, 0},

@@ -110,6 +110,7 @@ SPSHM_NIF(nif_cancel_watch);
 SPSHM_NIF(nif_process_start_time);
 SPSHM_NIF(nif_process_alive);
 SPSHM_NIF(nif_self_info);
+SPSHM_NIF(nif_read_small_files);
 
 // nif_health.cpp: shm_path and filesystem space (health checks)
 SPSHM_NIF(nif_set_shm_dir);

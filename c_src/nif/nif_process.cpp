@@ -5,10 +5,13 @@
 
 #include <cerrno>
 #include <cstdint>
+#include <cstring>
 #include <new>
 #include <string>
+#include <vector>
 
 #include "encode.hpp"
+#include "platform.hpp"
 #include "nif_functions.hpp"
 #include "region.hpp"
 #include "resources.hpp"
@@ -142,6 +145,32 @@ SPSHM_GUARDED_NIF(nif_process_alive)(ErlNifEnv* env, int, const ERL_NIF_TERM arg
 
 SPSHM_GUARDED_NIF(nif_self_info)(ErlNifEnv* env, int, const ERL_NIF_TERM[]) {
   return encode_self_info(env);
+}
+
+// Dirty (I/O bound): reads a few small files (the memory cgroup's limit and usage files,
+// MemoryLimits) in one call, where File.read/1 makes three dirty calls per file through
+// Erlang's file server. [binary | :error] in the order of the paths.
+SPSHM_GUARDED_NIF(nif_read_small_files)(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  constexpr unsigned kMaxFiles = 64;
+  constexpr std::size_t kMaxBytes = 64 * 1024;
+  unsigned length = 0;
+  if (!enif_get_list_length(env, argv[0], &length) || length > kMaxFiles)
+    return enif_make_badarg(env);
+  std::vector<std::string> paths;
+  ERL_NIF_TERM list = argv[0], head;
+  while (enif_get_list_cell(env, list, &head, &list)) {
+    ErlNifBinary path;
+    if (!enif_inspect_binary(env, head, &path) || path.size == 0 || path.size > 4096 ||
+        std::memchr(path.data, 0, path.size) != nullptr)
+      return enif_make_badarg(env);
+    paths.emplace_back(reinterpret_cast<const char*>(path.data), path.size);
+  }
+  std::vector<ERL_NIF_TERM> out;
+  std::string text;
+  for (const auto& path : paths)
+    out.push_back(platform::read_small_file(path, text, kMaxBytes) ? make_binary(env, text)
+                                                                   : atoms.error);
+  return enif_make_list_from_array(env, out.data(), static_cast<unsigned>(out.size()));
 }
 
 }  // namespace spshm::nif

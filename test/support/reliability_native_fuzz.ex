@@ -100,6 +100,7 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
     process_start_time: 2,
     process_alive: 2,
     self_info: 1,
+    read_small_files: 2,
     set_shm_dir: 1,
     shm_dir: 1,
     fs_stat: 2,
@@ -432,6 +433,9 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
   # Only ids of this suite's own regions, strange ids and random ones: never a segment of
   # another suite.
   defp args(:unlink_segment, _state, pool), do: [G.region_id(pool)]
+
+  defp args(:read_small_files, _state, pool),
+    do: [G.pick(0.85, pool, fn -> for _ <- 1..:rand.uniform(4), do: path_string(pool) end)]
 
   defp args(:process_start_time, state, _pool), do: [elem(os_pid_and_start(state), 0)]
 
@@ -993,6 +997,10 @@ defmodule Snakepit.SharedMemory.ReliabilityNativeFuzz do
   defp well_shaped?(:quota_totals, _, {r, b}), do: is_integer(r) and is_integer(b)
   defp well_shaped?(:quota_owned, _, n), do: is_integer(n)
   defp well_shaped?(:names_dropped, _, n), do: non_neg?(n)
+
+  defp well_shaped?(:read_small_files, _, v),
+    do: is_list(v) and Enum.all?(v, &(is_binary(&1) or &1 == :error))
+
   defp well_shaped?(:shm_dir, _, dir), do: dir == "/dev/shm"
   defp well_shaped?(:reaped_holds, _, n), do: non_neg?(n)
 

@@ -397,6 +397,13 @@ defmodule Snakepit.SharedMemory.Native do
   @spec self_info() :: map()
   def self_info, do: :erlang.nif_error(:not_loaded)
 
+  @doc """
+  The contents of up to 64 small files (at most 64 KiB each) in one dirty I/O call:
+  `:error` for a file that cannot be read whole. Paths are binaries without NUL bytes.
+  """
+  @spec read_small_files([String.t()]) :: [binary() | :error]
+  def read_small_files(_paths), do: :erlang.nif_error(:not_loaded)
+
   # ---- shm_path and filesystem space (c_src/nif/nif_health.cpp) ----
 
   @doc """
