@@ -310,8 +310,7 @@ Result<ProcessStat> process_stat(std::uint32_t pid);
 bool parse_uuid(const std::string& text, std::array<std::uint8_t, 16>& out) noexcept;
 /// Reads a small file (a /proc or cgroup file) whole, at most `max_bytes`: false if it
 /// cannot be opened or read, or is longer (POSIX).
-bool read_small_file(const std::string& path, std::string& out,
-                     std::size_t max_bytes = 1 << 20);
+bool read_small_file(const std::string& path, std::string& out, std::size_t max_bytes = 1 << 20);
 /// This boot's id (Linux: /proc/sys/kernel/random/boot_id), zeros if unknown.
 std::array<std::uint8_t, 16> boot_id();
 /// Fills `buffer` from the OS CSPRNG.

@@ -11,8 +11,8 @@
 #include <vector>
 
 #include "encode.hpp"
-#include "platform.hpp"
 #include "nif_functions.hpp"
+#include "platform.hpp"
 #include "region.hpp"
 #include "resources.hpp"
 #include "terms.hpp"
