@@ -98,9 +98,9 @@ defmodule Mix.Tasks.Snakepit.Shm.HostTasksTest do
       assert out =~ ~r/^ID\s+BACKEND\s+SIZE\s+OWNER\s+HOLDERS\s+AGE\s+IDLE\s+EXPIRES\s+FLAGS$/m
 
       assert line(out, c.orphan) =~
-               ~r/posix\s+1\.0 MiB\s+#{c.vm} dead\s+1 \(1 dead\).*never\s+orphaned,dead-holder$/
+               ~r/posix\s+1\.0 MiB\s+#{c.vm} not seen \(unused\)\s+1 \(1 gone\).*never\s+orphaned,dead-holder$/
 
-      assert line(out, c.expired) =~ ~r/#{c.vm} dead.*expired\s+orphaned,expired$/
+      assert line(out, c.expired) =~ ~r/#{c.vm} not seen \(unused\).*expired\s+orphaned,expired$/
       assert line(out, c.live) =~ ~r/posix\s+4\.0 KiB\s+#{c.me} alive\s+0/
       assert line(out, c.live_memfd) =~ ~r/memfd\s+4\.0 KiB\s+#{c.me} alive\s+1\s/
       assert line(out, c.damaged) =~ ~r/CORRUPT$/
@@ -141,6 +141,9 @@ defmodule Mix.Tasks.Snakepit.Shm.HostTasksTest do
                by_id[c.orphan]
 
       assert by_id[c.orphan]["owner"]["os_pid"] == String.to_integer(c.vm)
+      # Nobody holds its lock and its pid is not seen here: not called dead (a pid alone).
+      assert %{"alive" => nil, "liveness" => "unused"} = by_id[c.orphan]["owner"]
+      assert %{"alive" => true, "liveness" => "alive"} = by_id[c.live]["owner"]
       assert [%{"alive" => false, "count" => 1, "writable" => true}] = by_id[c.orphan]["holders"]
       assert by_id[c.orphan]["metadata"] == %{"dtype" => "uint8", "who" => "orphan"}
       assert by_id[c.expired]["expired"] == true
@@ -165,10 +168,11 @@ defmodule Mix.Tasks.Snakepit.Shm.HostTasksTest do
     @tag :orphans
     test "an orphan: owner gone, its dead holder, intact header", c do
       {out, _err, 0} = run_task("snakepit.shm.info", [c.orphan])
-      assert out =~ ~r/^Owner VM:\s+OS pid #{c.vm} .*gone: this region is orphaned$/m
+      assert out =~ ~r/^Owner VM:\s+OS pid #{c.vm} .*nobody holds the region's liveness lock/m
+      assert out =~ ~r/^Orphaned:\s+yes: nobody holds its liveness lock/m
       assert out =~ ~r/^Metadata:\s+\{"dtype":"uint8","who":"orphan"\}$/m
       assert out =~ ~r/^Header:\s+valid/m
-      assert out =~ ~r/^\s+#{c.vm}\s+\d+\s+1\s+rw\s+DEAD$/m
+      assert out =~ ~r/^\s+#{c.vm}\s+\d+\s+1\s+rw\s+gone \(region unused\)$/m
     end
 
     test "a live memfd region found through /proc/<pid>/fd, held by this VM", c do

@@ -4,7 +4,13 @@ defmodule Mix.Tasks.Snakepit.Shm.Info do
   @help """
   Shows everything known about one region: backend, size, paths, owner VM, times,
   idle timeout, security level, state, metadata, every holder (OS pid, holds, access,
-  alive or dead) and whether its header is intact.
+  what the kernel says of it) and whether its header is intact.
+
+  An owner or holder is `alive` when the kernel shows its process (pid and start time in
+  this PID namespace or one nested in it), `dead` only for a header of another boot, and
+  otherwise "not seen from this PID namespace", with whether some process holds the
+  region's liveness lock (in use) or nobody does: a pid alone never says dead (a VM in
+  another PID namespace, a container, has a pid that means nothing here).
 
       mix snakepit.shm.info REGION_ID [--format table|json] [--node NAME [--cookie COOKIE]]
 

@@ -2,8 +2,16 @@ defmodule Mix.Tasks.Snakepit.Shm.List do
   @shortdoc "Lists the shared memory regions of snakepit_shm on this host"
 
   @help """
-  Lists every snakepit_shm region on this host: id, backend, size, owner VM (OS pid,
-  alive or dead), holders, age, idle time, expiry and flags, then totals.
+  Lists every snakepit_shm region on this host: id, backend, size, owner VM (OS pid and
+  what the kernel says of it), holders, age, idle time, expiry and flags, then totals.
+
+  OWNER is `N alive` when the kernel shows the process of that pid and start time (in
+  this PID namespace or one nested in it), `N dead (old boot)` for a header written
+  during another boot, else `N not seen (in use)` (some process holds the region's
+  liveness lock) or `N not seen (unused)` (nobody does). A pid alone never says dead: a
+  VM in another PID namespace (a container sharing /dev/shm) has a pid that means
+  nothing here. JSON: `owner.liveness` (alive, other_boot, in_use, unused) and
+  `owner.alive` (true, false, or null when not seen).
 
       mix snakepit.shm.list [--orphaned] [--owner OS_PID] [--older-than DURATION]
                             [--format table|json] [--node NAME [--cookie COOKIE]]
@@ -16,8 +24,8 @@ defmodule Mix.Tasks.Snakepit.Shm.List do
 
   ## Options
 
-    * `--orphaned` - only regions whose owner VM is gone (what `mix snakepit.shm.cleanup`
-      removes).
+    * `--orphaned` - only regions nobody uses: no process holds their liveness lock
+      (what `mix snakepit.shm.cleanup` removes).
     * `--owner OS_PID` - only regions created by the VM with that OS pid.
     * `--older-than DURATION` - only regions created longer ago than DURATION
       (`250ms`, `30s`, `5m`, `2h`, `1d`).
@@ -39,8 +47,9 @@ defmodule Mix.Tasks.Snakepit.Shm.List do
   processes of your uid: one line per channel with the OS pids mapping it (owner VM and
   worker); `--format json` lists them under `channels`.
 
-  Flags: `orphaned` (owner VM gone), `expired` (idle longer than its timeout),
-  `sealed`, `encrypted`, `dead-holder` (a process holding it died).
+  Flags: `orphaned` (nobody holds its liveness lock), `expired` (idle longer than its
+  timeout), `sealed`, `encrypted`, `dead-holder` (a hold in its header whose process no
+  longer has it: nobody holds the liveness lock, or a header of another boot).
 
   ## Exit status
 

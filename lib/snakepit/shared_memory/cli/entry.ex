@@ -8,14 +8,21 @@ defmodule Snakepit.SharedMemory.CLI.Entry do
   #   in_use      some open of it holds its liveness lock (asked of the kernel)
   #   orphaned    nobody uses it (not in_use): what cleanup decides on
   #   expired     idle longer than its timeout
-  #   holders     [%{os_pid, start_time, count, writable, alive}]
+  #   owner       %{os_pid, start_time, alive, liveness}: see owner/4
+  #   holders     [%{os_pid, start_time, count, writable, alive, liveness}]
   #   open_by     OS pids that keep an fd of a memfd region open
 
+  alias Snakepit.SharedMemory.CLI.ProcessIdentity
   alias Snakepit.SharedMemory.JSON
   alias Snakepit.SharedMemory.Native
 
   @type t :: map()
-  @type context :: %{now_ns: integer(), boot_id: String.t() | nil, os_pid: integer() | nil}
+  @type context :: %{
+          now_ns: integer(),
+          boot_id: String.t() | nil,
+          os_pid: integer() | nil,
+          nested: ProcessIdentity.index()
+        }
 
   @levels %{0 => "standard", 1 => "high", 2 => "maximum"}
 
@@ -27,13 +34,21 @@ defmodule Snakepit.SharedMemory.CLI.Entry do
   @spec context() :: context()
   def context do
     self = Native.self_info()
-    %{now_ns: System.os_time(:nanosecond), boot_id: self.boot_id, os_pid: self.os_pid}
+
+    %{
+      now_ns: System.os_time(:nanosecond),
+      boot_id: self.boot_id,
+      os_pid: self.os_pid,
+      nested: ProcessIdentity.nested()
+    }
   end
 
   @doc "An entry from a header read by `Native.inspect_path/1` plus `extra` fields."
   @spec from_header(map(), context(), map()) :: t()
   def from_header(h, context, extra) do
     same_boot = h.boot_id == context.boot_id
+    in_use = Map.get(h, :in_use, true)
+    owner = owner(h, same_boot, in_use, context)
 
     idle_ns =
       context.now_ns - if(h.last_access_ns > 0, do: h.last_access_ns, else: h.created_at_ns)
@@ -47,8 +62,8 @@ defmodule Snakepit.SharedMemory.CLI.Entry do
       backend: Atom.to_string(h.backend),
       size: h.size,
       capacity: h.capacity,
-      owner: %{os_pid: h.creator_pid, start_time: h.creator_start_time, alive: h.creator_alive},
-      holders: Enum.map(h.holders, &holder(&1, same_boot)),
+      owner: owner,
+      holders: Enum.map(h.holders, &holder(&1, same_boot, in_use, context)),
       refcount: h.refcount,
       created_at: to_datetime(h.created_at_ns),
       last_access_at: to_datetime(h.last_access_ns),
@@ -57,8 +72,8 @@ defmodule Snakepit.SharedMemory.CLI.Entry do
       timeout_ms: if(h.idle_timeout_ns > 0, do: div(h.idle_timeout_ns, 1_000_000)),
       expires_in_ms: expires_in_ms,
       expired: expires_in_ms != nil and expires_in_ms <= 0,
-      in_use: Map.get(h, :in_use, true),
-      orphaned: orphaned?(h),
+      in_use: in_use,
+      orphaned: orphaned?(h, in_use, owner),
       sealed: h.sealed,
       encrypted: h.encrypted,
       deallocated: h.deallocated,
@@ -109,7 +124,13 @@ defmodule Snakepit.SharedMemory.CLI.Entry do
       problem: nil,
       backend: to_string(info.backend),
       size: info.size,
-      owner: %{os_pid: vm_os_pid, start_time: nil, alive: true, process: info[:owner]},
+      owner: %{
+        os_pid: vm_os_pid,
+        start_time: nil,
+        alive: true,
+        liveness: :alive,
+        process: info[:owner]
+      },
       holders: holders,
       refcount: info[:reference_count],
       created_at: info.created_at,
@@ -180,9 +201,44 @@ defmodule Snakepit.SharedMemory.CLI.Entry do
   # Nobody uses it, and it is not a region a live VM freed (an arena chunk, a memfd its
   # VM has not garbage-collected yet, kept by a zero-copy binary): that VM lets go of
   # it by itself, nothing is orphaned.
-  defp orphaned?(h) do
-    not Map.get(h, :in_use, true) and not (h.deallocated and h.creator_alive == true)
+  defp orphaned?(h, in_use, owner), do: not in_use and not (h.deallocated and owner.alive == true)
+
+  # The owner VM's liveness, from what the kernel holds, never from a pid alone (a
+  # header's pid is the creator's pid in its own PID namespace: from another one it
+  # names nobody, or somebody else):
+  #
+  #   :alive       the process of that pid and start time runs, in this PID namespace
+  #                or one nested in it (found in /proc: CLI.ProcessIdentity); `seen_as`
+  #                is its pid here when that differs. alive: true
+  #   :other_boot  the header was written during another boot: its writer is dead.
+  #                alive: false
+  #   :in_use      not seen from here, but some process holds the region's liveness
+  #                lock (the VM, in a namespace this one cannot see, or a worker that
+  #                outlived it: the kernel does not say whom). alive: nil
+  #   :unused      not seen from here and nobody holds the liveness lock: nothing uses
+  #                the region any more (the VM may still run in a namespace this one
+  #                cannot see). alive: nil
+  defp owner(h, same_boot, in_use, context) do
+    {alive, liveness, seen_as} =
+      identify(h.creator_pid, h.creator_start_time, same_boot, in_use, context)
+
+    %{os_pid: h.creator_pid, start_time: h.creator_start_time, alive: alive, liveness: liveness}
+    |> put_seen_as(seen_as)
   end
+
+  defp identify(_pid, _start, false, _in_use, _context), do: {false, :other_boot, nil}
+
+  defp identify(pid, start, true, in_use, context) do
+    case ProcessIdentity.find(pid, start, context.nested) do
+      {:here, _} -> {true, :alive, nil}
+      {:nested, here} -> {true, :alive, here}
+      :not_seen when in_use -> {nil, :in_use, nil}
+      :not_seen -> {nil, :unused, nil}
+    end
+  end
+
+  defp put_seen_as(map, nil), do: map
+  defp put_seen_as(map, pid), do: Map.put(map, :seen_as, pid)
 
   @doc "Flags worth a glance: sealed, encrypted, orphaned, expired, deallocated, dead holders."
   @spec flags(t()) :: [String.t()]
@@ -203,9 +259,22 @@ defmodule Snakepit.SharedMemory.CLI.Entry do
 
   defp for_true(pairs), do: for({true, name} <- pairs, do: name)
 
-  defp holder(h, same_boot) do
-    alive = same_boot and Native.process_alive(h.pid, h.start_time)
-    %{os_pid: h.pid, start_time: h.start_time, count: h.count, writable: h.writable, alive: alive}
+  # A holder as the owner (owner/4), except that with nobody holding the liveness lock
+  # its hold is known stale (every user of a region holds that lock: a holder that does
+  # not has let go of it, or died): alive false, :unused.
+  defp holder(h, same_boot, in_use, context) do
+    {alive, liveness, seen_as} = identify(h.pid, h.start_time, same_boot, in_use, context)
+    alive = if liveness == :unused, do: false, else: alive
+
+    %{
+      os_pid: h.pid,
+      start_time: h.start_time,
+      count: h.count,
+      writable: h.writable,
+      alive: alive,
+      liveness: liveness
+    }
+    |> put_seen_as(seen_as)
   end
 
   defp to_datetime(0), do: nil

@@ -10,9 +10,13 @@ defmodule Snakepit.SharedMemory.CLI.HostCleanup do
   #     again, under its own exclusive lock, that it is ours, intact and unused;
   #     A worker's output adopted by a VM (adopted state bit) names the worker, long
   #     gone, as its creator, but the adopting VM holds its liveness lock: in use;
-  #   * a memfd region whose owner VM is gone has no name to remove: the kernel frees it
-  #     when the last process with an fd or mapping of it exits. Holds of dead processes
-  #     in its header are released, and the processes keeping it are named;
+  #   * a memfd region nobody uses has no name to remove: the kernel frees it when the
+  #     last process with an fd or mapping of it exits. Holds in its header are stale
+  #     (their processes hold no liveness lock) and released, and the processes keeping
+  #     it are named;
+  #   * the owner VM is "alive" only when the kernel shows its process (pid and start
+  #     time, in this PID namespace or a nested one: CLI.ProcessIdentity), "dead" only for
+  #     a header of another boot; otherwise nothing is said of it (CLI.Entry);
   #   * a segment that never got a header and that nobody uses (its creator died while
   #     creating it) is removed the same way;
   #   * a corrupt segment, a symlink, an object of another user or a misnamed file is
@@ -47,19 +51,23 @@ defmodule Snakepit.SharedMemory.CLI.HostCleanup do
   end
 
   defp plan_one(%{status: :ok} = e) do
-    dead = for h <- e.holders, h.alive == false, do: h
-    keepers = e |> Map.get(:open_by, []) |> Enum.reject(&(&1 == e.owner.os_pid))
+    # Holds of processes that no longer have the region: nobody holds its liveness lock.
+    stale = for h <- e.holders, h.alive == false, do: h
+    owner_here = Map.get(e.owner, :seen_as, e.owner.os_pid)
+    keepers = e |> Map.get(:open_by, []) |> Enum.reject(&(&1 == owner_here))
 
     kept =
-      "owner VM #{e.owner.os_pid} is gone; the kernel frees this memfd when #{pids(keepers)} close(s) it"
+      "nobody uses it (no process holds its liveness lock; owner VM #{e.owner.os_pid}); " <>
+        "the kernel frees this memfd when #{pids(keepers)} close(s) it"
 
-    if dead == [],
+    if stale == [],
       do: [action(e, :keep, kept)],
       else: [
         action(
           e,
           :release_holds,
-          "release #{length(dead)} hold(s) of dead #{pids(Enum.map(dead, & &1.os_pid))}; " <> kept
+          "release #{length(stale)} stale hold(s) of #{pids(Enum.map(stale, & &1.os_pid))}; " <>
+            kept
         )
       ]
   end

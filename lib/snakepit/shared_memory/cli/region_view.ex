@@ -53,15 +53,19 @@ defmodule Snakepit.SharedMemory.CLI.RegionView do
     ]
   end
 
+  # "dead" only for a header of another boot: a pid alone proves nothing (PID namespaces,
+  # reuse), and the liveness lock says whether the region is used, not by whom (Entry).
   defp owner(nil), do: "-"
+  defp owner(%{os_pid: pid, liveness: :other_boot}), do: "#{pid} dead (old boot)"
+  defp owner(%{os_pid: pid, liveness: :in_use}), do: "#{pid} not seen (in use)"
+  defp owner(%{os_pid: pid, liveness: :unused}), do: "#{pid} not seen (unused)"
   defp owner(%{os_pid: pid, alive: true}), do: "#{pid} alive"
-  defp owner(%{os_pid: pid, alive: false}), do: "#{pid} dead"
 
   defp holders([]), do: "0"
 
   defp holders(list) do
-    dead = Enum.count(list, &(&1.alive == false))
-    if dead == 0, do: "#{length(list)}", else: "#{length(list)} (#{dead} dead)"
+    gone = Enum.count(list, &(&1.alive == false))
+    if gone == 0, do: "#{length(list)}", else: "#{length(list)} (#{gone} gone)"
   end
 
   defp expires(%{timeout_ms: nil}), do: "never"
@@ -134,6 +138,7 @@ defmodule Snakepit.SharedMemory.CLI.RegionView do
           {"Path", e[:path]},
           {"Data path", if(e[:data_path] != e[:path], do: e[:data_path])},
           {"Owner VM", owner_line(e.owner)},
+          {"Orphaned", orphan_line(e)},
           {"Created", "#{e.created_at} (#{Human.duration_ms(e.age_ms)} ago)"},
           {"Last access", "#{e.last_access_at} (idle #{Human.duration_ms(e.idle_ms)})"},
           {"Idle timeout", timeout_line(e)},
@@ -168,11 +173,29 @@ defmodule Snakepit.SharedMemory.CLI.RegionView do
   defp owner_line(%{os_pid: pid, start_time: nil, process: process}),
     do: "OS pid #{pid} (the node asked), owner process #{inspect(process)}"
 
-  defp owner_line(%{os_pid: pid, start_time: st, alive: true}),
-    do: "OS pid #{pid} (start time #{st}), alive"
+  defp owner_line(%{os_pid: pid, start_time: st, liveness: :alive} = owner),
+    do: "OS pid #{pid} (start time #{st}), alive" <> seen_as(owner)
 
-  defp owner_line(%{os_pid: pid, start_time: st, alive: false}),
-    do: "OS pid #{pid} (start time #{st}), gone: this region is orphaned"
+  defp owner_line(%{os_pid: pid, start_time: st, liveness: :other_boot}),
+    do: "OS pid #{pid} (start time #{st}), dead: the header was written during another boot"
+
+  defp owner_line(%{os_pid: pid, start_time: st, liveness: :in_use}),
+    do:
+      "OS pid #{pid} (start time #{st}), not seen from this PID namespace (it may run in " <>
+        "another one); in use: some process holds the region's liveness lock"
+
+  defp owner_line(%{os_pid: pid, start_time: st, liveness: :unused}),
+    do:
+      "OS pid #{pid} (start time #{st}), not seen from this PID namespace, and nobody " <>
+        "holds the region's liveness lock: nothing uses it"
+
+  defp seen_as(%{seen_as: here}), do: " (pid #{here} in this PID namespace)"
+  defp seen_as(_owner), do: ""
+
+  defp orphan_line(%{orphaned: true}),
+    do: "yes: nobody holds its liveness lock (mix snakepit.shm.cleanup frees it)"
+
+  defp orphan_line(_e), do: nil
 
   defp timeout_line(%{timeout_ms: nil}), do: "none (never expires)"
   defp timeout_line(%{timeout_ms: t, expired: true}), do: "#{Human.duration_ms(t)}, EXPIRED"
@@ -209,16 +232,19 @@ defmodule Snakepit.SharedMemory.CLI.RegionView do
   defp access(false), do: "r"
   defp access(nil), do: "-"
 
-  defp alive(true), do: "alive"
-  defp alive(false), do: "DEAD"
-  defp alive(nil), do: "watched by the manager"
+  defp alive(%{liveness: :alive}), do: "alive"
+  defp alive(%{liveness: :other_boot}), do: "DEAD (old boot)"
+  defp alive(%{liveness: :in_use}), do: "not seen (region in use)"
+  defp alive(%{liveness: :unused}), do: "gone (region unused)"
+  defp alive(%{alive: true}), do: "alive"
+  defp alive(%{alive: nil}), do: "watched by the manager"
 
   defp holders_table([]), do: "Holders: none"
 
   defp holders_table(holders) do
     rows =
       Enum.map(holders, fn h ->
-        [h.os_pid, h.start_time, h.count, access(h.writable), alive(h.alive)]
+        [h.os_pid, h.start_time, h.count, access(h.writable), alive(h)]
       end)
 
     "Holders:\n" <>
