@@ -57,8 +57,8 @@ int pooled_data_link(const void* header, char* out, std::size_t capacity) noexce
 
 }  // namespace
 
-static int open_checked(const char* path, const char* expected_link, int writable, int* fd_out,
-                        uint64_t* size_out) noexcept;
+static int open_checked(const char* path, const char* expected_link, int writable, uid_t euid,
+                        int* fd_out, uint64_t* size_out) noexcept;
 
 SPSHM_EXPORT int spshm_attach_memfd(const char* control_path, const char* control_link,
                                     const char* data_path, const char* data_link, int data_writable,
@@ -68,7 +68,8 @@ SPSHM_EXPORT int spshm_attach_memfd(const char* control_path, const char* contro
   if (header_out == nullptr || control_fd == nullptr || data_fd == nullptr ||
       control_size == nullptr || data_size == nullptr)
     return SPSHM_E_INVALID_ARGUMENT;
-  int code = open_checked(control_path, control_link, 1, control_fd, control_size);
+  const uid_t euid = ::geteuid();  // once for both objects (a system call each time)
+  int code = open_checked(control_path, control_link, 1, euid, control_fd, control_size);
   if (code != SPSHM_OK) return code;
   *data_fd = -1;
   // The shared liveness lock first: from here on no sweeper removes the region. Then a
@@ -86,7 +87,8 @@ SPSHM_EXPORT int spshm_attach_memfd(const char* control_path, const char* contro
     const char* expected = data_link;
     if ((code = pooled_data_link(header_out, pooled, sizeof pooled)) == 1) expected = pooled;
     if (code >= 0 &&
-        (code = open_checked(data_path, expected, data_writable, data_fd, data_size)) == SPSHM_OK &&
+        (code = open_checked(data_path, expected, data_writable, euid, data_fd, data_size)) ==
+            SPSHM_OK &&
         (code = spshm_lock_data(*data_fd, err, errlen)) == SPSHM_OK &&
         (code = spshm_validate_header(header_out, *data_size, err, errlen)) == SPSHM_OK)
       return SPSHM_OK;
@@ -103,8 +105,8 @@ SPSHM_EXPORT int spshm_attach_memfd(const char* control_path, const char* contro
 #endif
 }
 
-static int open_checked(const char* path, const char* expected_link, int writable, int* fd_out,
-                        uint64_t* size_out) noexcept {
+static int open_checked(const char* path, const char* expected_link, int writable, uid_t euid,
+                        int* fd_out, uint64_t* size_out) noexcept {
 #if defined(__linux__)
   if (path == nullptr || expected_link == nullptr || fd_out == nullptr || size_out == nullptr)
     return SPSHM_E_INVALID_ARGUMENT;
@@ -116,7 +118,7 @@ static int open_checked(const char* path, const char* expected_link, int writabl
   struct stat st;
   char self[64];
   std::snprintf(self, sizeof self, "/proc/self/fd/%d", fd);
-  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) || st.st_uid != ::geteuid() ||
+  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) || st.st_uid != euid ||
       !link_is(self, expected_link, expected_length)) {
     ::close(fd);
     return SPSHM_E_NOT_OURS;
@@ -125,7 +127,7 @@ static int open_checked(const char* path, const char* expected_link, int writabl
   *size_out = static_cast<uint64_t>(st.st_size);
   return SPSHM_OK;
 #else
-  (void)path, (void)expected_link, (void)writable, (void)fd_out, (void)size_out;
+  (void)path, (void)expected_link, (void)writable, (void)euid, (void)fd_out, (void)size_out;
   return SPSHM_E_UNSUPPORTED;
 #endif
 }

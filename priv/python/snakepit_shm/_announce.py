@@ -22,6 +22,8 @@ import os
 import socket
 import stat
 
+from . import _proc
+
 PREFIX_ATTACH = b"A"
 PREFIX_RELEASE = b"R"
 
@@ -81,7 +83,7 @@ def targets(creator_pid, creator_start_time):
 
 def _socket():
     global _sock, _sock_pid
-    pid = os.getpid()
+    pid = _proc.pid()
     if _sock is None or _sock_pid != pid:
         # After a fork the child makes its own (sharing one is harmless, but cheap to
         # avoid, and the parent may close it).

@@ -296,18 +296,18 @@ _pidns_cache = (None, None)  # (pid, namespace_dir_name()) of the process that a
 INDEX_VERSION = "spshm1"
 
 
-def runtime_dir():
+def runtime_dir(euid=None):
     """The base directory of the runtime index, as the VM computes it (it may not
     exist): $SNAKEPIT_SHM_RUNTIME_DIR, else $XDG_RUNTIME_DIR/snakepit_shm, else
     /dev/shm/snakepit_shm-<euid>. The entries are in its subdirectory of this PID
-    namespace (index_dir())."""
+    namespace (index_dir()). ``euid``: os.geteuid() if the caller just asked."""
     own = os.environ.get(RUNTIME_DIR_ENV)
     if own and own.startswith("/"):
         return own
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     if xdg and xdg.startswith("/"):
         return xdg + "/snakepit_shm"
-    return f"/dev/shm/snakepit_shm-{os.geteuid()}"
+    return f"/dev/shm/snakepit_shm-{os.geteuid() if euid is None else euid}"
 
 
 def namespace_dir_name(link_text=None):
@@ -317,7 +317,7 @@ def namespace_dir_name(link_text=None):
     something only in their VM's PID namespace). None if it cannot be named."""
     global _pidns_cache
     if link_text is None:
-        pid = os.getpid()
+        pid = _proc.pid()
         if _pidns_cache[0] == pid:  # a process never changes PID namespace
             return _pidns_cache[1]
         try:
@@ -330,15 +330,15 @@ def namespace_dir_name(link_text=None):
     return f"pidns-{match.group(1)}" if match else None
 
 
-def index_dir():
+def index_dir(euid=None):
     """The directory holding this PID namespace's entries (it may not exist), or None."""
     name = namespace_dir_name()
-    return None if name is None else f"{runtime_dir()}/{name}"
+    return None if name is None else f"{runtime_dir(euid)}/{name}"
 
 
-def _ours_0700(path):
+def _ours_0700(path, euid):
     info = os.lstat(path)
-    return stat.S_ISDIR(info.st_mode) and info.st_uid == os.geteuid() \
+    return stat.S_ISDIR(info.st_mode) and info.st_uid == euid \
         and not info.st_mode & 0o077
 
 
@@ -350,11 +350,12 @@ def index_entry(region_id):
     An entry only says where to look: the caller still checks the memfd's name and the
     header's region id after opening.
     """
-    directory = index_dir()
+    euid = os.geteuid()  # once (a system call), not once per directory
+    directory = index_dir(euid)
     if directory is None:
         return None
     try:
-        if not (_ours_0700(runtime_dir()) and _ours_0700(directory)):
+        if not (_ours_0700(runtime_dir(euid), euid) and _ours_0700(directory, euid)):
             return None
         text = os.readlink(f"{directory}/{region_id}")
     except (OSError, ValueError):
@@ -582,7 +583,7 @@ def _pooled_data_target(control_path):
 
 
 def _pids_of_uid(uid):
-    own = os.getpid()
+    own = _proc.pid()
     pids = [int(name) for name in os.listdir("/proc") if name.isdigit()]
     # Our own fds last: a worker usually finds the memfds in the VM that exported them.
     pids.sort(key=lambda pid: pid == own)

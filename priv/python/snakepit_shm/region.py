@@ -156,7 +156,7 @@ class Attachment:
             identity, self.identity = self.identity, None
             # After a fork the child inherits the mapping but not the hold: only the
             # process that registered the hold may release it.
-            if identity is None or identity[0] != os.getpid():
+            if identity is None or identity[0] != _proc.pid():
                 return
             try:
                 if closing:

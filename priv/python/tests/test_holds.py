@@ -112,6 +112,33 @@ def test_forked_child_does_not_release_the_parents_hold(forge):
     assert seg.u32("refcount") == 0
 
 
+def test_a_forked_child_holds_under_its_own_pid(forge):
+    # The client caches its pid (os.getpid() is a system call): a child of os.fork()
+    # must register, see and release its holds as itself, not as the parent.
+    seg = forge.memfd(64)
+    parent = snakepit_shm.attach(seg.region_id)  # the parent's caches are warm
+    assert _proc.pid() == os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            assert _proc.pid() == os.getpid()
+            assert _proc.self_identity()[0] == os.getpid()
+            region = snakepit_shm.attach(seg.region_id)
+            pids = sorted(h["pid"] for h in holders(seg))
+            assert pids == sorted([os.getppid(), os.getpid()]), pids
+            assert region.close()
+            assert [h["pid"] for h in holders(seg)] == [os.getppid()]
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert [h["pid"] for h in holders(seg)] == [os.getpid()]
+    parent.close()
+    assert seg.u32("refcount") == 0 and holders(seg) == []
+
+
 def test_concurrent_attach_and_close_from_threads_and_processes(forge):
     seg = forge.memfd(64)
     ref = seg.ref()
