@@ -29,7 +29,7 @@ using spshm::Errc;
 using spshm::Error;
 using spshm::RegionHeader;
 
-constexpr int kAbiVersion = 1;
+constexpr int kAbiVersion = 2;
 
 int code_of(Errc code) noexcept { return -(static_cast<int>(code) + 1); }
 

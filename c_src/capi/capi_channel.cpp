@@ -2,6 +2,7 @@
 // Nothing may escape to C: every function catches everything.
 #include "snakepit_shm_channel.h"
 
+#include <cerrno>
 #include <cstring>
 #include <memory>
 #include <new>
@@ -147,13 +148,25 @@ SPSHM_EXPORT int spshm_ch_send(spshm_channel* ch, const void* data, uint64_t len
   }
 }
 
-SPSHM_EXPORT int spshm_ch_prepare_region(const void* data, uint64_t length, int* fd_out, char* err,
-                                         size_t errlen) {
+SPSHM_EXPORT int spshm_ch_prepare_region(const void* data, uint64_t length, int* fd_out,
+                                         int* errno_out, char* err, size_t errlen) {
+  if (errno_out != nullptr) *errno_out = 0;
   try {
     auto r = spshm::channel::Endpoint::prepare_region(data, length);
-    if (!r.ok()) return fail(r.error(), err, errlen);
+    if (!r.ok()) {
+      // The OS's errno (EMFILE, EFBIG, EPERM, ENOMEM...): the code alone cannot tell
+      // "out of descriptors" from "out of memory".
+      if (errno_out != nullptr) *errno_out = r.error().sys_errno;
+      return fail(r.error(), err, errlen);
+    }
     *fd_out = r.value();
     return 0;
+  } catch (const std::bad_alloc&) {
+    if (errno_out != nullptr) *errno_out = ENOMEM;
+    return fail(Error{Errc::no_space, ENOMEM,
+                      "cannot send the message as a region message: out of memory for its "
+                      "copy: free memory or send smaller messages"},
+                err, errlen);
   } catch (...) {
     return fail(Error{Errc::io_error, 0, "unexpected failure"}, err, errlen);
   }

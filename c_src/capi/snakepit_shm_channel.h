@@ -33,9 +33,11 @@ uint32_t spshm_ch_inline_max(spshm_channel* ch);
 uint64_t spshm_ch_ring_size(spshm_channel* ch);
 
 int spshm_ch_send(spshm_channel* ch, const void* data, uint64_t length, char* err, size_t errlen);
-/* A sealed memfd holding a copy of data (for messages above inline_max). */
-int spshm_ch_prepare_region(const void* data, uint64_t length, int* fd_out, char* err,
-                            size_t errlen);
+/* A sealed memfd holding a copy of data (for messages above inline_max). On a failure
+ * *errno_out (if not NULL) is the OS's errno (EMFILE, EFBIG, EPERM, ENOMEM...; 0 if
+ * none) and err says what failed and what to do. */
+int spshm_ch_prepare_region(const void* data, uint64_t length, int* fd_out, int* errno_out,
+                            char* err, size_t errlen);
 /* Sends a prepared memfd; on 0 the channel took the fd, on 1 the caller keeps it. */
 int spshm_ch_send_region(spshm_channel* ch, int fd, uint64_t size, char* err, size_t errlen);
 /* Receives one message: 0 with *length_out bytes in buf (buflen >= inline_max), or 2 with a

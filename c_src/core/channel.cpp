@@ -38,6 +38,91 @@ std::uint64_t get_u64(const std::uint8_t* p) noexcept {
   return v;
 }
 
+// What to do about a failure to make one of the channel's memfds (the rings, the copy of
+// a region message): they are memory of this process, neither a file of /dev/shm nor of
+// a region's shm_path, so the region advice of os_error() does not apply.
+std::string memfd_remedy(int err) {
+  switch (err) {
+    case EMFILE:
+      return "this process is out of file descriptors (RLIMIT_NOFILE): raise its limit "
+             "(ulimit -n, systemd LimitNOFILE=) or close descriptors it no longer needs";
+    case ENFILE:
+      return "the system is out of file descriptors (fs.file-max): close descriptors or raise "
+             "the limit";
+    case EFBIG:
+      return "raise the file size limit (ulimit -f, systemd LimitFSIZE=)";
+    case EPERM:
+    case EACCES:
+      return "memfd_create is refused here (a seccomp filter or a sandbox): allow it";
+    case ENOSPC:
+    case ENOMEM:
+      return "not enough memory for it (RAM, the memory cgroup's limit or the kernel's shmem "
+             "limit): free memory or raise the limit";
+    case ENOSYS:
+      return "this kernel has no memfd_create (Linux 3.17 or later is needed)";
+    default:
+      return "";
+  }
+}
+
+// The cause of an OS failure without the advice os_error() appends after strerror.
+std::string cause_of(const Error& e) {
+  if (e.sys_errno == 0) return e.message;
+  const std::string text = std::strerror(e.sys_errno);
+  auto at = e.message.find(text);
+  return at == std::string::npos ? e.message : e.message.substr(0, at + text.size());
+}
+
+// A failure to prepare a region message, worded for the channel's sender: the errno and
+// the code stay those of the OS failure.
+Error region_message_error(Error e, std::uint64_t length) {
+  std::string remedy = memfd_remedy(e.sys_errno);
+  e.message = "cannot send the " + std::to_string(length) +
+              "-byte message as a region message (a message above the channel's inline "
+              "threshold travels in a sealed memfd made by the sender): " +
+              cause_of(e) + (remedy.empty() ? "" : "; " + remedy) +
+              "; or send smaller messages (up to the inline threshold, set by Channel.open's "
+              ":inline_threshold and :ring_size, they need no memfd)";
+  return e;
+}
+
+// The channel's socket (its private directory, the listening socket) could not be made.
+Error socket_error(Error e) {
+  std::string remedy;
+  switch (e.sys_errno) {
+    case EACCES:
+    case EPERM:
+    case EROFS:
+    case ENOENT:
+    case ENOTDIR:
+      remedy = "; give Channel.open a :socket_dir: an existing directory this user may write to";
+      break;
+    case ENOSPC:
+    case EDQUOT:
+      remedy = "; free space there or give Channel.open another :socket_dir";
+      break;
+    case EMFILE:
+    case ENFILE:
+      remedy = "; " + memfd_remedy(e.sys_errno);
+      break;
+    default:
+      break;
+  }
+  e.message = "cannot open the channel: its socket could not be set up: " + cause_of(e) + remedy;
+  return e;
+}
+
+// The rings of a channel asked with transport :shm could not be made.
+Error rings_error(Error e, std::uint64_t size) {
+  std::string remedy = memfd_remedy(e.sys_errno);
+  e.message = "cannot open the channel with transport :shm: its rings (a memfd of " +
+              std::to_string(size) + " bytes) could not be set up: " + cause_of(e) +
+              (remedy.empty() ? "" : "; " + remedy) +
+              "; or open it with a smaller :ring_size or with transport :auto (falls back "
+              "to the socket) or :socket";
+  return e;
+}
+
 void close_fd(int& fd) noexcept {
   if (fd >= 0) ::close(fd);
   fd = -1;
@@ -157,7 +242,7 @@ Result<std::unique_ptr<Endpoint>> Endpoint::create_owner(const OwnerOptions& o) 
     } else {
       shm_error = mfd.error();
     }
-    if (!shm_ok && o.transport == Wanted::shm) return shm_error;
+    if (!shm_ok && o.transport == Wanted::shm) return rings_error(shm_error, ep->total_map_size());
   }
   if (shm_ok) {
     ep->transport_ = Transport::shm;
@@ -182,7 +267,7 @@ Result<std::unique_ptr<Endpoint>> Endpoint::create_owner(const OwnerOptions& o) 
     }
   }
   auto dir = os::make_private_dir(o.socket_dir);
-  if (!dir.ok()) return dir.error();
+  if (!dir.ok()) return socket_error(dir.error());
   ep->dir_ = dir.value().path;
   ep->dir_fd_ = dir.value().lock_fd;
   ep->path_ = ep->dir_ + "/ctl";
@@ -192,7 +277,7 @@ Result<std::unique_ptr<Endpoint>> Endpoint::create_owner(const OwnerOptions& o) 
     close_fd(ep->dir_fd_);
     ep->dir_.clear();
     ep->path_.clear();
-    return lfd.error();
+    return socket_error(lfd.error());
   }
   ep->listen_fd_ = lfd.value();
   if (!os::epoll_set(ep->epfd_, ep->listen_fd_, kEpollIn, true)) {
@@ -879,14 +964,21 @@ Io Endpoint::send(const void* data, std::uint64_t length, Error* err) {
 }
 
 Result<int> Endpoint::prepare_region(const void* data, std::uint64_t length) {
-  return os::make_message_memfd(data, length);
+  auto fd = os::make_message_memfd(data, length);
+  if (!fd.ok()) return region_message_error(std::move(fd).error(), length);
+  return fd;
 }
 
 Io Endpoint::send_region(int fd, std::uint64_t size, Error* err) {
   std::lock_guard<std::mutex> lock(mu_);
   if (reason_ != CloseReason::none || peer_eof_) return closed_result(err);
   if (size > max_message_) {
-    *err = Error{Errc::too_large, 0, "message larger than max_message_size"};
+    *err = Error{Errc::too_large, EMSGSIZE,
+                 "cannot send the " + std::to_string(size) +
+                     "-byte message: it is larger than this end's max_message_size (" +
+                     std::to_string(max_message_) +
+                     " bytes): send smaller messages or raise max_message_size (Channel.open's "
+                     ":max_message_size, Channel.connect's max_message_size)"};
     return Io::error;
   }
   std::uint8_t frame[ring::kFrameHeaderSize + ring::kRegionPayloadSize];

@@ -6,6 +6,7 @@
 #include <sys/eventfd.h>
 #include <sys/file.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -60,6 +61,30 @@ std::uint64_t drain_eventfd(int fd) noexcept {
   return rc == sizeof v ? v : 0;
 }
 
+namespace {
+
+// A failure of a channel memfd (the rings, a region message): the step and strerror,
+// with the code of os_error() but without its advice, which is worded for regions (free
+// /dev/shm, smaller regions...): Endpoint words the advice for the channel.
+Error memfd_error(const std::string& what, int err) {
+  Error e = os_error(what, err);
+  e.message = what + ": " + std::strerror(err);
+  return e;
+}
+
+// RLIMIT_FSIZE: a memfd larger than the limit would raise SIGXFSZ (or fail with EFBIG).
+Result<void> check_memfd_size(const char* what, std::uint64_t size) {
+  if (platform::check_file_size_limit(what, size).ok()) return {};
+  struct rlimit rl {};
+  (void)::getrlimit(RLIMIT_FSIZE, &rl);
+  return Error{Errc::too_large, EFBIG,
+               std::string(what) + " needs a memfd of " + std::to_string(size) +
+                   " bytes, above this process's file size limit (RLIMIT_FSIZE " +
+                   std::to_string(static_cast<std::uint64_t>(rl.rlim_cur)) + " bytes)"};
+}
+
+}  // namespace
+
 Result<int> make_ring_memfd(std::uint64_t size) {
   const char* no = std::getenv("SNAKEPIT_SHM_CHANNEL_NO_MEMFD");
   if (no != nullptr && std::strcmp(no, "1") == 0) {
@@ -67,35 +92,32 @@ Result<int> make_ring_memfd(std::uint64_t size) {
                  "memfd_create refused (SNAKEPIT_SHM_CHANNEL_NO_MEMFD=1 simulates a seccomp "
                  "filter)"};
   }
-  if (auto lim = platform::check_file_size_limit("the channel rings", size); !lim.ok())
-    return lim.error();
+  if (auto lim = check_memfd_size("the channel rings", size); !lim.ok()) return lim.error();
   int fd = memfd("snakepit-channel");
-  if (fd < 0) return os_error("memfd_create(snakepit-channel)", errno);
+  if (fd < 0) return memfd_error("memfd_create(snakepit-channel)", errno);
   int rc = ::posix_fallocate(fd, 0, static_cast<off_t>(size));
   if (rc != 0) {
     ::close(fd);
-    return os_error("posix_fallocate of the channel rings", rc);
+    return memfd_error("posix_fallocate of the channel rings", rc);
   }
   if (::fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0) {
     int err = errno;
     ::close(fd);
-    return os_error("sealing the channel memfd", err);
+    return memfd_error("sealing the channel memfd", err);
   }
   return fd;
 }
 
 Result<int> make_message_memfd(const void* data, std::uint64_t length) {
-  if (auto lim = platform::check_file_size_limit("a region message", length); !lim.ok()) {
-    return lim.error();
-  }
+  if (auto lim = check_memfd_size("the message", length); !lim.ok()) return lim.error();
   int fd = memfd("snakepit-channel-msg");
-  if (fd < 0) return os_error("memfd_create(snakepit-channel-msg)", errno);
+  if (fd < 0) return memfd_error("memfd_create(snakepit-channel-msg)", errno);
   auto fail = [fd](const char* what, int err) {
     ::close(fd);
-    return os_error(what, err);
+    return memfd_error(what, err);
   };
   if (::ftruncate(fd, static_cast<off_t>(length)) != 0)
-    return fail("ftruncate of a message", errno);
+    return fail("ftruncate of the message memfd", errno);
   const auto* p = static_cast<const std::uint8_t*>(data);
   std::uint64_t done = 0;
   while (done < length) {
@@ -103,13 +125,13 @@ Result<int> make_message_memfd(const void* data, std::uint64_t length) {
     ssize_t n = ::pwrite(fd, p + done, chunk, static_cast<off_t>(done));
     if (n < 0) {
       if (errno == EINTR) continue;
-      return fail("writing a message memfd", errno);
+      return fail("writing the message memfd", errno);
     }
-    if (n == 0) return fail("writing a message memfd", ENOSPC);
+    if (n == 0) return fail("writing the message memfd", ENOSPC);
     done += static_cast<std::uint64_t>(n);
   }
   if (::fcntl(fd, F_ADD_SEALS, F_SEAL_WRITE | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0) {
-    return fail("sealing a message memfd", errno);
+    return fail("sealing the message memfd", errno);
   }
   return fd;
 }

@@ -17,7 +17,7 @@ TEST_CASE("C error codes are the negated Errc position plus one", "[capi]") {
   REQUIRE(SPSHM_E_TAMPERED == -(static_cast<int>(Errc::tampered) + 1));
   REQUIRE(SPSHM_E_HOLDER_TABLE_FULL == -(static_cast<int>(Errc::holder_table_full) + 1));
   REQUIRE(SPSHM_E_IO_ERROR == -(static_cast<int>(Errc::io_error) + 1));
-  REQUIRE(spshm_abi_version() == 1);
+  REQUIRE(spshm_abi_version() == 2);
 }
 
 TEST_CASE("spshm_header_layout returns the layout and truncates safely", "[capi]") {

@@ -203,16 +203,33 @@ defmodule Snakepit.SharedMemory.Channel do
       size = 4096 + 2 * opts[:ring_size]
 
       case MemoryLimits.check(size) do
-        :ok -> :ok
-        {:error, message} -> Error.error(:no_space, message, %{size: size})
+        :ok ->
+          :ok
+
+        {:error, message} ->
+          Error.error(
+            :no_space,
+            "cannot open the channel: its rings (#{size} bytes of memory): #{message}; or " <>
+              "open it with a smaller :ring_size or transport: :socket",
+            %{size: size}
+          )
       end
     end
   end
 
   defp memory_headroom(ch, size) do
     case MemoryLimits.check(size) do
-      :ok -> :ok
-      {:error, message} -> Error.error(:no_space, message, %{channel: ch.id, size: size})
+      :ok ->
+        :ok
+
+      {:error, message} ->
+        Error.error(
+          :no_space,
+          "cannot send the #{size}-byte message on channel #{ch.id} as a region message " <>
+            "(a message above the inline threshold is copied into a memfd, charged to this " <>
+            "VM's memory): #{message}; or send smaller messages",
+          %{channel: ch.id, size: size}
+        )
     end
   end
 
@@ -227,7 +244,7 @@ defmodule Snakepit.SharedMemory.Channel do
         )
 
       {:error, native} ->
-        {:error, Error.from_native(native, %{channel: ch.id})}
+        {:error, native_error(native, %{channel: ch.id})}
     end
   end
 
@@ -370,9 +387,19 @@ defmodule Snakepit.SharedMemory.Channel do
         closed_error(ch.id, reason)
 
       {:error, native} ->
-        {:error, Error.from_native(native, %{channel: ch.id})}
+        {:error, native_error(native, %{channel: ch.id})}
     end
   end
+
+  @doc false
+  # A channel's native error: the core words it for the channel (what failed, why, what
+  # to do). Error.from_native/2 would append the advice of a region's reason (free
+  # regions, /dev/shm, backend: :memfd), which does not apply to a channel's memfds.
+  def native_error({reason, message, errno}, details)
+      when is_atom(reason) and is_binary(message) and is_integer(errno),
+      do: Error.new(reason, message, Map.put(details, :errno, errno))
+
+  def native_error(other, details), do: Error.from_native(other, details)
 
   @doc false
   def closed_error(id, reason) do

@@ -17,7 +17,7 @@ import threading
 
 from . import errors
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 _ERR_LEN = 512
 
 # SPSHM_E_* codes of c_src/capi/snakepit_shm.h.

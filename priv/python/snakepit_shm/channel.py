@@ -52,7 +52,9 @@ from . import _native, errors
 
 __all__ = ["Channel", "ChannelClosed", "ChannelProtocolError", "WouldBlock"]
 
-_ERR_LEN = 256
+# The error messages say what failed and what to do: room for a long one.
+_ERR_LEN = 1024
+_IO_ERR_LEN = 256  # spshm_ch_io's err field
 # A second thread that must wait while another sleeps on the channel: pauses between
 # its retries (seconds).
 _ASIDE_PAUSE_MIN = 50e-6
@@ -78,7 +80,7 @@ class _Io(ctypes.Structure):
     _fields_ = [("ch", ctypes.c_void_p), ("buf", ctypes.c_void_p), ("buflen", ctypes.c_uint64),
                 ("spin_ns", ctypes.c_uint64), ("size", ctypes.c_uint64),
                 ("length", ctypes.c_uint32), ("fd", ctypes.c_int32),
-                ("err", ctypes.c_char * _ERR_LEN)]
+                ("err", ctypes.c_char * _IO_ERR_LEN)]
 
 
 class ChannelClosed(errors.SnakepitShmError, ConnectionError):
@@ -123,7 +125,8 @@ def _lib():
             "spshm_ch_send": ([c.c_void_p, c.c_void_p, c.c_uint64, c.c_char_p, c.c_size_t],
                               c.c_int),
             "spshm_ch_prepare_region": ([c.c_void_p, c.c_uint64, c.POINTER(c.c_int),
-                                         c.c_char_p, c.c_size_t], c.c_int),
+                                         c.POINTER(c.c_int), c.c_char_p, c.c_size_t],
+                                        c.c_int),
             "spshm_ch_send_region": ([c.c_void_p, c.c_int, c.c_uint64, c.c_char_p,
                                       c.c_size_t], c.c_int),
             "spshm_ch_recv": ([c.c_void_p, c.c_void_p, c.c_size_t, c.POINTER(c.c_uint32),
@@ -403,11 +406,16 @@ class Channel:
         the fd if it is never sent: the copy is made once, not once per attempt."""
         with _native.buffer_address(data) as (address, length):
             fd = ctypes.c_int(-1)
+            number = ctypes.c_int(0)
             code = self._lib.spshm_ch_prepare_region(address, length, ctypes.byref(fd),
-                                                     self._err, _ERR_LEN)
+                                                     ctypes.byref(number), self._err, _ERR_LEN)
         if code != 0:
-            raise OSError(_errno.ENOMEM, "cannot prepare a region message: "
-                          + self._err.value.decode("utf-8", "replace"))
+            # The OS's errno (EMFILE, EFBIG, EPERM, ENOMEM...) and the library's message,
+            # which names the cause and what to do: not "out of memory" for every failure.
+            message = self._err.value.decode("utf-8", "replace")
+            if code == _native.E_TOO_LARGE and not number.value:
+                number.value = _errno.EMSGSIZE
+            raise OSError(number.value or _errno.EIO, message)
         return fd.value, length
 
     def _try_send_region(self, fd, length):
@@ -799,6 +807,8 @@ class Channel:
             if message == "io_error":  # our side failed: say how (out of descriptors...)
                 raise ChannelClosed(message, "channel closed: io_error: " + self._detail())
             raise ChannelClosed(message or "peer_closed")
+        if code == _native.E_TOO_LARGE:  # above max_message_size: the message says so
+            raise OSError(_errno.EMSGSIZE, message)
         raise OSError(_errno.EIO, f"channel failure: {message} (code {code})")
 
     def _detail(self):

@@ -155,3 +155,69 @@ def test_a_worker_out_of_descriptors_at_connect_is_told_so(owner):
     out = child.stdout.strip()
     assert out.startswith("OSError 24 "), out + child.stderr[-2000:]
     assert "out of file descriptors (RLIMIT_NOFILE)" in out
+
+
+# A child connects, then makes the preparation of a region message fail (out of
+# descriptors, or a message above RLIMIT_FSIZE) and sends one.
+REGION_FAILURE = """
+import errno, json, os, resource, sys
+sys.path.insert(0, sys.argv[1])
+import snakepit_shm
+ref, how = json.loads(sys.argv[2]), sys.argv[3]
+ch = snakepit_shm.Channel.connect(ref, timeout=10)
+big = b"x" * (ch.inline_max + 1)
+held = []
+if how == "fds":
+    n = len(os.listdir('/proc/self/fd'))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (n + 2, n + 2))
+    while True:
+        try:
+            held.append(os.open('/dev/null', os.O_RDONLY))
+        except OSError:
+            break
+else:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (ch.inline_max, resource.RLIM_INFINITY))
+try:
+    ch.send(big, timeout=5)
+    print('sent')
+except OSError as exc:
+    print(type(exc).__name__, exc.errno, exc.strerror)
+"""
+
+
+@pytest.mark.parametrize("how, number, words", [
+    ("fds", 24, "out of file descriptors (RLIMIT_NOFILE)"),
+    ("fsize", 27, "file size limit (RLIMIT_FSIZE"),
+])
+def test_a_region_message_that_cannot_be_prepared_names_the_real_cause(owner, how, number,
+                                                                       words):
+    """Carried note (attack run 4 A): any failure to prepare a region message raised
+    OSError(ENOMEM, "cannot prepare a region message: ..."): a process out of descriptors
+    (EMFILE) or above its file size limit (EFBIG) was told it was out of memory."""
+    import json
+    import os
+    import subprocess
+    import sys
+    package = os.path.dirname(os.path.dirname(os.path.abspath(snakepit_shm.__file__)))
+    child = subprocess.run([sys.executable, "-c", REGION_FAILURE, package,
+                            json.dumps(owner.ref), how],
+                           capture_output=True, text=True, timeout=60)
+    out = child.stdout.strip()
+    assert out.startswith(f"OSError {number} "), out + child.stderr[-2000:]
+    assert words in out
+    assert "as a region message" in out and "send smaller messages" in out
+    assert "out of memory" not in out and "region" not in out.replace("region message", "")
+
+
+def test_a_message_above_max_message_size_is_emsgsize_naming_the_option(owner):
+    """Was OSError(EIO, "channel failure: message larger than max_message_size (code
+    -6)"): neither the size, nor the limit, nor what to do."""
+    import errno
+    with snakepit_shm.Channel.connect(owner.ref, max_message_size=1 << 20) as ch:
+        with pytest.raises(OSError) as info:
+            ch.send(b"y" * ((1 << 20) + 1), timeout=5)
+        assert info.value.errno == errno.EMSGSIZE
+        assert "max_message_size (1048576 bytes)" in str(info.value)
+        assert "channel failure" not in str(info.value)
+        ch.send(b"ok")
+        assert ch.recv(timeout=10) == b"ok"

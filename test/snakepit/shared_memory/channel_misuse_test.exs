@@ -225,4 +225,56 @@ defmodule Snakepit.SharedMemory.ChannelMisuseTest do
       await_exit(w.port)
     end
   end
+
+  # Carried note (attack run 4 A): the errors of a region message the VM cannot prepare
+  # were worded for regions ("a region message needs ... or use smaller regions") and
+  # did not say that the channel's message failed, nor that a smaller one goes inline.
+  # (Out of descriptors, the same core message, is tested from Python: a VM at its fd
+  # limit cannot load the modules its logger needs.)
+  @region_message_failures ~S"""
+  {:ok, _} = Application.ensure_all_started(:snakepit_shm)
+  alias Snakepit.SharedMemory.Channel
+  {:ok, ch} = Channel.open()
+  inline = Channel.export_ref(ch)["inline_max"]
+  big = :binary.copy("x", inline + 1)
+  _ = inspect({:error, %RuntimeError{}, :x, "s", %{a: [1]}})
+  {_, 0} = System.cmd("prlimit", ["--pid", System.pid(), "--fsize=#{inline}:unlimited"])
+  IO.puts("FSIZE #{inspect(Channel.send(ch, big))}")
+  :ok = Channel.close(ch)
+  """
+
+  test "a region message the VM cannot prepare names the channel's message, cause and remedy" do
+    {out, status} = ReliabilityHelpers.elixir_vm(@region_message_failures)
+    assert status == 0, out
+    [fsize] = Regex.run(~r/^FSIZE .*$/m, out)
+    assert fsize =~ "reason: :too_large"
+    assert fsize =~ "as a region message"
+    assert fsize =~ "RLIMIT_FSIZE"
+    assert fsize =~ "send smaller messages"
+    assert fsize =~ "errno: 27"
+    refute fsize =~ ~r/smaller regions|free regions|\/dev\/shm|backend/
+  end
+
+  test "the channel's own failures name the channel option to change, not a region's" do
+    # Was: "memfd_create refused (simulated)" (no remedy).
+    assert {:error, %Error{reason: :unsupported, message: msg}} =
+             Channel.open(transport: :shm, simulate_memfd_failure: true)
+
+    assert msg =~ "cannot open the channel with transport :shm"
+    assert msg =~ "transport :auto"
+
+    # Was: "mkdtemp(...): Not a directory".
+    assert {:error, %Error{message: msg}} = Channel.open(socket_dir: "/proc/self/status")
+    assert msg =~ "cannot open the channel"
+    assert msg =~ ":socket_dir"
+
+    # Was: "message larger than max_message_size".
+    {:ok, ch} = Channel.open(max_message_size: 1 <<< 20)
+    big = :binary.copy("x", (1 <<< 20) + 1)
+
+    assert {:error, %Error{reason: :too_large, message: msg}} = Channel.send(ch, big)
+    assert msg =~ "cannot send the 1048577-byte message"
+    assert msg =~ ":max_message_size"
+    :ok = Channel.close(ch)
+  end
 end

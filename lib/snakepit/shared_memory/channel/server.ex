@@ -114,7 +114,7 @@ defmodule Snakepit.SharedMemory.Channel.Server do
   defp open_native(opts) do
     case Native.channel_open(opts) do
       {:ok, res} -> {:ok, res}
-      {:error, native} -> {:error, Error.from_native(native)}
+      {:error, native} -> {:error, Channel.native_error(native, %{})}
     end
   end
 
