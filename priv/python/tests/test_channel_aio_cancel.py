@@ -13,7 +13,6 @@ import time
 
 import pytest
 
-import snakepit_shm
 from snakepit_shm import aio, errors
 from conftest import requires_lib
 from test_channel import start_owner
