@@ -90,10 +90,11 @@ SPSHM_EXPORT size_t spshm_channel_layout(char* buf, size_t buflen) {
   }
 }
 
-SPSHM_EXPORT int spshm_ch_connect(const char* path, const char* token_hex, int ack_mode,
-                                  uint32_t max_batch, uint64_t flush_interval_ns,
-                                  uint64_t max_message_size, int timeout_ms, spshm_channel** out,
-                                  char* err, size_t errlen) {
+SPSHM_EXPORT int spshm_ch_connect_cancellable(const char* path, const char* token_hex, int ack_mode,
+                                              uint32_t max_batch, uint64_t flush_interval_ns,
+                                              uint64_t max_message_size, int timeout_ms,
+                                              int cancel_fd, int* accepted_out, spshm_channel** out,
+                                              char* err, size_t errlen) {
   try {
     if (path == nullptr || token_hex == nullptr || out == nullptr || ack_mode < 0 || ack_mode > 2 ||
         max_batch == 0) {
@@ -105,7 +106,12 @@ SPSHM_EXPORT int spshm_ch_connect(const char* path, const char* token_hex, int a
     o.ack.flush_interval_ns = flush_interval_ns;
     o.max_message_size = max_message_size;
     o.timeout_ms = timeout_ms;
+    o.cancel_fd = cancel_fd;
+    bool accepted = false;
+    o.accepted = &accepted;
+    if (accepted_out != nullptr) *accepted_out = 0;
     auto r = spshm::channel::Endpoint::connect(path, token_hex, o);
+    if (accepted_out != nullptr) *accepted_out = accepted ? 1 : 0;
     if (!r.ok()) return fail(r.error(), err, errlen);
     auto* ch = new spshm_channel{std::move(r.value())};
     *out = ch;
@@ -115,6 +121,14 @@ SPSHM_EXPORT int spshm_ch_connect(const char* path, const char* token_hex, int a
   } catch (...) {
     return fail(Error{Errc::io_error, 0, "unexpected failure"}, err, errlen);
   }
+}
+
+SPSHM_EXPORT int spshm_ch_connect(const char* path, const char* token_hex, int ack_mode,
+                                  uint32_t max_batch, uint64_t flush_interval_ns,
+                                  uint64_t max_message_size, int timeout_ms, spshm_channel** out,
+                                  char* err, size_t errlen) {
+  return spshm_ch_connect_cancellable(path, token_hex, ack_mode, max_batch, flush_interval_ns,
+                                      max_message_size, timeout_ms, -1, nullptr, out, err, errlen);
 }
 
 SPSHM_EXPORT void spshm_ch_free(spshm_channel* ch) {

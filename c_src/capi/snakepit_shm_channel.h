@@ -25,6 +25,16 @@ size_t spshm_channel_layout(char* buf, size_t buflen);
 int spshm_ch_connect(const char* path, const char* token_hex, int ack_mode, uint32_t max_batch,
                      uint64_t flush_interval_ns, uint64_t max_message_size, int timeout_ms,
                      spshm_channel** out, char* err, size_t errlen);
+/* As spshm_ch_connect, giving up when cancel_fd (-1: never) becomes readable (the caller
+ * cancelled: an asyncio task, a timeout): before the hello nothing reached the owner;
+ * after it the socket is shut down, so the owner can no longer accept this connection
+ * (it drops it and keeps listening), unless its welcome had already come: *accepted_out
+ * is then 1 (the owner took this connection as its one worker and sees it close). A
+ * cancelled connect fails with SPSHM_E_IO_ERROR and its message says which. */
+int spshm_ch_connect_cancellable(const char* path, const char* token_hex, int ack_mode,
+                                 uint32_t max_batch, uint64_t flush_interval_ns,
+                                 uint64_t max_message_size, int timeout_ms, int cancel_fd,
+                                 int* accepted_out, spshm_channel** out, char* err, size_t errlen);
 void spshm_ch_free(spshm_channel* ch);
 void spshm_ch_close(spshm_channel* ch);
 int spshm_ch_wait_fd(spshm_channel* ch);

@@ -299,10 +299,42 @@ Result<std::unique_ptr<Endpoint>> Endpoint::connect(const std::string& path,
   ep->state_ = State::connected;
   ep->max_message_ = o.max_message_size;
   ep->cons_.policy = o.ack;
+  if (o.accepted != nullptr) *o.accepted = false;
+  // Given up by the caller (o.cancel_fd readable): before the hello, nothing reached the
+  // owner. After it, the socket is shut down first, so that the owner can no longer send
+  // its welcome (EPIPE: it drops this connection and keeps listening); a welcome, or part
+  // of it, that came before is still readable here, and means the owner took this
+  // connection as its one worker.
+  auto cancelled = [&ep, &o](bool hello_sent) -> Error {
+    bool accepted = false;
+    if (hello_sent && ep->conn_fd_ >= 0) {
+      ::shutdown(ep->conn_fd_, SHUT_RDWR);
+      accepted = !ep->inbuf_.empty();
+      std::uint8_t scratch[256];
+      for (;;) {
+        std::vector<int> got;
+        bool trunc = false;
+        long n = os::recv_with_fds(ep->conn_fd_, scratch, sizeof scratch, &got, &trunc);
+        for (int f : got) ::close(f);
+        if (n <= 0) break;
+        accepted = true;
+      }
+    }
+    if (o.accepted != nullptr) *o.accepted = accepted;
+    return Error{Errc::io_error, ECANCELED,
+                 accepted ? "the connect was cancelled after the channel owner had accepted "
+                            "this connection: it is closed (the owner sees peer_closed) and "
+                            "the channel, which takes one worker for life, cannot be "
+                            "connected again"
+                          : "the connect was cancelled before the channel owner accepted it: "
+                            "the channel still waits for its worker"};
+  };
+  if (o.cancel_fd >= 0 && os::wait_readable(o.cancel_fd, 0)) return cancelled(false);
   auto fd = os::connect_unix(path);
   if (!fd.ok()) return fd.error();
   ep->conn_fd_ = fd.value();
   os::set_nonblocking(ep->conn_fd_);
+  if (o.cancel_fd >= 0 && os::wait_readable(o.cancel_fd, 0)) return cancelled(false);
 
   std::uint8_t hello[ring::kFrameHeaderSize + kHelloSize];
   put_u32(hello, kHelloSize);
@@ -328,9 +360,13 @@ Result<std::unique_ptr<Endpoint>> Endpoint::connect(const std::string& path,
       cleanup_fds();
       return Error{Errc::io_error, ETIMEDOUT, "no welcome from the channel owner in time"};
     }
-    if (!os::wait_readable(ep->conn_fd_, static_cast<int>((deadline - now) / 1000000 + 1))) {
-      continue;
+    int ready = os::wait_readable_or_cancel(ep->conn_fd_, o.cancel_fd,
+                                            static_cast<int>((deadline - now) / 1000000 + 1));
+    if (ready == 2) {
+      cleanup_fds();
+      return cancelled(true);
     }
+    if (ready == 0) continue;
     bool trunc = false;
     long n = os::recv_with_fds(ep->conn_fd_, buf, sizeof buf, &fds, &trunc);
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) continue;

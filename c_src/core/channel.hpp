@@ -65,6 +65,15 @@ struct WorkerOptions {
   ring::AckPolicy ack;
   std::uint64_t max_message_size = 1ull << 40;
   int timeout_ms = 10000;
+  /// -1, or a descriptor that becomes readable when the caller gives the connect up (an
+  /// asyncio task cancelled): connect then stops before the hello if it has not sent it,
+  /// else shuts the socket down (the owner can no longer send its welcome: it drops the
+  /// connection and keeps listening) and fails with errno ECANCELED. If the welcome had
+  /// come before the shutdown, the owner took this connection as its one worker:
+  /// `accepted` is then set (the owner sees peer_closed; the channel cannot be connected
+  /// again).
+  int cancel_fd = -1;
+  bool* accepted = nullptr;
 };
 
 /// One received message: inline bytes went to the allocator; a region message is a

@@ -120,6 +120,9 @@ int epoll_wait_ready(int epfd, Ready* out, int max, int timeout_ms) noexcept;
 bool hung_up(int fd) noexcept;
 /// Waits up to timeout_ms (-1 forever) for epfd to be readable. True if readable.
 bool wait_readable(int fd, int timeout_ms) noexcept;
+/// Waits up to timeout_ms (-1 forever) for fd or cancel_fd (-1: none) to be readable:
+/// 2 if cancel_fd is (it wins when both are), 1 if fd is, 0 otherwise (time out, signal).
+int wait_readable_or_cancel(int fd, int cancel_fd, int timeout_ms) noexcept;
 /// True while the machine has a CPU to spare for a spinning receiver: the tasks runnable
 /// right now other than the caller (/proc/loadavg's running count, smoothed over a few
 /// samples) are fewer than the online CPUs (sampled at most every 50 ms; the 1-minute

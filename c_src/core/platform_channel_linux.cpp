@@ -572,6 +572,17 @@ bool wait_readable(int fd, int timeout_ms) noexcept {
   return rc > 0;
 }
 
+int wait_readable_or_cancel(int fd, int cancel_fd, int timeout_ms) noexcept {
+  struct pollfd p[2] = {{fd, POLLIN, 0}, {cancel_fd, POLLIN, 0}};
+  int rc;
+  do {
+    rc = ::poll(p, cancel_fd >= 0 ? 2 : 1, timeout_ms);
+  } while (rc < 0 && errno == EINTR);
+  if (rc <= 0) return 0;
+  if (cancel_fd >= 0 && (p[1].revents & (POLLIN | POLLHUP | POLLERR)) != 0) return 2;
+  return (p[0].revents & (POLLIN | POLLHUP | POLLERR)) != 0 ? 1 : 0;
+}
+
 int dup_cloexec(int fd) noexcept { return ::fcntl(fd, F_DUPFD_CLOEXEC, 3); }
 
 // How many other tasks are runnable right now: /proc/loadavg's "running/total" field counts

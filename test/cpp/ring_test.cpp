@@ -1,5 +1,6 @@
 // ring.hpp / channel.hpp: the SPSC ring (wrap-around at every offset, hostile indices and
 // frames, waiting flags) and the channel endpoint end to end in one process.
+#include <fcntl.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -300,6 +301,48 @@ TEST_CASE("endpoint: a wrong token is refused and the real worker still connects
   auto bad = channel::Endpoint::connect(ow.socket_path(), std::string(64, '0'), wo);
   CHECK_FALSE(bad.ok());
   auto good = channel::Endpoint::connect(ow.socket_path(), ow.token_hex(), wo);
+  CHECK(good.ok());
+  pump.stop();
+}
+
+TEST_CASE("endpoint: a cancelled connect leaves the channel to the next worker", "[channel]") {
+  // Carried note (attack run 4 A): Python's aio.connect, cancelled, let its executor
+  // thread finish the handshake, and the owner took that abandoned connection as the
+  // channel's one worker. The connect now watches a cancel descriptor.
+  channel::OwnerOptions o;
+  auto owner = channel::Endpoint::create_owner(o);
+  REQUIRE(owner.ok());
+  auto& ow = *owner.value();
+  int pipe_fds[2];
+  REQUIRE(::pipe2(pipe_fds, O_CLOEXEC) == 0);
+  channel::WorkerOptions wo;
+  wo.timeout_ms = 5000;
+  wo.cancel_fd = pipe_fds[0];
+  bool accepted = true;
+  wo.accepted = &accepted;
+  // The owner does not run yet: the worker sent its hello and waits for the welcome.
+  std::thread canceller([&] {
+    ::usleep(100000);
+    ::close(pipe_fds[1]);
+  });
+  auto gone = channel::Endpoint::connect(ow.socket_path(), ow.token_hex(), wo);
+  canceller.join();
+  REQUIRE_FALSE(gone.ok());
+  CHECK(gone.error().sys_errno == ECANCELED);
+  CHECK_FALSE(accepted);
+  // Already given up: nothing is even sent.
+  accepted = true;
+  auto never = channel::Endpoint::connect(ow.socket_path(), ow.token_hex(), wo);
+  REQUIRE_FALSE(never.ok());
+  CHECK(never.error().sys_errno == ECANCELED);
+  CHECK_FALSE(accepted);
+  ::close(pipe_fds[0]);
+  // Now the owner reads the abandoned hello: its welcome cannot go out (the worker shut
+  // the socket down), so it keeps listening and the real worker connects.
+  spshm_test::OwnerPump pump(ow);
+  channel::WorkerOptions real;
+  real.timeout_ms = 3000;
+  auto good = channel::Endpoint::connect(ow.socket_path(), ow.token_hex(), real);
   CHECK(good.ok());
   pump.stop();
 }

@@ -8,24 +8,101 @@
             await ch.send(msg)
 
 Waiting uses ``loop.add_reader`` on the channel's descriptor: no thread, no polling.
-The handshake runs in the default executor so it never blocks the loop.
+The handshake runs in the default executor so it never blocks the loop; cancelling it
+leaves no connection behind (see :func:`connect`).
 """
 
 import asyncio
-import functools
 import os
+import threading
 import time
 
-from .channel import Channel, WouldBlock, _deadline
+from .channel import Channel, WouldBlock, _Cancel, _deadline
 
 __all__ = ["connect", "AsyncChannel"]
 
 
 async def connect(ref, **options):
-    """Connect to a channel (see :meth:`snakepit_shm.Channel.connect`) without blocking."""
+    """Connect to a channel (see :meth:`snakepit_shm.Channel.connect`) without blocking.
+
+    Cancellation (a cancelled task, ``asyncio.wait_for``'s timeout) propagates at once
+    (``CancelledError``, ``TimeoutError``) and never leaves a connection behind in this
+    process or in the owner. The handshake, which runs in an executor thread, is told to
+    stop: if the owner had not accepted the connection yet, nothing is sent to it (or its
+    socket is shut down first, so that it can no longer accept it: it drops it and keeps
+    listening) and the channel still waits for its worker: the next connect succeeds. A
+    channel takes one worker for life, so if the owner had already accepted it (its
+    welcome had come, or the handshake had completed when the cancellation arrived), the
+    connection is closed at once: the owner sees ``:peer_closed``, and a later connect of
+    this process to the same ref raises ``PermissionError`` saying that a cancelled connect
+    took the channel. No descriptor stays open either way (the executor thread closes
+    what it opened as soon as it returns, which the cancellation makes it do at once).
+    """
     loop = asyncio.get_running_loop()
-    ch = await loop.run_in_executor(None, functools.partial(Channel.connect, ref, **options))
-    return AsyncChannel(ch)
+    attempt = _Attempt(ref, options)
+    try:
+        fut = loop.run_in_executor(None, attempt.run)
+        # shielded: the thread always runs, and always cleans up after itself
+        ch = await asyncio.shield(fut)
+        attempt.take()
+        return AsyncChannel(ch)
+    finally:
+        attempt.leave()
+
+
+class _Attempt:
+    """One connect in an executor thread, which the waiting coroutine may leave (cancelled)
+    at any time: whatever the thread made after that is closed, by whichever of the two
+    comes last."""
+
+    def __init__(self, ref, options):
+        self._ref = ref
+        self._options = options
+        self._lock = threading.Lock()
+        self._left = False      # the coroutine no longer waits for the result
+        self._taken = False     # the coroutine got the channel
+        self._channel = None    # connected by the thread, not taken (yet)
+        r, self._w = os.pipe2(os.O_CLOEXEC)
+        # r is the thread's to close (it runs whatever happens: the future is shielded)
+        self._cancel = _Cancel(r)
+
+    def run(self):
+        """The executor thread's part: connects unless given up (closing self._w makes
+        self._cancel.fd readable: the library stops the handshake)."""
+        try:
+            try:
+                ch = Channel.connect(self._ref, _cancel=self._cancel, **self._options)
+            finally:
+                os.close(self._cancel.fd)
+        except BaseException:
+            with self._lock:
+                if self._left:
+                    return None  # nobody waits for this error
+            raise
+        with self._lock:
+            if not self._left:
+                self._channel = ch
+                return ch
+        ch._abandon()  # connected after the coroutine left: the owner sees peer_closed
+        return None
+
+    def take(self):
+        with self._lock:
+            self._taken = True
+            self._channel = None
+
+    def leave(self):
+        """The coroutine stops waiting (returned, raised or cancelled): tells the thread,
+        and closes a channel it connected that the coroutine did not take."""
+        with self._lock:
+            self._left = True
+            ch = None if self._taken else self._channel
+            self._channel = None
+        if self._w >= 0:
+            w, self._w = self._w, -1
+            os.close(w)  # the read end turns readable (hang-up): the handshake stops
+        if ch is not None:
+            ch._abandon()
 
 
 class AsyncChannel:

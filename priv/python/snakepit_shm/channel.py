@@ -38,6 +38,7 @@ the library has returned).
 
 import ctypes
 import errno as _errno
+import hashlib
 import json
 import math
 import mmap
@@ -116,6 +117,10 @@ def _lib():
             "spshm_ch_connect": ([c.c_char_p, c.c_char_p, c.c_int, c.c_uint32, c.c_uint64,
                                   c.c_uint64, c.c_int, c.POINTER(c.c_void_p), c.c_char_p,
                                   c.c_size_t], c.c_int),
+            "spshm_ch_connect_cancellable": ([c.c_char_p, c.c_char_p, c.c_int, c.c_uint32,
+                                              c.c_uint64, c.c_uint64, c.c_int, c.c_int,
+                                              c.POINTER(c.c_int), c.POINTER(c.c_void_p),
+                                              c.c_char_p, c.c_size_t], c.c_int),
             "spshm_ch_free": ([c.c_void_p], None),
             "spshm_ch_close": ([c.c_void_p], None),
             "spshm_ch_wait_fd": ([c.c_void_p], c.c_int),
@@ -191,6 +196,37 @@ def _wait_ms(left):
     """A wait of ``left`` seconds as the milliseconds a wait call takes, rounded up, in
     slices of at most a day (the library and ``poll`` take an int)."""
     return min(int(left * 1000) + 1, 86_400_000)
+
+
+# Channels of this process taken by a connect that was then cancelled (aio.connect: a
+# cancelled task, a timeout) after their owner had accepted it: keys of _taken_key, the
+# oldest forgotten past _TAKEN_MAX. A later connect to one says what happened instead of
+# "no such file" (a channel takes one worker for life: the owner removed its socket).
+_taken = {}
+_taken_lock = threading.Lock()
+_TAKEN_MAX = 4096
+
+
+def _taken_key(ref):
+    return hashlib.sha256(("%s\0%s" % (ref["path"], ref["token"].lower())).encode()).digest()
+
+
+def _note_taken(ref):
+    with _taken_lock:
+        _taken[_taken_key(ref)] = True
+        while len(_taken) > _TAKEN_MAX:
+            del _taken[next(iter(_taken))]
+
+
+class _Cancel:
+    """How :mod:`snakepit_shm.aio` gives a connect up: ``fd`` is the read end of a pipe
+    whose write end the waiting coroutine closes when it stops waiting (the library then
+    stops the handshake); ``accepted`` says afterwards whether the owner had taken the
+    connection before that."""
+
+    def __init__(self, fd):
+        self.fd = fd
+        self.accepted = False
 
 
 def _parse_ref(ref):
@@ -272,7 +308,7 @@ class Channel:
 
     @classmethod
     def connect(cls, ref, *, ack_mode="batch", max_batch_size=32, flush_interval=0.005,
-                max_message_size=1 << 40, timeout=10.0, spin=50e-6):
+                max_message_size=1 << 40, timeout=10.0, spin=50e-6, _cancel=None):
         """Connect to the channel described by ``ref`` (dict or JSON string).
 
         ``ack_mode`` (``"batch"``, ``"immediate"`` or ``"deferred"``), ``max_batch_size``
@@ -286,8 +322,10 @@ class Channel:
         ``spin_misses``): on a busy machine a spinning worker would take the CPU its
         peer needs to answer.  ``recv`` waits inside the C library with the GIL
         released; a signal ends the wait and its Python handler runs.  Raises
-        ``PermissionError`` for a wrong token or a channel that already has its worker,
-        ``OSError`` if the owner is gone.
+        ``PermissionError`` for a wrong token or a channel that already has its worker
+        (also one taken by a connect of this process that was then cancelled, see
+        :func:`snakepit_shm.aio.connect`: the message says so), ``OSError`` if the owner
+        is gone.
         """
         ref = _parse_ref(ref)
         if ack_mode not in _ACK_MODES:
@@ -319,16 +357,31 @@ class Channel:
         if not 0 <= spin < math.inf:
             raise ValueError(f"spin must be a finite number of seconds >= 0, got {spin!r}")
         timeout_ms = int(min(max(timeout, 0) * 1000, 2**31 - 1))  # math.inf: ~25 days
+        with _taken_lock:
+            taken = _taken_key(ref) in _taken
+        if taken:
+            raise errors.PermissionError(
+                "cannot connect to the channel: an earlier connect of this process to it "
+                "was cancelled (asyncio: a cancelled task or a timeout) after the owner had "
+                "accepted it, and that connection was closed (the owner saw peer_closed); a "
+                "channel takes one worker for life: open a new channel")
         lib = _lib()
         out = ctypes.c_void_p()
         err = ctypes.create_string_buffer(_ERR_LEN)
-        code = lib.spshm_ch_connect(ref["path"].encode(), ref["token"].encode(),
-                                    _ACK_MODES[ack_mode], max_batch_size,
-                                    min(int(flush_interval * 1e9), (1 << 64) - 1),
-                                    max_message_size, timeout_ms, ctypes.byref(out), err,
-                                    _ERR_LEN)
+        accepted = ctypes.c_int(0)
+        code = lib.spshm_ch_connect_cancellable(
+            ref["path"].encode(), ref["token"].encode(), _ACK_MODES[ack_mode],
+            max_batch_size, min(int(flush_interval * 1e9), (1 << 64) - 1), max_message_size,
+            timeout_ms, -1 if _cancel is None else _cancel.fd, ctypes.byref(accepted),
+            ctypes.byref(out), err, _ERR_LEN)
         if code != 0:
             message = err.value.decode("utf-8", "replace")
+            if accepted.value and _cancel is not None:
+                _cancel.accepted = True
+                _note_taken(ref)
+            if _cancel is not None and code == _native.E_IO_ERROR and \
+                    "connect was cancelled" in message:
+                raise OSError(_errno.ECANCELED, message)
             if code == _native.E_PERMISSION_DENIED:
                 raise errors.PermissionError(f"cannot connect to the channel: {message}")
             # This process's own limit, not a refusal: not a ConnectionRefusedError.
@@ -338,7 +391,11 @@ class Channel:
 
     @classmethod
     async def connect_async(cls, ref, **options):
-        """Connect without blocking the event loop; returns an :class:`aio.AsyncChannel`."""
+        """Connect without blocking the event loop; returns an :class:`aio.AsyncChannel`.
+
+        Cancelling it (a cancelled task, ``asyncio.wait_for``'s timeout) raises
+        ``CancelledError`` (``TimeoutError``) at once and leaves no connection behind:
+        see :func:`snakepit_shm.aio.connect`."""
         from . import aio
         return await aio.connect(ref, **options)
 
@@ -768,6 +825,14 @@ class Channel:
             self._closed = True
             if os.getpid() == self._pid:
                 self._lib.spshm_ch_close(self._h)
+
+    def _abandon(self):
+        """Closes and frees a channel whose connect was given up after it completed (the
+        owner took it: it sees peer_closed, and a later connect of this process to the
+        ref says what happened)."""
+        _note_taken(self._ref)
+        self.close()
+        self._free()
 
     def _free(self):
         if self._h is not None:
