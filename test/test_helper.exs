@@ -23,4 +23,8 @@ ExUnit.after_suite(fn _result ->
   end
 end)
 
-ExUnit.start(exclude: exclude)
+# An assert_receive without a timeout waited 100 ms (ExUnit's default) for messages sent
+# after NIF calls, process deaths or the manager's asynchronous handling: too short on a
+# loaded 2-CPU machine. It returns as soon as the message is there; only a failure waits
+# the whole 30 s. (refute_receive keeps its 100 ms.)
+ExUnit.start(exclude: exclude, assert_receive_timeout: 30_000)

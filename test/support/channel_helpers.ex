@@ -55,7 +55,7 @@ defmodule Snakepit.SharedMemory.ChannelHelpers do
   def fd_count, do: length(File.ls!("/proc/self/fd"))
 
   @doc "Waits until fd_count/0 is at most `expected` (resources are freed by GC / stop callbacks)."
-  def await_fds(expected, deadline_ms \\ 5_000) do
+  def await_fds(expected, deadline_ms \\ 30_000) do
     deadline = System.monotonic_time(:millisecond) + deadline_ms
     do_await_fds(expected, deadline)
   end
@@ -68,6 +68,27 @@ defmodule Snakepit.SharedMemory.ChannelHelpers do
       n <= expected -> n
       System.monotonic_time(:millisecond) > deadline -> n
       true -> Process.sleep(20) && do_await_fds(expected, deadline)
+    end
+  end
+
+  @doc """
+  Waits until at most `expected` channel memfds are left (channel_memfds/0): the
+  mappings go when the channel's resources are collected, after its processes end.
+  Returns the last count (returns at once when it is reached).
+  """
+  def await_channel_memfds(expected, deadline_ms \\ 30_000) do
+    deadline = System.monotonic_time(:millisecond) + deadline_ms
+    do_await_channel_memfds(expected, deadline)
+  end
+
+  defp do_await_channel_memfds(expected, deadline) do
+    :erlang.garbage_collect()
+    n = channel_memfds()
+
+    cond do
+      n <= expected -> n
+      System.monotonic_time(:millisecond) > deadline -> n
+      true -> Process.sleep(20) && do_await_channel_memfds(expected, deadline)
     end
   end
 

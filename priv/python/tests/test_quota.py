@@ -123,11 +123,15 @@ def test_a_huge_finite_wait_beside_another_waiting_thread(tmp_path):
     for t in threads:
         t.start()
         time.sleep(0.05)
+    # Every request sent: each thread is waiting, or about to (a loaded machine may run
+    # a thread later than the sleeps above).
+    assert wait_for(lambda: server.kinds(1).count(q.RESERVE) == 3)
     time.sleep(0.3)
     assert errors == []
     quota.close()
     for t in threads:
-        t.join(5)
+        t.join(30)
+    assert not any(t.is_alive() for t in threads)
     assert all(isinstance(e, snakepit_shm.QuotaUnavailable) for e in errors), errors
     server.stop()
 
@@ -184,6 +188,7 @@ class FakeServer:
         self.frames = []  # (connection number, payload)
         self.conns = []
         self.ended = set()  # connection numbers the client closed
+        self.threads = {}  # connection number -> the thread serving it
         self.reply = reply or self.default_reply
         self.listen()
 
@@ -200,7 +205,10 @@ class FakeServer:
             except OSError:
                 return
             self.conns.append(conn)
-            threading.Thread(target=self.serve, args=(conn, len(self.conns)), daemon=True).start()
+            n = len(self.conns)
+            thread = threading.Thread(target=self.serve, args=(conn, n), daemon=True)
+            thread.start()
+            self.threads[n] = thread  # (started: join() may be called on it)
 
     def serve(self, conn, n):
         buf = b""
@@ -256,7 +264,10 @@ class FakeServer:
         return [p[1] for (m, p) in self.frames if m == n]
 
 
-def wait_for(fun, timeout=5.0):
+def wait_for(fun, timeout=30.0):
+    """Polls ``fun`` until it holds; False after ``timeout`` seconds.  Generous: the
+    other threads (the fake server, the client's watcher) may wait seconds for a CPU on
+    a loaded machine, and it returns as soon as the condition holds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if fun():
@@ -354,17 +365,28 @@ def test_a_client_dropped_without_close_ends_its_session(tmp_path):
 
     warm = snakepit_shm.HostQuota.connect(dir=server.dir)
     warm.close()
+    # The server's thread of that session ends once it read the hang-up (a reset: the
+    # client closed with the WELCOME unread): counted in the threads before, it let the
+    # check below pass with a watcher still alive.
+    assert wait_for(lambda: 1 in server.threads)
+    server.threads[1].join(30)
+    assert not server.threads[1].is_alive()
     before, threads = fds(), threading.active_count()
     for _ in range(20):
         quota = snakepit_shm.HostQuota.connect(dir=server.dir)
         quota.reserve("q", 1)
         del quota
     gc.collect()
-    assert wait_for(lambda: set(range(2, 22)) <= server.ended, 5.0), server.ended
-    assert wait_for(lambda: threading.active_count() <= threads, 5.0)
+    assert wait_for(lambda: set(range(2, 22)) <= server.ended), server.ended
+    assert wait_for(lambda: threading.active_count() <= threads)
+
+    def watchers():
+        return [t for t in threading.enumerate() if t.name == "snakepit_shm-quota"]
+
+    # (Threads of earlier tests ending meanwhile also lower the count above.)
+    assert wait_for(lambda: not watchers()), watchers()
     server.stop()
     assert fds() <= before
-    assert not [t for t in threading.enumerate() if t.name == "snakepit_shm-quota"]
 
 
 def test_many_threads_share_one_session(tmp_path):
@@ -410,11 +432,22 @@ def test_one_connection_after_a_hang_up_even_when_a_call_races_the_watcher(tmp_p
         time.sleep(0.05)
         server.listen()
         for t in callers:
-            t.join(10)
+            t.join(30)
         assert results == [[], [], []]
-        time.sleep(0.1)
-        new = range(first + 1, len(server.conns) + 1)
-        assert len([n for n in new if n not in server.ended]) == 1
+        time.sleep(0.1)  # a second connection, if any, is accepted by then
+
+        def live_sessions():
+            new = range(first + 1, len(server.conns) + 1)
+            return len([n for n in new if n not in server.ended])
+
+        # A connection the client closed ends once the server's thread read its EOF
+        # (it may wait for a CPU): wait for that, with the collector off so that a
+        # second session kept alive until its socket is collected still counts.
+        gc.disable()
+        try:
+            assert wait_for(lambda: live_sessions() == 1), live_sessions()
+        finally:
+            gc.enable()
     quota.close()
     server.stop()
 
@@ -437,8 +470,13 @@ def test_release_of_another_clients_reservation_releases_nothing_here(tmp_path):
 def test_a_reserve_interrupted_while_waiting_is_given_back(tmp_path):
     # The server never answers the RESERVE: the caller is interrupted while waiting
     # (Ctrl-C, an exception raised by a signal handler).
+    main = threading.main_thread().ident
+
     def reply(payload):
         if payload[1] == q.RESERVE:
+            # Never answered; the caller, now waiting, is interrupted (a timer could
+            # fire before the request was even sent on a loaded machine).
+            signal.pthread_kill(main, signal.SIGALRM)
             return None
         return FakeServer.default_reply(payload)
 
@@ -453,11 +491,9 @@ def test_a_reserve_interrupted_while_waiting_is_given_back(tmp_path):
 
     old = signal.signal(signal.SIGALRM, interrupt)
     try:
-        signal.setitimer(signal.ITIMER_REAL, 0.2)
         with pytest.raises(Interrupted):
             quota.reserve("q", 1, wait=60)
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
     reserve = [p for (n, p) in server.frames if p[1] == q.RESERVE][0]
     res_id = struct.unpack_from(">Q", reserve, 6)[0]
@@ -541,11 +577,13 @@ def test_a_caller_spins_for_its_answer_only_with_a_cpu_to_spare(tmp_path, monkey
         snakepit_shm.HostQuota.connect(dir=server.dir, spin=True)
     monkeypatch.setenv("SNAKEPIT_SHM_QUOTA_LOADAVG", "0")
     q._idle["at"] = -float("inf")
-    quota = snakepit_shm.HostQuota.connect(dir=server.dir, spin=0.5)
+    # The longest spin allowed: the fake server (a thread of this process) may wait for
+    # a CPU on a loaded machine.
+    quota = snakepit_shm.HostQuota.connect(dir=server.dir, spin=0.99)
     for _ in range(20):
         quota.reserve("q", 1).release()
     stats = quota.stats()
-    # A fake server in a thread of this process: it answers within the 0.5 s spin.
+    # A fake server in a thread of this process: it answers within the 0.99 s spin.
     assert stats["spin_hits"] >= 20 and stats["spin_misses"] == 0
     # The load average less this caller must be below the CPU count.
     cpus = os.cpu_count()
@@ -618,10 +656,14 @@ def test_an_interrupted_reader_lets_the_next_call_read(tmp_path):
     # Interrupted while reading its answer (the reader's role), a caller must hand the
     # role back: before, the next call waited for a reader that was gone.
     gate = threading.Event()
+    main = threading.main_thread().ident
 
     def reply(payload):
         if payload[1] == q.USAGE and not gate.is_set():
-            return None  # never answered: the caller is interrupted
+            # Never answered: the caller, now reading (spin=0: a blocking read), is
+            # interrupted (a timer could fire before it sent the request).
+            signal.pthread_kill(main, signal.SIGALRM)
+            return None
         return FakeServer.default_reply(payload)
 
     server = FakeServer(tmp_path, reply)
@@ -635,11 +677,9 @@ def test_an_interrupted_reader_lets_the_next_call_read(tmp_path):
 
     old = signal.signal(signal.SIGALRM, interrupt)
     try:
-        signal.setitimer(signal.ITIMER_REAL, 0.2)
         with pytest.raises(Interrupted):
             quota.usage()
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
     gate.set()
     res = quota.reserve("q", 1)  # answered: read by this caller
@@ -660,26 +700,27 @@ def test_a_hang_up_while_the_caller_spins_resends_its_request(tmp_path, monkeypa
 
     def reply(payload):
         if payload[1] == q.RESERVE and first["conn"]:
-            return None  # the dying server never answers
+            # The dying server never answers: it hangs up once it has the request (the
+            # caller is spinning for the answer, or about to: its first read sees the
+            # hang-up). A hang-up 0.05 s after the start, and a 0.2 s spin, missed the
+            # spin under load (spin_misses 1).
+            first["conn"] = False
+            server.hang_up()
+            server.listen()
+            return None
         return FakeServer.default_reply(payload)
 
     server = FakeServer(tmp_path, reply)
-    quota = snakepit_shm.HostQuota.connect(dir=server.dir, spin=0.2)
-
-    def die():
-        time.sleep(0.05)
-        first["conn"] = False
-        server.hang_up()
-        server.listen()
-
-    threading.Thread(target=die, daemon=True).start()
+    # The longest spin allowed: the new server (a thread of this process that may wait
+    # for a CPU) must answer the re-sent request within it.
+    quota = snakepit_shm.HostQuota.connect(dir=server.dir, spin=0.99)
     res = quota.reserve("q", 1, wait=10)
     assert res.held
     kinds = [server.kinds(n) for n in range(1, len(server.conns) + 1)]
     assert kinds[0] == [q.HELLO, q.RESERVE]
     # The new session: HELLO, then the request still waiting for its answer.
     assert kinds[-1][:2] == [q.HELLO, q.RESERVE]
-    # It was spinning (0.2 s) when the hang-up came, and spun for the new answer too.
+    # It was spinning when the hang-up came, and spun for the new answer too.
     assert quota.stats()["spin_hits"] >= 2 and quota.stats()["spin_misses"] == 0
     quota.close()
     server.stop()

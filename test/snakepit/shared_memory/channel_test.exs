@@ -262,9 +262,7 @@ defmodule Snakepit.SharedMemory.ChannelTest do
         await_exit(w.port)
         :ok = Channel.close(ch)
         assert await_fds(fds_before) <= fds_before
-        Process.sleep(50)
-        :erlang.garbage_collect()
-        assert channel_memfds() <= maps_before
+        assert await_channel_memfds(maps_before) <= maps_before
       end
 
       test "owner death closes the channel and frees it; the worker sees peer_closed",

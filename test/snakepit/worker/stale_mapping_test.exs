@@ -53,7 +53,8 @@ defmodule Snakepit.SharedMemory.StaleMappingTest do
     :ok = SHM.deallocate_region(id)
   end
 
-  defp eventually(fun, tries \\ 200) do
+  # 1200 tries of 25 ms: at least 30 s for the manager to handle the owner's death.
+  defp eventually(fun, tries \\ 1200) do
     cond do
       fun.() -> true
       tries == 0 -> false
