@@ -240,8 +240,10 @@ defmodule Snakepit.SharedMemory.ReaperSweepSlicesTest do
           s.pieces_released - before.pieces_released >= 48 && s
         end)
 
-      # a pause per piece (the old pacing) would be 48 at least
-      assert small.pauses - before.pauses < 24, inspect({before, small})
+      # A pause per piece (the old pacing) would be 48 at least. Paced by CPU, they are
+      # fewer; how many fewer depends on what each piece costs, which grows several-fold
+      # on a machine loaded by other work (33 seen at load average 10, ~10 when quiet).
+      assert small.pauses - before.pauses < 48, inspect({before, small})
 
       {pid, _} =
         owned_region(:memfd, 256 * @mib, fn _region, m ->
