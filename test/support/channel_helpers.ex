@@ -55,40 +55,32 @@ defmodule Snakepit.SharedMemory.ChannelHelpers do
   def fd_count, do: length(File.ls!("/proc/self/fd"))
 
   @doc "Waits until fd_count/0 is at most `expected` (resources are freed by GC / stop callbacks)."
-  def await_fds(expected, deadline_ms \\ 30_000) do
-    deadline = System.monotonic_time(:millisecond) + deadline_ms
-    do_await_fds(expected, deadline)
-  end
-
-  defp do_await_fds(expected, deadline) do
-    :erlang.garbage_collect()
-    n = fd_count()
-
-    cond do
-      n <= expected -> n
-      System.monotonic_time(:millisecond) > deadline -> n
-      true -> Process.sleep(20) && do_await_fds(expected, deadline)
-    end
-  end
+  def await_fds(expected, deadline_ms \\ 30_000),
+    do: await_count(&fd_count/0, expected, deadline_ms)
 
   @doc """
   Waits until at most `expected` channel memfds are left (channel_memfds/0): the
   mappings go when the channel's resources are collected, after its processes end.
   Returns the last count (returns at once when it is reached).
   """
-  def await_channel_memfds(expected, deadline_ms \\ 30_000) do
+  def await_channel_memfds(expected, deadline_ms \\ 30_000),
+    do: await_count(&channel_memfds/0, expected, deadline_ms)
+
+  # Collects this process's garbage and reads `count` until it is at most `expected` or
+  # the deadline passed; returns the last count.
+  defp await_count(count, expected, deadline_ms) do
     deadline = System.monotonic_time(:millisecond) + deadline_ms
-    do_await_channel_memfds(expected, deadline)
+    do_await_count(count, expected, deadline)
   end
 
-  defp do_await_channel_memfds(expected, deadline) do
+  defp do_await_count(count, expected, deadline) do
     :erlang.garbage_collect()
-    n = channel_memfds()
+    n = count.()
 
     cond do
       n <= expected -> n
       System.monotonic_time(:millisecond) > deadline -> n
-      true -> Process.sleep(20) && do_await_channel_memfds(expected, deadline)
+      true -> Process.sleep(20) && do_await_count(count, expected, deadline)
     end
   end
 
