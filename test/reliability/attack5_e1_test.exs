@@ -1,0 +1,122 @@
+defmodule Snakepit.SharedMemory.Reliability.Attack5E1Test do
+  # Attack run 5 (E1): small-region arenas, the warm pool and the runtime index.
+  use Snakepit.SharedMemory.ReliabilityCase, async: false
+
+  alias Snakepit.SharedMemory, as: SHM
+  alias Snakepit.SharedMemory.ReliabilityHelpers
+
+  @bare_id_attacher ~S"""
+  import sys, time, collections, snakepit_shm
+  live, freed = sys.argv[1].split(","), sys.argv[2].split(",")
+  seen = collections.Counter()
+  end = time.monotonic() + float(sys.argv[3])
+  while time.monotonic() < end:
+      for rid, want in [(r, "live") for r in live] + [(r, "freed") for r in freed]:
+          try:
+              with snakepit_shm.attach(rid) as region:
+                  got = bytes(region.read(0, len(rid))).decode("latin-1")
+                  seen[f"{want} attached {'own' if got == rid else 'OTHER:' + got[:8]}"] += 1
+          except snakepit_shm.SnakepitShmError as e:
+              seen[f"{want} {type(e).__name__} {str(e)[:60]}"] += 1
+  for k, v in sorted(seen.items()):
+      print(v, k)
+  """
+
+  test "bare-id attaches racing a churn of small regions never attach the wrong region" do
+    put = fn id, bytes ->
+      {:ok, m} = SHM.map_region(id)
+      :ok = SHM.write(m, 0, bytes)
+      :ok = SHM.unmap_region(m)
+    end
+
+    live =
+      for _ <- 1..8 do
+        {:ok, id} = SHM.allocate_region(4096)
+        put.(id, id)
+        id
+      end
+
+    freed =
+      for _ <- 1..8 do
+        {:ok, id} = SHM.allocate_region(4096)
+        put.(id, id)
+        {:ok, _} = SHM.export_ref(id)
+        # let the index writer list it, then free it
+        Process.sleep(5)
+        :ok = SHM.deallocate_region(id)
+        id
+      end
+
+    :erlang.garbage_collect()
+    parent = self()
+
+    churn =
+      spawn_link(fn ->
+        Stream.repeatedly(fn ->
+          {:ok, id} = SHM.allocate_region(4096)
+          put.(id, String.duplicate("Z", 29))
+          :ok = SHM.deallocate_region(id)
+        end)
+        |> Stream.take_while(fn _ ->
+          receive do
+            :stop -> send(parent, :stopped) && false
+          after
+            0 -> true
+          end
+        end)
+        |> Stream.run()
+      end)
+
+    {out, status} =
+      ReliabilityHelpers.python(@bare_id_attacher, [
+        Enum.join(live, ","),
+        Enum.join(freed, ","),
+        "4"
+      ])
+
+    send(churn, :stop)
+    assert_receive :stopped, 5000
+    assert status == 0, out
+    refute out =~ "OTHER", out
+    refute out =~ "live Region", out
+    refute out =~ "freed attached", out
+    refute out =~ "Corrupt", out
+    for id <- live, do: :ok = SHM.deallocate_region(id)
+  end
+
+  # A process of the user that overwrote a region's control block with zeros (a raw
+  # mmap of the arena written past a neighbour's end, a hostile scribble) made
+  # map_region/2 answer :holder_table_full, "all 64 holder slots of the region are in use
+  # by live processes: unmap it in some of them and retry" (and the health monitor
+  # counted "64 processes already hold a region"): the zeroed holder_capacity left no
+  # slot to claim. Retrying never helps and nobody holds it; the header is damaged.
+  @zero_control_block ~S"""
+  import os, sys, json
+  ref = json.loads(sys.argv[1])
+  fd = os.open(ref["control_path"], os.O_RDWR)
+  os.pwrite(fd, bytes(4096), ref.get("control_offset") or 0)
+  print("zeroed")
+  """
+
+  for arena <- [true, false] do
+    test "a control block zeroed by another process is :corrupt, not holder_table_full (arena: #{arena})" do
+      {:ok, id} = SHM.allocate_region(4096, arena: unquote(arena))
+      {:ok, ref} = SHM.export_ref(id)
+      assert Map.has_key?(ref, "control_offset") == unquote(arena)
+      {:ok, json} = SHM.JSON.encode(ref)
+      {out, 0} = ReliabilityHelpers.python(@zero_control_block, [json])
+      assert out =~ "zeroed", out
+
+      for access <- [:read_write, :read_only] do
+        assert {:error, %SHM.Error{reason: :corrupt, message: message}} =
+                 SHM.map_region(id, access_mode: access)
+
+        assert message =~ "overwritten", message
+        assert message =~ id, message
+        refute message =~ "holder slots", message
+      end
+
+      assert :ok = SHM.deallocate_region(id)
+    end
+  end
+end
