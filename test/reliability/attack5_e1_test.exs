@@ -119,4 +119,37 @@ defmodule Snakepit.SharedMemory.Reliability.Attack5E1Test do
       assert :ok = SHM.deallocate_region(id)
     end
   end
+
+  # `huge_pages: true` is documented for "memfd regions of at least one huge page", and a
+  # small region in an arena never uses one; but a small dedicated memfd region
+  # (`arena: false`, `backend: :memfd`, or the `:huge_pages` setting `true` for the whole
+  # VM) took a whole 2 MiB huge page for its 4 KiB, and failed with :no_space ("the
+  # host's hugetlb pool has 0 free pages") once the pool was empty or on a host without
+  # one, while the same call with the default `arena: true` succeeded.
+  test "huge_pages: true leaves regions smaller than one huge page on ordinary pages" do
+    before = Snakepit.SharedMemory.Native.huge_page_info()
+
+    for opts <- [[arena: false], [backend: :memfd], [arena: true]] do
+      assert {:ok, id} = SHM.allocate_region(4096, [huge_pages: true] ++ opts), inspect(opts)
+      {:ok, m} = SHM.map_region(id)
+      :ok = SHM.write(m, 4095, "z")
+      assert {:ok, "z"} = SHM.read(m, 4095, 1)
+      :ok = SHM.unmap_region(m)
+      # no huge page was taken for it
+      assert Snakepit.SharedMemory.Native.huge_page_info().free == before.free
+      :ok = SHM.deallocate_region(id)
+    end
+
+    # Regions of at least one huge page still honour `true`: without free huge pages,
+    # :no_space as documented.
+    if before.page_size > 0 and before.free == 0 do
+      assert {:error, %SHM.Error{reason: :no_space, message: message}} =
+               SHM.allocate_region(before.page_size, huge_pages: true)
+
+      assert message =~ "huge_pages: true"
+      # the core's advice only: no "/dev/shm ... use backend: :memfd" for a memfd region
+      refute message =~ "/dev/shm", message
+      refute message =~ "backend: :memfd", message
+    end
+  end
 end
