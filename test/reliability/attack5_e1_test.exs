@@ -152,4 +152,40 @@ defmodule Snakepit.SharedMemory.Reliability.Attack5E1Test do
       refute message =~ "backend: :memfd", message
     end
   end
+
+  # A worker given the ref of a live small region whose control block another process
+  # had overwritten with zeros was told RegionNotFound, "its arena chunk ... is free. The
+  # owner freed the region (deallocated, or the owner exited)": neither was true (the
+  # VM still held the region), and asking for a fresh ref of the same region failed the
+  # same way. A freed chunk is zeroed only once nobody holds its liveness lock.
+  @attach_zeroed ~S"""
+  import os, sys, json, snakepit_shm
+  ref = json.loads(sys.argv[1])
+  fd = os.open(ref["control_path"], os.O_RDWR)
+  os.pwrite(fd, bytes(4096), ref["control_offset"])
+  for target in (ref, json.dumps(ref)):
+      try:
+          snakepit_shm.attach(target).close()
+          print("ATTACHED")
+      except snakepit_shm.SnakepitShmError as e:
+          print(type(e).__name__, e)
+  """
+
+  test "a worker attaching a live arena region whose control block was zeroed is told it was overwritten" do
+    {:ok, id} = SHM.allocate_region(4096)
+    {:ok, ref} = SHM.export_ref(id)
+    assert ref["control_offset"] != nil
+    {:ok, json} = SHM.JSON.encode(ref)
+    {out, 0} = ReliabilityHelpers.python(@attach_zeroed, [json])
+    lines = String.split(out, "\n", trim: true)
+    assert length(lines) == 2, out
+
+    for line <- lines do
+      assert line =~ ~r/^CorruptRegion region #{id}: its control block/, out
+      assert line =~ "overwrote it", out
+      refute line =~ "freed the region", out
+    end
+
+    :ok = SHM.deallocate_region(id)
+  end
 end
