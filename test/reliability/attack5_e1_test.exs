@@ -188,4 +188,38 @@ defmodule Snakepit.SharedMemory.Reliability.Attack5E1Test do
 
     :ok = SHM.deallocate_region(id)
   end
+
+  # A worker attached to a region whose control block another process then overwrote
+  # with zeros lost its result at the end of the `with` block: close() raised
+  # CorruptRegion ("cannot release this process's hold: not a snakepit_shm header"),
+  # so `with attach(...) as r: ...; return result` returned nothing. The hold belongs to
+  # the worker's open of the control object (its slot lock), which close() closes: there
+  # is nothing left to release in a header that is no longer one.
+  @close_zeroed ~S"""
+  import os, sys, json, snakepit_shm
+  ref = json.loads(sys.argv[1])
+  def work():
+      with snakepit_shm.attach(ref, mode="rw") as region:
+          region.write(0, b"result")
+          fd = os.open(ref["control_path"], os.O_RDWR)
+          os.pwrite(fd, bytes(4096), ref.get("control_offset") or 0)
+          os.close(fd)
+          return "RESULT"
+  try:
+      print(work())
+  except snakepit_shm.SnakepitShmError as e:
+      print(type(e).__name__, e)
+  print("FDS", len(os.listdir("/proc/self/fd")))
+  """
+
+  for arena <- [true, false] do
+    test "close() of a region whose control block was zeroed meanwhile keeps the result (arena: #{arena})" do
+      {:ok, id} = SHM.allocate_region(4096, arena: unquote(arena))
+      {:ok, ref} = SHM.export_ref(id)
+      {:ok, json} = SHM.JSON.encode(ref)
+      {out, 0} = ReliabilityHelpers.python(@close_zeroed, [json])
+      assert out =~ ~r/^RESULT$/m, out
+      :ok = SHM.deallocate_region(id)
+    end
+  end
 end
