@@ -222,4 +222,30 @@ defmodule Snakepit.SharedMemory.Reliability.Attack5E1Test do
       :ok = SHM.deallocate_region(id)
     end
   end
+
+  # The same for a dedicated memfd region: RegionBusy, "has no header yet while a
+  # process holds it: its creator is still creating it ...; retry in a moment", for
+  # ever. A creator may sit seconds between its lock and its header (a large fallocate,
+  # a pooled object zeroed), so no wait tells the two apart: the message names both.
+  @attach_zeroed_dedicated ~S"""
+  import os, sys, json, snakepit_shm
+  ref = json.loads(sys.argv[1])
+  fd = os.open(ref["control_path"], os.O_RDWR)
+  os.pwrite(fd, bytes(4096), 0)
+  try:
+      snakepit_shm.attach(ref).close()
+      print("ATTACHED")
+  except snakepit_shm.SnakepitShmError as e:
+      print(type(e).__name__, e)
+  """
+
+  test "a worker attaching a live memfd region whose header was zeroed is told it may be overwritten" do
+    {:ok, id} = SHM.allocate_region(4096, arena: false)
+    {:ok, ref} = SHM.export_ref(id)
+    {:ok, json} = SHM.JSON.encode(ref)
+    {out, 0} = ReliabilityHelpers.python(@attach_zeroed_dedicated, [json])
+    assert out =~ ~r/^RegionBusy region #{id} has no header yet/, out
+    assert out =~ "another process of this user overwrote its header", out
+    :ok = SHM.deallocate_region(id)
+  end
 end

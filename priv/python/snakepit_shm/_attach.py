@@ -107,10 +107,17 @@ def _attach(ref_or_region_id, mode):
                 if location.control_offset is not None:
                     _raise_if_freed_chunk(location, snapshot, control_fd, base)
                 if base == 0 and _being_created(control_fd, snapshot):
+                    # (A header overwritten with zeros by another process, while its
+                    # VM holds the region, looks the same: a creator may sit seconds
+                    # between its lock and its header (a large fallocate, a pooled
+                    # object zeroed), so no wait can tell them apart. Said both ways.)
                     raise errors.RegionBusy(
                         f"region {location.region_id} has no header yet while a process "
                         "holds it: its creator is still creating it (a large encrypted "
-                        "region takes a while); retry in a moment") from None
+                        "region takes a while); retry in a moment. If it stays so for "
+                        "more than a few seconds, another process of this user overwrote "
+                        "its header: the region is damaged; ask the Elixir side to "
+                        "deallocate it and for a fresh one") from None
                 raise
         _check_matches_ref(location, header, base)
 
