@@ -82,6 +82,22 @@ std::uint32_t slot_count(const RegionHeader& h) noexcept {
   return h.holder_capacity < kHolderCapacity ? h.holder_capacity : kHolderCapacity;
 }
 
+/// holder_capacity is written once, before the header is published, and never changed:
+/// any other value means that another process overwrote the control block (a raw write
+/// past a neighbour's end in an arena, a scribble), and its holder table means nothing.
+/// Said as such: with no slot to claim, the caller would otherwise be told that 64 live
+/// processes hold the region and to retry, which never helps.
+Result<void> check_holder_table(const RegionHeader& h) {
+  if (h.holder_capacity == kHolderCapacity) return {};
+  return Error{Errc::corrupt, 0,
+               "its control block was overwritten by another process (holder_capacity is " +
+                   std::to_string(h.holder_capacity) + ", written " +
+                   std::to_string(kHolderCapacity) +
+                   " at creation and never changed): its holder table cannot be used and "
+                   "retrying will not help. Deallocate the region (its data may be damaged "
+                   "too) and find the process that writes into memory that is not its own"};
+}
+
 std::uint32_t load_pid(const HolderSlot& s) noexcept {
   return __atomic_load_n(&s.pid, __ATOMIC_ACQUIRE);
 }
@@ -177,6 +193,7 @@ Result<void> hold(RegionHeader& header, std::uint32_t pid, std::uint64_t start_t
                   bool writable) {
   return guarded([&]() -> Result<void> {
     if (pid == 0) return Error{Errc::invalid_argument, 0, "holder pid must not be 0"};
+    if (auto r = check_holder_table(header); !r) return r.error();
     std::uint32_t state = header.state.load(kOrder);
     if (state & kStateDeallocated)
       return Error{Errc::deallocated, 0, "cannot hold a region that has been deallocated"};
@@ -347,6 +364,7 @@ Result<void> hold_on(RegionHeader& header, const platform::Handle& lock, int& sl
                      std::uint64_t lock_base, std::uint32_t first_slot) {
   return guarded([&]() -> Result<void> {
     if (pid == 0) return Error{Errc::invalid_argument, 0, "holder pid must not be 0"};
+    if (auto r = check_holder_table(header); !r) return r.error();
     std::uint32_t state = header.state.load(kOrder);
     if (state & kStateDeallocated)
       return Error{Errc::deallocated, 0, "cannot hold a region that has been deallocated"};

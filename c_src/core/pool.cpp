@@ -245,7 +245,11 @@ Result<NewDataObject> obtain_data_object(const std::string& id, const CreateOpti
   // The huge page size is fixed at boot: read once. The pool's counts are read (one
   // pass of /proc/meminfo, ~20 us) only for a region that could use huge pages.
   static const std::uint64_t huge_page_size = platform::huge_page_info().page_size;
-  bool wanted = o.huge_pages == HugePages::on;
+  // true, like :auto, is for regions of at least one huge page (docs): a smaller one
+  // would take a whole huge page for a few KiB (and fail with no_space once the pool is
+  // empty), where the same region carved from an arena never uses one.
+  bool wanted =
+      o.huge_pages == HugePages::on && !(huge_page_size != 0 && capacity < huge_page_size);
   bool read = false;
   if (o.huge_pages == HugePages::automatic && !o.encrypted && huge_page_size != 0 &&
       capacity >= huge_page_size) {

@@ -749,8 +749,11 @@ Result<void> Region::hold(std::uint32_t pid, std::uint64_t start_time, bool writ
     return Error{Errc::permission_denied, 0,
                  "region " + impl_->id + " is seen through a private copy of its header"};
   std::lock_guard<std::mutex> lock(impl_->slot_mutex);
-  return hold_on(impl_->header(), impl_->control, impl_->slot, pid, start_time, writable,
-                 impl_->base);
+  auto held =
+      hold_on(impl_->header(), impl_->control, impl_->slot, pid, start_time, writable, impl_->base);
+  if (!held && held.error().code == Errc::corrupt)
+    return Error{Errc::corrupt, 0, "region " + impl_->id + ": " + held.error().message};
+  return held;
 }
 
 Result<void> Region::release() {

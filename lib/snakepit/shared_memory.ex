@@ -96,8 +96,10 @@ defmodule Snakepit.SharedMemory do
     * `:huge_pages` - memfd regions of at least one huge page (2 MiB): `:auto` takes
       them from the host's hugetlb pool when it has enough free pages (the size rounds
       up to whole huge pages) and silently uses ordinary pages otherwise; `true` fails
-      with `:no_space` when it has not; `false` never uses them. Defaults to the
-      `:huge_pages` setting (`:auto`). `mix snakepit.shm.doctor` shows the host's pool.
+      with `:no_space` when it has not; `false` never uses them. A smaller region
+      never uses them, whatever the value (a whole huge page for a few KiB). Defaults
+      to the `:huge_pages` setting (`:auto`). `mix snakepit.shm.doctor` shows the
+      host's pool.
 
   Large `:standard` memfd regions may come from the warm pool of freed ones
   (`Snakepit.SharedMemory.WarmPool`, setting `:pool_bytes`): they read as zeros like

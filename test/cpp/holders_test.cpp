@@ -96,6 +96,26 @@ TEST_CASE("the table holds 64 processes, then holder_table_full", "[holders]") {
   REQUIRE(sum_of_counts(h) == h.refcount.load());
 }
 
+// Attack run 5 (E1): a control block zeroed (or scribbled) by another process left no
+// slot to claim, and every hold answered holder_table_full ("in use by live processes:
+// ... retry"). holder_capacity is written once at creation: any other value is corrupt.
+TEST_CASE("an overwritten holder_capacity is corrupt, not a full table", "[holders]") {
+  Region r = create_ok(options(BackendKind::memfd, 64));
+  RegionHeader& h = r.header();
+  for (std::uint32_t bad : {0u, 1u, 63u, 65u, 0xffffffffu}) {
+    h.holder_capacity = bad;
+    auto pid_keyed = hold(h, 100, 7, false);
+    REQUIRE_ERR(pid_keyed, Errc::corrupt);
+    REQUIRE(pid_keyed.error().message.find("overwritten") != std::string::npos);
+    auto by_region = r.hold(100, 7, false);
+    REQUIRE_ERR(by_region, Errc::corrupt);
+    REQUIRE(by_region.error().message.find("region " + r.id() + ": ") == 0);
+    REQUIRE(h.refcount.load() == 0);
+  }
+  h.holder_capacity = kHolderCapacity;
+  REQUIRE_OK(r.hold(100, 7, false));
+}
+
 TEST_CASE("concurrent hold/release keep refcount equal to the sum of counts", "[holders]") {
   Region r = create_ok(options(BackendKind::memfd, 64));
   RegionHeader& h = r.header();

@@ -94,7 +94,8 @@ defmodule Snakepit.SharedMemory.Config do
     * `:huge_pages` - default `:huge_pages` of memfd regions of at least one huge page:
       `:auto` (huge pages when the host's hugetlb pool has enough free ones, else
       ordinary pages, silently), `true` (fail with `:no_space` when it has not) or
-      `false`. Defaults to `:auto`.
+      `false`. Smaller regions use ordinary pages whatever the value. Defaults to
+      `:auto`.
 
   ## Snakepit's configuration
 

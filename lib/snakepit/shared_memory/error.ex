@@ -53,10 +53,12 @@ defmodule Snakepit.SharedMemory.Error do
       else: @native_advice.mlock_failed
   end
 
-  # The core says what is full and what to do for a full filesystem ("free regions")
-  # and for memory ("free memory"); the generic advice is only for bare messages.
+  # The core says what is full and what to do for a full filesystem ("free regions"),
+  # for memory ("free memory") and for the hugetlb pool ("huge_pages: true": the shm
+  # filesystem and backend: :memfd have nothing to do with it); the generic advice is
+  # only for bare messages.
   defp advice(:no_space, message) do
-    if message =~ "free regions" or message =~ "free memory",
+    if message =~ "free regions" or message =~ "free memory" or message =~ "huge_pages: true",
       do: nil,
       else: @native_advice.no_space
   end

@@ -7,6 +7,7 @@ import fcntl
 import mmap
 import os
 import struct
+import time
 import warnings
 
 from . import _announce
@@ -104,12 +105,19 @@ def _attach(ref_or_region_id, mode):
                                     data_size - base)
             except errors.CorruptRegion:
                 if location.control_offset is not None:
-                    _raise_if_freed_chunk(location, snapshot)
+                    _raise_if_freed_chunk(location, snapshot, control_fd, base)
                 if base == 0 and _being_created(control_fd, snapshot):
+                    # (A header overwritten with zeros by another process, while its
+                    # VM holds the region, looks the same: a creator may sit seconds
+                    # between its lock and its header (a large fallocate, a pooled
+                    # object zeroed), so no wait can tell them apart. Said both ways.)
                     raise errors.RegionBusy(
                         f"region {location.region_id} has no header yet while a process "
                         "holds it: its creator is still creating it (a large encrypted "
-                        "region takes a while); retry in a moment") from None
+                        "region takes a while); retry in a moment. If it stays so for "
+                        "more than a few seconds, another process of this user overwrote "
+                        "its header: the region is damaged; ask the Elixir side to "
+                        "deallocate it and for a fresh one") from None
                 raise
         _check_matches_ref(location, header, base)
 
@@ -162,13 +170,28 @@ def _attach(ref_or_region_id, mode):
             os.close(control_fd)
 
 
-def _raise_if_freed_chunk(location, snapshot):
+def _raise_if_freed_chunk(location, snapshot, control_fd=None, base=0):
     """An arena region's ref (or index entry) whose chunk is free, or holds another
     region now: the region was freed and its space reused (a stale ref, like a memfd
-    ref whose descriptor number was reused), not a damaged segment."""
+    ref whose descriptor number was reused), not a damaged segment.
+
+    A chunk whose control block reads as zeros while another open still holds its
+    liveness lock is not free, though: the VM zeroes a freed chunk only once nobody
+    holds that lock (docs/FORMAT.md "Arenas"), and keeps it for every live region.
+    Another process overwrote it: CorruptRegion says so (a worker racing a reclaim
+    holds the lock for microseconds: looked at twice, 10 ms apart)."""
     now = _header.reused_arena_chunk(snapshot)
     if now is None or now == location.region_id:
         return
+    if now == "free" and control_fd is not None and _overwritten_chunk(control_fd, base):
+        raise errors.CorruptRegion(
+            f"region {location.region_id}: its control block at offset "
+            f"{location.control_offset} of {location.control_path} reads as zeros while "
+            "another process still holds the region (its owner VM holds every live "
+            "region; a freed chunk is zeroed only once nobody does): another process of "
+            "this user overwrote it. The region is damaged: ask the Elixir side to "
+            "deallocate it and for a fresh one, and look for a process that writes "
+            "outside its own regions.") from None
     what = ("is free" if now == "free" else
             f"holds region {now} (its space in the arena was reused)")
     raise errors.RegionNotFound(
@@ -196,15 +219,37 @@ def _being_created(control_fd, snapshot):
     segment's liveness lock (byte 0): its creator is alive and still writing it."""
     if len(snapshot) >= 8 and snapshot[:8] != bytes(8):
         return False
+    return _held_by_another(control_fd, 0)
+
+
+def _held_by_another(fd, byte):
+    """True if another open of the object holds a lock on ``byte`` (F_OFD_GETLK; our
+    own open's locks never count)."""
     if not hasattr(fcntl, "F_OFD_GETLK"):
         return False
     # struct flock: l_type, l_whence, l_start, l_len, l_pid (0 for OFD locks).
-    query = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0, 1, 0)
+    query = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, byte, 1, 0)
     try:
-        answer = fcntl.fcntl(control_fd, fcntl.F_OFD_GETLK, query)
+        answer = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, query)
     except OSError:
         return False
     return struct.unpack("hhqqi4x", answer)[0] != fcntl.F_UNLCK
+
+
+def _overwritten_chunk(fd, base):
+    """An arena chunk whose magic reads zero although another open holds its liveness
+    lock, twice 10 ms apart (see _raise_if_freed_chunk)."""
+    for attempt in range(2):
+        if attempt:
+            time.sleep(0.01)
+        try:
+            if os.pread(fd, 8, base) != bytes(8):
+                return False
+        except OSError:
+            return False
+        if not _held_by_another(fd, base):
+            return False
+    return True
 
 
 def _fast_open_arena(library, location):
@@ -279,7 +324,7 @@ def inspect(ref_or_region_id):
                                       data_object_size=data_size - base)
         except errors.CorruptRegion:
             if location.control_offset is not None:
-                _raise_if_freed_chunk(location, snapshot)
+                _raise_if_freed_chunk(location, snapshot, fd, base)
             raise
         return describe(header, snapshot, location)
 

@@ -166,9 +166,14 @@ class Attachment:
                     self.library.release_fd(self.address, self.fd, self.slot,
                                             self.lock_base)
             except errors.CorruptRegion:
-                # A peer truncated the segment below its header: the hold was in the
-                # lost page (it reads as zeros now); its lock goes with the descriptor.
-                if os.fstat(self.fd).st_size >= self.lock_base + F.HEADER_SIZE:
+                # A peer truncated the segment below its header (the hold was in the
+                # lost page, which reads as zeros now), or overwrote the header: its
+                # slot's lock goes with the descriptor closed next, which is the hold
+                # (a slot whose lock is free is dead), and a header that is no longer
+                # one has nothing to give back. Raising here would lose the result of
+                # the `with` block that closes the region.
+                if not closing and \
+                        os.fstat(self.fd).st_size >= self.lock_base + F.HEADER_SIZE:
                     raise
             if self.bell is not None:
                 _announce.announce(self.bell[0], _announce.PREFIX_RELEASE, self.bell[1])
