@@ -38,6 +38,10 @@ DEFAULT_KEEP_SECONDS = 600.0
 _POLL_SECONDS = 0.05
 _BACKENDS = {"memfd": F.BACKEND_MEMFD, "posix": F.BACKEND_POSIX}
 _FORMATS = ("numpy", "arrow", "raw")
+# The dtypes the VM knows (Snakepit.SharedMemory.Dtype), with their item sizes.
+_SIZES = {"bool": 1, "int8": 1, "uint8": 1, "int16": 2, "uint16": 2, "float16": 2,
+          "int32": 4, "uint32": 4, "float32": 4, "int64": 8, "uint64": 8,
+          "float64": 8, "complex64": 8, "complex128": 16}
 
 _lock = threading.Lock()
 _pending = {}
@@ -103,11 +107,7 @@ def allocate(size, dtype=None, shape=None, metadata=None, *, backend="memfd",
     meta.setdefault("format", "numpy" if dtype_name else "raw")
     if meta["format"] not in _FORMATS:
         raise ValueError(f"metadata format must be one of {_FORMATS}, got {meta['format']!r}")
-    try:
-        # allow_nan=False: NaN/Infinity are not JSON, and the VM could not read them.
-        text = json.dumps(meta, separators=(",", ":"), allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"metadata must be JSON-encodable: {exc}") from None
+    text = _metadata_json(meta)
     if len(text.encode()) > F.METADATA_CAPACITY:
         raise ValueError(f"metadata encodes to {len(text.encode())} bytes of JSON, the "
                          f"header holds {F.METADATA_CAPACITY}: keep it small")
@@ -274,14 +274,52 @@ def _dtype(dtype):
                 or dt.byteorder == ">" or dt.kind not in "biufc":
             raise ValueError(f"dtype {dt} cannot be shared: use a plain little-endian "
                              "numeric or bool dtype")
+        if dt.name not in _SIZES:
+            # float128/complex256 (numpy.longdouble): the platform's padded x87 format,
+            # which the VM (export_ref/2, to_nx/1) and Nx do not know.
+            raise ValueError(f"dtype {dt.name} cannot be shared: the VM knows "
+                             f"{', '.join(sorted(_SIZES))}; convert it first, e.g. "
+                             "array.astype('float64')")
         return dt.name, dt.itemsize
-    sizes = {"bool": 1, "int8": 1, "uint8": 1, "int16": 2, "uint16": 2, "float16": 2,
-             "int32": 4, "uint32": 4, "float32": 4, "int64": 8, "uint64": 8,
-             "float64": 8, "complex64": 8, "complex128": 16}
+    sizes = _SIZES
     if dtype not in sizes:
         raise ValueError(f"{dtype!r} is not a dtype name this client knows without "
                          f"numpy: use one of {sorted(sizes)}")
     return dtype, sizes[dtype]
+
+
+def _metadata_json(meta):
+    """The header's JSON text of ``meta``, refused where the VM would read something else.
+
+    allow_nan=False: NaN/Infinity are not JSON. A lone surrogate (a file name decoded
+    with surrogateescape, os.listdir of a non-UTF-8 name) became a "\\udcxx" escape the
+    VM's JSON decoder rejects: the adopted output lost all its metadata (dtype and shape
+    included) without a word, and a ref holding it failed to decode at all. Keys that
+    collide once JSON makes them strings ({1: ..., "1": ...}) were written twice: the VM
+    kept the first value, Python's json the last."""
+    try:
+        text = json.dumps(meta, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"metadata must be JSON-encodable: {exc}") from None
+    try:
+        json.dumps(meta, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = exc.object[exc.start:exc.end]
+        raise ValueError(f"metadata holds a string that is not valid Unicode text ({bad!r}, "
+                         "a lone surrogate: e.g. a file name decoded with surrogateescape); "
+                         "the VM could not read it: pass "
+                         "os.fsencode(name).decode('utf-8', 'replace') or drop it") from None
+
+    def pairs(items):
+        keys = [k for k, _ in items]
+        if len(set(keys)) != len(keys):
+            dup = next(k for k in keys if keys.count(k) > 1)
+            raise ValueError(f"metadata has two keys that are both {dup!r} in JSON (JSON "
+                             "keys are strings: 1 and \"1\" collide): rename one")
+        return dict(items)
+
+    json.loads(text, object_pairs_hook=pairs)
+    return text
 
 
 def _seconds(name, value, limit):

@@ -184,6 +184,14 @@ def test_adopted_posix_output_is_not_removed():
     (dict(size=16, dtype="uint8", shape=[1] * 65), "64"),
     (dict(size=16, metadata="abc"), "metadata must be a dict"),
     (dict(size=16, metadata=[1, 2]), "metadata must be a dict"),
+    # Attack run 5 (E2): adopted, the first lost all its metadata (dtype and shape
+    # too) at the VM, the second read "a" there and "b" here, the others could not be
+    # exported or read as Nx tensors by the VM.
+    (dict(size=16, dtype="float32", shape=[4], metadata={"src": "x\udcff.npy"}),
+     "lone surrogate"),
+    (dict(size=16, metadata={"n": {1: "a", "1": "b"}}), "collide"),
+    (dict(size=48, dtype="longdouble", shape=[3]), "astype"),
+    (dict(size=96, dtype="clongdouble", shape=[3]), "astype"),
 ])
 def test_allocate_validates_where_the_mistake_is_made(kwargs, match):
     before = snakepit_shm.pending_outputs()
