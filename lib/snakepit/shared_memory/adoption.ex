@@ -143,8 +143,10 @@ defmodule Snakepit.SharedMemory.Adoption do
            error
            | message:
                error.message <>
-                 " (adopt the ref while the worker that made it is alive and has not " <>
-                 "discarded it)"
+                 " (adopt the ref while the worker that made it is alive, has not " <>
+                 "discarded it, and within its keep_seconds (600 s unless the worker's " <>
+                 "allocate/from_array gave another): a worker gives up an output nobody " <>
+                 "adopted by then, with an UnadoptedOutputWarning)"
          }}
     end
   end

@@ -25,11 +25,13 @@ import operator
 import os
 import threading
 import time
+import warnings
 
 from . import _format as F
 from . import _native
 from . import _presence
 from ._locate import shm_dir
+from .errors import UnadoptedOutputWarning
 from .region import state_bits
 
 __all__ = ["allocate", "from_array", "discard", "pending_outputs"]
@@ -52,8 +54,10 @@ class _Pending:
     """An unadopted output: the descriptors that keep a memfd output alive, or the
     name of a POSIX one (removed if the worker gives it up unadopted)."""
 
-    def __init__(self, region_id, control_fd, data_fd, deadline, posix_path=None):
+    def __init__(self, region_id, control_fd, data_fd, deadline, posix_path=None,
+                 keep_seconds=None):
         self.region_id = region_id
+        self.keep_seconds = keep_seconds
         self.fds = [fd for fd in (control_fd, data_fd) if fd >= 0]
         self.header_mm = mmap.mmap(self.fds[0], F.HEADER_SIZE, access=mmap.ACCESS_READ)
         self.deadline = deadline
@@ -64,8 +68,10 @@ class _Pending:
         return bool(state & (F.STATE_ADOPTED | F.STATE_DEALLOCATED)) or now > self.deadline
 
     def close(self):
+        """Closes the descriptors; True if the output was given up unadopted."""
         state = state_bits(self.header_mm)
-        if self.posix_path and not state & (F.STATE_ADOPTED | F.STATE_DEALLOCATED):
+        unadopted = not state & (F.STATE_ADOPTED | F.STATE_DEALLOCATED)
+        if self.posix_path and unadopted:
             # Given up before any VM took it: a POSIX name would outlive the worker.
             _unlink_quietly(self.posix_path)
         self.header_mm.close()
@@ -75,6 +81,7 @@ class _Pending:
             except OSError:
                 pass
         self.fds = []
+        return unadopted
 
 
 def allocate(size, dtype=None, shape=None, metadata=None, *, backend="memfd",
@@ -130,7 +137,8 @@ def allocate(size, dtype=None, shape=None, metadata=None, *, backend="memfd",
         pid = os.getpid()
         ref["control_path"] = f"/proc/{pid}/fd/{control_fd}"
         ref["data_path"] = f"/proc/{pid}/fd/{data_fd}"
-        _keep(_Pending(region_id, control_fd, data_fd, deadline))
+        _keep(_Pending(region_id, control_fd, data_fd, deadline,
+                       keep_seconds=keep_seconds))
     else:
         # Where the C library created it: $SNAKEPIT_SHM_PATH (the VM's shm_path), else
         # /dev/shm.
@@ -145,7 +153,8 @@ def allocate(size, dtype=None, shape=None, metadata=None, *, backend="memfd",
                 os.close(fd)
             _unlink_quietly(path)
             raise
-        _keep(_Pending(region_id, fd, -1, deadline, posix_path=path))
+        _keep(_Pending(region_id, fd, -1, deadline, posix_path=path,
+                       keep_seconds=keep_seconds))
     # Imported here: _attach imports the region module too.
     from ._attach import attach
     try:
@@ -240,7 +249,14 @@ def _reap():
                 _reaper = None
                 return
         for p in done:
-            p.close()
+            if p.close():
+                # A result nobody adopted in time is lost: say so, else the VM's later
+                # adopt_region/2 fails with :not_found and nothing tells why.
+                warnings.warn(
+                    f"snakepit_shm: output {p.region_id} was not adopted within "
+                    f"keep_seconds={p.keep_seconds:g} and is given up (its memory freed): "
+                    "adopt it sooner, or pass a larger keep_seconds= (math.inf: until "
+                    "adopted or discarded)", UnadoptedOutputWarning, stacklevel=1)
 
 
 def _after_fork_in_child():

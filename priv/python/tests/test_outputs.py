@@ -308,3 +308,29 @@ def test_from_array_copies_a_strided_or_broadcast_array_without_a_temporary():
     finally:
         out.close()
         snakepit_shm.discard(out.region_id)
+
+
+def test_an_output_given_up_unadopted_at_keep_seconds_says_so():
+    # Attack run 5 (E2): an output nobody adopted within keep_seconds (600 s by
+    # default; a slow queue on the Elixir side) was freed without a word, and the VM's
+    # later adopt_region/2 failed with :not_found naming neither cause nor remedy.
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lost = snakepit_shm.allocate(64, keep_seconds=0.2)
+        adopted = snakepit_shm.allocate(64, keep_seconds=0.2)
+        given_up = snakepit_shm.allocate(64, keep_seconds=0.2)
+        lost.close()
+        adopted.close()
+        given_up.close()
+        _adopt_by_hand(adopted.ref)
+        snakepit_shm.discard(given_up)
+        ids = {lost.region_id, adopted.region_id}
+        assert _wait(lambda: not ids & set(snakepit_shm.pending_outputs()))
+        time.sleep(0.1)
+    said = [str(w.message) for w in caught
+            if issubclass(w.category, snakepit_shm.UnadoptedOutputWarning)]
+    assert len(said) == 1, said
+    assert lost.region_id in said[0] and "keep_seconds=0.2" in said[0]
+    with pytest.raises(snakepit_shm.RegionNotFound):
+        snakepit_shm.attach(lost.ref)
