@@ -138,18 +138,19 @@ defmodule Snakepit.SharedMemory.Adoption do
       {:error, native} ->
         error = Error.from_native(native, %{region_id: id})
 
-        {:error,
-         %{
-           error
-           | message:
-               error.message <>
-                 " (adopt the ref while the worker that made it is alive, has not " <>
-                 "discarded it, and within its keep_seconds (600 s unless the worker's " <>
-                 "allocate/from_array gave another): a worker gives up an output nobody " <>
-                 "adopted by then, with an UnadoptedOutputWarning)"
-         }}
+        {:error, %{error | message: error.message <> advice(error.reason)}}
     end
   end
+
+  defp advice(:not_found),
+    do:
+      " (adopt the ref while the worker that made it is alive, has not discarded it, and " <>
+        "within its keep_seconds (600 s unless the worker's allocate/from_array gave " <>
+        "another): a worker gives up an output nobody adopted by then, with an " <>
+        "UnadoptedOutputWarning)"
+
+  defp advice(_reason),
+    do: " (adopt the ref while the worker that made it is alive and has not discarded it)"
 
   # The descriptors a ref names may now hold another region (the worker discarded the
   # output and made another, or it exited and its pid was reused): never adopt that one.
