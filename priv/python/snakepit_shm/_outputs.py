@@ -18,6 +18,7 @@ adoption, the VMs running on the host remove it at once (the worker is connected
 their presence sockets: ``_presence``), else the next VM start's orphan sweep does.
 """
 
+import errno
 import json
 import math
 import mmap
@@ -31,7 +32,7 @@ from . import _format as F
 from . import _native
 from . import _presence
 from ._locate import shm_dir
-from .errors import UnadoptedOutputWarning
+from .errors import SnakepitShmError, UnadoptedOutputWarning
 from .region import state_bits
 
 __all__ = ["allocate", "from_array", "discard", "pending_outputs"]
@@ -126,7 +127,11 @@ def allocate(size, dtype=None, shape=None, metadata=None, *, backend="memfd",
         # Before the file exists: the VMs must learn of this worker's death (SIGKILL
         # included) to sweep an output it leaves unadopted (_presence).
         _presence.join(shm_dir())
-    region_id, control_fd, data_fd = lib.create(size, _BACKENDS[backend], text, idle_ns)
+    try:
+        region_id, control_fd, data_fd = lib.create(size, _BACKENDS[backend], text, idle_ns)
+    except (OSError, SnakepitShmError) as exc:
+        _raise_with_pending_hint(exc)
+        raise
     ref = {"v": 1, "region_id": region_id, "backend": backend, "size": size,
            "sealed": False, "encrypted": False, "dtype": dtype_name,
            "shape": list(shape) if shape is not None else None,
@@ -159,11 +164,27 @@ def allocate(size, dtype=None, shape=None, metadata=None, *, backend="memfd",
     from ._attach import attach
     try:
         region = attach(ref, mode="rw")
-    except BaseException:
+    except BaseException as exc:
         discard(region_id)
+        _raise_with_pending_hint(exc)
         raise
     region._output_ref = ref
     return region
+
+
+def _raise_with_pending_hint(exc):
+    """Out of descriptors with outputs pending: say that each holds two until adopted
+    (a worker making outputs faster than the VM adopts them runs out; the generic advice
+    "close regions and files it no longer uses" named nothing it could close)."""
+    out_of_fds = getattr(exc, "errno", None) in (errno.EMFILE, errno.ENFILE) \
+        or "Too many open files" in str(exc)
+    with _lock:
+        pending = len(_pending)
+    if out_of_fds and pending and isinstance(exc, (OSError, SnakepitShmError)):
+        raise SnakepitShmError(
+            f"{exc} ({pending} unadopted outputs of this worker hold their descriptors "
+            "(2 for memfd, 1 for posix) until a VM adopts them: adopt them sooner, "
+            "discard() the ones given up, or lower keep_seconds)") from exc
 
 
 def _hold_name(lib, fd, path, region_id):

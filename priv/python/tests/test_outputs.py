@@ -334,3 +334,25 @@ def test_an_output_given_up_unadopted_at_keep_seconds_says_so():
     assert lost.region_id in said[0] and "keep_seconds=0.2" in said[0]
     with pytest.raises(snakepit_shm.RegionNotFound):
         snakepit_shm.attach(lost.ref)
+
+
+def test_out_of_descriptors_with_outputs_pending_says_they_hold_them():
+    # Attack run 5 (E2): a worker making outputs faster than the VM adopts them ran out
+    # of descriptors with "close regions and files it no longer uses", naming nothing
+    # it could close: its pending outputs hold 2 descriptors each until adopted.
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    made = []
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 24, hard))
+    try:
+        with pytest.raises(snakepit_shm.SnakepitShmError, match="unadopted outputs") as info:
+            for _ in range(100):
+                out = snakepit_shm.allocate(64)
+                out.close()
+                made.append(out)
+        assert "descriptors" in str(info.value) and "discard()" in str(info.value)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        for out in made:
+            snakepit_shm.discard(out)
+    assert not set(o.region_id for o in made) & set(snakepit_shm.pending_outputs())
