@@ -47,6 +47,32 @@ defmodule Snakepit.SharedMemory.Reliability.Attack5E2Test do
     assert :ok = SM.deallocate_region(id)
   end
 
+  # A worker that replied and then exited normally (a recycled pool worker, a one-shot
+  # script) took its memfd output with it, mostly before the VM had read the reply:
+  # adopt_region/2 gave :not_found and the result was lost. An exiting worker now waits
+  # for the adoption of its pending outputs (SNAKEPIT_SHM_EXIT_GRACE, 5 s by default).
+  @one_shot ~S"""
+  import json, numpy, snakepit_shm
+  out = snakepit_shm.from_array(numpy.arange(8, dtype=numpy.int64))
+  out.close()
+  print(json.dumps(out.ref), flush=True)
+  """
+
+  test "a worker exiting right after its reply: the VM still adopts the output" do
+    worker = PythonWorker.start(@one_shot)
+    ref = PythonWorker.ask(worker, "")
+    # The VM reads the reply a moment later.
+    Process.sleep(300)
+    assert {:ok, id} = SM.adopt_region(ref)
+    {:ok, mapping} = SM.map_region(id)
+    assert {:ok, <<0::little-64, 1::little-64, _::binary>>} = SM.read(mapping, 0, 64)
+    :ok = SM.unmap_region(mapping)
+    :ok = SM.deallocate_region(id)
+    # and the worker leaves once its output is adopted, not at the end of the grace
+    port = worker.port
+    assert_receive {^port, {:exit_status, 0}}, 3_000
+  end
+
   # A result nobody adopted within keep_seconds is given up by the worker (by design,
   # documented now); the :not_found used to say only "adopt the ref while the worker ...
   # is alive and has not discarded it".

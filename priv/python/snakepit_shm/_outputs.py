@@ -8,9 +8,12 @@ Until then the worker owns it.  A memfd region (the default) lives as long as so
 process has one of its descriptors open, and it is reached by other processes through
 ``/proc/<worker pid>/fd/<n>``: so this module keeps the two descriptors open after the
 Region object is closed or garbage collected, until the VM marks the region adopted
-(or deallocates it), ``discard()`` is called, or ``keep_seconds`` pass.  A background
-daemon thread looks at the header's state every 50 ms while outputs are pending.  If
-the worker dies before adoption, the kernel closes its descriptors and the memory is
+(or deallocates it), ``discard()`` is called, or ``keep_seconds`` pass (600 s by default:
+an output given up unadopted then is freed, with an ``UnadoptedOutputWarning``).  A
+background daemon thread looks at the header's state every 50 ms while outputs are
+pending.  A worker that exits normally with outputs pending (``atexit``) waits for their
+adoption, at most ``SNAKEPIT_SHM_EXIT_GRACE`` seconds (5).  If the worker dies before
+adoption, the kernel closes its descriptors and the memory is
 gone: nothing is left behind.  A POSIX region (``backend="posix"``) is a file in
 /dev/shm ($SNAKEPIT_SHM_PATH if set) whose creator is the worker: given up
 (``discard()``, ``keep_seconds``) its name is removed; if the worker dies before
@@ -18,6 +21,7 @@ adoption, the VMs running on the host remove it at once (the worker is connected
 their presence sockets: ``_presence``), else the next VM start's orphan sweep does.
 """
 
+import atexit
 import errno
 import json
 import math
@@ -39,6 +43,9 @@ __all__ = ["allocate", "from_array", "discard", "pending_outputs"]
 
 DEFAULT_KEEP_SECONDS = 600.0
 _POLL_SECONDS = 0.05
+# How long a worker that exits (normally: atexit) with outputs pending waits for their
+# adoption; SNAKEPIT_SHM_EXIT_GRACE (seconds, 0: no wait) overrides it.
+DEFAULT_EXIT_GRACE = 5.0
 _BACKENDS = {"memfd": F.BACKEND_MEMFD, "posix": F.BACKEND_POSIX}
 _FORMATS = ("numpy", "arrow", "raw")
 # The dtypes the VM knows (Snakepit.SharedMemory.Dtype), with their item sizes.
@@ -293,6 +300,60 @@ def _after_fork_in_child():
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _exit_grace():
+    text = os.environ.get("SNAKEPIT_SHM_EXIT_GRACE")
+    if text is None:
+        return DEFAULT_EXIT_GRACE
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (math.isfinite(value) and value >= 0):
+        warnings.warn(f"snakepit_shm: SNAKEPIT_SHM_EXIT_GRACE={text!r} is not a number of "
+                      f"seconds >= 0; using {DEFAULT_EXIT_GRACE:g}", RuntimeWarning)
+        return DEFAULT_EXIT_GRACE
+    return value
+
+
+def _at_exit():
+    """A worker that exits with outputs pending (it returned a ref and its process ends:
+    a recycled pool worker, a one-shot script) took them with it, often before the VM
+    had read the reply and adopted them: the result was lost. Wait a little for the
+    adoptions (at most SNAKEPIT_SHM_EXIT_GRACE seconds, 5 by default), then say which
+    outputs are lost."""
+    with _lock:
+        if not _pending:
+            return
+    deadline = time.monotonic() + _exit_grace()
+    while True:
+        now = time.monotonic()
+        with _lock:
+            done = [p for p in _pending.values()
+                    if state_bits(p.header_mm) & (F.STATE_ADOPTED | F.STATE_DEALLOCATED)]
+            for p in done:
+                del _pending[p.region_id]
+            left = list(_pending.values()) if now >= deadline else None
+            if left is not None:
+                _pending.clear()
+        for p in done:
+            p.close()
+        if left is not None:
+            break
+        with _lock:
+            if not _pending:
+                return
+        time.sleep(_POLL_SECONDS)
+    for p in left:
+        if p.close():
+            warnings.warn(f"snakepit_shm: output {p.region_id} was not adopted before this "
+                          "worker exited and is lost: let the VM adopt its ref before the "
+                          "worker exits (SNAKEPIT_SHM_EXIT_GRACE: seconds an exiting "
+                          "worker waits for that)", UnadoptedOutputWarning, stacklevel=1)
+
+
+atexit.register(_at_exit)
 
 
 def _dtype(dtype):

@@ -356,3 +356,36 @@ def test_out_of_descriptors_with_outputs_pending_says_they_hold_them():
         for out in made:
             snakepit_shm.discard(out)
     assert not set(o.region_id for o in made) & set(snakepit_shm.pending_outputs())
+
+
+def test_a_worker_exiting_right_after_its_reply_waits_for_the_adoption():
+    # Attack run 5 (E2): a worker that returned an output's ref and then exited normally
+    # (a recycled pool worker, a one-shot script) took the output with it, mostly
+    # before the VM had read the reply: the result was lost. At exit it now waits for
+    # the adoption (SNAKEPIT_SHM_EXIT_GRACE, 5 s by default), then warns of what is lost.
+    script = ("import json, numpy, snakepit_shm\n"
+              "out = snakepit_shm.from_array(numpy.arange(4.0))\n"
+              "out.close()\n"
+              "print(json.dumps(out.ref), flush=True)\n")
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=os.environ)
+    ref = json.loads(child.stdout.readline())
+    time.sleep(0.3)  # the VM reads the reply a little later
+    assert child.poll() is None, "the worker exited with its output unadopted"
+    region = snakepit_shm.attach(ref)  # what adopt_region/2 opens
+    try:
+        _adopt_by_hand(ref)
+        child.wait(timeout=3)  # leaves once adopted, not at the end of the grace
+        assert child.returncode == 0
+        assert list(region.ndarray()) == [0.0, 1.0, 2.0, 3.0]
+    finally:
+        region.close()
+    assert "UnadoptedOutputWarning" not in child.stderr.read()
+
+    # Nobody adopts: the worker leaves after the grace and says what is lost.
+    env = dict(os.environ, SNAKEPIT_SHM_EXIT_GRACE="0.2")
+    lost = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, timeout=30)
+    assert lost.returncode == 0
+    region_id = json.loads(lost.stdout)["region_id"]
+    assert "UnadoptedOutputWarning" in lost.stderr and region_id in lost.stderr
