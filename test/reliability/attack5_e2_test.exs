@@ -73,6 +73,54 @@ defmodule Snakepit.SharedMemory.Reliability.Attack5E2Test do
     assert_receive {^port, {:exit_status, 0}}, 3_000
   end
 
+  # A POSIX output given up (keep_seconds here; discard() or the exit grace alike) while
+  # the VM adopts it. The worker decided from a read of the header's state and then
+  # removed the name: an adoption in between (made wide here: the worker's unlink waits
+  # 1 s) registered a region no other process could open by name any more, and the
+  # worker warned that the result was lost. The give-up is now one compare-and-swap
+  # against the adoption's: exactly one wins, and both sides agree.
+  @slow_give_up ~S"""
+  import json, time, snakepit_shm
+  from snakepit_shm import _outputs
+  unlink = _outputs._unlink_quietly
+  def slow(path):
+      print(json.dumps({"unlinking": path}), flush=True)
+      time.sleep(1.0)
+      unlink(path)
+  _outputs._unlink_quietly = slow
+  with snakepit_shm.allocate(4096, backend="posix", keep_seconds=0.2) as out:
+      out.write(0, b"result")
+  print(json.dumps(out.ref), flush=True)
+  time.sleep(3)
+  """
+
+  test "a POSIX output given up while the VM adopts it: one of the two wins, never both" do
+    worker = PythonWorker.start(@slow_give_up)
+
+    try do
+      ref = PythonWorker.ask(worker, "")
+      port = worker.port
+      assert_receive {^port, {:data, {:eol, "{\"unlinking\"" <> _}}}, 5_000
+
+      case SM.adopt_region(ref) do
+        {:error, %{reason: :deallocated, message: m}} ->
+          assert m =~ "gave the output up"
+
+        {:ok, id} ->
+          # (before the fix) adopted, then its name removed under the VM: the VM lost
+          # the region too within a second (:not_found from then on).
+          Process.sleep(1_500)
+          info = SM.get_region_info(id)
+          path = Path.join(Snakepit.SharedMemory.Platform.current().shm_dir(), id)
+          exists = File.exists?(path)
+          _ = SM.deallocate_region(id)
+          flunk("adopted while given up: name kept #{exists}, region now #{inspect(info)}")
+      end
+    after
+      System.cmd("kill", ["-9", Integer.to_string(worker.os_pid)])
+    end
+  end
+
   # A result nobody adopted within keep_seconds is given up by the worker (by design,
   # documented now); the :not_found used to say only "adopt the ref while the worker ...
   # is alive and has not discarded it".

@@ -185,6 +185,12 @@ defmodule Snakepit.SharedMemory.Adoption do
         "another): a worker gives up an output nobody adopted by then, with an " <>
         "UnadoptedOutputWarning)"
 
+  defp advice(:deallocated),
+    do:
+      " (its worker gave the output up before adoption: discard(), its keep_seconds " <>
+        "(600 s unless allocate/from_array gave another) or the end of its exit grace; " <>
+        "adopt the ref promptly)"
+
   defp advice(_reason),
     do: " (adopt the ref while the worker that made it is alive and has not discarded it)"
 

@@ -75,10 +75,41 @@ class _Pending:
         state = state_bits(self.header_mm)
         return bool(state & (F.STATE_ADOPTED | F.STATE_DEALLOCATED)) or now > self.deadline
 
-    def close(self):
-        """Closes the descriptors; True if the output was given up unadopted."""
-        state = state_bits(self.header_mm)
-        unadopted = not state & (F.STATE_ADOPTED | F.STATE_DEALLOCATED)
+    def _give_up(self):
+        """Claims the output as given up, unless a VM adopted it first: one
+        compare-and-swap in the header (spshm_give_up_output), so that an adoption racing
+        this give-up (discard(), keep_seconds, exit) either wins, and the worker leaves
+        the output alone, or fails with :deallocated. (Deciding from a read of the state
+        let a VM adopt a POSIX output between that read and the unlink: it held a region
+        no other process could open by name any more, while the worker warned that the
+        result was lost.) True if given up."""
+        fd = None
+        try:
+            if self.posix_path:
+                # The held open is read-only: the name, checked to be the same object.
+                fd = os.open(self.posix_path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
+                             | os.O_NONBLOCK)
+                named, held = os.fstat(fd), os.fstat(self.fds[0])
+                if (named.st_dev, named.st_ino) != (held.st_dev, held.st_ino):
+                    return False
+            mm = mmap.mmap(fd if fd is not None else self.fds[0], F.HEADER_SIZE,
+                           access=mmap.ACCESS_WRITE)
+        except (OSError, ValueError):
+            # Not writable here (or the name is gone): decide from the state, as before.
+            return not state_bits(self.header_mm) & (F.STATE_ADOPTED | F.STATE_DEALLOCATED)
+        finally:
+            if fd is not None:
+                os.close(fd)
+        try:
+            with _native.buffer_address(mm, writable=True) as (address, _):
+                return _native.library().give_up_output(address)
+        finally:
+            mm.close()
+
+    def close(self, give_up=True):
+        """Closes the descriptors; True if the output was given up unadopted (a forked
+        child's copy: ``give_up=False``, its parent's output is not touched)."""
+        unadopted = give_up and self._give_up()
         if self.posix_path and unadopted:
             # Given up before any VM took it: a POSIX name would outlive the worker.
             _unlink_quietly(self.posix_path)
@@ -294,7 +325,7 @@ def _after_fork_in_child():
     _lock = threading.Lock()
     for p in list(_pending.values()):
         p.posix_path = None
-        p.close()
+        p.close(give_up=False)
     _pending.clear()
     _reaper = None
 
