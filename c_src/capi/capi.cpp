@@ -160,6 +160,19 @@ SPSHM_EXPORT int spshm_release(void* header, uint32_t pid, uint64_t start_time, 
   });
 }
 
+SPSHM_EXPORT int spshm_give_up_output(void* header, char* err, size_t errlen) {
+  return guarded(err, errlen, [&] {
+    if (auto r = looks_like_header(header); !r) return fail(r.error(), err, errlen);
+    auto& state = static_cast<RegionHeader*>(header)->state;
+    std::uint32_t seen = state.load(std::memory_order_acquire);
+    do {
+      if (seen & (spshm::kStateAdopted | spshm::kStateDeallocated)) return 0;
+    } while (!state.compare_exchange_weak(seen, seen | spshm::kStateDeallocated,
+                                          std::memory_order_acq_rel, std::memory_order_acquire));
+    return 1;
+  });
+}
+
 namespace {
 
 /// Lends a caller's descriptor to the core without taking ownership of it.

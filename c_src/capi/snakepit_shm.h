@@ -55,6 +55,13 @@ int spshm_hold(void* header, uint32_t pid, uint64_t start_time, int writable, ch
                size_t errlen);
 int spshm_release(void* header, uint32_t pid, uint64_t start_time, char* err, size_t errlen);
 
+/* A worker gives up its unadopted output (snakepit_shm.discard, keep_seconds, exit): one
+ * compare-and-swap sets the deallocated state bit unless a VM set the adopted bit first,
+ * so a give-up and an adoption (adopt_region/2's mark) never both win. Returns 1 if it was
+ * given up (the caller then closes its descriptors and removes a POSIX name), 0 if a VM
+ * adopted it (or it was deallocated) first: leave it alone; < 0 on an error. */
+int spshm_give_up_output(void* header, char* err, size_t errlen);
+
 /* Liveness (Linux open file description locks on the control object, docs/FORMAT.md
  * "Locks"). `fd` is this attachment's own open of the control object, kept open for as
  * long as the region is attached: closing it (or dying) drops every lock below. */

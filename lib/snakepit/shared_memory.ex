@@ -443,7 +443,9 @@ defmodule Snakepit.SharedMemory do
 
   Adopt while the worker is alive: a worker that dies before adoption leaves nothing
   behind (memfd regions die with it; POSIX ones are removed by the next orphan sweep),
-  and adopting then gives `:not_found`. Only unencrypted regions; once only
+  and adopting then gives `:not_found`; so does adopting after the output's
+  `keep_seconds` (600 s unless the worker gave another): the worker gives up a result
+  nobody adopted by then (and warns, `UnadoptedOutputWarning`). Only unencrypted regions; once only
   (`:already_adopted`). Only worker outputs (their header carries the `worker_output`
   flag): the ref of a region another VM allocated, even on this host, is refused
   (`:invalid_argument`); `fetch/2` or map it there instead.

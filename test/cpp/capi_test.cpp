@@ -205,3 +205,21 @@ TEST_CASE("a worker's slot claim, release before close, and the one data lock", 
   ::close(data);
 }
 #endif
+
+TEST_CASE("spshm_give_up_output loses to an adoption that came first, and wins once", "[capi]") {
+  // Attack run 5 (E2): a worker's give-up and a VM's adoption must never both win.
+  char err[256];
+  Region given = create_ok(options(BackendKind::memfd, 64));
+  REQUIRE(spshm_give_up_output(&given.header(), err, sizeof err) == 1);
+  REQUIRE((given.header().state.load() & kStateDeallocated) != 0);
+  REQUIRE(spshm_give_up_output(&given.header(), err, sizeof err) == 0);  // once
+
+  Region adopted = create_ok(options(BackendKind::memfd, 64));
+  adopted.header().state.fetch_or(kStateAdopted);  // what adopt_region/2's mark does
+  REQUIRE(spshm_give_up_output(&adopted.header(), err, sizeof err) == 0);
+  REQUIRE((adopted.header().state.load() & kStateDeallocated) == 0);
+
+  std::vector<std::uint8_t> junk(kHeaderSize, 0xAB);
+  REQUIRE(spshm_give_up_output(junk.data(), err, sizeof err) == SPSHM_E_CORRUPT);
+  REQUIRE(spshm_give_up_output(nullptr, err, sizeof err) == SPSHM_E_INVALID_ARGUMENT);
+}

@@ -46,6 +46,7 @@ defmodule Snakepit.SharedMemory.Adoption do
   @spec adopt(term(), keyword() | map()) :: {:ok, String.t()} | {:error, Error.t()}
   def adopt(ref, opts) do
     with {:ok, opts} <- adopt_options(opts),
+         :ok <- not_a_bare_id(ref),
          {:ok, ref} <- ZeroCopy.unwrap(ref),
          {:ok, id, target} <- target(ref),
          :ok <- not_registered(id),
@@ -77,8 +78,43 @@ defmodule Snakepit.SharedMemory.Adoption do
       else: bad_ref("region_id #{inspect(id)} is not a region id of a worker output")
   end
 
+  # A ref decoded with atom keys (Jason.decode!(json, keys: :atoms)) has region_id and
+  # backend, as atoms: say that, not that they are missing.
+  defp target(%{region_id: _} = ref),
+    do:
+      bad_ref(
+        "its keys are atoms (#{inspect(Map.keys(ref) |> Enum.take(4))}...): pass the " <>
+          "map with string keys that decoding the worker's JSON gives (Jason.decode/1 " <>
+          "without keys: :atoms), or the JSON text itself"
+      )
+
+  defp target(%{} = ref) when not is_map_key(ref, "region_id") or not is_map_key(ref, "backend"),
+    do:
+      bad_ref(
+        "it has no #{if is_map_key(ref, "region_id"), do: ~s("backend"), else: ~s("region_id")}" <>
+          " (a ref passed on with fields dropped?), got: #{inspect(ref, limit: 8)}"
+      )
+
+  defp target(%{"backend" => backend}) when backend not in ["memfd", "posix"],
+    do: bad_ref(~s(its "backend" is #{inspect(backend)}: a worker output's is "memfd" or "posix"))
+
   defp target(other),
     do: bad_ref("expected a ref with region_id and backend, got: #{inspect(other, limit: 8)}")
+
+  # A bare id names a POSIX segment at best; a memfd output (the worker's default) is
+  # reached only through the worker's descriptors its ref names.
+  defp not_a_bare_id(ref) when is_binary(ref) do
+    if Regex.match?(@id, ref),
+      do:
+        bad_ref(
+          "got the bare region id #{inspect(ref)}; pass the whole ref (region.ref or " <>
+            "region.zero_copy_ref(), a map or its JSON): a memfd output is reached only " <>
+            "through the worker descriptors its ref names"
+        ),
+      else: :ok
+  end
+
+  defp not_a_bare_id(_ref), do: :ok
 
   defp bad_ref(problem) do
     Error.error(
@@ -138,16 +174,25 @@ defmodule Snakepit.SharedMemory.Adoption do
       {:error, native} ->
         error = Error.from_native(native, %{region_id: id})
 
-        {:error,
-         %{
-           error
-           | message:
-               error.message <>
-                 " (adopt the ref while the worker that made it is alive and has not " <>
-                 "discarded it)"
-         }}
+        {:error, %{error | message: error.message <> advice(error.reason)}}
     end
   end
+
+  defp advice(:not_found),
+    do:
+      " (adopt the ref while the worker that made it is alive, has not discarded it, and " <>
+        "within its keep_seconds (600 s unless the worker's allocate/from_array gave " <>
+        "another): a worker gives up an output nobody adopted by then, with an " <>
+        "UnadoptedOutputWarning)"
+
+  defp advice(:deallocated),
+    do:
+      " (its worker gave the output up before adoption: discard(), its keep_seconds " <>
+        "(600 s unless allocate/from_array gave another) or the end of its exit grace; " <>
+        "adopt the ref promptly)"
+
+  defp advice(_reason),
+    do: " (adopt the ref while the worker that made it is alive and has not discarded it)"
 
   # The descriptors a ref names may now hold another region (the worker discarded the
   # output and made another, or it exited and its pid was reused): never adopt that one.

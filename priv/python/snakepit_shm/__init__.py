@@ -24,8 +24,8 @@ from ._resolve import resolve, to_zero_copy_ref
 from .channel import Channel, ChannelClosed, ChannelProtocolError, WouldBlock
 from .errors import (CorruptRegion, ForeignHostRegion, LibraryNotFound,
                      OrphanedRegionWarning, PermissionError, RegionDeallocated,
-                     RegionExpired, RegionNotFound, SnakepitShmError, UnheldAttachWarning,
-                     ViewsStillAlive)
+                     RegionExpired, RegionNotFound, SnakepitShmError, UnadoptedOutputWarning,
+                     UnheldAttachWarning, ViewsStillAlive)
 from .errors import RegionBusy
 from .quota import (HostQuota, QuotaError, QuotaExceeded, QuotaUnavailable, Reservation,
                     UnknownQuota)
@@ -58,6 +58,7 @@ __all__ = [
     "ViewsStillAlive",
     "LibraryNotFound",
     "UnheldAttachWarning",
+    "UnadoptedOutputWarning",
     "OrphanedRegionWarning",
     "HostQuota",
     "Reservation",

@@ -240,6 +240,7 @@ class Library:
             "spshm_create": ([c.c_uint64, c.c_int, c.c_char_p, c.c_uint64, c.c_char_p,
                               c.POINTER(c.c_int), c.POINTER(c.c_int), c.c_char_p,
                               c.c_size_t], c.c_int),
+            "spshm_give_up_output": ([c.c_void_p, c.c_char_p, c.c_size_t], c.c_int),
         }
         for name, (argtypes, restype) in sig.items():
             try:
@@ -281,6 +282,15 @@ class Library:
         code = self._dll.spshm_hold(header_address, pid, start_time,
                                     1 if writable else 0, err, _ERR_LEN)
         self._check(code, err, "cannot register this process as a holder")
+
+    def give_up_output(self, header_address):
+        """True if this worker gave its unadopted output up (the deallocated bit, set in
+        one compare-and-swap), False if a VM adopted it (or it was deallocated) first."""
+        err = ctypes.create_string_buffer(_ERR_LEN)
+        code = self._dll.spshm_give_up_output(header_address, err, _ERR_LEN)
+        if code < 0:
+            self._check(code, err, "cannot give the output up")
+        return code == 1
 
     def release(self, header_address, pid, start_time):
         """Remove one hold of (pid, start_time) from the mapped header."""

@@ -8,9 +8,12 @@ Until then the worker owns it.  A memfd region (the default) lives as long as so
 process has one of its descriptors open, and it is reached by other processes through
 ``/proc/<worker pid>/fd/<n>``: so this module keeps the two descriptors open after the
 Region object is closed or garbage collected, until the VM marks the region adopted
-(or deallocates it), ``discard()`` is called, or ``keep_seconds`` pass.  A background
-daemon thread looks at the header's state every 50 ms while outputs are pending.  If
-the worker dies before adoption, the kernel closes its descriptors and the memory is
+(or deallocates it), ``discard()`` is called, or ``keep_seconds`` pass (600 s by default:
+an output given up unadopted then is freed, with an ``UnadoptedOutputWarning``).  A
+background daemon thread looks at the header's state every 50 ms while outputs are
+pending.  A worker that exits normally with outputs pending (``atexit``) waits for their
+adoption, at most ``SNAKEPIT_SHM_EXIT_GRACE`` seconds (5).  If the worker dies before
+adoption, the kernel closes its descriptors and the memory is
 gone: nothing is left behind.  A POSIX region (``backend="posix"``) is a file in
 /dev/shm ($SNAKEPIT_SHM_PATH if set) whose creator is the worker: given up
 (``discard()``, ``keep_seconds``) its name is removed; if the worker dies before
@@ -18,6 +21,8 @@ adoption, the VMs running on the host remove it at once (the worker is connected
 their presence sockets: ``_presence``), else the next VM start's orphan sweep does.
 """
 
+import atexit
+import errno
 import json
 import math
 import mmap
@@ -25,19 +30,28 @@ import operator
 import os
 import threading
 import time
+import warnings
 
 from . import _format as F
 from . import _native
 from . import _presence
 from ._locate import shm_dir
+from .errors import SnakepitShmError, UnadoptedOutputWarning
 from .region import state_bits
 
 __all__ = ["allocate", "from_array", "discard", "pending_outputs"]
 
 DEFAULT_KEEP_SECONDS = 600.0
 _POLL_SECONDS = 0.05
+# How long a worker that exits (normally: atexit) with outputs pending waits for their
+# adoption; SNAKEPIT_SHM_EXIT_GRACE (seconds, 0: no wait) overrides it.
+DEFAULT_EXIT_GRACE = 5.0
 _BACKENDS = {"memfd": F.BACKEND_MEMFD, "posix": F.BACKEND_POSIX}
 _FORMATS = ("numpy", "arrow", "raw")
+# The dtypes the VM knows (Snakepit.SharedMemory.Dtype), with their item sizes.
+_SIZES = {"bool": 1, "int8": 1, "uint8": 1, "int16": 2, "uint16": 2, "float16": 2,
+          "int32": 4, "uint32": 4, "float32": 4, "int64": 8, "uint64": 8,
+          "float64": 8, "complex64": 8, "complex128": 16}
 
 _lock = threading.Lock()
 _pending = {}
@@ -48,8 +62,10 @@ class _Pending:
     """An unadopted output: the descriptors that keep a memfd output alive, or the
     name of a POSIX one (removed if the worker gives it up unadopted)."""
 
-    def __init__(self, region_id, control_fd, data_fd, deadline, posix_path=None):
+    def __init__(self, region_id, control_fd, data_fd, deadline, posix_path=None,
+                 keep_seconds=None):
         self.region_id = region_id
+        self.keep_seconds = keep_seconds
         self.fds = [fd for fd in (control_fd, data_fd) if fd >= 0]
         self.header_mm = mmap.mmap(self.fds[0], F.HEADER_SIZE, access=mmap.ACCESS_READ)
         self.deadline = deadline
@@ -59,9 +75,42 @@ class _Pending:
         state = state_bits(self.header_mm)
         return bool(state & (F.STATE_ADOPTED | F.STATE_DEALLOCATED)) or now > self.deadline
 
-    def close(self):
-        state = state_bits(self.header_mm)
-        if self.posix_path and not state & (F.STATE_ADOPTED | F.STATE_DEALLOCATED):
+    def _give_up(self):
+        """Claims the output as given up, unless a VM adopted it first: one
+        compare-and-swap in the header (spshm_give_up_output), so that an adoption racing
+        this give-up (discard(), keep_seconds, exit) either wins, and the worker leaves
+        the output alone, or fails with :deallocated. (Deciding from a read of the state
+        let a VM adopt a POSIX output between that read and the unlink: it held a region
+        no other process could open by name any more, while the worker warned that the
+        result was lost.) True if given up."""
+        fd = None
+        try:
+            if self.posix_path:
+                # The held open is read-only: the name, checked to be the same object.
+                fd = os.open(self.posix_path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
+                             | os.O_NONBLOCK)
+                named, held = os.fstat(fd), os.fstat(self.fds[0])
+                if (named.st_dev, named.st_ino) != (held.st_dev, held.st_ino):
+                    return False
+            mm = mmap.mmap(fd if fd is not None else self.fds[0], F.HEADER_SIZE,
+                           access=mmap.ACCESS_WRITE)
+        except (OSError, ValueError):
+            # Not writable here (or the name is gone): decide from the state, as before.
+            return not state_bits(self.header_mm) & (F.STATE_ADOPTED | F.STATE_DEALLOCATED)
+        finally:
+            if fd is not None:
+                os.close(fd)
+        try:
+            with _native.buffer_address(mm, writable=True) as (address, _):
+                return _native.library().give_up_output(address)
+        finally:
+            mm.close()
+
+    def close(self, give_up=True):
+        """Closes the descriptors; True if the output was given up unadopted (a forked
+        child's copy: ``give_up=False``, its parent's output is not touched)."""
+        unadopted = give_up and self._give_up()
+        if self.posix_path and unadopted:
             # Given up before any VM took it: a POSIX name would outlive the worker.
             _unlink_quietly(self.posix_path)
         self.header_mm.close()
@@ -71,6 +120,7 @@ class _Pending:
             except OSError:
                 pass
         self.fds = []
+        return unadopted
 
 
 def allocate(size, dtype=None, shape=None, metadata=None, *, backend="memfd",
@@ -103,11 +153,7 @@ def allocate(size, dtype=None, shape=None, metadata=None, *, backend="memfd",
     meta.setdefault("format", "numpy" if dtype_name else "raw")
     if meta["format"] not in _FORMATS:
         raise ValueError(f"metadata format must be one of {_FORMATS}, got {meta['format']!r}")
-    try:
-        # allow_nan=False: NaN/Infinity are not JSON, and the VM could not read them.
-        text = json.dumps(meta, separators=(",", ":"), allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"metadata must be JSON-encodable: {exc}") from None
+    text = _metadata_json(meta)
     if len(text.encode()) > F.METADATA_CAPACITY:
         raise ValueError(f"metadata encodes to {len(text.encode())} bytes of JSON, the "
                          f"header holds {F.METADATA_CAPACITY}: keep it small")
@@ -119,7 +165,11 @@ def allocate(size, dtype=None, shape=None, metadata=None, *, backend="memfd",
         # Before the file exists: the VMs must learn of this worker's death (SIGKILL
         # included) to sweep an output it leaves unadopted (_presence).
         _presence.join(shm_dir())
-    region_id, control_fd, data_fd = lib.create(size, _BACKENDS[backend], text, idle_ns)
+    try:
+        region_id, control_fd, data_fd = lib.create(size, _BACKENDS[backend], text, idle_ns)
+    except (OSError, SnakepitShmError) as exc:
+        _raise_with_pending_hint(exc)
+        raise
     ref = {"v": 1, "region_id": region_id, "backend": backend, "size": size,
            "sealed": False, "encrypted": False, "dtype": dtype_name,
            "shape": list(shape) if shape is not None else None,
@@ -130,7 +180,8 @@ def allocate(size, dtype=None, shape=None, metadata=None, *, backend="memfd",
         pid = os.getpid()
         ref["control_path"] = f"/proc/{pid}/fd/{control_fd}"
         ref["data_path"] = f"/proc/{pid}/fd/{data_fd}"
-        _keep(_Pending(region_id, control_fd, data_fd, deadline))
+        _keep(_Pending(region_id, control_fd, data_fd, deadline,
+                       keep_seconds=keep_seconds))
     else:
         # Where the C library created it: $SNAKEPIT_SHM_PATH (the VM's shm_path), else
         # /dev/shm.
@@ -145,16 +196,33 @@ def allocate(size, dtype=None, shape=None, metadata=None, *, backend="memfd",
                 os.close(fd)
             _unlink_quietly(path)
             raise
-        _keep(_Pending(region_id, fd, -1, deadline, posix_path=path))
+        _keep(_Pending(region_id, fd, -1, deadline, posix_path=path,
+                       keep_seconds=keep_seconds))
     # Imported here: _attach imports the region module too.
     from ._attach import attach
     try:
         region = attach(ref, mode="rw")
-    except BaseException:
+    except BaseException as exc:
         discard(region_id)
+        _raise_with_pending_hint(exc)
         raise
     region._output_ref = ref
     return region
+
+
+def _raise_with_pending_hint(exc):
+    """Out of descriptors with outputs pending: say that each holds two until adopted
+    (a worker making outputs faster than the VM adopts them runs out; the generic advice
+    "close regions and files it no longer uses" named nothing it could close)."""
+    out_of_fds = getattr(exc, "errno", None) in (errno.EMFILE, errno.ENFILE) \
+        or "Too many open files" in str(exc)
+    with _lock:
+        pending = len(_pending)
+    if out_of_fds and pending and isinstance(exc, (OSError, SnakepitShmError)):
+        raise SnakepitShmError(
+            f"{exc} ({pending} unadopted outputs of this worker hold their descriptors "
+            "(2 for memfd, 1 for posix) until a VM adopts them: adopt them sooner, "
+            "discard() the ones given up, or lower keep_seconds)") from exc
 
 
 def _hold_name(lib, fd, path, region_id):
@@ -240,7 +308,14 @@ def _reap():
                 _reaper = None
                 return
         for p in done:
-            p.close()
+            if p.close():
+                # A result nobody adopted in time is lost: say so, else the VM's later
+                # adopt_region/2 fails with :not_found and nothing tells why.
+                warnings.warn(
+                    f"snakepit_shm: output {p.region_id} was not adopted within "
+                    f"keep_seconds={p.keep_seconds:g} and is given up (its memory freed): "
+                    "adopt it sooner, or pass a larger keep_seconds= (math.inf: until "
+                    "adopted or discarded)", UnadoptedOutputWarning, stacklevel=1)
 
 
 def _after_fork_in_child():
@@ -250,12 +325,66 @@ def _after_fork_in_child():
     _lock = threading.Lock()
     for p in list(_pending.values()):
         p.posix_path = None
-        p.close()
+        p.close(give_up=False)
     _pending.clear()
     _reaper = None
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _exit_grace():
+    text = os.environ.get("SNAKEPIT_SHM_EXIT_GRACE")
+    if text is None:
+        return DEFAULT_EXIT_GRACE
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (math.isfinite(value) and value >= 0):
+        warnings.warn(f"snakepit_shm: SNAKEPIT_SHM_EXIT_GRACE={text!r} is not a number of "
+                      f"seconds >= 0; using {DEFAULT_EXIT_GRACE:g}", RuntimeWarning)
+        return DEFAULT_EXIT_GRACE
+    return value
+
+
+def _at_exit():
+    """A worker that exits with outputs pending (it returned a ref and its process ends:
+    a recycled pool worker, a one-shot script) took them with it, often before the VM
+    had read the reply and adopted them: the result was lost. Wait a little for the
+    adoptions (at most SNAKEPIT_SHM_EXIT_GRACE seconds, 5 by default), then say which
+    outputs are lost."""
+    with _lock:
+        if not _pending:
+            return
+    deadline = time.monotonic() + _exit_grace()
+    while True:
+        now = time.monotonic()
+        with _lock:
+            done = [p for p in _pending.values()
+                    if state_bits(p.header_mm) & (F.STATE_ADOPTED | F.STATE_DEALLOCATED)]
+            for p in done:
+                del _pending[p.region_id]
+            left = list(_pending.values()) if now >= deadline else None
+            if left is not None:
+                _pending.clear()
+        for p in done:
+            p.close()
+        if left is not None:
+            break
+        with _lock:
+            if not _pending:
+                return
+        time.sleep(_POLL_SECONDS)
+    for p in left:
+        if p.close():
+            warnings.warn(f"snakepit_shm: output {p.region_id} was not adopted before this "
+                          "worker exited and is lost: let the VM adopt its ref before the "
+                          "worker exits (SNAKEPIT_SHM_EXIT_GRACE: seconds an exiting "
+                          "worker waits for that)", UnadoptedOutputWarning, stacklevel=1)
+
+
+atexit.register(_at_exit)
 
 
 def _dtype(dtype):
@@ -274,14 +403,52 @@ def _dtype(dtype):
                 or dt.byteorder == ">" or dt.kind not in "biufc":
             raise ValueError(f"dtype {dt} cannot be shared: use a plain little-endian "
                              "numeric or bool dtype")
+        if dt.name not in _SIZES:
+            # float128/complex256 (numpy.longdouble): the platform's padded x87 format,
+            # which the VM (export_ref/2, to_nx/1) and Nx do not know.
+            raise ValueError(f"dtype {dt.name} cannot be shared: the VM knows "
+                             f"{', '.join(sorted(_SIZES))}; convert it first, e.g. "
+                             "array.astype('float64')")
         return dt.name, dt.itemsize
-    sizes = {"bool": 1, "int8": 1, "uint8": 1, "int16": 2, "uint16": 2, "float16": 2,
-             "int32": 4, "uint32": 4, "float32": 4, "int64": 8, "uint64": 8,
-             "float64": 8, "complex64": 8, "complex128": 16}
+    sizes = _SIZES
     if dtype not in sizes:
         raise ValueError(f"{dtype!r} is not a dtype name this client knows without "
                          f"numpy: use one of {sorted(sizes)}")
     return dtype, sizes[dtype]
+
+
+def _metadata_json(meta):
+    """The header's JSON text of ``meta``, refused where the VM would read something else.
+
+    allow_nan=False: NaN/Infinity are not JSON. A lone surrogate (a file name decoded
+    with surrogateescape, os.listdir of a non-UTF-8 name) became a "\\udcxx" escape the
+    VM's JSON decoder rejects: the adopted output lost all its metadata (dtype and shape
+    included) without a word, and a ref holding it failed to decode at all. Keys that
+    collide once JSON makes them strings ({1: ..., "1": ...}) were written twice: the VM
+    kept the first value, Python's json the last."""
+    try:
+        text = json.dumps(meta, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"metadata must be JSON-encodable: {exc}") from None
+    try:
+        json.dumps(meta, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = exc.object[exc.start:exc.end]
+        raise ValueError(f"metadata holds a string that is not valid Unicode text ({bad!r}, "
+                         "a lone surrogate: e.g. a file name decoded with surrogateescape); "
+                         "the VM could not read it: pass "
+                         "os.fsencode(name).decode('utf-8', 'replace') or drop it") from None
+
+    def pairs(items):
+        keys = [k for k, _ in items]
+        if len(set(keys)) != len(keys):
+            dup = next(k for k in keys if keys.count(k) > 1)
+            raise ValueError(f"metadata has two keys that are both {dup!r} in JSON (JSON "
+                             "keys are strings: 1 and \"1\" collide): rename one")
+        return dict(items)
+
+    json.loads(text, object_pairs_hook=pairs)
+    return text
 
 
 def _seconds(name, value, limit):

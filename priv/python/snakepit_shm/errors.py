@@ -95,3 +95,14 @@ class OrphanedRegionWarning(UserWarning):
     orphan sweep of a VM on this host frees it (memfd regions go when their last
     descriptor closes).  Finish quickly or ask a live VM for a fresh region.
     """
+
+
+class UnadoptedOutputWarning(UserWarning):
+    """A worker output (``allocate``/``from_array``) was given up unadopted.
+
+    No VM adopted it within its ``keep_seconds`` (600 s by default), so the worker closed
+    its descriptors (a POSIX output: removed its name) and the result is gone; a later
+    ``adopt_region/2`` of its ref fails with ``:not_found``.  Adopt outputs promptly, or
+    allocate them with a larger ``keep_seconds`` (``math.inf``: until adopted or
+    ``discard()``-ed).
+    """

@@ -184,6 +184,14 @@ def test_adopted_posix_output_is_not_removed():
     (dict(size=16, dtype="uint8", shape=[1] * 65), "64"),
     (dict(size=16, metadata="abc"), "metadata must be a dict"),
     (dict(size=16, metadata=[1, 2]), "metadata must be a dict"),
+    # Attack run 5 (E2): adopted, the first lost all its metadata (dtype and shape
+    # too) at the VM, the second read "a" there and "b" here, the others could not be
+    # exported or read as Nx tensors by the VM.
+    (dict(size=16, dtype="float32", shape=[4], metadata={"src": "x\udcff.npy"}),
+     "lone surrogate"),
+    (dict(size=16, metadata={"n": {1: "a", "1": "b"}}), "collide"),
+    (dict(size=48, dtype="longdouble", shape=[3]), "astype"),
+    (dict(size=96, dtype="clongdouble", shape=[3]), "astype"),
 ])
 def test_allocate_validates_where_the_mistake_is_made(kwargs, match):
     before = snakepit_shm.pending_outputs()
@@ -300,3 +308,84 @@ def test_from_array_copies_a_strided_or_broadcast_array_without_a_temporary():
     finally:
         out.close()
         snakepit_shm.discard(out.region_id)
+
+
+def test_an_output_given_up_unadopted_at_keep_seconds_says_so():
+    # Attack run 5 (E2): an output nobody adopted within keep_seconds (600 s by
+    # default; a slow queue on the Elixir side) was freed without a word, and the VM's
+    # later adopt_region/2 failed with :not_found naming neither cause nor remedy.
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lost = snakepit_shm.allocate(64, keep_seconds=0.2)
+        adopted = snakepit_shm.allocate(64, keep_seconds=0.2)
+        given_up = snakepit_shm.allocate(64, keep_seconds=0.2)
+        lost.close()
+        adopted.close()
+        given_up.close()
+        _adopt_by_hand(adopted.ref)
+        snakepit_shm.discard(given_up)
+        ids = {lost.region_id, adopted.region_id}
+        assert _wait(lambda: not ids & set(snakepit_shm.pending_outputs()))
+        time.sleep(0.1)
+    said = [str(w.message) for w in caught
+            if issubclass(w.category, snakepit_shm.UnadoptedOutputWarning)]
+    assert len(said) == 1, said
+    assert lost.region_id in said[0] and "keep_seconds=0.2" in said[0]
+    with pytest.raises(snakepit_shm.RegionNotFound):
+        snakepit_shm.attach(lost.ref)
+
+
+def test_out_of_descriptors_with_outputs_pending_says_they_hold_them():
+    # Attack run 5 (E2): a worker making outputs faster than the VM adopts them ran out
+    # of descriptors with "close regions and files it no longer uses", naming nothing
+    # it could close: its pending outputs hold 2 descriptors each until adopted.
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    made = []
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 24, hard))
+    try:
+        with pytest.raises(snakepit_shm.SnakepitShmError, match="unadopted outputs") as info:
+            for _ in range(100):
+                out = snakepit_shm.allocate(64)
+                out.close()
+                made.append(out)
+        assert "descriptors" in str(info.value) and "discard()" in str(info.value)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        for out in made:
+            snakepit_shm.discard(out)
+    assert not set(o.region_id for o in made) & set(snakepit_shm.pending_outputs())
+
+
+def test_a_worker_exiting_right_after_its_reply_waits_for_the_adoption():
+    # Attack run 5 (E2): a worker that returned an output's ref and then exited normally
+    # (a recycled pool worker, a one-shot script) took the output with it, mostly
+    # before the VM had read the reply: the result was lost. At exit it now waits for
+    # the adoption (SNAKEPIT_SHM_EXIT_GRACE, 5 s by default), then warns of what is lost.
+    script = ("import json, numpy, snakepit_shm\n"
+              "out = snakepit_shm.from_array(numpy.arange(4.0))\n"
+              "out.close()\n"
+              "print(json.dumps(out.ref), flush=True)\n")
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=os.environ)
+    ref = json.loads(child.stdout.readline())
+    time.sleep(0.3)  # the VM reads the reply a little later
+    assert child.poll() is None, "the worker exited with its output unadopted"
+    region = snakepit_shm.attach(ref)  # what adopt_region/2 opens
+    try:
+        _adopt_by_hand(ref)
+        child.wait(timeout=3)  # leaves once adopted, not at the end of the grace
+        assert child.returncode == 0
+        assert list(region.ndarray()) == [0.0, 1.0, 2.0, 3.0]
+    finally:
+        region.close()
+    assert "UnadoptedOutputWarning" not in child.stderr.read()
+
+    # Nobody adopts: the worker leaves after the grace and says what is lost.
+    env = dict(os.environ, SNAKEPIT_SHM_EXIT_GRACE="0.2")
+    lost = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, timeout=30)
+    assert lost.returncode == 0
+    region_id = json.loads(lost.stdout)["region_id"]
+    assert "UnadoptedOutputWarning" in lost.stderr and region_id in lost.stderr
