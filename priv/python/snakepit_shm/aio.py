@@ -17,7 +17,7 @@ import os
 import threading
 import time
 
-from .channel import Channel, WouldBlock, _Cancel, _deadline
+from .channel import Channel, WouldBlock, _deadline
 
 __all__ = ["connect", "AsyncChannel"]
 
@@ -62,18 +62,19 @@ class _Attempt:
         self._left = False      # the coroutine no longer waits for the result
         self._taken = False     # the coroutine got the channel
         self._channel = None    # connected by the thread, not taken (yet)
-        r, self._w = os.pipe2(os.O_CLOEXEC)
-        # r is the thread's to close (it runs whatever happens: the future is shielded)
-        self._cancel = _Cancel(r)
+        # The read end is the thread's to close (it runs whatever happens: the future is
+        # shielded); the coroutine closes the write end when it stops waiting, which
+        # makes the read end readable: the library then stops the handshake.
+        self._r, self._w = os.pipe2(os.O_CLOEXEC)
 
     def run(self):
         """The executor thread's part: connects unless given up (closing self._w makes
-        self._cancel.fd readable: the library stops the handshake)."""
+        self._r readable: the library stops the handshake)."""
         try:
             try:
-                ch = Channel.connect(self._ref, _cancel=self._cancel, **self._options)
+                ch = Channel.connect(self._ref, _cancel_fd=self._r, **self._options)
             finally:
-                os.close(self._cancel.fd)
+                os.close(self._r)
         except BaseException:
             with self._lock:
                 if self._left:

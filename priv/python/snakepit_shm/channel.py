@@ -218,17 +218,6 @@ def _note_taken(ref):
             del _taken[next(iter(_taken))]
 
 
-class _Cancel:
-    """How :mod:`snakepit_shm.aio` gives a connect up: ``fd`` is the read end of a pipe
-    whose write end the waiting coroutine closes when it stops waiting (the library then
-    stops the handshake); ``accepted`` says afterwards whether the owner had taken the
-    connection before that."""
-
-    def __init__(self, fd):
-        self.fd = fd
-        self.accepted = False
-
-
 def _parse_ref(ref):
     if isinstance(ref, (str, bytes)):
         try:
@@ -308,7 +297,7 @@ class Channel:
 
     @classmethod
     def connect(cls, ref, *, ack_mode="batch", max_batch_size=32, flush_interval=0.005,
-                max_message_size=1 << 40, timeout=10.0, spin=50e-6, _cancel=None):
+                max_message_size=1 << 40, timeout=10.0, spin=50e-6, _cancel_fd=-1):
         """Connect to the channel described by ``ref`` (dict or JSON string).
 
         ``ack_mode`` (``"batch"``, ``"immediate"`` or ``"deferred"``), ``max_batch_size``
@@ -372,14 +361,13 @@ class Channel:
         code = lib.spshm_ch_connect_cancellable(
             ref["path"].encode(), ref["token"].encode(), _ACK_MODES[ack_mode],
             max_batch_size, min(int(flush_interval * 1e9), (1 << 64) - 1), max_message_size,
-            timeout_ms, -1 if _cancel is None else _cancel.fd, ctypes.byref(accepted),
+            timeout_ms, _cancel_fd, ctypes.byref(accepted),
             ctypes.byref(out), err, _ERR_LEN)
         if code != 0:
             message = err.value.decode("utf-8", "replace")
-            if accepted.value and _cancel is not None:
-                _cancel.accepted = True
+            if accepted.value and _cancel_fd >= 0:
                 _note_taken(ref)
-            if _cancel is not None and code == _native.E_IO_ERROR and \
+            if _cancel_fd >= 0 and code == _native.E_IO_ERROR and \
                     "connect was cancelled" in message:
                 raise OSError(_errno.ECANCELED, message)
             if code == _native.E_PERMISSION_DENIED:
