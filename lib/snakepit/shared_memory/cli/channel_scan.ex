@@ -5,10 +5,12 @@ defmodule Snakepit.SharedMemory.CLI.ChannelScan do
   # inode: each channel is mapped by its owner VM and, once connected, its worker. Only
   # processes of our uid are readable. Within a VM, Channel.list/0 gives the full stats.
 
+  alias Snakepit.SharedMemory.CLI.ProcessIdentity
+
   @doc "[%{inode: integer, pids: [os_pid], bytes: integer}] sorted by inode."
   @spec scan() :: [map()]
   def scan do
-    for pid <- pids(),
+    for pid <- ProcessIdentity.proc_pids(),
         {inode, bytes} <- rings(pid),
         reduce: %{} do
       acc ->
@@ -32,13 +34,6 @@ defmodule Snakepit.SharedMemory.CLI.ChannelScan do
       end
 
     Enum.join(["channels: #{length(channels)}" | rows], "\n")
-  end
-
-  defp pids do
-    case File.ls("/proc") do
-      {:ok, names} -> for n <- names, {pid, ""} <- [Integer.parse(n)], do: pid
-      {:error, _} -> []
-    end
   end
 
   defp rings(pid) do

@@ -14,7 +14,7 @@ defmodule Snakepit.SharedMemory.CLI.HostScan do
   # Each one's header is read with Native.inspect_path/1 (which refuses symlinks, objects
   # of other users and damaged headers) and turned into an entry (CLI.Entry).
 
-  alias Snakepit.SharedMemory.CLI.Entry
+  alias Snakepit.SharedMemory.CLI.{Entry, ProcessIdentity}
   alias Snakepit.SharedMemory.Native
 
   @prefix "spshm_"
@@ -167,7 +167,7 @@ defmodule Snakepit.SharedMemory.CLI.HostScan do
   defp memfd_regions do
     own_uid = own_uid()
 
-    proc_pids()
+    ProcessIdentity.proc_pids()
     |> Enum.filter(&owned_by?(&1, own_uid))
     |> Enum.flat_map(&memfd_links/1)
     |> Enum.group_by(fn {id, _kind, _pid, _path} -> id end)
@@ -231,16 +231,6 @@ defmodule Snakepit.SharedMemory.CLI.HostScan do
   # that VM keeps for its next region, not a region, nothing leaked.
   defp pooled?(%{data: [{_pid, path} | _]}), do: Native.pooled_object(path)
   defp pooled?(_), do: false
-
-  defp proc_pids do
-    case File.ls("/proc") do
-      {:ok, names} ->
-        for name <- names, match?({_, ""}, Integer.parse(name)), do: String.to_integer(name)
-
-      {:error, _} ->
-        []
-    end
-  end
 
   defp own_uid do
     case File.stat("/proc/self") do

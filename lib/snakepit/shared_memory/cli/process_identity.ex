@@ -9,7 +9,8 @@ defmodule Snakepit.SharedMemory.CLI.ProcessIdentity do
   #     (Native.process_alive/2);
   #   * in a PID namespace nested in this one (a container seen from its host): a
   #     process whose `NSpid` (/proc/<pid>/status) ends with that pid, i.e. its pid in its
-  #     own namespace, with the same start time. `nested/0` indexes those once per scan.
+  #     own namespace, with the same start time. `nested/0` indexes those by that pid
+  #     once per scan; the start time is checked as for the first way, by its pid here.
   #
   # Found: that process lives. Not found: nothing is said (it may run in a namespace
   # this one cannot see, a parent or a sibling); callers ask the kernel's locks instead.
@@ -17,11 +18,11 @@ defmodule Snakepit.SharedMemory.CLI.ProcessIdentity do
 
   alias Snakepit.SharedMemory.Native
 
-  @type index :: %{{pos_integer(), non_neg_integer()} => pos_integer()}
+  @type index :: %{pos_integer() => [pos_integer()]}
 
   @doc """
-  `{pid in its own namespace, start time} => pid here` for every process of our uid that
-  runs in a PID namespace nested in this one (zombies left out).
+  `pid in its own namespace => [pids here]` for the processes of our uid that run in a
+  PID namespace nested in this one (one pid may be taken in several such namespaces).
   """
   @spec nested() :: index()
   def nested do
@@ -42,9 +43,9 @@ defmodule Snakepit.SharedMemory.CLI.ProcessIdentity do
         {:ok, status} <- [File.read("/proc/#{pid}/status")],
         status_uid(status) == uid,
         [_ | [_ | _] = inner] <- [nspids(status)],
-        {:ok, start} <- [start_time(pid)],
-        into: %{},
-        do: {{List.last(inner), start}, pid}
+        reduce: %{} do
+      index -> Map.update(index, List.last(inner), [pid], &[pid | &1])
+    end
   end
 
   @doc """
@@ -54,14 +55,18 @@ defmodule Snakepit.SharedMemory.CLI.ProcessIdentity do
   @spec find(non_neg_integer(), non_neg_integer(), index()) ::
           {:here, pos_integer()} | {:nested, pos_integer()} | :not_seen
   def find(pid, start_time, index) do
+    alive? = &Native.process_alive(&1, start_time)
+
     cond do
-      pid > 0 and Native.process_alive(pid, start_time) -> {:here, pid}
-      here = Map.get(index, {pid, start_time}) -> {:nested, here}
+      pid > 0 and alive?.(pid) -> {:here, pid}
+      here = index |> Map.get(pid, []) |> Enum.find(alive?) -> {:nested, here}
       true -> :not_seen
     end
   end
 
-  defp proc_pids do
+  @doc "The pids /proc lists (this PID namespace's processes; [] without /proc)."
+  @spec proc_pids() :: [pos_integer()]
+  def proc_pids do
     case File.ls("/proc") do
       {:ok, names} -> for name <- names, {pid, ""} <- [Integer.parse(name)], do: pid
       {:error, _} -> []
@@ -75,7 +80,7 @@ defmodule Snakepit.SharedMemory.CLI.ProcessIdentity do
     end
   end
 
-  # The real uid ("Uid:\treal\teffective\t..."): segments belong to their creator's uid.
+  # The effective uid ("Uid:\treal\teffective\t..."): what owns the files a process makes.
   defp status_uid(status) do
     case Regex.run(~r/^Uid:\s+\d+\s+(\d+)/m, status) do
       [_, uid] -> String.to_integer(uid)
@@ -88,32 +93,6 @@ defmodule Snakepit.SharedMemory.CLI.ProcessIdentity do
     case Regex.run(~r/^NSpid:\s+([\d\s]+?)\s*$/m, status) do
       [_, pids] -> pids |> String.split() |> Enum.map(&String.to_integer/1)
       nil -> []
-    end
-  end
-
-  # Field 22 of /proc/<pid>/stat (clock ticks since boot, what headers record), counted
-  # from the last ')' (the command name may hold spaces and parentheses); zombies (Z) and
-  # dead tasks (X) are no live process.
-  defp start_time(pid) do
-    with {:ok, stat} <- File.read("/proc/#{pid}/stat"),
-         {:ok, rest} <- after_command(stat),
-         [state | fields] <- String.split(rest),
-         true <- state not in ["Z", "X"],
-         {start, ""} <- fields |> Enum.at(18, "") |> Integer.parse() do
-      {:ok, start}
-    else
-      _ -> :error
-    end
-  end
-
-  defp after_command(stat) do
-    case :binary.matches(stat, ")") do
-      [] ->
-        :error
-
-      matches ->
-        {at, 1} = List.last(matches)
-        {:ok, binary_part(stat, at + 1, byte_size(stat) - at - 1)}
     end
   end
 end
