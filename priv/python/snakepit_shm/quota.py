@@ -506,7 +506,7 @@ class HostQuota:
         if not isinstance(sync, bool):
             raise ValueError("sync must be True or False, got: %r" % (sync,))
         with self._cv:
-            if self._held.get(reservation.id) is not reservation:
+            if reservation._quota is not self or reservation.id not in self._held:
                 # Not held, or a reservation of another client (ids are per client:
                 # the same id here may be one of ours).
                 return
@@ -528,7 +528,7 @@ class HostQuota:
     def held(self):
         """The reservations this client holds."""
         with self._cv:
-            return list(self._held.values())
+            return [self._reservation_locked(res_id) for res_id in list(self._held)]
 
     def stats(self):
         """Counters of this client: ``spin_hits`` (spins that read something: the
@@ -578,6 +578,18 @@ class HostQuota:
 
     # ---- requests ----
 
+    def _reservation_locked(self, res_id):
+        # The Reservation object of a held id: the caller's own while it lives, else a
+        # new one (the client keeps only a weak reference: a Reservation refers to its
+        # client, and a reference back would make every client with a reservation a
+        # cycle, left to the cyclic GC instead of ending its session when dropped).
+        name, amount, ref = self._held[res_id]
+        reservation = ref()
+        if reservation is None:
+            reservation = Reservation(self, res_id, name, amount)
+            self._held[res_id] = (name, amount, weakref.ref(reservation))
+        return reservation
+
     def _is_held(self, res_id):
         with self._cv:
             return res_id in self._held
@@ -619,7 +631,8 @@ class HostQuota:
         # Called with the lock held, once the reply of `req` is here.
         self._pending.pop(req, None)
         if reservation is not None and reply[0] == GRANTED:
-            self._held[reservation.id] = reservation
+            self._held[reservation.id] = (reservation.name, reservation.amount,
+                                          weakref.ref(reservation))
             self._limits.setdefault(reservation.name, reply[2])
         return reply
 
@@ -821,9 +834,9 @@ class HostQuota:
             frames = [encode_hello(self._client_id, os.getpid(), self._label)]
             frames += [encode_define(0, n.encode(), lim, if_absent=True)
                        for n, lim in self._limits.items()]
-            frames += [encode_declare(0, r.id, r.name.encode(), r.amount,
-                                      self._limits.get(r.name, 0))
-                       for r in self._held.values()]
+            frames += [encode_declare(0, res_id, name.encode(), amount,
+                                      self._limits.get(name, 0))
+                       for res_id, (name, amount, _ref) in self._held.items()]
             frames += [f for _req, (f, release) in sorted(self._pending.items()) if not release]
             try:
                 sock.sendall(b"".join(struct.pack(">I", len(f)) + f for f in frames))

@@ -11,6 +11,7 @@ import socket
 import struct
 import threading
 import time
+import weakref
 
 import pytest
 
@@ -387,6 +388,43 @@ def test_a_client_dropped_without_close_ends_its_session(tmp_path):
     assert wait_for(lambda: not watchers()), watchers()
     server.stop()
     assert fds() <= before
+
+
+def test_a_dropped_client_holding_a_reservation_is_freed_without_the_cyclic_gc(tmp_path):
+    # The client kept its Reservation objects and each referred to its client: every
+    # client that held a reservation was a reference cycle, so dropping it ended its
+    # session only at the next collection of the cyclic GC (never, in the test above,
+    # when the watcher held the client during the one gc.collect()).
+    server = FakeServer(tmp_path)
+    gc.disable()
+    try:
+        quota = snakepit_shm.HostQuota.connect(dir=server.dir)
+        quota.reserve("q", 1)
+        quota.reserve("q", 2)
+        ref = weakref.ref(quota)
+        del quota
+        assert wait_for(lambda: ref() is None)
+        assert wait_for(lambda: 1 in server.ended)
+    finally:
+        gc.enable()
+    server.stop()
+
+
+def test_held_gives_a_dropped_reservation_back_and_it_can_be_released(tmp_path):
+    server = FakeServer(tmp_path)
+    with snakepit_shm.HostQuota.connect(dir=server.dir) as quota:
+        kept = quota.reserve("q", 1)
+        dropped_id = quota.reserve("q", 2).id  # the Reservation object is dropped
+        held = quota.held
+        assert sorted((r.id, r.name, r.amount) for r in held) == \
+            sorted([(kept.id, "q", 1), (dropped_id, "q", 2)])
+        assert any(r is kept for r in held)  # the caller's own object while it lives
+        again = next(r for r in held if r.id == dropped_id)
+        assert again.held
+        quota.release(again)
+        assert not again.held and kept.held
+        assert [r.id for r in quota.held] == [kept.id]
+    server.stop()
 
 
 def test_many_threads_share_one_session(tmp_path):
