@@ -20,7 +20,7 @@ defmodule SnakepitShm.Bench.Channel do
   """
 
   alias Snakepit.SharedMemory.{Channel, JSON}
-  alias SnakepitShm.Bench.{Programs, Stats}
+  alias SnakepitShm.Bench.{Format, Programs, Stats}
 
   @rtt_sizes [64, 4096, 65_536, 1_048_576]
   @oneway_sizes [256, 4096]
@@ -37,20 +37,15 @@ defmodule SnakepitShm.Bench.Channel do
       )
       |> Enum.filter(&(&1 <= byte_size(payload)))
 
-    rtt = %{
-      channel: with_channel(:shm, "echo", &rtt_channel(&1, rtt_n)),
-      channel_socket: with_channel(:socket, "echo", &rtt_channel(&1, rtt_n)),
-      port: with_port("echo", &rtt_port(&1, rtt_n)),
-      socket: with_socket("echo", &rtt_socket(&1, rtt_n)),
-      grpc: rtt_grpc(rtt_n)
-    }
+    rounds = if quick, do: 3, else: 7
 
-    oneway = %{
-      channel: with_channel(:shm, "sink", &oneway_channel(&1, oneway_n)),
-      channel_socket: with_channel(:socket, "sink", &oneway_channel(&1, oneway_n)),
-      port: with_port("sink", &oneway_port(&1, oneway_n)),
-      socket: with_socket("sink", &oneway_socket(&1, oneway_n))
-    }
+    # The four peers run at once and, per size, their rounds alternate (order rotated):
+    # a change in the machine's load hits every path alike, and the ratios are taken
+    # inside a round.
+    {rtt, rtt_ratios} = with_peers("echo", &rtt_paired(&1, rtt_n, rounds))
+    {oneway, oneway_ratios} = with_peers("sink", &oneway_paired(&1, oneway_n))
+
+    rtt = Map.put(rtt, :grpc, rtt_grpc(rtt_n))
 
     # Both peers run at once and their rounds alternate, so that a change in the
     # machine's load (other work on a shared host) hits both paths alike.
@@ -59,10 +54,71 @@ defmodule SnakepitShm.Bench.Channel do
         with_port("handoff", &handoff_paired(ch, &1, payload, handoff_sizes, quick))
       end)
 
-    %{rtt: rtt, oneway: oneway, handoff: handoff, rtt_n: rtt_n, oneway_n: oneway_n}
+    %{
+      rtt: rtt,
+      rtt_ratios: rtt_ratios,
+      rtt_rounds: rounds,
+      oneway: oneway,
+      oneway_ratios: oneway_ratios,
+      handoff: handoff,
+      rtt_n: rtt_n,
+      oneway_n: oneway_n
+    }
   end
 
   # ---- transports ----
+
+  @paths [:channel, :channel_socket, :port, :socket]
+
+  # The four peers of one mode at once: `%{path => {send_fun, await_fun}}`.
+  defp with_peers(mode, fun) do
+    with_channel(:shm, mode, fn ch ->
+      with_channel(:socket, mode, fn chs ->
+        with_port(mode, fn port ->
+          with_socket(mode, fn socket ->
+            fun.(%{
+              channel: channel_io(ch),
+              channel_socket: channel_io(chs),
+              port: port_io(port),
+              socket: socket_io(socket)
+            })
+          end)
+        end)
+      end)
+    end)
+  end
+
+  defp channel_io(ch) do
+    {fn msg -> :ok = Channel.send(ch, msg) end,
+     fn ->
+       receive do
+         {:snakepit_shm_channel, ^ch, reply} -> reply
+       end
+     end}
+  end
+
+  defp port_io(port) do
+    {fn msg -> Port.command(port, msg) end,
+     fn ->
+       receive do
+         {^port, {:data, reply}} -> reply
+       end
+     end}
+  end
+
+  defp socket_io(socket) do
+    {fn msg -> :ok = :gen_tcp.send(socket, msg) end,
+     fn ->
+       {:ok, reply} = :gen_tcp.recv(socket, 0)
+       reply
+     end}
+  end
+
+  # Round `r`'s order of the paths: rotated by one each round.
+  defp rotation(paths, r) do
+    k = rem(r, length(paths))
+    Enum.drop(paths, k) ++ Enum.take(paths, k)
+  end
 
   defp with_channel(transport, mode, fun) do
     {:ok, ch} = Channel.open(transport: transport, active: true, ring_size: 4 * 1024 * 1024)
@@ -144,52 +200,44 @@ defmodule SnakepitShm.Bench.Channel do
 
   defp iterations(n, size), do: if(size >= 1_048_576, do: max(div(n, 10), 50), else: n)
 
-  defp rtt_channel(ch, n) do
-    for size <- @rtt_sizes, into: %{} do
-      msg = :crypto.strong_rand_bytes(size)
+  # Per size: `rounds` rounds; in each, every path times its share of the round trips
+  # (order rotated). Returns the pooled p50/p99 per path and size, and per size the
+  # paired ratios (other path's p50 / channel's p50, round by round).
+  defp rtt_paired(peers, n, rounds) do
+    per_size =
+      for size <- @rtt_sizes do
+        msg = :crypto.strong_rand_bytes(size)
+        per_round = max(div(iterations(n, size), rounds), 20)
 
-      samples =
-        timed(iterations(n, size), fn ->
-          :ok = Channel.send(ch, msg)
-
-          receive do
-            {:snakepit_shm_channel, ^ch, _} -> :ok
+        samples =
+          for r <- 1..rounds do
+            Map.new(rotation(@paths, r), fn path ->
+              {send, await} = peers[path]
+              {path, timed(per_round, fn -> send.(msg) && await.() end)}
+            end)
           end
-        end)
 
-      {size, summarize(samples)}
-    end
-  end
+        {size, samples}
+      end
 
-  defp rtt_port(port, n) do
-    for size <- @rtt_sizes, into: %{} do
-      msg = :crypto.strong_rand_bytes(size)
+    pooled =
+      Map.new(@paths, fn path ->
+        {path,
+         Map.new(per_size, fn {size, rs} -> {size, summarize(Enum.flat_map(rs, & &1[path]))} end)}
+      end)
 
-      samples =
-        timed(iterations(n, size), fn ->
-          Port.command(port, msg)
+    ratios =
+      Map.new(per_size, fn {size, rs} ->
+        p50s = fn path -> Enum.map(rs, &Stats.percentile(&1[path], 50)) end
+        channel = p50s.(:channel)
 
-          receive do
-            {^port, {:data, _}} -> :ok
-          end
-        end)
+        {size,
+         Map.new([:channel_socket, :port, :socket], fn path ->
+           {path, Stats.paired_ratio(p50s.(path), channel)}
+         end)}
+      end)
 
-      {size, summarize(samples)}
-    end
-  end
-
-  defp rtt_socket(socket, n) do
-    for size <- @rtt_sizes, into: %{} do
-      msg = :crypto.strong_rand_bytes(size)
-
-      samples =
-        timed(iterations(n, size), fn ->
-          :ok = :gen_tcp.send(socket, msg)
-          {:ok, _} = :gen_tcp.recv(socket, 0)
-        end)
-
-      {size, summarize(samples)}
-    end
+    {pooled, ratios}
   end
 
   defp rtt_grpc(n) do
@@ -209,7 +257,7 @@ defmodule SnakepitShm.Bench.Channel do
   end
 
   defp timed(n, fun) do
-    for _ <- 1..min(200, n), do: fun.()
+    for _ <- 1..min(50, n), do: fun.()
 
     for _ <- 1..n do
       t0 = System.monotonic_time(:nanosecond)
@@ -228,66 +276,45 @@ defmodule SnakepitShm.Bench.Channel do
 
   # ---- one way ----
 
-  defp oneway_channel(ch, n) do
-    for size <- @oneway_sizes, into: %{} do
-      msg = :crypto.strong_rand_bytes(size)
+  # Per size: 3 rounds, each timing `n` messages and the sink's count reply on every path
+  # (order rotated). Returns the best rate per path and size (messages/s), and per size
+  # the paired ratios (channel's rate / other path's rate, round by round).
+  defp oneway_paired(peers, n) do
+    per_size =
+      for size <- @oneway_sizes do
+        msg = :crypto.strong_rand_bytes(size)
 
-      rate =
-        rate(n, fn ->
-          for _ <- 1..n, do: :ok = Channel.send(ch, msg)
-          :ok = Channel.send(ch, "!END")
-
-          receive do
-            {:snakepit_shm_channel, ^ch, count} -> ^n = String.to_integer(count)
+        rates =
+          for r <- 1..3 do
+            Map.new(rotation(@paths, r), fn path ->
+              {send, await} = peers[path]
+              t0 = System.monotonic_time(:nanosecond)
+              for _ <- 1..n, do: send.(msg)
+              send.("!END")
+              ^n = String.to_integer(await.())
+              {path, n * 1.0e9 / (System.monotonic_time(:nanosecond) - t0)}
+            end)
           end
-        end)
 
-      {size, rate}
-    end
-  end
+        {size, rates}
+      end
 
-  defp oneway_port(port, n) do
-    for size <- @oneway_sizes, into: %{} do
-      msg = :crypto.strong_rand_bytes(size)
+    best =
+      Map.new(@paths, fn path ->
+        {path, Map.new(per_size, fn {size, rs} -> {size, Enum.max(Enum.map(rs, & &1[path]))} end)}
+      end)
 
-      rate =
-        rate(n, fn ->
-          for _ <- 1..n, do: Port.command(port, msg)
-          Port.command(port, "!END")
+    ratios =
+      Map.new(per_size, fn {size, rs} ->
+        channel = Enum.map(rs, & &1.channel)
 
-          receive do
-            {^port, {:data, count}} -> ^n = String.to_integer(count)
-          end
-        end)
+        {size,
+         Map.new([:channel_socket, :port, :socket], fn path ->
+           {path, Stats.paired_ratio(channel, Enum.map(rs, & &1[path]))}
+         end)}
+      end)
 
-      {size, rate}
-    end
-  end
-
-  defp oneway_socket(socket, n) do
-    for size <- @oneway_sizes, into: %{} do
-      msg = :crypto.strong_rand_bytes(size)
-
-      rate =
-        rate(n, fn ->
-          for _ <- 1..n, do: :ok = :gen_tcp.send(socket, msg)
-          :ok = :gen_tcp.send(socket, "!END")
-          {:ok, count} = :gen_tcp.recv(socket, 0)
-          ^n = String.to_integer(count)
-        end)
-
-      {size, rate}
-    end
-  end
-
-  # Messages per second, best of 3 runs.
-  defp rate(n, fun) do
-    for _ <- 1..3 do
-      t0 = System.monotonic_time(:nanosecond)
-      fun.()
-      n * 1.0e9 / (System.monotonic_time(:nanosecond) - t0)
-    end
-    |> Enum.max()
+    {best, ratios}
   end
 
   # ---- handoff ----
@@ -365,18 +392,21 @@ defmodule SnakepitShm.Bench.Channel do
             end
           end
 
+        ratios = Map.get(r, :rtt_ratios, %{})[size] || %{}
+
         "| #{bytes(size)} | " <>
           Enum.join(cells, " | ") <>
-          " | #{ratio(rtt, size, :port)} | #{ratio(rtt, size, :socket)} |"
+          " | #{Format.ratio(ratios[:port])} | #{Format.ratio(ratios[:socket])} |"
       end
 
     oneway_rows =
       for size <- @oneway_sizes do
-        c = oneway.channel[size]
-        p = oneway.port[size]
-        s = oneway.socket[size]
+        cells = Enum.map(@paths, &Integer.to_string(round(oneway[&1][size])))
+        ratios = Map.get(r, :oneway_ratios, %{})[size] || %{}
 
-        "| #{bytes(size)} | #{round(c)} | #{round(oneway.channel_socket[size])} | #{round(p)} | #{round(s)} | #{Float.round(c / p, 1)}× | #{Float.round(c / s, 1)}× |"
+        "| #{bytes(size)} | " <>
+          Enum.join(cells, " | ") <>
+          " | #{Format.ratio(ratios[:port])} | #{Format.ratio(ratios[:socket])} |"
       end
 
     handoff_rows =
@@ -388,14 +418,18 @@ defmodule SnakepitShm.Bench.Channel do
     """
     ## Part: channel (issue 15)
 
-    Round trips: #{r.rtt_n} per size (a tenth for 1 MiB); one way: #{r.oneway_n} messages, best of 3.
-    Channel rings 4 MiB (inline threshold 1 MiB). Latency in µs, p50 / p99.
+    Round trips: #{r.rtt_n} per size (a tenth for 1 MiB) and path, in #{r[:rtt_rounds]} rounds; in each
+    round every path times its share, the order rotated each round, all four peers running.
+    Latency in µs, p50 / p99 of the pooled samples; the ratios are those of the p50s of each
+    round, median (min–max) over the rounds. gRPC (two Python processes) runs apart.
+    Channel rings 4 MiB (inline threshold 1 MiB).
 
     | size | channel (shm) | channel (socket) | Port {packet,4} | Unix socket | gRPC (Python↔Python) | Port / channel p50 | socket / channel p50 |
     |---|---|---|---|---|---|---|---|
     #{Enum.join(rtt_rows, "\n")}
 
-    One-way messages per second:
+    One-way messages per second (#{r.oneway_n} messages and the sink's count reply, 3 rounds
+    in rotated order; the best round per path; ratios paired by round):
 
     | size | channel (shm) | channel (socket) | Port | Unix socket | channel / Port | channel / socket |
     |---|---|---|---|---|---|---|
@@ -409,12 +443,31 @@ defmodule SnakepitShm.Bench.Channel do
     """
   end
 
-  defp ratio(rtt, size, other) do
-    with %{^size => %{p50: c}} <- rtt.channel, %{^size => %{p50: o}} <- rtt[other] do
-      "#{Float.round(o / c, 1)}×"
-    else
-      _ -> "—"
-    end
+  @doc """
+  Issue 15's goals for the part: a 64 B round trip at least 3× faster than the Port's
+  (p50), 256 B one way at least 3× the Port's rate and 2× the Unix socket's.
+  """
+  def targets(%{channel: %{rtt_ratios: rtt, oneway_ratios: oneway}}) do
+    [
+      target("64 B round trip p50 vs Erlang Port", ">= 3×", rtt[64].port, 3),
+      target("256 B one way, messages/s vs Erlang Port", ">= 3×", oneway[256].port, 3),
+      target("256 B one way, messages/s vs Unix socket", ">= 2×", oneway[256].socket, 2)
+    ]
+  end
+
+  def targets(_), do: []
+
+  defp target(what, target, ratio, min) do
+    met = ratio.median >= min
+
+    %{
+      part: "channel",
+      what: what,
+      target: target,
+      measured: Format.ratio(ratio),
+      met: met,
+      reason: if(met, do: "", else: "see the part \"channel\" and bench/FINDINGS.md section 8")
+    }
   end
 
   defp us(ns), do: :erlang.float_to_binary(ns / 1000, decimals: 1)

@@ -20,6 +20,7 @@ defmodule SnakepitShm.Bench.Targets do
         &scale/1,
         &SnakepitShm.Bench.Health.targets/1,
         &SnakepitShm.Bench.Board.targets/1,
+        &SnakepitShm.Bench.Channel.targets/1,
         &SnakepitShm.Bench.PerRequest.targets/1
       ],
       & &1.(results)

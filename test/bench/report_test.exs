@@ -1,8 +1,8 @@
 # The bench's own arithmetic and report bookkeeping (bench/lib is compiled by
-# `mix snakepit.shm.bench` at run time, not with the library: required here). No timing.
-for file <-
-      ~w(stats format programs lifecycle handoff health board targets report_sections cluster_report report) do
-  Code.require_file("../../bench/lib/#{file}.ex", __DIR__)
+# `mix snakepit.shm.bench` at run time, not with the library: required here, all of it,
+# since the report and the targets call every part's module). No timing.
+for file <- Path.wildcard(Path.expand("../../bench/lib/*.ex", __DIR__)) do
+  Code.require_file(file)
 end
 
 defmodule SnakepitShm.Bench.ReportTest do
@@ -92,6 +92,31 @@ defmodule SnakepitShm.Bench.ReportTest do
       assert measured =~ "at 1 MiB"
       assert reason =~ "the Port was as fast or faster at 1 MiB"
       assert Targets.evaluate(%{handoff: []}) == []
+    end
+  end
+
+  describe "the part channel's targets (issue 15)" do
+    test "64 B round trip and 256 B one way, from the paired ratios of the rounds" do
+      ratios = fn port, socket ->
+        %{port: Stats.summary(port), socket: Stats.summary(socket), channel_socket: nil}
+      end
+
+      results = %{
+        channel: %{
+          rtt_ratios: %{64 => ratios.([2.0, 3.5, 4.0], [5.0, 5.0, 5.0])},
+          oneway_ratios: %{256 => ratios.([3.0, 3.0, 9.0], [1.5, 1.9, 4.0])}
+        }
+      }
+
+      assert [
+               %{part: "channel", what: "64 B round trip p50 vs Erlang Port", met: true} = rtt,
+               %{what: "256 B one way, messages/s vs Erlang Port", met: true},
+               %{what: "256 B one way, messages/s vs Unix socket", met: false, reason: reason}
+             ] = SnakepitShm.Bench.Channel.targets(results)
+
+      assert rtt.measured == "3.50× (2.00–4.00)"
+      assert reason =~ "part \"channel\""
+      assert SnakepitShm.Bench.Channel.targets(%{}) == []
     end
   end
 
