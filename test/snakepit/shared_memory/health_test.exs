@@ -232,7 +232,10 @@ defmodule Snakepit.SharedMemory.HealthTest do
           ids = allocate(20, backend: :memfd, arena: false)
           r2 = check(SM.health(), :file_descriptors)
           assert r2.status == :degraded
-          assert r2.value >= r.value + 40
+          # The count is the whole VM's: descriptors of earlier tests' regions that the
+          # reaper closes meanwhile lower it (85 against 86 in a full run). 30 still tells
+          # two descriptors per region from one.
+          assert r2.value >= r.value + 30
           for id <- ids, do: :ok = SM.deallocate_region(id)
           Manager.sync()
           :erlang.garbage_collect()

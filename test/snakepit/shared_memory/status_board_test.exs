@@ -11,7 +11,7 @@ defmodule Snakepit.SharedMemory.StatusBoardTest do
 
   alias Snakepit.SharedMemory, as: SM
   alias Snakepit.SharedMemory.{Error, JSON, Manager, Native, StatusBoard}
-  alias Snakepit.SharedMemory.{ShmHelpers, TestSupport}
+  alias Snakepit.SharedMemory.{ReliabilityHelpers, ShmHelpers, TestSupport}
 
   @root Path.expand("../../..", __DIR__)
 
@@ -444,10 +444,11 @@ defmodule Snakepit.SharedMemory.StatusBoardTest do
       Port.close(port)
     end
 
-    test "no torn read while 3 worker processes hammer their slots (10 s)" do
+    test "no torn read while 3 worker processes hammer their slots (3 s, 30 s in soak)" do
       board = board!(capacity: 8, gauges: [:g0, :g1, :g2, :g3])
       workers = for i <- 1..3, do: python_worker(board, "hammer#{i}")
-      seconds = 10
+      # 3 s make about a million updates per worker here; the soak runs ten times longer.
+      seconds = if ReliabilityHelpers.soak?(), do: 30, else: 3
       for {port, _, _} <- workers, do: command(port, "hammer #{seconds}")
       deadline = System.monotonic_time(:millisecond) + seconds * 1000
 
