@@ -2,13 +2,9 @@
 # Dialyzer (Debian erlang-dialyzer) run directly on the app's .beam files, with a PLT of
 # erts, kernel, stdlib, crypto, elixir, logger, mix and eex cached in _build/ (built once,
 # a few minutes). Fails on any warning in the app's own modules.
-# `--plt-only` builds the PLT and stops (no mix compile: test-all.sh runs it in the
-# background while the tests run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-plt_only=0
-[ "${1:-}" = "--plt-only" ] && plt_only=1
-[ "$plt_only" -eq 1 ] || mix compile >/dev/null
+mix compile >/dev/null
 plt=_build/snakepit_shm.plt
 lib() { elixir -e "IO.write(:code.lib_dir(:$1))"; }
 elixir_ebin="$(lib elixir)/ebin"
@@ -23,5 +19,4 @@ if [ ! -f "$plt" ]; then
   }
   mv "$plt.tmp" "$plt"
 fi
-[ "$plt_only" -eq 0 ] || exit 0
 dialyzer --no_check_plt --plt "$plt" -pa "$elixir_ebin" -Wno_opaque _build/dev/lib/snakepit_shm/ebin

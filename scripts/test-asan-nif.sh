@@ -100,6 +100,12 @@ suites=(test/native_test.exs test/reliability/fuzz_native_test.exs test/reliabil
   test/snakepit/shared_memory/arena_test.exs
   # quota charges given back by the destructors of killed callers' heaps (issue 12)
   test/snakepit/shared_memory/kill_instants_test.exs)
+# The plain ExUnit run of `make test` ran these suites at full length a moment ago; here
+# the sanitizers check the same code paths with a third of the fuzz calls and 60 % of the
+# chaos (a caller's own values win; `make soak` scales both up tenfold as usual).
+export SNAKEPIT_SHM_FUZZ_NATIVE_CALLS=${SNAKEPIT_SHM_FUZZ_NATIVE_CALLS:-66000}
+export SNAKEPIT_SHM_FUZZ_API_CALLS=${SNAKEPIT_SHM_FUZZ_API_CALLS:-20000}
+export SNAKEPIT_SHM_CHAOS_MS=${SNAKEPIT_SHM_CHAOS_MS:-6000}
 present=()
 for s in "${suites[@]}"; do [ -f "$s" ] && present+=("$s"); done
 

@@ -3,15 +3,8 @@
 # the Windows backend (CreateFileMappingW / MapViewOfFile, DACLs, two processes) and the
 # portable core tests. Called by scripts/test-all.sh (`make test`); runs alone too.
 # Build dir: _build/mingw; wine prefix: _build/wineprefix (created on first run).
-# `--build-only` builds the tests and creates the prefix, and runs nothing (test-all.sh
-# does it in the background while other suites run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-build_only=0
-if [ "${1:-}" = "--build-only" ]; then
-  build_only=1
-  shift
-fi
 
 scripts/install-deps.sh test wine
 
@@ -36,7 +29,6 @@ if [ ! -f "$WINEPREFIX/system.reg" ]; then
   timeout 300 "$WINE" wineboot --init >/dev/null 2>&1 || true
 fi
 
-[ "$build_only" -eq 0 ] || exit 0
 status=0
 timeout 300 "$WINE" "$build/core_tests.exe" "$@" || status=$?
 # Stop this prefix's wineserver (it lingers for a few seconds otherwise).
