@@ -188,20 +188,27 @@ defmodule Snakepit.SharedMemory.Cluster.Directory do
     {:noreply, state}
   end
 
-  # From other nodes' directories (or this one): entries of this shard.
-  def handle_info({:register, from_node, ids}, state) do
-    :ets.insert(@table, Enum.map(ids, &{&1, from_node}))
+  # From other nodes' directories (or this one): entries of this shard. Only well-formed
+  # ones (a node name and region ids): anything else, sent by a node of another version
+  # or by any process of a connected node, is dropped (logged at debug level) instead of
+  # crashing this process (each crash restarted the :pg scope and emptied every table).
+  def handle_info({:register, from_node, ids}, state) when is_atom(from_node) do
+    if ids?(ids),
+      do: :ets.insert(@table, Enum.map(ids, &{&1, from_node})),
+      else: malformed({:register, from_node, ids})
+
     {:noreply, state}
   end
 
-  def handle_info({:unregister, from_node, id}, state) do
+  def handle_info({:unregister, from_node, id}, state)
+      when is_atom(from_node) and is_binary(id) do
     :ets.delete_object(@table, {id, from_node})
     {:noreply, state}
   end
 
   # Every entry `from_node` has here, replaced by `ids` (its ids of this shard).
-  def handle_info({:replace, from_node, ids}, state) do
-    replace(from_node, ids)
+  def handle_info({:replace, from_node, ids}, state) when is_atom(from_node) do
+    if ids?(ids), do: replace(from_node, ids), else: malformed({:replace, from_node, ids})
     {:noreply, state}
   end
 
@@ -235,11 +242,22 @@ defmodule Snakepit.SharedMemory.Cluster.Directory do
   def handle_info(:renamed, state), do: {:noreply, rebalance(state)}
 
   def handle_info(message, state) do
-    Logger.debug("snakepit_shm cluster directory: unexpected message #{inspect(message)}")
+    malformed(message)
     {:noreply, state}
   end
 
   # ---- helpers ----
+
+  defp malformed(message) do
+    Logger.debug(
+      "snakepit_shm cluster directory: unexpected message #{inspect(message, limit: 10)}"
+    )
+  end
+
+  # A proper list of region ids (strings).
+  defp ids?([]), do: true
+  defp ids?([id | rest]) when is_binary(id), do: ids?(rest)
+  defp ids?(_), do: false
 
   defp register(id, from_node, state) do
     case shard(id, state.nodes) do
