@@ -240,4 +240,57 @@ defmodule Snakepit.SharedMemory.Cluster.Attack6F2Test do
     :ok = SHM.deallocate_region(mine)
     :ok = shm(c.a, :deallocate_region, [a_id])
   end
+
+  # Used to: the directory forwarded each allocation's entry to the id's shard with a
+  # plain send; to a frozen node (SIGSTOP: it stops reading its connection) the
+  # distribution buffer filled after some 60 000 allocations, and the send suspended the
+  # directory until the connection dropped (net_ticktime, about a minute): its mailbox
+  # grew by two messages per allocation (280 000 after 200 000 allocations and frees),
+  # sync/0 hung, and this node's own shard entries were not updated meanwhile.
+  test "a frozen member never suspends the directory; it catches up once it runs", c do
+    {peer_f, f} = start_peer!("shm6z")
+    on_exit(fn -> stop_peer(peer_f) end)
+    settle!([node(), c.a, f], 3)
+    dir = Process.whereis(Directory)
+    vm = os_pid(f)
+    {_, 0} = System.cmd("kill", ["-STOP", vm])
+    on_exit(fn -> System.cmd("kill", ["-CONT", vm]) end)
+
+    {kept, freed} =
+      try do
+        freed =
+          for round <- 1..12, reduce: [] do
+            acc ->
+              ids =
+                for _ <- 1..10_000 do
+                  {:ok, id} = SHM.allocate_region(64)
+                  :ok = SHM.deallocate_region(id)
+                  id
+                end
+
+              info = Process.info(dir, [:status, :message_queue_len])
+              assert info[:status] != :suspended, "round #{round}: #{inspect(info)}"
+              assert info[:message_queue_len] < 20_000, "round #{round}: #{inspect(info)}"
+              Enum.take(ids, 50) ++ acc
+          end
+
+        kept = for _ <- 1..40, do: elem(SHM.allocate_region(64, cleanup_policy: :manual), 1)
+        assert {_, members} = {:sync, Directory.sync()}
+        assert f in members
+        {kept, freed}
+      after
+        System.cmd("kill", ["-CONT", vm])
+      end
+
+    # Once it runs again, the frozen node's shard is right: every region kept during the
+    # freeze is found from there, none of the freed ones.
+    eventually(fn ->
+      Enum.all?(kept, &(:erpc.call(f, SHM, :locate, [&1]) == {:ok, node()}))
+    end)
+
+    assert Enum.all?(freed, &match?({:error, _}, :erpc.call(f, SHM, :locate, [&1])))
+    for id <- kept, do: :ok = SHM.deallocate_region(id)
+    stop_peer(peer_f)
+    settle!([node(), c.a], 2)
+  end
 end
