@@ -562,8 +562,10 @@ defmodule Snakepit.SharedMemory do
   source's size, metadata, security level and seal; it is owned by the caller
   (cleanup policy `:automatic` unless `:region` says otherwise). If anything fails —
   the other node goes down (`:nodedown`), a check fails (`:corrupt`, `:tampered`), the
-  link stalls (`:timeout`) — the partial copy is freed before the error is returned;
-  if the caller dies mid-transfer, the partial copy is freed too.
+  link stalls (`:timeout`), the node runs no `:snakepit_shm` (`:unavailable`) — the
+  partial copy is freed before the error is returned; if the caller dies mid-transfer,
+  or after it but before it got the result, the copy is freed too (whatever its
+  `:region` options: nobody else knows its id).
 
   Encrypted regions (`:high`, `:maximum`) travel encrypted with a key made for the
   transfer (X25519 + ChaCha20-Poly1305), never with their own key, and arrive in a

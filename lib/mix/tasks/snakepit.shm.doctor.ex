@@ -5,6 +5,9 @@ defmodule Mix.Tasks.Snakepit.Shm.Doctor do
   Checks this host for what snakepit_shm needs, and says what to do about each problem:
 
     * the NIF loads;
+    * the application starts with this project's configuration (an invalid setting is
+      named, with the start's own message; the checks that need the application then
+      say so instead of running);
     * /dev/shm: mounted, its size (warns at Docker's 64 MB default) and free space;
     * leftover segments: orphans of dead VMs, damaged or foreign spshm_* files;
     * peer VMs: whether a VM here can open its presence socket (so that the other VMs

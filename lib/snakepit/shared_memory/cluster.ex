@@ -24,6 +24,7 @@ defmodule Snakepit.SharedMemory.Cluster do
   alias Snakepit.SharedMemory.Cluster.{Directory, Fetch}
 
   @rpc_timeout 15_000
+  @list_timeout 10_000
   @default_chunk 4 * 1024 * 1024
   @min_chunk 4096
   @max_chunk 64 * 1024 * 1024
@@ -257,36 +258,73 @@ defmodule Snakepit.SharedMemory.Cluster do
   defp invalid(message), do: Error.error(:invalid_option, message)
 
   @doc """
-  Lists the regions of every connected node (this one included) with one
-  `:erpc.multicall/5`: `{:ok, [%{node: node, regions: [Info.t()]} | %{node: node,
-  error: String.t()}]}`, sorted by node. A node that does not answer, or does not run
-  `:snakepit_shm`, is listed with an error rather than failing the whole call.
+  Lists the regions of every connected node (this one included), asking them all at
+  once: `{:ok, [%{node: node, regions: [Info.t()], os_pid: integer | nil} | %{node: node,
+  error: String.t()}]}`, sorted by node. A node that does not answer within 10 s (a
+  frozen, overloaded or partitioned VM), or does not run `:snakepit_shm`, is listed with
+  an error rather than failing the whole call; the call never takes much more than 10 s,
+  however many nodes there are.
   """
   @spec list_regions(keyword() | map()) ::
           {:ok, [%{required(:node) => node(), optional(atom()) => term()}]}
   def list_regions(filter \\ []) do
     nodes = Enum.sort([node() | Node.list()])
+    deadline = System.monotonic_time(:millisecond) + @list_timeout
 
-    results = :erpc.multicall(nodes, SharedMemory, :list_regions, [filter], @rpc_timeout)
+    # Both questions to every node at once, answers awaited against one deadline: a
+    # node's OS pid asked only after the slowest listing (one call per node, each with
+    # its own timeout) made the whole call outlast every caller's own timeout.
+    requests =
+      for node <- nodes,
+          do:
+            {node, :erpc.send_request(node, SharedMemory, :list_regions, [filter]),
+             :erpc.send_request(node, System, :pid, [])}
 
     {:ok,
-     Enum.zip_with(nodes, results, fn
-       node, {:ok, {:ok, infos}} ->
-         %{node: node, regions: infos, os_pid: os_pid(node)}
-
-       node, {:ok, {:error, %Error{message: message}}} ->
-         %{node: node, error: message}
-
-       node, {kind, reason} ->
-         %{node: node, error: "#{kind}: #{inspect(reason, limit: 5)}"}
+     Enum.map(requests, fn {node, list, pid} ->
+       listing(node, response(list, deadline), response(pid, deadline))
      end)}
   end
 
-  defp os_pid(node) when node == node(), do: String.to_integer(System.pid())
+  @doc false
+  # How long list_regions/1 waits for the slowest node (callers on another node, such as
+  # `mix snakepit.shm.list --cluster`, wait longer than this).
+  def list_timeout, do: @list_timeout
 
-  defp os_pid(node) do
-    :erpc.call(node, System, :pid, [], @rpc_timeout) |> String.to_integer()
+  # Every request is answered or abandoned (no reply is left in the caller's mailbox).
+  defp response(request, deadline) do
+    remaining = max(deadline - System.monotonic_time(:millisecond), 0)
+    {:ok, :erpc.receive_response(request, remaining)}
   catch
-    _, _ -> nil
+    kind, reason -> {kind, reason}
   end
+
+  defp listing(node, {:ok, {:ok, infos}}, pid),
+    do: %{node: node, regions: infos, os_pid: os_pid(pid)}
+
+  defp listing(node, {:ok, {:error, %Error{message: message}}}, _pid),
+    do: %{node: node, error: message}
+
+  defp listing(node, {:error, {:erpc, :timeout}}, _pid),
+    do: %{
+      node: node,
+      error:
+        "did not answer within #{div(@list_timeout, 1000)} s (a frozen, overloaded or " <>
+          "partitioned node?); its regions are not listed"
+    }
+
+  defp listing(node, {:error, {:erpc, :noconnection}}, _pid),
+    do: %{node: node, error: "disconnected while its regions were being listed"}
+
+  defp listing(node, {:error, {:exception, :undef, _}}, _pid),
+    do: %{
+      node: node,
+      error: "has no Snakepit.SharedMemory.list_regions/1: :snakepit_shm is not loaded there"
+    }
+
+  defp listing(node, {kind, reason}, _pid),
+    do: %{node: node, error: "#{kind}: #{inspect(reason, limit: 5)}"}
+
+  defp os_pid({:ok, pid}) when is_binary(pid), do: String.to_integer(pid)
+  defp os_pid(_), do: nil
 end

@@ -28,20 +28,29 @@ defmodule Snakepit.SharedMemory.CLI.Doctor do
     leftovers =
       if nif.status == :ok, do: leftovers(), else: skipped("leftover segments", "the NIF")
 
-    # Started here (and not by health/0 below) so that the presence row can ask it.
-    health = health()
+    # Started here (and not by health/0 below) so that the presence row can ask it. An
+    # application that does not start (an invalid setting) is a finding of its own:
+    # the rows that need it say so instead of giving advice for causes that are not
+    # the cause (the presence directory, the kernel's memfd seals).
+    started = start_application()
+    health = health(started)
 
     [
       nif,
+      application(started),
       shm_dir(),
       leftovers,
-      peers(),
+      if(started == :ok, do: peers(), else: not_started("peer VMs")),
       kernel(),
       memory(),
       memlock(),
       nofile(),
       remove_ipc(),
-      if(nif.status == :ok, do: memfd_seal(), else: skipped("memfd sealing", "the NIF")),
+      cond do
+        nif.status != :ok -> skipped("memfd sealing", "the NIF")
+        started != :ok -> not_started("memfd sealing")
+        true -> memfd_seal()
+      end,
       if(nif.status == :ok, do: channel(), else: skipped("message channel", "the NIF")),
       if(nif.status == :ok, do: huge_pages(), else: skipped("huge pages", "the NIF"))
     ] ++ DoctorPython.checks(python, priv) ++ health_findings(health)
@@ -86,12 +95,67 @@ defmodule Snakepit.SharedMemory.CLI.Doctor do
   `:health_check_interval` (`Snakepit.SharedMemory.health/0`).
   """
   @spec health() :: map()
-  def health do
+  def health, do: health(start_application())
+
+  # Without the application, only the host's checks: the limit checks (regions, bytes,
+  # regions per process) would compare nothing against the defaults, not the
+  # configured limits, and say "ok".
+  defp health(:ok), do: SHM.health()
+
+  # (The application finding says why it does not start: not repeated here.)
+  defp health({:error, _why}) do
+    report = Snakepit.SharedMemory.Health.run()
+    host = Enum.reject(report.checks, &(&1.name in [:regions, :memory, :regions_per_process]))
+    %{report | status: :critical, checks: host}
+  end
+
+  @doc false
+  # :ok, or {:error, the reason as text}: the message the application's start gave
+  # (an invalid setting names its key), not the tuples wrapped around it.
+  @spec start_application() :: :ok | {:error, String.t()}
+  def start_application do
     case Application.ensure_all_started(:snakepit_shm) do
-      {:ok, _} -> SHM.health()
-      {:error, _} -> Snakepit.SharedMemory.Health.run()
+      {:ok, _} -> :ok
+      {:error, reason} -> {:error, start_error(reason)}
     end
   end
+
+  defp start_error(reason), do: message_in(reason, 5) || inspect(reason, limit: 10)
+
+  # The first non-empty string in a nested error reason (depth-limited).
+  defp message_in(text, _depth) when is_binary(text) and text != "", do: text
+  defp message_in(_term, 0), do: nil
+
+  defp message_in(tuple, depth) when is_tuple(tuple),
+    do: tuple |> Tuple.to_list() |> message_in(depth)
+
+  defp message_in([head | tail], depth),
+    do: message_in(head, depth - 1) || message_in(tail, depth)
+
+  defp message_in(_term, _depth), do: nil
+
+  defp application(:ok),
+    do: finding("application", :ok, "the :snakepit_shm application starts")
+
+  defp application({:error, why}),
+    do:
+      finding(
+        "application",
+        :fail,
+        "the :snakepit_shm application does not start: #{why}",
+        "correct the setting it names (config :snakepit_shm or config :snakepit, " <>
+          ":shared_memory in config/*.exs; the docs of Snakepit.SharedMemory.Config list " <>
+          "each setting): every allocation fails until it starts"
+      )
+
+  defp not_started(check),
+    do:
+      finding(
+        check,
+        :fail,
+        "not checked: the :snakepit_shm application does not start",
+        "fix the application finding first"
+      )
 
   @doc "Doctor findings (`health: NAME`) of a health report: degraded warns, critical fails."
   @spec health_findings(map()) :: [finding()]

@@ -9,6 +9,7 @@ defmodule Snakepit.SharedMemory.CLI.Remote do
   alias Snakepit.SharedMemory.CLI.{Command, Entry, Human, Table}
 
   @timeout 15_000
+  @cluster_timeout 20_000
 
   @doc "Calls `module.fun(args...)` (default `Snakepit.SharedMemory`) on the node of `opts[:node]`."
   @spec call!(keyword(), atom(), [term()], module()) :: term()
@@ -62,10 +63,18 @@ defmodule Snakepit.SharedMemory.CLI.Remote do
   def cluster_entries!(opts) do
     node = connect!(opts)
 
+    # Longer than the node's own wait for the slowest of its peers (10 s): a frozen peer
+    # is then one failed row, not a failed listing.
     listing =
       try do
-        :erpc.call(node, Snakepit.SharedMemory.Cluster, :list_regions, [%{}], @timeout)
+        :erpc.call(node, Snakepit.SharedMemory.Cluster, :list_regions, [%{}], @cluster_timeout)
       catch
+        :error, {:erpc, :timeout} ->
+          Command.fail!(
+            "#{node} did not list the cluster within #{div(@cluster_timeout, 1000)} s " <>
+              "(is it frozen or overloaded?)"
+          )
+
         kind, reason ->
           Command.fail!(
             "cannot list the cluster through #{node}: #{inspect({kind, reason}, limit: 5)} " <>
@@ -154,22 +163,46 @@ defmodule Snakepit.SharedMemory.CLI.Remote do
     start_distribution!(node)
     if cookie = opts[:cookie], do: Node.set_cookie(node, String.to_atom(cookie))
 
+    started = System.monotonic_time(:millisecond)
+
     case Node.connect(node) do
       true ->
         node
 
       _ ->
+        elapsed = System.monotonic_time(:millisecond) - started
+
         Command.fail!(
-          "cannot connect to node #{node}: " <> connect_failure(node, registered(node))
+          "cannot connect to node #{node}: " <>
+            connect_failure(node, why_not_connected(registered(node), elapsed))
         )
     end
   end
+
+  # A node with another cookie refuses the handshake at once; one that is registered
+  # with epmd but lets the handshake time out (net_setuptime, 7 s) is not answering:
+  # telling its user to fix the cookie sent them the wrong way.
+  @handshake_timeout_ms 5_000
+  defp why_not_connected(:registered, elapsed) when elapsed >= @handshake_timeout_ms,
+    do: {:no_handshake, elapsed}
+
+  defp why_not_connected(registered, _elapsed), do: registered
 
   @doc false
   # Why Node.connect/1 failed, from what epmd on the node's host says: a node that is
   # registered but refused us has another cookie; one that is not registered is not
   # running (or has another name).
-  @spec connect_failure(node(), :registered | :not_registered | :no_epmd) :: String.t()
+  @spec connect_failure(
+          node(),
+          :registered | :not_registered | :no_epmd | {:no_handshake, non_neg_integer()}
+        ) :: String.t()
+  def connect_failure(node, {:no_handshake, elapsed}) do
+    "node #{node} is registered with epmd but did not answer the connection within " <>
+      "#{Float.round(elapsed / 1000, 1)} s: it is frozen (stopped with SIGSTOP or a " <>
+      "debugger, swapped out), overloaded, or a firewall passes epmd (port 4369) but not " <>
+      "its distribution port. Check that its OS process runs (ps, top) and try again"
+  end
+
   def connect_failure(node, :registered) do
     "node #{node} is running but refused the connection: the cookie does not match. " <>
       "Pass its cookie with --cookie (see its ~/.erlang.cookie or its --cookie/RELEASE_COOKIE)"

@@ -39,6 +39,11 @@ defmodule Snakepit.SharedMemory.Cluster.Directory do
       asks for `reconcile/0`, which replaces this node's entries at every shard with
       what the registry holds.
 
+    * Messages to other members never block: one whose connection is busy (a node that
+      stopped reading, frozen by SIGSTOP or swapped out) is dropped, and that member gets
+      a full replacement of this node's entries of its shard 500 ms later (again until
+      it goes through).
+
   Between a membership change and the end of that re-registration (a few milliseconds
   on a LAN) a lookup of a region whose shard just moved can answer `:not_found`: the
   directory is eventually consistent, the registry of each node is authoritative
@@ -57,6 +62,7 @@ defmodule Snakepit.SharedMemory.Cluster.Directory do
   @meta :snakepit_shm_cluster_meta
   @range 4_294_967_296
   @reconcile_delay 200
+  @catch_up_ms 500
 
   @doc false
   def scope, do: @scope
@@ -166,7 +172,16 @@ defmodule Snakepit.SharedMemory.Cluster.Directory do
     :ok = :net_kernel.monitor_nodes(true)
     {ref, pids} = :pg.monitor(@scope, @group)
     :ok = :pg.join(@scope, @group, self())
-    state = %{pg_ref: ref, pids: MapSet.new([self() | pids]), nodes: [], reconcile: nil}
+
+    state = %{
+      pg_ref: ref,
+      pids: MapSet.new([self() | pids]),
+      nodes: [],
+      reconcile: nil,
+      behind: MapSet.new(),
+      catch_up: nil
+    }
+
     {:ok, rebalance(state)}
   end
 
@@ -179,29 +194,34 @@ defmodule Snakepit.SharedMemory.Cluster.Directory do
 
   @impl true
   def handle_info({:added, id}, state) do
-    register(id, node(), state)
-    {:noreply, state}
+    {:noreply, register(id, node(), state)}
   end
 
   def handle_info({:removed, id}, state) do
-    unregister(id, node(), state)
+    {:noreply, unregister(id, node(), state)}
+  end
+
+  # From other nodes' directories (or this one): entries of this shard. Only well-formed
+  # ones (a node name and region ids): anything else, sent by a node of another version
+  # or by any process of a connected node, is dropped (logged at debug level) instead of
+  # crashing this process (each crash restarted the :pg scope and emptied every table).
+  def handle_info({:register, from_node, ids}, state) when is_atom(from_node) do
+    if ids?(ids),
+      do: :ets.insert(@table, Enum.map(ids, &{&1, from_node})),
+      else: malformed({:register, from_node, ids})
+
     {:noreply, state}
   end
 
-  # From other nodes' directories (or this one): entries of this shard.
-  def handle_info({:register, from_node, ids}, state) do
-    :ets.insert(@table, Enum.map(ids, &{&1, from_node}))
-    {:noreply, state}
-  end
-
-  def handle_info({:unregister, from_node, id}, state) do
+  def handle_info({:unregister, from_node, id}, state)
+      when is_atom(from_node) and is_binary(id) do
     :ets.delete_object(@table, {id, from_node})
     {:noreply, state}
   end
 
   # Every entry `from_node` has here, replaced by `ids` (its ids of this shard).
-  def handle_info({:replace, from_node, ids}, state) do
-    replace(from_node, ids)
+  def handle_info({:replace, from_node, ids}, state) when is_atom(from_node) do
+    if ids?(ids), do: replace(from_node, ids), else: malformed({:replace, from_node, ids})
     {:noreply, state}
   end
 
@@ -214,6 +234,8 @@ defmodule Snakepit.SharedMemory.Cluster.Directory do
   def handle_info(:reconcile, state), do: {:noreply, state}
 
   def handle_info(:reconcile_now, state), do: {:noreply, reconcile_now(state)}
+
+  def handle_info(:catch_up, state), do: {:noreply, catch_up(%{state | catch_up: nil})}
 
   def handle_info({ref, :join, @group, pids}, %{pg_ref: ref} = state) do
     {:noreply, rebalance(%{state | pids: MapSet.union(state.pids, MapSet.new(pids))})}
@@ -235,23 +257,80 @@ defmodule Snakepit.SharedMemory.Cluster.Directory do
   def handle_info(:renamed, state), do: {:noreply, rebalance(state)}
 
   def handle_info(message, state) do
-    Logger.debug("snakepit_shm cluster directory: unexpected message #{inspect(message)}")
+    malformed(message)
     {:noreply, state}
   end
 
   # ---- helpers ----
 
+  defp malformed(message) do
+    Logger.debug(
+      "snakepit_shm cluster directory: unexpected message #{inspect(message, limit: 10)}"
+    )
+  end
+
+  # A proper list of region ids (strings).
+  defp ids?([]), do: true
+  defp ids?([id | rest]) when is_binary(id), do: ids?(rest)
+  defp ids?(_), do: false
+
   defp register(id, from_node, state) do
     case shard(id, state.nodes) do
-      me when me == node() -> :ets.insert(@table, {id, from_node})
-      other -> send({__MODULE__, other}, {:register, from_node, [id]})
+      me when me == node() ->
+        :ets.insert(@table, {id, from_node})
+        state
+
+      other ->
+        forward(state, other, {:register, from_node, [id]})
     end
   end
 
   defp unregister(id, from_node, state) do
     case shard(id, state.nodes) do
-      me when me == node() -> :ets.delete_object(@table, {id, from_node})
-      other -> send({__MODULE__, other}, {:unregister, from_node, id})
+      me when me == node() ->
+        :ets.delete_object(@table, {id, from_node})
+        state
+
+      other ->
+        forward(state, other, {:unregister, from_node, id})
+    end
+  end
+
+  # To another member's directory, never blocking: a node that stopped reading (frozen by
+  # SIGSTOP, swapped out) fills its distribution buffer, and a plain send then suspended
+  # this process until the connection dropped (net_ticktime, about a minute) while every
+  # allocation of this node queued one more message here (280 000 after 200 000
+  # allocations). A message that would block is dropped instead, and the member is
+  # brought back in line by a full replacement of this node's entries there (catch_up/1).
+  defp forward(state, member, message) do
+    case :erlang.send({__MODULE__, member}, message, [:nosuspend]) do
+      :nosuspend -> behind(state, member)
+      _sent -> state
+    end
+  end
+
+  defp behind(state, member) do
+    state = %{state | behind: MapSet.put(state.behind, member)}
+
+    if state.catch_up,
+      do: state,
+      else: %{state | catch_up: Process.send_after(self(), :catch_up, @catch_up_ms)}
+  end
+
+  # Every member that missed a message gets this node's ids of its shard, replacing what
+  # it had (as at a membership change); tried again later while its connection is busy.
+  defp catch_up(state) do
+    members = state.behind |> MapSet.intersection(MapSet.new(state.nodes)) |> MapSet.to_list()
+    state = %{state | behind: MapSet.new()}
+
+    if members == [] do
+      state
+    else
+      by_shard = Enum.group_by(Registry.ids(), &shard(&1, state.nodes))
+
+      Enum.reduce(members, state, fn member, acc ->
+        forward(acc, member, {:replace, node(), Map.get(by_shard, member, [])})
+      end)
     end
   end
 
@@ -276,8 +355,7 @@ defmodule Snakepit.SharedMemory.Cluster.Directory do
       0 -> :ok
     end
 
-    announce_all(state)
-    %{state | reconcile: nil}
+    announce_all(%{state | reconcile: nil})
   end
 
   defp rebalance(state) do
@@ -288,9 +366,7 @@ defmodule Snakepit.SharedMemory.Cluster.Directory do
     else
       :ets.insert(@meta, {:members, nodes})
       purge(state.nodes -- nodes, MapSet.new(nodes))
-      state = %{state | nodes: nodes}
-      announce_all(state)
-      state
+      announce_all(%{state | nodes: nodes})
     end
   end
 
@@ -314,14 +390,15 @@ defmodule Snakepit.SharedMemory.Cluster.Directory do
   defp announce_all(state) do
     by_shard = Enum.group_by(Registry.ids(), &shard(&1, state.nodes))
 
-    for member <- state.nodes do
+    Enum.reduce(state.nodes, state, fn member, acc ->
       ids = Map.get(by_shard, member, [])
 
-      if member == node(),
-        do: replace(node(), ids),
-        else: send({__MODULE__, member}, {:replace, node(), ids})
-    end
-
-    :ok
+      if member == node() do
+        replace(node(), ids)
+        acc
+      else
+        forward(acc, member, {:replace, node(), ids})
+      end
+    end)
   end
 end

@@ -9,7 +9,8 @@ defmodule Snakepit.SharedMemory.Cluster.Fetch do
       `:into`, writes into) the local region, receives the chunks, checks and writes
       them, acknowledges each one, and frees the partial region on any failure. It
       monitors the caller: a caller that dies mid-transfer gets its partial region
-      freed and the transfer stopped;
+      freed and the transfer stopped, and one that dies after the transfer but before it
+      read the result gets the new copy freed (nobody else knows its id);
     * a **sender** spawned (and monitored) on the region's node with
       `:erlang.spawn_monitor/4`: it checks the requester may read the region, maps it
       read-only, and streams it chunk by chunk with `read/3`, never the whole region.
@@ -72,6 +73,8 @@ defmodule Snakepit.SharedMemory.Cluster.Fetch do
         wait(pid, mref, tag, new_id)
 
       {^tag, :result, result} ->
+        # The copy is ours now: the receiver frees it if we die before this.
+        send(pid, {tag, :taken})
         Process.demonitor(mref, [:flush])
         result
 
@@ -138,7 +141,20 @@ defmodule Snakepit.SharedMemory.Cluster.Fetch do
     )
 
     send(caller, {tag, :result, result})
+    if into == nil, do: hand_over(tag, caller_ref, result)
   end
+
+  # A new copy is the caller's once it has read the result. A caller that dies before
+  # (a Task shut down at that instant) never learns its id: with cleanup_policy :manual,
+  # or another :owner in :region, the copy would stay allocated for good.
+  defp hand_over(tag, caller_ref, {:ok, local_id}) do
+    receive do
+      {^tag, :taken} -> :ok
+      {:DOWN, ^caller_ref, :process, _, _} -> Allocator.free(local_id, :fetch_aborted)
+    end
+  end
+
+  defp hand_over(_tag, _caller_ref, _error), do: :ok
 
   defp result_reason({:ok, _}), do: :ok
   defp result_reason({:error, %Error{reason: reason}}), do: reason
@@ -360,6 +376,16 @@ defmodule Snakepit.SharedMemory.Cluster.Fetch do
     )
   end
 
+  # Spawned on a node that does not have this module (no :snakepit_shm there at all).
+  defp sender_down(state, {:undef, [{__MODULE__, :sender, _, _} | _]}, _index) do
+    Error.error(
+      :unavailable,
+      "node #{state.node} does not run :snakepit_shm (its code is not loaded there), so " <>
+        "#{state.id} cannot be fetched from it: fetch from a node of the cluster that runs it",
+      %{region_id: state.id, node: state.node}
+    )
+  end
+
   defp sender_down(state, reason, index) do
     Error.error(
       :io_error,
@@ -480,7 +506,8 @@ defmodule Snakepit.SharedMemory.Cluster.Fetch do
   # Checks that `requester` (the caller of fetch/2 on the other node) may read the
   # region, and maps it read-only for this process.
   defp open_source(id, requester) do
-    with {:ok, record} <- Access.lookup(id),
+    with :ok <- running(id),
+         {:ok, record} <- Access.lookup(id),
          region(owner: owner, allowed: allowed, security_level: level) = record,
          :ok <- Security.authorize(id, owner, allowed, requester, :fetch),
          :ok <- sealed_if_maximum(id, record),
@@ -496,6 +523,22 @@ defmodule Snakepit.SharedMemory.Cluster.Fetch do
       Security.audit(level, id, :fetch, %{requester: requester})
       {:ok, mapping, info}
     end
+  end
+
+  # The code is loaded but the application is stopped (or not started yet): its tables
+  # are gone, and the lookup would answer :not_found, "never allocated, or already
+  # freed", for a region that may well be there once the application runs again.
+  defp running(id) do
+    if Registry.available?(),
+      do: :ok,
+      else:
+        Error.error(
+          :unavailable,
+          "node #{node()} does not run :snakepit_shm (the application is not started " <>
+            "there), so #{id} cannot be fetched from it: start it there " <>
+            "(Application.ensure_all_started(:snakepit_shm)) or fetch from another node",
+          %{region_id: id, node: node()}
+        )
   end
 
   # :maximum regions leave their VM only read-only, like export_ref/2.

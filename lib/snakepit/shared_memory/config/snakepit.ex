@@ -186,11 +186,26 @@ defmodule Snakepit.SharedMemory.Config.Snakepit do
        "#{inspect(value)}; known keys are #{Enum.join(@known, ", ")}"}
   end
 
-  # A map, or a list of {key, value} pairs, as a map; anything else names `key`.
+  # A map, or a list of {key, value} pairs, as a map; anything else names `key`. A key
+  # given twice in a list is an error: Map.new/1 would keep the last one silently (a
+  # second `linux: [...]` dropped the first one's shm_path).
+  defp pairs(value, _key) when is_map(value), do: {:ok, value}
+
   defp pairs(value, key) do
-    if is_map(value) or (is_list(value) and Enum.all?(value, &match?({_, _}, &1))),
-      do: {:ok, Map.new(value)},
-      else: invalid(key, value, "a map or a keyword list")
+    if is_list(value) and Enum.all?(value, &match?({_, _}, &1)) do
+      case value |> Enum.map(&elem(&1, 0)) |> then(&(&1 -- Enum.uniq(&1))) do
+        [] ->
+          {:ok, Map.new(value)}
+
+        [twice | _] ->
+          {:error,
+           "invalid configuration: config :snakepit, :shared_memory, #{key}: " <>
+             "#{inspect(twice)} is given twice (#{inspect(value)}): give each key once " <>
+             "(merge the two lists)"}
+      end
+    else
+      invalid(key, value, "a map or a keyword list")
+    end
   end
 
   defp platforms(value) do
