@@ -19,8 +19,9 @@ defmodule Snakepit.SharedMemory.Channel do
   memfd whose size is sealed. A message is a frame (length + type) copied into the ring;
   a message larger than `:inline_threshold` (default a quarter of the ring) travels as a
   *region message*: the channel copies it into a fresh memfd sealed against writes and
-  passes the fd, and the receiver maps it read-only — a zero-copy binary on the Elixir
-  side, a `memoryview` in Python. So `send/2` of 1 GiB works.
+  passes the fd, and the receiver maps it read-only above 1 MiB — a zero-copy binary on
+  the Elixir side, a `memoryview` in Python — and copies it up to 1 MiB (a mapping kept
+  per message would count against `vm.max_map_count`). So `send/2` of 1 GiB works.
 
   Wake-ups need no polling and no thread: a consumer about to sleep sets a waiting flag
   in the ring, and the producer rings the consumer's eventfd doorbell only then. On the

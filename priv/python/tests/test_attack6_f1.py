@@ -1,0 +1,48 @@
+"""Attack run 6 (F1): the worker's end of the message channel, attacked as a careless
+program or a flooding peer would."""
+
+import pytest
+
+import snakepit_shm
+from conftest import requires_lib
+from test_channel import start_owner
+
+pytestmark = requires_lib
+
+
+def _message_mappings():
+    with open("/proc/self/maps") as f:
+        return f.read().count("memfd:snakepit-channel-msg")
+
+
+@pytest.fixture
+def owner():
+    running = start_owner("shm")
+    yield running
+    running.kill()
+
+
+def test_region_messages_kept_hold_no_mapping_each(owner):
+    # Were: every region message was a memoryview over its own mmap, kept as long as the
+    # view lived: a worker keeping its messages (a list of inputs) held one mapping per
+    # message against vm.max_map_count (65 530), and past it every mmap of the process
+    # failed (the next region message raised, and with it the message was lost).
+    with snakepit_shm.Channel.connect(owner.ref) as ch:
+        size = ch.inline_max + 4000  # a region message
+        before = _message_mappings()
+        kept = []
+        for _ in range(2000):
+            ch.send(b"big:%d" % size)
+            msg = ch.recv(timeout=10)
+            assert isinstance(msg, memoryview) and msg.readonly and msg.nbytes == size
+            kept.append(msg)
+        held = _message_mappings() - before
+        assert held < 10, f"{held} mappings held by 2000 kept messages"
+        assert all(m == b"b" * size for m in kept[::97])
+        # above 1 MiB: still zero-copy, one mapping while the view lives
+        ch.send(b"big:%d" % (2 << 20))
+        big = ch.recv(timeout=10)
+        assert big.readonly and big.nbytes == 2 << 20 and big[-1:] == b"b"
+        assert _message_mappings() - before == held + 1
+        big.release()
+        assert _message_mappings() - before == held
