@@ -89,6 +89,68 @@ defmodule Snakepit.SharedMemory.Reliability.Attack6F1Test do
     assert {0, _} = await_exit(w.port, 30_000)
   end
 
+  # A process that collects `n` messages about `ch` (in its mailbox order) once told to,
+  # and sends them to the test.
+  defp collector(ch, n) do
+    parent = self()
+
+    spawn(fn ->
+      receive do
+        :go ->
+          got =
+            for _ <- 1..n do
+              receive do
+                {:snakepit_shm_channel, ^ch, m} -> {:msg, m}
+                {:snakepit_shm_channel_passive, ^ch} -> :passive
+                {:snakepit_shm_channel_closed, ^ch, reason} -> {:closed, reason}
+              after
+                10_000 -> :nothing
+              end
+            end
+
+          send(parent, {:collected, got})
+          Process.sleep(:infinity)
+      end
+    end)
+  end
+
+  test "controlling_process/2 moves the messages already in the old owner's mailbox" do
+    # Were: left in the old owner's mailbox (as documented, unlike :gen_tcp): a worker's
+    # first messages, sent while the process that opened the channel handed it over,
+    # were lost with that process.
+    {:ok, ch} = Channel.open(active: true)
+    w = start_worker(ch, "burst", [100, 8])
+    assert await_received(ch, 100) >= 100
+    # to itself: nothing to move (and no loop moving its messages to itself)
+    :ok = Channel.controlling_process(ch, self())
+    heir = collector(ch, 100)
+    :ok = Channel.controlling_process(ch, heir)
+    refute_received {:snakepit_shm_channel, ^ch, _}
+    send(heir, :go)
+    assert_receive {:collected, got}, 20_000
+    assert got == for(i <- 0..99, do: {:msg, <<i::little-32, i::little-32>>})
+    # the active mode is restored for the new owner
+    assert %{active: true, owner: ^heir} = Channel.stats(ch)
+    :ok = Channel.close(ch)
+    assert {0, _} = await_exit(w.port)
+  end
+
+  test "controlling_process/2 moves the passive message too, and keeps active: false" do
+    {:ok, ch} = Channel.open(active: 3)
+    w = start_worker(ch, "burst", [3, 8])
+    # all three and the passive message are in this mailbox once the channel's process
+    # answered after taking them
+    assert await_received(ch, 3) == 3
+    heir = collector(ch, 4)
+    :ok = Channel.controlling_process(ch, heir)
+    send(heir, :go)
+    assert_receive {:collected, got}, 20_000
+    assert got == for(i <- 0..2, do: {:msg, <<i::little-32, i::little-32>>}) ++ [:passive]
+    assert %{active: false, owner: ^heir} = Channel.stats(ch)
+    :ok = Channel.close(ch)
+    assert {0, _} = await_exit(w.port)
+  end
+
   test "active: n under a flooding worker takes n messages and leaves the rest in the ring" do
     {:ok, ch} = Channel.open(ring_size: 16_384, active: 5)
     w = start_worker(ch, "burst", [100_000, 8])

@@ -296,15 +296,63 @@ defmodule Snakepit.SharedMemory.Channel do
 
   @doc """
   Makes `pid` (a local process) the owner: it receives the active-mode messages from now
-  on, and its death closes the channel. Only the current owner may call it. Messages already delivered to
-  the old owner stay in its mailbox (switch to `active: false` first to avoid that).
+  on, and its death closes the channel. Only the current owner may call it.
+
+  As `:gen_tcp.controlling_process/2` does, the messages about `ch` already in the
+  caller's mailbox (`{:snakepit_shm_channel, ch, _}`, `{:snakepit_shm_channel_passive,
+  ch}`, `{:snakepit_shm_channel_closed, ch, _}`) are moved to `pid`, before any later
+  one and in their order: the channel is switched to `active: false` meanwhile and its
+  active mode restored after.
   """
   @spec controlling_process(t(), pid()) :: :ok | {:error, Error.t()}
   def controlling_process(%__MODULE__{} = ch, pid) when is_pid(pid) do
     if node(pid) == node() do
-      call(ch, {:controlling_process, self(), pid})
+      hand_over(ch, pid)
     else
       Error.error(:invalid_argument, "the new owner #{inspect(pid)} must be a local process")
+    end
+  end
+
+  # Messages delivered to the old owner used to stay in its mailbox: a worker's first
+  # message, sent while the process that opened the channel handed it over, was lost.
+  defp hand_over(ch, pid) when pid == self(), do: call(ch, {:controlling_process, pid, pid})
+
+  defp hand_over(ch, pid) do
+    with {:ok, active} <- call(ch, {:hand_over_begin, self(), pid}) do
+      case call(ch, {:controlling_process, self(), pid}) do
+        :ok ->
+          move_messages(ch, pid)
+          restore_active(ch, active)
+
+        {:error, _} = error ->
+          restore_active(ch, active)
+          error
+      end
+    end
+  end
+
+  defp move_messages(ch, pid) do
+    receive do
+      {:snakepit_shm_channel, ^ch, _} = m -> forward(m, ch, pid)
+      {:snakepit_shm_channel_passive, ^ch} = m -> forward(m, ch, pid)
+      {:snakepit_shm_channel_closed, ^ch, _} = m -> forward(m, ch, pid)
+    after
+      0 -> :ok
+    end
+  end
+
+  defp forward(message, ch, pid) do
+    Kernel.send(pid, message)
+    move_messages(ch, pid)
+  end
+
+  defp restore_active(_ch, false), do: :ok
+
+  defp restore_active(ch, active) do
+    case call(ch, {:active, active}) do
+      :ok -> :ok
+      # closed meanwhile: the hand-over itself was done
+      {:error, _} -> :ok
     end
   end
 

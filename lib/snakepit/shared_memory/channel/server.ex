@@ -254,27 +254,28 @@ defmodule Snakepit.SharedMemory.Channel.Server do
     end
   end
 
+  # The first step of Channel.controlling_process/2: no more deliveries to the caller
+  # (active: false) while it moves the messages already in its mailbox to the new owner;
+  # answers the active mode to restore once the new owner has them.
+  def handle_call({:hand_over_begin, caller, pid}, _from, state) do
+    case hand_over_refusal(state, caller, pid) do
+      nil -> {:reply, {:ok, state.active}, %{state | active: false}}
+      error -> {:reply, error, state}
+    end
+  end
+
   def handle_call({:controlling_process, caller, pid}, _from, state) do
-    cond do
-      caller != state.owner ->
-        {:reply, Error.error(:not_owner, "only the channel's owner may hand it over"), state}
+    case hand_over_refusal(state, caller, pid) do
+      nil ->
+        if Native.channel_monitor(state.res, pid) == :ok do
+          Process.demonitor(state.owner_mon, [:flush])
+          {:reply, :ok, %{state | owner: pid, owner_mon: Process.monitor(pid)}}
+        else
+          {:reply, Error.error(:not_found, "the new owner #{inspect(pid)} is not alive"), state}
+        end
 
-      # Its messages would be sent to this process, which drops what it does not know,
-      # and nobody could take the channel back (only the owner may hand it over).
-      pid == self() ->
-        {:reply,
-         Error.error(
-           :invalid_argument,
-           "the channel's own process (ch.server) cannot own it: give the process that " <>
-             "receives its messages"
-         ), state}
-
-      Native.channel_monitor(state.res, pid) != :ok ->
-        {:reply, Error.error(:not_found, "the new owner #{inspect(pid)} is not alive"), state}
-
-      true ->
-        Process.demonitor(state.owner_mon, [:flush])
-        {:reply, :ok, %{state | owner: pid, owner_mon: Process.monitor(pid)}}
+      error ->
+        {:reply, error, state}
     end
   end
 
@@ -566,6 +567,25 @@ defmodule Snakepit.SharedMemory.Channel.Server do
     for waiter <- :queue.to_list(state.recv_q), do: answer(waiter, reply)
 
     %{state | recv_q: :queue.new()}
+  end
+
+  defp hand_over_refusal(state, caller, pid) do
+    cond do
+      caller != state.owner ->
+        Error.error(:not_owner, "only the channel's owner may hand it over")
+
+      # Its messages would be sent to this process, which drops what it does not know,
+      # and nobody could take the channel back (only the owner may hand it over).
+      pid == self() ->
+        Error.error(
+          :invalid_argument,
+          "the channel's own process (ch.server) cannot own it: give the process that " <>
+            "receives its messages"
+        )
+
+      true ->
+        nil
+    end
   end
 
   defp active_mode_error do
