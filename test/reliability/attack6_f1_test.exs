@@ -6,7 +6,7 @@ defmodule Snakepit.SharedMemory.Reliability.Attack6F1Test do
   import Bitwise
   import Snakepit.SharedMemory.ChannelHelpers
 
-  alias Snakepit.SharedMemory.Channel
+  alias Snakepit.SharedMemory.{Channel, ReliabilityHelpers}
 
   @moduletag timeout: 300_000
 
@@ -167,5 +167,72 @@ defmodule Snakepit.SharedMemory.Reliability.Attack6F1Test do
     assert stats.in_occupancy > 8192, "the worker waits on a full ring: #{inspect(stats)}"
     :ok = Channel.close(ch)
     assert {0, _} = await_exit(w.port)
+  end
+
+  # The worker waits for "go", then sends a region message (its memfd travels by
+  # SCM_RIGHTS: the VM needs a free descriptor to receive it).
+  @region_after_go ~S"""
+  import json, os, snakepit_shm
+  with snakepit_shm.Channel.connect(json.loads(os.environ["SPSHM_CHANNEL_REF"])) as ch:
+      print("connected", flush=True)
+      ch.recv(timeout=30)
+      ch.send(b"r" * (ch.inline_max + 1))
+      try:
+          ch.recv(timeout=30)
+      except snakepit_shm.ChannelClosed:
+          pass
+  """
+
+  test "an :io_error of this side says what failed, not only \"failed: io_error\"" do
+    # Were: {:error, %Error{reason: :io_error, message: "channel spshm_ch_... failed:
+    # io_error"}}: the cause (here the VM out of descriptors, the region message's memfd
+    # dropped by the kernel) and what to do were only in stats/1's close_detail.
+    env =
+      for {k, v} <- ReliabilityHelpers.python_env(),
+          do: ~s({~c"#{k}", ~c"#{v}"})
+
+    code = """
+    alias Snakepit.SharedMemory.{Channel, JSON}
+    {:ok, _} = Application.ensure_all_started(:snakepit_shm)
+    {:ok, ch} = Channel.open()
+    {:ok, json} = JSON.encode(Channel.export_ref(ch))
+    env = [{~c"SPSHM_CHANNEL_REF", String.to_charlist(json)} | [#{Enum.join(env, ", ")}]]
+    port =
+      Port.open({:spawn_executable, "/usr/bin/python3"}, [:binary, :exit_status,
+        {:line, 1000}, env: env, args: ["-c", #{inspect(@region_after_go)}]])
+    receive do
+      {^port, {:data, {:eol, "connected"}}} -> :ok
+    after
+      30_000 -> raise "no worker"
+    end
+    grab = fn grab, acc ->
+      case :file.open(~c"/dev/null", [:read, :raw]) do
+        {:ok, f} -> grab.(grab, [f | acc])
+        _ -> acc
+      end
+    end
+    held = grab.(grab, [])
+    :ok = Channel.send(ch, "go")
+    Process.sleep(200)
+    more = grab.(grab, [])
+    result = Channel.recv(ch, 30_000)
+    Enum.each(held ++ more, &:file.close/1)
+    IO.puts("HELD \#{length(held)} MORE \#{length(more)}")
+    IO.puts("RESULT \#{inspect(result)}")
+    """
+
+    {out, status} =
+      System.cmd(
+        "sh",
+        ["-c", "ulimit -n 200; " <> ReliabilityHelpers.elixir_command()],
+        env: [{"SNAKEPIT_SHM_VM_CODE", code}],
+        stderr_to_stdout: true,
+        cd: ReliabilityHelpers.root()
+      )
+
+    assert status == 0, out
+    assert out =~ "reason: :io_error", out
+    assert out =~ "failed on this side (io_error): this process is out of file descriptors", out
+    assert out =~ "raise the limit", out
   end
 end

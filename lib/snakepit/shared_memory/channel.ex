@@ -432,6 +432,9 @@ defmodule Snakepit.SharedMemory.Channel do
           end
         end
 
+      {:closed, :io_error} ->
+        closed_error(ch.id, :io_error, Native.channel_stats(ch.resource).close_detail)
+
       {:closed, reason} ->
         closed_error(ch.id, reason)
 
@@ -451,16 +454,21 @@ defmodule Snakepit.SharedMemory.Channel do
   def native_error(other, details), do: Error.from_native(other, details)
 
   @doc false
-  def closed_error(id, reason) do
+  # `detail`: what failed on this side (an :io_error: out of descriptors, a mapping
+  # refused...), as the core or the NIF worded it; the message used to say only
+  # "failed: io_error" and the cause was left in stats/1's close_detail.
+  def closed_error(id, reason, detail \\ nil) do
     message =
       case reason do
         :peer_closed -> "the worker closed channel #{id} or died"
         :protocol_error -> "channel #{id} was closed: the worker broke the protocol"
         :closed -> "channel #{id} is closed"
-        other -> "channel #{id} failed: #{other}"
+        other when detail in [nil, ""] -> "channel #{id} failed: #{other}"
+        other -> "channel #{id} failed on this side (#{other}): #{detail}"
       end
 
-    Error.error(reason, message, %{channel: id})
+    details = if detail in [nil, ""], do: %{channel: id}, else: %{channel: id, detail: detail}
+    Error.error(reason, message, details)
   end
 
   defp validate(opts) do
