@@ -235,4 +235,35 @@ defmodule Snakepit.SharedMemory.Reliability.Attack6F1Test do
     assert out =~ "failed on this side (io_error): this process is out of file descriptors", out
     assert out =~ "raise the limit", out
   end
+
+  test "a worker SIGKILLed in a stream of region messages: :peer_closed within 1 s, nothing left" do
+    # Held: every message published before the kill is delivered, then :peer_closed; the
+    # memfds of messages in flight (a carrier sent, its frame not yet published) go with
+    # the socket.
+    fds_before = fd_count()
+    maps_before = channel_memfds()
+    shm_before = File.ls!("/dev/shm") |> Enum.sort()
+    {:ok, ch} = Channel.open(ring_size: 16_384, active: true)
+    w = start_worker(ch, "burst", [1_000_000, 6000])
+    assert_receive {:snakepit_shm_channel, ^ch, _}, 10_000
+    Process.sleep(100)
+    t0 = System.monotonic_time(:millisecond)
+    kill9(w.os_pid)
+    assert await_closed(ch) == :peer_closed
+    assert System.monotonic_time(:millisecond) - t0 < 1_000
+    :ok = Channel.close(ch)
+    assert await_exit(w.port) |> elem(0) != 0
+    assert await_fds(fds_before) <= fds_before
+    assert await_channel_memfds(maps_before) <= maps_before
+    assert Enum.sort(File.ls!("/dev/shm")) == shm_before
+  end
+
+  defp await_closed(ch) do
+    receive do
+      {:snakepit_shm_channel, ^ch, _} -> await_closed(ch)
+      {:snakepit_shm_channel_closed, ^ch, reason} -> reason
+    after
+      1_000 -> :timeout
+    end
+  end
 end

@@ -1,6 +1,9 @@
 """Attack run 6 (F1): the worker's end of the message channel, attacked as a careless
 program or a flooding peer would."""
 
+import gc
+import os
+
 import pytest
 
 import snakepit_shm
@@ -46,3 +49,31 @@ def test_region_messages_kept_hold_no_mapping_each(owner):
         assert _message_mappings() - before == held + 1
         big.release()
         assert _message_mappings() - before == held
+
+
+def _fds():
+    """This process's descriptors other than pipes (the owner's stdout pipe closes when
+    it exits)."""
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink("/proc/self/fd/" + fd)
+        except OSError:
+            continue
+        if not target.startswith("pipe:"):
+            out.append(target)
+    return sorted(out)
+
+
+def test_a_channel_dropped_without_close_ends_at_once_and_leaves_no_descriptor(owner):
+    # Held: collecting an unclosed Channel closes it (the owner sees peer_closed) and
+    # frees every descriptor it had, also with a region message taken and kept.
+    before = _fds()
+    ch = snakepit_shm.Channel.connect(owner.ref)
+    ch.send(b"big:%d" % (ch.inline_max + 1))
+    kept = ch.recv(timeout=10)
+    del ch
+    gc.collect()
+    assert owner.last_line(timeout=60) == "closed peer_closed"
+    assert _fds() == before
+    assert kept.nbytes > 0 and kept[:1] == b"b"
