@@ -6,7 +6,7 @@ defmodule Snakepit.SharedMemory.Reliability.Attack6F1Test do
   import Bitwise
   import Snakepit.SharedMemory.ChannelHelpers
 
-  alias Snakepit.SharedMemory.{Channel, ReliabilityHelpers}
+  alias Snakepit.SharedMemory.{Channel, Error, ReliabilityHelpers}
 
   @moduletag timeout: 300_000
 
@@ -256,6 +256,26 @@ defmodule Snakepit.SharedMemory.Reliability.Attack6F1Test do
     assert await_fds(fds_before) <= fds_before
     assert await_channel_memfds(maps_before) <= maps_before
     assert Enum.sort(File.ls!("/dev/shm")) == shm_before
+  end
+
+  test "close while 50 processes send region messages into a full ring: every fd is freed" do
+    # Held: senders blocked for space get :closed; their prepared memfds and the carriers
+    # already in the socket are closed with it.
+    fds_before = fd_count()
+    maps_before = channel_memfds()
+    {:ok, ch} = Channel.open(ring_size: 16_384)
+    w = start_worker(ch, "hang")
+    msg = :binary.copy("m", 20_000)
+    tasks = for _ <- 1..50, do: Task.async(fn -> for _ <- 1..20, do: Channel.send(ch, msg) end)
+    Process.sleep(300)
+    :ok = Channel.close(ch)
+    results = tasks |> Task.await_many(10_000) |> List.flatten()
+    assert Enum.any?(results, &match?({:error, %Error{reason: :closed}}, &1)), inspect(results)
+    refute Enum.any?(results, &(&1 not in [:ok] and not match?({:error, %Error{}}, &1)))
+    kill9(w.os_pid)
+    await_exit(w.port)
+    assert await_fds(fds_before) <= fds_before
+    assert await_channel_memfds(maps_before) <= maps_before
   end
 
   defp await_closed(ch) do
