@@ -7,13 +7,15 @@
 //   * ChannelResource owns the Endpoint. Its epoll fd, once handed to enif_select, is
 //     closed only by the `stop` callback. It monitors the owner process: the `down`
 //     callback closes the channel (the worker sees EOF at once) even if nobody else runs.
-//   * MessageResource is one received region message: a read-only mapping of a
-//     write-sealed memfd under zero-copy binaries; the destructor unmaps it (on a
+//   * MessageResource is one received region message above 1 MiB (smaller ones are
+//     copied: kCopyRegionMax): a read-only mapping of a write-sealed memfd under
+//     zero-copy binaries; the destructor unmaps it (on a
 //     detached thread for large mappings, so no scheduler waits for a big munmap).
 #include <sys/mman.h>
 #include <unistd.h>
 
 #include <atomic>
+#include <cerrno>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -432,6 +434,23 @@ SPSHM_GUARDED_NIF(nif_channel_send_region)(ErlNifEnv* env, int, const ERL_NIF_TE
 
 namespace {
 
+// Region messages up to this size are copied into an ordinary binary instead of being
+// mapped (docs/CHANNEL.md, "Region messages"): held messages then cost the VM no mapping
+// each, and at most one mapping per MiB held remains (65 530 of them is 64 GiB).
+constexpr std::uint64_t kCopyRegionMax = 1u << 20;
+
+// Reads `size` bytes at offset 0 of a sealed message memfd (checked at least that large).
+bool read_region(int fd, unsigned char* dst, std::uint64_t size) {
+  std::uint64_t done = 0;
+  while (done < size) {
+    ssize_t n = ::pread(fd, dst + done, size - done, static_cast<off_t>(done));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return false;
+    done += static_cast<std::uint64_t>(n);
+  }
+  return true;
+}
+
 // Up to max_count messages (stopping after max_bytes copied) as a list in order.
 // *status: ok, or the close reason; returns false with *error set on a failure.
 bool take_messages(ErlNifEnv* env, ChannelResource* c, std::uint64_t max_count,
@@ -463,6 +482,26 @@ bool take_messages(ErlNifEnv* env, ChannelResource* c, std::uint64_t max_count,
         (void)enif_make_new_binary(env, 0, &msg);
       }
       copied += r.length;
+    } else if (r.size <= kCopyRegionMax) {
+      // Copied, not mapped: every mapping kept counts against vm.max_map_count (65530
+      // by default) for the whole VM, and a message held (in a mailbox in active mode,
+      // in a list of results) keeps its mapping: some 65 000 held messages of a few KiB
+      // made every later mmap of the VM fail. A copy of at most 1 MiB costs about what
+      // mapping it and faulting its pages in does.
+      if (!enif_alloc_binary(r.size, &a.bin)) {
+        ::close(r.fd);
+        *error = make_error(env, Errc::no_space, "cannot allocate a received message");
+        return false;
+      }
+      bool read_ok = read_region(r.fd, a.bin.data, r.size);
+      ::close(r.fd);
+      if (!read_ok) {
+        enif_release_binary(&a.bin);
+        *error = make_error(env, Errc::io_error, "cannot read a received region message");
+        return false;
+      }
+      msg = enif_make_binary(env, &a.bin);
+      copied += r.size;
     } else {
       auto m = channel::os::map_fd(r.fd, r.size, false);
       ::close(r.fd);

@@ -19,8 +19,9 @@ defmodule Snakepit.SharedMemory.Channel do
   memfd whose size is sealed. A message is a frame (length + type) copied into the ring;
   a message larger than `:inline_threshold` (default a quarter of the ring) travels as a
   *region message*: the channel copies it into a fresh memfd sealed against writes and
-  passes the fd, and the receiver maps it read-only — a zero-copy binary on the Elixir
-  side, a `memoryview` in Python. So `send/2` of 1 GiB works.
+  passes the fd, and the receiver maps it read-only above 1 MiB — a zero-copy binary on
+  the Elixir side, a `memoryview` in Python — and copies it up to 1 MiB (a mapping kept
+  per message would count against `vm.max_map_count`). So `send/2` of 1 GiB works.
 
   Wake-ups need no polling and no thread: a consumer about to sleep sets a waiting flag
   in the ring, and the producer rings the consumer's eventfd doorbell only then. On the
@@ -295,15 +296,63 @@ defmodule Snakepit.SharedMemory.Channel do
 
   @doc """
   Makes `pid` (a local process) the owner: it receives the active-mode messages from now
-  on, and its death closes the channel. Only the current owner may call it. Messages already delivered to
-  the old owner stay in its mailbox (switch to `active: false` first to avoid that).
+  on, and its death closes the channel. Only the current owner may call it.
+
+  As `:gen_tcp.controlling_process/2` does, the messages about `ch` already in the
+  caller's mailbox (`{:snakepit_shm_channel, ch, _}`, `{:snakepit_shm_channel_passive,
+  ch}`, `{:snakepit_shm_channel_closed, ch, _}`) are moved to `pid`, before any later
+  one and in their order: the channel is switched to `active: false` meanwhile and its
+  active mode restored after.
   """
   @spec controlling_process(t(), pid()) :: :ok | {:error, Error.t()}
   def controlling_process(%__MODULE__{} = ch, pid) when is_pid(pid) do
     if node(pid) == node() do
-      call(ch, {:controlling_process, self(), pid})
+      hand_over(ch, pid)
     else
       Error.error(:invalid_argument, "the new owner #{inspect(pid)} must be a local process")
+    end
+  end
+
+  # Messages delivered to the old owner used to stay in its mailbox: a worker's first
+  # message, sent while the process that opened the channel handed it over, was lost.
+  defp hand_over(ch, pid) when pid == self(), do: call(ch, {:controlling_process, pid, pid})
+
+  defp hand_over(ch, pid) do
+    with {:ok, active} <- call(ch, {:hand_over_begin, self(), pid}) do
+      case call(ch, {:controlling_process, self(), pid}) do
+        :ok ->
+          move_messages(ch, pid)
+          restore_active(ch, active)
+
+        {:error, _} = error ->
+          restore_active(ch, active)
+          error
+      end
+    end
+  end
+
+  defp move_messages(ch, pid) do
+    receive do
+      {:snakepit_shm_channel, ^ch, _} = m -> forward(m, ch, pid)
+      {:snakepit_shm_channel_passive, ^ch} = m -> forward(m, ch, pid)
+      {:snakepit_shm_channel_closed, ^ch, _} = m -> forward(m, ch, pid)
+    after
+      0 -> :ok
+    end
+  end
+
+  defp forward(message, ch, pid) do
+    Kernel.send(pid, message)
+    move_messages(ch, pid)
+  end
+
+  defp restore_active(_ch, false), do: :ok
+
+  defp restore_active(ch, active) do
+    case call(ch, {:active, active}) do
+      :ok -> :ok
+      # closed meanwhile: the hand-over itself was done
+      {:error, _} -> :ok
     end
   end
 
@@ -383,6 +432,9 @@ defmodule Snakepit.SharedMemory.Channel do
           end
         end
 
+      {:closed, :io_error} ->
+        closed_error(ch.id, :io_error, Native.channel_stats(ch.resource).close_detail)
+
       {:closed, reason} ->
         closed_error(ch.id, reason)
 
@@ -402,16 +454,21 @@ defmodule Snakepit.SharedMemory.Channel do
   def native_error(other, details), do: Error.from_native(other, details)
 
   @doc false
-  def closed_error(id, reason) do
+  # `detail`: what failed on this side (an :io_error: out of descriptors, a mapping
+  # refused...), as the core or the NIF worded it; the message used to say only
+  # "failed: io_error" and the cause was left in stats/1's close_detail.
+  def closed_error(id, reason, detail \\ nil) do
     message =
       case reason do
         :peer_closed -> "the worker closed channel #{id} or died"
         :protocol_error -> "channel #{id} was closed: the worker broke the protocol"
         :closed -> "channel #{id} is closed"
-        other -> "channel #{id} failed: #{other}"
+        other when detail in [nil, ""] -> "channel #{id} failed: #{other}"
+        other -> "channel #{id} failed on this side (#{other}): #{detail}"
       end
 
-    Error.error(reason, message, %{channel: id})
+    details = if detail in [nil, ""], do: %{channel: id}, else: %{channel: id, detail: detail}
+    Error.error(reason, message, details)
   end
 
   defp validate(opts) do

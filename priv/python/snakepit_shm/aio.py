@@ -156,7 +156,8 @@ class AsyncChannel:
                 self._reader_fd = None
 
     async def recv(self, timeout=None):
-        """Receive one message (``bytes`` or a zero-copy ``memoryview``)."""
+        """Receive one message (``bytes`` or a read-only ``memoryview``, see
+        :meth:`Channel.recv`)."""
         deadline = _deadline(timeout)
         while True:
             self.channel._check_open()

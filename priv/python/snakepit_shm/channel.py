@@ -15,8 +15,10 @@ Unix socket when shared memory cannot be used; the API is the same)::
             ch.send(msg)
 
 Messages above the channel's inline threshold (a quarter of the ring by default) travel
-as sealed memfds: ``recv`` returns them as a read-only ``memoryview`` over the mapping
-(zero-copy; the memory is freed when the view is released).  Small messages are ``bytes``.
+as sealed memfds: ``recv`` returns them as a read-only ``memoryview``, over the mapping
+above 1 MiB (zero-copy; the memory is freed when the view is released), over a copy up to
+1 MiB (a mapping per message kept would count against ``vm.max_map_count``).  Small
+messages are ``bytes``.
 
 Waiting never polls: a receiver about to sleep announces it in the ring, so the sender
 rings this process's eventfd only then.  ``fileno()`` is a descriptor that becomes
@@ -196,6 +198,30 @@ def _wait_ms(left):
     """A wait of ``left`` seconds as the milliseconds a wait call takes, rounded up, in
     slices of at most a day (the library and ``poll`` take an int)."""
     return min(int(left * 1000) + 1, 86_400_000)
+
+
+# Region messages up to this size are copied out of their memfd instead of mapped: each
+# mapping kept counts against vm.max_map_count (65530 by default) for the whole process,
+# and a program that keeps its messages (a list of results) kept one mapping per message:
+# some 65 000 of a few KiB made every later mmap fail (the next region message, a region's
+# attach, malloc's large blocks). One mapping per MiB held at most remains.
+_COPY_REGION_MAX = 1 << 20
+
+
+def _region_view(fd, size):
+    """A region message's sealed memfd (checked at least ``size`` bytes long) as a
+    read-only memoryview: a copy up to _COPY_REGION_MAX, else a mapping (zero-copy; not
+    MAP_POPULATE: measured slower than the faults, which map 16 pages each)."""
+    if size > _COPY_REGION_MAX:
+        return memoryview(mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ))
+    data = os.pread(fd, size, 0)
+    while len(data) < size:
+        more = os.pread(fd, size - len(data), len(data))
+        if not more:
+            raise OSError(_errno.EIO, "a region message's memfd ended before its %d bytes"
+                          % size)
+        data += more
+    return memoryview(data)
 
 
 # Channels of this process taken by a connect that was then cancelled (aio.connect: a
@@ -546,10 +572,9 @@ class Channel:
                 continue
             fd = io.fd
             if fd >= 0:
-                # a region message: its sealed memfd as a read-only memoryview (not
-                # MAP_POPULATE: measured slower than the faults, which map 16 pages each)
+                # a region message: its sealed memfd as a read-only memoryview
                 try:
-                    view = memoryview(mmap.mmap(fd, io.size, mmap.MAP_SHARED, mmap.PROT_READ))
+                    view = _region_view(fd, io.size)
                 except (OSError, ValueError):
                     if self._gen == gen and io.fd == fd:
                         io.fd, self._taking = _NO_FD, 0
@@ -602,8 +627,8 @@ class Channel:
         return None
 
     def recv(self, timeout=None):
-        """Receive one message: ``bytes``, or a read-only ``memoryview`` (zero-copy) for
-        a message above the inline threshold.
+        """Receive one message: ``bytes``, or a read-only ``memoryview`` for a message
+        above the inline threshold (zero-copy above 1 MiB).
 
         Waits up to ``timeout`` seconds (``None`` or ``math.inf``: forever; NaN raises
         ``ValueError``); raises ``TimeoutError`` when nothing came, :class:`ChannelClosed`

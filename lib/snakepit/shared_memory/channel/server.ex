@@ -92,6 +92,7 @@ defmodule Snakepit.SharedMemory.Channel.Server do
         recv_q: :queue.new(),
         space: [],
         closed: nil,
+        close_detail: nil,
         closed_sent: false,
         connected: false,
         poll_pending: false,
@@ -207,7 +208,7 @@ defmodule Snakepit.SharedMemory.Channel.Server do
         {:reply, reply, arm(state)}
 
       state.closed != nil ->
-        {:reply, Channel.closed_error(state.ch.id, state.closed), state}
+        {:reply, closed_error(state), state}
 
       timeout == 0 ->
         {:reply, timeout_error(state), state}
@@ -246,7 +247,7 @@ defmodule Snakepit.SharedMemory.Channel.Server do
 
   def handle_call({:await_space, need, remaining}, from, state) do
     if state.closed != nil do
-      {:reply, Channel.closed_error(state.ch.id, state.closed), state}
+      {:reply, closed_error(state), state}
     else
       timer = start_timer({:space_timeout, from}, remaining)
 
@@ -254,27 +255,28 @@ defmodule Snakepit.SharedMemory.Channel.Server do
     end
   end
 
+  # The first step of Channel.controlling_process/2: no more deliveries to the caller
+  # (active: false) while it moves the messages already in its mailbox to the new owner;
+  # answers the active mode to restore once the new owner has them.
+  def handle_call({:hand_over_begin, caller, pid}, _from, state) do
+    case hand_over_refusal(state, caller, pid) do
+      nil -> {:reply, {:ok, state.active}, %{state | active: false}}
+      error -> {:reply, error, state}
+    end
+  end
+
   def handle_call({:controlling_process, caller, pid}, _from, state) do
-    cond do
-      caller != state.owner ->
-        {:reply, Error.error(:not_owner, "only the channel's owner may hand it over"), state}
+    case hand_over_refusal(state, caller, pid) do
+      nil ->
+        if Native.channel_monitor(state.res, pid) == :ok do
+          Process.demonitor(state.owner_mon, [:flush])
+          {:reply, :ok, %{state | owner: pid, owner_mon: Process.monitor(pid)}}
+        else
+          {:reply, Error.error(:not_found, "the new owner #{inspect(pid)} is not alive"), state}
+        end
 
-      # Its messages would be sent to this process, which drops what it does not know,
-      # and nobody could take the channel back (only the owner may hand it over).
-      pid == self() ->
-        {:reply,
-         Error.error(
-           :invalid_argument,
-           "the channel's own process (ch.server) cannot own it: give the process that " <>
-             "receives its messages"
-         ), state}
-
-      Native.channel_monitor(state.res, pid) != :ok ->
-        {:reply, Error.error(:not_found, "the new owner #{inspect(pid)} is not alive"), state}
-
-      true ->
-        Process.demonitor(state.owner_mon, [:flush])
-        {:reply, :ok, %{state | owner: pid, owner_mon: Process.monitor(pid)}}
+      error ->
+        {:reply, error, state}
     end
   end
 
@@ -306,8 +308,8 @@ defmodule Snakepit.SharedMemory.Channel.Server do
       {:closed, reason, msgs} ->
         {:noreply, state |> deliver_active(msgs) |> closed(reason)}
 
-      {:error, _native} ->
-        {:noreply, closed(state, :io_error)}
+      {:error, native} ->
+        {:noreply, closed(state, {:io_error, native_message(native)})}
     end
   end
 
@@ -416,8 +418,8 @@ defmodule Snakepit.SharedMemory.Channel.Server do
       {:closed, reason, msgs} ->
         {:noreply, state |> deliver_active(msgs) |> closed(reason)}
 
-      {:error, _native} ->
-        {:noreply, closed(state, :io_error)}
+      {:error, native} ->
+        {:noreply, closed(state, {:io_error, native_message(native)})}
     end
   end
 
@@ -511,7 +513,7 @@ defmodule Snakepit.SharedMemory.Channel.Server do
       {[m], :open} -> {{:ok, m}, state}
       {[m], reason} -> {{:ok, m}, mark_closed(state, reason)}
       {[], :open} -> nil
-      {[], reason} -> {Channel.closed_error(state.ch.id, reason), mark_closed(state, reason)}
+      {[], reason} -> state |> mark_closed(reason) |> then(&{closed_error(&1), &1})
     end
   end
 
@@ -519,18 +521,38 @@ defmodule Snakepit.SharedMemory.Channel.Server do
     case Native.channel_recv(state.res, count, @recv_bytes) do
       {:ok, msgs} -> {msgs, :open}
       {:closed, reason, msgs} -> {msgs, reason}
-      {:error, _native} -> {[], :io_error}
+      {:error, native} -> {[], {:io_error, native_message(native)}}
     end
+  end
+
+  defp native_message({_reason, message, _errno}) when is_binary(message), do: message
+  defp native_message(other), do: inspect(other)
+
+  # reason: a close reason, or {:io_error, detail} for a failure of the NIF itself (the
+  # endpoint's own failures leave their detail in its stats: read before closing it).
+  defp mark_closed(state, {:io_error, detail}) do
+    state = if state.closed == nil, do: %{state | close_detail: detail}, else: state
+    mark_closed(state, :io_error)
   end
 
   defp mark_closed(state, reason) do
     if state.closed == nil do
+      detail =
+        state.close_detail ||
+          if(reason == :io_error, do: Native.channel_stats(state.res).close_detail)
+
       Native.channel_close(state.res)
       closed_telemetry(state, reason)
-      %{state | closed: reason}
+      %{state | closed: reason, close_detail: detail}
     else
       state
     end
+  end
+
+  defp closed_error(state), do: closed_error(state, state.closed)
+
+  defp closed_error(state, reason) do
+    Channel.closed_error(state.ch.id, reason, if(reason == state.closed, do: state.close_detail))
   end
 
   defp closed(state, reason) do
@@ -546,11 +568,11 @@ defmodule Snakepit.SharedMemory.Channel.Server do
 
   defp fail_waiters(state) do
     reason = state.closed || :closed
-    state = fail_receivers(state, Channel.closed_error(state.ch.id, reason))
+    state = fail_receivers(state, closed_error(state, reason))
 
     for {from, _need, timer} <- state.space do
       if timer, do: Process.cancel_timer(timer)
-      GenServer.reply(from, Channel.closed_error(state.ch.id, reason))
+      GenServer.reply(from, closed_error(state, reason))
     end
 
     %{state | space: []}
@@ -566,6 +588,25 @@ defmodule Snakepit.SharedMemory.Channel.Server do
     for waiter <- :queue.to_list(state.recv_q), do: answer(waiter, reply)
 
     %{state | recv_q: :queue.new()}
+  end
+
+  defp hand_over_refusal(state, caller, pid) do
+    cond do
+      caller != state.owner ->
+        Error.error(:not_owner, "only the channel's owner may hand it over")
+
+      # Its messages would be sent to this process, which drops what it does not know,
+      # and nobody could take the channel back (only the owner may hand it over).
+      pid == self() ->
+        Error.error(
+          :invalid_argument,
+          "the channel's own process (ch.server) cannot own it: give the process that " <>
+            "receives its messages"
+        )
+
+      true ->
+        nil
+    end
   end
 
   defp active_mode_error do
