@@ -39,6 +39,9 @@ Result<std::uint64_t> sealed_size(int fd);
 /// Maps `size` bytes of `fd` (shared, read-only or read-write).
 Result<void*> map_fd(int fd, std::uint64_t size, bool writable);
 void unmap(void* addr, std::uint64_t size) noexcept;
+/// Reads exactly `size` bytes at offset 0 of `fd` into `dst` (pread, EINTR retried); an
+/// error if the file ends first.
+Result<void> read_fd(int fd, unsigned char* dst, std::uint64_t size);
 
 /// A channel's private socket directory: its path and a close-on-exec descriptor of it
 /// that holds flock(LOCK_SH) for as long as the directory exists (the owner closes it

@@ -173,6 +173,18 @@ void unmap(void* addr, std::uint64_t size) noexcept {
   if (addr != nullptr && size > 0) ::munmap(addr, size);
 }
 
+Result<void> read_fd(int fd, unsigned char* dst, std::uint64_t size) {
+  std::uint64_t done = 0;
+  while (done < size) {
+    ssize_t n = ::pread(fd, dst + done, size - done, static_cast<off_t>(done));
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return memfd_error("read of a channel message memfd", errno);
+    if (n == 0) return memfd_error("read of a channel message memfd (it ended early)", EIO);
+    done += static_cast<std::uint64_t>(n);
+  }
+  return {};
+}
+
 namespace {
 
 int flock_retry(int fd, int op) noexcept {

@@ -15,7 +15,6 @@
 #include <unistd.h>
 
 #include <atomic>
-#include <cerrno>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -439,18 +438,6 @@ namespace {
 // each, and at most one mapping per MiB held remains (65 530 of them is 64 GiB).
 constexpr std::uint64_t kCopyRegionMax = 1u << 20;
 
-// Reads `size` bytes at offset 0 of a sealed message memfd (checked at least that large).
-bool read_region(int fd, unsigned char* dst, std::uint64_t size) {
-  std::uint64_t done = 0;
-  while (done < size) {
-    ssize_t n = ::pread(fd, dst + done, size - done, static_cast<off_t>(done));
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) return false;
-    done += static_cast<std::uint64_t>(n);
-  }
-  return true;
-}
-
 // Up to max_count messages (stopping after max_bytes copied) as a list in order.
 // *status: ok, or the close reason; returns false with *error set on a failure.
 bool take_messages(ErlNifEnv* env, ChannelResource* c, std::uint64_t max_count,
@@ -493,7 +480,7 @@ bool take_messages(ErlNifEnv* env, ChannelResource* c, std::uint64_t max_count,
         *error = make_error(env, Errc::no_space, "cannot allocate a received message");
         return false;
       }
-      bool read_ok = read_region(r.fd, a.bin.data, r.size);
+      bool read_ok = channel::os::read_fd(r.fd, a.bin.data, r.size).ok();
       ::close(r.fd);
       if (!read_ok) {
         enif_release_binary(&a.bin);
