@@ -328,6 +328,10 @@ class _Wake:
         self.r, self.w = os.pipe()
         self._lock = threading.Lock()
         self._open = True
+        # Set by the client's __del__: the watcher closes the pipe when it ends. (Its
+        # weak reference is no proof: __del__ runs with the client briefly alive again,
+        # so a watcher that looked then saw a live client and left the pipe open.)
+        self.dropped = False
 
     def poke(self):
         with self._lock:
@@ -368,7 +372,7 @@ def _watch(ref, wake):
             break
         quota._watch_hangup(sock)
         del quota, sock
-    if ref() is None:
+    if wake.dropped or ref() is None:
         wake.close()  # collected without close(): nobody else closes the pipe
 
 
@@ -569,6 +573,8 @@ class HostQuota:
         # and the watcher thread, woken, closes the wake pipe and exits.
         try:
             if not self._closed:
+                # First: a watcher that sees _closed below must see this too.
+                self._wake.dropped = True
                 self._closed = True
                 if self._sock is not None:
                     self._sock.close()
