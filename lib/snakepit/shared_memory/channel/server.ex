@@ -525,8 +525,7 @@ defmodule Snakepit.SharedMemory.Channel.Server do
     end
   end
 
-  defp native_message({_reason, message, _errno}) when is_binary(message), do: message
-  defp native_message(other), do: inspect(other)
+  defp native_message({_reason, message, _errno}), do: message
 
   # reason: a close reason, or {:io_error, detail} for a failure of the NIF itself (the
   # endpoint's own failures leave their detail in its stats: read before closing it).

@@ -191,8 +191,8 @@ defmodule Snakepit.SharedMemory.Config.Snakepit do
   # second `linux: [...]` dropped the first one's shm_path).
   defp pairs(value, _key) when is_map(value), do: {:ok, value}
 
-  defp pairs(value, key) do
-    if is_list(value) and Enum.all?(value, &match?({_, _}, &1)) do
+  defp pairs(value, key) when is_list(value) do
+    if Enum.all?(value, &match?({_, _}, &1)) do
       case value |> Enum.map(&elem(&1, 0)) |> then(&(&1 -- Enum.uniq(&1))) do
         [] ->
           {:ok, Map.new(value)}
